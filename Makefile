@@ -1,0 +1,110 @@
+# Arceus build. `make` builds bin/arceus; `make test` runs every test;
+# `make bench` runs the benchmarks; `make demo` trains the default model.
+#
+# BUILD=release (default) or BUILD=asan (AddressSanitizer + UBSan, used by the tests).
+# WERROR=1 turns warnings into errors (CI sets it).
+
+BUILD ?= release
+WERROR ?= 0
+PYTHON ?= /usr/bin/python3
+PKG_CONFIG ?= pkg-config
+
+# Prefer the OpenMP build of OpenBLAS: BLAS and our element-wise kernels then
+# share one thread pool instead of two pools spinning on the same cores.
+OPENBLAS_OMP_PC := /usr/lib/x86_64-linux-gnu/openblas-openmp/pkgconfig
+ifneq ($(wildcard $(OPENBLAS_OMP_PC)/openblas.pc),)
+BLAS_CFLAGS := $(shell PKG_CONFIG_PATH=$(OPENBLAS_OMP_PC) $(PKG_CONFIG) --cflags openblas)
+BLAS_LIBS := $(shell PKG_CONFIG_PATH=$(OPENBLAS_OMP_PC) $(PKG_CONFIG) --libs openblas) \
+             -Wl,-rpath,/usr/lib/x86_64-linux-gnu/openblas-openmp
+else ifeq ($(shell uname),Darwin)
+BLAS_CFLAGS :=
+BLAS_LIBS := -framework Accelerate
+else
+BLAS_CFLAGS := $(shell $(PKG_CONFIG) --cflags openblas)
+BLAS_LIBS := $(shell $(PKG_CONFIG) --libs openblas)
+endif
+
+PKGS := libcjson zlib
+DEP_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(PKGS)) $(BLAS_CFLAGS)
+DEP_LIBS := $(shell $(PKG_CONFIG) --libs $(PKGS)) $(BLAS_LIBS) -lm -lpthread
+
+CC ?= cc
+WARN := -Wall -Wextra -Wshadow -Wno-unused-parameter
+ifeq ($(WERROR),1)
+WARN += -Werror
+endif
+CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -fopenmp $(WARN) -Iinclude -Isrc $(DEP_CFLAGS)
+
+ifeq ($(BUILD),asan)
+OPT := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+else
+OPT := -O3 -march=native -g
+endif
+
+CFLAGS := $(CFLAGS_COMMON) $(OPT) $(EXTRA_CFLAGS)
+LDFLAGS := -fopenmp $(OPT)
+
+OUT := build/$(BUILD)
+LIB_SRC := $(wildcard src/core/*.c src/ops/*.c src/nn/*.c src/data/*.c src/train/*.c)
+CLI_SRC := $(wildcard src/cli/*.c)
+LIB_OBJ := $(LIB_SRC:%.c=$(OUT)/%.o)
+CLI_OBJ := $(CLI_SRC:%.c=$(OUT)/%.o)
+LIB := $(OUT)/libarceus.a
+BIN := $(OUT)/arceus
+TEST_SRC := $(wildcard tests/unit/test_*.c)
+TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(OUT)/tests/%)
+
+.PHONY: all test unit e2e ref bench demo clean deps
+all: $(BIN) bin/arceus
+
+bin/arceus: $(BIN)
+	@mkdir -p bin
+	cp $(BIN) bin/arceus
+
+$(OUT)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(LIB): $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BIN): $(CLI_OBJ) $(LIB)
+	$(CC) $(LDFLAGS) -o $@ $(CLI_OBJ) $(LIB) $(DEP_LIBS)
+
+$(OUT)/tests/%: tests/unit/%.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests/unit -o $@ $< $(LIB) $(DEP_LIBS) $(shell $(PKG_CONFIG) --libs criterion)
+
+# PyTorch reference data for the numerics tests (Debian python3-torch).
+REF_DIR := build/ref
+ref: $(REF_DIR)/.stamp
+$(REF_DIR)/.stamp: $(wildcard tests/ref/*.py) $(wildcard configs/*.json)
+	@mkdir -p $(REF_DIR)
+	$(PYTHON) tests/ref/make_refs.py --out $(REF_DIR)
+	@touch $@
+
+# Every test: unit tests under the sanitizers, then the end-to-end tests.
+test:
+	$(MAKE) BUILD=asan unit
+	$(MAKE) BUILD=asan e2e
+
+unit: $(TEST_BIN) ref
+	@set -e; for t in $(TEST_BIN); do echo "== $$t"; AR_REF_DIR=$(REF_DIR) ASAN_OPTIONS=detect_leaks=1 $$t --jobs 1; done
+
+e2e: $(BIN)
+	ARCEUS_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q tests/e2e
+
+bench: $(BIN)
+	$(PYTHON) bench/run.py --arceus $(abspath $(BIN))
+
+demo: $(BIN)
+	$(BIN) train --model configs/mlp-fashion.json
+
+deps:
+	scripts/install-deps.sh
+
+clean:
+	rm -rf build bin
+
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)

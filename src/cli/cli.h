@@ -1,0 +1,45 @@
+/* The arceus command: one binary, subcommands from a table (main.c). */
+#ifndef AR_CLI_H
+#define AR_CLI_H
+
+#include <stdint.h>
+
+typedef struct {
+    const char *name;
+    const char *summary;
+    int (*run)(int argc, char **argv); /* argv[0] is the subcommand name */
+    void (*help)(void);
+} ar_command;
+
+/* Option parsing shared by the subcommands: "--name VALUE" or "--name=VALUE".
+ * Each returns 0 or prints one clear error line and returns -1. */
+typedef struct {
+    int argc;
+    char **argv;
+    int i;              /* next argument */
+    const char *cmd;    /* for messages: "train" */
+    const char *name;   /* the option being parsed */
+    const char *inline_value;
+} ar_args;
+
+void ar_args_init(ar_args *a, int argc, char **argv);
+/* Next option name (without "--"), NULL at the end; a non-option argument
+ * is returned as is and flagged with *positional = 1. */
+const char *ar_args_next(ar_args *a, int *positional);
+int ar_args_string(ar_args *a, const char **out);
+int ar_args_long(ar_args *a, long lo, long hi, long *out);
+int ar_args_int(ar_args *a, int lo, int hi, int *out);
+int ar_args_float(ar_args *a, double lo, double hi, float *out);
+int ar_args_u64(ar_args *a, uint64_t *out);
+int ar_args_unknown(ar_args *a);
+/* Print "arceus CMD: error: MESSAGE" to stderr. */
+void ar_cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+int ar_cmd_train(int argc, char **argv);
+void ar_help_train(void);
+int ar_cmd_sample(int argc, char **argv);
+void ar_help_sample(void);
+int ar_cmd_eval(int argc, char **argv);
+void ar_help_eval(void);
+
+#endif

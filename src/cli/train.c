@@ -1,0 +1,166 @@
+/* arceus train */
+#include "cli/cli.h"
+#include "core/core.h"
+#include "nn/spec.h"
+#include "train/driver.h"
+#include "train/schedule.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void ar_help_train(void)
+{
+    printf("usage: arceus train --model SPEC [--data PATH] [options]\n"
+           "\n"
+           "Train a model on this machine. The default data for an MLP is Fashion-MNIST\n"
+           "from /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist);\n"
+           "a GPT trains on a text file given with --data.\n"
+           "\n"
+           "options:\n"
+           "  --model SPEC         model spec (JSON), e.g. configs/mlp-fashion.json\n"
+           "  --data PATH          text file (GPT) or folder of IDX files (MLP)\n"
+           "  --steps N            optimizer steps (GPT 3000, MLP 469 = one epoch)\n"
+           "  --batch N            batch size (GPT 16, MLP 128)\n"
+           "  --micro-batches M    split each batch into M micro-batches (1)\n"
+           "  --workers local:S    run an in-process pipeline of S stages (local:1)\n"
+           "  --schedule NAME      pipeline schedule: gpipe or 1f1b (1f1b)\n"
+           "  --optimizer NAME     adamw or sgd (adamw; sgd uses momentum --beta1)\n"
+           "  --lr X               peak learning rate (1e-3)\n"
+           "  --min-lr X           final learning rate of the cosine schedule (1e-4)\n"
+           "  --warmup N           linear warm-up steps (GPT 100, MLP 20)\n"
+           "  --weight-decay X     decoupled weight decay on matrices (GPT 0.1, MLP 0)\n"
+           "  --beta1 X, --beta2 X AdamW betas (0.9, 0.99)\n"
+           "  --clip X             clip the global gradient norm to X, 0 = off (1.0)\n"
+           "  --seed N             seed for initialisation, data order, dropout (1337)\n"
+           "  --threads N          threads to use, 0 = all cores (0)\n"
+           "  --eval-every N       evaluate every N steps, 0 = only at the end (GPT 250, MLP 100)\n"
+           "  --eval-batches N     language models: val batches per evaluation (40)\n"
+           "  --out DIR            write checkpoints and loss.svg into DIR\n"
+           "  --ckpt-every N       checkpoint every N steps as well as at the end (0)\n"
+           "  --resume DIR         continue a run from its checkpoint\n"
+           "  --log FILE           write every step and evaluation as JSON lines\n"
+           "  --quiet              no progress bar or summary\n");
+}
+
+int ar_cmd_train(int argc, char **argv)
+{
+    const char *model = NULL;
+    /* first pass: the model type decides the defaults */
+    for (int i = 1; i + 1 < argc; i++)
+        if (strcmp(argv[i], "--model") == 0)
+            model = argv[i + 1];
+        else if (strncmp(argv[i], "--model=", 8) == 0)
+            model = argv[i] + 8;
+    int type = AR_MODEL_MLP;
+    if (model) {
+        ar_model_spec spec;
+        if (ar_spec_load(model, &spec) != AR_OK) {
+            ar_cli_error("train", "%s", ar_last_error());
+            return 1;
+        }
+        type = spec.type;
+    }
+    ar_train_config c;
+    ar_train_config_defaults(&c, type);
+    int threads = 0;
+    ar_args a;
+    ar_args_init(&a, argc, argv);
+    const char *name;
+    int positional;
+    while ((name = ar_args_next(&a, &positional))) {
+        int rc = 0;
+        if (positional) {
+            ar_cli_error("train", "unexpected argument \"%s\" (see arceus train --help)", name);
+            return 2;
+        }
+        if (!strcmp(name, "model"))
+            rc = ar_args_string(&a, &c.model_path);
+        else if (!strcmp(name, "data"))
+            rc = ar_args_string(&a, &c.data_path);
+        else if (!strcmp(name, "out"))
+            rc = ar_args_string(&a, &c.out_dir);
+        else if (!strcmp(name, "resume"))
+            rc = ar_args_string(&a, &c.resume_dir);
+        else if (!strcmp(name, "log"))
+            rc = ar_args_string(&a, &c.log_path);
+        else if (!strcmp(name, "steps"))
+            rc = ar_args_long(&a, 0, 100000000, &c.steps), c.set_mask |= AR_SET_STEPS;
+        else if (!strcmp(name, "batch"))
+            rc = ar_args_int(&a, 1, 1 << 20, &c.batch), c.set_mask |= AR_SET_BATCH;
+        else if (!strcmp(name, "micro-batches"))
+            rc = ar_args_int(&a, 1, 4096, &c.micro_batches), c.set_mask |= AR_SET_MB;
+        else if (!strcmp(name, "lr"))
+            rc = ar_args_float(&a, 0, 10, &c.lr), c.set_mask |= AR_SET_LR;
+        else if (!strcmp(name, "min-lr"))
+            rc = ar_args_float(&a, 0, 10, &c.min_lr), c.set_mask |= AR_SET_MIN_LR;
+        else if (!strcmp(name, "warmup"))
+            rc = ar_args_long(&a, 0, 100000000, &c.warmup), c.set_mask |= AR_SET_WARMUP;
+        else if (!strcmp(name, "weight-decay"))
+            rc = ar_args_float(&a, 0, 10, &c.weight_decay), c.set_mask |= AR_SET_WD;
+        else if (!strcmp(name, "beta1"))
+            rc = ar_args_float(&a, 0, 0.999999, &c.beta1);
+        else if (!strcmp(name, "beta2"))
+            rc = ar_args_float(&a, 0, 0.999999, &c.beta2);
+        else if (!strcmp(name, "clip"))
+            rc = ar_args_float(&a, 0, 1e6, &c.clip), c.set_mask |= AR_SET_CLIP;
+        else if (!strcmp(name, "seed"))
+            rc = ar_args_u64(&a, &c.seed), c.set_mask |= AR_SET_SEED;
+        else if (!strcmp(name, "threads"))
+            rc = ar_args_int(&a, 0, 1024, &threads);
+        else if (!strcmp(name, "eval-every"))
+            rc = ar_args_long(&a, 0, 100000000, &c.eval_every);
+        else if (!strcmp(name, "eval-batches"))
+            rc = ar_args_int(&a, 1, 100000, &c.eval_batches);
+        else if (!strcmp(name, "ckpt-every"))
+            rc = ar_args_long(&a, 0, 100000000, &c.ckpt_every);
+        else if (!strcmp(name, "quiet"))
+            c.quiet = 1;
+        else if (!strcmp(name, "optimizer")) {
+            const char *v;
+            if ((rc = ar_args_string(&a, &v)) == 0) {
+                if (!strcmp(v, "adamw"))
+                    c.optimizer = AR_OPT_ADAMW;
+                else if (!strcmp(v, "sgd"))
+                    c.optimizer = AR_OPT_SGD;
+                else {
+                    ar_cli_error("train", "--optimizer must be adamw or sgd, got \"%s\"", v);
+                    rc = -1;
+                }
+                c.set_mask |= AR_SET_OPT;
+            }
+        } else if (!strcmp(name, "schedule")) {
+            const char *v;
+            if ((rc = ar_args_string(&a, &v)) == 0 && ar_schedule_parse(v, &c.schedule) != AR_OK) {
+                ar_cli_error("train", "--schedule: %s", ar_last_error());
+                rc = -1;
+            }
+        } else if (!strcmp(name, "workers")) {
+            const char *v;
+            if ((rc = ar_args_string(&a, &v)) == 0) {
+                char *end;
+                long n = strncmp(v, "local:", 6) == 0 ? strtol(v + 6, &end, 10) : -1;
+                if (n < 1 || n > 64 || *end != '\0') {
+                    ar_cli_error("train", "--workers: expected local:N with N in 1..64, got \"%s\" "
+                                          "(remote workers come with the pipeline over gRPC)", v);
+                    rc = -1;
+                } else
+                    c.stages = (int)n;
+            }
+        } else
+            rc = ar_args_unknown(&a);
+        if (rc != 0)
+            return 2;
+    }
+    if (!c.model_path && !c.resume_dir) {
+        ar_cli_error("train", "--model SPEC is required (for example configs/mlp-fashion.json)");
+        return 2;
+    }
+    ar_set_threads(threads);
+    int rc = ar_train_run(&c);
+    if (rc != AR_OK) {
+        ar_cli_error("train", "%s", ar_last_error());
+        return 1;
+    }
+    return 0;
+}

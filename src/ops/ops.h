@@ -1,0 +1,96 @@
+/* Operators: forward and backward side by side (llm.c's habit).
+ *
+ * Conventions:
+ *   - plain fp32 arrays, row-major, shapes in the comment of each function;
+ *   - every backward ACCUMULATES (+=) into the input gradient and into the
+ *     parameter gradients, so residual branches and micro-batches add up; the
+ *     caller zeroes the buffers when a new sum starts;
+ *   - linear weights use PyTorch's nn.Linear layout (out_features, in_features),
+ *     so checkpoints map one-to-one onto a PyTorch state_dict;
+ *   - element-wise loops run on the OpenMP pool that BLAS also uses.
+ */
+#ifndef AR_OPS_H
+#define AR_OPS_H
+
+#include <stdint.h>
+
+/* ---- linear: y = x W^T + b ---------------------------------------------
+ * inp (N,IN), weight (OUT,IN), bias (OUT) or NULL -> out (N,OUT)          */
+void ar_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
+                       int N, int IN, int OUT);
+/* dout (N,OUT) -> dinp (N,IN) (may be NULL), dweight (OUT,IN), dbias (OUT) or NULL */
+void ar_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                        const float *inp, const float *weight, int N, int IN, int OUT);
+
+/* ---- ReLU: inp (n) -> out (n); backward uses the forward output --------- */
+void ar_relu_forward(float *out, const float *inp, long n);
+void ar_relu_backward(float *dinp, const float *out, const float *dout, long n);
+
+/* ---- GELU, tanh approximation (PyTorch approximate='tanh') -------------- */
+void ar_gelu_forward(float *out, const float *inp, long n);
+void ar_gelu_backward(float *dinp, const float *inp, const float *dout, long n);
+
+/* ---- LayerNorm over the last dimension, eps 1e-5 -------------------------
+ * inp (N,C), weight (C), bias (C) -> out (N,C); saves mean (N), rstd (N)   */
+void ar_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                          const float *weight, const float *bias, int N, int C);
+void ar_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                           const float *inp, const float *weight, const float *mean,
+                           const float *rstd, int N, int C);
+
+/* ---- token + position embedding ------------------------------------------
+ * tokens (B,T) int32, wte (V,C), wpe (maxT,C) -> out (B,T,C)
+ * Tokens must already be validated to lie in [0,V).                       */
+void ar_embedding_forward(float *out, const int32_t *tokens, const float *wte, const float *wpe,
+                          int B, int T, int C);
+/* dout (B,T,C) -> dwte (V,C), dwpe (maxT,C) (either may be NULL) */
+void ar_embedding_backward(float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
+                           int B, int T, int C);
+
+/* ---- causal multi-head self-attention ------------------------------------
+ * qkv (B,T,3*NH*HS): per token the queries of the NH heads, then their keys,
+ * then their values (head h at columns h*HS..h*HS+HS-1 of each block).
+ * NH is the number of heads THIS call computes: with tensor parallelism a
+ * device passes the qkv of its own heads only and gets their outputs.
+ * -> out (B,T,NH*HS); saves att (B,NH,T,T), the softmax probabilities
+ * (entries above the diagonal are zero). Scale 1/sqrt(HS).               */
+void ar_attention_forward(float *out, float *att, const float *qkv, int B, int T, int NH, int HS);
+/* dout (B,T,NH*HS) -> dqkv (B,T,3*NH*HS). scratch needs B*NH*T*T floats.  */
+void ar_attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
+                           const float *att, int B, int T, int NH, int HS);
+
+/* ---- dropout, counter-based so forward and backward agree without a mask --
+ * keep element i iff hash(seed, i) >= p; kept elements scaled by 1/(1-p).
+ * seed should mix (run seed, step, micro-batch, layer).                   */
+void ar_dropout_forward(float *out, const float *inp, long n, float p, uint64_t seed);
+void ar_dropout_backward(float *dinp, const float *dout, long n, float p, uint64_t seed);
+
+/* ---- residual add: out = a + b; backward adds dout to da and db --------- */
+void ar_residual_forward(float *out, const float *a, const float *b, long n);
+void ar_residual_backward(float *da, float *db, const float *dout, long n);
+
+/* ---- softmax cross-entropy -----------------------------------------------
+ * logits (N,V), targets (N) int32 in [0,V) -> losses (N), probs (N,V)
+ * returns the mean loss (computed in double).                            */
+double ar_xent_forward(float *losses, float *probs, const float *logits, const int32_t *targets,
+                       int N, int V);
+/* dlogits (N,V) += scale * (probs - onehot(targets)); scale is usually 1/N */
+void ar_xent_backward(float *dlogits, const float *probs, const int32_t *targets, float scale,
+                      int N, int V);
+
+/* ---- optimizers (update n parameters in place) ---------------------------
+ * AdamW as torch.optim.AdamW: p *= 1 - lr*wd; m = b1 m + (1-b1) g;
+ * v = b2 v + (1-b2) g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+ * t counts from 1. grad_scale multiplies g first (used for clipping).      */
+void ar_adamw_update(float *param, const float *grad, float *m, float *v, long n, float lr,
+                     float beta1, float beta2, float eps, float weight_decay, int t,
+                     float grad_scale);
+/* SGD as torch.optim.SGD with momentum (dampening 0, not Nesterov):
+ * g = grad_scale*grad + wd*p; buf = momentum*buf + g (buf = g at t==1); p -= lr*buf */
+void ar_sgd_update(float *param, const float *grad, float *buf, long n, float lr, float momentum,
+                   float weight_decay, int t, float grad_scale);
+
+/* sum of squares of x, accumulated in double */
+double ar_sum_squares(const float *x, long n);
+
+#endif

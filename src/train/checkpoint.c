@@ -1,0 +1,280 @@
+/* Saving and loading checkpoints (see checkpoint.h). */
+#include "train/checkpoint.h"
+
+#include "core/core.h"
+#include "nn/safetensors.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+static int join(char *buf, size_t size, const char *dir, const char *name)
+{
+    int n = snprintf(buf, size, "%s/%s", dir, name);
+    if (n < 0 || (size_t)n >= size)
+        return ar_fail(AR_EINVAL, "%s: path too long", dir);
+    return AR_OK;
+}
+
+static int ensure_dir(const char *dir)
+{
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+        return ar_fail(AR_EIO, "%s: cannot create the folder: %s", dir, strerror(errno));
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return ar_fail(AR_EIO, "%s: not a folder", dir);
+    return AR_OK;
+}
+
+static int count_params(ar_stage *const *stages, int nstages)
+{
+    int n = 0;
+    for (int i = 0; i < nstages; i++)
+        n += stages[i]->nparams;
+    return n;
+}
+
+/* Write one safetensors file with a tensor per parameter; which selects the
+ * buffer: 0 data, 1 m, 2 v. */
+static int save_tensors(const char *path, ar_stage *const *stages, int nstages, int which,
+                        int count_which)
+{
+    int n = count_params(stages, nstages) * count_which;
+    ar_st_tensor *t = ar_calloc((size_t)(n ? n : 1), sizeof *t);
+    if (!t)
+        return AR_ENOMEM;
+    int k = 0;
+    for (int w = which; w < which + count_which; w++)
+        for (int i = 0; i < nstages; i++)
+            for (int j = 0; j < stages[i]->nparams; j++) {
+                const ar_param *p = stages[i]->params[j];
+                const char *prefix = w == 0 ? "" : w == 1 ? "m." : "v.";
+                snprintf(t[k].name, sizeof t[k].name, "%s%s", prefix, p->name);
+                t[k].dtype = AR_F32;
+                t[k].ndim = p->ndim;
+                t[k].shape[0] = p->shape[0];
+                t[k].shape[1] = p->shape[1];
+                t[k].nbytes = (size_t)p->numel * sizeof(float);
+                t[k].data = w == 0 ? p->data : w == 1 ? p->m : p->v;
+                k++;
+            }
+    const char *keys[] = {"format"};
+    const char *vals[] = {"pt"};
+    int rc = ar_st_save(path, t, k, keys, vals, 1);
+    ar_free(t);
+    return rc;
+}
+
+static char *state_to_json(const ar_train_state *s)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (!o)
+        return NULL;
+    char buf[32];
+    cJSON_AddNumberToObject(o, "step", (double)s->step);
+    cJSON_AddNumberToObject(o, "opt_step", s->opt_step);
+    snprintf(buf, sizeof buf, "%" PRIu64, s->seed);
+    cJSON_AddStringToObject(o, "seed", buf);
+    cJSON *rng = cJSON_AddArrayToObject(o, "data_rng");
+    for (int i = 0; rng && i < 4; i++) {
+        snprintf(buf, sizeof buf, "%016" PRIx64, s->data_rng[i]);
+        cJSON_AddItemToArray(rng, cJSON_CreateString(buf));
+    }
+    cJSON_AddNumberToObject(o, "data_pos", (double)s->data_pos);
+    cJSON_AddNumberToObject(o, "steps", (double)s->steps);
+    cJSON_AddNumberToObject(o, "batch", s->batch);
+    cJSON_AddNumberToObject(o, "micro_batches", s->micro_batches);
+    cJSON_AddStringToObject(o, "optimizer", s->optimizer ? "sgd" : "adamw");
+    /* floats as exact bit patterns would be unreadable; %.9g round-trips a float */
+    cJSON_AddRawToObject(o, "lr", (snprintf(buf, sizeof buf, "%.9g", s->lr), buf));
+    cJSON_AddRawToObject(o, "min_lr", (snprintf(buf, sizeof buf, "%.9g", s->min_lr), buf));
+    cJSON_AddNumberToObject(o, "warmup", (double)s->warmup);
+    cJSON_AddRawToObject(o, "weight_decay", (snprintf(buf, sizeof buf, "%.9g", s->weight_decay), buf));
+    cJSON_AddRawToObject(o, "beta1", (snprintf(buf, sizeof buf, "%.9g", s->beta1), buf));
+    cJSON_AddRawToObject(o, "beta2", (snprintf(buf, sizeof buf, "%.9g", s->beta2), buf));
+    cJSON_AddRawToObject(o, "eps", (snprintf(buf, sizeof buf, "%.9g", s->eps), buf));
+    cJSON_AddRawToObject(o, "clip", (snprintf(buf, sizeof buf, "%.9g", s->clip), buf));
+    char *text = cJSON_Print(o);
+    cJSON_Delete(o);
+    return text;
+}
+
+int ar_checkpoint_save(const char *dir, ar_stage *const *stages, int nstages,
+                       const ar_train_state *state)
+{
+    int rc = ensure_dir(dir);
+    if (rc != AR_OK)
+        return rc;
+    char path[4096];
+    if ((rc = join(path, sizeof path, dir, "model.safetensors")) != AR_OK ||
+        (rc = save_tensors(path, stages, nstages, 0, 1)) != AR_OK)
+        return rc;
+    int sgd = stages[0]->optim.kind == AR_OPT_SGD;
+    if ((rc = join(path, sizeof path, dir, "optimizer.safetensors")) != AR_OK ||
+        (rc = save_tensors(path, stages, nstages, 1, sgd ? 1 : 2)) != AR_OK)
+        return rc;
+    char *spec = ar_spec_to_json(&stages[0]->spec);
+    if (!spec)
+        return AR_ENOMEM;
+    if ((rc = join(path, sizeof path, dir, "spec.json")) == AR_OK)
+        rc = ar_write_file_atomic(path, spec, strlen(spec));
+    free(spec);
+    if (rc != AR_OK)
+        return rc;
+    /* state.json last: its presence means the rest is complete */
+    char *st = state_to_json(state);
+    if (!st)
+        return ar_fail(AR_ENOMEM, "cannot serialise the training state");
+    if ((rc = join(path, sizeof path, dir, "state.json")) == AR_OK)
+        rc = ar_write_file_atomic(path, st, strlen(st));
+    free(st);
+    return rc;
+}
+
+static int load_into(const ar_st_file *f, const char *path, ar_stage *const *stages, int nstages,
+                     int which, const char *prefix)
+{
+    for (int i = 0; i < nstages; i++)
+        for (int j = 0; j < stages[i]->nparams; j++) {
+            ar_param *p = stages[i]->params[j];
+            char name[160];
+            snprintf(name, sizeof name, "%s%s", prefix, p->name);
+            const ar_st_tensor *t = ar_st_find(f, name);
+            if (!t)
+                return ar_fail(AR_ENOTFOUND, "%s: no tensor \"%s\"", path, name);
+            int shape_ok = t->dtype == AR_F32 && t->ndim == p->ndim && t->shape[0] == p->shape[0] &&
+                           (p->ndim == 1 || t->shape[1] == p->shape[1]);
+            if (!shape_ok)
+                return ar_fail(AR_ESHAPE, "%s: tensor \"%s\" has the wrong dtype or shape", path, name);
+            float *dst = which == 0 ? p->data : which == 1 ? p->m : p->v;
+            memcpy(dst, t->data, (size_t)p->numel * sizeof(float));
+        }
+    return AR_OK;
+}
+
+int ar_load_weights_file(const char *path, ar_stage *const *stages, int nstages, const char *prefix)
+{
+    ar_st_file f;
+    int rc = ar_st_load(path, &f);
+    if (rc != AR_OK)
+        return rc;
+    rc = load_into(&f, path, stages, nstages, 0, prefix ? prefix : "");
+    ar_st_free(&f);
+    return rc;
+}
+
+int ar_checkpoint_load_params(const char *dir, ar_stage *const *stages, int nstages,
+                              int with_optimizer)
+{
+    char path[4096];
+    int rc;
+    if ((rc = join(path, sizeof path, dir, "model.safetensors")) != AR_OK ||
+        (rc = ar_load_weights_file(path, stages, nstages, "")) != AR_OK)
+        return rc;
+    if (!with_optimizer)
+        return AR_OK;
+    if ((rc = join(path, sizeof path, dir, "optimizer.safetensors")) != AR_OK)
+        return rc;
+    ar_st_file f;
+    if ((rc = ar_st_load(path, &f)) != AR_OK)
+        return rc;
+    rc = load_into(&f, path, stages, nstages, 1, "m.");
+    if (rc == AR_OK && stages[0]->optim.kind != AR_OPT_SGD)
+        rc = load_into(&f, path, stages, nstages, 2, "v.");
+    ar_st_free(&f);
+    return rc;
+}
+
+static int get_number(const cJSON *o, const char *key, const char *path, double *out)
+{
+    const cJSON *it = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (!cJSON_IsNumber(it))
+        return ar_fail(AR_EFORMAT, "%s: missing or non-numeric \"%s\"", path, key);
+    *out = it->valuedouble;
+    return AR_OK;
+}
+
+int ar_checkpoint_load_state(const char *dir, ar_train_state *s)
+{
+    char path[4096];
+    int rc = join(path, sizeof path, dir, "state.json");
+    if (rc != AR_OK)
+        return rc;
+    char *text;
+    size_t len;
+    if ((rc = ar_read_file(path, &text, &len)) != AR_OK)
+        return rc;
+    cJSON *o = cJSON_ParseWithLength(text, len);
+    ar_free(text);
+    if (!o || !cJSON_IsObject(o)) {
+        cJSON_Delete(o);
+        return ar_fail(AR_EFORMAT, "%s: malformed JSON", path);
+    }
+    memset(s, 0, sizeof *s);
+    double v = 0;
+#define NUM(key, field, type)                                                                      \
+    if ((rc = get_number(o, key, path, &v)) != AR_OK)                                              \
+        goto done;                                                                                 \
+    s->field = (type)v
+    NUM("step", step, long);
+    NUM("opt_step", opt_step, int);
+    NUM("data_pos", data_pos, long);
+    NUM("steps", steps, long);
+    NUM("batch", batch, int);
+    NUM("micro_batches", micro_batches, int);
+    NUM("lr", lr, float);
+    NUM("min_lr", min_lr, float);
+    NUM("warmup", warmup, long);
+    NUM("weight_decay", weight_decay, float);
+    NUM("beta1", beta1, float);
+    NUM("beta2", beta2, float);
+    NUM("eps", eps, float);
+    NUM("clip", clip, float);
+#undef NUM
+    const cJSON *seed = cJSON_GetObjectItemCaseSensitive(o, "seed");
+    const cJSON *rng = cJSON_GetObjectItemCaseSensitive(o, "data_rng");
+    const cJSON *opt = cJSON_GetObjectItemCaseSensitive(o, "optimizer");
+    if (!cJSON_IsString(seed) || !cJSON_IsArray(rng) || cJSON_GetArraySize(rng) != 4 ||
+        !cJSON_IsString(opt)) {
+        rc = ar_fail(AR_EFORMAT, "%s: missing seed, data_rng or optimizer", path);
+        goto done;
+    }
+    s->seed = strtoull(seed->valuestring, NULL, 10);
+    for (int i = 0; i < 4; i++) {
+        const cJSON *e = cJSON_GetArrayItem(rng, i);
+        if (!cJSON_IsString(e)) {
+            rc = ar_fail(AR_EFORMAT, "%s: data_rng[%d] is not a string", path, i);
+            goto done;
+        }
+        s->data_rng[i] = strtoull(e->valuestring, NULL, 16);
+    }
+    s->optimizer = strcmp(opt->valuestring, "sgd") == 0;
+    if (s->step < 0 || s->batch < 1 || s->micro_batches < 1 || s->steps < 0)
+        rc = ar_fail(AR_EFORMAT, "%s: values out of range", path);
+done:
+    cJSON_Delete(o);
+    return rc;
+}
+
+int ar_checkpoint_open_stage(const char *dir, int max_B, ar_stage *stage)
+{
+    char path[4096];
+    int rc = join(path, sizeof path, dir, "spec.json");
+    if (rc != AR_OK)
+        return rc;
+    ar_model_spec spec;
+    if ((rc = ar_spec_load(path, &spec)) != AR_OK)
+        return rc;
+    if ((rc = ar_spec_validate(&spec, path)) != AR_OK)
+        return rc;
+    ar_optim_config oc = {0};
+    if ((rc = ar_stage_create(stage, &spec, 0, ar_spec_units(&spec), max_B, 1, 0, &oc)) != AR_OK)
+        return rc;
+    if ((rc = ar_checkpoint_load_params(dir, &stage, 1, 0)) != AR_OK)
+        ar_stage_destroy(stage);
+    return rc;
+}

@@ -1,0 +1,608 @@
+/* The training driver (see driver.h). */
+#include "train/driver.h"
+
+#include "core/core.h"
+#include "core/progress.h"
+#include "data/data.h"
+#include "train/checkpoint.h"
+#include "train/pipeline.h"
+#include "train/plot.h"
+#include "train/schedule.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define DEFAULT_IMAGE_DIR "/usr/share/datasets/fashion-mnist"
+
+void ar_train_config_defaults(ar_train_config *c, int model_type)
+{
+    memset(c, 0, sizeof *c);
+    c->steps = model_type == AR_MODEL_GPT ? 3000 : 469; /* MLP: one epoch of 60,000 at 128 */
+    c->batch = model_type == AR_MODEL_GPT ? 16 : 128;
+    c->micro_batches = 1;
+    c->stages = 1;
+    c->schedule = 1; /* 1F1B */
+    c->lr = 1e-3f;
+    c->min_lr = 1e-4f;
+    c->warmup = model_type == AR_MODEL_GPT ? 100 : 20;
+    c->weight_decay = model_type == AR_MODEL_GPT ? 0.1f : 0.0f;
+    c->beta1 = 0.9f;
+    c->beta2 = 0.99f;
+    c->eps = 1e-8f;
+    c->clip = 1.0f;
+    c->seed = 1337;
+    c->eval_every = model_type == AR_MODEL_GPT ? 250 : 100;
+    c->eval_batches = 40;
+}
+
+float ar_lr_at(long step, float lr, float min_lr, long warmup, long total)
+{
+    if (step < warmup)
+        return lr * (float)(step + 1) / (float)warmup;
+    long span = total - warmup > 1 ? total - warmup : 1;
+    double p = (double)(step - warmup) / (double)span;
+    if (p > 1)
+        p = 1;
+    return (float)(min_lr + 0.5 * (lr - min_lr) * (1.0 + cos(M_PI * p)));
+}
+
+/* ---- data ------------------------------------------------------------- */
+
+typedef struct {
+    int is_text;
+    ar_text_set text;
+    ar_image_set train, test;
+    ar_rng rng;       /* text: window positions */
+    long pos;         /* images: samples consumed so far */
+    uint64_t seed;
+    int32_t *perm;    /* images: order of the current epoch */
+    long perm_epoch;
+} data_source;
+
+static int data_open(data_source *d, const ar_model_spec *spec, const char *path, uint64_t seed)
+{
+    memset(d, 0, sizeof *d);
+    d->seed = seed;
+    d->perm_epoch = -1;
+    ar_rng_seed(&d->rng, ar_hash3(seed, 0xda7a, 0));
+    int rc;
+    if (spec->type == AR_MODEL_GPT) {
+        if (!path)
+            return ar_fail(AR_EINVAL, "a language model needs --data PATH (a text file)");
+        d->is_text = 1;
+        return ar_text_load(path, &d->text);
+    }
+    const char *dir = path ? path : DEFAULT_IMAGE_DIR;
+    if ((rc = ar_image_set_load(dir, "train", &d->train)) != AR_OK)
+        return rc;
+    if ((rc = ar_image_set_load(dir, "t10k", &d->test)) != AR_OK)
+        return rc;
+    if (d->train.features != spec->inputs)
+        return ar_fail(AR_ESHAPE, "%s: images have %d features but the model takes %d", dir,
+                       d->train.features, spec->inputs);
+    if (d->train.classes > spec->classes || d->test.classes > spec->classes)
+        return ar_fail(AR_ESHAPE, "%s: labels go up to %d but the model has %d classes", dir,
+                       (d->train.classes > d->test.classes ? d->train.classes : d->test.classes) - 1,
+                       spec->classes);
+    d->perm = ar_calloc((size_t)d->train.count, sizeof *d->perm);
+    return d->perm ? AR_OK : AR_ENOMEM;
+}
+
+static void data_close(data_source *d)
+{
+    ar_text_free(&d->text);
+    ar_image_set_free(&d->train);
+    ar_image_set_free(&d->test);
+    ar_free(d->perm);
+}
+
+/* The permutation of epoch e depends only on (seed, e): resuming needs only
+ * the sample position. */
+static void shuffle_epoch(data_source *d, long epoch)
+{
+    int n = d->train.count;
+    for (int i = 0; i < n; i++)
+        d->perm[i] = i;
+    ar_rng r;
+    ar_rng_seed(&r, ar_hash3(d->seed, 0x5eed, (uint64_t)epoch));
+    for (int i = n - 1; i > 0; i--) {
+        int j = (int)ar_rng_below(&r, (uint64_t)i + 1);
+        int32_t t = d->perm[i];
+        d->perm[i] = d->perm[j];
+        d->perm[j] = t;
+    }
+    d->perm_epoch = epoch;
+}
+
+/* Next training batch: inputs (B,T) tokens or (B,features) floats. */
+static int data_next(data_source *d, int B, int T, void *inputs, int32_t *targets)
+{
+    if (d->is_text)
+        return ar_text_batch(&d->text, 0, &d->rng, B, T, inputs, targets);
+    float *x = inputs;
+    int F = d->train.features;
+    for (int b = 0; b < B; b++) {
+        long epoch = d->pos / d->train.count;
+        if (epoch != d->perm_epoch)
+            shuffle_epoch(d, epoch);
+        int idx = d->perm[d->pos % d->train.count];
+        memcpy(x + (size_t)b * F, d->train.images + (size_t)idx * F, (size_t)F * sizeof(float));
+        targets[b] = d->train.labels[idx];
+        d->pos++;
+    }
+    return AR_OK;
+}
+
+/* ---- stage threads ----------------------------------------------------- */
+
+typedef struct {
+    ar_stage_runner runner;
+    pthread_t thread;
+    int started;
+    int result;
+} stage_thread;
+
+static void *stage_main(void *arg)
+{
+    stage_thread *t = arg;
+    t->result = ar_stage_serve(&t->runner);
+    return NULL;
+}
+
+/* ---- the run ----------------------------------------------------------- */
+
+typedef struct {
+    ar_train_config *c;
+    ar_model_spec spec;
+    data_source data;
+    int S;
+    ar_stage *stages;
+    ar_stage **stage_ptrs;
+    stage_thread *threads;
+    ar_link **links;       /* links[2*i] upstream end of stage i, links[2*i+1] its stage end */
+    ar_link *head;         /* the driver's end towards stage 0 */
+    int M, B, T, rows_per_mb;
+    size_t row_elems;
+    void *inputs;
+    int32_t *targets;
+    FILE *log;
+    double *curve_x, *curve_y, *val_x, *val_y;
+    long ncurve, nval;
+    double busy[64], idle[64];
+} run;
+
+static int eval_model(run *r, int64_t step, double *val_loss, double *accuracy)
+{
+    ar_train_config *c = r->c;
+    double loss_sum = 0, correct = 0, count = 0;
+    int rc = AR_OK;
+    ar_batch_desc b = {.step = step, .M = 1, .dtype = r->data.is_text ? 1 : 0,
+                       .row_elems = r->row_elems, .row_targets = r->data.is_text ? (size_t)r->T : 1};
+    if (r->data.is_text) {
+        /* the same val batches at every evaluation: a fixed seed */
+        ar_rng rng;
+        ar_rng_seed(&rng, ar_hash3(r->data.seed, 0xe7a1, 0));
+        for (int i = 0; i < c->eval_batches && rc == AR_OK; i++) {
+            rc = ar_text_batch(&r->data.text, 1, &rng, r->B, r->T, r->inputs, r->targets);
+            for (int row = 0; rc == AR_OK && row < r->B; row += r->rows_per_mb) {
+                b.B = r->rows_per_mb;
+                b.inputs = (int32_t *)r->inputs + (size_t)row * r->T;
+                b.targets = r->targets + (size_t)row * r->T;
+                rc = ar_chain_eval(r->head, &b, -1, &loss_sum, &correct, &count);
+            }
+        }
+    } else {
+        const ar_image_set *t = &r->data.test;
+        for (int row = 0; row < t->count && rc == AR_OK; row += r->rows_per_mb) {
+            int n = t->count - row < r->rows_per_mb ? t->count - row : r->rows_per_mb;
+            b.B = n;
+            b.inputs = t->images + (size_t)row * t->features;
+            b.targets = t->labels + row;
+            rc = ar_chain_eval(r->head, &b, -1, &loss_sum, &correct, &count);
+        }
+    }
+    if (rc != AR_OK)
+        return rc;
+    *val_loss = count > 0 ? loss_sum / count : NAN;
+    *accuracy = count > 0 ? correct / count : NAN;
+    return AR_OK;
+}
+
+static void state_from_run(const run *r, long step, ar_train_state *s)
+{
+    const ar_train_config *c = r->c;
+    memset(s, 0, sizeof *s);
+    s->step = step;
+    s->opt_step = r->stages[0].opt_step;
+    s->seed = c->seed;
+    memcpy(s->data_rng, r->data.rng.s, sizeof s->data_rng);
+    s->data_pos = r->data.pos;
+    s->steps = c->steps;
+    s->batch = c->batch;
+    s->micro_batches = c->micro_batches;
+    s->optimizer = c->optimizer;
+    s->lr = c->lr;
+    s->min_lr = c->min_lr;
+    s->warmup = c->warmup;
+    s->weight_decay = c->weight_decay;
+    s->beta1 = c->beta1;
+    s->beta2 = c->beta2;
+    s->eps = c->eps;
+    s->clip = c->clip;
+}
+
+static int save_checkpoint(run *r, long step)
+{
+    int rc = ar_chain_sync(r->head, -1); /* every stage has applied its last update */
+    if (rc != AR_OK)
+        return rc;
+    ar_train_state st;
+    state_from_run(r, step, &st);
+    return ar_checkpoint_save(r->c->out_dir, r->stage_ptrs, r->S, &st);
+}
+
+static void draw_curve(run *r)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/loss.svg", r->c->out_dir);
+    ar_plot_series s[2] = {{"train loss", r->curve_x, r->curve_y, (int)r->ncurve, NULL},
+                           {r->data.is_text ? "val loss" : "test loss", r->val_x, r->val_y,
+                            (int)r->nval, NULL}};
+    if (ar_plot_svg(path, "Arceus training", s, 2) != AR_OK)
+        ar_log(AR_LOG_WARN, "could not draw %s: %s", path, ar_last_error());
+}
+
+/* Apply a stored recipe except for what the user set explicitly. */
+static void apply_state_recipe(ar_train_config *c, const ar_train_state *s)
+{
+    if (!(c->set_mask & AR_SET_STEPS)) c->steps = s->steps;
+    if (!(c->set_mask & AR_SET_BATCH)) c->batch = s->batch;
+    if (!(c->set_mask & AR_SET_MB)) c->micro_batches = s->micro_batches;
+    if (!(c->set_mask & AR_SET_LR)) c->lr = s->lr;
+    if (!(c->set_mask & AR_SET_MIN_LR)) c->min_lr = s->min_lr;
+    if (!(c->set_mask & AR_SET_WARMUP)) c->warmup = s->warmup;
+    if (!(c->set_mask & AR_SET_WD)) c->weight_decay = s->weight_decay;
+    if (!(c->set_mask & AR_SET_CLIP)) c->clip = s->clip;
+    if (!(c->set_mask & AR_SET_OPT)) c->optimizer = s->optimizer;
+    c->seed = s->seed; /* the data order and dropout depend on it */
+    c->beta1 = s->beta1;
+    c->beta2 = s->beta2;
+    c->eps = s->eps;
+}
+
+static int check_out_dir(const char *dir)
+{
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+        return ar_fail(AR_EIO, "--out %s: cannot create the folder: %s", dir, strerror(errno));
+    char probe[4096];
+    snprintf(probe, sizeof probe, "%s/.arceus-write-test", dir);
+    FILE *f = fopen(probe, "w");
+    if (!f)
+        return ar_fail(AR_EIO, "--out %s: cannot write there: %s", dir, strerror(errno));
+    fclose(f);
+    remove(probe);
+    return AR_OK;
+}
+
+static void log_json(run *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void log_json(run *r, const char *fmt, ...)
+{
+    if (!r->log)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(r->log, fmt, ap);
+    va_end(ap);
+    fputc('\n', r->log);
+    fflush(r->log);
+}
+
+static int grow(double **arr, long n)
+{
+    if ((n & (n - 1)) != 0 && n != 0)
+        return AR_OK;
+    long cap = n ? 2 * n : 64;
+    double *p = realloc(*arr, (size_t)cap * sizeof(double));
+    if (!p)
+        return ar_fail(AR_ENOMEM, "out of memory for the loss curve");
+    *arr = p;
+    return AR_OK;
+}
+
+static int record(double **xs, double **ys, long *n, double x, double y)
+{
+    if (*n < 64 || ((*n & (*n - 1)) == 0)) {
+        int rc = grow(xs, *n);
+        if (rc == AR_OK)
+            rc = grow(ys, *n);
+        if (rc != AR_OK)
+            return rc;
+    }
+    (*xs)[*n] = x;
+    (*ys)[*n] = y;
+    (*n)++;
+    return AR_OK;
+}
+
+static int setup(run *r)
+{
+    ar_train_config *c = r->c;
+    int rc;
+    ar_train_state resume_state;
+    long start_step = 0;
+    if (c->resume_dir) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/spec.json", c->resume_dir);
+        if ((rc = ar_spec_load(path, &r->spec)) != AR_OK)
+            return rc;
+        if ((rc = ar_checkpoint_load_state(c->resume_dir, &resume_state)) != AR_OK)
+            return rc;
+        apply_state_recipe(c, &resume_state);
+        start_step = resume_state.step;
+    } else {
+        if (!c->model_path)
+            return ar_fail(AR_EINVAL, "--model SPEC is required (for example configs/mlp-fashion.json)");
+        if ((rc = ar_spec_load(c->model_path, &r->spec)) != AR_OK)
+            return rc;
+    }
+    if (c->batch < 1 || c->micro_batches < 1 || c->batch % c->micro_batches != 0)
+        return ar_fail(AR_EINVAL, "--batch %d must be a positive multiple of --micro-batches %d",
+                       c->batch, c->micro_batches);
+    if (c->steps < 0)
+        return ar_fail(AR_EINVAL, "--steps must not be negative");
+    if (c->out_dir && (rc = check_out_dir(c->out_dir)) != AR_OK)
+        return rc;
+    if ((rc = data_open(&r->data, &r->spec, c->data_path, c->seed)) != AR_OK)
+        return rc;
+    if (r->spec.type == AR_MODEL_GPT) {
+        if (r->spec.has_vocab) {
+            /* a checkpoint's vocabulary must be the data's */
+            if (r->spec.vocab_size != r->data.text.vocab_size ||
+                memcmp(r->spec.vocab, r->data.text.vocab, (size_t)r->spec.vocab_size) != 0)
+                return ar_fail(AR_EINVAL, "%s: the text's characters differ from the checkpoint's vocabulary",
+                               c->data_path);
+        } else {
+            if (r->spec.vocab_size != 0 && r->spec.vocab_size != r->data.text.vocab_size)
+                return ar_fail(AR_EINVAL, "the spec says vocab_size %d but %s has %d distinct characters",
+                               r->spec.vocab_size, c->data_path, r->data.text.vocab_size);
+            r->spec.vocab_size = r->data.text.vocab_size;
+            memcpy(r->spec.vocab, r->data.text.vocab, (size_t)r->spec.vocab_size);
+            r->spec.has_vocab = 1;
+        }
+    }
+    if ((rc = ar_spec_validate(&r->spec, c->model_path ? c->model_path : "spec")) != AR_OK)
+        return rc;
+
+    r->M = c->micro_batches;
+    r->B = c->batch;
+    r->rows_per_mb = r->B / r->M;
+    r->T = r->spec.type == AR_MODEL_GPT ? r->spec.block_size : 1;
+    r->row_elems = r->spec.type == AR_MODEL_GPT ? (size_t)r->T : (size_t)r->spec.inputs;
+    r->inputs = ar_calloc((size_t)r->B * r->row_elems, 4);
+    r->targets = ar_calloc((size_t)r->B * r->T, sizeof(int32_t));
+    if (!r->inputs || !r->targets)
+        return AR_ENOMEM;
+
+    /* stages: contiguous, near-equal unit ranges; the GPT head shares wte
+     * with the embedding so they stay together in this version */
+    int units = ar_spec_units(&r->spec);
+    r->S = c->stages;
+    if (r->S < 1 || r->S > units || r->S > 64)
+        return ar_fail(AR_EINVAL, "%d stages for a model of %d layers", r->S, units);
+    if (r->S > 1 && r->spec.type == AR_MODEL_GPT)
+        return ar_fail(AR_EINVAL, "a GPT cannot be split into stages yet (its head shares the embedding)");
+    r->stages = ar_calloc((size_t)r->S, sizeof *r->stages);
+    r->stage_ptrs = ar_calloc((size_t)r->S, sizeof *r->stage_ptrs);
+    r->threads = ar_calloc((size_t)r->S, sizeof *r->threads);
+    r->links = ar_calloc((size_t)r->S * 2, sizeof *r->links);
+    if (!r->stages || !r->stage_ptrs || !r->threads || !r->links)
+        return AR_ENOMEM;
+    ar_optim_config oc = {.kind = c->optimizer, .beta1 = c->beta1, .beta2 = c->beta2,
+                          .eps = c->eps, .weight_decay = c->weight_decay};
+    int per_stage_threads = ar_get_threads() / r->S;
+    if (per_stage_threads < 1)
+        per_stage_threads = 1;
+    for (int i = 0; i < r->S; i++) {
+        int first = units * i / r->S, last = units * (i + 1) / r->S;
+        ar_action tmp[2];
+        (void)tmp;
+        ar_action *acts = ar_calloc((size_t)2 * r->M, sizeof *acts);
+        if (!acts)
+            return AR_ENOMEM;
+        int slots = ar_schedule_build(c->schedule, r->S, i, r->M, acts);
+        ar_free(acts);
+        if ((rc = ar_stage_create(&r->stages[i], &r->spec, first, last, r->rows_per_mb, slots,
+                                  c->seed, &oc)) != AR_OK)
+            return rc;
+        r->stage_ptrs[i] = &r->stages[i];
+    }
+    if (c->resume_dir) {
+        if ((rc = ar_checkpoint_load_params(c->resume_dir, r->stage_ptrs, r->S, 1)) != AR_OK)
+            return rc;
+        for (int i = 0; i < r->S; i++)
+            r->stages[i].opt_step = resume_state.opt_step;
+        memcpy(r->data.rng.s, resume_state.data_rng, sizeof r->data.rng.s);
+        r->data.pos = resume_state.data_pos;
+    }
+    /* links: driver -> stage 0 -> stage 1 -> ... */
+    for (int i = 0; i < r->S; i++) {
+        char a[32], b[32];
+        snprintf(a, sizeof a, "stage %d", i);
+        snprintf(b, sizeof b, i == 0 ? "driver" : "stage %d", i - 1);
+        if ((rc = ar_link_local_pair(&r->links[2 * i], &r->links[2 * i + 1], a, b)) != AR_OK)
+            return rc;
+    }
+    r->head = r->links[0];
+    for (int i = 0; i < r->S; i++) {
+        stage_thread *t = &r->threads[i];
+        t->runner = (ar_stage_runner){.stage = &r->stages[i], .up = r->links[2 * i + 1],
+                                      .down = i + 1 < r->S ? r->links[2 * (i + 1)] : NULL,
+                                      .schedule = c->schedule, .index = i, .count = r->S,
+                                      .threads = per_stage_threads, .max_frame_bytes = (size_t)1 << 31,
+                                      .seed = c->seed, .timeout_s = -1};
+        if (pthread_create(&t->thread, NULL, stage_main, t) != 0)
+            return ar_fail(AR_ENOMEM, "cannot start a stage thread");
+        t->started = 1;
+    }
+    if (c->log_path && !(r->log = fopen(c->log_path, c->resume_dir ? "a" : "w")))
+        return ar_fail(AR_EIO, "--log %s: %s", c->log_path, strerror(errno));
+    return (int)start_step; /* >= 0 */
+}
+
+static void teardown(run *r)
+{
+    if (r->head)
+        ar_chain_stop(r->head);
+    for (int i = 0; i < r->S && r->threads; i++)
+        if (r->threads[i].started)
+            pthread_join(r->threads[i].thread, NULL);
+    for (int i = 0; r->links && i < 2 * r->S; i++)
+        ar_link_destroy(r->links[i]);
+    for (int i = 0; r->stages && i < r->S; i++)
+        ar_stage_destroy(&r->stages[i]);
+    ar_free(r->stages);
+    ar_free(r->stage_ptrs);
+    ar_free(r->threads);
+    ar_free(r->links);
+    ar_free(r->inputs);
+    ar_free(r->targets);
+    data_close(&r->data);
+    if (r->log)
+        fclose(r->log);
+    free(r->curve_x);
+    free(r->curve_y);
+    free(r->val_x);
+    free(r->val_y);
+}
+
+static void print_plan(const run *r)
+{
+    if (r->c->quiet)
+        return;
+    long params = ar_spec_param_count(&r->spec);
+    printf("model: %s, %ld parameters (%.2fM)\n", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
+           params, params / 1e6);
+    for (int i = 0; i < r->S; i++)
+        printf("  stage %d: layers %d-%d, %ld parameters, %d threads\n", i, r->stages[i].first,
+               r->stages[i].last - 1, r->stages[i].param_floats, r->threads[i].runner.threads);
+    printf("batch %d = %d micro-batches of %d, %ld steps, schedule %s\n", r->B, r->M,
+           r->rows_per_mb, r->c->steps, ar_schedule_name(r->c->schedule));
+    fflush(stdout);
+}
+
+int ar_train_run(ar_train_config *c)
+{
+    run r;
+    memset(&r, 0, sizeof r);
+    r.c = c;
+    int rc = setup(&r);
+    if (rc < 0) {
+        teardown(&r);
+        return rc;
+    }
+    long start = rc;
+    rc = AR_OK;
+    print_plan(&r);
+    ar_progress bar;
+    ar_progress_begin(&bar, "train", c->steps, stderr);
+    double t0 = ar_now(), last_loss = NAN, last_val = NAN, last_acc = NAN;
+    double rate_t = t0;
+    long rate_step = start;
+    double items_per_step = (double)r.B * r.T;
+    int is_text = r.data.is_text;
+    for (long step = start; step < c->steps; step++) {
+        if ((rc = data_next(&r.data, r.B, r.T, r.inputs, r.targets)) != AR_OK)
+            break;
+        ar_batch_desc b = {.step = step, .M = r.M, .B = r.B, .dtype = is_text ? 1 : 0,
+                           .inputs = r.inputs, .row_elems = r.row_elems, .targets = r.targets,
+                           .row_targets = is_text ? (size_t)r.T : 1};
+        ar_step_result res;
+        if ((rc = ar_chain_train_step(r.head, &b, -1, &res)) != AR_OK)
+            break;
+        double sumsq = 0;
+        for (int i = 0; i < res.nunits; i++)
+            sumsq += res.unit_sumsq[i];
+        double norm = sqrt(sumsq);
+        if (!isfinite(res.loss) || !isfinite(norm)) {
+            rc = ar_fail(AR_EINVAL, "step %ld: the loss or gradient is not finite (loss %g, norm %g); lower --lr", step, res.loss, norm);
+            break;
+        }
+        /* torch.nn.utils.clip_grad_norm_: scale by clip/(norm+1e-6) when above */
+        float scale = 1.0f;
+        if (c->clip > 0 && norm > c->clip)
+            scale = (float)(c->clip / (norm + 1e-6));
+        float lr = ar_lr_at(step, c->lr, c->min_lr, c->warmup, c->steps);
+        if ((rc = ar_chain_apply(r.head, step, lr, scale)) != AR_OK)
+            break;
+        for (int i = 0; i < res.nstages && i < 64; i++) {
+            r.busy[i] += res.busy_s[i];
+            r.idle[i] += res.idle_s[i];
+        }
+        last_loss = res.loss;
+        double now = ar_now();
+        double rate = (step + 1 - rate_step) * items_per_step / (now - rate_t > 1e-9 ? now - rate_t : 1e-9);
+        if ((rc = record(&r.curve_x, &r.curve_y, &r.ncurve, (double)step + 1, res.loss)) != AR_OK)
+            break;
+        log_json(&r, "{\"step\": %ld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6g, \"%s\": %.1f, \"elapsed_s\": %.3f}",
+                 step + 1, res.loss, lr, norm, is_text ? "tokens_per_s" : "samples_per_s", rate, now - t0);
+        int last = step + 1 == c->steps;
+        if ((c->eval_every > 0 && (step + 1) % c->eval_every == 0) || last) {
+            if ((rc = eval_model(&r, step, &last_val, &last_acc)) != AR_OK)
+                break;
+            if ((rc = record(&r.val_x, &r.val_y, &r.nval, (double)step + 1, last_val)) != AR_OK)
+                break;
+            if (is_text)
+                log_json(&r, "{\"step\": %ld, \"val_loss\": %.6f, \"elapsed_s\": %.3f}", step + 1, last_val, ar_now() - t0);
+            else
+                log_json(&r, "{\"step\": %ld, \"val_loss\": %.6f, \"accuracy\": %.6f, \"elapsed_s\": %.3f}", step + 1, last_val, last_acc, ar_now() - t0);
+            if (!c->quiet && !last) {
+                ar_progress_end(&bar);
+                if (is_text)
+                    fprintf(stderr, "step %ld: train loss %.4f, val loss %.4f\n", step + 1, last_loss, last_val);
+                else
+                    fprintf(stderr, "step %ld: train loss %.4f, test loss %.4f, test accuracy %.2f%%\n", step + 1, last_loss, last_val, 100 * last_acc);
+                ar_progress_begin(&bar, "train", c->steps, stderr);
+            }
+            /* the rate should not count evaluation time */
+            rate_t = ar_now();
+            rate_step = step + 1;
+        }
+        if (c->out_dir && ((c->ckpt_every > 0 && (step + 1) % c->ckpt_every == 0) || last)) {
+            if ((rc = save_checkpoint(&r, step + 1)) != AR_OK)
+                break;
+            draw_curve(&r);
+        }
+        if (!c->quiet)
+            ar_progress_update(&bar, step + 1, "loss %.4f | %.0f %s/s", res.loss, rate,
+                               is_text ? "tok" : "samples");
+    }
+    ar_progress_end(&bar);
+    double elapsed = ar_now() - t0;
+    if (rc == AR_OK && !c->quiet) {
+        long done = c->steps - start;
+        printf("done: %ld steps in %.1f s (%.0f %s/s)\n", done, elapsed,
+               done * items_per_step / (elapsed > 0 ? elapsed : 1), is_text ? "tokens" : "samples");
+        printf("final train loss %.4f\n", last_loss);
+        if (is_text)
+            printf("final val loss %.4f\n", last_val);
+        else
+            printf("test accuracy %.2f%% (test loss %.4f)\n", 100 * last_acc, last_val);
+        if (r.S > 1)
+            for (int i = 0; i < r.S; i++) {
+                double tot = r.busy[i] + r.idle[i];
+                printf("  stage %d: busy %.1f s, idle %.1f s, bubble %.1f%% (theory %.1f%%)\n", i,
+                       r.busy[i], r.idle[i], tot > 0 ? 100 * r.idle[i] / tot : 0,
+                       100.0 * (r.S - 1) / (r.M + r.S - 1));
+            }
+        if (c->out_dir)
+            printf("checkpoint and loss curve in %s/\n", c->out_dir);
+    }
+    teardown(&r);
+    return rc;
+}

@@ -1,0 +1,61 @@
+/* The driver: feeds data into the pipeline, keeps the learning-rate
+ * schedule, clips gradients, evaluates, logs, draws the loss curve and
+ * writes checkpoints. Single-device training is a pipeline of one stage. */
+#ifndef AR_DRIVER_H
+#define AR_DRIVER_H
+
+#include "nn/spec.h"
+#include "train/stage.h"
+
+#include <stdint.h>
+
+typedef struct {
+    const char *model_path;  /* JSON spec */
+    const char *data_path;   /* text file, or a folder of IDX files */
+    const char *out_dir;     /* checkpoints, loss.svg (NULL: none) */
+    const char *resume_dir;  /* continue from this checkpoint */
+    const char *log_path;    /* JSON lines (NULL: none) */
+    long steps;              /* total optimizer steps of the run */
+    int batch;
+    int micro_batches;
+    int stages;              /* in-process pipeline stages ("--workers local:N") */
+    int schedule;            /* enum ar_schedule_kind */
+    float lr, min_lr;
+    long warmup;
+    float weight_decay, beta1, beta2, eps;
+    float clip;              /* 0: no clipping */
+    int optimizer;           /* enum ar_optimizer */
+    uint64_t seed;
+    int threads;             /* 0: all cores */
+    long eval_every;         /* 0: only at the end */
+    int eval_batches;        /* language models: random val batches per evaluation */
+    long ckpt_every;         /* 0: only at the end */
+    int quiet;
+    /* which of the recipe fields the user set on the command line (resume
+     * keeps the stored recipe for the rest) */
+    unsigned set_mask;
+} ar_train_config;
+
+enum {
+    AR_SET_STEPS = 1u << 0,
+    AR_SET_LR = 1u << 1,
+    AR_SET_BATCH = 1u << 2,
+    AR_SET_MB = 1u << 3,
+    AR_SET_WARMUP = 1u << 4,
+    AR_SET_MIN_LR = 1u << 5,
+    AR_SET_OPT = 1u << 6,
+    AR_SET_SEED = 1u << 7,
+    AR_SET_CLIP = 1u << 8,
+    AR_SET_WD = 1u << 9
+};
+
+/* Defaults for a model type (the recipe of issue 2 for a GPT). */
+void ar_train_config_defaults(ar_train_config *c, int model_type);
+
+/* Learning rate at step (from 0): linear warm-up to lr, cosine to min_lr. */
+float ar_lr_at(long step, float lr, float min_lr, long warmup, long total);
+
+/* Run a whole training job; prints progress and a summary to stderr/stdout. */
+int ar_train_run(ar_train_config *c);
+
+#endif

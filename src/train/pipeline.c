@@ -1,0 +1,545 @@
+/* Stage side and driver side of the chain protocol. */
+#include "train/pipeline.h"
+
+#include "core/core.h"
+#include "train/schedule.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* ---- stage side ------------------------------------------------------- */
+
+typedef struct {
+    ar_stage_runner *r;
+    int32_t **slot_targets; /* targets of the micro-batch in each slot (last stage) */
+    int *slot_rows;
+    double busy, idle;
+} serve_state;
+
+static uint64_t mb_seed(uint64_t seed, int64_t step, int mb)
+{
+    return ar_hash3(seed, (uint64_t)step, (uint64_t)mb);
+}
+
+/* Report an error upstream so the driver can name the failing stage. */
+static void send_error(ar_stage_runner *r, const char *what)
+{
+    char msg[600];
+    snprintf(msg, sizeof msg, "stage %d (layers %d-%d): %s: %s", r->index, r->stage->first,
+             r->stage->last - 1, what, ar_last_error());
+    ar_log(AR_LOG_ERROR, "%s", msg);
+    ar_frame f = {.kind = AR_FRAME_ERROR};
+    int64_t len = (int64_t)strlen(msg);
+    if (ar_frame_set_payload(&f, AR_DT_U8, 1, &len, msg) == AR_OK)
+        ar_link_send(r->up, &f);
+    else
+        ar_frame_free(&f);
+}
+
+/* Receive, timing the wait as idle time. */
+static int timed_recv(serve_state *st, ar_link *l, ar_frame *f)
+{
+    double t0 = ar_now();
+    int rc = ar_link_recv(l, f, st->r->timeout_s);
+    st->idle += ar_now() - t0;
+    if (rc == AR_OK && (rc = ar_frame_validate(f, st->r->max_frame_bytes)) != AR_OK)
+        ar_frame_free(f);
+    return rc;
+}
+
+/* Check an ACT/EVAL frame against what this stage expects. */
+static int check_input(const ar_stage *s, const ar_frame *f)
+{
+    int want_dtype = s->layers[0]->in_floats_per_row == 0 ? AR_DT_I32 : AR_DT_F32;
+    if (f->dtype != want_dtype)
+        return ar_fail(AR_EPROTO, "%s frame has dtype %d, this stage takes %s",
+                       ar_frame_kind_name(f->kind), f->dtype, want_dtype == AR_DT_I32 ? "int32 tokens" : "float32");
+    if (f->rows < 1 || f->rows > s->max_B)
+        return ar_fail(AR_EPROTO, "%s frame of %d rows, this stage takes 1..%d",
+                       ar_frame_kind_name(f->kind), f->rows, s->max_B);
+    size_t want = (size_t)f->rows * s->T * ar_stage_in_width(s) * 4;
+    if (f->nbytes != want)
+        return ar_fail(AR_ESHAPE, "%s frame carries %zu bytes, %d rows need %zu",
+                       ar_frame_kind_name(f->kind), f->nbytes, f->rows, want);
+    if (f->ntargets != (size_t)f->rows * s->T)
+        return ar_fail(AR_ESHAPE, "%s frame carries %zu targets, %d rows need %zu",
+                       ar_frame_kind_name(f->kind), f->ntargets, f->rows, (size_t)f->rows * s->T);
+    return AR_OK;
+}
+
+/* Forward the stage output (with the targets) to the next stage. */
+static int send_down(ar_stage_runner *r, const ar_frame *in, const float *out, int kind)
+{
+    ar_stage *s = r->stage;
+    ar_frame f = {.kind = kind, .step = in->step, .mb = in->mb, .nmb = in->nmb, .rows = in->rows};
+    int64_t shape[2] = {(int64_t)in->rows * s->T, (int64_t)ar_stage_out_width(s)};
+    int rc = ar_frame_set_payload(&f, AR_DT_F32, 2, shape, out);
+    if (rc == AR_OK)
+        rc = ar_frame_set_targets(&f, in->targets, in->ntargets);
+    if (rc != AR_OK) {
+        ar_frame_free(&f);
+        return rc;
+    }
+    return ar_link_send(r->down, &f);
+}
+
+static int run_forward(serve_state *st, ar_frame *f)
+{
+    ar_stage_runner *r = st->r;
+    ar_stage *s = r->stage;
+    int rc = check_input(s, f);
+    if (rc != AR_OK)
+        return rc;
+    int slot = f->mb % s->nslots;
+    const float *out;
+    double t0 = ar_now();
+    rc = ar_stage_forward(s, slot, f->rows, f->data, 1, mb_seed(r->seed, f->step, f->mb), &out);
+    st->busy += ar_now() - t0;
+    if (rc != AR_OK)
+        return rc;
+    if (r->down)
+        return send_down(r, f, out, AR_FRAME_ACT);
+    /* last stage: keep the targets for the backward pass */
+    free(st->slot_targets[slot]);
+    st->slot_targets[slot] = f->targets;
+    st->slot_rows[slot] = f->rows;
+    f->targets = NULL;
+    f->ntargets = 0;
+    return AR_OK;
+}
+
+static int run_backward(serve_state *st, int64_t step, int mb, int M, double *loss_out)
+{
+    ar_stage_runner *r = st->r;
+    ar_stage *s = r->stage;
+    int slot = mb % s->nslots;
+    const float *din = NULL;
+    double loss = 0;
+    int rc;
+    int rows;
+    if (!r->down) {
+        rows = st->slot_rows[slot];
+        double t0 = ar_now();
+        rc = ar_stage_loss(s, slot, rows, st->slot_targets[slot], &loss, NULL);
+        if (rc == AR_OK) {
+            /* the step's loss is the mean over all rows of all micro-batches */
+            float scale = 1.0f / ((float)rows * (float)s->T * (float)M);
+            rc = ar_stage_backward(s, slot, rows, st->slot_targets[slot], NULL, scale,
+                                   mb_seed(r->seed, step, mb), &din);
+        }
+        st->busy += ar_now() - t0;
+        if (rc != AR_OK)
+            return rc;
+    } else {
+        ar_frame g;
+        if ((rc = timed_recv(st, r->down, &g)) != AR_OK)
+            return rc;
+        if (g.kind == AR_FRAME_ERROR) {
+            ar_link_send(r->up, &g); /* relay: the driver reports the failing stage */
+            return ar_fail(AR_ECLOSED, "a later stage failed");
+        }
+        rows = g.rows;
+        size_t want = (size_t)rows * s->T * ar_stage_out_width(s) * 4;
+        if (g.kind != AR_FRAME_GRAD || g.mb != mb || g.step != step || g.dtype != AR_DT_F32 ||
+            g.nbytes != want || rows < 1 || rows > s->max_B) {
+            rc = ar_fail(AR_EPROTO, "expected the GRAD of micro-batch %d of step %lld, got %s of %d",
+                         mb, (long long)step, ar_frame_kind_name(g.kind), g.mb);
+            ar_frame_free(&g);
+            return rc;
+        }
+        loss = g.scalars[0];
+        double t0 = ar_now();
+        rc = ar_stage_backward(s, slot, rows, NULL, g.data, 0.0f, mb_seed(r->seed, step, mb), &din);
+        st->busy += ar_now() - t0;
+        ar_frame_free(&g);
+        if (rc != AR_OK)
+            return rc;
+    }
+    ar_frame up = {.kind = AR_FRAME_GRAD, .step = step, .mb = mb, .nmb = M, .rows = rows};
+    up.scalars[0] = loss;
+    if (din) {
+        int64_t shape[2] = {(int64_t)rows * s->T, (int64_t)s->layers[0]->in_floats_per_row};
+        if ((rc = ar_frame_set_payload(&up, AR_DT_F32, 2, shape, din)) != AR_OK)
+            return rc;
+    }
+    *loss_out = loss;
+    return ar_link_send(r->up, &up);
+}
+
+/* After the last backward: fold tied weights, then send the per-unit
+ * gradient norms (ours first, then those from downstream) and timings up. */
+static int send_norms(serve_state *st, int64_t step)
+{
+    ar_stage_runner *r = st->r;
+    ar_stage *s = r->stage;
+    ar_stage_fold_tied(s);
+    ar_frame below = {0};
+    int rc;
+    if (r->down) {
+        if ((rc = timed_recv(st, r->down, &below)) != AR_OK)
+            return rc;
+        if (below.kind == AR_FRAME_ERROR) {
+            ar_link_send(r->up, &below);
+            return ar_fail(AR_ECLOSED, "a later stage failed");
+        }
+        if (below.kind != AR_FRAME_NORM || below.dtype != AR_DT_F64) {
+            ar_frame_free(&below);
+            return ar_fail(AR_EPROTO, "expected NORM from the next stage");
+        }
+    }
+    size_t mine = 4 + (size_t)s->nlayers;
+    size_t theirs = below.nbytes / sizeof(double);
+    double *vals = malloc((mine + theirs) * sizeof(double));
+    if (!vals) {
+        ar_frame_free(&below);
+        return ar_fail(AR_ENOMEM, "out of memory for norms");
+    }
+    vals[0] = s->first;
+    vals[1] = s->nlayers;
+    vals[2] = st->busy;
+    vals[3] = st->idle;
+    ar_stage_grad_sumsq(s, vals + 4);
+    if (theirs)
+        memcpy(vals + mine, below.data, theirs * sizeof(double));
+    ar_frame_free(&below);
+    ar_frame f = {.kind = AR_FRAME_NORM, .step = step};
+    int64_t n = (int64_t)(mine + theirs);
+    rc = ar_frame_set_payload(&f, AR_DT_F64, 1, &n, vals);
+    free(vals);
+    if (rc != AR_OK)
+        return rc;
+    return ar_link_send(r->up, &f);
+}
+
+static int run_step(serve_state *st, ar_frame *first)
+{
+    ar_stage_runner *r = st->r;
+    ar_stage *s = r->stage;
+    int M = first->nmb;
+    int64_t step = first->step;
+    if (M < 1 || M > 4096)
+        return ar_fail(AR_EPROTO, "a step of %d micro-batches", M);
+    ar_action *acts = malloc(sizeof(ar_action) * 2 * (size_t)M);
+    if (!acts)
+        return ar_fail(AR_ENOMEM, "out of memory for the schedule");
+    int in_flight = ar_schedule_build(r->schedule, r->count, r->index, M, acts);
+    int rc = AR_OK;
+    if (in_flight > s->nslots) {
+        rc = ar_fail(AR_ELIMIT, "the schedule keeps %d micro-batches in flight, the stage has %d slots",
+                     in_flight, s->nslots);
+        goto done;
+    }
+    st->busy = st->idle = 0;
+    ar_stage_zero_grad(s);
+    int next_f = 0;
+    for (int i = 0; i < 2 * M; i++) {
+        if (acts[i].op == 'F') {
+            ar_frame f;
+            if (next_f == 0) {
+                f = *first;
+                memset(first, 0, sizeof *first);
+            } else if ((rc = timed_recv(st, r->up, &f)) != AR_OK) {
+                goto done;
+            }
+            if (f.kind != AR_FRAME_ACT || f.mb != acts[i].mb || f.step != step || f.nmb != M) {
+                rc = ar_fail(AR_EPROTO, "expected ACT %d of step %lld, got %s %d of step %lld",
+                             acts[i].mb, (long long)step, ar_frame_kind_name(f.kind), f.mb,
+                             (long long)f.step);
+                ar_frame_free(&f);
+                goto done;
+            }
+            next_f++;
+            rc = run_forward(st, &f);
+            ar_frame_free(&f);
+        } else {
+            double loss;
+            rc = run_backward(st, step, acts[i].mb, M, &loss);
+        }
+        if (rc != AR_OK)
+            goto done;
+    }
+    rc = send_norms(st, step);
+done:
+    free(acts);
+    return rc;
+}
+
+static int run_apply(ar_stage_runner *r, ar_frame *f)
+{
+    double lr = f->scalars[0], scale = f->scalars[1];
+    if (!(lr >= 0 && lr < 1e3) || !(scale > 0 && scale <= 1))
+        return ar_fail(AR_EPROTO, "STEP with lr %g and gradient scale %g", lr, scale);
+    ar_stage_update(r->stage, (float)lr, (float)scale);
+    if (r->down) {
+        ar_frame g = {.kind = AR_FRAME_STEP, .step = f->step};
+        memcpy(g.scalars, f->scalars, sizeof g.scalars);
+        return ar_link_send(r->down, &g);
+    }
+    return AR_OK;
+}
+
+static int run_eval(serve_state *st, ar_frame *f)
+{
+    ar_stage_runner *r = st->r;
+    ar_stage *s = r->stage;
+    int rc = check_input(s, f);
+    if (rc != AR_OK)
+        return rc;
+    const float *out;
+    /* evaluation uses slot 0: no training micro-batch is in flight between steps */
+    if ((rc = ar_stage_forward(s, 0, f->rows, f->data, 0, 0, &out)) != AR_OK)
+        return rc;
+    if (r->down) {
+        if ((rc = send_down(r, f, out, AR_FRAME_EVAL)) != AR_OK)
+            return rc;
+        ar_frame res;
+        if ((rc = timed_recv(st, r->down, &res)) != AR_OK)
+            return rc;
+        if (res.kind != AR_FRAME_EVAL_RESULT && res.kind != AR_FRAME_ERROR) {
+            ar_frame_free(&res);
+            return ar_fail(AR_EPROTO, "expected EVAL_RESULT from the next stage");
+        }
+        return ar_link_send(r->up, &res);
+    }
+    double loss;
+    long correct;
+    if ((rc = ar_stage_loss(s, 0, f->rows, f->targets, &loss, &correct)) != AR_OK)
+        return rc;
+    double count = (double)f->rows * s->T;
+    ar_frame res = {.kind = AR_FRAME_EVAL_RESULT, .step = f->step, .rows = f->rows};
+    res.scalars[0] = loss * count;
+    res.scalars[1] = (double)correct;
+    res.scalars[2] = count;
+    return ar_link_send(r->up, &res);
+}
+
+/* A barrier: answered once every stage has processed what came before it. */
+static int run_sync(serve_state *st, ar_frame *f)
+{
+    ar_stage_runner *r = st->r;
+    int rc;
+    if (r->down) {
+        ar_frame g = {.kind = AR_FRAME_SYNC, .step = f->step};
+        if ((rc = ar_link_send(r->down, &g)) != AR_OK)
+            return rc;
+        if ((rc = timed_recv(st, r->down, &g)) != AR_OK)
+            return rc;
+        return ar_link_send(r->up, &g);
+    }
+    ar_frame g = {.kind = AR_FRAME_SYNC, .step = f->step};
+    return ar_link_send(r->up, &g);
+}
+
+int ar_stage_serve(ar_stage_runner *r)
+{
+    if (r->threads > 0) {
+#ifdef _OPENMP
+        /* the OpenMP thread count is per thread: set it on the stage's own */
+        omp_set_num_threads(r->threads);
+#endif
+    }
+    ar_stage *s = r->stage;
+    serve_state st = {.r = r};
+    st.slot_targets = calloc((size_t)s->nslots, sizeof *st.slot_targets);
+    st.slot_rows = calloc((size_t)s->nslots, sizeof *st.slot_rows);
+    if (!st.slot_targets || !st.slot_rows) {
+        free(st.slot_targets);
+        free(st.slot_rows);
+        return ar_fail(AR_ENOMEM, "out of memory starting a stage");
+    }
+    int rc = AR_OK;
+    for (;;) {
+        ar_frame f;
+        if ((rc = ar_link_recv(r->up, &f, -1)) != AR_OK)
+            break;
+        if ((rc = ar_frame_validate(&f, r->max_frame_bytes)) != AR_OK) {
+            ar_frame_free(&f);
+            send_error(r, "bad frame");
+            continue;
+        }
+        const char *what = NULL;
+        switch (f.kind) {
+        case AR_FRAME_ACT:
+            if ((rc = run_step(&st, &f)) != AR_OK)
+                what = "training step";
+            break;
+        case AR_FRAME_STEP:
+            if ((rc = run_apply(r, &f)) != AR_OK)
+                what = "optimizer step";
+            break;
+        case AR_FRAME_EVAL:
+            if ((rc = run_eval(&st, &f)) != AR_OK)
+                what = "evaluation";
+            break;
+        case AR_FRAME_SYNC:
+            if ((rc = run_sync(&st, &f)) != AR_OK)
+                what = "sync";
+            break;
+        case AR_FRAME_STOP:
+            if (r->down) {
+                ar_frame g = {.kind = AR_FRAME_STOP};
+                ar_link_send(r->down, &g);
+            }
+            ar_frame_free(&f);
+            rc = AR_OK;
+            goto out;
+        default:
+            rc = ar_fail(AR_EPROTO, "unexpected %s frame from upstream", ar_frame_kind_name(f.kind));
+            what = "protocol";
+        }
+        ar_frame_free(&f);
+        if (what && rc != AR_ECLOSED)
+            send_error(r, what);
+        if (rc == AR_ECLOSED)
+            break;
+    }
+out:
+    for (int i = 0; i < s->nslots; i++)
+        free(st.slot_targets[i]);
+    free(st.slot_targets);
+    free(st.slot_rows);
+    return rc;
+}
+
+/* ---- driver side ------------------------------------------------------ */
+
+static int send_rows(ar_link *l, int kind, const ar_batch_desc *b, int mb, int row0, int rows)
+{
+    ar_frame f = {.kind = kind, .step = b->step, .mb = mb, .nmb = kind == AR_FRAME_ACT ? b->M : 0,
+                  .rows = rows};
+    size_t es = 4;
+    int64_t shape[2] = {rows, (int64_t)b->row_elems};
+    int rc = ar_frame_set_payload(&f, b->dtype, 2, shape,
+                                  (const char *)b->inputs + (size_t)row0 * b->row_elems * es);
+    if (rc == AR_OK)
+        rc = ar_frame_set_targets(&f, b->targets + (size_t)row0 * b->row_targets,
+                                  (size_t)rows * b->row_targets);
+    if (rc != AR_OK) {
+        ar_frame_free(&f);
+        return rc;
+    }
+    return ar_link_send(l, &f);
+}
+
+/* An ERROR frame from a stage becomes the error of the call. */
+static int frame_error(ar_frame *f)
+{
+    int rc = ar_fail(AR_EPROTO, "%.*s", (int)f->nbytes, f->data ? (const char *)f->data : "");
+    ar_frame_free(f);
+    return rc;
+}
+
+int ar_chain_train_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar_step_result *out)
+{
+    if (b->M < 1 || b->B % b->M != 0)
+        return ar_fail(AR_EINVAL, "batch %d does not split into %d equal micro-batches", b->B, b->M);
+    int rows = b->B / b->M;
+    int rc;
+    for (int mb = 0; mb < b->M; mb++)
+        if ((rc = send_rows(l, AR_FRAME_ACT, b, mb, mb * rows, rows)) != AR_OK)
+            return rc;
+    memset(out, 0, sizeof *out);
+    /* losses arrive in micro-batch order; summing them in that order keeps
+     * the result independent of the partition */
+    int got = 0;
+    double loss_sum = 0;
+    while (got < b->M) {
+        ar_frame f;
+        if ((rc = ar_link_recv(l, &f, timeout_s)) != AR_OK)
+            return rc;
+        if (f.kind == AR_FRAME_ERROR)
+            return frame_error(&f);
+        if (f.kind != AR_FRAME_GRAD || f.mb != got) {
+            rc = ar_fail(AR_EPROTO, "expected GRAD %d, got %s %d", got, ar_frame_kind_name(f.kind), f.mb);
+            ar_frame_free(&f);
+            return rc;
+        }
+        loss_sum += f.scalars[0];
+        got++;
+        ar_frame_free(&f);
+    }
+    out->loss = loss_sum / b->M;
+    ar_frame n;
+    if ((rc = ar_link_recv(l, &n, timeout_s)) != AR_OK)
+        return rc;
+    if (n.kind == AR_FRAME_ERROR)
+        return frame_error(&n);
+    if (n.kind != AR_FRAME_NORM || n.dtype != AR_DT_F64) {
+        ar_frame_free(&n);
+        return ar_fail(AR_EPROTO, "expected NORM after the gradients");
+    }
+    const double *v = n.data;
+    size_t count = n.nbytes / sizeof(double), at = 0;
+    while (at + 4 <= count && out->nstages < 64) {
+        int first = (int)v[at], nu = (int)v[at + 1];
+        if (nu < 0 || at + 4 + (size_t)nu > count || first < 0 || first + nu > 512)
+            break;
+        out->busy_s[out->nstages] = v[at + 2];
+        out->idle_s[out->nstages] = v[at + 3];
+        out->nstages++;
+        for (int i = 0; i < nu; i++)
+            out->unit_sumsq[first + i] = v[at + 4 + i];
+        if (first + nu > out->nunits)
+            out->nunits = first + nu;
+        at += 4 + (size_t)nu;
+    }
+    rc = at == count ? AR_OK : ar_fail(AR_EPROTO, "malformed NORM frame");
+    ar_frame_free(&n);
+    return rc;
+}
+
+int ar_chain_apply(ar_link *l, int64_t step, float lr, float grad_scale)
+{
+    ar_frame f = {.kind = AR_FRAME_STEP, .step = step};
+    f.scalars[0] = lr;
+    f.scalars[1] = grad_scale;
+    return ar_link_send(l, &f);
+}
+
+int ar_chain_eval(ar_link *l, const ar_batch_desc *b, double timeout_s, double *loss_sum,
+                  double *correct, double *count)
+{
+    int rc = send_rows(l, AR_FRAME_EVAL, b, 0, 0, b->B);
+    if (rc != AR_OK)
+        return rc;
+    ar_frame f;
+    if ((rc = ar_link_recv(l, &f, timeout_s)) != AR_OK)
+        return rc;
+    if (f.kind == AR_FRAME_ERROR)
+        return frame_error(&f);
+    if (f.kind != AR_FRAME_EVAL_RESULT) {
+        ar_frame_free(&f);
+        return ar_fail(AR_EPROTO, "expected EVAL_RESULT, got %s", ar_frame_kind_name(f.kind));
+    }
+    *loss_sum += f.scalars[0];
+    *correct += f.scalars[1];
+    *count += f.scalars[2];
+    ar_frame_free(&f);
+    return AR_OK;
+}
+
+int ar_chain_sync(ar_link *l, double timeout_s)
+{
+    ar_frame f = {.kind = AR_FRAME_SYNC};
+    int rc = ar_link_send(l, &f);
+    if (rc != AR_OK)
+        return rc;
+    if ((rc = ar_link_recv(l, &f, timeout_s)) != AR_OK)
+        return rc;
+    if (f.kind == AR_FRAME_ERROR)
+        return frame_error(&f);
+    rc = f.kind == AR_FRAME_SYNC ? AR_OK : ar_fail(AR_EPROTO, "expected SYNC, got %s", ar_frame_kind_name(f.kind));
+    ar_frame_free(&f);
+    return rc;
+}
+
+int ar_chain_stop(ar_link *l)
+{
+    ar_frame f = {.kind = AR_FRAME_STOP};
+    return ar_link_send(l, &f);
+}

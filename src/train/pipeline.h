@@ -1,0 +1,63 @@
+/* The chain protocol (DESIGN.md §2), both ends of it:
+ *  - ar_stage_serve runs one stage: it takes frames from its upstream link
+ *    (the driver or the previous stage) and talks to its downstream link;
+ *  - the ar_chain_* functions are the driver's side, talking to stage 0. */
+#ifndef AR_PIPELINE_H
+#define AR_PIPELINE_H
+
+#include "train/frame.h"
+#include "train/stage.h"
+
+#include <stdint.h>
+
+typedef struct {
+    ar_stage *stage;
+    ar_link *up;         /* towards the driver */
+    ar_link *down;       /* towards the next stage; NULL on the last */
+    int schedule;        /* enum ar_schedule_kind */
+    int index, count;    /* this stage's position in the pipeline */
+    int threads;         /* OpenMP/BLAS threads for this stage (0 = keep) */
+    size_t max_frame_bytes;
+    uint64_t seed;       /* run seed, for dropout */
+    double timeout_s;    /* how long to wait for a neighbour mid-step (< 0: forever) */
+} ar_stage_runner;
+
+/* Serve until a STOP frame or the upstream link closes. Returns AR_OK after
+ * STOP, or the error that ended it. */
+int ar_stage_serve(ar_stage_runner *r);
+
+/* What the driver learns from one training step. */
+typedef struct {
+    double loss;             /* mean over the step's micro-batches */
+    int nunits;
+    double unit_sumsq[512];  /* gradient sum of squares per unit, in unit order */
+    int nstages;
+    double busy_s[64], idle_s[64]; /* per stage, this step */
+} ar_step_result;
+
+/* One training step: inputs is (B, ...) rows split into M micro-batches of
+ * B/M rows; row_elems elements per row (T tokens, or 784 pixels), targets
+ * row_targets per row. dtype AR_DT_I32 (tokens) or AR_DT_F32 (features). */
+typedef struct {
+    int64_t step;
+    int M, B;
+    int dtype;
+    const void *inputs;
+    size_t row_elems;
+    const int32_t *targets;
+    size_t row_targets;
+} ar_batch_desc;
+
+int ar_chain_train_step(ar_link *l, const ar_batch_desc *batch, double timeout_s,
+                        ar_step_result *out);
+/* Apply the optimizer everywhere: learning rate and gradient scale. */
+int ar_chain_apply(ar_link *l, int64_t step, float lr, float grad_scale);
+/* Forward-only evaluation of one chunk of B rows: returns the summed loss,
+ * the number of correct predictions and the number of predictions. */
+int ar_chain_eval(ar_link *l, const ar_batch_desc *batch, double timeout_s, double *loss_sum,
+                  double *correct, double *count);
+/* Wait until every stage has processed everything sent before. */
+int ar_chain_sync(ar_link *l, double timeout_s);
+int ar_chain_stop(ar_link *l);
+
+#endif

@@ -1,0 +1,50 @@
+#include "train/schedule.h"
+
+#include "arceus.h"
+
+#include <string.h>
+
+int ar_schedule_build(int kind, int S, int s, int M, ar_action *actions)
+{
+    int n = 0;
+    if (kind == AR_SCHED_GPIPE) {
+        /* all forwards, then all backwards */
+        for (int mb = 0; mb < M; mb++)
+            actions[n++] = (ar_action){'F', mb};
+        for (int mb = 0; mb < M; mb++)
+            actions[n++] = (ar_action){'B', mb};
+        return M;
+    }
+    /* 1F1B: S-s-1 warm-up forwards, then alternate one forward and one
+     * backward, then drain the remaining backwards. */
+    int warmup = S - s - 1;
+    if (warmup > M)
+        warmup = M;
+    int f = 0, b = 0;
+    for (; f < warmup; f++)
+        actions[n++] = (ar_action){'F', f};
+    while (f < M) {
+        actions[n++] = (ar_action){'F', f++};
+        actions[n++] = (ar_action){'B', b++};
+    }
+    while (b < M)
+        actions[n++] = (ar_action){'B', b++};
+    int in_flight = warmup + 1;
+    return in_flight > M ? M : in_flight;
+}
+
+int ar_schedule_parse(const char *name, int *kind)
+{
+    if (strcmp(name, "gpipe") == 0)
+        *kind = AR_SCHED_GPIPE;
+    else if (strcmp(name, "1f1b") == 0)
+        *kind = AR_SCHED_1F1B;
+    else
+        return ar_fail(AR_EINVAL, "unknown schedule \"%s\" (expected gpipe or 1f1b)", name);
+    return AR_OK;
+}
+
+const char *ar_schedule_name(int kind)
+{
+    return kind == AR_SCHED_GPIPE ? "gpipe" : "1f1b";
+}

@@ -1,0 +1,400 @@
+/* Stage: parameters, activations and the forward/backward of a unit range. */
+#include "train/stage.h"
+
+#include "core/core.h"
+#include "ops/ops.h"
+
+#include <math.h>
+#include <string.h>
+
+static uint64_t name_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    for (; *s; s++)
+        h = (h ^ (uint8_t)*s) * 1099511628211ULL;
+    return h;
+}
+
+/* Each parameter draws from its own stream keyed by its name, so a model is
+ * initialised identically however it is split across stages. */
+static void init_param(ar_param *p, uint64_t seed)
+{
+    ar_rng rng;
+    ar_rng_seed(&rng, ar_hash3(seed, name_hash(p->name), 0x1417));
+    switch (p->init) {
+    case AR_INIT_ZEROS: memset(p->data, 0, p->numel * sizeof(float)); break;
+    case AR_INIT_ONES:
+        for (long i = 0; i < p->numel; i++)
+            p->data[i] = 1.0f;
+        break;
+    case AR_INIT_NORMAL:
+        for (long i = 0; i < p->numel; i++)
+            p->data[i] = p->init_scale * ar_rng_normal(&rng);
+        break;
+    case AR_INIT_UNIFORM_FANIN: {
+        /* PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) */
+        float bound = 1.0f / sqrtf(p->init_scale);
+        for (long i = 0; i < p->numel; i++)
+            p->data[i] = bound * (2.0f * ar_rng_uniform(&rng) - 1.0f);
+        break;
+    }
+    }
+}
+
+static size_t max_size(size_t a, size_t b)
+{
+    return a > b ? a : b;
+}
+
+int ar_stage_is_first(const ar_stage *s)
+{
+    return s->first == 0;
+}
+
+int ar_stage_is_last(const ar_stage *s)
+{
+    return s->last == ar_spec_units(&s->spec);
+}
+
+size_t ar_stage_in_width(const ar_stage *s)
+{
+    size_t w = s->layers[0]->in_floats_per_row;
+    return w ? w : 1; /* tokens: one int32 per row */
+}
+
+size_t ar_stage_out_width(const ar_stage *s)
+{
+    return s->layers[s->nlayers - 1]->out_floats_per_row;
+}
+
+int ar_stage_create(ar_stage *s, const ar_model_spec *spec, int first, int last, int max_B,
+                    int nslots, uint64_t seed, const ar_optim_config *optim)
+{
+    memset(s, 0, sizeof *s);
+    s->spec = *spec;
+    int units = ar_spec_units(spec);
+    if (first < 0 || last > units || first >= last)
+        return ar_fail(AR_EINVAL, "layer range %d-%d is not inside the model's 0-%d", first,
+                       last - 1, units - 1);
+    if (max_B < 1 || nslots < 1)
+        return ar_fail(AR_EINVAL, "micro-batch size and slots must be positive");
+    s->first = first;
+    s->last = last;
+    s->max_B = max_B;
+    s->nslots = nslots;
+    s->T = spec->type == AR_MODEL_GPT ? spec->block_size : 1;
+    s->seed = seed;
+    s->optim = *optim;
+    int rc;
+
+    s->nlayers = last - first;
+    s->layers = ar_calloc((size_t)s->nlayers, sizeof *s->layers);
+    if (!s->layers)
+        return AR_ENOMEM;
+    int nparams = 0;
+    for (int i = 0; i < s->nlayers; i++) {
+        /* layers keep a pointer to the spec: point them at our copy */
+        if ((rc = ar_layer_create(&s->spec, first + i, &s->layers[i])) != AR_OK)
+            goto fail;
+        nparams += s->layers[i]->nparams;
+    }
+
+    /* parameters: one contiguous buffer each for data, grad, m, v */
+    s->params = ar_calloc((size_t)(nparams ? nparams : 1), sizeof *s->params);
+    if (!s->params) {
+        rc = AR_ENOMEM;
+        goto fail;
+    }
+    long total = 0;
+    for (int i = 0; i < s->nlayers; i++)
+        for (int j = 0; j < s->layers[i]->nparams; j++) {
+            s->params[s->nparams++] = &s->layers[i]->params[j];
+            total += s->layers[i]->params[j].numel;
+        }
+    s->param_floats = total;
+    s->mem_params = ar_calloc((size_t)total, sizeof(float));
+    s->mem_grads = ar_calloc((size_t)total, sizeof(float));
+    s->mem_m = ar_calloc((size_t)total, sizeof(float));
+    s->mem_v = ar_calloc((size_t)total, sizeof(float));
+    if (!s->mem_params || !s->mem_grads || !s->mem_m || !s->mem_v) {
+        rc = AR_ENOMEM;
+        goto fail;
+    }
+    long at = 0;
+    for (int i = 0; i < s->nparams; i++) {
+        ar_param *p = s->params[i];
+        p->data = s->mem_params + at;
+        p->grad = s->mem_grads + at;
+        p->m = s->mem_m + at;
+        p->v = s->mem_v + at;
+        at += p->numel;
+        init_param(p, seed);
+    }
+
+    /* tied weights (the GPT head reads the embedding's wte) */
+    for (int i = 0; i < s->nlayers; i++) {
+        ar_layer *l = s->layers[i];
+        if (!l->tied_name)
+            continue;
+        l->tied = ar_stage_find_param(s, l->tied_name);
+        if (!l->tied) {
+            rc = ar_fail(AR_EINVAL,
+                         "layer %d uses \"%s\", which lives in another stage; a stage holding "
+                         "the head must also hold the embedding in this version",
+                         l->unit, l->tied_name);
+            goto fail;
+        }
+        if (s->tied_grads) {
+            rc = ar_fail(AR_EINTERNAL, "more than one tied weight in a stage");
+            goto fail;
+        }
+        s->tied_grads = ar_calloc((size_t)l->tied->numel, sizeof(float));
+        if (!s->tied_grads) {
+            rc = AR_ENOMEM;
+            goto fail;
+        }
+        l->tied_grad = s->tied_grads;
+    }
+
+    /* micro-batch slots: [input | layer 0 saved | layer 1 saved | ...] */
+    int T = s->T;
+    s->layer_offset = ar_calloc((size_t)s->nlayers, sizeof *s->layer_offset);
+    if (!s->layer_offset) {
+        rc = AR_ENOMEM;
+        goto fail;
+    }
+    s->input_floats = (size_t)max_B * T * ar_stage_in_width(s);
+    size_t off = (s->input_floats + 15) & ~(size_t)15;
+    size_t widest = ar_stage_in_width(s);
+    for (int i = 0; i < s->nlayers; i++) {
+        ar_layer *l = s->layers[i];
+        s->layer_offset[i] = off;
+        off += (l->vt->saved_floats(l, max_B, T) + 15) & ~(size_t)15;
+        s->scratch_floats = max_size(s->scratch_floats, l->vt->scratch_floats(l, max_B, T));
+        widest = max_size(widest, l->out_floats_per_row);
+        widest = max_size(widest, l->in_floats_per_row);
+    }
+    s->slot_floats = off;
+    s->slots = ar_calloc((size_t)nslots, sizeof *s->slots);
+    if (!s->slots) {
+        rc = AR_ENOMEM;
+        goto fail;
+    }
+    for (int i = 0; i < nslots; i++)
+        if (!(s->slots[i] = ar_calloc(s->slot_floats, sizeof(float)))) {
+            rc = AR_ENOMEM;
+            goto fail;
+        }
+    s->scratch = ar_calloc(s->scratch_floats, sizeof(float));
+    s->grad_in = ar_calloc((size_t)max_B * T * widest, sizeof(float));
+    s->grad_out = ar_calloc((size_t)max_B * T * widest, sizeof(float));
+    if (!s->scratch || !s->grad_in || !s->grad_out) {
+        rc = AR_ENOMEM;
+        goto fail;
+    }
+    if (ar_stage_is_last(s)) {
+        /* softmax probabilities then per-row losses, per slot */
+        size_t rows = (size_t)max_B * T;
+        s->probs_floats = rows * ar_stage_out_width(s) + rows;
+        s->probs = ar_calloc((size_t)nslots * s->probs_floats, sizeof(float));
+        if (!s->probs) {
+            rc = AR_ENOMEM;
+            goto fail;
+        }
+    }
+    return AR_OK;
+fail:
+    ar_stage_destroy(s);
+    return rc;
+}
+
+void ar_stage_destroy(ar_stage *s)
+{
+    if (s->layers)
+        for (int i = 0; i < s->nlayers; i++)
+            ar_layer_destroy(s->layers[i]);
+    ar_free(s->layers);
+    ar_free(s->params);
+    ar_free(s->mem_params);
+    ar_free(s->mem_grads);
+    ar_free(s->mem_m);
+    ar_free(s->mem_v);
+    ar_free(s->tied_grads);
+    if (s->slots)
+        for (int i = 0; i < s->nslots; i++)
+            ar_free(s->slots[i]);
+    ar_free(s->slots);
+    ar_free(s->layer_offset);
+    ar_free(s->probs);
+    ar_free(s->scratch);
+    ar_free(s->grad_in);
+    ar_free(s->grad_out);
+    memset(s, 0, sizeof *s);
+}
+
+static int check_call(const ar_stage *s, int slot, int B)
+{
+    if (slot < 0 || slot >= s->nslots)
+        return ar_fail(AR_EINVAL, "micro-batch slot %d out of range [0, %d)", slot, s->nslots);
+    if (B < 1 || B > s->max_B)
+        return ar_fail(AR_EINVAL, "micro-batch of %d rows, the stage holds 1..%d", B, s->max_B);
+    return AR_OK;
+}
+
+int ar_stage_forward(ar_stage *s, int slot, int B, const void *input, int train,
+                     uint64_t drop_seed, const float **out)
+{
+    int rc = check_call(s, slot, B);
+    if (rc != AR_OK)
+        return rc;
+    float *mem = s->slots[slot];
+    size_t in_count = (size_t)B * s->T * ar_stage_in_width(s);
+    if (s->layers[0]->in_floats_per_row == 0) {
+        /* tokens: validate before they index the embedding table */
+        const int32_t *tok = input;
+        for (size_t i = 0; i < in_count; i++)
+            if (tok[i] < 0 || tok[i] >= s->spec.vocab_size)
+                return ar_fail(AR_EINVAL, "token %d at position %zu is outside the vocabulary [0, %d)",
+                               tok[i], i, s->spec.vocab_size);
+    }
+    memcpy(mem, input, in_count * sizeof(float)); /* int32 and float are both 4 bytes */
+    ar_pass pass = {.B = B, .T = s->T, .train = train, .drop_seed = drop_seed};
+    const void *in = mem;
+    for (int i = 0; i < s->nlayers; i++) {
+        float *saved = mem + s->layer_offset[i];
+        if ((rc = s->layers[i]->vt->forward(s->layers[i], &pass, in, saved)) != AR_OK)
+            return rc;
+        in = saved;
+    }
+    *out = in;
+    return AR_OK;
+}
+
+int ar_stage_loss(ar_stage *s, int slot, int B, const int32_t *targets, double *loss,
+                  long *correct)
+{
+    int rc = check_call(s, slot, B);
+    if (rc != AR_OK)
+        return rc;
+    if (!ar_stage_is_last(s))
+        return ar_fail(AR_EINTERNAL, "loss asked of a stage that does not hold the last layer");
+    int V = (int)ar_stage_out_width(s);
+    int N = B * s->T;
+    for (int i = 0; i < N; i++)
+        if (targets[i] < 0 || targets[i] >= V)
+            return ar_fail(AR_EINVAL, "target %d at position %d is outside [0, %d)", targets[i], i, V);
+    const float *logits = s->slots[slot] + s->layer_offset[s->nlayers - 1];
+    float *probs = s->probs + (size_t)slot * s->probs_floats;
+    float *losses = probs + (size_t)s->max_B * s->T * V;
+    *loss = ar_xent_forward(losses, probs, logits, targets, N, V);
+    if (correct) {
+        long c = 0;
+        for (int i = 0; i < N; i++) {
+            const float *row = logits + (size_t)i * V;
+            int best = 0;
+            for (int j = 1; j < V; j++)
+                if (row[j] > row[best])
+                    best = j;
+            c += best == targets[i];
+        }
+        *correct = c;
+    }
+    return AR_OK;
+}
+
+int ar_stage_backward(ar_stage *s, int slot, int B, const int32_t *targets, const float *dout,
+                      float loss_scale, uint64_t drop_seed, const float **din)
+{
+    int rc = check_call(s, slot, B);
+    if (rc != AR_OK)
+        return rc;
+    float *mem = s->slots[slot];
+    int T = s->T;
+    size_t rows = (size_t)B * T;
+    float *bufs[2] = {s->grad_in, s->grad_out};
+    int next = 0;
+    const float *dcur = dout;
+    if (ar_stage_is_last(s)) {
+        int V = (int)ar_stage_out_width(s);
+        float *dlogits = bufs[next];
+        next ^= 1;
+        memset(dlogits, 0, rows * V * sizeof(float));
+        ar_xent_backward(dlogits, s->probs + (size_t)slot * s->probs_floats, targets, loss_scale,
+                         (int)rows, V);
+        dcur = dlogits;
+    } else if (!dout) {
+        return ar_fail(AR_EINTERNAL, "backward of a middle stage without an output gradient");
+    }
+    ar_pass pass = {.B = B, .T = T, .train = 1, .drop_seed = drop_seed, .scratch = s->scratch,
+                    .scratch_floats = s->scratch_floats};
+    for (int i = s->nlayers - 1; i >= 0; i--) {
+        ar_layer *l = s->layers[i];
+        const void *in = i == 0 ? (const void *)mem : mem + s->layer_offset[i - 1];
+        float *dx = NULL;
+        /* the first unit of the model needs no input gradient */
+        if (!(i == 0 && ar_stage_is_first(s))) {
+            dx = bufs[next];
+            next ^= 1;
+            size_t w = l->in_floats_per_row;
+            memset(dx, 0, rows * w * sizeof(float));
+        }
+        if ((rc = l->vt->backward(l, &pass, in, mem + s->layer_offset[i], dcur, dx)) != AR_OK)
+            return rc;
+        dcur = dx;
+    }
+    *din = dcur;
+    return AR_OK;
+}
+
+void ar_stage_zero_grad(ar_stage *s)
+{
+    memset(s->mem_grads, 0, (size_t)s->param_floats * sizeof(float));
+    for (int i = 0; i < s->nlayers; i++)
+        if (s->layers[i]->tied_grad)
+            memset(s->layers[i]->tied_grad, 0, s->layers[i]->tied->numel * sizeof(float));
+}
+
+void ar_stage_fold_tied(ar_stage *s)
+{
+    for (int i = 0; i < s->nlayers; i++) {
+        ar_layer *l = s->layers[i];
+        if (!l->tied_grad)
+            continue;
+        for (long j = 0; j < l->tied->numel; j++)
+            l->tied->grad[j] += l->tied_grad[j];
+    }
+}
+
+void ar_stage_grad_sumsq(const ar_stage *s, double *out)
+{
+    for (int i = 0; i < s->nlayers; i++) {
+        double sum = 0;
+        for (int j = 0; j < s->layers[i]->nparams; j++)
+            sum += ar_sum_squares(s->layers[i]->params[j].grad, s->layers[i]->params[j].numel);
+        out[i] = sum;
+    }
+}
+
+void ar_stage_update(ar_stage *s, float lr, float grad_scale)
+{
+    s->opt_step++;
+    const ar_optim_config *o = &s->optim;
+    for (int i = 0; i < s->nparams; i++) {
+        ar_param *p = s->params[i];
+        float wd = p->decay ? o->weight_decay : 0.0f;
+        if (o->kind == AR_OPT_SGD)
+            ar_sgd_update(p->data, p->grad, p->m, p->numel, lr, o->beta1, wd, s->opt_step,
+                          grad_scale);
+        else
+            ar_adamw_update(p->data, p->grad, p->m, p->v, p->numel, lr, o->beta1, o->beta2,
+                            o->eps, wd, s->opt_step, grad_scale);
+    }
+}
+
+ar_param *ar_stage_find_param(const ar_stage *s, const char *name)
+{
+    for (int i = 0; i < s->nparams; i++)
+        if (strcmp(s->params[i]->name, name) == 0)
+            return s->params[i];
+    return NULL;
+}
