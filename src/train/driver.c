@@ -5,6 +5,7 @@
 #include "core/progress.h"
 #include "data/data.h"
 #include "train/checkpoint.h"
+#include "train/local.h"
 #include "train/pipeline.h"
 #include "train/plot.h"
 #include "train/schedule.h"
@@ -139,22 +140,6 @@ static int data_next(data_source *d, int B, int T, void *inputs, int32_t *target
     return AR_OK;
 }
 
-/* ---- stage threads ----------------------------------------------------- */
-
-typedef struct {
-    ar_stage_runner runner;
-    pthread_t thread;
-    int started;
-    int result;
-} stage_thread;
-
-static void *stage_main(void *arg)
-{
-    stage_thread *t = arg;
-    t->result = ar_stage_serve(&t->runner);
-    return NULL;
-}
-
 /* ---- the run ----------------------------------------------------------- */
 
 typedef struct {
@@ -162,11 +147,11 @@ typedef struct {
     ar_model_spec spec;
     data_source data;
     int S;
-    ar_stage *stages;
-    ar_stage **stage_ptrs;
-    stage_thread *threads;
-    ar_link **links;       /* links[2*i] upstream end of stage i, links[2*i+1] its stage end */
+    ar_local_pipeline pipe;
+    ar_stage *stages;      /* pipe.stages */
+    ar_stage **stage_ptrs; /* pipe.stage_ptrs */
     ar_link *head;         /* the driver's end towards stage 0 */
+    int threads_per_stage;
     int M, B, T, rows_per_mb;
     size_t row_elems;
     void *inputs;
@@ -397,31 +382,14 @@ static int setup(run *r)
         return ar_fail(AR_EINVAL, "%d stages for a model of %d layers", r->S, units);
     if (r->S > 1 && r->spec.type == AR_MODEL_GPT)
         return ar_fail(AR_EINVAL, "a GPT cannot be split into stages yet (its head shares the embedding)");
-    r->stages = ar_calloc((size_t)r->S, sizeof *r->stages);
-    r->stage_ptrs = ar_calloc((size_t)r->S, sizeof *r->stage_ptrs);
-    r->threads = ar_calloc((size_t)r->S, sizeof *r->threads);
-    r->links = ar_calloc((size_t)r->S * 2, sizeof *r->links);
-    if (!r->stages || !r->stage_ptrs || !r->threads || !r->links)
-        return AR_ENOMEM;
     ar_optim_config oc = {.kind = c->optimizer, .beta1 = c->beta1, .beta2 = c->beta2,
                           .eps = c->eps, .weight_decay = c->weight_decay};
-    int per_stage_threads = ar_get_threads() / r->S;
-    if (per_stage_threads < 1)
-        per_stage_threads = 1;
-    for (int i = 0; i < r->S; i++) {
-        int first = units * i / r->S, last = units * (i + 1) / r->S;
-        ar_action tmp[2];
-        (void)tmp;
-        ar_action *acts = ar_calloc((size_t)2 * r->M, sizeof *acts);
-        if (!acts)
-            return AR_ENOMEM;
-        int slots = ar_schedule_build(c->schedule, r->S, i, r->M, acts);
-        ar_free(acts);
-        if ((rc = ar_stage_create(&r->stages[i], &r->spec, first, last, r->rows_per_mb, slots,
-                                  c->seed, &oc)) != AR_OK)
-            return rc;
-        r->stage_ptrs[i] = &r->stages[i];
-    }
+    r->threads_per_stage = ar_get_threads() / r->S > 0 ? ar_get_threads() / r->S : 1;
+    if ((rc = ar_local_create(&r->pipe, &r->spec, r->S, r->rows_per_mb, r->M, c->schedule, c->seed,
+                              &oc)) != AR_OK)
+        return rc;
+    r->stages = r->pipe.stages;
+    r->stage_ptrs = r->pipe.stage_ptrs;
     if (c->resume_dir) {
         if ((rc = ar_checkpoint_load_params(c->resume_dir, r->stage_ptrs, r->S, 1)) != AR_OK)
             return rc;
@@ -430,26 +398,9 @@ static int setup(run *r)
         memcpy(r->data.rng.s, resume_state.data_rng, sizeof r->data.rng.s);
         r->data.pos = resume_state.data_pos;
     }
-    /* links: driver -> stage 0 -> stage 1 -> ... */
-    for (int i = 0; i < r->S; i++) {
-        char a[32], b[32];
-        snprintf(a, sizeof a, "stage %d", i);
-        snprintf(b, sizeof b, i == 0 ? "driver" : "stage %d", i - 1);
-        if ((rc = ar_link_local_pair(&r->links[2 * i], &r->links[2 * i + 1], a, b)) != AR_OK)
-            return rc;
-    }
-    r->head = r->links[0];
-    for (int i = 0; i < r->S; i++) {
-        stage_thread *t = &r->threads[i];
-        t->runner = (ar_stage_runner){.stage = &r->stages[i], .up = r->links[2 * i + 1],
-                                      .down = i + 1 < r->S ? r->links[2 * (i + 1)] : NULL,
-                                      .schedule = c->schedule, .index = i, .count = r->S,
-                                      .threads = per_stage_threads, .max_frame_bytes = (size_t)1 << 31,
-                                      .seed = c->seed, .timeout_s = -1};
-        if (pthread_create(&t->thread, NULL, stage_main, t) != 0)
-            return ar_fail(AR_ENOMEM, "cannot start a stage thread");
-        t->started = 1;
-    }
+    if ((rc = ar_local_start(&r->pipe, c->schedule, c->seed, r->threads_per_stage)) != AR_OK)
+        return rc;
+    r->head = r->pipe.head;
     if (c->log_path && !(r->log = fopen(c->log_path, c->resume_dir ? "a" : "w")))
         return ar_fail(AR_EIO, "--log %s: %s", c->log_path, strerror(errno));
     return (int)start_step; /* >= 0 */
@@ -457,19 +408,7 @@ static int setup(run *r)
 
 static void teardown(run *r)
 {
-    if (r->head)
-        ar_chain_stop(r->head);
-    for (int i = 0; i < r->S && r->threads; i++)
-        if (r->threads[i].started)
-            pthread_join(r->threads[i].thread, NULL);
-    for (int i = 0; r->links && i < 2 * r->S; i++)
-        ar_link_destroy(r->links[i]);
-    for (int i = 0; r->stages && i < r->S; i++)
-        ar_stage_destroy(&r->stages[i]);
-    ar_free(r->stages);
-    ar_free(r->stage_ptrs);
-    ar_free(r->threads);
-    ar_free(r->links);
+    ar_local_destroy(&r->pipe);
     ar_free(r->inputs);
     ar_free(r->targets);
     data_close(&r->data);
@@ -490,7 +429,7 @@ static void print_plan(const run *r)
            params, params / 1e6);
     for (int i = 0; i < r->S; i++)
         printf("  stage %d: layers %d-%d, %ld parameters, %d threads\n", i, r->stages[i].first,
-               r->stages[i].last - 1, r->stages[i].param_floats, r->threads[i].runner.threads);
+               r->stages[i].last - 1, r->stages[i].param_floats, r->threads_per_stage);
     printf("batch %d = %d micro-batches of %d, %ld steps, schedule %s\n", r->B, r->M,
            r->rows_per_mb, r->c->steps, ar_schedule_name(r->c->schedule));
     fflush(stdout);
