@@ -59,7 +59,7 @@ all: $(BIN) bin/arceus
 
 bin/arceus: $(BIN)
 	@mkdir -p bin
-	cp $(BIN) bin/arceus
+	cp $(BIN) bin/arceus.tmp && mv -f bin/arceus.tmp bin/arceus
 
 $(OUT)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -84,10 +84,12 @@ $(REF_DIR)/.stamp: $(wildcard tests/ref/*.py) $(wildcard configs/*.json)
 	$(PYTHON) tests/ref/make_refs.py --out $(REF_DIR)
 	@touch $@
 
-# Every test: unit tests under the sanitizers, then the end-to-end tests.
-test:
-	$(MAKE) BUILD=asan unit
-	$(MAKE) BUILD=asan e2e
+# Every test: unit tests under the sanitizers, then the end-to-end tests
+# (warnings are errors). Dependencies are installed first if missing; the
+# sub-makes then see them through pkg-config.
+test: deps
+	$(MAKE) BUILD=asan WERROR=1 unit
+	$(MAKE) BUILD=asan WERROR=1 e2e
 
 unit: $(TEST_BIN) ref
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; AR_REF_DIR=$(REF_DIR) ASAN_OPTIONS=detect_leaks=1 $$t --jobs 1; done
@@ -95,14 +97,18 @@ unit: $(TEST_BIN) ref
 e2e: $(BIN)
 	ARCEUS_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q tests/e2e
 
-bench: $(BIN)
+bench: deps
+	$(MAKE) all
 	$(PYTHON) bench/run.py --arceus $(abspath $(BIN))
 
-demo: $(BIN)
-	$(BIN) train --model configs/mlp-fashion.json
+# The main job: install what is missing, build, train the MLP on
+# Fashion-MNIST (Debian's dataset-fashion-mnist) and print the test accuracy.
+demo: deps
+	$(MAKE) all
+	$(BIN) train --model configs/mlp-fashion.json --out runs/mlp-fashion
 
 deps:
-	scripts/install-deps.sh
+	@scripts/install-deps.sh
 
 clean:
 	rm -rf build bin

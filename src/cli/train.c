@@ -38,7 +38,10 @@ void ar_help_train(void)
            "  --eval-batches N     language models: val batches per evaluation (40)\n"
            "  --out DIR            write checkpoints and loss.svg into DIR\n"
            "  --ckpt-every N       checkpoint every N steps as well as at the end (0)\n"
-           "  --resume DIR         continue a run from its checkpoint\n"
+           "  --resume DIR         continue a run from its checkpoint (and keep writing there\n"
+           "                       unless --out says otherwise)\n"
+           "  --stop-after N       stop after step N with a checkpoint, as if interrupted\n"
+           "                       (the schedule still runs to --steps; resume to finish)\n"
            "  --log FILE           write every step and evaluation as JSON lines\n"
            "  --quiet              no progress bar or summary\n");
 }
@@ -114,6 +117,8 @@ int ar_cmd_train(int argc, char **argv)
             rc = ar_args_int(&a, 1, 100000, &c.eval_batches);
         else if (!strcmp(name, "ckpt-every"))
             rc = ar_args_long(&a, 0, 100000000, &c.ckpt_every);
+        else if (!strcmp(name, "stop-after"))
+            rc = ar_args_long(&a, 1, 100000000, &c.stop_after);
         else if (!strcmp(name, "quiet"))
             c.quiet = 1;
         else if (!strcmp(name, "optimizer")) {

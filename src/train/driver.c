@@ -329,6 +329,8 @@ static int setup(run *r)
         if ((rc = ar_checkpoint_load_state(c->resume_dir, &resume_state)) != AR_OK)
             return rc;
         apply_state_recipe(c, &resume_state);
+        if (!c->out_dir)
+            c->out_dir = c->resume_dir; /* keep checkpointing where we resumed from */
         start_step = resume_state.step;
     } else {
         if (!c->model_path)
@@ -491,6 +493,7 @@ int ar_train_run(ar_train_config *c)
         log_json(&r, "{\"step\": %ld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6g, \"%s\": %.1f, \"elapsed_s\": %.3f}",
                  step + 1, res.loss, lr, norm, is_text ? "tokens_per_s" : "samples_per_s", rate, now - t0);
         int last = step + 1 == c->steps;
+        int stopping = c->stop_after > 0 && step + 1 == c->stop_after;
         if ((c->eval_every > 0 && (step + 1) % c->eval_every == 0) || last) {
             if ((rc = eval_model(&r, step, &last_val, &last_acc)) != AR_OK)
                 break;
@@ -512,7 +515,7 @@ int ar_train_run(ar_train_config *c)
             rate_t = ar_now();
             rate_step = step + 1;
         }
-        if (c->out_dir && ((c->ckpt_every > 0 && (step + 1) % c->ckpt_every == 0) || last)) {
+        if (c->out_dir && ((c->ckpt_every > 0 && (step + 1) % c->ckpt_every == 0) || last || stopping)) {
             if ((rc = save_checkpoint(&r, step + 1)) != AR_OK)
                 break;
             draw_curve(&r);
@@ -520,11 +523,14 @@ int ar_train_run(ar_train_config *c)
         if (!c->quiet)
             ar_progress_update(&bar, step + 1, "loss %.4f | %.0f %s/s", res.loss, rate,
                                is_text ? "tok" : "samples");
+        if (stopping)
+            break;
     }
     ar_progress_end(&bar);
     double elapsed = ar_now() - t0;
     if (rc == AR_OK && !c->quiet) {
-        long done = c->steps - start;
+        long end = c->stop_after > 0 && c->stop_after < c->steps ? c->stop_after : c->steps;
+        long done = end - start;
         printf("done: %ld steps in %.1f s (%.0f %s/s)\n", done, elapsed,
                done * items_per_step / (elapsed > 0 ? elapsed : 1), is_text ? "tokens" : "samples");
         printf("final train loss %.4f\n", last_loss);

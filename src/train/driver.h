@@ -30,6 +30,7 @@ typedef struct {
     long eval_every;         /* 0: only at the end */
     int eval_batches;        /* language models: random val batches per evaluation */
     long ckpt_every;         /* 0: only at the end */
+    long stop_after;         /* stop (with a checkpoint) after this step, as if interrupted; 0: run to the end */
     int quiet;
     /* which of the recipe fields the user set on the command line (resume
      * keeps the stored recipe for the rest) */
