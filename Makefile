@@ -8,6 +8,7 @@ BUILD ?= release
 WERROR ?= 0
 PYTHON ?= /usr/bin/python3
 PKG_CONFIG ?= pkg-config
+SHELL := /bin/bash
 
 # Prefer the OpenMP build of OpenBLAS: BLAS and our element-wise kernels then
 # share one thread pool instead of two pools spinning on the same cores.
@@ -54,7 +55,7 @@ BIN := $(OUT)/arceus
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(OUT)/tests/%)
 
-.PHONY: all test unit e2e ref bench demo clean deps
+.PHONY: all test unit e2e ref bench bench-quality demo clean deps
 all: $(BIN) bin/arceus
 
 bin/arceus: $(BIN)
@@ -91,8 +92,16 @@ test: deps
 	$(MAKE) BUILD=asan WERROR=1 unit
 	$(MAKE) BUILD=asan WERROR=1 e2e
 
+# Criterion runs each test in a child process and does not fail on a
+# sanitizer report in it, so the output is also searched for one.
 unit: $(TEST_BIN) ref
-	@set -e; for t in $(TEST_BIN); do echo "== $$t"; AR_REF_DIR=$(REF_DIR) ASAN_OPTIONS=detect_leaks=1 $$t --jobs 1; done
+	@set -e; mkdir -p $(OUT)/logs; for t in $(TEST_BIN); do \
+	    echo "== $$t"; log=$(OUT)/logs/$$(basename $$t).log; \
+	    AR_REF_DIR=$(REF_DIR) ASAN_OPTIONS=detect_leaks=1 $$t --jobs 1 2>&1 | tee $$log; \
+	    test $${PIPESTATUS[0]} -eq 0; \
+	    if grep -qE "ERROR: (Address|Leak)Sanitizer|runtime error:" $$log; then \
+	        echo "sanitizer report in $$t (see $$log)"; exit 1; fi; \
+	done
 
 e2e: $(BIN)
 	ARCEUS_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q tests/e2e
@@ -106,6 +115,11 @@ bench: deps
 demo: deps
 	$(MAKE) all
 	$(BIN) train --model configs/mlp-fashion.json --out runs/mlp-fashion
+
+# The long training-quality runs (about 20 minutes on 2 cores).
+bench-quality: deps
+	$(MAKE) all
+	$(PYTHON) bench/quality.py --arceus $(abspath $(BIN))
 
 deps:
 	@scripts/install-deps.sh

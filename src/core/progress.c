@@ -195,3 +195,22 @@ void ar_progress_end(ar_progress *p)
     }
     p->out = NULL; /* further updates are ignored */
 }
+
+void ar_progress_note(ar_progress *p, const char *fmt, ...)
+{
+    FILE *out = p && p->out ? p->out : stderr;
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (p && p->mode == AR_PROGRESS_TTY && p->width > 0) {
+        /* wipe the bar, print the note on its own line, draw the bar again below */
+        fprintf(out, "\r%*s\r%s\n", p->width, "", line);
+        p->width = 0;
+        draw_tty(p);
+    } else {
+        fprintf(out, "%s\n", line);
+    }
+    fflush(out);
+}

@@ -39,5 +39,8 @@ void ar_progress_update(ar_progress *p, long done, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Draw the final state and end the line (prints the total time). */
 void ar_progress_end(ar_progress *p);
+/* Print a line of its own (an evaluation result) above the bar, keeping the
+ * bar's state (rate, ETA). */
+void ar_progress_note(ar_progress *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif

@@ -75,6 +75,13 @@ int ar_spec_parse(const char *json, size_t len, const char *origin, ar_model_spe
         return ar_fail(AR_EFORMAT, "%s: malformed JSON near byte %zu", origin, at);
     }
     int rc = AR_OK;
+    while (end && end < json + len && (*end == ' ' || *end == '\n' || *end == '\r' || *end == '\t'))
+        end++;
+    if (end && end < json + len && *end != '\0') {
+        rc = ar_fail(AR_EFORMAT, "%s: unexpected data after the JSON object at byte %zu", origin,
+                     (size_t)(end - json));
+        goto done;
+    }
     if (!cJSON_IsObject(root)) {
         rc = ar_fail(AR_EFORMAT, "%s: a model spec must be a JSON object", origin);
         goto done;

@@ -504,12 +504,10 @@ int ar_train_run(ar_train_config *c)
             else
                 log_json(&r, "{\"step\": %ld, \"val_loss\": %.6f, \"accuracy\": %.6f, \"elapsed_s\": %.3f}", step + 1, last_val, last_acc, ar_now() - t0);
             if (!c->quiet && !last) {
-                ar_progress_end(&bar);
                 if (is_text)
-                    fprintf(stderr, "step %ld: train loss %.4f, val loss %.4f\n", step + 1, last_loss, last_val);
+                    ar_progress_note(&bar, "step %ld: train loss %.4f, val loss %.4f", step + 1, last_loss, last_val);
                 else
-                    fprintf(stderr, "step %ld: train loss %.4f, test loss %.4f, test accuracy %.2f%%\n", step + 1, last_loss, last_val, 100 * last_acc);
-                ar_progress_begin(&bar, "train", c->steps, stderr);
+                    ar_progress_note(&bar, "step %ld: train loss %.4f, test loss %.4f, test accuracy %.2f%%", step + 1, last_loss, last_val, 100 * last_acc);
             }
             /* the rate should not count evaluation time */
             rate_t = ar_now();

@@ -90,6 +90,11 @@ void ar_local_destroy(ar_local_pipeline *p)
 {
     if (p->head)
         ar_chain_stop(p->head);
+    /* a stage stuck mid-step (after a failure) would never see the STOP:
+     * closing every link wakes it with AR_ECLOSED */
+    for (int i = 0; p->links && i < 2 * p->S; i++)
+        if (p->links[i])
+            ar_link_close(p->links[i]);
     for (int i = 0; p->threads && i < p->S; i++)
         if (p->threads[i].started)
             pthread_join(p->threads[i].thread, NULL);

@@ -14,8 +14,14 @@
 
 /* ---- stage side ------------------------------------------------------- */
 
+/* Returned inside this file when a step was abandoned because a neighbour
+ * failed and the failure has already been reported or passed on: the stage
+ * keeps serving and reports nothing more. */
+#define STEP_ABANDONED 1
+
 typedef struct {
     ar_stage_runner *r;
+    int64_t failed_step; /* frames of this step still arriving are dropped */
     int32_t **slot_targets; /* targets of the micro-batch in each slot (last stage) */
     int *slot_rows;
     double busy, idle;
@@ -141,7 +147,7 @@ static int run_backward(serve_state *st, int64_t step, int mb, int M, double *lo
             return rc;
         if (g.kind == AR_FRAME_ERROR) {
             ar_link_send(r->up, &g); /* relay: the driver reports the failing stage */
-            return ar_fail(AR_ECLOSED, "a later stage failed");
+            return STEP_ABANDONED;
         }
         rows = g.rows;
         size_t want = (size_t)rows * s->T * ar_stage_out_width(s) * 4;
@@ -185,7 +191,7 @@ static int send_norms(serve_state *st, int64_t step)
             return rc;
         if (below.kind == AR_FRAME_ERROR) {
             ar_link_send(r->up, &below);
-            return ar_fail(AR_ECLOSED, "a later stage failed");
+            return STEP_ABANDONED;
         }
         if (below.kind != AR_FRAME_NORM || below.dtype != AR_DT_F64) {
             ar_frame_free(&below);
@@ -244,6 +250,12 @@ static int run_step(serve_state *st, ar_frame *first)
                 f = *first;
                 memset(first, 0, sizeof *first);
             } else if ((rc = timed_recv(st, r->up, &f)) != AR_OK) {
+                goto done;
+            }
+            if (f.kind == AR_FRAME_ABORT) {
+                /* an earlier stage gave up on this step: so do we */
+                ar_frame_free(&f);
+                rc = STEP_ABANDONED;
                 goto done;
             }
             if (f.kind != AR_FRAME_ACT || f.mb != acts[i].mb || f.step != step || f.nmb != M) {
@@ -344,7 +356,7 @@ int ar_stage_serve(ar_stage_runner *r)
 #endif
     }
     ar_stage *s = r->stage;
-    serve_state st = {.r = r};
+    serve_state st = {.r = r, .failed_step = -1};
     st.slot_targets = calloc((size_t)s->nslots, sizeof *st.slot_targets);
     st.slot_rows = calloc((size_t)s->nslots, sizeof *st.slot_rows);
     if (!st.slot_targets || !st.slot_rows) {
@@ -363,10 +375,33 @@ int ar_stage_serve(ar_stage_runner *r)
             continue;
         }
         const char *what = NULL;
+        if (f.step == st.failed_step &&
+            (f.kind == AR_FRAME_ABORT || (f.kind == AR_FRAME_ACT && f.mb != 0))) {
+            /* the rest of a step that failed here, or its abort: nothing to do
+             * (micro-batch 0 of the same step starts a retry) */
+            ar_frame_free(&f);
+            continue;
+        }
+        int64_t step = f.step;
         switch (f.kind) {
         case AR_FRAME_ACT:
-            if ((rc = run_step(&st, &f)) != AR_OK)
+            rc = run_step(&st, &f);
+            if (rc != AR_OK) {
                 what = "training step";
+                /* drop the step's remaining frames and tell later stages to
+                 * stop waiting for them */
+                st.failed_step = step;
+                if (r->down) {
+                    ar_frame a = {.kind = AR_FRAME_ABORT, .step = step};
+                    ar_link_send(r->down, &a);
+                }
+            }
+            break;
+        case AR_FRAME_ABORT:
+            if (r->down) {
+                ar_frame a = {.kind = AR_FRAME_ABORT, .step = step};
+                ar_link_send(r->down, &a);
+            }
             break;
         case AR_FRAME_STEP:
             if ((rc = run_apply(r, &f)) != AR_OK)
@@ -393,10 +428,14 @@ int ar_stage_serve(ar_stage_runner *r)
             what = "protocol";
         }
         ar_frame_free(&f);
-        if (what && rc != AR_ECLOSED)
-            send_error(r, what);
-        if (rc == AR_ECLOSED)
+        if (rc == STEP_ABANDONED) {
+            rc = AR_OK;
+            continue;
+        }
+        if (rc == AR_ECLOSED) /* a neighbour is gone: nothing left to serve */
             break;
+        if (what)
+            send_error(r, what);
     }
 out:
     for (int i = 0; i < s->nslots; i++)

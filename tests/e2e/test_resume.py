@@ -1,0 +1,135 @@
+"""Resuming is bitwise exact, and the pipeline partition does not change the result.
+
+An interrupted run is simulated with `--stop-after N`: stop after step N,
+leaving a checkpoint at N, with the learning-rate schedule still computed for
+--steps. `train --resume DIR` then continues in DIR to the end.
+"""
+
+import json
+
+import pytest
+
+from conftest import CONFIGS, read_log
+
+GPT_TINY = CONFIGS / "gpt-tiny.json"
+
+
+def _same_bytes(a, b, name):
+    ba, bb = (a / name).read_bytes(), (b / name).read_bytes()
+    assert len(ba) == len(bb), f"{name}: {len(ba)} vs {len(bb)} bytes"
+    if ba != bb:
+        first = next(i for i in range(len(ba)) if ba[i] != bb[i])
+        pytest.fail(f"{name} differs between {a} and {b} (first at byte {first})")
+
+
+def _same_checkpoint(a, b):
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        _same_bytes(a, b, name)
+    sa = json.loads((a / "state.json").read_text())
+    sb = json.loads((b / "state.json").read_text())
+    assert sa == sb, (sa, sb)
+
+
+def _step_losses(log, first):
+    return {r["step"]: (r["loss"], r["lr"]) for r in read_log(log)
+            if "val_loss" not in r and r["step"] >= first}
+
+
+def _require_stop_after(run_arceus):
+    help_text = run_arceus("train", "--help").stdout
+    assert "--stop-after" in help_text, (
+        "arceus train has no --stop-after flag: this test needs it "
+        "(stop after step N as if interrupted, leaving a checkpoint at N)")
+
+
+def _interrupted_then_resumed(run_arceus, tmp_path, train_args, data, stop, steps,
+                              resume_args=()):
+    """Returns (full_dir, resumed_dir, full_log, resumed_log)."""
+    full, half = tmp_path / "full", tmp_path / "half"
+    full_log, half_log, resumed_log = (tmp_path / "full.jsonl", tmp_path / "half.jsonl",
+                                       tmp_path / "resumed.jsonl")
+    run_arceus("train", *train_args, "--steps", steps, "--out", full, "--log", full_log,
+               "--quiet", check=True)
+    run_arceus("train", *train_args, "--steps", steps, "--out", half, "--log", half_log,
+               "--stop-after", stop, "--quiet", check=True)
+    state = json.loads((half / "state.json").read_text())
+    assert state["step"] == int(stop), state
+    assert [r["step"] for r in read_log(half_log) if "val_loss" not in r] == \
+        list(range(1, int(stop) + 1))
+    run_arceus("train", "--resume", half, "--data", data, "--log", resumed_log,
+               *resume_args, "--quiet", check=True)
+    return full, half, full_log, resumed_log
+
+
+def test_gpt_resume_is_exact(run_arceus, tmp_path, corpus):
+    _require_stop_after(run_arceus)
+    args = ("--model", GPT_TINY, "--data", corpus, "--batch", "8", "--eval-every", "10",
+            "--eval-batches", "2")
+    full, half, full_log, resumed_log = _interrupted_then_resumed(
+        run_arceus, tmp_path, args, corpus, "10", "20")
+    _same_checkpoint(full, half)
+    # the resumed steps repeat the uninterrupted run's losses and learning rates
+    want = _step_losses(full_log, 11)
+    got = _step_losses(resumed_log, 11)
+    assert sorted(got) == list(range(11, 21))
+    assert got == want
+
+
+def test_mlp_resume_is_exact_with_micro_batches(run_arceus, tmp_path, small_fashion,
+                                                small_mlp_spec):
+    _require_stop_after(run_arceus)
+    args = ("--model", small_mlp_spec, "--data", small_fashion, "--batch", "32",
+            "--micro-batches", "2", "--eval-every", "0")
+    # 1024 examples / 32 = 32 steps per epoch: 40 steps cross an epoch boundary
+    full, half, full_log, resumed_log = _interrupted_then_resumed(
+        run_arceus, tmp_path, args, small_fashion, "25", "40")
+    _same_checkpoint(full, half)
+    assert _step_losses(resumed_log, 26) == _step_losses(full_log, 26)
+
+
+def test_mlp_resume_pipeline_is_exact(run_arceus, tmp_path, small_fashion, small_mlp_spec):
+    """Interrupted while running as a 3-stage pipeline with 1F1B."""
+    _require_stop_after(run_arceus)
+    args = ("--model", small_mlp_spec, "--data", small_fashion, "--batch", "32",
+            "--micro-batches", "4", "--workers", "local:3", "--eval-every", "0")
+    full, half, _, _ = _interrupted_then_resumed(
+        run_arceus, tmp_path, args, small_fashion, "7", "15",
+        resume_args=("--workers", "local:3"))
+    _same_checkpoint(full, half)
+
+
+def test_sgd_resume_is_exact(run_arceus, tmp_path, small_fashion, small_mlp_spec):
+    """The momentum buffer of SGD is saved and restored as well."""
+    _require_stop_after(run_arceus)
+    args = ("--model", small_mlp_spec, "--data", small_fashion, "--batch", "32",
+            "--optimizer", "sgd", "--lr", "0.05", "--eval-every", "0")
+    full, half, _, _ = _interrupted_then_resumed(run_arceus, tmp_path, args, small_fashion,
+                                                 "6", "12")
+    _same_checkpoint(full, half)
+
+
+def test_ckpt_every_matches_stop_after(run_arceus, tmp_path, small_fashion, small_mlp_spec):
+    """The checkpoint written by --ckpt-every at step N is the same as the one
+    --stop-after N leaves."""
+    _require_stop_after(run_arceus)
+    args = ("--model", small_mlp_spec, "--data", small_fashion, "--batch", "32",
+            "--eval-every", "0", "--steps", "12", "--quiet")
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_arceus("train", *args, "--stop-after", "6", "--out", a, check=True)
+    run_arceus("train", *args, "--ckpt-every", "3", "--out", b, "--stop-after", "6", check=True)
+    _same_checkpoint(a, b)
+
+
+@pytest.mark.parametrize("workers,schedule", [("local:2", "1f1b"), ("local:3", "1f1b"),
+                                              ("local:3", "gpipe")])
+def test_mlp_partition_independent(run_arceus, tmp_path, small_fashion, small_mlp_spec,
+                                   workers, schedule):
+    """Splitting the MLP into pipeline stages (any schedule) gives the same
+    bytes as training it in one stage, given the same micro-batches."""
+    args = ("--model", small_mlp_spec, "--data", small_fashion, "--steps", "12",
+            "--batch", "32", "--micro-batches", "4", "--eval-every", "0", "--quiet")
+    one, many = tmp_path / "one", tmp_path / "many"
+    run_arceus("train", *args, "--workers", "local:1", "--out", one, check=True)
+    run_arceus("train", *args, "--workers", workers, "--schedule", schedule,
+                   "--out", many, check=True)
+    _same_checkpoint(one, many)

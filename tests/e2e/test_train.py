@@ -1,0 +1,137 @@
+"""Short training runs: they learn, log, and leave a complete checkpoint."""
+
+import json
+import math
+import re
+import xml.etree.ElementTree as ET
+
+from conftest import CONFIGS, read_log
+
+CKPT_FILES = ("model.safetensors", "spec.json", "optimizer.safetensors", "state.json",
+              "loss.svg")
+
+
+def _step_lines(log):
+    return [r for r in log if "loss" in r and "val_loss" not in r]
+
+
+def _eval_lines(log):
+    return [r for r in log if "val_loss" in r]
+
+
+def _check_svg(path):
+    text = path.read_text()
+    assert "<svg" in text
+    root = ET.fromstring(text)  # well-formed XML
+    assert root.tag.endswith("svg"), root.tag
+
+
+# ---------------------------------------------------------------------------
+# MLP on Fashion-MNIST
+# ---------------------------------------------------------------------------
+
+def test_mlp_learns(mlp_run):
+    out = mlp_run["proc"].stdout + mlp_run["proc"].stderr
+    m = re.search(r"test accuracy\s+([0-9.]+)%", out)
+    assert m, f"no 'test accuracy' line in:\n{out[-2000:]}"
+    assert float(m.group(1)) > 70.0, m.group(0)
+
+
+def test_mlp_log(mlp_run):
+    log = read_log(mlp_run["log"])
+    steps = _step_lines(log)
+    assert [r["step"] for r in steps] == list(range(1, 61))
+    for r in steps:
+        for key in ("step", "loss", "lr", "samples_per_s", "elapsed_s"):
+            assert key in r, f"{key} missing from {r}"
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        assert r["lr"] > 0 and r["samples_per_s"] > 0 and r["elapsed_s"] >= 0
+    elapsed = [r["elapsed_s"] for r in steps]
+    assert elapsed == sorted(elapsed)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    evals = _eval_lines(log)
+    assert [r["step"] for r in evals] == [30, 60], evals
+    for r in evals:
+        assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["val_loss"])
+    assert evals[-1]["accuracy"] > 0.70
+    # the summary's number is the last evaluation's
+    m = re.search(r"test accuracy\s+([0-9.]+)%", mlp_run["proc"].stdout + mlp_run["proc"].stderr)
+    assert abs(float(m.group(1)) - 100 * evals[-1]["accuracy"]) < 0.01
+
+
+def test_mlp_lr_schedule(mlp_run):
+    """Linear warm-up over 20 steps to 1e-3, then cosine decay towards 1e-4."""
+    import refmodels
+    steps = _step_lines(read_log(mlp_run["log"]))
+    for r in steps:
+        want = refmodels.lr_at(r["step"] - 1, 1e-3, 1e-4, 20, 60)
+        assert abs(r["lr"] - want) <= 1e-6 * max(1.0, want / 1e-3), (r["step"], r["lr"], want)
+
+
+def test_mlp_checkpoint_files(mlp_run):
+    out = mlp_run["out"]
+    for name in CKPT_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["type"] == "mlp" and spec["hidden"] == [512, 512]
+    state = json.loads((out / "state.json").read_text())
+    assert state["step"] == 60
+    _check_svg(out / "loss.svg")
+
+
+# ---------------------------------------------------------------------------
+# gpt-tiny on a small text
+# ---------------------------------------------------------------------------
+
+def test_gpt_log(gpt_run):
+    log = read_log(gpt_run["log"])
+    steps = _step_lines(log)
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    for r in steps:
+        for key in ("step", "loss", "lr", "tokens_per_s", "elapsed_s"):
+            assert key in r, f"{key} missing from {r}"
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    evals = _eval_lines(log)
+    assert [r["step"] for r in evals] == [10, 20], evals
+    for r in evals:
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] > 0
+
+
+def test_gpt_starts_near_uniform(gpt_run, corpus):
+    """The initial loss of a freshly initialised model is about ln(vocab)."""
+    vocab = len(set(corpus.read_bytes()))
+    first = _step_lines(read_log(gpt_run["log"]))[0]["loss"]
+    assert abs(first - math.log(vocab)) < 0.3, (first, math.log(vocab))
+
+
+def test_gpt_checkpoint_files(gpt_run, corpus):
+    out = gpt_run["out"]
+    for name in CKPT_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    spec = json.loads((out / "spec.json").read_text())
+    alphabet = sorted(set(corpus.read_bytes()))
+    assert spec["type"] == "gpt"
+    assert spec["vocab"] == alphabet
+    assert spec["vocab_size"] == len(alphabet)
+    assert json.loads((out / "state.json").read_text())["step"] == 20
+    _check_svg(out / "loss.svg")
+
+
+def test_gpt_learns(run_arceus, tmp_path, corpus):
+    """A slightly longer run with a higher learning rate brings the loss
+    well below the uniform baseline."""
+    log = tmp_path / "log.jsonl"
+    run_arceus("train", "--model", CONFIGS / "gpt-tiny.json",
+               "--data", corpus, "--steps", "60", "--batch", "8", "--lr", "1e-2",
+               "--warmup", "5", "--eval-every", "0", "--eval-batches", "2",
+               "--log", log, "--quiet", check=True)
+    vocab = len(set(corpus.read_bytes()))
+    evals = _eval_lines(read_log(log))
+    assert evals and evals[-1]["val_loss"] < math.log(vocab) - 0.5, evals
+
+
+def test_quiet_is_quiet(run_arceus, tmp_path, corpus):
+    p = run_arceus("train", "--model", CONFIGS / "gpt-tiny.json", "--data", corpus,
+                   "--steps", "2", "--batch", "4", "--eval-batches", "1", "--quiet",
+                   check=True)
+    assert p.stdout == "" and p.stderr == "", (p.stdout, p.stderr)
