@@ -56,7 +56,12 @@ TEST_SRC := $(wildcard tests/unit/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(OUT)/tests/%)
 
 .PHONY: all test unit e2e ref bench bench-quality demo clean deps
+# bin/arceus is always the release build (the ASan one stays in build/asan)
+ifeq ($(BUILD),release)
 all: $(BIN) bin/arceus
+else
+all: $(BIN)
+endif
 
 bin/arceus: $(BIN)
 	@mkdir -p bin

@@ -42,7 +42,7 @@ static int pick(const float *logits, int V, float temperature, int top_k, ar_rng
             int larger = 0;
             for (int j = 0; j < V; j++)
                 larger += logits[j] > logits[i];
-            if (larger < top_k && logits[i] < cutoff + INFINITY && (cutoff == -INFINITY || logits[i] < cutoff))
+            if (larger < top_k && (cutoff == -INFINITY || logits[i] < cutoff))
                 cutoff = logits[i];
         }
     }

@@ -20,13 +20,13 @@ void ar_help_train(void)
            "options:\n"
            "  --model SPEC         model spec (JSON), e.g. configs/mlp-fashion.json\n"
            "  --data PATH          text file (GPT) or folder of IDX files (MLP)\n"
-           "  --steps N            optimizer steps (GPT 3000, MLP 469 = one epoch)\n"
+           "  --steps N            optimizer steps, at least 1 (GPT 3000, MLP 469 = one epoch)\n"
            "  --batch N            batch size (GPT 16, MLP 128)\n"
            "  --micro-batches M    split each batch into M micro-batches (1)\n"
            "  --workers local:S    run an in-process pipeline of S stages (local:1)\n"
            "  --schedule NAME      pipeline schedule: gpipe or 1f1b (1f1b)\n"
            "  --optimizer NAME     adamw or sgd (adamw; sgd uses momentum --beta1)\n"
-           "  --lr X               peak learning rate (1e-3)\n"
+           "  --lr X               peak learning rate (GPT 1e-3, MLP 3e-3)\n"
            "  --min-lr X           final learning rate of the cosine schedule (1e-4)\n"
            "  --warmup N           linear warm-up steps (GPT 100, MLP 20)\n"
            "  --weight-decay X     decoupled weight decay on matrices (GPT 0.1, MLP 0)\n"
@@ -156,6 +156,10 @@ int ar_cmd_train(int argc, char **argv)
             rc = ar_args_unknown(&a);
         if (rc != 0)
             return 2;
+    }
+    if (c.model_path && c.resume_dir) {
+        ar_cli_error("train", "--resume takes the model from %s/spec.json; drop --model", c.resume_dir);
+        return 2;
     }
     if (!c.model_path && !c.resume_dir) {
         ar_cli_error("train", "--model SPEC is required (for example configs/mlp-fashion.json)");

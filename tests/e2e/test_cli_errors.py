@@ -259,9 +259,6 @@ def test_empty_text_file(run_arceus, tmp_path):
                  "empty.txt")
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: the validation split's length is only "
-                   "checked at the first evaluation, after training (the run is lost, no "
-                   "checkpoint); remove this marker once train checks it up front")
 def test_text_too_short_for_validation(run_arceus, tmp_path):
     """30 characters: the 10% validation split cannot hold one 17-token window.
     This must be refused before training, not after the last step."""

@@ -5,6 +5,8 @@ import math
 import re
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from conftest import CONFIGS, read_log
 
 CKPT_FILES = ("model.safetensors", "spec.json", "optimizer.safetensors", "state.json",
@@ -60,11 +62,11 @@ def test_mlp_log(mlp_run):
 
 
 def test_mlp_lr_schedule(mlp_run):
-    """Linear warm-up over 20 steps to 1e-3, then cosine decay towards 1e-4."""
+    """Linear warm-up over 20 steps to the MLP default 3e-3, then cosine decay towards 1e-4."""
     import refmodels
     steps = _step_lines(read_log(mlp_run["log"]))
     for r in steps:
-        want = refmodels.lr_at(r["step"] - 1, 1e-3, 1e-4, 20, 60)
+        want = refmodels.lr_at(r["step"] - 1, 3e-3, 1e-4, 20, 60)
         assert abs(r["lr"] - want) <= 1e-6 * max(1.0, want / 1e-3), (r["step"], r["lr"], want)
 
 
@@ -135,3 +137,18 @@ def test_quiet_is_quiet(run_arceus, tmp_path, corpus):
                    "--steps", "2", "--batch", "4", "--eval-batches", "1", "--quiet",
                    check=True)
     assert p.stdout == "" and p.stderr == "", (p.stdout, p.stderr)
+
+
+def test_zero_steps(run_arceus, tmp_path, small_fashion, small_mlp_spec):
+    """--steps 0 is accepted by the option parser: it must then either be
+    refused with an error, or keep its promise of a checkpoint (of the
+    initial model) without NaN summaries."""
+    out = tmp_path / "zero"
+    p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", "0",
+                   "--batch", "8", "--out", out)
+    if p.returncode != 0:
+        assert p.stderr.splitlines()[-1].startswith("arceus") and "--steps" in p.stderr
+        return
+    assert "nan" not in p.stdout.lower(), p.stdout
+    for name in ("model.safetensors", "spec.json", "state.json"):
+        assert (out / name).is_file(), f"{name} missing although the summary names {out}"
