@@ -1,3 +1,4 @@
+MAKEFLAGS += --no-print-directory
 # Arceus build. `make` builds bin/arceus; `make test` runs every test;
 # `make bench` runs the benchmarks; `make demo` trains the default model.
 #

@@ -21,6 +21,7 @@ int ar_progress_begin(ar_progress *p, const char *label, long total, FILE *out)
     if (!p)
         return ar_fail(AR_EINVAL, "ar_progress_begin: p is NULL");
     memset(p, 0, sizeof *p);
+    p->base = -1;
     snprintf(p->label, sizeof p->label, "%s", label ? label : "");
     p->total = total > 0 ? total : 0;
     p->out = out ? out : stderr;
@@ -97,8 +98,9 @@ static size_t format_line(const ar_progress *p, int with_bar, char *buf, size_t 
     if (p->metrics[0])
         put(buf, cap, &len, " | %s", p->metrics);
     if (p->total > 0 && p->done < p->total) {
-        if (p->done > 0) {
-            fmt_duration(elapsed * (double)(p->total - p->done) / (double)p->done, dur, sizeof dur);
+        long base = p->base > 0 ? p->base : 0;
+        if (p->done > base) {
+            fmt_duration(elapsed * (double)(p->total - p->done) / (double)(p->done - base), dur, sizeof dur);
             put(buf, cap, &len, " | ETA %s", dur);
         } else {
             put(buf, cap, &len, " | ETA ?");
@@ -165,6 +167,8 @@ void ar_progress_update(ar_progress *p, long done, const char *fmt, ...)
     } else {
         p->metrics[0] = 0;
     }
+    if (p->base < 0)
+        p->base = done - 1;
     p->done = done;
     p->drawn_final = 0;
     int final = p->total > 0 && done >= p->total;

@@ -26,6 +26,7 @@ typedef struct {
     double start;     /* ar_now() at begin */
     double last_draw; /* tty mode: time of the last redraw */
     long done;        /* last value passed to update */
+    long base;        /* done before the first update (a resumed run starts late); -1: unset */
     long printed;     /* plain mode: done at the last printed line (-1: none yet) */
     int drawn_final;  /* the state at `done` is already on screen */
     int width;        /* tty mode: length of the last line drawn (to blank leftovers) */

@@ -153,6 +153,16 @@ static int load_into(const ar_st_file *f, const char *path, ar_stage *const *sta
             float *dst = which == 0 ? p->data : which == 1 ? p->m : p->v;
             memcpy(dst, t->data, (size_t)p->numel * sizeof(float));
         }
+    /* the copies of tied weights kept by a head's stage read the same tensor */
+    for (int i = 0; which == 0 && i < nstages; i++) {
+        ar_param *c = stages[i]->has_tied_copy ? &stages[i]->tied_copy : NULL;
+        if (!c)
+            continue;
+        const ar_st_tensor *t = ar_st_find(f, c->name);
+        if (!t || t->dtype != AR_F32 || t->nbytes != (size_t)c->numel * sizeof(float))
+            return ar_fail(AR_ENOTFOUND, "%s: no tensor \"%s\" of the right shape", path, c->name);
+        memcpy(c->data, t->data, t->nbytes);
+    }
     return AR_OK;
 }
 

@@ -397,8 +397,6 @@ static int setup(run *r)
     r->S = c->stages;
     if (r->S < 1 || r->S > units || r->S > 64)
         return ar_fail(AR_EINVAL, "%d stages for a model of %d layers", r->S, units);
-    if (r->S > 1 && r->spec.type == AR_MODEL_GPT)
-        return ar_fail(AR_EINVAL, "a GPT cannot be split into stages yet (its head shares the embedding)");
     ar_optim_config oc = {.kind = c->optimizer, .beta1 = c->beta1, .beta2 = c->beta2,
                           .eps = c->eps, .weight_decay = c->weight_decay};
     r->threads_per_stage = ar_get_threads() / r->S > 0 ? ar_get_threads() / r->S : 1;

@@ -177,15 +177,60 @@ static int run_backward(serve_state *st, int64_t step, int mb, int M, double *lo
     return ar_link_send(r->up, &up);
 }
 
+/* Tied weights split over stages (see stage.h): the head's stage sends the
+ * gradient of its copy up; stages in between pass it on; the owner adds it
+ * to its own gradient, exactly as a single stage folds it. */
+static int exchange_tied(serve_state *st, int64_t step)
+{
+    ar_stage_runner *r = st->r;
+    ar_stage *s = r->stage;
+    int rc;
+    if (s->has_tied_copy) {
+        ar_frame t = {.kind = AR_FRAME_TIED, .step = step};
+        int64_t n = s->tied_copy.numel;
+        if ((rc = ar_frame_set_payload(&t, AR_DT_F32, 1, &n, s->tied_grads)) != AR_OK)
+            return rc;
+        return ar_link_send(r->up, &t);
+    }
+    if (!s->expects_tied || !r->down)
+        return AR_OK;
+    ar_frame t;
+    if ((rc = timed_recv(st, r->down, &t)) != AR_OK)
+        return rc;
+    if (t.kind == AR_FRAME_ERROR) {
+        ar_link_send(r->up, &t);
+        return STEP_ABANDONED;
+    }
+    if (t.kind != AR_FRAME_TIED || t.dtype != AR_DT_F32) {
+        ar_frame_free(&t);
+        return ar_fail(AR_EPROTO, "expected the tied-weight gradient from the next stage");
+    }
+    if (!s->tied_owner)
+        return ar_link_send(r->up, &t);
+    ar_param *w = s->tied_owner;
+    if (t.nbytes != (size_t)w->numel * sizeof(float)) {
+        ar_frame_free(&t);
+        return ar_fail(AR_ESHAPE, "tied-weight gradient of %zu bytes for %s of %ld floats", t.nbytes,
+                       w->name, w->numel);
+    }
+    const float *g = t.data;
+    for (long j = 0; j < w->numel; j++)
+        w->grad[j] += g[j];
+    ar_frame_free(&t);
+    return AR_OK;
+}
+
 /* After the last backward: fold tied weights, then send the per-unit
  * gradient norms (ours first, then those from downstream) and timings up. */
 static int send_norms(serve_state *st, int64_t step)
 {
     ar_stage_runner *r = st->r;
     ar_stage *s = r->stage;
+    int rc;
+    if ((rc = exchange_tied(st, step)) != AR_OK)
+        return rc;
     ar_stage_fold_tied(s);
     ar_frame below = {0};
-    int rc;
     if (r->down) {
         if ((rc = timed_recv(st, r->down, &below)) != AR_OK)
             return rc;
@@ -283,16 +328,38 @@ done:
 
 static int run_apply(ar_stage_runner *r, ar_frame *f)
 {
+    ar_stage *s = r->stage;
     double lr = f->scalars[0], scale = f->scalars[1];
     if (!(lr >= 0 && lr < 1e3) || !(scale > 0 && scale <= 1))
         return ar_fail(AR_EPROTO, "STEP with lr %g and gradient scale %g", lr, scale);
-    ar_stage_update(r->stage, (float)lr, (float)scale);
-    if (r->down) {
-        ar_frame g = {.kind = AR_FRAME_STEP, .step = f->step};
-        memcpy(g.scalars, f->scalars, sizeof g.scalars);
-        return ar_link_send(r->down, &g);
+    ar_stage_update(s, (float)lr, (float)scale);
+    if (s->has_tied_copy) {
+        /* the owner's updated values ride on the STEP frame */
+        if (f->dtype != AR_DT_F32 || f->nbytes != (size_t)s->tied_copy.numel * sizeof(float))
+            return ar_fail(AR_EPROTO, "STEP frame without the %s values this stage copies",
+                           s->tied_copy.name);
+        memcpy(s->tied_copy.data, f->data, f->nbytes);
     }
-    return AR_OK;
+    if (!r->down)
+        return AR_OK;
+    ar_frame g = {.kind = AR_FRAME_STEP, .step = f->step};
+    memcpy(g.scalars, f->scalars, sizeof g.scalars);
+    if (s->tied_owner) {
+        int64_t n = s->tied_owner->numel;
+        int rc = ar_frame_set_payload(&g, AR_DT_F32, 1, &n, s->tied_owner->data);
+        if (rc != AR_OK)
+            return rc;
+    } else if (f->data) {
+        /* pass the tied values on towards the head's stage */
+        g.data = f->data;
+        g.nbytes = f->nbytes;
+        g.dtype = f->dtype;
+        g.ndim = f->ndim;
+        memcpy(g.shape, f->shape, sizeof g.shape);
+        f->data = NULL;
+        f->nbytes = 0;
+    }
+    return ar_link_send(r->down, &g);
 }
 
 static int run_eval(serve_state *st, ar_frame *f)

@@ -136,17 +136,33 @@ int ar_stage_create(ar_stage *s, const ar_model_spec *spec, int first, int last,
         ar_layer *l = s->layers[i];
         if (!l->tied_name)
             continue;
-        l->tied = ar_stage_find_param(s, l->tied_name);
-        if (!l->tied) {
-            rc = ar_fail(AR_EINVAL,
-                         "layer %d uses \"%s\", which lives in another stage; a stage holding "
-                         "the head must also hold the embedding in this version",
-                         l->unit, l->tied_name);
-            goto fail;
-        }
         if (s->tied_grads) {
             rc = ar_fail(AR_EINTERNAL, "more than one tied weight in a stage");
             goto fail;
+        }
+        l->tied = ar_stage_find_param(s, l->tied_name);
+        if (!l->tied) {
+            /* the owner is unit 0, in an earlier stage: keep a copy here,
+             * initialised the same way (each parameter has its own stream) */
+            ar_layer *owner;
+            if ((rc = ar_layer_create(&s->spec, 0, &owner)) != AR_OK)
+                goto fail;
+            for (int j = 0; j < owner->nparams; j++)
+                if (strcmp(owner->params[j].name, l->tied_name) == 0)
+                    s->tied_copy = owner->params[j];
+            ar_layer_destroy(owner);
+            if (s->tied_copy.numel == 0) {
+                rc = ar_fail(AR_EINTERNAL, "no unit 0 parameter named %s", l->tied_name);
+                goto fail;
+            }
+            s->tied_copy.data = ar_calloc((size_t)s->tied_copy.numel, sizeof(float));
+            if (!s->tied_copy.data) {
+                rc = AR_ENOMEM;
+                goto fail;
+            }
+            init_param(&s->tied_copy, seed);
+            s->has_tied_copy = 1;
+            l->tied = &s->tied_copy;
         }
         s->tied_grads = ar_calloc((size_t)l->tied->numel, sizeof(float));
         if (!s->tied_grads) {
@@ -154,6 +170,11 @@ int ar_stage_create(ar_stage *s, const ar_model_spec *spec, int first, int last,
             goto fail;
         }
         l->tied_grad = s->tied_grads;
+    }
+    /* a GPT split so that the head is in a later stage */
+    if (spec->type == AR_MODEL_GPT && last < units) {
+        s->expects_tied = 1;
+        s->tied_owner = ar_stage_find_param(s, "wte.weight");
     }
 
     /* micro-batch slots: [input | layer 0 saved | layer 1 saved | ...] */
@@ -220,6 +241,7 @@ void ar_stage_destroy(ar_stage *s)
     ar_free(s->mem_m);
     ar_free(s->mem_v);
     ar_free(s->tied_grads);
+    ar_free(s->tied_copy.data);
     if (s->slots)
         for (int i = 0; i < s->nslots; i++)
             ar_free(s->slots[i]);
@@ -358,7 +380,8 @@ void ar_stage_fold_tied(ar_stage *s)
 {
     for (int i = 0; i < s->nlayers; i++) {
         ar_layer *l = s->layers[i];
-        if (!l->tied_grad)
+        /* a copy's gradient goes to its owner's stage instead (TIED frame) */
+        if (!l->tied_grad || l->tied == &s->tied_copy)
             continue;
         for (long j = 0; j < l->tied->numel; j++)
             l->tied->grad[j] += l->tied_grad[j];
@@ -389,6 +412,14 @@ void ar_stage_update(ar_stage *s, float lr, float grad_scale)
             ar_adamw_update(p->data, p->grad, p->m, p->v, p->numel, lr, o->beta1, o->beta2,
                             o->eps, wd, s->opt_step, grad_scale);
     }
+}
+
+ar_param *ar_stage_find_weight(ar_stage *s, const char *name)
+{
+    ar_param *p = ar_stage_find_param(s, name);
+    if (!p && s->has_tied_copy && strcmp(s->tied_copy.name, name) == 0)
+        p = &s->tied_copy;
+    return p;
 }
 
 ar_param *ar_stage_find_param(const ar_stage *s, const char *name)

@@ -28,6 +28,14 @@ typedef struct {
     long param_floats;
     float *mem_params, *mem_grads, *mem_m, *mem_v; /* one allocation each (llm.c) */
     float *tied_grads;   /* head contributions to tied weights, see layer.h */
+    /* When the head and the embedding live in different stages, the head's
+     * stage keeps a copy of the tied weight: its gradient goes up to the
+     * owner (a TIED frame), and the owner's updated values come back down
+     * with the STEP frame, so both stay bitwise equal to a single stage. */
+    ar_param tied_copy;
+    int has_tied_copy;   /* this stage holds the head but not the embedding */
+    int expects_tied;    /* a later stage holds the head's copy: its TIED frame passes here */
+    ar_param *tied_owner;/* this stage owns the tied weight of a later stage's head */
 
     int max_B, T;        /* micro-batch capacity (T = 1 for an MLP) */
     int nslots;
@@ -86,5 +94,8 @@ void ar_stage_grad_sumsq(const ar_stage *s, double *out);
 void ar_stage_update(ar_stage *s, float lr, float grad_scale);
 
 ar_param *ar_stage_find_param(const ar_stage *s, const char *name);
+/* Every weight tensor the stage reads, by name: its parameters, plus the
+ * tied copy (loaded from checkpoints like a parameter, never saved). */
+ar_param *ar_stage_find_weight(ar_stage *s, const char *name);
 
 #endif
