@@ -87,6 +87,7 @@ static void check_close(const char *what, const float *got, const float *want, l
             at = i;
         }
     }
+    cr_log_info("%s: max |diff| vs torch %.3g (tolerance %.1g)", what, worst, tol);
     cr_expect(worst <= tol, "%s: max |diff| %.3g at [%ld] (%.7g vs torch %.7g) > %.1g", what, worst,
               at, got[at], want[at], tol);
 }
@@ -112,6 +113,7 @@ static void check_one_batch(const char *model)
     double loss;
     cr_assert_eq(ar_stage_loss(&st, 0, r.B, r.targets->data, &loss, NULL), AR_OK);
     double want_loss = ((const float *)ar_st_find(&r.io, "loss")->data)[0];
+    cr_log_info("loss %.8f, torch %.8f, relative diff %.2g", loss, want_loss, fabs(loss - want_loss) / fabs(want_loss));
     cr_expect(fabs(loss - want_loss) <= 1e-5 * fabs(want_loss), "loss %.8f vs torch %.8f", loss,
               want_loss);
 
@@ -163,6 +165,7 @@ static void check_ten_steps(const char *model, int S, int M)
         for (int i = 0; i < res.nunits; i++)
             sumsq += res.unit_sumsq[i];
         double norm = sqrt(sumsq);
+        cr_log_info("step %d: loss %.7f, torch %.7f, |diff| %.2g", s, res.loss, want[s], fabs(res.loss - want[s]));
         cr_expect(fabs(res.loss - want[s]) <= 1e-4, "step %d: loss %.7f vs torch %.7f", s, res.loss, want[s]);
         cr_expect(fabs(norm - want_norm[s]) <= 1e-4 * (1 + want_norm[s]), "step %d: grad norm %.7f vs torch %.7f", s, norm, want_norm[s]);
         float scale = norm > r.meta_clip ? (float)(r.meta_clip / (norm + 1e-6)) : 1.0f;
