@@ -1,0 +1,611 @@
+/* Planning: unit costs, the exact split/placement dynamic program, plans by
+ * hand, and the two quick device measurements (see plan.h). */
+#include "train/plan.h"
+
+#include "core/blas.h"
+#include "core/core.h"
+#include "nn/layer.h"
+#include "train/schedule.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+/* ---- unit costs ----------------------------------------------------------- */
+
+static double max_d(double a, double b)
+{
+    return a > b ? a : b;
+}
+
+/* Forward FLOPs of one unit on B rows of T tokens: its matmuls, plus QK^T and
+ * AV of a GPT block (counted over the full T x T, causal masking aside). */
+static double forward_flops(const ar_model_spec *s, const ar_layer *l, double B, double T)
+{
+    double BT = B * T;
+    if (s->type == AR_MODEL_GPT) {
+        double C = s->n_embd, V = s->vocab_size;
+        if (l->unit == 0)
+            return 0.0; /* a lookup */
+        if (l->unit <= s->n_layer) {
+            /* c_attn C->3C, attn c_proj C->C, c_fc C->4C, mlp c_proj 4C->C */
+            double matmul = 2.0 * BT * C * (3 * C + C + 4 * C + 4 * C);
+            double attention = 2.0 * (2.0 * B * T * T * C);
+            return matmul + attention;
+        }
+        return 2.0 * BT * C * V; /* logits through the tied embedding */
+    }
+    return 2.0 * BT * (double)l->in_floats_per_row * (double)l->out_floats_per_row;
+}
+
+/* Elements of unit 0's parameter called name (the owner of a tied weight). */
+static int tied_numel(const ar_model_spec *spec, const char *name, long *numel)
+{
+    ar_layer *owner;
+    int rc = ar_layer_create(spec, 0, &owner);
+    if (rc != AR_OK)
+        return rc;
+    *numel = 0;
+    for (int j = 0; j < owner->nparams; j++)
+        if (strcmp(owner->params[j].name, name) == 0)
+            *numel = owner->params[j].numel;
+    ar_layer_destroy(owner);
+    if (*numel == 0)
+        return ar_fail(AR_EINTERNAL, "no unit 0 parameter named %s", name);
+    return AR_OK;
+}
+
+int ar_plan_unit_costs(const ar_model_spec *spec, int mb_rows, ar_unit_cost *out)
+{
+    if (!spec || !out || mb_rows < 1)
+        return ar_fail(AR_EINVAL, "unit costs need a spec and a positive micro-batch size");
+    if (spec->type == AR_MODEL_GPT && spec->vocab_size < 1)
+        return ar_fail(AR_EINVAL, "unit costs: the model's vocab_size is not known yet");
+    int n = ar_spec_units(spec);
+    int Ti = spec->type == AR_MODEL_GPT ? spec->block_size : 1;
+    double B = mb_rows, T = Ti, BT = B * T, F = sizeof(float);
+    for (int u = 0; u < n; u++) {
+        ar_layer *l;
+        int rc = ar_layer_create(spec, u, &l);
+        if (rc != AR_OK)
+            return rc;
+        ar_unit_cost *c = &out[u];
+        memset(c, 0, sizeof *c);
+        double numel = 0;
+        for (int j = 0; j < l->nparams; j++)
+            numel += (double)l->params[j].numel;
+        /* the same quantities ar_stage_create allocates */
+        double in_w = l->in_floats_per_row ? (double)l->in_floats_per_row : 1.0; /* tokens */
+        double out_w = (double)l->out_floats_per_row;
+        c->param_bytes = numel * F;
+        c->state_bytes = 4.0 * c->param_bytes; /* data, grad, m, v */
+        c->act_bytes = (BT * in_w + (double)l->vt->saved_floats(l, mb_rows, Ti)) * F;
+        if (u == n - 1)
+            c->act_bytes += (BT * out_w + BT) * F; /* softmax and per-row losses of the loss */
+        c->work_bytes = ((double)l->vt->scratch_floats(l, mb_rows, Ti) + 2.0 * BT * max_d(in_w, out_w)) * F;
+        c->out_bytes = BT * out_w * F;
+        c->flops = 3.0 * forward_flops(spec, l, B, T); /* backward: twice the forward */
+        if (l->tied_name) {
+            long tn;
+            if ((rc = tied_numel(spec, l->tied_name, &tn)) != AR_OK) {
+                ar_layer_destroy(l);
+                return rc;
+            }
+            c->state_bytes += (double)tn * F; /* the gradient it contributes */
+            c->tied_bytes = (double)tn * F;   /* the copy, away from the owner */
+        }
+        ar_layer_destroy(l);
+    }
+    return AR_OK;
+}
+
+/* ---- stage prices ----------------------------------------------------------- */
+
+int ar_plan_slots(int schedule, int S, int s, int micro_batches)
+{
+    if (schedule == AR_SCHED_GPIPE)
+        return micro_batches;
+    int k = S - s;
+    return k < micro_batches ? k : micro_batches;
+}
+
+/* Running totals of a stage [first, u]: the program extends a stage one unit
+ * at a time, and estimates use the same sums in the same order. */
+typedef struct {
+    double state, act, work, flops;
+} stage_acc;
+
+static void acc_add(stage_acc *a, const ar_unit_cost *costs, int first, int u)
+{
+    a->state += costs[u].state_bytes;
+    if (first > 0)
+        a->state += costs[u].tied_bytes;
+    a->act += costs[u].act_bytes;
+    if (u > first)
+        a->act -= costs[u - 1].out_bytes; /* its input is the previous unit's saved output */
+    a->work = max_d(a->work, costs[u].work_bytes);
+    a->flops += costs[u].flops;
+}
+
+static double acc_mem(const stage_acc *a, int slots)
+{
+    return a->state + (double)slots * a->act + a->work;
+}
+
+double ar_plan_stage_mem(const ar_unit_cost *costs, int nunits, int first, int last, int slots)
+{
+    stage_acc a = {0};
+    for (int u = first; u < last && u < nunits; u++)
+        acc_add(&a, costs, first, u);
+    return acc_mem(&a, slots);
+}
+
+static double bandwidth(const ar_device *d)
+{
+    return d->bandwidth > 0 ? d->bandwidth : AR_PLAN_DEFAULT_BANDWIDTH;
+}
+
+/* Seconds per micro-batch of a stage ending before unit `last` on d: compute,
+ * then its output to the next stage (the last stage keeps its output: the
+ * loss is computed there). */
+static double acc_time(const stage_acc *a, const ar_unit_cost *costs, int nunits, int last,
+                       const ar_device *d)
+{
+    double t = a->flops / (d->gflops * 1e9);
+    if (last < nunits)
+        t += costs[last - 1].out_bytes / bandwidth(d);
+    return t;
+}
+
+static int fits(double need, const ar_device *d)
+{
+    return d->mem_bytes <= 0 || need <= d->mem_bytes;
+}
+
+/* "1.2 GB", "340.0 MB", "12.0 kB" */
+static const char *fmt_bytes(double b, char *buf, size_t n)
+{
+    if (b >= 1e9)
+        snprintf(buf, n, "%.2f GB", b / 1e9);
+    else if (b >= 1e6)
+        snprintf(buf, n, "%.1f MB", b / 1e6);
+    else
+        snprintf(buf, n, "%.1f kB", b / 1e3);
+    return buf;
+}
+
+static int check_inputs(const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev,
+                        int micro_batches, int schedule)
+{
+    if (!costs || !devs || nunits < 1)
+        return ar_fail(AR_EINVAL, "a plan needs unit costs and devices");
+    if (ndev < 1 || ndev > AR_PLAN_MAX_DEVICES)
+        return ar_fail(AR_EINVAL, "%d devices: a plan takes 1 to %d", ndev, AR_PLAN_MAX_DEVICES);
+    if (micro_batches < 1)
+        return ar_fail(AR_EINVAL, "%d micro-batches: need at least 1", micro_batches);
+    if (schedule != AR_SCHED_GPIPE && schedule != AR_SCHED_1F1B)
+        return ar_fail(AR_EINVAL, "unknown schedule %d", schedule);
+    for (int d = 0; d < ndev; d++)
+        if (!(devs[d].gflops > 0) || !isfinite(devs[d].gflops) || devs[d].bandwidth < 0 ||
+            !(devs[d].mem_bytes >= 0))
+            return ar_fail(AR_EINVAL, "device %d (%.63s): speed must be positive, memory and bandwidth not negative",
+                           d, devs[d].name);
+    return AR_OK;
+}
+
+/* ---- the dynamic program ------------------------------------------------------ */
+
+/* Tables indexed by (c, i, k): the units [i, n) placed on devices k.. in
+ * exactly c stages. Under 1F1B a stage's slots depend on how many stages
+ * follow it, which is why the count is part of the state and the program
+ * runs from the back. */
+typedef struct {
+    int n, D, C;
+    double *val;
+    int *choice; /* phase 2: end unit j of the stage on device k, or 0 = device k skipped */
+} dp_tables;
+
+static size_t at(const dp_tables *t, int c, int i, int k)
+{
+    return ((size_t)c * (size_t)(t->n + 1) + (size_t)i) * (size_t)(t->D + 1) + (size_t)k;
+}
+
+/* Phase 1 (thr < 0): val = the smallest possible slowest-stage time.
+ * Phase 2: val = the smallest total time among plans whose stages all take
+ * at most thr, with the choices recorded. Both are exact: the max and the sum
+ * each decompose over the suffix. */
+static void run_dp(dp_tables *t, const ar_unit_cost *costs, const ar_device *devs, int M,
+                   int schedule, double thr)
+{
+    int n = t->n, D = t->D;
+    for (int c = 0; c <= t->C; c++)
+        for (int i = 0; i <= n; i++)
+            for (int k = 0; k <= D; k++) {
+                t->val[at(t, c, i, k)] = (c == 0 && i == n) ? 0.0 : INFINITY;
+                t->choice[at(t, c, i, k)] = 0;
+            }
+    for (int c = 1; c <= t->C; c++) {
+        int slots = ar_plan_slots(schedule, c, 0, M); /* c stages from this one to the end */
+        for (int i = n - 1; i >= 0; i--)
+            for (int k = D - 1; k >= 0; k--) {
+                double best = t->val[at(t, c, i, k + 1)];
+                int choice = 0;
+                const ar_device *d = &devs[k];
+                stage_acc a = {0};
+                for (int j = i + 1; j <= n; j++) {
+                    acc_add(&a, costs, i, j - 1);
+                    double rest = t->val[at(t, c - 1, j, k + 1)];
+                    if (rest == INFINITY || !fits(acc_mem(&a, slots), d))
+                        continue;
+                    double st = acc_time(&a, costs, n, j, d);
+                    double v;
+                    if (thr < 0) {
+                        v = max_d(st, rest);
+                    } else {
+                        if (st > thr)
+                            continue;
+                        v = st + rest;
+                    }
+                    if (v < best) {
+                        best = v;
+                        choice = j;
+                    }
+                }
+                t->val[at(t, c, i, k)] = best;
+                t->choice[at(t, c, i, k)] = choice;
+            }
+    }
+}
+
+/* Memory one unit needs alone with the fewest slots the schedule allows. */
+static double unit_alone(const ar_unit_cost *costs, int n, int u, int M, int schedule)
+{
+    return ar_plan_stage_mem(costs, n, u, u + 1, schedule == AR_SCHED_GPIPE ? M : 1);
+}
+
+static int infeasible(const ar_unit_cost *costs, int n, const ar_device *devs, int ndev, int M,
+                      int schedule)
+{
+    int big = 0;
+    double largest = 0, total_mem = 0;
+    for (int d = 0; d < ndev; d++) {
+        total_mem += devs[d].mem_bytes;
+        if (devs[d].mem_bytes > devs[big].mem_bytes)
+            big = d;
+    }
+    largest = devs[big].mem_bytes;
+    int worst = 0;
+    for (int u = 1; u < n; u++)
+        if (unit_alone(costs, n, u, M, schedule) > unit_alone(costs, n, worst, M, schedule))
+            worst = u;
+    char a[32], b[32];
+    double need = unit_alone(costs, n, worst, M, schedule);
+    if (need > largest)
+        return ar_fail(AR_ELIMIT, "layer %d needs %s, the largest device (%.63s) has %s free", worst,
+                       fmt_bytes(need, a, sizeof a), devs[big].name, fmt_bytes(largest, b, sizeof b));
+    double all = ar_plan_stage_mem(costs, n, 0, n, schedule == AR_SCHED_GPIPE ? M : 1);
+    return ar_fail(AR_ELIMIT,
+                   "no split of the %d layers over the %d devices fits in their memory (the whole "
+                   "model needs about %s, the devices have %s free together)",
+                   n, ndev, fmt_bytes(all, a, sizeof a), fmt_bytes(total_mem, b, sizeof b));
+}
+
+static void warn_unused(const ar_plan *p, const ar_unit_cost *costs, int n, const ar_device *devs,
+                        int ndev, int M, int schedule)
+{
+    double smallest = INFINITY;
+    for (int u = 0; u < n; u++) {
+        double need = unit_alone(costs, n, u, M, schedule);
+        smallest = need < smallest ? need : smallest;
+    }
+    for (int d = 0; d < ndev; d++) {
+        int used = 0;
+        for (int s = 0; s < p->nstages; s++)
+            used |= p->device[s] == d;
+        if (used)
+            continue;
+        char a[32], b[32];
+        if (!fits(smallest, &devs[d]))
+            ar_log(AR_LOG_WARN, "device %d (%.63s) is left out: %s free, the smallest layer needs %s", d,
+                   devs[d].name, fmt_bytes(devs[d].mem_bytes, a, sizeof a),
+                   fmt_bytes(smallest, b, sizeof b));
+        else
+            ar_log(AR_LOG_INFO, "device %d (%.63s) is left out: the plan is no faster with it", d,
+                   devs[d].name);
+    }
+}
+
+int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev,
+                 int micro_batches, int schedule, ar_plan *out)
+{
+    int rc = check_inputs(costs, nunits, devs, ndev, micro_batches, schedule);
+    if (rc != AR_OK)
+        return rc;
+    dp_tables t = {.n = nunits, .D = ndev};
+    t.C = nunits < ndev ? nunits : ndev;
+    if (t.C > AR_PLAN_MAX_STAGES)
+        t.C = AR_PLAN_MAX_STAGES;
+    size_t cells = (size_t)(t.C + 1) * (size_t)(nunits + 1) * (size_t)(ndev + 1);
+    t.val = ar_calloc(cells, sizeof *t.val);
+    t.choice = ar_calloc(cells, sizeof *t.choice);
+    if (!t.val || !t.choice) {
+        ar_free(t.val);
+        ar_free(t.choice);
+        return AR_ENOMEM;
+    }
+
+    /* phase 1: the best bottleneck for each stage count */
+    run_dp(&t, costs, devs, micro_batches, schedule, -1.0);
+    double best = INFINITY;
+    for (int c = 1; c <= t.C; c++)
+        best = t.val[at(&t, c, 0, 0)] < best ? t.val[at(&t, c, 0, 0)] : best;
+    if (best == INFINITY) {
+        ar_free(t.val);
+        ar_free(t.choice);
+        return infeasible(costs, nunits, devs, ndev, micro_batches, schedule);
+    }
+    /* fewest stages that reach it (a relative tolerance keeps rounding from
+     * deciding a tie), then phase 2: the smallest total time there */
+    double thr = best * (1.0 + 1e-9);
+    int C = 1;
+    while (t.val[at(&t, C, 0, 0)] > thr)
+        C++;
+    run_dp(&t, costs, devs, micro_batches, schedule, thr);
+
+    memset(out, 0, sizeof *out);
+    int i = 0, k = 0, c = C;
+    while (c > 0) {
+        int j = t.choice[at(&t, c, i, k)];
+        if (j > 0) {
+            out->device[out->nstages] = k;
+            out->first[out->nstages] = i;
+            out->last[out->nstages] = j;
+            out->nstages++;
+            i = j;
+            c--;
+        }
+        k++;
+    }
+    ar_free(t.val);
+    ar_free(t.choice);
+    if (i != nunits)
+        return ar_fail(AR_EINTERNAL, "plan reconstruction stopped at unit %d of %d", i, nunits);
+    rc = ar_plan_estimate(out, costs, nunits, devs, ndev, micro_batches, schedule);
+    if (rc != AR_OK)
+        return rc;
+    warn_unused(out, costs, nunits, devs, ndev, micro_batches, schedule);
+    return AR_OK;
+}
+
+/* ---- plans by hand ------------------------------------------------------------ */
+
+static void skip_spaces(const char **s)
+{
+    while (**s == ' ' || **s == '\t')
+        (*s)++;
+}
+
+static int parse_unit(const char *text, const char **s, int *v)
+{
+    skip_spaces(s);
+    if (**s < '0' || **s > '9')
+        return ar_fail(AR_EINVAL, "plan \"%s\": expected a layer number at %s%s%s", text,
+                       **s ? "\"" : "the end", *s, **s ? "\"" : "");
+    long x = 0;
+    while (**s >= '0' && **s <= '9') {
+        x = x * 10 + (**s - '0');
+        if (x > 1000000)
+            return ar_fail(AR_EINVAL, "plan \"%s\": layer number too large", text);
+        (*s)++;
+    }
+    *v = (int)x;
+    skip_spaces(s);
+    return AR_OK;
+}
+
+int ar_plan_parse(const char *text, int nunits, int ndev, ar_plan *out)
+{
+    if (!text || !out || nunits < 1)
+        return ar_fail(AR_EINVAL, "plan parse: bad arguments");
+    memset(out, 0, sizeof *out);
+    const char *s = text;
+    int next = 0, rc;
+    for (;;) {
+        int a, b;
+        if ((rc = parse_unit(text, &s, &a)) != AR_OK)
+            return rc;
+        b = a;
+        if (*s == '-') {
+            s++;
+            if ((rc = parse_unit(text, &s, &b)) != AR_OK)
+                return rc;
+        }
+        int idx = out->nstages;
+        if (b < a)
+            return ar_fail(AR_EINVAL, "plan \"%s\": stage %d's range %d-%d is reversed", text, idx,
+                           a, b);
+        if (b >= nunits)
+            return ar_fail(AR_EINVAL, "plan \"%s\": stage %d's range %d-%d goes beyond the last layer %d",
+                           text, idx, a, b, nunits - 1);
+        if (a != next)
+            return ar_fail(AR_EINVAL,
+                           "plan \"%s\": stage %d starts at layer %d, expected %d (each stage starts "
+                           "where the previous one ends)",
+                           text, idx, a, next);
+        if (idx >= ndev || idx >= AR_PLAN_MAX_STAGES)
+            return ar_fail(AR_EINVAL, "plan \"%s\": more stages than the %d devices", text,
+                           ndev < AR_PLAN_MAX_STAGES ? ndev : AR_PLAN_MAX_STAGES);
+        out->device[idx] = idx;
+        out->first[idx] = a;
+        out->last[idx] = b + 1;
+        out->nstages++;
+        next = b + 1;
+        if (*s == '\0')
+            break;
+        if (*s != ',')
+            return ar_fail(AR_EINVAL, "plan \"%s\": expected ',' or '-' at \"%s\"", text, s);
+        s++;
+    }
+    if (next != nunits)
+        return ar_fail(AR_EINVAL, "plan \"%s\" ends at layer %d, the model's last layer is %d", text,
+                       next - 1, nunits - 1);
+    return AR_OK;
+}
+
+int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar_device *devs,
+                     int ndev, int micro_batches, int schedule)
+{
+    int rc = check_inputs(costs, nunits, devs, ndev, micro_batches, schedule);
+    if (rc != AR_OK)
+        return rc;
+    int S = p->nstages;
+    if (S < 1 || S > AR_PLAN_MAX_STAGES)
+        return ar_fail(AR_EINVAL, "a plan of %d stages", S);
+    int next = 0;
+    for (int s = 0; s < S; s++) {
+        if (p->first[s] != next || p->last[s] <= p->first[s] || p->last[s] > nunits)
+            return ar_fail(AR_EINVAL, "plan stage %d holds layers [%d,%d): not contiguous in 0-%d",
+                           s, p->first[s], p->last[s], nunits - 1);
+        next = p->last[s];
+        if (p->device[s] < 0 || p->device[s] >= ndev)
+            return ar_fail(AR_EINVAL, "plan stage %d is on device %d of %d", s, p->device[s], ndev);
+        for (int r = 0; r < s; r++)
+            if (p->device[r] == p->device[s])
+                return ar_fail(AR_EINVAL, "plan stages %d and %d share device %d", r, s,
+                               p->device[s]);
+    }
+    if (next != nunits)
+        return ar_fail(AR_EINVAL, "plan covers layers 0-%d of 0-%d", next - 1, nunits - 1);
+
+    p->micro_batches = micro_batches;
+    p->schedule = schedule;
+    p->bubble = (double)(S - 1) / (double)(micro_batches + S - 1);
+    rc = AR_OK;
+    for (int s = 0; s < S; s++) {
+        const ar_device *d = &devs[p->device[s]];
+        int slots = ar_plan_slots(schedule, S, s, micro_batches);
+        stage_acc acc = {0};
+        for (int u = p->first[s]; u < p->last[s]; u++)
+            acc_add(&acc, costs, p->first[s], u);
+        p->stage_time[s] = acc_time(&acc, costs, nunits, p->last[s], d);
+        p->stage_mem[s] = acc_mem(&acc, slots);
+        if (rc == AR_OK && !fits(p->stage_mem[s], d)) {
+            char a[32], b[32];
+            rc = ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s, device %d (%.63s) has %s free", s,
+                         p->first[s], p->last[s] - 1, fmt_bytes(p->stage_mem[s], a, sizeof a),
+                         p->device[s], d->name, fmt_bytes(d->mem_bytes, b, sizeof b));
+        }
+    }
+    return rc;
+}
+
+/* ---- printing ------------------------------------------------------------------ */
+
+static void append(char *buf, size_t n, const char *piece)
+{
+    size_t len = strlen(buf);
+    snprintf(buf + len, n - len, "%s%s", len ? ", " : "", piece);
+}
+
+/* "embedding, blocks 0-1", "block 3", "head", "linear 0-1", "units 2-4" */
+static void range_name(const ar_model_spec *spec, int first, int last, char *buf, size_t n)
+{
+    char piece[64];
+    buf[0] = '\0';
+    if (spec && spec->type == AR_MODEL_GPT) {
+        if (first == 0)
+            append(buf, n, "embedding");
+        int a = first > 1 ? first : 1, b = last < spec->n_layer + 1 ? last : spec->n_layer + 1;
+        if (b - a == 1)
+            snprintf(piece, sizeof piece, "block %d", a - 1);
+        else if (b - a > 1)
+            snprintf(piece, sizeof piece, "blocks %d-%d", a - 1, b - 2);
+        if (b > a)
+            append(buf, n, piece);
+        if (last == spec->n_layer + 2)
+            append(buf, n, "head");
+        return;
+    }
+    if (last - first == 1)
+        snprintf(buf, n, "%s %d", spec ? "linear" : "unit", first);
+    else
+        snprintf(buf, n, "%s %d-%d", spec ? "linear" : "units", first, last - 1);
+}
+
+void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_unit_cost *costs,
+                   const ar_model_spec *spec)
+{
+    char names[AR_PLAN_MAX_STAGES][96];
+    int wdev = 6, wlay = 6;
+    for (int s = 0; s < p->nstages; s++) {
+        range_name(spec, p->first[s], p->last[s], names[s], sizeof names[s]);
+        int l = (int)strlen(names[s]), d = (int)strnlen(devs[p->device[s]].name, 63);
+        wlay = l > wlay ? l : wlay;
+        wdev = d > wdev ? d : wdev;
+    }
+    fprintf(out, "%-5s  %-*s  %-*s  %9s  %9s  %14s\n", "stage", wdev, "device", wlay, "layers",
+            "params MB", "memory MB", "ms/micro-batch");
+    double slowest = 0;
+    for (int s = 0; s < p->nstages; s++) {
+        double params = 0;
+        for (int u = p->first[s]; u < p->last[s]; u++)
+            params += costs[u].param_bytes;
+        fprintf(out, "%-5d  %-*.63s  %-*s  %9.2f  %9.1f  %14.3f\n", s, wdev, devs[p->device[s]].name,
+                wlay, names[s], params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3);
+        slowest = max_d(slowest, p->stage_time[s]);
+    }
+    fprintf(out, "predicted bubble %.1f%% (%d stages, %d micro-batches, %s); slowest stage %.3f ms per micro-batch\n",
+            100.0 * p->bubble, p->nstages, p->micro_batches, ar_schedule_name(p->schedule),
+            slowest * 1e3);
+}
+
+/* ---- device measurements ---------------------------------------------------------- */
+
+double ar_probe_sgemm_gflops(double seconds)
+{
+    enum { N = 512 };
+    float *a = ar_calloc((size_t)N * N, sizeof(float));
+    float *b = ar_calloc((size_t)N * N, sizeof(float));
+    float *c = ar_calloc((size_t)N * N, sizeof(float));
+    double gflops = 0;
+    if (a && b && c) {
+        for (long i = 0; i < (long)N * N; i++) {
+            a[i] = (float)((i % 7) - 3) * 0.01f;
+            b[i] = (float)((i % 5) - 2) * 0.01f;
+        }
+        /* one untimed product: thread pool start-up and first touch */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, N, N, 1.0f, a, N, b, N, 0.0f, c, N);
+        long iters = 0;
+        double t0 = ar_now(), el;
+        do {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, N, N, 1.0f, a, N, b, N, 0.0f,
+                        c, N);
+            iters++;
+            el = ar_now() - t0;
+        } while (el < seconds);
+        if (el > 0)
+            gflops = 2.0 * N * N * (double)N * (double)iters / el / 1e9;
+    }
+    ar_free(a);
+    ar_free(b);
+    ar_free(c);
+    return gflops;
+}
+
+double ar_free_memory_bytes(void)
+{
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f)
+        return 0;
+    char line[256];
+    double bytes = 0;
+    while (fgets(line, sizeof line, f)) {
+        long kb;
+        if (sscanf(line, "MemAvailable: %ld kB", &kb) == 1) {
+            bytes = (double)kb * 1024.0;
+            break;
+        }
+    }
+    fclose(f);
+    return bytes;
+}
