@@ -69,6 +69,15 @@ static int save_tensors(const char *path, ar_stage *const *stages, int nstages, 
     return rc;
 }
 
+/* A float written with 9 significant digits reads back as the same float,
+ * so a resumed run uses bit-identical hyper-parameters. */
+static void add_float(cJSON *o, const char *key, float v)
+{
+    char buf[32];
+    snprintf(buf, sizeof buf, "%.9g", v);
+    cJSON_AddRawToObject(o, key, buf);
+}
+
 static char *state_to_json(const ar_train_state *s)
 {
     cJSON *o = cJSON_CreateObject();
@@ -89,15 +98,14 @@ static char *state_to_json(const ar_train_state *s)
     cJSON_AddNumberToObject(o, "batch", s->batch);
     cJSON_AddNumberToObject(o, "micro_batches", s->micro_batches);
     cJSON_AddStringToObject(o, "optimizer", s->optimizer ? "sgd" : "adamw");
-    /* floats as exact bit patterns would be unreadable; %.9g round-trips a float */
-    cJSON_AddRawToObject(o, "lr", (snprintf(buf, sizeof buf, "%.9g", s->lr), buf));
-    cJSON_AddRawToObject(o, "min_lr", (snprintf(buf, sizeof buf, "%.9g", s->min_lr), buf));
+    add_float(o, "lr", s->lr);
+    add_float(o, "min_lr", s->min_lr);
     cJSON_AddNumberToObject(o, "warmup", (double)s->warmup);
-    cJSON_AddRawToObject(o, "weight_decay", (snprintf(buf, sizeof buf, "%.9g", s->weight_decay), buf));
-    cJSON_AddRawToObject(o, "beta1", (snprintf(buf, sizeof buf, "%.9g", s->beta1), buf));
-    cJSON_AddRawToObject(o, "beta2", (snprintf(buf, sizeof buf, "%.9g", s->beta2), buf));
-    cJSON_AddRawToObject(o, "eps", (snprintf(buf, sizeof buf, "%.9g", s->eps), buf));
-    cJSON_AddRawToObject(o, "clip", (snprintf(buf, sizeof buf, "%.9g", s->clip), buf));
+    add_float(o, "weight_decay", s->weight_decay);
+    add_float(o, "beta1", s->beta1);
+    add_float(o, "beta2", s->beta2);
+    add_float(o, "eps", s->eps);
+    add_float(o, "clip", s->clip);
     char *text = cJSON_Print(o);
     cJSON_Delete(o);
     return text;
