@@ -1,0 +1,209 @@
+/* Link throughput on loopback: frames through the gRPC Pipe link against raw
+ * TCP with the same message sizes, measured in the same run (DESIGN.md §7:
+ * raw TCP 2.4 GB/s at 1 MiB here). One stream each; the receiver consumes
+ * every message and answers once at the end, so the time covers delivery.
+ *
+ * usage: link_bench [--quick]   prints one line per size and a JSON summary */
+#include "core/core.h"
+#include "net/net.h"
+#include "train/frame.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* ---- raw TCP ----------------------------------------------------------- */
+
+typedef struct {
+    int listen_fd;
+    size_t size;
+    int count;
+} tcp_job;
+
+static int read_full(int fd, void *buf, size_t n)
+{
+    char *p = buf;
+    while (n > 0) {
+        ssize_t r = read(fd, p, n);
+        if (r <= 0)
+            return -1;
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+static int write_full(int fd, const void *buf, size_t n)
+{
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w <= 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static void *tcp_receiver(void *arg)
+{
+    tcp_job *j = arg;
+    int fd = accept(j->listen_fd, NULL, NULL);
+    if (fd < 0)
+        return NULL;
+    char *buf = malloc(j->size);
+    for (int i = 0; buf && i < j->count; i++) {
+        uint64_t len;
+        if (read_full(fd, &len, sizeof len) != 0 || len != j->size || read_full(fd, buf, len) != 0)
+            break;
+    }
+    char ack = 1;
+    write_full(fd, &ack, 1);
+    free(buf);
+    close(fd);
+    return NULL;
+}
+
+static double tcp_rate(size_t size, int count)
+{
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof a;
+    if (ls < 0 || bind(ls, (struct sockaddr *)&a, sizeof a) != 0 || listen(ls, 1) != 0 ||
+        getsockname(ls, (struct sockaddr *)&a, &alen) != 0)
+        return -1;
+    tcp_job j = {ls, size, count};
+    pthread_t t;
+    pthread_create(&t, NULL, tcp_receiver, &j);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0)
+        return -1;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    char *buf = calloc(1, size);
+    double t0 = ar_now();
+    for (int i = 0; i < count; i++) {
+        uint64_t len = size;
+        if (write_full(fd, &len, sizeof len) != 0 || write_full(fd, buf, size) != 0)
+            break;
+    }
+    char ack;
+    int ok = read_full(fd, &ack, 1) == 0;
+    double dt = ar_now() - t0;
+    pthread_join(t, NULL);
+    close(fd);
+    close(ls);
+    free(buf);
+    return ok ? (double)size * count / dt : -1;
+}
+
+/* ---- gRPC Pipe link ---------------------------------------------------- */
+
+typedef struct {
+    int count;
+    int received;
+} pipe_job;
+
+static void on_pipe(ar_rpc *rpc, void *user)
+{
+    pipe_job *j = user;
+    ar_link *l;
+    if (ar_rpc_link(rpc, "bench server", AR_NET_DEFAULT_MAX_FRAME, &l) != AR_OK) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "%s", ar_last_error());
+        return;
+    }
+    for (j->received = 0; j->received < j->count; j->received++) {
+        ar_frame f;
+        if (ar_link_recv(l, &f, 60) != AR_OK)
+            break;
+        ar_frame_free(&f);
+    }
+    ar_frame ack = {.kind = AR_FRAME_SYNC};
+    ar_link_send(l, &ack);
+    ar_rpc_finish(rpc, AR_STATUS_OK, "done");
+}
+
+static double grpc_rate(size_t size, int count)
+{
+    pipe_job j = {.count = count};
+    ar_server *srv;
+    int port;
+    if (ar_server_create("127.0.0.1:0", &srv, &port) != AR_OK ||
+        ar_server_handle(srv, "/arceus.Worker/Pipe", on_pipe, &j) != AR_OK ||
+        ar_server_start(srv) != AR_OK)
+        return -1;
+    char addr[64];
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
+    ar_client *c;
+    ar_link *l;
+    if (ar_client_open(addr, &c) != AR_OK || ar_client_pipe(c, "bench client", AR_NET_DEFAULT_MAX_FRAME, &l) != AR_OK)
+        return -1;
+    /* payloads are prepared before the clock starts: the link takes them over */
+    void **bufs = calloc((size_t)count, sizeof *bufs);
+    for (int i = 0; i < count; i++)
+        bufs[i] = calloc(1, size);
+    double t0 = ar_now();
+    for (int i = 0; i < count; i++) {
+        ar_frame f = {.kind = AR_FRAME_ACT, .step = 0, .mb = 0, .nmb = 1, .rows = 1,
+                      .dtype = AR_DT_U8, .ndim = 1, .shape = {(int64_t)size}, .data = bufs[i],
+                      .nbytes = size};
+        if (ar_link_send(l, &f) != AR_OK)
+            break;
+    }
+    ar_frame ack;
+    int ok = ar_link_recv(l, &ack, 120) == AR_OK;
+    double dt = ar_now() - t0;
+    if (ok)
+        ar_frame_free(&ack);
+    ar_net_link_finish(l, 10);
+    ar_link_destroy(l);
+    ar_client_close(c);
+    ar_server_destroy(srv);
+    free(bufs);
+    return ok && j.received == count ? (double)size * count / dt : -1;
+}
+
+int main(int argc, char **argv)
+{
+    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    if (ar_net_init() != AR_OK) {
+        fprintf(stderr, "link_bench: %s\n", ar_last_error());
+        return 1;
+    }
+    size_t sizes[] = {64 << 10, 1 << 20, 16 << 20};
+    long total = quick ? (64L << 20) : (512L << 20); /* bytes per measurement */
+    printf("%-8s %12s %12s %7s\n", "size", "raw TCP", "gRPC link", "ratio");
+    char json[512] = "";
+    int ok = 1;
+    for (int i = 0; i < 3; i++) {
+        int count = (int)(total / (long)sizes[i]);
+        if (count < 8)
+            count = 8;
+        /* best of 3 for each, interleaved, since the machine is shared */
+        double tcp = 0, grpc = 0;
+        for (int r = 0; r < 3; r++) {
+            double a = tcp_rate(sizes[i], count), b = grpc_rate(sizes[i], count);
+            tcp = a > tcp ? a : tcp;
+            grpc = b > grpc ? b : grpc;
+        }
+        if (tcp <= 0 || grpc <= 0)
+            ok = 0;
+        char label[16];
+        snprintf(label, sizeof label, sizes[i] >= (1 << 20) ? "%zu MiB" : "%zu KiB",
+                 sizes[i] >= (1 << 20) ? sizes[i] >> 20 : sizes[i] >> 10);
+        printf("%-8s %9.2f GB/s %9.2f GB/s %6.2fx\n", label, tcp / 1e9, grpc / 1e9, grpc / tcp);
+        size_t n = strlen(json);
+        snprintf(json + n, sizeof json - n, "%s{\"bytes\": %zu, \"tcp\": %.0f, \"grpc\": %.0f, \"ratio\": %.3f}",
+                 i ? ", " : "", sizes[i], tcp, grpc, grpc / tcp);
+    }
+    printf("{\"link\": [%s]}\n", json);
+    ar_net_shutdown();
+    return ok ? 0 : 1;
+}
