@@ -27,6 +27,7 @@ BLAS_LIBS := $(shell $(PKG_CONFIG) --libs openblas)
 endif
 
 PKGS := libcjson zlib
+PKGS += sqlite3 libcrypto
 DEP_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(PKGS)) $(BLAS_CFLAGS)
 DEP_LIBS := $(shell $(PKG_CONFIG) --libs $(PKGS)) $(BLAS_LIBS) -lm -lpthread
 
@@ -48,6 +49,7 @@ LDFLAGS := -fopenmp $(OPT)
 
 OUT := build/$(BUILD)
 LIB_SRC := $(wildcard src/core/*.c src/ops/*.c src/nn/*.c src/data/*.c src/train/*.c)
+LIB_SRC += $(wildcard src/market/*.c)
 CLI_SRC := $(wildcard src/cli/*.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(OUT)/%.o)
 CLI_OBJ := $(CLI_SRC:%.c=$(OUT)/%.o)

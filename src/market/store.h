@@ -1,0 +1,234 @@
+/* The market's storage: accounts and tokens, providers, jobs, leases, usage
+ * and the double-entry credit ledger.
+ *
+ * One module, one interface. Callers see plain C structs in and out and never
+ * SQL; the only implementation today is SQLite (store_sqlite.c, the embedded
+ * default), and a PostgreSQL backend can be added behind this same header
+ * without touching its callers.
+ *
+ * Money is integers only: amounts are micro-credits (int64, 1 credit =
+ * AR_MICRO_PER_CREDIT), prices are micro-credits per TFLOP (1e12 FLOPs).
+ *
+ * Invariants every function keeps (the tests check them):
+ *   - every change that writes more than one row is one transaction: all of
+ *     it is committed or none of it (a process killed mid-way loses nothing
+ *     that was committed and leaves nothing half-written);
+ *   - every transfer is exactly two ledger rows (+x, -x) with one transfer id,
+ *     so the sum of all ledger rows is always zero; credits enter through the
+ *     system account "mint", the only account allowed below zero;
+ *   - no user account's balance goes below zero: a change that would do so is
+ *     refused with AR_ELIMIT and writes nothing;
+ *   - tokens are never stored, only their SHA-256 (hex).
+ *
+ * Functions return 0 or a negative AR_E* code with the detail in
+ * ar_last_error(); database failures are AR_EIO ("db: what: sqlite message").
+ * One ar_store may be shared by threads (calls are serialised); several
+ * ar_store on the same database (threads or processes) are also safe.
+ * Arrays returned through `**out` are heap blocks the caller frees with
+ * ar_free (jobs with ar_store_jobs_free). */
+#ifndef AR_MARKET_STORE_H
+#define AR_MARKET_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define AR_MICRO_PER_CREDIT 1000000LL
+/* whole credits -> micro-credits */
+#define AR_CREDITS(c) ((int64_t)(c) * AR_MICRO_PER_CREDIT)
+
+/* hex SHA-256 / hex of 32 random bytes, plus the NUL */
+#define AR_TOKEN_LEN 65
+#define AR_NAME_MAX 64
+#define AR_ADDR_MAX 256
+#define AR_REASON_MAX 32
+
+/* The schema version this build creates and migrates to. */
+#define AR_STORE_SCHEMA_VERSION 2
+
+typedef struct ar_store ar_store;
+
+/* Open (creating it if missing) and migrate the database at `path`. A database
+ * with a newer schema than this build knows is refused (AR_EFORMAT). */
+int ar_store_open(const char *path, ar_store **out);
+void ar_store_close(ar_store *s);
+int ar_store_schema_version(ar_store *s, int *version);
+
+/* Cost of `flops` at `price_per_tflop` micro-credits per TFLOP, rounded to the
+ * nearest micro-credit; AR_ELIMIT when it does not fit in int64. The lease
+ * estimate and usage_record use this same rule, so an estimate is exact. */
+int ar_store_cost(int64_t flops, int64_t price_per_tflop, int64_t *micro_out);
+
+/* ---- accounts ------------------------------------------------------------ */
+
+typedef struct {
+    int64_t id;
+    char name[AR_NAME_MAX];
+    int64_t balance; /* micro-credits */
+    int64_t created; /* unix seconds */
+    bool system;     /* the mint */
+} ar_account;
+
+/* A new account with `initial_credits` micro-credits minted to it (one
+ * transfer from the mint, in the same transaction as the account). Writes the
+ * token (64 hex chars) to token_out: it exists only there, the database keeps
+ * its hash. AR_EINVAL for a taken or bad name. id_out may be NULL. */
+int ar_store_account_create(ar_store *s, const char *name, int64_t initial_credits,
+                            char token_out[AR_TOKEN_LEN], int64_t *id_out);
+/* The account a token belongs to; AR_ENOTFOUND when none (or the mint). */
+int ar_store_account_auth(ar_store *s, const char *token, int64_t *id_out);
+int ar_store_account_balance(ar_store *s, int64_t account_id, int64_t *micro_out);
+int ar_store_account_get(ar_store *s, int64_t account_id, ar_account *out);
+int ar_store_account_find(ar_store *s, const char *name, ar_account *out);
+/* Credits minted to an existing account (a top-up): one transfer. */
+int ar_store_account_mint(ar_store *s, int64_t account_id, int64_t micro);
+int ar_store_account_list(ar_store *s, ar_account **out, size_t *n);
+
+/* ---- providers ------------------------------------------------------------ */
+
+typedef struct {
+    int64_t id;
+    int64_t account_id;
+    char address[AR_ADDR_MAX]; /* host:port of its worker */
+    double gflops;
+    int64_t mem_bytes;
+    int cores;
+    int64_t price_per_tflop; /* micro-credits per TFLOP */
+    double reliability;      /* 0..1 */
+    bool online;
+    int64_t last_heartbeat; /* unix seconds */
+} ar_provider;
+
+/* Register (or re-register: same account and address keep their id, the
+ * profile is updated) a provider, online from now. id/online/last_heartbeat
+ * of *p are ignored. */
+int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_out);
+/* Online, last_heartbeat = now; AR_ENOTFOUND for an unknown id. */
+int ar_store_provider_heartbeat(ar_store *s, int64_t provider_id);
+int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id);
+/* Marks offline every online provider silent for more than max_age_s
+ * seconds; *count_out (may be NULL) gets how many. */
+int ar_store_provider_expire(ar_store *s, int64_t max_age_s, int *count_out);
+int ar_store_provider_get(ar_store *s, int64_t provider_id, ar_provider *out);
+/* Providers by id; only the online ones when online_only. */
+int ar_store_provider_list(ar_store *s, bool online_only, ar_provider **out, size_t *n);
+
+/* ---- jobs ------------------------------------------------------------------ */
+
+typedef enum {
+    AR_JOB_QUEUED,
+    AR_JOB_RUNNING,
+    AR_JOB_DONE,
+    AR_JOB_FAILED,
+    AR_JOB_CANCELLED,
+} ar_job_status;
+
+const char *ar_job_status_name(ar_job_status st);
+/* AR_EINVAL for an unknown name */
+int ar_job_status_parse(const char *name, ar_job_status *out);
+
+typedef struct {
+    int64_t id;
+    int64_t renter_id;
+    ar_job_status status;
+    char *spec; /* owned: free with ar_store_job_clear / ar_store_jobs_free */
+    int64_t created;
+    int64_t step;        /* last completed step */
+    int64_t max_credits; /* micro-credits the job may spend; 0 = no cap */
+    int64_t spent;       /* micro-credits paid so far for this job */
+} ar_job;
+
+int ar_store_job_create(ar_store *s, int64_t renter_id, const char *spec, int64_t max_credits,
+                        int64_t *id_out);
+int ar_store_job_update(ar_store *s, int64_t job_id, ar_job_status status, int64_t step);
+int ar_store_job_get(ar_store *s, int64_t job_id, ar_job *out);
+/* Jobs by id, those of one renter (renter_id > 0) or all (0). */
+int ar_store_job_list(ar_store *s, int64_t renter_id, ar_job **out, size_t *n);
+void ar_store_job_clear(ar_job *j);
+void ar_store_jobs_free(ar_job *jobs, size_t n);
+
+/* ---- leases ---------------------------------------------------------------- */
+
+/* One provider's place in a job's plan. `stage` is the member's slot in the
+ * plan: the stage index, or a distinct index per tensor-parallel shard, so
+ * that (job, step, stage) names one piece of work. */
+typedef struct {
+    int64_t provider_id;
+    int stage;
+    int64_t flops_per_step;  /* known from the plan */
+    int64_t price_per_tflop; /* micro-credits per TFLOP, fixed for the lease */
+} ar_lease_member;
+
+typedef struct {
+    int64_t id;
+    int64_t job_id;
+    int64_t renter_id;
+    int64_t created;
+    bool released;
+    int64_t estimate; /* micro-credits for the estimated steps */
+} ar_lease;
+
+/* Leases `members` to `job_id` (which must belong to renter_id) for about
+ * `est_steps` steps. The estimate, sum(cost(flops_per_step, price)) *
+ * est_steps, is checked up front against the renter's balance and against
+ * max_credits (0: no cap besides the balance): when either cannot cover it,
+ * AR_ELIMIT and a message that gives the estimate, and nothing is written.
+ * On success the lease token (hash stored) goes to token_out; the driver gives
+ * it to the leased workers, which accept it for this job only. lease_id_out
+ * and estimate_out may be NULL. */
+int ar_store_lease_create(ar_store *s, int64_t job_id, int64_t renter_id,
+                          const ar_lease_member *members, size_t n_members, int64_t est_steps,
+                          int64_t max_credits, char token_out[AR_TOKEN_LEN],
+                          int64_t *lease_id_out, int64_t *estimate_out);
+/* The live (not released) lease of a token; AR_ENOTFOUND otherwise. */
+int ar_store_lease_auth(ar_store *s, const char *token, ar_lease *out);
+int ar_store_lease_get(ar_store *s, int64_t lease_id, ar_lease *out);
+int ar_store_lease_members(ar_store *s, int64_t lease_id, ar_lease_member **out, size_t *n);
+int ar_store_lease_release(ar_store *s, int64_t lease_id);
+
+/* ---- usage and payment --------------------------------------------------- */
+
+typedef enum {
+    AR_USAGE_PAID,     /* new: one transfer renter -> provider */
+    AR_USAGE_DUP,      /* already paid to this provider: nothing written */
+    AR_USAGE_REISSUED, /* redone by another provider: old payment reversed, new one made */
+} ar_usage_result;
+
+/* Provider `provider_id` completed `stage` of `step` of `job_id`: the renter
+ * pays it cost(flops, price) in one transfer (two ledger rows), in one
+ * transaction with the usage row. Paid once per (job, step, stage), to
+ * whoever completed it in the end (see store_sqlite.c for the policy).
+ * AR_ELIMIT, nothing written, when the renter's balance or the job's
+ * max_credits cannot cover it. result_out may be NULL. */
+int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t step, int64_t provider_id,
+                          int stage, int64_t flops, int64_t price_per_tflop,
+                          ar_usage_result *result_out);
+/* The job rolled back to a checkpoint at `kept_step`: the work of every step
+ * after it was not kept, so its payments are reversed (one transaction).
+ * *reversed_out (may be NULL) gets the number of usage rows undone. */
+int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out);
+
+/* ---- ledger ---------------------------------------------------------------- */
+
+typedef struct {
+    int64_t id;
+    int64_t transfer_id;
+    int64_t account_id;
+    int64_t amount; /* micro-credits, + received, - paid */
+    char reason[AR_REASON_MAX]; /* "mint", "usage", "reversal" */
+    int64_t job_id; /* 0 when none */
+    int64_t step;   /* -1 when none */
+    int64_t created;
+} ar_ledger_row;
+
+/* Rows by id: those of one account (> 0) or all (0). */
+int ar_store_ledger_list(ar_store *s, int64_t account_id, ar_ledger_row **out, size_t *n);
+/* Sum of every ledger row: 0 unless something is badly wrong. */
+int ar_store_ledger_sum(ar_store *s, int64_t *sum_out);
+/* Full audit: sum zero, every transfer exactly two rows that cancel, every
+ * cached balance equal to its rows, no user balance below zero. AR_EINTERNAL
+ * with the first discrepancy otherwise. *transfers_out (may be NULL) gets the
+ * number of transfers. */
+int ar_store_ledger_check(ar_store *s, int64_t *transfers_out);
+
+#endif

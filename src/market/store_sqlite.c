@@ -1,0 +1,1514 @@
+/* The market store on SQLite: the only file that speaks SQL (store.h says
+ * what the store promises; a PostgreSQL backend would be a sibling file).
+ *
+ * The database is opened in WAL mode (readers never block the one writer,
+ * and a killed process leaves a database that the next open recovers), with
+ * foreign keys on, synchronous=FULL (a commit is on disk before it returns:
+ * this is money) and a busy timeout so that several connections, threads or
+ * processes, queue for the write lock instead of failing.
+ *
+ * Every change that writes more than one row runs in BEGIN IMMEDIATE ...
+ * COMMIT (IMMEDIATE takes the write lock first, so the balance we read is the
+ * balance we update) and is rolled back on any error. Ledger rows are
+ * append-only (triggers refuse UPDATE and DELETE): a payment is undone by a
+ * reversal transfer, never by editing history.
+ *
+ * Paid once, to whoever completed it in the end: usage is keyed by (job,
+ * step, stage), one row per piece of work.
+ *   - the same provider reporting the same (job, step, stage) again (a retry,
+ *     a report replayed after a market restart, the same provider redoing the
+ *     step after a rollback) is a no-op: AR_USAGE_DUP, nothing written;
+ *   - a different provider reporting it (the step was redone elsewhere after
+ *     a rollback whose report never reached us) replaces the earlier one: in
+ *     one transaction the earlier payment is reversed (provider -> renter),
+ *     the new provider is paid, and the usage row now names the new provider:
+ *     AR_USAGE_REISSUED;
+ *   - ar_store_usage_rollback(job, kept_step) reverses every payment for
+ *     steps after the checkpoint that was kept: work that was not kept is not
+ *     paid, and its redo is paid afresh.
+ * A reversal that would take the earlier provider's balance below zero (it
+ * has spent the credits since) is refused like any other overdraft. */
+#include "market/store.h"
+
+#include "arceus.h"
+#include "core/core.h"
+
+#include <inttypes.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct ar_store {
+    sqlite3 *db;
+    pthread_mutex_t mu; /* one call at a time on this connection */
+    int64_t mint_id;
+};
+
+/* ---- schema ---------------------------------------------------------------- */
+
+/* Ordered migrations: migrations[i] takes the schema from version i to i+1.
+ * Append new ones; never edit one that has shipped. */
+static const char *const migrations[] = {
+    /* 1: the tables */
+    "CREATE TABLE accounts ("
+    "  id INTEGER PRIMARY KEY,"
+    "  name TEXT NOT NULL UNIQUE,"
+    "  token_hash TEXT UNIQUE,"
+    "  system INTEGER NOT NULL DEFAULT 0,"
+    "  balance INTEGER NOT NULL DEFAULT 0,"
+    "  created INTEGER NOT NULL,"
+    "  CHECK (system = 1 OR balance >= 0));"
+    "INSERT INTO accounts (name, system, created)"
+    "  VALUES ('mint', 1, CAST(strftime('%s','now') AS INTEGER));"
+    "CREATE TABLE providers ("
+    "  id INTEGER PRIMARY KEY,"
+    "  account_id INTEGER NOT NULL REFERENCES accounts(id),"
+    "  address TEXT NOT NULL,"
+    "  gflops REAL NOT NULL,"
+    "  mem_bytes INTEGER NOT NULL,"
+    "  cores INTEGER NOT NULL,"
+    "  price_per_tflop INTEGER NOT NULL CHECK (price_per_tflop >= 0),"
+    "  reliability REAL NOT NULL CHECK (reliability >= 0 AND reliability <= 1),"
+    "  online INTEGER NOT NULL DEFAULT 1,"
+    "  last_heartbeat INTEGER NOT NULL,"
+    "  UNIQUE (account_id, address));"
+    "CREATE TABLE jobs ("
+    "  id INTEGER PRIMARY KEY,"
+    "  renter_id INTEGER NOT NULL REFERENCES accounts(id),"
+    "  status TEXT NOT NULL,"
+    "  spec TEXT NOT NULL,"
+    "  created INTEGER NOT NULL,"
+    "  step INTEGER NOT NULL DEFAULT 0,"
+    "  max_credits INTEGER NOT NULL DEFAULT 0,"
+    "  spent INTEGER NOT NULL DEFAULT 0);"
+    "CREATE TABLE leases ("
+    "  id INTEGER PRIMARY KEY,"
+    "  job_id INTEGER NOT NULL REFERENCES jobs(id),"
+    "  token_hash TEXT NOT NULL UNIQUE,"
+    "  estimate INTEGER NOT NULL,"
+    "  created INTEGER NOT NULL,"
+    "  released INTEGER);"
+    "CREATE TABLE lease_members ("
+    "  lease_id INTEGER NOT NULL REFERENCES leases(id),"
+    "  provider_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  stage INTEGER NOT NULL,"
+    "  flops_per_step INTEGER NOT NULL,"
+    "  price_per_tflop INTEGER NOT NULL,"
+    "  PRIMARY KEY (lease_id, stage));"
+    "CREATE TABLE transfers ("
+    "  id INTEGER PRIMARY KEY,"
+    "  reason TEXT NOT NULL,"
+    "  created INTEGER NOT NULL);"
+    "CREATE TABLE ledger ("
+    "  id INTEGER PRIMARY KEY,"
+    "  transfer_id INTEGER NOT NULL REFERENCES transfers(id),"
+    "  account_id INTEGER NOT NULL REFERENCES accounts(id),"
+    "  amount INTEGER NOT NULL,"
+    "  reason TEXT NOT NULL,"
+    "  job_id INTEGER REFERENCES jobs(id),"
+    "  step INTEGER,"
+    "  created INTEGER NOT NULL);"
+    "CREATE TABLE usage ("
+    "  job_id INTEGER NOT NULL REFERENCES jobs(id),"
+    "  step INTEGER NOT NULL,"
+    "  stage INTEGER NOT NULL,"
+    "  provider_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  flops INTEGER NOT NULL,"
+    "  amount INTEGER NOT NULL,"
+    "  transfer_id INTEGER REFERENCES transfers(id),"
+    "  created INTEGER NOT NULL,"
+    "  PRIMARY KEY (job_id, step, stage));",
+    /* 2: indexes for the common lookups; the ledger is append-only */
+    "CREATE INDEX ledger_account ON ledger (account_id);"
+    "CREATE INDEX ledger_transfer ON ledger (transfer_id);"
+    "CREATE INDEX providers_online ON providers (online);"
+    "CREATE INDEX jobs_renter ON jobs (renter_id);"
+    "CREATE INDEX leases_job ON leases (job_id);"
+    "CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger"
+    "  BEGIN SELECT RAISE(ABORT, 'ledger rows are append-only'); END;"
+    "CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger"
+    "  BEGIN SELECT RAISE(ABORT, 'ledger rows are append-only'); END;",
+};
+_Static_assert(sizeof migrations / sizeof migrations[0] == AR_STORE_SCHEMA_VERSION,
+               "one migration per schema version");
+
+/* ---- small helpers ----------------------------------------------------------- */
+
+static int db_fail(ar_store *s, const char *what)
+{
+    return ar_fail(AR_EIO, "db: %s: %s", what, sqlite3_errmsg(s->db));
+}
+
+static int64_t now_s(void)
+{
+    return (int64_t)time(NULL);
+}
+
+static void lock(ar_store *s)
+{
+    pthread_mutex_lock(&s->mu);
+}
+
+static void unlock(ar_store *s)
+{
+    pthread_mutex_unlock(&s->mu);
+}
+
+static int exec_sql(ar_store *s, const char *sql, const char *what)
+{
+    if (sqlite3_exec(s->db, sql, NULL, NULL, NULL) != SQLITE_OK)
+        return db_fail(s, what);
+    return AR_OK;
+}
+
+static int tx_begin(ar_store *s)
+{
+    return exec_sql(s, "BEGIN IMMEDIATE", "begin");
+}
+
+/* Safe to call whatever state the connection is in; keeps ar_last_error. */
+static void tx_rollback(ar_store *s)
+{
+    if (!sqlite3_get_autocommit(s->db))
+        sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+}
+
+static int tx_commit(ar_store *s)
+{
+    int rc = exec_sql(s, "COMMIT", "commit");
+    if (rc < 0)
+        tx_rollback(s);
+    return rc;
+}
+
+/* Ends a write transaction: commit on success, roll back on failure. */
+static int tx_end(ar_store *s, int rc)
+{
+    if (rc < 0) {
+        tx_rollback(s);
+        return rc;
+    }
+    return tx_commit(s);
+}
+
+/* Prepare `sql` and bind its parameters by a type string: 'i' int64, 'd'
+ * double, 't' text (a NULL pointer binds NULL), 'n' NULL (no argument). */
+static int vprep(ar_store *s, sqlite3_stmt **st, const char *sql, const char *types, va_list ap)
+{
+    *st = NULL;
+    if (sqlite3_prepare_v2(s->db, sql, -1, st, NULL) != SQLITE_OK)
+        return ar_fail(AR_EIO, "db: prepare \"%.60s\": %s", sql, sqlite3_errmsg(s->db));
+    for (int i = 0; types && types[i]; i++) {
+        int rc;
+        switch (types[i]) {
+        case 'i': rc = sqlite3_bind_int64(*st, i + 1, va_arg(ap, int64_t)); break;
+        case 'd': rc = sqlite3_bind_double(*st, i + 1, va_arg(ap, double)); break;
+        case 't': {
+            const char *t = va_arg(ap, const char *);
+            rc = t ? sqlite3_bind_text(*st, i + 1, t, -1, SQLITE_TRANSIENT)
+                   : sqlite3_bind_null(*st, i + 1);
+            break;
+        }
+        case 'n': rc = sqlite3_bind_null(*st, i + 1); break;
+        default: rc = SQLITE_MISUSE; break;
+        }
+        if (rc != SQLITE_OK) {
+            int err = ar_fail(AR_EIO, "db: bind %d of \"%.60s\": %s", i + 1, sql,
+                              sqlite3_errmsg(s->db));
+            sqlite3_finalize(*st);
+            *st = NULL;
+            return err;
+        }
+    }
+    return AR_OK;
+}
+
+static int prep(ar_store *s, sqlite3_stmt **st, const char *sql, const char *types, ...)
+{
+    va_list ap;
+    va_start(ap, types);
+    int rc = vprep(s, st, sql, types, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* One step: 1 a row, 0 done, < 0 an error. */
+static int step(ar_store *s, sqlite3_stmt *st)
+{
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        return 1;
+    if (rc == SQLITE_DONE)
+        return 0;
+    return ar_fail(AR_EIO, "db: step \"%.60s\": %s", sqlite3_sql(st), sqlite3_errmsg(s->db));
+}
+
+/* Run a statement that returns no rows we need; *changes_out may be NULL. */
+static int run(ar_store *s, int *changes_out, const char *sql, const char *types, ...)
+{
+    sqlite3_stmt *st;
+    va_list ap;
+    va_start(ap, types);
+    int rc = vprep(s, &st, sql, types, ap);
+    va_end(ap);
+    if (rc < 0)
+        return rc;
+    while ((rc = step(s, st)) > 0) {
+    }
+    if (rc == 0 && changes_out)
+        *changes_out = sqlite3_changes(s->db);
+    sqlite3_finalize(st);
+    return rc;
+}
+
+/* The first column of the first row as int64; AR_ENOTFOUND when no row. */
+static int query_i64(ar_store *s, int64_t *out, const char *sql, const char *types, ...)
+{
+    sqlite3_stmt *st;
+    va_list ap;
+    va_start(ap, types);
+    int rc = vprep(s, &st, sql, types, ap);
+    va_end(ap);
+    if (rc < 0)
+        return rc;
+    rc = step(s, st);
+    if (rc > 0) {
+        *out = sqlite3_column_int64(st, 0);
+        rc = AR_OK;
+    } else if (rc == 0) {
+        rc = AR_ENOTFOUND; /* the caller words the message */
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+static void copy_text(char *dst, size_t cap, sqlite3_stmt *st, int col)
+{
+    const unsigned char *t = sqlite3_column_text(st, col);
+    snprintf(dst, cap, "%s", t ? (const char *)t : "");
+}
+
+/* Grow a heap array to hold one more element. */
+static int grow(void **arr, size_t *cap, size_t n, size_t elem)
+{
+    if (n < *cap)
+        return AR_OK;
+    size_t ncap = *cap ? *cap * 2 : 16;
+    if (ncap > SIZE_MAX / elem)
+        return ar_fail(AR_ENOMEM, "db: result too large");
+    void *p = realloc(*arr, ncap * elem);
+    if (!p)
+        return ar_fail(AR_ENOMEM, "db: out of memory for %zu rows", ncap);
+    *arr = p;
+    *cap = ncap;
+    return AR_OK;
+}
+
+/* ---- tokens ----------------------------------------------------------------- */
+
+static void to_hex(const unsigned char *b, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[b[i] >> 4];
+        out[2 * i + 1] = digits[b[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
+
+static int token_hash(const char *token, char out[AR_TOKEN_LEN])
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    if (!EVP_Digest(token, strlen(token), md, &len, EVP_sha256(), NULL) || len != 32)
+        return ar_fail(AR_EINTERNAL, "sha256 failed");
+    to_hex(md, 32, out);
+    return AR_OK;
+}
+
+static int token_new(char token[AR_TOKEN_LEN], char hash[AR_TOKEN_LEN])
+{
+    unsigned char b[32];
+    if (RAND_bytes(b, sizeof b) != 1)
+        return ar_fail(AR_EINTERNAL, "no random bytes for a token");
+    to_hex(b, sizeof b, token);
+    OPENSSL_cleanse(b, sizeof b);
+    return token_hash(token, hash);
+}
+
+/* The row whose token_hash equals the hash of `token`. The lookup goes through
+ * the index on the hash: its timing depends on the SHA-256 of the guess, which
+ * tells an attacker nothing about the real token; the final equality is still
+ * checked in constant time. */
+static int token_lookup(ar_store *s, const char *sql, const char *token, int64_t *id_out)
+{
+    char hash[AR_TOKEN_LEN];
+    if (!token || strlen(token) != AR_TOKEN_LEN - 1)
+        return ar_fail(AR_ENOTFOUND, "unknown token");
+    int rc = token_hash(token, hash);
+    if (rc < 0)
+        return rc;
+    sqlite3_stmt *st;
+    if ((rc = prep(s, &st, sql, "t", hash)) < 0)
+        return rc;
+    rc = step(s, st);
+    if (rc > 0) {
+        const unsigned char *stored = sqlite3_column_text(st, 1);
+        if (stored && sqlite3_column_bytes(st, 1) == AR_TOKEN_LEN - 1 &&
+            CRYPTO_memcmp(stored, hash, AR_TOKEN_LEN - 1) == 0) {
+            *id_out = sqlite3_column_int64(st, 0);
+            rc = AR_OK;
+        } else {
+            rc = ar_fail(AR_ENOTFOUND, "unknown token");
+        }
+    } else if (rc == 0) {
+        rc = ar_fail(AR_ENOTFOUND, "unknown token");
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+/* ---- money -------------------------------------------------------------------- */
+
+int ar_store_cost(int64_t flops, int64_t price_per_tflop, int64_t *micro_out)
+{
+    if (flops < 0 || price_per_tflop < 0)
+        return ar_fail(AR_EINVAL, "negative flops (%" PRId64 ") or price (%" PRId64 ")", flops,
+                       price_per_tflop);
+    unsigned __int128 p = (unsigned __int128)(uint64_t)flops * (uint64_t)price_per_tflop;
+    p = (p + 500000000000ull) / 1000000000000ull; /* per TFLOP, rounded to nearest */
+    if (p > (unsigned __int128)INT64_MAX)
+        return ar_fail(AR_ELIMIT, "cost of %" PRId64 " FLOPs at %" PRId64 " overflows", flops,
+                       price_per_tflop);
+    *micro_out = (int64_t)p;
+    return AR_OK;
+}
+
+static double credits(int64_t micro)
+{
+    return (double)micro / (double)AR_MICRO_PER_CREDIT;
+}
+
+static int balance_of(ar_store *s, int64_t account_id, int64_t *bal, bool *system)
+{
+    sqlite3_stmt *st;
+    int rc = prep(s, &st, "SELECT balance, system FROM accounts WHERE id = ?", "i", account_id);
+    if (rc < 0)
+        return rc;
+    rc = step(s, st);
+    if (rc > 0) {
+        *bal = sqlite3_column_int64(st, 0);
+        if (system)
+            *system = sqlite3_column_int(st, 1) != 0;
+        rc = AR_OK;
+    } else if (rc == 0) {
+        rc = ar_fail(AR_ENOTFOUND, "no account %" PRId64, account_id);
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+/* One transfer of `amount` (> 0) from one account to another: a transfers row,
+ * two ledger rows, two balance updates. Must run inside a write transaction.
+ * job_id <= 0 and step < 0 are stored as NULL. */
+static int transfer(ar_store *s, int64_t from, int64_t to, int64_t amount, const char *reason,
+                    int64_t job_id, int64_t stepno, int64_t *transfer_id_out)
+{
+    if (amount <= 0)
+        return ar_fail(AR_EINTERNAL, "transfer of %" PRId64, amount);
+    int64_t bal;
+    bool sys;
+    int rc = balance_of(s, from, &bal, &sys);
+    if (rc < 0)
+        return rc;
+    if (sys && bal < INT64_MIN + amount)
+        return ar_fail(AR_ELIMIT, "the mint's balance would overflow");
+    if (!sys && bal < amount)
+        return ar_fail(AR_ELIMIT,
+                       "account %" PRId64 " has %.6f credits, %.6f needed (%s)", from,
+                       credits(bal), credits(amount), reason);
+    int64_t to_bal;
+    bool to_sys;
+    if ((rc = balance_of(s, to, &to_bal, &to_sys)) < 0)
+        return rc;
+    if (to_bal > INT64_MAX - amount)
+        return ar_fail(AR_ELIMIT, "balance of account %" PRId64 " would overflow", to);
+
+    int64_t t = now_s();
+    if ((rc = run(s, NULL, "INSERT INTO transfers (reason, created) VALUES (?, ?)", "ti", reason,
+                  t)) < 0)
+        return rc;
+    int64_t tid = sqlite3_last_insert_rowid(s->db);
+    const char *ins = "INSERT INTO ledger (transfer_id, account_id, amount, reason, job_id, step,"
+                      " created) VALUES (?, ?, ?, ?, ?, ?, ?)";
+    int64_t legs[2][2] = {{from, -amount}, {to, amount}};
+    for (int i = 0; i < 2; i++) {
+        sqlite3_stmt *st;
+        if ((rc = prep(s, &st, ins, "iiit", tid, legs[i][0], legs[i][1], reason)) < 0)
+            return rc;
+        int brc = job_id > 0 ? sqlite3_bind_int64(st, 5, job_id) : sqlite3_bind_null(st, 5);
+        if (brc == SQLITE_OK)
+            brc = stepno >= 0 ? sqlite3_bind_int64(st, 6, stepno) : sqlite3_bind_null(st, 6);
+        if (brc == SQLITE_OK)
+            brc = sqlite3_bind_int64(st, 7, t);
+        rc = brc == SQLITE_OK ? step(s, st) : db_fail(s, "bind ledger row");
+        sqlite3_finalize(st);
+        if (rc < 0)
+            return rc;
+        int changes = 0;
+        if ((rc = run(s, &changes, "UPDATE accounts SET balance = balance + ? WHERE id = ?", "ii",
+                      legs[i][1], legs[i][0])) < 0)
+            return rc;
+        if (changes != 1)
+            return ar_fail(AR_EINTERNAL, "balance of account %" PRId64 " not updated",
+                           legs[i][0]);
+    }
+    if (transfer_id_out)
+        *transfer_id_out = tid;
+    return AR_OK;
+}
+
+/* ---- open / close / migrate ----------------------------------------------------- */
+
+static int migrate(ar_store *s)
+{
+    int rc = tx_begin(s);
+    if (rc < 0)
+        return rc;
+    rc = exec_sql(s, "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+                  "create schema_version");
+    int64_t v = 0;
+    if (rc == 0) {
+        rc = query_i64(s, &v, "SELECT version FROM schema_version", NULL);
+        if (rc == AR_ENOTFOUND) {
+            v = 0;
+            rc = run(s, NULL, "INSERT INTO schema_version (version) VALUES (0)", NULL);
+        }
+    }
+    if (rc == 0 && (v < 0 || v > AR_STORE_SCHEMA_VERSION))
+        rc = ar_fail(AR_EFORMAT,
+                     "db: schema version %" PRId64 " is not one this build knows (1..%d)", v,
+                     AR_STORE_SCHEMA_VERSION);
+    for (int64_t i = v; rc == 0 && i < AR_STORE_SCHEMA_VERSION; i++) {
+        char what[64];
+        snprintf(what, sizeof what, "migration %" PRId64, i + 1);
+        rc = exec_sql(s, migrations[i], what);
+        if (rc == 0)
+            rc = run(s, NULL, "UPDATE schema_version SET version = ?", "i", i + 1);
+    }
+    return tx_end(s, rc);
+}
+
+int ar_store_open(const char *path, ar_store **out)
+{
+    *out = NULL;
+    if (!path || !*path)
+        return ar_fail(AR_EINVAL, "db: no path");
+    ar_store *s = calloc(1, sizeof *s);
+    if (!s)
+        return ar_fail(AR_ENOMEM, "db: out of memory");
+    if (pthread_mutex_init(&s->mu, NULL) != 0) {
+        free(s);
+        return ar_fail(AR_EINTERNAL, "db: mutex init failed");
+    }
+    int rc;
+    if (sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) !=
+        SQLITE_OK) {
+        rc = s->db ? ar_fail(AR_EIO, "db: open %s: %s", path, sqlite3_errmsg(s->db))
+                   : ar_fail(AR_ENOMEM, "db: open %s: out of memory", path);
+        goto fail;
+    }
+    sqlite3_extended_result_codes(s->db, 1);
+    if (sqlite3_busy_timeout(s->db, 10000) != SQLITE_OK) {
+        rc = db_fail(s, "busy timeout");
+        goto fail;
+    }
+    /* WAL: the mode is persistent in the file; asking again is cheap */
+    sqlite3_stmt *st;
+    if ((rc = prep(s, &st, "PRAGMA journal_mode = WAL", NULL)) < 0)
+        goto fail;
+    rc = step(s, st);
+    if (rc > 0) {
+        const unsigned char *mode = sqlite3_column_text(st, 0);
+        rc = mode && strcmp((const char *)mode, "wal") == 0
+                 ? AR_OK
+                 : ar_fail(AR_EIO, "db: %s: journal mode is %s, not wal", path,
+                           mode ? (const char *)mode : "?");
+    } else if (rc == 0) {
+        rc = ar_fail(AR_EIO, "db: %s: journal_mode gave no answer", path);
+    }
+    sqlite3_finalize(st);
+    if (rc < 0)
+        goto fail;
+    if ((rc = exec_sql(s, "PRAGMA foreign_keys = ON", "foreign keys")) < 0 ||
+        (rc = exec_sql(s, "PRAGMA synchronous = FULL", "synchronous")) < 0)
+        goto fail;
+    if ((rc = migrate(s)) < 0)
+        goto fail;
+    if ((rc = query_i64(s, &s->mint_id, "SELECT id FROM accounts WHERE system = 1 AND name = 'mint'",
+                        NULL)) < 0) {
+        if (rc == AR_ENOTFOUND)
+            rc = ar_fail(AR_EFORMAT, "db: %s: no mint account", path);
+        goto fail;
+    }
+    *out = s;
+    return AR_OK;
+fail:
+    sqlite3_close(s->db);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+    return rc;
+}
+
+void ar_store_close(ar_store *s)
+{
+    if (!s)
+        return;
+    /* close_v2 never fails for a busy connection: we finalize every statement */
+    sqlite3_close_v2(s->db);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}
+
+int ar_store_schema_version(ar_store *s, int *version)
+{
+    int64_t v = 0;
+    lock(s);
+    int rc = query_i64(s, &v, "SELECT version FROM schema_version", NULL);
+    unlock(s);
+    if (rc == AR_ENOTFOUND)
+        return ar_fail(AR_EFORMAT, "db: no schema version");
+    if (rc == 0)
+        *version = (int)v;
+    return rc;
+}
+
+/* ---- accounts ---------------------------------------------------------------------- */
+
+#define ACCOUNT_COLS "id, name, balance, created, system"
+
+static void read_account(sqlite3_stmt *st, ar_account *a)
+{
+    memset(a, 0, sizeof *a);
+    a->id = sqlite3_column_int64(st, 0);
+    copy_text(a->name, sizeof a->name, st, 1);
+    a->balance = sqlite3_column_int64(st, 2);
+    a->created = sqlite3_column_int64(st, 3);
+    a->system = sqlite3_column_int(st, 4) != 0;
+}
+
+static bool name_ok(const char *name)
+{
+    size_t n = name ? strlen(name) : 0;
+    if (n == 0 || n >= AR_NAME_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)name[i];
+        if (c <= ' ' || c == 0x7f)
+            return false;
+    }
+    return true;
+}
+
+int ar_store_account_create(ar_store *s, const char *name, int64_t initial_credits,
+                            char token_out[AR_TOKEN_LEN], int64_t *id_out)
+{
+    if (!name_ok(name))
+        return ar_fail(AR_EINVAL, "account name must be 1..%d printable characters, no spaces",
+                       AR_NAME_MAX - 1);
+    if (initial_credits < 0)
+        return ar_fail(AR_EINVAL, "initial credits must not be negative");
+    char token[AR_TOKEN_LEN], hash[AR_TOKEN_LEN];
+    int rc = token_new(token, hash);
+    if (rc < 0)
+        return rc;
+    lock(s);
+    if ((rc = tx_begin(s)) < 0)
+        goto out;
+    int64_t existing;
+    rc = query_i64(s, &existing, "SELECT id FROM accounts WHERE name = ?", "t", name);
+    if (rc == 0)
+        rc = ar_fail(AR_EINVAL, "account %s exists", name);
+    else if (rc == AR_ENOTFOUND)
+        rc = run(s, NULL, "INSERT INTO accounts (name, token_hash, created) VALUES (?, ?, ?)",
+                 "tti", name, hash, now_s());
+    int64_t id = sqlite3_last_insert_rowid(s->db);
+    if (rc == 0 && initial_credits > 0)
+        rc = transfer(s, s->mint_id, id, initial_credits, "mint", 0, -1, NULL);
+    rc = tx_end(s, rc);
+    if (rc == 0) {
+        memcpy(token_out, token, AR_TOKEN_LEN);
+        if (id_out)
+            *id_out = id;
+    }
+out:
+    unlock(s);
+    OPENSSL_cleanse(token, sizeof token);
+    return rc;
+}
+
+int ar_store_account_auth(ar_store *s, const char *token, int64_t *id_out)
+{
+    lock(s);
+    int rc = token_lookup(
+        s, "SELECT id, token_hash FROM accounts WHERE token_hash = ? AND system = 0", token,
+        id_out);
+    unlock(s);
+    return rc;
+}
+
+int ar_store_account_balance(ar_store *s, int64_t account_id, int64_t *micro_out)
+{
+    lock(s);
+    int rc = balance_of(s, account_id, micro_out, NULL);
+    unlock(s);
+    return rc;
+}
+
+static int account_one(ar_store *s, ar_account *out, const char *sql, const char *types, ...)
+{
+    sqlite3_stmt *st;
+    va_list ap;
+    va_start(ap, types);
+    lock(s);
+    int rc = vprep(s, &st, sql, types, ap);
+    va_end(ap);
+    if (rc == 0) {
+        rc = step(s, st);
+        if (rc > 0) {
+            read_account(st, out);
+            rc = AR_OK;
+        } else if (rc == 0) {
+            rc = AR_ENOTFOUND;
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    return rc;
+}
+
+int ar_store_account_get(ar_store *s, int64_t account_id, ar_account *out)
+{
+    int rc = account_one(s, out, "SELECT " ACCOUNT_COLS " FROM accounts WHERE id = ?", "i",
+                         account_id);
+    return rc == AR_ENOTFOUND ? ar_fail(rc, "no account %" PRId64, account_id) : rc;
+}
+
+int ar_store_account_find(ar_store *s, const char *name, ar_account *out)
+{
+    int rc = account_one(s, out, "SELECT " ACCOUNT_COLS " FROM accounts WHERE name = ?", "t",
+                         name ? name : "");
+    return rc == AR_ENOTFOUND ? ar_fail(rc, "no account %s", name ? name : "") : rc;
+}
+
+int ar_store_account_mint(ar_store *s, int64_t account_id, int64_t micro)
+{
+    if (micro <= 0)
+        return ar_fail(AR_EINVAL, "mint a positive amount");
+    if (account_id == s->mint_id)
+        return ar_fail(AR_EINVAL, "cannot mint to the mint");
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc == 0)
+        rc = tx_end(s, transfer(s, s->mint_id, account_id, micro, "mint", 0, -1, NULL));
+    unlock(s);
+    return rc;
+}
+
+int ar_store_account_list(ar_store *s, ar_account **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    ar_account *arr = NULL;
+    size_t cap = 0, cnt = 0;
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st, "SELECT " ACCOUNT_COLS " FROM accounts ORDER BY id", NULL);
+    if (rc == 0) {
+        while ((rc = step(s, st)) > 0) {
+            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
+                break;
+            read_account(st, &arr[cnt++]);
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    if (rc < 0) {
+        free(arr);
+        return rc;
+    }
+    *out = arr;
+    *n = cnt;
+    return AR_OK;
+}
+
+/* ---- providers ------------------------------------------------------------------------ */
+
+#define PROVIDER_COLS                                                                         \
+    "id, account_id, address, gflops, mem_bytes, cores, price_per_tflop, reliability, online," \
+    " last_heartbeat"
+
+static void read_provider(sqlite3_stmt *st, ar_provider *p)
+{
+    memset(p, 0, sizeof *p);
+    p->id = sqlite3_column_int64(st, 0);
+    p->account_id = sqlite3_column_int64(st, 1);
+    copy_text(p->address, sizeof p->address, st, 2);
+    p->gflops = sqlite3_column_double(st, 3);
+    p->mem_bytes = sqlite3_column_int64(st, 4);
+    p->cores = sqlite3_column_int(st, 5);
+    p->price_per_tflop = sqlite3_column_int64(st, 6);
+    p->reliability = sqlite3_column_double(st, 7);
+    p->online = sqlite3_column_int(st, 8) != 0;
+    p->last_heartbeat = sqlite3_column_int64(st, 9);
+}
+
+int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_out)
+{
+    if (!p->address[0] || memchr(p->address, '\0', sizeof p->address) == NULL)
+        return ar_fail(AR_EINVAL, "provider needs an address");
+    if (!(p->gflops >= 0) || p->mem_bytes < 0 || p->cores < 0 || p->price_per_tflop < 0)
+        return ar_fail(AR_EINVAL, "provider profile has a negative value");
+    if (!(p->reliability >= 0 && p->reliability <= 1))
+        return ar_fail(AR_EINVAL, "provider reliability %g is not in 0..1", p->reliability);
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc < 0)
+        goto out;
+    int64_t acc;
+    rc = query_i64(s, &acc, "SELECT id FROM accounts WHERE id = ? AND system = 0", "i",
+                   p->account_id);
+    if (rc == AR_ENOTFOUND)
+        rc = ar_fail(rc, "no account %" PRId64, p->account_id);
+    /* an upsert: a provider that restarts keeps its id (and its history) */
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT INTO providers (account_id, address, gflops, mem_bytes, cores,"
+                 " price_per_tflop, reliability, online, last_heartbeat)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)"
+                 " ON CONFLICT (account_id, address) DO UPDATE SET gflops = excluded.gflops,"
+                 " mem_bytes = excluded.mem_bytes, cores = excluded.cores,"
+                 " price_per_tflop = excluded.price_per_tflop,"
+                 " reliability = excluded.reliability, online = 1,"
+                 " last_heartbeat = excluded.last_heartbeat",
+                 "itdiiidi", p->account_id, p->address, p->gflops, p->mem_bytes,
+                 (int64_t)p->cores, p->price_per_tflop, p->reliability, now_s());
+    int64_t id = 0;
+    if (rc == 0) {
+        rc = query_i64(s, &id, "SELECT id FROM providers WHERE account_id = ? AND address = ?",
+                       "it", p->account_id, p->address);
+        if (rc == AR_ENOTFOUND)
+            rc = ar_fail(AR_EINTERNAL, "registered provider not found");
+    }
+    rc = tx_end(s, rc);
+    if (rc == 0 && id_out)
+        *id_out = id;
+out:
+    unlock(s);
+    return rc;
+}
+
+static int provider_set(ar_store *s, int64_t id, const char *sql, const char *what)
+{
+    int changes = 0;
+    lock(s);
+    int rc = run(s, &changes, sql, "ii", now_s(), id);
+    unlock(s);
+    if (rc == 0 && changes != 1)
+        rc = ar_fail(AR_ENOTFOUND, "%s: no provider %" PRId64, what, id);
+    return rc;
+}
+
+int ar_store_provider_heartbeat(ar_store *s, int64_t provider_id)
+{
+    return provider_set(s, provider_id,
+                        "UPDATE providers SET online = 1, last_heartbeat = ? WHERE id = ?",
+                        "heartbeat");
+}
+
+int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id)
+{
+    /* the time is bound but unused: one helper for both updates */
+    return provider_set(s, provider_id,
+                        "UPDATE providers SET online = 0 WHERE ?1 IS NOT NULL AND id = ?2",
+                        "mark offline");
+}
+
+int ar_store_provider_expire(ar_store *s, int64_t max_age_s, int *count_out)
+{
+    int changes = 0;
+    lock(s);
+    int rc = run(s, &changes,
+                 "UPDATE providers SET online = 0 WHERE online = 1 AND last_heartbeat < ?", "i",
+                 now_s() - max_age_s);
+    unlock(s);
+    if (rc == 0 && count_out)
+        *count_out = changes;
+    return rc;
+}
+
+int ar_store_provider_get(ar_store *s, int64_t provider_id, ar_provider *out)
+{
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st, "SELECT " PROVIDER_COLS " FROM providers WHERE id = ?", "i",
+                  provider_id);
+    if (rc == 0) {
+        rc = step(s, st);
+        if (rc > 0) {
+            read_provider(st, out);
+            rc = AR_OK;
+        } else if (rc == 0) {
+            rc = ar_fail(AR_ENOTFOUND, "no provider %" PRId64, provider_id);
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    return rc;
+}
+
+int ar_store_provider_list(ar_store *s, bool online_only, ar_provider **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    ar_provider *arr = NULL;
+    size_t cap = 0, cnt = 0;
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st,
+                  "SELECT " PROVIDER_COLS " FROM providers WHERE online = 1 OR ? = 0 ORDER BY id",
+                  "i", (int64_t)online_only);
+    if (rc == 0) {
+        while ((rc = step(s, st)) > 0) {
+            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
+                break;
+            read_provider(st, &arr[cnt++]);
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    if (rc < 0) {
+        free(arr);
+        return rc;
+    }
+    *out = arr;
+    *n = cnt;
+    return AR_OK;
+}
+
+/* ---- jobs --------------------------------------------------------------------------- */
+
+static const char *const job_status_names[] = {"queued", "running", "done", "failed",
+                                               "cancelled"};
+
+const char *ar_job_status_name(ar_job_status st)
+{
+    if ((unsigned)st < sizeof job_status_names / sizeof job_status_names[0])
+        return job_status_names[st];
+    return "unknown";
+}
+
+int ar_job_status_parse(const char *name, ar_job_status *out)
+{
+    for (size_t i = 0; name && i < sizeof job_status_names / sizeof job_status_names[0]; i++)
+        if (strcmp(name, job_status_names[i]) == 0) {
+            *out = (ar_job_status)i;
+            return AR_OK;
+        }
+    return ar_fail(AR_EINVAL, "unknown job status '%s'", name ? name : "");
+}
+
+#define JOB_COLS "id, renter_id, status, spec, created, step, max_credits, spent"
+
+static int read_job(sqlite3_stmt *st, ar_job *j)
+{
+    memset(j, 0, sizeof *j);
+    j->id = sqlite3_column_int64(st, 0);
+    j->renter_id = sqlite3_column_int64(st, 1);
+    const unsigned char *status = sqlite3_column_text(st, 2);
+    if (ar_job_status_parse(status ? (const char *)status : "", &j->status) < 0)
+        return ar_fail(AR_EFORMAT, "db: job %" PRId64 " has status '%s'", j->id,
+                       status ? (const char *)status : "");
+    const unsigned char *spec = sqlite3_column_text(st, 3);
+    j->spec = strdup(spec ? (const char *)spec : "");
+    if (!j->spec)
+        return ar_fail(AR_ENOMEM, "db: out of memory for a job spec");
+    j->created = sqlite3_column_int64(st, 4);
+    j->step = sqlite3_column_int64(st, 5);
+    j->max_credits = sqlite3_column_int64(st, 6);
+    j->spent = sqlite3_column_int64(st, 7);
+    return AR_OK;
+}
+
+void ar_store_job_clear(ar_job *j)
+{
+    if (j) {
+        free(j->spec);
+        j->spec = NULL;
+    }
+}
+
+void ar_store_jobs_free(ar_job *jobs, size_t n)
+{
+    for (size_t i = 0; jobs && i < n; i++)
+        free(jobs[i].spec);
+    free(jobs);
+}
+
+int ar_store_job_create(ar_store *s, int64_t renter_id, const char *spec, int64_t max_credits,
+                        int64_t *id_out)
+{
+    if (max_credits < 0)
+        return ar_fail(AR_EINVAL, "max credits must not be negative");
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc < 0)
+        goto out;
+    int64_t acc;
+    rc = query_i64(s, &acc, "SELECT id FROM accounts WHERE id = ? AND system = 0", "i", renter_id);
+    if (rc == AR_ENOTFOUND)
+        rc = ar_fail(rc, "no account %" PRId64, renter_id);
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT INTO jobs (renter_id, status, spec, created, max_credits)"
+                 " VALUES (?, 'queued', ?, ?, ?)",
+                 "itii", renter_id, spec ? spec : "", now_s(), max_credits);
+    int64_t id = sqlite3_last_insert_rowid(s->db);
+    rc = tx_end(s, rc);
+    if (rc == 0 && id_out)
+        *id_out = id;
+out:
+    unlock(s);
+    return rc;
+}
+
+int ar_store_job_update(ar_store *s, int64_t job_id, ar_job_status status, int64_t stepno)
+{
+    if ((unsigned)status >= sizeof job_status_names / sizeof job_status_names[0] || stepno < 0)
+        return ar_fail(AR_EINVAL, "bad job status %d or step %" PRId64, (int)status, stepno);
+    int changes = 0;
+    lock(s);
+    int rc = run(s, &changes, "UPDATE jobs SET status = ?, step = ? WHERE id = ?", "tii",
+                 job_status_names[status], stepno, job_id);
+    unlock(s);
+    if (rc == 0 && changes != 1)
+        rc = ar_fail(AR_ENOTFOUND, "no job %" PRId64, job_id);
+    return rc;
+}
+
+int ar_store_job_get(ar_store *s, int64_t job_id, ar_job *out)
+{
+    memset(out, 0, sizeof *out);
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st, "SELECT " JOB_COLS " FROM jobs WHERE id = ?", "i", job_id);
+    if (rc == 0) {
+        rc = step(s, st);
+        if (rc > 0)
+            rc = read_job(st, out);
+        else if (rc == 0)
+            rc = ar_fail(AR_ENOTFOUND, "no job %" PRId64, job_id);
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    if (rc < 0)
+        ar_store_job_clear(out);
+    return rc;
+}
+
+int ar_store_job_list(ar_store *s, int64_t renter_id, ar_job **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    ar_job *arr = NULL;
+    size_t cap = 0, cnt = 0;
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st,
+                  "SELECT " JOB_COLS " FROM jobs WHERE ?1 <= 0 OR renter_id = ?1 ORDER BY id",
+                  "i", renter_id);
+    if (rc == 0) {
+        while ((rc = step(s, st)) > 0) {
+            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
+                break;
+            rc = read_job(st, &arr[cnt]);
+            cnt++; /* counted even on failure: its spec (NULL or not) is freed below */
+            if (rc < 0)
+                break;
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    if (rc < 0) {
+        ar_store_jobs_free(arr, cnt);
+        return rc;
+    }
+    *out = arr;
+    *n = cnt;
+    return AR_OK;
+}
+
+/* ---- leases ------------------------------------------------------------------------- */
+
+int ar_store_lease_create(ar_store *s, int64_t job_id, int64_t renter_id,
+                          const ar_lease_member *members, size_t n_members, int64_t est_steps,
+                          int64_t max_credits, char token_out[AR_TOKEN_LEN],
+                          int64_t *lease_id_out, int64_t *estimate_out)
+{
+    if (n_members == 0 || !members)
+        return ar_fail(AR_EINVAL, "a lease needs at least one provider");
+    if (est_steps < 0 || max_credits < 0)
+        return ar_fail(AR_EINVAL, "negative step estimate or max credits");
+    int64_t per_step = 0;
+    for (size_t i = 0; i < n_members; i++) {
+        int64_t c = 0;
+        int rc = ar_store_cost(members[i].flops_per_step, members[i].price_per_tflop, &c);
+        if (rc < 0)
+            return rc;
+        if (__builtin_add_overflow(per_step, c, &per_step))
+            return ar_fail(AR_ELIMIT, "lease cost per step overflows");
+        for (size_t k = 0; k < i; k++)
+            if (members[k].stage == members[i].stage)
+                return ar_fail(AR_EINVAL, "stage %d leased twice", members[i].stage);
+    }
+    int64_t estimate;
+    if (__builtin_mul_overflow(per_step, est_steps, &estimate))
+        return ar_fail(AR_ELIMIT, "lease estimate overflows (%" PRId64 " steps)", est_steps);
+
+    char token[AR_TOKEN_LEN], hash[AR_TOKEN_LEN];
+    int rc = token_new(token, hash);
+    if (rc < 0)
+        return rc;
+    lock(s);
+    if ((rc = tx_begin(s)) < 0)
+        goto out;
+    sqlite3_stmt *st;
+    int64_t job_renter = 0, job_max = 0, job_spent = 0;
+    if ((rc = prep(s, &st, "SELECT renter_id, max_credits, spent FROM jobs WHERE id = ?", "i",
+                   job_id)) == 0) {
+        rc = step(s, st);
+        if (rc > 0) {
+            job_renter = sqlite3_column_int64(st, 0);
+            job_max = sqlite3_column_int64(st, 1);
+            job_spent = sqlite3_column_int64(st, 2);
+            rc = AR_OK;
+        } else if (rc == 0) {
+            rc = ar_fail(AR_ENOTFOUND, "no job %" PRId64, job_id);
+        }
+        sqlite3_finalize(st);
+    }
+    if (rc == 0 && job_renter != renter_id)
+        rc = ar_fail(AR_EINVAL, "job %" PRId64 " does not belong to account %" PRId64, job_id,
+                     renter_id);
+    int64_t balance = 0;
+    if (rc == 0)
+        rc = balance_of(s, renter_id, &balance, NULL);
+    /* the budget: the balance, the lease's cap, and what the job may still spend */
+    if (rc == 0 && estimate > balance)
+        rc = ar_fail(AR_ELIMIT,
+                     "lease refused: estimated cost %.6f credits (%" PRId64
+                     " steps x %.6f per step) exceeds the balance of %.6f credits",
+                     credits(estimate), est_steps, credits(per_step), credits(balance));
+    if (rc == 0 && max_credits > 0 && estimate > max_credits)
+        rc = ar_fail(AR_ELIMIT,
+                     "lease refused: estimated cost %.6f credits (%" PRId64
+                     " steps x %.6f per step) exceeds max credits %.6f",
+                     credits(estimate), est_steps, credits(per_step), credits(max_credits));
+    if (rc == 0 && job_max > 0 && estimate > job_max - job_spent)
+        rc = ar_fail(AR_ELIMIT,
+                     "lease refused: estimated cost %.6f credits (%" PRId64
+                     " steps x %.6f per step) exceeds the %.6f credits job %" PRId64
+                     " may still spend",
+                     credits(estimate), est_steps, credits(per_step),
+                     credits(job_max - job_spent), job_id);
+    for (size_t i = 0; rc == 0 && i < n_members; i++) {
+        int64_t online;
+        rc = query_i64(s, &online, "SELECT online FROM providers WHERE id = ?", "i",
+                       members[i].provider_id);
+        if (rc == AR_ENOTFOUND)
+            rc = ar_fail(rc, "no provider %" PRId64, members[i].provider_id);
+        else if (rc == 0 && !online)
+            rc = ar_fail(AR_EINVAL, "provider %" PRId64 " is offline", members[i].provider_id);
+    }
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT INTO leases (job_id, token_hash, estimate, created) VALUES (?, ?, ?, ?)",
+                 "itii", job_id, hash, estimate, now_s());
+    int64_t lease_id = sqlite3_last_insert_rowid(s->db);
+    for (size_t i = 0; rc == 0 && i < n_members; i++)
+        rc = run(s, NULL,
+                 "INSERT INTO lease_members (lease_id, provider_id, stage, flops_per_step,"
+                 " price_per_tflop) VALUES (?, ?, ?, ?, ?)",
+                 "iiiii", lease_id, members[i].provider_id, (int64_t)members[i].stage,
+                 members[i].flops_per_step, members[i].price_per_tflop);
+    rc = tx_end(s, rc);
+    if (rc == 0) {
+        memcpy(token_out, token, AR_TOKEN_LEN);
+        if (lease_id_out)
+            *lease_id_out = lease_id;
+    }
+    if (estimate_out)
+        *estimate_out = estimate; /* also on refusal: the caller may show it */
+out:
+    unlock(s);
+    OPENSSL_cleanse(token, sizeof token);
+    return rc;
+}
+
+static int lease_read(ar_store *s, int64_t lease_id, ar_lease *out)
+{
+    sqlite3_stmt *st;
+    int rc = prep(s, &st,
+                  "SELECT l.id, l.job_id, j.renter_id, l.created, l.released IS NOT NULL,"
+                  " l.estimate FROM leases l JOIN jobs j ON j.id = l.job_id WHERE l.id = ?",
+                  "i", lease_id);
+    if (rc < 0)
+        return rc;
+    rc = step(s, st);
+    if (rc > 0) {
+        memset(out, 0, sizeof *out);
+        out->id = sqlite3_column_int64(st, 0);
+        out->job_id = sqlite3_column_int64(st, 1);
+        out->renter_id = sqlite3_column_int64(st, 2);
+        out->created = sqlite3_column_int64(st, 3);
+        out->released = sqlite3_column_int(st, 4) != 0;
+        out->estimate = sqlite3_column_int64(st, 5);
+        rc = AR_OK;
+    } else if (rc == 0) {
+        rc = ar_fail(AR_ENOTFOUND, "no lease %" PRId64, lease_id);
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+int ar_store_lease_auth(ar_store *s, const char *token, ar_lease *out)
+{
+    int64_t id;
+    lock(s);
+    int rc = token_lookup(
+        s, "SELECT id, token_hash FROM leases WHERE token_hash = ? AND released IS NULL", token,
+        &id);
+    if (rc == 0)
+        rc = lease_read(s, id, out);
+    unlock(s);
+    return rc;
+}
+
+int ar_store_lease_get(ar_store *s, int64_t lease_id, ar_lease *out)
+{
+    lock(s);
+    int rc = lease_read(s, lease_id, out);
+    unlock(s);
+    return rc;
+}
+
+int ar_store_lease_members(ar_store *s, int64_t lease_id, ar_lease_member **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    ar_lease_member *arr = NULL;
+    size_t cap = 0, cnt = 0;
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st,
+                  "SELECT provider_id, stage, flops_per_step, price_per_tflop FROM lease_members"
+                  " WHERE lease_id = ? ORDER BY stage",
+                  "i", lease_id);
+    if (rc == 0) {
+        while ((rc = step(s, st)) > 0) {
+            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
+                break;
+            ar_lease_member *m = &arr[cnt++];
+            m->provider_id = sqlite3_column_int64(st, 0);
+            m->stage = sqlite3_column_int(st, 1);
+            m->flops_per_step = sqlite3_column_int64(st, 2);
+            m->price_per_tflop = sqlite3_column_int64(st, 3);
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    if (rc < 0) {
+        free(arr);
+        return rc;
+    }
+    *out = arr;
+    *n = cnt;
+    return AR_OK;
+}
+
+int ar_store_lease_release(ar_store *s, int64_t lease_id)
+{
+    int changes = 0;
+    lock(s);
+    int rc = run(s, &changes,
+                 "UPDATE leases SET released = COALESCE(released, ?) WHERE id = ?", "ii", now_s(),
+                 lease_id);
+    unlock(s);
+    if (rc == 0 && changes != 1)
+        rc = ar_fail(AR_ENOTFOUND, "no lease %" PRId64, lease_id);
+    return rc;
+}
+
+/* ---- usage ------------------------------------------------------------------------- */
+
+static int provider_account(ar_store *s, int64_t provider_id, int64_t *account_id)
+{
+    int rc = query_i64(s, account_id, "SELECT account_id FROM providers WHERE id = ?", "i",
+                       provider_id);
+    return rc == AR_ENOTFOUND ? ar_fail(rc, "no provider %" PRId64, provider_id) : rc;
+}
+
+int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t stepno, int64_t provider_id,
+                          int stage, int64_t flops, int64_t price_per_tflop,
+                          ar_usage_result *result_out)
+{
+    if (stepno < 0 || stage < 0)
+        return ar_fail(AR_EINVAL, "bad step %" PRId64 " or stage %d", stepno, stage);
+    int64_t cost = 0;
+    int rc = ar_store_cost(flops, price_per_tflop, &cost);
+    if (rc < 0)
+        return rc;
+    ar_usage_result result = AR_USAGE_PAID;
+    lock(s);
+    if ((rc = tx_begin(s)) < 0)
+        goto out;
+    sqlite3_stmt *st;
+    int64_t renter = 0, job_max = 0, spent = 0;
+    if ((rc = prep(s, &st, "SELECT renter_id, max_credits, spent FROM jobs WHERE id = ?", "i",
+                   job_id)) == 0) {
+        rc = step(s, st);
+        if (rc > 0) {
+            renter = sqlite3_column_int64(st, 0);
+            job_max = sqlite3_column_int64(st, 1);
+            spent = sqlite3_column_int64(st, 2);
+            rc = AR_OK;
+        } else if (rc == 0) {
+            rc = ar_fail(AR_ENOTFOUND, "no job %" PRId64, job_id);
+        }
+        sqlite3_finalize(st);
+    }
+    int64_t payee = 0;
+    if (rc == 0)
+        rc = provider_account(s, provider_id, &payee);
+
+    /* the earlier report of this piece of work, if any */
+    bool had = false;
+    int64_t old_provider = 0, old_amount = 0;
+    if (rc == 0 && (rc = prep(s, &st,
+                              "SELECT provider_id, amount FROM usage"
+                              " WHERE job_id = ? AND step = ? AND stage = ?",
+                              "iii", job_id, stepno, (int64_t)stage)) == 0) {
+        rc = step(s, st);
+        if (rc > 0) {
+            had = true;
+            old_provider = sqlite3_column_int64(st, 0);
+            old_amount = sqlite3_column_int64(st, 1);
+            rc = AR_OK;
+        }
+        sqlite3_finalize(st);
+    }
+    if (rc == 0 && had && old_provider == provider_id) {
+        result = AR_USAGE_DUP; /* paid already: write nothing */
+        tx_rollback(s);
+        goto out;
+    }
+    int64_t new_spent = spent - old_amount + cost;
+    if (rc == 0 && job_max > 0 && new_spent > job_max)
+        rc = ar_fail(AR_ELIMIT,
+                     "job %" PRId64 " would spend %.6f credits, more than its max of %.6f",
+                     job_id, credits(new_spent), credits(job_max));
+    if (rc == 0 && had) {
+        result = AR_USAGE_REISSUED;
+        int64_t old_payee = 0;
+        rc = provider_account(s, old_provider, &old_payee);
+        if (rc == 0 && old_amount > 0)
+            rc = transfer(s, old_payee, renter, old_amount, "reversal", job_id, stepno, NULL);
+        if (rc == 0)
+            rc = run(s, NULL, "DELETE FROM usage WHERE job_id = ? AND step = ? AND stage = ?",
+                     "iii", job_id, stepno, (int64_t)stage);
+    }
+    int64_t tid = 0;
+    if (rc == 0 && cost > 0)
+        rc = transfer(s, renter, payee, cost, "usage", job_id, stepno, &tid);
+    if (rc == 0) {
+        sqlite3_stmt *ins;
+        rc = prep(s, &ins,
+                  "INSERT INTO usage (job_id, step, stage, provider_id, flops, amount,"
+                  " transfer_id, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                  "iiiiii", job_id, stepno, (int64_t)stage, provider_id, flops, cost);
+        if (rc == 0) {
+            int brc = tid ? sqlite3_bind_int64(ins, 7, tid) : sqlite3_bind_null(ins, 7);
+            if (brc == SQLITE_OK)
+                brc = sqlite3_bind_int64(ins, 8, now_s());
+            rc = brc == SQLITE_OK ? step(s, ins) : db_fail(s, "bind usage row");
+            sqlite3_finalize(ins);
+        }
+    }
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE jobs SET spent = ? WHERE id = ?", "ii", new_spent, job_id);
+    rc = tx_end(s, rc);
+out:
+    unlock(s);
+    if (rc == 0 && result_out)
+        *result_out = result;
+    return rc;
+}
+
+int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out)
+{
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc < 0)
+        goto out;
+    int64_t renter = 0;
+    rc = query_i64(s, &renter, "SELECT renter_id FROM jobs WHERE id = ?", "i", job_id);
+    if (rc == AR_ENOTFOUND)
+        rc = ar_fail(rc, "no job %" PRId64, job_id);
+    int count = 0;
+    int64_t undone = 0;
+    sqlite3_stmt *st = NULL;
+    if (rc == 0)
+        rc = prep(s, &st,
+                  "SELECT u.step, u.amount, p.account_id FROM usage u"
+                  " JOIN providers p ON p.id = u.provider_id"
+                  " WHERE u.job_id = ? AND u.step > ? ORDER BY u.step, u.stage",
+                  "ii", job_id, kept_step);
+    /* inserting ledger rows while this SELECT (on usage) is open is safe */
+    while (rc == 0 && (rc = step(s, st)) > 0) {
+        int64_t stp = sqlite3_column_int64(st, 0);
+        int64_t amount = sqlite3_column_int64(st, 1);
+        int64_t payee = sqlite3_column_int64(st, 2);
+        rc = amount > 0 ? transfer(s, payee, renter, amount, "reversal", job_id, stp, NULL) : 0;
+        undone += amount;
+        count++;
+    }
+    sqlite3_finalize(st);
+    if (rc == 0)
+        rc = run(s, NULL, "DELETE FROM usage WHERE job_id = ? AND step > ?", "ii", job_id,
+                 kept_step);
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE jobs SET spent = spent - ? WHERE id = ?", "ii", undone, job_id);
+    rc = tx_end(s, rc);
+    if (rc == 0 && reversed_out)
+        *reversed_out = count;
+out:
+    unlock(s);
+    return rc;
+}
+
+/* ---- ledger ---------------------------------------------------------------------------- */
+
+int ar_store_ledger_list(ar_store *s, int64_t account_id, ar_ledger_row **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    ar_ledger_row *arr = NULL;
+    size_t cap = 0, cnt = 0;
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st,
+                  "SELECT id, transfer_id, account_id, amount, reason, COALESCE(job_id, 0),"
+                  " COALESCE(step, -1), created FROM ledger"
+                  " WHERE ?1 <= 0 OR account_id = ?1 ORDER BY id",
+                  "i", account_id);
+    if (rc == 0) {
+        while ((rc = step(s, st)) > 0) {
+            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
+                break;
+            ar_ledger_row *r = &arr[cnt++];
+            memset(r, 0, sizeof *r);
+            r->id = sqlite3_column_int64(st, 0);
+            r->transfer_id = sqlite3_column_int64(st, 1);
+            r->account_id = sqlite3_column_int64(st, 2);
+            r->amount = sqlite3_column_int64(st, 3);
+            copy_text(r->reason, sizeof r->reason, st, 4);
+            r->job_id = sqlite3_column_int64(st, 5);
+            r->step = sqlite3_column_int64(st, 6);
+            r->created = sqlite3_column_int64(st, 7);
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    if (rc < 0) {
+        free(arr);
+        return rc;
+    }
+    *out = arr;
+    *n = cnt;
+    return AR_OK;
+}
+
+int ar_store_ledger_sum(ar_store *s, int64_t *sum_out)
+{
+    lock(s);
+    /* total() sums in floating point and would hide an overflow; SUM() of
+     * integers raises one */
+    int rc = query_i64(s, sum_out, "SELECT COALESCE(SUM(amount), 0) FROM ledger", NULL);
+    unlock(s);
+    return rc;
+}
+
+int ar_store_ledger_check(ar_store *s, int64_t *transfers_out)
+{
+    lock(s);
+    /* one read transaction: every query sees the same snapshot */
+    int rc = exec_sql(s, "BEGIN", "begin");
+    if (rc < 0)
+        goto out;
+    int64_t v = 0;
+    rc = query_i64(s, &v, "SELECT COALESCE(SUM(amount), 0) FROM ledger", NULL);
+    if (rc == 0 && v != 0)
+        rc = ar_fail(AR_EINTERNAL, "ledger: rows sum to %" PRId64 ", not 0", v);
+    if (rc == 0) {
+        rc = query_i64(s, &v,
+                       "SELECT transfer_id FROM ledger GROUP BY transfer_id"
+                       " HAVING COUNT(*) != 2 OR SUM(amount) != 0 LIMIT 1",
+                       NULL);
+        rc = rc == 0 ? ar_fail(AR_EINTERNAL, "ledger: transfer %" PRId64 " is not two rows"
+                                             " that cancel", v)
+             : rc == AR_ENOTFOUND ? AR_OK : rc;
+    }
+    if (rc == 0) {
+        rc = query_i64(s, &v,
+                       "SELECT t.id FROM transfers t WHERE NOT EXISTS"
+                       " (SELECT 1 FROM ledger l WHERE l.transfer_id = t.id) LIMIT 1",
+                       NULL);
+        rc = rc == 0 ? ar_fail(AR_EINTERNAL, "ledger: transfer %" PRId64 " has no rows", v)
+             : rc == AR_ENOTFOUND ? AR_OK : rc;
+    }
+    if (rc == 0) {
+        rc = query_i64(s, &v,
+                       "SELECT a.id FROM accounts a WHERE a.balance !="
+                       " (SELECT COALESCE(SUM(l.amount), 0) FROM ledger l"
+                       "  WHERE l.account_id = a.id) LIMIT 1",
+                       NULL);
+        rc = rc == 0 ? ar_fail(AR_EINTERNAL,
+                               "ledger: balance of account %" PRId64 " differs from its rows", v)
+             : rc == AR_ENOTFOUND ? AR_OK : rc;
+    }
+    if (rc == 0) {
+        rc = query_i64(s, &v, "SELECT id FROM accounts WHERE system = 0 AND balance < 0 LIMIT 1",
+                       NULL);
+        rc = rc == 0 ? ar_fail(AR_EINTERNAL, "ledger: account %" PRId64 " is below zero", v)
+             : rc == AR_ENOTFOUND ? AR_OK : rc;
+    }
+    int64_t count = 0;
+    if (rc == 0)
+        rc = query_i64(s, &count, "SELECT COUNT(*) FROM transfers", NULL);
+    if (rc < 0)
+        tx_rollback(s);
+    else
+        rc = exec_sql(s, "COMMIT", "end read");
+    if (rc == 0 && transfers_out)
+        *transfers_out = count;
+out:
+    unlock(s);
+    return rc;
+}
