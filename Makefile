@@ -26,17 +26,19 @@ BLAS_CFLAGS := $(shell $(PKG_CONFIG) --cflags openblas)
 BLAS_LIBS := $(shell $(PKG_CONFIG) --libs openblas)
 endif
 
-PKGS := libcjson zlib
+PKGS := libcjson zlib grpc gpr libprotobuf-c
 PKGS += sqlite3 libcrypto
 DEP_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(PKGS)) $(BLAS_CFLAGS)
-DEP_LIBS := $(shell $(PKG_CONFIG) --libs $(PKGS)) $(BLAS_LIBS) -lm -lpthread
+DEP_LIBS := $(shell $(PKG_CONFIG) --libs $(PKGS)) $(BLAS_LIBS) -lgrpc -lgpr -lprotobuf-c -lm -lpthread
 
 CC ?= cc
+# protoc-c output (the wire messages of proto/arceus.proto), generated at build time
+GEN := build/gen
 WARN := -Wall -Wextra -Wshadow -Wno-unused-parameter
 ifeq ($(WERROR),1)
 WARN += -Werror
 endif
-CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -fopenmp $(WARN) -Iinclude -Isrc $(DEP_CFLAGS)
+CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -fopenmp $(WARN) -Iinclude -Isrc -I$(GEN) $(DEP_CFLAGS)
 
 ifeq ($(BUILD),asan)
 OPT := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
@@ -48,10 +50,10 @@ CFLAGS := $(CFLAGS_COMMON) $(OPT) $(EXTRA_CFLAGS)
 LDFLAGS := -fopenmp $(OPT)
 
 OUT := build/$(BUILD)
-LIB_SRC := $(wildcard src/core/*.c src/ops/*.c src/nn/*.c src/data/*.c src/train/*.c)
+LIB_SRC := $(wildcard src/core/*.c src/ops/*.c src/nn/*.c src/data/*.c src/train/*.c src/net/*.c)
 LIB_SRC += $(wildcard src/market/*.c)
 CLI_SRC := $(wildcard src/cli/*.c)
-LIB_OBJ := $(LIB_SRC:%.c=$(OUT)/%.o)
+LIB_OBJ := $(LIB_SRC:%.c=$(OUT)/%.o) $(OUT)/gen/arceus.pb-c.o
 CLI_OBJ := $(CLI_SRC:%.c=$(OUT)/%.o)
 LIB := $(OUT)/libarceus.a
 BIN := $(OUT)/arceus
@@ -73,6 +75,20 @@ bin/arceus: $(BIN)
 $(OUT)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+# Generated C stubs: one copy shared by both builds. They are compiled
+# without -Werror/-Wextra: their style is protoc-c's, not ours.
+$(GEN)/arceus.pb-c.c: proto/arceus.proto
+	@mkdir -p $(GEN)
+	protoc-c --c_out=$(GEN) -Iproto proto/arceus.proto
+$(GEN)/arceus.pb-c.h: $(GEN)/arceus.pb-c.c
+
+$(OUT)/gen/arceus.pb-c.o: $(GEN)/arceus.pb-c.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE -I$(GEN) $(DEP_CFLAGS) $(OPT) -w -c $< -o $@
+
+# everything that includes the generated header waits for it
+$(LIB_SRC:%.c=$(OUT)/%.o) $(CLI_OBJ) $(TEST_BIN): | $(GEN)/arceus.pb-c.h
 
 $(LIB): $(LIB_OBJ)
 	@rm -f $@

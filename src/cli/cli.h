@@ -41,5 +41,7 @@ int ar_cmd_sample(int argc, char **argv);
 void ar_help_sample(void);
 int ar_cmd_eval(int argc, char **argv);
 void ar_help_eval(void);
+int ar_cmd_worker(int argc, char **argv);
+void ar_help_worker(void);
 
 #endif

@@ -24,6 +24,7 @@ void ar_help_train(void)
            "  --batch N            batch size (GPT 16, MLP 128)\n"
            "  --micro-batches M    split each batch into M micro-batches (1)\n"
            "  --workers local:S    run an in-process pipeline of S stages (local:1)\n"
+           "  --workers H:P,H:P,.. one stage per worker process (arceus worker), in order\n"
            "  --schedule NAME      pipeline schedule: gpipe or 1f1b (1f1b)\n"
            "  --optimizer NAME     adamw or sgd (adamw; sgd uses momentum --beta1)\n"
            "  --lr X               peak learning rate (GPT 1e-3, MLP 3e-3)\n"
@@ -143,14 +144,19 @@ int ar_cmd_train(int argc, char **argv)
         } else if (!strcmp(name, "workers")) {
             const char *v;
             if ((rc = ar_args_string(&a, &v)) == 0) {
-                char *end;
+                char *end = NULL;
                 long n = strncmp(v, "local:", 6) == 0 ? strtol(v + 6, &end, 10) : -1;
-                if (n < 1 || n > 64 || *end != '\0') {
-                    ar_cli_error("train", "--workers: expected local:N with N in 1..64, got \"%s\" "
-                                          "(remote workers come with the pipeline over gRPC)", v);
+                if (strncmp(v, "local:", 6) != 0 && strchr(v, ':')) {
+                    c.remote_workers = v; /* HOST:PORT,... (checked by the driver) */
+                    c.stages = 1;
+                } else if (n < 1 || n > 64 || *end != '\0') {
+                    ar_cli_error("train", "--workers: expected local:N with N in 1..64 or "
+                                          "HOST:PORT,HOST:PORT,..., got \"%s\"", v);
                     rc = -1;
-                } else
+                } else {
                     c.stages = (int)n;
+                    c.remote_workers = NULL;
+                }
             }
         } else
             rc = ar_args_unknown(&a);

@@ -5,8 +5,11 @@
 #include "core/progress.h"
 #include "data/data.h"
 #include "train/checkpoint.h"
+#include "net/net.h"
+#include "net/remote.h"
 #include "train/local.h"
 #include "train/pipeline.h"
+#include "train/plan_even.h"
 #include "train/plot.h"
 #include "train/schedule.h"
 
@@ -172,6 +175,17 @@ typedef struct {
     double *curve_x, *curve_y, *val_x, *val_y;
     long ncurve, nval;
     double busy[64], idle[64];
+    double step_wall; /* driver-side wall time of the training steps (bubble = 1 - busy/wall) */
+    /* remote workers (--workers HOST:PORT,...): the stages live in worker
+     * processes; local "shadow" stages of the same ranges hold their state
+     * for checkpoints (filled by Save) and resuming (pushed by Restore) */
+    int remote;
+    ar_client *clients[64];
+    char addrs[64][128];
+    ar_stage shadows[64];
+    ar_stage *shadow_ptrs[64];
+    int nshadows;
+    ar_link *remote_head;
 } run;
 
 static int eval_model(run *r, int64_t step, double *val_loss, double *accuracy)
@@ -239,6 +253,9 @@ static int save_checkpoint(run *r, long step)
     int rc = ar_chain_sync(r->head, -1); /* every stage has applied its last update */
     if (rc != AR_OK)
         return rc;
+    for (int i = 0; r->remote && i < r->S; i++)
+        if ((rc = ar_remote_save(r->clients[i], &r->shadows[i])) != AR_OK)
+            return ar_fail(rc, "saving stage %d (%s): %s", i, r->addrs[i], ar_last_error());
     ar_train_state st;
     state_from_run(r, step, &st);
     return ar_checkpoint_save(r->c->out_dir, r->stage_ptrs, r->S, &st);
@@ -327,6 +344,85 @@ static int record(double **xs, double **ys, long *n, double x, double y)
     return AR_OK;
 }
 
+/* "HOST:PORT,HOST:PORT,...": one stage per worker, in pipeline order. */
+static int parse_workers(run *r, const char *list)
+{
+    r->remote = 1;
+    r->S = 0;
+    const char *p = list;
+    while (*p) {
+        const char *end = strchr(p, ',');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        if (n == 0 || n >= sizeof r->addrs[0] || !memchr(p, ':', n))
+            return ar_fail(AR_EINVAL, "--workers: \"%.*s\" is not HOST:PORT", (int)n, p);
+        if (r->S >= 64)
+            return ar_fail(AR_EINVAL, "--workers: at most 64 workers");
+        memcpy(r->addrs[r->S], p, n);
+        r->addrs[r->S][n] = '\0';
+        r->S++;
+        p += n + (end ? 1 : 0);
+        if (end && !*p)
+            return ar_fail(AR_EINVAL, "--workers: trailing comma in \"%s\"", list);
+    }
+    return r->S > 0 ? AR_OK : ar_fail(AR_EINVAL, "--workers: no worker given");
+}
+
+/* Greet every worker, split the units, build the shadows, Load (and on
+ * resume Restore) every stage, then open the stream to stage 0. */
+static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state *resume)
+{
+    ar_train_config *c = r->c;
+    int units = ar_spec_units(&r->spec);
+    int first[64], last[64], rc;
+    if (r->S > units)
+        return ar_fail(AR_EINVAL, "%d workers for a model of %d layers: each needs at least one", r->S, units);
+    int threads = 0;
+    for (int i = 0; i < r->S; i++) {
+        ar_hello_info h;
+        if ((rc = ar_client_open(r->addrs[i], &r->clients[i])) != AR_OK)
+            return ar_fail(rc, "worker %d (%s): %s", i, r->addrs[i], ar_last_error());
+        if ((rc = ar_remote_hello(r->clients[i], &h)) != AR_OK)
+            return ar_fail(rc, "worker %d (%s): %s", i, r->addrs[i], ar_last_error());
+        if (i == 0 || h.threads < threads)
+            threads = h.threads;
+    }
+    r->threads_per_stage = threads;
+    if ((rc = ar_plan_even(units, r->S, first, last)) != AR_OK)
+        return rc;
+    for (int i = 0; i < r->S; i++) {
+        if ((rc = ar_stage_create(&r->shadows[i], &r->spec, first[i], last[i], 1, 1, c->seed, oc)) != AR_OK)
+            return rc;
+        r->shadow_ptrs[i] = &r->shadows[i];
+        r->nshadows = i + 1;
+    }
+    r->stages = r->shadows;
+    r->stage_ptrs = r->shadow_ptrs;
+    if (resume) {
+        if ((rc = ar_checkpoint_load_params(c->resume_dir, r->shadow_ptrs, r->S, 1)) != AR_OK)
+            return rc;
+        for (int i = 0; i < r->S; i++)
+            r->shadows[i].opt_step = resume->opt_step;
+        memcpy(r->data.rng.s, resume->data_rng, sizeof r->data.rng.s);
+        r->data.pos = resume->data_pos;
+    }
+    for (int i = 0; i < r->S; i++) {
+        ar_load_args a = {.spec = &r->spec, .first = first[i], .last = last[i],
+                          .rows = r->rows_per_mb, .micro_batches = r->M, .schedule = c->schedule,
+                          .index = i, .count = r->S, .seed = c->seed, .optim = *oc,
+                          .next_worker = i + 1 < r->S ? r->addrs[i + 1] : NULL};
+        if ((rc = ar_remote_load(r->clients[i], &a)) != AR_OK)
+            return ar_fail(rc, "loading stage %d on %s: %s", i, r->addrs[i], ar_last_error());
+        if (resume && (rc = ar_remote_restore(r->clients[i], &r->shadows[i])) != AR_OK)
+            return ar_fail(rc, "restoring stage %d on %s: %s", i, r->addrs[i], ar_last_error());
+    }
+    char name[64];
+    snprintf(name, sizeof name, "stage 0 (%.40s)", r->addrs[0]);
+    if ((rc = ar_client_pipe(r->clients[0], name, AR_NET_DEFAULT_MAX_FRAME, &r->remote_head)) != AR_OK)
+        return rc;
+    r->head = r->remote_head;
+    return AR_OK;
+}
+
 static int setup(run *r)
 {
     ar_train_config *c = r->c;
@@ -395,10 +491,19 @@ static int setup(run *r)
      * with the embedding so they stay together in this version */
     int units = ar_spec_units(&r->spec);
     r->S = c->stages;
+    if (c->remote_workers && (rc = parse_workers(r, c->remote_workers)) != AR_OK)
+        return rc;
     if (r->S < 1 || r->S > units || r->S > 64)
         return ar_fail(AR_EINVAL, "%d stages for a model of %d layers", r->S, units);
     ar_optim_config oc = {.kind = c->optimizer, .beta1 = c->beta1, .beta2 = c->beta2,
                           .eps = c->eps, .weight_decay = c->weight_decay};
+    if (r->remote) {
+        if ((rc = setup_remote(r, &oc, c->resume_dir ? &resume_state : NULL)) != AR_OK)
+            return rc;
+        if (c->log_path && !(r->log = fopen(c->log_path, c->resume_dir ? "a" : "w")))
+            return ar_fail(AR_EIO, "--log %s: %s", c->log_path, strerror(errno));
+        return (int)start_step;
+    }
     r->threads_per_stage = ar_get_threads() / r->S > 0 ? ar_get_threads() / r->S : 1;
     if ((rc = ar_local_create(&r->pipe, &r->spec, r->S, r->rows_per_mb, r->M, c->schedule, c->seed,
                               &oc)) != AR_OK)
@@ -423,7 +528,19 @@ static int setup(run *r)
 
 static void teardown(run *r)
 {
+    char saved[1024]; /* the error that ended the run survives the cleanup */
+    snprintf(saved, sizeof saved, "%s", ar_last_error());
     ar_local_destroy(&r->pipe);
+    if (r->remote_head) {
+        /* STOP flows down the chain; each worker ends its stream in order */
+        if (ar_chain_stop(r->remote_head) == AR_OK && ar_net_link_finish(r->remote_head, 30) != AR_OK)
+            ar_log(AR_LOG_DEBUG, "%s", ar_last_error());
+        ar_link_destroy(r->remote_head);
+    }
+    for (int i = 0; i < r->nshadows; i++)
+        ar_stage_destroy(&r->shadows[i]);
+    for (int i = 0; i < 64; i++)
+        ar_client_close(r->clients[i]);
     ar_free(r->inputs);
     ar_free(r->targets);
     data_close(&r->data);
@@ -433,6 +550,7 @@ static void teardown(run *r)
     free(r->curve_y);
     free(r->val_x);
     free(r->val_y);
+    ar_fail(AR_OK, "%s", saved);
 }
 
 static void print_plan(const run *r)
@@ -477,7 +595,10 @@ int ar_train_run(ar_train_config *c)
                            .inputs = r.inputs, .row_elems = r.row_elems, .targets = r.targets,
                            .row_targets = is_text ? (size_t)r.T : 1};
         ar_step_result res;
-        if ((rc = ar_chain_train_step(r.head, &b, -1, &res)) != AR_OK)
+        double step_t0 = ar_now();
+        rc = ar_chain_train_step(r.head, &b, -1, &res);
+        r.step_wall += ar_now() - step_t0;
+        if (rc != AR_OK)
             break;
         double sumsq = 0;
         for (int i = 0; i < res.nunits; i++)
@@ -551,9 +672,8 @@ int ar_train_run(ar_train_config *c)
             printf("test accuracy %.2f%% (test loss %.4f)\n", 100 * last_acc, last_val);
         if (r.S > 1)
             for (int i = 0; i < r.S; i++) {
-                double tot = r.busy[i] + r.idle[i];
-                printf("  stage %d: busy %.1f s, idle %.1f s, bubble %.1f%% (theory %.1f%%)\n", i,
-                       r.busy[i], r.idle[i], tot > 0 ? 100 * r.idle[i] / tot : 0,
+                printf("  stage %d: busy %.1f s of %.1f s, bubble %.1f%% (theory %.1f%%)\n", i,
+                       r.busy[i], r.step_wall, r.step_wall > 0 ? 100 * (1 - r.busy[i] / r.step_wall) : 0,
                        100.0 * (r.S - 1) / (r.M + r.S - 1));
             }
         if (c->out_dir)

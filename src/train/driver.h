@@ -19,6 +19,7 @@ typedef struct {
     int batch;
     int micro_batches;
     int stages;              /* in-process pipeline stages ("--workers local:N") */
+    const char *remote_workers; /* "HOST:PORT,HOST:PORT,...": one stage per worker process */
     int schedule;            /* enum ar_schedule_kind */
     float lr, min_lr;
     long warmup;

@@ -1,0 +1,78 @@
+/* arceus worker: serve one pipeline stage over gRPC. */
+#include "cli/cli.h"
+#include "core/core.h"
+#include "net/remote.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+void ar_help_worker(void)
+{
+    printf("usage: arceus worker --listen HOST:PORT [options]\n"
+           "\n"
+           "Serve a pipeline stage to a driver (arceus train --workers HOST:PORT,...)\n"
+           "over gRPC. The driver says which layers to hold (Load), streams frames\n"
+           "through the stage (Pipe) and fetches or restores its state (Save/Restore).\n"
+           "Prints \"arceus worker: listening on HOST:PORT\" once ready (port 0 picks a\n"
+           "free port and prints it). SIGINT or SIGTERM stops it cleanly.\n"
+           "\n"
+           "options:\n"
+           "  --listen HOST:PORT   address to listen on, e.g. 127.0.0.1:5001\n"
+           "  --threads N          threads for the stage, 0 = all cores (0)\n"
+           "  --max-frame-mb N     refuse frames larger than N MiB (1024)\n");
+}
+
+int ar_cmd_worker(int argc, char **argv)
+{
+    const char *listen = NULL;
+    int threads = 0, max_mb = 1024;
+    ar_args a;
+    ar_args_init(&a, argc, argv);
+    const char *name;
+    int positional;
+    while ((name = ar_args_next(&a, &positional))) {
+        int rc = 0;
+        if (positional) {
+            ar_cli_error("worker", "unexpected argument \"%s\" (see arceus worker --help)", name);
+            return 2;
+        }
+        if (!strcmp(name, "listen"))
+            rc = ar_args_string(&a, &listen);
+        else if (!strcmp(name, "threads"))
+            rc = ar_args_int(&a, 0, 1024, &threads);
+        else if (!strcmp(name, "max-frame-mb"))
+            rc = ar_args_int(&a, 1, 1 << 20, &max_mb);
+        else
+            rc = ar_args_unknown(&a);
+        if (rc != 0)
+            return 2;
+    }
+    if (!listen || !strchr(listen, ':')) {
+        ar_cli_error("worker", "--listen HOST:PORT is required (for example 127.0.0.1:5001)");
+        return 2;
+    }
+    /* signals are taken by sigwait below, in this thread only: block them
+     * before any other thread (gRPC's, OpenMP's) exists */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    ar_set_threads(threads);
+    ar_worker_config c = {.listen = listen, .threads = threads, .max_frame = (size_t)max_mb << 20};
+    ar_worker *w;
+    char addr[200];
+    if (ar_worker_start(&c, &w, addr, sizeof addr) != AR_OK) {
+        ar_cli_error("worker", "%s", ar_last_error());
+        return 1;
+    }
+    printf("arceus worker: listening on %s\n", addr);
+    fflush(stdout);
+    int sig = 0;
+    sigwait(&set, &sig);
+    fprintf(stderr, "arceus worker: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    ar_worker_stop(w);
+    return 0;
+}

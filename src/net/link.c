@@ -1,0 +1,802 @@
+/* Links over a gRPC Pipe stream, for both ends (DESIGN.md §2).
+ *
+ * A link never blocks on its peer: frames sent are queued and written one
+ * batch at a time by the event loop; a receive is always outstanding and
+ * every frame that arrives is decoded, validated and queued. Like the
+ * in-process link, both directions are unbounded queues, so two neighbours
+ * writing large frames to each other cannot deadlock on flow control.
+ *
+ * Frames go out as two slices: the header packed by protobuf-c (payload
+ * unset), ending with the payload field's tag and length, then the payload
+ * itself by reference (grpc_slice_new: freed when gRPC is done with it). The
+ * bytes are ordinary protobuf for any other client. Frames come in through a
+ * hand-written decoder reading gRPC's slices directly, so the payload is
+ * copied once, into the frame's own buffer. */
+#include "net/net_internal.h"
+
+#include "arceus.pb-c.h"
+#include "core/core.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* ---- encoding ----------------------------------------------------------- */
+
+static size_t put_varint(uint8_t *p, uint64_t v)
+{
+    size_t n = 0;
+    while (v >= 0x80) {
+        p[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (uint8_t)v;
+    return n;
+}
+
+/* Takes the frame's buffers. */
+static int frame_encode(ar_frame *f, grpc_byte_buffer **out)
+{
+    Arceus__Frame h = ARCEUS__FRAME__INIT;
+    h.kind = f->kind;
+    h.step = f->step;
+    h.mb = f->mb;
+    h.nmb = f->nmb;
+    h.rows = f->rows;
+    h.dtype = f->dtype;
+    int64_t shape[AR_FRAME_MAX_DIMS];
+    int nd = f->ndim < 0 ? 0 : f->ndim > AR_FRAME_MAX_DIMS ? AR_FRAME_MAX_DIMS : f->ndim;
+    for (int i = 0; i < nd; i++)
+        shape[i] = f->shape[i];
+    h.n_shape = (size_t)nd;
+    h.shape = shape;
+    size_t ns = 4;
+    while (ns > 0 && f->scalars[ns - 1] == 0)
+        ns--;
+    h.n_scalars = ns;
+    h.scalars = f->scalars;
+    h.targets.len = f->ntargets * sizeof(int32_t); /* little-endian hosts */
+    h.targets.data = (uint8_t *)f->targets;
+    size_t hlen = arceus__frame__get_packed_size(&h);
+    grpc_slice hs = grpc_slice_malloc(hlen + 11);
+    uint8_t *p = GRPC_SLICE_START_PTR(hs);
+    size_t at = arceus__frame__pack(&h, p);
+    free(f->targets);
+    f->targets = NULL;
+    grpc_slice slices[2];
+    size_t nslices = 1;
+    if (f->nbytes > 0 && f->data) {
+        p[at++] = (10 << 3) | 2; /* field 10 (payload), length-delimited */
+        at += put_varint(p + at, f->nbytes);
+        slices[1] = grpc_slice_new(f->data, f->nbytes, free);
+        nslices = 2;
+    } else {
+        free(f->data);
+    }
+    f->data = NULL;
+    memset(f, 0, sizeof *f);
+    slices[0] = grpc_slice_sub_no_ref(hs, 0, at);
+    *out = grpc_raw_byte_buffer_create(slices, nslices);
+    grpc_slice_unref(hs);
+    if (nslices == 2)
+        grpc_slice_unref(slices[1]);
+    return *out ? AR_OK : ar_fail(AR_ENOMEM, "out of memory for a message");
+}
+
+/* ---- decoding ----------------------------------------------------------- */
+
+/* A cursor over the segments of a message. */
+typedef struct {
+    const uint8_t **ptr;
+    const size_t *len;
+    int nseg, seg;
+    size_t off;
+    size_t left; /* bytes left in the whole message */
+} cursor;
+
+static int cur_byte(cursor *c, uint8_t *b)
+{
+    while (c->seg < c->nseg && c->off >= c->len[c->seg]) {
+        c->seg++;
+        c->off = 0;
+    }
+    if (c->seg >= c->nseg || c->left == 0)
+        return -1;
+    *b = c->ptr[c->seg][c->off++];
+    c->left--;
+    return 0;
+}
+
+static int cur_read(cursor *c, void *dst, size_t n)
+{
+    if (n > c->left)
+        return -1;
+    uint8_t *d = dst;
+    while (n > 0) {
+        while (c->seg < c->nseg && c->off >= c->len[c->seg]) {
+            c->seg++;
+            c->off = 0;
+        }
+        if (c->seg >= c->nseg)
+            return -1;
+        size_t take = c->len[c->seg] - c->off;
+        if (take > n)
+            take = n;
+        if (d) {
+            memcpy(d, c->ptr[c->seg] + c->off, take);
+            d += take;
+        }
+        c->off += take;
+        c->left -= take;
+        n -= take;
+    }
+    return 0;
+}
+
+static int cur_varint(cursor *c, uint64_t *v)
+{
+    uint64_t r = 0;
+    for (int shift = 0; shift < 70; shift += 7) {
+        uint8_t b;
+        if (cur_byte(c, &b) != 0)
+            return -1;
+        r |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *v = r;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+#define BAD(...) do { rc = ar_fail(AR_EPROTO, __VA_ARGS__); goto fail; } while (0)
+
+static int decode_segments(const uint8_t **ptr, const size_t *len, int nseg, ar_frame *f)
+{
+    cursor c = {.ptr = ptr, .len = len, .nseg = nseg};
+    for (int i = 0; i < nseg; i++)
+        c.left += len[i];
+    memset(f, 0, sizeof *f);
+    int rc;
+    int nscalars = 0;
+    while (c.left > 0) {
+        uint64_t key, v, n;
+        if (cur_varint(&c, &key) != 0)
+            BAD("truncated frame");
+        int field = (int)(key >> 3), wt = (int)(key & 7);
+        if (field == 7 && wt == 2) { /* packed shape */
+            if (cur_varint(&c, &n) != 0 || n > c.left)
+                BAD("truncated frame shape");
+            size_t end = c.left - n;
+            while (c.left > end) {
+                if (f->ndim >= AR_FRAME_MAX_DIMS)
+                    BAD("frame with more than %d dimensions", AR_FRAME_MAX_DIMS);
+                if (cur_varint(&c, &v) != 0 || c.left < end)
+                    BAD("malformed frame shape");
+                f->shape[f->ndim++] = (int64_t)v;
+            }
+        } else if (field == 8 && wt == 2) { /* packed scalars */
+            if (cur_varint(&c, &n) != 0 || n > c.left || n % 8)
+                BAD("malformed frame scalars");
+            for (uint64_t i = 0; i < n / 8; i++) {
+                double d;
+                if (cur_read(&c, &d, 8) != 0)
+                    BAD("truncated frame scalars");
+                if (nscalars >= 4)
+                    BAD("frame with more than 4 scalars");
+                f->scalars[nscalars++] = d;
+            }
+        } else if (field == 8 && wt == 1) {
+            double d;
+            if (cur_read(&c, &d, 8) != 0)
+                BAD("truncated frame scalars");
+            if (nscalars >= 4)
+                BAD("frame with more than 4 scalars");
+            f->scalars[nscalars++] = d;
+        } else if ((field == 9 || field == 10) && wt == 2) {
+            if (cur_varint(&c, &n) != 0 || n > c.left)
+                BAD("truncated frame %s", field == 9 ? "targets" : "payload");
+            if (field == 9 && n % 4)
+                BAD("frame targets of %llu bytes (not whole int32)", (unsigned long long)n);
+            void *buf = n ? malloc(n) : NULL;
+            if (n && !buf) {
+                rc = ar_fail(AR_ENOMEM, "out of memory for a %llu byte frame", (unsigned long long)n);
+                goto fail;
+            }
+            if (cur_read(&c, buf, n) != 0) {
+                free(buf);
+                BAD("truncated frame");
+            }
+            if (field == 9) {
+                free(f->targets);
+                f->targets = buf;
+                f->ntargets = n / 4;
+            } else {
+                free(f->data);
+                f->data = buf;
+                f->nbytes = n;
+            }
+        } else if (wt == 0) {
+            if (cur_varint(&c, &v) != 0)
+                BAD("truncated frame");
+            switch (field) {
+            case 1: f->kind = (int32_t)v; break;
+            case 2: f->step = (int64_t)v; break;
+            case 3: f->mb = (int32_t)v; break;
+            case 4: f->nmb = (int32_t)v; break;
+            case 5: f->rows = (int32_t)v; break;
+            case 6: f->dtype = (int32_t)v; break;
+            case 7:
+                if (f->ndim >= AR_FRAME_MAX_DIMS)
+                    BAD("frame with more than %d dimensions", AR_FRAME_MAX_DIMS);
+                f->shape[f->ndim++] = (int64_t)v;
+                break;
+            default: break; /* unknown field: skipped */
+            }
+        } else if (wt == 1) {
+            if (cur_read(&c, NULL, 8) != 0)
+                BAD("truncated frame");
+        } else if (wt == 5) {
+            if (cur_read(&c, NULL, 4) != 0)
+                BAD("truncated frame");
+        } else if (wt == 2) {
+            if (cur_varint(&c, &n) != 0 || cur_read(&c, NULL, n) != 0)
+                BAD("truncated frame");
+        } else {
+            BAD("frame field %d has wire type %d", field, wt);
+        }
+    }
+    return AR_OK;
+fail:
+    ar_frame_free(f);
+    return rc;
+}
+
+int ar_net_frame_decode(const void *data, size_t len, ar_frame *f)
+{
+    const uint8_t *p = data;
+    return decode_segments(&p, &len, 1, f);
+}
+
+static int frame_decode_bb(grpc_byte_buffer *bb, ar_frame *f)
+{
+    grpc_byte_buffer_reader r;
+    if (!grpc_byte_buffer_reader_init(&r, bb))
+        return ar_fail(AR_EPROTO, "unreadable message");
+    int cap = 16, n = 0, rc;
+    grpc_slice *sl = malloc(sizeof *sl * (size_t)cap);
+    const uint8_t **ptr = NULL;
+    size_t *len = NULL;
+    grpc_slice s;
+    while (sl && grpc_byte_buffer_reader_next(&r, &s)) {
+        if (n == cap) {
+            grpc_slice *g = realloc(sl, sizeof *sl * (size_t)cap * 2);
+            if (!g) {
+                grpc_slice_unref(s);
+                break;
+            }
+            sl = g;
+            cap *= 2;
+        }
+        sl[n++] = s;
+    }
+    grpc_byte_buffer_reader_destroy(&r);
+    ptr = malloc(sizeof *ptr * (size_t)(n ? n : 1));
+    len = malloc(sizeof *len * (size_t)(n ? n : 1));
+    if (!sl || !ptr || !len) {
+        rc = ar_fail(AR_ENOMEM, "out of memory reading a message");
+    } else {
+        for (int i = 0; i < n; i++) {
+            ptr[i] = GRPC_SLICE_START_PTR(sl[i]);
+            len[i] = GRPC_SLICE_LENGTH(sl[i]);
+        }
+        rc = decode_segments(ptr, len, n, f);
+    }
+    for (int i = 0; sl && i < n; i++)
+        grpc_slice_unref(sl[i]);
+    free(sl);
+    free(ptr);
+    free(len);
+    return rc;
+}
+
+/* ---- the link ----------------------------------------------------------- */
+
+typedef struct out_msg {
+    grpc_byte_buffer *bb;
+    struct out_msg *next;
+} out_msg;
+
+typedef struct in_msg {
+    ar_frame f;
+    struct in_msg *next;
+} in_msg;
+
+typedef struct glink glink;
+typedef struct {
+    net_tag base;
+    glink *l;
+} link_tag;
+
+struct glink {
+    ar_link base;
+    grpc_call *call;
+    int is_server;
+    struct ar_rpc *rpc; /* server end: where statuses go (under mu) */
+    size_t max_frame;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int refs;           /* the owner + every outstanding batch */
+    link_tag send_tag, recv_tag, end_tag, meta_tag, half_tag;
+    out_msg *out_head, *out_tail;
+    grpc_byte_buffer *sending;
+    int send_busy;
+    int want_half_close, half_closed;
+    in_msg *in_head, *in_tail;
+    grpc_byte_buffer *recv_buf;
+    int recv_done;      /* no more frames will come */
+    int ended;          /* client: status received; server: close received */
+    int closed;         /* closed here */
+    int failed;
+    int status;         /* gRPC status once known, else -1 */
+    char err[600];
+    grpc_status_code st_code;
+    grpc_slice st_details;
+    grpc_metadata_array st_trailing, init_md;
+    int cancelled;
+    ar_link *close_also;
+};
+
+static void link_unref(glink *l)
+{
+    pthread_mutex_lock(&l->mu);
+    int left = --l->refs;
+    pthread_mutex_unlock(&l->mu);
+    if (left > 0)
+        return;
+    for (out_msg *m = l->out_head; m;) {
+        out_msg *next = m->next;
+        grpc_byte_buffer_destroy(m->bb);
+        free(m);
+        m = next;
+    }
+    for (in_msg *m = l->in_head; m;) {
+        in_msg *next = m->next;
+        ar_frame_free(&m->f);
+        free(m);
+        m = next;
+    }
+    if (l->recv_buf)
+        grpc_byte_buffer_destroy(l->recv_buf);
+    grpc_slice_unref(l->st_details);
+    grpc_metadata_array_destroy(&l->st_trailing);
+    grpc_metadata_array_destroy(&l->init_md);
+    grpc_call_unref(l->call);
+    pthread_mutex_destroy(&l->mu);
+    pthread_cond_destroy(&l->cv);
+    free(l);
+}
+
+static int start_locked(glink *l, link_tag *t, const grpc_op *ops, size_t n)
+{
+    l->refs++;
+    grpc_call_error e = grpc_call_start_batch(l->call, ops, n, t, NULL);
+    if (e != GRPC_CALL_OK) {
+        l->refs--;
+        l->failed = 1;
+        if (!l->err[0])
+            snprintf(l->err, sizeof l->err, "%s: cannot start a gRPC batch (%d)", l->base.name, (int)e);
+        return -1;
+    }
+    return 0;
+}
+
+static void start_send_locked(glink *l)
+{
+    out_msg *m = l->out_head;
+    l->out_head = m->next;
+    if (!l->out_head)
+        l->out_tail = NULL;
+    l->sending = m->bb;
+    free(m);
+    l->send_busy = 1;
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_MESSAGE;
+    op.data.send_message.send_message = l->sending;
+    if (start_locked(l, &l->send_tag, &op, 1) != 0) {
+        grpc_byte_buffer_destroy(l->sending);
+        l->sending = NULL;
+        l->send_busy = 0;
+    }
+}
+
+static void maybe_half_close_locked(glink *l)
+{
+    if (l->is_server || !l->want_half_close || l->half_closed || l->send_busy || l->out_head)
+        return;
+    l->half_closed = 1;
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    start_locked(l, &l->half_tag, &op, 1);
+}
+
+static void start_recv_locked(glink *l)
+{
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &l->recv_buf;
+    if (start_locked(l, &l->recv_tag, &op, 1) != 0)
+        l->recv_done = 1;
+}
+
+static void on_send(net_tag *t, int ok)
+{
+    glink *l = ((link_tag *)t)->l;
+    pthread_mutex_lock(&l->mu);
+    grpc_byte_buffer_destroy(l->sending);
+    l->sending = NULL;
+    l->send_busy = 0;
+    if (!ok) {
+        l->failed = 1;
+        if (!l->err[0])
+            snprintf(l->err, sizeof l->err, "%s disconnected", l->base.name);
+    } else if (l->out_head && !l->closed) {
+        start_send_locked(l);
+    }
+    maybe_half_close_locked(l);
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+    link_unref(l);
+}
+
+static void on_recv(net_tag *t, int ok)
+{
+    glink *l = ((link_tag *)t)->l;
+    grpc_byte_buffer *bb = l->recv_buf;
+    l->recv_buf = NULL;
+    ar_frame f;
+    int rc = AR_OK;
+    char msg[512] = "";
+    if (ok && bb) {
+        rc = frame_decode_bb(bb, &f);
+        if (rc == AR_OK && (rc = ar_frame_validate(&f, l->max_frame)) != AR_OK)
+            ar_frame_free(&f);
+        if (rc != AR_OK)
+            snprintf(msg, sizeof msg, "bad frame: %s", ar_last_error());
+    }
+    if (bb)
+        grpc_byte_buffer_destroy(bb);
+    in_msg *m = NULL;
+    if (ok && bb && rc == AR_OK && !(m = malloc(sizeof *m))) {
+        ar_frame_free(&f);
+        rc = AR_ENOMEM;
+        snprintf(msg, sizeof msg, "out of memory queueing a frame");
+    }
+    pthread_mutex_lock(&l->mu);
+    if (!ok || !bb) {
+        l->recv_done = 1;
+    } else if (rc != AR_OK) {
+        l->recv_done = 1;
+        l->failed = 1;
+        l->status = GRPC_STATUS_INVALID_ARGUMENT;
+        snprintf(l->err, sizeof l->err, "%s: %s", l->base.name, msg);
+        ar_log(AR_LOG_ERROR, "%s: %s", l->base.name, msg);
+        if (l->is_server && l->rpc)
+            net_rpc_send_status_async(l->rpc, GRPC_STATUS_INVALID_ARGUMENT, msg);
+        else if (!l->is_server)
+            grpc_call_cancel_with_status(l->call, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
+    } else {
+        m->f = f;
+        m->next = NULL;
+        if (l->in_tail)
+            l->in_tail->next = m;
+        else
+            l->in_head = m;
+        l->in_tail = m;
+        if (l->closed)
+            l->recv_done = 1;
+        else
+            start_recv_locked(l);
+    }
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+    link_unref(l);
+}
+
+static void on_end(net_tag *t, int ok)
+{
+    glink *l = ((link_tag *)t)->l;
+    ar_link *other = NULL;
+    pthread_mutex_lock(&l->mu);
+    l->ended = 1;
+    if (l->is_server) {
+        if (l->cancelled || !ok) {
+            l->failed = 1;
+            l->recv_done = 1;
+            if (l->status < 0)
+                l->status = GRPC_STATUS_CANCELLED;
+            if (!l->err[0])
+                snprintf(l->err, sizeof l->err, "%s went away", l->base.name);
+            other = l->close_also;
+        }
+    } else {
+        l->status = (int)l->st_code;
+        if (l->st_code != GRPC_STATUS_OK) {
+            l->failed = 1;
+            char *d = grpc_slice_to_c_string(l->st_details);
+            if (!l->err[0] || l->st_code != GRPC_STATUS_INVALID_ARGUMENT) {
+                if (l->st_code == GRPC_STATUS_ABORTED) /* a report relayed from further down */
+                    snprintf(l->err, sizeof l->err, "%s", d);
+                else if (l->st_code == GRPC_STATUS_UNAVAILABLE || l->st_code == GRPC_STATUS_CANCELLED ||
+                         l->st_code == GRPC_STATUS_INTERNAL || l->st_code == GRPC_STATUS_UNKNOWN)
+                    snprintf(l->err, sizeof l->err, "%s disconnected (%s)", l->base.name, d);
+                else
+                    snprintf(l->err, sizeof l->err, "%s: %s", l->base.name, d);
+            }
+            gpr_free(d);
+        }
+    }
+    pthread_cond_broadcast(&l->cv);
+    /* under mu, so the owner can detach `other` before destroying it */
+    if (other)
+        ar_link_close(other);
+    pthread_mutex_unlock(&l->mu);
+    link_unref(l);
+}
+
+static void on_other(net_tag *t, int ok)
+{
+    glink *l = ((link_tag *)t)->l;
+    (void)ok;
+    pthread_mutex_lock(&l->mu);
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+    link_unref(l);
+}
+
+static int g_send(ar_link *al, ar_frame *f)
+{
+    glink *l = (glink *)al;
+    grpc_byte_buffer *bb;
+    int rc = frame_encode(f, &bb);
+    if (rc != AR_OK)
+        return rc;
+    out_msg *m = malloc(sizeof *m);
+    if (!m) {
+        grpc_byte_buffer_destroy(bb);
+        return ar_fail(AR_ENOMEM, "out of memory queueing a frame");
+    }
+    m->bb = bb;
+    m->next = NULL;
+    pthread_mutex_lock(&l->mu);
+    if (l->failed || l->closed || l->ended || l->half_closed) {
+        rc = ar_fail(AR_ECLOSED, "%s", l->err[0] ? l->err : "link closed");
+        pthread_mutex_unlock(&l->mu);
+        grpc_byte_buffer_destroy(bb);
+        free(m);
+        return rc;
+    }
+    if (l->out_tail)
+        l->out_tail->next = m;
+    else
+        l->out_head = m;
+    l->out_tail = m;
+    if (!l->send_busy)
+        start_send_locked(l);
+    pthread_mutex_unlock(&l->mu);
+    return AR_OK;
+}
+
+static void deadline_in(struct timespec *ts, double s)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    double t = (double)ts->tv_sec + ts->tv_nsec * 1e-9 + s;
+    ts->tv_sec = (time_t)t;
+    ts->tv_nsec = (long)((t - (double)ts->tv_sec) * 1e9);
+}
+
+/* Wait on the link's condition until pred or the deadline; mu held. */
+#define WAIT_UNTIL(l, pred, timeout_s)                                                             \
+    do {                                                                                           \
+        struct timespec dl_;                                                                       \
+        if ((timeout_s) >= 0)                                                                      \
+            deadline_in(&dl_, (timeout_s));                                                        \
+        while (!(pred)) {                                                                          \
+            if ((timeout_s) < 0)                                                                   \
+                pthread_cond_wait(&(l)->cv, &(l)->mu);                                             \
+            else if (pthread_cond_timedwait(&(l)->cv, &(l)->mu, &dl_) != 0)                        \
+                break;                                                                             \
+        }                                                                                          \
+    } while (0)
+
+static int g_recv(ar_link *al, ar_frame *f, double timeout_s)
+{
+    glink *l = (glink *)al;
+    pthread_mutex_lock(&l->mu);
+    WAIT_UNTIL(l, l->in_head || l->recv_done || l->closed, timeout_s);
+    in_msg *m = l->in_head;
+    if (m) {
+        l->in_head = m->next;
+        if (!l->in_head)
+            l->in_tail = NULL;
+        pthread_mutex_unlock(&l->mu);
+        *f = m->f;
+        free(m);
+        return AR_OK;
+    }
+    int rc;
+    if (!l->is_server && l->recv_done && !l->ended && !l->closed)
+        WAIT_UNTIL(l, l->ended, 5.0); /* the status says why */
+    if (l->err[0])
+        rc = ar_fail(AR_ECLOSED, "%s", l->err);
+    else if (l->closed)
+        rc = ar_fail(AR_ECLOSED, "%s: link closed", al->name);
+    else if (l->recv_done)
+        rc = ar_fail(AR_ECLOSED, "%s: the stream ended", al->name);
+    else
+        rc = ar_fail(AR_ECLOSED, "%s: no frame within %.1f s", al->name, timeout_s);
+    pthread_mutex_unlock(&l->mu);
+    return rc;
+}
+
+static void g_close(ar_link *al)
+{
+    glink *l = (glink *)al;
+    pthread_mutex_lock(&l->mu);
+    int was = l->closed || l->ended;
+    l->closed = 1;
+    if (!l->err[0])
+        snprintf(l->err, sizeof l->err, "%s: link closed", al->name);
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+    if (!was)
+        grpc_call_cancel(l->call, NULL);
+}
+
+static void g_destroy(ar_link *al)
+{
+    glink *l = (glink *)al;
+    if (l->is_server)
+        return; /* belongs to its rpc (net_link_release) */
+    pthread_mutex_lock(&l->mu);
+    int ended = l->ended;
+    pthread_mutex_unlock(&l->mu);
+    if (!ended)
+        grpc_call_cancel(l->call, NULL);
+    link_unref(l);
+}
+
+static const ar_link_vt grpc_vt = {g_send, g_recv, g_close, g_destroy};
+
+ar_link *net_link_new(grpc_call *call, int is_server, const char *name, size_t max_frame,
+                      struct ar_rpc *rpc)
+{
+    glink *l = calloc(1, sizeof *l);
+    if (!l) {
+        ar_fail(AR_ENOMEM, "out of memory for a link");
+        return NULL;
+    }
+    l->base.vt = &grpc_vt;
+    snprintf(l->base.name, sizeof l->base.name, "%s", name);
+    l->call = call;
+    grpc_call_ref(call);
+    l->is_server = is_server;
+    l->rpc = rpc;
+    l->max_frame = max_frame ? max_frame : AR_NET_DEFAULT_MAX_FRAME;
+    l->status = -1;
+    l->refs = 1;
+    l->st_details = grpc_empty_slice();
+    grpc_metadata_array_init(&l->st_trailing);
+    grpc_metadata_array_init(&l->init_md);
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->cv, NULL);
+    l->send_tag = (link_tag){{on_send}, l};
+    l->recv_tag = (link_tag){{on_recv}, l};
+    l->end_tag = (link_tag){{on_end}, l};
+    l->meta_tag = (link_tag){{on_other}, l};
+    l->half_tag = (link_tag){{on_other}, l};
+    grpc_op ops[2];
+    memset(ops, 0, sizeof ops);
+    pthread_mutex_lock(&l->mu);
+    /* never wait for the peer's initial metadata before sending: ours go out
+     * now, theirs are received in a batch of their own */
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    size_t n = 1;
+    if (!is_server) {
+        ops[1].op = GRPC_OP_RECV_INITIAL_METADATA;
+        ops[1].data.recv_initial_metadata.recv_initial_metadata = &l->init_md;
+        n = 2;
+    }
+    int bad = start_locked(l, &l->meta_tag, ops, n);
+    memset(ops, 0, sizeof ops);
+    if (is_server) {
+        ops[0].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+        ops[0].data.recv_close_on_server.cancelled = &l->cancelled;
+    } else {
+        ops[0].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+        ops[0].data.recv_status_on_client.status = &l->st_code;
+        ops[0].data.recv_status_on_client.status_details = &l->st_details;
+        ops[0].data.recv_status_on_client.trailing_metadata = &l->st_trailing;
+    }
+    bad |= start_locked(l, &l->end_tag, ops, 1);
+    start_recv_locked(l);
+    pthread_mutex_unlock(&l->mu);
+    if (bad)
+        ar_log(AR_LOG_WARN, "%s: %s", name, l->err);
+    return &l->base;
+}
+
+int ar_net_link_finish(ar_link *al, double timeout_s)
+{
+    glink *l = (glink *)al;
+    pthread_mutex_lock(&l->mu);
+    l->want_half_close = 1;
+    maybe_half_close_locked(l);
+    WAIT_UNTIL(l, l->ended || l->closed, timeout_s);
+    int rc = AR_OK;
+    if (!l->ended)
+        rc = ar_fail(AR_ECLOSED, "%s: no status within %.1f s", al->name, timeout_s);
+    else if (l->failed || l->status != GRPC_STATUS_OK)
+        rc = ar_fail(AR_ECLOSED, "%s", l->err[0] ? l->err : "stream failed");
+    pthread_mutex_unlock(&l->mu);
+    return rc;
+}
+
+int ar_net_link_status(ar_link *al)
+{
+    glink *l = (glink *)al;
+    pthread_mutex_lock(&l->mu);
+    int s = l->status;
+    pthread_mutex_unlock(&l->mu);
+    return s;
+}
+
+int ar_net_link_failed(ar_link *al)
+{
+    glink *l = (glink *)al;
+    pthread_mutex_lock(&l->mu);
+    int s = l->failed;
+    pthread_mutex_unlock(&l->mu);
+    return s;
+}
+
+void ar_net_link_close_also(ar_link *al, ar_link *other)
+{
+    glink *l = (glink *)al;
+    pthread_mutex_lock(&l->mu);
+    l->close_also = other;
+    if (l->ended && l->failed && other)
+        ar_link_close(other);
+    pthread_mutex_unlock(&l->mu);
+}
+
+void net_link_drain(ar_link *al, double timeout_s)
+{
+    glink *l = (glink *)al;
+    pthread_mutex_lock(&l->mu);
+    WAIT_UNTIL(l, (!l->send_busy && !l->out_head) || l->failed || l->ended, timeout_s);
+    pthread_mutex_unlock(&l->mu);
+}
+
+void net_link_release(ar_link *al)
+{
+    glink *l = (glink *)al;
+    pthread_mutex_lock(&l->mu);
+    l->rpc = NULL;
+    l->close_also = NULL;
+    pthread_mutex_unlock(&l->mu);
+    link_unref(l);
+}
+
+void ar_net_link_error(ar_link *al, char *buf, size_t size)
+{
+    glink *l = (glink *)al;
+    pthread_mutex_lock(&l->mu);
+    snprintf(buf, size, "%s", l->err[0] ? l->err : "no error");
+    pthread_mutex_unlock(&l->mu);
+}

@@ -1,0 +1,110 @@
+/* The network layer (DESIGN.md §2): gRPC between processes. Every gRPC call
+ * of the code base lives under src/net; the rest sees links (train/frame.h),
+ * plain C structs and these functions. */
+#ifndef AR_NET_H
+#define AR_NET_H
+
+#include "train/frame.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define AR_PROTOCOL_VERSION 1
+#define AR_NET_DEFAULT_MAX_FRAME ((size_t)1 << 30)
+#define AR_NET_CHUNK_BYTES ((size_t)1 << 20) /* Save/Restore chunks */
+
+/* gRPC status codes (the same numbers as grpc_status_code). */
+enum {
+    AR_STATUS_OK = 0,
+    AR_STATUS_CANCELLED = 1,
+    AR_STATUS_UNKNOWN = 2,
+    AR_STATUS_INVALID_ARGUMENT = 3,
+    AR_STATUS_DEADLINE_EXCEEDED = 4,
+    AR_STATUS_NOT_FOUND = 5,
+    AR_STATUS_FAILED_PRECONDITION = 9,
+    AR_STATUS_ABORTED = 10,
+    AR_STATUS_UNIMPLEMENTED = 12,
+    AR_STATUS_INTERNAL = 13,
+    AR_STATUS_UNAVAILABLE = 14
+};
+
+/* Reference counted: the first call starts gRPC and the event-loop thread
+ * that serves every call of the process; the last stops them. */
+int ar_net_init(void);
+void ar_net_shutdown(void);
+
+/* ---- client side -------------------------------------------------------- */
+
+typedef struct ar_client ar_client; /* a channel to one worker */
+
+int ar_client_open(const char *addr, ar_client **out);
+void ar_client_close(ar_client *c);
+const char *ar_client_addr(const ar_client *c);
+
+/* Unary call: request bytes in, reply bytes out (malloc'd, free()). A non-OK
+ * status gives AR_EPROTO (or AR_ECLOSED when the worker is unreachable) with
+ * the status message in ar_last_error() and the code in *status. */
+int ar_client_unary(ar_client *c, const char *method, const void *req, size_t len, void **reply,
+                    size_t *reply_len, double timeout_s, int *status);
+/* Server-streaming call: on_msg is called for every reply message. */
+int ar_client_read_stream(ar_client *c, const char *method, const void *req, size_t len,
+                          int (*on_msg)(void *user, const void *data, size_t len), void *user,
+                          double timeout_s, int *status);
+/* Client-streaming call: next fills the next message (returns 0 and *len,
+ * or 1 at the end; data stays valid until the next call). */
+int ar_client_write_stream(ar_client *c, const char *method,
+                           int (*next)(void *user, const void **data, size_t *len), void *user,
+                           void **reply, size_t *reply_len, double timeout_s, int *status);
+
+/* A Pipe stream to the worker, as a link. Frames sent are queued and written
+ * in the background (a link never blocks on its peer); frames received are
+ * decoded and validated (max_frame bytes) as they arrive. */
+int ar_client_pipe(ar_client *c, const char *name, size_t max_frame, ar_link **out);
+
+/* ---- links over gRPC ---------------------------------------------------- */
+
+/* Client end: half-close after every queued frame is written, then wait up to
+ * timeout_s for the worker's status. AR_OK when the status is OK. */
+int ar_net_link_finish(ar_link *l, double timeout_s);
+/* The gRPC status of the stream once it ended (-1 while it is open). */
+int ar_net_link_status(ar_link *l);
+/* When this link's peer goes away, close `other` too (a stage whose upstream
+ * vanished stops waiting for its downstream). */
+void ar_net_link_close_also(ar_link *l, ar_link *other);
+/* Whether the stream failed (peer gone, bad frame, error status), and why. */
+int ar_net_link_failed(ar_link *l);
+void ar_net_link_error(ar_link *l, char *buf, size_t size);
+
+/* ---- server side -------------------------------------------------------- */
+
+typedef struct ar_server ar_server;
+typedef struct ar_rpc ar_rpc;
+typedef void (*ar_rpc_fn)(ar_rpc *rpc, void *user);
+
+/* Bind addr ("HOST:PORT", port 0 picks one); *port gets the bound port. */
+int ar_server_create(const char *addr, ar_server **out, int *port);
+/* Register a handler (before ar_server_start). Each call runs on its own
+ * thread; unknown methods get UNIMPLEMENTED. */
+int ar_server_handle(ar_server *s, const char *method, ar_rpc_fn fn, void *user);
+int ar_server_start(ar_server *s);
+/* Stop accepting, cancel every call, wait for the handlers, free. */
+void ar_server_destroy(ar_server *s);
+
+/* Inside a handler. Read one request message (malloc'd); AR_ECLOSED at the
+ * end of the client's stream (with *data NULL). */
+int ar_rpc_read(ar_rpc *rpc, void **data, size_t *len);
+int ar_rpc_write(ar_rpc *rpc, const void *data, size_t len);
+/* Send the status (once; later calls do nothing). A handler that returns
+ * without finishing gets OK. */
+void ar_rpc_finish(ar_rpc *rpc, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* The call's stream as a link (for Pipe). The link belongs to the rpc: do not
+ * destroy it; it ends with the call. */
+int ar_rpc_link(ar_rpc *rpc, const char *name, size_t max_frame, ar_link **out);
+const char *ar_rpc_peer(const ar_rpc *rpc);
+
+/* ---- frames on the wire (exposed for tests) ----------------------------- */
+
+/* Decode a serialized arceus.Frame (no validation). */
+int ar_net_frame_decode(const void *data, size_t len, ar_frame *f);
+
+#endif

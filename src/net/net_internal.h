@@ -1,0 +1,54 @@
+/* Shared by the files of src/net: the event loop and its tags. */
+#ifndef AR_NET_INTERNAL_H
+#define AR_NET_INTERNAL_H
+
+#include "net/net.h"
+
+#include <grpc/grpc.h>
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/slice.h>
+#include <grpc/support/alloc.h>
+#include <pthread.h>
+
+/* Every batch started on a call carries a tag; the event loop calls its cb
+ * with the batch's success. */
+typedef struct net_tag {
+    void (*cb)(struct net_tag *t, int ok);
+} net_tag;
+
+/* A tag another thread waits on. */
+typedef struct {
+    net_tag base;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done, ok;
+} net_waiter;
+
+extern grpc_completion_queue *ar_net_cq;
+
+void net_waiter_init(net_waiter *w);
+void net_waiter_destroy(net_waiter *w);
+/* Wait for completion; after timeout_s (< 0: forever) cancel the call and
+ * keep waiting (the batch always completes after a cancel). Returns ok. */
+int net_waiter_wait(net_waiter *w, grpc_call *call, double timeout_s);
+/* Start a batch and wait for it. Returns 1 when it succeeded. */
+int net_batch(grpc_call *call, const grpc_op *ops, size_t n, double timeout_s);
+
+/* Channel arguments used on both sides: no message size limits. */
+const grpc_channel_args *net_channel_args(void);
+gpr_timespec net_deadline(double timeout_s);
+
+/* One byte buffer -> one malloc'd contiguous copy. */
+int net_buffer_flatten(grpc_byte_buffer *bb, void **data, size_t *len);
+
+/* Links (link.c). */
+ar_link *net_link_new(grpc_call *call, int is_server, const char *name, size_t max_frame,
+                      struct ar_rpc *rpc);
+/* Server side: the status to send when the stream ends badly. */
+void net_rpc_send_status_async(struct ar_rpc *rpc, int code, const char *msg);
+/* Server end: wait until the queued frames are written (up to timeout_s). */
+void net_link_drain(ar_link *l, double timeout_s);
+void net_link_release(ar_link *l);
+
+#endif

@@ -1,0 +1,183 @@
+/* The driver's side of the Worker control RPCs. */
+#include "net/remote.h"
+
+#include "arceus.pb-c.h"
+#include "core/core.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CONTROL_TIMEOUT_S 60.0
+
+static void *pack(const ProtobufCMessage *m, size_t *len)
+{
+    *len = protobuf_c_message_get_packed_size(m);
+    void *buf = malloc(*len ? *len : 1);
+    if (buf)
+        protobuf_c_message_pack(m, buf);
+    else
+        ar_fail(AR_ENOMEM, "out of memory");
+    return buf;
+}
+
+int ar_remote_hello(ar_client *c, ar_hello_info *out)
+{
+    Arceus__HelloRequest req = ARCEUS__HELLO_REQUEST__INIT;
+    req.protocol_version = AR_PROTOCOL_VERSION;
+    req.client = "arceus train " AR_VERSION_STRING;
+    req.token = "";
+    size_t len, rlen;
+    void *buf = pack(&req.base, &len), *rep;
+    if (!buf)
+        return AR_ENOMEM;
+    int status = 0;
+    int rc = ar_client_unary(c, "/arceus.Worker/Hello", buf, len, &rep, &rlen, CONTROL_TIMEOUT_S, &status);
+    free(buf);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__HelloReply *r = arceus__hello_reply__unpack(NULL, rlen, rep);
+    free(rep);
+    if (!r)
+        return ar_fail(AR_EPROTO, "worker %s: malformed HelloReply", ar_client_addr(c));
+    memset(out, 0, sizeof *out);
+    out->protocol_version = r->protocol_version;
+    snprintf(out->worker, sizeof out->worker, "%s", r->worker);
+    for (size_t i = 0; i < r->n_capabilities; i++) {
+        size_t at = strlen(out->capabilities);
+        snprintf(out->capabilities + at, sizeof out->capabilities - at, "%s%s", i ? "," : "",
+                 r->capabilities[i]);
+    }
+    out->gflops = r->gflops;
+    out->free_memory = r->free_memory;
+    out->threads = (int)r->threads;
+    arceus__hello_reply__free_unpacked(r, NULL);
+    if (out->protocol_version != AR_PROTOCOL_VERSION)
+        return ar_fail(AR_EPROTO, "worker %s speaks protocol version %u, this driver version %d",
+                       ar_client_addr(c), out->protocol_version, AR_PROTOCOL_VERSION);
+    return AR_OK;
+}
+
+int ar_remote_load(ar_client *c, const ar_load_args *a)
+{
+    char *spec = ar_spec_to_json(a->spec);
+    if (!spec)
+        return ar_fail(AR_ENOMEM, "out of memory");
+    Arceus__OptimizerConfig oc = ARCEUS__OPTIMIZER_CONFIG__INIT;
+    oc.kind = (uint32_t)a->optim.kind;
+    oc.beta1 = a->optim.beta1;
+    oc.beta2 = a->optim.beta2;
+    oc.eps = a->optim.eps;
+    oc.weight_decay = a->optim.weight_decay;
+    Arceus__LoadRequest req = ARCEUS__LOAD_REQUEST__INIT;
+    req.spec_json = spec;
+    req.first_unit = (uint32_t)a->first;
+    req.last_unit = (uint32_t)a->last;
+    req.micro_batch_rows = (uint32_t)a->rows;
+    req.micro_batches = (uint32_t)a->micro_batches;
+    req.schedule = (uint32_t)a->schedule;
+    req.stage_index = (uint32_t)a->index;
+    req.stage_count = (uint32_t)a->count;
+    req.seed = a->seed;
+    req.optimizer = &oc;
+    req.next_worker = (char *)(a->next_worker ? a->next_worker : "");
+    req.threads = (uint32_t)(a->threads > 0 ? a->threads : 0);
+    size_t len, rlen;
+    void *buf = pack(&req.base, &len), *rep = NULL;
+    free(spec);
+    if (!buf)
+        return AR_ENOMEM;
+    int rc = ar_client_unary(c, "/arceus.Worker/Load", buf, len, &rep, &rlen, CONTROL_TIMEOUT_S, NULL);
+    free(buf);
+    free(rep);
+    return rc;
+}
+
+typedef struct {
+    unsigned char *buf;
+    size_t n, cap;
+} collect;
+
+static int on_chunk(void *user, const void *data, size_t len)
+{
+    collect *col = user;
+    Arceus__Chunk *c = arceus__chunk__unpack(NULL, len, data);
+    if (!c)
+        return ar_fail(AR_EPROTO, "malformed Chunk");
+    if (col->n + c->data.len > col->cap) {
+        size_t ncap = col->cap ? col->cap * 2 : (1u << 20);
+        while (ncap < col->n + c->data.len)
+            ncap *= 2;
+        unsigned char *g = realloc(col->buf, ncap);
+        if (!g) {
+            arceus__chunk__free_unpacked(c, NULL);
+            return ar_fail(AR_ENOMEM, "out of memory for the stage state");
+        }
+        col->buf = g;
+        col->cap = ncap;
+    }
+    memcpy(col->buf + col->n, c->data.data, c->data.len);
+    col->n += c->data.len;
+    arceus__chunk__free_unpacked(c, NULL);
+    return AR_OK;
+}
+
+int ar_remote_save(ar_client *c, ar_stage *shadow)
+{
+    Arceus__SaveRequest req = ARCEUS__SAVE_REQUEST__INIT;
+    size_t len;
+    void *buf = pack(&req.base, &len);
+    if (!buf)
+        return AR_ENOMEM;
+    collect col = {0};
+    int rc = ar_client_read_stream(c, "/arceus.Worker/Save", buf, len, on_chunk, &col, -1, NULL);
+    free(buf);
+    if (rc == AR_OK) {
+        char origin[300];
+        snprintf(origin, sizeof origin, "Save from %s", ar_client_addr(c));
+        rc = ar_stage_state_decode(shadow, col.buf, col.n, origin);
+    }
+    free(col.buf);
+    return rc;
+}
+
+typedef struct {
+    const unsigned char *state;
+    size_t n, at;
+    unsigned char *msg;
+} feeder;
+
+static int next_chunk(void *user, const void **data, size_t *len)
+{
+    feeder *f = user;
+    if (f->at >= f->n)
+        return 1;
+    Arceus__Chunk c = ARCEUS__CHUNK__INIT;
+    c.data.data = (uint8_t *)f->state + f->at;
+    c.data.len = f->n - f->at < AR_NET_CHUNK_BYTES ? f->n - f->at : AR_NET_CHUNK_BYTES;
+    f->at += c.data.len;
+    *len = arceus__chunk__pack(&c, f->msg);
+    *data = f->msg;
+    return 0;
+}
+
+int ar_remote_restore(ar_client *c, ar_stage *shadow)
+{
+    void *state;
+    size_t n;
+    int rc = ar_stage_state_encode(shadow, &state, &n);
+    if (rc != AR_OK)
+        return rc;
+    feeder f = {.state = state, .n = n, .msg = malloc(AR_NET_CHUNK_BYTES + 16)};
+    if (!f.msg) {
+        free(state);
+        return ar_fail(AR_ENOMEM, "out of memory");
+    }
+    void *rep = NULL;
+    size_t rlen;
+    rc = ar_client_write_stream(c, "/arceus.Worker/Restore", next_chunk, &f, &rep, &rlen, -1, NULL);
+    free(rep);
+    free(f.msg);
+    free(state);
+    return rc;
+}

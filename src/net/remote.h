@@ -1,0 +1,68 @@
+/* The Worker service (proto/arceus.proto): the worker process's side and the
+ * driver's side of the control RPCs, and the stage state as safetensors
+ * bytes (what Save and Restore stream). */
+#ifndef AR_REMOTE_H
+#define AR_REMOTE_H
+
+#include "net/net.h"
+#include "train/stage.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- the worker --------------------------------------------------------- */
+
+typedef struct {
+    const char *listen;   /* HOST:PORT; port 0 picks a free one */
+    int threads;          /* for stages whose Load does not say (0: all cores) */
+    size_t max_frame;     /* bytes; 0: AR_NET_DEFAULT_MAX_FRAME */
+} ar_worker_config;
+
+typedef struct ar_worker ar_worker;
+
+/* Measure, bind and start serving; *addr gets "HOST:PORT" with the real port. */
+int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size_t addr_size);
+/* Cancel every call, free the stage, stop. */
+void ar_worker_stop(ar_worker *w);
+
+/* ---- the driver's side -------------------------------------------------- */
+
+typedef struct {
+    unsigned protocol_version;
+    char worker[128];
+    char capabilities[256]; /* comma-separated */
+    double gflops;
+    uint64_t free_memory;
+    int threads;
+} ar_hello_info;
+
+/* Hello; a worker speaking another protocol version is refused with a
+ * message naming it. */
+int ar_remote_hello(ar_client *c, ar_hello_info *out);
+
+typedef struct {
+    const ar_model_spec *spec;
+    int first, last;         /* units [first, last) */
+    int rows, micro_batches; /* micro-batch rows, micro-batches per step */
+    int schedule;
+    int index, count;
+    uint64_t seed;
+    ar_optim_config optim;
+    const char *next_worker; /* NULL or "" for the last stage */
+    int threads;
+} ar_load_args;
+
+int ar_remote_load(ar_client *c, const ar_load_args *a);
+/* Fetch the worker's stage state into a local stage of the same range. */
+int ar_remote_save(ar_client *c, ar_stage *shadow);
+/* Push a local stage's state (weights, moments, step) to the worker. */
+int ar_remote_restore(ar_client *c, ar_stage *shadow);
+
+/* ---- stage state -------------------------------------------------------- */
+
+/* NAME, m.NAME, v.NAME for every parameter (and the tied copy's values),
+ * metadata "opt_step". *buf is malloc'd. */
+int ar_stage_state_encode(const ar_stage *s, void **buf, size_t *len);
+int ar_stage_state_decode(ar_stage *s, const void *buf, size_t len, const char *origin);
+
+#endif

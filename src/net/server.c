@@ -1,0 +1,627 @@
+/* gRPC servers (a thread per call, so a handler may block) and the client
+ * side of unary and streaming calls. */
+#include "net/net_internal.h"
+
+#include "core/core.h"
+
+#include <grpc/grpc_security.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_HANDLERS 16
+
+struct ar_rpc {
+    ar_server *server;
+    grpc_call *call;
+    grpc_call_details details;
+    grpc_metadata_array md;
+    char method[128];
+    char peer[128];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int md_sent, close_started, status_sent, status_done;
+    int cancelled;
+    net_tag status_tag;
+    ar_link *link;
+};
+
+struct ar_server {
+    grpc_server *srv;
+    struct {
+        char method[128];
+        ar_rpc_fn fn;
+        void *user;
+    } handlers[MAX_HANDLERS];
+    int nhandlers;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int active;    /* handler threads running */
+    int stopping;
+    ar_rpc *pending; /* the call being requested */
+    net_tag req_tag;
+};
+
+static ar_rpc *rpc_new(void)
+{
+    ar_rpc *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    grpc_call_details_init(&r->details);
+    grpc_metadata_array_init(&r->md);
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    return r;
+}
+
+static void rpc_free(ar_rpc *r)
+{
+    grpc_call_details_destroy(&r->details);
+    grpc_metadata_array_destroy(&r->md);
+    if (r->call)
+        grpc_call_unref(r->call);
+    pthread_mutex_destroy(&r->mu);
+    pthread_cond_destroy(&r->cv);
+    free(r);
+}
+
+static void on_status(net_tag *t, int ok)
+{
+    ar_rpc *r = (ar_rpc *)((char *)t - offsetof(ar_rpc, status_tag));
+    (void)ok;
+    pthread_mutex_lock(&r->mu);
+    r->status_done = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+}
+
+void net_rpc_send_status_async(ar_rpc *r, int code, const char *msg)
+{
+    pthread_mutex_lock(&r->mu);
+    if (r->status_sent) {
+        pthread_mutex_unlock(&r->mu);
+        return;
+    }
+    r->status_sent = 1;
+    grpc_op ops[3];
+    memset(ops, 0, sizeof ops);
+    size_t n = 0;
+    grpc_slice details = grpc_slice_from_copied_string(msg ? msg : "");
+    if (!r->md_sent) { /* a status-only reply still carries initial metadata */
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+        r->md_sent = 1;
+    }
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = (grpc_status_code)code;
+    ops[n].data.send_status_from_server.status_details = &details;
+    n++;
+    if (!r->close_started) {
+        ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+        ops[n].data.recv_close_on_server.cancelled = &r->cancelled;
+        n++;
+        r->close_started = 1;
+    }
+    r->status_tag.cb = on_status;
+    if (grpc_call_start_batch(r->call, ops, n, &r->status_tag, NULL) != GRPC_CALL_OK)
+        r->status_done = 1;
+    pthread_mutex_unlock(&r->mu);
+    grpc_slice_unref(details);
+}
+
+void ar_rpc_finish(ar_rpc *r, int code, const char *fmt, ...)
+{
+    char msg[1024] = "";
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof msg, fmt, ap);
+        va_end(ap);
+    }
+    if (code != AR_STATUS_OK)
+        ar_log(AR_LOG_WARN, "%s from %s: %s", r->method, r->peer, msg);
+    if (r->link)
+        net_link_drain(r->link, 30);
+    net_rpc_send_status_async(r, code, msg);
+    pthread_mutex_lock(&r->mu);
+    while (!r->status_done)
+        pthread_cond_wait(&r->cv, &r->mu);
+    pthread_mutex_unlock(&r->mu);
+}
+
+int ar_rpc_read(ar_rpc *r, void **data, size_t *len)
+{
+    *data = NULL;
+    *len = 0;
+    grpc_op ops[2];
+    memset(ops, 0, sizeof ops);
+    size_t n = 0;
+    grpc_byte_buffer *bb = NULL;
+    pthread_mutex_lock(&r->mu);
+    if (!r->md_sent) {
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+        r->md_sent = 1;
+    }
+    pthread_mutex_unlock(&r->mu);
+    ops[n].op = GRPC_OP_RECV_MESSAGE;
+    ops[n].data.recv_message.recv_message = &bb;
+    n++;
+    if (!net_batch(r->call, ops, n, -1))
+        return ar_fail(AR_ECLOSED, "%s: the call was cancelled", r->method);
+    if (!bb)
+        return AR_ECLOSED;
+    int rc = net_buffer_flatten(bb, data, len);
+    grpc_byte_buffer_destroy(bb);
+    return rc;
+}
+
+int ar_rpc_write(ar_rpc *r, const void *data, size_t len)
+{
+    grpc_op ops[2];
+    memset(ops, 0, sizeof ops);
+    size_t n = 0;
+    pthread_mutex_lock(&r->mu);
+    if (!r->md_sent) {
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+        r->md_sent = 1;
+    }
+    pthread_mutex_unlock(&r->mu);
+    grpc_slice s = grpc_slice_from_copied_buffer(data, len);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n].data.send_message.send_message = bb;
+    n++;
+    int ok = net_batch(r->call, ops, n, -1);
+    grpc_byte_buffer_destroy(bb);
+    return ok ? AR_OK : ar_fail(AR_ECLOSED, "%s: the client went away", r->method);
+}
+
+int ar_rpc_link(ar_rpc *r, const char *name, size_t max_frame, ar_link **out)
+{
+    pthread_mutex_lock(&r->mu);
+    if (r->md_sent || r->close_started || r->link) {
+        pthread_mutex_unlock(&r->mu);
+        return ar_fail(AR_EINVAL, "ar_rpc_link: the call is already in use");
+    }
+    r->md_sent = 1;
+    r->close_started = 1;
+    pthread_mutex_unlock(&r->mu);
+    r->link = net_link_new(r->call, 1, name, max_frame, r);
+    if (!r->link)
+        return AR_ENOMEM;
+    *out = r->link;
+    return AR_OK;
+}
+
+const char *ar_rpc_peer(const ar_rpc *r)
+{
+    return r->peer;
+}
+
+/* ---- the server --------------------------------------------------------- */
+
+static void request_next_locked(ar_server *s);
+
+static void *rpc_main(void *arg)
+{
+    ar_rpc *r = arg;
+    ar_server *s = r->server;
+    ar_rpc_fn fn = NULL;
+    void *user = NULL;
+    for (int i = 0; i < s->nhandlers; i++)
+        if (strcmp(s->handlers[i].method, r->method) == 0) {
+            fn = s->handlers[i].fn;
+            user = s->handlers[i].user;
+        }
+    if (fn)
+        fn(r, user);
+    else
+        ar_rpc_finish(r, AR_STATUS_UNIMPLEMENTED, "no method %s", r->method);
+    ar_rpc_finish(r, AR_STATUS_OK, NULL); /* nothing if the handler did */
+    if (r->link) {
+        /* the status is out: cancelling completes the link's last batches */
+        grpc_call_cancel(r->call, NULL);
+        net_link_release(r->link);
+    }
+    rpc_free(r);
+    pthread_mutex_lock(&s->mu);
+    s->active--;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+static void on_request(net_tag *t, int ok)
+{
+    ar_server *s = (ar_server *)((char *)t - offsetof(ar_server, req_tag));
+    pthread_mutex_lock(&s->mu);
+    ar_rpc *r = s->pending;
+    s->pending = NULL;
+    if (!ok || s->stopping) {
+        if (ok && r->call)
+            grpc_call_cancel(r->call, NULL);
+        rpc_free(r);
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        return;
+    }
+    r->server = s;
+    size_t ml = GRPC_SLICE_LENGTH(r->details.method);
+    if (ml >= sizeof r->method)
+        ml = sizeof r->method - 1;
+    memcpy(r->method, GRPC_SLICE_START_PTR(r->details.method), ml);
+    r->method[ml] = '\0';
+    char *peer = grpc_call_get_peer(r->call);
+    snprintf(r->peer, sizeof r->peer, "%s", peer ? peer : "?");
+    gpr_free(peer);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t th;
+    s->active++;
+    if (pthread_create(&th, &attr, rpc_main, r) != 0) {
+        s->active--;
+        grpc_call_cancel(r->call, NULL);
+        rpc_free(r);
+    }
+    pthread_attr_destroy(&attr);
+    request_next_locked(s);
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void request_next_locked(ar_server *s)
+{
+    ar_rpc *r = rpc_new();
+    if (!r) {
+        ar_log(AR_LOG_ERROR, "out of memory: the server stops accepting calls");
+        return;
+    }
+    s->pending = r;
+    grpc_call_error e = grpc_server_request_call(s->srv, &r->call, &r->details, &r->md, ar_net_cq,
+                                                 ar_net_cq, &s->req_tag);
+    if (e != GRPC_CALL_OK) {
+        s->pending = NULL;
+        rpc_free(r);
+        ar_log(AR_LOG_ERROR, "grpc_server_request_call failed (%d)", (int)e);
+    }
+}
+
+int ar_server_create(const char *addr, ar_server **out, int *port)
+{
+    int rc = ar_net_init();
+    if (rc != AR_OK)
+        return rc;
+    ar_server *s = calloc(1, sizeof *s);
+    if (!s) {
+        ar_net_shutdown();
+        return ar_fail(AR_ENOMEM, "out of memory for a server");
+    }
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    s->req_tag.cb = on_request;
+    s->srv = grpc_server_create(net_channel_args(), NULL);
+    grpc_server_register_completion_queue(s->srv, ar_net_cq, NULL);
+    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    int p = grpc_server_add_http2_port(s->srv, addr, creds);
+    grpc_server_credentials_release(creds);
+    if (p <= 0) {
+        grpc_server_destroy(s->srv);
+        pthread_mutex_destroy(&s->mu);
+        pthread_cond_destroy(&s->cv);
+        free(s);
+        ar_net_shutdown();
+        return ar_fail(AR_EIO, "cannot listen on %s (address in use or invalid)", addr);
+    }
+    *port = p;
+    *out = s;
+    return AR_OK;
+}
+
+int ar_server_handle(ar_server *s, const char *method, ar_rpc_fn fn, void *user)
+{
+    if (s->nhandlers >= MAX_HANDLERS)
+        return ar_fail(AR_ELIMIT, "too many handlers");
+    snprintf(s->handlers[s->nhandlers].method, sizeof s->handlers[0].method, "%s", method);
+    s->handlers[s->nhandlers].fn = fn;
+    s->handlers[s->nhandlers].user = user;
+    s->nhandlers++;
+    return AR_OK;
+}
+
+int ar_server_start(ar_server *s)
+{
+    grpc_server_start(s->srv);
+    pthread_mutex_lock(&s->mu);
+    request_next_locked(s);
+    int ok = s->pending != NULL;
+    pthread_mutex_unlock(&s->mu);
+    return ok ? AR_OK : ar_fail(AR_EINTERNAL, "the server cannot accept calls");
+}
+
+void ar_server_destroy(ar_server *s)
+{
+    if (!s)
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->stopping = 1;
+    pthread_mutex_unlock(&s->mu);
+    net_waiter w;
+    net_waiter_init(&w);
+    grpc_server_shutdown_and_notify(s->srv, ar_net_cq, &w);
+    grpc_server_cancel_all_calls(s->srv);
+    net_waiter_wait(&w, NULL, -1);
+    net_waiter_destroy(&w);
+    pthread_mutex_lock(&s->mu);
+    while (s->active > 0 || s->pending)
+        pthread_cond_wait(&s->cv, &s->mu);
+    pthread_mutex_unlock(&s->mu);
+    grpc_server_destroy(s->srv);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    free(s);
+    ar_net_shutdown();
+}
+
+/* ---- clients ------------------------------------------------------------ */
+
+struct ar_client {
+    grpc_channel *ch;
+    char addr[256];
+};
+
+int ar_client_open(const char *addr, ar_client **out)
+{
+    int rc = ar_net_init();
+    if (rc != AR_OK)
+        return rc;
+    ar_client *c = calloc(1, sizeof *c);
+    if (!c) {
+        ar_net_shutdown();
+        return ar_fail(AR_ENOMEM, "out of memory for a channel");
+    }
+    snprintf(c->addr, sizeof c->addr, "%s", addr);
+    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+    c->ch = grpc_channel_create(addr, creds, net_channel_args());
+    grpc_channel_credentials_release(creds);
+    if (!c->ch) {
+        free(c);
+        ar_net_shutdown();
+        return ar_fail(AR_EINVAL, "%s: cannot create a channel", addr);
+    }
+    *out = c;
+    return AR_OK;
+}
+
+void ar_client_close(ar_client *c)
+{
+    if (!c)
+        return;
+    grpc_channel_destroy(c->ch);
+    free(c);
+    ar_net_shutdown();
+}
+
+const char *ar_client_addr(const ar_client *c)
+{
+    return c->addr;
+}
+
+static grpc_call *new_call(ar_client *c, const char *method, double timeout_s)
+{
+    grpc_slice m = grpc_slice_from_copied_string(method);
+    grpc_call *call = grpc_channel_create_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, ar_net_cq, m,
+                                               NULL, net_deadline(timeout_s), NULL);
+    grpc_slice_unref(m);
+    return call;
+}
+
+/* Turn a finished call's status into our error code. */
+static int status_result(ar_client *c, const char *method, grpc_status_code code,
+                         grpc_slice details, int *status)
+{
+    if (status)
+        *status = (int)code;
+    if (code == GRPC_STATUS_OK)
+        return AR_OK;
+    char *d = grpc_slice_to_c_string(details);
+    int rc;
+    if (code == GRPC_STATUS_UNAVAILABLE || code == GRPC_STATUS_DEADLINE_EXCEEDED)
+        rc = ar_fail(AR_ECLOSED, "%s: %s: unreachable or not answering (%s)", c->addr, method, d);
+    else
+        rc = ar_fail(AR_EPROTO, "%s: %s", c->addr, d);
+    gpr_free(d);
+    return rc;
+}
+
+static grpc_byte_buffer *buffer_of(const void *data, size_t len)
+{
+    grpc_slice s = grpc_slice_from_copied_buffer(data, len);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
+int ar_client_unary(ar_client *c, const char *method, const void *req, size_t len, void **reply,
+                    size_t *reply_len, double timeout_s, int *status)
+{
+    *reply = NULL;
+    *reply_len = 0;
+    grpc_call *call = new_call(c, method, timeout_s);
+    if (!call)
+        return ar_fail(AR_EINTERNAL, "%s: cannot create a call", c->addr);
+    grpc_byte_buffer *out = buffer_of(req, len), *in = NULL;
+    grpc_metadata_array imd, tmd;
+    grpc_metadata_array_init(&imd);
+    grpc_metadata_array_init(&tmd);
+    grpc_status_code code = GRPC_STATUS_UNKNOWN;
+    grpc_slice details = grpc_empty_slice();
+    grpc_op ops[6];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = out;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &imd;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = &in;
+    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[5].data.recv_status_on_client.status = &code;
+    ops[5].data.recv_status_on_client.status_details = &details;
+    ops[5].data.recv_status_on_client.trailing_metadata = &tmd;
+    net_batch(call, ops, 6, -1); /* the deadline is the call's */
+    int rc = status_result(c, method, code, details, status);
+    if (rc == AR_OK && in)
+        rc = net_buffer_flatten(in, reply, reply_len);
+    else if (rc == AR_OK)
+        rc = ar_fail(AR_EPROTO, "%s: %s: no reply", c->addr, method);
+    if (in)
+        grpc_byte_buffer_destroy(in);
+    grpc_byte_buffer_destroy(out);
+    grpc_slice_unref(details);
+    grpc_metadata_array_destroy(&imd);
+    grpc_metadata_array_destroy(&tmd);
+    grpc_call_unref(call);
+    return rc;
+}
+
+static int finish_call(ar_client *c, grpc_call *call, const char *method, int *status)
+{
+    grpc_metadata_array tmd;
+    grpc_metadata_array_init(&tmd);
+    grpc_status_code code = GRPC_STATUS_UNKNOWN;
+    grpc_slice details = grpc_empty_slice();
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    op.data.recv_status_on_client.status = &code;
+    op.data.recv_status_on_client.status_details = &details;
+    op.data.recv_status_on_client.trailing_metadata = &tmd;
+    net_batch(call, &op, 1, -1);
+    int rc = status_result(c, method, code, details, status);
+    grpc_slice_unref(details);
+    grpc_metadata_array_destroy(&tmd);
+    return rc;
+}
+
+int ar_client_read_stream(ar_client *c, const char *method, const void *req, size_t len,
+                          int (*on_msg)(void *user, const void *data, size_t len), void *user,
+                          double timeout_s, int *status)
+{
+    grpc_call *call = new_call(c, method, timeout_s);
+    if (!call)
+        return ar_fail(AR_EINTERNAL, "%s: cannot create a call", c->addr);
+    grpc_byte_buffer *out = buffer_of(req, len);
+    grpc_metadata_array imd;
+    grpc_metadata_array_init(&imd);
+    grpc_op ops[4];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = out;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &imd;
+    int ok = net_batch(call, ops, 4, -1);
+    int user_rc = AR_OK;
+    char user_err[512] = "";
+    while (ok) {
+        grpc_byte_buffer *in = NULL;
+        memset(ops, 0, sizeof ops);
+        ops[0].op = GRPC_OP_RECV_MESSAGE;
+        ops[0].data.recv_message.recv_message = &in;
+        if (!net_batch(call, ops, 1, -1) || !in)
+            break;
+        void *data;
+        size_t n;
+        user_rc = net_buffer_flatten(in, &data, &n);
+        grpc_byte_buffer_destroy(in);
+        if (user_rc == AR_OK) {
+            user_rc = on_msg(user, data, n);
+            free(data);
+        }
+        if (user_rc != AR_OK) {
+            snprintf(user_err, sizeof user_err, "%s", ar_last_error());
+            grpc_call_cancel(call, NULL);
+            break;
+        }
+    }
+    int rc = finish_call(c, call, method, status);
+    if (user_rc != AR_OK)
+        rc = ar_fail(user_rc, "%s", user_err);
+    grpc_byte_buffer_destroy(out);
+    grpc_metadata_array_destroy(&imd);
+    grpc_call_unref(call);
+    return rc;
+}
+
+int ar_client_write_stream(ar_client *c, const char *method,
+                           int (*next)(void *user, const void **data, size_t *len), void *user,
+                           void **reply, size_t *reply_len, double timeout_s, int *status)
+{
+    *reply = NULL;
+    *reply_len = 0;
+    grpc_call *call = new_call(c, method, timeout_s);
+    if (!call)
+        return ar_fail(AR_EINTERNAL, "%s: cannot create a call", c->addr);
+    grpc_op ops[4];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    int ok = net_batch(call, ops, 1, -1);
+    for (;;) {
+        const void *data;
+        size_t n;
+        if (!ok || next(user, &data, &n) != 0)
+            break;
+        grpc_byte_buffer *bb = buffer_of(data, n);
+        memset(ops, 0, sizeof ops);
+        ops[0].op = GRPC_OP_SEND_MESSAGE;
+        ops[0].data.send_message.send_message = bb;
+        ok = net_batch(call, ops, 1, -1);
+        grpc_byte_buffer_destroy(bb);
+    }
+    grpc_metadata_array imd, tmd;
+    grpc_metadata_array_init(&imd);
+    grpc_metadata_array_init(&tmd);
+    grpc_status_code code = GRPC_STATUS_UNKNOWN;
+    grpc_slice details = grpc_empty_slice();
+    grpc_byte_buffer *in = NULL;
+    memset(ops, 0, sizeof ops);
+    size_t n = 0;
+    if (ok)
+        ops[n++].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[n++].data.recv_initial_metadata.recv_initial_metadata = &imd;
+    ops[n].op = GRPC_OP_RECV_MESSAGE;
+    ops[n++].data.recv_message.recv_message = &in;
+    ops[n].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[n].data.recv_status_on_client.status = &code;
+    ops[n].data.recv_status_on_client.status_details = &details;
+    ops[n].data.recv_status_on_client.trailing_metadata = &tmd;
+    n++;
+    net_batch(call, ops, n, -1);
+    int rc = status_result(c, method, code, details, status);
+    if (rc == AR_OK && in)
+        rc = net_buffer_flatten(in, reply, reply_len);
+    if (in)
+        grpc_byte_buffer_destroy(in);
+    grpc_slice_unref(details);
+    grpc_metadata_array_destroy(&imd);
+    grpc_metadata_array_destroy(&tmd);
+    grpc_call_unref(call);
+    return rc;
+}
+
+int ar_client_pipe(ar_client *c, const char *name, size_t max_frame, ar_link **out)
+{
+    grpc_call *call = new_call(c, "/arceus.Worker/Pipe", -1);
+    if (!call)
+        return ar_fail(AR_EINTERNAL, "%s: cannot create a call", c->addr);
+    ar_link *l = net_link_new(call, 0, name, max_frame, NULL);
+    grpc_call_unref(call); /* the link holds its own reference */
+    if (!l)
+        return AR_ENOMEM;
+    *out = l;
+    return AR_OK;
+}

@@ -1,0 +1,353 @@
+"""The pipeline over gRPC: `arceus worker` processes on 127.0.0.1.
+
+Every worker is started on port 0 (the "listening on" line gives the port)
+and is always terminated in teardown. The driver runs with --threads 1 and
+the workers with --threads 1, so the runs are bitwise comparable with one
+stage in one process.
+"""
+
+import os
+import re
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS, assert_no_crash, _env
+
+grpc = pytest.importorskip("grpc")
+
+PROTOCOL_VERSION = 1
+
+
+# ---------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------
+
+class Worker:
+    def __init__(self, binary, *extra):
+        self.proc = subprocess.Popen(
+            [str(binary), "worker", "--listen", "127.0.0.1:0", "--threads", "1", *map(str, extra)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        line = self.proc.stdout.readline()
+        m = re.search(r"arceus worker: listening on (\S+:\d+)", line)
+        if not m:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            pytest.fail(f"worker did not start: {line!r}\n{err[-3000:]}")
+        self.addr = m.group(1)
+        self.stderr = None
+
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        """Signal the worker and wait; returns its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            _, self.stderr = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, self.stderr = self.proc.communicate()
+            pytest.fail(f"worker {self.addr} did not stop within {timeout}s")
+        return self.proc.returncode
+
+
+@pytest.fixture
+def workers(arceus_bin):
+    """workers(n) starts n workers; all are stopped (and checked) in teardown."""
+    started = []
+
+    def start(n, *extra):
+        ws = [Worker(arceus_bin, *extra) for _ in range(n)]
+        started.extend(ws)
+        return ws
+
+    yield start
+    problems = []
+    for w in started:
+        if w.proc.poll() is None:
+            rc = w.stop()
+            if rc != 0:
+                problems.append(f"worker {w.addr} exited {rc} on SIGTERM:\n{w.stderr[-3000:]}")
+        elif w.stderr is None:
+            _, w.stderr = w.proc.communicate()
+        if w.proc.returncode is not None and w.proc.returncode < 0 and w.proc.returncode != -signal.SIGKILL:
+            problems.append(f"worker {w.addr} died from signal {-w.proc.returncode}")
+        for marker in ("AddressSanitizer", "LeakSanitizer", "runtime error"):
+            if w.stderr and marker in w.stderr:
+                problems.append(f"sanitizer report in worker {w.addr}:\n{w.stderr[-6000:]}")
+    assert not problems, "\n".join(problems)
+
+
+def addrs(ws):
+    return ",".join(w.addr for w in ws)
+
+
+# ---------------------------------------------------------------------------
+# Distributed equals single
+# ---------------------------------------------------------------------------
+
+MLP_RUN = ("--steps", "6", "--batch", "32", "--micro-batches", "4", "--eval-every", "3")
+GPT_RUN = ("--steps", "4", "--batch", "8", "--micro-batches", "4", "--eval-every", "2",
+           "--eval-batches", "1")
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_mlp_three_workers_equal_one_stage(run_arceus, workers, tmp_path, small_mlp_spec,
+                                           small_fashion, schedule):
+    args = ("--model", small_mlp_spec, "--data", small_fashion, *MLP_RUN, "--schedule", schedule,
+            "--threads", "1")
+    run_arceus("train", *args, "--out", tmp_path / "one", check=True)
+    ws = workers(3)
+    p = run_arceus("train", *args, "--workers", addrs(ws), "--out", tmp_path / "three", check=True)
+    assert "stage 2: layers 2-2" in p.stdout
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_gpt_three_workers_equal_one_stage(run_arceus, workers, tmp_path, corpus, schedule):
+    args = ("--model", CONFIGS / "gpt-tiny.json", "--data", corpus, *GPT_RUN, "--schedule", schedule,
+            "--threads", "1")
+    run_arceus("train", *args, "--out", tmp_path / "one", check=True)
+    ws = workers(3)
+    run_arceus("train", *args, "--workers", addrs(ws), "--out", tmp_path / "three", check=True)
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes(), name
+
+
+def test_resume_over_workers_equals_uninterrupted(run_arceus, workers, tmp_path, small_mlp_spec,
+                                                  small_fashion):
+    """Save (checkpoint at --stop-after) and Restore (--resume) through the workers."""
+    args = ("--data", small_fashion, "--steps", "6", "--batch", "32", "--micro-batches", "2",
+            "--eval-every", "0", "--threads", "1")
+    run_arceus("train", "--model", small_mlp_spec, *args, "--out", tmp_path / "one", check=True)
+    ws = workers(3)
+    run_arceus("train", "--model", small_mlp_spec, *args, "--workers", addrs(ws), "--stop-after", "3",
+               "--out", tmp_path / "split", check=True)
+    # fresh workers: the state comes back only through Restore
+    ws2 = workers(2)
+    run_arceus("train", "--resume", tmp_path / "split", *args, "--workers", addrs(ws2), check=True)
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "split" / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------
+# Failures
+# ---------------------------------------------------------------------------
+
+def test_worker_killed_mid_run_names_the_stage(arceus_bin, workers, tmp_path, small_mlp_spec,
+                                               small_fashion):
+    ws = workers(3)
+    out = tmp_path / "ckpt"
+    log = tmp_path / "log.jsonl"
+    cmd = [str(arceus_bin), "train", "--model", str(small_mlp_spec), "--data", str(small_fashion),
+           "--steps", "100000", "--batch", "32", "--micro-batches", "4", "--eval-every", "0",
+           "--threads", "1", "--workers", addrs(ws), "--out", str(out), "--log", str(log)]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and driver.poll() is None:
+            if log.exists() and len(log.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        assert driver.poll() is None, driver.communicate()[1][-3000:]
+        ws[1].proc.kill()
+        ws[1].proc.wait()
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+    assert driver.returncode > 0, err[-3000:]
+    assert f"stage 1 ({ws[1].addr}) disconnected" in err, err[-3000:]
+    assert not (out / "state.json").exists(), "a checkpoint was written for a failed run"
+    # the surviving workers are still healthy and exit 0 on SIGTERM (teardown)
+
+
+def test_unreachable_worker_is_named(run_arceus, small_mlp_spec, small_fashion):
+    p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", "1",
+                   "--workers", "127.0.0.1:1,127.0.0.1:2", timeout=120)
+    assert p.returncode != 0
+    assert "worker 0 (127.0.0.1:1)" in p.stderr, p.stderr
+
+
+def test_sigterm_stops_a_worker_cleanly(workers):
+    w, = workers(1)
+    assert w.stop(signal.SIGTERM) == 0, w.stderr
+    assert "shutting down" in w.stderr
+
+
+def test_sigint_stops_a_worker_cleanly(workers):
+    w, = workers(1)
+    assert w.stop(signal.SIGINT) == 0, w.stderr
+
+
+# ---------------------------------------------------------------------------
+# A foreign client: python grpcio with hand-encoded protobuf
+# ---------------------------------------------------------------------------
+
+def varint(v):
+    out = bytearray()
+    v &= (1 << 64) - 1
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def field_varint(n, v):
+    return varint(n << 3) + varint(v)
+
+
+def field_bytes(n, b):
+    if isinstance(b, str):
+        b = b.encode()
+    return varint((n << 3) | 2) + varint(len(b)) + b
+
+
+def field_f32(n, x):
+    return varint((n << 3) | 5) + struct.pack("<f", x)
+
+
+def decode(buf):
+    """Protobuf bytes -> {field: [values]} (varints as int, fixed64 as bytes)."""
+    out, i = {}, 0
+
+    def rd():
+        nonlocal i
+        v, shift = 0, 0
+        while True:
+            b = buf[i]
+            i += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return v
+
+    while i < len(buf):
+        key = rd()
+        f, wt = key >> 3, key & 7
+        if wt == 0:
+            v = rd()
+        elif wt == 1:
+            v = buf[i:i + 8]
+            i += 8
+        elif wt == 2:
+            n = rd()
+            v = buf[i:i + n]
+            i += n
+        elif wt == 5:
+            v = buf[i:i + 4]
+            i += 4
+        else:
+            raise ValueError(f"wire type {wt}")
+        out.setdefault(f, []).append(v)
+    return out
+
+
+def hello_request(version=PROTOCOL_VERSION):
+    return field_varint(1, version) + field_bytes(2, "pytest") + field_bytes(3, "")
+
+
+MLP_SPEC = ('{"type": "mlp", "inputs": 8, "hidden": [6], "classes": 3, '
+            '"activation": "relu", "dropout": 0.0}')
+
+
+def load_request(spec=MLP_SPEC, first=0, last=2):
+    opt = field_varint(1, 0) + field_f32(2, 0.9) + field_f32(3, 0.99) + field_f32(4, 1e-8)
+    return (field_bytes(1, spec) + field_varint(2, first) + field_varint(3, last) +
+            field_varint(4, 4) + field_varint(5, 1) + field_varint(6, 1) + field_varint(7, 0) +
+            field_varint(8, 1) + field_varint(9, 7) + field_bytes(10, opt))
+
+
+def frame(kind, nmb=0, rows=0, dtype=0, shape=(), payload=b"", step=0):
+    packed = b"".join(varint(d) for d in shape)
+    m = field_varint(1, kind) + field_varint(2, step) + field_varint(4, nmb) + field_varint(5, rows)
+    m += field_varint(6, dtype)
+    if shape:
+        m += field_bytes(7, packed)
+    if payload:
+        m += field_bytes(10, payload)
+    return m
+
+
+def unary(channel, method, req, timeout=30):
+    return channel.unary_unary(f"/arceus.Worker/{method}")(req, timeout=timeout)
+
+
+def pipe(channel, frames, timeout=30):
+    return list(channel.stream_stream("/arceus.Worker/Pipe")(iter(frames), timeout=timeout))
+
+
+def test_foreign_client_hello(workers):
+    w, = workers(1)
+    with grpc.insecure_channel(w.addr) as ch:
+        r = decode(unary(ch, "Hello", hello_request()))
+    assert r[1] == [PROTOCOL_VERSION]
+    assert r[2] == [w.addr.encode()]
+    caps = [c.decode() for c in r.get(3, [])]
+    assert "pipeline" in caps and "gpt" in caps and "mlp" in caps
+    gflops = struct.unpack("<d", r[4][0])[0]
+    assert gflops > 0
+    assert r[5][0] > 0          # free memory, bytes
+    assert r[6] == [1]          # threads
+
+
+def test_wrong_protocol_version_is_refused(workers):
+    w, = workers(1)
+    with grpc.insecure_channel(w.addr) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            unary(ch, "Hello", hello_request(version=99))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "version" in e.value.details() and "99" in e.value.details()
+        unary(ch, "Hello", hello_request())  # still serving
+
+
+def test_pipe_before_load(workers):
+    w, = workers(1)
+    with grpc.insecure_channel(w.addr) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            pipe(ch, [frame(9)])
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "stage not loaded" in e.value.details()
+
+
+@pytest.mark.parametrize("spec,first,last,what", [
+    ('{"type": "mlp", "inputs": 8}', 0, 1, "classes"),
+    ('{"type": "mlp", "inputs": 8, "hidden": [6], "classes": 3, "bogus": 1}', 0, 1, "bogus"),
+    ("not json", 0, 1, ""),
+    (MLP_SPEC, 1, 5, "out of range"),
+])
+def test_invalid_load_is_refused(workers, spec, first, last, what):
+    w, = workers(1)
+    with grpc.insecure_channel(w.addr) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            unary(ch, "Load", load_request(spec, first, last))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert what in e.value.details(), e.value.details()
+        unary(ch, "Hello", hello_request())  # still serving
+
+
+def test_bad_frame_gets_invalid_argument_and_the_worker_goes_on(workers):
+    w, = workers(1)
+    with grpc.insecure_channel(w.addr) as ch:
+        unary(ch, "Load", load_request())
+        # shape (10,) float32 = 40 bytes, but 12 bytes of payload
+        bad = frame(1, nmb=1, rows=1, dtype=0, shape=(10,), payload=b"\0" * 12)
+        with pytest.raises(grpc.RpcError) as e:
+            pipe(ch, [bad])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "40" in e.value.details() and "12" in e.value.details(), e.value.details()
+        # garbage bytes that are not a Frame at all
+        with pytest.raises(grpc.RpcError) as e:
+            pipe(ch, [b"\xff\xff\xff"])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # the next client is served: a SYNC frame comes back
+    with grpc.insecure_channel(w.addr) as ch:
+        replies = pipe(ch, [frame(9, step=5)])
+        assert len(replies) == 1
+        assert decode(replies[0])[1] == [9]

@@ -1,0 +1,276 @@
+/* The gRPC transport: frames round-trip bitwise through a real server on
+ * 127.0.0.1 (port 0) in this process, bad frames get INVALID_ARGUMENT and
+ * the server keeps serving, and the worker's control RPCs. */
+#include "core/core.h"
+#include "net/net.h"
+#include "net/remote.h"
+#include "nn/spec.h"
+#include "train/frame.h"
+#include "train/stage.h"
+
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SERVER_MAX_FRAME ((size_t)64 << 20)
+
+/* Pipe handler that sends every frame back. */
+static void echo_pipe(ar_rpc *rpc, void *user)
+{
+    (void)user;
+    ar_link *l;
+    if (ar_rpc_link(rpc, "echo client", SERVER_MAX_FRAME, &l) != AR_OK)
+        return;
+    for (;;) {
+        ar_frame f;
+        if (ar_link_recv(l, &f, -1) != AR_OK)
+            break;
+        if (ar_link_send(l, &f) != AR_OK)
+            break;
+    }
+}
+
+static ar_server *start_echo(char *addr, size_t size)
+{
+    ar_server *s;
+    int port = 0;
+    cr_assert_eq(ar_server_create("127.0.0.1:0", &s, &port), AR_OK, "%s", ar_last_error());
+    cr_assert(port > 0);
+    cr_assert_eq(ar_server_handle(s, "/arceus.Worker/Pipe", echo_pipe, NULL), AR_OK);
+    cr_assert_eq(ar_server_start(s), AR_OK);
+    snprintf(addr, size, "127.0.0.1:%d", port);
+    return s;
+}
+
+static void fill(unsigned char *p, size_t n, unsigned seed)
+{
+    uint32_t x = seed * 2654435761u + 1;
+    for (size_t i = 0; i < n; i++) {
+        x = x * 1664525u + 1013904223u;
+        p[i] = (unsigned char)(x >> 24);
+    }
+}
+
+/* Send a frame of nbytes (U8, shape {nbytes}) and check what comes back. */
+static double round_trip(ar_link *l, size_t nbytes, int mb)
+{
+    unsigned char *want = malloc(nbytes ? nbytes : 1);
+    cr_assert(want);
+    fill(want, nbytes, (unsigned)nbytes + 7);
+    int32_t targets[5] = {1, -2, 3, 400000, -5};
+    ar_frame f = {.kind = AR_FRAME_ACT, .step = 1234567890123LL, .mb = mb, .nmb = 8, .rows = 3};
+    f.scalars[0] = 1.5;
+    f.scalars[1] = -0.25;
+    f.scalars[3] = 1e-300;
+    int64_t shape = (int64_t)nbytes;
+    if (nbytes)
+        cr_assert_eq(ar_frame_set_payload(&f, AR_DT_U8, 1, &shape, want), AR_OK);
+    cr_assert_eq(ar_frame_set_targets(&f, targets, 5), AR_OK);
+    double t0 = ar_now();
+    cr_assert_eq(ar_link_send(l, &f), AR_OK, "%s", ar_last_error());
+    cr_assert_null(f.data); /* the link took the buffers */
+    ar_frame g;
+    cr_assert_eq(ar_link_recv(l, &g, 60), AR_OK, "%s", ar_last_error());
+    double dt = ar_now() - t0;
+    cr_assert_eq(g.kind, AR_FRAME_ACT);
+    cr_assert_eq(g.step, 1234567890123LL);
+    cr_assert_eq(g.mb, mb);
+    cr_assert_eq(g.nmb, 8);
+    cr_assert_eq(g.rows, 3);
+    cr_assert_eq(g.nbytes, nbytes);
+    if (nbytes) {
+        cr_assert_eq(g.dtype, AR_DT_U8);
+        cr_assert_eq(g.ndim, 1);
+        cr_assert_eq(g.shape[0], (int64_t)nbytes);
+        cr_assert(memcmp(g.data, want, nbytes) == 0, "payload differs");
+    }
+    cr_assert_eq(g.ntargets, 5);
+    cr_assert(memcmp(g.targets, targets, sizeof targets) == 0);
+    cr_assert(g.scalars[0] == 1.5 && g.scalars[1] == -0.25 && g.scalars[2] == 0 && g.scalars[3] == 1e-300);
+    ar_frame_free(&g);
+    free(want);
+    return dt;
+}
+
+Test(net, frames_round_trip_bitwise)
+{
+    char addr[64];
+    ar_server *s = start_echo(addr, sizeof addr);
+    ar_client *c;
+    cr_assert_eq(ar_client_open(addr, &c), AR_OK);
+    ar_link *l;
+    cr_assert_eq(ar_client_pipe(c, "echo server", SERVER_MAX_FRAME, &l), AR_OK);
+    round_trip(l, 0, 0);
+    round_trip(l, 64 << 10, 1);
+    round_trip(l, 16 << 20, 2);
+    double best = 1e9;
+    for (int i = 0; i < 3; i++) {
+        double t = round_trip(l, 16 << 20, 3);
+        best = t < best ? t : best;
+    }
+    cr_log_info("16 MiB frame round trip: %.1f ms (%.2f GB/s each way)", best * 1e3,
+                2.0 * (16 << 20) / best / 1e9);
+    fprintf(stderr, "test_net: 16 MiB frame round trip %.1f ms (%.2f GB/s both ways)\n", best * 1e3,
+            2.0 * (16 << 20) / best / 1e9);
+    /* many frames queued at once, in order */
+    for (int i = 0; i < 50; i++) {
+        ar_frame f = {.kind = AR_FRAME_SYNC, .step = i};
+        cr_assert_eq(ar_link_send(l, &f), AR_OK);
+    }
+    for (int i = 0; i < 50; i++) {
+        ar_frame g;
+        cr_assert_eq(ar_link_recv(l, &g, 30), AR_OK, "%s", ar_last_error());
+        cr_assert_eq(g.step, i);
+        ar_frame_free(&g);
+    }
+    cr_assert_eq(ar_net_link_finish(l, 30), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_net_link_status(l), AR_STATUS_OK);
+    ar_link_destroy(l);
+    ar_client_close(c);
+    ar_server_destroy(s);
+}
+
+static void expect_invalid(ar_client *c, ar_frame *bad)
+{
+    ar_link *l;
+    cr_assert_eq(ar_client_pipe(c, "echo server", SERVER_MAX_FRAME, &l), AR_OK);
+    ar_link_send(l, bad); /* queued: the error comes back as the status */
+    ar_frame g;
+    cr_assert_neq(ar_link_recv(l, &g, 30), AR_OK);
+    cr_assert_eq(ar_net_link_status(l), AR_STATUS_INVALID_ARGUMENT, "status %d: %s",
+                 ar_net_link_status(l), ar_last_error());
+    cr_assert(strstr(ar_last_error(), "bad frame"), "%s", ar_last_error());
+    ar_link_destroy(l);
+}
+
+Test(net, invalid_frames_get_invalid_argument_and_the_server_goes_on)
+{
+    char addr[64];
+    ar_server *s = start_echo(addr, sizeof addr);
+    ar_client *c;
+    cr_assert_eq(ar_client_open(addr, &c), AR_OK);
+
+    /* shape says 10 floats, the payload has 12 bytes */
+    ar_frame bad = {.kind = AR_FRAME_ACT, .nmb = 1};
+    int64_t shape = 3;
+    float v[3] = {1, 2, 3};
+    cr_assert_eq(ar_frame_set_payload(&bad, AR_DT_F32, 1, &shape, v), AR_OK);
+    bad.shape[0] = 10;
+    expect_invalid(c, &bad);
+
+    /* unknown kind */
+    ar_frame unk = {.kind = 99};
+    expect_invalid(c, &unk);
+
+    /* micro-batch out of range */
+    ar_frame mb = {.kind = AR_FRAME_ACT, .mb = 5, .nmb = 2};
+    expect_invalid(c, &mb);
+
+    /* over the server's size limit */
+    size_t big = SERVER_MAX_FRAME + 16;
+    ar_frame huge = {.kind = AR_FRAME_ACT, .nmb = 1, .dtype = AR_DT_U8, .ndim = 1};
+    huge.shape[0] = (int64_t)big;
+    huge.data = calloc(1, big);
+    huge.nbytes = big;
+    cr_assert(huge.data);
+    expect_invalid(c, &huge);
+
+    /* and then a good client is served */
+    ar_link *l;
+    cr_assert_eq(ar_client_pipe(c, "echo server", SERVER_MAX_FRAME, &l), AR_OK);
+    round_trip(l, 1000, 0);
+    cr_assert_eq(ar_net_link_finish(l, 30), AR_OK, "%s", ar_last_error());
+    ar_link_destroy(l);
+    ar_client_close(c);
+    ar_server_destroy(s);
+}
+
+Test(net, decoder_rejects_malformed_bytes)
+{
+    ar_frame f;
+    const unsigned char trunc[] = {0x08}; /* a key without its value */
+    cr_assert_neq(ar_net_frame_decode(trunc, sizeof trunc, &f), AR_OK);
+    const unsigned char longlen[] = {0x52, 0xff, 0xff, 0xff, 0x0f, 1, 2}; /* payload longer than the message */
+    cr_assert_neq(ar_net_frame_decode(longlen, sizeof longlen, &f), AR_OK);
+    const unsigned char dims[] = {0x3a, 5, 1, 1, 1, 1, 1}; /* 5 packed dimensions */
+    cr_assert_neq(ar_net_frame_decode(dims, sizeof dims, &f), AR_OK);
+    const unsigned char ok[] = {0x08, 0x07, 0x10, 0x05, 0x9a, 0x01, 0x01, 0x00}; /* kind 7, step 5, unknown field 19 */
+    cr_assert_eq(ar_net_frame_decode(ok, sizeof ok, &f), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(f.kind, 7);
+    cr_assert_eq(f.step, 5);
+    ar_frame_free(&f);
+}
+
+/* ---- the worker --------------------------------------------------------- */
+
+static const char *MLP = "{\"type\": \"mlp\", \"inputs\": 8, \"hidden\": [6], \"classes\": 3, "
+                         "\"activation\": \"relu\", \"dropout\": 0.0}";
+
+Test(net, worker_control_rpcs)
+{
+    ar_worker_config wc = {.listen = "127.0.0.1:0", .threads = 1};
+    ar_worker *w;
+    char addr[200];
+    cr_assert_eq(ar_worker_start(&wc, &w, addr, sizeof addr), AR_OK, "%s", ar_last_error());
+    ar_client *c;
+    cr_assert_eq(ar_client_open(addr, &c), AR_OK);
+    ar_hello_info h;
+    cr_assert_eq(ar_remote_hello(c, &h), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(h.protocol_version, AR_PROTOCOL_VERSION);
+    cr_assert_str_eq(h.worker, addr);
+    cr_assert(strstr(h.capabilities, "pipeline"));
+    cr_assert(h.gflops > 0);
+    cr_assert(h.free_memory > 0);
+    cr_assert_eq(h.threads, 1);
+
+    /* Pipe before Load */
+    ar_link *l;
+    cr_assert_eq(ar_client_pipe(c, "stage 0", 0, &l), AR_OK);
+    ar_frame f;
+    cr_assert_neq(ar_link_recv(l, &f, 30), AR_OK);
+    cr_assert_eq(ar_net_link_status(l), AR_STATUS_FAILED_PRECONDITION);
+    cr_assert(strstr(ar_last_error(), "stage not loaded"), "%s", ar_last_error());
+    ar_link_destroy(l);
+
+    /* a bad Load: units out of range, and an invalid spec */
+    ar_model_spec spec;
+    cr_assert_eq(ar_spec_parse(MLP, strlen(MLP), "test", &spec), AR_OK);
+    ar_load_args a = {.spec = &spec, .first = 0, .last = 5, .rows = 4, .micro_batches = 2,
+                      .schedule = 1, .index = 0, .count = 1, .seed = 1,
+                      .optim = {.kind = 0, .beta1 = 0.9f, .beta2 = 0.99f, .eps = 1e-8f}};
+    cr_assert_neq(ar_remote_load(c, &a), AR_OK);
+    cr_assert(strstr(ar_last_error(), "out of range"), "%s", ar_last_error());
+    ar_model_spec broken = spec;
+    broken.classes = 0;
+    a.spec = &broken;
+    a.last = 2;
+    cr_assert_neq(ar_remote_load(c, &a), AR_OK);
+
+    /* Load, Save, change, Restore */
+    a.spec = &spec;
+    cr_assert_eq(ar_remote_load(c, &a), AR_OK, "%s", ar_last_error());
+    ar_stage sh;
+    cr_assert_eq(ar_stage_create(&sh, &spec, 0, 2, 1, 1, 1, &a.optim), AR_OK);
+    ar_stage ref;
+    cr_assert_eq(ar_stage_create(&ref, &spec, 0, 2, 1, 1, 1, &a.optim), AR_OK);
+    memset(sh.mem_params, 0, sizeof(float) * (size_t)sh.param_floats);
+    cr_assert_eq(ar_remote_save(c, &sh), AR_OK, "%s", ar_last_error());
+    cr_assert(memcmp(sh.mem_params, ref.mem_params, sizeof(float) * (size_t)sh.param_floats) == 0);
+    for (long i = 0; i < sh.param_floats; i++) {
+        sh.mem_params[i] = (float)i;
+        sh.mem_m[i] = 0.5f;
+        sh.mem_v[i] = 0.25f;
+    }
+    sh.opt_step = 42;
+    cr_assert_eq(ar_remote_restore(c, &sh), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_remote_save(c, &ref), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ref.opt_step, 42);
+    cr_assert(memcmp(sh.mem_params, ref.mem_params, sizeof(float) * (size_t)sh.param_floats) == 0);
+    cr_assert(memcmp(sh.mem_v, ref.mem_v, sizeof(float) * (size_t)sh.param_floats) == 0);
+    ar_stage_destroy(&sh);
+    ar_stage_destroy(&ref);
+
+    ar_client_close(c);
+    ar_worker_stop(w);
+}
