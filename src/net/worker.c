@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 struct ar_worker {
     ar_server *server;
@@ -22,6 +23,7 @@ struct ar_worker {
     size_t max_frame;
     double gflops;
     pthread_mutex_t mu;
+    pthread_cond_t idle; /* signalled when a Pipe ends */
     int loaded;
     int pipe_active;
     ar_stage *stage; /* on the heap: a stage holds pointers into itself */
@@ -29,6 +31,24 @@ struct ar_worker {
     uint64_t seed;
     ar_client *next;
 };
+
+/* A Pipe whose client just vanished takes a moment to wind down (its
+ * downstream stream is cancelled, the stage returns): a new driver's Load
+ * or Pipe waits for that rather than failing. mu held. */
+static void wait_pipe_idle(ar_worker *w, double timeout_s)
+{
+    double end = ar_now() + timeout_s;
+    while (w->pipe_active && ar_now() < end) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 50 * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&w->idle, &w->mu, &ts);
+    }
+}
 
 /* A short sgemm probe (~0.2 s): what the planner weighs devices by. */
 static double measure_gflops(void)
@@ -193,6 +213,7 @@ static void on_load(ar_rpc *rpc, void *user)
         goto done;
     }
     pthread_mutex_lock(&w->mu);
+    wait_pipe_idle(w, 10);
     if (w->pipe_active) {
         pthread_mutex_unlock(&w->mu);
         ar_client_close(next);
@@ -240,6 +261,7 @@ static void on_pipe(ar_rpc *rpc, void *user)
         pthread_mutex_unlock(&w->mu);
         return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "stage not loaded (call Load first)");
     }
+    wait_pipe_idle(w, 10);
     if (w->pipe_active) {
         pthread_mutex_unlock(&w->mu);
         return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "a pipeline is already running on this stage");
@@ -298,6 +320,7 @@ out:
     ar_link_destroy(down);
     pthread_mutex_lock(&w->mu);
     w->pipe_active = 0;
+    pthread_cond_broadcast(&w->idle);
     pthread_mutex_unlock(&w->mu);
 }
 
@@ -402,6 +425,7 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     if (!w)
         return ar_fail(AR_ENOMEM, "out of memory");
     pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->idle, NULL);
     w->threads = c->threads > 0 ? c->threads : ar_get_threads();
     w->max_frame = c->max_frame ? c->max_frame : AR_NET_DEFAULT_MAX_FRAME;
     w->gflops = measure_gflops();
@@ -409,6 +433,7 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     int rc = ar_server_create(c->listen, &w->server, &port);
     if (rc != AR_OK) {
         pthread_mutex_destroy(&w->mu);
+        pthread_cond_destroy(&w->idle);
         free(w);
         return rc;
     }
@@ -440,5 +465,6 @@ void ar_worker_stop(ar_worker *w)
     }
     ar_client_close(w->next);
     pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->idle);
     free(w);
 }

@@ -351,3 +351,51 @@ def test_bad_frame_gets_invalid_argument_and_the_worker_goes_on(workers):
         replies = pipe(ch, [frame(9, step=5)])
         assert len(replies) == 1
         assert decode(replies[0])[1] == [9]
+
+
+def test_driver_killed_mid_run_workers_serve_the_next_one(arceus_bin, run_arceus, workers, tmp_path,
+                                                          small_mlp_spec, small_fashion):
+    """The workers drop the vanished driver's step and serve a new run, which
+    is still bitwise equal to one stage."""
+    ws = workers(3)
+    log = tmp_path / "log.jsonl"
+    cmd = [str(arceus_bin), "train", "--model", str(small_mlp_spec), "--data", str(small_fashion),
+           "--steps", "100000", "--batch", "32", "--micro-batches", "4", "--eval-every", "0",
+           "--threads", "1", "--workers", addrs(ws), "--log", str(log)]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and driver.poll() is None:
+            if log.exists() and len(log.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        assert driver.poll() is None
+    finally:
+        driver.kill()
+        driver.communicate()
+    args = ("--model", small_mlp_spec, "--data", small_fashion, *MLP_RUN, "--threads", "1")
+    run_arceus("train", *args, "--out", tmp_path / "one", check=True)
+    run_arceus("train", *args, "--workers", addrs(ws), "--out", tmp_path / "three", check=True)
+    assert ((tmp_path / "one" / "model.safetensors").read_bytes() ==
+            (tmp_path / "three" / "model.safetensors").read_bytes())
+    for w in ws:
+        assert w.proc.poll() is None, f"worker {w.addr} died"
+
+
+def test_driver_refuses_a_worker_of_another_protocol_version(run_arceus, small_mlp_spec, small_fashion):
+    """A fake worker (python grpcio) answering Hello with version 2."""
+    from concurrent import futures
+    reply = field_varint(1, 2) + field_bytes(2, "fake") + field_bytes(3, "pipeline")
+    handler = grpc.method_handlers_generic_handler("arceus.Worker", {
+        "Hello": grpc.unary_unary_rpc_method_handler(lambda req, ctx: reply)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", "1",
+                       "--workers", f"127.0.0.1:{port}", timeout=120)
+    finally:
+        server.stop(None)
+    assert p.returncode != 0
+    assert f"127.0.0.1:{port}" in p.stderr and "protocol version 2" in p.stderr, p.stderr
