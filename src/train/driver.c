@@ -561,8 +561,9 @@ static void print_plan(const run *r)
     printf("model: %s, %ld parameters (%.2fM)\n", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
            params, params / 1e6);
     for (int i = 0; i < r->S; i++)
-        printf("  stage %d: layers %d-%d, %ld parameters, %d threads\n", i, r->stages[i].first,
-               r->stages[i].last - 1, r->stages[i].param_floats, r->threads_per_stage);
+        printf("  stage %d: layers %d-%d, %ld parameters, %d threads%s%s\n", i, r->stages[i].first,
+               r->stages[i].last - 1, r->stages[i].param_floats, r->threads_per_stage,
+               r->remote ? ", worker " : "", r->remote ? r->addrs[i] : "");
     printf("batch %d = %d micro-batches of %d, %ld steps, schedule %s\n", r->B, r->M,
            r->rows_per_mb, r->c->steps, ar_schedule_name(r->c->schedule));
     fflush(stdout);
