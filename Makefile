@@ -130,9 +130,15 @@ unit: $(TEST_BIN) ref
 e2e: $(BIN)
 	ARCEUS_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q tests/e2e
 
+$(OUT)/bench/link_bench: bench/link_bench.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(DEP_LIBS)
+
 bench: deps
-	$(MAKE) all
+	$(MAKE) all $(OUT)/bench/link_bench
 	$(PYTHON) bench/run.py --arceus $(abspath $(BIN))
+	$(OUT)/bench/link_bench
+	$(PYTHON) bench/pipeline.py --arceus $(abspath $(BIN))
 
 # The main job: install what is missing, build, train the MLP on
 # Fashion-MNIST (Debian's dataset-fashion-mnist) and print the test accuracy.
