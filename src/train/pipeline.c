@@ -25,6 +25,7 @@ typedef struct {
     int32_t **slot_targets; /* targets of the micro-batch in each slot (last stage) */
     int *slot_rows;
     double busy, idle;
+    double update_s; /* optimizer time since the last step: busy time of the next step's window */
 } serve_state;
 
 static uint64_t mb_seed(uint64_t seed, int64_t step, int mb)
@@ -285,7 +286,11 @@ static int run_step(serve_state *st, ar_frame *first)
                      in_flight, s->nslots);
         goto done;
     }
-    st->busy = st->idle = 0;
+    /* the driver sends the next step's frames right after STEP, so the
+     * optimizer update falls inside the next step's wall time: count it */
+    st->busy = st->update_s;
+    st->idle = 0;
+    st->update_s = 0;
     ar_stage_zero_grad(s);
     int next_f = 0;
     for (int i = 0; i < 2 * M; i++) {
@@ -471,7 +476,10 @@ int ar_stage_serve(ar_stage_runner *r)
             }
             break;
         case AR_FRAME_STEP:
-            if ((rc = run_apply(r, &f)) != AR_OK)
+            double t0 = ar_now();
+            rc = run_apply(r, &f);
+            st.update_s += ar_now() - t0;
+            if (rc != AR_OK)
                 what = "optimizer step";
             break;
         case AR_FRAME_EVAL:
