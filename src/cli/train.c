@@ -26,6 +26,9 @@ void ar_help_train(void)
            "  --workers local:S    run an in-process pipeline of S stages (local:1)\n"
            "  --workers H:P,H:P,.. one stage per worker process (arceus worker), in order\n"
            "  --schedule NAME      pipeline schedule: gpipe or 1f1b (1f1b)\n"
+           "  --plan auto|SPEC     how layers are split over the stages: auto (the planner,\n"
+           "                       from each worker's measured speed and memory) or e.g.\n"
+           "                       \"0-2,3-5,6-7\" (layers of stage 0, 1, 2 on the workers in order)\n"
            "  --optimizer NAME     adamw or sgd (adamw; sgd uses momentum --beta1)\n"
            "  --lr X               peak learning rate (GPT 1e-3, MLP 3e-3)\n"
            "  --min-lr X           final learning rate of the cosine schedule (1e-4)\n"
@@ -118,6 +121,8 @@ int ar_cmd_train(int argc, char **argv)
             rc = ar_args_int(&a, 1, 100000, &c.eval_batches);
         else if (!strcmp(name, "ckpt-every"))
             rc = ar_args_long(&a, 0, 100000000, &c.ckpt_every);
+        else if (!strcmp(name, "plan"))
+            rc = ar_args_string(&a, &c.plan);
         else if (!strcmp(name, "stop-after"))
             rc = ar_args_long(&a, 1, 100000000, &c.stop_after);
         else if (!strcmp(name, "quiet"))

@@ -9,7 +9,7 @@
 #include "net/remote.h"
 #include "train/local.h"
 #include "train/pipeline.h"
-#include "train/plan_even.h"
+#include "train/plan.h"
 #include "train/plot.h"
 #include "train/schedule.h"
 
@@ -180,6 +180,8 @@ typedef struct {
      * processes; local "shadow" stages of the same ranges hold their state
      * for checkpoints (filled by Save) and resuming (pushed by Restore) */
     int remote;
+    ar_plan plan;
+    ar_device devs[64];
     ar_client *clients[64];
     char addrs[64][128];
     ar_stage shadows[64];
@@ -367,6 +369,36 @@ static int parse_workers(run *r, const char *list)
     return r->S > 0 ? AR_OK : ar_fail(AR_EINVAL, "--workers: no worker given");
 }
 
+/* Split the model's units over the devices: the planner's choice, or the
+ * user's --plan. Devices the plan leaves out are dropped. */
+static int make_plan(run *r, int ndev)
+{
+    ar_train_config *c = r->c;
+    int units = ar_spec_units(&r->spec);
+    ar_unit_cost *costs = ar_calloc((size_t)units, sizeof *costs);
+    if (!costs)
+        return AR_ENOMEM;
+    int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
+    if (rc == AR_OK) {
+        if (c->plan && strcmp(c->plan, "auto") != 0) {
+            rc = ar_plan_parse(c->plan, units, ndev, &r->plan);
+            if (rc == AR_OK)
+                rc = ar_plan_estimate(&r->plan, costs, units, r->devs, ndev, r->M, c->schedule);
+
+        } else {
+            rc = ar_plan_auto(costs, units, r->devs, ndev, r->M, c->schedule, &r->plan);
+        }
+    }
+    if (rc == AR_OK && !c->quiet) {
+        long params = ar_spec_param_count(&r->spec);
+        printf("model: %s, %ld parameters (%.2fM)\n", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
+               params, params / 1e6);
+        ar_plan_print(stdout, &r->plan, r->devs, costs, &r->spec);
+    }
+    ar_free(costs);
+    return rc;
+}
+
 /* Greet every worker, split the units, build the shadows, Load (and on
  * resume Restore) every stage, then open the stream to stage 0. */
 static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state *resume)
@@ -385,10 +417,40 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
             return ar_fail(rc, "worker %d (%s): %s", i, r->addrs[i], ar_last_error());
         if (i == 0 || h.threads < threads)
             threads = h.threads;
+        ar_device *d = &r->devs[i];
+        size_t n = strnlen(r->addrs[i], sizeof d->name - 1);
+        memcpy(d->name, r->addrs[i], n); /* (snprintf trips gcc's restrict check here) */
+        d->name[n] = '\0';
+        d->gflops = h.gflops > 0 ? h.gflops : 1;
+        d->mem_bytes = (double)h.free_memory;
+        d->bandwidth = 0; /* the loopback default; measured links come later */
     }
     r->threads_per_stage = threads;
-    if ((rc = ar_plan_even(units, r->S, first, last)) != AR_OK)
+    if ((rc = make_plan(r, r->S)) != AR_OK)
         return rc;
+    /* keep the workers the plan uses, in pipeline order */
+    ar_client *used[64];
+    char addrs[64][128];
+    int keep[64] = {0};
+    for (int i = 0; i < r->plan.nstages; i++) {
+        used[i] = r->clients[r->plan.device[i]];
+        memcpy(addrs[i], r->addrs[r->plan.device[i]], sizeof addrs[i]);
+        keep[r->plan.device[i]] = 1;
+        first[i] = r->plan.first[i];
+        last[i] = r->plan.last[i];
+    }
+    for (int i = 0; i < r->S; i++)
+        if (!keep[i]) {
+            ar_log(AR_LOG_INFO, "worker %s is not used by the plan", r->addrs[i]);
+            ar_client_close(r->clients[i]);
+        }
+    r->S = r->plan.nstages;
+    for (int i = 0; i < r->S; i++) {
+        r->clients[i] = used[i];
+        memcpy(r->addrs[i], addrs[i], sizeof addrs[i]);
+    }
+    for (int i = r->S; i < 64; i++)
+        r->clients[i] = NULL;
     for (int i = 0; i < r->S; i++) {
         if ((rc = ar_stage_create(&r->shadows[i], &r->spec, first[i], last[i], 1, 1, c->seed, oc)) != AR_OK)
             return rc;
@@ -504,9 +566,24 @@ static int setup(run *r)
             return ar_fail(AR_EIO, "--log %s: %s", c->log_path, strerror(errno));
         return (int)start_step;
     }
+    /* in-process stages share this machine: equal devices, so the plan
+     * balances the work */
+    if (r->S > 1 || c->plan) {
+        /* a short sgemm probe prices the stages in milliseconds */
+        double gflops = ar_probe_sgemm_gflops(0.1);
+        for (int i = 0; i < r->S; i++) {
+            snprintf(r->devs[i].name, sizeof r->devs[i].name, "local %d", i);
+            r->devs[i].gflops = gflops > 0 ? gflops / r->S : 1;
+        }
+        if ((rc = make_plan(r, r->S)) != AR_OK)
+            return rc;
+        r->S = r->plan.nstages;
+    } else {
+        r->plan = (ar_plan){.nstages = 1, .first = {0}, .last = {units}};
+    }
     r->threads_per_stage = ar_get_threads() / r->S > 0 ? ar_get_threads() / r->S : 1;
-    if ((rc = ar_local_create(&r->pipe, &r->spec, r->S, r->rows_per_mb, r->M, c->schedule, c->seed,
-                              &oc)) != AR_OK)
+    if ((rc = ar_local_create_split(&r->pipe, &r->spec, r->S, r->plan.first, r->plan.last,
+                                    r->rows_per_mb, r->M, c->schedule, c->seed, &oc)) != AR_OK)
         return rc;
     r->stages = r->pipe.stages;
     r->stage_ptrs = r->pipe.stage_ptrs;
@@ -557,15 +634,15 @@ static void print_plan(const run *r)
 {
     if (r->c->quiet)
         return;
-    long params = ar_spec_param_count(&r->spec);
-    printf("model: %s, %ld parameters (%.2fM)\n", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
-           params, params / 1e6);
-    for (int i = 0; i < r->S; i++)
-        printf("  stage %d: layers %d-%d, %ld parameters, %d threads%s%s\n", i, r->stages[i].first,
-               r->stages[i].last - 1, r->stages[i].param_floats, r->threads_per_stage,
-               r->remote ? ", worker " : "", r->remote ? r->addrs[i] : "");
-    printf("batch %d = %d micro-batches of %d, %ld steps, schedule %s\n", r->B, r->M,
-           r->rows_per_mb, r->c->steps, ar_schedule_name(r->c->schedule));
+    if (r->S == 1 && !r->remote) {
+        /* (a pipeline's plan was printed as a table by make_plan) */
+        long params = ar_spec_param_count(&r->spec);
+        printf("model: %s, %ld parameters (%.2fM), %d threads\n",
+               r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp", params, params / 1e6,
+               r->threads_per_stage);
+    }
+    printf("batch %d = %d micro-batches of %d, %ld steps, schedule %s, %d threads per stage\n", r->B,
+           r->M, r->rows_per_mb, r->c->steps, ar_schedule_name(r->c->schedule), r->threads_per_stage);
     fflush(stdout);
 }
 

@@ -20,6 +20,7 @@ typedef struct {
     int micro_batches;
     int stages;              /* in-process pipeline stages ("--workers local:N") */
     const char *remote_workers; /* "HOST:PORT,HOST:PORT,...": one stage per worker process */
+    const char *plan;        /* "auto" or NULL: the planner decides; "0-2,3-5,6-7": units per stage */
     int schedule;            /* enum ar_schedule_kind */
     float lr, min_lr;
     long warmup;

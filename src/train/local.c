@@ -25,6 +25,23 @@ static void *stage_main(void *arg)
 int ar_local_create(ar_local_pipeline *p, const ar_model_spec *spec, int S, int max_B, int M,
                     int schedule, uint64_t seed, const ar_optim_config *optim)
 {
+    int units = ar_spec_units(spec);
+    if (S < 1 || S > units || S > 64) {
+        memset(p, 0, sizeof *p);
+        return ar_fail(AR_EINVAL, "%d stages for a model of %d layers", S, units);
+    }
+    int first[64], last[64];
+    for (int i = 0; i < S; i++) {
+        first[i] = units * i / S;
+        last[i] = units * (i + 1) / S;
+    }
+    return ar_local_create_split(p, spec, S, first, last, max_B, M, schedule, seed, optim);
+}
+
+int ar_local_create_split(ar_local_pipeline *p, const ar_model_spec *spec, int S, const int *first,
+                          const int *last, int max_B, int M, int schedule, uint64_t seed,
+                          const ar_optim_config *optim)
+{
     memset(p, 0, sizeof *p);
     int units = ar_spec_units(spec);
     if (S < 1 || S > units || S > 64)
@@ -40,9 +57,13 @@ int ar_local_create(ar_local_pipeline *p, const ar_model_spec *spec, int S, int 
     }
     int rc = AR_OK;
     for (int i = 0; i < S && rc == AR_OK; i++) {
-        int first = units * i / S, last = units * (i + 1) / S;
+        if (first[i] != (i ? last[i - 1] : 0) || (i == S - 1 && last[i] != units)) {
+            rc = ar_fail(AR_EINVAL, "stage %d: units %d-%d do not continue the pipeline", i, first[i],
+                         last[i] - 1);
+            break;
+        }
         int slots = ar_schedule_build(schedule, S, i, M, acts);
-        rc = ar_stage_create(&p->stages[i], spec, first, last, max_B, slots, seed, optim);
+        rc = ar_stage_create(&p->stages[i], spec, first[i], last[i], max_B, slots, seed, optim);
         if (rc == AR_OK) {
             p->stage_ptrs[i] = &p->stages[i];
             p->S = i + 1;

@@ -23,6 +23,10 @@ typedef struct {
  * initialised from seed and may be overwritten before ar_local_start. */
 int ar_local_create(ar_local_pipeline *p, const ar_model_spec *spec, int S, int max_B, int M,
                     int schedule, uint64_t seed, const ar_optim_config *optim);
+/* The same with the units of stage i given as [first[i], last[i]). */
+int ar_local_create_split(ar_local_pipeline *p, const ar_model_spec *spec, int S, const int *first,
+                          const int *last, int max_B, int M, int schedule, uint64_t seed,
+                          const ar_optim_config *optim);
 /* Link the stages and start their threads (threads_per_stage each). */
 int ar_local_start(ar_local_pipeline *p, int schedule, uint64_t seed, int threads_per_stage);
 /* Send STOP, join the threads, free everything. Safe on a partly built one. */

@@ -383,3 +383,9 @@ def test_bad_spec_in_checkpoint(run_arceus, tmp_path, gpt_run, corpus):
     shutil.copytree(gpt_run["out"], bad)
     (bad / "spec.json").write_text("{ nope")
     assert_error(run_arceus("eval", "--ckpt", bad, "--data", corpus), "spec.json")
+
+
+def test_bad_plan(run_arceus, corpus):
+    # a gap between stage 0 (layers 0-1) and stage 1 (layer 3)
+    assert_error(run_arceus("train", "--model", GPT_TINY, "--data", corpus, "--workers", "local:2",
+                            "--plan", "0-1,3-3", "--steps", "1"), "plan")

@@ -152,3 +152,12 @@ def test_zero_steps(run_arceus, tmp_path, small_fashion, small_mlp_spec):
     assert "nan" not in p.stdout.lower(), p.stdout
     for name in ("model.safetensors", "spec.json", "state.json"):
         assert (out / name).is_file(), f"{name} missing although the summary names {out}"
+
+
+def test_local_pipeline_prints_plan_and_bubble(run_arceus, corpus):
+    p = run_arceus("train", "--model", CONFIGS / "gpt-tiny.json", "--data", corpus, "--steps", "3",
+                   "--batch", "8", "--micro-batches", "4", "--workers", "local:2", "--eval-batches", "1",
+                   check=True)
+    assert "predicted bubble" in p.stdout, p.stdout
+    assert p.stdout.count("bubble") >= 3, p.stdout  # the plan, then each stage's measured bubble
+    assert "theory 20.0%" in p.stdout, p.stdout     # (S-1)/(M+S-1) = 1/5

@@ -101,8 +101,11 @@ def test_mlp_three_workers_equal_one_stage(run_arceus, workers, tmp_path, small_
             "--threads", "1")
     run_arceus("train", *args, "--out", tmp_path / "one", check=True)
     ws = workers(3)
-    p = run_arceus("train", *args, "--workers", addrs(ws), "--out", tmp_path / "three", check=True)
-    assert "stage 2: layers 2-2" in p.stdout
+    p = run_arceus("train", *args, "--workers", addrs(ws), "--plan", "0-0,1-1,2-2",
+                   "--out", tmp_path / "three", check=True)
+    # the printed plan: stage 2 holds layer 2 on the third worker
+    assert re.search(r"^2\s+%s\s+linear 2\b" % re.escape(ws[2].addr), p.stdout, re.M), p.stdout
+    assert "predicted bubble" in p.stdout
     for name in ("model.safetensors", "optimizer.safetensors"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes(), name
 
@@ -145,7 +148,8 @@ def test_worker_killed_mid_run_names_the_stage(arceus_bin, workers, tmp_path, sm
     log = tmp_path / "log.jsonl"
     cmd = [str(arceus_bin), "train", "--model", str(small_mlp_spec), "--data", str(small_fashion),
            "--steps", "100000", "--batch", "32", "--micro-batches", "4", "--eval-every", "0",
-           "--threads", "1", "--workers", addrs(ws), "--out", str(out), "--log", str(log)]
+           "--threads", "1", "--workers", addrs(ws), "--plan", "0-0,1-1,2-2", "--out", str(out),
+           "--log", str(log)]
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         deadline = time.time() + 120
@@ -361,7 +365,7 @@ def test_driver_killed_mid_run_workers_serve_the_next_one(arceus_bin, run_arceus
     log = tmp_path / "log.jsonl"
     cmd = [str(arceus_bin), "train", "--model", str(small_mlp_spec), "--data", str(small_fashion),
            "--steps", "100000", "--batch", "32", "--micro-batches", "4", "--eval-every", "0",
-           "--threads", "1", "--workers", addrs(ws), "--log", str(log)]
+           "--threads", "1", "--workers", addrs(ws), "--plan", "0-0,1-1,2-2", "--log", str(log)]
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     try:
         deadline = time.time() + 120
