@@ -702,7 +702,8 @@ int ar_train_run(ar_train_config *c)
         double rate = (step + 1 - rate_step) * items_per_step / (now - rate_t > 1e-9 ? now - rate_t : 1e-9);
         if ((rc = record(&r.curve_x, &r.curve_y, &r.ncurve, (double)step + 1, res.loss)) != AR_OK)
             break;
-        log_json(&r, "{\"step\": %ld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6g, \"%s\": %.1f, \"elapsed_s\": %.3f}",
+        /* the loss with all its digits: runs are compared bit for bit */
+        log_json(&r, "{\"step\": %ld, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.17g, \"%s\": %.1f, \"elapsed_s\": %.3f}",
                  step + 1, res.loss, lr, norm, is_text ? "tokens_per_s" : "samples_per_s", rate, now - t0);
         int last = step + 1 == c->steps;
         int stopping = c->stop_after > 0 && step + 1 == c->stop_after;
@@ -712,9 +713,9 @@ int ar_train_run(ar_train_config *c)
             if ((rc = record(&r.val_x, &r.val_y, &r.nval, (double)step + 1, last_val)) != AR_OK)
                 break;
             if (is_text)
-                log_json(&r, "{\"step\": %ld, \"val_loss\": %.6f, \"elapsed_s\": %.3f}", step + 1, last_val, ar_now() - t0);
+                log_json(&r, "{\"step\": %ld, \"val_loss\": %.17g, \"elapsed_s\": %.3f}", step + 1, last_val, ar_now() - t0);
             else
-                log_json(&r, "{\"step\": %ld, \"val_loss\": %.6f, \"accuracy\": %.6f, \"elapsed_s\": %.3f}", step + 1, last_val, last_acc, ar_now() - t0);
+                log_json(&r, "{\"step\": %ld, \"val_loss\": %.17g, \"accuracy\": %.6f, \"elapsed_s\": %.3f}", step + 1, last_val, last_acc, ar_now() - t0);
             if (!c->quiet && !last) {
                 if (is_text)
                     ar_progress_note(&bar, "step %ld: train loss %.4f, val loss %.4f", step + 1, last_loss, last_val);

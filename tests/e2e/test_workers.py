@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, assert_no_crash, _env
+from conftest import CONFIGS, REPO, assert_no_crash, read_log, _env
 
 grpc = pytest.importorskip("grpc")
 
@@ -403,3 +403,79 @@ def test_driver_refuses_a_worker_of_another_protocol_version(run_arceus, small_m
         server.stop(None)
     assert p.returncode != 0
     assert f"127.0.0.1:{port}" in p.stderr and "protocol version 2" in p.stderr, p.stderr
+
+
+# ---------------------------------------------------------------------------
+# Issue 3, check 1: 20 steps, every step's loss and the final weights bitwise
+# identical: one stage, three in-process stages, three worker processes, with
+# GPipe and with 1F1B.
+# ---------------------------------------------------------------------------
+
+def _losses(log):
+    return [r["loss"] for r in read_log(log) if "loss" in r and "val_loss" not in r]
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_twenty_steps_identical_every_way(run_arceus, workers, tmp_path, small_mlp_spec,
+                                          small_fashion, corpus, model):
+    if model == "mlp":
+        args = ["--model", small_mlp_spec, "--data", small_fashion, "--batch", "32"]
+        plan = "0-0,1-1,2-2"
+    else:
+        args = ["--model", CONFIGS / "gpt-tiny.json", "--data", corpus, "--batch", "8",
+                "--eval-batches", "1"]
+        plan = "0-1,2-2,3-3"
+    args += ["--steps", "20", "--micro-batches", "4", "--eval-every", "0", "--threads", "1"]
+
+    def run(name, *extra):
+        out, log = tmp_path / name, tmp_path / f"{name}.jsonl"
+        run_arceus("train", *args, *extra, "--out", out, "--log", log, check=True)
+        return _losses(log), (out / "model.safetensors").read_bytes()
+
+    base_losses, base_model = run("one")
+    assert len(base_losses) == 20
+    ws = workers(3)
+    for schedule in ("gpipe", "1f1b"):
+        for where in ("local:3", addrs(ws)):
+            losses, weights = run(f"{schedule}-{len(where)}", "--workers", where, "--plan", plan,
+                                  "--schedule", schedule)
+            assert losses == base_losses, (schedule, where)
+            assert weights == base_model, (schedule, where)
+
+
+# ---------------------------------------------------------------------------
+# Issue 3, check 4: three worker processes train the MLP on Fashion-MNIST to
+# the same test accuracy as one device, and gpt-5m on TinyShakespeare.
+# ---------------------------------------------------------------------------
+
+def _accuracy(log):
+    return [r["accuracy"] for r in read_log(log) if "accuracy" in r][-1]
+
+
+def test_mlp_fashion_three_workers_same_accuracy(run_arceus, workers, tmp_path, fashion_dir):
+    args = ("--model", CONFIGS / "mlp-fashion.json", "--data", fashion_dir, "--steps", "120",
+            "--batch", "128", "--micro-batches", "4", "--eval-every", "0", "--threads", "1")
+    run_arceus("train", *args, "--log", tmp_path / "one.jsonl", check=True)
+    ws = workers(3, "--threads", "1")
+    p = run_arceus("train", *args, "--workers", addrs(ws), "--plan", "0-0,1-1,2-2",
+                   "--log", tmp_path / "three.jsonl", check=True)
+    one, three = _accuracy(tmp_path / "one.jsonl"), _accuracy(tmp_path / "three.jsonl")
+    assert one == three
+    assert three > 0.75, three
+    assert "test accuracy" in p.stdout
+
+
+SHAKESPEARE = REPO / ".." / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def test_gpt5m_three_workers_short_run(run_arceus, workers, tmp_path, corpus):
+    text = SHAKESPEARE if SHAKESPEARE.exists() else corpus
+    ws = workers(3, "--threads", "1")
+    log = tmp_path / "gpt.jsonl"
+    p = run_arceus("train", "--model", CONFIGS / "gpt-5m.json", "--data", text, "--steps", "4",
+                   "--batch", "8", "--micro-batches", "4", "--eval-every", "0", "--eval-batches", "1",
+                   "--threads", "1", "--workers", addrs(ws), "--log", log, check=True)
+    losses = _losses(log)
+    assert len(losses) == 4 and all(l == l for l in losses)
+    assert losses[-1] < losses[0], losses
+    assert "predicted bubble" in p.stdout and "final val loss" in p.stdout
