@@ -10,6 +10,9 @@ static const ar_command commands[] = {
     {"sample", "generate text from a language-model checkpoint", ar_cmd_sample, ar_help_sample},
     {"eval", "evaluate a checkpoint on a data set", ar_cmd_eval, ar_help_eval},
     {"worker", "serve a pipeline stage to drivers over gRPC", ar_cmd_worker, ar_help_worker},
+    {"market", "run the market server; add-account creates an account", ar_cmd_market, ar_help_market},
+    {"providers", "list the providers online at a market", ar_cmd_providers, ar_help_providers},
+    {"ledger", "print your credit ledger and balance at a market", ar_cmd_ledger, ar_help_ledger},
 };
 
 static void usage(FILE *out)
@@ -17,7 +20,7 @@ static void usage(FILE *out)
     fprintf(out, "arceus %s: decentralized neural-network training\n\n"
                  "usage: arceus COMMAND [OPTIONS]\n\ncommands:\n", AR_VERSION_STRING);
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-        fprintf(out, "  %-8s %s\n", commands[i].name, commands[i].summary);
+        fprintf(out, "  %-9s %s\n", commands[i].name, commands[i].summary);
     fprintf(out, "\n`arceus COMMAND --help` describes a command's options.\n");
 }
 

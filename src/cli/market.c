@@ -1,0 +1,366 @@
+/* arceus market / providers / ledger: the market server and its clients.
+ *
+ * Money is micro-credits everywhere inside; here, at the edge, it is read
+ * and printed as credits with 6 decimals (exact: no floating point). */
+#include "cli/cli.h"
+#include "core/core.h"
+#include "market/store.h"
+#include "net/market.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* ---- money at the edge ----------------------------------------------------------- */
+
+/* micro-credits -> "[-]C.CCCCCC" */
+static const char *credits_str(int64_t micro, char *buf, size_t size)
+{
+    const uint64_t unit = (uint64_t)AR_MICRO_PER_CREDIT;
+    uint64_t a = micro < 0 ? (uint64_t)0 - (uint64_t)micro : (uint64_t)micro;
+    snprintf(buf, size, "%s%" PRIu64 ".%06" PRIu64, micro < 0 ? "-" : "", a / unit, a % unit);
+    return buf;
+}
+
+/* "N" or "N.DDDDDD" (at most 6 decimals, at most 1e12 credits) -> micro */
+static int parse_credits(const char *cmd, const char *opt, const char *s, int64_t *out)
+{
+    const char *p = s;
+    uint64_t whole = 0, frac = 0;
+    int digits = 0, fdigits = 0;
+    for (; *p >= '0' && *p <= '9'; p++, digits++) {
+        whole = whole * 10 + (uint64_t)(*p - '0');
+        if (whole > 1000000000000ULL)
+            goto bad;
+    }
+    if (*p == '.') {
+        for (p++; *p >= '0' && *p <= '9'; p++, fdigits++) {
+            if (fdigits == 6)
+                goto bad;
+            frac = frac * 10 + (uint64_t)(*p - '0');
+        }
+    }
+    if (*p || (digits == 0 && fdigits == 0))
+        goto bad;
+    for (int i = fdigits; i < 6; i++)
+        frac *= 10;
+    *out = (int64_t)(whole * (uint64_t)AR_MICRO_PER_CREDIT + frac);
+    return 0;
+bad:
+    ar_cli_error(cmd, "--%s expects credits like 100 or 0.25 (0..1e12, at most 6 decimals), got \"%s\"",
+                 opt, s);
+    return -1;
+}
+
+/* ---- arceus market ----------------------------------------------------------------- */
+
+void ar_help_market(void)
+{
+    printf("usage: arceus market --listen HOST:PORT --db PATH [--offline-after S]\n"
+           "       arceus market add-account NAME [--credits N] --db PATH\n"
+           "\n"
+           "Run the market: the gRPC Market service over a SQLite database (created if\n"
+           "missing). Providers register and send heartbeats; renters list providers\n"
+           "and read their ledger. Every call needs an account token. Prints\n"
+           "\"arceus market: listening on HOST:PORT\" once ready (port 0 picks a free\n"
+           "port and prints it). SIGINT or SIGTERM stops it cleanly.\n"
+           "\n"
+           "add-account creates an account (credits minted to it, 0 by default) and\n"
+           "prints its token once: the database keeps only the token's hash.\n"
+           "\n"
+           "options:\n"
+           "  --listen HOST:PORT   address to listen on, e.g. 127.0.0.1:7000\n"
+           "  --db PATH            the SQLite database file\n"
+           "  --offline-after S    a provider silent for S seconds is offline (%d)\n"
+           "  --credits N          add-account: opening credits, up to 6 decimals (0)\n",
+           AR_MARKET_DEFAULT_OFFLINE_AFTER_S);
+}
+
+static int add_account(const char *name, const char *db, int64_t credits)
+{
+    if (!db) {
+        ar_cli_error("market", "add-account needs --db PATH (the market's database)");
+        return 2;
+    }
+    ar_store *s;
+    if (ar_store_open(db, &s) != AR_OK) {
+        ar_cli_error("market", "%s", ar_last_error());
+        return 1;
+    }
+    char token[AR_TOKEN_LEN], buf[48];
+    int64_t id;
+    int rc = ar_store_account_create(s, name, credits, token, &id);
+    ar_store_close(s);
+    if (rc != AR_OK) {
+        ar_cli_error("market", "add-account: %s", ar_last_error());
+        return rc == AR_EINVAL ? 2 : 1;
+    }
+    printf("account %s created (id %lld) with %s credits\n", name, (long long)id,
+           credits_str(credits, buf, sizeof buf));
+    printf("token: %s\n", token);
+    fflush(stdout);
+    fprintf(stderr, "arceus market: keep this token: it is shown only now (the market stores its hash)\n");
+    memset(token, 0, sizeof token);
+    return 0;
+}
+
+int ar_cmd_market(int argc, char **argv)
+{
+    const char *listen = NULL, *db = NULL, *account = NULL;
+    int offline_after = AR_MARKET_DEFAULT_OFFLINE_AFTER_S, adding = 0, have_credits = 0;
+    int64_t credits = 0;
+    ar_args a;
+    ar_args_init(&a, argc, argv);
+    const char *name;
+    int positional;
+    while ((name = ar_args_next(&a, &positional))) {
+        int rc = 0;
+        if (positional) {
+            if (!adding && !listen && !strcmp(name, "add-account")) {
+                adding = 1;
+                continue;
+            }
+            if (adding && !account) {
+                account = name;
+                continue;
+            }
+            ar_cli_error("market", "unexpected argument \"%s\" (see arceus market --help)", name);
+            return 2;
+        }
+        if (!strcmp(name, "listen"))
+            rc = ar_args_string(&a, &listen);
+        else if (!strcmp(name, "db"))
+            rc = ar_args_string(&a, &db);
+        else if (!strcmp(name, "offline-after"))
+            rc = ar_args_int(&a, 1, 86400, &offline_after);
+        else if (!strcmp(name, "credits")) {
+            const char *v;
+            rc = ar_args_string(&a, &v);
+            if (rc == 0)
+                rc = parse_credits("market", "credits", v, &credits);
+            have_credits = 1;
+        } else
+            rc = ar_args_unknown(&a);
+        if (rc != 0)
+            return 2;
+    }
+    if (adding) {
+        if (!account) {
+            ar_cli_error("market", "add-account needs a NAME (see arceus market --help)");
+            return 2;
+        }
+        if (listen) {
+            ar_cli_error("market", "add-account takes no --listen");
+            return 2;
+        }
+        return add_account(account, db, credits);
+    }
+    if (have_credits) {
+        ar_cli_error("market", "--credits goes with add-account");
+        return 2;
+    }
+    if (!listen || !strchr(listen, ':')) {
+        ar_cli_error("market", "--listen HOST:PORT is required (for example 127.0.0.1:7000)");
+        return 2;
+    }
+    if (!db) {
+        ar_cli_error("market", "--db PATH is required (the SQLite database, created if missing)");
+        return 2;
+    }
+    /* signals are taken by sigwait below, in this thread only: block them
+     * before any other thread (gRPC's, the sweep) exists */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    ar_market_config c = {.listen = listen, .db_path = db, .offline_after_s = offline_after};
+    ar_market *m;
+    char addr[200];
+    if (ar_market_start(&c, &m, addr, sizeof addr) != AR_OK) {
+        ar_cli_error("market", "%s", ar_last_error());
+        return 1;
+    }
+    printf("arceus market: listening on %s\n", addr);
+    fflush(stdout);
+    int sig = 0;
+    sigwait(&set, &sig);
+    fprintf(stderr, "arceus market: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    ar_market_stop(m);
+    return 0;
+}
+
+/* ---- the clients: arceus providers, arceus ledger -------------------------------------- */
+
+typedef struct {
+    const char *market, *token, *account;
+    int all;
+} client_opts;
+
+/* --market and --token (or $ARCEUS_TOKEN), plus the command's own options */
+static int parse_client(const char *cmd, int argc, char **argv, client_opts *o, int takes_account)
+{
+    memset(o, 0, sizeof *o);
+    ar_args a;
+    ar_args_init(&a, argc, argv);
+    const char *name;
+    int positional;
+    while ((name = ar_args_next(&a, &positional))) {
+        int rc = 0;
+        if (positional) {
+            if (takes_account && !o->account) {
+                o->account = name;
+                continue;
+            }
+            ar_cli_error(cmd, "unexpected argument \"%s\" (see arceus %s --help)", name, cmd);
+            return 2;
+        }
+        if (!strcmp(name, "market"))
+            rc = ar_args_string(&a, &o->market);
+        else if (!strcmp(name, "token"))
+            rc = ar_args_string(&a, &o->token);
+        else if (!takes_account && !strcmp(name, "all"))
+            o->all = 1;
+        else
+            rc = ar_args_unknown(&a);
+        if (rc != 0)
+            return 2;
+    }
+    if (!o->market || !strchr(o->market, ':')) {
+        ar_cli_error(cmd, "--market HOST:PORT is required (the address arceus market listens on)");
+        return 2;
+    }
+    if (!o->token)
+        o->token = getenv("ARCEUS_TOKEN");
+    if (!o->token || !*o->token) {
+        ar_cli_error(cmd, "--token T is required (or $ARCEUS_TOKEN; arceus market add-account prints one)");
+        return 2;
+    }
+    return 0;
+}
+
+static const char *mem_str(int64_t bytes, char *buf, size_t size)
+{
+    double b = (double)bytes;
+    if (b >= (double)(1LL << 30))
+        snprintf(buf, size, "%.1f GiB", b / (double)(1LL << 30));
+    else
+        snprintf(buf, size, "%.0f MiB", b / (double)(1LL << 20));
+    return buf;
+}
+
+void ar_help_providers(void)
+{
+    printf("usage: arceus providers --market HOST:PORT --token T [--all]\n"
+           "\n"
+           "List the providers online at a market: their worker address, measured\n"
+           "speed, memory, cores, price (credits per TFLOP) and reliability.\n"
+           "\n"
+           "options:\n"
+           "  --market HOST:PORT   the market (arceus market --listen ...)\n"
+           "  --token T            your account token (default: $ARCEUS_TOKEN)\n"
+           "  --all                offline providers too\n");
+}
+
+int ar_cmd_providers(int argc, char **argv)
+{
+    client_opts o;
+    int rc = parse_client("providers", argc, argv, &o, 0);
+    if (rc != 0)
+        return rc;
+    ar_client *c;
+    if (ar_client_open(o.market, &c) != AR_OK) {
+        ar_cli_error("providers", "%s", ar_last_error());
+        return 1;
+    }
+    ar_market_provider *ps;
+    size_t n;
+    rc = ar_market_providers(c, o.token, o.all, &ps, &n, NULL);
+    ar_client_close(c);
+    if (rc != AR_OK) {
+        ar_cli_error("providers", "%s", ar_last_error());
+        return 1;
+    }
+    if (n == 0) {
+        printf("no providers %s\n", o.all ? "registered" : "online");
+    } else {
+        printf("%-5s %-16s %-24s %9s %10s %5s %14s %11s %s\n", "ID", "ACCOUNT", "ADDRESS", "GFLOP/S",
+               "MEMORY", "CORES", "CREDITS/TFLOP", "RELIABILITY", "LAST SEEN");
+        int64_t now = (int64_t)time(NULL);
+        for (size_t i = 0; i < n; i++) {
+            const ar_provider *p = &ps[i].p;
+            char mem[32], price[48], seen[48];
+            long long ago = (long long)(now - p->last_heartbeat);
+            snprintf(seen, sizeof seen, "%llds ago%s", ago < 0 ? 0 : ago, p->online ? "" : " (offline)");
+            printf("%-5lld %-16s %-24s %9.1f %10s %5d %14s %11.2f %s\n", (long long)p->id, ps[i].account,
+                   p->address, p->gflops, mem_str(p->mem_bytes, mem, sizeof mem), p->cores,
+                   credits_str(p->price_per_tflop, price, sizeof price), p->reliability, seen);
+        }
+    }
+    free(ps);
+    return 0;
+}
+
+void ar_help_ledger(void)
+{
+    printf("usage: arceus ledger [ACCOUNT] --market HOST:PORT --token T\n"
+           "\n"
+           "Print an account's ledger at a market, one row per credit movement\n"
+           "(+ received, - paid), and its balance, in credits. An account may read\n"
+           "only its own ledger: ACCOUNT defaults to the token's account, and any\n"
+           "other is refused.\n"
+           "\n"
+           "options:\n"
+           "  --market HOST:PORT   the market (arceus market --listen ...)\n"
+           "  --token T            your account token (default: $ARCEUS_TOKEN)\n");
+}
+
+int ar_cmd_ledger(int argc, char **argv)
+{
+    client_opts o;
+    int rc = parse_client("ledger", argc, argv, &o, 1);
+    if (rc != 0)
+        return rc;
+    ar_client *c;
+    if (ar_client_open(o.market, &c) != AR_OK) {
+        ar_cli_error("ledger", "%s", ar_last_error());
+        return 1;
+    }
+    ar_ledger_row *rows;
+    size_t n;
+    int64_t balance;
+    char account[AR_NAME_MAX];
+    rc = ar_market_ledger(c, o.token, o.account, account, &rows, &n, &balance, NULL);
+    ar_client_close(c);
+    if (rc != AR_OK) {
+        ar_cli_error("ledger", "%s", ar_last_error());
+        return 1;
+    }
+    printf("ledger of %s\n", account);
+    printf("%-7s %-8s %-20s %-9s %6s %6s %20s\n", "ID", "TRANSFER", "TIME (UTC)", "REASON", "JOB", "STEP",
+           "CREDITS");
+    for (size_t i = 0; i < n; i++) {
+        const ar_ledger_row *r = &rows[i];
+        char when[32] = "?", job[24] = "-", step[24] = "-", amount[48];
+        time_t t = (time_t)r->created;
+        struct tm tm;
+        if (gmtime_r(&t, &tm))
+            strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
+        if (r->job_id > 0)
+            snprintf(job, sizeof job, "%lld", (long long)r->job_id);
+        if (r->step >= 0)
+            snprintf(step, sizeof step, "%lld", (long long)r->step);
+        credits_str(r->amount, amount + 1, sizeof amount - 1);
+        amount[0] = r->amount >= 0 ? '+' : ' ';
+        printf("%-7lld %-8lld %-20s %-9s %6s %6s %20s\n", (long long)r->id, (long long)r->transfer_id, when,
+               r->reason, job, step, r->amount >= 0 ? amount : amount + 1);
+    }
+    char b[48];
+    printf("balance: %s credits\n", credits_str(balance, b, sizeof b));
+    free(rows);
+    return 0;
+}

@@ -1,0 +1,685 @@
+/* The Market service (proto/arceus.proto) over the store (market/store.h):
+ * the server's handlers, its offline sweep, and the client side of the RPCs.
+ *
+ * A handler reads one request, checks the token, then every field (sizes,
+ * ranges, strings), and only then calls the store: what reaches the database
+ * is always well formed, and a bad request costs a status, never a crash. */
+#include "net/market.h"
+
+#include "arceus.h"
+#include "arceus.pb-c.h"
+#include "core/core.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Requests are small; anything bigger is not one of ours. */
+#define MAX_REQUEST_BYTES (64u << 10)
+#define CALL_TIMEOUT_S 30.0
+
+struct ar_market {
+    ar_server *server;
+    ar_store *store;
+    int offline_after_s;
+    pthread_t sweeper;
+    int sweeper_started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int stopping;
+};
+
+/* ---- server: helpers -------------------------------------------------------- */
+
+/* Read and unpack the one request of a unary call; NULL (status sent) when
+ * there is none or it does not parse. */
+static ProtobufCMessage *read_request(ar_rpc *rpc, const ProtobufCMessageDescriptor *d)
+{
+    void *data;
+    size_t len;
+    if (ar_rpc_read(rpc, &data, &len) != AR_OK) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s without a request", d->short_name);
+        return NULL;
+    }
+    if (len > MAX_REQUEST_BYTES) {
+        free(data);
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s of %zu bytes: the limit is %u", d->short_name,
+                      len, MAX_REQUEST_BYTES);
+        return NULL;
+    }
+    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, len, data);
+    free(data);
+    if (!m)
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed %s", d->short_name);
+    return m;
+}
+
+static void reply(ar_rpc *rpc, const ProtobufCMessage *m)
+{
+    size_t n = protobuf_c_message_get_packed_size(m);
+    uint8_t *buf = malloc(n ? n : 1);
+    if (!buf) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+        return;
+    }
+    protobuf_c_message_pack(m, buf);
+    if (ar_rpc_write(rpc, buf, n) == AR_OK)
+        ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
+    free(buf);
+}
+
+/* A store failure as a status: the caller's fault or ours. */
+static void store_error(ar_rpc *rpc, int rc)
+{
+    int code = rc == AR_ENOTFOUND ? AR_STATUS_NOT_FOUND
+               : rc == AR_EINVAL  ? AR_STATUS_INVALID_ARGUMENT
+               : rc == AR_ELIMIT  ? AR_STATUS_FAILED_PRECONDITION
+                                  : AR_STATUS_INTERNAL;
+    if (code == AR_STATUS_INTERNAL)
+        ar_log(AR_LOG_ERROR, "market: %s", ar_last_error());
+    ar_rpc_finish(rpc, code, "%s", ar_last_error());
+}
+
+/* The account of a token, or UNAUTHENTICATED (status sent) and -1. */
+static int authenticate(ar_market *m, ar_rpc *rpc, const char *token, int64_t *account_id)
+{
+    size_t n = token ? strlen(token) : 0;
+    if (n == 0) {
+        ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED,
+                      "no account token: pass --token (arceus market add-account prints one)");
+        return -1;
+    }
+    bool hex = n == AR_TOKEN_LEN - 1;
+    for (size_t i = 0; hex && i < n; i++)
+        hex = isxdigit((unsigned char)token[i]) != 0;
+    if (!hex) {
+        ar_log(AR_LOG_WARN, "market: malformed token from %s", ar_rpc_peer(rpc));
+        ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED, "malformed account token: expected %d hex characters",
+                      AR_TOKEN_LEN - 1);
+        return -1;
+    }
+    int rc = ar_store_account_auth(m->store, token, account_id);
+    if (rc == AR_ENOTFOUND) {
+        ar_log(AR_LOG_WARN, "market: unknown token from %s", ar_rpc_peer(rpc));
+        ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED, "unknown account token");
+        return -1;
+    }
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        return -1;
+    }
+    return 0;
+}
+
+/* "HOST:PORT" (HOST a name, an IPv4 address or a bracketed IPv6 one), port
+ * 1..65535, no spaces or commas (addresses end up in comma lists). */
+static bool address_ok(const char *a, char *why, size_t why_size)
+{
+    size_t n = strlen(a);
+    if (n == 0 || n >= AR_ADDR_MAX) {
+        snprintf(why, why_size, "worker address must be 1..%d characters", AR_ADDR_MAX - 1);
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)a[i];
+        if (!(isalnum(c) || c == '.' || c == '-' || c == '_' || c == ':' || c == '[' || c == ']')) {
+            snprintf(why, why_size, "worker address \"%.64s\" has a character not allowed in HOST:PORT",
+                     a);
+            return false;
+        }
+    }
+    const char *colon = strrchr(a, ':');
+    if (!colon || colon == a || !colon[1] || strlen(colon + 1) > 5) {
+        snprintf(why, why_size, "worker address \"%.64s\" is not HOST:PORT", a);
+        return false;
+    }
+    long port = 0;
+    for (const char *p = colon + 1; *p; p++) {
+        if (!isdigit((unsigned char)*p)) {
+            snprintf(why, why_size, "worker address \"%.64s\": the port is not a number", a);
+            return false;
+        }
+        port = port * 10 + (*p - '0');
+    }
+    if (port < 1 || port > 65535) {
+        snprintf(why, why_size, "worker address \"%.64s\": port %ld out of range 1..65535", a, port);
+        return false;
+    }
+    if (a[0] == '[' && colon[-1] != ']') {
+        snprintf(why, why_size, "worker address \"%.64s\": unterminated [IPv6] host", a);
+        return false;
+    }
+    return true;
+}
+
+static bool profile_ok(const Arceus__ProviderProfile *p, char *why, size_t why_size)
+{
+    if (!p) {
+        snprintf(why, why_size, "RegisterProvider without a profile");
+        return false;
+    }
+    if (!isfinite(p->gflops) || p->gflops <= 0 || p->gflops > AR_MARKET_MAX_GFLOPS) {
+        snprintf(why, why_size, "profile gflops %g out of range (0, %g]", p->gflops, AR_MARKET_MAX_GFLOPS);
+        return false;
+    }
+    if (p->mem_bytes == 0 || p->mem_bytes > (uint64_t)AR_MARKET_MAX_MEM) {
+        snprintf(why, why_size, "profile mem_bytes %llu out of range 1..%lld",
+                 (unsigned long long)p->mem_bytes, (long long)AR_MARKET_MAX_MEM);
+        return false;
+    }
+    if (p->cores < 1 || p->cores > AR_MARKET_MAX_CORES) {
+        snprintf(why, why_size, "profile cores %u out of range 1..%d", p->cores, AR_MARKET_MAX_CORES);
+        return false;
+    }
+    if (p->price_per_tflop < 0 || p->price_per_tflop > AR_MARKET_MAX_PRICE) {
+        snprintf(why, why_size, "profile price_per_tflop %lld out of range 0..%lld micro-credits",
+                 (long long)p->price_per_tflop, (long long)AR_MARKET_MAX_PRICE);
+        return false;
+    }
+    return true;
+}
+
+/* ---- server: handlers --------------------------------------------------------- */
+
+static void on_register(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__RegisterProviderRequest *req =
+        (Arceus__RegisterProviderRequest *)read_request(rpc, &arceus__register_provider_request__descriptor);
+    if (!req)
+        return;
+    int64_t account;
+    char why[200];
+    if (authenticate(m, rpc, req->token, &account) != 0)
+        goto out;
+    if (!address_ok(req->address, why, sizeof why) || !profile_ok(req->profile, why, sizeof why)) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s", why);
+        goto out;
+    }
+    ar_provider p = {0};
+    p.account_id = account;
+    snprintf(p.address, sizeof p.address, "%s", req->address);
+    p.gflops = req->profile->gflops;
+    p.mem_bytes = (int64_t)req->profile->mem_bytes;
+    p.cores = (int)req->profile->cores;
+    p.price_per_tflop = req->profile->price_per_tflop;
+    /* reliability is the market's record, not the provider's claim: a
+     * re-registration keeps it, a new provider starts at 1 */
+    p.reliability = 1.0;
+    ar_provider *all = NULL;
+    size_t n = 0;
+    int rc = ar_store_provider_list(m->store, false, &all, &n);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (all[i].account_id == account && strcmp(all[i].address, p.address) == 0)
+            p.reliability = all[i].reliability;
+    ar_free(all);
+    int64_t id;
+    if ((rc = ar_store_provider_register(m->store, &p, &id)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    ar_log(AR_LOG_INFO, "market: provider %lld at %s registered (%.1f GFLOP/s, %d cores)", (long long)id,
+           p.address, p.gflops, p.cores);
+    Arceus__RegisterProviderReply r = ARCEUS__REGISTER_PROVIDER_REPLY__INIT;
+    r.provider_id = id;
+    r.offline_after_s = (uint32_t)m->offline_after_s;
+    reply(rpc, &r.base);
+out:
+    arceus__register_provider_request__free_unpacked(req, NULL);
+}
+
+static void on_heartbeat(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__HeartbeatRequest *req =
+        (Arceus__HeartbeatRequest *)read_request(rpc, &arceus__heartbeat_request__descriptor);
+    if (!req)
+        return;
+    int64_t account;
+    if (authenticate(m, rpc, req->token, &account) != 0)
+        goto out;
+    if (req->provider_id <= 0) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "provider_id %lld is not a provider id",
+                      (long long)req->provider_id);
+        goto out;
+    }
+    ar_provider p;
+    int rc = ar_store_provider_get(m->store, req->provider_id, &p);
+    if (rc == AR_OK && p.account_id != account) {
+        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED, "provider %lld belongs to another account",
+                      (long long)req->provider_id);
+        goto out;
+    }
+    if (rc == AR_OK)
+        rc = ar_store_provider_heartbeat(m->store, req->provider_id);
+    if (rc == AR_ENOTFOUND) {
+        ar_rpc_finish(rpc, AR_STATUS_NOT_FOUND, "no provider %lld (register first)",
+                      (long long)req->provider_id);
+        goto out;
+    }
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    Arceus__HeartbeatReply r = ARCEUS__HEARTBEAT_REPLY__INIT;
+    reply(rpc, &r.base);
+out:
+    arceus__heartbeat_request__free_unpacked(req, NULL);
+}
+
+static void on_list_providers(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__ListProvidersRequest *req =
+        (Arceus__ListProvidersRequest *)read_request(rpc, &arceus__list_providers_request__descriptor);
+    if (!req)
+        return;
+    int64_t account;
+    ar_provider *ps = NULL;
+    size_t n = 0;
+    Arceus__ProviderInfo *infos = NULL, **ptrs = NULL;
+    Arceus__ProviderProfile *profiles = NULL;
+    ar_account *names = NULL;
+    if (authenticate(m, rpc, req->token, &account) != 0)
+        goto out;
+    int rc = ar_store_provider_list(m->store, !req->include_offline, &ps, &n);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    infos = calloc(n ? n : 1, sizeof *infos);
+    ptrs = calloc(n ? n : 1, sizeof *ptrs);
+    profiles = calloc(n ? n : 1, sizeof *profiles);
+    names = calloc(n ? n : 1, sizeof *names);
+    if (!infos || !ptrs || !profiles || !names) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if ((rc = ar_store_account_get(m->store, ps[i].account_id, &names[i])) != AR_OK) {
+            store_error(rpc, rc);
+            goto out;
+        }
+        Arceus__ProviderProfile pp = ARCEUS__PROVIDER_PROFILE__INIT;
+        pp.gflops = ps[i].gflops;
+        pp.mem_bytes = (uint64_t)ps[i].mem_bytes;
+        pp.cores = (uint32_t)ps[i].cores;
+        pp.price_per_tflop = ps[i].price_per_tflop;
+        profiles[i] = pp;
+        Arceus__ProviderInfo pi = ARCEUS__PROVIDER_INFO__INIT;
+        pi.id = ps[i].id;
+        pi.account = names[i].name;
+        pi.address = ps[i].address;
+        pi.profile = &profiles[i];
+        pi.reliability = ps[i].reliability;
+        pi.online = ps[i].online;
+        pi.last_heartbeat = ps[i].last_heartbeat;
+        infos[i] = pi;
+        ptrs[i] = &infos[i];
+    }
+    Arceus__ListProvidersReply r = ARCEUS__LIST_PROVIDERS_REPLY__INIT;
+    r.n_providers = n;
+    r.providers = ptrs;
+    reply(rpc, &r.base);
+out:
+    free(infos);
+    free(ptrs);
+    free(profiles);
+    free(names);
+    ar_free(ps);
+    arceus__list_providers_request__free_unpacked(req, NULL);
+}
+
+static void on_ledger(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__LedgerRequest *req = (Arceus__LedgerRequest *)read_request(rpc, &arceus__ledger_request__descriptor);
+    if (!req)
+        return;
+    int64_t account;
+    ar_account me;
+    ar_ledger_row *rows = NULL;
+    size_t n = 0;
+    Arceus__LedgerRow *lr = NULL, **ptrs = NULL;
+    if (authenticate(m, rpc, req->token, &account) != 0)
+        goto out;
+    if (strlen(req->account) >= AR_NAME_MAX) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "account name longer than %d characters",
+                      AR_NAME_MAX - 1);
+        goto out;
+    }
+    int rc = ar_store_account_get(m->store, account, &me);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    /* an unknown name gets the same answer as another's: whether an account
+     * exists is not the caller's business */
+    if (req->account[0] && strcmp(req->account, me.name) != 0) {
+        ar_log(AR_LOG_WARN, "market: account %s asked for the ledger of %s: refused", me.name, req->account);
+        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED,
+                      "account %s may read only its own ledger, not that of %s", me.name, req->account);
+        goto out;
+    }
+    int64_t balance;
+    if ((rc = ar_store_ledger_list(m->store, account, &rows, &n)) != AR_OK ||
+        (rc = ar_store_account_balance(m->store, account, &balance)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    lr = calloc(n ? n : 1, sizeof *lr);
+    ptrs = calloc(n ? n : 1, sizeof *ptrs);
+    if (!lr || !ptrs) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        Arceus__LedgerRow row = ARCEUS__LEDGER_ROW__INIT;
+        row.id = rows[i].id;
+        row.transfer_id = rows[i].transfer_id;
+        row.amount = rows[i].amount;
+        row.reason = rows[i].reason;
+        row.job_id = rows[i].job_id;
+        row.step = rows[i].step;
+        row.created = rows[i].created;
+        lr[i] = row;
+        ptrs[i] = &lr[i];
+    }
+    Arceus__LedgerReply r = ARCEUS__LEDGER_REPLY__INIT;
+    r.account = me.name;
+    r.n_rows = n;
+    r.rows = ptrs;
+    r.balance = balance;
+    reply(rpc, &r.base);
+out:
+    free(lr);
+    free(ptrs);
+    ar_free(rows);
+    arceus__ledger_request__free_unpacked(req, NULL);
+}
+
+static void on_balance(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__BalanceRequest *req = (Arceus__BalanceRequest *)read_request(rpc, &arceus__balance_request__descriptor);
+    if (!req)
+        return;
+    int64_t account;
+    ar_account me;
+    if (authenticate(m, rpc, req->token, &account) != 0)
+        goto out;
+    int rc = ar_store_account_get(m->store, account, &me);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    Arceus__BalanceReply r = ARCEUS__BALANCE_REPLY__INIT;
+    r.account = me.name;
+    r.balance = me.balance;
+    reply(rpc, &r.base);
+out:
+    arceus__balance_request__free_unpacked(req, NULL);
+}
+
+/* ---- server: the offline sweep -------------------------------------------------- */
+
+/* Every period, mark offline the providers silent for offline_after_s: a
+ * provider that vanishes leaves the online list within about
+ * offline_after_s + 2 periods. */
+static void *sweep_main(void *arg)
+{
+    ar_market *m = arg;
+    int period = m->offline_after_s / 4;
+    if (period < 1)
+        period = 1;
+    pthread_mutex_lock(&m->mu);
+    while (!m->stopping) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += period;
+        pthread_cond_timedwait(&m->cv, &m->mu, &ts);
+        if (m->stopping)
+            break;
+        pthread_mutex_unlock(&m->mu);
+        int count = 0;
+        if (ar_store_provider_expire(m->store, m->offline_after_s, &count) != AR_OK)
+            ar_log(AR_LOG_ERROR, "market: offline sweep: %s", ar_last_error());
+        else if (count > 0)
+            ar_log(AR_LOG_INFO, "market: %d provider%s silent for over %d s marked offline", count,
+                   count == 1 ? "" : "s", m->offline_after_s);
+        pthread_mutex_lock(&m->mu);
+    }
+    pthread_mutex_unlock(&m->mu);
+    return NULL;
+}
+
+int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size_t addr_size)
+{
+    if (!c->listen || !c->db_path)
+        return ar_fail(AR_EINVAL, "the market needs a listen address and a database path");
+    if (c->offline_after_s < 0 || c->offline_after_s > 86400)
+        return ar_fail(AR_EINVAL, "offline-after %d s out of range 1..86400", c->offline_after_s);
+    ar_market *m = calloc(1, sizeof *m);
+    if (!m)
+        return ar_fail(AR_ENOMEM, "out of memory");
+    pthread_mutex_init(&m->mu, NULL);
+    pthread_cond_init(&m->cv, NULL);
+    m->offline_after_s = c->offline_after_s > 0 ? c->offline_after_s : AR_MARKET_DEFAULT_OFFLINE_AFTER_S;
+    int rc = ar_store_open(c->db_path, &m->store);
+    if (rc != AR_OK) {
+        ar_market_stop(m);
+        return rc;
+    }
+    int port = 0;
+    if ((rc = ar_server_create(c->listen, &m->server, &port)) != AR_OK) {
+        ar_market_stop(m);
+        return rc;
+    }
+    ar_server_handle(m->server, "/arceus.Market/RegisterProvider", on_register, m);
+    ar_server_handle(m->server, "/arceus.Market/Heartbeat", on_heartbeat, m);
+    ar_server_handle(m->server, "/arceus.Market/ListProviders", on_list_providers, m);
+    ar_server_handle(m->server, "/arceus.Market/Ledger", on_ledger, m);
+    ar_server_handle(m->server, "/arceus.Market/Balance", on_balance, m);
+    if (pthread_create(&m->sweeper, NULL, sweep_main, m) != 0) {
+        ar_market_stop(m);
+        return ar_fail(AR_EINTERNAL, "cannot start the offline sweep thread");
+    }
+    m->sweeper_started = 1;
+    if ((rc = ar_server_start(m->server)) != AR_OK) {
+        ar_market_stop(m);
+        return rc;
+    }
+    const char *colon = strrchr(c->listen, ':');
+    int hl = colon ? (int)(colon - c->listen) : (int)strlen(c->listen);
+    snprintf(addr, addr_size, "%.*s:%d", hl, c->listen, port);
+    *out = m;
+    return AR_OK;
+}
+
+void ar_market_stop(ar_market *m)
+{
+    if (!m)
+        return;
+    if (m->server)
+        ar_server_destroy(m->server); /* cancels the calls, waits for the handlers */
+    if (m->sweeper_started) {
+        pthread_mutex_lock(&m->mu);
+        m->stopping = 1;
+        pthread_cond_broadcast(&m->cv);
+        pthread_mutex_unlock(&m->mu);
+        pthread_join(m->sweeper, NULL);
+    }
+    ar_store_close(m->store);
+    pthread_mutex_destroy(&m->mu);
+    pthread_cond_destroy(&m->cv);
+    free(m);
+}
+
+/* ---- client side ------------------------------------------------------------------ */
+
+/* Pack `req`, call `method`, unpack the reply with `d`. */
+static int call(ar_client *c, const char *method, const ProtobufCMessage *req,
+                const ProtobufCMessageDescriptor *d, ProtobufCMessage **reply_out, int *status)
+{
+    size_t len = protobuf_c_message_get_packed_size(req), rlen = 0;
+    void *buf = malloc(len ? len : 1), *rep = NULL;
+    if (!buf)
+        return ar_fail(AR_ENOMEM, "out of memory");
+    protobuf_c_message_pack(req, buf);
+    int st = 0;
+    int rc = ar_client_unary(c, method, buf, len, &rep, &rlen, CALL_TIMEOUT_S, &st);
+    free(buf);
+    if (status)
+        *status = st;
+    if (rc != AR_OK)
+        return rc;
+    *reply_out = protobuf_c_message_unpack(d, NULL, rlen, rep);
+    free(rep);
+    if (!*reply_out)
+        return ar_fail(AR_EPROTO, "market %s: malformed %s", ar_client_addr(c), d->short_name);
+    return AR_OK;
+}
+
+int ar_market_register(ar_client *c, const char *token, const char *address,
+                       const ar_market_profile *p, int64_t *provider_id, int *offline_after_s,
+                       int *status)
+{
+    Arceus__ProviderProfile pp = ARCEUS__PROVIDER_PROFILE__INIT;
+    pp.gflops = p->gflops;
+    pp.mem_bytes = p->mem_bytes > 0 ? (uint64_t)p->mem_bytes : 0;
+    pp.cores = p->cores > 0 ? (uint32_t)p->cores : 0;
+    pp.price_per_tflop = p->price_per_tflop;
+    Arceus__RegisterProviderRequest req = ARCEUS__REGISTER_PROVIDER_REQUEST__INIT;
+    req.token = (char *)token;
+    req.address = (char *)address;
+    req.profile = &pp;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/RegisterProvider", &req.base,
+                  &arceus__register_provider_reply__descriptor, &rep, status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__RegisterProviderReply *r = (Arceus__RegisterProviderReply *)rep;
+    if (provider_id)
+        *provider_id = r->provider_id;
+    if (offline_after_s)
+        *offline_after_s = (int)r->offline_after_s;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}
+
+int ar_market_heartbeat(ar_client *c, const char *token, int64_t provider_id, int *status)
+{
+    Arceus__HeartbeatRequest req = ARCEUS__HEARTBEAT_REQUEST__INIT;
+    req.token = (char *)token;
+    req.provider_id = provider_id;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/Heartbeat", &req.base, &arceus__heartbeat_reply__descriptor, &rep,
+                  status);
+    if (rc == AR_OK)
+        protobuf_c_message_free_unpacked(rep, NULL);
+    return rc;
+}
+
+int ar_market_providers(ar_client *c, const char *token, bool include_offline,
+                        ar_market_provider **out, size_t *n, int *status)
+{
+    *out = NULL;
+    *n = 0;
+    Arceus__ListProvidersRequest req = ARCEUS__LIST_PROVIDERS_REQUEST__INIT;
+    req.token = (char *)token;
+    req.include_offline = include_offline;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/ListProviders", &req.base, &arceus__list_providers_reply__descriptor,
+                  &rep, status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__ListProvidersReply *r = (Arceus__ListProvidersReply *)rep;
+    ar_market_provider *ps = calloc(r->n_providers ? r->n_providers : 1, sizeof *ps);
+    if (!ps) {
+        protobuf_c_message_free_unpacked(rep, NULL);
+        return ar_fail(AR_ENOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < r->n_providers; i++) {
+        const Arceus__ProviderInfo *pi = r->providers[i];
+        ar_market_provider *q = &ps[i];
+        q->p.id = pi->id;
+        snprintf(q->account, sizeof q->account, "%s", pi->account);
+        snprintf(q->p.address, sizeof q->p.address, "%s", pi->address);
+        if (pi->profile) {
+            q->p.gflops = pi->profile->gflops;
+            q->p.mem_bytes = (int64_t)pi->profile->mem_bytes;
+            q->p.cores = (int)pi->profile->cores;
+            q->p.price_per_tflop = pi->profile->price_per_tflop;
+        }
+        q->p.reliability = pi->reliability;
+        q->p.online = pi->online;
+        q->p.last_heartbeat = pi->last_heartbeat;
+    }
+    *out = ps;
+    *n = r->n_providers;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}
+
+int ar_market_ledger(ar_client *c, const char *token, const char *account,
+                     char account_out[AR_NAME_MAX], ar_ledger_row **rows, size_t *n,
+                     int64_t *balance, int *status)
+{
+    *rows = NULL;
+    *n = 0;
+    Arceus__LedgerRequest req = ARCEUS__LEDGER_REQUEST__INIT;
+    req.token = (char *)token;
+    req.account = (char *)(account ? account : "");
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/Ledger", &req.base, &arceus__ledger_reply__descriptor, &rep, status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__LedgerReply *r = (Arceus__LedgerReply *)rep;
+    ar_ledger_row *out = calloc(r->n_rows ? r->n_rows : 1, sizeof *out);
+    if (!out) {
+        protobuf_c_message_free_unpacked(rep, NULL);
+        return ar_fail(AR_ENOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < r->n_rows; i++) {
+        const Arceus__LedgerRow *row = r->rows[i];
+        out[i].id = row->id;
+        out[i].transfer_id = row->transfer_id;
+        out[i].account_id = 0;
+        out[i].amount = row->amount;
+        snprintf(out[i].reason, sizeof out[i].reason, "%s", row->reason);
+        out[i].job_id = row->job_id;
+        out[i].step = row->step;
+        out[i].created = row->created;
+    }
+    snprintf(account_out, AR_NAME_MAX, "%s", r->account);
+    *balance = r->balance;
+    *rows = out;
+    *n = r->n_rows;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}
+
+int ar_market_balance(ar_client *c, const char *token, char account_out[AR_NAME_MAX],
+                      int64_t *balance, int *status)
+{
+    Arceus__BalanceRequest req = ARCEUS__BALANCE_REQUEST__INIT;
+    req.token = (char *)token;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/Balance", &req.base, &arceus__balance_reply__descriptor, &rep, status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__BalanceReply *r = (Arceus__BalanceReply *)rep;
+    snprintf(account_out, AR_NAME_MAX, "%s", r->account);
+    *balance = r->balance;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}

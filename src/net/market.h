@@ -1,0 +1,78 @@
+/* The Market service (proto/arceus.proto): the market server over the store
+ * (market/store.h), and the client side of its RPCs for the CLI.
+ *
+ * Every call is authenticated by an account token (UNAUTHENTICATED when it is
+ * missing or unknown); every field of a request is checked before the
+ * database is touched. Providers that send no heartbeat for offline_after_s
+ * seconds are marked offline by a sweep thread of the server. */
+#ifndef AR_NET_MARKET_H
+#define AR_NET_MARKET_H
+
+#include "market/store.h"
+#include "net/net.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* gRPC status codes the market uses besides those of net.h. */
+#define AR_STATUS_PERMISSION_DENIED 7
+#define AR_STATUS_UNAUTHENTICATED 16
+
+#define AR_MARKET_DEFAULT_OFFLINE_AFTER_S 15
+/* Request limits (checked by the server; the client does not pre-check). */
+#define AR_MARKET_MAX_GFLOPS 1e9             /* 1 EFLOP/s per provider */
+#define AR_MARKET_MAX_MEM ((int64_t)1 << 52) /* 4 PiB */
+#define AR_MARKET_MAX_CORES 65536
+#define AR_MARKET_MAX_PRICE AR_CREDITS(1000000) /* micro-credits per TFLOP */
+
+/* ---- the server ----------------------------------------------------------- */
+
+typedef struct {
+    const char *listen;  /* HOST:PORT; port 0 picks a free one */
+    const char *db_path; /* SQLite file, created if missing */
+    int offline_after_s; /* 0: AR_MARKET_DEFAULT_OFFLINE_AFTER_S */
+} ar_market_config;
+
+typedef struct ar_market ar_market;
+
+/* Open the database, bind, start serving and sweeping; *addr gets
+ * "HOST:PORT" with the real port. */
+int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size_t addr_size);
+/* Cancel every call, stop the sweep, close the database. */
+void ar_market_stop(ar_market *m);
+
+/* ---- the client side ------------------------------------------------------ */
+
+/* A non-OK status gives AR_EPROTO with the server's message in
+ * ar_last_error() and the gRPC code in *status (may be NULL). */
+
+typedef struct {
+    double gflops;
+    int64_t mem_bytes;
+    int cores;
+    int64_t price_per_tflop; /* micro-credits per TFLOP */
+} ar_market_profile;
+
+int ar_market_register(ar_client *c, const char *token, const char *address,
+                       const ar_market_profile *p, int64_t *provider_id, int *offline_after_s,
+                       int *status);
+int ar_market_heartbeat(ar_client *c, const char *token, int64_t provider_id, int *status);
+
+typedef struct {
+    ar_provider p; /* account_id is 0: the market names the account instead */
+    char account[AR_NAME_MAX];
+} ar_market_provider;
+
+/* Online providers (all when include_offline); *out is malloc'd (free()). */
+int ar_market_providers(ar_client *c, const char *token, bool include_offline,
+                        ar_market_provider **out, size_t *n, int *status);
+
+/* The ledger of `account` (NULL or "": the caller's own); rows malloc'd. */
+int ar_market_ledger(ar_client *c, const char *token, const char *account,
+                     char account_out[AR_NAME_MAX], ar_ledger_row **rows, size_t *n,
+                     int64_t *balance, int *status);
+int ar_market_balance(ar_client *c, const char *token, char account_out[AR_NAME_MAX],
+                      int64_t *balance, int *status);
+
+#endif
