@@ -4,6 +4,7 @@
 #include "core/core.h"
 #include "core/progress.h"
 #include "data/data.h"
+#include "nn/safetensors.h"
 #include "train/checkpoint.h"
 #include "net/net.h"
 #include "net/remote.h"
@@ -263,8 +264,69 @@ static int save_checkpoint(run *r, long step)
     return ar_checkpoint_save(r->c->out_dir, r->stage_ptrs, r->S, &st);
 }
 
+/* The loss curves travel with the checkpoint (curve.safetensors: "train" and
+ * "val", (n, 2) rows of step, loss) so that a resumed run draws them whole. */
+static int pack_curve(const double *xs, const double *ys, long n, float **out)
+{
+    *out = ar_calloc((size_t)(n > 0 ? n : 1) * 2, sizeof(float));
+    if (!*out)
+        return AR_ENOMEM;
+    for (long i = 0; i < n; i++) {
+        (*out)[2 * i] = (float)xs[i];
+        (*out)[2 * i + 1] = (float)ys[i];
+    }
+    return AR_OK;
+}
+
+static void save_curve(run *r)
+{
+    float *train = NULL, *val = NULL;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/curve.safetensors", r->c->out_dir);
+    int rc = pack_curve(r->curve_x, r->curve_y, r->ncurve, &train);
+    if (rc == AR_OK)
+        rc = pack_curve(r->val_x, r->val_y, r->nval, &val);
+    if (rc == AR_OK) {
+        ar_st_tensor t[2] = {{.name = "train", .dtype = AR_F32, .ndim = 2, .shape = {r->ncurve, 2},
+                              .nbytes = (size_t)r->ncurve * 2 * sizeof(float), .data = train},
+                             {.name = "val", .dtype = AR_F32, .ndim = 2, .shape = {r->nval, 2},
+                              .nbytes = (size_t)r->nval * 2 * sizeof(float), .data = val}};
+        rc = ar_st_save(path, t, 2, NULL, NULL, 0);
+    }
+    if (rc != AR_OK)
+        ar_log(AR_LOG_WARN, "could not save the loss curve %s: %s", path, ar_last_error());
+    ar_free(train);
+    ar_free(val);
+}
+
+static int record(double **xs, double **ys, long *n, double x, double y);
+
+/* Seed the curves from a checkpoint's curve.safetensors, up to its step. */
+static void load_curve(run *r, const char *dir, long upto)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/curve.safetensors", dir);
+    ar_st_file f;
+    if (ar_st_load(path, &f) != AR_OK)
+        return; /* an older checkpoint: the curve starts at the resume */
+    const char *names[2] = {"train", "val"};
+    for (int k = 0; k < 2; k++) {
+        const ar_st_tensor *t = ar_st_find(&f, names[k]);
+        if (!t || t->dtype != AR_F32 || t->ndim != 2 || t->shape[1] != 2)
+            continue;
+        const float *v = t->data;
+        for (int64_t i = 0; i < t->shape[0] && v[2 * i] <= upto; i++)
+            if (k == 0)
+                record(&r->curve_x, &r->curve_y, &r->ncurve, v[2 * i], v[2 * i + 1]);
+            else
+                record(&r->val_x, &r->val_y, &r->nval, v[2 * i], v[2 * i + 1]);
+    }
+    ar_st_free(&f);
+}
+
 static void draw_curve(run *r)
 {
+    save_curve(r);
     char path[4096];
     snprintf(path, sizeof path, "%s/loss.svg", r->c->out_dir);
     ar_plot_series s[2] = {{"train loss", r->curve_x, r->curve_y, (int)r->ncurve, NULL},
@@ -499,6 +561,7 @@ static int setup(run *r)
         if ((rc = ar_checkpoint_load_state(c->resume_dir, &resume_state)) != AR_OK)
             return rc;
         apply_state_recipe(c, &resume_state);
+        load_curve(r, c->resume_dir, resume_state.step);
         if (!c->out_dir)
             c->out_dir = c->resume_dir; /* keep checkpointing where we resumed from */
         start_step = resume_state.step;

@@ -133,3 +133,20 @@ def test_mlp_partition_independent(run_arceus, tmp_path, small_fashion, small_ml
     run_arceus("train", *args, "--workers", workers, "--schedule", schedule,
                    "--out", many, check=True)
     _same_checkpoint(one, many)
+
+
+def test_resumed_run_keeps_the_whole_loss_curve(run_arceus, tmp_path, corpus):
+    """curve.safetensors travels with the checkpoint, so loss.svg of a resumed
+    run still starts at step 1."""
+    import sys
+    sys.path.insert(0, str(CONFIGS.parent / "tests" / "ref"))
+    import refmodels
+    out = tmp_path / "run"
+    args = ("--data", corpus, "--batch", "4", "--eval-every", "5", "--eval-batches", "1")
+    run_arceus("train", "--model", CONFIGS / "gpt-tiny.json", *args, "--steps", "12",
+               "--stop-after", "6", "--out", out, check=True)
+    run_arceus("train", "--resume", out, *args, check=True)
+    tensors, _ = refmodels.load_safetensors(out / "curve.safetensors")
+    assert [int(s) for s in tensors["train"][:, 0].tolist()] == list(range(1, 13))
+    assert [int(s) for s in tensors["val"][:, 0].tolist()] == [5, 10, 12]
+    assert "<svg" in (out / "loss.svg").read_text()
