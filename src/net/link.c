@@ -153,11 +153,15 @@ static int cur_varint(cursor *c, uint64_t *v)
 
 #define BAD(...) do { rc = ar_fail(AR_EPROTO, __VA_ARGS__); goto fail; } while (0)
 
-static int decode_segments(const uint8_t **ptr, const size_t *len, int nseg, ar_frame *f)
+/* With payload_at non-NULL the payload is not copied: f->nbytes is set, f->data
+ * stays NULL and *payload_at gets the payload's offset in the message. */
+static int decode_segments(const uint8_t **ptr, const size_t *len, int nseg, ar_frame *f,
+                           size_t *payload_at)
 {
     cursor c = {.ptr = ptr, .len = len, .nseg = nseg};
     for (int i = 0; i < nseg; i++)
         c.left += len[i];
+    size_t total = c.left;
     memset(f, 0, sizeof *f);
     int rc;
     int nscalars = 0;
@@ -200,6 +204,15 @@ static int decode_segments(const uint8_t **ptr, const size_t *len, int nseg, ar_
                 BAD("truncated frame %s", field == 9 ? "targets" : "payload");
             if (field == 9 && n % 4)
                 BAD("frame targets of %llu bytes (not whole int32)", (unsigned long long)n);
+            if (field == 10 && payload_at) {
+                *payload_at = total - c.left;
+                free(f->data);
+                f->data = NULL;
+                f->nbytes = n;
+                if (cur_read(&c, NULL, n) != 0)
+                    BAD("truncated frame");
+                continue;
+            }
             void *buf = n ? malloc(n) : NULL;
             if (n && !buf) {
                 rc = ar_fail(AR_ENOMEM, "out of memory for a %llu byte frame", (unsigned long long)n);
@@ -257,49 +270,87 @@ fail:
 int ar_net_frame_decode(const void *data, size_t len, ar_frame *f)
 {
     const uint8_t *p = data;
-    return decode_segments(&p, &len, 1, f);
+    return decode_segments(&p, &len, 1, f, NULL);
 }
 
-static int frame_decode_bb(grpc_byte_buffer *bb, ar_frame *f)
+/* A received message as one uncompressed byte buffer (the slices are read in
+ * place); a compressed one is flattened first. NULL when out of memory. */
+static grpc_byte_buffer *raw_buffer(grpc_byte_buffer *bb)
 {
+    if (bb->type == GRPC_BB_RAW && bb->data.raw.compression == GRPC_COMPRESS_NONE)
+        return bb;
     grpc_byte_buffer_reader r;
-    if (!grpc_byte_buffer_reader_init(&r, bb))
-        return ar_fail(AR_EPROTO, "unreadable message");
-    int cap = 16, n = 0, rc;
-    grpc_slice *sl = malloc(sizeof *sl * (size_t)cap);
-    const uint8_t **ptr = NULL;
-    size_t *len = NULL;
-    grpc_slice s;
-    while (sl && grpc_byte_buffer_reader_next(&r, &s)) {
-        if (n == cap) {
-            grpc_slice *g = realloc(sl, sizeof *sl * (size_t)cap * 2);
-            if (!g) {
-                grpc_slice_unref(s);
-                break;
-            }
-            sl = g;
-            cap *= 2;
-        }
-        sl[n++] = s;
+    grpc_byte_buffer *out = NULL;
+    if (grpc_byte_buffer_reader_init(&r, bb)) {
+        grpc_slice s = grpc_byte_buffer_reader_readall(&r);
+        grpc_byte_buffer_reader_destroy(&r);
+        out = grpc_raw_byte_buffer_create(&s, 1);
+        grpc_slice_unref(s);
     }
-    grpc_byte_buffer_reader_destroy(&r);
-    ptr = malloc(sizeof *ptr * (size_t)(n ? n : 1));
-    len = malloc(sizeof *len * (size_t)(n ? n : 1));
-    if (!sl || !ptr || !len) {
+    grpc_byte_buffer_destroy(bb);
+    return out;
+}
+
+/* Decode the header of a raw byte buffer in place, leaving the payload in
+ * the buffer (f->data NULL, *payload_at its offset): the event loop only
+ * parses and validates; the copy is made by the thread that takes the frame
+ * (payload_copy), so a link's receiver and the loop work in parallel. */
+static int frame_decode_bb(grpc_byte_buffer *bb, ar_frame *f, size_t *payload_at)
+{
+    const grpc_slice_buffer *sb = &bb->data.raw.slice_buffer;
+    enum { NSTACK = 64 };
+    const uint8_t *ptr_s[NSTACK];
+    size_t len_s[NSTACK];
+    size_t n = sb->count;
+    const uint8_t **ptr = n <= NSTACK ? ptr_s : malloc(sizeof *ptr * n);
+    size_t *len = n <= NSTACK ? len_s : malloc(sizeof *len * n);
+    int rc;
+    if (!ptr || !len) {
         rc = ar_fail(AR_ENOMEM, "out of memory reading a message");
+    } else if (n > (size_t)0x7fffffff) {
+        rc = ar_fail(AR_EPROTO, "message of too many slices");
     } else {
-        for (int i = 0; i < n; i++) {
-            ptr[i] = GRPC_SLICE_START_PTR(sl[i]);
-            len[i] = GRPC_SLICE_LENGTH(sl[i]);
+        for (size_t i = 0; i < n; i++) {
+            ptr[i] = GRPC_SLICE_START_PTR(sb->slices[i]);
+            len[i] = GRPC_SLICE_LENGTH(sb->slices[i]);
         }
-        rc = decode_segments(ptr, len, n, f);
+        rc = decode_segments(ptr, len, (int)n, f, payload_at);
     }
-    for (int i = 0; sl && i < n; i++)
-        grpc_slice_unref(sl[i]);
-    free(sl);
-    free(ptr);
-    free(len);
+    if (ptr != ptr_s)
+        free(ptr);
+    if (len != len_s)
+        free(len);
     return rc;
+}
+
+/* Copy n bytes at offset `at` of a raw byte buffer into a new buffer. */
+static int payload_copy(grpc_byte_buffer *bb, size_t at, size_t n, void **out)
+{
+    *out = NULL;
+    if (n == 0)
+        return AR_OK;
+    uint8_t *buf = malloc(n);
+    if (!buf)
+        return ar_fail(AR_ENOMEM, "out of memory for a %zu byte frame", n);
+    const grpc_slice_buffer *sb = &bb->data.raw.slice_buffer;
+    size_t got = 0;
+    for (size_t i = 0; i < sb->count && got < n; i++) {
+        size_t sl = GRPC_SLICE_LENGTH(sb->slices[i]);
+        if (at >= sl) {
+            at -= sl;
+            continue;
+        }
+        size_t take = sl - at < n - got ? sl - at : n - got;
+        memcpy(buf + got, GRPC_SLICE_START_PTR(sb->slices[i]) + at, take);
+        got += take;
+        at = 0;
+    }
+    if (got != n) { /* cannot happen: the decoder checked the length */
+        free(buf);
+        return ar_fail(AR_EPROTO, "truncated frame payload");
+    }
+    *out = buf;
+    return AR_OK;
 }
 
 /* ---- the link ----------------------------------------------------------- */
@@ -310,7 +361,9 @@ typedef struct out_msg {
 } out_msg;
 
 typedef struct in_msg {
-    ar_frame f;
+    ar_frame f;          /* payload still in bb when f.nbytes > 0 */
+    grpc_byte_buffer *bb;
+    size_t payload_at;
     struct in_msg *next;
 } in_msg;
 
@@ -365,6 +418,8 @@ static void link_unref(glink *l)
     for (in_msg *m = l->in_head; m;) {
         in_msg *next = m->next;
         ar_frame_free(&m->f);
+        if (m->bb)
+            grpc_byte_buffer_destroy(m->bb);
         free(m);
         m = next;
     }
@@ -459,26 +514,43 @@ static void on_recv(net_tag *t, int ok)
     glink *l = ((link_tag *)t)->l;
     grpc_byte_buffer *bb = l->recv_buf;
     l->recv_buf = NULL;
+    int got = ok && bb; /* a message arrived (else the stream ended) */
     ar_frame f;
+    size_t payload_at = 0;
     int rc = AR_OK;
     char msg[512] = "";
-    if (ok && bb) {
-        rc = frame_decode_bb(bb, &f);
+    if (bb && !ok) {
+        grpc_byte_buffer_destroy(bb);
+        bb = NULL;
+    }
+    if (got && !(bb = raw_buffer(bb))) {
+        rc = AR_ENOMEM;
+        snprintf(msg, sizeof msg, "out of memory reading a message");
+    } else if (got) {
+        rc = frame_decode_bb(bb, &f, &payload_at);
         if (rc == AR_OK && (rc = ar_frame_validate(&f, l->max_frame)) != AR_OK)
             ar_frame_free(&f);
         if (rc != AR_OK)
             snprintf(msg, sizeof msg, "bad frame: %s", ar_last_error());
     }
-    if (bb)
-        grpc_byte_buffer_destroy(bb);
     in_msg *m = NULL;
-    if (ok && bb && rc == AR_OK && !(m = malloc(sizeof *m))) {
+    if (got && rc == AR_OK && !(m = malloc(sizeof *m))) {
         ar_frame_free(&f);
         rc = AR_ENOMEM;
         snprintf(msg, sizeof msg, "out of memory queueing a frame");
     }
+    if (m && f.nbytes > 0) { /* the payload stays in the buffer until taken */
+        m->bb = bb;
+        m->payload_at = payload_at;
+    } else {
+        if (m)
+            m->bb = NULL;
+        if (bb)
+            grpc_byte_buffer_destroy(bb);
+    }
+    bb = NULL;
     pthread_mutex_lock(&l->mu);
-    if (!ok || !bb) {
+    if (!got) {
         l->recv_done = 1;
     } else if (rc != AR_OK) {
         l->recv_done = 1;
@@ -626,8 +698,15 @@ static int g_recv(ar_link *al, ar_frame *f, double timeout_s)
             l->in_tail = NULL;
         pthread_mutex_unlock(&l->mu);
         *f = m->f;
+        int rc = AR_OK;
+        if (m->bb) {
+            rc = payload_copy(m->bb, m->payload_at, f->nbytes, &f->data);
+            grpc_byte_buffer_destroy(m->bb);
+            if (rc != AR_OK)
+                ar_frame_free(f);
+        }
         free(m);
-        return AR_OK;
+        return rc;
     }
     int rc;
     if (!l->is_server && l->recv_done && !l->ended && !l->closed)

@@ -140,16 +140,36 @@ int net_batch(grpc_call *call, const grpc_op *ops, size_t n, double timeout_s)
 const grpc_channel_args *net_channel_args(void)
 {
     /* DESIGN.md §2: no message size limits on either side (the frames are
-     * validated against our own limit instead) */
-    static grpc_arg args[2];
+     * validated against our own limit instead).
+     *
+     * HTTP/2 tuned for a few long streams of large frames, measured with
+     * bench/link_bench on loopback (see the commit that set them): a 64 MiB
+     * stream window from the start, without the BDP probe (which otherwise
+     * keeps resizing the window from 64 KiB and stalls the sender on window
+     * updates), the largest DATA frames HTTP/2 allows (fewer frame headers
+     * and parser calls per message) and a write buffer that holds a whole
+     * large frame. Combined, these roughly double the link's throughput at
+     * 64 KiB frames and add 30-50% at 1 and 16 MiB; alone, none of them
+     * helps much. */
+    static grpc_arg args[6];
     static grpc_channel_args ca;
-    args[0].type = GRPC_ARG_INTEGER;
-    args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
-    args[0].value.integer = -1;
-    args[1].type = GRPC_ARG_INTEGER;
-    args[1].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
-    args[1].value.integer = -1;
-    ca.num_args = 2;
+    static const struct {
+        const char *key;
+        int value;
+    } kv[6] = {
+        {GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, -1},
+        {GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, -1},
+        {GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20},
+        {GRPC_ARG_HTTP2_BDP_PROBE, 0},
+        {GRPC_ARG_HTTP2_MAX_FRAME_SIZE, (1 << 24) - 1},
+        {GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 64 << 20},
+    };
+    for (int i = 0; i < 6; i++) {
+        args[i].type = GRPC_ARG_INTEGER;
+        args[i].key = (char *)kv[i].key;
+        args[i].value.integer = kv[i].value;
+    }
+    ca.num_args = 6;
     ca.args = args;
     return &ca;
 }
