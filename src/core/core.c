@@ -249,6 +249,28 @@ int ar_read_file(const char *path, char **out, size_t *len)
     return AR_OK;
 }
 
+int ar_mkdir_p(const char *path)
+{
+    char buf[4096];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof buf)
+        return ar_fail(AR_EINVAL, "\"%s\": not a usable folder name", path);
+    memcpy(buf, path, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (buf[i] != '/' && buf[i] != '\0')
+            continue;
+        char saved = buf[i];
+        buf[i] = '\0';
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+            return ar_fail(AR_EIO, "%s: cannot create the folder %s: %s", path, buf, strerror(errno));
+        buf[i] = saved;
+    }
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+        return ar_fail(AR_EIO, "%s: not a folder", path);
+    return AR_OK;
+}
+
 int ar_write_file_atomic(const char *path, const void *data, size_t len)
 {
     char tmp[4096];

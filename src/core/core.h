@@ -68,6 +68,8 @@ void ar_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 
 /* Read a whole file; *out is NUL-terminated (not counted in *len). */
 int ar_read_file(const char *path, char **out, size_t *len);
+/* Create a folder and any missing parents (mkdir -p); fine if it exists. */
+int ar_mkdir_p(const char *path);
 /* Write atomically: temp file in the same folder, fsync, rename. */
 int ar_write_file_atomic(const char *path, const void *data, size_t len);
 

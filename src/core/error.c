@@ -3,6 +3,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 static _Thread_local char last_error[512] = "no error";
 
@@ -31,9 +32,13 @@ const char *ar_last_error(void)
 
 int ar_fail(int err, const char *fmt, ...)
 {
+    /* format into a copy first: callers often pass ar_last_error() itself
+     * as an argument, to add context to an earlier message */
+    char msg[sizeof last_error];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    memcpy(last_error, msg, sizeof msg);
     return err;
 }

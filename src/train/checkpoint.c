@@ -22,12 +22,7 @@ static int join(char *buf, size_t size, const char *dir, const char *name)
 
 static int ensure_dir(const char *dir)
 {
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-        return ar_fail(AR_EIO, "%s: cannot create the folder: %s", dir, strerror(errno));
-    struct stat st;
-    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        return ar_fail(AR_EIO, "%s: not a folder", dir);
-    return AR_OK;
+    return ar_mkdir_p(dir);
 }
 
 static int count_params(ar_stage *const *stages, int nstages)

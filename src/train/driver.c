@@ -356,8 +356,8 @@ static void apply_state_recipe(ar_train_config *c, const ar_train_state *s)
 
 static int check_out_dir(const char *dir)
 {
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-        return ar_fail(AR_EIO, "--out %s: cannot create the folder: %s", dir, strerror(errno));
+    if (ar_mkdir_p(dir) != AR_OK)
+        return ar_fail(AR_EIO, "--out %s", ar_last_error());
     char probe[4096];
     snprintf(probe, sizeof probe, "%s/.arceus-write-test", dir);
     FILE *f = fopen(probe, "w");
