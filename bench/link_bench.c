@@ -3,7 +3,11 @@
  * raw TCP 2.4 GB/s at 1 MiB here). One stream each; the receiver consumes
  * every message and answers once at the end, so the time covers delivery.
  *
- * usage: link_bench [--quick]   prints one line per size and a JSON summary */
+ * By default each receiver runs in a process of its own (this program run
+ * again with --serve), as two pipeline stages do; --same-process keeps both
+ * ends in one process, where one gRPC event loop then serves both of them.
+ *
+ * usage: link_bench [--quick] [--same-process]   one line per size, then JSON */
 #include "core/core.h"
 #include "net/net.h"
 #include "train/frame.h"
@@ -16,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* ---- raw TCP ----------------------------------------------------------- */
@@ -80,8 +85,85 @@ static void *tcp_receiver(void *arg)
     return NULL;
 }
 
+static int two_processes = 1;
+
+/* Run this program again as the receiving end: it prints its port, serves
+ * one sender, exits. */
+static pid_t spawn_receiver(const char *kind, size_t size, int count, int *port)
+{
+    int p[2];
+    if (pipe(p) != 0)
+        return -1;
+    char sz[32], cnt[32];
+    snprintf(sz, sizeof sz, "%zu", size);
+    snprintf(cnt, sizeof cnt, "%d", count);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(p[1], 1);
+        close(p[0]);
+        close(p[1]);
+        execl("/proc/self/exe", "link_bench", "--serve", kind, sz, cnt, (char *)NULL);
+        _exit(127);
+    }
+    close(p[1]);
+    FILE *f = fdopen(p[0], "r");
+    int ok = f && fscanf(f, "%d", port) == 1;
+    if (f)
+        fclose(f);
+    if (pid < 0 || !ok) {
+        if (pid > 0)
+            waitpid(pid, NULL, 0);
+        return -1;
+    }
+    return pid;
+}
+
+static int tcp_listen(int *port)
+{
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof a;
+    if (ls < 0 || bind(ls, (struct sockaddr *)&a, sizeof a) != 0 || listen(ls, 1) != 0 ||
+        getsockname(ls, (struct sockaddr *)&a, &alen) != 0)
+        return -1;
+    *port = ntohs(a.sin_port);
+    return ls;
+}
+
 static double tcp_rate(size_t size, int count, int owned)
 {
+    if (two_processes) {
+        int port;
+        pid_t pid = spawn_receiver(owned ? "tcp-owned" : "tcp", size, count, &port);
+        if (pid < 0)
+            return -1;
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                                .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        double rate = -1;
+        if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            char *buf = malloc(size);
+            if (buf) {
+                memset(buf, 1, size);
+                double t0 = ar_now();
+                int sent = 1;
+                for (int i = 0; i < count && sent; i++) {
+                    uint64_t len = size;
+                    sent = write_full(fd, &len, sizeof len) == 0 && write_full(fd, buf, size) == 0;
+                }
+                char ack;
+                if (sent && read_full(fd, &ack, 1) == 0)
+                    rate = (double)size * count / (ar_now() - t0);
+                free(buf);
+            }
+        }
+        if (fd >= 0)
+            close(fd);
+        waitpid(pid, NULL, 0);
+        return rate;
+    }
     int ls = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t alen = sizeof a;
@@ -146,18 +228,27 @@ static void on_pipe(ar_rpc *rpc, void *user)
 static double grpc_rate(size_t size, int count)
 {
     pipe_job j = {.count = count};
-    ar_server *srv;
+    ar_server *srv = NULL;
     int port;
-    if (ar_server_create("127.0.0.1:0", &srv, &port) != AR_OK ||
-        ar_server_handle(srv, "/arceus.Worker/Pipe", on_pipe, &j) != AR_OK ||
-        ar_server_start(srv) != AR_OK)
+    pid_t pid = -1;
+    if (two_processes) {
+        if ((pid = spawn_receiver("grpc", size, count, &port)) < 0)
+            return -1;
+        j.received = count; /* the receiver acknowledges only after all of them */
+    } else if (ar_server_create("127.0.0.1:0", &srv, &port) != AR_OK ||
+               ar_server_handle(srv, "/arceus.Worker/Pipe", on_pipe, &j) != AR_OK ||
+               ar_server_start(srv) != AR_OK) {
         return -1;
+    }
     char addr[64];
     snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
     ar_client *c;
     ar_link *l;
-    if (ar_client_open(addr, &c) != AR_OK || ar_client_pipe(c, "bench client", AR_NET_DEFAULT_MAX_FRAME, &l) != AR_OK)
+    if (ar_client_open(addr, &c) != AR_OK || ar_client_pipe(c, "bench client", AR_NET_DEFAULT_MAX_FRAME, &l) != AR_OK) {
+        if (pid > 0)
+            waitpid(pid, NULL, 0);
         return -1;
+    }
     /* payloads are prepared (and written, as by the compute that made them)
      * before the clock starts: the link takes them over */
     void **bufs = calloc((size_t)count, sizeof *bufs);
@@ -181,25 +272,65 @@ static double grpc_rate(size_t size, int count)
     ar_net_link_finish(l, 10);
     ar_link_destroy(l);
     ar_client_close(c);
-    ar_server_destroy(srv);
+    if (srv)
+        ar_server_destroy(srv);
+    if (pid > 0)
+        waitpid(pid, NULL, 0);
     free(bufs);
     return ok && j.received == count ? (double)size * count / dt : -1;
 }
 
+/* The receiving process: --serve tcp|tcp-owned|grpc SIZE COUNT */
+static int serve(const char *kind, size_t size, int count)
+{
+    int port;
+    if (strcmp(kind, "grpc") == 0) {
+        pipe_job j = {.count = count};
+        ar_server *srv;
+        if (ar_net_init() != AR_OK || ar_server_create("127.0.0.1:0", &srv, &port) != AR_OK ||
+            ar_server_handle(srv, "/arceus.Worker/Pipe", on_pipe, &j) != AR_OK ||
+            ar_server_start(srv) != AR_OK)
+            return 1;
+        printf("%d\n", port);
+        fflush(stdout);
+        /* the handler acknowledges after the last frame; wait for it */
+        double t0 = ar_now();
+        while (j.received < count && ar_now() - t0 < 300)
+            usleep(1000);
+        usleep(50000); /* let the acknowledgement and the status go out */
+        ar_server_destroy(srv);
+        ar_net_shutdown();
+        return 0;
+    }
+    int ls = tcp_listen(&port);
+    if (ls < 0)
+        return 1;
+    printf("%d\n", port);
+    fflush(stdout);
+    tcp_job j = {ls, size, count, strcmp(kind, "tcp-owned") == 0};
+    tcp_receiver(&j);
+    close(ls);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 5 && strcmp(argv[1], "--serve") == 0)
+        return serve(argv[2], (size_t)strtoull(argv[3], NULL, 10), atoi(argv[4]));
     int quick = 0;
     const char *only = NULL; /* --only tcp|grpc SIZE: one measurement, for profiling */
     size_t only_size = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0) {
             quick = 1;
+        } else if (strcmp(argv[i], "--same-process") == 0) {
+            two_processes = 0;
         } else if (strcmp(argv[i], "--only") == 0 && i + 2 < argc) {
             only = argv[i + 1];
             only_size = (size_t)strtoull(argv[i + 2], NULL, 0);
             i += 2;
         } else {
-            fprintf(stderr, "usage: link_bench [--quick] [--only tcp|grpc BYTES]\n");
+            fprintf(stderr, "usage: link_bench [--quick] [--same-process] [--only tcp|grpc BYTES]\n");
             return 2;
         }
     }
@@ -218,6 +349,7 @@ int main(int argc, char **argv)
     }
     /* raw TCP: the receiver reads into one reused buffer (the ratio's
      * baseline); raw TCP owned: into a fresh malloc'd buffer per message */
+    printf("receivers in %s\n", two_processes ? "a process of their own" : "the sender's process");
     printf("%-8s %12s %12s %12s %7s %7s\n", "size", "raw TCP", "TCP owned", "gRPC link", "ratio",
            "/owned");
     char json[1024] = "";
@@ -248,7 +380,7 @@ int main(int argc, char **argv)
                  "\"ratio_owned\": %.3f}",
                  i ? ", " : "", sizes[i], tcp, owned, grpc, grpc / tcp, grpc / owned);
     }
-    printf("{\"link\": [%s]}\n", json);
+    printf("{\"two_processes\": %d, \"link\": [%s]}\n", two_processes, json);
     ar_net_shutdown();
     return ok ? 0 : 1;
 }
