@@ -23,13 +23,13 @@ size_t ar_dtype_size(int dtype)
 
 const char *ar_frame_kind_name(int kind)
 {
-    static const char *names[] = {"?", "ACT", "GRAD", "NORM", "STEP", "EVAL", "EVAL_RESULT", "STOP", "ERROR", "SYNC", "ABORT", "TIED"};
-    return kind >= 1 && kind <= AR_FRAME_TIED ? names[kind] : "unknown";
+    static const char *names[] = {"?", "ACT", "GRAD", "NORM", "STEP", "EVAL", "EVAL_RESULT", "STOP", "ERROR", "SYNC", "ABORT", "TIED", "TP"};
+    return kind >= 1 && kind <= AR_FRAME_TP ? names[kind] : "unknown";
 }
 
 int ar_frame_validate(const ar_frame *f, size_t max_bytes)
 {
-    if (f->kind < AR_FRAME_ACT || f->kind > AR_FRAME_TIED)
+    if (f->kind < AR_FRAME_ACT || f->kind > AR_FRAME_TP)
         return ar_fail(AR_EPROTO, "unknown frame kind %d", f->kind);
     size_t es = ar_dtype_size(f->dtype);
     if (es == 0)

@@ -18,7 +18,8 @@ enum ar_frame_kind {
     AR_FRAME_ERROR = 8,   /* up: a stage failed; payload is the message */
     AR_FRAME_SYNC = 9,    /* down then back up: a barrier */
     AR_FRAME_ABORT = 10,  /* down: a stage gave up on this step; stop waiting for its frames */
-    AR_FRAME_TIED = 11    /* up: gradient of a tied weight's copy, for its owner's stage */
+    AR_FRAME_TIED = 11,   /* up: gradient of a tied weight's copy, for its owner's stage */
+    AR_FRAME_TP = 12      /* leader <-> tensor-parallel rank (train/tp_group.h) */
 };
 
 enum ar_frame_dtype { AR_DT_F32 = 0, AR_DT_I32 = 1, AR_DT_F64 = 2, AR_DT_U8 = 3 };

@@ -1,0 +1,277 @@
+/* Tensor-parallel ranks and the leader's scatter/gather (see tp_group.h). */
+#include "train/tp_group.h"
+
+#include "core/core.h"
+#include "ops/ops.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+void ar_tp_rank_destroy(ar_tp_rank *r)
+{
+    int n = r->nblocks * r->nslots;
+    for (int i = 0; i < n; i++) {
+        if (r->ln_attn)
+            ar_free(r->ln_attn[i]);
+        if (r->ln_mlp)
+            ar_free(r->ln_mlp[i]);
+        if (r->saved_attn)
+            ar_free(r->saved_attn[i]);
+        if (r->saved_mlp)
+            ar_free(r->saved_mlp[i]);
+    }
+    ar_free(r->ln_attn);
+    ar_free(r->ln_mlp);
+    ar_free(r->saved_attn);
+    ar_free(r->saved_mlp);
+    ar_free(r->shards);
+    ar_free(r->mem_params);
+    ar_free(r->mem_grads);
+    ar_free(r->mem_m);
+    ar_free(r->mem_v);
+    ar_free(r->scratch);
+    ar_free(r->partial);
+    memset(r, 0, sizeof *r);
+}
+
+int ar_tp_rank_create(ar_tp_rank *r, const ar_model_spec *spec, int first_block, int nblocks,
+                      const ar_range *heads, const ar_range *hidden, int max_B, int nslots,
+                      uint64_t seed, const ar_optim_config *optim)
+{
+    memset(r, 0, sizeof *r);
+    r->spec = *spec;
+    r->first_block = first_block;
+    r->nblocks = nblocks;
+    r->max_B = max_B;
+    r->T = spec->block_size;
+    r->nslots = nslots;
+    r->optim = *optim;
+    int rc = AR_OK;
+    if (spec->type != AR_MODEL_GPT || first_block < 0 || nblocks < 1 ||
+        first_block + nblocks > spec->n_layer || max_B < 1 || nslots < 1)
+        return ar_fail(AR_EINVAL, "a tensor-parallel rank needs GPT blocks %d-%d inside 0-%d",
+                       first_block, first_block + nblocks - 1, spec->n_layer - 1);
+    r->shards = ar_calloc((size_t)nblocks, sizeof *r->shards);
+    if (!r->shards)
+        return AR_ENOMEM;
+    long total = 0;
+    for (int b = 0; b < nblocks; b++) {
+        if ((rc = ar_block_shard_init(&r->shards[b], &r->spec, first_block + b, heads[b], hidden[b])) != AR_OK)
+            goto fail;
+        for (int i = 0; i < AR_SHARD_NPARAMS; i++)
+            total += r->shards[b].params[i].numel;
+    }
+    r->param_floats = total;
+    r->mem_params = ar_calloc((size_t)total, sizeof(float));
+    r->mem_grads = ar_calloc((size_t)total, sizeof(float));
+    r->mem_m = ar_calloc((size_t)total, sizeof(float));
+    r->mem_v = ar_calloc((size_t)total, sizeof(float));
+    if (!r->mem_params || !r->mem_grads || !r->mem_m || !r->mem_v) {
+        rc = AR_ENOMEM;
+        goto fail;
+    }
+    long at = 0;
+    size_t scratch = 0, C = (size_t)spec->n_embd, N = (size_t)max_B * r->T;
+    for (int b = 0; b < nblocks; b++) {
+        ar_block_shard *s = &r->shards[b];
+        for (int i = 0; i < AR_SHARD_NPARAMS; i++) {
+            ar_param *p = &s->params[i];
+            p->data = r->mem_params + at;
+            p->grad = r->mem_grads + at;
+            p->m = r->mem_m + at;
+            p->v = r->mem_v + at;
+            at += p->numel;
+        }
+        /* the same initial values as the whole block: build it, slice it.
+         * (The whole block exists only for this moment.) */
+        ar_stage whole;
+        ar_optim_config none = {0};
+        int unit = 1 + first_block + b;
+        if ((rc = ar_stage_create(&whole, spec, unit, unit + 1, 1, 1, seed, &none)) != AR_OK)
+            goto fail;
+        ar_block_shard_from_full(s, whole.layers[0], 0);
+        ar_stage_destroy(&whole);
+        size_t need = ar_shard_scratch(s, max_B, r->T);
+        scratch = need > scratch ? need : scratch;
+    }
+    int n = nblocks * nslots;
+    r->ln_attn = ar_calloc((size_t)n, sizeof(float *));
+    r->ln_mlp = ar_calloc((size_t)n, sizeof(float *));
+    r->saved_attn = ar_calloc((size_t)n, sizeof(float *));
+    r->saved_mlp = ar_calloc((size_t)n, sizeof(float *));
+    r->scratch = ar_calloc(scratch, sizeof(float));
+    r->partial = ar_calloc(N * C, sizeof(float));
+    if (!r->ln_attn || !r->ln_mlp || !r->saved_attn || !r->saved_mlp || !r->scratch || !r->partial) {
+        rc = AR_ENOMEM;
+        goto fail;
+    }
+    for (int i = 0; i < n; i++) {
+        ar_block_shard *s = &r->shards[i / nslots];
+        r->ln_attn[i] = ar_calloc(N * C, sizeof(float));
+        r->ln_mlp[i] = ar_calloc(N * C, sizeof(float));
+        r->saved_attn[i] = ar_calloc(ar_shard_attn_saved(s, max_B, r->T), sizeof(float));
+        r->saved_mlp[i] = ar_calloc(ar_shard_mlp_saved(s, max_B, r->T), sizeof(float));
+        if (!r->ln_attn[i] || !r->ln_mlp[i] || !r->saved_attn[i] || !r->saved_mlp[i]) {
+            rc = AR_ENOMEM;
+            goto fail;
+        }
+    }
+    return AR_OK;
+fail:
+    ar_tp_rank_destroy(r);
+    return rc;
+}
+
+static int reply(ar_link *l, const ar_frame *req, const float *data, size_t n)
+{
+    ar_frame f = {.kind = AR_FRAME_TP, .step = req->step, .mb = req->mb, .rows = req->rows};
+    f.scalars[0] = req->scalars[0];
+    int64_t shape[1] = {(int64_t)n};
+    int rc = ar_frame_set_payload(&f, AR_DT_F32, n ? 1 : 0, shape, data);
+    if (rc != AR_OK) {
+        ar_frame_free(&f);
+        return rc;
+    }
+    return ar_link_send(l, &f);
+}
+
+/* One operation from the leader. */
+static int handle(ar_tp_rank *r, ar_link *l, ar_frame *f)
+{
+    int op = (int)f->scalars[0];
+    if (op == AR_TP_STEP) {
+        float lr = (float)f->scalars[1], scale = (float)f->scalars[2];
+        if (!(lr >= 0 && lr < 1e3) || !(scale > 0 && scale <= 1))
+            return ar_fail(AR_EPROTO, "tensor-parallel STEP with lr %g and scale %g", lr, scale);
+        r->opt_step++;
+        for (int b = 0; b < r->nblocks; b++)
+            for (int i = 0; i < AR_SHARD_NPARAMS; i++) {
+                ar_param *p = &r->shards[b].params[i];
+                ar_adamw_update(p->data, p->grad, p->m, p->v, p->numel, lr, r->optim.beta1,
+                                r->optim.beta2, r->optim.eps, p->decay ? r->optim.weight_decay : 0.0f,
+                                r->opt_step, scale);
+            }
+        memset(r->mem_grads, 0, (size_t)r->param_floats * sizeof(float));
+        return reply(l, f, NULL, 0);
+    }
+    if (op == AR_TP_NORM) {
+        double sums[256];
+        if (r->nblocks > 256)
+            return ar_fail(AR_ELIMIT, "too many blocks");
+        for (int b = 0; b < r->nblocks; b++) {
+            sums[b] = 0;
+            for (int i = 0; i < AR_SHARD_NPARAMS; i++)
+                sums[b] += ar_sum_squares(r->shards[b].params[i].grad, r->shards[b].params[i].numel);
+        }
+        ar_frame out = {.kind = AR_FRAME_TP};
+        out.scalars[0] = op;
+        int64_t n = r->nblocks;
+        int rc = ar_frame_set_payload(&out, AR_DT_F64, 1, &n, sums);
+        return rc == AR_OK ? ar_link_send(l, &out) : rc;
+    }
+    int block = (int)f->step - r->first_block, slot = f->mb, B = f->rows;
+    size_t C = (size_t)r->spec.n_embd, N = (size_t)B * r->T;
+    if (op < AR_TP_ATTN_FWD || op > AR_TP_MLP_BWD)
+        return ar_fail(AR_EPROTO, "unknown tensor-parallel operation %d", op);
+    if (block < 0 || block >= r->nblocks || slot < 0 || slot >= r->nslots || B < 1 || B > r->max_B)
+        return ar_fail(AR_EPROTO, "tensor-parallel operation on block %lld, slot %d, %d rows: out of range",
+                       (long long)f->step, slot, B);
+    if (f->dtype != AR_DT_F32 || f->nbytes != N * C * sizeof(float))
+        return ar_fail(AR_ESHAPE, "tensor-parallel payload of %zu bytes, %d rows need %zu", f->nbytes, B,
+                       N * C * sizeof(float));
+    ar_block_shard *s = &r->shards[block];
+    int k = block * r->nslots + slot;
+    const float *x = f->data;
+    memset(r->partial, 0, N * C * sizeof(float));
+    switch (op) {
+    case AR_TP_ATTN_FWD:
+        memcpy(r->ln_attn[k], x, N * C * sizeof(float));
+        ar_shard_attn_forward(s, B, r->T, r->ln_attn[k], r->saved_attn[k], r->partial);
+        break;
+    case AR_TP_ATTN_BWD:
+        ar_shard_attn_backward(s, B, r->T, r->ln_attn[k], r->saved_attn[k], x, r->partial, r->scratch);
+        break;
+    case AR_TP_MLP_FWD:
+        memcpy(r->ln_mlp[k], x, N * C * sizeof(float));
+        ar_shard_mlp_forward(s, B, r->T, r->ln_mlp[k], r->saved_mlp[k], r->partial);
+        break;
+    default:
+        ar_shard_mlp_backward(s, B, r->T, r->ln_mlp[k], r->saved_mlp[k], x, r->partial, r->scratch);
+        break;
+    }
+    return reply(l, f, r->partial, N * C);
+}
+
+int ar_tp_rank_serve(ar_tp_rank *r, ar_link *leader)
+{
+    for (;;) {
+        ar_frame f;
+        int rc = ar_link_recv(leader, &f, -1);
+        if (rc != AR_OK)
+            return rc == AR_ECLOSED ? AR_OK : rc;
+        if ((rc = ar_frame_validate(&f, (size_t)1 << 31)) == AR_OK && f.kind != AR_FRAME_TP)
+            rc = ar_fail(AR_EPROTO, "a tensor-parallel rank got a %s frame", ar_frame_kind_name(f.kind));
+        if (rc == AR_OK && (int)f.scalars[0] == AR_TP_STOP) {
+            ar_frame_free(&f);
+            return AR_OK;
+        }
+        if (rc == AR_OK)
+            rc = handle(r, leader, &f);
+        ar_frame_free(&f);
+        if (rc != AR_OK) {
+            /* tell the leader, keep serving */
+            ar_frame e = {.kind = AR_FRAME_ERROR};
+            const char *msg = ar_last_error();
+            int64_t len = (int64_t)strlen(msg);
+            if (ar_frame_set_payload(&e, AR_DT_U8, 1, &len, msg) == AR_OK)
+                ar_link_send(leader, &e);
+            else
+                ar_frame_free(&e);
+        }
+    }
+}
+
+int ar_tp_group_scatter(ar_link **ranks, int nranks, int op, int block, int slot, int B, int T,
+                        int C, const float *x)
+{
+    for (int i = 0; i < nranks; i++) {
+        ar_frame f = {.kind = AR_FRAME_TP, .step = block, .mb = slot, .rows = B};
+        f.scalars[0] = op;
+        int64_t shape[2] = {(int64_t)B * T, C};
+        int rc = ar_frame_set_payload(&f, AR_DT_F32, x ? 2 : 0, shape, x);
+        if (rc == AR_OK)
+            rc = ar_link_send(ranks[i], &f);
+        else
+            ar_frame_free(&f);
+        if (rc != AR_OK)
+            return ar_fail(rc, "tensor-parallel rank %d (%s): %s", i + 1, ranks[i]->name, ar_last_error());
+    }
+    return AR_OK;
+}
+
+int ar_tp_group_gather_sum(ar_link **ranks, int nranks, size_t n, float *sum, double timeout_s)
+{
+    int rc = AR_OK;
+    for (int i = 0; i < nranks; i++) {
+        ar_frame f;
+        int r = ar_link_recv(ranks[i], &f, timeout_s);
+        if (r != AR_OK) {
+            if (rc == AR_OK)
+                rc = ar_fail(r, "tensor-parallel rank %d (%s) lost: %s", i + 1, ranks[i]->name, ar_last_error());
+            continue;
+        }
+        if (f.kind == AR_FRAME_ERROR) {
+            if (rc == AR_OK)
+                rc = ar_fail(AR_EPROTO, "tensor-parallel rank %d (%s): %.*s", i + 1, ranks[i]->name,
+                             (int)f.nbytes, f.data ? (const char *)f.data : "");
+        } else if (f.kind != AR_FRAME_TP || f.nbytes != n * sizeof(float)) {
+            if (rc == AR_OK)
+                rc = ar_fail(AR_EPROTO, "tensor-parallel rank %d (%s) answered %zu bytes, %zu expected", i + 1,
+                             ranks[i]->name, f.nbytes, n * sizeof(float));
+        } else if (n) {
+            ar_residual_forward(sum, sum, f.data, (long)n);
+        }
+        ar_frame_free(&f);
+    }
+    return rc;
+}
