@@ -43,6 +43,8 @@ int ar_cmd_eval(int argc, char **argv);
 void ar_help_eval(void);
 int ar_cmd_worker(int argc, char **argv);
 void ar_help_worker(void);
+int ar_cmd_provide(int argc, char **argv);
+void ar_help_provide(void);
 int ar_cmd_market(int argc, char **argv);
 void ar_help_market(void);
 int ar_cmd_providers(int argc, char **argv);

@@ -10,6 +10,7 @@ static const ar_command commands[] = {
     {"sample", "generate text from a language-model checkpoint", ar_cmd_sample, ar_help_sample},
     {"eval", "evaluate a checkpoint on a data set", ar_cmd_eval, ar_help_eval},
     {"worker", "serve a pipeline stage to drivers over gRPC", ar_cmd_worker, ar_help_worker},
+    {"provide", "rent this machine out: a worker registered with a market", ar_cmd_provide, ar_help_provide},
     {"market", "run the market server; add-account creates an account", ar_cmd_market, ar_help_market},
     {"providers", "list the providers online at a market", ar_cmd_providers, ar_help_providers},
     {"ledger", "print your credit ledger and balance at a market", ar_cmd_ledger, ar_help_ledger},

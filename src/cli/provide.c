@@ -1,0 +1,427 @@
+/* arceus provide: rent this machine out through a market.
+ *
+ * Measures the machine (sgemm GFLOP/s within the thread cap, free memory
+ * within the memory cap, cores), drops to a low scheduling priority, starts
+ * a worker, registers the worker's address and profile with the market and
+ * keeps it online with heartbeats from a thread of its own. The worker keeps
+ * serving whatever happens to the market: an outage is logged once, and the
+ * provider re-registers as soon as the market answers again (a restarted
+ * market may have lost its record of us, or marked us offline meanwhile). */
+#include "cli/cli.h"
+#include "core/core.h"
+#include "net/market.h"
+#include "net/remote.h"
+#include "train/plan.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PROVIDE_NICE 10
+#define PROBE_SECONDS 0.25
+#define DEFAULT_PRICE AR_CREDITS(1)
+
+void ar_help_provide(void)
+{
+    printf("usage: arceus provide --market HOST:PORT --token T [options]\n"
+           "\n"
+           "Rent this machine out: measure it (sgemm GFLOP/s with at most --max-threads\n"
+           "threads, free memory capped by --max-mem, cores), start a worker that\n"
+           "serves pipeline stages to renters, register its address and profile with\n"
+           "the market and keep it online with heartbeats. Runs at low scheduling\n"
+           "priority (nice %d) so the owner's own work comes first. Prints\n"
+           "\"arceus provide: provider N serving on HOST:PORT (...)\" once registered.\n"
+           "If the market goes away the worker keeps serving and the provider\n"
+           "registers again when the market is back. SIGINT or SIGTERM stops it cleanly.\n"
+           "\n"
+           "options:\n"
+           "  --market HOST:PORT   the market (arceus market --listen ...)\n"
+           "  --token T            your account token (default: $ARCEUS_TOKEN)\n"
+           "  --listen HOST:PORT   where the worker listens (127.0.0.1:0; port 0 picks one)\n"
+           "  --advertise HOST:PORT  the worker address registered with the market\n"
+           "                       (default: the listening address)\n"
+           "  --max-threads N      threads for measuring and for the stages, 0 = all cores (0)\n"
+           "  --max-mem SIZE       memory offered at most: bytes, or 512M, 4G, ... (free memory)\n"
+           "  --price CREDITS      price in credits per TFLOP executed, up to 6 decimals (1)\n"
+           "  --heartbeat S        seconds between heartbeats (5)\n",
+           PROVIDE_NICE);
+}
+
+/* ---- parsing ---------------------------------------------------------------------- */
+
+/* "N" bytes, or N followed by K, M, G or T (powers of 1024), optionally
+ * followed by "B" or "iB": 512M, 4G, 4GiB, 1048576. */
+static int parse_size(const char *s, int64_t *out)
+{
+    const char *p = s;
+    uint64_t v = 0;
+    int digits = 0;
+    for (; *p >= '0' && *p <= '9'; p++, digits++) {
+        v = v * 10 + (uint64_t)(*p - '0');
+        if (v > (uint64_t)AR_MARKET_MAX_MEM)
+            goto bad;
+    }
+    if (digits == 0)
+        goto bad;
+    int shift = 0;
+    switch (*p) {
+    case 'k': case 'K': shift = 10; p++; break;
+    case 'm': case 'M': shift = 20; p++; break;
+    case 'g': case 'G': shift = 30; p++; break;
+    case 't': case 'T': shift = 40; p++; break;
+    default: break;
+    }
+    if (shift && (*p == 'i' || *p == 'I'))
+        p++;
+    if (*p == 'b' || *p == 'B')
+        p++;
+    if (*p || v == 0 || v > ((uint64_t)AR_MARKET_MAX_MEM >> shift))
+        goto bad;
+    *out = (int64_t)(v << shift);
+    return 0;
+bad:
+    ar_cli_error("provide", "--max-mem expects a size like 512M, 4G or a number of bytes (1 byte .. 4 PiB), got \"%s\"",
+                 s);
+    return -1;
+}
+
+/* "N" or "N.DDDDDD" credits (at most 6 decimals) -> micro-credits, within
+ * the market's price limit. */
+static int parse_price(const char *s, int64_t *out)
+{
+    const char *p = s;
+    uint64_t whole = 0, frac = 0;
+    int digits = 0, fdigits = 0;
+    for (; *p >= '0' && *p <= '9'; p++, digits++) {
+        whole = whole * 10 + (uint64_t)(*p - '0');
+        if (whole > (uint64_t)(AR_MARKET_MAX_PRICE / AR_MICRO_PER_CREDIT))
+            goto bad;
+    }
+    if (*p == '.')
+        for (p++; *p >= '0' && *p <= '9'; p++, fdigits++) {
+            if (fdigits == 6)
+                goto bad;
+            frac = frac * 10 + (uint64_t)(*p - '0');
+        }
+    if (*p || (digits == 0 && fdigits == 0))
+        goto bad;
+    for (int i = fdigits; i < 6; i++)
+        frac *= 10;
+    int64_t v = (int64_t)(whole * (uint64_t)AR_MICRO_PER_CREDIT + frac);
+    if (v > AR_MARKET_MAX_PRICE)
+        goto bad;
+    *out = v;
+    return 0;
+bad:
+    ar_cli_error("provide", "--price expects credits per TFLOP like 2 or 0.25 (0..%lld, at most 6 decimals), got \"%s\"",
+                 (long long)(AR_MARKET_MAX_PRICE / AR_MICRO_PER_CREDIT), s);
+    return -1;
+}
+
+static const char *credits_str(int64_t micro, char *buf, size_t size)
+{
+    snprintf(buf, size, "%" PRId64 ".%06" PRId64, (int64_t)(micro / AR_MICRO_PER_CREDIT),
+             (int64_t)(micro % AR_MICRO_PER_CREDIT));
+    return buf;
+}
+
+/* ---- the heartbeat thread ----------------------------------------------------------- */
+
+typedef struct {
+    const char *market, *token, *address; /* address: what is registered */
+    ar_market_profile profile;
+    int heartbeat_s;
+    ar_client *client; /* owned by main until the thread starts, then by the thread */
+    int64_t provider_id;
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* CLOCK_MONOTONIC */
+    int stopping;
+} provider;
+
+/* Register with the market, on a fresh channel when there is none (a channel
+ * that saw the market die would wait out gRPC's reconnect backoff). */
+static int provider_register(provider *p, int *status)
+{
+    *status = 0;
+    if (!p->client && ar_client_open(p->market, &p->client) != AR_OK)
+        return AR_ECLOSED;
+    return ar_market_register(p->client, p->token, p->address, &p->profile, &p->provider_id, NULL, status);
+}
+
+/* A status that retrying will not fix: the market refused us. */
+static int refused(int status)
+{
+    return status == AR_STATUS_UNAUTHENTICATED || status == AR_STATUS_PERMISSION_DENIED ||
+           status == AR_STATUS_INVALID_ARGUMENT || status == AR_STATUS_FAILED_PRECONDITION;
+}
+
+static void *heartbeat_main(void *arg)
+{
+    provider *p = arg;
+    int outage = 0; /* a warning was logged for the current outage */
+    int registered = 1;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_sec += p->heartbeat_s;
+        while (!p->stopping && pthread_cond_timedwait(&p->cv, &p->mu, &ts) != ETIMEDOUT) {
+        }
+        if (p->stopping)
+            break;
+        pthread_mutex_unlock(&p->mu);
+        int status = 0, rc;
+        if (registered) {
+            rc = ar_market_heartbeat(p->client, p->token, p->provider_id, &status);
+            if (rc != AR_OK && status == AR_STATUS_NOT_FOUND) {
+                /* the market forgot us (a new database): register again now */
+                fprintf(stderr, "arceus provide: the market no longer knows provider %" PRId64
+                                ", registering again\n", p->provider_id);
+                registered = 0;
+                rc = provider_register(p, &status);
+                registered = rc == AR_OK;
+            }
+        } else {
+            rc = provider_register(p, &status);
+            registered = rc == AR_OK;
+        }
+        if (rc == AR_OK && outage) {
+            fprintf(stderr, "arceus provide: market %s is back: registered again as provider %" PRId64 "\n",
+                    p->market, p->provider_id);
+            outage = 0;
+        } else if (rc != AR_OK) {
+            if (!outage)
+                fprintf(stderr, "arceus provide: warning: %s (%s); the worker keeps serving, "
+                                "retrying every %d s\n",
+                        refused(status) ? "the market refused us" : "market unreachable", ar_last_error(),
+                        p->heartbeat_s);
+            outage = 1;
+            registered = 0;
+            ar_client_close(p->client);
+            p->client = NULL;
+        }
+        fflush(stderr);
+        pthread_mutex_lock(&p->mu);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+/* ---- the command -------------------------------------------------------------------------- */
+
+/* Sleep up to `seconds` unless SIGINT/SIGTERM (blocked, in `set`) arrives:
+ * 1 when one did. */
+static int wait_signal(const sigset_t *set, int seconds, int *sig)
+{
+    struct timespec ts = {.tv_sec = seconds, .tv_nsec = 0};
+    for (;;) {
+        int s = sigtimedwait(set, NULL, &ts);
+        if (s > 0) {
+            *sig = s;
+            return 1;
+        }
+        if (errno != EINTR)
+            return 0;
+    }
+}
+
+static const char *signame(int sig)
+{
+    return sig == SIGINT ? "SIGINT" : "SIGTERM";
+}
+
+int ar_cmd_provide(int argc, char **argv)
+{
+    const char *market = NULL, *token = NULL, *listen = "127.0.0.1:0", *advertise = NULL;
+    int max_threads = 0, heartbeat_s = 5, have_mem = 0;
+    int64_t max_mem = 0, price = DEFAULT_PRICE;
+    ar_args a;
+    ar_args_init(&a, argc, argv);
+    const char *name;
+    int positional;
+    while ((name = ar_args_next(&a, &positional))) {
+        int rc = 0;
+        const char *v;
+        if (positional) {
+            ar_cli_error("provide", "unexpected argument \"%s\" (see arceus provide --help)", name);
+            return 2;
+        }
+        if (!strcmp(name, "market"))
+            rc = ar_args_string(&a, &market);
+        else if (!strcmp(name, "token"))
+            rc = ar_args_string(&a, &token);
+        else if (!strcmp(name, "listen"))
+            rc = ar_args_string(&a, &listen);
+        else if (!strcmp(name, "advertise"))
+            rc = ar_args_string(&a, &advertise);
+        else if (!strcmp(name, "max-threads"))
+            rc = ar_args_int(&a, 0, 1024, &max_threads);
+        else if (!strcmp(name, "heartbeat"))
+            rc = ar_args_int(&a, 1, 3600, &heartbeat_s);
+        else if (!strcmp(name, "max-mem")) {
+            if ((rc = ar_args_string(&a, &v)) == 0)
+                rc = parse_size(v, &max_mem);
+            have_mem = 1;
+        } else if (!strcmp(name, "price")) {
+            if ((rc = ar_args_string(&a, &v)) == 0)
+                rc = parse_price(v, &price);
+        } else
+            rc = ar_args_unknown(&a);
+        if (rc != 0)
+            return 2;
+    }
+    if (!market || !strchr(market, ':')) {
+        ar_cli_error("provide", "--market HOST:PORT is required (the address arceus market listens on)");
+        return 2;
+    }
+    if (!token)
+        token = getenv("ARCEUS_TOKEN");
+    if (!token || !*token) {
+        ar_cli_error("provide", "--token T is required (or $ARCEUS_TOKEN; arceus market add-account prints one)");
+        return 2;
+    }
+    if (!strchr(listen, ':')) {
+        ar_cli_error("provide", "--listen expects HOST:PORT (for example 127.0.0.1:5001), got \"%s\"", listen);
+        return 2;
+    }
+    if (advertise && (!strchr(advertise, ':') || strlen(advertise) >= AR_ADDR_MAX)) {
+        ar_cli_error("provide", "--advertise expects HOST:PORT (the address renters dial), got \"%s\"",
+                     advertise);
+        return 2;
+    }
+    if (!advertise && (!strncmp(listen, "0.0.0.0:", 8) || !strncmp(listen, "[::]:", 5))) {
+        ar_cli_error("provide", "--listen %s serves on every interface: say with --advertise HOST:PORT "
+                                "which address renters should dial",
+                     listen);
+        return 2;
+    }
+
+    /* Low priority first, before any other thread exists: on Linux the nice
+     * value belongs to each thread and new threads inherit their creator's,
+     * so gRPC's, OpenMP's and the worker's threads all run at it. Only ever
+     * raise it: someone who started us at nice 19 meant it. */
+    errno = 0;
+    int nice_now = getpriority(PRIO_PROCESS, 0);
+    if (errno == 0 && nice_now < PROVIDE_NICE) {
+        if (setpriority(PRIO_PROCESS, 0, PROVIDE_NICE) != 0) {
+            ar_cli_error("provide", "cannot lower the scheduling priority: %s", strerror(errno));
+            return 1;
+        }
+        nice_now = PROVIDE_NICE;
+    }
+    printf("arceus provide: running at nice %d (low priority): the owner's own work comes first\n", nice_now);
+    fflush(stdout);
+
+    /* signals are taken by sigwait/sigtimedwait in this thread only: block
+     * them before any other thread (gRPC's, OpenMP's, heartbeats) exists */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+
+    /* the machine, within the caps */
+    ar_set_threads(max_threads);
+    int threads = ar_get_threads();
+    double gflops = ar_probe_sgemm_gflops(PROBE_SECONDS);
+    if (!(gflops > 0)) {
+        ar_cli_error("provide", "could not measure this machine's speed (sgemm probe failed)");
+        return 1;
+    }
+    int64_t mem = (int64_t)ar_free_memory_bytes();
+    if (mem <= 0) {
+        long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+        mem = pages > 0 && page > 0 ? (int64_t)pages * page : 0;
+    }
+    if (have_mem && (mem <= 0 || max_mem < mem))
+        mem = max_mem;
+    if (mem <= 0) {
+        ar_cli_error("provide", "cannot tell how much memory is free: say it with --max-mem SIZE");
+        return 1;
+    }
+    if (mem > AR_MARKET_MAX_MEM)
+        mem = AR_MARKET_MAX_MEM;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    if (cores < 1)
+        cores = 1;
+    provider p = {.market = market, .token = token, .heartbeat_s = heartbeat_s};
+    p.profile.gflops = gflops;
+    p.profile.mem_bytes = mem;
+    /* the cores renters get: the thread cap, not the whole machine */
+    p.profile.cores = threads < cores ? threads : (int)cores;
+    p.profile.price_per_tflop = price;
+
+    ar_worker_config wc = {.listen = listen, .threads = threads, .max_frame = 0};
+    ar_worker *w;
+    char addr[AR_ADDR_MAX];
+    if (ar_worker_start(&wc, &w, addr, sizeof addr) != AR_OK) {
+        ar_cli_error("provide", "cannot start the worker on %s: %s", listen, ar_last_error());
+        return 1;
+    }
+    p.address = advertise ? advertise : addr;
+
+    /* The first registration, here: a refusal (a bad token) is fatal, an
+     * unreachable market is waited for while the worker already serves. */
+    int rc, status, sig = 0, warned = 0, exit_code = 0;
+    while ((rc = provider_register(&p, &status)) != AR_OK) {
+        if (refused(status) || rc != AR_ECLOSED) {
+            ar_cli_error("provide", "the market refused to register this provider: %s", ar_last_error());
+            exit_code = 1;
+            goto out;
+        }
+        if (!warned)
+            fprintf(stderr, "arceus provide: warning: market unreachable (%s); the worker serves "
+                            "meanwhile, retrying every %d s\n",
+                    ar_last_error(), heartbeat_s);
+        warned = 1;
+        ar_client_close(p.client);
+        p.client = NULL;
+        if (wait_signal(&set, heartbeat_s, &sig)) {
+            fprintf(stderr, "arceus provide: %s, shutting down\n", signame(sig));
+            goto out;
+        }
+    }
+    char pricebuf[48];
+    printf("arceus provide: provider %" PRId64 " serving on %s (%.1f GFLOP/s, %.1f GiB, price %s)\n",
+           p.provider_id, addr, gflops, (double)mem / (double)(1LL << 30),
+           credits_str(price, pricebuf, sizeof pricebuf));
+    if (advertise)
+        printf("arceus provide: registered with the market as %s\n", advertise);
+    printf("arceus provide: %d thread%s, %ld core%s on this machine, heartbeat every %d s to %s\n", threads,
+           threads == 1 ? "" : "s", cores, cores == 1 ? "" : "s", heartbeat_s, market);
+    fflush(stdout);
+
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&p.cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&p.mu, NULL);
+    pthread_t hb;
+    int hb_started = pthread_create(&hb, NULL, heartbeat_main, &p) == 0;
+    if (!hb_started)
+        fprintf(stderr, "arceus provide: warning: cannot start the heartbeat thread; the market will "
+                        "mark this provider offline\n");
+    sigwait(&set, &sig);
+    fprintf(stderr, "arceus provide: %s, shutting down\n", signame(sig));
+    if (hb_started) {
+        pthread_mutex_lock(&p.mu);
+        p.stopping = 1;
+        pthread_cond_broadcast(&p.cv);
+        pthread_mutex_unlock(&p.mu);
+        pthread_join(hb, NULL);
+    }
+    pthread_mutex_destroy(&p.mu);
+    pthread_cond_destroy(&p.cv);
+out:
+    ar_client_close(p.client);
+    ar_worker_stop(w);
+    return exit_code;
+}
