@@ -29,6 +29,7 @@ typedef struct {
 /* What one forward/backward call is about. */
 typedef struct {
     int B, T;            /* rows of this micro-batch (T = 1 for an MLP) */
+    int slot;            /* the micro-batch's activation slot (tensor-parallel ranks keep theirs) */
     int train;           /* 0: evaluation (no dropout) */
     uint64_t drop_seed;  /* mixes run seed, step and micro-batch */
     float *scratch;      /* scratch floats for backward, scratch_floats long */

@@ -255,7 +255,10 @@ static int send_norms(serve_state *st, int64_t step)
     vals[1] = s->nlayers;
     vals[2] = st->busy;
     vals[3] = st->idle;
-    ar_stage_grad_sumsq(s, vals + 4);
+    if ((rc = ar_stage_grad_sumsq(s, vals + 4)) != AR_OK) {
+        free(vals);
+        return rc;
+    }
     if (theirs)
         memcpy(vals + mine, below.data, theirs * sizeof(double));
     ar_frame_free(&below);
@@ -337,7 +340,9 @@ static int run_apply(ar_stage_runner *r, ar_frame *f)
     double lr = f->scalars[0], scale = f->scalars[1];
     if (!(lr >= 0 && lr < 1e3) || !(scale > 0 && scale <= 1))
         return ar_fail(AR_EPROTO, "STEP with lr %g and gradient scale %g", lr, scale);
-    ar_stage_update(s, (float)lr, (float)scale);
+    int urc = ar_stage_update(s, (float)lr, (float)scale);
+    if (urc != AR_OK)
+        return urc;
     if (s->has_tied_copy) {
         /* the owner's updated values ride on the STEP frame */
         if (f->dtype != AR_DT_F32 || f->nbytes != (size_t)s->tied_copy.numel * sizeof(float))

@@ -3,6 +3,8 @@
 
 #include "core/core.h"
 #include "ops/ops.h"
+#include "train/tp_block.h"
+#include "train/tp_group.h"
 
 #include <math.h>
 #include <string.h>
@@ -70,7 +72,16 @@ size_t ar_stage_out_width(const ar_stage *s)
 int ar_stage_create(ar_stage *s, const ar_model_spec *spec, int first, int last, int max_B,
                     int nslots, uint64_t seed, const ar_optim_config *optim)
 {
+    return ar_stage_create_tp(s, spec, first, last, max_B, nslots, seed, optim, NULL, 0);
+}
+
+int ar_stage_create_tp(ar_stage *s, const ar_model_spec *spec, int first, int last, int max_B,
+                       int nslots, uint64_t seed, const ar_optim_config *optim, ar_link **ranks,
+                       int nranks)
+{
     memset(s, 0, sizeof *s);
+    s->tp_ranks = ranks;
+    s->tp_nranks = ranks ? nranks : 0;
     s->spec = *spec;
     int units = ar_spec_units(spec);
     if (first < 0 || last > units || first >= last)
@@ -94,7 +105,12 @@ int ar_stage_create(ar_stage *s, const ar_model_spec *spec, int first, int last,
     int nparams = 0;
     for (int i = 0; i < s->nlayers; i++) {
         /* layers keep a pointer to the spec: point them at our copy */
-        if ((rc = ar_layer_create(&s->spec, first + i, &s->layers[i])) != AR_OK)
+        int unit = first + i;
+        if (s->tp_nranks > 0 && spec->type == AR_MODEL_GPT && unit >= 1 && unit <= spec->n_layer)
+            rc = ar_tp_block_create(&s->spec, unit, s->tp_ranks, s->tp_nranks, &s->layers[i]);
+        else
+            rc = ar_layer_create(&s->spec, unit, &s->layers[i]);
+        if (rc != AR_OK)
             goto fail;
         nparams += s->layers[i]->nparams;
     }
@@ -280,7 +296,7 @@ int ar_stage_forward(ar_stage *s, int slot, int B, const void *input, int train,
                                tok[i], i, s->spec.vocab_size);
     }
     memcpy(mem, input, in_count * sizeof(float)); /* int32 and float are both 4 bytes */
-    ar_pass pass = {.B = B, .T = s->T, .train = train, .drop_seed = drop_seed};
+    ar_pass pass = {.B = B, .T = s->T, .slot = slot, .train = train, .drop_seed = drop_seed};
     const void *in = mem;
     for (int i = 0; i < s->nlayers; i++) {
         float *saved = mem + s->layer_offset[i];
@@ -347,7 +363,7 @@ int ar_stage_backward(ar_stage *s, int slot, int B, const int32_t *targets, cons
     } else if (!dout) {
         return ar_fail(AR_EINTERNAL, "backward of a middle stage without an output gradient");
     }
-    ar_pass pass = {.B = B, .T = T, .train = 1, .drop_seed = drop_seed, .scratch = s->scratch,
+    ar_pass pass = {.B = B, .T = T, .slot = slot, .train = 1, .drop_seed = drop_seed, .scratch = s->scratch,
                     .scratch_floats = s->scratch_floats};
     for (int i = s->nlayers - 1; i >= 0; i--) {
         ar_layer *l = s->layers[i];
@@ -388,7 +404,36 @@ void ar_stage_fold_tied(ar_stage *s)
     }
 }
 
-void ar_stage_grad_sumsq(const ar_stage *s, double *out)
+/* The ranks' gradient sums of squares, per block, added to the units. */
+static int add_rank_sumsq(const ar_stage *s, double *out)
+{
+    int rc = ar_tp_group_scatter(s->tp_ranks, s->tp_nranks, AR_TP_NORM, 0, 0, 0, s->T,
+                                 s->spec.n_embd, NULL);
+    for (int r = 0; rc == AR_OK && r < s->tp_nranks; r++) {
+        ar_frame f;
+        if ((rc = ar_link_recv(s->tp_ranks[r], &f, 300)) != AR_OK)
+            return ar_fail(rc, "tensor-parallel rank %d (%s) lost: %s", r + 1, s->tp_ranks[r]->name,
+                           ar_last_error());
+        /* blocks of the stage, in order: the units that are blocks */
+        int nblocks = 0;
+        for (int i = 0; i < s->nlayers; i++)
+            nblocks += s->layers[i]->unit >= 1 && s->layers[i]->unit <= s->spec.n_layer;
+        if (f.kind != AR_FRAME_TP || f.dtype != AR_DT_F64 || f.nbytes != (size_t)nblocks * sizeof(double)) {
+            rc = ar_fail(AR_EPROTO, "tensor-parallel rank %d (%s) sent a malformed gradient norm", r + 1,
+                         s->tp_ranks[r]->name);
+        } else {
+            const double *v = f.data;
+            int b = 0;
+            for (int i = 0; i < s->nlayers; i++)
+                if (s->layers[i]->unit >= 1 && s->layers[i]->unit <= s->spec.n_layer)
+                    out[i] += v[b++];
+        }
+        ar_frame_free(&f);
+    }
+    return rc;
+}
+
+int ar_stage_grad_sumsq(const ar_stage *s, double *out)
 {
     for (int i = 0; i < s->nlayers; i++) {
         double sum = 0;
@@ -396,9 +441,10 @@ void ar_stage_grad_sumsq(const ar_stage *s, double *out)
             sum += ar_sum_squares(s->layers[i]->params[j].grad, s->layers[i]->params[j].numel);
         out[i] = sum;
     }
+    return s->tp_nranks > 0 ? add_rank_sumsq(s, out) : AR_OK;
 }
 
-void ar_stage_update(ar_stage *s, float lr, float grad_scale)
+int ar_stage_update(ar_stage *s, float lr, float grad_scale)
 {
     s->opt_step++;
     const ar_optim_config *o = &s->optim;
@@ -412,6 +458,19 @@ void ar_stage_update(ar_stage *s, float lr, float grad_scale)
             ar_adamw_update(p->data, p->grad, p->m, p->v, p->numel, lr, o->beta1, o->beta2,
                             o->eps, wd, s->opt_step, grad_scale);
     }
+    if (s->tp_nranks == 0)
+        return AR_OK;
+    for (int r = 0; r < s->tp_nranks; r++) {
+        ar_frame f = {.kind = AR_FRAME_TP};
+        f.scalars[0] = AR_TP_STEP;
+        f.scalars[1] = lr;
+        f.scalars[2] = grad_scale;
+        int rc = ar_link_send(s->tp_ranks[r], &f);
+        if (rc != AR_OK)
+            return ar_fail(rc, "tensor-parallel rank %d (%s): %s", r + 1, s->tp_ranks[r]->name, ar_last_error());
+    }
+    float none = 0;
+    return ar_tp_group_gather_sum(s->tp_ranks, s->tp_nranks, 0, &none, 300);
 }
 
 ar_param *ar_stage_find_weight(ar_stage *s, const char *name)

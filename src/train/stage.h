@@ -6,6 +6,7 @@
 
 #include "nn/layer.h"
 #include "nn/spec.h"
+#include "train/frame.h"
 
 #include <stdint.h>
 
@@ -51,6 +52,10 @@ typedef struct {
 
     ar_optim_config optim;
     int opt_step;        /* optimizer steps taken (AdamW's t) */
+    /* tensor parallelism: the stage's GPT blocks are computed by these ranks
+     * (train/tp_group.h); the stage keeps only the unsplit parts */
+    ar_link **tp_ranks;
+    int tp_nranks;
     uint64_t seed;
 } ar_stage;
 
@@ -59,6 +64,11 @@ typedef struct {
  * own stream, so the values do not depend on how the model is partitioned). */
 int ar_stage_create(ar_stage *s, const ar_model_spec *spec, int first, int last, int max_B,
                     int nslots, uint64_t seed, const ar_optim_config *optim);
+/* The same, with the stage's GPT blocks split over a tensor-parallel group:
+ * ranks[i] is a link to a rank serving this stage's blocks (already running). */
+int ar_stage_create_tp(ar_stage *s, const ar_model_spec *spec, int first, int last, int max_B,
+                       int nslots, uint64_t seed, const ar_optim_config *optim, ar_link **ranks,
+                       int nranks);
 void ar_stage_destroy(ar_stage *s);
 
 int ar_stage_is_first(const ar_stage *s);
@@ -88,10 +98,12 @@ void ar_stage_zero_grad(ar_stage *s);
 /* Fold the tied-weight contributions into the owners' gradients (before the
  * norm and the update). */
 void ar_stage_fold_tied(ar_stage *s);
-/* Sum of squared gradients of each unit of the stage, into out[last-first]. */
-void ar_stage_grad_sumsq(const ar_stage *s, double *out);
-/* One optimizer step with learning rate lr; gradients scaled by grad_scale. */
-void ar_stage_update(ar_stage *s, float lr, float grad_scale);
+/* Sum of squared gradients of each unit of the stage, into out[last-first]
+ * (with a tensor-parallel group, the ranks' shares are asked for and added). */
+int ar_stage_grad_sumsq(const ar_stage *s, double *out);
+/* One optimizer step with learning rate lr; gradients scaled by grad_scale
+ * (the ranks of a tensor-parallel group step too). */
+int ar_stage_update(ar_stage *s, float lr, float grad_scale);
 
 ar_param *ar_stage_find_param(const ar_stage *s, const char *name);
 /* Every weight tensor the stage reads, by name: its parameters, plus the
