@@ -2,12 +2,43 @@
 #include "cli/cli.h"
 #include "core/core.h"
 #include "nn/spec.h"
+#include "market/store.h"
 #include "train/driver.h"
 #include "train/schedule.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* "N" or "N.DDDDDD" credits (at most 6 decimals, at most 1e12) -> micro-credits
+ * (as arceus market add-account --credits reads them) */
+static int parse_max_credits(const char *s, int64_t *out)
+{
+    const char *p = s;
+    uint64_t whole = 0, frac = 0;
+    int digits = 0, fdigits = 0;
+    for (; *p >= '0' && *p <= '9'; p++, digits++)
+        if ((whole = whole * 10 + (uint64_t)(*p - '0')) > 1000000000000ULL)
+            goto bad;
+    if (*p == '.')
+        for (p++; *p >= '0' && *p <= '9'; p++, fdigits++) {
+            if (fdigits == 6)
+                goto bad;
+            frac = frac * 10 + (uint64_t)(*p - '0');
+        }
+    if (*p || (digits == 0 && fdigits == 0))
+        goto bad;
+    for (int i = fdigits; i < 6; i++)
+        frac *= 10;
+    *out = (int64_t)(whole * (uint64_t)AR_MICRO_PER_CREDIT + frac);
+    if (*out > 0)
+        return 0;
+bad:
+    ar_cli_error("train", "--max-credits expects credits like 100 or 0.25 (above 0, up to 1e12, at "
+                 "most 6 decimals), got \"%s\"", s);
+    return -1;
+}
 
 void ar_help_train(void)
 {
@@ -46,6 +77,12 @@ void ar_help_train(void)
            "                       unless --out says otherwise)\n"
            "  --stop-after N       stop after step N with a checkpoint, as if interrupted\n"
            "                       (the schedule still runs to --steps; resume to finish)\n"
+           "  --market HOST:PORT   lease the workers from this market (arceus market)\n"
+           "  --token T            the renter's account token (or $ARCEUS_TOKEN)\n"
+           "  --devices N          how many providers to lease (with --market; 1)\n"
+           "  --max-credits C      stop (with a checkpoint in --out) before spending more\n"
+           "                       than C credits; a lease whose estimate exceeds it is\n"
+           "                       refused up front\n"
            "  --log FILE           write every step and evaluation as JSON lines\n"
            "  --quiet              no progress bar or summary\n");
 }
@@ -127,6 +164,17 @@ int ar_cmd_train(int argc, char **argv)
             rc = ar_args_long(&a, 1, 100000000, &c.stop_after);
         else if (!strcmp(name, "quiet"))
             c.quiet = 1;
+        else if (!strcmp(name, "market"))
+            rc = ar_args_string(&a, &c.market);
+        else if (!strcmp(name, "token"))
+            rc = ar_args_string(&a, &c.token);
+        else if (!strcmp(name, "devices"))
+            rc = ar_args_int(&a, 1, 64, &c.devices);
+        else if (!strcmp(name, "max-credits")) {
+            const char *v;
+            if ((rc = ar_args_string(&a, &v)) == 0)
+                rc = parse_max_credits(v, &c.max_credits);
+        }
         else if (!strcmp(name, "optimizer")) {
             const char *v;
             if ((rc = ar_args_string(&a, &v)) == 0) {
@@ -174,6 +222,27 @@ int ar_cmd_train(int argc, char **argv)
     }
     if (!c.model_path && !c.resume_dir) {
         ar_cli_error("train", "--model SPEC is required (for example configs/mlp-fashion.json)");
+        return 2;
+    }
+    if (c.market) {
+        if (!strchr(c.market, ':')) {
+            ar_cli_error("train", "--market expects HOST:PORT, got \"%s\"", c.market);
+            return 2;
+        }
+        if (c.remote_workers || c.stages > 1) {
+            ar_cli_error("train", "--market leases the workers: drop --workers");
+            return 2;
+        }
+        if (!c.token)
+            c.token = getenv("ARCEUS_TOKEN");
+        if (!c.token || !*c.token) {
+            ar_cli_error("train", "--market needs --token T (or $ARCEUS_TOKEN; arceus market add-account prints one)");
+            return 2;
+        }
+        if (c.devices == 0)
+            c.devices = 1;
+    } else if (c.token || c.devices || c.max_credits) {
+        ar_cli_error("train", "--token, --devices and --max-credits go with --market HOST:PORT");
         return 2;
     }
     ar_set_threads(threads);

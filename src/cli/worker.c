@@ -21,13 +21,19 @@ void ar_help_worker(void)
            "options:\n"
            "  --listen HOST:PORT   address to listen on, e.g. 127.0.0.1:5001\n"
            "  --threads N          threads for the stage, 0 = all cores (0)\n"
-           "  --max-frame-mb N     refuse frames larger than N MiB (1024)\n");
+           "  --max-frame-mb N     refuse frames larger than N MiB (1024)\n"
+           "  --market HOST:PORT   serve market leases only: every Load must carry a lease\n"
+           "                       token that this market confirms includes the provider\n"
+           "  --token T            with --market: the provider's account token\n"
+           "  --provider-id ID     with --market: the id the market registered it under\n"
+           "                       (arceus provide does all this by itself)\n");
 }
 
 int ar_cmd_worker(int argc, char **argv)
 {
-    const char *listen = NULL;
+    const char *listen = NULL, *market = NULL, *token = NULL;
     int threads = 0, max_mb = 1024;
+    long provider_id = 0;
     ar_args a;
     ar_args_init(&a, argc, argv);
     const char *name;
@@ -44,6 +50,12 @@ int ar_cmd_worker(int argc, char **argv)
             rc = ar_args_int(&a, 0, 1024, &threads);
         else if (!strcmp(name, "max-frame-mb"))
             rc = ar_args_int(&a, 1, 1 << 20, &max_mb);
+        else if (!strcmp(name, "market"))
+            rc = ar_args_string(&a, &market);
+        else if (!strcmp(name, "token"))
+            rc = ar_args_string(&a, &token);
+        else if (!strcmp(name, "provider-id"))
+            rc = ar_args_long(&a, 1, (long)1 << 62, &provider_id);
         else
             rc = ar_args_unknown(&a);
         if (rc != 0)
@@ -51,6 +63,10 @@ int ar_cmd_worker(int argc, char **argv)
     }
     if (!listen || !strchr(listen, ':')) {
         ar_cli_error("worker", "--listen HOST:PORT is required (for example 127.0.0.1:5001)");
+        return 2;
+    }
+    if ((market || token || provider_id) && !(market && token && provider_id)) {
+        ar_cli_error("worker", "--market, --token and --provider-id go together");
         return 2;
     }
     /* signals are taken by sigwait below, in this thread only: block them
@@ -61,7 +77,8 @@ int ar_cmd_worker(int argc, char **argv)
     sigaddset(&set, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     ar_set_threads(threads);
-    ar_worker_config c = {.listen = listen, .threads = threads, .max_frame = (size_t)max_mb << 20};
+    ar_worker_config c = {.listen = listen, .threads = threads, .max_frame = (size_t)max_mb << 20,
+                          .market = market, .market_token = token, .provider_id = provider_id};
     ar_worker *w;
     char addr[200];
     if (ar_worker_start(&c, &w, addr, sizeof addr) != AR_OK) {

@@ -430,6 +430,387 @@ out:
     arceus__balance_request__free_unpacked(req, NULL);
 }
 
+/* ---- server: leases ----------------------------------------------------------- */
+
+static bool token_hex(const char *t)
+{
+    size_t n = t ? strlen(t) : 0;
+    if (n != AR_TOKEN_LEN - 1)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (!isxdigit((unsigned char)t[i]))
+            return false;
+    return true;
+}
+
+/* The live lease of a lease token, or UNAUTHENTICATED (status sent) and -1. */
+static int authenticate_lease(ar_market *m, ar_rpc *rpc, const char *token, ar_lease *out)
+{
+    if (!token_hex(token)) {
+        ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED, "missing or malformed lease token: expected %d hex characters",
+                      AR_TOKEN_LEN - 1);
+        return -1;
+    }
+    int rc = ar_store_lease_auth(m->store, token, out);
+    if (rc == AR_ENOTFOUND) {
+        ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED, "unknown or released lease token");
+        return -1;
+    }
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        return -1;
+    }
+    return 0;
+}
+
+/* How the market picks N providers among the online ones.
+ *
+ * A provider offering less memory than the request's min_mem_bytes is left
+ * out. The others are ranked by
+ *
+ *     score = reliability^2 * (gflops / best_gflops) / (price + p0) * (min_price + p0)
+ *
+ * i.e. speed per credit, each factor normalised to the best candidate: a
+ * provider twice as fast at the same price scores twice as high, one twice as
+ * expensive at the same speed half as high. p0 = 1 credit per TFLOP keeps
+ * free providers from scoring infinitely and damps tiny price differences.
+ * Reliability is squared: the pipeline stalls on any one stage, so an
+ * unreliable member costs the whole job, not just its share. Ties go to more
+ * memory, then to the older registration (lower id). The N best are leased,
+ * in the order of their scores. */
+typedef struct {
+    const ar_provider *p;
+    double score;
+} ranked;
+
+static int rank_cmp(const void *a, const void *b)
+{
+    const ranked *x = a, *y = b;
+    if (x->score != y->score)
+        return x->score > y->score ? -1 : 1;
+    if (x->p->mem_bytes != y->p->mem_bytes)
+        return x->p->mem_bytes > y->p->mem_bytes ? -1 : 1;
+    return x->p->id < y->p->id ? -1 : x->p->id > y->p->id;
+}
+
+static void on_acquire(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__AcquireLeaseRequest *req =
+        (Arceus__AcquireLeaseRequest *)read_request(rpc, &arceus__acquire_lease_request__descriptor);
+    if (!req)
+        return;
+    int64_t renter;
+    ar_provider *ps = NULL;
+    size_t n = 0;
+    ranked *rk = NULL;
+    int64_t job_id = 0;
+    if (authenticate(m, rpc, req->token, &renter) != 0)
+        goto out;
+    if (req->devices < 1 || req->devices > AR_MARKET_MAX_DEVICES || req->est_steps < 1 ||
+        req->est_steps > 1000000000LL || req->max_credits < 0 || req->max_credits > AR_CREDITS(1000000000000LL) ||
+        req->flops_per_step < 1 || req->flops_per_step > AR_MARKET_MAX_STAGE_FLOPS ||
+        req->min_mem_bytes > (uint64_t)AR_MARKET_MAX_MEM || strlen(req->spec) > 4096) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT,
+                      "AcquireLease arguments out of range (devices %u of 1..%d, est_steps %lld, "
+                      "flops_per_step %lld, max_credits %lld, spec of %zu characters)",
+                      req->devices, AR_MARKET_MAX_DEVICES, (long long)req->est_steps,
+                      (long long)req->flops_per_step, (long long)req->max_credits, strlen(req->spec));
+        goto out;
+    }
+    int rc = ar_store_provider_list(m->store, true, &ps, &n);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    rk = calloc(n ? n : 1, sizeof *rk);
+    if (!rk) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+        goto out;
+    }
+    size_t k = 0;
+    double best_gflops = 0;
+    int64_t min_price = INT64_MAX;
+    for (size_t i = 0; i < n; i++) {
+        if ((uint64_t)ps[i].mem_bytes < req->min_mem_bytes)
+            continue;
+        rk[k++].p = &ps[i];
+        if (ps[i].gflops > best_gflops)
+            best_gflops = ps[i].gflops;
+        if (ps[i].price_per_tflop < min_price)
+            min_price = ps[i].price_per_tflop;
+    }
+    if (k < req->devices) {
+        ar_rpc_finish(rpc, AR_STATUS_RESOURCE_EXHAUSTED,
+                      "%u providers asked for, %zu online%s: try fewer --devices or later", req->devices,
+                      k, req->min_mem_bytes ? " with enough memory" : "");
+        goto out;
+    }
+    const double p0 = (double)AR_MICRO_PER_CREDIT;
+    for (size_t i = 0; i < k; i++) {
+        const ar_provider *p = rk[i].p;
+        double rel = p->reliability < 0 ? 0 : p->reliability > 1 ? 1 : p->reliability;
+        rk[i].score = rel * rel * (p->gflops / best_gflops) * ((double)min_price + p0) /
+                      ((double)p->price_per_tflop + p0);
+    }
+    qsort(rk, k, sizeof *rk, rank_cmp);
+    size_t N = req->devices;
+    ar_lease_member members[AR_MARKET_MAX_DEVICES];
+    Arceus__LeasedProvider lp[AR_MARKET_MAX_DEVICES], *lpp[AR_MARKET_MAX_DEVICES];
+    Arceus__ProviderProfile prof[AR_MARKET_MAX_DEVICES];
+    ar_account names[AR_MARKET_MAX_DEVICES];
+    /* the estimate splits the model's FLOPs in proportion to speed, as the
+     * driver's planner roughly will */
+    double gsum = 0;
+    for (size_t i = 0; i < N; i++)
+        gsum += rk[i].p->gflops;
+    int64_t left = req->flops_per_step;
+    for (size_t i = 0; i < N; i++) {
+        const ar_provider *p = rk[i].p;
+        int64_t share = i + 1 == N ? left : (int64_t)llround((double)req->flops_per_step * p->gflops / gsum);
+        if (share > left)
+            share = left;
+        left -= share;
+        members[i] = (ar_lease_member){.provider_id = p->id, .stage = (int)i, .flops_per_step = share,
+                                       .price_per_tflop = p->price_per_tflop};
+        if ((rc = ar_store_account_get(m->store, p->account_id, &names[i])) != AR_OK) {
+            store_error(rpc, rc);
+            goto out;
+        }
+    }
+    if ((rc = ar_store_job_create(m->store, renter, req->spec, req->max_credits, &job_id)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    char token[AR_TOKEN_LEN];
+    int64_t lease_id = 0, estimate = 0;
+    rc = ar_store_lease_create(m->store, job_id, renter, members, N, req->est_steps, req->max_credits,
+                               token, &lease_id, &estimate);
+    if (rc != AR_OK) {
+        char why[600];
+        snprintf(why, sizeof why, "%s", ar_last_error());
+        /* the refused job stays on record, cancelled, with nothing spent */
+        if (ar_store_job_update(m->store, job_id, AR_JOB_CANCELLED, 0) != AR_OK)
+            ar_log(AR_LOG_ERROR, "market: job %lld: %s", (long long)job_id, ar_last_error());
+        ar_log(AR_LOG_INFO, "market: job %lld: %s", (long long)job_id, why);
+        ar_fail(rc, "%s", why);
+        store_error(rpc, rc);
+        goto out;
+    }
+    if ((rc = ar_store_job_update(m->store, job_id, AR_JOB_RUNNING, 0)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    ar_log(AR_LOG_INFO, "market: job %lld leases %zu providers (lease %lld, estimate %lld micro-credits)",
+           (long long)job_id, N, (long long)lease_id, (long long)estimate);
+    for (size_t i = 0; i < N; i++) {
+        const ar_provider *p = rk[i].p;
+        Arceus__ProviderProfile pp = ARCEUS__PROVIDER_PROFILE__INIT;
+        pp.gflops = p->gflops;
+        pp.mem_bytes = (uint64_t)p->mem_bytes;
+        pp.cores = (uint32_t)p->cores;
+        pp.price_per_tflop = p->price_per_tflop;
+        prof[i] = pp;
+        Arceus__LeasedProvider l = ARCEUS__LEASED_PROVIDER__INIT;
+        l.provider_id = p->id;
+        l.account = names[i].name;
+        l.address = (char *)p->address;
+        l.profile = &prof[i];
+        l.reliability = p->reliability;
+        l.flops_per_step = members[i].flops_per_step;
+        lp[i] = l;
+        lpp[i] = &lp[i];
+    }
+    Arceus__AcquireLeaseReply r = ARCEUS__ACQUIRE_LEASE_REPLY__INIT;
+    r.job_id = job_id;
+    r.lease_id = lease_id;
+    r.lease_token = token;
+    r.estimate = estimate;
+    r.n_providers = N;
+    r.providers = lpp;
+    reply(rpc, &r.base);
+out:
+    free(rk);
+    ar_free(ps);
+    arceus__acquire_lease_request__free_unpacked(req, NULL);
+}
+
+static void on_report(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__ReportUsageRequest *req =
+        (Arceus__ReportUsageRequest *)read_request(rpc, &arceus__report_usage_request__descriptor);
+    if (!req)
+        return;
+    ar_lease lease;
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
+        goto out;
+    if (req->step < 0 || req->step > 1000000000000LL || req->n_stages < 1 ||
+        req->n_stages > AR_MARKET_MAX_DEVICES) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReportUsage: step %lld or %zu stages out of range",
+                      (long long)req->step, req->n_stages);
+        goto out;
+    }
+    int rc = ar_store_lease_members(m->store, lease.id, &mem, &nm);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    /* check every stage before paying any */
+    int64_t price[AR_MARKET_MAX_DEVICES];
+    for (size_t i = 0; i < req->n_stages; i++) {
+        const Arceus__StageUsage *u = req->stages[i];
+        bool member = false;
+        for (size_t j = 0; j < nm; j++)
+            if (mem[j].provider_id == u->provider_id) {
+                member = true;
+                price[i] = mem[j].price_per_tflop;
+            }
+        bool dup = false;
+        for (size_t j = 0; j < i; j++)
+            dup = dup || req->stages[j]->stage == u->stage || req->stages[j]->provider_id == u->provider_id;
+        if (!member || dup || u->stage >= nm || u->flops < 1 || u->flops > AR_MARKET_MAX_STAGE_FLOPS) {
+            ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT,
+                          "ReportUsage: stage %u (provider %lld, %lld FLOPs): %s", u->stage,
+                          (long long)u->provider_id, (long long)u->flops,
+                          !member ? "the provider is not in the lease"
+                          : dup   ? "stage or provider reported twice"
+                                  : "stage or FLOPs out of range");
+            goto out;
+        }
+    }
+    int64_t paid = 0;
+    for (size_t i = 0; i < req->n_stages; i++) {
+        const Arceus__StageUsage *u = req->stages[i];
+        ar_usage_result res;
+        if ((rc = ar_store_usage_record(m->store, lease.job_id, req->step, u->provider_id, (int)u->stage,
+                                        u->flops, price[i], &res)) != AR_OK) {
+            store_error(rpc, rc);
+            goto out;
+        }
+        int64_t cost = 0;
+        if (res != AR_USAGE_DUP && ar_store_cost(u->flops, price[i], &cost) == AR_OK)
+            paid += cost;
+    }
+    ar_job job;
+    int64_t balance = 0;
+    if ((rc = ar_store_job_update(m->store, lease.job_id, AR_JOB_RUNNING, req->step + 1)) != AR_OK ||
+        (rc = ar_store_job_get(m->store, lease.job_id, &job)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    int64_t spent = job.spent;
+    ar_store_job_clear(&job);
+    if ((rc = ar_store_account_balance(m->store, lease.renter_id, &balance)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    Arceus__ReportUsageReply r = ARCEUS__REPORT_USAGE_REPLY__INIT;
+    r.paid = paid;
+    r.spent = spent;
+    r.balance = balance;
+    reply(rpc, &r.base);
+out:
+    ar_free(mem);
+    arceus__report_usage_request__free_unpacked(req, NULL);
+}
+
+static void on_release(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__ReleaseLeaseRequest *req =
+        (Arceus__ReleaseLeaseRequest *)read_request(rpc, &arceus__release_lease_request__descriptor);
+    if (!req)
+        return;
+    ar_lease lease;
+    ar_job_status st;
+    if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
+        goto out;
+    if (ar_job_status_parse(req->status, &st) != AR_OK ||
+        (st != AR_JOB_DONE && st != AR_JOB_FAILED && st != AR_JOB_CANCELLED) || req->step < 0 ||
+        req->step > 1000000000000LL) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT,
+                      "ReleaseLease: status \"%.32s\" (done, failed or cancelled) or step %lld out of range",
+                      req->status, (long long)req->step);
+        goto out;
+    }
+    int rc;
+    ar_job job;
+    if ((rc = ar_store_lease_release(m->store, lease.id)) != AR_OK ||
+        (rc = ar_store_job_update(m->store, lease.job_id, st, req->step)) != AR_OK ||
+        (rc = ar_store_job_get(m->store, lease.job_id, &job)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    ar_log(AR_LOG_INFO, "market: job %lld %s after %lld steps, lease %lld released (%lld micro-credits spent)",
+           (long long)lease.job_id, ar_job_status_name(st), (long long)req->step, (long long)lease.id,
+           (long long)job.spent);
+    Arceus__ReleaseLeaseReply r = ARCEUS__RELEASE_LEASE_REPLY__INIT;
+    r.spent = job.spent;
+    ar_store_job_clear(&job);
+    reply(rpc, &r.base);
+out:
+    arceus__release_lease_request__free_unpacked(req, NULL);
+}
+
+static void on_check_lease(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__CheckLeaseRequest *req =
+        (Arceus__CheckLeaseRequest *)read_request(rpc, &arceus__check_lease_request__descriptor);
+    if (!req)
+        return;
+    int64_t account;
+    ar_provider p;
+    ar_lease lease;
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    if (authenticate(m, rpc, req->token, &account) != 0)
+        goto out;
+    int rc = ar_store_provider_get(m->store, req->provider_id, &p);
+    if (rc == AR_ENOTFOUND || (rc == AR_OK && p.account_id != account)) {
+        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED, "provider %lld is not one of this account's",
+                      (long long)req->provider_id);
+        goto out;
+    }
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    if (!token_hex(req->lease_token)) {
+        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED, "malformed lease token");
+        goto out;
+    }
+    rc = ar_store_lease_auth(m->store, req->lease_token, &lease);
+    if (rc == AR_ENOTFOUND) {
+        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED, "unknown or released lease token");
+        goto out;
+    }
+    if (rc == AR_OK)
+        rc = ar_store_lease_members(m->store, lease.id, &mem, &nm);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    bool member = false;
+    for (size_t i = 0; i < nm; i++)
+        member = member || mem[i].provider_id == req->provider_id;
+    if (!member) {
+        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED, "lease %lld does not include provider %lld",
+                      (long long)lease.id, (long long)req->provider_id);
+        goto out;
+    }
+    Arceus__CheckLeaseReply r = ARCEUS__CHECK_LEASE_REPLY__INIT;
+    r.job_id = lease.job_id;
+    r.lease_id = lease.id;
+    reply(rpc, &r.base);
+out:
+    ar_free(mem);
+    arceus__check_lease_request__free_unpacked(req, NULL);
+}
+
 /* ---- server: the offline sweep -------------------------------------------------- */
 
 /* Every period, mark offline the providers silent for offline_after_s: a
@@ -489,6 +870,10 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     ar_server_handle(m->server, "/arceus.Market/ListProviders", on_list_providers, m);
     ar_server_handle(m->server, "/arceus.Market/Ledger", on_ledger, m);
     ar_server_handle(m->server, "/arceus.Market/Balance", on_balance, m);
+    ar_server_handle(m->server, "/arceus.Market/AcquireLease", on_acquire, m);
+    ar_server_handle(m->server, "/arceus.Market/ReportUsage", on_report, m);
+    ar_server_handle(m->server, "/arceus.Market/ReleaseLease", on_release, m);
+    ar_server_handle(m->server, "/arceus.Market/CheckLease", on_check_lease, m);
     if (pthread_create(&m->sweeper, NULL, sweep_main, m) != 0) {
         ar_market_stop(m);
         return ar_fail(AR_EINTERNAL, "cannot start the offline sweep thread");
@@ -680,6 +1065,125 @@ int ar_market_balance(ar_client *c, const char *token, char account_out[AR_NAME_
     Arceus__BalanceReply *r = (Arceus__BalanceReply *)rep;
     snprintf(account_out, AR_NAME_MAX, "%s", r->account);
     *balance = r->balance;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}
+
+int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_request *q,
+                      ar_market_lease *out, int *status)
+{
+    memset(out, 0, sizeof *out);
+    Arceus__AcquireLeaseRequest req = ARCEUS__ACQUIRE_LEASE_REQUEST__INIT;
+    req.token = (char *)token;
+    req.devices = q->devices;
+    req.max_credits = q->max_credits;
+    req.est_steps = q->est_steps;
+    req.spec = (char *)(q->spec ? q->spec : "");
+    req.flops_per_step = q->flops_per_step;
+    req.min_mem_bytes = q->min_mem_bytes > 0 ? (uint64_t)q->min_mem_bytes : 0;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/AcquireLease", &req.base, &arceus__acquire_lease_reply__descriptor,
+                  &rep, status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__AcquireLeaseReply *r = (Arceus__AcquireLeaseReply *)rep;
+    if (r->n_providers < 1 || r->n_providers > AR_MARKET_MAX_DEVICES || strlen(r->lease_token) != AR_TOKEN_LEN - 1) {
+        protobuf_c_message_free_unpacked(rep, NULL);
+        return ar_fail(AR_EPROTO, "market %s: malformed AcquireLeaseReply", ar_client_addr(c));
+    }
+    out->job_id = r->job_id;
+    out->lease_id = r->lease_id;
+    snprintf(out->token, sizeof out->token, "%s", r->lease_token);
+    out->estimate = r->estimate;
+    out->n = r->n_providers;
+    for (size_t i = 0; i < r->n_providers; i++) {
+        const Arceus__LeasedProvider *l = r->providers[i];
+        ar_market_leased *q2 = &out->providers[i];
+        q2->p.id = l->provider_id;
+        snprintf(q2->account, sizeof q2->account, "%s", l->account);
+        snprintf(q2->p.address, sizeof q2->p.address, "%s", l->address);
+        if (l->profile) {
+            q2->p.gflops = l->profile->gflops;
+            q2->p.mem_bytes = (int64_t)l->profile->mem_bytes;
+            q2->p.cores = (int)l->profile->cores;
+            q2->p.price_per_tflop = l->profile->price_per_tflop;
+        }
+        q2->p.reliability = l->reliability;
+        q2->p.online = true;
+        q2->flops_per_step = l->flops_per_step;
+    }
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}
+
+int ar_market_report(ar_client *c, const char *lease_token, int64_t step,
+                     const ar_market_stage_usage *u, size_t n, int64_t *paid, int64_t *spent,
+                     int64_t *balance, int *status)
+{
+    if (n > AR_MARKET_MAX_DEVICES)
+        return ar_fail(AR_EINVAL, "%zu stages: at most %d", n, AR_MARKET_MAX_DEVICES);
+    Arceus__StageUsage su[AR_MARKET_MAX_DEVICES], *sp[AR_MARKET_MAX_DEVICES];
+    for (size_t i = 0; i < n; i++) {
+        Arceus__StageUsage x = ARCEUS__STAGE_USAGE__INIT;
+        x.stage = (uint32_t)u[i].stage;
+        x.provider_id = u[i].provider_id;
+        x.flops = u[i].flops;
+        su[i] = x;
+        sp[i] = &su[i];
+    }
+    Arceus__ReportUsageRequest req = ARCEUS__REPORT_USAGE_REQUEST__INIT;
+    req.lease_token = (char *)lease_token;
+    req.step = step;
+    req.n_stages = n;
+    req.stages = sp;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/ReportUsage", &req.base, &arceus__report_usage_reply__descriptor, &rep,
+                  status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__ReportUsageReply *r = (Arceus__ReportUsageReply *)rep;
+    if (paid)
+        *paid = r->paid;
+    if (spent)
+        *spent = r->spent;
+    if (balance)
+        *balance = r->balance;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}
+
+int ar_market_release(ar_client *c, const char *lease_token, const char *status_name,
+                      int64_t steps, int64_t *spent, int *status)
+{
+    Arceus__ReleaseLeaseRequest req = ARCEUS__RELEASE_LEASE_REQUEST__INIT;
+    req.lease_token = (char *)lease_token;
+    req.status = (char *)status_name;
+    req.step = steps;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/ReleaseLease", &req.base, &arceus__release_lease_reply__descriptor,
+                  &rep, status);
+    if (rc != AR_OK)
+        return rc;
+    if (spent)
+        *spent = ((Arceus__ReleaseLeaseReply *)rep)->spent;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}
+
+int ar_market_check_lease(ar_client *c, const char *token, const char *lease_token,
+                          int64_t provider_id, int64_t *job_id, int *status)
+{
+    Arceus__CheckLeaseRequest req = ARCEUS__CHECK_LEASE_REQUEST__INIT;
+    req.token = (char *)token;
+    req.lease_token = (char *)lease_token;
+    req.provider_id = provider_id;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/CheckLease", &req.base, &arceus__check_lease_reply__descriptor, &rep,
+                  status);
+    if (rc != AR_OK)
+        return rc;
+    if (job_id)
+        *job_id = ((Arceus__CheckLeaseReply *)rep)->job_id;
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;
 }

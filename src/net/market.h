@@ -18,6 +18,7 @@
 /* gRPC status codes the market uses besides those of net.h. */
 #define AR_STATUS_PERMISSION_DENIED 7
 #define AR_STATUS_UNAUTHENTICATED 16
+#define AR_STATUS_RESOURCE_EXHAUSTED 8
 
 #define AR_MARKET_DEFAULT_OFFLINE_AFTER_S 15
 /* Request limits (checked by the server; the client does not pre-check). */
@@ -74,5 +75,59 @@ int ar_market_ledger(ar_client *c, const char *token, const char *account,
                      int64_t *balance, int *status);
 int ar_market_balance(ar_client *c, const char *token, char account_out[AR_NAME_MAX],
                       int64_t *balance, int *status);
+
+/* ---- leases ---------------------------------------------------------------- */
+
+#define AR_MARKET_MAX_DEVICES 64
+/* FLOPs one stage may report for one step (keeps every cost in int64). */
+#define AR_MARKET_MAX_STAGE_FLOPS ((int64_t)1 << 60)
+
+typedef struct {
+    uint32_t devices;
+    int64_t max_credits;    /* micro-credits; 0: no cap but the balance */
+    int64_t est_steps;
+    const char *spec;       /* a one-line summary of the job */
+    int64_t flops_per_step; /* the whole model's, per training step */
+    int64_t min_mem_bytes;  /* each provider must offer this much; 0: any */
+} ar_market_lease_request;
+
+typedef struct {
+    ar_provider p; /* account_id 0; price_per_tflop fixed for the lease */
+    char account[AR_NAME_MAX];
+    int64_t flops_per_step; /* its share in the estimate */
+} ar_market_leased;
+
+typedef struct {
+    int64_t job_id, lease_id;
+    char token[AR_TOKEN_LEN]; /* the lease token */
+    int64_t estimate;         /* micro-credits for est_steps */
+    size_t n;
+    ar_market_leased providers[AR_MARKET_MAX_DEVICES]; /* in pipeline order */
+} ar_market_lease;
+
+/* Create a job and lease `devices` online providers for it. A budget that
+ * cannot cover the estimate: AR_EPROTO with status FAILED_PRECONDITION and
+ * the market's message (which gives the estimate). */
+int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_request *req,
+                      ar_market_lease *out, int *status);
+
+typedef struct {
+    int stage;
+    int64_t provider_id;
+    int64_t flops;
+} ar_market_stage_usage;
+
+/* Step `step` completed: each stage is paid once (a repeated report of the
+ * same step pays nothing new). paid/spent/balance may be NULL. */
+int ar_market_report(ar_client *c, const char *lease_token, int64_t step,
+                     const ar_market_stage_usage *u, size_t n, int64_t *paid, int64_t *spent,
+                     int64_t *balance, int *status);
+/* status_name: "done", "failed" or "cancelled"; steps: completed steps. */
+int ar_market_release(ar_client *c, const char *lease_token, const char *status_name,
+                      int64_t steps, int64_t *spent, int *status);
+/* AR_OK when the lease is live and includes provider_id (owned by the
+ * account of `token`); AR_EPROTO with the market's reason otherwise. */
+int ar_market_check_lease(ar_client *c, const char *token, const char *lease_token,
+                          int64_t provider_id, int64_t *job_id, int *status);
 
 #endif

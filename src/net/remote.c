@@ -82,6 +82,7 @@ int ar_remote_load(ar_client *c, const ar_load_args *a)
     req.optimizer = &oc;
     req.next_worker = (char *)(a->next_worker ? a->next_worker : "");
     req.threads = (uint32_t)(a->threads > 0 ? a->threads : 0);
+    req.lease_token = (char *)(a->lease_token ? a->lease_token : "");
     size_t len, rlen;
     void *buf = pack(&req.base, &len), *rep = NULL;
     free(spec);

@@ -16,6 +16,13 @@ typedef struct {
     const char *listen;   /* HOST:PORT; port 0 picks a free one */
     int threads;          /* for stages whose Load does not say (0: all cores) */
     size_t max_frame;     /* bytes; 0: AR_NET_DEFAULT_MAX_FRAME */
+    /* A provider's worker (all three set): every Load must carry a lease
+     * token that this market confirms (CheckLease) includes provider_id;
+     * otherwise UNAUTHENTICATED. Unset (NULL): Load needs no token (local
+     * use, tests). The token is the provider's account token. */
+    const char *market;       /* HOST:PORT */
+    const char *market_token;
+    int64_t provider_id;
 } ar_worker_config;
 
 typedef struct ar_worker ar_worker;
@@ -24,6 +31,10 @@ typedef struct ar_worker ar_worker;
 int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size_t addr_size);
 /* Cancel every call, free the stage, stop. */
 void ar_worker_stop(ar_worker *w);
+/* Require leases from now on (a provider learns its id only after it has
+ * registered the worker's address): as the config's market fields. */
+int ar_worker_require_lease(ar_worker *w, const char *market, const char *market_token,
+                            int64_t provider_id);
 
 /* ---- the driver's side -------------------------------------------------- */
 
@@ -50,6 +61,7 @@ typedef struct {
     ar_optim_config optim;
     const char *next_worker; /* NULL or "" for the last stage */
     int threads;
+    const char *lease_token; /* NULL or "": none (a plain worker) */
 } ar_load_args;
 
 int ar_remote_load(ar_client *c, const ar_load_args *a);

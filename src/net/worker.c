@@ -7,6 +7,7 @@
 #include "arceus.pb-c.h"
 #include "core/blas.h"
 #include "core/core.h"
+#include "net/market.h"
 #include "net/net_internal.h"
 #include "train/pipeline.h"
 #include "train/schedule.h"
@@ -30,6 +31,10 @@ struct ar_worker {
     int schedule, index, count, load_threads;
     uint64_t seed;
     ar_client *next;
+    /* leases required (ar_worker_require_lease): guarded by mu */
+    ar_client *market;
+    char market_token[AR_TOKEN_LEN];
+    int64_t provider_id;
 };
 
 /* A Pipe whose client just vanished takes a moment to wind down (its
@@ -138,6 +143,40 @@ static void on_hello(ar_rpc *rpc, void *user)
     reply(rpc, &r.base);
 }
 
+/* A provider's worker serves leases only: the Load's lease token must be
+ * live and include this provider (the market says). 0, or -1 with the
+ * status sent. */
+static int check_lease(ar_worker *w, ar_rpc *rpc, const char *lease_token)
+{
+    pthread_mutex_lock(&w->mu);
+    ar_client *market = w->market;
+    char token[AR_TOKEN_LEN];
+    memcpy(token, w->market_token, sizeof token);
+    int64_t provider = w->provider_id;
+    pthread_mutex_unlock(&w->mu);
+    if (!market)
+        return 0;
+    if (!lease_token || !lease_token[0]) {
+        ar_log(AR_LOG_WARN, "%s: Load without a lease token from %s: refused", w->name, ar_rpc_peer(rpc));
+        ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED,
+                      "worker %s serves market leases only: Load needs the lease token "
+                      "(arceus train --market HOST:PORT --token T)", w->name);
+        return -1;
+    }
+    int status = 0;
+    int64_t job = 0;
+    if (ar_market_check_lease(market, token, lease_token, provider, &job, &status) != AR_OK) {
+        ar_log(AR_LOG_WARN, "%s: lease refused: %s", w->name, ar_last_error());
+        ar_rpc_finish(rpc, status == AR_STATUS_PERMISSION_DENIED || status == AR_STATUS_UNAUTHENTICATED
+                               ? AR_STATUS_UNAUTHENTICATED
+                               : AR_STATUS_UNAVAILABLE,
+                      "lease not accepted by worker %s: %s", w->name, ar_last_error());
+        return -1;
+    }
+    ar_log(AR_LOG_INFO, "%s: lease of job %lld accepted", w->name, (long long)job);
+    return 0;
+}
+
 static void on_load(ar_rpc *rpc, void *user)
 {
     ar_worker *w = user;
@@ -149,6 +188,10 @@ static void on_load(ar_rpc *rpc, void *user)
     free(data);
     if (!req)
         return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed LoadRequest");
+    if (check_lease(w, rpc, req->lease_token) != 0) {
+        arceus__load_request__free_unpacked(req, NULL);
+        return;
+    }
     ar_model_spec spec;
     int code = AR_STATUS_INVALID_ARGUMENT;
     char msg[700] = "";
@@ -440,6 +483,10 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     const char *colon = strrchr(c->listen, ':');
     int hl = colon ? (int)(colon - c->listen) : (int)strlen(c->listen);
     snprintf(w->name, sizeof w->name, "%.*s:%d", hl, c->listen, port);
+    if (c->market && (rc = ar_worker_require_lease(w, c->market, c->market_token, c->provider_id)) != AR_OK) {
+        ar_worker_stop(w);
+        return rc;
+    }
     ar_server_handle(w->server, "/arceus.Worker/Hello", on_hello, w);
     ar_server_handle(w->server, "/arceus.Worker/Load", on_load, w);
     ar_server_handle(w->server, "/arceus.Worker/Pipe", on_pipe, w);
@@ -464,7 +511,29 @@ void ar_worker_stop(ar_worker *w)
         free(w->stage);
     }
     ar_client_close(w->next);
+    ar_client_close(w->market);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->idle);
     free(w);
+}
+
+int ar_worker_require_lease(ar_worker *w, const char *market, const char *market_token,
+                            int64_t provider_id)
+{
+    if (!market || !market[0] || !market_token || strlen(market_token) != AR_TOKEN_LEN - 1 ||
+        provider_id <= 0)
+        return ar_fail(AR_EINVAL, "a worker requiring leases needs a market address, the provider's "
+                       "account token (%d hex characters) and its provider id", AR_TOKEN_LEN - 1);
+    ar_client *c;
+    int rc = ar_client_open(market, &c);
+    if (rc != AR_OK)
+        return ar_fail(rc, "market %s: %s", market, ar_last_error());
+    pthread_mutex_lock(&w->mu);
+    ar_client *old = w->market;
+    w->market = c;
+    memcpy(w->market_token, market_token, AR_TOKEN_LEN);
+    w->provider_id = provider_id;
+    pthread_mutex_unlock(&w->mu);
+    ar_client_close(old);
+    return AR_OK;
 }

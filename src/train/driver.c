@@ -6,6 +6,8 @@
 #include "data/data.h"
 #include "nn/safetensors.h"
 #include "train/checkpoint.h"
+#include "market/store.h"
+#include "net/market.h"
 #include "net/net.h"
 #include "net/remote.h"
 #include "train/local.h"
@@ -189,6 +191,14 @@ typedef struct {
     ar_stage *shadow_ptrs[64];
     int nshadows;
     ar_link *remote_head;
+    /* a market lease (--market): the providers behind addrs, their prices,
+     * each stage's FLOPs per step, and what has been paid */
+    ar_client *market;
+    ar_market_lease lease;
+    int leased;
+    int64_t provider_ids[64], prices[64], stage_flops[64];
+    int64_t step_cost, spent;
+    long steps_done;
 } run;
 
 static int eval_model(run *r, int64_t step, double *val_loss, double *accuracy)
@@ -461,6 +471,141 @@ static int make_plan(run *r, int ndev)
     return rc;
 }
 
+/* FLOPs per step of every stage of the plan (its units' forward+backward
+ * FLOPs per micro-batch times the micro-batches) and the cost of one step at
+ * the leased prices, rounded per stage as the market pays it. */
+static int price_stages(run *r)
+{
+    int units = ar_spec_units(&r->spec);
+    ar_unit_cost *costs = ar_calloc((size_t)units, sizeof *costs);
+    if (!costs)
+        return AR_ENOMEM;
+    int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
+    r->step_cost = 0;
+    for (int i = 0; rc == AR_OK && i < r->S; i++) {
+        double f = 0;
+        for (int u = r->plan.first[i]; u < r->plan.last[i]; u++)
+            f += costs[u].flops;
+        r->stage_flops[i] = (int64_t)llround(f * r->M);
+        int64_t cost;
+        if ((rc = ar_store_cost(r->stage_flops[i], r->prices[i], &cost)) == AR_OK)
+            r->step_cost += cost;
+    }
+    ar_free(costs);
+    return rc;
+}
+
+static const char *credits_text(int64_t micro, char *buf, size_t size)
+{
+    int64_t a = micro < 0 ? -micro : micro;
+    snprintf(buf, size, "%s%lld.%06lld", micro < 0 ? "-" : "", (long long)(a / AR_MICRO_PER_CREDIT),
+             (long long)(a % AR_MICRO_PER_CREDIT));
+    return buf;
+}
+
+/* Ask the market for c->devices providers; their addresses become the
+ * workers. Printed before the plan: who, at what price, the estimate. */
+static int acquire_lease(run *r, long start_step)
+{
+    ar_train_config *c = r->c;
+    if (c->remote_workers || c->stages > 1)
+        return ar_fail(AR_EINVAL, "--market leases the workers: drop --workers");
+    if (c->devices < 1 || c->devices > AR_MARKET_MAX_DEVICES)
+        return ar_fail(AR_EINVAL, "--devices %d out of range 1..%d", c->devices, AR_MARKET_MAX_DEVICES);
+    if (!c->token || !c->token[0])
+        return ar_fail(AR_EINVAL, "--market needs --token T (arceus market add-account prints one)");
+    int units = ar_spec_units(&r->spec);
+    ar_unit_cost *costs = ar_calloc((size_t)units, sizeof *costs);
+    if (!costs)
+        return AR_ENOMEM;
+    int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
+    double flops = 0;
+    for (int u = 0; u < units; u++)
+        flops += costs[u].flops;
+    ar_free(costs);
+    if (rc != AR_OK)
+        return rc;
+    flops *= r->M;
+    if ((rc = ar_client_open(c->market, &r->market)) != AR_OK)
+        return ar_fail(rc, "market %s: %s", c->market, ar_last_error());
+    char spec[200];
+    snprintf(spec, sizeof spec, "%s %s, %ld parameters, batch %d, %ld steps",
+             r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp", c->model_path ? c->model_path : c->resume_dir,
+             ar_spec_param_count(&r->spec), r->B, c->steps);
+    ar_market_lease_request q = {.devices = (uint32_t)c->devices, .max_credits = c->max_credits,
+                                 .est_steps = c->steps - start_step, .spec = spec,
+                                 .flops_per_step = (int64_t)llround(flops)};
+    int status = 0;
+    if ((rc = ar_market_acquire(r->market, c->token, &q, &r->lease, &status)) != AR_OK)
+        return ar_fail(rc, "market %s: no lease: %s", c->market, ar_last_error());
+    r->leased = 1;
+    r->remote = 1;
+    r->S = (int)r->lease.n;
+    for (int i = 0; i < r->S; i++) {
+        const ar_market_leased *l = &r->lease.providers[i];
+        size_t n = strnlen(l->p.address, sizeof l->p.address);
+        if (n == 0 || n >= sizeof r->addrs[i])
+            return ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters",
+                           c->market, (long long)l->p.id, n);
+        memcpy(r->addrs[i], l->p.address, n + 1); /* (snprintf trips gcc's restrict check here) */
+        r->provider_ids[i] = l->p.id;
+        r->prices[i] = l->p.price_per_tflop;
+    }
+    if (!c->quiet) {
+        char a[40], b[40];
+        printf("lease %lld for job %lld from market %s: %d provider%s, estimate %s credits for %ld steps%s%s\n",
+               (long long)r->lease.lease_id, (long long)r->lease.job_id, c->market, r->S, r->S == 1 ? "" : "s",
+               credits_text(r->lease.estimate, a, sizeof a), c->steps - start_step,
+               c->max_credits > 0 ? ", max " : "", c->max_credits > 0 ? credits_text(c->max_credits, b, sizeof b) : "");
+        for (int i = 0; i < r->S; i++) {
+            const ar_market_leased *l = &r->lease.providers[i];
+            printf("  provider %lld (%s) at %s: %.1f GFLOP/s, %.0f MiB, %s credits/TFLOP, reliability %.2f\n",
+                   (long long)l->p.id, l->account, l->p.address, l->p.gflops, l->p.mem_bytes / 1048576.0,
+                   credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability);
+        }
+        fflush(stdout);
+    }
+    return AR_OK;
+}
+
+/* Pay for step `step` (0-based), just completed: each stage's FLOPs. */
+static int report_usage(run *r, long step)
+{
+    ar_market_stage_usage u[64];
+    for (int i = 0; i < r->S; i++)
+        u[i] = (ar_market_stage_usage){.stage = i, .provider_id = r->provider_ids[i], .flops = r->stage_flops[i]};
+    int64_t spent = 0;
+    int status = 0;
+    int rc = ar_market_report(r->market, r->lease.token, step, u, (size_t)r->S, NULL, &spent, NULL, &status);
+    if (rc != AR_OK)
+        return ar_fail(rc, "market %s: paying for step %ld: %s", r->c->market, step + 1, ar_last_error());
+    r->spent = spent;
+    return AR_OK;
+}
+
+/* The lease ends with the run, whatever ended it. */
+static void release_lease(run *r, int rc)
+{
+    if (!r->leased)
+        return;
+    char saved[1024];
+    snprintf(saved, sizeof saved, "%s", ar_last_error());
+    int64_t spent = r->spent;
+    int status = 0;
+    if (ar_market_release(r->market, r->lease.token, rc == AR_OK ? "done" : "failed", r->steps_done, &spent,
+                          &status) != AR_OK)
+        ar_log(AR_LOG_WARN, "market %s: releasing lease %lld: %s", r->c->market,
+               (long long)r->lease.lease_id, ar_last_error());
+    else if (!r->c->quiet) {
+        char a[40];
+        printf("lease %lld released: job %lld %s, %s credits spent\n", (long long)r->lease.lease_id,
+               (long long)r->lease.job_id, rc == AR_OK ? "done" : "failed", credits_text(spent, a, sizeof a));
+        fflush(stdout);
+    }
+    r->leased = 0;
+    ar_fail(AR_OK, "%s", saved);
+}
+
 /* Greet every worker, split the units, build the shadows, Load (and on
  * resume Restore) every stage, then open the stream to stage 0. */
 static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state *resume)
@@ -486,6 +631,12 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
         d->gflops = h.gflops > 0 ? h.gflops : 1;
         d->mem_bytes = (double)h.free_memory;
         d->bandwidth = 0; /* the loopback default; measured links come later */
+        if (r->leased) {
+            /* plan over what the market measured and the provider offers */
+            const ar_provider *p = &r->lease.providers[i].p;
+            d->gflops = p->gflops > 0 ? p->gflops : d->gflops;
+            d->mem_bytes = (double)p->mem_bytes;
+        }
     }
     r->threads_per_stage = threads;
     if ((rc = make_plan(r, r->S)) != AR_OK)
@@ -494,7 +645,10 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
     ar_client *used[64];
     char addrs[64][128];
     int keep[64] = {0};
+    int64_t pids[64], prices[64];
     for (int i = 0; i < r->plan.nstages; i++) {
+        pids[i] = r->provider_ids[r->plan.device[i]];
+        prices[i] = r->prices[r->plan.device[i]];
         used[i] = r->clients[r->plan.device[i]];
         memcpy(addrs[i], r->addrs[r->plan.device[i]], sizeof addrs[i]);
         keep[r->plan.device[i]] = 1;
@@ -510,7 +664,11 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
     for (int i = 0; i < r->S; i++) {
         r->clients[i] = used[i];
         memcpy(r->addrs[i], addrs[i], sizeof addrs[i]);
+        r->provider_ids[i] = pids[i];
+        r->prices[i] = prices[i];
     }
+    if (r->leased && (rc = price_stages(r)) != AR_OK)
+        return rc;
     for (int i = r->S; i < 64; i++)
         r->clients[i] = NULL;
     for (int i = 0; i < r->S; i++) {
@@ -533,7 +691,8 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
         ar_load_args a = {.spec = &r->spec, .first = first[i], .last = last[i],
                           .rows = r->rows_per_mb, .micro_batches = r->M, .schedule = c->schedule,
                           .index = i, .count = r->S, .seed = c->seed, .optim = *oc,
-                          .next_worker = i + 1 < r->S ? r->addrs[i + 1] : NULL};
+                          .next_worker = i + 1 < r->S ? r->addrs[i + 1] : NULL,
+                          .lease_token = r->leased ? r->lease.token : NULL};
         if ((rc = ar_remote_load(r->clients[i], &a)) != AR_OK)
             return ar_fail(rc, "loading stage %d on %s: %s", i, r->addrs[i], ar_last_error());
         if (resume && (rc = ar_remote_restore(r->clients[i], &r->shadows[i])) != AR_OK)
@@ -618,6 +777,8 @@ static int setup(run *r)
     r->S = c->stages;
     if (c->remote_workers && (rc = parse_workers(r, c->remote_workers)) != AR_OK)
         return rc;
+    if (c->market && (rc = acquire_lease(r, start_step)) != AR_OK)
+        return rc;
     if (r->S < 1 || r->S > units || r->S > 64)
         return ar_fail(AR_EINVAL, "%d stages for a model of %d layers", r->S, units);
     ar_optim_config oc = {.kind = c->optimizer, .beta1 = c->beta1, .beta2 = c->beta2,
@@ -681,6 +842,7 @@ static void teardown(run *r)
         ar_stage_destroy(&r->shadows[i]);
     for (int i = 0; i < 64; i++)
         ar_client_close(r->clients[i]);
+    ar_client_close(r->market);
     ar_free(r->inputs);
     ar_free(r->targets);
     data_close(&r->data);
@@ -716,10 +878,12 @@ int ar_train_run(ar_train_config *c)
     r.c = c;
     int rc = setup(&r);
     if (rc < 0) {
+        release_lease(&r, rc);
         teardown(&r);
         return rc;
     }
     long start = rc;
+    r.steps_done = start;
     rc = AR_OK;
     print_plan(&r);
     ar_progress bar;
@@ -730,6 +894,20 @@ int ar_train_run(ar_train_config *c)
     double items_per_step = (double)r.B * r.T;
     int is_text = r.data.is_text;
     for (long step = start; step < c->steps; step++) {
+        if (r.leased && c->max_credits > 0 && r.spent + r.step_cost > c->max_credits) {
+            /* the budget would not cover this step: keep what was paid for */
+            char a[40], b[40], d[40];
+            if (c->out_dir && step > start && (rc = save_checkpoint(&r, step)) != AR_OK)
+                break;
+            rc = ar_fail(AR_ELIMIT,
+                         "budget reached after step %ld: %s of max %s credits spent, the next step costs %s%s%s%s",
+                         step, credits_text(r.spent, a, sizeof a), credits_text(c->max_credits, b, sizeof b),
+                         credits_text(r.step_cost, d, sizeof d),
+                         c->out_dir && step > start ? "; checkpoint in " : "",
+                         c->out_dir && step > start ? c->out_dir : "",
+                         c->out_dir && step > start ? " (--resume it with more credits)" : "");
+            break;
+        }
         if ((rc = data_next(&r.data, r.B, r.T, r.inputs, r.targets)) != AR_OK)
             break;
         ar_batch_desc b = {.step = step, .M = r.M, .B = r.B, .dtype = is_text ? 1 : 0,
@@ -756,6 +934,9 @@ int ar_train_run(ar_train_config *c)
         float lr = ar_lr_at(step, c->lr, c->min_lr, c->warmup, c->steps);
         if ((rc = ar_chain_apply(r.head, step, lr, scale)) != AR_OK)
             break;
+        if (r.leased && (rc = report_usage(&r, step)) != AR_OK)
+            break;
+        r.steps_done = step + 1;
         for (int i = 0; i < res.nstages && i < 64; i++) {
             r.busy[i] += res.busy_s[i];
             r.idle[i] += res.idle_s[i];
@@ -821,6 +1002,7 @@ int ar_train_run(ar_train_config *c)
         if (c->out_dir)
             printf("checkpoint and loss curve in %s/\n", c->out_dir);
     }
+    release_lease(&r, rc);
     teardown(&r);
     return rc;
 }

@@ -34,6 +34,13 @@ typedef struct {
     long ckpt_every;         /* 0: only at the end */
     long stop_after;         /* stop (with a checkpoint) after this step, as if interrupted; 0: run to the end */
     int quiet;
+    /* training on leased providers: the market, the renter's account token,
+     * how many providers, and the most the job may spend (micro-credits,
+     * 0: the balance). market NULL: no market. */
+    const char *market;
+    const char *token;
+    int devices;
+    int64_t max_credits;
     /* which of the recipe fields the user set on the command line (resume
      * keeps the stored recipe for the rest) */
     unsigned set_mask;

@@ -1,0 +1,245 @@
+"""Training through the market (issue 5): a real `arceus market` over a
+SQLite file in tmp_path, providers that are `arceus worker` processes
+requiring a lease (registered through python grpcio with hand-encoded
+protobuf), and `arceus train --market ... --token ... --devices N`.
+
+Checks the money: each provider earns its stage's FLOPs per step x steps x
+its price (rounded per stage and step as ar_store_cost rounds), the renter
+is debited the same total, and the ledger sums to zero. A lease the budget
+cannot cover is refused up front with the estimate and costs nothing; a
+worker that requires a lease refuses a Load without its token.
+
+Every process is stopped in teardown (SIGTERM, exit 0 expected) and its
+stderr checked for sanitizer reports.
+"""
+
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+
+import pytest
+
+from conftest import SANITIZER_MARKERS, _env
+from test_market import (add_account, call, call_error, decode, f_bytes, f_varint, markets,  # noqa: F401
+                         profile, register)
+
+grpc = pytest.importorskip("grpc")
+
+MICRO = 1_000_000
+BATCH, STEPS = 128, 12
+# the small MLP of conftest: 784-64-32-10; forward 2*B*in*out per linear,
+# backward twice that (ar_plan_unit_costs)
+LAYERS = [(784, 64), (64, 32), (32, 10)]
+
+
+def layer_flops(i):
+    fin, fout = LAYERS[i]
+    return 3 * 2 * BATCH * fin * fout
+
+
+def cost(flops, price):
+    """ar_store_cost: micro-credits for flops at price micro-credits/TFLOP."""
+    return (flops * price + 500_000_000_000) // 1_000_000_000_000
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, args, ready_re, what):
+        self.what = what
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=_env())
+        line = self.proc.stdout.readline()
+        m = re.search(ready_re, line)
+        if not m:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            pytest.fail(f"{what} did not start: {line!r}\n{err[-3000:]}")
+        self.addr = m.group(1)
+        self.stderr = None
+
+    def stop(self, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, self.stderr = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, self.stderr = self.proc.communicate()
+            pytest.fail(f"{self.what} {self.addr} did not stop within {timeout}s")
+        return self.proc.returncode
+
+
+@pytest.fixture
+def procs():
+    started = []
+    yield started
+    problems = []
+    for p in started:
+        rc = p.stop()
+        if rc != 0:
+            problems.append(f"{p.what} {p.addr} exited {rc} on SIGTERM:\n{(p.stderr or '')[-3000:]}")
+        for marker in SANITIZER_MARKERS:
+            if p.stderr and marker in p.stderr:
+                problems.append(f"sanitizer report in {p.what} {p.addr}:\n{p.stderr[-6000:]}")
+    assert not problems, "\n".join(problems)
+
+
+def start_market(arceus_bin, db, procs):
+    m = Proc([str(arceus_bin), "market", "--listen", "127.0.0.1:0", "--db", str(db), "--offline-after", "3600"],
+             r"arceus market: listening on (127\.0\.0\.1:\d+)$", "market")
+    procs.append(m)
+    return m
+
+
+def start_provider(arceus_bin, market, token, procs, price, gflops=150.0):
+    """Register a worker address with the market, then start the worker there
+    requiring leases for that provider id."""
+    addr = f"127.0.0.1:{free_port()}"
+    pid, _ = register(market.addr, token, addr, profile(gflops=gflops, price=price))
+    w = Proc([str(arceus_bin), "worker", "--listen", addr, "--threads", "1", "--market", market.addr,
+              "--token", token, "--provider-id", str(pid)],
+             r"arceus worker: listening on (\S+:\d+)", "worker")
+    procs.append(w)
+    return pid, w
+
+
+def balances(db):
+    con = sqlite3.connect(str(db))
+    try:
+        return dict(con.execute("SELECT name, balance FROM accounts").fetchall())
+    finally:
+        con.close()
+
+
+def ledger_total(db):
+    con = sqlite3.connect(str(db))
+    try:
+        return con.execute("SELECT COALESCE(SUM(amount), 0) FROM ledger").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_renter_trains_on_two_leased_providers_and_pays_their_flops(
+        run_arceus, arceus_bin, procs, tmp_path, small_fashion, small_mlp_spec):
+    db = tmp_path / "market.db"
+    renter = add_account(run_arceus, db, "renter", "100")
+    alice = add_account(run_arceus, db, "alice")
+    bob = add_account(run_arceus, db, "bob")
+    market = start_market(arceus_bin, db, procs)
+    # same speed: the cheaper one ranks first and holds stage 0
+    price_a, price_b = 400 * MICRO, 700 * MICRO
+    pid_a, _ = start_provider(arceus_bin, market, alice, procs, price_a)
+    pid_b, _ = start_provider(arceus_bin, market, bob, procs, price_b)
+
+    p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", STEPS,
+                   "--batch", BATCH, "--eval-every", 0, "--plan", "0,1-2",
+                   "--market", market.addr, "--token", renter, "--devices", 2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    # the lease is printed before the plan
+    assert out.index("lease ") < out.index("stage"), out
+    assert f"provider {pid_a} (alice)" in out and f"provider {pid_b} (bob)" in out, out
+    assert "400.000000 credits/TFLOP" in out and "estimate" in out, out
+    assert re.search(r"lease \d+ released: job \d+ done", out), out
+
+    flops_a = layer_flops(0)
+    flops_b = layer_flops(1) + layer_flops(2)
+    earn_a = cost(flops_a, price_a) * STEPS
+    earn_b = cost(flops_b, price_b) * STEPS
+    assert earn_a > 0 and earn_b > 0
+    bal = balances(db)
+    assert bal["alice"] == earn_a
+    assert bal["bob"] == earn_b
+    assert bal["renter"] == 100 * MICRO - earn_a - earn_b
+    assert ledger_total(db) == 0
+
+    con = sqlite3.connect(str(db))
+    try:
+        usage = con.execute("SELECT step, stage, provider_id, flops FROM usage ORDER BY step, stage").fetchall()
+        job = con.execute("SELECT status, step, spent FROM jobs").fetchall()
+        released = con.execute("SELECT released FROM leases").fetchall()
+    finally:
+        con.close()
+    assert usage == [(s, st, pid, fl) for s in range(STEPS)
+                     for st, pid, fl in ((0, pid_a, flops_a), (1, pid_b, flops_b))]
+    assert job == [("done", STEPS, earn_a + earn_b)]
+    assert len(released) == 1 and released[0][0]  # released (a time)
+
+    # the renter's own ledger through the market agrees
+    led = run_arceus("ledger", "--market", market.addr, "--token", renter, check=True)
+    assert "renter" in led.stdout
+
+
+def test_lease_the_budget_cannot_cover_is_refused_with_the_estimate(
+        run_arceus, arceus_bin, procs, tmp_path, small_fashion, small_mlp_spec):
+    db = tmp_path / "market.db"
+    poor = add_account(run_arceus, db, "poor", "0.001")
+    rich = add_account(run_arceus, db, "rich", "1000")
+    alice = add_account(run_arceus, db, "alice")
+    market = start_market(arceus_bin, db, procs)
+    start_provider(arceus_bin, market, alice, procs, 700 * MICRO)
+    before = balances(db)
+
+    base = ("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", STEPS, "--batch", BATCH,
+            "--eval-every", 0, "--market", market.addr, "--devices", 1)
+    p = run_arceus(*base, "--token", poor)
+    assert p.returncode == 1
+    assert "lease refused: estimated cost" in p.stderr and "exceeds the balance" in p.stderr, p.stderr
+    # a cap below the estimate is refused the same way, however rich the renter
+    p = run_arceus(*base, "--token", rich, "--max-credits", "0.000001")
+    assert p.returncode == 1
+    assert "lease refused: estimated cost" in p.stderr and "exceeds max credits" in p.stderr, p.stderr
+    # more providers than are online
+    p = run_arceus(*base[:-1], 3, "--token", rich)
+    assert p.returncode == 1 and "3 providers asked for, 1 online" in p.stderr, p.stderr
+
+    assert balances(db) == before
+    assert ledger_total(db) == 0
+    con = sqlite3.connect(str(db))
+    try:
+        assert con.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 0
+        assert con.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 0
+    finally:
+        con.close()
+
+
+def test_worker_requiring_a_lease_refuses_a_load_without_its_token(
+        run_arceus, arceus_bin, procs, tmp_path, small_fashion, small_mlp_spec):
+    db = tmp_path / "market.db"
+    alice = add_account(run_arceus, db, "alice")
+    market = start_market(arceus_bin, db, procs)
+    _, w = start_provider(arceus_bin, market, alice, procs, 500 * MICRO)
+
+    base = ("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", 2, "--batch", 32,
+            "--eval-every", 0)
+    p = run_arceus(*base, "--workers", w.addr)
+    assert p.returncode == 1
+    assert "Load needs the lease token" in p.stderr, p.stderr
+
+    # a LoadRequest with a token the market does not know (field 13)
+    spec = small_mlp_spec.read_text()
+    load = (f_bytes(1, spec) + f_varint(2, 0) + f_varint(3, 3) + f_varint(4, 32) + f_varint(5, 1)
+            + f_varint(8, 1) + f_bytes(13, "ab" * 32))
+    with grpc.insecure_channel(w.addr) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary("/arceus.Worker/Load")(load, timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "unknown or released lease token" in e.value.details()
+
+    # CheckLease itself: the worker's question, asked with a bad lease token
+    err = call_error(market.addr, "CheckLease", f_bytes(1, alice) + f_bytes(2, "cd" * 32) + f_varint(3, 1))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    # a plain worker (no market) still takes a Load without any token
+    plain = Proc([str(arceus_bin), "worker", "--listen", "127.0.0.1:0", "--threads", "1"],
+                 r"arceus worker: listening on (\S+:\d+)", "worker")
+    procs.append(plain)
+    p = run_arceus(*base, "--workers", plain.addr)
+    assert p.returncode == 0, p.stderr[-3000:]
