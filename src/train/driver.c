@@ -199,6 +199,7 @@ typedef struct {
     int64_t provider_ids[64], prices[64], stage_flops[64];
     int64_t step_cost, spent;
     long steps_done;
+    int budget_stop; /* ended by --max-credits: the job is cancelled, not failed */
 } run;
 
 static int eval_model(run *r, int64_t step, double *val_loss, double *accuracy)
@@ -592,14 +593,14 @@ static void release_lease(run *r, int rc)
     snprintf(saved, sizeof saved, "%s", ar_last_error());
     int64_t spent = r->spent;
     int status = 0;
-    if (ar_market_release(r->market, r->lease.token, rc == AR_OK ? "done" : "failed", r->steps_done, &spent,
-                          &status) != AR_OK)
+    const char *how = rc == AR_OK ? "done" : r->budget_stop ? "cancelled" : "failed";
+    if (ar_market_release(r->market, r->lease.token, how, r->steps_done, &spent, &status) != AR_OK)
         ar_log(AR_LOG_WARN, "market %s: releasing lease %lld: %s", r->c->market,
                (long long)r->lease.lease_id, ar_last_error());
     else if (!r->c->quiet) {
         char a[40];
         printf("lease %lld released: job %lld %s, %s credits spent\n", (long long)r->lease.lease_id,
-               (long long)r->lease.job_id, rc == AR_OK ? "done" : "failed", credits_text(spent, a, sizeof a));
+               (long long)r->lease.job_id, how, credits_text(spent, a, sizeof a));
         fflush(stdout);
     }
     r->leased = 0;
@@ -897,6 +898,7 @@ int ar_train_run(ar_train_config *c)
         if (r.leased && c->max_credits > 0 && r.spent + r.step_cost > c->max_credits) {
             /* the budget would not cover this step: keep what was paid for */
             char a[40], b[40], d[40];
+            r.budget_stop = 1;
             if (c->out_dir && step > start && (rc = save_checkpoint(&r, step)) != AR_OK)
                 break;
             rc = ar_fail(AR_ELIMIT,

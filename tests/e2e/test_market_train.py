@@ -13,6 +13,7 @@ Every process is stopped in teardown (SIGTERM, exit 0 expected) and its
 stderr checked for sanitizer reports.
 """
 
+import json
 import re
 import signal
 import socket
@@ -22,8 +23,7 @@ import subprocess
 import pytest
 
 from conftest import SANITIZER_MARKERS, _env
-from test_market import (add_account, call, call_error, decode, f_bytes, f_varint, markets,  # noqa: F401
-                         profile, register)
+from test_market import add_account, call_error, f_bytes, f_varint, profile, register
 
 grpc = pytest.importorskip("grpc")
 
@@ -243,3 +243,54 @@ def test_worker_requiring_a_lease_refuses_a_load_without_its_token(
     procs.append(plain)
     p = run_arceus(*base, "--workers", plain.addr)
     assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_training_stops_with_a_checkpoint_when_the_budget_runs_out(
+        run_arceus, arceus_bin, procs, tmp_path, small_fashion, small_mlp_spec):
+    """The estimate splits the FLOPs by speed; the plan below puts more of them
+    on the dearer provider, so the real cost per step is above the estimate:
+    a --max-credits between the two is accepted up front and runs out before
+    the last step. The driver saves a checkpoint and stops, paid in full."""
+    steps = 40
+    db = tmp_path / "market.db"
+    renter = add_account(run_arceus, db, "renter", "100")
+    alice = add_account(run_arceus, db, "alice")
+    bob = add_account(run_arceus, db, "bob")
+    market = start_market(arceus_bin, db, procs)
+    # bob: fast and dear, ranked first (more speed per credit); alice: slow and cheap
+    price_b, price_a = 700 * MICRO, 400 * MICRO
+    pid_b, _ = start_provider(arceus_bin, market, bob, procs, price_b, gflops=1000.0)
+    pid_a, _ = start_provider(arceus_bin, market, alice, procs, price_a, gflops=150.0)
+
+    total = sum(layer_flops(i) for i in range(3))
+    share_b = round(total * 1000.0 / 1150.0)
+    estimate = (cost(share_b, price_b) + cost(total - share_b, price_a)) * steps
+    f_b, f_a = layer_flops(0), layer_flops(1) + layer_flops(2)
+    per_step = cost(f_b, price_b) + cost(f_a, price_a)
+    assert estimate < per_step * steps
+    max_micro = (estimate + per_step * steps) // 2
+    done = max_micro // per_step
+    assert estimate <= max_micro and done < steps
+
+    out = tmp_path / "ckpt"
+    p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", steps,
+                   "--batch", BATCH, "--eval-every", 0, "--plan", "0,1-2", "--out", out,
+                   "--market", market.addr, "--token", renter, "--devices", 2,
+                   "--max-credits", f"{max_micro // MICRO}.{max_micro % MICRO:06d}")
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"budget reached after step {done}" in p.stderr, p.stderr
+    assert "checkpoint in" in p.stderr, p.stderr
+    assert re.search(r"lease \d+ released: job \d+ cancelled", p.stdout), p.stdout
+    assert json.loads((out / "state.json").read_text())["step"] == done
+
+    bal = balances(db)
+    assert bal["bob"] == cost(f_b, price_b) * done
+    assert bal["alice"] == cost(f_a, price_a) * done
+    assert bal["renter"] == 100 * MICRO - per_step * done
+    assert 100 * MICRO - bal["renter"] <= max_micro
+    assert ledger_total(db) == 0
+    con = sqlite3.connect(str(db))
+    try:
+        assert con.execute("SELECT status, step FROM jobs").fetchall() == [("cancelled", done)]
+    finally:
+        con.close()
