@@ -188,6 +188,7 @@ typedef struct {
     ar_client *clients[64];
     char addrs[64][128];
     ar_stage shadows[64];
+    int tp_local;          /* in-process tensor-parallel groups: checkpoints go through the shadows */
     ar_stage *shadow_ptrs[64];
     int nshadows;
     ar_link *remote_head;
@@ -270,6 +271,8 @@ static int save_checkpoint(run *r, long step)
     for (int i = 0; r->remote && i < r->S; i++)
         if ((rc = ar_remote_save(r->clients[i], &r->shadows[i])) != AR_OK)
             return ar_fail(rc, "saving stage %d (%s): %s", i, r->addrs[i], ar_last_error());
+    if (r->tp_local && (rc = ar_local_to_full(&r->pipe, r->shadows)) != AR_OK)
+        return rc;
     ar_train_state st;
     state_from_run(r, step, &st);
     return ar_checkpoint_save(r->c->out_dir, r->stage_ptrs, r->S, &st);
@@ -454,7 +457,7 @@ static int make_plan(run *r, int ndev)
     int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
     if (rc == AR_OK) {
         if (c->plan && strcmp(c->plan, "auto") != 0) {
-            rc = ar_plan_parse(c->plan, units, ndev, &r->plan);
+            rc = ar_plan_parse_devices(c->plan, units, r->devs, ndev, &r->plan);
             if (rc == AR_OK)
                 rc = ar_plan_estimate(&r->plan, costs, units, r->devs, ndev, r->M, c->schedule);
 
@@ -642,6 +645,10 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
     r->threads_per_stage = threads;
     if ((rc = make_plan(r, r->S)) != AR_OK)
         return rc;
+    for (int i = 0; i < r->plan.nstages; i++)
+        if (r->plan.group_size[i] > 1)
+            return ar_fail(AR_EINVAL, "--plan: tensor-parallel groups run in-process for now "
+                                      "(--workers local:N); over worker processes they come next");
     /* keep the workers the plan uses, in pipeline order */
     ar_client *used[64];
     char addrs[64][128];
@@ -807,16 +814,32 @@ static int setup(run *r)
         r->plan = (ar_plan){.nstages = 1, .first = {0}, .last = {units}};
     }
     r->threads_per_stage = ar_get_threads() / r->S > 0 ? ar_get_threads() / r->S : 1;
-    if ((rc = ar_local_create_split(&r->pipe, &r->spec, r->S, r->plan.first, r->plan.last,
-                                    r->rows_per_mb, r->M, c->schedule, c->seed, &oc)) != AR_OK)
+    if ((rc = ar_local_create_plan(&r->pipe, &r->spec, &r->plan, r->devs, r->rows_per_mb, r->M,
+                                   c->schedule, c->seed, &oc)) != AR_OK)
         return rc;
     r->stages = r->pipe.stages;
     r->stage_ptrs = r->pipe.stage_ptrs;
+    if (ar_local_has_tp(&r->pipe)) {
+        /* checkpoints see whole blocks: plain stages of the same ranges
+         * gather the ranks' slices (ar_local_to_full) */
+        for (int i = 0; i < r->S; i++) {
+            if ((rc = ar_stage_create(&r->shadows[i], &r->spec, r->plan.first[i], r->plan.last[i], 1, 1,
+                                      c->seed, &oc)) != AR_OK)
+                return rc;
+            r->shadow_ptrs[i] = &r->shadows[i];
+            r->nshadows = i + 1;
+        }
+        r->tp_local = 1;
+        r->stages = r->shadows;
+        r->stage_ptrs = r->shadow_ptrs;
+    }
     if (c->resume_dir) {
         if ((rc = ar_checkpoint_load_params(c->resume_dir, r->stage_ptrs, r->S, 1)) != AR_OK)
             return rc;
         for (int i = 0; i < r->S; i++)
             r->stages[i].opt_step = resume_state.opt_step;
+        if (r->tp_local && (rc = ar_local_from_full(&r->pipe, r->shadows)) != AR_OK)
+            return rc;
         memcpy(r->data.rng.s, resume_state.data_rng, sizeof r->data.rng.s);
         r->data.pos = resume_state.data_pos;
     }

@@ -3,6 +3,7 @@
 
 #include "core/core.h"
 #include "train/schedule.h"
+#include "train/tp_group.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -14,6 +15,20 @@ struct ar_local_stage {
     int started;
     int result;
 };
+
+struct ar_local_rank {
+    ar_tp_rank rank;
+    ar_link *link; /* the rank's end; the leader's is in rank_links */
+    pthread_t thread;
+    int started;
+};
+
+static void *rank_main(void *arg)
+{
+    ar_local_rank *t = arg;
+    ar_tp_rank_serve(&t->rank, t->link);
+    return NULL;
+}
 
 static void *stage_main(void *arg)
 {
@@ -73,6 +88,159 @@ int ar_local_create_split(ar_local_pipeline *p, const ar_model_spec *spec, int S
     return rc;
 }
 
+int ar_local_has_tp(const ar_local_pipeline *p)
+{
+    return p->nranks > 0;
+}
+
+int ar_local_create_plan(ar_local_pipeline *p, const ar_model_spec *spec, const ar_plan *plan,
+                         const ar_device *devs, int max_B, int M, int schedule, uint64_t seed,
+                         const ar_optim_config *optim)
+{
+    memset(p, 0, sizeof *p);
+    int S = plan->nstages, total = 0;
+    for (int s = 0; s < S; s++)
+        total += plan->group_size[s] > 1 ? plan->group_size[s] : 0;
+    if (total == 0)
+        return ar_local_create_split(p, spec, S, plan->first, plan->last, max_B, M, schedule, seed,
+                                     optim);
+    if (spec->type != AR_MODEL_GPT)
+        return ar_fail(AR_EINVAL, "tensor parallelism splits GPT blocks; this model has none");
+    ar_local_rank *ranks = ar_calloc((size_t)total, sizeof *ranks);
+    ar_link **links = ar_calloc((size_t)total, sizeof *links);
+    ar_action *acts = ar_calloc((size_t)2 * M, sizeof *acts);
+    p->stages = ar_calloc((size_t)S, sizeof *p->stages);
+    p->stage_ptrs = ar_calloc((size_t)S, sizeof *p->stage_ptrs);
+    p->threads = ar_calloc((size_t)S, sizeof *p->threads);
+    p->links = ar_calloc((size_t)S * 2, sizeof *p->links);
+    p->ranks = ranks;
+    p->rank_links = links;
+    if (!ranks || !links || !acts || !p->stages || !p->stage_ptrs || !p->threads || !p->links) {
+        ar_free(acts);
+        return AR_ENOMEM;
+    }
+    int rc = AR_OK, at = 0;
+    for (int s = 0; s < S && rc == AR_OK; s++) {
+        int slots = ar_schedule_build(schedule, S, s, M, acts);
+        int g = plan->group_size[s] > 1 ? plan->group_size[s] : 0;
+        p->rank_first[s] = at;
+        p->rank_count[s] = g;
+        if (g) {
+            /* the stage's blocks, split by the members' speed */
+            int b0 = plan->first[s] < 1 ? 1 : plan->first[s];
+            int b1 = plan->last[s] > spec->n_layer + 1 ? spec->n_layer + 1 : plan->last[s];
+            if (b1 <= b0) {
+                rc = ar_fail(AR_EINVAL, "stage %d (layers %d-%d) has no transformer block to split", s,
+                             plan->first[s], plan->last[s] - 1);
+                break;
+            }
+            double w[AR_PLAN_MAX_GROUP];
+            ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
+            for (int k = 0; k < g; k++)
+                w[k] = devs[plan->group[s][k]].gflops > 0 ? devs[plan->group[s][k]].gflops : 1;
+            if ((rc = ar_tp_split(spec->n_head, g, w, heads)) != AR_OK ||
+                (rc = ar_tp_split(4 * spec->n_embd, g, w, hidden)) != AR_OK)
+                break;
+            for (int k = 0; k < g && rc == AR_OK; k++) {
+                ar_range hr[AR_MAX_LAYERS], ur[AR_MAX_LAYERS];
+                for (int b = 0; b < b1 - b0; b++) {
+                    hr[b] = heads[k];
+                    ur[b] = hidden[k];
+                }
+                ar_local_rank *t = &ranks[at + k];
+                rc = ar_tp_rank_create(&t->rank, spec, b0 - 1, b1 - b0, hr, ur, max_B, slots, seed, optim);
+                char name[64];
+                snprintf(name, sizeof name, "stage %d rank %d", s, k);
+                if (rc == AR_OK)
+                    rc = ar_link_local_pair(&links[at + k], &t->link, name, "leader");
+                if (rc == AR_OK) {
+                    if (pthread_create(&t->thread, NULL, rank_main, t) != 0)
+                        rc = ar_fail(AR_ENOMEM, "cannot start a rank thread");
+                    else
+                        t->started = 1;
+                }
+                p->nranks = at + k + 1;
+            }
+            at += g;
+        }
+        if (rc == AR_OK)
+            rc = ar_stage_create_tp(&p->stages[s], spec, plan->first[s], plan->last[s], max_B, slots, seed,
+                                    optim, g ? links + p->rank_first[s] : NULL, g);
+        if (rc == AR_OK) {
+            p->stage_ptrs[s] = &p->stages[s];
+            p->S = s + 1;
+        }
+    }
+    ar_free(acts);
+    return rc;
+}
+
+/* which: 0 data, 2 m, 3 v (as in ar_block_shard_*) */
+static float *param_buffer(ar_param *q, int which)
+{
+    return which == 0 ? q->data : which == 2 ? q->m : q->v;
+}
+
+static int transfer_full(ar_local_pipeline *p, ar_stage *full, int to_full)
+{
+    for (int s = 0; s < p->S; s++) {
+        ar_stage *st = &p->stages[s], *f = &full[s];
+        if (f->first != st->first || f->last != st->last)
+            return ar_fail(AR_EINTERNAL, "stage %d: full copy holds other layers", s);
+        for (int i = 0; i < st->nparams; i++) {
+            ar_param *a = st->params[i], *b = ar_stage_find_param(f, a->name);
+            if (!b || b->numel != a->numel)
+                return ar_fail(AR_EINTERNAL, "stage %d: no full %s", s, a->name);
+            for (int w = 0; w <= 3; w++) {
+                if (w == 1)
+                    continue;
+                if (to_full)
+                    memcpy(param_buffer(b, w), param_buffer(a, w), (size_t)a->numel * sizeof(float));
+                else
+                    memcpy(param_buffer(a, w), param_buffer(b, w), (size_t)a->numel * sizeof(float));
+            }
+        }
+        if (st->has_tied_copy && f->has_tied_copy) {
+            if (to_full)
+                memcpy(f->tied_copy.data, st->tied_copy.data, (size_t)st->tied_copy.numel * sizeof(float));
+            else
+                memcpy(st->tied_copy.data, f->tied_copy.data, (size_t)st->tied_copy.numel * sizeof(float));
+        }
+        if (to_full)
+            f->opt_step = st->opt_step;
+        else
+            st->opt_step = f->opt_step;
+        for (int k = 0; k < p->rank_count[s]; k++) {
+            ar_tp_rank *r = &p->ranks[p->rank_first[s] + k].rank;
+            for (int b = 0; b < r->nblocks; b++) {
+                int unit = 1 + r->first_block + b;
+                ar_layer *layer = f->layers[unit - f->first];
+                for (int w = 0; w <= 3; w++) {
+                    if (w == 1)
+                        continue;
+                    if (to_full)
+                        ar_block_shard_to_full(&r->shards[b], layer, w);
+                    else
+                        ar_block_shard_from_full(&r->shards[b], layer, w);
+                }
+            }
+            if (!to_full)
+                r->opt_step = f->opt_step;
+        }
+    }
+    return AR_OK;
+}
+
+int ar_local_to_full(ar_local_pipeline *p, ar_stage *full)
+{
+    return transfer_full(p, full, 1);
+}
+
+int ar_local_from_full(ar_local_pipeline *p, ar_stage *full)
+{
+    return transfer_full(p, full, 0);
+}
+
 int ar_local_start(ar_local_pipeline *p, int schedule, uint64_t seed, int threads_per_stage)
 {
     int S = p->S;
@@ -121,6 +289,20 @@ void ar_local_destroy(ar_local_pipeline *p)
             pthread_join(p->threads[i].thread, NULL);
     for (int i = 0; p->links && i < 2 * p->S; i++)
         ar_link_destroy(p->links[i]);
+    for (int i = 0; i < p->nranks; i++) {
+        ar_local_rank *t = &p->ranks[i];
+        if (t->started) {
+            ar_frame stop = {.kind = AR_FRAME_TP};
+            stop.scalars[0] = AR_TP_STOP;
+            ar_link_send(p->rank_links[i], &stop);
+            pthread_join(t->thread, NULL);
+        }
+        ar_link_destroy(p->rank_links[i]);
+        ar_link_destroy(t->link);
+        ar_tp_rank_destroy(&t->rank);
+    }
+    ar_free(p->ranks);
+    ar_free(p->rank_links);
     for (int i = 0; p->stages && i < p->S; i++)
         ar_stage_destroy(&p->stages[i]);
     ar_free(p->stages);

@@ -2,6 +2,8 @@
  * hand, and the two quick device measurements (see plan.h). */
 #include "train/plan.h"
 
+#include "nn/tp.h"
+
 #include "core/blas.h"
 #include "core/core.h"
 #include "nn/layer.h"
@@ -9,6 +11,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- unit costs ----------------------------------------------------------- */
@@ -403,7 +406,40 @@ static int parse_unit(const char *text, const char **s, int *v)
     return AR_OK;
 }
 
+/* One device reference of a group: an index or a device's name. */
+static int parse_device(const char *text, const char **s, const ar_device *devs, int ndev, int *out)
+{
+    const char *start = *s;
+    size_t n = strcspn(start, "+,");
+    while (n > 0 && start[n - 1] == ' ')
+        n--;
+    if (n == 0)
+        return ar_fail(AR_EINVAL, "plan \"%s\": a device is missing after '@' or '+'", text);
+    int digits = 1;
+    for (size_t i = 0; i < n; i++)
+        digits &= start[i] >= '0' && start[i] <= '9';
+    *out = -1;
+    if (digits && n < 6) {
+        *out = atoi(start);
+    } else if (devs) {
+        for (int d = 0; d < ndev; d++)
+            if (strlen(devs[d].name) == n && strncmp(devs[d].name, start, n) == 0)
+                *out = d;
+    }
+    if (*out < 0 || *out >= ndev)
+        return ar_fail(AR_EINVAL, "plan \"%s\": no device \"%.*s\" (give an index 0-%d or a name from --workers)",
+                       text, (int)n, start, ndev - 1);
+    *s = start + strcspn(start, "+,");
+    return AR_OK;
+}
+
 int ar_plan_parse(const char *text, int nunits, int ndev, ar_plan *out)
+{
+    return ar_plan_parse_devices(text, nunits, NULL, ndev, out);
+}
+
+int ar_plan_parse_devices(const char *text, int nunits, const ar_device *devs, int ndev,
+                          ar_plan *out)
 {
     if (!text || !out || nunits < 1)
         return ar_fail(AR_EINVAL, "plan parse: bad arguments");
@@ -436,6 +472,29 @@ int ar_plan_parse(const char *text, int nunits, int ndev, ar_plan *out)
             return ar_fail(AR_EINVAL, "plan \"%s\": more stages than the %d devices", text,
                            ndev < AR_PLAN_MAX_STAGES ? ndev : AR_PLAN_MAX_STAGES);
         out->device[idx] = idx;
+        out->group[idx][0] = idx;
+        out->group_size[idx] = 1;
+        if (*s == '@') {
+            out->group_size[idx] = 0;
+            do {
+                s++;
+                if (out->group_size[idx] >= AR_PLAN_MAX_GROUP)
+                    return ar_fail(AR_EINVAL, "plan \"%s\": stage %d has more than %d devices", text,
+                                   idx, AR_PLAN_MAX_GROUP);
+                int d = -1;
+                if ((rc = parse_device(text, &s, devs, ndev, &d)) != AR_OK)
+                    return rc;
+                out->group[idx][out->group_size[idx]++] = d;
+            } while (*s == '+');
+            out->device[idx] = out->group[idx][0];
+        }
+        /* every device in one place only */
+        for (int g = 0; g < out->group_size[idx]; g++)
+            for (int t = 0; t <= idx; t++)
+                for (int h = 0; h < (t == idx ? g : out->group_size[t]); h++)
+                    if (out->group[t][h] == out->group[idx][g])
+                        return ar_fail(AR_EINVAL, "plan \"%s\": device %d is used twice", text,
+                                       out->group[idx][g]);
         out->first[idx] = a;
         out->last[idx] = b + 1;
         out->nstages++;
@@ -482,7 +541,17 @@ int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar
     p->bubble = (double)(S - 1) / (double)(micro_batches + S - 1);
     rc = AR_OK;
     for (int s = 0; s < S; s++) {
-        const ar_device *d = &devs[p->device[s]];
+        /* a tensor-parallel group counts as one device with the members'
+         * speed and memory added up (the extra transfers are not priced yet) */
+        ar_device group = devs[p->device[s]];
+        for (int g = 1; g < p->group_size[s] && g < AR_PLAN_MAX_GROUP; g++) {
+            int m = p->group[s][g];
+            if (m < 0 || m >= ndev)
+                return ar_fail(AR_EINVAL, "plan stage %d names device %d of %d", s, m, ndev);
+            group.gflops += devs[m].gflops;
+            group.mem_bytes = group.mem_bytes > 0 && devs[m].mem_bytes > 0 ? group.mem_bytes + devs[m].mem_bytes : 0;
+        }
+        const ar_device *d = &group;
         int slots = ar_plan_slots(schedule, S, s, micro_batches);
         stage_acc acc = {0};
         for (int u = p->first[s]; u < p->last[s]; u++)
@@ -532,6 +601,17 @@ static void range_name(const ar_model_spec *spec, int first, int last, char *buf
         snprintf(buf, n, "%s %d-%d", spec ? "linear" : "units", first, last - 1);
 }
 
+/* "A" or, for a tensor-parallel group, "A+B". */
+static void device_label(const ar_plan *p, const ar_device *devs, int s, char *buf, size_t n)
+{
+    buf[0] = '\0';
+    int g = p->group_size[s] > 0 ? p->group_size[s] : 1;
+    for (int i = 0; i < g; i++) {
+        size_t at = strlen(buf);
+        snprintf(buf + at, n - at, "%s%.63s", i ? "+" : "", devs[i == 0 ? p->device[s] : p->group[s][i]].name);
+    }
+}
+
 void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_unit_cost *costs,
                    const ar_model_spec *spec)
 {
@@ -539,7 +619,9 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
     int wdev = 6, wlay = 6;
     for (int s = 0; s < p->nstages; s++) {
         range_name(spec, p->first[s], p->last[s], names[s], sizeof names[s]);
-        int l = (int)strlen(names[s]), d = (int)strnlen(devs[p->device[s]].name, 63);
+        char dev[192];
+        device_label(p, devs, s, dev, sizeof dev);
+        int l = (int)strlen(names[s]), d = (int)strlen(dev);
         wlay = l > wlay ? l : wlay;
         wdev = d > wdev ? d : wdev;
     }
@@ -550,8 +632,23 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
         double params = 0;
         for (int u = p->first[s]; u < p->last[s]; u++)
             params += costs[u].param_bytes;
-        fprintf(out, "%-5d  %-*.63s  %-*s  %9.2f  %9.1f  %14.3f\n", s, wdev, devs[p->device[s]].name,
-                wlay, names[s], params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3);
+        char dev[192];
+        device_label(p, devs, s, dev, sizeof dev);
+        fprintf(out, "%-5d  %-*s  %-*s  %9.2f  %9.1f  %14.3f\n", s, wdev, dev, wlay, names[s],
+                params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3);
+        if (p->group_size[s] > 1 && spec && spec->type == AR_MODEL_GPT) {
+            /* each member's share, in proportion to its speed */
+            ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
+            double w[AR_PLAN_MAX_GROUP];
+            for (int g = 0; g < p->group_size[s]; g++)
+                w[g] = devs[p->group[s][g]].gflops > 0 ? devs[p->group[s][g]].gflops : 1;
+            if (ar_tp_split(spec->n_head, p->group_size[s], w, heads) == AR_OK &&
+                ar_tp_split(4 * spec->n_embd, p->group_size[s], w, hidden) == AR_OK)
+                for (int g = 0; g < p->group_size[s]; g++)
+                    fprintf(out, "       %.63s: heads %d-%d, hidden units %d-%d of each block\n",
+                            devs[p->group[s][g]].name, heads[g].begin, heads[g].end - 1,
+                            hidden[g].begin, hidden[g].end - 1);
+        }
         slowest = max_d(slowest, p->stage_time[s]);
     }
     fprintf(out, "predicted bubble %.1f%% (%d stages, %d micro-batches, %s); slowest stage %.3f ms per micro-batch\n",

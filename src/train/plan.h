@@ -18,6 +18,7 @@
 #define AR_PLAN_MAX_DEVICES 64
 /* bytes/s assumed for a device whose bandwidth is 0 (same machine: loopback) */
 #define AR_PLAN_DEFAULT_BANDWIDTH 1.5e9
+#define AR_PLAN_MAX_GROUP 8
 
 /* What one unit costs, per micro-batch of mb_rows rows. Memory matches what
  * ar_stage_create allocates for a stage holding the unit. */
@@ -57,6 +58,10 @@ typedef struct {
     double stage_time[AR_PLAN_MAX_STAGES];     /* predicted s per micro-batch: compute + output transfer */
     double stage_mem[AR_PLAN_MAX_STAGES];      /* predicted bytes */
     double bubble;                             /* predicted bubble fraction (S-1)/(M+S-1) */
+    /* tensor parallelism: stage s is computed by group_size[s] devices,
+     * group[s][0] (== device[s]) leading; 1 for a plain stage */
+    int group_size[AR_PLAN_MAX_STAGES];
+    int group[AR_PLAN_MAX_STAGES][AR_PLAN_MAX_GROUP];
     int micro_batches;                         /* M and the schedule the plan was priced for */
     int schedule;                              /* enum ar_schedule_kind */
 } ar_plan;
@@ -80,6 +85,11 @@ int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, i
  * i; "4" is "4-4". The ranges must be contiguous and cover 0..nunits-1, with
  * no more stages than devices. Times and memory are left 0 (ar_plan_estimate). */
 int ar_plan_parse(const char *text, int nunits, int ndev, ar_plan *out);
+/* The same, where a stage may name its devices: "0-3@A+B,4-5@C" puts layers
+ * 0-3 on a tensor-parallel group of devices A and B (A leads) and 4-5 on C.
+ * A device is its index in devs or its name (devs may be NULL: indices only). */
+int ar_plan_parse_devices(const char *text, int nunits, const ar_device *devs, int ndev,
+                          ar_plan *out);
 
 /* Fill stage_time, stage_mem, bubble (and micro_batches, schedule) of a plan.
  * Returns AR_ELIMIT, after filling everything, when a stage does not fit in

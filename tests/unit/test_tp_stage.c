@@ -84,8 +84,25 @@ static void check(int R)
     ar_stage tp;
     cr_assert_eq(ar_stage_create_tp(&tp, &spec, 0, units, B, 1, seed, &adamw, ends, R), AR_OK, "%s",
                  ar_last_error());
-    /* the leader holds only the unsplit parts of the blocks */
-    cr_expect_lt(tp.param_floats, one.param_floats);
+    /* memory: the leader holds only the unsplit parts of the blocks, each
+     * rank only its slices, and together they hold the model once */
+    long ranks_total = 0, biggest = 0, smallest = -1;
+    for (int r = 0; r < R; r++) {
+        long n = rt[r].rank.param_floats;
+        ranks_total += n;
+        biggest = n > biggest ? n : biggest;
+        smallest = smallest < 0 || n < smallest ? n : smallest;
+    }
+    cr_expect_eq(tp.param_floats + ranks_total, one.param_floats, "leader %ld + ranks %ld != %ld",
+                 tp.param_floats, ranks_total, one.param_floats);
+    /* no rank holds more than its share of heads and units, rounded up:
+     * per head HS rows of q, k, v (+ biases) and HS columns of the
+     * projection; per unit a row of c_fc (+ bias) and a column of c_proj */
+    long C = spec.n_embd, HS = C / spec.n_head;
+    long heads_up = (spec.n_head + R - 1) / R, units_up = (4 * C + R - 1) / R;
+    long bound = spec.n_layer * (heads_up * HS * (4 * C + 3) + units_up * (2 * C + 1));
+    cr_expect_leq(biggest, bound, "a rank holds %ld floats, its share is at most %ld", biggest, bound);
+    cr_expect_gt(smallest, 0);
 
     ar_rng rng;
     ar_rng_seed(&rng, 11);
