@@ -53,3 +53,7 @@ int ar_cmd_ledger(int argc, char **argv);
 void ar_help_ledger(void);
 
 #endif
+int ar_cmd_jobs(int argc, char **argv);
+void ar_help_jobs(void);
+int ar_cmd_job(int argc, char **argv);
+void ar_help_job(void);

@@ -14,6 +14,8 @@ static const ar_command commands[] = {
     {"market", "run the market server; add-account creates an account", ar_cmd_market, ar_help_market},
     {"providers", "list the providers online at a market", ar_cmd_providers, ar_help_providers},
     {"ledger", "print your credit ledger and balance at a market", ar_cmd_ledger, ar_help_ledger},
+    {"jobs", "list your training jobs at a market", ar_cmd_jobs, ar_help_jobs},
+    {"job", "show one job: status, step, credits spent, loss curve", ar_cmd_job, ar_help_job},
 };
 
 static void usage(FILE *out)

@@ -364,3 +364,157 @@ int ar_cmd_ledger(int argc, char **argv)
     free(rows);
     return 0;
 }
+
+/* ---- the clients: arceus jobs, arceus job ID ------------------------------------------------ */
+
+static const char *utc_str(int64_t unix_s, char *buf, size_t size)
+{
+    time_t t = (time_t)unix_s;
+    struct tm tm;
+    snprintf(buf, size, "?");
+    if (gmtime_r(&t, &tm))
+        strftime(buf, size, "%Y-%m-%d %H:%M:%S", &tm);
+    return buf;
+}
+
+void ar_help_jobs(void)
+{
+    printf("usage: arceus jobs --market HOST:PORT --token T\n"
+           "\n"
+           "List your account's training jobs at a market: id, status, completed\n"
+           "steps, credits spent, when each was created (UTC) and what it trains.\n"
+           "\n"
+           "options:\n"
+           "  --market HOST:PORT   the market (arceus market --listen ...)\n"
+           "  --token T            your account token (default: $ARCEUS_TOKEN)\n");
+}
+
+int ar_cmd_jobs(int argc, char **argv)
+{
+    client_opts o;
+    int rc = parse_client("jobs", argc, argv, &o, 0);
+    if (rc != 0)
+        return rc;
+    if (o.all) {
+        ar_cli_error("jobs", "unknown option --all (see arceus jobs --help)");
+        return 2;
+    }
+    ar_client *c;
+    if (ar_client_open(o.market, &c) != AR_OK) {
+        ar_cli_error("jobs", "%s", ar_last_error());
+        return 1;
+    }
+    ar_job *jobs;
+    size_t n;
+    rc = ar_market_jobs(c, o.token, &jobs, &n, NULL);
+    ar_client_close(c);
+    if (rc != AR_OK) {
+        ar_cli_error("jobs", "%s", ar_last_error());
+        return 1;
+    }
+    if (n == 0) {
+        printf("no jobs\n");
+    } else {
+        printf("%-6s %-10s %8s %20s %-20s %s\n", "ID", "STATUS", "STEP", "CREDITS SPENT", "CREATED (UTC)",
+               "SPEC");
+        for (size_t i = 0; i < n; i++) {
+            char spent[48], when[32];
+            printf("%-6lld %-10s %8lld %20s %-20s %s\n", (long long)jobs[i].id,
+                   ar_job_status_name(jobs[i].status), (long long)jobs[i].step,
+                   credits_str(jobs[i].spent, spent, sizeof spent),
+                   utc_str(jobs[i].created, when, sizeof when), jobs[i].spec ? jobs[i].spec : "");
+        }
+    }
+    ar_store_jobs_free(jobs, n);
+    return 0;
+}
+
+void ar_help_job(void)
+{
+    printf("usage: arceus job ID --market HOST:PORT --token T\n"
+           "\n"
+           "Show one of your jobs at a market: its status, completed steps, credits\n"
+           "spent and its training loss curve as a text sparkline (one character per\n"
+           "step, or per group of steps for a long run), from the losses the driver\n"
+           "reported step by step. Another account's job is refused.\n"
+           "\n"
+           "options:\n"
+           "  --market HOST:PORT   the market (arceus market --listen ...)\n"
+           "  --token T            your account token (default: $ARCEUS_TOKEN)\n");
+}
+
+#define SPARK_WIDTH 60
+
+/* The losses as at most SPARK_WIDTH characters of ▁▂▃▄▅▆▇█ (each the mean
+ * of its group of steps), scaled between the lowest and highest. */
+static void print_sparkline(const ar_job_point *p, size_t n)
+{
+    static const char *const bars[] = {"▁", "▂", "▃", "▄", "▅", "▆", "▇", "█"};
+    size_t w = n < SPARK_WIDTH ? n : SPARK_WIDTH;
+    double v[SPARK_WIDTH], lo = 0, hi = 0;
+    for (size_t i = 0; i < w; i++) {
+        size_t a = i * n / w, b = (i + 1) * n / w;
+        double s = 0;
+        for (size_t k = a; k < b; k++)
+            s += p[k].loss;
+        v[i] = s / (double)(b - a);
+        if (i == 0 || v[i] < lo)
+            lo = v[i];
+        if (i == 0 || v[i] > hi)
+            hi = v[i];
+    }
+    for (size_t i = 0; i < w; i++) {
+        int k = hi > lo ? (int)((v[i] - lo) / (hi - lo) * 7.0 + 0.5) : 0;
+        fputs(bars[k < 0 ? 0 : k > 7 ? 7 : k], stdout);
+    }
+    putchar('\n');
+}
+
+int ar_cmd_job(int argc, char **argv)
+{
+    client_opts o;
+    int rc = parse_client("job", argc, argv, &o, 1);
+    if (rc != 0)
+        return rc;
+    char *end = NULL;
+    long long id = o.account ? strtoll(o.account, &end, 10) : 0;
+    if (!o.account || !*o.account || *end || id < 1) {
+        ar_cli_error("job", "expects a job id (a number from arceus jobs), got \"%s\"",
+                     o.account ? o.account : "");
+        return 2;
+    }
+    ar_client *c;
+    if (ar_client_open(o.market, &c) != AR_OK) {
+        ar_cli_error("job", "%s", ar_last_error());
+        return 1;
+    }
+    ar_job job;
+    ar_job_point *pts;
+    size_t n;
+    rc = ar_market_job(c, o.token, (int64_t)id, &job, &pts, &n, NULL);
+    ar_client_close(c);
+    if (rc != AR_OK) {
+        ar_cli_error("job", "%s", ar_last_error());
+        return 1;
+    }
+    char spent[48], cap[48], when[32];
+    printf("job %lld\n", (long long)job.id);
+    printf("  status:   %s\n", ar_job_status_name(job.status));
+    printf("  step:     %lld\n", (long long)job.step);
+    printf("  spent:    %s credits", credits_str(job.spent, spent, sizeof spent));
+    if (job.max_credits > 0)
+        printf(" (of at most %s)", credits_str(job.max_credits, cap, sizeof cap));
+    printf("\n  created:  %s UTC\n", utc_str(job.created, when, sizeof when));
+    printf("  spec:     %s\n", job.spec ? job.spec : "");
+    if (n == 0) {
+        printf("  loss:     none reported yet\n");
+    } else {
+        printf("  loss:     %.4f (step %lld) -> %.4f (step %lld), %zu steps reported\n", pts[0].loss,
+               (long long)pts[0].step + 1, pts[n - 1].loss, (long long)pts[n - 1].step + 1, n);
+        printf("  curve:    ");
+        print_sparkline(pts, n);
+    }
+    ar_free(pts);
+    ar_store_job_clear(&job);
+    return 0;
+}

@@ -44,7 +44,7 @@
 #define AR_REASON_MAX 32
 
 /* The schema version this build creates and migrates to. */
-#define AR_STORE_SCHEMA_VERSION 2
+#define AR_STORE_SCHEMA_VERSION 3
 
 typedef struct ar_store ar_store;
 
@@ -146,6 +146,19 @@ int ar_store_job_get(ar_store *s, int64_t job_id, ar_job *out);
 int ar_store_job_list(ar_store *s, int64_t renter_id, ar_job **out, size_t *n);
 void ar_store_job_clear(ar_job *j);
 void ar_store_jobs_free(ar_job *jobs, size_t n);
+
+/* One point of a job's loss curve, as its driver reported it. */
+typedef struct {
+    int64_t step; /* the completed step (0-based) */
+    double loss;
+} ar_job_point;
+
+/* The training loss of `step` of a job (a step reported again replaces its
+ * loss: a run resumed from a checkpoint redoes steps). AR_EINVAL for a
+ * negative step or a loss that is not finite, AR_ENOTFOUND for no job. */
+int ar_store_job_progress_record(ar_store *s, int64_t job_id, int64_t step, double loss);
+/* A job's reported losses by step; *out is freed with ar_free. */
+int ar_store_job_progress(ar_store *s, int64_t job_id, ar_job_point **out, size_t *n);
 
 /* ---- leases ---------------------------------------------------------------- */
 

@@ -34,6 +34,7 @@
 #include "core/core.h"
 
 #include <inttypes.h>
+#include <math.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
@@ -135,6 +136,13 @@ static const char *const migrations[] = {
     "  BEGIN SELECT RAISE(ABORT, 'ledger rows are append-only'); END;"
     "CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger"
     "  BEGIN SELECT RAISE(ABORT, 'ledger rows are append-only'); END;",
+    /* 3: each job's training loss per step, as the driver reports it */
+    "CREATE TABLE job_progress ("
+    "  job_id INTEGER NOT NULL REFERENCES jobs(id),"
+    "  step INTEGER NOT NULL,"
+    "  loss REAL NOT NULL,"
+    "  created INTEGER NOT NULL,"
+    "  PRIMARY KEY (job_id, step));",
 };
 _Static_assert(sizeof migrations / sizeof migrations[0] == AR_STORE_SCHEMA_VERSION,
                "one migration per schema version");
@@ -1048,6 +1056,53 @@ int ar_store_job_list(ar_store *s, int64_t renter_id, ar_job **out, size_t *n)
     unlock(s);
     if (rc < 0) {
         ar_store_jobs_free(arr, cnt);
+        return rc;
+    }
+    *out = arr;
+    *n = cnt;
+    return AR_OK;
+}
+
+int ar_store_job_progress_record(ar_store *s, int64_t job_id, int64_t stepno, double loss)
+{
+    if (stepno < 0 || !isfinite(loss))
+        return ar_fail(AR_EINVAL, "bad progress: step %" PRId64 ", loss %g", stepno, loss);
+    lock(s);
+    int64_t id;
+    int rc = query_i64(s, &id, "SELECT id FROM jobs WHERE id = ?", "i", job_id);
+    if (rc == AR_ENOTFOUND)
+        rc = ar_fail(rc, "no job %" PRId64, job_id);
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT OR REPLACE INTO job_progress (job_id, step, loss, created) VALUES (?, ?, ?, ?)",
+                 "iidi", job_id, stepno, loss, now_s());
+    unlock(s);
+    return rc;
+}
+
+int ar_store_job_progress(ar_store *s, int64_t job_id, ar_job_point **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    ar_job_point *arr = NULL;
+    size_t cap = 0, cnt = 0;
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st, "SELECT step, loss FROM job_progress WHERE job_id = ? ORDER BY step", "i",
+                  job_id);
+    if (rc == 0) {
+        while ((rc = step(s, st)) > 0) {
+            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
+                break;
+            arr[cnt].step = sqlite3_column_int64(st, 0);
+            arr[cnt].loss = sqlite3_column_double(st, 1);
+            cnt++;
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    if (rc < 0) {
+        ar_free(arr);
         return rc;
     }
     *out = arr;

@@ -694,6 +694,11 @@ static void on_report(ar_rpc *rpc, void *user)
         if (res != AR_USAGE_DUP && ar_store_cost(u->flops, price[i], &cost) == AR_OK)
             paid += cost;
     }
+    if (req->has_loss && isfinite(req->loss) &&
+        (rc = ar_store_job_progress_record(m->store, lease.job_id, req->step, req->loss)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
     ar_job job;
     int64_t balance = 0;
     if ((rc = ar_store_job_update(m->store, lease.job_id, AR_JOB_RUNNING, req->step + 1)) != AR_OK ||
@@ -753,6 +758,122 @@ static void on_release(ar_rpc *rpc, void *user)
     reply(rpc, &r.base);
 out:
     arceus__release_lease_request__free_unpacked(req, NULL);
+}
+
+/* ---- server: jobs --------------------------------------------------------------- */
+
+static void job_info(const ar_job *j, Arceus__JobInfo *ji)
+{
+    Arceus__JobInfo x = ARCEUS__JOB_INFO__INIT;
+    x.id = j->id;
+    x.status = (char *)ar_job_status_name(j->status);
+    x.spec = j->spec ? j->spec : "";
+    x.created = j->created;
+    x.step = j->step;
+    x.max_credits = j->max_credits;
+    x.spent = j->spent;
+    *ji = x;
+}
+
+static void on_list_jobs(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__ListJobsRequest *req =
+        (Arceus__ListJobsRequest *)read_request(rpc, &arceus__list_jobs_request__descriptor);
+    if (!req)
+        return;
+    int64_t account;
+    ar_job *jobs = NULL;
+    size_t n = 0;
+    Arceus__JobInfo *ji = NULL, **ptrs = NULL;
+    if (authenticate(m, rpc, req->token, &account) != 0)
+        goto out;
+    int rc = ar_store_job_list(m->store, account, &jobs, &n);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    ji = calloc(n ? n : 1, sizeof *ji);
+    ptrs = calloc(n ? n : 1, sizeof *ptrs);
+    if (!ji || !ptrs) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        job_info(&jobs[i], &ji[i]);
+        ptrs[i] = &ji[i];
+    }
+    Arceus__ListJobsReply r = ARCEUS__LIST_JOBS_REPLY__INIT;
+    r.n_jobs = n;
+    r.jobs = ptrs;
+    reply(rpc, &r.base);
+out:
+    free(ji);
+    free(ptrs);
+    ar_store_jobs_free(jobs, n);
+    arceus__list_jobs_request__free_unpacked(req, NULL);
+}
+
+static void on_get_job(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__GetJobRequest *req =
+        (Arceus__GetJobRequest *)read_request(rpc, &arceus__get_job_request__descriptor);
+    if (!req)
+        return;
+    int64_t account;
+    ar_job job = {0};
+    ar_job_point *pts = NULL;
+    size_t n = 0;
+    Arceus__LossPoint *lp = NULL, **ptrs = NULL;
+    if (authenticate(m, rpc, req->token, &account) != 0)
+        goto out;
+    int rc = ar_store_job_get(m->store, req->job_id, &job);
+    if (rc == AR_ENOTFOUND) {
+        ar_rpc_finish(rpc, AR_STATUS_NOT_FOUND, "no job %lld", (long long)req->job_id);
+        goto out;
+    }
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    if (job.renter_id != account) {
+        ar_log(AR_LOG_WARN, "market: account %lld asked for job %lld of another account: refused",
+               (long long)account, (long long)req->job_id);
+        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED, "job %lld belongs to another account",
+                      (long long)req->job_id);
+        goto out;
+    }
+    if ((rc = ar_store_job_progress(m->store, job.id, &pts, &n)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    lp = calloc(n ? n : 1, sizeof *lp);
+    ptrs = calloc(n ? n : 1, sizeof *ptrs);
+    if (!lp || !ptrs) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        Arceus__LossPoint x = ARCEUS__LOSS_POINT__INIT;
+        x.step = pts[i].step;
+        x.loss = pts[i].loss;
+        lp[i] = x;
+        ptrs[i] = &lp[i];
+    }
+    Arceus__JobInfo ji;
+    job_info(&job, &ji);
+    Arceus__GetJobReply r = ARCEUS__GET_JOB_REPLY__INIT;
+    r.job = &ji;
+    r.n_losses = n;
+    r.losses = ptrs;
+    reply(rpc, &r.base);
+out:
+    free(lp);
+    free(ptrs);
+    ar_free(pts);
+    ar_store_job_clear(&job);
+    arceus__get_job_request__free_unpacked(req, NULL);
 }
 
 static void on_check_lease(ar_rpc *rpc, void *user)
@@ -874,6 +995,8 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     ar_server_handle(m->server, "/arceus.Market/ReportUsage", on_report, m);
     ar_server_handle(m->server, "/arceus.Market/ReleaseLease", on_release, m);
     ar_server_handle(m->server, "/arceus.Market/CheckLease", on_check_lease, m);
+    ar_server_handle(m->server, "/arceus.Market/ListJobs", on_list_jobs, m);
+    ar_server_handle(m->server, "/arceus.Market/GetJob", on_get_job, m);
     if (pthread_create(&m->sweeper, NULL, sweep_main, m) != 0) {
         ar_market_stop(m);
         return ar_fail(AR_EINTERNAL, "cannot start the offline sweep thread");
@@ -1120,6 +1243,13 @@ int ar_market_report(ar_client *c, const char *lease_token, int64_t step,
                      const ar_market_stage_usage *u, size_t n, int64_t *paid, int64_t *spent,
                      int64_t *balance, int *status)
 {
+    return ar_market_report_loss(c, lease_token, step, NAN, u, n, paid, spent, balance, status);
+}
+
+int ar_market_report_loss(ar_client *c, const char *lease_token, int64_t step, double loss,
+                          const ar_market_stage_usage *u, size_t n, int64_t *paid,
+                          int64_t *spent, int64_t *balance, int *status)
+{
     if (n > AR_MARKET_MAX_DEVICES)
         return ar_fail(AR_EINVAL, "%zu stages: at most %d", n, AR_MARKET_MAX_DEVICES);
     Arceus__StageUsage su[AR_MARKET_MAX_DEVICES], *sp[AR_MARKET_MAX_DEVICES];
@@ -1136,6 +1266,10 @@ int ar_market_report(ar_client *c, const char *lease_token, int64_t step,
     req.step = step;
     req.n_stages = n;
     req.stages = sp;
+    if (isfinite(loss)) {
+        req.has_loss = true;
+        req.loss = loss;
+    }
     ProtobufCMessage *rep;
     int rc = call(c, "/arceus.Market/ReportUsage", &req.base, &arceus__report_usage_reply__descriptor, &rep,
                   status);
@@ -1186,4 +1320,84 @@ int ar_market_check_lease(ar_client *c, const char *token, const char *lease_tok
         *job_id = ((Arceus__CheckLeaseReply *)rep)->job_id;
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;
+}
+
+static int job_from(const Arceus__JobInfo *ji, ar_job *j)
+{
+    memset(j, 0, sizeof *j);
+    j->id = ji->id;
+    if (ar_job_status_parse(ji->status, &j->status) != AR_OK)
+        return ar_fail(AR_EPROTO, "market: job %lld has status '%.32s'", (long long)ji->id, ji->status);
+    j->spec = strdup(ji->spec ? ji->spec : "");
+    if (!j->spec)
+        return ar_fail(AR_ENOMEM, "out of memory");
+    j->created = ji->created;
+    j->step = ji->step;
+    j->max_credits = ji->max_credits;
+    j->spent = ji->spent;
+    return AR_OK;
+}
+
+int ar_market_jobs(ar_client *c, const char *token, ar_job **out, size_t *n, int *status)
+{
+    *out = NULL;
+    *n = 0;
+    Arceus__ListJobsRequest req = ARCEUS__LIST_JOBS_REQUEST__INIT;
+    req.token = (char *)token;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/ListJobs", &req.base, &arceus__list_jobs_reply__descriptor, &rep,
+                  status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__ListJobsReply *r = (Arceus__ListJobsReply *)rep;
+    ar_job *jobs = calloc(r->n_jobs ? r->n_jobs : 1, sizeof *jobs);
+    if (!jobs)
+        rc = ar_fail(AR_ENOMEM, "out of memory");
+    size_t cnt = 0;
+    for (; rc == AR_OK && cnt < r->n_jobs; cnt++)
+        rc = job_from(r->jobs[cnt], &jobs[cnt]);
+    protobuf_c_message_free_unpacked(rep, NULL);
+    if (rc != AR_OK) {
+        ar_store_jobs_free(jobs, cnt);
+        return rc;
+    }
+    *out = jobs;
+    *n = cnt;
+    return AR_OK;
+}
+
+int ar_market_job(ar_client *c, const char *token, int64_t job_id, ar_job *job,
+                  ar_job_point **points, size_t *n, int *status)
+{
+    memset(job, 0, sizeof *job);
+    *points = NULL;
+    *n = 0;
+    Arceus__GetJobRequest req = ARCEUS__GET_JOB_REQUEST__INIT;
+    req.token = (char *)token;
+    req.job_id = job_id;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/GetJob", &req.base, &arceus__get_job_reply__descriptor, &rep, status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__GetJobReply *r = (Arceus__GetJobReply *)rep;
+    ar_job_point *pts = NULL;
+    if (!r->job)
+        rc = ar_fail(AR_EPROTO, "market %s: GetJob without a job", ar_client_addr(c));
+    if (rc == AR_OK)
+        rc = job_from(r->job, job);
+    if (rc == AR_OK && !(pts = calloc(r->n_losses ? r->n_losses : 1, sizeof *pts)))
+        rc = ar_fail(AR_ENOMEM, "out of memory");
+    for (size_t i = 0; rc == AR_OK && i < r->n_losses; i++) {
+        pts[i].step = r->losses[i]->step;
+        pts[i].loss = r->losses[i]->loss;
+    }
+    if (rc == AR_OK) {
+        *points = pts;
+        *n = r->n_losses;
+    } else {
+        free(pts);
+        ar_store_job_clear(job);
+    }
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return rc;
 }

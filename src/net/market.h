@@ -122,6 +122,11 @@ typedef struct {
 int ar_market_report(ar_client *c, const char *lease_token, int64_t step,
                      const ar_market_stage_usage *u, size_t n, int64_t *paid, int64_t *spent,
                      int64_t *balance, int *status);
+/* ar_market_report with the step's training loss, which the market keeps as
+ * the job's loss curve (`arceus job ID`); a NaN loss sends none. */
+int ar_market_report_loss(ar_client *c, const char *lease_token, int64_t step, double loss,
+                          const ar_market_stage_usage *u, size_t n, int64_t *paid,
+                          int64_t *spent, int64_t *balance, int *status);
 /* status_name: "done", "failed" or "cancelled"; steps: completed steps. */
 int ar_market_release(ar_client *c, const char *lease_token, const char *status_name,
                       int64_t steps, int64_t *spent, int *status);
@@ -129,5 +134,15 @@ int ar_market_release(ar_client *c, const char *lease_token, const char *status_
  * account of `token`); AR_EPROTO with the market's reason otherwise. */
 int ar_market_check_lease(ar_client *c, const char *token, const char *lease_token,
                           int64_t provider_id, int64_t *job_id, int *status);
+
+/* ---- jobs ------------------------------------------------------------------ */
+
+/* The jobs of the account of `token`, by id; *out is freed with
+ * ar_store_jobs_free (renter_id is 0). */
+int ar_market_jobs(ar_client *c, const char *token, ar_job **out, size_t *n, int *status);
+/* One job of the caller's and its reported losses (*points freed with
+ * ar_free); another account's job: AR_EPROTO, status PERMISSION_DENIED. */
+int ar_market_job(ar_client *c, const char *token, int64_t job_id, ar_job *job,
+                  ar_job_point **points, size_t *n, int *status);
 
 #endif

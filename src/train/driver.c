@@ -572,15 +572,17 @@ static int acquire_lease(run *r, long start_step)
     return AR_OK;
 }
 
-/* Pay for step `step` (0-based), just completed: each stage's FLOPs. */
-static int report_usage(run *r, long step)
+/* Pay for step `step` (0-based), just completed: each stage's FLOPs; its
+ * loss goes with it (the job's loss curve at the market). */
+static int report_usage(run *r, long step, double loss)
 {
     ar_market_stage_usage u[64];
     for (int i = 0; i < r->S; i++)
         u[i] = (ar_market_stage_usage){.stage = i, .provider_id = r->provider_ids[i], .flops = r->stage_flops[i]};
     int64_t spent = 0;
     int status = 0;
-    int rc = ar_market_report(r->market, r->lease.token, step, u, (size_t)r->S, NULL, &spent, NULL, &status);
+    int rc = ar_market_report_loss(r->market, r->lease.token, step, loss, u, (size_t)r->S, NULL, &spent,
+                                   NULL, &status);
     if (rc != AR_OK)
         return ar_fail(rc, "market %s: paying for step %ld: %s", r->c->market, step + 1, ar_last_error());
     r->spent = spent;
@@ -959,7 +961,7 @@ int ar_train_run(ar_train_config *c)
         float lr = ar_lr_at(step, c->lr, c->min_lr, c->warmup, c->steps);
         if ((rc = ar_chain_apply(r.head, step, lr, scale)) != AR_OK)
             break;
-        if (r.leased && (rc = report_usage(&r, step)) != AR_OK)
+        if (r.leased && (rc = report_usage(&r, step, res.loss)) != AR_OK)
             break;
         r.steps_done = step + 1;
         for (int i = 0; i < res.nstages && i < 64; i++) {

@@ -671,6 +671,36 @@ Test(market_store, jobs_create_update_list)
     ar_store_close(s);
 }
 
+Test(market_store, job_progress_keeps_the_loss_per_step)
+{
+    ar_store *s = open_db();
+    int64_t a = new_account(s, "a", 0);
+    int64_t j1 = new_job(s, a, 0), j2 = new_job(s, a, 0);
+    ar_job_point *pts = NULL;
+    size_t n = 9;
+    cr_assert_eq(ar_store_job_progress(s, j1, &pts, &n), 0);
+    cr_assert_eq(n, 0);
+    ar_free(pts);
+    /* out of order, one step redone after a resume, another job's apart */
+    cr_assert_eq(ar_store_job_progress_record(s, j1, 1, 2.0), 0, "%s", ar_last_error());
+    cr_assert_eq(ar_store_job_progress_record(s, j1, 0, 2.5), 0);
+    cr_assert_eq(ar_store_job_progress_record(s, j1, 2, 1.75), 0);
+    cr_assert_eq(ar_store_job_progress_record(s, j1, 1, 1.9), 0);
+    cr_assert_eq(ar_store_job_progress_record(s, j2, 0, 9.0), 0);
+    cr_assert_eq(ar_store_job_progress_record(s, 999, 0, 1.0), AR_ENOTFOUND);
+    cr_assert_eq(ar_store_job_progress_record(s, j1, -1, 1.0), AR_EINVAL);
+    cr_assert_eq(ar_store_job_progress_record(s, j1, 3, 0.0 / 0.0), AR_EINVAL);
+    cr_assert_eq(ar_store_job_progress(s, j1, &pts, &n), 0);
+    cr_assert_eq(n, 3);
+    const double want[] = {2.5, 1.9, 1.75};
+    for (size_t i = 0; i < 3; i++) {
+        cr_assert_eq(pts[i].step, (int64_t)i);
+        cr_assert_float_eq(pts[i].loss, want[i], 1e-12);
+    }
+    ar_free(pts);
+    ar_store_close(s);
+}
+
 /* ---- two writers ------------------------------------------------------------------ */
 
 enum { PER_THREAD = 200 };
