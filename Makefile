@@ -1,6 +1,7 @@
 MAKEFLAGS += --no-print-directory
 # Arceus build. `make` builds bin/arceus; `make test` runs every test;
-# `make bench` runs the benchmarks; `make demo` trains the default model.
+# `make bench` runs the benchmarks; `make demo` runs the market demo
+# (scripts/demo.sh), `make demo-local` trains the default model here.
 #
 # BUILD=release (default) or BUILD=asan (AddressSanitizer + UBSan, used by the tests).
 # WERROR=1 turns warnings into errors (CI sets it).
@@ -60,7 +61,7 @@ BIN := $(OUT)/arceus
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(OUT)/tests/%)
 
-.PHONY: all test unit e2e ref bench bench-quality demo clean deps
+.PHONY: all test unit e2e ref bench bench-quality demo demo-local clean deps
 # bin/arceus is always the release build (the ASan one stays in build/asan)
 ifeq ($(BUILD),release)
 all: $(BIN) bin/arceus
@@ -140,9 +141,16 @@ bench: deps
 	$(OUT)/bench/link_bench
 	$(PYTHON) bench/pipeline.py --arceus $(abspath $(BIN))
 
-# The main job: install what is missing, build, train the MLP on
-# Fashion-MNIST (Debian's dataset-fashion-mnist) and print the test accuracy.
-demo: deps
+# The market demo (scripts/demo.sh): install what is missing, build, start a
+# market, three providers and a renter on loopback, train the Fashion-MNIST
+# MLP across the three providers through the market, print the plan, the
+# accuracy, the ledger and the jobs, stop everything.
+demo:
+	@scripts/demo.sh
+
+# The single-machine demo: train the MLP on Fashion-MNIST (Debian's
+# dataset-fashion-mnist) here and print the test accuracy.
+demo-local: deps
 	$(MAKE) all
 	$(BIN) train --model configs/mlp-fashion.json --out runs/mlp-fashion
 

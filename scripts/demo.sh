@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# The market demo (`make demo`): on this machine's loopback, a market over a
+# fresh SQLite file, three providers renting out their "machines" and a renter
+# that trains the Fashion-MNIST MLP across the three through the market; then
+# everyone's ledger (balanced: the renter paid what the providers earned) and
+# the renter's jobs. Everything it starts is stopped when it ends, however it
+# ends.
+#
+# Environment:
+#   ARCEUS_BIN=PATH          use this binary (skips the build)
+#   ARCEUS_DEMO_SKIP_DEPS=1  do not run scripts/install-deps.sh
+#   ARCEUS_DEMO_STEPS=N      train N steps instead of one epoch (469)
+#   ARCEUS_DEMO_OUT=DIR      the checkpoint folder (runs/demo)
+#   ARCEUS_DEMO_DATA=DIR     Fashion-MNIST IDX folder (train's default:
+#                            /usr/share/datasets/fashion-mnist)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CREDITS=100                 # the renter's opening credits
+PRICES=(1 1.5 2)            # the providers' prices, credits per TFLOP
+NAMES=(ada grace linus)     # the providers' accounts
+OUT_DIR=${ARCEUS_DEMO_OUT:-runs/demo}
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*" 2>/dev/null || printf '\n== %s\n' "$*"; }
+[ -t 1 ] || say() { printf '\n== %s\n' "$*"; }
+die() {
+    echo "demo: error: $*" >&2
+    exit 1
+}
+
+# ---- every child is stopped on the way out ----------------------------------
+PIDS=()
+TMP=""
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        # up to 10 s for a clean exit, then SIGKILL
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "demo: process $pid did not stop on SIGTERM: killing it" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        local st=0
+        wait "$pid" 2>/dev/null || st=$?
+        # 127: already reaped (the renter); anything else is a failed exit
+        if [ "$st" -ne 0 ] && [ "$st" -ne 127 ]; then
+            echo "demo: process $pid exited with status $st" >&2
+            [ "$rc" -eq 0 ] && rc=1
+        fi
+    done
+    if [ "$rc" -ne 0 ] && [ -n "$TMP" ]; then
+        for f in "$TMP"/*.err; do
+            [ -s "$f" ] && { echo "--- $(basename "$f"):" >&2; tail -n 20 "$f" >&2; }
+        done
+    fi
+    [ -n "$TMP" ] && rm -rf "$TMP"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---- dependencies and the build ------------------------------------------------
+if [ "${ARCEUS_DEMO_SKIP_DEPS:-0}" != 1 ]; then
+    scripts/install-deps.sh
+fi
+if [ -n "${ARCEUS_BIN:-}" ]; then
+    BIN=$ARCEUS_BIN
+else
+    make -j"$(nproc 2>/dev/null || echo 2)" all
+    BIN=$ROOT/bin/arceus
+fi
+[ -x "$BIN" ] || die "no arceus binary at $BIN"
+
+# one thread per provider on a small machine, so that three of them and the
+# renter share the cores instead of fighting over them
+CORES=$(nproc 2>/dev/null || echo 2)
+THREADS=1
+[ "$CORES" -ge 8 ] && THREADS=2
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/arceus-demo.XXXXXX")
+DB=$TMP/market.db
+
+# wait_for FILE REGEX SECONDS PID: the first line of FILE matching REGEX
+wait_for() {
+    local file=$1 re=$2 secs=$3 pid=$4 line
+    for _ in $(seq $((secs * 10))); do
+        line=$(grep -m1 -E "$re" "$file" 2>/dev/null || true)
+        if [ -n "$line" ]; then
+            echo "$line"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || die "$(basename "$file" .out) exited before it was ready"
+        sleep 0.1
+    done
+    die "$(basename "$file" .out) not ready after ${secs}s"
+}
+
+token_of() { sed -n 's/^token: \([0-9a-f]\{64\}\)$/\1/p'; }
+
+# ---- the market and its accounts ------------------------------------------------
+say "the market: accounts (a renter with $CREDITS credits, three providers)"
+out=$("$BIN" market add-account renter --credits "$CREDITS" --db "$DB" 2>/dev/null)
+echo "$out" | grep -v '^token:' || true
+RENTER=$(echo "$out" | token_of)
+[ -n "$RENTER" ] || die "add-account renter printed no token"
+TOKENS=()
+for name in "${NAMES[@]}"; do
+    t=$("$BIN" market add-account "$name" --db "$DB" 2>/dev/null | token_of)
+    [ -n "$t" ] || die "add-account $name printed no token"
+    TOKENS+=("$t")
+    echo "account $name created"
+done
+
+"$BIN" market --listen 127.0.0.1:0 --db "$DB" >"$TMP/market.out" 2>"$TMP/market.err" &
+PIDS+=($!)
+MARKET_PID=$!
+line=$(wait_for "$TMP/market.out" 'listening on ' 60 "$MARKET_PID")
+MARKET=${line##*listening on }
+echo "market listening on $MARKET (pid $MARKET_PID, database $DB)"
+
+# ---- three providers -------------------------------------------------------------
+say "three providers rent out this machine (--max-threads $THREADS each)"
+PPIDS=()
+for i in 0 1 2; do
+    "$BIN" provide --market "$MARKET" --token "${TOKENS[$i]}" --listen 127.0.0.1:0 \
+        --max-threads "$THREADS" --price "${PRICES[$i]}" \
+        >"$TMP/provider$i.out" 2>"$TMP/provider$i.err" &
+    PIDS+=($!)
+    PPIDS+=($!)
+done
+for i in 0 1 2; do
+    line=$(wait_for "$TMP/provider$i.out" 'serving on ' 60 "${PPIDS[$i]}")
+    echo "${NAMES[$i]} (pid ${PPIDS[$i]}): ${line#arceus provide: }"
+done
+"$BIN" providers --market "$MARKET" --token "$RENTER"
+
+# ---- the renter trains through the market ----------------------------------------
+say "the renter trains configs/mlp-fashion.json on 3 leased providers"
+TRAIN=(--model configs/mlp-fashion.json --market "$MARKET" --token "$RENTER" --devices 3
+    --plan 0,1,2 --micro-batches 4 --out "$OUT_DIR" --threads "$THREADS")
+[ -n "${ARCEUS_DEMO_STEPS:-}" ] && TRAIN+=(--steps "$ARCEUS_DEMO_STEPS")
+[ -n "${ARCEUS_DEMO_DATA:-}" ] && TRAIN+=(--data "$ARCEUS_DEMO_DATA")
+echo "\$ arceus train ${TRAIN[*]/$RENTER/\$RENTER_TOKEN}"
+"$BIN" train "${TRAIN[@]}" &
+TRAIN_PID=$!
+PIDS+=("$TRAIN_PID")
+wait "$TRAIN_PID" || die "training failed"
+
+# ---- the money ---------------------------------------------------------------------
+# "balance: 12.345678 credits" -> micro-credits
+micro() { sed -n 's/^balance: \(-\{0,1\}\)\([0-9]*\)\.\([0-9]\{6\}\) credits$/\1\2\3/p' | sed 's/^\(-\{0,1\}\)0*\([0-9]\)/\1\2/'; }
+fmt() {
+    local v=$1 sign=""
+    [ "$v" -lt 0 ] && { sign=-; v=$((-v)); }
+    printf '%s%d.%06d' "$sign" $((v / 1000000)) $((v % 1000000))
+}
+
+# an account's ledger: its first and last rows (one per step and stage in
+# between) and its balance
+show_ledger() {
+    local f=$1 n
+    n=$(grep -c '^[0-9]' "$f" || true)
+    if [ "$n" -le 8 ]; then
+        cat "$f"
+    else
+        head -n 6 "$f"
+        echo "  ... $((n - 6)) more rows ..."
+        grep '^[0-9]' "$f" | tail -n 2
+        grep '^balance:' "$f"
+    fi
+}
+
+say "the ledger: the renter paid, the providers earned"
+"$BIN" ledger --market "$MARKET" --token "$RENTER" >"$TMP/ledger-renter.txt"
+show_ledger "$TMP/ledger-renter.txt"
+renter_bal=$(micro <"$TMP/ledger-renter.txt")
+earned=0
+for i in 0 1 2; do
+    echo
+    "$BIN" ledger --market "$MARKET" --token "${TOKENS[$i]}" >"$TMP/ledger-$i.txt"
+    show_ledger "$TMP/ledger-$i.txt"
+    earned=$((earned + $(micro <"$TMP/ledger-$i.txt")))
+done
+minted=$((CREDITS * 1000000))
+paid=$((minted - renter_bal))
+sum=$((-minted + renter_bal + earned))
+echo
+echo "renter paid $(fmt "$paid") credits; providers earned $(fmt "$earned") credits"
+echo "ledger sum (mint $(fmt $((-minted))) + renter $(fmt "$renter_bal") + providers $(fmt "$earned")): $(fmt "$sum")"
+[ "$sum" -eq 0 ] || die "the ledger does not balance"
+
+say "the renter's jobs"
+"$BIN" jobs --market "$MARKET" --token "$RENTER" | tee "$TMP/jobs.txt"
+JOB=$(awk 'NR > 1 { id = $1 } END { print id }' "$TMP/jobs.txt")
+if [ -n "$JOB" ]; then
+    echo
+    "$BIN" job "$JOB" --market "$MARKET" --token "$RENTER"
+fi
+
+say "done: stopping the providers and the market"
