@@ -8,7 +8,7 @@ set -euo pipefail
 DEBIAN_PACKAGES=(
     build-essential pkg-config
     libopenblas-openmp-dev      # BLAS (the OpenMP build shares one thread pool with our kernels)
-    libcjson-dev zlib1g-dev libssl-dev
+    libcjson-dev zlib1g-dev libssl-dev openssl      # openssl: scripts/make-tls-cert.sh
     libgrpc-dev libprotobuf-c-dev protobuf-c-compiler   # the pipeline over gRPC
     libsqlite3-dev libmicrohttpd-dev                    # the market and its dashboard
     libcriterion-dev                                    # unit tests

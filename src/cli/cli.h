@@ -35,6 +35,23 @@ int ar_args_unknown(ar_args *a);
 /* Print "arceus CMD: error: MESSAGE" to stderr. */
 void ar_cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* TLS options: --tls-cert FILE --tls-key FILE (server: whether the command
+ * serves) and --tls-ca FILE (every command that dials). */
+typedef struct {
+    const char *cert, *key, *ca;
+} ar_cli_tls;
+/* 1 when name is one of them (its value parsed into t, *rc 0 or -1), else 0. */
+int ar_cli_tls_option(ar_args *a, const char *name, int server, ar_cli_tls *t, int *rc);
+/* Check the files and configure the process before it serves or dials;
+ * prints the error and returns -1 when they are unusable. */
+int ar_cli_tls_setup(const char *cmd, const ar_cli_tls *t);
+#define AR_CLI_TLS_SERVER_HELP                                                                  \
+    "  --tls-cert FILE      serve over TLS with this PEM certificate (scripts/make-tls-cert.sh)\n" \
+    "  --tls-key FILE       and this PEM private key (both or neither)\n"
+#define AR_CLI_TLS_CLIENT_HELP                                                                  \
+    "  --tls-ca FILE        dial over TLS, trusting servers signed by this PEM CA\n"              \
+    "                       (without it, a TLS server refuses the connection)\n"
+
 int ar_cmd_train(int argc, char **argv);
 void ar_help_train(void);
 int ar_cmd_sample(int argc, char **argv);
@@ -51,9 +68,9 @@ int ar_cmd_providers(int argc, char **argv);
 void ar_help_providers(void);
 int ar_cmd_ledger(int argc, char **argv);
 void ar_help_ledger(void);
-
-#endif
 int ar_cmd_jobs(int argc, char **argv);
 void ar_help_jobs(void);
 int ar_cmd_job(int argc, char **argv);
 void ar_help_job(void);
+
+#endif

@@ -76,7 +76,8 @@ void ar_help_market(void)
            "  --listen HOST:PORT   address to listen on, e.g. 127.0.0.1:7000\n"
            "  --db PATH            the SQLite database file\n"
            "  --offline-after S    a provider silent for S seconds is offline (%d)\n"
-           "  --credits N          add-account: opening credits, up to 6 decimals (0)\n",
+           "  --credits N          add-account: opening credits, up to 6 decimals (0)\n"
+           AR_CLI_TLS_SERVER_HELP,
            AR_MARKET_DEFAULT_OFFLINE_AFTER_S);
 }
 
@@ -113,6 +114,7 @@ int ar_cmd_market(int argc, char **argv)
     const char *listen = NULL, *db = NULL, *account = NULL;
     int offline_after = AR_MARKET_DEFAULT_OFFLINE_AFTER_S, adding = 0, have_credits = 0;
     int64_t credits = 0;
+    ar_cli_tls tls = {0};
     ar_args a;
     ar_args_init(&a, argc, argv);
     const char *name;
@@ -143,7 +145,7 @@ int ar_cmd_market(int argc, char **argv)
             if (rc == 0)
                 rc = parse_credits("market", "credits", v, &credits);
             have_credits = 1;
-        } else
+        } else if (!ar_cli_tls_option(&a, name, 1, &tls, &rc))
             rc = ar_args_unknown(&a);
         if (rc != 0)
             return 2;
@@ -171,6 +173,12 @@ int ar_cmd_market(int argc, char **argv)
         ar_cli_error("market", "--db PATH is required (the SQLite database, created if missing)");
         return 2;
     }
+    if (tls.ca) {
+        ar_cli_error("market", "the market dials no one: --tls-ca goes with its clients");
+        return 2;
+    }
+    if (ar_cli_tls_setup("market", &tls) != 0)
+        return 2;
     /* signals are taken by sigwait below, in this thread only: block them
      * before any other thread (gRPC's, the sweep) exists */
     sigset_t set;
@@ -199,6 +207,7 @@ int ar_cmd_market(int argc, char **argv)
 typedef struct {
     const char *market, *token, *account;
     int all;
+    ar_cli_tls tls;
 } client_opts;
 
 /* --market and --token (or $ARCEUS_TOKEN), plus the command's own options */
@@ -225,7 +234,7 @@ static int parse_client(const char *cmd, int argc, char **argv, client_opts *o, 
             rc = ar_args_string(&a, &o->token);
         else if (!takes_account && !strcmp(name, "all"))
             o->all = 1;
-        else
+        else if (!ar_cli_tls_option(&a, name, 0, &o->tls, &rc))
             rc = ar_args_unknown(&a);
         if (rc != 0)
             return 2;
@@ -240,6 +249,8 @@ static int parse_client(const char *cmd, int argc, char **argv, client_opts *o, 
         ar_cli_error(cmd, "--token T is required (or $ARCEUS_TOKEN; arceus market add-account prints one)");
         return 2;
     }
+    if (ar_cli_tls_setup(cmd, &o->tls) != 0)
+        return 2;
     return 0;
 }
 
@@ -263,7 +274,8 @@ void ar_help_providers(void)
            "options:\n"
            "  --market HOST:PORT   the market (arceus market --listen ...)\n"
            "  --token T            your account token (default: $ARCEUS_TOKEN)\n"
-           "  --all                offline providers too\n");
+           "  --all                offline providers too\n"
+           AR_CLI_TLS_CLIENT_HELP);
 }
 
 int ar_cmd_providers(int argc, char **argv)
@@ -316,7 +328,8 @@ void ar_help_ledger(void)
            "\n"
            "options:\n"
            "  --market HOST:PORT   the market (arceus market --listen ...)\n"
-           "  --token T            your account token (default: $ARCEUS_TOKEN)\n");
+           "  --token T            your account token (default: $ARCEUS_TOKEN)\n"
+           AR_CLI_TLS_CLIENT_HELP);
 }
 
 int ar_cmd_ledger(int argc, char **argv)
@@ -386,7 +399,8 @@ void ar_help_jobs(void)
            "\n"
            "options:\n"
            "  --market HOST:PORT   the market (arceus market --listen ...)\n"
-           "  --token T            your account token (default: $ARCEUS_TOKEN)\n");
+           "  --token T            your account token (default: $ARCEUS_TOKEN)\n"
+           AR_CLI_TLS_CLIENT_HELP);
 }
 
 int ar_cmd_jobs(int argc, char **argv)
@@ -440,7 +454,8 @@ void ar_help_job(void)
            "\n"
            "options:\n"
            "  --market HOST:PORT   the market (arceus market --listen ...)\n"
-           "  --token T            your account token (default: $ARCEUS_TOKEN)\n");
+           "  --token T            your account token (default: $ARCEUS_TOKEN)\n"
+           AR_CLI_TLS_CLIENT_HELP);
 }
 
 #define SPARK_WIDTH 60

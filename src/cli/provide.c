@@ -50,7 +50,11 @@ void ar_help_provide(void)
            "  --max-threads N      threads for measuring and for the stages, 0 = all cores (0)\n"
            "  --max-mem SIZE       memory offered at most: bytes, or 512M, 4G, ... (free memory)\n"
            "  --price CREDITS      price in credits per TFLOP executed, up to 6 decimals (1)\n"
-           "  --heartbeat S        seconds between heartbeats (5)\n",
+           "  --heartbeat S        seconds between heartbeats (5)\n"
+           AR_CLI_TLS_SERVER_HELP
+           "                       (for the worker)\n"
+           AR_CLI_TLS_CLIENT_HELP
+           "                       (for the market and the next stage's worker)\n",
            PROVIDE_NICE);
 }
 
@@ -242,6 +246,7 @@ int ar_cmd_provide(int argc, char **argv)
     const char *market = NULL, *token = NULL, *listen = "127.0.0.1:0", *advertise = NULL;
     int max_threads = 0, heartbeat_s = 5, have_mem = 0;
     int64_t max_mem = 0, price = DEFAULT_PRICE;
+    ar_cli_tls tls = {0};
     ar_args a;
     ar_args_init(&a, argc, argv);
     const char *name;
@@ -272,7 +277,7 @@ int ar_cmd_provide(int argc, char **argv)
         } else if (!strcmp(name, "price")) {
             if ((rc = ar_args_string(&a, &v)) == 0)
                 rc = parse_price(v, &price);
-        } else
+        } else if (!ar_cli_tls_option(&a, name, 1, &tls, &rc))
             rc = ar_args_unknown(&a);
         if (rc != 0)
             return 2;
@@ -291,6 +296,8 @@ int ar_cmd_provide(int argc, char **argv)
         ar_cli_error("provide", "--listen expects HOST:PORT (for example 127.0.0.1:5001), got \"%s\"", listen);
         return 2;
     }
+    if (ar_cli_tls_setup("provide", &tls) != 0)
+        return 2;
     if (advertise && (!strchr(advertise, ':') || strlen(advertise) >= AR_ADDR_MAX)) {
         ar_cli_error("provide", "--advertise expects HOST:PORT (the address renters dial), got \"%s\"",
                      advertise);

@@ -83,6 +83,8 @@ void ar_help_train(void)
            "  --max-credits C      stop (with a checkpoint in --out) before spending more\n"
            "                       than C credits; a lease whose estimate exceeds it is\n"
            "                       refused up front\n"
+           AR_CLI_TLS_CLIENT_HELP
+           "                       (for the workers and the market)\n"
            "  --log FILE           write every step and evaluation as JSON lines\n"
            "  --quiet              no progress bar or summary\n");
 }
@@ -108,6 +110,7 @@ int ar_cmd_train(int argc, char **argv)
     ar_train_config c;
     ar_train_config_defaults(&c, type);
     int threads = 0;
+    ar_cli_tls tls = {0};
     ar_args a;
     ar_args_init(&a, argc, argv);
     const char *name;
@@ -211,11 +214,13 @@ int ar_cmd_train(int argc, char **argv)
                     c.remote_workers = NULL;
                 }
             }
-        } else
+        } else if (!ar_cli_tls_option(&a, name, 0, &tls, &rc))
             rc = ar_args_unknown(&a);
         if (rc != 0)
             return 2;
     }
+    if (ar_cli_tls_setup("train", &tls) != 0)
+        return 2;
     if (c.model_path && c.resume_dir) {
         ar_cli_error("train", "--resume takes the model from %s/spec.json; drop --model", c.resume_dir);
         return 2;

@@ -26,7 +26,10 @@ void ar_help_worker(void)
            "                       token that this market confirms includes the provider\n"
            "  --token T            with --market: the provider's account token\n"
            "  --provider-id ID     with --market: the id the market registered it under\n"
-           "                       (arceus provide does all this by itself)\n");
+           "                       (arceus provide does all this by itself)\n"
+           AR_CLI_TLS_SERVER_HELP
+           AR_CLI_TLS_CLIENT_HELP
+           "                       (a worker dials the next stage's worker and the market)\n");
 }
 
 int ar_cmd_worker(int argc, char **argv)
@@ -34,6 +37,7 @@ int ar_cmd_worker(int argc, char **argv)
     const char *listen = NULL, *market = NULL, *token = NULL;
     int threads = 0, max_mb = 1024;
     long provider_id = 0;
+    ar_cli_tls tls = {0};
     ar_args a;
     ar_args_init(&a, argc, argv);
     const char *name;
@@ -56,7 +60,7 @@ int ar_cmd_worker(int argc, char **argv)
             rc = ar_args_string(&a, &token);
         else if (!strcmp(name, "provider-id"))
             rc = ar_args_long(&a, 1, (long)1 << 62, &provider_id);
-        else
+        else if (!ar_cli_tls_option(&a, name, 1, &tls, &rc))
             rc = ar_args_unknown(&a);
         if (rc != 0)
             return 2;
@@ -69,6 +73,8 @@ int ar_cmd_worker(int argc, char **argv)
         ar_cli_error("worker", "--market, --token and --provider-id go together");
         return 2;
     }
+    if (ar_cli_tls_setup("worker", &tls) != 0)
+        return 2;
     /* signals are taken by sigwait below, in this thread only: block them
      * before any other thread (gRPC's, OpenMP's) exists */
     sigset_t set;

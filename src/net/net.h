@@ -33,6 +33,17 @@ enum {
 int ar_net_init(void);
 void ar_net_shutdown(void);
 
+/* TLS, process-wide: set before any server or channel is created. Servers
+ * created afterwards present this certificate and key (PEM files); channels
+ * verify servers against this CA (a PEM file) and check that the server's
+ * certificate covers the host name or IP address dialled. Without a CA a
+ * process dials in plaintext, which a TLS server refuses. The files are read
+ * and checked here: missing, unreadable or non-PEM files fail with a clear
+ * error. ar_net_tls_reset forgets both (tests). */
+int ar_net_tls_server(const char *cert_pem_path, const char *key_pem_path);
+int ar_net_tls_client(const char *ca_pem_path);
+void ar_net_tls_reset(void);
+
 /* ---- client side -------------------------------------------------------- */
 
 typedef struct ar_client ar_client; /* a channel to one worker */

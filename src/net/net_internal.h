@@ -39,6 +39,14 @@ int net_batch(grpc_call *call, const grpc_op *ops, size_t n, double timeout_s);
 const grpc_channel_args *net_channel_args(void);
 gpr_timespec net_deadline(double timeout_s);
 
+/* TLS (tls.c): the credentials for a new server or channel, TLS when the
+ * process was configured with ar_net_tls_server / ar_net_tls_client. */
+#include <grpc/grpc_security.h>
+grpc_server_credentials *net_server_credentials(void);
+grpc_channel_credentials *net_channel_credentials(void);
+int net_tls_server_on(void);
+int net_tls_client_on(void);
+
 /* One byte buffer -> one malloc'd contiguous copy. */
 int net_buffer_flatten(grpc_byte_buffer *bb, void **data, size_t *len);
 

@@ -302,15 +302,19 @@ int ar_server_create(const char *addr, ar_server **out, int *port)
     s->req_tag.cb = on_request;
     s->srv = grpc_server_create(net_channel_args(), NULL);
     grpc_server_register_completion_queue(s->srv, ar_net_cq, NULL);
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
-    int p = grpc_server_add_http2_port(s->srv, addr, creds);
-    grpc_server_credentials_release(creds);
+    grpc_server_credentials *creds = net_server_credentials();
+    int p = creds ? grpc_server_add_http2_port(s->srv, addr, creds) : 0;
+    if (creds)
+        grpc_server_credentials_release(creds);
     if (p <= 0) {
         grpc_server_destroy(s->srv);
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
         free(s);
         ar_net_shutdown();
+        if (net_tls_server_on())
+            return ar_fail(AR_EIO, "cannot listen on %s with TLS (address in use or invalid, or "
+                                   "the certificate and key are not a matching pair)", addr);
         return ar_fail(AR_EIO, "cannot listen on %s (address in use or invalid)", addr);
     }
     *port = p;
@@ -381,9 +385,10 @@ int ar_client_open(const char *addr, ar_client **out)
         return ar_fail(AR_ENOMEM, "out of memory for a channel");
     }
     snprintf(c->addr, sizeof c->addr, "%s", addr);
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
-    c->ch = grpc_channel_create(addr, creds, net_channel_args());
-    grpc_channel_credentials_release(creds);
+    grpc_channel_credentials *creds = net_channel_credentials();
+    c->ch = creds ? grpc_channel_create(addr, creds, net_channel_args()) : NULL;
+    if (creds)
+        grpc_channel_credentials_release(creds);
     if (!c->ch) {
         free(c);
         ar_net_shutdown();
@@ -427,7 +432,11 @@ static int status_result(ar_client *c, const char *method, grpc_status_code code
     char *d = grpc_slice_to_c_string(details);
     int rc;
     if (code == GRPC_STATUS_UNAVAILABLE || code == GRPC_STATUS_DEADLINE_EXCEEDED)
-        rc = ar_fail(AR_ECLOSED, "%s: %s: unreachable or not answering (%s)", c->addr, method, d);
+        rc = ar_fail(AR_ECLOSED, "%s: %s: unreachable or not answering (%s)%s", c->addr, method, d,
+                     net_tls_client_on()
+                         ? "; TLS is on: if it uses another CA or its certificate does not cover "
+                           "this address, the handshake fails"
+                         : "; if it uses TLS, pass its CA with --tls-ca");
     else
         rc = ar_fail(AR_EPROTO, "%s: %s", c->addr, d);
     gpr_free(d);
