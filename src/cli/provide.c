@@ -35,7 +35,9 @@ void ar_help_provide(void)
            "Rent this machine out: measure it (sgemm GFLOP/s with at most --max-threads\n"
            "threads, free memory capped by --max-mem, cores), start a worker that\n"
            "serves pipeline stages to renters, register its address and profile with\n"
-           "the market and keep it online with heartbeats. Runs at low scheduling\n"
+           "the market and keep it online with heartbeats. The worker hosts only the\n"
+           "stages it is leased for: a Load without a lease token that the market\n"
+           "confirms for this provider is refused (UNAUTHENTICATED). Runs at low scheduling\n"
            "priority (nice %d) so the owner's own work comes first. Prints\n"
            "\"arceus provide: provider N serving on HOST:PORT (...)\" once registered.\n"
            "If the market goes away the worker keeps serving and the provider\n"
@@ -143,6 +145,7 @@ typedef struct {
     ar_market_profile profile;
     int heartbeat_s;
     ar_client *client; /* owned by main until the thread starts, then by the thread */
+    ar_worker *worker;
     int64_t provider_id;
     pthread_mutex_t mu;
     pthread_cond_t cv; /* CLOCK_MONOTONIC */
@@ -156,7 +159,16 @@ static int provider_register(provider *p, int *status)
     *status = 0;
     if (!p->client && ar_client_open(p->market, &p->client) != AR_OK)
         return AR_ECLOSED;
-    return ar_market_register(p->client, p->token, p->address, &p->profile, &p->provider_id, NULL, status);
+    int rc = ar_market_register(p->client, p->token, p->address, &p->profile, &p->provider_id, NULL, status);
+    if (rc != AR_OK)
+        return rc;
+    /* host only what we are leased for: every Load must carry a lease token
+     * that this market confirms includes this provider id (which a
+     * re-registration may have changed); on a fresh channel, as above */
+    rc = ar_worker_require_lease(p->worker, p->market, p->token, p->provider_id);
+    if (rc != AR_OK)
+        *status = AR_STATUS_INVALID_ARGUMENT;
+    return rc;
 }
 
 /* A status that retrying will not fix: the market refused us. */
@@ -373,6 +385,7 @@ int ar_cmd_provide(int argc, char **argv)
         return 1;
     }
     p.address = advertise ? advertise : addr;
+    p.worker = w;
 
     /* The first registration, here: a refusal (a bad token) is fatal, an
      * unreachable market is waited for while the worker already serves. */

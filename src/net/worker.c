@@ -35,6 +35,10 @@ struct ar_worker {
     ar_client *market;
     char market_token[AR_TOKEN_LEN];
     int64_t provider_id;
+    /* clients replaced by a later ar_worker_require_lease: a Load may still
+     * be asking the market through one, so they are closed at stop only */
+    ar_client **retired;
+    size_t n_retired;
 };
 
 /* A Pipe whose client just vanished takes a moment to wind down (its
@@ -512,6 +516,9 @@ void ar_worker_stop(ar_worker *w)
     }
     ar_client_close(w->next);
     ar_client_close(w->market);
+    for (size_t i = 0; i < w->n_retired; i++)
+        ar_client_close(w->retired[i]);
+    free(w->retired);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->idle);
     free(w);
@@ -530,10 +537,20 @@ int ar_worker_require_lease(ar_worker *w, const char *market, const char *market
         return ar_fail(rc, "market %s: %s", market, ar_last_error());
     pthread_mutex_lock(&w->mu);
     ar_client *old = w->market;
+    if (old) {
+        /* a Load may be using the old client right now (check_lease): keep it */
+        ar_client **r = realloc(w->retired, (w->n_retired + 1) * sizeof *r);
+        if (!r) {
+            pthread_mutex_unlock(&w->mu);
+            ar_client_close(c);
+            return ar_fail(AR_ENOMEM, "out of memory");
+        }
+        w->retired = r;
+        w->retired[w->n_retired++] = old;
+    }
     w->market = c;
     memcpy(w->market_token, market_token, AR_TOKEN_LEN);
     w->provider_id = provider_id;
     pthread_mutex_unlock(&w->mu);
-    ar_client_close(old);
     return AR_OK;
 }

@@ -202,11 +202,15 @@ def test_bad_token_cannot_register(run_arceus, procs, tmp_path):
     assert provider_rows(run_arceus, market, alice, all_=True) == {}
 
 
-def test_two_providers_train_equal_single_process(run_arceus, procs, tmp_path, small_mlp_spec,
-                                                  small_fashion):
+def test_two_providers_train_through_the_market_equal_single_process(run_arceus, procs, tmp_path,
+                                                                     small_mlp_spec, small_fashion):
+    """Providers host only what they are leased for: a renter trains on them
+    through the market (the lease token opens their workers), and the result
+    equals a single-process run byte for byte."""
     db = tmp_path / "market.db"
     alice = add_account(run_arceus, db, "alice")
     carol = add_account(run_arceus, db, "carol")
+    renter = add_account(run_arceus, db, "renter", "1000")
     market = start_market(procs, db)
     p1 = start_provider(procs, market, alice, name="provide-1")
     p2 = start_provider(procs, market, carol, name="provide-2")
@@ -216,9 +220,33 @@ def test_two_providers_train_equal_single_process(run_arceus, procs, tmp_path, s
 
     args = ("--model", small_mlp_spec, "--data", small_fashion, *MLP_RUN)
     run_arceus("train", *args, "--out", tmp_path / "one", check=True)
-    run_arceus("train", *args, "--workers", ",".join(addrs), "--out", tmp_path / "two", check=True)
+    p = run_arceus("train", *args, "--market", market.addr, "--token", renter, "--devices", "2",
+                   "--out", tmp_path / "two", check=True)
+    assert f"provider {p1.id} (alice)" in p.stdout and f"provider {p2.id} (carol)" in p.stdout, p.stdout
+    assert re.search(r"lease \d+ released: job \d+ done", p.stdout), p.stdout
     for name in ("model.safetensors", "optimizer.safetensors"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    for q in (p1, p2):
+        assert "refused" not in q.err(), q.err()
+
+
+def test_provider_refuses_a_plain_workers_run(run_arceus, procs, tmp_path, small_mlp_spec, small_fashion):
+    """`arceus train --workers ADDR` straight at a provider carries no lease
+    token: the provider's worker refuses the Load and the driver says why."""
+    db = tmp_path / "market.db"
+    alice = add_account(run_arceus, db, "alice")
+    market = start_market(procs, db)
+    p = start_provider(procs, market, alice)
+    r = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", "2",
+                   "--batch", "32", "--eval-every", "0", "--threads", "1", "--workers", p.addr,
+                   "--out", tmp_path / "ckpt")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Load needs the lease token" in r.stderr, r.stderr
+    assert "arceus train --market" in r.stderr, r.stderr
+    assert not (tmp_path / "ckpt" / "model.safetensors").exists()
+    # the provider is unharmed and still serving
+    assert p.proc.poll() is None
+    assert p.id in provider_rows(run_arceus, market, alice)
 
 
 def test_provider_reregisters_after_market_restart(run_arceus, procs, tmp_path):
