@@ -150,26 +150,32 @@ const grpc_channel_args *net_channel_args(void)
      * and parser calls per message) and a write buffer that holds a whole
      * large frame. Combined, these roughly double the link's throughput at
      * 64 KiB frames and add 30-50% at 1 and 16 MiB; alone, none of them
-     * helps much. */
-    static grpc_arg args[6];
+     * helps much.
+     *
+     * Reconnecting: at most 2 s between attempts (gRPC's default grows to
+     * 120 s), so that a restarted market or worker is reached again within
+     * seconds of coming back (a driver retrying unpaid steps, issue 5). */
+    static grpc_arg args[8];
     static grpc_channel_args ca;
     static const struct {
         const char *key;
         int value;
-    } kv[6] = {
+    } kv[8] = {
         {GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, -1},
         {GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, -1},
         {GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20},
         {GRPC_ARG_HTTP2_BDP_PROBE, 0},
         {GRPC_ARG_HTTP2_MAX_FRAME_SIZE, (1 << 24) - 1},
         {GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 64 << 20},
+        {GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 500},
+        {GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000},
     };
-    for (int i = 0; i < 6; i++) {
+    for (int i = 0; i < 8; i++) {
         args[i].type = GRPC_ARG_INTEGER;
         args[i].key = (char *)kv[i].key;
         args[i].value.integer = kv[i].value;
     }
-    ca.num_args = 6;
+    ca.num_args = 8;
     ca.args = args;
     return &ca;
 }

@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #define DEFAULT_IMAGE_DIR "/usr/share/datasets/fashion-mnist"
 
@@ -201,7 +202,20 @@ typedef struct {
     int64_t step_cost, spent;
     long steps_done;
     int budget_stop; /* ended by --max-credits: the job is cancelled, not failed */
+    /* steps completed but not yet paid because the market is unreachable, in
+     * step order with their losses; retried every MARKET_RETRY_S (a report
+     * that reached the market before it went away pays nothing twice: the
+     * market records usage once per (job, step, stage)) */
+    long *unpaid;
+    double *unpaid_loss;
+    size_t nunpaid, unpaid_cap;
+    int outage;       /* the last report found the market unreachable */
+    double retry_at;  /* the next attempt while it is */
+    long outage_paid; /* steps paid late since the outage began */
 } run;
+
+#define MARKET_RETRY_S 2.0
+#define MARKET_RELEASE_WAIT_S 60.0
 
 static int eval_model(run *r, int64_t step, double *val_loss, double *accuracy)
 {
@@ -589,17 +603,122 @@ static int report_usage(run *r, long step, double loss)
     return AR_OK;
 }
 
-/* The lease ends with the run, whatever ended it. */
+/* Queue step `step` (0-based) for payment, after the unpaid ones. */
+static int queue_usage(run *r, long step, double loss)
+{
+    if (r->nunpaid == r->unpaid_cap) {
+        size_t cap = r->unpaid_cap ? 2 * r->unpaid_cap : 64;
+        long *u = realloc(r->unpaid, cap * sizeof *u);
+        if (!u)
+            return ar_fail(AR_ENOMEM, "out of memory for the unpaid steps");
+        r->unpaid = u;
+        double *l = realloc(r->unpaid_loss, cap * sizeof *l);
+        if (!l)
+            return ar_fail(AR_ENOMEM, "out of memory for the unpaid steps");
+        r->unpaid_loss = l;
+        r->unpaid_cap = cap;
+    }
+    r->unpaid[r->nunpaid] = step;
+    r->unpaid_loss[r->nunpaid] = loss;
+    r->nunpaid++;
+    return AR_OK;
+}
+
+/* Report the queued steps in order. The market unreachable (AR_ECLOSED)
+ * keeps them queued for another try MARKET_RETRY_S later and is no error;
+ * any other refusal (budget, lease) is the run's error, as before. */
+static int pay_unpaid(run *r)
+{
+    while (r->nunpaid > 0) {
+        int rc = report_usage(r, r->unpaid[0], r->unpaid_loss[0]);
+        if (rc == AR_ECLOSED) {
+            if (!r->outage) {
+                ar_log(AR_LOG_WARN, "%s; training goes on, step %ld onwards is paid when the market is back",
+                       ar_last_error(), r->unpaid[0] + 1);
+                r->outage = 1;
+                r->outage_paid = 0;
+            }
+            r->retry_at = ar_now() + MARKET_RETRY_S;
+            return AR_OK;
+        }
+        if (rc != AR_OK)
+            return rc;
+        if (r->outage)
+            r->outage_paid++;
+        r->nunpaid--;
+        memmove(r->unpaid, r->unpaid + 1, r->nunpaid * sizeof *r->unpaid);
+        memmove(r->unpaid_loss, r->unpaid_loss + 1, r->nunpaid * sizeof *r->unpaid_loss);
+    }
+    if (r->outage) {
+        ar_log(AR_LOG_WARN, "market %s is back: %ld unpaid step%s paid", r->c->market, r->outage_paid,
+               r->outage_paid == 1 ? "" : "s");
+        r->outage = 0;
+    }
+    return AR_OK;
+}
+
+static void sleep_until(double t)
+{
+    double d = t - ar_now();
+    if (d <= 0)
+        return;
+    struct timespec ts = {.tv_sec = (time_t)d, .tv_nsec = (long)((d - (double)(time_t)d) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* "3-7, 9" for the steps still queued (1-based, as printed elsewhere). */
+static void unpaid_text(const run *r, char *buf, size_t size)
+{
+    size_t n = 0;
+    buf[0] = 0;
+    for (size_t i = 0; i < r->nunpaid && n + 32 < size;) {
+        size_t j = i;
+        while (j + 1 < r->nunpaid && r->unpaid[j + 1] == r->unpaid[j] + 1)
+            j++;
+        int w = j > i ? snprintf(buf + n, size - n, "%s%ld-%ld", n ? ", " : "", r->unpaid[i] + 1, r->unpaid[j] + 1)
+                      : snprintf(buf + n, size - n, "%s%ld", n ? ", " : "", r->unpaid[i] + 1);
+        n += (size_t)w;
+        i = j + 1;
+        if (i < r->nunpaid && n + 32 >= size)
+            snprintf(buf + n, size - n, ", ...");
+    }
+}
+
+/* The lease ends with the run, whatever ended it: first the unpaid steps
+ * are paid, waiting up to MARKET_RELEASE_WAIT_S for an unreachable market. */
 static void release_lease(run *r, int rc)
 {
     if (!r->leased)
         return;
     char saved[1024];
     snprintf(saved, sizeof saved, "%s", ar_last_error());
+    double deadline = ar_now() + MARKET_RELEASE_WAIT_S;
+    if (r->nunpaid > 0) {
+        ar_log(AR_LOG_WARN, "market %s: %zu step%s unpaid, waiting up to %.0f s for the market", r->c->market,
+               r->nunpaid, r->nunpaid == 1 ? "" : "s", MARKET_RELEASE_WAIT_S);
+        while (r->nunpaid > 0 && ar_now() < deadline) {
+            sleep_until(r->retry_at < deadline ? r->retry_at : deadline);
+            if (pay_unpaid(r) != AR_OK) {
+                ar_log(AR_LOG_WARN, "%s", ar_last_error());
+                break;
+            }
+        }
+        if (r->nunpaid > 0) {
+            char steps[512];
+            unpaid_text(r, steps, sizeof steps);
+            ar_log(AR_LOG_WARN, "market %s: gave up on paying for %zu step%s of job %lld (steps %s): they are unpaid",
+                   r->c->market, r->nunpaid, r->nunpaid == 1 ? "" : "s", (long long)r->lease.job_id, steps);
+        }
+    }
     int64_t spent = r->spent;
     int status = 0;
     const char *how = rc == AR_OK ? "done" : r->budget_stop ? "cancelled" : "failed";
-    if (ar_market_release(r->market, r->lease.token, how, r->steps_done, &spent, &status) != AR_OK)
+    int rrc;
+    while ((rrc = ar_market_release(r->market, r->lease.token, how, r->steps_done, &spent, &status)) == AR_ECLOSED &&
+           ar_now() + MARKET_RETRY_S < deadline)
+        sleep_until(ar_now() + MARKET_RETRY_S);
+    if (rrc != AR_OK)
         ar_log(AR_LOG_WARN, "market %s: releasing lease %lld: %s", r->c->market,
                (long long)r->lease.lease_id, ar_last_error());
     else if (!r->c->quiet) {
@@ -869,6 +988,8 @@ static void teardown(run *r)
     for (int i = 0; i < 64; i++)
         ar_client_close(r->clients[i]);
     ar_client_close(r->market);
+    free(r->unpaid);
+    free(r->unpaid_loss);
     ar_free(r->inputs);
     ar_free(r->targets);
     data_close(&r->data);
@@ -920,7 +1041,9 @@ int ar_train_run(ar_train_config *c)
     double items_per_step = (double)r.B * r.T;
     int is_text = r.data.is_text;
     for (long step = start; step < c->steps; step++) {
-        if (r.leased && c->max_credits > 0 && r.spent + r.step_cost > c->max_credits) {
+        /* the unpaid steps count as spent */
+        if (r.leased && c->max_credits > 0 &&
+            r.spent + ((int64_t)r.nunpaid + 1) * r.step_cost > c->max_credits) {
             /* the budget would not cover this step: keep what was paid for */
             char a[40], b[40], d[40];
             r.budget_stop = 1;
@@ -961,8 +1084,14 @@ int ar_train_run(ar_train_config *c)
         float lr = ar_lr_at(step, c->lr, c->min_lr, c->warmup, c->steps);
         if ((rc = ar_chain_apply(r.head, step, lr, scale)) != AR_OK)
             break;
-        if (r.leased && (rc = report_usage(&r, step, res.loss)) != AR_OK)
-            break;
+        if (r.leased) {
+            /* this step after the unpaid ones; while the market is
+             * unreachable, a new try every MARKET_RETRY_S */
+            if ((rc = queue_usage(&r, step, res.loss)) != AR_OK)
+                break;
+            if ((!r.outage || ar_now() >= r.retry_at) && (rc = pay_unpaid(&r)) != AR_OK)
+                break;
+        }
         r.steps_done = step + 1;
         for (int i = 0; i < res.nstages && i < 64; i++) {
             r.busy[i] += res.busy_s[i];
