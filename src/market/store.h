@@ -112,6 +112,9 @@ int ar_store_provider_expire(ar_store *s, int64_t max_age_s, int *count_out);
 int ar_store_provider_get(ar_store *s, int64_t provider_id, ar_provider *out);
 /* Providers by id; only the online ones when online_only. */
 int ar_store_provider_list(ar_store *s, bool online_only, ar_provider **out, size_t *n);
+/* *out: the provider is a member of a live (not released) lease. A worker
+ * hosts one stage at a time, so the market leases it to one job at a time. */
+int ar_store_provider_leased(ar_store *s, int64_t provider_id, bool *out);
 
 /* ---- jobs ------------------------------------------------------------------ */
 

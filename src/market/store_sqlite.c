@@ -911,6 +911,27 @@ int ar_store_provider_list(ar_store *s, bool online_only, ar_provider **out, siz
     return AR_OK;
 }
 
+int ar_store_provider_leased(ar_store *s, int64_t provider_id, bool *out)
+{
+    *out = false;
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st,
+                  "SELECT 1 FROM lease_members m JOIN leases l ON l.id = m.lease_id"
+                  " WHERE m.provider_id = ? AND l.released IS NULL LIMIT 1",
+                  "i", provider_id);
+    if (rc == 0) {
+        rc = step(s, st);
+        if (rc > 0) {
+            *out = true;
+            rc = AR_OK;
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    return rc < 0 ? rc : AR_OK;
+}
+
 /* ---- jobs --------------------------------------------------------------------------- */
 
 static const char *const job_status_names[] = {"queued", "running", "done", "failed",

@@ -32,6 +32,9 @@ struct ar_market {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int stopping;
+    /* AcquireLease: choosing free providers and leasing them is one step,
+     * so that two renters asking at once never get the same provider */
+    pthread_mutex_t acquire_mu;
 };
 
 /* ---- server: helpers -------------------------------------------------------- */
@@ -505,6 +508,7 @@ static void on_acquire(ar_rpc *rpc, void *user)
     size_t n = 0;
     ranked *rk = NULL;
     int64_t job_id = 0;
+    int acquiring = 0;
     if (authenticate(m, rpc, req->token, &renter) != 0)
         goto out;
     if (req->devices < 1 || req->devices > AR_MARKET_MAX_DEVICES || req->est_steps < 1 ||
@@ -518,6 +522,8 @@ static void on_acquire(ar_rpc *rpc, void *user)
                       (long long)req->flops_per_step, (long long)req->max_credits, strlen(req->spec));
         goto out;
     }
+    pthread_mutex_lock(&m->acquire_mu);
+    acquiring = 1;
     int rc = ar_store_provider_list(m->store, true, &ps, &n);
     if (rc != AR_OK) {
         store_error(rpc, rc);
@@ -528,12 +534,22 @@ static void on_acquire(ar_rpc *rpc, void *user)
         ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
         goto out;
     }
-    size_t k = 0;
+    size_t k = 0, busy = 0;
     double best_gflops = 0;
     int64_t min_price = INT64_MAX;
     for (size_t i = 0; i < n; i++) {
         if ((uint64_t)ps[i].mem_bytes < req->min_mem_bytes)
             continue;
+        /* a worker hosts one stage: a provider leased to a live job is not free */
+        bool leased = false;
+        if ((rc = ar_store_provider_leased(m->store, ps[i].id, &leased)) != AR_OK) {
+            store_error(rpc, rc);
+            goto out;
+        }
+        if (leased) {
+            busy++;
+            continue;
+        }
         rk[k++].p = &ps[i];
         if (ps[i].gflops > best_gflops)
             best_gflops = ps[i].gflops;
@@ -541,9 +557,13 @@ static void on_acquire(ar_rpc *rpc, void *user)
             min_price = ps[i].price_per_tflop;
     }
     if (k < req->devices) {
+        char busy_note[96] = "";
+        if (busy)
+            snprintf(busy_note, sizeof busy_note, ", %zu more leased to other jobs", busy);
         ar_rpc_finish(rpc, AR_STATUS_RESOURCE_EXHAUSTED,
-                      "%u providers asked for, %zu online%s: try fewer --devices or later", req->devices,
-                      k, req->min_mem_bytes ? " with enough memory" : "");
+                      "%u providers asked for, %zu online%s%s: try fewer --devices or later",
+                      req->devices, k, busy ? " and free" : req->min_mem_bytes ? " with enough memory" : "",
+                      busy_note);
         goto out;
     }
     const double p0 = (double)AR_MICRO_PER_CREDIT;
@@ -630,6 +650,8 @@ static void on_acquire(ar_rpc *rpc, void *user)
     r.providers = lpp;
     reply(rpc, &r.base);
 out:
+    if (acquiring)
+        pthread_mutex_unlock(&m->acquire_mu);
     free(rk);
     ar_free(ps);
     arceus__acquire_lease_request__free_unpacked(req, NULL);
@@ -974,6 +996,7 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     if (!m)
         return ar_fail(AR_ENOMEM, "out of memory");
     pthread_mutex_init(&m->mu, NULL);
+    pthread_mutex_init(&m->acquire_mu, NULL);
     pthread_cond_init(&m->cv, NULL);
     m->offline_after_s = c->offline_after_s > 0 ? c->offline_after_s : AR_MARKET_DEFAULT_OFFLINE_AFTER_S;
     int rc = ar_store_open(c->db_path, &m->store);
@@ -1028,6 +1051,7 @@ void ar_market_stop(ar_market *m)
     }
     ar_store_close(m->store);
     pthread_mutex_destroy(&m->mu);
+    pthread_mutex_destroy(&m->acquire_mu);
     pthread_cond_destroy(&m->cv);
     free(m);
 }
