@@ -13,7 +13,23 @@
 #   ARCEUS_DEMO_OUT=DIR      the checkpoint folder (runs/demo)
 #   ARCEUS_DEMO_DATA=DIR     Fashion-MNIST IDX folder (train's default:
 #                            /usr/share/datasets/fashion-mnist)
+#   ARCEUS_DEMO_TLS=1        everything over TLS (same as --tls): a CA and a
+#                            server pair from scripts/make-tls-cert.sh in the
+#                            temporary folder; the market and the providers
+#                            serve with --tls-cert/--tls-key, every client
+#                            dials with --tls-ca
 set -euo pipefail
+
+USE_TLS=${ARCEUS_DEMO_TLS:-0}
+for arg in "$@"; do
+    case $arg in
+    --tls) USE_TLS=1 ;;
+    *)
+        echo "usage: scripts/demo.sh [--tls]" >&2
+        exit 2
+        ;;
+    esac
+done
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -89,6 +105,18 @@ THREADS=1
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/arceus-demo.XXXXXX")
 DB=$TMP/market.db
 
+# TLS: SERVE_TLS for the market and the providers, CA for every client
+SERVE_TLS=()
+CA=()
+if [ "$USE_TLS" = 1 ]; then
+    say "TLS: a CA and a server certificate for 127.0.0.1 (scripts/make-tls-cert.sh)"
+    scripts/make-tls-cert.sh "$TMP/tls" >"$TMP/tls.out" 2>"$TMP/tls.err" ||
+        die "make-tls-cert.sh failed: $(tail -n 5 "$TMP/tls.err")"
+    SERVE_TLS=(--tls-cert "$TMP/tls/server.pem" --tls-key "$TMP/tls/server-key.pem")
+    CA=(--tls-ca "$TMP/tls/ca.pem")
+    echo "CA $TMP/tls/ca.pem; servers use --tls-cert/--tls-key, clients --tls-ca"
+fi
+
 # wait_for FILE REGEX SECONDS PID: the first line of FILE matching REGEX
 wait_for() {
     local file=$1 re=$2 secs=$3 pid=$4 line
@@ -120,12 +148,12 @@ for name in "${NAMES[@]}"; do
     echo "account $name created"
 done
 
-"$BIN" market --listen 127.0.0.1:0 --db "$DB" >"$TMP/market.out" 2>"$TMP/market.err" &
+"$BIN" market --listen 127.0.0.1:0 --db "$DB" ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} >"$TMP/market.out" 2>"$TMP/market.err" &
 PIDS+=($!)
 MARKET_PID=$!
 line=$(wait_for "$TMP/market.out" 'listening on ' 60 "$MARKET_PID")
 MARKET=${line##*listening on }
-echo "market listening on $MARKET (pid $MARKET_PID, database $DB)"
+echo "market listening on $MARKET (pid $MARKET_PID, database $DB)${CA[@]+", TLS"}"
 
 # ---- three providers -------------------------------------------------------------
 say "three providers rent out this machine (--max-threads $THREADS each)"
@@ -133,6 +161,7 @@ PPIDS=()
 for i in 0 1 2; do
     "$BIN" provide --market "$MARKET" --token "${TOKENS[$i]}" --listen 127.0.0.1:0 \
         --max-threads "$THREADS" --price "${PRICES[$i]}" \
+        ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} ${CA[@]+"${CA[@]}"} \
         >"$TMP/provider$i.out" 2>"$TMP/provider$i.err" &
     PIDS+=($!)
     PPIDS+=($!)
@@ -141,7 +170,7 @@ for i in 0 1 2; do
     line=$(wait_for "$TMP/provider$i.out" 'serving on ' 60 "${PPIDS[$i]}")
     echo "${NAMES[$i]} (pid ${PPIDS[$i]}): ${line#arceus provide: }"
 done
-"$BIN" providers --market "$MARKET" --token "$RENTER"
+"$BIN" providers --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"}
 
 # ---- the renter trains through the market ----------------------------------------
 say "the renter trains configs/mlp-fashion.json on 3 leased providers"
@@ -149,6 +178,7 @@ TRAIN=(--model configs/mlp-fashion.json --market "$MARKET" --token "$RENTER" --d
     --plan 0,1,2 --micro-batches 4 --out "$OUT_DIR" --threads "$THREADS")
 [ -n "${ARCEUS_DEMO_STEPS:-}" ] && TRAIN+=(--steps "$ARCEUS_DEMO_STEPS")
 [ -n "${ARCEUS_DEMO_DATA:-}" ] && TRAIN+=(--data "$ARCEUS_DEMO_DATA")
+[ "$USE_TLS" = 1 ] && TRAIN+=("${CA[@]}")
 echo "\$ arceus train ${TRAIN[*]/$RENTER/\$RENTER_TOKEN}"
 "$BIN" train "${TRAIN[@]}" &
 TRAIN_PID=$!
@@ -180,13 +210,13 @@ show_ledger() {
 }
 
 say "the ledger: the renter paid, the providers earned"
-"$BIN" ledger --market "$MARKET" --token "$RENTER" >"$TMP/ledger-renter.txt"
+"$BIN" ledger --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"} >"$TMP/ledger-renter.txt"
 show_ledger "$TMP/ledger-renter.txt"
 renter_bal=$(micro <"$TMP/ledger-renter.txt")
 earned=0
 for i in 0 1 2; do
     echo
-    "$BIN" ledger --market "$MARKET" --token "${TOKENS[$i]}" >"$TMP/ledger-$i.txt"
+    "$BIN" ledger --market "$MARKET" --token "${TOKENS[$i]}" ${CA[@]+"${CA[@]}"} >"$TMP/ledger-$i.txt"
     show_ledger "$TMP/ledger-$i.txt"
     earned=$((earned + $(micro <"$TMP/ledger-$i.txt")))
 done
@@ -199,11 +229,11 @@ echo "ledger sum (mint $(fmt $((-minted))) + renter $(fmt "$renter_bal") + provi
 [ "$sum" -eq 0 ] || die "the ledger does not balance"
 
 say "the renter's jobs"
-"$BIN" jobs --market "$MARKET" --token "$RENTER" | tee "$TMP/jobs.txt"
+"$BIN" jobs --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"} | tee "$TMP/jobs.txt"
 JOB=$(awk 'NR > 1 { id = $1 } END { print id }' "$TMP/jobs.txt")
 if [ -n "$JOB" ]; then
     echo
-    "$BIN" job "$JOB" --market "$MARKET" --token "$RENTER"
+    "$BIN" job "$JOB" --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"}
 fi
 
 say "done: stopping the providers and the market"

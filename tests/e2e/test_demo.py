@@ -3,7 +3,9 @@ processes and a renter on loopback; the renter trains the Fashion-MNIST MLP
 across the three through the market. Runs the script itself (install step
 skipped, the binary under test, fewer steps than an epoch) and checks: exit 0,
 a plan of three stages on three devices, test accuracy >= 80%, a balanced
-ledger, the job listed as done, and no process of the demo left running."""
+ledger, the job listed as done, and no process of the demo left running.
+The same over TLS (ARCEUS_DEMO_TLS=1), where a client without the CA is
+refused by the demo's market while one with it gets through."""
 
 import os
 import re
@@ -40,16 +42,68 @@ def processes_mentioning(text):
     return found
 
 
-def test_demo_trains_across_three_providers_and_balances_the_ledger(arceus_bin, tmp_path):
+def demo_env(arceus_bin, tmp_path, **extra):
     env = _env()
     env.update(ARCEUS_BIN=str(arceus_bin), ARCEUS_DEMO_SKIP_DEPS="1", ARCEUS_DEMO_STEPS=str(STEPS),
-               ARCEUS_DEMO_OUT=str(tmp_path / "demo"), TMPDIR=str(tmp_path))
+               ARCEUS_DEMO_OUT=str(tmp_path / "demo"), TMPDIR=str(tmp_path), **extra)
+    return env
+
+
+def test_demo_trains_across_three_providers_and_balances_the_ledger(arceus_bin, tmp_path):
+    env = demo_env(arceus_bin, tmp_path)
     t0 = time.monotonic()
     p = subprocess.run([str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=240)
     took = time.monotonic() - t0
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-6000:]
+    check_demo(out, tmp_path, took)
+
+
+def test_demo_over_tls_refuses_a_client_without_the_ca(arceus_bin, tmp_path):
+    env = demo_env(arceus_bin, tmp_path, ARCEUS_DEMO_TLS="1")
+    out_path, err_path = tmp_path / "demo.out", tmp_path / "demo.err"
+    t0 = time.monotonic()
+    with open(out_path, "w") as o, open(err_path, "w") as e:
+        demo = subprocess.Popen([str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, stdout=o, stderr=e,
+                                text=True)
+    try:
+        # while the demo runs: its market, and the CA in its temporary folder
+        market = None
+        deadline = time.monotonic() + 120
+        while market is None and time.monotonic() < deadline and demo.poll() is None:
+            m = re.search(r"market listening on (127\.0\.0\.1:\d+)", out_path.read_text())
+            market = m and m.group(1)
+            time.sleep(0.05)
+        assert market, out_path.read_text() + err_path.read_text()
+        cas = list(tmp_path.glob("arceus-demo.*/tls/ca.pem"))
+        assert len(cas) == 1, cas
+        (tmp_path / "ca.pem").write_bytes(cas[0].read_bytes())
+        # without the CA: refused (the TLS handshake fails), and told why
+        plain = subprocess.run([str(arceus_bin), "providers", "--market", market, "--token", "0" * 64],
+                               env=_env(), capture_output=True, text=True, timeout=60)
+        # with it: through to the market, which refuses the made-up token
+        with_ca = subprocess.run([str(arceus_bin), "providers", "--market", market, "--token", "0" * 64,
+                                  "--tls-ca", str(tmp_path / "ca.pem")],
+                                 env=_env(), capture_output=True, text=True, timeout=60)
+        rc = demo.wait(timeout=240)
+    finally:
+        if demo.poll() is None:
+            demo.terminate()
+            demo.wait(timeout=60)
+    took = time.monotonic() - t0
+    out = out_path.read_text() + err_path.read_text()
+    assert rc == 0, out[-6000:]
+    assert plain.returncode != 0, plain.stdout + plain.stderr
+    assert "unreachable" in plain.stderr and "--tls-ca" in plain.stderr, plain.stderr
+    assert with_ca.returncode != 0 and "unreachable" not in with_ca.stderr, with_ca.stderr
+    assert "token" in with_ca.stderr.lower(), with_ca.stderr
+    assert "TLS: a CA and a server certificate" in out, out
+    assert re.search(r"market listening on \S+ \(pid \d+, database .*\), TLS$", out, re.M), out
+    check_demo(out, tmp_path, took)
+
+
+def check_demo(out, tmp_path, took):
     for marker in SANITIZER_MARKERS:
         assert marker not in out, out[-6000:]
 
