@@ -57,6 +57,8 @@ void ar_help_train(void)
            "  --workers local:S    run an in-process pipeline of S stages (local:1)\n"
            "  --workers H:P,H:P,.. one stage per worker process (arceus worker), in order\n"
            "  --schedule NAME      pipeline schedule: gpipe or 1f1b (1f1b)\n"
+           "  --worker-token T     the secret of workers started with arceus worker --token T\n"
+           "                       (also $ARCEUS_WORKER_TOKEN)\n"
            "  --plan auto|SPEC     how layers are split over the stages: auto (the planner,\n"
            "                       from each worker's measured speed and memory) or e.g.\n"
            "                       \"0-2,3-5,6-7\" (layers of stage 0, 1, 2 on the workers in order)\n"
@@ -163,6 +165,8 @@ int ar_cmd_train(int argc, char **argv)
             rc = ar_args_long(&a, 0, 100000000, &c.ckpt_every);
         else if (!strcmp(name, "plan"))
             rc = ar_args_string(&a, &c.plan);
+        else if (!strcmp(name, "worker-token"))
+            rc = ar_args_string(&a, &c.worker_token);
         else if (!strcmp(name, "stop-after"))
             rc = ar_args_long(&a, 1, 100000000, &c.stop_after);
         else if (!strcmp(name, "quiet"))
@@ -225,6 +229,8 @@ int ar_cmd_train(int argc, char **argv)
         ar_cli_error("train", "--resume takes the model from %s/spec.json; drop --model", c.resume_dir);
         return 2;
     }
+    if (!c.worker_token)
+        c.worker_token = getenv("ARCEUS_WORKER_TOKEN");
     if (!c.model_path && !c.resume_dir) {
         ar_cli_error("train", "--model SPEC is required (for example configs/mlp-fashion.json)");
         return 2;

@@ -24,7 +24,10 @@ void ar_help_worker(void)
            "  --max-frame-mb N     refuse frames larger than N MiB (1024)\n"
            "  --market HOST:PORT   serve market leases only: every Load must carry a lease\n"
            "                       token that this market confirms includes the provider\n"
-           "  --token T            with --market: the provider's account token\n"
+           "  --token T            with --market: the provider's account token; without it:\n"
+           "                       a secret every Load must carry (arceus train\n"
+           "                       --worker-token T). With neither, anyone who can reach\n"
+           "                       the worker may load a stage on it\n"
            "  --provider-id ID     with --market: the id the market registered it under\n"
            "                       (arceus provide does all this by itself)\n"
            AR_CLI_TLS_SERVER_HELP
@@ -69,10 +72,17 @@ int ar_cmd_worker(int argc, char **argv)
         ar_cli_error("worker", "--listen HOST:PORT is required (for example 127.0.0.1:5001)");
         return 2;
     }
-    if ((market || token || provider_id) && !(market && token && provider_id)) {
+    if ((market || provider_id) && !(market && token && provider_id)) {
         ar_cli_error("worker", "--market, --token and --provider-id go together");
         return 2;
     }
+    if (token && !market && strlen(token) < 8) {
+        ar_cli_error("worker", "--token: a secret of at least 8 characters, please");
+        return 2;
+    }
+    if (!token)
+        fprintf(stderr, "arceus worker: warning: no --token or --market: any client that can reach "
+                        "this worker may load a stage on it\n");
     if (ar_cli_tls_setup("worker", &tls) != 0)
         return 2;
     /* signals are taken by sigwait below, in this thread only: block them
@@ -84,7 +94,8 @@ int ar_cmd_worker(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     ar_set_threads(threads);
     ar_worker_config c = {.listen = listen, .threads = threads, .max_frame = (size_t)max_mb << 20,
-                          .market = market, .market_token = token, .provider_id = provider_id};
+                          .market = market, .market_token = market ? token : NULL,
+                          .provider_id = provider_id, .load_token = market ? NULL : token};
     ar_worker *w;
     char addr[200];
     if (ar_worker_start(&c, &w, addr, sizeof addr) != AR_OK) {

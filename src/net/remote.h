@@ -23,6 +23,9 @@ typedef struct {
     const char *market;       /* HOST:PORT */
     const char *market_token;
     int64_t provider_id;
+    /* A worker of one's own (no market): every Load must carry this secret
+     * (arceus train --worker-token). NULL: Loads need no token. */
+    const char *load_token;
 } ar_worker_config;
 
 typedef struct ar_worker ar_worker;

@@ -35,6 +35,7 @@ struct ar_worker {
     ar_client *market;
     char market_token[AR_TOKEN_LEN];
     int64_t provider_id;
+    char load_token[256]; /* a standalone worker's secret; "" when none */
     /* clients replaced by a later ar_worker_require_lease: a Load may still
      * be asking the market through one, so they are closed at stop only */
     ar_client **retired;
@@ -158,8 +159,22 @@ static int check_lease(ar_worker *w, ar_rpc *rpc, const char *lease_token)
     memcpy(token, w->market_token, sizeof token);
     int64_t provider = w->provider_id;
     pthread_mutex_unlock(&w->mu);
-    if (!market)
-        return 0;
+    if (!market) {
+        if (!w->load_token[0])
+            return 0;
+        /* a standalone worker with a secret: compare in constant time */
+        size_t n = strlen(w->load_token), m = lease_token ? strlen(lease_token) : 0;
+        unsigned diff = (unsigned)(n ^ m);
+        for (size_t i = 0; i < n; i++)
+            diff |= (unsigned char)w->load_token[i] ^ (unsigned char)(i < m ? lease_token[i] : 0);
+        if (diff == 0)
+            return 0;
+        ar_log(AR_LOG_WARN, "%s: Load with a wrong or missing token from %s: refused", w->name,
+               ar_rpc_peer(rpc));
+        ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED,
+                      "worker %s needs its token: arceus train --worker-token T", w->name);
+        return -1;
+    }
     if (!lease_token || !lease_token[0]) {
         ar_log(AR_LOG_WARN, "%s: Load without a lease token from %s: refused", w->name, ar_rpc_peer(rpc));
         ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED,
@@ -487,6 +502,8 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     const char *colon = strrchr(c->listen, ':');
     int hl = colon ? (int)(colon - c->listen) : (int)strlen(c->listen);
     snprintf(w->name, sizeof w->name, "%.*s:%d", hl, c->listen, port);
+    if (c->load_token)
+        snprintf(w->load_token, sizeof w->load_token, "%s", c->load_token);
     if (c->market && (rc = ar_worker_require_lease(w, c->market, c->market_token, c->provider_id)) != AR_OK) {
         ar_worker_stop(w);
         return rc;

@@ -821,7 +821,7 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
                           .rows = r->rows_per_mb, .micro_batches = r->M, .schedule = c->schedule,
                           .index = i, .count = r->S, .seed = c->seed, .optim = *oc,
                           .next_worker = i + 1 < r->S ? r->addrs[i + 1] : NULL,
-                          .lease_token = r->leased ? r->lease.token : NULL};
+                          .lease_token = r->leased ? r->lease.token : c->worker_token};
         if ((rc = ar_remote_load(r->clients[i], &a)) != AR_OK)
             return ar_fail(rc, "loading stage %d on %s: %s", i, r->addrs[i], ar_last_error());
         if (resume && (rc = ar_remote_restore(r->clients[i], &r->shadows[i])) != AR_OK)

@@ -21,6 +21,7 @@ typedef struct {
     int stages;              /* in-process pipeline stages ("--workers local:N") */
     const char *remote_workers; /* "HOST:PORT,HOST:PORT,...": one stage per worker process */
     const char *plan;        /* "auto" or NULL: the planner decides; "0-2,3-5,6-7": units per stage */
+    const char *worker_token;/* the secret of workers started with --token (no market) */
     int schedule;            /* enum ar_schedule_kind */
     float lr, min_lr;
     long warmup;

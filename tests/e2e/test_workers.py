@@ -479,3 +479,26 @@ def test_gpt5m_three_workers_short_run(run_arceus, workers, tmp_path, corpus):
     assert len(losses) == 4 and all(l == l for l in losses)
     assert losses[-1] < losses[0], losses
     assert "predicted bubble" in p.stdout and "final val loss" in p.stdout
+
+
+# ---------------------------------------------------------------------------
+# A worker of one's own, with a secret: every Load must carry it.
+# ---------------------------------------------------------------------------
+
+def test_worker_with_a_token_refuses_loads_without_it(run_arceus, workers, tmp_path, small_mlp_spec,
+                                                      small_fashion):
+    ws = workers(2, "--token", "correct-horse-42")
+    args = ("--model", small_mlp_spec, "--data", small_fashion, *MLP_RUN, "--threads", "1",
+            "--workers", addrs(ws))
+    p = run_arceus("train", *args)
+    assert p.returncode == 1 and "--worker-token" in p.stderr, p.stderr[-2000:]
+    p = run_arceus("train", *args, "--worker-token", "wrong-horse-42")
+    assert p.returncode == 1 and "needs its token" in p.stderr, p.stderr[-2000:]
+    run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, *MLP_RUN, "--threads", "1",
+               "--out", tmp_path / "one", check=True)
+    run_arceus("train", *args, "--worker-token", "correct-horse-42", "--out", tmp_path / "two", check=True)
+    assert ((tmp_path / "one" / "model.safetensors").read_bytes() ==
+            (tmp_path / "two" / "model.safetensors").read_bytes())
+    # too short a secret is refused up front
+    p = run_arceus("worker", "--listen", "127.0.0.1:0", "--token", "short")
+    assert p.returncode == 2 and "8 characters" in p.stderr
