@@ -32,6 +32,10 @@ int ar_args_int(ar_args *a, int lo, int hi, int *out);
 int ar_args_float(ar_args *a, double lo, double hi, float *out);
 int ar_args_u64(ar_args *a, uint64_t *out);
 int ar_args_unknown(ar_args *a);
+/* Credits "N" or "N.DDDDDD" (at most 6 decimals) -> micro-credits, exactly
+ * (no floating point); 0 when the value is in [0, max_micro], -1 otherwise
+ * (the caller words the error for its option). */
+int ar_parse_credits(const char *s, int64_t max_micro, int64_t *out);
 /* Print "arceus CMD: error: MESSAGE" to stderr. */
 void ar_cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

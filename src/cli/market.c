@@ -29,28 +29,8 @@ static const char *credits_str(int64_t micro, char *buf, size_t size)
 /* "N" or "N.DDDDDD" (at most 6 decimals, at most 1e12 credits) -> micro */
 static int parse_credits(const char *cmd, const char *opt, const char *s, int64_t *out)
 {
-    const char *p = s;
-    uint64_t whole = 0, frac = 0;
-    int digits = 0, fdigits = 0;
-    for (; *p >= '0' && *p <= '9'; p++, digits++) {
-        whole = whole * 10 + (uint64_t)(*p - '0');
-        if (whole > 1000000000000ULL)
-            goto bad;
-    }
-    if (*p == '.') {
-        for (p++; *p >= '0' && *p <= '9'; p++, fdigits++) {
-            if (fdigits == 6)
-                goto bad;
-            frac = frac * 10 + (uint64_t)(*p - '0');
-        }
-    }
-    if (*p || (digits == 0 && fdigits == 0))
-        goto bad;
-    for (int i = fdigits; i < 6; i++)
-        frac *= 10;
-    *out = (int64_t)(whole * (uint64_t)AR_MICRO_PER_CREDIT + frac);
-    return 0;
-bad:
+    if (ar_parse_credits(s, AR_CREDITS(1000000000000LL), out) == 0)
+        return 0;
     ar_cli_error(cmd, "--%s expects credits like 100 or 0.25 (0..1e12, at most 6 decimals), got \"%s\"",
                  opt, s);
     return -1;

@@ -102,30 +102,8 @@ bad:
  * the market's price limit. */
 static int parse_price(const char *s, int64_t *out)
 {
-    const char *p = s;
-    uint64_t whole = 0, frac = 0;
-    int digits = 0, fdigits = 0;
-    for (; *p >= '0' && *p <= '9'; p++, digits++) {
-        whole = whole * 10 + (uint64_t)(*p - '0');
-        if (whole > (uint64_t)(AR_MARKET_MAX_PRICE / AR_MICRO_PER_CREDIT))
-            goto bad;
-    }
-    if (*p == '.')
-        for (p++; *p >= '0' && *p <= '9'; p++, fdigits++) {
-            if (fdigits == 6)
-                goto bad;
-            frac = frac * 10 + (uint64_t)(*p - '0');
-        }
-    if (*p || (digits == 0 && fdigits == 0))
-        goto bad;
-    for (int i = fdigits; i < 6; i++)
-        frac *= 10;
-    int64_t v = (int64_t)(whole * (uint64_t)AR_MICRO_PER_CREDIT + frac);
-    if (v > AR_MARKET_MAX_PRICE)
-        goto bad;
-    *out = v;
-    return 0;
-bad:
+    if (ar_parse_credits(s, AR_MARKET_MAX_PRICE, out) == 0)
+        return 0;
     ar_cli_error("provide", "--price expects credits per TFLOP like 2 or 0.25 (0..%lld, at most 6 decimals), got \"%s\"",
                  (long long)(AR_MARKET_MAX_PRICE / AR_MICRO_PER_CREDIT), s);
     return -1;

@@ -15,26 +15,8 @@
  * (as arceus market add-account --credits reads them) */
 static int parse_max_credits(const char *s, int64_t *out)
 {
-    const char *p = s;
-    uint64_t whole = 0, frac = 0;
-    int digits = 0, fdigits = 0;
-    for (; *p >= '0' && *p <= '9'; p++, digits++)
-        if ((whole = whole * 10 + (uint64_t)(*p - '0')) > 1000000000000ULL)
-            goto bad;
-    if (*p == '.')
-        for (p++; *p >= '0' && *p <= '9'; p++, fdigits++) {
-            if (fdigits == 6)
-                goto bad;
-            frac = frac * 10 + (uint64_t)(*p - '0');
-        }
-    if (*p || (digits == 0 && fdigits == 0))
-        goto bad;
-    for (int i = fdigits; i < 6; i++)
-        frac *= 10;
-    *out = (int64_t)(whole * (uint64_t)AR_MICRO_PER_CREDIT + frac);
-    if (*out > 0)
+    if (ar_parse_credits(s, AR_CREDITS(1000000000000LL), out) == 0 && *out > 0)
         return 0;
-bad:
     ar_cli_error("train", "--max-credits expects credits like 100 or 0.25 (above 0, up to 1e12, at "
                  "most 6 decimals), got \"%s\"", s);
     return -1;
