@@ -6,7 +6,7 @@
 #include <string.h>
 
 static const ar_command commands[] = {
-    {"train", "train a model (one device, or an in-process pipeline)", ar_cmd_train, ar_help_train},
+    {"train", "train a model: on this machine, over workers, or through a market", ar_cmd_train, ar_help_train},
     {"sample", "generate text from a language-model checkpoint", ar_cmd_sample, ar_help_sample},
     {"eval", "evaluate a checkpoint on a data set", ar_cmd_eval, ar_help_eval},
     {"worker", "serve a pipeline stage to drivers over gRPC", ar_cmd_worker, ar_help_worker},

@@ -26,7 +26,9 @@ void ar_help_train(void)
 {
     printf("usage: arceus train --model SPEC [--data PATH] [options]\n"
            "\n"
-           "Train a model on this machine. The default data for an MLP is Fashion-MNIST\n"
+           "Train a model: on this machine (one stage, or --workers local:S), over worker\n"
+           "processes (--workers HOST:PORT,...), or on providers leased from a market\n"
+           "(--market). The default data for an MLP is Fashion-MNIST\n"
            "from /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist);\n"
            "a GPT trains on a text file given with --data.\n"
            "\n"
