@@ -155,8 +155,24 @@ static int cur_varint(cursor *c, uint64_t *v)
 
 /* With payload_at non-NULL the payload is not copied: f->nbytes is set, f->data
  * stays NULL and *payload_at gets the payload's offset in the message. */
+/* Frames coalesced into one message (field 15, see proto/arceus.proto). */
+#define MAX_NESTED 256
+typedef struct {
+    int n;
+    size_t off[MAX_NESTED], len[MAX_NESTED];
+} nested_list;
+
+static int decode_segments_n(const uint8_t **ptr, const size_t *len, int nseg, ar_frame *f,
+                             size_t *payload_at, nested_list *nested);
+
 static int decode_segments(const uint8_t **ptr, const size_t *len, int nseg, ar_frame *f,
                            size_t *payload_at)
+{
+    return decode_segments_n(ptr, len, nseg, f, payload_at, NULL);
+}
+
+static int decode_segments_n(const uint8_t **ptr, const size_t *len, int nseg, ar_frame *f,
+                             size_t *payload_at, nested_list *nested)
 {
     cursor c = {.ptr = ptr, .len = len, .nseg = nseg};
     for (int i = 0; i < nseg; i++)
@@ -199,6 +215,16 @@ static int decode_segments(const uint8_t **ptr, const size_t *len, int nseg, ar_
             if (nscalars >= 4)
                 BAD("frame with more than 4 scalars");
             f->scalars[nscalars++] = d;
+        } else if (field == 15 && wt == 2 && nested) {
+            if (cur_varint(&c, &n) != 0 || n > c.left)
+                BAD("truncated coalesced frame");
+            if (nested->n >= MAX_NESTED)
+                BAD("more than %d frames in one message", MAX_NESTED);
+            nested->off[nested->n] = total - c.left;
+            nested->len[nested->n] = n;
+            nested->n++;
+            if (cur_read(&c, NULL, n) != 0)
+                BAD("truncated coalesced frame");
         } else if ((field == 9 || field == 10) && wt == 2) {
             if (cur_varint(&c, &n) != 0 || n > c.left)
                 BAD("truncated frame %s", field == 9 ? "targets" : "payload");
@@ -295,7 +321,39 @@ static grpc_byte_buffer *raw_buffer(grpc_byte_buffer *bb)
  * the buffer (f->data NULL, *payload_at its offset): the event loop only
  * parses and validates; the copy is made by the thread that takes the frame
  * (payload_copy), so a link's receiver and the loop work in parallel. */
-static int frame_decode_bb(grpc_byte_buffer *bb, ar_frame *f, size_t *payload_at)
+/* The segments [off, off + n) of a segment list, as a new list (malloc'd). */
+static int sub_segments(const uint8_t **ptr, const size_t *len, int nseg, size_t off, size_t n,
+                        const uint8_t ***out_ptr, size_t **out_len, int *out_n)
+{
+    const uint8_t **p = malloc(sizeof *p * (size_t)(nseg ? nseg : 1));
+    size_t *l = malloc(sizeof *l * (size_t)(nseg ? nseg : 1));
+    if (!p || !l) {
+        free(p);
+        free(l);
+        return ar_fail(AR_ENOMEM, "out of memory reading a message");
+    }
+    int k = 0;
+    for (int i = 0; i < nseg && n > 0; i++) {
+        if (off >= len[i]) {
+            off -= len[i];
+            continue;
+        }
+        size_t take = len[i] - off < n ? len[i] - off : n;
+        p[k] = ptr[i] + off;
+        l[k] = take;
+        k++;
+        n -= take;
+        off = 0;
+    }
+    *out_ptr = p;
+    *out_len = l;
+    *out_n = k;
+    return n == 0 ? AR_OK : ar_fail(AR_EPROTO, "truncated coalesced frame");
+}
+
+/* Decode every frame of a message: the first, then those coalesced into it
+ * (field 15), into fs[0..*count); payloads stay in the buffer (payload_at). */
+static int frames_decode_bb(grpc_byte_buffer *bb, ar_frame *fs, size_t *payload_at, int *count)
 {
     const grpc_slice_buffer *sb = &bb->data.raw.slice_buffer;
     enum { NSTACK = 64 };
@@ -304,8 +362,10 @@ static int frame_decode_bb(grpc_byte_buffer *bb, ar_frame *f, size_t *payload_at
     size_t n = sb->count;
     const uint8_t **ptr = n <= NSTACK ? ptr_s : malloc(sizeof *ptr * n);
     size_t *len = n <= NSTACK ? len_s : malloc(sizeof *len * n);
+    nested_list *nested = malloc(sizeof *nested);
     int rc;
-    if (!ptr || !len) {
+    *count = 0;
+    if (!ptr || !len || !nested) {
         rc = ar_fail(AR_ENOMEM, "out of memory reading a message");
     } else if (n > (size_t)0x7fffffff) {
         rc = ar_fail(AR_EPROTO, "message of too many slices");
@@ -314,12 +374,37 @@ static int frame_decode_bb(grpc_byte_buffer *bb, ar_frame *f, size_t *payload_at
             ptr[i] = GRPC_SLICE_START_PTR(sb->slices[i]);
             len[i] = GRPC_SLICE_LENGTH(sb->slices[i]);
         }
-        rc = decode_segments(ptr, len, (int)n, f, payload_at);
+        nested->n = 0;
+        rc = decode_segments_n(ptr, len, (int)n, &fs[0], &payload_at[0], nested);
+        if (rc == AR_OK)
+            *count = 1;
+        for (int k = 0; rc == AR_OK && k < nested->n; k++) {
+            const uint8_t **sp = NULL;
+            size_t *sl = NULL;
+            int sn = 0;
+            rc = sub_segments(ptr, len, (int)n, nested->off[k], nested->len[k], &sp, &sl, &sn);
+            if (rc == AR_OK) {
+                size_t at = 0;
+                /* a coalesced frame carries no further frames */
+                rc = decode_segments(sp, sl, sn, &fs[*count], &at);
+                payload_at[*count] = nested->off[k] + at;
+                if (rc == AR_OK)
+                    (*count)++;
+            }
+            free(sp);
+            free(sl);
+        }
+        if (rc != AR_OK) {
+            for (int k = 0; k < *count; k++)
+                ar_frame_free(&fs[k]);
+            *count = 0;
+        }
     }
     if (ptr != ptr_s)
         free(ptr);
     if (len != len_s)
         free(len);
+    free(nested);
     return rc;
 }
 
@@ -384,6 +469,7 @@ struct glink {
     int refs;           /* the owner + every outstanding batch */
     link_tag send_tag, recv_tag, end_tag, meta_tag, half_tag;
     out_msg *out_head, *out_tail;
+    out_msg *coalesced, *coalesced_tail; /* only inside coalesce_locked */
     grpc_byte_buffer *sending;
     int send_busy;
     int want_half_close, half_closed;
@@ -448,14 +534,90 @@ static int start_locked(glink *l, link_tag *t, const grpc_op *ops, size_t n)
     return 0;
 }
 
+/* Frames queued behind the one being sent ride in the same message (as its
+ * field 15) up to this size: one gRPC message costs about as much as tens of
+ * KiB of payload, and a link never waits to fill a message. */
+#define COALESCE_BYTES ((size_t)16 << 20)
+#define COALESCE_FRAMES 64
+
+/* The next message: the head of the queue, plus the frames queued behind it
+ * while they fit. NULL when out of memory (the head is sent alone). */
+static grpc_byte_buffer *coalesce_locked(glink *l, grpc_byte_buffer *head)
+{
+    size_t total = grpc_byte_buffer_length(head), nslices = head->data.raw.slice_buffer.count;
+    int frames = 1;
+    out_msg *m = l->out_head;
+    while (m && frames < COALESCE_FRAMES && m->bb->type == GRPC_BB_RAW &&
+           total + grpc_byte_buffer_length(m->bb) + 16 <= COALESCE_BYTES) {
+        total += grpc_byte_buffer_length(m->bb) + 16;
+        nslices += 1 + m->bb->data.raw.slice_buffer.count;
+        frames++;
+        m = m->next;
+    }
+    if (frames == 1 || head->type != GRPC_BB_RAW)
+        return head;
+    grpc_slice *slices = malloc(sizeof *slices * nslices);
+    if (!slices)
+        return head;
+    size_t k = 0;
+    const grpc_slice_buffer *hs = &head->data.raw.slice_buffer;
+    for (size_t i = 0; i < hs->count; i++)
+        slices[k++] = hs->slices[i];
+    grpc_slice tags[COALESCE_FRAMES];
+    int ntags = 0;
+    for (int f = 1; f < frames; f++) {
+        out_msg *next = l->out_head;
+        l->out_head = next->next;
+        if (!l->out_head)
+            l->out_tail = NULL;
+        uint8_t tag[16];
+        size_t tl = 0;
+        tag[tl++] = (15 << 3) | 2; /* field 15 (more), length-delimited */
+        tl += put_varint(tag + tl, grpc_byte_buffer_length(next->bb));
+        tags[ntags] = grpc_slice_from_copied_buffer((const char *)tag, tl);
+        slices[k++] = tags[ntags++];
+        const grpc_slice_buffer *ns = &next->bb->data.raw.slice_buffer;
+        for (size_t i = 0; i < ns->count; i++)
+            slices[k++] = ns->slices[i];
+        /* the new message takes its own references below; keep the old
+         * buffers until then */
+        next->next = NULL;
+        if (f == 1)
+            l->coalesced = next;
+        else
+            l->coalesced_tail->next = next;
+        l->coalesced_tail = next;
+    }
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(slices, k);
+    free(slices);
+    for (int i = 0; i < ntags; i++)
+        grpc_slice_unref(tags[i]);
+    for (out_msg *o = l->coalesced; o;) {
+        out_msg *next = o->next;
+        grpc_byte_buffer_destroy(o->bb);
+        free(o);
+        o = next;
+    }
+    l->coalesced = l->coalesced_tail = NULL;
+    if (!bb) /* cannot happen in practice; the coalesced frames are lost: fail the link */
+        l->failed = 1;
+    grpc_byte_buffer_destroy(head);
+    return bb;
+}
+
 static void start_send_locked(glink *l)
 {
     out_msg *m = l->out_head;
     l->out_head = m->next;
     if (!l->out_head)
         l->out_tail = NULL;
-    l->sending = m->bb;
+    l->sending = coalesce_locked(l, m->bb);
     free(m);
+    if (!l->sending) {
+        if (!l->err[0])
+            snprintf(l->err, sizeof l->err, "%s: out of memory sending", l->base.name);
+        return;
+    }
     l->send_busy = 1;
     grpc_op op;
     memset(&op, 0, sizeof op);
@@ -515,8 +677,10 @@ static void on_recv(net_tag *t, int ok)
     grpc_byte_buffer *bb = l->recv_buf;
     l->recv_buf = NULL;
     int got = ok && bb; /* a message arrived (else the stream ended) */
-    ar_frame f;
-    size_t payload_at = 0;
+    enum { MAXF = 1 + MAX_NESTED };
+    ar_frame *fs = NULL;
+    size_t *payload_at = NULL;
+    int nf = 0;
     int rc = AR_OK;
     char msg[512] = "";
     if (bb && !ok) {
@@ -527,27 +691,64 @@ static void on_recv(net_tag *t, int ok)
         rc = AR_ENOMEM;
         snprintf(msg, sizeof msg, "out of memory reading a message");
     } else if (got) {
-        rc = frame_decode_bb(bb, &f, &payload_at);
-        if (rc == AR_OK && (rc = ar_frame_validate(&f, l->max_frame)) != AR_OK)
-            ar_frame_free(&f);
-        if (rc != AR_OK)
-            snprintf(msg, sizeof msg, "bad frame: %s", ar_last_error());
+        fs = calloc(MAXF, sizeof *fs);
+        payload_at = calloc(MAXF, sizeof *payload_at);
+        if (!fs || !payload_at) {
+            rc = AR_ENOMEM;
+            snprintf(msg, sizeof msg, "out of memory reading a message");
+        } else {
+            rc = frames_decode_bb(bb, fs, payload_at, &nf);
+            for (int k = 0; rc == AR_OK && k < nf; k++)
+                rc = ar_frame_validate(&fs[k], l->max_frame);
+            if (rc != AR_OK)
+                snprintf(msg, sizeof msg, "bad frame: %s", ar_last_error());
+        }
     }
-    in_msg *m = NULL;
-    if (got && rc == AR_OK && !(m = malloc(sizeof *m))) {
-        ar_frame_free(&f);
-        rc = AR_ENOMEM;
-        snprintf(msg, sizeof msg, "out of memory queueing a frame");
+    /* one queue entry per frame; a frame with a payload keeps (a reference
+     * to) the message until its payload is taken */
+    in_msg *first = NULL, *last = NULL;
+    for (int k = 0; got && rc == AR_OK && k < nf; k++) {
+        in_msg *m = malloc(sizeof *m);
+        if (!m) {
+            rc = AR_ENOMEM;
+            snprintf(msg, sizeof msg, "out of memory queueing a frame");
+            break;
+        }
+        m->f = fs[k];
+        memset(&fs[k], 0, sizeof fs[k]);
+        m->bb = NULL;
+        m->payload_at = payload_at[k];
+        m->next = NULL;
+        if (m->f.nbytes > 0 && !(m->bb = grpc_byte_buffer_copy(bb))) {
+            ar_frame_free(&m->f);
+            free(m);
+            rc = AR_ENOMEM;
+            snprintf(msg, sizeof msg, "out of memory queueing a frame");
+            break;
+        }
+        if (last)
+            last->next = m;
+        else
+            first = m;
+        last = m;
     }
-    if (m && f.nbytes > 0) { /* the payload stays in the buffer until taken */
-        m->bb = bb;
-        m->payload_at = payload_at;
-    } else {
-        if (m)
-            m->bb = NULL;
-        if (bb)
-            grpc_byte_buffer_destroy(bb);
+    if (rc != AR_OK) {
+        while (first) {
+            in_msg *next = first->next;
+            ar_frame_free(&first->f);
+            if (first->bb)
+                grpc_byte_buffer_destroy(first->bb);
+            free(first);
+            first = next;
+        }
+        last = NULL;
     }
+    for (int k = 0; fs && k < nf; k++)
+        ar_frame_free(&fs[k]);
+    free(fs);
+    free(payload_at);
+    if (bb)
+        grpc_byte_buffer_destroy(bb);
     bb = NULL;
     pthread_mutex_lock(&l->mu);
     if (!got) {
@@ -563,13 +764,13 @@ static void on_recv(net_tag *t, int ok)
         else if (!l->is_server)
             grpc_call_cancel_with_status(l->call, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
     } else {
-        m->f = f;
-        m->next = NULL;
-        if (l->in_tail)
-            l->in_tail->next = m;
-        else
-            l->in_head = m;
-        l->in_tail = m;
+        if (first) {
+            if (l->in_tail)
+                l->in_tail->next = first;
+            else
+                l->in_head = first;
+            l->in_tail = last;
+        }
         if (l->closed)
             l->recv_done = 1;
         else

@@ -274,3 +274,48 @@ Test(net, worker_control_rpcs)
     ar_client_close(c);
     ar_worker_stop(w);
 }
+
+/* Frames queued faster than they are sent travel coalesced, several to a
+ * gRPC message: each still arrives whole, in order, bitwise. */
+Test(net, a_burst_of_frames_arrives_whole_and_in_order)
+{
+    char addr[64];
+    ar_server *s = start_echo(addr, sizeof addr);
+    ar_client *c;
+    cr_assert_eq(ar_client_open(addr, &c), AR_OK);
+    ar_link *l;
+    cr_assert_eq(ar_client_pipe(c, "echo server", SERVER_MAX_FRAME, &l), AR_OK);
+    enum { N = 300 };
+    for (int i = 0; i < N; i++) {
+        size_t n = (size_t)(i % 7) * 37 * 1024 + (size_t)(i % 3); /* 0 .. ~220 KiB, odd sizes too */
+        unsigned char *p = malloc(n ? n : 1);
+        cr_assert(p);
+        fill(p, n, (unsigned)i);
+        ar_frame f = {.kind = AR_FRAME_ACT, .step = i, .mb = i % 8, .nmb = 8, .rows = 1};
+        int64_t shape = (int64_t)n;
+        if (n)
+            cr_assert_eq(ar_frame_set_payload(&f, AR_DT_U8, 1, &shape, p), AR_OK);
+        int32_t t = i;
+        cr_assert_eq(ar_frame_set_targets(&f, &t, 1), AR_OK);
+        cr_assert_eq(ar_link_send(l, &f), AR_OK, "%s", ar_last_error());
+        free(p);
+    }
+    for (int i = 0; i < N; i++) {
+        size_t n = (size_t)(i % 7) * 37 * 1024 + (size_t)(i % 3);
+        ar_frame g;
+        cr_assert_eq(ar_link_recv(l, &g, 60), AR_OK, "%s", ar_last_error());
+        cr_assert_eq(g.step, i, "frame %d arrived as %lld", i, (long long)g.step);
+        cr_assert_eq(g.nbytes, n);
+        cr_assert_eq(g.ntargets, 1);
+        cr_assert_eq(g.targets[0], i);
+        unsigned char *want = malloc(n ? n : 1);
+        fill(want, n, (unsigned)i);
+        cr_assert(n == 0 || memcmp(g.data, want, n) == 0, "payload of frame %d differs", i);
+        free(want);
+        ar_frame_free(&g);
+    }
+    cr_assert_eq(ar_net_link_finish(l, 30), AR_OK, "%s", ar_last_error());
+    ar_link_destroy(l);
+    ar_client_close(c);
+    ar_server_destroy(s);
+}
