@@ -2,6 +2,8 @@
 #include "cli/cli.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -164,4 +166,28 @@ int ar_parse_credits(const char *s, int64_t max_micro, int64_t *out)
         return -1;
     *out = (int64_t)v;
     return 0;
+}
+
+void ar_cli_stop_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGTERM);
+}
+
+void ar_cli_block_stop_signals(void)
+{
+    sigset_t set;
+    ar_cli_stop_signals(&set);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+}
+
+int ar_cli_wait_stop_signal(const char *cmd)
+{
+    sigset_t set;
+    ar_cli_stop_signals(&set);
+    int sig = 0;
+    sigwait(&set, &sig);
+    fprintf(stderr, "arceus %s: %s, shutting down\n", cmd, sig == SIGINT ? "SIGINT" : "SIGTERM");
+    return sig;
 }

@@ -2,6 +2,7 @@
 #ifndef AR_CLI_H
 #define AR_CLI_H
 
+#include <signal.h>
 #include <stdint.h>
 
 typedef struct {
@@ -36,6 +37,15 @@ int ar_args_unknown(ar_args *a);
  * (no floating point); 0 when the value is in [0, max_micro], -1 otherwise
  * (the caller words the error for its option). */
 int ar_parse_credits(const char *s, int64_t max_micro, int64_t *out);
+
+/* Long-running commands (market, worker, provide) stop on SIGINT/SIGTERM.
+ * ar_cli_block_stop_signals must run before any other thread exists, so
+ * that only ar_cli_wait_stop_signal (in this thread) receives them; the wait
+ * prints "arceus CMD: SIGINT, shutting down". */
+void ar_cli_block_stop_signals(void);
+/* The set of those signals, for a timed wait of one's own. */
+void ar_cli_stop_signals(sigset_t *set);
+int ar_cli_wait_stop_signal(const char *cmd);
 /* Print "arceus CMD: error: MESSAGE" to stderr. */
 void ar_cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

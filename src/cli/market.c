@@ -161,11 +161,7 @@ int ar_cmd_market(int argc, char **argv)
         return 2;
     /* signals are taken by sigwait below, in this thread only: block them
      * before any other thread (gRPC's, the sweep) exists */
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    ar_cli_block_stop_signals();
     ar_market_config c = {.listen = listen, .db_path = db, .offline_after_s = offline_after};
     ar_market *m;
     char addr[200];
@@ -175,9 +171,7 @@ int ar_cmd_market(int argc, char **argv)
     }
     printf("arceus market: listening on %s\n", addr);
     fflush(stdout);
-    int sig = 0;
-    sigwait(&set, &sig);
-    fprintf(stderr, "arceus market: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    ar_cli_wait_stop_signal("market");
     ar_market_stop(m);
     return 0;
 }

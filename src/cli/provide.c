@@ -318,11 +318,9 @@ int ar_cmd_provide(int argc, char **argv)
 
     /* signals are taken by sigwait/sigtimedwait in this thread only: block
      * them before any other thread (gRPC's, OpenMP's, heartbeats) exists */
+    ar_cli_block_stop_signals();
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    ar_cli_stop_signals(&set);
 
     /* the machine, within the caps */
     ar_set_threads(max_threads);
@@ -407,8 +405,7 @@ int ar_cmd_provide(int argc, char **argv)
     if (!hb_started)
         fprintf(stderr, "arceus provide: warning: cannot start the heartbeat thread; the market will "
                         "mark this provider offline\n");
-    sigwait(&set, &sig);
-    fprintf(stderr, "arceus provide: %s, shutting down\n", signame(sig));
+    ar_cli_wait_stop_signal("provide");
     if (hb_started) {
         pthread_mutex_lock(&p.mu);
         p.stopping = 1;

@@ -87,11 +87,7 @@ int ar_cmd_worker(int argc, char **argv)
         return 2;
     /* signals are taken by sigwait below, in this thread only: block them
      * before any other thread (gRPC's, OpenMP's) exists */
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    ar_cli_block_stop_signals();
     ar_set_threads(threads);
     ar_worker_config c = {.listen = listen, .threads = threads, .max_frame = (size_t)max_mb << 20,
                           .market = market, .market_token = market ? token : NULL,
@@ -104,9 +100,7 @@ int ar_cmd_worker(int argc, char **argv)
     }
     printf("arceus worker: listening on %s\n", addr);
     fflush(stdout);
-    int sig = 0;
-    sigwait(&set, &sig);
-    fprintf(stderr, "arceus worker: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    ar_cli_wait_stop_signal("worker");
     ar_worker_stop(w);
     return 0;
 }

@@ -9,6 +9,7 @@
 #include "arceus.h"
 #include "arceus.pb-c.h"
 #include "core/core.h"
+#include "net/net_internal.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -62,19 +63,6 @@ static ProtobufCMessage *read_request(ar_rpc *rpc, const ProtobufCMessageDescrip
     return m;
 }
 
-static void reply(ar_rpc *rpc, const ProtobufCMessage *m)
-{
-    size_t n = protobuf_c_message_get_packed_size(m);
-    uint8_t *buf = malloc(n ? n : 1);
-    if (!buf) {
-        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
-        return;
-    }
-    protobuf_c_message_pack(m, buf);
-    if (ar_rpc_write(rpc, buf, n) == AR_OK)
-        ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
-    free(buf);
-}
 
 /* A store failure as a status: the caller's fault or ours. */
 static void store_error(ar_rpc *rpc, int rc)
@@ -235,7 +223,7 @@ static void on_register(ar_rpc *rpc, void *user)
     Arceus__RegisterProviderReply r = ARCEUS__REGISTER_PROVIDER_REPLY__INIT;
     r.provider_id = id;
     r.offline_after_s = (uint32_t)m->offline_after_s;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 out:
     arceus__register_provider_request__free_unpacked(req, NULL);
 }
@@ -274,7 +262,7 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
         goto out;
     }
     Arceus__HeartbeatReply r = ARCEUS__HEARTBEAT_REPLY__INIT;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 out:
     arceus__heartbeat_request__free_unpacked(req, NULL);
 }
@@ -332,7 +320,7 @@ static void on_list_providers(ar_rpc *rpc, void *user)
     Arceus__ListProvidersReply r = ARCEUS__LIST_PROVIDERS_REPLY__INIT;
     r.n_providers = n;
     r.providers = ptrs;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 out:
     free(infos);
     free(ptrs);
@@ -402,7 +390,7 @@ static void on_ledger(ar_rpc *rpc, void *user)
     r.n_rows = n;
     r.rows = ptrs;
     r.balance = balance;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 out:
     free(lr);
     free(ptrs);
@@ -428,7 +416,7 @@ static void on_balance(ar_rpc *rpc, void *user)
     Arceus__BalanceReply r = ARCEUS__BALANCE_REPLY__INIT;
     r.account = me.name;
     r.balance = me.balance;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 out:
     arceus__balance_request__free_unpacked(req, NULL);
 }
@@ -648,7 +636,7 @@ static void on_acquire(ar_rpc *rpc, void *user)
     r.estimate = estimate;
     r.n_providers = N;
     r.providers = lpp;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 out:
     if (acquiring)
         pthread_mutex_unlock(&m->acquire_mu);
@@ -738,7 +726,7 @@ static void on_report(ar_rpc *rpc, void *user)
     r.paid = paid;
     r.spent = spent;
     r.balance = balance;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 out:
     ar_free(mem);
     arceus__report_usage_request__free_unpacked(req, NULL);
@@ -777,7 +765,7 @@ static void on_release(ar_rpc *rpc, void *user)
     Arceus__ReleaseLeaseReply r = ARCEUS__RELEASE_LEASE_REPLY__INIT;
     r.spent = job.spent;
     ar_store_job_clear(&job);
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 out:
     arceus__release_lease_request__free_unpacked(req, NULL);
 }
@@ -828,7 +816,7 @@ static void on_list_jobs(ar_rpc *rpc, void *user)
     Arceus__ListJobsReply r = ARCEUS__LIST_JOBS_REPLY__INIT;
     r.n_jobs = n;
     r.jobs = ptrs;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 out:
     free(ji);
     free(ptrs);
@@ -889,7 +877,7 @@ static void on_get_job(ar_rpc *rpc, void *user)
     r.job = &ji;
     r.n_losses = n;
     r.losses = ptrs;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 out:
     free(lp);
     free(ptrs);
@@ -948,7 +936,7 @@ static void on_check_lease(ar_rpc *rpc, void *user)
     Arceus__CheckLeaseReply r = ARCEUS__CHECK_LEASE_REPLY__INIT;
     r.job_id = lease.job_id;
     r.lease_id = lease.id;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 out:
     ar_free(mem);
     arceus__check_lease_request__free_unpacked(req, NULL);

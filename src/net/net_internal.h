@@ -9,6 +9,7 @@
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/slice.h>
 #include <grpc/support/alloc.h>
+#include <protobuf-c/protobuf-c.h>
 #include <pthread.h>
 
 /* Every batch started on a call carries a tag; the event loop calls its cb
@@ -58,5 +59,9 @@ void net_rpc_send_status_async(struct ar_rpc *rpc, int code, const char *msg);
 /* Server end: wait until the queued frames are written (up to timeout_s). */
 void net_link_drain(ar_link *l, double timeout_s);
 void net_link_release(ar_link *l);
+
+/* Pack a protobuf-c message, send it as the reply and finish with OK (or
+ * INTERNAL when out of memory). */
+void net_rpc_reply(ar_rpc *rpc, const ProtobufCMessage *m);
 
 #endif

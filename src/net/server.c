@@ -634,3 +634,17 @@ int ar_client_pipe(ar_client *c, const char *name, size_t max_frame, ar_link **o
     *out = l;
     return AR_OK;
 }
+
+void net_rpc_reply(ar_rpc *rpc, const ProtobufCMessage *m)
+{
+    size_t n = protobuf_c_message_get_packed_size(m);
+    uint8_t *buf = malloc(n ? n : 1);
+    if (!buf) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+        return;
+    }
+    protobuf_c_message_pack(m, buf);
+    if (ar_rpc_write(rpc, buf, n) == AR_OK)
+        ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
+    free(buf);
+}

@@ -103,20 +103,6 @@ static uint64_t mem_available(void)
     return (uint64_t)kb * 1024;
 }
 
-/* Pack a protobuf-c message and send it as the reply. */
-static void reply(ar_rpc *rpc, const ProtobufCMessage *m)
-{
-    size_t n = protobuf_c_message_get_packed_size(m);
-    uint8_t *buf = malloc(n ? n : 1);
-    if (!buf) {
-        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
-        return;
-    }
-    protobuf_c_message_pack(m, buf);
-    if (ar_rpc_write(rpc, buf, n) == AR_OK)
-        ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
-    free(buf);
-}
 
 static void on_hello(ar_rpc *rpc, void *user)
 {
@@ -145,7 +131,7 @@ static void on_hello(ar_rpc *rpc, void *user)
     r.gflops = w->gflops;
     r.free_memory = mem_available();
     r.threads = (uint32_t)w->threads;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 }
 
 /* A provider's worker serves leases only: the Load's lease token must be
@@ -305,7 +291,7 @@ static void on_load(ar_rpc *rpc, void *user)
     Arceus__LoadReply r = ARCEUS__LOAD_REPLY__INIT;
     r.parameters = (uint64_t)params;
     arceus__load_request__free_unpacked(req, NULL);
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
     return;
 done:
     if (created)
@@ -478,7 +464,7 @@ static void on_restore(ar_rpc *rpc, void *user)
         return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s", ar_last_error());
     Arceus__RestoreReply r = ARCEUS__RESTORE_REPLY__INIT;
     r.bytes = n;
-    reply(rpc, &r.base);
+    net_rpc_reply(rpc, &r.base);
 }
 
 int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size_t addr_size)
