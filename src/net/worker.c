@@ -10,8 +10,10 @@
 #include "net/market.h"
 #include "net/net_internal.h"
 #include "train/pipeline.h"
+#include "train/plan.h"
 #include "train/schedule.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +24,7 @@ struct ar_worker {
     char name[160];
     int threads;
     size_t max_frame;
+    uint64_t max_mem; /* 0: the free memory at each Load */
     double gflops;
     pthread_mutex_t mu;
     pthread_cond_t idle; /* signalled when a Pipe ends */
@@ -182,6 +185,79 @@ static int check_lease(ar_worker *w, ar_rpc *rpc, const char *lease_token)
     return 0;
 }
 
+int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_spec *spec,
+                   int *slots, int *code, char *msg, size_t size)
+{
+    *code = AR_STATUS_INVALID_ARGUMENT;
+    size_t spec_len = strlen(req->spec_json);
+    if (spec_len > AR_LOAD_MAX_SPEC_BYTES) {
+        snprintf(msg, size, "Load spec_json of %zu bytes: the limit is %u", spec_len,
+                 AR_LOAD_MAX_SPEC_BYTES);
+        return -1;
+    }
+    if (strlen(req->next_worker) > 255 || strlen(req->lease_token) > 255) {
+        snprintf(msg, size, "Load next_worker or lease_token longer than 255 characters");
+        return -1;
+    }
+    if (ar_spec_parse(req->spec_json, spec_len, "Load spec_json", spec) != AR_OK ||
+        ar_spec_validate(spec, "Load spec_json") != AR_OK) {
+        snprintf(msg, size, "%s", ar_last_error());
+        return -1;
+    }
+    int units = ar_spec_units(spec);
+    const Arceus__OptimizerConfig *oc = req->optimizer;
+    if (req->first_unit >= req->last_unit || req->last_unit > (uint32_t)units) {
+        snprintf(msg, size, "units [%u, %u) out of range: the model has %d", req->first_unit,
+                 req->last_unit, units);
+        return -1;
+    }
+    if (req->stage_count < 1 || req->stage_count > 64 || req->stage_index >= req->stage_count ||
+        req->micro_batches < 1 || req->micro_batches > 4096 || req->micro_batch_rows < 1 ||
+        req->micro_batch_rows > (1u << 20) || req->schedule > AR_SCHED_1F1B ||
+        (oc && oc->kind > AR_OPT_SGD) || req->threads > 1024) {
+        snprintf(msg, size, "Load arguments out of range (stage %u of %u, %u micro-batches of %u "
+                 "rows, schedule %u)", req->stage_index, req->stage_count, req->micro_batches,
+                 req->micro_batch_rows, req->schedule);
+        return -1;
+    }
+    if (oc && !(isfinite(oc->beta1) && isfinite(oc->beta2) && isfinite(oc->eps) &&
+                isfinite(oc->weight_decay) && oc->beta1 >= 0 && oc->beta1 < 1 && oc->beta2 >= 0 &&
+                oc->beta2 < 1 && oc->eps >= 0 && oc->weight_decay >= 0)) {
+        snprintf(msg, size, "Load optimizer settings out of range (beta1 %g, beta2 %g, eps %g, "
+                 "weight_decay %g)", oc->beta1, oc->beta2, oc->eps, oc->weight_decay);
+        return -1;
+    }
+    if ((req->next_worker[0] != '\0') != (req->stage_index + 1 < req->stage_count)) {
+        snprintf(msg, size, "next_worker must be given for every stage but the last");
+        return -1;
+    }
+    *slots = ar_plan_slots((int)req->schedule, (int)req->stage_count, (int)req->stage_index,
+                           (int)req->micro_batches);
+    /* what ar_stage_create would allocate, priced before it does */
+    ar_unit_cost *costs = calloc((size_t)units, sizeof *costs);
+    if (!costs) {
+        *code = AR_STATUS_INTERNAL;
+        snprintf(msg, size, "out of memory");
+        return -1;
+    }
+    if (ar_plan_unit_costs(spec, (int)req->micro_batch_rows, costs) != AR_OK) {
+        free(costs);
+        snprintf(msg, size, "%s", ar_last_error());
+        return -1;
+    }
+    double need = ar_plan_stage_mem(costs, units, (int)req->first_unit, (int)req->last_unit, *slots);
+    free(costs);
+    if (max_mem > 0 && need > (double)max_mem) {
+        *code = AR_STATUS_RESOURCE_EXHAUSTED;
+        snprintf(msg, size, "Load of units %u-%u with %d micro-batches of %u rows in flight needs "
+                 "about %.1f MB; this worker allows %.1f MB (arceus worker --max-mem)",
+                 req->first_unit, req->last_unit - 1, *slots, req->micro_batch_rows, need / 1e6,
+                 (double)max_mem / 1e6);
+        return -1;
+    }
+    return 0;
+}
+
 static void on_load(ar_rpc *rpc, void *user)
 {
     ar_worker *w = user;
@@ -200,38 +276,17 @@ static void on_load(ar_rpc *rpc, void *user)
     ar_model_spec spec;
     int code = AR_STATUS_INVALID_ARGUMENT;
     char msg[700] = "";
-    int units = 0;
     ar_stage *st = calloc(1, sizeof *st);
     int created = 0;
     if (!st) {
         arceus__load_request__free_unpacked(req, NULL);
         return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
     }
-    if (ar_spec_parse(req->spec_json, strlen(req->spec_json), "Load spec_json", &spec) != AR_OK ||
-        ar_spec_validate(&spec, "Load spec_json") != AR_OK) {
-        snprintf(msg, sizeof msg, "%s", ar_last_error());
+    int slots = 0;
+    if (net_load_check(req, w->max_mem ? w->max_mem : mem_available(), &spec, &slots, &code, msg,
+                       sizeof msg) != 0)
         goto done;
-    }
-    units = ar_spec_units(&spec);
     const Arceus__OptimizerConfig *oc = req->optimizer;
-    if (req->first_unit >= req->last_unit || req->last_unit > (uint32_t)units) {
-        snprintf(msg, sizeof msg, "units [%u, %u) out of range: the model has %d", req->first_unit,
-                 req->last_unit, units);
-        goto done;
-    }
-    if (req->stage_count < 1 || req->stage_count > 64 || req->stage_index >= req->stage_count ||
-        req->micro_batches < 1 || req->micro_batches > 4096 || req->micro_batch_rows < 1 ||
-        req->micro_batch_rows > (1u << 20) || req->schedule > AR_SCHED_1F1B ||
-        (oc && oc->kind > AR_OPT_SGD) || req->threads > 1024) {
-        snprintf(msg, sizeof msg, "Load arguments out of range (stage %u of %u, %u micro-batches of %u "
-                 "rows, schedule %u)", req->stage_index, req->stage_count, req->micro_batches,
-                 req->micro_batch_rows, req->schedule);
-        goto done;
-    }
-    if ((req->next_worker[0] != '\0') != (req->stage_index + 1 < req->stage_count)) {
-        snprintf(msg, sizeof msg, "next_worker must be given for every stage but the last");
-        goto done;
-    }
     ar_optim_config optim = {0};
     if (oc) {
         optim.kind = (int)oc->kind;
@@ -240,15 +295,6 @@ static void on_load(ar_rpc *rpc, void *user)
         optim.eps = oc->eps;
         optim.weight_decay = oc->weight_decay;
     }
-    ar_action *acts = calloc((size_t)2 * req->micro_batches, sizeof *acts);
-    if (!acts) {
-        code = AR_STATUS_INTERNAL;
-        snprintf(msg, sizeof msg, "out of memory");
-        goto done;
-    }
-    int slots = ar_schedule_build((int)req->schedule, (int)req->stage_count, (int)req->stage_index,
-                                  (int)req->micro_batches, acts);
-    free(acts);
     if (ar_stage_create(st, &spec, (int)req->first_unit, (int)req->last_unit,
                         (int)req->micro_batch_rows, slots, req->seed, &optim) != AR_OK) {
         snprintf(msg, sizeof msg, "%s", ar_last_error());
@@ -476,9 +522,14 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     pthread_cond_init(&w->idle, NULL);
     w->threads = c->threads > 0 ? c->threads : ar_get_threads();
     w->max_frame = c->max_frame ? c->max_frame : AR_NET_DEFAULT_MAX_FRAME;
+    w->max_mem = c->max_mem;
     w->gflops = measure_gflops();
     int port = 0;
-    int rc = ar_server_create(c->listen, &w->server, &port);
+    /* a message holds at most one frame of max_frame bytes, or frames
+     * coalesced up to 16 MiB (link.c), plus their headers */
+    ar_server_limits limits = {.max_message = (w->max_frame > (16u << 20) ? w->max_frame : (16u << 20)) +
+                                              (1u << 20)};
+    int rc = ar_server_create(c->listen, &limits, &w->server, &port);
     if (rc != AR_OK) {
         pthread_mutex_destroy(&w->mu);
         pthread_cond_destroy(&w->idle);
@@ -499,6 +550,8 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     ar_server_handle(w->server, "/arceus.Worker/Pipe", on_pipe, w);
     ar_server_handle(w->server, "/arceus.Worker/Save", on_save, w);
     ar_server_handle(w->server, "/arceus.Worker/Restore", on_restore, w);
+    ar_server_limit_method(w->server, "/arceus.Worker/Pipe",
+                           c->max_pipes > 0 ? c->max_pipes : AR_WORKER_DEFAULT_PIPES);
     if ((rc = ar_server_start(w->server)) != AR_OK) {
         ar_worker_stop(w);
         return rc;

@@ -480,13 +480,15 @@ int ar_stage_serve(ar_stage_runner *r)
                 ar_link_send(r->down, &a);
             }
             break;
-        case AR_FRAME_STEP:
+        case AR_FRAME_STEP: {
+            /* braces: C11 allows no declaration right after a label */
             double t0 = ar_now();
             rc = run_apply(r, &f);
             st.update_s += ar_now() - t0;
             if (rc != AR_OK)
                 what = "optimizer step";
             break;
+        }
         case AR_FRAME_EVAL:
             if ((rc = run_eval(&st, &f)) != AR_OK)
                 what = "evaluation";
