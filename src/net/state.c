@@ -113,8 +113,11 @@ int ar_stage_state_decode(ar_stage *s, const void *buf, size_t len, const char *
 {
     ar_st_file f;
     int rc = ar_st_parse(buf, len, &f);
-    if (rc != AR_OK)
-        return rc;
+    if (rc != AR_OK) {
+        char why[512]; /* a copy: ar_fail writes where ar_last_error points */
+        snprintf(why, sizeof why, "%s", ar_last_error());
+        return ar_fail(rc, "%s: %s", origin, why);
+    }
     /* check everything before writing anything */
     for (int pass = 0; pass < 2 && rc == AR_OK; pass++) {
         for (int w = 0; w < 3 && rc == AR_OK; w++)
