@@ -139,3 +139,15 @@ write("load", "mlp-whole", load(mlp, 0, 2))
 write("load", "mlp-first-of-two", load(mlp, 0, 1, count=2, nxt="127.0.0.1:5002", sgd=True))
 write("load", "gpt-middle", load(gpt, 1, 3, index=1, count=3, nxt="127.0.0.1:5003", schedule=0))
 write("load", "gpt-last", load(gpt, 3, 4, index=2, count=3))
+
+
+def share(address, h0, h1, u0, u1):
+    return (fbytes(1, address) + fvarint(2, h0) + fvarint(3, h1) + fvarint(4, u0) +
+            fvarint(5, u1))
+
+
+# tensor-parallel roles: a group's leader (its own share first) and a rank
+write("load", "gpt-tp-leader", load(gpt, 0, 2) + fbytes(14, share("", 0, 1, 0, 16)) +
+      fbytes(14, share("127.0.0.1:5002", 1, 2, 16, 32)))
+write("load", "gpt-tp-rank", load(gpt, 1, 3, index=1, count=3, nxt="") +
+      fbytes(15, share("", 1, 2, 16, 32)))

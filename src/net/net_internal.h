@@ -78,14 +78,12 @@ void net_link_release(ar_link *l);
  * INTERNAL when out of memory). */
 void net_rpc_reply(ar_rpc *rpc, const ProtobufCMessage *m);
 
-/* The worker's checks of a Load (worker.c), before anything is allocated:
- * string lengths, the spec, the unit range, the pipeline arguments, the
- * optimizer settings and the memory the stage would take against max_mem (0:
- * not checked). Fills spec and *slots; 0, or -1 with the gRPC status in *code
- * and the reason in msg. Exposed for fuzz/fuzz_load.c. */
+/* The worker's checks of a Load (worker.c), before anything is allocated;
+ * fills spec and *slots. AR_OK, AR_ELIMIT when the stage would need more than
+ * max_mem bytes (0: not checked), AR_EINVAL (the message says why) for the
+ * rest. Exposed for fuzz/fuzz_load.c. */
 #include "arceus.pb-c.h"
 #include "nn/spec.h"
-int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_spec *spec,
-                   int *slots, int *code, char *msg, size_t size);
+int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_spec *spec, int *slots);
 
 #endif

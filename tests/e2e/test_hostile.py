@@ -79,6 +79,14 @@ def safetensors(header, data=b""):
 
 
 U32 = (1 << 32) - 1
+GPT = json.dumps({"type": "gpt", "vocab_size": 5, "block_size": 8, "n_layer": 2, "n_head": 2,
+                  "n_embd": 8, "dropout": 0.0, "vocab": [10, 32, 97, 98, 99]})
+
+
+def share(address, h0, h1, u0, u1):
+    """A TpShare: heads [h0, h1) and hidden units [u0, u1) on a worker."""
+    return (field_bytes(1, address) + field_varint(2, h0) + field_varint(3, h1) + field_varint(4, u0) +
+            field_varint(5, u1))
 
 # (what, request, code, words in the message)
 HELLO_ROWS = [
@@ -130,6 +138,23 @@ LOAD_ROWS = [
      ["next_worker must be given"]),
     ("next_worker of 1000 characters", load(count=2, nxt="h" * 995 + ":5001"), C.INVALID_ARGUMENT,
      ["longer than 255"]),
+    # tensor-parallel roles (a GPT of 2 heads, 32 hidden units)
+    ("rank and leader at once", load(GPT, 1, 2, raw_extra=field_bytes(14, share("", 0, 1, 0, 16)) +
+                                     field_bytes(14, share("127.0.0.1:1", 1, 2, 16, 32)) +
+                                     field_bytes(15, share("", 0, 1, 0, 16))),
+     C.INVALID_ARGUMENT, ["not both"]),
+    ("rank's heads past the model", load(GPT, 1, 2, raw_extra=field_bytes(15, share("", 0, 9, 0, 16))),
+     C.INVALID_ARGUMENT, ["heads [0, 9)", "2 heads"]),
+    ("rank's hidden units 2^32-1", load(GPT, 1, 2, raw_extra=field_bytes(15, share("", 0, 1, 0, U32))),
+     C.INVALID_ARGUMENT, ["do not fit"]),
+    ("group of one", load(GPT, 1, 2, raw_extra=field_bytes(14, share("", 0, 2, 0, 32))),
+     C.INVALID_ARGUMENT, ["group of 1 members"]),
+    ("group with a gap", load(GPT, 1, 2, raw_extra=field_bytes(14, share("", 0, 1, 0, 16)) +
+                              field_bytes(14, share("127.0.0.1:1", 1, 2, 20, 32))),
+     C.INVALID_ARGUMENT, ["does not continue"]),
+    ("member address of 1000 characters", load(GPT, 1, 2, raw_extra=field_bytes(14, share("", 0, 1, 0, 16)) +
+                                                field_bytes(14, share("h" * 995 + ":5001", 1, 2, 16, 32))),
+     C.INVALID_ARGUMENT, ["longer than 255"]),
 ]
 
 RESTORE_ROWS = [
