@@ -11,7 +11,7 @@
 #include <string.h>
 
 #define MAX_HANDLERS 16
-/* Peers with calls open at once; a peer over it waits like any other. */
+/* Peer hosts with calls open at once; a call from one more is refused. */
 #define MAX_PEERS 256
 
 /* The calls open from one peer host (the address without its port: one
@@ -229,6 +229,15 @@ static void peer_host(const char *peer, char *host, size_t size)
         *colon = '\0';
 }
 
+/* Forget a peer host that has no call open. s->mu held. */
+static void drop_peer_locked(ar_server *s, peer_calls *p)
+{
+    for (int i = 0; i < MAX_PEERS; i++)
+        if (s->peers[i] == p)
+            s->peers[i] = NULL;
+    free(p);
+}
+
 /* Count a new call against its peer's limits, or say why it is refused
  * (r->refused). Each call runs on its own thread: without these limits one
  * client could hold any number of threads (a Pipe waits up to 10 s for the
@@ -264,12 +273,8 @@ static void admit_locked(ar_server *s, ar_rpc *r)
         snprintf(r->refused, sizeof r->refused, "%d %s calls open from %s already, the limit per "
                  "client", p->calls[h], r->method, host);
     if (r->refused[0]) {
-        if (p->total == 0) { /* the entry was made for this call */
-            for (int i = 0; i < MAX_PEERS; i++)
-                if (s->peers[i] == p)
-                    s->peers[i] = NULL;
-            free(p);
-        }
+        if (p->total == 0) /* the entry was made for this call */
+            drop_peer_locked(s, p);
         return;
     }
     p->total++;
@@ -286,12 +291,8 @@ static void release_locked(ar_server *s, ar_rpc *r)
     p->total--;
     if (r->handler >= 0)
         p->calls[r->handler]--;
-    if (p->total == 0) {
-        for (int i = 0; i < MAX_PEERS; i++)
-            if (s->peers[i] == p)
-                s->peers[i] = NULL;
-        free(p);
-    }
+    if (p->total == 0)
+        drop_peer_locked(s, p);
     r->counted = NULL;
 }
 
