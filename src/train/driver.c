@@ -920,22 +920,23 @@ static void drop_remote(run *r)
 
 /* A replacement for leased stage i from the market, which also takes the
  * lost provider off the lease, marks it offline, lowers its reliability and
- * reverses what was paid for the steps that will be redone (from `kept`). */
-static int replace_from_market(run *r, int i, long kept, const char *why)
+ * reverses what was paid for the steps that will be redone (from `kept`).
+ * *found 0: no provider is free, the stage's place has left the lease. */
+static int replace_from_market(run *r, int i, long kept, const char *why, int *found)
 {
     ar_market_leased got;
-    int found = 0, status = 0, rc;
+    int status = 0, rc;
     int64_t spent = 0;
     double deadline = ar_now() + MARKET_RELEASE_WAIT_S;
-    while ((rc = ar_market_replace(r->market, r->lease.token, r->provider_ids[i], kept, why, &got, &found,
+    while ((rc = ar_market_replace(r->market, r->lease.token, r->provider_ids[i], kept, why, &got, found,
                                    &spent, &status)) == AR_ECLOSED && ar_now() + MARKET_RETRY_S < deadline)
         sleep_until(ar_now() + MARKET_RETRY_S); /* the market is away: it keeps the lease */
     if (rc != AR_OK)
         return ar_fail(rc, "market %s: replacing provider %lld: %s", r->c->market,
                        (long long)r->provider_ids[i], ar_last_error());
     r->spent = spent;
-    if (!found)
-        return ar_fail(AR_ELIMIT, "the market has no free provider to replace it");
+    if (!*found)
+        return AR_OK;
     size_t n = strnlen(got.p.address, sizeof got.p.address);
     if (n == 0 || n >= sizeof r->addrs[i])
         return ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters", r->c->market,
@@ -1000,12 +1001,20 @@ static int recover(run *r, int failure, long *step)
                        MAX_FAILURES);
     ar_log(AR_LOG_WARN, "%s (%s); restarting from step %ld", names, first, kept);
     log_json(r, "{\"event\": \"stage_lost\", \"step\": %ld, \"restart_step\": %ld}", *step + 1, kept);
+    int gone[64] = {0}, ngone = 0;
     for (int k = 0; k < nlost; k++) {
         int i = lost[k];
-        int rc;
+        int rc, found = 0;
         if (r->leased) {
-            if ((rc = replace_from_market(r, i, kept, why[k])) != AR_OK)
+            if ((rc = replace_from_market(r, i, kept, why[k], &found)) != AR_OK)
                 return ar_fail(rc, "%s; stage %d (%s) lost: %s; %s", first, i, r->addrs[i], why[k], ar_last_error());
+            if (!found) {
+                /* the lease goes on with the providers it still has */
+                gone[i] = 1;
+                ngone++;
+                if (!c->quiet)
+                    printf("  no free provider to replace stage %d: going on with %d\n", i, r->S - ngone);
+            }
         } else if (r->nspares > 0) {
             memcpy(r->addrs[i], r->spare_addrs[--r->nspares], sizeof r->addrs[i]);
             if (!c->quiet)
@@ -1013,6 +1022,24 @@ static int recover(run *r, int failure, long *step)
         } else {
             return ar_fail(failure, "%s; stage %d (%s) lost: %s, and no spare worker to replace it "
                            "(give more --workers and --spares N)", first, i, r->addrs[i], why[k]);
+        }
+    }
+    if (ngone == r->S)
+        return ar_fail(failure, "%s; %s, and no free provider at the market to replace them", first, names);
+    if (ngone > 0) {
+        int n = 0;
+        for (int i = 0; i < r->S; i++)
+            if (!gone[i]) {
+                memmove(r->addrs[n], r->addrs[i], sizeof r->addrs[n]);
+                r->provider_ids[n] = r->provider_ids[i];
+                r->prices[n] = r->prices[i];
+                r->offers[n] = r->offers[i];
+                n++;
+            }
+        r->S = n;
+        if (c->plan && strcmp(c->plan, "auto") != 0) {
+            ar_log(AR_LOG_WARN, "--plan %s was written for more devices: planning over %d", c->plan, n);
+            c->plan = NULL;
         }
     }
     /* steps after the checkpoint are redone and paid then, by whoever does them */
