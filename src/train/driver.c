@@ -987,10 +987,18 @@ static int recover(run *r, int failure, long *step)
     int lost[64];
     char why[64][160];
     int nlost = find_lost(r, lost, why);
-    if (nlost == 0)
+    if (nlost == 0 && failure != AR_ECLOSED)
         return ar_fail(failure, "%s", first); /* every worker answers: not a lost stage */
     long kept = r->restore_step;
-    char names[2048] = "";
+    char names[2048] = "every worker answers";
+    if (nlost == 0 && c->stage_timeout <= 0 && r->timeout > 0) {
+        /* a stream broke, or a step outlasted the timeout: the same workers
+         * again, and more time if the default was too short */
+        r->timeout *= 2;
+        snprintf(names, sizeof names, "every worker answers (stage timeout now %.0f s)", r->timeout);
+    } else if (nlost > 0) {
+        names[0] = '\0';
+    }
     for (int k = 0; k < nlost; k++) {
         size_t at = strlen(names);
         snprintf(names + at, sizeof names - at, "%sstage %d (%.127s) lost: %.159s", k ? "; " : "", lost[k],
