@@ -69,8 +69,10 @@ int ar_remote_probe(ar_client *c, double timeout_s)
     return hello_within(c, timeout_s, &h);
 }
 
-int ar_remote_load(ar_client *c, const ar_load_args *a)
+int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params)
 {
+    if (a->role != AR_LOAD_STAGE && (a->members < 1 || a->members > AR_PLAN_MAX_GROUP))
+        return ar_fail(AR_EINVAL, "a tensor-parallel Load with %d members", a->members);
     char *spec = ar_spec_to_json(a->spec);
     if (!spec)
         return ar_fail(AR_ENOMEM, "out of memory");
@@ -94,6 +96,24 @@ int ar_remote_load(ar_client *c, const ar_load_args *a)
     req.next_worker = (char *)(a->next_worker ? a->next_worker : "");
     req.threads = (uint32_t)(a->threads > 0 ? a->threads : 0);
     req.lease_token = (char *)(a->lease_token ? a->lease_token : "");
+    Arceus__TpShare shares[AR_PLAN_MAX_GROUP], *share_ptrs[AR_PLAN_MAX_GROUP];
+    int nshares = a->role == AR_LOAD_LEADER ? a->members : a->role == AR_LOAD_RANK ? 1 : 0;
+    for (int k = 0; k < nshares; k++) {
+        Arceus__TpShare *t = &shares[k];
+        arceus__tp_share__init(t);
+        t->address = (char *)(a->addresses[k] ? a->addresses[k] : "");
+        t->head_begin = (uint32_t)a->heads[k].begin;
+        t->head_end = (uint32_t)a->heads[k].end;
+        t->hidden_begin = (uint32_t)a->hidden[k].begin;
+        t->hidden_end = (uint32_t)a->hidden[k].end;
+        share_ptrs[k] = t;
+    }
+    if (a->role == AR_LOAD_LEADER) {
+        req.n_tp_group = (size_t)nshares;
+        req.tp_group = share_ptrs;
+    } else if (a->role == AR_LOAD_RANK) {
+        req.tp_rank = &shares[0];
+    }
     size_t len, rlen;
     void *buf = pack(&req.base, &len), *rep = NULL;
     free(spec);
@@ -101,6 +121,14 @@ int ar_remote_load(ar_client *c, const ar_load_args *a)
         return AR_ENOMEM;
     int rc = ar_client_unary(c, "/arceus.Worker/Load", buf, len, &rep, &rlen, CONTROL_TIMEOUT_S, NULL);
     free(buf);
+    if (rc == AR_OK && params) {
+        Arceus__LoadReply *r = arceus__load_reply__unpack(NULL, rlen, rep);
+        if (!r)
+            rc = ar_fail(AR_EPROTO, "worker %s: malformed LoadReply", ar_client_addr(c));
+        else
+            *params = r->parameters;
+        arceus__load_reply__free_unpacked(r, NULL);
+    }
     free(rep);
     return rc;
 }
@@ -134,7 +162,7 @@ static int on_chunk(void *user, const void *data, size_t len)
     return AR_OK;
 }
 
-int ar_remote_save(ar_client *c, ar_stage *shadow)
+int ar_remote_save(ar_client *c, const ar_state_parts *shadow)
 {
     Arceus__SaveRequest req = ARCEUS__SAVE_REQUEST__INIT;
     size_t len;
@@ -147,7 +175,7 @@ int ar_remote_save(ar_client *c, ar_stage *shadow)
     if (rc == AR_OK) {
         char origin[300];
         snprintf(origin, sizeof origin, "Save from %s", ar_client_addr(c));
-        rc = ar_stage_state_decode(shadow, col.buf, col.n, origin);
+        rc = ar_state_decode(shadow, col.buf, col.n, origin);
     }
     free(col.buf);
     return rc;
@@ -173,11 +201,11 @@ static int next_chunk(void *user, const void **data, size_t *len)
     return 0;
 }
 
-int ar_remote_restore(ar_client *c, ar_stage *shadow)
+int ar_remote_restore(ar_client *c, const ar_state_parts *shadow)
 {
     void *state;
     size_t n;
-    int rc = ar_stage_state_encode(shadow, &state, &n);
+    int rc = ar_state_encode(shadow, &state, &n);
     if (rc != AR_OK)
         return rc;
     feeder f = {.state = state, .n = n, .msg = malloc(AR_NET_CHUNK_BYTES + 16)};

@@ -410,7 +410,7 @@ static int parse_unit(const char *text, const char **s, int *v)
 static int parse_device(const char *text, const char **s, const ar_device *devs, int ndev, int *out)
 {
     const char *start = *s;
-    size_t n = strcspn(start, "+,");
+    size_t n = strcspn(start, "+,~");
     while (n > 0 && start[n - 1] == ' ')
         n--;
     if (n == 0)
@@ -429,7 +429,7 @@ static int parse_device(const char *text, const char **s, const ar_device *devs,
     if (*out < 0 || *out >= ndev)
         return ar_fail(AR_EINVAL, "plan \"%s\": no device \"%.*s\" (give an index 0-%d or a name from --workers)",
                        text, (int)n, start, ndev - 1);
-    *s = start + strcspn(start, "+,");
+    *s = start + strcspn(start, "+,~");
     return AR_OK;
 }
 
@@ -487,6 +487,13 @@ int ar_plan_parse_devices(const char *text, int nunits, const ar_device *devs, i
                 out->group[idx][out->group_size[idx]++] = d;
             } while (*s == '+');
             out->device[idx] = out->group[idx][0];
+            if (*s == '~') {
+                if (strncmp(s, "~speed", 6) != 0 || out->group_size[idx] < 2)
+                    return ar_fail(AR_EINVAL, "plan \"%s\": after a group of devices, \"~speed\" splits it by "
+                                   "their speed (found \"%s\")", text, s);
+                out->by_speed[idx] = 1;
+                s += 6;
+            }
         }
         /* every device in one place only */
         for (int g = 0; g < out->group_size[idx]; g++)
@@ -637,11 +644,10 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
         fprintf(out, "%-5d  %-*s  %-*s  %9.2f  %9.1f  %14.3f\n", s, wdev, dev, wlay, names[s],
                 params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3);
         if (p->group_size[s] > 1 && spec && spec->type == AR_MODEL_GPT) {
-            /* each member's share, in proportion to its speed */
+            /* each member's share */
             ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
             double w[AR_PLAN_MAX_GROUP];
-            for (int g = 0; g < p->group_size[s]; g++)
-                w[g] = devs[p->group[s][g]].gflops > 0 ? devs[p->group[s][g]].gflops : 1;
+            ar_plan_group_weights(p, devs, s, w);
             if (ar_tp_split(spec->n_head, p->group_size[s], w, heads) == AR_OK &&
                 ar_tp_split(4 * spec->n_embd, p->group_size[s], w, hidden) == AR_OK)
                 for (int g = 0; g < p->group_size[s]; g++)
@@ -654,6 +660,14 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
     fprintf(out, "predicted bubble %.1f%% (%d stages, %d micro-batches, %s); slowest stage %.3f ms per micro-batch\n",
             100.0 * p->bubble, p->nstages, p->micro_batches, ar_schedule_name(p->schedule),
             slowest * 1e3);
+}
+
+void ar_plan_group_weights(const ar_plan *p, const ar_device *devs, int s, double *w)
+{
+    for (int g = 0; g < p->group_size[s] && g < AR_PLAN_MAX_GROUP; g++) {
+        double speed = devs[p->group[s][g]].gflops;
+        w[g] = p->by_speed[s] && speed > 0 ? speed : 1;
+    }
 }
 
 /* ---- device measurements ---------------------------------------------------------- */

@@ -412,8 +412,8 @@ static int add_rank_sumsq(const ar_stage *s, double *out)
     for (int r = 0; rc == AR_OK && r < s->tp_nranks; r++) {
         ar_frame f;
         if ((rc = ar_link_recv(s->tp_ranks[r], &f, 300)) != AR_OK)
-            return ar_fail(rc, "tensor-parallel rank %d (%s) lost: %s", r + 1, s->tp_ranks[r]->name,
-                           ar_last_error());
+            return ar_fail(rc == AR_ECLOSED ? AR_EIO : rc, "tensor-parallel rank %d (%s) lost: %s", r + 1,
+                           s->tp_ranks[r]->name, ar_last_error());
         /* blocks of the stage, in order: the units that are blocks */
         int nblocks = 0;
         for (int i = 0; i < s->nlayers; i++)

@@ -3,6 +3,7 @@
 
 #include "core/core.h"
 #include "ops/ops.h"
+#include "train/plan.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -243,8 +244,11 @@ int ar_tp_group_scatter(ar_link **ranks, int nranks, int op, int block, int slot
             rc = ar_link_send(ranks[i], &f);
         else
             ar_frame_free(&f);
+        /* a lost rank fails this stage's work (AR_EIO); AR_ECLOSED would
+         * mean the stage's own neighbours left and end its serving */
         if (rc != AR_OK)
-            return ar_fail(rc, "tensor-parallel rank %d (%s): %s", i + 1, ranks[i]->name, ar_last_error());
+            return ar_fail(rc == AR_ECLOSED ? AR_EIO : rc, "tensor-parallel rank %d (%s): %s", i + 1,
+                           ranks[i]->name, ar_last_error());
     }
     return AR_OK;
 }
@@ -257,7 +261,8 @@ int ar_tp_group_gather_sum(ar_link **ranks, int nranks, size_t n, float *sum, do
         int r = ar_link_recv(ranks[i], &f, timeout_s);
         if (r != AR_OK) {
             if (rc == AR_OK)
-                rc = ar_fail(r, "tensor-parallel rank %d (%s) lost: %s", i + 1, ranks[i]->name, ar_last_error());
+                rc = ar_fail(r == AR_ECLOSED ? AR_EIO : r, "tensor-parallel rank %d (%s) lost: %s", i + 1,
+                             ranks[i]->name, ar_last_error());
             continue;
         }
         if (f.kind == AR_FRAME_ERROR) {
@@ -274,4 +279,94 @@ int ar_tp_group_gather_sum(ar_link **ranks, int nranks, size_t n, float *sum, do
         ar_frame_free(&f);
     }
     return rc;
+}
+
+int ar_tp_blocks(const ar_model_spec *spec, int first_unit, int last_unit, int *first_block, int *nblocks)
+{
+    if (spec->type != AR_MODEL_GPT)
+        return ar_fail(AR_EINVAL, "tensor parallelism splits GPT blocks; this model has none");
+    /* unit 0 is the embedding, units 1..n_layer the blocks, then the head */
+    int b0 = first_unit < 1 ? 1 : first_unit;
+    int b1 = last_unit > spec->n_layer + 1 ? spec->n_layer + 1 : last_unit;
+    if (b1 <= b0)
+        return ar_fail(AR_EINVAL, "layers %d-%d hold no transformer block to split", first_unit, last_unit - 1);
+    *first_block = b0 - 1;
+    *nblocks = b1 - b0;
+    return AR_OK;
+}
+
+int ar_tp_group_layout(const ar_model_spec *spec, int first_unit, int last_unit, int members,
+                       const double *weights, int *first_block, int *nblocks, ar_range *heads,
+                       ar_range *hidden)
+{
+    int rc = ar_tp_blocks(spec, first_unit, last_unit, first_block, nblocks);
+    if (rc != AR_OK)
+        return rc;
+    if (members < 2 || members > spec->n_head || members > AR_PLAN_MAX_GROUP)
+        return ar_fail(AR_EINVAL, "a group of %d devices cannot share %d attention heads", members,
+                       spec->n_head);
+    if ((rc = ar_tp_split(spec->n_head, members, weights, heads)) == AR_OK)
+        rc = ar_tp_split(4 * spec->n_embd, members, weights, hidden);
+    return rc;
+}
+
+/* which: 0 data, 2 m, 3 v (as in ar_block_shard_*) */
+static float *param_buffer(ar_param *q, int which)
+{
+    return which == 0 ? q->data : which == 2 ? q->m : q->v;
+}
+
+static int transfer(ar_stage *st, ar_tp_rank *const *ranks, int nranks, ar_stage *f, int to_full)
+{
+    if (f->first != st->first || f->last != st->last)
+        return ar_fail(AR_EINTERNAL, "the whole stage holds layers %d-%d, the parts %d-%d", f->first,
+                       f->last - 1, st->first, st->last - 1);
+    for (int i = 0; i < st->nparams; i++) {
+        ar_param *a = st->params[i], *b = ar_stage_find_param(f, a->name);
+        if (!b || b->numel != a->numel)
+            return ar_fail(AR_EINTERNAL, "the whole stage has no %s of %ld values", a->name, a->numel);
+        for (int w = 0; w <= 3; w++)
+            if (w != 1) {
+                float *pa = param_buffer(a, w), *pb = param_buffer(b, w);
+                memcpy(to_full ? pb : pa, to_full ? pa : pb, (size_t)a->numel * sizeof(float));
+            }
+    }
+    if (st->has_tied_copy && f->has_tied_copy) {
+        float *pa = st->tied_copy.data, *pb = f->tied_copy.data;
+        memcpy(to_full ? pb : pa, to_full ? pa : pb, (size_t)st->tied_copy.numel * sizeof(float));
+    }
+    if (to_full)
+        f->opt_step = st->opt_step;
+    else
+        st->opt_step = f->opt_step;
+    for (int k = 0; k < nranks; k++) {
+        ar_tp_rank *r = ranks[k];
+        for (int b = 0; b < r->nblocks; b++) {
+            int unit = 1 + r->first_block + b;
+            if (unit < f->first || unit >= f->last)
+                return ar_fail(AR_EINTERNAL, "rank %d holds block %d, outside layers %d-%d", k, unit - 1,
+                               f->first, f->last - 1);
+            ar_layer *layer = f->layers[unit - f->first];
+            for (int w = 0; w <= 3; w++)
+                if (w != 1) {
+                    if (to_full)
+                        ar_block_shard_to_full(&r->shards[b], layer, w);
+                    else
+                        ar_block_shard_from_full(&r->shards[b], layer, w);
+                }
+        }
+        if (!to_full)
+            r->opt_step = f->opt_step;
+    }
+    return AR_OK;
+}
+
+int ar_tp_parts_to_full(ar_stage *part, ar_tp_rank *const *ranks, int nranks, ar_stage *full)
+{
+    return transfer(part, ranks, nranks, full, 1);
+}
+
+int ar_tp_parts_from_full(ar_stage *part, ar_tp_rank *const *ranks, int nranks, ar_stage *full)
+{
+    return transfer(part, ranks, nranks, full, 0);
 }

@@ -52,6 +52,24 @@ void ar_tp_rank_destroy(ar_tp_rank *r);
 /* Serve the leader until AR_TP_STOP or the link closes. */
 int ar_tp_rank_serve(ar_tp_rank *r, ar_link *leader);
 
+/* The GPT blocks among units [first_unit, last_unit): AR_EINVAL when none. */
+int ar_tp_blocks(const ar_model_spec *spec, int first_unit, int last_unit, int *first_block, int *nblocks);
+
+/* How a group shares the stage of units [first_unit, last_unit): the GPT
+ * blocks among them (*first_block, *nblocks) and each member's heads and
+ * MLP hidden units, split in proportion to weights (NULL: equally; 8 heads
+ * over 3 equal members give 3+3+2). */
+int ar_tp_group_layout(const ar_model_spec *spec, int first_unit, int last_unit, int members,
+                       const double *weights, int *first_block, int *nblocks, ar_range *heads,
+                       ar_range *hidden);
+
+/* Copy a stage's state between its parts (part: a plain stage, or a group
+ * leader's unsplit parameters; ranks: the group's shards) and a whole stage
+ * of the same units: values, AdamW moments, the tied copy, the step count.
+ * What checkpoints use: they always see whole tensors. */
+int ar_tp_parts_to_full(ar_stage *part, ar_tp_rank *const *ranks, int nranks, ar_stage *full);
+int ar_tp_parts_from_full(ar_stage *part, ar_tp_rank *const *ranks, int nranks, ar_stage *full);
+
 /* The leader's side: send one operation to every rank, then collect the
  * replies, adding them (in rank order) into sum (B*T*C floats, which the
  * caller has filled with its own partial). */
