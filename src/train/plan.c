@@ -2,6 +2,8 @@
  * hand, and the two quick device measurements (see plan.h). */
 #include "train/plan.h"
 
+#include "train/tp_group.h"
+
 #include "nn/tp.h"
 
 #include "core/blas.h"
@@ -608,6 +610,31 @@ static void range_name(const ar_model_spec *spec, int first, int last, char *buf
         snprintf(buf, n, "%s %d-%d", spec ? "linear" : "units", first, last - 1);
 }
 
+/* Each member's heads and hidden units (of every GPT block alike, or of
+ * each of an MLP's pairs of linear layers). */
+static void print_group_shares(FILE *out, const ar_plan *p, const ar_device *devs, const ar_model_spec *spec,
+                               int s)
+{
+    double w[AR_PLAN_MAX_GROUP];
+    ar_plan_group_weights(p, devs, s, w);
+    ar_tp_layout *l = malloc(sizeof *l);
+    if (!l || ar_tp_group_layout(spec, p->first[s], p->last[s], p->group_size[s], w, l) != AR_OK) {
+        free(l);
+        return; /* the run itself reports why the group cannot be split */
+    }
+    for (int g = 0; g < p->group_size[s]; g++) {
+        fprintf(out, "       %.63s:", devs[p->group[s][g]].name);
+        if (spec->type == AR_MODEL_GPT)
+            fprintf(out, " heads %d-%d, hidden units %d-%d of each block\n", l->heads[g].begin,
+                    l->heads[g].end - 1, l->hidden[g][0].begin, l->hidden[g][0].end - 1);
+        else
+            for (int b = 0; b < l->count; b++)
+                fprintf(out, " hidden units %d-%d of linear %d%s", l->hidden[g][b].begin, l->hidden[g][b].end - 1,
+                        l->first + 2 * b, b + 1 < l->count ? "," : "\n");
+    }
+    free(l);
+}
+
 /* "A" or, for a tensor-parallel group, "A+B". */
 static void device_label(const ar_plan *p, const ar_device *devs, int s, char *buf, size_t n)
 {
@@ -643,18 +670,8 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
         device_label(p, devs, s, dev, sizeof dev);
         fprintf(out, "%-5d  %-*s  %-*s  %9.2f  %9.1f  %14.3f\n", s, wdev, dev, wlay, names[s],
                 params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3);
-        if (p->group_size[s] > 1 && spec && spec->type == AR_MODEL_GPT) {
-            /* each member's share */
-            ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
-            double w[AR_PLAN_MAX_GROUP];
-            ar_plan_group_weights(p, devs, s, w);
-            if (ar_tp_split(spec->n_head, p->group_size[s], w, heads) == AR_OK &&
-                ar_tp_split(4 * spec->n_embd, p->group_size[s], w, hidden) == AR_OK)
-                for (int g = 0; g < p->group_size[s]; g++)
-                    fprintf(out, "       %.63s: heads %d-%d, hidden units %d-%d of each block\n",
-                            devs[p->group[s][g]].name, heads[g].begin, heads[g].end - 1,
-                            hidden[g].begin, hidden[g].end - 1);
-        }
+        if (p->group_size[s] > 1 && spec)
+            print_group_shares(out, p, devs, spec, s);
         slowest = max_d(slowest, p->stage_time[s]);
     }
     fprintf(out, "predicted bubble %.1f%% (%d stages, %d micro-batches, %s); slowest stage %.3f ms per micro-batch\n",
