@@ -1070,7 +1070,8 @@ static int recover(run *r, int failure, long *step)
         return ar_fail(failure, "%s; %s: %d losses without a checkpoint in between, giving up", first, names,
                        MAX_FAILURES);
     ar_log(AR_LOG_WARN, "%s (%s); restarting from step %ld", names, first, kept);
-    log_json(r, "{\"event\": \"stage_lost\", \"step\": %ld, \"restart_step\": %ld}", *step + 1, kept);
+    /* step: the steps completed (and paid) when the loss was found */
+    log_json(r, "{\"event\": \"stage_lost\", \"step\": %ld, \"restart_step\": %ld}", r->steps_done, kept);
     drop_remote(r);
     int gone[64] = {0}, ngone = 0;
     for (int k = 0; k < nlost; k++) {

@@ -184,6 +184,20 @@ def market_args(corpus, market, renter, out, log):
             "--out", out, "--log", log]
 
 
+def reversals(db, provider=None):
+    """Payments reversed (one transfer each), all or those of one provider."""
+    if provider is None:
+        return query(db, "SELECT COUNT(*) FROM ledger WHERE reason = 'reversal' AND amount > 0")[0][0]
+    return query(db, "SELECT COUNT(*) FROM ledger l JOIN providers p ON p.account_id = l.account_id"
+                     " WHERE l.reason = 'reversal' AND l.amount < 0 AND p.id = ?", provider)[0][0]
+
+
+def lost_at(log):
+    """(the steps completed when the loss was found; the checkpoint the run went back to)"""
+    (event,) = [json.loads(line) for line in log.read_text().splitlines() if "stage_lost" in line]
+    return event["step"], event["restart_step"]
+
+
 def check_paid_once(db, stages=lambda step: 3):
     """Every (step, stage) in the usage table once; the renter's net payment
     for each step is the cost of that step's usage rows (reversed payments
@@ -215,7 +229,6 @@ def test_the_market_replaces_a_lost_provider(run_arceus, arceus_bin, procs, tmp_
     train = Train(arceus_bin, tmp_path, "train", market_args(corpus, market, renter, out, log))
     train.wait_for_step(log, KILL_AT)
     (lost,), = query(db, "SELECT provider_id FROM lease_members WHERE stage = 1")
-    paid_before = query(db, "SELECT COUNT(*) FROM usage WHERE provider_id = ?", lost)[0][0]
     kill(workers[lost], procs, signal.SIGKILL)
     rc, stdout, err = train.finish()
     assert rc == 0, err[-3000:]
@@ -224,12 +237,14 @@ def test_the_market_replaces_a_lost_provider(run_arceus, arceus_bin, procs, tmp_
     assert (out / "model.safetensors").read_bytes() == reference
 
     check_paid_once(db)
-    # the lost provider: offline, less reliable, paid only for the kept steps
-    kept, = [json.loads(line)["restart_step"] for line in log.read_text().splitlines() if "stage_lost" in line]
+    # the lost provider: offline, less reliable, paid only for the kept steps:
+    # what it was paid for the steps after the checkpoint (all three stages'
+    # payments for those steps) was reversed
+    failed, kept = lost_at(log)
     assert query(db, "SELECT online, reliability FROM providers WHERE id = ?", lost) == [(0, 0.8)]
     assert query(db, "SELECT MAX(step) FROM usage WHERE provider_id = ?", lost) == [(kept - 1,)]
-    assert paid_before > kept, "nothing paid to the lost provider was rolled back: kill it later"
-    assert query(db, "SELECT COUNT(*) FROM ledger WHERE reason = 'reversal' AND amount > 0")[0][0] > 0
+    assert reversals(db, lost) == failed - kept
+    assert reversals(db) == 3 * (failed - kept)
     (replacement,), = query(db, "SELECT provider_id FROM lease_members WHERE stage = 1")
     assert replacement != lost and replacement in workers
     assert query(db, "SELECT MIN(step) FROM usage WHERE stage = 1 AND provider_id = ?", replacement) == [(kept,)]
@@ -252,8 +267,9 @@ def test_a_stopped_provider_and_no_free_one_the_run_goes_on_with_two(run_arceus,
     assert "released: job 1 done" in stdout, stdout[-3000:]
     # re-planned over two devices: still bitwise the uninterrupted run
     assert (out / "model.safetensors").read_bytes() == reference
-    kept, = [json.loads(line)["restart_step"] for line in log.read_text().splitlines() if "stage_lost" in line]
+    failed, kept = lost_at(log)
     check_paid_once(db, lambda step: 3 if step < kept else 2)
+    assert reversals(db, lost) == failed - kept
     assert query(db, "SELECT online, reliability FROM providers WHERE id = ?", lost) == [(0, 0.8)]
     assert query(db, "SELECT COUNT(*) FROM lease_members") == [(2,)]
     assert query(db, "SELECT MAX(step) FROM usage WHERE provider_id = ?", lost) == [(kept - 1,)]
@@ -276,7 +292,8 @@ def test_the_driver_killed_and_resumed_continues_its_job(run_arceus, arceus_bin,
     assert "released: job 1 done" in p.stdout, p.stdout[-3000:]
     assert (out / "model.safetensors").read_bytes() == reference
     check_paid_once(db)
-    assert paid_before + 1 > kept, "the first driver had paid nothing after its checkpoint: kill it later"
+    # what the first driver paid after its checkpoint was reversed, and redone
+    assert reversals(db) == 3 * (paid_before + 1 - kept)
     assert query(db, "SELECT COUNT(*) FROM jobs") == [(1,)]
     assert query(db, "SELECT status, step FROM jobs") == [("done", STEPS)]
     assert query(db, "SELECT COUNT(*) FROM leases WHERE released IS NULL") == [(0,)]
