@@ -14,6 +14,7 @@ DEBIAN_PACKAGES=(
     libcriterion-dev                                    # unit tests
     python3-torch python3-numpy python3-pytest python3-grpcio  # reference numerics, e2e tests
     dataset-fashion-mnist                               # the default data set
+    chromium                                            # headless, for the dashboard's e2e test
 )
 
 if [ "$(uname)" = "Darwin" ]; then

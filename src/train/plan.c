@@ -576,8 +576,7 @@ static void append(char *buf, size_t n, const char *piece)
     snprintf(buf + len, n - len, "%s%s", len ? ", " : "", piece);
 }
 
-/* "embedding, blocks 0-1", "block 3", "head", "linear 0-1", "units 2-4" */
-static void range_name(const ar_model_spec *spec, int first, int last, char *buf, size_t n)
+void ar_plan_layers_text(const ar_model_spec *spec, int first, int last, char *buf, size_t n)
 {
     char piece[64];
     buf[0] = '\0';
@@ -612,13 +611,26 @@ static void device_label(const ar_plan *p, const ar_device *devs, int s, char *b
     }
 }
 
+bool ar_plan_member_shares(const ar_plan *p, const ar_device *devs, const ar_model_spec *spec, int s,
+                           ar_range heads[AR_PLAN_MAX_GROUP], ar_range hidden[AR_PLAN_MAX_GROUP])
+{
+    if (p->group_size[s] <= 1 || !spec || spec->type != AR_MODEL_GPT)
+        return false;
+    /* each member's share, in proportion to its speed */
+    double w[AR_PLAN_MAX_GROUP];
+    for (int g = 0; g < p->group_size[s]; g++)
+        w[g] = devs[p->group[s][g]].gflops > 0 ? devs[p->group[s][g]].gflops : 1;
+    return ar_tp_split(spec->n_head, p->group_size[s], w, heads) == AR_OK &&
+           ar_tp_split(4 * spec->n_embd, p->group_size[s], w, hidden) == AR_OK;
+}
+
 void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_unit_cost *costs,
                    const ar_model_spec *spec)
 {
     char names[AR_PLAN_MAX_STAGES][96];
     int wdev = 6, wlay = 6;
     for (int s = 0; s < p->nstages; s++) {
-        range_name(spec, p->first[s], p->last[s], names[s], sizeof names[s]);
+        ar_plan_layers_text(spec, p->first[s], p->last[s], names[s], sizeof names[s]);
         char dev[192];
         device_label(p, devs, s, dev, sizeof dev);
         int l = (int)strlen(names[s]), d = (int)strlen(dev);
@@ -636,19 +648,12 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
         device_label(p, devs, s, dev, sizeof dev);
         fprintf(out, "%-5d  %-*s  %-*s  %9.2f  %9.1f  %14.3f\n", s, wdev, dev, wlay, names[s],
                 params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3);
-        if (p->group_size[s] > 1 && spec && spec->type == AR_MODEL_GPT) {
-            /* each member's share, in proportion to its speed */
-            ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
-            double w[AR_PLAN_MAX_GROUP];
+        ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
+        if (ar_plan_member_shares(p, devs, spec, s, heads, hidden))
             for (int g = 0; g < p->group_size[s]; g++)
-                w[g] = devs[p->group[s][g]].gflops > 0 ? devs[p->group[s][g]].gflops : 1;
-            if (ar_tp_split(spec->n_head, p->group_size[s], w, heads) == AR_OK &&
-                ar_tp_split(4 * spec->n_embd, p->group_size[s], w, hidden) == AR_OK)
-                for (int g = 0; g < p->group_size[s]; g++)
-                    fprintf(out, "       %.63s: heads %d-%d, hidden units %d-%d of each block\n",
-                            devs[p->group[s][g]].name, heads[g].begin, heads[g].end - 1,
-                            hidden[g].begin, hidden[g].end - 1);
-        }
+                fprintf(out, "       %.63s: heads %d-%d, hidden units %d-%d of each block\n",
+                        devs[p->group[s][g]].name, heads[g].begin, heads[g].end - 1, hidden[g].begin,
+                        hidden[g].end - 1);
         slowest = max_d(slowest, p->stage_time[s]);
     }
     fprintf(out, "predicted bubble %.1f%% (%d stages, %d micro-batches, %s); slowest stage %.3f ms per micro-batch\n",

@@ -11,6 +11,9 @@
 #define AR_PLAN_H
 
 #include "nn/spec.h"
+#include "nn/tp.h"
+
+#include <stdbool.h>
 
 #include <stdio.h>
 
@@ -96,6 +99,16 @@ int ar_plan_parse_devices(const char *text, int nunits, const ar_device *devs, i
  * its device's memory; AR_EINVAL for a malformed plan. */
 int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar_device *devs,
                      int ndev, int micro_batches, int schedule);
+
+/* "embedding, blocks 0-1", "block 3", "head", "linear 0-1", "units 2-4" (no
+ * spec): the model's units [first, last) in words. */
+void ar_plan_layers_text(const ar_model_spec *spec, int first, int last, char *buf, size_t n);
+
+/* The attention heads and MLP hidden units each member of stage s's
+ * tensor-parallel group computes (in proportion to its speed); false when
+ * the stage is not such a group. */
+bool ar_plan_member_shares(const ar_plan *p, const ar_device *devs, const ar_model_spec *spec, int s,
+                           ar_range heads[AR_PLAN_MAX_GROUP], ar_range hidden[AR_PLAN_MAX_GROUP]);
 
 /* A table: stage, device, layers (named from spec when given: "embedding,
  * blocks 0-1", "head"), parameter MB, memory MB, ms per micro-batch; then the
