@@ -33,7 +33,7 @@
 
 /* Series longer than this are thinned (evenly, keeping the last point)
  * before they are sent: a chart has no use for more points than pixels. */
-#define MAX_SERIES_POINTS 400
+#define MAX_SERIES_POINTS 1000
 #define LEDGER_DEFAULT_ROWS 100
 #define LEDGER_MAX_ROWS 1000
 
