@@ -58,6 +58,7 @@ function fmtCredits(text) { return text + " cr"; }
 
 function fmtDuration(s) {
   if (!isFinite(s) || s < 0) return "–";
+  if (s < 10) return fmtNum(s, 1) + " s";
   s = Math.round(s);
   if (s < 60) return s + " s";
   const m = Math.floor(s / 60), r = s % 60;
