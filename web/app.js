@@ -476,7 +476,7 @@ function planCard(plan, providers) {
         el("br"), (s.last_unit - s.first_unit === 1 ? `unit ${s.first_unit}` : `units ${s.first_unit}–${s.last_unit - 1}`) +
           ` of ${units} · predicted ${fmtNum(s.predicted_ms, 2)} ms per micro-batch`),
       s.members.length > 1 ? s.members.map(m => el("div", { class: "member" },
-        el("span", { class: "mono" }, m.device), m.heads ? ` heads ${m.heads[0]}–${m.heads[1] - 1}, hidden ${m.hidden[0]}–${m.hidden[1] - 1}` : "")) : null));
+        el("span", { class: "mono" }, m.device), m.share ? ": " + m.share : "")) : null));
   });
   card.append(flow, el("p", { class: "sub", style: "margin:12px 0 0" },
     `${plan.stages.length} stages, ${plan.micro_batches} micro-batches per step, schedule ${plan.schedule}; predicted bubble ${fmtNum(100 * plan.predicted_bubble, 1)}%`));

@@ -983,14 +983,27 @@ static bool plan_ok(const Arceus__JobPlan *p, char *why, size_t why_size)
                 return false;
             }
             if (m->provider_id < 0 || m->head_end < m->head_begin || m->head_end > 100000 ||
-                m->hidden_end < m->hidden_begin || m->hidden_end > 10000000) {
-                snprintf(why, why_size, "plan: stage %zu member %zu: provider id, heads or hidden units out of range",
+                m->hidden_end < m->hidden_begin || m->hidden_end > 10000000 || strlen(m->share) >= AR_PLAN_SHARE_TEXT) {
+                snprintf(why, why_size, "plan: stage %zu member %zu: provider id, heads, hidden units or share out of range",
                          i, k);
                 return false;
             }
         }
     }
     return true;
+}
+
+/* obj[key] = [begin, end] when the range is not empty */
+static bool add_range(cJSON *obj, const char *key, uint32_t begin, uint32_t end)
+{
+    if (end <= begin)
+        return true;
+    double v[2] = {begin, end};
+    cJSON *a = cJSON_CreateDoubleArray(v, 2);
+    if (a && cJSON_AddItemToObject(obj, key, a))
+        return true;
+    cJSON_Delete(a);
+    return false;
 }
 
 /* A checked plan as the JSON document the dashboard serves (built here from
@@ -1026,20 +1039,11 @@ static char *plan_json(const Arceus__JobPlan *p)
             }
             ok = cJSON_AddNumberToObject(jm, "provider_id", (double)m->provider_id) &&
                  cJSON_AddStringToObject(jm, "device", m->device);
-            /* heads and hidden units only for a member of a tensor-parallel group */
-            if (ok && m->head_end > m->head_begin) {
-                double h[2] = {m->head_begin, m->head_end}, u[2] = {m->hidden_begin, m->hidden_end};
-                cJSON *jh = cJSON_CreateDoubleArray(h, 2), *ju = cJSON_CreateDoubleArray(u, 2);
-                ok = jh && ju && cJSON_AddItemToObject(jm, "heads", jh);
-                if (!ok) {
-                    cJSON_Delete(jh);
-                    cJSON_Delete(ju);
-                    break;
-                }
-                ok = cJSON_AddItemToObject(jm, "hidden", ju);
-                if (!ok)
-                    cJSON_Delete(ju);
-            }
+            /* a share only for a member of a tensor-parallel group */
+            if (ok && m->share[0])
+                ok = cJSON_AddStringToObject(jm, "share", m->share) &&
+                     add_range(jm, "heads", m->head_begin, m->head_end) &&
+                     add_range(jm, "hidden", m->hidden_begin, m->hidden_end);
         }
     }
     char *text = ok ? cJSON_PrintUnformatted(root) : NULL;
@@ -1535,6 +1539,7 @@ int ar_market_report_progress(ar_client *c, const char *lease_token, const ar_ma
             y.head_end = (uint32_t)m->head_end;
             y.hidden_begin = (uint32_t)m->hidden_begin;
             y.hidden_end = (uint32_t)m->hidden_end;
+            y.share = (char *)(m->share ? m->share : "");
             pm[i][k] = y;
             pmp[i][k] = &pm[i][k];
         }

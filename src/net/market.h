@@ -138,12 +138,13 @@ int ar_market_check_lease(ar_client *c, const char *token, const char *lease_tok
 
 /* ---- progress for the dashboard ------------------------------------------------ */
 
-/* One member of a planned stage; heads and hidden units [begin, end) only
- * for a member of a tensor-parallel group (head_end == head_begin: whole
- * layers). */
+/* One member of a planned stage; for a member of a tensor-parallel group,
+ * its share in words and its heads (GPT) and hidden units (of the first
+ * shard) [begin, end); all empty for a stage of whole layers. */
 typedef struct {
     int64_t provider_id; /* 0: not a leased provider */
     const char *device;  /* HOST:PORT */
+    const char *share;   /* "heads 0-1, hidden units 0-127 of each block"; NULL: whole layers */
     int head_begin, head_end, hidden_begin, hidden_end;
 } ar_market_plan_member;
 

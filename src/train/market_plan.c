@@ -1,6 +1,9 @@
 /* The plan as the market's dashboard shows it (market_plan.h). */
 #include "train/market_plan.h"
 
+#include "arceus.h"
+
+#include <stdbool.h>
 #include <string.h>
 
 static int64_t provider_of(const ar_market_lease *lease, const char *device)
@@ -13,7 +16,7 @@ static int64_t provider_of(const ar_market_lease *lease, const char *device)
 
 void ar_market_plan_fill(const ar_plan *p, const ar_device *devs, const ar_model_spec *spec,
                          const ar_market_lease *lease, ar_market_plan_stage *out,
-                         char (*layers)[AR_LAYERS_TEXT_MAX])
+                         char (*layers)[AR_LAYERS_TEXT_MAX], char (*shares)[AR_PLAN_SHARE_TEXT])
 {
     for (int s = 0; s < p->nstages; s++) {
         ar_market_plan_stage *st = &out[s];
@@ -25,7 +28,7 @@ void ar_market_plan_fill(const ar_plan *p, const ar_device *devs, const ar_model
         st->predicted_ms = p->stage_time[s] * 1e3;
         int g = p->group_size[s] > 1 ? p->group_size[s] : 1;
         ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
-        bool split = ar_plan_member_shares(p, devs, spec, s, heads, hidden);
+        bool split = g > 1 && ar_plan_member_shares(p, devs, spec, s, shares, heads, hidden) == AR_OK;
         st->n_members = g;
         for (int k = 0; k < g; k++) {
             const char *name = devs[k == 0 ? p->device[s] : p->group[s][k]].name;
@@ -37,7 +40,9 @@ void ar_market_plan_fill(const ar_plan *p, const ar_device *devs, const ar_model
                 m->head_end = heads[k].end;
                 m->hidden_begin = hidden[k].begin;
                 m->hidden_end = hidden[k].end;
+                m->share = shares[k];
             }
         }
+        shares += g;
     }
 }

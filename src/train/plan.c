@@ -2,6 +2,8 @@
  * hand, and the two quick device measurements (see plan.h). */
 #include "train/plan.h"
 
+#include "train/tp_group.h"
+
 #include "nn/tp.h"
 
 #include "core/blas.h"
@@ -410,7 +412,7 @@ static int parse_unit(const char *text, const char **s, int *v)
 static int parse_device(const char *text, const char **s, const ar_device *devs, int ndev, int *out)
 {
     const char *start = *s;
-    size_t n = strcspn(start, "+,");
+    size_t n = strcspn(start, "+,~");
     while (n > 0 && start[n - 1] == ' ')
         n--;
     if (n == 0)
@@ -429,7 +431,7 @@ static int parse_device(const char *text, const char **s, const ar_device *devs,
     if (*out < 0 || *out >= ndev)
         return ar_fail(AR_EINVAL, "plan \"%s\": no device \"%.*s\" (give an index 0-%d or a name from --workers)",
                        text, (int)n, start, ndev - 1);
-    *s = start + strcspn(start, "+,");
+    *s = start + strcspn(start, "+,~");
     return AR_OK;
 }
 
@@ -487,6 +489,13 @@ int ar_plan_parse_devices(const char *text, int nunits, const ar_device *devs, i
                 out->group[idx][out->group_size[idx]++] = d;
             } while (*s == '+');
             out->device[idx] = out->group[idx][0];
+            if (*s == '~') {
+                if (strncmp(s, "~speed", 6) != 0 || out->group_size[idx] < 2)
+                    return ar_fail(AR_EINVAL, "plan \"%s\": after a group of devices, \"~speed\" splits it by "
+                                   "their speed (found \"%s\")", text, s);
+                out->by_speed[idx] = 1;
+                s += 6;
+            }
         }
         /* every device in one place only */
         for (int g = 0; g < out->group_size[idx]; g++)
@@ -600,6 +609,48 @@ void ar_plan_layers_text(const ar_model_spec *spec, int first, int last, char *b
         snprintf(buf, n, "%s %d-%d", spec ? "linear" : "units", first, last - 1);
 }
 
+/* Each member's heads and hidden units (of every GPT block alike, or of
+ * each of an MLP's pairs of linear layers). */
+int ar_plan_member_shares(const ar_plan *p, const ar_device *devs, const ar_model_spec *spec, int s,
+                          char (*text)[AR_PLAN_SHARE_TEXT], ar_range *heads, ar_range *hidden)
+{
+    if (p->group_size[s] < 2 || !spec)
+        return ar_fail(AR_EINVAL, "stage %d is not a tensor-parallel group", s);
+    double w[AR_PLAN_MAX_GROUP];
+    ar_plan_group_weights(p, devs, s, w);
+    ar_tp_layout *l = malloc(sizeof *l);
+    if (!l)
+        return ar_fail(AR_ENOMEM, "out of memory");
+    int rc = ar_tp_group_layout(spec, p->first[s], p->last[s], p->group_size[s], w, l);
+    for (int g = 0; rc == AR_OK && g < p->group_size[s]; g++) {
+        heads[g] = spec->type == AR_MODEL_GPT ? l->heads[g] : (ar_range){0, 0};
+        hidden[g] = l->hidden[g][0];
+        if (spec->type == AR_MODEL_GPT) {
+            snprintf(text[g], AR_PLAN_SHARE_TEXT, "heads %d-%d, hidden units %d-%d of each block", l->heads[g].begin,
+                     l->heads[g].end - 1, l->hidden[g][0].begin, l->hidden[g][0].end - 1);
+            continue;
+        }
+        size_t at = 0;
+        text[g][0] = '\0';
+        for (int b = 0; b < l->count && at < AR_PLAN_SHARE_TEXT; b++)
+            at += (size_t)snprintf(text[g] + at, AR_PLAN_SHARE_TEXT - at, "%shidden units %d-%d of linear %d",
+                                   b ? ", " : "", l->hidden[g][b].begin, l->hidden[g][b].end - 1, l->first + 2 * b);
+    }
+    free(l);
+    return rc;
+}
+
+static void print_group_shares(FILE *out, const ar_plan *p, const ar_device *devs, const ar_model_spec *spec,
+                               int s)
+{
+    char text[AR_PLAN_MAX_GROUP][AR_PLAN_SHARE_TEXT];
+    ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
+    if (ar_plan_member_shares(p, devs, spec, s, text, heads, hidden) != AR_OK)
+        return; /* the run itself reports why the group cannot be split */
+    for (int g = 0; g < p->group_size[s]; g++)
+        fprintf(out, "       %.63s: %s\n", devs[p->group[s][g]].name, text[g]);
+}
+
 /* "A" or, for a tensor-parallel group, "A+B". */
 static void device_label(const ar_plan *p, const ar_device *devs, int s, char *buf, size_t n)
 {
@@ -609,19 +660,6 @@ static void device_label(const ar_plan *p, const ar_device *devs, int s, char *b
         size_t at = strlen(buf);
         snprintf(buf + at, n - at, "%s%.63s", i ? "+" : "", devs[i == 0 ? p->device[s] : p->group[s][i]].name);
     }
-}
-
-bool ar_plan_member_shares(const ar_plan *p, const ar_device *devs, const ar_model_spec *spec, int s,
-                           ar_range heads[AR_PLAN_MAX_GROUP], ar_range hidden[AR_PLAN_MAX_GROUP])
-{
-    if (p->group_size[s] <= 1 || !spec || spec->type != AR_MODEL_GPT)
-        return false;
-    /* each member's share, in proportion to its speed */
-    double w[AR_PLAN_MAX_GROUP];
-    for (int g = 0; g < p->group_size[s]; g++)
-        w[g] = devs[p->group[s][g]].gflops > 0 ? devs[p->group[s][g]].gflops : 1;
-    return ar_tp_split(spec->n_head, p->group_size[s], w, heads) == AR_OK &&
-           ar_tp_split(4 * spec->n_embd, p->group_size[s], w, hidden) == AR_OK;
 }
 
 void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_unit_cost *costs,
@@ -648,17 +686,21 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
         device_label(p, devs, s, dev, sizeof dev);
         fprintf(out, "%-5d  %-*s  %-*s  %9.2f  %9.1f  %14.3f\n", s, wdev, dev, wlay, names[s],
                 params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3);
-        ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
-        if (ar_plan_member_shares(p, devs, spec, s, heads, hidden))
-            for (int g = 0; g < p->group_size[s]; g++)
-                fprintf(out, "       %.63s: heads %d-%d, hidden units %d-%d of each block\n",
-                        devs[p->group[s][g]].name, heads[g].begin, heads[g].end - 1, hidden[g].begin,
-                        hidden[g].end - 1);
+        if (p->group_size[s] > 1 && spec)
+            print_group_shares(out, p, devs, spec, s);
         slowest = max_d(slowest, p->stage_time[s]);
     }
     fprintf(out, "predicted bubble %.1f%% (%d stages, %d micro-batches, %s); slowest stage %.3f ms per micro-batch\n",
             100.0 * p->bubble, p->nstages, p->micro_batches, ar_schedule_name(p->schedule),
             slowest * 1e3);
+}
+
+void ar_plan_group_weights(const ar_plan *p, const ar_device *devs, int s, double *w)
+{
+    for (int g = 0; g < p->group_size[s] && g < AR_PLAN_MAX_GROUP; g++) {
+        double speed = devs[p->group[s][g]].gflops;
+        w[g] = p->by_speed[s] && speed > 0 ? speed : 1;
+    }
 }
 
 /* ---- device measurements ---------------------------------------------------------- */

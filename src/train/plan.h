@@ -13,8 +13,6 @@
 #include "nn/spec.h"
 #include "nn/tp.h"
 
-#include <stdbool.h>
-
 #include <stdio.h>
 
 #define AR_PLAN_MAX_STAGES 64
@@ -65,6 +63,9 @@ typedef struct {
      * group[s][0] (== device[s]) leading; 1 for a plain stage */
     int group_size[AR_PLAN_MAX_STAGES];
     int group[AR_PLAN_MAX_STAGES][AR_PLAN_MAX_GROUP];
+    /* a group's heads and hidden units split equally (0; 8 heads over 3 as
+     * 3+3+2) or in proportion to the members' speed (1) */
+    int by_speed[AR_PLAN_MAX_STAGES];
     int micro_batches;                         /* M and the schedule the plan was priced for */
     int schedule;                              /* enum ar_schedule_kind */
 } ar_plan;
@@ -90,9 +91,15 @@ int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, i
 int ar_plan_parse(const char *text, int nunits, int ndev, ar_plan *out);
 /* The same, where a stage may name its devices: "0-3@A+B,4-5@C" puts layers
  * 0-3 on a tensor-parallel group of devices A and B (A leads) and 4-5 on C.
- * A device is its index in devs or its name (devs may be NULL: indices only). */
+ * A device is its index in devs or its name (devs may be NULL: indices only).
+ * A group splits its heads and hidden units equally, or in proportion to the
+ * members' speed when it ends in "~speed" ("0-3@A+B~speed"). */
 int ar_plan_parse_devices(const char *text, int nunits, const ar_device *devs, int ndev,
                           ar_plan *out);
+
+/* The weights a group's split uses: every member 1, or its GFLOP/s when the
+ * plan splits stage s by speed. */
+void ar_plan_group_weights(const ar_plan *p, const ar_device *devs, int s, double *w);
 
 /* Fill stage_time, stage_mem, bubble (and micro_batches, schedule) of a plan.
  * Returns AR_ELIMIT, after filling everything, when a stage does not fit in
@@ -104,11 +111,15 @@ int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar
  * spec): the model's units [first, last) in words. */
 void ar_plan_layers_text(const ar_model_spec *spec, int first, int last, char *buf, size_t n);
 
-/* The attention heads and MLP hidden units each member of stage s's
- * tensor-parallel group computes (in proportion to its speed); false when
- * the stage is not such a group. */
-bool ar_plan_member_shares(const ar_plan *p, const ar_device *devs, const ar_model_spec *spec, int s,
-                           ar_range heads[AR_PLAN_MAX_GROUP], ar_range hidden[AR_PLAN_MAX_GROUP]);
+#define AR_PLAN_SHARE_TEXT 160
+
+/* What each member g of stage s's tensor-parallel group computes: in words
+ * (text[g]: "heads 0-1, hidden units 0-127 of each block" for a GPT, "hidden
+ * units 0-255 of linear 0, ..." for an MLP), its heads (GPT; empty for an
+ * MLP) and its hidden units of the stage's first shard. AR_EINVAL when the
+ * stage is not a group or cannot be split so. */
+int ar_plan_member_shares(const ar_plan *p, const ar_device *devs, const ar_model_spec *spec, int s,
+                          char (*text)[AR_PLAN_SHARE_TEXT], ar_range *heads, ar_range *hidden);
 
 /* A table: stage, device, layers (named from spec when given: "embedding,
  * blocks 0-1", "head"), parameter MB, memory MB, ms per micro-batch; then the
