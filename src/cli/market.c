@@ -172,20 +172,19 @@ int ar_cmd_market(int argc, char **argv)
         ar_cli_error("market", "%s", ar_last_error());
         return 1;
     }
-    printf("arceus market: listening on %s\n", addr);
-    fflush(stdout);
     /* the dashboard after the market: the database exists and is migrated */
     ar_http *h = NULL;
-    if (http) {
-        char haddr[300];
-        if (ar_http_start(http, db, offline_after, &h, haddr, sizeof haddr) != AR_OK) {
-            ar_cli_error("market", "%s", ar_last_error());
-            ar_market_stop(m);
-            return 1;
-        }
-        printf("arceus market: dashboard on http://%s/\n", haddr);
-        fflush(stdout);
+    char haddr[300];
+    int hrc = http ? ar_http_start(http, db, offline_after, &h, haddr, sizeof haddr) : AR_OK;
+    if (hrc != AR_OK) {
+        ar_cli_error("market", "%s", ar_last_error());
+        ar_market_stop(m);
+        return hrc == AR_EINVAL ? 2 : 1;
     }
+    printf("arceus market: listening on %s\n", addr);
+    if (h)
+        printf("arceus market: dashboard on http://%s/\n", haddr);
+    fflush(stdout);
     ar_cli_wait_stop_signal("market");
     ar_http_stop(h);
     ar_market_stop(m);

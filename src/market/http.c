@@ -14,7 +14,6 @@
 #include "core/core.h"
 #include "market/store.h"
 
-#include <arpa/inet.h>
 #include <cjson/cJSON.h>
 #include <ctype.h>
 #include <errno.h>
@@ -22,14 +21,12 @@
 #include <math.h>
 #include <microhttpd.h>
 #include <netdb.h>
-#include <netinet/in.h>
+#include <sys/socket.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <time.h>
-#include <unistd.h>
 
 /* Series longer than this are thinned (evenly, keeping the last point)
  * before they are sent: a chart has no use for more points than pixels. */
@@ -40,7 +37,6 @@
 struct ar_http {
     struct MHD_Daemon *daemon;
     ar_store *store;
-    int fd;
     int offline_after_s;
 };
 
@@ -669,18 +665,33 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
 
 /* ---- start and stop ----------------------------------------------------------------------------- */
 
-/* A listening TCP socket on "HOST:PORT" ([v6]:PORT too); *port gets the
+/* A port number, 0..65535; -1 when it is not one */
+static int parse_port(const char *p)
+{
+    if (!*p || strlen(p) > 5)
+        return -1;
+    int v = 0;
+    for (; *p; p++) {
+        if (!isdigit((unsigned char)*p))
+            return -1;
+        v = v * 10 + (*p - '0');
+    }
+    return v <= 65535 ? v : -1;
+}
+
+/* Serve on "HOST:PORT" ([v6]:PORT too): libmicrohttpd binds the first of
+ * the host's addresses that works and owns that socket; *port gets the
  * real port. */
-static int listen_on(const char *listen_addr, int *fd_out, int *port)
+static int serve_on(ar_http *h, const char *listen_addr, int *port)
 {
     char host[256];
     const char *colon = strrchr(listen_addr, ':');
     size_t hl = colon ? (size_t)(colon - listen_addr) : 0;
-    if (!colon || hl == 0 || hl >= sizeof host || !colon[1])
-        return ar_fail(AR_EINVAL, "--http %s: expected HOST:PORT", listen_addr);
+    if (!colon || hl == 0 || hl >= sizeof host || parse_port(colon + 1) < 0)
+        return ar_fail(AR_EINVAL, "--http %s: expected HOST:PORT with a port 0..65535", listen_addr);
     memcpy(host, listen_addr, hl);
     host[hl] = '\0';
-    if (host[0] == '[' && host[hl - 1] == ']') {
+    if (hl > 2 && host[0] == '[' && host[hl - 1] == ']') {
         memmove(host, host + 1, hl - 2);
         host[hl - 2] = '\0';
     }
@@ -689,34 +700,23 @@ static int listen_on(const char *listen_addr, int *fd_out, int *port)
     int g = getaddrinfo(host, colon + 1, &hints, &res);
     if (g != 0)
         return ar_fail(AR_EINVAL, "--http %s: %s", listen_addr, gai_strerror(g));
-    int fd = -1, err = 0;
-    for (struct addrinfo *a = res; a && fd < 0; a = a->ai_next) {
-        fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
-        if (fd < 0) {
-            err = errno;
-            continue;
-        }
-        int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
-            err = errno;
-            close(fd);
-            fd = -1;
-        }
+    int err = 0;
+    for (struct addrinfo *a = res; a && !h->daemon; a = a->ai_next) {
+        /* one internal thread polls every connection (epoll where there
+         * is); idle connections are closed after 30 s, at most 64 at once */
+        unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | (a->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
+        errno = 0;
+        h->daemon = MHD_start_daemon(flags, 0, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR, a->ai_addr,
+                                     MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30, MHD_OPTION_CONNECTION_LIMIT,
+                                     (unsigned)64, MHD_OPTION_END);
+        err = errno;
     }
     freeaddrinfo(res);
-    if (fd < 0)
-        return ar_fail(AR_EIO, "--http %s: cannot listen: %s", listen_addr, strerror(err));
-    struct sockaddr_storage ss;
-    socklen_t len = sizeof ss;
-    if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0) {
-        err = errno;
-        close(fd);
-        return ar_fail(AR_EIO, "--http %s: %s", listen_addr, strerror(err));
-    }
-    *port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
-                                           : ((struct sockaddr_in *)&ss)->sin_port);
-    *fd_out = fd;
+    if (!h->daemon)
+        return ar_fail(AR_EIO, "--http %s: cannot serve there%s%s", listen_addr, err ? ": " : "",
+                       err ? strerror(err) : "");
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    *port = info ? info->port : 0;
     return AR_OK;
 }
 
@@ -727,24 +727,14 @@ int ar_http_start(const char *listen_addr, const char *db_path, int offline_afte
     ar_http *h = calloc(1, sizeof *h);
     if (!h)
         return ar_fail(AR_ENOMEM, "out of memory");
-    h->fd = -1;
     h->offline_after_s = offline_after_s;
     int port = 0;
     int rc = ar_store_open(db_path, &h->store);
     if (rc == AR_OK)
-        rc = listen_on(listen_addr, &h->fd, &port);
+        rc = serve_on(h, listen_addr, &port);
     if (rc != AR_OK) {
         ar_http_stop(h);
         return rc;
-    }
-    /* one internal thread polls every connection (epoll where there is);
-     * idle connections are closed after 30 s, at most 64 at once */
-    h->daemon = MHD_start_daemon(MHD_USE_AUTO_INTERNAL_THREAD, 0, NULL, NULL, handle, h,
-                                 MHD_OPTION_LISTEN_SOCKET, h->fd, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30,
-                                 MHD_OPTION_CONNECTION_LIMIT, (unsigned)64, MHD_OPTION_END);
-    if (!h->daemon) {
-        ar_http_stop(h);
-        return ar_fail(AR_EIO, "--http %s: libmicrohttpd did not start", listen_addr);
     }
     const char *colon = strrchr(listen_addr, ':');
     snprintf(addr, addr_size, "%.*s:%d", (int)(colon - listen_addr), listen_addr, port);
@@ -757,9 +747,7 @@ void ar_http_stop(ar_http *h)
     if (!h)
         return;
     if (h->daemon)
-        MHD_stop_daemon(h->daemon); /* joins its thread; the socket is still ours */
-    if (h->fd >= 0)
-        close(h->fd);
+        MHD_stop_daemon(h->daemon); /* joins its thread, closes its sockets */
     ar_store_close(h->store);
     free(h);
 }

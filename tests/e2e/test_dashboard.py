@@ -162,6 +162,22 @@ def job_of(market):
     return wait_for("the renter's job to report its plan and a few steps", ready)
 
 
+def test_http_address_errors_are_one_clear_line(run_arceus, tmp_path):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        for http, rc, says in ((taken, 1, "cannot serve there: Address already in use"),
+                               ("nonsense", 2, "--http expects HOST:PORT"),
+                               ("127.0.0.1:99999", 2, "a port 0..65535"),
+                               ("no-such-host.invalid:80", 2, "no-such-host.invalid")):
+            p = run_arceus("market", "--listen", "127.0.0.1:0", "--db", tmp_path / "m.db", "--http", http, timeout=60)
+            assert p.returncode == rc, (http, p.stderr)
+            assert says in p.stderr and p.stderr.count("\n") == 1, (http, p.stderr)
+            assert "listening" not in p.stdout  # it never said it was ready
+
+
 # ---- headless Chromium -------------------------------------------------------------------
 
 
