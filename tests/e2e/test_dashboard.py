@@ -171,7 +171,7 @@ def test_http_address_errors_are_one_clear_line(run_arceus, tmp_path):
         for http, rc, says in ((taken, 1, "cannot serve there: Address already in use"),
                                ("nonsense", 2, "--http expects HOST:PORT"),
                                ("127.0.0.1:99999", 2, "a port 0..65535"),
-                               ("no-such-host.invalid:80", 2, "no-such-host.invalid")):
+                               ("[::1:80", 2, "--http [::1:80")):
             p = run_arceus("market", "--listen", "127.0.0.1:0", "--db", tmp_path / "m.db", "--http", http, timeout=60)
             assert p.returncode == rc, (http, p.stderr)
             assert says in p.stderr and p.stderr.count("\n") == 1, (http, p.stderr)
