@@ -14,12 +14,15 @@ tests/unit/test_hostile.c; fuzz/ fuzzes the same code.
 
 import json
 import math
+import re
+import socket
 import struct
+import subprocess
 import threading
 
 import pytest
 
-from conftest import _env  # noqa: F401  (the fixtures below start processes with it)
+from conftest import _env
 from test_market import Market, add_account, markets, profile, register  # noqa: F401
 from test_workers import (Worker, decode, field_bytes, field_f32, field_varint, frame,  # noqa: F401
                           hello_request, load_request, pipe, unary, varint, workers, MLP_SPEC)
@@ -398,6 +401,79 @@ def test_market_table(run_arceus, markets, tmp_path):
         # the lease survived the bad reports and is released normally
         call("ReleaseLease", field_bytes(1, lease) + field_bytes(2, "cancelled"))
     ROWS["Market"] = len(rows)
+
+
+def http_raw(host, port, request, timeout=30):
+    """Send raw bytes, return (status code, body) of the reply (0 when the
+    server closed without one)."""
+    data = b""
+    with socket.create_connection((host, port), timeout=timeout) as c:
+        try:
+            c.sendall(request)
+            c.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server answered and closed before reading it all
+        try:
+            while chunk_ := c.recv(65536):
+                data += chunk_
+        except ConnectionResetError:
+            pass
+    m = re.match(rb"HTTP/1\.[01] (\d{3})", data)
+    return (int(m.group(1)) if m else 0), data.partition(b"\r\n\r\n")[2]
+
+
+def test_market_dashboard_table(run_arceus, arceus_bin, tmp_path):
+    db = tmp_path / "market.db"
+    token = add_account(run_arceus, db, "alice", "100")
+    proc = subprocess.Popen([str(arceus_bin), "market", "--listen", "127.0.0.1:0", "--db", str(db),
+                             "--http", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env())
+    try:
+        port = None
+        for _ in range(2):
+            m = re.search(r"dashboard on http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())
+            port = int(m.group(1)) if m else port
+        assert port, "the market printed no dashboard address"
+        auth = f"Authorization: Bearer {token}\r\n".encode()
+
+        def req(path, headers=b"", method=b"GET", body=b""):
+            return (method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n" + headers +
+                    (b"Content-Length: %d\r\n" % len(body) if body else b"") + b"\r\n" + body)
+
+        rows = [
+            ("not HTTP", b"GARBAGE\r\n\r\n", (0, 400)),  # closed without a reply, or 400
+            ("request line of 100 KB", req(b"/" + b"a" * 100000), (414,)),
+            ("header of 100 KB", req(b"/api/me", b"X-Pad: " + b"p" * 100000 + b"\r\n"), (431, 413, 400)),
+            ("token of 10,000 characters", req(b"/api/me", b"Authorization: Bearer " + b"a" * 10000 + b"\r\n"),
+             (401,)),
+            ("token not hex", req(b"/api/me", b"Authorization: Bearer " + b"z" * 64 + b"\r\n"), (401,)),
+            ("not a bearer token", req(b"/api/me", b"Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l\r\n"),
+             (401,)),
+            ("job id 2^70", req(b"/api/jobs/1180591620717411303424", auth), (404,)),
+            ("job id negative", req(b"/api/jobs/-1", auth), (404,)),
+            ("job id not a number", req(b"/api/jobs/1%00", auth), (404,)),
+            ("since not a number", req(b"/api/jobs/1?since=abc", auth), (400, 404)),
+            ("since 1e400", req(b"/api/jobs/1?since=1e400", auth), (400, 404)),
+            ("unknown API", req(b"/api/" + b"x" * 500, auth), (404,)),
+            ("path outside the page", req(b"/../../etc/passwd"), (404,)),
+            ("POST with a body", req(b"/api/me", auth, b"POST", b"x" * 1000), (405,)),
+            # answered from the headers; the body is never read
+            ("GET with a body", req(b"/api/me", auth, b"GET", b"x" * 1000), (200, 400, 413)),
+        ]
+        for what, raw, codes in rows:
+            status, body = http_raw("127.0.0.1", port, raw)
+            assert status in codes, f"{what}: {status} {body[:200]!r}, expected {codes}"
+            if status == 401:
+                assert b"token" in body, (what, body)
+            status, body = http_raw("127.0.0.1", port, req(b"/api/overview"))
+            assert status == 200, (what, status)
+        ROWS["Market dashboard (HTTP)"] = len(rows)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    for marker in ("AddressSanitizer", "LeakSanitizer", "runtime error"):
+        assert marker not in err, err[-6000:]
 
 
 # ---------------------------------------------------------------------------
