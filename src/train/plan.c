@@ -3,6 +3,8 @@
 #include "train/plan.h"
 
 #include "nn/tp.h"
+#include "train/frame.h"
+#include "train/tp_group.h"
 
 #include "core/blas.h"
 #include "core/core.h"
@@ -58,6 +60,57 @@ static int tied_numel(const ar_model_spec *spec, const char *name, long *numel)
     return AR_OK;
 }
 
+/* Wire bytes of a tensor-parallel message (see tp_group.c: the leader's
+ * scatter and a member's reply): op in scalars[0], block in step, slot in
+ * mb; a payload of `floats` F32 values shaped (rows, cols), or (floats) when
+ * cols is 0. */
+static double tp_message_bytes(int op, int block, int slot, int rows, double floats, int64_t cols)
+{
+    ar_frame f = {.kind = AR_FRAME_TP, .step = block, .mb = slot, .rows = rows, .dtype = AR_DT_F32};
+    f.scalars[0] = op;
+    f.ndim = floats > 0 ? (cols ? 2 : 1) : 0;
+    f.shape[0] = cols ? (int64_t)(floats / (double)cols) : (int64_t)floats;
+    f.shape[1] = cols;
+    f.nbytes = (size_t)floats * sizeof(float);
+    return (double)ar_frame_wire_bytes(&f);
+}
+
+/* The split and unsplit parts of GPT block `layer` (see ar_unit_cost.tp),
+ * sized like ar_tp_rank_create and ar_tp_block_create allocate them. */
+static int block_tp_costs(const ar_model_spec *spec, int layer, int mb_rows, ar_unit_cost *c)
+{
+    ar_block_shard all;
+    ar_range heads = {0, spec->n_head}, hidden = {0, 4 * spec->n_embd};
+    int rc = ar_block_shard_init(&all, spec, layer, heads, hidden);
+    if (rc != AR_OK)
+        return rc;
+    double B = mb_rows, T = spec->block_size, C = spec->n_embd, F = sizeof(float), N = B * T;
+    double attn = 0, mlp = 0;
+    for (int i = 0; i < AR_SHARD_NPARAMS; i++) {
+        int is_attn = i == AR_SHARD_QKV_W || i == AR_SHARD_QKV_B || i == AR_SHARD_APROJ_W;
+        *(is_attn ? &attn : &mlp) += (double)all.params[i].numel;
+    }
+    c->tp.heads = spec->n_head;
+    c->tp.hidden = 4 * spec->n_embd;
+    /* the forward FLOPs of forward_flops, split between the two parts; x3 for backward */
+    c->tp.attn_flops = 3.0 * (2.0 * N * C * (3 * C + C) + 2.0 * (2.0 * B * T * T * C));
+    c->tp.mlp_flops = 3.0 * (2.0 * N * C * (4 * C + 4 * C));
+    c->tp.attn_state = 4.0 * attn * F;
+    c->tp.mlp_state = 4.0 * mlp * F;
+    c->tp.attn_act = (double)ar_shard_attn_saved(&all, mb_rows, spec->block_size) * F;
+    c->tp.mlp_act = (double)ar_shard_mlp_saved(&all, mb_rows, spec->block_size) * F;
+    c->tp.rank_act = 2.0 * N * C * F;
+    c->tp.rank_work = (double)ar_shard_scratch(&all, mb_rows, spec->block_size) * F;
+    c->tp.leader_state = c->state_bytes - c->tp.attn_state - c->tp.mlp_state;
+    /* the leader's block keeps out | ln1 | res1 | ln2 and four row statistics,
+     * its input before them; backward scratch 2 N C */
+    c->tp.leader_act = (N * C + 4.0 * N * C + 4.0 * N) * F;
+    c->tp.leader_work = (2.0 * N * C + 2.0 * N * C) * F;
+    c->tp.msg_bytes = tp_message_bytes(AR_TP_ATTN_FWD, layer, 1, mb_rows, N * C, (int64_t)C);
+    c->tp.reply_bytes = tp_message_bytes(AR_TP_ATTN_FWD, layer, 1, mb_rows, N * C, 0);
+    return AR_OK;
+}
+
 int ar_plan_unit_costs(const ar_model_spec *spec, int mb_rows, ar_unit_cost *out)
 {
     if (!spec || !out || mb_rows < 1)
@@ -98,6 +151,9 @@ int ar_plan_unit_costs(const ar_model_spec *spec, int mb_rows, ar_unit_cost *out
             c->tied_bytes = (double)tn * F;   /* the copy, away from the owner */
         }
         ar_layer_destroy(l);
+        if (spec->type == AR_MODEL_GPT && u >= 1 && u <= spec->n_layer &&
+            (rc = block_tp_costs(spec, u - 1, mb_rows, c)) != AR_OK)
+            return rc;
     }
     return AR_OK;
 }
@@ -165,6 +221,154 @@ static int fits(double need, const ar_device *d)
     return d->mem_bytes <= 0 || need <= d->mem_bytes;
 }
 
+/* ---- tensor-parallel groups ------------------------------------------------- */
+
+/* Running totals of a group's stage [first, u], extended one unit at a time
+ * like stage_acc: the leader's unsplit part and each member's share. */
+typedef struct {
+    int g, nblocks, heads, bad;    /* bad: more members than heads */
+    const ar_device *dev[AR_PLAN_MAX_GROUP];
+    double weight[AR_PLAN_MAX_GROUP];   /* NULL-equivalent when all 1 */
+    int by_speed;
+    double h[AR_PLAN_MAX_GROUP], m[AR_PLAN_MAX_GROUP]; /* shares of the heads and hidden units */
+    stage_acc lead;                /* the leader's unsplit part */
+    double flops[AR_PLAN_MAX_GROUP], state[AR_PLAN_MAX_GROUP], act[AR_PLAN_MAX_GROUP],
+        work[AR_PLAN_MAX_GROUP];
+    double mb_bytes;               /* per micro-batch, leader <-> one member, both directions */
+} group_acc;
+
+static void group_init(group_acc *a, const ar_device *devs, const int *members, int g, int by_speed)
+{
+    memset(a, 0, sizeof *a);
+    a->g = g;
+    a->by_speed = by_speed;
+    for (int k = 0; k < g; k++) {
+        a->dev[k] = &devs[members[k]];
+        a->weight[k] = by_speed ? a->dev[k]->gflops : 1.0;
+    }
+}
+
+/* Each member's fraction of the heads and hidden units: what ar_tp_split
+ * gives the group (whole items, so 8 heads over 3 are 3+3+2). */
+static void group_shares(group_acc *a, int heads, int hidden)
+{
+    ar_range hr[AR_PLAN_MAX_GROUP], ur[AR_PLAN_MAX_GROUP];
+    a->heads = heads;
+    if (a->g > heads || ar_tp_split(heads, a->g, a->weight, hr) != AR_OK ||
+        ar_tp_split(hidden, a->g, a->weight, ur) != AR_OK) {
+        a->bad = 1;
+        return;
+    }
+    for (int k = 0; k < a->g; k++) {
+        a->h[k] = (double)(hr[k].end - hr[k].begin) / heads;
+        a->m[k] = (double)(ur[k].end - ur[k].begin) / hidden;
+    }
+}
+
+static void group_add(group_acc *a, const ar_unit_cost *costs, int first, int u)
+{
+    const ar_unit_cost *c = &costs[u];
+    if (c->tp.heads == 0) {
+        acc_add(&a->lead, costs, first, u); /* whole on the leader */
+        return;
+    }
+    if (a->nblocks == 0)
+        group_shares(a, c->tp.heads, c->tp.hidden);
+    a->nblocks++;
+    /* the leader's part, chained like acc_add (its input is the previous unit's output) */
+    a->lead.state += c->tp.leader_state;
+    if (first > 0)
+        a->lead.state += c->tied_bytes;
+    a->lead.act += c->tp.leader_act;
+    if (u > first)
+        a->lead.act -= costs[u - 1].out_bytes;
+    a->lead.work = max_d(a->lead.work, c->tp.leader_work);
+    for (int k = 0; k < a->g; k++) {
+        double h = a->h[k], m = a->m[k];
+        a->flops[k] += c->tp.attn_flops * h + c->tp.mlp_flops * m;
+        a->state[k] += c->tp.attn_state * h + c->tp.mlp_state * m;
+        a->act[k] += c->tp.rank_act + c->tp.attn_act * h + c->tp.mlp_act * m;
+        /* scratch is the larger of the two parts' (an upper bound), plus the
+         * member's partial-output buffer */
+        a->work[k] = max_d(a->work[k], c->tp.rank_work * max_d(h, m) + c->out_bytes);
+    }
+    /* two requests forward (attention, MLP), two backward, each answered */
+    a->mb_bytes += 4.0 * (c->tp.msg_bytes + c->tp.reply_bytes);
+}
+
+/* Bytes per training step between the leader and one member: M micro-batches,
+ * then the gradient-norm exchange (a norm per block comes back) and the
+ * optimizer step (see ar_stage_grad_sumsq and ar_stage_update). */
+static double group_step_bytes(const group_acc *a, int M)
+{
+    ar_frame norm = {.kind = AR_FRAME_TP}, norm_reply = {.kind = AR_FRAME_TP, .dtype = AR_DT_F64, .ndim = 1};
+    norm.scalars[0] = norm_reply.scalars[0] = AR_TP_NORM;
+    norm_reply.shape[0] = a->nblocks;
+    norm_reply.nbytes = (size_t)a->nblocks * sizeof(double);
+    ar_frame step = {.kind = AR_FRAME_TP}, step_reply = {.kind = AR_FRAME_TP};
+    step.scalars[0] = step_reply.scalars[0] = AR_TP_STEP;
+    step.scalars[1] = 1e-3; /* lr, gradient scale: doubles, their size does not depend on them */
+    step.scalars[2] = 1.0;
+    return (double)M * a->mb_bytes + (double)(ar_frame_wire_bytes(&norm) + ar_frame_wire_bytes(&norm_reply) +
+                                              ar_frame_wire_bytes(&step) + ar_frame_wire_bytes(&step_reply));
+}
+
+static double group_mem(const group_acc *a, int k, int slots)
+{
+    double own = a->state[k] + (double)slots * a->act[k] + a->work[k];
+    return k == 0 ? acc_mem(&a->lead, slots) + own : own;
+}
+
+static int group_fits(const group_acc *a, int slots)
+{
+    for (int k = 0; k < a->g; k++)
+        if (!fits(group_mem(a, k, slots), a->dev[k]))
+            return 0;
+    return 1;
+}
+
+/* Fill out from the totals of the group's stage ending before `last`. */
+static void group_price(const group_acc *a, const ar_unit_cost *costs, int nunits, int last, int slots,
+                        int M, ar_group_cost *out)
+{
+    memset(out, 0, sizeof *out);
+    const ar_device *lead = a->dev[0];
+    double slowest = 0;
+    for (int k = 0; k < a->g; k++) {
+        out->compute[k] = a->flops[k] / (a->dev[k]->gflops * 1e9);
+        slowest = max_d(slowest, out->compute[k]);
+        out->mem[k] = group_mem(a, k, slots);
+    }
+    double per_member = group_step_bytes(a, M);
+    for (int k = 1; k < a->g; k++) {
+        out->bytes += per_member;
+        out->transfer += per_member / (double)M / bandwidth(a->dev[k]);
+    }
+    /* the leader's unsplit work comes before and after the blocks: it does
+     * not overlap the members' */
+    out->time = acc_time(&a->lead, costs, nunits, last, lead) + slowest + out->transfer;
+}
+
+int ar_plan_group_cost(const ar_unit_cost *costs, int nunits, int first, int last,
+                       const ar_device *devs, const int *members, int g, int by_speed, int slots,
+                       int micro_batches, ar_group_cost *out)
+{
+    if (!costs || !devs || !members || !out || g < 2 || g > AR_PLAN_MAX_GROUP || first < 0 ||
+        last <= first || last > nunits || slots < 1 || micro_batches < 1)
+        return ar_fail(AR_EINVAL, "group cost: bad arguments");
+    group_acc a;
+    group_init(&a, devs, members, g, by_speed);
+    for (int u = first; u < last; u++)
+        group_add(&a, costs, first, u);
+    if (a.nblocks == 0)
+        return ar_fail(AR_EINVAL, "layers %d-%d hold no transformer block for a group of %d devices to split",
+                       first, last - 1, g);
+    if (a.bad)
+        return ar_fail(AR_EINVAL, "a group of %d devices cannot share %d attention heads", g, a.heads);
+    group_price(&a, costs, nunits, last, slots, micro_batches, out);
+    return AR_OK;
+}
+
 /* "1.2 GB", "340.0 MB", "12.0 kB" */
 static const char *fmt_bytes(double b, char *buf, size_t n)
 {
@@ -201,11 +405,13 @@ static int check_inputs(const ar_unit_cost *costs, int nunits, const ar_device *
 /* Tables indexed by (c, i, k): the units [i, n) placed on devices k.. in
  * exactly c stages. Under 1F1B a stage's slots depend on how many stages
  * follow it, which is why the count is part of the state and the program
- * runs from the back. */
+ * runs from the back. A stage on device k may also be a group of devices
+ * k..k+g-1 (devices keep their order), the next stage starting at k+g. */
 typedef struct {
     int n, D, C;
     double *val;
-    int *choice; /* phase 2: end unit j of the stage on device k, or 0 = device k skipped */
+    int *choice; /* phase 2: 0 = device k skipped, else (g-1)*(n+1) + j: units [i,j) on
+                  * the g devices from k */
 } dp_tables;
 
 static size_t at(const dp_tables *t, int c, int i, int k)
@@ -213,12 +419,74 @@ static size_t at(const dp_tables *t, int c, int i, int k)
     return ((size_t)c * (size_t)(t->n + 1) + (size_t)i) * (size_t)(t->D + 1) + (size_t)k;
 }
 
+/* A group splits by speed when its members' speeds differ (an equal split
+ * otherwise: the same shares, and a plan that reads simpler). */
+static int group_by_speed(const ar_device *devs, int k, int g)
+{
+    for (int m = k + 1; m < k + g; m++)
+        if (devs[m].gflops != devs[k].gflops)
+            return 1;
+    return 0;
+}
+
+/* Consider units [i, j) for j = i+1..n on the g devices from k, keeping the
+ * best value in *best and *choice. */
+static void dp_try(const dp_tables *t, const ar_unit_cost *costs, const ar_device *devs, int M, int c,
+                   int slots, double thr, int i, int k, int g, double *best, int *choice)
+{
+    int n = t->n;
+    stage_acc a = {0};
+    group_acc ga;
+    if (g > 1) {
+        int members[AR_PLAN_MAX_GROUP];
+        for (int m = 0; m < g; m++)
+            members[m] = k + m;
+        group_init(&ga, devs, members, g, group_by_speed(devs, k, g));
+    }
+    for (int j = i + 1; j <= n; j++) {
+        double st;
+        if (g == 1) {
+            acc_add(&a, costs, i, j - 1);
+        } else {
+            group_add(&ga, costs, i, j - 1);
+            if (ga.bad)
+                return; /* more members than heads: so it stays */
+        }
+        double rest = t->val[at(t, c - 1, j, k + g)];
+        if (rest == INFINITY)
+            continue;
+        if (g == 1) {
+            if (!fits(acc_mem(&a, slots), &devs[k]))
+                continue;
+            st = acc_time(&a, costs, n, j, &devs[k]);
+        } else {
+            if (ga.nblocks == 0 || !group_fits(&ga, slots))
+                continue;
+            ar_group_cost gc;
+            group_price(&ga, costs, n, j, slots, M, &gc);
+            st = gc.time;
+        }
+        double v;
+        if (thr < 0) {
+            v = max_d(st, rest);
+        } else {
+            if (st > thr)
+                continue;
+            v = st + rest;
+        }
+        if (v < *best) {
+            *best = v;
+            *choice = (g - 1) * (n + 1) + j;
+        }
+    }
+}
+
 /* Phase 1 (thr < 0): val = the smallest possible slowest-stage time.
  * Phase 2: val = the smallest total time among plans whose stages all take
  * at most thr, with the choices recorded. Both are exact: the max and the sum
  * each decompose over the suffix. */
 static void run_dp(dp_tables *t, const ar_unit_cost *costs, const ar_device *devs, int M,
-                   int schedule, double thr)
+                   int schedule, double thr, int max_group)
 {
     int n = t->n, D = t->D;
     for (int c = 0; c <= t->C; c++)
@@ -233,27 +501,8 @@ static void run_dp(dp_tables *t, const ar_unit_cost *costs, const ar_device *dev
             for (int k = D - 1; k >= 0; k--) {
                 double best = t->val[at(t, c, i, k + 1)];
                 int choice = 0;
-                const ar_device *d = &devs[k];
-                stage_acc a = {0};
-                for (int j = i + 1; j <= n; j++) {
-                    acc_add(&a, costs, i, j - 1);
-                    double rest = t->val[at(t, c - 1, j, k + 1)];
-                    if (rest == INFINITY || !fits(acc_mem(&a, slots), d))
-                        continue;
-                    double st = acc_time(&a, costs, n, j, d);
-                    double v;
-                    if (thr < 0) {
-                        v = max_d(st, rest);
-                    } else {
-                        if (st > thr)
-                            continue;
-                        v = st + rest;
-                    }
-                    if (v < best) {
-                        best = v;
-                        choice = j;
-                    }
-                }
+                for (int g = 1; g <= max_group && k + g <= D; g++)
+                    dp_try(t, costs, devs, M, c, slots, thr, i, k, g, &best, &choice);
                 t->val[at(t, c, i, k)] = best;
                 t->choice[at(t, c, i, k)] = choice;
             }
@@ -284,8 +533,9 @@ static int infeasible(const ar_unit_cost *costs, int n, const ar_device *devs, i
     char a[32], b[32];
     double need = unit_alone(costs, n, worst, M, schedule);
     if (need > largest)
-        return ar_fail(AR_ELIMIT, "layer %d needs %s, the largest device (%.63s) has %s free", worst,
-                       fmt_bytes(need, a, sizeof a), devs[big].name, fmt_bytes(largest, b, sizeof b));
+        return ar_fail(AR_ELIMIT, "layer %d needs %s, the largest device (%.63s) has %s free%s", worst,
+                       fmt_bytes(need, a, sizeof a), devs[big].name, fmt_bytes(largest, b, sizeof b),
+                       costs[worst].tp.heads ? " (nor does its share on any group of consecutive devices)" : "");
     double all = ar_plan_stage_mem(costs, n, 0, n, schedule == AR_SCHED_GPIPE ? M : 1);
     return ar_fail(AR_ELIMIT,
                    "no split of the %d layers over the %d devices fits in their memory (the whole "
@@ -304,7 +554,8 @@ static void warn_unused(const ar_plan *p, const ar_unit_cost *costs, int n, cons
     for (int d = 0; d < ndev; d++) {
         int used = 0;
         for (int s = 0; s < p->nstages; s++)
-            used |= p->device[s] == d;
+            for (int k = 0; k < (p->group_size[s] > 1 ? p->group_size[s] : 1); k++)
+                used |= (k ? p->group[s][k] : p->device[s]) == d;
         if (used)
             continue;
         char a[32], b[32];
@@ -337,8 +588,13 @@ int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, i
         return AR_ENOMEM;
     }
 
+    /* groups only for units a group can split (GPT blocks) */
+    int max_group = 1;
+    for (int u = 0; u < nunits; u++)
+        if (costs[u].tp.heads > 0)
+            max_group = AR_PLAN_MAX_GROUP;
     /* phase 1: the best bottleneck for each stage count */
-    run_dp(&t, costs, devs, micro_batches, schedule, -1.0);
+    run_dp(&t, costs, devs, micro_batches, schedule, -1.0, max_group);
     double best = INFINITY;
     for (int c = 1; c <= t.C; c++)
         best = t.val[at(&t, c, 0, 0)] < best ? t.val[at(&t, c, 0, 0)] : best;
@@ -353,21 +609,28 @@ int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, i
     int C = 1;
     while (t.val[at(&t, C, 0, 0)] > thr)
         C++;
-    run_dp(&t, costs, devs, micro_batches, schedule, thr);
+    run_dp(&t, costs, devs, micro_batches, schedule, thr, max_group);
 
     memset(out, 0, sizeof *out);
     int i = 0, k = 0, c = C;
-    while (c > 0) {
-        int j = t.choice[at(&t, c, i, k)];
-        if (j > 0) {
-            out->device[out->nstages] = k;
-            out->first[out->nstages] = i;
-            out->last[out->nstages] = j;
-            out->nstages++;
-            i = j;
-            c--;
+    while (c > 0 && k < ndev) {
+        int choice = t.choice[at(&t, c, i, k)];
+        if (choice == 0) {
+            k++;
+            continue;
         }
-        k++;
+        int j = choice % (nunits + 1), g = choice / (nunits + 1) + 1, s = out->nstages;
+        out->device[s] = k;
+        out->first[s] = i;
+        out->last[s] = j;
+        out->group_size[s] = g;
+        for (int m = 0; m < g; m++)
+            out->group[s][m] = k + m;
+        out->by_speed[s] = g > 1 && group_by_speed(devs, k, g);
+        out->nstages++;
+        i = j;
+        k += g;
+        c--;
     }
     ar_free(t.val);
     ar_free(t.choice);
@@ -527,18 +790,26 @@ int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar
     int S = p->nstages;
     if (S < 1 || S > AR_PLAN_MAX_STAGES)
         return ar_fail(AR_EINVAL, "a plan of %d stages", S);
-    int next = 0;
+    int next = 0, used_by[AR_PLAN_MAX_DEVICES];
+    for (int d = 0; d < ndev; d++)
+        used_by[d] = -1;
     for (int s = 0; s < S; s++) {
         if (p->first[s] != next || p->last[s] <= p->first[s] || p->last[s] > nunits)
             return ar_fail(AR_EINVAL, "plan stage %d holds layers [%d,%d): not contiguous in 0-%d",
                            s, p->first[s], p->last[s], nunits - 1);
         next = p->last[s];
-        if (p->device[s] < 0 || p->device[s] >= ndev)
-            return ar_fail(AR_EINVAL, "plan stage %d is on device %d of %d", s, p->device[s], ndev);
-        for (int r = 0; r < s; r++)
-            if (p->device[r] == p->device[s])
-                return ar_fail(AR_EINVAL, "plan stages %d and %d share device %d", r, s,
-                               p->device[s]);
+        int g = p->group_size[s] > 1 ? p->group_size[s] : 1;
+        if (g > AR_PLAN_MAX_GROUP || (g > 1 && p->group[s][0] != p->device[s]))
+            return ar_fail(AR_EINVAL, "plan stage %d: a group of %d devices led by device %d", s, g,
+                           p->device[s]);
+        for (int k = 0; k < g; k++) {
+            int d = k ? p->group[s][k] : p->device[s];
+            if (d < 0 || d >= ndev)
+                return ar_fail(AR_EINVAL, "plan stage %d is on device %d of %d", s, d, ndev);
+            if (used_by[d] >= 0)
+                return ar_fail(AR_EINVAL, "plan stages %d and %d share device %d", used_by[d], s, d);
+            used_by[d] = s;
+        }
     }
     if (next != nunits)
         return ar_fail(AR_EINVAL, "plan covers layers 0-%d of 0-%d", next - 1, nunits - 1);
@@ -547,30 +818,42 @@ int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar
     p->schedule = schedule;
     p->bubble = (double)(S - 1) / (double)(micro_batches + S - 1);
     rc = AR_OK;
+    char a[32], b[32];
     for (int s = 0; s < S; s++) {
-        /* a tensor-parallel group counts as one device with the members'
-         * speed and memory added up (the extra transfers are not priced yet) */
-        ar_device group = devs[p->device[s]];
-        for (int g = 1; g < p->group_size[s] && g < AR_PLAN_MAX_GROUP; g++) {
-            int m = p->group[s][g];
-            if (m < 0 || m >= ndev)
-                return ar_fail(AR_EINVAL, "plan stage %d names device %d of %d", s, m, ndev);
-            group.gflops += devs[m].gflops;
-            group.mem_bytes = group.mem_bytes > 0 && devs[m].mem_bytes > 0 ? group.mem_bytes + devs[m].mem_bytes : 0;
-        }
-        const ar_device *d = &group;
+        const ar_device *d = &devs[p->device[s]];
         int slots = ar_plan_slots(schedule, S, s, micro_batches);
+        p->tp_bytes[s] = 0;
+        memset(p->member_mem[s], 0, sizeof p->member_mem[s]);
+        if (p->group_size[s] > 1) {
+            int g = p->group_size[s];
+            ar_group_cost gc;
+            int grc = ar_plan_group_cost(costs, nunits, p->first[s], p->last[s], devs, p->group[s], g,
+                                         p->by_speed[s], slots, micro_batches, &gc);
+            if (grc != AR_OK)
+                return ar_fail(grc, "plan stage %d: %s", s, ar_last_error());
+            p->stage_time[s] = gc.time;
+            p->stage_mem[s] = gc.mem[0];
+            p->tp_bytes[s] = gc.bytes;
+            for (int k = 0; k < g; k++) {
+                const ar_device *m = &devs[p->group[s][k]];
+                p->member_mem[s][k] = gc.mem[k];
+                if (rc == AR_OK && !fits(gc.mem[k], m))
+                    rc = ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s on device %d (%.63s) of its group, "
+                                 "which has %s free", s, p->first[s], p->last[s] - 1,
+                                 fmt_bytes(gc.mem[k], a, sizeof a), p->group[s][k], m->name,
+                                 fmt_bytes(m->mem_bytes, b, sizeof b));
+            }
+            continue;
+        }
         stage_acc acc = {0};
         for (int u = p->first[s]; u < p->last[s]; u++)
             acc_add(&acc, costs, p->first[s], u);
         p->stage_time[s] = acc_time(&acc, costs, nunits, p->last[s], d);
-        p->stage_mem[s] = acc_mem(&acc, slots);
-        if (rc == AR_OK && !fits(p->stage_mem[s], d)) {
-            char a[32], b[32];
+        p->stage_mem[s] = p->member_mem[s][0] = acc_mem(&acc, slots);
+        if (rc == AR_OK && !fits(p->stage_mem[s], d))
             rc = ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s, device %d (%.63s) has %s free", s,
                          p->first[s], p->last[s] - 1, fmt_bytes(p->stage_mem[s], a, sizeof a),
                          p->device[s], d->name, fmt_bytes(d->mem_bytes, b, sizeof b));
-        }
     }
     return rc;
 }
@@ -619,6 +902,15 @@ static void device_label(const ar_plan *p, const ar_device *devs, int s, char *b
     }
 }
 
+/* The time the cost model gives a group's transfers, per micro-batch. */
+static double group_transfer_ms(const ar_plan *p, const ar_device *devs, int s)
+{
+    double per_member = p->tp_bytes[s] / (p->group_size[s] - 1), t = 0;
+    for (int k = 1; k < p->group_size[s]; k++)
+        t += per_member / (p->micro_batches > 0 ? p->micro_batches : 1) / bandwidth(&devs[p->group[s][k]]);
+    return t * 1e3;
+}
+
 void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_unit_cost *costs,
                    const ar_model_spec *spec)
 {
@@ -651,9 +943,12 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
             if (ar_tp_split(spec->n_head, p->group_size[s], w, heads) == AR_OK &&
                 ar_tp_split(4 * spec->n_embd, p->group_size[s], w, hidden) == AR_OK)
                 for (int g = 0; g < p->group_size[s]; g++)
-                    fprintf(out, "       %.63s: heads %d-%d, hidden units %d-%d of each block\n",
+                    fprintf(out, "       %.63s: heads %d-%d, hidden units %d-%d of each block, %.1f MB%s\n",
                             devs[p->group[s][g]].name, heads[g].begin, heads[g].end - 1,
-                            hidden[g].begin, hidden[g].end - 1);
+                            hidden[g].begin, hidden[g].end - 1, p->member_mem[s][g] / 1e6,
+                            g ? "" : " with the unsplit layers");
+            fprintf(out, "       tensor-parallel transfer %.2f MB per step (%.3f ms per micro-batch)\n",
+                    p->tp_bytes[s] / 1e6, group_transfer_ms(p, devs, s));
         }
         slowest = max_d(slowest, p->stage_time[s]);
     }
