@@ -776,6 +776,7 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
         d->gflops = h.gflops > 0 ? h.gflops : 1;
         d->mem_bytes = (double)h.free_memory;
         d->bandwidth = 0; /* the loopback default; measured links come later */
+        d->solo = !tp_capable[i] || r->leased; /* (groups over providers: not yet) */
         if (r->leased) {
             /* plan over what the market measured and the provider offers */
             const ar_provider *p = &r->lease.providers[i].p;

@@ -234,7 +234,7 @@ typedef struct {
     stage_acc lead;                /* the leader's unsplit part */
     double flops[AR_PLAN_MAX_GROUP], state[AR_PLAN_MAX_GROUP], act[AR_PLAN_MAX_GROUP],
         work[AR_PLAN_MAX_GROUP];
-    double mb_bytes;               /* per micro-batch, leader <-> one member, both directions */
+    double mb_bytes, mb_msgs;      /* per micro-batch, leader <-> one member, both directions */
 } group_acc;
 
 static void group_init(group_acc *a, const ar_device *devs, const int *members, int g, int by_speed)
@@ -294,6 +294,7 @@ static void group_add(group_acc *a, const ar_unit_cost *costs, int first, int u)
     }
     /* two requests forward (attention, MLP), two backward, each answered */
     a->mb_bytes += 4.0 * (c->tp.msg_bytes + c->tp.reply_bytes);
+    a->mb_msgs += 8.0;
 }
 
 /* Bytes per training step between the leader and one member: M micro-batches,
@@ -340,9 +341,10 @@ static void group_price(const group_acc *a, const ar_unit_cost *costs, int nunit
         out->mem[k] = group_mem(a, k, slots);
     }
     double per_member = group_step_bytes(a, M);
+    double msgs = (double)M * a->mb_msgs + 4.0; /* and the norm and step exchanges */
     for (int k = 1; k < a->g; k++) {
         out->bytes += per_member;
-        out->transfer += per_member / (double)M / bandwidth(a->dev[k]);
+        out->transfer += (per_member / bandwidth(a->dev[k]) + msgs * AR_PLAN_MESSAGE_S) / (double)M;
     }
     /* the leader's unsplit work comes before and after the blocks: it does
      * not overlap the members' */
@@ -361,8 +363,8 @@ int ar_plan_group_cost(const ar_unit_cost *costs, int nunits, int first, int las
     for (int u = first; u < last; u++)
         group_add(&a, costs, first, u);
     if (a.nblocks == 0)
-        return ar_fail(AR_EINVAL, "layers %d-%d hold no transformer block for a group of %d devices to split",
-                       first, last - 1, g);
+        return ar_fail(AR_EINVAL, "layers %d-%d hold no transformer block for a group of %d devices to split "
+                       "(tensor parallelism splits GPT blocks)", first, last - 1, g);
     if (a.bad)
         return ar_fail(AR_EINVAL, "a group of %d devices cannot share %d attention heads", g, a.heads);
     group_price(&a, costs, nunits, last, slots, micro_batches, out);
@@ -501,8 +503,9 @@ static void run_dp(dp_tables *t, const ar_unit_cost *costs, const ar_device *dev
             for (int k = D - 1; k >= 0; k--) {
                 double best = t->val[at(t, c, i, k + 1)];
                 int choice = 0;
-                for (int g = 1; g <= max_group && k + g <= D; g++)
-                    dp_try(t, costs, devs, M, c, slots, thr, i, k, g, &best, &choice);
+                for (int g = 1; g <= max_group && k + g <= D && (g == 1 || !devs[k + g - 1].solo); g++)
+                    if (g == 1 || !devs[k].solo)
+                        dp_try(t, costs, devs, M, c, slots, thr, i, k, g, &best, &choice);
                 t->val[at(t, c, i, k)] = best;
                 t->choice[at(t, c, i, k)] = choice;
             }
@@ -822,7 +825,7 @@ int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar
     for (int s = 0; s < S; s++) {
         const ar_device *d = &devs[p->device[s]];
         int slots = ar_plan_slots(schedule, S, s, micro_batches);
-        p->tp_bytes[s] = 0;
+        p->tp_bytes[s] = p->tp_transfer[s] = 0;
         memset(p->member_mem[s], 0, sizeof p->member_mem[s]);
         if (p->group_size[s] > 1) {
             int g = p->group_size[s];
@@ -834,6 +837,7 @@ int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar
             p->stage_time[s] = gc.time;
             p->stage_mem[s] = gc.mem[0];
             p->tp_bytes[s] = gc.bytes;
+            p->tp_transfer[s] = gc.transfer;
             for (int k = 0; k < g; k++) {
                 const ar_device *m = &devs[p->group[s][k]];
                 p->member_mem[s][k] = gc.mem[k];
@@ -902,15 +906,6 @@ static void device_label(const ar_plan *p, const ar_device *devs, int s, char *b
     }
 }
 
-/* The time the cost model gives a group's transfers, per micro-batch. */
-static double group_transfer_ms(const ar_plan *p, const ar_device *devs, int s)
-{
-    double per_member = p->tp_bytes[s] / (p->group_size[s] - 1), t = 0;
-    for (int k = 1; k < p->group_size[s]; k++)
-        t += per_member / (p->micro_batches > 0 ? p->micro_batches : 1) / bandwidth(&devs[p->group[s][k]]);
-    return t * 1e3;
-}
-
 void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_unit_cost *costs,
                    const ar_model_spec *spec)
 {
@@ -948,7 +943,7 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
                             hidden[g].begin, hidden[g].end - 1, p->member_mem[s][g] / 1e6,
                             g ? "" : " with the unsplit layers");
             fprintf(out, "       tensor-parallel transfer %.2f MB per step (%.3f ms per micro-batch)\n",
-                    p->tp_bytes[s] / 1e6, group_transfer_ms(p, devs, s));
+                    p->tp_bytes[s] / 1e6, p->tp_transfer[s] * 1e3);
         }
         slowest = max_d(slowest, p->stage_time[s]);
     }

@@ -19,6 +19,10 @@
 /* bytes/s assumed for a device whose bandwidth is 0 (same machine: loopback) */
 #define AR_PLAN_DEFAULT_BANDWIDTH 1.5e9
 #define AR_PLAN_MAX_GROUP 8
+/* seconds a tensor-parallel message costs beyond its bytes: the leader waits
+ * for every one of them (a gRPC message on loopback takes tens of
+ * microseconds), which makes groups pointless for tiny blocks */
+#define AR_PLAN_MESSAGE_S 5e-5
 
 /* What one unit costs, per micro-batch of mb_rows rows. Memory matches what
  * ar_stage_create allocates for a stage holding the unit. */
@@ -64,6 +68,8 @@ typedef struct {
     double gflops;    /* measured GFLOP/s (> 0) */
     double mem_bytes; /* free memory; 0 = unknown, not checked */
     double bandwidth; /* bytes/s to the next device; 0 = same machine (AR_PLAN_DEFAULT_BANDWIDTH) */
+    int solo;         /* ar_plan_auto puts it in no tensor-parallel group (a market provider,
+                       * a worker without the capability) */
 } ar_device;
 
 typedef struct {
@@ -86,6 +92,7 @@ typedef struct {
      * bytes per training step (0 for a plain stage), and each member's memory
      * (member_mem[s][0] == stage_mem[s], the leader's, its own share included) */
     double tp_bytes[AR_PLAN_MAX_STAGES];
+    double tp_transfer[AR_PLAN_MAX_STAGES]; /* s per micro-batch of it (ar_group_cost.transfer) */
     double member_mem[AR_PLAN_MAX_STAGES][AR_PLAN_MAX_GROUP];
 } ar_plan;
 
@@ -95,7 +102,8 @@ typedef struct {
     double time;       /* s per micro-batch: the leader's unsplit part, then the slowest
                         * member's share, the group's transfers and the stage output */
     double compute[AR_PLAN_MAX_GROUP]; /* s per micro-batch of each member's share */
-    double transfer;   /* s per micro-batch moving the group's messages */
+    double transfer;   /* s per micro-batch moving the group's messages: their bytes at
+                        * each member's bandwidth plus AR_PLAN_MESSAGE_S apiece */
     double bytes;      /* per training step, between the leader and the other members,
                         * both directions, frame headers included (the leader's own share
                         * is computed in-process and moves nothing) */
@@ -107,8 +115,8 @@ typedef struct {
  * input twice forward (attention, MLP) and the output gradient twice
  * backward, and gets a partial of the same size back each time; per step a
  * gradient-norm and an optimizer-step exchange. A member's transfers take
- * bytes / its bandwidth, one member after another (they share the leader's
- * link). AR_EINVAL when the units hold no splittable block or there are
+ * bytes / its bandwidth plus AR_PLAN_MESSAGE_S per message, one member after
+ * another (they share the leader's link). AR_EINVAL when the units hold no splittable block or there are
  * more members than heads. */
 int ar_plan_group_cost(const ar_unit_cost *costs, int nunits, int first, int last,
                        const ar_device *devs, const int *members, int g, int by_speed, int slots,

@@ -575,9 +575,11 @@ Test(plan, group_bytes_count_every_message_of_a_step)
     double payload = 8.0 * 6 * 8 * (2.0 * 128 * 256 * 4);
     cr_assert(g2.bytes > payload && g2.bytes < payload * 1.001, "%g vs %g", g2.bytes, payload);
     cr_assert(fabs(g3.bytes - 2 * g2.bytes) < 1e-6 * g2.bytes, "two members move twice as much");
-    /* at b's 100 MB/s, then c's default */
-    cr_assert(fabs(g2.transfer - g2.bytes / 8 / 1e8) < 1e-12);
-    cr_assert(fabs(g3.transfer - g2.bytes / 8 / 1e8 - g2.bytes / 8 / AR_PLAN_DEFAULT_BANDWIDTH) < 1e-12);
+    /* at b's 100 MB/s, then c's default; and 8 messages per block and
+     * micro-batch, 4 per step, each costing AR_PLAN_MESSAGE_S */
+    double latency = (8.0 * 6 * 8 + 4) * AR_PLAN_MESSAGE_S / 8;
+    cr_assert(fabs(g2.transfer - g2.bytes / 8 / 1e8 - latency) < 1e-12);
+    cr_assert(fabs(g3.transfer - g2.bytes / 8 / 1e8 - g2.bytes / 8 / AR_PLAN_DEFAULT_BANDWIDTH - 2 * latency) < 1e-12);
     cr_assert(g2.time > g2.compute[0] + g2.transfer);
 
     /* not splittable: no block, or more members than heads */
@@ -672,6 +674,11 @@ Test(plan, a_group_is_chosen_when_its_link_is_fast_enough)
     cr_assert_eq(ar_plan_parse("0-2,3-4", 5, 2, &pipe), AR_OK);
     cr_assert_eq(ar_plan_estimate(&pipe, c, 5, d, 2, M, AR_SCHED_1F1B), AR_OK, "%s", ar_last_error());
     cr_assert_lt(max_time(&p), max_time(&pipe));
+    /* a device that cannot join a group (a market provider, an older worker) */
+    d[1].solo = 1;
+    cr_assert_eq(ar_plan_auto(c, 5, d, 2, M, AR_SCHED_1F1B, &p), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(p.nstages, 2, "no group with a solo device");
+    d[1].solo = 0;
 
     /* 26 MB/s: the group's transfers (24 messages of B T C floats per
      * micro-batch, each way) cost more than the split saves */
