@@ -60,8 +60,10 @@ int ar_remote_hello(ar_client *c, ar_hello_info *out)
 
 int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params)
 {
-    if (a->role != AR_LOAD_STAGE && (a->members < 1 || a->members > AR_PLAN_MAX_GROUP))
-        return ar_fail(AR_EINVAL, "a tensor-parallel Load with %d members", a->members);
+    const ar_tp_layout *lay = a->layout;
+    if (a->role != AR_LOAD_STAGE &&
+        (!lay || lay->members < 2 || lay->members > AR_PLAN_MAX_GROUP || a->member < 0 || a->member >= lay->members))
+        return ar_fail(AR_EINVAL, "a tensor-parallel Load without a layout");
     char *spec = ar_spec_to_json(a->spec);
     if (!spec)
         return ar_fail(AR_ENOMEM, "out of memory");
@@ -85,17 +87,26 @@ int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params)
     req.next_worker = (char *)(a->next_worker ? a->next_worker : "");
     req.threads = (uint32_t)(a->threads > 0 ? a->threads : 0);
     req.lease_token = (char *)(a->lease_token ? a->lease_token : "");
+    /* the members' shares: heads (GPT) and hidden units of every shard */
     Arceus__TpShare shares[AR_PLAN_MAX_GROUP], *share_ptrs[AR_PLAN_MAX_GROUP];
-    int nshares = a->role == AR_LOAD_LEADER ? a->members : a->role == AR_LOAD_RANK ? 1 : 0;
-    for (int k = 0; k < nshares; k++) {
-        Arceus__TpShare *t = &shares[k];
+    uint32_t bounds[AR_PLAN_MAX_GROUP][2 * AR_TP_MAX_SHARDS];
+    int nshares = a->role == AR_LOAD_LEADER ? lay->members : a->role == AR_LOAD_RANK ? 1 : 0;
+    for (int i = 0; i < nshares; i++) {
+        int k = a->role == AR_LOAD_RANK ? a->member : i;
+        Arceus__TpShare *t = &shares[i];
         arceus__tp_share__init(t);
-        t->address = (char *)(a->addresses[k] ? a->addresses[k] : "");
-        t->head_begin = (uint32_t)a->heads[k].begin;
-        t->head_end = (uint32_t)a->heads[k].end;
-        t->hidden_begin = (uint32_t)a->hidden[k].begin;
-        t->hidden_end = (uint32_t)a->hidden[k].end;
-        share_ptrs[k] = t;
+        t->address = (char *)(a->role == AR_LOAD_LEADER && a->addresses[k] ? a->addresses[k] : "");
+        t->head_begin = (uint32_t)lay->heads[k].begin;
+        t->head_end = (uint32_t)lay->heads[k].end;
+        t->hidden_begin = (uint32_t)lay->hidden[k][0].begin;
+        t->hidden_end = (uint32_t)lay->hidden[k][0].end;
+        for (int b = 0; b < lay->count; b++) {
+            bounds[i][2 * b] = (uint32_t)lay->hidden[k][b].begin;
+            bounds[i][2 * b + 1] = (uint32_t)lay->hidden[k][b].end;
+        }
+        t->n_hidden_bounds = (size_t)(2 * lay->count);
+        t->hidden_bounds = bounds[i];
+        share_ptrs[i] = t;
     }
     if (a->role == AR_LOAD_LEADER) {
         req.n_tp_group = (size_t)nshares;

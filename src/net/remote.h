@@ -74,12 +74,12 @@ typedef struct {
     const char *next_worker; /* NULL or "" for the last stage */
     int threads;
     const char *lease_token; /* NULL or "": none (a plain worker) */
-    /* tensor parallelism: role AR_LOAD_LEADER sends every member's share
-     * (shares[0] the leader's own, addresses[k] member k's worker);
-     * AR_LOAD_RANK sends shares[0], this worker's own */
+    /* tensor parallelism: role AR_LOAD_LEADER sends every member's share of
+     * the layout (addresses[k]: member k's worker; member 0 is the leader
+     * itself), AR_LOAD_RANK sends member `member`'s share */
     int role;
-    int members;
-    ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
+    const ar_tp_layout *layout;
+    int member;
     const char *addresses[AR_PLAN_MAX_GROUP];
 } ar_load_args;
 
@@ -112,8 +112,8 @@ typedef struct {
     int members; /* 1: a plain stage */
     ar_client *clients[AR_PLAN_MAX_GROUP]; /* not owned */
     char addrs[AR_PLAN_MAX_GROUP][128];
-    ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
-    uint64_t params[AR_PLAN_MAX_GROUP]; /* floats each member holds (from Load) */
+    ar_tp_layout layout;                   /* groups: who holds which heads and hidden units */
+    uint64_t params[AR_PLAN_MAX_GROUP];    /* floats each member holds (from Load) */
     /* groups only: the leader's unsplit parts and every member's shards */
     ar_stage leader;
     ar_tp_rank ranks[AR_PLAN_MAX_GROUP];

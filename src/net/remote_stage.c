@@ -22,23 +22,17 @@ int ar_remote_stage_init(ar_remote_stage *g, const ar_model_spec *spec, int firs
     }
     if (members == 1)
         return AR_OK;
-    int fb, nb, rc;
-    if ((rc = ar_tp_group_layout(spec, first, last, members, weights, &fb, &nb, g->heads, g->hidden)) != AR_OK)
+    int rc;
+    if ((rc = ar_tp_group_layout(spec, first, last, members, weights, &g->layout)) != AR_OK)
         return rc;
     if ((rc = ar_stage_create_tp(&g->leader, spec, first, last, 1, 1, seed, optim, g->no_links, members)) != AR_OK)
         return rc;
     g->ready = 1;
-    for (int k = 0; k < members; k++) {
-        ar_range heads[AR_MAX_LAYERS], hidden[AR_MAX_LAYERS];
-        for (int b = 0; b < nb; b++) {
-            heads[b] = g->heads[k];
-            hidden[b] = g->hidden[k];
-        }
-        if ((rc = ar_tp_rank_create(&g->ranks[k], spec, fb, nb, heads, hidden, 1, 1, seed, optim)) != AR_OK) {
+    for (int k = 0; k < members; k++)
+        if ((rc = ar_tp_layout_rank(&g->layout, k, spec, 1, 1, seed, optim, &g->ranks[k])) != AR_OK) {
             ar_remote_stage_destroy(g);
             return rc;
         }
-    }
     return AR_OK;
 }
 
@@ -60,25 +54,21 @@ int ar_remote_stage_load(ar_remote_stage *g, const ar_load_args *a)
         return AR_OK;
     }
     ar_load_args m = *a;
-    m.members = g->members;
+    m.layout = &g->layout;
     /* the ranks first: the leader's first Pipe opens theirs */
     for (int k = 1; k < g->members; k++) {
         m.role = AR_LOAD_RANK;
+        m.member = k;
         m.next_worker = NULL;
-        m.heads[0] = g->heads[k];
-        m.hidden[0] = g->hidden[k];
-        m.addresses[0] = NULL;
         if ((rc = ar_remote_load(g->clients[k], &m, &g->params[k])) != AR_OK)
             return ar_fail(rc, "loading stage %d's rank %d on %s: %s", a->index, k, g->addrs[k], ar_last_error());
     }
     m = *a;
     m.role = AR_LOAD_LEADER;
-    m.members = g->members;
-    for (int k = 0; k < g->members; k++) {
-        m.heads[k] = g->heads[k];
-        m.hidden[k] = g->hidden[k];
+    m.layout = &g->layout;
+    m.member = 0;
+    for (int k = 0; k < g->members; k++)
         m.addresses[k] = k ? g->addrs[k] : NULL;
-    }
     if ((rc = ar_remote_load(g->clients[0], &m, &g->params[0])) != AR_OK)
         return ar_fail(rc, "loading stage %d's leader on %s: %s", a->index, g->addrs[0], ar_last_error());
     return AR_OK;

@@ -23,7 +23,9 @@ static int list_entries(const ar_state_parts *parts, entry **out, int *count)
 {
     const ar_stage *s = parts->stage;
     const ar_tp_rank *r = parts->rank;
-    int ns = s ? s->nparams : 0, np = ns + (r ? r->nblocks * AR_SHARD_NPARAMS : 0);
+    int ns = s ? s->nparams : 0, np = ns;
+    for (int b = 0; r && b < r->nblocks; b++)
+        np += AR_SHARD_NPARAMS - r->shards[b].first_param;
     int n = np * 3 + (s && s->has_tied_copy ? 1 : 0);
     entry *e = calloc((size_t)(n ? n : 1), sizeof *e);
     ar_param **params = calloc((size_t)(np ? np : 1), sizeof *params);
@@ -34,8 +36,10 @@ static int list_entries(const ar_state_parts *parts, entry **out, int *count)
     }
     for (int j = 0; j < ns; j++)
         params[j] = s->params[j];
-    for (int j = ns; j < np; j++)
-        params[j] = &r->shards[(j - ns) / AR_SHARD_NPARAMS].params[(j - ns) % AR_SHARD_NPARAMS];
+    int at = ns;
+    for (int b = 0; r && b < r->nblocks; b++)
+        for (int i = r->shards[b].first_param; i < AR_SHARD_NPARAMS; i++)
+            params[at++] = &r->shards[b].params[i];
     int k = 0;
     for (int w = 0; w < 3; w++)
         for (int j = 0; j < np; j++) {

@@ -228,60 +228,86 @@ static void held_free(held *h)
     memset(h, 0, sizeof *h);
 }
 
-/* A tensor-parallel share must lie inside the model. */
-static int check_share(const Arceus__TpShare *t, int k, const ar_model_spec *spec)
+/* A tensor-parallel share must lie inside the model: its heads (a GPT's)
+ * and its hidden units in every shard (given per shard, or for a GPT once
+ * for every block). Fills hidden[nshards] and *heads. */
+static int check_share(const Arceus__TpShare *t, int k, const ar_model_spec *spec, int first, int nshards,
+                       ar_range *heads, ar_range *hidden)
 {
-    int hidden = 4 * spec->n_embd;
-    if (!t || t->head_begin >= t->head_end || t->head_end > (uint32_t)spec->n_head ||
-        t->hidden_begin >= t->hidden_end || t->hidden_end > (uint32_t)hidden)
-        return ar_fail(AR_EINVAL, "tensor-parallel share %d: heads [%u, %u) and hidden units [%u, %u) do not "
-                       "fit a model of %d heads and %d hidden units", k, t ? t->head_begin : 0,
-                       t ? t->head_end : 0, t ? t->hidden_begin : 0, t ? t->hidden_end : 0, spec->n_head,
-                       hidden);
+    int gpt = spec->type == AR_MODEL_GPT;
+    if (!t)
+        return ar_fail(AR_EINVAL, "tensor-parallel share %d is missing", k);
+    if (gpt && (t->head_begin >= t->head_end || t->head_end > (uint32_t)spec->n_head))
+        return ar_fail(AR_EINVAL, "tensor-parallel share %d: heads [%u, %u) do not fit a model of %d heads", k,
+                       t->head_begin, t->head_end, spec->n_head);
+    *heads = (ar_range){(int)t->head_begin, (int)t->head_end};
+    if (t->n_hidden_bounds != 0 && t->n_hidden_bounds != (size_t)(2 * nshards))
+        return ar_fail(AR_EINVAL, "tensor-parallel share %d: %zu hidden bounds for %d shards", k,
+                       t->n_hidden_bounds, nshards);
+    if (!gpt && t->n_hidden_bounds == 0)
+        return ar_fail(AR_EINVAL, "tensor-parallel share %d: an MLP share needs hidden_bounds", k);
+    for (int b = 0; b < nshards; b++) {
+        uint32_t lo = t->n_hidden_bounds ? t->hidden_bounds[2 * b] : t->hidden_begin;
+        uint32_t hi = t->n_hidden_bounds ? t->hidden_bounds[2 * b + 1] : t->hidden_end;
+        int units = gpt ? 4 * spec->n_embd : spec->hidden[first + 2 * b];
+        if (lo >= hi || hi > (uint32_t)units)
+            return ar_fail(AR_EINVAL, "tensor-parallel share %d: hidden units [%u, %u) do not fit shard %d's %d", k,
+                           lo, hi, b, units);
+        hidden[b] = (ar_range){(int)lo, (int)hi};
+    }
     return AR_OK;
 }
 
 /* The group of a leader's Load: members' shares tile every head and hidden
  * unit in order (the leader's sum would be wrong otherwise), the first is
  * the leader's own (no address), the others name their workers. */
-static int check_group(const Arceus__LoadRequest *req, const ar_model_spec *spec)
+static int check_group(const Arceus__LoadRequest *req, const ar_model_spec *spec, int first, int nshards)
 {
     size_t n = req->n_tp_group;
-    if (n < 2 || n > AR_PLAN_MAX_GROUP || (int)n > spec->n_head)
+    int gpt = spec->type == AR_MODEL_GPT;
+    if (n < 2 || n > AR_PLAN_MAX_GROUP || (gpt && (int)n > spec->n_head))
         return ar_fail(AR_EINVAL, "a tensor-parallel group of %zu members (2 to %d, at most one per head)", n,
                        AR_PLAN_MAX_GROUP);
+    ar_range heads = {0, 0}, prev_heads = {0, 0}, hidden[AR_TP_MAX_SHARDS], prev[AR_TP_MAX_SHARDS] = {{0, 0}};
     for (size_t k = 0; k < n; k++) {
         const Arceus__TpShare *t = req->tp_group[k];
-        int rc = check_share(t, (int)k, spec);
+        int rc = check_share(t, (int)k, spec, first, nshards, &heads, hidden);
         if (rc != AR_OK)
             return rc;
-        uint32_t head0 = k ? req->tp_group[k - 1]->head_end : 0, hid0 = k ? req->tp_group[k - 1]->hidden_end : 0;
-        if (t->head_begin != head0 || t->hidden_begin != hid0)
+        int continues = !gpt || heads.begin == prev_heads.end;
+        for (int b = 0; b < nshards; b++)
+            continues &= hidden[b].begin == prev[b].end;
+        if (!continues)
             return ar_fail(AR_EINVAL, "tensor-parallel share %zu does not continue share %zu's heads and hidden units",
-                           k, k - 1);
+                           k, k ? k - 1 : 0);
         if ((k == 0) != (t->address[0] == '\0'))
             return ar_fail(AR_EINVAL, "tensor-parallel share %zu: %s", k,
                            k == 0 ? "the leader's own share has no address" : "a member's share needs its worker's address");
+        prev_heads = heads;
+        memcpy(prev, hidden, sizeof prev);
     }
-    const Arceus__TpShare *last = req->tp_group[n - 1];
-    if (last->head_end != (uint32_t)spec->n_head || last->hidden_end != (uint32_t)(4 * spec->n_embd))
-        return ar_fail(AR_EINVAL, "the tensor-parallel shares cover heads 0-%u and hidden units 0-%u of %d and %d",
-                       last->head_end, last->hidden_end, spec->n_head, 4 * spec->n_embd);
+    int covered = !gpt || prev_heads.end == spec->n_head;
+    for (int b = 0; b < nshards; b++)
+        covered &= prev[b].end == (gpt ? 4 * spec->n_embd : spec->hidden[first + 2 * b]);
+    if (!covered)
+        return ar_fail(AR_EINVAL, "the tensor-parallel shares do not cover every head and hidden unit");
     return AR_OK;
 }
 
-/* Shards of every GPT block of the units, with one share's ranges. */
+/* Shards of every GPT block (or MLP pair) of the units, with one share's ranges. */
 static int make_rank(ar_tp_rank **out, const ar_model_spec *spec, const Arceus__LoadRequest *req,
                      const Arceus__TpShare *t, int slots, const ar_optim_config *optim)
 {
     int fb, nb, rc;
     if ((rc = ar_tp_blocks(spec, (int)req->first_unit, (int)req->last_unit, &fb, &nb)) != AR_OK)
         return rc;
-    ar_range heads[AR_MAX_LAYERS], hidden[AR_MAX_LAYERS];
-    for (int b = 0; b < nb; b++) {
-        heads[b] = (ar_range){(int)t->head_begin, (int)t->head_end};
-        hidden[b] = (ar_range){(int)t->hidden_begin, (int)t->hidden_end};
-    }
+    if (nb > AR_TP_MAX_SHARDS)
+        return ar_fail(AR_ELIMIT, "%d shards in one tensor-parallel stage (at most %d)", nb, AR_TP_MAX_SHARDS);
+    ar_range head, heads[AR_TP_MAX_SHARDS], hidden[AR_TP_MAX_SHARDS];
+    if ((rc = check_share(t, 0, spec, fb, nb, &head, hidden)) != AR_OK)
+        return rc;
+    for (int b = 0; b < nb; b++)
+        heads[b] = head;
     ar_tp_rank *r = calloc(1, sizeof *r);
     if (!r)
         return ar_fail(AR_ENOMEM, "out of memory");
@@ -324,10 +350,15 @@ static int build(ar_worker *w, const Arceus__LoadRequest *req, held *h)
     } else if ((req->next_worker[0] != '\0') != (req->stage_index + 1 < req->stage_count)) {
         return ar_fail(AR_EINVAL, "next_worker must be given for every stage but the last");
     }
-    if (h->role == AR_LOAD_RANK && (rc = check_share(req->tp_rank, 0, &spec)) != AR_OK)
-        return rc;
-    if (h->role == AR_LOAD_LEADER && (rc = check_group(req, &spec)) != AR_OK)
-        return rc;
+    if (h->role == AR_LOAD_LEADER) {
+        int fb, nb;
+        if ((rc = ar_tp_blocks(&spec, (int)req->first_unit, (int)req->last_unit, &fb, &nb)) != AR_OK)
+            return rc;
+        if (nb > AR_TP_MAX_SHARDS)
+            return ar_fail(AR_ELIMIT, "%d shards in one tensor-parallel stage (at most %d)", nb, AR_TP_MAX_SHARDS);
+        if ((rc = check_group(req, &spec, fb, nb)) != AR_OK)
+            return rc;
+    }
     ar_optim_config optim = {0};
     if (oc) {
         optim.kind = (int)oc->kind;

@@ -743,10 +743,15 @@ static void print_group_shares(const run *r, int i)
     const ar_remote_stage *g = &r->groups[i];
     if (g->members < 2 || r->c->quiet)
         return;
-    for (int k = 0; k < g->members; k++)
-        printf("stage %d %s %s: heads %d-%d, hidden %d-%d, %llu parameters held\n", i,
-               k ? "rank  " : "leader", g->addrs[k], g->heads[k].begin, g->heads[k].end - 1,
-               g->hidden[k].begin, g->hidden[k].end - 1, (unsigned long long)g->params[k]);
+    const ar_tp_layout *l = &g->layout;
+    for (int k = 0; k < g->members; k++) {
+        char heads[48] = "";
+        if (r->spec.type == AR_MODEL_GPT)
+            snprintf(heads, sizeof heads, "heads %d-%d, ", l->heads[k].begin, l->heads[k].end - 1);
+        printf("stage %d %s %s: %shidden %d-%d, %llu parameters held\n", i, k ? "rank  " : "leader",
+               g->addrs[k], heads, l->hidden[k][0].begin, l->hidden[k][0].end - 1,
+               (unsigned long long)g->params[k]);
+    }
     fflush(stdout);
 }
 

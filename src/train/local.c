@@ -6,6 +6,9 @@
 #include "train/tp_group.h"
 
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdio.h>
 #include <string.h>
 
@@ -19,6 +22,7 @@ struct ar_local_stage {
 struct ar_local_rank {
     ar_tp_rank rank;
     ar_link *link; /* the rank's end; the leader's is in rank_links */
+    int threads;
     pthread_t thread;
     int started;
 };
@@ -26,6 +30,11 @@ struct ar_local_rank {
 static void *rank_main(void *arg)
 {
     ar_local_rank *t = arg;
+#ifdef _OPENMP
+    /* the OpenMP thread count is per thread; left at every core, the ranks'
+     * BLAS teams would spin against each other and the stages' */
+    omp_set_num_threads(t->threads);
+#endif
     ar_tp_rank_serve(&t->rank, t->link);
     return NULL;
 }
@@ -104,8 +113,7 @@ int ar_local_create_plan(ar_local_pipeline *p, const ar_model_spec *spec, const 
     if (total == 0)
         return ar_local_create_split(p, spec, S, plan->first, plan->last, max_B, M, schedule, seed,
                                      optim);
-    if (spec->type != AR_MODEL_GPT)
-        return ar_fail(AR_EINVAL, "tensor parallelism splits GPT blocks; this model has none");
+    ar_tp_layout layout;
     ar_local_rank *ranks = ar_calloc((size_t)total, sizeof *ranks);
     ar_link **links = ar_calloc((size_t)total, sizeof *links);
     ar_action *acts = ar_calloc((size_t)2 * M, sizeof *acts);
@@ -126,24 +134,17 @@ int ar_local_create_plan(ar_local_pipeline *p, const ar_model_spec *spec, const 
         p->rank_first[s] = at;
         p->rank_count[s] = g;
         if (g) {
-            /* the stage's blocks, split by the members' speed */
+            /* the stage's blocks (or pairs of linear layers), split among the members */
             double w[AR_PLAN_MAX_GROUP];
-            ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
-            int fb, nb;
             ar_plan_group_weights(plan, devs, s, w);
-            if ((rc = ar_tp_group_layout(spec, plan->first[s], plan->last[s], g, w, &fb, &nb, heads,
-                                         hidden)) != AR_OK) {
+            if ((rc = ar_tp_group_layout(spec, plan->first[s], plan->last[s], g, w, &layout)) != AR_OK) {
                 rc = ar_fail(rc, "stage %d: %s", s, ar_last_error());
                 break;
             }
             for (int k = 0; k < g && rc == AR_OK; k++) {
-                ar_range hr[AR_MAX_LAYERS], ur[AR_MAX_LAYERS];
-                for (int b = 0; b < nb; b++) {
-                    hr[b] = heads[k];
-                    ur[b] = hidden[k];
-                }
                 ar_local_rank *t = &ranks[at + k];
-                rc = ar_tp_rank_create(&t->rank, spec, fb, nb, hr, ur, max_B, slots, seed, optim);
+                t->threads = ar_get_threads() / total > 1 ? ar_get_threads() / total : 1;
+                rc = ar_tp_layout_rank(&layout, k, spec, max_B, slots, seed, optim, &t->rank);
                 char name[64];
                 snprintf(name, sizeof name, "stage %d rank %d", s, k);
                 if (rc == AR_OK)

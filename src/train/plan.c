@@ -2,6 +2,8 @@
  * hand, and the two quick device measurements (see plan.h). */
 #include "train/plan.h"
 
+#include "train/tp_group.h"
+
 #include "nn/tp.h"
 #include "train/frame.h"
 #include "train/tp_group.h"
@@ -827,6 +829,30 @@ int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar
         int slots = ar_plan_slots(schedule, S, s, micro_batches);
         p->tp_bytes[s] = p->tp_transfer[s] = 0;
         memset(p->member_mem[s], 0, sizeof p->member_mem[s]);
+        int priced = 0; /* GPT blocks: what the group cost model knows */
+        for (int u = p->first[s]; u < p->last[s]; u++)
+            priced |= costs[u].tp.heads > 0;
+        if (p->group_size[s] > 1 && !priced) {
+            /* an MLP's pairs of linear layers, or nothing to split (the run
+             * says so): priced as one device with the members' speed and
+             * memory added up, no transfers */
+            ar_device sum = *d;
+            for (int k = 1; k < p->group_size[s]; k++) {
+                const ar_device *m = &devs[p->group[s][k]];
+                sum.gflops += m->gflops;
+                sum.mem_bytes = sum.mem_bytes > 0 && m->mem_bytes > 0 ? sum.mem_bytes + m->mem_bytes : 0;
+            }
+            d = &sum;
+            stage_acc acc = {0};
+            for (int u = p->first[s]; u < p->last[s]; u++)
+                acc_add(&acc, costs, p->first[s], u);
+            p->stage_time[s] = acc_time(&acc, costs, nunits, p->last[s], d);
+            p->stage_mem[s] = acc_mem(&acc, slots);
+            if (rc == AR_OK && !fits(p->stage_mem[s], d))
+                rc = ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s, its group has %s free", s, p->first[s],
+                             p->last[s] - 1, fmt_bytes(p->stage_mem[s], a, sizeof a), fmt_bytes(d->mem_bytes, b, sizeof b));
+            continue;
+        }
         if (p->group_size[s] > 1) {
             int g = p->group_size[s];
             ar_group_cost gc;
@@ -895,6 +921,34 @@ static void range_name(const ar_model_spec *spec, int first, int last, char *buf
         snprintf(buf, n, "%s %d-%d", spec ? "linear" : "units", first, last - 1);
 }
 
+/* Each member's heads and hidden units (of every GPT block alike, or of
+ * each of an MLP's pairs of linear layers). */
+static void print_group_shares(FILE *out, const ar_plan *p, const ar_device *devs, const ar_model_spec *spec,
+                               int s)
+{
+    double w[AR_PLAN_MAX_GROUP];
+    ar_plan_group_weights(p, devs, s, w);
+    ar_tp_layout *l = malloc(sizeof *l);
+    if (!l || ar_tp_group_layout(spec, p->first[s], p->last[s], p->group_size[s], w, l) != AR_OK) {
+        free(l);
+        return; /* the run itself reports why the group cannot be split */
+    }
+    for (int g = 0; g < p->group_size[s]; g++) {
+        fprintf(out, "       %.63s:", devs[p->group[s][g]].name);
+        if (spec->type == AR_MODEL_GPT)
+            fprintf(out, " heads %d-%d, hidden units %d-%d of each block", l->heads[g].begin,
+                    l->heads[g].end - 1, l->hidden[g][0].begin, l->hidden[g][0].end - 1);
+        else
+            for (int b = 0; b < l->count; b++)
+                fprintf(out, " hidden units %d-%d of linear %d%s", l->hidden[g][b].begin, l->hidden[g][b].end - 1,
+                        l->first + 2 * b, b + 1 < l->count ? "," : "");
+        if (p->member_mem[s][g] > 0)
+            fprintf(out, ", %.1f MB%s", p->member_mem[s][g] / 1e6, g ? "" : " with the unsplit layers");
+        fputc('\n', out);
+    }
+    free(l);
+}
+
 /* "A" or, for a tensor-parallel group, "A+B". */
 static void device_label(const ar_plan *p, const ar_device *devs, int s, char *buf, size_t n)
 {
@@ -930,20 +984,11 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
         device_label(p, devs, s, dev, sizeof dev);
         fprintf(out, "%-5d  %-*s  %-*s  %9.2f  %9.1f  %14.3f\n", s, wdev, dev, wlay, names[s],
                 params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3);
-        if (p->group_size[s] > 1 && spec && spec->type == AR_MODEL_GPT) {
-            /* each member's share */
-            ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
-            double w[AR_PLAN_MAX_GROUP];
-            ar_plan_group_weights(p, devs, s, w);
-            if (ar_tp_split(spec->n_head, p->group_size[s], w, heads) == AR_OK &&
-                ar_tp_split(4 * spec->n_embd, p->group_size[s], w, hidden) == AR_OK)
-                for (int g = 0; g < p->group_size[s]; g++)
-                    fprintf(out, "       %.63s: heads %d-%d, hidden units %d-%d of each block, %.1f MB%s\n",
-                            devs[p->group[s][g]].name, heads[g].begin, heads[g].end - 1,
-                            hidden[g].begin, hidden[g].end - 1, p->member_mem[s][g] / 1e6,
-                            g ? "" : " with the unsplit layers");
-            fprintf(out, "       tensor-parallel transfer %.2f MB per step (%.3f ms per micro-batch)\n",
-                    p->tp_bytes[s] / 1e6, p->tp_transfer[s] * 1e3);
+        if (p->group_size[s] > 1 && spec) {
+            print_group_shares(out, p, devs, spec, s);
+            if (p->tp_bytes[s] > 0)
+                fprintf(out, "       tensor-parallel transfer %.2f MB per step (%.3f ms per micro-batch)\n",
+                        p->tp_bytes[s] / 1e6, p->tp_transfer[s] * 1e3);
         }
         slowest = max_d(slowest, p->stage_time[s]);
     }

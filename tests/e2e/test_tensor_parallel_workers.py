@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import CONFIGS, _env, read_log
-from test_tensor_parallel import RUN, _losses, _weights_close
+from test_tensor_parallel import MLP_RUN, RUN, _losses, _weights_close, mlp_matches_one_device
 from test_workers import addrs, workers  # noqa: F401  (the fixture)
 
 GPT = CONFIGS / "gpt-tiny.json"  # 8 heads, 32 wide: 128 hidden units per block
@@ -40,10 +40,37 @@ def test_group_of_workers_matches_one_device(run_arceus, workers, tmp_path, corp
     _weights_close(tmp_path / "one" / "model.safetensors", tmp_path / "tp" / "model.safetensors", 32)
 
 
+@pytest.mark.parametrize("n,plan", [
+    (2, "0-2@0+1"),            # an MLP's first two linear layers on a group of 2
+    (3, "0-2@0+1+2"),          # 64 hidden units as 22+21+21
+    (3, "0-1@0+1,2-2@2"),      # a group, then a plain pipeline stage
+])
+def test_mlp_group_of_workers_matches_one_device(run_arceus, workers, tmp_path, small_mlp_spec,
+                                                 small_fashion, n, plan):
+    ws = workers(n)
+    p = mlp_matches_one_device(run_arceus, tmp_path, small_mlp_spec, small_fashion, addrs(ws), plan)
+    held = _held(p.stdout)
+    assert len(held) == plan.count("+") + 1, p.stdout  # the group's members
+    # 784-64-32-10: each rank holds its units' rows of layer 0 (and bias) and columns of layer 1
+    if n == 2:
+        assert held[ws[1].addr] == 32 * (784 + 1) + 32 * 32, held
+
+
+def test_mlp_group_checkpoint_resumes_on_one_device(run_arceus, workers, tmp_path, small_mlp_spec,
+                                                    small_fashion):
+    args = ("--model", small_mlp_spec, "--data", small_fashion, *MLP_RUN)
+    run_arceus("train", *args, "--out", tmp_path / "one", check=True)
+    ws = workers(2)
+    run_arceus("train", *args, "--workers", addrs(ws), "--plan", "0-2@0+1", "--stop-after", "10",
+               "--out", tmp_path / "a", check=True)
+    run_arceus("train", "--resume", tmp_path / "a", "--data", small_fashion, "--threads", "1", check=True)
+    _weights_close(tmp_path / "one" / "model.safetensors", tmp_path / "a" / "model.safetensors", 0)
+
+
 def _held(stdout):
     """{address: parameters held} from the driver's group lines."""
     return {m.group(1): int(m.group(2)) for m in
-            re.finditer(r"^stage \d+ (?:leader|rank)\s+(\S+): heads .*?, (\d+) parameters held$", stdout, re.M)}
+            re.finditer(r"^stage \d+ (?:leader|rank)\s+(\S+): .*?, (\d+) parameters held$", stdout, re.M)}
 
 
 def test_each_worker_holds_only_its_share(run_arceus, workers, tmp_path, corpus):

@@ -369,11 +369,16 @@ Test(net, worker_as_a_tensor_parallel_rank)
     cr_assert(strstr(h.capabilities, "tensor-parallel"), "%s", h.capabilities);
     ar_model_spec spec;
     cr_assert_eq(ar_spec_parse(GPT, strlen(GPT), "test", &spec), AR_OK, "%s", ar_last_error());
-    /* units 0-2: the embedding and both blocks; this rank: heads 1-2, hidden 8-19 */
+    /* units 0-2: the embedding and both blocks; this rank (member 1):
+     * heads 1-2, hidden units 8-19 of both blocks */
+    static ar_tp_layout lay;
+    lay = (ar_tp_layout){.first = 0, .count = 2, .members = 2};
+    lay.heads[1] = (ar_range){1, 3};
+    lay.hidden[1][0] = lay.hidden[1][1] = (ar_range){8, 20};
     ar_load_args a = {.spec = &spec, .first = 0, .last = 3, .rows = 2, .micro_batches = 2,
-                      .schedule = 1, .index = 0, .count = 2, .seed = 7, .role = AR_LOAD_RANK, .members = 2,
-                      .optim = {.kind = 0, .beta1 = 0.9f, .beta2 = 0.99f, .eps = 1e-8f},
-                      .heads = {{1, 3}}, .hidden = {{8, 20}}};
+                      .schedule = 1, .index = 0, .count = 2, .seed = 7, .role = AR_LOAD_RANK,
+                      .layout = &lay, .member = 1,
+                      .optim = {.kind = 0, .beta1 = 0.9f, .beta2 = 0.99f, .eps = 1e-8f}};
     uint64_t held = 0;
     cr_assert_eq(ar_remote_load(c, &a, &held), AR_OK, "%s", ar_last_error());
     ar_tp_rank shadow, ref;
@@ -409,19 +414,23 @@ Test(net, worker_as_a_tensor_parallel_rank)
     ar_tp_rank_destroy(&ref);
 
     /* shares that do not fit the model, or a group that does not tile it */
-    a.heads[0] = (ar_range){3, 5};
+    lay.heads[1] = (ar_range){3, 5};
     cr_assert_neq(ar_remote_load(c, &a, NULL), AR_OK);
     cr_assert(strstr(ar_last_error(), "do not fit a model of 4 heads"), "%s", ar_last_error());
     a.role = AR_LOAD_LEADER;
     a.next_worker = "127.0.0.1:1";
-    a.heads[0] = (ar_range){0, 2};
-    a.heads[1] = (ar_range){3, 4};
-    a.hidden[0] = (ar_range){0, 16};
-    a.hidden[1] = (ar_range){16, 32};
+    lay.heads[0] = (ar_range){0, 2};
+    lay.heads[1] = (ar_range){3, 4};
+    lay.hidden[0][0] = lay.hidden[0][1] = (ar_range){0, 16};
+    lay.hidden[1][0] = lay.hidden[1][1] = (ar_range){16, 32};
     a.addresses[1] = "127.0.0.1:2";
     cr_assert_neq(ar_remote_load(c, &a, NULL), AR_OK);
     cr_assert(strstr(ar_last_error(), "does not continue"), "%s", ar_last_error());
-    a.heads[1] = (ar_range){2, 4};
+    lay.heads[1] = (ar_range){2, 4};
+    lay.hidden[1][1] = (ar_range){16, 30};
+    cr_assert_neq(ar_remote_load(c, &a, NULL), AR_OK);
+    cr_assert(strstr(ar_last_error(), "do not cover"), "%s", ar_last_error());
+    lay.hidden[1][1] = (ar_range){16, 32};
     a.addresses[1] = NULL;
     cr_assert_neq(ar_remote_load(c, &a, NULL), AR_OK);
     cr_assert(strstr(ar_last_error(), "needs its worker's address"), "%s", ar_last_error());

@@ -751,7 +751,14 @@ static void brute_groups(const ar_unit_cost *c, int n, const ar_device *d, int n
                     a = b;
                     st++;
                 }
-            if (ar_plan_estimate(&p, c, n, d, nd, M, sched) != AR_OK)
+            int blockless = 0; /* a group needs a block to split (estimates price others as one device) */
+            for (st = 0; st < S; st++) {
+                int blocks = 0;
+                for (int u = p.first[st]; u < p.last[st]; u++)
+                    blocks += c[u].tp.heads > 0;
+                blockless |= p.group_size[st] > 1 && blocks == 0;
+            }
+            if (blockless || ar_plan_estimate(&p, c, n, d, nd, M, sched) != AR_OK)
                 continue; /* does not fit, or a group without a block */
             double mx = 0, sum = 0;
             for (st = 0; st < S; st++) {
