@@ -40,3 +40,14 @@ def test_worker_group_moves_what_the_plan_predicts(run_arceus, workers, corpus):
     measured, predicted = t[0]
     assert predicted > 0.01, p.stdout
     assert abs(measured / predicted - 1) < 0.01, p.stdout
+
+
+def test_mlp_group_reports_its_traffic_without_a_prediction(run_arceus, small_mlp_spec, small_fashion):
+    """The cost model prices GPT blocks: an MLP's group (given by hand)
+    reports what it moved, and claims no prediction."""
+    p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", "4", "--batch", "32",
+                   "--micro-batches", "4", "--eval-every", "0", "--threads", "1", "--workers", "local:2",
+                   "--plan", "0-2@0+1", check=True)
+    m = re.search(r"stage 0 tensor-parallel traffic: ([\d.]+) MB per step$", p.stdout, re.M)
+    assert m and float(m.group(1)) > 0, p.stdout
+    assert "predicted" not in m.group(0)
