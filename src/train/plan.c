@@ -6,7 +6,6 @@
 
 #include "nn/tp.h"
 #include "train/frame.h"
-#include "train/tp_group.h"
 
 #include "core/blas.h"
 #include "core/core.h"
@@ -230,8 +229,7 @@ static int fits(double need, const ar_device *d)
 typedef struct {
     int g, nblocks, heads, bad;    /* bad: more members than heads */
     const ar_device *dev[AR_PLAN_MAX_GROUP];
-    double weight[AR_PLAN_MAX_GROUP];   /* NULL-equivalent when all 1 */
-    int by_speed;
+    double weight[AR_PLAN_MAX_GROUP];   /* of the split: 1 each, or the members' GFLOP/s */
     double h[AR_PLAN_MAX_GROUP], m[AR_PLAN_MAX_GROUP]; /* shares of the heads and hidden units */
     stage_acc lead;                /* the leader's unsplit part */
     double flops[AR_PLAN_MAX_GROUP], state[AR_PLAN_MAX_GROUP], act[AR_PLAN_MAX_GROUP],
@@ -243,7 +241,6 @@ static void group_init(group_acc *a, const ar_device *devs, const int *members, 
 {
     memset(a, 0, sizeof *a);
     a->g = g;
-    a->by_speed = by_speed;
     for (int k = 0; k < g; k++) {
         a->dev[k] = &devs[members[k]];
         a->weight[k] = by_speed ? a->dev[k]->gflops : 1.0;
