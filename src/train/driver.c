@@ -1222,12 +1222,9 @@ int ar_train_run(ar_train_config *c)
             }
         /* what the groups' members exchanged with their leaders, against the cost model */
         for (int i = 0; i < r.plan.nstages && i < 64 && r.tp_steps > 0; i++)
-            if (r.plan.group_size[i] > 1 && r.plan.tp_bytes[i] > 0)
+            if (r.plan.group_size[i] > 1)
                 printf("  stage %d tensor-parallel traffic: %.3f MB per step (predicted %.3f MB)\n", i,
                        r.tp_bytes[i] / (double)r.tp_steps / 1e6, r.plan.tp_bytes[i] / 1e6);
-            else if (r.plan.group_size[i] > 1) /* an MLP's group: the cost model knows GPT blocks */
-                printf("  stage %d tensor-parallel traffic: %.3f MB per step\n", i,
-                       r.tp_bytes[i] / (double)r.tp_steps / 1e6);
         if (c->out_dir)
             printf("checkpoint and loss curve in %s/\n", c->out_dir);
     }

@@ -112,6 +112,22 @@ static int block_tp_costs(const ar_model_spec *spec, int layer, int mb_rows, ar_
     return AR_OK;
 }
 
+/* An MLP's linear layer as either half of a split pair (see tp_mlp.c: the
+ * pair's first unit scatters its input, the second its output gradient). */
+static void linear_tp_costs(const ar_model_spec *spec, int unit, int mb_rows, ar_unit_cost *c)
+{
+    double in = unit == 0 ? spec->inputs : spec->hidden[unit - 1];
+    double out = unit < spec->n_hidden ? spec->hidden[unit] : spec->classes;
+    c->tp.linear = 1;
+    c->tp.hidden = unit < spec->n_hidden ? spec->hidden[unit] : 0;
+    c->tp.bias_state = 4.0 * out * sizeof(float);
+    c->tp.in_bytes = mb_rows * in * sizeof(float);
+    c->tp.in_msg = tp_message_bytes(AR_TP_MLP_FWD, unit, 1, mb_rows, mb_rows * in, (int64_t)in);
+    c->tp.in_reply = tp_message_bytes(AR_TP_MLP_FWD, unit, 1, mb_rows, mb_rows * in, 0);
+    c->tp.out_msg = tp_message_bytes(AR_TP_MLP_BWD, unit, 1, mb_rows, mb_rows * out, (int64_t)out);
+    c->tp.out_reply = tp_message_bytes(AR_TP_MLP_BWD, unit, 1, mb_rows, mb_rows * out, 0);
+}
+
 int ar_plan_unit_costs(const ar_model_spec *spec, int mb_rows, ar_unit_cost *out)
 {
     if (!spec || !out || mb_rows < 1)
@@ -155,6 +171,8 @@ int ar_plan_unit_costs(const ar_model_spec *spec, int mb_rows, ar_unit_cost *out
         if (spec->type == AR_MODEL_GPT && u >= 1 && u <= spec->n_layer &&
             (rc = block_tp_costs(spec, u - 1, mb_rows, c)) != AR_OK)
             return rc;
+        if (spec->type == AR_MODEL_MLP)
+            linear_tp_costs(spec, u, mb_rows, c);
     }
     return AR_OK;
 }
@@ -235,12 +253,15 @@ typedef struct {
     double flops[AR_PLAN_MAX_GROUP], state[AR_PLAN_MAX_GROUP], act[AR_PLAN_MAX_GROUP],
         work[AR_PLAN_MAX_GROUP];
     double mb_bytes, mb_msgs;      /* per micro-batch, leader <-> one member, both directions */
+    int pending;                   /* an MLP layer waiting for the second of its pair (whole on
+                                    * the leader if the stage ends there), or -1 */
 } group_acc;
 
 static void group_init(group_acc *a, const ar_device *devs, const int *members, int g, int by_speed)
 {
     memset(a, 0, sizeof *a);
     a->g = g;
+    a->pending = -1;
     for (int k = 0; k < g; k++) {
         a->dev[k] = &devs[members[k]];
         a->weight[k] = by_speed ? a->dev[k]->gflops : 1.0;
@@ -264,9 +285,50 @@ static void group_shares(group_acc *a, int heads, int hidden)
     }
 }
 
+/* The pair of an MLP's linear layers p, u = p + 1 split over the group. */
+static void group_add_pair(group_acc *a, const ar_unit_cost *costs, int first, int p)
+{
+    const ar_unit_cost *c1 = &costs[p], *c2 = &costs[p + 1];
+    ar_range ur[AR_PLAN_MAX_GROUP];
+    if (c1->tp.hidden < a->g || ar_tp_split(c1->tp.hidden, a->g, a->weight, ur) != AR_OK) {
+        a->bad = 1;
+        return;
+    }
+    a->nblocks++;
+    /* the leader keeps the second's bias, and its layers' inputs and outputs */
+    a->lead.state += c2->tp.bias_state;
+    a->lead.act += c1->act_bytes + c2->act_bytes - c1->out_bytes;
+    if (p > first)
+        a->lead.act -= costs[p - 1].out_bytes;
+    a->lead.work = max_d(a->lead.work, max_d(c1->work_bytes, c2->work_bytes));
+    for (int k = 0; k < a->g; k++) {
+        double m = (double)(ur[k].end - ur[k].begin) / c1->tp.hidden;
+        double hidden_bytes = c1->out_bytes * m; /* B x its hidden units */
+        a->flops[k] += (c1->flops + c2->flops) * m;
+        a->state[k] += (c1->state_bytes + c2->state_bytes - c2->tp.bias_state) * m;
+        /* its copy of the input, the pre-activation and activation of its units */
+        a->act[k] += c1->tp.in_bytes + 2.0 * hidden_bytes;
+        /* backward scratch (two B x units buffers) and the partial output */
+        a->work[k] = max_d(a->work[k], 2.0 * hidden_bytes + max_d(c1->tp.in_bytes, c2->out_bytes));
+    }
+    /* forward: the input out, a partial output back; backward: the output
+     * gradient out, a partial input gradient back */
+    a->mb_bytes += c1->tp.in_msg + c2->tp.out_reply + c2->tp.out_msg + c1->tp.in_reply;
+    a->mb_msgs += 4.0;
+}
+
 static void group_add(group_acc *a, const ar_unit_cost *costs, int first, int u)
 {
     const ar_unit_cost *c = &costs[u];
+    if (c->tp.linear) {
+        if ((u - first) % 2 == 0) {
+            a->pending = u;
+        } else {
+            a->pending = -1;
+            group_add_pair(a, costs, first, u - 1);
+        }
+        return;
+    }
     if (c->tp.heads == 0) {
         acc_add(&a->lead, costs, first, u); /* whole on the leader */
         return;
@@ -313,31 +375,42 @@ static double group_step_bytes(const group_acc *a, int M)
                                               ar_frame_wire_bytes(&step) + ar_frame_wire_bytes(&step_reply));
 }
 
-static double group_mem(const group_acc *a, int k, int slots)
+/* The leader's unsplit part as the stage stands: with a pending MLP layer,
+ * which stays whole there when the stage ends before its pair does. */
+static stage_acc group_lead(const group_acc *a, const ar_unit_cost *costs, int first)
 {
-    double own = a->state[k] + (double)slots * a->act[k] + a->work[k];
-    return k == 0 ? acc_mem(&a->lead, slots) + own : own;
+    stage_acc lead = a->lead;
+    if (a->pending >= 0)
+        acc_add(&lead, costs, first, a->pending);
+    return lead;
 }
 
-static int group_fits(const group_acc *a, int slots)
+static double group_mem(const group_acc *a, const stage_acc *lead, int k, int slots)
 {
+    double own = a->state[k] + (double)slots * a->act[k] + a->work[k];
+    return k == 0 ? acc_mem(lead, slots) + own : own;
+}
+
+static int group_fits(const group_acc *a, const ar_unit_cost *costs, int first, int slots)
+{
+    stage_acc lead = group_lead(a, costs, first);
     for (int k = 0; k < a->g; k++)
-        if (!fits(group_mem(a, k, slots), a->dev[k]))
+        if (!fits(group_mem(a, &lead, k, slots), a->dev[k]))
             return 0;
     return 1;
 }
 
 /* Fill out from the totals of the group's stage ending before `last`. */
-static void group_price(const group_acc *a, const ar_unit_cost *costs, int nunits, int last, int slots,
-                        int M, ar_group_cost *out)
+static void group_price(const group_acc *a, const ar_unit_cost *costs, int nunits, int first, int last,
+                        int slots, int M, ar_group_cost *out)
 {
     memset(out, 0, sizeof *out);
-    const ar_device *lead = a->dev[0];
+    stage_acc lead = group_lead(a, costs, first);
     double slowest = 0;
     for (int k = 0; k < a->g; k++) {
         out->compute[k] = a->flops[k] / (a->dev[k]->gflops * 1e9);
         slowest = max_d(slowest, out->compute[k]);
-        out->mem[k] = group_mem(a, k, slots);
+        out->mem[k] = group_mem(a, &lead, k, slots);
     }
     double per_member = group_step_bytes(a, M);
     double msgs = (double)M * a->mb_msgs + 4.0; /* and the norm and step exchanges */
@@ -347,7 +420,7 @@ static void group_price(const group_acc *a, const ar_unit_cost *costs, int nunit
     }
     /* the leader's unsplit work comes before and after the blocks: it does
      * not overlap the members' */
-    out->time = acc_time(&a->lead, costs, nunits, last, lead) + slowest + out->transfer;
+    out->time = acc_time(&lead, costs, nunits, last, a->dev[0]) + slowest + out->transfer;
 }
 
 int ar_plan_group_cost(const ar_unit_cost *costs, int nunits, int first, int last,
@@ -361,12 +434,14 @@ int ar_plan_group_cost(const ar_unit_cost *costs, int nunits, int first, int las
     group_init(&a, devs, members, g, by_speed);
     for (int u = first; u < last; u++)
         group_add(&a, costs, first, u);
-    if (a.nblocks == 0)
-        return ar_fail(AR_EINVAL, "layers %d-%d hold no transformer block for a group of %d devices to split "
-                       "(tensor parallelism splits GPT blocks)", first, last - 1, g);
     if (a.bad)
-        return ar_fail(AR_EINVAL, "a group of %d devices cannot share %d attention heads", g, a.heads);
-    group_price(&a, costs, nunits, last, slots, micro_batches, out);
+        return ar_fail(AR_EINVAL, a.heads ? "a group of %d devices cannot share %d attention heads"
+                                          : "a group of %d devices is more than a layer's hidden units",
+                       g, a.heads);
+    if (a.nblocks == 0)
+        return ar_fail(AR_EINVAL, "layers %d-%d hold no transformer block or pair of linear layers for a group "
+                       "of %d devices to split", first, last - 1, g);
+    group_price(&a, costs, nunits, first, last, slots, micro_batches, out);
     return AR_OK;
 }
 
@@ -461,10 +536,10 @@ static void dp_try(const dp_tables *t, const ar_unit_cost *costs, const ar_devic
                 continue;
             st = acc_time(&a, costs, n, j, &devs[k]);
         } else {
-            if (ga.nblocks == 0 || !group_fits(&ga, slots))
+            if (ga.nblocks == 0 || !group_fits(&ga, costs, i, slots))
                 continue;
             ar_group_cost gc;
-            group_price(&ga, costs, n, j, slots, M, &gc);
+            group_price(&ga, costs, n, i, j, slots, M, &gc);
             st = gc.time;
         }
         double v;
@@ -826,13 +901,13 @@ int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar
         int slots = ar_plan_slots(schedule, S, s, micro_batches);
         p->tp_bytes[s] = p->tp_transfer[s] = 0;
         memset(p->member_mem[s], 0, sizeof p->member_mem[s]);
-        int priced = 0; /* GPT blocks: what the group cost model knows */
+        /* GPT blocks or a pair of an MLP's layers: what a group splits */
+        int priced = p->last[s] - p->first[s] >= 2 && costs[p->first[s]].tp.linear;
         for (int u = p->first[s]; u < p->last[s]; u++)
             priced |= costs[u].tp.heads > 0;
         if (p->group_size[s] > 1 && !priced) {
-            /* an MLP's pairs of linear layers, or nothing to split (the run
-             * says so): priced as one device with the members' speed and
-             * memory added up, no transfers */
+            /* nothing to split (the run says so): priced as one device with
+             * the members' speed and memory added up */
             ar_device sum = *d;
             for (int k = 1; k < p->group_size[s]; k++) {
                 const ar_device *m = &devs[p->group[s][k]];

@@ -54,6 +54,15 @@ typedef struct {
         double leader_state;          /* the unsplit rest on the leader: LayerNorms, biases */
         double leader_act, leader_work; /* as act_bytes and work_bytes, for the leader's part */
         double msg_bytes, reply_bytes;  /* wire bytes of one request to a member and its reply */
+        /* An MLP's linear layer: a group splits them in pairs from its
+         * stage's first (the first by output columns, the second by input
+         * rows; an odd last one stays whole with the leader). hidden is the
+         * layer's output width when it can lead a pair. */
+        int linear;
+        double bias_state;            /* state bytes of its bias (the second's stays with the leader) */
+        double in_bytes;              /* its input per micro-batch, B x in floats */
+        double in_msg, in_reply;      /* wire bytes: a request carrying its input, a reply of that size */
+        double out_msg, out_reply;    /* the same for its output */
     } tp;
 } ar_unit_cost;
 

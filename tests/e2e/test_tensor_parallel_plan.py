@@ -1,8 +1,9 @@
 """What a tensor-parallel group moves (issue 4): the leader counts the frame
 bytes it exchanges with its members other than its own share, the driver
 prints them per step next to the planner's prediction, and the two agree,
-in-process and over worker processes, with evaluations between the steps
-(which are not training traffic and are not counted)."""
+for GPT blocks and an MLP's pairs of layers, in-process and over worker
+processes, with evaluations between the steps (which are not training
+traffic and are not counted)."""
 
 import re
 
@@ -42,12 +43,12 @@ def test_worker_group_moves_what_the_plan_predicts(run_arceus, workers, corpus):
     assert abs(measured / predicted - 1) < 0.01, p.stdout
 
 
-def test_mlp_group_reports_its_traffic_without_a_prediction(run_arceus, small_mlp_spec, small_fashion):
-    """The cost model prices GPT blocks: an MLP's group (given by hand)
-    reports what it moved, and claims no prediction."""
+def test_mlp_group_moves_what_the_plan_predicts(run_arceus, small_mlp_spec, small_fashion):
+    """An MLP's group splits its linear layers in pairs: 0-1 over the two
+    devices, layer 2 whole with the leader."""
     p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", "4", "--batch", "32",
-                   "--micro-batches", "4", "--eval-every", "0", "--threads", "1", "--workers", "local:2",
+                   "--micro-batches", "4", "--eval-every", "2", "--threads", "1", "--workers", "local:2",
                    "--plan", "0-2@0+1", check=True)
-    m = re.search(r"stage 0 tensor-parallel traffic: ([\d.]+) MB per step$", p.stdout, re.M)
-    assert m and float(m.group(1)) > 0, p.stdout
-    assert "predicted" not in m.group(0)
+    measured, predicted = _traffic(p.stdout)[0]
+    assert predicted > 0.1, p.stdout
+    assert abs(measured / predicted - 1) < 0.01, p.stdout

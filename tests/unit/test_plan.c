@@ -561,6 +561,44 @@ Test(plan, a_members_memory_matches_a_real_rank)
 #endif
 }
 
+Test(plan, an_mlp_members_memory_matches_a_real_rank)
+{
+#if HAVE_ALLOC_COUNT
+    ar_model_spec s;
+    memset(&s, 0, sizeof s);
+    s.type = AR_MODEL_MLP;
+    s.inputs = 784;
+    s.n_hidden = 3;
+    s.hidden[0] = 48, s.hidden[1] = 32, s.hidden[2] = 16;
+    s.classes = 10;
+    s.activation = AR_ACT_RELU;
+    ar_unit_cost c[4];
+    int B = 16, slots = 2;
+    cr_assert_eq(ar_plan_unit_costs(&s, B, c), AR_OK, "%s", ar_last_error());
+    ar_device d[2] = {dev("a", 10, 0, 0), dev("b", 10, 0, 0)};
+    int members[2] = {0, 1};
+    ar_group_cost gc;
+    /* pairs (0,1) and (2,3): 48 units as 24+24, 16 as 8+8 */
+    cr_assert_eq(ar_plan_group_cost(c, 4, 0, 4, d, members, 2, 0, slots, 4, &gc), AR_OK, "%s", ar_last_error());
+    ar_range heads[2] = {{0, 1}, {0, 1}}, hidden[2] = {{24, 48}, {8, 16}};
+    ar_tp_rank r;
+    double before = allocated_bytes();
+    cr_assert_eq(ar_tp_rank_create(&r, &s, 0, 2, heads, hidden, B, slots, 7, &adamw), AR_OK, "%s", ar_last_error());
+    double real = allocated_bytes() - before;
+    ar_tp_rank_destroy(&r);
+    cr_assert(fabs(gc.mem[1] / real - 1) < 0.05, "predicted %.0f, real %.0f bytes", gc.mem[1], real);
+    /* 4 micro-batches; per pair 4 messages: its input (784, then 32 wide)
+     * and output (32, then 10) out and back, B rows of 4-byte floats */
+    double payload = 4.0 * 2 * B * (784 + 32 + 32 + 10) * 4;
+    cr_assert(gc.bytes > payload && gc.bytes < payload * 1.02, "%g vs %g", gc.bytes, payload);
+    /* an odd last layer stays with the leader: units 1-3 are one pair and one whole layer */
+    ar_group_cost odd;
+    cr_assert_eq(ar_plan_group_cost(c, 4, 1, 4, d, members, 2, 0, slots, 4, &odd), AR_OK, "%s", ar_last_error());
+    cr_assert(fabs(odd.compute[0] - (c[1].flops + c[2].flops) / 2 / 10e9) < 1e-12);
+    cr_assert_gt(odd.time, odd.compute[0] + c[3].flops / 10e9);
+#endif
+}
+
 Test(plan, group_bytes_count_every_message_of_a_step)
 {
     ar_model_spec s = gpt5m();
