@@ -120,13 +120,15 @@ typedef struct {
 } ar_group_cost;
 
 /* The cost model of a group (what ar_plan_estimate and ar_plan_auto use).
- * Per micro-batch and block, the leader sends each member the normalised
+ * Per micro-batch and GPT block, the leader sends each member the normalised
  * input twice forward (attention, MLP) and the output gradient twice
- * backward, and gets a partial of the same size back each time; per step a
- * gradient-norm and an optimizer-step exchange. A member's transfers take
- * bytes / its bandwidth plus AR_PLAN_MESSAGE_S per message, one member after
- * another (they share the leader's link). AR_EINVAL when the units hold no splittable block or there are
- * more members than heads. */
+ * backward, and gets a partial of the same size back each time (per pair of
+ * an MLP's layers: the input out and a partial output back, the output
+ * gradient out and a partial input gradient back); per step a gradient-norm
+ * and an optimizer-step exchange. A member's transfers take bytes / its
+ * bandwidth plus AR_PLAN_MESSAGE_S per message, one member after another
+ * (they share the leader's link). AR_EINVAL when the units hold nothing to
+ * split or there are more members than heads (or hidden units). */
 int ar_plan_group_cost(const ar_unit_cost *costs, int nunits, int first, int last,
                        const ar_device *devs, const int *members, int g, int by_speed, int slots,
                        int micro_batches, ar_group_cost *out);
