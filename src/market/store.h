@@ -224,6 +224,27 @@ int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t step, int64_t pro
  * *reversed_out (may be NULL) gets the number of usage rows undone. */
 int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out);
 
+/* A lost member's reliability is multiplied by this (the market ranks
+ * providers by reliability squared). */
+#define AR_RELIABILITY_AFTER_LOSS 0.8
+
+/* A member of a live lease was lost mid-run (its driver says so). In one
+ * transaction: the provider is marked offline and its reliability multiplied
+ * by AR_RELIABILITY_AFTER_LOSS; every payment of the lease's job for steps
+ * from kept_steps on (0-based: steps >= kept_steps) is reversed, because the
+ * job goes back to its checkpoint and redoes them; and the lost member's
+ * place in the lease goes to `replacement` (its provider_id, flops_per_step
+ * and price; its stage is ignored), or is removed when replacement is NULL.
+ * AR_ENOTFOUND when the lease is not live or the provider not in it. */
+int ar_store_lease_replace(ar_store *s, int64_t lease_id, int64_t lost_provider_id, int64_t kept_steps,
+                           const ar_lease_member *replacement, int *reversed_out);
+/* The renter's driver died and a new one resumes job_id (the renter's) from
+ * a checkpoint that kept kept_steps steps: in one transaction the job's live
+ * leases are released, the payments for steps >= kept_steps reversed, and the
+ * job is running again at kept_steps. AR_ENOTFOUND for another's job. */
+int ar_store_job_resume(ar_store *s, int64_t job_id, int64_t renter_id, int64_t kept_steps,
+                        int *reversed_out);
+
 /* ---- ledger ---------------------------------------------------------------- */
 
 typedef struct {

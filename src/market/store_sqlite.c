@@ -1437,14 +1437,12 @@ out:
     return rc;
 }
 
-int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out)
+/* Reverse every payment of job_id for steps after kept_step; inside a
+ * transaction, lock held. */
+static int rollback_usage(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out)
 {
-    lock(s);
-    int rc = tx_begin(s);
-    if (rc < 0)
-        goto out;
     int64_t renter = 0;
-    rc = query_i64(s, &renter, "SELECT renter_id FROM jobs WHERE id = ?", "i", job_id);
+    int rc = query_i64(s, &renter, "SELECT renter_id FROM jobs WHERE id = ?", "i", job_id);
     if (rc == AR_ENOTFOUND)
         rc = ar_fail(rc, "no job %" PRId64, job_id);
     int count = 0;
@@ -1471,9 +1469,83 @@ int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int 
                  kept_step);
     if (rc == 0)
         rc = run(s, NULL, "UPDATE jobs SET spent = spent - ? WHERE id = ?", "ii", undone, job_id);
-    rc = tx_end(s, rc);
     if (rc == 0 && reversed_out)
         *reversed_out = count;
+    return rc;
+}
+
+int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out)
+{
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc == 0)
+        rc = tx_end(s, rollback_usage(s, job_id, kept_step, reversed_out));
+    unlock(s);
+    return rc;
+}
+
+int ar_store_lease_replace(ar_store *s, int64_t lease_id, int64_t lost_provider_id, int64_t kept_steps,
+                           const ar_lease_member *replacement, int *reversed_out)
+{
+    if (kept_steps < 0)
+        return ar_fail(AR_EINVAL, "kept steps %" PRId64 " below zero", kept_steps);
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc < 0)
+        goto out;
+    int64_t job_id = 0, stage = 0;
+    rc = query_i64(s, &job_id, "SELECT job_id FROM leases WHERE id = ? AND released IS NULL", "i", lease_id);
+    if (rc == AR_ENOTFOUND)
+        rc = ar_fail(rc, "no live lease %" PRId64, lease_id);
+    if (rc == 0) {
+        rc = query_i64(s, &stage, "SELECT stage FROM lease_members WHERE lease_id = ? AND provider_id = ?",
+                       "ii", lease_id, lost_provider_id);
+        if (rc == AR_ENOTFOUND)
+            rc = ar_fail(rc, "provider %" PRId64 " is not in lease %" PRId64, lost_provider_id, lease_id);
+    }
+    /* the loss counts against the provider until it proves itself again */
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE providers SET online = 0, reliability = reliability * ? WHERE id = ?", "di",
+                 AR_RELIABILITY_AFTER_LOSS, lost_provider_id);
+    if (rc == 0)
+        rc = rollback_usage(s, job_id, kept_steps - 1, reversed_out);
+    if (rc == 0 && replacement)
+        rc = run(s, NULL,
+                 "UPDATE lease_members SET provider_id = ?, flops_per_step = ?, price_per_tflop = ?"
+                 " WHERE lease_id = ? AND stage = ?",
+                 "iiiii", replacement->provider_id, replacement->flops_per_step,
+                 replacement->price_per_tflop, lease_id, stage);
+    else if (rc == 0)
+        rc = run(s, NULL, "DELETE FROM lease_members WHERE lease_id = ? AND stage = ?", "ii", lease_id, stage);
+    rc = tx_end(s, rc);
+out:
+    unlock(s);
+    return rc;
+}
+
+int ar_store_job_resume(ar_store *s, int64_t job_id, int64_t renter_id, int64_t kept_steps,
+                        int *reversed_out)
+{
+    if (kept_steps < 0)
+        return ar_fail(AR_EINVAL, "kept steps %" PRId64 " below zero", kept_steps);
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc < 0)
+        goto out;
+    int64_t owner = 0;
+    rc = query_i64(s, &owner, "SELECT renter_id FROM jobs WHERE id = ?", "i", job_id);
+    if (rc == AR_ENOTFOUND || (rc == 0 && owner != renter_id))
+        rc = ar_fail(AR_ENOTFOUND, "no job %" PRId64 " of this account", job_id);
+    /* the driver that held them is gone: its leases end here */
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE leases SET released = ? WHERE job_id = ? AND released IS NULL", "ii", now_s(),
+                 job_id);
+    if (rc == 0)
+        rc = rollback_usage(s, job_id, kept_steps - 1, reversed_out);
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE jobs SET status = ?, step = ? WHERE id = ?", "tii",
+                 ar_job_status_name(AR_JOB_RUNNING), kept_steps, job_id);
+    rc = tx_end(s, rc);
 out:
     unlock(s);
     return rc;

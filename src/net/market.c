@@ -484,6 +484,71 @@ static int rank_cmp(const void *a, const void *b)
     return x->p->id < y->p->id ? -1 : x->p->id > y->p->id;
 }
 
+/* The free online providers offering at least min_mem bytes, best first:
+ * (*rk)[0..*k) point into *ps (both the caller's to free, also on failure);
+ * *busy counts those left out because a live lease holds them. Called with
+ * acquire_mu held. */
+static int rank_free(ar_market *m, uint64_t min_mem, ar_provider **ps, ranked **rk, size_t *k, size_t *busy)
+{
+    size_t n = 0;
+    *rk = NULL;
+    *k = *busy = 0;
+    int rc = ar_store_provider_list(m->store, true, ps, &n);
+    if (rc != AR_OK)
+        return rc;
+    if (!(*rk = calloc(n ? n : 1, sizeof **rk)))
+        return ar_fail(AR_ENOMEM, "out of memory");
+    double best_gflops = 0;
+    int64_t min_price = INT64_MAX;
+    for (size_t i = 0; i < n; i++) {
+        const ar_provider *p = &(*ps)[i];
+        if ((uint64_t)p->mem_bytes < min_mem)
+            continue;
+        /* a worker hosts one stage: a provider leased to a live job is not free */
+        bool leased = false;
+        if ((rc = ar_store_provider_leased(m->store, p->id, &leased)) != AR_OK)
+            return rc;
+        if (leased) {
+            (*busy)++;
+            continue;
+        }
+        (*rk)[(*k)++].p = p;
+        if (p->gflops > best_gflops)
+            best_gflops = p->gflops;
+        if (p->price_per_tflop < min_price)
+            min_price = p->price_per_tflop;
+    }
+    const double p0 = (double)AR_MICRO_PER_CREDIT;
+    for (size_t i = 0; i < *k; i++) {
+        const ar_provider *p = (*rk)[i].p;
+        double rel = p->reliability < 0 ? 0 : p->reliability > 1 ? 1 : p->reliability;
+        (*rk)[i].score = rel * rel * (best_gflops > 0 ? p->gflops / best_gflops : 1) * ((double)min_price + p0) /
+                         ((double)p->price_per_tflop + p0);
+    }
+    qsort(*rk, *k, sizeof **rk, rank_cmp);
+    return AR_OK;
+}
+
+/* A leased provider as the reply shows it; pp is its profile's storage. */
+static void leased_msg(const ar_provider *p, const char *account, int64_t flops_per_step,
+                       Arceus__ProviderProfile *pp, Arceus__LeasedProvider *l)
+{
+    Arceus__ProviderProfile prof = ARCEUS__PROVIDER_PROFILE__INIT;
+    prof.gflops = p->gflops;
+    prof.mem_bytes = (uint64_t)p->mem_bytes;
+    prof.cores = (uint32_t)p->cores;
+    prof.price_per_tflop = p->price_per_tflop;
+    *pp = prof;
+    Arceus__LeasedProvider x = ARCEUS__LEASED_PROVIDER__INIT;
+    x.provider_id = p->id;
+    x.account = (char *)account;
+    x.address = (char *)p->address;
+    x.profile = pp;
+    x.reliability = p->reliability;
+    x.flops_per_step = flops_per_step;
+    *l = x;
+}
+
 static void on_acquire(ar_rpc *rpc, void *user)
 {
     ar_market *m = user;
@@ -493,7 +558,6 @@ static void on_acquire(ar_rpc *rpc, void *user)
         return;
     int64_t renter;
     ar_provider *ps = NULL;
-    size_t n = 0;
     ranked *rk = NULL;
     int64_t job_id = 0;
     int acquiring = 0;
@@ -502,47 +566,36 @@ static void on_acquire(ar_rpc *rpc, void *user)
     if (req->devices < 1 || req->devices > AR_MARKET_MAX_DEVICES || req->est_steps < 1 ||
         req->est_steps > 1000000000LL || req->max_credits < 0 || req->max_credits > AR_CREDITS(1000000000000LL) ||
         req->flops_per_step < 1 || req->flops_per_step > AR_MARKET_MAX_STAGE_FLOPS ||
-        req->min_mem_bytes > (uint64_t)AR_MARKET_MAX_MEM || strlen(req->spec) > 4096) {
+        req->min_mem_bytes > (uint64_t)AR_MARKET_MAX_MEM || strlen(req->spec) > 4096 ||
+        req->resume_job_id < 0 || req->kept_steps < 0 || req->kept_steps > 1000000000000LL) {
         ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT,
                       "AcquireLease arguments out of range (devices %u of 1..%d, est_steps %lld, "
-                      "flops_per_step %lld, max_credits %lld, spec of %zu characters)",
+                      "flops_per_step %lld, max_credits %lld, spec of %zu characters, resume_job_id %lld, "
+                      "kept_steps %lld)",
                       req->devices, AR_MARKET_MAX_DEVICES, (long long)req->est_steps,
-                      (long long)req->flops_per_step, (long long)req->max_credits, strlen(req->spec));
+                      (long long)req->flops_per_step, (long long)req->max_credits, strlen(req->spec),
+                      (long long)req->resume_job_id, (long long)req->kept_steps);
         goto out;
     }
     pthread_mutex_lock(&m->acquire_mu);
     acquiring = 1;
-    int rc = ar_store_provider_list(m->store, true, &ps, &n);
-    if (rc != AR_OK) {
-        store_error(rpc, rc);
-        goto out;
-    }
-    rk = calloc(n ? n : 1, sizeof *rk);
-    if (!rk) {
-        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
-        goto out;
-    }
-    size_t k = 0, busy = 0;
-    double best_gflops = 0;
-    int64_t min_price = INT64_MAX;
-    for (size_t i = 0; i < n; i++) {
-        if ((uint64_t)ps[i].mem_bytes < req->min_mem_bytes)
-            continue;
-        /* a worker hosts one stage: a provider leased to a live job is not free */
-        bool leased = false;
-        if ((rc = ar_store_provider_leased(m->store, ps[i].id, &leased)) != AR_OK) {
+    int rc;
+    if (req->resume_job_id > 0) {
+        /* a new driver for the same job: the old one's leases end (their
+         * providers are free again) and its work after the checkpoint is
+         * unpaid, since it is redone */
+        int reversed = 0;
+        if ((rc = ar_store_job_resume(m->store, req->resume_job_id, renter, req->kept_steps, &reversed)) != AR_OK) {
             store_error(rpc, rc);
             goto out;
         }
-        if (leased) {
-            busy++;
-            continue;
-        }
-        rk[k++].p = &ps[i];
-        if (ps[i].gflops > best_gflops)
-            best_gflops = ps[i].gflops;
-        if (ps[i].price_per_tflop < min_price)
-            min_price = ps[i].price_per_tflop;
+        ar_log(AR_LOG_INFO, "market: job %lld resumes from step %lld (%d payments after it reversed)",
+               (long long)req->resume_job_id, (long long)req->kept_steps, reversed);
+    }
+    size_t k = 0, busy = 0;
+    if ((rc = rank_free(m, req->min_mem_bytes, &ps, &rk, &k, &busy)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
     }
     if (k < req->devices) {
         char busy_note[96] = "";
@@ -554,14 +607,6 @@ static void on_acquire(ar_rpc *rpc, void *user)
                       busy_note);
         goto out;
     }
-    const double p0 = (double)AR_MICRO_PER_CREDIT;
-    for (size_t i = 0; i < k; i++) {
-        const ar_provider *p = rk[i].p;
-        double rel = p->reliability < 0 ? 0 : p->reliability > 1 ? 1 : p->reliability;
-        rk[i].score = rel * rel * (p->gflops / best_gflops) * ((double)min_price + p0) /
-                      ((double)p->price_per_tflop + p0);
-    }
-    qsort(rk, k, sizeof *rk, rank_cmp);
     size_t N = req->devices;
     ar_lease_member members[AR_MARKET_MAX_DEVICES];
     Arceus__LeasedProvider lp[AR_MARKET_MAX_DEVICES], *lpp[AR_MARKET_MAX_DEVICES];
@@ -586,7 +631,9 @@ static void on_acquire(ar_rpc *rpc, void *user)
             goto out;
         }
     }
-    if ((rc = ar_store_job_create(m->store, renter, req->spec, req->max_credits, &job_id)) != AR_OK) {
+    if (req->resume_job_id > 0)
+        job_id = req->resume_job_id;
+    else if ((rc = ar_store_job_create(m->store, renter, req->spec, req->max_credits, &job_id)) != AR_OK) {
         store_error(rpc, rc);
         goto out;
     }
@@ -612,21 +659,7 @@ static void on_acquire(ar_rpc *rpc, void *user)
     ar_log(AR_LOG_INFO, "market: job %lld leases %zu providers (lease %lld, estimate %lld micro-credits)",
            (long long)job_id, N, (long long)lease_id, (long long)estimate);
     for (size_t i = 0; i < N; i++) {
-        const ar_provider *p = rk[i].p;
-        Arceus__ProviderProfile pp = ARCEUS__PROVIDER_PROFILE__INIT;
-        pp.gflops = p->gflops;
-        pp.mem_bytes = (uint64_t)p->mem_bytes;
-        pp.cores = (uint32_t)p->cores;
-        pp.price_per_tflop = p->price_per_tflop;
-        prof[i] = pp;
-        Arceus__LeasedProvider l = ARCEUS__LEASED_PROVIDER__INIT;
-        l.provider_id = p->id;
-        l.account = names[i].name;
-        l.address = (char *)p->address;
-        l.profile = &prof[i];
-        l.reliability = p->reliability;
-        l.flops_per_step = members[i].flops_per_step;
-        lp[i] = l;
+        leased_msg(rk[i].p, names[i].name, members[i].flops_per_step, &prof[i], &lp[i]);
         lpp[i] = &lp[i];
     }
     Arceus__AcquireLeaseReply r = ARCEUS__ACQUIRE_LEASE_REPLY__INIT;
@@ -768,6 +801,97 @@ static void on_release(ar_rpc *rpc, void *user)
     net_rpc_reply(rpc, &r.base);
 out:
     arceus__release_lease_request__free_unpacked(req, NULL);
+}
+
+static void on_replace(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__ReplaceProviderRequest *req =
+        (Arceus__ReplaceProviderRequest *)read_request(rpc, &arceus__replace_provider_request__descriptor);
+    if (!req)
+        return;
+    ar_lease lease;
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    ar_provider *ps = NULL;
+    ranked *rk = NULL;
+    int acquiring = 0;
+    if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
+        goto out;
+    if (req->kept_steps < 0 || req->kept_steps > 1000000000000LL || strlen(req->reason) > 256) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReplaceProvider: kept_steps %lld or a reason of %zu "
+                      "characters out of range", (long long)req->kept_steps, strlen(req->reason));
+        goto out;
+    }
+    int rc = ar_store_lease_members(m->store, lease.id, &mem, &nm);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    const ar_lease_member *lost = NULL;
+    for (size_t i = 0; i < nm; i++)
+        if (mem[i].provider_id == req->lost_provider_id)
+            lost = &mem[i];
+    if (!lost) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReplaceProvider: provider %lld is not in the lease",
+                      (long long)req->lost_provider_id);
+        goto out;
+    }
+    /* choosing the replacement and leasing it is one step, as in AcquireLease */
+    pthread_mutex_lock(&m->acquire_mu);
+    acquiring = 1;
+    size_t k = 0, busy = 0;
+    if ((rc = rank_free(m, 0, &ps, &rk, &k, &busy)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    ar_lease_member with = {0};
+    ar_account name = {0};
+    if (k > 0) {
+        with = (ar_lease_member){.provider_id = rk[0].p->id, .stage = lost->stage,
+                                 .flops_per_step = lost->flops_per_step,
+                                 .price_per_tflop = rk[0].p->price_per_tflop};
+        if ((rc = ar_store_account_get(m->store, rk[0].p->account_id, &name)) != AR_OK) {
+            store_error(rpc, rc);
+            goto out;
+        }
+    }
+    int reversed = 0;
+    if ((rc = ar_store_lease_replace(m->store, lease.id, req->lost_provider_id, req->kept_steps,
+                                     k > 0 ? &with : NULL, &reversed)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    ar_job job;
+    if ((rc = ar_store_job_get(m->store, lease.job_id, &job)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    int64_t spent = job.spent;
+    ar_store_job_clear(&job);
+    char instead[64] = "no free provider to replace it";
+    if (k > 0)
+        snprintf(instead, sizeof instead, "provider %lld replaces it", (long long)with.provider_id);
+    ar_log(AR_LOG_WARN, "market: job %lld lost provider %lld (%.256s): marked offline, reliability lowered, "
+           "%d payments from step %lld on reversed; %s", (long long)lease.job_id,
+           (long long)req->lost_provider_id, req->reason, reversed, (long long)req->kept_steps, instead);
+    Arceus__ProviderProfile prof;
+    Arceus__LeasedProvider lp;
+    Arceus__ReplaceProviderReply r = ARCEUS__REPLACE_PROVIDER_REPLY__INIT;
+    if (k > 0) {
+        leased_msg(rk[0].p, name.name, with.flops_per_step, &prof, &lp);
+        r.replacement = &lp;
+    }
+    r.reversed = reversed;
+    r.spent = spent;
+    net_rpc_reply(rpc, &r.base);
+out:
+    if (acquiring)
+        pthread_mutex_unlock(&m->acquire_mu);
+    free(rk);
+    ar_free(ps);
+    ar_free(mem);
+    arceus__replace_provider_request__free_unpacked(req, NULL);
 }
 
 /* ---- server: jobs --------------------------------------------------------------- */
@@ -1008,6 +1132,7 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     ar_server_handle(m->server, "/arceus.Market/CheckLease", on_check_lease, m);
     ar_server_handle(m->server, "/arceus.Market/ListJobs", on_list_jobs, m);
     ar_server_handle(m->server, "/arceus.Market/GetJob", on_get_job, m);
+    ar_server_handle(m->server, "/arceus.Market/ReplaceProvider", on_replace, m);
     if (pthread_create(&m->sweeper, NULL, sweep_main, m) != 0) {
         ar_market_stop(m);
         return ar_fail(AR_EINTERNAL, "cannot start the offline sweep thread");
@@ -1204,6 +1329,22 @@ int ar_market_balance(ar_client *c, const char *token, char account_out[AR_NAME_
     return AR_OK;
 }
 
+static void leased_from(const Arceus__LeasedProvider *l, ar_market_leased *q)
+{
+    q->p.id = l->provider_id;
+    snprintf(q->account, sizeof q->account, "%s", l->account);
+    snprintf(q->p.address, sizeof q->p.address, "%s", l->address);
+    if (l->profile) {
+        q->p.gflops = l->profile->gflops;
+        q->p.mem_bytes = (int64_t)l->profile->mem_bytes;
+        q->p.cores = (int)l->profile->cores;
+        q->p.price_per_tflop = l->profile->price_per_tflop;
+    }
+    q->p.reliability = l->reliability;
+    q->p.online = true;
+    q->flops_per_step = l->flops_per_step;
+}
+
 int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_request *q,
                       ar_market_lease *out, int *status)
 {
@@ -1216,6 +1357,8 @@ int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_req
     req.spec = (char *)(q->spec ? q->spec : "");
     req.flops_per_step = q->flops_per_step;
     req.min_mem_bytes = q->min_mem_bytes > 0 ? (uint64_t)q->min_mem_bytes : 0;
+    req.resume_job_id = q->resume_job;
+    req.kept_steps = q->kept_steps;
     ProtobufCMessage *rep;
     int rc = call(c, "/arceus.Market/AcquireLease", &req.base, &arceus__acquire_lease_reply__descriptor,
                   &rep, status);
@@ -1231,22 +1374,35 @@ int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_req
     snprintf(out->token, sizeof out->token, "%s", r->lease_token);
     out->estimate = r->estimate;
     out->n = r->n_providers;
-    for (size_t i = 0; i < r->n_providers; i++) {
-        const Arceus__LeasedProvider *l = r->providers[i];
-        ar_market_leased *q2 = &out->providers[i];
-        q2->p.id = l->provider_id;
-        snprintf(q2->account, sizeof q2->account, "%s", l->account);
-        snprintf(q2->p.address, sizeof q2->p.address, "%s", l->address);
-        if (l->profile) {
-            q2->p.gflops = l->profile->gflops;
-            q2->p.mem_bytes = (int64_t)l->profile->mem_bytes;
-            q2->p.cores = (int)l->profile->cores;
-            q2->p.price_per_tflop = l->profile->price_per_tflop;
-        }
-        q2->p.reliability = l->reliability;
-        q2->p.online = true;
-        q2->flops_per_step = l->flops_per_step;
+    for (size_t i = 0; i < r->n_providers; i++)
+        leased_from(r->providers[i], &out->providers[i]);
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}
+
+int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provider_id, int64_t kept_steps,
+                      const char *reason, ar_market_leased *replacement, int *found, int64_t *spent,
+                      int *status)
+{
+    *found = 0;
+    Arceus__ReplaceProviderRequest req = ARCEUS__REPLACE_PROVIDER_REQUEST__INIT;
+    req.lease_token = (char *)lease_token;
+    req.lost_provider_id = lost_provider_id;
+    req.kept_steps = kept_steps;
+    req.reason = (char *)(reason ? reason : "");
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/ReplaceProvider", &req.base, &arceus__replace_provider_reply__descriptor,
+                  &rep, status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__ReplaceProviderReply *r = (Arceus__ReplaceProviderReply *)rep;
+    if (r->replacement) {
+        memset(replacement, 0, sizeof *replacement);
+        leased_from(r->replacement, replacement);
+        *found = 1;
     }
+    if (spent)
+        *spent = r->spent;
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;
 }

@@ -89,6 +89,10 @@ typedef struct {
     const char *spec;       /* a one-line summary of the job */
     int64_t flops_per_step; /* the whole model's, per training step */
     int64_t min_mem_bytes;  /* each provider must offer this much; 0: any */
+    /* a run resumed from a checkpoint continues its job (0: a new job): the
+     * job's old leases end and payments for steps >= kept_steps are reversed */
+    int64_t resume_job;
+    int64_t kept_steps;
 } ar_market_lease_request;
 
 typedef struct {
@@ -127,6 +131,15 @@ int ar_market_report(ar_client *c, const char *lease_token, int64_t step,
 int ar_market_report_loss(ar_client *c, const char *lease_token, int64_t step, double loss,
                           const ar_market_stage_usage *u, size_t n, int64_t *paid,
                           int64_t *spent, int64_t *balance, int *status);
+/* Provider lost_provider_id of the lease stopped answering; the job goes
+ * back to its checkpoint of kept_steps steps. The market marks it offline,
+ * lowers its reliability, reverses the payments for steps >= kept_steps and
+ * leases a free provider in its place: *found 1 and *replacement filled, or
+ * *found 0 when none is online (the place is then dropped from the lease).
+ * spent (may be NULL) gets the job's total after the reversal. */
+int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provider_id, int64_t kept_steps,
+                      const char *reason, ar_market_leased *replacement, int *found, int64_t *spent,
+                      int *status);
 /* status_name: "done", "failed" or "cancelled"; steps: completed steps. */
 int ar_market_release(ar_client *c, const char *lease_token, const char *status_name,
                       int64_t steps, int64_t *spent, int *status);

@@ -452,6 +452,118 @@ Test(market_store, rollback_unpays_steps_not_kept)
     ar_store_close(s);
 }
 
+/* Two stages leased, steps 0..5 paid; at step 6 stage 1's provider is lost
+ * and the job goes back to its checkpoint of 4 steps. */
+static int64_t lease_two_and_pay(ar_store *s, int64_t renter, int64_t p0, int64_t p1, int64_t *job_out)
+{
+    const int64_t tf = 1000000000000LL;
+    int64_t job = new_job(s, renter, 0);
+    ar_lease_member m[2] = {{p0, 0, tf, AR_CREDITS(1)}, {p1, 1, tf, AR_CREDITS(1)}};
+    char tok[AR_TOKEN_LEN];
+    int64_t lease = 0;
+    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 6, 0, tok, &lease, NULL), 0, "%s", ar_last_error());
+    for (int64_t stp = 0; stp < 6; stp++)
+        for (int st = 0; st < 2; st++)
+            cr_assert_eq(ar_store_usage_record(s, job, stp, st ? p1 : p0, st, tf, AR_CREDITS(1), NULL), 0);
+    *job_out = job;
+    return lease;
+}
+
+Test(market_store, a_lost_provider_is_replaced_and_the_steps_redone_are_unpaid)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100));
+    int64_t pa = new_account(s, "pa", 0), pb = new_account(s, "pb", 0), pc = new_account(s, "pc", 0);
+    int64_t p0 = new_provider(s, pa, "h:1", AR_CREDITS(1));
+    int64_t p1 = new_provider(s, pb, "h:2", AR_CREDITS(1));
+    int64_t p2 = new_provider(s, pc, "h:3", AR_CREDITS(2));
+    int64_t job;
+    int64_t lease = lease_two_and_pay(s, renter, p0, p1, &job);
+    size_t rows = ledger_rows(s);
+
+    /* not a member: refused, nothing written */
+    ar_lease_member with = {.provider_id = p2, .flops_per_step = 1000000000000LL, .price_per_tflop = AR_CREDITS(2)};
+    cr_assert_eq(ar_store_lease_replace(s, lease, p2, 4, &with, NULL), AR_ENOTFOUND);
+    cr_assert_eq(ledger_rows(s), rows);
+
+    int reversed = -1;
+    cr_assert_eq(ar_store_lease_replace(s, lease, p1, 4, &with, &reversed), 0, "%s", ar_last_error());
+    cr_assert_eq(reversed, 4); /* steps 4 and 5 of both stages */
+    cr_assert_eq(balance(s, pa), AR_CREDITS(4));
+    cr_assert_eq(balance(s, pb), AR_CREDITS(4));
+    cr_assert_eq(balance(s, renter), AR_CREDITS(92));
+    ar_provider lost;
+    cr_assert_eq(ar_store_provider_get(s, p1, &lost), 0);
+    cr_assert(!lost.online);
+    cr_assert_float_eq(lost.reliability, 0.9 * AR_RELIABILITY_AFTER_LOSS, 1e-12);
+    ar_lease_member *mem = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_lease_members(s, lease, &mem, &n), 0);
+    cr_assert_eq(n, 2);
+    cr_assert_eq(mem[1].provider_id, p2);
+    cr_assert_eq(mem[1].stage, 1);
+    cr_assert_eq(mem[1].price_per_tflop, AR_CREDITS(2));
+    ar_free(mem);
+    /* the redo is paid to whoever does it, once */
+    ar_usage_result r;
+    cr_assert_eq(ar_store_usage_record(s, job, 4, p2, 1, 1000000000000LL, AR_CREDITS(2), &r), 0);
+    cr_assert_eq(r, AR_USAGE_PAID);
+    cr_assert_eq(balance(s, pc), AR_CREDITS(2));
+    ar_job j;
+    cr_assert_eq(ar_store_job_get(s, job, &j), 0);
+    cr_assert_eq(j.spent, AR_CREDITS(10));
+    ar_store_job_clear(&j);
+
+    /* no replacement: the place leaves the lease */
+    cr_assert_eq(ar_store_lease_replace(s, lease, p2, 5, NULL, &reversed), 0, "%s", ar_last_error());
+    cr_assert_eq(ar_store_lease_members(s, lease, &mem, &n), 0);
+    cr_assert_eq(n, 1);
+    cr_assert_eq(mem[0].provider_id, p0);
+    ar_free(mem);
+    cr_assert_eq(ar_store_lease_replace(s, lease, p0, -1, NULL, NULL), AR_EINVAL);
+    cr_assert_eq(ar_store_lease_release(s, lease), 0);
+    cr_assert_eq(ar_store_lease_replace(s, lease, p0, 0, NULL, NULL), AR_ENOTFOUND);
+    assert_books(s, NULL);
+    ar_store_close(s);
+}
+
+Test(market_store, a_resumed_job_ends_its_old_lease_and_unpays_the_steps_redone)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100));
+    int64_t other = new_account(s, "other", AR_CREDITS(100));
+    int64_t pa = new_account(s, "pa", 0);
+    int64_t p0 = new_provider(s, pa, "h:1", AR_CREDITS(1));
+    int64_t p1 = new_provider(s, pa, "h:2", AR_CREDITS(1));
+    int64_t job;
+    int64_t lease = lease_two_and_pay(s, renter, p0, p1, &job);
+    size_t rows = ledger_rows(s);
+    cr_assert_eq(ar_store_job_resume(s, job, other, 4, NULL), AR_ENOTFOUND);
+    cr_assert_eq(ar_store_job_resume(s, job, renter, -2, NULL), AR_EINVAL);
+    cr_assert_eq(ledger_rows(s), rows);
+    bool leased = false;
+    cr_assert_eq(ar_store_provider_leased(s, p0, &leased), 0);
+    cr_assert(leased);
+
+    int reversed = -1;
+    cr_assert_eq(ar_store_job_resume(s, job, renter, 4, &reversed), 0, "%s", ar_last_error());
+    cr_assert_eq(reversed, 4);
+    cr_assert_eq(balance(s, pa), AR_CREDITS(8));
+    cr_assert_eq(ar_store_provider_leased(s, p0, &leased), 0);
+    cr_assert(!leased, "the old lease ended");
+    ar_lease l;
+    cr_assert_eq(ar_store_lease_get(s, lease, &l), 0);
+    cr_assert(l.released);
+    ar_job j;
+    cr_assert_eq(ar_store_job_get(s, job, &j), 0);
+    cr_assert_eq(j.status, AR_JOB_RUNNING);
+    cr_assert_eq(j.step, 4);
+    cr_assert_eq(j.spent, AR_CREDITS(8));
+    ar_store_job_clear(&j);
+    assert_books(s, NULL);
+    ar_store_close(s);
+}
+
 Test(market_store, overdraft_refused_and_nothing_written)
 {
     ar_store *s = open_db();
