@@ -10,7 +10,9 @@
 #include "arceus.pb-c.h"
 #include "core/core.h"
 #include "net/net_internal.h"
+#include "train/plan.h"
 
+#include <cjson/cJSON.h>
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
@@ -1066,6 +1068,172 @@ out:
     arceus__check_lease_request__free_unpacked(req, NULL);
 }
 
+/* ---- server: progress for the dashboard ------------------------------------------- */
+
+#define MAX_LAYERS_TEXT 128
+#define MAX_MODEL_TEXT 256
+
+static bool finite_nonneg(double x)
+{
+    return isfinite(x) && x >= 0;
+}
+
+/* Whether the plan of a ReportProgress is well formed: stages in order,
+ * contiguous unit ranges, 1..AR_PLAN_MAX_GROUP members with HOST:PORT
+ * devices, texts and numbers in range. */
+static bool plan_ok(const Arceus__JobPlan *p, char *why, size_t why_size)
+{
+    if (p->n_stages < 1 || p->n_stages > AR_MARKET_MAX_DEVICES || p->micro_batches < 1 ||
+        p->micro_batches > 1000000 || !(p->predicted_bubble >= 0 && p->predicted_bubble <= 1) ||
+        strlen(p->schedule) > 16 || strlen(p->model) > MAX_MODEL_TEXT) {
+        snprintf(why, why_size, "plan: %zu stages (1..%d), %u micro-batches, bubble %g or a text out of range",
+                 p->n_stages, AR_MARKET_MAX_DEVICES, p->micro_batches, p->predicted_bubble);
+        return false;
+    }
+    for (size_t i = 0; i < p->n_stages; i++) {
+        const Arceus__PlanStage *st = p->stages[i];
+        if (st->stage != i || st->first_unit >= st->last_unit || st->last_unit > 100000 ||
+            (i > 0 && st->first_unit != p->stages[i - 1]->last_unit) || strlen(st->layers) > MAX_LAYERS_TEXT ||
+            !finite_nonneg(st->predicted_ms) || st->n_members < 1 || st->n_members > AR_PLAN_MAX_GROUP) {
+            snprintf(why, why_size, "plan: stage %zu (units %u-%u, %zu members) out of order or range", i,
+                     st->first_unit, st->last_unit, st->n_members);
+            return false;
+        }
+        for (size_t k = 0; k < st->n_members; k++) {
+            const Arceus__PlanMember *m = st->members[k];
+            char bad[160];
+            if (!address_ok(m->device, bad, sizeof bad)) {
+                snprintf(why, why_size, "plan: stage %zu member %zu: %s", i, k, bad);
+                return false;
+            }
+            if (m->provider_id < 0 || m->head_end < m->head_begin || m->head_end > 100000 ||
+                m->hidden_end < m->hidden_begin || m->hidden_end > 10000000 || strlen(m->share) >= AR_PLAN_SHARE_TEXT) {
+                snprintf(why, why_size, "plan: stage %zu member %zu: provider id, heads, hidden units or share out of range",
+                         i, k);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+/* obj[key] = [begin, end] when the range is not empty */
+static bool add_range(cJSON *obj, const char *key, uint32_t begin, uint32_t end)
+{
+    if (end <= begin)
+        return true;
+    double v[2] = {begin, end};
+    cJSON *a = cJSON_CreateDoubleArray(v, 2);
+    if (a && cJSON_AddItemToObject(obj, key, a))
+        return true;
+    cJSON_Delete(a);
+    return false;
+}
+
+/* A checked plan as the JSON document the dashboard serves (built here from
+ * checked fields: nothing the driver wrote reaches the page unparsed); NULL
+ * when memory runs out. */
+static char *plan_json(const Arceus__JobPlan *p)
+{
+    cJSON *root = cJSON_CreateObject(), *stages = NULL;
+    bool ok = root && cJSON_AddStringToObject(root, "model", p->model) &&
+              cJSON_AddNumberToObject(root, "micro_batches", p->micro_batches) &&
+              cJSON_AddStringToObject(root, "schedule", p->schedule) &&
+              cJSON_AddNumberToObject(root, "predicted_bubble", p->predicted_bubble) &&
+              (stages = cJSON_AddArrayToObject(root, "stages"));
+    for (size_t i = 0; ok && i < p->n_stages; i++) {
+        const Arceus__PlanStage *st = p->stages[i];
+        cJSON *js = cJSON_CreateObject(), *members = NULL;
+        ok = js && cJSON_AddItemToArray(stages, js);
+        if (!ok) {
+            cJSON_Delete(js);
+            break;
+        }
+        ok = cJSON_AddNumberToObject(js, "stage", st->stage) && cJSON_AddNumberToObject(js, "first_unit", st->first_unit) &&
+             cJSON_AddNumberToObject(js, "last_unit", st->last_unit) && cJSON_AddStringToObject(js, "layers", st->layers) &&
+             cJSON_AddNumberToObject(js, "predicted_ms", st->predicted_ms) &&
+             (members = cJSON_AddArrayToObject(js, "members"));
+        for (size_t k = 0; ok && k < st->n_members; k++) {
+            const Arceus__PlanMember *m = st->members[k];
+            cJSON *jm = cJSON_CreateObject();
+            ok = jm && cJSON_AddItemToArray(members, jm);
+            if (!ok) {
+                cJSON_Delete(jm);
+                break;
+            }
+            ok = cJSON_AddNumberToObject(jm, "provider_id", (double)m->provider_id) &&
+                 cJSON_AddStringToObject(jm, "device", m->device);
+            /* a share only for a member of a tensor-parallel group */
+            if (ok && m->share[0])
+                ok = cJSON_AddStringToObject(jm, "share", m->share) &&
+                     add_range(jm, "heads", m->head_begin, m->head_end) &&
+                     add_range(jm, "hidden", m->hidden_begin, m->hidden_end);
+        }
+    }
+    char *text = ok ? cJSON_PrintUnformatted(root) : NULL;
+    cJSON_Delete(root);
+    return text;
+}
+
+static void on_report_progress(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__ReportProgressRequest *req =
+        (Arceus__ReportProgressRequest *)read_request(rpc, &arceus__report_progress_request__descriptor);
+    if (!req)
+        return;
+    ar_lease lease;
+    char *plan = NULL, why[300];
+    if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
+        goto out;
+    bool unit_ok = !strcmp(req->items_unit, "tokens") || !strcmp(req->items_unit, "samples");
+    if (req->step < 0 || req->step > 1000000000000LL || req->total_steps < 0 || req->total_steps > 1000000000000LL ||
+        !finite_nonneg(req->items_per_s) || !finite_nonneg(req->eta_s) || !finite_nonneg(req->wall_s) || !unit_ok ||
+        req->n_timings > AR_MARKET_MAX_DEVICES ||
+        (req->has_val_loss && (req->val_step < 0 || req->val_step > 1000000000000LL || !isfinite(req->val_loss)))) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT,
+                      "ReportProgress: step %lld of %lld, %g %.16s/s, eta %g s, %zu stage timings or the "
+                      "validation loss out of range",
+                      (long long)req->step, (long long)req->total_steps, req->items_per_s, req->items_unit,
+                      req->eta_s, req->n_timings);
+        goto out;
+    }
+    ar_stage_time times[AR_MARKET_MAX_DEVICES];
+    for (size_t i = 0; i < req->n_timings; i++) {
+        const Arceus__StageTiming *t = req->timings[i];
+        if (t->stage >= AR_MARKET_MAX_DEVICES || !finite_nonneg(t->busy_s) || !finite_nonneg(t->idle_s)) {
+            ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReportProgress: stage %u timing (busy %g s, idle %g s) out of range",
+                          t->stage, t->busy_s, t->idle_s);
+            goto out;
+        }
+        times[i] = (ar_stage_time){.step = req->step, .stage = (int)t->stage, .wall_s = req->wall_s,
+                                   .busy_s = t->busy_s, .idle_s = t->idle_s};
+    }
+    if (req->plan && !plan_ok(req->plan, why, sizeof why)) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReportProgress: %s", why);
+        goto out;
+    }
+    if (req->plan && !(plan = plan_json(req->plan))) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "ReportProgress: out of memory for the plan");
+        goto out;
+    }
+    ar_job_live live = {.step = req->step, .total_steps = req->total_steps, .items_per_s = req->items_per_s,
+                        .eta_s = req->eta_s, .wall_s = req->wall_s, .plan = plan};
+    snprintf(live.unit, sizeof live.unit, "%s", req->items_unit);
+    int rc = ar_store_job_live_set(m->store, lease.job_id, &live, times, req->n_timings);
+    if (rc == AR_OK && req->has_val_loss)
+        rc = ar_store_job_val_record(m->store, lease.job_id, req->val_step, req->val_loss);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    Arceus__ReportProgressReply r = ARCEUS__REPORT_PROGRESS_REPLY__INIT;
+    net_rpc_reply(rpc, &r.base);
+out:
+    cJSON_free(plan);
+    arceus__report_progress_request__free_unpacked(req, NULL);
+}
+
 /* ---- server: the offline sweep -------------------------------------------------- */
 
 /* Every period, mark offline the providers silent for offline_after_s: a
@@ -1133,6 +1301,7 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     ar_server_handle(m->server, "/arceus.Market/ListJobs", on_list_jobs, m);
     ar_server_handle(m->server, "/arceus.Market/GetJob", on_get_job, m);
     ar_server_handle(m->server, "/arceus.Market/ReplaceProvider", on_replace, m);
+    ar_server_handle(m->server, "/arceus.Market/ReportProgress", on_report_progress, m);
     if (pthread_create(&m->sweeper, NULL, sweep_main, m) != 0) {
         ar_market_stop(m);
         return ar_fail(AR_EINTERNAL, "cannot start the offline sweep thread");
@@ -1488,6 +1657,80 @@ int ar_market_check_lease(ar_client *c, const char *token, const char *lease_tok
         *job_id = ((Arceus__CheckLeaseReply *)rep)->job_id;
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;
+}
+
+int ar_market_report_progress(ar_client *c, const char *lease_token, const ar_market_progress *p,
+                              int *status)
+{
+    if (p->n_stages > AR_MARKET_MAX_DEVICES || p->n_plan > AR_MARKET_MAX_DEVICES)
+        return ar_fail(AR_EINVAL, "%zu stages: at most %d", p->n_stages > p->n_plan ? p->n_stages : p->n_plan,
+                       AR_MARKET_MAX_DEVICES);
+    Arceus__StageTiming tm[AR_MARKET_MAX_DEVICES], *tp[AR_MARKET_MAX_DEVICES];
+    for (size_t i = 0; i < p->n_stages; i++) {
+        Arceus__StageTiming t = ARCEUS__STAGE_TIMING__INIT;
+        t.stage = (uint32_t)i;
+        t.busy_s = p->busy_s[i];
+        t.idle_s = p->idle_s[i];
+        tm[i] = t;
+        tp[i] = &tm[i];
+    }
+    Arceus__PlanStage ps[AR_MARKET_MAX_DEVICES], *psp[AR_MARKET_MAX_DEVICES];
+    Arceus__PlanMember pm[AR_MARKET_MAX_DEVICES][AR_PLAN_MAX_GROUP], *pmp[AR_MARKET_MAX_DEVICES][AR_PLAN_MAX_GROUP];
+    for (size_t i = 0; i < p->n_plan; i++) {
+        const ar_market_plan_stage *q = &p->plan[i];
+        if (q->n_members < 1 || q->n_members > AR_PLAN_MAX_GROUP)
+            return ar_fail(AR_EINVAL, "plan stage %zu has %d members: 1..%d", i, q->n_members, AR_PLAN_MAX_GROUP);
+        Arceus__PlanStage x = ARCEUS__PLAN_STAGE__INIT;
+        x.stage = (uint32_t)i;
+        x.first_unit = (uint32_t)q->first_unit;
+        x.last_unit = (uint32_t)q->last_unit;
+        x.layers = (char *)q->layers;
+        x.predicted_ms = q->predicted_ms;
+        for (int k = 0; k < q->n_members; k++) {
+            const ar_market_plan_member *m = &q->members[k];
+            Arceus__PlanMember y = ARCEUS__PLAN_MEMBER__INIT;
+            y.provider_id = m->provider_id;
+            y.device = (char *)m->device;
+            y.head_begin = (uint32_t)m->head_begin;
+            y.head_end = (uint32_t)m->head_end;
+            y.hidden_begin = (uint32_t)m->hidden_begin;
+            y.hidden_end = (uint32_t)m->hidden_end;
+            y.share = (char *)(m->share ? m->share : "");
+            pm[i][k] = y;
+            pmp[i][k] = &pm[i][k];
+        }
+        x.n_members = (size_t)q->n_members;
+        x.members = pmp[i];
+        ps[i] = x;
+        psp[i] = &ps[i];
+    }
+    Arceus__JobPlan plan = ARCEUS__JOB_PLAN__INIT;
+    plan.n_stages = p->n_plan;
+    plan.stages = psp;
+    plan.micro_batches = (uint32_t)p->micro_batches;
+    plan.schedule = (char *)(p->schedule ? p->schedule : "");
+    plan.predicted_bubble = p->predicted_bubble;
+    plan.model = (char *)(p->model ? p->model : "");
+    Arceus__ReportProgressRequest req = ARCEUS__REPORT_PROGRESS_REQUEST__INIT;
+    req.lease_token = (char *)lease_token;
+    req.step = p->step;
+    req.total_steps = p->total_steps;
+    req.items_per_s = p->items_per_s;
+    req.items_unit = (char *)p->unit;
+    req.eta_s = p->eta_s;
+    req.has_val_loss = p->has_val;
+    req.val_step = p->val_step;
+    req.val_loss = p->val_loss;
+    req.wall_s = p->wall_s;
+    req.n_timings = p->n_stages;
+    req.timings = tp;
+    req.plan = p->n_plan > 0 ? &plan : NULL;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/ReportProgress", &req.base, &arceus__report_progress_reply__descriptor, &rep,
+                  status);
+    if (rc == AR_OK)
+        protobuf_c_message_free_unpacked(rep, NULL);
+    return rc;
 }
 
 static int job_from(const Arceus__JobInfo *ji, ar_job *j)

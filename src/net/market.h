@@ -10,6 +10,7 @@
 
 #include "market/store.h"
 #include "net/net.h"
+#include "train/plan.h"
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -147,6 +148,49 @@ int ar_market_release(ar_client *c, const char *lease_token, const char *status_
  * account of `token`); AR_EPROTO with the market's reason otherwise. */
 int ar_market_check_lease(ar_client *c, const char *token, const char *lease_token,
                           int64_t provider_id, int64_t *job_id, int *status);
+
+/* ---- progress for the dashboard ------------------------------------------------ */
+
+/* One member of a planned stage; for a member of a tensor-parallel group,
+ * its share in words and its heads (GPT) and hidden units (of the first
+ * shard) [begin, end); all empty for a stage of whole layers. */
+typedef struct {
+    int64_t provider_id; /* 0: not a leased provider */
+    const char *device;  /* HOST:PORT */
+    const char *share;   /* "heads 0-1, hidden units 0-127 of each block"; NULL: whole layers */
+    int head_begin, head_end, hidden_begin, hidden_end;
+} ar_market_plan_member;
+
+typedef struct {
+    int first_unit, last_unit; /* [first, last) */
+    const char *layers;        /* "embedding, blocks 0-1" */
+    double predicted_ms;       /* per micro-batch */
+    int n_members;             /* 1, or the tensor-parallel group's size */
+    ar_market_plan_member members[AR_PLAN_MAX_GROUP];
+} ar_market_plan_stage;
+
+typedef struct {
+    int64_t step, total_steps; /* completed and planned steps */
+    double items_per_s;        /* recent throughput */
+    const char *unit;          /* "tokens" or "samples" */
+    double eta_s;
+    bool has_val;              /* an evaluation since the last report */
+    int64_t val_step;
+    double val_loss;
+    double wall_s;             /* wall time of the training steps so far */
+    size_t n_stages;           /* busy_s[i], idle_s[i]: stage i since the run began */
+    const double *busy_s, *idle_s;
+    /* the plan, when n_plan > 0 */
+    size_t n_plan;
+    const ar_market_plan_stage *plan;
+    const char *model, *schedule;
+    int micro_batches;
+    double predicted_bubble;
+} ar_market_progress;
+
+/* A running job's progress for the market's dashboard (ReportProgress). */
+int ar_market_report_progress(ar_client *c, const char *lease_token, const ar_market_progress *p,
+                              int *status);
 
 /* ---- jobs ------------------------------------------------------------------ */
 

@@ -11,6 +11,7 @@
 #include "net/net.h"
 #include "net/remote.h"
 #include "train/local.h"
+#include "train/market_plan.h"
 #include "train/pipeline.h"
 #include "train/plan.h"
 #include "train/plot.h"
@@ -246,6 +247,11 @@ typedef struct {
     double timeout;          /* the stage timeout in force (s) */
     double slowest_step;     /* the slowest training step so far (s) */
     int failures;            /* losses since the last checkpoint */
+    /* the dashboard's view of the run (ReportProgress): sent about every
+     * PROGRESS_EVERY_S; the plan goes with the first report that arrives */
+    double progress_at;
+    int plan_sent, progress_off;
+    long nval_sent;
 } run;
 
 #define MARKET_RETRY_S 2.0
@@ -256,6 +262,7 @@ typedef struct {
 #define DEFAULT_STAGE_TIMEOUT_S 10.0
 /* losses in a row without a checkpoint in between before the run gives up */
 #define MAX_FAILURES 5
+#define PROGRESS_EVERY_S 1.0
 
 static int eval_model(run *r, int64_t step, double *val_loss, double *accuracy)
 {
@@ -543,6 +550,7 @@ static int make_plan(run *r, int ndev)
                params, params / 1e6);
         ar_plan_print(stdout, &r->plan, r->devs, costs, &r->spec);
     }
+    r->plan_sent = 0; /* a new plan (after a lost stage too): the dashboard gets it */
     ar_free(costs);
     return rc;
 }
@@ -569,14 +577,6 @@ static int price_stages(run *r)
     }
     ar_free(costs);
     return rc;
-}
-
-static const char *credits_text(int64_t micro, char *buf, size_t size)
-{
-    int64_t a = micro < 0 ? -micro : micro;
-    snprintf(buf, size, "%s%lld.%06lld", micro < 0 ? "-" : "", (long long)(a / AR_MICRO_PER_CREDIT),
-             (long long)(a % AR_MICRO_PER_CREDIT));
-    return buf;
 }
 
 /* Ask the market for c->devices providers; their addresses become the
@@ -635,13 +635,13 @@ static int acquire_lease(run *r, long start_step, int64_t resume_job)
         char a[40], b[40];
         printf("lease %lld for job %lld from market %s: %d provider%s, estimate %s credits for %ld steps%s%s\n",
                (long long)r->lease.lease_id, (long long)r->lease.job_id, c->market, r->S, r->S == 1 ? "" : "s",
-               credits_text(r->lease.estimate, a, sizeof a), c->steps - start_step,
-               c->max_credits > 0 ? ", max " : "", c->max_credits > 0 ? credits_text(c->max_credits, b, sizeof b) : "");
+               ar_credits_text(r->lease.estimate, a, sizeof a), c->steps - start_step,
+               c->max_credits > 0 ? ", max " : "", c->max_credits > 0 ? ar_credits_text(c->max_credits, b, sizeof b) : "");
         for (int i = 0; i < r->S; i++) {
             const ar_market_leased *l = &r->lease.providers[i];
             printf("  provider %lld (%s) at %s: %.1f GFLOP/s, %.0f MiB, %s credits/TFLOP, reliability %.2f\n",
                    (long long)l->p.id, l->account, l->p.address, l->p.gflops, l->p.mem_bytes / 1048576.0,
-                   credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability);
+                   ar_credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability);
         }
         fflush(stdout);
     }
@@ -719,6 +719,60 @@ static int pay_unpaid(run *r)
     return AR_OK;
 }
 
+/* Tell the market how the run goes, for its dashboard: throughput, ETA, a
+ * new validation loss, each stage's busy and idle time, and the plan until
+ * the market has it. Every PROGRESS_EVERY_S at most, besides at the last
+ * step and after an evaluation; never while the market is unreachable.
+ * Nothing is paid by it, so a failure costs a warning, not the run. */
+static void report_progress(run *r, long step, double rate, double elapsed, long start)
+{
+    ar_train_config *c = r->c;
+    int new_val = r->nval > r->nval_sent;
+    int last = step + 1 == c->steps;
+    if (!r->leased || r->outage || r->progress_off ||
+        (ar_now() < r->progress_at && !new_val && !last))
+        return;
+    r->progress_at = ar_now() + PROGRESS_EVERY_S;
+    long done = step + 1 - start;
+    ar_market_progress p = {.step = step + 1, .total_steps = c->steps, .items_per_s = rate,
+                            .unit = r->data.is_text ? "tokens" : "samples",
+                            .eta_s = done > 0 ? elapsed / (double)done * (double)(c->steps - step - 1) : 0,
+                            .has_val = new_val, .wall_s = r->step_wall, .n_stages = (size_t)r->S,
+                            .busy_s = r->busy, .idle_s = r->idle};
+    if (new_val) {
+        p.val_step = (int64_t)r->val_x[r->nval - 1];
+        p.val_loss = r->val_y[r->nval - 1];
+    }
+    ar_market_plan_stage stages[AR_PLAN_MAX_STAGES];
+    char layers[AR_PLAN_MAX_STAGES][AR_LAYERS_TEXT_MAX], model[96];
+    char (*shares)[AR_PLAN_SHARE_TEXT] = NULL; /* a group member's share in words; 80 KB at most */
+    if (!r->plan_sent && (shares = calloc(AR_PLAN_MAX_STAGES * AR_PLAN_MAX_GROUP, sizeof *shares))) {
+        ar_market_plan_fill(&r->plan, r->devs, &r->spec, &r->lease, stages, layers, shares);
+        snprintf(model, sizeof model, "%s, %ld parameters", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
+                 ar_spec_param_count(&r->spec));
+        p.n_plan = (size_t)r->plan.nstages;
+        p.plan = stages;
+        p.model = model;
+        p.schedule = ar_schedule_name(c->schedule);
+        p.micro_batches = r->M;
+        p.predicted_bubble = r->plan.bubble;
+    }
+    int status = 0;
+    char saved[1024];
+    snprintf(saved, sizeof saved, "%s", ar_last_error());
+    if (ar_market_report_progress(r->market, r->lease.token, &p, &status) == AR_OK) {
+        r->plan_sent = 1;
+        r->nval_sent = r->nval;
+    } else if (status == AR_STATUS_UNIMPLEMENTED || status == AR_STATUS_INVALID_ARGUMENT) {
+        /* an older market, or one that finds our report malformed: the
+         * dashboard goes without, the run goes on */
+        ar_log(AR_LOG_WARN, "market %s: no progress for its dashboard: %s", c->market, ar_last_error());
+        r->progress_off = 1;
+    }
+    free(shares);
+    ar_fail(AR_OK, "%s", saved);
+}
+
 static void sleep_until(double t)
 {
     double d = t - ar_now();
@@ -786,7 +840,7 @@ static void release_lease(run *r, int rc)
     else if (!r->c->quiet) {
         char a[40];
         printf("lease %lld released: job %lld %s, %s credits spent\n", (long long)r->lease.lease_id,
-               (long long)r->lease.job_id, how, credits_text(spent, a, sizeof a));
+               (long long)r->lease.job_id, how, ar_credits_text(spent, a, sizeof a));
         fflush(stdout);
     }
     r->leased = 0;
@@ -1372,8 +1426,8 @@ int ar_train_run(ar_train_config *c)
                 break; /* (no recovery: the run is ending) */
             rc = ar_fail(AR_ELIMIT,
                          "budget reached after step %ld: %s of max %s credits spent, the next step costs %s%s%s%s",
-                         step, credits_text(r.spent, a, sizeof a), credits_text(c->max_credits, b, sizeof b),
-                         credits_text(r.step_cost, d, sizeof d),
+                         step, ar_credits_text(r.spent, a, sizeof a), ar_credits_text(c->max_credits, b, sizeof b),
+                         ar_credits_text(r.step_cost, d, sizeof d),
                          c->out_dir && step > start ? "; checkpoint in " : "",
                          c->out_dir && step > start ? c->out_dir : "",
                          c->out_dir && step > start ? " (--resume it with more credits)" : "");
@@ -1465,6 +1519,7 @@ int ar_train_run(ar_train_config *c)
             rate_t = ar_now();
             rate_step = step + 1;
         }
+        report_progress(&r, step, rate, ar_now() - t0, start);
         /* by default a checkpoint whenever AUTO_CHECKPOINT_S have passed: at
          * most about that much work is redone when a stage is lost */
         int due = c->ckpt_every > 0 ? (step + 1) % c->ckpt_every == 0
