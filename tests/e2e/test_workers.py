@@ -116,7 +116,10 @@ def test_gpt_three_workers_equal_one_stage(run_arceus, workers, tmp_path, corpus
             "--threads", "1")
     run_arceus("train", *args, "--out", tmp_path / "one", check=True)
     ws = workers(3)
-    run_arceus("train", *args, "--workers", addrs(ws), "--out", tmp_path / "three", check=True)
+    # a pipeline by hand: the planner may put blocks on a tensor-parallel
+    # group, which matches one device within 1e-5, not bit for bit
+    run_arceus("train", *args, "--workers", addrs(ws), "--plan", "0-1,2-2,3-3", "--out", tmp_path / "three",
+               check=True)
     for name in ("model.safetensors", "optimizer.safetensors"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes(), name
 
