@@ -1294,6 +1294,10 @@ static int setup(run *r)
         for (int i = 0; i < r->S; i++) {
             snprintf(r->devs[i].name, sizeof r->devs[i].name, "local %d", i);
             r->devs[i].gflops = gflops > 0 ? gflops / r->S : 1;
+            /* threads of one process share its cores: a group cannot beat
+             * the pipeline here, and --plan auto stays bitwise repeatable
+             * whatever the probe measured (a hand plan may still name one) */
+            r->devs[i].solo = 1;
         }
         if ((rc = make_plan(r, r->S)) != AR_OK)
             return rc;
