@@ -58,8 +58,12 @@ int ar_remote_hello(ar_client *c, ar_hello_info *out)
     return AR_OK;
 }
 
-int ar_remote_load(ar_client *c, const ar_load_args *a)
+int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params)
 {
+    const ar_tp_layout *lay = a->layout;
+    if (a->role != AR_LOAD_STAGE &&
+        (!lay || lay->members < 2 || lay->members > AR_PLAN_MAX_GROUP || a->member < 0 || a->member >= lay->members))
+        return ar_fail(AR_EINVAL, "a tensor-parallel Load without a layout");
     char *spec = ar_spec_to_json(a->spec);
     if (!spec)
         return ar_fail(AR_ENOMEM, "out of memory");
@@ -83,6 +87,33 @@ int ar_remote_load(ar_client *c, const ar_load_args *a)
     req.next_worker = (char *)(a->next_worker ? a->next_worker : "");
     req.threads = (uint32_t)(a->threads > 0 ? a->threads : 0);
     req.lease_token = (char *)(a->lease_token ? a->lease_token : "");
+    /* the members' shares: heads (GPT) and hidden units of every shard */
+    Arceus__TpShare shares[AR_PLAN_MAX_GROUP], *share_ptrs[AR_PLAN_MAX_GROUP];
+    uint32_t bounds[AR_PLAN_MAX_GROUP][2 * AR_TP_MAX_SHARDS];
+    int nshares = a->role == AR_LOAD_LEADER ? lay->members : a->role == AR_LOAD_RANK ? 1 : 0;
+    for (int i = 0; i < nshares; i++) {
+        int k = a->role == AR_LOAD_RANK ? a->member : i;
+        Arceus__TpShare *t = &shares[i];
+        arceus__tp_share__init(t);
+        t->address = (char *)(a->role == AR_LOAD_LEADER && a->addresses[k] ? a->addresses[k] : "");
+        t->head_begin = (uint32_t)lay->heads[k].begin;
+        t->head_end = (uint32_t)lay->heads[k].end;
+        t->hidden_begin = (uint32_t)lay->hidden[k][0].begin;
+        t->hidden_end = (uint32_t)lay->hidden[k][0].end;
+        for (int b = 0; b < lay->count; b++) {
+            bounds[i][2 * b] = (uint32_t)lay->hidden[k][b].begin;
+            bounds[i][2 * b + 1] = (uint32_t)lay->hidden[k][b].end;
+        }
+        t->n_hidden_bounds = (size_t)(2 * lay->count);
+        t->hidden_bounds = bounds[i];
+        share_ptrs[i] = t;
+    }
+    if (a->role == AR_LOAD_LEADER) {
+        req.n_tp_group = (size_t)nshares;
+        req.tp_group = share_ptrs;
+    } else if (a->role == AR_LOAD_RANK) {
+        req.tp_rank = &shares[0];
+    }
     size_t len, rlen;
     void *buf = pack(&req.base, &len), *rep = NULL;
     free(spec);
@@ -90,6 +121,14 @@ int ar_remote_load(ar_client *c, const ar_load_args *a)
         return AR_ENOMEM;
     int rc = ar_client_unary(c, "/arceus.Worker/Load", buf, len, &rep, &rlen, CONTROL_TIMEOUT_S, NULL);
     free(buf);
+    if (rc == AR_OK && params) {
+        Arceus__LoadReply *r = arceus__load_reply__unpack(NULL, rlen, rep);
+        if (!r)
+            rc = ar_fail(AR_EPROTO, "worker %s: malformed LoadReply", ar_client_addr(c));
+        else
+            *params = r->parameters;
+        arceus__load_reply__free_unpacked(r, NULL);
+    }
     free(rep);
     return rc;
 }
@@ -123,7 +162,7 @@ static int on_chunk(void *user, const void *data, size_t len)
     return AR_OK;
 }
 
-int ar_remote_save(ar_client *c, ar_stage *shadow)
+int ar_remote_save(ar_client *c, const ar_state_parts *shadow)
 {
     Arceus__SaveRequest req = ARCEUS__SAVE_REQUEST__INIT;
     size_t len;
@@ -136,7 +175,7 @@ int ar_remote_save(ar_client *c, ar_stage *shadow)
     if (rc == AR_OK) {
         char origin[300];
         snprintf(origin, sizeof origin, "Save from %s", ar_client_addr(c));
-        rc = ar_stage_state_decode(shadow, col.buf, col.n, origin);
+        rc = ar_state_decode(shadow, col.buf, col.n, origin);
     }
     free(col.buf);
     return rc;
@@ -162,11 +201,11 @@ static int next_chunk(void *user, const void **data, size_t *len)
     return 0;
 }
 
-int ar_remote_restore(ar_client *c, ar_stage *shadow)
+int ar_remote_restore(ar_client *c, const ar_state_parts *shadow)
 {
     void *state;
     size_t n;
-    int rc = ar_stage_state_encode(shadow, &state, &n);
+    int rc = ar_state_encode(shadow, &state, &n);
     if (rc != AR_OK)
         return rc;
     feeder f = {.state = state, .n = n, .msg = malloc(AR_NET_CHUNK_BYTES + 16)};

@@ -6,9 +6,18 @@
 
 #include "net/net.h"
 #include "train/stage.h"
+#include "train/plan.h"
+#include "train/tp_group.h"
 
 #include <stddef.h>
 #include <stdint.h>
+
+/* What one worker's Save/Restore carries: a stage, a tensor-parallel rank,
+ * or both (a group's leader holds the unsplit parts and its own share). */
+typedef struct {
+    ar_stage *stage;  /* NULL: none */
+    ar_tp_rank *rank; /* NULL: none */
+} ar_state_parts;
 
 /* ---- the worker --------------------------------------------------------- */
 
@@ -65,19 +74,65 @@ typedef struct {
     const char *next_worker; /* NULL or "" for the last stage */
     int threads;
     const char *lease_token; /* NULL or "": none (a plain worker) */
+    /* tensor parallelism: role AR_LOAD_LEADER sends every member's share of
+     * the layout (addresses[k]: member k's worker; member 0 is the leader
+     * itself), AR_LOAD_RANK sends member `member`'s share */
+    int role;
+    const ar_tp_layout *layout;
+    int member;
+    const char *addresses[AR_PLAN_MAX_GROUP];
 } ar_load_args;
 
-int ar_remote_load(ar_client *c, const ar_load_args *a);
-/* Fetch the worker's stage state into a local stage of the same range. */
-int ar_remote_save(ar_client *c, ar_stage *shadow);
-/* Push a local stage's state (weights, moments, step) to the worker. */
-int ar_remote_restore(ar_client *c, ar_stage *shadow);
+enum { AR_LOAD_STAGE = 0, AR_LOAD_LEADER = 1, AR_LOAD_RANK = 2 };
+
+/* *params: the floats the worker holds (NULL: not wanted). */
+int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params);
+/* Fetch the worker's state into local parts of the same shape (a stage of
+ * the same range; for a tensor-parallel leader, also its own rank's shards;
+ * for a rank, its shards alone). */
+int ar_remote_save(ar_client *c, const ar_state_parts *shadow);
+/* Push local parts' state (weights, moments, step) to the worker. */
+int ar_remote_restore(ar_client *c, const ar_state_parts *shadow);
 
 /* ---- stage state -------------------------------------------------------- */
 
-/* NAME, m.NAME, v.NAME for every parameter (and the tied copy's values),
- * metadata "opt_step". *buf is malloc'd. */
-int ar_stage_state_encode(const ar_stage *s, void **buf, size_t *len);
-int ar_stage_state_decode(ar_stage *s, const void *buf, size_t len, const char *origin);
+/* NAME, m.NAME, v.NAME for every parameter (a shard's slices keep the whole
+ * tensor's name: a leader's and its rank's names never meet), the tied
+ * copy's values, metadata "opt_step". *buf is malloc'd. Decoding checks
+ * every tensor's shape before it writes any. */
+int ar_state_encode(const ar_state_parts *parts, void **buf, size_t *len);
+int ar_state_decode(const ar_state_parts *parts, const void *buf, size_t len, const char *origin);
+
+/* ---- a stage on workers, as the driver sees it ---------------------------- */
+
+/* One worker, or a tensor-parallel group of them (member 0 leads; DESIGN.md
+ * §3). The driver keeps local shadows of every part so that Save and Restore
+ * can go through a whole stage of the same units: what checkpoints see. */
+typedef struct {
+    int members; /* 1: a plain stage */
+    ar_client *clients[AR_PLAN_MAX_GROUP]; /* not owned */
+    char addrs[AR_PLAN_MAX_GROUP][128];
+    ar_tp_layout layout;                   /* groups: who holds which heads and hidden units */
+    uint64_t params[AR_PLAN_MAX_GROUP];    /* floats each member holds (from Load) */
+    /* groups only: the leader's unsplit parts and every member's shards */
+    ar_stage leader;
+    ar_tp_rank ranks[AR_PLAN_MAX_GROUP];
+    ar_link *no_links[AR_PLAN_MAX_GROUP]; /* the shadow leader never calls its ranks */
+    int ready;
+} ar_remote_stage;
+
+/* Set up the shadows of stage [first, last) on `members` workers, the heads
+ * and hidden units split in proportion to weights (NULL: equally). */
+int ar_remote_stage_init(ar_remote_stage *g, const ar_model_spec *spec, int first, int last, int members,
+                         ar_client *const *clients, const char *const *addrs, const double *weights,
+                         uint64_t seed, const ar_optim_config *optim);
+void ar_remote_stage_destroy(ar_remote_stage *g);
+/* Load every member (ranks first, then the leader with the group), from
+ * the arguments of a plain stage. */
+int ar_remote_stage_load(ar_remote_stage *g, const ar_load_args *a);
+/* Save every member's state and gather it into full (a whole stage of the
+ * same units); restore pushes full's state out to the members. */
+int ar_remote_stage_save(ar_remote_stage *g, ar_stage *full);
+int ar_remote_stage_restore(ar_remote_stage *g, ar_stage *full);
 
 #endif

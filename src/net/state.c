@@ -13,8 +13,58 @@
 typedef struct {
     char name[160];
     const ar_param *p;
-    const float *data;
+    float *data;
 } entry;
+
+/* Every tensor of the parts, in a fixed order: each parameter's values, then
+ * its AdamW m, then v (stage parameters before the rank's), then the tied
+ * copy. *out is malloc'd. */
+static int list_entries(const ar_state_parts *parts, entry **out, int *count)
+{
+    const ar_stage *s = parts->stage;
+    const ar_tp_rank *r = parts->rank;
+    int ns = s ? s->nparams : 0, np = ns;
+    for (int b = 0; r && b < r->nblocks; b++)
+        np += AR_SHARD_NPARAMS - r->shards[b].first_param;
+    int n = np * 3 + (s && s->has_tied_copy ? 1 : 0);
+    entry *e = calloc((size_t)(n ? n : 1), sizeof *e);
+    ar_param **params = calloc((size_t)(np ? np : 1), sizeof *params);
+    if (!e || !params) {
+        free(e);
+        free(params);
+        return ar_fail(AR_ENOMEM, "out of memory listing the stage state");
+    }
+    for (int j = 0; j < ns; j++)
+        params[j] = s->params[j];
+    int at = ns;
+    for (int b = 0; r && b < r->nblocks; b++)
+        for (int i = r->shards[b].first_param; i < AR_SHARD_NPARAMS; i++)
+            params[at++] = &r->shards[b].params[i];
+    int k = 0;
+    for (int w = 0; w < 3; w++)
+        for (int j = 0; j < np; j++) {
+            ar_param *p = params[j];
+            snprintf(e[k].name, sizeof e[k].name, "%s%s", w == 0 ? "" : w == 1 ? "m." : "v.", p->name);
+            e[k].p = p;
+            e[k].data = w == 0 ? p->data : w == 1 ? p->m : p->v;
+            k++;
+        }
+    free(params);
+    if (s && s->has_tied_copy) {
+        snprintf(e[k].name, sizeof e[k].name, "%s", s->tied_copy.name);
+        e[k].p = &s->tied_copy;
+        e[k].data = s->tied_copy.data;
+        k++;
+    }
+    *out = e;
+    *count = k;
+    return AR_OK;
+}
+
+static int parts_opt_step(const ar_state_parts *parts)
+{
+    return parts->stage ? parts->stage->opt_step : parts->rank ? parts->rank->opt_step : 0;
+}
 
 static int add_tensor(cJSON *root, const char *name, const ar_param *p, uint64_t *offset)
 {
@@ -34,33 +84,20 @@ static int add_tensor(cJSON *root, const char *name, const ar_param *p, uint64_t
     return 0;
 }
 
-int ar_stage_state_encode(const ar_stage *s, void **buf, size_t *len)
+int ar_state_encode(const ar_state_parts *parts, void **buf, size_t *len)
 {
-    int n = s->nparams * 3 + (s->has_tied_copy ? 1 : 0);
-    entry *e = calloc((size_t)(n ? n : 1), sizeof *e);
+    entry *e;
+    int k;
+    int rc = list_entries(parts, &e, &k);
+    if (rc != AR_OK)
+        return rc;
     cJSON *root = cJSON_CreateObject();
-    if (!e || !root) {
+    if (!root) {
         free(e);
-        cJSON_Delete(root);
         return ar_fail(AR_ENOMEM, "out of memory encoding the stage state");
     }
-    int k = 0;
-    for (int w = 0; w < 3; w++)
-        for (int j = 0; j < s->nparams; j++) {
-            const ar_param *p = s->params[j];
-            snprintf(e[k].name, sizeof e[k].name, "%s%s", w == 0 ? "" : w == 1 ? "m." : "v.", p->name);
-            e[k].p = p;
-            e[k].data = w == 0 ? p->data : w == 1 ? p->m : p->v;
-            k++;
-        }
-    if (s->has_tied_copy) {
-        snprintf(e[k].name, sizeof e[k].name, "%s", s->tied_copy.name);
-        e[k].p = &s->tied_copy;
-        e[k].data = s->tied_copy.data;
-        k++;
-    }
     char step[32];
-    snprintf(step, sizeof step, "%d", s->opt_step);
+    snprintf(step, sizeof step, "%d", parts_opt_step(parts));
     cJSON *meta = cJSON_AddObjectToObject(root, "__metadata__");
     int bad = !meta || !cJSON_AddStringToObject(meta, "opt_step", step);
     uint64_t offset = 0;
@@ -97,59 +134,46 @@ int ar_stage_state_encode(const ar_stage *s, void **buf, size_t *len)
     return AR_OK;
 }
 
-static int take(const ar_st_file *f, const char *origin, const char *name, const ar_param *p, float *dst)
-{
-    const ar_st_tensor *t = ar_st_find(f, name);
-    if (!t)
-        return ar_fail(AR_ENOTFOUND, "%s: no tensor \"%s\"", origin, name);
-    if (t->dtype != AR_F32 || t->nbytes != (size_t)p->numel * sizeof(float) || t->ndim != p->ndim ||
-        t->shape[0] != p->shape[0] || (p->ndim == 2 && t->shape[1] != p->shape[1]))
-        return ar_fail(AR_ESHAPE, "%s: tensor \"%s\" has the wrong dtype or shape", origin, name);
-    memcpy(dst, t->data, t->nbytes);
-    return AR_OK;
-}
-
-int ar_stage_state_decode(ar_stage *s, const void *buf, size_t len, const char *origin)
+int ar_state_decode(const ar_state_parts *parts, const void *buf, size_t len, const char *origin)
 {
     ar_st_file f;
     int rc = ar_st_parse(buf, len, &f);
     if (rc != AR_OK)
         return rc;
-    /* check everything before writing anything */
-    for (int pass = 0; pass < 2 && rc == AR_OK; pass++) {
-        for (int w = 0; w < 3 && rc == AR_OK; w++)
-            for (int j = 0; j < s->nparams && rc == AR_OK; j++) {
-                ar_param *p = s->params[j];
-                char name[160];
-                snprintf(name, sizeof name, "%s%s", w == 0 ? "" : w == 1 ? "m." : "v.", p->name);
-                float *dst = w == 0 ? p->data : w == 1 ? p->m : p->v;
-                if (pass == 0) {
-                    const ar_st_tensor *t = ar_st_find(&f, name);
-                    if (!t || t->dtype != AR_F32 || t->nbytes != (size_t)p->numel * sizeof(float))
-                        rc = ar_fail(AR_ESHAPE, "%s: tensor \"%s\" is missing or of the wrong shape",
-                                     origin, name);
-                } else {
-                    rc = take(&f, origin, name, p, dst);
-                }
-            }
-        if (rc == AR_OK && s->has_tied_copy) {
-            const ar_st_tensor *t = ar_st_find(&f, s->tied_copy.name);
-            if (pass == 0 && (!t || t->nbytes != (size_t)s->tied_copy.numel * sizeof(float)))
-                rc = ar_fail(AR_ESHAPE, "%s: tensor \"%s\" is missing or of the wrong shape", origin,
-                             s->tied_copy.name);
-            else if (pass == 1)
-                rc = take(&f, origin, s->tied_copy.name, &s->tied_copy, s->tied_copy.data);
-        }
-        if (rc == AR_OK && pass == 0) {
-            const char *st = ar_st_meta(&f, "opt_step");
-            char *end = NULL;
-            long v = st ? strtol(st, &end, 10) : -1;
-            if (!st || *end != '\0' || v < 0 || v > 2000000000L)
-                rc = ar_fail(AR_EFORMAT, "%s: missing or bad opt_step", origin);
-            else
-                s->opt_step = (int)v;
-        }
+    entry *e = NULL;
+    int k = 0;
+    if ((rc = list_entries(parts, &e, &k)) != AR_OK) {
+        ar_st_free(&f);
+        return rc;
     }
+    /* check everything before writing anything */
+    for (int i = 0; i < k && rc == AR_OK; i++) {
+        const ar_param *p = e[i].p;
+        const ar_st_tensor *t = ar_st_find(&f, e[i].name);
+        if (!t || t->dtype != AR_F32 || t->nbytes != (size_t)p->numel * sizeof(float) ||
+            t->ndim != p->ndim || t->shape[0] != p->shape[0] || (p->ndim == 2 && t->shape[1] != p->shape[1]))
+            rc = ar_fail(AR_ESHAPE, "%s: tensor \"%s\" is missing or of the wrong dtype or shape", origin,
+                         e[i].name);
+    }
+    long step = -1;
+    if (rc == AR_OK) {
+        const char *st = ar_st_meta(&f, "opt_step");
+        char *end = NULL;
+        step = st ? strtol(st, &end, 10) : -1;
+        if (!st || *end != '\0' || step < 0 || step > 2000000000L)
+            rc = ar_fail(AR_EFORMAT, "%s: missing or bad opt_step", origin);
+    }
+    for (int i = 0; i < k && rc == AR_OK; i++) {
+        const ar_st_tensor *t = ar_st_find(&f, e[i].name);
+        memcpy(e[i].data, t->data, t->nbytes);
+    }
+    if (rc == AR_OK) {
+        if (parts->stage)
+            parts->stage->opt_step = (int)step;
+        if (parts->rank)
+            parts->rank->opt_step = (int)step;
+    }
+    free(e);
     ar_st_free(&f);
     return rc;
 }

@@ -1,7 +1,12 @@
 /* The worker: one process serving one pipeline stage over gRPC
  * (proto/arceus.proto). Hello says who it is; Load builds the stage; Pipe
  * serves the stage's frames (ar_stage_serve, upstream = the incoming stream,
- * downstream = a Pipe to the next worker); Save/Restore stream its state. */
+ * downstream = a Pipe to the next worker); Save/Restore stream its state.
+ *
+ * In a tensor-parallel group (DESIGN.md §3) a worker is either the leader,
+ * whose stage runs the unsplit parts and computes its own share of heads
+ * and hidden units on an in-process rank, or a rank, which serves its shards
+ * on the Pipe its leader opens. */
 #include "net/remote.h"
 
 #include "arceus.pb-c.h"
@@ -11,6 +16,12 @@
 #include "net/net_internal.h"
 #include "train/pipeline.h"
 #include "train/schedule.h"
+#include "train/tp_group.h"
+
+#include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,8 +38,17 @@ struct ar_worker {
     pthread_cond_t idle; /* signalled when a Pipe ends */
     int loaded;
     int pipe_active;
-    ar_stage *stage; /* on the heap: a stage holds pointers into itself */
+    ar_stage *stage; /* on the heap: a stage holds pointers into itself; NULL on a rank */
     int schedule, index, count, load_threads;
+    /* tensor parallelism: the role Load gave (AR_LOAD_*), the shards served
+     * (a rank's, or a leader's own share), and a leader's members: clients
+     * of members 1.., and the links its stage's blocks call, open while a
+     * Pipe runs ([0] is the in-process link to its own share) */
+    int role;
+    ar_tp_rank *rank;
+    int members;
+    ar_client *member_clients[AR_PLAN_MAX_GROUP];
+    ar_link *member_links[AR_PLAN_MAX_GROUP];
     uint64_t seed;
     ar_client *next;
     /* leases required (ar_worker_require_lease): guarded by mu */
@@ -123,10 +143,10 @@ static void on_hello(ar_rpc *rpc, void *user)
                              "version %d",
                              v, w->name, AR_PROTOCOL_VERSION);
     Arceus__HelloReply r = ARCEUS__HELLO_REPLY__INIT;
-    char *caps[] = {"pipeline", "gpt", "mlp"};
+    char *caps[] = {"pipeline", "gpt", "mlp", "tensor-parallel"};
     r.protocol_version = AR_PROTOCOL_VERSION;
     r.worker = w->name;
-    r.n_capabilities = 3;
+    r.n_capabilities = 4;
     r.capabilities = caps;
     r.gflops = w->gflops;
     r.free_memory = mem_available();
@@ -182,6 +202,203 @@ static int check_lease(ar_worker *w, ar_rpc *rpc, const char *lease_token)
     return 0;
 }
 
+/* What a Load builds, before it replaces what the worker holds. */
+typedef struct {
+    int role;
+    ar_stage *stage;
+    ar_tp_rank *rank;
+    int members;
+    ar_client *clients[AR_PLAN_MAX_GROUP];
+    ar_client *next;
+} held;
+
+static void held_free(held *h)
+{
+    if (h->stage) {
+        ar_stage_destroy(h->stage);
+        free(h->stage);
+    }
+    if (h->rank) {
+        ar_tp_rank_destroy(h->rank);
+        free(h->rank);
+    }
+    for (int k = 0; k < AR_PLAN_MAX_GROUP; k++)
+        ar_client_close(h->clients[k]);
+    ar_client_close(h->next);
+    memset(h, 0, sizeof *h);
+}
+
+/* A tensor-parallel share must lie inside the model: its heads (a GPT's)
+ * and its hidden units in every shard (given per shard, or for a GPT once
+ * for every block). Fills hidden[nshards] and *heads. */
+static int check_share(const Arceus__TpShare *t, int k, const ar_model_spec *spec, int first, int nshards,
+                       ar_range *heads, ar_range *hidden)
+{
+    int gpt = spec->type == AR_MODEL_GPT;
+    if (!t)
+        return ar_fail(AR_EINVAL, "tensor-parallel share %d is missing", k);
+    if (gpt && (t->head_begin >= t->head_end || t->head_end > (uint32_t)spec->n_head))
+        return ar_fail(AR_EINVAL, "tensor-parallel share %d: heads [%u, %u) do not fit a model of %d heads", k,
+                       t->head_begin, t->head_end, spec->n_head);
+    *heads = (ar_range){(int)t->head_begin, (int)t->head_end};
+    if (t->n_hidden_bounds != 0 && t->n_hidden_bounds != (size_t)(2 * nshards))
+        return ar_fail(AR_EINVAL, "tensor-parallel share %d: %zu hidden bounds for %d shards", k,
+                       t->n_hidden_bounds, nshards);
+    if (!gpt && t->n_hidden_bounds == 0)
+        return ar_fail(AR_EINVAL, "tensor-parallel share %d: an MLP share needs hidden_bounds", k);
+    for (int b = 0; b < nshards; b++) {
+        uint32_t lo = t->n_hidden_bounds ? t->hidden_bounds[2 * b] : t->hidden_begin;
+        uint32_t hi = t->n_hidden_bounds ? t->hidden_bounds[2 * b + 1] : t->hidden_end;
+        int units = gpt ? 4 * spec->n_embd : spec->hidden[first + 2 * b];
+        if (lo >= hi || hi > (uint32_t)units)
+            return ar_fail(AR_EINVAL, "tensor-parallel share %d: hidden units [%u, %u) do not fit shard %d's %d", k,
+                           lo, hi, b, units);
+        hidden[b] = (ar_range){(int)lo, (int)hi};
+    }
+    return AR_OK;
+}
+
+/* The group of a leader's Load: members' shares tile every head and hidden
+ * unit in order (the leader's sum would be wrong otherwise), the first is
+ * the leader's own (no address), the others name their workers. */
+static int check_group(const Arceus__LoadRequest *req, const ar_model_spec *spec, int first, int nshards)
+{
+    size_t n = req->n_tp_group;
+    int gpt = spec->type == AR_MODEL_GPT;
+    if (n < 2 || n > AR_PLAN_MAX_GROUP || (gpt && (int)n > spec->n_head))
+        return ar_fail(AR_EINVAL, "a tensor-parallel group of %zu members (2 to %d, at most one per head)", n,
+                       AR_PLAN_MAX_GROUP);
+    ar_range heads = {0, 0}, prev_heads = {0, 0}, hidden[AR_TP_MAX_SHARDS], prev[AR_TP_MAX_SHARDS] = {{0, 0}};
+    for (size_t k = 0; k < n; k++) {
+        const Arceus__TpShare *t = req->tp_group[k];
+        int rc = check_share(t, (int)k, spec, first, nshards, &heads, hidden);
+        if (rc != AR_OK)
+            return rc;
+        int continues = !gpt || heads.begin == prev_heads.end;
+        for (int b = 0; b < nshards; b++)
+            continues &= hidden[b].begin == prev[b].end;
+        if (!continues)
+            return ar_fail(AR_EINVAL, "tensor-parallel share %zu does not continue share %zu's heads and hidden units",
+                           k, k ? k - 1 : 0);
+        if ((k == 0) != (t->address[0] == '\0'))
+            return ar_fail(AR_EINVAL, "tensor-parallel share %zu: %s", k,
+                           k == 0 ? "the leader's own share has no address" : "a member's share needs its worker's address");
+        prev_heads = heads;
+        memcpy(prev, hidden, sizeof prev);
+    }
+    int covered = !gpt || prev_heads.end == spec->n_head;
+    for (int b = 0; b < nshards; b++)
+        covered &= prev[b].end == (gpt ? 4 * spec->n_embd : spec->hidden[first + 2 * b]);
+    if (!covered)
+        return ar_fail(AR_EINVAL, "the tensor-parallel shares do not cover every head and hidden unit");
+    return AR_OK;
+}
+
+/* Shards of every GPT block (or MLP pair) of the units, with one share's ranges. */
+static int make_rank(ar_tp_rank **out, const ar_model_spec *spec, const Arceus__LoadRequest *req,
+                     const Arceus__TpShare *t, int slots, const ar_optim_config *optim)
+{
+    int fb, nb, rc;
+    if ((rc = ar_tp_blocks(spec, (int)req->first_unit, (int)req->last_unit, &fb, &nb)) != AR_OK)
+        return rc;
+    if (nb > AR_TP_MAX_SHARDS)
+        return ar_fail(AR_ELIMIT, "%d shards in one tensor-parallel stage (at most %d)", nb, AR_TP_MAX_SHARDS);
+    ar_range head, heads[AR_TP_MAX_SHARDS], hidden[AR_TP_MAX_SHARDS];
+    if ((rc = check_share(t, 0, spec, fb, nb, &head, hidden)) != AR_OK)
+        return rc;
+    for (int b = 0; b < nb; b++)
+        heads[b] = head;
+    ar_tp_rank *r = calloc(1, sizeof *r);
+    if (!r)
+        return ar_fail(AR_ENOMEM, "out of memory");
+    if ((rc = ar_tp_rank_create(r, spec, fb, nb, heads, hidden, (int)req->micro_batch_rows, slots, req->seed,
+                                optim)) != AR_OK) {
+        free(r);
+        return rc;
+    }
+    *out = r;
+    return AR_OK;
+}
+
+/* Build what the request describes into *h. */
+static int build(ar_worker *w, const Arceus__LoadRequest *req, held *h)
+{
+    ar_model_spec spec;
+    int rc;
+    if ((rc = ar_spec_parse(req->spec_json, strlen(req->spec_json), "Load spec_json", &spec)) != AR_OK ||
+        (rc = ar_spec_validate(&spec, "Load spec_json")) != AR_OK)
+        return rc;
+    int units = ar_spec_units(&spec);
+    const Arceus__OptimizerConfig *oc = req->optimizer;
+    if (req->first_unit >= req->last_unit || req->last_unit > (uint32_t)units)
+        return ar_fail(AR_EINVAL, "units [%u, %u) out of range: the model has %d", req->first_unit,
+                       req->last_unit, units);
+    if (req->stage_count < 1 || req->stage_count > 64 || req->stage_index >= req->stage_count ||
+        req->micro_batches < 1 || req->micro_batches > 4096 || req->micro_batch_rows < 1 ||
+        req->micro_batch_rows > (1u << 20) || req->schedule > AR_SCHED_1F1B ||
+        (oc && oc->kind > AR_OPT_SGD) || req->threads > 1024)
+        return ar_fail(AR_EINVAL, "Load arguments out of range (stage %u of %u, %u micro-batches of %u "
+                       "rows, schedule %u)", req->stage_index, req->stage_count, req->micro_batches,
+                       req->micro_batch_rows, req->schedule);
+    h->role = req->tp_rank ? AR_LOAD_RANK : req->n_tp_group ? AR_LOAD_LEADER : AR_LOAD_STAGE;
+    if (req->tp_rank && req->n_tp_group)
+        return ar_fail(AR_EINVAL, "a Load is a tensor-parallel rank or a group's leader, not both");
+    if (h->role == AR_LOAD_RANK) {
+        /* a rank is not in the chain: its leader is */
+        if (req->next_worker[0])
+            return ar_fail(AR_EINVAL, "a tensor-parallel rank has no next_worker");
+    } else if ((req->next_worker[0] != '\0') != (req->stage_index + 1 < req->stage_count)) {
+        return ar_fail(AR_EINVAL, "next_worker must be given for every stage but the last");
+    }
+    if (h->role == AR_LOAD_LEADER) {
+        int fb, nb;
+        if ((rc = ar_tp_blocks(&spec, (int)req->first_unit, (int)req->last_unit, &fb, &nb)) != AR_OK)
+            return rc;
+        if (nb > AR_TP_MAX_SHARDS)
+            return ar_fail(AR_ELIMIT, "%d shards in one tensor-parallel stage (at most %d)", nb, AR_TP_MAX_SHARDS);
+        if ((rc = check_group(req, &spec, fb, nb)) != AR_OK)
+            return rc;
+    }
+    ar_optim_config optim = {0};
+    if (oc) {
+        optim.kind = (int)oc->kind;
+        optim.beta1 = oc->beta1;
+        optim.beta2 = oc->beta2;
+        optim.eps = oc->eps;
+        optim.weight_decay = oc->weight_decay;
+    }
+    ar_action *acts = calloc((size_t)2 * req->micro_batches, sizeof *acts);
+    if (!acts)
+        return ar_fail(AR_ENOMEM, "out of memory");
+    int slots = ar_schedule_build((int)req->schedule, (int)req->stage_count, (int)req->stage_index,
+                                  (int)req->micro_batches, acts);
+    free(acts);
+    if (h->role == AR_LOAD_RANK)
+        return make_rank(&h->rank, &spec, req, req->tp_rank, slots, &optim);
+    if (h->role == AR_LOAD_LEADER) {
+        if ((rc = make_rank(&h->rank, &spec, req, req->tp_group[0], slots, &optim)) != AR_OK)
+            return rc;
+        h->members = (int)req->n_tp_group;
+        for (int k = 1; k < h->members; k++)
+            if ((rc = ar_client_open(req->tp_group[k]->address, &h->clients[k])) != AR_OK)
+                return ar_fail(rc, "tensor-parallel member %d (%s): %s", k, req->tp_group[k]->address,
+                               ar_last_error());
+    }
+    if (!(h->stage = calloc(1, sizeof *h->stage)))
+        return ar_fail(AR_ENOMEM, "out of memory");
+    /* a leader's blocks call the worker's member links, opened by each Pipe */
+    if ((rc = ar_stage_create_tp(h->stage, &spec, (int)req->first_unit, (int)req->last_unit,
+                                 (int)req->micro_batch_rows, slots, req->seed, &optim,
+                                 h->members ? w->member_links : NULL, h->members)) != AR_OK) {
+        free(h->stage);
+        h->stage = NULL;
+        return rc;
+    }
+    if (req->next_worker[0] && (rc = ar_client_open(req->next_worker, &h->next)) != AR_OK)
+        return ar_fail(rc, "next_worker %s: %s", req->next_worker, ar_last_error());
+    return AR_OK;
+}
+
 static void on_load(ar_rpc *rpc, void *user)
 {
     ar_worker *w = user;
@@ -197,108 +414,140 @@ static void on_load(ar_rpc *rpc, void *user)
         arceus__load_request__free_unpacked(req, NULL);
         return;
     }
-    ar_model_spec spec;
-    int code = AR_STATUS_INVALID_ARGUMENT;
-    char msg[700] = "";
-    int units = 0;
-    ar_stage *st = calloc(1, sizeof *st);
-    int created = 0;
-    if (!st) {
+    held h = {0};
+    int rc = build(w, req, &h);
+    if (rc != AR_OK) {
+        held_free(&h);
         arceus__load_request__free_unpacked(req, NULL);
-        return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
-    }
-    if (ar_spec_parse(req->spec_json, strlen(req->spec_json), "Load spec_json", &spec) != AR_OK ||
-        ar_spec_validate(&spec, "Load spec_json") != AR_OK) {
-        snprintf(msg, sizeof msg, "%s", ar_last_error());
-        goto done;
-    }
-    units = ar_spec_units(&spec);
-    const Arceus__OptimizerConfig *oc = req->optimizer;
-    if (req->first_unit >= req->last_unit || req->last_unit > (uint32_t)units) {
-        snprintf(msg, sizeof msg, "units [%u, %u) out of range: the model has %d", req->first_unit,
-                 req->last_unit, units);
-        goto done;
-    }
-    if (req->stage_count < 1 || req->stage_count > 64 || req->stage_index >= req->stage_count ||
-        req->micro_batches < 1 || req->micro_batches > 4096 || req->micro_batch_rows < 1 ||
-        req->micro_batch_rows > (1u << 20) || req->schedule > AR_SCHED_1F1B ||
-        (oc && oc->kind > AR_OPT_SGD) || req->threads > 1024) {
-        snprintf(msg, sizeof msg, "Load arguments out of range (stage %u of %u, %u micro-batches of %u "
-                 "rows, schedule %u)", req->stage_index, req->stage_count, req->micro_batches,
-                 req->micro_batch_rows, req->schedule);
-        goto done;
-    }
-    if ((req->next_worker[0] != '\0') != (req->stage_index + 1 < req->stage_count)) {
-        snprintf(msg, sizeof msg, "next_worker must be given for every stage but the last");
-        goto done;
-    }
-    ar_optim_config optim = {0};
-    if (oc) {
-        optim.kind = (int)oc->kind;
-        optim.beta1 = oc->beta1;
-        optim.beta2 = oc->beta2;
-        optim.eps = oc->eps;
-        optim.weight_decay = oc->weight_decay;
-    }
-    ar_action *acts = calloc((size_t)2 * req->micro_batches, sizeof *acts);
-    if (!acts) {
-        code = AR_STATUS_INTERNAL;
-        snprintf(msg, sizeof msg, "out of memory");
-        goto done;
-    }
-    int slots = ar_schedule_build((int)req->schedule, (int)req->stage_count, (int)req->stage_index,
-                                  (int)req->micro_batches, acts);
-    free(acts);
-    if (ar_stage_create(st, &spec, (int)req->first_unit, (int)req->last_unit,
-                        (int)req->micro_batch_rows, slots, req->seed, &optim) != AR_OK) {
-        snprintf(msg, sizeof msg, "%s", ar_last_error());
-        goto done;
-    }
-    created = 1;
-    ar_client *next = NULL;
-    if (req->next_worker[0] && ar_client_open(req->next_worker, &next) != AR_OK) {
-        snprintf(msg, sizeof msg, "next_worker %s: %s", req->next_worker, ar_last_error());
-        goto done;
+        return ar_rpc_finish(rpc, rc == AR_ENOMEM ? AR_STATUS_INTERNAL : AR_STATUS_INVALID_ARGUMENT, "%s",
+                             ar_last_error());
     }
     pthread_mutex_lock(&w->mu);
     wait_pipe_idle(w, 10);
     if (w->pipe_active) {
         pthread_mutex_unlock(&w->mu);
-        ar_client_close(next);
-        code = AR_STATUS_FAILED_PRECONDITION;
-        snprintf(msg, sizeof msg, "a pipeline is running on this stage; Load again after it ends");
-        goto done;
+        held_free(&h);
+        arceus__load_request__free_unpacked(req, NULL);
+        return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION,
+                             "a pipeline is running on this stage; Load again after it ends");
     }
-    if (w->loaded) {
-        ar_stage_destroy(w->stage);
-        free(w->stage);
-    }
-    ar_client_close(w->next);
-    w->stage = st;
-    st = NULL;
-    created = 0;
+    /* swap: the worker takes the new parts, the old ones are freed below */
+    held old = {.role = w->role, .stage = w->stage, .rank = w->rank, .members = w->members, .next = w->next};
+    memcpy(old.clients, w->member_clients, sizeof old.clients);
+    w->role = h.role;
+    w->stage = h.stage;
+    w->rank = h.rank;
+    w->members = h.members;
+    memcpy(w->member_clients, h.clients, sizeof h.clients);
+    w->next = h.next;
     w->loaded = 1;
-    w->next = next;
     w->schedule = (int)req->schedule;
     w->index = (int)req->stage_index;
     w->count = (int)req->stage_count;
     w->seed = req->seed;
     w->load_threads = (int)req->threads;
-    long params = w->stage->param_floats;
+    long params = (w->stage ? w->stage->param_floats : 0) + (w->rank ? w->rank->param_floats : 0);
     pthread_mutex_unlock(&w->mu);
-    ar_log(AR_LOG_INFO, "%s: loaded stage %u of %u, units %u-%u (%ld parameters)", w->name,
+    held_free(&old);
+    const char *what = h.role == AR_LOAD_RANK ? "tensor-parallel rank of stage" : h.role == AR_LOAD_LEADER ? "leading stage" : "stage";
+    ar_log(AR_LOG_INFO, "%s: loaded %s %u of %u, units %u-%u (%ld parameters)", w->name, what,
            req->stage_index, req->stage_count, req->first_unit, req->last_unit - 1, params);
     Arceus__LoadReply r = ARCEUS__LOAD_REPLY__INIT;
     r.parameters = (uint64_t)params;
     arceus__load_request__free_unpacked(req, NULL);
     net_rpc_reply(rpc, &r.base);
-    return;
-done:
-    if (created)
-        ar_stage_destroy(st);
-    free(st);
-    arceus__load_request__free_unpacked(req, NULL);
-    ar_rpc_finish(rpc, code, "%s", msg);
+}
+
+/* A leader's own share of its group, served on a thread of its own. */
+typedef struct {
+    ar_tp_rank *rank;
+    ar_link *link; /* its end; the stage calls the other (member_links[0]) */
+    int threads;
+    pthread_t thread;
+    int started;
+} own_share;
+
+static void set_threads(int threads)
+{
+#ifdef _OPENMP
+    /* the OpenMP thread count is per thread: set it on the serving one */
+    if (threads > 0)
+        omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+}
+
+static void *own_share_main(void *arg)
+{
+    own_share *o = arg;
+    set_threads(o->threads);
+    if (ar_tp_rank_serve(o->rank, o->link) != AR_OK)
+        ar_log(AR_LOG_WARN, "own tensor-parallel share: %s", ar_last_error());
+    return NULL;
+}
+
+/* Stop a leader's members: STOP to each, the remote ones finish their
+ * streams, the own share's thread ends. */
+static void close_members(ar_worker *w, own_share *own)
+{
+    for (int k = 0; k < w->members; k++) {
+        if (!w->member_links[k])
+            continue;
+        ar_frame stop = {.kind = AR_FRAME_TP};
+        stop.scalars[0] = AR_TP_STOP;
+        if (ar_link_send(w->member_links[k], &stop) == AR_OK && k > 0 &&
+            ar_net_link_finish(w->member_links[k], 10) != AR_OK)
+            ar_log(AR_LOG_DEBUG, "%s: %s", w->name, ar_last_error());
+    }
+    if (own->started) {
+        ar_link_close(own->link);
+        pthread_join(own->thread, NULL);
+        own->started = 0;
+    }
+    for (int k = 0; k < w->members; k++) {
+        ar_link_destroy(w->member_links[k]);
+        w->member_links[k] = NULL;
+    }
+    ar_link_destroy(own->link);
+    own->link = NULL;
+}
+
+/* A leader's Pipe opens its members: an in-process link to its own share
+ * and a Pipe to every other member's worker. */
+static int open_members(ar_worker *w, own_share *own, int threads)
+{
+    int rc = ar_link_local_pair(&w->member_links[0], &own->link, "own share", "leader");
+    if (rc != AR_OK)
+        return rc;
+    own->rank = w->rank;
+    own->threads = threads;
+    if (pthread_create(&own->thread, NULL, own_share_main, own) != 0)
+        return ar_fail(AR_ENOMEM, "cannot start the own share's thread");
+    own->started = 1;
+    for (int k = 1; k < w->members; k++) {
+        /* the name is what a lost member is reported by */
+        char name[160];
+        snprintf(name, sizeof name, "%.120s", ar_client_addr(w->member_clients[k]));
+        if ((rc = ar_client_pipe(w->member_clients[k], name, w->max_frame, &w->member_links[k])) != AR_OK)
+            return ar_fail(rc, "tensor-parallel member %d (%s): %s", k, name, ar_last_error());
+    }
+    return AR_OK;
+}
+
+/* A rank's Pipe: its leader's operations until STOP or the leader leaves. */
+static void serve_rank(ar_worker *w, ar_rpc *rpc)
+{
+    ar_link *up = NULL;
+    int rc = ar_rpc_link(rpc, "tensor-parallel leader", w->max_frame, &up);
+    if (rc == AR_OK) {
+        set_threads(w->load_threads > 0 ? w->load_threads : w->threads);
+        rc = ar_tp_rank_serve(w->rank, up);
+    }
+    if (rc == AR_OK)
+        ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
+    else
+        ar_rpc_finish(rpc, AR_STATUS_CANCELLED, "%s", ar_last_error());
 }
 
 static void on_pipe(ar_rpc *rpc, void *user)
@@ -317,6 +566,16 @@ static void on_pipe(ar_rpc *rpc, void *user)
     w->pipe_active = 1;
     pthread_mutex_unlock(&w->mu);
 
+    if (w->role == AR_LOAD_RANK) {
+        serve_rank(w, rpc);
+        pthread_mutex_lock(&w->mu);
+        w->pipe_active = 0;
+        pthread_cond_broadcast(&w->idle);
+        pthread_mutex_unlock(&w->mu);
+        return;
+    }
+    own_share own = {0};
+    int threads = w->load_threads > 0 ? w->load_threads : w->threads;
     char up_name[64], down_name[64];
     snprintf(up_name, sizeof up_name, "%s", w->index == 0 ? "driver" : "previous stage");
     ar_link *up = NULL, *down = NULL;
@@ -325,6 +584,8 @@ static void on_pipe(ar_rpc *rpc, void *user)
         snprintf(down_name, sizeof down_name, "stage %d (%.40s)", w->index + 1, ar_client_addr(w->next));
         rc = ar_client_pipe(w->next, down_name, w->max_frame, &down);
     }
+    if (rc == AR_OK && w->role == AR_LOAD_LEADER)
+        rc = open_members(w, &own, threads);
     if (rc != AR_OK) {
         ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "%s", ar_last_error());
         goto out;
@@ -337,7 +598,7 @@ static void on_pipe(ar_rpc *rpc, void *user)
                          .schedule = w->schedule,
                          .index = w->index,
                          .count = w->count,
-                         .threads = w->load_threads > 0 ? w->load_threads : w->threads,
+                         .threads = threads,
                          .max_frame_bytes = w->max_frame,
                          .seed = w->seed,
                          .timeout_s = -1};
@@ -365,6 +626,7 @@ static void on_pipe(ar_rpc *rpc, void *user)
         ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
     }
 out:
+    close_members(w, &own);
     ar_link_destroy(down);
     pthread_mutex_lock(&w->mu);
     w->pipe_active = 0;
@@ -387,7 +649,8 @@ static void on_save(ar_rpc *rpc, void *user)
     }
     void *buf;
     size_t n;
-    int rc = ar_stage_state_encode(w->stage, &buf, &n);
+    ar_state_parts parts = {.stage = w->stage, .rank = w->rank};
+    int rc = ar_state_encode(&parts, &buf, &n);
     pthread_mutex_unlock(&w->mu);
     if (rc != AR_OK)
         return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "%s", ar_last_error());
@@ -412,9 +675,13 @@ static void on_restore(ar_rpc *rpc, void *user)
     ar_worker *w = user;
     pthread_mutex_lock(&w->mu);
     int loaded = w->loaded;
-    size_t limit = loaded ? (size_t)w->stage->param_floats * 3 * 4 + (64u << 20) : 0;
-    if (loaded && w->stage->has_tied_copy)
-        limit += (size_t)w->stage->tied_copy.numel * 4;
+    /* values, m and v of what the worker holds, and room for the header */
+    size_t limit = 64u << 20;
+    if (loaded && w->stage)
+        limit += (size_t)w->stage->param_floats * 3 * 4 +
+                 (w->stage->has_tied_copy ? (size_t)w->stage->tied_copy.numel * 4 : 0);
+    if (loaded && w->rank)
+        limit += (size_t)w->rank->param_floats * 3 * 4;
     pthread_mutex_unlock(&w->mu);
     if (!loaded)
         return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "stage not loaded (call Load first)");
@@ -456,8 +723,8 @@ static void on_restore(ar_rpc *rpc, void *user)
         arceus__chunk__free_unpacked(c, NULL);
     }
     pthread_mutex_lock(&w->mu);
-    int rc = w->loaded ? ar_stage_state_decode(w->stage, buf, n, "Restore")
-                       : ar_fail(AR_EINVAL, "stage not loaded");
+    ar_state_parts parts = {.stage = w->stage, .rank = w->rank};
+    int rc = w->loaded ? ar_state_decode(&parts, buf, n, "Restore") : ar_fail(AR_EINVAL, "stage not loaded");
     pthread_mutex_unlock(&w->mu);
     free(buf);
     if (rc != AR_OK)
@@ -513,11 +780,9 @@ void ar_worker_stop(ar_worker *w)
     if (!w)
         return;
     ar_server_destroy(w->server); /* cancels the calls, waits for the handlers */
-    if (w->loaded) {
-        ar_stage_destroy(w->stage);
-        free(w->stage);
-    }
-    ar_client_close(w->next);
+    held h = {.stage = w->stage, .rank = w->rank, .next = w->next};
+    memcpy(h.clients, w->member_clients, sizeof h.clients);
+    held_free(&h);
     ar_client_close(w->market);
     for (size_t i = 0; i < w->n_retired; i++)
         ar_client_close(w->retired[i]);

@@ -71,6 +71,9 @@ struct ar_layer {
     ar_param *tied;
     float *tied_grad;
     const char *tied_name;     /* name of the tied parameter, e.g. "wte.weight" */
+    /* A tensor-parallel leader's layer whose ranks hold a shard (a GPT block,
+     * or the first of an MLP pair): the ranks' gradient norms belong to it. */
+    int tp_shard;
 };
 
 /* Create unit `unit` of the model described by spec. */

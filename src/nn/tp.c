@@ -69,6 +69,8 @@ int ar_block_shard_init(ar_block_shard *s, const ar_model_spec *spec, int layer,
     s->layer = layer;
     s->heads = heads;
     s->hidden = hidden;
+    s->in = s->out = C;
+    s->activation = AR_ACT_GELU;
     long Cr = (long)range_len(heads) * HS, Hr = range_len(hidden);
     const float std = 0.02f, proj_std = std / sqrtf(2.0f * (float)spec->n_layer);
     char name[64];
@@ -82,6 +84,34 @@ int ar_block_shard_init(ar_block_shard *s, const ar_model_spec *spec, int layer,
     DECL(AR_SHARD_FC_B, "mlp.c_fc.bias", Hr, 0, 0, AR_INIT_ZEROS, 0);
     DECL(AR_SHARD_MPROJ_W, "mlp.c_proj.weight", C, Hr, 1, AR_INIT_NORMAL, proj_std);
 #undef DECL
+    return AR_OK;
+}
+
+int ar_mlp_shard_init(ar_block_shard *s, const ar_model_spec *spec, int unit, ar_range hidden)
+{
+    memset(s, 0, sizeof *s);
+    if (spec->type != AR_MODEL_MLP || unit < 0 || unit + 1 > spec->n_hidden)
+        return ar_fail(AR_EINVAL, "linear layers %d and %d are not a hidden layer and the next", unit, unit + 1);
+    int IN = unit == 0 ? spec->inputs : spec->hidden[unit - 1], H = spec->hidden[unit];
+    int OUT = unit + 1 < spec->n_hidden ? spec->hidden[unit + 1] : spec->classes;
+    if (hidden.begin < 0 || hidden.end > H || hidden.begin >= hidden.end)
+        return ar_fail(AR_EINVAL, "hidden units %d-%d outside 0-%d", hidden.begin, hidden.end - 1, H - 1);
+    s->spec = spec;
+    s->layer = unit;
+    s->hidden = hidden;
+    s->first_param = AR_SHARD_FC_W;
+    s->in = IN;
+    s->out = OUT;
+    s->activation = spec->activation;
+    long Hr = range_len(hidden);
+    char name[64];
+    /* as mlp.c declares them: the slices keep the whole tensors' names */
+    snprintf(name, sizeof name, "fc.%d.weight", unit);
+    ar_param_declare(&s->params[AR_SHARD_FC_W], name, Hr, IN, 1, AR_INIT_UNIFORM_FANIN, (float)IN);
+    snprintf(name, sizeof name, "fc.%d.bias", unit);
+    ar_param_declare(&s->params[AR_SHARD_FC_B], name, Hr, 0, 0, AR_INIT_UNIFORM_FANIN, (float)IN);
+    snprintf(name, sizeof name, "fc.%d.weight", unit + 1);
+    ar_param_declare(&s->params[AR_SHARD_MPROJ_W], name, OUT, Hr, 1, AR_INIT_UNIFORM_FANIN, (float)H);
     return AR_OK;
 }
 
@@ -118,13 +148,33 @@ static void copy_cols(float *dst, const float *src, long rows, long full_cols, l
     }
 }
 
+/* fc weight rows, bias slice, projection columns: the MLP half of a GPT
+ * block, and all of an MLP shard */
+static void transfer_mlp(ar_block_shard *s, ar_param *fc_w, ar_param *fc_b, ar_param *proj_w, int which,
+                         int to_full)
+{
+    long Hr = range_len(s->hidden), u0 = s->hidden.begin, full_hidden = proj_w->shape[1];
+    float *sfc = buffer_of(&s->params[AR_SHARD_FC_W], which), *ffc = buffer_of(fc_w, which);
+    float *sfb = buffer_of(&s->params[AR_SHARD_FC_B], which), *ffb = buffer_of(fc_b, which);
+    float *smp = buffer_of(&s->params[AR_SHARD_MPROJ_W], which), *fmp = buffer_of(proj_w, which);
+    if (to_full) {
+        copy_rows(ffc, sfc, s->in, Hr, 1, u0, 0);
+        memcpy(ffb + u0, sfb, (size_t)Hr * sizeof(float));
+        copy_cols(fmp, smp, s->out, full_hidden, u0, Hr, 1);
+    } else {
+        copy_rows(sfc, ffc, s->in, Hr, 0, u0, 0);
+        memcpy(sfb, ffb + u0, (size_t)Hr * sizeof(float));
+        copy_cols(smp, fmp, s->out, full_hidden, u0, Hr, 0);
+    }
+}
+
 /* full block parameter order, as in gpt.c */
 enum { F_ATTN_W = 2, F_ATTN_B = 3, F_APROJ_W = 4, F_FC_W = 8, F_FC_B = 9, F_MPROJ_W = 10 };
 
 static void transfer(ar_block_shard *s, ar_layer *full, int which, int to_full)
 {
     int C = s->spec->n_embd, HS = C / s->spec->n_head;
-    long Cr = (long)range_len(s->heads) * HS, Hr = range_len(s->hidden);
+    long Cr = (long)range_len(s->heads) * HS;
     long h0 = (long)s->heads.begin * HS;
     for (int part = 0; part < 3; part++) { /* q, k, v */
         float *sw = buffer_of(&s->params[AR_SHARD_QKV_W], which);
@@ -145,22 +195,18 @@ static void transfer(ar_block_shard *s, ar_layer *full, int which, int to_full)
         copy_cols(fp, sp, C, C, h0, Cr, 1);
     else
         copy_cols(sp, fp, C, C, h0, Cr, 0);
-    long u0 = s->hidden.begin;
-    float *sfc = buffer_of(&s->params[AR_SHARD_FC_W], which);
-    float *ffc = buffer_of(&full->params[F_FC_W], which);
-    float *sfb = buffer_of(&s->params[AR_SHARD_FC_B], which);
-    float *ffb = buffer_of(&full->params[F_FC_B], which);
-    float *smp = buffer_of(&s->params[AR_SHARD_MPROJ_W], which);
-    float *fmp = buffer_of(&full->params[F_MPROJ_W], which);
-    if (to_full) {
-        copy_rows(ffc, sfc, C, Hr, 1, u0, 0);
-        memcpy(ffb + u0, sfb, (size_t)Hr * sizeof(float));
-        copy_cols(fmp, smp, C, 4L * C, u0, Hr, 1);
-    } else {
-        copy_rows(sfc, ffc, C, Hr, 0, u0, 0);
-        memcpy(sfb, ffb + u0, (size_t)Hr * sizeof(float));
-        copy_cols(smp, fmp, C, 4L * C, u0, Hr, 0);
-    }
+    transfer_mlp(s, &full->params[F_FC_W], &full->params[F_FC_B], &full->params[F_MPROJ_W], which, to_full);
+}
+
+void ar_mlp_shard_from_full(ar_block_shard *s, const ar_layer *first, const ar_layer *second, int which)
+{
+    ar_layer *a = (ar_layer *)first, *b = (ar_layer *)second;
+    transfer_mlp(s, &a->params[0], &a->params[1], &b->params[0], which, 0);
+}
+
+void ar_mlp_shard_to_full(const ar_block_shard *s, ar_layer *first, ar_layer *second, int which)
+{
+    transfer_mlp((ar_block_shard *)s, &first->params[0], &first->params[1], &second->params[0], which, 1);
 }
 
 void ar_block_shard_from_full(ar_block_shard *s, const ar_layer *full, int which)
@@ -177,11 +223,15 @@ void ar_block_shard_to_full(const ar_block_shard *s, ar_layer *full, int which)
 
 static void dims(const ar_block_shard *s, int *C, int *NHr, int *HS, int *Cr, int *Hr)
 {
+    *Hr = range_len(s->hidden);
+    if (s->first_param != 0) { /* an MLP shard: no attention */
+        *C = *NHr = *HS = *Cr = 0;
+        return;
+    }
     *C = s->spec->n_embd;
     *HS = *C / s->spec->n_head;
     *NHr = range_len(s->heads);
     *Cr = *NHr * *HS;
-    *Hr = range_len(s->hidden);
 }
 
 /* attention saved: qkv (N,3Cr) | att (B,NHr,T,T) | atty (N,Cr) */
@@ -240,32 +290,46 @@ void ar_shard_attn_backward(ar_block_shard *s, int B, int T, const float *ln, co
                        p[AR_SHARD_QKV_W].data, N, C, 3 * Cr);
 }
 
+static void activation_forward(const ar_block_shard *s, float *out, const float *pre, long n)
+{
+    if (s->activation == AR_ACT_GELU)
+        ar_gelu_forward(out, pre, n);
+    else
+        ar_relu_forward(out, pre, n);
+}
+
+static void activation_backward(const ar_block_shard *s, float *dpre, const float *pre, const float *dout,
+                                long n)
+{
+    /* both read the pre-activation (for ReLU, pre > 0 is the test out > 0) */
+    if (s->activation == AR_ACT_GELU)
+        ar_gelu_backward(dpre, pre, dout, n);
+    else
+        ar_relu_backward(dpre, pre, dout, n);
+}
+
 void ar_shard_mlp_forward(ar_block_shard *s, int B, int T, const float *ln, float *saved,
                           float *partial)
 {
-    int C, NHr, HS, Cr, Hr;
-    dims(s, &C, &NHr, &HS, &Cr, &Hr);
-    int N = B * T;
+    int Hr = range_len(s->hidden), N = B * T;
     float *fc = saved, *g = fc + (size_t)N * Hr;
     ar_param *p = s->params;
-    ar_linear_forward(fc, ln, p[AR_SHARD_FC_W].data, p[AR_SHARD_FC_B].data, N, C, Hr);
-    ar_gelu_forward(g, fc, (long)N * Hr);
-    ar_linear_forward(partial, g, p[AR_SHARD_MPROJ_W].data, NULL, N, Hr, C);
+    ar_linear_forward(fc, ln, p[AR_SHARD_FC_W].data, p[AR_SHARD_FC_B].data, N, s->in, Hr);
+    activation_forward(s, g, fc, (long)N * Hr);
+    ar_linear_forward(partial, g, p[AR_SHARD_MPROJ_W].data, NULL, N, Hr, s->out);
 }
 
 void ar_shard_mlp_backward(ar_block_shard *s, int B, int T, const float *ln, const float *saved,
                            const float *dpartial, float *dln, float *scratch)
 {
-    int C, NHr, HS, Cr, Hr;
-    dims(s, &C, &NHr, &HS, &Cr, &Hr);
-    int N = B * T;
+    int Hr = range_len(s->hidden), N = B * T;
     const float *fc = saved, *g = fc + (size_t)N * Hr;
     float *dg = scratch, *dfc = dg + (size_t)N * Hr;
     memset(dg, 0, (size_t)N * 2 * Hr * sizeof(float));
     ar_param *p = s->params;
     ar_linear_backward(dg, p[AR_SHARD_MPROJ_W].grad, NULL, dpartial, g, p[AR_SHARD_MPROJ_W].data, N,
-                       Hr, C);
-    ar_gelu_backward(dfc, fc, dg, (long)N * Hr);
+                       Hr, s->out);
+    activation_backward(s, dfc, fc, dg, (long)N * Hr);
     ar_linear_backward(dln, p[AR_SHARD_FC_W].grad, p[AR_SHARD_FC_B].grad, dfc, ln,
-                       p[AR_SHARD_FC_W].data, N, C, Hr);
+                       p[AR_SHARD_FC_W].data, N, s->in, Hr);
 }

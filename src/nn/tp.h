@@ -8,6 +8,13 @@
  * gradient, returns a partial input gradient, and keeps its own parameter
  * gradients and optimizer state.
  *
+ * An MLP model splits the same way, a pair of linear layers at a time: the
+ * first by its output columns (each rank a range of hidden units, with their
+ * bias and activation), the second by its input rows (the units' columns of
+ * its weight); the leader sums the partial outputs and adds the second's bias
+ * (and its activation, when it has one). An MLP shard is a GPT shard without
+ * attention: the same three MLP parameters and the same arithmetic.
+ *
  * This file is the arithmetic of a shard; moving the tensors between the
  * leader and the ranks is the pipeline's business. */
 #ifndef AR_TP_H
@@ -37,9 +44,12 @@ enum {
 
 typedef struct {
     const ar_model_spec *spec;
-    int layer;          /* block index (0..n_layer-1) */
-    ar_range heads;     /* of n_head */
-    ar_range hidden;    /* of 4 * n_embd */
+    int layer;          /* GPT: the block's index (0..n_layer-1); MLP: the pair's first unit */
+    ar_range heads;     /* of n_head (none in an MLP shard) */
+    ar_range hidden;    /* of 4 * n_embd, or of the MLP pair's hidden units */
+    int first_param;    /* 0, or AR_SHARD_FC_W for an MLP shard (no attention) */
+    int in, out;        /* widths of the input and of the partial output (C and C in a GPT) */
+    int activation;     /* of the hidden units: enum ar_activation */
     /* declared like a layer's parameters; data/grad/m/v set by the owner */
     ar_param params[AR_SHARD_NPARAMS];
 } ar_block_shard;
@@ -48,6 +58,14 @@ typedef struct {
  * ranges say which slice). */
 int ar_block_shard_init(ar_block_shard *s, const ar_model_spec *spec, int layer, ar_range heads,
                         ar_range hidden);
+
+/* An MLP shard: units unit and unit + 1 (a hidden layer and the next),
+ * hidden units `hidden` of the first's outputs. */
+int ar_mlp_shard_init(ar_block_shard *s, const ar_model_spec *spec, int unit, ar_range hidden);
+/* The same copies for an MLP shard: `first` and `second` are the pair's
+ * layers as mlp.c holds them. */
+void ar_mlp_shard_from_full(ar_block_shard *s, const ar_layer *first, const ar_layer *second, int which);
+void ar_mlp_shard_to_full(const ar_block_shard *s, ar_layer *first, ar_layer *second, int which);
 
 /* Copy the shard's slice out of the full tensors of a block (as a layer of
  * gpt.c holds them: params[] in the block's order), or back into them.
@@ -66,7 +84,7 @@ void ar_shard_attn_forward(ar_block_shard *s, int B, int T, const float *ln, flo
 /* dpartial (B,T,C) -> dln (B,T,C) += ..., parameter gradients += ... */
 void ar_shard_attn_backward(ar_block_shard *s, int B, int T, const float *ln, const float *saved,
                             const float *dpartial, float *dln, float *scratch);
-/* ln (B,T,C) -> partial (B,T,C) = gelu(ln Wfc^T + b) Wmproj_cols^T (no bias) */
+/* ln (B,T,in) -> partial (B,T,out) = act(ln Wfc^T + b) Wmproj_cols^T (no bias) */
 void ar_shard_mlp_forward(ar_block_shard *s, int B, int T, const float *ln, float *saved,
                           float *partial);
 void ar_shard_mlp_backward(ar_block_shard *s, int B, int T, const float *ln, const float *saved,

@@ -189,6 +189,9 @@ typedef struct {
     ar_client *clients[64];
     char addrs[64][128];
     ar_stage shadows[64];
+    ar_remote_stage *groups; /* [S]: each stage's workers (a tensor-parallel group or one) */
+    ar_client *member_clients[64]; /* group members after their leaders: closed at the end */
+    int nmember_clients;
     int tp_local;          /* in-process tensor-parallel groups: checkpoints go through the shadows */
     ar_stage *shadow_ptrs[64];
     int nshadows;
@@ -283,8 +286,8 @@ static int save_checkpoint(run *r, long step)
     if (rc != AR_OK)
         return rc;
     for (int i = 0; r->remote && i < r->S; i++)
-        if ((rc = ar_remote_save(r->clients[i], &r->shadows[i])) != AR_OK)
-            return ar_fail(rc, "saving stage %d (%s): %s", i, r->addrs[i], ar_last_error());
+        if ((rc = ar_remote_stage_save(&r->groups[i], &r->shadows[i])) != AR_OK)
+            return ar_fail(rc, "saving stage %d: %s", i, ar_last_error());
     if (r->tp_local && (rc = ar_local_to_full(&r->pipe, r->shadows)) != AR_OK)
         return rc;
     ar_train_state st;
@@ -731,6 +734,25 @@ static void release_lease(run *r, int rc)
     ar_fail(AR_OK, "%s", saved);
 }
 
+/* What each worker of a tensor-parallel group holds (the issue's memory
+ * check: a member's parameters are its share of the layers, not all). */
+static void print_group_shares(const run *r, int i)
+{
+    const ar_remote_stage *g = &r->groups[i];
+    if (g->members < 2 || r->c->quiet)
+        return;
+    const ar_tp_layout *l = &g->layout;
+    for (int k = 0; k < g->members; k++) {
+        char heads[48] = "";
+        if (r->spec.type == AR_MODEL_GPT)
+            snprintf(heads, sizeof heads, "heads %d-%d, ", l->heads[k].begin, l->heads[k].end - 1);
+        printf("stage %d %s %s: %shidden %d-%d, %llu parameters held\n", i, k ? "rank  " : "leader",
+               g->addrs[k], heads, l->hidden[k][0].begin, l->hidden[k][0].end - 1,
+               (unsigned long long)g->params[k]);
+    }
+    fflush(stdout);
+}
+
 /* Greet every worker, split the units, build the shadows, Load (and on
  * resume Restore) every stage, then open the stream to stage 0. */
 static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state *resume)
@@ -740,7 +762,7 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
     int first[64], last[64], rc;
     if (r->S > units)
         return ar_fail(AR_EINVAL, "%d workers for a model of %d layers: each needs at least one", r->S, units);
-    int threads = 0;
+    int threads = 0, tp_capable[64] = {0};
     for (int i = 0; i < r->S; i++) {
         ar_hello_info h;
         if ((rc = ar_client_open(r->addrs[i], &r->clients[i])) != AR_OK)
@@ -749,6 +771,7 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
             return ar_fail(rc, "worker %d (%s): %s", i, r->addrs[i], ar_last_error());
         if (i == 0 || h.threads < threads)
             threads = h.threads;
+        tp_capable[i] = strstr(h.capabilities, "tensor-parallel") != NULL;
         ar_device *d = &r->devs[i];
         size_t n = strnlen(r->addrs[i], sizeof d->name - 1);
         memcpy(d->name, r->addrs[i], n); /* (snprintf trips gcc's restrict check here) */
@@ -767,9 +790,15 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
     if ((rc = make_plan(r, r->S)) != AR_OK)
         return rc;
     for (int i = 0; i < r->plan.nstages; i++)
-        if (r->plan.group_size[i] > 1)
-            return ar_fail(AR_EINVAL, "--plan: tensor-parallel groups run in-process for now "
-                                      "(--workers local:N); over worker processes they come next");
+        for (int k = 0; r->plan.group_size[i] > 1 && k < r->plan.group_size[i]; k++) {
+            int d = r->plan.group[i][k];
+            if (r->leased)
+                return ar_fail(AR_EINVAL, "--plan: tensor-parallel groups over market providers are not "
+                                          "supported yet; name your own workers with --workers");
+            if (!tp_capable[d])
+                return ar_fail(AR_EINVAL, "worker %s cannot join a tensor-parallel group (it does not say "
+                                          "\"tensor-parallel\" in Hello: an older arceus?)", r->addrs[d]);
+        }
     /* keep the workers the plan uses, in pipeline order */
     ar_client *used[64];
     char addrs[64][128];
@@ -781,6 +810,8 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
         used[i] = r->clients[r->plan.device[i]];
         memcpy(addrs[i], r->addrs[r->plan.device[i]], sizeof addrs[i]);
         keep[r->plan.device[i]] = 1;
+        for (int k = 1; k < r->plan.group_size[i]; k++)
+            keep[r->plan.group[i][k]] = 1;
         first[i] = r->plan.first[i];
         last[i] = r->plan.last[i];
     }
@@ -789,6 +820,10 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
             ar_log(AR_LOG_INFO, "worker %s is not used by the plan", r->addrs[i]);
             ar_client_close(r->clients[i]);
         }
+    ar_client *orig_clients[64];
+    char orig_addrs[64][128];
+    memcpy(orig_clients, r->clients, sizeof orig_clients);
+    memcpy(orig_addrs, r->addrs, sizeof orig_addrs);
     r->S = r->plan.nstages;
     for (int i = 0; i < r->S; i++) {
         r->clients[i] = used[i];
@@ -798,6 +833,25 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
     }
     if (r->leased && (rc = price_stages(r)) != AR_OK)
         return rc;
+    /* each stage's workers: its leader, then the rest of its group (those
+     * clients move to member_clients, which owns them) */
+    if (!(r->groups = ar_calloc((size_t)r->S, sizeof *r->groups)))
+        return AR_ENOMEM;
+    for (int i = 0; i < r->S; i++) {
+        int g = r->plan.group_size[i] > 1 ? r->plan.group_size[i] : 1;
+        ar_client *mc[AR_PLAN_MAX_GROUP] = {r->clients[i]};
+        const char *ma[AR_PLAN_MAX_GROUP] = {r->addrs[i]};
+        double w[AR_PLAN_MAX_GROUP] = {1};
+        ar_plan_group_weights(&r->plan, r->devs, i, w);
+        for (int k = 1; k < g; k++) {
+            int d = r->plan.group[i][k];
+            mc[k] = orig_clients[d];
+            ma[k] = orig_addrs[d];
+            r->member_clients[r->nmember_clients++] = orig_clients[d];
+        }
+        if ((rc = ar_remote_stage_init(&r->groups[i], &r->spec, first[i], last[i], g, mc, ma, w, c->seed, oc)) != AR_OK)
+            return ar_fail(rc, "stage %d: %s", i, ar_last_error());
+    }
     for (int i = r->S; i < 64; i++)
         r->clients[i] = NULL;
     for (int i = 0; i < r->S; i++) {
@@ -822,10 +876,11 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
                           .index = i, .count = r->S, .seed = c->seed, .optim = *oc,
                           .next_worker = i + 1 < r->S ? r->addrs[i + 1] : NULL,
                           .lease_token = r->leased ? r->lease.token : c->worker_token};
-        if ((rc = ar_remote_load(r->clients[i], &a)) != AR_OK)
-            return ar_fail(rc, "loading stage %d on %s: %s", i, r->addrs[i], ar_last_error());
-        if (resume && (rc = ar_remote_restore(r->clients[i], &r->shadows[i])) != AR_OK)
-            return ar_fail(rc, "restoring stage %d on %s: %s", i, r->addrs[i], ar_last_error());
+        if ((rc = ar_remote_stage_load(&r->groups[i], &a)) != AR_OK)
+            return rc;
+        if (resume && (rc = ar_remote_stage_restore(&r->groups[i], &r->shadows[i])) != AR_OK)
+            return ar_fail(rc, "restoring stage %d: %s", i, ar_last_error());
+        print_group_shares(r, i);
     }
     char name[64];
     snprintf(name, sizeof name, "stage 0 (%.40s)", r->addrs[0]);
@@ -985,8 +1040,13 @@ static void teardown(run *r)
     }
     for (int i = 0; i < r->nshadows; i++)
         ar_stage_destroy(&r->shadows[i]);
+    for (int i = 0; r->groups && i < r->S; i++)
+        ar_remote_stage_destroy(&r->groups[i]);
+    ar_free(r->groups);
     for (int i = 0; i < 64; i++)
         ar_client_close(r->clients[i]);
+    for (int i = 0; i < r->nmember_clients; i++)
+        ar_client_close(r->member_clients[i]);
     ar_client_close(r->market);
     free(r->unpaid);
     free(r->unpaid_loss);

@@ -6,6 +6,9 @@
 #include "train/tp_group.h"
 
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdio.h>
 #include <string.h>
 
@@ -19,6 +22,7 @@ struct ar_local_stage {
 struct ar_local_rank {
     ar_tp_rank rank;
     ar_link *link; /* the rank's end; the leader's is in rank_links */
+    int threads;
     pthread_t thread;
     int started;
 };
@@ -26,6 +30,11 @@ struct ar_local_rank {
 static void *rank_main(void *arg)
 {
     ar_local_rank *t = arg;
+#ifdef _OPENMP
+    /* the OpenMP thread count is per thread; left at every core, the ranks'
+     * BLAS teams would spin against each other and the stages' */
+    omp_set_num_threads(t->threads);
+#endif
     ar_tp_rank_serve(&t->rank, t->link);
     return NULL;
 }
@@ -104,8 +113,7 @@ int ar_local_create_plan(ar_local_pipeline *p, const ar_model_spec *spec, const 
     if (total == 0)
         return ar_local_create_split(p, spec, S, plan->first, plan->last, max_B, M, schedule, seed,
                                      optim);
-    if (spec->type != AR_MODEL_GPT)
-        return ar_fail(AR_EINVAL, "tensor parallelism splits GPT blocks; this model has none");
+    ar_tp_layout layout;
     ar_local_rank *ranks = ar_calloc((size_t)total, sizeof *ranks);
     ar_link **links = ar_calloc((size_t)total, sizeof *links);
     ar_action *acts = ar_calloc((size_t)2 * M, sizeof *acts);
@@ -126,29 +134,17 @@ int ar_local_create_plan(ar_local_pipeline *p, const ar_model_spec *spec, const 
         p->rank_first[s] = at;
         p->rank_count[s] = g;
         if (g) {
-            /* the stage's blocks, split by the members' speed */
-            int b0 = plan->first[s] < 1 ? 1 : plan->first[s];
-            int b1 = plan->last[s] > spec->n_layer + 1 ? spec->n_layer + 1 : plan->last[s];
-            if (b1 <= b0) {
-                rc = ar_fail(AR_EINVAL, "stage %d (layers %d-%d) has no transformer block to split", s,
-                             plan->first[s], plan->last[s] - 1);
+            /* the stage's blocks (or pairs of linear layers), split among the members */
+            double w[AR_PLAN_MAX_GROUP];
+            ar_plan_group_weights(plan, devs, s, w);
+            if ((rc = ar_tp_group_layout(spec, plan->first[s], plan->last[s], g, w, &layout)) != AR_OK) {
+                rc = ar_fail(rc, "stage %d: %s", s, ar_last_error());
                 break;
             }
-            double w[AR_PLAN_MAX_GROUP];
-            ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
-            for (int k = 0; k < g; k++)
-                w[k] = devs[plan->group[s][k]].gflops > 0 ? devs[plan->group[s][k]].gflops : 1;
-            if ((rc = ar_tp_split(spec->n_head, g, w, heads)) != AR_OK ||
-                (rc = ar_tp_split(4 * spec->n_embd, g, w, hidden)) != AR_OK)
-                break;
             for (int k = 0; k < g && rc == AR_OK; k++) {
-                ar_range hr[AR_MAX_LAYERS], ur[AR_MAX_LAYERS];
-                for (int b = 0; b < b1 - b0; b++) {
-                    hr[b] = heads[k];
-                    ur[b] = hidden[k];
-                }
                 ar_local_rank *t = &ranks[at + k];
-                rc = ar_tp_rank_create(&t->rank, spec, b0 - 1, b1 - b0, hr, ur, max_B, slots, seed, optim);
+                t->threads = ar_get_threads() / total > 1 ? ar_get_threads() / total : 1;
+                rc = ar_tp_layout_rank(&layout, k, spec, max_B, slots, seed, optim, &t->rank);
                 char name[64];
                 snprintf(name, sizeof name, "stage %d rank %d", s, k);
                 if (rc == AR_OK)
@@ -175,58 +171,17 @@ int ar_local_create_plan(ar_local_pipeline *p, const ar_model_spec *spec, const 
     return rc;
 }
 
-/* which: 0 data, 2 m, 3 v (as in ar_block_shard_*) */
-static float *param_buffer(ar_param *q, int which)
-{
-    return which == 0 ? q->data : which == 2 ? q->m : q->v;
-}
-
 static int transfer_full(ar_local_pipeline *p, ar_stage *full, int to_full)
 {
     for (int s = 0; s < p->S; s++) {
-        ar_stage *st = &p->stages[s], *f = &full[s];
-        if (f->first != st->first || f->last != st->last)
-            return ar_fail(AR_EINTERNAL, "stage %d: full copy holds other layers", s);
-        for (int i = 0; i < st->nparams; i++) {
-            ar_param *a = st->params[i], *b = ar_stage_find_param(f, a->name);
-            if (!b || b->numel != a->numel)
-                return ar_fail(AR_EINTERNAL, "stage %d: no full %s", s, a->name);
-            for (int w = 0; w <= 3; w++) {
-                if (w == 1)
-                    continue;
-                if (to_full)
-                    memcpy(param_buffer(b, w), param_buffer(a, w), (size_t)a->numel * sizeof(float));
-                else
-                    memcpy(param_buffer(a, w), param_buffer(b, w), (size_t)a->numel * sizeof(float));
-            }
-        }
-        if (st->has_tied_copy && f->has_tied_copy) {
-            if (to_full)
-                memcpy(f->tied_copy.data, st->tied_copy.data, (size_t)st->tied_copy.numel * sizeof(float));
-            else
-                memcpy(st->tied_copy.data, f->tied_copy.data, (size_t)st->tied_copy.numel * sizeof(float));
-        }
-        if (to_full)
-            f->opt_step = st->opt_step;
-        else
-            st->opt_step = f->opt_step;
-        for (int k = 0; k < p->rank_count[s]; k++) {
-            ar_tp_rank *r = &p->ranks[p->rank_first[s] + k].rank;
-            for (int b = 0; b < r->nblocks; b++) {
-                int unit = 1 + r->first_block + b;
-                ar_layer *layer = f->layers[unit - f->first];
-                for (int w = 0; w <= 3; w++) {
-                    if (w == 1)
-                        continue;
-                    if (to_full)
-                        ar_block_shard_to_full(&r->shards[b], layer, w);
-                    else
-                        ar_block_shard_from_full(&r->shards[b], layer, w);
-                }
-            }
-            if (!to_full)
-                r->opt_step = f->opt_step;
-        }
+        ar_tp_rank *ranks[AR_PLAN_MAX_GROUP];
+        int g = p->rank_count[s];
+        for (int k = 0; k < g; k++)
+            ranks[k] = &p->ranks[p->rank_first[s] + k].rank;
+        int rc = to_full ? ar_tp_parts_to_full(&p->stages[s], ranks, g, &full[s])
+                         : ar_tp_parts_from_full(&p->stages[s], ranks, g, &full[s]);
+        if (rc != AR_OK)
+            return ar_fail(rc, "stage %d: %s", s, ar_last_error());
     }
     return AR_OK;
 }

@@ -2,6 +2,8 @@
  * hand, and the two quick device measurements (see plan.h). */
 #include "train/plan.h"
 
+#include "train/tp_group.h"
+
 #include "nn/tp.h"
 
 #include "core/blas.h"
@@ -410,7 +412,7 @@ static int parse_unit(const char *text, const char **s, int *v)
 static int parse_device(const char *text, const char **s, const ar_device *devs, int ndev, int *out)
 {
     const char *start = *s;
-    size_t n = strcspn(start, "+,");
+    size_t n = strcspn(start, "+,~");
     while (n > 0 && start[n - 1] == ' ')
         n--;
     if (n == 0)
@@ -429,7 +431,7 @@ static int parse_device(const char *text, const char **s, const ar_device *devs,
     if (*out < 0 || *out >= ndev)
         return ar_fail(AR_EINVAL, "plan \"%s\": no device \"%.*s\" (give an index 0-%d or a name from --workers)",
                        text, (int)n, start, ndev - 1);
-    *s = start + strcspn(start, "+,");
+    *s = start + strcspn(start, "+,~");
     return AR_OK;
 }
 
@@ -487,6 +489,13 @@ int ar_plan_parse_devices(const char *text, int nunits, const ar_device *devs, i
                 out->group[idx][out->group_size[idx]++] = d;
             } while (*s == '+');
             out->device[idx] = out->group[idx][0];
+            if (*s == '~') {
+                if (strncmp(s, "~speed", 6) != 0 || out->group_size[idx] < 2)
+                    return ar_fail(AR_EINVAL, "plan \"%s\": after a group of devices, \"~speed\" splits it by "
+                                   "their speed (found \"%s\")", text, s);
+                out->by_speed[idx] = 1;
+                s += 6;
+            }
         }
         /* every device in one place only */
         for (int g = 0; g < out->group_size[idx]; g++)
@@ -601,6 +610,31 @@ static void range_name(const ar_model_spec *spec, int first, int last, char *buf
         snprintf(buf, n, "%s %d-%d", spec ? "linear" : "units", first, last - 1);
 }
 
+/* Each member's heads and hidden units (of every GPT block alike, or of
+ * each of an MLP's pairs of linear layers). */
+static void print_group_shares(FILE *out, const ar_plan *p, const ar_device *devs, const ar_model_spec *spec,
+                               int s)
+{
+    double w[AR_PLAN_MAX_GROUP];
+    ar_plan_group_weights(p, devs, s, w);
+    ar_tp_layout *l = malloc(sizeof *l);
+    if (!l || ar_tp_group_layout(spec, p->first[s], p->last[s], p->group_size[s], w, l) != AR_OK) {
+        free(l);
+        return; /* the run itself reports why the group cannot be split */
+    }
+    for (int g = 0; g < p->group_size[s]; g++) {
+        fprintf(out, "       %.63s:", devs[p->group[s][g]].name);
+        if (spec->type == AR_MODEL_GPT)
+            fprintf(out, " heads %d-%d, hidden units %d-%d of each block\n", l->heads[g].begin,
+                    l->heads[g].end - 1, l->hidden[g][0].begin, l->hidden[g][0].end - 1);
+        else
+            for (int b = 0; b < l->count; b++)
+                fprintf(out, " hidden units %d-%d of linear %d%s", l->hidden[g][b].begin, l->hidden[g][b].end - 1,
+                        l->first + 2 * b, b + 1 < l->count ? "," : "\n");
+    }
+    free(l);
+}
+
 /* "A" or, for a tensor-parallel group, "A+B". */
 static void device_label(const ar_plan *p, const ar_device *devs, int s, char *buf, size_t n)
 {
@@ -636,24 +670,21 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
         device_label(p, devs, s, dev, sizeof dev);
         fprintf(out, "%-5d  %-*s  %-*s  %9.2f  %9.1f  %14.3f\n", s, wdev, dev, wlay, names[s],
                 params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3);
-        if (p->group_size[s] > 1 && spec && spec->type == AR_MODEL_GPT) {
-            /* each member's share, in proportion to its speed */
-            ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
-            double w[AR_PLAN_MAX_GROUP];
-            for (int g = 0; g < p->group_size[s]; g++)
-                w[g] = devs[p->group[s][g]].gflops > 0 ? devs[p->group[s][g]].gflops : 1;
-            if (ar_tp_split(spec->n_head, p->group_size[s], w, heads) == AR_OK &&
-                ar_tp_split(4 * spec->n_embd, p->group_size[s], w, hidden) == AR_OK)
-                for (int g = 0; g < p->group_size[s]; g++)
-                    fprintf(out, "       %.63s: heads %d-%d, hidden units %d-%d of each block\n",
-                            devs[p->group[s][g]].name, heads[g].begin, heads[g].end - 1,
-                            hidden[g].begin, hidden[g].end - 1);
-        }
+        if (p->group_size[s] > 1 && spec)
+            print_group_shares(out, p, devs, spec, s);
         slowest = max_d(slowest, p->stage_time[s]);
     }
     fprintf(out, "predicted bubble %.1f%% (%d stages, %d micro-batches, %s); slowest stage %.3f ms per micro-batch\n",
             100.0 * p->bubble, p->nstages, p->micro_batches, ar_schedule_name(p->schedule),
             slowest * 1e3);
+}
+
+void ar_plan_group_weights(const ar_plan *p, const ar_device *devs, int s, double *w)
+{
+    for (int g = 0; g < p->group_size[s] && g < AR_PLAN_MAX_GROUP; g++) {
+        double speed = devs[p->group[s][g]].gflops;
+        w[g] = p->by_speed[s] && speed > 0 ? speed : 1;
+    }
 }
 
 /* ---- device measurements ---------------------------------------------------------- */

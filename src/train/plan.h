@@ -62,6 +62,9 @@ typedef struct {
      * group[s][0] (== device[s]) leading; 1 for a plain stage */
     int group_size[AR_PLAN_MAX_STAGES];
     int group[AR_PLAN_MAX_STAGES][AR_PLAN_MAX_GROUP];
+    /* a group's heads and hidden units split equally (0; 8 heads over 3 as
+     * 3+3+2) or in proportion to the members' speed (1) */
+    int by_speed[AR_PLAN_MAX_STAGES];
     int micro_batches;                         /* M and the schedule the plan was priced for */
     int schedule;                              /* enum ar_schedule_kind */
 } ar_plan;
@@ -87,9 +90,15 @@ int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, i
 int ar_plan_parse(const char *text, int nunits, int ndev, ar_plan *out);
 /* The same, where a stage may name its devices: "0-3@A+B,4-5@C" puts layers
  * 0-3 on a tensor-parallel group of devices A and B (A leads) and 4-5 on C.
- * A device is its index in devs or its name (devs may be NULL: indices only). */
+ * A device is its index in devs or its name (devs may be NULL: indices only).
+ * A group splits its heads and hidden units equally, or in proportion to the
+ * members' speed when it ends in "~speed" ("0-3@A+B~speed"). */
 int ar_plan_parse_devices(const char *text, int nunits, const ar_device *devs, int ndev,
                           ar_plan *out);
+
+/* The weights a group's split uses: every member 1, or its GFLOP/s when the
+ * plan splits stage s by speed. */
+void ar_plan_group_weights(const ar_plan *p, const ar_device *devs, int s, double *w);
 
 /* Fill stage_time, stage_mem, bubble (and micro_batches, schedule) of a plan.
  * Returns AR_ELIMIT, after filling everything, when a stage does not fit in

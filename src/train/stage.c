@@ -108,6 +108,9 @@ int ar_stage_create_tp(ar_stage *s, const ar_model_spec *spec, int first, int la
         int unit = first + i;
         if (s->tp_nranks > 0 && spec->type == AR_MODEL_GPT && unit >= 1 && unit <= spec->n_layer)
             rc = ar_tp_block_create(&s->spec, unit, s->tp_ranks, s->tp_nranks, &s->layers[i]);
+        else if (s->tp_nranks > 0 && spec->type == AR_MODEL_MLP && (i % 2 == 1 || i + 1 < s->nlayers))
+            /* pairs from the stage's first layer; an odd last one stays whole */
+            rc = ar_tp_mlp_create(&s->spec, unit, i % 2 == 0, s->tp_ranks, s->tp_nranks, &s->layers[i]);
         else
             rc = ar_layer_create(&s->spec, unit, &s->layers[i]);
         if (rc != AR_OK)
@@ -412,20 +415,20 @@ static int add_rank_sumsq(const ar_stage *s, double *out)
     for (int r = 0; rc == AR_OK && r < s->tp_nranks; r++) {
         ar_frame f;
         if ((rc = ar_link_recv(s->tp_ranks[r], &f, 300)) != AR_OK)
-            return ar_fail(rc, "tensor-parallel rank %d (%s) lost: %s", r + 1, s->tp_ranks[r]->name,
-                           ar_last_error());
-        /* blocks of the stage, in order: the units that are blocks */
-        int nblocks = 0;
+            return ar_fail(rc == AR_ECLOSED ? AR_EIO : rc, "tensor-parallel rank %d (%s) lost: %s", r + 1,
+                           s->tp_ranks[r]->name, ar_last_error());
+        /* the ranks' shards, in order: the layers that own one */
+        int nshards = 0;
         for (int i = 0; i < s->nlayers; i++)
-            nblocks += s->layers[i]->unit >= 1 && s->layers[i]->unit <= s->spec.n_layer;
-        if (f.kind != AR_FRAME_TP || f.dtype != AR_DT_F64 || f.nbytes != (size_t)nblocks * sizeof(double)) {
+            nshards += s->layers[i]->tp_shard;
+        if (f.kind != AR_FRAME_TP || f.dtype != AR_DT_F64 || f.nbytes != (size_t)nshards * sizeof(double)) {
             rc = ar_fail(AR_EPROTO, "tensor-parallel rank %d (%s) sent a malformed gradient norm", r + 1,
                          s->tp_ranks[r]->name);
         } else {
             const double *v = f.data;
             int b = 0;
             for (int i = 0; i < s->nlayers; i++)
-                if (s->layers[i]->unit >= 1 && s->layers[i]->unit <= s->spec.n_layer)
+                if (s->layers[i]->tp_shard)
                     out[i] += v[b++];
         }
         ar_frame_free(&f);

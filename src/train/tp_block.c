@@ -158,6 +158,7 @@ int ar_tp_block_create(const ar_model_spec *spec, int unit, ar_link **ranks, int
     l->vt = &tp_block_vt;
     l->spec = spec;
     l->unit = unit;
+    l->tp_shard = 1;
     long C = spec->n_embd;
     char name[64];
     int i = unit - 1;

@@ -3,6 +3,7 @@
 
 #include "core/core.h"
 #include "ops/ops.h"
+#include "train/plan.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -47,19 +48,27 @@ int ar_tp_rank_create(ar_tp_rank *r, const ar_model_spec *spec, int first_block,
     r->nslots = nslots;
     r->optim = *optim;
     int rc = AR_OK;
-    if (spec->type != AR_MODEL_GPT || first_block < 0 || nblocks < 1 ||
-        first_block + nblocks > spec->n_layer || max_B < 1 || nslots < 1)
-        return ar_fail(AR_EINVAL, "a tensor-parallel rank needs GPT blocks %d-%d inside 0-%d",
-                       first_block, first_block + nblocks - 1, spec->n_layer - 1);
+    int gpt = spec->type == AR_MODEL_GPT;
+    /* GPT: blocks first_block..; MLP: pairs of units from unit first_block */
+    int last = gpt ? first_block + nblocks : first_block + 2 * nblocks;
+    int limit = gpt ? spec->n_layer : spec->n_hidden + 1;
+    if (first_block < 0 || nblocks < 1 || last > limit || max_B < 1 || nslots < 1)
+        return ar_fail(AR_EINVAL, "a tensor-parallel rank needs %s %d-%d inside 0-%d", gpt ? "GPT blocks" : "linear layers",
+                       first_block, last - 1, limit - 1);
+    if (!gpt)
+        r->T = 1;
     r->shards = ar_calloc((size_t)nblocks, sizeof *r->shards);
     if (!r->shards)
         return AR_ENOMEM;
     long total = 0;
     for (int b = 0; b < nblocks; b++) {
-        if ((rc = ar_block_shard_init(&r->shards[b], &r->spec, first_block + b, heads[b], hidden[b])) != AR_OK)
+        ar_block_shard *s = &r->shards[b];
+        rc = gpt ? ar_block_shard_init(s, &r->spec, first_block + b, heads[b], hidden[b])
+                 : ar_mlp_shard_init(s, &r->spec, first_block + 2 * b, hidden[b]);
+        if (rc != AR_OK)
             goto fail;
-        for (int i = 0; i < AR_SHARD_NPARAMS; i++)
-            total += r->shards[b].params[i].numel;
+        for (int i = s->first_param; i < AR_SHARD_NPARAMS; i++)
+            total += s->params[i].numel;
     }
     r->param_floats = total;
     r->mem_params = ar_calloc((size_t)total, sizeof(float));
@@ -71,10 +80,12 @@ int ar_tp_rank_create(ar_tp_rank *r, const ar_model_spec *spec, int first_block,
         goto fail;
     }
     long at = 0;
-    size_t scratch = 0, C = (size_t)spec->n_embd, N = (size_t)max_B * r->T;
+    size_t scratch = 0, width = 0, N = (size_t)max_B * r->T;
     for (int b = 0; b < nblocks; b++) {
         ar_block_shard *s = &r->shards[b];
-        for (int i = 0; i < AR_SHARD_NPARAMS; i++) {
+        size_t w = (size_t)(s->in > s->out ? s->in : s->out);
+        width = w > width ? w : width;
+        for (int i = s->first_param; i < AR_SHARD_NPARAMS; i++) {
             ar_param *p = &s->params[i];
             p->data = r->mem_params + at;
             p->grad = r->mem_grads + at;
@@ -82,14 +93,17 @@ int ar_tp_rank_create(ar_tp_rank *r, const ar_model_spec *spec, int first_block,
             p->v = r->mem_v + at;
             at += p->numel;
         }
-        /* the same initial values as the whole block: build it, slice it.
-         * (The whole block exists only for this moment.) */
+        /* the same initial values as the whole block (or pair of linear
+         * layers): build it, slice it. (It exists only for this moment.) */
         ar_stage whole;
         ar_optim_config none = {0};
-        int unit = 1 + first_block + b;
-        if ((rc = ar_stage_create(&whole, spec, unit, unit + 1, 1, 1, seed, &none)) != AR_OK)
+        int unit = gpt ? 1 + s->layer : s->layer;
+        if ((rc = ar_stage_create(&whole, spec, unit, unit + (gpt ? 1 : 2), 1, 1, seed, &none)) != AR_OK)
             goto fail;
-        ar_block_shard_from_full(s, whole.layers[0], 0);
+        if (gpt)
+            ar_block_shard_from_full(s, whole.layers[0], 0);
+        else
+            ar_mlp_shard_from_full(s, whole.layers[0], whole.layers[1], 0);
         ar_stage_destroy(&whole);
         size_t need = ar_shard_scratch(s, max_B, r->T);
         scratch = need > scratch ? need : scratch;
@@ -100,16 +114,17 @@ int ar_tp_rank_create(ar_tp_rank *r, const ar_model_spec *spec, int first_block,
     r->saved_attn = ar_calloc((size_t)n, sizeof(float *));
     r->saved_mlp = ar_calloc((size_t)n, sizeof(float *));
     r->scratch = ar_calloc(scratch, sizeof(float));
-    r->partial = ar_calloc(N * C, sizeof(float));
+    r->partial = ar_calloc(N * width, sizeof(float));
     if (!r->ln_attn || !r->ln_mlp || !r->saved_attn || !r->saved_mlp || !r->scratch || !r->partial) {
         rc = AR_ENOMEM;
         goto fail;
     }
     for (int i = 0; i < n; i++) {
+        /* (an MLP shard has no attention: one float stands in) */
         ar_block_shard *s = &r->shards[i / nslots];
-        r->ln_attn[i] = ar_calloc(N * C, sizeof(float));
-        r->ln_mlp[i] = ar_calloc(N * C, sizeof(float));
-        r->saved_attn[i] = ar_calloc(ar_shard_attn_saved(s, max_B, r->T), sizeof(float));
+        r->ln_attn[i] = ar_calloc(gpt ? N * (size_t)spec->n_embd : 1, sizeof(float));
+        r->ln_mlp[i] = ar_calloc(N * (size_t)s->in, sizeof(float));
+        r->saved_attn[i] = ar_calloc(gpt ? ar_shard_attn_saved(s, max_B, r->T) : 1, sizeof(float));
         r->saved_mlp[i] = ar_calloc(ar_shard_mlp_saved(s, max_B, r->T), sizeof(float));
         if (!r->ln_attn[i] || !r->ln_mlp[i] || !r->saved_attn[i] || !r->saved_mlp[i]) {
             rc = AR_ENOMEM;
@@ -144,12 +159,16 @@ static int handle(ar_tp_rank *r, ar_link *l, ar_frame *f)
         if (!(lr >= 0 && lr < 1e3) || !(scale > 0 && scale <= 1))
             return ar_fail(AR_EPROTO, "tensor-parallel STEP with lr %g and scale %g", lr, scale);
         r->opt_step++;
+        const ar_optim_config *o = &r->optim;
         for (int b = 0; b < r->nblocks; b++)
-            for (int i = 0; i < AR_SHARD_NPARAMS; i++) {
+            for (int i = r->shards[b].first_param; i < AR_SHARD_NPARAMS; i++) {
                 ar_param *p = &r->shards[b].params[i];
-                ar_adamw_update(p->data, p->grad, p->m, p->v, p->numel, lr, r->optim.beta1,
-                                r->optim.beta2, r->optim.eps, p->decay ? r->optim.weight_decay : 0.0f,
-                                r->opt_step, scale);
+                float wd = p->decay ? o->weight_decay : 0.0f;
+                if (o->kind == AR_OPT_SGD)
+                    ar_sgd_update(p->data, p->grad, p->m, p->numel, lr, o->beta1, wd, r->opt_step, scale);
+                else
+                    ar_adamw_update(p->data, p->grad, p->m, p->v, p->numel, lr, o->beta1, o->beta2, o->eps, wd,
+                                    r->opt_step, scale);
             }
         memset(r->mem_grads, 0, (size_t)r->param_floats * sizeof(float));
         return reply(l, f, NULL, 0);
@@ -160,7 +179,7 @@ static int handle(ar_tp_rank *r, ar_link *l, ar_frame *f)
             return ar_fail(AR_ELIMIT, "too many blocks");
         for (int b = 0; b < r->nblocks; b++) {
             sums[b] = 0;
-            for (int i = 0; i < AR_SHARD_NPARAMS; i++)
+            for (int i = r->shards[b].first_param; i < AR_SHARD_NPARAMS; i++)
                 sums[b] += ar_sum_squares(r->shards[b].params[i].grad, r->shards[b].params[i].numel);
         }
         ar_frame out = {.kind = AR_FRAME_TP};
@@ -169,37 +188,46 @@ static int handle(ar_tp_rank *r, ar_link *l, ar_frame *f)
         int rc = ar_frame_set_payload(&out, AR_DT_F64, 1, &n, sums);
         return rc == AR_OK ? ar_link_send(l, &out) : rc;
     }
-    int block = (int)f->step - r->first_block, slot = f->mb, B = f->rows;
-    size_t C = (size_t)r->spec.n_embd, N = (size_t)B * r->T;
+    /* the shard: a GPT block's index, or an MLP pair's first unit */
+    int block = -1, slot = f->mb, B = f->rows;
+    for (int b = 0; b < r->nblocks; b++)
+        if (r->shards[b].layer == f->step)
+            block = b;
     if (op < AR_TP_ATTN_FWD || op > AR_TP_MLP_BWD)
         return ar_fail(AR_EPROTO, "unknown tensor-parallel operation %d", op);
-    if (block < 0 || block >= r->nblocks || slot < 0 || slot >= r->nslots || B < 1 || B > r->max_B)
+    if (block < 0 || slot < 0 || slot >= r->nslots || B < 1 || B > r->max_B)
         return ar_fail(AR_EPROTO, "tensor-parallel operation on block %lld, slot %d, %d rows: out of range",
                        (long long)f->step, slot, B);
-    if (f->dtype != AR_DT_F32 || f->nbytes != N * C * sizeof(float))
-        return ar_fail(AR_ESHAPE, "tensor-parallel payload of %zu bytes, %d rows need %zu", f->nbytes, B,
-                       N * C * sizeof(float));
     ar_block_shard *s = &r->shards[block];
+    if (s->first_param != 0 && (op == AR_TP_ATTN_FWD || op == AR_TP_ATTN_BWD))
+        return ar_fail(AR_EPROTO, "an attention operation for linear layers %d-%d", s->layer, s->layer + 1);
+    /* forward reads the shard's input and answers a partial output; backward the reverse */
+    int forward = op == AR_TP_ATTN_FWD || op == AR_TP_MLP_FWD;
+    size_t N = (size_t)B * r->T, n_in = N * (size_t)(forward ? s->in : s->out),
+           n_out = N * (size_t)(forward ? s->out : s->in);
+    if (f->dtype != AR_DT_F32 || f->nbytes != n_in * sizeof(float))
+        return ar_fail(AR_ESHAPE, "tensor-parallel payload of %zu bytes, %d rows need %zu", f->nbytes, B,
+                       n_in * sizeof(float));
     int k = block * r->nslots + slot;
     const float *x = f->data;
-    memset(r->partial, 0, N * C * sizeof(float));
+    memset(r->partial, 0, n_out * sizeof(float));
     switch (op) {
     case AR_TP_ATTN_FWD:
-        memcpy(r->ln_attn[k], x, N * C * sizeof(float));
+        memcpy(r->ln_attn[k], x, n_in * sizeof(float));
         ar_shard_attn_forward(s, B, r->T, r->ln_attn[k], r->saved_attn[k], r->partial);
         break;
     case AR_TP_ATTN_BWD:
         ar_shard_attn_backward(s, B, r->T, r->ln_attn[k], r->saved_attn[k], x, r->partial, r->scratch);
         break;
     case AR_TP_MLP_FWD:
-        memcpy(r->ln_mlp[k], x, N * C * sizeof(float));
+        memcpy(r->ln_mlp[k], x, n_in * sizeof(float));
         ar_shard_mlp_forward(s, B, r->T, r->ln_mlp[k], r->saved_mlp[k], r->partial);
         break;
     default:
         ar_shard_mlp_backward(s, B, r->T, r->ln_mlp[k], r->saved_mlp[k], x, r->partial, r->scratch);
         break;
     }
-    return reply(l, f, r->partial, N * C);
+    return reply(l, f, r->partial, n_out);
 }
 
 int ar_tp_rank_serve(ar_tp_rank *r, ar_link *leader)
@@ -243,8 +271,11 @@ int ar_tp_group_scatter(ar_link **ranks, int nranks, int op, int block, int slot
             rc = ar_link_send(ranks[i], &f);
         else
             ar_frame_free(&f);
+        /* a lost rank fails this stage's work (AR_EIO); AR_ECLOSED would
+         * mean the stage's own neighbours left and end its serving */
         if (rc != AR_OK)
-            return ar_fail(rc, "tensor-parallel rank %d (%s): %s", i + 1, ranks[i]->name, ar_last_error());
+            return ar_fail(rc == AR_ECLOSED ? AR_EIO : rc, "tensor-parallel rank %d (%s): %s", i + 1,
+                           ranks[i]->name, ar_last_error());
     }
     return AR_OK;
 }
@@ -257,7 +288,8 @@ int ar_tp_group_gather_sum(ar_link **ranks, int nranks, size_t n, float *sum, do
         int r = ar_link_recv(ranks[i], &f, timeout_s);
         if (r != AR_OK) {
             if (rc == AR_OK)
-                rc = ar_fail(r, "tensor-parallel rank %d (%s) lost: %s", i + 1, ranks[i]->name, ar_last_error());
+                rc = ar_fail(r == AR_ECLOSED ? AR_EIO : r, "tensor-parallel rank %d (%s) lost: %s", i + 1,
+                             ranks[i]->name, ar_last_error());
             continue;
         }
         if (f.kind == AR_FRAME_ERROR) {
@@ -274,4 +306,137 @@ int ar_tp_group_gather_sum(ar_link **ranks, int nranks, size_t n, float *sum, do
         ar_frame_free(&f);
     }
     return rc;
+}
+
+int ar_tp_blocks(const ar_model_spec *spec, int first_unit, int last_unit, int *first_block, int *nblocks)
+{
+    if (spec->type == AR_MODEL_MLP) {
+        /* pairs of linear layers from the stage's first; an odd last one
+         * stays whole with the leader */
+        if (spec->dropout > 0)
+            return ar_fail(AR_EINVAL, "tensor parallelism of an MLP with dropout is not supported");
+        if (last_unit - first_unit < 2)
+            return ar_fail(AR_EINVAL, "layers %d-%d hold no pair of linear layers to split", first_unit,
+                           last_unit - 1);
+        *first_block = first_unit;
+        *nblocks = (last_unit - first_unit) / 2;
+        return AR_OK;
+    }
+    if (spec->type != AR_MODEL_GPT)
+        return ar_fail(AR_EINVAL, "tensor parallelism splits GPT blocks and MLP linear layers only");
+    /* unit 0 is the embedding, units 1..n_layer the blocks, then the head */
+    int b0 = first_unit < 1 ? 1 : first_unit;
+    int b1 = last_unit > spec->n_layer + 1 ? spec->n_layer + 1 : last_unit;
+    if (b1 <= b0)
+        return ar_fail(AR_EINVAL, "layers %d-%d hold no transformer block to split", first_unit, last_unit - 1);
+    *first_block = b0 - 1;
+    *nblocks = b1 - b0;
+    return AR_OK;
+}
+
+int ar_tp_group_layout(const ar_model_spec *spec, int first_unit, int last_unit, int members,
+                       const double *weights, ar_tp_layout *out)
+{
+    memset(out, 0, sizeof *out);
+    int rc = ar_tp_blocks(spec, first_unit, last_unit, &out->first, &out->count);
+    if (rc != AR_OK)
+        return rc;
+    if (out->count > AR_TP_MAX_SHARDS)
+        return ar_fail(AR_ELIMIT, "%d blocks in one tensor-parallel stage (at most %d)", out->count,
+                       AR_TP_MAX_SHARDS);
+    int gpt = spec->type == AR_MODEL_GPT;
+    if (members < 2 || members > AR_PLAN_MAX_GROUP || (gpt && members > spec->n_head))
+        return ar_fail(AR_EINVAL, "a group of %d devices cannot share %d attention heads", members,
+                       gpt ? spec->n_head : 0);
+    out->members = members;
+    if (gpt && (rc = ar_tp_split(spec->n_head, members, weights, out->heads)) != AR_OK)
+        return rc;
+    for (int b = 0; b < out->count; b++) {
+        /* a GPT block's 4C hidden units, or the pair's first layer's outputs */
+        int units = gpt ? 4 * spec->n_embd : spec->hidden[out->first + 2 * b];
+        ar_range r[AR_PLAN_MAX_GROUP];
+        if ((rc = ar_tp_split(units, members, weights, r)) != AR_OK)
+            return rc;
+        for (int k = 0; k < members; k++)
+            out->hidden[k][b] = r[k];
+    }
+    return AR_OK;
+}
+
+int ar_tp_layout_rank(const ar_tp_layout *l, int k, const ar_model_spec *spec, int max_B, int nslots,
+                      uint64_t seed, const ar_optim_config *optim, ar_tp_rank *out)
+{
+    ar_range heads[AR_TP_MAX_SHARDS];
+    for (int b = 0; b < l->count; b++)
+        heads[b] = l->heads[k];
+    return ar_tp_rank_create(out, spec, l->first, l->count, heads, l->hidden[k], max_B, nslots, seed, optim);
+}
+
+/* which: 0 data, 2 m, 3 v (as in ar_block_shard_*) */
+static float *param_buffer(ar_param *q, int which)
+{
+    return which == 0 ? q->data : which == 2 ? q->m : q->v;
+}
+
+static int transfer(ar_stage *st, ar_tp_rank *const *ranks, int nranks, ar_stage *f, int to_full)
+{
+    if (f->first != st->first || f->last != st->last)
+        return ar_fail(AR_EINTERNAL, "the whole stage holds layers %d-%d, the parts %d-%d", f->first,
+                       f->last - 1, st->first, st->last - 1);
+    for (int i = 0; i < st->nparams; i++) {
+        ar_param *a = st->params[i], *b = ar_stage_find_param(f, a->name);
+        if (!b || b->numel != a->numel)
+            return ar_fail(AR_EINTERNAL, "the whole stage has no %s of %ld values", a->name, a->numel);
+        for (int w = 0; w <= 3; w++)
+            if (w != 1) {
+                float *pa = param_buffer(a, w), *pb = param_buffer(b, w);
+                memcpy(to_full ? pb : pa, to_full ? pa : pb, (size_t)a->numel * sizeof(float));
+            }
+    }
+    if (st->has_tied_copy && f->has_tied_copy) {
+        float *pa = st->tied_copy.data, *pb = f->tied_copy.data;
+        memcpy(to_full ? pb : pa, to_full ? pa : pb, (size_t)st->tied_copy.numel * sizeof(float));
+    }
+    if (to_full)
+        f->opt_step = st->opt_step;
+    else
+        st->opt_step = f->opt_step;
+    for (int k = 0; k < nranks; k++) {
+        ar_tp_rank *r = ranks[k];
+        for (int b = 0; b < r->nblocks; b++) {
+            ar_block_shard *sh = &r->shards[b];
+            int gpt = sh->first_param == 0;
+            /* a GPT block is one unit, an MLP pair two */
+            int unit = gpt ? 1 + sh->layer : sh->layer, end = unit + (gpt ? 1 : 2);
+            if (unit < f->first || end > f->last)
+                return ar_fail(AR_EINTERNAL, "rank %d holds layers %d-%d, outside %d-%d", k, unit, end - 1,
+                               f->first, f->last - 1);
+            ar_layer *layer = f->layers[unit - f->first], *next = gpt ? NULL : f->layers[unit + 1 - f->first];
+            for (int w = 0; w <= 3; w++) {
+                if (w == 1)
+                    continue;
+                if (gpt && to_full)
+                    ar_block_shard_to_full(sh, layer, w);
+                else if (gpt)
+                    ar_block_shard_from_full(sh, layer, w);
+                else if (to_full)
+                    ar_mlp_shard_to_full(sh, layer, next, w);
+                else
+                    ar_mlp_shard_from_full(sh, layer, next, w);
+            }
+        }
+        if (!to_full)
+            r->opt_step = f->opt_step;
+    }
+    return AR_OK;
+}
+
+int ar_tp_parts_to_full(ar_stage *part, ar_tp_rank *const *ranks, int nranks, ar_stage *full)
+{
+    return transfer(part, ranks, nranks, full, 1);
+}
+
+int ar_tp_parts_from_full(ar_stage *part, ar_tp_rank *const *ranks, int nranks, ar_stage *full)
+{
+    return transfer(part, ranks, nranks, full, 0);
 }

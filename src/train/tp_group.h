@@ -13,6 +13,7 @@
 #define AR_TP_GROUP_H
 
 #include "nn/tp.h"
+#include "train/plan.h"
 #include "train/frame.h"
 #include "train/stage.h"
 
@@ -26,7 +27,8 @@ enum ar_tp_op {
     AR_TP_STOP = 7
 };
 
-/* One rank: shards of blocks [first_block, first_block + nblocks). */
+/* One rank: shards of blocks [first_block, first_block + nblocks), or of an
+ * MLP's pairs of linear layers from unit first_block. */
 typedef struct {
     ar_model_spec spec;
     int first_block, nblocks;
@@ -41,7 +43,8 @@ typedef struct {
     int opt_step;
 } ar_tp_rank;
 
-/* heads[b], hidden[b]: this rank's ranges in block first_block + b. The
+/* heads[b], hidden[b]: this rank's ranges in shard b (heads unused in an
+ * MLP). The
  * shard parameters are initialised from seed like the whole model's (each
  * parameter's own stream, then sliced), so a group starts from the same
  * weights as a single device. */
@@ -51,6 +54,37 @@ int ar_tp_rank_create(ar_tp_rank *r, const ar_model_spec *spec, int first_block,
 void ar_tp_rank_destroy(ar_tp_rank *r);
 /* Serve the leader until AR_TP_STOP or the link closes. */
 int ar_tp_rank_serve(ar_tp_rank *r, ar_link *leader);
+
+/* The shards of units [first_unit, last_unit): GPT blocks (*first_block is
+ * the first block's index), or an MLP's pairs of linear layers (units
+ * *first_block + 2i and + 2i + 1; an odd last layer stays whole with the
+ * leader). AR_EINVAL when there are none. */
+int ar_tp_blocks(const ar_model_spec *spec, int first_unit, int last_unit, int *first_block, int *nblocks);
+
+#define AR_TP_MAX_SHARDS 128
+
+/* How a group shares a stage: its shards and each member's part of each. */
+typedef struct {
+    int first, count; /* as ar_tp_blocks gives them */
+    int members;
+    ar_range heads[AR_PLAN_MAX_GROUP];                    /* GPT: each member's heads, every block alike */
+    ar_range hidden[AR_PLAN_MAX_GROUP][AR_TP_MAX_SHARDS]; /* each member's hidden units in each shard */
+} ar_tp_layout;
+
+/* Split every shard of the units among `members`, in proportion to weights
+ * (NULL: equally; 8 heads over 3 equal members give 3+3+2). */
+int ar_tp_group_layout(const ar_model_spec *spec, int first_unit, int last_unit, int members,
+                       const double *weights, ar_tp_layout *out);
+/* Create member k's rank of a layout. */
+int ar_tp_layout_rank(const ar_tp_layout *l, int k, const ar_model_spec *spec, int max_B, int nslots,
+                      uint64_t seed, const ar_optim_config *optim, ar_tp_rank *out);
+
+/* Copy a stage's state between its parts (part: a plain stage, or a group
+ * leader's unsplit parameters; ranks: the group's shards) and a whole stage
+ * of the same units: values, AdamW moments, the tied copy, the step count.
+ * What checkpoints use: they always see whole tensors. */
+int ar_tp_parts_to_full(ar_stage *part, ar_tp_rank *const *ranks, int nranks, ar_stage *full);
+int ar_tp_parts_from_full(ar_stage *part, ar_tp_rank *const *ranks, int nranks, ar_stage *full);
 
 /* The leader's side: send one operation to every rank, then collect the
  * replies, adding them (in rank order) into sum (B*T*C floats, which the

@@ -543,6 +543,37 @@ Test(plan, parse_bad_plans)
     expect_parse_fail("0-99999999999", 8, 1, "too large");
 }
 
+Test(plan, parse_groups_and_their_split)
+{
+    ar_device devs[3] = {dev("127.0.0.1:5000", 300, 0, 0), dev("127.0.0.1:5001", 100, 0, 0),
+                         dev("c", 100, 0, 0)};
+    ar_plan p;
+    cr_assert_eq(ar_plan_parse_devices("0-3@127.0.0.1:5000+1,4-5@c", 6, devs, 3, &p), AR_OK, "%s",
+                 ar_last_error());
+    cr_assert_eq(p.nstages, 2);
+    cr_assert_eq(p.group_size[0], 2);
+    cr_assert_eq(p.group[0][0], 0);
+    cr_assert_eq(p.group[0][1], 1);
+    cr_assert_eq(p.device[1], 2);
+    cr_assert_eq(p.by_speed[0], 0);
+    double w[AR_PLAN_MAX_GROUP];
+    ar_plan_group_weights(&p, devs, 0, w);
+    cr_assert(w[0] == 1 && w[1] == 1, "an equal split unless the plan says ~speed");
+    cr_assert_eq(ar_plan_parse_devices("0-3@0+1~speed,4-5@2", 6, devs, 3, &p), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(p.by_speed[0], 1);
+    cr_assert_eq(p.by_speed[1], 0);
+    ar_plan_group_weights(&p, devs, 0, w);
+    cr_assert(w[0] == 300 && w[1] == 100, "weights %g %g", w[0], w[1]);
+
+    cr_assert_eq(ar_plan_parse_devices("0-3@0+0", 6, devs, 3, &p), AR_EINVAL);
+    cr_assert_not_null(strstr(ar_last_error(), "used twice"), "%s", ar_last_error());
+    cr_assert_eq(ar_plan_parse_devices("0-5@0+1~fast", 6, devs, 3, &p), AR_EINVAL);
+    cr_assert_not_null(strstr(ar_last_error(), "~speed"), "%s", ar_last_error());
+    cr_assert_eq(ar_plan_parse_devices("0-5@0~speed", 6, devs, 3, &p), AR_EINVAL);
+    cr_assert_eq(ar_plan_parse_devices("0-5@0+9", 6, devs, 3, &p), AR_EINVAL);
+    cr_assert_not_null(strstr(ar_last_error(), "no device"), "%s", ar_last_error());
+}
+
 Test(plan, estimate_a_plan_by_hand)
 {
     ar_model_spec s = gpt5m();

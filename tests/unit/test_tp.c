@@ -244,3 +244,85 @@ Test(tp, split_sizes)
     double bad[2] = {1, 0};
     cr_assert_eq(ar_tp_split(4, 2, bad, r), AR_EINVAL);
 }
+
+/* An MLP's pair of linear layers split over 3 ranks (uneven): the sum of the
+ * partial outputs plus the second layer's bias equals the whole pair's
+ * output, and the summed input gradients and the gathered weight gradients
+ * equal the whole pair's. */
+Test(tp, mlp_pair_shards_sum_to_the_whole_pair)
+{
+    ar_model_spec spec;
+    memset(&spec, 0, sizeof spec);
+    spec.type = AR_MODEL_MLP;
+    spec.inputs = 12;
+    spec.n_hidden = 2;
+    spec.hidden[0] = 10;
+    spec.hidden[1] = 6;
+    spec.classes = 3;
+    spec.activation = AR_ACT_GELU;
+    ar_rng rng;
+    ar_rng_seed(&rng, 5);
+    const int B = 4, IN = 12, H = 10, OUT = 6;
+    ar_layer *l0, *l1;
+    cr_assert_eq(ar_layer_create(&spec, 0, &l0), AR_OK);
+    cr_assert_eq(ar_layer_create(&spec, 1, &l1), AR_OK);
+    alloc_params(l0->params, l0->nparams, &rng);
+    alloc_params(l1->params, l1->nparams, &rng);
+    float x[4 * 12], dout[4 * 6];
+    fill(x, B * IN, &rng, 1.0f);
+    fill(dout, B * OUT, &rng, 1.0f);
+    /* the whole pair: layer 1 before its activation is what the leader sums */
+    float *s0 = ar_calloc(l0->vt->saved_floats(l0, B, 1), sizeof(float));
+    float *scr = ar_calloc(4 * B * (IN + H + OUT), sizeof(float));
+    float pre1[4 * 6], dh[4 * 10] = {0}, dx_full[4 * 12] = {0};
+    ar_pass pass = {.B = B, .T = 1, .train = 1, .scratch = scr, .scratch_floats = 4 * B * (IN + H + OUT)};
+    cr_assert_eq(l0->vt->forward(l0, &pass, x, s0), AR_OK);
+    ar_linear_forward(pre1, s0, l1->params[0].data, l1->params[1].data, B, H, OUT);
+    ar_linear_backward(dh, l1->params[0].grad, l1->params[1].grad, dout, s0, l1->params[0].data, B, H, OUT);
+    cr_assert_eq(l0->vt->backward(l0, &pass, x, s0, dh, dx_full), AR_OK);
+
+    ar_range parts[3];
+    cr_assert_eq(ar_tp_split(H, 3, NULL, parts), AR_OK);
+    cr_assert(parts[0].end - parts[0].begin == 4 && parts[2].end - parts[2].begin == 3);
+    float sum[4 * 6], dx[4 * 12] = {0};
+    for (int i = 0; i < B; i++)
+        memcpy(sum + i * OUT, l1->params[1].data, OUT * sizeof(float));
+    ar_layer *g0, *g1; /* where the ranks' gradients are gathered */
+    cr_assert_eq(ar_layer_create(&spec, 0, &g0), AR_OK);
+    cr_assert_eq(ar_layer_create(&spec, 1, &g1), AR_OK);
+    alloc_params(g0->params, g0->nparams, NULL);
+    alloc_params(g1->params, g1->nparams, NULL);
+    for (int r = 0; r < 3; r++) {
+        ar_block_shard sh;
+        cr_assert_eq(ar_mlp_shard_init(&sh, &spec, 0, parts[r]), AR_OK, "%s", ar_last_error());
+        cr_assert_eq(sh.first_param, AR_SHARD_FC_W);
+        alloc_params(sh.params + AR_SHARD_FC_W, 3, NULL);
+        ar_mlp_shard_from_full(&sh, l0, l1, 0);
+        float *saved = ar_calloc(ar_shard_mlp_saved(&sh, B, 1), sizeof(float));
+        float *scratch = ar_calloc(ar_shard_scratch(&sh, B, 1), sizeof(float));
+        float partial[4 * 6];
+        ar_shard_mlp_forward(&sh, B, 1, x, saved, partial);
+        for (int i = 0; i < B * OUT; i++)
+            sum[i] += partial[i];
+        ar_shard_mlp_backward(&sh, B, 1, x, saved, dout, dx, scratch);
+        ar_mlp_shard_to_full(&sh, g0, g1, 1);
+        free_params(sh.params + AR_SHARD_FC_W, 3);
+        ar_free(saved);
+        ar_free(scratch);
+    }
+    cr_assert_lt(max_diff(sum, pre1, B * OUT), 1e-5);
+    cr_assert_lt(max_diff(dx, dx_full, B * IN), 1e-5);
+    cr_assert_lt(max_diff(g0->params[0].grad, l0->params[0].grad, H * IN), 1e-5);
+    cr_assert_lt(max_diff(g0->params[1].grad, l0->params[1].grad, H), 1e-5);
+    cr_assert_lt(max_diff(g1->params[0].grad, l1->params[0].grad, OUT * H), 1e-5);
+    ar_free(s0);
+    ar_free(scr);
+    free_params(l0->params, l0->nparams);
+    free_params(l1->params, l1->nparams);
+    free_params(g0->params, g0->nparams);
+    free_params(g1->params, g1->nparams);
+    ar_layer_destroy(l0);
+    ar_layer_destroy(l1);
+    ar_layer_destroy(g0);
+    ar_layer_destroy(g1);
+}
