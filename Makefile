@@ -28,7 +28,7 @@ BLAS_LIBS := $(shell $(PKG_CONFIG) --libs openblas)
 endif
 
 PKGS := libcjson zlib grpc gpr libprotobuf-c
-PKGS += sqlite3 libcrypto
+PKGS += sqlite3 libcrypto libmicrohttpd
 DEP_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(PKGS)) $(BLAS_CFLAGS)
 DEP_LIBS := $(shell $(PKG_CONFIG) --libs $(PKGS)) $(BLAS_LIBS) -lgrpc -lgpr -lprotobuf-c -lm -lpthread
 
@@ -54,7 +54,7 @@ OUT := build/$(BUILD)
 LIB_SRC := $(wildcard src/core/*.c src/ops/*.c src/nn/*.c src/data/*.c src/train/*.c src/net/*.c)
 LIB_SRC += $(wildcard src/market/*.c)
 CLI_SRC := $(wildcard src/cli/*.c)
-LIB_OBJ := $(LIB_SRC:%.c=$(OUT)/%.o) $(OUT)/gen/arceus.pb-c.o
+LIB_OBJ := $(LIB_SRC:%.c=$(OUT)/%.o) $(OUT)/gen/arceus.pb-c.o $(OUT)/gen/web_assets.o
 CLI_OBJ := $(CLI_SRC:%.c=$(OUT)/%.o)
 LIB := $(OUT)/libarceus.a
 BIN := $(OUT)/arceus
@@ -87,6 +87,17 @@ $(GEN)/arceus.pb-c.h: $(GEN)/arceus.pb-c.c
 $(OUT)/gen/arceus.pb-c.o: $(GEN)/arceus.pb-c.c
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE -I$(GEN) $(DEP_CFLAGS) $(OPT) -w -c $< -o $@
+
+# The dashboard's page (web/) compiled into the binary: a market serves it
+# with nothing to install beside it.
+WEB_FILES := $(sort $(wildcard web/*.html web/*.js web/*.css web/*.svg))
+$(GEN)/web_assets.c: $(WEB_FILES) scripts/embed-web.sh
+	@mkdir -p $(GEN)
+	scripts/embed-web.sh $@ $(WEB_FILES)
+
+$(OUT)/gen/web_assets.o: $(GEN)/web_assets.c src/market/http.h
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -Isrc $(OPT) -w -c $< -o $@
 
 # everything that includes the generated header waits for it
 $(LIB_SRC:%.c=$(OUT)/%.o) $(CLI_OBJ) $(TEST_BIN): | $(GEN)/arceus.pb-c.h

@@ -3,7 +3,9 @@
 # fresh SQLite file, three providers renting out their "machines" and a renter
 # that trains the Fashion-MNIST MLP across the three through the market; then
 # everyone's ledger (balanced: the renter paid what the providers earned) and
-# the renter's jobs. Everything it starts is stopped when it ends, however it
+# the renter's jobs. The market serves its web dashboard on loopback while the
+# demo runs (the address is printed; --keep leaves everything up afterwards,
+# until Ctrl-C). Everything it starts is stopped when it ends, however it
 # ends.
 #
 # Environment:
@@ -18,14 +20,18 @@
 #                            temporary folder; the market and the providers
 #                            serve with --tls-cert/--tls-key, every client
 #                            dials with --tls-ca
+#   ARCEUS_DEMO_KEEP=1       same as --keep: after the run, keep the market,
+#                            its dashboard and the providers up until Ctrl-C
 set -euo pipefail
 
 USE_TLS=${ARCEUS_DEMO_TLS:-0}
+KEEP=${ARCEUS_DEMO_KEEP:-0}
 for arg in "$@"; do
     case $arg in
     --tls) USE_TLS=1 ;;
+    --keep) KEEP=1 ;;
     *)
-        echo "usage: scripts/demo.sh [--tls]" >&2
+        echo "usage: scripts/demo.sh [--tls] [--keep]" >&2
         exit 2
         ;;
     esac
@@ -148,12 +154,16 @@ for name in "${NAMES[@]}"; do
     echo "account $name created"
 done
 
-"$BIN" market --listen 127.0.0.1:0 --db "$DB" ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} >"$TMP/market.out" 2>"$TMP/market.err" &
+"$BIN" market --listen 127.0.0.1:0 --db "$DB" --http 127.0.0.1:0 ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} \
+    >"$TMP/market.out" 2>"$TMP/market.err" &
 PIDS+=($!)
 MARKET_PID=$!
 line=$(wait_for "$TMP/market.out" 'listening on ' 60 "$MARKET_PID")
 MARKET=${line##*listening on }
 echo "market listening on $MARKET (pid $MARKET_PID, database $DB)${CA[@]+", TLS"}"
+line=$(wait_for "$TMP/market.out" 'dashboard on ' 60 "$MARKET_PID")
+DASHBOARD=${line##*dashboard on }
+echo "dashboard: $DASHBOARD (the renter's view: $DASHBOARD#/jobs?token=$RENTER)"
 
 # ---- three providers -------------------------------------------------------------
 say "three providers rent out this machine (--max-threads $THREADS each)"
@@ -234,6 +244,12 @@ JOB=$(awk 'NR > 1 { id = $1 } END { print id }' "$TMP/jobs.txt")
 if [ -n "$JOB" ]; then
     echo
     "$BIN" job "$JOB" --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"}
+fi
+
+if [ "$KEEP" = 1 ]; then
+    say "kept up until Ctrl-C: the dashboard at $DASHBOARD"
+    echo "the renter's view: $DASHBOARD#/jobs?token=$RENTER"
+    while kill -0 "$MARKET_PID" 2>/dev/null; do sleep 1; done
 fi
 
 say "done: stopping the providers and the market"

@@ -14,12 +14,14 @@ DEBIAN_PACKAGES=(
     libcriterion-dev                                    # unit tests
     python3-torch python3-numpy python3-pytest python3-grpcio  # reference numerics, e2e tests
     dataset-fashion-mnist                               # the default data set
+    chromium                                            # headless, for the dashboard's e2e test
 )
 
 if [ "$(uname)" = "Darwin" ]; then
     echo "On macOS, install the dependencies with Homebrew:"
     echo "  brew install pkg-config libomp cjson zlib openssl grpc protobuf-c sqlite libmicrohttpd criterion"
     echo "  python3 -m pip install torch numpy pytest grpcio"
+    echo "The dashboard's end-to-end test drives a headless chromium found on PATH."
     echo "BLAS comes from Apple's Accelerate framework. Fashion-MNIST: download the four"
     echo "*-ubyte.gz files into a folder and pass it with --data."
     exit 0

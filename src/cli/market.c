@@ -4,6 +4,7 @@
  * and printed as credits with 6 decimals (exact: no floating point). */
 #include "cli/cli.h"
 #include "core/core.h"
+#include "market/http.h"
 #include "market/store.h"
 #include "net/market.h"
 
@@ -16,15 +17,6 @@
 #include <time.h>
 
 /* ---- money at the edge ----------------------------------------------------------- */
-
-/* micro-credits -> "[-]C.CCCCCC" */
-static const char *credits_str(int64_t micro, char *buf, size_t size)
-{
-    const uint64_t unit = (uint64_t)AR_MICRO_PER_CREDIT;
-    uint64_t a = micro < 0 ? (uint64_t)0 - (uint64_t)micro : (uint64_t)micro;
-    snprintf(buf, size, "%s%" PRIu64 ".%06" PRIu64, micro < 0 ? "-" : "", a / unit, a % unit);
-    return buf;
-}
 
 /* "N" or "N.DDDDDD" (at most 6 decimals, at most 1e12 credits) -> micro */
 static int parse_credits(const char *cmd, const char *opt, const char *s, int64_t *out)
@@ -40,7 +32,7 @@ static int parse_credits(const char *cmd, const char *opt, const char *s, int64_
 
 void ar_help_market(void)
 {
-    printf("usage: arceus market --listen HOST:PORT --db PATH [--offline-after S]\n"
+    printf("usage: arceus market --listen HOST:PORT --db PATH [--http HOST:PORT] [--offline-after S]\n"
            "       arceus market add-account NAME [--credits N] --db PATH\n"
            "\n"
            "Run the market: the gRPC Market service over a SQLite database (created if\n"
@@ -49,12 +41,17 @@ void ar_help_market(void)
            "\"arceus market: listening on HOST:PORT\" once ready (port 0 picks a free\n"
            "port and prints it). SIGINT or SIGTERM stops it cleanly.\n"
            "\n"
+           "--http serves the web dashboard and its JSON API (README.md): the market's\n"
+           "overview for anyone, an account's jobs, providers and ledger for its token.\n"
+           "Prints \"arceus market: dashboard on http://HOST:PORT/\" once ready.\n"
+           "\n"
            "add-account creates an account (credits minted to it, 0 by default) and\n"
            "prints its token once: the database keeps only the token's hash.\n"
            "\n"
            "options:\n"
            "  --listen HOST:PORT   address to listen on, e.g. 127.0.0.1:7000\n"
            "  --db PATH            the SQLite database file\n"
+           "  --http HOST:PORT     serve the dashboard there, e.g. 127.0.0.1:8080 (port 0: any)\n"
            "  --offline-after S    a provider silent for S seconds is offline (%d)\n"
            "  --credits N          add-account: opening credits, up to 6 decimals (0)\n"
            AR_CLI_TLS_SERVER_HELP,
@@ -81,7 +78,7 @@ static int add_account(const char *name, const char *db, int64_t credits)
         return rc == AR_EINVAL ? 2 : 1;
     }
     printf("account %s created (id %lld) with %s credits\n", name, (long long)id,
-           credits_str(credits, buf, sizeof buf));
+           ar_credits_text(credits, buf, sizeof buf));
     printf("token: %s\n", token);
     fflush(stdout);
     fprintf(stderr, "arceus market: keep this token: it is shown only now (the market stores its hash)\n");
@@ -91,7 +88,7 @@ static int add_account(const char *name, const char *db, int64_t credits)
 
 int ar_cmd_market(int argc, char **argv)
 {
-    const char *listen = NULL, *db = NULL, *account = NULL;
+    const char *listen = NULL, *db = NULL, *account = NULL, *http = NULL;
     int offline_after = AR_MARKET_DEFAULT_OFFLINE_AFTER_S, adding = 0, have_credits = 0;
     int64_t credits = 0;
     ar_cli_tls tls = {0};
@@ -117,6 +114,8 @@ int ar_cmd_market(int argc, char **argv)
             rc = ar_args_string(&a, &listen);
         else if (!strcmp(name, "db"))
             rc = ar_args_string(&a, &db);
+        else if (!strcmp(name, "http"))
+            rc = ar_args_string(&a, &http);
         else if (!strcmp(name, "offline-after"))
             rc = ar_args_int(&a, 1, 86400, &offline_after);
         else if (!strcmp(name, "credits")) {
@@ -135,8 +134,8 @@ int ar_cmd_market(int argc, char **argv)
             ar_cli_error("market", "add-account needs a NAME (see arceus market --help)");
             return 2;
         }
-        if (listen) {
-            ar_cli_error("market", "add-account takes no --listen");
+        if (listen || http) {
+            ar_cli_error("market", "add-account takes no --%s", listen ? "listen" : "http");
             return 2;
         }
         return add_account(account, db, credits);
@@ -151,6 +150,10 @@ int ar_cmd_market(int argc, char **argv)
     }
     if (!db) {
         ar_cli_error("market", "--db PATH is required (the SQLite database, created if missing)");
+        return 2;
+    }
+    if (http && !strchr(http, ':')) {
+        ar_cli_error("market", "--http expects HOST:PORT (for example 127.0.0.1:8080), got \"%s\"", http);
         return 2;
     }
     if (tls.ca) {
@@ -169,9 +172,21 @@ int ar_cmd_market(int argc, char **argv)
         ar_cli_error("market", "%s", ar_last_error());
         return 1;
     }
+    /* the dashboard after the market: the database exists and is migrated */
+    ar_http *h = NULL;
+    char haddr[300];
+    int hrc = http ? ar_http_start(http, db, offline_after, &h, haddr, sizeof haddr) : AR_OK;
+    if (hrc != AR_OK) {
+        ar_cli_error("market", "%s", ar_last_error());
+        ar_market_stop(m);
+        return hrc == AR_EINVAL ? 2 : 1;
+    }
     printf("arceus market: listening on %s\n", addr);
+    if (h)
+        printf("arceus market: dashboard on http://%s/\n", haddr);
     fflush(stdout);
     ar_cli_wait_stop_signal("market");
+    ar_http_stop(h);
     ar_market_stop(m);
     return 0;
 }
@@ -284,7 +299,7 @@ int ar_cmd_providers(int argc, char **argv)
             snprintf(seen, sizeof seen, "%llds ago%s", ago < 0 ? 0 : ago, p->online ? "" : " (offline)");
             printf("%-5lld %-16s %-24s %9.1f %10s %5d %14s %11.2f %s\n", (long long)p->id, ps[i].account,
                    p->address, p->gflops, mem_str(p->mem_bytes, mem, sizeof mem), p->cores,
-                   credits_str(p->price_per_tflop, price, sizeof price), p->reliability, seen);
+                   ar_credits_text(p->price_per_tflop, price, sizeof price), p->reliability, seen);
         }
     }
     free(ps);
@@ -341,13 +356,13 @@ int ar_cmd_ledger(int argc, char **argv)
             snprintf(job, sizeof job, "%lld", (long long)r->job_id);
         if (r->step >= 0)
             snprintf(step, sizeof step, "%lld", (long long)r->step);
-        credits_str(r->amount, amount + 1, sizeof amount - 1);
+        ar_credits_text(r->amount, amount + 1, sizeof amount - 1);
         amount[0] = r->amount >= 0 ? '+' : ' ';
         printf("%-7lld %-8lld %-20s %-9s %6s %6s %20s\n", (long long)r->id, (long long)r->transfer_id, when,
                r->reason, job, step, r->amount >= 0 ? amount : amount + 1);
     }
     char b[48];
-    printf("balance: %s credits\n", credits_str(balance, b, sizeof b));
+    printf("balance: %s credits\n", ar_credits_text(balance, b, sizeof b));
     free(rows);
     return 0;
 }
@@ -409,7 +424,7 @@ int ar_cmd_jobs(int argc, char **argv)
             char spent[48], when[32];
             printf("%-6lld %-10s %8lld %20s %-20s %s\n", (long long)jobs[i].id,
                    ar_job_status_name(jobs[i].status), (long long)jobs[i].step,
-                   credits_str(jobs[i].spent, spent, sizeof spent),
+                   ar_credits_text(jobs[i].spent, spent, sizeof spent),
                    utc_str(jobs[i].created, when, sizeof when), jobs[i].spec ? jobs[i].spec : "");
         }
     }
@@ -490,9 +505,9 @@ int ar_cmd_job(int argc, char **argv)
     printf("job %lld\n", (long long)job.id);
     printf("  status:   %s\n", ar_job_status_name(job.status));
     printf("  step:     %lld\n", (long long)job.step);
-    printf("  spent:    %s credits", credits_str(job.spent, spent, sizeof spent));
+    printf("  spent:    %s credits", ar_credits_text(job.spent, spent, sizeof spent));
     if (job.max_credits > 0)
-        printf(" (of at most %s)", credits_str(job.max_credits, cap, sizeof cap));
+        printf(" (of at most %s)", ar_credits_text(job.max_credits, cap, sizeof cap));
     printf("\n  created:  %s UTC\n", utc_str(job.created, when, sizeof when));
     printf("  spec:     %s\n", job.spec ? job.spec : "");
     if (n == 0) {

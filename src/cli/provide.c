@@ -109,13 +109,6 @@ static int parse_price(const char *s, int64_t *out)
     return -1;
 }
 
-static const char *credits_str(int64_t micro, char *buf, size_t size)
-{
-    snprintf(buf, size, "%" PRId64 ".%06" PRId64, (int64_t)(micro / AR_MICRO_PER_CREDIT),
-             (int64_t)(micro % AR_MICRO_PER_CREDIT));
-    return buf;
-}
-
 /* ---- the heartbeat thread ----------------------------------------------------------- */
 
 typedef struct {
@@ -387,7 +380,7 @@ int ar_cmd_provide(int argc, char **argv)
     char pricebuf[48];
     printf("arceus provide: provider %" PRId64 " serving on %s (%.1f GFLOP/s, %.1f GiB, price %s)\n",
            p.provider_id, addr, gflops, (double)mem / (double)(1LL << 30),
-           credits_str(price, pricebuf, sizeof pricebuf));
+           ar_credits_text(price, pricebuf, sizeof pricebuf));
     if (advertise)
         printf("arceus provide: registered with the market as %s\n", advertise);
     printf("arceus provide: %d thread%s, %ld core%s on this machine, heartbeat every %d s to %s\n", threads,

@@ -58,7 +58,12 @@ void ar_help_train(void)
            "  --eval-every N       evaluate every N steps, 0 = only at the end (GPT 250, MLP 100)\n"
            "  --eval-batches N     language models: val batches per evaluation (40)\n"
            "  --out DIR            write checkpoints and loss.svg into DIR\n"
-           "  --ckpt-every N       checkpoint every N steps as well as at the end (0)\n"
+           "  --checkpoint-every K checkpoint every K steps as well as at the end; 0: only\n"
+           "                       at the end (default: whenever a minute of training has\n"
+           "                       passed, so a lost stage costs at most about a minute)\n"
+           "  --stage-timeout S    a remote stage silent for S seconds mid-step is lost (10,\n"
+           "                       or 4x the slowest step if more)\n"
+           "  --spares N           the last N of --workers H:P,... only replace lost stages\n"
            "  --resume DIR         continue a run from its checkpoint (and keep writing there\n"
            "                       unless --out says otherwise)\n"
            "  --stop-after N       stop after step N with a checkpoint, as if interrupted\n"
@@ -145,8 +150,12 @@ int ar_cmd_train(int argc, char **argv)
             rc = ar_args_long(&a, 0, 100000000, &c.eval_every);
         else if (!strcmp(name, "eval-batches"))
             rc = ar_args_int(&a, 1, 100000, &c.eval_batches);
-        else if (!strcmp(name, "ckpt-every"))
+        else if (!strcmp(name, "ckpt-every") || !strcmp(name, "checkpoint-every"))
             rc = ar_args_long(&a, 0, 100000000, &c.ckpt_every);
+        else if (!strcmp(name, "stage-timeout"))
+            rc = ar_args_float(&a, 0.1, 86400, &c.stage_timeout);
+        else if (!strcmp(name, "spares"))
+            rc = ar_args_int(&a, 1, 63, &c.spares);
         else if (!strcmp(name, "plan"))
             rc = ar_args_string(&a, &c.plan);
         else if (!strcmp(name, "worker-token"))
@@ -236,6 +245,9 @@ int ar_cmd_train(int argc, char **argv)
         }
         if (c.devices == 0)
             c.devices = 1;
+    } else if (c.spares && !c.remote_workers) {
+        ar_cli_error("train", "--spares goes with --workers HOST:PORT,...");
+        return 2;
     } else if (c.token || c.devices || c.max_credits) {
         ar_cli_error("train", "--token, --devices and --max-credits go with --market HOST:PORT");
         return 2;

@@ -44,7 +44,7 @@
 #define AR_REASON_MAX 32
 
 /* The schema version this build creates and migrates to. */
-#define AR_STORE_SCHEMA_VERSION 3
+#define AR_STORE_SCHEMA_VERSION 4
 
 typedef struct ar_store ar_store;
 
@@ -58,6 +58,10 @@ int ar_store_schema_version(ar_store *s, int *version);
  * nearest micro-credit; AR_ELIMIT when it does not fit in int64. The lease
  * estimate and usage_record use this same rule, so an estimate is exact. */
 int ar_store_cost(int64_t flops, int64_t price_per_tflop, int64_t *micro_out);
+
+/* micro-credits as credits with 6 decimals, "[-]C.CCCCCC" (exact: no
+ * floating point); returns buf. */
+const char *ar_credits_text(int64_t micro, char *buf, size_t size);
 
 /* ---- accounts ------------------------------------------------------------ */
 
@@ -163,6 +167,79 @@ int ar_store_job_progress_record(ar_store *s, int64_t job_id, int64_t step, doub
 /* A job's reported losses by step; *out is freed with ar_free. */
 int ar_store_job_progress(ar_store *s, int64_t job_id, ar_job_point **out, size_t *n);
 
+/* ---- a running job as its driver sees it (the dashboard) ---------------------- */
+
+/* A job's validation loss after `step` completed steps (a step reported
+ * again replaces it). AR_EINVAL for a negative step or a loss that is not
+ * finite, AR_ENOTFOUND for no job. */
+int ar_store_job_val_record(ar_store *s, int64_t job_id, int64_t step, double loss);
+/* A job's validation losses by step; *out is freed with ar_free. */
+int ar_store_job_val(ar_store *s, int64_t job_id, ar_job_point **out, size_t *n);
+/* The training losses of steps after `after_step` (-1: all), by step: what
+ * a dashboard polling for new points needs. */
+int ar_store_job_progress_since(ar_store *s, int64_t job_id, int64_t after_step,
+                                ar_job_point **out, size_t *n);
+
+#define AR_UNIT_MAX 16
+
+/* The latest snapshot of a running job. */
+typedef struct {
+    int64_t step;          /* completed steps when it was taken */
+    int64_t total_steps;   /* the steps the run plans */
+    double items_per_s;    /* recent throughput */
+    char unit[AR_UNIT_MAX]; /* of items_per_s: "tokens" or "samples" */
+    double eta_s;          /* seconds left, as the driver estimates them */
+    double wall_s;         /* the driver's wall time of training steps so far */
+    char *plan;            /* the plan as a JSON document, or NULL; owned */
+    int64_t updated;       /* unix seconds */
+} ar_job_live;
+
+/* One stage's busy and idle seconds since its run began, sampled after
+ * `step` completed steps, with the driver's wall time then. */
+typedef struct {
+    int64_t step;
+    int stage;
+    double wall_s, busy_s, idle_s;
+} ar_stage_time;
+
+/* Record a snapshot of a job and its stages' times (one transaction): the
+ * snapshot replaces the previous one, except that a NULL plan keeps the plan
+ * already stored; the stage times are added to the job's timeline (a sample
+ * of the same step and stage again replaces it). AR_EINVAL for values out of
+ * range, AR_ENOTFOUND for no job. */
+int ar_store_job_live_set(ar_store *s, int64_t job_id, const ar_job_live *live,
+                          const ar_stage_time *times, size_t n_times);
+/* The latest snapshot; AR_ENOTFOUND when the job has none. Clear it with
+ * ar_store_job_live_clear. */
+int ar_store_job_live_get(ar_store *s, int64_t job_id, ar_job_live *out);
+void ar_store_job_live_clear(ar_job_live *l);
+/* A job's stage-time samples by step, then stage; *out freed with ar_free. */
+int ar_store_job_stage_times(ar_store *s, int64_t job_id, ar_stage_time **out, size_t *n);
+
+/* ---- market-wide figures (the dashboard's public overview) ------------------------ */
+
+typedef struct {
+    int64_t providers, providers_online;
+    double gflops_online;    /* the online providers' combined GFLOP/s */
+    int64_t jobs, jobs_running;
+    int64_t credits_moved;   /* micro-credits paid by renters to providers, net of reversals */
+    int64_t steps_paid;      /* (job, step, stage) pieces of work paid */
+} ar_market_totals;
+
+int ar_store_totals(ar_store *s, ar_market_totals *out);
+
+/* What a provider earned in one second of work: the usage paid to it. */
+typedef struct {
+    int64_t provider_id;
+    int64_t time;   /* unix seconds */
+    int64_t amount; /* micro-credits */
+    int64_t steps;  /* pieces of work paid in that second */
+} ar_earning;
+
+/* The earnings of the providers of one account, by provider, then time;
+ * *out freed with ar_free. */
+int ar_store_provider_earnings(ar_store *s, int64_t account_id, ar_earning **out, size_t *n);
+
 /* ---- leases ---------------------------------------------------------------- */
 
 /* One provider's place in a job's plan. `stage` is the member's slot in the
@@ -223,6 +300,27 @@ int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t step, int64_t pro
  * after it was not kept, so its payments are reversed (one transaction).
  * *reversed_out (may be NULL) gets the number of usage rows undone. */
 int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out);
+
+/* A lost member's reliability is multiplied by this (the market ranks
+ * providers by reliability squared). */
+#define AR_RELIABILITY_AFTER_LOSS 0.8
+
+/* A member of a live lease was lost mid-run (its driver says so). In one
+ * transaction: the provider is marked offline and its reliability multiplied
+ * by AR_RELIABILITY_AFTER_LOSS; every payment of the lease's job for steps
+ * from kept_steps on (0-based: steps >= kept_steps) is reversed, because the
+ * job goes back to its checkpoint and redoes them; and the lost member's
+ * place in the lease goes to `replacement` (its provider_id, flops_per_step
+ * and price; its stage is ignored), or is removed when replacement is NULL.
+ * AR_ENOTFOUND when the lease is not live or the provider not in it. */
+int ar_store_lease_replace(ar_store *s, int64_t lease_id, int64_t lost_provider_id, int64_t kept_steps,
+                           const ar_lease_member *replacement, int *reversed_out);
+/* The renter's driver died and a new one resumes job_id (the renter's) from
+ * a checkpoint that kept kept_steps steps: in one transaction the job's live
+ * leases are released, the payments for steps >= kept_steps reversed, and the
+ * job is running again at kept_steps. AR_ENOTFOUND for another's job. */
+int ar_store_job_resume(ar_store *s, int64_t job_id, int64_t renter_id, int64_t kept_steps,
+                        int *reversed_out);
 
 /* ---- ledger ---------------------------------------------------------------- */
 

@@ -143,6 +143,35 @@ static const char *const migrations[] = {
     "  loss REAL NOT NULL,"
     "  created INTEGER NOT NULL,"
     "  PRIMARY KEY (job_id, step));",
+    /* 4: what the dashboard shows of a running job: validation losses, the
+     * driver's latest snapshot (throughput, ETA, the plan as the JSON the
+     * market built from the checked report) and each stage's busy and idle
+     * time sampled along the run; and the usage of a provider by time */
+    "CREATE TABLE job_val ("
+    "  job_id INTEGER NOT NULL REFERENCES jobs(id),"
+    "  step INTEGER NOT NULL,"
+    "  loss REAL NOT NULL,"
+    "  created INTEGER NOT NULL,"
+    "  PRIMARY KEY (job_id, step));"
+    "CREATE TABLE job_live ("
+    "  job_id INTEGER PRIMARY KEY REFERENCES jobs(id),"
+    "  step INTEGER NOT NULL,"
+    "  total_steps INTEGER NOT NULL,"
+    "  items_per_s REAL NOT NULL,"
+    "  items_unit TEXT NOT NULL,"
+    "  eta_s REAL NOT NULL,"
+    "  wall_s REAL NOT NULL,"
+    "  plan TEXT,"
+    "  updated INTEGER NOT NULL);"
+    "CREATE TABLE job_stage_time ("
+    "  job_id INTEGER NOT NULL REFERENCES jobs(id),"
+    "  step INTEGER NOT NULL,"
+    "  stage INTEGER NOT NULL,"
+    "  wall_s REAL NOT NULL,"
+    "  busy_s REAL NOT NULL,"
+    "  idle_s REAL NOT NULL,"
+    "  PRIMARY KEY (job_id, step, stage));"
+    "CREATE INDEX usage_provider ON usage (provider_id, created);",
 };
 _Static_assert(sizeof migrations / sizeof migrations[0] == AR_STORE_SCHEMA_VERSION,
                "one migration per schema version");
@@ -384,6 +413,14 @@ static int token_lookup(ar_store *s, const char *sql, const char *token, int64_t
 }
 
 /* ---- money -------------------------------------------------------------------- */
+
+const char *ar_credits_text(int64_t micro, char *buf, size_t size)
+{
+    const uint64_t unit = (uint64_t)AR_MICRO_PER_CREDIT;
+    uint64_t a = micro < 0 ? (uint64_t)0 - (uint64_t)micro : (uint64_t)micro;
+    snprintf(buf, size, "%s%" PRIu64 ".%06" PRIu64, micro < 0 ? "-" : "", a / unit, a % unit);
+    return buf;
+}
 
 int ar_store_cost(int64_t flops, int64_t price_per_tflop, int64_t *micro_out)
 {
@@ -1084,15 +1121,22 @@ int ar_store_job_list(ar_store *s, int64_t renter_id, ar_job **out, size_t *n)
     return AR_OK;
 }
 
+/* AR_OK when job_id names a job; the caller holds the lock */
+static int job_exists(ar_store *s, int64_t job_id)
+{
+    int64_t id;
+    int rc = query_i64(s, &id, "SELECT id FROM jobs WHERE id = ?", "i", job_id);
+    if (rc == AR_ENOTFOUND)
+        rc = ar_fail(rc, "no job %" PRId64, job_id);
+    return rc;
+}
+
 int ar_store_job_progress_record(ar_store *s, int64_t job_id, int64_t stepno, double loss)
 {
     if (stepno < 0 || !isfinite(loss))
         return ar_fail(AR_EINVAL, "bad progress: step %" PRId64 ", loss %g", stepno, loss);
     lock(s);
-    int64_t id;
-    int rc = query_i64(s, &id, "SELECT id FROM jobs WHERE id = ?", "i", job_id);
-    if (rc == AR_ENOTFOUND)
-        rc = ar_fail(rc, "no job %" PRId64, job_id);
+    int rc = job_exists(s, job_id);
     if (rc == 0)
         rc = run(s, NULL,
                  "INSERT OR REPLACE INTO job_progress (job_id, step, loss, created) VALUES (?, ?, ?, ?)",
@@ -1101,7 +1145,9 @@ int ar_store_job_progress_record(ar_store *s, int64_t job_id, int64_t stepno, do
     return rc;
 }
 
-int ar_store_job_progress(ar_store *s, int64_t job_id, ar_job_point **out, size_t *n)
+/* (step, loss) rows of `sql`, which takes the job id and a step to start after */
+static int job_points(ar_store *s, const char *sql, int64_t job_id, int64_t after_step,
+                      ar_job_point **out, size_t *n)
 {
     *out = NULL;
     *n = 0;
@@ -1109,8 +1155,7 @@ int ar_store_job_progress(ar_store *s, int64_t job_id, ar_job_point **out, size_
     size_t cap = 0, cnt = 0;
     sqlite3_stmt *st;
     lock(s);
-    int rc = prep(s, &st, "SELECT step, loss FROM job_progress WHERE job_id = ? ORDER BY step", "i",
-                  job_id);
+    int rc = prep(s, &st, sql, "ii", job_id, after_step);
     if (rc == 0) {
         while ((rc = step(s, st)) > 0) {
             if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
@@ -1124,6 +1169,230 @@ int ar_store_job_progress(ar_store *s, int64_t job_id, ar_job_point **out, size_
     unlock(s);
     if (rc < 0) {
         ar_free(arr);
+        return rc;
+    }
+    *out = arr;
+    *n = cnt;
+    return AR_OK;
+}
+
+int ar_store_job_progress(ar_store *s, int64_t job_id, ar_job_point **out, size_t *n)
+{
+    return ar_store_job_progress_since(s, job_id, -1, out, n);
+}
+
+int ar_store_job_progress_since(ar_store *s, int64_t job_id, int64_t after_step,
+                                ar_job_point **out, size_t *n)
+{
+    return job_points(s, "SELECT step, loss FROM job_progress WHERE job_id = ? AND step > ? ORDER BY step",
+                      job_id, after_step, out, n);
+}
+
+/* ---- a running job as its driver sees it ---------------------------------------------- */
+
+int ar_store_job_val_record(ar_store *s, int64_t job_id, int64_t stepno, double loss)
+{
+    if (stepno < 0 || !isfinite(loss))
+        return ar_fail(AR_EINVAL, "bad validation loss: step %" PRId64 ", loss %g", stepno, loss);
+    lock(s);
+    int rc = job_exists(s, job_id);
+    if (rc == 0)
+        rc = run(s, NULL, "INSERT OR REPLACE INTO job_val (job_id, step, loss, created) VALUES (?, ?, ?, ?)",
+                 "iidi", job_id, stepno, loss, now_s());
+    unlock(s);
+    return rc;
+}
+
+int ar_store_job_val(ar_store *s, int64_t job_id, ar_job_point **out, size_t *n)
+{
+    return job_points(s, "SELECT step, loss FROM job_val WHERE job_id = ? AND step > ? ORDER BY step", job_id,
+                      -1, out, n);
+}
+
+static bool finite_nonneg(double x)
+{
+    return isfinite(x) && x >= 0;
+}
+
+int ar_store_job_live_set(ar_store *s, int64_t job_id, const ar_job_live *l, const ar_stage_time *t,
+                          size_t n)
+{
+    if (l->step < 0 || l->total_steps < 0 || !finite_nonneg(l->items_per_s) || !finite_nonneg(l->eta_s) ||
+        !finite_nonneg(l->wall_s) || strnlen(l->unit, AR_UNIT_MAX) >= AR_UNIT_MAX)
+        return ar_fail(AR_EINVAL, "bad job snapshot: step %" PRId64 " of %" PRId64 ", %g items/s, eta %g s, wall %g s",
+                       l->step, l->total_steps, l->items_per_s, l->eta_s, l->wall_s);
+    for (size_t i = 0; i < n; i++)
+        if (t[i].step < 0 || t[i].stage < 0 || !finite_nonneg(t[i].wall_s) || !finite_nonneg(t[i].busy_s) ||
+            !finite_nonneg(t[i].idle_s))
+            return ar_fail(AR_EINVAL, "bad stage time: stage %d at step %" PRId64 ", busy %g s, idle %g s",
+                           t[i].stage, t[i].step, t[i].busy_s, t[i].idle_s);
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc < 0)
+        goto out;
+    rc = job_exists(s, job_id);
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT INTO job_live (job_id, step, total_steps, items_per_s, items_unit, eta_s, wall_s, plan, updated)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                 " ON CONFLICT (job_id) DO UPDATE SET step = excluded.step, total_steps = excluded.total_steps,"
+                 " items_per_s = excluded.items_per_s, items_unit = excluded.items_unit, eta_s = excluded.eta_s,"
+                 " wall_s = excluded.wall_s, plan = COALESCE(excluded.plan, job_live.plan), updated = excluded.updated",
+                 "iiidtddti", job_id, l->step, l->total_steps, l->items_per_s, l->unit, l->eta_s, l->wall_s, l->plan,
+                 now_s());
+    for (size_t i = 0; rc == 0 && i < n; i++)
+        rc = run(s, NULL,
+                 "INSERT OR REPLACE INTO job_stage_time (job_id, step, stage, wall_s, busy_s, idle_s)"
+                 " VALUES (?, ?, ?, ?, ?, ?)",
+                 "iiiddd", job_id, t[i].step, (int64_t)t[i].stage, t[i].wall_s, t[i].busy_s, t[i].idle_s);
+    rc = tx_end(s, rc);
+out:
+    unlock(s);
+    return rc;
+}
+
+void ar_store_job_live_clear(ar_job_live *l)
+{
+    if (l) {
+        free(l->plan);
+        l->plan = NULL;
+    }
+}
+
+int ar_store_job_live_get(ar_store *s, int64_t job_id, ar_job_live *out)
+{
+    memset(out, 0, sizeof *out);
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st,
+                  "SELECT step, total_steps, items_per_s, items_unit, eta_s, wall_s, plan, updated"
+                  " FROM job_live WHERE job_id = ?",
+                  "i", job_id);
+    if (rc == 0) {
+        rc = step(s, st);
+        if (rc > 0) {
+            out->step = sqlite3_column_int64(st, 0);
+            out->total_steps = sqlite3_column_int64(st, 1);
+            out->items_per_s = sqlite3_column_double(st, 2);
+            copy_text(out->unit, sizeof out->unit, st, 3);
+            out->eta_s = sqlite3_column_double(st, 4);
+            out->wall_s = sqlite3_column_double(st, 5);
+            const unsigned char *plan = sqlite3_column_text(st, 6);
+            out->updated = sqlite3_column_int64(st, 7);
+            rc = AR_OK;
+            if (plan && !(out->plan = strdup((const char *)plan)))
+                rc = ar_fail(AR_ENOMEM, "db: out of memory for a job plan");
+        } else if (rc == 0) {
+            rc = ar_fail(AR_ENOTFOUND, "job %" PRId64 " has reported no progress", job_id);
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    if (rc < 0)
+        ar_store_job_live_clear(out);
+    return rc;
+}
+
+int ar_store_job_stage_times(ar_store *s, int64_t job_id, ar_stage_time **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    ar_stage_time *arr = NULL;
+    size_t cap = 0, cnt = 0;
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st,
+                  "SELECT step, stage, wall_s, busy_s, idle_s FROM job_stage_time WHERE job_id = ?"
+                  " ORDER BY step, stage",
+                  "i", job_id);
+    if (rc == 0) {
+        while ((rc = step(s, st)) > 0) {
+            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
+                break;
+            ar_stage_time *t = &arr[cnt++];
+            t->step = sqlite3_column_int64(st, 0);
+            t->stage = sqlite3_column_int(st, 1);
+            t->wall_s = sqlite3_column_double(st, 2);
+            t->busy_s = sqlite3_column_double(st, 3);
+            t->idle_s = sqlite3_column_double(st, 4);
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    if (rc < 0) {
+        free(arr);
+        return rc;
+    }
+    *out = arr;
+    *n = cnt;
+    return AR_OK;
+}
+
+/* ---- market-wide figures ------------------------------------------------------------ */
+
+int ar_store_totals(ar_store *s, ar_market_totals *out)
+{
+    memset(out, 0, sizeof *out);
+    sqlite3_stmt *st;
+    lock(s);
+    /* one statement, so the figures are of one moment */
+    int rc = prep(s, &st,
+                  "SELECT (SELECT COUNT(*) FROM providers),"
+                  " (SELECT COUNT(*) FROM providers WHERE online = 1),"
+                  " (SELECT COALESCE(SUM(gflops), 0) FROM providers WHERE online = 1),"
+                  " (SELECT COUNT(*) FROM jobs),"
+                  " (SELECT COUNT(*) FROM jobs WHERE status = 'running'),"
+                  " (SELECT COALESCE(SUM(amount), 0) FROM usage),"
+                  " (SELECT COUNT(*) FROM usage)",
+                  NULL);
+    if (rc == 0) {
+        rc = step(s, st);
+        if (rc > 0) {
+            out->providers = sqlite3_column_int64(st, 0);
+            out->providers_online = sqlite3_column_int64(st, 1);
+            out->gflops_online = sqlite3_column_double(st, 2);
+            out->jobs = sqlite3_column_int64(st, 3);
+            out->jobs_running = sqlite3_column_int64(st, 4);
+            out->credits_moved = sqlite3_column_int64(st, 5);
+            out->steps_paid = sqlite3_column_int64(st, 6);
+            rc = AR_OK;
+        } else if (rc == 0) {
+            rc = ar_fail(AR_EINTERNAL, "db: the totals query gave no row");
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    return rc;
+}
+
+int ar_store_provider_earnings(ar_store *s, int64_t account_id, ar_earning **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    ar_earning *arr = NULL;
+    size_t cap = 0, cnt = 0;
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st,
+                  "SELECT u.provider_id, u.created, SUM(u.amount), COUNT(*) FROM usage u"
+                  " JOIN providers p ON p.id = u.provider_id WHERE p.account_id = ?"
+                  " GROUP BY u.provider_id, u.created ORDER BY u.provider_id, u.created",
+                  "i", account_id);
+    if (rc == 0) {
+        while ((rc = step(s, st)) > 0) {
+            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
+                break;
+            ar_earning *e = &arr[cnt++];
+            e->provider_id = sqlite3_column_int64(st, 0);
+            e->time = sqlite3_column_int64(st, 1);
+            e->amount = sqlite3_column_int64(st, 2);
+            e->steps = sqlite3_column_int64(st, 3);
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    if (rc < 0) {
+        free(arr);
         return rc;
     }
     *out = arr;
@@ -1437,14 +1706,12 @@ out:
     return rc;
 }
 
-int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out)
+/* Reverse every payment of job_id for steps after kept_step; inside a
+ * transaction, lock held. */
+static int rollback_usage(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out)
 {
-    lock(s);
-    int rc = tx_begin(s);
-    if (rc < 0)
-        goto out;
     int64_t renter = 0;
-    rc = query_i64(s, &renter, "SELECT renter_id FROM jobs WHERE id = ?", "i", job_id);
+    int rc = query_i64(s, &renter, "SELECT renter_id FROM jobs WHERE id = ?", "i", job_id);
     if (rc == AR_ENOTFOUND)
         rc = ar_fail(rc, "no job %" PRId64, job_id);
     int count = 0;
@@ -1471,9 +1738,83 @@ int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int 
                  kept_step);
     if (rc == 0)
         rc = run(s, NULL, "UPDATE jobs SET spent = spent - ? WHERE id = ?", "ii", undone, job_id);
-    rc = tx_end(s, rc);
     if (rc == 0 && reversed_out)
         *reversed_out = count;
+    return rc;
+}
+
+int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out)
+{
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc == 0)
+        rc = tx_end(s, rollback_usage(s, job_id, kept_step, reversed_out));
+    unlock(s);
+    return rc;
+}
+
+int ar_store_lease_replace(ar_store *s, int64_t lease_id, int64_t lost_provider_id, int64_t kept_steps,
+                           const ar_lease_member *replacement, int *reversed_out)
+{
+    if (kept_steps < 0)
+        return ar_fail(AR_EINVAL, "kept steps %" PRId64 " below zero", kept_steps);
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc < 0)
+        goto out;
+    int64_t job_id = 0, stage = 0;
+    rc = query_i64(s, &job_id, "SELECT job_id FROM leases WHERE id = ? AND released IS NULL", "i", lease_id);
+    if (rc == AR_ENOTFOUND)
+        rc = ar_fail(rc, "no live lease %" PRId64, lease_id);
+    if (rc == 0) {
+        rc = query_i64(s, &stage, "SELECT stage FROM lease_members WHERE lease_id = ? AND provider_id = ?",
+                       "ii", lease_id, lost_provider_id);
+        if (rc == AR_ENOTFOUND)
+            rc = ar_fail(rc, "provider %" PRId64 " is not in lease %" PRId64, lost_provider_id, lease_id);
+    }
+    /* the loss counts against the provider until it proves itself again */
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE providers SET online = 0, reliability = reliability * ? WHERE id = ?", "di",
+                 AR_RELIABILITY_AFTER_LOSS, lost_provider_id);
+    if (rc == 0)
+        rc = rollback_usage(s, job_id, kept_steps - 1, reversed_out);
+    if (rc == 0 && replacement)
+        rc = run(s, NULL,
+                 "UPDATE lease_members SET provider_id = ?, flops_per_step = ?, price_per_tflop = ?"
+                 " WHERE lease_id = ? AND stage = ?",
+                 "iiiii", replacement->provider_id, replacement->flops_per_step,
+                 replacement->price_per_tflop, lease_id, stage);
+    else if (rc == 0)
+        rc = run(s, NULL, "DELETE FROM lease_members WHERE lease_id = ? AND stage = ?", "ii", lease_id, stage);
+    rc = tx_end(s, rc);
+out:
+    unlock(s);
+    return rc;
+}
+
+int ar_store_job_resume(ar_store *s, int64_t job_id, int64_t renter_id, int64_t kept_steps,
+                        int *reversed_out)
+{
+    if (kept_steps < 0)
+        return ar_fail(AR_EINVAL, "kept steps %" PRId64 " below zero", kept_steps);
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc < 0)
+        goto out;
+    int64_t owner = 0;
+    rc = query_i64(s, &owner, "SELECT renter_id FROM jobs WHERE id = ?", "i", job_id);
+    if (rc == AR_ENOTFOUND || (rc == 0 && owner != renter_id))
+        rc = ar_fail(AR_ENOTFOUND, "no job %" PRId64 " of this account", job_id);
+    /* the driver that held them is gone: its leases end here */
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE leases SET released = ? WHERE job_id = ? AND released IS NULL", "ii", now_s(),
+                 job_id);
+    if (rc == 0)
+        rc = rollback_usage(s, job_id, kept_steps - 1, reversed_out);
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE jobs SET status = ?, step = ? WHERE id = ?", "tii",
+                 ar_job_status_name(AR_JOB_RUNNING), kept_steps, job_id);
+    rc = tx_end(s, rc);
 out:
     unlock(s);
     return rc;

@@ -522,6 +522,12 @@ static void link_unref(glink *l)
 
 static int start_locked(glink *l, link_tag *t, const grpc_op *ops, size_t n)
 {
+    if (net_loop_closing()) {
+        l->failed = 1;
+        if (!l->err[0])
+            snprintf(l->err, sizeof l->err, "%s: the network is shutting down", l->base.name);
+        return -1;
+    }
     l->refs++;
     grpc_call_error e = grpc_call_start_batch(l->call, ops, n, t, NULL);
     if (e != GRPC_CALL_OK) {

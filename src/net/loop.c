@@ -4,6 +4,7 @@
 
 #include "core/core.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -13,7 +14,7 @@ grpc_completion_queue *ar_net_cq;
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static int g_refs;
 static pthread_t g_thread;
-static volatile int g_shutting_down;
+static atomic_int g_shutting_down;
 
 static void *loop_main(void *arg)
 {
@@ -69,6 +70,11 @@ void ar_net_shutdown(void)
     ar_net_cq = NULL;
     grpc_shutdown_blocking();
     pthread_mutex_unlock(&g_mu);
+}
+
+int net_loop_closing(void)
+{
+    return atomic_load(&g_shutting_down);
 }
 
 static void waiter_cb(net_tag *t, int ok)

@@ -10,7 +10,9 @@
 #include "arceus.pb-c.h"
 #include "core/core.h"
 #include "net/net_internal.h"
+#include "train/plan.h"
 
+#include <cjson/cJSON.h>
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
@@ -484,6 +486,71 @@ static int rank_cmp(const void *a, const void *b)
     return x->p->id < y->p->id ? -1 : x->p->id > y->p->id;
 }
 
+/* The free online providers offering at least min_mem bytes, best first:
+ * (*rk)[0..*k) point into *ps (both the caller's to free, also on failure);
+ * *busy counts those left out because a live lease holds them. Called with
+ * acquire_mu held. */
+static int rank_free(ar_market *m, uint64_t min_mem, ar_provider **ps, ranked **rk, size_t *k, size_t *busy)
+{
+    size_t n = 0;
+    *rk = NULL;
+    *k = *busy = 0;
+    int rc = ar_store_provider_list(m->store, true, ps, &n);
+    if (rc != AR_OK)
+        return rc;
+    if (!(*rk = calloc(n ? n : 1, sizeof **rk)))
+        return ar_fail(AR_ENOMEM, "out of memory");
+    double best_gflops = 0;
+    int64_t min_price = INT64_MAX;
+    for (size_t i = 0; i < n; i++) {
+        const ar_provider *p = &(*ps)[i];
+        if ((uint64_t)p->mem_bytes < min_mem)
+            continue;
+        /* a worker hosts one stage: a provider leased to a live job is not free */
+        bool leased = false;
+        if ((rc = ar_store_provider_leased(m->store, p->id, &leased)) != AR_OK)
+            return rc;
+        if (leased) {
+            (*busy)++;
+            continue;
+        }
+        (*rk)[(*k)++].p = p;
+        if (p->gflops > best_gflops)
+            best_gflops = p->gflops;
+        if (p->price_per_tflop < min_price)
+            min_price = p->price_per_tflop;
+    }
+    const double p0 = (double)AR_MICRO_PER_CREDIT;
+    for (size_t i = 0; i < *k; i++) {
+        const ar_provider *p = (*rk)[i].p;
+        double rel = p->reliability < 0 ? 0 : p->reliability > 1 ? 1 : p->reliability;
+        (*rk)[i].score = rel * rel * (best_gflops > 0 ? p->gflops / best_gflops : 1) * ((double)min_price + p0) /
+                         ((double)p->price_per_tflop + p0);
+    }
+    qsort(*rk, *k, sizeof **rk, rank_cmp);
+    return AR_OK;
+}
+
+/* A leased provider as the reply shows it; pp is its profile's storage. */
+static void leased_msg(const ar_provider *p, const char *account, int64_t flops_per_step,
+                       Arceus__ProviderProfile *pp, Arceus__LeasedProvider *l)
+{
+    Arceus__ProviderProfile prof = ARCEUS__PROVIDER_PROFILE__INIT;
+    prof.gflops = p->gflops;
+    prof.mem_bytes = (uint64_t)p->mem_bytes;
+    prof.cores = (uint32_t)p->cores;
+    prof.price_per_tflop = p->price_per_tflop;
+    *pp = prof;
+    Arceus__LeasedProvider x = ARCEUS__LEASED_PROVIDER__INIT;
+    x.provider_id = p->id;
+    x.account = (char *)account;
+    x.address = (char *)p->address;
+    x.profile = pp;
+    x.reliability = p->reliability;
+    x.flops_per_step = flops_per_step;
+    *l = x;
+}
+
 static void on_acquire(ar_rpc *rpc, void *user)
 {
     ar_market *m = user;
@@ -493,7 +560,6 @@ static void on_acquire(ar_rpc *rpc, void *user)
         return;
     int64_t renter;
     ar_provider *ps = NULL;
-    size_t n = 0;
     ranked *rk = NULL;
     int64_t job_id = 0;
     int acquiring = 0;
@@ -502,47 +568,36 @@ static void on_acquire(ar_rpc *rpc, void *user)
     if (req->devices < 1 || req->devices > AR_MARKET_MAX_DEVICES || req->est_steps < 1 ||
         req->est_steps > 1000000000LL || req->max_credits < 0 || req->max_credits > AR_CREDITS(1000000000000LL) ||
         req->flops_per_step < 1 || req->flops_per_step > AR_MARKET_MAX_STAGE_FLOPS ||
-        req->min_mem_bytes > (uint64_t)AR_MARKET_MAX_MEM || strlen(req->spec) > 4096) {
+        req->min_mem_bytes > (uint64_t)AR_MARKET_MAX_MEM || strlen(req->spec) > 4096 ||
+        req->resume_job_id < 0 || req->kept_steps < 0 || req->kept_steps > 1000000000000LL) {
         ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT,
                       "AcquireLease arguments out of range (devices %u of 1..%d, est_steps %lld, "
-                      "flops_per_step %lld, max_credits %lld, spec of %zu characters)",
+                      "flops_per_step %lld, max_credits %lld, spec of %zu characters, resume_job_id %lld, "
+                      "kept_steps %lld)",
                       req->devices, AR_MARKET_MAX_DEVICES, (long long)req->est_steps,
-                      (long long)req->flops_per_step, (long long)req->max_credits, strlen(req->spec));
+                      (long long)req->flops_per_step, (long long)req->max_credits, strlen(req->spec),
+                      (long long)req->resume_job_id, (long long)req->kept_steps);
         goto out;
     }
     pthread_mutex_lock(&m->acquire_mu);
     acquiring = 1;
-    int rc = ar_store_provider_list(m->store, true, &ps, &n);
-    if (rc != AR_OK) {
-        store_error(rpc, rc);
-        goto out;
-    }
-    rk = calloc(n ? n : 1, sizeof *rk);
-    if (!rk) {
-        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
-        goto out;
-    }
-    size_t k = 0, busy = 0;
-    double best_gflops = 0;
-    int64_t min_price = INT64_MAX;
-    for (size_t i = 0; i < n; i++) {
-        if ((uint64_t)ps[i].mem_bytes < req->min_mem_bytes)
-            continue;
-        /* a worker hosts one stage: a provider leased to a live job is not free */
-        bool leased = false;
-        if ((rc = ar_store_provider_leased(m->store, ps[i].id, &leased)) != AR_OK) {
+    int rc;
+    if (req->resume_job_id > 0) {
+        /* a new driver for the same job: the old one's leases end (their
+         * providers are free again) and its work after the checkpoint is
+         * unpaid, since it is redone */
+        int reversed = 0;
+        if ((rc = ar_store_job_resume(m->store, req->resume_job_id, renter, req->kept_steps, &reversed)) != AR_OK) {
             store_error(rpc, rc);
             goto out;
         }
-        if (leased) {
-            busy++;
-            continue;
-        }
-        rk[k++].p = &ps[i];
-        if (ps[i].gflops > best_gflops)
-            best_gflops = ps[i].gflops;
-        if (ps[i].price_per_tflop < min_price)
-            min_price = ps[i].price_per_tflop;
+        ar_log(AR_LOG_INFO, "market: job %lld resumes from step %lld (%d payments after it reversed)",
+               (long long)req->resume_job_id, (long long)req->kept_steps, reversed);
+    }
+    size_t k = 0, busy = 0;
+    if ((rc = rank_free(m, req->min_mem_bytes, &ps, &rk, &k, &busy)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
     }
     if (k < req->devices) {
         char busy_note[96] = "";
@@ -554,14 +609,6 @@ static void on_acquire(ar_rpc *rpc, void *user)
                       busy_note);
         goto out;
     }
-    const double p0 = (double)AR_MICRO_PER_CREDIT;
-    for (size_t i = 0; i < k; i++) {
-        const ar_provider *p = rk[i].p;
-        double rel = p->reliability < 0 ? 0 : p->reliability > 1 ? 1 : p->reliability;
-        rk[i].score = rel * rel * (p->gflops / best_gflops) * ((double)min_price + p0) /
-                      ((double)p->price_per_tflop + p0);
-    }
-    qsort(rk, k, sizeof *rk, rank_cmp);
     size_t N = req->devices;
     ar_lease_member members[AR_MARKET_MAX_DEVICES];
     Arceus__LeasedProvider lp[AR_MARKET_MAX_DEVICES], *lpp[AR_MARKET_MAX_DEVICES];
@@ -586,7 +633,9 @@ static void on_acquire(ar_rpc *rpc, void *user)
             goto out;
         }
     }
-    if ((rc = ar_store_job_create(m->store, renter, req->spec, req->max_credits, &job_id)) != AR_OK) {
+    if (req->resume_job_id > 0)
+        job_id = req->resume_job_id;
+    else if ((rc = ar_store_job_create(m->store, renter, req->spec, req->max_credits, &job_id)) != AR_OK) {
         store_error(rpc, rc);
         goto out;
     }
@@ -612,21 +661,7 @@ static void on_acquire(ar_rpc *rpc, void *user)
     ar_log(AR_LOG_INFO, "market: job %lld leases %zu providers (lease %lld, estimate %lld micro-credits)",
            (long long)job_id, N, (long long)lease_id, (long long)estimate);
     for (size_t i = 0; i < N; i++) {
-        const ar_provider *p = rk[i].p;
-        Arceus__ProviderProfile pp = ARCEUS__PROVIDER_PROFILE__INIT;
-        pp.gflops = p->gflops;
-        pp.mem_bytes = (uint64_t)p->mem_bytes;
-        pp.cores = (uint32_t)p->cores;
-        pp.price_per_tflop = p->price_per_tflop;
-        prof[i] = pp;
-        Arceus__LeasedProvider l = ARCEUS__LEASED_PROVIDER__INIT;
-        l.provider_id = p->id;
-        l.account = names[i].name;
-        l.address = (char *)p->address;
-        l.profile = &prof[i];
-        l.reliability = p->reliability;
-        l.flops_per_step = members[i].flops_per_step;
-        lp[i] = l;
+        leased_msg(rk[i].p, names[i].name, members[i].flops_per_step, &prof[i], &lp[i]);
         lpp[i] = &lp[i];
     }
     Arceus__AcquireLeaseReply r = ARCEUS__ACQUIRE_LEASE_REPLY__INIT;
@@ -768,6 +803,97 @@ static void on_release(ar_rpc *rpc, void *user)
     net_rpc_reply(rpc, &r.base);
 out:
     arceus__release_lease_request__free_unpacked(req, NULL);
+}
+
+static void on_replace(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__ReplaceProviderRequest *req =
+        (Arceus__ReplaceProviderRequest *)read_request(rpc, &arceus__replace_provider_request__descriptor);
+    if (!req)
+        return;
+    ar_lease lease;
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    ar_provider *ps = NULL;
+    ranked *rk = NULL;
+    int acquiring = 0;
+    if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
+        goto out;
+    if (req->kept_steps < 0 || req->kept_steps > 1000000000000LL || strlen(req->reason) > 256) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReplaceProvider: kept_steps %lld or a reason of %zu "
+                      "characters out of range", (long long)req->kept_steps, strlen(req->reason));
+        goto out;
+    }
+    int rc = ar_store_lease_members(m->store, lease.id, &mem, &nm);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    const ar_lease_member *lost = NULL;
+    for (size_t i = 0; i < nm; i++)
+        if (mem[i].provider_id == req->lost_provider_id)
+            lost = &mem[i];
+    if (!lost) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReplaceProvider: provider %lld is not in the lease",
+                      (long long)req->lost_provider_id);
+        goto out;
+    }
+    /* choosing the replacement and leasing it is one step, as in AcquireLease */
+    pthread_mutex_lock(&m->acquire_mu);
+    acquiring = 1;
+    size_t k = 0, busy = 0;
+    if ((rc = rank_free(m, 0, &ps, &rk, &k, &busy)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    ar_lease_member with = {0};
+    ar_account name = {0};
+    if (k > 0) {
+        with = (ar_lease_member){.provider_id = rk[0].p->id, .stage = lost->stage,
+                                 .flops_per_step = lost->flops_per_step,
+                                 .price_per_tflop = rk[0].p->price_per_tflop};
+        if ((rc = ar_store_account_get(m->store, rk[0].p->account_id, &name)) != AR_OK) {
+            store_error(rpc, rc);
+            goto out;
+        }
+    }
+    int reversed = 0;
+    if ((rc = ar_store_lease_replace(m->store, lease.id, req->lost_provider_id, req->kept_steps,
+                                     k > 0 ? &with : NULL, &reversed)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    ar_job job;
+    if ((rc = ar_store_job_get(m->store, lease.job_id, &job)) != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    int64_t spent = job.spent;
+    ar_store_job_clear(&job);
+    char instead[64] = "no free provider to replace it";
+    if (k > 0)
+        snprintf(instead, sizeof instead, "provider %lld replaces it", (long long)with.provider_id);
+    ar_log(AR_LOG_WARN, "market: job %lld lost provider %lld (%.256s): marked offline, reliability lowered, "
+           "%d payments from step %lld on reversed; %s", (long long)lease.job_id,
+           (long long)req->lost_provider_id, req->reason, reversed, (long long)req->kept_steps, instead);
+    Arceus__ProviderProfile prof;
+    Arceus__LeasedProvider lp;
+    Arceus__ReplaceProviderReply r = ARCEUS__REPLACE_PROVIDER_REPLY__INIT;
+    if (k > 0) {
+        leased_msg(rk[0].p, name.name, with.flops_per_step, &prof, &lp);
+        r.replacement = &lp;
+    }
+    r.reversed = reversed;
+    r.spent = spent;
+    net_rpc_reply(rpc, &r.base);
+out:
+    if (acquiring)
+        pthread_mutex_unlock(&m->acquire_mu);
+    free(rk);
+    ar_free(ps);
+    ar_free(mem);
+    arceus__replace_provider_request__free_unpacked(req, NULL);
 }
 
 /* ---- server: jobs --------------------------------------------------------------- */
@@ -942,6 +1068,172 @@ out:
     arceus__check_lease_request__free_unpacked(req, NULL);
 }
 
+/* ---- server: progress for the dashboard ------------------------------------------- */
+
+#define MAX_LAYERS_TEXT 128
+#define MAX_MODEL_TEXT 256
+
+static bool finite_nonneg(double x)
+{
+    return isfinite(x) && x >= 0;
+}
+
+/* Whether the plan of a ReportProgress is well formed: stages in order,
+ * contiguous unit ranges, 1..AR_PLAN_MAX_GROUP members with HOST:PORT
+ * devices, texts and numbers in range. */
+static bool plan_ok(const Arceus__JobPlan *p, char *why, size_t why_size)
+{
+    if (p->n_stages < 1 || p->n_stages > AR_MARKET_MAX_DEVICES || p->micro_batches < 1 ||
+        p->micro_batches > 1000000 || !(p->predicted_bubble >= 0 && p->predicted_bubble <= 1) ||
+        strlen(p->schedule) > 16 || strlen(p->model) > MAX_MODEL_TEXT) {
+        snprintf(why, why_size, "plan: %zu stages (1..%d), %u micro-batches, bubble %g or a text out of range",
+                 p->n_stages, AR_MARKET_MAX_DEVICES, p->micro_batches, p->predicted_bubble);
+        return false;
+    }
+    for (size_t i = 0; i < p->n_stages; i++) {
+        const Arceus__PlanStage *st = p->stages[i];
+        if (st->stage != i || st->first_unit >= st->last_unit || st->last_unit > 100000 ||
+            (i > 0 && st->first_unit != p->stages[i - 1]->last_unit) || strlen(st->layers) > MAX_LAYERS_TEXT ||
+            !finite_nonneg(st->predicted_ms) || st->n_members < 1 || st->n_members > AR_PLAN_MAX_GROUP) {
+            snprintf(why, why_size, "plan: stage %zu (units %u-%u, %zu members) out of order or range", i,
+                     st->first_unit, st->last_unit, st->n_members);
+            return false;
+        }
+        for (size_t k = 0; k < st->n_members; k++) {
+            const Arceus__PlanMember *m = st->members[k];
+            char bad[160];
+            if (!address_ok(m->device, bad, sizeof bad)) {
+                snprintf(why, why_size, "plan: stage %zu member %zu: %s", i, k, bad);
+                return false;
+            }
+            if (m->provider_id < 0 || m->head_end < m->head_begin || m->head_end > 100000 ||
+                m->hidden_end < m->hidden_begin || m->hidden_end > 10000000 || strlen(m->share) >= AR_PLAN_SHARE_TEXT) {
+                snprintf(why, why_size, "plan: stage %zu member %zu: provider id, heads, hidden units or share out of range",
+                         i, k);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+/* obj[key] = [begin, end] when the range is not empty */
+static bool add_range(cJSON *obj, const char *key, uint32_t begin, uint32_t end)
+{
+    if (end <= begin)
+        return true;
+    double v[2] = {begin, end};
+    cJSON *a = cJSON_CreateDoubleArray(v, 2);
+    if (a && cJSON_AddItemToObject(obj, key, a))
+        return true;
+    cJSON_Delete(a);
+    return false;
+}
+
+/* A checked plan as the JSON document the dashboard serves (built here from
+ * checked fields: nothing the driver wrote reaches the page unparsed); NULL
+ * when memory runs out. */
+static char *plan_json(const Arceus__JobPlan *p)
+{
+    cJSON *root = cJSON_CreateObject(), *stages = NULL;
+    bool ok = root && cJSON_AddStringToObject(root, "model", p->model) &&
+              cJSON_AddNumberToObject(root, "micro_batches", p->micro_batches) &&
+              cJSON_AddStringToObject(root, "schedule", p->schedule) &&
+              cJSON_AddNumberToObject(root, "predicted_bubble", p->predicted_bubble) &&
+              (stages = cJSON_AddArrayToObject(root, "stages"));
+    for (size_t i = 0; ok && i < p->n_stages; i++) {
+        const Arceus__PlanStage *st = p->stages[i];
+        cJSON *js = cJSON_CreateObject(), *members = NULL;
+        ok = js && cJSON_AddItemToArray(stages, js);
+        if (!ok) {
+            cJSON_Delete(js);
+            break;
+        }
+        ok = cJSON_AddNumberToObject(js, "stage", st->stage) && cJSON_AddNumberToObject(js, "first_unit", st->first_unit) &&
+             cJSON_AddNumberToObject(js, "last_unit", st->last_unit) && cJSON_AddStringToObject(js, "layers", st->layers) &&
+             cJSON_AddNumberToObject(js, "predicted_ms", st->predicted_ms) &&
+             (members = cJSON_AddArrayToObject(js, "members"));
+        for (size_t k = 0; ok && k < st->n_members; k++) {
+            const Arceus__PlanMember *m = st->members[k];
+            cJSON *jm = cJSON_CreateObject();
+            ok = jm && cJSON_AddItemToArray(members, jm);
+            if (!ok) {
+                cJSON_Delete(jm);
+                break;
+            }
+            ok = cJSON_AddNumberToObject(jm, "provider_id", (double)m->provider_id) &&
+                 cJSON_AddStringToObject(jm, "device", m->device);
+            /* a share only for a member of a tensor-parallel group */
+            if (ok && m->share[0])
+                ok = cJSON_AddStringToObject(jm, "share", m->share) &&
+                     add_range(jm, "heads", m->head_begin, m->head_end) &&
+                     add_range(jm, "hidden", m->hidden_begin, m->hidden_end);
+        }
+    }
+    char *text = ok ? cJSON_PrintUnformatted(root) : NULL;
+    cJSON_Delete(root);
+    return text;
+}
+
+static void on_report_progress(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__ReportProgressRequest *req =
+        (Arceus__ReportProgressRequest *)read_request(rpc, &arceus__report_progress_request__descriptor);
+    if (!req)
+        return;
+    ar_lease lease;
+    char *plan = NULL, why[300];
+    if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
+        goto out;
+    bool unit_ok = !strcmp(req->items_unit, "tokens") || !strcmp(req->items_unit, "samples");
+    if (req->step < 0 || req->step > 1000000000000LL || req->total_steps < 0 || req->total_steps > 1000000000000LL ||
+        !finite_nonneg(req->items_per_s) || !finite_nonneg(req->eta_s) || !finite_nonneg(req->wall_s) || !unit_ok ||
+        req->n_timings > AR_MARKET_MAX_DEVICES ||
+        (req->has_val_loss && (req->val_step < 0 || req->val_step > 1000000000000LL || !isfinite(req->val_loss)))) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT,
+                      "ReportProgress: step %lld of %lld, %g %.16s/s, eta %g s, %zu stage timings or the "
+                      "validation loss out of range",
+                      (long long)req->step, (long long)req->total_steps, req->items_per_s, req->items_unit,
+                      req->eta_s, req->n_timings);
+        goto out;
+    }
+    ar_stage_time times[AR_MARKET_MAX_DEVICES];
+    for (size_t i = 0; i < req->n_timings; i++) {
+        const Arceus__StageTiming *t = req->timings[i];
+        if (t->stage >= AR_MARKET_MAX_DEVICES || !finite_nonneg(t->busy_s) || !finite_nonneg(t->idle_s)) {
+            ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReportProgress: stage %u timing (busy %g s, idle %g s) out of range",
+                          t->stage, t->busy_s, t->idle_s);
+            goto out;
+        }
+        times[i] = (ar_stage_time){.step = req->step, .stage = (int)t->stage, .wall_s = req->wall_s,
+                                   .busy_s = t->busy_s, .idle_s = t->idle_s};
+    }
+    if (req->plan && !plan_ok(req->plan, why, sizeof why)) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReportProgress: %s", why);
+        goto out;
+    }
+    if (req->plan && !(plan = plan_json(req->plan))) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "ReportProgress: out of memory for the plan");
+        goto out;
+    }
+    ar_job_live live = {.step = req->step, .total_steps = req->total_steps, .items_per_s = req->items_per_s,
+                        .eta_s = req->eta_s, .wall_s = req->wall_s, .plan = plan};
+    snprintf(live.unit, sizeof live.unit, "%s", req->items_unit);
+    int rc = ar_store_job_live_set(m->store, lease.job_id, &live, times, req->n_timings);
+    if (rc == AR_OK && req->has_val_loss)
+        rc = ar_store_job_val_record(m->store, lease.job_id, req->val_step, req->val_loss);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        goto out;
+    }
+    Arceus__ReportProgressReply r = ARCEUS__REPORT_PROGRESS_REPLY__INIT;
+    net_rpc_reply(rpc, &r.base);
+out:
+    cJSON_free(plan);
+    arceus__report_progress_request__free_unpacked(req, NULL);
+}
+
 /* ---- server: the offline sweep -------------------------------------------------- */
 
 /* Every period, mark offline the providers silent for offline_after_s: a
@@ -1008,6 +1300,8 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     ar_server_handle(m->server, "/arceus.Market/CheckLease", on_check_lease, m);
     ar_server_handle(m->server, "/arceus.Market/ListJobs", on_list_jobs, m);
     ar_server_handle(m->server, "/arceus.Market/GetJob", on_get_job, m);
+    ar_server_handle(m->server, "/arceus.Market/ReplaceProvider", on_replace, m);
+    ar_server_handle(m->server, "/arceus.Market/ReportProgress", on_report_progress, m);
     if (pthread_create(&m->sweeper, NULL, sweep_main, m) != 0) {
         ar_market_stop(m);
         return ar_fail(AR_EINTERNAL, "cannot start the offline sweep thread");
@@ -1204,6 +1498,22 @@ int ar_market_balance(ar_client *c, const char *token, char account_out[AR_NAME_
     return AR_OK;
 }
 
+static void leased_from(const Arceus__LeasedProvider *l, ar_market_leased *q)
+{
+    q->p.id = l->provider_id;
+    snprintf(q->account, sizeof q->account, "%s", l->account);
+    snprintf(q->p.address, sizeof q->p.address, "%s", l->address);
+    if (l->profile) {
+        q->p.gflops = l->profile->gflops;
+        q->p.mem_bytes = (int64_t)l->profile->mem_bytes;
+        q->p.cores = (int)l->profile->cores;
+        q->p.price_per_tflop = l->profile->price_per_tflop;
+    }
+    q->p.reliability = l->reliability;
+    q->p.online = true;
+    q->flops_per_step = l->flops_per_step;
+}
+
 int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_request *q,
                       ar_market_lease *out, int *status)
 {
@@ -1216,6 +1526,8 @@ int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_req
     req.spec = (char *)(q->spec ? q->spec : "");
     req.flops_per_step = q->flops_per_step;
     req.min_mem_bytes = q->min_mem_bytes > 0 ? (uint64_t)q->min_mem_bytes : 0;
+    req.resume_job_id = q->resume_job;
+    req.kept_steps = q->kept_steps;
     ProtobufCMessage *rep;
     int rc = call(c, "/arceus.Market/AcquireLease", &req.base, &arceus__acquire_lease_reply__descriptor,
                   &rep, status);
@@ -1231,22 +1543,35 @@ int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_req
     snprintf(out->token, sizeof out->token, "%s", r->lease_token);
     out->estimate = r->estimate;
     out->n = r->n_providers;
-    for (size_t i = 0; i < r->n_providers; i++) {
-        const Arceus__LeasedProvider *l = r->providers[i];
-        ar_market_leased *q2 = &out->providers[i];
-        q2->p.id = l->provider_id;
-        snprintf(q2->account, sizeof q2->account, "%s", l->account);
-        snprintf(q2->p.address, sizeof q2->p.address, "%s", l->address);
-        if (l->profile) {
-            q2->p.gflops = l->profile->gflops;
-            q2->p.mem_bytes = (int64_t)l->profile->mem_bytes;
-            q2->p.cores = (int)l->profile->cores;
-            q2->p.price_per_tflop = l->profile->price_per_tflop;
-        }
-        q2->p.reliability = l->reliability;
-        q2->p.online = true;
-        q2->flops_per_step = l->flops_per_step;
+    for (size_t i = 0; i < r->n_providers; i++)
+        leased_from(r->providers[i], &out->providers[i]);
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}
+
+int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provider_id, int64_t kept_steps,
+                      const char *reason, ar_market_leased *replacement, int *found, int64_t *spent,
+                      int *status)
+{
+    *found = 0;
+    Arceus__ReplaceProviderRequest req = ARCEUS__REPLACE_PROVIDER_REQUEST__INIT;
+    req.lease_token = (char *)lease_token;
+    req.lost_provider_id = lost_provider_id;
+    req.kept_steps = kept_steps;
+    req.reason = (char *)(reason ? reason : "");
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/ReplaceProvider", &req.base, &arceus__replace_provider_reply__descriptor,
+                  &rep, status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__ReplaceProviderReply *r = (Arceus__ReplaceProviderReply *)rep;
+    if (r->replacement) {
+        memset(replacement, 0, sizeof *replacement);
+        leased_from(r->replacement, replacement);
+        *found = 1;
     }
+    if (spent)
+        *spent = r->spent;
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;
 }
@@ -1332,6 +1657,80 @@ int ar_market_check_lease(ar_client *c, const char *token, const char *lease_tok
         *job_id = ((Arceus__CheckLeaseReply *)rep)->job_id;
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;
+}
+
+int ar_market_report_progress(ar_client *c, const char *lease_token, const ar_market_progress *p,
+                              int *status)
+{
+    if (p->n_stages > AR_MARKET_MAX_DEVICES || p->n_plan > AR_MARKET_MAX_DEVICES)
+        return ar_fail(AR_EINVAL, "%zu stages: at most %d", p->n_stages > p->n_plan ? p->n_stages : p->n_plan,
+                       AR_MARKET_MAX_DEVICES);
+    Arceus__StageTiming tm[AR_MARKET_MAX_DEVICES], *tp[AR_MARKET_MAX_DEVICES];
+    for (size_t i = 0; i < p->n_stages; i++) {
+        Arceus__StageTiming t = ARCEUS__STAGE_TIMING__INIT;
+        t.stage = (uint32_t)i;
+        t.busy_s = p->busy_s[i];
+        t.idle_s = p->idle_s[i];
+        tm[i] = t;
+        tp[i] = &tm[i];
+    }
+    Arceus__PlanStage ps[AR_MARKET_MAX_DEVICES], *psp[AR_MARKET_MAX_DEVICES];
+    Arceus__PlanMember pm[AR_MARKET_MAX_DEVICES][AR_PLAN_MAX_GROUP], *pmp[AR_MARKET_MAX_DEVICES][AR_PLAN_MAX_GROUP];
+    for (size_t i = 0; i < p->n_plan; i++) {
+        const ar_market_plan_stage *q = &p->plan[i];
+        if (q->n_members < 1 || q->n_members > AR_PLAN_MAX_GROUP)
+            return ar_fail(AR_EINVAL, "plan stage %zu has %d members: 1..%d", i, q->n_members, AR_PLAN_MAX_GROUP);
+        Arceus__PlanStage x = ARCEUS__PLAN_STAGE__INIT;
+        x.stage = (uint32_t)i;
+        x.first_unit = (uint32_t)q->first_unit;
+        x.last_unit = (uint32_t)q->last_unit;
+        x.layers = (char *)q->layers;
+        x.predicted_ms = q->predicted_ms;
+        for (int k = 0; k < q->n_members; k++) {
+            const ar_market_plan_member *m = &q->members[k];
+            Arceus__PlanMember y = ARCEUS__PLAN_MEMBER__INIT;
+            y.provider_id = m->provider_id;
+            y.device = (char *)m->device;
+            y.head_begin = (uint32_t)m->head_begin;
+            y.head_end = (uint32_t)m->head_end;
+            y.hidden_begin = (uint32_t)m->hidden_begin;
+            y.hidden_end = (uint32_t)m->hidden_end;
+            y.share = (char *)(m->share ? m->share : "");
+            pm[i][k] = y;
+            pmp[i][k] = &pm[i][k];
+        }
+        x.n_members = (size_t)q->n_members;
+        x.members = pmp[i];
+        ps[i] = x;
+        psp[i] = &ps[i];
+    }
+    Arceus__JobPlan plan = ARCEUS__JOB_PLAN__INIT;
+    plan.n_stages = p->n_plan;
+    plan.stages = psp;
+    plan.micro_batches = (uint32_t)p->micro_batches;
+    plan.schedule = (char *)(p->schedule ? p->schedule : "");
+    plan.predicted_bubble = p->predicted_bubble;
+    plan.model = (char *)(p->model ? p->model : "");
+    Arceus__ReportProgressRequest req = ARCEUS__REPORT_PROGRESS_REQUEST__INIT;
+    req.lease_token = (char *)lease_token;
+    req.step = p->step;
+    req.total_steps = p->total_steps;
+    req.items_per_s = p->items_per_s;
+    req.items_unit = (char *)p->unit;
+    req.eta_s = p->eta_s;
+    req.has_val_loss = p->has_val;
+    req.val_step = p->val_step;
+    req.val_loss = p->val_loss;
+    req.wall_s = p->wall_s;
+    req.n_timings = p->n_stages;
+    req.timings = tp;
+    req.plan = p->n_plan > 0 ? &plan : NULL;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/ReportProgress", &req.base, &arceus__report_progress_reply__descriptor, &rep,
+                  status);
+    if (rc == AR_OK)
+        protobuf_c_message_free_unpacked(rep, NULL);
+    return rc;
 }
 
 static int job_from(const Arceus__JobInfo *ji, ar_job *j)

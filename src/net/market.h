@@ -10,6 +10,7 @@
 
 #include "market/store.h"
 #include "net/net.h"
+#include "train/plan.h"
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -89,6 +90,10 @@ typedef struct {
     const char *spec;       /* a one-line summary of the job */
     int64_t flops_per_step; /* the whole model's, per training step */
     int64_t min_mem_bytes;  /* each provider must offer this much; 0: any */
+    /* a run resumed from a checkpoint continues its job (0: a new job): the
+     * job's old leases end and payments for steps >= kept_steps are reversed */
+    int64_t resume_job;
+    int64_t kept_steps;
 } ar_market_lease_request;
 
 typedef struct {
@@ -127,6 +132,15 @@ int ar_market_report(ar_client *c, const char *lease_token, int64_t step,
 int ar_market_report_loss(ar_client *c, const char *lease_token, int64_t step, double loss,
                           const ar_market_stage_usage *u, size_t n, int64_t *paid,
                           int64_t *spent, int64_t *balance, int *status);
+/* Provider lost_provider_id of the lease stopped answering; the job goes
+ * back to its checkpoint of kept_steps steps. The market marks it offline,
+ * lowers its reliability, reverses the payments for steps >= kept_steps and
+ * leases a free provider in its place: *found 1 and *replacement filled, or
+ * *found 0 when none is online (the place is then dropped from the lease).
+ * spent (may be NULL) gets the job's total after the reversal. */
+int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provider_id, int64_t kept_steps,
+                      const char *reason, ar_market_leased *replacement, int *found, int64_t *spent,
+                      int *status);
 /* status_name: "done", "failed" or "cancelled"; steps: completed steps. */
 int ar_market_release(ar_client *c, const char *lease_token, const char *status_name,
                       int64_t steps, int64_t *spent, int *status);
@@ -134,6 +148,49 @@ int ar_market_release(ar_client *c, const char *lease_token, const char *status_
  * account of `token`); AR_EPROTO with the market's reason otherwise. */
 int ar_market_check_lease(ar_client *c, const char *token, const char *lease_token,
                           int64_t provider_id, int64_t *job_id, int *status);
+
+/* ---- progress for the dashboard ------------------------------------------------ */
+
+/* One member of a planned stage; for a member of a tensor-parallel group,
+ * its share in words and its heads (GPT) and hidden units (of the first
+ * shard) [begin, end); all empty for a stage of whole layers. */
+typedef struct {
+    int64_t provider_id; /* 0: not a leased provider */
+    const char *device;  /* HOST:PORT */
+    const char *share;   /* "heads 0-1, hidden units 0-127 of each block"; NULL: whole layers */
+    int head_begin, head_end, hidden_begin, hidden_end;
+} ar_market_plan_member;
+
+typedef struct {
+    int first_unit, last_unit; /* [first, last) */
+    const char *layers;        /* "embedding, blocks 0-1" */
+    double predicted_ms;       /* per micro-batch */
+    int n_members;             /* 1, or the tensor-parallel group's size */
+    ar_market_plan_member members[AR_PLAN_MAX_GROUP];
+} ar_market_plan_stage;
+
+typedef struct {
+    int64_t step, total_steps; /* completed and planned steps */
+    double items_per_s;        /* recent throughput */
+    const char *unit;          /* "tokens" or "samples" */
+    double eta_s;
+    bool has_val;              /* an evaluation since the last report */
+    int64_t val_step;
+    double val_loss;
+    double wall_s;             /* wall time of the training steps so far */
+    size_t n_stages;           /* busy_s[i], idle_s[i]: stage i since the run began */
+    const double *busy_s, *idle_s;
+    /* the plan, when n_plan > 0 */
+    size_t n_plan;
+    const ar_market_plan_stage *plan;
+    const char *model, *schedule;
+    int micro_batches;
+    double predicted_bubble;
+} ar_market_progress;
+
+/* A running job's progress for the market's dashboard (ReportProgress). */
+int ar_market_report_progress(ar_client *c, const char *lease_token, const ar_market_progress *p,
+                              int *status);
 
 /* ---- jobs ------------------------------------------------------------------ */
 

@@ -27,6 +27,10 @@ typedef struct {
 } net_waiter;
 
 extern grpc_completion_queue *ar_net_cq;
+/* 1 once the process's last user of the network has begun shutting the
+ * queue down: a callback must not start another batch on it then (gRPC
+ * aborts on a batch begun on a queue being shut down). */
+int net_loop_closing(void);
 
 void net_waiter_init(net_waiter *w);
 void net_waiter_destroy(net_waiter *w);

@@ -21,7 +21,7 @@ static void *pack(const ProtobufCMessage *m, size_t *len)
     return buf;
 }
 
-int ar_remote_hello(ar_client *c, ar_hello_info *out)
+static int hello_within(ar_client *c, double timeout_s, ar_hello_info *out)
 {
     Arceus__HelloRequest req = ARCEUS__HELLO_REQUEST__INIT;
     req.protocol_version = AR_PROTOCOL_VERSION;
@@ -32,7 +32,7 @@ int ar_remote_hello(ar_client *c, ar_hello_info *out)
     if (!buf)
         return AR_ENOMEM;
     int status = 0;
-    int rc = ar_client_unary(c, "/arceus.Worker/Hello", buf, len, &rep, &rlen, CONTROL_TIMEOUT_S, &status);
+    int rc = ar_client_unary(c, "/arceus.Worker/Hello", buf, len, &rep, &rlen, timeout_s, &status);
     free(buf);
     if (rc != AR_OK)
         return rc;
@@ -56,6 +56,17 @@ int ar_remote_hello(ar_client *c, ar_hello_info *out)
         return ar_fail(AR_EPROTO, "worker %s speaks protocol version %u, this driver version %d",
                        ar_client_addr(c), out->protocol_version, AR_PROTOCOL_VERSION);
     return AR_OK;
+}
+
+int ar_remote_hello(ar_client *c, ar_hello_info *out)
+{
+    return hello_within(c, CONTROL_TIMEOUT_S, out);
+}
+
+int ar_remote_probe(ar_client *c, double timeout_s)
+{
+    ar_hello_info h;
+    return hello_within(c, timeout_s, &h);
 }
 
 int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params)

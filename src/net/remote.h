@@ -62,6 +62,10 @@ typedef struct {
 /* Hello; a worker speaking another protocol version is refused with a
  * message naming it. */
 int ar_remote_hello(ar_client *c, ar_hello_info *out);
+/* Is the worker alive? A Hello that must be answered within timeout_s (the
+ * worker answers it on its own thread, even in the middle of a step): a
+ * stopped or vanished worker fails it. */
+int ar_remote_probe(ar_client *c, double timeout_s);
 
 typedef struct {
     const ar_model_spec *spec;

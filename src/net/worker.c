@@ -38,6 +38,7 @@ struct ar_worker {
     pthread_cond_t idle; /* signalled when a Pipe ends */
     int loaded;
     int pipe_active;
+    ar_link *pipe_up; /* the running Pipe's upstream (belongs to its rpc); NULL when none */
     ar_stage *stage; /* on the heap: a stage holds pointers into itself; NULL on a rank */
     int schedule, index, count, load_threads;
     /* tensor parallelism: the role Load gave (AR_LOAD_*), the shards served
@@ -423,7 +424,15 @@ static void on_load(ar_rpc *rpc, void *user)
                              ar_last_error());
     }
     pthread_mutex_lock(&w->mu);
-    wait_pipe_idle(w, 10);
+    wait_pipe_idle(w, 2);
+    if (w->pipe_active && w->pipe_up) {
+        /* the driver (checked above) is rebuilding its pipeline: the one still
+         * running here waits on an upstream stage that stopped answering
+         * without closing its stream (a stopped process keeps its sockets) */
+        ar_log(AR_LOG_WARN, "%s: a new Load ends the pipeline still running here", w->name);
+        ar_link_close(w->pipe_up);
+        wait_pipe_idle(w, 10);
+    }
     if (w->pipe_active) {
         pthread_mutex_unlock(&w->mu);
         held_free(&h);
@@ -590,6 +599,9 @@ static void on_pipe(ar_rpc *rpc, void *user)
         ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "%s", ar_last_error());
         goto out;
     }
+    pthread_mutex_lock(&w->mu);
+    w->pipe_up = up; /* a later Load may end this pipeline (on_load) */
+    pthread_mutex_unlock(&w->mu);
     /* the upstream gone, the stage must not wait on its downstream forever */
     ar_net_link_close_also(up, down);
     ar_stage_runner r = {.stage = w->stage,
@@ -630,6 +642,7 @@ out:
     ar_link_destroy(down);
     pthread_mutex_lock(&w->mu);
     w->pipe_active = 0;
+    w->pipe_up = NULL;
     pthread_cond_broadcast(&w->idle);
     pthread_mutex_unlock(&w->mu);
 }

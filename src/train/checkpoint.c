@@ -10,7 +10,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 static int join(char *buf, size_t size, const char *dir, const char *name)
 {
@@ -20,9 +22,55 @@ static int join(char *buf, size_t size, const char *dir, const char *name)
     return AR_OK;
 }
 
-static int ensure_dir(const char *dir)
+/* A checkpoint is a set of files that must agree: the weights, the moments
+ * and the step they belong to. Each file is written atomically (temporary
+ * file, fsync, rename), but a process killed between two renames would leave
+ * a mix of two checkpoints. So a new set is first written whole into
+ * DIR/.pending, state.json last (its presence there means the set is
+ * complete), then moved into DIR file by file, state.json last, and .pending
+ * removed. Whoever opens the checkpoint next settles it first: a complete
+ * .pending is moved in (roll forward), an incomplete one is discarded and DIR
+ * still holds the previous checkpoint, whole. */
+static const char *const set_files[] = {"model.safetensors", "optimizer.safetensors", "spec.json",
+                                        "state.json"};
+#define NSET_FILES (sizeof set_files / sizeof set_files[0])
+
+static int sync_dir(const char *dir)
 {
-    return ar_mkdir_p(dir);
+    int fd = open(dir, O_RDONLY | O_DIRECTORY);
+    if (fd < 0)
+        return ar_fail(AR_EIO, "%s: cannot open the folder: %s", dir, strerror(errno));
+    int rc = fsync(fd) == 0 ? AR_OK : ar_fail(AR_EIO, "%s: cannot flush the folder: %s", dir, strerror(errno));
+    close(fd);
+    return rc;
+}
+
+static int settle(const char *dir)
+{
+    char pending[4096], from[4096], to[4096], state[4096];
+    int rc;
+    if ((rc = join(pending, sizeof pending, dir, ".pending")) != AR_OK ||
+        (rc = join(state, sizeof state, pending, "state.json")) != AR_OK)
+        return rc;
+    struct stat st;
+    if (stat(pending, &st) != 0)
+        return AR_OK; /* nothing half-done */
+    int complete = stat(state, &st) == 0;
+    for (size_t i = 0; i < NSET_FILES; i++) {
+        if ((rc = join(from, sizeof from, pending, set_files[i])) != AR_OK ||
+            (rc = join(to, sizeof to, dir, set_files[i])) != AR_OK)
+            return rc;
+        if (!complete) {
+            if (unlink(from) != 0 && errno != ENOENT)
+                return ar_fail(AR_EIO, "%s: cannot remove: %s", from, strerror(errno));
+        } else if (rename(from, to) != 0 && errno != ENOENT) {
+            /* ENOENT: moved in before an interruption */
+            return ar_fail(AR_EIO, "%s: cannot move into place: %s", from, strerror(errno));
+        }
+    }
+    if (rmdir(pending) != 0)
+        return ar_fail(AR_EIO, "%s: cannot remove: %s", pending, strerror(errno));
+    return sync_dir(dir);
 }
 
 static int count_params(ar_stage *const *stages, int nstages)
@@ -101,41 +149,54 @@ static char *state_to_json(const ar_train_state *s)
     add_float(o, "beta2", s->beta2);
     add_float(o, "eps", s->eps);
     add_float(o, "clip", s->clip);
+    if (s->market_job > 0)
+        cJSON_AddNumberToObject(o, "market_job", (double)s->market_job);
     char *text = cJSON_Print(o);
     cJSON_Delete(o);
     return text;
 }
 
-int ar_checkpoint_save(const char *dir, ar_stage *const *stages, int nstages,
-                       const ar_train_state *state)
+/* Write the set into `pending` (a folder that exists); state.json last. */
+static int write_set(const char *pending, ar_stage *const *stages, int nstages,
+                     const ar_train_state *state)
 {
-    int rc = ensure_dir(dir);
-    if (rc != AR_OK)
-        return rc;
     char path[4096];
-    if ((rc = join(path, sizeof path, dir, "model.safetensors")) != AR_OK ||
+    int rc;
+    if ((rc = join(path, sizeof path, pending, "model.safetensors")) != AR_OK ||
         (rc = save_tensors(path, stages, nstages, 0, 1)) != AR_OK)
         return rc;
     int sgd = stages[0]->optim.kind == AR_OPT_SGD;
-    if ((rc = join(path, sizeof path, dir, "optimizer.safetensors")) != AR_OK ||
+    if ((rc = join(path, sizeof path, pending, "optimizer.safetensors")) != AR_OK ||
         (rc = save_tensors(path, stages, nstages, 1, sgd ? 1 : 2)) != AR_OK)
         return rc;
     char *spec = ar_spec_to_json(&stages[0]->spec);
     if (!spec)
         return AR_ENOMEM;
-    if ((rc = join(path, sizeof path, dir, "spec.json")) == AR_OK)
+    if ((rc = join(path, sizeof path, pending, "spec.json")) == AR_OK)
         rc = ar_write_file_atomic(path, spec, strlen(spec));
     free(spec);
     if (rc != AR_OK)
         return rc;
-    /* state.json last: its presence means the rest is complete */
     char *st = state_to_json(state);
     if (!st)
         return ar_fail(AR_ENOMEM, "cannot serialise the training state");
-    if ((rc = join(path, sizeof path, dir, "state.json")) == AR_OK)
+    if ((rc = join(path, sizeof path, pending, "state.json")) == AR_OK)
         rc = ar_write_file_atomic(path, st, strlen(st));
     free(st);
-    return rc;
+    return rc == AR_OK ? sync_dir(pending) : rc;
+}
+
+int ar_checkpoint_save(const char *dir, ar_stage *const *stages, int nstages,
+                       const ar_train_state *state)
+{
+    char pending[4096];
+    int rc;
+    if ((rc = ar_mkdir_p(dir)) != AR_OK || (rc = settle(dir)) != AR_OK ||
+        (rc = join(pending, sizeof pending, dir, ".pending")) != AR_OK ||
+        (rc = ar_mkdir_p(pending)) != AR_OK ||
+        (rc = write_set(pending, stages, nstages, state)) != AR_OK)
+        return rc;
+    return settle(dir); /* moves the complete set into place */
 }
 
 static int load_into(const ar_st_file *f, const char *path, ar_stage *const *stages, int nstages,
@@ -185,7 +246,7 @@ int ar_checkpoint_load_params(const char *dir, ar_stage *const *stages, int nsta
 {
     char path[4096];
     int rc;
-    if ((rc = join(path, sizeof path, dir, "model.safetensors")) != AR_OK ||
+    if ((rc = settle(dir)) != AR_OK || (rc = join(path, sizeof path, dir, "model.safetensors")) != AR_OK ||
         (rc = ar_load_weights_file(path, stages, nstages, "")) != AR_OK)
         return rc;
     if (!with_optimizer)
@@ -214,7 +275,9 @@ static int get_number(const cJSON *o, const char *key, const char *path, double 
 int ar_checkpoint_load_state(const char *dir, ar_train_state *s)
 {
     char path[4096];
-    int rc = join(path, sizeof path, dir, "state.json");
+    int rc = settle(dir);
+    if (rc == AR_OK)
+        rc = join(path, sizeof path, dir, "state.json");
     if (rc != AR_OK)
         return rc;
     char *text;
@@ -266,6 +329,9 @@ int ar_checkpoint_load_state(const char *dir, ar_train_state *s)
         s->data_rng[i] = strtoull(e->valuestring, NULL, 16);
     }
     s->optimizer = strcmp(opt->valuestring, "sgd") == 0;
+    const cJSON *job = cJSON_GetObjectItemCaseSensitive(o, "market_job"); /* optional */
+    if (cJSON_IsNumber(job) && job->valuedouble >= 1 && job->valuedouble < 9e15)
+        s->market_job = (int64_t)job->valuedouble;
     if (s->step < 0 || s->batch < 1 || s->micro_batches < 1 || s->steps < 0)
         rc = ar_fail(AR_EFORMAT, "%s: values out of range", path);
 done:
@@ -276,7 +342,9 @@ done:
 int ar_checkpoint_open_stage(const char *dir, int max_B, ar_stage *stage)
 {
     char path[4096];
-    int rc = join(path, sizeof path, dir, "spec.json");
+    int rc = settle(dir);
+    if (rc == AR_OK)
+        rc = join(path, sizeof path, dir, "spec.json");
     if (rc != AR_OK)
         return rc;
     ar_model_spec spec;

@@ -2,8 +2,9 @@
  *   model.safetensors      the weights (PyTorch state_dict names)
  *   spec.json              the model spec with the vocabulary
  *   optimizer.safetensors  AdamW moments (m.NAME, v.NAME) or SGD momentum
- *   state.json             step, recipe, RNG state and data position
- * The format is partition-independent: stages write and read parameters by
+ *   state.json             step, recipe, RNG state and data position (and the
+ *                          market job it pays, if any)
+ * written as a whole: see checkpoint.c. The format is partition-independent: stages write and read parameters by
  * name, so a run saved from S stages resumes on any other split. */
 #ifndef AR_CHECKPOINT_H
 #define AR_CHECKPOINT_H
@@ -23,6 +24,7 @@ typedef struct {
     int batch, micro_batches, optimizer;
     float lr, min_lr, weight_decay, beta1, beta2, eps, clip;
     long warmup;
+    int64_t market_job; /* the market job that pays for the run (0: none): a resumed run continues it */
 } ar_train_state;
 
 int ar_checkpoint_save(const char *dir, ar_stage *const *stages, int nstages,

@@ -11,6 +11,7 @@
 #include "net/net.h"
 #include "net/remote.h"
 #include "train/local.h"
+#include "train/market_plan.h"
 #include "train/pipeline.h"
 #include "train/plan.h"
 #include "train/plot.h"
@@ -48,6 +49,7 @@ void ar_train_config_defaults(ar_train_config *c, int model_type)
     c->seed = 1337;
     c->eval_every = model_type == AR_MODEL_GPT ? 250 : 100;
     c->eval_batches = 40;
+    c->ckpt_every = -1;
 }
 
 float ar_lr_at(long step, float lr, float min_lr, long warmup, long total)
@@ -74,12 +76,19 @@ typedef struct {
     long perm_epoch;
 } data_source;
 
+/* Back to the first batch of the run. */
+static void data_rewind(data_source *d)
+{
+    ar_rng_seed(&d->rng, ar_hash3(d->seed, 0xda7a, 0));
+    d->pos = 0;
+}
+
 static int data_open(data_source *d, const ar_model_spec *spec, const char *path, uint64_t seed)
 {
     memset(d, 0, sizeof *d);
     d->seed = seed;
     d->perm_epoch = -1;
-    ar_rng_seed(&d->rng, ar_hash3(seed, 0xda7a, 0));
+    data_rewind(d);
     int rc;
     if (spec->type == AR_MODEL_GPT) {
         if (!path)
@@ -161,6 +170,13 @@ static int data_next(data_source *d, int B, int T, void *inputs, int32_t *target
 
 /* ---- the run ----------------------------------------------------------- */
 
+/* What a device offers the planner when the market knows better than its
+ * Hello (a leased provider's record). */
+typedef struct {
+    double gflops, mem_bytes;
+    int known;
+} device_offer;
+
 typedef struct {
     ar_train_config *c;
     ar_model_spec spec;
@@ -215,10 +231,36 @@ typedef struct {
     int outage;       /* the last report found the market unreachable */
     double retry_at;  /* the next attempt while it is */
     long outage_paid; /* steps paid late since the outage began */
+    /* recovery (remote stages): what each device offers the planner (the
+     * market's record for a leased provider), the spare workers not planned
+     * (--spares), where the run restarts from when a stage is lost (the last
+     * checkpoint, or the start), and how long a stage may stay silent */
+    ar_optim_config oc;
+    device_offer offers[64];
+    char spare_addrs[64][128];
+    int nspares;
+    const char *restore_dir; /* NULL: the start of the run */
+    long restore_step;
+    double last_ckpt_t;
+    double timeout;          /* the stage timeout in force (s) */
+    double slowest_step;     /* the slowest training step so far (s) */
+    int failures;            /* losses since the last checkpoint */
+    /* the dashboard's view of the run (ReportProgress): sent about every
+     * PROGRESS_EVERY_S; the plan goes with the first report that arrives */
+    double progress_at;
+    int plan_sent, progress_off;
+    long nval_sent;
 } run;
 
 #define MARKET_RETRY_S 2.0
 #define MARKET_RELEASE_WAIT_S 60.0
+/* --checkpoint-every by default: about this much training redone at most */
+#define AUTO_CHECKPOINT_S 60.0
+/* --stage-timeout by default: at least this, or 4x the slowest step */
+#define DEFAULT_STAGE_TIMEOUT_S 10.0
+/* losses in a row without a checkpoint in between before the run gives up */
+#define MAX_FAILURES 5
+#define PROGRESS_EVERY_S 1.0
 
 static int eval_model(run *r, int64_t step, double *val_loss, double *accuracy)
 {
@@ -237,7 +279,7 @@ static int eval_model(run *r, int64_t step, double *val_loss, double *accuracy)
                 b.B = r->rows_per_mb;
                 b.inputs = (int32_t *)r->inputs + (size_t)row * r->T;
                 b.targets = r->targets + (size_t)row * r->T;
-                rc = ar_chain_eval(r->head, &b, -1, &loss_sum, &correct, &count);
+                rc = ar_chain_eval(r->head, &b, r->timeout, &loss_sum, &correct, &count);
             }
         }
     } else {
@@ -247,7 +289,7 @@ static int eval_model(run *r, int64_t step, double *val_loss, double *accuracy)
             b.B = n;
             b.inputs = t->images + (size_t)row * t->features;
             b.targets = t->labels + row;
-            rc = ar_chain_eval(r->head, &b, -1, &loss_sum, &correct, &count);
+            rc = ar_chain_eval(r->head, &b, r->timeout, &loss_sum, &correct, &count);
         }
     }
     if (rc != AR_OK)
@@ -278,11 +320,12 @@ static void state_from_run(const run *r, long step, ar_train_state *s)
     s->beta2 = c->beta2;
     s->eps = c->eps;
     s->clip = c->clip;
+    s->market_job = r->leased ? r->lease.job_id : 0;
 }
 
 static int save_checkpoint(run *r, long step)
 {
-    int rc = ar_chain_sync(r->head, -1); /* every stage has applied its last update */
+    int rc = ar_chain_sync(r->head, r->timeout); /* every stage has applied its last update */
     if (rc != AR_OK)
         return rc;
     for (int i = 0; r->remote && i < r->S; i++)
@@ -292,7 +335,14 @@ static int save_checkpoint(run *r, long step)
         return rc;
     ar_train_state st;
     state_from_run(r, step, &st);
-    return ar_checkpoint_save(r->c->out_dir, r->stage_ptrs, r->S, &st);
+    if ((rc = ar_checkpoint_save(r->c->out_dir, r->stage_ptrs, r->S, &st)) != AR_OK)
+        return rc;
+    /* a lost stage restarts from here now */
+    r->restore_dir = r->c->out_dir;
+    r->restore_step = step;
+    r->last_ckpt_t = ar_now();
+    r->failures = 0;
+    return AR_OK;
 }
 
 /* The loss curves travel with the checkpoint (curve.safetensors: "train" and
@@ -459,7 +509,17 @@ static int parse_workers(run *r, const char *list)
         if (end && !*p)
             return ar_fail(AR_EINVAL, "--workers: trailing comma in \"%s\"", list);
     }
-    return r->S > 0 ? AR_OK : ar_fail(AR_EINVAL, "--workers: no worker given");
+    if (r->S == 0)
+        return ar_fail(AR_EINVAL, "--workers: no worker given");
+    /* the last --spares workers wait to replace a lost stage */
+    int spares = r->c->spares;
+    if (spares >= r->S)
+        return ar_fail(AR_EINVAL, "--spares %d leaves no worker of the %d given to train on", spares, r->S);
+    r->S -= spares;
+    for (int i = 0; i < spares; i++)
+        memcpy(r->spare_addrs[i], r->addrs[r->S + i], sizeof r->spare_addrs[i]);
+    r->nspares = spares;
+    return AR_OK;
 }
 
 /* Split the model's units over the devices: the planner's choice, or the
@@ -488,6 +548,7 @@ static int make_plan(run *r, int ndev)
                params, params / 1e6);
         ar_plan_print(stdout, &r->plan, r->devs, costs, &r->spec);
     }
+    r->plan_sent = 0; /* a new plan (after a lost stage too): the dashboard gets it */
     ar_free(costs);
     return rc;
 }
@@ -516,17 +577,9 @@ static int price_stages(run *r)
     return rc;
 }
 
-static const char *credits_text(int64_t micro, char *buf, size_t size)
-{
-    int64_t a = micro < 0 ? -micro : micro;
-    snprintf(buf, size, "%s%lld.%06lld", micro < 0 ? "-" : "", (long long)(a / AR_MICRO_PER_CREDIT),
-             (long long)(a % AR_MICRO_PER_CREDIT));
-    return buf;
-}
-
 /* Ask the market for c->devices providers; their addresses become the
  * workers. Printed before the plan: who, at what price, the estimate. */
-static int acquire_lease(run *r, long start_step)
+static int acquire_lease(run *r, long start_step, int64_t resume_job)
 {
     ar_train_config *c = r->c;
     if (c->remote_workers || c->stages > 1)
@@ -555,7 +608,8 @@ static int acquire_lease(run *r, long start_step)
              ar_spec_param_count(&r->spec), r->B, c->steps);
     ar_market_lease_request q = {.devices = (uint32_t)c->devices, .max_credits = c->max_credits,
                                  .est_steps = c->steps - start_step, .spec = spec,
-                                 .flops_per_step = (int64_t)llround(flops)};
+                                 .flops_per_step = (int64_t)llround(flops),
+                                 .resume_job = resume_job, .kept_steps = start_step};
     int status = 0;
     if ((rc = ar_market_acquire(r->market, c->token, &q, &r->lease, &status)) != AR_OK)
         return ar_fail(rc, "market %s: no lease: %s", c->market, ar_last_error());
@@ -571,18 +625,21 @@ static int acquire_lease(run *r, long start_step)
         memcpy(r->addrs[i], l->p.address, n + 1); /* (snprintf trips gcc's restrict check here) */
         r->provider_ids[i] = l->p.id;
         r->prices[i] = l->p.price_per_tflop;
+        r->offers[i].gflops = l->p.gflops;
+        r->offers[i].mem_bytes = (double)l->p.mem_bytes;
+        r->offers[i].known = 1;
     }
     if (!c->quiet) {
         char a[40], b[40];
         printf("lease %lld for job %lld from market %s: %d provider%s, estimate %s credits for %ld steps%s%s\n",
                (long long)r->lease.lease_id, (long long)r->lease.job_id, c->market, r->S, r->S == 1 ? "" : "s",
-               credits_text(r->lease.estimate, a, sizeof a), c->steps - start_step,
-               c->max_credits > 0 ? ", max " : "", c->max_credits > 0 ? credits_text(c->max_credits, b, sizeof b) : "");
+               ar_credits_text(r->lease.estimate, a, sizeof a), c->steps - start_step,
+               c->max_credits > 0 ? ", max " : "", c->max_credits > 0 ? ar_credits_text(c->max_credits, b, sizeof b) : "");
         for (int i = 0; i < r->S; i++) {
             const ar_market_leased *l = &r->lease.providers[i];
             printf("  provider %lld (%s) at %s: %.1f GFLOP/s, %.0f MiB, %s credits/TFLOP, reliability %.2f\n",
                    (long long)l->p.id, l->account, l->p.address, l->p.gflops, l->p.mem_bytes / 1048576.0,
-                   credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability);
+                   ar_credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability);
         }
         fflush(stdout);
     }
@@ -660,6 +717,60 @@ static int pay_unpaid(run *r)
     return AR_OK;
 }
 
+/* Tell the market how the run goes, for its dashboard: throughput, ETA, a
+ * new validation loss, each stage's busy and idle time, and the plan until
+ * the market has it. Every PROGRESS_EVERY_S at most, besides at the last
+ * step and after an evaluation; never while the market is unreachable.
+ * Nothing is paid by it, so a failure costs a warning, not the run. */
+static void report_progress(run *r, long step, double rate, double elapsed, long start)
+{
+    ar_train_config *c = r->c;
+    int new_val = r->nval > r->nval_sent;
+    int last = step + 1 == c->steps;
+    if (!r->leased || r->outage || r->progress_off ||
+        (ar_now() < r->progress_at && !new_val && !last))
+        return;
+    r->progress_at = ar_now() + PROGRESS_EVERY_S;
+    long done = step + 1 - start;
+    ar_market_progress p = {.step = step + 1, .total_steps = c->steps, .items_per_s = rate,
+                            .unit = r->data.is_text ? "tokens" : "samples",
+                            .eta_s = done > 0 ? elapsed / (double)done * (double)(c->steps - step - 1) : 0,
+                            .has_val = new_val, .wall_s = r->step_wall, .n_stages = (size_t)r->S,
+                            .busy_s = r->busy, .idle_s = r->idle};
+    if (new_val) {
+        p.val_step = (int64_t)r->val_x[r->nval - 1];
+        p.val_loss = r->val_y[r->nval - 1];
+    }
+    ar_market_plan_stage stages[AR_PLAN_MAX_STAGES];
+    char layers[AR_PLAN_MAX_STAGES][AR_LAYERS_TEXT_MAX], model[96];
+    char (*shares)[AR_PLAN_SHARE_TEXT] = NULL; /* a group member's share in words; 80 KB at most */
+    if (!r->plan_sent && (shares = calloc(AR_PLAN_MAX_STAGES * AR_PLAN_MAX_GROUP, sizeof *shares))) {
+        ar_market_plan_fill(&r->plan, r->devs, &r->spec, &r->lease, stages, layers, shares);
+        snprintf(model, sizeof model, "%s, %ld parameters", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
+                 ar_spec_param_count(&r->spec));
+        p.n_plan = (size_t)r->plan.nstages;
+        p.plan = stages;
+        p.model = model;
+        p.schedule = ar_schedule_name(c->schedule);
+        p.micro_batches = r->M;
+        p.predicted_bubble = r->plan.bubble;
+    }
+    int status = 0;
+    char saved[1024];
+    snprintf(saved, sizeof saved, "%s", ar_last_error());
+    if (ar_market_report_progress(r->market, r->lease.token, &p, &status) == AR_OK) {
+        r->plan_sent = 1;
+        r->nval_sent = r->nval;
+    } else if (status == AR_STATUS_UNIMPLEMENTED || status == AR_STATUS_INVALID_ARGUMENT) {
+        /* an older market, or one that finds our report malformed: the
+         * dashboard goes without, the run goes on */
+        ar_log(AR_LOG_WARN, "market %s: no progress for its dashboard: %s", c->market, ar_last_error());
+        r->progress_off = 1;
+    }
+    free(shares);
+    ar_fail(AR_OK, "%s", saved);
+}
+
 static void sleep_until(double t)
 {
     double d = t - ar_now();
@@ -727,7 +838,7 @@ static void release_lease(run *r, int rc)
     else if (!r->c->quiet) {
         char a[40];
         printf("lease %lld released: job %lld %s, %s credits spent\n", (long long)r->lease.lease_id,
-               (long long)r->lease.job_id, how, credits_text(spent, a, sizeof a));
+               (long long)r->lease.job_id, how, ar_credits_text(spent, a, sizeof a));
         fflush(stdout);
     }
     r->leased = 0;
@@ -754,9 +865,12 @@ static void print_group_shares(const run *r, int i)
 }
 
 /* Greet every worker, split the units, build the shadows, Load (and on
- * resume Restore) every stage, then open the stream to stage 0. */
-static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state *resume)
+ * resume Restore, from resume_dir) every stage, then open the stream to
+ * stage 0. Also how a run recovers from a lost stage: the same steps over the
+ * new set of workers, from the last checkpoint. */
+static int setup_remote(run *r, const ar_train_state *resume, const char *resume_dir)
 {
+    const ar_optim_config *oc = &r->oc;
     ar_train_config *c = r->c;
     int units = ar_spec_units(&r->spec);
     int first[64], last[64], rc;
@@ -779,11 +893,10 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
         d->gflops = h.gflops > 0 ? h.gflops : 1;
         d->mem_bytes = (double)h.free_memory;
         d->bandwidth = 0; /* the loopback default; measured links come later */
-        if (r->leased) {
+        if (r->offers[i].known) {
             /* plan over what the market measured and the provider offers */
-            const ar_provider *p = &r->lease.providers[i].p;
-            d->gflops = p->gflops > 0 ? p->gflops : d->gflops;
-            d->mem_bytes = (double)p->mem_bytes;
+            d->gflops = r->offers[i].gflops > 0 ? r->offers[i].gflops : d->gflops;
+            d->mem_bytes = r->offers[i].mem_bytes;
         }
     }
     r->threads_per_stage = threads;
@@ -804,9 +917,11 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
     char addrs[64][128];
     int keep[64] = {0};
     int64_t pids[64], prices[64];
+    device_offer offers[64];
     for (int i = 0; i < r->plan.nstages; i++) {
         pids[i] = r->provider_ids[r->plan.device[i]];
         prices[i] = r->prices[r->plan.device[i]];
+        offers[i] = r->offers[r->plan.device[i]];
         used[i] = r->clients[r->plan.device[i]];
         memcpy(addrs[i], r->addrs[r->plan.device[i]], sizeof addrs[i]);
         keep[r->plan.device[i]] = 1;
@@ -830,6 +945,7 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
         memcpy(r->addrs[i], addrs[i], sizeof addrs[i]);
         r->provider_ids[i] = pids[i];
         r->prices[i] = prices[i];
+        r->offers[i] = offers[i];
     }
     if (r->leased && (rc = price_stages(r)) != AR_OK)
         return rc;
@@ -863,7 +979,7 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
     r->stages = r->shadows;
     r->stage_ptrs = r->shadow_ptrs;
     if (resume) {
-        if ((rc = ar_checkpoint_load_params(c->resume_dir, r->shadow_ptrs, r->S, 1)) != AR_OK)
+        if ((rc = ar_checkpoint_load_params(resume_dir, r->shadow_ptrs, r->S, 1)) != AR_OK)
             return rc;
         for (int i = 0; i < r->S; i++)
             r->shadows[i].opt_step = resume->opt_step;
@@ -887,6 +1003,195 @@ static int setup_remote(run *r, const ar_optim_config *oc, const ar_train_state 
     if ((rc = ar_client_pipe(r->clients[0], name, AR_NET_DEFAULT_MAX_FRAME, &r->remote_head)) != AR_OK)
         return rc;
     r->head = r->remote_head;
+    return AR_OK;
+}
+
+/* ---- recovery: a stage lost mid-run --------------------------------------- */
+
+/* The remote pipeline gone: the stream to stage 0 cancelled (each worker
+ * then drops its stream to the next and goes back to waiting for a Load),
+ * the stages' groups and channels closed, the shadows freed. */
+static void drop_remote(run *r)
+{
+    if (r->remote_head) {
+        ar_link_destroy(r->remote_head);
+        r->remote_head = NULL;
+        r->head = NULL;
+    }
+    for (int i = 0; r->groups && i < r->S; i++)
+        ar_remote_stage_destroy(&r->groups[i]);
+    ar_free(r->groups);
+    r->groups = NULL;
+    for (int i = 0; i < 64; i++) {
+        ar_client_close(r->clients[i]);
+        r->clients[i] = NULL;
+    }
+    for (int i = 0; i < r->nmember_clients; i++)
+        ar_client_close(r->member_clients[i]);
+    r->nmember_clients = 0;
+    for (int i = 0; i < r->nshadows; i++)
+        ar_stage_destroy(&r->shadows[i]);
+    r->nshadows = 0;
+}
+
+/* A replacement for leased stage i from the market, which also takes the
+ * lost provider off the lease, marks it offline, lowers its reliability and
+ * reverses what was paid for the steps that will be redone (from `kept`).
+ * *found 0: no provider is free, the stage's place has left the lease. */
+static int replace_from_market(run *r, int i, long kept, const char *why, int *found)
+{
+    ar_market_leased got;
+    int status = 0, rc;
+    int64_t spent = 0;
+    double deadline = ar_now() + MARKET_RELEASE_WAIT_S;
+    while ((rc = ar_market_replace(r->market, r->lease.token, r->provider_ids[i], kept, why, &got, found,
+                                   &spent, &status)) == AR_ECLOSED && ar_now() + MARKET_RETRY_S < deadline)
+        sleep_until(ar_now() + MARKET_RETRY_S); /* the market is away: it keeps the lease */
+    if (rc != AR_OK)
+        return ar_fail(rc, "market %s: replacing provider %lld: %s", r->c->market,
+                       (long long)r->provider_ids[i], ar_last_error());
+    r->spent = spent;
+    if (!*found)
+        return AR_OK;
+    size_t n = strnlen(got.p.address, sizeof got.p.address);
+    if (n == 0 || n >= sizeof r->addrs[i])
+        return ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters", r->c->market,
+                       (long long)got.p.id, n);
+    memcpy(r->addrs[i], got.p.address, n + 1);
+    r->provider_ids[i] = got.p.id;
+    r->prices[i] = got.p.price_per_tflop;
+    r->offers[i] = (device_offer){.gflops = got.p.gflops, .mem_bytes = (double)got.p.mem_bytes, .known = 1};
+    if (!r->c->quiet)
+        printf("  provider %lld (%s) at %s replaces it: %.1f GFLOP/s, reliability %.2f\n", (long long)got.p.id,
+               got.account, got.p.address, got.p.gflops, got.p.reliability);
+    return AR_OK;
+}
+
+/* Which stages are gone: each worker must answer a Hello within the stage
+ * timeout. *why gets "no answer for 5 s" or the reason it is unreachable. */
+static int find_lost(run *r, int *lost, char why[][160])
+{
+    int n = 0;
+    double wait = r->timeout > 0 ? r->timeout : DEFAULT_STAGE_TIMEOUT_S;
+    for (int i = 0; i < r->S; i++) {
+        double t0 = ar_now();
+        if (ar_remote_probe(r->clients[i], wait) == AR_OK)
+            continue;
+        if (ar_now() - t0 >= 0.9 * wait)
+            snprintf(why[n], sizeof why[n], "no answer for %.0f s", wait);
+        else
+            snprintf(why[n], sizeof why[n], "unreachable");
+        lost[n++] = i;
+    }
+    return n;
+}
+
+/* The chain failed with `failure` during step *step. When it is a lost
+ * stage of a remote pipeline: find who is gone, replace it (a spare worker,
+ * or a provider from the market), and restore every stage from the last
+ * checkpoint (or the start): *step goes back to the step before it and the
+ * run goes on. Training is deterministic, so the result is the same as
+ * without the loss. Otherwise, or when there is nobody to replace it, the
+ * failure is the run's error. */
+static int recover(run *r, int failure, long *step)
+{
+    ar_train_config *c = r->c;
+    if (!r->remote_head || r->budget_stop || failure == AR_ENOMEM)
+        return failure;
+    char first[1024];
+    snprintf(first, sizeof first, "%s", ar_last_error());
+    int lost[64];
+    char why[64][160];
+    int nlost = find_lost(r, lost, why);
+    if (nlost == 0 && failure != AR_ECLOSED)
+        return ar_fail(failure, "%s", first); /* every worker answers: not a lost stage */
+    long kept = r->restore_step;
+    char names[2048] = "every worker answers";
+    if (nlost == 0 && c->stage_timeout <= 0 && r->timeout > 0) {
+        /* a stream broke, or a step outlasted the timeout: the same workers
+         * again, and more time if the default was too short */
+        r->timeout *= 2;
+        snprintf(names, sizeof names, "every worker answers (stage timeout now %.0f s)", r->timeout);
+    } else if (nlost > 0) {
+        names[0] = '\0';
+    }
+    for (int k = 0; k < nlost; k++) {
+        size_t at = strlen(names);
+        snprintf(names + at, sizeof names - at, "%sstage %d (%.127s) lost: %.159s", k ? "; " : "", lost[k],
+                 r->addrs[lost[k]], why[k]);
+    }
+    if (++r->failures > MAX_FAILURES)
+        return ar_fail(failure, "%s; %s: %d losses without a checkpoint in between, giving up", first, names,
+                       MAX_FAILURES);
+    ar_log(AR_LOG_WARN, "%s (%s); restarting from step %ld", names, first, kept);
+    /* step: the steps completed (and paid) when the loss was found */
+    log_json(r, "{\"event\": \"stage_lost\", \"step\": %ld, \"restart_step\": %ld}", r->steps_done, kept);
+    drop_remote(r);
+    int gone[64] = {0}, ngone = 0;
+    for (int k = 0; k < nlost; k++) {
+        int i = lost[k];
+        int rc, found = 0;
+        if (r->leased) {
+            if ((rc = replace_from_market(r, i, kept, why[k], &found)) != AR_OK)
+                return ar_fail(rc, "%s; stage %d (%s) lost: %s; %s", first, i, r->addrs[i], why[k], ar_last_error());
+            if (!found) {
+                /* the lease goes on with the providers it still has */
+                gone[i] = 1;
+                ngone++;
+                if (!c->quiet)
+                    printf("  no free provider to replace stage %d: going on with %d\n", i, r->S - ngone);
+            }
+        } else if (r->nspares > 0) {
+            memcpy(r->addrs[i], r->spare_addrs[--r->nspares], sizeof r->addrs[i]);
+            if (!c->quiet)
+                printf("  spare worker %s replaces stage %d\n", r->addrs[i], i);
+        } else {
+            return ar_fail(failure, "%s; stage %d (%s) lost: %s, and no spare worker to replace it "
+                           "(give more --workers and --spares N)", first, i, r->addrs[i], why[k]);
+        }
+    }
+    if (ngone == r->S)
+        return ar_fail(failure, "%s; %s, and no free provider at the market to replace them", first, names);
+    if (ngone > 0) {
+        int n = 0;
+        for (int i = 0; i < r->S; i++)
+            if (!gone[i]) {
+                memmove(r->addrs[n], r->addrs[i], sizeof r->addrs[n]);
+                r->provider_ids[n] = r->provider_ids[i];
+                r->prices[n] = r->prices[i];
+                r->offers[n] = r->offers[i];
+                n++;
+            }
+        r->S = n;
+        if (c->plan && strcmp(c->plan, "auto") != 0) {
+            ar_log(AR_LOG_WARN, "--plan %s was written for more devices: planning over %d", c->plan, n);
+            c->plan = NULL;
+        }
+    }
+    /* steps after the checkpoint are redone and paid then, by whoever does them */
+    while (r->nunpaid > 0 && r->unpaid[r->nunpaid - 1] >= kept)
+        r->nunpaid--;
+    ar_train_state st;
+    int rc;
+    if (r->restore_dir) {
+        if ((rc = ar_checkpoint_load_state(r->restore_dir, &st)) != AR_OK)
+            return rc;
+    } else {
+        data_rewind(&r->data);
+    }
+    while (r->ncurve > 0 && r->curve_x[r->ncurve - 1] > kept)
+        r->ncurve--;
+    while (r->nval > 0 && r->val_x[r->nval - 1] > kept)
+        r->nval--;
+    if ((rc = setup_remote(r, r->restore_dir ? &st : NULL, r->restore_dir)) != AR_OK)
+        return rc;
+    if (!c->quiet) {
+        printf("restored every stage from %s; training goes on from step %ld\n",
+               r->restore_dir ? r->restore_dir : "the start", kept);
+        fflush(stdout);
+    }
+    *step = kept - 1; /* the loop's step++ makes it `kept` */
+    r->steps_done = kept;
     return AR_OK;
 }
 
@@ -961,14 +1266,18 @@ static int setup(run *r)
     r->S = c->stages;
     if (c->remote_workers && (rc = parse_workers(r, c->remote_workers)) != AR_OK)
         return rc;
-    if (c->market && (rc = acquire_lease(r, start_step)) != AR_OK)
+    if (c->market && (rc = acquire_lease(r, start_step, c->resume_dir ? resume_state.market_job : 0)) != AR_OK)
         return rc;
     if (r->S < 1 || r->S > units || r->S > 64)
         return ar_fail(AR_EINVAL, "%d stages for a model of %d layers", r->S, units);
     ar_optim_config oc = {.kind = c->optimizer, .beta1 = c->beta1, .beta2 = c->beta2,
                           .eps = c->eps, .weight_decay = c->weight_decay};
+    r->oc = oc;
+    r->restore_dir = c->resume_dir;
+    r->restore_step = start_step;
+    r->timeout = -1; /* in-process stages do not vanish */
     if (r->remote) {
-        if ((rc = setup_remote(r, &oc, c->resume_dir ? &resume_state : NULL)) != AR_OK)
+        if ((rc = setup_remote(r, c->resume_dir ? &resume_state : NULL, c->resume_dir)) != AR_OK)
             return rc;
         if (c->log_path && !(r->log = fopen(c->log_path, c->resume_dir ? "a" : "w")))
             return ar_fail(AR_EIO, "--log %s: %s", c->log_path, strerror(errno));
@@ -1092,6 +1401,9 @@ int ar_train_run(ar_train_config *c)
     long start = rc;
     r.steps_done = start;
     rc = AR_OK;
+    if (r.remote_head)
+        r.timeout = c->stage_timeout > 0 ? c->stage_timeout : DEFAULT_STAGE_TIMEOUT_S;
+    r.last_ckpt_t = ar_now();
     print_plan(&r);
     ar_progress bar;
     ar_progress_begin(&bar, "train", c->steps, stderr);
@@ -1108,11 +1420,11 @@ int ar_train_run(ar_train_config *c)
             char a[40], b[40], d[40];
             r.budget_stop = 1;
             if (c->out_dir && step > start && (rc = save_checkpoint(&r, step)) != AR_OK)
-                break;
+                break; /* (no recovery: the run is ending) */
             rc = ar_fail(AR_ELIMIT,
                          "budget reached after step %ld: %s of max %s credits spent, the next step costs %s%s%s%s",
-                         step, credits_text(r.spent, a, sizeof a), credits_text(c->max_credits, b, sizeof b),
-                         credits_text(r.step_cost, d, sizeof d),
+                         step, ar_credits_text(r.spent, a, sizeof a), ar_credits_text(c->max_credits, b, sizeof b),
+                         ar_credits_text(r.step_cost, d, sizeof d),
                          c->out_dir && step > start ? "; checkpoint in " : "",
                          c->out_dir && step > start ? c->out_dir : "",
                          c->out_dir && step > start ? " (--resume it with more credits)" : "");
@@ -1125,10 +1437,20 @@ int ar_train_run(ar_train_config *c)
                            .row_targets = is_text ? (size_t)r.T : 1};
         ar_step_result res;
         double step_t0 = ar_now();
-        rc = ar_chain_train_step(r.head, &b, -1, &res);
-        r.step_wall += ar_now() - step_t0;
-        if (rc != AR_OK)
+        rc = ar_chain_train_step(r.head, &b, r.timeout, &res);
+        double took = ar_now() - step_t0;
+        r.step_wall += took;
+        if (rc != AR_OK) {
+            if ((rc = recover(&r, rc, &step)) == AR_OK)
+                continue;
             break;
+        }
+        if (took > r.slowest_step) {
+            /* a stage may be slow, not gone: the default timeout grows with the steps */
+            r.slowest_step = took;
+            if (r.remote_head && c->stage_timeout <= 0 && 4 * took > r.timeout)
+                r.timeout = 4 * took;
+        }
         double sumsq = 0;
         for (int i = 0; i < res.nunits; i++)
             sumsq += res.unit_sumsq[i];
@@ -1142,8 +1464,11 @@ int ar_train_run(ar_train_config *c)
         if (c->clip > 0 && norm > c->clip)
             scale = (float)(c->clip / (norm + 1e-6));
         float lr = ar_lr_at(step, c->lr, c->min_lr, c->warmup, c->steps);
-        if ((rc = ar_chain_apply(r.head, step, lr, scale)) != AR_OK)
+        if ((rc = ar_chain_apply(r.head, step, lr, scale)) != AR_OK) {
+            if ((rc = recover(&r, rc, &step)) == AR_OK)
+                continue;
             break;
+        }
         if (r.leased) {
             /* this step after the unpaid ones; while the market is
              * unreachable, a new try every MARKET_RETRY_S */
@@ -1168,8 +1493,11 @@ int ar_train_run(ar_train_config *c)
         int last = step + 1 == c->steps;
         int stopping = c->stop_after > 0 && step + 1 == c->stop_after;
         if ((c->eval_every > 0 && (step + 1) % c->eval_every == 0) || last) {
-            if ((rc = eval_model(&r, step, &last_val, &last_acc)) != AR_OK)
+            if ((rc = eval_model(&r, step, &last_val, &last_acc)) != AR_OK) {
+                if ((rc = recover(&r, rc, &step)) == AR_OK)
+                    continue;
                 break;
+            }
             if ((rc = record(&r.val_x, &r.val_y, &r.nval, (double)step + 1, last_val)) != AR_OK)
                 break;
             if (is_text)
@@ -1186,9 +1514,17 @@ int ar_train_run(ar_train_config *c)
             rate_t = ar_now();
             rate_step = step + 1;
         }
-        if (c->out_dir && ((c->ckpt_every > 0 && (step + 1) % c->ckpt_every == 0) || last || stopping)) {
-            if ((rc = save_checkpoint(&r, step + 1)) != AR_OK)
+        report_progress(&r, step, rate, ar_now() - t0, start);
+        /* by default a checkpoint whenever AUTO_CHECKPOINT_S have passed: at
+         * most about that much work is redone when a stage is lost */
+        int due = c->ckpt_every > 0 ? (step + 1) % c->ckpt_every == 0
+                                    : c->ckpt_every < 0 && ar_now() - r.last_ckpt_t >= AUTO_CHECKPOINT_S;
+        if (c->out_dir && (due || last || stopping)) {
+            if ((rc = save_checkpoint(&r, step + 1)) != AR_OK) {
+                if ((rc = recover(&r, rc, &step)) == AR_OK)
+                    continue;
                 break;
+            }
             draw_curve(&r);
         }
         if (!c->quiet)

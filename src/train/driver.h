@@ -32,7 +32,11 @@ typedef struct {
     int threads;             /* 0: all cores */
     long eval_every;         /* 0: only at the end */
     int eval_batches;        /* language models: random val batches per evaluation */
-    long ckpt_every;         /* 0: only at the end */
+    long ckpt_every;         /* K > 0: every K steps; 0: only at the end; -1 (default): whenever
+                                about a minute of training has passed since the last one */
+    float stage_timeout;     /* seconds a remote stage may stay silent mid-step before it is
+                                declared lost; 0: 10 s or 4x the slowest step, whichever is more */
+    int spares;              /* the last `spares` of remote_workers replace lost stages */
     long stop_after;         /* stop (with a checkpoint) after this step, as if interrupted; 0: run to the end */
     int quiet;
     /* training on leased providers: the market, the renter's account token,

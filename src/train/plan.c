@@ -585,8 +585,7 @@ static void append(char *buf, size_t n, const char *piece)
     snprintf(buf + len, n - len, "%s%s", len ? ", " : "", piece);
 }
 
-/* "embedding, blocks 0-1", "block 3", "head", "linear 0-1", "units 2-4" */
-static void range_name(const ar_model_spec *spec, int first, int last, char *buf, size_t n)
+void ar_plan_layers_text(const ar_model_spec *spec, int first, int last, char *buf, size_t n)
 {
     char piece[64];
     buf[0] = '\0';
@@ -612,27 +611,44 @@ static void range_name(const ar_model_spec *spec, int first, int last, char *buf
 
 /* Each member's heads and hidden units (of every GPT block alike, or of
  * each of an MLP's pairs of linear layers). */
-static void print_group_shares(FILE *out, const ar_plan *p, const ar_device *devs, const ar_model_spec *spec,
-                               int s)
+int ar_plan_member_shares(const ar_plan *p, const ar_device *devs, const ar_model_spec *spec, int s,
+                          char (*text)[AR_PLAN_SHARE_TEXT], ar_range *heads, ar_range *hidden)
 {
+    if (p->group_size[s] < 2 || !spec)
+        return ar_fail(AR_EINVAL, "stage %d is not a tensor-parallel group", s);
     double w[AR_PLAN_MAX_GROUP];
     ar_plan_group_weights(p, devs, s, w);
     ar_tp_layout *l = malloc(sizeof *l);
-    if (!l || ar_tp_group_layout(spec, p->first[s], p->last[s], p->group_size[s], w, l) != AR_OK) {
-        free(l);
-        return; /* the run itself reports why the group cannot be split */
-    }
-    for (int g = 0; g < p->group_size[s]; g++) {
-        fprintf(out, "       %.63s:", devs[p->group[s][g]].name);
-        if (spec->type == AR_MODEL_GPT)
-            fprintf(out, " heads %d-%d, hidden units %d-%d of each block\n", l->heads[g].begin,
-                    l->heads[g].end - 1, l->hidden[g][0].begin, l->hidden[g][0].end - 1);
-        else
-            for (int b = 0; b < l->count; b++)
-                fprintf(out, " hidden units %d-%d of linear %d%s", l->hidden[g][b].begin, l->hidden[g][b].end - 1,
-                        l->first + 2 * b, b + 1 < l->count ? "," : "\n");
+    if (!l)
+        return ar_fail(AR_ENOMEM, "out of memory");
+    int rc = ar_tp_group_layout(spec, p->first[s], p->last[s], p->group_size[s], w, l);
+    for (int g = 0; rc == AR_OK && g < p->group_size[s]; g++) {
+        heads[g] = spec->type == AR_MODEL_GPT ? l->heads[g] : (ar_range){0, 0};
+        hidden[g] = l->hidden[g][0];
+        if (spec->type == AR_MODEL_GPT) {
+            snprintf(text[g], AR_PLAN_SHARE_TEXT, "heads %d-%d, hidden units %d-%d of each block", l->heads[g].begin,
+                     l->heads[g].end - 1, l->hidden[g][0].begin, l->hidden[g][0].end - 1);
+            continue;
+        }
+        size_t at = 0;
+        text[g][0] = '\0';
+        for (int b = 0; b < l->count && at < AR_PLAN_SHARE_TEXT; b++)
+            at += (size_t)snprintf(text[g] + at, AR_PLAN_SHARE_TEXT - at, "%shidden units %d-%d of linear %d",
+                                   b ? ", " : "", l->hidden[g][b].begin, l->hidden[g][b].end - 1, l->first + 2 * b);
     }
     free(l);
+    return rc;
+}
+
+static void print_group_shares(FILE *out, const ar_plan *p, const ar_device *devs, const ar_model_spec *spec,
+                               int s)
+{
+    char text[AR_PLAN_MAX_GROUP][AR_PLAN_SHARE_TEXT];
+    ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
+    if (ar_plan_member_shares(p, devs, spec, s, text, heads, hidden) != AR_OK)
+        return; /* the run itself reports why the group cannot be split */
+    for (int g = 0; g < p->group_size[s]; g++)
+        fprintf(out, "       %.63s: %s\n", devs[p->group[s][g]].name, text[g]);
 }
 
 /* "A" or, for a tensor-parallel group, "A+B". */
@@ -652,7 +668,7 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
     char names[AR_PLAN_MAX_STAGES][96];
     int wdev = 6, wlay = 6;
     for (int s = 0; s < p->nstages; s++) {
-        range_name(spec, p->first[s], p->last[s], names[s], sizeof names[s]);
+        ar_plan_layers_text(spec, p->first[s], p->last[s], names[s], sizeof names[s]);
         char dev[192];
         device_label(p, devs, s, dev, sizeof dev);
         int l = (int)strlen(names[s]), d = (int)strlen(dev);

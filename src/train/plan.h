@@ -11,6 +11,7 @@
 #define AR_PLAN_H
 
 #include "nn/spec.h"
+#include "nn/tp.h"
 
 #include <stdio.h>
 
@@ -105,6 +106,20 @@ void ar_plan_group_weights(const ar_plan *p, const ar_device *devs, int s, doubl
  * its device's memory; AR_EINVAL for a malformed plan. */
 int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar_device *devs,
                      int ndev, int micro_batches, int schedule);
+
+/* "embedding, blocks 0-1", "block 3", "head", "linear 0-1", "units 2-4" (no
+ * spec): the model's units [first, last) in words. */
+void ar_plan_layers_text(const ar_model_spec *spec, int first, int last, char *buf, size_t n);
+
+#define AR_PLAN_SHARE_TEXT 160
+
+/* What each member g of stage s's tensor-parallel group computes: in words
+ * (text[g]: "heads 0-1, hidden units 0-127 of each block" for a GPT, "hidden
+ * units 0-255 of linear 0, ..." for an MLP), its heads (GPT; empty for an
+ * MLP) and its hidden units of the stage's first shard. AR_EINVAL when the
+ * stage is not a group or cannot be split so. */
+int ar_plan_member_shares(const ar_plan *p, const ar_device *devs, const ar_model_spec *spec, int s,
+                          char (*text)[AR_PLAN_SHARE_TEXT], ar_range *heads, ar_range *hidden);
 
 /* A table: stage, device, layers (named from spec when given: "embedding,
  * blocks 0-1", "head"), parameter MB, memory MB, ms per micro-batch; then the

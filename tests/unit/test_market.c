@@ -173,3 +173,85 @@ Test(market, silent_providers_go_offline)
     free(ps);
     teardown(&f);
 }
+
+/* ReportProgress: the driver's snapshot for the dashboard, checked field by
+ * field; the plan is stored as JSON the market wrote itself. */
+Test(market, progress_reports_are_checked_and_stored)
+{
+    fixture f;
+    setup(&f, 0);
+    int64_t pid = 0;
+    int status = -1;
+    cr_assert_eq(ar_market_register(f.c, f.alice, "127.0.0.1:6001", &PROFILE, &pid, NULL, &status), AR_OK);
+    ar_market_lease_request q = {.devices = 1, .est_steps = 10, .spec = "mlp", .flops_per_step = 1000000};
+    ar_market_lease lease;
+    cr_assert_eq(ar_market_acquire(f.c, f.bob, &q, &lease, &status), AR_OK, "%s", ar_last_error());
+
+    double busy[1] = {0.5}, idle[1] = {0.25};
+    ar_market_plan_stage st = {.first_unit = 0, .last_unit = 3, .layers = "linear 0-2", .predicted_ms = 1.5,
+                               .n_members = 1, .members = {{.provider_id = pid, .device = "127.0.0.1:6001"}}};
+    ar_market_progress p = {.step = 5, .total_steps = 10, .items_per_s = 1200, .unit = "samples", .eta_s = 4,
+                            .has_val = true, .val_step = 5, .val_loss = 0.75, .wall_s = 1.0, .n_stages = 1,
+                            .busy_s = busy, .idle_s = idle, .n_plan = 1, .plan = &st, .model = "mlp, 10 parameters",
+                            .schedule = "1f1b", .micro_batches = 4, .predicted_bubble = 0};
+    cr_assert_eq(ar_market_report_progress(f.c, lease.token, &p, &status), AR_OK, "%s", ar_last_error());
+
+    /* what the driver must not send */
+    ar_market_progress bad = p;
+    bad.unit = "bananas";
+    cr_assert_eq(ar_market_report_progress(f.c, lease.token, &bad, &status), AR_EPROTO);
+    cr_assert_eq(status, AR_STATUS_INVALID_ARGUMENT);
+    bad = p;
+    bad.items_per_s = -1;
+    cr_assert_eq(ar_market_report_progress(f.c, lease.token, &bad, &status), AR_EPROTO);
+    cr_assert_eq(status, AR_STATUS_INVALID_ARGUMENT);
+    ar_market_plan_stage bad_st = st;
+    bad_st.members[0].device = "<script>:1";
+    bad = p;
+    bad.plan = &bad_st;
+    cr_assert_eq(ar_market_report_progress(f.c, lease.token, &bad, &status), AR_EPROTO);
+    cr_assert_eq(status, AR_STATUS_INVALID_ARGUMENT);
+    cr_assert(strstr(ar_last_error(), "not allowed"), "%s", ar_last_error());
+    bad_st = st;
+    bad_st.first_unit = 3; /* an empty range */
+    cr_assert_eq(ar_market_report_progress(f.c, lease.token, &bad, &status), AR_EPROTO);
+    cr_assert_eq(status, AR_STATUS_INVALID_ARGUMENT);
+    char unknown[AR_TOKEN_LEN];
+    memset(unknown, 'a', AR_TOKEN_LEN - 1);
+    unknown[AR_TOKEN_LEN - 1] = 0;
+    cr_assert_eq(ar_market_report_progress(f.c, unknown, &p, &status), AR_EPROTO);
+    cr_assert_eq(status, AR_STATUS_UNAUTHENTICATED);
+
+    /* a later report without the plan keeps it */
+    p.step = 6;
+    p.n_plan = 0;
+    p.has_val = false;
+    cr_assert_eq(ar_market_report_progress(f.c, lease.token, &p, &status), AR_OK, "%s", ar_last_error());
+
+    ar_store *s;
+    cr_assert_eq(ar_store_open(f.db, &s), AR_OK);
+    ar_job_live live;
+    cr_assert_eq(ar_store_job_live_get(s, lease.job_id, &live), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(live.step, 6);
+    cr_assert_eq(live.total_steps, 10);
+    cr_assert_str_eq(live.unit, "samples");
+    cr_assert_not_null(live.plan);
+    cr_assert(strstr(live.plan, "\"layers\":\"linear 0-2\""), "%s", live.plan);
+    cr_assert(strstr(live.plan, "\"device\":\"127.0.0.1:6001\""), "%s", live.plan);
+    cr_assert(strstr(live.plan, "\"schedule\":\"1f1b\""), "%s", live.plan);
+    cr_assert_null(strstr(live.plan, "heads"), "%s", live.plan); /* whole layers: no head ranges */
+    ar_store_job_live_clear(&live);
+    ar_job_point *val;
+    size_t n;
+    cr_assert_eq(ar_store_job_val(s, lease.job_id, &val, &n), AR_OK);
+    cr_assert_eq(n, 1);
+    cr_assert_eq(val[0].step, 5);
+    ar_free(val);
+    ar_stage_time *t;
+    cr_assert_eq(ar_store_job_stage_times(s, lease.job_id, &t, &n), AR_OK);
+    cr_assert_eq(n, 2);
+    cr_assert_float_eq(t[1].busy_s, 0.5, 1e-12);
+    ar_free(t);
+    ar_store_close(s);
+    teardown(&f);
+}

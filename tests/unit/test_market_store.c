@@ -452,6 +452,118 @@ Test(market_store, rollback_unpays_steps_not_kept)
     ar_store_close(s);
 }
 
+/* Two stages leased, steps 0..5 paid; at step 6 stage 1's provider is lost
+ * and the job goes back to its checkpoint of 4 steps. */
+static int64_t lease_two_and_pay(ar_store *s, int64_t renter, int64_t p0, int64_t p1, int64_t *job_out)
+{
+    const int64_t tf = 1000000000000LL;
+    int64_t job = new_job(s, renter, 0);
+    ar_lease_member m[2] = {{p0, 0, tf, AR_CREDITS(1)}, {p1, 1, tf, AR_CREDITS(1)}};
+    char tok[AR_TOKEN_LEN];
+    int64_t lease = 0;
+    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 6, 0, tok, &lease, NULL), 0, "%s", ar_last_error());
+    for (int64_t stp = 0; stp < 6; stp++)
+        for (int st = 0; st < 2; st++)
+            cr_assert_eq(ar_store_usage_record(s, job, stp, st ? p1 : p0, st, tf, AR_CREDITS(1), NULL), 0);
+    *job_out = job;
+    return lease;
+}
+
+Test(market_store, a_lost_provider_is_replaced_and_the_steps_redone_are_unpaid)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100));
+    int64_t pa = new_account(s, "pa", 0), pb = new_account(s, "pb", 0), pc = new_account(s, "pc", 0);
+    int64_t p0 = new_provider(s, pa, "h:1", AR_CREDITS(1));
+    int64_t p1 = new_provider(s, pb, "h:2", AR_CREDITS(1));
+    int64_t p2 = new_provider(s, pc, "h:3", AR_CREDITS(2));
+    int64_t job;
+    int64_t lease = lease_two_and_pay(s, renter, p0, p1, &job);
+    size_t rows = ledger_rows(s);
+
+    /* not a member: refused, nothing written */
+    ar_lease_member with = {.provider_id = p2, .flops_per_step = 1000000000000LL, .price_per_tflop = AR_CREDITS(2)};
+    cr_assert_eq(ar_store_lease_replace(s, lease, p2, 4, &with, NULL), AR_ENOTFOUND);
+    cr_assert_eq(ledger_rows(s), rows);
+
+    int reversed = -1;
+    cr_assert_eq(ar_store_lease_replace(s, lease, p1, 4, &with, &reversed), 0, "%s", ar_last_error());
+    cr_assert_eq(reversed, 4); /* steps 4 and 5 of both stages */
+    cr_assert_eq(balance(s, pa), AR_CREDITS(4));
+    cr_assert_eq(balance(s, pb), AR_CREDITS(4));
+    cr_assert_eq(balance(s, renter), AR_CREDITS(92));
+    ar_provider lost;
+    cr_assert_eq(ar_store_provider_get(s, p1, &lost), 0);
+    cr_assert(!lost.online);
+    cr_assert_float_eq(lost.reliability, 0.9 * AR_RELIABILITY_AFTER_LOSS, 1e-12);
+    ar_lease_member *mem = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_lease_members(s, lease, &mem, &n), 0);
+    cr_assert_eq(n, 2);
+    cr_assert_eq(mem[1].provider_id, p2);
+    cr_assert_eq(mem[1].stage, 1);
+    cr_assert_eq(mem[1].price_per_tflop, AR_CREDITS(2));
+    ar_free(mem);
+    /* the redo is paid to whoever does it, once */
+    ar_usage_result r;
+    cr_assert_eq(ar_store_usage_record(s, job, 4, p2, 1, 1000000000000LL, AR_CREDITS(2), &r), 0);
+    cr_assert_eq(r, AR_USAGE_PAID);
+    cr_assert_eq(balance(s, pc), AR_CREDITS(2));
+    ar_job j;
+    cr_assert_eq(ar_store_job_get(s, job, &j), 0);
+    cr_assert_eq(j.spent, AR_CREDITS(10));
+    ar_store_job_clear(&j);
+
+    /* no replacement: the place leaves the lease */
+    cr_assert_eq(ar_store_lease_replace(s, lease, p2, 5, NULL, &reversed), 0, "%s", ar_last_error());
+    cr_assert_eq(ar_store_lease_members(s, lease, &mem, &n), 0);
+    cr_assert_eq(n, 1);
+    cr_assert_eq(mem[0].provider_id, p0);
+    ar_free(mem);
+    cr_assert_eq(ar_store_lease_replace(s, lease, p0, -1, NULL, NULL), AR_EINVAL);
+    cr_assert_eq(ar_store_lease_release(s, lease), 0);
+    cr_assert_eq(ar_store_lease_replace(s, lease, p0, 0, NULL, NULL), AR_ENOTFOUND);
+    assert_books(s, NULL);
+    ar_store_close(s);
+}
+
+Test(market_store, a_resumed_job_ends_its_old_lease_and_unpays_the_steps_redone)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100));
+    int64_t other = new_account(s, "other", AR_CREDITS(100));
+    int64_t pa = new_account(s, "pa", 0);
+    int64_t p0 = new_provider(s, pa, "h:1", AR_CREDITS(1));
+    int64_t p1 = new_provider(s, pa, "h:2", AR_CREDITS(1));
+    int64_t job;
+    int64_t lease = lease_two_and_pay(s, renter, p0, p1, &job);
+    size_t rows = ledger_rows(s);
+    cr_assert_eq(ar_store_job_resume(s, job, other, 4, NULL), AR_ENOTFOUND);
+    cr_assert_eq(ar_store_job_resume(s, job, renter, -2, NULL), AR_EINVAL);
+    cr_assert_eq(ledger_rows(s), rows);
+    bool leased = false;
+    cr_assert_eq(ar_store_provider_leased(s, p0, &leased), 0);
+    cr_assert(leased);
+
+    int reversed = -1;
+    cr_assert_eq(ar_store_job_resume(s, job, renter, 4, &reversed), 0, "%s", ar_last_error());
+    cr_assert_eq(reversed, 4);
+    cr_assert_eq(balance(s, pa), AR_CREDITS(8));
+    cr_assert_eq(ar_store_provider_leased(s, p0, &leased), 0);
+    cr_assert(!leased, "the old lease ended");
+    ar_lease l;
+    cr_assert_eq(ar_store_lease_get(s, lease, &l), 0);
+    cr_assert(l.released);
+    ar_job j;
+    cr_assert_eq(ar_store_job_get(s, job, &j), 0);
+    cr_assert_eq(j.status, AR_JOB_RUNNING);
+    cr_assert_eq(j.step, 4);
+    cr_assert_eq(j.spent, AR_CREDITS(8));
+    ar_store_job_clear(&j);
+    assert_books(s, NULL);
+    ar_store_close(s);
+}
+
 Test(market_store, overdraft_refused_and_nothing_written)
 {
     ar_store *s = open_db();
@@ -836,5 +948,201 @@ Test(market_store, sigkill_mid_transfers_loses_and_duplicates_nothing)
     cr_assert_eq(ar_store_usage_record(s, job, paid + 1, p0, 0, 1000000, 1000000, &r), 0);
     cr_assert_eq(r, AR_USAGE_PAID);
     assert_books(s, NULL);
+    ar_store_close(s);
+}
+
+/* ---- the dashboard's data ------------------------------------------------------- */
+
+Test(market_store, credits_text_is_exact)
+{
+    char b[48];
+    cr_assert_str_eq(ar_credits_text(0, b, sizeof b), "0.000000");
+    cr_assert_str_eq(ar_credits_text(-1, b, sizeof b), "-0.000001");
+    cr_assert_str_eq(ar_credits_text(AR_CREDITS(12) + 345678, b, sizeof b), "12.345678");
+    /* beyond a double's 15-16 digits, still exact */
+    cr_assert_str_eq(ar_credits_text(INT64_MAX, b, sizeof b), "9223372036854.775807");
+    cr_assert_str_eq(ar_credits_text(INT64_MIN, b, sizeof b), "-9223372036854.775808");
+}
+
+Test(market_store, validation_losses_and_training_losses_since_a_step)
+{
+    ar_store *s = open_db();
+    int64_t a = new_account(s, "a", 0);
+    int64_t j = new_job(s, a, 0);
+    for (int64_t st = 0; st < 5; st++)
+        cr_assert_eq(ar_store_job_progress_record(s, j, st, 3.0 - (double)st * 0.5), 0, "%s", ar_last_error());
+    ar_job_point *pts = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_job_progress_since(s, j, 2, &pts, &n), 0);
+    cr_assert_eq(n, 2);
+    cr_assert_eq(pts[0].step, 3);
+    cr_assert_eq(pts[1].step, 4);
+    cr_assert_float_eq(pts[1].loss, 1.0, 1e-12);
+    ar_free(pts);
+    cr_assert_eq(ar_store_job_progress_since(s, j, -1, &pts, &n), 0);
+    cr_assert_eq(n, 5);
+    ar_free(pts);
+
+    cr_assert_eq(ar_store_job_val_record(s, j, 4, 2.25), 0, "%s", ar_last_error());
+    cr_assert_eq(ar_store_job_val_record(s, j, 2, 2.5), 0);
+    cr_assert_eq(ar_store_job_val_record(s, j, 4, 2.0), 0); /* evaluated again after a resume */
+    cr_assert_eq(ar_store_job_val_record(s, 999, 1, 1.0), AR_ENOTFOUND);
+    cr_assert_eq(ar_store_job_val_record(s, j, -1, 1.0), AR_EINVAL);
+    cr_assert_eq(ar_store_job_val_record(s, j, 1, 1.0 / 0.0), AR_EINVAL);
+    cr_assert_eq(ar_store_job_val(s, j, &pts, &n), 0);
+    cr_assert_eq(n, 2);
+    cr_assert_eq(pts[0].step, 2);
+    cr_assert_float_eq(pts[0].loss, 2.5, 1e-12);
+    cr_assert_eq(pts[1].step, 4);
+    cr_assert_float_eq(pts[1].loss, 2.0, 1e-12);
+    ar_free(pts);
+    ar_store_close(s);
+}
+
+Test(market_store, job_snapshot_replaces_the_last_and_keeps_the_plan)
+{
+    ar_store *s = open_db();
+    int64_t a = new_account(s, "a", 0);
+    int64_t j = new_job(s, a, 0), other = new_job(s, a, 0);
+    ar_job_live l;
+    cr_assert_eq(ar_store_job_live_get(s, j, &l), AR_ENOTFOUND);
+
+    ar_job_live in = {.step = 10, .total_steps = 100, .items_per_s = 5000, .unit = "samples", .eta_s = 9,
+                      .wall_s = 1.5, .plan = "{\"stages\":[]}"};
+    ar_stage_time t[2] = {{.step = 10, .stage = 0, .wall_s = 1.5, .busy_s = 1.0, .idle_s = 0.5},
+                          {.step = 10, .stage = 1, .wall_s = 1.5, .busy_s = 0.75, .idle_s = 0.75}};
+    cr_assert_eq(ar_store_job_live_set(s, j, &in, t, 2), 0, "%s", ar_last_error());
+    /* the next snapshot without a plan keeps the plan */
+    in.step = 20;
+    in.plan = NULL;
+    in.eta_s = 8;
+    t[0].step = t[1].step = 20;
+    t[0].wall_s = t[1].wall_s = 3.0;
+    t[0].busy_s = 2.0;
+    cr_assert_eq(ar_store_job_live_set(s, j, &in, t, 2), 0, "%s", ar_last_error());
+    cr_assert_eq(ar_store_job_live_get(s, j, &l), 0, "%s", ar_last_error());
+    cr_assert_eq(l.step, 20);
+    cr_assert_eq(l.total_steps, 100);
+    cr_assert_float_eq(l.eta_s, 8, 1e-12);
+    cr_assert_str_eq(l.unit, "samples");
+    cr_assert_not_null(l.plan);
+    cr_assert_str_eq(l.plan, "{\"stages\":[]}");
+    ar_store_job_live_clear(&l);
+    cr_assert_null(l.plan);
+    cr_assert_eq(ar_store_job_live_get(s, other, &l), AR_ENOTFOUND);
+
+    /* the timeline keeps every sample, by step then stage; the same step again replaces its sample */
+    t[0].busy_s = 2.5;
+    cr_assert_eq(ar_store_job_live_set(s, j, &in, t, 1), 0);
+    ar_stage_time *got = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_job_stage_times(s, j, &got, &n), 0);
+    cr_assert_eq(n, 4);
+    cr_assert_eq(got[0].step, 10);
+    cr_assert_eq(got[1].stage, 1);
+    cr_assert_eq(got[2].step, 20);
+    cr_assert_eq(got[2].stage, 0);
+    cr_assert_float_eq(got[2].busy_s, 2.5, 1e-12);
+    cr_assert_float_eq(got[3].idle_s, 0.75, 1e-12);
+    ar_free(got);
+
+    /* what does not make sense is refused and writes nothing */
+    ar_job_live bad = in;
+    bad.items_per_s = -1;
+    cr_assert_eq(ar_store_job_live_set(s, j, &bad, NULL, 0), AR_EINVAL);
+    bad = in;
+    bad.eta_s = 0.0 / 0.0;
+    cr_assert_eq(ar_store_job_live_set(s, j, &bad, NULL, 0), AR_EINVAL);
+    ar_stage_time neg = {.step = 30, .stage = 0, .wall_s = 1, .busy_s = -1, .idle_s = 0};
+    cr_assert_eq(ar_store_job_live_set(s, j, &in, &neg, 1), AR_EINVAL);
+    cr_assert_eq(ar_store_job_live_set(s, 999, &in, NULL, 0), AR_ENOTFOUND);
+    cr_assert_eq(ar_store_job_stage_times(s, j, &got, &n), 0);
+    cr_assert_eq(n, 4);
+    ar_free(got);
+    ar_store_close(s);
+}
+
+Test(market_store, totals_and_a_providers_earnings)
+{
+    ar_store *s = open_db();
+    ar_market_totals t;
+    cr_assert_eq(ar_store_totals(s, &t), 0, "%s", ar_last_error());
+    cr_assert_eq(t.providers, 0);
+    cr_assert_eq(t.credits_moved, 0);
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100));
+    int64_t pa = new_account(s, "pa", 0), pb = new_account(s, "pb", 0);
+    int64_t p0 = new_provider(s, pa, "10.0.0.1:7000", AR_CREDITS(1));
+    int64_t p1 = new_provider(s, pa, "10.0.0.1:7001", AR_CREDITS(2));
+    int64_t p2 = new_provider(s, pb, "10.0.0.2:7000", AR_CREDITS(3));
+    cr_assert_eq(ar_store_provider_mark_offline(s, p2), 0);
+    int64_t job = new_job(s, renter, 0), done = new_job(s, renter, 0);
+    cr_assert_eq(ar_store_job_update(s, job, AR_JOB_RUNNING, 0), 0);
+    cr_assert_eq(ar_store_job_update(s, done, AR_JOB_DONE, 0), 0);
+    const int64_t tf = 1000000000000LL;
+    for (int64_t st = 0; st < 3; st++) {
+        cr_assert_eq(ar_store_usage_record(s, job, st, p0, 0, tf, AR_CREDITS(1), NULL), 0, "%s", ar_last_error());
+        cr_assert_eq(ar_store_usage_record(s, job, st, p1, 1, tf, AR_CREDITS(2), NULL), 0);
+        cr_assert_eq(ar_store_usage_record(s, job, st, p2, 2, tf, AR_CREDITS(3), NULL), 0);
+    }
+    /* step 2 was not kept: its payments are reversed, and no longer count as moved */
+    cr_assert_eq(ar_store_usage_rollback(s, job, 1, NULL), 0);
+    cr_assert_eq(ar_store_totals(s, &t), 0);
+    cr_assert_eq(t.providers, 3);
+    cr_assert_eq(t.providers_online, 2);
+    cr_assert_float_eq(t.gflops_online, 200, 1e-9);
+    cr_assert_eq(t.jobs, 2);
+    cr_assert_eq(t.jobs_running, 1);
+    cr_assert_eq(t.credits_moved, AR_CREDITS(12));
+    cr_assert_eq(t.steps_paid, 6);
+
+    /* pa's earnings: its two providers only, never pb's */
+    ar_earning *e = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_provider_earnings(s, pa, &e, &n), 0, "%s", ar_last_error());
+    cr_assert(n >= 2, "%zu rows", n);
+    int64_t by[3] = {0}, work = 0;
+    for (size_t i = 0; i < n; i++) {
+        cr_assert(e[i].provider_id == p0 || e[i].provider_id == p1);
+        cr_assert(i == 0 || e[i].provider_id > e[i - 1].provider_id ||
+                  (e[i].provider_id == e[i - 1].provider_id && e[i].time > e[i - 1].time));
+        by[e[i].provider_id == p0 ? 0 : 1] += e[i].amount;
+        work += e[i].steps;
+    }
+    cr_assert_eq(by[0], AR_CREDITS(2));
+    cr_assert_eq(by[1], AR_CREDITS(4));
+    cr_assert_eq(work, 4);
+    cr_assert_eq(by[0] + by[1], balance(s, pa));
+    ar_free(e);
+    cr_assert_eq(ar_store_provider_earnings(s, renter, &e, &n), 0);
+    cr_assert_eq(n, 0);
+    ar_free(e);
+    assert_books(s, NULL);
+    ar_store_close(s);
+}
+
+Test(market_store, schema_3_database_is_migrated_to_4_keeping_its_data)
+{
+    ar_store *s = open_db();
+    int64_t a = new_account(s, "a", AR_CREDITS(3));
+    int64_t j = new_job(s, a, 0);
+    cr_assert_eq(ar_store_job_progress_record(s, j, 0, 1.5), 0);
+    ar_store_close(s);
+    /* back to what a schema-3 market left */
+    raw_sql("DROP TABLE job_val; DROP TABLE job_live; DROP TABLE job_stage_time; DROP INDEX usage_provider;"
+            " UPDATE schema_version SET version = 3",
+            SQLITE_OK);
+    s = open_db();
+    int v = 0;
+    cr_assert_eq(ar_store_schema_version(s, &v), 0);
+    cr_assert_eq(v, 4);
+    cr_assert_eq(balance(s, a), AR_CREDITS(3));
+    ar_job_point *pts = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_job_progress(s, j, &pts, &n), 0);
+    cr_assert_eq(n, 1);
+    ar_free(pts);
+    cr_assert_eq(ar_store_job_val_record(s, j, 1, 1.25), 0, "%s", ar_last_error());
+    ar_job_live l = {.step = 1, .total_steps = 2, .unit = "tokens"};
+    cr_assert_eq(ar_store_job_live_set(s, j, &l, NULL, 0), 0, "%s", ar_last_error());
     ar_store_close(s);
 }

@@ -2,6 +2,7 @@
  * against brute force, plans by hand, and the printed table. */
 #include "core/core.h"
 #include "nn/spec.h"
+#include "train/market_plan.h"
 #include "train/plan.h"
 #include "train/schedule.h"
 #include "train/stage.h"
@@ -659,4 +660,47 @@ Test(plan, probes_measure_something)
 #ifdef __linux__
     cr_assert_gt(ar_free_memory_bytes(), 1e6);
 #endif
+}
+
+/* The plan as the market's dashboard gets it (train/market_plan.h): layers in
+ * words, devices with their leased provider ids, and a tensor-parallel
+ * group's heads and hidden units. */
+Test(plan, market_plan_names_layers_providers_and_shares)
+{
+    ar_model_spec s = small_gpt(2); /* units: embedding, block 0, block 1, head */
+    ar_device devs[3] = {dev("10.0.0.1:7000", 100, 0, 0), dev("10.0.0.2:7000", 100, 0, 0),
+                         dev("10.0.0.3:7000", 100, 0, 0)};
+    ar_plan p;
+    cr_assert_eq(ar_plan_parse_devices("0-1@0+1,2-3@2", 4, devs, 3, &p), AR_OK, "%s", ar_last_error());
+    ar_market_lease lease = {.n = 2};
+    lease.providers[0].p.id = 11;
+    snprintf(lease.providers[0].p.address, sizeof lease.providers[0].p.address, "10.0.0.1:7000");
+    lease.providers[1].p.id = 33;
+    snprintf(lease.providers[1].p.address, sizeof lease.providers[1].p.address, "10.0.0.3:7000");
+    ar_market_plan_stage st[2];
+    char layers[2][AR_LAYERS_TEXT_MAX], shares[2 * AR_PLAN_MAX_GROUP][AR_PLAN_SHARE_TEXT];
+    ar_market_plan_fill(&p, devs, &s, &lease, st, layers, shares);
+
+    cr_assert_str_eq(st[0].layers, "embedding, block 0");
+    cr_assert_eq(st[0].first_unit, 0);
+    cr_assert_eq(st[0].last_unit, 2);
+    cr_assert_eq(st[0].n_members, 2);
+    cr_assert_str_eq(st[0].members[0].device, "10.0.0.1:7000");
+    cr_assert_eq(st[0].members[0].provider_id, 11);
+    cr_assert_eq(st[0].members[1].provider_id, 0); /* not a leased provider */
+    /* 4 heads and 256 hidden units, shared by two devices of one speed */
+    cr_assert_eq(st[0].members[0].head_begin, 0);
+    cr_assert_eq(st[0].members[0].head_end, 2);
+    cr_assert_eq(st[0].members[1].head_begin, 2);
+    cr_assert_eq(st[0].members[1].head_end, 4);
+    cr_assert_eq(st[0].members[0].hidden_end, 128);
+    cr_assert_eq(st[0].members[1].hidden_begin, 128);
+    cr_assert_eq(st[0].members[1].hidden_end, 256);
+    cr_assert_str_eq(st[0].members[1].share, "heads 2-3, hidden units 128-255 of each block");
+
+    cr_assert_str_eq(st[1].layers, "block 1, head");
+    cr_assert_eq(st[1].n_members, 1);
+    cr_assert_eq(st[1].members[0].provider_id, 33);
+    cr_assert_eq(st[1].members[0].head_end, st[1].members[0].head_begin); /* whole layers */
+    cr_assert_null(st[1].members[0].share);
 }

@@ -1,0 +1,321 @@
+"""Training survives providers that vanish (issue 6, failure recovery).
+
+A 3-stage gpt-tiny run over worker processes loses one of them mid-run:
+killed (SIGKILL: its connections close), or stopped (SIGSTOP: it keeps its
+TCP connections and stops answering, so only the stage timeout finds it).
+The driver names the lost stage, takes a replacement (a spare from
+--workers ... --spares N, or a free provider from the market), restores every
+stage from its last checkpoint and goes on. Training is deterministic, so the
+final weights are bitwise those of an uninterrupted run with the same seed.
+
+Through the market the money is checked too: the ledger sums to zero, every
+(step, stage) is in the usage table once, and the net amount the renter paid
+for each step is exactly one step's cost, to whoever completed it in the run
+that was kept (payments for steps after the checkpoint are reversed). The
+lost provider is marked offline and its reliability lowered. Also: the driver
+itself killed and resumed with --resume (a fresh lease on the same job), and
+the market killed and restarted on its database mid-run.
+"""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from conftest import CONFIGS, SANITIZER_MARKERS, _env
+from test_market import add_account
+from test_market_train import MICRO, Proc, balances, ledger_total, procs, start_provider  # noqa: F401 (procs: a fixture)
+
+grpc = pytest.importorskip("grpc")
+
+STEPS = 400
+EVERY = 20  # --checkpoint-every
+# enough steps done, and a checkpoint written, before the failure
+KILL_AT = 3 * EVERY + 5
+COMMON = ["--model", str(CONFIGS / "gpt-tiny.json"), "--steps", str(STEPS), "--batch", "8",
+          "--micro-batches", "2", "--eval-every", "0", "--threads", "1", "--seed", "7"]
+PIPE = ["--plan", "0-1,2,3", "--checkpoint-every", str(EVERY), "--stage-timeout", "2"]
+
+
+@pytest.fixture(scope="module")
+def reference(run_arceus, corpus, tmp_path_factory):
+    """The same run uninterrupted, in one process."""
+    out = tmp_path_factory.mktemp("reference")
+    run_arceus("train", *COMMON, "--data", corpus, "--out", out, check=True)
+    return (out / "model.safetensors").read_bytes()
+
+
+def query(db, sql, *args):
+    con = sqlite3.connect(str(db), timeout=30)
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+def steps_logged(log):
+    if not log.exists():
+        return 0
+    return sum(1 for line in log.read_text().splitlines() if '"loss"' in line)
+
+
+class Train:
+    """arceus train in the background, its output in files."""
+
+    def __init__(self, arceus_bin, tmp_path, name, args):
+        self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen([str(arceus_bin), "train", *map(str, args)], stdout=out, stderr=err,
+                                         text=True, env=_env())
+
+    def wait_for_step(self, log, n, timeout=240):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None and steps_logged(log) < n:
+            time.sleep(0.01)
+        assert self.proc.poll() is None, f"the run ended before step {n}:\n{self.err()[-3000:]}"
+        assert steps_logged(log) >= n, f"step {n} not reached in {timeout} s"
+
+    def finish(self, timeout=300):
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        err = self.err()
+        for marker in SANITIZER_MARKERS:
+            assert marker not in err, err[-6000:]
+        return rc, self.out_path.read_text(), err
+
+    def err(self):
+        return self.err_path.read_text()
+
+
+def kill(proc, procs, sig):
+    """End a worker or provider for good and keep it out of the teardown."""
+    proc.proc.send_signal(sig)
+    if sig == signal.SIGSTOP:
+        return
+    proc.proc.communicate()
+    procs.remove(proc)
+
+
+def forget(proc, procs):
+    """A stopped worker: killed at the end (it never answers SIGTERM)."""
+    proc.proc.kill()
+    proc.proc.communicate()
+    procs.remove(proc)
+
+
+# ---------------------------------------------------------------------------
+# Workers of one's own: a spare replaces the lost stage
+# ---------------------------------------------------------------------------
+
+def start_worker(arceus_bin, procs):
+    w = Proc([str(arceus_bin), "worker", "--listen", "127.0.0.1:0", "--threads", "1"],
+             r"arceus worker: listening on (\S+:\d+)", "worker")
+    procs.append(w)
+    return w
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_spare_worker_replaces_a_lost_stage(arceus_bin, procs, tmp_path, corpus, reference, sig):
+    ws = [start_worker(arceus_bin, procs) for _ in range(4)]
+    log, out = tmp_path / "log.jsonl", tmp_path / "out"
+    train = Train(arceus_bin, tmp_path, "train",
+                  [*COMMON, *PIPE, "--data", corpus, "--workers", ",".join(w.addr for w in ws),
+                   "--spares", "1", "--out", out, "--log", log])
+    train.wait_for_step(log, KILL_AT)
+    kill(ws[1], procs, sig)
+    rc, stdout, err = train.finish()
+    if sig == signal.SIGSTOP:
+        forget(ws[1], procs)
+    assert rc == 0, err[-3000:]
+    why = "no answer for 2 s" if sig == signal.SIGSTOP else "unreachable"
+    assert f"stage 1 ({ws[1].addr}) lost: {why}" in err, err[-3000:]
+    assert f"spare worker {ws[3].addr} replaces stage 1" in stdout, stdout[-3000:]
+    restarts = [json.loads(line) for line in log.read_text().splitlines() if "stage_lost" in line]
+    assert len(restarts) == 1 and restarts[0]["restart_step"] % EVERY == 0 and restarts[0]["restart_step"] >= 3 * EVERY
+    assert (out / "model.safetensors").read_bytes() == reference
+    assert not (out / ".pending").exists()
+
+
+def test_without_a_spare_the_lost_stage_ends_the_run(arceus_bin, procs, tmp_path, corpus):
+    ws = [start_worker(arceus_bin, procs) for _ in range(3)]
+    log, out = tmp_path / "log.jsonl", tmp_path / "out"
+    train = Train(arceus_bin, tmp_path, "train",
+                  [*COMMON, *PIPE, "--data", corpus, "--workers", ",".join(w.addr for w in ws),
+                   "--out", out, "--log", log])
+    train.wait_for_step(log, KILL_AT)
+    kill(ws[2], procs, signal.SIGKILL)
+    rc, _, err = train.finish()
+    assert rc == 1, err[-3000:]
+    assert f"stage 2 ({ws[2].addr}) lost: unreachable, and no spare worker to replace it" in err, err[-3000:]
+    # the last checkpoint is whole: a later --resume continues from it
+    state = json.loads((out / "state.json").read_text())
+    assert state["step"] % EVERY == 0 and state["step"] >= 3 * EVERY
+
+
+# ---------------------------------------------------------------------------
+# Through the market
+# ---------------------------------------------------------------------------
+
+def start_market_at(arceus_bin, db, listen, procs):
+    m = Proc([str(arceus_bin), "market", "--listen", listen, "--db", str(db), "--offline-after", "3600"],
+             r"arceus market: listening on (127\.0\.0\.1:\d+)$", "market")
+    procs.append(m)
+    return m
+
+
+def market_setup(run_arceus, arceus_bin, procs, tmp_path, providers):
+    db = tmp_path / "market.db"
+    renter = add_account(run_arceus, db, "renter", "1000")
+    owners = [add_account(run_arceus, db, f"p{i}") for i in range(providers)]
+    market = start_market_at(arceus_bin, db, "127.0.0.1:0", procs)
+    ps = [start_provider(arceus_bin, market, t, procs, (400 + 100 * i) * MICRO) for i, t in enumerate(owners)]
+    return db, renter, market, {pid: w for pid, w in ps}
+
+
+def market_args(corpus, market, renter, out, log):
+    return [*COMMON, *PIPE, "--data", corpus, "--market", market.addr, "--token", renter, "--devices", "3",
+            "--out", out, "--log", log]
+
+
+def reversals(db, provider=None):
+    """Payments reversed (one transfer each), all or those of one provider."""
+    if provider is None:
+        return query(db, "SELECT COUNT(*) FROM ledger WHERE reason = 'reversal' AND amount > 0")[0][0]
+    return query(db, "SELECT COUNT(*) FROM ledger l JOIN providers p ON p.account_id = l.account_id"
+                     " WHERE l.reason = 'reversal' AND l.amount < 0 AND p.id = ?", provider)[0][0]
+
+
+def lost_at(log):
+    """(the steps completed when the loss was found; the checkpoint the run went back to)"""
+    (event,) = [json.loads(line) for line in log.read_text().splitlines() if "stage_lost" in line]
+    return event["step"], event["restart_step"]
+
+
+def check_paid_once(db, stages=lambda step: 3):
+    """Every (step, stage) in the usage table once; the renter's net payment
+    for each step is the cost of that step's usage rows (reversed payments
+    cancel); balances equal their rows; the ledger sums to zero."""
+    assert ledger_total(db) == 0
+    usage = query(db, "SELECT step, stage FROM usage ORDER BY step, stage")
+    assert usage == [(s, st) for s in range(STEPS) for st in range(stages(s))]
+    (renter_id,), = query(db, "SELECT id FROM accounts WHERE name = 'renter'")
+    net = dict(query(db, "SELECT step, -SUM(amount) FROM ledger WHERE account_id = ? AND reason IN "
+                         "('usage', 'reversal') GROUP BY step", renter_id))
+    cost = dict(query(db, "SELECT step, SUM(amount) FROM usage GROUP BY step"))
+    assert net == cost
+    for name, balance in balances(db).items():
+        if name != "mint":
+            (rows,), = query(db, "SELECT COALESCE(SUM(l.amount), 0) FROM ledger l JOIN accounts a"
+                                 " ON a.id = l.account_id WHERE a.name = ?", name)
+            assert balance == rows, name
+    # each provider earned exactly its usage rows
+    earned = dict(query(db, "SELECT a.name, SUM(u.amount) FROM usage u JOIN providers p ON p.id = u.provider_id"
+                            " JOIN accounts a ON a.id = p.account_id GROUP BY a.name"))
+    bal = balances(db)
+    for name, amount in earned.items():
+        assert bal[name] == amount, name
+
+
+def test_the_market_replaces_a_lost_provider(run_arceus, arceus_bin, procs, tmp_path, corpus, reference):
+    db, renter, market, workers = market_setup(run_arceus, arceus_bin, procs, tmp_path, 4)
+    log, out = tmp_path / "log.jsonl", tmp_path / "out"
+    train = Train(arceus_bin, tmp_path, "train", market_args(corpus, market, renter, out, log))
+    train.wait_for_step(log, KILL_AT)
+    (lost,), = query(db, "SELECT provider_id FROM lease_members WHERE stage = 1")
+    kill(workers[lost], procs, signal.SIGKILL)
+    rc, stdout, err = train.finish()
+    assert rc == 0, err[-3000:]
+    assert f"stage 1 ({workers[lost].addr}) lost: unreachable" in err, err[-3000:]
+    assert "replaces it" in stdout and "released: job 1 done" in stdout, stdout[-3000:]
+    assert (out / "model.safetensors").read_bytes() == reference
+
+    check_paid_once(db)
+    # the lost provider: offline, less reliable, paid only for the kept steps:
+    # what it was paid for the steps after the checkpoint (all three stages'
+    # payments for those steps) was reversed
+    failed, kept = lost_at(log)
+    assert query(db, "SELECT online, reliability FROM providers WHERE id = ?", lost) == [(0, 0.8)]
+    assert query(db, "SELECT MAX(step) FROM usage WHERE provider_id = ?", lost) == [(kept - 1,)]
+    assert reversals(db, lost) == failed - kept
+    assert reversals(db) == 3 * (failed - kept)
+    (replacement,), = query(db, "SELECT provider_id FROM lease_members WHERE stage = 1")
+    assert replacement != lost and replacement in workers
+    assert query(db, "SELECT MIN(step) FROM usage WHERE stage = 1 AND provider_id = ?", replacement) == [(kept,)]
+    assert query(db, "SELECT status, step FROM jobs") == [("done", STEPS)]
+
+
+def test_a_stopped_provider_and_no_free_one_the_run_goes_on_with_two(run_arceus, arceus_bin, procs, tmp_path,
+                                                                    corpus, reference):
+    db, renter, market, workers = market_setup(run_arceus, arceus_bin, procs, tmp_path, 3)
+    log, out = tmp_path / "log.jsonl", tmp_path / "out"
+    train = Train(arceus_bin, tmp_path, "train", market_args(corpus, market, renter, out, log))
+    train.wait_for_step(log, KILL_AT)
+    (lost,), = query(db, "SELECT provider_id FROM lease_members WHERE stage = 2")
+    kill(workers[lost], procs, signal.SIGSTOP)
+    rc, stdout, err = train.finish()
+    forget(workers[lost], procs)
+    assert rc == 0, err[-3000:]
+    assert f"stage 2 ({workers[lost].addr}) lost: no answer for 2 s" in err, err[-3000:]
+    assert "no free provider to replace stage 2: going on with 2" in stdout, stdout[-3000:]
+    assert "released: job 1 done" in stdout, stdout[-3000:]
+    # re-planned over two devices: still bitwise the uninterrupted run
+    assert (out / "model.safetensors").read_bytes() == reference
+    failed, kept = lost_at(log)
+    check_paid_once(db, lambda step: 3 if step < kept else 2)
+    assert reversals(db, lost) == failed - kept
+    assert query(db, "SELECT online, reliability FROM providers WHERE id = ?", lost) == [(0, 0.8)]
+    assert query(db, "SELECT COUNT(*) FROM lease_members") == [(2,)]
+    assert query(db, "SELECT MAX(step) FROM usage WHERE provider_id = ?", lost) == [(kept - 1,)]
+
+
+def test_the_driver_killed_and_resumed_continues_its_job(run_arceus, arceus_bin, procs, tmp_path, corpus,
+                                                         reference):
+    db, renter, market, _ = market_setup(run_arceus, arceus_bin, procs, tmp_path, 3)
+    log, out = tmp_path / "log.jsonl", tmp_path / "out"
+    train = Train(arceus_bin, tmp_path, "first", market_args(corpus, market, renter, out, log))
+    train.wait_for_step(log, KILL_AT)
+    train.proc.send_signal(signal.SIGKILL)
+    train.finish()
+    kept = json.loads((out / "state.json").read_text())["step"]
+    assert kept % EVERY == 0 and kept >= 3 * EVERY
+    paid_before = query(db, "SELECT MAX(step) FROM usage")[0][0]
+    # a fresh lease on the same job: the three providers the dead driver held are free again
+    p = run_arceus("train", "--resume", out, "--data", corpus, "--market", market.addr, "--token", renter,
+                   "--devices", "3", "--threads", "1", "--plan", "0-1,2,3", "--stage-timeout", "2", check=True)
+    assert "released: job 1 done" in p.stdout, p.stdout[-3000:]
+    assert (out / "model.safetensors").read_bytes() == reference
+    check_paid_once(db)
+    # what the first driver paid after its checkpoint was reversed, and redone
+    assert reversals(db) == 3 * (paid_before + 1 - kept)
+    assert query(db, "SELECT COUNT(*) FROM jobs") == [(1,)]
+    assert query(db, "SELECT status, step FROM jobs") == [("done", STEPS)]
+    assert query(db, "SELECT COUNT(*) FROM leases WHERE released IS NULL") == [(0,)]
+
+
+def test_the_market_killed_and_restarted_mid_run(run_arceus, arceus_bin, procs, tmp_path, corpus, reference):
+    db, renter, market, _ = market_setup(run_arceus, arceus_bin, procs, tmp_path, 3)
+    log, out = tmp_path / "log.jsonl", tmp_path / "out"
+    train = Train(arceus_bin, tmp_path, "train", market_args(corpus, market, renter, out, log))
+    train.wait_for_step(log, KILL_AT)
+    market.proc.send_signal(signal.SIGKILL)
+    market.proc.communicate()
+    procs.remove(market)
+    before = query(db, "SELECT id, transfer_id, account_id, amount, reason, job_id, step FROM ledger ORDER BY id")
+    time.sleep(3)
+    market = start_market_at(arceus_bin, db, market.addr, procs)
+    rc, stdout, err = train.finish()
+    assert rc == 0, err[-3000:]
+    assert "training goes on" in err and "gave up" not in err, err[-3000:]
+    assert "released: job 1 done" in stdout, stdout[-3000:]
+    assert (out / "model.safetensors").read_bytes() == reference
+    check_paid_once(db)
+    after = query(db, "SELECT id, transfer_id, account_id, amount, reason, job_id, step FROM ledger ORDER BY id")
+    assert after[:len(before)] == before
+    assert not [r for r in after if r[4] == "reversal"]
