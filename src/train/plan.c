@@ -183,7 +183,7 @@ int ar_plan_slots(int schedule, int S, int s, int micro_batches)
 {
     if (schedule == AR_SCHED_GPIPE)
         return micro_batches;
-    int k = S - s;
+    int k = s < S - 1 ? S - s + 1 : 1; /* warm-up + 1, see ar_schedule_build */
     return k < micro_batches ? k : micro_batches;
 }
 

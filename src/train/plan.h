@@ -134,8 +134,8 @@ int ar_plan_group_cost(const ar_unit_cost *costs, int nunits, int first, int las
                        const ar_device *devs, const int *members, int g, int by_speed, int slots,
                        int micro_batches, ar_group_cost *out);
 
-/* Activation slots a stage needs: M for GPipe; min(M, S - s) for stage s of S
- * under 1F1B (what ar_schedule_build returns). */
+/* Activation slots a stage needs: M for GPipe; under 1F1B min(M, S - s + 1)
+ * for stage s of S, 1 for the last (what ar_schedule_build returns). */
 int ar_plan_slots(int schedule, int S, int s, int micro_batches);
 
 /* Bytes stage [first,last) needs with `slots` micro-batches in flight. */

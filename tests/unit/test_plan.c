@@ -984,7 +984,8 @@ Test(plan, estimate_a_plan_by_hand)
     cr_assert(fabs(p.stage_time[0] - (f0 / 10e9 + c[3].out_bytes / 2e9)) < 1e-12);
     cr_assert(fabs(p.stage_time[1] - f1 / 5e9) < 1e-12, "the last stage sends nothing");
     cr_assert(fabs(p.bubble - 1.0 / 7.0) < 1e-12);
-    cr_assert_eq(p.stage_mem[0], ar_plan_stage_mem(c, 8, 0, 4, 2));
+    /* 1F1B: stage 0 keeps 3 micro-batches in flight (2 + 1 to overlap transfers) */
+    cr_assert_eq(p.stage_mem[0], ar_plan_stage_mem(c, 8, 0, 4, 3));
     cr_assert_eq(p.stage_mem[1], ar_plan_stage_mem(c, 8, 4, 8, 1));
 
     /* a stage that does not fit: still priced, and the error says which */
