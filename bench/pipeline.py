@@ -18,6 +18,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, ".."))
 
 
+# Issue 3's targets.
+SPEEDUP_TARGET = 1.6
+BUBBLE_MARGIN_PP = 5.0
+
+
+def verdict(ok):
+    return "PASS" if ok else "FAIL"
+
+
+def load_average():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def steady_rate(log, warmup):
     rows = [json.loads(l) for l in open(log) if l.strip()]
     steps = [r for r in rows if "loss" in r and "val_loss" not in r]
@@ -68,13 +82,27 @@ def main():
             p.terminate()
             p.wait(timeout=30)
     r2 = steady_rate(os.path.join(tmp, "two.jsonl"), args.warmup)
+    print("load average %s (this machine is shared: figures drift with it)" % load_average())
     print("one process, 1 thread:       %7.0f tokens/s" % r1)
     print("two workers, 1 thread each:  %7.0f tokens/s" % r2)
-    print("speed-up %.2fx (ideal 1.78x, required >= 1.6x)" % (r2 / r1))
+    speedup = r2 / r1
+    print("speed-up %.2fx (ideal 1.78x, required >= %.1fx): %s"
+          % (speedup, SPEEDUP_TARGET, verdict(speedup >= SPEEDUP_TARGET)))
+    stages = []
     for line in out.splitlines():
-        if "bubble" in line:
+        if "predicted bubble" in line:
             print(line.strip())
-    print(json.dumps({"one": r1, "two": r2, "speedup": r2 / r1}))
+        m = re.search(r"stage (\d+): busy .* bubble ([\d.]+)% \(theory ([\d.]+)%\)", line)
+        if m:
+            stage, bubble, theory = int(m.group(1)), float(m.group(2)), float(m.group(3))
+            ok = bubble <= theory + BUBBLE_MARGIN_PP
+            stages.append({"stage": stage, "bubble": bubble, "theory": theory, "pass": ok})
+            print("%s; required <= theory + %.0f points: %s"
+                  % (line.strip(), BUBBLE_MARGIN_PP, verdict(ok)))
+    if not stages:
+        raise SystemExit("arceus train printed no measured bubble")
+    print(json.dumps({"one": r1, "two": r2, "speedup": speedup, "stages": stages,
+                      "pass": speedup >= SPEEDUP_TARGET and all(s["pass"] for s in stages)}))
 
 
 if __name__ == "__main__":

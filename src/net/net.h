@@ -9,7 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define AR_PROTOCOL_VERSION 1
+#define AR_PROTOCOL_VERSION 2 /* 2: tensor-parallel Load roles and shares, group traffic in NORM records */
 #define AR_NET_DEFAULT_MAX_FRAME ((size_t)1 << 30)
 #define AR_NET_CHUNK_BYTES ((size_t)1 << 20) /* Save/Restore chunks */
 

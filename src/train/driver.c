@@ -195,6 +195,8 @@ typedef struct {
     double *curve_x, *curve_y, *val_x, *val_y;
     long ncurve, nval;
     double busy[64], idle[64];
+    double tp_bytes[64]; /* a group's measured traffic, summed over tp_steps steps */
+    long tp_steps;
     double step_wall; /* driver-side wall time of the training steps (bubble = 1 - busy/wall) */
     /* remote workers (--workers HOST:PORT,...): the stages live in worker
      * processes; local "shadow" stages of the same ranges hold their state
@@ -893,6 +895,7 @@ static int setup_remote(run *r, const ar_train_state *resume, const char *resume
         d->gflops = h.gflops > 0 ? h.gflops : 1;
         d->mem_bytes = (double)h.free_memory;
         d->bandwidth = 0; /* the loopback default; measured links come later */
+        d->solo = !tp_capable[i] || r->leased; /* (groups over providers: not yet) */
         if (r->offers[i].known) {
             /* plan over what the market measured and the provider offers */
             d->gflops = r->offers[i].gflops > 0 ? r->offers[i].gflops : d->gflops;
@@ -1291,6 +1294,10 @@ static int setup(run *r)
         for (int i = 0; i < r->S; i++) {
             snprintf(r->devs[i].name, sizeof r->devs[i].name, "local %d", i);
             r->devs[i].gflops = gflops > 0 ? gflops / r->S : 1;
+            /* threads of one process share its cores: a group cannot beat
+             * the pipeline here, and --plan auto stays bitwise repeatable
+             * whatever the probe measured (a hand plan may still name one) */
+            r->devs[i].solo = 1;
         }
         if ((rc = make_plan(r, r->S)) != AR_OK)
             return rc;
@@ -1481,7 +1488,9 @@ int ar_train_run(ar_train_config *c)
         for (int i = 0; i < res.nstages && i < 64; i++) {
             r.busy[i] += res.busy_s[i];
             r.idle[i] += res.idle_s[i];
+            r.tp_bytes[i] += res.tp_bytes[i];
         }
+        r.tp_steps++;
         last_loss = res.loss;
         double now = ar_now();
         double rate = (step + 1 - rate_step) * items_per_step / (now - rate_t > 1e-9 ? now - rate_t : 1e-9);
@@ -1551,6 +1560,11 @@ int ar_train_run(ar_train_config *c)
                        r.busy[i], r.step_wall, r.step_wall > 0 ? 100 * (1 - r.busy[i] / r.step_wall) : 0,
                        100.0 * (r.S - 1) / (r.M + r.S - 1));
             }
+        /* what the groups' members exchanged with their leaders, against the cost model */
+        for (int i = 0; i < r.plan.nstages && i < 64 && r.tp_steps > 0; i++)
+            if (r.plan.group_size[i] > 1)
+                printf("  stage %d tensor-parallel traffic: %.3f MB per step (predicted %.3f MB)\n", i,
+                       r.tp_bytes[i] / (double)r.tp_steps / 1e6, r.plan.tp_bytes[i] / 1e6);
         if (c->out_dir)
             printf("checkpoint and loss curve in %s/\n", c->out_dir);
     }

@@ -104,14 +104,63 @@ void ar_frame_free(ar_frame *f)
     memset(f, 0, sizeof *f);
 }
 
+/* protobuf's varint length of v */
+static size_t varint_bytes(uint64_t v)
+{
+    size_t n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+/* a one-byte tag and an int32/int64 varint, left out when zero (proto3);
+ * negative values take ten bytes */
+static size_t int_field(int64_t v)
+{
+    return v ? 1 + varint_bytes((uint64_t)v) : 0;
+}
+
+/* a one-byte tag, the length, the bytes; left out when empty */
+static size_t bytes_field(size_t n)
+{
+    return n ? 1 + varint_bytes(n) + n : 0;
+}
+
+size_t ar_frame_wire_bytes(const ar_frame *f)
+{
+    size_t n = int_field(f->kind) + int_field(f->step) + int_field(f->mb) + int_field(f->nmb) +
+               int_field(f->rows) + int_field(f->dtype);
+    int nd = f->ndim < 0 ? 0 : f->ndim > AR_FRAME_MAX_DIMS ? AR_FRAME_MAX_DIMS : f->ndim;
+    size_t shape = 0;
+    for (int i = 0; i < nd; i++)
+        shape += varint_bytes((uint64_t)f->shape[i]);
+    n += bytes_field(shape); /* packed */
+    int ns = 4;
+    while (ns > 0 && f->scalars[ns - 1] == 0)
+        ns--;
+    n += bytes_field((size_t)ns * sizeof(double)); /* packed */
+    n += bytes_field(f->ntargets * sizeof(int32_t));
+    n += bytes_field(f->nbytes);
+    return n;
+}
+
 int ar_link_send(ar_link *l, ar_frame *f)
 {
-    return l->vt->send(l, f);
+    size_t bytes = ar_frame_wire_bytes(f); /* the send takes the frame */
+    int rc = l->vt->send(l, f);
+    if (rc == AR_OK)
+        l->bytes_sent += bytes;
+    return rc;
 }
 
 int ar_link_recv(ar_link *l, ar_frame *f, double timeout_s)
 {
-    return l->vt->recv(l, f, timeout_s);
+    int rc = l->vt->recv(l, f, timeout_s);
+    if (rc == AR_OK)
+        l->bytes_received += ar_frame_wire_bytes(f);
+    return rc;
 }
 
 void ar_link_close(ar_link *l)

@@ -51,6 +51,11 @@ int ar_frame_set_payload(ar_frame *f, int dtype, int ndim, const int64_t *shape,
 int ar_frame_set_targets(ar_frame *f, const int32_t *targets, size_t n);
 void ar_frame_free(ar_frame *f);
 const char *ar_frame_kind_name(int kind);
+/* Bytes of the frame as one protobuf Frame message (proto/arceus.proto, the
+ * way src/net/link.c encodes it: zero fields and trailing zero scalars left
+ * out), payload included. What a link counts per frame, and what the planner
+ * prices a message at. */
+size_t ar_frame_wire_bytes(const ar_frame *f);
 
 /* ---- links ------------------------------------------------------------- */
 
@@ -68,6 +73,10 @@ typedef struct {
 struct ar_link {
     const ar_link_vt *vt;
     char name[64]; /* for messages: "stage 1", "worker 127.0.0.1:5001" */
+    /* ar_frame_wire_bytes of every frame sent / received through
+     * ar_link_send / ar_link_recv: what a tensor-parallel leader reports as
+     * its group's traffic. Only the thread using the link touches them. */
+    uint64_t bytes_sent, bytes_received;
 };
 
 int ar_link_send(ar_link *l, ar_frame *f);

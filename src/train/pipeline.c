@@ -26,7 +26,25 @@ typedef struct {
     int *slot_rows;
     double busy, idle;
     double update_s; /* optimizer time since the last step: busy time of the next step's window */
+    /* a group leader's traffic with its other members (group_traffic): at
+     * the start of the step, and during the optimizer step since the last */
+    uint64_t traffic_mark, update_traffic;
 } serve_state;
+
+/* Stage records in the NORM frame: first unit, units, busy s, idle s,
+ * tensor-parallel bytes, then the units' gradient sums of squares. */
+#define NORM_HEADER 5
+
+/* Bytes a group leader exchanged with its members other than its own share
+ * (rank 0, computed in-process on the leader's device): the group's network
+ * traffic. 0 for a plain stage. */
+static uint64_t group_traffic(const ar_stage *s)
+{
+    uint64_t n = 0;
+    for (int k = 1; k < s->tp_nranks; k++)
+        n += s->tp_ranks[k]->bytes_sent + s->tp_ranks[k]->bytes_received;
+    return n;
+}
 
 static uint64_t mb_seed(uint64_t seed, int64_t step, int mb)
 {
@@ -244,21 +262,25 @@ static int send_norms(serve_state *st, int64_t step)
             return ar_fail(AR_EPROTO, "expected NORM from the next stage");
         }
     }
-    size_t mine = 4 + (size_t)s->nlayers;
+    size_t mine = NORM_HEADER + (size_t)s->nlayers;
     size_t theirs = below.nbytes / sizeof(double);
     double *vals = malloc((mine + theirs) * sizeof(double));
     if (!vals) {
         ar_frame_free(&below);
         return ar_fail(AR_ENOMEM, "out of memory for norms");
     }
+    if ((rc = ar_stage_grad_sumsq(s, vals + NORM_HEADER)) != AR_OK) {
+        free(vals);
+        ar_frame_free(&below);
+        return rc;
+    }
     vals[0] = s->first;
     vals[1] = s->nlayers;
     vals[2] = st->busy;
     vals[3] = st->idle;
-    if ((rc = ar_stage_grad_sumsq(s, vals + 4)) != AR_OK) {
-        free(vals);
-        return rc;
-    }
+    /* this step's, its norm exchange included, and the last optimizer step's */
+    vals[4] = (double)(group_traffic(s) - st->traffic_mark + st->update_traffic);
+    st->update_traffic = 0;
     if (theirs)
         memcpy(vals + mine, below.data, theirs * sizeof(double));
     ar_frame_free(&below);
@@ -294,6 +316,7 @@ static int run_step(serve_state *st, ar_frame *first)
     st->busy = st->update_s;
     st->idle = 0;
     st->update_s = 0;
+    st->traffic_mark = group_traffic(s);
     ar_stage_zero_grad(s);
     int next_f = 0;
     for (int i = 0; i < 2 * M; i++) {
@@ -483,8 +506,10 @@ int ar_stage_serve(ar_stage_runner *r)
         case AR_FRAME_STEP: {
             /* braces: C11 allows no declaration right after a label */
             double t0 = ar_now();
+            uint64_t traffic0 = group_traffic(s);
             rc = run_apply(r, &f);
             st.update_s += ar_now() - t0;
+            st.update_traffic += group_traffic(s) - traffic0;
             if (rc != AR_OK)
                 what = "optimizer step";
             break;
@@ -596,18 +621,19 @@ int ar_chain_train_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar
     }
     const double *v = n.data;
     size_t count = n.nbytes / sizeof(double), at = 0;
-    while (at + 4 <= count && out->nstages < 64) {
+    while (at + NORM_HEADER <= count && out->nstages < 64) {
         int first = (int)v[at], nu = (int)v[at + 1];
-        if (nu < 0 || at + 4 + (size_t)nu > count || first < 0 || first + nu > 512)
+        if (nu < 0 || at + NORM_HEADER + (size_t)nu > count || first < 0 || first + nu > 512)
             break;
         out->busy_s[out->nstages] = v[at + 2];
         out->idle_s[out->nstages] = v[at + 3];
+        out->tp_bytes[out->nstages] = v[at + 4];
         out->nstages++;
         for (int i = 0; i < nu; i++)
-            out->unit_sumsq[first + i] = v[at + 4 + i];
+            out->unit_sumsq[first + i] = v[at + NORM_HEADER + i];
         if (first + nu > out->nunits)
             out->nunits = first + nu;
-        at += 4 + (size_t)nu;
+        at += NORM_HEADER + (size_t)nu;
     }
     rc = at == count ? AR_OK : ar_fail(AR_EPROTO, "malformed NORM frame");
     ar_frame_free(&n);

@@ -33,6 +33,8 @@ typedef struct {
     double unit_sumsq[512];  /* gradient sum of squares per unit, in unit order */
     int nstages;
     double busy_s[64], idle_s[64]; /* per stage, this step */
+    double tp_bytes[64];     /* per stage: a group leader's traffic with its other members this
+                              * step (frame bytes, both directions; 0 for a plain stage) */
 } ar_step_result;
 
 /* One training step: inputs is (B, ...) rows split into M micro-batches of

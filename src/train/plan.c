@@ -5,6 +5,7 @@
 #include "train/tp_group.h"
 
 #include "nn/tp.h"
+#include "train/frame.h"
 
 #include "core/blas.h"
 #include "core/core.h"
@@ -60,6 +61,73 @@ static int tied_numel(const ar_model_spec *spec, const char *name, long *numel)
     return AR_OK;
 }
 
+/* Wire bytes of a tensor-parallel message (see tp_group.c: the leader's
+ * scatter and a member's reply): op in scalars[0], block in step, slot in
+ * mb; a payload of `floats` F32 values shaped (rows, cols), or (floats) when
+ * cols is 0. */
+static double tp_message_bytes(int op, int block, int slot, int rows, double floats, int64_t cols)
+{
+    ar_frame f = {.kind = AR_FRAME_TP, .step = block, .mb = slot, .rows = rows, .dtype = AR_DT_F32};
+    f.scalars[0] = op;
+    f.ndim = floats > 0 ? (cols ? 2 : 1) : 0;
+    f.shape[0] = cols ? (int64_t)(floats / (double)cols) : (int64_t)floats;
+    f.shape[1] = cols;
+    f.nbytes = (size_t)floats * sizeof(float);
+    return (double)ar_frame_wire_bytes(&f);
+}
+
+/* The split and unsplit parts of GPT block `layer` (see ar_unit_cost.tp),
+ * sized like ar_tp_rank_create and ar_tp_block_create allocate them. */
+static int block_tp_costs(const ar_model_spec *spec, int layer, int mb_rows, ar_unit_cost *c)
+{
+    ar_block_shard all;
+    ar_range heads = {0, spec->n_head}, hidden = {0, 4 * spec->n_embd};
+    int rc = ar_block_shard_init(&all, spec, layer, heads, hidden);
+    if (rc != AR_OK)
+        return rc;
+    double B = mb_rows, T = spec->block_size, C = spec->n_embd, F = sizeof(float), N = B * T;
+    double attn = 0, mlp = 0;
+    for (int i = 0; i < AR_SHARD_NPARAMS; i++) {
+        int is_attn = i == AR_SHARD_QKV_W || i == AR_SHARD_QKV_B || i == AR_SHARD_APROJ_W;
+        *(is_attn ? &attn : &mlp) += (double)all.params[i].numel;
+    }
+    c->tp.heads = spec->n_head;
+    c->tp.hidden = 4 * spec->n_embd;
+    /* the forward FLOPs of forward_flops, split between the two parts; x3 for backward */
+    c->tp.attn_flops = 3.0 * (2.0 * N * C * (3 * C + C) + 2.0 * (2.0 * B * T * T * C));
+    c->tp.mlp_flops = 3.0 * (2.0 * N * C * (4 * C + 4 * C));
+    c->tp.attn_state = 4.0 * attn * F;
+    c->tp.mlp_state = 4.0 * mlp * F;
+    c->tp.attn_act = (double)ar_shard_attn_saved(&all, mb_rows, spec->block_size) * F;
+    c->tp.mlp_act = (double)ar_shard_mlp_saved(&all, mb_rows, spec->block_size) * F;
+    c->tp.rank_act = 2.0 * N * C * F;
+    c->tp.rank_work = (double)ar_shard_scratch(&all, mb_rows, spec->block_size) * F;
+    c->tp.leader_state = c->state_bytes - c->tp.attn_state - c->tp.mlp_state;
+    /* the leader's block keeps out | ln1 | res1 | ln2 and four row statistics,
+     * its input before them; backward scratch 2 N C */
+    c->tp.leader_act = (N * C + 4.0 * N * C + 4.0 * N) * F;
+    c->tp.leader_work = (2.0 * N * C + 2.0 * N * C) * F;
+    c->tp.msg_bytes = tp_message_bytes(AR_TP_ATTN_FWD, layer, 1, mb_rows, N * C, (int64_t)C);
+    c->tp.reply_bytes = tp_message_bytes(AR_TP_ATTN_FWD, layer, 1, mb_rows, N * C, 0);
+    return AR_OK;
+}
+
+/* An MLP's linear layer as either half of a split pair (see tp_mlp.c: the
+ * pair's first unit scatters its input, the second its output gradient). */
+static void linear_tp_costs(const ar_model_spec *spec, int unit, int mb_rows, ar_unit_cost *c)
+{
+    double in = unit == 0 ? spec->inputs : spec->hidden[unit - 1];
+    double out = unit < spec->n_hidden ? spec->hidden[unit] : spec->classes;
+    c->tp.linear = 1;
+    c->tp.hidden = unit < spec->n_hidden ? spec->hidden[unit] : 0;
+    c->tp.bias_state = 4.0 * out * sizeof(float);
+    c->tp.in_bytes = mb_rows * in * sizeof(float);
+    c->tp.in_msg = tp_message_bytes(AR_TP_MLP_FWD, unit, 1, mb_rows, mb_rows * in, (int64_t)in);
+    c->tp.in_reply = tp_message_bytes(AR_TP_MLP_FWD, unit, 1, mb_rows, mb_rows * in, 0);
+    c->tp.out_msg = tp_message_bytes(AR_TP_MLP_BWD, unit, 1, mb_rows, mb_rows * out, (int64_t)out);
+    c->tp.out_reply = tp_message_bytes(AR_TP_MLP_BWD, unit, 1, mb_rows, mb_rows * out, 0);
+}
+
 int ar_plan_unit_costs(const ar_model_spec *spec, int mb_rows, ar_unit_cost *out)
 {
     if (!spec || !out || mb_rows < 1)
@@ -100,6 +168,11 @@ int ar_plan_unit_costs(const ar_model_spec *spec, int mb_rows, ar_unit_cost *out
             c->tied_bytes = (double)tn * F;   /* the copy, away from the owner */
         }
         ar_layer_destroy(l);
+        if (spec->type == AR_MODEL_GPT && u >= 1 && u <= spec->n_layer &&
+            (rc = block_tp_costs(spec, u - 1, mb_rows, c)) != AR_OK)
+            return rc;
+        if (spec->type == AR_MODEL_MLP)
+            linear_tp_costs(spec, u, mb_rows, c);
     }
     return AR_OK;
 }
@@ -110,7 +183,7 @@ int ar_plan_slots(int schedule, int S, int s, int micro_batches)
 {
     if (schedule == AR_SCHED_GPIPE)
         return micro_batches;
-    int k = S - s;
+    int k = s < S - 1 ? S - s + 1 : 1; /* warm-up + 1, see ar_schedule_build */
     return k < micro_batches ? k : micro_batches;
 }
 
@@ -167,6 +240,211 @@ static int fits(double need, const ar_device *d)
     return d->mem_bytes <= 0 || need <= d->mem_bytes;
 }
 
+/* ---- tensor-parallel groups ------------------------------------------------- */
+
+/* Running totals of a group's stage [first, u], extended one unit at a time
+ * like stage_acc: the leader's unsplit part and each member's share. */
+typedef struct {
+    int g, nblocks, heads, bad;    /* bad: more members than heads */
+    const ar_device *dev[AR_PLAN_MAX_GROUP];
+    double weight[AR_PLAN_MAX_GROUP];   /* of the split: 1 each, or the members' GFLOP/s */
+    double h[AR_PLAN_MAX_GROUP], m[AR_PLAN_MAX_GROUP]; /* shares of the heads and hidden units */
+    stage_acc lead;                /* the leader's unsplit part */
+    double flops[AR_PLAN_MAX_GROUP], state[AR_PLAN_MAX_GROUP], act[AR_PLAN_MAX_GROUP],
+        work[AR_PLAN_MAX_GROUP];
+    double mb_bytes, mb_msgs;      /* per micro-batch, leader <-> one member, both directions */
+    int pending;                   /* an MLP layer waiting for the second of its pair (whole on
+                                    * the leader if the stage ends there), or -1 */
+} group_acc;
+
+static void group_init(group_acc *a, const ar_device *devs, const int *members, int g, int by_speed)
+{
+    memset(a, 0, sizeof *a);
+    a->g = g;
+    a->pending = -1;
+    for (int k = 0; k < g; k++) {
+        a->dev[k] = &devs[members[k]];
+        a->weight[k] = by_speed ? a->dev[k]->gflops : 1.0;
+    }
+}
+
+/* Each member's fraction of the heads and hidden units: what ar_tp_split
+ * gives the group (whole items, so 8 heads over 3 are 3+3+2). */
+static void group_shares(group_acc *a, int heads, int hidden)
+{
+    ar_range hr[AR_PLAN_MAX_GROUP], ur[AR_PLAN_MAX_GROUP];
+    a->heads = heads;
+    if (a->g > heads || ar_tp_split(heads, a->g, a->weight, hr) != AR_OK ||
+        ar_tp_split(hidden, a->g, a->weight, ur) != AR_OK) {
+        a->bad = 1;
+        return;
+    }
+    for (int k = 0; k < a->g; k++) {
+        a->h[k] = (double)(hr[k].end - hr[k].begin) / heads;
+        a->m[k] = (double)(ur[k].end - ur[k].begin) / hidden;
+    }
+}
+
+/* The pair of an MLP's linear layers p, u = p + 1 split over the group. */
+static void group_add_pair(group_acc *a, const ar_unit_cost *costs, int first, int p)
+{
+    const ar_unit_cost *c1 = &costs[p], *c2 = &costs[p + 1];
+    ar_range ur[AR_PLAN_MAX_GROUP];
+    if (c1->tp.hidden < a->g || ar_tp_split(c1->tp.hidden, a->g, a->weight, ur) != AR_OK) {
+        a->bad = 1;
+        return;
+    }
+    a->nblocks++;
+    /* the leader keeps the second's bias, and its layers' inputs and outputs */
+    a->lead.state += c2->tp.bias_state;
+    a->lead.act += c1->act_bytes + c2->act_bytes - c1->out_bytes;
+    if (p > first)
+        a->lead.act -= costs[p - 1].out_bytes;
+    a->lead.work = max_d(a->lead.work, max_d(c1->work_bytes, c2->work_bytes));
+    for (int k = 0; k < a->g; k++) {
+        double m = (double)(ur[k].end - ur[k].begin) / c1->tp.hidden;
+        double hidden_bytes = c1->out_bytes * m; /* B x its hidden units */
+        a->flops[k] += (c1->flops + c2->flops) * m;
+        a->state[k] += (c1->state_bytes + c2->state_bytes - c2->tp.bias_state) * m;
+        /* its copy of the input, the pre-activation and activation of its units */
+        a->act[k] += c1->tp.in_bytes + 2.0 * hidden_bytes;
+        /* backward scratch (two B x units buffers) and the partial output */
+        a->work[k] = max_d(a->work[k], 2.0 * hidden_bytes + max_d(c1->tp.in_bytes, c2->out_bytes));
+    }
+    /* forward: the input out, a partial output back; backward: the output
+     * gradient out, a partial input gradient back */
+    a->mb_bytes += c1->tp.in_msg + c2->tp.out_reply + c2->tp.out_msg + c1->tp.in_reply;
+    a->mb_msgs += 4.0;
+}
+
+static void group_add(group_acc *a, const ar_unit_cost *costs, int first, int u)
+{
+    const ar_unit_cost *c = &costs[u];
+    if (c->tp.linear) {
+        if ((u - first) % 2 == 0) {
+            a->pending = u;
+        } else {
+            a->pending = -1;
+            group_add_pair(a, costs, first, u - 1);
+        }
+        return;
+    }
+    if (c->tp.heads == 0) {
+        acc_add(&a->lead, costs, first, u); /* whole on the leader */
+        return;
+    }
+    if (a->nblocks == 0)
+        group_shares(a, c->tp.heads, c->tp.hidden);
+    a->nblocks++;
+    /* the leader's part, chained like acc_add (its input is the previous unit's output) */
+    a->lead.state += c->tp.leader_state;
+    if (first > 0)
+        a->lead.state += c->tied_bytes;
+    a->lead.act += c->tp.leader_act;
+    if (u > first)
+        a->lead.act -= costs[u - 1].out_bytes;
+    a->lead.work = max_d(a->lead.work, c->tp.leader_work);
+    for (int k = 0; k < a->g; k++) {
+        double h = a->h[k], m = a->m[k];
+        a->flops[k] += c->tp.attn_flops * h + c->tp.mlp_flops * m;
+        a->state[k] += c->tp.attn_state * h + c->tp.mlp_state * m;
+        a->act[k] += c->tp.rank_act + c->tp.attn_act * h + c->tp.mlp_act * m;
+        /* scratch is the larger of the two parts' (an upper bound), plus the
+         * member's partial-output buffer */
+        a->work[k] = max_d(a->work[k], c->tp.rank_work * max_d(h, m) + c->out_bytes);
+    }
+    /* two requests forward (attention, MLP), two backward, each answered */
+    a->mb_bytes += 4.0 * (c->tp.msg_bytes + c->tp.reply_bytes);
+    a->mb_msgs += 8.0;
+}
+
+/* Bytes per training step between the leader and one member: M micro-batches,
+ * then the gradient-norm exchange (a norm per block comes back) and the
+ * optimizer step (see ar_stage_grad_sumsq and ar_stage_update). */
+static double group_step_bytes(const group_acc *a, int M)
+{
+    ar_frame norm = {.kind = AR_FRAME_TP}, norm_reply = {.kind = AR_FRAME_TP, .dtype = AR_DT_F64, .ndim = 1};
+    norm.scalars[0] = norm_reply.scalars[0] = AR_TP_NORM;
+    norm_reply.shape[0] = a->nblocks;
+    norm_reply.nbytes = (size_t)a->nblocks * sizeof(double);
+    ar_frame step = {.kind = AR_FRAME_TP}, step_reply = {.kind = AR_FRAME_TP};
+    step.scalars[0] = step_reply.scalars[0] = AR_TP_STEP;
+    step.scalars[1] = 1e-3; /* lr, gradient scale: doubles, their size does not depend on them */
+    step.scalars[2] = 1.0;
+    return (double)M * a->mb_bytes + (double)(ar_frame_wire_bytes(&norm) + ar_frame_wire_bytes(&norm_reply) +
+                                              ar_frame_wire_bytes(&step) + ar_frame_wire_bytes(&step_reply));
+}
+
+/* The leader's unsplit part as the stage stands: with a pending MLP layer,
+ * which stays whole there when the stage ends before its pair does. */
+static stage_acc group_lead(const group_acc *a, const ar_unit_cost *costs, int first)
+{
+    stage_acc lead = a->lead;
+    if (a->pending >= 0)
+        acc_add(&lead, costs, first, a->pending);
+    return lead;
+}
+
+static double group_mem(const group_acc *a, const stage_acc *lead, int k, int slots)
+{
+    double own = a->state[k] + (double)slots * a->act[k] + a->work[k];
+    return k == 0 ? acc_mem(lead, slots) + own : own;
+}
+
+static int group_fits(const group_acc *a, const ar_unit_cost *costs, int first, int slots)
+{
+    stage_acc lead = group_lead(a, costs, first);
+    for (int k = 0; k < a->g; k++)
+        if (!fits(group_mem(a, &lead, k, slots), a->dev[k]))
+            return 0;
+    return 1;
+}
+
+/* Fill out from the totals of the group's stage ending before `last`. */
+static void group_price(const group_acc *a, const ar_unit_cost *costs, int nunits, int first, int last,
+                        int slots, int M, ar_group_cost *out)
+{
+    memset(out, 0, sizeof *out);
+    stage_acc lead = group_lead(a, costs, first);
+    double slowest = 0;
+    for (int k = 0; k < a->g; k++) {
+        out->compute[k] = a->flops[k] / (a->dev[k]->gflops * 1e9);
+        slowest = max_d(slowest, out->compute[k]);
+        out->mem[k] = group_mem(a, &lead, k, slots);
+    }
+    double per_member = group_step_bytes(a, M);
+    double msgs = (double)M * a->mb_msgs + 4.0; /* and the norm and step exchanges */
+    for (int k = 1; k < a->g; k++) {
+        out->bytes += per_member;
+        out->transfer += (per_member / bandwidth(a->dev[k]) + msgs * AR_PLAN_MESSAGE_S) / (double)M;
+    }
+    /* the leader's unsplit work comes before and after the blocks: it does
+     * not overlap the members' */
+    out->time = acc_time(&lead, costs, nunits, last, a->dev[0]) + slowest + out->transfer;
+}
+
+int ar_plan_group_cost(const ar_unit_cost *costs, int nunits, int first, int last,
+                       const ar_device *devs, const int *members, int g, int by_speed, int slots,
+                       int micro_batches, ar_group_cost *out)
+{
+    if (!costs || !devs || !members || !out || g < 2 || g > AR_PLAN_MAX_GROUP || first < 0 ||
+        last <= first || last > nunits || slots < 1 || micro_batches < 1)
+        return ar_fail(AR_EINVAL, "group cost: bad arguments");
+    group_acc a;
+    group_init(&a, devs, members, g, by_speed);
+    for (int u = first; u < last; u++)
+        group_add(&a, costs, first, u);
+    if (a.bad)
+        return ar_fail(AR_EINVAL, a.heads ? "a group of %d devices cannot share %d attention heads"
+                                          : "a group of %d devices is more than a layer's hidden units",
+                       g, a.heads);
+    if (a.nblocks == 0)
+        return ar_fail(AR_EINVAL, "layers %d-%d hold no transformer block or pair of linear layers for a group "
+                       "of %d devices to split", first, last - 1, g);
+    group_price(&a, costs, nunits, first, last, slots, micro_batches, out);
+    return AR_OK;
+}
+
 /* "1.2 GB", "340.0 MB", "12.0 kB" */
 static const char *fmt_bytes(double b, char *buf, size_t n)
 {
@@ -203,11 +481,13 @@ static int check_inputs(const ar_unit_cost *costs, int nunits, const ar_device *
 /* Tables indexed by (c, i, k): the units [i, n) placed on devices k.. in
  * exactly c stages. Under 1F1B a stage's slots depend on how many stages
  * follow it, which is why the count is part of the state and the program
- * runs from the back. */
+ * runs from the back. A stage on device k may also be a group of devices
+ * k..k+g-1 (devices keep their order), the next stage starting at k+g. */
 typedef struct {
     int n, D, C;
     double *val;
-    int *choice; /* phase 2: end unit j of the stage on device k, or 0 = device k skipped */
+    int *choice; /* phase 2: 0 = device k skipped, else (g-1)*(n+1) + j: units [i,j) on
+                  * the g devices from k */
 } dp_tables;
 
 static size_t at(const dp_tables *t, int c, int i, int k)
@@ -215,12 +495,74 @@ static size_t at(const dp_tables *t, int c, int i, int k)
     return ((size_t)c * (size_t)(t->n + 1) + (size_t)i) * (size_t)(t->D + 1) + (size_t)k;
 }
 
+/* A group splits by speed when its members' speeds differ (an equal split
+ * otherwise: the same shares, and a plan that reads simpler). */
+static int group_by_speed(const ar_device *devs, int k, int g)
+{
+    for (int m = k + 1; m < k + g; m++)
+        if (devs[m].gflops != devs[k].gflops)
+            return 1;
+    return 0;
+}
+
+/* Consider units [i, j) for j = i+1..n on the g devices from k, keeping the
+ * best value in *best and *choice. */
+static void dp_try(const dp_tables *t, const ar_unit_cost *costs, const ar_device *devs, int M, int c,
+                   int slots, double thr, int i, int k, int g, double *best, int *choice)
+{
+    int n = t->n;
+    stage_acc a = {0};
+    group_acc ga;
+    if (g > 1) {
+        int members[AR_PLAN_MAX_GROUP];
+        for (int m = 0; m < g; m++)
+            members[m] = k + m;
+        group_init(&ga, devs, members, g, group_by_speed(devs, k, g));
+    }
+    for (int j = i + 1; j <= n; j++) {
+        double st;
+        if (g == 1) {
+            acc_add(&a, costs, i, j - 1);
+        } else {
+            group_add(&ga, costs, i, j - 1);
+            if (ga.bad)
+                return; /* more members than heads: so it stays */
+        }
+        double rest = t->val[at(t, c - 1, j, k + g)];
+        if (rest == INFINITY)
+            continue;
+        if (g == 1) {
+            if (!fits(acc_mem(&a, slots), &devs[k]))
+                continue;
+            st = acc_time(&a, costs, n, j, &devs[k]);
+        } else {
+            if (ga.nblocks == 0 || !group_fits(&ga, costs, i, slots))
+                continue;
+            ar_group_cost gc;
+            group_price(&ga, costs, n, i, j, slots, M, &gc);
+            st = gc.time;
+        }
+        double v;
+        if (thr < 0) {
+            v = max_d(st, rest);
+        } else {
+            if (st > thr)
+                continue;
+            v = st + rest;
+        }
+        if (v < *best) {
+            *best = v;
+            *choice = (g - 1) * (n + 1) + j;
+        }
+    }
+}
+
 /* Phase 1 (thr < 0): val = the smallest possible slowest-stage time.
  * Phase 2: val = the smallest total time among plans whose stages all take
  * at most thr, with the choices recorded. Both are exact: the max and the sum
  * each decompose over the suffix. */
 static void run_dp(dp_tables *t, const ar_unit_cost *costs, const ar_device *devs, int M,
-                   int schedule, double thr)
+                   int schedule, double thr, int max_group)
 {
     int n = t->n, D = t->D;
     for (int c = 0; c <= t->C; c++)
@@ -235,27 +577,9 @@ static void run_dp(dp_tables *t, const ar_unit_cost *costs, const ar_device *dev
             for (int k = D - 1; k >= 0; k--) {
                 double best = t->val[at(t, c, i, k + 1)];
                 int choice = 0;
-                const ar_device *d = &devs[k];
-                stage_acc a = {0};
-                for (int j = i + 1; j <= n; j++) {
-                    acc_add(&a, costs, i, j - 1);
-                    double rest = t->val[at(t, c - 1, j, k + 1)];
-                    if (rest == INFINITY || !fits(acc_mem(&a, slots), d))
-                        continue;
-                    double st = acc_time(&a, costs, n, j, d);
-                    double v;
-                    if (thr < 0) {
-                        v = max_d(st, rest);
-                    } else {
-                        if (st > thr)
-                            continue;
-                        v = st + rest;
-                    }
-                    if (v < best) {
-                        best = v;
-                        choice = j;
-                    }
-                }
+                for (int g = 1; g <= max_group && k + g <= D && (g == 1 || !devs[k + g - 1].solo); g++)
+                    if (g == 1 || !devs[k].solo)
+                        dp_try(t, costs, devs, M, c, slots, thr, i, k, g, &best, &choice);
                 t->val[at(t, c, i, k)] = best;
                 t->choice[at(t, c, i, k)] = choice;
             }
@@ -286,8 +610,9 @@ static int infeasible(const ar_unit_cost *costs, int n, const ar_device *devs, i
     char a[32], b[32];
     double need = unit_alone(costs, n, worst, M, schedule);
     if (need > largest)
-        return ar_fail(AR_ELIMIT, "layer %d needs %s, the largest device (%.63s) has %s free", worst,
-                       fmt_bytes(need, a, sizeof a), devs[big].name, fmt_bytes(largest, b, sizeof b));
+        return ar_fail(AR_ELIMIT, "layer %d needs %s, the largest device (%.63s) has %s free%s", worst,
+                       fmt_bytes(need, a, sizeof a), devs[big].name, fmt_bytes(largest, b, sizeof b),
+                       costs[worst].tp.heads ? " (nor does its share on any group of consecutive devices)" : "");
     double all = ar_plan_stage_mem(costs, n, 0, n, schedule == AR_SCHED_GPIPE ? M : 1);
     return ar_fail(AR_ELIMIT,
                    "no split of the %d layers over the %d devices fits in their memory (the whole "
@@ -306,7 +631,8 @@ static void warn_unused(const ar_plan *p, const ar_unit_cost *costs, int n, cons
     for (int d = 0; d < ndev; d++) {
         int used = 0;
         for (int s = 0; s < p->nstages; s++)
-            used |= p->device[s] == d;
+            for (int k = 0; k < (p->group_size[s] > 1 ? p->group_size[s] : 1); k++)
+                used |= (k ? p->group[s][k] : p->device[s]) == d;
         if (used)
             continue;
         char a[32], b[32];
@@ -339,8 +665,13 @@ int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, i
         return AR_ENOMEM;
     }
 
+    /* groups only for units a group can split (GPT blocks) */
+    int max_group = 1;
+    for (int u = 0; u < nunits; u++)
+        if (costs[u].tp.heads > 0)
+            max_group = AR_PLAN_MAX_GROUP;
     /* phase 1: the best bottleneck for each stage count */
-    run_dp(&t, costs, devs, micro_batches, schedule, -1.0);
+    run_dp(&t, costs, devs, micro_batches, schedule, -1.0, max_group);
     double best = INFINITY;
     for (int c = 1; c <= t.C; c++)
         best = t.val[at(&t, c, 0, 0)] < best ? t.val[at(&t, c, 0, 0)] : best;
@@ -355,21 +686,28 @@ int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, i
     int C = 1;
     while (t.val[at(&t, C, 0, 0)] > thr)
         C++;
-    run_dp(&t, costs, devs, micro_batches, schedule, thr);
+    run_dp(&t, costs, devs, micro_batches, schedule, thr, max_group);
 
     memset(out, 0, sizeof *out);
     int i = 0, k = 0, c = C;
-    while (c > 0) {
-        int j = t.choice[at(&t, c, i, k)];
-        if (j > 0) {
-            out->device[out->nstages] = k;
-            out->first[out->nstages] = i;
-            out->last[out->nstages] = j;
-            out->nstages++;
-            i = j;
-            c--;
+    while (c > 0 && k < ndev) {
+        int choice = t.choice[at(&t, c, i, k)];
+        if (choice == 0) {
+            k++;
+            continue;
         }
-        k++;
+        int j = choice % (nunits + 1), g = choice / (nunits + 1) + 1, s = out->nstages;
+        out->device[s] = k;
+        out->first[s] = i;
+        out->last[s] = j;
+        out->group_size[s] = g;
+        for (int m = 0; m < g; m++)
+            out->group[s][m] = k + m;
+        out->by_speed[s] = g > 1 && group_by_speed(devs, k, g);
+        out->nstages++;
+        i = j;
+        k += g;
+        c--;
     }
     ar_free(t.val);
     ar_free(t.choice);
@@ -529,18 +867,26 @@ int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar
     int S = p->nstages;
     if (S < 1 || S > AR_PLAN_MAX_STAGES)
         return ar_fail(AR_EINVAL, "a plan of %d stages", S);
-    int next = 0;
+    int next = 0, used_by[AR_PLAN_MAX_DEVICES];
+    for (int d = 0; d < ndev; d++)
+        used_by[d] = -1;
     for (int s = 0; s < S; s++) {
         if (p->first[s] != next || p->last[s] <= p->first[s] || p->last[s] > nunits)
             return ar_fail(AR_EINVAL, "plan stage %d holds layers [%d,%d): not contiguous in 0-%d",
                            s, p->first[s], p->last[s], nunits - 1);
         next = p->last[s];
-        if (p->device[s] < 0 || p->device[s] >= ndev)
-            return ar_fail(AR_EINVAL, "plan stage %d is on device %d of %d", s, p->device[s], ndev);
-        for (int r = 0; r < s; r++)
-            if (p->device[r] == p->device[s])
-                return ar_fail(AR_EINVAL, "plan stages %d and %d share device %d", r, s,
-                               p->device[s]);
+        int g = p->group_size[s] > 1 ? p->group_size[s] : 1;
+        if (g > AR_PLAN_MAX_GROUP || (g > 1 && p->group[s][0] != p->device[s]))
+            return ar_fail(AR_EINVAL, "plan stage %d: a group of %d devices led by device %d", s, g,
+                           p->device[s]);
+        for (int k = 0; k < g; k++) {
+            int d = k ? p->group[s][k] : p->device[s];
+            if (d < 0 || d >= ndev)
+                return ar_fail(AR_EINVAL, "plan stage %d is on device %d of %d", s, d, ndev);
+            if (used_by[d] >= 0)
+                return ar_fail(AR_EINVAL, "plan stages %d and %d share device %d", used_by[d], s, d);
+            used_by[d] = s;
+        }
     }
     if (next != nunits)
         return ar_fail(AR_EINVAL, "plan covers layers 0-%d of 0-%d", next - 1, nunits - 1);
@@ -549,30 +895,67 @@ int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar
     p->schedule = schedule;
     p->bubble = (double)(S - 1) / (double)(micro_batches + S - 1);
     rc = AR_OK;
+    char a[32], b[32];
     for (int s = 0; s < S; s++) {
-        /* a tensor-parallel group counts as one device with the members'
-         * speed and memory added up (the extra transfers are not priced yet) */
-        ar_device group = devs[p->device[s]];
-        for (int g = 1; g < p->group_size[s] && g < AR_PLAN_MAX_GROUP; g++) {
-            int m = p->group[s][g];
-            if (m < 0 || m >= ndev)
-                return ar_fail(AR_EINVAL, "plan stage %d names device %d of %d", s, m, ndev);
-            group.gflops += devs[m].gflops;
-            group.mem_bytes = group.mem_bytes > 0 && devs[m].mem_bytes > 0 ? group.mem_bytes + devs[m].mem_bytes : 0;
-        }
-        const ar_device *d = &group;
+        const ar_device *d = &devs[p->device[s]];
         int slots = ar_plan_slots(schedule, S, s, micro_batches);
+        p->tp_bytes[s] = p->tp_transfer[s] = 0;
+        memset(p->member_mem[s], 0, sizeof p->member_mem[s]);
+        /* GPT blocks or a pair of an MLP's layers: what a group splits */
+        int priced = p->last[s] - p->first[s] >= 2 && costs[p->first[s]].tp.linear;
+        for (int u = p->first[s]; u < p->last[s]; u++)
+            priced |= costs[u].tp.heads > 0;
+        if (p->group_size[s] > 1 && !priced) {
+            /* nothing to split (the run says so): priced as one device with
+             * the members' speed and memory added up */
+            ar_device sum = *d;
+            for (int k = 1; k < p->group_size[s]; k++) {
+                const ar_device *m = &devs[p->group[s][k]];
+                sum.gflops += m->gflops;
+                sum.mem_bytes = sum.mem_bytes > 0 && m->mem_bytes > 0 ? sum.mem_bytes + m->mem_bytes : 0;
+            }
+            d = &sum;
+            stage_acc acc = {0};
+            for (int u = p->first[s]; u < p->last[s]; u++)
+                acc_add(&acc, costs, p->first[s], u);
+            p->stage_time[s] = acc_time(&acc, costs, nunits, p->last[s], d);
+            p->stage_mem[s] = acc_mem(&acc, slots);
+            if (rc == AR_OK && !fits(p->stage_mem[s], d))
+                rc = ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s, its group has %s free", s, p->first[s],
+                             p->last[s] - 1, fmt_bytes(p->stage_mem[s], a, sizeof a), fmt_bytes(d->mem_bytes, b, sizeof b));
+            continue;
+        }
+        if (p->group_size[s] > 1) {
+            int g = p->group_size[s];
+            ar_group_cost gc;
+            int grc = ar_plan_group_cost(costs, nunits, p->first[s], p->last[s], devs, p->group[s], g,
+                                         p->by_speed[s], slots, micro_batches, &gc);
+            if (grc != AR_OK)
+                return ar_fail(grc, "plan stage %d: %s", s, ar_last_error());
+            p->stage_time[s] = gc.time;
+            p->stage_mem[s] = gc.mem[0];
+            p->tp_bytes[s] = gc.bytes;
+            p->tp_transfer[s] = gc.transfer;
+            for (int k = 0; k < g; k++) {
+                const ar_device *m = &devs[p->group[s][k]];
+                p->member_mem[s][k] = gc.mem[k];
+                if (rc == AR_OK && !fits(gc.mem[k], m))
+                    rc = ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s on device %d (%.63s) of its group, "
+                                 "which has %s free", s, p->first[s], p->last[s] - 1,
+                                 fmt_bytes(gc.mem[k], a, sizeof a), p->group[s][k], m->name,
+                                 fmt_bytes(m->mem_bytes, b, sizeof b));
+            }
+            continue;
+        }
         stage_acc acc = {0};
         for (int u = p->first[s]; u < p->last[s]; u++)
             acc_add(&acc, costs, p->first[s], u);
         p->stage_time[s] = acc_time(&acc, costs, nunits, p->last[s], d);
-        p->stage_mem[s] = acc_mem(&acc, slots);
-        if (rc == AR_OK && !fits(p->stage_mem[s], d)) {
-            char a[32], b[32];
+        p->stage_mem[s] = p->member_mem[s][0] = acc_mem(&acc, slots);
+        if (rc == AR_OK && !fits(p->stage_mem[s], d))
             rc = ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s, device %d (%.63s) has %s free", s,
                          p->first[s], p->last[s] - 1, fmt_bytes(p->stage_mem[s], a, sizeof a),
                          p->device[s], d->name, fmt_bytes(d->mem_bytes, b, sizeof b));
-        }
     }
     return rc;
 }
@@ -647,8 +1030,12 @@ static void print_group_shares(FILE *out, const ar_plan *p, const ar_device *dev
     ar_range heads[AR_PLAN_MAX_GROUP], hidden[AR_PLAN_MAX_GROUP];
     if (ar_plan_member_shares(p, devs, spec, s, text, heads, hidden) != AR_OK)
         return; /* the run itself reports why the group cannot be split */
-    for (int g = 0; g < p->group_size[s]; g++)
-        fprintf(out, "       %.63s: %s\n", devs[p->group[s][g]].name, text[g]);
+    for (int g = 0; g < p->group_size[s]; g++) {
+        fprintf(out, "       %.63s: %s", devs[p->group[s][g]].name, text[g]);
+        if (p->member_mem[s][g] > 0)
+            fprintf(out, ", %.1f MB%s", p->member_mem[s][g] / 1e6, g ? "" : " with the unsplit layers");
+        fputc('\n', out);
+    }
 }
 
 /* "A" or, for a tensor-parallel group, "A+B". */
@@ -686,8 +1073,12 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
         device_label(p, devs, s, dev, sizeof dev);
         fprintf(out, "%-5d  %-*s  %-*s  %9.2f  %9.1f  %14.3f\n", s, wdev, dev, wlay, names[s],
                 params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3);
-        if (p->group_size[s] > 1 && spec)
+        if (p->group_size[s] > 1 && spec) {
             print_group_shares(out, p, devs, spec, s);
+            if (p->tp_bytes[s] > 0)
+                fprintf(out, "       tensor-parallel transfer %.2f MB per step (%.3f ms per micro-batch)\n",
+                        p->tp_bytes[s] / 1e6, p->tp_transfer[s] * 1e3);
+        }
         slowest = max_d(slowest, p->stage_time[s]);
     }
     fprintf(out, "predicted bubble %.1f%% (%d stages, %d micro-batches, %s); slowest stage %.3f ms per micro-batch\n",

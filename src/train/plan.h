@@ -20,6 +20,10 @@
 /* bytes/s assumed for a device whose bandwidth is 0 (same machine: loopback) */
 #define AR_PLAN_DEFAULT_BANDWIDTH 1.5e9
 #define AR_PLAN_MAX_GROUP 8
+/* seconds a tensor-parallel message costs beyond its bytes: the leader waits
+ * for every one of them (a gRPC message on loopback takes tens of
+ * microseconds), which makes groups pointless for tiny blocks */
+#define AR_PLAN_MESSAGE_S 5e-5
 
 /* What one unit costs, per micro-batch of mb_rows rows. Memory matches what
  * ar_stage_create allocates for a stage holding the unit. */
@@ -37,6 +41,30 @@ typedef struct {
                          * needs the largest of its units', not the sum */
     double out_bytes;   /* the unit's output per micro-batch, sent to the next stage (and a
                          * gradient of the same size comes back) */
+    /* A GPT block as a tensor-parallel group splits it (train/tp_group.h):
+     * each member takes a share of the heads (their QKV rows, projection
+     * columns, attention) and of the MLP hidden units; the leader keeps the
+     * rest. All 0 for a unit that is not split: it stays whole on the leader. */
+    struct {
+        int heads, hidden;            /* items split: n_head heads, 4*n_embd hidden units */
+        double attn_flops, mlp_flops; /* the heads' and the hidden units' FLOPs (the whole block's) */
+        double attn_state, mlp_state; /* state bytes of their weights, all heads / all units */
+        double attn_act, mlp_act;     /* per slot: what a member with all heads / units saves */
+        double rank_act;              /* per slot: the two normalised inputs a member keeps */
+        double rank_work;             /* a member's backward scratch with all heads and units */
+        double leader_state;          /* the unsplit rest on the leader: LayerNorms, biases */
+        double leader_act, leader_work; /* as act_bytes and work_bytes, for the leader's part */
+        double msg_bytes, reply_bytes;  /* wire bytes of one request to a member and its reply */
+        /* An MLP's linear layer: a group splits them in pairs from its
+         * stage's first (the first by output columns, the second by input
+         * rows; an odd last one stays whole with the leader). hidden is the
+         * layer's output width when it can lead a pair. */
+        int linear;
+        double bias_state;            /* state bytes of its bias (the second's stays with the leader) */
+        double in_bytes;              /* its input per micro-batch, B x in floats */
+        double in_msg, in_reply;      /* wire bytes: a request carrying its input, a reply of that size */
+        double out_msg, out_reply;    /* the same for its output */
+    } tp;
 } ar_unit_cost;
 
 /* Fill out[ar_spec_units(spec)] for micro-batches of mb_rows rows (of
@@ -50,6 +78,8 @@ typedef struct {
     double gflops;    /* measured GFLOP/s (> 0) */
     double mem_bytes; /* free memory; 0 = unknown, not checked */
     double bandwidth; /* bytes/s to the next device; 0 = same machine (AR_PLAN_DEFAULT_BANDWIDTH) */
+    int solo;         /* ar_plan_auto puts it in no tensor-parallel group (a market provider,
+                       * a worker without the capability) */
 } ar_device;
 
 typedef struct {
@@ -68,18 +98,56 @@ typedef struct {
     int by_speed[AR_PLAN_MAX_STAGES];
     int micro_batches;                         /* M and the schedule the plan was priced for */
     int schedule;                              /* enum ar_schedule_kind */
+    /* a group's predicted traffic between its leader and the other members,
+     * bytes per training step (0 for a plain stage), and each member's memory
+     * (member_mem[s][0] == stage_mem[s], the leader's, its own share included) */
+    double tp_bytes[AR_PLAN_MAX_STAGES];
+    double tp_transfer[AR_PLAN_MAX_STAGES]; /* s per micro-batch of it (ar_group_cost.transfer) */
+    double member_mem[AR_PLAN_MAX_STAGES][AR_PLAN_MAX_GROUP];
 } ar_plan;
 
-/* Activation slots a stage needs: M for GPipe; min(M, S - s) for stage s of S
- * under 1F1B (what ar_schedule_build returns). */
+/* The price of a stage of units [first,last) on a tensor-parallel group: the
+ * devices members[0..g-1] (members[0] leads), split equally or by speed. */
+typedef struct {
+    double time;       /* s per micro-batch: the leader's unsplit part, then the slowest
+                        * member's share, the group's transfers and the stage output */
+    double compute[AR_PLAN_MAX_GROUP]; /* s per micro-batch of each member's share */
+    double transfer;   /* s per micro-batch moving the group's messages: their bytes at
+                        * each member's bandwidth plus AR_PLAN_MESSAGE_S apiece */
+    double bytes;      /* per training step, between the leader and the other members,
+                        * both directions, frame headers included (the leader's own share
+                        * is computed in-process and moves nothing) */
+    double mem[AR_PLAN_MAX_GROUP]; /* bytes on each member; the leader's holds its own share */
+} ar_group_cost;
+
+/* The cost model of a group (what ar_plan_estimate and ar_plan_auto use).
+ * Per micro-batch and GPT block, the leader sends each member the normalised
+ * input twice forward (attention, MLP) and the output gradient twice
+ * backward, and gets a partial of the same size back each time (per pair of
+ * an MLP's layers: the input out and a partial output back, the output
+ * gradient out and a partial input gradient back); per step a gradient-norm
+ * and an optimizer-step exchange. A member's transfers take bytes / its
+ * bandwidth plus AR_PLAN_MESSAGE_S per message, one member after another
+ * (they share the leader's link). AR_EINVAL when the units hold nothing to
+ * split or there are more members than heads (or hidden units). */
+int ar_plan_group_cost(const ar_unit_cost *costs, int nunits, int first, int last,
+                       const ar_device *devs, const int *members, int g, int by_speed, int slots,
+                       int micro_batches, ar_group_cost *out);
+
+/* Activation slots a stage needs: M for GPipe; under 1F1B min(M, S - s + 1)
+ * for stage s of S, 1 for the last (what ar_schedule_build returns). */
 int ar_plan_slots(int schedule, int S, int s, int micro_batches);
 
 /* Bytes stage [first,last) needs with `slots` micro-batches in flight. */
 double ar_plan_stage_mem(const ar_unit_cost *costs, int nunits, int first, int last, int slots);
 
 /* The best plan: devices keep their order along the pipe and may be skipped
- * (one too small for any unit is left out with a warning naming it). Minimises
- * the slowest stage's time; ties go to fewer stages, then to the smaller total
+ * (one too small for any unit is left out with a warning naming it). A stage
+ * holding GPT blocks may run on a tensor-parallel group of 2 to
+ * AR_PLAN_MAX_GROUP consecutive devices, split by speed when their speeds
+ * differ: chosen where a block fits no single device, or where it lowers the
+ * slowest stage once the group's transfers are counted. Minimises the
+ * slowest stage's time; ties go to fewer stages, then to the smaller total
  * time. AR_ELIMIT (with a message naming the unit that does not fit) when no
  * assignment fits in memory; AR_EINVAL for bad arguments. */
 int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev,
@@ -122,8 +190,9 @@ int ar_plan_member_shares(const ar_plan *p, const ar_device *devs, const ar_mode
                           char (*text)[AR_PLAN_SHARE_TEXT], ar_range *heads, ar_range *hidden);
 
 /* A table: stage, device, layers (named from spec when given: "embedding,
- * blocks 0-1", "head"), parameter MB, memory MB, ms per micro-batch; then the
- * bubble. */
+ * blocks 0-1", "head"), parameter MB, memory MB, ms per micro-batch; for a
+ * group, each member's heads and hidden units and memory, and the group's
+ * predicted transfer per step; then the bubble. */
 void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_unit_cost *costs,
                    const ar_model_spec *spec);
 

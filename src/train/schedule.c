@@ -15,9 +15,22 @@ int ar_schedule_build(int kind, int S, int s, int M, ar_action *actions)
             actions[n++] = (ar_action){'B', mb};
         return M;
     }
-    /* 1F1B: S-s-1 warm-up forwards, then alternate one forward and one
-     * backward, then drain the remaining backwards. */
-    int warmup = S - s - 1;
+    /* 1F1B: warm-up forwards, then alternate one forward and one backward,
+     * then drain the remaining backwards.
+     *
+     * The textbook warm-up is S-s-1 forwards. With it, two neighbours run in
+     * lock step: stage s sends the activation of micro-batch k+2 only after
+     * the gradient of k came back and it ran B(k) and F(k+2), so every
+     * micro-batch both stages wait for a transfer in each direction (the
+     * network's latency plus the receiving event loop's wake-up, which on a
+     * machine whose cores are all computing waits for a core), and any
+     * hiccup of one stage stalls the other at once. One more warm-up
+     * forward on every stage that has a successor keeps the next activation
+     * already there: transfers overlap compute, at the cost of one more
+     * micro-batch of activations on those stages. The ideal bubble
+     * (S-1)/(M+S-1) is unchanged, and so is the order of the backwards
+     * (results stay bitwise the same). */
+    int warmup = s < S - 1 ? S - s : 0;
     if (warmup > M)
         warmup = M;
     int f = 0, b = 0;

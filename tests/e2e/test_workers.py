@@ -20,7 +20,7 @@ from conftest import CONFIGS, REPO, assert_no_crash, read_log, _env
 
 grpc = pytest.importorskip("grpc")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 # ---------------------------------------------------------------------------
@@ -116,7 +116,10 @@ def test_gpt_three_workers_equal_one_stage(run_arceus, workers, tmp_path, corpus
             "--threads", "1")
     run_arceus("train", *args, "--out", tmp_path / "one", check=True)
     ws = workers(3)
-    run_arceus("train", *args, "--workers", addrs(ws), "--out", tmp_path / "three", check=True)
+    # a pipeline by hand: the planner may put blocks on a tensor-parallel
+    # group, which matches one device within 1e-5, not bit for bit
+    run_arceus("train", *args, "--workers", addrs(ws), "--plan", "0-1,2-2,3-3", "--out", tmp_path / "three",
+               check=True)
     for name in ("model.safetensors", "optimizer.safetensors"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes(), name
 
@@ -387,9 +390,9 @@ def test_driver_killed_mid_run_workers_serve_the_next_one(arceus_bin, run_arceus
 
 
 def test_driver_refuses_a_worker_of_another_protocol_version(run_arceus, small_mlp_spec, small_fashion):
-    """A fake worker (python grpcio) answering Hello with version 2."""
+    """A fake worker (python grpcio) answering Hello with version 1 (an older arceus)."""
     from concurrent import futures
-    reply = field_varint(1, 2) + field_bytes(2, "fake") + field_bytes(3, "pipeline")
+    reply = field_varint(1, 1) + field_bytes(2, "fake") + field_bytes(3, "pipeline")
     handler = grpc.method_handlers_generic_handler("arceus.Worker", {
         "Hello": grpc.unary_unary_rpc_method_handler(lambda req, ctx: reply)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
@@ -402,7 +405,7 @@ def test_driver_refuses_a_worker_of_another_protocol_version(run_arceus, small_m
     finally:
         server.stop(None)
     assert p.returncode != 0
-    assert f"127.0.0.1:{port}" in p.stderr and "protocol version 2" in p.stderr, p.stderr
+    assert f"127.0.0.1:{port}" in p.stderr and "protocol version 1" in p.stderr, p.stderr
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 /* The gRPC transport: frames round-trip bitwise through a real server on
  * 127.0.0.1 (port 0) in this process, bad frames get INVALID_ARGUMENT and
  * the server keeps serving, and the worker's control RPCs. */
+#include "arceus.pb-c.h"
 #include "core/core.h"
 #include "net/net.h"
 #include "net/remote.h"
@@ -200,6 +201,78 @@ Test(net, decoder_rejects_malformed_bytes)
     cr_assert_eq(f.kind, 7);
     cr_assert_eq(f.step, 5);
     ar_frame_free(&f);
+}
+
+/* What links count per frame is the size of the protobuf message a peer
+ * reads: packed by protobuf-c itself, decoded by the link's own decoder. */
+Test(net, wire_bytes_are_the_protobuf_message_size)
+{
+    static float payload[300 * 7];
+    int32_t targets[5] = {1, 2, 3, 4, 5};
+    int64_t shape[2] = {300, 7};
+    double scalars[3] = {3, 0, 2.5};
+    Arceus__Frame h = ARCEUS__FRAME__INIT;
+    h.kind = AR_FRAME_TP;
+    h.step = 1000000;
+    h.mb = 3;
+    h.rows = 2;
+    h.n_shape = 2;
+    h.shape = shape;
+    h.n_scalars = 3;
+    h.scalars = scalars;
+    h.targets.len = sizeof targets;
+    h.targets.data = (uint8_t *)targets;
+    h.payload.len = sizeof payload;
+    h.payload.data = (uint8_t *)payload;
+    size_t n = arceus__frame__get_packed_size(&h);
+    uint8_t *buf = malloc(n);
+    cr_assert_not_null(buf);
+    cr_assert_eq(arceus__frame__pack(&h, buf), n);
+    ar_frame f;
+    cr_assert_eq(ar_net_frame_decode(buf, n, &f), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_frame_wire_bytes(&f), n, "%zu bytes counted, the message has %zu", ar_frame_wire_bytes(&f), n);
+    ar_frame_free(&f);
+    /* an empty frame and one with a negative field (ten bytes on the wire) */
+    Arceus__Frame e = ARCEUS__FRAME__INIT;
+    e.kind = AR_FRAME_SYNC;
+    e.mb = -1;
+    ar_frame g = {.kind = AR_FRAME_SYNC, .mb = -1};
+    cr_assert_eq(ar_frame_wire_bytes(&g), arceus__frame__get_packed_size(&e));
+    free(buf);
+}
+
+/* A link's counters: every frame both ways, as the messages' sizes. */
+Test(net, links_count_the_bytes_they_move)
+{
+    char addr[64];
+    ar_server *s = start_echo(addr, sizeof addr);
+    ar_client *c;
+    cr_assert_eq(ar_client_open(addr, &c), AR_OK);
+    ar_link *l;
+    cr_assert_eq(ar_client_pipe(c, "echo server", SERVER_MAX_FRAME, &l), AR_OK);
+    size_t want = 0;
+    for (int i = 0; i < 4; i++) {
+        ar_frame f = {.kind = AR_FRAME_TP, .step = i, .rows = 2};
+        f.scalars[0] = 3;
+        int64_t shape[1] = {1000 * i};
+        float *x = calloc(1000 * (size_t)i + 1, sizeof(float));
+        cr_assert_not_null(x);
+        cr_assert_eq(ar_frame_set_payload(&f, AR_DT_F32, i ? 1 : 0, shape, x), AR_OK);
+        free(x);
+        want += ar_frame_wire_bytes(&f);
+        cr_assert_eq(ar_link_send(l, &f), AR_OK);
+    }
+    for (int i = 0; i < 4; i++) {
+        ar_frame g;
+        cr_assert_eq(ar_link_recv(l, &g, 30), AR_OK, "%s", ar_last_error());
+        ar_frame_free(&g);
+    }
+    cr_assert_eq(l->bytes_sent, want);
+    cr_assert_eq(l->bytes_received, want, "the echo comes back the same size");
+    cr_assert_gt(want, 4 * 6000);
+    ar_link_destroy(l);
+    ar_client_close(c);
+    ar_server_destroy(s);
 }
 
 /* ---- the worker --------------------------------------------------------- */

@@ -56,7 +56,9 @@ static void check_schedule(int kind, int S, int s, int M)
         cr_assert_eq(lead_f, M);
         cr_assert_eq(in_flight, M);
     } else {
-        int warm = S - s - 1 < M ? S - s - 1 : M;
+        /* S-s-1 warm-up forwards, and one more where a stage follows */
+        int warm = s < S - 1 ? S - s : 0;
+        warm = warm < M ? warm : M;
         /* warm-up forwards, then the first forward of the steady phase */
         int want_lead = warm + 1 < M ? warm + 1 : M;
         cr_assert_eq(lead_f, want_lead, "kind 1F1B S %d s %d M %d: %d forwards before the first B",
@@ -80,14 +82,22 @@ Test(schedule, invariants)
 Test(schedule, one_f_one_b_examples)
 {
     ar_action a[8];
-    /* stage 0 of 4, M 4: F0 F1 F2 F3 B0 B1 B2 B3 (warm-up 3, then F3 B0) */
+    /* stage 0 of 4, M 4: F0 F1 F2 F3 B0 B1 B2 B3 (warm-up 4 capped at M) */
     cr_assert_eq(ar_schedule_build(AR_SCHED_1F1B, 4, 0, 4, a), 4);
     const char *want = "F0F1F2F3B0B1B2B3";
     for (int i = 0; i < 8; i++)
         cr_assert(a[i].op == want[2 * i] && a[i].mb == want[2 * i + 1] - '0');
-    /* stage 1 of 3, M 4: F0 F1 B0 F2 B1 F3 B2 B3, two in flight */
-    cr_assert_eq(ar_schedule_build(AR_SCHED_1F1B, 3, 1, 4, a), 2);
-    want = "F0F1B0F2B1F3B2B3";
+    /* stage 1 of 3, M 5: warm-up 2 (the textbook 1, plus one to overlap
+     * transfers), then F2 B0 F3 B1 F4 B2, drain B3 B4; three in flight */
+    ar_action b[10];
+    cr_assert_eq(ar_schedule_build(AR_SCHED_1F1B, 3, 1, 5, b), 3);
+    want = "F0F1F2B0F3B1F4B2B3B4";
+    for (int i = 0; i < 10; i++)
+        cr_assert(b[i].op == want[2 * i] && b[i].mb == want[2 * i + 1] - '0', "at %d: %c%d", i,
+                  b[i].op, b[i].mb);
+    /* the last stage alternates from the start: one in flight */
+    cr_assert_eq(ar_schedule_build(AR_SCHED_1F1B, 3, 2, 4, a), 1);
+    want = "F0B0F1B1F2B2F3B3";
     for (int i = 0; i < 8; i++)
         cr_assert(a[i].op == want[2 * i] && a[i].mb == want[2 * i + 1] - '0', "at %d: %c%d", i,
                   a[i].op, a[i].mb);

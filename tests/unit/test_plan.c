@@ -6,6 +6,7 @@
 #include "train/plan.h"
 #include "train/schedule.h"
 #include "train/stage.h"
+#include "train/tp_group.h"
 
 #include <criterion/criterion.h>
 #include <math.h>
@@ -495,6 +496,397 @@ Test(plan, the_dynamic_program_matches_brute_force)
     cr_assert_gt(infeasible, 0);
 }
 
+/* ---- tensor-parallel groups ----------------------------------------------------------- */
+
+Test(plan, a_block_splits_into_attention_mlp_and_the_leaders_rest)
+{
+    ar_model_spec s = gpt5m();
+    ar_unit_cost c[8];
+    cr_assert_eq(ar_plan_unit_costs(&s, 4, c), AR_OK, "%s", ar_last_error());
+    for (int u = 0; u < 8; u++) {
+        int block = u >= 1 && u <= s.n_layer;
+        cr_assert_eq(c[u].tp.heads, block ? s.n_head : 0, "unit %d", u);
+        if (!block)
+            continue;
+        cr_assert_eq(c[u].tp.hidden, 4 * s.n_embd);
+        cr_assert(fabs(c[u].tp.attn_flops + c[u].tp.mlp_flops - c[u].flops) <= 1e-9 * c[u].flops);
+        cr_assert(fabs(c[u].tp.attn_state + c[u].tp.mlp_state + c[u].tp.leader_state - c[u].state_bytes) < 1);
+        /* LayerNorms and two projection biases: 6 C values, with gradient and moments */
+        cr_assert_eq(c[u].tp.leader_state, 4.0 * 6 * s.n_embd * 4);
+        /* a message carries B T C floats and a header of a few bytes */
+        double payload = 4.0 * 128 * s.n_embd * 4;
+        cr_assert(c[u].tp.msg_bytes > payload && c[u].tp.msg_bytes < payload + 40, "%g", c[u].tp.msg_bytes);
+        cr_assert(c[u].tp.reply_bytes > payload && c[u].tp.reply_bytes < payload + 40);
+    }
+}
+
+/* Bytes a real rank holding `heads` and `hidden` of blocks [fb, fb+nb) allocates. */
+static double real_rank_bytes(const ar_model_spec *spec, int fb, int nb, ar_range heads, ar_range hidden,
+                              int B, int slots)
+{
+    ar_range hr[8], ur[8];
+    for (int b = 0; b < nb; b++)
+        hr[b] = heads, ur[b] = hidden;
+    ar_tp_rank r;
+    double before = allocated_bytes();
+    cr_assert_eq(ar_tp_rank_create(&r, spec, fb, nb, hr, ur, B, slots, 7, &adamw), AR_OK, "%s",
+                 ar_last_error());
+    double bytes = allocated_bytes() - before;
+    ar_tp_rank_destroy(&r);
+    return bytes;
+}
+
+Test(plan, a_members_memory_matches_a_real_rank)
+{
+#if HAVE_ALLOC_COUNT
+    ar_model_spec s = gpt5m();
+    ar_unit_cost c[8];
+    int B = 2, slots = 3;
+    cr_assert_eq(ar_plan_unit_costs(&s, B, c), AR_OK, "%s", ar_last_error());
+    ar_device d[3] = {dev("a", 10, 0, 0), dev("b", 10, 0, 0), dev("c", 20, 0, 0)};
+    int members[3] = {0, 1, 2};
+    ar_group_cost gc;
+    /* blocks 1-3 (units 2-4) over three devices, split by speed: heads 1+1+2 */
+    cr_assert_eq(ar_plan_group_cost(c, 8, 2, 5, d, members, 3, 1, slots, 4, &gc), AR_OK, "%s", ar_last_error());
+    ar_range heads[3], hidden[3];
+    double w[3] = {10, 10, 20};
+    cr_assert_eq(ar_tp_split(s.n_head, 3, w, heads), AR_OK);
+    cr_assert_eq(ar_tp_split(4 * s.n_embd, 3, w, hidden), AR_OK);
+    for (int k = 1; k < 3; k++) {
+        double real = real_rank_bytes(&s, 1, 3, heads[k], hidden[k], B, slots);
+        cr_assert(fabs(gc.mem[k] / real - 1) < 0.05, "member %d: predicted %.0f, real %.0f bytes", k,
+                  gc.mem[k], real);
+    }
+    /* the faster member does twice the work in the same time */
+    cr_assert(fabs(gc.compute[2] / gc.compute[1] - 1) < 1e-9, "%g %g", gc.compute[1], gc.compute[2]);
+#endif
+}
+
+Test(plan, an_mlp_members_memory_matches_a_real_rank)
+{
+#if HAVE_ALLOC_COUNT
+    ar_model_spec s;
+    memset(&s, 0, sizeof s);
+    s.type = AR_MODEL_MLP;
+    s.inputs = 784;
+    s.n_hidden = 3;
+    s.hidden[0] = 48, s.hidden[1] = 32, s.hidden[2] = 16;
+    s.classes = 10;
+    s.activation = AR_ACT_RELU;
+    ar_unit_cost c[4];
+    int B = 16, slots = 2;
+    cr_assert_eq(ar_plan_unit_costs(&s, B, c), AR_OK, "%s", ar_last_error());
+    ar_device d[2] = {dev("a", 10, 0, 0), dev("b", 10, 0, 0)};
+    int members[2] = {0, 1};
+    ar_group_cost gc;
+    /* pairs (0,1) and (2,3): 48 units as 24+24, 16 as 8+8 */
+    cr_assert_eq(ar_plan_group_cost(c, 4, 0, 4, d, members, 2, 0, slots, 4, &gc), AR_OK, "%s", ar_last_error());
+    ar_range heads[2] = {{0, 1}, {0, 1}}, hidden[2] = {{24, 48}, {8, 16}};
+    ar_tp_rank r;
+    double before = allocated_bytes();
+    cr_assert_eq(ar_tp_rank_create(&r, &s, 0, 2, heads, hidden, B, slots, 7, &adamw), AR_OK, "%s", ar_last_error());
+    double real = allocated_bytes() - before;
+    ar_tp_rank_destroy(&r);
+    cr_assert(fabs(gc.mem[1] / real - 1) < 0.05, "predicted %.0f, real %.0f bytes", gc.mem[1], real);
+    /* 4 micro-batches; per pair 4 messages: its input (784, then 32 wide)
+     * and output (32, then 10) out and back, B rows of 4-byte floats */
+    double payload = 4.0 * 2 * B * (784 + 32 + 32 + 10) * 4;
+    cr_assert(gc.bytes > payload && gc.bytes < payload * 1.02, "%g vs %g", gc.bytes, payload);
+    /* an odd last layer stays with the leader: units 1-3 are one pair and one whole layer */
+    ar_group_cost odd;
+    cr_assert_eq(ar_plan_group_cost(c, 4, 1, 4, d, members, 2, 0, slots, 4, &odd), AR_OK, "%s", ar_last_error());
+    cr_assert(fabs(odd.compute[0] - (c[1].flops + c[2].flops) / 2 / 10e9) < 1e-12);
+    cr_assert_gt(odd.time, odd.compute[0] + c[3].flops / 10e9);
+#endif
+}
+
+Test(plan, group_bytes_count_every_message_of_a_step)
+{
+    ar_model_spec s = gpt5m();
+    ar_unit_cost c[8];
+    cr_assert_eq(ar_plan_unit_costs(&s, 2, c), AR_OK, "%s", ar_last_error());
+    ar_device d[3] = {dev("a", 10, 0, 1e9), dev("b", 10, 0, 1e8), dev("c", 10, 0, 0)};
+    int members[3] = {0, 1, 2};
+    ar_group_cost g2, g3;
+    cr_assert_eq(ar_plan_group_cost(c, 8, 0, 8, d, members, 2, 0, 1, 8, &g2), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_plan_group_cost(c, 8, 0, 8, d, members, 3, 0, 1, 8, &g3), AR_OK, "%s", ar_last_error());
+    /* 8 micro-batches x 6 blocks x 4 requests and 4 replies of B T C floats */
+    double payload = 8.0 * 6 * 8 * (2.0 * 128 * 256 * 4);
+    cr_assert(g2.bytes > payload && g2.bytes < payload * 1.001, "%g vs %g", g2.bytes, payload);
+    cr_assert(fabs(g3.bytes - 2 * g2.bytes) < 1e-6 * g2.bytes, "two members move twice as much");
+    /* at b's 100 MB/s, then c's default; and 8 messages per block and
+     * micro-batch, 4 per step, each costing AR_PLAN_MESSAGE_S */
+    double latency = (8.0 * 6 * 8 + 4) * AR_PLAN_MESSAGE_S / 8;
+    cr_assert(fabs(g2.transfer - g2.bytes / 8 / 1e8 - latency) < 1e-12);
+    cr_assert(fabs(g3.transfer - g2.bytes / 8 / 1e8 - g2.bytes / 8 / AR_PLAN_DEFAULT_BANDWIDTH - 2 * latency) < 1e-12);
+    cr_assert(g2.time > g2.compute[0] + g2.transfer);
+
+    /* not splittable: no block, or more members than heads */
+    cr_assert_eq(ar_plan_group_cost(c, 8, 7, 8, d, members, 2, 0, 1, 8, &g2), AR_EINVAL);
+    cr_assert_not_null(strstr(ar_last_error(), "no transformer block"), "%s", ar_last_error());
+    ar_device many[5] = {d[0], d[0], d[0], d[0], d[0]};
+    int five[5] = {0, 1, 2, 3, 4};
+    cr_assert_eq(ar_plan_group_cost(c, 8, 0, 8, many, five, 5, 0, 1, 8, &g2), AR_EINVAL);
+    cr_assert_not_null(strstr(ar_last_error(), "4 attention heads"), "%s", ar_last_error());
+}
+
+static ar_model_spec wide_gpt(int n_layer)
+{
+    ar_model_spec s = small_gpt(n_layer);
+    s.n_head = 8;
+    s.n_embd = 512;
+    s.block_size = 64;
+    return s;
+}
+
+static char *plan_text(const ar_plan *p, const ar_device *d, const ar_unit_cost *c, const ar_model_spec *s)
+{
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    cr_assert_not_null(f);
+    ar_plan_print(f, p, d, c, s);
+    fclose(f);
+    if (getenv("AR_PLAN_SHOW"))
+        fputs(text, stdout);
+    return text;
+}
+
+Test(plan, blocks_too_big_for_any_device_go_to_a_group)
+{
+    ar_model_spec s = wide_gpt(1);
+    ar_unit_cost c[3];
+    int B = 4, M = 4;
+    cr_assert_eq(ar_plan_unit_costs(&s, B, c), AR_OK, "%s", ar_last_error());
+    /* memory for the three units on a pair, with 5% to spare; not for one block alone */
+    ar_device d[2] = {dev("left", 20, 0, 1e9), dev("right", 20, 0, 1e9)};
+    int pair[2] = {0, 1};
+    ar_group_cost gc;
+    cr_assert_eq(ar_plan_group_cost(c, 3, 0, 3, d, pair, 2, 0, 1, M, &gc), AR_OK, "%s", ar_last_error());
+    double mem = 1.05 * fmax(gc.mem[0], gc.mem[1]);
+    cr_assert_lt(mem, ar_plan_stage_mem(c, 3, 1, 2, 1), "a block alone must not fit");
+    d[0].mem_bytes = d[1].mem_bytes = mem;
+
+    ar_plan p;
+    cr_assert_eq(ar_plan_auto(c, 3, d, 2, M, AR_SCHED_1F1B, &p), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(p.nstages, 1);
+    cr_assert_eq(p.group_size[0], 2);
+    cr_assert_eq(p.group[0][0], 0);
+    cr_assert_eq(p.group[0][1], 1);
+    cr_assert_eq(p.by_speed[0], 0, "equal devices split equally");
+    cr_assert(p.member_mem[0][0] <= mem && p.member_mem[0][1] <= mem);
+    cr_assert_gt(p.tp_bytes[0], 0.0);
+    char *text = plan_text(&p, d, c, &s);
+    cr_assert_not_null(strstr(text, "left+right"), "%s", text);
+    cr_assert_not_null(strstr(text, "left: heads 0-3, hidden units 0-1023"), "%s", text);
+    cr_assert_not_null(strstr(text, "right: heads 4-7, hidden units 1024-2047"), "%s", text);
+    cr_assert_not_null(strstr(text, "MB per step"), "%s", text);
+    free(text);
+
+    /* with a tenth less memory nothing fits, and the error says so */
+    d[0].mem_bytes = d[1].mem_bytes = mem * 0.9 / 1.05;
+    cr_assert_eq(ar_plan_auto(c, 3, d, 2, M, AR_SCHED_1F1B, &p), AR_ELIMIT);
+    cr_assert_not_null(strstr(ar_last_error(), "group"), "%s", ar_last_error());
+
+    /* a plan by hand on one device says which does not fit, a group's which member */
+    d[0].mem_bytes = d[1].mem_bytes = mem;
+    cr_assert_eq(ar_plan_parse_devices("0-2@1+0", 3, d, 2, &p), AR_OK, "%s", ar_last_error());
+    d[0].mem_bytes = gc.mem[1] * 0.5;
+    cr_assert_eq(ar_plan_estimate(&p, c, 3, d, 2, M, AR_SCHED_1F1B), AR_ELIMIT);
+    cr_assert_not_null(strstr(ar_last_error(), "device 0 (left) of its group"), "%s", ar_last_error());
+}
+
+Test(plan, a_group_is_chosen_when_its_link_is_fast_enough)
+{
+    /* three blocks over two devices: a pipeline's slowest stage holds two,
+     * a group does half of all three, plus its transfers */
+    ar_model_spec s = wide_gpt(3);
+    s.n_embd = 256;
+    ar_unit_cost c[5];
+    int M = 4;
+    cr_assert_eq(ar_plan_unit_costs(&s, 4, c), AR_OK, "%s", ar_last_error());
+    ar_device d[2] = {dev("a", 10, 1e10, 1e12), dev("b", 10, 1e10, 1e12)};
+    ar_plan p, group, pipe;
+    cr_assert_eq(ar_plan_auto(c, 5, d, 2, M, AR_SCHED_1F1B, &p), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(p.nstages, 1, "fast link: one stage on a group");
+    cr_assert_eq(p.group_size[0], 2);
+    cr_assert_eq(ar_plan_parse("0-2,3-4", 5, 2, &pipe), AR_OK);
+    cr_assert_eq(ar_plan_estimate(&pipe, c, 5, d, 2, M, AR_SCHED_1F1B), AR_OK, "%s", ar_last_error());
+    cr_assert_lt(max_time(&p), max_time(&pipe));
+    /* a device that cannot join a group (a market provider, an older worker) */
+    d[1].solo = 1;
+    cr_assert_eq(ar_plan_auto(c, 5, d, 2, M, AR_SCHED_1F1B, &p), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(p.nstages, 2, "no group with a solo device");
+    d[1].solo = 0;
+
+    /* 26 MB/s: the group's transfers (24 messages of B T C floats per
+     * micro-batch, each way) cost more than the split saves */
+    d[0].bandwidth = d[1].bandwidth = 2.6e7;
+    cr_assert_eq(ar_plan_auto(c, 5, d, 2, M, AR_SCHED_1F1B, &p), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(p.nstages, 2, "slow link: a plain pipeline");
+    cr_assert(p.group_size[0] <= 1 && p.group_size[1] <= 1);
+    cr_assert_eq(ar_plan_parse("0-4@0+1", 5, 2, &group), AR_OK);
+    cr_assert_eq(ar_plan_estimate(&group, c, 5, d, 2, M, AR_SCHED_1F1B), AR_OK, "%s", ar_last_error());
+    cr_assert_lt(max_time(&p), max_time(&group));
+    cr_assert_gt(group.stage_time[0], c[1].flops * 3 / 2 / 10e9 + group.tp_bytes[0] / M / 2.6e7 * 0.999);
+
+    /* an MLP has nothing to split: never a group */
+    ar_model_spec m;
+    cr_assert_eq(ar_spec_load("configs/mlp-fashion.json", &m), AR_OK, "%s", ar_last_error());
+    ar_unit_cost mc[3];
+    cr_assert_eq(ar_plan_unit_costs(&m, 32, mc), AR_OK, "%s", ar_last_error());
+    d[0].bandwidth = d[1].bandwidth = 1e12;
+    cr_assert_eq(ar_plan_auto(mc, 3, d, 2, M, AR_SCHED_1F1B, &p), AR_OK, "%s", ar_last_error());
+    for (int st = 0; st < p.nstages; st++)
+        cr_assert_leq(p.group_size[st], 1);
+}
+
+/* Every plan with groups of consecutive devices: each device is skipped,
+ * starts a stage, or joins the stage of the device just before it; every
+ * composition of the units; priced by ar_plan_estimate. */
+static void brute_groups(const ar_unit_cost *c, int n, const ar_device *d, int nd, int M, int sched,
+                         brute_result *r)
+{
+    r->best = INFINITY;
+    r->stages = 0;
+    r->total = INFINITY;
+    int labels = 1;
+    for (int k = 0; k < nd; k++)
+        labels *= 3;
+    for (int code = 0; code < labels; code++) {
+        ar_plan p;
+        memset(&p, 0, sizeof p);
+        int S = 0, ok = 1, prev_used = 0;
+        for (int k = 0, x = code; k < nd; k++, x /= 3) {
+            int label = x % 3; /* 0 skip, 1 new stage, 2 join */
+            if (label == 2 && !prev_used)
+                ok = 0;
+            if (label == 1) {
+                p.device[S] = k;
+                p.group[S][0] = k;
+                p.group_size[S] = 1;
+                S++;
+            } else if (label == 2 && ok) {
+                p.group[S - 1][p.group_size[S - 1]++] = k;
+            }
+            prev_used = label != 0;
+        }
+        if (!ok || S == 0 || S > n)
+            continue;
+        p.nstages = S;
+        for (int st = 0; st < S; st++)
+            p.by_speed[st] = 0;
+        for (int st = 0; st < S; st++)
+            for (int m = 1; m < p.group_size[st]; m++)
+                p.by_speed[st] |= d[p.group[st][m]].gflops != d[p.group[st][0]].gflops;
+        for (unsigned cuts = 0; cuts < (1u << (n - 1)); cuts++) {
+            if (__builtin_popcount(cuts) != S - 1)
+                continue;
+            int a = 0, st = 0;
+            for (int b = 1; b <= n; b++)
+                if (b == n || (cuts & (1u << (b - 1)))) {
+                    p.first[st] = a;
+                    p.last[st] = b;
+                    a = b;
+                    st++;
+                }
+            int blockless = 0; /* a group needs a block to split (estimates price others as one device) */
+            for (st = 0; st < S; st++) {
+                int blocks = 0;
+                for (int u = p.first[st]; u < p.last[st]; u++)
+                    blocks += c[u].tp.heads > 0;
+                blockless |= p.group_size[st] > 1 && blocks == 0;
+            }
+            if (blockless || ar_plan_estimate(&p, c, n, d, nd, M, sched) != AR_OK)
+                continue; /* does not fit, or a group without a block */
+            double mx = 0, sum = 0;
+            for (st = 0; st < S; st++) {
+                mx = fmax(mx, p.stage_time[st]);
+                sum += p.stage_time[st];
+            }
+            double tol = 1e-9 * fmax(mx, r->best == INFINITY ? 0 : r->best);
+            if (mx < r->best - tol) {
+                r->best = mx, r->stages = S, r->total = sum;
+            } else if (fabs(mx - r->best) <= tol) {
+                if (S < r->stages || (S == r->stages && sum < r->total))
+                    r->stages = S, r->total = sum;
+            }
+        }
+    }
+}
+
+Test(plan, the_dynamic_program_with_groups_matches_brute_force)
+{
+    ar_rng rng;
+    ar_rng_seed(&rng, 4242);
+    int checked = 0, grouped = 0;
+    for (int trial = 0; trial < 300; trial++) {
+        int n = 1 + (int)ar_rng_below(&rng, 6);
+        int nd = 1 + (int)ar_rng_below(&rng, 4);
+        int M = 1 + (int)ar_rng_below(&rng, 4);
+        int sched = (int)ar_rng_below(&rng, 2) ? AR_SCHED_1F1B : AR_SCHED_GPIPE;
+        ar_unit_cost c[8];
+        for (int u = 0; u < n; u++) {
+            memset(&c[u], 0, sizeof c[u]);
+            c[u].flops = 1e9 * (0.1 + ar_rng_uniform(&rng));
+            c[u].state_bytes = 1e6 * ar_rng_uniform(&rng);
+            c[u].param_bytes = c[u].state_bytes / 4;
+            c[u].out_bytes = 1e5 * ar_rng_uniform(&rng);
+            c[u].act_bytes = c[u].out_bytes + 5e5 * ar_rng_uniform(&rng);
+            c[u].work_bytes = 2e5 * ar_rng_uniform(&rng);
+            if (ar_rng_below(&rng, 3) == 0)
+                continue; /* not splittable */
+            double f = ar_rng_uniform(&rng), st = ar_rng_uniform(&rng);
+            c[u].tp.heads = 2 + (int)ar_rng_below(&rng, 3);
+            c[u].tp.hidden = 4 * c[u].tp.heads;
+            c[u].tp.attn_flops = c[u].flops * f;
+            c[u].tp.mlp_flops = c[u].flops * (1 - f);
+            c[u].tp.leader_state = 0.05 * c[u].state_bytes;
+            c[u].tp.attn_state = 0.95 * c[u].state_bytes * st;
+            c[u].tp.mlp_state = 0.95 * c[u].state_bytes * (1 - st);
+            c[u].tp.attn_act = 3e5 * ar_rng_uniform(&rng);
+            c[u].tp.mlp_act = 3e5 * ar_rng_uniform(&rng);
+            c[u].tp.rank_act = 2 * c[u].out_bytes;
+            c[u].tp.rank_work = c[u].work_bytes;
+            c[u].tp.leader_act = c[u].out_bytes * 5;
+            c[u].tp.leader_work = c[u].out_bytes * 4;
+            c[u].tp.msg_bytes = c[u].tp.reply_bytes = c[u].out_bytes + 20;
+        }
+        ar_device d[4];
+        for (int k = 0; k < nd; k++) {
+            char name[16];
+            snprintf(name, sizeof name, "dev%d", k);
+            d[k] = dev(name, 0.5 + 2 * ar_rng_uniform(&rng),
+                       ar_rng_below(&rng, 4) == 0 ? 0 : 5e5 + 3e6 * ar_rng_uniform(&rng),
+                       ar_rng_below(&rng, 3) == 0 ? 0 : 1e8 * (0.1 + 20 * ar_rng_uniform(&rng)));
+        }
+        brute_result r;
+        brute_groups(c, n, d, nd, M, sched, &r);
+        ar_plan p;
+        ar_log_set_level(AR_LOG_ERROR);
+        int rc = ar_plan_auto(c, n, d, nd, M, sched, &p);
+        ar_log_set_level(AR_LOG_INFO);
+        if (r.best == INFINITY) {
+            cr_assert_eq(rc, AR_ELIMIT, "trial %d: brute force finds no plan, the planner returns %d", trial, rc);
+            continue;
+        }
+        cr_assert_eq(rc, AR_OK, "trial %d: %s", trial, ar_last_error());
+        double got = max_time(&p), sum = 0;
+        for (int st = 0; st < p.nstages; st++) {
+            sum += p.stage_time[st];
+            grouped += p.group_size[st] > 1;
+        }
+        cr_assert(fabs(got - r.best) <= 1e-9 * r.best, "trial %d: slowest stage %.12g, optimum %.12g", trial,
+                  got, r.best);
+        cr_assert_eq(p.nstages, r.stages, "trial %d: %d stages, the fewest reaching the optimum is %d", trial,
+                     p.nstages, r.stages);
+        cr_assert(sum <= r.total * (1 + 1e-9), "trial %d: total %.12g, best %.12g", trial, sum, r.total);
+        checked++;
+    }
+    cr_assert_gt(checked, 150);
+    cr_assert_gt(grouped, 20, "only %d plans used a group", grouped);
+}
+
 /* ---- plans by hand -------------------------------------------------------------------- */
 
 static void expect_parse_fail(const char *text, int nunits, int ndev, const char *needle)
@@ -592,7 +984,8 @@ Test(plan, estimate_a_plan_by_hand)
     cr_assert(fabs(p.stage_time[0] - (f0 / 10e9 + c[3].out_bytes / 2e9)) < 1e-12);
     cr_assert(fabs(p.stage_time[1] - f1 / 5e9) < 1e-12, "the last stage sends nothing");
     cr_assert(fabs(p.bubble - 1.0 / 7.0) < 1e-12);
-    cr_assert_eq(p.stage_mem[0], ar_plan_stage_mem(c, 8, 0, 4, 2));
+    /* 1F1B: stage 0 keeps 3 micro-batches in flight (2 + 1 to overlap transfers) */
+    cr_assert_eq(p.stage_mem[0], ar_plan_stage_mem(c, 8, 0, 4, 3));
     cr_assert_eq(p.stage_mem[1], ar_plan_stage_mem(c, 8, 4, 8, 1));
 
     /* a stage that does not fit: still priced, and the error says which */
