@@ -3,7 +3,8 @@ MAKEFLAGS += --no-print-directory
 # `make bench` runs the benchmarks; `make demo` runs the market demo
 # (scripts/demo.sh), `make demo-local` trains the default model here.
 #
-# BUILD=release (default) or BUILD=asan (AddressSanitizer + UBSan, used by the tests).
+# BUILD=release (default) or BUILD=asan (AddressSanitizer + UBSan, used by the tests),
+# or BUILD=fuzz (clang, libFuzzer coverage + ASan + UBSan: the fuzz/ harnesses, `make fuzz`).
 # WERROR=1 turns warnings into errors (CI sets it).
 
 BUILD ?= release
@@ -43,6 +44,11 @@ CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -fopenmp $(WARN) -Iinclude -Isrc -I$(GEN
 
 ifeq ($(BUILD),asan)
 OPT := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+else ifeq ($(BUILD),fuzz)
+# The library with libFuzzer's coverage hooks (the harnesses add the fuzzer's main)
+CC := clang
+OPT := -O1 -g -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined \
+       -fno-omit-frame-pointer -Wno-pass-failed
 else
 OPT := -O3 -march=native -g
 endif
@@ -61,7 +67,7 @@ BIN := $(OUT)/arceus
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(OUT)/tests/%)
 
-.PHONY: all test unit e2e ref bench bench-quality demo demo-local clean deps
+.PHONY: all test unit e2e ref bench bench-quality demo demo-local clean deps fuzz fuzz-run
 # bin/arceus is always the release build (the ASan one stays in build/asan)
 ifeq ($(BUILD),release)
 all: $(BIN) bin/arceus
@@ -127,6 +133,27 @@ $(REF_DIR)/.stamp: $(wildcard tests/ref/*.py) $(wildcard configs/*.json)
 test: deps
 	$(MAKE) BUILD=asan WERROR=1 unit
 	$(MAKE) BUILD=asan WERROR=1 e2e
+	$(MAKE) BUILD=fuzz WERROR=1 fuzz-run FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
+
+# libFuzzer harnesses (fuzz/fuzz_*.c) over the hostile-input entry points.
+# `make fuzz` replays every committed input (fuzz/corpus, fuzz/regressions),
+# then fuzzes each target for FUZZ_SECONDS; it fails on any crash, leak,
+# sanitizer report or timeout (the input is left in build/fuzz/crashes/).
+# `make test` does the same for TEST_FUZZ_SECONDS per target.
+FUZZ_TARGETS := frame spec safetensors idx load restore
+FUZZ_SECONDS ?= 60
+TEST_FUZZ_SECONDS ?= 5
+fuzz: deps
+	$(MAKE) BUILD=fuzz WERROR=1 fuzz-run
+
+FUZZ_BIN := $(FUZZ_TARGETS:%=$(OUT)/fuzz/fuzz_%)
+$(OUT)/fuzz/fuzz_%: fuzz/fuzz_%.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -fsanitize=fuzzer -o $@ $< $(LIB) $(DEP_LIBS)
+
+fuzz-run: $(FUZZ_BIN)
+	@test "$(BUILD)" = fuzz || { echo "fuzz-run needs BUILD=fuzz (use make fuzz)"; exit 1; }
+	fuzz/run.sh $(OUT) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 # Criterion runs each test in a child process and does not fail on a
 # sanitizer report in it, so the output is also searched for one.

@@ -276,7 +276,7 @@ static double grpc_rate(size_t size, int count)
         if ((pid = spawn_receiver("grpc", size, count, &port)) < 0)
             return -1;
         j.received = count; /* the receiver acknowledges only after all of them */
-    } else if (ar_server_create("127.0.0.1:0", &srv, &port) != AR_OK ||
+    } else if (ar_server_create("127.0.0.1:0", NULL, &srv, &port) != AR_OK ||
                ar_server_handle(srv, "/arceus.Worker/Pipe", on_pipe, &j) != AR_OK ||
                ar_server_start(srv) != AR_OK) {
         return -1;
@@ -334,7 +334,7 @@ static int serve(const char *kind, size_t size, int count)
     if (strcmp(kind, "grpc") == 0) {
         pipe_job j = {.count = count};
         ar_server *srv;
-        if (ar_net_init() != AR_OK || ar_server_create("127.0.0.1:0", &srv, &port) != AR_OK ||
+        if (ar_net_init() != AR_OK || ar_server_create("127.0.0.1:0", NULL, &srv, &port) != AR_OK ||
             ar_server_handle(srv, "/arceus.Worker/Pipe", on_pipe, &j) != AR_OK ||
             ar_server_start(srv) != AR_OK)
             return 1;

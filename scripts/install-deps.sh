@@ -12,6 +12,7 @@ DEBIAN_PACKAGES=(
     libgrpc-dev libprotobuf-c-dev protobuf-c-compiler   # the pipeline over gRPC
     libsqlite3-dev libmicrohttpd-dev                    # the market and its dashboard
     libcriterion-dev                                    # unit tests
+    clang libclang-rt-dev libomp-dev                    # libFuzzer harnesses (make fuzz)
     python3-torch python3-numpy python3-pytest python3-grpcio  # reference numerics, e2e tests
     dataset-fashion-mnist                               # the default data set
     chromium                                            # headless, for the dashboard's e2e test

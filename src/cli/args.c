@@ -1,5 +1,6 @@
 /* Small option parser shared by the subcommands. */
 #include "cli/cli.h"
+#include "net/market.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -190,4 +191,40 @@ int ar_cli_wait_stop_signal(const char *cmd)
     sigwait(&set, &sig);
     fprintf(stderr, "arceus %s: %s, shutting down\n", cmd, sig == SIGINT ? "SIGINT" : "SIGTERM");
     return sig;
+}
+
+/* "N" bytes, or N followed by K, M, G or T (powers of 1024), optionally
+ * followed by "B" or "iB": 512M, 4G, 4GiB, 1048576. */
+int ar_parse_size(const char *cmd, const char *s, int64_t *out)
+{
+    const char *p = s;
+    uint64_t v = 0;
+    int digits = 0;
+    for (; *p >= '0' && *p <= '9'; p++, digits++) {
+        v = v * 10 + (uint64_t)(*p - '0');
+        if (v > (uint64_t)AR_MARKET_MAX_MEM)
+            goto bad;
+    }
+    if (digits == 0)
+        goto bad;
+    int shift = 0;
+    switch (*p) {
+    case 'k': case 'K': shift = 10; p++; break;
+    case 'm': case 'M': shift = 20; p++; break;
+    case 'g': case 'G': shift = 30; p++; break;
+    case 't': case 'T': shift = 40; p++; break;
+    default: break;
+    }
+    if (shift && (*p == 'i' || *p == 'I'))
+        p++;
+    if (*p == 'b' || *p == 'B')
+        p++;
+    if (*p || v == 0 || v > ((uint64_t)AR_MARKET_MAX_MEM >> shift))
+        goto bad;
+    *out = (int64_t)(v << shift);
+    return 0;
+bad:
+    ar_cli_error(cmd, "--max-mem expects a size like 512M, 4G or a number of bytes (1 byte .. 4 PiB), got \"%s\"",
+                 s);
+    return -1;
 }

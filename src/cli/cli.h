@@ -37,6 +37,10 @@ int ar_args_unknown(ar_args *a);
  * (no floating point); 0 when the value is in [0, max_micro], -1 otherwise
  * (the caller words the error for its option). */
 int ar_parse_credits(const char *s, int64_t max_micro, int64_t *out);
+/* --max-mem SIZE: "N" bytes, or N followed by K, M, G or T (powers of 1024),
+ * optionally then "B" or "iB" (512M, 4G, 4GiB), 1 byte .. 4 PiB. cmd names the
+ * command in the error. */
+int ar_parse_size(const char *cmd, const char *s, int64_t *out);
 
 /* Long-running commands (market, worker, provide) stop on SIGINT/SIGTERM.
  * ar_cli_block_stop_signals must run before any other thread exists, so

@@ -62,42 +62,6 @@ void ar_help_provide(void)
 
 /* ---- parsing ---------------------------------------------------------------------- */
 
-/* "N" bytes, or N followed by K, M, G or T (powers of 1024), optionally
- * followed by "B" or "iB": 512M, 4G, 4GiB, 1048576. */
-static int parse_size(const char *s, int64_t *out)
-{
-    const char *p = s;
-    uint64_t v = 0;
-    int digits = 0;
-    for (; *p >= '0' && *p <= '9'; p++, digits++) {
-        v = v * 10 + (uint64_t)(*p - '0');
-        if (v > (uint64_t)AR_MARKET_MAX_MEM)
-            goto bad;
-    }
-    if (digits == 0)
-        goto bad;
-    int shift = 0;
-    switch (*p) {
-    case 'k': case 'K': shift = 10; p++; break;
-    case 'm': case 'M': shift = 20; p++; break;
-    case 'g': case 'G': shift = 30; p++; break;
-    case 't': case 'T': shift = 40; p++; break;
-    default: break;
-    }
-    if (shift && (*p == 'i' || *p == 'I'))
-        p++;
-    if (*p == 'b' || *p == 'B')
-        p++;
-    if (*p || v == 0 || v > ((uint64_t)AR_MARKET_MAX_MEM >> shift))
-        goto bad;
-    *out = (int64_t)(v << shift);
-    return 0;
-bad:
-    ar_cli_error("provide", "--max-mem expects a size like 512M, 4G or a number of bytes (1 byte .. 4 PiB), got \"%s\"",
-                 s);
-    return -1;
-}
-
 /* "N" or "N.DDDDDD" credits (at most 6 decimals) -> micro-credits, within
  * the market's price limit. */
 static int parse_price(const char *s, int64_t *out)
@@ -255,7 +219,7 @@ int ar_cmd_provide(int argc, char **argv)
             rc = ar_args_int(&a, 1, 3600, &heartbeat_s);
         else if (!strcmp(name, "max-mem")) {
             if ((rc = ar_args_string(&a, &v)) == 0)
-                rc = parse_size(v, &max_mem);
+                rc = ar_parse_size("provide", v, &max_mem);
             have_mem = 1;
         } else if (!strcmp(name, "price")) {
             if ((rc = ar_args_string(&a, &v)) == 0)
@@ -346,7 +310,8 @@ int ar_cmd_provide(int argc, char **argv)
     p.profile.cores = threads < cores ? threads : (int)cores;
     p.profile.price_per_tflop = price;
 
-    ar_worker_config wc = {.listen = listen, .threads = threads, .max_frame = 0};
+    /* the worker holds a renter's stage to the memory offered */
+    ar_worker_config wc = {.listen = listen, .threads = threads, .max_frame = 0, .max_mem = (uint64_t)mem};
     ar_worker *w;
     char addr[AR_ADDR_MAX];
     if (ar_worker_start(&wc, &w, addr, sizeof addr) != AR_OK) {

@@ -22,6 +22,11 @@ void ar_help_worker(void)
            "  --listen HOST:PORT   address to listen on, e.g. 127.0.0.1:5001\n"
            "  --threads N          threads for the stage, 0 = all cores (0)\n"
            "  --max-frame-mb N     refuse frames larger than N MiB (1024)\n"
+           "  --max-mem SIZE       refuse a Load whose stage would need more memory than\n"
+           "                       this (parameters, gradients, optimizer state,\n"
+           "                       activations): bytes, or 512M, 4G, ... (the free memory\n"
+           "                       at the time of the Load)\n"
+           "  --max-pipes N        Pipe streams open at once from one client host (4)\n"
            "  --market HOST:PORT   serve market leases only: every Load must carry a lease\n"
            "                       token that this market confirms includes the provider\n"
            "  --token T            with --market: the provider's account token; without it:\n"
@@ -38,7 +43,8 @@ void ar_help_worker(void)
 int ar_cmd_worker(int argc, char **argv)
 {
     const char *listen = NULL, *market = NULL, *token = NULL;
-    int threads = 0, max_mb = 1024;
+    int threads = 0, max_mb = 1024, max_pipes = AR_WORKER_DEFAULT_PIPES;
+    int64_t max_mem = 0;
     long provider_id = 0;
     ar_cli_tls tls = {0};
     ar_args a;
@@ -57,6 +63,12 @@ int ar_cmd_worker(int argc, char **argv)
             rc = ar_args_int(&a, 0, 1024, &threads);
         else if (!strcmp(name, "max-frame-mb"))
             rc = ar_args_int(&a, 1, 1 << 20, &max_mb);
+        else if (!strcmp(name, "max-mem")) {
+            const char *v;
+            if ((rc = ar_args_string(&a, &v)) == 0)
+                rc = ar_parse_size("worker", v, &max_mem);
+        } else if (!strcmp(name, "max-pipes"))
+            rc = ar_args_int(&a, 1, 1024, &max_pipes);
         else if (!strcmp(name, "market"))
             rc = ar_args_string(&a, &market);
         else if (!strcmp(name, "token"))
@@ -91,7 +103,8 @@ int ar_cmd_worker(int argc, char **argv)
     ar_set_threads(threads);
     ar_worker_config c = {.listen = listen, .threads = threads, .max_frame = (size_t)max_mb << 20,
                           .market = market, .market_token = market ? token : NULL,
-                          .provider_id = provider_id, .load_token = market ? NULL : token};
+                          .provider_id = provider_id, .load_token = market ? NULL : token,
+                          .max_mem = (uint64_t)max_mem, .max_pipes = max_pipes};
     ar_worker *w;
     char addr[200];
     if (ar_worker_start(&c, &w, addr, sizeof addr) != AR_OK) {

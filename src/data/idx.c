@@ -11,11 +11,15 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <zlib.h>
 
 /* Largest payload we accept: 2 GiB, far above any IDX data set in use. */
 #define IDX_MAX_BYTES ((uint64_t)1 << 31)
+/* The first payload buffer; it doubles while more data comes. */
+#define IDX_FIRST_CHUNK ((size_t)1 << 20)
 
 /* A byte source that is either a plain file or a gzip stream. */
 typedef struct {
@@ -143,14 +147,36 @@ static int idx_read(idx_src *s, const char *path, ar_idx *out)
     }
     out->ndim = ndim;
     out->count = (size_t)count;
-    out->data = ar_calloc(out->count, 1);
-    if (!out->data)
-        return AR_ENOMEM;
-    rc = src_read(s, out->data, out->count, &got);
-    if (rc)
-        return rc;
-    if (got < out->count)
-        return ar_fail(AR_EFORMAT, "%s: truncated payload: %zu of %zu bytes", path, got,
+    /* Memory only for bytes that exist: 20 header bytes may claim 2 GiB. A
+     * plain file's length is checked up front; a gzip stream's is known only
+     * by inflating it, so its buffer grows (doubling) as the data comes. */
+    size_t header = 4 + want;
+    struct stat st;
+    if (s->plain && fstat(fileno(s->plain), &st) == 0 && S_ISREG(st.st_mode) &&
+        (uint64_t)st.st_size < header + count)
+        return ar_fail(AR_EFORMAT, "%s: truncated payload: the header says %zu bytes, the file "
+                       "holds %llu", path, out->count, (unsigned long long)(st.st_size - header));
+    size_t have = 0, cap = 0;
+    got = 0;
+    do {
+        if (have == cap) {
+            size_t ncap = cap ? cap * 2 : IDX_FIRST_CHUNK;
+            if (ncap > out->count)
+                ncap = out->count;
+            /* malloc'd like ar_calloc's memory: ar_idx_free's ar_free takes both */
+            uint8_t *grown = realloc(out->data, ncap);
+            if (!grown)
+                return ar_fail(AR_ENOMEM, "%s: out of memory for a %zu-byte payload", path, ncap);
+            out->data = grown;
+            cap = ncap;
+        }
+        rc = src_read(s, out->data + have, cap - have, &got);
+        if (rc)
+            return rc;
+        have += got;
+    } while (got > 0 && have < out->count);
+    if (have < out->count)
+        return ar_fail(AR_EFORMAT, "%s: truncated payload: %zu of %zu bytes", path, have,
                        out->count);
     /* one byte more must not exist; for gzip this also checks the CRC trailer */
     unsigned char extra[64];

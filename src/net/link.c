@@ -156,7 +156,7 @@ static int cur_varint(cursor *c, uint64_t *v)
 /* With payload_at non-NULL the payload is not copied: f->nbytes is set, f->data
  * stays NULL and *payload_at gets the payload's offset in the message. */
 /* Frames coalesced into one message (field 15, see proto/arceus.proto). */
-#define MAX_NESTED 256
+#define MAX_NESTED NET_MAX_COALESCED
 typedef struct {
     int n;
     size_t off[MAX_NESTED], len[MAX_NESTED];
@@ -320,7 +320,7 @@ static grpc_byte_buffer *raw_buffer(grpc_byte_buffer *bb)
 /* Decode the header of a raw byte buffer in place, leaving the payload in
  * the buffer (f->data NULL, *payload_at its offset): the event loop only
  * parses and validates; the copy is made by the thread that takes the frame
- * (payload_copy), so a link's receiver and the loop work in parallel. */
+ * (net_payload_copy), so a link's receiver and the loop work in parallel. */
 /* The segments [off, off + n) of a segment list, as a new list (malloc'd). */
 static int sub_segments(const uint8_t **ptr, const size_t *len, int nseg, size_t off, size_t n,
                         const uint8_t ***out_ptr, size_t **out_len, int *out_n)
@@ -355,6 +355,9 @@ static int sub_segments(const uint8_t **ptr, const size_t *len, int nseg, size_t
  * (field 15), into fs[0..*count); payloads stay in the buffer (payload_at). */
 static int frames_decode_bb(grpc_byte_buffer *bb, ar_frame *fs, size_t *payload_at, int *count)
 {
+    *count = 0;
+    if (bb->type != GRPC_BB_RAW)
+        return ar_fail(AR_EPROTO, "message is not a raw byte buffer");
     const grpc_slice_buffer *sb = &bb->data.raw.slice_buffer;
     enum { NSTACK = 64 };
     const uint8_t *ptr_s[NSTACK];
@@ -408,8 +411,22 @@ static int frames_decode_bb(grpc_byte_buffer *bb, ar_frame *fs, size_t *payload_
     return rc;
 }
 
+int net_frames_receive(grpc_byte_buffer *bb, size_t max_frame, ar_frame *fs, size_t *payload_at,
+                       int *count)
+{
+    int rc = frames_decode_bb(bb, fs, payload_at, count);
+    for (int k = 0; rc == AR_OK && k < *count; k++)
+        rc = ar_frame_validate(&fs[k], max_frame);
+    if (rc != AR_OK) {
+        for (int k = 0; k < *count; k++)
+            ar_frame_free(&fs[k]);
+        *count = 0;
+    }
+    return rc;
+}
+
 /* Copy n bytes at offset `at` of a raw byte buffer into a new buffer. */
-static int payload_copy(grpc_byte_buffer *bb, size_t at, size_t n, void **out)
+int net_payload_copy(grpc_byte_buffer *bb, size_t at, size_t n, void **out)
 {
     *out = NULL;
     if (n == 0)
@@ -703,9 +720,7 @@ static void on_recv(net_tag *t, int ok)
             rc = AR_ENOMEM;
             snprintf(msg, sizeof msg, "out of memory reading a message");
         } else {
-            rc = frames_decode_bb(bb, fs, payload_at, &nf);
-            for (int k = 0; rc == AR_OK && k < nf; k++)
-                rc = ar_frame_validate(&fs[k], l->max_frame);
+            rc = net_frames_receive(bb, l->max_frame, fs, payload_at, &nf);
             if (rc != AR_OK)
                 snprintf(msg, sizeof msg, "bad frame: %s", ar_last_error());
         }
@@ -907,7 +922,7 @@ static int g_recv(ar_link *al, ar_frame *f, double timeout_s)
         *f = m->f;
         int rc = AR_OK;
         if (m->bb) {
-            rc = payload_copy(m->bb, m->payload_at, f->nbytes, &f->data);
+            rc = net_payload_copy(m->bb, m->payload_at, f->nbytes, &f->data);
             grpc_byte_buffer_destroy(m->bb);
             if (rc != AR_OK)
                 ar_frame_free(f);

@@ -4,6 +4,7 @@
 
 #include "core/core.h"
 
+#include <limits.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -143,12 +144,11 @@ int net_batch(grpc_call *call, const grpc_op *ops, size_t n, double timeout_s)
     return ok;
 }
 
-const grpc_channel_args *net_channel_args(void)
+/* The channel arguments with the largest message received set to max_receive
+ * (-1: none). Filled once per process for each of the two uses below. */
+static void fill_args(grpc_arg *args, grpc_channel_args *ca, int max_receive)
 {
-    /* DESIGN.md §2: no message size limits on either side (the frames are
-     * validated against our own limit instead).
-     *
-     * HTTP/2 tuned for a few long streams of large frames, measured with
+    /* HTTP/2 tuned for a few long streams of large frames, measured with
      * bench/link_bench on loopback (see the commit that set them): a 64 MiB
      * stream window from the start, without the BDP probe (which otherwise
      * keeps resizing the window from 64 KiB and stalls the sender on window
@@ -161,13 +161,11 @@ const grpc_channel_args *net_channel_args(void)
      * Reconnecting: at most 2 s between attempts (gRPC's default grows to
      * 120 s), so that a restarted market or worker is reached again within
      * seconds of coming back (a driver retrying unpaid steps, issue 5). */
-    static grpc_arg args[8];
-    static grpc_channel_args ca;
-    static const struct {
+    const struct {
         const char *key;
         int value;
-    } kv[8] = {
-        {GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, -1},
+    } kv[NET_NARGS] = {
+        {GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, max_receive},
         {GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, -1},
         {GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20},
         {GRPC_ARG_HTTP2_BDP_PROBE, 0},
@@ -176,14 +174,32 @@ const grpc_channel_args *net_channel_args(void)
         {GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 500},
         {GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000},
     };
-    for (int i = 0; i < 8; i++) {
+    for (int i = 0; i < NET_NARGS; i++) {
         args[i].type = GRPC_ARG_INTEGER;
         args[i].key = (char *)kv[i].key;
         args[i].value.integer = kv[i].value;
     }
-    ca.num_args = 8;
-    ca.args = args;
+    ca->num_args = NET_NARGS;
+    ca->args = args;
+}
+
+const grpc_channel_args *net_channel_args(void)
+{
+    /* DESIGN.md §2: a client takes replies of any size (the frames are
+     * validated against our own limit instead) */
+    static grpc_arg args[NET_NARGS];
+    static grpc_channel_args ca;
+    fill_args(args, &ca, -1);
     return &ca;
+}
+
+void net_server_args(size_t max_message, grpc_arg *args, grpc_channel_args *ca)
+{
+    /* a server bounds what one message may make it buffer: gRPC reads the
+     * length prefix and refuses a larger message (RESOURCE_EXHAUSTED)
+     * before buffering it */
+    int limit = max_message == 0 || max_message > (size_t)INT_MAX ? -1 : (int)max_message;
+    fill_args(args, ca, limit);
 }
 
 gpr_timespec net_deadline(double timeout_s)

@@ -1285,7 +1285,8 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
         return rc;
     }
     int port = 0;
-    if ((rc = ar_server_create(c->listen, &m->server, &port)) != AR_OK) {
+    if ((rc = ar_server_create(c->listen, &(ar_server_limits){.max_message = MAX_REQUEST_BYTES}, &m->server,
+                                &port)) != AR_OK) {
         ar_market_stop(m);
         return rc;
     }

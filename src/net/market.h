@@ -19,7 +19,6 @@
 /* gRPC status codes the market uses besides those of net.h. */
 #define AR_STATUS_PERMISSION_DENIED 7
 #define AR_STATUS_UNAUTHENTICATED 16
-#define AR_STATUS_RESOURCE_EXHAUSTED 8
 
 #define AR_MARKET_DEFAULT_OFFLINE_AFTER_S 15
 /* Request limits (checked by the server; the client does not pre-check). */

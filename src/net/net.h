@@ -21,6 +21,7 @@ enum {
     AR_STATUS_INVALID_ARGUMENT = 3,
     AR_STATUS_DEADLINE_EXCEEDED = 4,
     AR_STATUS_NOT_FOUND = 5,
+    AR_STATUS_RESOURCE_EXHAUSTED = 8,
     AR_STATUS_FAILED_PRECONDITION = 9,
     AR_STATUS_ABORTED = 10,
     AR_STATUS_UNIMPLEMENTED = 12,
@@ -92,11 +93,23 @@ typedef struct ar_server ar_server;
 typedef struct ar_rpc ar_rpc;
 typedef void (*ar_rpc_fn)(ar_rpc *rpc, void *user);
 
+/* What one client may ask of a server (limits NULL or a field 0: the default). */
+#define AR_SERVER_DEFAULT_CALLS_PER_PEER 64
+typedef struct {
+    size_t max_message;     /* largest request message in bytes (gRPC refuses larger ones with
+                             * RESOURCE_EXHAUSTED before reading them); 0: no limit */
+    int max_calls_per_peer; /* calls open at once from one peer host (any method); further
+                             * ones are refused with RESOURCE_EXHAUSTED */
+} ar_server_limits;
+
 /* Bind addr ("HOST:PORT", port 0 picks one); *port gets the bound port. */
-int ar_server_create(const char *addr, ar_server **out, int *port);
+int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server **out, int *port);
 /* Register a handler (before ar_server_start). Each call runs on its own
  * thread; unknown methods get UNIMPLEMENTED. */
 int ar_server_handle(ar_server *s, const char *method, ar_rpc_fn fn, void *user);
+/* At most max_per_peer calls of this (registered) method open at once from
+ * one peer host; further ones are refused with RESOURCE_EXHAUSTED. */
+int ar_server_limit_method(ar_server *s, const char *method, int max_per_peer);
 int ar_server_start(ar_server *s);
 /* Stop accepting, cancel every call, wait for the handlers, free. */
 void ar_server_destroy(ar_server *s);

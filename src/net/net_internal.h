@@ -40,8 +40,12 @@ int net_waiter_wait(net_waiter *w, grpc_call *call, double timeout_s);
 /* Start a batch and wait for it. Returns 1 when it succeeded. */
 int net_batch(grpc_call *call, const grpc_op *ops, size_t n, double timeout_s);
 
-/* Channel arguments used on both sides: no message size limits. */
+/* Channel arguments of a client (no message size limit) and of a server
+ * (requests up to max_message bytes; 0: no limit), which fills args (room for
+ * NET_NARGS) and ca. */
+#define NET_NARGS 8
 const grpc_channel_args *net_channel_args(void);
+void net_server_args(size_t max_message, grpc_arg *args, grpc_channel_args *ca);
 gpr_timespec net_deadline(double timeout_s);
 
 /* TLS (tls.c): the credentials for a new server or channel, TLS when the
@@ -56,6 +60,16 @@ int net_tls_client_on(void);
 int net_buffer_flatten(grpc_byte_buffer *bb, void **data, size_t *len);
 
 /* Links (link.c). */
+#define NET_MAX_COALESCED 256 /* frames coalesced into one message, at most */
+/* What a link does with a message it receives: decode every frame (the first
+ * and those coalesced into it) and validate each against max_frame. fs and
+ * payload_at have room for 1 + NET_MAX_COALESCED entries. The payloads stay in
+ * bb (f->data NULL, payload_at[k] their offset) until net_payload_copy. On
+ * failure nothing is left to free. Exposed for fuzz/fuzz_frame.c. */
+int net_frames_receive(grpc_byte_buffer *bb, size_t max_frame, ar_frame *fs, size_t *payload_at,
+                       int *count);
+/* Copy n bytes at offset `at` of a raw byte buffer into a new buffer. */
+int net_payload_copy(grpc_byte_buffer *bb, size_t at, size_t n, void **out);
 ar_link *net_link_new(grpc_call *call, int is_server, const char *name, size_t max_frame,
                       struct ar_rpc *rpc);
 /* Server side: the status to send when the stream ends badly. */
@@ -67,5 +81,13 @@ void net_link_release(ar_link *l);
 /* Pack a protobuf-c message, send it as the reply and finish with OK (or
  * INTERNAL when out of memory). */
 void net_rpc_reply(ar_rpc *rpc, const ProtobufCMessage *m);
+
+/* The worker's checks of a Load (worker.c), before anything is allocated;
+ * fills spec and *slots. AR_OK, AR_ELIMIT when the stage would need more than
+ * max_mem bytes (0: not checked), AR_EINVAL (the message says why) for the
+ * rest. Exposed for fuzz/fuzz_load.c. */
+#include "arceus.pb-c.h"
+#include "nn/spec.h"
+int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_spec *spec, int *slots);
 
 #endif

@@ -35,7 +35,20 @@ typedef struct {
     /* A worker of one's own (no market): every Load must carry this secret
      * (arceus train --worker-token). NULL: Loads need no token. */
     const char *load_token;
+    /* Hostile-input limits. max_mem: bytes one stage may take, as Load
+     * estimates it (parameters, gradients, optimizer state, activations of
+     * the micro-batches in flight, scratch) before allocating; a Load over it
+     * is refused (RESOURCE_EXHAUSTED). 0: the free memory (MemAvailable) at
+     * the time of the Load. max_pipes: Pipe streams open at once from one
+     * client host (0: AR_WORKER_DEFAULT_PIPES). */
+    uint64_t max_mem;
+    int max_pipes;
 } ar_worker_config;
+
+#define AR_WORKER_DEFAULT_PIPES 4
+/* The largest spec_json a Load may carry: a spec with a full vocabulary is
+ * under 2 KiB. */
+#define AR_LOAD_MAX_SPEC_BYTES (64u << 10)
 
 typedef struct ar_worker ar_worker;
 

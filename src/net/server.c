@@ -11,6 +11,17 @@
 #include <string.h>
 
 #define MAX_HANDLERS 16
+/* Peer hosts with calls open at once; a call from one more is refused. */
+#define MAX_PEERS 256
+
+/* The calls open from one peer host (the address without its port: one
+ * client may open many connections), per method: what the per-peer limits
+ * count. */
+typedef struct {
+    char host[128];
+    int total;
+    int calls[MAX_HANDLERS];
+} peer_calls;
 
 struct ar_rpc {
     ar_server *server;
@@ -19,6 +30,9 @@ struct ar_rpc {
     grpc_metadata_array md;
     char method[128];
     char peer[128];
+    int handler;        /* index into the server's handlers, -1 when unknown */
+    peer_calls *counted; /* the entry this call is counted in, NULL when none */
+    char refused[400];  /* over a limit: the handler is not run, this is the status */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int md_sent, close_started, status_sent, status_done;
@@ -33,8 +47,11 @@ struct ar_server {
         char method[128];
         ar_rpc_fn fn;
         void *user;
+        int max_per_peer; /* calls of this method open from one peer host; 0: no limit */
     } handlers[MAX_HANDLERS];
     int nhandlers;
+    int max_calls_per_peer; /* calls of any method open from one peer host */
+    peer_calls *peers[MAX_PEERS];
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int active;    /* handler threads running */
@@ -203,19 +220,90 @@ const char *ar_rpc_peer(const ar_rpc *r)
 
 static void request_next_locked(ar_server *s);
 
+/* "ipv4:127.0.0.1:5432" -> "ipv4:127.0.0.1" */
+static void peer_host(const char *peer, char *host, size_t size)
+{
+    snprintf(host, size, "%s", peer);
+    char *colon = strrchr(host, ':');
+    if (colon && colon > host && strchr(host, ':') != colon)
+        *colon = '\0';
+}
+
+/* Forget a peer host that has no call open. s->mu held. */
+static void drop_peer_locked(ar_server *s, peer_calls *p)
+{
+    for (int i = 0; i < MAX_PEERS; i++)
+        if (s->peers[i] == p)
+            s->peers[i] = NULL;
+    free(p);
+}
+
+/* Count a new call against its peer's limits, or say why it is refused
+ * (r->refused). Each call runs on its own thread: without these limits one
+ * client could hold any number of threads (a Pipe waits up to 10 s for the
+ * stage). s->mu held. */
+static void admit_locked(ar_server *s, ar_rpc *r)
+{
+    char host[128];
+    peer_host(r->peer, host, sizeof host);
+    peer_calls *p = NULL;
+    int free_slot = -1;
+    for (int i = 0; i < MAX_PEERS; i++) {
+        if (s->peers[i] && strcmp(s->peers[i]->host, host) == 0) {
+            p = s->peers[i];
+            break;
+        }
+        if (!s->peers[i] && free_slot < 0)
+            free_slot = i;
+    }
+    if (!p) {
+        if (free_slot < 0 || !(p = calloc(1, sizeof *p))) {
+            snprintf(r->refused, sizeof r->refused, "the server has calls open from %d peers, its "
+                     "limit: try again later", MAX_PEERS);
+            return;
+        }
+        snprintf(p->host, sizeof p->host, "%s", host);
+        s->peers[free_slot] = p;
+    }
+    int h = r->handler;
+    if (s->max_calls_per_peer > 0 && p->total >= s->max_calls_per_peer)
+        snprintf(r->refused, sizeof r->refused, "%d calls open from %s already, the limit per client",
+                 p->total, host);
+    else if (h >= 0 && s->handlers[h].max_per_peer > 0 && p->calls[h] >= s->handlers[h].max_per_peer)
+        snprintf(r->refused, sizeof r->refused, "%d %s calls open from %s already, the limit per "
+                 "client", p->calls[h], r->method, host);
+    if (r->refused[0]) {
+        if (p->total == 0) /* the entry was made for this call */
+            drop_peer_locked(s, p);
+        return;
+    }
+    p->total++;
+    if (h >= 0)
+        p->calls[h]++;
+    r->counted = p;
+}
+
+static void release_locked(ar_server *s, ar_rpc *r)
+{
+    peer_calls *p = r->counted;
+    if (!p)
+        return;
+    p->total--;
+    if (r->handler >= 0)
+        p->calls[r->handler]--;
+    if (p->total == 0)
+        drop_peer_locked(s, p);
+    r->counted = NULL;
+}
+
 static void *rpc_main(void *arg)
 {
     ar_rpc *r = arg;
     ar_server *s = r->server;
-    ar_rpc_fn fn = NULL;
-    void *user = NULL;
-    for (int i = 0; i < s->nhandlers; i++)
-        if (strcmp(s->handlers[i].method, r->method) == 0) {
-            fn = s->handlers[i].fn;
-            user = s->handlers[i].user;
-        }
-    if (fn)
-        fn(r, user);
+    if (r->refused[0])
+        ar_rpc_finish(r, AR_STATUS_RESOURCE_EXHAUSTED, "%s", r->refused);
+    else if (r->handler >= 0)
+        s->handlers[r->handler].fn(r, s->handlers[r->handler].user);
     else
         ar_rpc_finish(r, AR_STATUS_UNIMPLEMENTED, "no method %s", r->method);
     ar_rpc_finish(r, AR_STATUS_OK, NULL); /* nothing if the handler did */
@@ -224,6 +312,9 @@ static void *rpc_main(void *arg)
         grpc_call_cancel(r->call, NULL);
         net_link_release(r->link);
     }
+    pthread_mutex_lock(&s->mu);
+    release_locked(s, r);
+    pthread_mutex_unlock(&s->mu);
     rpc_free(r);
     pthread_mutex_lock(&s->mu);
     s->active--;
@@ -255,6 +346,11 @@ static void on_request(net_tag *t, int ok)
     char *peer = grpc_call_get_peer(r->call);
     snprintf(r->peer, sizeof r->peer, "%s", peer ? peer : "?");
     gpr_free(peer);
+    r->handler = -1;
+    for (int i = 0; i < s->nhandlers; i++)
+        if (strcmp(s->handlers[i].method, r->method) == 0)
+            r->handler = i;
+    admit_locked(s, r);
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -262,6 +358,7 @@ static void on_request(net_tag *t, int ok)
     s->active++;
     if (pthread_create(&th, &attr, rpc_main, r) != 0) {
         s->active--;
+        release_locked(s, r);
         grpc_call_cancel(r->call, NULL);
         rpc_free(r);
     }
@@ -287,7 +384,7 @@ static void request_next_locked(ar_server *s)
     }
 }
 
-int ar_server_create(const char *addr, ar_server **out, int *port)
+int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server **out, int *port)
 {
     int rc = ar_net_init();
     if (rc != AR_OK)
@@ -300,7 +397,12 @@ int ar_server_create(const char *addr, ar_server **out, int *port)
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     s->req_tag.cb = on_request;
-    s->srv = grpc_server_create(net_channel_args(), NULL);
+    s->max_calls_per_peer = limits && limits->max_calls_per_peer ? limits->max_calls_per_peer
+                                                                 : AR_SERVER_DEFAULT_CALLS_PER_PEER;
+    grpc_arg args[NET_NARGS];
+    grpc_channel_args ca;
+    net_server_args(limits ? limits->max_message : 0, args, &ca);
+    s->srv = grpc_server_create(&ca, NULL); /* copies the arguments */
     grpc_server_register_completion_queue(s->srv, ar_net_cq, NULL);
     grpc_server_credentials *creds = net_server_credentials();
     int p = creds ? grpc_server_add_http2_port(s->srv, addr, creds) : 0;
@@ -329,8 +431,19 @@ int ar_server_handle(ar_server *s, const char *method, ar_rpc_fn fn, void *user)
     snprintf(s->handlers[s->nhandlers].method, sizeof s->handlers[0].method, "%s", method);
     s->handlers[s->nhandlers].fn = fn;
     s->handlers[s->nhandlers].user = user;
+    s->handlers[s->nhandlers].max_per_peer = 0;
     s->nhandlers++;
     return AR_OK;
+}
+
+int ar_server_limit_method(ar_server *s, const char *method, int max_per_peer)
+{
+    for (int i = 0; i < s->nhandlers; i++)
+        if (strcmp(s->handlers[i].method, method) == 0) {
+            s->handlers[i].max_per_peer = max_per_peer;
+            return AR_OK;
+        }
+    return ar_fail(AR_EINVAL, "no handler for %s to limit", method);
 }
 
 int ar_server_start(ar_server *s)

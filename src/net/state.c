@@ -138,8 +138,11 @@ int ar_state_decode(const ar_state_parts *parts, const void *buf, size_t len, co
 {
     ar_st_file f;
     int rc = ar_st_parse(buf, len, &f);
-    if (rc != AR_OK)
-        return rc;
+    if (rc != AR_OK) {
+        char why[512]; /* a copy: ar_fail writes where ar_last_error points */
+        snprintf(why, sizeof why, "%s", ar_last_error());
+        return ar_fail(rc, "%s: %s", origin, why);
+    }
     entry *e = NULL;
     int k = 0;
     if ((rc = list_entries(parts, &e, &k)) != AR_OK) {

@@ -15,6 +15,7 @@
 #include "net/market.h"
 #include "net/net_internal.h"
 #include "train/pipeline.h"
+#include "train/plan.h"
 #include "train/schedule.h"
 #include "train/tp_group.h"
 
@@ -23,6 +24,7 @@
 #include <omp.h>
 #endif
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +35,7 @@ struct ar_worker {
     char name[160];
     int threads;
     size_t max_frame;
+    uint64_t max_mem; /* 0: the free memory at each Load */
     double gflops;
     pthread_mutex_t mu;
     pthread_cond_t idle; /* signalled when a Pipe ends */
@@ -295,6 +298,84 @@ static int check_group(const Arceus__LoadRequest *req, const ar_model_spec *spec
     return AR_OK;
 }
 
+/* Everything a Load asks for, checked before anything is allocated: string
+ * lengths, the spec, the unit range, the pipeline arguments, the optimizer
+ * settings, the tensor-parallel role, and the memory the stage would take
+ * against max_mem (0: not checked; for a tensor-parallel rank or leader the
+ * whole stage's figure, an upper bound). Fills spec and *slots. AR_ELIMIT for
+ * memory, AR_EINVAL for the rest. Exposed for fuzz/fuzz_load.c. */
+int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_spec *spec, int *slots)
+{
+    size_t spec_len = strlen(req->spec_json);
+    if (spec_len > AR_LOAD_MAX_SPEC_BYTES)
+        return ar_fail(AR_EINVAL, "Load spec_json of %zu bytes: the limit is %u", spec_len,
+                       AR_LOAD_MAX_SPEC_BYTES);
+    if (strlen(req->next_worker) > 255 || strlen(req->lease_token) > 255)
+        return ar_fail(AR_EINVAL, "Load next_worker or lease_token longer than 255 characters");
+    for (size_t k = 0; k < req->n_tp_group; k++)
+        if (req->tp_group[k] && strlen(req->tp_group[k]->address) > 255)
+            return ar_fail(AR_EINVAL, "tensor-parallel share %zu: address longer than 255 characters", k);
+    int rc;
+    if ((rc = ar_spec_parse(req->spec_json, spec_len, "Load spec_json", spec)) != AR_OK ||
+        (rc = ar_spec_validate(spec, "Load spec_json")) != AR_OK)
+        return rc;
+    int units = ar_spec_units(spec);
+    const Arceus__OptimizerConfig *oc = req->optimizer;
+    if (req->first_unit >= req->last_unit || req->last_unit > (uint32_t)units)
+        return ar_fail(AR_EINVAL, "units [%u, %u) out of range: the model has %d", req->first_unit,
+                       req->last_unit, units);
+    if (req->stage_count < 1 || req->stage_count > 64 || req->stage_index >= req->stage_count ||
+        req->micro_batches < 1 || req->micro_batches > 4096 || req->micro_batch_rows < 1 ||
+        req->micro_batch_rows > (1u << 20) || req->schedule > AR_SCHED_1F1B ||
+        (oc && oc->kind > AR_OPT_SGD) || req->threads > 1024)
+        return ar_fail(AR_EINVAL, "Load arguments out of range (stage %u of %u, %u micro-batches of %u "
+                       "rows, schedule %u)", req->stage_index, req->stage_count, req->micro_batches,
+                       req->micro_batch_rows, req->schedule);
+    if (oc && !(isfinite(oc->beta1) && isfinite(oc->beta2) && isfinite(oc->eps) &&
+                isfinite(oc->weight_decay) && oc->beta1 >= 0 && oc->beta1 < 1 && oc->beta2 >= 0 &&
+                oc->beta2 < 1 && oc->eps >= 0 && oc->weight_decay >= 0))
+        return ar_fail(AR_EINVAL, "Load optimizer settings out of range (beta1 %g, beta2 %g, eps %g, "
+                       "weight_decay %g)", oc->beta1, oc->beta2, oc->eps, oc->weight_decay);
+    if (req->tp_rank && req->n_tp_group)
+        return ar_fail(AR_EINVAL, "a Load is a tensor-parallel rank or a group's leader, not both");
+    if (req->tp_rank) {
+        /* a rank is not in the chain: its leader is (its share is checked
+         * by make_rank, before anything is allocated) */
+        if (req->next_worker[0])
+            return ar_fail(AR_EINVAL, "a tensor-parallel rank has no next_worker");
+    } else if ((req->next_worker[0] != '\0') != (req->stage_index + 1 < req->stage_count)) {
+        return ar_fail(AR_EINVAL, "next_worker must be given for every stage but the last");
+    }
+    if (req->n_tp_group) {
+        int fb, nb;
+        if ((rc = ar_tp_blocks(spec, (int)req->first_unit, (int)req->last_unit, &fb, &nb)) != AR_OK)
+            return rc;
+        if (nb > AR_TP_MAX_SHARDS)
+            return ar_fail(AR_EINVAL, "%d shards in one tensor-parallel stage (at most %d)", nb,
+                           AR_TP_MAX_SHARDS);
+        if ((rc = check_group(req, spec, fb, nb)) != AR_OK)
+            return rc;
+    }
+    *slots = ar_plan_slots((int)req->schedule, (int)req->stage_count, (int)req->stage_index,
+                           (int)req->micro_batches);
+    /* what building the stage would allocate, priced before it does */
+    ar_unit_cost *costs = calloc((size_t)units, sizeof *costs);
+    if (!costs)
+        return ar_fail(AR_ENOMEM, "out of memory");
+    if ((rc = ar_plan_unit_costs(spec, (int)req->micro_batch_rows, costs)) != AR_OK) {
+        free(costs);
+        return rc;
+    }
+    double need = ar_plan_stage_mem(costs, units, (int)req->first_unit, (int)req->last_unit, *slots);
+    free(costs);
+    if (max_mem > 0 && need > (double)max_mem)
+        return ar_fail(AR_ELIMIT, "Load of units %u-%u with %d micro-batches of %u rows in flight needs "
+                       "about %.1f MB; this worker allows %.1f MB (arceus worker --max-mem)",
+                       req->first_unit, req->last_unit - 1, *slots, req->micro_batch_rows, need / 1e6,
+                       (double)max_mem / 1e6);
+    return AR_OK;
+}
+
 /* Shards of every GPT block (or MLP pair) of the units, with one share's ranges. */
 static int make_rank(ar_tp_rank **out, const ar_model_spec *spec, const Arceus__LoadRequest *req,
                      const Arceus__TpShare *t, int slots, const ar_optim_config *optim)
@@ -325,41 +406,12 @@ static int make_rank(ar_tp_rank **out, const ar_model_spec *spec, const Arceus__
 static int build(ar_worker *w, const Arceus__LoadRequest *req, held *h)
 {
     ar_model_spec spec;
-    int rc;
-    if ((rc = ar_spec_parse(req->spec_json, strlen(req->spec_json), "Load spec_json", &spec)) != AR_OK ||
-        (rc = ar_spec_validate(&spec, "Load spec_json")) != AR_OK)
+    int slots = 0;
+    int rc = net_load_check(req, w->max_mem ? w->max_mem : mem_available(), &spec, &slots);
+    if (rc != AR_OK)
         return rc;
-    int units = ar_spec_units(&spec);
     const Arceus__OptimizerConfig *oc = req->optimizer;
-    if (req->first_unit >= req->last_unit || req->last_unit > (uint32_t)units)
-        return ar_fail(AR_EINVAL, "units [%u, %u) out of range: the model has %d", req->first_unit,
-                       req->last_unit, units);
-    if (req->stage_count < 1 || req->stage_count > 64 || req->stage_index >= req->stage_count ||
-        req->micro_batches < 1 || req->micro_batches > 4096 || req->micro_batch_rows < 1 ||
-        req->micro_batch_rows > (1u << 20) || req->schedule > AR_SCHED_1F1B ||
-        (oc && oc->kind > AR_OPT_SGD) || req->threads > 1024)
-        return ar_fail(AR_EINVAL, "Load arguments out of range (stage %u of %u, %u micro-batches of %u "
-                       "rows, schedule %u)", req->stage_index, req->stage_count, req->micro_batches,
-                       req->micro_batch_rows, req->schedule);
     h->role = req->tp_rank ? AR_LOAD_RANK : req->n_tp_group ? AR_LOAD_LEADER : AR_LOAD_STAGE;
-    if (req->tp_rank && req->n_tp_group)
-        return ar_fail(AR_EINVAL, "a Load is a tensor-parallel rank or a group's leader, not both");
-    if (h->role == AR_LOAD_RANK) {
-        /* a rank is not in the chain: its leader is */
-        if (req->next_worker[0])
-            return ar_fail(AR_EINVAL, "a tensor-parallel rank has no next_worker");
-    } else if ((req->next_worker[0] != '\0') != (req->stage_index + 1 < req->stage_count)) {
-        return ar_fail(AR_EINVAL, "next_worker must be given for every stage but the last");
-    }
-    if (h->role == AR_LOAD_LEADER) {
-        int fb, nb;
-        if ((rc = ar_tp_blocks(&spec, (int)req->first_unit, (int)req->last_unit, &fb, &nb)) != AR_OK)
-            return rc;
-        if (nb > AR_TP_MAX_SHARDS)
-            return ar_fail(AR_ELIMIT, "%d shards in one tensor-parallel stage (at most %d)", nb, AR_TP_MAX_SHARDS);
-        if ((rc = check_group(req, &spec, fb, nb)) != AR_OK)
-            return rc;
-    }
     ar_optim_config optim = {0};
     if (oc) {
         optim.kind = (int)oc->kind;
@@ -368,12 +420,6 @@ static int build(ar_worker *w, const Arceus__LoadRequest *req, held *h)
         optim.eps = oc->eps;
         optim.weight_decay = oc->weight_decay;
     }
-    ar_action *acts = calloc((size_t)2 * req->micro_batches, sizeof *acts);
-    if (!acts)
-        return ar_fail(AR_ENOMEM, "out of memory");
-    int slots = ar_schedule_build((int)req->schedule, (int)req->stage_count, (int)req->stage_index,
-                                  (int)req->micro_batches, acts);
-    free(acts);
     if (h->role == AR_LOAD_RANK)
         return make_rank(&h->rank, &spec, req, req->tp_rank, slots, &optim);
     if (h->role == AR_LOAD_LEADER) {
@@ -420,8 +466,10 @@ static void on_load(ar_rpc *rpc, void *user)
     if (rc != AR_OK) {
         held_free(&h);
         arceus__load_request__free_unpacked(req, NULL);
-        return ar_rpc_finish(rpc, rc == AR_ENOMEM ? AR_STATUS_INTERNAL : AR_STATUS_INVALID_ARGUMENT, "%s",
-                             ar_last_error());
+        return ar_rpc_finish(rpc, rc == AR_ENOMEM  ? AR_STATUS_INTERNAL
+                                  : rc == AR_ELIMIT ? AR_STATUS_RESOURCE_EXHAUSTED
+                                                    : AR_STATUS_INVALID_ARGUMENT,
+                             "%s", ar_last_error());
     }
     pthread_mutex_lock(&w->mu);
     wait_pipe_idle(w, 2);
@@ -756,9 +804,14 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     pthread_cond_init(&w->idle, NULL);
     w->threads = c->threads > 0 ? c->threads : ar_get_threads();
     w->max_frame = c->max_frame ? c->max_frame : AR_NET_DEFAULT_MAX_FRAME;
+    w->max_mem = c->max_mem;
     w->gflops = measure_gflops();
     int port = 0;
-    int rc = ar_server_create(c->listen, &w->server, &port);
+    /* a message holds at most one frame of max_frame bytes, or frames
+     * coalesced up to 16 MiB (link.c), plus their headers */
+    ar_server_limits limits = {.max_message = (w->max_frame > (16u << 20) ? w->max_frame : (16u << 20)) +
+                                              (1u << 20)};
+    int rc = ar_server_create(c->listen, &limits, &w->server, &port);
     if (rc != AR_OK) {
         pthread_mutex_destroy(&w->mu);
         pthread_cond_destroy(&w->idle);
@@ -779,6 +832,8 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     ar_server_handle(w->server, "/arceus.Worker/Pipe", on_pipe, w);
     ar_server_handle(w->server, "/arceus.Worker/Save", on_save, w);
     ar_server_handle(w->server, "/arceus.Worker/Restore", on_restore, w);
+    ar_server_limit_method(w->server, "/arceus.Worker/Pipe",
+                           c->max_pipes > 0 ? c->max_pipes : AR_WORKER_DEFAULT_PIPES);
     if ((rc = ar_server_start(w->server)) != AR_OK) {
         ar_worker_stop(w);
         return rc;

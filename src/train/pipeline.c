@@ -503,7 +503,8 @@ int ar_stage_serve(ar_stage_runner *r)
                 ar_link_send(r->down, &a);
             }
             break;
-        case AR_FRAME_STEP:
+        case AR_FRAME_STEP: {
+            /* braces: C11 allows no declaration right after a label */
             double t0 = ar_now();
             uint64_t traffic0 = group_traffic(s);
             rc = run_apply(r, &f);
@@ -512,6 +513,7 @@ int ar_stage_serve(ar_stage_runner *r)
             if (rc != AR_OK)
                 what = "optimizer step";
             break;
+        }
         case AR_FRAME_EVAL:
             if ((rc = run_eval(&st, &f)) != AR_OK)
                 what = "evaluation";

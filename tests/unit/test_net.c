@@ -36,7 +36,7 @@ static ar_server *start_echo(char *addr, size_t size)
 {
     ar_server *s;
     int port = 0;
-    cr_assert_eq(ar_server_create("127.0.0.1:0", &s, &port), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_server_create("127.0.0.1:0", NULL, &s, &port), AR_OK, "%s", ar_last_error());
     cr_assert(port > 0);
     cr_assert_eq(ar_server_handle(s, "/arceus.Worker/Pipe", echo_pipe, NULL), AR_OK);
     cr_assert_eq(ar_server_start(s), AR_OK);

@@ -1,0 +1,58 @@
+/* libFuzzer harness: a Pipe message as a worker receives it (src/net/link.c
+ * on_recv): the Frame decoder, the frames coalesced into it (Frame.more) and
+ * ar_frame_validate, then every payload copied out of the message.
+ *
+ * gRPC hands a message over as a list of slices whose boundaries fall
+ * anywhere; the first input byte chooses where the rest is cut, so the
+ * decoder's reads across slice boundaries are fuzzed too. */
+#include "core/core.h"
+#include "net/net_internal.h"
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* 1 MiB: small enough that libFuzzer's malloc limit is never reached by a
+ * frame that passed validation */
+#define FUZZ_MAX_FRAME ((size_t)1 << 20)
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (size < 1)
+        return 0;
+    ar_log_set_level(AR_LOG_ERROR + 1);
+    size_t step = data[0] ? data[0] : size; /* slice length */
+    data++;
+    size--;
+    enum { MAX_SLICES = 64 };
+    grpc_slice slices[MAX_SLICES];
+    size_t n = 0;
+    for (size_t at = 0; at < size || n == 0;) {
+        size_t take = size - at < step || n == MAX_SLICES - 1 ? size - at : step;
+        slices[n++] = grpc_slice_from_copied_buffer((const char *)data + at, take);
+        at += take;
+    }
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(slices, n);
+    for (size_t i = 0; i < n; i++)
+        grpc_slice_unref(slices[i]);
+
+    ar_frame fs[1 + NET_MAX_COALESCED];
+    size_t payload_at[1 + NET_MAX_COALESCED];
+    int count = 0;
+    if (net_frames_receive(bb, FUZZ_MAX_FRAME, fs, payload_at, &count) == AR_OK) {
+        for (int k = 0; k < count; k++) {
+            if (net_payload_copy(bb, payload_at[k], fs[k].nbytes, &fs[k].data) != AR_OK)
+                abort(); /* the decoder promised the payload is there */
+            ar_frame_free(&fs[k]);
+        }
+    }
+    grpc_byte_buffer_destroy(bb);
+
+    /* the single-frame decoder (no coalescing, payload copied) */
+    ar_frame f;
+    if (ar_net_frame_decode(data, size, &f) == AR_OK) {
+        (void)ar_frame_validate(&f, FUZZ_MAX_FRAME);
+        ar_frame_free(&f);
+    }
+    return 0;
+}

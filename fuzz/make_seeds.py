@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Write the seed corpora of the fuzz harnesses (fuzz/corpus/TARGET/): small
+valid inputs the fuzzer mutates from. Run from the repository root:
+/usr/bin/python3 fuzz/make_seeds.py. The files are committed; rerun after a
+format changes."""
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+
+
+def varint(v):
+    v &= (1 << 64) - 1
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def fvarint(n, v):
+    return varint(n << 3) + varint(v)
+
+
+def fbytes(n, b):
+    b = b.encode() if isinstance(b, str) else b
+    return varint((n << 3) | 2) + varint(len(b)) + b
+
+
+def ff32(n, x):
+    return varint((n << 3) | 5) + struct.pack("<f", x)
+
+
+def write(target, name, data):
+    d = ROOT / "corpus" / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data)
+
+
+# ---- model specs -------------------------------------------------------------
+for cfg in sorted((REPO / "configs").glob("*.json")):
+    write("spec", cfg.stem, cfg.read_bytes())
+write("spec", "gpt-with-vocab", json.dumps({
+    "type": "gpt", "vocab_size": 5, "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 8,
+    "dropout": 0.1, "vocab": [10, 32, 97, 98, 99]}).encode())
+write("spec", "mlp-gelu", json.dumps({
+    "type": "mlp", "inputs": 4, "hidden": [3, 3, 2], "classes": 2, "activation": "gelu",
+    "dropout": 0.0}).encode())
+
+# ---- frames (proto/arceus.proto Frame); byte 0 is the harness's slice length --
+def frame(kind, step=0, mb=0, nmb=0, rows=0, dtype=0, shape=(), scalars=(), targets=b"",
+          payload=b"", more=()):
+    m = fvarint(1, kind) + fvarint(2, step) + fvarint(3, mb) + fvarint(4, nmb) + fvarint(5, rows)
+    m += fvarint(6, dtype)
+    if shape:
+        m += fbytes(7, b"".join(varint(d) for d in shape))
+    if scalars:
+        m += fbytes(8, b"".join(struct.pack("<d", x) for x in scalars))
+    if targets:
+        m += fbytes(9, targets)
+    for f in more:
+        m += fbytes(15, f)
+    if payload:
+        m += fbytes(10, payload)
+    return m
+
+
+act = frame(1, step=3, mb=1, nmb=2, rows=2, dtype=0, shape=(2, 3),
+            targets=struct.pack("<2i", 1, 0), payload=struct.pack("<6f", *range(6)))
+grad = frame(2, step=3, mb=1, nmb=2, rows=2, dtype=0, shape=(2, 3), scalars=(0.5,),
+             payload=struct.pack("<6f", *range(6)))
+write("frame", "act-one-slice", b"\0" + act)
+write("frame", "act-7-byte-slices", b"\x07" + act)
+write("frame", "grad-with-loss", b"\x05" + grad)
+write("frame", "sync", b"\0" + frame(9, step=5))
+write("frame", "step-scalars", b"\x03" + frame(4, step=1, scalars=(1e-3, 1.0)))
+write("frame", "coalesced", b"\x0b" + frame(1, step=1, mb=0, nmb=2, rows=2, dtype=1, shape=(2,),
+                                            payload=struct.pack("<2i", 4, 5),
+                                            more=[grad, frame(9, step=2)]))
+write("frame", "norm-f64", b"\0" + frame(3, dtype=2, shape=(2,), payload=struct.pack("<2d", 1, 2)))
+
+# ---- safetensors -------------------------------------------------------------
+def safetensors(tensors, meta=None):
+    header, data = {}, b""
+    if meta:
+        header["__metadata__"] = meta
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - (8 + len(h)) % 8) % 8)
+    return struct.pack("<Q", len(h)) + h + data
+
+
+write("safetensors", "two-f32", safetensors({
+    "fc.0.weight": ("F32", (2, 3), struct.pack("<6f", *range(6))),
+    "fc.0.bias": ("F32", (2,), struct.pack("<2f", 1, 2))}))
+write("safetensors", "with-metadata", safetensors({
+    "w": ("F32", (1,), struct.pack("<f", 1.5)),
+    "step": ("I64", (1,), struct.pack("<q", 7)),
+    "ids": ("I32", (3,), struct.pack("<3i", 1, 2, 3)),
+    "empty": ("F32", (0, 4), b"")}, meta={"opt_step": "7", "format": "pt"}))
+write("safetensors", "no-tensors", safetensors({}, meta={"k": "v"}))
+
+# ---- IDX ---------------------------------------------------------------------
+def idx(dims, payload):
+    return bytes([0, 0, 8, len(dims)]) + b"".join(struct.pack(">I", d) for d in dims) + payload
+
+
+images = idx((2, 2, 3), bytes(range(12)))
+labels = idx((4,), bytes([0, 1, 2, 9]))
+write("idx", "images-raw", images)
+write("idx", "labels-raw", labels)
+write("idx", "images-gz", gzip.compress(images, mtime=0))
+write("idx", "labels-gz", gzip.compress(labels, mtime=0))
+
+# ---- Load requests (proto/arceus.proto LoadRequest) ----------------------------
+def load(spec, first, last, rows=4, mbs=2, schedule=1, index=0, count=1, nxt="", sgd=False):
+    opt = fvarint(1, 1 if sgd else 0) + ff32(2, 0.9) + ff32(3, 0.99) + ff32(4, 1e-8) + ff32(5, 0.1)
+    m = (fbytes(1, spec) + fvarint(2, first) + fvarint(3, last) + fvarint(4, rows) +
+         fvarint(5, mbs) + fvarint(6, schedule) + fvarint(7, index) + fvarint(8, count) +
+         fvarint(9, 7) + fbytes(10, opt))
+    if nxt:
+        m += fbytes(11, nxt)
+    return m
+
+
+mlp = json.dumps({"type": "mlp", "inputs": 8, "hidden": [6], "classes": 3, "activation": "relu",
+                  "dropout": 0.0})
+gpt = json.dumps({"type": "gpt", "vocab_size": 5, "block_size": 8, "n_layer": 2, "n_head": 2,
+                  "n_embd": 8, "dropout": 0.0, "vocab": [10, 32, 97, 98, 99]})
+write("load", "mlp-whole", load(mlp, 0, 2))
+write("load", "mlp-first-of-two", load(mlp, 0, 1, count=2, nxt="127.0.0.1:5002", sgd=True))
+write("load", "gpt-middle", load(gpt, 1, 3, index=1, count=3, nxt="127.0.0.1:5003", schedule=0))
+write("load", "gpt-last", load(gpt, 3, 4, index=2, count=3))
+
+
+def share(address, h0, h1, u0, u1):
+    return (fbytes(1, address) + fvarint(2, h0) + fvarint(3, h1) + fvarint(4, u0) +
+            fvarint(5, u1))
+
+
+# tensor-parallel roles: a group's leader (its own share first) and a rank
+write("load", "gpt-tp-leader", load(gpt, 0, 2) + fbytes(14, share("", 0, 1, 0, 16)) +
+      fbytes(14, share("127.0.0.1:5002", 1, 2, 16, 32)))
+write("load", "gpt-tp-rank", load(gpt, 1, 3, index=1, count=3, nxt="") +
+      fbytes(15, share("", 1, 2, 16, 32)))
