@@ -348,6 +348,50 @@ static int grow(void **arr, size_t *cap, size_t n, size_t elem)
     return AR_OK;
 }
 
+/* Reads one row of a list query into an item; AR_OK or an error. */
+typedef int (*row_reader)(sqlite3_stmt *st, void *item);
+
+/* Every row of a query as a malloc'd array of elem-byte items (*out, *n;
+ * NULL and 0 when there are none), each filled by read. On an error nothing
+ * is returned: the items read so far are freed with free_items (NULL: plain
+ * free, for items that own nothing). Takes the store's lock. */
+static int list_rows(ar_store *s, size_t elem, row_reader read, void (*free_items)(void *, size_t), void **out,
+                     size_t *n, const char *sql, const char *types, ...)
+{
+    *out = NULL;
+    *n = 0;
+    void *arr = NULL;
+    size_t cap = 0, cnt = 0;
+    sqlite3_stmt *st;
+    va_list ap;
+    va_start(ap, types);
+    lock(s);
+    int rc = vprep(s, &st, sql, types, ap);
+    va_end(ap);
+    if (rc == 0) {
+        while ((rc = step(s, st)) > 0) {
+            if ((rc = grow(&arr, &cap, cnt, elem)) < 0)
+                break;
+            rc = read(st, (char *)arr + cnt * elem);
+            cnt++; /* counted even on failure: free_items sees what it may own */
+            if (rc < 0)
+                break;
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    if (rc < 0) {
+        if (free_items)
+            free_items(arr, cnt);
+        else
+            free(arr);
+        return rc;
+    }
+    *out = arr;
+    *n = cnt;
+    return AR_OK;
+}
+
 /* ---- tokens ----------------------------------------------------------------- */
 
 static void to_hex(const unsigned char *b, size_t n, char *out)
@@ -767,31 +811,16 @@ int ar_store_account_mint(ar_store *s, int64_t account_id, int64_t micro)
     return rc;
 }
 
+static int account_row(sqlite3_stmt *st, void *item)
+{
+    read_account(st, item);
+    return AR_OK;
+}
+
 int ar_store_account_list(ar_store *s, ar_account **out, size_t *n)
 {
-    *out = NULL;
-    *n = 0;
-    ar_account *arr = NULL;
-    size_t cap = 0, cnt = 0;
-    sqlite3_stmt *st;
-    lock(s);
-    int rc = prep(s, &st, "SELECT " ACCOUNT_COLS " FROM accounts ORDER BY id", NULL);
-    if (rc == 0) {
-        while ((rc = step(s, st)) > 0) {
-            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
-                break;
-            read_account(st, &arr[cnt++]);
-        }
-        sqlite3_finalize(st);
-    }
-    unlock(s);
-    if (rc < 0) {
-        free(arr);
-        return rc;
-    }
-    *out = arr;
-    *n = cnt;
-    return AR_OK;
+    return list_rows(s, sizeof **out, account_row, NULL, (void **)out, n,
+                     "SELECT " ACCOUNT_COLS " FROM accounts ORDER BY id", NULL);
 }
 
 /* ---- providers ------------------------------------------------------------------------ */
@@ -919,33 +948,17 @@ int ar_store_provider_get(ar_store *s, int64_t provider_id, ar_provider *out)
     return rc;
 }
 
+static int provider_row(sqlite3_stmt *st, void *item)
+{
+    read_provider(st, item);
+    return AR_OK;
+}
+
 int ar_store_provider_list(ar_store *s, bool online_only, ar_provider **out, size_t *n)
 {
-    *out = NULL;
-    *n = 0;
-    ar_provider *arr = NULL;
-    size_t cap = 0, cnt = 0;
-    sqlite3_stmt *st;
-    lock(s);
-    int rc = prep(s, &st,
-                  "SELECT " PROVIDER_COLS " FROM providers WHERE online = 1 OR ? = 0 ORDER BY id",
-                  "i", (int64_t)online_only);
-    if (rc == 0) {
-        while ((rc = step(s, st)) > 0) {
-            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
-                break;
-            read_provider(st, &arr[cnt++]);
-        }
-        sqlite3_finalize(st);
-    }
-    unlock(s);
-    if (rc < 0) {
-        free(arr);
-        return rc;
-    }
-    *out = arr;
-    *n = cnt;
-    return AR_OK;
+    return list_rows(s, sizeof **out, provider_row, NULL, (void **)out, n,
+                     "SELECT " PROVIDER_COLS " FROM providers WHERE online = 1 OR ? = 0 ORDER BY id", "i",
+                     (int64_t)online_only);
 }
 
 int ar_store_provider_leased(ar_store *s, int64_t provider_id, bool *out)
@@ -1089,36 +1102,20 @@ int ar_store_job_get(ar_store *s, int64_t job_id, ar_job *out)
     return rc;
 }
 
+static int job_row(sqlite3_stmt *st, void *item)
+{
+    return read_job(st, item);
+}
+
+static void jobs_free(void *jobs, size_t n)
+{
+    ar_store_jobs_free(jobs, n);
+}
+
 int ar_store_job_list(ar_store *s, int64_t renter_id, ar_job **out, size_t *n)
 {
-    *out = NULL;
-    *n = 0;
-    ar_job *arr = NULL;
-    size_t cap = 0, cnt = 0;
-    sqlite3_stmt *st;
-    lock(s);
-    int rc = prep(s, &st,
-                  "SELECT " JOB_COLS " FROM jobs WHERE ?1 <= 0 OR renter_id = ?1 ORDER BY id",
-                  "i", renter_id);
-    if (rc == 0) {
-        while ((rc = step(s, st)) > 0) {
-            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
-                break;
-            rc = read_job(st, &arr[cnt]);
-            cnt++; /* counted even on failure: its spec (NULL or not) is freed below */
-            if (rc < 0)
-                break;
-        }
-        sqlite3_finalize(st);
-    }
-    unlock(s);
-    if (rc < 0) {
-        ar_store_jobs_free(arr, cnt);
-        return rc;
-    }
-    *out = arr;
-    *n = cnt;
-    return AR_OK;
+    return list_rows(s, sizeof **out, job_row, jobs_free, (void **)out, n,
+                     "SELECT " JOB_COLS " FROM jobs WHERE ?1 <= 0 OR renter_id = ?1 ORDER BY id", "i", renter_id);
 }
 
 /* AR_OK when job_id names a job; the caller holds the lock */
@@ -1146,34 +1143,18 @@ int ar_store_job_progress_record(ar_store *s, int64_t job_id, int64_t stepno, do
 }
 
 /* (step, loss) rows of `sql`, which takes the job id and a step to start after */
+static int point_row(sqlite3_stmt *st, void *item)
+{
+    ar_job_point *p = item;
+    p->step = sqlite3_column_int64(st, 0);
+    p->loss = sqlite3_column_double(st, 1);
+    return AR_OK;
+}
+
 static int job_points(ar_store *s, const char *sql, int64_t job_id, int64_t after_step,
                       ar_job_point **out, size_t *n)
 {
-    *out = NULL;
-    *n = 0;
-    ar_job_point *arr = NULL;
-    size_t cap = 0, cnt = 0;
-    sqlite3_stmt *st;
-    lock(s);
-    int rc = prep(s, &st, sql, "ii", job_id, after_step);
-    if (rc == 0) {
-        while ((rc = step(s, st)) > 0) {
-            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
-                break;
-            arr[cnt].step = sqlite3_column_int64(st, 0);
-            arr[cnt].loss = sqlite3_column_double(st, 1);
-            cnt++;
-        }
-        sqlite3_finalize(st);
-    }
-    unlock(s);
-    if (rc < 0) {
-        ar_free(arr);
-        return rc;
-    }
-    *out = arr;
-    *n = cnt;
-    return AR_OK;
+    return list_rows(s, sizeof **out, point_row, NULL, (void **)out, n, sql, "ii", job_id, after_step);
 }
 
 int ar_store_job_progress(ar_store *s, int64_t job_id, ar_job_point **out, size_t *n)
@@ -1293,39 +1274,23 @@ int ar_store_job_live_get(ar_store *s, int64_t job_id, ar_job_live *out)
     return rc;
 }
 
+static int stage_time_row(sqlite3_stmt *st, void *item)
+{
+    ar_stage_time *t = item;
+    t->step = sqlite3_column_int64(st, 0);
+    t->stage = sqlite3_column_int(st, 1);
+    t->wall_s = sqlite3_column_double(st, 2);
+    t->busy_s = sqlite3_column_double(st, 3);
+    t->idle_s = sqlite3_column_double(st, 4);
+    return AR_OK;
+}
+
 int ar_store_job_stage_times(ar_store *s, int64_t job_id, ar_stage_time **out, size_t *n)
 {
-    *out = NULL;
-    *n = 0;
-    ar_stage_time *arr = NULL;
-    size_t cap = 0, cnt = 0;
-    sqlite3_stmt *st;
-    lock(s);
-    int rc = prep(s, &st,
-                  "SELECT step, stage, wall_s, busy_s, idle_s FROM job_stage_time WHERE job_id = ?"
-                  " ORDER BY step, stage",
-                  "i", job_id);
-    if (rc == 0) {
-        while ((rc = step(s, st)) > 0) {
-            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
-                break;
-            ar_stage_time *t = &arr[cnt++];
-            t->step = sqlite3_column_int64(st, 0);
-            t->stage = sqlite3_column_int(st, 1);
-            t->wall_s = sqlite3_column_double(st, 2);
-            t->busy_s = sqlite3_column_double(st, 3);
-            t->idle_s = sqlite3_column_double(st, 4);
-        }
-        sqlite3_finalize(st);
-    }
-    unlock(s);
-    if (rc < 0) {
-        free(arr);
-        return rc;
-    }
-    *out = arr;
-    *n = cnt;
-    return AR_OK;
+    return list_rows(s, sizeof **out, stage_time_row, NULL, (void **)out, n,
+                     "SELECT step, stage, wall_s, busy_s, idle_s FROM job_stage_time WHERE job_id = ?"
+                     " ORDER BY step, stage",
+                     "i", job_id);
 }
 
 /* ---- market-wide figures ------------------------------------------------------------ */
@@ -1365,39 +1330,23 @@ int ar_store_totals(ar_store *s, ar_market_totals *out)
     return rc;
 }
 
+static int earning_row(sqlite3_stmt *st, void *item)
+{
+    ar_earning *e = item;
+    e->provider_id = sqlite3_column_int64(st, 0);
+    e->time = sqlite3_column_int64(st, 1);
+    e->amount = sqlite3_column_int64(st, 2);
+    e->steps = sqlite3_column_int64(st, 3);
+    return AR_OK;
+}
+
 int ar_store_provider_earnings(ar_store *s, int64_t account_id, ar_earning **out, size_t *n)
 {
-    *out = NULL;
-    *n = 0;
-    ar_earning *arr = NULL;
-    size_t cap = 0, cnt = 0;
-    sqlite3_stmt *st;
-    lock(s);
-    int rc = prep(s, &st,
-                  "SELECT u.provider_id, u.created, SUM(u.amount), COUNT(*) FROM usage u"
-                  " JOIN providers p ON p.id = u.provider_id WHERE p.account_id = ?"
-                  " GROUP BY u.provider_id, u.created ORDER BY u.provider_id, u.created",
-                  "i", account_id);
-    if (rc == 0) {
-        while ((rc = step(s, st)) > 0) {
-            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
-                break;
-            ar_earning *e = &arr[cnt++];
-            e->provider_id = sqlite3_column_int64(st, 0);
-            e->time = sqlite3_column_int64(st, 1);
-            e->amount = sqlite3_column_int64(st, 2);
-            e->steps = sqlite3_column_int64(st, 3);
-        }
-        sqlite3_finalize(st);
-    }
-    unlock(s);
-    if (rc < 0) {
-        free(arr);
-        return rc;
-    }
-    *out = arr;
-    *n = cnt;
-    return AR_OK;
+    return list_rows(s, sizeof **out, earning_row, NULL, (void **)out, n,
+                     "SELECT u.provider_id, u.created, SUM(u.amount), COUNT(*) FROM usage u"
+                     " JOIN providers p ON p.id = u.provider_id WHERE p.account_id = ?"
+                     " GROUP BY u.provider_id, u.created ORDER BY u.provider_id, u.created",
+                     "i", account_id);
 }
 
 /* ---- leases ------------------------------------------------------------------------- */
@@ -1554,38 +1503,22 @@ int ar_store_lease_get(ar_store *s, int64_t lease_id, ar_lease *out)
     return rc;
 }
 
+static int member_row(sqlite3_stmt *st, void *item)
+{
+    ar_lease_member *m = item;
+    m->provider_id = sqlite3_column_int64(st, 0);
+    m->stage = sqlite3_column_int(st, 1);
+    m->flops_per_step = sqlite3_column_int64(st, 2);
+    m->price_per_tflop = sqlite3_column_int64(st, 3);
+    return AR_OK;
+}
+
 int ar_store_lease_members(ar_store *s, int64_t lease_id, ar_lease_member **out, size_t *n)
 {
-    *out = NULL;
-    *n = 0;
-    ar_lease_member *arr = NULL;
-    size_t cap = 0, cnt = 0;
-    sqlite3_stmt *st;
-    lock(s);
-    int rc = prep(s, &st,
-                  "SELECT provider_id, stage, flops_per_step, price_per_tflop FROM lease_members"
-                  " WHERE lease_id = ? ORDER BY stage",
-                  "i", lease_id);
-    if (rc == 0) {
-        while ((rc = step(s, st)) > 0) {
-            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
-                break;
-            ar_lease_member *m = &arr[cnt++];
-            m->provider_id = sqlite3_column_int64(st, 0);
-            m->stage = sqlite3_column_int(st, 1);
-            m->flops_per_step = sqlite3_column_int64(st, 2);
-            m->price_per_tflop = sqlite3_column_int64(st, 3);
-        }
-        sqlite3_finalize(st);
-    }
-    unlock(s);
-    if (rc < 0) {
-        free(arr);
-        return rc;
-    }
-    *out = arr;
-    *n = cnt;
-    return AR_OK;
+    return list_rows(s, sizeof **out, member_row, NULL, (void **)out, n,
+                     "SELECT provider_id, stage, flops_per_step, price_per_tflop FROM lease_members"
+                     " WHERE lease_id = ? ORDER BY stage",
+                     "i", lease_id);
 }
 
 int ar_store_lease_release(ar_store *s, int64_t lease_id)
@@ -1822,44 +1755,28 @@ out:
 
 /* ---- ledger ---------------------------------------------------------------------------- */
 
+static int ledger_row(sqlite3_stmt *st, void *item)
+{
+    ar_ledger_row *r = item;
+    memset(r, 0, sizeof *r);
+    r->id = sqlite3_column_int64(st, 0);
+    r->transfer_id = sqlite3_column_int64(st, 1);
+    r->account_id = sqlite3_column_int64(st, 2);
+    r->amount = sqlite3_column_int64(st, 3);
+    copy_text(r->reason, sizeof r->reason, st, 4);
+    r->job_id = sqlite3_column_int64(st, 5);
+    r->step = sqlite3_column_int64(st, 6);
+    r->created = sqlite3_column_int64(st, 7);
+    return AR_OK;
+}
+
 int ar_store_ledger_list(ar_store *s, int64_t account_id, ar_ledger_row **out, size_t *n)
 {
-    *out = NULL;
-    *n = 0;
-    ar_ledger_row *arr = NULL;
-    size_t cap = 0, cnt = 0;
-    sqlite3_stmt *st;
-    lock(s);
-    int rc = prep(s, &st,
-                  "SELECT id, transfer_id, account_id, amount, reason, COALESCE(job_id, 0),"
-                  " COALESCE(step, -1), created FROM ledger"
-                  " WHERE ?1 <= 0 OR account_id = ?1 ORDER BY id",
-                  "i", account_id);
-    if (rc == 0) {
-        while ((rc = step(s, st)) > 0) {
-            if ((rc = grow((void **)&arr, &cap, cnt, sizeof *arr)) < 0)
-                break;
-            ar_ledger_row *r = &arr[cnt++];
-            memset(r, 0, sizeof *r);
-            r->id = sqlite3_column_int64(st, 0);
-            r->transfer_id = sqlite3_column_int64(st, 1);
-            r->account_id = sqlite3_column_int64(st, 2);
-            r->amount = sqlite3_column_int64(st, 3);
-            copy_text(r->reason, sizeof r->reason, st, 4);
-            r->job_id = sqlite3_column_int64(st, 5);
-            r->step = sqlite3_column_int64(st, 6);
-            r->created = sqlite3_column_int64(st, 7);
-        }
-        sqlite3_finalize(st);
-    }
-    unlock(s);
-    if (rc < 0) {
-        free(arr);
-        return rc;
-    }
-    *out = arr;
-    *n = cnt;
-    return AR_OK;
+    return list_rows(s, sizeof **out, ledger_row, NULL, (void **)out, n,
+                     "SELECT id, transfer_id, account_id, amount, reason, COALESCE(job_id, 0),"
+                     " COALESCE(step, -1), created FROM ledger"
+                     " WHERE ?1 <= 0 OR account_id = ?1 ORDER BY id",
+                     "i", account_id);
 }
 
 int ar_store_ledger_sum(ar_store *s, int64_t *sum_out)
