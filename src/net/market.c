@@ -1404,6 +1404,17 @@ int ar_market_heartbeat(ar_client *c, const char *token, int64_t provider_id, in
     return rc;
 }
 
+/* A provider's profile as the market sent it (none: left as it is). */
+static void profile_from(const Arceus__ProviderProfile *pp, ar_provider *p)
+{
+    if (!pp)
+        return;
+    p->gflops = pp->gflops;
+    p->mem_bytes = (int64_t)pp->mem_bytes;
+    p->cores = (int)pp->cores;
+    p->price_per_tflop = pp->price_per_tflop;
+}
+
 int ar_market_providers(ar_client *c, const char *token, bool include_offline,
                         ar_market_provider **out, size_t *n, int *status)
 {
@@ -1429,12 +1440,7 @@ int ar_market_providers(ar_client *c, const char *token, bool include_offline,
         q->p.id = pi->id;
         snprintf(q->account, sizeof q->account, "%s", pi->account);
         snprintf(q->p.address, sizeof q->p.address, "%s", pi->address);
-        if (pi->profile) {
-            q->p.gflops = pi->profile->gflops;
-            q->p.mem_bytes = (int64_t)pi->profile->mem_bytes;
-            q->p.cores = (int)pi->profile->cores;
-            q->p.price_per_tflop = pi->profile->price_per_tflop;
-        }
+        profile_from(pi->profile, &q->p);
         q->p.reliability = pi->reliability;
         q->p.online = pi->online;
         q->p.last_heartbeat = pi->last_heartbeat;
@@ -1504,12 +1510,7 @@ static void leased_from(const Arceus__LeasedProvider *l, ar_market_leased *q)
     q->p.id = l->provider_id;
     snprintf(q->account, sizeof q->account, "%s", l->account);
     snprintf(q->p.address, sizeof q->p.address, "%s", l->address);
-    if (l->profile) {
-        q->p.gflops = l->profile->gflops;
-        q->p.mem_bytes = (int64_t)l->profile->mem_bytes;
-        q->p.cores = (int)l->profile->cores;
-        q->p.price_per_tflop = l->profile->price_per_tflop;
-    }
+    profile_from(l->profile, &q->p);
     q->p.reliability = l->reliability;
     q->p.online = true;
     q->flops_per_step = l->flops_per_step;

@@ -8,14 +8,12 @@ both ways, each worker holds only its share, and a member that dies is
 named by the driver."""
 
 import re
-import subprocess
-import time
 
 import pytest
 
-from conftest import CONFIGS, _env, read_log
+from conftest import CONFIGS
 from test_tensor_parallel import MLP_RUN, RUN, _losses, _weights_close, mlp_matches_one_device
-from test_workers import addrs, workers  # noqa: F401  (the fixture)
+from test_workers import addrs, kill_mid_run, workers  # noqa: F401  (the fixture)
 
 GPT = CONFIGS / "gpt-tiny.json"  # 8 heads, 32 wide: 128 hidden units per block
 
@@ -122,22 +120,8 @@ def test_dead_member_is_named_and_the_driver_stops(arceus_bin, workers, tmp_path
     cmd = [str(arceus_bin), "train", "--model", str(GPT), "--data", str(corpus), "--steps", "100000",
            "--batch", "8", "--micro-batches", "4", "--eval-every", "0", "--threads", "1",
            "--workers", addrs(ws), "--plan", "0-1@0+1,2-3@2", "--out", str(out), "--log", str(log)]
-    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and driver.poll() is None:
-            if log.exists() and len(read_log(log)) >= 3:
-                break
-            time.sleep(0.1)
-        assert driver.poll() is None, driver.communicate()[1][-3000:]
-        ws[1].proc.kill()  # the group's rank
-        ws[1].proc.wait()
-        _, err = driver.communicate(timeout=120)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.communicate()
-    assert driver.returncode > 0, err[-3000:]
+    returncode, err = kill_mid_run(cmd, log, ws[1])  # the group's rank
+    assert returncode > 0, err[-3000:]
     assert f"tensor-parallel rank 2 ({ws[1].addr})" in err, err[-3000:]
     assert not (out / "state.json").exists(), "a checkpoint was written for a failed run"
     # the leader and the last stage keep serving: they exit 0 on SIGTERM (teardown)

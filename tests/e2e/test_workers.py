@@ -6,13 +6,11 @@ the workers with --threads 1, so the runs are bitwise comparable with one
 stage in one process.
 """
 
-import os
 import re
 import signal
 import struct
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -85,6 +83,28 @@ def addrs(ws):
     return ",".join(w.addr for w in ws)
 
 
+def kill_mid_run(cmd, log, victim, lines=3, timeout=120):
+    """Start the driver `cmd`, SIGKILL the worker `victim` once the driver's
+    --log has `lines` lines (steps under way), and wait for the driver:
+    (its exit code, its stderr)."""
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and driver.poll() is None:
+            if log.exists() and len(log.read_text().splitlines()) >= lines:
+                break
+            time.sleep(0.1)
+        assert driver.poll() is None, driver.communicate()[1][-3000:]
+        victim.proc.kill()
+        victim.proc.wait()
+        _, err = driver.communicate(timeout=timeout)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+    return driver.returncode, err
+
+
 # ---------------------------------------------------------------------------
 # Distributed equals single
 # ---------------------------------------------------------------------------
@@ -153,22 +173,8 @@ def test_worker_killed_mid_run_names_the_stage(arceus_bin, workers, tmp_path, sm
            "--steps", "100000", "--batch", "32", "--micro-batches", "4", "--eval-every", "0",
            "--threads", "1", "--workers", addrs(ws), "--plan", "0-0,1-1,2-2", "--out", str(out),
            "--log", str(log)]
-    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and driver.poll() is None:
-            if log.exists() and len(log.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.1)
-        assert driver.poll() is None, driver.communicate()[1][-3000:]
-        ws[1].proc.kill()
-        ws[1].proc.wait()
-        _, err = driver.communicate(timeout=120)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.communicate()
-    assert driver.returncode > 0, err[-3000:]
+    returncode, err = kill_mid_run(cmd, log, ws[1])
+    assert returncode > 0, err[-3000:]
     assert f"stage 1 ({ws[1].addr}) disconnected" in err, err[-3000:]
     assert not (out / "state.json").exists(), "a checkpoint was written for a failed run"
     # the surviving workers are still healthy and exit 0 on SIGTERM (teardown)
