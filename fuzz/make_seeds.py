@@ -7,33 +7,13 @@ format changes."""
 import gzip
 import json
 import struct
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
-
-
-def varint(v):
-    v &= (1 << 64) - 1
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def fvarint(n, v):
-    return varint(n << 3) + varint(v)
-
-
-def fbytes(n, b):
-    b = b.encode() if isinstance(b, str) else b
-    return varint((n << 3) | 2) + varint(len(b)) + b
-
-
-def ff32(n, x):
-    return varint((n << 3) | 5) + struct.pack("<f", x)
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+from pbwire import field_bytes, field_f32, field_varint, varint  # noqa: E402
 
 
 def write(target, name, data):
@@ -55,18 +35,18 @@ write("spec", "mlp-gelu", json.dumps({
 # ---- frames (proto/arceus.proto Frame); byte 0 is the harness's slice length --
 def frame(kind, step=0, mb=0, nmb=0, rows=0, dtype=0, shape=(), scalars=(), targets=b"",
           payload=b"", more=()):
-    m = fvarint(1, kind) + fvarint(2, step) + fvarint(3, mb) + fvarint(4, nmb) + fvarint(5, rows)
-    m += fvarint(6, dtype)
+    m = field_varint(1, kind) + field_varint(2, step) + field_varint(3, mb) + field_varint(4, nmb) + field_varint(5, rows)
+    m += field_varint(6, dtype)
     if shape:
-        m += fbytes(7, b"".join(varint(d) for d in shape))
+        m += field_bytes(7, b"".join(varint(d) for d in shape))
     if scalars:
-        m += fbytes(8, b"".join(struct.pack("<d", x) for x in scalars))
+        m += field_bytes(8, b"".join(struct.pack("<d", x) for x in scalars))
     if targets:
-        m += fbytes(9, targets)
+        m += field_bytes(9, targets)
     for f in more:
-        m += fbytes(15, f)
+        m += field_bytes(15, f)
     if payload:
-        m += fbytes(10, payload)
+        m += field_bytes(10, payload)
     return m
 
 
@@ -122,12 +102,12 @@ write("idx", "labels-gz", gzip.compress(labels, mtime=0))
 
 # ---- Load requests (proto/arceus.proto LoadRequest) ----------------------------
 def load(spec, first, last, rows=4, mbs=2, schedule=1, index=0, count=1, nxt="", sgd=False):
-    opt = fvarint(1, 1 if sgd else 0) + ff32(2, 0.9) + ff32(3, 0.99) + ff32(4, 1e-8) + ff32(5, 0.1)
-    m = (fbytes(1, spec) + fvarint(2, first) + fvarint(3, last) + fvarint(4, rows) +
-         fvarint(5, mbs) + fvarint(6, schedule) + fvarint(7, index) + fvarint(8, count) +
-         fvarint(9, 7) + fbytes(10, opt))
+    opt = field_varint(1, 1 if sgd else 0) + field_f32(2, 0.9) + field_f32(3, 0.99) + field_f32(4, 1e-8) + field_f32(5, 0.1)
+    m = (field_bytes(1, spec) + field_varint(2, first) + field_varint(3, last) + field_varint(4, rows) +
+         field_varint(5, mbs) + field_varint(6, schedule) + field_varint(7, index) + field_varint(8, count) +
+         field_varint(9, 7) + field_bytes(10, opt))
     if nxt:
-        m += fbytes(11, nxt)
+        m += field_bytes(11, nxt)
     return m
 
 
@@ -142,12 +122,12 @@ write("load", "gpt-last", load(gpt, 3, 4, index=2, count=3))
 
 
 def share(address, h0, h1, u0, u1):
-    return (fbytes(1, address) + fvarint(2, h0) + fvarint(3, h1) + fvarint(4, u0) +
-            fvarint(5, u1))
+    return (field_bytes(1, address) + field_varint(2, h0) + field_varint(3, h1) + field_varint(4, u0) +
+            field_varint(5, u1))
 
 
 # tensor-parallel roles: a group's leader (its own share first) and a rank
-write("load", "gpt-tp-leader", load(gpt, 0, 2) + fbytes(14, share("", 0, 1, 0, 16)) +
-      fbytes(14, share("127.0.0.1:5002", 1, 2, 16, 32)))
+write("load", "gpt-tp-leader", load(gpt, 0, 2) + field_bytes(14, share("", 0, 1, 0, 16)) +
+      field_bytes(14, share("127.0.0.1:5002", 1, 2, 16, 32)))
 write("load", "gpt-tp-rank", load(gpt, 1, 3, index=1, count=3, nxt="") +
-      fbytes(15, share("", 1, 2, 16, 32)))
+      field_bytes(15, share("", 1, 2, 16, 32)))

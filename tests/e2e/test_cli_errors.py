@@ -1,6 +1,5 @@
 """Bad input gets one clear error line, a non-zero exit, and no crash."""
 
-import gzip
 import json
 import shutil
 

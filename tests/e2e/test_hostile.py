@@ -24,8 +24,8 @@ import pytest
 
 from conftest import _env
 from test_market import Market, add_account, markets, profile, register  # noqa: F401
-from test_workers import (Worker, decode, field_bytes, field_f32, field_varint, frame,  # noqa: F401
-                          hello_request, load_request, pipe, unary, varint, workers, MLP_SPEC)
+from pbwire import decode, field_bytes, field_double, field_f32, field_varint, varint
+from test_workers import MLP_SPEC, frame, hello_request, pipe, unary, workers  # noqa: F401
 
 grpc = pytest.importorskip("grpc")
 C = grpc.StatusCode
@@ -266,10 +266,6 @@ def test_worker_pipe_table(workers):
 # The market
 # ---------------------------------------------------------------------------
 
-def f_double(n, x):
-    return varint((n << 3) | 1) + struct.pack("<d", x)
-
-
 def acquire(token, devices=1, max_credits=0, est_steps=10, spec="mlp", flops=10 ** 9, min_mem=0):
     return (field_bytes(1, token) + field_varint(2, devices) + field_varint(3, max_credits) +
             field_varint(4, est_steps) + field_bytes(5, spec) + field_varint(6, flops) +
@@ -325,7 +321,7 @@ def market_rows(token, other, pid, lease):
          C.NOT_FOUND, []),
         ("Heartbeat", "another account's provider", field_bytes(1, other) + field_varint(2, pid),
          C.PERMISSION_DENIED, []),
-        ("ListProviders", "token of wrong wire type", f_double(1, 1.0), C.INVALID_ARGUMENT,
+        ("ListProviders", "token of wrong wire type", field_double(1, 1.0), C.INVALID_ARGUMENT,
          ["malformed"]),
         ("Ledger", "account of 1000 characters", field_bytes(1, token) + field_bytes(2, "x" * 1000),
          C.INVALID_ARGUMENT, ["longer than"]),

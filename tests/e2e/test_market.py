@@ -11,13 +11,13 @@ import math
 import re
 import signal
 import sqlite3
-import struct
 import subprocess
 import time
 
 import pytest
 
 from conftest import SANITIZER_MARKERS, _env
+from pbwire import decode, field_bytes, field_double, field_varint
 
 grpc = pytest.importorskip("grpc")
 
@@ -96,76 +96,16 @@ def add_account(run_arceus, db, name, credits=None):
 # Hand-encoded protobuf (proto/arceus.proto, service Market)
 # ---------------------------------------------------------------------------
 
-def varint(v):
-    out = bytearray()
-    v &= (1 << 64) - 1
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def f_varint(n, v):
-    return varint(n << 3) + varint(v)
-
-
-def f_bytes(n, b):
-    if isinstance(b, str):
-        b = b.encode()
-    return varint((n << 3) | 2) + varint(len(b)) + b
-
-
-def f_double(n, x):
-    return varint((n << 3) | 1) + struct.pack("<d", x)
-
-
-def decode(buf):
-    """Protobuf bytes -> {field: [values]} (varints as int, fixed64 as bytes)."""
-    out, i = {}, 0
-
-    def rd():
-        nonlocal i
-        v, shift = 0, 0
-        while True:
-            b = buf[i]
-            i += 1
-            v |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return v
-
-    while i < len(buf):
-        key = rd()
-        f, wt = key >> 3, key & 7
-        if wt == 0:
-            v = rd()
-        elif wt == 1:
-            v = buf[i:i + 8]
-            i += 8
-        elif wt == 2:
-            n = rd()
-            v = buf[i:i + n]
-            i += n
-        elif wt == 5:
-            v = buf[i:i + 4]
-            i += 4
-        else:
-            raise ValueError(f"wire type {wt}")
-        out.setdefault(f, []).append(v)
-    return out
-
-
 def profile(gflops=150.0, mem=8 << 30, cores=2, price=500000):
-    return f_double(1, gflops) + f_varint(2, mem) + f_varint(3, cores) + f_varint(4, price)
+    return field_double(1, gflops) + field_varint(2, mem) + field_varint(3, cores) + field_varint(4, price)
 
 
 def register_request(token, address, prof=None):
-    return f_bytes(1, token) + f_bytes(2, address) + f_bytes(3, profile() if prof is None else prof)
+    return field_bytes(1, token) + field_bytes(2, address) + field_bytes(3, profile() if prof is None else prof)
 
 
 def heartbeat_request(token, provider_id):
-    return f_bytes(1, token) + f_varint(2, provider_id)
+    return field_bytes(1, token) + field_varint(2, provider_id)
 
 
 def call(addr, method, req, timeout=30):
@@ -295,7 +235,7 @@ def test_register_validates_every_field(run_arceus, markets, tmp_path):
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (address, e)
         assert words in e.details(), (address, e.details())
     # no profile at all, and bytes that are not a message
-    e = call_error(m.addr, "RegisterProvider", f_bytes(1, token) + f_bytes(2, "127.0.0.1:5001"))
+    e = call_error(m.addr, "RegisterProvider", field_bytes(1, token) + field_bytes(2, "127.0.0.1:5001"))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "profile" in e.details()
     e = call_error(m.addr, "RegisterProvider", b"\xff\xff\xff")
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in e.details()
@@ -340,7 +280,7 @@ def test_providers_register_list_and_go_offline(run_arceus, markets, tmp_path):
     row_b = next(l for l in out.splitlines() if "127.0.0.1:5002" in l)
     assert re.match(rf"^{pid_b}\s+bob\s+127\.0\.0\.1:5002\s+90\.0\s+.*\s1\.500000\s", row_b), out
     # the foreign client reads the same list
-    reply = decode(call(m.addr, "ListProviders", f_bytes(1, renter)))
+    reply = decode(call(m.addr, "ListProviders", field_bytes(1, renter)))
     infos = [decode(b) for b in reply[1]]
     assert sorted(i[1][0] for i in infos) == sorted([pid_a, pid_b])
     assert all(i[6][0] == 1 for i in infos)  # online
@@ -398,17 +338,17 @@ def test_ledger_shows_opening_credit_and_refuses_other_accounts(run_arceus, mark
         assert p.returncode == 1, p.stdout
         assert f"may read only its own ledger, not that of {other}" in p.stderr, p.stderr
         assert "0.250000" not in p.stdout
-        e = call_error(m.addr, "Ledger", f_bytes(1, alice) + f_bytes(2, other))
+        e = call_error(m.addr, "Ledger", field_bytes(1, alice) + field_bytes(2, other))
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED
-    e = call_error(m.addr, "Ledger", f_bytes(1, alice) + f_bytes(2, "x" * 500))
+    e = call_error(m.addr, "Ledger", field_bytes(1, alice) + field_bytes(2, "x" * 500))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
-    e = call_error(m.addr, "Ledger", f_bytes(2, "alice"))
+    e = call_error(m.addr, "Ledger", field_bytes(2, "alice"))
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED
 
     # Balance over the foreign client
-    r = decode(call(m.addr, "Balance", f_bytes(1, bob)))
+    r = decode(call(m.addr, "Balance", field_bytes(1, bob)))
     assert r[1][0] == b"bob" and r[2][0] == 250000
-    e = call_error(m.addr, "Balance", f_bytes(1, "1" * 64))
+    e = call_error(m.addr, "Balance", field_bytes(1, "1" * 64))
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED
 
 

@@ -23,7 +23,8 @@ import subprocess
 import pytest
 
 from conftest import SANITIZER_MARKERS, _env
-from test_market import add_account, call_error, f_bytes, f_varint, profile, register
+from pbwire import field_bytes, field_varint
+from test_market import add_account, call_error, profile, register
 
 grpc = pytest.importorskip("grpc")
 
@@ -225,8 +226,8 @@ def test_worker_requiring_a_lease_refuses_a_load_without_its_token(
 
     # a LoadRequest with a token the market does not know (field 13)
     spec = small_mlp_spec.read_text()
-    load = (f_bytes(1, spec) + f_varint(2, 0) + f_varint(3, 3) + f_varint(4, 32) + f_varint(5, 1)
-            + f_varint(8, 1) + f_bytes(13, "ab" * 32))
+    load = (field_bytes(1, spec) + field_varint(2, 0) + field_varint(3, 3) + field_varint(4, 32) + field_varint(5, 1)
+            + field_varint(8, 1) + field_bytes(13, "ab" * 32))
     with grpc.insecure_channel(w.addr) as ch:
         with pytest.raises(grpc.RpcError) as e:
             ch.unary_unary("/arceus.Worker/Load")(load, timeout=30)
@@ -234,7 +235,7 @@ def test_worker_requiring_a_lease_refuses_a_load_without_its_token(
     assert "unknown or released lease token" in e.value.details()
 
     # CheckLease itself: the worker's question, asked with a bad lease token
-    err = call_error(market.addr, "CheckLease", f_bytes(1, alice) + f_bytes(2, "cd" * 32) + f_varint(3, 1))
+    err = call_error(market.addr, "CheckLease", field_bytes(1, alice) + field_bytes(2, "cd" * 32) + field_varint(3, 1))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
     # a plain worker (no market) still takes a Load without any token

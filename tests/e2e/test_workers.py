@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import CONFIGS, REPO, assert_no_crash, read_log, _env
+from pbwire import decode, field_bytes, field_f32, field_varint, varint
 
 grpc = pytest.importorskip("grpc")
 
@@ -201,66 +202,6 @@ def test_sigint_stops_a_worker_cleanly(workers):
 # ---------------------------------------------------------------------------
 # A foreign client: python grpcio with hand-encoded protobuf
 # ---------------------------------------------------------------------------
-
-def varint(v):
-    out = bytearray()
-    v &= (1 << 64) - 1
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def field_varint(n, v):
-    return varint(n << 3) + varint(v)
-
-
-def field_bytes(n, b):
-    if isinstance(b, str):
-        b = b.encode()
-    return varint((n << 3) | 2) + varint(len(b)) + b
-
-
-def field_f32(n, x):
-    return varint((n << 3) | 5) + struct.pack("<f", x)
-
-
-def decode(buf):
-    """Protobuf bytes -> {field: [values]} (varints as int, fixed64 as bytes)."""
-    out, i = {}, 0
-
-    def rd():
-        nonlocal i
-        v, shift = 0, 0
-        while True:
-            b = buf[i]
-            i += 1
-            v |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return v
-
-    while i < len(buf):
-        key = rd()
-        f, wt = key >> 3, key & 7
-        if wt == 0:
-            v = rd()
-        elif wt == 1:
-            v = buf[i:i + 8]
-            i += 8
-        elif wt == 2:
-            n = rd()
-            v = buf[i:i + n]
-            i += n
-        elif wt == 5:
-            v = buf[i:i + 4]
-            i += 4
-        else:
-            raise ValueError(f"wire type {wt}")
-        out.setdefault(f, []).append(v)
-    return out
-
 
 def hello_request(version=PROTOCOL_VERSION):
     return field_varint(1, version) + field_bytes(2, "pytest") + field_bytes(3, "")
