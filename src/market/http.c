@@ -103,10 +103,21 @@ static enum MHD_Result send_store_error(struct MHD_Connection *conn)
 /* ---- JSON helpers ----------------------------------------------------------------- */
 
 /* Builders that remember whether memory ran out: a document is built with
- * them, then sent or replaced by a 500 once, at the end. */
+ * them, then sent or replaced by a 500 once, at the end (send_built). */
 typedef struct {
     bool oom;
 } build;
+
+/* The document built with b, or the 500 of send_json when memory ran out
+ * while building it. */
+static enum MHD_Result send_built(struct MHD_Connection *conn, cJSON *doc, const build *b)
+{
+    if (b->oom) {
+        cJSON_Delete(doc);
+        doc = NULL;
+    }
+    return send_json(conn, MHD_HTTP_OK, doc);
+}
 
 static cJSON *add_num(build *b, cJSON *obj, const char *key, double v)
 {
@@ -260,11 +271,7 @@ static enum MHD_Result get_overview(ar_http *h, struct MHD_Connection *conn)
     add_num(&b, doc, "work_paid", (double)t.steps_paid);
     add_num(&b, doc, "offline_after_s", h->offline_after_s);
     add_num(&b, doc, "time", (double)time(NULL));
-    if (b.oom) {
-        cJSON_Delete(doc);
-        doc = NULL;
-    }
-    return send_json(conn, MHD_HTTP_OK, doc);
+    return send_built(conn, doc, &b);
 }
 
 /* ---- GET /api/me -------------------------------------------------------------------- */
@@ -278,11 +285,7 @@ static enum MHD_Result get_me(ar_http *h, struct MHD_Connection *conn, int64_t a
     cJSON *doc = cJSON_CreateObject();
     add_str(&b, doc, "account", me.name);
     add_credits(&b, doc, "balance", me.balance);
-    if (b.oom) {
-        cJSON_Delete(doc);
-        doc = NULL;
-    }
-    return send_json(conn, MHD_HTTP_OK, doc);
+    return send_built(conn, doc, &b);
 }
 
 /* ---- GET /api/providers ------------------------------------------------------------------ */
@@ -352,11 +355,7 @@ static enum MHD_Result get_providers(ar_http *h, struct MHD_Connection *conn, in
         cJSON_Delete(doc);
         return send_store_error(conn);
     }
-    if (b.oom) {
-        cJSON_Delete(doc);
-        doc = NULL;
-    }
-    return send_json(conn, MHD_HTTP_OK, doc);
+    return send_built(conn, doc, &b);
 }
 
 /* ---- GET /api/jobs and /api/jobs/ID --------------------------------------------------------- */
@@ -384,11 +383,7 @@ static enum MHD_Result get_jobs(ar_http *h, struct MHD_Connection *conn, int64_t
     for (size_t i = n; i-- > 0 && !b.oom;) /* newest first */
         job_fields(&b, push_object(&b, arr), &jobs[i]);
     ar_store_jobs_free(jobs, n);
-    if (b.oom) {
-        cJSON_Delete(doc);
-        doc = NULL;
-    }
-    return send_json(conn, MHD_HTTP_OK, doc);
+    return send_built(conn, doc, &b);
 }
 
 /* A loss curve as [completed steps, loss] pairs. Training losses are stored
@@ -520,11 +515,7 @@ static enum MHD_Result get_job(ar_http *h, struct MHD_Connection *conn, int64_t 
         cJSON_Delete(doc);
         return send_store_error(conn);
     }
-    if (b.oom) {
-        cJSON_Delete(doc);
-        doc = NULL;
-    }
-    return send_json(conn, MHD_HTTP_OK, doc);
+    return send_built(conn, doc, &b);
 }
 
 /* ---- GET /api/ledger ------------------------------------------------------------------------- */
@@ -587,11 +578,7 @@ static enum MHD_Result get_ledger(ar_http *h, struct MHD_Connection *conn, int64
         add_credits(&b, o, "amount", r->amount);
     }
     ar_free(rows);
-    if (b.oom) {
-        cJSON_Delete(doc);
-        doc = NULL;
-    }
-    return send_json(conn, MHD_HTTP_OK, doc);
+    return send_built(conn, doc, &b);
 }
 
 /* ---- routing ------------------------------------------------------------------------------------ */
