@@ -339,21 +339,22 @@ int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_sp
     if (req->tp_rank && req->n_tp_group)
         return ar_fail(AR_EINVAL, "a Load is a tensor-parallel rank or a group's leader, not both");
     if (req->tp_rank) {
-        /* a rank is not in the chain: its leader is (its share is checked
-         * by make_rank, before anything is allocated) */
+        /* a rank is not in the chain: its leader is */
         if (req->next_worker[0])
             return ar_fail(AR_EINVAL, "a tensor-parallel rank has no next_worker");
     } else if ((req->next_worker[0] != '\0') != (req->stage_index + 1 < req->stage_count)) {
         return ar_fail(AR_EINVAL, "next_worker must be given for every stage but the last");
     }
-    if (req->n_tp_group) {
+    if (req->tp_rank || req->n_tp_group) {
         int fb, nb;
         if ((rc = ar_tp_blocks(spec, (int)req->first_unit, (int)req->last_unit, &fb, &nb)) != AR_OK)
             return rc;
         if (nb > AR_TP_MAX_SHARDS)
             return ar_fail(AR_EINVAL, "%d shards in one tensor-parallel stage (at most %d)", nb,
                            AR_TP_MAX_SHARDS);
-        if ((rc = check_group(req, spec, fb, nb)) != AR_OK)
+        ar_range head, hidden[AR_TP_MAX_SHARDS];
+        if ((rc = req->tp_rank ? check_share(req->tp_rank, 0, spec, fb, nb, &head, hidden)
+                               : check_group(req, spec, fb, nb)) != AR_OK)
             return rc;
     }
     *slots = ar_plan_slots((int)req->schedule, (int)req->stage_count, (int)req->stage_index,
@@ -376,15 +377,14 @@ int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_sp
     return AR_OK;
 }
 
-/* Shards of every GPT block (or MLP pair) of the units, with one share's ranges. */
+/* Shards of every GPT block (or MLP pair) of the units, with one share's
+ * ranges (a request net_load_check has passed: the share fits). */
 static int make_rank(ar_tp_rank **out, const ar_model_spec *spec, const Arceus__LoadRequest *req,
                      const Arceus__TpShare *t, int slots, const ar_optim_config *optim)
 {
     int fb, nb, rc;
     if ((rc = ar_tp_blocks(spec, (int)req->first_unit, (int)req->last_unit, &fb, &nb)) != AR_OK)
         return rc;
-    if (nb > AR_TP_MAX_SHARDS)
-        return ar_fail(AR_ELIMIT, "%d shards in one tensor-parallel stage (at most %d)", nb, AR_TP_MAX_SHARDS);
     ar_range head, heads[AR_TP_MAX_SHARDS], hidden[AR_TP_MAX_SHARDS];
     if ((rc = check_share(t, 0, spec, fb, nb, &head, hidden)) != AR_OK)
         return rc;
