@@ -12,8 +12,13 @@
  * again with --serve), as two pipeline stages do; --same-process keeps both
  * ends in one process, where one gRPC event loop then serves both of them.
  *
+ * Each end's CPU time (the whole process, every thread) is measured too and
+ * printed as CPU seconds per GB moved: the link costs more CPU than raw TCP
+ * at each end, and on a machine with few cores that, not waiting, is what
+ * bounds its throughput.
+ *
  * usage: link_bench [--quick] [--same-process]   one line per size, a
- * PASS/FAIL line against the 0.75x target, then JSON */
+ * PASS/FAIL line against the 0.75x target, the CPU table, then JSON */
 #include "core/core.h"
 #include "net/net.h"
 #include "train/frame.h"
@@ -26,6 +31,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
+#include <stdatomic.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -49,7 +56,26 @@ typedef struct {
     size_t size;
     int count;
     int mode;
+    double cpu_s; /* the receiving process's CPU time while it received */
 } tcp_job;
+
+/* One measurement: bytes per second, and each end's CPU seconds over it
+ * (recv_cpu_s < 0 when both ends share a process and cannot be told apart). */
+typedef struct {
+    double rate;
+    double gb; /* GB moved */
+    double send_cpu_s, recv_cpu_s;
+} link_result;
+
+/* CPU time of this process so far, all threads, user + system. */
+static double process_cpu_s(void)
+{
+    struct rusage u;
+    if (getrusage(RUSAGE_SELF, &u) != 0)
+        return 0;
+    return (double)u.ru_utime.tv_sec + u.ru_utime.tv_usec * 1e-6 + (double)u.ru_stime.tv_sec +
+           u.ru_stime.tv_usec * 1e-6;
+}
 
 static int read_full(int fd, void *buf, size_t n)
 {
@@ -96,6 +122,7 @@ static void *tcp_receiver(void *arg)
     if (fd < 0)
         return NULL;
     char *buf = j->mode == TCP_HOT ? malloc(j->size) : NULL;
+    double cpu0 = process_cpu_s();
     for (int i = 0; i < j->count; i++) {
         uint64_t len;
         if (read_full(fd, &len, sizeof len) != 0 || len != j->size)
@@ -107,6 +134,7 @@ static void *tcp_receiver(void *arg)
         if (bad)
             break;
     }
+    j->cpu_s = process_cpu_s() - cpu0;
     char ack = 1;
     if (write(fd, &ack, 1) != 1)
         ack = 0;
@@ -121,8 +149,9 @@ static int two_processes = 1;
 #define LINK_TARGET 0.75
 
 /* Run this program again as the receiving end: it prints its port, serves
- * one sender, exits. */
-static pid_t spawn_receiver(const char *kind, size_t size, int count, int *port)
+ * one sender, prints the CPU time it spent receiving, exits. *from_child
+ * stays open for that last line (receiver_finish). */
+static pid_t spawn_receiver(const char *kind, size_t size, int count, int *port, FILE **from_child)
 {
     int p[2];
     if (pipe(p) != 0)
@@ -141,14 +170,32 @@ static pid_t spawn_receiver(const char *kind, size_t size, int count, int *port)
     close(p[1]);
     FILE *f = fdopen(p[0], "r");
     int ok = f && fscanf(f, "%d", port) == 1;
-    if (f)
-        fclose(f);
     if (pid < 0 || !ok) {
+        if (f)
+            fclose(f);
+        else
+            close(p[0]);
         if (pid > 0)
             waitpid(pid, NULL, 0);
         return -1;
     }
+    *from_child = f;
     return pid;
+}
+
+/* Wait for the receiving process; its CPU time while receiving (-1 if it
+ * did not say). */
+static double receiver_finish(pid_t pid, FILE *from_child)
+{
+    double cpu = -1;
+    if (from_child) {
+        if (fscanf(from_child, " cpu %lf", &cpu) != 1)
+            cpu = -1;
+        fclose(from_child);
+    }
+    if (pid > 0)
+        waitpid(pid, NULL, 0);
+    return cpu;
 }
 
 static int tcp_listen(int *port)
@@ -183,24 +230,25 @@ static void **prepared_payloads(size_t size, int count)
     return bufs;
 }
 
-static double tcp_rate(size_t size, int count, int mode)
+static link_result tcp_rate(size_t size, int count, int mode)
 {
     const char *kind = mode == TCP_HOT ? "tcp-hot" : "tcp";
     int port = 0, ls = -1;
     pid_t pid = -1;
+    FILE *from_child = NULL;
     pthread_t t;
-    tcp_job j = {-1, size, count, mode};
+    tcp_job j = {-1, size, count, mode, 0};
+    link_result res = {-1, 0, 0, -1};
     if (two_processes) {
-        if ((pid = spawn_receiver(kind, size, count, &port)) < 0)
-            return -1;
+        if ((pid = spawn_receiver(kind, size, count, &port, &from_child)) < 0)
+            return res;
     } else {
         if ((ls = tcp_listen(&port)) < 0)
-            return -1;
+            return res;
         j.listen_fd = ls;
         pthread_create(&t, NULL, tcp_receiver, &j);
     }
     void **bufs = mode == TCP_HOT ? prepared_payloads(size, 1) : prepared_payloads(size, count);
-    double rate = -1;
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
@@ -212,7 +260,7 @@ static double tcp_rate(size_t size, int count, int mode)
     if (connected) {
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        double t0 = ar_now();
+        double t0 = ar_now(), cpu0 = process_cpu_s();
         int sent = 1;
         for (int i = 0; i < count && sent; i++) {
             void **b = &bufs[mode == TCP_HOT ? 0 : i];
@@ -223,8 +271,11 @@ static double tcp_rate(size_t size, int count, int mode)
             }
         }
         char ack;
-        if (sent && read_full(fd, &ack, 1) == 0)
-            rate = (double)size * count / (ar_now() - t0);
+        if (sent && read_full(fd, &ack, 1) == 0) {
+            res.rate = (double)size * count / (ar_now() - t0);
+            res.gb = (double)size * count / 1e9;
+            res.send_cpu_s = process_cpu_s() - cpu0;
+        }
     }
     if (fd >= 0)
         close(fd);
@@ -232,12 +283,12 @@ static double tcp_rate(size_t size, int count, int mode)
         free(bufs[i]);
     free(bufs);
     if (pid > 0)
-        waitpid(pid, NULL, 0);
+        res.recv_cpu_s = receiver_finish(pid, from_child);
     if (ls >= 0) {
         pthread_join(t, NULL);
         close(ls);
     }
-    return rate;
+    return res;
 }
 
 /* ---- gRPC Pipe link ---------------------------------------------------- */
@@ -245,6 +296,8 @@ static double tcp_rate(size_t size, int count, int mode)
 typedef struct {
     int count;
     int received;
+    double cpu_s; /* the receiving process's CPU time while it received */
+    atomic_int done; /* the handler has finished (cpu_s is set) */
 } pipe_job;
 
 static void on_pipe(ar_rpc *rpc, void *user)
@@ -255,31 +308,36 @@ static void on_pipe(ar_rpc *rpc, void *user)
         ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "%s", ar_last_error());
         return;
     }
+    double cpu0 = process_cpu_s();
     for (j->received = 0; j->received < j->count; j->received++) {
         ar_frame f;
         if (ar_link_recv(l, &f, 60) != AR_OK)
             break;
         ar_frame_free(&f);
     }
+    j->cpu_s = process_cpu_s() - cpu0;
     ar_frame ack = {.kind = AR_FRAME_SYNC};
     ar_link_send(l, &ack);
     ar_rpc_finish(rpc, AR_STATUS_OK, "done");
+    atomic_store(&j->done, 1);
 }
 
-static double grpc_rate(size_t size, int count)
+static link_result grpc_rate(size_t size, int count)
 {
     pipe_job j = {.count = count};
     ar_server *srv = NULL;
     int port;
     pid_t pid = -1;
+    FILE *from_child = NULL;
+    link_result res = {-1, 0, 0, -1};
     if (two_processes) {
-        if ((pid = spawn_receiver("grpc", size, count, &port)) < 0)
-            return -1;
+        if ((pid = spawn_receiver("grpc", size, count, &port, &from_child)) < 0)
+            return res;
         j.received = count; /* the receiver acknowledges only after all of them */
     } else if (ar_server_create("127.0.0.1:0", NULL, &srv, &port) != AR_OK ||
                ar_server_handle(srv, "/arceus.Worker/Pipe", on_pipe, &j) != AR_OK ||
                ar_server_start(srv) != AR_OK) {
-        return -1;
+        return res;
     }
     char addr[64];
     snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
@@ -287,8 +345,8 @@ static double grpc_rate(size_t size, int count)
     ar_link *l;
     if (ar_client_open(addr, &c) != AR_OK || ar_client_pipe(c, "bench client", AR_NET_DEFAULT_MAX_FRAME, &l) != AR_OK) {
         if (pid > 0)
-            waitpid(pid, NULL, 0);
-        return -1;
+            receiver_finish(pid, from_child);
+        return res;
     }
     /* payloads are prepared (and written, as by the compute that made them)
      * before the clock starts: the link takes them over */
@@ -297,10 +355,10 @@ static double grpc_rate(size_t size, int count)
         ar_link_destroy(l);
         ar_client_close(c);
         if (pid > 0)
-            waitpid(pid, NULL, 0);
-        return -1;
+            receiver_finish(pid, from_child);
+        return res;
     }
-    double t0 = ar_now();
+    double t0 = ar_now(), cpu0 = process_cpu_s();
     for (int i = 0; i < count; i++) {
         ar_frame f = {.kind = AR_FRAME_ACT, .step = 0, .mb = 0, .nmb = 1, .rows = 1,
                       .dtype = AR_DT_U8, .ndim = 1, .shape = {(int64_t)size}, .data = bufs[i],
@@ -311,7 +369,7 @@ static double grpc_rate(size_t size, int count)
     }
     ar_frame ack;
     int ok = ar_link_recv(l, &ack, 120) == AR_OK;
-    double dt = ar_now() - t0;
+    double dt = ar_now() - t0, send_cpu = process_cpu_s() - cpu0;
     if (ok)
         ar_frame_free(&ack);
     ar_net_link_finish(l, 10);
@@ -320,11 +378,16 @@ static double grpc_rate(size_t size, int count)
     if (srv)
         ar_server_destroy(srv);
     if (pid > 0)
-        waitpid(pid, NULL, 0);
+        res.recv_cpu_s = receiver_finish(pid, from_child);
     for (int i = 0; i < count; i++) /* those a failed send left */
         free(bufs[i]);
     free(bufs);
-    return ok && j.received == count ? (double)size * count / dt : -1;
+    if (ok && j.received == count) {
+        res.rate = (double)size * count / dt;
+        res.gb = (double)size * count / 1e9;
+        res.send_cpu_s = send_cpu;
+    }
+    return res;
 }
 
 /* The receiving process: --serve tcp|tcp-hot|grpc SIZE COUNT */
@@ -342,11 +405,12 @@ static int serve(const char *kind, size_t size, int count)
         fflush(stdout);
         /* the handler acknowledges after the last frame; wait for it */
         double t0 = ar_now();
-        while (j.received < count && ar_now() - t0 < 300)
+        while (!atomic_load(&j.done) && ar_now() - t0 < 300)
             usleep(1000);
         usleep(50000); /* let the acknowledgement and the status go out */
         ar_server_destroy(srv);
         ar_net_shutdown();
+        printf("cpu %.6f\n", atomic_load(&j.done) ? j.cpu_s : -1.0);
         return 0;
     }
     int ls = tcp_listen(&port);
@@ -354,10 +418,40 @@ static int serve(const char *kind, size_t size, int count)
         return 1;
     printf("%d\n", port);
     fflush(stdout);
-    tcp_job j = {ls, size, count, strcmp(kind, "tcp-hot") == 0 ? TCP_HOT : TCP_AS_APP};
+    tcp_job j = {ls, size, count, strcmp(kind, "tcp-hot") == 0 ? TCP_HOT : TCP_AS_APP, -1};
     tcp_receiver(&j);
     close(ls);
+    printf("cpu %.6f\n", j.cpu_s);
     return 0;
+}
+
+/* CPU seconds per GB moved (-1 where unknown). */
+static double cpu_per_gb(double cpu_s, link_result r)
+{
+    return cpu_s < 0 || r.rate <= 0 || r.gb <= 0 ? -1 : cpu_s / r.gb;
+}
+
+/* What each end of the best run of each kind spent, as CPU seconds per GB.
+ * Raw TCP on loopback does most of its work in the sender (the kernel copies
+ * and delivers there); the link adds HTTP/2 and a second copy on the
+ * receiving side. With few cores, that CPU bounds the link's throughput. */
+static void print_cpu_table(const size_t *sizes, const link_result *tcp, const link_result *grpc)
+{
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    printf("CPU seconds per GB moved (best run), sender + receiver, all threads; %ld cores here\n", cores);
+    printf("%-8s %16s %16s %14s\n", "size", "raw TCP", "gRPC link", "gRPC / TCP");
+    for (int i = 0; i < 3; i++) {
+        char label[16];
+        snprintf(label, sizeof label, sizes[i] >= (1 << 20) ? "%zu MiB" : "%zu KiB",
+                 sizes[i] >= (1 << 20) ? sizes[i] >> 20 : sizes[i] >> 10);
+        double ts = cpu_per_gb(tcp[i].send_cpu_s, tcp[i]), tr = cpu_per_gb(tcp[i].recv_cpu_s, tcp[i]);
+        double gs = cpu_per_gb(grpc[i].send_cpu_s, grpc[i]), gr = cpu_per_gb(grpc[i].recv_cpu_s, grpc[i]);
+        if (ts < 0 || tr < 0 || gs < 0 || gr < 0) {
+            printf("%-8s %16s %16s %14s\n", label, "n/a", "n/a", "n/a");
+            continue;
+        }
+        printf("%-8s %7.3f + %6.3f %7.3f + %6.3f %13.2fx\n", label, ts, tr, gs, gr, (gs + gr) / (ts + tr));
+    }
 }
 
 /* The 1, 5 and 15 minute load averages, as text. */
@@ -404,12 +498,13 @@ int main(int argc, char **argv)
     long total = quick ? (64L << 20) : (512L << 20); /* bytes per measurement */
     if (only) {
         int count = (int)(total / (long)only_size);
-        double r = strcmp(only, "grpc") == 0  ? grpc_rate(only_size, count)
-                   : strcmp(only, "tcp") == 0 ? tcp_rate(only_size, count, TCP_AS_APP)
-                                              : tcp_rate(only_size, count, TCP_HOT);
-        printf("%s %zu bytes: %.2f GB/s\n", only, only_size, r / 1e9);
+        link_result r = strcmp(only, "grpc") == 0  ? grpc_rate(only_size, count)
+                        : strcmp(only, "tcp") == 0 ? tcp_rate(only_size, count, TCP_AS_APP)
+                                                   : tcp_rate(only_size, count, TCP_HOT);
+        printf("%s %zu bytes: %.2f GB/s, CPU s/GB sender %.3f receiver %.3f\n", only, only_size,
+               r.rate / 1e9, cpu_per_gb(r.send_cpu_s, r), cpu_per_gb(r.recv_cpu_s, r));
         ar_net_shutdown();
-        return r > 0 ? 0 : 1;
+        return r.rate > 0 ? 0 : 1;
     }
     printf("load average %s (this machine is shared: compare ratios from one run)\n", load_average());
     printf("receivers in %s; raw TCP handles its buffers as the link does (a buffer per message\n"
@@ -417,21 +512,27 @@ int main(int argc, char **argv)
            two_processes ? "a process of their own" : "the sender's process");
     printf("%-8s %12s %12s %12s %7s %6s %7s\n", "size", "raw TCP", "TCP hot", "gRPC link", "ratio",
            "", "/hot");
-    char json[1024] = "";
+    char json[2048] = "";
+    link_result best_tcp[3], best_grpc[3];
     int ok = 1, pass = 1;
     for (int i = 0; i < 3; i++) {
         int count = (int)(total / (long)sizes[i]);
         if (count < 8)
             count = 8;
         /* best of 3 for each, interleaved, since the machine is shared */
-        double tcp = 0, hot = 0, grpc = 0;
+        link_result *bt = &best_tcp[i], *bg = &best_grpc[i];
+        *bt = *bg = (link_result){0, 0, 0, -1};
+        double hot = 0;
         for (int r = 0; r < 3; r++) {
-            double a = tcp_rate(sizes[i], count, TCP_AS_APP), h = tcp_rate(sizes[i], count, TCP_HOT);
-            double b = grpc_rate(sizes[i], count);
-            tcp = a > tcp ? a : tcp;
-            hot = h > hot ? h : hot;
-            grpc = b > grpc ? b : grpc;
+            link_result a = tcp_rate(sizes[i], count, TCP_AS_APP), h = tcp_rate(sizes[i], count, TCP_HOT);
+            link_result b = grpc_rate(sizes[i], count);
+            if (a.rate > bt->rate)
+                *bt = a;
+            hot = h.rate > hot ? h.rate : hot;
+            if (b.rate > bg->rate)
+                *bg = b;
         }
+        double tcp = bt->rate, grpc = bg->rate;
         if (tcp <= 0 || hot <= 0 || grpc <= 0)
             ok = 0;
         int met = grpc / tcp >= LINK_TARGET;
@@ -444,11 +545,15 @@ int main(int argc, char **argv)
         size_t n = strlen(json);
         snprintf(json + n, sizeof json - n,
                  "%s{\"bytes\": %zu, \"tcp\": %.0f, \"tcp_hot\": %.0f, \"grpc\": %.0f, \"ratio\": %.3f, "
-                 "\"ratio_hot\": %.3f}",
-                 i ? ", " : "", sizes[i], tcp, hot, grpc, grpc / tcp, grpc / hot);
+                 "\"ratio_hot\": %.3f, \"cpu_s_per_gb\": {\"tcp_send\": %.4f, \"tcp_recv\": %.4f, "
+                 "\"grpc_send\": %.4f, \"grpc_recv\": %.4f}}",
+                 i ? ", " : "", sizes[i], tcp, hot, grpc, grpc / tcp, grpc / hot,
+                 cpu_per_gb(bt->send_cpu_s, *bt), cpu_per_gb(bt->recv_cpu_s, *bt),
+                 cpu_per_gb(bg->send_cpu_s, *bg), cpu_per_gb(bg->recv_cpu_s, *bg));
     }
     printf("gRPC link >= %.2fx raw TCP at every size: %s (load average %s)\n", LINK_TARGET,
            pass ? "PASS" : "FAIL", load_average());
+    print_cpu_table(sizes, best_tcp, best_grpc);
     printf("{\"two_processes\": %d, \"pass\": %s, \"link\": [%s]}\n", two_processes,
            pass ? "true" : "false", json);
     ar_net_shutdown();
