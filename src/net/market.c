@@ -65,6 +65,27 @@ static ProtobufCMessage *read_request(ar_rpc *rpc, const ProtobufCMessageDescrip
     return m;
 }
 
+/* Room for a reply's repeated message field of n items: the items (size
+ * bytes each, zeroed) and the array of pointers to them that protobuf-c
+ * takes, in one block whose start is *ptrs; free(*ptrs) releases both.
+ * 0, or -1 with INTERNAL sent. */
+static int reply_list(ar_rpc *rpc, size_t n, size_t size, void **items, void ***ptrs)
+{
+    size_t count = n ? n : 1, each = sizeof **ptrs + size;
+    void **p = count <= SIZE_MAX / each ? calloc(count, each) : NULL;
+    if (!p) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory for a reply of %zu items", n);
+        return -1;
+    }
+    /* the pointers first, then the items: protobuf-c messages need no more
+     * than a pointer's alignment */
+    char *first = (char *)(p + count);
+    for (size_t i = 0; i < n; i++)
+        p[i] = first + i * size;
+    *items = first;
+    *ptrs = p;
+    return 0;
+}
 
 /* A store failure as a status: the caller's fault or ours. */
 static void store_error(ar_rpc *rpc, int rc)
@@ -289,11 +310,11 @@ static void on_list_providers(ar_rpc *rpc, void *user)
         store_error(rpc, rc);
         goto out;
     }
-    infos = calloc(n ? n : 1, sizeof *infos);
-    ptrs = calloc(n ? n : 1, sizeof *ptrs);
+    if (reply_list(rpc, n, sizeof *infos, (void **)&infos, (void ***)&ptrs) != 0)
+        goto out;
     profiles = calloc(n ? n : 1, sizeof *profiles);
     names = calloc(n ? n : 1, sizeof *names);
-    if (!infos || !ptrs || !profiles || !names) {
+    if (!profiles || !names) {
         ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
         goto out;
     }
@@ -317,15 +338,13 @@ static void on_list_providers(ar_rpc *rpc, void *user)
         pi.online = ps[i].online;
         pi.last_heartbeat = ps[i].last_heartbeat;
         infos[i] = pi;
-        ptrs[i] = &infos[i];
     }
     Arceus__ListProvidersReply r = ARCEUS__LIST_PROVIDERS_REPLY__INIT;
     r.n_providers = n;
     r.providers = ptrs;
     net_rpc_reply(rpc, &r.base);
 out:
-    free(infos);
-    free(ptrs);
+    free(ptrs); /* and infos */
     free(profiles);
     free(names);
     ar_free(ps);
@@ -369,12 +388,8 @@ static void on_ledger(ar_rpc *rpc, void *user)
         store_error(rpc, rc);
         goto out;
     }
-    lr = calloc(n ? n : 1, sizeof *lr);
-    ptrs = calloc(n ? n : 1, sizeof *ptrs);
-    if (!lr || !ptrs) {
-        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+    if (reply_list(rpc, n, sizeof *lr, (void **)&lr, (void ***)&ptrs) != 0)
         goto out;
-    }
     for (size_t i = 0; i < n; i++) {
         Arceus__LedgerRow row = ARCEUS__LEDGER_ROW__INIT;
         row.id = rows[i].id;
@@ -385,7 +400,6 @@ static void on_ledger(ar_rpc *rpc, void *user)
         row.step = rows[i].step;
         row.created = rows[i].created;
         lr[i] = row;
-        ptrs[i] = &lr[i];
     }
     Arceus__LedgerReply r = ARCEUS__LEDGER_REPLY__INIT;
     r.account = me.name;
@@ -394,8 +408,7 @@ static void on_ledger(ar_rpc *rpc, void *user)
     r.balance = balance;
     net_rpc_reply(rpc, &r.base);
 out:
-    free(lr);
-    free(ptrs);
+    free(ptrs); /* and lr */
     ar_free(rows);
     arceus__ledger_request__free_unpacked(req, NULL);
 }
@@ -929,23 +942,16 @@ static void on_list_jobs(ar_rpc *rpc, void *user)
         store_error(rpc, rc);
         goto out;
     }
-    ji = calloc(n ? n : 1, sizeof *ji);
-    ptrs = calloc(n ? n : 1, sizeof *ptrs);
-    if (!ji || !ptrs) {
-        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+    if (reply_list(rpc, n, sizeof *ji, (void **)&ji, (void ***)&ptrs) != 0)
         goto out;
-    }
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n; i++)
         job_info(&jobs[i], &ji[i]);
-        ptrs[i] = &ji[i];
-    }
     Arceus__ListJobsReply r = ARCEUS__LIST_JOBS_REPLY__INIT;
     r.n_jobs = n;
     r.jobs = ptrs;
     net_rpc_reply(rpc, &r.base);
 out:
-    free(ji);
-    free(ptrs);
+    free(ptrs); /* and ji */
     ar_store_jobs_free(jobs, n);
     arceus__list_jobs_request__free_unpacked(req, NULL);
 }
@@ -984,18 +990,13 @@ static void on_get_job(ar_rpc *rpc, void *user)
         store_error(rpc, rc);
         goto out;
     }
-    lp = calloc(n ? n : 1, sizeof *lp);
-    ptrs = calloc(n ? n : 1, sizeof *ptrs);
-    if (!lp || !ptrs) {
-        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+    if (reply_list(rpc, n, sizeof *lp, (void **)&lp, (void ***)&ptrs) != 0)
         goto out;
-    }
     for (size_t i = 0; i < n; i++) {
         Arceus__LossPoint x = ARCEUS__LOSS_POINT__INIT;
         x.step = pts[i].step;
         x.loss = pts[i].loss;
         lp[i] = x;
-        ptrs[i] = &lp[i];
     }
     Arceus__JobInfo ji;
     job_info(&job, &ji);
@@ -1005,8 +1006,7 @@ static void on_get_job(ar_rpc *rpc, void *user)
     r.losses = ptrs;
     net_rpc_reply(rpc, &r.base);
 out:
-    free(lp);
-    free(ptrs);
+    free(ptrs); /* and lp */
     ar_free(pts);
     ar_store_job_clear(&job);
     arceus__get_job_request__free_unpacked(req, NULL);
