@@ -44,7 +44,7 @@
 #define AR_REASON_MAX 32
 
 /* The schema version this build creates and migrates to. */
-#define AR_STORE_SCHEMA_VERSION 4
+#define AR_STORE_SCHEMA_VERSION 5
 
 typedef struct ar_store ar_store;
 
@@ -312,9 +312,23 @@ int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int 
  * job goes back to its checkpoint and redoes them; and the lost member's
  * place in the lease goes to `replacement` (its provider_id, flops_per_step
  * and price; its stage is ignored), or is removed when replacement is NULL.
+ * The settlement is kept (ar_store_lease_replacement), so that a driver
+ * whose answer was lost can ask again and get the same one.
  * AR_ENOTFOUND when the lease is not live or the provider not in it. */
 int ar_store_lease_replace(ar_store *s, int64_t lease_id, int64_t lost_provider_id, int64_t kept_steps,
                            const ar_lease_member *replacement, int *reversed_out);
+
+/* How the loss of a lease member was settled by ar_store_lease_replace. */
+typedef struct {
+    int stage;
+    int64_t kept_steps;
+    int64_t replacement_id; /* the provider that took its place; 0: none was free */
+    int reversed;           /* payments reversed */
+} ar_lease_replacement;
+/* The last settlement of lost_provider_id's loss in lease_id; AR_ENOTFOUND
+ * when it was never reported lost there. */
+int ar_store_lease_replacement(ar_store *s, int64_t lease_id, int64_t lost_provider_id,
+                               ar_lease_replacement *out);
 /* The renter's driver died and a new one resumes job_id (the renter's) from
  * a checkpoint that kept kept_steps steps: in one transaction the job's live
  * leases are released, the payments for steps >= kept_steps reversed, and the

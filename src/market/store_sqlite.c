@@ -172,6 +172,18 @@ static const char *const migrations[] = {
     "  idle_s REAL NOT NULL,"
     "  PRIMARY KEY (job_id, step, stage));"
     "CREATE INDEX usage_provider ON usage (provider_id, created);",
+    /* 5: how each lost lease member was settled, so that a ReplaceProvider
+     * asked again (its answer lost with a market that died) gets the same
+     * answer instead of a refusal */
+    "CREATE TABLE lease_replacements ("
+    "  lease_id INTEGER NOT NULL REFERENCES leases(id),"
+    "  lost_provider_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  stage INTEGER NOT NULL,"
+    "  kept_steps INTEGER NOT NULL,"
+    "  replacement_id INTEGER NOT NULL," /* 0: none was free */
+    "  reversed INTEGER NOT NULL,"
+    "  created INTEGER NOT NULL,"
+    "  PRIMARY KEY (lease_id, lost_provider_id));",
 };
 _Static_assert(sizeof migrations / sizeof migrations[0] == AR_STORE_SCHEMA_VERSION,
                "one migration per schema version");
@@ -1709,8 +1721,9 @@ int ar_store_lease_replace(ar_store *s, int64_t lease_id, int64_t lost_provider_
     if (rc == 0)
         rc = run(s, NULL, "UPDATE providers SET online = 0, reliability = reliability * ? WHERE id = ?", "di",
                  AR_RELIABILITY_AFTER_LOSS, lost_provider_id);
+    int reversed = 0;
     if (rc == 0)
-        rc = rollback_usage(s, job_id, kept_steps - 1, reversed_out);
+        rc = rollback_usage(s, job_id, kept_steps - 1, &reversed);
     if (rc == 0 && replacement)
         rc = run(s, NULL,
                  "UPDATE lease_members SET provider_id = ?, flops_per_step = ?, price_per_tflop = ?"
@@ -1719,8 +1732,45 @@ int ar_store_lease_replace(ar_store *s, int64_t lease_id, int64_t lost_provider_
                  replacement->price_per_tflop, lease_id, stage);
     else if (rc == 0)
         rc = run(s, NULL, "DELETE FROM lease_members WHERE lease_id = ? AND stage = ?", "ii", lease_id, stage);
+    /* a provider lost twice in one lease (it came back as another's
+     * replacement) keeps its latest settlement */
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT OR REPLACE INTO lease_replacements (lease_id, lost_provider_id, stage, kept_steps,"
+                 " replacement_id, reversed, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 "iiiiiii", lease_id, lost_provider_id, stage, kept_steps,
+                 replacement ? replacement->provider_id : (int64_t)0, (int64_t)reversed, now_s());
+    if (rc == 0 && reversed_out)
+        *reversed_out = reversed;
     rc = tx_end(s, rc);
 out:
+    unlock(s);
+    return rc;
+}
+
+int ar_store_lease_replacement(ar_store *s, int64_t lease_id, int64_t lost_provider_id,
+                               ar_lease_replacement *out)
+{
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st,
+                  "SELECT stage, kept_steps, replacement_id, reversed FROM lease_replacements"
+                  " WHERE lease_id = ? AND lost_provider_id = ?",
+                  "ii", lease_id, lost_provider_id);
+    if (rc == 0) {
+        rc = step(s, st);
+        if (rc > 0) {
+            out->stage = sqlite3_column_int(st, 0);
+            out->kept_steps = sqlite3_column_int64(st, 1);
+            out->replacement_id = sqlite3_column_int64(st, 2);
+            out->reversed = sqlite3_column_int(st, 3);
+            rc = AR_OK;
+        } else if (rc == 0) {
+            rc = ar_fail(AR_ENOTFOUND, "provider %" PRId64 " was not lost in lease %" PRId64, lost_provider_id,
+                         lease_id);
+        }
+        sqlite3_finalize(st);
+    }
     unlock(s);
     return rc;
 }

@@ -818,6 +818,74 @@ out:
     arceus__release_lease_request__free_unpacked(req, NULL);
 }
 
+/* The answer to a ReplaceProvider: the provider that took the lost one's
+ * place (NULL: none was free), the payments reversed and what the job has
+ * spent now. */
+static void replace_reply(ar_market *m, ar_rpc *rpc, int64_t job_id, const ar_provider *with,
+                          const char *account, int64_t flops_per_step, int reversed)
+{
+    ar_job job;
+    int rc = ar_store_job_get(m->store, job_id, &job);
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        return;
+    }
+    Arceus__ProviderProfile prof;
+    Arceus__LeasedProvider lp;
+    Arceus__ReplaceProviderReply r = ARCEUS__REPLACE_PROVIDER_REPLY__INIT;
+    if (with) {
+        leased_msg(with, account, flops_per_step, &prof, &lp);
+        r.replacement = &lp;
+    }
+    r.reversed = reversed;
+    r.spent = job.spent;
+    ar_store_job_clear(&job);
+    net_rpc_reply(rpc, &r.base);
+}
+
+/* A ReplaceProvider for a provider no longer in the lease. Asked again by a
+ * driver that never got the answer (the market died after settling the loss,
+ * before replying), with the same kept steps, it gets the same answer and
+ * nothing is done twice: no second reliability penalty, no second reversal,
+ * no second replacement. Anything else is refused. */
+static void replace_again(ar_market *m, ar_rpc *rpc, const ar_lease *lease,
+                          const Arceus__ReplaceProviderRequest *req, const ar_lease_member *mem, size_t nm)
+{
+    ar_lease_replacement done;
+    int rc = ar_store_lease_replacement(m->store, lease->id, req->lost_provider_id, &done);
+    if (rc == AR_ENOTFOUND || (rc == AR_OK && done.kept_steps != req->kept_steps)) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReplaceProvider: provider %lld is not in the lease",
+                      (long long)req->lost_provider_id);
+        return;
+    }
+    if (rc != AR_OK) {
+        store_error(rpc, rc);
+        return;
+    }
+    const ar_lease_member *now = NULL;
+    for (size_t i = 0; i < nm; i++)
+        if (mem[i].stage == done.stage && mem[i].provider_id == done.replacement_id)
+            now = &mem[i];
+    if (done.replacement_id != 0 && !now) {
+        ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION,
+                      "ReplaceProvider: provider %lld was replaced by provider %lld, which has left the lease since",
+                      (long long)req->lost_provider_id, (long long)done.replacement_id);
+        return;
+    }
+    ar_provider with;
+    ar_account name = {0};
+    if (now && ((rc = ar_store_provider_get(m->store, now->provider_id, &with)) != AR_OK ||
+                (rc = ar_store_account_get(m->store, with.account_id, &name)) != AR_OK)) {
+        store_error(rpc, rc);
+        return;
+    }
+    ar_log(AR_LOG_WARN, "market: job %lld asked again about lost provider %lld: answered as before (%s %lld)",
+           (long long)lease->job_id, (long long)req->lost_provider_id, now ? "replaced by provider" : "no replacement",
+           (long long)done.replacement_id);
+    replace_reply(m, rpc, lease->job_id, now ? &with : NULL, name.name, now ? now->flops_per_step : 0,
+                  done.reversed);
+}
+
 static void on_replace(ar_rpc *rpc, void *user)
 {
     ar_market *m = user;
@@ -848,8 +916,7 @@ static void on_replace(ar_rpc *rpc, void *user)
         if (mem[i].provider_id == req->lost_provider_id)
             lost = &mem[i];
     if (!lost) {
-        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReplaceProvider: provider %lld is not in the lease",
-                      (long long)req->lost_provider_id);
+        replace_again(m, rpc, &lease, req, mem, nm);
         goto out;
     }
     /* choosing the replacement and leasing it is one step, as in AcquireLease */
@@ -877,29 +944,13 @@ static void on_replace(ar_rpc *rpc, void *user)
         store_error(rpc, rc);
         goto out;
     }
-    ar_job job;
-    if ((rc = ar_store_job_get(m->store, lease.job_id, &job)) != AR_OK) {
-        store_error(rpc, rc);
-        goto out;
-    }
-    int64_t spent = job.spent;
-    ar_store_job_clear(&job);
     char instead[64] = "no free provider to replace it";
     if (k > 0)
         snprintf(instead, sizeof instead, "provider %lld replaces it", (long long)with.provider_id);
     ar_log(AR_LOG_WARN, "market: job %lld lost provider %lld (%.256s): marked offline, reliability lowered, "
            "%d payments from step %lld on reversed; %s", (long long)lease.job_id,
            (long long)req->lost_provider_id, req->reason, reversed, (long long)req->kept_steps, instead);
-    Arceus__ProviderProfile prof;
-    Arceus__LeasedProvider lp;
-    Arceus__ReplaceProviderReply r = ARCEUS__REPLACE_PROVIDER_REPLY__INIT;
-    if (k > 0) {
-        leased_msg(rk[0].p, name.name, with.flops_per_step, &prof, &lp);
-        r.replacement = &lp;
-    }
-    r.reversed = reversed;
-    r.spent = spent;
-    net_rpc_reply(rpc, &r.base);
+    replace_reply(m, rpc, lease.job_id, k > 0 ? rk[0].p : NULL, name.name, with.flops_per_step, reversed);
 out:
     if (acquiring)
         pthread_mutex_unlock(&m->acquire_mu);

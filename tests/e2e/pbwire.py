@@ -67,3 +67,26 @@ def decode(buf):
             raise ValueError(f"wire type {wt}")
         out.setdefault(f, []).append(v)
     return out
+
+
+# ---- a few Market requests, field by field --------------------------------
+
+def acquire(token, devices=1, max_credits=0, est_steps=10, spec="mlp", flops=10 ** 9, min_mem=0):
+    """AcquireLeaseRequest"""
+    return (field_bytes(1, token) + field_varint(2, devices) + field_varint(3, max_credits) +
+            field_varint(4, est_steps) + field_bytes(5, spec) + field_varint(6, flops) +
+            field_varint(7, min_mem))
+
+
+def usage(lease, step=0, stages=((0, 1, 10 ** 9),)):
+    """ReportUsageRequest: stages as (stage, provider id, FLOPs)"""
+    m = field_bytes(1, lease) + field_varint(2, step)
+    for st, pid, fl in stages:
+        m += field_bytes(3, field_varint(1, st) + field_varint(2, pid) + field_varint(3, fl))
+    return m
+
+
+def replace(lease, lost_provider_id, kept_steps, reason="lost"):
+    """ReplaceProviderRequest"""
+    return (field_bytes(1, lease) + field_varint(2, lost_provider_id) + field_varint(3, kept_steps) +
+            field_bytes(4, reason))

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import _env
 from test_market import Market, add_account, markets, profile, register  # noqa: F401
-from pbwire import decode, field_bytes, field_double, field_f32, field_varint, varint
+from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, usage, varint
 from test_workers import MLP_SPEC, frame, hello_request, pipe, unary, workers  # noqa: F401
 
 grpc = pytest.importorskip("grpc")
@@ -265,19 +265,6 @@ def test_worker_pipe_table(workers):
 # ---------------------------------------------------------------------------
 # The market
 # ---------------------------------------------------------------------------
-
-def acquire(token, devices=1, max_credits=0, est_steps=10, spec="mlp", flops=10 ** 9, min_mem=0):
-    return (field_bytes(1, token) + field_varint(2, devices) + field_varint(3, max_credits) +
-            field_varint(4, est_steps) + field_bytes(5, spec) + field_varint(6, flops) +
-            field_varint(7, min_mem))
-
-
-def usage(lease, step=0, stages=((0, 1, 10 ** 9),)):
-    m = field_bytes(1, lease) + field_varint(2, step)
-    for st, pid, fl in stages:
-        m += field_bytes(3, field_varint(1, st) + field_varint(2, pid) + field_varint(3, fl))
-    return m
-
 
 def market_rows(token, other, pid, lease):
     """(method, what, request, code, words)"""

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import SANITIZER_MARKERS, _env
-from pbwire import decode, field_bytes, field_double, field_varint
+from pbwire import acquire, decode, field_bytes, field_double, field_varint, replace, usage
 
 grpc = pytest.importorskip("grpc")
 
@@ -377,3 +377,59 @@ def test_sigkilled_market_restarts_with_accounts_and_ledger(run_arceus, markets,
     assert m2.stop() == 0
     total, rows = ledger_sum(db)
     assert total == 0 and rows == 6
+
+
+# ---------------------------------------------------------------------------
+# A lost provider's replacement, asked for again
+# ---------------------------------------------------------------------------
+
+def provider_reliability(db, pid):
+    con = sqlite3.connect(str(db))
+    try:
+        return con.execute("SELECT reliability FROM providers WHERE id = ?", (pid,)).fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_replace_provider_asked_again_after_a_restart_gets_the_same_answer(run_arceus, markets, tmp_path):
+    """A driver whose ReplaceProvider answer was lost (the market died after
+    settling the loss, before replying) asks again once the market is back,
+    and gets the same answer with nothing done twice: no second reversal, no
+    second reliability penalty, no second replacement."""
+    db = tmp_path / "market.db"
+    renter = add_account(run_arceus, db, "renter", "100")
+    owners = [add_account(run_arceus, db, f"owner{i}", "0") for i in range(3)]
+    m = markets(db)
+    pids = [register(m.addr, tok, f"127.0.0.1:{5001 + i}")[0] for i, tok in enumerate(owners)]
+    r = decode(call(m.addr, "AcquireLease", acquire(renter, devices=2)))
+    lease = r[3][0].decode()
+    leased = [decode(p)[1][0] for p in r[5]]
+    spare = next(p for p in pids if p not in leased)
+    for step in range(4):
+        call(m.addr, "ReportUsage", usage(lease, step, [(i, pid, 10 ** 9) for i, pid in enumerate(leased)]))
+    lost_before = provider_reliability(db, leased[1])
+
+    first = decode(call(m.addr, "ReplaceProvider", replace(lease, leased[1], 2)))
+    assert decode(first[1][0])[1] == [spare]
+    assert first[2] == [4]  # steps 2 and 3 of both stages
+    books = ledger_sum(db)
+    lost_after = provider_reliability(db, leased[1])
+    assert lost_after < lost_before
+
+    m.proc.kill()
+    m.proc.wait()
+    m2 = markets(db)
+    again = decode(call(m2.addr, "ReplaceProvider", replace(lease, leased[1], 2)))
+    assert again == first
+    assert ledger_sum(db) == books
+    assert provider_reliability(db, leased[1]) == lost_after
+    # the replacement works the lease: its steps are paid to it
+    call(m2.addr, "ReportUsage", usage(lease, 2, [(0, leased[0], 10 ** 9), (1, spare, 10 ** 9)]))
+    assert ledger_sum(db)[1] > books[1]
+
+    # another checkpoint is another question: refused, as for any provider not in the lease
+    e = call_error(m2.addr, "ReplaceProvider", replace(lease, leased[1], 1))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not in the lease" in e.details()
+    e = call_error(m2.addr, "ReplaceProvider", replace(lease, 999, 2))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not in the lease" in e.details()
+    assert ledger_sum(db)[0] == 0

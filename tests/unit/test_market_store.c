@@ -485,6 +485,8 @@ Test(market_store, a_lost_provider_is_replaced_and_the_steps_redone_are_unpaid)
     ar_lease_member with = {.provider_id = p2, .flops_per_step = 1000000000000LL, .price_per_tflop = AR_CREDITS(2)};
     cr_assert_eq(ar_store_lease_replace(s, lease, p2, 4, &with, NULL), AR_ENOTFOUND);
     cr_assert_eq(ledger_rows(s), rows);
+    ar_lease_replacement done;
+    cr_assert_eq(ar_store_lease_replacement(s, lease, p1, &done), AR_ENOTFOUND);
 
     int reversed = -1;
     cr_assert_eq(ar_store_lease_replace(s, lease, p1, 4, &with, &reversed), 0, "%s", ar_last_error());
@@ -504,6 +506,13 @@ Test(market_store, a_lost_provider_is_replaced_and_the_steps_redone_are_unpaid)
     cr_assert_eq(mem[1].stage, 1);
     cr_assert_eq(mem[1].price_per_tflop, AR_CREDITS(2));
     ar_free(mem);
+    /* the settlement is kept for a driver that asks again */
+    cr_assert_eq(ar_store_lease_replacement(s, lease, p1, &done), 0, "%s", ar_last_error());
+    cr_assert_eq(done.stage, 1);
+    cr_assert_eq(done.kept_steps, 4);
+    cr_assert_eq(done.replacement_id, p2);
+    cr_assert_eq(done.reversed, 4);
+    cr_assert_eq(ar_store_lease_replacement(s, lease, p0, &done), AR_ENOTFOUND);
     /* the redo is paid to whoever does it, once */
     ar_usage_result r;
     cr_assert_eq(ar_store_usage_record(s, job, 4, p2, 1, 1000000000000LL, AR_CREDITS(2), &r), 0);
@@ -520,6 +529,10 @@ Test(market_store, a_lost_provider_is_replaced_and_the_steps_redone_are_unpaid)
     cr_assert_eq(n, 1);
     cr_assert_eq(mem[0].provider_id, p0);
     ar_free(mem);
+    cr_assert_eq(ar_store_lease_replacement(s, lease, p2, &done), 0, "%s", ar_last_error());
+    cr_assert_eq(done.replacement_id, 0);
+    cr_assert_eq(done.kept_steps, 5);
+    cr_assert_eq(done.reversed, reversed);
     cr_assert_eq(ar_store_lease_replace(s, lease, p0, -1, NULL, NULL), AR_EINVAL);
     cr_assert_eq(ar_store_lease_release(s, lease), 0);
     cr_assert_eq(ar_store_lease_replace(s, lease, p0, 0, NULL, NULL), AR_ENOTFOUND);
@@ -1120,7 +1133,7 @@ Test(market_store, totals_and_a_providers_earnings)
     ar_store_close(s);
 }
 
-Test(market_store, schema_3_database_is_migrated_to_4_keeping_its_data)
+Test(market_store, schema_3_database_is_migrated_to_the_current_schema_keeping_its_data)
 {
     ar_store *s = open_db();
     int64_t a = new_account(s, "a", AR_CREDITS(3));
@@ -1129,12 +1142,12 @@ Test(market_store, schema_3_database_is_migrated_to_4_keeping_its_data)
     ar_store_close(s);
     /* back to what a schema-3 market left */
     raw_sql("DROP TABLE job_val; DROP TABLE job_live; DROP TABLE job_stage_time; DROP INDEX usage_provider;"
-            " UPDATE schema_version SET version = 3",
+            " DROP TABLE lease_replacements; UPDATE schema_version SET version = 3",
             SQLITE_OK);
     s = open_db();
     int v = 0;
     cr_assert_eq(ar_store_schema_version(s, &v), 0);
-    cr_assert_eq(v, 4);
+    cr_assert_eq(v, AR_STORE_SCHEMA_VERSION);
     cr_assert_eq(balance(s, a), AR_CREDITS(3));
     ar_job_point *pts = NULL;
     size_t n = 0;
@@ -1144,5 +1157,7 @@ Test(market_store, schema_3_database_is_migrated_to_4_keeping_its_data)
     cr_assert_eq(ar_store_job_val_record(s, j, 1, 1.25), 0, "%s", ar_last_error());
     ar_job_live l = {.step = 1, .total_steps = 2, .unit = "tokens"};
     cr_assert_eq(ar_store_job_live_set(s, j, &l, NULL, 0), 0, "%s", ar_last_error());
+    ar_lease_replacement d; /* schema 5's table is there, and empty */
+    cr_assert_eq(ar_store_lease_replacement(s, 1, 1, &d), AR_ENOTFOUND, "%s", ar_last_error());
     ar_store_close(s);
 }
