@@ -1,33 +1,23 @@
-/* The training driver (see driver.h). */
-#include "train/driver.h"
+/* The training driver (see driver.h): one run, on one device, on stages in
+ * this process, or on workers; the data and the market's side of a run are
+ * driver_data.c and driver_market.c (driver_internal.h). */
+#include "train/driver_internal.h"
 
-#include "core/core.h"
 #include "core/progress.h"
-#include "data/data.h"
 #include "nn/safetensors.h"
 #include "train/checkpoint.h"
 #include "market/store.h"
-#include "net/market.h"
-#include "net/net.h"
-#include "net/remote.h"
-#include "train/local.h"
-#include "train/market_plan.h"
 #include "train/pipeline.h"
-#include "train/plan.h"
 #include "train/plot.h"
 #include "train/schedule.h"
 
 #include <errno.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
-
-#define DEFAULT_IMAGE_DIR "/usr/share/datasets/fashion-mnist"
 
 void ar_train_config_defaults(ar_train_config *c, int model_type)
 {
@@ -63,206 +53,8 @@ float ar_lr_at(long step, float lr, float min_lr, long warmup, long total)
     return (float)(min_lr + 0.5 * (lr - min_lr) * (1.0 + cos(M_PI * p)));
 }
 
-/* ---- data ------------------------------------------------------------- */
-
-typedef struct {
-    int is_text;
-    ar_text_set text;
-    ar_image_set train, test;
-    ar_rng rng;       /* text: window positions */
-    long pos;         /* images: samples consumed so far */
-    uint64_t seed;
-    int32_t *perm;    /* images: order of the current epoch */
-    long perm_epoch;
-} data_source;
-
-/* Back to the first batch of the run. */
-static void data_rewind(data_source *d)
-{
-    ar_rng_seed(&d->rng, ar_hash3(d->seed, 0xda7a, 0));
-    d->pos = 0;
-}
-
-static int data_open(data_source *d, const ar_model_spec *spec, const char *path, uint64_t seed)
-{
-    memset(d, 0, sizeof *d);
-    d->seed = seed;
-    d->perm_epoch = -1;
-    data_rewind(d);
-    int rc;
-    if (spec->type == AR_MODEL_GPT) {
-        if (!path)
-            return ar_fail(AR_EINVAL, "a language model needs --data PATH (a text file)");
-        d->is_text = 1;
-        if ((rc = ar_text_load(path, &d->text)) != AR_OK)
-            return rc;
-        /* both splits must hold a window of block_size + 1 tokens; say so now
-         * rather than at the first evaluation */
-        long need = (long)spec->block_size + 1;
-        long val = d->text.count - d->text.train_count;
-        if (d->text.train_count < need || val < need)
-            return ar_fail(AR_EINVAL,
-                           "%s: too short for block_size %d: the training split has %ld tokens and "
-                           "the validation split (last 10%%) %ld, each needs at least %ld",
-                           path, spec->block_size, d->text.train_count, val, need);
-        return AR_OK;
-    }
-    const char *dir = path ? path : DEFAULT_IMAGE_DIR;
-    if ((rc = ar_image_set_load(dir, "train", &d->train)) != AR_OK)
-        return rc;
-    if ((rc = ar_image_set_load(dir, "t10k", &d->test)) != AR_OK)
-        return rc;
-    if (d->train.features != spec->inputs)
-        return ar_fail(AR_ESHAPE, "%s: images have %d features but the model takes %d", dir,
-                       d->train.features, spec->inputs);
-    if (d->train.classes > spec->classes || d->test.classes > spec->classes)
-        return ar_fail(AR_ESHAPE, "%s: labels go up to %d but the model has %d classes", dir,
-                       (d->train.classes > d->test.classes ? d->train.classes : d->test.classes) - 1,
-                       spec->classes);
-    d->perm = ar_calloc((size_t)d->train.count, sizeof *d->perm);
-    return d->perm ? AR_OK : AR_ENOMEM;
-}
-
-static void data_close(data_source *d)
-{
-    ar_text_free(&d->text);
-    ar_image_set_free(&d->train);
-    ar_image_set_free(&d->test);
-    ar_free(d->perm);
-}
-
-/* The permutation of epoch e depends only on (seed, e): resuming needs only
- * the sample position. */
-static void shuffle_epoch(data_source *d, long epoch)
-{
-    int n = d->train.count;
-    for (int i = 0; i < n; i++)
-        d->perm[i] = i;
-    ar_rng r;
-    ar_rng_seed(&r, ar_hash3(d->seed, 0x5eed, (uint64_t)epoch));
-    for (int i = n - 1; i > 0; i--) {
-        int j = (int)ar_rng_below(&r, (uint64_t)i + 1);
-        int32_t t = d->perm[i];
-        d->perm[i] = d->perm[j];
-        d->perm[j] = t;
-    }
-    d->perm_epoch = epoch;
-}
-
-/* Next training batch: inputs (B,T) tokens or (B,features) floats. */
-static int data_next(data_source *d, int B, int T, void *inputs, int32_t *targets)
-{
-    if (d->is_text)
-        return ar_text_batch(&d->text, 0, &d->rng, B, T, inputs, targets);
-    float *x = inputs;
-    int F = d->train.features;
-    for (int b = 0; b < B; b++) {
-        long epoch = d->pos / d->train.count;
-        if (epoch != d->perm_epoch)
-            shuffle_epoch(d, epoch);
-        int idx = d->perm[d->pos % d->train.count];
-        memcpy(x + (size_t)b * F, d->train.images + (size_t)idx * F, (size_t)F * sizeof(float));
-        targets[b] = d->train.labels[idx];
-        d->pos++;
-    }
-    return AR_OK;
-}
-
 /* ---- the run ----------------------------------------------------------- */
 
-/* What a device offers the planner when the market knows better than its
- * Hello (a leased provider's record). */
-typedef struct {
-    double gflops, mem_bytes;
-    int known;
-} device_offer;
-
-typedef struct {
-    ar_train_config *c;
-    ar_model_spec spec;
-    data_source data;
-    int S;
-    ar_local_pipeline pipe;
-    ar_stage *stages;      /* pipe.stages */
-    ar_stage **stage_ptrs; /* pipe.stage_ptrs */
-    ar_link *head;         /* the driver's end towards stage 0 */
-    int threads_per_stage;
-    int M, B, T, rows_per_mb;
-    size_t row_elems;
-    void *inputs;
-    int32_t *targets;
-    FILE *log;
-    double *curve_x, *curve_y, *val_x, *val_y;
-    long ncurve, nval;
-    double busy[64], idle[64];
-    double tp_bytes[64]; /* a group's measured traffic, summed over tp_steps steps */
-    long tp_steps;
-    double step_wall; /* driver-side wall time of the training steps (bubble = 1 - busy/wall) */
-    /* remote workers (--workers HOST:PORT,...): the stages live in worker
-     * processes; local "shadow" stages of the same ranges hold their state
-     * for checkpoints (filled by Save) and resuming (pushed by Restore) */
-    int remote;
-    ar_plan plan;
-    ar_device devs[64];
-    ar_client *clients[64];
-    char addrs[64][128];
-    ar_stage shadows[64];
-    ar_remote_stage *groups; /* [S]: each stage's workers (a tensor-parallel group or one) */
-    ar_client *member_clients[64]; /* group members after their leaders: closed at the end */
-    int nmember_clients;
-    int tp_local;          /* in-process tensor-parallel groups: checkpoints go through the shadows */
-    ar_stage *shadow_ptrs[64];
-    int nshadows;
-    ar_link *remote_head;
-    /* a market lease (--market): the providers behind addrs, their prices,
-     * each stage's FLOPs per step, and what has been paid */
-    ar_client *market;
-    ar_market_lease lease;
-    int leased;
-    int64_t provider_ids[64], prices[64], stage_flops[64];
-    int64_t step_cost, spent;
-    long steps_done;
-    int budget_stop; /* ended by --max-credits: the job is cancelled, not failed */
-    /* steps completed but not yet paid because the market is unreachable, in
-     * step order with their losses; retried every MARKET_RETRY_S (a report
-     * that reached the market before it went away pays nothing twice: the
-     * market records usage once per (job, step, stage)) */
-    long *unpaid;
-    double *unpaid_loss;
-    size_t nunpaid, unpaid_cap;
-    int outage;       /* the last report found the market unreachable */
-    double retry_at;  /* the next attempt while it is */
-    long outage_paid; /* steps paid late since the outage began */
-    /* recovery (remote stages): what each device offers the planner (the
-     * market's record for a leased provider), the spare workers not planned
-     * (--spares), where the run restarts from when a stage is lost (the last
-     * checkpoint, or the start), and how long a stage may stay silent */
-    ar_optim_config oc;
-    device_offer offers[64];
-    char spare_addrs[64][128];
-    int nspares;
-    const char *restore_dir; /* NULL: the start of the run */
-    long restore_step;
-    double last_ckpt_t;
-    double timeout;          /* the stage timeout in force (s) */
-    double slowest_step;     /* the slowest training step so far (s) */
-    int failures;            /* losses since the last checkpoint */
-    /* the dashboard's view of the run (ReportProgress): sent about every
-     * PROGRESS_EVERY_S; the plan goes with the first report that arrives */
-    double progress_at;
-    int plan_sent, progress_off;
-    long nval_sent;
-} run;
-
-#define MARKET_RETRY_S 2.0
-#define MARKET_RELEASE_WAIT_S 60.0
-/* --checkpoint-every by default: about this much training redone at most */
-#define AUTO_CHECKPOINT_S 60.0
-/* --stage-timeout by default: at least this, or 4x the slowest step */
-#define DEFAULT_STAGE_TIMEOUT_S 10.0
-/* losses in a row without a checkpoint in between before the run gives up */
-#define MAX_FAILURES 5
-#define PROGRESS_EVERY_S 1.0
 
 static int eval_model(run *r, int64_t step, double *val_loss, double *accuracy)
 {
@@ -555,297 +347,6 @@ static int make_plan(run *r, int ndev)
     return rc;
 }
 
-/* FLOPs per step of every stage of the plan (its units' forward+backward
- * FLOPs per micro-batch times the micro-batches) and the cost of one step at
- * the leased prices, rounded per stage as the market pays it. */
-static int price_stages(run *r)
-{
-    int units = ar_spec_units(&r->spec);
-    ar_unit_cost *costs = ar_calloc((size_t)units, sizeof *costs);
-    if (!costs)
-        return AR_ENOMEM;
-    int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
-    r->step_cost = 0;
-    for (int i = 0; rc == AR_OK && i < r->S; i++) {
-        double f = 0;
-        for (int u = r->plan.first[i]; u < r->plan.last[i]; u++)
-            f += costs[u].flops;
-        r->stage_flops[i] = (int64_t)llround(f * r->M);
-        int64_t cost;
-        if ((rc = ar_store_cost(r->stage_flops[i], r->prices[i], &cost)) == AR_OK)
-            r->step_cost += cost;
-    }
-    ar_free(costs);
-    return rc;
-}
-
-/* Ask the market for c->devices providers; their addresses become the
- * workers. Printed before the plan: who, at what price, the estimate. */
-static int acquire_lease(run *r, long start_step, int64_t resume_job)
-{
-    ar_train_config *c = r->c;
-    if (c->remote_workers || c->stages > 1)
-        return ar_fail(AR_EINVAL, "--market leases the workers: drop --workers");
-    if (c->devices < 1 || c->devices > AR_MARKET_MAX_DEVICES)
-        return ar_fail(AR_EINVAL, "--devices %d out of range 1..%d", c->devices, AR_MARKET_MAX_DEVICES);
-    if (!c->token || !c->token[0])
-        return ar_fail(AR_EINVAL, "--market needs --token T (arceus market add-account prints one)");
-    int units = ar_spec_units(&r->spec);
-    ar_unit_cost *costs = ar_calloc((size_t)units, sizeof *costs);
-    if (!costs)
-        return AR_ENOMEM;
-    int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
-    double flops = 0;
-    for (int u = 0; u < units; u++)
-        flops += costs[u].flops;
-    ar_free(costs);
-    if (rc != AR_OK)
-        return rc;
-    flops *= r->M;
-    if ((rc = ar_client_open(c->market, &r->market)) != AR_OK)
-        return ar_fail(rc, "market %s: %s", c->market, ar_last_error());
-    char spec[200];
-    snprintf(spec, sizeof spec, "%s %s, %ld parameters, batch %d, %ld steps",
-             r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp", c->model_path ? c->model_path : c->resume_dir,
-             ar_spec_param_count(&r->spec), r->B, c->steps);
-    ar_market_lease_request q = {.devices = (uint32_t)c->devices, .max_credits = c->max_credits,
-                                 .est_steps = c->steps - start_step, .spec = spec,
-                                 .flops_per_step = (int64_t)llround(flops),
-                                 .resume_job = resume_job, .kept_steps = start_step};
-    int status = 0;
-    if ((rc = ar_market_acquire(r->market, c->token, &q, &r->lease, &status)) != AR_OK)
-        return ar_fail(rc, "market %s: no lease: %s", c->market, ar_last_error());
-    r->leased = 1;
-    r->remote = 1;
-    r->S = (int)r->lease.n;
-    for (int i = 0; i < r->S; i++) {
-        const ar_market_leased *l = &r->lease.providers[i];
-        size_t n = strnlen(l->p.address, sizeof l->p.address);
-        if (n == 0 || n >= sizeof r->addrs[i])
-            return ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters",
-                           c->market, (long long)l->p.id, n);
-        memcpy(r->addrs[i], l->p.address, n + 1); /* (snprintf trips gcc's restrict check here) */
-        r->provider_ids[i] = l->p.id;
-        r->prices[i] = l->p.price_per_tflop;
-        r->offers[i].gflops = l->p.gflops;
-        r->offers[i].mem_bytes = (double)l->p.mem_bytes;
-        r->offers[i].known = 1;
-    }
-    if (!c->quiet) {
-        char a[40], b[40];
-        printf("lease %lld for job %lld from market %s: %d provider%s, estimate %s credits for %ld steps%s%s\n",
-               (long long)r->lease.lease_id, (long long)r->lease.job_id, c->market, r->S, r->S == 1 ? "" : "s",
-               ar_credits_text(r->lease.estimate, a, sizeof a), c->steps - start_step,
-               c->max_credits > 0 ? ", max " : "", c->max_credits > 0 ? ar_credits_text(c->max_credits, b, sizeof b) : "");
-        for (int i = 0; i < r->S; i++) {
-            const ar_market_leased *l = &r->lease.providers[i];
-            printf("  provider %lld (%s) at %s: %.1f GFLOP/s, %.0f MiB, %s credits/TFLOP, reliability %.2f\n",
-                   (long long)l->p.id, l->account, l->p.address, l->p.gflops, l->p.mem_bytes / 1048576.0,
-                   ar_credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability);
-        }
-        fflush(stdout);
-    }
-    return AR_OK;
-}
-
-/* Pay for step `step` (0-based), just completed: each stage's FLOPs; its
- * loss goes with it (the job's loss curve at the market). */
-static int report_usage(run *r, long step, double loss)
-{
-    ar_market_stage_usage u[64];
-    for (int i = 0; i < r->S; i++)
-        u[i] = (ar_market_stage_usage){.stage = i, .provider_id = r->provider_ids[i], .flops = r->stage_flops[i]};
-    int64_t spent = 0;
-    int status = 0;
-    int rc = ar_market_report_loss(r->market, r->lease.token, step, loss, u, (size_t)r->S, NULL, &spent,
-                                   NULL, &status);
-    if (rc != AR_OK)
-        return ar_fail(rc, "market %s: paying for step %ld: %s", r->c->market, step + 1, ar_last_error());
-    r->spent = spent;
-    return AR_OK;
-}
-
-/* Queue step `step` (0-based) for payment, after the unpaid ones. */
-static int queue_usage(run *r, long step, double loss)
-{
-    if (r->nunpaid == r->unpaid_cap) {
-        size_t cap = r->unpaid_cap ? 2 * r->unpaid_cap : 64;
-        long *u = realloc(r->unpaid, cap * sizeof *u);
-        if (!u)
-            return ar_fail(AR_ENOMEM, "out of memory for the unpaid steps");
-        r->unpaid = u;
-        double *l = realloc(r->unpaid_loss, cap * sizeof *l);
-        if (!l)
-            return ar_fail(AR_ENOMEM, "out of memory for the unpaid steps");
-        r->unpaid_loss = l;
-        r->unpaid_cap = cap;
-    }
-    r->unpaid[r->nunpaid] = step;
-    r->unpaid_loss[r->nunpaid] = loss;
-    r->nunpaid++;
-    return AR_OK;
-}
-
-/* Report the queued steps in order. The market unreachable (AR_ECLOSED)
- * keeps them queued for another try MARKET_RETRY_S later and is no error;
- * any other refusal (budget, lease) is the run's error, as before. */
-static int pay_unpaid(run *r)
-{
-    while (r->nunpaid > 0) {
-        int rc = report_usage(r, r->unpaid[0], r->unpaid_loss[0]);
-        if (rc == AR_ECLOSED) {
-            if (!r->outage) {
-                ar_log(AR_LOG_WARN, "%s; training goes on, step %ld onwards is paid when the market is back",
-                       ar_last_error(), r->unpaid[0] + 1);
-                r->outage = 1;
-                r->outage_paid = 0;
-            }
-            r->retry_at = ar_now() + MARKET_RETRY_S;
-            return AR_OK;
-        }
-        if (rc != AR_OK)
-            return rc;
-        if (r->outage)
-            r->outage_paid++;
-        r->nunpaid--;
-        memmove(r->unpaid, r->unpaid + 1, r->nunpaid * sizeof *r->unpaid);
-        memmove(r->unpaid_loss, r->unpaid_loss + 1, r->nunpaid * sizeof *r->unpaid_loss);
-    }
-    if (r->outage) {
-        ar_log(AR_LOG_WARN, "market %s is back: %ld unpaid step%s paid", r->c->market, r->outage_paid,
-               r->outage_paid == 1 ? "" : "s");
-        r->outage = 0;
-    }
-    return AR_OK;
-}
-
-/* Tell the market how the run goes, for its dashboard: throughput, ETA, a
- * new validation loss, each stage's busy and idle time, and the plan until
- * the market has it. Every PROGRESS_EVERY_S at most, besides at the last
- * step and after an evaluation; never while the market is unreachable.
- * Nothing is paid by it, so a failure costs a warning, not the run. */
-static void report_progress(run *r, long step, double rate, double elapsed, long start)
-{
-    ar_train_config *c = r->c;
-    int new_val = r->nval > r->nval_sent;
-    int last = step + 1 == c->steps;
-    if (!r->leased || r->outage || r->progress_off ||
-        (ar_now() < r->progress_at && !new_val && !last))
-        return;
-    r->progress_at = ar_now() + PROGRESS_EVERY_S;
-    long done = step + 1 - start;
-    ar_market_progress p = {.step = step + 1, .total_steps = c->steps, .items_per_s = rate,
-                            .unit = r->data.is_text ? "tokens" : "samples",
-                            .eta_s = done > 0 ? elapsed / (double)done * (double)(c->steps - step - 1) : 0,
-                            .has_val = new_val, .wall_s = r->step_wall, .n_stages = (size_t)r->S,
-                            .busy_s = r->busy, .idle_s = r->idle};
-    if (new_val) {
-        p.val_step = (int64_t)r->val_x[r->nval - 1];
-        p.val_loss = r->val_y[r->nval - 1];
-    }
-    ar_market_plan_stage stages[AR_PLAN_MAX_STAGES];
-    char layers[AR_PLAN_MAX_STAGES][AR_LAYERS_TEXT_MAX], model[96];
-    char (*shares)[AR_PLAN_SHARE_TEXT] = NULL; /* a group member's share in words; 80 KB at most */
-    if (!r->plan_sent && (shares = calloc(AR_PLAN_MAX_STAGES * AR_PLAN_MAX_GROUP, sizeof *shares))) {
-        ar_market_plan_fill(&r->plan, r->devs, &r->spec, &r->lease, stages, layers, shares);
-        snprintf(model, sizeof model, "%s, %ld parameters", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
-                 ar_spec_param_count(&r->spec));
-        p.n_plan = (size_t)r->plan.nstages;
-        p.plan = stages;
-        p.model = model;
-        p.schedule = ar_schedule_name(c->schedule);
-        p.micro_batches = r->M;
-        p.predicted_bubble = r->plan.bubble;
-    }
-    int status = 0;
-    char saved[1024];
-    snprintf(saved, sizeof saved, "%s", ar_last_error());
-    if (ar_market_report_progress(r->market, r->lease.token, &p, &status) == AR_OK) {
-        r->plan_sent = 1;
-        r->nval_sent = r->nval;
-    } else if (status == AR_STATUS_UNIMPLEMENTED || status == AR_STATUS_INVALID_ARGUMENT) {
-        /* an older market, or one that finds our report malformed: the
-         * dashboard goes without, the run goes on */
-        ar_log(AR_LOG_WARN, "market %s: no progress for its dashboard: %s", c->market, ar_last_error());
-        r->progress_off = 1;
-    }
-    free(shares);
-    ar_fail(AR_OK, "%s", saved);
-}
-
-static void sleep_until(double t)
-{
-    double d = t - ar_now();
-    if (d <= 0)
-        return;
-    struct timespec ts = {.tv_sec = (time_t)d, .tv_nsec = (long)((d - (double)(time_t)d) * 1e9)};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
-/* "3-7, 9" for the steps still queued (1-based, as printed elsewhere). */
-static void unpaid_text(const run *r, char *buf, size_t size)
-{
-    size_t n = 0;
-    buf[0] = 0;
-    for (size_t i = 0; i < r->nunpaid && n + 32 < size;) {
-        size_t j = i;
-        while (j + 1 < r->nunpaid && r->unpaid[j + 1] == r->unpaid[j] + 1)
-            j++;
-        int w = j > i ? snprintf(buf + n, size - n, "%s%ld-%ld", n ? ", " : "", r->unpaid[i] + 1, r->unpaid[j] + 1)
-                      : snprintf(buf + n, size - n, "%s%ld", n ? ", " : "", r->unpaid[i] + 1);
-        n += (size_t)w;
-        i = j + 1;
-        if (i < r->nunpaid && n + 32 >= size)
-            snprintf(buf + n, size - n, ", ...");
-    }
-}
-
-/* The lease ends with the run, whatever ended it: first the unpaid steps
- * are paid, waiting up to MARKET_RELEASE_WAIT_S for an unreachable market. */
-static void release_lease(run *r, int rc)
-{
-    if (!r->leased)
-        return;
-    char saved[1024];
-    snprintf(saved, sizeof saved, "%s", ar_last_error());
-    double deadline = ar_now() + MARKET_RELEASE_WAIT_S;
-    if (r->nunpaid > 0) {
-        ar_log(AR_LOG_WARN, "market %s: %zu step%s unpaid, waiting up to %.0f s for the market", r->c->market,
-               r->nunpaid, r->nunpaid == 1 ? "" : "s", MARKET_RELEASE_WAIT_S);
-        while (r->nunpaid > 0 && ar_now() < deadline) {
-            sleep_until(r->retry_at < deadline ? r->retry_at : deadline);
-            if (pay_unpaid(r) != AR_OK) {
-                ar_log(AR_LOG_WARN, "%s", ar_last_error());
-                break;
-            }
-        }
-        if (r->nunpaid > 0) {
-            char steps[512];
-            unpaid_text(r, steps, sizeof steps);
-            ar_log(AR_LOG_WARN, "market %s: gave up on paying for %zu step%s of job %lld (steps %s): they are unpaid",
-                   r->c->market, r->nunpaid, r->nunpaid == 1 ? "" : "s", (long long)r->lease.job_id, steps);
-        }
-    }
-    int64_t spent = r->spent;
-    int status = 0;
-    const char *how = rc == AR_OK ? "done" : r->budget_stop ? "cancelled" : "failed";
-    int rrc;
-    while ((rrc = ar_market_release(r->market, r->lease.token, how, r->steps_done, &spent, &status)) == AR_ECLOSED &&
-           ar_now() + MARKET_RETRY_S < deadline)
-        sleep_until(ar_now() + MARKET_RETRY_S);
-    if (rrc != AR_OK)
-        ar_log(AR_LOG_WARN, "market %s: releasing lease %lld: %s", r->c->market,
-               (long long)r->lease.lease_id, ar_last_error());
-    else if (!r->c->quiet) {
-        char a[40];
-        printf("lease %lld released: job %lld %s, %s credits spent\n", (long long)r->lease.lease_id,
-               (long long)r->lease.job_id, how, ar_credits_text(spent, a, sizeof a));
-        fflush(stdout);
-    }
-    r->leased = 0;
-    ar_fail(AR_OK, "%s", saved);
-}
 
 /* What each worker of a tensor-parallel group holds (the issue's memory
  * check: a member's parameters are its share of the layers, not all). */
@@ -950,7 +451,7 @@ static int setup_remote(run *r, const ar_train_state *resume, const char *resume
         r->prices[i] = prices[i];
         r->offers[i] = offers[i];
     }
-    if (r->leased && (rc = price_stages(r)) != AR_OK)
+    if (r->leased && (rc = driver_price_stages(r)) != AR_OK)
         return rc;
     /* each stage's workers: its leader, then the rest of its group (those
      * clients move to member_clients, which owns them) */
@@ -1037,38 +538,6 @@ static void drop_remote(run *r)
     r->nshadows = 0;
 }
 
-/* A replacement for leased stage i from the market, which also takes the
- * lost provider off the lease, marks it offline, lowers its reliability and
- * reverses what was paid for the steps that will be redone (from `kept`).
- * *found 0: no provider is free, the stage's place has left the lease. */
-static int replace_from_market(run *r, int i, long kept, const char *why, int *found)
-{
-    ar_market_leased got;
-    int status = 0, rc;
-    int64_t spent = 0;
-    double deadline = ar_now() + MARKET_RELEASE_WAIT_S;
-    while ((rc = ar_market_replace(r->market, r->lease.token, r->provider_ids[i], kept, why, &got, found,
-                                   &spent, &status)) == AR_ECLOSED && ar_now() + MARKET_RETRY_S < deadline)
-        sleep_until(ar_now() + MARKET_RETRY_S); /* the market is away: it keeps the lease */
-    if (rc != AR_OK)
-        return ar_fail(rc, "market %s: replacing provider %lld: %s", r->c->market,
-                       (long long)r->provider_ids[i], ar_last_error());
-    r->spent = spent;
-    if (!*found)
-        return AR_OK;
-    size_t n = strnlen(got.p.address, sizeof got.p.address);
-    if (n == 0 || n >= sizeof r->addrs[i])
-        return ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters", r->c->market,
-                       (long long)got.p.id, n);
-    memcpy(r->addrs[i], got.p.address, n + 1);
-    r->provider_ids[i] = got.p.id;
-    r->prices[i] = got.p.price_per_tflop;
-    r->offers[i] = (device_offer){.gflops = got.p.gflops, .mem_bytes = (double)got.p.mem_bytes, .known = 1};
-    if (!r->c->quiet)
-        printf("  provider %lld (%s) at %s replaces it: %.1f GFLOP/s, reliability %.2f\n", (long long)got.p.id,
-               got.account, got.p.address, got.p.gflops, got.p.reliability);
-    return AR_OK;
-}
 
 /* Which stages are gone: each worker must answer a Hello within the stage
  * timeout. *why gets "no answer for 5 s" or the reason it is unreachable. */
@@ -1135,7 +604,7 @@ static int recover(run *r, int failure, long *step)
         int i = lost[k];
         int rc, found = 0;
         if (r->leased) {
-            if ((rc = replace_from_market(r, i, kept, why[k], &found)) != AR_OK)
+            if ((rc = driver_replace_from_market(r, i, kept, why[k], &found)) != AR_OK)
                 return ar_fail(rc, "%s; stage %d (%s) lost: %s; %s", first, i, r->addrs[i], why[k], ar_last_error());
             if (!found) {
                 /* the lease goes on with the providers it still has */
@@ -1180,7 +649,7 @@ static int recover(run *r, int failure, long *step)
         if ((rc = ar_checkpoint_load_state(r->restore_dir, &st)) != AR_OK)
             return rc;
     } else {
-        data_rewind(&r->data);
+        data_source_rewind(&r->data);
     }
     while (r->ncurve > 0 && r->curve_x[r->ncurve - 1] > kept)
         r->ncurve--;
@@ -1232,7 +701,7 @@ static int setup(run *r)
                        c->resume_dir, start_step, c->steps);
     if (c->out_dir && (rc = check_out_dir(c->out_dir)) != AR_OK)
         return rc;
-    if ((rc = data_open(&r->data, &r->spec, c->data_path, c->seed)) != AR_OK)
+    if ((rc = data_source_open(&r->data, &r->spec, c->data_path, c->seed)) != AR_OK)
         return rc;
     if (r->spec.type == AR_MODEL_GPT) {
         if (r->spec.has_vocab) {
@@ -1269,7 +738,7 @@ static int setup(run *r)
     r->S = c->stages;
     if (c->remote_workers && (rc = parse_workers(r, c->remote_workers)) != AR_OK)
         return rc;
-    if (c->market && (rc = acquire_lease(r, start_step, c->resume_dir ? resume_state.market_job : 0)) != AR_OK)
+    if (c->market && (rc = driver_acquire_lease(r, start_step, c->resume_dir ? resume_state.market_job : 0)) != AR_OK)
         return rc;
     if (r->S < 1 || r->S > units || r->S > 64)
         return ar_fail(AR_EINVAL, "%d stages for a model of %d layers", r->S, units);
@@ -1368,7 +837,7 @@ static void teardown(run *r)
     free(r->unpaid_loss);
     ar_free(r->inputs);
     ar_free(r->targets);
-    data_close(&r->data);
+    data_source_close(&r->data);
     if (r->log)
         fclose(r->log);
     free(r->curve_x);
@@ -1401,7 +870,7 @@ int ar_train_run(ar_train_config *c)
     r.c = c;
     int rc = setup(&r);
     if (rc < 0) {
-        release_lease(&r, rc);
+        driver_release_lease(&r, rc);
         teardown(&r);
         return rc;
     }
@@ -1437,7 +906,7 @@ int ar_train_run(ar_train_config *c)
                          c->out_dir && step > start ? " (--resume it with more credits)" : "");
             break;
         }
-        if ((rc = data_next(&r.data, r.B, r.T, r.inputs, r.targets)) != AR_OK)
+        if ((rc = data_source_next(&r.data, r.B, r.T, r.inputs, r.targets)) != AR_OK)
             break;
         ar_batch_desc b = {.step = step, .M = r.M, .B = r.B, .dtype = is_text ? 1 : 0,
                            .inputs = r.inputs, .row_elems = r.row_elems, .targets = r.targets,
@@ -1479,9 +948,9 @@ int ar_train_run(ar_train_config *c)
         if (r.leased) {
             /* this step after the unpaid ones; while the market is
              * unreachable, a new try every MARKET_RETRY_S */
-            if ((rc = queue_usage(&r, step, res.loss)) != AR_OK)
+            if ((rc = driver_queue_usage(&r, step, res.loss)) != AR_OK)
                 break;
-            if ((!r.outage || ar_now() >= r.retry_at) && (rc = pay_unpaid(&r)) != AR_OK)
+            if ((!r.outage || ar_now() >= r.retry_at) && (rc = driver_pay_unpaid(&r)) != AR_OK)
                 break;
         }
         r.steps_done = step + 1;
@@ -1523,7 +992,7 @@ int ar_train_run(ar_train_config *c)
             rate_t = ar_now();
             rate_step = step + 1;
         }
-        report_progress(&r, step, rate, ar_now() - t0, start);
+        driver_report_progress(&r, step, rate, ar_now() - t0, start);
         /* by default a checkpoint whenever AUTO_CHECKPOINT_S have passed: at
          * most about that much work is redone when a stage is lost */
         int due = c->ckpt_every > 0 ? (step + 1) % c->ckpt_every == 0
@@ -1568,7 +1037,7 @@ int ar_train_run(ar_train_config *c)
         if (c->out_dir)
             printf("checkpoint and loss curve in %s/\n", c->out_dir);
     }
-    release_lease(&r, rc);
+    driver_release_lease(&r, rc);
     teardown(&r);
     return rc;
 }

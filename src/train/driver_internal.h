@@ -1,0 +1,147 @@
+/* What the files of the training driver share: the state of a run and the
+ * functions one file calls in another. driver.c runs the training;
+ * driver_data.c is the training data, batch by batch; driver_market.c is a
+ * run's lease at the market (paying steps, progress reports, replacing a
+ * lost provider, releasing). Not an interface outside src/train. */
+#ifndef AR_DRIVER_INTERNAL_H
+#define AR_DRIVER_INTERNAL_H
+
+#include "train/driver.h"
+
+#include "core/core.h"
+#include "data/data.h"
+#include "net/market.h"
+#include "net/net.h"
+#include "net/remote.h"
+#include "nn/spec.h"
+#include "train/local.h"
+#include "train/plan.h"
+
+#include <stdint.h>
+#include <stdio.h>
+
+/* ---- the training data (driver_data.c) ---------------------------------- */
+
+typedef struct {
+    int is_text;
+    ar_text_set text;
+    ar_image_set train, test;
+    ar_rng rng;       /* text: window positions */
+    long pos;         /* images: samples consumed so far */
+    uint64_t seed;
+    int32_t *perm;    /* images: order of the current epoch */
+    long perm_epoch;
+} data_source;
+
+void data_source_rewind(data_source *d);
+int data_source_open(data_source *d, const ar_model_spec *spec, const char *path, uint64_t seed);
+void data_source_close(data_source *d);
+int data_source_next(data_source *d, int B, int T, void *inputs, int32_t *targets);
+
+/* ---- a run --------------------------------------------------------------- */
+
+/* What a device offers the planner when the market knows better than its
+ * Hello (a leased provider's record). */
+typedef struct {
+    double gflops, mem_bytes;
+    int known;
+} device_offer;
+
+typedef struct {
+    ar_train_config *c;
+    ar_model_spec spec;
+    data_source data;
+    int S;
+    ar_local_pipeline pipe;
+    ar_stage *stages;      /* pipe.stages */
+    ar_stage **stage_ptrs; /* pipe.stage_ptrs */
+    ar_link *head;         /* the driver's end towards stage 0 */
+    int threads_per_stage;
+    int M, B, T, rows_per_mb;
+    size_t row_elems;
+    void *inputs;
+    int32_t *targets;
+    FILE *log;
+    double *curve_x, *curve_y, *val_x, *val_y;
+    long ncurve, nval;
+    double busy[64], idle[64];
+    double tp_bytes[64]; /* a group's measured traffic, summed over tp_steps steps */
+    long tp_steps;
+    double step_wall; /* driver-side wall time of the training steps (bubble = 1 - busy/wall) */
+    /* remote workers (--workers HOST:PORT,...): the stages live in worker
+     * processes; local "shadow" stages of the same ranges hold their state
+     * for checkpoints (filled by Save) and resuming (pushed by Restore) */
+    int remote;
+    ar_plan plan;
+    ar_device devs[64];
+    ar_client *clients[64];
+    char addrs[64][128];
+    ar_stage shadows[64];
+    ar_remote_stage *groups; /* [S]: each stage's workers (a tensor-parallel group or one) */
+    ar_client *member_clients[64]; /* group members after their leaders: closed at the end */
+    int nmember_clients;
+    int tp_local;          /* in-process tensor-parallel groups: checkpoints go through the shadows */
+    ar_stage *shadow_ptrs[64];
+    int nshadows;
+    ar_link *remote_head;
+    /* a market lease (--market): the providers behind addrs, their prices,
+     * each stage's FLOPs per step, and what has been paid */
+    ar_client *market;
+    ar_market_lease lease;
+    int leased;
+    int64_t provider_ids[64], prices[64], stage_flops[64];
+    int64_t step_cost, spent;
+    long steps_done;
+    int budget_stop; /* ended by --max-credits: the job is cancelled, not failed */
+    /* steps completed but not yet paid because the market is unreachable, in
+     * step order with their losses; retried every MARKET_RETRY_S (a report
+     * that reached the market before it went away pays nothing twice: the
+     * market records usage once per (job, step, stage)) */
+    long *unpaid;
+    double *unpaid_loss;
+    size_t nunpaid, unpaid_cap;
+    int outage;       /* the last report found the market unreachable */
+    double retry_at;  /* the next attempt while it is */
+    long outage_paid; /* steps paid late since the outage began */
+    /* recovery (remote stages): what each device offers the planner (the
+     * market's record for a leased provider), the spare workers not planned
+     * (--spares), where the run restarts from when a stage is lost (the last
+     * checkpoint, or the start), and how long a stage may stay silent */
+    ar_optim_config oc;
+    device_offer offers[64];
+    char spare_addrs[64][128];
+    int nspares;
+    const char *restore_dir; /* NULL: the start of the run */
+    long restore_step;
+    double last_ckpt_t;
+    double timeout;          /* the stage timeout in force (s) */
+    double slowest_step;     /* the slowest training step so far (s) */
+    int failures;            /* losses since the last checkpoint */
+    /* the dashboard's view of the run (ReportProgress): sent about every
+     * PROGRESS_EVERY_S; the plan goes with the first report that arrives */
+    double progress_at;
+    int plan_sent, progress_off;
+    long nval_sent;
+} run;
+
+#define MARKET_RETRY_S 2.0
+#define MARKET_RELEASE_WAIT_S 60.0
+/* --checkpoint-every by default: about this much training redone at most */
+#define AUTO_CHECKPOINT_S 60.0
+/* --stage-timeout by default: at least this, or 4x the slowest step */
+#define DEFAULT_STAGE_TIMEOUT_S 10.0
+/* losses in a row without a checkpoint in between before the run gives up */
+#define MAX_FAILURES 5
+#define PROGRESS_EVERY_S 1.0
+
+/* ---- a run's lease at the market (driver_market.c) ----------------------- */
+
+int driver_price_stages(run *r);
+int driver_acquire_lease(run *r, long start_step, int64_t resume_job);
+int driver_queue_usage(run *r, long step, double loss);
+int driver_pay_unpaid(run *r);
+void driver_report_progress(run *r, long step, double rate, double elapsed, long start);
+void driver_release_lease(run *r, int rc);
+int driver_replace_from_market(run *r, int i, long kept, const char *why, int *found);
+
+#endif

@@ -1,0 +1,339 @@
+/* A run's lease at the market (driver_internal.h): leasing providers, paying
+ * each step (queued while the market is away), the dashboard's progress
+ * reports, a replacement for a lost provider, and releasing the lease. */
+#include "train/driver_internal.h"
+
+#include "market/store.h"
+#include "train/market_plan.h"
+#include "train/schedule.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* FLOPs per step of every stage of the plan (its units' forward+backward
+ * FLOPs per micro-batch times the micro-batches) and the cost of one step at
+ * the leased prices, rounded per stage as the market pays it. */
+int driver_price_stages(run *r)
+{
+    int units = ar_spec_units(&r->spec);
+    ar_unit_cost *costs = ar_calloc((size_t)units, sizeof *costs);
+    if (!costs)
+        return AR_ENOMEM;
+    int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
+    r->step_cost = 0;
+    for (int i = 0; rc == AR_OK && i < r->S; i++) {
+        double f = 0;
+        for (int u = r->plan.first[i]; u < r->plan.last[i]; u++)
+            f += costs[u].flops;
+        r->stage_flops[i] = (int64_t)llround(f * r->M);
+        int64_t cost;
+        if ((rc = ar_store_cost(r->stage_flops[i], r->prices[i], &cost)) == AR_OK)
+            r->step_cost += cost;
+    }
+    ar_free(costs);
+    return rc;
+}
+
+/* Ask the market for c->devices providers; their addresses become the
+ * workers. Printed before the plan: who, at what price, the estimate. */
+int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
+{
+    ar_train_config *c = r->c;
+    if (c->remote_workers || c->stages > 1)
+        return ar_fail(AR_EINVAL, "--market leases the workers: drop --workers");
+    if (c->devices < 1 || c->devices > AR_MARKET_MAX_DEVICES)
+        return ar_fail(AR_EINVAL, "--devices %d out of range 1..%d", c->devices, AR_MARKET_MAX_DEVICES);
+    if (!c->token || !c->token[0])
+        return ar_fail(AR_EINVAL, "--market needs --token T (arceus market add-account prints one)");
+    int units = ar_spec_units(&r->spec);
+    ar_unit_cost *costs = ar_calloc((size_t)units, sizeof *costs);
+    if (!costs)
+        return AR_ENOMEM;
+    int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
+    double flops = 0;
+    for (int u = 0; u < units; u++)
+        flops += costs[u].flops;
+    ar_free(costs);
+    if (rc != AR_OK)
+        return rc;
+    flops *= r->M;
+    if ((rc = ar_client_open(c->market, &r->market)) != AR_OK)
+        return ar_fail(rc, "market %s: %s", c->market, ar_last_error());
+    char spec[200];
+    snprintf(spec, sizeof spec, "%s %s, %ld parameters, batch %d, %ld steps",
+             r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp", c->model_path ? c->model_path : c->resume_dir,
+             ar_spec_param_count(&r->spec), r->B, c->steps);
+    ar_market_lease_request q = {.devices = (uint32_t)c->devices, .max_credits = c->max_credits,
+                                 .est_steps = c->steps - start_step, .spec = spec,
+                                 .flops_per_step = (int64_t)llround(flops),
+                                 .resume_job = resume_job, .kept_steps = start_step};
+    int status = 0;
+    if ((rc = ar_market_acquire(r->market, c->token, &q, &r->lease, &status)) != AR_OK)
+        return ar_fail(rc, "market %s: no lease: %s", c->market, ar_last_error());
+    r->leased = 1;
+    r->remote = 1;
+    r->S = (int)r->lease.n;
+    for (int i = 0; i < r->S; i++) {
+        const ar_market_leased *l = &r->lease.providers[i];
+        size_t n = strnlen(l->p.address, sizeof l->p.address);
+        if (n == 0 || n >= sizeof r->addrs[i])
+            return ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters",
+                           c->market, (long long)l->p.id, n);
+        memcpy(r->addrs[i], l->p.address, n + 1); /* (snprintf trips gcc's restrict check here) */
+        r->provider_ids[i] = l->p.id;
+        r->prices[i] = l->p.price_per_tflop;
+        r->offers[i].gflops = l->p.gflops;
+        r->offers[i].mem_bytes = (double)l->p.mem_bytes;
+        r->offers[i].known = 1;
+    }
+    if (!c->quiet) {
+        char a[40], b[40];
+        printf("lease %lld for job %lld from market %s: %d provider%s, estimate %s credits for %ld steps%s%s\n",
+               (long long)r->lease.lease_id, (long long)r->lease.job_id, c->market, r->S, r->S == 1 ? "" : "s",
+               ar_credits_text(r->lease.estimate, a, sizeof a), c->steps - start_step,
+               c->max_credits > 0 ? ", max " : "", c->max_credits > 0 ? ar_credits_text(c->max_credits, b, sizeof b) : "");
+        for (int i = 0; i < r->S; i++) {
+            const ar_market_leased *l = &r->lease.providers[i];
+            printf("  provider %lld (%s) at %s: %.1f GFLOP/s, %.0f MiB, %s credits/TFLOP, reliability %.2f\n",
+                   (long long)l->p.id, l->account, l->p.address, l->p.gflops, l->p.mem_bytes / 1048576.0,
+                   ar_credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability);
+        }
+        fflush(stdout);
+    }
+    return AR_OK;
+}
+
+/* Pay for step `step` (0-based), just completed: each stage's FLOPs; its
+ * loss goes with it (the job's loss curve at the market). */
+static int report_usage(run *r, long step, double loss)
+{
+    ar_market_stage_usage u[64];
+    for (int i = 0; i < r->S; i++)
+        u[i] = (ar_market_stage_usage){.stage = i, .provider_id = r->provider_ids[i], .flops = r->stage_flops[i]};
+    int64_t spent = 0;
+    int status = 0;
+    int rc = ar_market_report_loss(r->market, r->lease.token, step, loss, u, (size_t)r->S, NULL, &spent,
+                                   NULL, &status);
+    if (rc != AR_OK)
+        return ar_fail(rc, "market %s: paying for step %ld: %s", r->c->market, step + 1, ar_last_error());
+    r->spent = spent;
+    return AR_OK;
+}
+
+/* Queue step `step` (0-based) for payment, after the unpaid ones. */
+int driver_queue_usage(run *r, long step, double loss)
+{
+    if (r->nunpaid == r->unpaid_cap) {
+        size_t cap = r->unpaid_cap ? 2 * r->unpaid_cap : 64;
+        long *u = realloc(r->unpaid, cap * sizeof *u);
+        if (!u)
+            return ar_fail(AR_ENOMEM, "out of memory for the unpaid steps");
+        r->unpaid = u;
+        double *l = realloc(r->unpaid_loss, cap * sizeof *l);
+        if (!l)
+            return ar_fail(AR_ENOMEM, "out of memory for the unpaid steps");
+        r->unpaid_loss = l;
+        r->unpaid_cap = cap;
+    }
+    r->unpaid[r->nunpaid] = step;
+    r->unpaid_loss[r->nunpaid] = loss;
+    r->nunpaid++;
+    return AR_OK;
+}
+
+/* Report the queued steps in order. The market unreachable (AR_ECLOSED)
+ * keeps them queued for another try MARKET_RETRY_S later and is no error;
+ * any other refusal (budget, lease) is the run's error, as before. */
+int driver_pay_unpaid(run *r)
+{
+    while (r->nunpaid > 0) {
+        int rc = report_usage(r, r->unpaid[0], r->unpaid_loss[0]);
+        if (rc == AR_ECLOSED) {
+            if (!r->outage) {
+                ar_log(AR_LOG_WARN, "%s; training goes on, step %ld onwards is paid when the market is back",
+                       ar_last_error(), r->unpaid[0] + 1);
+                r->outage = 1;
+                r->outage_paid = 0;
+            }
+            r->retry_at = ar_now() + MARKET_RETRY_S;
+            return AR_OK;
+        }
+        if (rc != AR_OK)
+            return rc;
+        if (r->outage)
+            r->outage_paid++;
+        r->nunpaid--;
+        memmove(r->unpaid, r->unpaid + 1, r->nunpaid * sizeof *r->unpaid);
+        memmove(r->unpaid_loss, r->unpaid_loss + 1, r->nunpaid * sizeof *r->unpaid_loss);
+    }
+    if (r->outage) {
+        ar_log(AR_LOG_WARN, "market %s is back: %ld unpaid step%s paid", r->c->market, r->outage_paid,
+               r->outage_paid == 1 ? "" : "s");
+        r->outage = 0;
+    }
+    return AR_OK;
+}
+
+/* Tell the market how the run goes, for its dashboard: throughput, ETA, a
+ * new validation loss, each stage's busy and idle time, and the plan until
+ * the market has it. Every PROGRESS_EVERY_S at most, besides at the last
+ * step and after an evaluation; never while the market is unreachable.
+ * Nothing is paid by it, so a failure costs a warning, not the run. */
+void driver_report_progress(run *r, long step, double rate, double elapsed, long start)
+{
+    ar_train_config *c = r->c;
+    int new_val = r->nval > r->nval_sent;
+    int last = step + 1 == c->steps;
+    if (!r->leased || r->outage || r->progress_off ||
+        (ar_now() < r->progress_at && !new_val && !last))
+        return;
+    r->progress_at = ar_now() + PROGRESS_EVERY_S;
+    long done = step + 1 - start;
+    ar_market_progress p = {.step = step + 1, .total_steps = c->steps, .items_per_s = rate,
+                            .unit = r->data.is_text ? "tokens" : "samples",
+                            .eta_s = done > 0 ? elapsed / (double)done * (double)(c->steps - step - 1) : 0,
+                            .has_val = new_val, .wall_s = r->step_wall, .n_stages = (size_t)r->S,
+                            .busy_s = r->busy, .idle_s = r->idle};
+    if (new_val) {
+        p.val_step = (int64_t)r->val_x[r->nval - 1];
+        p.val_loss = r->val_y[r->nval - 1];
+    }
+    ar_market_plan_stage stages[AR_PLAN_MAX_STAGES];
+    char layers[AR_PLAN_MAX_STAGES][AR_LAYERS_TEXT_MAX], model[96];
+    char (*shares)[AR_PLAN_SHARE_TEXT] = NULL; /* a group member's share in words; 80 KB at most */
+    if (!r->plan_sent && (shares = calloc(AR_PLAN_MAX_STAGES * AR_PLAN_MAX_GROUP, sizeof *shares))) {
+        ar_market_plan_fill(&r->plan, r->devs, &r->spec, &r->lease, stages, layers, shares);
+        snprintf(model, sizeof model, "%s, %ld parameters", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
+                 ar_spec_param_count(&r->spec));
+        p.n_plan = (size_t)r->plan.nstages;
+        p.plan = stages;
+        p.model = model;
+        p.schedule = ar_schedule_name(c->schedule);
+        p.micro_batches = r->M;
+        p.predicted_bubble = r->plan.bubble;
+    }
+    int status = 0;
+    char saved[1024];
+    snprintf(saved, sizeof saved, "%s", ar_last_error());
+    if (ar_market_report_progress(r->market, r->lease.token, &p, &status) == AR_OK) {
+        r->plan_sent = 1;
+        r->nval_sent = r->nval;
+    } else if (status == AR_STATUS_UNIMPLEMENTED || status == AR_STATUS_INVALID_ARGUMENT) {
+        /* an older market, or one that finds our report malformed: the
+         * dashboard goes without, the run goes on */
+        ar_log(AR_LOG_WARN, "market %s: no progress for its dashboard: %s", c->market, ar_last_error());
+        r->progress_off = 1;
+    }
+    free(shares);
+    ar_fail(AR_OK, "%s", saved);
+}
+
+static void sleep_until(double t)
+{
+    double d = t - ar_now();
+    if (d <= 0)
+        return;
+    struct timespec ts = {.tv_sec = (time_t)d, .tv_nsec = (long)((d - (double)(time_t)d) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* "3-7, 9" for the steps still queued (1-based, as printed elsewhere). */
+static void unpaid_text(const run *r, char *buf, size_t size)
+{
+    size_t n = 0;
+    buf[0] = 0;
+    for (size_t i = 0; i < r->nunpaid && n + 32 < size;) {
+        size_t j = i;
+        while (j + 1 < r->nunpaid && r->unpaid[j + 1] == r->unpaid[j] + 1)
+            j++;
+        int w = j > i ? snprintf(buf + n, size - n, "%s%ld-%ld", n ? ", " : "", r->unpaid[i] + 1, r->unpaid[j] + 1)
+                      : snprintf(buf + n, size - n, "%s%ld", n ? ", " : "", r->unpaid[i] + 1);
+        n += (size_t)w;
+        i = j + 1;
+        if (i < r->nunpaid && n + 32 >= size)
+            snprintf(buf + n, size - n, ", ...");
+    }
+}
+
+/* The lease ends with the run, whatever ended it: first the unpaid steps
+ * are paid, waiting up to MARKET_RELEASE_WAIT_S for an unreachable market. */
+void driver_release_lease(run *r, int rc)
+{
+    if (!r->leased)
+        return;
+    char saved[1024];
+    snprintf(saved, sizeof saved, "%s", ar_last_error());
+    double deadline = ar_now() + MARKET_RELEASE_WAIT_S;
+    if (r->nunpaid > 0) {
+        ar_log(AR_LOG_WARN, "market %s: %zu step%s unpaid, waiting up to %.0f s for the market", r->c->market,
+               r->nunpaid, r->nunpaid == 1 ? "" : "s", MARKET_RELEASE_WAIT_S);
+        while (r->nunpaid > 0 && ar_now() < deadline) {
+            sleep_until(r->retry_at < deadline ? r->retry_at : deadline);
+            if (driver_pay_unpaid(r) != AR_OK) {
+                ar_log(AR_LOG_WARN, "%s", ar_last_error());
+                break;
+            }
+        }
+        if (r->nunpaid > 0) {
+            char steps[512];
+            unpaid_text(r, steps, sizeof steps);
+            ar_log(AR_LOG_WARN, "market %s: gave up on paying for %zu step%s of job %lld (steps %s): they are unpaid",
+                   r->c->market, r->nunpaid, r->nunpaid == 1 ? "" : "s", (long long)r->lease.job_id, steps);
+        }
+    }
+    int64_t spent = r->spent;
+    int status = 0;
+    const char *how = rc == AR_OK ? "done" : r->budget_stop ? "cancelled" : "failed";
+    int rrc;
+    while ((rrc = ar_market_release(r->market, r->lease.token, how, r->steps_done, &spent, &status)) == AR_ECLOSED &&
+           ar_now() + MARKET_RETRY_S < deadline)
+        sleep_until(ar_now() + MARKET_RETRY_S);
+    if (rrc != AR_OK)
+        ar_log(AR_LOG_WARN, "market %s: releasing lease %lld: %s", r->c->market,
+               (long long)r->lease.lease_id, ar_last_error());
+    else if (!r->c->quiet) {
+        char a[40];
+        printf("lease %lld released: job %lld %s, %s credits spent\n", (long long)r->lease.lease_id,
+               (long long)r->lease.job_id, how, ar_credits_text(spent, a, sizeof a));
+        fflush(stdout);
+    }
+    r->leased = 0;
+    ar_fail(AR_OK, "%s", saved);
+}
+
+/* A replacement for leased stage i from the market, which also takes the
+ * lost provider off the lease, marks it offline, lowers its reliability and
+ * reverses what was paid for the steps that will be redone (from `kept`).
+ * *found 0: no provider is free, the stage's place has left the lease. */
+int driver_replace_from_market(run *r, int i, long kept, const char *why, int *found)
+{
+    ar_market_leased got;
+    int status = 0, rc;
+    int64_t spent = 0;
+    double deadline = ar_now() + MARKET_RELEASE_WAIT_S;
+    while ((rc = ar_market_replace(r->market, r->lease.token, r->provider_ids[i], kept, why, &got, found,
+                                   &spent, &status)) == AR_ECLOSED && ar_now() + MARKET_RETRY_S < deadline)
+        sleep_until(ar_now() + MARKET_RETRY_S); /* the market is away: it keeps the lease */
+    if (rc != AR_OK)
+        return ar_fail(rc, "market %s: replacing provider %lld: %s", r->c->market,
+                       (long long)r->provider_ids[i], ar_last_error());
+    r->spent = spent;
+    if (!*found)
+        return AR_OK;
+    size_t n = strnlen(got.p.address, sizeof got.p.address);
+    if (n == 0 || n >= sizeof r->addrs[i])
+        return ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters", r->c->market,
+                       (long long)got.p.id, n);
+    memcpy(r->addrs[i], got.p.address, n + 1);
+    r->provider_ids[i] = got.p.id;
+    r->prices[i] = got.p.price_per_tflop;
+    r->offers[i] = (device_offer){.gflops = got.p.gflops, .mem_bytes = (double)got.p.mem_bytes, .known = 1};
+    if (!r->c->quiet)
+        printf("  provider %lld (%s) at %s replaces it: %.1f GFLOP/s, reliability %.2f\n", (long long)got.p.id,
+               got.account, got.p.address, got.p.gflops, got.p.reliability);
+    return AR_OK;
+}
