@@ -576,6 +576,10 @@ static void on_acquire(ar_rpc *rpc, void *user)
     ranked *rk = NULL;
     int64_t job_id = 0;
     int acquiring = 0;
+    /* a resumed job whose new lease then cannot be made (too few providers)
+     * is marked failed, not left "running" without a lease; a later
+     * --resume brings it back */
+    int resumed = 0, settled = 0;
     if (authenticate(m, rpc, req->token, &renter) != 0)
         goto out;
     if (req->devices < 1 || req->devices > AR_MARKET_MAX_DEVICES || req->est_steps < 1 ||
@@ -606,6 +610,7 @@ static void on_acquire(ar_rpc *rpc, void *user)
         }
         ar_log(AR_LOG_INFO, "market: job %lld resumes from step %lld (%d payments after it reversed)",
                (long long)req->resume_job_id, (long long)req->kept_steps, reversed);
+        resumed = 1;
     }
     size_t k = 0, busy = 0;
     if ((rc = rank_free(m, req->min_mem_bytes, &ps, &rk, &k, &busy)) != AR_OK) {
@@ -665,9 +670,11 @@ static void on_acquire(ar_rpc *rpc, void *user)
         ar_log(AR_LOG_INFO, "market: job %lld: %s", (long long)job_id, why);
         ar_fail(rc, "%s", why);
         store_error(rpc, rc);
+        settled = 1;
         goto out;
     }
-    if ((rc = ar_store_job_update(m->store, job_id, AR_JOB_RUNNING, 0)) != AR_OK) {
+    settled = 1; /* a lease exists: the job is not left without one */
+    if ((rc = ar_store_job_update(m->store, job_id, AR_JOB_RUNNING, resumed ? req->kept_steps : 0)) != AR_OK) {
         store_error(rpc, rc);
         goto out;
     }
@@ -686,6 +693,13 @@ static void on_acquire(ar_rpc *rpc, void *user)
     r.providers = lpp;
     net_rpc_reply(rpc, &r.base);
 out:
+    if (resumed && !settled) {
+        if (ar_store_job_update(m->store, req->resume_job_id, AR_JOB_FAILED, req->kept_steps) != AR_OK)
+            ar_log(AR_LOG_ERROR, "market: job %lld: %s", (long long)req->resume_job_id, ar_last_error());
+        else
+            ar_log(AR_LOG_INFO, "market: job %lld could not resume (no lease): marked failed",
+                   (long long)req->resume_job_id);
+    }
     if (acquiring)
         pthread_mutex_unlock(&m->acquire_mu);
     free(rk);

@@ -71,11 +71,12 @@ def decode(buf):
 
 # ---- a few Market requests, field by field --------------------------------
 
-def acquire(token, devices=1, max_credits=0, est_steps=10, spec="mlp", flops=10 ** 9, min_mem=0):
+def acquire(token, devices=1, max_credits=0, est_steps=10, spec="mlp", flops=10 ** 9, min_mem=0,
+            resume_job=0, kept_steps=0):
     """AcquireLeaseRequest"""
     return (field_bytes(1, token) + field_varint(2, devices) + field_varint(3, max_credits) +
             field_varint(4, est_steps) + field_bytes(5, spec) + field_varint(6, flops) +
-            field_varint(7, min_mem))
+            field_varint(7, min_mem) + field_varint(8, resume_job) + field_varint(9, kept_steps))
 
 
 def usage(lease, step=0, stages=((0, 1, 10 ** 9),)):

@@ -433,3 +433,40 @@ def test_replace_provider_asked_again_after_a_restart_gets_the_same_answer(run_a
     e = call_error(m2.addr, "ReplaceProvider", replace(lease, 999, 2))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not in the lease" in e.details()
     assert ledger_sum(db)[0] == 0
+
+
+def job_status(db, job_id):
+    con = sqlite3.connect(str(db))
+    try:
+        return con.execute("SELECT status, step FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    finally:
+        con.close()
+
+
+def test_a_resume_without_enough_providers_marks_the_job_failed_until_resumed_again(run_arceus, markets,
+                                                                                    tmp_path):
+    """A driver resuming a job asks for more providers than are free: it is
+    refused, and the job is marked failed at its checkpoint rather than left
+    running without a lease; a later resume that can be served runs it again."""
+    db = tmp_path / "market.db"
+    renter = add_account(run_arceus, db, "renter", "100")
+    owner = add_account(run_arceus, db, "owner", "0")
+    m = markets(db)
+    pid, _ = register(m.addr, owner, "127.0.0.1:5001")
+    r = decode(call(m.addr, "AcquireLease", acquire(renter, devices=1)))
+    job, lease = r[1][0], r[3][0].decode()
+    for step in range(3):
+        call(m.addr, "ReportUsage", usage(lease, step, [(0, pid, 10 ** 9)]))
+    assert job_status(db, job)[0] == "running"
+
+    e = call_error(m.addr, "AcquireLease", acquire(renter, devices=2, resume_job=job, kept_steps=2))
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 providers asked for" in e.details()
+    assert job_status(db, job) == ("failed", 2)
+    # the old driver's lease ended with the resume
+    e = call_error(m.addr, "ReportUsage", usage(lease, 3, [(0, pid, 10 ** 9)]))
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    r = decode(call(m.addr, "AcquireLease", acquire(renter, devices=1, resume_job=job, kept_steps=2)))
+    assert r[1][0] == job
+    assert job_status(db, job) == ("running", 2)
+    assert ledger_sum(db)[0] == 0
