@@ -404,6 +404,27 @@ static int list_rows(ar_store *s, size_t elem, row_reader read, void (*free_item
     return AR_OK;
 }
 
+/* The first row of a query, read into item; AR_ENOTFOUND (no message: the
+ * caller words it) when there is none. The caller holds the store's lock, so
+ * that it may read inside a transaction. */
+static int one_row(ar_store *s, row_reader read, void *item, const char *sql, const char *types, ...)
+{
+    sqlite3_stmt *st;
+    va_list ap;
+    va_start(ap, types);
+    int rc = vprep(s, &st, sql, types, ap);
+    va_end(ap);
+    if (rc < 0)
+        return rc;
+    rc = step(s, st);
+    if (rc > 0)
+        rc = read(st, item);
+    else if (rc == 0)
+        rc = AR_ENOTFOUND;
+    sqlite3_finalize(st);
+    return rc;
+}
+
 /* ---- tokens ----------------------------------------------------------------- */
 
 static void to_hex(const unsigned char *b, size_t n, char *out)
@@ -773,39 +794,27 @@ int ar_store_account_balance(ar_store *s, int64_t account_id, int64_t *micro_out
     return rc;
 }
 
-static int account_one(ar_store *s, ar_account *out, const char *sql, const char *types, ...)
+static int account_row(sqlite3_stmt *st, void *item)
 {
-    sqlite3_stmt *st;
-    va_list ap;
-    va_start(ap, types);
-    lock(s);
-    int rc = vprep(s, &st, sql, types, ap);
-    va_end(ap);
-    if (rc == 0) {
-        rc = step(s, st);
-        if (rc > 0) {
-            read_account(st, out);
-            rc = AR_OK;
-        } else if (rc == 0) {
-            rc = AR_ENOTFOUND;
-        }
-        sqlite3_finalize(st);
-    }
-    unlock(s);
-    return rc;
+    read_account(st, item);
+    return AR_OK;
 }
 
 int ar_store_account_get(ar_store *s, int64_t account_id, ar_account *out)
 {
-    int rc = account_one(s, out, "SELECT " ACCOUNT_COLS " FROM accounts WHERE id = ?", "i",
-                         account_id);
+    lock(s);
+    int rc = one_row(s, account_row, out, "SELECT " ACCOUNT_COLS " FROM accounts WHERE id = ?", "i",
+                     account_id);
+    unlock(s);
     return rc == AR_ENOTFOUND ? ar_fail(rc, "no account %" PRId64, account_id) : rc;
 }
 
 int ar_store_account_find(ar_store *s, const char *name, ar_account *out)
 {
-    int rc = account_one(s, out, "SELECT " ACCOUNT_COLS " FROM accounts WHERE name = ?", "t",
-                         name ? name : "");
+    lock(s);
+    int rc = one_row(s, account_row, out, "SELECT " ACCOUNT_COLS " FROM accounts WHERE name = ?", "t",
+                     name ? name : "");
+    unlock(s);
     return rc == AR_ENOTFOUND ? ar_fail(rc, "no account %s", name ? name : "") : rc;
 }
 
@@ -821,12 +830,6 @@ int ar_store_account_mint(ar_store *s, int64_t account_id, int64_t micro)
         rc = tx_end(s, transfer(s, s->mint_id, account_id, micro, "mint", 0, -1, NULL));
     unlock(s);
     return rc;
-}
-
-static int account_row(sqlite3_stmt *st, void *item)
-{
-    read_account(st, item);
-    return AR_OK;
 }
 
 int ar_store_account_list(ar_store *s, ar_account **out, size_t *n)
@@ -940,30 +943,19 @@ int ar_store_provider_expire(ar_store *s, int64_t max_age_s, int *count_out)
     return rc;
 }
 
-int ar_store_provider_get(ar_store *s, int64_t provider_id, ar_provider *out)
-{
-    sqlite3_stmt *st;
-    lock(s);
-    int rc = prep(s, &st, "SELECT " PROVIDER_COLS " FROM providers WHERE id = ?", "i",
-                  provider_id);
-    if (rc == 0) {
-        rc = step(s, st);
-        if (rc > 0) {
-            read_provider(st, out);
-            rc = AR_OK;
-        } else if (rc == 0) {
-            rc = ar_fail(AR_ENOTFOUND, "no provider %" PRId64, provider_id);
-        }
-        sqlite3_finalize(st);
-    }
-    unlock(s);
-    return rc;
-}
-
 static int provider_row(sqlite3_stmt *st, void *item)
 {
     read_provider(st, item);
     return AR_OK;
+}
+
+int ar_store_provider_get(ar_store *s, int64_t provider_id, ar_provider *out)
+{
+    lock(s);
+    int rc = one_row(s, provider_row, out, "SELECT " PROVIDER_COLS " FROM providers WHERE id = ?", "i",
+                     provider_id);
+    unlock(s);
+    return rc == AR_ENOTFOUND ? ar_fail(rc, "no provider %" PRId64, provider_id) : rc;
 }
 
 int ar_store_provider_list(ar_store *s, bool online_only, ar_provider **out, size_t *n)
@@ -1094,30 +1086,45 @@ int ar_store_job_update(ar_store *s, int64_t job_id, ar_job_status status, int64
     return rc;
 }
 
+static int job_row(sqlite3_stmt *st, void *item)
+{
+    return read_job(st, item);
+}
+
+/* Who pays for a job, its cap and what it has spent (read in a transaction). */
+typedef struct {
+    int64_t renter_id, max_credits, spent;
+} job_money;
+
+static int job_money_row(sqlite3_stmt *st, void *item)
+{
+    job_money *m = item;
+    m->renter_id = sqlite3_column_int64(st, 0);
+    m->max_credits = sqlite3_column_int64(st, 1);
+    m->spent = sqlite3_column_int64(st, 2);
+    return AR_OK;
+}
+
+static int job_money_get(ar_store *s, int64_t job_id, job_money *out)
+{
+    int rc = one_row(s, job_money_row, out, "SELECT renter_id, max_credits, spent FROM jobs WHERE id = ?", "i",
+                     job_id);
+    return rc == AR_ENOTFOUND ? ar_fail(rc, "no job %" PRId64, job_id) : rc;
+}
+
 int ar_store_job_get(ar_store *s, int64_t job_id, ar_job *out)
 {
     memset(out, 0, sizeof *out);
-    sqlite3_stmt *st;
     lock(s);
-    int rc = prep(s, &st, "SELECT " JOB_COLS " FROM jobs WHERE id = ?", "i", job_id);
-    if (rc == 0) {
-        rc = step(s, st);
-        if (rc > 0)
-            rc = read_job(st, out);
-        else if (rc == 0)
-            rc = ar_fail(AR_ENOTFOUND, "no job %" PRId64, job_id);
-        sqlite3_finalize(st);
-    }
+    int rc = one_row(s, job_row, out, "SELECT " JOB_COLS " FROM jobs WHERE id = ?", "i", job_id);
     unlock(s);
+    if (rc == AR_ENOTFOUND)
+        rc = ar_fail(rc, "no job %" PRId64, job_id);
     if (rc < 0)
         ar_store_job_clear(out);
     return rc;
 }
 
-static int job_row(sqlite3_stmt *st, void *item)
-{
-    return read_job(st, item);
-}
 
 static void jobs_free(void *jobs, size_t n)
 {
@@ -1395,22 +1402,9 @@ int ar_store_lease_create(ar_store *s, int64_t job_id, int64_t renter_id,
     lock(s);
     if ((rc = tx_begin(s)) < 0)
         goto out;
-    sqlite3_stmt *st;
-    int64_t job_renter = 0, job_max = 0, job_spent = 0;
-    if ((rc = prep(s, &st, "SELECT renter_id, max_credits, spent FROM jobs WHERE id = ?", "i",
-                   job_id)) == 0) {
-        rc = step(s, st);
-        if (rc > 0) {
-            job_renter = sqlite3_column_int64(st, 0);
-            job_max = sqlite3_column_int64(st, 1);
-            job_spent = sqlite3_column_int64(st, 2);
-            rc = AR_OK;
-        } else if (rc == 0) {
-            rc = ar_fail(AR_ENOTFOUND, "no job %" PRId64, job_id);
-        }
-        sqlite3_finalize(st);
-    }
-    if (rc == 0 && job_renter != renter_id)
+    job_money job = {0};
+    rc = job_money_get(s, job_id, &job);
+    if (rc == 0 && job.renter_id != renter_id)
         rc = ar_fail(AR_EINVAL, "job %" PRId64 " does not belong to account %" PRId64, job_id,
                      renter_id);
     int64_t balance = 0;
@@ -1427,13 +1421,13 @@ int ar_store_lease_create(ar_store *s, int64_t job_id, int64_t renter_id,
                      "lease refused: estimated cost %.6f credits (%" PRId64
                      " steps x %.6f per step) exceeds max credits %.6f",
                      credits(estimate), est_steps, credits(per_step), credits(max_credits));
-    if (rc == 0 && job_max > 0 && estimate > job_max - job_spent)
+    if (rc == 0 && job.max_credits > 0 && estimate > job.max_credits - job.spent)
         rc = ar_fail(AR_ELIMIT,
                      "lease refused: estimated cost %.6f credits (%" PRId64
                      " steps x %.6f per step) exceeds the %.6f credits job %" PRId64
                      " may still spend",
                      credits(estimate), est_steps, credits(per_step),
-                     credits(job_max - job_spent), job_id);
+                     credits(job.max_credits - job.spent), job_id);
     for (size_t i = 0; rc == 0 && i < n_members; i++) {
         int64_t online;
         rc = query_i64(s, &online, "SELECT online FROM providers WHERE id = ?", "i",
@@ -1468,30 +1462,26 @@ out:
     return rc;
 }
 
+static int lease_row(sqlite3_stmt *st, void *item)
+{
+    ar_lease *l = item;
+    memset(l, 0, sizeof *l);
+    l->id = sqlite3_column_int64(st, 0);
+    l->job_id = sqlite3_column_int64(st, 1);
+    l->renter_id = sqlite3_column_int64(st, 2);
+    l->created = sqlite3_column_int64(st, 3);
+    l->released = sqlite3_column_int(st, 4) != 0;
+    l->estimate = sqlite3_column_int64(st, 5);
+    return AR_OK;
+}
+
 static int lease_read(ar_store *s, int64_t lease_id, ar_lease *out)
 {
-    sqlite3_stmt *st;
-    int rc = prep(s, &st,
-                  "SELECT l.id, l.job_id, j.renter_id, l.created, l.released IS NOT NULL,"
-                  " l.estimate FROM leases l JOIN jobs j ON j.id = l.job_id WHERE l.id = ?",
-                  "i", lease_id);
-    if (rc < 0)
-        return rc;
-    rc = step(s, st);
-    if (rc > 0) {
-        memset(out, 0, sizeof *out);
-        out->id = sqlite3_column_int64(st, 0);
-        out->job_id = sqlite3_column_int64(st, 1);
-        out->renter_id = sqlite3_column_int64(st, 2);
-        out->created = sqlite3_column_int64(st, 3);
-        out->released = sqlite3_column_int(st, 4) != 0;
-        out->estimate = sqlite3_column_int64(st, 5);
-        rc = AR_OK;
-    } else if (rc == 0) {
-        rc = ar_fail(AR_ENOTFOUND, "no lease %" PRId64, lease_id);
-    }
-    sqlite3_finalize(st);
-    return rc;
+    int rc = one_row(s, lease_row, out,
+                     "SELECT l.id, l.job_id, j.renter_id, l.created, l.released IS NOT NULL,"
+                     " l.estimate FROM leases l JOIN jobs j ON j.id = l.job_id WHERE l.id = ?",
+                     "i", lease_id);
+    return rc == AR_ENOTFOUND ? ar_fail(rc, "no lease %" PRId64, lease_id) : rc;
 }
 
 int ar_store_lease_auth(ar_store *s, const char *token, ar_lease *out)
@@ -1569,21 +1559,9 @@ int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t stepno, int64_t p
     lock(s);
     if ((rc = tx_begin(s)) < 0)
         goto out;
+    job_money job = {0};
+    rc = job_money_get(s, job_id, &job);
     sqlite3_stmt *st;
-    int64_t renter = 0, job_max = 0, spent = 0;
-    if ((rc = prep(s, &st, "SELECT renter_id, max_credits, spent FROM jobs WHERE id = ?", "i",
-                   job_id)) == 0) {
-        rc = step(s, st);
-        if (rc > 0) {
-            renter = sqlite3_column_int64(st, 0);
-            job_max = sqlite3_column_int64(st, 1);
-            spent = sqlite3_column_int64(st, 2);
-            rc = AR_OK;
-        } else if (rc == 0) {
-            rc = ar_fail(AR_ENOTFOUND, "no job %" PRId64, job_id);
-        }
-        sqlite3_finalize(st);
-    }
     int64_t payee = 0;
     if (rc == 0)
         rc = provider_account(s, provider_id, &payee);
@@ -1609,24 +1587,24 @@ int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t stepno, int64_t p
         tx_rollback(s);
         goto out;
     }
-    int64_t new_spent = spent - old_amount + cost;
-    if (rc == 0 && job_max > 0 && new_spent > job_max)
+    int64_t new_spent = job.spent - old_amount + cost;
+    if (rc == 0 && job.max_credits > 0 && new_spent > job.max_credits)
         rc = ar_fail(AR_ELIMIT,
                      "job %" PRId64 " would spend %.6f credits, more than its max of %.6f",
-                     job_id, credits(new_spent), credits(job_max));
+                     job_id, credits(new_spent), credits(job.max_credits));
     if (rc == 0 && had) {
         result = AR_USAGE_REISSUED;
         int64_t old_payee = 0;
         rc = provider_account(s, old_provider, &old_payee);
         if (rc == 0 && old_amount > 0)
-            rc = transfer(s, old_payee, renter, old_amount, "reversal", job_id, stepno, NULL);
+            rc = transfer(s, old_payee, job.renter_id, old_amount, "reversal", job_id, stepno, NULL);
         if (rc == 0)
             rc = run(s, NULL, "DELETE FROM usage WHERE job_id = ? AND step = ? AND stage = ?",
                      "iii", job_id, stepno, (int64_t)stage);
     }
     int64_t tid = 0;
     if (rc == 0 && cost > 0)
-        rc = transfer(s, renter, payee, cost, "usage", job_id, stepno, &tid);
+        rc = transfer(s, job.renter_id, payee, cost, "usage", job_id, stepno, &tid);
     if (rc == 0) {
         sqlite3_stmt *ins;
         rc = prep(s, &ins,
@@ -1748,31 +1726,28 @@ out:
     return rc;
 }
 
+static int replacement_row(sqlite3_stmt *st, void *item)
+{
+    ar_lease_replacement *r = item;
+    r->stage = sqlite3_column_int(st, 0);
+    r->kept_steps = sqlite3_column_int64(st, 1);
+    r->replacement_id = sqlite3_column_int64(st, 2);
+    r->reversed = sqlite3_column_int(st, 3);
+    return AR_OK;
+}
+
 int ar_store_lease_replacement(ar_store *s, int64_t lease_id, int64_t lost_provider_id,
                                ar_lease_replacement *out)
 {
-    sqlite3_stmt *st;
     lock(s);
-    int rc = prep(s, &st,
-                  "SELECT stage, kept_steps, replacement_id, reversed FROM lease_replacements"
-                  " WHERE lease_id = ? AND lost_provider_id = ?",
-                  "ii", lease_id, lost_provider_id);
-    if (rc == 0) {
-        rc = step(s, st);
-        if (rc > 0) {
-            out->stage = sqlite3_column_int(st, 0);
-            out->kept_steps = sqlite3_column_int64(st, 1);
-            out->replacement_id = sqlite3_column_int64(st, 2);
-            out->reversed = sqlite3_column_int(st, 3);
-            rc = AR_OK;
-        } else if (rc == 0) {
-            rc = ar_fail(AR_ENOTFOUND, "provider %" PRId64 " was not lost in lease %" PRId64, lost_provider_id,
-                         lease_id);
-        }
-        sqlite3_finalize(st);
-    }
+    int rc = one_row(s, replacement_row, out,
+                     "SELECT stage, kept_steps, replacement_id, reversed FROM lease_replacements"
+                     " WHERE lease_id = ? AND lost_provider_id = ?",
+                     "ii", lease_id, lost_provider_id);
     unlock(s);
-    return rc;
+    return rc == AR_ENOTFOUND
+               ? ar_fail(rc, "provider %" PRId64 " was not lost in lease %" PRId64, lost_provider_id, lease_id)
+               : rc;
 }
 
 int ar_store_job_resume(ar_store *s, int64_t job_id, int64_t renter_id, int64_t kept_steps,
