@@ -425,6 +425,12 @@ static int serve(const char *kind, size_t size, int count)
     return 0;
 }
 
+/* "64 KiB", "1 MiB": a message size as the tables print it. */
+static void size_label(size_t bytes, char label[16])
+{
+    snprintf(label, 16, bytes >= (1 << 20) ? "%zu MiB" : "%zu KiB", bytes >= (1 << 20) ? bytes >> 20 : bytes >> 10);
+}
+
 /* CPU seconds per GB moved (-1 where unknown). */
 static double cpu_per_gb(double cpu_s, link_result r)
 {
@@ -442,8 +448,7 @@ static void print_cpu_table(const size_t *sizes, const link_result *tcp, const l
     printf("%-8s %16s %16s %14s\n", "size", "raw TCP", "gRPC link", "gRPC / TCP");
     for (int i = 0; i < 3; i++) {
         char label[16];
-        snprintf(label, sizeof label, sizes[i] >= (1 << 20) ? "%zu MiB" : "%zu KiB",
-                 sizes[i] >= (1 << 20) ? sizes[i] >> 20 : sizes[i] >> 10);
+        size_label(sizes[i], label);
         double ts = cpu_per_gb(tcp[i].send_cpu_s, tcp[i]), tr = cpu_per_gb(tcp[i].recv_cpu_s, tcp[i]);
         double gs = cpu_per_gb(grpc[i].send_cpu_s, grpc[i]), gr = cpu_per_gb(grpc[i].recv_cpu_s, grpc[i]);
         if (ts < 0 || tr < 0 || gs < 0 || gr < 0) {
@@ -538,8 +543,7 @@ int main(int argc, char **argv)
         int met = grpc / tcp >= LINK_TARGET;
         pass &= met;
         char label[16];
-        snprintf(label, sizeof label, sizes[i] >= (1 << 20) ? "%zu MiB" : "%zu KiB",
-                 sizes[i] >= (1 << 20) ? sizes[i] >> 20 : sizes[i] >> 10);
+        size_label(sizes[i], label);
         printf("%-8s %7.2f GB/s %7.2f GB/s %7.2f GB/s %6.2fx %6s %6.2fx\n", label, tcp / 1e9, hot / 1e9,
                grpc / 1e9, grpc / tcp, met ? "PASS" : "FAIL", grpc / hot);
         size_t n = strlen(json);
