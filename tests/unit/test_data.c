@@ -9,53 +9,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
-static char tmpdir[256];
-
-static void mk_tmp(void)
-{
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/ar_test_data_XXXXXX");
-    cr_assert_not_null(mkdtemp(tmpdir));
-}
-
-static void rm_tmp(void)
-{
-    DIR *d = opendir(tmpdir);
-    if (!d)
-        return;
-    struct dirent *e;
-    char p[512];
-    while ((e = readdir(d)))
-        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-            snprintf(p, sizeof p, "%s/%s", tmpdir, e->d_name);
-            unlink(p);
-        }
-    closedir(d);
-    rmdir(tmpdir);
-}
-
-static const char *tpath(const char *name)
-{
-    static char p[512];
-    snprintf(p, sizeof p, "%s/%s", tmpdir, name);
-    return p;
-}
-
-static void write_bytes(const char *name, const void *data, size_t len, int gz)
-{
-    const char *p = tpath(name);
-    if (gz) {
-        gzFile f = gzopen(p, "wb");
-        cr_assert_not_null(f);
-        if (len)
-            cr_assert_eq(gzwrite(f, data, (unsigned)len), (int)len);
-        cr_assert_eq(gzclose(f), Z_OK);
-    } else {
-        FILE *f = fopen(p, "wb");
-        cr_assert_not_null(f);
-        cr_assert_eq(fwrite(data, 1, len, f), len);
-        cr_assert_eq(fclose(f), 0);
-    }
-}
+#include "tmpfiles.h"
 
 /* An IDX image: header + payload into buf; returns the length. */
 static size_t make_idx(unsigned char *buf, int ndim, const uint32_t *dims, const uint8_t *payload)
@@ -89,14 +43,14 @@ static void write_set(const char *prefix, uint32_t n_img, uint32_t n_lab, int gz
     uint32_t d3[3] = {n_img, 2, 3};
     size_t len = make_idx(buf, 3, d3, pix);
     snprintf(name, sizeof name, "%s-images-idx3-ubyte%s", prefix, gz ? ".gz" : "");
-    write_bytes(name, buf, len, gz);
+    tmp_write(name, buf, len, gz);
     uint32_t d1[1] = {n_lab};
     len = make_idx(buf, 1, d1, lab);
     snprintf(name, sizeof name, "%s-labels-idx1-ubyte%s", prefix, gz ? ".gz" : "");
-    write_bytes(name, buf, len, gz);
+    tmp_write(name, buf, len, gz);
 }
 
-TestSuite(idx, .init = mk_tmp, .fini = rm_tmp);
+TestSuite(idx, .init = tmp_make, .fini = tmp_remove);
 
 static void check_small(int gz)
 {
@@ -106,9 +60,9 @@ static void check_small(int gz)
         payload[i] = (uint8_t)(i * 10);
     uint32_t dims[3] = {2, 3, 4};
     size_t len = make_idx(buf, 3, dims, payload);
-    write_bytes("a.idx", buf, len, gz);
+    tmp_write("a.idx", buf, len, gz);
     ar_idx idx;
-    int rc = ar_idx_load(tpath("a.idx"), &idx);
+    int rc = ar_idx_load(tmp_path("a.idx"), &idx);
     cr_assert_eq(rc, 0, "%s", ar_last_error());
     cr_assert_eq(idx.ndim, 3);
     cr_assert_eq(idx.dims[0], 2);
@@ -134,23 +88,23 @@ Test(idx, loads_gzip)
 static void expect_fail(const char *name, int code)
 {
     ar_idx idx;
-    int rc = ar_idx_load(tpath(name), &idx);
+    int rc = ar_idx_load(tmp_path(name), &idx);
     cr_assert_eq(rc, code, "rc %d (%s), want %d", rc, ar_last_error(), code);
-    cr_assert_not_null(strstr(ar_last_error(), tpath(name)), "message: %s", ar_last_error());
+    cr_assert_not_null(strstr(ar_last_error(), tmp_path(name)), "message: %s", ar_last_error());
     cr_assert_null(idx.data);
 }
 
 Test(idx, wrong_magic)
 {
     unsigned char buf[64] = {0x00, 0x00, 0x0d, 0x01, 0, 0, 0, 1, 42};
-    write_bytes("m.idx", buf, 9, 0);
+    tmp_write("m.idx", buf, 9, 0);
     expect_fail("m.idx", AR_EFORMAT);
     unsigned char buf2[64] = {0x12, 0x34, 0x08, 0x01, 0, 0, 0, 1, 42};
-    write_bytes("m2.idx", buf2, 9, 0);
+    tmp_write("m2.idx", buf2, 9, 0);
     expect_fail("m2.idx", AR_EFORMAT);
     cr_assert_not_null(strstr(ar_last_error(), "magic"));
     unsigned char buf3[64] = {0x00, 0x00, 0x08, 0x05, 0, 0, 0, 1, 42};
-    write_bytes("m3.idx", buf3, 9, 0);
+    tmp_write("m3.idx", buf3, 9, 0);
     expect_fail("m3.idx", AR_EFORMAT);
 }
 
@@ -160,10 +114,10 @@ Test(idx, truncated_payload)
     uint8_t payload[24] = {0};
     uint32_t dims[3] = {2, 3, 4};
     size_t len = make_idx(buf, 3, dims, payload);
-    write_bytes("t.idx", buf, len - 1, 0);
+    tmp_write("t.idx", buf, len - 1, 0);
     expect_fail("t.idx", AR_EFORMAT);
     cr_assert_not_null(strstr(ar_last_error(), "truncated"));
-    write_bytes("t.idx.gz", buf, len - 5, 1);
+    tmp_write("t.idx.gz", buf, len - 5, 1);
     expect_fail("t.idx.gz", AR_EFORMAT);
 }
 
@@ -173,17 +127,17 @@ Test(idx, truncated_gzip_stream)
     uint8_t payload[24] = {1, 2, 3};
     uint32_t dims[3] = {2, 3, 4};
     size_t len = make_idx(buf, 3, dims, payload);
-    write_bytes("g.gz", buf, len, 1);
+    tmp_write("g.gz", buf, len, 1);
     /* cut the compressed file in half */
-    FILE *f = fopen(tpath("g.gz"), "rb");
+    FILE *f = fopen(tmp_path("g.gz"), "rb");
     unsigned char z[512];
     size_t zn = fread(z, 1, sizeof z, f);
     fclose(f);
-    write_bytes("g2.gz", z, zn / 2, 0);
+    tmp_write("g2.gz", z, zn / 2, 0);
     expect_fail("g2.gz", AR_EFORMAT);
     /* a bad CRC in the gzip trailer is caught too */
     z[zn - 6] ^= 0x55;
-    write_bytes("g3.gz", z, zn, 0);
+    tmp_write("g3.gz", z, zn, 0);
     expect_fail("g3.gz", AR_EFORMAT);
     cr_assert_not_null(strstr(ar_last_error(), "gzip"), "%s", ar_last_error());
 }
@@ -194,19 +148,19 @@ Test(idx, trailing_bytes)
     uint8_t payload[24] = {0};
     uint32_t dims[1] = {4};
     size_t len = make_idx(buf, 1, dims, payload);
-    write_bytes("x.idx", buf, len + 3, 0);
+    tmp_write("x.idx", buf, len + 3, 0);
     expect_fail("x.idx", AR_EFORMAT);
 }
 
 Test(idx, truncated_header)
 {
     unsigned char buf[8] = {0, 0, 8, 3, 0, 0, 0, 2};
-    write_bytes("h.idx", buf, 8, 0); /* needs 16 header bytes */
+    tmp_write("h.idx", buf, 8, 0); /* needs 16 header bytes */
     expect_fail("h.idx", AR_EFORMAT);
     cr_assert_not_null(strstr(ar_last_error(), "header"));
-    write_bytes("h2.idx", buf, 3, 0);
+    tmp_write("h2.idx", buf, 3, 0);
     expect_fail("h2.idx", AR_EFORMAT);
-    write_bytes("h3.idx", buf, 0, 0);
+    tmp_write("h3.idx", buf, 0, 0);
     expect_fail("h3.idx", AR_EFORMAT);
 }
 
@@ -215,7 +169,7 @@ Test(idx, zero_dim)
     unsigned char buf[64];
     uint32_t dims[2] = {5, 0};
     size_t len = make_idx(buf, 2, dims, (const uint8_t *)"");
-    write_bytes("z.idx", buf, len, 0);
+    tmp_write("z.idx", buf, len, 0);
     expect_fail("z.idx", AR_EFORMAT);
     cr_assert_not_null(strstr(ar_last_error(), "zero"));
 }
@@ -224,7 +178,7 @@ Test(idx, too_large)
 {
     /* 4 billion x 4 billion x 2 bytes: over the 2 GiB limit (and 64 bits) */
     unsigned char buf[16] = {0, 0, 8, 3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 2};
-    write_bytes("big.idx", buf, sizeof buf, 0);
+    tmp_write("big.idx", buf, sizeof buf, 0);
     expect_fail("big.idx", AR_ELIMIT);
 }
 
@@ -275,9 +229,9 @@ Test(idx, image_set_wrong_rank)
     unsigned char buf[256];
     uint8_t pix[64] = {0};
     uint32_t d3[3] = {2, 2, 2};
-    write_bytes("train-images-idx3-ubyte", buf, make_idx(buf, 3, d3, pix), 0);
+    tmp_write("train-images-idx3-ubyte", buf, make_idx(buf, 3, d3, pix), 0);
     uint32_t d2[2] = {2, 1};
-    write_bytes("train-labels-idx1-ubyte", buf, make_idx(buf, 2, d2, pix), 0);
+    tmp_write("train-labels-idx1-ubyte", buf, make_idx(buf, 2, d2, pix), 0);
     ar_image_set s;
     cr_assert_eq(ar_image_set_load(tmpdir, "train", &s), AR_EFORMAT);
     cr_assert_not_null(strstr(ar_last_error(), "labels"));
@@ -321,14 +275,14 @@ Test(idx, fashion_mnist_t10k)
 
 /* ---- text ---------------------------------------------------------------- */
 
-TestSuite(text, .init = mk_tmp, .fini = rm_tmp);
+TestSuite(text, .init = tmp_make, .fini = tmp_remove);
 
 Test(text, vocab_and_split)
 {
     const char *s = "hello world, hello arceus!\n"; /* 27 bytes */
-    write_bytes("t.txt", s, strlen(s), 0);
+    tmp_write("t.txt", s, strlen(s), 0);
     ar_text_set t;
-    int rc = ar_text_load(tpath("t.txt"), &t);
+    int rc = ar_text_load(tmp_path("t.txt"), &t);
     cr_assert_eq(rc, 0, "%s", ar_last_error());
     cr_assert_eq(t.count, 27);
     cr_assert_eq(t.train_count, 27 * 9 / 10);
@@ -378,9 +332,9 @@ Test(text, batch_targets_shifted_and_deterministic)
     char s[1000];
     for (int i = 0; i < 1000; i++)
         s[i] = (char)('a' + (i * 31 + i / 7) % 26);
-    write_bytes("t.txt", s, sizeof s, 0);
+    tmp_write("t.txt", s, sizeof s, 0);
     ar_text_set t;
-    cr_assert_eq(ar_text_load(tpath("t.txt"), &t), 0, "%s", ar_last_error());
+    cr_assert_eq(ar_text_load(tmp_path("t.txt"), &t), 0, "%s", ar_last_error());
     cr_assert_eq(t.train_count, 900);
     enum { B = 4, T = 16 };
     int32_t in[B * T], tg[B * T], in2[B * T], tg2[B * T];
@@ -420,26 +374,26 @@ Test(text, batch_targets_shifted_and_deterministic)
 
 Test(text, empty_file)
 {
-    write_bytes("e.txt", "", 0, 0);
+    tmp_write("e.txt", "", 0, 0);
     ar_text_set t;
-    cr_assert_eq(ar_text_load(tpath("e.txt"), &t), AR_EFORMAT);
+    cr_assert_eq(ar_text_load(tmp_path("e.txt"), &t), AR_EFORMAT);
     cr_assert_not_null(strstr(ar_last_error(), "empty text file"));
-    cr_assert_not_null(strstr(ar_last_error(), tpath("e.txt")));
+    cr_assert_not_null(strstr(ar_last_error(), tmp_path("e.txt")));
     cr_assert_null(t.tokens);
 }
 
 Test(text, missing_file)
 {
     ar_text_set t;
-    cr_assert_eq(ar_text_load(tpath("none.txt"), &t), AR_ENOTFOUND);
+    cr_assert_eq(ar_text_load(tmp_path("none.txt"), &t), AR_ENOTFOUND);
 }
 
 Test(text, too_short_for_block)
 {
     const char *s = "abcdefghijklmnopqrst"; /* 20 tokens: 18 train, 2 val */
-    write_bytes("s.txt", s, strlen(s), 0);
+    tmp_write("s.txt", s, strlen(s), 0);
     ar_text_set t;
-    cr_assert_eq(ar_text_load(tpath("s.txt"), &t), 0);
+    cr_assert_eq(ar_text_load(tmp_path("s.txt"), &t), 0);
     int32_t in[64], tg[64];
     ar_rng r;
     ar_rng_seed(&r, 1);

@@ -17,6 +17,8 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "tmpfiles.h"
+
 typedef struct {
     const char *what;  /* the row, for the failure message */
     const char *input; /* text, or bytes with len */
@@ -210,40 +212,6 @@ Test(hostile, safetensors_table)
 
 /* ---- IDX files (the data sets) --------------------------------------------------- */
 
-static char tmpdir[64];
-
-static void mk_tmp(void)
-{
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/ar_test_hostile_XXXXXX");
-    cr_assert_not_null(mkdtemp(tmpdir));
-}
-
-static void rm_tmp(void)
-{
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
-    cr_assert_eq(system(cmd), 0);
-}
-
-static const char *write_file(const char *name, const void *data, size_t len, int gz)
-{
-    static char p[256];
-    snprintf(p, sizeof p, "%s/%s", tmpdir, name);
-    if (gz) {
-        gzFile f = gzopen(p, "wb");
-        cr_assert_not_null(f);
-        if (len)
-            cr_assert_eq(gzwrite(f, data, (unsigned)len), (int)len);
-        cr_assert_eq(gzclose(f), Z_OK);
-    } else {
-        FILE *f = fopen(p, "wb");
-        cr_assert_not_null(f);
-        cr_assert_eq(fwrite(data, 1, len, f), len);
-        cr_assert_eq(fclose(f), 0);
-    }
-    return p;
-}
-
 typedef struct {
     const char *what;
     unsigned char bytes[32];
@@ -275,13 +243,13 @@ static const idx_row idx_rows[] = {
      AR_EFORMAT, "corrupt gzip data"},
 };
 
-Test(hostile, idx_table, .init = mk_tmp, .fini = rm_tmp)
+Test(hostile, idx_table, .init = tmp_make, .fini = tmp_remove)
 {
     for (size_t i = 0; i < NROWS(idx_rows); i++) {
         const idx_row *r = &idx_rows[i];
         char name[32];
         snprintf(name, sizeof name, "%zu.idx", i);
-        const char *p = write_file(name, r->bytes, r->len, r->gz);
+        const char *p = tmp_write(name, r->bytes, r->len, r->gz);
         ar_idx idx;
         int rc = ar_idx_load(p, &idx);
         if (rc == AR_OK)
@@ -291,7 +259,7 @@ Test(hostile, idx_table, .init = mk_tmp, .fini = rm_tmp)
     }
     /* a gzip stream cut in the middle */
     unsigned char ok[] = {0, 0, 8, 1, 0, 0, 0, 4, 1, 2, 3, 4};
-    const char *p = write_file("cut.gz", ok, sizeof ok, 1);
+    const char *p = tmp_write("cut.gz", ok, sizeof ok, 1);
     FILE *f = fopen(p, "r+");
     cr_assert_not_null(f);
     cr_assert_eq(ftruncate(fileno(f), 15), 0);
@@ -300,9 +268,7 @@ Test(hostile, idx_table, .init = mk_tmp, .fini = rm_tmp)
     cr_expect_eq(ar_idx_load(p, &idx), AR_EFORMAT, "cut gzip stream: %s", ar_last_error());
     /* a directory, and a file that is not there */
     cr_expect_eq(ar_idx_load(tmpdir, &idx), AR_EIO, "a directory: %s", ar_last_error());
-    char missing[128];
-    snprintf(missing, sizeof missing, "%s/nope", tmpdir);
-    cr_expect_eq(ar_idx_load(missing, &idx), AR_ENOTFOUND);
+    cr_expect_eq(ar_idx_load(tmp_path("nope"), &idx), AR_ENOTFOUND);
     cr_expect(strstr(ar_last_error(), "nope") != NULL);
     printf("IDX table: %zu malformed files refused\n", NROWS(idx_rows) + 3);
 }
