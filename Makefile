@@ -57,7 +57,7 @@ CFLAGS := $(CFLAGS_COMMON) $(OPT) $(EXTRA_CFLAGS)
 LDFLAGS := -fopenmp $(OPT)
 
 OUT := build/$(BUILD)
-LIB_SRC := $(wildcard src/core/*.c src/ops/*.c src/nn/*.c src/data/*.c src/train/*.c src/net/*.c)
+LIB_SRC := $(wildcard src/core/*.c src/ops/*.c src/nn/*.c src/data/*.c src/train/*.c src/net/*.c src/run/*.c)
 LIB_SRC += $(wildcard src/market/*.c)
 CLI_SRC := $(wildcard src/cli/*.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(OUT)/%.o) $(OUT)/gen/arceus.pb-c.o $(OUT)/gen/web_assets.o
@@ -131,6 +131,7 @@ $(REF_DIR)/.stamp: $(wildcard tests/ref/*.py) $(wildcard configs/*.json)
 # (warnings are errors). Dependencies are installed first if missing; the
 # sub-makes then see them through pkg-config.
 test: deps
+	scripts/check-layers.sh
 	$(MAKE) BUILD=asan WERROR=1 unit
 	$(MAKE) BUILD=asan WERROR=1 e2e
 	$(MAKE) BUILD=fuzz WERROR=1 fuzz-run FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)

@@ -145,7 +145,7 @@ static void *tcp_receiver(void *arg)
 
 static int two_processes = 1;
 
-/* Issue 3: the link carries at least this fraction of raw TCP's throughput. */
+/* The target: the link carries at least this fraction of raw TCP's throughput. */
 #define LINK_TARGET 0.75
 
 /* Run this program again as the receiving end: it prints its port, serves

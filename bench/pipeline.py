@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Pipeline benchmark (issue 3): two worker processes with one thread each
+"""Pipeline benchmark: two worker processes with one thread each
 against one process with one thread, gpt-5m, batch 16 in 8 micro-batches,
 1F1B; prints the speed-up (ideal 2 x 8/9 = 1.78x) and the measured bubble of
 each stage next to the theoretical (S-1)/(M+S-1).
@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, ".."))
 
 
-# Issue 3's targets.
+# The targets.
 SPEEDUP_TARGET = 1.6
 BUBBLE_MARGIN_PP = 5.0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Training-quality benchmark (issue 2, check 5).
+"""Training-quality benchmark.
 
   MLP on Fashion-MNIST, 1 epoch at batch 128 -> test accuracy (target >= 85%).
   gpt-5m on a text corpus, batch 16 x 128, the default recipe (AdamW lr 1e-3,

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Tensor-parallel benchmark (issue 4), gpt-5m, batch 16 in 8 micro-batches:
+"""Tensor-parallel benchmark, gpt-5m, batch 16 in 8 micro-batches:
 
 (a) the bytes a group of two `arceus worker --threads 1` processes moves per
     training step (plan "0-7@0+1": every layer on the group, the second

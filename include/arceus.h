@@ -1,6 +1,6 @@
 /* Arceus public API: decentralized training of neural networks.
  *
- * Conventions (see DESIGN.md §5):
+ * Conventions (see docs/DESIGN.md, "Code habits"):
  *   - public names start with ar_; file-local ones are static;
  *   - functions return 0 on success or a negative AR_E* code; ar_strerror()
  *     names the code and ar_last_error() gives the detail of the last failure

@@ -3,7 +3,7 @@
 #include "core/core.h"
 #include "nn/spec.h"
 #include "market/store.h"
-#include "train/driver.h"
+#include "run/driver.h"
 #include "train/schedule.h"
 
 #include <stdint.h>

@@ -1,4 +1,4 @@
-/* Links over a gRPC Pipe stream, for both ends (DESIGN.md §2).
+/* Links over a gRPC Pipe stream, for both ends (docs/DESIGN.md, "The chain protocol").
  *
  * A link never blocks on its peer: frames sent are queued and written one
  * batch at a time by the event loop; a receive is always outstanding and

@@ -160,7 +160,7 @@ static void fill_args(grpc_arg *args, grpc_channel_args *ca, int max_receive)
      *
      * Reconnecting: at most 2 s between attempts (gRPC's default grows to
      * 120 s), so that a restarted market or worker is reached again within
-     * seconds of coming back (a driver retrying unpaid steps, issue 5). */
+     * seconds of coming back (a driver retrying unpaid steps). */
     const struct {
         const char *key;
         int value;
@@ -185,7 +185,7 @@ static void fill_args(grpc_arg *args, grpc_channel_args *ca, int max_receive)
 
 const grpc_channel_args *net_channel_args(void)
 {
-    /* DESIGN.md §2: a client takes replies of any size (the frames are
+    /* docs/DESIGN.md, "The chain protocol": a client takes replies of any size (the frames are
      * validated against our own limit instead) */
     static grpc_arg args[NET_NARGS];
     static grpc_channel_args ca;

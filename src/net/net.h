@@ -1,4 +1,4 @@
-/* The network layer (DESIGN.md §2): gRPC between processes. Every gRPC call
+/* The network layer (docs/DESIGN.md, "The chain protocol"): gRPC between processes. Every gRPC call
  * of the code base lives under src/net; the rest sees links (train/frame.h),
  * plain C structs and these functions. */
 #ifndef AR_NET_H

@@ -1,4 +1,4 @@
-/* TLS (issue 5): one process-wide configuration, set by the command line
+/* TLS: one process-wide configuration, set by the command line
  * before any server or channel exists. Servers created afterwards present the
  * certificate and key; channels verify the server against the CA. A process
  * with no CA dials in plaintext, which a TLS server refuses.

@@ -3,7 +3,7 @@
  * serves the stage's frames (ar_stage_serve, upstream = the incoming stream,
  * downstream = a Pipe to the next worker); Save/Restore stream its state.
  *
- * In a tensor-parallel group (DESIGN.md §3) a worker is either the leader,
+ * In a tensor-parallel group (docs/DESIGN.md, "Tensor parallelism") a worker is either the leader,
  * whose stage runs the unsplit parts and computes its own share of heads
  * and hidden units on an in-process rank, or a rank, which serves its shards
  * on the Pipe its leader opens. */

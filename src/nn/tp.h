@@ -1,4 +1,4 @@
-/* Tensor parallelism (DESIGN.md §3): one GPT block shared by a group of
+/* Tensor parallelism (docs/DESIGN.md has the picture): one GPT block shared by a group of
  * devices. Each rank holds a range of attention heads (its rows of the QKV
  * weight, its columns of the attention projection) and a range of MLP hidden
  * units (its rows of c_fc, its columns of the MLP projection), and turns the

@@ -1,4 +1,4 @@
-/* Frames: what flows along a pipeline edge (DESIGN.md §2), and links, the
+/* Frames: what flows along a pipeline edge (docs/DESIGN.md, "The chain protocol"), and links, the
  * one interface with two implementations (in-process queues here, gRPC in
  * src/net) so the pipeline code never knows which it has. */
 #ifndef AR_FRAME_H
@@ -43,7 +43,7 @@ typedef struct {
 } ar_frame;
 
 size_t ar_dtype_size(int dtype);
-/* Validate a frame received from a peer (DESIGN.md §2): known kind and dtype,
+/* Validate a frame received from a peer (docs/DESIGN.md, "The chain protocol"): known kind and dtype,
  * shape product x dtype size == byte length, sizes under max_bytes. */
 int ar_frame_validate(const ar_frame *f, size_t max_bytes);
 /* Set the payload to a copy of data with the given shape. */

@@ -1,4 +1,4 @@
-/* The chain protocol (DESIGN.md §2), both ends of it:
+/* The chain protocol (see docs/DESIGN.md), both ends of it:
  *  - ar_stage_serve runs one stage: it takes frames from its upstream link
  *    (the driver or the previous stage) and talks to its downstream link;
  *  - the ar_chain_* functions are the driver's side, talking to stage 0. */

@@ -1,4 +1,4 @@
-/* Planning (DESIGN.md §4): which device holds which contiguous range of a
+/* Planning (see docs/DESIGN.md): which device holds which contiguous range of a
  * model's units, chosen to minimise the slowest stage's time per micro-batch
  * (compute plus sending its output on) subject to each device's memory.
  *

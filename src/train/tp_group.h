@@ -1,4 +1,4 @@
-/* A tensor-parallel group (DESIGN.md §3): the stage leader and its ranks.
+/* A tensor-parallel group (see docs/DESIGN.md): the stage leader and its ranks.
  *
  * Each rank serves the shards of the stage's blocks that it holds
  * (ar_tp_rank_serve, over one link from the leader); the leader drives them

@@ -1,4 +1,4 @@
-"""The market's web dashboard (issue 7): `arceus market --http` over a real
+"""The market's web dashboard: `arceus market --http` over a real
 SQLite file, three real `arceus provide` processes and a renter training the
 small MLP across them through the market, all on 127.0.0.1.
 

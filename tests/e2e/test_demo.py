@@ -1,4 +1,4 @@
-"""`make demo` (scripts/demo.sh, issue 5): a market, three `arceus provide`
+"""`make demo` (scripts/demo.sh): a market, three `arceus provide`
 processes and a renter on loopback; the renter trains the Fashion-MNIST MLP
 across the three through the market. Runs the script itself (install step
 skipped, the binary under test, fewer steps than an epoch) and checks: exit 0,

@@ -1,4 +1,4 @@
-"""`arceus jobs` and `arceus job ID` (issue 5): a renter trains through a real
+"""`arceus jobs` and `arceus job ID`: a renter trains through a real
 market on two leased `arceus worker` processes; the driver reports each
 step's loss with its usage, and the renter lists its jobs and reads one job's
 status, step, credits spent and loss curve (a text sparkline). Another

@@ -1,5 +1,5 @@
 """The market killed (SIGKILL) in the middle of a job and restarted on the
-same SQLite file and port (issue 5 check 3, issue 6 check 3).
+same SQLite file and port.
 
 A renter trains the small MLP across two leased `arceus worker` providers.
 Mid-run the market is SIGKILLed; the driver keeps training and queues the

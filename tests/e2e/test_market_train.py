@@ -1,4 +1,4 @@
-"""Training through the market (issue 5): a real `arceus market` over a
+"""Training through the market: a real `arceus market` over a
 SQLite file in tmp_path, providers that are `arceus worker` processes
 requiring a lease (registered through python grpcio with hand-encoded
 protobuf), and `arceus train --market ... --token ... --devices N`.

@@ -1,4 +1,4 @@
-"""Issue 5, check 1: a market, three `arceus provide` processes and two
+"""Two renters at once: a market, three `arceus provide` processes and two
 renters training at the same time, on a real SQLite file in tmp_path.
 
 A provider's worker hosts one stage at a time, so the market leases each

@@ -1,4 +1,4 @@
-"""Training survives providers that vanish (issue 6, failure recovery).
+"""Training survives providers that vanish.
 
 A 3-stage gpt-tiny run over worker processes loses one of them mid-run:
 killed (SIGKILL: its connections close), or stopped (SIGSTOP: it keeps its

@@ -1,4 +1,4 @@
-"""Tensor parallelism in-process (issue 4): a GPT block's heads and MLP units
+"""Tensor parallelism in-process: a GPT block's heads and MLP units
 split over a group of ranks (`--plan "0-3@0+1"` with `--workers local:N`), and
 an MLP model's linear layers in pairs (the first by output columns, the
 second by input rows), alone and combined with a pipeline, train like one

@@ -1,4 +1,4 @@
-"""What a tensor-parallel group moves (issue 4): the leader counts the frame
+"""What a tensor-parallel group moves: the leader counts the frame
 bytes it exchanges with its members other than its own share, the driver
 prints them per step next to the planner's prediction, and the two agree,
 for GPT blocks and an MLP's pairs of layers, in-process and over worker

@@ -1,4 +1,4 @@
-"""Tensor parallelism over worker processes (issue 4): a group of
+"""Tensor parallelism over worker processes: a group of
 `arceus worker`s on 127.0.0.1 shares a stage's GPT blocks by heads and MLP
 hidden units (`--plan "0-3@0+1"`), alone and combined with a pipeline, and
 trains like one device: every step's loss within 1e-5 (relative), final

@@ -1,4 +1,4 @@
-"""TLS (issue 5): --tls-cert/--tls-key on the market and the workers,
+"""TLS: --tls-cert/--tls-key on the market and the workers,
 --tls-ca on their clients. Certificates come from scripts/make-tls-cert.sh
 (a self-signed CA and a server certificate for localhost and 127.0.0.1);
 every server is a real process on 127.0.0.1, port 0.

@@ -356,7 +356,7 @@ def test_driver_refuses_a_worker_of_another_protocol_version(run_arceus, small_m
 
 
 # ---------------------------------------------------------------------------
-# Issue 3, check 1: 20 steps, every step's loss and the final weights bitwise
+# Parity: 20 steps, every step's loss and the final weights bitwise
 # identical: one stage, three in-process stages, three worker processes, with
 # GPipe and with 1F1B.
 # ---------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def test_twenty_steps_identical_every_way(run_arceus, workers, tmp_path, small_m
 
 
 # ---------------------------------------------------------------------------
-# Issue 3, check 4: three worker processes train the MLP on Fashion-MNIST to
+# Accuracy: three worker processes train the MLP on Fashion-MNIST to
 # the same test accuracy as one device, and gpt-5m on TinyShakespeare.
 # ---------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
  * partitions and schedules, error frames, evaluation). */
 #include "core/core.h"
 #include "nn/spec.h"
-#include "train/driver.h"
+#include "run/driver.h"
 #include "train/frame.h"
 #include "train/local.h"
 #include "train/pipeline.h"

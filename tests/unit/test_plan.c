@@ -2,7 +2,7 @@
  * against brute force, plans by hand, and the printed table. */
 #include "core/core.h"
 #include "nn/spec.h"
-#include "train/market_plan.h"
+#include "run/market_plan.h"
 #include "train/plan.h"
 #include "train/schedule.h"
 #include "train/stage.h"

@@ -7,7 +7,7 @@
 #include "core/core.h"
 #include "nn/safetensors.h"
 #include "train/checkpoint.h"
-#include "train/driver.h"
+#include "run/driver.h"
 #include "train/local.h"
 #include "train/pipeline.h"
 #include "train/stage.h"

@@ -1,7 +1,7 @@
 /* A stage on one worker or on a tensor-parallel group of workers, from the
- * driver's side (see remote.h): Load of every member, and Save/Restore
+ * driver's side (see remote_stage.h): Load of every member, and Save/Restore
  * through local shadows so that checkpoints always hold whole tensors. */
-#include "net/remote.h"
+#include "run/remote_stage.h"
 
 #include "core/core.h"
 

@@ -64,7 +64,7 @@ enum {
     AR_SET_WD = 1u << 9
 };
 
-/* Defaults for a model type (the recipe of issue 2 for a GPT). */
+/* Defaults for a model type (for a GPT, the recipe bench/quality.py measures). */
 void ar_train_config_defaults(ar_train_config *c, int model_type);
 
 /* Learning rate at step (from 0): linear warm-up to lr, cosine to min_lr. */

@@ -6,13 +6,13 @@
 #ifndef AR_DRIVER_INTERNAL_H
 #define AR_DRIVER_INTERNAL_H
 
-#include "train/driver.h"
+#include "run/driver.h"
 
 #include "core/core.h"
 #include "data/data.h"
 #include "net/market.h"
 #include "net/net.h"
-#include "net/remote.h"
+#include "run/remote_stage.h"
 #include "nn/spec.h"
 #include "train/local.h"
 #include "train/plan.h"

@@ -1,7 +1,7 @@
 /* The training data of a run, batch by batch (driver_internal.h): a text
  * corpus for a language model, an image set (Fashion-MNIST by default) for
  * a classifier, in a shuffled order that depends only on the seed. */
-#include "train/driver_internal.h"
+#include "run/driver_internal.h"
 
 #include <string.h>
 

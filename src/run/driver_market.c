@@ -1,10 +1,10 @@
 /* A run's lease at the market (driver_internal.h): leasing providers, paying
  * each step (queued while the market is away), the dashboard's progress
  * reports, a replacement for a lost provider, and releasing the lease. */
-#include "train/driver_internal.h"
+#include "run/driver_internal.h"
 
 #include "market/store.h"
-#include "train/market_plan.h"
+#include "run/market_plan.h"
 #include "train/schedule.h"
 
 #include <errno.h>

@@ -1,7 +1,7 @@
 /* The training driver (see driver.h): one run, on one device, on stages in
  * this process, or on workers; the data and the market's side of a run are
  * driver_data.c and driver_market.c (driver_internal.h). */
-#include "train/driver_internal.h"
+#include "run/driver_internal.h"
 
 #include "core/progress.h"
 #include "nn/safetensors.h"

@@ -1,5 +1,5 @@
 /* The plan as the market's dashboard shows it (market_plan.h). */
-#include "train/market_plan.h"
+#include "run/market_plan.h"
 
 #include "arceus.h"
 
