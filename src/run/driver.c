@@ -348,8 +348,8 @@ static int make_plan(run *r, int ndev)
 }
 
 
-/* What each worker of a tensor-parallel group holds (the issue's memory
- * check: a member's parameters are its share of the layers, not all). */
+/* What each worker of a tensor-parallel group holds (what shows
+ * that a member's parameters are its share of the layers, not all). */
 static void print_group_shares(const run *r, int i)
 {
     const ar_remote_stage *g = &r->groups[i];
