@@ -190,6 +190,11 @@ typedef struct {
 /* A running job's progress for the market's dashboard (ReportProgress). */
 int ar_market_report_progress(ar_client *c, const char *lease_token, const ar_market_progress *p,
                               int *status);
+/* The same in two halves, so that the request can be built on one thread
+ * (it points into the run's state) and sent from another: pack it (*buf
+ * malloc'd, free() it), then send the packed bytes. */
+int ar_market_progress_pack(const char *lease_token, const ar_market_progress *p, void **buf, size_t *len);
+int ar_market_report_progress_packed(ar_client *c, const void *buf, size_t len, int *status);
 
 /* ---- jobs ------------------------------------------------------------------ */
 

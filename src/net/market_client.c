@@ -334,9 +334,10 @@ int ar_market_check_lease(ar_client *c, const char *token, const char *lease_tok
     return AR_OK;
 }
 
-int ar_market_report_progress(ar_client *c, const char *lease_token, const ar_market_progress *p,
-                              int *status)
+int ar_market_progress_pack(const char *lease_token, const ar_market_progress *p, void **buf, size_t *len)
 {
+    *buf = NULL;
+    *len = 0;
     if (p->n_stages > AR_MARKET_MAX_DEVICES || p->n_plan > AR_MARKET_MAX_DEVICES)
         return ar_fail(AR_EINVAL, "%zu stages: at most %d", p->n_stages > p->n_plan ? p->n_stages : p->n_plan,
                        AR_MARKET_MAX_DEVICES);
@@ -400,11 +401,41 @@ int ar_market_report_progress(ar_client *c, const char *lease_token, const ar_ma
     req.n_timings = p->n_stages;
     req.timings = tp;
     req.plan = p->n_plan > 0 ? &plan : NULL;
-    ProtobufCMessage *rep;
-    int rc = call(c, "/arceus.Market/ReportProgress", &req.base, &arceus__report_progress_reply__descriptor, &rep,
-                  status);
+    size_t n = protobuf_c_message_get_packed_size(&req.base);
+    if (!(*buf = malloc(n ? n : 1)))
+        return ar_fail(AR_ENOMEM, "out of memory for a progress report");
+    protobuf_c_message_pack(&req.base, *buf);
+    *len = n;
+    return AR_OK;
+}
+
+int ar_market_report_progress_packed(ar_client *c, const void *buf, size_t len, int *status)
+{
+    void *rep = NULL;
+    size_t rlen = 0;
+    int st = 0;
+    int rc = ar_client_unary(c, "/arceus.Market/ReportProgress", buf, len, &rep, &rlen, CALL_TIMEOUT_S, &st);
+    if (status)
+        *status = st;
+    if (rc != AR_OK)
+        return rc;
+    Arceus__ReportProgressReply *r = arceus__report_progress_reply__unpack(NULL, rlen, rep);
+    free(rep);
+    if (!r)
+        return ar_fail(AR_EPROTO, "market %s: malformed ReportProgressReply", ar_client_addr(c));
+    arceus__report_progress_reply__free_unpacked(r, NULL);
+    return AR_OK;
+}
+
+int ar_market_report_progress(ar_client *c, const char *lease_token, const ar_market_progress *p,
+                              int *status)
+{
+    void *buf;
+    size_t len;
+    int rc = ar_market_progress_pack(lease_token, p, &buf, &len);
     if (rc == AR_OK)
-        protobuf_c_message_free_unpacked(rep, NULL);
+        rc = ar_market_report_progress_packed(c, buf, len, status);
+    free(buf);
     return rc;
 }
 

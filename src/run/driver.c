@@ -122,6 +122,11 @@ static int save_checkpoint(run *r, long step)
     int rc = ar_chain_sync(r->head, r->timeout); /* every stage has applied its last update */
     if (rc != AR_OK)
         return rc;
+    /* the steps before a checkpoint are paid before it is written, if the
+     * market answers: a driver that dies and resumes from it redoes (and
+     * pays) only the steps after it, so any unpaid before it would be lost */
+    if (r->leased)
+        ar_reporter_keep_up(&r->reporter, 0, REPORT_STALL_S);
     for (int i = 0; r->remote && i < r->S; i++)
         if ((rc = ar_remote_stage_save(&r->groups[i], &r->shadows[i])) != AR_OK)
             return ar_fail(rc, "saving stage %d: %s", i, ar_last_error());
@@ -342,7 +347,7 @@ static int make_plan(run *r, int ndev)
                params, params / 1e6);
         ar_plan_print(stdout, &r->plan, r->devs, costs, &r->spec);
     }
-    r->plan_sent = 0; /* a new plan (after a lost stage too): the dashboard gets it */
+    r->plan_gen++; /* a new plan (after a lost stage too): the dashboard gets it */
     ar_free(costs);
     return rc;
 }
@@ -641,8 +646,8 @@ static int recover(run *r, int failure, long *step)
         }
     }
     /* steps after the checkpoint are redone and paid then, by whoever does them */
-    while (r->nunpaid > 0 && r->unpaid[r->nunpaid - 1] >= kept)
-        r->nunpaid--;
+    if (r->leased)
+        ar_reporter_rollback(&r->reporter, kept);
     ar_train_state st;
     int rc;
     if (r->restore_dir) {
@@ -833,8 +838,7 @@ static void teardown(run *r)
     for (int i = 0; i < r->nmember_clients; i++)
         ar_client_close(r->member_clients[i]);
     ar_client_close(r->market);
-    free(r->unpaid);
-    free(r->unpaid_loss);
+    ar_reporter_stop(&r->reporter);
     ar_free(r->inputs);
     ar_free(r->targets);
     data_source_close(&r->data);
@@ -889,9 +893,12 @@ int ar_train_run(ar_train_config *c)
     double items_per_step = (double)r.B * r.T;
     int is_text = r.data.is_text;
     for (long step = start; step < c->steps; step++) {
-        /* the unpaid steps count as spent */
-        if (r.leased && c->max_credits > 0 &&
-            r.spent + ((int64_t)r.nunpaid + 1) * r.step_cost > c->max_credits) {
+        /* the steps queued for payment count as spent */
+        int64_t spent = 0;
+        size_t queued = 0;
+        if (r.leased)
+            ar_reporter_state(&r.reporter, &spent, &queued, NULL, NULL, NULL, NULL);
+        if (r.leased && c->max_credits > 0 && spent + ((int64_t)queued + 1) * r.step_cost > c->max_credits) {
             /* the budget would not cover this step: keep what was paid for */
             char a[40], b[40], d[40];
             r.budget_stop = 1;
@@ -899,7 +906,7 @@ int ar_train_run(ar_train_config *c)
                 break; /* (no recovery: the run is ending) */
             rc = ar_fail(AR_ELIMIT,
                          "budget reached after step %ld: %s of max %s credits spent, the next step costs %s%s%s%s",
-                         step, ar_credits_text(r.spent, a, sizeof a), ar_credits_text(c->max_credits, b, sizeof b),
+                         step, ar_credits_text(spent + (int64_t)queued * r.step_cost, a, sizeof a), ar_credits_text(c->max_credits, b, sizeof b),
                          ar_credits_text(r.step_cost, d, sizeof d),
                          c->out_dir && step > start ? "; checkpoint in " : "",
                          c->out_dir && step > start ? c->out_dir : "",
@@ -945,14 +952,13 @@ int ar_train_run(ar_train_config *c)
                 continue;
             break;
         }
-        if (r.leased) {
-            /* this step after the unpaid ones; while the market is
-             * unreachable, a new try every MARKET_RETRY_S */
-            if ((rc = driver_queue_usage(&r, step, res.loss)) != AR_OK)
-                break;
-            if ((!r.outage || ar_now() >= r.retry_at) && (rc = driver_pay_unpaid(&r)) != AR_OK)
-                break;
-        }
+        /* paid by the reporter's thread, in order; a refusal of an earlier
+         * step (the market's budget, a lease it ended) ends the run */
+        if (r.leased && ((rc = ar_reporter_refusal(&r.reporter)) != AR_OK ||
+                         (rc = driver_queue_usage(&r, step, res.loss)) != AR_OK))
+            break;
+        if (r.leased)
+            ar_reporter_keep_up(&r.reporter, REPORT_QUEUE_HIGH, REPORT_STALL_S);
         r.steps_done = step + 1;
         for (int i = 0; i < res.nstages && i < 64; i++) {
             r.busy[i] += res.busy_s[i];
@@ -1013,6 +1019,11 @@ int ar_train_run(ar_train_config *c)
     }
     ar_progress_end(&bar);
     double elapsed = ar_now() - t0;
+    /* the last steps' payments are on their way: a refusal of one of them
+     * is the run's error, as it is mid-run (an unreachable market is not:
+     * releasing the lease waits for it) */
+    if (rc == AR_OK && r.leased && ar_reporter_flush(&r.reporter, ar_now() + MARKET_RETRY_S) != AR_ECLOSED)
+        rc = ar_reporter_refusal(&r.reporter);
     if (rc == AR_OK && !c->quiet) {
         long end = c->stop_after > 0 && c->stop_after < c->steps ? c->stop_after : c->steps;
         long done = end - start;

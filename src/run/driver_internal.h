@@ -13,6 +13,7 @@
 #include "net/market.h"
 #include "net/net.h"
 #include "run/remote_stage.h"
+#include "run/reporter.h"
 #include "nn/spec.h"
 #include "train/local.h"
 #include "train/plan.h"
@@ -90,19 +91,12 @@ typedef struct {
     ar_market_lease lease;
     int leased;
     int64_t provider_ids[64], prices[64], stage_flops[64];
-    int64_t step_cost, spent;
+    int64_t step_cost;
     long steps_done;
     int budget_stop; /* ended by --max-credits: the job is cancelled, not failed */
-    /* steps completed but not yet paid because the market is unreachable, in
-     * step order with their losses; retried every MARKET_RETRY_S (a report
-     * that reached the market before it went away pays nothing twice: the
-     * market records usage once per (job, step, stage)) */
-    long *unpaid;
-    double *unpaid_loss;
-    size_t nunpaid, unpaid_cap;
-    int outage;       /* the last report found the market unreachable */
-    double retry_at;  /* the next attempt while it is */
-    long outage_paid; /* steps paid late since the outage began */
+    /* completed steps are paid, and the dashboard's progress sent, by the
+     * reporter's thread: a market that hangs never holds up a step */
+    ar_reporter reporter;
     /* recovery (remote stages): what each device offers the planner (the
      * market's record for a leased provider), the spare workers not planned
      * (--spares), where the run restarts from when a stage is lost (the last
@@ -117,11 +111,11 @@ typedef struct {
     double timeout;          /* the stage timeout in force (s) */
     double slowest_step;     /* the slowest training step so far (s) */
     int failures;            /* losses since the last checkpoint */
-    /* the dashboard's view of the run (ReportProgress): sent about every
-     * PROGRESS_EVERY_S; the plan goes with the first report that arrives */
+    /* the dashboard's view of the run (ReportProgress): queued about every
+     * PROGRESS_EVERY_S; the plan goes with every report until the market
+     * has it (plan: the generation of the plan in force, counted from 1) */
     double progress_at;
-    int plan_sent, progress_off;
-    long nval_sent;
+    long plan_gen, nval_queued;
 } run;
 
 #define MARKET_RETRY_S 2.0
@@ -133,13 +127,18 @@ typedef struct {
 /* losses in a row without a checkpoint in between before the run gives up */
 #define MAX_FAILURES 5
 #define PROGRESS_EVERY_S 1.0
+/* Completed steps waiting for payment: past this many, a run waits for a
+ * market that answers but slowly, so that the queue (and what a driver that
+ * dies leaves unpaid) stays bounded; a market that has left a call
+ * unanswered for REPORT_STALL_S holds nothing up. */
+#define REPORT_QUEUE_HIGH 256
+#define REPORT_STALL_S 1.0
 
 /* ---- a run's lease at the market (driver_market.c) ----------------------- */
 
 int driver_price_stages(run *r);
 int driver_acquire_lease(run *r, long start_step, int64_t resume_job);
 int driver_queue_usage(run *r, long step, double loss);
-int driver_pay_unpaid(run *r);
 void driver_report_progress(run *r, long step, double rate, double elapsed, long start);
 void driver_release_lease(run *r, int rc);
 int driver_replace_from_market(run *r, int i, long kept, const char *why, int *found);

@@ -73,6 +73,12 @@ int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
     int status = 0;
     if ((rc = ar_market_acquire(r->market, c->token, &q, &r->lease, &status)) != AR_OK)
         return ar_fail(rc, "market %s: no lease: %s", c->market, ar_last_error());
+    if ((rc = ar_reporter_start(&r->reporter, c->market, r->lease.token, 0, MARKET_RETRY_S)) != AR_OK) {
+        /* the lease is the market's until released: release it now */
+        int64_t spent;
+        ar_market_release(r->market, r->lease.token, "failed", start_step, &spent, &status);
+        return rc;
+    }
     r->leased = 1;
     r->remote = 1;
     r->S = (int)r->lease.n;
@@ -106,75 +112,15 @@ int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
     return AR_OK;
 }
 
-/* Pay for step `step` (0-based), just completed: each stage's FLOPs; its
- * loss goes with it (the job's loss curve at the market). */
-static int report_usage(run *r, long step, double loss)
+/* Queue step `step` (0-based), just completed, for payment: each stage's
+ * provider and FLOPs; its loss goes with it (the job's loss curve at the
+ * market). The reporter's thread sends it. */
+int driver_queue_usage(run *r, long step, double loss)
 {
     ar_market_stage_usage u[64];
     for (int i = 0; i < r->S; i++)
         u[i] = (ar_market_stage_usage){.stage = i, .provider_id = r->provider_ids[i], .flops = r->stage_flops[i]};
-    int64_t spent = 0;
-    int status = 0;
-    int rc = ar_market_report_loss(r->market, r->lease.token, step, loss, u, (size_t)r->S, NULL, &spent,
-                                   NULL, &status);
-    if (rc != AR_OK)
-        return ar_fail(rc, "market %s: paying for step %ld: %s", r->c->market, step + 1, ar_last_error());
-    r->spent = spent;
-    return AR_OK;
-}
-
-/* Queue step `step` (0-based) for payment, after the unpaid ones. */
-int driver_queue_usage(run *r, long step, double loss)
-{
-    if (r->nunpaid == r->unpaid_cap) {
-        size_t cap = r->unpaid_cap ? 2 * r->unpaid_cap : 64;
-        long *u = realloc(r->unpaid, cap * sizeof *u);
-        if (!u)
-            return ar_fail(AR_ENOMEM, "out of memory for the unpaid steps");
-        r->unpaid = u;
-        double *l = realloc(r->unpaid_loss, cap * sizeof *l);
-        if (!l)
-            return ar_fail(AR_ENOMEM, "out of memory for the unpaid steps");
-        r->unpaid_loss = l;
-        r->unpaid_cap = cap;
-    }
-    r->unpaid[r->nunpaid] = step;
-    r->unpaid_loss[r->nunpaid] = loss;
-    r->nunpaid++;
-    return AR_OK;
-}
-
-/* Report the queued steps in order. The market unreachable (AR_ECLOSED)
- * keeps them queued for another try MARKET_RETRY_S later and is no error;
- * any other refusal (budget, lease) is the run's error, as before. */
-int driver_pay_unpaid(run *r)
-{
-    while (r->nunpaid > 0) {
-        int rc = report_usage(r, r->unpaid[0], r->unpaid_loss[0]);
-        if (rc == AR_ECLOSED) {
-            if (!r->outage) {
-                ar_log(AR_LOG_WARN, "%s; training goes on, step %ld onwards is paid when the market is back",
-                       ar_last_error(), r->unpaid[0] + 1);
-                r->outage = 1;
-                r->outage_paid = 0;
-            }
-            r->retry_at = ar_now() + MARKET_RETRY_S;
-            return AR_OK;
-        }
-        if (rc != AR_OK)
-            return rc;
-        if (r->outage)
-            r->outage_paid++;
-        r->nunpaid--;
-        memmove(r->unpaid, r->unpaid + 1, r->nunpaid * sizeof *r->unpaid);
-        memmove(r->unpaid_loss, r->unpaid_loss + 1, r->nunpaid * sizeof *r->unpaid_loss);
-    }
-    if (r->outage) {
-        ar_log(AR_LOG_WARN, "market %s is back: %ld unpaid step%s paid", r->c->market, r->outage_paid,
-               r->outage_paid == 1 ? "" : "s");
-        r->outage = 0;
-    }
-    return AR_OK;
+    return ar_reporter_push_step(&r->reporter, step, loss, u, (size_t)r->S);
 }
 
 /* Tell the market how the run goes, for its dashboard: throughput, ETA, a
@@ -185,26 +131,33 @@ int driver_pay_unpaid(run *r)
 void driver_report_progress(run *r, long step, double rate, double elapsed, long start)
 {
     ar_train_config *c = r->c;
-    int new_val = r->nval > r->nval_sent;
+    if (!r->leased)
+        return;
+    int outage = 0, off = 0;
+    long plan_sent = 0, nval_sent = 0;
+    ar_reporter_state(&r->reporter, NULL, NULL, &outage, &plan_sent, &nval_sent, &off);
     int last = step + 1 == c->steps;
-    if (!r->leased || r->outage || r->progress_off ||
-        (ar_now() < r->progress_at && !new_val && !last))
+    if (outage || off || (ar_now() < r->progress_at && r->nval <= r->nval_queued && !last))
         return;
     r->progress_at = ar_now() + PROGRESS_EVERY_S;
+    /* what the market has not confirmed goes again: this report replaces
+     * any the reporter has not sent yet */
+    int with_val = r->nval > nval_sent;
+    int with_plan = plan_sent != r->plan_gen;
     long done = step + 1 - start;
     ar_market_progress p = {.step = step + 1, .total_steps = c->steps, .items_per_s = rate,
                             .unit = r->data.is_text ? "tokens" : "samples",
                             .eta_s = done > 0 ? elapsed / (double)done * (double)(c->steps - step - 1) : 0,
-                            .has_val = new_val, .wall_s = r->step_wall, .n_stages = (size_t)r->S,
+                            .has_val = with_val, .wall_s = r->step_wall, .n_stages = (size_t)r->S,
                             .busy_s = r->busy, .idle_s = r->idle};
-    if (new_val) {
+    if (with_val) {
         p.val_step = (int64_t)r->val_x[r->nval - 1];
         p.val_loss = r->val_y[r->nval - 1];
     }
     ar_market_plan_stage stages[AR_PLAN_MAX_STAGES];
     char layers[AR_PLAN_MAX_STAGES][AR_LAYERS_TEXT_MAX], model[96];
     char (*shares)[AR_PLAN_SHARE_TEXT] = NULL; /* a group member's share in words; 80 KB at most */
-    if (!r->plan_sent && (shares = calloc(AR_PLAN_MAX_STAGES * AR_PLAN_MAX_GROUP, sizeof *shares))) {
+    if (with_plan && (shares = calloc(AR_PLAN_MAX_STAGES * AR_PLAN_MAX_GROUP, sizeof *shares))) {
         ar_market_plan_fill(&r->plan, r->devs, &r->spec, &r->lease, stages, layers, shares);
         snprintf(model, sizeof model, "%s, %ld parameters", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
                  ar_spec_param_count(&r->spec));
@@ -215,17 +168,16 @@ void driver_report_progress(run *r, long step, double rate, double elapsed, long
         p.micro_batches = r->M;
         p.predicted_bubble = r->plan.bubble;
     }
-    int status = 0;
     char saved[1024];
     snprintf(saved, sizeof saved, "%s", ar_last_error());
-    if (ar_market_report_progress(r->market, r->lease.token, &p, &status) == AR_OK) {
-        r->plan_sent = 1;
-        r->nval_sent = r->nval;
-    } else if (status == AR_STATUS_UNIMPLEMENTED || status == AR_STATUS_INVALID_ARGUMENT) {
-        /* an older market, or one that finds our report malformed: the
-         * dashboard goes without, the run goes on */
+    void *buf;
+    size_t len;
+    if (ar_market_progress_pack(r->lease.token, &p, &buf, &len) == AR_OK) {
+        ar_reporter_push_progress(&r->reporter, buf, len, with_val ? r->nval : nval_sent, p.n_plan > 0 ? r->plan_gen : 0);
+        r->nval_queued = r->nval;
+    } else {
+        /* nothing is paid by it: a warning, not the run's end */
         ar_log(AR_LOG_WARN, "market %s: no progress for its dashboard: %s", c->market, ar_last_error());
-        r->progress_off = 1;
     }
     free(shares);
     ar_fail(AR_OK, "%s", saved);
@@ -241,24 +193,6 @@ static void sleep_until(double t)
         ;
 }
 
-/* "3-7, 9" for the steps still queued (1-based, as printed elsewhere). */
-static void unpaid_text(const run *r, char *buf, size_t size)
-{
-    size_t n = 0;
-    buf[0] = 0;
-    for (size_t i = 0; i < r->nunpaid && n + 32 < size;) {
-        size_t j = i;
-        while (j + 1 < r->nunpaid && r->unpaid[j + 1] == r->unpaid[j] + 1)
-            j++;
-        int w = j > i ? snprintf(buf + n, size - n, "%s%ld-%ld", n ? ", " : "", r->unpaid[i] + 1, r->unpaid[j] + 1)
-                      : snprintf(buf + n, size - n, "%s%ld", n ? ", " : "", r->unpaid[i] + 1);
-        n += (size_t)w;
-        i = j + 1;
-        if (i < r->nunpaid && n + 32 >= size)
-            snprintf(buf + n, size - n, ", ...");
-    }
-}
-
 /* The lease ends with the run, whatever ended it: first the unpaid steps
  * are paid, waiting up to MARKET_RELEASE_WAIT_S for an unreachable market. */
 void driver_release_lease(run *r, int rc)
@@ -268,24 +202,26 @@ void driver_release_lease(run *r, int rc)
     char saved[1024];
     snprintf(saved, sizeof saved, "%s", ar_last_error());
     double deadline = ar_now() + MARKET_RELEASE_WAIT_S;
-    if (r->nunpaid > 0) {
+    /* the last steps are usually on their way: a moment for them first */
+    double soon = ar_now() + MARKET_RETRY_S;
+    if (ar_reporter_flush(&r->reporter, soon < deadline ? soon : deadline) == AR_ECLOSED) {
+        size_t queued = 0;
+        ar_reporter_state(&r->reporter, NULL, &queued, NULL, NULL, NULL, NULL);
         ar_log(AR_LOG_WARN, "market %s: %zu step%s unpaid, waiting up to %.0f s for the market", r->c->market,
-               r->nunpaid, r->nunpaid == 1 ? "" : "s", MARKET_RELEASE_WAIT_S);
-        while (r->nunpaid > 0 && ar_now() < deadline) {
-            sleep_until(r->retry_at < deadline ? r->retry_at : deadline);
-            if (driver_pay_unpaid(r) != AR_OK) {
-                ar_log(AR_LOG_WARN, "%s", ar_last_error());
-                break;
-            }
-        }
-        if (r->nunpaid > 0) {
+               queued, queued == 1 ? "" : "s", MARKET_RELEASE_WAIT_S);
+        if (ar_reporter_flush(&r->reporter, deadline) == AR_ECLOSED) {
             char steps[512];
-            unpaid_text(r, steps, sizeof steps);
+            ar_reporter_queued_text(&r->reporter, steps, sizeof steps);
+            ar_reporter_state(&r->reporter, NULL, &queued, NULL, NULL, NULL, NULL);
             ar_log(AR_LOG_WARN, "market %s: gave up on paying for %zu step%s of job %lld (steps %s): they are unpaid",
-                   r->c->market, r->nunpaid, r->nunpaid == 1 ? "" : "s", (long long)r->lease.job_id, steps);
+                   r->c->market, queued, queued == 1 ? "" : "s", (long long)r->lease.job_id, steps);
         }
     }
-    int64_t spent = r->spent;
+    if (ar_reporter_refusal(&r->reporter) != AR_OK && rc == AR_OK)
+        ar_log(AR_LOG_WARN, "%s", ar_last_error());
+    int64_t spent = 0;
+    ar_reporter_state(&r->reporter, &spent, NULL, NULL, NULL, NULL, NULL);
+    ar_reporter_stop(&r->reporter);
     int status = 0;
     const char *how = rc == AR_OK ? "done" : r->budget_stop ? "cancelled" : "failed";
     int rrc;
@@ -315,13 +251,19 @@ int driver_replace_from_market(run *r, int i, long kept, const char *why, int *f
     int status = 0, rc;
     int64_t spent = 0;
     double deadline = ar_now() + MARKET_RELEASE_WAIT_S;
+    /* every step done before the loss is paid first, as it was done: the
+     * market then reverses those after `kept`; a market that stays away
+     * leaves them queued, and the replacement below waits for it too */
+    if ((rc = ar_reporter_flush(&r->reporter, deadline)) != AR_OK && rc != AR_ECLOSED)
+        return rc;
     while ((rc = ar_market_replace(r->market, r->lease.token, r->provider_ids[i], kept, why, &got, found,
                                    &spent, &status)) == AR_ECLOSED && ar_now() + MARKET_RETRY_S < deadline)
         sleep_until(ar_now() + MARKET_RETRY_S); /* the market is away: it keeps the lease */
     if (rc != AR_OK)
         return ar_fail(rc, "market %s: replacing provider %lld: %s", r->c->market,
                        (long long)r->provider_ids[i], ar_last_error());
-    r->spent = spent;
+    ar_reporter_set_spent(&r->reporter, spent);
+    ar_reporter_rollback(&r->reporter, kept);
     if (!*found)
         return AR_OK;
     size_t n = strnlen(got.p.address, sizeof got.p.address);
