@@ -17,6 +17,7 @@
 #endif
 
 #include "blas.h"
+#include "device.h"
 
 /* ---- memory ------------------------------------------------------------ */
 
@@ -125,11 +126,10 @@ static int thread_count = 0;
 
 void ar_set_threads(int n)
 {
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    if (cores < 1)
-        cores = 1;
+    /* all the cores this process may use, as the device probe counts them */
+    int cores = ar_device_cores();
     if (n <= 0 || n > cores)
-        n = (int)cores;
+        n = cores;
     thread_count = n;
 #ifdef _OPENMP
     omp_set_num_threads(n);
