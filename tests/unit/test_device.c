@@ -12,12 +12,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
-/* Below this CPU share, other work took turns on the probe's cores (see
- * ar_device_info.cpu_share; the figure is rough: the kernel brings other
- * threads' CPU time up to date at its ticks only). */
-#define BUSY_SHARE 0.85
+/* At or above this CPU share a probe had its cores to itself (see
+ * ar_device_info.cpu_share): its figure is the machine's, not what other work
+ * left over. Rough for several threads: the kernel brings the other threads'
+ * CPU time up to date at its ticks only. */
+#define HAD_ITS_CORES 0.9
 
 static ar_device_info probe(int threads)
 {
@@ -27,55 +29,102 @@ static ar_device_info probe(int threads)
     return d;
 }
 
-/* Two probes of the same machine agree within 25%. On one thread: the
- * machines that run the tests are shared, and a many-thread product waits
- * for its slowest part, so there two probes would measure the neighbours'
- * load more than the machine; one thread gets a core to itself far more
- * often. A burst of other work can still spoil one probe: up to three pairs. */
+/* Two probes of the same machine agree within 25%. The machines that run the
+ * tests are shared (a developer's, CI's): a probe that other work took turns
+ * with measured the leftover, which comes and goes (half the figure and
+ * less at a load of 8 on 2 cores), so only probes that had their core are
+ * compared. Even those lose a fifth or so while a neighbour runs on the
+ * core's hyperthread sibling or fills the shared cache, which no CPU share
+ * shows: any two of them that agree will do. One thread: a single core is
+ * free far more often than all of them. */
 Test(device, two_probes_agree)
 {
+    double had[8];
+    int n = 0;
     char seen[512] = "";
     size_t used = 0;
-    for (int attempt = 0; attempt < 3; attempt++) {
-        ar_device_info a = probe(1), b = probe(1);
-        double hi = fmax(a.gflops, b.gflops), lo = fmin(a.gflops, b.gflops);
-        if (lo >= 0.75 * hi)
-            return;
-        int n = snprintf(seen + used, sizeof seen - used, " %.1f/%.1f (CPU share %.2f/%.2f)", a.gflops,
-                         b.gflops, a.cpu_share, b.cpu_share);
-        if (n > 0 && (size_t)n < sizeof seen - used)
-            used += (size_t)n;
+    for (int attempt = 0; attempt < 8; attempt++) {
+        ar_device_info d = probe(1);
+        int len = snprintf(seen + used, sizeof seen - used, " %.1f (CPU share %.2f)", d.gflops, d.cpu_share);
+        if (len > 0 && (size_t)len < sizeof seen - used)
+            used += (size_t)len;
+        if (d.cpu_share < HAD_ITS_CORES)
+            continue;
+        for (int i = 0; i < n; i++)
+            if (fmin(had[i], d.gflops) >= 0.75 * fmax(had[i], d.gflops))
+                return;
+        had[n++] = d.gflops;
     }
-    cr_assert_fail("no two probes in three pairs agreed within 25%%; GFLOP/s:%s", seen);
+    if (n < 2)
+        cr_skip("other work kept taking turns on the cores: fewer than two of eight probes had a core to "
+                "themselves, so none can be compared; GFLOP/s:%s",
+                seen);
+    cr_assert_fail("no two of the %d probes that had their core agreed within 25%%; GFLOP/s:%s", n, seen);
 }
 
-/* A 1-thread probe is below a 2-thread one, when the second core is there
- * and free: with other work on it, a 2-thread product waits for the half
- * that shares a core, and two threads may well be slower than one. */
+/* CPU seconds the whole machine has spent busy (user, system, interrupts,
+ * stolen by a hypervisor), from /proc/stat; -1 when unknown. */
+static double machine_busy_seconds(void)
+{
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f)
+        return -1;
+    unsigned long long user, nice, sys, idle, iowait, irq, softirq, steal;
+    int n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &user, &nice, &sys, &idle, &iowait,
+                   &irq, &softirq, &steal);
+    fclose(f);
+    long ticks = sysconf(_SC_CLK_TCK);
+    if (n != 8 || ticks <= 0)
+        return -1;
+    return (double)(user + nice + sys + irq + softirq + steal) / (double)ticks;
+}
+
+static double process_cpu_seconds(void)
+{
+    struct timespec t;
+    cr_assert_eq(clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t), 0);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* A 1-thread probe is below a 2-thread one, when the machine's cores are
+ * free: with other work on the second core a 2-thread product waits for the
+ * half that shares it, and two threads may well be slower than one. Whether
+ * other work ran is told by the machine's busy time less this process's,
+ * not by the probe's own CPU share, which a probe that ignored its thread
+ * count would also show low. */
 Test(device, two_threads_beat_one)
 {
     if (ar_device_cores() < 2)
         cr_skip("this process may use only one core: a 2-thread probe cannot beat a 1-thread one");
-    char seen[512] = "";
+    char seen[640] = "";
     size_t used = 0;
-    double best_share = 0;
+    int had_the_machine = 0;
     for (int attempt = 0; attempt < 5; attempt++) {
-        ar_device_info one = probe(1), two = probe(2);
+        ar_device_info one = probe(1);
+        double busy0 = machine_busy_seconds(), cpu0 = process_cpu_seconds(), t0 = ar_now();
+        ar_device_info two = probe(2);
+        double busy1 = machine_busy_seconds(), cpu1 = process_cpu_seconds(), t1 = ar_now();
         cr_assert_eq(one.threads, 1);
         cr_assert_eq(two.threads, 2);
         if (one.gflops < two.gflops)
             return;
-        best_share = fmax(best_share, two.cpu_share);
-        int n = snprintf(seen + used, sizeof seen - used, " %.1f vs %.1f (CPU share %.2f)", one.gflops,
-                         two.gflops, two.cpu_share);
+        /* cores' worth of other work during the 2-thread probe (-1: unknown);
+         * /proc/stat counts in ticks of 10 ms, hence the loose bound */
+        double others = busy0 < 0 || busy1 < 0 ? -1 : ((busy1 - busy0) - (cpu1 - cpu0)) / (t1 - t0);
+        if (others < 0.5)
+            had_the_machine = 1;
+        int n = snprintf(seen + used, sizeof seen - used, " %.1f vs %.1f (other work: %.1f cores)",
+                         one.gflops, two.gflops, others);
         if (n > 0 && (size_t)n < sizeof seen - used)
             used += (size_t)n;
     }
-    if (best_share < BUSY_SHARE)
-        cr_skip("other work kept the second core busy (the 2-thread probe got at most %.0f%% of its "
-                "CPU time), so 1 and 2 threads cannot be compared; 1 vs 2 threads, GFLOP/s:%s",
-                100 * best_share, seen);
-    cr_assert_fail("a 2-thread probe never beat a 1-thread one; 1 vs 2 threads, GFLOP/s:%s", seen);
+    if (!had_the_machine)
+        cr_skip("other work kept the cores busy during every 2-thread probe, so 1 and 2 threads cannot be "
+                "compared; 1 vs 2 threads, GFLOP/s:%s",
+                seen);
+    cr_assert_fail("a 2-thread probe never beat a 1-thread one, though the machine was free at times; "
+                   "1 vs 2 threads, GFLOP/s:%s",
+                   seen);
 }
 
 /* The probe is short: it runs whenever a worker starts, a provider offers
