@@ -14,19 +14,27 @@
 
 #define AR_VERSION_STRING "0.1.0"
 
-enum ar_error {
-    AR_OK = 0,
-    AR_ENOMEM = -1,    /* an allocation failed */
-    AR_EINVAL = -2,    /* a bad argument or value */
-    AR_EIO = -3,       /* a file or socket could not be read or written */
-    AR_EFORMAT = -4,   /* malformed input: bad magic, truncated file, bad JSON */
-    AR_ESHAPE = -5,    /* tensor shapes disagree */
-    AR_ENOTFOUND = -6, /* a file, key or tensor is missing */
-    AR_EPROTO = -7,    /* a peer broke the protocol */
-    AR_ECLOSED = -8,   /* a link or peer went away */
-    AR_ELIMIT = -9,    /* a configured limit was exceeded */
-    AR_EINTERNAL = -10 /* a bug: an invariant did not hold */
-};
+/* Every error code: its name, its value and its short message (ar_strerror).
+ * This one list makes both the enum below and the messages in
+ * src/core/error.c, so the two cannot drift apart. The codes run 0, -1, -2,
+ * ... without a gap (error.c checks it when it compiles); a new code goes at
+ * the end. */
+#define AR_ERRORS(X)                                                                               \
+    X(AR_OK, 0, "success")                                                                         \
+    X(AR_ENOMEM, -1, "out of memory")       /* an allocation failed */                             \
+    X(AR_EINVAL, -2, "invalid argument")    /* a bad argument or value */                          \
+    X(AR_EIO, -3, "input/output error")     /* a file or socket could not be read or written */    \
+    X(AR_EFORMAT, -4, "malformed input")    /* bad magic, truncated file, bad JSON */              \
+    X(AR_ESHAPE, -5, "shape mismatch")      /* tensor shapes disagree */                           \
+    X(AR_ENOTFOUND, -6, "not found")        /* a file, key or tensor is missing */                 \
+    X(AR_EPROTO, -7, "protocol error")      /* a peer broke the protocol */                        \
+    X(AR_ECLOSED, -8, "connection closed")  /* a link or peer went away */                         \
+    X(AR_ELIMIT, -9, "limit exceeded")      /* a configured limit was exceeded */                  \
+    X(AR_EINTERNAL, -10, "internal error")  /* a bug: an invariant did not hold */
+
+#define AR_ERROR_ENUMERATOR(name, value, message) name = (value),
+enum ar_error { AR_ERRORS(AR_ERROR_ENUMERATOR) };
+#undef AR_ERROR_ENUMERATOR
 
 /* Short name of an error code: "out of memory", "malformed input", ... */
 const char *ar_strerror(int err);

@@ -9,6 +9,7 @@
  * market may have lost its record of us, or marked us offline meanwhile). */
 #include "cli/cli.h"
 #include "core/core.h"
+#include "core/device.h"
 #include "net/market.h"
 #include "net/remote.h"
 #include "train/plan.h"
@@ -25,7 +26,6 @@
 #include <unistd.h>
 
 #define PROVIDE_NICE 10
-#define PROBE_SECONDS 0.25
 #define DEFAULT_PRICE AR_CREDITS(1)
 
 void ar_help_provide(void)
@@ -282,12 +282,17 @@ int ar_cmd_provide(int argc, char **argv)
     /* the machine, within the caps */
     ar_set_threads(max_threads);
     int threads = ar_get_threads();
-    double gflops = ar_probe_sgemm_gflops(PROBE_SECONDS);
+    ar_device_info dev;
+    if (ar_device_probe(threads, &dev) != AR_OK) {
+        ar_cli_error("provide", "cannot measure this machine: %s", ar_last_error());
+        return 1;
+    }
+    double gflops = dev.gflops;
     if (!(gflops > 0)) {
         ar_cli_error("provide", "could not measure this machine's speed (sgemm probe failed)");
         return 1;
     }
-    int64_t mem = (int64_t)ar_free_memory_bytes();
+    int64_t mem = dev.free_bytes > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)dev.free_bytes;
     if (mem <= 0) {
         long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
         mem = pages > 0 && page > 0 ? (int64_t)pages * page : 0;
@@ -300,9 +305,7 @@ int ar_cmd_provide(int argc, char **argv)
     }
     if (mem > AR_MARKET_MAX_MEM)
         mem = AR_MARKET_MAX_MEM;
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    if (cores < 1)
-        cores = 1;
+    long cores = dev.cores;
     provider p = {.market = market, .token = token, .heartbeat_s = heartbeat_s};
     p.profile.gflops = gflops;
     p.profile.mem_bytes = mem;
@@ -311,7 +314,8 @@ int ar_cmd_provide(int argc, char **argv)
     p.profile.price_per_tflop = price;
 
     /* the worker holds a renter's stage to the memory offered */
-    ar_worker_config wc = {.listen = listen, .threads = threads, .max_frame = 0, .max_mem = (uint64_t)mem};
+    ar_worker_config wc = {.listen = listen, .threads = threads, .max_frame = 0, .max_mem = (uint64_t)mem,
+                           .gflops = gflops};
     ar_worker *w;
     char addr[AR_ADDR_MAX];
     if (ar_worker_start(&wc, &w, addr, sizeof addr) != AR_OK) {

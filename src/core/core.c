@@ -1,4 +1,4 @@
-/* Memory, arenas, random numbers, threads, time, logging and files. */
+/* Memory, random numbers, threads, time, logging and files. */
 #include "core.h"
 
 #include <errno.h>
@@ -17,6 +17,7 @@
 #endif
 
 #include "blas.h"
+#include "device.h"
 
 /* ---- memory ------------------------------------------------------------ */
 
@@ -46,48 +47,6 @@ void *ar_calloc(size_t count, size_t size)
 void ar_free(void *p)
 {
     free(p);
-}
-
-int ar_arena_init(ar_arena *a, size_t capacity)
-{
-    a->used = 0;
-    a->capacity = capacity;
-    a->base = ar_calloc(capacity ? capacity : 1, 1);
-    return a->base ? AR_OK : AR_ENOMEM;
-}
-
-void *ar_arena_alloc(ar_arena *a, size_t bytes)
-{
-    size_t start = (a->used + 63) & ~(size_t)63;
-    if (start < a->used || bytes > a->capacity || start > a->capacity - bytes) {
-        ar_fail(AR_ENOMEM, "arena full: %zu of %zu bytes used, %zu more asked", a->used,
-                a->capacity, bytes);
-        return NULL;
-    }
-    a->used = start + bytes;
-    memset(a->base + start, 0, bytes);
-    return a->base + start;
-}
-
-float *ar_arena_floats(ar_arena *a, size_t count)
-{
-    if (count > SIZE_MAX / sizeof(float)) {
-        ar_fail(AR_ENOMEM, "arena request of %zu floats overflows", count);
-        return NULL;
-    }
-    return ar_arena_alloc(a, count * sizeof(float));
-}
-
-void ar_arena_reset(ar_arena *a)
-{
-    a->used = 0;
-}
-
-void ar_arena_free(ar_arena *a)
-{
-    ar_free(a->base);
-    a->base = NULL;
-    a->capacity = a->used = 0;
 }
 
 /* ---- random numbers ----------------------------------------------------- */
@@ -167,11 +126,10 @@ static int thread_count = 0;
 
 void ar_set_threads(int n)
 {
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    if (cores < 1)
-        cores = 1;
+    /* all the cores this process may use, as the device probe counts them */
+    int cores = ar_device_cores();
     if (n <= 0 || n > cores)
-        n = (int)cores;
+        n = cores;
     thread_count = n;
 #ifdef _OPENMP
     omp_set_num_threads(n);

@@ -16,21 +16,6 @@
 void *ar_calloc(size_t count, size_t size);
 void ar_free(void *p);
 
-/* An arena hands out aligned chunks of one block and frees them all at once,
- * instead of a malloc/free per tensor (ggml's habit). */
-typedef struct {
-    char *base;
-    size_t capacity;
-    size_t used;
-} ar_arena;
-
-int ar_arena_init(ar_arena *a, size_t capacity);
-/* 64-byte aligned, zeroed; NULL when the arena is full. */
-void *ar_arena_alloc(ar_arena *a, size_t bytes);
-float *ar_arena_floats(ar_arena *a, size_t count);
-void ar_arena_reset(ar_arena *a);
-void ar_arena_free(ar_arena *a);
-
 /* ---- random numbers ----------------------------------------------------- */
 
 /* xoshiro256** generator; state is plain data so it can be checkpointed. */

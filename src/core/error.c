@@ -7,22 +7,27 @@
 
 static _Thread_local char last_error[512] = "no error";
 
+/* The messages, indexed by -code. A gap in the codes would leave the table
+ * longer than the list (the assertion below), a code given twice would be an
+ * initializer overridden (-Woverride-init, in -Wextra) and a positive code an
+ * index out of bounds: each stops the build. */
+#define AR_ERROR_MESSAGE(name, value, message) [-(value)] = message,
+static const char *const messages[] = {AR_ERRORS(AR_ERROR_MESSAGE)};
+#undef AR_ERROR_MESSAGE
+
+#define AR_ERROR_ONE(name, value, message) +1
+enum { ERROR_COUNT = 0 AR_ERRORS(AR_ERROR_ONE) };
+#undef AR_ERROR_ONE
+
+_Static_assert(sizeof messages / sizeof messages[0] == ERROR_COUNT,
+               "the error codes of AR_ERRORS (arceus.h) must run 0, -1, -2, ... without a gap");
+
 const char *ar_strerror(int err)
 {
-    switch (err) {
-    case AR_OK: return "success";
-    case AR_ENOMEM: return "out of memory";
-    case AR_EINVAL: return "invalid argument";
-    case AR_EIO: return "input/output error";
-    case AR_EFORMAT: return "malformed input";
-    case AR_ESHAPE: return "shape mismatch";
-    case AR_ENOTFOUND: return "not found";
-    case AR_EPROTO: return "protocol error";
-    case AR_ECLOSED: return "connection closed";
-    case AR_ELIMIT: return "limit exceeded";
-    case AR_EINTERNAL: return "internal error";
-    default: return "unknown error";
-    }
+    /* compared before negating: -INT_MIN would overflow */
+    if (err > 0 || err <= -ERROR_COUNT)
+        return "unknown error";
+    return messages[-err];
 }
 
 const char *ar_last_error(void)

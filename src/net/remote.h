@@ -43,6 +43,9 @@ typedef struct {
      * client host (0: AR_WORKER_DEFAULT_PIPES). */
     uint64_t max_mem;
     int max_pipes;
+    /* GFLOP/s already measured (ar_device_probe with `threads`), as a
+     * provider does for the market; 0: the worker probes at start. */
+    double gflops;
 } ar_worker_config;
 
 #define AR_WORKER_DEFAULT_PIPES 4

@@ -10,8 +10,8 @@
 #include "net/remote.h"
 
 #include "arceus.pb-c.h"
-#include "core/blas.h"
 #include "core/core.h"
+#include "core/device.h"
 #include "net/market.h"
 #include "net/net_internal.h"
 #include "train/pipeline.h"
@@ -84,50 +84,6 @@ static void wait_pipe_idle(ar_worker *w, double timeout_s)
     }
 }
 
-/* A short sgemm probe (~0.2 s): what the planner weighs devices by. */
-static double measure_gflops(void)
-{
-    const int n = 256;
-    float *a = ar_calloc((size_t)n * n, sizeof(float)), *b = ar_calloc((size_t)n * n, sizeof(float)),
-          *c = ar_calloc((size_t)n * n, sizeof(float));
-    if (!a || !b || !c) {
-        ar_free(a);
-        ar_free(b);
-        ar_free(c);
-        return 0;
-    }
-    for (int i = 0; i < n * n; i++) {
-        a[i] = (float)(i % 7) * 0.1f;
-        b[i] = (float)(i % 5) * 0.1f;
-    }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
-    double t0 = ar_now(), t = 0;
-    long reps = 0;
-    while ((t = ar_now() - t0) < 0.2) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
-        reps++;
-    }
-    ar_free(a);
-    ar_free(b);
-    ar_free(c);
-    return t > 0 ? 2.0 * n * n * (double)n * (double)reps / t / 1e9 : 0;
-}
-
-static uint64_t mem_available(void)
-{
-    FILE *f = fopen("/proc/meminfo", "r");
-    if (!f)
-        return 0;
-    char line[256];
-    unsigned long long kb = 0;
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
-            break;
-    fclose(f);
-    return (uint64_t)kb * 1024;
-}
-
-
 static void on_hello(ar_rpc *rpc, void *user)
 {
     ar_worker *w = user;
@@ -153,7 +109,7 @@ static void on_hello(ar_rpc *rpc, void *user)
     r.n_capabilities = 4;
     r.capabilities = caps;
     r.gflops = w->gflops;
-    r.free_memory = mem_available();
+    r.free_memory = ar_device_free_memory();
     r.threads = (uint32_t)w->threads;
     net_rpc_reply(rpc, &r.base);
 }
@@ -407,7 +363,7 @@ static int build(ar_worker *w, const Arceus__LoadRequest *req, held *h)
 {
     ar_model_spec spec;
     int slots = 0;
-    int rc = net_load_check(req, w->max_mem ? w->max_mem : mem_available(), &spec, &slots);
+    int rc = net_load_check(req, w->max_mem ? w->max_mem : ar_device_free_memory(), &spec, &slots);
     if (rc != AR_OK)
         return rc;
     const Arceus__OptimizerConfig *oc = req->optimizer;
@@ -805,7 +761,20 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     w->threads = c->threads > 0 ? c->threads : ar_get_threads();
     w->max_frame = c->max_frame ? c->max_frame : AR_NET_DEFAULT_MAX_FRAME;
     w->max_mem = c->max_mem;
-    w->gflops = measure_gflops();
+    /* a provider has just probed with these threads: the market and the
+     * Hellos then report the same figure */
+    w->gflops = c->gflops;
+    if (!(w->gflops > 0)) {
+        ar_device_info dev;
+        int rc = ar_device_probe(w->threads, &dev);
+        if (rc != AR_OK) {
+            pthread_mutex_destroy(&w->mu);
+            pthread_cond_destroy(&w->idle);
+            free(w);
+            return rc;
+        }
+        w->gflops = dev.gflops;
+    }
     int port = 0;
     /* a message holds at most one frame of max_frame bytes, or frames
      * coalesced up to 16 MiB (link.c), plus their headers */

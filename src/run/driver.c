@@ -3,6 +3,7 @@
  * driver_data.c and driver_market.c (driver_internal.h). */
 #include "run/driver_internal.h"
 
+#include "core/device.h"
 #include "core/progress.h"
 #include "nn/safetensors.h"
 #include "train/checkpoint.h"
@@ -763,11 +764,14 @@ static int setup(run *r)
     /* in-process stages share this machine: equal devices, so the plan
      * balances the work */
     if (r->S > 1 || c->plan) {
-        /* a short sgemm probe prices the stages in milliseconds */
-        double gflops = ar_probe_sgemm_gflops(0.1);
+        /* the device probe (as workers and providers run it) prices the
+         * stages in milliseconds */
+        ar_device_info dev;
+        if ((rc = ar_device_probe(ar_get_threads(), &dev)) != AR_OK)
+            return rc;
         for (int i = 0; i < r->S; i++) {
             snprintf(r->devs[i].name, sizeof r->devs[i].name, "local %d", i);
-            r->devs[i].gflops = gflops > 0 ? gflops / r->S : 1;
+            r->devs[i].gflops = dev.gflops > 0 ? dev.gflops / r->S : 1;
             /* threads of one process share its cores: a group cannot beat
              * the pipeline here, and --plan auto stays bitwise repeatable
              * whatever the probe measured (a hand plan may still name one) */

@@ -7,7 +7,6 @@
 #include "nn/tp.h"
 #include "train/frame.h"
 
-#include "core/blas.h"
 #include "core/core.h"
 #include "nn/layer.h"
 #include "train/schedule.h"
@@ -1092,55 +1091,4 @@ void ar_plan_group_weights(const ar_plan *p, const ar_device *devs, int s, doubl
         double speed = devs[p->group[s][g]].gflops;
         w[g] = p->by_speed[s] && speed > 0 ? speed : 1;
     }
-}
-
-/* ---- device measurements ---------------------------------------------------------- */
-
-double ar_probe_sgemm_gflops(double seconds)
-{
-    enum { N = 512 };
-    float *a = ar_calloc((size_t)N * N, sizeof(float));
-    float *b = ar_calloc((size_t)N * N, sizeof(float));
-    float *c = ar_calloc((size_t)N * N, sizeof(float));
-    double gflops = 0;
-    if (a && b && c) {
-        for (long i = 0; i < (long)N * N; i++) {
-            a[i] = (float)((i % 7) - 3) * 0.01f;
-            b[i] = (float)((i % 5) - 2) * 0.01f;
-        }
-        /* one untimed product: thread pool start-up and first touch */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, N, N, 1.0f, a, N, b, N, 0.0f, c, N);
-        long iters = 0;
-        double t0 = ar_now(), el;
-        do {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, N, N, 1.0f, a, N, b, N, 0.0f,
-                        c, N);
-            iters++;
-            el = ar_now() - t0;
-        } while (el < seconds);
-        if (el > 0)
-            gflops = 2.0 * N * N * (double)N * (double)iters / el / 1e9;
-    }
-    ar_free(a);
-    ar_free(b);
-    ar_free(c);
-    return gflops;
-}
-
-double ar_free_memory_bytes(void)
-{
-    FILE *f = fopen("/proc/meminfo", "r");
-    if (!f)
-        return 0;
-    char line[256];
-    double bytes = 0;
-    while (fgets(line, sizeof line, f)) {
-        long kb;
-        if (sscanf(line, "MemAvailable: %ld kB", &kb) == 1) {
-            bytes = (double)kb * 1024.0;
-            break;
-        }
-    }
-    fclose(f);
-    return bytes;
 }

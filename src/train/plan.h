@@ -2,9 +2,9 @@
  * model's units, chosen to minimise the slowest stage's time per micro-batch
  * (compute plus sending its output on) subject to each device's memory.
  *
- * The costs come from the model spec (ar_plan_unit_costs), the devices from a
- * quick measurement (ar_probe_sgemm_gflops, ar_free_memory_bytes) or from
- * what providers report. A dynamic program over split points and over the
+ * The costs come from the model spec (ar_plan_unit_costs), the devices from
+ * the device probe (core/device.h), run here or by the workers and providers
+ * that report it. A dynamic program over split points and over the
  * ordered devices finds the optimum exactly (ar_plan_auto); a plan written by
  * hand ("0-2,3-5,6-7") is parsed and priced by the same cost model. */
 #ifndef AR_PLAN_H
@@ -195,10 +195,5 @@ int ar_plan_member_shares(const ar_plan *p, const ar_device *devs, const ar_mode
  * predicted transfer per step; then the bubble. */
 void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_unit_cost *costs,
                    const ar_model_spec *spec);
-
-/* GFLOP/s of cblas_sgemm on 512x512x512 products, timed for about `seconds`. */
-double ar_probe_sgemm_gflops(double seconds);
-/* MemAvailable from /proc/meminfo in bytes; 0 when unknown. */
-double ar_free_memory_bytes(void);
 
 #endif

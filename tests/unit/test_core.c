@@ -3,6 +3,7 @@
 
 #include "core/core.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +18,20 @@ Test(core, error_context_can_quote_the_previous_error)
     cr_assert_str_eq(ar_last_error(), "saving stage 2: disk full");
     ar_fail(AR_EIO, "%s", ar_last_error());
     cr_assert_str_eq(ar_last_error(), "saving stage 2: disk full");
+}
+
+/* The messages come from the same list as the codes (AR_ERRORS): spot checks
+ * at both ends, and the codes outside the list. */
+Test(core, strerror_names_every_code_and_only_those)
+{
+    cr_assert_str_eq(ar_strerror(AR_OK), "success");
+    cr_assert_str_eq(ar_strerror(AR_ENOMEM), "out of memory");
+    cr_assert_str_eq(ar_strerror(AR_EFORMAT), "malformed input");
+    cr_assert_str_eq(ar_strerror(AR_EINTERNAL), "internal error");
+    cr_assert_str_eq(ar_strerror(AR_EINTERNAL - 1), "unknown error");
+    cr_assert_str_eq(ar_strerror(1), "unknown error");
+    cr_assert_str_eq(ar_strerror(INT_MIN), "unknown error");
+    cr_assert_str_eq(ar_strerror(INT_MAX), "unknown error");
 }
 
 Test(core, mkdir_p_creates_parents)

@@ -1045,15 +1045,6 @@ Test(plan, print_names_the_layers)
     free(text);
 }
 
-Test(plan, probes_measure_something)
-{
-    double g = ar_probe_sgemm_gflops(0.05);
-    cr_assert(g > 0 && isfinite(g), "%g GFLOP/s", g);
-#ifdef __linux__
-    cr_assert_gt(ar_free_memory_bytes(), 1e6);
-#endif
-}
-
 /* The plan as the market's dashboard gets it (train/market_plan.h): layers in
  * words, devices with their leased provider ids, and a tensor-parallel
  * group's heads and hidden units. */
