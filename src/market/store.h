@@ -6,8 +6,9 @@
  * default), and a PostgreSQL backend can be added behind this same header
  * without touching its callers.
  *
- * Money is integers only: amounts are micro-credits (int64, 1 credit =
- * AR_MICRO_PER_CREDIT), prices are micro-credits per TFLOP (1e12 FLOPs).
+ * Money is integers only (market/money.h): amounts are micro-credits (int64,
+ * 1 credit = AR_MICRO_PER_CREDIT), prices are micro-credits per TFLOP (1e12
+ * FLOPs), and every cost is ar_flops_cost, so an estimate is exact.
  *
  * Invariants every function keeps (the tests check them):
  *   - every change that writes more than one row is one transaction: all of
@@ -29,13 +30,11 @@
 #ifndef AR_MARKET_STORE_H
 #define AR_MARKET_STORE_H
 
+#include "market/money.h" /* micro-credits: AR_CREDITS, AR_MICRO_PER_CREDIT */
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-
-#define AR_MICRO_PER_CREDIT 1000000LL
-/* whole credits -> micro-credits */
-#define AR_CREDITS(c) ((int64_t)(c) * AR_MICRO_PER_CREDIT)
 
 /* hex SHA-256 / hex of 32 random bytes, plus the NUL */
 #define AR_TOKEN_LEN 65
@@ -53,15 +52,6 @@ typedef struct ar_store ar_store;
 int ar_store_open(const char *path, ar_store **out);
 void ar_store_close(ar_store *s);
 int ar_store_schema_version(ar_store *s, int *version);
-
-/* Cost of `flops` at `price_per_tflop` micro-credits per TFLOP, rounded to the
- * nearest micro-credit; AR_ELIMIT when it does not fit in int64. The lease
- * estimate and usage_record use this same rule, so an estimate is exact. */
-int ar_store_cost(int64_t flops, int64_t price_per_tflop, int64_t *micro_out);
-
-/* micro-credits as credits with 6 decimals, "[-]C.CCCCCC" (exact: no
- * floating point); returns buf. */
-const char *ar_credits_text(int64_t micro, char *buf, size_t size);
 
 /* ---- accounts ------------------------------------------------------------ */
 

@@ -31,6 +31,7 @@
 #include "market/store.h"
 
 #include "arceus.h"
+#include "market/money.h"
 #include "core/core.h"
 
 #include <inttypes.h>
@@ -489,29 +490,7 @@ static int token_lookup(ar_store *s, const char *sql, const char *token, int64_t
     return rc;
 }
 
-/* ---- money -------------------------------------------------------------------- */
-
-const char *ar_credits_text(int64_t micro, char *buf, size_t size)
-{
-    const uint64_t unit = (uint64_t)AR_MICRO_PER_CREDIT;
-    uint64_t a = micro < 0 ? (uint64_t)0 - (uint64_t)micro : (uint64_t)micro;
-    snprintf(buf, size, "%s%" PRIu64 ".%06" PRIu64, micro < 0 ? "-" : "", a / unit, a % unit);
-    return buf;
-}
-
-int ar_store_cost(int64_t flops, int64_t price_per_tflop, int64_t *micro_out)
-{
-    if (flops < 0 || price_per_tflop < 0)
-        return ar_fail(AR_EINVAL, "negative flops (%" PRId64 ") or price (%" PRId64 ")", flops,
-                       price_per_tflop);
-    unsigned __int128 p = (unsigned __int128)(uint64_t)flops * (uint64_t)price_per_tflop;
-    p = (p + 500000000000ull) / 1000000000000ull; /* per TFLOP, rounded to nearest */
-    if (p > (unsigned __int128)INT64_MAX)
-        return ar_fail(AR_ELIMIT, "cost of %" PRId64 " FLOPs at %" PRId64 " overflows", flops,
-                       price_per_tflop);
-    *micro_out = (int64_t)p;
-    return AR_OK;
-}
+/* ---- money ------------------------------------------------------------------------ */
 
 static double credits(int64_t micro)
 {
@@ -1382,7 +1361,7 @@ int ar_store_lease_create(ar_store *s, int64_t job_id, int64_t renter_id,
     int64_t per_step = 0;
     for (size_t i = 0; i < n_members; i++) {
         int64_t c = 0;
-        int rc = ar_store_cost(members[i].flops_per_step, members[i].price_per_tflop, &c);
+        int rc = ar_flops_cost(members[i].flops_per_step, members[i].price_per_tflop, &c);
         if (rc < 0)
             return rc;
         if (__builtin_add_overflow(per_step, c, &per_step))
@@ -1552,7 +1531,7 @@ int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t stepno, int64_t p
     if (stepno < 0 || stage < 0)
         return ar_fail(AR_EINVAL, "bad step %" PRId64 " or stage %d", stepno, stage);
     int64_t cost = 0;
-    int rc = ar_store_cost(flops, price_per_tflop, &cost);
+    int rc = ar_flops_cost(flops, price_per_tflop, &cost);
     if (rc < 0)
         return rc;
     ar_usage_result result = AR_USAGE_PAID;

@@ -763,7 +763,7 @@ static void on_report(ar_rpc *rpc, void *user)
             goto out;
         }
         int64_t cost = 0;
-        if (res != AR_USAGE_DUP && ar_store_cost(u->flops, price[i], &cost) == AR_OK)
+        if (res != AR_USAGE_DUP && ar_flops_cost(u->flops, price[i], &cost) == AR_OK)
             paid += cost;
     }
     if (req->has_loss && isfinite(req->loss) &&
