@@ -37,6 +37,7 @@
 
 #include "arceus.h"
 #include "market/money.h"
+#include "market/rules.h"
 #include "core/core.h"
 
 #include <inttypes.h>
@@ -1363,24 +1364,18 @@ int ar_store_lease_create(ar_store *s, int64_t job_id, int64_t renter_id,
         return ar_fail(AR_EINVAL, "a lease needs at least one provider");
     if (est_steps < 0 || max_credits < 0)
         return ar_fail(AR_EINVAL, "negative step estimate or max credits");
-    int64_t per_step = 0;
-    for (size_t i = 0; i < n_members; i++) {
-        int64_t c = 0;
-        int rc = ar_flops_cost(members[i].flops_per_step, members[i].price_per_tflop, &c);
-        if (rc < 0)
-            return rc;
-        if (__builtin_add_overflow(per_step, c, &per_step))
-            return ar_fail(AR_ELIMIT, "lease cost per step overflows");
+    for (size_t i = 0; i < n_members; i++)
         for (size_t k = 0; k < i; k++)
             if (members[k].stage == members[i].stage)
                 return ar_fail(AR_EINVAL, "stage %d leased twice", members[i].stage);
-    }
-    int64_t estimate;
-    if (__builtin_mul_overflow(per_step, est_steps, &estimate))
-        return ar_fail(AR_ELIMIT, "lease estimate overflows (%" PRId64 " steps)", est_steps);
+    /* the rule that prices every plan (rules.h), so the estimate is the quote */
+    int64_t per_step = 0, estimate = 0;
+    int rc = ar_rules_price_plan(members, n_members, est_steps, &per_step, &estimate);
+    if (rc < 0)
+        return rc;
 
     char token[AR_TOKEN_LEN], hash[AR_TOKEN_LEN];
-    int rc = token_new(token, hash);
+    rc = token_new(token, hash);
     if (rc < 0)
         return rc;
     lock(s);
