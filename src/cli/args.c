@@ -1,5 +1,7 @@
 /* Small option parser shared by the subcommands. */
 #include "cli/cli.h"
+#include "arceus.h"
+#include "market/money.h"
 #include "net/market.h"
 
 #include <errno.h>
@@ -143,30 +145,7 @@ int ar_args_unknown(ar_args *a)
 
 int ar_parse_credits(const char *s, int64_t max_micro, int64_t *out)
 {
-    const uint64_t micro = 1000000; /* micro-credits per credit, as in market/store.h */
-    const char *p = s;
-    uint64_t whole = 0, frac = 0;
-    int digits = 0, fdigits = 0;
-    for (; *p >= '0' && *p <= '9'; p++, digits++) {
-        whole = whole * 10 + (uint64_t)(*p - '0');
-        if (whole > (uint64_t)max_micro / micro + 1)
-            return -1;
-    }
-    if (*p == '.')
-        for (p++; *p >= '0' && *p <= '9'; p++, fdigits++) {
-            if (fdigits == 6)
-                return -1;
-            frac = frac * 10 + (uint64_t)(*p - '0');
-        }
-    if (*p || (digits == 0 && fdigits == 0))
-        return -1;
-    for (int i = fdigits; i < 6; i++)
-        frac *= 10;
-    uint64_t v = whole * micro + frac;
-    if (v > (uint64_t)max_micro)
-        return -1;
-    *out = (int64_t)v;
-    return 0;
+    return ar_credits_parse(s, max_micro, out) == AR_OK ? 0 : -1;
 }
 
 void ar_cli_stop_signals(sigset_t *set)

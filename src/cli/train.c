@@ -2,7 +2,7 @@
 #include "cli/cli.h"
 #include "core/core.h"
 #include "nn/spec.h"
-#include "market/store.h"
+#include "market/money.h"
 #include "run/driver.h"
 #include "train/schedule.h"
 

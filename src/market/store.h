@@ -6,8 +6,9 @@
  * default), and a PostgreSQL backend can be added behind this same header
  * without touching its callers.
  *
- * Money is integers only: amounts are micro-credits (int64, 1 credit =
- * AR_MICRO_PER_CREDIT), prices are micro-credits per TFLOP (1e12 FLOPs).
+ * Money is integers only (market/money.h): amounts are micro-credits (int64,
+ * 1 credit = AR_MICRO_PER_CREDIT), prices are micro-credits per TFLOP (1e12
+ * FLOPs), and every cost is ar_flops_cost, so an estimate is exact.
  *
  * Invariants every function keeps (the tests check them):
  *   - every change that writes more than one row is one transaction: all of
@@ -29,13 +30,11 @@
 #ifndef AR_MARKET_STORE_H
 #define AR_MARKET_STORE_H
 
+#include "market/money.h" /* micro-credits: AR_CREDITS, AR_MICRO_PER_CREDIT */
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-
-#define AR_MICRO_PER_CREDIT 1000000LL
-/* whole credits -> micro-credits */
-#define AR_CREDITS(c) ((int64_t)(c) * AR_MICRO_PER_CREDIT)
 
 /* hex SHA-256 / hex of 32 random bytes, plus the NUL */
 #define AR_TOKEN_LEN 65
@@ -53,15 +52,6 @@ typedef struct ar_store ar_store;
 int ar_store_open(const char *path, ar_store **out);
 void ar_store_close(ar_store *s);
 int ar_store_schema_version(ar_store *s, int *version);
-
-/* Cost of `flops` at `price_per_tflop` micro-credits per TFLOP, rounded to the
- * nearest micro-credit; AR_ELIMIT when it does not fit in int64. The lease
- * estimate and usage_record use this same rule, so an estimate is exact. */
-int ar_store_cost(int64_t flops, int64_t price_per_tflop, int64_t *micro_out);
-
-/* micro-credits as credits with 6 decimals, "[-]C.CCCCCC" (exact: no
- * floating point); returns buf. */
-const char *ar_credits_text(int64_t micro, char *buf, size_t size);
 
 /* ---- accounts ------------------------------------------------------------ */
 
@@ -296,6 +286,52 @@ typedef enum {
 int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t step, int64_t provider_id,
                           int stage, int64_t flops, int64_t price_per_tflop,
                           ar_usage_result *result_out);
+/* One stage of one step as its driver reports it: who completed it and how
+ * many FLOPs it took. */
+typedef struct {
+    int stage;
+    int64_t provider_id;
+    int64_t flops;
+} ar_stage_usage;
+
+/* A completed step of a lease's job, to be paid (ar_store_step_settle). */
+typedef struct {
+    int64_t lease_id;
+    int64_t step;
+    const ar_stage_usage *stages;
+    size_t n_stages;
+    bool has_loss; /* the step's training loss, kept as the job's curve */
+    double loss;
+} ar_step_report;
+
+/* Checks a step's stages against the members of its lease and gives each
+ * stage its price (prices[i] for stages[i], micro-credits per TFLOP): AR_OK,
+ * or an error (with its message) that refuses the whole report. Called with
+ * the store locked: it must not call the store. */
+typedef int (*ar_step_check)(void *ctx, const ar_lease_member *members, size_t n_members,
+                             const ar_stage_usage *stages, size_t n_stages, int64_t *prices);
+
+typedef struct {
+    int64_t paid;    /* micro-credits paid for this report (duplicates pay nothing) */
+    int64_t spent;   /* what the job has spent now */
+    int64_t balance; /* the renter's balance now */
+    int duplicates;  /* stages already paid to the same provider */
+    int reissued;    /* stages paid afresh to another provider */
+} ar_step_settlement;
+
+/* Pays a completed step in ONE transaction: it reads the live lease and its
+ * members, asks `check` for each stage's price, pays every stage as
+ * ar_store_usage_record would (paid once per (job, step, stage), duplicates
+ * write nothing, a redo by another provider is reissued), keeps the step's
+ * loss (when has_loss and finite), marks the job running with step + 1
+ * steps done, and reads back what the job has spent and the renter's
+ * balance. AR_ENOTFOUND when the lease is not live; check's error refuses
+ * the report and writes nothing. A stage that the renter's balance or the
+ * job's max_credits cannot cover: AR_ELIMIT; the stages before it stay paid
+ * (and nothing after it is written), exactly as when each stage was paid in
+ * a transaction of its own. */
+int ar_store_step_settle(ar_store *s, const ar_step_report *r, ar_step_check check, void *ctx,
+                         ar_step_settlement *out);
 /* The job rolled back to a checkpoint at `kept_step`: the work of every step
  * after it was not kept, so its payments are reversed (one transaction).
  * *reversed_out (may be NULL) gets the number of usage rows undone. */

@@ -27,10 +27,17 @@
  *     steps after the checkpoint that was kept: work that was not kept is not
  *     paid, and its redo is paid afresh.
  * A reversal that would take the earlier provider's balance below zero (it
- * has spent the credits since) is refused like any other overdraft. */
+ * has spent the credits since) is refused like any other overdraft.
+ *
+ * A reported step (ar_store_step_settle) is one transaction: the lease's
+ * members, every stage's payment, the job's spent counter and step, the
+ * loss; each stage in a savepoint of its own, so that a stage refused for
+ * money undoes only itself. */
 #include "market/store.h"
 
 #include "arceus.h"
+#include "market/money.h"
+#include "market/rules.h"
 #include "core/core.h"
 
 #include <inttypes.h>
@@ -489,29 +496,7 @@ static int token_lookup(ar_store *s, const char *sql, const char *token, int64_t
     return rc;
 }
 
-/* ---- money -------------------------------------------------------------------- */
-
-const char *ar_credits_text(int64_t micro, char *buf, size_t size)
-{
-    const uint64_t unit = (uint64_t)AR_MICRO_PER_CREDIT;
-    uint64_t a = micro < 0 ? (uint64_t)0 - (uint64_t)micro : (uint64_t)micro;
-    snprintf(buf, size, "%s%" PRIu64 ".%06" PRIu64, micro < 0 ? "-" : "", a / unit, a % unit);
-    return buf;
-}
-
-int ar_store_cost(int64_t flops, int64_t price_per_tflop, int64_t *micro_out)
-{
-    if (flops < 0 || price_per_tflop < 0)
-        return ar_fail(AR_EINVAL, "negative flops (%" PRId64 ") or price (%" PRId64 ")", flops,
-                       price_per_tflop);
-    unsigned __int128 p = (unsigned __int128)(uint64_t)flops * (uint64_t)price_per_tflop;
-    p = (p + 500000000000ull) / 1000000000000ull; /* per TFLOP, rounded to nearest */
-    if (p > (unsigned __int128)INT64_MAX)
-        return ar_fail(AR_ELIMIT, "cost of %" PRId64 " FLOPs at %" PRId64 " overflows", flops,
-                       price_per_tflop);
-    *micro_out = (int64_t)p;
-    return AR_OK;
-}
+/* ---- money ------------------------------------------------------------------------ */
 
 static double credits(int64_t micro)
 {
@@ -1379,24 +1364,18 @@ int ar_store_lease_create(ar_store *s, int64_t job_id, int64_t renter_id,
         return ar_fail(AR_EINVAL, "a lease needs at least one provider");
     if (est_steps < 0 || max_credits < 0)
         return ar_fail(AR_EINVAL, "negative step estimate or max credits");
-    int64_t per_step = 0;
-    for (size_t i = 0; i < n_members; i++) {
-        int64_t c = 0;
-        int rc = ar_store_cost(members[i].flops_per_step, members[i].price_per_tflop, &c);
-        if (rc < 0)
-            return rc;
-        if (__builtin_add_overflow(per_step, c, &per_step))
-            return ar_fail(AR_ELIMIT, "lease cost per step overflows");
+    for (size_t i = 0; i < n_members; i++)
         for (size_t k = 0; k < i; k++)
             if (members[k].stage == members[i].stage)
                 return ar_fail(AR_EINVAL, "stage %d leased twice", members[i].stage);
-    }
-    int64_t estimate;
-    if (__builtin_mul_overflow(per_step, est_steps, &estimate))
-        return ar_fail(AR_ELIMIT, "lease estimate overflows (%" PRId64 " steps)", est_steps);
+    /* the rule that prices every plan (rules.h), so the estimate is the quote */
+    int64_t per_step = 0, estimate = 0;
+    int rc = ar_rules_price_plan(members, n_members, est_steps, &per_step, &estimate);
+    if (rc < 0)
+        return rc;
 
     char token[AR_TOKEN_LEN], hash[AR_TOKEN_LEN];
-    int rc = token_new(token, hash);
+    rc = token_new(token, hash);
     if (rc < 0)
         return rc;
     lock(s);
@@ -1505,6 +1484,11 @@ int ar_store_lease_get(ar_store *s, int64_t lease_id, ar_lease *out)
     return rc;
 }
 
+/* A lease's members by stage, each read by member_row. */
+#define MEMBERS_SQL                                                                                \
+    "SELECT provider_id, stage, flops_per_step, price_per_tflop FROM lease_members"                \
+    " WHERE lease_id = ? ORDER BY stage"
+
 static int member_row(sqlite3_stmt *st, void *item)
 {
     ar_lease_member *m = item;
@@ -1517,10 +1501,7 @@ static int member_row(sqlite3_stmt *st, void *item)
 
 int ar_store_lease_members(ar_store *s, int64_t lease_id, ar_lease_member **out, size_t *n)
 {
-    return list_rows(s, sizeof **out, member_row, NULL, (void **)out, n,
-                     "SELECT provider_id, stage, flops_per_step, price_per_tflop FROM lease_members"
-                     " WHERE lease_id = ? ORDER BY stage",
-                     "i", lease_id);
+    return list_rows(s, sizeof **out, member_row, NULL, (void **)out, n, MEMBERS_SQL, "i", lease_id);
 }
 
 int ar_store_lease_release(ar_store *s, int64_t lease_id)
@@ -1545,20 +1526,18 @@ static int provider_account(ar_store *s, int64_t provider_id, int64_t *account_i
     return rc == AR_ENOTFOUND ? ar_fail(rc, "no provider %" PRId64, provider_id) : rc;
 }
 
-int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t stepno, int64_t provider_id,
-                          int stage, int64_t flops, int64_t price_per_tflop,
-                          ar_usage_result *result_out)
+/* Pays one stage of one step (the policy at the top of this file): inside a
+ * write transaction, lock held. *cost_out gets the cost of the work. On
+ * AR_ELIMIT nothing of this stage has been written. */
+static int usage_pay(ar_store *s, int64_t job_id, int64_t stepno, int64_t provider_id, int stage,
+                     int64_t flops, int64_t price_per_tflop, ar_usage_result *result_out, int64_t *cost_out)
 {
     if (stepno < 0 || stage < 0)
         return ar_fail(AR_EINVAL, "bad step %" PRId64 " or stage %d", stepno, stage);
     int64_t cost = 0;
-    int rc = ar_store_cost(flops, price_per_tflop, &cost);
+    int rc = ar_flops_cost(flops, price_per_tflop, &cost);
     if (rc < 0)
         return rc;
-    ar_usage_result result = AR_USAGE_PAID;
-    lock(s);
-    if ((rc = tx_begin(s)) < 0)
-        goto out;
     job_money job = {0};
     rc = job_money_get(s, job_id, &job);
     sqlite3_stmt *st;
@@ -1582,18 +1561,20 @@ int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t stepno, int64_t p
         }
         sqlite3_finalize(st);
     }
-    if (rc == 0 && had && old_provider == provider_id) {
-        result = AR_USAGE_DUP; /* paid already: write nothing */
-        tx_rollback(s);
-        goto out;
+    if (rc < 0)
+        return rc;
+    *cost_out = cost;
+    if (had && old_provider == provider_id) {
+        *result_out = AR_USAGE_DUP; /* paid already: write nothing */
+        return AR_OK;
     }
     int64_t new_spent = job.spent - old_amount + cost;
-    if (rc == 0 && job.max_credits > 0 && new_spent > job.max_credits)
-        rc = ar_fail(AR_ELIMIT,
-                     "job %" PRId64 " would spend %.6f credits, more than its max of %.6f",
-                     job_id, credits(new_spent), credits(job.max_credits));
-    if (rc == 0 && had) {
-        result = AR_USAGE_REISSUED;
+    /* checked before anything is written, like the balance in transfer() */
+    if (job.max_credits > 0 && new_spent > job.max_credits)
+        return ar_fail(AR_ELIMIT, "job %" PRId64 " would spend %.6f credits, more than its max of %.6f", job_id,
+                       credits(new_spent), credits(job.max_credits));
+    *result_out = had ? AR_USAGE_REISSUED : AR_USAGE_PAID;
+    if (had) {
         int64_t old_payee = 0;
         rc = provider_account(s, old_provider, &old_payee);
         if (rc == 0 && old_amount > 0)
@@ -1621,11 +1602,116 @@ int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t stepno, int64_t p
     }
     if (rc == 0)
         rc = run(s, NULL, "UPDATE jobs SET spent = ? WHERE id = ?", "ii", new_spent, job_id);
-    rc = tx_end(s, rc);
-out:
+    return rc;
+}
+
+int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t stepno, int64_t provider_id,
+                          int stage, int64_t flops, int64_t price_per_tflop,
+                          ar_usage_result *result_out)
+{
+    ar_usage_result result = AR_USAGE_PAID;
+    int64_t cost = 0;
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc == 0)
+        rc = tx_end(s, usage_pay(s, job_id, stepno, provider_id, stage, flops, price_per_tflop, &result, &cost));
     unlock(s);
     if (rc == 0 && result_out)
         *result_out = result;
+    return rc;
+}
+
+/* The stages of a step, paid in order inside the step's transaction. Each
+ * stage runs in a savepoint: a stage refused for money (AR_ELIMIT) is undone
+ * alone and ends the step, the stages before it stay paid. */
+static int step_pay(ar_store *s, int64_t job_id, const ar_step_report *r, const int64_t *prices,
+                    ar_step_settlement *out)
+{
+    for (size_t i = 0; i < r->n_stages; i++) {
+        const ar_stage_usage *u = &r->stages[i];
+        ar_usage_result res = AR_USAGE_PAID;
+        int64_t cost = 0;
+        int rc = exec_sql(s, "SAVEPOINT stage", "savepoint");
+        if (rc < 0)
+            return rc;
+        rc = usage_pay(s, job_id, r->step, u->provider_id, u->stage, u->flops, prices[i], &res, &cost);
+        if (rc == AR_ELIMIT) {
+            char why[512];
+            snprintf(why, sizeof why, "%s", ar_last_error());
+            int undo = exec_sql(s, "ROLLBACK TO stage", "roll back a stage");
+            if (undo == 0)
+                undo = exec_sql(s, "RELEASE stage", "release a stage");
+            return undo < 0 ? undo : ar_fail(AR_ELIMIT, "%s", why);
+        }
+        if (rc == 0)
+            rc = exec_sql(s, "RELEASE stage", "release a stage");
+        if (rc < 0)
+            return rc;
+        if (res != AR_USAGE_DUP)
+            out->paid += cost;
+        out->duplicates += res == AR_USAGE_DUP;
+        out->reissued += res == AR_USAGE_REISSUED;
+    }
+    return AR_OK;
+}
+
+int ar_store_step_settle(ar_store *s, const ar_step_report *r, ar_step_check check, void *ctx,
+                         ar_step_settlement *out)
+{
+    memset(out, 0, sizeof *out);
+    if (r->step < 0 || r->n_stages == 0 || !r->stages || !check)
+        return ar_fail(AR_EINVAL, "a step report needs a step >= 0 (not %" PRId64 "), stages and a check",
+                       r->step);
+    int64_t *prices = calloc(r->n_stages, sizeof *prices);
+    if (!prices)
+        return ar_fail(AR_ENOMEM, "out of memory for %zu stages", r->n_stages);
+    ar_lease_member *members = NULL;
+    size_t n_members = 0, cap = 0;
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc < 0)
+        goto out;
+    ar_lease lease;
+    rc = lease_read(s, r->lease_id, &lease);
+    if (rc == 0 && lease.released)
+        rc = ar_fail(AR_ENOTFOUND, "lease %" PRId64 " was released", r->lease_id);
+    sqlite3_stmt *st = NULL;
+    if (rc == 0)
+        rc = prep(s, &st, MEMBERS_SQL, "i", r->lease_id);
+    while (rc == 0 && (rc = step(s, st)) > 0)
+        if ((rc = grow((void **)&members, &cap, n_members, sizeof *members)) == 0)
+            rc = member_row(st, &members[n_members++]);
+    sqlite3_finalize(st);
+    /* every stage is checked before any is paid */
+    if (rc == 0)
+        rc = check(ctx, members, n_members, r->stages, r->n_stages, prices);
+    if (rc == 0)
+        rc = step_pay(s, lease.job_id, r, prices, out);
+    /* a stage refused for money ends the step short: what was paid before it
+     * is committed, the step is not counted as done */
+    char refusal[512] = "";
+    bool short_of_money = rc == AR_ELIMIT;
+    if (short_of_money) {
+        snprintf(refusal, sizeof refusal, "%s", ar_last_error());
+        rc = AR_OK;
+    }
+    if (rc == 0 && !short_of_money && r->has_loss && isfinite(r->loss))
+        rc = run(s, NULL, "INSERT OR REPLACE INTO job_progress (job_id, step, loss, created) VALUES (?, ?, ?, ?)",
+                 "iidi", lease.job_id, r->step, r->loss, now_s());
+    if (rc == 0 && !short_of_money)
+        rc = run(s, NULL, "UPDATE jobs SET status = ?, step = ? WHERE id = ?", "tii",
+                 ar_job_status_name(AR_JOB_RUNNING), r->step + 1, lease.job_id);
+    if (rc == 0)
+        rc = query_i64(s, &out->spent, "SELECT spent FROM jobs WHERE id = ?", "i", lease.job_id);
+    if (rc == 0)
+        rc = balance_of(s, lease.renter_id, &out->balance, NULL);
+    rc = tx_end(s, rc);
+    if (rc == 0 && short_of_money)
+        rc = ar_fail(AR_ELIMIT, "%s", refusal);
+out:
+    unlock(s);
+    free(members);
+    free(prices);
     return rc;
 }
 

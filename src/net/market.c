@@ -1,10 +1,12 @@
-/* The Market service (proto/arceus.proto) over the store (market/store.h):
- * the server's handlers and its offline sweep (the client side of the RPCs
- * is market_client.c).
+/* The Market service (proto/arceus.proto): the server's handlers and its
+ * offline sweep (the client side of the RPCs is market_client.c).
  *
  * A handler reads one request, checks the token, then every field (sizes,
- * ranges, strings), and only then calls the store: what reaches the database
- * is always well formed, and a bad request costs a status, never a crash. */
+ * ranges, strings), and only then calls the market's rules
+ * (market/rules.h) or, for a plain read, the store (market/store.h): what
+ * reaches the database is always well formed, and a bad request costs a
+ * status, never a crash. Which providers a renter gets, what work costs and
+ * how it is paid are the rules' business, not this file's. */
 #include "net/market.h"
 
 #include "arceus.h"
@@ -13,7 +15,6 @@
 #include "net/net_internal.h"
 #include "train/plan.h"
 
-#include <cjson/cJSON.h>
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
@@ -35,9 +36,6 @@ struct ar_market {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int stopping;
-    /* AcquireLease: choosing free providers and leasing them is one step,
-     * so that two renters asking at once never get the same provider */
-    pthread_mutex_t acquire_mu;
 };
 
 /* ---- server: helpers -------------------------------------------------------- */
@@ -87,16 +85,33 @@ static int reply_list(ar_rpc *rpc, size_t n, size_t size, void **items, void ***
     return 0;
 }
 
-/* A store failure as a status: the caller's fault or ours. */
+/* The status of a store's or a rule's error code: the caller's fault or ours. */
+static int status_of(int rc)
+{
+    return rc == AR_ENOTFOUND ? AR_STATUS_NOT_FOUND
+           : rc == AR_EINVAL  ? AR_STATUS_INVALID_ARGUMENT
+           : rc == AR_ELIMIT  ? AR_STATUS_FAILED_PRECONDITION
+                              : AR_STATUS_INTERNAL;
+}
+
+/* A store or rule failure as a status; a refusal (the caller's fault) is
+ * prefixed with the method's name when `method` is not NULL. */
+static void rule_error(ar_rpc *rpc, int rc, const char *method)
+{
+    int code = status_of(rc);
+    if (code == AR_STATUS_INTERNAL) {
+        ar_log(AR_LOG_ERROR, "market: %s", ar_last_error());
+        method = NULL;
+    }
+    if (method)
+        ar_rpc_finish(rpc, code, "%s: %s", method, ar_last_error());
+    else
+        ar_rpc_finish(rpc, code, "%s", ar_last_error());
+}
+
 static void store_error(ar_rpc *rpc, int rc)
 {
-    int code = rc == AR_ENOTFOUND ? AR_STATUS_NOT_FOUND
-               : rc == AR_EINVAL  ? AR_STATUS_INVALID_ARGUMENT
-               : rc == AR_ELIMIT  ? AR_STATUS_FAILED_PRECONDITION
-                                  : AR_STATUS_INTERNAL;
-    if (code == AR_STATUS_INTERNAL)
-        ar_log(AR_LOG_ERROR, "market: %s", ar_last_error());
-    ar_rpc_finish(rpc, code, "%s", ar_last_error());
+    rule_error(rpc, rc, NULL);
 }
 
 /* The account of a token, or UNAUTHENTICATED (status sent) and -1. */
@@ -222,27 +237,12 @@ static void on_register(ar_rpc *rpc, void *user)
     p.mem_bytes = (int64_t)req->profile->mem_bytes;
     p.cores = (int)req->profile->cores;
     p.price_per_tflop = req->profile->price_per_tflop;
-    /* reliability is the market's record, not the provider's claim: a
-     * re-registration keeps it, a new provider starts at 1 */
-    p.reliability = 1.0;
-    ar_provider *all = NULL;
-    size_t n = 0;
-    int rc = ar_store_provider_list(m->store, false, &all, &n);
+    int64_t id;
+    int rc = ar_rules_register_provider(m->store, &p, &id);
     if (rc != AR_OK) {
         store_error(rpc, rc);
         goto out;
     }
-    for (size_t i = 0; i < n; i++)
-        if (all[i].account_id == account && strcmp(all[i].address, p.address) == 0)
-            p.reliability = all[i].reliability;
-    ar_free(all);
-    int64_t id;
-    if ((rc = ar_store_provider_register(m->store, &p, &id)) != AR_OK) {
-        store_error(rpc, rc);
-        goto out;
-    }
-    ar_log(AR_LOG_INFO, "market: provider %lld at %s registered (%.1f GFLOP/s, %d cores)", (long long)id,
-           p.address, p.gflops, p.cores);
     Arceus__RegisterProviderReply r = ARCEUS__REGISTER_PROVIDER_REPLY__INIT;
     r.provider_id = id;
     r.offline_after_s = (uint32_t)m->offline_after_s;
@@ -469,99 +469,23 @@ static int authenticate_lease(ar_market *m, ar_rpc *rpc, const char *token, ar_l
     return 0;
 }
 
-/* How the market picks N providers among the online ones.
- *
- * A provider offering less memory than the request's min_mem_bytes is left
- * out. The others are ranked by
- *
- *     score = reliability^2 * (gflops / best_gflops) / (price + p0) * (min_price + p0)
- *
- * i.e. speed per credit, each factor normalised to the best candidate: a
- * provider twice as fast at the same price scores twice as high, one twice as
- * expensive at the same speed half as high. p0 = 1 credit per TFLOP keeps
- * free providers from scoring infinitely and damps tiny price differences.
- * Reliability is squared: the pipeline stalls on any one stage, so an
- * unreliable member costs the whole job, not just its share. Ties go to more
- * memory, then to the older registration (lower id). The N best are leased,
- * in the order of their scores. */
-typedef struct {
-    const ar_provider *p;
-    double score;
-} ranked;
-
-static int rank_cmp(const void *a, const void *b)
-{
-    const ranked *x = a, *y = b;
-    if (x->score != y->score)
-        return x->score > y->score ? -1 : 1;
-    if (x->p->mem_bytes != y->p->mem_bytes)
-        return x->p->mem_bytes > y->p->mem_bytes ? -1 : 1;
-    return x->p->id < y->p->id ? -1 : x->p->id > y->p->id;
-}
-
-/* The free online providers offering at least min_mem bytes, best first:
- * (*rk)[0..*k) point into *ps (both the caller's to free, also on failure);
- * *busy counts those left out because a live lease holds them. Called with
- * acquire_mu held. */
-static int rank_free(ar_market *m, uint64_t min_mem, ar_provider **ps, ranked **rk, size_t *k, size_t *busy)
-{
-    size_t n = 0;
-    *rk = NULL;
-    *k = *busy = 0;
-    int rc = ar_store_provider_list(m->store, true, ps, &n);
-    if (rc != AR_OK)
-        return rc;
-    if (!(*rk = calloc(n ? n : 1, sizeof **rk)))
-        return ar_fail(AR_ENOMEM, "out of memory");
-    double best_gflops = 0;
-    int64_t min_price = INT64_MAX;
-    for (size_t i = 0; i < n; i++) {
-        const ar_provider *p = &(*ps)[i];
-        if ((uint64_t)p->mem_bytes < min_mem)
-            continue;
-        /* a worker hosts one stage: a provider leased to a live job is not free */
-        bool leased = false;
-        if ((rc = ar_store_provider_leased(m->store, p->id, &leased)) != AR_OK)
-            return rc;
-        if (leased) {
-            (*busy)++;
-            continue;
-        }
-        (*rk)[(*k)++].p = p;
-        if (p->gflops > best_gflops)
-            best_gflops = p->gflops;
-        if (p->price_per_tflop < min_price)
-            min_price = p->price_per_tflop;
-    }
-    const double p0 = (double)AR_MICRO_PER_CREDIT;
-    for (size_t i = 0; i < *k; i++) {
-        const ar_provider *p = (*rk)[i].p;
-        double rel = p->reliability < 0 ? 0 : p->reliability > 1 ? 1 : p->reliability;
-        (*rk)[i].score = rel * rel * (best_gflops > 0 ? p->gflops / best_gflops : 1) * ((double)min_price + p0) /
-                         ((double)p->price_per_tflop + p0);
-    }
-    qsort(*rk, *k, sizeof **rk, rank_cmp);
-    return AR_OK;
-}
-
 /* A leased provider as the reply shows it; pp is its profile's storage. */
-static void leased_msg(const ar_provider *p, const char *account, int64_t flops_per_step,
-                       Arceus__ProviderProfile *pp, Arceus__LeasedProvider *l)
+static void leased_msg(const ar_market_leased *l, Arceus__ProviderProfile *pp, Arceus__LeasedProvider *out)
 {
     Arceus__ProviderProfile prof = ARCEUS__PROVIDER_PROFILE__INIT;
-    prof.gflops = p->gflops;
-    prof.mem_bytes = (uint64_t)p->mem_bytes;
-    prof.cores = (uint32_t)p->cores;
-    prof.price_per_tflop = p->price_per_tflop;
+    prof.gflops = l->p.gflops;
+    prof.mem_bytes = (uint64_t)l->p.mem_bytes;
+    prof.cores = (uint32_t)l->p.cores;
+    prof.price_per_tflop = l->p.price_per_tflop;
     *pp = prof;
     Arceus__LeasedProvider x = ARCEUS__LEASED_PROVIDER__INIT;
-    x.provider_id = p->id;
-    x.account = (char *)account;
-    x.address = (char *)p->address;
+    x.provider_id = l->p.id;
+    x.account = (char *)l->account;
+    x.address = (char *)l->p.address;
     x.profile = pp;
-    x.reliability = p->reliability;
-    x.flops_per_step = flops_per_step;
-    *l = x;
+    x.reliability = l->p.reliability;
+    x.flops_per_step = l->flops_per_step;
+    *out = x;
 }
 
 static void on_acquire(ar_rpc *rpc, void *user)
@@ -572,14 +496,7 @@ static void on_acquire(ar_rpc *rpc, void *user)
     if (!req)
         return;
     int64_t renter;
-    ar_provider *ps = NULL;
-    ranked *rk = NULL;
-    int64_t job_id = 0;
-    int acquiring = 0;
-    /* a resumed job whose new lease then cannot be made (too few providers)
-     * is marked failed, not left "running" without a lease; a later
-     * --resume brings it back */
-    int resumed = 0, settled = 0;
+    ar_market_lease *lease = NULL;
     if (authenticate(m, rpc, req->token, &renter) != 0)
         goto out;
     if (req->devices < 1 || req->devices > AR_MARKET_MAX_DEVICES || req->est_steps < 1 ||
@@ -596,114 +513,39 @@ static void on_acquire(ar_rpc *rpc, void *user)
                       (long long)req->resume_job_id, (long long)req->kept_steps);
         goto out;
     }
-    pthread_mutex_lock(&m->acquire_mu);
-    acquiring = 1;
-    int rc;
-    if (req->resume_job_id > 0) {
-        /* a new driver for the same job: the old one's leases end (their
-         * providers are free again) and its work after the checkpoint is
-         * unpaid, since it is redone */
-        int reversed = 0;
-        if ((rc = ar_store_job_resume(m->store, req->resume_job_id, renter, req->kept_steps, &reversed)) != AR_OK) {
+    if (!(lease = calloc(1, sizeof *lease))) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory for a lease");
+        goto out;
+    }
+    ar_market_lease_request q = {.devices = req->devices, .max_credits = req->max_credits,
+                                 .est_steps = req->est_steps, .spec = req->spec,
+                                 .flops_per_step = req->flops_per_step, .min_mem_bytes = (int64_t)req->min_mem_bytes,
+                                 .resume_job = req->resume_job_id, .kept_steps = req->kept_steps};
+    bool too_few = false;
+    int rc = ar_rules_acquire(m->store, renter, &q, lease, &too_few);
+    if (rc != AR_OK) {
+        if (too_few)
+            ar_rpc_finish(rpc, AR_STATUS_RESOURCE_EXHAUSTED, "%s", ar_last_error());
+        else
             store_error(rpc, rc);
-            goto out;
-        }
-        ar_log(AR_LOG_INFO, "market: job %lld resumes from step %lld (%d payments after it reversed)",
-               (long long)req->resume_job_id, (long long)req->kept_steps, reversed);
-        resumed = 1;
-    }
-    size_t k = 0, busy = 0;
-    if ((rc = rank_free(m, req->min_mem_bytes, &ps, &rk, &k, &busy)) != AR_OK) {
-        store_error(rpc, rc);
         goto out;
     }
-    if (k < req->devices) {
-        char busy_note[96] = "";
-        if (busy)
-            snprintf(busy_note, sizeof busy_note, ", %zu more leased to other jobs", busy);
-        ar_rpc_finish(rpc, AR_STATUS_RESOURCE_EXHAUSTED,
-                      "%u providers asked for, %zu online%s%s: try fewer --devices or later",
-                      req->devices, k, busy ? " and free" : req->min_mem_bytes ? " with enough memory" : "",
-                      busy_note);
-        goto out;
-    }
-    size_t N = req->devices;
-    ar_lease_member members[AR_MARKET_MAX_DEVICES];
     Arceus__LeasedProvider lp[AR_MARKET_MAX_DEVICES], *lpp[AR_MARKET_MAX_DEVICES];
     Arceus__ProviderProfile prof[AR_MARKET_MAX_DEVICES];
-    ar_account names[AR_MARKET_MAX_DEVICES];
-    /* the estimate splits the model's FLOPs in proportion to speed, as the
-     * driver's planner roughly will */
-    double gsum = 0;
-    for (size_t i = 0; i < N; i++)
-        gsum += rk[i].p->gflops;
-    int64_t left = req->flops_per_step;
-    for (size_t i = 0; i < N; i++) {
-        const ar_provider *p = rk[i].p;
-        int64_t share = i + 1 == N ? left : (int64_t)llround((double)req->flops_per_step * p->gflops / gsum);
-        if (share > left)
-            share = left;
-        left -= share;
-        members[i] = (ar_lease_member){.provider_id = p->id, .stage = (int)i, .flops_per_step = share,
-                                       .price_per_tflop = p->price_per_tflop};
-        if ((rc = ar_store_account_get(m->store, p->account_id, &names[i])) != AR_OK) {
-            store_error(rpc, rc);
-            goto out;
-        }
-    }
-    if (req->resume_job_id > 0)
-        job_id = req->resume_job_id;
-    else if ((rc = ar_store_job_create(m->store, renter, req->spec, req->max_credits, &job_id)) != AR_OK) {
-        store_error(rpc, rc);
-        goto out;
-    }
-    char token[AR_TOKEN_LEN];
-    int64_t lease_id = 0, estimate = 0;
-    rc = ar_store_lease_create(m->store, job_id, renter, members, N, req->est_steps, req->max_credits,
-                               token, &lease_id, &estimate);
-    if (rc != AR_OK) {
-        char why[600];
-        snprintf(why, sizeof why, "%s", ar_last_error());
-        /* the refused job stays on record, cancelled, with nothing spent */
-        if (ar_store_job_update(m->store, job_id, AR_JOB_CANCELLED, 0) != AR_OK)
-            ar_log(AR_LOG_ERROR, "market: job %lld: %s", (long long)job_id, ar_last_error());
-        ar_log(AR_LOG_INFO, "market: job %lld: %s", (long long)job_id, why);
-        ar_fail(rc, "%s", why);
-        store_error(rpc, rc);
-        settled = 1;
-        goto out;
-    }
-    settled = 1; /* a lease exists: the job is not left without one */
-    if ((rc = ar_store_job_update(m->store, job_id, AR_JOB_RUNNING, resumed ? req->kept_steps : 0)) != AR_OK) {
-        store_error(rpc, rc);
-        goto out;
-    }
-    ar_log(AR_LOG_INFO, "market: job %lld leases %zu providers (lease %lld, estimate %lld micro-credits)",
-           (long long)job_id, N, (long long)lease_id, (long long)estimate);
-    for (size_t i = 0; i < N; i++) {
-        leased_msg(rk[i].p, names[i].name, members[i].flops_per_step, &prof[i], &lp[i]);
+    for (size_t i = 0; i < lease->n; i++) {
+        leased_msg(&lease->providers[i], &prof[i], &lp[i]);
         lpp[i] = &lp[i];
     }
     Arceus__AcquireLeaseReply r = ARCEUS__ACQUIRE_LEASE_REPLY__INIT;
-    r.job_id = job_id;
-    r.lease_id = lease_id;
-    r.lease_token = token;
-    r.estimate = estimate;
-    r.n_providers = N;
+    r.job_id = lease->job_id;
+    r.lease_id = lease->lease_id;
+    r.lease_token = lease->token;
+    r.estimate = lease->estimate;
+    r.n_providers = lease->n;
     r.providers = lpp;
     net_rpc_reply(rpc, &r.base);
 out:
-    if (resumed && !settled) {
-        if (ar_store_job_update(m->store, req->resume_job_id, AR_JOB_FAILED, req->kept_steps) != AR_OK)
-            ar_log(AR_LOG_ERROR, "market: job %lld: %s", (long long)req->resume_job_id, ar_last_error());
-        else
-            ar_log(AR_LOG_INFO, "market: job %lld could not resume (no lease): marked failed",
-                   (long long)req->resume_job_id);
-    }
-    if (acquiring)
-        pthread_mutex_unlock(&m->acquire_mu);
-    free(rk);
-    ar_free(ps);
+    free(lease);
     arceus__acquire_lease_request__free_unpacked(req, NULL);
 }
 
@@ -715,8 +557,6 @@ static void on_report(ar_rpc *rpc, void *user)
     if (!req)
         return;
     ar_lease lease;
-    ar_lease_member *mem = NULL;
-    size_t nm = 0;
     if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
         goto out;
     if (req->step < 0 || req->step > 1000000000000LL || req->n_stages < 1 ||
@@ -725,72 +565,31 @@ static void on_report(ar_rpc *rpc, void *user)
                       (long long)req->step, req->n_stages);
         goto out;
     }
-    int rc = ar_store_lease_members(m->store, lease.id, &mem, &nm);
-    if (rc != AR_OK) {
-        store_error(rpc, rc);
-        goto out;
-    }
-    /* check every stage before paying any */
-    int64_t price[AR_MARKET_MAX_DEVICES];
+    ar_stage_usage stages[AR_MARKET_MAX_DEVICES];
     for (size_t i = 0; i < req->n_stages; i++) {
         const Arceus__StageUsage *u = req->stages[i];
-        bool member = false;
-        for (size_t j = 0; j < nm; j++)
-            if (mem[j].provider_id == u->provider_id) {
-                member = true;
-                price[i] = mem[j].price_per_tflop;
-            }
-        bool dup = false;
-        for (size_t j = 0; j < i; j++)
-            dup = dup || req->stages[j]->stage == u->stage || req->stages[j]->provider_id == u->provider_id;
-        if (!member || dup || u->stage >= nm || u->flops < 1 || u->flops > AR_MARKET_MAX_STAGE_FLOPS) {
+        if (u->stage >= AR_MARKET_MAX_DEVICES || u->flops < 1 || u->flops > AR_MARKET_MAX_STAGE_FLOPS) {
             ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT,
-                          "ReportUsage: stage %u (provider %lld, %lld FLOPs): %s", u->stage,
-                          (long long)u->provider_id, (long long)u->flops,
-                          !member ? "the provider is not in the lease"
-                          : dup   ? "stage or provider reported twice"
-                                  : "stage or FLOPs out of range");
+                          "ReportUsage: stage %u (provider %lld, %lld FLOPs): stage or FLOPs out of range", u->stage,
+                          (long long)u->provider_id, (long long)u->flops);
             goto out;
         }
+        stages[i] = (ar_stage_usage){.stage = (int)u->stage, .provider_id = u->provider_id, .flops = u->flops};
     }
-    int64_t paid = 0;
-    for (size_t i = 0; i < req->n_stages; i++) {
-        const Arceus__StageUsage *u = req->stages[i];
-        ar_usage_result res;
-        if ((rc = ar_store_usage_record(m->store, lease.job_id, req->step, u->provider_id, (int)u->stage,
-                                        u->flops, price[i], &res)) != AR_OK) {
-            store_error(rpc, rc);
-            goto out;
-        }
-        int64_t cost = 0;
-        if (res != AR_USAGE_DUP && ar_store_cost(u->flops, price[i], &cost) == AR_OK)
-            paid += cost;
-    }
-    if (req->has_loss && isfinite(req->loss) &&
-        (rc = ar_store_job_progress_record(m->store, lease.job_id, req->step, req->loss)) != AR_OK) {
-        store_error(rpc, rc);
-        goto out;
-    }
-    ar_job job;
-    int64_t balance = 0;
-    if ((rc = ar_store_job_update(m->store, lease.job_id, AR_JOB_RUNNING, req->step + 1)) != AR_OK ||
-        (rc = ar_store_job_get(m->store, lease.job_id, &job)) != AR_OK) {
-        store_error(rpc, rc);
-        goto out;
-    }
-    int64_t spent = job.spent;
-    ar_store_job_clear(&job);
-    if ((rc = ar_store_account_balance(m->store, lease.renter_id, &balance)) != AR_OK) {
-        store_error(rpc, rc);
+    /* whether each stage belongs to the lease is the rule's to check */
+    ar_step_settlement paid;
+    int rc = ar_rules_settle_step(m->store, &lease, req->step, stages, req->n_stages,
+                                  req->has_loss && isfinite(req->loss), req->loss, &paid);
+    if (rc != AR_OK) {
+        rule_error(rpc, rc, rc == AR_EINVAL ? "ReportUsage" : NULL);
         goto out;
     }
     Arceus__ReportUsageReply r = ARCEUS__REPORT_USAGE_REPLY__INIT;
-    r.paid = paid;
-    r.spent = spent;
-    r.balance = balance;
+    r.paid = paid.paid;
+    r.spent = paid.spent;
+    r.balance = paid.balance;
     net_rpc_reply(rpc, &r.base);
 out:
-    ar_free(mem);
     arceus__report_usage_request__free_unpacked(req, NULL);
 }
 
@@ -813,91 +612,15 @@ static void on_release(ar_rpc *rpc, void *user)
                       req->status, (long long)req->step);
         goto out;
     }
-    int rc;
-    ar_job job;
-    if ((rc = ar_store_lease_release(m->store, lease.id)) != AR_OK ||
-        (rc = ar_store_job_update(m->store, lease.job_id, st, req->step)) != AR_OK ||
-        (rc = ar_store_job_get(m->store, lease.job_id, &job)) != AR_OK) {
+    Arceus__ReleaseLeaseReply r = ARCEUS__RELEASE_LEASE_REPLY__INIT;
+    int rc = ar_rules_release(m->store, &lease, st, req->step, &r.spent);
+    if (rc != AR_OK) {
         store_error(rpc, rc);
         goto out;
     }
-    ar_log(AR_LOG_INFO, "market: job %lld %s after %lld steps, lease %lld released (%lld micro-credits spent)",
-           (long long)lease.job_id, ar_job_status_name(st), (long long)req->step, (long long)lease.id,
-           (long long)job.spent);
-    Arceus__ReleaseLeaseReply r = ARCEUS__RELEASE_LEASE_REPLY__INIT;
-    r.spent = job.spent;
-    ar_store_job_clear(&job);
     net_rpc_reply(rpc, &r.base);
 out:
     arceus__release_lease_request__free_unpacked(req, NULL);
-}
-
-/* The answer to a ReplaceProvider: the provider that took the lost one's
- * place (NULL: none was free), the payments reversed and what the job has
- * spent now. */
-static void replace_reply(ar_market *m, ar_rpc *rpc, int64_t job_id, const ar_provider *with,
-                          const char *account, int64_t flops_per_step, int reversed)
-{
-    ar_job job;
-    int rc = ar_store_job_get(m->store, job_id, &job);
-    if (rc != AR_OK) {
-        store_error(rpc, rc);
-        return;
-    }
-    Arceus__ProviderProfile prof;
-    Arceus__LeasedProvider lp;
-    Arceus__ReplaceProviderReply r = ARCEUS__REPLACE_PROVIDER_REPLY__INIT;
-    if (with) {
-        leased_msg(with, account, flops_per_step, &prof, &lp);
-        r.replacement = &lp;
-    }
-    r.reversed = reversed;
-    r.spent = job.spent;
-    ar_store_job_clear(&job);
-    net_rpc_reply(rpc, &r.base);
-}
-
-/* A ReplaceProvider for a provider no longer in the lease. Asked again by a
- * driver that never got the answer (the market died after settling the loss,
- * before replying), with the same kept steps, it gets the same answer and
- * nothing is done twice: no second reliability penalty, no second reversal,
- * no second replacement. Anything else is refused. */
-static void replace_again(ar_market *m, ar_rpc *rpc, const ar_lease *lease,
-                          const Arceus__ReplaceProviderRequest *req, const ar_lease_member *mem, size_t nm)
-{
-    ar_lease_replacement done;
-    int rc = ar_store_lease_replacement(m->store, lease->id, req->lost_provider_id, &done);
-    if (rc == AR_ENOTFOUND || (rc == AR_OK && done.kept_steps != req->kept_steps)) {
-        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReplaceProvider: provider %lld is not in the lease",
-                      (long long)req->lost_provider_id);
-        return;
-    }
-    if (rc != AR_OK) {
-        store_error(rpc, rc);
-        return;
-    }
-    const ar_lease_member *now = NULL;
-    for (size_t i = 0; i < nm; i++)
-        if (mem[i].stage == done.stage && mem[i].provider_id == done.replacement_id)
-            now = &mem[i];
-    if (done.replacement_id != 0 && !now) {
-        ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION,
-                      "ReplaceProvider: provider %lld was replaced by provider %lld, which has left the lease since",
-                      (long long)req->lost_provider_id, (long long)done.replacement_id);
-        return;
-    }
-    ar_provider with;
-    ar_account name = {0};
-    if (now && ((rc = ar_store_provider_get(m->store, now->provider_id, &with)) != AR_OK ||
-                (rc = ar_store_account_get(m->store, with.account_id, &name)) != AR_OK)) {
-        store_error(rpc, rc);
-        return;
-    }
-    ar_log(AR_LOG_WARN, "market: job %lld asked again about lost provider %lld: answered as before (%s %lld)",
-           (long long)lease->job_id, (long long)req->lost_provider_id, now ? "replaced by provider" : "no replacement",
-           (long long)done.replacement_id);
-    replace_reply(m, rpc, lease->job_id, now ? &with : NULL, name.name, now ? now->flops_per_step : 0,
-                  done.reversed);
 }
 
 static void on_replace(ar_rpc *rpc, void *user)
@@ -908,11 +631,6 @@ static void on_replace(ar_rpc *rpc, void *user)
     if (!req)
         return;
     ar_lease lease;
-    ar_lease_member *mem = NULL;
-    size_t nm = 0;
-    ar_provider *ps = NULL;
-    ranked *rk = NULL;
-    int acquiring = 0;
     if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
         goto out;
     if (req->kept_steps < 0 || req->kept_steps > 1000000000000LL || strlen(req->reason) > 256) {
@@ -920,57 +638,23 @@ static void on_replace(ar_rpc *rpc, void *user)
                       "characters out of range", (long long)req->kept_steps, strlen(req->reason));
         goto out;
     }
-    int rc = ar_store_lease_members(m->store, lease.id, &mem, &nm);
+    ar_market_replacement done;
+    int rc = ar_rules_replace(m->store, &lease, req->lost_provider_id, req->kept_steps, req->reason, &done);
     if (rc != AR_OK) {
-        store_error(rpc, rc);
+        rule_error(rpc, rc, rc == AR_EINVAL || rc == AR_ELIMIT ? "ReplaceProvider" : NULL);
         goto out;
     }
-    const ar_lease_member *lost = NULL;
-    for (size_t i = 0; i < nm; i++)
-        if (mem[i].provider_id == req->lost_provider_id)
-            lost = &mem[i];
-    if (!lost) {
-        replace_again(m, rpc, &lease, req, mem, nm);
-        goto out;
+    Arceus__ProviderProfile prof;
+    Arceus__LeasedProvider lp;
+    Arceus__ReplaceProviderReply r = ARCEUS__REPLACE_PROVIDER_REPLY__INIT;
+    if (done.found) {
+        leased_msg(&done.replacement, &prof, &lp);
+        r.replacement = &lp;
     }
-    /* choosing the replacement and leasing it is one step, as in AcquireLease */
-    pthread_mutex_lock(&m->acquire_mu);
-    acquiring = 1;
-    size_t k = 0, busy = 0;
-    if ((rc = rank_free(m, 0, &ps, &rk, &k, &busy)) != AR_OK) {
-        store_error(rpc, rc);
-        goto out;
-    }
-    ar_lease_member with = {0};
-    ar_account name = {0};
-    if (k > 0) {
-        with = (ar_lease_member){.provider_id = rk[0].p->id, .stage = lost->stage,
-                                 .flops_per_step = lost->flops_per_step,
-                                 .price_per_tflop = rk[0].p->price_per_tflop};
-        if ((rc = ar_store_account_get(m->store, rk[0].p->account_id, &name)) != AR_OK) {
-            store_error(rpc, rc);
-            goto out;
-        }
-    }
-    int reversed = 0;
-    if ((rc = ar_store_lease_replace(m->store, lease.id, req->lost_provider_id, req->kept_steps,
-                                     k > 0 ? &with : NULL, &reversed)) != AR_OK) {
-        store_error(rpc, rc);
-        goto out;
-    }
-    char instead[64] = "no free provider to replace it";
-    if (k > 0)
-        snprintf(instead, sizeof instead, "provider %lld replaces it", (long long)with.provider_id);
-    ar_log(AR_LOG_WARN, "market: job %lld lost provider %lld (%.256s): marked offline, reliability lowered, "
-           "%d payments from step %lld on reversed; %s", (long long)lease.job_id,
-           (long long)req->lost_provider_id, req->reason, reversed, (long long)req->kept_steps, instead);
-    replace_reply(m, rpc, lease.job_id, k > 0 ? rk[0].p : NULL, name.name, with.flops_per_step, reversed);
+    r.reversed = done.reversed;
+    r.spent = done.spent;
+    net_rpc_reply(rpc, &r.base);
 out:
-    if (acquiring)
-        pthread_mutex_unlock(&m->acquire_mu);
-    free(rk);
-    ar_free(ps);
-    ar_free(mem);
     arceus__replace_provider_request__free_unpacked(req, NULL);
 }
 
@@ -1182,62 +866,27 @@ static bool plan_ok(const Arceus__JobPlan *p, char *why, size_t why_size)
     return true;
 }
 
-/* obj[key] = [begin, end] when the range is not empty */
-static bool add_range(cJSON *obj, const char *key, uint32_t begin, uint32_t end)
+/* A checked plan as the market's plain struct (the dashboard's JSON is
+ * built from it in src/market): stages[] is the caller's room for
+ * p->n_stages stages; the texts point into the request. */
+static void plan_from(const Arceus__JobPlan *p, ar_market_plan_stage *stages, ar_market_plan *out)
 {
-    if (end <= begin)
-        return true;
-    double v[2] = {begin, end};
-    cJSON *a = cJSON_CreateDoubleArray(v, 2);
-    if (a && cJSON_AddItemToObject(obj, key, a))
-        return true;
-    cJSON_Delete(a);
-    return false;
-}
-
-/* A checked plan as the JSON document the dashboard serves (built here from
- * checked fields: nothing the driver wrote reaches the page unparsed); NULL
- * when memory runs out. */
-static char *plan_json(const Arceus__JobPlan *p)
-{
-    cJSON *root = cJSON_CreateObject(), *stages = NULL;
-    bool ok = root && cJSON_AddStringToObject(root, "model", p->model) &&
-              cJSON_AddNumberToObject(root, "micro_batches", p->micro_batches) &&
-              cJSON_AddStringToObject(root, "schedule", p->schedule) &&
-              cJSON_AddNumberToObject(root, "predicted_bubble", p->predicted_bubble) &&
-              (stages = cJSON_AddArrayToObject(root, "stages"));
-    for (size_t i = 0; ok && i < p->n_stages; i++) {
+    for (size_t i = 0; i < p->n_stages; i++) {
         const Arceus__PlanStage *st = p->stages[i];
-        cJSON *js = cJSON_CreateObject(), *members = NULL;
-        ok = js && cJSON_AddItemToArray(stages, js);
-        if (!ok) {
-            cJSON_Delete(js);
-            break;
-        }
-        ok = cJSON_AddNumberToObject(js, "stage", st->stage) && cJSON_AddNumberToObject(js, "first_unit", st->first_unit) &&
-             cJSON_AddNumberToObject(js, "last_unit", st->last_unit) && cJSON_AddStringToObject(js, "layers", st->layers) &&
-             cJSON_AddNumberToObject(js, "predicted_ms", st->predicted_ms) &&
-             (members = cJSON_AddArrayToObject(js, "members"));
-        for (size_t k = 0; ok && k < st->n_members; k++) {
-            const Arceus__PlanMember *m = st->members[k];
-            cJSON *jm = cJSON_CreateObject();
-            ok = jm && cJSON_AddItemToArray(members, jm);
-            if (!ok) {
-                cJSON_Delete(jm);
-                break;
-            }
-            ok = cJSON_AddNumberToObject(jm, "provider_id", (double)m->provider_id) &&
-                 cJSON_AddStringToObject(jm, "device", m->device);
-            /* a share only for a member of a tensor-parallel group */
-            if (ok && m->share[0])
-                ok = cJSON_AddStringToObject(jm, "share", m->share) &&
-                     add_range(jm, "heads", m->head_begin, m->head_end) &&
-                     add_range(jm, "hidden", m->hidden_begin, m->hidden_end);
+        ar_market_plan_stage *q = &stages[i];
+        *q = (ar_market_plan_stage){.first_unit = (int)st->first_unit, .last_unit = (int)st->last_unit,
+                                    .layers = st->layers, .predicted_ms = st->predicted_ms,
+                                    .n_members = (int)st->n_members};
+        for (size_t k = 0; k < st->n_members; k++) {
+            const Arceus__PlanMember *pm = st->members[k];
+            q->members[k] = (ar_market_plan_member){
+                .provider_id = pm->provider_id, .device = pm->device, .share = pm->share,
+                .head_begin = (int)pm->head_begin, .head_end = (int)pm->head_end,
+                .hidden_begin = (int)pm->hidden_begin, .hidden_end = (int)pm->hidden_end};
         }
     }
-    char *text = ok ? cJSON_PrintUnformatted(root) : NULL;
-    cJSON_Delete(root);
-    return text;
+    *out = (ar_market_plan){.model = p->model, .schedule = p->schedule, .micro_batches = (int)p->micro_batches,
+                            .predicted_bubble = p->predicted_bubble, .n_stages = p->n_stages, .stages = stages};
 }
 
 static void on_report_progress(ar_rpc *rpc, void *user)
@@ -1248,7 +897,8 @@ static void on_report_progress(ar_rpc *rpc, void *user)
     if (!req)
         return;
     ar_lease lease;
-    char *plan = NULL, why[300];
+    ar_market_plan_stage *stages = NULL;
+    char why[300];
     if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
         goto out;
     bool unit_ok = !strcmp(req->items_unit, "tokens") || !strcmp(req->items_unit, "samples");
@@ -1278,16 +928,21 @@ static void on_report_progress(ar_rpc *rpc, void *user)
         ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReportProgress: %s", why);
         goto out;
     }
-    if (req->plan && !(plan = plan_json(req->plan))) {
-        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "ReportProgress: out of memory for the plan");
-        goto out;
+    ar_market_plan plan;
+    if (req->plan) {
+        if (!(stages = calloc(req->plan->n_stages, sizeof *stages))) {
+            ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "ReportProgress: out of memory for the plan");
+            goto out;
+        }
+        plan_from(req->plan, stages, &plan);
     }
-    ar_job_live live = {.step = req->step, .total_steps = req->total_steps, .items_per_s = req->items_per_s,
-                        .eta_s = req->eta_s, .wall_s = req->wall_s, .plan = plan};
-    snprintf(live.unit, sizeof live.unit, "%s", req->items_unit);
-    int rc = ar_store_job_live_set(m->store, lease.job_id, &live, times, req->n_timings);
-    if (rc == AR_OK && req->has_val_loss)
-        rc = ar_store_job_val_record(m->store, lease.job_id, req->val_step, req->val_loss);
+    ar_market_progress_report report = {
+        .live = {.step = req->step, .total_steps = req->total_steps, .items_per_s = req->items_per_s,
+                 .eta_s = req->eta_s, .wall_s = req->wall_s},
+        .times = times, .n_times = req->n_timings, .has_val = req->has_val_loss, .val_step = req->val_step,
+        .val_loss = req->val_loss, .plan = req->plan ? &plan : NULL};
+    snprintf(report.live.unit, sizeof report.live.unit, "%s", req->items_unit);
+    int rc = ar_rules_report_progress(m->store, lease.job_id, &report);
     if (rc != AR_OK) {
         store_error(rpc, rc);
         goto out;
@@ -1295,7 +950,7 @@ static void on_report_progress(ar_rpc *rpc, void *user)
     Arceus__ReportProgressReply r = ARCEUS__REPORT_PROGRESS_REPLY__INIT;
     net_rpc_reply(rpc, &r.base);
 out:
-    cJSON_free(plan);
+    free(stages);
     arceus__report_progress_request__free_unpacked(req, NULL);
 }
 
@@ -1341,7 +996,6 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     if (!m)
         return ar_fail(AR_ENOMEM, "out of memory");
     pthread_mutex_init(&m->mu, NULL);
-    pthread_mutex_init(&m->acquire_mu, NULL);
     pthread_cond_init(&m->cv, NULL);
     m->offline_after_s = c->offline_after_s > 0 ? c->offline_after_s : AR_MARKET_DEFAULT_OFFLINE_AFTER_S;
     int rc = ar_store_open(c->db_path, &m->store);
@@ -1399,7 +1053,6 @@ void ar_market_stop(ar_market *m)
     }
     ar_store_close(m->store);
     pthread_mutex_destroy(&m->mu);
-    pthread_mutex_destroy(&m->acquire_mu);
     pthread_cond_destroy(&m->cv);
     free(m);
 }

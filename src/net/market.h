@@ -8,7 +8,7 @@
 #ifndef AR_NET_MARKET_H
 #define AR_NET_MARKET_H
 
-#include "market/store.h"
+#include "market/rules.h" /* the lease types, limits and the plan (market/dashboard.h) */
 #include "net/net.h"
 #include "train/plan.h"
 
@@ -78,36 +78,8 @@ int ar_market_balance(ar_client *c, const char *token, char account_out[AR_NAME_
 
 /* ---- leases ---------------------------------------------------------------- */
 
-#define AR_MARKET_MAX_DEVICES 64
-/* FLOPs one stage may report for one step (keeps every cost in int64). */
-#define AR_MARKET_MAX_STAGE_FLOPS ((int64_t)1 << 60)
-
-typedef struct {
-    uint32_t devices;
-    int64_t max_credits;    /* micro-credits; 0: no cap but the balance */
-    int64_t est_steps;
-    const char *spec;       /* a one-line summary of the job */
-    int64_t flops_per_step; /* the whole model's, per training step */
-    int64_t min_mem_bytes;  /* each provider must offer this much; 0: any */
-    /* a run resumed from a checkpoint continues its job (0: a new job): the
-     * job's old leases end and payments for steps >= kept_steps are reversed */
-    int64_t resume_job;
-    int64_t kept_steps;
-} ar_market_lease_request;
-
-typedef struct {
-    ar_provider p; /* account_id 0; price_per_tflop fixed for the lease */
-    char account[AR_NAME_MAX];
-    int64_t flops_per_step; /* its share in the estimate */
-} ar_market_leased;
-
-typedef struct {
-    int64_t job_id, lease_id;
-    char token[AR_TOKEN_LEN]; /* the lease token */
-    int64_t estimate;         /* micro-credits for est_steps */
-    size_t n;
-    ar_market_leased providers[AR_MARKET_MAX_DEVICES]; /* in pipeline order */
-} ar_market_lease;
+/* The request, the lease and its providers are the market's own types
+ * (market/rules.h); the client fills them from the replies. */
 
 /* Create a job and lease `devices` online providers for it. A budget that
  * cannot cover the estimate: AR_EPROTO with status FAILED_PRECONDITION and
@@ -115,11 +87,8 @@ typedef struct {
 int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_request *req,
                       ar_market_lease *out, int *status);
 
-typedef struct {
-    int stage;
-    int64_t provider_id;
-    int64_t flops;
-} ar_market_stage_usage;
+/* one stage's usage of a step (market/store.h) */
+typedef ar_stage_usage ar_market_stage_usage;
 
 /* Step `step` completed: each stage is paid once (a repeated report of the
  * same step pays nothing new). paid/spent/balance may be NULL. */
@@ -150,23 +119,7 @@ int ar_market_check_lease(ar_client *c, const char *token, const char *lease_tok
 
 /* ---- progress for the dashboard ------------------------------------------------ */
 
-/* One member of a planned stage; for a member of a tensor-parallel group,
- * its share in words and its heads (GPT) and hidden units (of the first
- * shard) [begin, end); all empty for a stage of whole layers. */
-typedef struct {
-    int64_t provider_id; /* 0: not a leased provider */
-    const char *device;  /* HOST:PORT */
-    const char *share;   /* "heads 0-1, hidden units 0-127 of each block"; NULL: whole layers */
-    int head_begin, head_end, hidden_begin, hidden_end;
-} ar_market_plan_member;
-
-typedef struct {
-    int first_unit, last_unit; /* [first, last) */
-    const char *layers;        /* "embedding, blocks 0-1" */
-    double predicted_ms;       /* per micro-batch */
-    int n_members;             /* 1, or the tensor-parallel group's size */
-    ar_market_plan_member members[AR_PLAN_MAX_GROUP];
-} ar_market_plan_stage;
+/* The plan's stages and members are the dashboard's types (market/dashboard.h). */
 
 typedef struct {
     int64_t step, total_steps; /* completed and planned steps */

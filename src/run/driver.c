@@ -7,7 +7,7 @@
 #include "core/progress.h"
 #include "nn/safetensors.h"
 #include "train/checkpoint.h"
-#include "market/store.h"
+#include "market/money.h"
 #include "train/pipeline.h"
 #include "train/plot.h"
 #include "train/schedule.h"

@@ -3,7 +3,7 @@
  * reports, a replacement for a lost provider, and releasing the lease. */
 #include "run/driver_internal.h"
 
-#include "market/store.h"
+#include "market/money.h"
 #include "run/market_plan.h"
 #include "train/schedule.h"
 
@@ -30,7 +30,7 @@ int driver_price_stages(run *r)
             f += costs[u].flops;
         r->stage_flops[i] = (int64_t)llround(f * r->M);
         int64_t cost;
-        if ((rc = ar_store_cost(r->stage_flops[i], r->prices[i], &cost)) == AR_OK)
+        if ((rc = ar_flops_cost(r->stage_flops[i], r->prices[i], &cost)) == AR_OK)
             r->step_cost += cost;
     }
     ar_free(costs);

@@ -305,14 +305,14 @@ Test(market_store, mint_keeps_the_sum_zero)
 Test(market_store, cost_is_integer_and_rounded)
 {
     int64_t c = -1;
-    cr_assert_eq(ar_store_cost(1000000000000LL, AR_CREDITS(2), &c), 0);
+    cr_assert_eq(ar_flops_cost(1000000000000LL, AR_CREDITS(2), &c), 0);
     cr_assert_eq(c, AR_CREDITS(2));
-    cr_assert_eq(ar_store_cost(1500000LL, 1000000, &c), 0); /* 1.5e6 FLOPs at 1 credit/TFLOP */
+    cr_assert_eq(ar_flops_cost(1500000LL, 1000000, &c), 0); /* 1.5e6 FLOPs at 1 credit/TFLOP */
     cr_assert_eq(c, 2);                                      /* 1.5 micro-credits, rounded */
-    cr_assert_eq(ar_store_cost(0, AR_CREDITS(2), &c), 0);
+    cr_assert_eq(ar_flops_cost(0, AR_CREDITS(2), &c), 0);
     cr_assert_eq(c, 0);
-    cr_assert_eq(ar_store_cost(-1, 1, &c), AR_EINVAL);
-    cr_assert_eq(ar_store_cost(INT64_MAX, INT64_MAX, &c), AR_ELIMIT);
+    cr_assert_eq(ar_flops_cost(-1, 1, &c), AR_EINVAL);
+    cr_assert_eq(ar_flops_cost(INT64_MAX, INT64_MAX, &c), AR_ELIMIT);
 }
 
 Test(market_store, usage_transfers_balance_and_sum_zero)

@@ -1,0 +1,459 @@
+/* The market's rules (rules.h) over the store. */
+#include "market/rules.h"
+
+#include "arceus.h"
+#include "core/core.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Choosing free providers and leasing them (AcquireLease, a replacement) is
+ * one step: two renters asking at once never get the same provider. The
+ * market is one process over its database, so a lock of this process is
+ * enough. */
+static pthread_mutex_t choose_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* ---- ranking ------------------------------------------------------------------ */
+
+static int rank_cmp(const void *a, const void *b)
+{
+    const ar_ranked *x = a, *y = b;
+    if (x->score != y->score)
+        return x->score > y->score ? -1 : 1;
+    if (x->p->mem_bytes != y->p->mem_bytes)
+        return x->p->mem_bytes > y->p->mem_bytes ? -1 : 1;
+    return x->p->id < y->p->id ? -1 : x->p->id > y->p->id;
+}
+
+void ar_rules_rank(const ar_provider *ps, size_t n, ar_ranked *out)
+{
+    double best_gflops = 0;
+    int64_t min_price = INT64_MAX;
+    for (size_t i = 0; i < n; i++) {
+        if (ps[i].gflops > best_gflops)
+            best_gflops = ps[i].gflops;
+        if (ps[i].price_per_tflop < min_price)
+            min_price = ps[i].price_per_tflop;
+    }
+    const double p0 = (double)AR_MICRO_PER_CREDIT;
+    for (size_t i = 0; i < n; i++) {
+        const ar_provider *p = &ps[i];
+        double rel = p->reliability < 0 ? 0 : p->reliability > 1 ? 1 : p->reliability;
+        out[i].p = p;
+        out[i].score = rel * rel * (best_gflops > 0 ? p->gflops / best_gflops : 1) * ((double)min_price + p0) /
+                       ((double)p->price_per_tflop + p0);
+    }
+    qsort(out, n, sizeof *out, rank_cmp);
+}
+
+int ar_rules_free_providers(ar_store *s, int64_t min_mem, ar_provider **providers, ar_ranked **ranked,
+                            size_t *n, size_t *busy)
+{
+    size_t all = 0, k = 0, held = 0;
+    *ranked = NULL;
+    *n = 0;
+    if (busy)
+        *busy = 0;
+    int rc = ar_store_provider_list(s, true, providers, &all);
+    if (rc != AR_OK)
+        return rc;
+    /* the candidates first go to the front of *providers, in id order */
+    ar_provider *ps = *providers;
+    for (size_t i = 0; i < all; i++) {
+        if (ps[i].mem_bytes < min_mem)
+            continue;
+        /* a worker hosts one stage: a provider leased to a live job is not free */
+        bool leased = false;
+        if ((rc = ar_store_provider_leased(s, ps[i].id, &leased)) != AR_OK)
+            return rc;
+        if (leased) {
+            held++;
+            continue;
+        }
+        if (k != i)
+            ps[k] = ps[i];
+        k++;
+    }
+    if (!(*ranked = ar_calloc(k ? k : 1, sizeof **ranked)))
+        return ar_fail(AR_ENOMEM, "out of memory for %zu providers", k);
+    ar_rules_rank(ps, k, *ranked);
+    *n = k;
+    if (busy)
+        *busy = held;
+    return AR_OK;
+}
+
+/* ---- pricing ---------------------------------------------------------------------- */
+
+void ar_rules_split_flops(int64_t flops_per_step, const ar_ranked *ranked, size_t n, int64_t *shares)
+{
+    double gsum = 0;
+    for (size_t i = 0; i < n; i++)
+        gsum += ranked[i].p->gflops;
+    int64_t left = flops_per_step;
+    for (size_t i = 0; i < n; i++) {
+        int64_t share = i + 1 == n || gsum <= 0
+                            ? left
+                            : (int64_t)llround((double)flops_per_step * ranked[i].p->gflops / gsum);
+        if (share > left)
+            share = left;
+        left -= share;
+        shares[i] = share;
+    }
+}
+
+int ar_rules_price_plan(const ar_lease_member *members, size_t n, int64_t est_steps, int64_t *per_step,
+                        int64_t *estimate)
+{
+    if (est_steps < 0)
+        return ar_fail(AR_EINVAL, "negative step estimate (%lld)", (long long)est_steps);
+    int64_t step_cost = 0, total;
+    for (size_t i = 0; i < n; i++) {
+        int64_t c = 0;
+        int rc = ar_flops_cost(members[i].flops_per_step, members[i].price_per_tflop, &c);
+        if (rc != AR_OK)
+            return rc;
+        if (__builtin_add_overflow(step_cost, c, &step_cost))
+            return ar_fail(AR_ELIMIT, "lease cost per step overflows");
+    }
+    if (__builtin_mul_overflow(step_cost, est_steps, &total))
+        return ar_fail(AR_ELIMIT, "lease estimate overflows (%lld steps)", (long long)est_steps);
+    if (per_step)
+        *per_step = step_cost;
+    if (estimate)
+        *estimate = total;
+    return AR_OK;
+}
+
+/* ---- leases ----------------------------------------------------------------------- */
+
+/* A provider as its renter sees it, under its account's name. */
+static int leased_view(ar_store *s, const ar_provider *p, int64_t flops_per_step, ar_market_leased *out)
+{
+    ar_account owner;
+    int rc = ar_store_account_get(s, p->account_id, &owner);
+    if (rc != AR_OK)
+        return rc;
+    memset(out, 0, sizeof *out);
+    out->p = *p;
+    snprintf(out->account, sizeof out->account, "%s", owner.name);
+    out->flops_per_step = flops_per_step;
+    return AR_OK;
+}
+
+/* The n best of ranked[] as a lease's members (stage i for the i-th) with
+ * their shares of the FLOPs, and as the renter sees them. */
+static int choose_members(ar_store *s, const ar_market_lease_request *req, const ar_ranked *ranked, size_t n,
+                          ar_lease_member *members, ar_market_lease *out)
+{
+    int64_t shares[AR_MARKET_MAX_DEVICES];
+    ar_rules_split_flops(req->flops_per_step, ranked, n, shares);
+    for (size_t i = 0; i < n; i++) {
+        const ar_provider *p = ranked[i].p;
+        members[i] = (ar_lease_member){.provider_id = p->id, .stage = (int)i, .flops_per_step = shares[i],
+                                       .price_per_tflop = p->price_per_tflop};
+        int rc = leased_view(s, p, shares[i], &out->providers[i]);
+        if (rc != AR_OK)
+            return rc;
+    }
+    out->n = n;
+    return AR_OK;
+}
+
+/* The refusal when fewer providers are free than asked for. */
+static int too_few_providers(const ar_market_lease_request *req, size_t free_n, size_t busy)
+{
+    char busy_note[96] = "";
+    if (busy)
+        snprintf(busy_note, sizeof busy_note, ", %zu more leased to other jobs", busy);
+    return ar_fail(AR_ELIMIT, "%u providers asked for, %zu online%s%s: try fewer --devices or later", req->devices,
+                   free_n, busy ? " and free" : req->min_mem_bytes ? " with enough memory" : "", busy_note);
+}
+
+/* Leases the chosen members to job_id. Refused, the job stays on record,
+ * cancelled with nothing spent; leased, it is running from start_step. */
+static int lease_job(ar_store *s, int64_t renter_id, const ar_market_lease_request *req, int64_t job_id,
+                     int64_t start_step, const ar_lease_member *members, ar_market_lease *out)
+{
+    int rc = ar_store_lease_create(s, job_id, renter_id, members, out->n, req->est_steps, req->max_credits,
+                                   out->token, &out->lease_id, &out->estimate);
+    if (rc != AR_OK) {
+        char why[600];
+        snprintf(why, sizeof why, "%s", ar_last_error());
+        if (ar_store_job_update(s, job_id, AR_JOB_CANCELLED, 0) != AR_OK)
+            ar_log(AR_LOG_ERROR, "market: job %lld: %s", (long long)job_id, ar_last_error());
+        ar_log(AR_LOG_INFO, "market: job %lld: %s", (long long)job_id, why);
+        return ar_fail(rc, "%s", why);
+    }
+    out->job_id = job_id;
+    if ((rc = ar_store_job_update(s, job_id, AR_JOB_RUNNING, start_step)) != AR_OK)
+        return rc;
+    ar_log(AR_LOG_INFO, "market: job %lld leases %zu providers (lease %lld, estimate %lld micro-credits)",
+           (long long)job_id, out->n, (long long)out->lease_id, (long long)out->estimate);
+    return AR_OK;
+}
+
+/* ar_rules_acquire with choose_mu held. *settled: the job was left with a
+ * lease or cancelled, i.e. not waiting for one. */
+static int acquire_locked(ar_store *s, int64_t renter_id, const ar_market_lease_request *req,
+                          ar_market_lease *out, bool *too_few, bool *settled)
+{
+    int rc;
+    bool resumed = req->resume_job > 0;
+    if (resumed) {
+        /* a new driver for the same job: the old one's leases end (their
+         * providers are free again) and its work after the checkpoint is
+         * unpaid, since it is redone */
+        int reversed = 0;
+        if ((rc = ar_store_job_resume(s, req->resume_job, renter_id, req->kept_steps, &reversed)) != AR_OK) {
+            *settled = true; /* nothing was changed */
+            return rc;
+        }
+        ar_log(AR_LOG_INFO, "market: job %lld resumes from step %lld (%d payments after it reversed)",
+               (long long)req->resume_job, (long long)req->kept_steps, reversed);
+    }
+    ar_provider *ps = NULL;
+    ar_ranked *ranked = NULL;
+    size_t n_free = 0, busy = 0;
+    ar_lease_member members[AR_MARKET_MAX_DEVICES];
+    rc = ar_rules_free_providers(s, req->min_mem_bytes, &ps, &ranked, &n_free, &busy);
+    if (rc == AR_OK && n_free < req->devices) {
+        *too_few = true;
+        rc = too_few_providers(req, n_free, busy);
+    }
+    if (rc == AR_OK)
+        rc = choose_members(s, req, ranked, req->devices, members, out);
+    int64_t job_id = req->resume_job;
+    if (rc == AR_OK && !resumed)
+        rc = ar_store_job_create(s, renter_id, req->spec, req->max_credits, &job_id);
+    if (rc == AR_OK) {
+        /* a lease refused for its budget cancels the job: settled either way */
+        *settled = true;
+        rc = lease_job(s, renter_id, req, job_id, resumed ? req->kept_steps : 0, members, out);
+    }
+    ar_free(ranked);
+    ar_free(ps);
+    return rc;
+}
+
+int ar_rules_acquire(ar_store *s, int64_t renter_id, const ar_market_lease_request *req, ar_market_lease *out,
+                     bool *too_few)
+{
+    *too_few = false;
+    memset(out, 0, sizeof *out);
+    if (req->devices < 1 || req->devices > AR_MARKET_MAX_DEVICES || req->est_steps < 0 || req->max_credits < 0 ||
+        req->flops_per_step < 0 || req->min_mem_bytes < 0 || req->resume_job < 0 || req->kept_steps < 0)
+        return ar_fail(AR_EINVAL, "a lease of %u providers (1..%d) with negative steps, FLOPs, memory or credits",
+                       req->devices, AR_MARKET_MAX_DEVICES);
+    bool settled = req->resume_job <= 0;
+    pthread_mutex_lock(&choose_mu);
+    int rc = acquire_locked(s, renter_id, req, out, too_few, &settled);
+    /* a resumed job whose new lease cannot be made (too few providers) is
+     * marked failed, not left "running" without a lease; a later resume
+     * brings it back */
+    if (!settled) {
+        char why[600];
+        snprintf(why, sizeof why, "%s", ar_last_error());
+        if (ar_store_job_update(s, req->resume_job, AR_JOB_FAILED, req->kept_steps) != AR_OK)
+            ar_log(AR_LOG_ERROR, "market: job %lld: %s", (long long)req->resume_job, ar_last_error());
+        else
+            ar_log(AR_LOG_INFO, "market: job %lld could not resume (no lease): marked failed",
+                   (long long)req->resume_job);
+        ar_fail(rc, "%s", why);
+    }
+    pthread_mutex_unlock(&choose_mu);
+    if (rc != AR_OK)
+        memset(out->token, 0, sizeof out->token);
+    return rc;
+}
+
+int ar_rules_release(ar_store *s, const ar_lease *lease, ar_job_status status, int64_t steps, int64_t *spent)
+{
+    ar_job job;
+    int rc;
+    if ((rc = ar_store_lease_release(s, lease->id)) != AR_OK ||
+        (rc = ar_store_job_update(s, lease->job_id, status, steps)) != AR_OK ||
+        (rc = ar_store_job_get(s, lease->job_id, &job)) != AR_OK)
+        return rc;
+    ar_log(AR_LOG_INFO, "market: job %lld %s after %lld steps, lease %lld released (%lld micro-credits spent)",
+           (long long)lease->job_id, ar_job_status_name(status), (long long)steps, (long long)lease->id,
+           (long long)job.spent);
+    if (spent)
+        *spent = job.spent;
+    ar_store_job_clear(&job);
+    return AR_OK;
+}
+
+/* ---- paying a step ------------------------------------------------------------------ */
+
+int ar_rules_check_usage(void *unused, const ar_lease_member *members, size_t n_members,
+                         const ar_stage_usage *stages, size_t n_stages, int64_t *prices)
+{
+    (void)unused;
+    for (size_t i = 0; i < n_stages; i++) {
+        const ar_stage_usage *u = &stages[i];
+        const ar_lease_member *m = NULL;
+        for (size_t j = 0; j < n_members; j++)
+            if (members[j].provider_id == u->provider_id)
+                m = &members[j];
+        bool twice = false;
+        for (size_t j = 0; j < i; j++)
+            twice = twice || stages[j].stage == u->stage || stages[j].provider_id == u->provider_id;
+        if (!m || twice || u->stage < 0 || (size_t)u->stage >= n_members || u->flops < 1 ||
+            u->flops > AR_MARKET_MAX_STAGE_FLOPS)
+            return ar_fail(AR_EINVAL, "stage %d (provider %lld, %lld FLOPs): %s", u->stage, (long long)u->provider_id,
+                           (long long)u->flops,
+                           !m      ? "the provider is not in the lease"
+                           : twice ? "stage or provider reported twice"
+                                   : "stage or FLOPs out of range");
+        prices[i] = m->price_per_tflop;
+    }
+    return AR_OK;
+}
+
+int ar_rules_settle_step(ar_store *s, const ar_lease *lease, int64_t step, const ar_stage_usage *stages,
+                         size_t n_stages, bool has_loss, double loss, ar_step_settlement *out)
+{
+    ar_step_report r = {.lease_id = lease->id, .step = step, .stages = stages, .n_stages = n_stages,
+                        .has_loss = has_loss, .loss = loss};
+    return ar_store_step_settle(s, &r, ar_rules_check_usage, NULL, out);
+}
+
+/* ---- a lost member ---------------------------------------------------------------- */
+
+/* The answer to a loss settled before (its answer was lost: the market died
+ * after settling, before replying). Asked again with the same kept steps, it
+ * is the same answer and nothing is done twice: no second reliability
+ * penalty, no second reversal, no second replacement. Anything else is
+ * refused. */
+static int replace_again(ar_store *s, const ar_lease *lease, int64_t lost_provider_id, int64_t kept_steps,
+                         const ar_lease_member *mem, size_t nm, ar_market_replacement *out)
+{
+    ar_lease_replacement done;
+    int rc = ar_store_lease_replacement(s, lease->id, lost_provider_id, &done);
+    if (rc == AR_ENOTFOUND || (rc == AR_OK && done.kept_steps != kept_steps))
+        return ar_fail(AR_EINVAL, "provider %lld is not in the lease", (long long)lost_provider_id);
+    if (rc != AR_OK)
+        return rc;
+    const ar_lease_member *now = NULL;
+    for (size_t i = 0; i < nm; i++)
+        if (mem[i].stage == done.stage && mem[i].provider_id == done.replacement_id)
+            now = &mem[i];
+    if (done.replacement_id != 0 && !now)
+        return ar_fail(AR_ELIMIT, "provider %lld was replaced by provider %lld, which has left the lease since",
+                       (long long)lost_provider_id, (long long)done.replacement_id);
+    if (now) {
+        ar_provider with;
+        if ((rc = ar_store_provider_get(s, now->provider_id, &with)) != AR_OK ||
+            (rc = leased_view(s, &with, now->flops_per_step, &out->replacement)) != AR_OK)
+            return rc;
+        out->found = true;
+    }
+    out->reversed = done.reversed;
+    out->again = true;
+    ar_log(AR_LOG_WARN, "market: job %lld asked again about lost provider %lld: answered as before (%s %lld)",
+           (long long)lease->job_id, (long long)lost_provider_id, now ? "replaced by provider" : "no replacement",
+           (long long)done.replacement_id);
+    return AR_OK;
+}
+
+/* Settles the loss of member `lost`: the best free provider (if any) takes
+ * its place. */
+static int replace_member(ar_store *s, const ar_lease *lease, const ar_lease_member *lost, int64_t kept_steps,
+                          const char *reason, ar_market_replacement *out)
+{
+    ar_provider *ps = NULL;
+    ar_ranked *ranked = NULL;
+    size_t n_free = 0;
+    ar_lease_member with = {0};
+    int rc = ar_rules_free_providers(s, 0, &ps, &ranked, &n_free, NULL);
+    if (rc == AR_OK && n_free > 0) {
+        with = (ar_lease_member){.provider_id = ranked[0].p->id, .stage = lost->stage,
+                                 .flops_per_step = lost->flops_per_step,
+                                 .price_per_tflop = ranked[0].p->price_per_tflop};
+        rc = leased_view(s, ranked[0].p, lost->flops_per_step, &out->replacement);
+        out->found = rc == AR_OK;
+    }
+    if (rc == AR_OK)
+        rc = ar_store_lease_replace(s, lease->id, lost->provider_id, kept_steps, out->found ? &with : NULL,
+                                    &out->reversed);
+    if (rc == AR_OK) {
+        char instead[64] = "no free provider to replace it";
+        if (out->found)
+            snprintf(instead, sizeof instead, "provider %lld replaces it", (long long)with.provider_id);
+        ar_log(AR_LOG_WARN,
+               "market: job %lld lost provider %lld (%.256s): marked offline, reliability lowered, "
+               "%d payments from step %lld on reversed; %s",
+               (long long)lease->job_id, (long long)lost->provider_id, reason ? reason : "", out->reversed,
+               (long long)kept_steps, instead);
+    }
+    ar_free(ranked);
+    ar_free(ps);
+    return rc;
+}
+
+int ar_rules_replace(ar_store *s, const ar_lease *lease, int64_t lost_provider_id, int64_t kept_steps,
+                     const char *reason, ar_market_replacement *out)
+{
+    memset(out, 0, sizeof *out);
+    if (kept_steps < 0)
+        return ar_fail(AR_EINVAL, "kept steps %lld below zero", (long long)kept_steps);
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    /* choosing the replacement and leasing it is one step, as in acquire */
+    pthread_mutex_lock(&choose_mu);
+    int rc = ar_store_lease_members(s, lease->id, &mem, &nm);
+    const ar_lease_member *lost = NULL;
+    for (size_t i = 0; rc == AR_OK && i < nm; i++)
+        if (mem[i].provider_id == lost_provider_id)
+            lost = &mem[i];
+    if (rc == AR_OK)
+        rc = lost ? replace_member(s, lease, lost, kept_steps, reason, out)
+                  : replace_again(s, lease, lost_provider_id, kept_steps, mem, nm, out);
+    pthread_mutex_unlock(&choose_mu);
+    ar_free(mem);
+    ar_job job;
+    if (rc == AR_OK && (rc = ar_store_job_get(s, lease->job_id, &job)) == AR_OK) {
+        out->spent = job.spent;
+        ar_store_job_clear(&job);
+    }
+    return rc;
+}
+
+/* ---- providers and progress --------------------------------------------------------- */
+
+int ar_rules_register_provider(ar_store *s, const ar_provider *p, int64_t *id_out)
+{
+    ar_provider q = *p;
+    q.reliability = 1.0;
+    ar_provider *all = NULL;
+    size_t n = 0;
+    int rc = ar_store_provider_list(s, false, &all, &n);
+    if (rc != AR_OK)
+        return rc;
+    for (size_t i = 0; i < n; i++)
+        if (all[i].account_id == q.account_id && strcmp(all[i].address, q.address) == 0)
+            q.reliability = all[i].reliability;
+    ar_free(all);
+    if ((rc = ar_store_provider_register(s, &q, id_out)) != AR_OK)
+        return rc;
+    ar_log(AR_LOG_INFO, "market: provider %lld at %s registered (%.1f GFLOP/s, %d cores)", (long long)*id_out,
+           q.address, q.gflops, q.cores);
+    return AR_OK;
+}
+
+int ar_rules_report_progress(ar_store *s, int64_t job_id, const ar_market_progress_report *r)
+{
+    ar_job_live live = r->live;
+    live.plan = NULL;
+    if (r->plan && !(live.plan = ar_dashboard_plan_json(r->plan)))
+        return ar_fail(AR_ENOMEM, "out of memory for the plan");
+    int rc = ar_store_job_live_set(s, job_id, &live, r->times, r->n_times);
+    if (rc == AR_OK && r->has_val)
+        rc = ar_store_job_val_record(s, job_id, r->val_step, r->val_loss);
+    free(live.plan);
+    return rc;
+}

@@ -1,0 +1,191 @@
+/* The market's rules: which providers a renter gets and in what order, what
+ * a plan costs, how a reported step is paid, how the loss of a member is
+ * settled, and how a lease ends.
+ *
+ * Plain C over the store (market/store.h): no RPC, no wire format. The
+ * Market service (net/market.c) decodes a request, checks its bounds and
+ * formats, calls one of these and encodes the answer; the tests call them
+ * directly over a database file. Each small step (ranking, splitting,
+ * pricing, checking a report) is a function of its own, so that a rule can
+ * change without touching the others or the RPC layer.
+ *
+ * Every function returns AR_OK or a negative AR_E* code with the reason in
+ * ar_last_error(): AR_EINVAL a request that does not fit the lease or job,
+ * AR_ENOTFOUND no such job or lease (of this account), AR_ELIMIT a budget
+ * or a cap that cannot cover the work (and, where said, a precondition that
+ * no longer holds); anything else is the store failing (AR_EIO, AR_ENOMEM). */
+#ifndef AR_MARKET_RULES_H
+#define AR_MARKET_RULES_H
+
+#include "market/dashboard.h"
+#include "market/money.h"
+#include "market/store.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* The most providers one lease holds. */
+#define AR_MARKET_MAX_DEVICES 64
+/* FLOPs one stage may report for one step (keeps every cost in int64). */
+#define AR_MARKET_MAX_STAGE_FLOPS ((int64_t)1 << 60)
+
+/* ---- ranking ---------------------------------------------------------------- */
+
+/* A candidate provider and its score (higher is better). */
+typedef struct {
+    const ar_provider *p;
+    double score;
+} ar_ranked;
+
+/* Scores the n providers ps[] and writes them to out[0..n), best first.
+ *
+ *     score = reliability^2 * (gflops / best_gflops) * (min_price + p0) / (price + p0)
+ *
+ * i.e. speed per credit, each factor normalised to the best candidate: a
+ * provider twice as fast at the same price scores twice as high, one twice as
+ * expensive at the same speed half as high. p0 = 1 credit per TFLOP keeps
+ * free providers from scoring infinitely and damps tiny price differences.
+ * Reliability (clamped to 0..1) is squared: the pipeline stalls on any one
+ * stage, so an unreliable member costs the whole job, not just its share.
+ * Ties go to more memory, then to the older registration (lower id). */
+void ar_rules_rank(const ar_provider *ps, size_t n, ar_ranked *out);
+
+/* The online providers free to lease (in no live lease) offering at least
+ * min_mem bytes, ranked by ar_rules_rank: (*ranked)[0..*n) point into
+ * *providers; the caller frees both with ar_free, also on failure. *busy
+ * (may be NULL) counts those left out only because a live lease holds
+ * them. */
+int ar_rules_free_providers(ar_store *s, int64_t min_mem, ar_provider **providers, ar_ranked **ranked,
+                            size_t *n, size_t *busy);
+
+/* ---- pricing ------------------------------------------------------------------ */
+
+/* A plan's FLOPs per step split among its n ranked providers in proportion
+ * to their speed (as the driver's planner roughly will): shares[i] for
+ * ranked[i], summing to flops_per_step exactly (the last takes the rest). */
+void ar_rules_split_flops(int64_t flops_per_step, const ar_ranked *ranked, size_t n, int64_t *shares);
+
+/* What a plan costs: per_step = the sum of ar_flops_cost(flops_per_step,
+ * price) of its members (each rounded as it will be paid), estimate =
+ * per_step * est_steps. AR_ELIMIT when either overflows. Either output may
+ * be NULL. */
+int ar_rules_price_plan(const ar_lease_member *members, size_t n, int64_t est_steps, int64_t *per_step,
+                        int64_t *estimate);
+
+/* ---- leases -------------------------------------------------------------------- */
+
+/* What a renter asks for. */
+typedef struct {
+    uint32_t devices;
+    int64_t max_credits;    /* micro-credits; 0: no cap but the balance */
+    int64_t est_steps;
+    const char *spec;       /* a one-line summary of the job */
+    int64_t flops_per_step; /* the whole model's, per training step */
+    int64_t min_mem_bytes;  /* each provider must offer this much; 0: any */
+    /* a run resumed from a checkpoint continues its job (0: a new job): the
+     * job's old leases end and payments for steps >= kept_steps are reversed */
+    int64_t resume_job;
+    int64_t kept_steps;
+} ar_market_lease_request;
+
+/* A leased provider as its renter sees it. */
+typedef struct {
+    ar_provider p; /* price_per_tflop fixed for the lease; account_id 0 on the client side */
+    char account[AR_NAME_MAX];
+    int64_t flops_per_step; /* its share in the estimate */
+} ar_market_leased;
+
+typedef struct {
+    int64_t job_id, lease_id;
+    char token[AR_TOKEN_LEN]; /* the lease token */
+    int64_t estimate;         /* micro-credits for est_steps */
+    size_t n;
+    ar_market_leased providers[AR_MARKET_MAX_DEVICES]; /* in pipeline order */
+} ar_market_lease;
+
+/* Leases req->devices free providers to renter_id (ar_rules_free_providers'
+ * best, in that order), splits the FLOPs among them and creates the job (or
+ * resumes req->resume_job: its old leases end, payments for steps >=
+ * kept_steps are reversed) and its lease, whose estimate is checked against
+ * the renter's balance and the caps. Choosing and leasing is one step within
+ * this process: two renters asking at once never get the same provider.
+ *   - fewer providers free than asked for: AR_ELIMIT with *too_few set
+ *     (try later; a resumed job is marked failed at kept_steps, to be
+ *     resumed again);
+ *   - a budget or cap below the estimate: AR_ELIMIT (the message gives the
+ *     estimate), the job stays on record, cancelled;
+ *   - a resume of a job that is not the renter's: AR_ENOTFOUND. */
+int ar_rules_acquire(ar_store *s, int64_t renter_id, const ar_market_lease_request *req, ar_market_lease *out,
+                     bool *too_few);
+
+/* ---- paying a step ------------------------------------------------------------- */
+
+/* The check ar_rules_settle_step runs on a report against the lease's
+ * members (an ar_step_check): every stage's provider is a member, no stage
+ * or provider is reported twice, the stage is one of the lease's, the FLOPs
+ * are 1..AR_MARKET_MAX_STAGE_FLOPS; prices[i] gets the lease price of
+ * stages[i]'s provider. AR_EINVAL naming the first bad stage otherwise. */
+int ar_rules_check_usage(void *unused, const ar_lease_member *members, size_t n_members,
+                         const ar_stage_usage *stages, size_t n_stages, int64_t *prices);
+
+/* Step `step` of the lease's job completed: its stages are checked and paid,
+ * its loss kept (has_loss and finite) and the job counted at step + 1, in one
+ * store transaction (ar_store_step_settle). A step reported again pays
+ * nothing new. AR_ELIMIT when the balance or the job's cap cannot cover a
+ * stage (the stages before it stay paid). */
+int ar_rules_settle_step(ar_store *s, const ar_lease *lease, int64_t step, const ar_stage_usage *stages,
+                         size_t n_stages, bool has_loss, double loss, ar_step_settlement *out);
+
+/* ---- a lost member ---------------------------------------------------------------- */
+
+typedef struct {
+    bool found;                   /* a free provider took the lost one's place */
+    ar_market_leased replacement; /* when found: at the lost member's stage and FLOPs */
+    int reversed;                 /* payments reversed (steps >= kept_steps) */
+    int64_t spent;                /* what the job has spent after the reversal */
+    bool again;                   /* the answer of an earlier, identical request */
+} ar_market_replacement;
+
+/* Provider lost_provider_id of the live lease stopped answering and the job
+ * goes back to its checkpoint of kept_steps steps: the provider is marked
+ * offline and its reliability multiplied by AR_RELIABILITY_AFTER_LOSS, the
+ * payments for steps >= kept_steps are reversed, and the best free provider
+ * takes its place (none free: the place is dropped), in one transaction.
+ * Asked again for a provider already settled with the same kept_steps (the
+ * answer was lost), it answers as before and does nothing twice (again set).
+ * AR_EINVAL when the provider is not in the lease (and was not settled
+ * there with these kept_steps); AR_ELIMIT when its replacement has left the
+ * lease since. `reason` (may be NULL) is only logged. */
+int ar_rules_replace(ar_store *s, const ar_lease *lease, int64_t lost_provider_id, int64_t kept_steps,
+                     const char *reason, ar_market_replacement *out);
+
+/* ---- the end of a lease, providers, progress --------------------------------------- */
+
+/* The lease ends and its job is `status` (done, failed or cancelled: the
+ * caller checks) after `steps` completed steps; *spent (may be NULL) gets
+ * what the job spent in all. */
+int ar_rules_release(ar_store *s, const ar_lease *lease, ar_job_status status, int64_t steps, int64_t *spent);
+
+/* Registers (or re-registers) a provider of p->account_id from its claimed
+ * profile (address, gflops, mem_bytes, cores, price_per_tflop). Reliability
+ * is the market's record, not the provider's claim: a re-registration (same
+ * account and address) keeps it, a new provider starts at 1. */
+int ar_rules_register_provider(ar_store *s, const ar_provider *p, int64_t *id_out);
+
+/* What a running job's driver reports for the dashboard. */
+typedef struct {
+    ar_job_live live; /* its plan is ignored: see `plan` */
+    const ar_stage_time *times;
+    size_t n_times;
+    bool has_val; /* an evaluation since the last report */
+    int64_t val_step;
+    double val_loss;
+    const ar_market_plan *plan; /* NULL: the stored plan is kept */
+} ar_market_progress_report;
+
+/* Keeps a job's snapshot, its stages' times, its validation loss and its
+ * plan (as the dashboard's JSON, ar_dashboard_plan_json). */
+int ar_rules_report_progress(ar_store *s, int64_t job_id, const ar_market_progress_report *r);
+
+#endif

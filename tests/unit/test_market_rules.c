@@ -1,0 +1,746 @@
+/* The market's rules (market/rules.h) called directly, without a server,
+ * over a real SQLite file in a temporary folder: how providers are ranked,
+ * what a lease gets and what refuses it, how a step is paid (once, within
+ * the job's cap, the books summing to zero), how a lost member is settled
+ * and asked about again, what a plan costs, the dashboard's plan JSON, and
+ * credits as text and back. */
+#include "market/dashboard.h"
+#include "market/money.h"
+#include "market/rules.h"
+#include "market/store.h"
+
+#include "arceus.h"
+#include "core/core.h"
+#include "tmpfiles.h"
+
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+TestSuite(market_rules, .init = tmp_make, .fini = tmp_remove);
+
+static const int64_t TF = 1000000000000LL; /* FLOPs in a TFLOP */
+
+static ar_store *open_db(void)
+{
+    ar_store *s = NULL;
+    cr_assert_eq(ar_store_open(tmp_path("market.db"), &s), AR_OK, "%s", ar_last_error());
+    return s;
+}
+
+static int64_t new_account(ar_store *s, const char *name, int64_t micro)
+{
+    char tok[AR_TOKEN_LEN];
+    int64_t id = 0;
+    cr_assert_eq(ar_store_account_create(s, name, micro, tok, &id), AR_OK, "%s", ar_last_error());
+    return id;
+}
+
+static int64_t balance(ar_store *s, int64_t account)
+{
+    int64_t b = -1;
+    cr_assert_eq(ar_store_account_balance(s, account, &b), AR_OK, "%s", ar_last_error());
+    return b;
+}
+
+/* a provider of `account` at 127.0.0.1:port, registered through the rule */
+static int64_t new_provider(ar_store *s, int64_t account, int port, double gflops, int64_t mem, int64_t price)
+{
+    ar_provider p = {.account_id = account, .gflops = gflops, .mem_bytes = mem, .cores = 4, .price_per_tflop = price};
+    snprintf(p.address, sizeof p.address, "127.0.0.1:%d", port);
+    int64_t id = 0;
+    cr_assert_eq(ar_rules_register_provider(s, &p, &id), AR_OK, "%s", ar_last_error());
+    return id;
+}
+
+static ar_provider provider(ar_store *s, int64_t id)
+{
+    ar_provider p;
+    cr_assert_eq(ar_store_provider_get(s, id, &p), AR_OK, "%s", ar_last_error());
+    return p;
+}
+
+static ar_job job_of(ar_store *s, int64_t id)
+{
+    ar_job j;
+    cr_assert_eq(ar_store_job_get(s, id, &j), AR_OK, "%s", ar_last_error());
+    ar_store_job_clear(&j); /* the numbers are what the tests read */
+    return j;
+}
+
+/* The ledger sums to zero and passes the store's full audit. */
+static void assert_books(ar_store *s)
+{
+    int64_t sum = 1;
+    cr_assert_eq(ar_store_ledger_sum(s, &sum), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(sum, 0, "the ledger sums to %lld", (long long)sum);
+    cr_assert_eq(ar_store_ledger_check(s, NULL), AR_OK, "%s", ar_last_error());
+}
+
+static size_t ledger_rows(ar_store *s)
+{
+    ar_ledger_row *rows = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_ledger_list(s, 0, &rows, &n), AR_OK, "%s", ar_last_error());
+    ar_free(rows);
+    return n;
+}
+
+static ar_lease lease_of(ar_store *s, int64_t id)
+{
+    ar_lease l;
+    cr_assert_eq(ar_store_lease_get(s, id, &l), AR_OK, "%s", ar_last_error());
+    return l;
+}
+
+/* ---- ranking ------------------------------------------------------------------- */
+
+Test(market_rules, providers_rank_by_reliability_price_speed_then_memory_and_age)
+{
+    const int64_t G = (int64_t)1 << 30;
+    /* one baseline and one provider differing from it in each factor */
+    ar_provider ps[] = {
+        {.id = 1, .gflops = 100, .mem_bytes = G, .price_per_tflop = AR_CREDITS(1), .reliability = 1.0},
+        {.id = 2, .gflops = 100, .mem_bytes = G, .price_per_tflop = AR_CREDITS(1), .reliability = 0.5},
+        {.id = 3, .gflops = 100, .mem_bytes = G, .price_per_tflop = AR_CREDITS(3), .reliability = 1.0},
+        {.id = 4, .gflops = 200, .mem_bytes = G, .price_per_tflop = AR_CREDITS(1), .reliability = 1.0},
+        {.id = 5, .gflops = 100, .mem_bytes = 2 * G, .price_per_tflop = AR_CREDITS(1), .reliability = 1.0},
+        {.id = 6, .gflops = 100, .mem_bytes = G, .price_per_tflop = AR_CREDITS(1), .reliability = 1.0},
+        /* a claimed reliability above 1 counts as 1 */
+        {.id = 7, .gflops = 100, .mem_bytes = G, .price_per_tflop = AR_CREDITS(1), .reliability = 7.0},
+    };
+    size_t n = sizeof ps / sizeof ps[0];
+    ar_ranked rk[sizeof ps / sizeof ps[0]];
+    ar_rules_rank(ps, n, rk);
+    /* 4: twice as fast; then 5: the baseline's score, more memory; then 1,
+     * 6, 7: ties by id; then 3 (half the baseline's: (1 + 1) / (3 + 1)
+     * credits) above 2 (a quarter: 0.5 squared) */
+    const int64_t want[] = {4, 5, 1, 6, 7, 3, 2};
+    for (size_t i = 0; i < n; i++)
+        cr_expect_eq(rk[i].p->id, want[i], "rank %zu: provider %lld, not %lld", i, (long long)rk[i].p->id,
+                     (long long)want[i]);
+    cr_assert_float_eq(rk[0].score, 1.0, 1e-12);
+    cr_assert_float_eq(rk[1].score, 0.5, 1e-12); /* half the best speed */
+    cr_assert_float_eq(rk[5].score, 0.25, 1e-12);
+    cr_assert_float_eq(rk[6].score, 0.125, 1e-12);
+}
+
+Test(market_rules, free_providers_leave_out_small_leased_and_offline_ones)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100));
+    int64_t owner = new_account(s, "owner", 0);
+    const int64_t G = (int64_t)1 << 30;
+    int64_t small = new_provider(s, owner, 5001, 100, G, AR_CREDITS(1));
+    int64_t big = new_provider(s, owner, 5002, 100, 4 * G, AR_CREDITS(1));
+    int64_t gone = new_provider(s, owner, 5003, 500, 4 * G, AR_CREDITS(1));
+    int64_t busy_one = new_provider(s, owner, 5004, 100, 4 * G, AR_CREDITS(1));
+    cr_assert_eq(ar_store_provider_mark_offline(s, gone), AR_OK);
+    int64_t job = 0;
+    cr_assert_eq(ar_store_job_create(s, renter, "held", 0, &job), AR_OK);
+    ar_lease_member m = {.provider_id = busy_one, .stage = 0, .flops_per_step = TF, .price_per_tflop = AR_CREDITS(1)};
+    char tok[AR_TOKEN_LEN];
+    cr_assert_eq(ar_store_lease_create(s, job, renter, &m, 1, 1, 0, tok, NULL, NULL), AR_OK, "%s", ar_last_error());
+
+    ar_provider *ps = NULL;
+    ar_ranked *rk = NULL;
+    size_t n = 0, busy = 0;
+    cr_assert_eq(ar_rules_free_providers(s, 2 * G, &ps, &rk, &n, &busy), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(n, 1);
+    cr_assert_eq(busy, 1);
+    cr_assert_eq(rk[0].p->id, big);
+    ar_free(rk);
+    ar_free(ps);
+    cr_assert_eq(ar_rules_free_providers(s, 0, &ps, &rk, &n, NULL), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(n, 2);
+    cr_assert_eq(rk[0].p->id, big); /* same score: more memory first */
+    cr_assert_eq(rk[1].p->id, small);
+    ar_free(rk);
+    ar_free(ps);
+    ar_store_close(s);
+}
+
+/* ---- pricing ------------------------------------------------------------------- */
+
+Test(market_rules, flops_split_by_speed_and_sum_exactly)
+{
+    ar_provider ps[3] = {{.id = 1, .gflops = 300}, {.id = 2, .gflops = 100}, {.id = 3, .gflops = 100}};
+    ar_ranked rk[3] = {{&ps[0], 1}, {&ps[1], 1}, {&ps[2], 1}};
+    int64_t shares[3];
+    ar_rules_split_flops(1000000000001LL, rk, 3, shares);
+    cr_assert_eq(shares[0], 600000000001LL); /* 0.6 of it, rounded */
+    cr_assert_eq(shares[1], 200000000000LL);
+    cr_assert_eq(shares[2], 1000000000001LL - 600000000001LL - 200000000000LL); /* the rest */
+    ar_rules_split_flops(7, rk, 1, shares);
+    cr_assert_eq(shares[0], 7);
+}
+
+Test(market_rules, a_plan_costs_the_sum_of_its_members_rounded_as_paid)
+{
+    ar_lease_member m[2] = {{.provider_id = 1, .stage = 0, .flops_per_step = 2 * TF, .price_per_tflop = AR_CREDITS(3)},
+                            {.provider_id = 2, .stage = 1, .flops_per_step = 1500000, .price_per_tflop = 1000000}};
+    int64_t per_step = 0, estimate = 0;
+    cr_assert_eq(ar_rules_price_plan(m, 2, 10, &per_step, &estimate), AR_OK, "%s", ar_last_error());
+    /* 6 credits, and 1.5 micro-credits rounded to 2 as ar_flops_cost pays it */
+    cr_assert_eq(per_step, AR_CREDITS(6) + 2);
+    cr_assert_eq(estimate, 10 * (AR_CREDITS(6) + 2));
+    m[0].price_per_tflop = INT64_MAX / 2;
+    m[0].flops_per_step = TF;
+    m[1].price_per_tflop = INT64_MAX / 2;
+    m[1].flops_per_step = 4 * TF;
+    cr_assert_eq(ar_rules_price_plan(m, 2, 1, &per_step, NULL), AR_ELIMIT);
+    m[1].flops_per_step = 0;
+    cr_assert_eq(ar_rules_price_plan(m, 2, 3, NULL, &estimate), AR_ELIMIT);
+    cr_assert_eq(ar_rules_price_plan(m, 2, -1, NULL, NULL), AR_EINVAL);
+}
+
+/* ---- acquiring a lease ------------------------------------------------------------ */
+
+static ar_market_lease_request ask(uint32_t devices, int64_t est_steps, int64_t flops_per_step)
+{
+    return (ar_market_lease_request){.devices = devices, .est_steps = est_steps, .flops_per_step = flops_per_step,
+                                     .spec = "mlp, a test"};
+}
+
+Test(market_rules, acquire_leases_the_best_free_providers_and_creates_the_job)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100));
+    int64_t alice = new_account(s, "alice", 0), bob = new_account(s, "bob", 0);
+    const int64_t G = (int64_t)1 << 30;
+    int64_t slow = new_provider(s, alice, 5001, 100, G, AR_CREDITS(1));
+    int64_t fast = new_provider(s, bob, 5002, 300, G, AR_CREDITS(1));
+    int64_t dear = new_provider(s, bob, 5003, 100, G, AR_CREDITS(5));
+
+    ar_market_lease_request q = ask(2, 10, 4 * TF);
+    ar_market_lease got;
+    bool too_few = true;
+    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_not(too_few);
+    cr_assert_eq(got.n, 2);
+    cr_assert_eq(got.providers[0].p.id, fast);
+    cr_assert_str_eq(got.providers[0].account, "bob");
+    cr_assert_eq(got.providers[1].p.id, slow);
+    cr_assert_str_eq(got.providers[1].account, "alice");
+    /* 4 TFLOPs split 3:1 by speed, at 1 credit per TFLOP, for 10 steps */
+    cr_assert_eq(got.providers[0].flops_per_step, 3 * TF);
+    cr_assert_eq(got.providers[1].flops_per_step, TF);
+    cr_assert_eq(got.estimate, AR_CREDITS(40));
+    cr_assert_eq(strlen(got.token), AR_TOKEN_LEN - 1);
+    ar_lease l;
+    cr_assert_eq(ar_store_lease_auth(s, got.token, &l), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(l.id, got.lease_id);
+    cr_assert_eq(l.job_id, got.job_id);
+    ar_job j = job_of(s, got.job_id);
+    cr_assert_eq(j.status, AR_JOB_RUNNING);
+    cr_assert_eq(j.step, 0);
+    cr_assert_eq(j.renter_id, renter);
+
+    /* the next renter gets what is still free: one provider, not two */
+    q.devices = 2;
+    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert(too_few);
+    cr_assert(strstr(ar_last_error(), "2 providers asked for, 1 online and free, 2 more leased to other jobs"),
+              "%s", ar_last_error());
+    q.devices = 1;
+    q.est_steps = 1; /* 4 TFLOPs at 5 credits: 20 credits a step */
+    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(got.providers[0].p.id, dear);
+    cr_assert_eq(got.estimate, AR_CREDITS(20));
+    cr_assert_eq(got.providers[0].flops_per_step, 4 * TF);
+    assert_books(s);
+    ar_store_close(s);
+}
+
+Test(market_rules, acquire_refuses_too_few_providers_with_enough_memory)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100));
+    int64_t owner = new_account(s, "owner", 0);
+    const int64_t G = (int64_t)1 << 30;
+    new_provider(s, owner, 5001, 100, G, AR_CREDITS(1));
+    int64_t big = new_provider(s, owner, 5002, 100, 8 * G, AR_CREDITS(1));
+    ar_market_lease_request q = ask(2, 10, TF);
+    q.min_mem_bytes = 4 * G;
+    ar_market_lease got;
+    bool too_few = false;
+    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert(too_few);
+    cr_assert(strstr(ar_last_error(), "2 providers asked for, 1 online with enough memory"), "%s", ar_last_error());
+    ar_job *jobs = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_job_list(s, renter, &jobs, &n), AR_OK);
+    cr_assert_eq(n, 0, "no job is created for a refusal");
+    ar_store_jobs_free(jobs, n);
+    /* one device fits the one big provider */
+    q.devices = 1;
+    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(got.providers[0].p.id, big);
+    ar_store_close(s);
+}
+
+Test(market_rules, acquire_refuses_a_budget_or_cap_below_the_estimate_and_cancels_the_job)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(15));
+    int64_t owner = new_account(s, "owner", 0);
+    int64_t p = new_provider(s, owner, 5001, 100, (int64_t)1 << 30, AR_CREDITS(1));
+    ar_market_lease_request q = ask(1, 20, TF); /* 20 credits */
+    ar_market_lease got;
+    bool too_few = true;
+    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert_not(too_few);
+    cr_assert(strstr(ar_last_error(), "estimated cost 20.000000 credits"), "%s", ar_last_error());
+    cr_assert(strstr(ar_last_error(), "balance of 15.000000"), "%s", ar_last_error());
+    /* a cap below the estimate, however rich the renter */
+    q.est_steps = 10;
+    q.max_credits = AR_CREDITS(5);
+    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert_not(too_few);
+    cr_assert(strstr(ar_last_error(), "exceeds max credits 5.000000"), "%s", ar_last_error());
+    /* both refused jobs stay on record, cancelled, with nothing spent; the
+     * provider is still free */
+    ar_job *jobs = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_job_list(s, renter, &jobs, &n), AR_OK);
+    cr_assert_eq(n, 2);
+    for (size_t i = 0; i < n; i++) {
+        cr_expect_eq(jobs[i].status, AR_JOB_CANCELLED);
+        cr_expect_eq(jobs[i].spent, 0);
+    }
+    ar_store_jobs_free(jobs, n);
+    bool leased = true;
+    cr_assert_eq(ar_store_provider_leased(s, p, &leased), AR_OK);
+    cr_assert_not(leased);
+    cr_assert_eq(balance(s, renter), AR_CREDITS(15));
+    assert_books(s);
+    ar_store_close(s);
+}
+
+/* ---- paying a step ------------------------------------------------------------------ */
+
+/* A renter with `credits`, two providers at 1 credit per TFLOP leased for a
+ * job of 1 TFLOP per stage per step (capped at max_credits). */
+typedef struct {
+    ar_store *s;
+    int64_t renter, owner_a, owner_b, spare_owner;
+    int64_t a, b, spare; /* a: stage 0, b: stage 1, spare: free, dearer */
+    ar_market_lease lease;
+} two_stages;
+
+static void lease_two(two_stages *t, int64_t credits, int64_t max_credits)
+{
+    t->s = open_db();
+    t->renter = new_account(t->s, "renter", credits);
+    t->owner_a = new_account(t->s, "a", 0);
+    t->owner_b = new_account(t->s, "b", 0);
+    t->spare_owner = new_account(t->s, "spare", 0);
+    const int64_t G = (int64_t)1 << 30;
+    t->a = new_provider(t->s, t->owner_a, 5001, 100, 2 * G, AR_CREDITS(1));
+    t->b = new_provider(t->s, t->owner_b, 5002, 100, G, AR_CREDITS(1));
+    t->spare = new_provider(t->s, t->spare_owner, 5003, 100, G, AR_CREDITS(2));
+    ar_market_lease_request q = ask(2, 1, 2 * TF);
+    q.max_credits = max_credits;
+    bool too_few;
+    cr_assert_eq(ar_rules_acquire(t->s, t->renter, &q, &t->lease, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(t->lease.providers[0].p.id, t->a);
+    cr_assert_eq(t->lease.providers[1].p.id, t->b);
+}
+
+static int settle(two_stages *t, int64_t step, ar_step_settlement *out)
+{
+    ar_stage_usage u[2] = {{.stage = 0, .provider_id = t->a, .flops = TF}, {.stage = 1, .provider_id = t->b, .flops = TF}};
+    ar_lease l = lease_of(t->s, t->lease.lease_id);
+    return ar_rules_settle_step(t->s, &l, step, u, 2, true, 2.5 - 0.1 * (double)step, out);
+}
+
+Test(market_rules, a_step_is_paid_once_and_the_books_sum_to_zero)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    ar_step_settlement paid;
+    for (int64_t step = 0; step < 3; step++) {
+        cr_assert_eq(settle(&t, step, &paid), AR_OK, "%s", ar_last_error());
+        cr_assert_eq(paid.paid, AR_CREDITS(2));
+        cr_assert_eq(paid.spent, AR_CREDITS(2) * (step + 1));
+        cr_assert_eq(paid.balance, AR_CREDITS(100) - paid.spent);
+        cr_assert_eq(paid.duplicates, 0);
+        cr_assert_eq(job_of(t.s, t.lease.job_id).step, step + 1);
+    }
+    size_t rows = ledger_rows(t.s);
+    /* the same step again (a retry, a report replayed after a restart) */
+    cr_assert_eq(settle(&t, 1, &paid), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(paid.paid, 0);
+    cr_assert_eq(paid.duplicates, 2);
+    cr_assert_eq(paid.spent, AR_CREDITS(6));
+    cr_assert_eq(ledger_rows(t.s), rows);
+    cr_assert_eq(balance(t.s, t.owner_a), AR_CREDITS(3));
+    cr_assert_eq(balance(t.s, t.owner_b), AR_CREDITS(3));
+    cr_assert_eq(balance(t.s, t.renter), AR_CREDITS(94));
+    /* the losses are the job's curve */
+    ar_job_point *pts = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_job_progress(t.s, t.lease.job_id, &pts, &n), AR_OK);
+    cr_assert_eq(n, 3);
+    cr_assert_float_eq(pts[2].loss, 2.3, 1e-12);
+    ar_free(pts);
+    assert_books(t.s);
+    ar_store_close(t.s);
+}
+
+Test(market_rules, a_report_that_does_not_fit_the_lease_pays_nothing)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    ar_lease l = lease_of(t.s, t.lease.lease_id);
+    size_t rows = ledger_rows(t.s);
+    ar_step_settlement paid;
+    struct {
+        ar_stage_usage u[2];
+        size_t n;
+        const char *why;
+    } bad[] = {
+        {{{0, t.a, TF}, {1, t.spare, TF}}, 2, "the provider is not in the lease"},
+        {{{0, t.a, TF}, {0, t.b, TF}}, 2, "stage or provider reported twice"},
+        {{{0, t.a, TF}, {1, t.a, TF}}, 2, "stage or provider reported twice"},
+        {{{2, t.a, TF}}, 1, "stage or FLOPs out of range"},
+        {{{0, t.a, 0}}, 1, "stage or FLOPs out of range"},
+        {{{0, t.a, AR_MARKET_MAX_STAGE_FLOPS + 1}}, 1, "stage or FLOPs out of range"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cr_assert_eq(ar_rules_settle_step(t.s, &l, 0, bad[i].u, bad[i].n, false, 0, &paid), AR_EINVAL, "case %zu", i);
+        cr_assert(strstr(ar_last_error(), bad[i].why), "case %zu: %s", i, ar_last_error());
+    }
+    /* nothing of any of them was written, not even the first, good stage */
+    cr_assert_eq(ledger_rows(t.s), rows);
+    cr_assert_eq(job_of(t.s, t.lease.job_id).step, 0);
+    /* a released lease takes no more reports */
+    cr_assert_eq(ar_rules_release(t.s, &l, AR_JOB_DONE, 0, NULL), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(settle(&t, 0, &paid), AR_ENOTFOUND);
+    cr_assert_eq(ledger_rows(t.s), rows);
+    ar_store_close(t.s);
+}
+
+Test(market_rules, the_cap_stops_a_step_short_keeping_the_stages_paid_before_it)
+{
+    two_stages t;
+    /* 2 credits a step: the cap covers one step and a half */
+    lease_two(&t, AR_CREDITS(100), AR_CREDITS(3));
+    ar_step_settlement paid;
+    cr_assert_eq(settle(&t, 0, &paid), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(settle(&t, 1, &paid), AR_ELIMIT);
+    cr_assert(strstr(ar_last_error(), "more than its max of 3.000000"), "%s", ar_last_error());
+    /* stage 0 of step 1 was paid, stage 1 not; the step is not counted */
+    ar_job j = job_of(t.s, t.lease.job_id);
+    cr_assert_eq(j.spent, AR_CREDITS(3));
+    cr_assert_eq(j.step, 1);
+    cr_assert_eq(balance(t.s, t.owner_a), AR_CREDITS(2));
+    cr_assert_eq(balance(t.s, t.owner_b), AR_CREDITS(1));
+    /* asked again, the cap still holds and stage 0 is not paid twice */
+    size_t rows = ledger_rows(t.s);
+    cr_assert_eq(settle(&t, 1, &paid), AR_ELIMIT);
+    cr_assert_eq(ledger_rows(t.s), rows);
+    cr_assert_eq(job_of(t.s, t.lease.job_id).spent, AR_CREDITS(3));
+    cr_assert_eq(balance(t.s, t.renter), AR_CREDITS(97));
+    assert_books(t.s);
+    ar_store_close(t.s);
+}
+
+Test(market_rules, a_renter_out_of_credits_is_refused_and_nothing_is_overdrawn)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(2), 0);
+    ar_step_settlement paid;
+    cr_assert_eq(settle(&t, 0, &paid), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(paid.balance, 0);
+    cr_assert_eq(settle(&t, 1, &paid), AR_ELIMIT);
+    cr_assert_eq(balance(t.s, t.renter), 0);
+    cr_assert_eq(job_of(t.s, t.lease.job_id).spent, AR_CREDITS(2));
+    assert_books(t.s);
+    ar_store_close(t.s);
+}
+
+/* ---- a lost member ---------------------------------------------------------------- */
+
+Test(market_rules, a_lost_member_is_replaced_its_unkept_steps_reversed_and_asked_again_answered_the_same)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    ar_step_settlement paid;
+    for (int64_t step = 0; step < 6; step++)
+        cr_assert_eq(settle(&t, step, &paid), AR_OK, "%s", ar_last_error());
+    double before = provider(t.s, t.b).reliability;
+    ar_lease l = lease_of(t.s, t.lease.lease_id);
+
+    /* b is lost; the checkpoint kept 4 steps: steps 4 and 5 of both stages are unpaid */
+    ar_market_replacement r;
+    cr_assert_eq(ar_rules_replace(t.s, &l, t.b, 4, "stopped answering", &r), AR_OK, "%s", ar_last_error());
+    cr_assert(r.found);
+    cr_assert_not(r.again);
+    cr_assert_eq(r.replacement.p.id, t.spare);
+    cr_assert_str_eq(r.replacement.account, "spare");
+    cr_assert_eq(r.replacement.flops_per_step, TF);
+    cr_assert_eq(r.reversed, 4);
+    cr_assert_eq(r.spent, AR_CREDITS(8));
+    ar_provider lost = provider(t.s, t.b);
+    cr_assert_float_eq(lost.reliability, before * AR_RELIABILITY_AFTER_LOSS, 1e-12);
+    cr_assert_not(lost.online);
+    cr_assert_eq(balance(t.s, t.owner_b), AR_CREDITS(4));
+    cr_assert_eq(balance(t.s, t.renter), AR_CREDITS(92));
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    cr_assert_eq(ar_store_lease_members(t.s, l.id, &mem, &nm), AR_OK);
+    cr_assert_eq(nm, 2);
+    cr_assert_eq(mem[1].provider_id, t.spare);
+    cr_assert_eq(mem[1].stage, 1);
+    cr_assert_eq(mem[1].price_per_tflop, AR_CREDITS(2));
+    ar_free(mem);
+    assert_books(t.s);
+
+    /* the same question again (its answer was lost): the same answer, nothing twice */
+    size_t rows = ledger_rows(t.s);
+    ar_market_replacement again;
+    cr_assert_eq(ar_rules_replace(t.s, &l, t.b, 4, "stopped answering", &again), AR_OK, "%s", ar_last_error());
+    cr_assert(again.again);
+    cr_assert(again.found);
+    cr_assert_eq(again.replacement.p.id, r.replacement.p.id);
+    cr_assert_str_eq(again.replacement.account, r.replacement.account);
+    cr_assert_eq(again.replacement.flops_per_step, r.replacement.flops_per_step);
+    cr_assert_eq(again.reversed, r.reversed);
+    cr_assert_eq(again.spent, r.spent);
+    cr_assert_eq(ledger_rows(t.s), rows);
+    cr_assert_float_eq(provider(t.s, t.b).reliability, lost.reliability, 1e-12);
+    /* another checkpoint, or a provider never in the lease: refused */
+    cr_assert_eq(ar_rules_replace(t.s, &l, t.b, 3, NULL, &again), AR_EINVAL);
+    cr_assert(strstr(ar_last_error(), "not in the lease"), "%s", ar_last_error());
+    cr_assert_eq(ar_rules_replace(t.s, &l, 999, 4, NULL, &again), AR_EINVAL);
+
+    /* the replacement's redo of step 4 is paid to it, at its price */
+    ar_stage_usage u[2] = {{0, t.a, TF}, {1, t.spare, TF}};
+    cr_assert_eq(ar_rules_settle_step(t.s, &l, 4, u, 2, false, 0, &paid), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(paid.paid, AR_CREDITS(3));
+    cr_assert_eq(balance(t.s, t.spare_owner), AR_CREDITS(2));
+    assert_books(t.s);
+    ar_store_close(t.s);
+}
+
+Test(market_rules, a_lost_member_with_no_free_provider_leaves_its_place_empty)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    cr_assert_eq(ar_store_provider_mark_offline(t.s, t.spare), AR_OK);
+    ar_lease l = lease_of(t.s, t.lease.lease_id);
+    ar_market_replacement r;
+    cr_assert_eq(ar_rules_replace(t.s, &l, t.a, 0, NULL, &r), AR_OK, "%s", ar_last_error());
+    cr_assert_not(r.found);
+    cr_assert_eq(r.reversed, 0);
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    cr_assert_eq(ar_store_lease_members(t.s, l.id, &mem, &nm), AR_OK);
+    cr_assert_eq(nm, 1);
+    cr_assert_eq(mem[0].provider_id, t.b);
+    ar_free(mem);
+    /* asked again: still no replacement, nothing done twice */
+    cr_assert_eq(ar_rules_replace(t.s, &l, t.a, 0, NULL, &r), AR_OK, "%s", ar_last_error());
+    cr_assert(r.again);
+    cr_assert_not(r.found);
+    ar_store_close(t.s);
+}
+
+Test(market_rules, a_resume_without_enough_providers_marks_the_job_failed_at_its_checkpoint)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    ar_step_settlement paid;
+    for (int64_t step = 0; step < 3; step++)
+        cr_assert_eq(settle(&t, step, &paid), AR_OK, "%s", ar_last_error());
+    ar_market_lease_request q = ask(4, 10, 2 * TF);
+    q.resume_job = t.lease.job_id;
+    q.kept_steps = 2;
+    ar_market_lease got;
+    bool too_few = false;
+    cr_assert_eq(ar_rules_acquire(t.s, t.renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert(too_few);
+    cr_assert(strstr(ar_last_error(), "4 providers asked for"), "%s", ar_last_error());
+    ar_job j = job_of(t.s, t.lease.job_id);
+    cr_assert_eq(j.status, AR_JOB_FAILED);
+    cr_assert_eq(j.step, 2);
+    cr_assert_eq(j.spent, AR_CREDITS(4)); /* step 2 was not kept: unpaid */
+    /* resumed again with what is free, it runs from its checkpoint */
+    q.devices = 2;
+    cr_assert_eq(ar_rules_acquire(t.s, t.renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(got.job_id, t.lease.job_id);
+    j = job_of(t.s, t.lease.job_id);
+    cr_assert_eq(j.status, AR_JOB_RUNNING);
+    cr_assert_eq(j.step, 2);
+    /* another renter's job cannot be resumed */
+    int64_t other = new_account(t.s, "other", AR_CREDITS(100));
+    cr_assert_eq(ar_rules_acquire(t.s, other, &q, &got, &too_few), AR_ENOTFOUND);
+    cr_assert_not(too_few);
+    assert_books(t.s);
+    ar_store_close(t.s);
+}
+
+/* ---- release, registration, progress ----------------------------------------------------- */
+
+Test(market_rules, release_ends_the_lease_and_the_job)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    ar_step_settlement paid;
+    cr_assert_eq(settle(&t, 0, &paid), AR_OK, "%s", ar_last_error());
+    ar_lease l = lease_of(t.s, t.lease.lease_id);
+    int64_t spent = -1;
+    cr_assert_eq(ar_rules_release(t.s, &l, AR_JOB_DONE, 1, &spent), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(spent, AR_CREDITS(2));
+    ar_job j = job_of(t.s, l.job_id);
+    cr_assert_eq(j.status, AR_JOB_DONE);
+    cr_assert_eq(j.step, 1);
+    cr_assert(lease_of(t.s, l.id).released);
+    bool leased = true;
+    cr_assert_eq(ar_store_provider_leased(t.s, t.a, &leased), AR_OK);
+    cr_assert_not(leased);
+    ar_store_close(t.s);
+}
+
+Test(market_rules, a_registration_again_keeps_the_markets_record_of_reliability)
+{
+    ar_store *s = open_db();
+    int64_t owner = new_account(s, "owner", 0);
+    int64_t id = new_provider(s, owner, 5001, 100, (int64_t)1 << 30, AR_CREDITS(1));
+    cr_assert_float_eq(provider(s, id).reliability, 1.0, 1e-12);
+    /* lost once in a lease */
+    int64_t renter = new_account(s, "renter", AR_CREDITS(10));
+    ar_market_lease got;
+    bool too_few;
+    ar_market_lease_request q = ask(1, 1, TF);
+    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    ar_lease l = lease_of(s, got.lease_id);
+    ar_market_replacement r;
+    cr_assert_eq(ar_rules_replace(s, &l, id, 0, NULL, &r), AR_OK, "%s", ar_last_error());
+    /* back with a new profile at the same address: same id, reliability kept */
+    int64_t again = new_provider(s, owner, 5001, 200, (int64_t)1 << 30, AR_CREDITS(2));
+    cr_assert_eq(again, id);
+    ar_provider p = provider(s, id);
+    cr_assert_float_eq(p.reliability, AR_RELIABILITY_AFTER_LOSS, 1e-12);
+    cr_assert_float_eq(p.gflops, 200, 1e-12);
+    cr_assert(p.online);
+    /* at another address it is another provider, starting at 1 */
+    int64_t other = new_provider(s, owner, 5002, 100, (int64_t)1 << 30, AR_CREDITS(1));
+    cr_assert_neq(other, id);
+    cr_assert_float_eq(provider(s, other).reliability, 1.0, 1e-12);
+    ar_store_close(s);
+}
+
+/* A two-stage plan, the second stage a tensor-parallel pair. */
+static void sample_plan(ar_market_plan_stage st[2], ar_market_plan *plan)
+{
+    st[0] = (ar_market_plan_stage){.first_unit = 0, .last_unit = 2, .layers = "embedding, block 0",
+                                   .predicted_ms = 1.5, .n_members = 1};
+    st[0].members[0] = (ar_market_plan_member){.provider_id = 3, .device = "127.0.0.1:5001"};
+    st[1] = (ar_market_plan_stage){.first_unit = 2, .last_unit = 3, .layers = "block 1 \"x\"",
+                                   .predicted_ms = 2, .n_members = 2};
+    st[1].members[0] = (ar_market_plan_member){.provider_id = 4, .device = "127.0.0.1:5002", .share = "heads 0-1",
+                                               .head_begin = 0, .head_end = 2, .hidden_begin = 0, .hidden_end = 0};
+    st[1].members[1] = (ar_market_plan_member){.provider_id = 0, .device = "h:1", .share = "heads 2-3",
+                                               .head_begin = 2, .head_end = 4, .hidden_begin = 64, .hidden_end = 128};
+    *plan = (ar_market_plan){.model = "gpt", .schedule = "1f1b", .micro_batches = 4, .predicted_bubble = 0.25,
+                             .n_stages = 2, .stages = st};
+}
+
+static const char *SAMPLE_PLAN_JSON =
+    "{\"model\":\"gpt\",\"micro_batches\":4,\"schedule\":\"1f1b\",\"predicted_bubble\":0.25,\"stages\":["
+    "{\"stage\":0,\"first_unit\":0,\"last_unit\":2,\"layers\":\"embedding, block 0\",\"predicted_ms\":1.5,"
+    "\"members\":[{\"provider_id\":3,\"device\":\"127.0.0.1:5001\"}]},"
+    "{\"stage\":1,\"first_unit\":2,\"last_unit\":3,\"layers\":\"block 1 \\\"x\\\"\",\"predicted_ms\":2,"
+    "\"members\":[{\"provider_id\":4,\"device\":\"127.0.0.1:5002\",\"share\":\"heads 0-1\",\"heads\":[0,2]},"
+    "{\"provider_id\":0,\"device\":\"h:1\",\"share\":\"heads 2-3\",\"heads\":[2,4],\"hidden\":[64,128]}]}]}";
+
+Test(market_rules, the_dashboards_plan_json)
+{
+    ar_market_plan_stage st[2];
+    ar_market_plan plan;
+    sample_plan(st, &plan);
+    char *json = ar_dashboard_plan_json(&plan);
+    cr_assert_not_null(json);
+    cr_assert_str_eq(json, SAMPLE_PLAN_JSON);
+    free(json);
+}
+
+Test(market_rules, progress_keeps_the_plan_until_a_new_one_comes)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    ar_market_plan_stage st[2];
+    ar_market_plan plan;
+    sample_plan(st, &plan);
+    ar_stage_time times[1] = {{.step = 3, .stage = 0, .wall_s = 2, .busy_s = 1.5, .idle_s = 0.5}};
+    ar_market_progress_report r = {.live = {.step = 3, .total_steps = 10, .items_per_s = 100, .unit = "samples",
+                                            .eta_s = 7, .wall_s = 2},
+                                   .times = times, .n_times = 1, .has_val = true, .val_step = 3, .val_loss = 1.25,
+                                   .plan = &plan};
+    cr_assert_eq(ar_rules_report_progress(t.s, t.lease.job_id, &r), AR_OK, "%s", ar_last_error());
+    r.plan = NULL;
+    r.live.step = 4;
+    r.has_val = false;
+    cr_assert_eq(ar_rules_report_progress(t.s, t.lease.job_id, &r), AR_OK, "%s", ar_last_error());
+    ar_job_live live;
+    cr_assert_eq(ar_store_job_live_get(t.s, t.lease.job_id, &live), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(live.step, 4);
+    cr_assert_str_eq(live.unit, "samples");
+    cr_assert_not_null(live.plan);
+    cr_assert_str_eq(live.plan, SAMPLE_PLAN_JSON);
+    ar_store_job_live_clear(&live);
+    ar_job_point *val = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_job_val(t.s, t.lease.job_id, &val, &n), AR_OK);
+    cr_assert_eq(n, 1);
+    cr_assert_float_eq(val[0].loss, 1.25, 1e-12);
+    ar_free(val);
+    ar_store_close(t.s);
+}
+
+/* ---- money ---------------------------------------------------------------------------- */
+
+Test(market_rules, credits_as_text_and_back)
+{
+    const int64_t amounts[] = {0, 1, 999999, AR_CREDITS(1), AR_CREDITS(12) + 345678, AR_CREDITS(1000000000000LL),
+                               INT64_MAX};
+    char buf[32];
+    for (size_t i = 0; i < sizeof amounts / sizeof amounts[0]; i++) {
+        int64_t back = -1;
+        ar_credits_text(amounts[i], buf, sizeof buf);
+        cr_assert_eq(ar_credits_parse(buf, INT64_MAX, &back), AR_OK, "%s: %s", buf, ar_last_error());
+        cr_assert_eq(back, amounts[i], "%s read back as %lld", buf, (long long)back);
+    }
+    cr_assert_str_eq(ar_credits_text(-1, buf, sizeof buf), "-0.000001");
+    cr_assert_str_eq(ar_credits_text(INT64_MIN, buf, sizeof buf), "-9223372036854.775808");
+    int64_t v = -1;
+    cr_assert_eq(ar_credits_parse("12", AR_CREDITS(100), &v), AR_OK);
+    cr_assert_eq(v, AR_CREDITS(12));
+    cr_assert_eq(ar_credits_parse(".5", AR_CREDITS(100), &v), AR_OK);
+    cr_assert_eq(v, 500000);
+    cr_assert_eq(ar_credits_parse("3.", AR_CREDITS(100), &v), AR_OK);
+    cr_assert_eq(v, AR_CREDITS(3));
+    const char *bad[] = {"", ".", "-1", "1.0000001", "1e3", "1,5", " 1", "0x10", "1.2.3"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        cr_expect_eq(ar_credits_parse(bad[i], AR_CREDITS(100), &v), AR_EINVAL, "\"%s\"", bad[i]);
+    cr_assert_eq(ar_credits_parse("100.000001", AR_CREDITS(100), &v), AR_ELIMIT);
+    cr_assert_eq(ar_credits_parse("99999999999999999999999", AR_CREDITS(100), &v), AR_ELIMIT);
+    cr_assert_eq(ar_credits_parse("100", AR_CREDITS(100), &v), AR_OK);
+}
+
+Test(market_rules, cost_is_flops_times_price_rounded_to_a_micro_credit)
+{
+    int64_t c = -1;
+    cr_assert_eq(ar_flops_cost(TF, AR_CREDITS(2), &c), AR_OK);
+    cr_assert_eq(c, AR_CREDITS(2));
+    cr_assert_eq(ar_flops_cost(499999, 1000000, &c), AR_OK); /* 0.499999 micro-credits */
+    cr_assert_eq(c, 0);
+    cr_assert_eq(ar_flops_cost(500000, 1000000, &c), AR_OK); /* half rounds up */
+    cr_assert_eq(c, 1);
+    cr_assert_eq(ar_flops_cost(1, -1, &c), AR_EINVAL);
+    cr_assert_eq(ar_flops_cost(INT64_MAX, INT64_MAX, &c), AR_ELIMIT);
+}
