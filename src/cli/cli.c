@@ -1,5 +1,5 @@
-/* What every subcommand shares besides its options: the error line and the
- * stop signals. */
+/* What the subcommands share: the error line, the stop signals, and the
+ * options of a market client. */
 #include "cli/cli.h"
 
 #include <pthread.h>
@@ -40,3 +40,13 @@ int ar_cli_wait_stop_signal(const char *cmd)
     fprintf(stderr, "arceus %s: %s, shutting down\n", cmd, sig == SIGINT ? "SIGINT" : "SIGTERM");
     return sig;
 }
+
+const ar_option ar_cli_market_options[] = {
+    {.name = "market", .kind = AR_OPTION_HOSTPORT, AR_OPTION_AT(ar_cli_market, market), .metavar = "HOST:PORT",
+     .required = 1, .hint = "the address arceus market listens on",
+     .help = "the market (arceus market --listen ...)"},
+    {.name = "token", .kind = AR_OPTION_STRING, AR_OPTION_AT(ar_cli_market, token), .metavar = "T",
+     .env = "ARCEUS_TOKEN", .required = 1, .hint = "arceus market add-account prints one",
+     .help = "your account token"},
+    {0},
+};

@@ -31,6 +31,13 @@ extern const ar_option ar_cli_tls_client_options[];
  * prints the error and returns -1 when they are unusable. */
 int ar_cli_tls_setup(const char *cmd, const ar_cli_tls *t);
 
+/* A market client's --market HOST:PORT and --token T (or $ARCEUS_TOKEN),
+ * both required; the rows are relative to an ar_cli_market. */
+typedef struct {
+    const char *market, *token;
+} ar_cli_market;
+extern const ar_option ar_cli_market_options[];
+
 /* The subcommands, in the order `arceus --help` lists them (main.c). */
 extern const ar_cmd_spec ar_train_cmd, ar_sample_cmd, ar_eval_cmd, ar_worker_cmd, ar_provide_cmd,
     ar_market_cmd, ar_providers_cmd, ar_ledger_cmd, ar_jobs_cmd, ar_job_cmd;

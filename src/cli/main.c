@@ -42,7 +42,7 @@ int main(int argc, char **argv)
                 ar_opts_help(commands[i], stdout);
                 return 0;
             }
-        return commands[i]->run(argc - 1, argv + 1);
+        return ar_opts_main(commands[i], argc - 1, argv + 1);
     }
     fprintf(stderr, "arceus: error: unknown command \"%s\"\n\n", argv[1]);
     usage(stderr);

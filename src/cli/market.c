@@ -62,7 +62,7 @@ static int market_positional(void *opts, const char *arg)
     return -1;
 }
 
-static int run_market(int argc, char **argv);
+static int run_market(void *opts);
 
 const ar_cmd_spec ar_market_cmd = {
     .name = "market",
@@ -86,6 +86,7 @@ const ar_cmd_spec ar_market_cmd = {
     },
     .positional = market_positional,
     .given_mask = offsetof(market_opts, given),
+    .opts_size = sizeof(market_opts),
     .run = run_market,
 };
 
@@ -117,15 +118,13 @@ static int add_account(const char *name, const char *db, int64_t credits)
     return 0;
 }
 
-static int run_market(int argc, char **argv)
+static int run_market(void *opts)
 {
-    market_opts o = {0};
-    if (ar_opts_parse(&ar_market_cmd, argc, argv, &o) != 0)
-        return 2;
-    const char *listen = o.listen, *db = o.db, *http = o.http;
-    int offline_after = o.offline_after;
-    if (o.adding) {
-        if (!o.account) {
+    const market_opts *o = opts;
+    const char *listen = o->listen, *db = o->db, *http = o->http;
+    int offline_after = o->offline_after;
+    if (o->adding) {
+        if (!o->account) {
             ar_cli_error("market", "add-account needs a NAME (see arceus market --help)");
             return 2;
         }
@@ -133,9 +132,9 @@ static int run_market(int argc, char **argv)
             ar_cli_error("market", "add-account takes no --%s", listen ? "listen" : "http");
             return 2;
         }
-        return add_account(o.account, db, o.credits);
+        return add_account(o->account, db, o->credits);
     }
-    if (o.given & GIVEN_CREDITS) {
+    if (o->given & GIVEN_CREDITS) {
         ar_cli_error("market", "--credits goes with add-account");
         return 2;
     }
@@ -147,7 +146,7 @@ static int run_market(int argc, char **argv)
         ar_cli_error("market", "--db PATH is required (the SQLite database, created if missing)");
         return 2;
     }
-    if (ar_cli_tls_setup("market", &o.tls) != 0)
+    if (ar_cli_tls_setup("market", &o->tls) != 0)
         return 2;
     /* signals are taken by sigwait below, in this thread only: block them
      * before any other thread (gRPC's, the sweep) exists */
@@ -181,7 +180,7 @@ static int run_market(int argc, char **argv)
 /* ---- the market's clients: the options and steps they share --------------------------- */
 
 typedef struct {
-    const char *market, *token;
+    ar_cli_market m;
     const char *arg; /* ledger's ACCOUNT, job's ID */
     int all;         /* providers --all */
     ar_cli_tls tls;
@@ -189,14 +188,8 @@ typedef struct {
 
 #define CLIENT(member) AR_OPTION_AT(client_opts, member)
 
-static const ar_option client_options[] = {
-    {.name = "market", .kind = AR_OPTION_HOSTPORT, CLIENT(market), .metavar = "HOST:PORT", .required = 1,
-     .hint = "the address arceus market listens on", .help = "the market (arceus market --listen ...)"},
-    {.name = "token", .kind = AR_OPTION_STRING, CLIENT(token), .metavar = "T", .env = "ARCEUS_TOKEN",
-     .required = 1, .hint = "arceus market add-account prints one", .help = "your account token"},
-    {0},
-};
-
+/* every client's sections begin with these, and end with TLS */
+#define CLIENT_MARKET_SECTION {NULL, ar_cli_market_options, offsetof(client_opts, m)}
 #define CLIENT_TLS_SECTION {"TLS", ar_cli_tls_client_options, offsetof(client_opts, tls)}
 
 /* ledger's ACCOUNT, job's ID: one argument at most */
@@ -213,24 +206,21 @@ static int client_arg(void *opts, const char *arg)
  * the answer. AR_OK, or the call's error (ar_last_error says what). */
 typedef int (*client_call)(ar_client *c, const client_opts *o);
 
-/* The options, TLS, dialling the market, the call and its error: the exit
- * code. check (may be NULL) refuses what the table cannot see (exit 2). */
-static int run_client(const ar_cmd_spec *spec, int argc, char **argv, int (*check)(const client_opts *o),
-                      client_call call)
+/* TLS, dialling the market, the call and its error: the exit code. check
+ * (may be NULL) refuses what the table cannot see (exit 2). */
+static int run_client(const char *cmd, const client_opts *o, int (*check)(const client_opts *o), client_call call)
 {
-    client_opts o = {0};
-    if (ar_opts_parse(spec, argc, argv, &o) != 0 || ar_cli_tls_setup(spec->name, &o.tls) != 0 ||
-        (check && check(&o) != 0))
+    if (ar_cli_tls_setup(cmd, &o->tls) != 0 || (check && check(o) != 0))
         return 2;
     ar_client *c;
-    if (ar_client_open(o.market, &c) != AR_OK) {
-        ar_cli_error(spec->name, "%s", ar_last_error());
+    if (ar_client_open(o->m.market, &c) != AR_OK) {
+        ar_cli_error(cmd, "%s", ar_last_error());
         return 1;
     }
-    int rc = call(c, &o);
+    int rc = call(c, o);
     ar_client_close(c);
     if (rc != AR_OK) {
-        ar_cli_error(spec->name, "%s", ar_last_error());
+        ar_cli_error(cmd, "%s", ar_last_error());
         return 1;
     }
     return 0;
@@ -257,7 +247,7 @@ static int providers_call(ar_client *c, const client_opts *o)
 {
     ar_market_provider *ps;
     size_t n;
-    int rc = ar_market_providers(c, o->token, o->all, &ps, &n, NULL);
+    int rc = ar_market_providers(c, o->m.token, o->all, &ps, &n, NULL);
     if (rc != AR_OK)
         return rc;
     if (n == 0) {
@@ -280,9 +270,9 @@ static int providers_call(ar_client *c, const client_opts *o)
     return AR_OK;
 }
 
-static int run_providers(int argc, char **argv)
+static int run_providers(void *opts)
 {
-    return run_client(&ar_providers_cmd, argc, argv, NULL, providers_call);
+    return run_client("providers", opts, NULL, providers_call);
 }
 
 const ar_cmd_spec ar_providers_cmd = {
@@ -292,7 +282,8 @@ const ar_cmd_spec ar_providers_cmd = {
     .description = "List the providers online at a market: their worker address, measured speed, memory, "
                    "cores, price (credits per TFLOP) and reliability.",
     .sections = (const ar_option_section[]){
-        {NULL, client_options, 0}, {NULL, providers_options, 0}, CLIENT_TLS_SECTION, {0}},
+        CLIENT_MARKET_SECTION, {NULL, providers_options, 0}, CLIENT_TLS_SECTION, {0}},
+    .opts_size = sizeof(client_opts),
     .run = run_providers,
 };
 
@@ -304,7 +295,7 @@ static int ledger_call(ar_client *c, const client_opts *o)
     size_t n;
     int64_t balance;
     char account[AR_NAME_MAX];
-    int rc = ar_market_ledger(c, o->token, o->arg, account, &rows, &n, &balance, NULL);
+    int rc = ar_market_ledger(c, o->m.token, o->arg, account, &rows, &n, &balance, NULL);
     if (rc != AR_OK)
         return rc;
     printf("ledger of %s\n", account);
@@ -332,9 +323,9 @@ static int ledger_call(ar_client *c, const client_opts *o)
     return AR_OK;
 }
 
-static int run_ledger(int argc, char **argv)
+static int run_ledger(void *opts)
 {
-    return run_client(&ar_ledger_cmd, argc, argv, NULL, ledger_call);
+    return run_client("ledger", opts, NULL, ledger_call);
 }
 
 const ar_cmd_spec ar_ledger_cmd = {
@@ -344,8 +335,9 @@ const ar_cmd_spec ar_ledger_cmd = {
     .description = "Print an account's ledger at a market, one row per credit movement (+ received, - paid), "
                    "and its balance, in credits. An account may read only its own ledger: ACCOUNT defaults "
                    "to the token's account, and any other is refused.",
-    .sections = (const ar_option_section[]){{NULL, client_options, 0}, CLIENT_TLS_SECTION, {0}},
+    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, CLIENT_TLS_SECTION, {0}},
     .positional = client_arg,
+    .opts_size = sizeof(client_opts),
     .run = run_ledger,
 };
 
@@ -365,7 +357,7 @@ static int jobs_call(ar_client *c, const client_opts *o)
 {
     ar_job *jobs;
     size_t n;
-    int rc = ar_market_jobs(c, o->token, &jobs, &n, NULL);
+    int rc = ar_market_jobs(c, o->m.token, &jobs, &n, NULL);
     if (rc != AR_OK)
         return rc;
     if (n == 0) {
@@ -385,9 +377,9 @@ static int jobs_call(ar_client *c, const client_opts *o)
     return AR_OK;
 }
 
-static int run_jobs(int argc, char **argv)
+static int run_jobs(void *opts)
 {
-    return run_client(&ar_jobs_cmd, argc, argv, NULL, jobs_call);
+    return run_client("jobs", opts, NULL, jobs_call);
 }
 
 const ar_cmd_spec ar_jobs_cmd = {
@@ -396,7 +388,8 @@ const ar_cmd_spec ar_jobs_cmd = {
     .usage = "--market HOST:PORT --token T",
     .description = "List your account's training jobs at a market: id, status, completed steps, credits "
                    "spent, when each was created (UTC) and what it trains.",
-    .sections = (const ar_option_section[]){{NULL, client_options, 0}, CLIENT_TLS_SECTION, {0}},
+    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, CLIENT_TLS_SECTION, {0}},
+    .opts_size = sizeof(client_opts),
     .run = run_jobs,
 };
 
@@ -456,7 +449,7 @@ static int job_call(ar_client *c, const client_opts *o)
     ar_job job;
     ar_job_point *pts;
     size_t n;
-    int rc = ar_market_job(c, o->token, id, &job, &pts, &n, NULL);
+    int rc = ar_market_job(c, o->m.token, id, &job, &pts, &n, NULL);
     if (rc != AR_OK)
         return rc;
     char spent[48], cap[48], when[32];
@@ -481,9 +474,9 @@ static int job_call(ar_client *c, const client_opts *o)
     return AR_OK;
 }
 
-static int run_job(int argc, char **argv)
+static int run_job(void *opts)
 {
-    return run_client(&ar_job_cmd, argc, argv, job_check, job_call);
+    return run_client("job", opts, job_check, job_call);
 }
 
 const ar_cmd_spec ar_job_cmd = {
@@ -494,7 +487,8 @@ const ar_cmd_spec ar_job_cmd = {
                    "training loss curve as a text sparkline (one character per step, or per group of steps "
                    "for a long run), from the losses the driver reported step by step. Another account's "
                    "job is refused.",
-    .sections = (const ar_option_section[]){{NULL, client_options, 0}, CLIENT_TLS_SECTION, {0}},
+    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, CLIENT_TLS_SECTION, {0}},
     .positional = client_arg,
+    .opts_size = sizeof(client_opts),
     .run = run_job,
 };

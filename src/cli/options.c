@@ -378,6 +378,20 @@ int ar_opts_parse(const ar_cmd_spec *spec, int argc, char **argv, void *opts)
     return 0;
 }
 
+int ar_opts_main(const ar_cmd_spec *spec, int argc, char **argv)
+{
+    void *opts = calloc(1, spec->opts_size ? spec->opts_size : 1);
+    if (!opts) {
+        ar_cli_error(spec->name, "out of memory");
+        return 1;
+    }
+    int rc = spec->init ? spec->init(opts, argc, argv) : 0;
+    if (rc == 0)
+        rc = ar_opts_parse(spec, argc, argv, opts) == 0 ? spec->run(opts) : 2;
+    free(opts);
+    return rc;
+}
+
 const char *ar_opts_peek(int argc, char **argv, const char *name)
 {
     size_t len = strlen(name);

@@ -106,7 +106,13 @@ typedef struct ar_cmd_spec {
      * in opts), -1 to have it refused as unexpected. NULL refuses them all. */
     int (*positional)(void *opts, const char *arg);
     size_t given_mask;       /* offset of an unsigned in opts for the rows' given_bit */
-    int (*run)(int argc, char **argv); /* argv[0] is the subcommand's name */
+    size_t opts_size;        /* the command's options struct */
+    /* Before the rows' defaults and argv, on the zeroed struct: defaults the
+     * rows cannot hold (train's depend on the model). 0, or the exit code.
+     * May be NULL. */
+    int (*init)(void *opts, int argc, char **argv);
+    /* The command itself, on its parsed options: the exit code. */
+    int (*run)(void *opts);
 } ar_cmd_spec;
 
 /* Apply the rows' defaults to opts, then read argv[1..argc) into it ("--name
@@ -114,6 +120,10 @@ typedef struct ar_cmd_spec {
  * and check the required ones. 0, or one error line on stderr and -1 (a
  * usage error: the command exits 2). */
 int ar_opts_parse(const ar_cmd_spec *spec, int argc, char **argv, void *opts);
+
+/* Run a subcommand: a zeroed options struct, init, ar_opts_parse, run. The
+ * exit code: 2 for a usage error. argv[0] is the subcommand's name. */
+int ar_opts_main(const ar_cmd_spec *spec, int argc, char **argv);
 
 /* `arceus NAME --help`: usage, description, and every option with its
  * metavar, help, range or choices and default. */

@@ -30,7 +30,8 @@
 /* ---- the options ------------------------------------------------------------------- */
 
 typedef struct {
-    const char *market, *token, *listen, *advertise;
+    ar_cli_market m;
+    const char *listen, *advertise;
     int max_threads, heartbeat_s;
     int64_t max_mem; /* 0: not given (a size is at least 1 byte) */
     int64_t price;   /* micro-credits per TFLOP */
@@ -40,10 +41,6 @@ typedef struct {
 #define AT(member) AR_OPTION_AT(provide_opts, member)
 
 static const ar_option provide_options[] = {
-    {.name = "market", .kind = AR_OPTION_HOSTPORT, AT(market), .metavar = "HOST:PORT", .required = 1,
-     .hint = "the address arceus market listens on", .help = "the market (arceus market --listen ...)"},
-    {.name = "token", .kind = AR_OPTION_STRING, AT(token), .metavar = "T", .env = "ARCEUS_TOKEN",
-     .required = 1, .hint = "arceus market add-account prints one", .help = "your account token"},
     {.name = "listen", .kind = AR_OPTION_HOSTPORT, AT(listen), .metavar = "HOST:PORT", .def = "127.0.0.1:0",
      .help = "where the worker listens (port 0 picks one)"},
     {.name = "advertise", .kind = AR_OPTION_HOSTPORT, AT(advertise), .hi = AR_ADDR_MAX - 1,
@@ -61,7 +58,7 @@ static const ar_option provide_options[] = {
     {0},
 };
 
-static int run_provide(int argc, char **argv);
+static int run_provide(void *opts);
 
 const ar_cmd_spec ar_provide_cmd = {
     .name = "provide",
@@ -78,12 +75,14 @@ const ar_cmd_spec ar_provide_cmd = {
         "keeps serving and the provider registers again when the market is back. SIGINT or SIGTERM "
         "stops it cleanly.",
     .sections = (const ar_option_section[]){
+        {NULL, ar_cli_market_options, offsetof(provide_opts, m)},
         {NULL, provide_options, 0},
         {"TLS, for the worker", ar_cli_tls_server_options, offsetof(provide_opts, tls)},
         {"TLS, for the market and the next stage's worker", ar_cli_tls_client_options,
          offsetof(provide_opts, tls)},
         {0},
     },
+    .opts_size = sizeof(provide_opts),
     .run = run_provide,
 };
 
@@ -202,15 +201,13 @@ static const char *signame(int sig)
     return sig == SIGINT ? "SIGINT" : "SIGTERM";
 }
 
-static int run_provide(int argc, char **argv)
+static int run_provide(void *opts)
 {
-    provide_opts o = {0};
-    if (ar_opts_parse(&ar_provide_cmd, argc, argv, &o) != 0)
-        return 2;
-    const char *market = o.market, *token = o.token, *listen = o.listen, *advertise = o.advertise;
-    int max_threads = o.max_threads, heartbeat_s = o.heartbeat_s, have_mem = o.max_mem > 0;
-    int64_t max_mem = o.max_mem, price = o.price;
-    if (ar_cli_tls_setup("provide", &o.tls) != 0)
+    const provide_opts *o = opts;
+    const char *market = o->m.market, *token = o->m.token, *listen = o->listen, *advertise = o->advertise;
+    int max_threads = o->max_threads, heartbeat_s = o->heartbeat_s, have_mem = o->max_mem > 0;
+    int64_t max_mem = o->max_mem, price = o->price;
+    if (ar_cli_tls_setup("provide", &o->tls) != 0)
         return 2;
     if (!advertise && (!strncmp(listen, "0.0.0.0:", 8) || !strncmp(listen, "[::]:", 5))) {
         ar_cli_error("provide", "--listen %s serves on every interface: say with --advertise HOST:PORT "

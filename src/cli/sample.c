@@ -71,7 +71,7 @@ static const ar_option sample_options[] = {
     {0},
 };
 
-static int run_sample(int argc, char **argv);
+static int run_sample(void *opts);
 
 const ar_cmd_spec ar_sample_cmd = {
     .name = "sample",
@@ -79,17 +79,16 @@ const ar_cmd_spec ar_sample_cmd = {
     .usage = "--ckpt DIR [--prompt TEXT] [options]",
     .description = "Generate text with a language model trained by arceus train --out DIR.",
     .sections = (const ar_option_section[]){{NULL, sample_options, 0}, {0}},
+    .opts_size = sizeof(sample_opts),
     .run = run_sample,
 };
 
-static int run_sample(int argc, char **argv)
+static int run_sample(void *opts)
 {
-    sample_opts o = {0};
-    if (ar_opts_parse(&ar_sample_cmd, argc, argv, &o) != 0)
-        return 2;
-    ar_set_threads(o.threads);
+    const sample_opts *o = opts;
+    ar_set_threads(o->threads);
     ar_stage st;
-    if (ar_checkpoint_open_stage(o.ckpt, 1, &st) != AR_OK) {
+    if (ar_checkpoint_open_stage(o->ckpt, 1, &st) != AR_OK) {
         ar_cli_error("sample", "%s", ar_last_error());
         return 1;
     }
@@ -98,7 +97,7 @@ static int run_sample(int argc, char **argv)
     ar_text_set vocab;
     memset(&vocab, 0, sizeof vocab);
     if (st.spec.type != AR_MODEL_GPT || !st.spec.has_vocab) {
-        ar_cli_error("sample", "%s: not a language-model checkpoint", o.ckpt);
+        ar_cli_error("sample", "%s: not a language-model checkpoint", o->ckpt);
         goto done;
     }
     if (ar_text_vocab_init(&vocab, st.spec.vocab, st.spec.vocab_size) != AR_OK) {
@@ -106,14 +105,14 @@ static int run_sample(int argc, char **argv)
         goto done;
     }
     int T = st.spec.block_size, V = st.spec.vocab_size;
-    long plen = (long)strlen(o.prompt);
-    ctx = calloc((size_t)(plen + o.tokens + T + 1), sizeof *ctx);
+    long plen = (long)strlen(o->prompt);
+    ctx = calloc((size_t)(plen + o->tokens + T + 1), sizeof *ctx);
     if (!ctx) {
         ar_cli_error("sample", "out of memory");
         goto done;
     }
     long n;
-    if (ar_text_encode(&vocab, o.prompt, ctx, &n) != AR_OK) {
+    if (ar_text_encode(&vocab, o->prompt, ctx, &n) != AR_OK) {
         ar_cli_error("sample", "--prompt: %s", ar_last_error());
         goto done;
     }
@@ -122,10 +121,10 @@ static int run_sample(int argc, char **argv)
         goto done;
     }
     ar_rng rng;
-    ar_rng_seed(&rng, o.seed);
-    fputs(o.prompt, stdout);
+    ar_rng_seed(&rng, o->seed);
+    fputs(o->prompt, stdout);
     int32_t window[8192];
-    for (long i = 0; i < o.tokens; i++) {
+    for (long i = 0; i < o->tokens; i++) {
         /* the last T tokens; causal attention lets us pad after them */
         long start = n > T ? n - T : 0, len = n - start;
         memset(window, 0, sizeof(int32_t) * (size_t)T);
@@ -135,7 +134,7 @@ static int run_sample(int argc, char **argv)
             ar_cli_error("sample", "%s", ar_last_error());
             goto done;
         }
-        int next = pick(logits + (size_t)(len - 1) * V, V, o.temperature, o.top_k, &rng);
+        int next = pick(logits + (size_t)(len - 1) * V, V, o->temperature, o->top_k, &rng);
         ctx[n++] = next;
         putchar(st.spec.vocab[next]);
         fflush(stdout);
@@ -170,7 +169,7 @@ static const ar_option eval_options[] = {
     {0},
 };
 
-static int run_eval(int argc, char **argv);
+static int run_eval(void *opts);
 
 const ar_cmd_spec ar_eval_cmd = {
     .name = "eval",
@@ -181,17 +180,16 @@ const ar_cmd_spec ar_eval_cmd = {
         "\"count\": ...}. A language model reads consecutive windows of the validation split (the last 10% "
         "of the text) from its start; a classifier reads the test set in order.",
     .sections = (const ar_option_section[]){{NULL, eval_options, 0}, {0}},
+    .opts_size = sizeof(eval_opts),
     .run = run_eval,
 };
 
-static int run_eval(int argc, char **argv)
+static int run_eval(void *opts)
 {
-    eval_opts o = {0};
-    if (ar_opts_parse(&ar_eval_cmd, argc, argv, &o) != 0)
-        return 2;
-    ar_set_threads(o.threads);
+    const eval_opts *o = opts;
+    ar_set_threads(o->threads);
     ar_stage st;
-    if (ar_checkpoint_open_stage(o.ckpt, o.batch, &st) != AR_OK) {
+    if (ar_checkpoint_open_stage(o->ckpt, o->batch, &st) != AR_OK) {
         ar_cli_error("eval", "%s", ar_last_error());
         return 1;
     }
@@ -199,7 +197,7 @@ static int run_eval(int argc, char **argv)
     double loss_sum = 0;
     long correct = 0, count = 0;
     int T = st.T;
-    int32_t *inputs = calloc((size_t)o.batch * T, sizeof *inputs), *targets = calloc((size_t)o.batch * T, sizeof *targets);
+    int32_t *inputs = calloc((size_t)o->batch * T, sizeof *inputs), *targets = calloc((size_t)o->batch * T, sizeof *targets);
     ar_text_set text;
     ar_image_set images;
     memset(&text, 0, sizeof text);
@@ -209,23 +207,23 @@ static int run_eval(int argc, char **argv)
         goto done;
     }
     if (st.spec.type == AR_MODEL_GPT) {
-        if (!o.data) {
+        if (!o->data) {
             ar_cli_error("eval", "--data PATH (the text file) is required for a language model");
             goto done;
         }
-        if (ar_text_load(o.data, &text) != AR_OK) {
+        if (ar_text_load(o->data, &text) != AR_OK) {
             ar_cli_error("eval", "%s", ar_last_error());
             goto done;
         }
         if (text.vocab_size != st.spec.vocab_size || memcmp(text.vocab, st.spec.vocab, (size_t)text.vocab_size)) {
-            ar_cli_error("eval", "%s: the text's characters differ from the checkpoint's vocabulary", o.data);
+            ar_cli_error("eval", "%s: the text's characters differ from the checkpoint's vocabulary", o->data);
             goto done;
         }
         long windows = (text.count - text.train_count - 1) / T;
-        if (o.batches > 0 && windows > (long)o.batches * o.batch)
-            windows = (long)o.batches * o.batch;
-        for (long w = 0; w < windows; w += o.batch) {
-            int rows = (int)(windows - w < o.batch ? windows - w : o.batch);
+        if (o->batches > 0 && windows > (long)o->batches * o->batch)
+            windows = (long)o->batches * o->batch;
+        for (long w = 0; w < windows; w += o->batch) {
+            int rows = (int)(windows - w < o->batch ? windows - w : o->batch);
             for (int r = 0; r < rows; r++) {
                 long at = text.train_count + (w + r) * T;
                 memcpy(inputs + (size_t)r * T, text.tokens + at, sizeof(int32_t) * (size_t)T);
@@ -244,7 +242,7 @@ static int run_eval(int argc, char **argv)
             count += (long)rows * T;
         }
     } else {
-        if (ar_image_set_load(o.data ? o.data : "/usr/share/datasets/fashion-mnist", "t10k", &images) != AR_OK) {
+        if (ar_image_set_load(o->data ? o->data : "/usr/share/datasets/fashion-mnist", "t10k", &images) != AR_OK) {
             ar_cli_error("eval", "%s", ar_last_error());
             goto done;
         }
@@ -253,10 +251,10 @@ static int run_eval(int argc, char **argv)
             goto done;
         }
         long total = images.count;
-        if (o.batches > 0 && total > (long)o.batches * o.batch)
-            total = (long)o.batches * o.batch;
-        for (long i = 0; i < total; i += o.batch) {
-            int rows = (int)(total - i < o.batch ? total - i : o.batch);
+        if (o->batches > 0 && total > (long)o->batches * o->batch)
+            total = (long)o->batches * o->batch;
+        for (long i = 0; i < total; i += o->batch) {
+            int rows = (int)(total - i < o->batch ? total - i : o->batch);
             const float *out;
             double loss;
             long c;

@@ -148,7 +148,24 @@ static const ar_option market_options[] = {
     {0},
 };
 
-static int run_train(int argc, char **argv);
+/* The model type decides the defaults, before the options override them. */
+static int train_init(void *opts, int argc, char **argv)
+{
+    const char *model = ar_opts_peek(argc, argv, "model");
+    int type = AR_MODEL_MLP;
+    if (model) {
+        ar_model_spec spec;
+        if (ar_spec_load(model, &spec) != AR_OK) {
+            ar_cli_error("train", "%s", ar_last_error());
+            return 1;
+        }
+        type = spec.type;
+    }
+    ar_train_config_defaults(&((train_opts *)opts)->c, type);
+    return 0;
+}
+
+static int run_train(void *opts);
 
 const ar_cmd_spec ar_train_cmd = {
     .name = "train",
@@ -169,28 +186,16 @@ const ar_cmd_spec ar_train_cmd = {
         {0},
     },
     .given_mask = offsetof(train_opts, c.set_mask),
+    .opts_size = sizeof(train_opts),
+    .init = train_init,
     .run = run_train,
 };
 
-static int run_train(int argc, char **argv)
+static int run_train(void *opts)
 {
-    /* the model type decides the defaults, before the options override them */
-    const char *model = ar_opts_peek(argc, argv, "model");
-    int type = AR_MODEL_MLP;
-    if (model) {
-        ar_model_spec spec;
-        if (ar_spec_load(model, &spec) != AR_OK) {
-            ar_cli_error("train", "%s", ar_last_error());
-            return 1;
-        }
-        type = spec.type;
-    }
-    train_opts o = {0};
-    ar_train_config_defaults(&o.c, type);
-    if (ar_opts_parse(&ar_train_cmd, argc, argv, &o) != 0)
-        return 2;
-    ar_train_config *c = &o.c;
-    if (ar_cli_tls_setup("train", &o.tls) != 0)
+    train_opts *o = opts;
+    ar_train_config *c = &o->c;
+    if (ar_cli_tls_setup("train", &o->tls) != 0)
         return 2;
     if (c->model_path && c->resume_dir) {
         ar_cli_error("train", "--resume takes the model from %s/spec.json; drop --model", c->resume_dir);
@@ -220,7 +225,7 @@ static int run_train(int argc, char **argv)
         ar_cli_error("train", "--token, --devices and --max-credits go with --market HOST:PORT");
         return 2;
     }
-    ar_set_threads(o.threads);
+    ar_set_threads(o->threads);
     int rc = ar_train_run(c);
     if (rc != AR_OK) {
         ar_cli_error("train", "%s", ar_last_error());

@@ -46,7 +46,7 @@ static const ar_option worker_options[] = {
     {0},
 };
 
-static int run_worker(int argc, char **argv);
+static int run_worker(void *opts);
 
 const ar_cmd_spec ar_worker_cmd = {
     .name = "worker",
@@ -64,16 +64,15 @@ const ar_cmd_spec ar_worker_cmd = {
          offsetof(worker_opts, tls)},
         {0},
     },
+    .opts_size = sizeof(worker_opts),
     .run = run_worker,
 };
 
-static int run_worker(int argc, char **argv)
+static int run_worker(void *opts)
 {
-    worker_opts o = {0};
-    if (ar_opts_parse(&ar_worker_cmd, argc, argv, &o) != 0)
-        return 2;
-    const char *market = o.market, *token = o.token;
-    long provider_id = o.provider_id;
+    const worker_opts *o = opts;
+    const char *market = o->market, *token = o->token;
+    long provider_id = o->provider_id;
     if ((market || provider_id) && !(market && token && provider_id)) {
         ar_cli_error("worker", "--market, --token and --provider-id go together");
         return 2;
@@ -85,16 +84,16 @@ static int run_worker(int argc, char **argv)
     if (!token)
         fprintf(stderr, "arceus worker: warning: no --token or --market: any client that can reach "
                         "this worker may load a stage on it\n");
-    if (ar_cli_tls_setup("worker", &o.tls) != 0)
+    if (ar_cli_tls_setup("worker", &o->tls) != 0)
         return 2;
     /* signals are taken by sigwait below, in this thread only: block them
      * before any other thread (gRPC's, OpenMP's) exists */
     ar_cli_block_stop_signals();
-    ar_set_threads(o.threads);
-    ar_worker_config c = {.listen = o.listen, .threads = o.threads, .max_frame = (size_t)o.max_frame_mb << 20,
+    ar_set_threads(o->threads);
+    ar_worker_config c = {.listen = o->listen, .threads = o->threads, .max_frame = (size_t)o->max_frame_mb << 20,
                           .market = market, .market_token = market ? token : NULL,
                           .provider_id = provider_id, .load_token = market ? NULL : token,
-                          .max_mem = (uint64_t)o.max_mem, .max_pipes = o.max_pipes};
+                          .max_mem = (uint64_t)o->max_mem, .max_pipes = o->max_pipes};
     ar_worker *w;
     char addr[200];
     if (ar_worker_start(&c, &w, addr, sizeof addr) != AR_OK) {
