@@ -42,8 +42,8 @@ int ar_cli_wait_stop_signal(const char *cmd)
 }
 
 const ar_option ar_cli_market_options[] = {
-    {.name = "market", .kind = AR_OPTION_HOSTPORT, AR_OPTION_AT(ar_cli_market, market), .metavar = "HOST:PORT",
-     .required = 1, .hint = "the address arceus market listens on",
+    {.name = "market", .kind = AR_OPTION_HOSTPORT, AR_OPTION_AT(ar_cli_market, market),
+     .metavar = "HOST:PORT", .required = 1, .hint = "the address arceus market listens on",
      .help = "the market (arceus market --listen ...)"},
     {.name = "token", .kind = AR_OPTION_STRING, AR_OPTION_AT(ar_cli_market, token), .metavar = "T",
      .env = "ARCEUS_TOKEN", .required = 1, .hint = "arceus market add-account prints one",

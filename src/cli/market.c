@@ -42,8 +42,9 @@ static const ar_option market_options[] = {
     {.name = "offline-after", .kind = AR_OPTION_INT, MARKET(offline_after), .lo = 1, .hi = 86400,
      .metavar = "S", .def = AR_OPTION_STR(AR_MARKET_DEFAULT_OFFLINE_AFTER_S),
      .help = "a provider silent for S seconds is offline"},
-    {.name = "credits", .kind = AR_OPTION_CREDITS, MARKET(credits), .lo = 0, .hi = AR_CREDITS(1000000000000LL),
-     .metavar = "N", .def = "0", .given_bit = GIVEN_CREDITS, .help = "add-account: opening credits"},
+    {.name = "credits", .kind = AR_OPTION_CREDITS, MARKET(credits), .lo = 0,
+     .hi = AR_CREDITS(1000000000000LL), .metavar = "N", .def = "0", .given_bit = GIVEN_CREDITS,
+     .help = "add-account: opening credits"},
     {0},
 };
 
@@ -208,7 +209,8 @@ typedef int (*client_call)(ar_client *c, const client_opts *o);
 
 /* TLS, dialling the market, the call and its error: the exit code. check
  * (may be NULL) refuses what the table cannot see (exit 2). */
-static int run_client(const char *cmd, const client_opts *o, int (*check)(const client_opts *o), client_call call)
+static int run_client(const char *cmd, const client_opts *o, int (*check)(const client_opts *o),
+                      client_call call)
 {
     if (ar_cli_tls_setup(cmd, &o->tls) != 0 || (check && check(o) != 0))
         return 2;

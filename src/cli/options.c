@@ -92,7 +92,8 @@ static const char *size_text(int64_t v, char *buf, size_t size)
 /* micro-credits as credits: "100", "0.25", "0.000001" */
 static const char *credits_text(int64_t micro, char *buf, size_t size)
 {
-    long long whole = (long long)(micro / AR_MICRO_PER_CREDIT), frac = (long long)(micro % AR_MICRO_PER_CREDIT);
+    long long whole = (long long)(micro / AR_MICRO_PER_CREDIT);
+    long long frac = (long long)(micro % AR_MICRO_PER_CREDIT);
     if (frac == 0) {
         snprintf(buf, size, "%lld", whole);
         return buf;
@@ -475,8 +476,8 @@ static void option_facts(const ar_option *o, char *buf, size_t size)
     int n = 0;
     char need[80] = "", alias[80] = "", dflt[200] = "";
     if (o->required || o->env) {
-        snprintf(need, sizeof need, "%s%s%s%s", o->required ? "required" : "", o->required && o->env ? ", " : "",
-                 o->env ? "or $" : "", o->env ? o->env : "");
+        snprintf(need, sizeof need, "%s%s%s%s", o->required ? "required" : "",
+                 o->required && o->env ? ", " : "", o->env ? "or $" : "", o->env ? o->env : "");
         parts[n++] = need;
     }
     if (range[0])
@@ -492,7 +493,8 @@ static void option_facts(const ar_option *o, char *buf, size_t size)
     size_t len = 0;
     buf[0] = '\0';
     for (int i = 0; i < n && len < size; i++) {
-        int w = snprintf(buf + len, size - len, "%s%s%s", i == 0 ? "[" : "; ", parts[i], i == n - 1 ? "]" : "");
+        int w = snprintf(buf + len, size - len, "%s%s%s", i == 0 ? "[" : "; ", parts[i],
+                         i == n - 1 ? "]" : "");
         if (w < 0)
             break;
         len += (size_t)w;
@@ -501,15 +503,14 @@ static void option_facts(const ar_option *o, char *buf, size_t size)
 
 static void print_option(FILE *out, const ar_option *o)
 {
-    char left[120], facts[600];
-    int col = snprintf(left, sizeof left, "  --%s%s%s", o->name, o->metavar && o->kind != AR_OPTION_FLAG ? " " : "",
-                       o->kind != AR_OPTION_FLAG && o->metavar ? o->metavar : "");
-    fputs(left, out);
-    if (col > HELP_COLUMN - 2) {
+    const char *metavar = o->kind == AR_OPTION_FLAG || !o->metavar ? "" : o->metavar;
+    char facts[600];
+    int col = fprintf(out, "  --%s%s%s", o->name, *metavar ? " " : "", metavar);
+    /* the help beside the option, or under it when the option is too wide */
+    if (col > HELP_COLUMN - 2)
         fprintf(out, "\n%*s", HELP_COLUMN, "");
-    } else {
+    else
         fprintf(out, "%*s", HELP_COLUMN - col, "");
-    }
     col = HELP_COLUMN;
     if (o->help)
         wrap(out, o->help, strlen(o->help), HELP_COLUMN, &col);

@@ -158,8 +158,8 @@ typedef struct {
 static const ar_option eval_options[] = {
     {.name = "ckpt", .kind = AR_OPTION_STRING, EVAL(ckpt), .metavar = "DIR", .required = 1,
      .help = "checkpoint folder"},
-    {.name = "data", .kind = AR_OPTION_STRING, EVAL(data), .metavar = "PATH", .def_text = "Fashion-MNIST for an MLP",
-     .help = "text file (GPT, required) or IDX folder (MLP)"},
+    {.name = "data", .kind = AR_OPTION_STRING, EVAL(data), .metavar = "PATH",
+     .def_text = "Fashion-MNIST for an MLP", .help = "text file (GPT, required) or IDX folder (MLP)"},
     {.name = "batches", .kind = AR_OPTION_INT, EVAL(batches), .lo = 0, .hi = 1000000, .metavar = "N",
      .def = "4", .help = "number of batches, 0 = the whole split"},
     {.name = "batch", .kind = AR_OPTION_INT, EVAL(batch), .lo = 1, .hi = 65536, .metavar = "N", .def = "16",

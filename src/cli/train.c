@@ -34,7 +34,8 @@ static int parse_workers(const ar_option_ctx *ctx, const char *v, void *opts)
     char *end = NULL;
     long n = strncmp(v, "local:", 6) == 0 ? strtol(v + 6, &end, 10) : -1;
     if (n < 1 || n > 64 || *end != '\0') {
-        ar_cli_error(ctx->cmd, "--%s: expected local:N with N in 1..64 or HOST:PORT,HOST:PORT,..., got \"%s\"",
+        ar_cli_error(ctx->cmd,
+                     "--%s: expected local:N with N in 1..64 or HOST:PORT,HOST:PORT,..., got \"%s\"",
                      ctx->name, v);
         return -1;
     }
@@ -116,7 +117,8 @@ static const ar_option pipeline_options[] = {
      .help = "local:S runs an in-process pipeline of S stages (1..64); HOST:PORT,HOST:PORT,... puts one "
              "stage on each worker process (arceus worker), in order"},
     {.name = "micro-batches", .kind = AR_OPTION_INT, AT(c.micro_batches), .lo = 1, .hi = 4096,
-     .metavar = "M", .def_text = "1", .given_bit = AR_SET_MB, .help = "split each batch into M micro-batches"},
+     .metavar = "M", .def_text = "1", .given_bit = AR_SET_MB,
+     .help = "split each batch into M micro-batches"},
     {.name = "schedule", .kind = AR_OPTION_ENUM, AT(c.schedule), .choices = schedules, .metavar = "NAME",
      .def_text = "1f1b", .help = "pipeline schedule"},
     {.name = "plan", .kind = AR_OPTION_STRING, AT(c.plan), .metavar = "auto|SPEC", .def_text = "auto",

@@ -90,7 +90,8 @@ static int run_worker(void *opts)
      * before any other thread (gRPC's, OpenMP's) exists */
     ar_cli_block_stop_signals();
     ar_set_threads(o->threads);
-    ar_worker_config c = {.listen = o->listen, .threads = o->threads, .max_frame = (size_t)o->max_frame_mb << 20,
+    ar_worker_config c = {.listen = o->listen, .threads = o->threads,
+                          .max_frame = (size_t)o->max_frame_mb << 20,
                           .market = market, .market_token = market ? token : NULL,
                           .provider_id = provider_id, .load_token = market ? NULL : token,
                           .max_mem = (uint64_t)o->max_mem, .max_pipes = o->max_pipes};
