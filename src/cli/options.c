@@ -165,25 +165,6 @@ static int parse_size(const char *s, int64_t lo, int64_t hi, int64_t *out)
     return 0;
 }
 
-static int parse_long(const ar_option_ctx *ctx, const char *s, long *out)
-{
-    const ar_option *o = ctx->opt;
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end != '\0' || (errno && errno != ERANGE)) {
-        ar_cli_error(ctx->cmd, "--%s expects an integer, got \"%s\"", ctx->name, s);
-        return -1;
-    }
-    if (errno == ERANGE || v < o->lo || v > o->hi) {
-        ar_cli_error(ctx->cmd, "--%s %s is out of range %lld..%lld", ctx->name, s, (long long)o->lo,
-                     (long long)o->hi);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
 /* "a, b or c" into buf */
 static const char *choices_text(const ar_option_choice *c, char *buf, size_t size)
 {
@@ -199,11 +180,61 @@ static const char *choices_text(const ar_option_choice *c, char *buf, size_t siz
     return buf;
 }
 
+/* The values a row takes, as its help and its errors say them: "1..4096",
+ * "1 byte..4 PiB", "adamw or sgd"; "" when any value of its kind will do. */
+static const char *range_text(const ar_option *o, char *buf, size_t size)
+{
+    char a[48], b[48];
+    buf[0] = '\0';
+    switch (o->kind) {
+    case AR_OPTION_INT:
+    case AR_OPTION_LONG:
+        snprintf(buf, size, "%lld..%lld", (long long)o->lo, (long long)o->hi);
+        break;
+    case AR_OPTION_FLOAT:
+        snprintf(buf, size, "%.10g..%.10g", o->flo, o->fhi);
+        break;
+    case AR_OPTION_SIZE:
+        snprintf(buf, size, "%s..%s", size_text(o->lo, a, sizeof a), size_text(o->hi, b, sizeof b));
+        break;
+    case AR_OPTION_CREDITS:
+        snprintf(buf, size, "%s..%s, at most 6 decimals", credits_text(o->lo, a, sizeof a),
+                 credits_text(o->hi, b, sizeof b));
+        break;
+    case AR_OPTION_ENUM:
+        choices_text(o->choices, buf, size);
+        break;
+    default:
+        break;
+    }
+    return buf;
+}
+
+static int parse_long(const ar_option_ctx *ctx, const char *s, long *out)
+{
+    const ar_option *o = ctx->opt;
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end != '\0' || (errno && errno != ERANGE)) {
+        ar_cli_error(ctx->cmd, "--%s expects an integer, got \"%s\"", ctx->name, s);
+        return -1;
+    }
+    if (errno == ERANGE || v < o->lo || v > o->hi) {
+        char range[100];
+        ar_cli_error(ctx->cmd, "--%s %s is out of range %s", ctx->name, s,
+                     range_text(o, range, sizeof range));
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 /* value into the row's destination; 0, or one error line and -1 */
 static int set_value(const ar_option_ctx *ctx, const char *value, char *dest, void *opts)
 {
     const ar_option *o = ctx->opt;
-    char lo[48], hi[48];
+    char range[240];
     switch (o->kind) {
     case AR_OPTION_FLAG:
         *(int *)dest = 1;
@@ -252,33 +283,31 @@ static int set_value(const ar_option_ctx *ctx, const char *value, char *dest, vo
             return -1;
         }
         if (v < o->flo || v > o->fhi) {
-            ar_cli_error(ctx->cmd, "--%s %s is out of range %.10g..%.10g", ctx->name, value, o->flo, o->fhi);
+            ar_cli_error(ctx->cmd, "--%s %s is out of range %s", ctx->name, value,
+                         range_text(o, range, sizeof range));
             return -1;
         }
         *(float *)dest = (float)v;
         return 0;
     }
     case AR_OPTION_SIZE:
-        if (parse_size(value, o->lo, o->hi, (int64_t *)dest) == 0)
+    case AR_OPTION_CREDITS: {
+        int size = o->kind == AR_OPTION_SIZE;
+        if ((size ? parse_size : parse_credits)(value, o->lo, o->hi, (int64_t *)dest) == 0)
             return 0;
-        ar_cli_error(ctx->cmd, "--%s expects a size like 512M, 4G or a number of bytes (%s .. %s), got \"%s\"",
-                     ctx->name, size_text(o->lo, lo, sizeof lo), size_text(o->hi, hi, sizeof hi), value);
+        ar_cli_error(ctx->cmd, "--%s expects %s (%s), got \"%s\"", ctx->name,
+                     size ? "a size like 512M, 4G or a number of bytes" : "credits like 100 or 0.25",
+                     range_text(o, range, sizeof range), value);
         return -1;
-    case AR_OPTION_CREDITS:
-        if (parse_credits(value, o->lo, o->hi, (int64_t *)dest) == 0)
-            return 0;
-        ar_cli_error(ctx->cmd, "--%s expects credits like 100 or 0.25 (%s..%s, at most 6 decimals), got \"%s\"",
-                     ctx->name, credits_text(o->lo, lo, sizeof lo), credits_text(o->hi, hi, sizeof hi), value);
-        return -1;
+    }
     case AR_OPTION_ENUM: {
         for (const ar_option_choice *c = o->choices; c->word; c++)
             if (!strcmp(value, c->word)) {
                 *(int *)dest = c->value;
                 return 0;
             }
-        char words[200];
-        ar_cli_error(ctx->cmd, "--%s must be %s, got \"%s\"", ctx->name,
-                     choices_text(o->choices, words, sizeof words), value);
+        ar_cli_error(ctx->cmd, "--%s must be %s, got \"%s\"", ctx->name, range_text(o, range, sizeof range),
+                     value);
         return -1;
     }
     case AR_OPTION_CUSTOM:
@@ -449,28 +478,8 @@ static void wrap(FILE *out, const char *text, size_t len_all, int indent, int *c
 /* What the table knows besides the help line: "[1..4096; default 1]" */
 static void option_facts(const ar_option *o, char *buf, size_t size)
 {
-    char range[240] = "", a[48], b[48];
-    switch (o->kind) {
-    case AR_OPTION_INT:
-    case AR_OPTION_LONG:
-        snprintf(range, sizeof range, "%lld..%lld", (long long)o->lo, (long long)o->hi);
-        break;
-    case AR_OPTION_FLOAT:
-        snprintf(range, sizeof range, "%.10g..%.10g", o->flo, o->fhi);
-        break;
-    case AR_OPTION_SIZE:
-        snprintf(range, sizeof range, "%s..%s", size_text(o->lo, a, sizeof a), size_text(o->hi, b, sizeof b));
-        break;
-    case AR_OPTION_CREDITS:
-        snprintf(range, sizeof range, "%s..%s, at most 6 decimals", credits_text(o->lo, a, sizeof a),
-                 credits_text(o->hi, b, sizeof b));
-        break;
-    case AR_OPTION_ENUM:
-        choices_text(o->choices, range, sizeof range);
-        break;
-    default:
-        break;
-    }
+    char range[240];
+    range_text(o, range, sizeof range);
     const char *def = o->def_text ? o->def_text : o->def;
     const char *parts[5];
     int n = 0;
