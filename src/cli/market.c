@@ -1,7 +1,8 @@
 /* arceus market / providers / ledger: the market server and its clients.
  *
  * Money is micro-credits everywhere inside; here, at the edge, it is read
- * and printed as credits with 6 decimals (exact: no floating point). */
+ * (AR_OPTION_CREDITS) and printed as credits with 6 decimals (exact: no
+ * floating point). */
 #include "cli/cli.h"
 #include "core/core.h"
 #include "market/http.h"
@@ -16,47 +17,79 @@
 #include <string.h>
 #include <time.h>
 
-/* ---- money at the edge ----------------------------------------------------------- */
+/* ---- arceus market ----------------------------------------------------------------- */
 
-/* "N" or "N.DDDDDD" (at most 6 decimals, at most 1e12 credits) -> micro */
-static int parse_credits(const char *cmd, const char *opt, const char *s, int64_t *out)
+typedef struct {
+    const char *listen, *db, *http;
+    int offline_after;
+    int adding;           /* arceus market add-account NAME */
+    const char *account;  /* its NAME */
+    int64_t credits;      /* micro-credits */
+    unsigned given;
+    ar_cli_tls tls;
+} market_opts;
+
+#define MARKET(member) AR_OPTION_AT(market_opts, member)
+#define GIVEN_CREDITS 1u
+
+static const ar_option market_options[] = {
+    {.name = "listen", .kind = AR_OPTION_HOSTPORT, MARKET(listen), .metavar = "HOST:PORT",
+     .help = "address to listen on, e.g. 127.0.0.1:7000"},
+    {.name = "db", .kind = AR_OPTION_STRING, MARKET(db), .metavar = "PATH",
+     .help = "the SQLite database file (created if missing)"},
+    {.name = "http", .kind = AR_OPTION_HOSTPORT, MARKET(http), .metavar = "HOST:PORT",
+     .help = "serve the dashboard there, e.g. 127.0.0.1:8080 (port 0: any)"},
+    {.name = "offline-after", .kind = AR_OPTION_INT, MARKET(offline_after), .lo = 1, .hi = 86400,
+     .metavar = "S", .def = AR_OPTION_STR(AR_MARKET_DEFAULT_OFFLINE_AFTER_S),
+     .help = "a provider silent for S seconds is offline"},
+    {.name = "credits", .kind = AR_OPTION_CREDITS, MARKET(credits), .lo = 0,
+     .hi = AR_CREDITS(1000000000000LL), .metavar = "N", .def = "0", .given_bit = GIVEN_CREDITS,
+     .help = "add-account: opening credits"},
+    {0},
+};
+
+/* "add-account", first and before any --listen, then its NAME */
+static int market_positional(void *opts, const char *arg)
 {
-    if (ar_parse_credits(s, AR_CREDITS(1000000000000LL), out) == 0)
+    market_opts *o = opts;
+    if (!o->adding && !o->listen && !strcmp(arg, "add-account")) {
+        o->adding = 1;
         return 0;
-    ar_cli_error(cmd, "--%s expects credits like 100 or 0.25 (0..1e12, at most 6 decimals), got \"%s\"",
-                 opt, s);
+    }
+    if (o->adding && !o->account) {
+        o->account = arg;
+        return 0;
+    }
     return -1;
 }
 
-/* ---- arceus market ----------------------------------------------------------------- */
+static int run_market(void *opts);
 
-void ar_help_market(void)
-{
-    printf("usage: arceus market --listen HOST:PORT --db PATH [--http HOST:PORT] [--offline-after S]\n"
-           "       arceus market add-account NAME [--credits N] --db PATH\n"
-           "\n"
-           "Run the market: the gRPC Market service over a SQLite database (created if\n"
-           "missing). Providers register and send heartbeats; renters list providers\n"
-           "and read their ledger. Every call needs an account token. Prints\n"
-           "\"arceus market: listening on HOST:PORT\" once ready (port 0 picks a free\n"
-           "port and prints it). SIGINT or SIGTERM stops it cleanly.\n"
-           "\n"
-           "--http serves the web dashboard and its JSON API (README.md): the market's\n"
-           "overview for anyone, an account's jobs, providers and ledger for its token.\n"
-           "Prints \"arceus market: dashboard on http://HOST:PORT/\" once ready.\n"
-           "\n"
-           "add-account creates an account (credits minted to it, 0 by default) and\n"
-           "prints its token once: the database keeps only the token's hash.\n"
-           "\n"
-           "options:\n"
-           "  --listen HOST:PORT   address to listen on, e.g. 127.0.0.1:7000\n"
-           "  --db PATH            the SQLite database file\n"
-           "  --http HOST:PORT     serve the dashboard there, e.g. 127.0.0.1:8080 (port 0: any)\n"
-           "  --offline-after S    a provider silent for S seconds is offline (%d)\n"
-           "  --credits N          add-account: opening credits, up to 6 decimals (0)\n"
-           AR_CLI_TLS_SERVER_HELP,
-           AR_MARKET_DEFAULT_OFFLINE_AFTER_S);
-}
+const ar_cmd_spec ar_market_cmd = {
+    .name = "market",
+    .summary = "run the market server; add-account creates an account",
+    .usage = "--listen HOST:PORT --db PATH [--http HOST:PORT] [--offline-after S]\n"
+             "add-account NAME [--credits N] --db PATH",
+    .description =
+        "Run the market: the gRPC Market service over a SQLite database (created if missing). Providers "
+        "register and send heartbeats; renters list providers and read their ledger. Every call needs an "
+        "account token. Prints \"arceus market: listening on HOST:PORT\" once ready (port 0 picks a free "
+        "port and prints it). SIGINT or SIGTERM stops it cleanly.\n\n"
+        "--http serves the web dashboard and its JSON API (README.md): the market's overview for anyone, "
+        "an account's jobs, providers and ledger for its token. Prints \"arceus market: dashboard on "
+        "http://HOST:PORT/\" once ready.\n\n"
+        "add-account creates an account (credits minted to it, 0 by default) and prints its token once: "
+        "the database keeps only the token's hash.",
+    .sections = (const ar_option_section[]){
+        {NULL, market_options, 0},
+        {"TLS", ar_cli_tls_server_options, offsetof(market_opts, tls)},
+        {0},
+    },
+    .positional = market_positional,
+    .given_mask = offsetof(market_opts, given),
+    .opts_size = sizeof(market_opts),
+    .run = run_market,
+};
 
 static int add_account(const char *name, const char *db, int64_t credits)
 {
@@ -86,51 +119,13 @@ static int add_account(const char *name, const char *db, int64_t credits)
     return 0;
 }
 
-int ar_cmd_market(int argc, char **argv)
+static int run_market(void *opts)
 {
-    const char *listen = NULL, *db = NULL, *account = NULL, *http = NULL;
-    int offline_after = AR_MARKET_DEFAULT_OFFLINE_AFTER_S, adding = 0, have_credits = 0;
-    int64_t credits = 0;
-    ar_cli_tls tls = {0};
-    ar_args a;
-    ar_args_init(&a, argc, argv);
-    const char *name;
-    int positional;
-    while ((name = ar_args_next(&a, &positional))) {
-        int rc = 0;
-        if (positional) {
-            if (!adding && !listen && !strcmp(name, "add-account")) {
-                adding = 1;
-                continue;
-            }
-            if (adding && !account) {
-                account = name;
-                continue;
-            }
-            ar_cli_error("market", "unexpected argument \"%s\" (see arceus market --help)", name);
-            return 2;
-        }
-        if (!strcmp(name, "listen"))
-            rc = ar_args_string(&a, &listen);
-        else if (!strcmp(name, "db"))
-            rc = ar_args_string(&a, &db);
-        else if (!strcmp(name, "http"))
-            rc = ar_args_string(&a, &http);
-        else if (!strcmp(name, "offline-after"))
-            rc = ar_args_int(&a, 1, 86400, &offline_after);
-        else if (!strcmp(name, "credits")) {
-            const char *v;
-            rc = ar_args_string(&a, &v);
-            if (rc == 0)
-                rc = parse_credits("market", "credits", v, &credits);
-            have_credits = 1;
-        } else if (!ar_cli_tls_option(&a, name, 1, &tls, &rc))
-            rc = ar_args_unknown(&a);
-        if (rc != 0)
-            return 2;
-    }
-    if (adding) {
-        if (!account) {
+    const market_opts *o = opts;
+    const char *listen = o->listen, *db = o->db, *http = o->http;
+    int offline_after = o->offline_after;
+    if (o->adding) {
+        if (!o->account) {
             ar_cli_error("market", "add-account needs a NAME (see arceus market --help)");
             return 2;
         }
@@ -138,13 +133,13 @@ int ar_cmd_market(int argc, char **argv)
             ar_cli_error("market", "add-account takes no --%s", listen ? "listen" : "http");
             return 2;
         }
-        return add_account(account, db, credits);
+        return add_account(o->account, db, o->credits);
     }
-    if (have_credits) {
+    if (o->given & GIVEN_CREDITS) {
         ar_cli_error("market", "--credits goes with add-account");
         return 2;
     }
-    if (!listen || !strchr(listen, ':')) {
+    if (!listen) {
         ar_cli_error("market", "--listen HOST:PORT is required (for example 127.0.0.1:7000)");
         return 2;
     }
@@ -152,15 +147,7 @@ int ar_cmd_market(int argc, char **argv)
         ar_cli_error("market", "--db PATH is required (the SQLite database, created if missing)");
         return 2;
     }
-    if (http && !strchr(http, ':')) {
-        ar_cli_error("market", "--http expects HOST:PORT (for example 127.0.0.1:8080), got \"%s\"", http);
-        return 2;
-    }
-    if (tls.ca) {
-        ar_cli_error("market", "the market dials no one: --tls-ca goes with its clients");
-        return 2;
-    }
-    if (ar_cli_tls_setup("market", &tls) != 0)
+    if (ar_cli_tls_setup("market", &o->tls) != 0)
         return 2;
     /* signals are taken by sigwait below, in this thread only: block them
      * before any other thread (gRPC's, the sweep) exists */
@@ -191,57 +178,57 @@ int ar_cmd_market(int argc, char **argv)
     return 0;
 }
 
-/* ---- the clients: arceus providers, arceus ledger -------------------------------------- */
+/* ---- the market's clients: the options and steps they share --------------------------- */
 
 typedef struct {
-    const char *market, *token, *account;
-    int all;
+    ar_cli_market m;
+    const char *arg; /* ledger's ACCOUNT, job's ID */
+    int all;         /* providers --all */
     ar_cli_tls tls;
 } client_opts;
 
-/* --market and --token (or $ARCEUS_TOKEN), plus the command's own options */
-static int parse_client(const char *cmd, int argc, char **argv, client_opts *o, int takes_account)
+#define CLIENT(member) AR_OPTION_AT(client_opts, member)
+
+/* every client's sections begin with these, and end with TLS */
+#define CLIENT_MARKET_SECTION {NULL, ar_cli_market_options, offsetof(client_opts, m)}
+#define CLIENT_TLS_SECTION {"TLS", ar_cli_tls_client_options, offsetof(client_opts, tls)}
+
+/* ledger's ACCOUNT, job's ID: one argument at most */
+static int client_arg(void *opts, const char *arg)
 {
-    memset(o, 0, sizeof *o);
-    ar_args a;
-    ar_args_init(&a, argc, argv);
-    const char *name;
-    int positional;
-    while ((name = ar_args_next(&a, &positional))) {
-        int rc = 0;
-        if (positional) {
-            if (takes_account && !o->account) {
-                o->account = name;
-                continue;
-            }
-            ar_cli_error(cmd, "unexpected argument \"%s\" (see arceus %s --help)", name, cmd);
-            return 2;
-        }
-        if (!strcmp(name, "market"))
-            rc = ar_args_string(&a, &o->market);
-        else if (!strcmp(name, "token"))
-            rc = ar_args_string(&a, &o->token);
-        else if (!takes_account && !strcmp(name, "all"))
-            o->all = 1;
-        else if (!ar_cli_tls_option(&a, name, 0, &o->tls, &rc))
-            rc = ar_args_unknown(&a);
-        if (rc != 0)
-            return 2;
-    }
-    if (!o->market || !strchr(o->market, ':')) {
-        ar_cli_error(cmd, "--market HOST:PORT is required (the address arceus market listens on)");
-        return 2;
-    }
-    if (!o->token)
-        o->token = getenv("ARCEUS_TOKEN");
-    if (!o->token || !*o->token) {
-        ar_cli_error(cmd, "--token T is required (or $ARCEUS_TOKEN; arceus market add-account prints one)");
-        return 2;
-    }
-    if (ar_cli_tls_setup(cmd, &o->tls) != 0)
-        return 2;
+    client_opts *o = opts;
+    if (o->arg)
+        return -1;
+    o->arg = arg;
     return 0;
 }
+
+/* What a client command does with the dialled market: its call, then print
+ * the answer. AR_OK, or the call's error (ar_last_error says what). */
+typedef int (*client_call)(ar_client *c, const client_opts *o);
+
+/* TLS, dialling the market, the call and its error: the exit code. check
+ * (may be NULL) refuses what the table cannot see (exit 2). */
+static int run_client(const char *cmd, const client_opts *o, int (*check)(const client_opts *o),
+                      client_call call)
+{
+    if (ar_cli_tls_setup(cmd, &o->tls) != 0 || (check && check(o) != 0))
+        return 2;
+    ar_client *c;
+    if (ar_client_open(o->m.market, &c) != AR_OK) {
+        ar_cli_error(cmd, "%s", ar_last_error());
+        return 1;
+    }
+    int rc = call(c, o);
+    ar_client_close(c);
+    if (rc != AR_OK) {
+        ar_cli_error(cmd, "%s", ar_last_error());
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- arceus providers ------------------------------------------------------------------ */
 
 static const char *mem_str(int64_t bytes, char *buf, size_t size)
 {
@@ -253,41 +240,20 @@ static const char *mem_str(int64_t bytes, char *buf, size_t size)
     return buf;
 }
 
-void ar_help_providers(void)
-{
-    printf("usage: arceus providers --market HOST:PORT --token T [--all]\n"
-           "\n"
-           "List the providers online at a market: their worker address, measured\n"
-           "speed, memory, cores, price (credits per TFLOP) and reliability.\n"
-           "\n"
-           "options:\n"
-           "  --market HOST:PORT   the market (arceus market --listen ...)\n"
-           "  --token T            your account token (default: $ARCEUS_TOKEN)\n"
-           "  --all                offline providers too\n"
-           AR_CLI_TLS_CLIENT_HELP);
-}
+static const ar_option providers_options[] = {
+    {.name = "all", .kind = AR_OPTION_FLAG, CLIENT(all), .help = "offline providers too"},
+    {0},
+};
 
-int ar_cmd_providers(int argc, char **argv)
+static int providers_call(ar_client *c, const client_opts *o)
 {
-    client_opts o;
-    int rc = parse_client("providers", argc, argv, &o, 0);
-    if (rc != 0)
-        return rc;
-    ar_client *c;
-    if (ar_client_open(o.market, &c) != AR_OK) {
-        ar_cli_error("providers", "%s", ar_last_error());
-        return 1;
-    }
     ar_market_provider *ps;
     size_t n;
-    rc = ar_market_providers(c, o.token, o.all, &ps, &n, NULL);
-    ar_client_close(c);
-    if (rc != AR_OK) {
-        ar_cli_error("providers", "%s", ar_last_error());
-        return 1;
-    }
+    int rc = ar_market_providers(c, o->m.token, o->all, &ps, &n, NULL);
+    if (rc != AR_OK)
+        return rc;
     if (n == 0) {
-        printf("no providers %s\n", o.all ? "registered" : "online");
+        printf("no providers %s\n", o->all ? "registered" : "online");
     } else {
         printf("%-5s %-16s %-24s %9s %10s %5s %14s %11s %s\n", "ID", "ACCOUNT", "ADDRESS", "GFLOP/S",
                "MEMORY", "CORES", "CREDITS/TFLOP", "RELIABILITY", "LAST SEEN");
@@ -303,45 +269,37 @@ int ar_cmd_providers(int argc, char **argv)
         }
     }
     free(ps);
-    return 0;
+    return AR_OK;
 }
 
-void ar_help_ledger(void)
+static int run_providers(void *opts)
 {
-    printf("usage: arceus ledger [ACCOUNT] --market HOST:PORT --token T\n"
-           "\n"
-           "Print an account's ledger at a market, one row per credit movement\n"
-           "(+ received, - paid), and its balance, in credits. An account may read\n"
-           "only its own ledger: ACCOUNT defaults to the token's account, and any\n"
-           "other is refused.\n"
-           "\n"
-           "options:\n"
-           "  --market HOST:PORT   the market (arceus market --listen ...)\n"
-           "  --token T            your account token (default: $ARCEUS_TOKEN)\n"
-           AR_CLI_TLS_CLIENT_HELP);
+    return run_client("providers", opts, NULL, providers_call);
 }
 
-int ar_cmd_ledger(int argc, char **argv)
+const ar_cmd_spec ar_providers_cmd = {
+    .name = "providers",
+    .summary = "list the providers online at a market",
+    .usage = "--market HOST:PORT --token T [--all]",
+    .description = "List the providers online at a market: their worker address, measured speed, memory, "
+                   "cores, price (credits per TFLOP) and reliability.",
+    .sections = (const ar_option_section[]){
+        CLIENT_MARKET_SECTION, {NULL, providers_options, 0}, CLIENT_TLS_SECTION, {0}},
+    .opts_size = sizeof(client_opts),
+    .run = run_providers,
+};
+
+/* ---- arceus ledger --------------------------------------------------------------------- */
+
+static int ledger_call(ar_client *c, const client_opts *o)
 {
-    client_opts o;
-    int rc = parse_client("ledger", argc, argv, &o, 1);
-    if (rc != 0)
-        return rc;
-    ar_client *c;
-    if (ar_client_open(o.market, &c) != AR_OK) {
-        ar_cli_error("ledger", "%s", ar_last_error());
-        return 1;
-    }
     ar_ledger_row *rows;
     size_t n;
     int64_t balance;
     char account[AR_NAME_MAX];
-    rc = ar_market_ledger(c, o.token, o.account, account, &rows, &n, &balance, NULL);
-    ar_client_close(c);
-    if (rc != AR_OK) {
-        ar_cli_error("ledger", "%s", ar_last_error());
-        return 1;
-    }
+    int rc = ar_market_ledger(c, o->m.token, o->arg, account, &rows, &n, &balance, NULL);
+    if (rc != AR_OK)
+        return rc;
     printf("ledger of %s\n", account);
     printf("%-7s %-8s %-20s %-9s %6s %6s %20s\n", "ID", "TRANSFER", "TIME (UTC)", "REASON", "JOB", "STEP",
            "CREDITS");
@@ -364,10 +322,28 @@ int ar_cmd_ledger(int argc, char **argv)
     char b[48];
     printf("balance: %s credits\n", ar_credits_text(balance, b, sizeof b));
     free(rows);
-    return 0;
+    return AR_OK;
 }
 
-/* ---- the clients: arceus jobs, arceus job ID ------------------------------------------------ */
+static int run_ledger(void *opts)
+{
+    return run_client("ledger", opts, NULL, ledger_call);
+}
+
+const ar_cmd_spec ar_ledger_cmd = {
+    .name = "ledger",
+    .summary = "print your credit ledger and balance at a market",
+    .usage = "[ACCOUNT] --market HOST:PORT --token T",
+    .description = "Print an account's ledger at a market, one row per credit movement (+ received, - paid), "
+                   "and its balance, in credits. An account may read only its own ledger: ACCOUNT defaults "
+                   "to the token's account, and any other is refused.",
+    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, CLIENT_TLS_SECTION, {0}},
+    .positional = client_arg,
+    .opts_size = sizeof(client_opts),
+    .run = run_ledger,
+};
+
+/* ---- arceus jobs ----------------------------------------------------------------------- */
 
 static const char *utc_str(int64_t unix_s, char *buf, size_t size)
 {
@@ -379,42 +355,13 @@ static const char *utc_str(int64_t unix_s, char *buf, size_t size)
     return buf;
 }
 
-void ar_help_jobs(void)
+static int jobs_call(ar_client *c, const client_opts *o)
 {
-    printf("usage: arceus jobs --market HOST:PORT --token T\n"
-           "\n"
-           "List your account's training jobs at a market: id, status, completed\n"
-           "steps, credits spent, when each was created (UTC) and what it trains.\n"
-           "\n"
-           "options:\n"
-           "  --market HOST:PORT   the market (arceus market --listen ...)\n"
-           "  --token T            your account token (default: $ARCEUS_TOKEN)\n"
-           AR_CLI_TLS_CLIENT_HELP);
-}
-
-int ar_cmd_jobs(int argc, char **argv)
-{
-    client_opts o;
-    int rc = parse_client("jobs", argc, argv, &o, 0);
-    if (rc != 0)
-        return rc;
-    if (o.all) {
-        ar_cli_error("jobs", "unknown option --all (see arceus jobs --help)");
-        return 2;
-    }
-    ar_client *c;
-    if (ar_client_open(o.market, &c) != AR_OK) {
-        ar_cli_error("jobs", "%s", ar_last_error());
-        return 1;
-    }
     ar_job *jobs;
     size_t n;
-    rc = ar_market_jobs(c, o.token, &jobs, &n, NULL);
-    ar_client_close(c);
-    if (rc != AR_OK) {
-        ar_cli_error("jobs", "%s", ar_last_error());
-        return 1;
-    }
+    int rc = ar_market_jobs(c, o->m.token, &jobs, &n, NULL);
+    if (rc != AR_OK)
+        return rc;
     if (n == 0) {
         printf("no jobs\n");
     } else {
@@ -429,23 +376,26 @@ int ar_cmd_jobs(int argc, char **argv)
         }
     }
     ar_store_jobs_free(jobs, n);
-    return 0;
+    return AR_OK;
 }
 
-void ar_help_job(void)
+static int run_jobs(void *opts)
 {
-    printf("usage: arceus job ID --market HOST:PORT --token T\n"
-           "\n"
-           "Show one of your jobs at a market: its status, completed steps, credits\n"
-           "spent and its training loss curve as a text sparkline (one character per\n"
-           "step, or per group of steps for a long run), from the losses the driver\n"
-           "reported step by step. Another account's job is refused.\n"
-           "\n"
-           "options:\n"
-           "  --market HOST:PORT   the market (arceus market --listen ...)\n"
-           "  --token T            your account token (default: $ARCEUS_TOKEN)\n"
-           AR_CLI_TLS_CLIENT_HELP);
+    return run_client("jobs", opts, NULL, jobs_call);
 }
+
+const ar_cmd_spec ar_jobs_cmd = {
+    .name = "jobs",
+    .summary = "list your training jobs at a market",
+    .usage = "--market HOST:PORT --token T",
+    .description = "List your account's training jobs at a market: id, status, completed steps, credits "
+                   "spent, when each was created (UTC) and what it trains.",
+    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, CLIENT_TLS_SECTION, {0}},
+    .opts_size = sizeof(client_opts),
+    .run = run_jobs,
+};
+
+/* ---- arceus job ID --------------------------------------------------------------------- */
 
 #define SPARK_WIDTH 60
 
@@ -474,33 +424,36 @@ static void print_sparkline(const ar_job_point *p, size_t n)
     putchar('\n');
 }
 
-int ar_cmd_job(int argc, char **argv)
+/* the job id: a positive number */
+static int job_id(const char *s, int64_t *id)
 {
-    client_opts o;
-    int rc = parse_client("job", argc, argv, &o, 1);
-    if (rc != 0)
-        return rc;
     char *end = NULL;
-    long long id = o.account ? strtoll(o.account, &end, 10) : 0;
-    if (!o.account || !*o.account || *end || id < 1) {
-        ar_cli_error("job", "expects a job id (a number from arceus jobs), got \"%s\"",
-                     o.account ? o.account : "");
-        return 2;
-    }
-    ar_client *c;
-    if (ar_client_open(o.market, &c) != AR_OK) {
-        ar_cli_error("job", "%s", ar_last_error());
-        return 1;
-    }
+    long long v = s ? strtoll(s, &end, 10) : 0;
+    if (!s || !*s || *end || v < 1)
+        return -1;
+    *id = (int64_t)v;
+    return 0;
+}
+
+static int job_check(const client_opts *o)
+{
+    int64_t id;
+    if (job_id(o->arg, &id) == 0)
+        return 0;
+    ar_cli_error("job", "expects a job id (a number from arceus jobs), got \"%s\"", o->arg ? o->arg : "");
+    return -1;
+}
+
+static int job_call(ar_client *c, const client_opts *o)
+{
+    int64_t id = 0;
+    job_id(o->arg, &id); /* job_check has passed it */
     ar_job job;
     ar_job_point *pts;
     size_t n;
-    rc = ar_market_job(c, o.token, (int64_t)id, &job, &pts, &n, NULL);
-    ar_client_close(c);
-    if (rc != AR_OK) {
-        ar_cli_error("job", "%s", ar_last_error());
-        return 1;
-    }
+    int rc = ar_market_job(c, o->m.token, id, &job, &pts, &n, NULL);
+    if (rc != AR_OK)
+        return rc;
     char spent[48], cap[48], when[32];
     printf("job %lld\n", (long long)job.id);
     printf("  status:   %s\n", ar_job_status_name(job.status));
@@ -520,5 +473,24 @@ int ar_cmd_job(int argc, char **argv)
     }
     ar_free(pts);
     ar_store_job_clear(&job);
-    return 0;
+    return AR_OK;
 }
+
+static int run_job(void *opts)
+{
+    return run_client("job", opts, job_check, job_call);
+}
+
+const ar_cmd_spec ar_job_cmd = {
+    .name = "job",
+    .summary = "show one job: status, step, credits spent, loss curve",
+    .usage = "ID --market HOST:PORT --token T",
+    .description = "Show one of your jobs at a market: its status, completed steps, credits spent and its "
+                   "training loss curve as a text sparkline (one character per step, or per group of steps "
+                   "for a long run), from the losses the driver reported step by step. Another account's "
+                   "job is refused.",
+    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, CLIENT_TLS_SECTION, {0}},
+    .positional = client_arg,
+    .opts_size = sizeof(client_opts),
+    .run = run_job,
+};

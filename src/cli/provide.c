@@ -26,52 +26,65 @@
 #include <unistd.h>
 
 #define PROVIDE_NICE 10
-#define DEFAULT_PRICE AR_CREDITS(1)
 
-void ar_help_provide(void)
-{
-    printf("usage: arceus provide --market HOST:PORT --token T [options]\n"
-           "\n"
-           "Rent this machine out: measure it (sgemm GFLOP/s with at most --max-threads\n"
-           "threads, free memory capped by --max-mem, cores), start a worker that\n"
-           "serves pipeline stages to renters, register its address and profile with\n"
-           "the market and keep it online with heartbeats. The worker hosts only the\n"
-           "stages it is leased for: a Load without a lease token that the market\n"
-           "confirms for this provider is refused (UNAUTHENTICATED). Runs at low scheduling\n"
-           "priority (nice %d) so the owner's own work comes first. Prints\n"
-           "\"arceus provide: provider N serving on HOST:PORT (...)\" once registered.\n"
-           "If the market goes away the worker keeps serving and the provider\n"
-           "registers again when the market is back. SIGINT or SIGTERM stops it cleanly.\n"
-           "\n"
-           "options:\n"
-           "  --market HOST:PORT   the market (arceus market --listen ...)\n"
-           "  --token T            your account token (default: $ARCEUS_TOKEN)\n"
-           "  --listen HOST:PORT   where the worker listens (127.0.0.1:0; port 0 picks one)\n"
-           "  --advertise HOST:PORT  the worker address registered with the market\n"
-           "                       (default: the listening address)\n"
-           "  --max-threads N      threads for measuring and for the stages, 0 = all cores (0)\n"
-           "  --max-mem SIZE       memory offered at most: bytes, or 512M, 4G, ... (free memory)\n"
-           "  --price CREDITS      price in credits per TFLOP executed, up to 6 decimals (1)\n"
-           "  --heartbeat S        seconds between heartbeats (5)\n"
-           AR_CLI_TLS_SERVER_HELP
-           "                       (for the worker)\n"
-           AR_CLI_TLS_CLIENT_HELP
-           "                       (for the market and the next stage's worker)\n",
-           PROVIDE_NICE);
-}
+/* ---- the options ------------------------------------------------------------------- */
 
-/* ---- parsing ---------------------------------------------------------------------- */
+typedef struct {
+    ar_cli_market m;
+    const char *listen, *advertise;
+    int max_threads, heartbeat_s;
+    int64_t max_mem; /* 0: not given (a size is at least 1 byte) */
+    int64_t price;   /* micro-credits per TFLOP */
+    ar_cli_tls tls;
+} provide_opts;
 
-/* "N" or "N.DDDDDD" credits (at most 6 decimals) -> micro-credits, within
- * the market's price limit. */
-static int parse_price(const char *s, int64_t *out)
-{
-    if (ar_parse_credits(s, AR_MARKET_MAX_PRICE, out) == 0)
-        return 0;
-    ar_cli_error("provide", "--price expects credits per TFLOP like 2 or 0.25 (0..%lld, at most 6 decimals), got \"%s\"",
-                 (long long)(AR_MARKET_MAX_PRICE / AR_MICRO_PER_CREDIT), s);
-    return -1;
-}
+#define AT(member) AR_OPTION_AT(provide_opts, member)
+
+static const ar_option provide_options[] = {
+    {.name = "listen", .kind = AR_OPTION_HOSTPORT, AT(listen), .metavar = "HOST:PORT", .def = "127.0.0.1:0",
+     .help = "where the worker listens (port 0 picks one)"},
+    {.name = "advertise", .kind = AR_OPTION_HOSTPORT, AT(advertise), .hi = AR_ADDR_MAX - 1,
+     .metavar = "HOST:PORT", .def_text = "the listening address",
+     .help = "the worker address registered with the market: the address renters dial"},
+    {.name = "max-threads", .kind = AR_OPTION_INT, AT(max_threads), .lo = 0, .hi = 1024, .metavar = "N",
+     .def = "0", .help = "threads for measuring and for the stages, 0 = all cores"},
+    {.name = "max-mem", .kind = AR_OPTION_SIZE, AT(max_mem), .lo = 1, .hi = AR_MARKET_MAX_MEM,
+     .metavar = "SIZE", .def_text = "the free memory",
+     .help = "memory offered at most: bytes, or 512M, 4G, ..."},
+    {.name = "price", .kind = AR_OPTION_CREDITS, AT(price), .lo = 0, .hi = AR_MARKET_MAX_PRICE,
+     .metavar = "CREDITS", .def = "1", .help = "price in credits per TFLOP executed"},
+    {.name = "heartbeat", .kind = AR_OPTION_INT, AT(heartbeat_s), .lo = 1, .hi = 3600, .metavar = "S",
+     .def = "5", .help = "seconds between heartbeats"},
+    {0},
+};
+
+static int run_provide(void *opts);
+
+const ar_cmd_spec ar_provide_cmd = {
+    .name = "provide",
+    .summary = "rent this machine out: a worker registered with a market",
+    .usage = "--market HOST:PORT --token T [options]",
+    .description =
+        "Rent this machine out: measure it (sgemm GFLOP/s with at most --max-threads threads, free memory "
+        "capped by --max-mem, cores), start a worker that serves pipeline stages to renters, register its "
+        "address and profile with the market and keep it online with heartbeats. The worker hosts only "
+        "the stages it is leased for: a Load without a lease token that the market confirms for this "
+        "provider is refused (UNAUTHENTICATED). Runs at low scheduling priority (nice "
+        AR_OPTION_STR(PROVIDE_NICE) ") so the owner's own work comes first. Prints \"arceus provide: "
+        "provider N serving on HOST:PORT (...)\" once registered. If the market goes away the worker "
+        "keeps serving and the provider registers again when the market is back. SIGINT or SIGTERM "
+        "stops it cleanly.",
+    .sections = (const ar_option_section[]){
+        {NULL, ar_cli_market_options, offsetof(provide_opts, m)},
+        {NULL, provide_options, 0},
+        {"TLS, for the worker", ar_cli_tls_server_options, offsetof(provide_opts, tls)},
+        {"TLS, for the market and the next stage's worker", ar_cli_tls_client_options,
+         offsetof(provide_opts, tls)},
+        {0},
+    },
+    .opts_size = sizeof(provide_opts),
+    .run = run_provide,
+};
 
 /* ---- the heartbeat thread ----------------------------------------------------------- */
 
@@ -188,68 +201,14 @@ static const char *signame(int sig)
     return sig == SIGINT ? "SIGINT" : "SIGTERM";
 }
 
-int ar_cmd_provide(int argc, char **argv)
+static int run_provide(void *opts)
 {
-    const char *market = NULL, *token = NULL, *listen = "127.0.0.1:0", *advertise = NULL;
-    int max_threads = 0, heartbeat_s = 5, have_mem = 0;
-    int64_t max_mem = 0, price = DEFAULT_PRICE;
-    ar_cli_tls tls = {0};
-    ar_args a;
-    ar_args_init(&a, argc, argv);
-    const char *name;
-    int positional;
-    while ((name = ar_args_next(&a, &positional))) {
-        int rc = 0;
-        const char *v;
-        if (positional) {
-            ar_cli_error("provide", "unexpected argument \"%s\" (see arceus provide --help)", name);
-            return 2;
-        }
-        if (!strcmp(name, "market"))
-            rc = ar_args_string(&a, &market);
-        else if (!strcmp(name, "token"))
-            rc = ar_args_string(&a, &token);
-        else if (!strcmp(name, "listen"))
-            rc = ar_args_string(&a, &listen);
-        else if (!strcmp(name, "advertise"))
-            rc = ar_args_string(&a, &advertise);
-        else if (!strcmp(name, "max-threads"))
-            rc = ar_args_int(&a, 0, 1024, &max_threads);
-        else if (!strcmp(name, "heartbeat"))
-            rc = ar_args_int(&a, 1, 3600, &heartbeat_s);
-        else if (!strcmp(name, "max-mem")) {
-            if ((rc = ar_args_string(&a, &v)) == 0)
-                rc = ar_parse_size("provide", v, &max_mem);
-            have_mem = 1;
-        } else if (!strcmp(name, "price")) {
-            if ((rc = ar_args_string(&a, &v)) == 0)
-                rc = parse_price(v, &price);
-        } else if (!ar_cli_tls_option(&a, name, 1, &tls, &rc))
-            rc = ar_args_unknown(&a);
-        if (rc != 0)
-            return 2;
-    }
-    if (!market || !strchr(market, ':')) {
-        ar_cli_error("provide", "--market HOST:PORT is required (the address arceus market listens on)");
+    const provide_opts *o = opts;
+    const char *market = o->m.market, *token = o->m.token, *listen = o->listen, *advertise = o->advertise;
+    int max_threads = o->max_threads, heartbeat_s = o->heartbeat_s, have_mem = o->max_mem > 0;
+    int64_t max_mem = o->max_mem, price = o->price;
+    if (ar_cli_tls_setup("provide", &o->tls) != 0)
         return 2;
-    }
-    if (!token)
-        token = getenv("ARCEUS_TOKEN");
-    if (!token || !*token) {
-        ar_cli_error("provide", "--token T is required (or $ARCEUS_TOKEN; arceus market add-account prints one)");
-        return 2;
-    }
-    if (!strchr(listen, ':')) {
-        ar_cli_error("provide", "--listen expects HOST:PORT (for example 127.0.0.1:5001), got \"%s\"", listen);
-        return 2;
-    }
-    if (ar_cli_tls_setup("provide", &tls) != 0)
-        return 2;
-    if (advertise && (!strchr(advertise, ':') || strlen(advertise) >= AR_ADDR_MAX)) {
-        ar_cli_error("provide", "--advertise expects HOST:PORT (the address renters dial), got \"%s\"",
-                     advertise);
-        return 2;
-    }
     if (!advertise && (!strncmp(listen, "0.0.0.0:", 8) || !strncmp(listen, "[::]:", 5))) {
         ar_cli_error("provide", "--listen %s serves on every interface: say with --advertise HOST:PORT "
                                 "which address renters should dial",

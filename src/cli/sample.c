@@ -9,23 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-void ar_help_sample(void)
-{
-    printf("usage: arceus sample --ckpt DIR [--prompt TEXT] [options]\n"
-           "\n"
-           "Generate text with a language model trained by arceus train --out DIR.\n"
-           "\n"
-           "options:\n"
-           "  --ckpt DIR          checkpoint folder\n"
-           "  --prompt TEXT       text to continue (default: a newline); its characters\n"
-           "                      must be in the model's vocabulary\n"
-           "  --tokens N          characters to generate (200)\n"
-           "  --temperature X     sampling temperature, 0 = greedy (0.8)\n"
-           "  --top-k K           sample among the K most likely, 0 = all (0)\n"
-           "  --seed N            random seed (1337)\n"
-           "  --threads N         threads, 0 = all cores (0)\n");
-}
-
 /* Choose the next token from logits (V). */
 static int pick(const float *logits, int V, float temperature, int top_k, ar_rng *rng)
 {
@@ -60,49 +43,52 @@ static int pick(const float *logits, int V, float temperature, int top_k, ar_rng
     return best;
 }
 
-int ar_cmd_sample(int argc, char **argv)
+typedef struct {
+    const char *ckpt, *prompt;
+    long tokens;
+    float temperature;
+    int top_k, threads;
+    uint64_t seed;
+} sample_opts;
+
+#define SAMPLE(member) AR_OPTION_AT(sample_opts, member)
+
+static const ar_option sample_options[] = {
+    {.name = "ckpt", .kind = AR_OPTION_STRING, SAMPLE(ckpt), .metavar = "DIR", .required = 1,
+     .help = "checkpoint folder"},
+    {.name = "prompt", .kind = AR_OPTION_STRING, SAMPLE(prompt), .metavar = "TEXT", .def = "\n",
+     .def_text = "a newline", .help = "text to continue; its characters must be in the model's vocabulary"},
+    {.name = "tokens", .kind = AR_OPTION_LONG, SAMPLE(tokens), .lo = 0, .hi = 1000000, .metavar = "N",
+     .def = "200", .help = "characters to generate"},
+    {.name = "temperature", .kind = AR_OPTION_FLOAT, SAMPLE(temperature), .flo = 0, .fhi = 100,
+     .metavar = "X", .def = "0.8", .help = "sampling temperature, 0 = greedy"},
+    {.name = "top-k", .kind = AR_OPTION_INT, SAMPLE(top_k), .lo = 0, .hi = 256, .metavar = "K", .def = "0",
+     .help = "sample among the K most likely, 0 = all"},
+    {.name = "seed", .kind = AR_OPTION_U64, SAMPLE(seed), .metavar = "N", .def = "1337",
+     .help = "random seed"},
+    {.name = "threads", .kind = AR_OPTION_INT, SAMPLE(threads), .lo = 0, .hi = 1024, .metavar = "N",
+     .def = "0", .help = "threads, 0 = all cores"},
+    {0},
+};
+
+static int run_sample(void *opts);
+
+const ar_cmd_spec ar_sample_cmd = {
+    .name = "sample",
+    .summary = "generate text from a language-model checkpoint",
+    .usage = "--ckpt DIR [--prompt TEXT] [options]",
+    .description = "Generate text with a language model trained by arceus train --out DIR.",
+    .sections = (const ar_option_section[]){{NULL, sample_options, 0}, {0}},
+    .opts_size = sizeof(sample_opts),
+    .run = run_sample,
+};
+
+static int run_sample(void *opts)
 {
-    const char *ckpt = NULL, *prompt = "\n";
-    long tokens = 200;
-    float temperature = 0.8f;
-    int top_k = 0, threads = 0;
-    uint64_t seed = 1337;
-    ar_args a;
-    ar_args_init(&a, argc, argv);
-    const char *name;
-    int positional;
-    while ((name = ar_args_next(&a, &positional))) {
-        int rc;
-        if (positional) {
-            ar_cli_error("sample", "unexpected argument \"%s\" (see arceus sample --help)", name);
-            return 2;
-        }
-        if (!strcmp(name, "ckpt"))
-            rc = ar_args_string(&a, &ckpt);
-        else if (!strcmp(name, "prompt"))
-            rc = ar_args_string(&a, &prompt);
-        else if (!strcmp(name, "tokens"))
-            rc = ar_args_long(&a, 0, 1000000, &tokens);
-        else if (!strcmp(name, "temperature"))
-            rc = ar_args_float(&a, 0, 100, &temperature);
-        else if (!strcmp(name, "top-k"))
-            rc = ar_args_int(&a, 0, 256, &top_k);
-        else if (!strcmp(name, "seed"))
-            rc = ar_args_u64(&a, &seed);
-        else if (!strcmp(name, "threads"))
-            rc = ar_args_int(&a, 0, 1024, &threads);
-        else
-            rc = ar_args_unknown(&a);
-        if (rc != 0)
-            return 2;
-    }
-    if (!ckpt) {
-        ar_cli_error("sample", "--ckpt DIR is required");
-        return 2;
-    }
-    ar_set_threads(threads);
+    const sample_opts *o = opts;
+    ar_set_threads(o->threads);
     ar_stage st;
-    if (ar_checkpoint_open_stage(ckpt, 1, &st) != AR_OK) {
+    if (ar_checkpoint_open_stage(o->ckpt, 1, &st) != AR_OK) {
         ar_cli_error("sample", "%s", ar_last_error());
         return 1;
     }
@@ -111,7 +97,7 @@ int ar_cmd_sample(int argc, char **argv)
     ar_text_set vocab;
     memset(&vocab, 0, sizeof vocab);
     if (st.spec.type != AR_MODEL_GPT || !st.spec.has_vocab) {
-        ar_cli_error("sample", "%s: not a language-model checkpoint", ckpt);
+        ar_cli_error("sample", "%s: not a language-model checkpoint", o->ckpt);
         goto done;
     }
     if (ar_text_vocab_init(&vocab, st.spec.vocab, st.spec.vocab_size) != AR_OK) {
@@ -119,14 +105,14 @@ int ar_cmd_sample(int argc, char **argv)
         goto done;
     }
     int T = st.spec.block_size, V = st.spec.vocab_size;
-    long plen = (long)strlen(prompt);
-    ctx = calloc((size_t)(plen + tokens + T + 1), sizeof *ctx);
+    long plen = (long)strlen(o->prompt);
+    ctx = calloc((size_t)(plen + o->tokens + T + 1), sizeof *ctx);
     if (!ctx) {
         ar_cli_error("sample", "out of memory");
         goto done;
     }
     long n;
-    if (ar_text_encode(&vocab, prompt, ctx, &n) != AR_OK) {
+    if (ar_text_encode(&vocab, o->prompt, ctx, &n) != AR_OK) {
         ar_cli_error("sample", "--prompt: %s", ar_last_error());
         goto done;
     }
@@ -135,10 +121,10 @@ int ar_cmd_sample(int argc, char **argv)
         goto done;
     }
     ar_rng rng;
-    ar_rng_seed(&rng, seed);
-    fputs(prompt, stdout);
+    ar_rng_seed(&rng, o->seed);
+    fputs(o->prompt, stdout);
     int32_t window[8192];
-    for (long i = 0; i < tokens; i++) {
+    for (long i = 0; i < o->tokens; i++) {
         /* the last T tokens; causal attention lets us pad after them */
         long start = n > T ? n - T : 0, len = n - start;
         memset(window, 0, sizeof(int32_t) * (size_t)T);
@@ -148,7 +134,7 @@ int ar_cmd_sample(int argc, char **argv)
             ar_cli_error("sample", "%s", ar_last_error());
             goto done;
         }
-        int next = pick(logits + (size_t)(len - 1) * V, V, temperature, top_k, &rng);
+        int next = pick(logits + (size_t)(len - 1) * V, V, o->temperature, o->top_k, &rng);
         ctx[n++] = next;
         putchar(st.spec.vocab[next]);
         fflush(stdout);
@@ -162,59 +148,48 @@ done:
     return rc;
 }
 
-void ar_help_eval(void)
-{
-    printf("usage: arceus eval --ckpt DIR [--data PATH] [options]\n"
-           "\n"
-           "Evaluate a checkpoint on fixed data and print one JSON line\n"
-           "{\"loss\": ..., \"accuracy\": ..., \"count\": ...}.\n"
-           "A language model reads consecutive windows of the validation split (the last\n"
-           "10%% of the text) from its start; a classifier reads the test set in order.\n"
-           "\n"
-           "options:\n"
-           "  --ckpt DIR       checkpoint folder\n"
-           "  --data PATH      text file (GPT) or IDX folder (MLP, default Fashion-MNIST)\n"
-           "  --batches N      number of batches, 0 = the whole split (4)\n"
-           "  --batch N        rows per batch (16)\n"
-           "  --threads N      threads, 0 = all cores (0)\n");
-}
+typedef struct {
+    const char *ckpt, *data;
+    int batches, batch, threads;
+} eval_opts;
 
-int ar_cmd_eval(int argc, char **argv)
+#define EVAL(member) AR_OPTION_AT(eval_opts, member)
+
+static const ar_option eval_options[] = {
+    {.name = "ckpt", .kind = AR_OPTION_STRING, EVAL(ckpt), .metavar = "DIR", .required = 1,
+     .help = "checkpoint folder"},
+    {.name = "data", .kind = AR_OPTION_STRING, EVAL(data), .metavar = "PATH",
+     .def_text = "Fashion-MNIST for an MLP", .help = "text file (GPT, required) or IDX folder (MLP)"},
+    {.name = "batches", .kind = AR_OPTION_INT, EVAL(batches), .lo = 0, .hi = 1000000, .metavar = "N",
+     .def = "4", .help = "number of batches, 0 = the whole split"},
+    {.name = "batch", .kind = AR_OPTION_INT, EVAL(batch), .lo = 1, .hi = 65536, .metavar = "N", .def = "16",
+     .help = "rows per batch"},
+    {.name = "threads", .kind = AR_OPTION_INT, EVAL(threads), .lo = 0, .hi = 1024, .metavar = "N",
+     .def = "0", .help = "threads, 0 = all cores"},
+    {0},
+};
+
+static int run_eval(void *opts);
+
+const ar_cmd_spec ar_eval_cmd = {
+    .name = "eval",
+    .summary = "evaluate a checkpoint on a data set",
+    .usage = "--ckpt DIR [--data PATH] [options]",
+    .description =
+        "Evaluate a checkpoint on fixed data and print one JSON line {\"loss\": ..., \"accuracy\": ..., "
+        "\"count\": ...}. A language model reads consecutive windows of the validation split (the last 10% "
+        "of the text) from its start; a classifier reads the test set in order.",
+    .sections = (const ar_option_section[]){{NULL, eval_options, 0}, {0}},
+    .opts_size = sizeof(eval_opts),
+    .run = run_eval,
+};
+
+static int run_eval(void *opts)
 {
-    const char *ckpt = NULL, *data = NULL;
-    int batches = 4, batch = 16, threads = 0;
-    ar_args a;
-    ar_args_init(&a, argc, argv);
-    const char *name;
-    int positional;
-    while ((name = ar_args_next(&a, &positional))) {
-        int rc;
-        if (positional) {
-            ar_cli_error("eval", "unexpected argument \"%s\" (see arceus eval --help)", name);
-            return 2;
-        }
-        if (!strcmp(name, "ckpt"))
-            rc = ar_args_string(&a, &ckpt);
-        else if (!strcmp(name, "data"))
-            rc = ar_args_string(&a, &data);
-        else if (!strcmp(name, "batches"))
-            rc = ar_args_int(&a, 0, 1000000, &batches);
-        else if (!strcmp(name, "batch"))
-            rc = ar_args_int(&a, 1, 65536, &batch);
-        else if (!strcmp(name, "threads"))
-            rc = ar_args_int(&a, 0, 1024, &threads);
-        else
-            rc = ar_args_unknown(&a);
-        if (rc != 0)
-            return 2;
-    }
-    if (!ckpt) {
-        ar_cli_error("eval", "--ckpt DIR is required");
-        return 2;
-    }
-    ar_set_threads(threads);
+    const eval_opts *o = opts;
+    ar_set_threads(o->threads);
     ar_stage st;
-    if (ar_checkpoint_open_stage(ckpt, batch, &st) != AR_OK) {
+    if (ar_checkpoint_open_stage(o->ckpt, o->batch, &st) != AR_OK) {
         ar_cli_error("eval", "%s", ar_last_error());
         return 1;
     }
@@ -222,7 +197,7 @@ int ar_cmd_eval(int argc, char **argv)
     double loss_sum = 0;
     long correct = 0, count = 0;
     int T = st.T;
-    int32_t *inputs = calloc((size_t)batch * T, sizeof *inputs), *targets = calloc((size_t)batch * T, sizeof *targets);
+    int32_t *inputs = calloc((size_t)o->batch * T, sizeof *inputs), *targets = calloc((size_t)o->batch * T, sizeof *targets);
     ar_text_set text;
     ar_image_set images;
     memset(&text, 0, sizeof text);
@@ -232,23 +207,23 @@ int ar_cmd_eval(int argc, char **argv)
         goto done;
     }
     if (st.spec.type == AR_MODEL_GPT) {
-        if (!data) {
+        if (!o->data) {
             ar_cli_error("eval", "--data PATH (the text file) is required for a language model");
             goto done;
         }
-        if (ar_text_load(data, &text) != AR_OK) {
+        if (ar_text_load(o->data, &text) != AR_OK) {
             ar_cli_error("eval", "%s", ar_last_error());
             goto done;
         }
         if (text.vocab_size != st.spec.vocab_size || memcmp(text.vocab, st.spec.vocab, (size_t)text.vocab_size)) {
-            ar_cli_error("eval", "%s: the text's characters differ from the checkpoint's vocabulary", data);
+            ar_cli_error("eval", "%s: the text's characters differ from the checkpoint's vocabulary", o->data);
             goto done;
         }
         long windows = (text.count - text.train_count - 1) / T;
-        if (batches > 0 && windows > (long)batches * batch)
-            windows = (long)batches * batch;
-        for (long w = 0; w < windows; w += batch) {
-            int rows = (int)(windows - w < batch ? windows - w : batch);
+        if (o->batches > 0 && windows > (long)o->batches * o->batch)
+            windows = (long)o->batches * o->batch;
+        for (long w = 0; w < windows; w += o->batch) {
+            int rows = (int)(windows - w < o->batch ? windows - w : o->batch);
             for (int r = 0; r < rows; r++) {
                 long at = text.train_count + (w + r) * T;
                 memcpy(inputs + (size_t)r * T, text.tokens + at, sizeof(int32_t) * (size_t)T);
@@ -267,7 +242,7 @@ int ar_cmd_eval(int argc, char **argv)
             count += (long)rows * T;
         }
     } else {
-        if (ar_image_set_load(data ? data : "/usr/share/datasets/fashion-mnist", "t10k", &images) != AR_OK) {
+        if (ar_image_set_load(o->data ? o->data : "/usr/share/datasets/fashion-mnist", "t10k", &images) != AR_OK) {
             ar_cli_error("eval", "%s", ar_last_error());
             goto done;
         }
@@ -276,10 +251,10 @@ int ar_cmd_eval(int argc, char **argv)
             goto done;
         }
         long total = images.count;
-        if (batches > 0 && total > (long)batches * batch)
-            total = (long)batches * batch;
-        for (long i = 0; i < total; i += batch) {
-            int rows = (int)(total - i < batch ? total - i : batch);
+        if (o->batches > 0 && total > (long)o->batches * o->batch)
+            total = (long)o->batches * o->batch;
+        for (long i = 0; i < total; i += o->batch) {
+            int rows = (int)(total - i < o->batch ? total - i : o->batch);
             const float *out;
             double loss;
             long c;

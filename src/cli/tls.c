@@ -4,20 +4,22 @@
 #include "core/core.h"
 #include "net/net.h"
 
-#include <string.h>
+#define AT(member) AR_OPTION_AT(ar_cli_tls, member)
 
-int ar_cli_tls_option(ar_args *a, const char *name, int server, ar_cli_tls *t, int *rc)
-{
-    if (!strcmp(name, "tls-ca"))
-        *rc = ar_args_string(a, &t->ca);
-    else if (server && !strcmp(name, "tls-cert"))
-        *rc = ar_args_string(a, &t->cert);
-    else if (server && !strcmp(name, "tls-key"))
-        *rc = ar_args_string(a, &t->key);
-    else
-        return 0;
-    return 1;
-}
+const ar_option ar_cli_tls_server_options[] = {
+    {.name = "tls-cert", .kind = AR_OPTION_STRING, AT(cert), .metavar = "FILE",
+     .help = "serve over TLS with this PEM certificate (scripts/make-tls-cert.sh)"},
+    {.name = "tls-key", .kind = AR_OPTION_STRING, AT(key), .metavar = "FILE",
+     .help = "and this PEM private key (both or neither)"},
+    {0},
+};
+
+const ar_option ar_cli_tls_client_options[] = {
+    {.name = "tls-ca", .kind = AR_OPTION_STRING, AT(ca), .metavar = "FILE",
+     .help = "dial over TLS, trusting servers signed by this PEM CA (without it, a TLS server "
+             "refuses the connection)"},
+    {0},
+};
 
 int ar_cli_tls_setup(const char *cmd, const ar_cli_tls *t)
 {
