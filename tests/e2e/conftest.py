@@ -3,15 +3,50 @@
 The binary comes from $ARCEUS_BIN (default: bin/arceus in the repository).
 In CI it is the AddressSanitizer + UBSan build, so every run is checked for
 sanitizer reports and for death by a signal, and the workloads are small.
+
+Commands that run to completion go through `run_arceus`. Long-lived
+processes (markets, workers, providers, a driver in the background) are
+started through a `Procs` group, which owns them and stops them when the
+test ends, however it ends:
+
+    procs                      Procs for this test (function scope)
+    procs.start(name, *args)   `arceus ARGS...` in the background -> Proc
+    procs.spawn(name, argv)    any command in the background -> Proc
+    market(db, *extra, listen="127.0.0.1:0")
+                               `arceus market`, ready: .addr, .port (.url with --http)
+    worker(*extra)             `arceus worker --listen 127.0.0.1:0 --threads 1 EXTRA...`
+    workers(n, *extra)         n of them, as a list
+    provider(market, token, *extra, heartbeat=1)
+                               `arceus provide`, registered: .id, .addr, .gflops, .gib, .price
+    leased_worker(market, token, price, gflops=150.0)
+                               a provider registered over gRPC whose `arceus worker`
+                               requires a lease: .id (the provider id), .addr
+    add_account(db, name, credits=None) -> the account token
+    wait_for(what, fn, timeout=90)      poll fn() until truthy, or fail
+
+(`market`, `worker`, `provider` and `leased_worker` are procs.market etc.)
+
+Every Proc writes stdout and stderr to files beside the test (tmp_path):
+polled, so no test can hang on a full pipe. At teardown each process still
+running gets SIGTERM and must exit 0 within 60 s; a process stopped with
+SIGSTOP by the test is killed; no process may have died from a signal the
+test did not send it (Proc.kill, Proc.stop), and none may have a sanitizer
+report in its stderr. A module-scoped fixture can own processes with
+`Procs(arceus_bin, directory)` and call `stop_all()` itself.
 """
 
 import gzip
 import json
 import os
 import random
+import re
+import signal
+import socket
+import sqlite3
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +126,315 @@ class Runner:
 @pytest.fixture(scope="session")
 def run_arceus(arceus_bin):
     return Runner(arceus_bin)
+
+
+# ---------------------------------------------------------------------------
+# Waiting, ports, accounts, the market's database
+# ---------------------------------------------------------------------------
+
+TOKEN_RE = re.compile(r"^token: ([0-9a-f]{64})$", re.M)
+
+
+def wait_for(what, fn, timeout=90, interval=0.1):
+    """Poll fn() until it returns something truthy, and return that; fail
+    the test after `timeout` seconds, naming `what` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(name="wait_for")
+def wait_for_fixture():
+    """wait_for(what, fn, timeout=90): see conftest.wait_for."""
+    return wait_for
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process
+    that must be told its address before it starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def create_account(run_arceus, db, name, credits=None):
+    """`arceus market add-account NAME [--credits N] --db DB`; returns the token."""
+    args = ["market", "add-account", name, "--db", db]
+    if credits is not None:
+        args += ["--credits", credits]
+    p = run_arceus(*args, check=True)
+    m = TOKEN_RE.search(p.stdout)
+    assert m, p.stdout
+    return m.group(1)
+
+
+@pytest.fixture
+def add_account(run_arceus):
+    """add_account(db, name, credits=None) -> the new account's token."""
+    return lambda db, name, credits=None: create_account(run_arceus, db, name, credits)
+
+
+def query(db, sql, *args):
+    """Rows of one SQL query on the market's database (read while it runs)."""
+    con = sqlite3.connect(str(db), timeout=30)
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+class Proc:
+    """A process started by a Procs group, its stdout and stderr in files.
+
+    .proc is the subprocess.Popen; .name names it in messages and files;
+    .addr (and .port) are set by the factories once it listens."""
+
+    def __init__(self, name, argv, directory, env=None, cwd=None):
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.out_path = Path(directory) / f"{name}.out"
+        self.err_path = Path(directory) / f"{name}.err"
+        self.signals = set()  # sent by the test: a death by one of them is expected
+        self.addr = None
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         env=_env() if env is None else env, cwd=cwd)
+
+    def __repr__(self):
+        return f"<{self.name} pid {self.proc.pid}{' ' + self.addr if self.addr else ''}>"
+
+    @property
+    def port(self):
+        return int(self.addr.rsplit(":", 1)[1])
+
+    def out(self):
+        return self.out_path.read_text(errors="replace")
+
+    def err(self):
+        return self.err_path.read_text(errors="replace")
+
+    # the whole stderr so far (as `.stderr` of a finished CompletedProcess)
+    stderr = property(err)
+
+    def running(self):
+        return self.proc.poll() is None
+
+    def wait_stdout(self, regex, timeout=90):
+        """Wait until stdout matches `regex` (a pattern or a string, multi-line);
+        return the match. Fails at once if the process exits first."""
+        if isinstance(regex, str):
+            regex = re.compile(regex, re.M)
+
+        def seen():
+            m = regex.search(self.out())
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                m = regex.search(self.out())  # it may have printed it just before exiting
+                if m:
+                    return m
+                pytest.fail(f"{self.name} exited {self.proc.returncode} before printing {regex.pattern!r}\n"
+                            f"stdout:\n{self.out()[-3000:]}\nstderr:\n{self.err()[-3000:]}")
+            return None
+        return wait_for(f"{self.name} to print {regex.pattern!r}", seen, timeout, interval=0.05)
+
+    def wait(self, timeout=300):
+        """Wait for the process to exit by itself; its exit code. Fails the
+        test after `timeout` seconds (the teardown then stops it)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.name} still running after {timeout}s\nstderr:\n{self.err()[-3000:]}")
+
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        """Send `sig` (unless it has exited) and wait for the exit; its exit code.
+        Killed, and the test failed, if it is still running after `timeout` s."""
+        if self.proc.poll() is None:
+            self.signals.add(sig)
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signals.add(signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"{self.name} did not stop within {timeout}s of signal {sig}\n{self.err()[-3000:]}")
+
+    def kill(self, sig=signal.SIGKILL):
+        """Send `sig` on purpose (a death by it is expected); wait for the
+        exit unless it is SIGSTOP (the process then stays, stopped, until
+        the teardown kills it)."""
+        if self.proc.poll() is None:
+            self.signals.add(sig)
+            self.proc.send_signal(sig)
+        if sig != signal.SIGSTOP:
+            self.proc.wait()
+        return self.proc.returncode
+
+    def problems(self, was_running):
+        """What the teardown holds against this process (it has exited)."""
+        found = []
+        rc = self.proc.returncode
+        if was_running and rc != 0:
+            found.append(f"{self.name} exited {rc} on SIGTERM:\n{self.err()[-3000:]}")
+        elif rc < 0 and -rc not in self.signals:
+            found.append(f"{self.name} died from signal {-rc}:\n{self.err()[-3000:]}")
+        err = self.err()
+        for marker in SANITIZER_MARKERS:
+            if marker in err:
+                found.append(f"sanitizer report ({marker}) in {self.name}:\n{err[-6000:]}")
+                break
+        return found
+
+
+MARKET_READY = re.compile(r"^arceus market: listening on (127\.0\.0\.1:(\d+))$", re.M)
+DASHBOARD_READY = re.compile(r"^arceus market: dashboard on (http://127\.0\.0\.1:(\d+)/)$", re.M)
+WORKER_READY = re.compile(r"arceus worker: listening on (\S+:\d+)")
+PROVIDER_READY = re.compile(r"^arceus provide: provider (\d+) serving on (127\.0\.0\.1:(\d+)) "
+                            r"\(([\d.]+) GFLOP/s, ([\d.]+) GiB, price ([\d.]+)\)$", re.M)
+
+
+class Procs:
+    """The processes one test (or one module fixture) started; stop_all()
+    stops them and asserts they ended well (see the module docstring)."""
+
+    def __init__(self, binary, directory):
+        self.binary = binary
+        self.directory = Path(directory)
+        self.started = []
+        self._names = {}
+
+    def _unique(self, name):
+        n = self._names.get(name, 0) + 1
+        self._names[name] = n
+        return name if n == 1 else f"{name}-{n}"
+
+    def spawn(self, name, argv, env=None, cwd=None):
+        """Start any command in the background."""
+        p = Proc(self._unique(name), argv, self.directory, env=env, cwd=cwd)
+        self.started.append(p)
+        return p
+
+    def start(self, name, *args, env=None):
+        """Start `arceus ARGS...` in the background."""
+        return self.spawn(name, [self.binary, *args], env=env)
+
+    def market(self, db, *extra, listen="127.0.0.1:0", name="market", timeout=90):
+        """`arceus market --listen LISTEN --db DB EXTRA...`, once it listens.
+        .addr is its gRPC address; with --http in EXTRA, .url its dashboard."""
+        m = self.start(name, "market", "--listen", listen, "--db", db, *extra)
+        ready = m.wait_stdout(MARKET_READY, timeout)
+        if ready.group(2) == "0":
+            pytest.fail(f"{m.name} says it listens on port 0: {ready.group(0)!r}")
+        m.addr = ready.group(1)
+        m.url = m.wait_stdout(DASHBOARD_READY, timeout).group(1) if "--http" in map(str, extra) else None
+        return m
+
+    def worker(self, *extra, name="worker", timeout=90):
+        """`arceus worker --listen 127.0.0.1:0 --threads 1 EXTRA...`, once it listens."""
+        w = self.start(name, "worker", "--listen", "127.0.0.1:0", "--threads", "1", *extra)
+        w.addr = w.wait_stdout(WORKER_READY, timeout).group(1)
+        return w
+
+    def provider(self, market, token, *extra, heartbeat=1, name="provide", timeout=90):
+        """`arceus provide --market M --token T --max-threads 1 [--heartbeat S] EXTRA...`,
+        once registered: .id, .addr, .gflops, .gib, .price (as printed)."""
+        beat = ("--heartbeat", heartbeat) if heartbeat is not None else ()
+        p = self.start(name, "provide", "--market", market.addr, "--token", token, "--max-threads", "1",
+                       *beat, *extra)
+        m = p.wait_stdout(PROVIDER_READY, timeout)
+        p.id, p.addr = int(m.group(1)), m.group(2)
+        p.gflops, p.gib, p.price = float(m.group(4)), float(m.group(5)), m.group(6)
+        return p
+
+    def leased_worker(self, market, token, price, gflops=150.0, name="worker", timeout=90):
+        """A provider registered with the market through gRPC (a profile of
+        `gflops` at `price` micro-credits per TFLOP), then its `arceus worker`
+        started there, requiring a lease for that provider: .id, .addr."""
+        import grpc
+        from pbwire import decode, field_bytes, field_double, field_varint
+        addr = f"127.0.0.1:{free_port()}"
+        profile = (field_double(1, gflops) + field_varint(2, 8 << 30) + field_varint(3, 2) +
+                   field_varint(4, price))
+        req = field_bytes(1, token) + field_bytes(2, addr) + field_bytes(3, profile)
+        with grpc.insecure_channel(market.addr) as ch:
+            pid = decode(ch.unary_unary("/arceus.Market/RegisterProvider")(req, timeout=30))[1][0]
+        w = self.start(name, "worker", "--listen", addr, "--threads", "1", "--market", market.addr,
+                       "--token", token, "--provider-id", pid)
+        w.addr = w.wait_stdout(WORKER_READY, timeout).group(1)
+        w.id = pid
+        return w
+
+    def stop_all(self):
+        """Stop every process still running (the last started first) and
+        assert that each ended well."""
+        problems = []
+        for p in reversed(self.started):
+            was_running = p.proc.poll() is None
+            if was_running and signal.SIGSTOP in p.signals:
+                p.signals.add(signal.SIGKILL)  # stopped on purpose: it cannot answer SIGTERM
+                p.proc.kill()
+                was_running = False
+            if was_running:
+                p.proc.send_signal(signal.SIGTERM)
+            try:
+                p.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.signals.add(signal.SIGKILL)
+                p.proc.kill()
+                p.proc.wait()
+                problems.append(f"{p.name} did not stop within 60 s of SIGTERM:\n{p.err()[-3000:]}")
+                continue
+            problems += p.problems(was_running)
+        self.started = []
+        assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def procs(arceus_bin, tmp_path):
+    """The processes this test starts; all stopped and checked at teardown."""
+    group = Procs(arceus_bin, tmp_path)
+    yield group
+    group.stop_all()
+
+
+@pytest.fixture
+def market(procs):
+    """market(db, *extra, listen="127.0.0.1:0", name="market") -> a listening market."""
+    return procs.market
+
+
+@pytest.fixture
+def worker(procs):
+    """worker(*extra, name="worker") -> a listening `arceus worker --threads 1`."""
+    return procs.worker
+
+
+@pytest.fixture
+def workers(procs):
+    """workers(n, *extra) -> a list of n listening workers, each `arceus worker --threads 1 EXTRA...`."""
+    return lambda n, *extra: [procs.worker(*extra) for _ in range(n)]
+
+
+@pytest.fixture
+def provider(procs):
+    """provider(market, token, *extra, heartbeat=1, name="provide") -> a registered `arceus provide`."""
+    return procs.provider
+
+
+@pytest.fixture
+def leased_worker(procs):
+    """leased_worker(market, token, price, gflops=150.0) -> a worker that requires a lease."""
+    return procs.leased_worker
 
 
 # ---------------------------------------------------------------------------

@@ -11,17 +11,15 @@ small MLP across them through the market, all on 127.0.0.1.
   in build/artifacts/dashboard-job.png.
 
 Every process is stopped at the end (SIGTERM, exit 0 expected) and its stderr
-checked for sanitizer reports.
+checked for sanitizer reports (a conftest.Procs owned by the module fixture).
 """
 
 import json
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from html.parser import HTMLParser
@@ -29,60 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SANITIZER_MARKERS, _env
+from conftest import PROVIDER_READY, Procs, create_account, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "build" / "artifacts"
-TOKEN_RE = re.compile(r"^token: ([0-9a-f]{64})$", re.M)
 STEPS = 600  # long enough to watch the curve grow; under the API's 1000-point thinning
-
-
-class Proc:
-    """An arceus process with stdout/stderr in files (polled: no pipe can block it)."""
-
-    def __init__(self, binary, tmp, name, *args):
-        self.name = name
-        self.out_path, self.err_path = tmp / f"{name}.out", tmp / f"{name}.err"
-        with open(self.out_path, "w") as o, open(self.err_path, "w") as e:
-            self.proc = subprocess.Popen([str(binary), *map(str, args)], stdout=o, stderr=e, env=_env())
-
-    def out(self):
-        return self.out_path.read_text(errors="replace")
-
-    def err(self):
-        return self.err_path.read_text(errors="replace")
-
-    def wait_stdout(self, regex, timeout=90):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(regex, self.out(), re.M)
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.name} exited {self.proc.returncode}:\n{self.err()[-3000:]}")
-            time.sleep(0.05)
-        pytest.fail(f"{self.name}: no {regex!r} after {timeout}s\n{self.err()[-3000:]}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return "killed after 60 s"
-
-
-def wait_for(what, fn, timeout=90):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def get(url, token=None, method="GET"):
@@ -103,54 +52,36 @@ def get_json(url, token=None):
 
 
 @pytest.fixture(scope="module")
-def market(arceus_bin, tmp_path_factory, small_mlp_spec, small_fashion):
+def dashboard(arceus_bin, run_arceus, tmp_path_factory, small_mlp_spec, small_fashion):
     """A market with its dashboard, three providers and a renter training
     STEPS steps of the small MLP across them (started, not waited for)."""
     tmp = tmp_path_factory.mktemp("dashboard")
     db = tmp / "market.db"
-    tokens = {}
-    for name, credits in (("renter", "100"), ("ada", "0"), ("grace", "0"), ("linus", "0")):
-        p = subprocess.run([str(arceus_bin), "market", "add-account", name, "--credits", credits, "--db", str(db)],
-                           capture_output=True, text=True, env=_env(), timeout=60)
-        assert p.returncode == 0, p.stderr
-        tokens[name] = TOKEN_RE.search(p.stdout).group(1)
-    procs = []
+    tokens = {name: create_account(run_arceus, db, name, credits)
+              for name, credits in (("renter", "100"), ("ada", "0"), ("grace", "0"), ("linus", "0"))}
+    procs = Procs(arceus_bin, tmp)  # module-wide: stopped and checked below
     try:
-        m = Proc(arceus_bin, tmp, "market", "market", "--listen", "127.0.0.1:0", "--db", db,
-                 "--http", "127.0.0.1:0", "--offline-after", "3600")
-        procs.append(m)
-        addr = m.wait_stdout(r"^arceus market: listening on (127\.0\.0\.1:\d+)$").group(1)
-        url = m.wait_stdout(r"^arceus market: dashboard on (http://127\.0\.0\.1:\d+/)$").group(1)
-        for i, (name, price) in enumerate((("ada", "1"), ("grace", "1.5"), ("linus", "2"))):
-            p = Proc(arceus_bin, tmp, f"provide{i}", "provide", "--market", addr, "--token", tokens[name],
-                     "--listen", "127.0.0.1:0", "--max-threads", "1", "--price", price)
-            procs.append(p)
-        for p in procs[1:]:
-            p.wait_stdout(r"serving on 127\.0\.0\.1:\d+")
-        train = Proc(arceus_bin, tmp, "train", "train", "--model", small_mlp_spec, "--data", small_fashion,
-                     "--market", addr, "--token", tokens["renter"], "--devices", "3", "--plan", "0,1,2",
-                     "--micro-batches", "4", "--batch", "32", "--steps", STEPS, "--eval-every", "50",
-                     "--threads", "1")
-        yield {"url": url, "tokens": tokens, "db": db, "train": train, "procs": procs, "tmp": tmp}
+        m = procs.market(db, "--http", "127.0.0.1:0", "--offline-after", "3600")
+        providers = [procs.start("provide", "provide", "--market", m.addr, "--token", tokens[name],
+                                 "--listen", "127.0.0.1:0", "--max-threads", "1", "--price", price)
+                     for name, price in (("ada", "1"), ("grace", "1.5"), ("linus", "2"))]
+        for p in providers:  # started together, each measuring its speed
+            p.wait_stdout(PROVIDER_READY)
+        train = procs.start("train", "train", "--model", small_mlp_spec, "--data", small_fashion,
+                            "--market", m.addr, "--token", tokens["renter"], "--devices", "3", "--plan", "0,1,2",
+                            "--micro-batches", "4", "--batch", "32", "--steps", STEPS, "--eval-every", "50",
+                            "--threads", "1")
+        yield {"url": m.url, "tokens": tokens, "db": db, "train": train, "procs": procs, "tmp": tmp}
         # the run ends by itself; then everything stops cleanly
-        train.proc.wait(timeout=300)
+        train.wait(timeout=300)
         assert train.proc.returncode == 0, train.err()[-3000:]
     finally:
-        problems = []
-        for p in [*procs, *([train] if "train" in locals() else [])]:
-            rc = p.stop()
-            if rc != 0:
-                problems.append(f"{p.name} exited {rc}:\n{p.err()[-2000:]}")
-            err = p.err()
-            for marker in SANITIZER_MARKERS:
-                if marker in err:
-                    problems.append(f"sanitizer report in {p.name}:\n{err[-6000:]}")
-        assert not problems, "\n".join(problems)
+        procs.stop_all()
 
 
-def job_of(market):
+def job_of(dashboard):
     """The renter's job as the API gives it, once it has reported a few steps and its plan."""
-    url, tok = market["url"], market["tokens"]["renter"]
+    url, tok = dashboard["url"], dashboard["tokens"]["renter"]
 
     def ready():
         status, jobs = get_json(url + "api/jobs", tok)
@@ -236,9 +167,9 @@ def loss_points(dom):
     return int(charts[0]["data-points"])
 
 
-def test_job_page_in_chromium_grows_its_curve_shows_the_plan_and_the_ledger_the_debit(market):
-    url, tok = market["url"], market["tokens"]["renter"]
-    job = job_of(market)
+def test_job_page_in_chromium_grows_its_curve_shows_the_plan_and_the_ledger_the_debit(dashboard):
+    url, tok = dashboard["url"], dashboard["tokens"]["renter"]
+    job = job_of(dashboard)
     jid = job["job"]["id"]
     page = f"{url}#/job/{jid}?token={tok}"
 
@@ -270,7 +201,7 @@ def test_job_page_in_chromium_grows_its_curve_shows_the_plan_and_the_ledger_the_
     ledger = Elements(chromium("--dump-dom", f"{url}#/ledger?token={tok}"))
     assert ledger.text["ledger-account"] == "renter"
     paid_text = re.search(r"(-\d+\.\d{6})", ledger.text["ledger-paid"]).group(1)
-    con = sqlite3.connect(str(market["db"]))
+    con = sqlite3.connect(str(dashboard["db"]))
     try:
         rid, = con.execute("SELECT id FROM accounts WHERE name = 'renter'").fetchone()
         at_most, = con.execute("SELECT -SUM(amount) FROM ledger WHERE account_id = ? AND reason = 'usage'",
@@ -284,9 +215,9 @@ def test_job_page_in_chromium_grows_its_curve_shows_the_plan_and_the_ledger_the_
     assert debits and all(r["data-amount"].startswith("-") for r in debits)
 
 
-def test_json_api_refuses_without_a_token_and_to_another_account(market):
-    url, toks = market["url"], market["tokens"]
-    job = job_of(market)
+def test_json_api_refuses_without_a_token_and_to_another_account(dashboard):
+    url, toks = dashboard["url"], dashboard["tokens"]
+    job = job_of(dashboard)
     jid = job["job"]["id"]
 
     # public: the overview, and the page's files (no other origin anywhere)
@@ -364,13 +295,13 @@ def test_json_api_refuses_without_a_token_and_to_another_account(market):
     assert status == 200 and all(p[0] > n for p in later["loss"])
 
     # at the end: done, the last loss at the last step, the renter debited what the job spent
-    market["train"].proc.wait(timeout=300)
+    dashboard["train"].wait(timeout=300)
     status, j = get_json(url + f"api/jobs/{jid}", tok)
     assert j["job"]["status"] == "done" and j["job"]["step"] == STEPS
     assert j["loss"][-1][0] == STEPS and j["live"]["step"] == STEPS
     assert j["val_loss"][-1][0] == STEPS
     status, lg = get_json(url + "api/ledger?limit=5", tok)
-    con = sqlite3.connect(str(market["db"]))
+    con = sqlite3.connect(str(dashboard["db"]))
     try:
         ids = [r for r, in con.execute("SELECT l.id FROM ledger l JOIN accounts a ON a.id = l.account_id"
                                        " WHERE a.name = 'renter' ORDER BY l.id")]

@@ -60,39 +60,32 @@ def test_demo_trains_across_three_providers_and_balances_the_ledger(arceus_bin, 
     check_demo(out, tmp_path, took)
 
 
-def test_demo_over_tls_refuses_a_client_without_the_ca(arceus_bin, tmp_path):
+def test_demo_over_tls_refuses_a_client_without_the_ca(arceus_bin, procs, tmp_path):
     env = demo_env(arceus_bin, tmp_path, ARCEUS_DEMO_TLS="1")
-    out_path, err_path = tmp_path / "demo.out", tmp_path / "demo.err"
     t0 = time.monotonic()
-    with open(out_path, "w") as o, open(err_path, "w") as e:
-        demo = subprocess.Popen([str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, stdout=o, stderr=e,
-                                text=True)
-    try:
-        # while the demo runs: its market, and the CA in its temporary folder
-        market = None
-        deadline = time.monotonic() + 120
-        while market is None and time.monotonic() < deadline and demo.poll() is None:
-            m = re.search(r"market listening on (127\.0\.0\.1:\d+)", out_path.read_text())
-            market = m and m.group(1)
-            time.sleep(0.05)
-        assert market, out_path.read_text() + err_path.read_text()
-        cas = list(tmp_path.glob("arceus-demo.*/tls/ca.pem"))
-        assert len(cas) == 1, cas
-        (tmp_path / "ca.pem").write_bytes(cas[0].read_bytes())
-        # without the CA: refused (the TLS handshake fails), and told why
-        plain = subprocess.run([str(arceus_bin), "providers", "--market", market, "--token", "0" * 64],
-                               env=_env(), capture_output=True, text=True, timeout=60)
-        # with it: through to the market, which refuses the made-up token
-        with_ca = subprocess.run([str(arceus_bin), "providers", "--market", market, "--token", "0" * 64,
-                                  "--tls-ca", str(tmp_path / "ca.pem")],
-                                 env=_env(), capture_output=True, text=True, timeout=60)
-        rc = demo.wait(timeout=240)
-    finally:
-        if demo.poll() is None:
-            demo.terminate()
-            demo.wait(timeout=60)
+    # in the background (stopped by the `procs` fixture if the test ends first)
+    demo = procs.spawn("demo", [ROOT / "scripts" / "demo.sh"], env=env, cwd=ROOT)
+    # while the demo runs: its market, and the CA in its temporary folder
+    market = None
+    deadline = time.monotonic() + 120
+    while market is None and time.monotonic() < deadline and demo.running():
+        m = re.search(r"market listening on (127\.0\.0\.1:\d+)", demo.out())
+        market = m and m.group(1)
+        time.sleep(0.05)
+    assert market, demo.out() + demo.err()
+    cas = list(tmp_path.glob("arceus-demo.*/tls/ca.pem"))
+    assert len(cas) == 1, cas
+    (tmp_path / "ca.pem").write_bytes(cas[0].read_bytes())
+    # without the CA: refused (the TLS handshake fails), and told why
+    plain = subprocess.run([str(arceus_bin), "providers", "--market", market, "--token", "0" * 64],
+                           env=_env(), capture_output=True, text=True, timeout=60)
+    # with it: through to the market, which refuses the made-up token
+    with_ca = subprocess.run([str(arceus_bin), "providers", "--market", market, "--token", "0" * 64,
+                              "--tls-ca", str(tmp_path / "ca.pem")],
+                             env=_env(), capture_output=True, text=True, timeout=60)
+    rc = demo.wait(timeout=240)
     took = time.monotonic() - t0
-    out = out_path.read_text() + err_path.read_text()
+    out = demo.out() + demo.err()
     assert rc == 0, out[-6000:]
     assert plain.returncode != 0, plain.stdout + plain.stderr
     assert "unreachable" in plain.stderr and "--tls-ca" in plain.stderr, plain.stderr

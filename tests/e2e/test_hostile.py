@@ -6,7 +6,8 @@ counts, overlong strings, out-of-range numbers) sent by a foreign client
 code, and a message naming the problem), and after each the process must
 still serve a valid request; the fixtures check the processes' stderr for
 sanitizer reports when they stop. Then the limits: gRPC message sizes, Pipe
-streams and calls open per client, and the worker's --max-mem.
+streams and calls open per client, and the worker's --max-mem. Last, every
+rpc of proto/arceus.proto must have rows here, and no table may shrink.
 
 The readers of files and frames have their own tables in
 tests/unit/test_hostile.c; fuzz/ fuzzes the same code.
@@ -17,20 +18,20 @@ import math
 import re
 import socket
 import struct
-import subprocess
 import threading
 
 import pytest
 
-from conftest import _env
-from test_market import Market, add_account, markets, profile, register  # noqa: F401
-from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, usage, varint
-from test_workers import MLP_SPEC, frame, hello_request, pipe, unary, workers  # noqa: F401
+from conftest import REPO
+from test_market import profile, register
+from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, replace, usage, varint
+from test_workers import MLP_SPEC, frame, hello_request, pipe, unary
 
 grpc = pytest.importorskip("grpc")
 C = grpc.StatusCode
 
-# Rows counted per entry point, printed by test_zz_report_table_sizes.
+# Rows sent per table by the tests that ran, printed by
+# test_zz_every_entry_point_has_its_table_of_hostile_rows.
 ROWS = {}
 
 
@@ -266,6 +267,26 @@ def test_worker_pipe_table(workers):
 # The market
 # ---------------------------------------------------------------------------
 
+def progress(lease, step=1, total=10, items_per_s=1.0, unit="samples", eta=1.0, wall=1.0, val=None,
+             timings=(), plan=None):
+    """A ReportProgressRequest: timings as (stage, busy s, idle s), val as (step, loss)."""
+    m = (field_bytes(1, lease) + field_varint(2, step) + field_varint(3, total) + field_double(4, items_per_s) +
+         field_bytes(5, unit) + field_double(6, eta) + field_double(10, wall))
+    if val is not None:
+        m += field_varint(7, 1) + field_varint(8, val[0]) + field_double(9, val[1])
+    for stage, busy, idle in timings:
+        m += field_bytes(11, field_varint(1, stage) + field_double(2, busy) + field_double(3, idle))
+    if plan is not None:
+        m += field_bytes(12, plan)
+    return m
+
+
+def plan_stage(stage, first, last, device="127.0.0.1:5001"):
+    """A PlanStage of one member."""
+    return field_bytes(1, field_varint(1, stage) + field_varint(2, first) + field_varint(3, last) +
+                       field_bytes(4, "linear") + field_bytes(6, field_bytes(2, device)))
+
+
 def market_rows(token, other, pid, lease):
     """(method, what, request, code, words)"""
     reg = lambda address="127.0.0.1:5001", prof=None, tok=token: (  # noqa: E731
@@ -364,15 +385,49 @@ def market_rows(token, other, pid, lease):
          C.PERMISSION_DENIED, []),
         ("Balance", "request of 100 KB", field_bytes(1, token) + field_bytes(15, b"\0" * 100000),
          C.RESOURCE_EXHAUSTED, ["message larger than max"]),
+        ("ReplaceProvider", "not protobuf", b"\xff\xff\xff", C.INVALID_ARGUMENT, ["malformed"]),
+        ("ReplaceProvider", "unknown lease", replace("0" * 64, pid, 0), C.UNAUTHENTICATED, ["unknown or released"]),
+        ("ReplaceProvider", "lease token not hex", replace("q" * 64, pid, 0), C.UNAUTHENTICATED, ["lease token"]),
+        ("ReplaceProvider", "negative kept steps", replace(lease, pid, -1), C.INVALID_ARGUMENT, ["kept_steps -1"]),
+        ("ReplaceProvider", "2^62 kept steps", replace(lease, pid, 1 << 62), C.INVALID_ARGUMENT, ["out of range"]),
+        ("ReplaceProvider", "reason of 1000 characters", replace(lease, pid, 0, "r" * 1000), C.INVALID_ARGUMENT,
+         ["1000 characters out of range"]),
+        ("ReplaceProvider", "a provider not in the lease", replace(lease, pid + 99, 0), C.INVALID_ARGUMENT,
+         ["not in the lease"]),
+        ("ReportProgress", "not protobuf", b"\xff\xff\xff", C.INVALID_ARGUMENT, ["malformed"]),
+        ("ReportProgress", "unknown lease", progress("0" * 64), C.UNAUTHENTICATED, ["unknown or released"]),
+        ("ReportProgress", "negative step", progress(lease, step=-1), C.INVALID_ARGUMENT, ["out of range"]),
+        ("ReportProgress", "2^62 total steps", progress(lease, total=1 << 62), C.INVALID_ARGUMENT, ["out of range"]),
+        ("ReportProgress", "throughput NaN", progress(lease, items_per_s=math.nan), C.INVALID_ARGUMENT,
+         ["out of range"]),
+        ("ReportProgress", "ETA infinite", progress(lease, eta=math.inf), C.INVALID_ARGUMENT, ["out of range"]),
+        ("ReportProgress", "wall time negative", progress(lease, wall=-1.0), C.INVALID_ARGUMENT, ["out of range"]),
+        ("ReportProgress", "unit of 10,000 characters", progress(lease, unit="u" * 10000), C.INVALID_ARGUMENT,
+         ["out of range"]),
+        ("ReportProgress", "validation loss NaN", progress(lease, val=(1, math.nan)), C.INVALID_ARGUMENT,
+         ["validation loss out of range"]),
+        ("ReportProgress", "65 stage timings", progress(lease, timings=[(i, 1.0, 0.0) for i in range(65)]),
+         C.INVALID_ARGUMENT, ["65 stage timings"]),
+        ("ReportProgress", "stage 2^32-1 timing", progress(lease, timings=[(U32, 1.0, 0.0)]), C.INVALID_ARGUMENT,
+         ["timing", "out of range"]),
+        ("ReportProgress", "busy time NaN", progress(lease, timings=[(0, math.nan, 0.0)]), C.INVALID_ARGUMENT,
+         ["stage 0 timing"]),
+        ("ReportProgress", "plan of no stages", progress(lease, plan=field_varint(2, 4) + field_bytes(3, "1f1b")),
+         C.INVALID_ARGUMENT, ["plan: 0 stages"]),
+        ("ReportProgress", "plan stages out of order", progress(lease, plan=plan_stage(1, 0, 1) + field_varint(2, 4)),
+         C.INVALID_ARGUMENT, ["plan: stage 0", "out of order or range"]),
+        ("ReportProgress", "plan member address of 1000 characters",
+         progress(lease, plan=plan_stage(0, 0, 1, "h" * 995 + ":5001") + field_varint(2, 4)), C.INVALID_ARGUMENT,
+         ["plan: stage 0 member 0"]),
         ("NoSuchMethod", "unknown method", b"", C.UNIMPLEMENTED, []),
     ]
 
 
-def test_market_table(run_arceus, markets, tmp_path):
+def test_market_table(add_account, market, tmp_path):
     db = tmp_path / "market.db"
-    token = add_account(run_arceus, db, "alice", "100")
-    other = add_account(run_arceus, db, "bob", "100")
-    m = markets(db)
+    token = add_account(db, "alice", "100")
+    other = add_account(db, "bob", "100")
+    m = market(db)
     pid, _ = register(m.addr, token, "127.0.0.1:5001")
     with grpc.insecure_channel(m.addr) as ch:
         call = lambda method, req: ch.unary_unary(f"/arceus.Market/{method}")(req, timeout=30)  # noqa: E731
@@ -405,58 +460,45 @@ def http_raw(host, port, request, timeout=30):
     return (int(m.group(1)) if m else 0), data.partition(b"\r\n\r\n")[2]
 
 
-def test_market_dashboard_table(run_arceus, arceus_bin, tmp_path):
+def test_market_dashboard_table(add_account, market, tmp_path):
     db = tmp_path / "market.db"
-    token = add_account(run_arceus, db, "alice", "100")
-    proc = subprocess.Popen([str(arceus_bin), "market", "--listen", "127.0.0.1:0", "--db", str(db),
-                             "--http", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env())
-    try:
-        port = None
-        for _ in range(2):
-            m = re.search(r"dashboard on http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())
-            port = int(m.group(1)) if m else port
-        assert port, "the market printed no dashboard address"
-        auth = f"Authorization: Bearer {token}\r\n".encode()
+    token = add_account(db, "alice", "100")
+    port = int(re.search(r":(\d+)/$", market(db, "--http", "127.0.0.1:0").url).group(1))
+    # (the market is stopped, SIGTERM and exit 0, and checked by the `procs` fixture)
+    auth = f"Authorization: Bearer {token}\r\n".encode()
 
-        def req(path, headers=b"", method=b"GET", body=b""):
-            return (method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n" + headers +
-                    (b"Content-Length: %d\r\n" % len(body) if body else b"") + b"\r\n" + body)
+    def req(path, headers=b"", method=b"GET", body=b""):
+        return (method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n" + headers +
+                (b"Content-Length: %d\r\n" % len(body) if body else b"") + b"\r\n" + body)
 
-        rows = [
-            ("not HTTP", b"GARBAGE\r\n\r\n", (0, 400)),  # closed without a reply, or 400
-            ("request line of 100 KB", req(b"/" + b"a" * 100000), (414,)),
-            ("header of 100 KB", req(b"/api/me", b"X-Pad: " + b"p" * 100000 + b"\r\n"), (431, 413, 400)),
-            ("token of 10,000 characters", req(b"/api/me", b"Authorization: Bearer " + b"a" * 10000 + b"\r\n"),
-             (401,)),
-            ("token not hex", req(b"/api/me", b"Authorization: Bearer " + b"z" * 64 + b"\r\n"), (401,)),
-            ("not a bearer token", req(b"/api/me", b"Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l\r\n"),
-             (401,)),
-            ("job id 2^70", req(b"/api/jobs/1180591620717411303424", auth), (404,)),
-            ("job id negative", req(b"/api/jobs/-1", auth), (404,)),
-            ("job id not a number", req(b"/api/jobs/1%00", auth), (404,)),
-            ("since not a number", req(b"/api/jobs/1?since=abc", auth), (400, 404)),
-            ("since 1e400", req(b"/api/jobs/1?since=1e400", auth), (400, 404)),
-            ("unknown API", req(b"/api/" + b"x" * 500, auth), (404,)),
-            ("path outside the page", req(b"/../../etc/passwd"), (404,)),
-            ("POST with a body", req(b"/api/me", auth, b"POST", b"x" * 1000), (405,)),
-            # answered from the headers; the body is never read
-            ("GET with a body", req(b"/api/me", auth, b"GET", b"x" * 1000), (200, 400, 413)),
-        ]
-        for what, raw, codes in rows:
-            status, body = http_raw("127.0.0.1", port, raw)
-            assert status in codes, f"{what}: {status} {body[:200]!r}, expected {codes}"
-            if status == 401:
-                assert b"token" in body, (what, body)
-            status, body = http_raw("127.0.0.1", port, req(b"/api/overview"))
-            assert status == 200, (what, status)
-        ROWS["Market dashboard (HTTP)"] = len(rows)
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-3000:]
-    for marker in ("AddressSanitizer", "LeakSanitizer", "runtime error"):
-        assert marker not in err, err[-6000:]
+    rows = [
+        ("not HTTP", b"GARBAGE\r\n\r\n", (0, 400)),  # closed without a reply, or 400
+        ("request line of 100 KB", req(b"/" + b"a" * 100000), (414,)),
+        ("header of 100 KB", req(b"/api/me", b"X-Pad: " + b"p" * 100000 + b"\r\n"), (431, 413, 400)),
+        ("token of 10,000 characters", req(b"/api/me", b"Authorization: Bearer " + b"a" * 10000 + b"\r\n"),
+         (401,)),
+        ("token not hex", req(b"/api/me", b"Authorization: Bearer " + b"z" * 64 + b"\r\n"), (401,)),
+        ("not a bearer token", req(b"/api/me", b"Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l\r\n"),
+         (401,)),
+        ("job id 2^70", req(b"/api/jobs/1180591620717411303424", auth), (404,)),
+        ("job id negative", req(b"/api/jobs/-1", auth), (404,)),
+        ("job id not a number", req(b"/api/jobs/1%00", auth), (404,)),
+        ("since not a number", req(b"/api/jobs/1?since=abc", auth), (400, 404)),
+        ("since 1e400", req(b"/api/jobs/1?since=1e400", auth), (400, 404)),
+        ("unknown API", req(b"/api/" + b"x" * 500, auth), (404,)),
+        ("path outside the page", req(b"/../../etc/passwd"), (404,)),
+        ("POST with a body", req(b"/api/me", auth, b"POST", b"x" * 1000), (405,)),
+        # answered from the headers; the body is never read
+        ("GET with a body", req(b"/api/me", auth, b"GET", b"x" * 1000), (200, 400, 413)),
+    ]
+    for what, raw, codes in rows:
+        status, body = http_raw("127.0.0.1", port, raw)
+        assert status in codes, f"{what}: {status} {body[:200]!r}, expected {codes}"
+        if status == 401:
+            assert b"token" in body, (what, body)
+        status, body = http_raw("127.0.0.1", port, req(b"/api/overview"))
+        assert status == 200, (what, status)
+    ROWS["Market dashboard (HTTP)"] = len(rows)
 
 
 # ---------------------------------------------------------------------------
@@ -533,8 +575,61 @@ def test_load_over_max_mem_is_refused_before_allocating(workers, run_arceus):
     ROWS["worker CLI limit flags"] = 6
 
 
-def test_zz_report_table_sizes(capsys):
-    # runs last in this file: how many malformed inputs each entry point got
+def proto_methods(service):
+    """The rpc names of `service` in proto/arceus.proto."""
+    text = (REPO / "proto" / "arceus.proto").read_text()
+    body = re.search(r"^service %s \{(.*?)^\}" % service, text, re.M | re.S)
+    assert body, f"no service {service} in proto/arceus.proto"
+    return re.findall(r"^\s*rpc (\w+)\(", body.group(1), re.M)
+
+
+# The least each table must hold: the row counts when these floors were set.
+# A row taken out (or a table emptied by mistake) makes the file weaker
+# without any test failing, except test_zz_every_entry_point_has_its_table_of_hostile_rows.
+MIN_ROWS = {"Hello": 7, "Load": 38, "Save/Restore before Load": 2, "Restore": 7, "Pipe": 15,
+            "Market": 77, "Market dashboard (HTTP)": 15}
+
+
+def worker_rows_by_method():
+    """{Worker rpc: hostile rows sent to it} (the limits tests aside)."""
+    return {"Hello": len(HELLO_ROWS), "Load": len(LOAD_ROWS), "Save": 1, "Restore": len(RESTORE_ROWS) + 1,
+            "Pipe": len(pipe_rows()) + 1}
+
+
+def test_zz_every_entry_point_has_its_table_of_hostile_rows(capsys):
+    """Every rpc of the Worker and Market services in proto/arceus.proto
+    has hostile rows in this file (a new rpc without them fails here), no
+    table is smaller than its floor in MIN_ROWS, no two rows of a table
+    share a name, and every table that ran in this session sent all its
+    rows. Runs last in this file, and prints how many rows each table had."""
+    worker = worker_rows_by_method()
+    market = market_rows("a" * 64, "b" * 64, 1, "c" * 64)
+    per_market_method = {}
+    for method, *_ in market:
+        per_market_method[method] = per_market_method.get(method, 0) + 1
+    missing = [f"Worker.{m}" for m in proto_methods("Worker") if not worker.get(m)]
+    missing += [f"Market.{m}" for m in proto_methods("Market") if not per_market_method.get(m)]
+    assert not missing, f"entry points of proto/arceus.proto with no hostile rows: {missing}"
+    unknown = sorted(set(per_market_method) - set(proto_methods("Market")) - {"NoSuchMethod"})
+    assert not unknown, f"market rows for methods that proto/arceus.proto does not have: {unknown}"
+
+    sizes = {"Hello": len(HELLO_ROWS), "Load": len(LOAD_ROWS), "Save/Restore before Load": 2,
+             "Restore": len(RESTORE_ROWS), "Pipe": len(pipe_rows()) + 1, "Market": len(market)}
+    for table, rows in (("Hello", HELLO_ROWS), ("Load", LOAD_ROWS), ("Restore", RESTORE_ROWS),
+                        ("Pipe", pipe_rows()), ("Market", [(m, w) for m, w, *_ in market])):
+        names = [r[:2] if table == "Market" else r[0] for r in rows]
+        twice = sorted({str(n) for n in names if names.count(n) > 1})
+        assert not twice, f"{table}: rows named twice: {twice}"
+    for table, floor in MIN_ROWS.items():
+        size = ROWS.get(table, sizes.get(table))
+        if size is not None:
+            assert size >= floor, f"the {table} table has {size} rows, fewer than its floor of {floor}"
+    # a table that ran sent every row it has
+    for table, size in sizes.items():
+        if table in ROWS:
+            assert ROWS[table] == size, f"the {table} test sent {ROWS[table]} rows of {size}"
+
     with capsys.disabled():
-        print("\nhostile-input rows:", ", ".join(f"{k} {v}" for k, v in ROWS.items()),
-              f"(total {sum(ROWS.values())})")
+        shown = {**sizes, **ROWS}
+        print("\nhostile-input rows:", ", ".join(f"{k} {v}" for k, v in shown.items()),
+              f"(total {sum(shown.values())})")

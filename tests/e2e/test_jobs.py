@@ -7,22 +7,21 @@ account's job is refused; an unknown one is not found."""
 import re
 import sqlite3
 
-from test_market import add_account
-from test_market_train import BATCH, MICRO, STEPS, procs, start_market, start_provider  # noqa: F401
+from test_market_train import BATCH, MICRO, STEPS
 
 SPARK = "▁▂▃▄▅▆▇█"
 
 
 def test_jobs_and_job_show_status_spent_and_the_loss_curve(
-        run_arceus, arceus_bin, procs, tmp_path, small_fashion, small_mlp_spec):  # noqa: F811
+        run_arceus, add_account, market, leased_worker, tmp_path, small_fashion, small_mlp_spec):
     db = tmp_path / "market.db"
-    renter = add_account(run_arceus, db, "renter", "100")
-    other = add_account(run_arceus, db, "other", "5")
-    alice = add_account(run_arceus, db, "alice")
-    bob = add_account(run_arceus, db, "bob")
-    market = start_market(arceus_bin, db, procs)
-    start_provider(arceus_bin, market, alice, procs, 400 * MICRO)
-    start_provider(arceus_bin, market, bob, procs, 700 * MICRO)
+    renter = add_account(db, "renter", "100")
+    other = add_account(db, "other", "5")
+    alice = add_account(db, "alice")
+    bob = add_account(db, "bob")
+    market = market(db, "--offline-after", "3600")
+    leased_worker(market, alice, 400 * MICRO)
+    leased_worker(market, bob, 700 * MICRO)
 
     cli = ("--market", market.addr, "--token", renter)
     p = run_arceus("jobs", *cli, check=True)

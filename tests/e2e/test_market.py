@@ -4,92 +4,20 @@ providers`, `arceus ledger`, and a foreign gRPC client (python grpcio with
 hand-encoded protobuf) for the provider RPCs.
 
 Every market is stopped in teardown (SIGTERM, exit 0 expected) and its stderr
-checked for sanitizer reports.
+checked for sanitizer reports (the `procs` fixture of conftest.py).
 """
 
 import math
 import re
-import signal
 import sqlite3
-import subprocess
 import time
 
 import pytest
 
-from conftest import SANITIZER_MARKERS, _env
+from conftest import TOKEN_RE
 from pbwire import acquire, decode, field_bytes, field_double, field_varint, replace, usage
 
 grpc = pytest.importorskip("grpc")
-
-TOKEN_RE = re.compile(r"^token: ([0-9a-f]{64})$", re.M)
-
-
-# ---------------------------------------------------------------------------
-# Processes
-# ---------------------------------------------------------------------------
-
-class Market:
-    def __init__(self, binary, db, *extra):
-        self.proc = subprocess.Popen(
-            [str(binary), "market", "--listen", "127.0.0.1:0", "--db", str(db), *map(str, extra)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-        line = self.proc.stdout.readline()
-        m = re.search(r"arceus market: listening on (127\.0\.0\.1:(\d+))$", line.strip())
-        if not m or m.group(2) == "0":
-            self.proc.kill()
-            _, err = self.proc.communicate()
-            pytest.fail(f"market did not start: {line!r}\n{err[-3000:]}")
-        self.addr = m.group(1)
-        self.stderr = None
-
-    def stop(self, sig=signal.SIGTERM, timeout=60):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            _, self.stderr = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, self.stderr = self.proc.communicate()
-            pytest.fail(f"market {self.addr} did not stop within {timeout}s")
-        return self.proc.returncode
-
-
-@pytest.fixture
-def markets(arceus_bin):
-    """markets(db, *extra) starts a market; all are stopped and checked in teardown."""
-    started = []
-
-    def start(db, *extra):
-        m = Market(arceus_bin, db, *extra)
-        started.append(m)
-        return m
-
-    yield start
-    problems = []
-    for m in started:
-        killed = m.proc.poll() is not None and m.proc.returncode == -signal.SIGKILL
-        if m.proc.poll() is None:
-            rc = m.stop()
-            if rc != 0:
-                problems.append(f"market {m.addr} exited {rc} on SIGTERM:\n{m.stderr[-3000:]}")
-        elif m.stderr is None:
-            _, m.stderr = m.proc.communicate()
-        if m.proc.returncode < 0 and not killed:
-            problems.append(f"market {m.addr} died from signal {-m.proc.returncode}")
-        for marker in SANITIZER_MARKERS:
-            if m.stderr and marker in m.stderr:
-                problems.append(f"sanitizer report in market {m.addr}:\n{m.stderr[-6000:]}")
-    assert not problems, "\n".join(problems)
-
-
-def add_account(run_arceus, db, name, credits=None):
-    args = ["market", "add-account", name, "--db", db]
-    if credits is not None:
-        args += ["--credits", credits]
-    p = run_arceus(*args, check=True)
-    m = TOKEN_RE.search(p.stdout)
-    assert m, p.stdout
-    return m.group(1)
 
 
 # ---------------------------------------------------------------------------
@@ -137,7 +65,7 @@ def ledger_sum(db):
 # Accounts and tokens
 # ---------------------------------------------------------------------------
 
-def test_add_account_prints_token_once_and_stores_only_its_hash(run_arceus, tmp_path):
+def test_add_account_prints_token_once_and_stores_only_its_hash(run_arceus, add_account, tmp_path):
     db = tmp_path / "market.db"
     p = run_arceus("market", "add-account", "alice", "--credits", "100", "--db", db, check=True)
     token = TOKEN_RE.search(p.stdout).group(1)
@@ -147,7 +75,7 @@ def test_add_account_prints_token_once_and_stores_only_its_hash(run_arceus, tmp_
     assert token.encode() not in stored
     assert bytes.fromhex(token) not in stored
     # a second account gets another token; a taken name is refused
-    assert add_account(run_arceus, db, "bob") != token
+    assert add_account(db, "bob") != token
     dup = run_arceus("market", "add-account", "alice", "--db", db)
     assert dup.returncode != 0 and "exists" in dup.stderr
     assert "token" not in dup.stdout
@@ -187,10 +115,10 @@ def test_cli_usage_errors(run_arceus, tmp_path):
 # Providers: authentication, validation, heartbeats, the offline sweep
 # ---------------------------------------------------------------------------
 
-def test_register_needs_a_valid_token(run_arceus, markets, tmp_path):
+def test_register_needs_a_valid_token(run_arceus, add_account, market, tmp_path):
     db = tmp_path / "market.db"
-    add_account(run_arceus, db, "alice")
-    m = markets(db)
+    add_account(db, "alice")
+    m = market(db)
     for token, words in (("", "no account token"), ("zz" * 32, "malformed"),
                          ("0" * 64, "unknown account token")):
         e = call_error(m.addr, "RegisterProvider", register_request(token, "127.0.0.1:5001"))
@@ -226,10 +154,10 @@ BAD_REGISTRATIONS = [
 ]
 
 
-def test_register_validates_every_field(run_arceus, markets, tmp_path):
+def test_register_validates_every_field(run_arceus, add_account, market, tmp_path):
     db = tmp_path / "market.db"
-    token = add_account(run_arceus, db, "alice")
-    m = markets(db)
+    token = add_account(db, "alice")
+    m = market(db)
     for address, prof, words in BAD_REGISTRATIONS:
         e = call_error(m.addr, "RegisterProvider", register_request(token, address, prof))
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (address, e)
@@ -253,12 +181,12 @@ def providers_table(run_arceus, addr, token, *extra):
     return p.stdout
 
 
-def test_providers_register_list_and_go_offline(run_arceus, markets, tmp_path):
+def test_providers_register_list_and_go_offline(run_arceus, add_account, market, tmp_path):
     db = tmp_path / "market.db"
-    alice = add_account(run_arceus, db, "alice")
-    bob = add_account(run_arceus, db, "bob")
-    renter = add_account(run_arceus, db, "carol", "5")
-    m = markets(db, "--offline-after", "2")
+    alice = add_account(db, "alice")
+    bob = add_account(db, "bob")
+    renter = add_account(db, "carol", "5")
+    m = market(db, "--offline-after", "2")
 
     pid_a, offline_after = register(m.addr, alice, "127.0.0.1:5001",
                                     profile(gflops=181.5, mem=3 << 30, cores=2, price=250000))
@@ -315,11 +243,11 @@ def test_providers_register_list_and_go_offline(run_arceus, markets, tmp_path):
 # Ledger
 # ---------------------------------------------------------------------------
 
-def test_ledger_shows_opening_credit_and_refuses_other_accounts(run_arceus, markets, tmp_path):
+def test_ledger_shows_opening_credit_and_refuses_other_accounts(run_arceus, add_account, market, tmp_path):
     db = tmp_path / "market.db"
-    alice = add_account(run_arceus, db, "alice", "100")
-    bob = add_account(run_arceus, db, "bob", "0.25")
-    m = markets(db)
+    alice = add_account(db, "alice", "100")
+    bob = add_account(db, "bob", "0.25")
+    m = market(db)
 
     p = run_arceus("ledger", "--market", m.addr, "--token", alice, check=True)
     assert p.stdout.startswith("ledger of alice\n"), p.stdout
@@ -352,28 +280,27 @@ def test_ledger_shows_opening_credit_and_refuses_other_accounts(run_arceus, mark
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_sigkilled_market_restarts_with_accounts_and_ledger(run_arceus, markets, tmp_path):
+def test_sigkilled_market_restarts_with_accounts_and_ledger(run_arceus, add_account, market, tmp_path):
     db = tmp_path / "market.db"
-    alice = add_account(run_arceus, db, "alice", "100")
-    m = markets(db)
+    alice = add_account(db, "alice", "100")
+    m = market(db)
     # accounts made while the market runs are seen by it
-    bob = add_account(run_arceus, db, "bob", "7.5")
+    bob = add_account(db, "bob", "7.5")
     pid, _ = register(m.addr, alice, "127.0.0.1:5001")
     before = run_arceus("ledger", "--market", m.addr, "--token", bob, check=True).stdout
     assert "balance: 7.500000 credits" in before
-    m.proc.kill()
-    m.proc.wait()
+    m.kill()
     total, rows = ledger_sum(db)
     assert total == 0 and rows == 4
 
-    m2 = markets(db)
+    m2 = market(db)
     assert run_arceus("ledger", "--market", m2.addr, "--token", bob, check=True).stdout == before
     p = run_arceus("ledger", "--market", m2.addr, "--token", alice, check=True)
     assert "balance: 100.000000 credits" in p.stdout
     # the provider re-registers under its old id
     assert register(m2.addr, alice, "127.0.0.1:5001")[0] == pid
     assert "127.0.0.1:5001" in providers_table(run_arceus, m2.addr, bob)
-    assert add_account(run_arceus, db, "carol", "1")
+    assert add_account(db, "carol", "1")
     assert m2.stop() == 0
     total, rows = ledger_sum(db)
     assert total == 0 and rows == 6
@@ -391,15 +318,15 @@ def provider_reliability(db, pid):
         con.close()
 
 
-def test_replace_provider_asked_again_after_a_restart_gets_the_same_answer(run_arceus, markets, tmp_path):
+def test_replace_provider_asked_again_after_a_restart_gets_the_same_answer(run_arceus, add_account, market, tmp_path):
     """A driver whose ReplaceProvider answer was lost (the market died after
     settling the loss, before replying) asks again once the market is back,
     and gets the same answer with nothing done twice: no second reversal, no
     second reliability penalty, no second replacement."""
     db = tmp_path / "market.db"
-    renter = add_account(run_arceus, db, "renter", "100")
-    owners = [add_account(run_arceus, db, f"owner{i}", "0") for i in range(3)]
-    m = markets(db)
+    renter = add_account(db, "renter", "100")
+    owners = [add_account(db, f"owner{i}", "0") for i in range(3)]
+    m = market(db)
     pids = [register(m.addr, tok, f"127.0.0.1:{5001 + i}")[0] for i, tok in enumerate(owners)]
     r = decode(call(m.addr, "AcquireLease", acquire(renter, devices=2)))
     lease = r[3][0].decode()
@@ -416,9 +343,8 @@ def test_replace_provider_asked_again_after_a_restart_gets_the_same_answer(run_a
     lost_after = provider_reliability(db, leased[1])
     assert lost_after < lost_before
 
-    m.proc.kill()
-    m.proc.wait()
-    m2 = markets(db)
+    m.kill()
+    m2 = market(db)
     again = decode(call(m2.addr, "ReplaceProvider", replace(lease, leased[1], 2)))
     assert again == first
     assert ledger_sum(db) == books
@@ -443,15 +369,15 @@ def job_status(db, job_id):
         con.close()
 
 
-def test_a_resume_without_enough_providers_marks_the_job_failed_until_resumed_again(run_arceus, markets,
+def test_a_resume_without_enough_providers_marks_the_job_failed_until_resumed_again(add_account, market,
                                                                                     tmp_path):
     """A driver resuming a job asks for more providers than are free: it is
     refused, and the job is marked failed at its checkpoint rather than left
     running without a lease; a later resume that can be served runs it again."""
     db = tmp_path / "market.db"
-    renter = add_account(run_arceus, db, "renter", "100")
-    owner = add_account(run_arceus, db, "owner", "0")
-    m = markets(db)
+    renter = add_account(db, "renter", "100")
+    owner = add_account(db, "owner", "0")
+    m = market(db)
     pid, _ = register(m.addr, owner, "127.0.0.1:5001")
     r = decode(call(m.addr, "AcquireLease", acquire(renter, devices=1)))
     job, lease = r[1][0], r[3][0].decode()

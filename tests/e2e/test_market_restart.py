@@ -12,81 +12,51 @@ usage rows; every ledger row committed before the kill is still there,
 unchanged, and no row is duplicated.
 """
 
-import signal
-import sqlite3
-import subprocess
 import time
 
 import pytest
 
-from conftest import SANITIZER_MARKERS, _env
-from test_market import add_account
-from test_market_train import MICRO, Proc, balances, ledger_total, procs, start_provider  # noqa: F401 (procs: a fixture)
+from conftest import SANITIZER_MARKERS, query
+from test_market_train import MICRO, balances, ledger_total
 
 grpc = pytest.importorskip("grpc")
 
 BATCH, STEPS = 32, 1500
 
 
-def start_market_at(arceus_bin, db, listen, procs):
-    m = Proc([str(arceus_bin), "market", "--listen", listen, "--db", str(db), "--offline-after", "3600"],
-             r"arceus market: listening on (127\.0\.0\.1:\d+)$", "market")
-    procs.append(m)
-    return m
-
-
-def query(db, sql):
-    con = sqlite3.connect(str(db), timeout=30)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 def test_training_survives_a_market_restart_and_pays_every_step_once(
-        run_arceus, arceus_bin, procs, tmp_path, small_fashion, small_mlp_spec):
+        add_account, procs, tmp_path, small_fashion, small_mlp_spec):
     db = tmp_path / "market.db"
-    renter = add_account(run_arceus, db, "renter", "1000")
-    alice = add_account(run_arceus, db, "alice")
-    bob = add_account(run_arceus, db, "bob")
-    market = start_market_at(arceus_bin, db, "127.0.0.1:0", procs)
-    pid_a, _ = start_provider(arceus_bin, market, alice, procs, 400 * MICRO)
-    pid_b, _ = start_provider(arceus_bin, market, bob, procs, 700 * MICRO)
+    renter = add_account(db, "renter", "1000")
+    alice = add_account(db, "alice")
+    bob = add_account(db, "bob")
+    market = procs.market(db, "--offline-after", "3600")
+    pid_a = procs.leased_worker(market, alice, 400 * MICRO).id
+    pid_b = procs.leased_worker(market, bob, 700 * MICRO).id
 
-    out_path, err_path = tmp_path / "train.out", tmp_path / "train.err"
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        train = subprocess.Popen(
-            [str(arceus_bin), "train", "--model", str(small_mlp_spec), "--data", str(small_fashion),
-             "--steps", str(STEPS), "--batch", str(BATCH), "--eval-every", "0", "--plan", "0,1-2",
-             "--market", market.addr, "--token", renter, "--devices", "2"],
-            stdout=out, stderr=err, text=True, env=_env())
-    try:
-        # wait until some steps are paid, then kill the market mid-run
-        deadline = time.monotonic() + 120
-        paid = 0
-        while time.monotonic() < deadline and train.poll() is None:
-            paid = query(db, "SELECT COUNT(*) FROM usage")[0][0]
-            if paid >= 2 * 50:
-                break
-            time.sleep(0.05)
-        assert train.poll() is None, f"the run ended before the market was killed:\n{err_path.read_text()[-3000:]}"
-        assert paid >= 100, f"only {paid} usage rows after 120 s"
-        market.proc.send_signal(signal.SIGKILL)
-        market.proc.communicate()
-        procs.remove(market)
-        # what the market had committed when it died
-        before = query(db, "SELECT id, transfer_id, account_id, amount, reason, job_id, step FROM ledger ORDER BY id")
-        usage_before = query(db, "SELECT COUNT(*) FROM usage")[0][0]
-        assert usage_before < 2 * STEPS, "the run was paid in full before the kill: raise STEPS"
-        time.sleep(4)
-        assert train.poll() is None, f"the run ended while the market was down:\n{err_path.read_text()[-3000:]}"
-        market = start_market_at(arceus_bin, db, market.addr, procs)
-        rc = train.wait(timeout=300)
-    finally:
-        if train.poll() is None:
-            train.kill()
-            train.wait()
-    out, err = out_path.read_text(), err_path.read_text()
+    train = procs.start("train", "train", "--model", small_mlp_spec, "--data", small_fashion,
+                        "--steps", STEPS, "--batch", BATCH, "--eval-every", "0", "--plan", "0,1-2",
+                        "--market", market.addr, "--token", renter, "--devices", "2")
+    # wait until some steps are paid, then kill the market mid-run
+    deadline = time.monotonic() + 120
+    paid = 0
+    while time.monotonic() < deadline and train.running():
+        paid = query(db, "SELECT COUNT(*) FROM usage")[0][0]
+        if paid >= 2 * 50:
+            break
+        time.sleep(0.05)
+    assert train.running(), f"the run ended before the market was killed:\n{train.err()[-3000:]}"
+    assert paid >= 100, f"only {paid} usage rows after 120 s"
+    market.kill()
+    # what the market had committed when it died
+    before = query(db, "SELECT id, transfer_id, account_id, amount, reason, job_id, step FROM ledger ORDER BY id")
+    usage_before = query(db, "SELECT COUNT(*) FROM usage")[0][0]
+    assert usage_before < 2 * STEPS, "the run was paid in full before the kill: raise STEPS"
+    time.sleep(4)
+    assert train.running(), f"the run ended while the market was down:\n{train.err()[-3000:]}"
+    market = procs.market(db, "--offline-after", "3600", listen=market.addr)
+    rc = train.wait(timeout=300)
+    out, err = train.out(), train.err()
     assert rc == 0, err[-3000:]
     for marker in SANITIZER_MARKERS:
         assert marker not in err, err[-6000:]

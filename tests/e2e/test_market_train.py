@@ -10,21 +10,17 @@ cannot cover is refused up front with the estimate and costs nothing; a
 worker that requires a lease refuses a Load without its token.
 
 Every process is stopped in teardown (SIGTERM, exit 0 expected) and its
-stderr checked for sanitizer reports.
+stderr checked for sanitizer reports (the `procs` fixture of conftest.py).
 """
 
 import json
 import re
-import signal
-import socket
 import sqlite3
-import subprocess
 
 import pytest
 
-from conftest import SANITIZER_MARKERS, _env
 from pbwire import field_bytes, field_varint
-from test_market import add_account, call_error, profile, register
+from test_market import call_error
 
 grpc = pytest.importorskip("grpc")
 
@@ -45,72 +41,6 @@ def cost(flops, price):
     return (flops * price + 500_000_000_000) // 1_000_000_000_000
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    def __init__(self, args, ready_re, what):
-        self.what = what
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=_env())
-        line = self.proc.stdout.readline()
-        m = re.search(ready_re, line)
-        if not m:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-            pytest.fail(f"{what} did not start: {line!r}\n{err[-3000:]}")
-        self.addr = m.group(1)
-        self.stderr = None
-
-    def stop(self, timeout=60):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, self.stderr = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, self.stderr = self.proc.communicate()
-            pytest.fail(f"{self.what} {self.addr} did not stop within {timeout}s")
-        return self.proc.returncode
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    problems = []
-    for p in started:
-        rc = p.stop()
-        if rc != 0:
-            problems.append(f"{p.what} {p.addr} exited {rc} on SIGTERM:\n{(p.stderr or '')[-3000:]}")
-        for marker in SANITIZER_MARKERS:
-            if p.stderr and marker in p.stderr:
-                problems.append(f"sanitizer report in {p.what} {p.addr}:\n{p.stderr[-6000:]}")
-    assert not problems, "\n".join(problems)
-
-
-def start_market(arceus_bin, db, procs):
-    m = Proc([str(arceus_bin), "market", "--listen", "127.0.0.1:0", "--db", str(db), "--offline-after", "3600"],
-             r"arceus market: listening on (127\.0\.0\.1:\d+)$", "market")
-    procs.append(m)
-    return m
-
-
-def start_provider(arceus_bin, market, token, procs, price, gflops=150.0):
-    """Register a worker address with the market, then start the worker there
-    requiring leases for that provider id."""
-    addr = f"127.0.0.1:{free_port()}"
-    pid, _ = register(market.addr, token, addr, profile(gflops=gflops, price=price))
-    w = Proc([str(arceus_bin), "worker", "--listen", addr, "--threads", "1", "--market", market.addr,
-              "--token", token, "--provider-id", str(pid)],
-             r"arceus worker: listening on (\S+:\d+)", "worker")
-    procs.append(w)
-    return pid, w
-
-
 def balances(db):
     con = sqlite3.connect(str(db))
     try:
@@ -128,16 +58,16 @@ def ledger_total(db):
 
 
 def test_renter_trains_on_two_leased_providers_and_pays_their_flops(
-        run_arceus, arceus_bin, procs, tmp_path, small_fashion, small_mlp_spec):
+        run_arceus, add_account, market, leased_worker, tmp_path, small_fashion, small_mlp_spec):
     db = tmp_path / "market.db"
-    renter = add_account(run_arceus, db, "renter", "100")
-    alice = add_account(run_arceus, db, "alice")
-    bob = add_account(run_arceus, db, "bob")
-    market = start_market(arceus_bin, db, procs)
+    renter = add_account(db, "renter", "100")
+    alice = add_account(db, "alice")
+    bob = add_account(db, "bob")
+    market = market(db, "--offline-after", "3600")
     # same speed: the cheaper one ranks first and holds stage 0
     price_a, price_b = 400 * MICRO, 700 * MICRO
-    pid_a, _ = start_provider(arceus_bin, market, alice, procs, price_a)
-    pid_b, _ = start_provider(arceus_bin, market, bob, procs, price_b)
+    pid_a = leased_worker(market, alice, price_a).id
+    pid_b = leased_worker(market, bob, price_b).id
 
     p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", STEPS,
                    "--batch", BATCH, "--eval-every", 0, "--plan", "0,1-2",
@@ -179,13 +109,13 @@ def test_renter_trains_on_two_leased_providers_and_pays_their_flops(
 
 
 def test_lease_the_budget_cannot_cover_is_refused_with_the_estimate(
-        run_arceus, arceus_bin, procs, tmp_path, small_fashion, small_mlp_spec):
+        run_arceus, add_account, market, leased_worker, tmp_path, small_fashion, small_mlp_spec):
     db = tmp_path / "market.db"
-    poor = add_account(run_arceus, db, "poor", "0.001")
-    rich = add_account(run_arceus, db, "rich", "1000")
-    alice = add_account(run_arceus, db, "alice")
-    market = start_market(arceus_bin, db, procs)
-    start_provider(arceus_bin, market, alice, procs, 700 * MICRO)
+    poor = add_account(db, "poor", "0.001")
+    rich = add_account(db, "rich", "1000")
+    alice = add_account(db, "alice")
+    market = market(db, "--offline-after", "3600")
+    leased_worker(market, alice, 700 * MICRO)
     before = balances(db)
 
     base = ("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", STEPS, "--batch", BATCH,
@@ -212,11 +142,11 @@ def test_lease_the_budget_cannot_cover_is_refused_with_the_estimate(
 
 
 def test_worker_requiring_a_lease_refuses_a_load_without_its_token(
-        run_arceus, arceus_bin, procs, tmp_path, small_fashion, small_mlp_spec):
+        run_arceus, add_account, market, leased_worker, worker, tmp_path, small_fashion, small_mlp_spec):
     db = tmp_path / "market.db"
-    alice = add_account(run_arceus, db, "alice")
-    market = start_market(arceus_bin, db, procs)
-    _, w = start_provider(arceus_bin, market, alice, procs, 500 * MICRO)
+    alice = add_account(db, "alice")
+    market = market(db, "--offline-after", "3600")
+    w = leased_worker(market, alice, 500 * MICRO)
 
     base = ("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", 2, "--batch", 32,
             "--eval-every", 0)
@@ -239,29 +169,27 @@ def test_worker_requiring_a_lease_refuses_a_load_without_its_token(
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
     # a plain worker (no market) still takes a Load without any token
-    plain = Proc([str(arceus_bin), "worker", "--listen", "127.0.0.1:0", "--threads", "1"],
-                 r"arceus worker: listening on (\S+:\d+)", "worker")
-    procs.append(plain)
+    plain = worker()
     p = run_arceus(*base, "--workers", plain.addr)
     assert p.returncode == 0, p.stderr[-3000:]
 
 
 def test_training_stops_with_a_checkpoint_when_the_budget_runs_out(
-        run_arceus, arceus_bin, procs, tmp_path, small_fashion, small_mlp_spec):
+        run_arceus, add_account, market, leased_worker, tmp_path, small_fashion, small_mlp_spec):
     """The estimate splits the FLOPs by speed; the plan below puts more of them
     on the dearer provider, so the real cost per step is above the estimate:
     a --max-credits between the two is accepted up front and runs out before
     the last step. The driver saves a checkpoint and stops, paid in full."""
     steps = 40
     db = tmp_path / "market.db"
-    renter = add_account(run_arceus, db, "renter", "100")
-    alice = add_account(run_arceus, db, "alice")
-    bob = add_account(run_arceus, db, "bob")
-    market = start_market(arceus_bin, db, procs)
+    renter = add_account(db, "renter", "100")
+    alice = add_account(db, "alice")
+    bob = add_account(db, "bob")
+    market = market(db, "--offline-after", "3600")
     # bob: fast and dear, ranked first (more speed per credit); alice: slow and cheap
     price_b, price_a = 700 * MICRO, 400 * MICRO
-    pid_b, _ = start_provider(arceus_bin, market, bob, procs, price_b, gflops=1000.0)
-    pid_a, _ = start_provider(arceus_bin, market, alice, procs, price_a, gflops=150.0)
+    leased_worker(market, bob, price_b, gflops=1000.0)
+    leased_worker(market, alice, price_a, gflops=150.0)
 
     total = sum(layer_flops(i) for i in range(3))
     share_b = round(total * 1000.0 / 1150.0)

@@ -15,10 +15,9 @@ every balance equals the sum of its ledger rows.
 """
 
 import re
-import sqlite3
 
+from conftest import query
 from test_market_train import cost
-from test_provide import add_account, procs, start_market, start_provider  # noqa: F401
 
 MICRO = 1_000_000
 BATCH, STEPS = 64, 40
@@ -38,36 +37,28 @@ def micro(price):
     return int(whole) * MICRO + int(frac)
 
 
-def query(db, sql):
-    con = sqlite3.connect(str(db))
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 def test_three_providers_two_renters_at_once_are_paid_their_flops(
-        run_arceus, procs, tmp_path, small_mlp_spec, small_fashion):
+        run_arceus, add_account, procs, tmp_path, small_mlp_spec, small_fashion):
     db = tmp_path / "market.db"
     owners = ["alice", "bob", "carol"]
-    tokens = {name: add_account(run_arceus, db, name) for name in owners}
-    renter_a = add_account(run_arceus, db, "renter-a", "1000")
-    renter_b = add_account(run_arceus, db, "renter-b", "1000")
-    market = start_market(procs, db)
+    tokens = {name: add_account(db, name) for name in owners}
+    renter_a = add_account(db, "renter-a", "1000")
+    renter_b = add_account(db, "renter-b", "1000")
+    market = procs.market(db)
     prices = {"alice": "400", "bob": "550", "carol": "700"}
     providers = {}
     for name in owners:
-        p = start_provider(procs, market, tokens[name], "--price", prices[name], name=f"provide-{name}")
+        p = procs.provider(market, tokens[name], "--price", prices[name], name=f"provide-{name}")
         providers[p.id] = (name, micro(p.price))
         assert micro(p.price) == int(prices[name]) * MICRO
 
     base = ("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", STEPS,
             "--batch", BATCH, "--eval-every", 0, "--threads", 1, "--market", market.addr)
     # started together; each waits for its own lease, then both train at once
-    a = procs("renter-a", *base, "--token", renter_a, "--devices", 2, "--plan", "0,1-2")
-    b = procs("renter-b", *base, "--token", renter_b, "--devices", 1)
+    a = procs.start("renter-a", *base, "--token", renter_a, "--devices", 2, "--plan", "0,1-2")
+    b = procs.start("renter-b", *base, "--token", renter_b, "--devices", 1)
     for r in (a, b):
-        rc = r.proc.wait(timeout=300)
+        rc = r.wait(timeout=300)
         assert rc == 0, f"{r.name} exited {rc}\nstdout:\n{r.out()[-3000:]}\nstderr:\n{r.err()[-3000:]}"
         assert re.search(r"lease \d+ released: job \d+ done", r.out()), r.out()
 

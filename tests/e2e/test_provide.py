@@ -4,129 +4,22 @@ processes on 127.0.0.1 (port 0).
 
 Every process writes its stdout and stderr to files in tmp_path (polled, so
 no test can hang on a pipe) and is stopped in teardown: SIGTERM, exit 0
-expected (unless the test killed it on purpose), no sanitizer report.
+expected (unless the test killed it on purpose), no sanitizer report (the
+`procs` fixture of conftest.py).
 """
 
 import os
 import re
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
 
-from conftest import SANITIZER_MARKERS, _env
+from conftest import wait_for
 
-TOKEN_RE = re.compile(r"^token: ([0-9a-f]{64})$", re.M)
-SERVING_RE = re.compile(r"^arceus provide: provider (\d+) serving on (127\.0\.0\.1:(\d+)) "
-                        r"\(([\d.]+) GFLOP/s, ([\d.]+) GiB, price ([\d.]+)\)$", re.M)
 MLP_RUN = ("--steps", "6", "--batch", "32", "--micro-batches", "4", "--eval-every", "3",
            "--threads", "1")
-
-
-def wait_for(what, fn, timeout):
-    """Poll fn() until it returns something truthy; fail after timeout s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
-class Proc:
-    """An arceus process with stdout/stderr in files."""
-
-    def __init__(self, binary, tmp_path, name, *args):
-        self.name = name
-        self.out_path = tmp_path / f"{name}.out"
-        self.err_path = tmp_path / f"{name}.err"
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([str(binary), *map(str, args)], stdout=out, stderr=err,
-                                         env=_env())
-        self.killed = False
-
-    def out(self):
-        return self.out_path.read_text(errors="replace")
-
-    def err(self):
-        return self.err_path.read_text(errors="replace")
-
-    def wait_stdout(self, regex, timeout=60):
-        def seen():
-            m = regex.search(self.out())
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.name} exited {self.proc.returncode} before printing "
-                            f"{regex.pattern!r}\nstdout:\n{self.out()}\nstderr:\n{self.err()[-3000:]}")
-            return None
-        return wait_for(f"{self.name} to print {regex.pattern!r}", seen, timeout)
-
-    def stop(self, sig=signal.SIGTERM, timeout=60):
-        if self.proc.poll() is None:
-            if sig == signal.SIGKILL:
-                self.killed = True
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"{self.name} did not stop within {timeout}s\n{self.err()[-3000:]}")
-        return self.proc.returncode
-
-
-@pytest.fixture
-def procs(arceus_bin, tmp_path):
-    """procs(name, *args) starts `arceus ARGS`; all are stopped and checked in teardown."""
-    started = []
-
-    def start(name, *args):
-        p = Proc(arceus_bin, tmp_path, name, *args)
-        started.append(p)
-        return p
-
-    yield start
-    problems = []
-    for p in started:
-        running = p.proc.poll() is None
-        rc = p.stop()
-        if running and rc != 0:
-            problems.append(f"{p.name} exited {rc} on SIGTERM:\n{p.err()[-3000:]}")
-        if rc < 0 and not p.killed:
-            problems.append(f"{p.name} died from signal {-rc}")
-        for marker in SANITIZER_MARKERS:
-            if marker in p.err():
-                problems.append(f"sanitizer report in {p.name}:\n{p.err()[-6000:]}")
-    assert not problems, "\n".join(problems)
-
-
-def start_market(procs, db, listen="127.0.0.1:0", *extra, name="market"):
-    m = procs(name, "market", "--listen", listen, "--db", db, *extra)
-    match = m.wait_stdout(re.compile(r"^arceus market: listening on (127\.0\.0\.1:(\d+))$", re.M))
-    assert match.group(2) != "0"
-    m.addr = match.group(1)
-    return m
-
-
-def add_account(run_arceus, db, name, credits="0"):
-    p = run_arceus("market", "add-account", name, "--db", db, "--credits", credits, check=True)
-    m = TOKEN_RE.search(p.stdout)
-    assert m, p.stdout
-    return m.group(1)
-
-
-def start_provider(procs, market, token, *extra, name="provide"):
-    p = procs(name, "provide", "--market", market.addr, "--token", token, "--max-threads", "1",
-              "--heartbeat", "1", *extra)
-    m = p.wait_stdout(SERVING_RE)
-    p.id, p.addr = int(m.group(1)), m.group(2)
-    p.gflops, p.gib, p.price = float(m.group(4)), float(m.group(5)), m.group(6)
-    return p
 
 
 def provider_rows(run_arceus, market, token, all_=False):
@@ -150,12 +43,12 @@ def seen_ago(row):
 # ---------------------------------------------------------------------------
 
 
-def test_provider_registers_its_measured_profile(run_arceus, procs, tmp_path):
+def test_provider_registers_its_measured_profile(run_arceus, add_account, market, provider, tmp_path):
     db = tmp_path / "market.db"
-    alice = add_account(run_arceus, db, "alice")
-    renter = add_account(run_arceus, db, "bob")
-    market = start_market(procs, db)
-    p = start_provider(procs, market, alice, "--max-mem", "512M", "--price", "2.5")
+    alice = add_account(db, "alice")
+    renter = add_account(db, "bob")
+    market = market(db)
+    p = provider(market, alice, "--max-mem", "512M", "--price", "2.5")
     assert re.search(r"^arceus provide: running at nice (\d+)", p.out(), re.M), p.out()
     # the whole process runs at low priority (threads inherit it)
     assert os.getpriority(os.PRIO_PROCESS, p.proc.pid) >= 10
@@ -173,7 +66,7 @@ def test_provider_registers_its_measured_profile(run_arceus, procs, tmp_path):
     assert row[7] == "2.500000", row
 
     # without --max-mem the advertised memory is what is free, no more
-    q = start_provider(procs, market, alice, "--max-mem", "64T", name="provide-big")
+    q = provider(market, alice, "--max-mem", "64T", name="provide-big")
     free_kb = int(re.search(r"^MemAvailable:\s+(\d+) kB", open("/proc/meminfo").read(), re.M).group(1))
     assert 0 < q.gib <= free_kb / 2**20 * 1.25 + 0.1, (q.gib, free_kb)
     assert set(provider_rows(run_arceus, market, renter)) == {p.id, q.id}
@@ -187,10 +80,10 @@ def test_bad_max_mem_is_a_clear_usage_error(run_arceus, size):
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-def test_bad_token_cannot_register(run_arceus, procs, tmp_path):
+def test_bad_token_cannot_register(run_arceus, add_account, market, provider, tmp_path):
     db = tmp_path / "market.db"
-    alice = add_account(run_arceus, db, "alice")
-    market = start_market(procs, db)
+    alice = add_account(db, "alice")
+    market = market(db)
     for token, why in (("0" * 64, "unknown account token"), ("not-a-token", "malformed account token")):
         p = run_arceus("provide", "--market", market.addr, "--token", token, "--max-threads", "1",
                        timeout=60)
@@ -202,18 +95,18 @@ def test_bad_token_cannot_register(run_arceus, procs, tmp_path):
     assert provider_rows(run_arceus, market, alice, all_=True) == {}
 
 
-def test_two_providers_train_through_the_market_equal_single_process(run_arceus, procs, tmp_path,
-                                                                     small_mlp_spec, small_fashion):
+def test_two_providers_train_through_the_market_equal_single_process(run_arceus, add_account, market, provider,
+                                                                     tmp_path, small_mlp_spec, small_fashion):
     """Providers host only what they are leased for: a renter trains on them
     through the market (the lease token opens their workers), and the result
     equals a single-process run byte for byte."""
     db = tmp_path / "market.db"
-    alice = add_account(run_arceus, db, "alice")
-    carol = add_account(run_arceus, db, "carol")
-    renter = add_account(run_arceus, db, "renter", "1000")
-    market = start_market(procs, db)
-    p1 = start_provider(procs, market, alice, name="provide-1")
-    p2 = start_provider(procs, market, carol, name="provide-2")
+    alice = add_account(db, "alice")
+    carol = add_account(db, "carol")
+    renter = add_account(db, "renter", "1000")
+    market = market(db)
+    p1 = provider(market, alice, name="provide-1")
+    p2 = provider(market, carol, name="provide-2")
     rows = provider_rows(run_arceus, market, alice)
     addrs = [rows[p1.id][2], rows[p2.id][2]]
     assert addrs == [p1.addr, p2.addr]
@@ -230,13 +123,14 @@ def test_two_providers_train_through_the_market_equal_single_process(run_arceus,
         assert "refused" not in q.err(), q.err()
 
 
-def test_provider_refuses_a_plain_workers_run(run_arceus, procs, tmp_path, small_mlp_spec, small_fashion):
+def test_provider_refuses_a_plain_workers_run(run_arceus, add_account, market, provider, tmp_path, small_mlp_spec,
+                                              small_fashion):
     """`arceus train --workers ADDR` straight at a provider carries no lease
     token: the provider's worker refuses the Load and the driver says why."""
     db = tmp_path / "market.db"
-    alice = add_account(run_arceus, db, "alice")
-    market = start_market(procs, db)
-    p = start_provider(procs, market, alice)
+    alice = add_account(db, "alice")
+    market = market(db)
+    p = provider(market, alice)
     r = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", "2",
                    "--batch", "32", "--eval-every", "0", "--threads", "1", "--workers", p.addr,
                    "--out", tmp_path / "ckpt")
@@ -249,22 +143,22 @@ def test_provider_refuses_a_plain_workers_run(run_arceus, procs, tmp_path, small
     assert p.id in provider_rows(run_arceus, market, alice)
 
 
-def test_provider_reregisters_after_market_restart(run_arceus, procs, tmp_path):
+def test_provider_reregisters_after_market_restart(run_arceus, add_account, market, provider, tmp_path):
     db = tmp_path / "market.db"
-    alice = add_account(run_arceus, db, "alice")
-    market = start_market(procs, db, "127.0.0.1:0", "--offline-after", "2")
-    p = start_provider(procs, market, alice)
-    assert p.id in provider_rows(run_arceus, market, alice)
+    alice = add_account(db, "alice")
+    first = market(db, "--offline-after", "2")
+    p = provider(first, alice)
+    assert p.id in provider_rows(run_arceus, first, alice)
 
-    market.stop(signal.SIGKILL)
+    first.stop(signal.SIGKILL)
     wait_for("the provider to notice the outage", lambda: "market unreachable" in p.err(), 10)
     time.sleep(1.5)  # a few failed heartbeats: still one warning for the whole outage
     # the worker keeps serving meanwhile
     socket.create_connection(("127.0.0.1", int(p.addr.split(":")[1])), timeout=5).close()
     assert p.proc.poll() is None
 
-    restarted = start_market(procs, db, market.addr, "--offline-after", "2", name="market-2")
-    assert restarted.addr == market.addr
+    restarted = market(db, "--offline-after", "2", listen=first.addr, name="market-2")
+    assert restarted.addr == first.addr
     wait_for("the provider to register again", lambda: "registered again" in p.err(), 10)
 
     def online_and_fresh():
@@ -280,11 +174,11 @@ def test_provider_reregisters_after_market_restart(run_arceus, procs, tmp_path):
     assert err.count("registered again") == 1, err
 
 
-def test_sigterm_stops_cleanly_and_provider_goes_offline(run_arceus, procs, tmp_path):
+def test_sigterm_stops_cleanly_and_provider_goes_offline(run_arceus, add_account, market, provider, tmp_path):
     db = tmp_path / "market.db"
-    alice = add_account(run_arceus, db, "alice")
-    market = start_market(procs, db, "127.0.0.1:0", "--offline-after", "2")
-    p = start_provider(procs, market, alice)
+    alice = add_account(db, "alice")
+    market = market(db, "--offline-after", "2")
+    p = provider(market, alice)
     assert p.id in provider_rows(run_arceus, market, alice)
 
     t0 = time.monotonic()

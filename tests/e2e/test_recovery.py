@@ -19,15 +19,12 @@ the market killed and restarted on its database mid-run.
 
 import json
 import signal
-import sqlite3
-import subprocess
 import time
 
 import pytest
 
-from conftest import CONFIGS, SANITIZER_MARKERS, _env
-from test_market import add_account
-from test_market_train import MICRO, Proc, balances, ledger_total, procs, start_provider  # noqa: F401 (procs: a fixture)
+from conftest import CONFIGS, SANITIZER_MARKERS, query
+from test_market_train import MICRO, balances, ledger_total
 
 grpc = pytest.importorskip("grpc")
 
@@ -48,91 +45,50 @@ def reference(run_arceus, corpus, tmp_path_factory):
     return (out / "model.safetensors").read_bytes()
 
 
-def query(db, sql, *args):
-    con = sqlite3.connect(str(db), timeout=30)
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
-
-
 def steps_logged(log):
     if not log.exists():
         return 0
     return sum(1 for line in log.read_text().splitlines() if '"loss"' in line)
 
 
-class Train:
-    """arceus train in the background, its output in files."""
-
-    def __init__(self, arceus_bin, tmp_path, name, args):
-        self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([str(arceus_bin), "train", *map(str, args)], stdout=out, stderr=err,
-                                         text=True, env=_env())
-
-    def wait_for_step(self, log, n, timeout=240):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None and steps_logged(log) < n:
-            time.sleep(0.01)
-        assert self.proc.poll() is None, f"the run ended before step {n}:\n{self.err()[-3000:]}"
-        assert steps_logged(log) >= n, f"step {n} not reached in {timeout} s"
-
-    def finish(self, timeout=300):
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        err = self.err()
-        for marker in SANITIZER_MARKERS:
-            assert marker not in err, err[-6000:]
-        return rc, self.out_path.read_text(), err
-
-    def err(self):
-        return self.err_path.read_text()
+def wait_for_step(train, log, n, timeout=240):
+    """Wait until the background driver `train` has logged step n."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and train.running() and steps_logged(log) < n:
+        time.sleep(0.01)
+    assert train.running(), f"the run ended before step {n}:\n{train.err()[-3000:]}"
+    assert steps_logged(log) >= n, f"step {n} not reached in {timeout} s"
 
 
-def kill(proc, procs, sig):
-    """End a worker or provider for good and keep it out of the teardown."""
-    proc.proc.send_signal(sig)
-    if sig == signal.SIGSTOP:
-        return
-    proc.proc.communicate()
-    procs.remove(proc)
+def finish(train, timeout=300):
+    """Wait for the background driver: (exit code, stdout, stderr), no sanitizer report."""
+    rc = train.wait(timeout)
+    err = train.err()
+    for marker in SANITIZER_MARKERS:
+        assert marker not in err, err[-6000:]
+    return rc, train.out(), err
 
 
-def forget(proc, procs):
-    """A stopped worker: killed at the end (it never answers SIGTERM)."""
-    proc.proc.kill()
-    proc.proc.communicate()
-    procs.remove(proc)
+def start_train(procs, name, args):
+    return procs.start(name, "train", *args)
 
 
 # ---------------------------------------------------------------------------
 # Workers of one's own: a spare replaces the lost stage
 # ---------------------------------------------------------------------------
 
-def start_worker(arceus_bin, procs):
-    w = Proc([str(arceus_bin), "worker", "--listen", "127.0.0.1:0", "--threads", "1"],
-             r"arceus worker: listening on (\S+:\d+)", "worker")
-    procs.append(w)
-    return w
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
-def test_a_spare_worker_replaces_a_lost_stage(arceus_bin, procs, tmp_path, corpus, reference, sig):
-    ws = [start_worker(arceus_bin, procs) for _ in range(4)]
+def test_a_spare_worker_replaces_a_lost_stage(procs, tmp_path, corpus, reference, sig):
+    ws = [procs.worker() for _ in range(4)]
     log, out = tmp_path / "log.jsonl", tmp_path / "out"
-    train = Train(arceus_bin, tmp_path, "train",
-                  [*COMMON, *PIPE, "--data", corpus, "--workers", ",".join(w.addr for w in ws),
-                   "--spares", "1", "--out", out, "--log", log])
-    train.wait_for_step(log, KILL_AT)
-    kill(ws[1], procs, sig)
-    rc, stdout, err = train.finish()
+    train = start_train(procs, "train",
+                        [*COMMON, *PIPE, "--data", corpus, "--workers", ",".join(w.addr for w in ws),
+                         "--spares", "1", "--out", out, "--log", log])
+    wait_for_step(train, log, KILL_AT)
+    ws[1].kill(sig)
+    rc, stdout, err = finish(train)
     if sig == signal.SIGSTOP:
-        forget(ws[1], procs)
+        ws[1].kill()  # stopped: it never answers SIGTERM
     assert rc == 0, err[-3000:]
     why = "no answer for 2 s" if sig == signal.SIGSTOP else "unreachable"
     assert f"stage 1 ({ws[1].addr}) lost: {why}" in err, err[-3000:]
@@ -143,15 +99,15 @@ def test_a_spare_worker_replaces_a_lost_stage(arceus_bin, procs, tmp_path, corpu
     assert not (out / ".pending").exists()
 
 
-def test_without_a_spare_the_lost_stage_ends_the_run(arceus_bin, procs, tmp_path, corpus):
-    ws = [start_worker(arceus_bin, procs) for _ in range(3)]
+def test_without_a_spare_the_lost_stage_ends_the_run(procs, tmp_path, corpus):
+    ws = [procs.worker() for _ in range(3)]
     log, out = tmp_path / "log.jsonl", tmp_path / "out"
-    train = Train(arceus_bin, tmp_path, "train",
-                  [*COMMON, *PIPE, "--data", corpus, "--workers", ",".join(w.addr for w in ws),
-                   "--out", out, "--log", log])
-    train.wait_for_step(log, KILL_AT)
-    kill(ws[2], procs, signal.SIGKILL)
-    rc, _, err = train.finish()
+    train = start_train(procs, "train",
+                        [*COMMON, *PIPE, "--data", corpus, "--workers", ",".join(w.addr for w in ws),
+                         "--out", out, "--log", log])
+    wait_for_step(train, log, KILL_AT)
+    ws[2].kill(signal.SIGKILL)
+    rc, _, err = finish(train)
     assert rc == 1, err[-3000:]
     assert f"stage 2 ({ws[2].addr}) lost: unreachable, and no spare worker to replace it" in err, err[-3000:]
     # the last checkpoint is whole: a later --resume continues from it
@@ -163,20 +119,13 @@ def test_without_a_spare_the_lost_stage_ends_the_run(arceus_bin, procs, tmp_path
 # Through the market
 # ---------------------------------------------------------------------------
 
-def start_market_at(arceus_bin, db, listen, procs):
-    m = Proc([str(arceus_bin), "market", "--listen", listen, "--db", str(db), "--offline-after", "3600"],
-             r"arceus market: listening on (127\.0\.0\.1:\d+)$", "market")
-    procs.append(m)
-    return m
-
-
-def market_setup(run_arceus, arceus_bin, procs, tmp_path, providers):
+def market_setup(add_account, procs, tmp_path, providers):
     db = tmp_path / "market.db"
-    renter = add_account(run_arceus, db, "renter", "1000")
-    owners = [add_account(run_arceus, db, f"p{i}") for i in range(providers)]
-    market = start_market_at(arceus_bin, db, "127.0.0.1:0", procs)
-    ps = [start_provider(arceus_bin, market, t, procs, (400 + 100 * i) * MICRO) for i, t in enumerate(owners)]
-    return db, renter, market, {pid: w for pid, w in ps}
+    renter = add_account(db, "renter", "1000")
+    owners = [add_account(db, f"p{i}") for i in range(providers)]
+    market = procs.market(db, "--offline-after", "3600")
+    ps = [procs.leased_worker(market, t, (400 + 100 * i) * MICRO) for i, t in enumerate(owners)]
+    return db, renter, market, {w.id: w for w in ps}
 
 
 def market_args(corpus, market, renter, out, log):
@@ -223,14 +172,14 @@ def check_paid_once(db, stages=lambda step: 3):
         assert bal[name] == amount, name
 
 
-def test_the_market_replaces_a_lost_provider(run_arceus, arceus_bin, procs, tmp_path, corpus, reference):
-    db, renter, market, workers = market_setup(run_arceus, arceus_bin, procs, tmp_path, 4)
+def test_the_market_replaces_a_lost_provider(add_account, procs, tmp_path, corpus, reference):
+    db, renter, market, workers = market_setup(add_account, procs, tmp_path, 4)
     log, out = tmp_path / "log.jsonl", tmp_path / "out"
-    train = Train(arceus_bin, tmp_path, "train", market_args(corpus, market, renter, out, log))
-    train.wait_for_step(log, KILL_AT)
+    train = start_train(procs, "train", market_args(corpus, market, renter, out, log))
+    wait_for_step(train, log, KILL_AT)
     (lost,), = query(db, "SELECT provider_id FROM lease_members WHERE stage = 1")
-    kill(workers[lost], procs, signal.SIGKILL)
-    rc, stdout, err = train.finish()
+    workers[lost].kill(signal.SIGKILL)
+    rc, stdout, err = finish(train)
     assert rc == 0, err[-3000:]
     assert f"stage 1 ({workers[lost].addr}) lost: unreachable" in err, err[-3000:]
     assert "replaces it" in stdout and "released: job 1 done" in stdout, stdout[-3000:]
@@ -251,16 +200,16 @@ def test_the_market_replaces_a_lost_provider(run_arceus, arceus_bin, procs, tmp_
     assert query(db, "SELECT status, step FROM jobs") == [("done", STEPS)]
 
 
-def test_a_stopped_provider_and_no_free_one_the_run_goes_on_with_two(run_arceus, arceus_bin, procs, tmp_path,
-                                                                    corpus, reference):
-    db, renter, market, workers = market_setup(run_arceus, arceus_bin, procs, tmp_path, 3)
+def test_a_stopped_provider_and_no_free_one_the_run_goes_on_with_two(add_account, procs, tmp_path, corpus,
+                                                                    reference):
+    db, renter, market, workers = market_setup(add_account, procs, tmp_path, 3)
     log, out = tmp_path / "log.jsonl", tmp_path / "out"
-    train = Train(arceus_bin, tmp_path, "train", market_args(corpus, market, renter, out, log))
-    train.wait_for_step(log, KILL_AT)
+    train = start_train(procs, "train", market_args(corpus, market, renter, out, log))
+    wait_for_step(train, log, KILL_AT)
     (lost,), = query(db, "SELECT provider_id FROM lease_members WHERE stage = 2")
-    kill(workers[lost], procs, signal.SIGSTOP)
-    rc, stdout, err = train.finish()
-    forget(workers[lost], procs)
+    workers[lost].kill(signal.SIGSTOP)
+    rc, stdout, err = finish(train)
+    workers[lost].kill()  # stopped: it never answers SIGTERM
     assert rc == 0, err[-3000:]
     assert f"stage 2 ({workers[lost].addr}) lost: no answer for 2 s" in err, err[-3000:]
     assert "no free provider to replace stage 2: going on with 2" in stdout, stdout[-3000:]
@@ -275,14 +224,14 @@ def test_a_stopped_provider_and_no_free_one_the_run_goes_on_with_two(run_arceus,
     assert query(db, "SELECT MAX(step) FROM usage WHERE provider_id = ?", lost) == [(kept - 1,)]
 
 
-def test_the_driver_killed_and_resumed_continues_its_job(run_arceus, arceus_bin, procs, tmp_path, corpus,
+def test_the_driver_killed_and_resumed_continues_its_job(run_arceus, add_account, procs, tmp_path, corpus,
                                                          reference):
-    db, renter, market, _ = market_setup(run_arceus, arceus_bin, procs, tmp_path, 3)
+    db, renter, market, _ = market_setup(add_account, procs, tmp_path, 3)
     log, out = tmp_path / "log.jsonl", tmp_path / "out"
-    train = Train(arceus_bin, tmp_path, "first", market_args(corpus, market, renter, out, log))
-    train.wait_for_step(log, KILL_AT)
-    train.proc.send_signal(signal.SIGKILL)
-    train.finish()
+    train = start_train(procs, "first", market_args(corpus, market, renter, out, log))
+    wait_for_step(train, log, KILL_AT)
+    train.kill()
+    finish(train)
     kept = json.loads((out / "state.json").read_text())["step"]
     assert kept % EVERY == 0 and kept >= 3 * EVERY
     paid_before = query(db, "SELECT MAX(step) FROM usage")[0][0]
@@ -299,18 +248,16 @@ def test_the_driver_killed_and_resumed_continues_its_job(run_arceus, arceus_bin,
     assert query(db, "SELECT COUNT(*) FROM leases WHERE released IS NULL") == [(0,)]
 
 
-def test_the_market_killed_and_restarted_mid_run(run_arceus, arceus_bin, procs, tmp_path, corpus, reference):
-    db, renter, market, _ = market_setup(run_arceus, arceus_bin, procs, tmp_path, 3)
+def test_the_market_killed_and_restarted_mid_run(add_account, procs, tmp_path, corpus, reference):
+    db, renter, market, _ = market_setup(add_account, procs, tmp_path, 3)
     log, out = tmp_path / "log.jsonl", tmp_path / "out"
-    train = Train(arceus_bin, tmp_path, "train", market_args(corpus, market, renter, out, log))
-    train.wait_for_step(log, KILL_AT)
-    market.proc.send_signal(signal.SIGKILL)
-    market.proc.communicate()
-    procs.remove(market)
+    train = start_train(procs, "train", market_args(corpus, market, renter, out, log))
+    wait_for_step(train, log, KILL_AT)
+    market.kill()
     before = query(db, "SELECT id, transfer_id, account_id, amount, reason, job_id, step FROM ledger ORDER BY id")
     time.sleep(3)
-    market = start_market_at(arceus_bin, db, market.addr, procs)
-    rc, stdout, err = train.finish()
+    market = procs.market(db, "--offline-after", "3600", listen=market.addr)
+    rc, stdout, err = finish(train)
     assert rc == 0, err[-3000:]
     assert "training goes on" in err and "gave up" not in err, err[-3000:]
     assert "released: job 1 done" in stdout, stdout[-3000:]

@@ -6,6 +6,7 @@ leaving a checkpoint at N, with the learning-rate schedule still computed for
 """
 
 import json
+import time
 
 import pytest
 
@@ -108,9 +109,21 @@ def test_sgd_resume_is_exact(run_arceus, tmp_path, small_fashion, small_mlp_spec
     _same_checkpoint(full, half)
 
 
-def test_ckpt_every_matches_stop_after(run_arceus, tmp_path, small_fashion, small_mlp_spec):
+def _steps_logged(log):
+    """The training steps in a --log so far (complete lines only: the run may
+    have been killed while writing one)."""
+    text = log.read_text() if log.exists() else ""
+    lines = text.splitlines(keepends=True)
+    return [json.loads(line)["step"] for line in lines
+            if line.endswith("\n") and '"loss"' in line and "val_loss" not in line]
+
+
+def test_ckpt_every_matches_stop_after(run_arceus, procs, tmp_path, small_fashion, small_mlp_spec):
     """The checkpoint written by --ckpt-every at step N is the same as the one
-    --stop-after N leaves."""
+    --stop-after N leaves. And --checkpoint-every K writes one at every K-th
+    step and there only: a run killed between two checkpoints resumes from
+    the last multiple of K it completed (not from the start, not from a later
+    step), and the resumed run ends bitwise where an uninterrupted one does."""
     _require_stop_after(run_arceus)
     args = ("--model", small_mlp_spec, "--data", small_fashion, "--batch", "32",
             "--eval-every", "0", "--steps", "12", "--quiet")
@@ -118,6 +131,40 @@ def test_ckpt_every_matches_stop_after(run_arceus, tmp_path, small_fashion, smal
     run_arceus("train", *args, "--stop-after", "6", "--out", a, check=True)
     run_arceus("train", *args, "--ckpt-every", "3", "--out", b, "--stop-after", "6", check=True)
     _same_checkpoint(a, b)
+
+    every = 5
+    long_run = ("--model", small_mlp_spec, "--data", small_fashion, "--batch", "32",
+                "--eval-every", "0", "--steps", "5000", "--quiet")
+    killed, log = tmp_path / "killed", tmp_path / "killed.jsonl"
+    train = procs.start("train", "train", *long_run, "--checkpoint-every", every, "--out", killed,
+                        "--log", log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and train.running() and len(_steps_logged(log)) < 2 * every + 2:
+        time.sleep(0.005)
+    assert train.running(), f"the run ended before it was killed:\n{train.err()[-3000:]}"
+    train.kill()
+    done = _steps_logged(log)
+    n = len(done)
+    assert done == list(range(1, n + 1)) and n >= 2 * every + 2, done
+    assert (killed / "state.json").exists() or (killed / ".pending" / "state.json").exists(), (
+        f"no checkpoint in {killed} after {n} steps with --checkpoint-every {every}")
+
+    # resumed: it goes on from the last multiple of `every` it completed (or,
+    # killed while writing that one, from the one before)
+    stop = every * (n // every + 1)
+    resumed_log = tmp_path / "resumed.jsonl"
+    run_arceus("train", "--resume", killed, "--data", small_fashion, "--stop-after", stop,
+               "--log", resumed_log, "--quiet", check=True)
+    resumed = _steps_logged(resumed_log)
+    kept = resumed[0] - 1
+    allowed = {every * (n // every)} | ({n - every} if n % every == 0 else set())
+    assert kept in allowed, (
+        f"killed after step {n} with --checkpoint-every {every}, the run resumed after step {kept}, "
+        f"not after {' or '.join(map(str, sorted(allowed)))}")
+    assert resumed == list(range(kept + 1, stop + 1)), resumed
+    uninterrupted = tmp_path / "uninterrupted"
+    run_arceus("train", *long_run, "--stop-after", stop, "--out", uninterrupted, check=True)
+    _same_checkpoint(uninterrupted, killed)
 
 
 @pytest.mark.parametrize("workers,schedule", [("local:2", "1f1b"), ("local:3", "1f1b"),

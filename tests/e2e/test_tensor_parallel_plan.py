@@ -8,7 +8,7 @@ traffic and are not counted)."""
 import re
 
 from conftest import CONFIGS
-from test_workers import addrs, workers  # noqa: F401  (the fixture)
+from test_workers import addrs
 
 GPT = CONFIGS / "gpt-tiny.json"
 RUN = ("--steps", "6", "--batch", "8", "--micro-batches", "4", "--eval-every", "2",

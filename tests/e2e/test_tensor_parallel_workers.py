@@ -13,7 +13,7 @@ import pytest
 
 from conftest import CONFIGS
 from test_tensor_parallel import MLP_RUN, RUN, _losses, _weights_close, mlp_matches_one_device
-from test_workers import addrs, kill_mid_run, workers  # noqa: F401  (the fixture)
+from test_workers import addrs, kill_mid_run
 
 GPT = CONFIGS / "gpt-tiny.json"  # 8 heads, 32 wide: 128 hidden units per block
 

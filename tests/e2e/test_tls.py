@@ -4,17 +4,13 @@
 every server is a real process on 127.0.0.1, port 0.
 """
 
-import re
-import signal
 import socket
 import subprocess
 import time
 
 import pytest
 
-from conftest import REPO, SANITIZER_MARKERS, _env
-
-TOKEN_RE = re.compile(r"token: ([0-9a-f]{64})")
+from conftest import REPO
 MLP_RUN = ("--steps", "4", "--batch", "32", "--micro-batches", "2", "--eval-every", "2",
            "--threads", "1")
 
@@ -43,59 +39,12 @@ def server_tls(c):
     return ("--tls-cert", c / "server.pem", "--tls-key", c / "server-key.pem")
 
 
-class Server:
-    """`arceus market|worker --listen 127.0.0.1:0 ...`, ready once it prints its address."""
-
-    def __init__(self, binary, cmd, *extra):
-        self.proc = subprocess.Popen(
-            [str(binary), cmd, "--listen", "127.0.0.1:0", *map(str, extra)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-        line = self.proc.stdout.readline()
-        m = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
-        if not m:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-            pytest.fail(f"{cmd} did not start: {line!r}\n{err[-3000:]}")
-        self.addr = m.group(1)
-        self.port = int(self.addr.rsplit(":", 1)[1])
-        self.stderr = None
-
-
 @pytest.fixture
-def servers(arceus_bin):
-    started = []
-
-    def start(cmd, *extra):
-        s = Server(arceus_bin, cmd, *extra)
-        started.append(s)
-        return s
-
-    yield start
-    problems = []
-    for s in started:
-        if s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGTERM)
-        try:
-            _, s.stderr = s.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            s.proc.kill()
-            _, s.stderr = s.proc.communicate()
-            problems.append(f"{s.addr} did not stop on SIGTERM")
-        if s.proc.returncode != 0:
-            problems.append(f"{s.addr} exited {s.proc.returncode}:\n{s.stderr[-3000:]}")
-        for marker in SANITIZER_MARKERS:
-            if marker in (s.stderr or ""):
-                problems.append(f"sanitizer report in {s.addr}:\n{s.stderr[-6000:]}")
-    assert not problems, "\n".join(problems)
-
-
-@pytest.fixture
-def tls_market(run_arceus, servers, certs, tmp_path):
+def tls_market(add_account, market, certs, tmp_path):
+    """A market serving TLS only (stopped and checked by the `procs` fixture), and an account's token."""
     db = tmp_path / "market.db"
-    p = run_arceus("market", "add-account", "alice", "--credits", "10", "--db", db, check=True)
-    m = TOKEN_RE.search(p.stdout)
-    assert m, p.stdout
-    return servers("market", "--db", db, *server_tls(certs)), m.group(1)
+    token = add_account(db, "alice", "10")
+    return market(db, *server_tls(certs)), token
 
 
 def test_market_with_tls_serves_clients_with_the_ca_only(run_arceus, tls_market, certs,
@@ -156,15 +105,15 @@ def test_tls_files_are_checked_up_front(run_arceus, certs, tmp_path, small_mlp_s
         assert msg in p.stderr, (args, p.stderr)
 
 
-def test_train_over_tls_workers_equals_plaintext_run(run_arceus, servers, certs, tmp_path,
+def test_train_over_tls_workers_equals_plaintext_run(run_arceus, worker, certs, tmp_path,
                                                     small_mlp_spec, small_fashion):
     args = ("--model", small_mlp_spec, "--data", small_fashion, *MLP_RUN, "--plan", "0-1,2-2")
-    plain = [servers("worker", "--threads", "1") for _ in range(2)]
+    plain = [worker() for _ in range(2)]
     run_arceus("train", *args, "--workers", ",".join(w.addr for w in plain),
                "--out", tmp_path / "plain", check=True)
 
     ca = ("--tls-ca", certs / "ca.pem")
-    tls = [servers("worker", "--threads", "1", *server_tls(certs), *ca) for _ in range(2)]
+    tls = [worker(*server_tls(certs), *ca) for _ in range(2)]
     workers = ",".join(w.addr for w in tls)
     p = run_arceus("train", *args, "--workers", workers, *ca, "--out", tmp_path / "tls",
                    check=True)

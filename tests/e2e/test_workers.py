@@ -1,7 +1,7 @@
 """The pipeline over gRPC: `arceus worker` processes on 127.0.0.1.
 
 Every worker is started on port 0 (the "listening on" line gives the port)
-and is always terminated in teardown. The driver runs with --threads 1 and
+and is always terminated in teardown (the `procs` fixture of conftest.py). The driver runs with --threads 1 and
 the workers with --threads 1, so the runs are bitwise comparable with one
 stage in one process.
 """
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import CONFIGS, REPO, assert_no_crash, read_log, _env
+from conftest import CONFIGS, REPO, read_log, _env
 from pbwire import decode, field_bytes, field_f32, field_varint, varint
 
 grpc = pytest.importorskip("grpc")
@@ -23,62 +23,8 @@ PROTOCOL_VERSION = 2
 
 
 # ---------------------------------------------------------------------------
-# Workers
+# Workers (the `workers` fixture of conftest.py starts them)
 # ---------------------------------------------------------------------------
-
-class Worker:
-    def __init__(self, binary, *extra):
-        self.proc = subprocess.Popen(
-            [str(binary), "worker", "--listen", "127.0.0.1:0", "--threads", "1", *map(str, extra)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-        line = self.proc.stdout.readline()
-        m = re.search(r"arceus worker: listening on (\S+:\d+)", line)
-        if not m:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-            pytest.fail(f"worker did not start: {line!r}\n{err[-3000:]}")
-        self.addr = m.group(1)
-        self.stderr = None
-
-    def stop(self, sig=signal.SIGTERM, timeout=60):
-        """Signal the worker and wait; returns its exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            _, self.stderr = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, self.stderr = self.proc.communicate()
-            pytest.fail(f"worker {self.addr} did not stop within {timeout}s")
-        return self.proc.returncode
-
-
-@pytest.fixture
-def workers(arceus_bin):
-    """workers(n) starts n workers; all are stopped (and checked) in teardown."""
-    started = []
-
-    def start(n, *extra):
-        ws = [Worker(arceus_bin, *extra) for _ in range(n)]
-        started.extend(ws)
-        return ws
-
-    yield start
-    problems = []
-    for w in started:
-        if w.proc.poll() is None:
-            rc = w.stop()
-            if rc != 0:
-                problems.append(f"worker {w.addr} exited {rc} on SIGTERM:\n{w.stderr[-3000:]}")
-        elif w.stderr is None:
-            _, w.stderr = w.proc.communicate()
-        if w.proc.returncode is not None and w.proc.returncode < 0 and w.proc.returncode != -signal.SIGKILL:
-            problems.append(f"worker {w.addr} died from signal {-w.proc.returncode}")
-        for marker in ("AddressSanitizer", "LeakSanitizer", "runtime error"):
-            if w.stderr and marker in w.stderr:
-                problems.append(f"sanitizer report in worker {w.addr}:\n{w.stderr[-6000:]}")
-    assert not problems, "\n".join(problems)
-
 
 def addrs(ws):
     return ",".join(w.addr for w in ws)
@@ -96,8 +42,7 @@ def kill_mid_run(cmd, log, victim, lines=3, timeout=120):
                 break
             time.sleep(0.1)
         assert driver.poll() is None, driver.communicate()[1][-3000:]
-        victim.proc.kill()
-        victim.proc.wait()
+        victim.kill()
         _, err = driver.communicate(timeout=timeout)
     finally:
         if driver.poll() is None:
