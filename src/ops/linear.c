@@ -33,8 +33,7 @@ void ar_linear_forward(float *out, const float *inp, const float *weight, const 
         return;
     }
     /* out (N,OUT) = inp (N,IN) . weight^T (IN,OUT) */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OUT, IN, 1.0f, inp, IN, weight, IN,
-                beta, out, OUT);
+    ar_sgemm(0, 1, N, OUT, IN, 1.0f, inp, IN, weight, IN, beta, out, OUT);
 }
 
 /* dout (N,OUT) -> dinp (N,IN) (may be NULL), dweight (OUT,IN), dbias (OUT) or NULL;
@@ -47,12 +46,10 @@ void ar_linear_backward(float *dinp, float *dweight, float *dbias, const float *
     if (IN > 0) {
         /* dinp (N,IN) += dout (N,OUT) . weight (OUT,IN) */
         if (dinp)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IN, OUT, 1.0f, dout, OUT,
-                        weight, IN, 1.0f, dinp, IN);
+            ar_sgemm(0, 0, N, IN, OUT, 1.0f, dout, OUT, weight, IN, 1.0f, dinp, IN);
         /* dweight (OUT,IN) += dout^T (OUT,N) . inp (N,IN) */
         if (dweight)
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OUT, IN, N, 1.0f, dout, OUT, inp,
-                        IN, 1.0f, dweight, IN);
+            ar_sgemm(1, 0, OUT, IN, N, 1.0f, dout, OUT, inp, IN, 1.0f, dweight, IN);
     }
     if (dbias) {
         /* Column sums of dout. Threads own disjoint column blocks and each

@@ -161,3 +161,26 @@ def test_local_pipeline_prints_plan_and_bubble(run_arceus, corpus):
     assert "predicted bubble" in p.stdout, p.stdout
     assert p.stdout.count("bubble") >= 3, p.stdout  # the plan, then each stage's measured bubble
     assert "theory 20.0%" in p.stdout, p.stdout     # (S-1)/(M+S-1) = 1/5
+
+
+# ---------------------------------------------------------------------------
+# The thread count does not change a result
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model,args", [
+    ("mlp-fashion.json", ("--batch", "128", "--steps", "8")),
+    ("gpt-tiny.json", ("--batch", "8", "--steps", "6")),
+])
+def test_one_and_two_threads_train_the_same_bits(run_arceus, tmp_path, fashion_dir, corpus, model, args):
+    """--threads 1 and --threads 2 give bitwise the same weights and losses:
+    every kernel's sums have a fixed order and split, whatever the threads
+    (a replay of a stage on another machine depends on it)."""
+    data = fashion_dir if model.startswith("mlp") else corpus
+    runs = []
+    for threads in ("1", "2"):
+        out, log = tmp_path / f"t{threads}", tmp_path / f"t{threads}.jsonl"
+        run_arceus("train", "--model", CONFIGS / model, "--data", data, *args, "--eval-every", "0",
+                   "--threads", threads, "--out", out, "--log", log, "--quiet", check=True)
+        runs.append(((out / "model.safetensors").read_bytes(), [r["loss"] for r in _step_lines(read_log(log))]))
+    assert runs[0][1] == runs[1][1], "the losses differ between 1 and 2 threads"
+    assert runs[0][0] == runs[1][0], "the weights differ between 1 and 2 threads"
