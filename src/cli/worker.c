@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 void ar_help_worker(void)
@@ -27,12 +28,15 @@ void ar_help_worker(void)
            "                       activations): bytes, or 512M, 4G, ... (the free memory\n"
            "                       at the time of the Load)\n"
            "  --max-pipes N        Pipe streams open at once from one client host (4)\n"
+           "  --idle-timeout S     free the loaded stage (and end its session) after S\n"
+           "                       seconds without a Pipe, Save or Restore (600)\n"
            "  --market HOST:PORT   serve market leases only: every Load must carry a lease\n"
            "                       token that this market confirms includes the provider\n"
            "  --token T            with --market: the provider's account token; without it:\n"
-           "                       a secret every Load must carry (arceus train\n"
-           "                       --worker-token T). With neither, anyone who can reach\n"
-           "                       the worker may load a stage on it\n"
+           "                       a secret of at least 16 characters every Load must\n"
+           "                       carry (arceus train --worker-token T; also\n"
+           "                       $ARCEUS_WORKER_TOKEN). With neither, anyone who can\n"
+           "                       reach the worker may load a stage on it\n"
            "  --provider-id ID     with --market: the id the market registered it under\n"
            "                       (arceus provide does all this by itself)\n"
            AR_CLI_TLS_SERVER_HELP
@@ -43,7 +47,7 @@ void ar_help_worker(void)
 int ar_cmd_worker(int argc, char **argv)
 {
     const char *listen = NULL, *market = NULL, *token = NULL;
-    int threads = 0, max_mb = 1024, max_pipes = AR_WORKER_DEFAULT_PIPES;
+    int threads = 0, max_mb = 1024, max_pipes = AR_WORKER_DEFAULT_PIPES, idle_s = (int)AR_WORKER_DEFAULT_IDLE_S;
     int64_t max_mem = 0;
     long provider_id = 0;
     ar_cli_tls tls = {0};
@@ -69,6 +73,8 @@ int ar_cmd_worker(int argc, char **argv)
                 rc = ar_parse_size("worker", v, &max_mem);
         } else if (!strcmp(name, "max-pipes"))
             rc = ar_args_int(&a, 1, 1024, &max_pipes);
+        else if (!strcmp(name, "idle-timeout"))
+            rc = ar_args_int(&a, 1, 7 * 24 * 3600, &idle_s);
         else if (!strcmp(name, "market"))
             rc = ar_args_string(&a, &market);
         else if (!strcmp(name, "token"))
@@ -88,8 +94,13 @@ int ar_cmd_worker(int argc, char **argv)
         ar_cli_error("worker", "--market, --token and --provider-id go together");
         return 2;
     }
-    if (token && !market && strlen(token) < 8) {
-        ar_cli_error("worker", "--token: a secret of at least 8 characters, please");
+    /* the secret may come from the environment, off the command line
+     * (where any user of the machine can read it) */
+    if (!token && !market && getenv("ARCEUS_WORKER_TOKEN") && getenv("ARCEUS_WORKER_TOKEN")[0])
+        token = getenv("ARCEUS_WORKER_TOKEN");
+    if (token && !market && (strlen(token) < AR_WORKER_MIN_TOKEN || strlen(token) > 255)) {
+        ar_cli_error("worker", "--token: a worker secret of %zu characters; it needs %d to 255 (a long "
+                     "random one: openssl rand -hex 32)", strlen(token), AR_WORKER_MIN_TOKEN);
         return 2;
     }
     if (!token)
@@ -104,7 +115,8 @@ int ar_cmd_worker(int argc, char **argv)
     ar_worker_config c = {.listen = listen, .threads = threads, .max_frame = (size_t)max_mb << 20,
                           .market = market, .market_token = market ? token : NULL,
                           .provider_id = provider_id, .load_token = market ? NULL : token,
-                          .max_mem = (uint64_t)max_mem, .max_pipes = max_pipes};
+                          .max_mem = (uint64_t)max_mem, .max_pipes = max_pipes,
+                          .idle_timeout_s = idle_s};
     ar_worker *w;
     char addr[200];
     if (ar_worker_start(&c, &w, addr, sizeof addr) != AR_OK) {
