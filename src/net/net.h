@@ -106,7 +106,7 @@ typedef void (*ar_rpc_fn)(ar_rpc *rpc, void *user);
 #define AR_SERVER_DEFAULT_CALLS_PER_PEER 64
 typedef struct {
     size_t max_message;     /* largest request message in bytes (gRPC refuses larger ones with
-                             * RESOURCE_EXHAUSTED before reading them); 0: no limit */
+                             * RESOURCE_EXHAUSTED once received); 0: no limit */
     int max_calls_per_peer; /* calls open at once from one peer host (any method); further
                              * ones are refused with RESOURCE_EXHAUSTED */
 } ar_server_limits;
