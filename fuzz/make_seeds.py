@@ -131,3 +131,17 @@ write("load", "gpt-tp-leader", load(gpt, 0, 2) + field_bytes(14, share("", 0, 1,
       field_bytes(14, share("127.0.0.1:5002", 1, 2, 16, 32)))
 write("load", "gpt-tp-rank", load(gpt, 1, 3, index=1, count=3, nxt="") +
       field_bytes(15, share("", 1, 2, 16, 32)))
+
+# ---- sessions (fuzz_session.c): byte 0 picks Pipe (0), Save (1) or Restore (2) --
+SESSION = "0123456789abcdef" * 4  # the harness's stage session
+write("session", "pipe-first-frame", bytes([0, 7]) + frame(9, step=5) + field_bytes(16, SESSION))
+write("session", "pipe-wrong-session", bytes([0, 3]) + field_varint(1, 1) +
+      field_bytes(16, SESSION[:-1] + "0") + field_bytes(10, b"\0" * 8))
+write("session", "save", bytes([1]) + field_bytes(1, SESSION))
+write("session", "restore-first-chunk", bytes([2]) + field_bytes(1, b"\0" * 16) + field_bytes(2, SESSION))
+write("session", "restore-empty-chunk", bytes([2]) + field_bytes(2, SESSION))
+# Load with the successor's session, and a leader with its member's
+write("load", "mlp-first-with-next-session", load(mlp, 0, 1, count=2, nxt="127.0.0.1:5002") +
+      field_bytes(16, SESSION))
+write("load", "gpt-tp-leader-sessions", load(gpt, 0, 2) + field_bytes(14, share("", 0, 1, 0, 16)) +
+      field_bytes(14, share("127.0.0.1:5002", 1, 2, 16, 32) + field_bytes(7, SESSION)))

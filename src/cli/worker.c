@@ -7,11 +7,12 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct {
     const char *listen, *market, *token;
-    int threads, max_frame_mb, max_pipes;
+    int threads, max_frame_mb, max_pipes, idle_timeout_s;
     int64_t max_mem; /* 0: the free memory at the time of the Load */
     long provider_id;
     ar_cli_tls tls;
@@ -32,13 +33,16 @@ static const ar_option worker_options[] = {
              "optimizer state, activations): bytes, or 512M, 4G, ..."},
     {.name = "max-pipes", .kind = AR_OPTION_INT, AT(max_pipes), .lo = 1, .hi = 1024, .metavar = "N",
      .def = AR_OPTION_STR(AR_WORKER_DEFAULT_PIPES), .help = "Pipe streams open at once from one client host"},
+    {.name = "idle-timeout", .kind = AR_OPTION_INT, AT(idle_timeout_s), .lo = 1, .hi = 7 * 24 * 3600,
+     .metavar = "S", .def = "600",
+     .help = "free the loaded stage (and end its session) after S seconds without a Pipe, Save or Restore"},
     {.name = "market", .kind = AR_OPTION_STRING, AT(market), .metavar = "HOST:PORT",
      .help = "serve market leases only: every Load must carry a lease token that this market confirms "
              "includes the provider"},
     {.name = "token", .kind = AR_OPTION_STRING, AT(token), .metavar = "T",
-     .help = "with --market: the provider's account token; without it: a secret every Load must carry "
-             "(arceus train --worker-token T). With neither, anyone who can reach the worker may load a "
-             "stage on it"},
+     .help = "with --market: the provider's account token; without it: a secret of at least 16 "
+             "characters every Load must carry (arceus train --worker-token T; also $ARCEUS_WORKER_TOKEN). "
+             "With neither, anyone who can reach the worker may load a stage on it"},
     {.name = "provider-id", .kind = AR_OPTION_LONG, AT(provider_id), .lo = 1, .hi = (int64_t)1 << 62,
      .metavar = "ID",
      .help = "with --market: the id the market registered it under (arceus provide does all this by "
@@ -77,8 +81,13 @@ static int run_worker(void *opts)
         ar_cli_error("worker", "--market, --token and --provider-id go together");
         return 2;
     }
-    if (token && !market && strlen(token) < 8) {
-        ar_cli_error("worker", "--token: a secret of at least 8 characters, please");
+    /* the secret may come from the environment, off the command line
+     * (where any user of the machine can read it) */
+    if (!token && !market && getenv("ARCEUS_WORKER_TOKEN") && getenv("ARCEUS_WORKER_TOKEN")[0])
+        token = getenv("ARCEUS_WORKER_TOKEN");
+    if (token && !market && (strlen(token) < AR_WORKER_MIN_TOKEN || strlen(token) > 255)) {
+        ar_cli_error("worker", "--token: a worker secret of %zu characters; it needs %d to 255 (a long "
+                     "random one: openssl rand -hex 32)", strlen(token), AR_WORKER_MIN_TOKEN);
         return 2;
     }
     if (!token)
@@ -94,7 +103,8 @@ static int run_worker(void *opts)
                           .max_frame = (size_t)o->max_frame_mb << 20,
                           .market = market, .market_token = market ? token : NULL,
                           .provider_id = provider_id, .load_token = market ? NULL : token,
-                          .max_mem = (uint64_t)o->max_mem, .max_pipes = o->max_pipes};
+                          .max_mem = (uint64_t)o->max_mem, .max_pipes = o->max_pipes,
+                          .idle_timeout_s = o->idle_timeout_s};
     ar_worker *w;
     char addr[200];
     if (ar_worker_start(&c, &w, addr, sizeof addr) != AR_OK) {

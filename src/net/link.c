@@ -37,10 +37,13 @@ static size_t put_varint(uint8_t *p, uint64_t v)
     return n;
 }
 
-/* Takes the frame's buffers. */
-static int frame_encode(ar_frame *f, grpc_byte_buffer **out)
+/* Takes the frame's buffers. session: the stage's session, on the first
+ * frame of a client's Pipe (NULL otherwise). */
+static int frame_encode(ar_frame *f, const char *session, grpc_byte_buffer **out)
 {
     Arceus__Frame h = ARCEUS__FRAME__INIT;
+    if (session)
+        h.session = (char *)session;
     h.kind = f->kind;
     h.step = f->step;
     h.mb = f->mb;
@@ -294,6 +297,73 @@ fail:
     return rc;
 }
 
+/* The session field (16) among the top-level fields of a message, without
+ * decoding the frames. 1 when present (buf gets it, or "" when it does not
+ * fit), 0 when absent or when the message is malformed before it. */
+static int session_of_segments(const uint8_t **ptr, const size_t *len, int nseg, char *buf, size_t size)
+{
+    cursor c = {.ptr = ptr, .len = len, .nseg = nseg};
+    for (int i = 0; i < nseg; i++)
+        c.left += len[i];
+    buf[0] = '\0';
+    while (c.left > 0) {
+        uint64_t key, n;
+        if (cur_varint(&c, &key) != 0)
+            return 0;
+        int field = (int)(key >> 3), wt = (int)(key & 7);
+        if (wt == 0) {
+            if (cur_varint(&c, &n) != 0)
+                return 0;
+        } else if (wt == 1 || wt == 5) {
+            if (cur_read(&c, NULL, wt == 1 ? 8 : 4) != 0)
+                return 0;
+        } else if (wt == 2) {
+            if (cur_varint(&c, &n) != 0 || n > c.left)
+                return 0;
+            if (field == 16) {
+                if (n < size) {
+                    if (cur_read(&c, buf, n) != 0)
+                        return 0;
+                    buf[n] = '\0';
+                    if (strlen(buf) != n) /* a NUL inside: not a session */
+                        buf[0] = '\0';
+                } else if (cur_read(&c, NULL, n) != 0) {
+                    return 0;
+                }
+                return 1;
+            }
+            if (cur_read(&c, NULL, n) != 0)
+                return 0;
+        } else {
+            return 0;
+        }
+    }
+    return 0;
+}
+
+int net_frames_session(grpc_byte_buffer *bb, char *buf, size_t size)
+{
+    buf[0] = '\0';
+    if (size == 0 || bb->type != GRPC_BB_RAW)
+        return 0;
+    const grpc_slice_buffer *sb = &bb->data.raw.slice_buffer;
+    if (sb->count > (size_t)0x7fffffff)
+        return 0;
+    const uint8_t **ptr = malloc(sizeof *ptr * (sb->count ? sb->count : 1));
+    size_t *len = malloc(sizeof *len * (sb->count ? sb->count : 1));
+    int found = 0;
+    if (ptr && len) {
+        for (size_t i = 0; i < sb->count; i++) {
+            ptr[i] = GRPC_SLICE_START_PTR(sb->slices[i]);
+            len[i] = GRPC_SLICE_LENGTH(sb->slices[i]);
+        }
+        found = session_of_segments(ptr, len, (int)sb->count, buf, size);
+    }
+    free(ptr);
+    free(len);
+    return found;
+}
+
 int ar_net_frame_decode(const void *data, size_t len, ar_frame *f)
 {
     const uint8_t *p = data;
@@ -524,6 +594,13 @@ struct glink {
     grpc_metadata_array st_trailing, init_md;
     int cancelled;
     ar_link *close_also;
+    /* sessions: a client's first frame carries `session` (net_link_set_session);
+     * a server end keeps what its first message carried */
+    char session[AR_SESSION_HEX + 1];
+    int session_sent;
+    int first_seen; /* server: the first message arrived (and was decoded) */
+    int first_has_session;
+    char first_session[AR_SESSION_HEX + 1];
 };
 
 static void link_unref(glink *l)
@@ -740,10 +817,17 @@ static void on_recv(net_tag *t, int ok)
         grpc_byte_buffer_destroy(bb);
         bb = NULL;
     }
+    /* only the event loop touches first_seen's writer side before it is set
+     * under mu below: receives are one at a time */
+    int first_msg = got && l->is_server && !l->first_seen;
+    char session[AR_SESSION_HEX + 1] = "";
+    int has_session = 0;
     if (got && !(bb = raw_buffer(bb))) {
         rc = AR_ENOMEM;
         snprintf(msg, sizeof msg, "out of memory reading a message");
     } else if (got) {
+        if (first_msg)
+            has_session = net_frames_session(bb, session, sizeof session);
         fs = calloc(MAXF, sizeof *fs);
         payload_at = calloc(MAXF, sizeof *payload_at);
         if (!fs || !payload_at) {
@@ -812,6 +896,11 @@ static void on_recv(net_tag *t, int ok)
     bb = NULL;
     hold_release(hold);
     pthread_mutex_lock(&l->mu);
+    if (first_msg) {
+        l->first_seen = 1;
+        l->first_has_session = has_session;
+        memcpy(l->first_session, session, sizeof session);
+    }
     if (!got) {
         l->recv_done = 1;
     } else if (rc != AR_OK) {
@@ -897,17 +986,29 @@ static int g_send(ar_link *al, ar_frame *f)
 {
     glink *l = (glink *)al;
     grpc_byte_buffer *bb;
-    int rc = frame_encode(f, &bb);
-    if (rc != AR_OK)
-        return rc;
     out_msg *m = malloc(sizeof *m);
     if (!m) {
-        grpc_byte_buffer_destroy(bb);
+        ar_frame_free(f);
         return ar_fail(AR_ENOMEM, "out of memory queueing a frame");
+    }
+    /* the first frame of a client's Pipe carries the session: encoded and
+     * queued under mu, so no other frame can go out before it */
+    pthread_mutex_lock(&l->mu);
+    int with_session = l->session[0] && !l->session_sent;
+    if (!with_session)
+        pthread_mutex_unlock(&l->mu);
+    int rc = frame_encode(f, with_session ? l->session : NULL, &bb);
+    if (with_session && rc == AR_OK)
+        l->session_sent = 1;
+    if (!with_session)
+        pthread_mutex_lock(&l->mu);
+    if (rc != AR_OK) {
+        pthread_mutex_unlock(&l->mu);
+        free(m);
+        return rc;
     }
     m->bb = bb;
     m->next = NULL;
-    pthread_mutex_lock(&l->mu);
     if (l->failed || l->closed || l->ended || l->half_closed) {
         rc = ar_fail(AR_ECLOSED, "%s", l->err[0] ? l->err : "link closed");
         pthread_mutex_unlock(&l->mu);
@@ -1070,6 +1171,32 @@ ar_link *net_link_new(grpc_call *call, int is_server, const char *name, size_t m
     if (bad)
         ar_log(AR_LOG_WARN, "%s: %s", name, l->err);
     return &l->base;
+}
+
+void net_link_set_session(ar_link *al, const char *session)
+{
+    glink *l = (glink *)al;
+    pthread_mutex_lock(&l->mu);
+    snprintf(l->session, sizeof l->session, "%s", session);
+    pthread_mutex_unlock(&l->mu);
+}
+
+int net_link_first_session(ar_link *al, char *buf, size_t size, double timeout_s)
+{
+    glink *l = (glink *)al;
+    pthread_mutex_lock(&l->mu);
+    WAIT_UNTIL(l, l->first_seen || l->recv_done || l->closed || l->failed || l->ended, timeout_s);
+    int rc = AR_OK;
+    if (l->failed || !l->first_seen)
+        rc = ar_fail(AR_ECLOSED, "%s", l->err[0] ? l->err
+                                      : l->first_seen || l->recv_done ? "the stream ended before its first frame"
+                                                                      : "no frame within the time allowed");
+    else if (!l->first_has_session)
+        rc = ar_fail(AR_EPROTO, "the first frame carries no session");
+    else
+        snprintf(buf, size, "%s", l->first_session);
+    pthread_mutex_unlock(&l->mu);
+    return rc;
 }
 
 int ar_net_link_finish(ar_link *al, double timeout_s)

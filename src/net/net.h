@@ -9,9 +9,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define AR_PROTOCOL_VERSION 2 /* 2: tensor-parallel Load roles and shares, group traffic in NORM records */
+/* 2: tensor-parallel Load roles and shares, group traffic in NORM records;
+ * 3: sessions (LoadReply.session, required by Save, Restore and Pipe) */
+#define AR_PROTOCOL_VERSION 3
 #define AR_NET_DEFAULT_MAX_FRAME ((size_t)1 << 30)
 #define AR_NET_CHUNK_BYTES ((size_t)1 << 20) /* Save/Restore chunks */
+/* A stage's session secret (LoadReply.session): 32 random bytes, hex */
+#define AR_SESSION_BYTES 32
+#define AR_SESSION_HEX (2 * AR_SESSION_BYTES)
 
 /* gRPC status codes (the same numbers as grpc_status_code). */
 enum {
@@ -72,6 +77,10 @@ int ar_client_write_stream(ar_client *c, const char *method,
  * in the background (a link never blocks on its peer); frames received are
  * decoded and validated (max_frame bytes) as they arrive. */
 int ar_client_pipe(ar_client *c, const char *name, size_t max_frame, ar_link **out);
+/* The same to a worker's stage: the first frame sent carries the stage's
+ * session (its LoadReply.session; NULL or "": none). */
+int ar_client_pipe_session(ar_client *c, const char *name, size_t max_frame, const char *session,
+                           ar_link **out);
 
 /* ---- links over gRPC ---------------------------------------------------- */
 
@@ -97,7 +106,7 @@ typedef void (*ar_rpc_fn)(ar_rpc *rpc, void *user);
 #define AR_SERVER_DEFAULT_CALLS_PER_PEER 64
 typedef struct {
     size_t max_message;     /* largest request message in bytes (gRPC refuses larger ones with
-                             * RESOURCE_EXHAUSTED before reading them); 0: no limit */
+                             * RESOURCE_EXHAUSTED once received); 0: no limit */
     int max_calls_per_peer; /* calls open at once from one peer host (any method); further
                              * ones are refused with RESOURCE_EXHAUSTED */
 } ar_server_limits;
@@ -110,6 +119,11 @@ int ar_server_handle(ar_server *s, const char *method, ar_rpc_fn fn, void *user)
 /* At most max_per_peer calls of this (registered) method open at once from
  * one peer host; further ones are refused with RESOURCE_EXHAUSTED. */
 int ar_server_limit_method(ar_server *s, const char *method, int max_per_peer);
+/* Requests of this (registered) method larger than max_bytes are refused
+ * with RESOURCE_EXHAUSTED by ar_rpc_read, before they are copied or decoded.
+ * gRPC itself only knows one limit per server (ar_server_limits.max_message),
+ * which must be the largest of these. */
+int ar_server_limit_message(ar_server *s, const char *method, size_t max_bytes);
 int ar_server_start(ar_server *s);
 /* Stop accepting, cancel every call, wait for the handlers, free. */
 void ar_server_destroy(ar_server *s);
@@ -125,6 +139,19 @@ void ar_rpc_finish(ar_rpc *rpc, int code, const char *fmt, ...) __attribute__((f
  * destroy it; it ends with the call. */
 int ar_rpc_link(ar_rpc *rpc, const char *name, size_t max_frame, ar_link **out);
 const char *ar_rpc_peer(const ar_rpc *rpc);
+
+/* Failed authentications, per client host: after AR_AUTH_MAX_FAILURES
+ * within AR_AUTH_WINDOW_S from one host, its calls that need a secret are
+ * refused for AR_AUTH_BLOCK_S. Logged once per burst, not per attempt. */
+#define AR_AUTH_MAX_FAILURES 5
+#define AR_AUTH_WINDOW_S 10.0
+#define AR_AUTH_BLOCK_S 30.0
+/* Before checking a secret: 1 when the caller's host is blocked (the call is
+ * then finished with RESOURCE_EXHAUSTED), else 0. */
+int ar_rpc_auth_refused(ar_rpc *rpc);
+/* A secret did not match: count it against the caller's host. The call's
+ * own non-OK status is then not logged (the burst is). */
+void ar_rpc_auth_failed(ar_rpc *rpc, const char *what);
 
 /* ---- frames on the wire (exposed for tests) ----------------------------- */
 

@@ -68,6 +68,10 @@ int net_buffer_flatten(grpc_byte_buffer *bb, void **data, size_t *len);
  * failure nothing is left to free. Exposed for fuzz/fuzz_frame.c. */
 int net_frames_receive(grpc_byte_buffer *bb, size_t max_frame, ar_frame *fs, size_t *payload_at,
                        int *count);
+/* The session a Pipe's first message carries (Frame.session, field 16, at
+ * the top level): 1 and buf filled ("" when longer than size - 1), or 0 when
+ * absent or the message is malformed before it. Exposed for fuzz/fuzz_session.c. */
+int net_frames_session(grpc_byte_buffer *bb, char *buf, size_t size);
 /* Copy n bytes at offset `at` of a raw byte buffer into a new buffer. */
 int net_payload_copy(grpc_byte_buffer *bb, size_t at, size_t n, void **out);
 ar_link *net_link_new(grpc_call *call, int is_server, const char *name, size_t max_frame,
@@ -77,6 +81,13 @@ void net_rpc_send_status_async(struct ar_rpc *rpc, int code, const char *msg);
 /* Server end: wait until the queued frames are written (up to timeout_s). */
 void net_link_drain(ar_link *l, double timeout_s);
 void net_link_release(ar_link *l);
+/* Client end, before anything is sent: the first frame carries session. */
+void net_link_set_session(ar_link *l, const char *session);
+/* Server end: wait up to timeout_s (< 0: forever) for the first message and
+ * give its session. AR_EPROTO when it carries none; AR_ECLOSED when the
+ * stream ended or failed first (a malformed message: the link has already
+ * answered INVALID_ARGUMENT) or nothing came in time. */
+int net_link_first_session(ar_link *l, char *buf, size_t size, double timeout_s);
 
 /* Pack a protobuf-c message, send it as the reply and finish with OK (or
  * INTERNAL when out of memory). */
@@ -89,5 +100,9 @@ void net_rpc_reply(ar_rpc *rpc, const ProtobufCMessage *m);
 #include "arceus.pb-c.h"
 #include "nn/spec.h"
 int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_spec *spec, int *slots);
+/* Whether `given` is the session `expected` (AR_SESSION_HEX characters; ""
+ * when there is none: nothing matches then), in time that does not depend
+ * on where they differ. Exposed for fuzz/fuzz_session.c. */
+int net_session_matches(const char *expected, const char *given);
 
 #endif

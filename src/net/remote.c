@@ -69,8 +69,9 @@ int ar_remote_probe(ar_client *c, double timeout_s)
     return hello_within(c, timeout_s, &h);
 }
 
-int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params)
+int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params, char session[AR_SESSION_HEX + 1])
 {
+    session[0] = '\0';
     const ar_tp_layout *lay = a->layout;
     if (a->role != AR_LOAD_STAGE &&
         (!lay || lay->members < 2 || lay->members > AR_PLAN_MAX_GROUP || a->member < 0 || a->member >= lay->members))
@@ -98,6 +99,7 @@ int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params)
     req.next_worker = (char *)(a->next_worker ? a->next_worker : "");
     req.threads = (uint32_t)(a->threads > 0 ? a->threads : 0);
     req.lease_token = (char *)(a->lease_token ? a->lease_token : "");
+    req.next_session = (char *)(a->next_session ? a->next_session : "");
     /* the members' shares: heads (GPT) and hidden units of every shard */
     Arceus__TpShare shares[AR_PLAN_MAX_GROUP], *share_ptrs[AR_PLAN_MAX_GROUP];
     uint32_t bounds[AR_PLAN_MAX_GROUP][2 * AR_TP_MAX_SHARDS];
@@ -107,6 +109,7 @@ int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params)
         Arceus__TpShare *t = &shares[i];
         arceus__tp_share__init(t);
         t->address = (char *)(a->role == AR_LOAD_LEADER && a->addresses[k] ? a->addresses[k] : "");
+        t->session = (char *)(a->role == AR_LOAD_LEADER && k > 0 && a->sessions[k] ? a->sessions[k] : "");
         t->head_begin = (uint32_t)lay->heads[k].begin;
         t->head_end = (uint32_t)lay->heads[k].end;
         t->hidden_begin = (uint32_t)lay->hidden[k][0].begin;
@@ -132,13 +135,19 @@ int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params)
         return AR_ENOMEM;
     int rc = ar_client_unary(c, "/arceus.Worker/Load", buf, len, &rep, &rlen, CONTROL_TIMEOUT_S, NULL);
     free(buf);
-    if (rc == AR_OK && params) {
+    if (rc == AR_OK) {
         Arceus__LoadReply *r = arceus__load_reply__unpack(NULL, rlen, rep);
         if (!r)
             rc = ar_fail(AR_EPROTO, "worker %s: malformed LoadReply", ar_client_addr(c));
-        else
-            *params = r->parameters;
-        arceus__load_reply__free_unpacked(r, NULL);
+        else if (strlen(r->session) != AR_SESSION_HEX)
+            rc = ar_fail(AR_EPROTO, "worker %s: LoadReply without a session", ar_client_addr(c));
+        else {
+            memcpy(session, r->session, AR_SESSION_HEX + 1);
+            if (params)
+                *params = r->parameters;
+        }
+        if (r)
+            arceus__load_reply__free_unpacked(r, NULL);
     }
     free(rep);
     return rc;
@@ -167,15 +176,17 @@ static int on_chunk(void *user, const void *data, size_t len)
         col->buf = g;
         col->cap = ncap;
     }
-    memcpy(col->buf + col->n, c->data.data, c->data.len);
+    if (c->data.len > 0) /* an empty chunk has no data pointer */
+        memcpy(col->buf + col->n, c->data.data, c->data.len);
     col->n += c->data.len;
     arceus__chunk__free_unpacked(c, NULL);
     return AR_OK;
 }
 
-int ar_remote_save(ar_client *c, const ar_state_parts *shadow)
+int ar_remote_save(ar_client *c, const char *session, const ar_state_parts *shadow)
 {
     Arceus__SaveRequest req = ARCEUS__SAVE_REQUEST__INIT;
+    req.session = (char *)(session ? session : "");
     size_t len;
     void *buf = pack(&req.base, &len);
     if (!buf)
@@ -196,14 +207,19 @@ typedef struct {
     const unsigned char *state;
     size_t n, at;
     unsigned char *msg;
+    const char *session; /* on the first chunk; NULL after it */
 } feeder;
 
 static int next_chunk(void *user, const void **data, size_t *len)
 {
     feeder *f = user;
-    if (f->at >= f->n)
+    if (f->at >= f->n && !f->session)
         return 1;
     Arceus__Chunk c = ARCEUS__CHUNK__INIT;
+    if (f->session) {
+        c.session = (char *)f->session;
+        f->session = NULL;
+    }
     c.data.data = (uint8_t *)f->state + f->at;
     c.data.len = f->n - f->at < AR_NET_CHUNK_BYTES ? f->n - f->at : AR_NET_CHUNK_BYTES;
     f->at += c.data.len;
@@ -212,14 +228,15 @@ static int next_chunk(void *user, const void **data, size_t *len)
     return 0;
 }
 
-int ar_remote_restore(ar_client *c, const ar_state_parts *shadow)
+int ar_remote_restore(ar_client *c, const char *session, const ar_state_parts *shadow)
 {
     void *state;
     size_t n;
     int rc = ar_state_encode(shadow, &state, &n);
     if (rc != AR_OK)
         return rc;
-    feeder f = {.state = state, .n = n, .msg = malloc(AR_NET_CHUNK_BYTES + 16)};
+    feeder f = {.state = state, .n = n, .msg = malloc(AR_NET_CHUNK_BYTES + 16 + AR_SESSION_HEX + 8),
+                .session = session ? session : ""};
     if (!f.msg) {
         free(state);
         return ar_fail(AR_ENOMEM, "out of memory");

@@ -33,8 +33,12 @@ typedef struct {
     const char *market_token;
     int64_t provider_id;
     /* A worker of one's own (no market): every Load must carry this secret
-     * (arceus train --worker-token). NULL: Loads need no token. */
+     * (arceus train --worker-token), of AR_WORKER_MIN_TOKEN to 255
+     * characters. NULL: Loads need no token. */
     const char *load_token;
+    /* Seconds without a Pipe, Save or Restore after which the loaded stage
+     * is freed and its session ends (0: AR_WORKER_DEFAULT_IDLE_S). */
+    double idle_timeout_s;
     /* Hostile-input limits. max_mem: bytes one stage may take, as Load
      * estimates it (parameters, gradients, optimizer state, activations of
      * the micro-batches in flight, scratch) before allocating; a Load over it
@@ -49,6 +53,16 @@ typedef struct {
 } ar_worker_config;
 
 #define AR_WORKER_DEFAULT_PIPES 4
+/* A driver keeps one Pipe open for its whole run and reloads every stage
+ * after a loss; 10 minutes covers a slow Restore or a recovery's waits for
+ * a replacement, and still frees the memory (and ends the session on the
+ * weights) of a driver that vanished within minutes. */
+#define AR_WORKER_DEFAULT_IDLE_S 600.0
+/* Worker secrets shorter than this are refused at start: a guessable one
+ * gives a stranger the worker. */
+#define AR_WORKER_MIN_TOKEN 16
+/* The largest Hello request: three short fields. */
+#define AR_WORKER_MAX_HELLO 4096
 /* The largest spec_json a Load may carry: a spec with a full vocabulary is
  * under 2 KiB. */
 #define AR_LOAD_MAX_SPEC_BYTES (64u << 10)
@@ -101,18 +115,23 @@ typedef struct {
     const ar_tp_layout *layout;
     int member;
     const char *addresses[AR_PLAN_MAX_GROUP];
+    /* sessions the stage's Pipes present: next_worker's stage's (NULL or ""
+     * when none), and a leader's members' (sessions[k] for member k >= 1) */
+    const char *next_session;
+    const char *sessions[AR_PLAN_MAX_GROUP];
 } ar_load_args;
 
 enum { AR_LOAD_STAGE = 0, AR_LOAD_LEADER = 1, AR_LOAD_RANK = 2 };
 
-/* *params: the floats the worker holds (NULL: not wanted). */
-int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params);
+/* *params: the floats the worker holds (NULL: not wanted); session gets the
+ * stage's session secret, which its Save, Restore and Pipe need. */
+int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params, char session[AR_SESSION_HEX + 1]);
 /* Fetch the worker's state into local parts of the same shape (a stage of
  * the same range; for a tensor-parallel leader, also its own rank's shards;
  * for a rank, its shards alone). */
-int ar_remote_save(ar_client *c, const ar_state_parts *shadow);
+int ar_remote_save(ar_client *c, const char *session, const ar_state_parts *shadow);
 /* Push local parts' state (weights, moments, step) to the worker. */
-int ar_remote_restore(ar_client *c, const ar_state_parts *shadow);
+int ar_remote_restore(ar_client *c, const char *session, const ar_state_parts *shadow);
 
 /* ---- stage state -------------------------------------------------------- */
 

@@ -33,6 +33,7 @@ struct ar_rpc {
     int handler;        /* index into the server's handlers, -1 when unknown */
     peer_calls *counted; /* the entry this call is counted in, NULL when none */
     char refused[400];  /* over a limit: the handler is not run, this is the status */
+    int quiet;          /* a failed authentication: the limiter logs it, not ar_rpc_finish */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int md_sent, close_started, status_sent, status_done;
@@ -48,6 +49,7 @@ struct ar_server {
         ar_rpc_fn fn;
         void *user;
         int max_per_peer; /* calls of this method open from one peer host; 0: no limit */
+        size_t max_message; /* bytes of one request message; 0: the server's gRPC limit */
     } handlers[MAX_HANDLERS];
     int nhandlers;
     int max_calls_per_peer; /* calls of any method open from one peer host */
@@ -58,6 +60,10 @@ struct ar_server {
     int stopping;
     ar_rpc *pending; /* the call being requested */
     net_tag req_tag;
+    /* failed authentications per peer host (auth_*): a table made at the
+     * first failure, under auth_mu */
+    pthread_mutex_t auth_mu;
+    struct auth_host *auth;
 };
 
 static ar_rpc *rpc_new(void)
@@ -136,7 +142,7 @@ void ar_rpc_finish(ar_rpc *r, int code, const char *fmt, ...)
         va_end(ap);
     }
     if (code != AR_STATUS_OK)
-        ar_log(AR_LOG_WARN, "%s from %s: %s", r->method, r->peer, msg);
+        ar_log(r->quiet ? AR_LOG_DEBUG : AR_LOG_WARN, "%s from %s: %s", r->method, r->peer, msg);
     if (r->link)
         net_link_drain(r->link, 30);
     net_rpc_send_status_async(r, code, msg);
@@ -144,6 +150,23 @@ void ar_rpc_finish(ar_rpc *r, int code, const char *fmt, ...)
     while (!r->status_done)
         pthread_cond_wait(&r->cv, &r->mu);
     pthread_mutex_unlock(&r->mu);
+}
+
+/* A request over its method's own limit (ar_server_limit_message) is
+ * refused as soon as gRPC hands it over: it is neither copied nor decoded
+ * (a 200 MiB Hello used to be held four times: gRPC's buffer, the flat copy,
+ * protobuf-c's copy of the unknown field). The status is sent here, so every
+ * handler answers the same way. 1 when refused. */
+static int message_over_limit(ar_rpc *r, grpc_byte_buffer *bb)
+{
+    size_t max = r->handler >= 0 ? r->server->handlers[r->handler].max_message : 0;
+    size_t n = grpc_byte_buffer_length(bb);
+    if (max == 0 || n <= max)
+        return 0;
+    ar_rpc_finish(r, AR_STATUS_RESOURCE_EXHAUSTED, "%s request of %zu bytes: the limit is %zu", r->method, n,
+                  max);
+    ar_fail(AR_ELIMIT, "%s request of %zu bytes: the limit is %zu", r->method, n, max);
+    return 1;
 }
 
 int ar_rpc_read(ar_rpc *r, void **data, size_t *len)
@@ -167,6 +190,10 @@ int ar_rpc_read(ar_rpc *r, void **data, size_t *len)
         return ar_fail(AR_ECLOSED, "%s: the call was cancelled", r->method);
     if (!bb)
         return AR_ECLOSED;
+    if (message_over_limit(r, bb)) {
+        grpc_byte_buffer_destroy(bb);
+        return AR_ELIMIT;
+    }
     int rc = net_buffer_flatten(bb, data, len);
     grpc_byte_buffer_destroy(bb);
     return rc;
@@ -396,6 +423,7 @@ int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server
     }
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
+    pthread_mutex_init(&s->auth_mu, NULL);
     s->req_tag.cb = on_request;
     s->max_calls_per_peer = limits && limits->max_calls_per_peer ? limits->max_calls_per_peer
                                                                  : AR_SERVER_DEFAULT_CALLS_PER_PEER;
@@ -412,6 +440,7 @@ int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server
         grpc_server_destroy(s->srv);
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
+        pthread_mutex_destroy(&s->auth_mu);
         free(s);
         ar_net_shutdown();
         if (net_tls_server_on())
@@ -432,6 +461,7 @@ int ar_server_handle(ar_server *s, const char *method, ar_rpc_fn fn, void *user)
     s->handlers[s->nhandlers].fn = fn;
     s->handlers[s->nhandlers].user = user;
     s->handlers[s->nhandlers].max_per_peer = 0;
+    s->handlers[s->nhandlers].max_message = 0;
     s->nhandlers++;
     return AR_OK;
 }
@@ -441,6 +471,16 @@ int ar_server_limit_method(ar_server *s, const char *method, int max_per_peer)
     for (int i = 0; i < s->nhandlers; i++)
         if (strcmp(s->handlers[i].method, method) == 0) {
             s->handlers[i].max_per_peer = max_per_peer;
+            return AR_OK;
+        }
+    return ar_fail(AR_EINVAL, "no handler for %s to limit", method);
+}
+
+int ar_server_limit_message(ar_server *s, const char *method, size_t max_bytes)
+{
+    for (int i = 0; i < s->nhandlers; i++)
+        if (strcmp(s->handlers[i].method, method) == 0) {
+            s->handlers[i].max_message = max_bytes;
             return AR_OK;
         }
     return ar_fail(AR_EINVAL, "no handler for %s to limit", method);
@@ -476,8 +516,103 @@ void ar_server_destroy(ar_server *s)
     grpc_server_destroy(s->srv);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->auth_mu);
+    free(s->auth);
     free(s);
     ar_net_shutdown();
+}
+
+/* ---- failed authentications, per peer host ------------------------------ */
+
+/* Hosts remembered at once. A full table forgets the host whose last failure
+ * is oldest, so one attacker spread over many addresses costs a fixed amount
+ * of memory (and can at worst make the limiter forget some hosts early). */
+#define AUTH_HOSTS 1024
+
+struct auth_host {
+    char host[128];   /* "" : a free slot */
+    double window_at; /* when the current burst's first failure came */
+    double last;      /* the latest failure */
+    double blocked_until;
+    int failures;     /* in the current window */
+};
+
+/* The entry of host, made (or taken from the stalest) when make is set;
+ * NULL when none. s->auth_mu held. */
+static struct auth_host *auth_entry_locked(ar_server *s, const char *host, int make, double now)
+{
+    if (!s->auth) {
+        if (!make || !(s->auth = calloc(AUTH_HOSTS, sizeof *s->auth)))
+            return NULL;
+    }
+    struct auth_host *oldest = NULL;
+    for (int i = 0; i < AUTH_HOSTS; i++) {
+        struct auth_host *e = &s->auth[i];
+        if (e->host[0] && strcmp(e->host, host) == 0)
+            return e;
+        if (!oldest || !e->host[0] || (oldest->host[0] && e->last < oldest->last))
+            oldest = e;
+    }
+    if (!make)
+        return NULL;
+    memset(oldest, 0, sizeof *oldest);
+    snprintf(oldest->host, sizeof oldest->host, "%s", host);
+    oldest->window_at = now;
+    return oldest;
+}
+
+int ar_rpc_auth_refused(ar_rpc *r)
+{
+    ar_server *s = r->server;
+    char host[128];
+    peer_host(r->peer, host, sizeof host);
+    double now = ar_now(), left = 0;
+    pthread_mutex_lock(&s->auth_mu);
+    struct auth_host *e = auth_entry_locked(s, host, 0, now);
+    if (e && e->blocked_until > now)
+        left = e->blocked_until - now;
+    pthread_mutex_unlock(&s->auth_mu);
+    if (left <= 0)
+        return 0;
+    r->quiet = 1; /* the block was logged when it began */
+    ar_rpc_finish(r, AR_STATUS_RESOURCE_EXHAUSTED,
+                  "too many failed authentications from %s: try again in %.0f s", host, left + 0.5);
+    return 1;
+}
+
+void ar_rpc_auth_failed(ar_rpc *r, const char *what)
+{
+    ar_server *s = r->server;
+    char host[128];
+    peer_host(r->peer, host, sizeof host);
+    double now = ar_now();
+    int first = 0, blocked = 0, failures = 0;
+    pthread_mutex_lock(&s->auth_mu);
+    struct auth_host *e = auth_entry_locked(s, host, 1, now);
+    if (e) {
+        if (now - e->window_at > AR_AUTH_WINDOW_S) { /* a new burst */
+            e->window_at = now;
+            e->failures = 0;
+        }
+        first = e->failures == 0;
+        e->failures++;
+        e->last = now;
+        failures = e->failures;
+        if (e->failures == AR_AUTH_MAX_FAILURES) {
+            e->blocked_until = now + AR_AUTH_BLOCK_S;
+            blocked = 1;
+        }
+    }
+    pthread_mutex_unlock(&s->auth_mu);
+    r->quiet = 1;
+    if (!e)
+        ar_log(AR_LOG_WARN, "%s from %s: %s (out of memory for the failure table)", r->method, r->peer, what);
+    else if (blocked)
+        ar_log(AR_LOG_WARN, "%d failed authentications from %s within %.0f s (the last: %s): its calls "
+               "that need a secret are refused for %.0f s", failures, host, AR_AUTH_WINDOW_S, what,
+               AR_AUTH_BLOCK_S);
+    else if (first)
+        ar_log(AR_LOG_WARN, "failed authentication from %s: %s %s", host, r->method, what);
 }
 
 /* ---- clients ------------------------------------------------------------ */
@@ -735,7 +870,8 @@ int ar_client_write_stream(ar_client *c, const char *method,
     return rc;
 }
 
-int ar_client_pipe(ar_client *c, const char *name, size_t max_frame, ar_link **out)
+int ar_client_pipe_session(ar_client *c, const char *name, size_t max_frame, const char *session,
+                           ar_link **out)
 {
     grpc_call *call = new_call(c, "/arceus.Worker/Pipe", -1);
     if (!call)
@@ -744,8 +880,15 @@ int ar_client_pipe(ar_client *c, const char *name, size_t max_frame, ar_link **o
     grpc_call_unref(call); /* the link holds its own reference */
     if (!l)
         return AR_ENOMEM;
+    if (session && session[0])
+        net_link_set_session(l, session);
     *out = l;
     return AR_OK;
+}
+
+int ar_client_pipe(ar_client *c, const char *name, size_t max_frame, ar_link **out)
+{
+    return ar_client_pipe_session(c, name, max_frame, NULL, out);
 }
 
 void net_rpc_reply(ar_rpc *rpc, const ProtobufCMessage *m)

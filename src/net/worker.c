@@ -6,7 +6,12 @@
  * In a tensor-parallel group (docs/DESIGN.md, "Tensor parallelism") a worker is either the leader,
  * whose stage runs the unsplit parts and computes its own share of heads
  * and hidden units on an in-process rank, or a rank, which serves its shards
- * on the Pipe its leader opens. */
+ * on the Pipe its leader opens.
+ *
+ * Sessions: every Load draws a fresh session secret (LoadReply.session) and
+ * the stage it built answers only calls that carry it (Save, Restore, Pipe);
+ * the previous stage's session is gone with it. A stage with no Pipe open
+ * for idle_timeout_s is freed and its session forgotten. */
 #include "net/remote.h"
 
 #include "arceus.pb-c.h"
@@ -19,6 +24,9 @@
 #include "train/schedule.h"
 #include "train/tp_group.h"
 
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
+#include <openssl/sha.h>
 #include <pthread.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -60,6 +68,22 @@ struct ar_worker {
     char market_token[AR_TOKEN_LEN];
     int64_t provider_id;
     char load_token[256]; /* a standalone worker's secret; "" when none */
+    /* the loaded stage's session (under mu): "" when none. generation
+     * counts Loads and expiries, so a call that checked the session can
+     * tell whether the stage it checked against is still the one held */
+    char session[AR_SESSION_HEX + 1];
+    uint64_t generation;
+    char next_session[AR_SESSION_HEX + 1];                       /* next_worker's stage */
+    char member_sessions[AR_PLAN_MAX_GROUP][AR_SESSION_HEX + 1]; /* a leader's members */
+    /* idle expiry: last_used is when the last Pipe, Save or Restore ended (or
+     * the Load); a thread frees a stage idle for idle_timeout_s */
+    double idle_timeout_s;
+    double last_used;
+    int busy; /* Save or Restore calls running on the stage */
+    int stopping;
+    pthread_cond_t wake;
+    pthread_t reaper;
+    int reaper_started;
     /* clients replaced by a later ar_worker_require_lease: a Load may still
      * be asking the market through one, so they are closed at stop only */
     ar_client **retired;
@@ -114,6 +138,26 @@ static void on_hello(ar_rpc *rpc, void *user)
     net_rpc_reply(rpc, &r.base);
 }
 
+int net_session_matches(const char *expected, const char *given)
+{
+    /* the length is no secret (always AR_SESSION_HEX); the bytes are
+     * compared in constant time */
+    if (!expected || !given || strlen(expected) != AR_SESSION_HEX || strlen(given) != AR_SESSION_HEX)
+        return 0;
+    return CRYPTO_memcmp(expected, given, AR_SESSION_HEX) == 0;
+}
+
+/* A standalone worker's secret against what a Load carries: both hashed,
+ * the digests compared in constant time, so neither the bytes nor the
+ * length of the secret show in the time taken. */
+static int token_matches(const char *secret, const char *given)
+{
+    unsigned char a[SHA256_DIGEST_LENGTH], b[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)secret, strlen(secret), a);
+    SHA256((const unsigned char *)given, strlen(given), b);
+    return CRYPTO_memcmp(a, b, sizeof a) == 0;
+}
+
 /* A provider's worker serves leases only: the Load's lease token must be
  * live and include this provider (the market says). 0, or -1 with the
  * status sent. */
@@ -125,24 +169,20 @@ static int check_lease(ar_worker *w, ar_rpc *rpc, const char *lease_token)
     memcpy(token, w->market_token, sizeof token);
     int64_t provider = w->provider_id;
     pthread_mutex_unlock(&w->mu);
+    if (!market && !w->load_token[0])
+        return 0;
+    if (ar_rpc_auth_refused(rpc))
+        return -1;
     if (!market) {
-        if (!w->load_token[0])
+        if (token_matches(w->load_token, lease_token ? lease_token : ""))
             return 0;
-        /* a standalone worker with a secret: compare in constant time */
-        size_t n = strlen(w->load_token), m = lease_token ? strlen(lease_token) : 0;
-        unsigned diff = (unsigned)(n ^ m);
-        for (size_t i = 0; i < n; i++)
-            diff |= (unsigned char)w->load_token[i] ^ (unsigned char)(i < m ? lease_token[i] : 0);
-        if (diff == 0)
-            return 0;
-        ar_log(AR_LOG_WARN, "%s: Load with a wrong or missing token from %s: refused", w->name,
-               ar_rpc_peer(rpc));
+        ar_rpc_auth_failed(rpc, "with a wrong or missing worker token");
         ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED,
                       "worker %s needs its token: arceus train --worker-token T", w->name);
         return -1;
     }
     if (!lease_token || !lease_token[0]) {
-        ar_log(AR_LOG_WARN, "%s: Load without a lease token from %s: refused", w->name, ar_rpc_peer(rpc));
+        ar_rpc_auth_failed(rpc, "without a lease token");
         ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED,
                       "worker %s serves market leases only: Load needs the lease token "
                       "(arceus train --market HOST:PORT --token T)", w->name);
@@ -151,15 +191,56 @@ static int check_lease(ar_worker *w, ar_rpc *rpc, const char *lease_token)
     int status = 0;
     int64_t job = 0;
     if (ar_market_check_lease(market, token, lease_token, provider, &job, &status) != AR_OK) {
-        ar_log(AR_LOG_WARN, "%s: lease refused: %s", w->name, ar_last_error());
-        ar_rpc_finish(rpc, status == AR_STATUS_PERMISSION_DENIED || status == AR_STATUS_UNAUTHENTICATED
-                               ? AR_STATUS_UNAUTHENTICATED
-                               : AR_STATUS_UNAVAILABLE,
-                      "lease not accepted by worker %s: %s", w->name, ar_last_error());
+        int refused = status == AR_STATUS_PERMISSION_DENIED || status == AR_STATUS_UNAUTHENTICATED;
+        char why[600];
+        snprintf(why, sizeof why, "%s", ar_last_error());
+        if (refused)
+            ar_rpc_auth_failed(rpc, "with a lease the market refused");
+        else
+            ar_log(AR_LOG_WARN, "%s: lease not checked: %s", w->name, why);
+        ar_rpc_finish(rpc, refused ? AR_STATUS_UNAUTHENTICATED : AR_STATUS_UNAVAILABLE,
+                      "lease not accepted by worker %s: %s", w->name, why);
         return -1;
     }
     ar_log(AR_LOG_INFO, "%s: lease of job %lld accepted", w->name, (long long)job);
     return 0;
+}
+
+/* Save, Restore and Pipe: the stage must be loaded and `given` its session.
+ * On success *generation is the stage's (see ar_worker) and 0 is returned;
+ * otherwise the status is sent and -1 returned. */
+static int check_session(ar_worker *w, ar_rpc *rpc, const char *given, uint64_t *generation)
+{
+    if (ar_rpc_auth_refused(rpc))
+        return -1;
+    pthread_mutex_lock(&w->mu);
+    int loaded = w->loaded;
+    int ok = loaded && net_session_matches(w->session, given);
+    *generation = w->generation;
+    pthread_mutex_unlock(&w->mu);
+    if (ok)
+        return 0;
+    if (!loaded) { /* nothing to guess at: no session is live */
+        ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "stage not loaded (call Load first)");
+        return -1;
+    }
+    ar_rpc_auth_failed(rpc, given && given[0] ? "with a wrong session" : "without a session");
+    ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED,
+                  "worker %s: %s; a stage answers only its Load's session (LoadReply.session)", w->name,
+                  given && given[0] ? "not the session of the stage loaded here" : "the call carries no session");
+    return -1;
+}
+
+/* A fresh session secret: 32 bytes of the CSPRNG, hex. */
+static int new_session(char out[AR_SESSION_HEX + 1])
+{
+    unsigned char raw[AR_SESSION_BYTES];
+    if (RAND_bytes(raw, sizeof raw) != 1)
+        return ar_fail(AR_EINTERNAL, "no random bytes for a session (OpenSSL RAND_bytes failed)");
+    for (int i = 0; i < AR_SESSION_BYTES; i++)
+        snprintf(out + 2 * i, 3, "%02x", raw[i]);
+    OPENSSL_cleanse(raw, sizeof raw);
+    return AR_OK;
 }
 
 /* What a Load builds, before it replaces what the worker holds. */
@@ -268,9 +349,13 @@ int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_sp
                        AR_LOAD_MAX_SPEC_BYTES);
     if (strlen(req->next_worker) > 255 || strlen(req->lease_token) > 255)
         return ar_fail(AR_EINVAL, "Load next_worker or lease_token longer than 255 characters");
+    if (strlen(req->next_session) > AR_SESSION_HEX)
+        return ar_fail(AR_EINVAL, "Load next_session longer than %d characters", AR_SESSION_HEX);
     for (size_t k = 0; k < req->n_tp_group; k++)
-        if (req->tp_group[k] && strlen(req->tp_group[k]->address) > 255)
-            return ar_fail(AR_EINVAL, "tensor-parallel share %zu: address longer than 255 characters", k);
+        if (req->tp_group[k] && (strlen(req->tp_group[k]->address) > 255 ||
+                                 strlen(req->tp_group[k]->session) > AR_SESSION_HEX))
+            return ar_fail(AR_EINVAL, "tensor-parallel share %zu: address longer than 255 characters or "
+                           "session longer than %d", k, AR_SESSION_HEX);
     int rc;
     if ((rc = ar_spec_parse(req->spec_json, spec_len, "Load spec_json", spec)) != AR_OK ||
         (rc = ar_spec_validate(spec, "Load spec_json")) != AR_OK)
@@ -418,11 +503,14 @@ static void on_load(ar_rpc *rpc, void *user)
         return;
     }
     held h = {0};
-    int rc = build(w, req, &h);
+    char session[AR_SESSION_HEX + 1];
+    int rc = new_session(session);
+    if (rc == AR_OK)
+        rc = build(w, req, &h);
     if (rc != AR_OK) {
         held_free(&h);
         arceus__load_request__free_unpacked(req, NULL);
-        return ar_rpc_finish(rpc, rc == AR_ENOMEM  ? AR_STATUS_INTERNAL
+        return ar_rpc_finish(rpc, rc == AR_ENOMEM || rc == AR_EINTERNAL ? AR_STATUS_INTERNAL
                                   : rc == AR_ELIMIT ? AR_STATUS_RESOURCE_EXHAUSTED
                                                     : AR_STATUS_INVALID_ARGUMENT,
                              "%s", ar_last_error());
@@ -454,6 +542,15 @@ static void on_load(ar_rpc *rpc, void *user)
     memcpy(w->member_clients, h.clients, sizeof h.clients);
     w->next = h.next;
     w->loaded = 1;
+    /* the previous driver's session ends here: its calls are refused now */
+    memcpy(w->session, session, sizeof session);
+    w->generation++;
+    snprintf(w->next_session, sizeof w->next_session, "%s", req->next_session);
+    memset(w->member_sessions, 0, sizeof w->member_sessions);
+    for (size_t k = 0; k < req->n_tp_group && k < AR_PLAN_MAX_GROUP; k++)
+        snprintf(w->member_sessions[k], sizeof w->member_sessions[k], "%s", req->tp_group[k]->session);
+    w->last_used = ar_now();
+    pthread_cond_broadcast(&w->wake);
     w->schedule = (int)req->schedule;
     w->index = (int)req->stage_index;
     w->count = (int)req->stage_count;
@@ -467,8 +564,10 @@ static void on_load(ar_rpc *rpc, void *user)
            req->stage_index, req->stage_count, req->first_unit, req->last_unit - 1, params);
     Arceus__LoadReply r = ARCEUS__LOAD_REPLY__INIT;
     r.parameters = (uint64_t)params;
+    r.session = session;
     arceus__load_request__free_unpacked(req, NULL);
     net_rpc_reply(rpc, &r.base);
+    OPENSSL_cleanse(session, sizeof session);
 }
 
 /* A leader's own share of its group, served on a thread of its own. */
@@ -527,7 +626,7 @@ static void close_members(ar_worker *w, own_share *own)
 }
 
 /* A leader's Pipe opens its members: an in-process link to its own share
- * and a Pipe to every other member's worker. */
+ * and a Pipe to every other member's worker, with that member's session. */
 static int open_members(ar_worker *w, own_share *own, int threads)
 {
     int rc = ar_link_local_pair(&w->member_links[0], &own->link, "own share", "leader");
@@ -542,60 +641,35 @@ static int open_members(ar_worker *w, own_share *own, int threads)
         /* the name is what a lost member is reported by */
         char name[160];
         snprintf(name, sizeof name, "%.120s", ar_client_addr(w->member_clients[k]));
-        if ((rc = ar_client_pipe(w->member_clients[k], name, w->max_frame, &w->member_links[k])) != AR_OK)
+        if ((rc = ar_client_pipe_session(w->member_clients[k], name, w->max_frame, w->member_sessions[k],
+                                         &w->member_links[k])) != AR_OK)
             return ar_fail(rc, "tensor-parallel member %d (%s): %s", k, name, ar_last_error());
     }
     return AR_OK;
 }
 
 /* A rank's Pipe: its leader's operations until STOP or the leader leaves. */
-static void serve_rank(ar_worker *w, ar_rpc *rpc)
+static void serve_rank(ar_worker *w, ar_rpc *rpc, ar_link *up)
 {
-    ar_link *up = NULL;
-    int rc = ar_rpc_link(rpc, "tensor-parallel leader", w->max_frame, &up);
-    if (rc == AR_OK) {
-        set_threads(w->load_threads > 0 ? w->load_threads : w->threads);
-        rc = ar_tp_rank_serve(w->rank, up);
-    }
-    if (rc == AR_OK)
+    set_threads(w->load_threads > 0 ? w->load_threads : w->threads);
+    if (ar_tp_rank_serve(w->rank, up) == AR_OK)
         ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
     else
         ar_rpc_finish(rpc, AR_STATUS_CANCELLED, "%s", ar_last_error());
 }
 
-static void on_pipe(ar_rpc *rpc, void *user)
+/* A stage's Pipe: frames from upstream through the stage, and on to the
+ * next stage's worker over a Pipe of its own. */
+static void serve_stage(ar_worker *w, ar_rpc *rpc, ar_link *up)
 {
-    ar_worker *w = user;
-    pthread_mutex_lock(&w->mu);
-    if (!w->loaded) {
-        pthread_mutex_unlock(&w->mu);
-        return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "stage not loaded (call Load first)");
-    }
-    wait_pipe_idle(w, 10);
-    if (w->pipe_active) {
-        pthread_mutex_unlock(&w->mu);
-        return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "a pipeline is already running on this stage");
-    }
-    w->pipe_active = 1;
-    pthread_mutex_unlock(&w->mu);
-
-    if (w->role == AR_LOAD_RANK) {
-        serve_rank(w, rpc);
-        pthread_mutex_lock(&w->mu);
-        w->pipe_active = 0;
-        pthread_cond_broadcast(&w->idle);
-        pthread_mutex_unlock(&w->mu);
-        return;
-    }
     own_share own = {0};
     int threads = w->load_threads > 0 ? w->load_threads : w->threads;
-    char up_name[64], down_name[64];
-    snprintf(up_name, sizeof up_name, "%s", w->index == 0 ? "driver" : "previous stage");
-    ar_link *up = NULL, *down = NULL;
-    int rc = ar_rpc_link(rpc, up_name, w->max_frame, &up);
-    if (rc == AR_OK && w->next) {
+    char down_name[64];
+    ar_link *down = NULL;
+    int rc = AR_OK;
+    if (w->next) {
         snprintf(down_name, sizeof down_name, "stage %d (%.40s)", w->index + 1, ar_client_addr(w->next));
-        rc = ar_client_pipe(w->next, down_name, w->max_frame, &down);
+        rc = ar_client_pipe_session(w->next, down_name, w->max_frame, w->next_session, &down);
     }
     if (rc == AR_OK && w->role == AR_LOAD_LEADER)
         rc = open_members(w, &own, threads);
@@ -644,10 +718,66 @@ static void on_pipe(ar_rpc *rpc, void *user)
 out:
     close_members(w, &own);
     ar_link_destroy(down);
+}
+
+/* The stage's session arrives with the first frame: nothing is served, no
+ * Pipe opened downstream and no running pipeline waited for until it has
+ * been checked. A client that opens a Pipe and sends nothing waits here for
+ * at most the idle timeout (its calls are bounded per host by the server). */
+static void on_pipe(ar_rpc *rpc, void *user)
+{
+    ar_worker *w = user;
+    pthread_mutex_lock(&w->mu);
+    int loaded = w->loaded;
+    const char *up_name = w->role == AR_LOAD_RANK ? "tensor-parallel leader" : w->index == 0 ? "driver"
+                                                                                             : "previous stage";
+    pthread_mutex_unlock(&w->mu);
+    if (!loaded)
+        return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "stage not loaded (call Load first)");
+    if (ar_rpc_auth_refused(rpc))
+        return;
+    ar_link *up = NULL;
+    int rc = ar_rpc_link(rpc, up_name, w->max_frame, &up);
+    if (rc != AR_OK)
+        return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "%s", ar_last_error());
+    char given[AR_SESSION_HEX + 1] = "";
+    rc = net_link_first_session(up, given, sizeof given, w->idle_timeout_s);
+    if (rc == AR_ECLOSED) /* a malformed first frame has had its answer from the link */
+        return ar_rpc_finish(rpc, AR_STATUS_CANCELLED, "%s", ar_last_error());
+    uint64_t generation;
+    if (check_session(w, rpc, given, &generation) != 0)
+        return;
+    pthread_mutex_lock(&w->mu);
+    wait_pipe_idle(w, 10);
+    if (w->pipe_active || !w->loaded || w->generation != generation) {
+        int replaced = !w->loaded || w->generation != generation;
+        pthread_mutex_unlock(&w->mu);
+        return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "%s",
+                             replaced ? "the stage was replaced by a new Load, or freed"
+                                      : "a pipeline is already running on this stage");
+    }
+    w->pipe_active = 1;
+    int role = w->role;
+    pthread_mutex_unlock(&w->mu);
+
+    if (role == AR_LOAD_RANK)
+        serve_rank(w, rpc, up);
+    else
+        serve_stage(w, rpc, up);
     pthread_mutex_lock(&w->mu);
     w->pipe_active = 0;
     w->pipe_up = NULL;
+    w->last_used = ar_now();
     pthread_cond_broadcast(&w->idle);
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* Save and Restore keep the stage from expiring while they run. */
+static void end_use(ar_worker *w)
+{
+    pthread_mutex_lock(&w->mu);
+    w->busy--;
+    w->last_used = ar_now();
     pthread_mutex_unlock(&w->mu);
 }
 
@@ -658,17 +788,29 @@ static void on_save(ar_rpc *rpc, void *user)
     size_t len;
     if (ar_rpc_read(rpc, &data, &len) != AR_OK)
         return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "Save without a request");
+    Arceus__SaveRequest *req = arceus__save_request__unpack(NULL, len, data);
     free(data);
+    if (!req)
+        return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed SaveRequest");
+    uint64_t generation;
+    int bad = check_session(w, rpc, req->session, &generation);
+    arceus__save_request__free_unpacked(req, NULL);
+    if (bad)
+        return;
+    void *buf = NULL;
+    size_t n = 0;
+    int rc;
     pthread_mutex_lock(&w->mu);
-    if (!w->loaded) {
-        pthread_mutex_unlock(&w->mu);
-        return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "stage not loaded (call Load first)");
+    if (!w->loaded || w->generation != generation) {
+        rc = ar_fail(AR_EINVAL, "the stage was replaced by a new Load, or freed");
+    } else {
+        ar_state_parts parts = {.stage = w->stage, .rank = w->rank};
+        rc = ar_state_encode(&parts, &buf, &n);
+        w->last_used = ar_now();
     }
-    void *buf;
-    size_t n;
-    ar_state_parts parts = {.stage = w->stage, .rank = w->rank};
-    int rc = ar_state_encode(&parts, &buf, &n);
     pthread_mutex_unlock(&w->mu);
+    if (rc == AR_EINVAL)
+        return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "%s", ar_last_error());
     if (rc != AR_OK)
         return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "%s", ar_last_error());
     uint8_t *msg = malloc(AR_NET_CHUNK_BYTES + 16);
@@ -687,63 +829,121 @@ static void on_save(ar_rpc *rpc, void *user)
         ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
 }
 
+/* The encoded state of what the worker holds: values, m and v of every
+ * parameter and the tied copy, plus the safetensors header (names and
+ * shapes: a few KiB a block; RESTORE_HEADER_BYTES covers the largest spec).
+ * A Restore longer than that is refused as it arrives. mu held. */
+#define RESTORE_HEADER_BYTES ((size_t)4 << 20)
+static size_t restore_limit_locked(const ar_worker *w)
+{
+    size_t limit = RESTORE_HEADER_BYTES;
+    if (w->stage)
+        limit += (size_t)w->stage->param_floats * 3 * 4 +
+                 (w->stage->has_tied_copy ? (size_t)w->stage->tied_copy.numel * 4 : 0);
+    if (w->rank)
+        limit += (size_t)w->rank->param_floats * 3 * 4;
+    return limit;
+}
+
+/* The chunks of a Restore, the first (already read) and the rest, joined
+ * into *buf (malloc'd; NULL when empty). 0, or -1 with the status sent and
+ * nothing left to free. */
+static int read_chunks(ar_rpc *rpc, Arceus__Chunk *first, size_t limit, uint8_t **buf, size_t *n)
+{
+    size_t cap = 0;
+    *buf = NULL;
+    *n = 0;
+    Arceus__Chunk *c = first;
+    for (;;) {
+        if (c->data.len > limit - *n) {
+            arceus__chunk__free_unpacked(c, NULL);
+            ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "Restore stream larger than the stage state");
+            goto fail;
+        }
+        if (*n + c->data.len > cap) {
+            size_t ncap = cap ? cap * 2 : (1u << 20);
+            while (ncap < *n + c->data.len)
+                ncap *= 2;
+            uint8_t *g = realloc(*buf, ncap);
+            if (!g) {
+                arceus__chunk__free_unpacked(c, NULL);
+                ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+                goto fail;
+            }
+            *buf = g;
+            cap = ncap;
+        }
+        if (c->data.len > 0) /* an empty chunk has no data pointer to copy from */
+            memcpy(*buf + *n, c->data.data, c->data.len);
+        *n += c->data.len;
+        arceus__chunk__free_unpacked(c, NULL);
+        void *data;
+        size_t len;
+        int rc = ar_rpc_read(rpc, &data, &len);
+        if (rc == AR_ECLOSED && !data)
+            return 0;
+        if (rc != AR_OK) {
+            ar_rpc_finish(rpc, AR_STATUS_CANCELLED, "%s", ar_last_error());
+            goto fail;
+        }
+        c = arceus__chunk__unpack(NULL, len, data);
+        free(data);
+        if (!c) {
+            ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed Chunk");
+            goto fail;
+        }
+    }
+fail:
+    free(*buf);
+    *buf = NULL;
+    *n = 0;
+    return -1;
+}
+
 static void on_restore(ar_rpc *rpc, void *user)
 {
     ar_worker *w = user;
     pthread_mutex_lock(&w->mu);
     int loaded = w->loaded;
-    /* values, m and v of what the worker holds, and room for the header */
-    size_t limit = 64u << 20;
-    if (loaded && w->stage)
-        limit += (size_t)w->stage->param_floats * 3 * 4 +
-                 (w->stage->has_tied_copy ? (size_t)w->stage->tied_copy.numel * 4 : 0);
-    if (loaded && w->rank)
-        limit += (size_t)w->rank->param_floats * 3 * 4;
     pthread_mutex_unlock(&w->mu);
     if (!loaded)
         return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "stage not loaded (call Load first)");
-    uint8_t *buf = NULL;
-    size_t n = 0, cap = 0;
-    for (;;) {
-        void *data;
-        size_t len;
-        int rc = ar_rpc_read(rpc, &data, &len);
-        if (rc == AR_ECLOSED && !data)
-            break;
-        if (rc != AR_OK) {
-            free(buf);
-            return ar_rpc_finish(rpc, AR_STATUS_CANCELLED, "%s", ar_last_error());
-        }
-        Arceus__Chunk *c = arceus__chunk__unpack(NULL, len, data);
-        free(data);
-        if (!c || n + c->data.len > limit) {
-            if (c)
-                arceus__chunk__free_unpacked(c, NULL);
-            free(buf);
-            return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, c ? "Restore stream larger than the stage state" : "malformed Chunk");
-        }
-        if (n + c->data.len > cap) {
-            size_t ncap = cap ? cap * 2 : (1u << 20);
-            while (ncap < n + c->data.len)
-                ncap *= 2;
-            uint8_t *g = realloc(buf, ncap);
-            if (!g) {
-                arceus__chunk__free_unpacked(c, NULL);
-                free(buf);
-                return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
-            }
-            buf = g;
-            cap = ncap;
-        }
-        memcpy(buf + n, c->data.data, c->data.len);
-        n += c->data.len;
-        arceus__chunk__free_unpacked(c, NULL);
+    /* the first chunk carries the session: nothing is buffered before it
+     * has been checked */
+    void *data;
+    size_t len;
+    int rc = ar_rpc_read(rpc, &data, &len);
+    if (rc == AR_ECLOSED && !data)
+        return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "Restore without a chunk (the first carries the session)");
+    if (rc != AR_OK)
+        return ar_rpc_finish(rpc, AR_STATUS_CANCELLED, "%s", ar_last_error());
+    Arceus__Chunk *first = arceus__chunk__unpack(NULL, len, data);
+    free(data);
+    if (!first)
+        return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed Chunk");
+    uint64_t generation;
+    if (check_session(w, rpc, first->session, &generation) != 0) {
+        arceus__chunk__free_unpacked(first, NULL);
+        return;
     }
     pthread_mutex_lock(&w->mu);
+    size_t limit = restore_limit_locked(w);
+    w->busy++;
+    pthread_mutex_unlock(&w->mu);
+    uint8_t *buf;
+    size_t n;
+    if (read_chunks(rpc, first, limit, &buf, &n) != 0)
+        return end_use(w);
+    pthread_mutex_lock(&w->mu);
     ar_state_parts parts = {.stage = w->stage, .rank = w->rank};
-    int rc = w->loaded ? ar_state_decode(&parts, buf, n, "Restore") : ar_fail(AR_EINVAL, "stage not loaded");
+    /* the stage checked against must still be the one held */
+    int same = w->loaded && w->generation == generation;
+    rc = same ? ar_state_decode(&parts, buf, n, "Restore") : AR_OK;
     pthread_mutex_unlock(&w->mu);
     free(buf);
+    end_use(w);
+    if (!same)
+        return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "the stage was replaced by a new Load, or freed");
     if (rc != AR_OK)
         return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s", ar_last_error());
     Arceus__RestoreReply r = ARCEUS__RESTORE_REPLY__INIT;
@@ -751,13 +951,66 @@ static void on_restore(ar_rpc *rpc, void *user)
     net_rpc_reply(rpc, &r.base);
 }
 
+/* Frees a stage that has had no Pipe, Save or Restore for idle_timeout_s:
+ * a driver that vanished must not pin the memory, and its session (and with
+ * it the weights) must not stay reachable forever. */
+static void *reaper_main(void *arg)
+{
+    ar_worker *w = arg;
+    pthread_mutex_lock(&w->mu);
+    while (!w->stopping) {
+        double now = ar_now();
+        double idle = now - w->last_used;
+        if (w->loaded && !w->pipe_active && w->busy == 0 && idle >= w->idle_timeout_s) {
+            held old = {.role = w->role, .stage = w->stage, .rank = w->rank, .members = w->members, .next = w->next};
+            memcpy(old.clients, w->member_clients, sizeof old.clients);
+            w->stage = NULL;
+            w->rank = NULL;
+            w->next = NULL;
+            memset(w->member_clients, 0, sizeof w->member_clients);
+            w->members = 0;
+            w->loaded = 0;
+            w->generation++;
+            OPENSSL_cleanse(w->session, sizeof w->session);
+            OPENSSL_cleanse(w->next_session, sizeof w->next_session);
+            OPENSSL_cleanse(w->member_sessions, sizeof w->member_sessions);
+            pthread_mutex_unlock(&w->mu);
+            held_free(&old);
+            ar_log(AR_LOG_INFO, "%s: no Pipe for %.0f s: the stage is freed and its session ended", w->name,
+                   idle);
+            pthread_mutex_lock(&w->mu);
+            continue;
+        }
+        /* wake at the earliest expiry, at least once a second (a Pipe that
+         * ends sets last_used without waking us) */
+        double wait = w->loaded ? w->idle_timeout_s - idle : 1.0;
+        if (wait > 1.0 || wait < 0.05)
+            wait = wait < 0.05 ? 0.05 : 1.0;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        long ns = ts.tv_nsec + (long)(wait * 1e9);
+        ts.tv_sec += ns / 1000000000L;
+        ts.tv_nsec = ns % 1000000000L;
+        pthread_cond_timedwait(&w->wake, &w->mu, &ts);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
 int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size_t addr_size)
 {
+    if (c->load_token && strlen(c->load_token) < AR_WORKER_MIN_TOKEN)
+        return ar_fail(AR_EINVAL, "a worker secret of %zu characters: at least %d, please (a long random "
+                       "one, e.g. openssl rand -hex 32)", strlen(c->load_token), AR_WORKER_MIN_TOKEN);
+    if (c->load_token && strlen(c->load_token) > 255)
+        return ar_fail(AR_EINVAL, "a worker secret of %zu characters: at most 255", strlen(c->load_token));
     ar_worker *w = calloc(1, sizeof *w);
     if (!w)
         return ar_fail(AR_ENOMEM, "out of memory");
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->idle, NULL);
+    pthread_cond_init(&w->wake, NULL);
+    w->idle_timeout_s = c->idle_timeout_s > 0 ? c->idle_timeout_s : AR_WORKER_DEFAULT_IDLE_S;
     w->threads = c->threads > 0 ? c->threads : ar_get_threads();
     w->max_frame = c->max_frame ? c->max_frame : AR_NET_DEFAULT_MAX_FRAME;
     w->max_mem = c->max_mem;
@@ -770,20 +1023,24 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
         if (rc != AR_OK) {
             pthread_mutex_destroy(&w->mu);
             pthread_cond_destroy(&w->idle);
+            pthread_cond_destroy(&w->wake);
             free(w);
             return rc;
         }
         w->gflops = dev.gflops;
     }
     int port = 0;
-    /* a message holds at most one frame of max_frame bytes, or frames
-     * coalesced up to 16 MiB (link.c), plus their headers */
-    ar_server_limits limits = {.max_message = (w->max_frame > (16u << 20) ? w->max_frame : (16u << 20)) +
-                                              (1u << 20)};
+    /* Pipe: a message holds at most one frame of max_frame bytes, or frames
+     * coalesced up to 16 MiB (link.c), plus their headers; the largest
+     * request of any method, so the server's gRPC limit. The others are
+     * limited per method (ar_server_limit_message, below). */
+    size_t pipe_max = (w->max_frame > (16u << 20) ? w->max_frame : (16u << 20)) + (1u << 20);
+    ar_server_limits limits = {.max_message = pipe_max};
     int rc = ar_server_create(c->listen, &limits, &w->server, &port);
     if (rc != AR_OK) {
         pthread_mutex_destroy(&w->mu);
         pthread_cond_destroy(&w->idle);
+        pthread_cond_destroy(&w->wake);
         free(w);
         return rc;
     }
@@ -803,6 +1060,20 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     ar_server_handle(w->server, "/arceus.Worker/Restore", on_restore, w);
     ar_server_limit_method(w->server, "/arceus.Worker/Pipe",
                            c->max_pipes > 0 ? c->max_pipes : AR_WORKER_DEFAULT_PIPES);
+    /* What each request may weigh: Hello a few strings; Load the spec (at
+     * most AR_LOAD_MAX_SPEC_BYTES) and as much again for the addresses,
+     * tokens, sessions and tensor-parallel shares; Save a session; a Restore
+     * chunk AR_NET_CHUNK_BYTES of state and its session. */
+    ar_server_limit_message(w->server, "/arceus.Worker/Hello", AR_WORKER_MAX_HELLO);
+    ar_server_limit_message(w->server, "/arceus.Worker/Load", 2 * (size_t)AR_LOAD_MAX_SPEC_BYTES);
+    ar_server_limit_message(w->server, "/arceus.Worker/Save", 1024);
+    ar_server_limit_message(w->server, "/arceus.Worker/Restore", AR_NET_CHUNK_BYTES + 1024);
+    ar_server_limit_message(w->server, "/arceus.Worker/Pipe", pipe_max);
+    if ((rc = pthread_create(&w->reaper, NULL, reaper_main, w)) != 0) {
+        ar_worker_stop(w);
+        return ar_fail(AR_ENOMEM, "cannot start the worker's idle-stage thread");
+    }
+    w->reaper_started = 1;
     if ((rc = ar_server_start(w->server)) != AR_OK) {
         ar_worker_stop(w);
         return rc;
@@ -816,6 +1087,13 @@ void ar_worker_stop(ar_worker *w)
 {
     if (!w)
         return;
+    if (w->reaper_started) {
+        pthread_mutex_lock(&w->mu);
+        w->stopping = 1;
+        pthread_cond_broadcast(&w->wake);
+        pthread_mutex_unlock(&w->mu);
+        pthread_join(w->reaper, NULL);
+    }
     ar_server_destroy(w->server); /* cancels the calls, waits for the handlers */
     held h = {.stage = w->stage, .rank = w->rank, .next = w->next};
     memcpy(h.clients, w->member_clients, sizeof h.clients);
@@ -826,6 +1104,8 @@ void ar_worker_stop(ar_worker *w)
     free(w->retired);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->idle);
+    pthread_cond_destroy(&w->wake);
+    OPENSSL_cleanse(w, sizeof *w); /* secrets: the token, the sessions */
     free(w);
 }
 

@@ -496,21 +496,26 @@ static int setup_remote(run *r, const ar_train_state *resume, const char *resume
         memcpy(r->data.rng.s, resume->data_rng, sizeof r->data.rng.s);
         r->data.pos = resume->data_pos;
     }
-    for (int i = 0; i < r->S; i++) {
+    /* from the last stage to the first: a stage's Pipe to its successor
+     * presents the successor's session, which its Load must carry */
+    for (int i = r->S - 1; i >= 0; i--) {
         ar_load_args a = {.spec = &r->spec, .first = first[i], .last = last[i],
                           .rows = r->rows_per_mb, .micro_batches = r->M, .schedule = c->schedule,
                           .index = i, .count = r->S, .seed = c->seed, .optim = *oc,
                           .next_worker = i + 1 < r->S ? r->addrs[i + 1] : NULL,
+                          .next_session = i + 1 < r->S ? ar_remote_stage_session(&r->groups[i + 1]) : NULL,
                           .lease_token = r->leased ? r->lease.token : c->worker_token};
         if ((rc = ar_remote_stage_load(&r->groups[i], &a)) != AR_OK)
             return rc;
         if (resume && (rc = ar_remote_stage_restore(&r->groups[i], &r->shadows[i])) != AR_OK)
             return ar_fail(rc, "restoring stage %d: %s", i, ar_last_error());
-        print_group_shares(r, i);
     }
+    for (int i = 0; i < r->S; i++)
+        print_group_shares(r, i);
     char name[64];
     snprintf(name, sizeof name, "stage 0 (%.40s)", r->addrs[0]);
-    if ((rc = ar_client_pipe(r->clients[0], name, AR_NET_DEFAULT_MAX_FRAME, &r->remote_head)) != AR_OK)
+    if ((rc = ar_client_pipe_session(r->clients[0], name, AR_NET_DEFAULT_MAX_FRAME,
+                                     ar_remote_stage_session(&r->groups[0]), &r->remote_head)) != AR_OK)
         return rc;
     r->head = r->remote_head;
     return AR_OK;

@@ -49,7 +49,7 @@ int ar_remote_stage_load(ar_remote_stage *g, const ar_load_args *a)
 {
     int rc;
     if (g->members == 1) {
-        if ((rc = ar_remote_load(g->clients[0], a, &g->params[0])) != AR_OK)
+        if ((rc = ar_remote_load(g->clients[0], a, &g->params[0], g->sessions[0])) != AR_OK)
             return ar_fail(rc, "loading stage %d on %s: %s", a->index, g->addrs[0], ar_last_error());
         return AR_OK;
     }
@@ -60,18 +60,26 @@ int ar_remote_stage_load(ar_remote_stage *g, const ar_load_args *a)
         m.role = AR_LOAD_RANK;
         m.member = k;
         m.next_worker = NULL;
-        if ((rc = ar_remote_load(g->clients[k], &m, &g->params[k])) != AR_OK)
+        m.next_session = NULL;
+        if ((rc = ar_remote_load(g->clients[k], &m, &g->params[k], g->sessions[k])) != AR_OK)
             return ar_fail(rc, "loading stage %d's rank %d on %s: %s", a->index, k, g->addrs[k], ar_last_error());
     }
     m = *a;
     m.role = AR_LOAD_LEADER;
     m.layout = &g->layout;
     m.member = 0;
-    for (int k = 0; k < g->members; k++)
+    for (int k = 0; k < g->members; k++) {
         m.addresses[k] = k ? g->addrs[k] : NULL;
-    if ((rc = ar_remote_load(g->clients[0], &m, &g->params[0])) != AR_OK)
+        m.sessions[k] = k ? g->sessions[k] : NULL;
+    }
+    if ((rc = ar_remote_load(g->clients[0], &m, &g->params[0], g->sessions[0])) != AR_OK)
         return ar_fail(rc, "loading stage %d's leader on %s: %s", a->index, g->addrs[0], ar_last_error());
     return AR_OK;
+}
+
+const char *ar_remote_stage_session(const ar_remote_stage *g)
+{
+    return g->sessions[0];
 }
 
 /* The members' parts as Save/Restore carry them: the leader holds the
@@ -93,13 +101,13 @@ int ar_remote_stage_save(ar_remote_stage *g, ar_stage *full)
     int rc;
     if (g->members == 1) {
         ar_state_parts p = {.stage = full};
-        if ((rc = ar_remote_save(g->clients[0], &p)) != AR_OK)
+        if ((rc = ar_remote_save(g->clients[0], g->sessions[0], &p)) != AR_OK)
             return ar_fail(rc, "%s: %s", g->addrs[0], ar_last_error());
         return AR_OK;
     }
     for (int k = 0; k < g->members; k++) {
         ar_state_parts p = member_parts(g, k);
-        if ((rc = ar_remote_save(g->clients[k], &p)) != AR_OK)
+        if ((rc = ar_remote_save(g->clients[k], g->sessions[k], &p)) != AR_OK)
             return ar_fail(rc, "%s: %s", g->addrs[k], ar_last_error());
     }
     ar_tp_rank *ranks[AR_PLAN_MAX_GROUP];
@@ -111,7 +119,7 @@ int ar_remote_stage_restore(ar_remote_stage *g, ar_stage *full)
     int rc;
     if (g->members == 1) {
         ar_state_parts p = {.stage = full};
-        if ((rc = ar_remote_restore(g->clients[0], &p)) != AR_OK)
+        if ((rc = ar_remote_restore(g->clients[0], g->sessions[0], &p)) != AR_OK)
             return ar_fail(rc, "%s: %s", g->addrs[0], ar_last_error());
         return AR_OK;
     }
@@ -120,7 +128,7 @@ int ar_remote_stage_restore(ar_remote_stage *g, ar_stage *full)
         return rc;
     for (int k = 0; k < g->members; k++) {
         ar_state_parts p = member_parts(g, k);
-        if ((rc = ar_remote_restore(g->clients[k], &p)) != AR_OK)
+        if ((rc = ar_remote_restore(g->clients[k], g->sessions[k], &p)) != AR_OK)
             return ar_fail(rc, "%s: %s", g->addrs[k], ar_last_error());
     }
     return AR_OK;

@@ -25,7 +25,7 @@ import pytest
 from conftest import REPO
 from test_market import profile, register
 from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, replace, usage, varint
-from test_workers import MLP_SPEC, frame, hello_request, pipe, unary
+from test_workers import MLP_SPEC, frame, hello_request, load_session, pipe, unary, with_session
 
 grpc = pytest.importorskip("grpc")
 C = grpc.StatusCode
@@ -202,16 +202,19 @@ def test_worker_hello_and_load_tables(workers):
 def test_worker_restore_table(workers):
     w, = workers(1)
     with grpc.insecure_channel(w.addr) as ch:
-        unary(ch, "Load", load())
-        saved = list(ch.unary_stream("/arceus.Worker/Save")(b"", timeout=30))
+        session = load_session(ch, load())
+        save_req = field_bytes(1, session)
+        saved = list(ch.unary_stream("/arceus.Worker/Save")(save_req, timeout=30))
         restore = ch.stream_unary("/arceus.Worker/Restore")
         for what, chunks, code, words in RESTORE_ROWS:
+            # the first chunk carries the session (Chunk.session, field 2)
+            chunks = [chunks[0] + field_bytes(2, session)] + chunks[1:] if chunks else []
             expect_status(lambda: restore(iter(chunks), timeout=60), code, words, f"Restore {what}")
             unary(ch, "Hello", hello_request())
         # the state saved before is restored whole: nothing above changed it
-        r = decode(restore(iter(saved), timeout=60))
+        r = decode(restore(iter([saved[0] + field_bytes(2, session)] + saved[1:]), timeout=60))
         assert r[1][0] == sum(len(decode(c)[1][0]) for c in saved)
-        assert list(ch.unary_stream("/arceus.Worker/Save")(b"", timeout=30)) == saved
+        assert list(ch.unary_stream("/arceus.Worker/Save")(save_req, timeout=30)) == saved
     ROWS["Restore"] = len(RESTORE_ROWS)
 
 
@@ -247,7 +250,7 @@ def test_worker_pipe_table(workers):
     w, = workers(1, "--max-frame-mb", "1")
     rows = pipe_rows()
     with grpc.insecure_channel(w.addr) as ch:
-        unary(ch, "Load", load())
+        session = load_session(ch, load())
         for what, frames, words in rows:
             expect_status(lambda: pipe(ch, frames), C.INVALID_ARGUMENT, words, f"Pipe {what}")
             unary(ch, "Hello", hello_request())
@@ -258,7 +261,7 @@ def test_worker_pipe_table(workers):
                       "Pipe message of 18 MiB")
     # the next client is served: a SYNC frame comes back
     with grpc.insecure_channel(w.addr) as ch:
-        replies = pipe(ch, [frame(9, step=5)])
+        replies = pipe(ch, [with_session(frame(9, step=5), session)])
         assert decode(replies[0])[1] == [9]
     ROWS["Pipe"] = len(rows) + 1
 
@@ -525,7 +528,7 @@ class OpenPipe:
 def test_pipe_streams_per_client_are_limited(workers):
     w, = workers(1, "--max-pipes", "2")
     with grpc.insecure_channel(w.addr) as ch:
-        unary(ch, "Load", load())
+        session = load_session(ch, load())
         held = [OpenPipe(ch), OpenPipe(ch)]
         # the third is refused at once, without a handler thread, naming the limit
         expect_status(lambda: pipe(ch, [frame(9)]), C.RESOURCE_EXHAUSTED,
@@ -536,7 +539,7 @@ def test_pipe_streams_per_client_are_limited(workers):
             p.close()
     # closed streams no longer count: a new client's Pipe is served
     with grpc.insecure_channel(w.addr) as ch:
-        assert decode(pipe(ch, [frame(9, step=1)])[0])[1] == [9]
+        assert decode(pipe(ch, [with_session(frame(9, step=1), session)])[0])[1] == [9]
     ROWS["limits: Pipe streams"] = 1
 
 

@@ -19,7 +19,7 @@ from pbwire import decode, field_bytes, field_f32, field_varint, varint
 
 grpc = pytest.importorskip("grpc")
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 # ---------------------------------------------------------------------------
@@ -178,6 +178,18 @@ def unary(channel, method, req, timeout=30):
     return channel.unary_unary(f"/arceus.Worker/{method}")(req, timeout=timeout)
 
 
+def load_session(channel, req):
+    """Load; returns the stage's session (LoadReply.session), which Save,
+    Restore and Pipe must carry."""
+    return decode(unary(channel, "Load", req)).get(2, [b""])[0].decode()
+
+
+def with_session(first, session):
+    """A Pipe's first frame carrying the stage's session (Frame.session,
+    field 16)."""
+    return first + field_bytes(16, session)
+
+
 def pipe(channel, frames, timeout=30):
     return list(channel.stream_stream("/arceus.Worker/Pipe")(iter(frames), timeout=timeout))
 
@@ -234,7 +246,7 @@ def test_invalid_load_is_refused(workers, spec, first, last, what):
 def test_bad_frame_gets_invalid_argument_and_the_worker_goes_on(workers):
     w, = workers(1)
     with grpc.insecure_channel(w.addr) as ch:
-        unary(ch, "Load", load_request())
+        session = load_session(ch, load_request())
         # shape (10,) float32 = 40 bytes, but 12 bytes of payload
         bad = frame(1, nmb=1, rows=1, dtype=0, shape=(10,), payload=b"\0" * 12)
         with pytest.raises(grpc.RpcError) as e:
@@ -247,7 +259,7 @@ def test_bad_frame_gets_invalid_argument_and_the_worker_goes_on(workers):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # the next client is served: a SYNC frame comes back
     with grpc.insecure_channel(w.addr) as ch:
-        replies = pipe(ch, [frame(9, step=5)])
+        replies = pipe(ch, [with_session(frame(9, step=5), session)])
         assert len(replies) == 1
         assert decode(replies[0])[1] == [9]
 
@@ -396,4 +408,4 @@ def test_worker_with_a_token_refuses_loads_without_it(run_arceus, workers, tmp_p
             (tmp_path / "two" / "model.safetensors").read_bytes())
     # too short a secret is refused up front
     p = run_arceus("worker", "--listen", "127.0.0.1:0", "--token", "short")
-    assert p.returncode == 2 and "8 characters" in p.stderr
+    assert p.returncode == 2 and "16 to 255" in p.stderr

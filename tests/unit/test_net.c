@@ -297,6 +297,7 @@ Test(net, worker_control_rpcs)
     cr_assert(h.free_memory > 0);
     cr_assert_eq(h.threads, 1);
 
+    char session[AR_SESSION_HEX + 1];
     /* Pipe before Load */
     ar_link *l;
     cr_assert_eq(ar_client_pipe(c, "stage 0", 0, &l), AR_OK);
@@ -312,18 +313,18 @@ Test(net, worker_control_rpcs)
     ar_load_args a = {.spec = &spec, .first = 0, .last = 5, .rows = 4, .micro_batches = 2,
                       .schedule = 1, .index = 0, .count = 1, .seed = 1,
                       .optim = {.kind = 0, .beta1 = 0.9f, .beta2 = 0.99f, .eps = 1e-8f}};
-    cr_assert_neq(ar_remote_load(c, &a, NULL), AR_OK);
+    cr_assert_neq(ar_remote_load(c, &a, NULL, session), AR_OK);
     cr_assert(strstr(ar_last_error(), "out of range"), "%s", ar_last_error());
     ar_model_spec broken = spec;
     broken.classes = 0;
     a.spec = &broken;
     a.last = 2;
-    cr_assert_neq(ar_remote_load(c, &a, NULL), AR_OK);
+    cr_assert_neq(ar_remote_load(c, &a, NULL, session), AR_OK);
 
     /* Load, Save, change, Restore */
     a.spec = &spec;
     uint64_t held = 0;
-    cr_assert_eq(ar_remote_load(c, &a, &held), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_remote_load(c, &a, &held, session), AR_OK, "%s", ar_last_error());
     ar_stage sh;
     cr_assert_eq(ar_stage_create(&sh, &spec, 0, 2, 1, 1, 1, &a.optim), AR_OK);
     ar_stage ref;
@@ -331,7 +332,7 @@ Test(net, worker_control_rpcs)
     cr_assert_eq(held, (uint64_t)sh.param_floats);
     memset(sh.mem_params, 0, sizeof(float) * (size_t)sh.param_floats);
     ar_state_parts shp = {.stage = &sh}, refp = {.stage = &ref};
-    cr_assert_eq(ar_remote_save(c, &shp), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_remote_save(c, session, &shp), AR_OK, "%s", ar_last_error());
     cr_assert(memcmp(sh.mem_params, ref.mem_params, sizeof(float) * (size_t)sh.param_floats) == 0);
     for (long i = 0; i < sh.param_floats; i++) {
         sh.mem_params[i] = (float)i;
@@ -339,11 +340,27 @@ Test(net, worker_control_rpcs)
         sh.mem_v[i] = 0.25f;
     }
     sh.opt_step = 42;
-    cr_assert_eq(ar_remote_restore(c, &shp), AR_OK, "%s", ar_last_error());
-    cr_assert_eq(ar_remote_save(c, &refp), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_remote_restore(c, session, &shp), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_remote_save(c, session, &refp), AR_OK, "%s", ar_last_error());
     cr_assert_eq(ref.opt_step, 42);
     cr_assert(memcmp(sh.mem_params, ref.mem_params, sizeof(float) * (size_t)sh.param_floats) == 0);
     cr_assert(memcmp(sh.mem_v, ref.mem_v, sizeof(float) * (size_t)sh.param_floats) == 0);
+
+    /* another session (or none) can neither read nor write the stage, and a
+     * new Load ends the old session */
+    char other[AR_SESSION_HEX + 1];
+    memcpy(other, session, sizeof other);
+    other[0] = other[0] == 'a' ? 'b' : 'a';
+    cr_assert_neq(ar_remote_save(c, other, &refp), AR_OK);
+    cr_assert(strstr(ar_last_error(), "not the session"), "%s", ar_last_error());
+    cr_assert_neq(ar_remote_restore(c, "", &refp), AR_OK);
+    cr_assert(strstr(ar_last_error(), "carries no session"), "%s", ar_last_error());
+    char old[AR_SESSION_HEX + 1];
+    memcpy(old, session, sizeof old);
+    cr_assert_eq(ar_remote_load(c, &a, NULL, session), AR_OK, "%s", ar_last_error());
+    cr_assert_str_neq(old, session);
+    cr_assert_neq(ar_remote_save(c, old, &refp), AR_OK);
+    cr_assert_eq(ar_remote_save(c, session, &refp), AR_OK, "%s", ar_last_error());
     ar_stage_destroy(&sh);
     ar_stage_destroy(&ref);
 
@@ -375,12 +392,13 @@ Test(net, worker_as_a_tensor_parallel_rank)
     lay = (ar_tp_layout){.first = 0, .count = 2, .members = 2};
     lay.heads[1] = (ar_range){1, 3};
     lay.hidden[1][0] = lay.hidden[1][1] = (ar_range){8, 20};
+    char session[AR_SESSION_HEX + 1];
     ar_load_args a = {.spec = &spec, .first = 0, .last = 3, .rows = 2, .micro_batches = 2,
                       .schedule = 1, .index = 0, .count = 2, .seed = 7, .role = AR_LOAD_RANK,
                       .layout = &lay, .member = 1,
                       .optim = {.kind = 0, .beta1 = 0.9f, .beta2 = 0.99f, .eps = 1e-8f}};
     uint64_t held = 0;
-    cr_assert_eq(ar_remote_load(c, &a, &held), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_remote_load(c, &a, &held, session), AR_OK, "%s", ar_last_error());
     ar_tp_rank shadow, ref;
     ar_range heads[2] = {{1, 3}, {1, 3}}, hidden[2] = {{8, 20}, {8, 20}};
     cr_assert_eq(ar_tp_rank_create(&shadow, &spec, 0, 2, heads, hidden, 1, 1, 7, &a.optim), AR_OK);
@@ -390,7 +408,7 @@ Test(net, worker_as_a_tensor_parallel_rank)
     cr_assert_eq(shadow.param_floats, 2 * (2 * 2 * 35 + 12 * 17));
     memset(shadow.mem_params, 0, sizeof(float) * (size_t)shadow.param_floats);
     ar_state_parts sp = {.rank = &shadow}, rp = {.rank = &ref};
-    cr_assert_eq(ar_remote_save(c, &sp), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_remote_save(c, session, &sp), AR_OK, "%s", ar_last_error());
     cr_assert(memcmp(shadow.mem_params, ref.mem_params, sizeof(float) * (size_t)ref.param_floats) == 0,
               "a rank starts from the slices of the whole model's initial weights");
     for (long i = 0; i < shadow.param_floats; i++) {
@@ -398,8 +416,8 @@ Test(net, worker_as_a_tensor_parallel_rank)
         shadow.mem_m[i] = 0.5f;
     }
     shadow.opt_step = 9;
-    cr_assert_eq(ar_remote_restore(c, &sp), AR_OK, "%s", ar_last_error());
-    cr_assert_eq(ar_remote_save(c, &rp), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_remote_restore(c, session, &sp), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_remote_save(c, session, &rp), AR_OK, "%s", ar_last_error());
     cr_assert_eq(ref.opt_step, 9);
     cr_assert(memcmp(shadow.mem_params, ref.mem_params, sizeof(float) * (size_t)ref.param_floats) == 0);
     cr_assert(memcmp(shadow.mem_m, ref.mem_m, sizeof(float) * (size_t)ref.param_floats) == 0);
@@ -407,7 +425,7 @@ Test(net, worker_as_a_tensor_parallel_rank)
     ar_stage st;
     cr_assert_eq(ar_stage_create(&st, &spec, 0, 3, 1, 1, 7, &a.optim), AR_OK);
     ar_state_parts stp = {.stage = &st};
-    cr_assert_neq(ar_remote_restore(c, &stp), AR_OK);
+    cr_assert_neq(ar_remote_restore(c, session, &stp), AR_OK);
     cr_assert(strstr(ar_last_error(), "missing or of the wrong"), "%s", ar_last_error());
     ar_stage_destroy(&st);
     ar_tp_rank_destroy(&shadow);
@@ -415,7 +433,7 @@ Test(net, worker_as_a_tensor_parallel_rank)
 
     /* shares that do not fit the model, or a group that does not tile it */
     lay.heads[1] = (ar_range){3, 5};
-    cr_assert_neq(ar_remote_load(c, &a, NULL), AR_OK);
+    cr_assert_neq(ar_remote_load(c, &a, NULL, session), AR_OK);
     cr_assert(strstr(ar_last_error(), "do not fit a model of 4 heads"), "%s", ar_last_error());
     a.role = AR_LOAD_LEADER;
     a.next_worker = "127.0.0.1:1";
@@ -424,22 +442,22 @@ Test(net, worker_as_a_tensor_parallel_rank)
     lay.hidden[0][0] = lay.hidden[0][1] = (ar_range){0, 16};
     lay.hidden[1][0] = lay.hidden[1][1] = (ar_range){16, 32};
     a.addresses[1] = "127.0.0.1:2";
-    cr_assert_neq(ar_remote_load(c, &a, NULL), AR_OK);
+    cr_assert_neq(ar_remote_load(c, &a, NULL, session), AR_OK);
     cr_assert(strstr(ar_last_error(), "does not continue"), "%s", ar_last_error());
     lay.heads[1] = (ar_range){2, 4};
     lay.hidden[1][1] = (ar_range){16, 30};
-    cr_assert_neq(ar_remote_load(c, &a, NULL), AR_OK);
+    cr_assert_neq(ar_remote_load(c, &a, NULL, session), AR_OK);
     cr_assert(strstr(ar_last_error(), "do not cover"), "%s", ar_last_error());
     lay.hidden[1][1] = (ar_range){16, 32};
     a.addresses[1] = NULL;
-    cr_assert_neq(ar_remote_load(c, &a, NULL), AR_OK);
+    cr_assert_neq(ar_remote_load(c, &a, NULL, session), AR_OK);
     cr_assert(strstr(ar_last_error(), "needs its worker's address"), "%s", ar_last_error());
     /* units without a block to split */
     a.role = AR_LOAD_RANK;
     a.next_worker = NULL;
     a.first = 0;
     a.last = 1;
-    cr_assert_neq(ar_remote_load(c, &a, NULL), AR_OK);
+    cr_assert_neq(ar_remote_load(c, &a, NULL, session), AR_OK);
     cr_assert(strstr(ar_last_error(), "no transformer block"), "%s", ar_last_error());
 
     ar_client_close(c);
