@@ -680,6 +680,10 @@ static void start_send_locked(glink *l)
         grpc_byte_buffer_destroy(l->sending);
         l->sending = NULL;
         l->send_busy = 0;
+    } else if (l->is_server && l->rpc) {
+        /* the server bounds how long a client may leave it unread (on_send,
+         * which ends the send, needs mu, held here) */
+        net_rpc_note(l->rpc, NET_RPC_SEND_BEGIN);
     }
 }
 
@@ -711,6 +715,8 @@ static void on_send(net_tag *t, int ok)
     grpc_byte_buffer_destroy(l->sending);
     l->sending = NULL;
     l->send_busy = 0;
+    if (l->is_server && l->rpc)
+        net_rpc_note(l->rpc, NET_RPC_SEND_END);
     if (!ok) {
         l->failed = 1;
         if (!l->err[0])
@@ -812,6 +818,8 @@ static void on_recv(net_tag *t, int ok)
     bb = NULL;
     hold_release(hold);
     pthread_mutex_lock(&l->mu);
+    if (got && l->is_server && l->rpc) /* the stream is alive (the server's idle limit) */
+        net_rpc_note(l->rpc, NET_RPC_RECEIVED);
     if (!got) {
         l->recv_done = 1;
     } else if (rc != AR_OK) {
