@@ -27,6 +27,9 @@ void ar_help_worker(void)
            "                       activations): bytes, or 512M, 4G, ... (the free memory\n"
            "                       at the time of the Load)\n"
            "  --max-pipes N        Pipe streams open at once from one client host (4)\n"
+           "  --pipe-idle-timeout S\n"
+           "                       cancel a Pipe stream that passes no frame either way for\n"
+           "                       S seconds (600: far longer than a slow stage's step)\n"
            "  --market HOST:PORT   serve market leases only: every Load must carry a lease\n"
            "                       token that this market confirms includes the provider\n"
            "  --token T            with --market: the provider's account token; without it:\n"
@@ -44,6 +47,7 @@ int ar_cmd_worker(int argc, char **argv)
 {
     const char *listen = NULL, *market = NULL, *token = NULL;
     int threads = 0, max_mb = 1024, max_pipes = AR_WORKER_DEFAULT_PIPES;
+    int pipe_idle = (int)AR_WORKER_DEFAULT_PIPE_IDLE_S;
     int64_t max_mem = 0;
     long provider_id = 0;
     ar_cli_tls tls = {0};
@@ -69,6 +73,8 @@ int ar_cmd_worker(int argc, char **argv)
                 rc = ar_parse_size("worker", v, &max_mem);
         } else if (!strcmp(name, "max-pipes"))
             rc = ar_args_int(&a, 1, 1024, &max_pipes);
+        else if (!strcmp(name, "pipe-idle-timeout"))
+            rc = ar_args_int(&a, 1, 7 * 86400, &pipe_idle);
         else if (!strcmp(name, "market"))
             rc = ar_args_string(&a, &market);
         else if (!strcmp(name, "token"))
@@ -104,7 +110,8 @@ int ar_cmd_worker(int argc, char **argv)
     ar_worker_config c = {.listen = listen, .threads = threads, .max_frame = (size_t)max_mb << 20,
                           .market = market, .market_token = market ? token : NULL,
                           .provider_id = provider_id, .load_token = market ? NULL : token,
-                          .max_mem = (uint64_t)max_mem, .max_pipes = max_pipes};
+                          .max_mem = (uint64_t)max_mem, .max_pipes = max_pipes,
+                          .pipe_idle_s = pipe_idle};
     ar_worker *w;
     char addr[200];
     if (ar_worker_start(&c, &w, addr, sizeof addr) != AR_OK) {

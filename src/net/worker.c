@@ -803,6 +803,11 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     ar_server_handle(w->server, "/arceus.Worker/Restore", on_restore, w);
     ar_server_limit_method(w->server, "/arceus.Worker/Pipe",
                            c->max_pipes > 0 ? c->max_pipes : AR_WORKER_DEFAULT_PIPES);
+    /* a Pipe's handler runs before its first frame (a stage opens its
+     * downstream Pipe long before it has an activation to send) */
+    ar_server_stream_method(w->server, "/arceus.Worker/Pipe",
+                            c->pipe_idle_s > 0 ? c->pipe_idle_s : AR_WORKER_DEFAULT_PIPE_IDLE_S);
+    ar_server_request_timeout(w->server, "/arceus.Worker/Restore", AR_WORKER_RESTORE_FIRST_S);
     if ((rc = ar_server_start(w->server)) != AR_OK) {
         ar_worker_stop(w);
         return rc;
