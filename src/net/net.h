@@ -100,7 +100,7 @@ typedef void (*ar_rpc_fn)(ar_rpc *rpc, void *user);
  * not run, and it holds no thread, until its first request message has
  * arrived whole (the request deadline); then it *runs* on a thread of its
  * own. A server holds at most AR_SERVER_MAX_WAITING waiting calls (a new
- * one pushes out the oldest of the host with the most) and
+ * one pushes out the oldest) and
  * AR_SERVER_MAX_RUNNING running ones (when full, a host with fewer running
  * calls than the busiest host's takes one of the busiest host's; otherwise
  * the new call is refused), so that many addresses that each hold a few
@@ -113,7 +113,6 @@ typedef void (*ar_rpc_fn)(ar_rpc *rpc, void *user);
 #define AR_SERVER_DEFAULT_IDLE_S 60.0
 #define AR_SERVER_DEFAULT_WRITE_S 30.0
 #define AR_SERVER_MAX_WAITING 1024
-#define AR_SERVER_MAX_WAITING_PER_PEER 16
 #define AR_SERVER_MAX_RUNNING 512
 typedef struct {
     size_t max_message;       /* largest request message in bytes (gRPC refuses larger ones with

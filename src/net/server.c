@@ -323,9 +323,10 @@ static void *rpc_main(void *arg);
  * client for as long as the client likes is locked up by clients that open
  * calls and send nothing. So (net.h): a call first waits for its request
  * without a thread, within a deadline; the pools of waiting and running
- * calls are bounded, and room is made by pushing out a call of the host
- * that holds the most; every wait of a handler on its client is bounded,
- * and a watchdog thread cancels the calls past a deadline. */
+ * calls are bounded, and room is made by pushing out the oldest waiting
+ * call, or a running call of the host that holds the most; every wait of a
+ * handler on its client is bounded, and a watchdog thread cancels the
+ * calls past a deadline. */
 
 /* A call pushed out, or refused, waits this long at most for its status to
  * go out before it is cancelled outright. */
@@ -647,25 +648,18 @@ static void on_first(net_tag *t, int ok)
 }
 
 /* Wait for the call's first request message without a thread. The waiting
- * pool is bounded: when it is full, the oldest call of the host with the
- * most calls waiting is pushed out. An honest client sends its request
- * with the call, so its calls leave the pool within a round trip. s->mu
- * held. */
+ * pool is bounded: when it is full, its oldest call is pushed out. An honest
+ * client sends its request with the call, so its calls leave the pool
+ * within a round trip (a burst of them may wait together for a moment: one
+ * host's share of the pool is bounded by the calls it may open, not
+ * separately), while a stalled call grows old there. s->mu held. */
 static void wait_request_locked(ar_server *s, ar_rpc *r)
 {
     peer_calls *p = r->counted;
-    if (p->waiting >= AR_SERVER_MAX_WAITING_PER_PEER) {
-        char msg[300];
-        snprintf(msg, sizeof msg, "%d calls from %.100s are waiting for their requests already, the limit "
-                 "per client", p->waiting, p->host);
-        end_with_status_locked(s, r, AR_STATUS_RESOURCE_EXHAUSTED, msg, 1);
-        return;
-    }
     if (s->nwaiting >= AR_SERVER_MAX_WAITING) {
-        ar_rpc *victim = NULL;
-        for (ar_rpc *w = s->pools[POOL_WAITING].head; w; w = w->next)
-            if (w->in_count && (!victim || w->counted->waiting > victim->counted->waiting))
-                victim = w;
+        ar_rpc *victim = s->pools[POOL_WAITING].head;
+        while (victim && !victim->in_count)
+            victim = victim->next;
         if (victim) {
             char msg[300];
             snprintf(msg, sizeof msg, "pushed out: %d calls were waiting for their requests, the "
@@ -827,7 +821,7 @@ static void watchdog_stop(ar_server *s)
     s->watchdog_started = 0;
 }
 
-/* Calls the server still holds without a thread (waiting, ending). */
+/* Calls the server still holds, with a thread or without. */
 static int server_calls_left_locked(const ar_server *s)
 {
     return s->pools[POOL_WAITING].n + s->pools[POOL_RUNNING].n + s->pools[POOL_ENDING].n;
