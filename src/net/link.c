@@ -1023,10 +1023,12 @@ static void g_destroy(ar_link *al)
 static const ar_link_vt grpc_vt = {g_send, g_recv, g_close, g_destroy};
 
 ar_link *net_link_new(grpc_call *call, int is_server, const char *name, size_t max_frame,
-                      struct ar_rpc *rpc)
+                      struct ar_rpc *rpc, grpc_byte_buffer *first, int have_first)
 {
     glink *l = calloc(1, sizeof *l);
     if (!l) {
+        if (first)
+            grpc_byte_buffer_destroy(first);
         ar_fail(AR_ENOMEM, "out of memory for a link");
         return NULL;
     }
@@ -1073,8 +1075,18 @@ ar_link *net_link_new(grpc_call *call, int is_server, const char *name, size_t m
         ops[0].data.recv_status_on_client.trailing_metadata = &l->st_trailing;
     }
     bad |= start_locked(l, &l->end_tag, ops, 1);
-    start_recv_locked(l);
+    if (!have_first)
+        start_recv_locked(l);
+    else
+        l->refs++; /* as a receive batch would hold: on_recv drops it */
     pthread_mutex_unlock(&l->mu);
+    if (have_first) {
+        /* the server read the first message before the handler ran: take
+         * it as received (NULL: the client's stream ended), which also
+         * starts the next receive */
+        l->recv_buf = first;
+        on_recv(&l->recv_tag.base, 1);
+    }
     if (bad)
         ar_log(AR_LOG_WARN, "%s: %s", name, l->err);
     return &l->base;

@@ -70,8 +70,11 @@ int net_frames_receive(grpc_byte_buffer *bb, size_t max_frame, ar_frame *fs, siz
                        int *count);
 /* Copy n bytes at offset `at` of a raw byte buffer into a new buffer. */
 int net_payload_copy(grpc_byte_buffer *bb, size_t at, size_t n, void **out);
+/* have_first: the first message was read already (first; NULL when the
+ * stream ended without one), before the handler made the link: the link
+ * takes it as its first (and owns it). */
 ar_link *net_link_new(grpc_call *call, int is_server, const char *name, size_t max_frame,
-                      struct ar_rpc *rpc);
+                      struct ar_rpc *rpc, grpc_byte_buffer *first, int have_first);
 /* Server side: the status to send when the stream ends badly. 1 when this
  * started the status batch (0: a status was sent already, or gRPC refused). */
 int net_rpc_send_status_async(struct ar_rpc *rpc, int code, const char *msg);

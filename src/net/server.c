@@ -300,7 +300,13 @@ int ar_rpc_link(ar_rpc *r, const char *name, size_t max_frame, ar_link **out)
     r->md_sent = 1;
     r->close_started = 1;
     pthread_mutex_unlock(&r->mu);
-    r->link = net_link_new(r->call, 1, name, max_frame, r);
+    /* a method that is not a stream (ar_server_stream_method) had its first
+     * message read before the handler ran: the link takes it */
+    int have_first = r->have_first;
+    grpc_byte_buffer *first = r->first;
+    r->have_first = 0;
+    r->first = NULL;
+    r->link = net_link_new(r->call, 1, name, max_frame, r, first, have_first);
     if (!r->link)
         return AR_ENOMEM;
     *out = r->link;
@@ -1271,7 +1277,7 @@ int ar_client_pipe(ar_client *c, const char *name, size_t max_frame, ar_link **o
     grpc_call *call = new_call(c, "/arceus.Worker/Pipe", -1);
     if (!call)
         return ar_fail(AR_EINTERNAL, "%s: cannot create a call", c->addr);
-    ar_link *l = net_link_new(call, 0, name, max_frame, NULL);
+    ar_link *l = net_link_new(call, 0, name, max_frame, NULL, NULL, 0);
     grpc_call_unref(call); /* the link holds its own reference */
     if (!l)
         return AR_ENOMEM;
