@@ -180,6 +180,7 @@ bench: deps
 	$(OUT)/bench/link_bench
 	$(PYTHON) bench/pipeline.py --arceus $(abspath $(BIN))
 	$(PYTHON) bench/tp.py --arceus $(abspath $(BIN))
+	$(PYTHON) bench/market_load.py --arceus $(abspath $(BIN))
 
 # The market demo (scripts/demo.sh): install what is missing, build, start a
 # market, three providers and a renter on loopback, train the Fashion-MNIST

@@ -12,7 +12,7 @@
 
 typedef struct {
     const char *listen, *market, *token;
-    int threads, max_frame_mb, max_pipes, idle_timeout_s;
+    int threads, max_frame_mb, max_pipes, idle_timeout_s, pipe_idle_s;
     int64_t max_mem; /* 0: the free memory at the time of the Load */
     long provider_id;
     ar_cli_tls tls;
@@ -36,6 +36,10 @@ static const ar_option worker_options[] = {
     {.name = "idle-timeout", .kind = AR_OPTION_INT, AT(idle_timeout_s), .lo = 1, .hi = 7 * 24 * 3600,
      .metavar = "S", .def = "600",
      .help = "free the loaded stage (and end its session) after S seconds without a Pipe, Save or Restore"},
+    {.name = "pipe-idle-timeout", .kind = AR_OPTION_INT, AT(pipe_idle_s), .lo = 1, .hi = 7 * 86400,
+     .metavar = "S", .def = "600",
+     .help = "cancel a Pipe stream that passes no frame either way for S seconds (far longer than a slow "
+             "stage's step)"},
     {.name = "market", .kind = AR_OPTION_STRING, AT(market), .metavar = "HOST:PORT",
      .help = "serve market leases only: every Load must carry a lease token that this market confirms "
              "includes the provider"},
@@ -104,7 +108,7 @@ static int run_worker(void *opts)
                           .market = market, .market_token = market ? token : NULL,
                           .provider_id = provider_id, .load_token = market ? NULL : token,
                           .max_mem = (uint64_t)o->max_mem, .max_pipes = o->max_pipes,
-                          .idle_timeout_s = o->idle_timeout_s};
+                          .idle_timeout_s = o->idle_timeout_s, .pipe_idle_s = o->pipe_idle_s};
     ar_worker *w;
     char addr[200];
     if (ar_worker_start(&c, &w, addr, sizeof addr) != AR_OK) {

@@ -21,6 +21,7 @@
 #include <math.h>
 #include <microhttpd.h>
 #include <netdb.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -666,6 +667,23 @@ static int parse_port(const char *p)
     return v <= 65535 ? v : -1;
 }
 
+/* The dashboard's connections (serve_on). */
+#define HTTP_IDLE_S 10
+#define HTTP_PER_IP 16
+#define HTTP_CONNECTION_BYTES (32u << 10)
+#define HTTP_MAX_CONNECTIONS 1000u
+
+/* At most HTTP_MAX_CONNECTIONS, and at most a quarter of the process's file
+ * descriptors: the rest are the market's gRPC connections and database. */
+static unsigned connection_limit(void)
+{
+    struct rlimit rl;
+    unsigned limit = HTTP_MAX_CONNECTIONS;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur / 4 < limit)
+        limit = rl.rlim_cur / 4 > 64 ? (unsigned)(rl.rlim_cur / 4) : 64;
+    return limit;
+}
+
 /* Serve on "HOST:PORT" ([v6]:PORT too): libmicrohttpd binds the first of
  * the host's addresses that works and owns that socket; *port gets the
  * real port. */
@@ -688,14 +706,26 @@ static int serve_on(ar_http *h, const char *listen_addr, int *port)
     if (g != 0)
         return ar_fail(AR_EINVAL, "--http %s: %s", listen_addr, gai_strerror(g));
     int err = 0;
+    unsigned limit = connection_limit();
     for (struct addrinfo *a = res; a && !h->daemon; a = a->ai_next) {
-        /* one internal thread polls every connection (epoll where there
-         * is); idle connections are closed after 30 s, at most 64 at once */
+        /* One internal thread polls every connection (epoll where there is),
+         * so a slow socket costs a descriptor and its buffer, never a
+         * thread. Slow or idle sockets must not lock out a browser: a
+         * connection quiet for 10 s is closed (a browser reconnects at
+         * once), one address holds at most 16 at once (a browser opens about
+         * 6 per site), and the daemon many (connection_limit): 300 slow
+         * sockets from as many addresses leave room for an honest one. A
+         * connection's buffer, 32 KiB, bounds the request line, the headers
+         * and any body read (the dashboard reads none: a GET with a body is
+         * closed, other methods are refused from the headers). */
         unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | (a->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
         errno = 0;
         h->daemon = MHD_start_daemon(flags, 0, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR, a->ai_addr,
-                                     MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30, MHD_OPTION_CONNECTION_LIMIT,
-                                     (unsigned)64, MHD_OPTION_END);
+                                     MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)HTTP_IDLE_S,
+                                     MHD_OPTION_CONNECTION_LIMIT, limit,
+                                     MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)HTTP_PER_IP,
+                                     MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTP_CONNECTION_BYTES,
+                                     MHD_OPTION_END);
         err = errno;
     }
     freeaddrinfo(res);

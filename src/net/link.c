@@ -757,6 +757,10 @@ static void start_send_locked(glink *l)
         grpc_byte_buffer_destroy(l->sending);
         l->sending = NULL;
         l->send_busy = 0;
+    } else if (l->is_server && l->rpc) {
+        /* the server bounds how long a client may leave it unread (on_send,
+         * which ends the send, needs mu, held here) */
+        net_rpc_note(l->rpc, NET_RPC_SEND_BEGIN);
     }
 }
 
@@ -788,6 +792,8 @@ static void on_send(net_tag *t, int ok)
     grpc_byte_buffer_destroy(l->sending);
     l->sending = NULL;
     l->send_busy = 0;
+    if (l->is_server && l->rpc)
+        net_rpc_note(l->rpc, NET_RPC_SEND_END);
     if (!ok) {
         l->failed = 1;
         if (!l->err[0])
@@ -901,6 +907,8 @@ static void on_recv(net_tag *t, int ok)
         l->first_has_session = has_session;
         memcpy(l->first_session, session, sizeof session);
     }
+    if (got && l->is_server && l->rpc) /* the stream is alive (the server's idle limit) */
+        net_rpc_note(l->rpc, NET_RPC_RECEIVED);
     if (!got) {
         l->recv_done = 1;
     } else if (rc != AR_OK) {
@@ -1116,10 +1124,12 @@ static void g_destroy(ar_link *al)
 static const ar_link_vt grpc_vt = {g_send, g_recv, g_close, g_destroy};
 
 ar_link *net_link_new(grpc_call *call, int is_server, const char *name, size_t max_frame,
-                      struct ar_rpc *rpc)
+                      struct ar_rpc *rpc, grpc_byte_buffer *first, int have_first)
 {
     glink *l = calloc(1, sizeof *l);
     if (!l) {
+        if (first)
+            grpc_byte_buffer_destroy(first);
         ar_fail(AR_ENOMEM, "out of memory for a link");
         return NULL;
     }
@@ -1166,8 +1176,18 @@ ar_link *net_link_new(grpc_call *call, int is_server, const char *name, size_t m
         ops[0].data.recv_status_on_client.trailing_metadata = &l->st_trailing;
     }
     bad |= start_locked(l, &l->end_tag, ops, 1);
-    start_recv_locked(l);
+    if (!have_first)
+        start_recv_locked(l);
+    else
+        l->refs++; /* as a receive batch would hold: on_recv drops it */
     pthread_mutex_unlock(&l->mu);
+    if (have_first) {
+        /* the server read the first message before the handler ran: take
+         * it as received (NULL: the client's stream ended), which also
+         * starts the next receive */
+        l->recv_buf = first;
+        on_recv(&l->recv_tag.base, 1);
+    }
     if (bad)
         ar_log(AR_LOG_WARN, "%s: %s", name, l->err);
     return &l->base;

@@ -102,13 +102,35 @@ typedef struct ar_server ar_server;
 typedef struct ar_rpc ar_rpc;
 typedef void (*ar_rpc_fn)(ar_rpc *rpc, void *user);
 
-/* What one client may ask of a server (limits NULL or a field 0: the default). */
+/* What one client may ask of a server (limits NULL or a field 0: the default).
+ *
+ * A peer host is a client's IP address (an IPv6 client's /64: one machine
+ * usually holds a whole /64). A call is first *waiting*: its handler does
+ * not run, and it holds no thread, until its first request message has
+ * arrived whole (the request deadline); then it *runs* on a thread of its
+ * own. A server holds at most AR_SERVER_MAX_WAITING waiting calls (a new
+ * one pushes out the oldest) and
+ * AR_SERVER_MAX_RUNNING running ones (when full, a host with fewer running
+ * calls than the busiest host's takes one of the busiest host's; otherwise
+ * the new call is refused), so that many addresses that each hold a few
+ * stalled calls cannot lock out one more. Waits inside a handler are bounded
+ * too: each later message of a client stream (idle_timeout_s), each message
+ * or status to a client that does not read (write_timeout_s). A call over a
+ * deadline is cancelled with DEADLINE_EXCEEDED and logged. */
 #define AR_SERVER_DEFAULT_CALLS_PER_PEER 64
+#define AR_SERVER_DEFAULT_REQUEST_S 5.0
+#define AR_SERVER_DEFAULT_IDLE_S 60.0
+#define AR_SERVER_DEFAULT_WRITE_S 30.0
+#define AR_SERVER_MAX_WAITING 1024
+#define AR_SERVER_MAX_RUNNING 512
 typedef struct {
-    size_t max_message;     /* largest request message in bytes (gRPC refuses larger ones with
-                             * RESOURCE_EXHAUSTED once received); 0: no limit */
-    int max_calls_per_peer; /* calls open at once from one peer host (any method); further
-                             * ones are refused with RESOURCE_EXHAUSTED */
+    size_t max_message;       /* largest request message in bytes (gRPC refuses larger ones with
+                               * RESOURCE_EXHAUSTED once received); 0: no limit */
+    int max_calls_per_peer;   /* calls open at once from one peer host (any method); further
+                               * ones are refused with RESOURCE_EXHAUSTED */
+    double request_timeout_s; /* a call's first request message must arrive within this */
+    double idle_timeout_s;    /* a handler waits this long for a client stream's next message */
+    double write_timeout_s;   /* ... and this long for a client to take a message or the status */
 } ar_server_limits;
 
 /* Bind addr ("HOST:PORT", port 0 picks one); *port gets the bound port. */
@@ -124,6 +146,14 @@ int ar_server_limit_method(ar_server *s, const char *method, int max_per_peer);
  * gRPC itself only knows one limit per server (ar_server_limits.max_message),
  * which must be the largest of these. */
 int ar_server_limit_message(ar_server *s, const char *method, size_t max_bytes);
+/* A streaming method whose handler runs at once, before any message (a Pipe:
+ * the client may have nothing to send for a while), and whose call is
+ * cancelled (DEADLINE_EXCEEDED) once no message has passed either way for
+ * idle_s, or a message to the client has waited that long to be taken. */
+int ar_server_stream_method(ar_server *s, const char *method, double idle_s);
+/* This method's first request message may take first_s to arrive instead of
+ * the server's request timeout (large messages over slow links). */
+int ar_server_request_timeout(ar_server *s, const char *method, double first_s);
 int ar_server_start(ar_server *s);
 /* Stop accepting, cancel every call, wait for the handlers, free. */
 void ar_server_destroy(ar_server *s);

@@ -74,10 +74,14 @@ int net_frames_receive(grpc_byte_buffer *bb, size_t max_frame, ar_frame *fs, siz
 int net_frames_session(grpc_byte_buffer *bb, char *buf, size_t size);
 /* Copy n bytes at offset `at` of a raw byte buffer into a new buffer. */
 int net_payload_copy(grpc_byte_buffer *bb, size_t at, size_t n, void **out);
+/* have_first: the first message was read already (first; NULL when the
+ * stream ended without one), before the handler made the link: the link
+ * takes it as its first (and owns it). */
 ar_link *net_link_new(grpc_call *call, int is_server, const char *name, size_t max_frame,
-                      struct ar_rpc *rpc);
-/* Server side: the status to send when the stream ends badly. */
-void net_rpc_send_status_async(struct ar_rpc *rpc, int code, const char *msg);
+                      struct ar_rpc *rpc, grpc_byte_buffer *first, int have_first);
+/* Server side: the status to send when the stream ends badly. 1 when this
+ * started the status batch (0: a status was sent already, or gRPC refused). */
+int net_rpc_send_status_async(struct ar_rpc *rpc, int code, const char *msg);
 /* Server end: wait until the queued frames are written (up to timeout_s). */
 void net_link_drain(ar_link *l, double timeout_s);
 void net_link_release(ar_link *l);
@@ -88,6 +92,17 @@ void net_link_set_session(ar_link *l, const char *session);
  * stream ended or failed first (a malformed message: the link has already
  * answered INVALID_ARGUMENT) or nothing came in time. */
 int net_link_first_session(ar_link *l, char *buf, size_t size, double timeout_s);
+
+/* Server side: a link's traffic, so that the server can tell an idle or
+ * stuck stream (ar_server_stream_method). Lock-free: called from the event
+ * loop with the link's mutex held. */
+enum { NET_RPC_RECEIVED, NET_RPC_SEND_BEGIN, NET_RPC_SEND_END };
+void net_rpc_note(struct ar_rpc *rpc, int what);
+/* The host a gRPC peer string ("ipv4:1.2.3.4:5", "ipv6:[::1]:5", with the
+ * brackets as is or %-encoded) counts as: its address without the port, an
+ * IPv6 address's /64 ("ipv6:2001:db8:1:2::/64"), an IPv4-mapped IPv6 address
+ * as the IPv4 one; anything else as given. Exposed for tests. */
+void net_peer_host(const char *peer, char *host, size_t size);
 
 /* Pack a protobuf-c message, send it as the reply and finish with OK (or
  * INTERNAL when out of memory). */

@@ -47,6 +47,11 @@ typedef struct {
      * client host (0: AR_WORKER_DEFAULT_PIPES). */
     uint64_t max_mem;
     int max_pipes;
+    /* A Pipe through which no frame has passed either way for this long, or
+     * whose client has left a frame unread this long, is cancelled: longer
+     * than any honest gap between frames (a slow stage's step, the driver's
+     * checkpoint in between). 0: AR_WORKER_DEFAULT_PIPE_IDLE_S. */
+    double pipe_idle_s;
     /* GFLOP/s already measured (ar_device_probe with `threads`), as a
      * provider does for the market; 0: the worker probes at start. */
     double gflops;
@@ -63,6 +68,10 @@ typedef struct {
 #define AR_WORKER_MIN_TOKEN 16
 /* The largest Hello request: three short fields. */
 #define AR_WORKER_MAX_HELLO 4096
+#define AR_WORKER_DEFAULT_PIPE_IDLE_S 600.0
+/* A Restore's first chunk (1 MiB) may take this long to arrive; the other
+ * requests are small and get the server's default (net.h). */
+#define AR_WORKER_RESTORE_FIRST_S 60.0
 /* The largest spec_json a Load may carry: a spec with a full vocabulary is
  * under 2 KiB. */
 #define AR_LOAD_MAX_SPEC_BYTES (64u << 10)

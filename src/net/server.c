@@ -4,24 +4,47 @@
 
 #include "core/core.h"
 
+#include <arpa/inet.h>
 #include <grpc/grpc_security.h>
+#include <netinet/in.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define MAX_HANDLERS 16
-/* Peer hosts with calls open at once; a call from one more is refused. */
-#define MAX_PEERS 256
+/* Buckets of the table of peer hosts with calls open (chained: the table
+ * holds one entry per host with a call, whatever their number; the pools'
+ * limits bound the calls, and so the entries). */
+#define PEER_BUCKETS 1024
+/* How often the watchdog looks for calls past a deadline. */
+#define WATCHDOG_PERIOD_S 0.25
 
-/* The calls open from one peer host (the address without its port: one
- * client may open many connections), per method: what the per-peer limits
- * count. */
-typedef struct {
+/* The calls open from one peer host (net_peer_host: one client may open
+ * many connections), per method: what the per-peer limits count. */
+typedef struct peer_calls {
     char host[128];
-    int total;
+    int total;   /* calls open, in any state */
+    int waiting; /* of them, counted in the waiting pool */
+    int running; /* of them, counted in the running pool */
     int calls[MAX_HANDLERS];
+    struct peer_calls *next; /* in its bucket */
 } peer_calls;
+
+/* Where a call stands (the server's lists, guarded by its mu): waiting for
+ * its first request message, without a thread; running its handler on a
+ * thread; ending (a status on its way, no thread: refused, dropped, past
+ * its request deadline). */
+enum { POOL_NONE, POOL_WAITING, POOL_RUNNING, POOL_ENDING, NPOOLS };
+/* What a running handler waits on, for the watchdog. */
+enum { WAIT_NONE, WAIT_READ, WAIT_WRITE, WAIT_FINISH };
+/* What the watchdog reports, summed over one of its rounds (one log line
+ * per kind and round rather than one per call: an attack would flood the
+ * log). */
+enum { EV_REQUEST_LATE, EV_WAITING_FULL, EV_RUNNING_FULL, EV_RUNNING_PUSHED, EV_READ_IDLE, EV_WRITE_STALL,
+       EV_STREAM_IDLE, NEVENTS };
 
 struct ar_rpc {
     ar_server *server;
@@ -40,6 +63,24 @@ struct ar_rpc {
     int cancelled;
     net_tag status_tag;
     ar_link *link;
+    /* admission and deadlines (admit.c's part of this file: guarded by the
+     * server's mu unless atomic) */
+    int pool;          /* POOL_* */
+    int in_count;      /* counted in its pool's figures and its host's */
+    int holds;         /* the first read, a detached status, the thread: freed at 0 */
+    int detached;      /* no thread: the status batch's completion drops a hold */
+    int dropped;       /* the server ended it (deadline, pushed out): once only */
+    double since;      /* when it entered its pool (ar_now) */
+    struct ar_rpc *prev, *next;
+    net_tag first_tag;
+    grpc_byte_buffer *first; /* the request, read before the handler runs (NULL: none came) */
+    int have_first;
+    atomic_int wait_kind;       /* WAIT_* */
+    atomic_llong wait_since_ms; /* when that wait began */
+    atomic_llong active_ms;     /* a stream's last message either way */
+    atomic_llong send_ms;       /* a stream's send in flight since; 0: none */
+    atomic_int timed_out;       /* the watchdog ended a read: not the client's end */
+    int hard_cancelled;         /* ending: its status took too long, cancelled */
 };
 
 struct ar_server {
@@ -53,7 +94,6 @@ struct ar_server {
     } handlers[MAX_HANDLERS];
     int nhandlers;
     int max_calls_per_peer; /* calls of any method open from one peer host */
-    peer_calls *peers[MAX_PEERS];
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int active;    /* handler threads running */
@@ -64,6 +104,24 @@ struct ar_server {
      * first failure, under auth_mu */
     pthread_mutex_t auth_mu;
     struct auth_host *auth;
+    /* admission and deadlines: the peer hosts with calls, the pools (lists
+     * oldest first; counts of the calls counted in them), the deadlines,
+     * per method: a stream's idle limit (> 0: its handler runs at once) and
+     * its first message's deadline (0: request_s) */
+    peer_calls *peers[PEER_BUCKETS];
+    struct {
+        ar_rpc *head, *tail;
+        int n;
+    } pools[NPOOLS];
+    int nwaiting, nrunning;
+    double request_s, idle_s, write_s;
+    double stream_idle_s[MAX_HANDLERS], first_s[MAX_HANDLERS];
+    char name[64];
+    pthread_t watchdog;
+    int watchdog_started, watchdog_stop;
+    pthread_cond_t watchdog_cv;
+    int events[NEVENTS]; /* what the watchdog will report */
+    char event_example[NEVENTS][220];
 };
 
 static ar_rpc *rpc_new(void)
@@ -80,6 +138,8 @@ static ar_rpc *rpc_new(void)
 
 static void rpc_free(ar_rpc *r)
 {
+    if (r->first)
+        grpc_byte_buffer_destroy(r->first);
     grpc_call_details_destroy(&r->details);
     grpc_metadata_array_destroy(&r->md);
     if (r->call)
@@ -89,22 +149,29 @@ static void rpc_free(ar_rpc *r)
     free(r);
 }
 
+static void rpc_wait_begin(ar_rpc *r, int kind);
+static void rpc_wait_end(ar_rpc *r);
+static void detached_status_done(ar_rpc *r);
+
 static void on_status(net_tag *t, int ok)
 {
     ar_rpc *r = (ar_rpc *)((char *)t - offsetof(ar_rpc, status_tag));
     (void)ok;
     pthread_mutex_lock(&r->mu);
     r->status_done = 1;
+    int detached = r->detached;
     pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
+    if (detached) /* no thread waits for it: the call may end now */
+        detached_status_done(r);
 }
 
-void net_rpc_send_status_async(ar_rpc *r, int code, const char *msg)
+int net_rpc_send_status_async(ar_rpc *r, int code, const char *msg)
 {
     pthread_mutex_lock(&r->mu);
     if (r->status_sent) {
         pthread_mutex_unlock(&r->mu);
-        return;
+        return 0;
     }
     r->status_sent = 1;
     grpc_op ops[3];
@@ -126,10 +193,12 @@ void net_rpc_send_status_async(ar_rpc *r, int code, const char *msg)
         r->close_started = 1;
     }
     r->status_tag.cb = on_status;
-    if (grpc_call_start_batch(r->call, ops, n, &r->status_tag, NULL) != GRPC_CALL_OK)
+    int started = grpc_call_start_batch(r->call, ops, n, &r->status_tag, NULL) == GRPC_CALL_OK;
+    if (!started)
         r->status_done = 1;
     pthread_mutex_unlock(&r->mu);
     grpc_slice_unref(details);
+    return started;
 }
 
 void ar_rpc_finish(ar_rpc *r, int code, const char *fmt, ...)
@@ -146,10 +215,14 @@ void ar_rpc_finish(ar_rpc *r, int code, const char *fmt, ...)
     if (r->link)
         net_link_drain(r->link, 30);
     net_rpc_send_status_async(r, code, msg);
+    /* a client that reads nothing may hold the status back: the watchdog
+     * cancels the call after the write timeout, which completes the batch */
+    rpc_wait_begin(r, WAIT_FINISH);
     pthread_mutex_lock(&r->mu);
     while (!r->status_done)
         pthread_cond_wait(&r->cv, &r->mu);
     pthread_mutex_unlock(&r->mu);
+    rpc_wait_end(r);
 }
 
 /* A request over its method's own limit (ar_server_limit_message) is
@@ -173,10 +246,25 @@ int ar_rpc_read(ar_rpc *r, void **data, size_t *len)
 {
     *data = NULL;
     *len = 0;
+    grpc_byte_buffer *bb = NULL;
+    if (r->have_first) {
+        /* the request the server waited for before running the handler */
+        r->have_first = 0;
+        bb = r->first;
+        r->first = NULL;
+        if (!bb)
+            return AR_ECLOSED;
+        if (message_over_limit(r, bb)) {
+            grpc_byte_buffer_destroy(bb);
+            return AR_ELIMIT;
+        }
+        int rc = net_buffer_flatten(bb, data, len);
+        grpc_byte_buffer_destroy(bb);
+        return rc;
+    }
     grpc_op ops[2];
     memset(ops, 0, sizeof ops);
     size_t n = 0;
-    grpc_byte_buffer *bb = NULL;
     pthread_mutex_lock(&r->mu);
     if (!r->md_sent) {
         ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
@@ -186,7 +274,17 @@ int ar_rpc_read(ar_rpc *r, void **data, size_t *len)
     ops[n].op = GRPC_OP_RECV_MESSAGE;
     ops[n].data.recv_message.recv_message = &bb;
     n++;
-    if (!net_batch(r->call, ops, n, -1))
+    rpc_wait_begin(r, WAIT_READ);
+    int ok = net_batch(r->call, ops, n, -1);
+    rpc_wait_end(r);
+    if (atomic_load(&r->timed_out)) {
+        /* the watchdog sent DEADLINE_EXCEEDED: not the end of the client's stream */
+        if (bb)
+            grpc_byte_buffer_destroy(bb);
+        return ar_fail(AR_ELIMIT, "%s: no message from %s within %.0f s", r->method, r->peer,
+                       r->server->idle_s);
+    }
+    if (!ok)
         return ar_fail(AR_ECLOSED, "%s: the call was cancelled", r->method);
     if (!bb)
         return AR_ECLOSED;
@@ -216,7 +314,9 @@ int ar_rpc_write(ar_rpc *r, const void *data, size_t len)
     ops[n].op = GRPC_OP_SEND_MESSAGE;
     ops[n].data.send_message.send_message = bb;
     n++;
+    rpc_wait_begin(r, WAIT_WRITE);
     int ok = net_batch(r->call, ops, n, -1);
+    rpc_wait_end(r);
     grpc_byte_buffer_destroy(bb);
     return ok ? AR_OK : ar_fail(AR_ECLOSED, "%s: the client went away", r->method);
 }
@@ -231,7 +331,13 @@ int ar_rpc_link(ar_rpc *r, const char *name, size_t max_frame, ar_link **out)
     r->md_sent = 1;
     r->close_started = 1;
     pthread_mutex_unlock(&r->mu);
-    r->link = net_link_new(r->call, 1, name, max_frame, r);
+    /* a method that is not a stream (ar_server_stream_method) had its first
+     * message read before the handler ran: the link takes it */
+    int have_first = r->have_first;
+    grpc_byte_buffer *first = r->first;
+    r->have_first = 0;
+    r->first = NULL;
+    r->link = net_link_new(r->call, 1, name, max_frame, r, first, have_first);
     if (!r->link)
         return AR_ENOMEM;
     *out = r->link;
@@ -246,51 +352,146 @@ const char *ar_rpc_peer(const ar_rpc *r)
 /* ---- the server --------------------------------------------------------- */
 
 static void request_next_locked(ar_server *s);
+static void *rpc_main(void *arg);
 
-/* "ipv4:127.0.0.1:5432" -> "ipv4:127.0.0.1" */
-static void peer_host(const char *peer, char *host, size_t size)
+/* ---- admission: peer hosts, the pools of calls, deadlines ---------------
+ *
+ * A server that gives every call a thread at once and then waits on its
+ * client for as long as the client likes is locked up by clients that open
+ * calls and send nothing. So (net.h): a call first waits for its request
+ * without a thread, within a deadline; the pools of waiting and running
+ * calls are bounded, and room is made by pushing out the oldest waiting
+ * call, or a running call of the host that holds the most; every wait of a
+ * handler on its client is bounded, and a watchdog thread cancels the
+ * calls past a deadline. */
+
+/* A call pushed out, or refused, waits this long at most for its status to
+ * go out before it is cancelled outright. */
+#define ENDING_S 5.0
+
+
+static int64_t now_ms(void)
 {
+    return (int64_t)(ar_now() * 1000.0);
+}
+
+static void rpc_wait_begin(ar_rpc *r, int kind)
+{
+    atomic_store(&r->wait_since_ms, now_ms());
+    atomic_store(&r->wait_kind, kind);
+}
+
+static void rpc_wait_end(ar_rpc *r)
+{
+    atomic_store(&r->wait_kind, WAIT_NONE);
+}
+
+void net_rpc_note(ar_rpc *r, int what)
+{
+    int64_t ms = now_ms();
+    if (what == NET_RPC_SEND_BEGIN) {
+        atomic_store(&r->send_ms, ms);
+        return;
+    }
+    if (what == NET_RPC_SEND_END)
+        atomic_store(&r->send_ms, 0);
+    atomic_store(&r->active_ms, ms);
+}
+
+void net_peer_host(const char *peer, char *host, size_t size)
+{
+    if (!strncmp(peer, "ipv6:", 5)) {
+        /* "[addr]:port", the brackets perhaps %-encoded, a zone after '%' */
+        char a[128];
+        size_t n = 0;
+        for (const char *p = peer + 5; *p && n + 1 < sizeof a; p++) {
+            if (p[0] == '%' && p[1] == '5' && (p[2] == 'B' || p[2] == 'b' || p[2] == 'D' || p[2] == 'd')) {
+                a[n++] = p[2] == 'B' || p[2] == 'b' ? '[' : ']';
+                p += 2;
+            } else {
+                a[n++] = *p;
+            }
+        }
+        a[n] = '\0';
+        char *addr = a, *end;
+        if (a[0] == '[' && (end = strchr(a, ']')) != NULL) {
+            addr = a + 1;
+            *end = '\0';
+        }
+        char *zone = strchr(addr, '%');
+        if (zone)
+            *zone = '\0';
+        struct in6_addr in;
+        if (inet_pton(AF_INET6, addr, &in) == 1) {
+            const unsigned char *b = in.s6_addr;
+            static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+            if (!memcmp(b, mapped, sizeof mapped)) {
+                snprintf(host, size, "ipv4:%u.%u.%u.%u", b[12], b[13], b[14], b[15]);
+                return;
+            }
+            /* a machine is usually given a whole /64: all of it is one host */
+            memset(in.s6_addr + 8, 0, 8);
+            char text[INET6_ADDRSTRLEN];
+            if (inet_ntop(AF_INET6, &in, text, sizeof text)) {
+                snprintf(host, size, "ipv6:%s/64", text);
+                return;
+            }
+        }
+    }
+    /* "ipv4:127.0.0.1:5432" -> "ipv4:127.0.0.1" */
     snprintf(host, size, "%s", peer);
     char *colon = strrchr(host, ':');
     if (colon && colon > host && strchr(host, ':') != colon)
         *colon = '\0';
 }
 
+static unsigned host_bucket(const char *host)
+{
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (const unsigned char *p = (const unsigned char *)host; *p; p++)
+        h = (h ^ *p) * 16777619u;
+    return h % PEER_BUCKETS;
+}
+
+/* A host's entry, made when there is none; NULL when out of memory. s->mu held. */
+static peer_calls *peer_get_locked(ar_server *s, const char *host)
+{
+    unsigned b = host_bucket(host);
+    for (peer_calls *p = s->peers[b]; p; p = p->next)
+        if (!strcmp(p->host, host))
+            return p;
+    peer_calls *p = calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    snprintf(p->host, sizeof p->host, "%s", host);
+    p->next = s->peers[b];
+    s->peers[b] = p;
+    return p;
+}
+
 /* Forget a peer host that has no call open. s->mu held. */
 static void drop_peer_locked(ar_server *s, peer_calls *p)
 {
-    for (int i = 0; i < MAX_PEERS; i++)
-        if (s->peers[i] == p)
-            s->peers[i] = NULL;
+    for (peer_calls **at = &s->peers[host_bucket(p->host)]; *at; at = &(*at)->next)
+        if (*at == p) {
+            *at = p->next;
+            break;
+        }
     free(p);
 }
 
 /* Count a new call against its peer's limits, or say why it is refused
- * (r->refused). Each call runs on its own thread: without these limits one
+ * (r->refused). Each running call holds a thread: without these limits one
  * client could hold any number of threads (a Pipe waits up to 10 s for the
  * stage). s->mu held. */
 static void admit_locked(ar_server *s, ar_rpc *r)
 {
     char host[128];
-    peer_host(r->peer, host, sizeof host);
-    peer_calls *p = NULL;
-    int free_slot = -1;
-    for (int i = 0; i < MAX_PEERS; i++) {
-        if (s->peers[i] && strcmp(s->peers[i]->host, host) == 0) {
-            p = s->peers[i];
-            break;
-        }
-        if (!s->peers[i] && free_slot < 0)
-            free_slot = i;
-    }
+    net_peer_host(r->peer, host, sizeof host);
+    peer_calls *p = peer_get_locked(s, host);
     if (!p) {
-        if (free_slot < 0 || !(p = calloc(1, sizeof *p))) {
-            snprintf(r->refused, sizeof r->refused, "the server has calls open from %d peers, its "
-                     "limit: try again later", MAX_PEERS);
-            return;
-        }
-        snprintf(p->host, sizeof p->host, "%s", host);
-        s->peers[free_slot] = p;
+        snprintf(r->refused, sizeof r->refused, "the server is out of memory: try again later");
+        return;
     }
     int h = r->handler;
     if (s->max_calls_per_peer > 0 && p->total >= s->max_calls_per_peer)
@@ -323,16 +524,353 @@ static void release_locked(ar_server *s, ar_rpc *r)
     r->counted = NULL;
 }
 
+static void note_locked(ar_server *s, int ev, const ar_rpc *r)
+{
+    if (s->events[ev]++ == 0)
+        snprintf(s->event_example[ev], sizeof s->event_example[ev], "%.100s from %.100s", r->method,
+                 r->counted ? r->counted->host : r->peer);
+}
+
+static void pool_add_locked(ar_server *s, ar_rpc *r, int pool)
+{
+    r->pool = pool;
+    r->since = ar_now();
+    r->next = NULL;
+    r->prev = s->pools[pool].tail;
+    if (r->prev)
+        r->prev->next = r;
+    else
+        s->pools[pool].head = r;
+    s->pools[pool].tail = r;
+    s->pools[pool].n++;
+}
+
+/* Stop counting a call in its pool's figures and its host's: it is on its
+ * way out, and makes room at once. s->mu held. */
+static void uncount_locked(ar_server *s, ar_rpc *r)
+{
+    if (!r->in_count)
+        return;
+    r->in_count = 0;
+    if (r->pool == POOL_WAITING) {
+        s->nwaiting--;
+        r->counted->waiting--;
+    } else if (r->pool == POOL_RUNNING) {
+        s->nrunning--;
+        r->counted->running--;
+    }
+}
+
+static void pool_remove_locked(ar_server *s, ar_rpc *r)
+{
+    if (r->pool == POOL_NONE)
+        return;
+    uncount_locked(s, r);
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        s->pools[r->pool].head = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    else
+        s->pools[r->pool].tail = r->prev;
+    s->pools[r->pool].n--;
+    r->pool = POOL_NONE;
+    r->prev = r->next = NULL;
+}
+
+/* Drop one hold on a call; the last ends it. s->mu held. */
+static void put_locked(ar_server *s, ar_rpc *r)
+{
+    if (--r->holds > 0)
+        return;
+    pool_remove_locked(s, r);
+    release_locked(s, r);
+    rpc_free(r);
+    pthread_cond_broadcast(&s->cv);
+}
+
+/* End a call that has no thread with a status (a refusal, a deadline, a
+ * push-out): it moves to the ending pool until the status is out. s->mu
+ * held; r may be freed on return when it had no other hold. */
+static void end_with_status_locked(ar_server *s, ar_rpc *r, int code, const char *msg, int log)
+{
+    if (log)
+        ar_log(AR_LOG_WARN, "%s from %s: %s", r->method, r->peer, msg);
+    pool_remove_locked(s, r);
+    pool_add_locked(s, r, POOL_ENDING);
+    r->dropped = 1;
+    r->holds++;
+    pthread_mutex_lock(&r->mu);
+    r->detached = 1;
+    pthread_mutex_unlock(&r->mu);
+    if (!net_rpc_send_status_async(r, code, msg))
+        put_locked(s, r); /* no batch, so no completion to wait for */
+}
+
+static void detached_status_done(ar_rpc *r)
+{
+    ar_server *s = r->server;
+    pthread_mutex_lock(&s->mu);
+    put_locked(s, r);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Run the call's handler on a thread of its own, if the running pool has
+ * room or room can be made: a host with fewer running calls than the
+ * busiest host's pushes out the oldest of the busiest's, so that hosts
+ * holding many calls cannot lock out one holding few. s->mu held. */
+static void run_locked(ar_server *s, ar_rpc *r)
+{
+    if (s->nrunning >= AR_SERVER_MAX_RUNNING) {
+        ar_rpc *victim = NULL;
+        for (ar_rpc *x = s->pools[POOL_RUNNING].head; x; x = x->next)
+            if (x->in_count && (!victim || x->counted->running > victim->counted->running))
+                victim = x;
+        if (!victim || victim->counted->running <= r->counted->running + 1) {
+            char msg[300];
+            snprintf(msg, sizeof msg, "the server runs %d calls, its limit, and %.100s holds as many as "
+                     "any client: try again later", s->nrunning, r->counted->host);
+            note_locked(s, EV_RUNNING_FULL, r);
+            end_with_status_locked(s, r, AR_STATUS_RESOURCE_EXHAUSTED, msg, 0);
+            return;
+        }
+        note_locked(s, EV_RUNNING_PUSHED, victim);
+        victim->dropped = 1;
+        uncount_locked(s, victim);
+        /* its handler's waits complete at once, and it ends */
+        grpc_call_cancel_with_status(victim->call, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                                     "pushed out: the server runs its limit of calls and this client "
+                                     "holds the most", NULL);
+    }
+    pool_add_locked(s, r, POOL_RUNNING);
+    r->in_count = 1;
+    s->nrunning++;
+    r->counted->running++;
+    atomic_store(&r->active_ms, now_ms());
+    r->holds++;
+    s->active++;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t th;
+    if (pthread_create(&th, &attr, rpc_main, r) != 0) {
+        s->active--;
+        ar_log(AR_LOG_ERROR, "cannot start a thread for %s from %s: the call is cancelled", r->method, r->peer);
+        grpc_call_cancel(r->call, NULL);
+        put_locked(s, r);
+    }
+    pthread_attr_destroy(&attr);
+}
+
+/* The first request message is in (or the client closed its side without
+ * one): the handler may run. */
+static void on_first(net_tag *t, int ok)
+{
+    ar_rpc *r = (ar_rpc *)((char *)t - offsetof(ar_rpc, first_tag));
+    ar_server *s = r->server;
+    pthread_mutex_lock(&s->mu);
+    if (!ok || r->dropped || s->stopping) {
+        /* the client cancelled, gRPC refused the message (over the size
+         * limit), or the server dropped the call (its status is on its way) */
+        if (!r->dropped)
+            grpc_call_cancel(r->call, NULL);
+    } else {
+        pool_remove_locked(s, r);
+        r->have_first = 1;
+        run_locked(s, r);
+    }
+    put_locked(s, r); /* the first read's hold */
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Wait for the call's first request message without a thread. The waiting
+ * pool is bounded: when it is full, its oldest call is pushed out. An honest
+ * client sends its request with the call, so its calls leave the pool
+ * within a round trip (a burst of them may wait together for a moment: one
+ * host's share of the pool is bounded by the calls it may open, not
+ * separately), while a stalled call grows old there. s->mu held. */
+static void wait_request_locked(ar_server *s, ar_rpc *r)
+{
+    peer_calls *p = r->counted;
+    if (s->nwaiting >= AR_SERVER_MAX_WAITING) {
+        ar_rpc *victim = s->pools[POOL_WAITING].head;
+        while (victim && !victim->in_count)
+            victim = victim->next;
+        if (victim) {
+            char msg[300];
+            snprintf(msg, sizeof msg, "pushed out: %d calls were waiting for their requests, the "
+                     "server's limit", s->nwaiting);
+            note_locked(s, EV_WAITING_FULL, victim);
+            end_with_status_locked(s, victim, AR_STATUS_RESOURCE_EXHAUSTED, msg, 0);
+        }
+    }
+    pool_add_locked(s, r, POOL_WAITING);
+    r->in_count = 1;
+    s->nwaiting++;
+    p->waiting++;
+    r->holds++;
+    r->first_tag.cb = on_first;
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &r->first;
+    if (grpc_call_start_batch(r->call, &op, 1, &r->first_tag, NULL) != GRPC_CALL_OK) {
+        ar_log(AR_LOG_ERROR, "%s from %s: cannot read the request: the call is cancelled", r->method, r->peer);
+        grpc_call_cancel(r->call, NULL);
+        put_locked(s, r);
+    }
+}
+
+/* The watchdog's round: cancel the calls past a deadline (net.h), then say
+ * what it did. s->mu held. */
+static void sweep_locked(ar_server *s)
+{
+    double now = ar_now();
+    int64_t ms = now_ms();
+    char msg[200];
+    ar_rpc *next;
+    for (ar_rpc *r = s->pools[POOL_WAITING].head; r; r = next) {
+        next = r->next;
+        double limit = s->first_s[r->handler] > 0 ? s->first_s[r->handler] : s->request_s;
+        if (r->in_count && now - r->since > limit) {
+            snprintf(msg, sizeof msg, "no request within %.0f s", limit);
+            note_locked(s, EV_REQUEST_LATE, r);
+            end_with_status_locked(s, r, AR_STATUS_DEADLINE_EXCEEDED, msg, 0);
+        }
+    }
+    for (ar_rpc *r = s->pools[POOL_RUNNING].head; r; r = r->next) {
+        if (r->dropped)
+            continue;
+        int kind = atomic_load(&r->wait_kind);
+        double waited = (double)(ms - atomic_load(&r->wait_since_ms)) / 1000.0;
+        double idle = s->stream_idle_s[r->handler];
+        int64_t send = atomic_load(&r->send_ms);
+        if (kind == WAIT_READ && waited > s->idle_s) {
+            /* a status the client can read: its stream just went quiet */
+            r->dropped = 1;
+            atomic_store(&r->timed_out, 1);
+            snprintf(msg, sizeof msg, "no message from the client within %.0f s", s->idle_s);
+            note_locked(s, EV_READ_IDLE, r);
+            net_rpc_send_status_async(r, AR_STATUS_DEADLINE_EXCEEDED, msg);
+        } else if ((kind == WAIT_WRITE || kind == WAIT_FINISH) && waited > s->write_s) {
+            /* the client reads nothing, so a status would not get through */
+            r->dropped = 1;
+            snprintf(msg, sizeof msg, "the client took nothing for %.0f s", s->write_s);
+            note_locked(s, EV_WRITE_STALL, r);
+            grpc_call_cancel_with_status(r->call, GRPC_STATUS_DEADLINE_EXCEEDED, msg, NULL);
+        } else if (idle > 0 && ((double)(ms - atomic_load(&r->active_ms)) / 1000.0 > idle ||
+                                (send && (double)(ms - send) / 1000.0 > idle))) {
+            r->dropped = 1;
+            snprintf(msg, sizeof msg, "stream idle for %.0f s", idle);
+            note_locked(s, EV_STREAM_IDLE, r);
+            grpc_call_cancel_with_status(r->call, GRPC_STATUS_DEADLINE_EXCEEDED, msg, NULL);
+        }
+    }
+    for (ar_rpc *r = s->pools[POOL_ENDING].head; r; r = r->next)
+        if (!r->hard_cancelled && now - r->since > ENDING_S) {
+            r->hard_cancelled = 1;
+            grpc_call_cancel(r->call, NULL);
+        }
+    static const char *const what[NEVENTS] = {
+        [EV_REQUEST_LATE] = "cancelled (DEADLINE_EXCEEDED): no request within the deadline",
+        [EV_WAITING_FULL] = "pushed out of the full pool of calls waiting for their requests",
+        [EV_RUNNING_FULL] = "refused: the pool of running calls is full",
+        [EV_RUNNING_PUSHED] = "pushed out of the full pool of running calls (their host held the most)",
+        [EV_READ_IDLE] = "cancelled (DEADLINE_EXCEEDED): the client's stream went quiet",
+        [EV_WRITE_STALL] = "cancelled (DEADLINE_EXCEEDED): the client reads nothing",
+        [EV_STREAM_IDLE] = "cancelled (DEADLINE_EXCEEDED): the stream was idle too long",
+    };
+    for (int e = 0; e < NEVENTS; e++)
+        if (s->events[e]) {
+            ar_log(AR_LOG_WARN, "server %s: %d call%s %s (%s%s)", s->name, s->events[e],
+                   s->events[e] == 1 ? "" : "s", what[e], s->event_example[e], s->events[e] > 1 ? ", ..." : "");
+            s->events[e] = 0;
+        }
+}
+
+static void *watchdog_main(void *arg)
+{
+    ar_server *s = arg;
+    pthread_mutex_lock(&s->mu);
+    while (!s->watchdog_stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += (long)(WATCHDOG_PERIOD_S * 1e9);
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&s->watchdog_cv, &s->mu, &ts);
+        if (!s->watchdog_stop)
+            sweep_locked(s);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+int ar_server_stream_method(ar_server *s, const char *method, double idle_s)
+{
+    for (int i = 0; i < s->nhandlers; i++)
+        if (strcmp(s->handlers[i].method, method) == 0) {
+            s->stream_idle_s[i] = idle_s > 0 ? idle_s : s->idle_s;
+            return AR_OK;
+        }
+    return ar_fail(AR_EINVAL, "no handler for %s to make a stream", method);
+}
+
+int ar_server_request_timeout(ar_server *s, const char *method, double first_s)
+{
+    for (int i = 0; i < s->nhandlers; i++)
+        if (strcmp(s->handlers[i].method, method) == 0) {
+            s->first_s[i] = first_s;
+            return AR_OK;
+        }
+    return ar_fail(AR_EINVAL, "no handler for %s to give a request timeout", method);
+}
+
+static void server_deadlines_init(ar_server *s, const ar_server_limits *limits)
+{
+    pthread_cond_init(&s->watchdog_cv, NULL);
+    s->request_s = limits && limits->request_timeout_s > 0 ? limits->request_timeout_s
+                                                           : AR_SERVER_DEFAULT_REQUEST_S;
+    s->idle_s = limits && limits->idle_timeout_s > 0 ? limits->idle_timeout_s : AR_SERVER_DEFAULT_IDLE_S;
+    s->write_s = limits && limits->write_timeout_s > 0 ? limits->write_timeout_s : AR_SERVER_DEFAULT_WRITE_S;
+}
+
+static int watchdog_start(ar_server *s)
+{
+    if (pthread_create(&s->watchdog, NULL, watchdog_main, s) != 0)
+        return ar_fail(AR_EINTERNAL, "cannot start the server's watchdog thread");
+    s->watchdog_started = 1;
+    return AR_OK;
+}
+
+static void watchdog_stop(ar_server *s)
+{
+    if (!s->watchdog_started)
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->watchdog_stop = 1;
+    pthread_cond_broadcast(&s->watchdog_cv);
+    pthread_mutex_unlock(&s->mu);
+    pthread_join(s->watchdog, NULL);
+    s->watchdog_started = 0;
+}
+
+/* Calls the server still holds, with a thread or without. */
+static int server_calls_left_locked(const ar_server *s)
+{
+    return s->pools[POOL_WAITING].n + s->pools[POOL_RUNNING].n + s->pools[POOL_ENDING].n;
+}
+
+/* ---- calls: threads and requests ------------------------------------------- */
+
 static void *rpc_main(void *arg)
 {
     ar_rpc *r = arg;
     ar_server *s = r->server;
-    if (r->refused[0])
-        ar_rpc_finish(r, AR_STATUS_RESOURCE_EXHAUSTED, "%s", r->refused);
-    else if (r->handler >= 0)
-        s->handlers[r->handler].fn(r, s->handlers[r->handler].user);
-    else
-        ar_rpc_finish(r, AR_STATUS_UNIMPLEMENTED, "no method %s", r->method);
+    s->handlers[r->handler].fn(r, s->handlers[r->handler].user);
     ar_rpc_finish(r, AR_STATUS_OK, NULL); /* nothing if the handler did */
     if (r->link) {
         /* the status is out: cancelling completes the link's last batches */
@@ -340,10 +878,7 @@ static void *rpc_main(void *arg)
         net_link_release(r->link);
     }
     pthread_mutex_lock(&s->mu);
-    release_locked(s, r);
-    pthread_mutex_unlock(&s->mu);
-    rpc_free(r);
-    pthread_mutex_lock(&s->mu);
+    put_locked(s, r); /* the thread's hold */
     s->active--;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
@@ -378,18 +913,17 @@ static void on_request(net_tag *t, int ok)
         if (strcmp(s->handlers[i].method, r->method) == 0)
             r->handler = i;
     admit_locked(s, r);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_t th;
-    s->active++;
-    if (pthread_create(&th, &attr, rpc_main, r) != 0) {
-        s->active--;
-        release_locked(s, r);
-        grpc_call_cancel(r->call, NULL);
-        rpc_free(r);
+    if (r->refused[0]) {
+        end_with_status_locked(s, r, AR_STATUS_RESOURCE_EXHAUSTED, r->refused, 1);
+    } else if (r->handler < 0) {
+        char msg[200];
+        snprintf(msg, sizeof msg, "no method %.150s", r->method);
+        end_with_status_locked(s, r, AR_STATUS_UNIMPLEMENTED, msg, 1);
+    } else if (s->stream_idle_s[r->handler] > 0) {
+        run_locked(s, r); /* a stream: the client may have nothing to send yet */
+    } else {
+        wait_request_locked(s, r);
     }
-    pthread_attr_destroy(&attr);
     request_next_locked(s);
     pthread_mutex_unlock(&s->mu);
 }
@@ -427,6 +961,7 @@ int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server
     s->req_tag.cb = on_request;
     s->max_calls_per_peer = limits && limits->max_calls_per_peer ? limits->max_calls_per_peer
                                                                  : AR_SERVER_DEFAULT_CALLS_PER_PEER;
+    server_deadlines_init(s, limits);
     grpc_arg args[NET_NARGS];
     grpc_channel_args ca;
     net_server_args(limits ? limits->max_message : 0, args, &ca);
@@ -441,6 +976,7 @@ int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
         pthread_mutex_destroy(&s->auth_mu);
+        pthread_cond_destroy(&s->watchdog_cv);
         free(s);
         ar_net_shutdown();
         if (net_tls_server_on())
@@ -448,6 +984,7 @@ int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server
                                    "the certificate and key are not a matching pair)", addr);
         return ar_fail(AR_EIO, "cannot listen on %s (address in use or invalid)", addr);
     }
+    snprintf(s->name, sizeof s->name, "%.40s (port %d)", addr, p);
     *port = p;
     *out = s;
     return AR_OK;
@@ -488,6 +1025,8 @@ int ar_server_limit_message(ar_server *s, const char *method, size_t max_bytes)
 
 int ar_server_start(ar_server *s)
 {
+    if (watchdog_start(s) != AR_OK)
+        return AR_EINTERNAL;
     grpc_server_start(s->srv);
     pthread_mutex_lock(&s->mu);
     request_next_locked(s);
@@ -510,14 +1049,16 @@ void ar_server_destroy(ar_server *s)
     net_waiter_wait(&w, NULL, -1);
     net_waiter_destroy(&w);
     pthread_mutex_lock(&s->mu);
-    while (s->active > 0 || s->pending)
+    while (s->active > 0 || s->pending || server_calls_left_locked(s))
         pthread_cond_wait(&s->cv, &s->mu);
     pthread_mutex_unlock(&s->mu);
+    watchdog_stop(s);
     grpc_server_destroy(s->srv);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->auth_mu);
     free(s->auth);
+    pthread_cond_destroy(&s->watchdog_cv);
     free(s);
     ar_net_shutdown();
 }
@@ -565,7 +1106,7 @@ int ar_rpc_auth_refused(ar_rpc *r)
 {
     ar_server *s = r->server;
     char host[128];
-    peer_host(r->peer, host, sizeof host);
+    net_peer_host(r->peer, host, sizeof host);
     double now = ar_now(), left = 0;
     pthread_mutex_lock(&s->auth_mu);
     struct auth_host *e = auth_entry_locked(s, host, 0, now);
@@ -584,7 +1125,7 @@ void ar_rpc_auth_failed(ar_rpc *r, const char *what)
 {
     ar_server *s = r->server;
     char host[128];
-    peer_host(r->peer, host, sizeof host);
+    net_peer_host(r->peer, host, sizeof host);
     double now = ar_now();
     int first = 0, blocked = 0, failures = 0;
     pthread_mutex_lock(&s->auth_mu);
@@ -876,7 +1417,7 @@ int ar_client_pipe_session(ar_client *c, const char *name, size_t max_frame, con
     grpc_call *call = new_call(c, "/arceus.Worker/Pipe", -1);
     if (!call)
         return ar_fail(AR_EINTERNAL, "%s: cannot create a call", c->addr);
-    ar_link *l = net_link_new(call, 0, name, max_frame, NULL);
+    ar_link *l = net_link_new(call, 0, name, max_frame, NULL, NULL, 0);
     grpc_call_unref(call); /* the link holds its own reference */
     if (!l)
         return AR_ENOMEM;

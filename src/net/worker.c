@@ -1074,6 +1074,11 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
         return ar_fail(AR_ENOMEM, "cannot start the worker's idle-stage thread");
     }
     w->reaper_started = 1;
+    /* a Pipe's handler runs before its first frame (a stage opens its
+     * downstream Pipe long before it has an activation to send) */
+    ar_server_stream_method(w->server, "/arceus.Worker/Pipe",
+                            c->pipe_idle_s > 0 ? c->pipe_idle_s : AR_WORKER_DEFAULT_PIPE_IDLE_S);
+    ar_server_request_timeout(w->server, "/arceus.Worker/Restore", AR_WORKER_RESTORE_FIRST_S);
     if ((rc = ar_server_start(w->server)) != AR_OK) {
         ar_worker_stop(w);
         return rc;

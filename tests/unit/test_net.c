@@ -508,3 +508,114 @@ Test(net, a_burst_of_frames_arrives_whole_and_in_order)
     ar_client_close(c);
     ar_server_destroy(s);
 }
+
+/* ---- deadlines and peer hosts ------------------------------------------- */
+
+#include "net/net_internal.h"
+
+#include <unistd.h>
+
+Test(net, peer_hosts_drop_the_port_and_count_ipv6_by_64)
+{
+    char h[128];
+    net_peer_host("ipv4:127.0.0.1:5432", h, sizeof h);
+    cr_assert_str_eq(h, "ipv4:127.0.0.1");
+    net_peer_host("ipv6:[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:5", h, sizeof h);
+    cr_assert_str_eq(h, "ipv6:2001:db8:1:2::/64");
+    net_peer_host("ipv6:%5B2001:db8:1:2::9%5D:5", h, sizeof h);
+    cr_assert_str_eq(h, "ipv6:2001:db8:1:2::/64");
+    net_peer_host("ipv6:[2001:db8:1:3::9]:5", h, sizeof h);
+    cr_assert_str_eq(h, "ipv6:2001:db8:1:3::/64");
+    net_peer_host("ipv6:[::ffff:10.1.2.3]:80", h, sizeof h);
+    cr_assert_str_eq(h, "ipv4:10.1.2.3");
+    net_peer_host("ipv6:[fe80::1%25eth0]:80", h, sizeof h);
+    cr_assert_str_eq(h, "ipv6:fe80::/64");
+    net_peer_host("unix:/tmp/sock", h, sizeof h);
+    cr_assert_str_eq(h, "unix:/tmp/sock");
+}
+
+/* Reads the request, then every further message, and replies with the count. */
+static void count_messages(ar_rpc *rpc, void *user)
+{
+    (void)user;
+    int n = 0;
+    void *data;
+    size_t len;
+    int rc;
+    while ((rc = ar_rpc_read(rpc, &data, &len)) == AR_OK) {
+        free(data);
+        n++;
+    }
+    if (rc != AR_ECLOSED)
+        return ar_rpc_finish(rpc, AR_STATUS_CANCELLED, "%s", ar_last_error());
+    unsigned char reply = (unsigned char)n;
+    if (ar_rpc_write(rpc, &reply, 1) == AR_OK)
+        ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
+}
+
+typedef struct {
+    int sent, before_first_s, between_s, count;
+} slow_feed;
+
+/* Sleeps before_first_s before the first message and between_s before the others. */
+static int slow_next(void *user, const void **data, size_t *len)
+{
+    slow_feed *f = user;
+    if (f->sent >= f->count)
+        return 1;
+    sleep((unsigned)(f->sent == 0 ? f->before_first_s : f->between_s));
+    static const char msg[] = "m";
+    *data = msg;
+    *len = 1;
+    f->sent++;
+    return 0;
+}
+
+Test(net, a_request_or_a_stream_that_stalls_is_cancelled)
+{
+    ar_server_limits lim = {.request_timeout_s = 1, .idle_timeout_s = 1, .write_timeout_s = 1};
+    ar_server *s;
+    int port = 0;
+    cr_assert_eq(ar_server_create("127.0.0.1:0", &lim, &s, &port), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_server_handle(s, "/arceus.Worker/Restore", count_messages, NULL), AR_OK);
+    cr_assert_eq(ar_server_start(s), AR_OK);
+    char addr[64];
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
+    ar_client *c;
+    cr_assert_eq(ar_client_open(addr, &c), AR_OK);
+    void *rep = NULL;
+    size_t rlen = 0;
+    int status = -1;
+
+    /* prompt messages are served */
+    slow_feed ok = {.count = 3};
+    cr_assert_eq(ar_client_write_stream(c, "/arceus.Worker/Restore", slow_next, &ok, &rep, &rlen, 30, &status),
+                 AR_OK, "%s", ar_last_error());
+    cr_assert_eq(rlen, 1);
+    cr_assert_eq(((unsigned char *)rep)[0], 3);
+    free(rep);
+
+    /* no request within the deadline */
+    slow_feed late = {.count = 1, .before_first_s = 3};
+    cr_assert_neq(ar_client_write_stream(c, "/arceus.Worker/Restore", slow_next, &late, &rep, &rlen, 30, &status),
+                  AR_OK);
+    free(rep);
+    cr_assert_eq(status, AR_STATUS_DEADLINE_EXCEEDED, "status %d: %s", status, ar_last_error());
+    cr_assert(strstr(ar_last_error(), "no request within 1 s"), "%s", ar_last_error());
+
+    /* a stream that goes quiet after its first message */
+    slow_feed quiet = {.count = 2, .between_s = 3};
+    cr_assert_neq(ar_client_write_stream(c, "/arceus.Worker/Restore", slow_next, &quiet, &rep, &rlen, 30, &status),
+                  AR_OK);
+    free(rep);
+    cr_assert_eq(status, AR_STATUS_DEADLINE_EXCEEDED, "status %d: %s", status, ar_last_error());
+    cr_assert(strstr(ar_last_error(), "no message from the client within 1 s"), "%s", ar_last_error());
+
+    /* and the server goes on */
+    slow_feed again = {.count = 1};
+    cr_assert_eq(ar_client_write_stream(c, "/arceus.Worker/Restore", slow_next, &again, &rep, &rlen, 30, &status),
+                 AR_OK, "%s", ar_last_error());
+    free(rep);
+    ar_client_close(c);
+    ar_server_destroy(s);
+}
