@@ -17,6 +17,12 @@ void ar_cli_stop_signals(sigset_t *set);
 int ar_cli_wait_stop_signal(const char *cmd);
 /* Print "arceus CMD: error: MESSAGE" to stderr. */
 void ar_cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* `text` (from the market: names, addresses, specs) made safe to print on a
+ * terminal: control characters, C1 controls, the bidirectional overrides and
+ * isolates (which reorder what the eye sees) and bytes that are not UTF-8
+ * become visible escapes (\x1b, \u{202e}); everything else is kept. The
+ * result is cut to fit buf; returns buf. */
+const char *ar_cli_safe_text(const char *text, char *buf, size_t size);
 
 /* TLS options: --tls-cert FILE --tls-key FILE for a command that serves,
  * --tls-ca FILE for one that dials. The rows are relative to an ar_cli_tls:

@@ -260,11 +260,13 @@ static int providers_call(ar_client *c, const client_opts *o)
         int64_t now = (int64_t)time(NULL);
         for (size_t i = 0; i < n; i++) {
             const ar_provider *p = &ps[i].p;
-            char mem[32], price[48], seen[48];
+            char mem[32], price[48], seen[48], account[4 * 64], address[4 * AR_ADDR_MAX];
             long long ago = (long long)(now - p->last_heartbeat);
             snprintf(seen, sizeof seen, "%llds ago%s", ago < 0 ? 0 : ago, p->online ? "" : " (offline)");
-            printf("%-5lld %-16s %-24s %9.1f %10s %5d %14s %11.2f %s\n", (long long)p->id, ps[i].account,
-                   p->address, p->gflops, mem_str(p->mem_bytes, mem, sizeof mem), p->cores,
+            /* names and addresses are whatever their owners registered */
+            printf("%-5lld %-16s %-24s %9.1f %10s %5d %14s %11.2f %s\n", (long long)p->id,
+                   ar_cli_safe_text(ps[i].account, account, sizeof account),
+                   ar_cli_safe_text(p->address, address, sizeof address), p->gflops, mem_str(p->mem_bytes, mem, sizeof mem), p->cores,
                    ar_credits_text(p->price_per_tflop, price, sizeof price), p->reliability, seen);
         }
     }
@@ -368,11 +370,11 @@ static int jobs_call(ar_client *c, const client_opts *o)
         printf("%-6s %-10s %8s %20s %-20s %s\n", "ID", "STATUS", "STEP", "CREDITS SPENT", "CREATED (UTC)",
                "SPEC");
         for (size_t i = 0; i < n; i++) {
-            char spent[48], when[32];
+            char spent[48], when[32], spec[1024];
             printf("%-6lld %-10s %8lld %20s %-20s %s\n", (long long)jobs[i].id,
                    ar_job_status_name(jobs[i].status), (long long)jobs[i].step,
                    ar_credits_text(jobs[i].spent, spent, sizeof spent),
-                   utc_str(jobs[i].created, when, sizeof when), jobs[i].spec ? jobs[i].spec : "");
+                   utc_str(jobs[i].created, when, sizeof when), ar_cli_safe_text(jobs[i].spec, spec, sizeof spec));
         }
     }
     ar_store_jobs_free(jobs, n);
@@ -454,7 +456,7 @@ static int job_call(ar_client *c, const client_opts *o)
     int rc = ar_market_job(c, o->m.token, id, &job, &pts, &n, NULL);
     if (rc != AR_OK)
         return rc;
-    char spent[48], cap[48], when[32];
+    char spent[48], cap[48], when[32], spec[1024];
     printf("job %lld\n", (long long)job.id);
     printf("  status:   %s\n", ar_job_status_name(job.status));
     printf("  step:     %lld\n", (long long)job.step);
@@ -462,7 +464,7 @@ static int job_call(ar_client *c, const client_opts *o)
     if (job.max_credits > 0)
         printf(" (of at most %s)", ar_credits_text(job.max_credits, cap, sizeof cap));
     printf("\n  created:  %s UTC\n", utc_str(job.created, when, sizeof when));
-    printf("  spec:     %s\n", job.spec ? job.spec : "");
+    printf("  spec:     %s\n", ar_cli_safe_text(job.spec, spec, sizeof spec));
     if (n == 0) {
         printf("  loss:     none reported yet\n");
     } else {
