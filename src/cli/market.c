@@ -33,6 +33,7 @@ static int parse_credits(const char *cmd, const char *opt, const char *s, int64_
 void ar_help_market(void)
 {
     printf("usage: arceus market --listen HOST:PORT --db PATH [--http HOST:PORT] [--offline-after S]\n"
+           "                     [--max-providers-per-account N] [--reach-timeout S]\n"
            "       arceus market add-account NAME [--credits N] --db PATH\n"
            "\n"
            "Run the market: the gRPC Market service over a SQLite database (created if\n"
@@ -53,9 +54,18 @@ void ar_help_market(void)
            "  --db PATH            the SQLite database file\n"
            "  --http HOST:PORT     serve the dashboard there, e.g. 127.0.0.1:8080 (port 0: any)\n"
            "  --offline-after S    a provider silent for S seconds is offline (%d)\n"
+           "  --max-providers-per-account N\n"
+           "                       providers one account may register (%d)\n"
+           "  --reach-timeout S    seconds the market waits for a provider's worker to answer\n"
+           "                       its Hello; a worker it cannot reach is not leased (%g;\n"
+           "                       0: no checks, for a market that cannot reach its providers)\n"
+           "                       A worker's address must not be link-local, multicast or\n"
+           "                       unspecified, nor loopback unless the market listens on\n"
+           "                       loopback, and its port must be 1024 or above.\n"
            "  --credits N          add-account: opening credits, up to 6 decimals (0)\n"
-           AR_CLI_TLS_SERVER_HELP,
-           AR_MARKET_DEFAULT_OFFLINE_AFTER_S);
+           AR_CLI_TLS_SERVER_HELP
+           "                       (--tls-ca: to check its providers' TLS workers)\n",
+           AR_MARKET_DEFAULT_OFFLINE_AFTER_S, AR_MARKET_DEFAULT_MAX_PROVIDERS, AR_MARKET_DEFAULT_REACH_TIMEOUT_S);
 }
 
 static int add_account(const char *name, const char *db, int64_t credits)
@@ -90,6 +100,8 @@ int ar_cmd_market(int argc, char **argv)
 {
     const char *listen = NULL, *db = NULL, *account = NULL, *http = NULL;
     int offline_after = AR_MARKET_DEFAULT_OFFLINE_AFTER_S, adding = 0, have_credits = 0;
+    int max_providers = AR_MARKET_DEFAULT_MAX_PROVIDERS;
+    float reach_timeout = (float)AR_MARKET_DEFAULT_REACH_TIMEOUT_S;
     int64_t credits = 0;
     ar_cli_tls tls = {0};
     ar_args a;
@@ -118,6 +130,10 @@ int ar_cmd_market(int argc, char **argv)
             rc = ar_args_string(&a, &http);
         else if (!strcmp(name, "offline-after"))
             rc = ar_args_int(&a, 1, 86400, &offline_after);
+        else if (!strcmp(name, "max-providers-per-account"))
+            rc = ar_args_int(&a, 1, AR_MARKET_MAX_PROVIDERS_LIMIT, &max_providers);
+        else if (!strcmp(name, "reach-timeout"))
+            rc = ar_args_float(&a, 0, 60, &reach_timeout);
         else if (!strcmp(name, "credits")) {
             const char *v;
             rc = ar_args_string(&a, &v);
@@ -156,16 +172,14 @@ int ar_cmd_market(int argc, char **argv)
         ar_cli_error("market", "--http expects HOST:PORT (for example 127.0.0.1:8080), got \"%s\"", http);
         return 2;
     }
-    if (tls.ca) {
-        ar_cli_error("market", "the market dials no one: --tls-ca goes with its clients");
-        return 2;
-    }
     if (ar_cli_tls_setup("market", &tls) != 0)
         return 2;
     /* signals are taken by sigwait below, in this thread only: block them
      * before any other thread (gRPC's, the sweep) exists */
     ar_cli_block_stop_signals();
-    ar_market_config c = {.listen = listen, .db_path = db, .offline_after_s = offline_after};
+    ar_market_config c = {.listen = listen, .db_path = db, .offline_after_s = offline_after,
+                          .max_providers_per_account = max_providers,
+                          .reach_timeout_s = reach_timeout > 0 ? reach_timeout : -1};
     ar_market *m;
     char addr[200];
     if (ar_market_start(&c, &m, addr, sizeof addr) != AR_OK) {
@@ -289,17 +303,18 @@ int ar_cmd_providers(int argc, char **argv)
     if (n == 0) {
         printf("no providers %s\n", o.all ? "registered" : "online");
     } else {
-        printf("%-5s %-16s %-24s %9s %10s %5s %14s %11s %s\n", "ID", "ACCOUNT", "ADDRESS", "GFLOP/S",
-               "MEMORY", "CORES", "CREDITS/TFLOP", "RELIABILITY", "LAST SEEN");
+        printf("%-5s %-16s %-24s %9s %10s %5s %14s %11s %-11s %s\n", "ID", "ACCOUNT", "ADDRESS", "GFLOP/S",
+               "MEMORY", "CORES", "CREDITS/TFLOP", "RELIABILITY", "WORKER", "LAST SEEN");
         int64_t now = (int64_t)time(NULL);
         for (size_t i = 0; i < n; i++) {
             const ar_provider *p = &ps[i].p;
             char mem[32], price[48], seen[48];
             long long ago = (long long)(now - p->last_heartbeat);
             snprintf(seen, sizeof seen, "%llds ago%s", ago < 0 ? 0 : ago, p->online ? "" : " (offline)");
-            printf("%-5lld %-16s %-24s %9.1f %10s %5d %14s %11.2f %s\n", (long long)p->id, ps[i].account,
+            printf("%-5lld %-16s %-24s %9.1f %10s %5d %14s %11.2f %-11s %s\n", (long long)p->id, ps[i].account,
                    p->address, p->gflops, mem_str(p->mem_bytes, mem, sizeof mem), p->cores,
-                   ar_credits_text(p->price_per_tflop, price, sizeof price), p->reliability, seen);
+                   ar_credits_text(p->price_per_tflop, price, sizeof price), p->reliability,
+                   ar_reach_name(p->reach), seen);
         }
     }
     free(ps);

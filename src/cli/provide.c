@@ -36,8 +36,9 @@ void ar_help_provide(void)
            "threads, free memory capped by --max-mem, cores), start a worker that\n"
            "serves pipeline stages to renters, register its address and profile with\n"
            "the market and keep it online with heartbeats. The worker hosts only the\n"
-           "stages it is leased for: a Load without a lease token that the market\n"
-           "confirms for this provider is refused (UNAUTHENTICATED). Runs at low scheduling\n"
+           "stages it is leased for: a Load without a ticket that the market confirms\n"
+           "for this provider is refused (UNAUTHENTICATED), and so is every Load before\n"
+           "the first registration. Runs at low scheduling\n"
            "priority (nice %d) so the owner's own work comes first. Prints\n"
            "\"arceus provide: provider N serving on HOST:PORT (...)\" once registered.\n"
            "If the market goes away the worker keeps serving and the provider\n"
@@ -313,9 +314,11 @@ int ar_cmd_provide(int argc, char **argv)
     p.profile.cores = threads < cores ? threads : (int)cores;
     p.profile.price_per_tflop = price;
 
-    /* the worker holds a renter's stage to the memory offered */
+    /* the worker holds a renter's stage to the memory offered, and refuses
+     * every Load until the market has registered us and it knows our
+     * provider id (provider_register) */
     ar_worker_config wc = {.listen = listen, .threads = threads, .max_frame = 0, .max_mem = (uint64_t)mem,
-                           .gflops = gflops};
+                           .gflops = gflops, .provider = 1};
     ar_worker *w;
     char addr[AR_ADDR_MAX];
     if (ar_worker_start(&wc, &w, addr, sizeof addr) != AR_OK) {

@@ -60,6 +60,7 @@ struct ar_worker {
     char market_token[AR_TOKEN_LEN];
     int64_t provider_id;
     char load_token[256]; /* a standalone worker's secret; "" when none */
+    int provider;         /* a provider's worker: no Load until it has its market */
     /* clients replaced by a later ar_worker_require_lease: a Load may still
      * be asking the market through one, so they are closed at stop only */
     ar_client **retired;
@@ -114,25 +115,63 @@ static void on_hello(ar_rpc *rpc, void *user)
     net_rpc_reply(rpc, &r.base);
 }
 
-/* A provider's worker serves leases only: the Load's lease token must be
- * live and include this provider (the market says). 0, or -1 with the
- * status sent. */
-static int check_lease(ar_worker *w, ar_rpc *rpc, const char *lease_token)
+/* A provider's worker sends a lease's activations only to the lease's
+ * members: the Load's next_worker and its tensor-parallel members'
+ * addresses must be among those the market gave for the lease (CheckLease),
+ * so a Load cannot point the worker at any other address. 0, or -1 with
+ * the status sent. */
+static int check_peers(ar_worker *w, ar_rpc *rpc, const Arceus__LoadRequest *req, const ar_market_members *mem)
 {
+    size_t n_tp = req->n_tp_group;
+    for (size_t k = 0; k <= n_tp; k++) {
+        const char *peer = k == 0 ? req->next_worker : req->tp_group[k - 1] ? req->tp_group[k - 1]->address : "";
+        if (!peer[0])
+            continue;
+        int member = 0;
+        for (size_t i = 0; i < mem->n && !member; i++)
+            member = strcmp(mem->addresses[i], peer) == 0;
+        if (member)
+            continue;
+        ar_log(AR_LOG_WARN, "%s: Load from %s names %s, not a member of its lease: refused", w->name,
+               ar_rpc_peer(rpc), peer);
+        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED,
+                      "worker %s: %s %.255s is not a member of the lease: a provider's worker sends to its "
+                      "lease's members only", w->name, k == 0 ? "next_worker" : "tensor-parallel member", peer);
+        return -1;
+    }
+    return 0;
+}
+
+/* A provider's worker serves leases only: the Load's ticket must be this
+ * provider's for a live lease (the market says), and the Load must send
+ * only to the lease's members (check_peers). A provider's worker refuses
+ * every Load until it knows its market and provider id. 0, or -1 with the
+ * status sent. */
+static int check_lease(ar_worker *w, ar_rpc *rpc, const Arceus__LoadRequest *req)
+{
+    const char *ticket = req->ticket;
     pthread_mutex_lock(&w->mu);
     ar_client *market = w->market;
     char token[AR_TOKEN_LEN];
     memcpy(token, w->market_token, sizeof token);
     int64_t provider = w->provider_id;
     pthread_mutex_unlock(&w->mu);
+    if (!market && w->provider) {
+        ar_log(AR_LOG_WARN, "%s: Load from %s before the provider is registered: refused", w->name,
+               ar_rpc_peer(rpc));
+        ar_rpc_finish(rpc, AR_STATUS_UNAVAILABLE,
+                      "worker %s serves market leases only, and its provider is not registered with its "
+                      "market yet: Load again later", w->name);
+        return -1;
+    }
     if (!market) {
         if (!w->load_token[0])
             return 0;
         /* a standalone worker with a secret: compare in constant time */
-        size_t n = strlen(w->load_token), m = lease_token ? strlen(lease_token) : 0;
+        size_t n = strlen(w->load_token), m = ticket ? strlen(ticket) : 0;
         unsigned diff = (unsigned)(n ^ m);
         for (size_t i = 0; i < n; i++)
-            diff |= (unsigned char)w->load_token[i] ^ (unsigned char)(i < m ? lease_token[i] : 0);
+            diff |= (unsigned char)w->load_token[i] ^ (unsigned char)(i < m ? ticket[i] : 0);
         if (diff == 0)
             return 0;
         ar_log(AR_LOG_WARN, "%s: Load with a wrong or missing token from %s: refused", w->name,
@@ -141,25 +180,32 @@ static int check_lease(ar_worker *w, ar_rpc *rpc, const char *lease_token)
                       "worker %s needs its token: arceus train --worker-token T", w->name);
         return -1;
     }
-    if (!lease_token || !lease_token[0]) {
-        ar_log(AR_LOG_WARN, "%s: Load without a lease token from %s: refused", w->name, ar_rpc_peer(rpc));
+    if (!ticket || !ticket[0]) {
+        ar_log(AR_LOG_WARN, "%s: Load without a ticket from %s: refused", w->name, ar_rpc_peer(rpc));
         ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED,
-                      "worker %s serves market leases only: Load needs the lease token "
-                      "(arceus train --market HOST:PORT --token T)", w->name);
+                      "worker %s serves market leases only: Load needs the lease token for this provider, its "
+                      "ticket from the market (arceus train --market HOST:PORT --token T)", w->name);
         return -1;
     }
-    int status = 0;
+    int status = 0, rc = 0;
     int64_t job = 0;
-    if (ar_market_check_lease(market, token, lease_token, provider, &job, &status) != AR_OK) {
+    ar_market_members *mem = calloc(1, sizeof *mem);
+    if (!mem) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+        return -1;
+    }
+    if (ar_market_check_lease(market, token, ticket, provider, &job, mem, &status) != AR_OK) {
         ar_log(AR_LOG_WARN, "%s: lease refused: %s", w->name, ar_last_error());
         ar_rpc_finish(rpc, status == AR_STATUS_PERMISSION_DENIED || status == AR_STATUS_UNAUTHENTICATED
                                ? AR_STATUS_UNAUTHENTICATED
                                : AR_STATUS_UNAVAILABLE,
                       "lease not accepted by worker %s: %s", w->name, ar_last_error());
-        return -1;
+        rc = -1;
+    } else if ((rc = check_peers(w, rpc, req, mem)) == 0) {
+        ar_log(AR_LOG_INFO, "%s: lease of job %lld accepted", w->name, (long long)job);
     }
-    ar_log(AR_LOG_INFO, "%s: lease of job %lld accepted", w->name, (long long)job);
-    return 0;
+    free(mem);
+    return rc;
 }
 
 /* What a Load builds, before it replaces what the worker holds. */
@@ -266,8 +312,8 @@ int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_sp
     if (spec_len > AR_LOAD_MAX_SPEC_BYTES)
         return ar_fail(AR_EINVAL, "Load spec_json of %zu bytes: the limit is %u", spec_len,
                        AR_LOAD_MAX_SPEC_BYTES);
-    if (strlen(req->next_worker) > 255 || strlen(req->lease_token) > 255)
-        return ar_fail(AR_EINVAL, "Load next_worker or lease_token longer than 255 characters");
+    if (strlen(req->next_worker) > 255 || strlen(req->ticket) > 255)
+        return ar_fail(AR_EINVAL, "Load next_worker or ticket longer than 255 characters");
     for (size_t k = 0; k < req->n_tp_group; k++)
         if (req->tp_group[k] && strlen(req->tp_group[k]->address) > 255)
             return ar_fail(AR_EINVAL, "tensor-parallel share %zu: address longer than 255 characters", k);
@@ -413,7 +459,7 @@ static void on_load(ar_rpc *rpc, void *user)
     free(data);
     if (!req)
         return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed LoadRequest");
-    if (check_lease(w, rpc, req->lease_token) != 0) {
+    if (check_lease(w, rpc, req) != 0) {
         arceus__load_request__free_unpacked(req, NULL);
         return;
     }
@@ -792,6 +838,7 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     snprintf(w->name, sizeof w->name, "%.*s:%d", hl, c->listen, port);
     if (c->load_token)
         snprintf(w->load_token, sizeof w->load_token, "%s", c->load_token);
+    w->provider = c->provider;
     if (c->market && (rc = ar_worker_require_lease(w, c->market, c->market_token, c->provider_id)) != AR_OK) {
         ar_worker_stop(w);
         return rc;

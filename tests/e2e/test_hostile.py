@@ -23,7 +23,7 @@ import threading
 import pytest
 
 from conftest import _env
-from test_market import Market, add_account, markets, profile, register  # noqa: F401
+from test_market import NO_WORKER_CHECKS, Market, add_account, markets, profile, register  # noqa: F401
 from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, usage, varint
 from test_workers import MLP_SPEC, frame, hello_request, pipe, unary, workers  # noqa: F401
 
@@ -372,7 +372,7 @@ def test_market_table(run_arceus, markets, tmp_path):
     db = tmp_path / "market.db"
     token = add_account(run_arceus, db, "alice", "100")
     other = add_account(run_arceus, db, "bob", "100")
-    m = markets(db)
+    m = markets(db, *NO_WORKER_CHECKS)
     pid, _ = register(m.addr, token, "127.0.0.1:5001")
     with grpc.insecure_channel(m.addr) as ch:
         call = lambda method, req: ch.unary_unary(f"/arceus.Market/{method}")(req, timeout=30)  # noqa: E731
