@@ -154,7 +154,7 @@ for name in "${NAMES[@]}"; do
     echo "account $name created"
 done
 
-"$BIN" market --listen 127.0.0.1:0 --db "$DB" --http 127.0.0.1:0 ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} \
+"$BIN" market --listen 127.0.0.1:0 --db "$DB" --http 127.0.0.1:0 ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} ${CA[@]+"${CA[@]}"} \
     >"$TMP/market.out" 2>"$TMP/market.err" &
 PIDS+=($!)
 MARKET_PID=$!

@@ -21,7 +21,8 @@
 
 typedef struct {
     const char *listen, *db, *http;
-    int offline_after;
+    int offline_after, max_providers;
+    float reach_timeout;
     int adding;           /* arceus market add-account NAME */
     const char *account;  /* its NAME */
     int64_t credits;      /* micro-credits */
@@ -42,6 +43,15 @@ static const ar_option market_options[] = {
     {.name = "offline-after", .kind = AR_OPTION_INT, MARKET(offline_after), .lo = 1, .hi = 86400,
      .metavar = "S", .def = AR_OPTION_STR(AR_MARKET_DEFAULT_OFFLINE_AFTER_S),
      .help = "a provider silent for S seconds is offline"},
+    {.name = "max-providers-per-account", .kind = AR_OPTION_INT, MARKET(max_providers), .lo = 1,
+     .hi = AR_MARKET_MAX_PROVIDERS_LIMIT, .metavar = "N", .def = AR_OPTION_STR(AR_MARKET_DEFAULT_MAX_PROVIDERS),
+     .help = "providers one account may register"},
+    {.name = "reach-timeout", .kind = AR_OPTION_FLOAT, MARKET(reach_timeout), .flo = 0, .fhi = 60,
+     .metavar = "S", .def = "2",
+     .help = "seconds the market waits for a provider's worker to answer its Hello; a worker it cannot "
+             "reach is not leased (0: no checks, for a market that cannot reach its providers). A "
+             "worker's address must not be link-local, multicast or unspecified, nor loopback unless the "
+             "market listens on loopback, and its port must be 1024 or above"},
     {.name = "credits", .kind = AR_OPTION_CREDITS, MARKET(credits), .lo = 0,
      .hi = AR_CREDITS(1000000000000LL), .metavar = "N", .def = "0", .given_bit = GIVEN_CREDITS,
      .help = "add-account: opening credits"},
@@ -69,6 +79,7 @@ const ar_cmd_spec ar_market_cmd = {
     .name = "market",
     .summary = "run the market server; add-account creates an account",
     .usage = "--listen HOST:PORT --db PATH [--http HOST:PORT] [--offline-after S]\n"
+             "[--max-providers-per-account N] [--reach-timeout S]\n"
              "add-account NAME [--credits N] --db PATH",
     .description =
         "Run the market: the gRPC Market service over a SQLite database (created if missing). Providers "
@@ -83,6 +94,7 @@ const ar_cmd_spec ar_market_cmd = {
     .sections = (const ar_option_section[]){
         {NULL, market_options, 0},
         {"TLS", ar_cli_tls_server_options, offsetof(market_opts, tls)},
+        {"TLS, checking its providers' workers", ar_cli_tls_client_options, offsetof(market_opts, tls)},
         {0},
     },
     .positional = market_positional,
@@ -152,7 +164,9 @@ static int run_market(void *opts)
     /* signals are taken by sigwait below, in this thread only: block them
      * before any other thread (gRPC's, the sweep) exists */
     ar_cli_block_stop_signals();
-    ar_market_config c = {.listen = listen, .db_path = db, .offline_after_s = offline_after};
+    ar_market_config c = {.listen = listen, .db_path = db, .offline_after_s = offline_after,
+                          .max_providers_per_account = o->max_providers,
+                          .reach_timeout_s = o->reach_timeout > 0 ? o->reach_timeout : -1};
     ar_market *m;
     char addr[200];
     if (ar_market_start(&c, &m, addr, sizeof addr) != AR_OK) {
@@ -255,8 +269,8 @@ static int providers_call(ar_client *c, const client_opts *o)
     if (n == 0) {
         printf("no providers %s\n", o->all ? "registered" : "online");
     } else {
-        printf("%-5s %-16s %-24s %9s %10s %5s %14s %11s %s\n", "ID", "ACCOUNT", "ADDRESS", "GFLOP/S",
-               "MEMORY", "CORES", "CREDITS/TFLOP", "RELIABILITY", "LAST SEEN");
+        printf("%-5s %-16s %-24s %9s %10s %5s %14s %11s %-11s %s\n", "ID", "ACCOUNT", "ADDRESS", "GFLOP/S",
+               "MEMORY", "CORES", "CREDITS/TFLOP", "RELIABILITY", "WORKER", "LAST SEEN");
         int64_t now = (int64_t)time(NULL);
         for (size_t i = 0; i < n; i++) {
             const ar_provider *p = &ps[i].p;
@@ -264,10 +278,12 @@ static int providers_call(ar_client *c, const client_opts *o)
             long long ago = (long long)(now - p->last_heartbeat);
             snprintf(seen, sizeof seen, "%llds ago%s", ago < 0 ? 0 : ago, p->online ? "" : " (offline)");
             /* names and addresses are whatever their owners registered */
-            printf("%-5lld %-16s %-24s %9.1f %10s %5d %14s %11.2f %s\n", (long long)p->id,
+            printf("%-5lld %-16s %-24s %9.1f %10s %5d %14s %11.2f %-11s %s\n", (long long)p->id,
                    ar_cli_safe_text(ps[i].account, account, sizeof account),
-                   ar_cli_safe_text(p->address, address, sizeof address), p->gflops, mem_str(p->mem_bytes, mem, sizeof mem), p->cores,
-                   ar_credits_text(p->price_per_tflop, price, sizeof price), p->reliability, seen);
+                   ar_cli_safe_text(p->address, address, sizeof address), p->gflops,
+                   mem_str(p->mem_bytes, mem, sizeof mem), p->cores,
+                   ar_credits_text(p->price_per_tflop, price, sizeof price), p->reliability,
+                   ar_reach_name(p->reach), seen);
         }
     }
     free(ps);

@@ -68,8 +68,9 @@ const ar_cmd_spec ar_provide_cmd = {
         "Rent this machine out: measure it (sgemm GFLOP/s with at most --max-threads threads, free memory "
         "capped by --max-mem, cores), start a worker that serves pipeline stages to renters, register its "
         "address and profile with the market and keep it online with heartbeats. The worker hosts only "
-        "the stages it is leased for: a Load without a lease token that the market confirms for this "
-        "provider is refused (UNAUTHENTICATED). Runs at low scheduling priority (nice "
+        "the stages it is leased for: a Load without a ticket that the market confirms for this "
+        "provider is refused (UNAUTHENTICATED), and so is every Load before the first registration. "
+        "Runs at low scheduling priority (nice "
         AR_OPTION_STR(PROVIDE_NICE) ") so the owner's own work comes first. Prints \"arceus provide: "
         "provider N serving on HOST:PORT (...)\" once registered. If the market goes away the worker "
         "keeps serving and the provider registers again when the market is back. SIGINT or SIGTERM "
@@ -110,8 +111,8 @@ static int provider_register(provider *p, int *status)
     int rc = ar_market_register(p->client, p->token, p->address, &p->profile, &p->provider_id, NULL, status);
     if (rc != AR_OK)
         return rc;
-    /* host only what we are leased for: every Load must carry a lease token
-     * that this market confirms includes this provider id (which a
+    /* host only what we are leased for: every Load must carry a ticket
+     * that this market confirms is this provider id's (which a
      * re-registration may have changed); on a fresh channel, as above */
     rc = ar_worker_require_lease(p->worker, p->market, p->token, p->provider_id);
     if (rc != AR_OK)
@@ -272,9 +273,11 @@ static int run_provide(void *opts)
     p.profile.cores = threads < cores ? threads : (int)cores;
     p.profile.price_per_tflop = price;
 
-    /* the worker holds a renter's stage to the memory offered */
+    /* the worker holds a renter's stage to the memory offered, and refuses
+     * every Load until the market has registered us and it knows our
+     * provider id (provider_register) */
     ar_worker_config wc = {.listen = listen, .threads = threads, .max_frame = 0, .max_mem = (uint64_t)mem,
-                           .gflops = gflops};
+                           .gflops = gflops, .provider = 1};
     ar_worker *w;
     char addr[AR_ADDR_MAX];
     if (ar_worker_start(&wc, &w, addr, sizeof addr) != AR_OK) {

@@ -4,11 +4,17 @@
 #include "arceus.h"
 #include "core/core.h"
 
+#include <arpa/inet.h>
+#include <ctype.h>
 #include <math.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <time.h>
 
 /* Choosing free providers and leasing them (AcquireLease, a replacement) is
  * one step: two renters asking at once never get the same provider. The
@@ -83,6 +89,68 @@ int ar_rules_free_providers(ar_store *s, int64_t min_mem, ar_provider **provider
     *n = k;
     if (busy)
         *busy = held;
+    return AR_OK;
+}
+
+/* ---- reachability ------------------------------------------------------------------ */
+
+bool ar_rules_leasable(const ar_market_policy *policy, const ar_provider *p)
+{
+    return !policy || !policy->probe || p->reach == AR_REACH_OK;
+}
+
+bool ar_rules_reach_due(const ar_provider *p, int64_t now)
+{
+    if (p->reach == AR_REACH_OK)
+        return false;
+    if (p->reach_failures < 2)
+        return true;
+    int64_t wait = p->reach_failures >= 7 ? AR_REACH_RETRY_S : (int64_t)1 << (p->reach_failures - 1);
+    return now - p->reach_checked >= (wait < AR_REACH_RETRY_S ? wait : AR_REACH_RETRY_S);
+}
+
+int ar_rules_check_reach(ar_store *s, const ar_market_policy *policy, ar_provider *p)
+{
+    if (!policy || !policy->probe)
+        return AR_OK;
+    ar_reach was = p->reach;
+    ar_reach now = policy->probe(policy->probe_ctx, p->address) ? AR_REACH_OK : AR_REACH_UNREACHABLE;
+    int rc = ar_store_provider_set_reach(s, p->id, now);
+    if (rc != AR_OK)
+        return rc;
+    if (now != was)
+        ar_log(now == AR_REACH_OK ? AR_LOG_INFO : AR_LOG_WARN, "market: provider %lld at %s is %s%s",
+               (long long)p->id, p->address, ar_reach_name(now),
+               now == AR_REACH_OK ? "" : ": it is not leased until a check reaches its worker");
+    p->reach = now;
+    p->reach_checked = (int64_t)time(NULL);
+    p->reach_failures = now == AR_REACH_OK ? 0 : p->reach_failures + 1;
+    return AR_OK;
+}
+
+int ar_rules_pick(ar_store *s, const ar_market_policy *policy, const ar_ranked *ranked, size_t n, size_t want,
+                  ar_ranked *picked, size_t *n_picked, size_t *unreachable)
+{
+    size_t k = 0, left_out = 0;
+    int probes = 0;
+    int64_t now = (int64_t)time(NULL);
+    for (size_t i = 0; i < n && k < want; i++) {
+        /* the rows are the caller's copies: a check updates the store and them */
+        ar_provider *p = (ar_provider *)ranked[i].p;
+        if (!ar_rules_leasable(policy, p) && ar_rules_reach_due(p, now) && probes < AR_REACH_MAX_PROBES) {
+            probes++;
+            int rc = ar_rules_check_reach(s, policy, p);
+            if (rc != AR_OK)
+                return rc;
+        }
+        if (ar_rules_leasable(policy, p))
+            picked[k++] = ranked[i];
+        else
+            left_out++;
+    }
+    *n_picked = k;
+    if (unreachable)
+        *unreachable = left_out;
     return AR_OK;
 }
 
@@ -164,13 +232,28 @@ static int choose_members(ar_store *s, const ar_market_lease_request *req, const
 }
 
 /* The refusal when fewer providers are free than asked for. */
-static int too_few_providers(const ar_market_lease_request *req, size_t free_n, size_t busy)
+static int too_few_providers(const ar_market_lease_request *req, size_t free_n, size_t busy, size_t unreachable)
 {
-    char busy_note[96] = "";
+    char busy_note[96] = "", reach_note[96] = "";
     if (busy)
         snprintf(busy_note, sizeof busy_note, ", %zu more leased to other jobs", busy);
-    return ar_fail(AR_ELIMIT, "%u providers asked for, %zu online%s%s: try fewer --devices or later", req->devices,
-                   free_n, busy ? " and free" : req->min_mem_bytes ? " with enough memory" : "", busy_note);
+    if (unreachable)
+        snprintf(reach_note, sizeof reach_note, ", %zu more the market cannot reach", unreachable);
+    return ar_fail(AR_ELIMIT, "%u providers asked for, %zu online%s%s%s: try fewer --devices or later",
+                   req->devices, free_n, busy ? " and free" : req->min_mem_bytes ? " with enough memory" : "",
+                   busy_note, reach_note);
+}
+
+/* The ticket of each member of a lease just made, from its token. */
+static int issue_tickets(ar_store *s, ar_market_lease *out)
+{
+    for (size_t i = 0; i < out->n; i++) {
+        int rc = ar_store_ticket_issue(s, out->lease_id, out->providers[i].p.id, out->token,
+                                       out->providers[i].ticket);
+        if (rc != AR_OK)
+            return rc;
+    }
+    return AR_OK;
 }
 
 /* Leases the chosen members to job_id. Refused, the job stays on record,
@@ -198,8 +281,8 @@ static int lease_job(ar_store *s, int64_t renter_id, const ar_market_lease_reque
 
 /* ar_rules_acquire with choose_mu held. *settled: the job was left with a
  * lease or cancelled, i.e. not waiting for one. */
-static int acquire_locked(ar_store *s, int64_t renter_id, const ar_market_lease_request *req,
-                          ar_market_lease *out, bool *too_few, bool *settled)
+static int acquire_locked(ar_store *s, const ar_market_policy *policy, int64_t renter_id,
+                          const ar_market_lease_request *req, ar_market_lease *out, bool *too_few, bool *settled)
 {
     int rc;
     bool resumed = req->resume_job > 0;
@@ -216,16 +299,19 @@ static int acquire_locked(ar_store *s, int64_t renter_id, const ar_market_lease_
                (long long)req->resume_job, (long long)req->kept_steps, reversed);
     }
     ar_provider *ps = NULL;
-    ar_ranked *ranked = NULL;
-    size_t n_free = 0, busy = 0;
+    ar_ranked *ranked = NULL, picked[AR_MARKET_MAX_DEVICES];
+    size_t n_free = 0, busy = 0, n_picked = 0, unreachable = 0;
     ar_lease_member members[AR_MARKET_MAX_DEVICES];
     rc = ar_rules_free_providers(s, req->min_mem_bytes, &ps, &ranked, &n_free, &busy);
-    if (rc == AR_OK && n_free < req->devices) {
+    /* only workers the market reached: a renter's driver dials them */
+    if (rc == AR_OK)
+        rc = ar_rules_pick(s, policy, ranked, n_free, req->devices, picked, &n_picked, &unreachable);
+    if (rc == AR_OK && n_picked < req->devices) {
         *too_few = true;
-        rc = too_few_providers(req, n_free, busy);
+        rc = too_few_providers(req, n_picked, busy, unreachable);
     }
     if (rc == AR_OK)
-        rc = choose_members(s, req, ranked, req->devices, members, out);
+        rc = choose_members(s, req, picked, req->devices, members, out);
     int64_t job_id = req->resume_job;
     if (rc == AR_OK && !resumed)
         rc = ar_store_job_create(s, renter_id, req->spec, req->max_credits, &job_id);
@@ -233,14 +319,23 @@ static int acquire_locked(ar_store *s, int64_t renter_id, const ar_market_lease_
         /* a lease refused for its budget cancels the job: settled either way */
         *settled = true;
         rc = lease_job(s, renter_id, req, job_id, resumed ? req->kept_steps : 0, members, out);
+        if (rc == AR_OK && (rc = issue_tickets(s, out)) != AR_OK) {
+            /* a lease whose members cannot be loaded is no lease: end it */
+            char why[600];
+            snprintf(why, sizeof why, "%s", ar_last_error());
+            if (ar_store_lease_release(s, out->lease_id) != AR_OK ||
+                ar_store_job_update(s, job_id, AR_JOB_CANCELLED, resumed ? req->kept_steps : 0) != AR_OK)
+                ar_log(AR_LOG_ERROR, "market: job %lld: %s", (long long)job_id, ar_last_error());
+            rc = ar_fail(rc, "issuing the lease's tickets: %s", why);
+        }
     }
     ar_free(ranked);
     ar_free(ps);
     return rc;
 }
 
-int ar_rules_acquire(ar_store *s, int64_t renter_id, const ar_market_lease_request *req, ar_market_lease *out,
-                     bool *too_few)
+int ar_rules_acquire(ar_store *s, const ar_market_policy *policy, int64_t renter_id,
+                     const ar_market_lease_request *req, ar_market_lease *out, bool *too_few)
 {
     *too_few = false;
     memset(out, 0, sizeof *out);
@@ -250,7 +345,7 @@ int ar_rules_acquire(ar_store *s, int64_t renter_id, const ar_market_lease_reque
                        req->devices, AR_MARKET_MAX_DEVICES);
     bool settled = req->resume_job <= 0;
     pthread_mutex_lock(&choose_mu);
-    int rc = acquire_locked(s, renter_id, req, out, too_few, &settled);
+    int rc = acquire_locked(s, policy, renter_id, req, out, too_few, &settled);
     /* a resumed job whose new lease cannot be made (too few providers) is
      * marked failed, not left "running" without a lease; a later resume
      * brings it back */
@@ -265,8 +360,11 @@ int ar_rules_acquire(ar_store *s, int64_t renter_id, const ar_market_lease_reque
         ar_fail(rc, "%s", why);
     }
     pthread_mutex_unlock(&choose_mu);
-    if (rc != AR_OK)
+    if (rc != AR_OK) {
         memset(out->token, 0, sizeof out->token);
+        for (size_t i = 0; i < out->n; i++)
+            memset(out->providers[i].ticket, 0, sizeof out->providers[i].ticket);
+    }
     return rc;
 }
 
@@ -329,8 +427,8 @@ int ar_rules_settle_step(ar_store *s, const ar_lease *lease, int64_t step, const
  * is the same answer and nothing is done twice: no second reliability
  * penalty, no second reversal, no second replacement. Anything else is
  * refused. */
-static int replace_again(ar_store *s, const ar_lease *lease, int64_t lost_provider_id, int64_t kept_steps,
-                         const ar_lease_member *mem, size_t nm, ar_market_replacement *out)
+static int replace_again(ar_store *s, const ar_lease *lease, const char *lease_token, int64_t lost_provider_id,
+                         int64_t kept_steps, const ar_lease_member *mem, size_t nm, ar_market_replacement *out)
 {
     ar_lease_replacement done;
     int rc = ar_store_lease_replacement(s, lease->id, lost_provider_id, &done);
@@ -350,6 +448,10 @@ static int replace_again(ar_store *s, const ar_lease *lease, int64_t lost_provid
         if ((rc = ar_store_provider_get(s, now->provider_id, &with)) != AR_OK ||
             (rc = leased_view(s, &with, now->flops_per_step, &out->replacement)) != AR_OK)
             return rc;
+        /* the same ticket as the first answer: it derives from the lease */
+        if (lease_token &&
+            (rc = ar_store_ticket_issue(s, lease->id, with.id, lease_token, out->replacement.ticket)) != AR_OK)
+            return rc;
         out->found = true;
     }
     out->reversed = done.reversed;
@@ -362,24 +464,29 @@ static int replace_again(ar_store *s, const ar_lease *lease, int64_t lost_provid
 
 /* Settles the loss of member `lost`: the best free provider (if any) takes
  * its place. */
-static int replace_member(ar_store *s, const ar_lease *lease, const ar_lease_member *lost, int64_t kept_steps,
+static int replace_member(ar_store *s, const ar_market_policy *policy, const ar_lease *lease,
+                          const char *lease_token, const ar_lease_member *lost, int64_t kept_steps,
                           const char *reason, ar_market_replacement *out)
 {
     ar_provider *ps = NULL;
-    ar_ranked *ranked = NULL;
-    size_t n_free = 0;
+    ar_ranked *ranked = NULL, best;
+    size_t n_free = 0, n_picked = 0;
     ar_lease_member with = {0};
     int rc = ar_rules_free_providers(s, 0, &ps, &ranked, &n_free, NULL);
-    if (rc == AR_OK && n_free > 0) {
-        with = (ar_lease_member){.provider_id = ranked[0].p->id, .stage = lost->stage,
+    if (rc == AR_OK)
+        rc = ar_rules_pick(s, policy, ranked, n_free, 1, &best, &n_picked, NULL);
+    if (rc == AR_OK && n_picked > 0) {
+        with = (ar_lease_member){.provider_id = best.p->id, .stage = lost->stage,
                                  .flops_per_step = lost->flops_per_step,
-                                 .price_per_tflop = ranked[0].p->price_per_tflop};
-        rc = leased_view(s, ranked[0].p, lost->flops_per_step, &out->replacement);
+                                 .price_per_tflop = best.p->price_per_tflop};
+        rc = leased_view(s, best.p, lost->flops_per_step, &out->replacement);
         out->found = rc == AR_OK;
     }
     if (rc == AR_OK)
         rc = ar_store_lease_replace(s, lease->id, lost->provider_id, kept_steps, out->found ? &with : NULL,
                                     &out->reversed);
+    if (rc == AR_OK && out->found && lease_token)
+        rc = ar_store_ticket_issue(s, lease->id, with.provider_id, lease_token, out->replacement.ticket);
     if (rc == AR_OK) {
         char instead[64] = "no free provider to replace it";
         if (out->found)
@@ -395,8 +502,8 @@ static int replace_member(ar_store *s, const ar_lease *lease, const ar_lease_mem
     return rc;
 }
 
-int ar_rules_replace(ar_store *s, const ar_lease *lease, int64_t lost_provider_id, int64_t kept_steps,
-                     const char *reason, ar_market_replacement *out)
+int ar_rules_replace(ar_store *s, const ar_market_policy *policy, const ar_lease *lease, const char *lease_token,
+                     int64_t lost_provider_id, int64_t kept_steps, const char *reason, ar_market_replacement *out)
 {
     memset(out, 0, sizeof *out);
     if (kept_steps < 0)
@@ -411,8 +518,8 @@ int ar_rules_replace(ar_store *s, const ar_lease *lease, int64_t lost_provider_i
         if (mem[i].provider_id == lost_provider_id)
             lost = &mem[i];
     if (rc == AR_OK)
-        rc = lost ? replace_member(s, lease, lost, kept_steps, reason, out)
-                  : replace_again(s, lease, lost_provider_id, kept_steps, mem, nm, out);
+        rc = lost ? replace_member(s, policy, lease, lease_token, lost, kept_steps, reason, out)
+                  : replace_again(s, lease, lease_token, lost_provider_id, kept_steps, mem, nm, out);
     pthread_mutex_unlock(&choose_mu);
     ar_free(mem);
     ar_job job;
@@ -455,5 +562,246 @@ int ar_rules_report_progress(ar_store *s, int64_t job_id, const ar_market_progre
     if (rc == AR_OK && r->has_val)
         rc = ar_store_job_val_record(s, job_id, r->val_step, r->val_loss);
     free(live.plan);
+    return rc;
+}
+
+/* ---- admitting a provider ---------------------------------------------------------- */
+
+/* Why an IPv4 address (4 bytes, network order) may not be a worker's. */
+static const char *ipv4_refusal(const unsigned char *a, bool allow_loopback)
+{
+    if (a[0] == 0)
+        return "unspecified"; /* 0.0.0.0/8: "this host" */
+    if (a[0] == 127)
+        return allow_loopback ? NULL : "loopback";
+    if (a[0] == 169 && a[1] == 254)
+        return "link-local"; /* where cloud metadata services live (169.254.169.254) */
+    if (a[0] >= 224 && a[0] <= 239)
+        return "multicast";
+    if (a[0] >= 240)
+        return "reserved"; /* 240/4 and the broadcast address */
+    return NULL;
+}
+
+const char *ar_rules_ip_refusal(int family, const unsigned char *a, bool allow_loopback)
+{
+    if (family == AF_INET)
+        return ipv4_refusal(a, allow_loopback);
+    if (family != AF_INET6)
+        return "not an IP address";
+    static const unsigned char zero[16], loopback[15], mapped[12] = {[10] = 0xff, [11] = 0xff},
+                                                        nat64[12] = {0x00, 0x64, 0xff, 0x9b},
+                                                        aws_metadata[16] = {0xfd, 0x00, 0x0e, 0xc2, [14] = 0x02, [15] = 0x54};
+    /* an IPv4 address written as IPv6 (::ffff:a.b.c.d, 64:ff9b::a.b.c.d)
+     * goes where the IPv4 address goes */
+    if (!memcmp(a, mapped, 12) || !memcmp(a, nat64, 12))
+        return ipv4_refusal(a + 12, allow_loopback);
+    if (!memcmp(a, zero, 16))
+        return "unspecified";
+    if (!memcmp(a, loopback, 15) && a[15] == 1)
+        return allow_loopback ? NULL : "loopback";
+    if (a[0] == 0xfe && (a[1] & 0xc0) == 0x80)
+        return "link-local"; /* fe80::/10 */
+    if (a[0] == 0xff)
+        return "multicast";
+    if (!memcmp(a, aws_metadata, 16))
+        return "a cloud metadata address"; /* fd00:ec2::254 */
+    return NULL;
+}
+
+/* HOST and PORT of "HOST:PORT" or "[IPV6]:PORT" into host (brackets
+ * dropped) and *port; false with the reason in why. */
+static bool split_hostport(const char *address, char *host, size_t host_size, long *port, char *why,
+                           size_t why_size)
+{
+    const char *colon = strrchr(address, ':');
+    if (!colon || colon == address || !colon[1]) {
+        snprintf(why, why_size, "worker address \"%.64s\" is not HOST:PORT", address);
+        return false;
+    }
+    const char *h = address;
+    size_t hl = (size_t)(colon - address);
+    if (h[0] == '[') {
+        if (hl < 2 || h[hl - 1] != ']') {
+            snprintf(why, why_size, "worker address \"%.64s\": unterminated [IPv6] host", address);
+            return false;
+        }
+        h++;
+        hl -= 2;
+    } else if (memchr(h, ':', hl)) {
+        snprintf(why, why_size, "worker address \"%.64s\": an IPv6 host goes in brackets, [HOST]:PORT", address);
+        return false;
+    }
+    if (hl == 0 || hl >= host_size) {
+        snprintf(why, why_size, "worker address \"%.64s\": the host is empty or too long", address);
+        return false;
+    }
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    char *end = NULL;
+    *port = strtol(colon + 1, &end, 10);
+    if (!isdigit((unsigned char)colon[1]) || *end || *port < 0 || *port > 65535) {
+        snprintf(why, why_size, "worker address \"%.64s\": the port is not a number in 1..65535", address);
+        return false;
+    }
+    return true;
+}
+
+/* Every address `host` stands for (a literal, or what the name resolves
+ * to), each passed to `visit` until it returns false. AR_EINVAL when the
+ * host does not resolve. */
+static int each_address(const char *host, bool (*visit)(void *ctx, int family, const unsigned char *a), void *ctx,
+                        char *why, size_t why_size)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    int g = getaddrinfo(host, NULL, &hints, &res);
+    if (g != 0 || !res) {
+        snprintf(why, why_size, "worker host \"%.64s\" does not resolve: %s", host, g ? gai_strerror(g) : "no address");
+        return AR_EINVAL;
+    }
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        const unsigned char *a = NULL;
+        if (ai->ai_family == AF_INET)
+            a = (const unsigned char *)&((const struct sockaddr_in *)(const void *)ai->ai_addr)->sin_addr;
+        else if (ai->ai_family == AF_INET6)
+            a = (const unsigned char *)&((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr;
+        if (a && !visit(ctx, ai->ai_family, a))
+            break;
+    }
+    freeaddrinfo(res);
+    return AR_OK;
+}
+
+typedef struct {
+    bool allow_loopback;
+    const char *refusal; /* the first address refused, and why */
+    char text[INET6_ADDRSTRLEN];
+    size_t count, loopback;
+} address_visit;
+
+static bool judge_address(void *ctx, int family, const unsigned char *a)
+{
+    address_visit *v = ctx;
+    v->count++;
+    if (ar_rules_ip_refusal(family, a, false) && !ar_rules_ip_refusal(family, a, true))
+        v->loopback++;
+    const char *why = ar_rules_ip_refusal(family, a, v->allow_loopback);
+    if (!why)
+        return true;
+    v->refusal = why;
+    if (!inet_ntop(family, a, v->text, sizeof v->text))
+        snprintf(v->text, sizeof v->text, "?");
+    return false;
+}
+
+int ar_rules_check_address(const char *address, bool allow_loopback, char *why, size_t why_size)
+{
+    char host[AR_ADDR_MAX];
+    long port = 0;
+    if (!address || strlen(address) >= AR_ADDR_MAX) {
+        snprintf(why, why_size, "worker address must be 1..%d characters", AR_ADDR_MAX - 1);
+        return AR_EINVAL;
+    }
+    if (!split_hostport(address, host, sizeof host, &port, why, why_size))
+        return AR_EINVAL;
+    if (port < AR_MARKET_MIN_PORT) {
+        snprintf(why, why_size, "worker address \"%.64s\": port %ld is a system service's (a worker's port is %d..65535)",
+                 address, port, AR_MARKET_MIN_PORT);
+        return AR_EINVAL;
+    }
+    /* every address the name stands for: a renter's driver may dial any */
+    address_visit v = {.allow_loopback = allow_loopback};
+    if (each_address(host, judge_address, &v, why, why_size) != AR_OK)
+        return AR_EINVAL;
+    if (v.refusal) {
+        snprintf(why, why_size, "worker address \"%.64s\" is %s (%s): renters' drivers cannot be sent there%s",
+                 address, v.refusal, v.text,
+                 !strcmp(v.refusal, "loopback") ? " (a loopback worker is for a market on loopback)" : "");
+        return AR_EINVAL;
+    }
+    return AR_OK;
+}
+
+bool ar_rules_host_is_loopback(const char *hostport)
+{
+    char host[AR_ADDR_MAX], why[160];
+    long port = 0;
+    if (!hostport || strlen(hostport) >= AR_ADDR_MAX || !split_hostport(hostport, host, sizeof host, &port, why, sizeof why))
+        return false;
+    address_visit v = {.allow_loopback = true};
+    return each_address(host, judge_address, &v, why, sizeof why) == AR_OK && v.count > 0 && v.loopback == v.count;
+}
+
+int ar_rules_admit_provider(ar_store *s, const ar_market_policy *policy, const ar_provider *p, int64_t *id_out,
+                            ar_reach *reach_out)
+{
+    char why[300];
+    bool allow_loopback = policy && policy->allow_loopback;
+    if (ar_rules_check_address(p->address, allow_loopback, why, sizeof why) != AR_OK)
+        return ar_fail(AR_EINVAL, "%s", why);
+    int max = policy && policy->max_providers_per_account > 0 ? policy->max_providers_per_account
+                                                               : AR_MARKET_DEFAULT_MAX_PROVIDERS;
+    /* the count and the new row are one step for this process: two
+     * registrations at once cannot both take the last place */
+    pthread_mutex_lock(&choose_mu);
+    ar_provider *all = NULL;
+    size_t n = 0;
+    int64_t mine = 0;
+    bool again = false;
+    int rc = ar_store_provider_list(s, false, &all, &n);
+    for (size_t i = 0; rc == AR_OK && i < n; i++)
+        if (all[i].account_id == p->account_id) {
+            mine++;
+            again = again || strcmp(all[i].address, p->address) == 0;
+        }
+    ar_free(all);
+    if (rc == AR_OK && !again && mine >= max)
+        rc = ar_fail(AR_ELIMIT,
+                     "this account has %lld providers registered, the market's limit: re-register one of their "
+                     "addresses, or ask the market's operator (arceus market --max-providers-per-account)",
+                     (long long)mine);
+    int64_t id = 0;
+    if (rc == AR_OK)
+        rc = ar_rules_register_provider(s, p, &id);
+    pthread_mutex_unlock(&choose_mu);
+    ar_provider q;
+    if (rc == AR_OK)
+        rc = ar_store_provider_get(s, id, &q);
+    /* a registration is the worker saying it is there: check it now, whatever
+     * the last check found (the probe is outside the lock: it may take its
+     * whole deadline) */
+    if (rc == AR_OK)
+        rc = ar_rules_check_reach(s, policy, &q);
+    if (rc != AR_OK)
+        return rc;
+    *id_out = id;
+    if (reach_out)
+        *reach_out = q.reach;
+    return AR_OK;
+}
+
+int ar_rules_check_ticket(ar_store *s, int64_t provider_id, const char *ticket, ar_market_ticket_check *out)
+{
+    memset(out, 0, sizeof *out);
+    int64_t lease_id = 0, holder = 0;
+    int rc = ar_store_ticket_auth(s, ticket, &lease_id, &holder);
+    if (rc != AR_OK)
+        return rc;
+    /* a ticket opens one provider's worker: another's is refused even by a
+     * worker of the same account */
+    if (holder != provider_id)
+        return ar_fail(AR_EINVAL, "the ticket is provider %lld's, not provider %lld's", (long long)holder,
+                       (long long)provider_id);
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    if ((rc = ar_store_lease_get(s, lease_id, &out->lease)) != AR_OK ||
+        (rc = ar_store_lease_members(s, lease_id, &mem, &nm)) != AR_OK)
+        return rc;
+    for (size_t i = 0; i < nm && i < AR_MARKET_MAX_DEVICES && rc == AR_OK; i++) {
+        ar_provider p;
+        if ((rc = ar_store_provider_get(s, mem[i].provider_id, &p)) == AR_OK)
+            snprintf(out->addresses[out->n++], sizeof out->addresses[0], "%s", p.address);
+    }
+    ar_free(mem);
     return rc;
 }

@@ -25,6 +25,43 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* ---- the market's policy ------------------------------------------------------- */
+
+/* Providers one account may register, unless the market says otherwise
+ * (arceus market --max-providers-per-account). A person or a small lab rents
+ * out a handful of machines; 16 covers that with room to spare, while one
+ * account can no longer fill the database and every renter's ranking with
+ * thousands of rows. A provider with more machines asks the operator for a
+ * higher limit. Re-registering an address the account already has does not
+ * count. */
+#define AR_MARKET_DEFAULT_MAX_PROVIDERS 16
+/* The lowest port a provider's worker may advertise: below it are the
+ * system's services (ssh, mail, a web server), not workers. */
+#define AR_MARKET_MIN_PORT 1024
+/* A provider whose worker failed checks in a row is checked again after 2,
+ * 4, 8, ... seconds, at most this many: a provider advertising a black hole
+ * costs the market a Hello deadline now and then, not at every lease. */
+#define AR_REACH_RETRY_S 60
+/* Checks one lease (or replacement) may make of workers not known to be
+ * reachable before it settles for the providers it has. */
+#define AR_REACH_MAX_PROBES 8
+
+/* Can the market reach the worker at `address`? A Hello within a short
+ * deadline (net/ provides it; tests pass a fake). true: answered. */
+typedef bool (*ar_reach_probe)(void *ctx, const char *address);
+
+/* How the market admits providers and what it leases. */
+typedef struct {
+    int max_providers_per_account; /* 0: AR_MARKET_DEFAULT_MAX_PROVIDERS */
+    /* the market listens on loopback (a test, the demo): its providers may
+     * too; otherwise a loopback address is refused */
+    bool allow_loopback;
+    /* NULL: the market does not check its providers' workers, and every
+     * provider counts as reachable */
+    ar_reach_probe probe;
+    void *probe_ctx;
+} ar_market_policy;
+
 /* The most providers one lease holds. */
 #define AR_MARKET_MAX_DEVICES 64
 /* FLOPs one stage may report for one step (keeps every cost in int64). */
@@ -94,6 +131,9 @@ typedef struct {
     ar_provider p; /* price_per_tflop fixed for the lease; account_id 0 on the client side */
     char account[AR_NAME_MAX];
     int64_t flops_per_step; /* its share in the estimate */
+    /* its ticket (store.h, "tickets"): for its own Load only; "" when none
+     * was issued */
+    char ticket[AR_TOKEN_LEN];
 } ar_market_leased;
 
 typedef struct {
@@ -105,7 +145,7 @@ typedef struct {
 } ar_market_lease;
 
 /* Leases req->devices free providers to renter_id (ar_rules_free_providers'
- * best, in that order), splits the FLOPs among them and creates the job (or
+ * best that are leasable under `policy` (ar_rules_pick), in that order), splits the FLOPs among them and creates the job (or
  * resumes req->resume_job: its old leases end, payments for steps >=
  * kept_steps are reversed) and its lease, whose estimate is checked against
  * the renter's balance and the caps. Choosing and leasing is one step within
@@ -116,8 +156,27 @@ typedef struct {
  *   - a budget or cap below the estimate: AR_ELIMIT (the message gives the
  *     estimate), the job stays on record, cancelled;
  *   - a resume of a job that is not the renter's: AR_ENOTFOUND. */
-int ar_rules_acquire(ar_store *s, int64_t renter_id, const ar_market_lease_request *req, ar_market_lease *out,
-                     bool *too_few);
+int ar_rules_acquire(ar_store *s, const ar_market_policy *policy, int64_t renter_id,
+                     const ar_market_lease_request *req, ar_market_lease *out, bool *too_few);
+
+/* Whether `policy` lets the market lease p: always without a probe,
+ * otherwise only once a check reached its worker. */
+bool ar_rules_leasable(const ar_market_policy *policy, const ar_provider *p);
+/* Whether a provider not known to be reachable is due for another check at
+ * `now`: at once after its first failure (a provider often registers just
+ * before its worker is up), then after a wait that doubles with each
+ * failure, from 2 s to AR_REACH_RETRY_S. */
+bool ar_rules_reach_due(const ar_provider *p, int64_t now);
+/* Checks p's worker with the policy's probe and records the outcome in the
+ * store and in p->reach. AR_OK whatever the outcome (see p->reach); an
+ * error only when the store fails. Without a probe, nothing is done. */
+int ar_rules_check_reach(ar_store *s, const ar_market_policy *policy, ar_provider *p);
+/* Picks up to `want` of ranked[0..n) (best first) that the policy lets the
+ * market lease, checking in rank order those due for a check (at most
+ * AR_REACH_MAX_PROBES checks): picked[0..*n_picked) keep the rank order.
+ * *unreachable (may be NULL) counts the candidates left out as unreachable. */
+int ar_rules_pick(ar_store *s, const ar_market_policy *policy, const ar_ranked *ranked, size_t n, size_t want,
+                  ar_ranked *picked, size_t *n_picked, size_t *unreachable);
 
 /* ---- paying a step ------------------------------------------------------------- */
 
@@ -156,9 +215,12 @@ typedef struct {
  * answer was lost), it answers as before and does nothing twice (again set).
  * AR_EINVAL when the provider is not in the lease (and was not settled
  * there with these kept_steps); AR_ELIMIT when its replacement has left the
- * lease since. `reason` (may be NULL) is only logged. */
-int ar_rules_replace(ar_store *s, const ar_lease *lease, int64_t lost_provider_id, int64_t kept_steps,
-                     const char *reason, ar_market_replacement *out);
+ * lease since. `reason` (may be NULL) is only logged. The replacement is
+ * the best free provider leasable under `policy` (ar_rules_pick); with the
+ * lease's token (the renter's, as the request carried it; NULL: none is
+ * issued) it comes with its ticket, the same when asked again. */
+int ar_rules_replace(ar_store *s, const ar_market_policy *policy, const ar_lease *lease, const char *lease_token,
+                     int64_t lost_provider_id, int64_t kept_steps, const char *reason, ar_market_replacement *out);
 
 /* ---- the end of a lease, providers, progress --------------------------------------- */
 
@@ -172,6 +234,43 @@ int ar_rules_release(ar_store *s, const ar_lease *lease, ar_job_status status, i
  * is the market's record, not the provider's claim: a re-registration (same
  * account and address) keeps it, a new provider starts at 1. */
 int ar_rules_register_provider(ar_store *s, const ar_provider *p, int64_t *id_out);
+
+/* Why an IP address may not be a worker's ("loopback", "link-local",
+ * "multicast", "unspecified", "reserved", "a cloud metadata address"), or
+ * NULL when it may. family AF_INET (4 bytes) or AF_INET6 (16 bytes); an
+ * IPv4 address inside IPv6 (mapped, NAT64) is judged as IPv4. */
+const char *ar_rules_ip_refusal(int family, const unsigned char *addr, bool allow_loopback);
+/* A provider's advertised worker address: HOST:PORT (an IPv6 host in
+ * brackets), the port 1024..65535, and the host, once resolved, none of the
+ * addresses ar_rules_ip_refusal refuses (every address a name resolves to
+ * is checked). AR_EINVAL with the reason in why otherwise. */
+int ar_rules_check_address(const char *address, bool allow_loopback, char *why, size_t why_size);
+/* Whether every address HOST (of HOST:PORT) resolves to is loopback: a
+ * market listening there serves this machine only. */
+bool ar_rules_host_is_loopback(const char *hostport);
+
+/* A provider's registration as the market admits it: its address checked
+ * (ar_rules_check_address), the account's providers within the policy's
+ * limit (a re-registration of an address it has is always allowed), then
+ * ar_rules_register_provider and a check of its worker (ar_rules_check_reach,
+ * whatever the last one found). AR_EINVAL for the address, AR_ELIMIT for the
+ * limit, with the reason. *reach_out (may be NULL) gets the state found. */
+int ar_rules_admit_provider(ar_store *s, const ar_market_policy *policy, const ar_provider *p, int64_t *id_out,
+                            ar_reach *reach_out);
+
+/* A Load's ticket as a provider's worker asks about it (CheckLease). */
+typedef struct {
+    ar_lease lease;
+    size_t n; /* the lease's members, by stage */
+    char addresses[AR_MARKET_MAX_DEVICES][AR_ADDR_MAX];
+} ar_market_ticket_check;
+
+/* Whether `ticket` is provider_id's for a live lease that still holds it:
+ * AR_ENOTFOUND for an unknown ticket or a lease released or left,
+ * AR_EINVAL for another provider's ticket; on AR_OK, out gets the lease and
+ * its members' worker addresses. The caller has checked that provider_id
+ * is the asking account's. */
+int ar_rules_check_ticket(ar_store *s, int64_t provider_id, const char *ticket, ar_market_ticket_check *out);
 
 /* What a running job's driver reports for the dashboard. */
 typedef struct {

@@ -43,7 +43,7 @@
 #define AR_REASON_MAX 32
 
 /* The schema version this build creates and migrates to. */
-#define AR_STORE_SCHEMA_VERSION 5
+#define AR_STORE_SCHEMA_VERSION 6
 
 typedef struct ar_store ar_store;
 
@@ -80,6 +80,19 @@ int ar_store_account_list(ar_store *s, ar_account **out, size_t *n);
 
 /* ---- providers ------------------------------------------------------------ */
 
+/* Whether the market reached a provider's worker (a Hello within its
+ * deadline): the market's own finding, never the provider's claim. A state,
+ * not a flag: a provider the market cannot reach directly may one day be
+ * served another way (a relay). */
+typedef enum {
+    AR_REACH_UNCHECKED = 0,   /* never tried, or the market does not check */
+    AR_REACH_OK = 1,          /* the last check was answered */
+    AR_REACH_UNREACHABLE = 2, /* the last check failed: not leased until one succeeds */
+} ar_reach;
+
+/* "reachable", "unreachable", "unchecked" */
+const char *ar_reach_name(ar_reach r);
+
 typedef struct {
     int64_t id;
     int64_t account_id;
@@ -91,6 +104,9 @@ typedef struct {
     double reliability;      /* 0..1 */
     bool online;
     int64_t last_heartbeat; /* unix seconds */
+    ar_reach reach;         /* the market's last check of its worker */
+    int64_t reach_checked;  /* when (unix seconds; 0: never) */
+    int reach_failures;     /* checks failed in a row */
 } ar_provider;
 
 /* Register (or re-register: same account and address keep their id, the
@@ -106,6 +122,10 @@ int ar_store_provider_expire(ar_store *s, int64_t max_age_s, int *count_out);
 int ar_store_provider_get(ar_store *s, int64_t provider_id, ar_provider *out);
 /* Providers by id; only the online ones when online_only. */
 int ar_store_provider_list(ar_store *s, bool online_only, ar_provider **out, size_t *n);
+/* The outcome of a check of the provider's worker, now: a success clears the
+ * count of failures in a row, a failure adds one. AR_ENOTFOUND for no
+ * provider. */
+int ar_store_provider_set_reach(ar_store *s, int64_t provider_id, ar_reach reach);
 /* *out: the provider is a member of a live (not released) lease. A worker
  * hosts one stage at a time, so the market leases it to one job at a time. */
 int ar_store_provider_leased(ar_store *s, int64_t provider_id, bool *out);
@@ -268,6 +288,27 @@ int ar_store_lease_auth(ar_store *s, const char *token, ar_lease *out);
 int ar_store_lease_get(ar_store *s, int64_t lease_id, ar_lease *out);
 int ar_store_lease_members(ar_store *s, int64_t lease_id, ar_lease_member **out, size_t *n);
 int ar_store_lease_release(ar_store *s, int64_t lease_id);
+
+/* ---- tickets ----------------------------------------------------------------- */
+
+/* A lease member's ticket is the one secret its worker gets (in the Load):
+ * it lets that provider's worker load a stage of that lease and nothing
+ * else. It is HMAC-SHA256(lease token, "arceus ticket v1" || lease id ||
+ * provider id), in hex: as unpredictable as the lease token (32 bytes of
+ * RAND_bytes), bound to one (lease, provider) pair, useless for finding the
+ * lease token or another member's ticket, and the same whenever it is
+ * issued again (a renter's ReplaceProvider asked twice gets the same
+ * answer). The store keeps only its SHA-256. */
+int ar_store_ticket_derive(const char *lease_token, int64_t lease_id, int64_t provider_id,
+                           char ticket_out[AR_TOKEN_LEN]);
+/* Issues (again) the ticket of member provider_id of live lease lease_id to
+ * the holder of the lease's token: AR_ENOTFOUND when the token is not that
+ * live lease's or the provider is not a member. */
+int ar_store_ticket_issue(ar_store *s, int64_t lease_id, int64_t provider_id, const char *lease_token,
+                          char ticket_out[AR_TOKEN_LEN]);
+/* The lease and provider a ticket was issued for, when that lease is live
+ * and the provider still a member of it; AR_ENOTFOUND otherwise. */
+int ar_store_ticket_auth(ar_store *s, const char *ticket, int64_t *lease_id, int64_t *provider_id);
 
 /* ---- usage and payment --------------------------------------------------- */
 

@@ -44,6 +44,7 @@
 #include <math.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <openssl/rand.h>
 #include <pthread.h>
 #include <sqlite3.h>
@@ -191,6 +192,22 @@ static const char *const migrations[] = {
     "  reversed INTEGER NOT NULL,"
     "  created INTEGER NOT NULL,"
     "  PRIMARY KEY (lease_id, lost_provider_id));",
+    /* 6: the market's own checks of a provider's worker, kept apart from
+     * what the provider claims (its row): whether a Hello reached it, when,
+     * and how many checks in a row failed; and each lease member's ticket
+     * (its hash), the one thing the member's worker is given. IF NOT EXISTS:
+     * a database that went back to an older version keeps these tables */
+    "CREATE TABLE IF NOT EXISTS provider_reach ("
+    "  provider_id INTEGER PRIMARY KEY REFERENCES providers(id),"
+    "  state INTEGER NOT NULL,"
+    "  checked INTEGER NOT NULL,"
+    "  failures INTEGER NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS lease_tickets ("
+    "  lease_id INTEGER NOT NULL REFERENCES leases(id),"
+    "  provider_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  ticket_hash TEXT NOT NULL UNIQUE,"
+    "  created INTEGER NOT NULL,"
+    "  PRIMARY KEY (lease_id, provider_id));",
 };
 _Static_assert(sizeof migrations / sizeof migrations[0] == AR_STORE_SCHEMA_VERSION,
                "one migration per schema version");
@@ -825,9 +842,12 @@ int ar_store_account_list(ar_store *s, ar_account **out, size_t *n)
 
 /* ---- providers ------------------------------------------------------------------------ */
 
-#define PROVIDER_COLS                                                                         \
-    "id, account_id, address, gflops, mem_bytes, cores, price_per_tflop, reliability, online," \
-    " last_heartbeat"
+/* A provider's row with the market's reach checks (none yet: unchecked). */
+#define PROVIDER_COLS                                                                              \
+    "p.id, p.account_id, p.address, p.gflops, p.mem_bytes, p.cores, p.price_per_tflop,"            \
+    " p.reliability, p.online, p.last_heartbeat, COALESCE(r.state, 0), COALESCE(r.checked, 0),"   \
+    " COALESCE(r.failures, 0)"
+#define PROVIDER_FROM " FROM providers p LEFT JOIN provider_reach r ON r.provider_id = p.id"
 
 static void read_provider(sqlite3_stmt *st, ar_provider *p)
 {
@@ -842,6 +862,15 @@ static void read_provider(sqlite3_stmt *st, ar_provider *p)
     p->reliability = sqlite3_column_double(st, 7);
     p->online = sqlite3_column_int(st, 8) != 0;
     p->last_heartbeat = sqlite3_column_int64(st, 9);
+    int reach = sqlite3_column_int(st, 10);
+    p->reach = reach == AR_REACH_OK || reach == AR_REACH_UNREACHABLE ? (ar_reach)reach : AR_REACH_UNCHECKED;
+    p->reach_checked = sqlite3_column_int64(st, 11);
+    p->reach_failures = sqlite3_column_int(st, 12);
+}
+
+const char *ar_reach_name(ar_reach r)
+{
+    return r == AR_REACH_OK ? "reachable" : r == AR_REACH_UNREACHABLE ? "unreachable" : "unchecked";
 }
 
 int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_out)
@@ -937,7 +966,7 @@ static int provider_row(sqlite3_stmt *st, void *item)
 int ar_store_provider_get(ar_store *s, int64_t provider_id, ar_provider *out)
 {
     lock(s);
-    int rc = one_row(s, provider_row, out, "SELECT " PROVIDER_COLS " FROM providers WHERE id = ?", "i",
+    int rc = one_row(s, provider_row, out, "SELECT " PROVIDER_COLS PROVIDER_FROM " WHERE p.id = ?", "i",
                      provider_id);
     unlock(s);
     return rc == AR_ENOTFOUND ? ar_fail(rc, "no provider %" PRId64, provider_id) : rc;
@@ -946,8 +975,28 @@ int ar_store_provider_get(ar_store *s, int64_t provider_id, ar_provider *out)
 int ar_store_provider_list(ar_store *s, bool online_only, ar_provider **out, size_t *n)
 {
     return list_rows(s, sizeof **out, provider_row, NULL, (void **)out, n,
-                     "SELECT " PROVIDER_COLS " FROM providers WHERE online = 1 OR ? = 0 ORDER BY id", "i",
+                     "SELECT " PROVIDER_COLS PROVIDER_FROM " WHERE p.online = 1 OR ? = 0 ORDER BY p.id", "i",
                      (int64_t)online_only);
+}
+
+int ar_store_provider_set_reach(ar_store *s, int64_t provider_id, ar_reach reach)
+{
+    if (reach != AR_REACH_UNCHECKED && reach != AR_REACH_OK && reach != AR_REACH_UNREACHABLE)
+        return ar_fail(AR_EINVAL, "reach state %d is not one of the store's", (int)reach);
+    lock(s);
+    int64_t exists = 0;
+    int rc = query_i64(s, &exists, "SELECT COUNT(*) FROM providers WHERE id = ?", "i", provider_id);
+    if (rc == 0 && !exists)
+        rc = ar_fail(AR_ENOTFOUND, "set reach: no provider %" PRId64, provider_id);
+    /* a success clears the count of failures in a row; a failure adds one */
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT INTO provider_reach (provider_id, state, checked, failures) VALUES (?1, ?2, ?3, ?4)"
+                 " ON CONFLICT (provider_id) DO UPDATE SET state = ?2, checked = ?3,"
+                 " failures = CASE WHEN ?4 = 1 THEN failures + 1 ELSE 0 END",
+                 "iiii", provider_id, (int64_t)reach, now_s(), (int64_t)(reach == AR_REACH_UNREACHABLE));
+    unlock(s);
+    return rc;
 }
 
 int ar_store_provider_leased(ar_store *s, int64_t provider_id, bool *out)
@@ -1517,6 +1566,89 @@ int ar_store_lease_release(ar_store *s, int64_t lease_id)
     return rc;
 }
 
+/* ---- tickets ------------------------------------------------------------------------ */
+
+int ar_store_ticket_derive(const char *lease_token, int64_t lease_id, int64_t provider_id,
+                           char ticket_out[AR_TOKEN_LEN])
+{
+    if (!lease_token || strlen(lease_token) != AR_TOKEN_LEN - 1)
+        return ar_fail(AR_EINVAL, "a ticket needs the lease token");
+    /* what the ticket is for, in a fixed layout: a ticket of one (lease,
+     * provider) pair says nothing about another's */
+    static const char label[16] = {'a', 'r', 'c', 'e', 'u', 's', ' ', 't', 'i', 'c', 'k', 'e', 't', ' ', 'v', '1'};
+    unsigned char msg[32];
+    memcpy(msg, label, sizeof label);
+    for (int i = 0; i < 8; i++) {
+        msg[16 + i] = (unsigned char)((uint64_t)lease_id >> (8 * i));
+        msg[24 + i] = (unsigned char)((uint64_t)provider_id >> (8 * i));
+    }
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    if (!HMAC(EVP_sha256(), lease_token, AR_TOKEN_LEN - 1, msg, sizeof msg, md, &len) || len != 32)
+        return ar_fail(AR_EINTERNAL, "HMAC-SHA256 failed");
+    to_hex(md, 32, ticket_out);
+    OPENSSL_cleanse(md, sizeof md);
+    return AR_OK;
+}
+
+int ar_store_ticket_issue(ar_store *s, int64_t lease_id, int64_t provider_id, const char *lease_token,
+                          char ticket_out[AR_TOKEN_LEN])
+{
+    char ticket[AR_TOKEN_LEN], hash[AR_TOKEN_LEN];
+    int rc = ar_store_ticket_derive(lease_token, lease_id, provider_id, ticket);
+    if (rc < 0 || (rc = token_hash(ticket, hash)) < 0)
+        goto out;
+    lock(s);
+    if ((rc = tx_begin(s)) < 0) {
+        unlock(s);
+        goto out;
+    }
+    /* only the holder of this lease's token gets tickets for it, and only for
+     * a member of it */
+    int64_t lid = 0, member = 0;
+    rc = token_lookup(s, "SELECT id, token_hash FROM leases WHERE token_hash = ? AND released IS NULL",
+                      lease_token, &lid);
+    if (rc == 0 && lid != lease_id)
+        rc = ar_fail(AR_ENOTFOUND, "the lease token is not lease %" PRId64 "'s", lease_id);
+    if (rc == 0)
+        rc = query_i64(s, &member, "SELECT COUNT(*) FROM lease_members WHERE lease_id = ? AND provider_id = ?", "ii",
+                       lease_id, provider_id);
+    if (rc == 0 && !member)
+        rc = ar_fail(AR_ENOTFOUND, "provider %" PRId64 " is not in lease %" PRId64, provider_id, lease_id);
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT OR REPLACE INTO lease_tickets (lease_id, provider_id, ticket_hash, created)"
+                 " VALUES (?, ?, ?, ?)",
+                 "iiti", lease_id, provider_id, hash, now_s());
+    rc = tx_end(s, rc);
+    unlock(s);
+    if (rc == 0)
+        memcpy(ticket_out, ticket, AR_TOKEN_LEN);
+out:
+    OPENSSL_cleanse(ticket, sizeof ticket);
+    return rc;
+}
+
+int ar_store_ticket_auth(ar_store *s, const char *ticket, int64_t *lease_id, int64_t *provider_id)
+{
+    int64_t row = 0;
+    lock(s);
+    /* the ticket's lease must be live and the provider still one of its
+     * members (a member replaced after a loss holds a dead ticket) */
+    int rc = token_lookup(s,
+                          "SELECT t.rowid, t.ticket_hash FROM lease_tickets t"
+                          " JOIN leases l ON l.id = t.lease_id"
+                          " JOIN lease_members m ON m.lease_id = t.lease_id AND m.provider_id = t.provider_id"
+                          " WHERE t.ticket_hash = ? AND l.released IS NULL",
+                          ticket, &row);
+    if (rc == 0)
+        rc = query_i64(s, lease_id, "SELECT lease_id FROM lease_tickets WHERE rowid = ?", "i", row);
+    if (rc == 0)
+        rc = query_i64(s, provider_id, "SELECT provider_id FROM lease_tickets WHERE rowid = ?", "i", row);
+    unlock(s);
+    return rc == AR_ENOTFOUND ? ar_fail(rc, "unknown ticket, or its lease was released or its provider left it") : rc;
+}
+
 /* ---- usage ------------------------------------------------------------------------- */
 
 static int provider_account(ar_store *s, int64_t provider_id, int64_t *account_id)
@@ -1796,6 +1928,10 @@ int ar_store_lease_replace(ar_store *s, int64_t lease_id, int64_t lost_provider_
                  replacement->price_per_tflop, lease_id, stage);
     else if (rc == 0)
         rc = run(s, NULL, "DELETE FROM lease_members WHERE lease_id = ? AND stage = ?", "ii", lease_id, stage);
+    /* the lost provider's ticket dies with its place */
+    if (rc == 0)
+        rc = run(s, NULL, "DELETE FROM lease_tickets WHERE lease_id = ? AND provider_id = ?", "ii", lease_id,
+                 lost_provider_id);
     /* a provider lost twice in one lease (it came back as another's
      * replacement) keeps its latest settlement */
     if (rc == 0)

@@ -13,6 +13,7 @@
 #include "arceus.pb-c.h"
 #include "core/core.h"
 #include "net/net_internal.h"
+#include "net/remote.h"
 #include "train/plan.h"
 
 #include <ctype.h>
@@ -31,6 +32,9 @@ struct ar_market {
     ar_server *server;
     ar_store *store;
     int offline_after_s;
+    /* whom it admits and what it leases; probe_ctx points to reach_timeout_s */
+    ar_market_policy policy;
+    double reach_timeout_s;
     pthread_t sweeper;
     int sweeper_started;
     pthread_mutex_t mu;
@@ -213,6 +217,22 @@ static bool profile_ok(const Arceus__ProviderProfile *p, char *why, size_t why_s
     return true;
 }
 
+/* The market's check of a provider's worker (the rules' ar_reach_probe): a
+ * Hello answered within the deadline by a worker of our protocol version.
+ * The market dials with the CA it was given (--tls-ca), as any client. */
+static bool reach_probe(void *ctx, const char *address)
+{
+    const double *timeout_s = ctx;
+    ar_client *c = NULL;
+    int rc = ar_client_open(address, &c);
+    if (rc == AR_OK)
+        rc = ar_remote_probe(c, *timeout_s);
+    if (rc != AR_OK)
+        ar_log(AR_LOG_DEBUG, "market: worker %s not reached: %s", address, ar_last_error());
+    ar_client_close(c);
+    return rc == AR_OK;
+}
+
 /* ---- server: handlers --------------------------------------------------------- */
 
 static void on_register(ar_rpc *rpc, void *user)
@@ -238,9 +258,12 @@ static void on_register(ar_rpc *rpc, void *user)
     p.cores = (int)req->profile->cores;
     p.price_per_tflop = req->profile->price_per_tflop;
     int64_t id;
-    int rc = ar_rules_register_provider(m->store, &p, &id);
+    ar_reach reach = AR_REACH_UNCHECKED;
+    /* where renters will be sent, how many providers the account has, and
+     * whether the market reaches the worker: the rules' */
+    int rc = ar_rules_admit_provider(m->store, &m->policy, &p, &id, &reach);
     if (rc != AR_OK) {
-        store_error(rpc, rc);
+        rule_error(rpc, rc, rc == AR_EINVAL || rc == AR_ELIMIT ? "RegisterProvider" : NULL);
         goto out;
     }
     Arceus__RegisterProviderReply r = ARCEUS__REGISTER_PROVIDER_REPLY__INIT;
@@ -275,6 +298,10 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
     }
     if (rc == AR_OK)
         rc = ar_store_provider_heartbeat(m->store, req->provider_id);
+    /* a provider the market could not reach is checked again as it beats
+     * (its own call waits for the check, no one else's) */
+    if (rc == AR_OK && !ar_rules_leasable(&m->policy, &p) && ar_rules_reach_due(&p, (int64_t)time(NULL)))
+        rc = ar_rules_check_reach(m->store, &m->policy, &p);
     if (rc == AR_ENOTFOUND) {
         ar_rpc_finish(rpc, AR_STATUS_NOT_FOUND, "no provider %lld (register first)",
                       (long long)req->provider_id);
@@ -337,6 +364,7 @@ static void on_list_providers(ar_rpc *rpc, void *user)
         pi.reliability = ps[i].reliability;
         pi.online = ps[i].online;
         pi.last_heartbeat = ps[i].last_heartbeat;
+        pi.reach = (char *)ar_reach_name(ps[i].reach);
         infos[i] = pi;
     }
     Arceus__ListProvidersReply r = ARCEUS__LIST_PROVIDERS_REPLY__INIT;
@@ -485,6 +513,7 @@ static void leased_msg(const ar_market_leased *l, Arceus__ProviderProfile *pp, A
     x.profile = pp;
     x.reliability = l->p.reliability;
     x.flops_per_step = l->flops_per_step;
+    x.ticket = (char *)l->ticket;
     *out = x;
 }
 
@@ -522,7 +551,7 @@ static void on_acquire(ar_rpc *rpc, void *user)
                                  .flops_per_step = req->flops_per_step, .min_mem_bytes = (int64_t)req->min_mem_bytes,
                                  .resume_job = req->resume_job_id, .kept_steps = req->kept_steps};
     bool too_few = false;
-    int rc = ar_rules_acquire(m->store, renter, &q, lease, &too_few);
+    int rc = ar_rules_acquire(m->store, &m->policy, renter, &q, lease, &too_few);
     if (rc != AR_OK) {
         if (too_few)
             ar_rpc_finish(rpc, AR_STATUS_RESOURCE_EXHAUSTED, "%s", ar_last_error());
@@ -639,7 +668,8 @@ static void on_replace(ar_rpc *rpc, void *user)
         goto out;
     }
     ar_market_replacement done;
-    int rc = ar_rules_replace(m->store, &lease, req->lost_provider_id, req->kept_steps, req->reason, &done);
+    int rc = ar_rules_replace(m->store, &m->policy, &lease, req->lease_token, req->lost_provider_id,
+                              req->kept_steps, req->reason, &done);
     if (rc != AR_OK) {
         rule_error(rpc, rc, rc == AR_EINVAL || rc == AR_ELIMIT ? "ReplaceProvider" : NULL);
         goto out;
@@ -770,9 +800,8 @@ static void on_check_lease(ar_rpc *rpc, void *user)
         return;
     int64_t account;
     ar_provider p;
-    ar_lease lease;
-    ar_lease_member *mem = NULL;
-    size_t nm = 0;
+    ar_market_ticket_check *got = NULL;
+    char *addrs[AR_MARKET_MAX_DEVICES];
     if (authenticate(m, rpc, req->token, &account) != 0)
         goto out;
     int rc = ar_store_provider_get(m->store, req->provider_id, &p);
@@ -785,35 +814,41 @@ static void on_check_lease(ar_rpc *rpc, void *user)
         store_error(rpc, rc);
         goto out;
     }
-    if (!token_hex(req->lease_token)) {
-        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED, "malformed lease token");
+    /* (the words "lease token" stay in these messages: the ticket is what a
+     * provider's Load carries in place of the lease token older drivers
+     * sent) */
+    if (!token_hex(req->ticket)) {
+        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED,
+                      "malformed lease token: a provider's ticket is %d hex characters", AR_TOKEN_LEN - 1);
         goto out;
     }
-    rc = ar_store_lease_auth(m->store, req->lease_token, &lease);
-    if (rc == AR_ENOTFOUND) {
-        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED, "unknown or released lease token");
+    if (!(got = calloc(1, sizeof *got))) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
         goto out;
     }
-    if (rc == AR_OK)
-        rc = ar_store_lease_members(m->store, lease.id, &mem, &nm);
+    rc = ar_rules_check_ticket(m->store, req->provider_id, req->ticket, got);
+    if (rc == AR_ENOTFOUND || rc == AR_EINVAL) {
+        ar_log(AR_LOG_WARN, "market: provider %lld's ticket refused: %s", (long long)req->provider_id,
+               ar_last_error());
+        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED, "%s: %s",
+                      rc == AR_ENOTFOUND ? "unknown or released lease token" : "not this provider's lease token",
+                      ar_last_error());
+        goto out;
+    }
     if (rc != AR_OK) {
         store_error(rpc, rc);
         goto out;
     }
-    bool member = false;
-    for (size_t i = 0; i < nm; i++)
-        member = member || mem[i].provider_id == req->provider_id;
-    if (!member) {
-        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED, "lease %lld does not include provider %lld",
-                      (long long)lease.id, (long long)req->provider_id);
-        goto out;
-    }
+    for (size_t i = 0; i < got->n; i++)
+        addrs[i] = got->addresses[i];
     Arceus__CheckLeaseReply r = ARCEUS__CHECK_LEASE_REPLY__INIT;
-    r.job_id = lease.job_id;
-    r.lease_id = lease.id;
+    r.job_id = got->lease.job_id;
+    r.lease_id = got->lease.id;
+    r.n_member_addresses = got->n;
+    r.member_addresses = addrs;
     net_rpc_reply(rpc, &r.base);
 out:
-    ar_free(mem);
+    free(got);
     arceus__check_lease_request__free_unpacked(req, NULL);
 }
 
@@ -992,12 +1027,24 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
         return ar_fail(AR_EINVAL, "the market needs a listen address and a database path");
     if (c->offline_after_s < 0 || c->offline_after_s > 86400)
         return ar_fail(AR_EINVAL, "offline-after %d s out of range 1..86400", c->offline_after_s);
+    if (c->max_providers_per_account < 0 || c->max_providers_per_account > AR_MARKET_MAX_PROVIDERS_LIMIT)
+        return ar_fail(AR_EINVAL, "max providers per account %d out of range 1..%d", c->max_providers_per_account,
+                       AR_MARKET_MAX_PROVIDERS_LIMIT);
+    if (!(c->reach_timeout_s <= 60))
+        return ar_fail(AR_EINVAL, "reach timeout %g s out of range (at most 60)", c->reach_timeout_s);
     ar_market *m = calloc(1, sizeof *m);
     if (!m)
         return ar_fail(AR_ENOMEM, "out of memory");
     pthread_mutex_init(&m->mu, NULL);
     pthread_cond_init(&m->cv, NULL);
     m->offline_after_s = c->offline_after_s > 0 ? c->offline_after_s : AR_MARKET_DEFAULT_OFFLINE_AFTER_S;
+    m->reach_timeout_s = c->reach_timeout_s > 0 ? c->reach_timeout_s : AR_MARKET_DEFAULT_REACH_TIMEOUT_S;
+    /* a market on loopback serves this machine only (tests, the demo): its
+     * providers' workers are on loopback too */
+    m->policy = (ar_market_policy){.max_providers_per_account = c->max_providers_per_account,
+                                   .allow_loopback = ar_rules_host_is_loopback(c->listen),
+                                   .probe = c->reach_timeout_s < 0 ? NULL : reach_probe,
+                                   .probe_ctx = &m->reach_timeout_s};
     int rc = ar_store_open(c->db_path, &m->store);
     if (rc != AR_OK) {
         ar_market_stop(m);

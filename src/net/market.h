@@ -21,6 +21,9 @@
 #define AR_STATUS_UNAUTHENTICATED 16
 
 #define AR_MARKET_DEFAULT_OFFLINE_AFTER_S 15
+/* short: a worker answers Hello on its own thread, even mid-step */
+#define AR_MARKET_DEFAULT_REACH_TIMEOUT_S 2.0
+#define AR_MARKET_MAX_PROVIDERS_LIMIT 1000000
 /* Request limits (checked by the server; the client does not pre-check). */
 #define AR_MARKET_MAX_GFLOPS 1e9             /* 1 EFLOP/s per provider */
 #define AR_MARKET_MAX_MEM ((int64_t)1 << 52) /* 4 PiB */
@@ -33,6 +36,16 @@ typedef struct {
     const char *listen;  /* HOST:PORT; port 0 picks a free one */
     const char *db_path; /* SQLite file, created if missing */
     int offline_after_s; /* 0: AR_MARKET_DEFAULT_OFFLINE_AFTER_S */
+    /* providers one account may register; 0: AR_MARKET_DEFAULT_MAX_PROVIDERS */
+    int max_providers_per_account;
+    /* The market checks that it reaches a provider's worker (a Hello within
+     * this many seconds) before leasing it: at its registration, at its
+     * heartbeats and when a lease considers it (market/rules.h). 0:
+     * AR_MARKET_DEFAULT_REACH_TIMEOUT_S; below 0: no checks (a market that
+     * cannot reach its providers' network), every provider leasable. A
+     * market listening on loopback lets its providers' workers be on
+     * loopback (they are refused otherwise). */
+    double reach_timeout_s;
 } ar_market_config;
 
 typedef struct ar_market ar_market;
@@ -112,10 +125,18 @@ int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provid
 /* status_name: "done", "failed" or "cancelled"; steps: completed steps. */
 int ar_market_release(ar_client *c, const char *lease_token, const char *status_name,
                       int64_t steps, int64_t *spent, int *status);
-/* AR_OK when the lease is live and includes provider_id (owned by the
- * account of `token`); AR_EPROTO with the market's reason otherwise. */
-int ar_market_check_lease(ar_client *c, const char *token, const char *lease_token,
-                          int64_t provider_id, int64_t *job_id, int *status);
+/* The addresses of a lease's members, as CheckLease answers them. */
+typedef struct {
+    size_t n;
+    char addresses[AR_MARKET_MAX_DEVICES][AR_ADDR_MAX];
+} ar_market_members;
+
+/* AR_OK when `ticket` is provider_id's (owned by the account of `token`)
+ * for a live lease that still includes it; AR_EPROTO with the market's
+ * reason otherwise. members (may be NULL) gets the lease's member
+ * addresses. */
+int ar_market_check_lease(ar_client *c, const char *token, const char *ticket, int64_t provider_id,
+                          int64_t *job_id, ar_market_members *members, int *status);
 
 /* ---- progress for the dashboard ------------------------------------------------ */
 

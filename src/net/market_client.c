@@ -117,6 +117,9 @@ int ar_market_providers(ar_client *c, const char *token, bool include_offline,
         q->p.reliability = pi->reliability;
         q->p.online = pi->online;
         q->p.last_heartbeat = pi->last_heartbeat;
+        q->p.reach = !strcmp(pi->reach, "reachable")     ? AR_REACH_OK
+                     : !strcmp(pi->reach, "unreachable") ? AR_REACH_UNREACHABLE
+                                                         : AR_REACH_UNCHECKED;
     }
     *out = ps;
     *n = r->n_providers;
@@ -187,6 +190,7 @@ static void leased_from(const Arceus__LeasedProvider *l, ar_market_leased *q)
     q->p.reliability = l->reliability;
     q->p.online = true;
     q->flops_per_step = l->flops_per_step;
+    snprintf(q->ticket, sizeof q->ticket, "%s", l->ticket);
 }
 
 int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_request *q,
@@ -316,20 +320,31 @@ int ar_market_release(ar_client *c, const char *lease_token, const char *status_
     return AR_OK;
 }
 
-int ar_market_check_lease(ar_client *c, const char *token, const char *lease_token,
-                          int64_t provider_id, int64_t *job_id, int *status)
+int ar_market_check_lease(ar_client *c, const char *token, const char *ticket, int64_t provider_id,
+                          int64_t *job_id, ar_market_members *members, int *status)
 {
     Arceus__CheckLeaseRequest req = ARCEUS__CHECK_LEASE_REQUEST__INIT;
     req.token = (char *)token;
-    req.lease_token = (char *)lease_token;
+    req.ticket = (char *)ticket;
     req.provider_id = provider_id;
     ProtobufCMessage *rep;
     int rc = call(c, "/arceus.Market/CheckLease", &req.base, &arceus__check_lease_reply__descriptor, &rep,
                   status);
     if (rc != AR_OK)
         return rc;
+    const Arceus__CheckLeaseReply *r = (const Arceus__CheckLeaseReply *)rep;
+    if (r->n_member_addresses > AR_MARKET_MAX_DEVICES) {
+        protobuf_c_message_free_unpacked(rep, NULL);
+        return ar_fail(AR_EPROTO, "market %s: CheckLease names %zu members (at most %d)", ar_client_addr(c),
+                       r->n_member_addresses, AR_MARKET_MAX_DEVICES);
+    }
     if (job_id)
-        *job_id = ((Arceus__CheckLeaseReply *)rep)->job_id;
+        *job_id = r->job_id;
+    if (members) {
+        members->n = r->n_member_addresses;
+        for (size_t i = 0; i < members->n; i++)
+            snprintf(members->addresses[i], sizeof members->addresses[i], "%s", r->member_addresses[i]);
+    }
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;
 }

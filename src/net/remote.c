@@ -98,7 +98,7 @@ int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params, char s
     req.optimizer = &oc;
     req.next_worker = (char *)(a->next_worker ? a->next_worker : "");
     req.threads = (uint32_t)(a->threads > 0 ? a->threads : 0);
-    req.lease_token = (char *)(a->lease_token ? a->lease_token : "");
+    req.ticket = (char *)(a->ticket ? a->ticket : "");
     req.next_session = (char *)(a->next_session ? a->next_session : "");
     /* the members' shares: heads (GPT) and hidden units of every shard */
     Arceus__TpShare shares[AR_PLAN_MAX_GROUP], *share_ptrs[AR_PLAN_MAX_GROUP];

@@ -32,6 +32,10 @@ typedef struct {
     const char *market;       /* HOST:PORT */
     const char *market_token;
     int64_t provider_id;
+    /* A provider's worker started before its provider is registered (its
+     * address must be known first): every Load is refused (UNAVAILABLE)
+     * until ar_worker_require_lease gives it its market and provider id. */
+    int provider;
     /* A worker of one's own (no market): every Load must carry this secret
      * (arceus train --worker-token), of AR_WORKER_MIN_TOKEN to 255
      * characters. NULL: Loads need no token. */
@@ -116,7 +120,9 @@ typedef struct {
     ar_optim_config optim;
     const char *next_worker; /* NULL or "" for the last stage */
     int threads;
-    const char *lease_token; /* NULL or "": none (a plain worker) */
+    /* the Load's authorization (LoadRequest.ticket): a leased provider's
+     * ticket, or a worker's own --token secret; NULL or "": none */
+    const char *ticket;
     /* tensor parallelism: role AR_LOAD_LEADER sends every member's share of
      * the layout (addresses[k]: member k's worker; member 0 is the leader
      * itself), AR_LOAD_RANK sends member `member`'s share */

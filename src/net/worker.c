@@ -84,6 +84,7 @@ struct ar_worker {
     pthread_cond_t wake;
     pthread_t reaper;
     int reaper_started;
+    int provider;         /* a provider's worker: no Load until it has its market */
     /* clients replaced by a later ar_worker_require_lease: a Load may still
      * be asking the market through one, so they are closed at stop only */
     ar_client **retired;
@@ -158,52 +159,97 @@ static int token_matches(const char *secret, const char *given)
     return CRYPTO_memcmp(a, b, sizeof a) == 0;
 }
 
-/* A provider's worker serves leases only: the Load's lease token must be
- * live and include this provider (the market says). 0, or -1 with the
- * status sent. */
-static int check_lease(ar_worker *w, ar_rpc *rpc, const char *lease_token)
+/* A provider's worker sends a lease's activations only to the lease's
+ * members: the Load's next_worker and its tensor-parallel members'
+ * addresses must be among those the market gave for the lease (CheckLease),
+ * so a Load cannot point the worker at any other address. 0, or -1 with
+ * the status sent. */
+static int check_peers(ar_worker *w, ar_rpc *rpc, const Arceus__LoadRequest *req, const ar_market_members *mem)
 {
+    size_t n_tp = req->n_tp_group;
+    for (size_t k = 0; k <= n_tp; k++) {
+        const char *peer = k == 0 ? req->next_worker : req->tp_group[k - 1] ? req->tp_group[k - 1]->address : "";
+        if (!peer[0])
+            continue;
+        int member = 0;
+        for (size_t i = 0; i < mem->n && !member; i++)
+            member = strcmp(mem->addresses[i], peer) == 0;
+        if (member)
+            continue;
+        ar_log(AR_LOG_WARN, "%s: Load from %s names %s, not a member of its lease: refused", w->name,
+               ar_rpc_peer(rpc), peer);
+        ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED,
+                      "worker %s: %s %.255s is not a member of the lease: a provider's worker sends to its "
+                      "lease's members only", w->name, k == 0 ? "next_worker" : "tensor-parallel member", peer);
+        return -1;
+    }
+    return 0;
+}
+
+/* A provider's worker serves leases only: the Load's ticket must be this
+ * provider's for a live lease (the market says), and the Load must send
+ * only to the lease's members (check_peers). A provider's worker refuses
+ * every Load until it knows its market and provider id. 0, or -1 with the
+ * status sent. */
+static int check_lease(ar_worker *w, ar_rpc *rpc, const Arceus__LoadRequest *req)
+{
+    const char *ticket = req->ticket;
     pthread_mutex_lock(&w->mu);
     ar_client *market = w->market;
     char token[AR_TOKEN_LEN];
     memcpy(token, w->market_token, sizeof token);
     int64_t provider = w->provider_id;
     pthread_mutex_unlock(&w->mu);
+    if (!market && w->provider) {
+        ar_log(AR_LOG_WARN, "%s: Load from %s before the provider is registered: refused", w->name,
+               ar_rpc_peer(rpc));
+        ar_rpc_finish(rpc, AR_STATUS_UNAVAILABLE,
+                      "worker %s serves market leases only, and its provider is not registered with its "
+                      "market yet: Load again later", w->name);
+        return -1;
+    }
     if (!market && !w->load_token[0])
         return 0;
     if (ar_rpc_auth_refused(rpc))
         return -1;
     if (!market) {
-        if (token_matches(w->load_token, lease_token ? lease_token : ""))
+        if (token_matches(w->load_token, ticket ? ticket : ""))
             return 0;
         ar_rpc_auth_failed(rpc, "with a wrong or missing worker token");
         ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED,
                       "worker %s needs its token: arceus train --worker-token T", w->name);
         return -1;
     }
-    if (!lease_token || !lease_token[0]) {
-        ar_rpc_auth_failed(rpc, "without a lease token");
+    if (!ticket || !ticket[0]) {
+        ar_rpc_auth_failed(rpc, "without a ticket");
         ar_rpc_finish(rpc, AR_STATUS_UNAUTHENTICATED,
-                      "worker %s serves market leases only: Load needs the lease token "
-                      "(arceus train --market HOST:PORT --token T)", w->name);
+                      "worker %s serves market leases only: Load needs the lease token for this provider, its "
+                      "ticket from the market (arceus train --market HOST:PORT --token T)", w->name);
         return -1;
     }
-    int status = 0;
+    int status = 0, rc = 0;
     int64_t job = 0;
-    if (ar_market_check_lease(market, token, lease_token, provider, &job, &status) != AR_OK) {
+    ar_market_members *mem = calloc(1, sizeof *mem);
+    if (!mem) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+        return -1;
+    }
+    if (ar_market_check_lease(market, token, ticket, provider, &job, mem, &status) != AR_OK) {
         int refused = status == AR_STATUS_PERMISSION_DENIED || status == AR_STATUS_UNAUTHENTICATED;
         char why[600];
         snprintf(why, sizeof why, "%s", ar_last_error());
         if (refused)
-            ar_rpc_auth_failed(rpc, "with a lease the market refused");
+            ar_rpc_auth_failed(rpc, "with a ticket the market refused");
         else
             ar_log(AR_LOG_WARN, "%s: lease not checked: %s", w->name, why);
         ar_rpc_finish(rpc, refused ? AR_STATUS_UNAUTHENTICATED : AR_STATUS_UNAVAILABLE,
                       "lease not accepted by worker %s: %s", w->name, why);
-        return -1;
+        rc = -1;
+    } else if ((rc = check_peers(w, rpc, req, mem)) == 0) {
+        ar_log(AR_LOG_INFO, "%s: lease of job %lld accepted", w->name, (long long)job);
     }
-    ar_log(AR_LOG_INFO, "%s: lease of job %lld accepted", w->name, (long long)job);
-    return 0;
+    free(mem);
+    return rc;
 }
 
 /* Save, Restore and Pipe: the stage must be loaded and `given` its session.
@@ -347,8 +393,8 @@ int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_sp
     if (spec_len > AR_LOAD_MAX_SPEC_BYTES)
         return ar_fail(AR_EINVAL, "Load spec_json of %zu bytes: the limit is %u", spec_len,
                        AR_LOAD_MAX_SPEC_BYTES);
-    if (strlen(req->next_worker) > 255 || strlen(req->lease_token) > 255)
-        return ar_fail(AR_EINVAL, "Load next_worker or lease_token longer than 255 characters");
+    if (strlen(req->next_worker) > 255 || strlen(req->ticket) > 255)
+        return ar_fail(AR_EINVAL, "Load next_worker or ticket longer than 255 characters");
     if (strlen(req->next_session) > AR_SESSION_HEX)
         return ar_fail(AR_EINVAL, "Load next_session longer than %d characters", AR_SESSION_HEX);
     for (size_t k = 0; k < req->n_tp_group; k++)
@@ -498,7 +544,7 @@ static void on_load(ar_rpc *rpc, void *user)
     free(data);
     if (!req)
         return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed LoadRequest");
-    if (check_lease(w, rpc, req->lease_token) != 0) {
+    if (check_lease(w, rpc, req) != 0) {
         arceus__load_request__free_unpacked(req, NULL);
         return;
     }
@@ -1049,6 +1095,7 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     snprintf(w->name, sizeof w->name, "%.*s:%d", hl, c->listen, port);
     if (c->load_token)
         snprintf(w->load_token, sizeof w->load_token, "%s", c->load_token);
+    w->provider = c->provider;
     if (c->market && (rc = ar_worker_require_lease(w, c->market, c->market_token, c->provider_id)) != AR_OK) {
         ar_worker_stop(w);
         return rc;

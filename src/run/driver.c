@@ -427,9 +427,11 @@ static int setup_remote(run *r, const ar_train_state *resume, const char *resume
     char addrs[64][128];
     int keep[64] = {0};
     int64_t pids[64], prices[64];
+    char tickets[64][AR_TOKEN_LEN];
     device_offer offers[64];
     for (int i = 0; i < r->plan.nstages; i++) {
         pids[i] = r->provider_ids[r->plan.device[i]];
+        memcpy(tickets[i], r->tickets[r->plan.device[i]], sizeof tickets[i]);
         prices[i] = r->prices[r->plan.device[i]];
         offers[i] = r->offers[r->plan.device[i]];
         used[i] = r->clients[r->plan.device[i]];
@@ -454,6 +456,7 @@ static int setup_remote(run *r, const ar_train_state *resume, const char *resume
         r->clients[i] = used[i];
         memcpy(r->addrs[i], addrs[i], sizeof addrs[i]);
         r->provider_ids[i] = pids[i];
+        memcpy(r->tickets[i], tickets[i], sizeof tickets[i]);
         r->prices[i] = prices[i];
         r->offers[i] = offers[i];
     }
@@ -504,7 +507,7 @@ static int setup_remote(run *r, const ar_train_state *resume, const char *resume
                           .index = i, .count = r->S, .seed = c->seed, .optim = *oc,
                           .next_worker = i + 1 < r->S ? r->addrs[i + 1] : NULL,
                           .next_session = i + 1 < r->S ? ar_remote_stage_session(&r->groups[i + 1]) : NULL,
-                          .lease_token = r->leased ? r->lease.token : c->worker_token};
+                          .ticket = r->leased ? r->tickets[i] : c->worker_token};
         if ((rc = ar_remote_stage_load(&r->groups[i], &a)) != AR_OK)
             return rc;
         if (resume && (rc = ar_remote_stage_restore(&r->groups[i], &r->shadows[i])) != AR_OK)

@@ -91,6 +91,9 @@ typedef struct {
     ar_market_lease lease;
     int leased;
     int64_t provider_ids[64], prices[64], stage_flops[64];
+    /* each stage's ticket from the market: its own Load's, given to no one
+     * else (the lease token stays here: it pays) */
+    char tickets[64][AR_TOKEN_LEN];
     int64_t step_cost;
     long steps_done;
     int budget_stop; /* ended by --max-credits: the job is cancelled, not failed */

@@ -37,6 +37,17 @@ int driver_price_stages(run *r)
     return rc;
 }
 
+/* A leased provider's address, as the market gave it: the driver dials it,
+ * so it must be one the market itself would admit (market/rules.h), whoever
+ * answers for the market. */
+static int check_leased_address(const run *r, const ar_market_leased *l)
+{
+    char why[300];
+    if (ar_rules_check_address(l->p.address, ar_rules_host_is_loopback(r->c->market), why, sizeof why) != AR_OK)
+        return ar_fail(AR_EPROTO, "market %s: provider %lld: %s", r->c->market, (long long)l->p.id, why);
+    return AR_OK;
+}
+
 /* Ask the market for c->devices providers; their addresses become the
  * workers. Printed before the plan: who, at what price, the estimate. */
 int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
@@ -88,8 +99,11 @@ int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
         if (n == 0 || n >= sizeof r->addrs[i])
             return ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters",
                            c->market, (long long)l->p.id, n);
+        if ((rc = check_leased_address(r, l)) != AR_OK)
+            return rc;
         memcpy(r->addrs[i], l->p.address, n + 1); /* (snprintf trips gcc's restrict check here) */
         r->provider_ids[i] = l->p.id;
+        memcpy(r->tickets[i], l->ticket, sizeof r->tickets[i]);
         r->prices[i] = l->p.price_per_tflop;
         r->offers[i].gflops = l->p.gflops;
         r->offers[i].mem_bytes = (double)l->p.mem_bytes;
@@ -270,8 +284,11 @@ int driver_replace_from_market(run *r, int i, long kept, const char *why, int *f
     if (n == 0 || n >= sizeof r->addrs[i])
         return ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters", r->c->market,
                        (long long)got.p.id, n);
+    if ((rc = check_leased_address(r, &got)) != AR_OK)
+        return rc;
     memcpy(r->addrs[i], got.p.address, n + 1);
     r->provider_ids[i] = got.p.id;
+    memcpy(r->tickets[i], got.ticket, sizeof r->tickets[i]);
     r->prices[i] = got.p.price_per_tflop;
     r->offers[i] = (device_offer){.gflops = got.p.gflops, .mem_bytes = (double)got.p.mem_bytes, .known = 1};
     if (!r->c->quiet)

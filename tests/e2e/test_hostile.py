@@ -23,7 +23,7 @@ import threading
 import pytest
 
 from conftest import REPO
-from test_market import profile, register
+from test_market import NO_WORKER_CHECKS, profile, register
 from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, replace, usage, varint
 from test_workers import MLP_SPEC, frame, hello_request, load_session, pipe, unary, with_session
 
@@ -430,7 +430,7 @@ def test_market_table(add_account, market, tmp_path):
     db = tmp_path / "market.db"
     token = add_account(db, "alice", "100")
     other = add_account(db, "bob", "100")
-    m = market(db)
+    m = market(db, *NO_WORKER_CHECKS)
     pid, _ = register(m.addr, token, "127.0.0.1:5001")
     with grpc.insecure_channel(m.addr) as ch:
         call = lambda method, req: ch.unary_unary(f"/arceus.Market/{method}")(req, timeout=30)  # noqa: E731

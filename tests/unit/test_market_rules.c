@@ -217,7 +217,7 @@ Test(market_rules, acquire_leases_the_best_free_providers_and_creates_the_job)
     ar_market_lease_request q = ask(2, 10, 4 * TF);
     ar_market_lease got;
     bool too_few = true;
-    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
     cr_assert_not(too_few);
     cr_assert_eq(got.n, 2);
     cr_assert_eq(got.providers[0].p.id, fast);
@@ -240,13 +240,13 @@ Test(market_rules, acquire_leases_the_best_free_providers_and_creates_the_job)
 
     /* the next renter gets what is still free: one provider, not two */
     q.devices = 2;
-    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_ELIMIT);
     cr_assert(too_few);
     cr_assert(strstr(ar_last_error(), "2 providers asked for, 1 online and free, 2 more leased to other jobs"),
               "%s", ar_last_error());
     q.devices = 1;
     q.est_steps = 1; /* 4 TFLOPs at 5 credits: 20 credits a step */
-    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
     cr_assert_eq(got.providers[0].p.id, dear);
     cr_assert_eq(got.estimate, AR_CREDITS(20));
     cr_assert_eq(got.providers[0].flops_per_step, 4 * TF);
@@ -266,7 +266,7 @@ Test(market_rules, acquire_refuses_too_few_providers_with_enough_memory)
     q.min_mem_bytes = 4 * G;
     ar_market_lease got;
     bool too_few = false;
-    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_ELIMIT);
     cr_assert(too_few);
     cr_assert(strstr(ar_last_error(), "2 providers asked for, 1 online with enough memory"), "%s", ar_last_error());
     ar_job *jobs = NULL;
@@ -276,7 +276,7 @@ Test(market_rules, acquire_refuses_too_few_providers_with_enough_memory)
     ar_store_jobs_free(jobs, n);
     /* one device fits the one big provider */
     q.devices = 1;
-    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
     cr_assert_eq(got.providers[0].p.id, big);
     ar_store_close(s);
 }
@@ -290,14 +290,14 @@ Test(market_rules, acquire_refuses_a_budget_or_cap_below_the_estimate_and_cancel
     ar_market_lease_request q = ask(1, 20, TF); /* 20 credits */
     ar_market_lease got;
     bool too_few = true;
-    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_ELIMIT);
     cr_assert_not(too_few);
     cr_assert(strstr(ar_last_error(), "estimated cost 20.000000 credits"), "%s", ar_last_error());
     cr_assert(strstr(ar_last_error(), "balance of 15.000000"), "%s", ar_last_error());
     /* a cap below the estimate, however rich the renter */
     q.est_steps = 10;
     q.max_credits = AR_CREDITS(5);
-    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_ELIMIT);
     cr_assert_not(too_few);
     cr_assert(strstr(ar_last_error(), "exceeds max credits 5.000000"), "%s", ar_last_error());
     /* both refused jobs stay on record, cancelled, with nothing spent; the
@@ -344,7 +344,7 @@ static void lease_two(two_stages *t, int64_t credits, int64_t max_credits)
     ar_market_lease_request q = ask(2, 1, 2 * TF);
     q.max_credits = max_credits;
     bool too_few;
-    cr_assert_eq(ar_rules_acquire(t->s, t->renter, &q, &t->lease, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_acquire(t->s, NULL, t->renter, &q, &t->lease, &too_few), AR_OK, "%s", ar_last_error());
     cr_assert_eq(t->lease.providers[0].p.id, t->a);
     cr_assert_eq(t->lease.providers[1].p.id, t->b);
 }
@@ -476,7 +476,7 @@ Test(market_rules, a_lost_member_is_replaced_its_unkept_steps_reversed_and_asked
 
     /* b is lost; the checkpoint kept 4 steps: steps 4 and 5 of both stages are unpaid */
     ar_market_replacement r;
-    cr_assert_eq(ar_rules_replace(t.s, &l, t.b, 4, "stopped answering", &r), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, t.b, 4, "stopped answering", &r), AR_OK, "%s", ar_last_error());
     cr_assert(r.found);
     cr_assert_not(r.again);
     cr_assert_eq(r.replacement.p.id, t.spare);
@@ -502,7 +502,7 @@ Test(market_rules, a_lost_member_is_replaced_its_unkept_steps_reversed_and_asked
     /* the same question again (its answer was lost): the same answer, nothing twice */
     size_t rows = ledger_rows(t.s);
     ar_market_replacement again;
-    cr_assert_eq(ar_rules_replace(t.s, &l, t.b, 4, "stopped answering", &again), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, t.b, 4, "stopped answering", &again), AR_OK, "%s", ar_last_error());
     cr_assert(again.again);
     cr_assert(again.found);
     cr_assert_eq(again.replacement.p.id, r.replacement.p.id);
@@ -513,9 +513,9 @@ Test(market_rules, a_lost_member_is_replaced_its_unkept_steps_reversed_and_asked
     cr_assert_eq(ledger_rows(t.s), rows);
     cr_assert_float_eq(provider(t.s, t.b).reliability, lost.reliability, 1e-12);
     /* another checkpoint, or a provider never in the lease: refused */
-    cr_assert_eq(ar_rules_replace(t.s, &l, t.b, 3, NULL, &again), AR_EINVAL);
+    cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, t.b, 3, NULL, &again), AR_EINVAL);
     cr_assert(strstr(ar_last_error(), "not in the lease"), "%s", ar_last_error());
-    cr_assert_eq(ar_rules_replace(t.s, &l, 999, 4, NULL, &again), AR_EINVAL);
+    cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, 999, 4, NULL, &again), AR_EINVAL);
 
     /* the replacement's redo of step 4 is paid to it, at its price */
     ar_stage_usage u[2] = {{0, t.a, TF}, {1, t.spare, TF}};
@@ -533,7 +533,7 @@ Test(market_rules, a_lost_member_with_no_free_provider_leaves_its_place_empty)
     cr_assert_eq(ar_store_provider_mark_offline(t.s, t.spare), AR_OK);
     ar_lease l = lease_of(t.s, t.lease.lease_id);
     ar_market_replacement r;
-    cr_assert_eq(ar_rules_replace(t.s, &l, t.a, 0, NULL, &r), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, t.a, 0, NULL, &r), AR_OK, "%s", ar_last_error());
     cr_assert_not(r.found);
     cr_assert_eq(r.reversed, 0);
     ar_lease_member *mem = NULL;
@@ -543,7 +543,7 @@ Test(market_rules, a_lost_member_with_no_free_provider_leaves_its_place_empty)
     cr_assert_eq(mem[0].provider_id, t.b);
     ar_free(mem);
     /* asked again: still no replacement, nothing done twice */
-    cr_assert_eq(ar_rules_replace(t.s, &l, t.a, 0, NULL, &r), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, t.a, 0, NULL, &r), AR_OK, "%s", ar_last_error());
     cr_assert(r.again);
     cr_assert_not(r.found);
     ar_store_close(t.s);
@@ -561,7 +561,7 @@ Test(market_rules, a_resume_without_enough_providers_marks_the_job_failed_at_its
     q.kept_steps = 2;
     ar_market_lease got;
     bool too_few = false;
-    cr_assert_eq(ar_rules_acquire(t.s, t.renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert_eq(ar_rules_acquire(t.s, NULL, t.renter, &q, &got, &too_few), AR_ELIMIT);
     cr_assert(too_few);
     cr_assert(strstr(ar_last_error(), "4 providers asked for"), "%s", ar_last_error());
     ar_job j = job_of(t.s, t.lease.job_id);
@@ -570,14 +570,14 @@ Test(market_rules, a_resume_without_enough_providers_marks_the_job_failed_at_its
     cr_assert_eq(j.spent, AR_CREDITS(4)); /* step 2 was not kept: unpaid */
     /* resumed again with what is free, it runs from its checkpoint */
     q.devices = 2;
-    cr_assert_eq(ar_rules_acquire(t.s, t.renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_acquire(t.s, NULL, t.renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
     cr_assert_eq(got.job_id, t.lease.job_id);
     j = job_of(t.s, t.lease.job_id);
     cr_assert_eq(j.status, AR_JOB_RUNNING);
     cr_assert_eq(j.step, 2);
     /* another renter's job cannot be resumed */
     int64_t other = new_account(t.s, "other", AR_CREDITS(100));
-    cr_assert_eq(ar_rules_acquire(t.s, other, &q, &got, &too_few), AR_ENOTFOUND);
+    cr_assert_eq(ar_rules_acquire(t.s, NULL, other, &q, &got, &too_few), AR_ENOTFOUND);
     cr_assert_not(too_few);
     assert_books(t.s);
     ar_store_close(t.s);
@@ -616,10 +616,10 @@ Test(market_rules, a_registration_again_keeps_the_markets_record_of_reliability)
     ar_market_lease got;
     bool too_few;
     ar_market_lease_request q = ask(1, 1, TF);
-    cr_assert_eq(ar_rules_acquire(s, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
     ar_lease l = lease_of(s, got.lease_id);
     ar_market_replacement r;
-    cr_assert_eq(ar_rules_replace(s, &l, id, 0, NULL, &r), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_replace(s, NULL, &l, NULL, id, 0, NULL, &r), AR_OK, "%s", ar_last_error());
     /* back with a new profile at the same address: same id, reliability kept */
     int64_t again = new_provider(s, owner, 5001, 200, (int64_t)1 << 30, AR_CREDITS(2));
     cr_assert_eq(again, id);
@@ -743,4 +743,307 @@ Test(market_rules, cost_is_flops_times_price_rounded_to_a_micro_credit)
     cr_assert_eq(c, 1);
     cr_assert_eq(ar_flops_cost(1, -1, &c), AR_EINVAL);
     cr_assert_eq(ar_flops_cost(INT64_MAX, INT64_MAX, &c), AR_ELIMIT);
+}
+
+/* ---- tickets --------------------------------------------------------------------------- */
+
+Test(market_rules, each_member_gets_its_own_ticket_which_opens_nothing_else)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    const char *ta = t.lease.providers[0].ticket, *tb = t.lease.providers[1].ticket;
+    cr_assert_eq(strlen(ta), AR_TOKEN_LEN - 1);
+    cr_assert_eq(strlen(tb), AR_TOKEN_LEN - 1);
+    cr_assert_str_neq(ta, tb);
+    cr_assert_str_neq(ta, t.lease.token);
+    /* each opens its own provider's worker, with the lease's member addresses */
+    ar_market_ticket_check got;
+    cr_assert_eq(ar_rules_check_ticket(t.s, t.a, ta, &got), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(got.lease.id, t.lease.lease_id);
+    cr_assert_eq(got.lease.job_id, t.lease.job_id);
+    cr_assert_eq(got.n, 2);
+    cr_assert_str_eq(got.addresses[0], "127.0.0.1:5001");
+    cr_assert_str_eq(got.addresses[1], "127.0.0.1:5002");
+    /* not the other provider's */
+    cr_assert_eq(ar_rules_check_ticket(t.s, t.b, ta, &got), AR_EINVAL);
+    cr_assert_eq(ar_rules_check_ticket(t.s, t.a, tb, &got), AR_EINVAL);
+    /* the lease token is no ticket, and a ticket is no lease token: it moves no money */
+    cr_assert_eq(ar_rules_check_ticket(t.s, t.a, t.lease.token, &got), AR_ENOTFOUND);
+    ar_lease l;
+    cr_assert_eq(ar_store_lease_auth(t.s, ta, &l), AR_ENOTFOUND);
+    cr_assert_eq(ar_store_lease_auth(t.s, tb, &l), AR_ENOTFOUND);
+    int64_t id;
+    cr_assert_eq(ar_store_account_auth(t.s, ta, &id), AR_ENOTFOUND);
+    /* a made-up ticket, or one of the right shape: unknown */
+    char fake[AR_TOKEN_LEN];
+    memset(fake, 'a', AR_TOKEN_LEN - 1);
+    fake[AR_TOKEN_LEN - 1] = '\0';
+    cr_assert_eq(ar_rules_check_ticket(t.s, t.a, fake, &got), AR_ENOTFOUND);
+    cr_assert_eq(ar_rules_check_ticket(t.s, t.a, "", &got), AR_ENOTFOUND);
+    /* only the lease token's holder gets tickets issued */
+    char ticket[AR_TOKEN_LEN];
+    cr_assert_eq(ar_store_ticket_issue(t.s, t.lease.lease_id, t.a, ta, ticket), AR_ENOTFOUND);
+    cr_assert_eq(ar_store_ticket_issue(t.s, t.lease.lease_id, t.spare, t.lease.token, ticket), AR_ENOTFOUND);
+    cr_assert_eq(ar_store_ticket_issue(t.s, t.lease.lease_id, t.a, t.lease.token, ticket), AR_OK);
+    cr_assert_str_eq(ticket, ta); /* the same ticket again */
+    /* released, the lease's tickets open nothing */
+    l = lease_of(t.s, t.lease.lease_id);
+    cr_assert_eq(ar_rules_release(t.s, &l, AR_JOB_DONE, 0, NULL), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_check_ticket(t.s, t.a, ta, &got), AR_ENOTFOUND);
+    ar_store_close(t.s);
+}
+
+Test(market_rules, a_replacement_gets_a_ticket_and_the_lost_members_ticket_dies)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    char lost_ticket[AR_TOKEN_LEN];
+    memcpy(lost_ticket, t.lease.providers[1].ticket, sizeof lost_ticket);
+    ar_lease l = lease_of(t.s, t.lease.lease_id);
+    ar_market_replacement r, again;
+    cr_assert_eq(ar_rules_replace(t.s, NULL, &l, t.lease.token, t.b, 0, "lost", &r), AR_OK, "%s", ar_last_error());
+    cr_assert(r.found);
+    cr_assert_eq(strlen(r.replacement.ticket), AR_TOKEN_LEN - 1);
+    ar_market_ticket_check got;
+    cr_assert_eq(ar_rules_check_ticket(t.s, t.spare, r.replacement.ticket, &got), AR_OK, "%s", ar_last_error());
+    cr_assert_str_eq(got.addresses[1], "127.0.0.1:5003");
+    cr_assert_eq(ar_rules_check_ticket(t.s, t.b, lost_ticket, &got), AR_ENOTFOUND);
+    /* asked again (the answer was lost): the same replacement, the same ticket */
+    cr_assert_eq(ar_rules_replace(t.s, NULL, &l, t.lease.token, t.b, 0, "lost", &again), AR_OK, "%s",
+                 ar_last_error());
+    cr_assert(again.again);
+    cr_assert_str_eq(again.replacement.ticket, r.replacement.ticket);
+    /* without the lease token there is no ticket to give */
+    cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, t.b, 0, "lost", &again), AR_OK, "%s", ar_last_error());
+    cr_assert_str_eq(again.replacement.ticket, "");
+    ar_store_close(t.s);
+}
+
+Test(market_rules, tickets_derive_from_the_lease_token_and_bind_one_lease_and_provider)
+{
+    char a[AR_TOKEN_LEN], b[AR_TOKEN_LEN], c[AR_TOKEN_LEN], d[AR_TOKEN_LEN];
+    const char *tok1 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const char *tok2 = "1123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    cr_assert_eq(ar_store_ticket_derive(tok1, 1, 2, a), AR_OK);
+    cr_assert_eq(ar_store_ticket_derive(tok1, 2, 1, b), AR_OK);
+    cr_assert_eq(ar_store_ticket_derive(tok2, 1, 2, c), AR_OK);
+    cr_assert_eq(ar_store_ticket_derive(tok1, 1, 2, d), AR_OK);
+    cr_assert_str_neq(a, b);
+    cr_assert_str_neq(a, c);
+    cr_assert_str_eq(a, d);
+    cr_assert_eq(ar_store_ticket_derive("short", 1, 2, a), AR_EINVAL);
+}
+
+/* ---- admitting providers ------------------------------------------------------------------ */
+
+Test(market_rules, addresses_renters_must_not_be_sent_to_are_refused)
+{
+    char why[300];
+    static const struct {
+        const char *address;
+        bool loopback_ok;
+        const char *words; /* NULL: accepted */
+    } cases[] = {
+        {"10.0.0.7:7001", false, NULL},
+        {"192.168.1.20:7001", false, NULL},
+        {"8.8.8.8:65535", false, NULL},
+        {"[2001:db8::7]:7001", false, NULL},
+        {"[fd12:3456::1]:7001", false, NULL}, /* a private (ULA) network: fine */
+        {"127.0.0.1:7001", true, NULL},
+        {"localhost:7001", true, NULL},
+        {"[::1]:7001", true, NULL},
+        {"127.0.0.1:7001", false, "loopback"},
+        {"127.3.4.5:7001", false, "loopback"},
+        {"[::1]:7001", false, "loopback"},
+        {"localhost:7001", false, "loopback"}, /* a name: what it resolves to */
+        {"[::ffff:127.0.0.1]:7001", false, "loopback"},
+        {"169.254.169.254:7001", true, "link-local"},
+        {"[fe80::1]:7001", true, "link-local"},
+        {"[febf::1]:7001", true, "link-local"},
+        {"[::ffff:169.254.169.254]:7001", true, "link-local"},
+        {"[64:ff9b::a9fe:a9fe]:7001", true, "link-local"},
+        {"[fd00:ec2::254]:7001", true, "metadata"},
+        {"224.0.0.1:7001", true, "multicast"},
+        {"239.255.255.250:7001", true, "multicast"},
+        {"[ff02::1]:7001", true, "multicast"},
+        {"0.0.0.0:7001", true, "unspecified"},
+        {"0.1.2.3:7001", true, "unspecified"},
+        {"[::]:7001", true, "unspecified"},
+        {"255.255.255.255:7001", true, "reserved"},
+        {"240.0.0.1:7001", true, "reserved"},
+        {"10.0.0.7:1023", false, "port 1023"},
+        {"10.0.0.7:22", false, "port 22"},
+        {"10.0.0.7:0", false, "port 0"},
+        {"10.0.0.7:65536", false, "1..65535"},
+        {"10.0.0.7:x", false, "1..65535"},
+        {"10.0.0.7", false, "HOST:PORT"},
+        {"fe80::1:7001", true, "brackets"},
+        {"[fe80::1:7001", true, "unterminated"},
+        {"[]:7001", true, "empty"},
+        {"no-such-host.invalid:7001", true, "does not resolve"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        int rc = ar_rules_check_address(cases[i].address, cases[i].loopback_ok, why, sizeof why);
+        if (!cases[i].words) {
+            cr_expect_eq(rc, AR_OK, "%s: %s", cases[i].address, why);
+        } else {
+            cr_expect_eq(rc, AR_EINVAL, "%s accepted", cases[i].address);
+            cr_expect(rc != AR_EINVAL || strstr(why, cases[i].words), "%s: \"%s\" lacks \"%s\"", cases[i].address,
+                      why, cases[i].words);
+        }
+    }
+    cr_assert(ar_rules_host_is_loopback("127.0.0.1:0"));
+    cr_assert(ar_rules_host_is_loopback("[::1]:7000"));
+    cr_assert(ar_rules_host_is_loopback("localhost:7000"));
+    cr_assert_not(ar_rules_host_is_loopback("0.0.0.0:7000"));
+    cr_assert_not(ar_rules_host_is_loopback("10.0.0.7:7000"));
+}
+
+/* A fake reachability check: answers from a table the test sets, and counts. */
+typedef struct {
+    bool up[8]; /* by port - 5001 */
+    int calls;
+} fake_net;
+
+static bool fake_probe(void *ctx, const char *address)
+{
+    fake_net *f = ctx;
+    f->calls++;
+    const char *colon = strrchr(address, ':');
+    int port = colon ? atoi(colon + 1) : 0;
+    return port >= 5001 && port < 5009 && f->up[port - 5001];
+}
+
+static int64_t admit(ar_store *s, const ar_market_policy *pol, int64_t account, int port, ar_reach *reach)
+{
+    ar_provider p = {.account_id = account, .gflops = 100, .mem_bytes = (int64_t)1 << 30, .cores = 2,
+                     .price_per_tflop = AR_CREDITS(1)};
+    snprintf(p.address, sizeof p.address, "127.0.0.1:%d", port);
+    int64_t id = 0;
+    cr_assert_eq(ar_rules_admit_provider(s, pol, &p, &id, reach), AR_OK, "%s", ar_last_error());
+    return id;
+}
+
+Test(market_rules, an_account_registers_at_most_its_limit_of_providers)
+{
+    ar_store *s = open_db();
+    int64_t alice = new_account(s, "alice", 0), bob = new_account(s, "bob", 0);
+    ar_market_policy pol = {.max_providers_per_account = 3, .allow_loopback = true};
+    int64_t first = admit(s, &pol, alice, 5001, NULL);
+    admit(s, &pol, alice, 5002, NULL);
+    admit(s, &pol, alice, 5003, NULL);
+    ar_provider p = {.account_id = alice, .gflops = 100, .mem_bytes = 1 << 30, .cores = 2};
+    snprintf(p.address, sizeof p.address, "127.0.0.1:5004");
+    int64_t id = 0;
+    cr_assert_eq(ar_rules_admit_provider(s, &pol, &p, &id, NULL), AR_ELIMIT);
+    cr_assert(strstr(ar_last_error(), "3 providers registered"), "%s", ar_last_error());
+    /* re-registering an address it has is a restart, not a new provider */
+    cr_assert_eq(admit(s, &pol, alice, 5001, NULL), first);
+    /* the limit is per account */
+    admit(s, &pol, bob, 5004, NULL);
+    /* the default limit */
+    ar_market_policy dflt = {.allow_loopback = true};
+    for (int i = 0; i < AR_MARKET_DEFAULT_MAX_PROVIDERS - 1; i++)
+        admit(s, &dflt, bob, 6000 + i, NULL);
+    snprintf(p.address, sizeof p.address, "127.0.0.1:7000");
+    p.account_id = bob;
+    cr_assert_eq(ar_rules_admit_provider(s, &dflt, &p, &id, NULL), AR_ELIMIT);
+    /* and a refused address writes nothing */
+    snprintf(p.address, sizeof p.address, "169.254.169.254:7000");
+    p.account_id = new_account(s, "carol", 0);
+    cr_assert_eq(ar_rules_admit_provider(s, &dflt, &p, &id, NULL), AR_EINVAL);
+    cr_assert(strstr(ar_last_error(), "link-local"), "%s", ar_last_error());
+    pol.allow_loopback = false;
+    snprintf(p.address, sizeof p.address, "127.0.0.1:7000");
+    cr_assert_eq(ar_rules_admit_provider(s, &pol, &p, &id, NULL), AR_EINVAL);
+    ar_provider *all = NULL;
+    size_t n = 0;
+    cr_assert_eq(ar_store_provider_list(s, false, &all, &n), AR_OK);
+    cr_assert_eq(n, 3 + 1 + AR_MARKET_DEFAULT_MAX_PROVIDERS - 1);
+    ar_free(all);
+    ar_store_close(s);
+}
+
+Test(market_rules, reachability_moves_between_states_as_checks_answer)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100)), alice = new_account(s, "alice", 0);
+    fake_net net = {0};
+    ar_market_policy pol = {.allow_loopback = true, .probe = fake_probe, .probe_ctx = &net};
+
+    /* registered before its worker is up: unreachable, not leased */
+    ar_reach reach = AR_REACH_OK;
+    int64_t id = admit(s, &pol, alice, 5001, &reach);
+    cr_assert_eq(reach, AR_REACH_UNREACHABLE);
+    cr_assert_eq(net.calls, 1);
+    ar_provider p = provider(s, id);
+    cr_assert_eq(p.reach, AR_REACH_UNREACHABLE);
+    cr_assert_eq(p.reach_failures, 1);
+    cr_assert_str_eq(ar_reach_name(p.reach), "unreachable");
+    cr_assert_not(ar_rules_leasable(&pol, &p));
+    cr_assert(ar_rules_leasable(NULL, &p)); /* a market that does not check */
+
+    /* a lease considers it, checks again, fails again: too few */
+    ar_market_lease_request q = ask(1, 1, TF);
+    ar_market_lease got;
+    bool too_few = false;
+    cr_assert_eq(ar_rules_acquire(s, &pol, renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert(too_few);
+    cr_assert(strstr(ar_last_error(), "1 more the market cannot reach"), "%s", ar_last_error());
+    cr_assert_eq(net.calls, 2);
+    p = provider(s, id);
+    cr_assert_eq(p.reach_failures, 2);
+    /* failures in a row: checked again after 2, 4, 8 ... up to AR_REACH_RETRY_S seconds */
+    cr_assert_not(ar_rules_reach_due(&p, p.reach_checked + 1));
+    cr_assert(ar_rules_reach_due(&p, p.reach_checked + 2));
+    ar_provider worse = p;
+    worse.reach_failures = 4;
+    cr_assert_not(ar_rules_reach_due(&worse, p.reach_checked + 7));
+    cr_assert(ar_rules_reach_due(&worse, p.reach_checked + 8));
+    worse.reach_failures = 40;
+    cr_assert_not(ar_rules_reach_due(&worse, p.reach_checked + AR_REACH_RETRY_S - 1));
+    cr_assert(ar_rules_reach_due(&worse, p.reach_checked + AR_REACH_RETRY_S));
+
+    /* its worker comes up; a registration again checks at once and it is leased */
+    net.up[0] = true;
+    cr_assert_eq(admit(s, &pol, alice, 5001, &reach), id);
+    cr_assert_eq(reach, AR_REACH_OK);
+    p = provider(s, id);
+    cr_assert_eq(p.reach_failures, 0);
+    cr_assert_not(ar_rules_reach_due(&p, p.reach_checked + 1000));
+    cr_assert_eq(ar_rules_acquire(s, &pol, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(got.providers[0].p.id, id);
+    cr_assert_eq(net.calls, 3); /* a reachable provider is not checked by the lease */
+
+    /* a second provider, up only once the lease checks it: registered, then its worker starts */
+    net.up[1] = false;
+    int64_t late = admit(s, &pol, alice, 5002, &reach);
+    cr_assert_eq(reach, AR_REACH_UNREACHABLE);
+    net.up[1] = true;
+    cr_assert_eq(ar_rules_acquire(s, &pol, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(got.providers[0].p.id, late);
+    cr_assert_eq(provider(s, late).reach, AR_REACH_OK);
+
+    /* a reachable one that stops answering: the check says so */
+    p = provider(s, late);
+    net.up[1] = false;
+    cr_assert_eq(ar_rules_check_reach(s, &pol, &p), AR_OK);
+    cr_assert_eq(provider(s, late).reach, AR_REACH_UNREACHABLE);
+    ar_store_close(s);
+}
+
+Test(market_rules, a_replacement_is_a_provider_the_market_reaches)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    fake_net net = {0};
+    ar_market_policy pol = {.allow_loopback = true, .probe = fake_probe, .probe_ctx = &net};
+    /* the spare (port 5003) does not answer: no replacement */
+    ar_lease l = lease_of(t.s, t.lease.lease_id);
+    ar_market_replacement r;
+    cr_assert_eq(ar_rules_replace(t.s, &pol, &l, t.lease.token, t.b, 0, "lost", &r), AR_OK, "%s", ar_last_error());
+    cr_assert_not(r.found);
+    cr_assert_eq(net.calls, 1);
+    cr_assert_eq(provider(t.s, t.spare).reach, AR_REACH_UNREACHABLE);
+    ar_store_close(t.s);
 }
