@@ -234,7 +234,15 @@ def test_the_driver_killed_and_resumed_continues_its_job(run_arceus, add_account
     finish(train)
     kept = json.loads((out / "state.json").read_text())["step"]
     assert kept % EVERY == 0 and kept >= 3 * EVERY
-    paid_before = query(db, "SELECT MAX(step) FROM usage")[0][0]
+    # what the dead driver paid: a report it sent just before the kill may
+    # still be settling at the market, so wait until the usage rows stop moving
+    rows, stable_since = None, time.monotonic()
+    while time.monotonic() - stable_since < 1.5:
+        now = query(db, "SELECT COUNT(*), MAX(step) FROM usage")[0]
+        if now != rows:
+            rows, stable_since = now, time.monotonic()
+        time.sleep(0.1)
+    paid_before = rows[1]
     # a fresh lease on the same job: the three providers the dead driver held are free again
     p = run_arceus("train", "--resume", out, "--data", corpus, "--market", market.addr, "--token", renter,
                    "--devices", "3", "--threads", "1", "--plan", "0-1,2,3", "--stage-timeout", "2", check=True)
