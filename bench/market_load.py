@@ -41,7 +41,7 @@ from pbwire import acquire, decode, field_bytes, field_double, field_varint, usa
 import grpc  # noqa: E402
 from grpc import aio  # noqa: E402
 
-PROVIDERS_PER_ACCOUNT = 50  # spread over accounts, should the market limit providers per account
+PROVIDERS_PER_ACCOUNT = 16  # the market's default limit of providers per account
 TOKEN_RE = re.compile(r"^token: ([0-9a-f]{64})$", re.M)
 
 
@@ -107,8 +107,11 @@ def db_bytes(db):
 
 class Market:
     def __init__(self, arceus, db):
+        # The simulated providers have no workers: the market must not dial
+        # them (--reach-timeout 0), and their addresses are loopback ones
+        # anyway, so nothing here can reach beyond this machine.
         self.proc = subprocess.Popen([arceus, "market", "--listen", "127.0.0.1:0", "--db", db,
-                                      "--http", "127.0.0.1:0"],
+                                      "--http", "127.0.0.1:0", "--reach-timeout", "0"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.addr = self.http_port = None
         for _ in range(2):
@@ -144,7 +147,7 @@ async def setup(ch, arceus, db, n_providers, n_renters):
     async def reg(i):
         async with sem:
             tok = owners[i // PROVIDERS_PER_ACCOUNT]
-            r = decode(await register(field_bytes(1, tok) + field_bytes(2, f"10.{i // 250}.{i % 250}.1:7001") +
+            r = decode(await register(field_bytes(1, tok) + field_bytes(2, f"127.{1 + i // 250}.{i % 250}.1:7001") +
                                       field_bytes(3, profile()), timeout=30))
             return tok, r[1][0]
 
