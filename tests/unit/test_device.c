@@ -92,6 +92,9 @@ static double process_cpu_seconds(void)
  * other work ran is told by the machine's busy time less this process's,
  * not by the probe's own CPU share, which a probe that ignored its thread
  * count would also show low. */
+/* Two cores' sgemm is about 1.5-1.9x one core's here when both are free. */
+#define TWO_THREADS_AT_LEAST 1.2
+
 Test(device, two_threads_beat_one)
 {
     if (ar_device_cores() < 2)
@@ -106,7 +109,9 @@ Test(device, two_threads_beat_one)
         double busy1 = machine_busy_seconds(), cpu1 = process_cpu_seconds(), t1 = ar_now();
         cr_assert_eq(one.threads, 1);
         cr_assert_eq(two.threads, 2);
-        if (one.gflops < two.gflops)
+        /* a clear margin: two probes on the same thread count differ by a few
+         * percent at random, and five tries would find one "faster" */
+        if (two.gflops >= TWO_THREADS_AT_LEAST * one.gflops)
             return;
         /* cores' worth of other work during the 2-thread probe (-1: unknown);
          * /proc/stat counts in ticks of 10 ms, hence the loose bound */
@@ -122,9 +127,9 @@ Test(device, two_threads_beat_one)
         cr_skip("other work kept the cores busy during every 2-thread probe, so 1 and 2 threads cannot be "
                 "compared; 1 vs 2 threads, GFLOP/s:%s",
                 seen);
-    cr_assert_fail("a 2-thread probe never beat a 1-thread one, though the machine was free at times; "
+    cr_assert_fail("a 2-thread probe never beat a 1-thread one by %.1fx, though the machine was free at times; "
                    "1 vs 2 threads, GFLOP/s:%s",
-                   seen);
+                   TWO_THREADS_AT_LEAST, seen);
 }
 
 /* The probe is short: it runs whenever a worker starts, a provider offers
