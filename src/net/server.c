@@ -242,26 +242,9 @@ static int message_over_limit(ar_rpc *r, grpc_byte_buffer *bb)
     return 1;
 }
 
-int ar_rpc_read(ar_rpc *r, void **data, size_t *len)
+/* The client's next message, into *bb (NULL at the end of its stream). */
+static int receive_message(ar_rpc *r, grpc_byte_buffer **bb)
 {
-    *data = NULL;
-    *len = 0;
-    grpc_byte_buffer *bb = NULL;
-    if (r->have_first) {
-        /* the request the server waited for before running the handler */
-        r->have_first = 0;
-        bb = r->first;
-        r->first = NULL;
-        if (!bb)
-            return AR_ECLOSED;
-        if (message_over_limit(r, bb)) {
-            grpc_byte_buffer_destroy(bb);
-            return AR_ELIMIT;
-        }
-        int rc = net_buffer_flatten(bb, data, len);
-        grpc_byte_buffer_destroy(bb);
-        return rc;
-    }
     grpc_op ops[2];
     memset(ops, 0, sizeof ops);
     size_t n = 0;
@@ -272,20 +255,39 @@ int ar_rpc_read(ar_rpc *r, void **data, size_t *len)
     }
     pthread_mutex_unlock(&r->mu);
     ops[n].op = GRPC_OP_RECV_MESSAGE;
-    ops[n].data.recv_message.recv_message = &bb;
+    ops[n].data.recv_message.recv_message = bb;
     n++;
     rpc_wait_begin(r, WAIT_READ);
     int ok = net_batch(r->call, ops, n, -1);
     rpc_wait_end(r);
     if (atomic_load(&r->timed_out)) {
         /* the watchdog sent DEADLINE_EXCEEDED: not the end of the client's stream */
-        if (bb)
-            grpc_byte_buffer_destroy(bb);
+        if (*bb)
+            grpc_byte_buffer_destroy(*bb);
+        *bb = NULL;
         return ar_fail(AR_ELIMIT, "%s: no message from %s within %.0f s", r->method, r->peer,
                        r->server->idle_s);
     }
     if (!ok)
         return ar_fail(AR_ECLOSED, "%s: the call was cancelled", r->method);
+    return AR_OK;
+}
+
+int ar_rpc_read(ar_rpc *r, void **data, size_t *len)
+{
+    *data = NULL;
+    *len = 0;
+    grpc_byte_buffer *bb = NULL;
+    if (r->have_first) {
+        /* the request the server waited for before running the handler */
+        r->have_first = 0;
+        bb = r->first;
+        r->first = NULL;
+    } else {
+        int rc = receive_message(r, &bb);
+        if (rc != AR_OK)
+            return rc;
+    }
     if (!bb)
         return AR_ECLOSED;
     if (message_over_limit(r, bb)) {
