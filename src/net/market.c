@@ -44,27 +44,9 @@ struct ar_market {
 
 /* ---- server: helpers -------------------------------------------------------- */
 
-/* Read and unpack the one request of a unary call; NULL (status sent) when
- * there is none or it does not parse. */
 static ProtobufCMessage *read_request(ar_rpc *rpc, const ProtobufCMessageDescriptor *d)
 {
-    void *data;
-    size_t len;
-    if (ar_rpc_read(rpc, &data, &len) != AR_OK) {
-        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s without a request", d->short_name);
-        return NULL;
-    }
-    if (len > MAX_REQUEST_BYTES) {
-        free(data);
-        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s of %zu bytes: the limit is %u", d->short_name,
-                      len, MAX_REQUEST_BYTES);
-        return NULL;
-    }
-    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, len, data);
-    free(data);
-    if (!m)
-        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed %s", d->short_name);
-    return m;
+    return net_rpc_read_request(rpc, d, MAX_REQUEST_BYTES);
 }
 
 /* Room for a reply's repeated message field of n items: the items (size

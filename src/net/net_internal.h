@@ -107,6 +107,10 @@ void net_peer_host(const char *peer, char *host, size_t size);
 /* Pack a protobuf-c message, send it as the reply and finish with OK (or
  * INTERNAL when out of memory). */
 void net_rpc_reply(ar_rpc *rpc, const ProtobufCMessage *m);
+/* Read and unpack the one request of a unary call (d: its message type;
+ * max_bytes > 0: refuse a longer one); NULL, with the status sent, when there
+ * is none, it is too long or it does not parse. */
+ProtobufCMessage *net_rpc_read_request(ar_rpc *rpc, const ProtobufCMessageDescriptor *d, size_t max_bytes);
 
 /* The worker's checks of a Load (worker.c), before anything is allocated;
  * fills spec and *slots. AR_OK, AR_ELIMIT when the stage would need more than

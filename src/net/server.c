@@ -299,6 +299,27 @@ int ar_rpc_read(ar_rpc *r, void **data, size_t *len)
     return rc;
 }
 
+ProtobufCMessage *net_rpc_read_request(ar_rpc *rpc, const ProtobufCMessageDescriptor *d, size_t max_bytes)
+{
+    void *data;
+    size_t len;
+    if (ar_rpc_read(rpc, &data, &len) != AR_OK) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s without a request", d->short_name);
+        return NULL;
+    }
+    if (max_bytes > 0 && len > max_bytes) {
+        free(data);
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s of %zu bytes: the limit is %zu", d->short_name, len,
+                      max_bytes);
+        return NULL;
+    }
+    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, len, data);
+    free(data);
+    if (!m)
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed %s", d->short_name);
+    return m;
+}
+
 int ar_rpc_write(ar_rpc *r, const void *data, size_t len)
 {
     grpc_op ops[2];

@@ -112,14 +112,9 @@ static void wait_pipe_idle(ar_worker *w, double timeout_s)
 static void on_hello(ar_rpc *rpc, void *user)
 {
     ar_worker *w = user;
-    void *data;
-    size_t len;
-    if (ar_rpc_read(rpc, &data, &len) != AR_OK)
-        return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "Hello without a request");
-    Arceus__HelloRequest *req = arceus__hello_request__unpack(NULL, len, data);
-    free(data);
+    Arceus__HelloRequest *req = (Arceus__HelloRequest *)net_rpc_read_request(rpc, &arceus__hello_request__descriptor, 0);
     if (!req)
-        return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed HelloRequest");
+        return;
     unsigned v = req->protocol_version;
     arceus__hello_request__free_unpacked(req, NULL);
     if (v != AR_PROTOCOL_VERSION)
@@ -536,14 +531,9 @@ static int build(ar_worker *w, const Arceus__LoadRequest *req, held *h)
 static void on_load(ar_rpc *rpc, void *user)
 {
     ar_worker *w = user;
-    void *data;
-    size_t len;
-    if (ar_rpc_read(rpc, &data, &len) != AR_OK)
-        return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "Load without a request");
-    Arceus__LoadRequest *req = arceus__load_request__unpack(NULL, len, data);
-    free(data);
+    Arceus__LoadRequest *req = (Arceus__LoadRequest *)net_rpc_read_request(rpc, &arceus__load_request__descriptor, 0);
     if (!req)
-        return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed LoadRequest");
+        return;
     if (check_lease(w, rpc, req) != 0) {
         arceus__load_request__free_unpacked(req, NULL);
         return;
@@ -830,14 +820,9 @@ static void end_use(ar_worker *w)
 static void on_save(ar_rpc *rpc, void *user)
 {
     ar_worker *w = user;
-    void *data;
-    size_t len;
-    if (ar_rpc_read(rpc, &data, &len) != AR_OK)
-        return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "Save without a request");
-    Arceus__SaveRequest *req = arceus__save_request__unpack(NULL, len, data);
-    free(data);
+    Arceus__SaveRequest *req = (Arceus__SaveRequest *)net_rpc_read_request(rpc, &arceus__save_request__descriptor, 0);
     if (!req)
-        return ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "malformed SaveRequest");
+        return;
     uint64_t generation;
     int bad = check_session(w, rpc, req->session, &generation);
     arceus__save_request__free_unpacked(req, NULL);
