@@ -14,9 +14,11 @@ clients must meet the same targets, and the dashboard must keep answering.
 
 Each client is a coroutine: a provider awaits its Heartbeat and sleeps to its
 next beat; a renter awaits its ReportUsage and goes on to the next step when
-due, like the driver's reporter. Every honest call comes from 127.0.0.1
-(grpcio cannot pick a source address), so the market's per-client limit of
-64 calls open at once also holds for the whole load.
+due, like the driver's reporter. The honest clients share --sources (64)
+channels, each through a local forwarder that dials the market from a loopback
+address of its own (127.30.y.z: grpcio cannot pick a source address), so the
+market sees 64 client hosts, as it would see many machines, and its limit of
+64 calls open per host applies to each of them, not to the whole load.
 """
 
 import argparse
@@ -228,9 +230,37 @@ async def dashboard_loop(port, end, stats):
         await asyncio.sleep(1.0)
 
 
+async def forwarder(target, source):
+    """A local listener whose connections go on to target from the loopback
+    address `source`; returns (server, its HOST:PORT)."""
+    host, port = target.rsplit(":", 1)
+
+    async def pump(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(reader, writer):
+        try:
+            up_r, up_w = await asyncio.open_connection(host, int(port), local_addr=(source, 0))
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
 async def run_load(market, providers, leases, seconds, paid, channels):
     stats = Stats()
-    chs = [aio.insecure_channel(market.addr) for _ in range(channels)]
+    forwarders = [await forwarder(market.addr, src) for src in source_addresses(channels, 30)]
+    chs = [aio.insecure_channel(addr) for _, addr in forwarders]
     end = time.monotonic() + seconds
     rss = []
 
@@ -247,6 +277,8 @@ async def run_load(market, providers, leases, seconds, paid, channels):
     elapsed = time.monotonic() - t0
     for c in chs:
         await c.close()
+    for server, _ in forwarders:
+        server.close()
     return stats, elapsed, rss
 
 
@@ -303,7 +335,8 @@ async def main():
     ap.add_argument("--renters", type=int, default=100)
     ap.add_argument("--hostile", type=int, default=300, help="hostile connections in the second run")
     ap.add_argument("--no-hostile", action="store_true", help="run the load once, without the attack")
-    ap.add_argument("--channels", type=int, default=4, help="gRPC channels the honest clients share")
+    ap.add_argument("--sources", dest="channels", type=int, default=64,
+                    help="client hosts (loopback addresses, a channel each) the honest clients are spread over")
     ap.add_argument("--p99-ms", type=float, default=100.0)
     ap.add_argument("--db-dir", default=None,
                     help="folder for the database (default: the system's temporary folder; /dev/shm "
