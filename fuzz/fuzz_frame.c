@@ -7,6 +7,7 @@
  * decoder's reads across slice boundaries are fuzzed too. */
 #include "core/core.h"
 #include "net/net_internal.h"
+#include "slices.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -18,23 +19,10 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (size < 1)
-        return 0;
     ar_log_set_level(AR_LOG_ERROR + 1);
-    size_t step = data[0] ? data[0] : size; /* slice length */
-    data++;
-    size--;
-    enum { MAX_SLICES = 64 };
-    grpc_slice slices[MAX_SLICES];
-    size_t n = 0;
-    for (size_t at = 0; at < size || n == 0;) {
-        size_t take = size - at < step || n == MAX_SLICES - 1 ? size - at : step;
-        slices[n++] = grpc_slice_from_copied_buffer((const char *)data + at, take);
-        at += take;
-    }
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(slices, n);
-    for (size_t i = 0; i < n; i++)
-        grpc_slice_unref(slices[i]);
+    grpc_byte_buffer *bb = fuzz_sliced_message(data, size);
+    if (!bb)
+        return 0;
 
     ar_frame fs[1 + NET_MAX_COALESCED];
     size_t payload_at[1 + NET_MAX_COALESCED];

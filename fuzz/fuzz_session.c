@@ -12,6 +12,7 @@
 #include "arceus.pb-c.h"
 #include "core/core.h"
 #include "net/net_internal.h"
+#include "slices.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -32,22 +33,9 @@ static void check(const char *given)
 
 static void pipe_message(const uint8_t *data, size_t size)
 {
-    if (size < 1)
+    grpc_byte_buffer *bb = fuzz_sliced_message(data, size);
+    if (!bb)
         return;
-    size_t step = data[0] ? data[0] : size;
-    data++;
-    size--;
-    enum { MAX_SLICES = 64 };
-    grpc_slice slices[MAX_SLICES];
-    size_t n = 0;
-    for (size_t at = 0; at < size || n == 0;) {
-        size_t take = size - at < step || n == MAX_SLICES - 1 ? size - at : step;
-        slices[n++] = grpc_slice_from_copied_buffer((const char *)data + at, take);
-        at += take;
-    }
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(slices, n);
-    for (size_t i = 0; i < n; i++)
-        grpc_slice_unref(slices[i]);
     char given[AR_SESSION_HEX + 1];
     int found = net_frames_session(bb, given, sizeof given);
     grpc_byte_buffer_destroy(bb);

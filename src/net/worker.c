@@ -1028,6 +1028,16 @@ static void *reaper_main(void *arg)
     return NULL;
 }
 
+/* A worker that failed before its server started: only its locks to undo. */
+static int free_unstarted(ar_worker *w, int rc)
+{
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->idle);
+    pthread_cond_destroy(&w->wake);
+    free(w);
+    return rc;
+}
+
 int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size_t addr_size)
 {
     if (c->load_token && strlen(c->load_token) < AR_WORKER_MIN_TOKEN)
@@ -1051,13 +1061,8 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     if (!(w->gflops > 0)) {
         ar_device_info dev;
         int rc = ar_device_probe(w->threads, &dev);
-        if (rc != AR_OK) {
-            pthread_mutex_destroy(&w->mu);
-            pthread_cond_destroy(&w->idle);
-            pthread_cond_destroy(&w->wake);
-            free(w);
-            return rc;
-        }
+        if (rc != AR_OK)
+            return free_unstarted(w, rc);
         w->gflops = dev.gflops;
     }
     int port = 0;
@@ -1068,13 +1073,8 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     size_t pipe_max = (w->max_frame > (16u << 20) ? w->max_frame : (16u << 20)) + (1u << 20);
     ar_server_limits limits = {.max_message = pipe_max};
     int rc = ar_server_create(c->listen, &limits, &w->server, &port);
-    if (rc != AR_OK) {
-        pthread_mutex_destroy(&w->mu);
-        pthread_cond_destroy(&w->idle);
-        pthread_cond_destroy(&w->wake);
-        free(w);
-        return rc;
-    }
+    if (rc != AR_OK)
+        return free_unstarted(w, rc);
     const char *colon = strrchr(c->listen, ':');
     int hl = colon ? (int)(colon - c->listen) : (int)strlen(c->listen);
     snprintf(w->name, sizeof w->name, "%.*s:%d", hl, c->listen, port);

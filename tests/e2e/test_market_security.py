@@ -33,6 +33,7 @@ import pytest
 from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, replace, usage
 from test_market import profile, register_request
 from conftest import wait_for
+from test_market_train import balances, ledger_total
 from test_workers import MLP_SPEC, PROTOCOL_VERSION
 
 grpc = pytest.importorskip("grpc")
@@ -63,22 +64,6 @@ def market_status(addr, method, req):
 
 def register(addr, token, address, prof=None):
     return decode(market_call(addr, "RegisterProvider", register_request(token, address, prof)))[1][0]
-
-
-def balances(db):
-    con = sqlite3.connect(str(db))
-    try:
-        return dict(con.execute("SELECT name, balance FROM accounts").fetchall())
-    finally:
-        con.close()
-
-
-def ledger_total(db):
-    con = sqlite3.connect(str(db))
-    try:
-        return con.execute("SELECT COALESCE(SUM(amount), 0) FROM ledger").fetchone()[0]
-    finally:
-        con.close()
 
 
 def load_request(ticket, count=1, nxt=None, tp_members=()):
