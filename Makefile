@@ -13,25 +13,35 @@ PYTHON ?= /usr/bin/python3
 PKG_CONFIG ?= pkg-config
 SHELL := /bin/bash
 
+# pkg-config runs only when a recipe first needs its answer, never while make
+# reads this file: `make demo`, `make deps` and `make install` on a fresh
+# machine install pkg-config and the libraries before anything asks for them
+# (and print no "Package ... was not found" lines before that). Each is asked
+# once per make: `lazy` turns a recursive variable into a simple one on first use.
+lazy = $(eval $(1) := $$(shell $(2)))$($(1))
+
 # Prefer the OpenMP build of OpenBLAS: BLAS and our element-wise kernels then
 # share one thread pool instead of two pools spinning on the same cores.
 OPENBLAS_OMP_PC := /usr/lib/x86_64-linux-gnu/openblas-openmp/pkgconfig
 ifneq ($(wildcard $(OPENBLAS_OMP_PC)/openblas.pc),)
-BLAS_CFLAGS := $(shell PKG_CONFIG_PATH=$(OPENBLAS_OMP_PC) $(PKG_CONFIG) --cflags openblas)
-BLAS_LIBS := $(shell PKG_CONFIG_PATH=$(OPENBLAS_OMP_PC) $(PKG_CONFIG) --libs openblas) \
-             -Wl,-rpath,/usr/lib/x86_64-linux-gnu/openblas-openmp
+BLAS_CFLAGS = $(call lazy,BLAS_CFLAGS,PKG_CONFIG_PATH=$(OPENBLAS_OMP_PC) $(PKG_CONFIG) --cflags openblas)
+BLAS_LIBS = $(call lazy,BLAS_LIBS,PKG_CONFIG_PATH=$(OPENBLAS_OMP_PC) $(PKG_CONFIG) --libs openblas) \
+            -Wl,-rpath,/usr/lib/x86_64-linux-gnu/openblas-openmp
 else ifeq ($(shell uname),Darwin)
 BLAS_CFLAGS :=
 BLAS_LIBS := -framework Accelerate
 else
-BLAS_CFLAGS := $(shell $(PKG_CONFIG) --cflags openblas)
-BLAS_LIBS := $(shell $(PKG_CONFIG) --libs openblas)
+BLAS_CFLAGS = $(call lazy,BLAS_CFLAGS,$(PKG_CONFIG) --cflags openblas)
+BLAS_LIBS = $(call lazy,BLAS_LIBS,$(PKG_CONFIG) --libs openblas)
 endif
 
 PKGS := libcjson zlib grpc gpr libprotobuf-c
 PKGS += sqlite3 libcrypto libmicrohttpd
-DEP_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(PKGS)) $(BLAS_CFLAGS)
-DEP_LIBS := $(shell $(PKG_CONFIG) --libs $(PKGS)) $(BLAS_LIBS) -lgrpc -lgpr -lprotobuf-c -lm -lpthread
+PKG_CFLAGS = $(call lazy,PKG_CFLAGS,$(PKG_CONFIG) --cflags $(PKGS))
+PKG_LIBS = $(call lazy,PKG_LIBS,$(PKG_CONFIG) --libs $(PKGS))
+CRITERION_LIBS = $(call lazy,CRITERION_LIBS,$(PKG_CONFIG) --libs criterion)
+DEP_CFLAGS = $(PKG_CFLAGS) $(BLAS_CFLAGS)
+DEP_LIBS = $(PKG_LIBS) $(BLAS_LIBS) -lgrpc -lgpr -lprotobuf-c -lm -lpthread
 
 CC ?= cc
 # protoc-c output (the wire messages of proto/arceus.proto), generated at build time
@@ -40,7 +50,7 @@ WARN := -Wall -Wextra -Wshadow -Wno-unused-parameter
 ifeq ($(WERROR),1)
 WARN += -Werror
 endif
-CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -fopenmp $(WARN) -Iinclude -Isrc -I$(GEN) $(DEP_CFLAGS)
+CFLAGS_COMMON = -std=c11 -D_GNU_SOURCE -fopenmp $(WARN) -Iinclude -Isrc -I$(GEN) $(DEP_CFLAGS)
 
 ifeq ($(BUILD),asan)
 OPT := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
@@ -53,7 +63,7 @@ else
 OPT := -O3 -march=native -g
 endif
 
-CFLAGS := $(CFLAGS_COMMON) $(OPT) $(EXTRA_CFLAGS)
+CFLAGS = $(CFLAGS_COMMON) $(OPT) $(EXTRA_CFLAGS)
 LDFLAGS := -fopenmp $(OPT)
 
 OUT := build/$(BUILD)
@@ -67,7 +77,8 @@ BIN := $(OUT)/arceus
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(OUT)/tests/%)
 
-.PHONY: all test unit e2e ref bench bench-quality demo demo-local clean deps fuzz fuzz-run
+.PHONY: all test unit e2e ref bench bench-quality demo demo-lm demo-local clean deps deps-runtime fuzz fuzz-run \
+        man install uninstall
 # bin/arceus is always the release build (the ASan one stays in build/asan)
 ifeq ($(BUILD),release)
 all: $(BIN) bin/arceus
@@ -117,7 +128,7 @@ $(BIN): $(CLI_OBJ) $(LIB)
 
 $(OUT)/tests/%: tests/unit/%.c $(LIB) $(wildcard tests/unit/*.h)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Itests/unit -o $@ $< $(LIB) $(DEP_LIBS) $(shell $(PKG_CONFIG) --libs criterion)
+	$(CC) $(CFLAGS) -Itests/unit -o $@ $< $(LIB) $(DEP_LIBS) $(CRITERION_LIBS)
 
 # PyTorch reference data for the numerics tests (Debian python3-torch).
 REF_DIR := build/ref
@@ -189,9 +200,16 @@ bench: deps
 demo:
 	@scripts/demo.sh
 
+# The headline demo (scripts/demo.sh --lm): the same market and three
+# providers, each offering too little memory for the whole gpt-5m language
+# model, so the plan splits it over the three; the renter trains it on a
+# public-domain text and prints the validation loss, a sample and the ledger.
+demo-lm:
+	@scripts/demo.sh --lm
+
 # The single-machine demo: train the MLP on Fashion-MNIST (Debian's
 # dataset-fashion-mnist) here and print the test accuracy.
-demo-local: deps
+demo-local: deps-runtime
 	$(MAKE) all
 	$(BIN) train --model configs/mlp-fashion.json --out runs/mlp-fashion
 
@@ -200,8 +218,41 @@ bench-quality: deps
 	$(MAKE) all
 	$(PYTHON) bench/quality.py --arceus $(abspath $(BIN))
 
+# deps: everything the tests need too; deps-runtime: only building and running
 deps:
 	@scripts/install-deps.sh
+
+deps-runtime:
+	@scripts/install-deps.sh --runtime
+
+# Manual pages, generated from the option tables by the binary itself
+# (`arceus --man`, `arceus COMMAND --man`), so they say what the parser does:
+# arceus(1) and arceus-COMMAND(1) for every command.
+MAN_DIR := $(OUT)/man
+man: $(MAN_DIR)/.stamp
+$(MAN_DIR)/.stamp: $(BIN)
+	@rm -rf $(MAN_DIR) && mkdir -p $(MAN_DIR)
+	$(BIN) --man >$(MAN_DIR)/arceus.1
+	@set -e; for c in $$($(BIN) --commands); do \
+	    echo "$(BIN) $$c --man >$(MAN_DIR)/arceus-$$c.1"; \
+	    $(BIN) $$c --man >$(MAN_DIR)/arceus-$$c.1; \
+	done
+	@touch $@
+
+# make install [PREFIX=/usr/local] [DESTDIR=staging root]: the binary into
+# PREFIX/bin, the manual pages into PREFIX/share/man/man1. The binary is the
+# one `make` builds (-march=native: for this machine's kind of CPU).
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man
+install: all man
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1
+	install -m 755 $(BIN) $(DESTDIR)$(BINDIR)/arceus
+	install -m 644 $(MAN_DIR)/*.1 $(DESTDIR)$(MANDIR)/man1/
+	@echo "installed $(DESTDIR)$(BINDIR)/arceus and $$(ls $(MAN_DIR)/*.1 | wc -l) manual pages in $(DESTDIR)$(MANDIR)/man1"
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/arceus $(DESTDIR)$(MANDIR)/man1/arceus.1 $(DESTDIR)$(MANDIR)/man1/arceus-*.1
 
 clean:
 	rm -rf build bin

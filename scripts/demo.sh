@@ -92,7 +92,7 @@ trap 'exit 143' TERM
 
 # ---- dependencies and the build ------------------------------------------------
 if [ "${ARCEUS_DEMO_SKIP_DEPS:-0}" != 1 ]; then
-    scripts/install-deps.sh
+    scripts/install-deps.sh --runtime   # no PyTorch, no Chromium: only the tests need them
 fi
 if [ -n "${ARCEUS_BIN:-}" ]; then
     BIN=$ARCEUS_BIN

@@ -30,6 +30,16 @@ int main(int argc, char **argv)
         usage(stdout);
         return 0;
     }
+    /* for `make man`: not in the usage, which is for people */
+    if (strcmp(argv[1], "--man") == 0) {
+        ar_opts_man_index(commands, sizeof commands / sizeof commands[0], stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "--commands") == 0) {
+        for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+            printf("%s\n", commands[i]->name);
+        return 0;
+    }
     if (strcmp(argv[1], "--version") == 0) {
         printf("arceus %s\n", AR_VERSION_STRING);
         return 0;
@@ -40,6 +50,9 @@ int main(int argc, char **argv)
         for (int j = 2; j < argc; j++)
             if (strcmp(argv[j], "--help") == 0 || strcmp(argv[j], "-h") == 0) {
                 ar_opts_help(commands[i], stdout);
+                return 0;
+            } else if (strcmp(argv[j], "--man") == 0) {
+                ar_opts_man(commands[i], stdout);
                 return 0;
             }
         return ar_opts_main(commands[i], argc - 1, argv + 1);

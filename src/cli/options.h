@@ -129,6 +129,13 @@ int ar_opts_main(const ar_cmd_spec *spec, int argc, char **argv);
  * metavar, help, range or choices and default. */
 void ar_opts_help(const ar_cmd_spec *spec, FILE *out);
 
+/* `arceus NAME --man`: the same as the help, as a manual page in roff
+ * (arceus-NAME(1)): synopsis, description, every option with its facts, the
+ * environment variables the rows read. `make man` writes them. */
+void ar_opts_man(const ar_cmd_spec *spec, FILE *out);
+/* `arceus --man`: arceus(1), the list of commands. */
+void ar_opts_man_index(const ar_cmd_spec *const *cmds, size_t n, FILE *out);
+
 /* The last value given to --name in argv (either form), before parsing:
  * for a command whose defaults depend on one option. NULL when absent. */
 const char *ar_opts_peek(int argc, char **argv, const char *name);

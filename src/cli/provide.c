@@ -8,6 +8,7 @@
  * provider re-registers as soon as the market answers again (a restarted
  * market may have lost its record of us, or marked us offline meanwhile). */
 #include "cli/cli.h"
+#include "cli/service.h"
 #include "core/core.h"
 #include "core/device.h"
 #include "net/market.h"
@@ -35,6 +36,9 @@ typedef struct {
     int max_threads, heartbeat_s;
     int64_t max_mem; /* 0: not given (a size is at least 1 byte) */
     int64_t price;   /* micro-credits per TFLOP */
+    int install_service;
+    int argc;   /* the command line, for --install-service */
+    char **argv;
     ar_cli_tls tls;
 } provide_opts;
 
@@ -58,6 +62,22 @@ static const ar_option provide_options[] = {
     {0},
 };
 
+static const ar_option service_options[] = {
+    {.name = "install-service", .kind = AR_OPTION_FLAG, AT(install_service),
+     .help = "instead of providing now, write a systemd user unit (arceus-provide.service) that runs "
+             "arceus provide with the other options given, and the token into a 0600 file beside it; "
+             "then enable and start it with systemctl --user. Prints what it did and how to undo it"},
+    {0},
+};
+
+static int provide_init(void *opts, int argc, char **argv)
+{
+    provide_opts *o = opts;
+    o->argc = argc;
+    o->argv = argv;
+    return 0;
+}
+
 static int run_provide(void *opts);
 
 const ar_cmd_spec ar_provide_cmd = {
@@ -78,12 +98,14 @@ const ar_cmd_spec ar_provide_cmd = {
     .sections = (const ar_option_section[]){
         {NULL, ar_cli_market_options, offsetof(provide_opts, m)},
         {NULL, provide_options, 0},
+        {"running as a service", service_options, 0},
         {"TLS, for the worker", ar_cli_tls_server_options, offsetof(provide_opts, tls)},
         {"TLS, for the market and the next stage's worker", ar_cli_tls_client_options,
          offsetof(provide_opts, tls)},
         {0},
     },
     .opts_size = sizeof(provide_opts),
+    .init = provide_init,
     .run = run_provide,
 };
 
@@ -216,6 +238,8 @@ static int run_provide(void *opts)
                      listen);
         return 2;
     }
+    if (o->install_service)
+        return ar_cli_install_service(o->argc, o->argv, token, market);
 
     /* Low priority first, before any other thread exists: on Linux the nice
      * value belongs to each thread and new threads inherit their creator's,
