@@ -204,30 +204,15 @@ fmt() {
     printf '%s%d.%06d' "$sign" $((v / 1000000)) $((v % 1000000))
 }
 
-# an account's ledger: its first and last rows (one per step and stage in
-# between) and its balance
-show_ledger() {
-    local f=$1 n
-    n=$(grep -c '^[0-9]' "$f" || true)
-    if [ "$n" -le 8 ]; then
-        cat "$f"
-    else
-        head -n 6 "$f"
-        echo "  ... $((n - 6)) more rows ..."
-        grep '^[0-9]' "$f" | tail -n 2
-        grep '^balance:' "$f"
-    fi
-}
-
 say "the ledger: the renter paid, the providers earned"
-"$BIN" ledger --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"} >"$TMP/ledger-renter.txt"
-show_ledger "$TMP/ledger-renter.txt"
+# each account's ledger as a summary: its rows by reason (one usage row per
+# step and stage: hundreds) and its balance
+"$BIN" ledger --summary --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"} | tee "$TMP/ledger-renter.txt"
 renter_bal=$(micro <"$TMP/ledger-renter.txt")
 earned=0
 for i in 0 1 2; do
     echo
-    "$BIN" ledger --market "$MARKET" --token "${TOKENS[$i]}" ${CA[@]+"${CA[@]}"} >"$TMP/ledger-$i.txt"
-    show_ledger "$TMP/ledger-$i.txt"
+    "$BIN" ledger --summary --market "$MARKET" --token "${TOKENS[$i]}" ${CA[@]+"${CA[@]}"} | tee "$TMP/ledger-$i.txt"
     earned=$((earned + $(micro <"$TMP/ledger-$i.txt")))
 done
 minted=$((CREDITS * 1000000))

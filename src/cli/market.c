@@ -4,6 +4,7 @@
  * (AR_OPTION_CREDITS) and printed as credits with 6 decimals (exact: no
  * floating point). */
 #include "cli/cli.h"
+#include "cli/json.h"
 #include "core/core.h"
 #include "market/http.h"
 #include "market/store.h"
@@ -198,6 +199,8 @@ typedef struct {
     ar_cli_market m;
     const char *arg; /* ledger's ACCOUNT, job's ID */
     int all;         /* providers --all */
+    int json;        /* --json: one JSON document instead of the table */
+    int summary;     /* ledger --summary */
     ar_cli_tls tls;
 } client_opts;
 
@@ -206,6 +209,13 @@ typedef struct {
 /* every client's sections begin with these, and end with TLS */
 #define CLIENT_MARKET_SECTION {NULL, ar_cli_market_options, offsetof(client_opts, m)}
 #define CLIENT_TLS_SECTION {"TLS", ar_cli_tls_client_options, offsetof(client_opts, tls)}
+
+#define JSON_OPTION                                                                                         \
+    {.name = "json", .kind = AR_OPTION_FLAG, CLIENT(json),                                                  \
+     .help = "print one JSON document instead of the table (its fields are listed above)"}
+
+static const ar_option json_options[] = {JSON_OPTION, {0}};
+#define CLIENT_JSON_SECTION {NULL, json_options, 0}
 
 /* ledger's ACCOUNT, job's ID: one argument at most */
 static int client_arg(void *opts, const char *arg)
@@ -256,8 +266,32 @@ static const char *mem_str(int64_t bytes, char *buf, size_t size)
 
 static const ar_option providers_options[] = {
     {.name = "all", .kind = AR_OPTION_FLAG, CLIENT(all), .help = "offline providers too"},
+    JSON_OPTION,
     {0},
 };
+
+static int providers_json(const ar_market_provider *ps, size_t n)
+{
+    ar_cli_json j;
+    ar_cli_json_begin(&j);
+    cJSON *arr = ar_cli_json_array(&j, j.root, "providers");
+    for (size_t i = 0; i < n && !j.oom; i++) {
+        const ar_provider *p = &ps[i].p;
+        cJSON *o = ar_cli_json_push(&j, arr);
+        ar_cli_json_num(&j, o, "id", (double)p->id);
+        ar_cli_json_str(&j, o, "account", ps[i].account);
+        ar_cli_json_str(&j, o, "address", p->address);
+        ar_cli_json_num(&j, o, "gflops", p->gflops);
+        ar_cli_json_num(&j, o, "mem_bytes", (double)p->mem_bytes);
+        ar_cli_json_num(&j, o, "cores", p->cores);
+        ar_cli_json_credits(&j, o, "price_per_tflop", p->price_per_tflop);
+        ar_cli_json_num(&j, o, "reliability", p->reliability);
+        ar_cli_json_bool(&j, o, "online", p->online);
+        ar_cli_json_num(&j, o, "last_heartbeat", (double)p->last_heartbeat);
+        ar_cli_json_str(&j, o, "worker", ar_reach_name(p->reach));
+    }
+    return ar_cli_json_end(&j);
+}
 
 static int providers_call(ar_client *c, const client_opts *o)
 {
@@ -266,6 +300,11 @@ static int providers_call(ar_client *c, const client_opts *o)
     int rc = ar_market_providers(c, o->m.token, o->all, &ps, &n, NULL);
     if (rc != AR_OK)
         return rc;
+    if (o->json) {
+        rc = providers_json(ps, n);
+        free(ps);
+        return rc;
+    }
     if (n == 0) {
         printf("no providers %s\n", o->all ? "registered" : "online");
     } else {
@@ -298,9 +337,14 @@ static int run_providers(void *opts)
 const ar_cmd_spec ar_providers_cmd = {
     .name = "providers",
     .summary = "list the providers online at a market",
-    .usage = "--market HOST:PORT --token T [--all]",
+    .usage = "--market HOST:PORT --token T [--all] [--json]",
     .description = "List the providers online at a market: their worker address, measured speed, memory, "
-                   "cores, price (credits per TFLOP) and reliability.",
+                   "cores, price (credits per TFLOP) and reliability.\n\n"
+                   "--json prints {\"providers\": [...]}, each provider an object with id, account, address, "
+                   "gflops (measured GFLOP/s), mem_bytes (memory offered), cores, price_per_tflop (credits "
+                   "per TFLOP, a string with 6 decimals), reliability (0..1), online (true or false), "
+                   "last_heartbeat (unix seconds) and worker (the market's last check of its worker: "
+                   "unchecked, reachable or unreachable).",
     .sections = (const ar_option_section[]){
         CLIENT_MARKET_SECTION, {NULL, providers_options, 0}, CLIENT_TLS_SECTION, {0}},
     .opts_size = sizeof(client_opts),
@@ -308,6 +352,116 @@ const ar_cmd_spec ar_providers_cmd = {
 };
 
 /* ---- arceus ledger --------------------------------------------------------------------- */
+
+/* One reason's rows in a ledger: how many, and their sum. */
+typedef struct {
+    char reason[AR_REASON_MAX];
+    size_t rows;
+    int64_t credits; /* micro-credits */
+} reason_total;
+
+/* The rows' totals by reason, in the order each reason first appears:
+ * *out malloc'd (NULL and 0 for no rows); AR_OK or AR_ENOMEM. Whatever
+ * reasons the market writes (mint, usage, reversal today) are counted: the
+ * client need not know them. */
+static int totals_by_reason(const ar_ledger_row *rows, size_t n, reason_total **out, size_t *n_out)
+{
+    reason_total *t = NULL;
+    size_t k = 0, cap = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t r = 0;
+        while (r < k && strcmp(t[r].reason, rows[i].reason) != 0)
+            r++;
+        if (r == k) {
+            if (k == cap) {
+                size_t ncap = cap ? 2 * cap : 8;
+                reason_total *nt = realloc(t, ncap * sizeof *nt);
+                if (!nt) {
+                    free(t);
+                    return ar_fail(AR_ENOMEM, "out of memory summing the ledger");
+                }
+                t = nt;
+                cap = ncap;
+            }
+            memset(&t[k], 0, sizeof t[k]);
+            snprintf(t[k].reason, sizeof t[k].reason, "%s", rows[i].reason);
+            k++;
+        }
+        t[r].rows++;
+        t[r].credits += rows[i].amount;
+    }
+    *out = t;
+    *n_out = k;
+    return AR_OK;
+}
+
+/* "+1.500000" for what came in, "-0.250000" for what went out */
+static const char *signed_credits(int64_t micro, char *buf, size_t size)
+{
+    if (size < 2)
+        return "";
+    ar_credits_text(micro, buf + 1, size - 1);
+    buf[0] = '+';
+    return micro >= 0 ? buf : buf + 1;
+}
+
+static int ledger_json(const client_opts *o, const char *account, const ar_ledger_row *rows, size_t n,
+                       const reason_total *t, size_t nt, int64_t balance)
+{
+    ar_cli_json j;
+    ar_cli_json_begin(&j);
+    ar_cli_json_str(&j, j.root, "account", account);
+    ar_cli_json_credits(&j, j.root, "balance", balance);
+    ar_cli_json_num(&j, j.root, "rows_total", (double)n);
+    cJSON *by = ar_cli_json_object(&j, j.root, "by_reason");
+    for (size_t i = 0; i < nt && !j.oom; i++) {
+        cJSON *r = ar_cli_json_object(&j, by, t[i].reason);
+        ar_cli_json_num(&j, r, "rows", (double)t[i].rows);
+        ar_cli_json_credits(&j, r, "credits", t[i].credits);
+    }
+    if (!o->summary) {
+        cJSON *arr = ar_cli_json_array(&j, j.root, "rows");
+        for (size_t i = 0; i < n && !j.oom; i++) {
+            const ar_ledger_row *r = &rows[i];
+            cJSON *x = ar_cli_json_push(&j, arr);
+            ar_cli_json_num(&j, x, "id", (double)r->id);
+            ar_cli_json_num(&j, x, "transfer", (double)r->transfer_id);
+            ar_cli_json_num(&j, x, "time", (double)r->created);
+            ar_cli_json_str(&j, x, "reason", r->reason);
+            if (r->job_id > 0)
+                ar_cli_json_num(&j, x, "job", (double)r->job_id);
+            else
+                ar_cli_json_null(&j, x, "job");
+            if (r->step >= 0)
+                ar_cli_json_num(&j, x, "step", (double)r->step);
+            else
+                ar_cli_json_null(&j, x, "step");
+            ar_cli_json_credits(&j, x, "amount", r->amount);
+        }
+    }
+    return ar_cli_json_end(&j);
+}
+
+static void ledger_rows(const ar_ledger_row *rows, size_t n)
+{
+    printf("%-7s %-8s %-20s %-9s %6s %6s %20s\n", "ID", "TRANSFER", "TIME (UTC)", "REASON", "JOB", "STEP",
+           "CREDITS");
+    for (size_t i = 0; i < n; i++) {
+        const ar_ledger_row *r = &rows[i];
+        char when[32] = "?", job[24] = "-", step[24] = "-", amount[48], reason[4 * AR_REASON_MAX];
+        time_t t = (time_t)r->created;
+        struct tm tm;
+        if (gmtime_r(&t, &tm))
+            strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
+        if (r->job_id > 0)
+            snprintf(job, sizeof job, "%lld", (long long)r->job_id);
+        if (r->step >= 0)
+            snprintf(step, sizeof step, "%lld", (long long)r->step);
+        printf("%-7lld %-8lld %-20s %-9s %6s %6s %20s\n", (long long)r->id, (long long)r->transfer_id, when,
+               ar_cli_safe_text(r->reason, reason, sizeof reason), job, step,
+               signed_credits(r->amount, amount, sizeof amount));
+    }
+}
 
 static int ledger_call(ar_client *c, const client_opts *o)
 {
@@ -318,29 +472,31 @@ static int ledger_call(ar_client *c, const client_opts *o)
     int rc = ar_market_ledger(c, o->m.token, o->arg, account, &rows, &n, &balance, NULL);
     if (rc != AR_OK)
         return rc;
-    printf("ledger of %s\n", account);
-    printf("%-7s %-8s %-20s %-9s %6s %6s %20s\n", "ID", "TRANSFER", "TIME (UTC)", "REASON", "JOB", "STEP",
-           "CREDITS");
-    for (size_t i = 0; i < n; i++) {
-        const ar_ledger_row *r = &rows[i];
-        char when[32] = "?", job[24] = "-", step[24] = "-", amount[48];
-        time_t t = (time_t)r->created;
-        struct tm tm;
-        if (gmtime_r(&t, &tm))
-            strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
-        if (r->job_id > 0)
-            snprintf(job, sizeof job, "%lld", (long long)r->job_id);
-        if (r->step >= 0)
-            snprintf(step, sizeof step, "%lld", (long long)r->step);
-        ar_credits_text(r->amount, amount + 1, sizeof amount - 1);
-        amount[0] = r->amount >= 0 ? '+' : ' ';
-        printf("%-7lld %-8lld %-20s %-9s %6s %6s %20s\n", (long long)r->id, (long long)r->transfer_id, when,
-               r->reason, job, step, r->amount >= 0 ? amount : amount + 1);
+    reason_total *t = NULL;
+    size_t nt = 0;
+    rc = totals_by_reason(rows, n, &t, &nt);
+    if (rc == AR_OK && o->json) {
+        rc = ledger_json(o, account, rows, n, t, nt, balance);
+    } else if (rc == AR_OK) {
+        char name[4 * AR_NAME_MAX], b[48];
+        ar_cli_safe_text(account, name, sizeof name);
+        if (o->summary) {
+            printf("ledger of %s: %zu row%s\n", name, n, n == 1 ? "" : "s");
+            printf("  %-10s %8s %20s\n", "REASON", "ROWS", "CREDITS");
+            for (size_t i = 0; i < nt; i++) {
+                char reason[4 * AR_REASON_MAX], amount[48];
+                printf("  %-10s %8zu %20s\n", ar_cli_safe_text(t[i].reason, reason, sizeof reason), t[i].rows,
+                       signed_credits(t[i].credits, amount, sizeof amount));
+            }
+        } else {
+            printf("ledger of %s\n", name);
+            ledger_rows(rows, n);
+        }
+        printf("balance: %s credits\n", ar_credits_text(balance, b, sizeof b));
     }
-    char b[48];
-    printf("balance: %s credits\n", ar_credits_text(balance, b, sizeof b));
+    free(t);
     free(rows);
-    return AR_OK;
+    return rc;
 }
 
 static int run_ledger(void *opts)
@@ -348,14 +504,27 @@ static int run_ledger(void *opts)
     return run_client("ledger", opts, NULL, ledger_call);
 }
 
+static const ar_option ledger_options[] = {
+    {.name = "summary", .kind = AR_OPTION_FLAG, CLIENT(summary),
+     .help = "one line per reason (rows and credits) instead of every row"},
+    JSON_OPTION,
+    {0},
+};
+
 const ar_cmd_spec ar_ledger_cmd = {
     .name = "ledger",
     .summary = "print your credit ledger and balance at a market",
-    .usage = "[ACCOUNT] --market HOST:PORT --token T",
+    .usage = "[ACCOUNT] --market HOST:PORT --token T [--summary] [--json]",
     .description = "Print an account's ledger at a market, one row per credit movement (+ received, - paid), "
                    "and its balance, in credits. An account may read only its own ledger: ACCOUNT defaults "
-                   "to the token's account, and any other is refused.",
-    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, CLIENT_TLS_SECTION, {0}},
+                   "to the token's account, and any other is refused. --summary prints, instead of the rows, "
+                   "how many there are of each reason (mint, usage, reversal) and what they add up to.\n\n"
+                   "--json prints one object: account, balance, rows_total, by_reason (for each reason an "
+                   "object with rows and credits, their sum) and, without --summary, rows (oldest first, each "
+                   "with id, transfer, time in unix seconds, reason, job and step, null when none, and "
+                   "amount). Credits are strings with 6 decimals, exact: \"-0.250000\".",
+    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, {NULL, ledger_options, 0}, CLIENT_TLS_SECTION,
+                                            {0}},
     .positional = client_arg,
     .opts_size = sizeof(client_opts),
     .run = run_ledger,
@@ -373,6 +542,21 @@ static const char *utc_str(int64_t unix_s, char *buf, size_t size)
     return buf;
 }
 
+/* A job's fields, as jobs --json and job --json write them. */
+static void job_json_fields(ar_cli_json *j, cJSON *o, const ar_job *job)
+{
+    ar_cli_json_num(j, o, "id", (double)job->id);
+    ar_cli_json_str(j, o, "status", ar_job_status_name(job->status));
+    ar_cli_json_num(j, o, "step", (double)job->step);
+    ar_cli_json_credits(j, o, "spent", job->spent);
+    if (job->max_credits > 0)
+        ar_cli_json_credits(j, o, "max_credits", job->max_credits);
+    else
+        ar_cli_json_null(j, o, "max_credits");
+    ar_cli_json_num(j, o, "created", (double)job->created);
+    ar_cli_json_str(j, o, "spec", job->spec);
+}
+
 static int jobs_call(ar_client *c, const client_opts *o)
 {
     ar_job *jobs;
@@ -380,7 +564,14 @@ static int jobs_call(ar_client *c, const client_opts *o)
     int rc = ar_market_jobs(c, o->m.token, &jobs, &n, NULL);
     if (rc != AR_OK)
         return rc;
-    if (n == 0) {
+    if (o->json) {
+        ar_cli_json j;
+        ar_cli_json_begin(&j);
+        cJSON *arr = ar_cli_json_array(&j, j.root, "jobs");
+        for (size_t i = 0; i < n && !j.oom; i++)
+            job_json_fields(&j, ar_cli_json_push(&j, arr), &jobs[i]);
+        rc = ar_cli_json_end(&j);
+    } else if (n == 0) {
         printf("no jobs\n");
     } else {
         printf("%-6s %-10s %8s %20s %-20s %s\n", "ID", "STATUS", "STEP", "CREDITS SPENT", "CREATED (UTC)",
@@ -394,7 +585,7 @@ static int jobs_call(ar_client *c, const client_opts *o)
         }
     }
     ar_store_jobs_free(jobs, n);
-    return AR_OK;
+    return rc;
 }
 
 static int run_jobs(void *opts)
@@ -405,10 +596,13 @@ static int run_jobs(void *opts)
 const ar_cmd_spec ar_jobs_cmd = {
     .name = "jobs",
     .summary = "list your training jobs at a market",
-    .usage = "--market HOST:PORT --token T",
+    .usage = "--market HOST:PORT --token T [--json]",
     .description = "List your account's training jobs at a market: id, status, completed steps, credits "
-                   "spent, when each was created (UTC) and what it trains.",
-    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, CLIENT_TLS_SECTION, {0}},
+                   "spent, when each was created (UTC) and what it trains.\n\n"
+                   "--json prints {\"jobs\": [...]}, each job an object with id, status (running, done, "
+                   "failed, ...), step (completed steps), spent and max_credits (credits as strings with 6 "
+                   "decimals; max_credits null when the job has no cap), created (unix seconds) and spec.",
+    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, CLIENT_JSON_SECTION, CLIENT_TLS_SECTION, {0}},
     .opts_size = sizeof(client_opts),
     .run = run_jobs,
 };
@@ -472,6 +666,21 @@ static int job_call(ar_client *c, const client_opts *o)
     int rc = ar_market_job(c, o->m.token, id, &job, &pts, &n, NULL);
     if (rc != AR_OK)
         return rc;
+    if (o->json) {
+        ar_cli_json j;
+        ar_cli_json_begin(&j);
+        job_json_fields(&j, ar_cli_json_object(&j, j.root, "job"), &job);
+        cJSON *arr = ar_cli_json_array(&j, j.root, "loss");
+        for (size_t i = 0; i < n && !j.oom; i++) {
+            cJSON *p = ar_cli_json_push(&j, arr);
+            ar_cli_json_num(&j, p, "step", (double)pts[i].step + 1);
+            ar_cli_json_num(&j, p, "loss", pts[i].loss);
+        }
+        rc = ar_cli_json_end(&j);
+        ar_free(pts);
+        ar_store_job_clear(&job);
+        return rc;
+    }
     char spent[48], cap[48], when[32], spec[1024];
     printf("job %lld\n", (long long)job.id);
     printf("  status:   %s\n", ar_job_status_name(job.status));
@@ -502,12 +711,15 @@ static int run_job(void *opts)
 const ar_cmd_spec ar_job_cmd = {
     .name = "job",
     .summary = "show one job: status, step, credits spent, loss curve",
-    .usage = "ID --market HOST:PORT --token T",
+    .usage = "ID --market HOST:PORT --token T [--json]",
     .description = "Show one of your jobs at a market: its status, completed steps, credits spent and its "
                    "training loss curve as a text sparkline (one character per step, or per group of steps "
                    "for a long run), from the losses the driver reported step by step. Another account's "
-                   "job is refused.",
-    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, CLIENT_TLS_SECTION, {0}},
+                   "job is refused.\n\n"
+                   "--json prints {\"job\": {...}, \"loss\": [...]}: the job's fields as arceus jobs --json "
+                   "writes them, and every reported training loss as {\"step\": N, \"loss\": X}, N the "
+                   "steps completed (1 for the first).",
+    .sections = (const ar_option_section[]){CLIENT_MARKET_SECTION, CLIENT_JSON_SECTION, CLIENT_TLS_SECTION, {0}},
     .positional = client_arg,
     .opts_size = sizeof(client_opts),
     .run = run_job,

@@ -110,7 +110,13 @@ def check_demo(out, tmp_path, took):
     acc = float(re.search(r"^test accuracy ([\d.]+)%", out, re.M).group(1))
     assert acc >= 80.0, out
 
-    # the ledger: four accounts' balances, and the sum of every row (mint included) zero
+    # the ledger: a summary per account (its rows by reason), not hundreds of rows
+    summaries = re.findall(r"^ledger of (\S+): (\d+) rows?$", out, re.M)
+    assert [name for name, _ in summaries] == ["renter", "ada", "grace", "linus"], out
+    assert int(summaries[0][1]) > STEPS, out  # the renter paid every step of every stage
+    assert re.search(r"^  usage\s+\d+\s+-\d+\.\d{6}$", out, re.M), out
+    assert not re.search(r"^\d+\s+\d+\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+usage", out, re.M), out
+    # four accounts' balances, and the sum of every row (mint included) zero
     balances = re.findall(r"^balance: ([\d.]+) credits$", out, re.M)
     assert len(balances) == 4, out
     m = re.search(r"renter paid ([\d.]+) credits; providers earned ([\d.]+) credits", out)
