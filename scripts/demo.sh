@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
-# The market demo (`make demo`): on this machine's loopback, a market over a
-# fresh SQLite file, three providers renting out their "machines" and a renter
-# that trains the Fashion-MNIST MLP across the three through the market; then
-# everyone's ledger (balanced: the renter paid what the providers earned) and
-# the renter's jobs. The market serves its web dashboard on loopback while the
-# demo runs (the address is printed; --keep leaves everything up afterwards,
-# until Ctrl-C). Everything it starts is stopped when it ends, however it
-# ends.
+# The market demos, on this machine's loopback: a market over a fresh SQLite
+# file, three providers renting out their "machines" and a renter that trains
+# across the three through the market; then everyone's ledger summary
+# (balanced: the renter paid what the providers earned) and the renter's jobs.
+# The market serves its web dashboard on loopback while the demo runs (the
+# address is printed; --keep leaves everything up afterwards, until Ctrl-C).
+# Everything it starts is stopped when it ends, however it ends.
+#
+#   scripts/demo.sh                 (make demo) the Fashion-MNIST MLP, one epoch
+#   scripts/demo.sh --lm            (make demo-lm) the gpt-5m language model: each
+#                                   provider offers too little memory for the whole
+#                                   model (--max-mem), so the plan splits it over the
+#                                   three; then its validation loss and a text it writes
+#   --steps N                       train N steps (MLP: one epoch, 469; LM: 300)
+#   --data PATH                     MLP: a Fashion-MNIST IDX folder; LM: a text file
+#                                   (default data/devils-dictionary.txt, public domain)
+#   --tls, --keep                   see ARCEUS_DEMO_TLS and ARCEUS_DEMO_KEEP below
 #
 # Environment:
 #   ARCEUS_BIN=PATH          use this binary (skips the build)
 #   ARCEUS_DEMO_SKIP_DEPS=1  do not run scripts/install-deps.sh
-#   ARCEUS_DEMO_STEPS=N      train N steps instead of one epoch (469)
-#   ARCEUS_DEMO_OUT=DIR      the checkpoint folder (runs/demo)
-#   ARCEUS_DEMO_DATA=DIR     Fashion-MNIST IDX folder (train's default:
+#   ARCEUS_DEMO_STEPS=N      same as --steps N
+#   ARCEUS_DEMO_OUT=DIR      the checkpoint folder (runs/demo, runs/demo-lm)
+#   ARCEUS_DEMO_DATA=PATH    same as --data PATH (the MLP's default is train's:
 #                            /usr/share/datasets/fashion-mnist)
+#   ARCEUS_DEMO_EVAL_BATCHES=N  LM: validation batches per evaluation (20)
 #   ARCEUS_DEMO_TLS=1        everything over TLS (same as --tls): a CA and a
 #                            server pair from scripts/make-tls-cert.sh in the
 #                            temporary folder; the market and the providers
@@ -26,23 +36,60 @@ set -euo pipefail
 
 USE_TLS=${ARCEUS_DEMO_TLS:-0}
 KEEP=${ARCEUS_DEMO_KEEP:-0}
-for arg in "$@"; do
-    case $arg in
+LM=0
+STEPS=${ARCEUS_DEMO_STEPS:-}
+DATA=${ARCEUS_DEMO_DATA:-}
+usage() {
+    echo "usage: scripts/demo.sh [--lm] [--steps N] [--data PATH] [--tls] [--keep]" >&2
+    exit 2
+}
+while [ $# -gt 0 ]; do
+    case $1 in
     --tls) USE_TLS=1 ;;
     --keep) KEEP=1 ;;
-    *)
-        echo "usage: scripts/demo.sh [--tls] [--keep]" >&2
-        exit 2
+    --lm) LM=1 ;;
+    --steps | --data)
+        [ $# -ge 2 ] || usage
+        if [ "$1" = --steps ]; then STEPS=$2; else DATA=$2; fi
+        shift
         ;;
+    --steps=*) STEPS=${1#--steps=} ;;
+    --data=*) DATA=${1#--data=} ;;
+    *) usage ;;
     esac
+    shift
 done
+if [ -n "$STEPS" ] && ! [[ "$STEPS" =~ ^[1-9][0-9]{0,7}$ ]]; then
+    echo "demo: error: --steps expects a positive number of steps, got \"$STEPS\"" >&2
+    exit 2
+fi
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-CREDITS=100                 # the renter's opening credits
 PRICES=(1 1.5 2)            # the providers' prices, credits per TFLOP
 NAMES=(ada grace linus)     # the providers' accounts
-OUT_DIR=${ARCEUS_DEMO_OUT:-runs/demo}
+if [ "$LM" = 1 ]; then
+    CREDITS=1000            # the renter's opening credits: gpt-5m costs ~0.1 per step
+    MODEL=configs/gpt-5m.json
+    DATA=${DATA:-data/devils-dictionary.txt}
+    STEPS=${STEPS:-300}
+    # Each provider offers less memory than the whole of gpt-5m needs (about
+    # 150 MB at 8 micro-batches of 2 sequences: weights, gradients, AdamW's
+    # moments and the activations in flight), so no single one can hold it
+    # and the planner must split it; three together have room to spare.
+    PROVIDER_MEM=80M
+    PROVIDER_MEM_TEXT="80 MiB"
+    OUT_DIR=${ARCEUS_DEMO_OUT:-runs/demo-lm}
+    [ -f "$DATA" ] && [ -s "$DATA" ] || {
+        echo "demo: error: no text to train on at $DATA (give one with --data FILE)" >&2
+        exit 2
+    }
+else
+    CREDITS=100             # the renter's opening credits
+    MODEL=configs/mlp-fashion.json
+    PROVIDER_MEM=""
+    OUT_DIR=${ARCEUS_DEMO_OUT:-runs/demo}
+fi
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*" 2>/dev/null || printf '\n== %s\n' "$*"; }
 [ -t 1 ] || say() { printf '\n== %s\n' "$*"; }
@@ -166,11 +213,18 @@ DASHBOARD=${line##*dashboard on }
 echo "dashboard: $DASHBOARD (the renter's view: $DASHBOARD#/jobs?token=$RENTER)"
 
 # ---- three providers -------------------------------------------------------------
-say "three providers rent out this machine (--max-threads $THREADS each)"
+MEM_ARGS=()
+if [ -n "$PROVIDER_MEM" ]; then
+    say "three providers rent out this machine (--max-threads $THREADS, --max-mem $PROVIDER_MEM each)"
+    echo "each offers $PROVIDER_MEM_TEXT: too little for the whole of $MODEL, so the plan must split it"
+    MEM_ARGS=(--max-mem "$PROVIDER_MEM")
+else
+    say "three providers rent out this machine (--max-threads $THREADS each)"
+fi
 PPIDS=()
 for i in 0 1 2; do
     "$BIN" provide --market "$MARKET" --token "${TOKENS[$i]}" --listen 127.0.0.1:0 \
-        --max-threads "$THREADS" --price "${PRICES[$i]}" \
+        --max-threads "$THREADS" --price "${PRICES[$i]}" ${MEM_ARGS[@]+"${MEM_ARGS[@]}"} \
         ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} ${CA[@]+"${CA[@]}"} \
         >"$TMP/provider$i.out" 2>"$TMP/provider$i.err" &
     PIDS+=($!)
@@ -183,17 +237,36 @@ done
 "$BIN" providers --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"}
 
 # ---- the renter trains through the market ----------------------------------------
-say "the renter trains configs/mlp-fashion.json on 3 leased providers"
-TRAIN=(--model configs/mlp-fashion.json --market "$MARKET" --token "$RENTER" --devices 3
-    --plan 0,1,2 --micro-batches 4 --out "$OUT_DIR" --threads "$THREADS")
-[ -n "${ARCEUS_DEMO_STEPS:-}" ] && TRAIN+=(--steps "$ARCEUS_DEMO_STEPS")
-[ -n "${ARCEUS_DEMO_DATA:-}" ] && TRAIN+=(--data "$ARCEUS_DEMO_DATA")
+if [ "$LM" = 1 ]; then
+    say "the renter trains $MODEL on $DATA across 3 leased providers"
+    echo "follow it on the dashboard: $DASHBOARD#/jobs?token=$RENTER"
+    TRAIN=(--model "$MODEL" --data "$DATA" --market "$MARKET" --token "$RENTER" --devices 3
+        --micro-batches 8 --steps "$STEPS" --eval-every 100
+        --eval-batches "${ARCEUS_DEMO_EVAL_BATCHES:-20}" --out "$OUT_DIR" --threads "$THREADS")
+else
+    say "the renter trains $MODEL on 3 leased providers"
+    TRAIN=(--model "$MODEL" --market "$MARKET" --token "$RENTER" --devices 3
+        --plan 0,1,2 --micro-batches 4 --out "$OUT_DIR" --threads "$THREADS")
+    [ -n "$STEPS" ] && TRAIN+=(--steps "$STEPS")
+    [ -n "$DATA" ] && TRAIN+=(--data "$DATA")
+fi
 [ "$USE_TLS" = 1 ] && TRAIN+=("${CA[@]}")
 echo "\$ arceus train ${TRAIN[*]/$RENTER/\$RENTER_TOKEN}"
+T0=$SECONDS
 "$BIN" train "${TRAIN[@]}" &
 TRAIN_PID=$!
 PIDS+=("$TRAIN_PID")
 wait "$TRAIN_PID" || die "training failed"
+echo "trained in $((SECONDS - T0)) s"
+
+if [ "$LM" = 1 ]; then
+    PROMPT="POLITICS, n.  "
+    say "what the model writes, given \"$PROMPT\" (arceus sample)"
+    echo "\$ arceus sample --ckpt $OUT_DIR --prompt \"$PROMPT\" --tokens 400 --seed 7"
+    "$BIN" sample --ckpt "$OUT_DIR" --prompt "$PROMPT" --tokens 400 --seed 7 --threads "$THREADS" ||
+        die "sampling failed"
+    echo
+fi
 
 # ---- the money ---------------------------------------------------------------------
 # "balance: 12.345678 credits" -> micro-credits
