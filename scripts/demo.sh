@@ -221,9 +221,11 @@ if [ -n "$PROVIDER_MEM" ]; then
 else
     say "three providers rent out this machine (--max-threads $THREADS each)"
 fi
+# --when always --on-battery yes: these providers stand in for three other
+# people's machines; this one's owner is at its keyboard, watching
 PPIDS=()
 for i in 0 1 2; do
-    "$BIN" provide --market "$MARKET" --token "${TOKENS[$i]}" --listen 127.0.0.1:0 \
+    "$BIN" provide --market "$MARKET" --token "${TOKENS[$i]}" --listen 127.0.0.1:0 --when always --on-battery yes \
         --max-threads "$THREADS" --price "${PRICES[$i]}" ${MEM_ARGS[@]+"${MEM_ARGS[@]}"} \
         ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} ${CA[@]+"${CA[@]}"} \
         >"$TMP/provider$i.out" 2>"$TMP/provider$i.err" &

@@ -340,7 +340,9 @@ const VIEWS = {
     const now = o.time;
     const mine = ps.filter(p => p.mine);
     const rows = ps.map(p => el("tr", { class: "provider-row" },
-      el("td", {}, el("span", { class: "dot" + (p.online ? " on" : "") }), p.online ? "online" : "offline"),
+      el("td", { title: p.online && !p.available ? "not leased now: " + p.unavailable_why : "" },
+        el("span", { class: "dot" + (p.online ? (p.available ? " on" : " away") : "") }),
+        !p.online ? "offline" : p.available ? "online" : "unavailable: " + p.unavailable_why),
       el("td", { class: "num" }, p.id),
       el("td", {}, p.account, p.mine ? el("span", { class: "badge running", style: "margin-left:6px" }, "yours") : null),
       el("td", { class: "mono" }, p.address),

@@ -289,6 +289,8 @@ static int providers_json(const ar_market_provider *ps, size_t n)
         ar_cli_json_bool(&j, o, "online", p->online);
         ar_cli_json_num(&j, o, "last_heartbeat", (double)p->last_heartbeat);
         ar_cli_json_str(&j, o, "worker", ar_reach_name(p->reach));
+        ar_cli_json_bool(&j, o, "available", !p->unavailable);
+        ar_cli_json_str(&j, o, "unavailable_why", p->unavailable ? p->unavailable_why : "");
     }
     return ar_cli_json_end(&j);
 }
@@ -313,9 +315,15 @@ static int providers_call(ar_client *c, const client_opts *o)
         int64_t now = (int64_t)time(NULL);
         for (size_t i = 0; i < n; i++) {
             const ar_provider *p = &ps[i].p;
-            char mem[32], price[48], seen[48], account[4 * 64], address[4 * AR_ADDR_MAX];
+            char mem[32], price[48], seen[48 + 4 * AR_WHY_MAX], account[4 * 64], address[4 * AR_ADDR_MAX];
+            char why[4 * AR_WHY_MAX];
             long long ago = (long long)(now - p->last_heartbeat);
-            snprintf(seen, sizeof seen, "%llds ago%s", ago < 0 ? 0 : ago, p->online ? "" : " (offline)");
+            /* its owner's rules, as it said them: not leased now, and why */
+            snprintf(seen, sizeof seen, "%llds ago%s%s%s", ago < 0 ? 0 : ago, p->online ? "" : " (offline)",
+                     p->unavailable ? " (unavailable: " : "",
+                     p->unavailable ? ar_cli_safe_text(p->unavailable_why, why, sizeof why) : "");
+            if (p->unavailable)
+                strncat(seen, ")", sizeof seen - strlen(seen) - 1);
             /* names and addresses are whatever their owners registered */
             printf("%-5lld %-16s %-24s %9.1f %10s %5d %14s %11.2f %-11s %s\n", (long long)p->id,
                    ar_cli_safe_text(ps[i].account, account, sizeof account),
@@ -339,12 +347,15 @@ const ar_cmd_spec ar_providers_cmd = {
     .summary = "list the providers online at a market",
     .usage = "--market HOST:PORT --token T [--all] [--json]",
     .description = "List the providers online at a market: their worker address, measured speed, memory, "
-                   "cores, price (credits per TFLOP) and reliability.\n\n"
+                   "cores, price (credits per TFLOP) and reliability. A provider whose owner's rules say it "
+                   "is not to be used now (arceus provide --when, --hours, --on-battery) is shown "
+                   "\"(unavailable: WHY)\" and is not leased.\n\n"
                    "--json prints {\"providers\": [...]}, each provider an object with id, account, address, "
                    "gflops (measured GFLOP/s), mem_bytes (memory offered), cores, price_per_tflop (credits "
                    "per TFLOP, a string with 6 decimals), reliability (0..1), online (true or false), "
-                   "last_heartbeat (unix seconds) and worker (the market's last check of its worker: "
-                   "unchecked, reachable or unreachable).",
+                   "last_heartbeat (unix seconds), worker (the market's last check of its worker: "
+                   "unchecked, reachable or unreachable), available (false while its owner's rules say "
+                   "not now: arceus provide --when, --hours, --on-battery) and unavailable_why (why, or \"\").",
     .sections = (const ar_option_section[]){
         CLIENT_MARKET_SECTION, {NULL, providers_options, 0}, CLIENT_TLS_SECTION, {0}},
     .opts_size = sizeof(client_opts),

@@ -8,6 +8,7 @@
  * provider re-registers as soon as the market answers again (a restarted
  * market may have lost its record of us, or marked us offline meanwhile). */
 #include "cli/cli.h"
+#include "cli/owner.h"
 #include "cli/service.h"
 #include "core/core.h"
 #include "core/device.h"
@@ -37,6 +38,9 @@ typedef struct {
     int64_t max_mem; /* 0: not given (a size is at least 1 byte) */
     int64_t price;   /* micro-credits per TFLOP */
     int install_service;
+    ar_owner_rules rules; /* when to compute */
+    int cpu_limit;
+    float check_every;
     int argc;   /* the command line, for --install-service */
     char **argv;
     ar_cli_tls tls;
@@ -62,6 +66,57 @@ static const ar_option provide_options[] = {
     {0},
 };
 
+/* --hours HH:MM-HH:MM */
+static int parse_hours(const ar_option_ctx *ctx, const char *v, void *opts)
+{
+    ar_owner_rules *r = &((provide_opts *)opts)->rules;
+    if (ar_owner_parse_hours(v, &r->hours_from, &r->hours_to) == 0)
+        return 0;
+    ar_cli_error(ctx->cmd, "--%s expects HH:MM-HH:MM (e.g. 22:00-07:00: across midnight), two different times, "
+                           "got \"%s\"", ctx->name, v);
+    return -1;
+}
+
+static const ar_option_choice whens[] = {{"idle", AR_WHEN_IDLE}, {"always", AR_WHEN_ALWAYS}, {0}};
+static const ar_option_choice yes_no[] = {{"no", 0}, {"yes", 1}, {0}};
+
+static const ar_option owner_options[] = {
+    {.name = "when", .kind = AR_OPTION_ENUM, AT(rules.when), .choices = whens, .metavar = "WHEN", .def = "idle",
+     .help = "idle: only while the owner is away (no keyboard or mouse activity for --idle-after, and, with "
+             "--busy-cpu, the machine's other processes using little CPU); always: whenever it runs. Either "
+             "way within --hours and --on-battery. The provider tells the market when it becomes unavailable "
+             "and why; it is not leased meanwhile (a lease it is serving goes on)"},
+    {.name = "idle-after", .kind = AR_OPTION_FLOAT, AT(rules.idle_after_min), .flo = 0, .fhi = 1440,
+     .metavar = "MIN", .def = "5", .help = "minutes without keyboard or mouse activity before the owner is away"},
+    {.name = "busy-cpu", .kind = AR_OPTION_INT, AT(rules.busy_cpu), .lo = 0, .hi = 100, .metavar = "PCT",
+     .def = "0", .help = "with --when idle: the machine is busy, so not idle, while its other processes use more "
+                         "than PCT% of all its CPUs (0: not checked)"},
+    {.name = "hours", .kind = AR_OPTION_CUSTOM, .parse = parse_hours, .metavar = "HH:MM-HH:MM",
+     .def_text = "any time", .help = "only within these local hours, e.g. 22:00-07:00"},
+    {.name = "on-battery", .kind = AR_OPTION_ENUM, AT(rules.on_battery), .choices = yes_no, .metavar = "YES|NO",
+     .def = "no", .help = "whether to compute while the machine runs on battery"},
+    {.name = "cpu-limit", .kind = AR_OPTION_INT, AT(cpu_limit), .lo = 1, .hi = 100, .metavar = "PCT", .def = "100",
+     .help = "use at most PCT% of the machine's CPU: its cgroup v2 cpu.max where it may be written, else "
+             "duty-cycling (stopped and continued every 100 ms)"},
+    {.name = "check-every", .kind = AR_OPTION_FLOAT, AT(check_every), .flo = 0.1, .fhi = 3600, .metavar = "S",
+     .def = "2", .help = "seconds between looks at the rules' inputs"},
+    {0},
+};
+
+/* the rules' inputs: the machine's own, or a test's */
+static const ar_option input_options[] = {
+    {.name = "input-dir", .kind = AR_OPTION_STRING, AT(rules.input_dir), .metavar = "DIR", .def = "/dev/input",
+     .help = "input devices: their access and change times are keyboard and mouse activity"},
+    {.name = "interrupts", .kind = AR_OPTION_STRING, AT(rules.interrupts), .metavar = "FILE",
+     .def = "/proc/interrupts", .help = "interrupt counts: a change of the i8042 (PS/2 keyboard and mouse) "
+                                        "lines is activity"},
+    {.name = "power-supply-dir", .kind = AR_OPTION_STRING, AT(rules.power_supply_dir), .metavar = "DIR",
+     .def = "/sys/class/power_supply", .help = "power supplies (type, online, status)"},
+    {.name = "clock-file", .kind = AR_OPTION_STRING, AT(rules.clock_file), .metavar = "FILE",
+     .def_text = "the local time", .help = "read the time of day for --hours from FILE (HH:MM), read at each look"},
+    {0},
+};
+
 static const ar_option service_options[] = {
     {.name = "install-service", .kind = AR_OPTION_FLAG, AT(install_service),
      .help = "instead of providing now, write a systemd user unit (arceus-provide.service) that runs "
@@ -75,6 +130,7 @@ static int provide_init(void *opts, int argc, char **argv)
     provide_opts *o = opts;
     o->argc = argc;
     o->argv = argv;
+    o->rules.hours_from = o->rules.hours_to = -1;
     return 0;
 }
 
@@ -98,6 +154,8 @@ const ar_cmd_spec ar_provide_cmd = {
     .sections = (const ar_option_section[]){
         {NULL, ar_cli_market_options, offsetof(provide_opts, m)},
         {NULL, provide_options, 0},
+        {"when to compute (the owner's rules)", owner_options, 0},
+        {"the rules' inputs (for tests)", input_options, 0},
         {"running as a service", service_options, 0},
         {"TLS, for the worker", ar_cli_tls_server_options, offsetof(provide_opts, tls)},
         {"TLS, for the market and the next stage's worker", ar_cli_tls_client_options,
@@ -121,6 +179,10 @@ typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t cv; /* CLOCK_MONOTONIC */
     int stopping;
+    /* the owner's rules, as main last saw them; beat_now: tell the market
+     * at once, not at the next heartbeat */
+    int unavailable, beat_now;
+    char why[AR_WHY_MAX];
 } provider;
 
 /* Register with the market, on a fresh channel when there is none (a channel
@@ -159,19 +221,24 @@ static void *heartbeat_main(void *arg)
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
         ts.tv_sec += p->heartbeat_s;
-        while (!p->stopping && pthread_cond_timedwait(&p->cv, &p->mu, &ts) != ETIMEDOUT) {
+        while (!p->stopping && !p->beat_now && pthread_cond_timedwait(&p->cv, &p->mu, &ts) != ETIMEDOUT) {
         }
         if (p->stopping)
             break;
+        /* every heartbeat says what the owner's rules say now */
+        int unavailable = p->unavailable;
+        char why[AR_WHY_MAX];
+        snprintf(why, sizeof why, "%s", p->why);
+        p->beat_now = 0;
         pthread_mutex_unlock(&p->mu);
-        int status = 0, rc;
+        int status = 0, rc, was_registered = registered;
         if (registered) {
-            rc = ar_market_heartbeat(p->client, p->token, p->provider_id, &status);
+            rc = ar_market_heartbeat_availability(p->client, p->token, p->provider_id, unavailable, why, &status);
             if (rc != AR_OK && status == AR_STATUS_NOT_FOUND) {
                 /* the market forgot us (a new database): register again now */
                 fprintf(stderr, "arceus provide: the market no longer knows provider %" PRId64
                                 ", registering again\n", p->provider_id);
-                registered = 0;
+                registered = was_registered = 0;
                 rc = provider_register(p, &status);
                 registered = rc == AR_OK;
             }
@@ -179,6 +246,9 @@ static void *heartbeat_main(void *arg)
             rc = provider_register(p, &status);
             registered = rc == AR_OK;
         }
+        /* registered again: a heartbeat at once tells the market what the
+         * owner's rules say, before anyone leases us */
+        int beat_again = registered && !was_registered;
         if (rc == AR_OK && outage) {
             fprintf(stderr, "arceus provide: market %s is back: registered again as provider %" PRId64 "\n",
                     p->market, p->provider_id);
@@ -196,12 +266,31 @@ static void *heartbeat_main(void *arg)
         }
         fflush(stderr);
         pthread_mutex_lock(&p->mu);
+        p->beat_now |= beat_again;
     }
     pthread_mutex_unlock(&p->mu);
     return NULL;
 }
 
 /* ---- the command -------------------------------------------------------------------------- */
+
+/* One line saying what the owner's rules are. */
+static void print_rules(const provide_opts *o)
+{
+    const ar_owner_rules *r = &o->rules;
+    char hours[64] = "any time", idle[160] = "";
+    if (r->hours_from >= 0)
+        snprintf(hours, sizeof hours, "%02d:%02d-%02d:%02d", r->hours_from / 60, r->hours_from % 60,
+                 r->hours_to / 60, r->hours_to % 60);
+    if (r->when == AR_WHEN_IDLE)
+        snprintf(idle, sizeof idle, " after %g min without keyboard or mouse%s", (double)r->idle_after_min,
+                 r->busy_cpu > 0 ? " and while other processes use little CPU" : "");
+    char limit[48] = "";
+    if (o->cpu_limit < 100)
+        snprintf(limit, sizeof limit, ", at most %d%% of the CPU", o->cpu_limit);
+    printf("arceus provide: computes %s%s, %s, %s battery%s\n", r->when == AR_WHEN_IDLE ? "when idle" : "always",
+           idle, hours, r->on_battery ? "also on" : "not on", limit);
+}
 
 /* Sleep up to `seconds` unless SIGINT/SIGTERM (blocked, in `set`) arrives:
  * 1 when one did. */
@@ -256,6 +345,9 @@ static int run_provide(void *opts)
     }
     printf("arceus provide: running at nice %d (low priority): the owner's own work comes first\n", nice_now);
     fflush(stdout);
+    /* the CPU limit's helper, if it needs one, is forked before any thread */
+    if (ar_owner_limit_cpu(o->cpu_limit) != 0)
+        return 1;
 
     /* signals are taken by sigwait/sigtimedwait in this thread only: block
      * them before any other thread (gRPC's, OpenMP's, heartbeats) exists */
@@ -311,6 +403,12 @@ static int run_provide(void *opts)
     p.address = advertise ? advertise : addr;
     p.worker = w;
 
+    /* the owner's rules, looked at once before the market hears of us */
+    ar_owner owner;
+    ar_owner_init(&owner, &o->rules);
+    p.unavailable = !ar_owner_check(&owner, p.why, sizeof p.why);
+    p.beat_now = 1;
+
     /* The first registration, here: a refusal (a bad token) is fatal, an
      * unreachable market is waited for while the worker already serves. */
     int rc, status, sig = 0, warned = 0, exit_code = 0;
@@ -353,7 +451,40 @@ static int run_provide(void *opts)
     if (!hb_started)
         fprintf(stderr, "arceus provide: warning: cannot start the heartbeat thread; the market will "
                         "mark this provider offline\n");
-    ar_cli_wait_stop_signal("provide");
+    print_rules(o);
+    if (p.unavailable)
+        printf("arceus provide: unavailable now: %s (the market leases it to no one meanwhile)\n", p.why);
+    fflush(stdout);
+
+    /* look at the rules every --check-every seconds until SIGINT/SIGTERM;
+     * a change is told to the market at once */
+    struct timespec every = {.tv_sec = (time_t)o->check_every,
+                             .tv_nsec = (long)((o->check_every - (float)(time_t)o->check_every) * 1e9f)};
+    for (;;) {
+        int s = sigtimedwait(&set, NULL, &every);
+        if (s > 0) {
+            fprintf(stderr, "arceus provide: %s, shutting down\n", signame(s));
+            break;
+        }
+        if (s < 0 && errno != EAGAIN && errno != EINTR)
+            break;
+        char why[AR_WHY_MAX];
+        int unavailable = !ar_owner_check(&owner, why, sizeof why);
+        pthread_mutex_lock(&p.mu);
+        int changed = unavailable != p.unavailable;
+        p.unavailable = unavailable;
+        snprintf(p.why, sizeof p.why, "%s", unavailable ? why : "");
+        if (changed) {
+            p.beat_now = 1;
+            pthread_cond_broadcast(&p.cv);
+        }
+        pthread_mutex_unlock(&p.mu);
+        if (changed && unavailable)
+            printf("arceus provide: unavailable: %s (the market leases it to no one meanwhile)\n", why);
+        else if (changed)
+            printf("arceus provide: available again\n");
+        fflush(stdout);
+    }
     if (hb_started) {
         pthread_mutex_lock(&p.mu);
         p.stopping = 1;

@@ -325,6 +325,9 @@ static enum MHD_Result get_providers(ar_http *h, struct MHD_Connection *conn, in
         add_credits(&b, o, "price_per_tflop", p->price_per_tflop);
         add_num(&b, o, "reliability", p->reliability);
         add_bool(&b, o, "online", p->online);
+        /* the owner's rules, as its last heartbeat said them */
+        add_bool(&b, o, "available", !p->unavailable);
+        add_str(&b, o, "unavailable_why", p->unavailable ? p->unavailable_why : "");
         add_num(&b, o, "last_heartbeat", (double)p->last_heartbeat);
         bool mine = p->account_id == account;
         add_bool(&b, o, "mine", mine);

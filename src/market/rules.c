@@ -69,7 +69,9 @@ int ar_rules_free_providers(ar_store *s, int64_t min_mem, ar_provider **provider
     /* the candidates first go to the front of *providers, in id order */
     ar_provider *ps = *providers;
     for (size_t i = 0; i < all; i++) {
-        if (ps[i].mem_bytes < min_mem)
+        /* too small, or its owner's rules say not now (arceus provide --when,
+         * --hours, --on-battery) */
+        if (ps[i].mem_bytes < min_mem || ps[i].unavailable)
             continue;
         /* a worker hosts one stage: a provider leased to a live job is not free */
         bool leased = false;

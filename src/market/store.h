@@ -41,9 +41,11 @@
 #define AR_NAME_MAX 64
 #define AR_ADDR_MAX 256
 #define AR_REASON_MAX 32
+/* why a provider is unavailable, with its terminating zero */
+#define AR_WHY_MAX 128
 
 /* The schema version this build creates and migrates to. */
-#define AR_STORE_SCHEMA_VERSION 6
+#define AR_STORE_SCHEMA_VERSION 7
 
 typedef struct ar_store ar_store;
 
@@ -107,6 +109,11 @@ typedef struct {
     ar_reach reach;         /* the market's last check of its worker */
     int64_t reach_checked;  /* when (unix seconds; 0: never) */
     int reach_failures;     /* checks failed in a row */
+    /* what the provider last said of its owner's rules: not to be leased
+     * now (and why), since when (unix seconds; 0: never said) */
+    bool unavailable;
+    char unavailable_why[AR_WHY_MAX];
+    int64_t availability_changed;
 } ar_provider;
 
 /* Register (or re-register: same account and address keep their id, the
@@ -116,6 +123,11 @@ int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_ou
 /* Online, last_heartbeat = now; AR_ENOTFOUND for an unknown id. */
 int ar_store_provider_heartbeat(ar_store *s, int64_t provider_id);
 int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id);
+/* What a provider says of its owner's rules: unavailable (why: at most
+ * AR_WHY_MAX - 1 bytes, no control characters) or available. The time of a
+ * change is kept; saying the same again changes nothing. AR_ENOTFOUND for
+ * no provider, AR_EINVAL for a bad why. */
+int ar_store_provider_set_availability(ar_store *s, int64_t provider_id, bool unavailable, const char *why);
 /* Marks offline every online provider silent for more than max_age_s
  * seconds; *count_out (may be NULL) gets how many. */
 int ar_store_provider_expire(ar_store *s, int64_t max_age_s, int *count_out);

@@ -208,6 +208,14 @@ static const char *const migrations[] = {
     "  ticket_hash TEXT NOT NULL UNIQUE,"
     "  created INTEGER NOT NULL,"
     "  PRIMARY KEY (lease_id, provider_id));",
+    /* 7: what each provider last said of its owner's rules (arceus provide
+     * --when, --hours, --on-battery): not to be leased now, why, since when.
+     * Apart from its row, like the market's own checks */
+    "CREATE TABLE IF NOT EXISTS provider_availability ("
+    "  provider_id INTEGER PRIMARY KEY REFERENCES providers(id),"
+    "  unavailable INTEGER NOT NULL,"
+    "  why TEXT NOT NULL,"
+    "  changed INTEGER NOT NULL);",
 };
 _Static_assert(sizeof migrations / sizeof migrations[0] == AR_STORE_SCHEMA_VERSION,
                "one migration per schema version");
@@ -846,8 +854,10 @@ int ar_store_account_list(ar_store *s, ar_account **out, size_t *n)
 #define PROVIDER_COLS                                                                              \
     "p.id, p.account_id, p.address, p.gflops, p.mem_bytes, p.cores, p.price_per_tflop,"            \
     " p.reliability, p.online, p.last_heartbeat, COALESCE(r.state, 0), COALESCE(r.checked, 0),"   \
-    " COALESCE(r.failures, 0)"
-#define PROVIDER_FROM " FROM providers p LEFT JOIN provider_reach r ON r.provider_id = p.id"
+    " COALESCE(r.failures, 0), COALESCE(a.unavailable, 0), COALESCE(a.why, ''), COALESCE(a.changed, 0)"
+#define PROVIDER_FROM                                                                              \
+    " FROM providers p LEFT JOIN provider_reach r ON r.provider_id = p.id"                         \
+    " LEFT JOIN provider_availability a ON a.provider_id = p.id"
 
 static void read_provider(sqlite3_stmt *st, ar_provider *p)
 {
@@ -866,6 +876,9 @@ static void read_provider(sqlite3_stmt *st, ar_provider *p)
     p->reach = reach == AR_REACH_OK || reach == AR_REACH_UNREACHABLE ? (ar_reach)reach : AR_REACH_UNCHECKED;
     p->reach_checked = sqlite3_column_int64(st, 11);
     p->reach_failures = sqlite3_column_int(st, 12);
+    p->unavailable = sqlite3_column_int(st, 13) != 0;
+    copy_text(p->unavailable_why, sizeof p->unavailable_why, st, 14);
+    p->availability_changed = sqlite3_column_int64(st, 15);
 }
 
 const char *ar_reach_name(ar_reach r)
@@ -942,6 +955,33 @@ int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id)
     return provider_set(s, provider_id,
                         "UPDATE providers SET online = 0 WHERE ?1 IS NOT NULL AND id = ?2",
                         "mark offline");
+}
+
+int ar_store_provider_set_availability(ar_store *s, int64_t provider_id, bool unavailable, const char *why)
+{
+    why = unavailable && why ? why : "";
+    size_t len = strlen(why);
+    if (len >= AR_WHY_MAX)
+        return ar_fail(AR_EINVAL, "why a provider is unavailable: %zu bytes, at most %d", len, AR_WHY_MAX - 1);
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)why[i] < 0x20 || why[i] == 0x7f)
+            return ar_fail(AR_EINVAL, "why a provider is unavailable has a control character");
+    lock(s);
+    int64_t exists = 0;
+    int rc = query_i64(s, &exists, "SELECT COUNT(*) FROM providers WHERE id = ?", "i", provider_id);
+    if (rc == 0 && !exists)
+        rc = ar_fail(AR_ENOTFOUND, "availability: no provider %" PRId64, provider_id);
+    /* the time changes with the state, not with every heartbeat saying it */
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT INTO provider_availability (provider_id, unavailable, why, changed)"
+                 " VALUES (?1, ?2, ?3, ?4)"
+                 " ON CONFLICT (provider_id) DO UPDATE SET"
+                 " changed = CASE WHEN unavailable = ?2 THEN changed ELSE ?4 END,"
+                 " unavailable = ?2, why = ?3",
+                 "iiti", provider_id, (int64_t)unavailable, why, now_s());
+    unlock(s);
+    return rc;
 }
 
 int ar_store_provider_expire(ar_store *s, int64_t max_age_s, int *count_out)

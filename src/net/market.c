@@ -278,8 +278,26 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
                       (long long)req->provider_id);
         goto out;
     }
+    if (rc == AR_OK && req->unavailable && strlen(req->unavailable_why) >= AR_WHY_MAX) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "unavailable_why: at most %d bytes", AR_WHY_MAX - 1);
+        goto out;
+    }
     if (rc == AR_OK)
         rc = ar_store_provider_heartbeat(m->store, req->provider_id);
+    /* the owner's rules: a provider unavailable now is not leased (a
+     * lease it is in already goes on) */
+    if (rc == AR_OK) {
+        rc = ar_store_provider_set_availability(m->store, req->provider_id, req->unavailable,
+                                                req->unavailable_why);
+        if (rc == AR_EINVAL) {
+            ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s", ar_last_error());
+            goto out;
+        }
+        if (rc == AR_OK && req->unavailable != p.unavailable)
+            ar_log(AR_LOG_INFO, "market: provider %lld is %s%s%s", (long long)p.id,
+                   req->unavailable ? "unavailable" : "available again", req->unavailable ? ": " : "",
+                   req->unavailable ? req->unavailable_why : "");
+    }
     /* a provider the market could not reach is checked again as it beats
      * (its own call waits for the check, no one else's) */
     if (rc == AR_OK && !ar_rules_leasable(&m->policy, &p) && ar_rules_reach_due(&p, (int64_t)time(NULL)))
@@ -347,6 +365,8 @@ static void on_list_providers(ar_rpc *rpc, void *user)
         pi.online = ps[i].online;
         pi.last_heartbeat = ps[i].last_heartbeat;
         pi.reach = (char *)ar_reach_name(ps[i].reach);
+        pi.unavailable = ps[i].unavailable;
+        pi.unavailable_why = ps[i].unavailable_why;
         infos[i] = pi;
     }
     Arceus__ListProvidersReply r = ARCEUS__LIST_PROVIDERS_REPLY__INIT;

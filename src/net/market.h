@@ -72,6 +72,10 @@ int ar_market_register(ar_client *c, const char *token, const char *address,
                        const ar_market_profile *p, int64_t *provider_id, int *offline_after_s,
                        int *status);
 int ar_market_heartbeat(ar_client *c, const char *token, int64_t provider_id, int *status);
+/* A heartbeat that also says whether the owner's rules let the machine be
+ * leased now: unavailable, and why (at most AR_WHY_MAX - 1 bytes). */
+int ar_market_heartbeat_availability(ar_client *c, const char *token, int64_t provider_id, bool unavailable,
+                                     const char *why, int *status);
 
 typedef struct {
     ar_provider p; /* account_id is 0: the market names the account instead */

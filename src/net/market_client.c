@@ -66,9 +66,17 @@ int ar_market_register(ar_client *c, const char *token, const char *address,
 
 int ar_market_heartbeat(ar_client *c, const char *token, int64_t provider_id, int *status)
 {
+    return ar_market_heartbeat_availability(c, token, provider_id, false, NULL, status);
+}
+
+int ar_market_heartbeat_availability(ar_client *c, const char *token, int64_t provider_id, bool unavailable,
+                                     const char *why, int *status)
+{
     Arceus__HeartbeatRequest req = ARCEUS__HEARTBEAT_REQUEST__INIT;
     req.token = (char *)token;
     req.provider_id = provider_id;
+    req.unavailable = unavailable;
+    req.unavailable_why = (char *)(unavailable && why ? why : "");
     ProtobufCMessage *rep;
     int rc = call(c, "/arceus.Market/Heartbeat", &req.base, &arceus__heartbeat_reply__descriptor, &rep,
                   status);
@@ -120,6 +128,8 @@ int ar_market_providers(ar_client *c, const char *token, bool include_offline,
         q->p.reach = !strcmp(pi->reach, "reachable")     ? AR_REACH_OK
                      : !strcmp(pi->reach, "unreachable") ? AR_REACH_UNREACHABLE
                                                          : AR_REACH_UNCHECKED;
+        q->p.unavailable = pi->unavailable;
+        snprintf(q->p.unavailable_why, sizeof q->p.unavailable_why, "%s", pi->unavailable_why);
     }
     *out = ps;
     *n = r->n_providers;

@@ -346,11 +346,15 @@ class Procs:
         return w
 
     def provider(self, market, token, *extra, heartbeat=1, name="provide", timeout=90):
-        """`arceus provide --market M --token T --max-threads 1 [--heartbeat S] EXTRA...`,
+        """`arceus provide --market M --token T --max-threads 1 --when always --on-battery yes
+        [--heartbeat S] EXTRA...`,
         once registered: .id, .addr, .gflops, .gib, .price (as printed)."""
         beat = ("--heartbeat", heartbeat) if heartbeat is not None else ()
+        # whatever the machine running the tests is doing (someone typing, a
+        # laptop on battery), its providers compute: a test of the owner's
+        # rules gives its own --when and --on-battery after these
         p = self.start(name, "provide", "--market", market.addr, "--token", token, "--max-threads", "1",
-                       *beat, *extra)
+                       "--when", "always", "--on-battery", "yes", *beat, *extra)
         m = p.wait_stdout(PROVIDER_READY, timeout)
         p.id, p.addr = int(m.group(1)), m.group(2)
         p.gflops, p.gib, p.price = float(m.group(4)), float(m.group(5)), m.group(6)

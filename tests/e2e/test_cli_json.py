@@ -47,11 +47,13 @@ def test_clients_print_json_that_matches_the_market(
     assert sorted(by_id) == sorted([wa.id, wb.id])
     b = by_id[wb.id]
     assert set(b) == {"id", "account", "address", "gflops", "mem_bytes", "cores", "price_per_tflop",
-                      "reliability", "online", "last_heartbeat", "worker"}
+                      "reliability", "online", "last_heartbeat", "worker", "available",
+                      "unavailable_why"}
     assert b["account"] == "bob" and b["address"] == wb.addr and b["gflops"] == 80.5
     assert b["mem_bytes"] == 8 << 30 and b["cores"] == 2 and b["price_per_tflop"] == "700.000000"
     assert b["online"] is True and b["reliability"] == 1 and isinstance(b["last_heartbeat"], int)
     assert b["worker"] in ("unchecked", "reachable", "unreachable")
+    assert b["available"] is True and b["unavailable_why"] == ""
 
     p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", STEPS,
                    "--batch", BATCH, "--eval-every", 0, "--plan", "0,1-2", *cli, "--devices", 2)

@@ -2,6 +2,7 @@
  * tokens, the double-entry ledger (sum zero, no overdraft, paid once), leases
  * and their up-front estimate, providers, jobs, two writers at once, and a
  * writer killed with SIGKILL in the middle of its transfers. */
+#include "market/rules.h"
 #include "market/store.h"
 
 #include "arceus.h"
@@ -749,6 +750,58 @@ Test(market_store, providers_register_heartbeat_offline_list)
     bad.reliability = 1;
     bad.account_id = 999;
     cr_assert_eq(ar_store_provider_register(s, &bad, NULL), AR_ENOTFOUND);
+    ar_store_close(s);
+}
+
+Test(market_store, a_provider_unavailable_by_its_owners_rules_is_not_free)
+{
+    ar_store *s = open_db();
+    int64_t acc = new_account(s, "host", 0);
+    int64_t a = new_provider(s, acc, "10.0.0.1:7000", 5);
+    int64_t b = new_provider(s, acc, "10.0.0.2:7000", 6);
+    ar_provider p;
+    cr_assert_eq(ar_store_provider_get(s, a, &p), 0);
+    cr_assert(!p.unavailable && p.unavailable_why[0] == '\0' && p.availability_changed == 0);
+
+    cr_assert_eq(ar_store_provider_set_availability(s, a, true, "outside hours 22:00-07:00"), 0, "%s",
+                 ar_last_error());
+    cr_assert_eq(ar_store_provider_get(s, a, &p), 0);
+    cr_assert(p.unavailable);
+    cr_assert_str_eq(p.unavailable_why, "outside hours 22:00-07:00");
+    int64_t since = p.availability_changed;
+    cr_assert_gt(since, 0);
+    /* still listed online, but not free to lease */
+    ar_provider *ps = NULL;
+    ar_ranked *ranked = NULL;
+    size_t n = 0, busy = 0;
+    cr_assert_eq(ar_rules_free_providers(s, 0, &ps, &ranked, &n, &busy), 0, "%s", ar_last_error());
+    cr_assert_eq(n, 1);
+    cr_assert_eq(ranked[0].p->id, b);
+    ar_free(ps);
+    ar_free(ranked);
+    /* the same word again, with another why: the time of the change stays */
+    cr_assert_eq(ar_store_provider_set_availability(s, a, true, "on battery"), 0);
+    cr_assert_eq(ar_store_provider_get(s, a, &p), 0);
+    cr_assert_str_eq(p.unavailable_why, "on battery");
+    cr_assert_eq(p.availability_changed, since);
+    /* available again: free, no why */
+    cr_assert_eq(ar_store_provider_set_availability(s, a, false, "ignored"), 0);
+    cr_assert_eq(ar_store_provider_get(s, a, &p), 0);
+    cr_assert(!p.unavailable && p.unavailable_why[0] == '\0');
+    cr_assert_eq(ar_rules_free_providers(s, 0, &ps, &ranked, &n, &busy), 0);
+    cr_assert_eq(n, 2);
+    ar_free(ps);
+    ar_free(ranked);
+
+    /* bad words are refused and change nothing */
+    char longwhy[AR_WHY_MAX + 1];
+    memset(longwhy, 'x', sizeof longwhy - 1);
+    longwhy[sizeof longwhy - 1] = '\0';
+    cr_assert_eq(ar_store_provider_set_availability(s, a, true, longwhy), AR_EINVAL);
+    cr_assert_eq(ar_store_provider_set_availability(s, a, true, "bad\x1b[2J"), AR_EINVAL);
+    cr_assert_eq(ar_store_provider_set_availability(s, 999, true, "x"), AR_ENOTFOUND);
+    cr_assert_eq(ar_store_provider_get(s, a, &p), 0);
+    cr_assert(!p.unavailable);
     ar_store_close(s);
 }
 
