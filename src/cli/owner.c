@@ -273,7 +273,8 @@ int ar_owner_check(ar_owner *o, char *why, size_t size)
 
 #define DUTY_PERIOD_US 100000
 
-/* cpu.max of this process's own cgroup (v2): 0 when written */
+/* cpu.max of this process's own cgroup (v2), when it is alone there: 0
+ * when written */
 static int cgroup_limit(int pct, long cores, char *where, size_t size)
 {
     FILE *f = fopen("/proc/self/cgroup", "r");
@@ -290,6 +291,21 @@ static int cgroup_limit(int pct, long cores, char *where, size_t size)
         }
     fclose(f);
     if (!found)
+        return -1;
+    /* cpu.max holds every process of the cgroup: written only when this
+     * one is alone in it (a systemd service's), never a terminal session's */
+    char procs[1300];
+    snprintf(procs, sizeof procs, "%.*scgroup.procs", (int)(strlen(path) - strlen("cpu.max")), path);
+    f = fopen(procs, "r");
+    if (!f)
+        return -1;
+    long pid, self = (long)getpid();
+    int alone = 1;
+    while (fscanf(f, "%ld", &pid) == 1)
+        if (pid != self)
+            alone = 0;
+    fclose(f);
+    if (!alone)
         return -1;
     int fd = open(path, O_WRONLY | O_CLOEXEC);
     if (fd < 0)
@@ -348,7 +364,7 @@ int ar_owner_limit_cpu(int pct)
         }
     }
     printf("arceus provide: CPU held to about %d%% by duty-cycling (helper process %ld stops and continues "
-           "it every 100 ms): no writable cgroup v2 cpu.max here\n",
+           "it every 100 ms): no cgroup v2 cpu.max of its own to write here\n",
            pct, (long)pid);
     fflush(stdout);
     return 0;

@@ -49,7 +49,8 @@ void ar_owner_init(ar_owner *o, const ar_owner_rules *r);
 int ar_owner_check(ar_owner *o, char *why, size_t size);
 
 /* Hold this process to pct% of the machine's CPU: a cgroup v2 cpu.max on
- * its own cgroup where that can be written, else a helper process that
+ * its own cgroup where it is alone there and may write it (a systemd
+ * service), else a helper process that
  * stops and continues it (SIGSTOP/SIGCONT) in 100 ms cycles. 100: nothing.
  * Says which on stdout. 0, or -1 (said why on stderr). */
 int ar_owner_limit_cpu(int pct);

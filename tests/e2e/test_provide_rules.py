@@ -7,6 +7,7 @@ leases an unavailable provider to no one."""
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -149,3 +150,23 @@ def test_rules_are_checked_on_the_command_line(run_arceus):
                       (("--cpu-limit", "0"), "--cpu-limit 0 is out of range 1..100")):
         p = run_arceus("provide", "--market", "127.0.0.1:1", "--token", "x", *args)
         assert p.returncode == 2 and why in p.stderr, (args, p.stderr)
+
+
+def test_cpu_limit_holds_the_provider_and_leaves_nothing_behind(run_arceus, add_account, market, provider,
+                                                                 tmp_path):
+    db = tmp_path / "market.db"
+    ada = add_account(db, "ada")
+    m = market(db)
+    p = provider(m, ada, "--cpu-limit", "40")
+    out = p.out()
+    assert "at most 40% of the CPU" in out, out
+    helper = None
+    if "by duty-cycling" in out:
+        helper = int(re.search(r"helper process (\d+)", out).group(1))
+        assert os.path.exists(f"/proc/{helper}")
+    else:
+        assert "CPU held to 40% of the machine by its cgroup" in out, out
+    assert p.stop() == 0  # SIGTERM: a clean exit, though the helper stops it now and then
+    if helper is not None:
+        wait_for("the duty-cycling helper to go", lambda: not os.path.exists(f"/proc/{helper}")
+                 or open(f"/proc/{helper}/stat").read().split(")")[1].split()[0] == "Z", timeout=10)
