@@ -9,6 +9,7 @@ import json
 import os
 import re
 import time
+import urllib.request
 
 import pytest
 
@@ -58,13 +59,20 @@ def test_hours_rule_across_midnight_and_no_lease_outside_them(
     db = tmp_path / "market.db"
     renter = add_account(db, "renter", "100")
     ada = add_account(db, "ada")
-    m = market(db)
+    m = market(db, "--http", "127.0.0.1:0")
     p = provider(m, ada, *input_args(inputs), "--hours", "22:00-07:00", "--when", "always")
     assert "computes always, 22:00-07:00, also on battery" in p.out()
     assert "unavailable now: outside hours 22:00-07:00" in p.out()
     wait_state(run_arceus, m, renter, p.id, False, "outside hours 22:00-07:00")
     table = run_arceus("providers", "--market", m.addr, "--token", renter, check=True).stdout
     assert "(unavailable: outside hours 22:00-07:00)" in table, table
+    # and the dashboard's API, for its providers page
+    req = urllib.request.Request(m.url + "api/providers")
+    req.add_header("Authorization", f"Bearer {renter}")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        api = json.loads(r.read())["providers"]
+    assert [(x["id"], x["available"], x["unavailable_why"]) for x in api] == [
+        (p.id, False, "outside hours 22:00-07:00")], api
 
     # not leased meanwhile: the renter is told no provider is free
     t = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", 1, "--batch", 32,
