@@ -185,13 +185,19 @@ $(OUT)/bench/link_bench: bench/link_bench.c $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(DEP_LIBS)
 
+# The clients of bench/market_load.py: one C process on a gRPC completion
+# queue, so that the bench measures the market, not a Python event loop.
+$(OUT)/bench/market_loadgen: bench/market_loadgen.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(DEP_LIBS)
+
 bench: deps
-	$(MAKE) all $(OUT)/bench/link_bench
+	$(MAKE) all $(OUT)/bench/link_bench $(OUT)/bench/market_loadgen
 	$(PYTHON) bench/run.py --arceus $(abspath $(BIN))
 	$(OUT)/bench/link_bench
 	$(PYTHON) bench/pipeline.py --arceus $(abspath $(BIN))
 	$(PYTHON) bench/tp.py --arceus $(abspath $(BIN))
-	$(PYTHON) bench/market_load.py --arceus $(abspath $(BIN))
+	$(PYTHON) bench/market_load.py --arceus $(abspath $(BIN)) --loadgen $(abspath $(OUT)/bench/market_loadgen)
 
 # The market demo (scripts/demo.sh): install what is missing, build, start a
 # market, three providers and a renter on loopback, train the Fashion-MNIST

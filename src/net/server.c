@@ -93,6 +93,7 @@ struct ar_rpc {
     struct ar_rpc *prev, *next;
     net_tag first_tag;
     grpc_byte_buffer *first; /* the request, read before the handler runs (NULL: none came) */
+    grpc_byte_buffer *reply; /* a unary reply on its way (rpc_reply_finish) */
     int have_first;
     atomic_int wait_kind;       /* WAIT_* */
     atomic_llong wait_since_ms; /* when that wait began */
@@ -162,6 +163,8 @@ static void rpc_free(ar_rpc *r)
 {
     if (r->first)
         grpc_byte_buffer_destroy(r->first);
+    if (r->reply)
+        grpc_byte_buffer_destroy(r->reply);
     grpc_call_details_destroy(&r->details);
     grpc_metadata_array_destroy(&r->md);
     if (r->call)
@@ -267,15 +270,17 @@ void ar_rpc_finish(ar_rpc *r, int code, const char *fmt, ...)
     wait_status(r);
 }
 
-/* A unary call's reply and its OK status, in one batch. */
+/* A unary call's reply and its OK status, in one batch. The handler does
+ * not wait for it to go out: the call ends when it has (rpc_run). */
 static void rpc_reply_finish(ar_rpc *r, const void *data, size_t len)
 {
     grpc_slice s = grpc_slice_from_copied_buffer(data, len);
     grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
     grpc_slice_unref(s);
-    send_status_async(r, AR_STATUS_OK, NULL, bb);
-    wait_status(r);
-    grpc_byte_buffer_destroy(bb);
+    if (send_status_async(r, AR_STATUS_OK, NULL, bb))
+        r->reply = bb; /* kept until the batch has completed: freed with the call */
+    else
+        grpc_byte_buffer_destroy(bb);
 }
 
 /* A request over its method's own limit (ar_server_limit_message) is
@@ -952,18 +957,38 @@ static int server_calls_left_locked(const ar_server *s)
 
 /* ---- calls: threads and requests ------------------------------------------- */
 
-/* Run a call's handler and end the call; on the thread the call was given. */
+/* Run a call's handler and end the call; on the thread the call was given.
+ * A call without a stream is left to end when its status is out (a
+ * detached status, like a refused call's), so that the thread does not
+ * wait a round trip through the event loop for it: each such wait and
+ * wake-up cost about as much as the market's whole handling of a
+ * Heartbeat. */
 static void rpc_run(ar_rpc *r)
 {
     ar_server *s = r->server;
     s->handlers[r->handler].fn(r, s->handlers[r->handler].user);
-    ar_rpc_finish(r, AR_STATUS_OK, NULL); /* nothing if the handler did */
     if (r->link) {
+        ar_rpc_finish(r, AR_STATUS_OK, NULL); /* nothing if the handler did */
         /* the status is out: cancelling completes the link's last batches */
         grpc_call_cancel(r->call, NULL);
         net_link_release(r->link);
+    } else {
+        net_rpc_send_status_async(r, AR_STATUS_OK, NULL); /* nothing if the handler did */
     }
     pthread_mutex_lock(&s->mu);
+    if (!r->link) {
+        pthread_mutex_lock(&r->mu);
+        int pending = !r->status_done;
+        r->detached = pending; /* on_status ends the call */
+        pthread_mutex_unlock(&r->mu);
+        if (pending) {
+            /* the status's hold; the ending pool's deadline cancels a call
+             * whose client takes nothing */
+            r->holds++;
+            pool_remove_locked(s, r);
+            pool_add_locked(s, r, POOL_ENDING);
+        }
+    }
     put_locked(s, r); /* the thread's hold */
     s->active--;
     pthread_cond_broadcast(&s->cv);
