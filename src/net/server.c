@@ -1121,10 +1121,32 @@ int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server
     s->max_calls_per_peer = limits && limits->max_calls_per_peer ? limits->max_calls_per_peer
                                                                  : AR_SERVER_DEFAULT_CALLS_PER_PEER;
     server_deadlines_init(s, limits);
-    grpc_arg args[NET_NARGS];
+    /* What the server's connections may hold at once (docs/DESIGN.md,
+     * "Security model"). gRPC 1.51 reads a message whole, at the speed it
+     * comes, whatever its size, before any limit applies: the flow-control
+     * window grows with the message's declared length. Its memory is
+     * charged to the server's resource quota, though, and past the quota
+     * gRPC reclaims: idle connections are closed, then streams cancelled
+     * ("Buffers full", one at a time until it is under again). Default: one
+     * largest message being assembled and one more behind it on a stream,
+     * plus 64 MiB for everything else (connections' read buffers, calls). */
+    size_t max_message = limits ? limits->max_message : 0;
+    size_t buffered = limits && limits->max_buffered ? limits->max_buffered
+                      : max_message              ? 2 * max_message + ((size_t)64 << 20)
+                                                 : 0;
+    grpc_resource_quota *quota = NULL;
+    if (buffered) {
+        char name[80];
+        snprintf(name, sizeof name, "server %.60s", addr);
+        quota = grpc_resource_quota_create(name);
+        grpc_resource_quota_resize(quota, buffered);
+    }
+    grpc_arg args[NET_NARGS + 1];
     grpc_channel_args ca;
-    net_server_args(limits ? limits->max_message : 0, args, &ca);
-    s->srv = grpc_server_create(&ca, NULL); /* copies the arguments */
+    net_server_args(max_message, quota, args, &ca);
+    s->srv = grpc_server_create(&ca, NULL); /* copies the arguments, and holds the quota */
+    if (quota)
+        grpc_resource_quota_unref(quota);
     grpc_server_register_completion_queue(s->srv, ar_net_cq, NULL);
     grpc_server_credentials *creds = net_server_credentials();
     int p = creds ? grpc_server_add_http2_port(s->srv, addr, creds) : 0;
