@@ -103,8 +103,8 @@ def cpu_s(pid):
 
 def fsync_ms(folder, n=50):
     """What one synchronous write costs in the database's folder: SQLite
-    (synchronous=FULL) syncs its log at every commit, and every Heartbeat and
-    ReportUsage commits."""
+    (synchronous=FULL) syncs its log at every commit, and the market commits
+    its Heartbeats and ReportUsages in groups, a sync per group."""
     path = Path(folder) / "fsync-probe"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
@@ -281,6 +281,9 @@ def report(title, stats, gen, rss, db, books, args, load_before):
     print(f"served {served} of {offered} calls offered in {gen['seconds']:.0f} s ({served / gen['seconds']:.1f}/s); "
           f"the load generator used {gen['cpu_s']:.1f} s of CPU and started its calls at most "
           f"{lag:.1f} ms late (p99)")
+    if lag > 10:
+        print(f"  (the generator itself started calls {lag:.0f} ms late: this machine is busy, and its "
+              f"scheduling delays are in the latencies above)")
     print(f"the market used {gen['market_cpu_s']:.1f} s of CPU ({gen['market_cpu_s'] / gen['elapsed'] * 100:.0f}% "
           f"of a core, {gen['market_cpu_s'] / max(served, 1) * 1e6:.0f} us per call served)")
     print(f"market RSS: max {max(rss or [0]) / 1024:.1f} MiB, at the end {(rss or [0])[-1] / 1024:.1f} MiB; "
