@@ -82,7 +82,17 @@ struct ar_store {
     pthread_mutex_t group_mu;
     write_op *queue, **queue_tail;
     int writing;
+    /* a second connection (query_only) for the reads every call makes
+     * first (a token, a provider): they need not wait behind a group's
+     * commit and its sync; NULL in the reader itself */
+    ar_store *reader;
 };
+
+/* The connection for a hot read: the reader when there is one. */
+static ar_store *reads(ar_store *s)
+{
+    return s->reader ? s->reader : s;
+}
 
 /* ---- schema ---------------------------------------------------------------- */
 
@@ -848,7 +858,8 @@ static int migrate(ar_store *s)
     return tx_end(s, rc);
 }
 
-int ar_store_open(const char *path, ar_store **out)
+/* One connection, migrated. */
+static int open_conn(const char *path, ar_store **out)
 {
     *out = NULL;
     if (!path || !*path)
@@ -917,10 +928,27 @@ fail:
     return rc;
 }
 
+int ar_store_open(const char *path, ar_store **out)
+{
+    int rc = open_conn(path, out);
+    if (rc < 0)
+        return rc;
+    ar_store *r = NULL;
+    if ((rc = open_conn(path, &r)) < 0 || (rc = exec_sql(r, "PRAGMA query_only = ON", "query only")) < 0) {
+        ar_store_close(r);
+        ar_store_close(*out);
+        *out = NULL;
+        return rc;
+    }
+    (*out)->reader = r;
+    return AR_OK;
+}
+
 void ar_store_close(ar_store *s)
 {
     if (!s)
         return;
+    ar_store_close(s->reader);
     /* close_v2 never fails for a busy connection: we finalize every statement */
     stmts_free(s);
     sqlite3_close_v2(s->db);
@@ -1008,6 +1036,7 @@ out:
 
 int ar_store_account_auth(ar_store *s, const char *token, int64_t *id_out)
 {
+    s = reads(s);
     lock(s);
     int rc = token_lookup(
         s, "SELECT id, token_hash FROM accounts WHERE token_hash = ? AND system = 0", token,
@@ -1239,6 +1268,7 @@ static int provider_row(sqlite3_stmt *st, void *item)
 
 int ar_store_provider_get(ar_store *s, int64_t provider_id, ar_provider *out)
 {
+    s = reads(s);
     lock(s);
     int rc = one_row(s, provider_row, out, "SELECT " PROVIDER_COLS PROVIDER_FROM " WHERE p.id = ?", "i",
                      provider_id);
@@ -1789,6 +1819,7 @@ static int lease_read(ar_store *s, int64_t lease_id, ar_lease *out)
 int ar_store_lease_auth(ar_store *s, const char *token, ar_lease *out)
 {
     int64_t id;
+    s = reads(s);
     lock(s);
     int rc = token_lookup(
         s, "SELECT id, token_hash FROM leases WHERE token_hash = ? AND released IS NULL", token,
