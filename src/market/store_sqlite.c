@@ -368,7 +368,7 @@ static int tx_commit(ar_store *s)
 /* ---- group commit ---------------------------------------------------------- *
  *
  * The writes that come with every Heartbeat and every reported step
- * (ar_store_provider_heartbeat, ar_store_step_settle) are committed in
+ * (ar_store_provider_beat, ar_store_step_settle) are committed in
  * groups: a write joins a queue; when no group is being written, its caller
  * becomes the writer, takes every write queued so far (its own included),
  * runs each in a savepoint of one transaction and commits once; every
@@ -1191,25 +1191,70 @@ static int provider_set(ar_store *s, int64_t id, const char *sql, const char *wh
     return rc;
 }
 
+/* Why a provider is unavailable, as the store keeps it: AR_OK or AR_EINVAL. */
+static int why_ok(const char *why)
+{
+    size_t len = strlen(why);
+    if (len >= AR_WHY_MAX)
+        return ar_fail(AR_EINVAL, "why a provider is unavailable: %zu bytes, at most %d", len, AR_WHY_MAX - 1);
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)why[i] < 0x20 || why[i] == 0x7f)
+            return ar_fail(AR_EINVAL, "why a provider is unavailable has a control character");
+    return AR_OK;
+}
+
+/* The availability upsert: the time changes with the state, not with every
+ * heartbeat saying it. Lock held. */
+static int availability_write(ar_store *s, int64_t provider_id, bool unavailable, const char *why)
+{
+    return run(s, NULL,
+               "INSERT INTO provider_availability (provider_id, unavailable, why, changed)"
+               " VALUES (?1, ?2, ?3, ?4)"
+               " ON CONFLICT (provider_id) DO UPDATE SET"
+               " changed = CASE WHEN unavailable = ?2 THEN changed ELSE ?4 END,"
+               " unavailable = ?2, why = ?3",
+               "iiti", provider_id, (int64_t)unavailable, why, now_s());
+}
+
 typedef struct {
     int64_t provider_id;
+    bool availability; /* also keep what it says of its availability */
+    bool unavailable;
+    const char *why;
     int changes;
 } heartbeat_write;
 
 static int heartbeat_body(ar_store *s, void *arg)
 {
     heartbeat_write *w = arg;
-    return run(s, &w->changes, "UPDATE providers SET online = 1, last_heartbeat = ? WHERE id = ?", "ii", now_s(),
-               w->provider_id);
+    int rc = run(s, &w->changes, "UPDATE providers SET online = 1, last_heartbeat = ? WHERE id = ?", "ii",
+                 now_s(), w->provider_id);
+    if (rc == 0 && w->changes == 1 && w->availability)
+        rc = availability_write(s, w->provider_id, w->unavailable, w->why);
+    return rc;
+}
+
+static int heartbeat(ar_store *s, heartbeat_write *w)
+{
+    int rc = group_write(s, heartbeat_body, w);
+    if (rc == 0 && w->changes != 1)
+        rc = ar_fail(AR_ENOTFOUND, "heartbeat: no provider %" PRId64, w->provider_id);
+    return rc;
 }
 
 int ar_store_provider_heartbeat(ar_store *s, int64_t provider_id)
 {
-    heartbeat_write w = {.provider_id = provider_id};
-    int rc = group_write(s, heartbeat_body, &w);
-    if (rc == 0 && w.changes != 1)
-        rc = ar_fail(AR_ENOTFOUND, "heartbeat: no provider %" PRId64, provider_id);
-    return rc;
+    return heartbeat(s, &(heartbeat_write){.provider_id = provider_id});
+}
+
+int ar_store_provider_beat(ar_store *s, int64_t provider_id, bool unavailable, const char *why)
+{
+    why = unavailable && why ? why : "";
+    int rc = why_ok(why);
+    if (rc != AR_OK)
+        return rc;
+    return heartbeat(s, &(heartbeat_write){.provider_id = provider_id, .availability = true,
+                                           .unavailable = unavailable, .why = why});
 }
 
 int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id)
@@ -1223,26 +1268,16 @@ int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id)
 int ar_store_provider_set_availability(ar_store *s, int64_t provider_id, bool unavailable, const char *why)
 {
     why = unavailable && why ? why : "";
-    size_t len = strlen(why);
-    if (len >= AR_WHY_MAX)
-        return ar_fail(AR_EINVAL, "why a provider is unavailable: %zu bytes, at most %d", len, AR_WHY_MAX - 1);
-    for (size_t i = 0; i < len; i++)
-        if ((unsigned char)why[i] < 0x20 || why[i] == 0x7f)
-            return ar_fail(AR_EINVAL, "why a provider is unavailable has a control character");
+    int rc = why_ok(why);
+    if (rc != AR_OK)
+        return rc;
     lock(s);
     int64_t exists = 0;
-    int rc = query_i64(s, &exists, "SELECT COUNT(*) FROM providers WHERE id = ?", "i", provider_id);
+    rc = query_i64(s, &exists, "SELECT COUNT(*) FROM providers WHERE id = ?", "i", provider_id);
     if (rc == 0 && !exists)
         rc = ar_fail(AR_ENOTFOUND, "availability: no provider %" PRId64, provider_id);
-    /* the time changes with the state, not with every heartbeat saying it */
     if (rc == 0)
-        rc = run(s, NULL,
-                 "INSERT INTO provider_availability (provider_id, unavailable, why, changed)"
-                 " VALUES (?1, ?2, ?3, ?4)"
-                 " ON CONFLICT (provider_id) DO UPDATE SET"
-                 " changed = CASE WHEN unavailable = ?2 THEN changed ELSE ?4 END,"
-                 " unavailable = ?2, why = ?3",
-                 "iiti", provider_id, (int64_t)unavailable, why, now_s());
+        rc = availability_write(s, provider_id, unavailable, why);
     unlock(s);
     return rc;
 }

@@ -282,13 +282,10 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
         ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "unavailable_why: at most %d bytes", AR_WHY_MAX - 1);
         goto out;
     }
-    if (rc == AR_OK)
-        rc = ar_store_provider_heartbeat(m->store, req->provider_id);
-    /* the owner's rules: a provider unavailable now is not leased (a
-     * lease it is in already goes on) */
+    /* online now, and the owner's rules: a provider unavailable now is not
+     * leased (a lease it is in already goes on); one write */
     if (rc == AR_OK) {
-        rc = ar_store_provider_set_availability(m->store, req->provider_id, req->unavailable,
-                                                req->unavailable_why);
+        rc = ar_store_provider_beat(m->store, req->provider_id, req->unavailable, req->unavailable_why);
         if (rc == AR_EINVAL) {
             ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s", ar_last_error());
             goto out;
