@@ -3,6 +3,7 @@
  * Names and layouts match tests/ref/refmodels.py, so weights move between
  * PyTorch and Arceus unchanged. */
 #include "core/core.h"
+#include "core/profile.h"
 #include "nn/layer.h"
 #include "ops/ops.h"
 
@@ -54,7 +55,8 @@ static int embed_forward(ar_layer *l, const ar_pass *p, const void *in, float *s
 {
     int C = l->spec->n_embd;
     long n = (long)p->B * p->T * C;
-    ar_embedding_forward(saved, in, l->params[0].data, l->params[1].data, p->B, p->T, C);
+    AR_PROF_CALL("embedding", AR_PROF_FWD, 0,
+                 ar_embedding_forward(saved, in, l->params[0].data, l->params[1].data, p->B, p->T, C));
     dropout_inplace(saved, n, p, l->spec->dropout, drop_seed(p, l->unit, DROP_EMBED));
     return AR_OK;
 }
@@ -70,7 +72,8 @@ static int embed_backward(ar_layer *l, const ar_pass *p, const void *in, const f
         ar_dropout_backward(p->scratch, dout, n, l->spec->dropout, drop_seed(p, l->unit, DROP_EMBED));
         d = p->scratch;
     }
-    ar_embedding_backward(l->params[0].grad, l->params[1].grad, d, in, p->B, p->T, C);
+    AR_PROF_CALL("embedding", AR_PROF_BWD, 0,
+                 ar_embedding_backward(l->params[0].grad, l->params[1].grad, d, in, p->B, p->T, C));
     return AR_OK;
 }
 
@@ -121,6 +124,12 @@ static size_t block_scratch(const ar_layer *l, int B, int T)
 /* parameter indices of a block */
 enum { LN1_W, LN1_B, ATTN_W, ATTN_B, APROJ_W, APROJ_B, LN2_W, LN2_B, FC_W, FC_B, MPROJ_W, MPROJ_B };
 
+/* FLOPs of a linear layer's forward (its backward does twice as many) */
+static double lin_flops(int N, int IN, int OUT)
+{
+    return 2.0 * N * IN * OUT;
+}
+
 static int block_forward(ar_layer *l, const ar_pass *p, const void *in, float *saved)
 {
     const ar_model_spec *s = l->spec;
@@ -130,23 +139,36 @@ static int block_forward(ar_layer *l, const ar_pass *p, const void *in, float *s
     const float *x = in;
     ar_param *w = l->params;
     block_layout o = block_offsets(s, B, T);
+    /* the attention's arithmetic as the MFU formula counts it (all T x T) */
+    double att_flops = 4.0 * B * NH * T * T * HS;
 
-    ar_layernorm_forward(saved + o.ln1, saved + o.ln1_mean, saved + o.ln1_rstd, x, w[LN1_W].data,
-                         w[LN1_B].data, N, C);
-    ar_linear_forward(saved + o.qkv, saved + o.ln1, w[ATTN_W].data, w[ATTN_B].data, N, C, 3 * C);
-    ar_attention_forward(saved + o.atty, saved + o.att, saved + o.qkv, B, T, NH, HS);
-    ar_linear_forward(saved + o.attproj, saved + o.atty, w[APROJ_W].data, w[APROJ_B].data, N, C, C);
+    AR_PROF_CALL("ln_1", AR_PROF_FWD, 0,
+                 ar_layernorm_forward(saved + o.ln1, saved + o.ln1_mean, saved + o.ln1_rstd, x,
+                                      w[LN1_W].data, w[LN1_B].data, N, C));
+    AR_PROF_CALL("attn.c_attn", AR_PROF_FWD, lin_flops(N, C, 3 * C),
+                 ar_linear_forward(saved + o.qkv, saved + o.ln1, w[ATTN_W].data, w[ATTN_B].data, N,
+                                   C, 3 * C));
+    AR_PROF_CALL("attention", AR_PROF_FWD, att_flops,
+                 ar_attention_forward(saved + o.atty, saved + o.att, saved + o.qkv, B, T, NH, HS));
+    AR_PROF_CALL("attn.c_proj", AR_PROF_FWD, lin_flops(N, C, C),
+                 ar_linear_forward(saved + o.attproj, saved + o.atty, w[APROJ_W].data,
+                                   w[APROJ_B].data, N, C, C));
     dropout_inplace(saved + o.attproj, n, p, s->dropout, drop_seed(p, l->unit, DROP_ATTN));
-    ar_residual_forward(saved + o.res1, x, saved + o.attproj, n);
+    AR_PROF_CALL("residual", AR_PROF_FWD, 0, ar_residual_forward(saved + o.res1, x, saved + o.attproj, n));
 
-    ar_layernorm_forward(saved + o.ln2, saved + o.ln2_mean, saved + o.ln2_rstd, saved + o.res1,
-                         w[LN2_W].data, w[LN2_B].data, N, C);
-    ar_linear_forward(saved + o.fc, saved + o.ln2, w[FC_W].data, w[FC_B].data, N, C, 4 * C);
-    ar_gelu_forward(saved + o.fc_gelu, saved + o.fc, 4 * n);
-    ar_linear_forward(saved + o.mlpproj, saved + o.fc_gelu, w[MPROJ_W].data, w[MPROJ_B].data, N,
-                      4 * C, C);
+    AR_PROF_CALL("ln_2", AR_PROF_FWD, 0,
+                 ar_layernorm_forward(saved + o.ln2, saved + o.ln2_mean, saved + o.ln2_rstd,
+                                      saved + o.res1, w[LN2_W].data, w[LN2_B].data, N, C));
+    AR_PROF_CALL("mlp.c_fc", AR_PROF_FWD, lin_flops(N, C, 4 * C),
+                 ar_linear_forward(saved + o.fc, saved + o.ln2, w[FC_W].data, w[FC_B].data, N, C,
+                                   4 * C));
+    AR_PROF_CALL("gelu", AR_PROF_FWD, 0, ar_gelu_forward(saved + o.fc_gelu, saved + o.fc, 4 * n));
+    AR_PROF_CALL("mlp.c_proj", AR_PROF_FWD, lin_flops(N, 4 * C, C),
+                 ar_linear_forward(saved + o.mlpproj, saved + o.fc_gelu, w[MPROJ_W].data,
+                                   w[MPROJ_B].data, N, 4 * C, C));
     dropout_inplace(saved + o.mlpproj, n, p, s->dropout, drop_seed(p, l->unit, DROP_MLP));
-    ar_residual_forward(saved + o.out, saved + o.res1, saved + o.mlpproj, n);
+    AR_PROF_CALL("residual", AR_PROF_FWD, 0,
+                 ar_residual_forward(saved + o.out, saved + o.res1, saved + o.mlpproj, n));
     return AR_OK;
 }
 
@@ -160,39 +182,52 @@ static int block_backward(ar_layer *l, const ar_pass *p, const void *in, const f
     const float *x = in;
     ar_param *w = l->params;
     block_layout o = block_offsets(s, B, T);
+    double att_flops = 8.0 * B * NH * T * T * HS;
 
     size_t need = block_scratch(l, B, T);
     if (need > p->scratch_floats)
         return ar_fail(AR_EINTERNAL, "block backward needs %zu scratch floats, has %zu", need,
                        p->scratch_floats);
-    memset(p->scratch, 0, need * sizeof(float));
+    AR_PROF_CALL("block scratch", AR_PROF_BWD, 0, memset(p->scratch, 0, need * sizeof(float)));
     float *dres1 = p->scratch, *dmlp = dres1 + n, *dgelu = dmlp + n, *dfc = dgelu + 4 * n,
           *dln2 = dfc + 4 * n, *dattproj = dln2 + n, *datty = dattproj + n, *dqkv = datty + n,
           *dln1 = dqkv + 3 * n, *datt_scratch = dln1 + n;
 
     /* out = res1 + dropout(mlpproj) */
-    for (long i = 0; i < n; i++)
-        dres1[i] = dout[i];
-    dropout_accumulate(dmlp, dout, n, p, s->dropout, drop_seed(p, l->unit, DROP_MLP));
-    ar_linear_backward(dgelu, w[MPROJ_W].grad, w[MPROJ_B].grad, dmlp, saved + o.fc_gelu,
-                       w[MPROJ_W].data, N, 4 * C, C);
-    ar_gelu_backward(dfc, saved + o.fc, dgelu, 4 * n);
-    ar_linear_backward(dln2, w[FC_W].grad, w[FC_B].grad, dfc, saved + o.ln2, w[FC_W].data, N, C,
-                       4 * C);
-    ar_layernorm_backward(dres1, w[LN2_W].grad, w[LN2_B].grad, dln2, saved + o.res1,
-                          w[LN2_W].data, saved + o.ln2_mean, saved + o.ln2_rstd, N, C);
+    AR_PROF_CALL("residual", AR_PROF_BWD, 0, {
+        for (long i = 0; i < n; i++)
+            dres1[i] = dout[i];
+        dropout_accumulate(dmlp, dout, n, p, s->dropout, drop_seed(p, l->unit, DROP_MLP));
+    });
+    AR_PROF_CALL("mlp.c_proj", AR_PROF_BWD, 2 * lin_flops(N, 4 * C, C),
+                 ar_linear_backward(dgelu, w[MPROJ_W].grad, w[MPROJ_B].grad, dmlp,
+                                    saved + o.fc_gelu, w[MPROJ_W].data, N, 4 * C, C));
+    AR_PROF_CALL("gelu", AR_PROF_BWD, 0, ar_gelu_backward(dfc, saved + o.fc, dgelu, 4 * n));
+    AR_PROF_CALL("mlp.c_fc", AR_PROF_BWD, 2 * lin_flops(N, C, 4 * C),
+                 ar_linear_backward(dln2, w[FC_W].grad, w[FC_B].grad, dfc, saved + o.ln2,
+                                    w[FC_W].data, N, C, 4 * C));
+    AR_PROF_CALL("ln_2", AR_PROF_BWD, 0,
+                 ar_layernorm_backward(dres1, w[LN2_W].grad, w[LN2_B].grad, dln2, saved + o.res1,
+                                       w[LN2_W].data, saved + o.ln2_mean, saved + o.ln2_rstd, N, C));
 
     /* res1 = x + dropout(attproj) */
-    for (long i = 0; i < n; i++)
-        din[i] += dres1[i];
-    dropout_accumulate(dattproj, dres1, n, p, s->dropout, drop_seed(p, l->unit, DROP_ATTN));
-    ar_linear_backward(datty, w[APROJ_W].grad, w[APROJ_B].grad, dattproj, saved + o.atty,
-                       w[APROJ_W].data, N, C, C);
-    ar_attention_backward(dqkv, datt_scratch, datty, saved + o.qkv, saved + o.att, B, T, NH, HS);
-    ar_linear_backward(dln1, w[ATTN_W].grad, w[ATTN_B].grad, dqkv, saved + o.ln1, w[ATTN_W].data,
-                       N, C, 3 * C);
-    ar_layernorm_backward(din, w[LN1_W].grad, w[LN1_B].grad, dln1, x, w[LN1_W].data,
-                          saved + o.ln1_mean, saved + o.ln1_rstd, N, C);
+    AR_PROF_CALL("residual", AR_PROF_BWD, 0, {
+        for (long i = 0; i < n; i++)
+            din[i] += dres1[i];
+        dropout_accumulate(dattproj, dres1, n, p, s->dropout, drop_seed(p, l->unit, DROP_ATTN));
+    });
+    AR_PROF_CALL("attn.c_proj", AR_PROF_BWD, 2 * lin_flops(N, C, C),
+                 ar_linear_backward(datty, w[APROJ_W].grad, w[APROJ_B].grad, dattproj,
+                                    saved + o.atty, w[APROJ_W].data, N, C, C));
+    AR_PROF_CALL("attention", AR_PROF_BWD, att_flops,
+                 ar_attention_backward(dqkv, datt_scratch, datty, saved + o.qkv, saved + o.att, B,
+                                       T, NH, HS));
+    AR_PROF_CALL("attn.c_attn", AR_PROF_BWD, 2 * lin_flops(N, C, 3 * C),
+                 ar_linear_backward(dln1, w[ATTN_W].grad, w[ATTN_B].grad, dqkv, saved + o.ln1,
+                                    w[ATTN_W].data, N, C, 3 * C));
+    AR_PROF_CALL("ln_1", AR_PROF_BWD, 0,
+                 ar_layernorm_backward(din, w[LN1_W].grad, w[LN1_B].grad, dln1, x, w[LN1_W].data,
+                                       saved + o.ln1_mean, saved + o.ln1_rstd, N, C));
     return AR_OK;
 }
 
@@ -215,8 +250,10 @@ static int head_forward(ar_layer *l, const ar_pass *p, const void *in, float *sa
     float *logits = saved, *ln = logits + (size_t)N * V, *mean = ln + (size_t)N * C, *rstd = mean + N;
     if (!l->tied || !l->tied->data)
         return ar_fail(AR_EINTERNAL, "head: tied embedding not bound");
-    ar_layernorm_forward(ln, mean, rstd, in, l->params[0].data, l->params[1].data, N, C);
-    ar_linear_forward(logits, ln, l->tied->data, NULL, N, C, V);
+    AR_PROF_CALL("ln_f", AR_PROF_FWD, 0,
+                 ar_layernorm_forward(ln, mean, rstd, in, l->params[0].data, l->params[1].data, N, C));
+    AR_PROF_CALL("head logits", AR_PROF_FWD, lin_flops(N, C, V),
+                 ar_linear_forward(logits, ln, l->tied->data, NULL, N, C, V));
     return AR_OK;
 }
 
@@ -227,9 +264,11 @@ static int head_backward(ar_layer *l, const ar_pass *p, const void *in, const fl
     const float *ln = saved + (size_t)N * V, *mean = ln + (size_t)N * C, *rstd = mean + N;
     float *dln = p->scratch;
     memset(dln, 0, (size_t)N * C * sizeof(float));
-    ar_linear_backward(dln, l->tied_grad, NULL, dout, ln, l->tied->data, N, C, V);
-    ar_layernorm_backward(din, l->params[0].grad, l->params[1].grad, dln, in, l->params[0].data,
-                          mean, rstd, N, C);
+    AR_PROF_CALL("head logits", AR_PROF_BWD, 2 * lin_flops(N, C, V),
+                 ar_linear_backward(dln, l->tied_grad, NULL, dout, ln, l->tied->data, N, C, V));
+    AR_PROF_CALL("ln_f", AR_PROF_BWD, 0,
+                 ar_layernorm_backward(din, l->params[0].grad, l->params[1].grad, dln, in,
+                                       l->params[0].data, mean, rstd, N, C));
     return AR_OK;
 }
 

@@ -40,8 +40,7 @@ void ar_attention_forward(float *out, float *att, const float *qkv, int B, int T
             int m = r1 - r0;
             float *ab = a + (size_t)r0 * T;
             /* preatt[r0:r1, 0:r1] = scale * Q[r0:r1] . K[0:r1]^T */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, r1, HS, scale,
-                        q + (size_t)r0 * C3, C3, k, C3, 0.0f, ab, T);
+            ar_sgemm(0, 1, m, r1, HS, scale, q + (size_t)r0 * C3, C3, k, C3, 0.0f, ab, T);
             /* softmax over the keys each query may see (j <= t); the rest is
              * zero so att is a proper (B,NH,T,T) matrix for any consumer. */
             for (int t = r0; t < r1; t++) {
@@ -57,8 +56,7 @@ void ar_attention_forward(float *out, float *att, const float *qkv, int B, int T
                     row[j] = 0.0f;
             }
             /* out[r0:r1] = att[r0:r1, 0:r1] . V[0:r1] */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, HS, r1, 1.0f, ab, T, v, C3,
-                        0.0f, o + (size_t)r0 * C, C);
+            ar_sgemm(0, 0, m, HS, r1, 1.0f, ab, T, v, C3, 0.0f, o + (size_t)r0 * C, C);
         }
     }
 }
@@ -91,11 +89,9 @@ void ar_attention_backward(float *dqkv, float *scratch, const float *dout, const
             float *dab = da + (size_t)r0 * T;
             const float *dor = dob + (size_t)r0 * C;
             /* datt[r0:r1, 0:r1] = dout[r0:r1] . V[0:r1]^T */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, r1, HS, 1.0f, dor, C, v, C3,
-                        0.0f, dab, T);
+            ar_sgemm(0, 1, m, r1, HS, 1.0f, dor, C, v, C3, 0.0f, dab, T);
             /* dV[0:r1] += att[r0:r1, 0:r1]^T . dout[r0:r1] */
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, HS, m, 1.0f, ab, T, dor, C,
-                        1.0f, dv, C3);
+            ar_sgemm(1, 0, r1, HS, m, 1.0f, ab, T, dor, C, 1.0f, dv, C3);
             /* softmax backward, in place; entries above the diagonal become
              * zero so the GEMMs below may read the whole [r0:r1, 0:r1] block. */
             for (int t = r0; t < r1; t++) {
@@ -108,11 +104,9 @@ void ar_attention_backward(float *dqkv, float *scratch, const float *dout, const
                     drow[j] = 0.0f;
             }
             /* dQ[r0:r1] += dpreatt[r0:r1, 0:r1] . K[0:r1] */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, HS, r1, 1.0f, dab, T, k, C3,
-                        1.0f, dq + (size_t)r0 * C3, C3);
+            ar_sgemm(0, 0, m, HS, r1, 1.0f, dab, T, k, C3, 1.0f, dq + (size_t)r0 * C3, C3);
             /* dK[0:r1] += dpreatt[r0:r1, 0:r1]^T . Q[r0:r1] */
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, HS, m, 1.0f, dab, T,
-                        q + (size_t)r0 * C3, C3, 1.0f, dk, C3);
+            ar_sgemm(1, 0, r1, HS, m, 1.0f, dab, T, q + (size_t)r0 * C3, C3, 1.0f, dk, C3);
         }
     }
 }

@@ -2,6 +2,7 @@
 #include "train/stage.h"
 
 #include "core/core.h"
+#include "core/profile.h"
 #include "ops/ops.h"
 #include "train/tp_block.h"
 #include "train/tp_group.h"
@@ -327,7 +328,8 @@ int ar_stage_loss(ar_stage *s, int slot, int B, const int32_t *targets, double *
     const float *logits = s->slots[slot] + s->layer_offset[s->nlayers - 1];
     float *probs = s->probs + (size_t)slot * s->probs_floats;
     float *losses = probs + (size_t)s->max_B * s->T * V;
-    *loss = ar_xent_forward(losses, probs, logits, targets, N, V);
+    AR_PROF_CALL("cross-entropy", AR_PROF_FWD, 0,
+                 *loss = ar_xent_forward(losses, probs, logits, targets, N, V));
     if (correct) {
         long c = 0;
         for (int i = 0; i < N; i++) {
@@ -359,9 +361,11 @@ int ar_stage_backward(ar_stage *s, int slot, int B, const int32_t *targets, cons
         int V = (int)ar_stage_out_width(s);
         float *dlogits = bufs[next];
         next ^= 1;
-        memset(dlogits, 0, rows * V * sizeof(float));
-        ar_xent_backward(dlogits, s->probs + (size_t)slot * s->probs_floats, targets, loss_scale,
-                         (int)rows, V);
+        AR_PROF_CALL("cross-entropy", AR_PROF_BWD, 0, {
+            memset(dlogits, 0, rows * V * sizeof(float));
+            ar_xent_backward(dlogits, s->probs + (size_t)slot * s->probs_floats, targets, loss_scale,
+                             (int)rows, V);
+        });
         dcur = dlogits;
     } else if (!dout) {
         return ar_fail(AR_EINTERNAL, "backward of a middle stage without an output gradient");
@@ -377,7 +381,7 @@ int ar_stage_backward(ar_stage *s, int slot, int B, const int32_t *targets, cons
             dx = bufs[next];
             next ^= 1;
             size_t w = l->in_floats_per_row;
-            memset(dx, 0, rows * w * sizeof(float));
+            AR_PROF_CALL("input gradient zeroing", AR_PROF_BWD, 0, memset(dx, 0, rows * w * sizeof(float)));
         }
         if ((rc = l->vt->backward(l, &pass, in, mem + s->layer_offset[i], dcur, dx)) != AR_OK)
             return rc;
@@ -389,7 +393,8 @@ int ar_stage_backward(ar_stage *s, int slot, int B, const int32_t *targets, cons
 
 void ar_stage_zero_grad(ar_stage *s)
 {
-    memset(s->mem_grads, 0, (size_t)s->param_floats * sizeof(float));
+    AR_PROF_CALL("zero gradients", AR_PROF_UPDATE, 0,
+                 memset(s->mem_grads, 0, (size_t)s->param_floats * sizeof(float)));
     for (int i = 0; i < s->nlayers; i++)
         if (s->layers[i]->tied_grad)
             memset(s->layers[i]->tied_grad, 0, s->layers[i]->tied->numel * sizeof(float));
@@ -438,12 +443,14 @@ static int add_rank_sumsq(const ar_stage *s, double *out)
 
 int ar_stage_grad_sumsq(const ar_stage *s, double *out)
 {
-    for (int i = 0; i < s->nlayers; i++) {
-        double sum = 0;
-        for (int j = 0; j < s->layers[i]->nparams; j++)
-            sum += ar_sum_squares(s->layers[i]->params[j].grad, s->layers[i]->params[j].numel);
-        out[i] = sum;
-    }
+    AR_PROF_CALL("gradient norm", AR_PROF_UPDATE, 0, {
+        for (int i = 0; i < s->nlayers; i++) {
+            double sum = 0;
+            for (int j = 0; j < s->layers[i]->nparams; j++)
+                sum += ar_sum_squares(s->layers[i]->params[j].grad, s->layers[i]->params[j].numel);
+            out[i] = sum;
+        }
+    });
     return s->tp_nranks > 0 ? add_rank_sumsq(s, out) : AR_OK;
 }
 
@@ -451,6 +458,8 @@ int ar_stage_update(ar_stage *s, float lr, float grad_scale)
 {
     s->opt_step++;
     const ar_optim_config *o = &s->optim;
+    static ar_prof_site opt_site = AR_PROF_SITE("optimizer", AR_PROF_UPDATE);
+    double t0 = ar_prof_begin();
     for (int i = 0; i < s->nparams; i++) {
         ar_param *p = s->params[i];
         float wd = p->decay ? o->weight_decay : 0.0f;
@@ -461,6 +470,7 @@ int ar_stage_update(ar_stage *s, float lr, float grad_scale)
             ar_adamw_update(p->data, p->grad, p->m, p->v, p->numel, lr, o->beta1, o->beta2,
                             o->eps, wd, s->opt_step, grad_scale);
     }
+    ar_prof_end(&opt_site, t0, 0);
     if (s->tp_nranks == 0)
         return AR_OK;
     for (int r = 0; r < s->tp_nranks; r++) {
