@@ -44,8 +44,8 @@
 #define AR_X86 1
 #endif
 
-#define MR 6          /* rows of the register block */
-#define NR 64         /* columns of the register block (4 AVX-512 vectors) */
+#define MR AR_GEMM_MR /* rows of the register block */
+#define NR AR_GEMM_NR /* columns of the register block (4 AVX-512 vectors) */
 #define KC 256        /* k per packed chunk: a B micro-panel is KC x NR */
 #define MC 96         /* target rows per block of C */
 #define NC_MAX 1024   /* widest column slice (wider products are cut) */
@@ -326,6 +326,25 @@ static void pack_b(int tb, const float *B, int ldb, int j0, int nr, int p0, int 
             for (int k = 0; k < kc; k++)
                 d[(size_t)k * NR + j] = 0.0f;
     }
+}
+
+void ar_gemm_pack_a(int trans_a, const float *A, int lda, float alpha, int i0, int m, int p0, int kc,
+                    float *dst)
+{
+    pack_a(trans_a, A, lda, alpha, i0, m, p0, kc, dst);
+}
+
+void ar_gemm_pack_b(int trans_b, const float *B, int ldb, int j0, int n, int p0, int kc, float *dst)
+{
+    for (int jr = 0; jr < n; jr += NR)
+        pack_b(trans_b, B, ldb, j0 + jr, n - jr < NR ? n - jr : NR, p0, kc, dst + (size_t)jr * kc);
+}
+
+void ar_gemm_block(int kc, const float *a, const float *b, float *C, int ldc, float beta, int m, int n)
+{
+    pthread_once(&kernel_once, kernel_pick);
+    int mode = beta == 0.0f ? INIT_ZERO : beta == 1.0f ? INIT_LOAD : INIT_SCALE;
+    kernel(kc, a, b, C, ldc, mode, beta, m, n);
 }
 
 /* ---- blocks --------------------------------------------------------------- */

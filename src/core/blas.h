@@ -53,6 +53,28 @@ void ar_sgemm_ex(int trans_a, int trans_b, int M, int N, int K, float alpha, con
 int ar_sgemm_blocks(int M);
 int ar_sgemm_block_row(int M, int b);
 
+/* ---- building blocks, for products done piece by piece -------------------
+ * (the attention: many small products over one head's rows, where a whole
+ * ar_sgemm per piece would pack the same operands again and again). The
+ * same packing and kernel as ar_sgemm, so the same arithmetic. */
+#define AR_GEMM_MR 6  /* rows of a packed A panel and of a kernel block */
+#define AR_GEMM_NR 64 /* columns of a packed B panel and of a kernel block */
+
+/* Rows [i0, i0+m) of alpha op(A), k in [p0, p0+kc), into panels of MR
+ * rows: panel r (rows i0+r*MR ..) at dst + r*MR*kc, element (i, k) of a
+ * panel at [k*MR + i], rows past m zero. dst holds ceil(m/MR)*MR*kc floats. */
+void ar_gemm_pack_a(int trans_a, const float *A, int lda, float alpha, int i0, int m, int p0, int kc,
+                    float *dst);
+/* Columns [j0, j0+n) of op(B), k in [p0, p0+kc), into panels of NR
+ * columns: panel c at dst + c*NR*kc, element (k, j) at [k*NR + j], columns
+ * past n zero. dst holds ceil(n/NR)*NR*kc floats. */
+void ar_gemm_pack_b(int trans_b, const float *B, int ldb, int j0, int n, int p0, int kc, float *dst);
+/* One block of C: its m <= MR rows and n <= NR columns (row stride ldc) =
+ * beta*C + the panels' product over kc (a: an A panel, b: a B panel, both
+ * from k = their first packed k; a prefix of k may be used, or an offset
+ * panel a + k0*MR, b + k0*NR). beta 0: C is not read. */
+void ar_gemm_block(int kc, const float *a, const float *b, float *C, int ldc, float beta, int m, int n);
+
 /* Which micro-kernel runs: "avx512", "avx2" or "portable" (the widest the
  * CPU has, or a narrower one named by $ARCEUS_SGEMM_KERNEL). */
 const char *ar_sgemm_kernel(void);

@@ -2,6 +2,7 @@
 
 #include <math.h>
 #include <string.h>
+#include <time.h>
 
 _Atomic int ar_prof_active;
 
@@ -18,16 +19,27 @@ void ar_prof_reset(void)
 {
     for (ar_prof_site *s = atomic_load(&sites); s; s = s->next) {
         atomic_store(&s->ns, 0);
+        atomic_store(&s->cpu_ns, 0);
         atomic_store(&s->calls, 0);
         atomic_store(&s->flops, 0);
     }
 }
 
-void ar_prof_end(ar_prof_site *site, double t0, double flops)
+ar_prof_mark ar_prof_now(void)
 {
-    if (t0 <= 0.0 || !atomic_load_explicit(&ar_prof_active, memory_order_relaxed))
+    ar_prof_mark m = {ar_now(), 0};
+    struct timespec t;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t) == 0)
+        m.cpu = (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+    return m;
+}
+
+void ar_prof_end(ar_prof_site *site, ar_prof_mark t0, double flops)
+{
+    if (t0.wall <= 0.0 || !atomic_load_explicit(&ar_prof_active, memory_order_relaxed))
         return;
-    double dt = ar_now() - t0;
+    ar_prof_mark t1 = ar_prof_now();
+    double dt = t1.wall - t0.wall, dc = t1.cpu - t0.cpu;
     if (!atomic_exchange(&site->registered, 1)) {
         site->order = atomic_fetch_add(&nsites, 1);
         ar_prof_site *head = atomic_load(&sites);
@@ -36,6 +48,7 @@ void ar_prof_end(ar_prof_site *site, double t0, double flops)
         while (!atomic_compare_exchange_weak(&sites, &head, site));
     }
     atomic_fetch_add_explicit(&site->ns, (uint64_t)(dt > 0 ? dt * 1e9 : 0), memory_order_relaxed);
+    atomic_fetch_add_explicit(&site->cpu_ns, (uint64_t)(dc > 0 ? dc * 1e9 : 0), memory_order_relaxed);
     atomic_fetch_add_explicit(&site->calls, 1, memory_order_relaxed);
     if (flops > 0)
         atomic_fetch_add_explicit(&site->flops, (uint64_t)flops, memory_order_relaxed);
@@ -45,7 +58,7 @@ void ar_prof_end(ar_prof_site *site, double t0, double flops)
 typedef struct {
     const char *name;
     int order;
-    double ms[AR_PROF_PHASES];
+    double ms[AR_PROF_PHASES], cpu_ms;
     double flops, flop_ms; /* over the phases that count FLOPs */
 } prof_row;
 
@@ -74,6 +87,7 @@ void ar_prof_print(FILE *f, long steps, double step_s)
         }
         double ms = ns / 1e6 / steps;
         rows[r].ms[s->phase] += ms;
+        rows[r].cpu_ms += atomic_load(&s->cpu_ns) / 1e6 / steps;
         if (s->order < rows[r].order)
             rows[r].order = s->order;
         uint64_t fl = atomic_load(&s->flops);
@@ -89,10 +103,10 @@ void ar_prof_print(FILE *f, long steps, double step_s)
             rows[j] = rows[j - 1];
             rows[j - 1] = t;
         }
-    double tot[AR_PROF_PHASES] = {0}, all = 0, flops = 0;
+    double tot[AR_PROF_PHASES] = {0}, all = 0, flops = 0, cpu = 0;
     fprintf(f, "profile: milliseconds per step, mean of %ld step%s\n", steps, steps == 1 ? "" : "s");
-    fprintf(f, "  %-26s %9s %9s %9s %9s %6s %8s\n", "operator", "forward", "backward", "update", "total",
-            "share", "GFLOP/s");
+    fprintf(f, "  %-30s %9s %9s %9s %9s %6s %8s %9s\n", "operator", "forward", "backward", "update", "total",
+            "share", "GFLOP/s", "CPU ms");
     for (int i = 0; i < nrows; i++) {
         double t = 0;
         for (int p = 0; p < AR_PROF_PHASES; p++) {
@@ -100,21 +114,22 @@ void ar_prof_print(FILE *f, long steps, double step_s)
             tot[p] += rows[i].ms[p];
         }
         all += t;
+        cpu += rows[i].cpu_ms;
         flops += rows[i].flops;
         char share[16] = "", gf[16] = "";
         if (step_s > 0)
             snprintf(share, sizeof share, "%.1f%%", 100 * t / (step_s * 1e3));
         if (rows[i].flop_ms > 0)
             snprintf(gf, sizeof gf, "%.1f", rows[i].flops / (rows[i].flop_ms * 1e6));
-        fprintf(f, "  %-26s %9.3f %9.3f %9.3f %9.3f %6s %8s\n", rows[i].name, rows[i].ms[AR_PROF_FWD],
-                rows[i].ms[AR_PROF_BWD], rows[i].ms[AR_PROF_UPDATE], t, share, gf);
+        fprintf(f, "  %-30s %9.3f %9.3f %9.3f %9.3f %6s %8s %9.3f\n", rows[i].name, rows[i].ms[AR_PROF_FWD],
+                rows[i].ms[AR_PROF_BWD], rows[i].ms[AR_PROF_UPDATE], t, share, gf, rows[i].cpu_ms);
     }
-    fprintf(f, "  %-26s %9.3f %9.3f %9.3f %9.3f\n", "operators", tot[AR_PROF_FWD], tot[AR_PROF_BWD],
-            tot[AR_PROF_UPDATE], all);
+    fprintf(f, "  %-30s %9.3f %9.3f %9.3f %9.3f %6s %8s %9.3f\n", "operators", tot[AR_PROF_FWD], tot[AR_PROF_BWD],
+            tot[AR_PROF_UPDATE], all, "", "", cpu);
     if (step_s > 0) {
-        fprintf(f, "  %-26s %39.3f %6.1f%%\n", "the rest (framework)", step_s * 1e3 - all,
+        fprintf(f, "  %-30s %39.3f %6.1f%%\n", "the rest (framework)", step_s * 1e3 - all,
                 100 * (1 - all / (step_s * 1e3)));
-        fprintf(f, "  %-26s %39.3f %6s %8.1f\n", "step", step_s * 1e3, "100%",
+        fprintf(f, "  %-30s %39.3f %6s %8.1f\n", "step", step_s * 1e3, "100%",
                 flops > 0 ? flops / (step_s * 1e9) : 0.0);
     }
 }

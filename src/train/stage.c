@@ -459,7 +459,7 @@ int ar_stage_update(ar_stage *s, float lr, float grad_scale)
     s->opt_step++;
     const ar_optim_config *o = &s->optim;
     static ar_prof_site opt_site = AR_PROF_SITE("optimizer", AR_PROF_UPDATE);
-    double t0 = ar_prof_begin();
+    ar_prof_mark t0 = ar_prof_begin();
     for (int i = 0; i < s->nparams; i++) {
         ar_param *p = s->params[i];
         float wd = p->decay ? o->weight_decay : 0.0f;
