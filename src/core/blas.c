@@ -46,8 +46,12 @@
 
 #define MR AR_GEMM_MR /* rows of the register block */
 #define NR AR_GEMM_NR /* columns of the register block (4 AVX-512 vectors) */
+#ifndef KC
 #define KC 256        /* k per packed chunk: a B micro-panel is KC x NR */
+#endif
+#ifndef MC
 #define MC 96         /* target rows per block of C */
+#endif
 #define NC_MAX 1024   /* widest column slice (wider products are cut) */
 /* Below this much arithmetic a product stays on one thread: waking the team
  * costs microseconds. */

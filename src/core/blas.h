@@ -57,8 +57,12 @@ int ar_sgemm_block_row(int M, int b);
  * (the attention: many small products over one head's rows, where a whole
  * ar_sgemm per piece would pack the same operands again and again). The
  * same packing and kernel as ar_sgemm, so the same arithmetic. */
+#ifndef AR_GEMM_MR
 #define AR_GEMM_MR 6  /* rows of a packed A panel and of a kernel block */
+#endif
+#ifndef AR_GEMM_NR
 #define AR_GEMM_NR 64 /* columns of a packed B panel and of a kernel block */
+#endif
 
 /* Rows [i0, i0+m) of alpha op(A), k in [p0, p0+kc), into panels of MR
  * rows: panel r (rows i0+r*MR ..) at dst + r*MR*kc, element (i, k) of a

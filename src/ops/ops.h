@@ -127,6 +127,18 @@ void ar_xent_backward(float *dlogits, const float *probs, const int32_t *targets
 void ar_adamw_update(float *param, const float *grad, float *m, float *v, long n, float lr,
                      float beta1, float beta2, float eps, float weight_decay, int t,
                      float grad_scale);
+/* AdamW over many parameters at once (a stage's), in one parallel pass:
+ * each segment is updated as ar_adamw_update would, with weight_decay where
+ * decay is set and none elsewhere. */
+typedef struct {
+    float *param;
+    const float *grad;
+    float *m, *v;
+    long n;
+    int decay;
+} ar_adamw_segment;
+void ar_adamw_update_multi(const ar_adamw_segment *segs, int nseg, float lr, float beta1, float beta2,
+                           float eps, float weight_decay, int t, float grad_scale);
 /* SGD as torch.optim.SGD with momentum (dampening 0, not Nesterov):
  * g = grad_scale*grad + wd*p; buf = momentum*buf + g (buf = g at t==1); p -= lr*buf */
 void ar_sgd_update(float *param, const float *grad, float *buf, long n, float lr, float momentum,
@@ -134,5 +146,8 @@ void ar_sgd_update(float *param, const float *grad, float *buf, long n, float lr
 
 /* sum of squares of x, accumulated in double */
 double ar_sum_squares(const float *x, long n);
+/* out[i] = ar_sum_squares(x[i], n[i]) for `count` arrays, bitwise, in one
+ * parallel pass; AR_OK or AR_ENOMEM */
+int ar_sum_squares_multi(const float *const *x, const long *n, int count, double *out);
 
 #endif

@@ -150,6 +150,15 @@ int ar_stage_create_tp(ar_stage *s, const ar_model_spec *spec, int first, int la
         at += p->numel;
         init_param(p, seed);
     }
+    s->adamw_segs = ar_calloc((size_t)(s->nparams ? s->nparams : 1), sizeof *s->adamw_segs);
+    if (!s->adamw_segs) {
+        rc = AR_ENOMEM;
+        goto fail;
+    }
+    for (int i = 0; i < s->nparams; i++) {
+        ar_param *p = s->params[i];
+        s->adamw_segs[i] = (ar_adamw_segment){p->data, p->grad, p->m, p->v, p->numel, p->decay};
+    }
 
     /* tied weights (the GPT head reads the embedding's wte) */
     for (int i = 0; i < s->nlayers; i++) {
@@ -256,6 +265,7 @@ void ar_stage_destroy(ar_stage *s)
             ar_layer_destroy(s->layers[i]);
     ar_free(s->layers);
     ar_free(s->params);
+    ar_free(s->adamw_segs);
     ar_free(s->mem_params);
     ar_free(s->mem_grads);
     ar_free(s->mem_m);
@@ -443,14 +453,33 @@ static int add_rank_sumsq(const ar_stage *s, double *out)
 
 int ar_stage_grad_sumsq(const ar_stage *s, double *out)
 {
-    AR_PROF_CALL("gradient norm", AR_PROF_UPDATE, 0, {
-        for (int i = 0; i < s->nlayers; i++) {
-            double sum = 0;
-            for (int j = 0; j < s->layers[i]->nparams; j++)
-                sum += ar_sum_squares(s->layers[i]->params[j].grad, s->layers[i]->params[j].numel);
-            out[i] = sum;
+    /* every gradient of the stage in one pass; each layer's sum is then its
+     * parameters' sums added in order, as before */
+    int count = 0;
+    for (int i = 0; i < s->nlayers; i++)
+        count += s->layers[i]->nparams;
+    const float **x = ar_calloc((size_t)(count ? count : 1), sizeof *x);
+    long *n = ar_calloc((size_t)(count ? count : 1), sizeof *n);
+    double *sums = ar_calloc((size_t)(count ? count : 1), sizeof *sums);
+    int rc = x && n && sums ? AR_OK : AR_ENOMEM;
+    for (int i = 0, k = 0; rc == AR_OK && i < s->nlayers; i++)
+        for (int j = 0; j < s->layers[i]->nparams; j++, k++) {
+            x[k] = s->layers[i]->params[j].grad;
+            n[k] = s->layers[i]->params[j].numel;
         }
-    });
+    if (rc == AR_OK)
+        AR_PROF_CALL("gradient norm", AR_PROF_UPDATE, 0, rc = ar_sum_squares_multi(x, n, count, sums));
+    for (int i = 0, k = 0; rc == AR_OK && i < s->nlayers; i++) {
+        double sum = 0;
+        for (int j = 0; j < s->layers[i]->nparams; j++, k++)
+            sum += sums[k];
+        out[i] = sum;
+    }
+    ar_free(x);
+    ar_free(n);
+    ar_free(sums);
+    if (rc != AR_OK)
+        return rc;
     return s->tp_nranks > 0 ? add_rank_sumsq(s, out) : AR_OK;
 }
 
@@ -460,15 +489,15 @@ int ar_stage_update(ar_stage *s, float lr, float grad_scale)
     const ar_optim_config *o = &s->optim;
     static ar_prof_site opt_site = AR_PROF_SITE("optimizer", AR_PROF_UPDATE);
     ar_prof_mark t0 = ar_prof_begin();
-    for (int i = 0; i < s->nparams; i++) {
-        ar_param *p = s->params[i];
-        float wd = p->decay ? o->weight_decay : 0.0f;
-        if (o->kind == AR_OPT_SGD)
-            ar_sgd_update(p->data, p->grad, p->m, p->numel, lr, o->beta1, wd, s->opt_step,
-                          grad_scale);
-        else
-            ar_adamw_update(p->data, p->grad, p->m, p->v, p->numel, lr, o->beta1, o->beta2,
-                            o->eps, wd, s->opt_step, grad_scale);
+    if (o->kind == AR_OPT_SGD) {
+        for (int i = 0; i < s->nparams; i++) {
+            ar_param *p = s->params[i];
+            float wd = p->decay ? o->weight_decay : 0.0f;
+            ar_sgd_update(p->data, p->grad, p->m, p->numel, lr, o->beta1, wd, s->opt_step, grad_scale);
+        }
+    } else {
+        ar_adamw_update_multi(s->adamw_segs, s->nparams, lr, o->beta1, o->beta2, o->eps, o->weight_decay,
+                              s->opt_step, grad_scale);
     }
     ar_prof_end(&opt_site, t0, 0);
     if (s->tp_nranks == 0)
