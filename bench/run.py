@@ -2,10 +2,11 @@
 """Benchmark Arceus against PyTorch's best setting on the same models, batches and cores.
 
 Usage: /usr/bin/python3 bench/run.py --arceus PATH_TO_BINARY [--quick]
-                                    [--models gpt,mlp] [--threads N] [--rounds R]
+                                    [--models gpt,mlp,gpt25] [--threads N] [--rounds R]
 
-For each model (gpt = configs/gpt-5m.json on the
-char-level text, mlp = configs/mlp-fashion.json on Fashion-MNIST), in the same run:
+For each model (gpt = configs/gpt-5m.json at batch 16 and gpt25 = configs/gpt-25m.json
+at batch 8 on the char-level text, mlp = configs/mlp-fashion.json at batch 128 on
+Fashion-MNIST), in the same run:
   * PyTorch (bench/torch_baseline.py) under every thread setting that could be
     its fastest on --threads cores: torch intra-op threads t = 1..N, each with
     the BLAS threads (OMP_NUM_THREADS and OPENBLAS_NUM_THREADS) at 1, t and N.
@@ -48,6 +49,7 @@ MODELS = {
     # name: (spec, batch, full (steps, warmup), quick (steps, warmup))
     "gpt": ("configs/gpt-5m.json", 16, (30, 5), (8, 2)),
     "mlp": ("configs/mlp-fashion.json", 128, (300, 50), (60, 10)),
+    "gpt25": ("configs/gpt-25m.json", 8, (8, 2), (3, 1)),
 }
 
 
@@ -229,7 +231,7 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arceus", required=True, help="path to the arceus binary")
     ap.add_argument("--quick", action="store_true", help="few steps (smoke test)")
-    ap.add_argument("--models", default="gpt,mlp",
+    ap.add_argument("--models", default="gpt,mlp,gpt25",
                     help="comma list of: " + ", ".join(MODELS))
     ap.add_argument("--threads", type=int, default=2,
                     help="cores for each side: arceus --threads, PyTorch's settings up to it")
