@@ -177,6 +177,51 @@ __attribute__((target("avx512f"))) static void kernel_avx512(int kc, const float
                 _mm512_mask_storeu_ps(c + (size_t)i * ldc + 16 * v, mask[v], acc[i][v]);
 }
 
+/* The same, reading A where it lies (rows of a row-major A, lda apart,
+ * contiguous in k) instead of from a packed panel: the products whose A is
+ * not transposed skip packing it. Rows past m read row 0 (and are not
+ * stored). */
+__attribute__((target("avx512f"))) static void kernel_avx512_direct(int kc, const float *a, int lda,
+                                                                     const float *b, float *c, int ldc,
+                                                                     int mode, float beta, int m, int n)
+{
+    __m512 acc[MR][NV512];
+    __mmask16 mask[NV512];
+    const float *ar[MR];
+    for (int i = 0; i < MR; i++)
+        ar[i] = a + (size_t)(i < m ? i : 0) * lda;
+    for (int v = 0; v < NV512; v++) {
+        int r = n - 16 * v;
+        mask[v] = r >= 16 ? (__mmask16)0xFFFF : r <= 0 ? (__mmask16)0 : (__mmask16)((1u << r) - 1);
+    }
+    __m512 vbeta = _mm512_set1_ps(beta);
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < NV512; v++) {
+            __m512 x = _mm512_setzero_ps();
+            if (mode != INIT_ZERO && i < m) {
+                x = _mm512_maskz_loadu_ps(mask[v], c + (size_t)i * ldc + 16 * v);
+                if (mode == INIT_SCALE)
+                    x = _mm512_mul_ps(vbeta, x);
+            }
+            acc[i][v] = x;
+        }
+#pragma GCC unroll 2
+    for (int k = 0; k < kc; k++) {
+        __m512 bv[NV512];
+        for (int v = 0; v < NV512; v++)
+            bv[v] = _mm512_load_ps(b + (size_t)k * NR + 16 * v);
+        for (int i = 0; i < MR; i++) {
+            __m512 av = _mm512_set1_ps(ar[i][k]);
+            for (int v = 0; v < NV512; v++)
+                acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        if (i < m)
+            for (int v = 0; v < NV512; v++)
+                _mm512_mask_storeu_ps(c + (size_t)i * ldc + 16 * v, mask[v], acc[i][v]);
+}
+
 /* AVX2: 8-wide vectors, so the MR x NR block is done as two halves of 32
  * columns (6 x 4 accumulators each, within the 16 registers). */
 __attribute__((target("avx2,fma"))) static void kernel_avx2_half(int kc, const float *a, const float *b,
@@ -228,8 +273,10 @@ static void kernel_avx2(int kc, const float *a, const float *b, float *c, int ld
 #endif
 
 typedef void (*kernel_fn)(int, const float *, const float *, float *, int, int, float, int, int);
+typedef void (*direct_fn)(int, const float *, int, const float *, float *, int, int, float, int, int);
 
 static kernel_fn kernel;
+static direct_fn kernel_direct; /* NULL: A is always packed */
 static const char *kernel_name;
 static pthread_once_t kernel_once = PTHREAD_ONCE_INIT;
 
@@ -247,6 +294,7 @@ static void kernel_pick(void)
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (__builtin_cpu_supports("avx512f") && !(want && strcmp(want, "avx2") == 0)) {
         kernel = kernel_avx512;
+        kernel_direct = kernel_avx512_direct;
         kernel_name = "avx512";
     } else if (avx2) {
         kernel = kernel_avx2;
@@ -320,15 +368,19 @@ static void pack_b(int tb, const float *B, int ldb, int j0, int nr, int p0, int 
                 dk[j] = 0.0f;
         }
     } else {
-        /* B (N,K): each column is contiguous in k */
-        for (int j = 0; j < nr; j++) {
-            const float *s = B + (size_t)(j0 + j) * ldb + p0;
-            for (int k = 0; k < kc; k++)
-                d[(size_t)k * NR + j] = s[k];
+        /* B (N,K): each column is contiguous in k. 16 k at a time, so the
+         * rows of the panel being written stay in the first-level cache. */
+        for (int k0 = 0; k0 < kc; k0 += 16) {
+            int k1 = k0 + 16 < kc ? k0 + 16 : kc;
+            for (int j = 0; j < nr; j++) {
+                const float *s = B + (size_t)(j0 + j) * ldb + p0;
+                for (int k = k0; k < k1; k++)
+                    d[(size_t)k * NR + j] = s[k];
+            }
+            for (int j = nr; j < NR; j++)
+                for (int k = k0; k < k1; k++)
+                    d[(size_t)k * NR + j] = 0.0f;
         }
-        for (int j = nr; j < NR; j++)
-            for (int k = 0; k < kc; k++)
-                d[(size_t)k * NR + j] = 0.0f;
     }
 }
 
@@ -398,17 +450,26 @@ static void run_task(const gemm_job *g, int task, float *abuf)
     int mc = i1 - i0;
     if (mc <= 0 || j1 <= j0)
         return;
+    /* A's rows as they lie when they are contiguous in k and unscaled */
+    int direct = kernel_direct && !g->ta && g->alpha == 1.0f;
     for (int p0 = 0; p0 < g->K; p0 += KC) {
         int kc = g->K - p0 < KC ? g->K - p0 : KC;
         int mode = p0 > 0 ? INIT_LOAD : g->beta == 0.0f ? INIT_ZERO : g->beta == 1.0f ? INIT_LOAD : INIT_SCALE;
-        pack_a(g->ta, g->A, g->lda, g->alpha, i0, mc, p0, kc, abuf);
+        if (!direct)
+            pack_a(g->ta, g->A, g->lda, g->alpha, i0, mc, p0, kc, abuf);
         const float *bchunk = g->pb + (size_t)p0 * g->npad;
         for (int jr = j0; jr < j1; jr += NR) {
             const float *bp = bchunk + (size_t)jr * kc;
             int n = j1 - jr < NR ? j1 - jr : NR;
-            for (int ir = 0; ir < mc; ir += MR)
-                kernel(kc, abuf + (size_t)ir * kc, bp, g->C + (size_t)(i0 + ir) * g->ldc + jr, g->ldc, mode,
-                       g->beta, mc - ir < MR ? mc - ir : MR, n);
+            for (int ir = 0; ir < mc; ir += MR) {
+                float *c = g->C + (size_t)(i0 + ir) * g->ldc + jr;
+                int m = mc - ir < MR ? mc - ir : MR;
+                if (direct)
+                    kernel_direct(kc, g->A + (size_t)(i0 + ir) * g->lda + p0, g->lda, bp, c, g->ldc, mode, g->beta,
+                                  m, n);
+                else
+                    kernel(kc, abuf + (size_t)ir * kc, bp, c, g->ldc, mode, g->beta, m, n);
+            }
         }
     }
     if (g->ep)
