@@ -311,7 +311,32 @@ const char *ar_sgemm_kernel(void)
 
 /* ---- packing ------------------------------------------------------------ */
 
-/* rows [i0, i0+mc) of alpha*op(A), k in [p0, p0+kc), into MR-row panels */
+static void pack_a(int ta, const float *A, int lda, float alpha, int i0, int mc, int p0, int kc, float *dst);
+
+/* rows [i0, i0+mc) of alpha*op(A), k in [p0, p0+kc), into MR-row panels;
+ * sums (NULL: none) gets each row's values added, in k order */
+static void pack_a_sum(int ta, const float *A, int lda, float alpha, int i0, int mc, int p0, int kc, float *dst,
+                       float *sums)
+{
+    if (sums) {
+        if (!ta)
+            for (int i = 0; i < mc; i++) {
+                const float *s = A + (size_t)(i0 + i) * lda + p0;
+                float acc = sums[i];
+                for (int k = 0; k < kc; k++)
+                    acc += s[k];
+                sums[i] = acc;
+            }
+        else
+            for (int k = 0; k < kc; k++) {
+                const float *s = A + (size_t)(p0 + k) * lda + i0;
+                for (int i = 0; i < mc; i++)
+                    sums[i] += s[i];
+            }
+    }
+    pack_a(ta, A, lda, alpha, i0, mc, p0, kc, dst);
+}
+
 static void pack_a(int ta, const float *A, int lda, float alpha, int i0, int mc, int p0, int kc, float *dst)
 {
     if (!ta) {
@@ -450,13 +475,19 @@ static void run_task(const gemm_job *g, int task, float *abuf)
     int mc = i1 - i0;
     if (mc <= 0 || j1 <= j0)
         return;
+    /* the row sums of op(A), by the first column slice's tasks only */
+    float sums[MC + 2 * MR];
+    float *a_sums = g->ep && g->ep->a_sums && cs == 0 ? sums : NULL;
+    if (a_sums)
+        for (int i = 0; i < mc; i++)
+            sums[i] = 0.0f;
     /* A's rows as they lie when they are contiguous in k and unscaled */
-    int direct = kernel_direct && !g->ta && g->alpha == 1.0f;
+    int direct = kernel_direct && !g->ta && g->alpha == 1.0f && !a_sums;
     for (int p0 = 0; p0 < g->K; p0 += KC) {
         int kc = g->K - p0 < KC ? g->K - p0 : KC;
         int mode = p0 > 0 ? INIT_LOAD : g->beta == 0.0f ? INIT_ZERO : g->beta == 1.0f ? INIT_LOAD : INIT_SCALE;
         if (!direct)
-            pack_a(g->ta, g->A, g->lda, g->alpha, i0, mc, p0, kc, abuf);
+            pack_a_sum(g->ta, g->A, g->lda, g->alpha, i0, mc, p0, kc, abuf, a_sums);
         const float *bchunk = g->pb + (size_t)p0 * g->npad;
         for (int jr = j0; jr < j1; jr += NR) {
             const float *bp = bchunk + (size_t)jr * kc;
@@ -472,7 +503,10 @@ static void run_task(const gemm_job *g, int task, float *abuf)
             }
         }
     }
-    if (g->ep)
+    if (a_sums)
+        for (int i = 0; i < mc; i++)
+            g->ep->a_sums[i0 + i] += sums[i];
+    if (g->ep && g->ep->fn)
         g->ep->fn(g->ep->ctx, g->C, g->ldc, i0, i1, j0, j1, task);
 }
 
@@ -482,7 +516,7 @@ static void scale_only(int M, int N, float beta, float *C, int ldc, const ar_gem
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++)
             C[(size_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[(size_t)i * ldc + j];
-    if (!ep)
+    if (!ep || !ep->fn)
         return;
     int nb = ar_sgemm_blocks(M);
     for (int b = 0; b < nb; b++)

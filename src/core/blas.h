@@ -35,6 +35,11 @@ typedef struct {
     void (*fn)(void *ctx, float *C, int ldc, int i0, int i1, int j0, int j1, int block);
     void *ctx;
     int full_rows;
+    /* if not NULL: a_sums[i] += the sum over k, in k order, of op(A)[i][k]
+     * (before alpha), taken while A is packed: a linear layer's bias
+     * gradient during its weight gradient's product, without a pass of its
+     * own. fn may then be NULL. */
+    float *a_sums;
 } ar_gemm_epilogue;
 
 /* C (M,N) = alpha op(A) op(B) + beta C, row-major, as cblas_sgemm (see above

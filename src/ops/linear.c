@@ -69,7 +69,7 @@ void ar_linear_forward(float *out, const float *inp, const float *weight, const 
     /* out (N,OUT) = inp (N,IN) . weight^T (IN,OUT), the bias added to each
      * block of rows as it is finished */
     fwd_epi e = {.bias = bias, .OUT = OUT};
-    ar_gemm_epilogue ep = {fwd_epilogue, &e, 0};
+    ar_gemm_epilogue ep = {.fn = fwd_epilogue, .ctx = &e, .full_rows = 0};
     ar_sgemm_ex(0, 1, N, OUT, IN, 1.0f, inp, IN, weight, IN, 0.0f, out, OUT, bias ? &ep : NULL);
 }
 
@@ -84,12 +84,16 @@ void ar_linear_backward(float *dinp, float *dweight, float *dbias, const float *
         /* dinp (N,IN) += dout (N,OUT) . weight (OUT,IN) */
         if (dinp)
             ar_sgemm(0, 0, N, IN, OUT, 1.0f, dout, OUT, weight, IN, 1.0f, dinp, IN);
-        /* dweight (OUT,IN) += dout^T (OUT,N) . inp (N,IN) */
-        if (dweight)
-            ar_sgemm(1, 0, OUT, IN, N, 1.0f, dout, OUT, inp, IN, 1.0f, dweight, IN);
+        /* dweight (OUT,IN) += dout^T (OUT,N) . inp (N,IN); the bias
+         * gradient, dout's column sums, is summed as dout^T is packed */
+        if (dweight) {
+            ar_gemm_epilogue ep = {.a_sums = dbias};
+            ar_sgemm_ex(1, 0, OUT, IN, N, 1.0f, dout, OUT, inp, IN, 1.0f, dweight, IN, dbias ? &ep : NULL);
+            dbias = NULL;
+        }
     }
     if (dbias) {
-        /* Column sums of dout. Threads own disjoint column blocks and each
+        /* (no weight gradient) Column sums of dout. Threads own disjoint column blocks and each
          * walks the rows in order, so the sum is the same for any thread
          * count and no atomics are needed. */
         enum { CB = 64 };
@@ -118,7 +122,7 @@ int ar_linear_gelu_forward(float *pre, float *out, const float *inp, const float
                            int N, int IN, int OUT)
 {
     fwd_epi e = {.bias = bias, .gelu_out = out, .OUT = OUT};
-    ar_gemm_epilogue ep = {fwd_epilogue, &e, 0};
+    ar_gemm_epilogue ep = {.fn = fwd_epilogue, .ctx = &e, .full_rows = 0};
     ar_sgemm_ex(0, 1, N, OUT, IN, 1.0f, inp, IN, weight, IN, 0.0f, pre, OUT, &ep);
     return AR_OK;
 }
@@ -136,7 +140,7 @@ int ar_linear_residual_forward(float *out, const float *resid, const float *inp,
         if (!e.drop_sm) /* (0 means "no dropout" here) */
             e.drop_sm = 1;
     }
-    ar_gemm_epilogue ep = {fwd_epilogue, &e, ln != NULL};
+    ar_gemm_epilogue ep = {.fn = fwd_epilogue, .ctx = &e, .full_rows = ln != NULL};
     ar_sgemm_ex(0, 1, N, OUT, IN, 1.0f, inp, IN, weight, IN, 0.0f, out, OUT, &ep);
     return AR_OK;
 }
@@ -192,7 +196,7 @@ int ar_linear_backward_gelu(float *dpre, float *dpre_bias, const float *dout, co
     bwd_epi e = {.pre = pre, .IN = IN};
     if (dpre_bias && !(e.dbias_part = ar_calloc((size_t)nb * IN, sizeof(float))))
         return AR_ENOMEM;
-    ar_gemm_epilogue ep = {gelu_bwd_epilogue, &e, 1};
+    ar_gemm_epilogue ep = {.fn = gelu_bwd_epilogue, .ctx = &e, .full_rows = 1};
     /* dpre (N,IN) = dout (N,OUT) . weight (OUT,IN), then * gelu'(pre) */
     ar_sgemm_ex(0, 0, N, IN, OUT, 1.0f, dout, OUT, weight, IN, 0.0f, dpre, IN, &ep);
     if (dpre_bias) {
@@ -235,7 +239,7 @@ int ar_linear_backward_layernorm(float *dx, int accumulate, const float *resid_g
         ar_free(e.dw_part);
         return AR_ENOMEM;
     }
-    ar_gemm_epilogue ep = {ln_bwd_epilogue, &e, 1};
+    ar_gemm_epilogue ep = {.fn = ln_bwd_epilogue, .ctx = &e, .full_rows = 1};
     /* g (N,IN) = dout (N,OUT) . weight (OUT,IN): the gradient of the LayerNorm's output */
     ar_sgemm_ex(0, 0, N, IN, OUT, 1.0f, dout, OUT, weight, IN, 0.0f, g, IN, &ep);
     if (ln_wgrad)

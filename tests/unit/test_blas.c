@@ -183,7 +183,7 @@ Test(blas, a_full_row_epilogue_sees_each_block_once)
     int nb = ar_sgemm_blocks(M);
     cr_assert(nb >= 4 && nb % 4 == 0, "%d blocks", nb);
     ep_check e = {M, N, calloc((size_t)M * N, sizeof(int)), calloc((size_t)nb, sizeof(int)), 1};
-    ar_gemm_epilogue ep = {ep_fn, &e, 1};
+    ar_gemm_epilogue ep = {.fn = ep_fn, .ctx = &e, .full_rows = 1};
     omp_set_num_threads(2);
     ar_sgemm_ex(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, &ep);
     int ok = e.full_rows_ok;
@@ -194,4 +194,25 @@ Test(blas, a_full_row_epilogue_sees_each_block_once)
     free(e.seen);
     free(e.block_seen);
     cr_assert(ok, "an element or block was missed or seen twice, or a block was not whole rows");
+}
+
+Test(blas, row_sums_of_a_are_taken_once_in_k_order)
+{
+    /* N over one column slice (several tasks pack the same rows of A) */
+    int M = 70, N = 1100, K = 600;
+    for (int ta = 0; ta < 2; ta++) {
+        const float *A = randn((long)M * K, 3 + ta), *B = randn((long)K * N, 4);
+        float *C = buf((long)M * N), *sums = randn(M, 5), *want = buf(M);
+        memcpy(want, sums, sizeof(float) * M);
+        for (int i = 0; i < M; i++) {
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++)
+                acc += at_a(ta, A, ta ? M : K, i, k);
+            want[i] += acc;
+        }
+        ar_gemm_epilogue ep = {.a_sums = sums};
+        omp_set_num_threads(2);
+        ar_sgemm_ex(ta, 0, M, N, K, 1.0f, A, ta ? M : K, B, N, 0.0f, C, N, &ep);
+        cr_assert(memcmp(sums, want, sizeof(float) * M) == 0, "ta %d: row sums differ", ta);
+    }
 }
