@@ -13,25 +13,13 @@ PYTHON ?= /usr/bin/python3
 PKG_CONFIG ?= pkg-config
 SHELL := /bin/bash
 
-# Prefer the OpenMP build of OpenBLAS: BLAS and our element-wise kernels then
-# share one thread pool instead of two pools spinning on the same cores.
-OPENBLAS_OMP_PC := /usr/lib/x86_64-linux-gnu/openblas-openmp/pkgconfig
-ifneq ($(wildcard $(OPENBLAS_OMP_PC)/openblas.pc),)
-BLAS_CFLAGS := $(shell PKG_CONFIG_PATH=$(OPENBLAS_OMP_PC) $(PKG_CONFIG) --cflags openblas)
-BLAS_LIBS := $(shell PKG_CONFIG_PATH=$(OPENBLAS_OMP_PC) $(PKG_CONFIG) --libs openblas) \
-             -Wl,-rpath,/usr/lib/x86_64-linux-gnu/openblas-openmp
-else ifeq ($(shell uname),Darwin)
-BLAS_CFLAGS :=
-BLAS_LIBS := -framework Accelerate
-else
-BLAS_CFLAGS := $(shell $(PKG_CONFIG) --cflags openblas)
-BLAS_LIBS := $(shell $(PKG_CONFIG) --libs openblas)
-endif
+# No BLAS: the engine's products are its own (src/core/blas.c); OpenMP runs
+# its threads.
 
 PKGS := libcjson zlib grpc gpr libprotobuf-c
 PKGS += sqlite3 libcrypto libmicrohttpd
-DEP_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(PKGS)) $(BLAS_CFLAGS)
-DEP_LIBS := $(shell $(PKG_CONFIG) --libs $(PKGS)) $(BLAS_LIBS) -lgrpc -lgpr -lprotobuf-c -lm -lpthread
+DEP_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(PKGS))
+DEP_LIBS := $(shell $(PKG_CONFIG) --libs $(PKGS)) -lgrpc -lgpr -lprotobuf-c -lm -lpthread
 
 CC ?= cc
 # protoc-c output (the wire messages of proto/arceus.proto), generated at build time

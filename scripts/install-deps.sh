@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Install what Arceus needs to build, test and run.
 #   Debian/Ubuntu: installs the packages below with apt-get (as root, or via sudo).
-#   macOS: prints the Homebrew command (CBLAS comes from Accelerate).
+#   macOS: prints the Homebrew command.
 # Installs only what is missing, so it is quick to run again.
 set -euo pipefail
 
 DEBIAN_PACKAGES=(
     build-essential pkg-config
-    libopenblas-openmp-dev      # BLAS (the OpenMP build shares one thread pool with our kernels)
+    libopenblas-openmp-dev      # the system BLAS PyTorch's references and baseline load (the engine has its own products)
     libcjson-dev zlib1g-dev libssl-dev openssl      # openssl: scripts/make-tls-cert.sh
     libgrpc-dev libprotobuf-c-dev protobuf-c-compiler   # the pipeline over gRPC
     libsqlite3-dev libmicrohttpd-dev                    # the market and its dashboard
@@ -23,7 +23,7 @@ if [ "$(uname)" = "Darwin" ]; then
     echo "  brew install pkg-config libomp cjson zlib openssl grpc protobuf-c sqlite libmicrohttpd criterion"
     echo "  python3 -m pip install torch numpy pytest grpcio"
     echo "The dashboard's end-to-end test drives a headless chromium found on PATH."
-    echo "BLAS comes from Apple's Accelerate framework. Fashion-MNIST: download the four"
+    echo "Fashion-MNIST: download the four"
     echo "*-ubyte.gz files into a folder and pass it with --data."
     exit 0
 fi

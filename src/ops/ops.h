@@ -4,10 +4,12 @@
  *   - plain fp32 arrays, row-major, shapes in the comment of each function;
  *   - every backward ACCUMULATES (+=) into the input gradient and into the
  *     parameter gradients, so residual branches and micro-batches add up; the
- *     caller zeroes the buffers when a new sum starts;
+ *     caller zeroes the buffers when a new sum starts. The fused layers'
+ *     input gradients say where they OVERWRITE instead (fresh scratch needs
+ *     no zeroing); parameter gradients always accumulate;
  *   - linear weights use PyTorch's nn.Linear layout (out_features, in_features),
  *     so checkpoints map one-to-one onto a PyTorch state_dict;
- *   - element-wise loops run on the OpenMP pool that BLAS also uses.
+ *   - element-wise loops run on the OpenMP pool that the products also use.
  */
 #ifndef AR_OPS_H
 #define AR_OPS_H
