@@ -510,6 +510,38 @@ static void run_task(const gemm_job *g, int task, float *abuf)
         g->ep->fn(g->ep->ctx, g->C, g->ldc, i0, i1, j0, j1, task);
 }
 
+/* Without memory for a packing buffer (a few MB, kept per thread): a task's
+ * block by the same FMA chains, element by element. Slow, but the same bits,
+ * so a process short of memory computes what any other does. */
+static void run_task_unpacked(const gemm_job *g, int task, const float *B, int ldb, int tb)
+{
+    int rb = task % g->nrb, cs = task / g->nrb;
+    int i0 = ar_sgemm_block_row(g->M, rb), i1 = ar_sgemm_block_row(g->M, rb + 1);
+    int j0 = cs * g->slice, j1 = j0 + g->slice < g->N ? j0 + g->slice : g->N;
+    float *sums = g->ep && cs == 0 ? g->ep->a_sums : NULL;
+    for (int i = i0; i < i1; i++) {
+        for (int j = j0; j < j1; j++) {
+            float *c = g->C + (size_t)i * g->ldc + j;
+            float acc = g->beta == 0.0f ? 0.0f : g->beta == 1.0f ? *c : g->beta * *c;
+            for (int k = 0; k < g->K; k++) {
+                float a = g->ta ? g->A[(size_t)k * g->lda + i] : g->A[(size_t)i * g->lda + k];
+                if (g->alpha != 1.0f)
+                    a = g->alpha * a;
+                acc = fmaf(a, tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j], acc);
+            }
+            *c = acc;
+        }
+        if (sums) {
+            float acc = 0.0f;
+            for (int k = 0; k < g->K; k++)
+                acc += g->ta ? g->A[(size_t)k * g->lda + i] : g->A[(size_t)i * g->lda + k];
+            sums[i] += acc;
+        }
+    }
+    if (g->ep && g->ep->fn && i0 < i1 && j0 < j1)
+        g->ep->fn(g->ep->ctx, g->C, g->ldc, i0, i1, j0, j1, task);
+}
+
 /* K == 0: C = beta C (as BLAS), then the epilogue */
 static void scale_only(int M, int N, float beta, float *C, int ldc, const ar_gemm_epilogue *ep)
 {
@@ -551,30 +583,30 @@ void ar_sgemm_ex(int trans_a, int trans_b, int M, int N, int K, float alpha, con
     int npanels = g.npad / NR;
     int nchunks = (K + KC - 1) / KC;
     float *pb = thread_buf(BUF_B, (size_t)g.npad * K);
-    int oom = pb == NULL;
     g.pb = pb;
-#pragma omp parallel num_threads(threads) if (threads > 1 && !oom)
+    if (!pb) {
+        ar_log(AR_LOG_WARN, "ar_sgemm: no memory to pack %d x %d, computing unpacked", K, N);
+        for (int t = 0; t < tasks; t++)
+            run_task_unpacked(&g, t, B, ldb, trans_b);
+        return;
+    }
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        if (!oom) {
 #pragma omp for schedule(static)
-            for (int t = 0; t < nchunks * npanels; t++) {
-                int p0 = t / npanels * KC, jr = t % npanels * NR;
-                int kc = K - p0 < KC ? K - p0 : KC;
-                pack_b(trans_b, B, ldb, jr, N - jr < NR ? N - jr : NR, p0, kc, pb + (size_t)p0 * g.npad + (size_t)jr * kc);
-            }
-            float *abuf = thread_buf(BUF_A, (size_t)(MC + 2 * MR) * KC * 2);
+        for (int t = 0; t < nchunks * npanels; t++) {
+            int p0 = t / npanels * KC, jr = t % npanels * NR;
+            int kc = K - p0 < KC ? K - p0 : KC;
+            pack_b(trans_b, B, ldb, jr, N - jr < NR ? N - jr : NR, p0, kc, pb + (size_t)p0 * g.npad + (size_t)jr * kc);
+        }
+        float *abuf = thread_buf(BUF_A, (size_t)(MC + 2 * MR) * KC * 2);
 #pragma omp for schedule(static)
-            for (int t = 0; t < tasks; t++) {
-                if (abuf)
-                    run_task(&g, t, abuf);
-            }
+        for (int t = 0; t < tasks; t++) {
+            if (abuf)
+                run_task(&g, t, abuf);
+            else
+                run_task_unpacked(&g, t, B, ldb, trans_b);
         }
     }
-    /* Out of memory for the packing buffers (a few MB): say so loudly rather
-     * than return garbage; the engine's buffers are far larger, so this only
-     * happens when the process is already failing. */
-    if (oom)
-        ar_log(AR_LOG_ERROR, "ar_sgemm: out of memory for packing buffers (%d x %d x %d)", M, N, K);
 }
 
 void ar_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
