@@ -4,6 +4,7 @@
 #include "run/driver_internal.h"
 
 #include "core/device.h"
+#include "core/profile.h"
 #include "core/progress.h"
 #include "nn/safetensors.h"
 #include "train/checkpoint.h"
@@ -904,7 +905,18 @@ int ar_train_run(ar_train_config *c)
     long rate_step = start;
     double items_per_step = (double)r.B * r.T;
     int is_text = r.data.is_text;
+    /* --profile: every step but the first (a warm-up: pages touched for the
+     * first time, the thread pool started), evaluations left out */
+    long prof_steps = 0;
+    double prof_s = 0;
     for (long step = start; step < c->steps; step++) {
+        if (c->profile && step == start + 1) {
+            /* the warm-up step's update may still be running in its stage */
+            if ((rc = ar_chain_sync(r.head, r.timeout)) != AR_OK)
+                break;
+            ar_prof_reset();
+            ar_prof_enable(1);
+        }
         /* the steps queued for payment count as spent */
         int64_t spent = 0;
         size_t queued = 0;
@@ -964,6 +976,10 @@ int ar_train_run(ar_train_config *c)
                 continue;
             break;
         }
+        if (c->profile && step > start) {
+            prof_steps++;
+            prof_s += ar_now() - step_t0;
+        }
         /* paid by the reporter's thread, in order; a refusal of an earlier
          * step (the market's budget, a lease it ended) ends the run */
         if (r.leased && ((rc = ar_reporter_refusal(&r.reporter)) != AR_OK ||
@@ -984,12 +1000,25 @@ int ar_train_run(ar_train_config *c)
         if ((rc = record(&r.curve_x, &r.curve_y, &r.ncurve, (double)step + 1, res.loss)) != AR_OK)
             break;
         /* the loss with all its digits: runs are compared bit for bit */
-        log_json(&r, "{\"step\": %ld, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.17g, \"%s\": %.1f, \"elapsed_s\": %.3f}",
-                 step + 1, res.loss, lr, norm, is_text ? "tokens_per_s" : "samples_per_s", rate, now - t0);
+        /* step_s: this step's forward, backward and update alone (no data
+         * loading, logging or evaluation), for benchmarks that take a median */
+        log_json(&r, "{\"step\": %ld, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.17g, \"%s\": %.1f, \"elapsed_s\": %.3f, \"step_s\": %.6f}",
+                 step + 1, res.loss, lr, norm, is_text ? "tokens_per_s" : "samples_per_s", rate, now - t0, now - step_t0);
         int last = step + 1 == c->steps;
         int stopping = c->stop_after > 0 && step + 1 == c->stop_after;
         if ((c->eval_every > 0 && (step + 1) % c->eval_every == 0) || last) {
-            if ((rc = eval_model(&r, step, &last_val, &last_acc)) != AR_OK) {
+            if (c->profile && step > start) {
+                /* the step's update is part of the step; the evaluation is not */
+                double t = ar_now();
+                if ((rc = ar_chain_sync(r.head, r.timeout)) != AR_OK)
+                    break;
+                prof_s += ar_now() - t;
+                ar_prof_enable(0);
+            }
+            rc = eval_model(&r, step, &last_val, &last_acc);
+            if (c->profile && step > start)
+                ar_prof_enable(1);
+            if (rc != AR_OK) {
                 if ((rc = recover(&r, rc, &step)) == AR_OK)
                     continue;
                 break;
@@ -1059,6 +1088,12 @@ int ar_train_run(ar_train_config *c)
                        r.tp_bytes[i] / (double)r.tp_steps / 1e6, r.plan.tp_bytes[i] / 1e6);
         if (c->out_dir)
             printf("checkpoint and loss curve in %s/\n", c->out_dir);
+    }
+    if (rc == AR_OK && c->profile) {
+        if (prof_steps > 0)
+            ar_prof_print(stdout, prof_steps, prof_s / prof_steps);
+        else
+            printf("profile: no step after the first to count (--steps 2 or more)\n");
     }
     driver_release_lease(&r, rc);
     teardown(&r);
