@@ -405,7 +405,7 @@ static int start_leave(leave *l, const char *why, int stop)
     if (!ar_worker_serving(l->w)) {
         if (!stop)
             return 0;
-        say(l, "leaving (%s): no renter's stage here", why);
+        say(l, "leaving: %s; no renter's stage here", why);
         return 1;
     }
     char said[AR_WHY_MAX];
@@ -428,7 +428,7 @@ static int start_leave(leave *l, const char *why, int stop)
     ar_worker_set_leaving(l->w, 1, why);
     l->state = LEAVE_LEAVING;
     l->since = ar_now();
-    say(l, "leaving (%s): the renter's driver is asked to move its stage within %g s%s", why, (double)l->grace,
+    say(l, "leaving: %s; the renter's driver is asked to move its stage within %g s%s", why, (double)l->grace,
         told ? "" : " (the market has not answered yet)");
     return 0;
 }
