@@ -250,6 +250,21 @@ static const char *const migrations[] = {
     "  unavailable INTEGER NOT NULL,"
     "  why TEXT NOT NULL,"
     "  changed INTEGER NOT NULL);",
+    /* 8: a graceful leave: the providers that said they are leaving their
+     * lease (since when), and each place handed over, so that a HandOver
+     * asked again gets the same answer. Apart from the providers' rows and
+     * the loss settlements (lease_replacements): a leave is not a loss */
+    "CREATE TABLE IF NOT EXISTS provider_leaving ("
+    "  provider_id INTEGER PRIMARY KEY REFERENCES providers(id),"
+    "  since INTEGER NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS lease_handovers ("
+    "  lease_id INTEGER NOT NULL REFERENCES leases(id),"
+    "  leaver_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  stage INTEGER NOT NULL,"
+    "  step INTEGER NOT NULL,"
+    "  replacement_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  created INTEGER NOT NULL,"
+    "  PRIMARY KEY (lease_id, leaver_id));",
 };
 _Static_assert(sizeof migrations / sizeof migrations[0] == AR_STORE_SCHEMA_VERSION,
                "one migration per schema version");
@@ -1103,10 +1118,12 @@ int ar_store_account_list(ar_store *s, ar_account **out, size_t *n)
 #define PROVIDER_COLS                                                                              \
     "p.id, p.account_id, p.address, p.gflops, p.mem_bytes, p.cores, p.price_per_tflop,"            \
     " p.reliability, p.online, p.last_heartbeat, COALESCE(r.state, 0), COALESCE(r.checked, 0),"   \
-    " COALESCE(r.failures, 0), COALESCE(a.unavailable, 0), COALESCE(a.why, ''), COALESCE(a.changed, 0)"
+    " COALESCE(r.failures, 0), COALESCE(a.unavailable, 0), COALESCE(a.why, ''), COALESCE(a.changed, 0),"  \
+    " COALESCE(lv.since, 0)"
 #define PROVIDER_FROM                                                                              \
     " FROM providers p LEFT JOIN provider_reach r ON r.provider_id = p.id"                         \
-    " LEFT JOIN provider_availability a ON a.provider_id = p.id"
+    " LEFT JOIN provider_availability a ON a.provider_id = p.id"                                   \
+    " LEFT JOIN provider_leaving lv ON lv.provider_id = p.id"
 
 static void read_provider(sqlite3_stmt *st, ar_provider *p)
 {
@@ -1128,6 +1145,7 @@ static void read_provider(sqlite3_stmt *st, ar_provider *p)
     p->unavailable = sqlite3_column_int(st, 13) != 0;
     copy_text(p->unavailable_why, sizeof p->unavailable_why, st, 14);
     p->availability_changed = sqlite3_column_int64(st, 15);
+    p->leaving_since = sqlite3_column_int64(st, 16);
 }
 
 const char *ar_reach_name(ar_reach r)
@@ -1278,6 +1296,23 @@ int ar_store_provider_set_availability(ar_store *s, int64_t provider_id, bool un
         rc = ar_fail(AR_ENOTFOUND, "availability: no provider %" PRId64, provider_id);
     if (rc == 0)
         rc = availability_write(s, provider_id, unavailable, why);
+    unlock(s);
+    return rc;
+}
+
+int ar_store_provider_set_leaving(ar_store *s, int64_t provider_id, bool leaving)
+{
+    lock(s);
+    int64_t exists = 0;
+    int rc = query_i64(s, &exists, "SELECT COUNT(*) FROM providers WHERE id = ?", "i", provider_id);
+    if (rc == 0 && !exists)
+        rc = ar_fail(AR_ENOTFOUND, "leaving: no provider %" PRId64, provider_id);
+    /* the time the leave began stays while every heartbeat says it again */
+    if (rc == 0 && leaving)
+        rc = run(s, NULL, "INSERT OR IGNORE INTO provider_leaving (provider_id, since) VALUES (?, ?)", "ii",
+                 provider_id, now_s());
+    else if (rc == 0)
+        rc = run(s, NULL, "DELETE FROM provider_leaving WHERE provider_id = ?", "i", provider_id);
     unlock(s);
     return rc;
 }
@@ -2323,6 +2358,70 @@ int ar_store_lease_replacement(ar_store *s, int64_t lease_id, int64_t lost_provi
     unlock(s);
     return rc == AR_ENOTFOUND
                ? ar_fail(rc, "provider %" PRId64 " was not lost in lease %" PRId64, lost_provider_id, lease_id)
+               : rc;
+}
+
+int ar_store_lease_hand_over(ar_store *s, int64_t lease_id, int64_t leaver_id, int64_t step,
+                             const ar_lease_member *replacement)
+{
+    if (step < 0)
+        return ar_fail(AR_EINVAL, "step %" PRId64 " below zero", step);
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc < 0)
+        goto out;
+    int64_t job_id = 0, stage = 0, leaving = 0;
+    rc = query_i64(s, &job_id, "SELECT job_id FROM leases WHERE id = ? AND released IS NULL", "i", lease_id);
+    if (rc == AR_ENOTFOUND)
+        rc = ar_fail(rc, "no live lease %" PRId64, lease_id);
+    if (rc == 0) {
+        rc = query_i64(s, &stage, "SELECT stage FROM lease_members WHERE lease_id = ? AND provider_id = ?",
+                       "ii", lease_id, leaver_id);
+        if (rc == AR_ENOTFOUND)
+            rc = ar_fail(rc, "provider %" PRId64 " is not in lease %" PRId64, leaver_id, lease_id);
+    }
+    /* the provider's own word, from its heartbeats, not the renter's */
+    if (rc == 0)
+        rc = query_i64(s, &leaving, "SELECT COUNT(*) FROM provider_leaving WHERE provider_id = ?", "i", leaver_id);
+    if (rc == 0 && !leaving)
+        rc = ar_fail(AR_ELIMIT, "provider %" PRId64 " has not said it is leaving: a member that stopped "
+                     "answering is a loss (ReplaceProvider)", leaver_id);
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "UPDATE lease_members SET provider_id = ?, price_per_tflop = ? WHERE lease_id = ? AND stage = ?",
+                 "iiii", replacement->provider_id, replacement->price_per_tflop, lease_id, stage);
+    if (rc == 0)
+        rc = run(s, NULL, "DELETE FROM lease_tickets WHERE lease_id = ? AND provider_id = ?", "ii", lease_id,
+                 leaver_id);
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT OR REPLACE INTO lease_handovers (lease_id, leaver_id, stage, step, replacement_id,"
+                 " created) VALUES (?, ?, ?, ?, ?, ?)",
+                 "iiiiii", lease_id, leaver_id, stage, step, replacement->provider_id, now_s());
+    rc = tx_end(s, rc);
+out:
+    unlock(s);
+    return rc;
+}
+
+static int handover_row(sqlite3_stmt *st, void *item)
+{
+    ar_lease_handover *h = item;
+    h->stage = sqlite3_column_int(st, 0);
+    h->step = sqlite3_column_int64(st, 1);
+    h->replacement_id = sqlite3_column_int64(st, 2);
+    return AR_OK;
+}
+
+int ar_store_lease_handover(ar_store *s, int64_t lease_id, int64_t leaver_id, ar_lease_handover *out)
+{
+    lock(s);
+    int rc = one_row(s, handover_row, out,
+                     "SELECT stage, step, replacement_id FROM lease_handovers WHERE lease_id = ? AND leaver_id = ?",
+                     "ii", lease_id, leaver_id);
+    unlock(s);
+    return rc == AR_ENOTFOUND
+               ? ar_fail(rc, "provider %" PRId64 " handed over no place in lease %" PRId64, leaver_id, lease_id)
                : rc;
 }
 

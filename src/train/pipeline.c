@@ -32,8 +32,9 @@ typedef struct {
 } serve_state;
 
 /* Stage records in the NORM frame: first unit, units, busy s, idle s,
- * tensor-parallel bytes, then the units' gradient sums of squares. */
-#define NORM_HEADER 5
+ * tensor-parallel bytes, flags (AR_STAGE_LEAVING), then the units' gradient
+ * sums of squares. */
+#define NORM_HEADER 6
 
 /* Bytes a group leader exchanged with its members other than its own share
  * (rank 0, computed in-process on the leader's device): the group's network
@@ -280,6 +281,8 @@ static int send_norms(serve_state *st, int64_t step)
     vals[3] = st->idle;
     /* this step's, its norm exchange included, and the last optimizer step's */
     vals[4] = (double)(group_traffic(s) - st->traffic_mark + st->update_traffic);
+    /* the device's owner wants it back: the driver learns it with this step */
+    vals[5] = r->leaving && atomic_load(r->leaving) ? AR_STAGE_LEAVING : 0;
     st->update_traffic = 0;
     if (theirs)
         memcpy(vals + mine, below.data, theirs * sizeof(double));
@@ -628,6 +631,7 @@ int ar_chain_train_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar
         out->busy_s[out->nstages] = v[at + 2];
         out->idle_s[out->nstages] = v[at + 3];
         out->tp_bytes[out->nstages] = v[at + 4];
+        out->leaving[out->nstages] = ((int)v[at + 5] & AR_STAGE_LEAVING) != 0;
         out->nstages++;
         for (int i = 0; i < nu; i++)
             out->unit_sumsq[first + i] = v[at + NORM_HEADER + i];

@@ -8,7 +8,15 @@
 #include "train/frame.h"
 #include "train/stage.h"
 
+#include <stdatomic.h>
 #include <stdint.h>
+
+/* A stage's flags in its NORM record. */
+enum {
+    /* its device is leaving (its owner wants it back, or it is stopping):
+     * the driver should move the stage elsewhere after this step */
+    AR_STAGE_LEAVING = 1,
+};
 
 typedef struct {
     ar_stage *stage;
@@ -20,6 +28,9 @@ typedef struct {
     size_t max_frame_bytes;
     uint64_t seed;       /* run seed, for dropout */
     double timeout_s;    /* how long to wait for a neighbour mid-step (< 0: forever) */
+    /* when set and nonzero, each step's NORM record says the stage's device
+     * is leaving (AR_STAGE_LEAVING); NULL: never */
+    const atomic_int *leaving;
 } ar_stage_runner;
 
 /* Serve until a STOP frame or the upstream link closes. Returns AR_OK after
@@ -35,6 +46,7 @@ typedef struct {
     double busy_s[64], idle_s[64]; /* per stage, this step */
     double tp_bytes[64];     /* per stage: a group leader's traffic with its other members this
                               * step (frame bytes, both directions; 0 for a plain stage) */
+    int leaving[64];         /* per stage: its device said it is leaving (AR_STAGE_LEAVING) */
 } ar_step_result;
 
 /* One training step: inputs is (B, ...) rows split into M micro-batches of
