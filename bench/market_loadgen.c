@@ -221,7 +221,7 @@ static grpc_byte_buffer *request_of(client *c)
         Arceus__StageUsage u = ARCEUS__STAGE_USAGE__INIT;
         u.stage = 0;
         u.provider_id = c->provider_id;
-        u.flops = 1000000000;
+        u.flops = 0; /* the lease's plan fixes them */
         Arceus__StageUsage *us[1] = {&u};
         Arceus__ReportUsageRequest r = ARCEUS__REPORT_USAGE_REQUEST__INIT;
         r.lease_token = c->token;

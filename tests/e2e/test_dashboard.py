@@ -61,7 +61,8 @@ def dashboard(arceus_bin, run_arceus, tmp_path_factory, small_mlp_spec, small_fa
               for name, credits in (("renter", "100"), ("ada", "0"), ("grace", "0"), ("linus", "0"))}
     procs = Procs(arceus_bin, tmp)  # module-wide: stopped and checked below
     try:
-        m = procs.market(db, "--http", "127.0.0.1:0", "--offline-after", "3600")
+        # --escrow-window 0: the providers' pay is theirs to spend when the job ends
+        m = procs.market(db, "--http", "127.0.0.1:0", "--offline-after", "3600", "--escrow-window", "0")
         providers = [procs.start("provide", "provide", "--market", m.addr, "--token", tokens[name],
                                  "--listen", "127.0.0.1:0", "--max-threads", "1", "--price", price)
                      for name, price in (("ada", "1"), ("grace", "1.5"), ("linus", "2"))]
@@ -262,9 +263,12 @@ def test_json_api_refuses_without_a_token_and_to_another_account(dashboard):
         assert status == 200 and me["account"] == name
         status, lg = get_json(url + "api/ledger", toks[name])
         assert status == 200 and lg["account"] == name
-        usage = [r for r in lg["rows"] if r["reason"] == "usage"]
-        assert all(r["job"] == jid and not r["amount"].startswith("-") for r in usage)
-        earning += bool(usage)
+        # what its providers earned: held in escrow (pending), then released to it
+        assert not [r for r in lg["rows"] if r["reason"] == "usage"]
+        released = [r for r in lg["rows"] if r["reason"] == "release"]
+        assert all(r["job"] == jid and not r["amount"].startswith("-") for r in released)
+        assert me["pending"] == lg["pending"]
+        earning += bool(released) or lg["pending"] != "0.000000"
         status, provs = get_json(url + "api/providers", toks[name])
         mine = [p for p in provs["providers"] if p["mine"]]
         assert len(mine) == 1 and mine[0]["account"] == name and mine[0]["work_paid"] > 0
@@ -318,6 +322,7 @@ def test_json_api_refuses_without_a_token_and_to_another_account(dashboard):
         _, lg = get_json(url + "api/ledger", toks[name])
         mine, = [p for p in provs["providers"] if p["mine"]]
         assert mine["earned"] == lg["totals"]["earned"] == lg["balance"]
+        assert lg["pending"] == "0.000000"  # released at the job's end
         assert mine["earnings"][-1][1] == pytest.approx(float(mine["earned"]))
         earned += int(mine["earned"].replace(".", ""))
     assert earned == int(j["job"]["spent"].replace(".", ""))
