@@ -207,10 +207,11 @@ typedef struct {
     int stopping;
     /* the owner's rules, as main last saw them, or a graceful leave
      * (leaving); beat_now: tell the market at once, not at the next
-     * heartbeat; beats: heartbeats the market has answered */
+     * heartbeat; state counts the changes of unavailable and leaving, and
+     * told is the count the market has acknowledged in a heartbeat */
     int unavailable, leaving, beat_now;
     char why[AR_WHY_MAX];
-    unsigned long beats;
+    unsigned long state, told;
 } provider;
 
 /* Register with the market, on a fresh channel when there is none (a channel
@@ -255,6 +256,7 @@ static void *heartbeat_main(void *arg)
             break;
         /* every heartbeat says what the owner's rules say now */
         int unavailable = p->unavailable, leaving = p->leaving;
+        unsigned long state = p->state;
         char why[AR_WHY_MAX];
         snprintf(why, sizeof why, "%s", p->why);
         p->beat_now = 0;
@@ -296,8 +298,8 @@ static void *heartbeat_main(void *arg)
         fflush(stderr);
         pthread_mutex_lock(&p->mu);
         p->beat_now |= beat_again;
-        if (rc == AR_OK && was_registered) {
-            p->beats++;
+        if (rc == AR_OK && was_registered && state > p->told) {
+            p->told = state;
             pthread_cond_broadcast(&p->cv); /* main may wait for the market to know */
         }
     }
@@ -364,17 +366,22 @@ typedef struct {
     int stop;       /* the process stops once the leave is over */
 } leave;
 
-/* What the heartbeats say from now on; a change is told at once. */
-static void set_state(provider *p, int unavailable, const char *why, int leaving)
+/* What the heartbeats say from now on: a change of state is told at once
+ * (a new why alone goes with the next heartbeat). The state's count. */
+static unsigned long set_state(provider *p, int unavailable, const char *why, int leaving)
 {
     pthread_mutex_lock(&p->mu);
-    if (p->unavailable != unavailable || p->leaving != leaving || strcmp(p->why, why) != 0)
+    if (p->unavailable != unavailable || p->leaving != leaving) {
+        p->state++;
         p->beat_now = 1;
+        pthread_cond_broadcast(&p->cv);
+    }
     p->unavailable = unavailable;
     p->leaving = leaving;
     snprintf(p->why, sizeof p->why, "%s", why);
-    pthread_cond_broadcast(&p->cv);
+    unsigned long state = p->state;
     pthread_mutex_unlock(&p->mu);
+    return state;
 }
 
 /* A line on stdout ("arceus provide: ...") and to whoever asked us to
@@ -410,20 +417,17 @@ static int start_leave(leave *l, const char *why, int stop)
     }
     char said[AR_WHY_MAX];
     snprintf(said, sizeof said, "leaving: %s", why);
-    pthread_mutex_lock(&l->p->mu);
-    unsigned long before = l->p->beats;
-    pthread_mutex_unlock(&l->p->mu);
-    set_state(l->p, 1, said, 1);
+    unsigned long state = set_state(l->p, 1, said, 1);
     /* the market knows before the driver asks it to hand our place over
      * (which it accepts only from a provider that said it is leaving) */
     struct timespec until;
     clock_gettime(CLOCK_MONOTONIC, &until);
     until.tv_sec += (time_t)TELL_MARKET_S;
     pthread_mutex_lock(&l->p->mu);
-    while (l->heartbeats && l->p->beats == before &&
+    while (l->heartbeats && l->p->told < state &&
            pthread_cond_timedwait(&l->p->cv, &l->p->mu, &until) != ETIMEDOUT) {
     }
-    int told = l->p->beats != before;
+    int told = l->p->told >= state;
     pthread_mutex_unlock(&l->p->mu);
     ar_worker_set_leaving(l->w, 1, why);
     l->state = LEAVE_LEAVING;
@@ -474,7 +478,7 @@ static int run_provide(void *opts)
         return 2;
     }
     if (o->install_service)
-        return ar_cli_install_service(o->argc, o->argv, token, market);
+        return ar_cli_install_service(o->argc, o->argv, token, market, o->grace);
 
     /* Low priority first, before any other thread exists: on Linux the nice
      * value belongs to each thread and new threads inherit their creator's,
@@ -660,8 +664,7 @@ static int run_provide(void *opts)
         pthread_mutex_lock(&p.mu);
         int changed = unavailable != p.unavailable;
         pthread_mutex_unlock(&p.mu);
-        if (changed)
-            set_state(&p, unavailable, unavailable ? why : "", 0);
+        set_state(&p, unavailable, unavailable ? why : "", 0);
         if (changed && unavailable)
             printf("arceus provide: unavailable: %s (the market leases it to no one meanwhile)\n", why);
         else if (changed)

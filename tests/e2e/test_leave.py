@@ -26,7 +26,7 @@ import time
 import pytest
 
 from conftest import SANITIZER_MARKERS, query, read_log, wait_for
-from pbwire import acquire, decode, field_bytes, field_varint, usage
+from pbwire import acquire, decode, field_bytes, field_varint, hand_over, usage
 from test_market import NO_WORKER_CHECKS, call, call_error, register
 from test_market_train import balances, ledger_total
 
@@ -298,10 +298,6 @@ def test_asked_to_leave_with_no_provider_free_the_run_keeps_its_state_and_stops(
 def heartbeat(token, pid, leaving):
     return (field_bytes(1, token) + field_varint(2, pid) + field_varint(3, int(leaving)) +
             field_bytes(4, "leaving: stopping" if leaving else "") + field_varint(5, int(leaving)))
-
-
-def hand_over(lease, pid, step, min_mem=0):
-    return field_bytes(1, lease) + field_varint(2, pid) + field_varint(3, step) + field_varint(4, min_mem)
 
 
 def test_hand_over_takes_the_leavers_word_and_moves_no_money(add_account, market, tmp_path):

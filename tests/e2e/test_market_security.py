@@ -33,7 +33,7 @@ from concurrent import futures
 import pytest
 
 from h2stall import send_oversized
-from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, replace, usage
+from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, hand_over, replace, usage
 from test_market import profile, register_request
 from conftest import wait_for
 from test_market_train import balances, ledger_total
@@ -160,6 +160,7 @@ class HostileWorker:
             ("ReportProgress", field_bytes(1, s) + field_varint(2, 1) + field_varint(3, 2) +
              field_bytes(5, "samples")),
             ("ReplaceProvider", replace(s, pid, 0)),
+            ("HandOver", hand_over(s, pid, 0)),
             ("ReleaseLease", field_bytes(1, s) + field_bytes(2, "cancelled")),
             ("AcquireLease", acquire(s)),
             ("Balance", field_bytes(1, s)),
