@@ -295,9 +295,11 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
                    req->unavailable ? "unavailable" : "available again", req->unavailable ? ": " : "",
                    req->unavailable ? req->unavailable_why : "");
     }
-    /* a graceful leave: its renter may hand its place over (HandOver) */
-    if (rc == AR_OK && (rc = ar_store_provider_set_leaving(m->store, req->provider_id, req->leaving)) == AR_OK &&
-        req->leaving != (p.leaving_since != 0))
+    /* a graceful leave: its renter may hand its place over (HandOver).
+     * Written when it changes only: every heartbeat says it, and the
+     * heartbeats of many providers share their commits (ar_store_provider_beat) */
+    if (rc == AR_OK && req->leaving != (p.leaving_since != 0) &&
+        (rc = ar_store_provider_set_leaving(m->store, req->provider_id, req->leaving)) == AR_OK)
         ar_log(AR_LOG_INFO, "market: provider %lld %s", (long long)p.id,
                req->leaving ? "is leaving its lease" : "is no longer leaving");
     /* a provider the market could not reach is checked again as it beats
