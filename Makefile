@@ -166,8 +166,15 @@ unit: $(TEST_BIN) ref
 	        echo "sanitizer report in $$t (see $$log)"; exit 1; fi; \
 	done
 
-e2e: $(BIN)
-	ARCEUS_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q tests/e2e
+e2e: $(BIN) $(WAN_RELAY)
+	ARCEUS_BIN=$(abspath $(BIN)) WAN_RELAY_BIN=$(abspath $(WAN_RELAY)) $(PYTHON) -m pytest -q tests/e2e
+
+# The emulated WAN link (bench/wan_relay.c): standalone, used by bench/wan.py
+# and the e2e tests of slow links.
+WAN_RELAY := $(OUT)/bench/wan_relay
+$(WAN_RELAY): bench/wan_relay.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) $(OPT) -o $@ $<
 
 $(OUT)/bench/link_bench: bench/link_bench.c $(LIB)
 	@mkdir -p $(dir $@)
