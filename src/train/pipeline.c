@@ -2,8 +2,10 @@
 #include "train/pipeline.h"
 
 #include "core/core.h"
+#include "train/probe.h"
 #include "train/schedule.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,12 +31,25 @@ typedef struct {
     /* a group leader's traffic with its other members (group_traffic): at
      * the start of the step, and during the optimizer step since the last */
     uint64_t traffic_mark, update_traffic;
+    /* the down link's counters at the last NORM record (or the end of its
+     * measurement): each record carries what moved since */
+    uint64_t down_mark[4];
+    ar_probe_rx probe; /* a burst of PROBE frames from upstream being received */
 } serve_state;
 
-/* Stage records in the NORM frame: first unit, units, busy s, idle s,
- * tensor-parallel bytes, flags (AR_STAGE_LEAVING), then the units' gradient
+/* Stage records in the NORM frame (AR_NORM_HEADER), then the units' gradient
  * sums of squares. */
-#define NORM_HEADER 6
+#define NORM_HEADER AR_NORM_HEADER
+/* how long a link's measurement may wait for an answer */
+#define PROBE_TIMEOUT_S 60.0
+
+static void link_counters(const ar_link *l, uint64_t c[4])
+{
+    c[0] = l ? l->bytes_sent : 0;
+    c[1] = l ? l->raw_sent : 0;
+    c[2] = l ? l->bytes_received : 0;
+    c[3] = l ? l->raw_received : 0;
+}
 
 /* Bytes a group leader exchanged with its members other than its own share
  * (rank 0, computed in-process on the leader's device): the group's network
@@ -284,6 +299,12 @@ static int send_norms(serve_state *st, int64_t step)
     /* the device's owner wants it back: the driver learns it with this step */
     vals[5] = r->leaving && atomic_load(r->leaving) ? AR_STAGE_LEAVING : 0;
     st->update_traffic = 0;
+    uint64_t now[4];
+    link_counters(r->down, now);
+    for (int k = 0; k < 4; k++) {
+        vals[6 + k] = (double)(now[k] - st->down_mark[k]);
+        st->down_mark[k] = now[k];
+    }
     if (theirs)
         memcpy(vals + mine, below.data, theirs * sizeof(double));
     ar_frame_free(&below);
@@ -307,7 +328,7 @@ static int run_step(serve_state *st, ar_frame *first)
     ar_action *acts = malloc(sizeof(ar_action) * 2 * (size_t)M);
     if (!acts)
         return ar_fail(AR_ENOMEM, "out of memory for the schedule");
-    int in_flight = ar_schedule_build(r->schedule, r->count, r->index, M, acts);
+    int in_flight = ar_schedule_build_ex(r->schedule, r->count, r->index, M, r->extra_warmup, acts);
     int rc = AR_OK;
     if (in_flight > s->nslots) {
         rc = ar_fail(AR_ELIMIT, "the schedule keeps %d micro-batches in flight, the stage has %d slots",
@@ -433,6 +454,55 @@ static int run_eval(serve_state *st, ar_frame *f)
     return ar_link_send(r->up, &res);
 }
 
+/* RUN: measure the link to the next stage, have it measure its own, and
+ * send the figures up (ours first, then those from below). */
+static int run_probe(serve_state *st)
+{
+    ar_stage_runner *r = st->r;
+    double timeout = r->timeout_s > 0 ? r->timeout_s : PROBE_TIMEOUT_S;
+    double vals[AR_PROBE_REPORT_FIELDS * 64];
+    size_t n = 0;
+    int rc;
+    if (r->down) {
+        ar_link_figures fig;
+        if ((rc = ar_probe_link(r->down, timeout, &fig)) != AR_OK)
+            return rc;
+        vals[n++] = fig.rtt_s;
+        vals[n++] = fig.down_Bps;
+        vals[n++] = fig.up_Bps;
+        ar_frame run = {.kind = AR_FRAME_PROBE};
+        run.scalars[0] = AR_PROBE_RUN;
+        if ((rc = ar_link_send(r->down, &run)) != AR_OK)
+            return rc;
+        ar_frame below;
+        if ((rc = ar_link_recv(r->down, &below, timeout)) != AR_OK)
+            return rc;
+        if (below.kind == AR_FRAME_ERROR) {
+            ar_link_send(r->up, &below); /* relay: the driver names the failing stage */
+            return STEP_ABANDONED;
+        }
+        size_t theirs = below.nbytes / sizeof(double);
+        if (below.kind != AR_FRAME_PROBE || (int)below.scalars[0] != AR_PROBE_REPORT ||
+            (below.nbytes && below.dtype != AR_DT_F64) || theirs % AR_PROBE_REPORT_FIELDS ||
+            n + theirs > sizeof vals / sizeof vals[0]) {
+            ar_frame_free(&below);
+            return ar_fail(AR_EPROTO, "expected the link figures from the next stage");
+        }
+        if (theirs)
+            memcpy(vals + n, below.data, theirs * sizeof(double));
+        n += theirs;
+        ar_frame_free(&below);
+    }
+    /* the traffic of the steps starts here, not with the measurement */
+    link_counters(r->down, st->down_mark);
+    ar_frame rep = {.kind = AR_FRAME_PROBE};
+    rep.scalars[0] = AR_PROBE_REPORT;
+    int64_t len = (int64_t)n;
+    if (n && (rc = ar_frame_set_payload(&rep, AR_DT_F64, 1, &len, vals)) != AR_OK)
+        return rc;
+    return ar_link_send(r->up, &rep);
+}
+
 /* A barrier: answered once every stage has processed what came before it. */
 static int run_sync(serve_state *st, ar_frame *f)
 {
@@ -524,6 +594,14 @@ int ar_stage_serve(ar_stage_runner *r)
         case AR_FRAME_SYNC:
             if ((rc = run_sync(&st, &f)) != AR_OK)
                 what = "sync";
+            break;
+        case AR_FRAME_PROBE:
+            if ((int)f.scalars[0] == AR_PROBE_RUN)
+                rc = run_probe(&st);
+            else
+                rc = ar_probe_answer(r->up, &f, &st.probe);
+            if (rc != AR_OK)
+                what = "measuring the links";
             break;
         case AR_FRAME_STOP:
             if (r->down) {
@@ -632,6 +710,9 @@ int ar_chain_train_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar
         out->idle_s[out->nstages] = v[at + 3];
         out->tp_bytes[out->nstages] = v[at + 4];
         out->leaving[out->nstages] = ((int)v[at + 5] & AR_STAGE_LEAVING) != 0;
+        if (out->nstages + 1 < 64)
+            out->edges[out->nstages + 1] = (ar_edge_bytes){.down = v[at + 6], .down_raw = v[at + 7],
+                                                            .up = v[at + 8], .up_raw = v[at + 9]};
         out->nstages++;
         for (int i = 0; i < nu; i++)
             out->unit_sumsq[first + i] = v[at + NORM_HEADER + i];
@@ -670,6 +751,45 @@ int ar_chain_eval(ar_link *l, const ar_batch_desc *b, double timeout_s, double *
     *loss_sum += f.scalars[0];
     *correct += f.scalars[1];
     *count += f.scalars[2];
+    ar_frame_free(&f);
+    return AR_OK;
+}
+
+int ar_chain_probe(ar_link *l, double timeout_s, ar_link_figures *edges, int max, int *n)
+{
+    *n = 0;
+    if (max < 1)
+        return ar_fail(AR_EINVAL, "no room for the link figures");
+    int rc = ar_probe_link(l, timeout_s, &edges[0]);
+    if (rc != AR_OK)
+        return rc;
+    *n = 1;
+    ar_frame f = {.kind = AR_FRAME_PROBE};
+    f.scalars[0] = AR_PROBE_RUN;
+    if ((rc = ar_link_send(l, &f)) != AR_OK)
+        return rc;
+    /* each stage measures its link in turn: allow each its time */
+    if ((rc = ar_link_recv(l, &f, timeout_s > 0 ? timeout_s * 64 : timeout_s)) != AR_OK)
+        return rc;
+    if (f.kind == AR_FRAME_ERROR)
+        return frame_error(&f);
+    size_t count = f.nbytes / sizeof(double);
+    if (f.kind != AR_FRAME_PROBE || (int)f.scalars[0] != AR_PROBE_REPORT || (f.nbytes && f.dtype != AR_DT_F64) ||
+        count % AR_PROBE_REPORT_FIELDS) {
+        ar_frame_free(&f);
+        return ar_fail(AR_EPROTO, "expected the stages' link figures");
+    }
+    const double *v = f.data;
+    for (size_t i = 0; i + AR_PROBE_REPORT_FIELDS <= count && *n < max; i += AR_PROBE_REPORT_FIELDS) {
+        ar_link_figures *e = &edges[(*n)++];
+        *e = (ar_link_figures){.rtt_s = v[i], .down_Bps = v[i + 1], .up_Bps = v[i + 2], .measured = 1};
+        if (!(isfinite(e->rtt_s) && e->rtt_s >= 0 && e->down_Bps > 0 && e->up_Bps > 0 && isfinite(e->down_Bps) &&
+              isfinite(e->up_Bps))) {
+            ar_frame_free(&f);
+            return ar_fail(AR_EPROTO, "link %d's figures are out of range (%g s, %g B/s, %g B/s)", *n - 1,
+                           v[i], v[i + 1], v[i + 2]);
+        }
+    }
     ar_frame_free(&f);
     return AR_OK;
 }

@@ -1,5 +1,6 @@
 """The emulated WAN link itself (bench/wan_relay.c), before anything is
-measured through it: a round trip within 2 ms of twice the one-way delay,
+measured through it: a round trip within 2 ms of the two one-way delays
+(never under them),
 and a bulk transfer within 5% of the rate cap, in each direction (the two
 directions are set differently, so a relay that mixed them up fails)."""
 
@@ -80,9 +81,12 @@ def test_round_trip_and_rate_match_the_settings(procs):
             s.sendall(b"q" * 64)
             recv_exactly(c, 64)
             rtts.append((time.monotonic() - t0) * 1e3)
-        rtt = statistics.median(rtts)
+        # the link's round trip is the fastest sample: on a busy machine the
+        # scheduler only ever adds to it (the median is checked loosely)
         want = DELAY_MS + UP_DELAY_MS
-        assert abs(rtt - want) <= 2.0, f"round trip {rtt:.2f} ms (samples {rtts}), set {want} ms"
+        rtt = min(rtts)
+        assert want - 0.1 <= rtt <= want + 2.0, f"round trip {rtt:.2f} ms (samples {rtts}), set {want} ms"
+        assert statistics.median(rtts) <= want + 10, rtts
 
         down = throughput(c, s, 1.5) * 8 / 1e6
         assert abs(down - DOWN_MBIT) <= 0.05 * DOWN_MBIT, f"down {down:.2f} Mbit/s, cap {DOWN_MBIT}"
