@@ -188,10 +188,11 @@ $(OUT)/bench/market_loadgen: bench/market_loadgen.c $(LIB)
 	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(DEP_LIBS)
 
 bench: deps
-	$(MAKE) all $(OUT)/bench/link_bench $(OUT)/bench/market_loadgen
+	$(MAKE) all $(OUT)/bench/link_bench $(OUT)/bench/market_loadgen $(WAN_RELAY)
 	$(PYTHON) bench/run.py --arceus $(abspath $(BIN))
 	$(OUT)/bench/link_bench
 	$(PYTHON) bench/pipeline.py --arceus $(abspath $(BIN))
+	$(PYTHON) bench/wan.py --arceus $(abspath $(BIN)) --relay $(abspath $(WAN_RELAY))
 	$(PYTHON) bench/tp.py --arceus $(abspath $(BIN))
 	$(PYTHON) bench/market_load.py --arceus $(abspath $(BIN)) --loadgen $(abspath $(OUT)/bench/market_loadgen)
 

@@ -583,6 +583,8 @@ static int load_stages(run *r, int restore)
         return rc;
     r->head = r->remote_head;
     r->head->compress = r->plan.codec[0];
+    /* a new link: its traffic starts from nothing */
+    memset(r->head_mark, 0, sizeof r->head_mark);
     return AR_OK;
 }
 
@@ -906,6 +908,7 @@ static int recover(run *r, int failure, long *step)
     }
     *step = kept - 1; /* the loop's step++ makes it `kept` */
     r->steps_done = kept;
+    r->recovered = 1;
     return AR_OK;
 }
 
@@ -1247,6 +1250,45 @@ static void print_plan(const run *r)
     fflush(stdout);
 }
 
+/* Whether a checkpoint follows step (its results in): every --checkpoint-every
+ * steps, or by default once AUTO_CHECKPOINT_S have passed since the last. */
+static int checkpoint_due(const run *r, long step)
+{
+    const ar_train_config *c = r->c;
+    return c->ckpt_every > 0 ? (step + 1) % c->ckpt_every == 0
+                             : c->ckpt_every < 0 && ar_now() - r->last_ckpt_t >= AUTO_CHECKPOINT_S;
+}
+
+/* Whether step + 1's batch may go before step's results are in: nothing is
+ * due between the two (an evaluation, a checkpoint, the end or a stop, a
+ * budget that would not cover both, a stage to move). */
+static int look_ahead(const run *r, long step, int64_t spent, size_t queued)
+{
+    const ar_train_config *c = r->c;
+    /* --profile times each step's compute alone; a device that said it is
+     * leaving moves once nothing is in flight (move_leaving) */
+    if (c->profile || r->leave_seen)
+        return 0;
+    if (step + 1 >= c->steps || (c->stop_after > 0 && step + 1 >= c->stop_after))
+        return 0;
+    if ((c->eval_every > 0 && (step + 1) % c->eval_every == 0) || (c->out_dir && checkpoint_due(r, step)))
+        return 0;
+    return !(r->leased && c->max_credits > 0 && spent + ((int64_t)queued + 2) * r->step_cost > c->max_credits);
+}
+
+/* The batch of `step` (the data's next, in r->inputs and r->targets) to
+ * stage 0, which applies the optimizer itself once the step's gradient norms
+ * are in: the learning rate and the clipping go with it. */
+static int send_batch(run *r, long step)
+{
+    ar_train_config *c = r->c;
+    int is_text = r->data.is_text;
+    ar_batch_desc b = {.step = step, .M = r->M, .B = r->B, .dtype = is_text ? 1 : 0, .inputs = r->inputs,
+                       .row_elems = r->row_elems, .targets = r->targets, .row_targets = is_text ? (size_t)r->T : 1};
+    float lr = ar_lr_at(step, c->lr, c->min_lr, c->warmup, c->steps);
+    return ar_chain_send_step(r->head, &b, 1, lr, c->clip);
+}
+
 int ar_train_run(ar_train_config *c)
 {
     run r;
@@ -1276,9 +1318,17 @@ int ar_train_run(ar_train_config *c)
      * first time, the thread pool started), evaluations left out */
     long prof_steps = 0;
     double prof_s = 0;
+    long sent = start - 1;        /* the last step whose batch is on its way to stage 0 */
+    double results_t = ar_now(); /* when the last step's results came in */
     for (long step = start; step < c->steps; step++) {
+        if (r.recovered) {
+            /* back to a checkpoint: a batch sent ahead went with the old pipeline */
+            sent = step - 1;
+            r.recovered = 0;
+        }
         if (c->profile && step == start + 1) {
-            /* the warm-up step's update may still be running in its stage */
+            /* the warm-up step's update may still be running in its stage
+             * (nothing was sent ahead under --profile) */
             if ((rc = ar_chain_sync(r.head, r.timeout)) != AR_OK)
                 break;
             ar_prof_reset();
@@ -1289,7 +1339,8 @@ int ar_train_run(ar_train_config *c)
         size_t queued = 0;
         if (r.leased)
             ar_reporter_state(&r.reporter, &spent, &queued, NULL, NULL, NULL, NULL);
-        if (r.leased && c->max_credits > 0 && spent + ((int64_t)queued + 1) * r.step_cost > c->max_credits) {
+        if (sent < step && r.leased && c->max_credits > 0 &&
+            spent + ((int64_t)queued + 1) * r.step_cost > c->max_credits) {
             /* the budget would not cover this step: keep what was paid for */
             char a[40], b[40], d[40];
             r.budget_stop = 1;
@@ -1304,15 +1355,38 @@ int ar_train_run(ar_train_config *c)
                          c->out_dir && step > start ? " (--resume it with more credits)" : "");
             break;
         }
-        if ((rc = data_source_next(&r.data, r.B, r.T, r.inputs, r.targets)) != AR_OK)
-            break;
-        ar_batch_desc b = {.step = step, .M = r.M, .B = r.B, .dtype = is_text ? 1 : 0,
-                           .inputs = r.inputs, .row_elems = r.row_elems, .targets = r.targets,
-                           .row_targets = is_text ? (size_t)r.T : 1};
-        ar_step_result res;
+        ar_batch_desc b = {.step = step, .M = r.M, .B = r.B};
         double step_t0 = ar_now();
-        rc = ar_chain_train_step(r.head, &b, r.timeout, &res);
-        double took = ar_now() - step_t0;
+        if (sent < step) {
+            if ((rc = data_source_next(&r.data, r.B, r.T, r.inputs, r.targets)) != AR_OK)
+                break;
+            if ((rc = send_batch(&r, step)) != AR_OK) {
+                if ((rc = recover(&r, rc, &step)) == AR_OK)
+                    continue;
+                break;
+            }
+            sent = step;
+        } else {
+            step_t0 = results_t; /* sent ahead: the step began when the last one ended */
+        }
+        /* the next step's batch goes now, unless something must come between
+         * the two steps: stage 0 takes each optimizer step itself, so this
+         * link's round trip is off the steps' critical path */
+        int ahead = look_ahead(&r, step, spent, queued);
+        if (ahead) {
+            if ((rc = data_source_next(&r.data, r.B, r.T, r.inputs, r.targets)) != AR_OK)
+                break;
+            if ((rc = send_batch(&r, step + 1)) != AR_OK) {
+                if ((rc = recover(&r, rc, &step)) == AR_OK)
+                    continue;
+                break;
+            }
+            sent = step + 1;
+        }
+        ar_step_result res;
+        rc = ar_chain_recv_step(r.head, &b, r.timeout, &res);
+        results_t = ar_now();
+        double took = results_t - step_t0;
         r.step_wall += took;
         if (rc != AR_OK) {
             if ((rc = recover(&r, rc, &step)) == AR_OK)
@@ -1333,16 +1407,9 @@ int ar_train_run(ar_train_config *c)
             rc = ar_fail(AR_EINVAL, "step %ld: the loss or gradient is not finite (loss %g, norm %g); lower --lr", step, res.loss, norm);
             break;
         }
-        /* torch.nn.utils.clip_grad_norm_: scale by clip/(norm+1e-6) when above */
-        float scale = 1.0f;
-        if (c->clip > 0 && norm > c->clip)
-            scale = (float)(c->clip / (norm + 1e-6));
+        /* stage 0 has applied the optimizer (torch.nn.utils.clip_grad_norm_'s
+         * clipping, ar_chain_send_step): the same lr for the log */
         float lr = ar_lr_at(step, c->lr, c->min_lr, c->warmup, c->steps);
-        if ((rc = ar_chain_apply(r.head, step, lr, scale)) != AR_OK) {
-            if ((rc = recover(&r, rc, &step)) == AR_OK)
-                continue;
-            break;
-        }
         if (c->profile && step > start) {
             prof_steps++;
             prof_s += ar_now() - step_t0;
@@ -1434,8 +1501,7 @@ int ar_train_run(ar_train_config *c)
         driver_report_progress(&r, step, rate, ar_now() - t0, start);
         /* by default a checkpoint whenever AUTO_CHECKPOINT_S have passed: at
          * most about that much work is redone when a stage is lost */
-        int due = c->ckpt_every > 0 ? (step + 1) % c->ckpt_every == 0
-                                    : c->ckpt_every < 0 && ar_now() - r.last_ckpt_t >= AUTO_CHECKPOINT_S;
+        int due = !ahead && checkpoint_due(&r, step); /* (ahead: the next step is on its way already) */
         if (c->out_dir && (due || last || stopping)) {
             if ((rc = save_checkpoint(&r, step + 1)) != AR_OK) {
                 if ((rc = recover(&r, rc, &step)) == AR_OK)
@@ -1450,8 +1516,12 @@ int ar_train_run(ar_train_config *c)
         if (stopping)
             break;
         /* a device leaving gracefully: its stage moves, and the next step
-         * goes on from here */
-        if (r.remote && !last && (rc = move_leaving(&r, &res, step + 1)) != AR_OK) {
+         * goes on from here; with the next step's batch sent already, after
+         * that step (the flag keeps the one after from going ahead) */
+        r.leave_seen = 0;
+        for (int i = 0; i < res.nstages && i < 64; i++)
+            r.leave_seen |= res.leaving[i];
+        if (r.remote && !last && !ahead && (rc = move_leaving(&r, &res, step + 1)) != AR_OK) {
             if ((rc = recover(&r, rc, &step)) == AR_OK)
                 continue;
             break;
@@ -1489,8 +1559,8 @@ int ar_train_run(ar_train_config *c)
                 ar_plan_link_name(&r.plan, r.devs, e, name, sizeof name);
             else
                 snprintf(name, sizeof name, e ? "stage %d -> stage %d" : "driver -> stage 0", e - 1, e);
-            printf("  link %s (%s): %.3f MB down, %.3f MB up per step; as float32 %.3f MB, %.3f MB (%.2fx); "
-                   "predicted %.3f MB, %.3f MB\n", name, ar_compress_name(r.plan.codec[e]), x->down / n / 1e6,
+            printf("  link %s (%s): %.4f MB down, %.4f MB up per step; as float32 %.4f MB, %.4f MB (%.2fx); "
+                   "predicted %.4f MB, %.4f MB\n", name, ar_compress_name(r.plan.codec[e]), x->down / n / 1e6,
                    x->up / n / 1e6, x->down_raw / n / 1e6, x->up_raw / n / 1e6, got > 0 ? raw / got : 1.0,
                    pr->down / 1e6, pr->up / 1e6);
         }

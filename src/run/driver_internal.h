@@ -114,6 +114,8 @@ typedef struct {
     double timeout;          /* the stage timeout in force (s) */
     double slowest_step;     /* the slowest training step so far (s) */
     int failures;            /* losses since the last checkpoint */
+    int recovered;           /* recover() went back to a checkpoint: the training loop starts there */
+    int leave_seen;          /* the last step's results had a stage leaving: no batch goes ahead */
     /* the dashboard's view of the run (ReportProgress): queued about every
      * PROGRESS_EVERY_S; the plan goes with every report until the market
      * has it (plan: the generation of the plan in force, counted from 1) */

@@ -257,7 +257,7 @@ static int exchange_tied(serve_state *st, int64_t step)
 
 /* After the last backward: fold tied weights, then send the per-unit
  * gradient norms (ours first, then those from downstream) and timings up. */
-static int send_norms(serve_state *st, int64_t step)
+static int send_norms(serve_state *st, int64_t step, double *sumsq)
 {
     ar_stage_runner *r = st->r;
     ar_stage *s = r->stage;
@@ -308,6 +308,17 @@ static int send_norms(serve_state *st, int64_t step)
     if (theirs)
         memcpy(vals + mine, below.data, theirs * sizeof(double));
     ar_frame_free(&below);
+    /* every unit's gradient sum of squares, added in unit order (records
+     * come in stage order): as the driver adds them */
+    *sumsq = 0;
+    for (size_t at = 0; at + NORM_HEADER <= mine + theirs;) {
+        double nu = vals[at + 1];
+        if (!(nu >= 0 && at + NORM_HEADER + (size_t)nu <= mine + theirs))
+            break; /* malformed from below: the driver says so */
+        for (size_t i = 0; i < (size_t)nu; i++)
+            *sumsq += vals[at + NORM_HEADER + i];
+        at += NORM_HEADER + (size_t)nu;
+    }
     ar_frame f = {.kind = AR_FRAME_NORM, .step = step};
     int64_t n = (int64_t)(mine + theirs);
     rc = ar_frame_set_payload(&f, AR_DT_F64, 1, &n, vals);
@@ -317,12 +328,47 @@ static int send_norms(serve_state *st, int64_t step)
     return ar_link_send(r->up, &f);
 }
 
+static int run_apply(ar_stage_runner *r, ar_frame *f);
+
+/* The optimizer step stage 0 takes itself, when the driver's batch asked
+ * for it (ar_chain_send_step): the driver's clipping, in the driver's
+ * arithmetic on the same sums, so the result is bitwise the driver's STEP;
+ * then the STEP goes down as if the driver had sent it. A step whose loss or
+ * gradient is not finite is not applied: the driver ends the run on it. */
+static int apply_locally(serve_state *st, int64_t step, double lr, double clip, double sumsq, double loss)
+{
+    ar_stage_runner *r = st->r;
+    double norm = sqrt(sumsq);
+    if (!isfinite(loss) || !isfinite(norm))
+        return AR_OK;
+    float scale = 1.0f;
+    if (clip > 0 && norm > clip)
+        scale = (float)(clip / (norm + 1e-6));
+    ar_frame f = {.kind = AR_FRAME_STEP, .step = step};
+    f.scalars[0] = lr;
+    f.scalars[1] = scale;
+    double t0 = ar_now();
+    uint64_t traffic0 = group_traffic(r->stage);
+    int rc = run_apply(r, &f);
+    st->update_s += ar_now() - t0;
+    st->update_traffic += group_traffic(r->stage) - traffic0;
+    ar_frame_free(&f);
+    return rc;
+}
+
 static int run_step(serve_state *st, ar_frame *first)
 {
     ar_stage_runner *r = st->r;
     ar_stage *s = r->stage;
     int M = first->nmb;
     int64_t step = first->step;
+    /* the driver's batch may ask stage 0 to take the optimizer step itself:
+     * scalars {lr, clip, 1} on its first frame */
+    int apply = r->index == 0 && first->scalars[2] == 1.0;
+    double apply_lr = first->scalars[0], apply_clip = first->scalars[1];
+    if (apply && !(apply_lr >= 0 && apply_lr < 1e3 && apply_clip >= 0 && apply_clip < 1e12))
+        return ar_fail(AR_EPROTO, "a batch asking for a step with lr %g and clip %g", apply_lr, apply_clip);
+    double loss_sum = 0;
     if (M < 1 || M > 4096)
         return ar_fail(AR_EPROTO, "a step of %d micro-batches", M);
     ar_action *acts = malloc(sizeof(ar_action) * 2 * (size_t)M);
@@ -369,13 +415,17 @@ static int run_step(serve_state *st, ar_frame *first)
             rc = run_forward(st, &f);
             ar_frame_free(&f);
         } else {
-            double loss;
+            double loss = 0;
             rc = run_backward(st, step, acts[i].mb, M, &loss);
+            loss_sum += loss; /* in micro-batch order, as the driver adds them */
         }
         if (rc != AR_OK)
             goto done;
     }
-    rc = send_norms(st, step);
+    double sumsq = 0;
+    rc = send_norms(st, step, &sumsq);
+    if (rc == AR_OK && apply)
+        rc = apply_locally(st, step, apply_lr, apply_clip, sumsq, loss_sum / M);
 done:
     free(acts);
     return rc;
@@ -635,10 +685,13 @@ out:
 
 /* ---- driver side ------------------------------------------------------ */
 
-static int send_rows(ar_link *l, int kind, const ar_batch_desc *b, int mb, int row0, int rows)
+static int send_rows(ar_link *l, int kind, const ar_batch_desc *b, int mb, int row0, int rows,
+                     const double *scalars)
 {
     ar_frame f = {.kind = kind, .step = b->step, .mb = mb, .nmb = kind == AR_FRAME_ACT ? b->M : 0,
                   .rows = rows};
+    if (scalars)
+        memcpy(f.scalars, scalars, 3 * sizeof(double));
     size_t es = 4;
     int64_t shape[2] = {rows, (int64_t)b->row_elems};
     int rc = ar_frame_set_payload(&f, b->dtype, 2, shape,
@@ -663,13 +716,27 @@ static int frame_error(ar_frame *f)
 
 int ar_chain_train_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar_step_result *out)
 {
+    int rc = ar_chain_send_step(l, b, 0, 0, 0);
+    return rc == AR_OK ? ar_chain_recv_step(l, b, timeout_s, out) : rc;
+}
+
+int ar_chain_send_step(ar_link *l, const ar_batch_desc *b, int apply, float lr, float clip)
+{
     if (b->M < 1 || b->B % b->M != 0)
         return ar_fail(AR_EINVAL, "batch %d does not split into %d equal micro-batches", b->B, b->M);
     int rows = b->B / b->M;
     int rc;
-    for (int mb = 0; mb < b->M; mb++)
-        if ((rc = send_rows(l, AR_FRAME_ACT, b, mb, mb * rows, rows)) != AR_OK)
+    for (int mb = 0; mb < b->M; mb++) {
+        double s[3] = {lr, clip, 1.0};
+        if ((rc = send_rows(l, AR_FRAME_ACT, b, mb, mb * rows, rows, mb == 0 && apply ? s : NULL)) != AR_OK)
             return rc;
+    }
+    return AR_OK;
+}
+
+int ar_chain_recv_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar_step_result *out)
+{
+    int rc;
     memset(out, 0, sizeof *out);
     /* losses arrive in micro-batch order; summing them in that order keeps
      * the result independent of the partition */
@@ -736,7 +803,7 @@ int ar_chain_apply(ar_link *l, int64_t step, float lr, float grad_scale)
 int ar_chain_eval(ar_link *l, const ar_batch_desc *b, double timeout_s, double *loss_sum,
                   double *correct, double *count)
 {
-    int rc = send_rows(l, AR_FRAME_EVAL, b, 0, 0, b->B);
+    int rc = send_rows(l, AR_FRAME_EVAL, b, 0, 0, b->B, NULL);
     if (rc != AR_OK)
         return rc;
     ar_frame f;

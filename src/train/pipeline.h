@@ -75,6 +75,16 @@ typedef struct {
 
 int ar_chain_train_step(ar_link *l, const ar_batch_desc *batch, double timeout_s,
                         ar_step_result *out);
+/* The same in two halves, so that a driver can send the next step's batch
+ * before this step's results are back (docs/DESIGN.md, "Slow links"). With
+ * apply, stage 0 takes the optimizer step itself once it has every stage's
+ * gradient norms: lr, and the gradient clipped to clip (0: not clipped) the
+ * driver's way (scale clip / (norm + 1e-6) when the norm is over it), with
+ * the same sums in the same order, so bitwise what ar_chain_apply with the
+ * driver's scale does; the driver sends no STEP then. Without apply the
+ * driver must ar_chain_apply. */
+int ar_chain_send_step(ar_link *l, const ar_batch_desc *batch, int apply, float lr, float clip);
+int ar_chain_recv_step(ar_link *l, const ar_batch_desc *batch, double timeout_s, ar_step_result *out);
 /* Apply the optimizer everywhere: learning rate and gradient scale. */
 int ar_chain_apply(ar_link *l, int64_t step, float lr, float grad_scale);
 /* Forward-only evaluation of one chunk of B rows: returns the summed loss,

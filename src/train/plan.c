@@ -250,6 +250,11 @@ static void mb_frame_bytes(const ar_unit_cost *costs, int first, int M, int mb, 
         a.rows = c->rows;
         a.ntargets = (size_t)c->rows * (size_t)c->tokens;
         a.dtype = tokens ? AR_DT_I32 : AR_DT_F32;
+        if (mb == 0) { /* the step's first carries lr and clipping: stage 0 takes the step */
+            a.scalars[0] = 1e-3;
+            a.scalars[1] = 1.0;
+            a.scalars[2] = 1.0;
+        }
         if (tokens) {
             a.ndim = 2;
             a.shape[0] = c->rows;
@@ -364,7 +369,8 @@ void ar_plan_edge_bytes(const ar_plan *p, const ar_unit_cost *costs, int nunits,
         step.shape[0] = (int64_t)tied;
         step.nbytes = t.nbytes;
     }
-    step_b = (double)ar_frame_wire_bytes(&step);
+    /* the driver sends no STEP: stage 0 takes the step itself (ar_chain_send_step) */
+    step_b = s == 0 ? 0.0 : (double)ar_frame_wire_bytes(&step);
     double norm_b = (double)ar_frame_wire_bytes(&norm);
     out->down += step_b;
     out->down_raw += step_b;
@@ -1395,6 +1401,11 @@ int ar_plan_estimate_ex(ar_plan *p, const ar_unit_cost *costs, int nunits, const
         if (s == 0 && !measured_driver) {
             /* an in-process driver hands stage 0 its batch by pointer */
             lp = (link_price){AR_COMPRESS_NONE, 0, 0};
+        } else if (s == 0 && compress == AR_COMPRESS_AUTO) {
+            /* the driver's link carries the training data itself (features,
+             * tokens), not activations: AUTO leaves what the model learns
+             * from as it is (an explicit codec compresses it too) */
+            lp = price_link(costs, nunits, 0, fig.down_Bps, fig.up_Bps, AR_COMPRESS_NONE, micro_batches, 0);
         } else {
             /* AUTO compresses measured links only: an unknown one is loopback's */
             int mode = compress == AR_COMPRESS_AUTO && !fig.measured ? AR_COMPRESS_NONE : compress;

@@ -199,11 +199,12 @@ int ar_plan_extra_warmup(double rtt_s, double down_s, double up_s, double stage_
 void ar_plan_link_mb_bytes(const ar_unit_cost *costs, int first, int M, int codec, double *down, double *up);
 
 /* Frame bytes a link carries per training step (see ar_plan.edge_bytes):
- * M micro-batches' activations down (the input batch on edge 0) and
- * gradients up, compressed with codec where they may be, the optimizer step
- * down and the gradient norms up (records of stages s..S-1), and the tied
- * weight's values and gradient when the link lies between its owner and the
- * head. */
+ * M micro-batches' activations down (the input batch on edge 0, the first
+ * with the step's lr and clipping) and gradients up, compressed with codec
+ * where they may be, the optimizer step down (not on edge 0: stage 0 takes
+ * it, ar_chain_send_step) and the gradient norms up (records of stages
+ * s..S-1), and the tied weight's values and gradient when the link lies
+ * between its owner and the head. */
 void ar_plan_edge_bytes(const ar_plan *p, const ar_unit_cost *costs, int nunits, int s, int codec,
                         ar_edge_bytes *out);
 

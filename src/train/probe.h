@@ -30,7 +30,7 @@ enum ar_probe_op {
 #define AR_PROBE_PINGS 5
 #define AR_PROBE_FRAME_BYTES ((size_t)256 << 10) /* a gpt-5m activation of 2 rows: what links carry */
 #define AR_PROBE_MIN_SPAN_S 0.2
-#define AR_PROBE_MAX_BYTES ((size_t)16 << 20)
+#define AR_PROBE_MAX_BYTES ((size_t)4 << 20)
 #define AR_PROBE_MAX_FRAMES 64
 #define AR_PROBE_REPORT_FIELDS 3
 

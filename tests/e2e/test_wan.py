@@ -44,8 +44,9 @@ def test_three_workers_over_emulated_links_train_to_the_unshaped_accuracy(run_ar
         assert 0.8 * cap <= down <= 1.1 * cap and 0.8 * cap <= up <= 1.1 * cap, (link, rows[link], p.stdout)
         assert 2 * DELAY_MS - 1 <= rtt <= 2 * DELAY_MS + 15, (link, rtt)
         # a micro-batch's activations (32 x 512 floats, 64 KiB) take 26 ms at
-        # the cap, far more than a stage computes: auto compresses the most
-        assert codec == "int8", (link, codec, p.stdout)
+        # the cap, far more than a stage computes: auto compresses the most;
+        # the driver's link carries the images themselves: left as they are
+        assert codec == ("none" if link[0] == "driver" else "int8"), (link, codec, p.stdout)
 
     # the run summary: bytes per link and step, compressed against float32,
     # next to the plan's prediction

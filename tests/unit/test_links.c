@@ -522,3 +522,81 @@ Test(plan_links, predicted_bytes_are_what_the_links_count)
         predicted_bytes_match(&mlp, "0,1-2", 3, 8, codec);
     }
 }
+
+/* ---- stage 0 takes the optimizer step ------------------------------------------ */
+
+/* The driver's way: the step's results, its clipping, a STEP. */
+static float driver_scale(const ar_step_result *r, float clip)
+{
+    double sumsq = 0;
+    for (int i = 0; i < r->nunits; i++)
+        sumsq += r->unit_sumsq[i];
+    double norm = sqrt(sumsq);
+    return clip > 0 && norm > clip ? (float)(clip / (norm + 1e-6)) : 1.0f;
+}
+
+static float *train_gpt(int apply_at_stage0, int ahead, int steps, long *n)
+{
+    ar_model_spec spec = small_gpt();
+    ar_local_pipeline p;
+    cr_assert_eq(ar_local_create(&p, &spec, 3, 2, 4, AR_SCHED_1F1B, 9, &adamw), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_local_start(&p, AR_SCHED_1F1B, 9, 1), AR_OK);
+    int32_t x[8 * 16], y[8 * 16];
+    ar_rng r;
+    const float clip = 0.05f; /* small: every step is clipped */
+    ar_batch_desc b = {.M = 4, .B = 8, .dtype = AR_DT_I32, .inputs = x, .row_elems = 16, .targets = y,
+                       .row_targets = 16};
+    for (int step = 0, sent = -1; step < steps; step++) {
+        float lr = 1e-2f / (float)(step + 1);
+        while (apply_at_stage0 && sent < step + (ahead && step + 1 < steps)) {
+            sent++;
+            ar_rng_seed(&r, 100 + (uint64_t)sent);
+            for (int i = 0; i < 8 * 16; i++) {
+                x[i] = (int32_t)ar_rng_below(&r, 13);
+                y[i] = (int32_t)ar_rng_below(&r, 13);
+            }
+            b.step = sent;
+            cr_assert_eq(ar_chain_send_step(p.head, &b, 1, 1e-2f / (float)(sent + 1), clip), AR_OK);
+        }
+        ar_step_result res;
+        b.step = step;
+        if (apply_at_stage0) {
+            cr_assert_eq(ar_chain_recv_step(p.head, &b, 30.0, &res), AR_OK, "%s", ar_last_error());
+            cr_assert_lt(driver_scale(&res, clip), 1.0f, "the step was clipped");
+            continue;
+        }
+        ar_rng_seed(&r, 100 + (uint64_t)step);
+        for (int i = 0; i < 8 * 16; i++) {
+            x[i] = (int32_t)ar_rng_below(&r, 13);
+            y[i] = (int32_t)ar_rng_below(&r, 13);
+        }
+        cr_assert_eq(ar_chain_train_step(p.head, &b, 30.0, &res), AR_OK, "%s", ar_last_error());
+        cr_assert_eq(ar_chain_apply(p.head, step, lr, driver_scale(&res, clip)), AR_OK);
+    }
+    cr_assert_eq(ar_chain_sync(p.head, 30.0), AR_OK);
+    long total = 0;
+    for (int i = 0; i < p.S; i++)
+        total += p.stages[i].param_floats;
+    float *w = malloc(sizeof(float) * (size_t)total);
+    cr_assert_not_null(w);
+    long at = 0;
+    for (int i = 0; i < p.S; i++) {
+        memcpy(w + at, p.stages[i].mem_params, sizeof(float) * (size_t)p.stages[i].param_floats);
+        at += p.stages[i].param_floats;
+    }
+    ar_local_destroy(&p);
+    *n = total;
+    return w;
+}
+
+Test(stage0_step, stage_0_clips_and_steps_bitwise_as_the_driver_even_a_step_ahead)
+{
+    long n1, n2, n3;
+    float *driver = train_gpt(0, 0, 5, &n1), *stage0 = train_gpt(1, 0, 5, &n2), *ahead = train_gpt(1, 1, 5, &n3);
+    cr_assert(n1 == n2 && n2 == n3);
+    cr_assert(memcmp(driver, stage0, sizeof(float) * (size_t)n1) == 0, "stage 0's step differs from the driver's");
+    cr_assert(memcmp(driver, ahead, sizeof(float) * (size_t)n1) == 0, "a batch sent a step ahead changed the result");
+    free(driver);
+    free(stage0);
+    free(ahead);
+}
