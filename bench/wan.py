@@ -86,7 +86,10 @@ def measure(log, stdout, warmup):
     steps = [r for r in rows if "loss" in r and "val_loss" not in r]
     a, b = [r for r in steps if r["step"] > warmup][0], steps[-1]
     rate = (b["step"] - a["step"]) * 16 * 128 / (b["elapsed_s"] - a["elapsed_s"])
-    steady = [r for r in steps if r["step"] > warmup]
+    # bytes: the steady steps but the last (the driver sends each batch during
+    # the step before it, so the last step's window sends none: the same
+    # number of steps and batches)
+    steady = [r for r in steps if r["step"] > warmup][:-1]
     nlinks = len(steady[0]["links"])
     # per link: [down, down as float32, up, up as float32] bytes, steady steps' mean
     links = [[sum(r["links"][e][k] for r in steady) / len(steady) for k in range(4)] for e in range(nlinks)]
