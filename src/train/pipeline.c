@@ -35,7 +35,32 @@ typedef struct {
      * measurement): each record carries what moved since */
     uint64_t down_mark[4];
     ar_probe_rx probe; /* a burst of PROBE frames from upstream being received */
+    /* bytes the upstream may still have this stage send for measurements (a
+     * PULL's burst back, a RUN's probe of the next link): a stage's
+     * bandwidth is its provider's, and nobody pays for probes */
+    double probe_budget, probe_t;
 } serve_state;
+
+/* A measurement of a link sends at most 2 x AR_PROBE_MAX_BYTES and some
+ * pings each way; a pipeline measures each link at setup (once more after a
+ * reload). The budget holds a few of them and refills slowly. */
+#define PROBE_BUDGET_BYTES (8.0 * AR_PROBE_MAX_BYTES)
+#define PROBE_REFILL_BPS ((double)AR_PROBE_MAX_BYTES / 10.0)
+
+/* Take `bytes` of the probe budget; AR_ELIMIT when there is not enough. */
+static int probe_spend(serve_state *st, double bytes)
+{
+    double now = ar_now();
+    st->probe_budget += (now - st->probe_t) * PROBE_REFILL_BPS;
+    st->probe_t = now;
+    if (st->probe_budget > PROBE_BUDGET_BYTES)
+        st->probe_budget = PROBE_BUDGET_BYTES;
+    if (bytes > st->probe_budget)
+        return ar_fail(AR_ELIMIT, "measurements asked too often: %.1f MB more to send, %.1f MB allowed now",
+                       bytes / 1e6, st->probe_budget / 1e6);
+    st->probe_budget -= bytes;
+    return AR_OK;
+}
 
 /* Stage records in the NORM frame (AR_NORM_HEADER), then the units' gradient
  * sums of squares. */
@@ -579,7 +604,7 @@ int ar_stage_serve(ar_stage_runner *r)
 #endif
     }
     ar_stage *s = r->stage;
-    serve_state st = {.r = r, .failed_step = -1};
+    serve_state st = {.r = r, .failed_step = -1, .probe_budget = PROBE_BUDGET_BYTES, .probe_t = ar_now()};
     st.slot_targets = calloc((size_t)s->nslots, sizeof *st.slot_targets);
     st.slot_rows = calloc((size_t)s->nslots, sizeof *st.slot_rows);
     if (!st.slot_targets || !st.slot_rows) {
@@ -645,14 +670,20 @@ int ar_stage_serve(ar_stage_runner *r)
             if ((rc = run_sync(&st, &f)) != AR_OK)
                 what = "sync";
             break;
-        case AR_FRAME_PROBE:
-            if ((int)f.scalars[0] == AR_PROBE_RUN)
-                rc = run_probe(&st);
-            else
-                rc = ar_probe_answer(r->up, &f, &st.probe);
+        case AR_FRAME_PROBE: {
+            int op = (int)f.scalars[0];
+            double cost = op == AR_PROBE_RUN    ? 2.0 * AR_PROBE_MAX_BYTES
+                          : op == AR_PROBE_PULL ? f.scalars[1] * f.scalars[2]
+                                                : 0.0;
+            if (!(cost >= 0 && cost < 1e12)) /* a PULL's own check names it */
+                cost = 0;
+            rc = probe_spend(&st, cost);
+            if (rc == AR_OK)
+                rc = op == AR_PROBE_RUN ? run_probe(&st) : ar_probe_answer(r->up, &f, &st.probe);
             if (rc != AR_OK)
                 what = "measuring the links";
             break;
+        }
         case AR_FRAME_STOP:
             if (r->down) {
                 ar_frame g = {.kind = AR_FRAME_STOP};

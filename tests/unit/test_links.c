@@ -600,3 +600,38 @@ Test(stage0_step, stage_0_clips_and_steps_bitwise_as_the_driver_even_a_step_ahea
     free(stage0);
     free(ahead);
 }
+
+/* Nobody pays for measurements: a stage sends what its upstream asks of it
+ * for them only within a budget that refills slowly, and says so after. */
+Test(probe, a_stage_sends_probes_within_a_budget)
+{
+    ar_model_spec spec = small_mlp();
+    ar_local_pipeline p;
+    cr_assert_eq(ar_local_create(&p, &spec, 1, 8, 1, AR_SCHED_1F1B, 1, &adamw), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_local_start(&p, AR_SCHED_1F1B, 1, 1), AR_OK);
+    int data = 0, refused = 0;
+    for (int k = 0; k < 4; k++) { /* 16 MiB each: the budget holds two */
+        ar_frame pull = {.kind = AR_FRAME_PROBE};
+        pull.scalars[0] = AR_PROBE_PULL;
+        pull.scalars[1] = AR_PROBE_MAX_FRAMES;
+        pull.scalars[2] = (double)AR_PROBE_FRAME_BYTES;
+        cr_assert_eq(ar_link_send(p.head, &pull), AR_OK);
+        ar_frame f;
+        for (;;) {
+            cr_assert_eq(ar_link_recv(p.head, &f, 10.0), AR_OK, "%s", ar_last_error());
+            int done = f.kind == AR_FRAME_ERROR || (int)f.scalars[1] == AR_PROBE_MAX_FRAMES - 1;
+            if (f.kind == AR_FRAME_ERROR) {
+                cr_assert_not_null(memmem(f.data, f.nbytes, "too often", 9));
+                refused++;
+            } else {
+                data++;
+            }
+            ar_frame_free(&f);
+            if (done)
+                break;
+        }
+    }
+    cr_assert_eq(data, 2 * AR_PROBE_MAX_FRAMES, "%d frames sent", data);
+    cr_assert_eq(refused, 2);
+    ar_local_destroy(&p);
+}
