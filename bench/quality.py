@@ -8,9 +8,15 @@
   batches of 16 x 128) printed every 250 steps, then a 200-character sample.
   Target: val loss <= 1.56 at 3,000 steps (PyTorch 1.13 with this recipe,
   measured on this machine: 2.00 at 500, 1.79 at 1,000, 1.57 at 2,000, 1.51 at 3,000).
+  Compression on the wire (docs/DESIGN.md, "Slow links"): gpt-5m, the same
+  recipe, --compress-steps (1000) steps as a pipeline of two in-process stages
+  (batch 16 in 8 micro-batches, as bench/wan.py), its activations and
+  gradients crossing the link between the stages as float32 (none, bitwise one
+  device), bf16 and int8 (a scale per 256 values): final val loss of bf16
+  within 0.01 of none, int8 within 0.03.
 
 Usage: /usr/bin/python3 bench/quality.py --arceus BIN [--text PATH] [--steps N]
-                                         [--only mlp|gpt] [--out DIR]
+                                         [--only mlp|gpt|compress] [--compress-steps N] [--out DIR]
 """
 import argparse
 import json
@@ -50,7 +56,8 @@ def main():
     ap.add_argument("--text", default=os.environ.get("ARCEUS_TEXT",
                     os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")))
     ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--only", choices=["mlp", "gpt"])
+    ap.add_argument("--only", choices=["mlp", "gpt", "compress"])
+    ap.add_argument("--compress-steps", type=int, default=1000)
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "quality"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -89,6 +96,30 @@ def main():
         sample, _ = run([args.arceus, "sample", "--ckpt", ckpt, "--prompt", "\n", "--tokens", "200",
                          "--seed", "7"])
         print("sample:\n" + sample)
+
+    if args.only in (None, "compress"):
+        if not os.path.isfile(args.text):
+            sys.exit("no text corpus: pass --text PATH")
+        # the tolerance of each codec's final val loss against float32 on the wire
+        targets = {"bf16": 0.01, "int8": 0.03}
+        final = {}
+        for codec in ("none", "bf16", "int8"):
+            log = os.path.join(args.out, "gpt-compress-%s.jsonl" % codec)
+            out, secs = run([args.arceus, "train", "--model", "configs/gpt-5m.json", "--data", args.text,
+                             "--steps", str(args.compress_steps), "--batch", "16", "--micro-batches", "8",
+                             "--workers", "local:2", "--plan", "0-3,4-7", "--compress", codec,
+                             "--eval-every", "250", "--eval-batches", "40", "--log", log])
+            rows = read_log(log)
+            final[codec] = [r["val_loss"] for r in rows if "val_loss" in r][-1]
+            links = [l for l in out.splitlines() if "link stage 0 -> stage 1" in l]
+            print("gpt-5m, %d steps, %s on the link: val loss %.4f in %.0f s%s"
+                  % (args.compress_steps, codec, final[codec], secs, ("\n  " + links[0].strip()) if links else ""))
+        for codec, tol in targets.items():
+            d = final[codec] - final["none"]
+            good = abs(d) <= tol
+            ok &= good
+            print("%s: val loss %.4f, %+.4f against none (%.4f); target within %.2f: %s"
+                  % (codec, final[codec], d, final["none"], tol, "ok" if good else "OUTSIDE TARGET"))
     sys.exit(0 if ok else 1)
 
 

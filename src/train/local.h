@@ -25,6 +25,9 @@ typedef struct {
     int nranks;
     ar_link **rank_links;
     int rank_first[64], rank_count[64];
+    /* the codec (enum ar_compress) of the link into stage s, both ways (the
+     * driver's to stage 0 too); 0 (none) unless set before ar_local_start */
+    int codec[64];
 } ar_local_pipeline;
 
 /* Create the stages (units split as evenly as possible); parameters are

@@ -1124,6 +1124,14 @@ Test(market_rules, a_renters_word_about_its_own_providers_is_no_observation)
     ar_store_close(s);
 }
 
+/* The links of the sample plan: the driver's, measured, and one between the stages. */
+static const ar_market_plan_link SAMPLE_LINKS[2] = {
+    {.stage = 0, .from = "driver", .to = "127.0.0.1:5001", .down_mb_s = 2.5, .up_mb_s = 1.25, .rtt_ms = 40.5,
+     .compress = "none", .predicted_down_mb = 0.5, .predicted_up_mb = 0.25},
+    {.stage = 1, .from = "127.0.0.1:5001", .to = "127.0.0.1:5002", .down_mb_s = 10, .up_mb_s = 10, .rtt_ms = 50,
+     .compress = "int8", .predicted_down_mb = 0.625, .predicted_up_mb = 0.5, .down_mb = 0.625, .up_mb = 0.5,
+     .down_raw_mb = 2.5, .up_raw_mb = 2}};
+
 /* A two-stage plan, the second stage a tensor-parallel pair. */
 static void sample_plan(ar_market_plan_stage st[2], ar_market_plan *plan)
 {
@@ -1137,7 +1145,7 @@ static void sample_plan(ar_market_plan_stage st[2], ar_market_plan *plan)
     st[1].members[1] = (ar_market_plan_member){.provider_id = 0, .device = "h:1", .share = "heads 2-3",
                                                .head_begin = 2, .head_end = 4, .hidden_begin = 64, .hidden_end = 128};
     *plan = (ar_market_plan){.model = "gpt", .schedule = "1f1b", .micro_batches = 4, .predicted_bubble = 0.25,
-                             .n_stages = 2, .stages = st};
+                             .n_stages = 2, .stages = st, .n_links = 2, .links = SAMPLE_LINKS};
 }
 
 static const char *SAMPLE_PLAN_JSON =
@@ -1146,7 +1154,12 @@ static const char *SAMPLE_PLAN_JSON =
     "\"members\":[{\"provider_id\":3,\"device\":\"127.0.0.1:5001\"}]},"
     "{\"stage\":1,\"first_unit\":2,\"last_unit\":3,\"layers\":\"block 1 \\\"x\\\"\",\"predicted_ms\":2,"
     "\"members\":[{\"provider_id\":4,\"device\":\"127.0.0.1:5002\",\"share\":\"heads 0-1\",\"heads\":[0,2]},"
-    "{\"provider_id\":0,\"device\":\"h:1\",\"share\":\"heads 2-3\",\"heads\":[2,4],\"hidden\":[64,128]}]}]}";
+    "{\"provider_id\":0,\"device\":\"h:1\",\"share\":\"heads 2-3\",\"heads\":[2,4],\"hidden\":[64,128]}]}],"
+    "\"links\":[{\"stage\":0,\"from\":\"driver\",\"to\":\"127.0.0.1:5001\",\"down_mb_s\":2.5,\"up_mb_s\":1.25,"
+    "\"rtt_ms\":40.5,\"compress\":\"none\",\"predicted_mb\":[0.5,0.25],\"moved_mb\":[0,0],\"moved_raw_mb\":[0,0]},"
+    "{\"stage\":1,\"from\":\"127.0.0.1:5001\",\"to\":\"127.0.0.1:5002\",\"down_mb_s\":10,\"up_mb_s\":10,"
+    "\"rtt_ms\":50,\"compress\":\"int8\",\"predicted_mb\":[0.625,0.5],\"moved_mb\":[0.625,0.5],"
+    "\"moved_raw_mb\":[2.5,2]}]}";
 
 Test(market_rules, the_dashboards_plan_json)
 {
