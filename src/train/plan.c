@@ -1014,7 +1014,10 @@ static void run_each(each_tables *t, const ar_unit_cost *costs, const ar_device 
                 double rest = t->val[each_at(t, j, k + 1)];
                 if (rest == INFINITY || !fits(acc_mem(&a, slots), &devs[k]))
                     continue;
-                double st = acc_time(&a, costs, n, j, &devs[k]);
+                /* a stage's time as ar_plan_auto prices it: the longer of its
+                 * compute and its link's transfers */
+                link_price lp = price_link(costs, n, j, bw_down(&devs[k]), bw_up(&devs[k]), AR_COMPRESS_NONE, M, 0);
+                double st = max_d(acc_time(&a, &devs[k]), link_s(&lp));
                 double v;
                 if (thr < 0) {
                     v = max_d(st, rest);

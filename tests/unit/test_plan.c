@@ -523,7 +523,7 @@ static void brute_each(const ar_unit_cost *c, int n, const ar_device *d, int nd,
             double mem = ar_plan_stage_mem(c, n, a, b, ar_plan_slots(sched, nd, st, M));
             if (d[st].mem_bytes > 0 && mem > d[st].mem_bytes)
                 ok = 0;
-            double t = stage_seconds(c, n, a, b, &d[st]);
+            double t = stage_seconds(c, n, a, b, &d[st], M);
             mx = fmax(mx, t);
             sum += t;
             a = b;
