@@ -355,9 +355,10 @@ static int make_plan(run *r, int ndev, int print)
             opts.driver = r->links[i].f;
     int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
     if (rc == AR_OK && r->leased) {
-        /* a lease fixes the split (and with it the price of a step) */
+        /* a lease fixes the split (and with it the price of a step); the
+         * links' compression and warm-up are the driver's to choose */
         if ((rc = driver_lease_plan(r, &r->plan)) == AR_OK)
-            rc = ar_plan_estimate(&r->plan, costs, units, r->devs, ndev, r->M, c->schedule);
+            rc = ar_plan_estimate_ex(&r->plan, costs, units, r->devs, ndev, r->M, c->schedule, &opts);
     } else if (rc == AR_OK) {
         if (c->plan && strcmp(c->plan, "auto") != 0) {
             rc = ar_plan_parse_devices(c->plan, units, r->devs, ndev, &r->plan);
