@@ -559,9 +559,19 @@ static int run_provide(void *opts)
     p.unavailable = !ar_owner_check(&owner, p.why, sizeof p.why);
     p.beat_now = 1;
 
+    /* arceus provide --leave reaches us on the control socket */
+    int rc, status, sig = 0, warned = 0, exit_code = 0;
+    ar_control ctl;
+    memset(&ctl, 0, sizeof ctl);
+    ctl.listen_fd = ctl.lock_fd = -1;
+    if ((o->control || ar_control_default_path(control, sizeof control) == 0) &&
+        ar_control_open(&ctl, control) < 0 && o->control) {
+        exit_code = 1;
+        goto out;
+    }
+
     /* The first registration, here: a refusal (a bad token) is fatal, an
      * unreachable market is waited for while the worker already serves. */
-    int rc, status, sig = 0, warned = 0, exit_code = 0;
     while ((rc = provider_register(&p, &status)) != AR_OK) {
         if (refused(status) || rc != AR_ECLOSED) {
             ar_cli_error("provide", "the market refused to register this provider: %s", ar_last_error());
@@ -580,6 +590,14 @@ static int run_provide(void *opts)
             goto out;
         }
     }
+    /* the rules before the line that says it serves: whoever waits for
+     * that line can read them */
+    print_rules(o);
+    if (p.unavailable)
+        printf("arceus provide: unavailable now: %s (the market leases it to no one meanwhile)\n", p.why);
+    if (ctl.listen_fd >= 0)
+        printf("arceus provide: arceus provide --leave%s%s asks it to leave\n", o->control ? " --control " : "",
+               o->control ? control : "");
     char pricebuf[48];
     printf("arceus provide: provider %" PRId64 " serving on %s (%.1f GFLOP/s, %.1f GiB, price %s)\n",
            p.provider_id, addr, gflops, (double)mem / (double)(1LL << 30),
@@ -601,24 +619,7 @@ static int run_provide(void *opts)
     if (!hb_started)
         fprintf(stderr, "arceus provide: warning: cannot start the heartbeat thread; the market will "
                         "mark this provider offline\n");
-    print_rules(o);
-    if (p.unavailable)
-        printf("arceus provide: unavailable now: %s (the market leases it to no one meanwhile)\n", p.why);
-    fflush(stdout);
 
-    /* arceus provide --leave reaches us on the control socket */
-    ar_control ctl;
-    memset(&ctl, 0, sizeof ctl);
-    ctl.listen_fd = ctl.lock_fd = -1;
-    if ((o->control || ar_control_default_path(control, sizeof control) == 0) &&
-        ar_control_open(&ctl, control) < 0 && o->control) {
-        exit_code = 1;
-        goto stop_heartbeats;
-    }
-    if (ctl.listen_fd >= 0)
-        printf("arceus provide: arceus provide --leave%s%s asks it to leave\n", o->control ? " --control " : "",
-               o->control ? control : "");
-    fflush(stdout);
 
     /* look at the rules every --check-every seconds, and for signals and
      * control requests every POLL_MS, until it stops */
@@ -675,8 +676,6 @@ static int run_provide(void *opts)
             start_leave(&lv, why, 0);
     }
     say(&lv, "stopped");
-    ar_control_close(&ctl);
-stop_heartbeats:
     if (hb_started) {
         pthread_mutex_lock(&p.mu);
         p.stopping = 1;
@@ -687,6 +686,7 @@ stop_heartbeats:
     pthread_mutex_destroy(&p.mu);
     pthread_cond_destroy(&p.cv);
 out:
+    ar_control_close(&ctl);
     ar_client_close(p.client);
     ar_worker_stop(w);
     return exit_code;
