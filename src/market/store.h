@@ -154,11 +154,12 @@ typedef struct {
 int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_out);
 /* Online, last_heartbeat = now; AR_ENOTFOUND for an unknown id. */
 int ar_store_provider_heartbeat(ar_store *s, int64_t provider_id);
-/* A Heartbeat: online, last_heartbeat = now, and the availability it says
- * (as ar_store_provider_set_availability), in one write committed with
- * others in a group. AR_ENOTFOUND for an unknown id, AR_EINVAL for a bad
- * why (nothing written). */
-int ar_store_provider_beat(ar_store *s, int64_t provider_id, bool unavailable, const char *why);
+/* A Heartbeat: online, last_heartbeat = now, and the availability and the
+ * leave it says (as ar_store_provider_set_availability and
+ * ar_store_provider_set_leaving), in one write committed with others in a
+ * group. AR_ENOTFOUND for an unknown id, AR_EINVAL for a bad why (nothing
+ * written). */
+int ar_store_provider_beat(ar_store *s, int64_t provider_id, bool unavailable, const char *why, bool leaving);
 int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id);
 /* What a provider says of its owner's rules: unavailable (why: at most
  * AR_WHY_MAX - 1 bytes, no control characters) or available. The time of a

@@ -282,10 +282,12 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
         ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "unavailable_why: at most %d bytes", AR_WHY_MAX - 1);
         goto out;
     }
-    /* online now, and the owner's rules: a provider unavailable now is not
-     * leased (a lease it is in already goes on); one write */
+    /* online now; the owner's rules: a provider unavailable now is not
+     * leased (a lease it is in already goes on); a graceful leave: its
+     * renter may hand its place over (HandOver). One write */
     if (rc == AR_OK) {
-        rc = ar_store_provider_beat(m->store, req->provider_id, req->unavailable, req->unavailable_why);
+        rc = ar_store_provider_beat(m->store, req->provider_id, req->unavailable, req->unavailable_why,
+                                    req->leaving);
         if (rc == AR_EINVAL) {
             ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s", ar_last_error());
             goto out;
@@ -295,11 +297,7 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
                    req->unavailable ? "unavailable" : "available again", req->unavailable ? ": " : "",
                    req->unavailable ? req->unavailable_why : "");
     }
-    /* a graceful leave: its renter may hand its place over (HandOver).
-     * Written when it changes only: every heartbeat says it, and the
-     * heartbeats of many providers share their commits (ar_store_provider_beat) */
-    if (rc == AR_OK && req->leaving != (p.leaving_since != 0) &&
-        (rc = ar_store_provider_set_leaving(m->store, req->provider_id, req->leaving)) == AR_OK)
+    if (rc == AR_OK && req->leaving != (p.leaving_since != 0))
         ar_log(AR_LOG_INFO, "market: provider %lld %s", (long long)p.id,
                req->leaving ? "is leaving its lease" : "is no longer leaving");
     /* a provider the market could not reach is checked again as it beats

@@ -629,8 +629,9 @@ static void *group_main(void *arg)
         g->refused += rc == AR_ELIMIT && strstr(ar_last_error(), "credits") != NULL;
         g->other += rc != AR_OK && rc != AR_ELIMIT;
         g->beats += ar_store_provider_heartbeat(g->t->s, g->t->a) == AR_OK;
-        /* a heartbeat of no provider and a report of a stage not in the lease
-         * fail, in the same groups as the others, each with its own message */
+        /* a heartbeat of no provider and a report naming a provider the
+         * lease does not have at that stage fail, in the same groups as the
+         * others, each with its own message */
         char want[64];
         snprintf(want, sizeof want, "no provider %d", 900000 + g->index);
         g->unknown_ok += ar_store_provider_heartbeat(g->t->s, 900000 + g->index) == AR_ENOTFOUND &&
@@ -663,7 +664,7 @@ Test(market_rules, writes_committed_together_succeed_or_fail_each_alone)
         cr_expect_eq(g[i].unknown_ok, GROUP_STEPS);
         cr_expect_eq(g[i].bad_ok, GROUP_STEPS);
     }
-    cr_assert_eq(paid, 50);
+    cr_assert_eq(paid, 50, "paid %d refused %d other %d: %s", paid, refused, other, ar_last_error());
     cr_assert_eq(refused, GROUP_THREADS * GROUP_STEPS - 50);
     cr_assert_eq(other, 0);
     cr_assert_eq(balance(t.s, t.renter), 0);
