@@ -1126,7 +1126,8 @@ static void plan_from(const Arceus__JobPlan *p, ar_market_plan_stage *stages, ar
             q->members[k] = (ar_market_plan_member){
                 .provider_id = pm->provider_id, .device = pm->device, .share = pm->share,
                 .head_begin = (int)pm->head_begin, .head_end = (int)pm->head_end,
-                .hidden_begin = (int)pm->hidden_begin, .hidden_end = (int)pm->hidden_end};
+                .hidden_begin = (int)pm->hidden_begin, .hidden_end = (int)pm->hidden_end,
+                .relayed = pm->relayed};
         }
     }
     *out = (ar_market_plan){.model = p->model, .schedule = p->schedule, .micro_batches = (int)p->micro_batches,

@@ -501,6 +501,7 @@ int ar_market_progress_pack(const char *lease_token, const ar_market_progress *p
             y.hidden_begin = (uint32_t)m->hidden_begin;
             y.hidden_end = (uint32_t)m->hidden_end;
             y.share = (char *)(m->share ? m->share : "");
+            y.relayed = m->relayed;
             pm[i][k] = y;
             pmp[i][k] = &pm[i][k];
         }

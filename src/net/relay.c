@@ -816,7 +816,7 @@ static void on_control(ar_relay *r, rconn *c, const char *args)
     r->npending--;
     c->kind = C_CONTROL;
     c->provider = provider;
-    snprintf(c->address, sizeof c->address, "%s", address);
+    snprintf(c->address, sizeof c->address, "%.255s", address);
     c->heard = c->pinged = ar_now();
     c->in_len = 0;
     pthread_mutex_lock(&r->mu);

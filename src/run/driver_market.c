@@ -260,6 +260,9 @@ void driver_report_progress(run *r, long step, double rate, double elapsed, long
     char link_names[AR_PLAN_MAX_STAGES][2][AR_PLAN_LINK_NAME];
     if (with_plan && (shares = calloc(AR_PLAN_MAX_STAGES * AR_PLAN_MAX_GROUP, sizeof *shares))) {
         ar_market_plan_fill(&r->plan, r->devs, &r->spec, &r->lease, stages, layers, shares);
+        /* stage s is held by device s once the run is set up (setup_remote) */
+        for (int s = 0; s < r->plan.nstages && s < r->S; s++)
+            stages[s].members[0].relayed = r->relays[s][0] != '\0';
         snprintf(model, sizeof model, "%s, %ld parameters", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
                  ar_spec_param_count(&r->spec));
         p.n_plan = (size_t)r->plan.nstages;
