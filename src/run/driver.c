@@ -815,11 +815,12 @@ static int find_lost(run *r, int *lost, char why[][160])
 
 /* Stages reached through the relay that did not answer: the relay broke
  * their streams (it restarted) or their providers have not reattached yet.
- * Probed again until they answer or the stage timeout has passed; the rest
- * stay lost. The new count. */
+ * Probed again until they answer or RELAY_REATTACH_S (or the stage timeout,
+ * if longer) has passed; the rest stay lost. The new count. */
 static int find_lost_again(run *r, int *lost, char why[][160], int n)
 {
-    double wait = r->timeout > 0 ? r->timeout : DEFAULT_STAGE_TIMEOUT_S, end = ar_now() + wait;
+    double wait = r->timeout > 0 ? r->timeout : DEFAULT_STAGE_TIMEOUT_S;
+    double end = ar_now() + (wait > RELAY_REATTACH_S ? wait : RELAY_REATTACH_S);
     for (;;) {
         int left = 0, relayed = 0;
         for (int k = 0; k < n; k++) {

@@ -155,6 +155,9 @@ typedef struct {
 /* how long a run waits for a relay that stopped answering to come back
  * before it gives its relayed stages up as lost */
 #define RELAY_WAIT_S 60.0
+/* ... and how long its providers may take to reattach once it is back:
+ * they retry with a backoff of at most 8 s (net/relay_attach.c) */
+#define RELAY_REATTACH_S 12.0
 /* losses in a row without a checkpoint in between before the run gives up */
 #define MAX_FAILURES 5
 #define PROGRESS_EVERY_S 1.0

@@ -344,3 +344,62 @@ def api(url, path, token):
     req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
+
+
+# ---------------------------------------------------------------------------
+# A relay that dies mid-run
+# ---------------------------------------------------------------------------
+
+RESTART_STEPS, EVERY = 300, 20
+TRAIN = ["--batch", "32", "--micro-batches", "2", "--eval-every", "0", "--threads", "1", "--seed", "7"]
+
+
+def steps_logged(log):
+    if not log.exists():
+        return 0
+    return sum(1 for line in log.read_text().splitlines() if '"loss"' in line)
+
+
+def test_a_run_through_a_relay_that_restarts_recovers_with_the_same_weights(
+        run_arceus, procs, add_account, tmp_path, small_fashion, small_mlp_spec):
+    # the run as it would go undisturbed, in one process
+    ref = tmp_path / "ref"
+    run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", RESTART_STEPS, *TRAIN,
+               "--out", ref, check=True)
+    secret = tmp_path / "relay.key"
+    make_secret(secret)
+    relay_addr = f"127.0.0.1:{free_port()}"
+    relay = start_relay(procs, secret, listen=relay_addr)
+    db = tmp_path / "market.db"
+    renter = add_account(db, "renter", "100")
+    market = procs.market(db, "--relay-at", relay_addr, "--relay-secret", secret, "--offline-after", "3600")
+    hidden = [unreachable_provider(procs, market, add_account(db, f"p{i}"), name=f"hidden{i}") for i in range(3)]
+    wait_for("the providers relayed",
+             lambda: sorted(reach_of(run_arceus, market, renter).values()) == ["relayed"] * 3, 60)
+
+    log, out = tmp_path / "log.jsonl", tmp_path / "out"
+    train = procs.start("train", "train", "--model", small_mlp_spec, "--data", small_fashion, "--steps",
+                        RESTART_STEPS, *TRAIN, "--plan", "0,1,2", "--checkpoint-every", EVERY, "--stage-timeout", "2",
+                        "--market", market.addr, "--token", renter, "--devices", 3, "--out", out, "--log", log)
+    wait_for("the run to pass its third checkpoint", lambda: steps_logged(log) >= 3 * EVERY + 5 or not train.running(),
+             240)
+    assert train.running(), train.err()[-3000:]
+    relay.kill(signal.SIGKILL)
+    time.sleep(2)
+    relay = start_relay(procs, secret, listen=relay_addr, name="relay-again")
+    rc = train.wait(300)
+    stdout, err = train.out(), train.err()
+    assert rc == 0, err[-3000:]
+    assert "released: job 1 done" in stdout, stdout[-3000:]
+    # the same providers, reached through the relay once it was back: nobody
+    # was replaced or blamed for the relay's absence
+    assert "restored every stage" in stdout, stdout[-3000:]
+    assert "replaces it" not in stdout and "no free provider" not in stdout, stdout[-3000:]
+    assert query(db, "SELECT COUNT(*) FROM lease_replacements")[0][0] == 0
+    assert [r for (r,) in query(db, "SELECT reliability FROM providers")] == [1.0] * 3
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert ledger_total(db) == 0
+    usage = query(db, "SELECT step, stage FROM usage ORDER BY step, stage")
+    assert usage == [(s, st) for s in range(RESTART_STEPS) for st in range(3)]
+    for p in hidden:
+        wait_for(f"{p.name} to reattach", lambda p=p: p.err().count("attached as provider") >= 2, 30)
