@@ -47,6 +47,7 @@ TEST_PACKAGES=(
     python3-torch python3-numpy python3-pytest python3-grpcio  # reference numerics, e2e tests
     chromium                                            # headless, for the dashboard's e2e test
     man-db                                              # man -l on the installed pages (make install's test)
+    iproute2 nftables                                   # the NAT scene: tests/e2e/test_nat.py, demo.sh --nat
 )
 
 DEBIAN_PACKAGES=("${RUNTIME_PACKAGES[@]}")

@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -403,3 +404,35 @@ def test_a_run_through_a_relay_that_restarts_recovers_with_the_same_weights(
     assert usage == [(s, st) for s in range(RESTART_STEPS) for st in range(3)]
     for p in hidden:
         wait_for(f"{p.name} to reattach", lambda p=p: p.err().count("attached as provider") >= 2, 30)
+
+
+def test_tls_through_the_relay_is_end_to_end(run_arceus, procs, add_account, tmp_path, small_fashion,
+                                             small_mlp_spec):
+    """The relay splices ciphertext: the driver checks the provider's own
+    certificate for the address it dialled (127.0.0.2), and a client without
+    the CA gets nowhere through the relay either."""
+    import subprocess
+    certs = tmp_path / "tls"
+    p = subprocess.run(["bash", str(Path(__file__).resolve().parents[2] / "scripts" / "make-tls-cert.sh"),
+                        str(certs), "127.0.0.2"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    serve = ("--tls-cert", certs / "server.pem", "--tls-key", certs / "server-key.pem")
+    ca = ("--tls-ca", certs / "ca.pem")
+    db = tmp_path / "market.db"
+    renter = add_account(db, "renter", "100")
+    market = procs.market(db, "--relay", "127.0.0.1:0", "--offline-after", "3600", *serve, *ca)
+    hidden = [unreachable_provider(procs, market, add_account(db, f"p{i}"), *serve, *ca, name=f"hidden{i}")
+              for i in range(2)]
+
+    def relayed():
+        out = run_arceus("providers", "--market", market.addr, "--token", renter, *ca, check=True).stdout
+        return out.count(" relayed ") == 2
+    wait_for("the providers relayed", relayed, 60)
+    t = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", 20, "--batch", 64,
+                   "--eval-every", 0, "--plan", "0,1-2", "--threads", 1, "--market", market.addr, "--token", renter,
+                   "--devices", 2, *ca)
+    assert t.returncode == 0, t.stderr[-3000:]
+    assert len(re.findall(r"^edge .*: relayed via", t.stdout, re.M)) == 2, t.stdout
+    assert ledger_total(db) == 0
+    for h in hidden:
+        assert "lease of job 1 accepted" in h.err(), h.err()[-2000:]
