@@ -222,6 +222,12 @@ typedef struct {
     unsigned long state, told;
 } provider;
 
+/* A connection the provider dialled back to the relay: the worker serves it. */
+static int adopt(void *worker, int fd)
+{
+    return ar_worker_adopt(worker, fd);
+}
+
 /* Register with the market, on a fresh channel when there is none (a channel
  * that saw the market die would wait out gRPC's reconnect backoff). */
 static int provider_register(provider *p, int *status)
@@ -263,7 +269,7 @@ static int provider_register(provider *p, int *status)
      * relay and has not dialled us (the market checks again at heartbeats,
      * through the relay once we are there) */
     if (p->relay[0] && p->reach != AR_REACH_OK && !p->attach) {
-        if (ar_relay_attach_start(p->relay, p->provider_id, p->address, p->relay_credential, p->worker,
+        if (ar_relay_attach_start(p->relay, p->provider_id, p->address, p->relay_credential, adopt, p->worker,
                                   &p->attach) != AR_OK)
             fprintf(stderr, "arceus provide: warning: cannot keep a connection to relay %s: %s\n", p->relay,
                     ar_last_error());

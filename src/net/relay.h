@@ -129,13 +129,13 @@ void ar_relay_stats_text(const ar_relay_stats *s, char *buf, size_t size);
 typedef struct ar_relay_attach ar_relay_attach;
 
 /* Keep a control connection to `relay` open for provider_id, whose worker
- * `w` serves `address` (as registered): reconnect with backoff while it is
- * down, and for every DIAL dial a data connection back and give it to the
- * worker (ar_worker_adopt). Logs when it attaches and when it loses the
- * relay (once per outage). */
-struct ar_worker;
+ * serves `address` (as registered): reconnect with backoff while it is
+ * down, and for every DIAL dial a data connection back and hand it to
+ * adopt(ctx, fd), which owns fd from then on (a worker: ar_worker_adopt).
+ * Logs when it attaches and when it loses the relay (once per outage). */
+typedef int (*ar_relay_adopt_fn)(void *ctx, int fd);
 int ar_relay_attach_start(const char *relay, int64_t provider_id, const char *address, const char *credential,
-                          struct ar_worker *w, ar_relay_attach **out);
+                          ar_relay_adopt_fn adopt, void *ctx, ar_relay_attach **out);
 /* Whether the control connection is up now. */
 int ar_relay_attached(ar_relay_attach *a);
 void ar_relay_attach_stop(ar_relay_attach *a);

@@ -10,7 +10,6 @@
 #include "net/relay.h"
 
 #include "core/core.h"
-#include "net/remote.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -39,7 +38,8 @@ struct ar_relay_attach {
     int64_t provider;
     char address[256];
     char credential[AR_RELAY_CREDENTIAL_HEX + 1];
-    struct ar_worker *worker;
+    ar_relay_adopt_fn adopt;
+    void *adopt_ctx;
     pthread_t thread;
     int started;
     pthread_mutex_t mu;
@@ -151,9 +151,11 @@ static void *dial_main(void *arg)
     if (fd >= 0) {
         char line[96];
         int n = snprintf(line, sizeof line, "ARCEUS-RELAY 1 DATA %" PRIu64 " %s\n", j->circuit, j->nonce);
-        if (send_all(fd, line, (size_t)n) != 0 || ar_worker_adopt(a->worker, fd) != AR_OK) {
-            ar_log(AR_LOG_WARN, "relay: circuit %" PRIu64 " not served: %s", j->circuit, ar_last_error());
+        if (send_all(fd, line, (size_t)n) != 0) {
+            ar_log(AR_LOG_WARN, "relay: circuit %" PRIu64 ": the relay closed the connection", j->circuit);
             close(fd);
+        } else if (a->adopt(a->adopt_ctx, fd) != AR_OK) { /* (which owns fd, also on failure) */
+            ar_log(AR_LOG_WARN, "relay: circuit %" PRIu64 " not served: %s", j->circuit, ar_last_error());
         }
     } else {
         ar_log(AR_LOG_WARN, "relay: cannot dial back for circuit %" PRIu64 ": %s", j->circuit, ar_last_error());
@@ -322,10 +324,10 @@ static void *attach_main(void *arg)
 }
 
 int ar_relay_attach_start(const char *relay, int64_t provider_id, const char *address, const char *credential,
-                          struct ar_worker *w, ar_relay_attach **out)
+                          ar_relay_adopt_fn adopt, void *ctx, ar_relay_attach **out)
 {
     if (!relay || strlen(relay) >= 256 || !address || strlen(address) >= 256 || provider_id <= 0 || !credential ||
-        strlen(credential) != AR_RELAY_CREDENTIAL_HEX || !w)
+        strlen(credential) != AR_RELAY_CREDENTIAL_HEX || !adopt)
         return ar_fail(AR_EINVAL, "a relay attachment needs the relay, the provider id, its address and its "
                                   "credential");
     ar_relay_attach *a = calloc(1, sizeof *a);
@@ -335,7 +337,8 @@ int ar_relay_attach_start(const char *relay, int64_t provider_id, const char *ad
     snprintf(a->address, sizeof a->address, "%s", address);
     snprintf(a->credential, sizeof a->credential, "%s", credential);
     a->provider = provider_id;
-    a->worker = w;
+    a->adopt = adopt;
+    a->adopt_ctx = ctx;
     pthread_mutex_init(&a->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
