@@ -309,6 +309,12 @@ double ar_net_splice(int a, int b, const volatile int *stop)
     }
     set_blocking(a, 0);
     set_blocking(b, 0);
+    /* what arrives goes on at once: Nagle's delay on a spliced stream of
+     * small HTTP/2 frames would add up to tens of ms a message (not TCP:
+     * ignored) */
+    int on = 1;
+    setsockopt(a, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    setsockopt(b, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
     size_t held[2] = {0, 0}; /* bytes in each direction's pipe */
     int reading[2] = {1, 1}; /* direction d: from fds[d] to fds[1 - d] */
     int shut[2] = {0, 0};
@@ -378,7 +384,8 @@ enum { C_NEW, C_CONTROL, C_WAIT };
 typedef struct rconn {
     int fd;
     int kind;
-    char host[64]; /* the peer's IP address: what limits count */
+    char host[64]; /* the peer's host: what limits count (an IPv6 address's /64) */
+    char ip[64];   /* the peer's own address, to be dialled back ("[v6]" in brackets) */
     char in[REQUEST_MAX + 1];
     size_t in_len;
     double since, deadline;
@@ -416,6 +423,7 @@ struct ar_relay {
     int loop_started;
     volatile int stopping;
     rconn *conns; /* owned by the loop thread */
+    rconn *dead;  /* closed during this round of events: freed after it */
     int npending;
     uint64_t next_circuit;
     pthread_mutex_t mu; /* guards what follows */
@@ -430,21 +438,27 @@ struct ar_relay {
 
 static int listen_sock = 0, wake_sock = 1; /* epoll tags (addresses, not data) */
 
-static void peer_host(int fd, char host[64])
+static void peer_host(int fd, char host[64], char ip[64])
 {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
     snprintf(host, 64, "?");
+    snprintf(ip, 64, "?");
     if (getpeername(fd, (struct sockaddr *)&ss, &sl) != 0)
         return;
     if (ss.ss_family == AF_INET) {
         inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, host, 64);
+        snprintf(ip, 64, "%s", host);
     } else if (ss.ss_family == AF_INET6) {
         /* one machine usually holds a whole /64: count it as one host */
         struct in6_addr a = ((struct sockaddr_in6 *)&ss)->sin6_addr;
+        char full[INET6_ADDRSTRLEN];
+        if (inet_ntop(AF_INET6, &a, full, sizeof full))
+            snprintf(ip, 64, "[%s]", full);
         static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
         if (!memcmp(a.s6_addr, mapped, 12)) {
             inet_ntop(AF_INET, a.s6_addr + 12, host, 64);
+            snprintf(ip, 64, "%s", host);
             return;
         }
         memset(a.s6_addr + 8, 0, 8);
@@ -486,13 +500,26 @@ static void conn_close(ar_relay *r, rconn *c)
     }
     epoll_ctl(r->epfd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
+    c->fd = -1;
     if (c->prev)
         c->prev->next = c->next;
     else
         r->conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
-    free(c);
+    /* an event for it may still be in this round's batch */
+    c->prev = NULL;
+    c->next = r->dead;
+    r->dead = c;
+}
+
+static void free_dead(ar_relay *r)
+{
+    while (r->dead) {
+        rconn *c = r->dead;
+        r->dead = c->next;
+        free(c);
+    }
 }
 
 /* The failure table's entry of host (made when `make`); mu held. */
@@ -755,6 +782,46 @@ static void on_data(ar_relay *r, rconn *d, const char *args, size_t line_len)
     pthread_attr_destroy(&at);
 }
 
+/* A stage that can be dialled (its worker is direct) wants its next stage,
+ * a relayed one: instead of a circuit through the relay, the relay asks the
+ * next stage's provider to dial the asking host back directly, at the port
+ * it names (a meeting point it listens on), and says OK. The same pass opens
+ * it; the address dialled is the one the request came from, so nobody can
+ * point a provider at a third party. The asker falls back on an ordinary
+ * circuit if the dial does not come. */
+static void on_reverse(ar_relay *r, rconn *c, const char *args)
+{
+    char pass[AR_RELAY_PASS_MAX], nonce[64];
+    unsigned port = 0;
+    int used = 0;
+    if (sscanf(args, "%159s %u %40s%n", pass, &port, nonce, &used) != 3 || args[used] != '\0' || port < 1024 ||
+        port > 65535 || strlen(nonce) != 32 || strspn(nonce, "0123456789abcdef") != 32)
+        return refuse(r, c, &r->stats.refused_other, NULL, 1, "a malformed REVERSE line");
+    double now = ar_now();
+    if (host_blocked(r, c->host, now))
+        return refuse(r, c, &r->stats.refused_limit, NULL, 0, "a blocked host");
+    int64_t provider, lease;
+    if (ar_relay_pass_check(r->cfg.key, pass, (int64_t)time(NULL), &provider, &lease) != AR_OK)
+        return refuse(r, c, &r->stats.refused_pass, NULL, 1, ar_last_error());
+    if (r->cfg.lease_live && !r->cfg.lease_live(r->cfg.lease_ctx, provider, lease))
+        return refuse(r, c, &r->stats.refused_pass, NULL, 1, "the pass's lease has ended");
+    rconn *ctl = find_control(r, provider);
+    if (!ctl)
+        return refuse(r, c, &r->stats.refused_absent, NULL, 0, "the provider is not attached");
+    char line[160];
+    int n = snprintf(line, sizeof line, "DIALTO %s:%u %s\n", c->ip, port, nonce);
+    if (n <= 0 || (size_t)n >= sizeof line || send_now(ctl->fd, line, (size_t)n) != 0) {
+        if (n > 0 && (size_t)n < sizeof line)
+            conn_close(r, ctl);
+        return refuse(r, c, &r->stats.refused_absent, NULL, 0, "the provider's control connection failed");
+    }
+    pthread_mutex_lock(&r->mu);
+    r->stats.reversed++;
+    pthread_mutex_unlock(&r->mu);
+    send_now(c->fd, "OK\n", 3);
+    conn_close(r, c);
+}
+
 static int address_ok(const char *a)
 {
     size_t n = strlen(a);
@@ -863,6 +930,11 @@ static void on_new(ar_relay *r, rconn *c)
         }
         if (!strncmp(rest, "DATA ", 5))
             return on_data(r, c, rest + 5, line_len);
+        if (!strncmp(rest, "REVERSE ", 8)) {
+            if (line_len != n)
+                return refuse(r, c, &r->stats.refused_other, NULL, 1, "bytes after a REVERSE line");
+            return on_reverse(r, c, rest + 8);
+        }
         return refuse(r, c, &r->stats.refused_other, NULL, 1, "an unknown request line");
     }
     refuse(r, c, &r->stats.refused_other, NULL, 1, "not a request the relay speaks");
@@ -949,7 +1021,7 @@ static void on_accept(ar_relay *r)
         c->kind = C_NEW;
         c->since = ar_now();
         c->deadline = c->since + REQUEST_S;
-        peer_host(fd, c->host);
+        peer_host(fd, c->host, c->ip);
         keepalive(fd);
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
         if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
@@ -1027,24 +1099,22 @@ static void *loop_main(void *arg)
                     /* nothing to do: the loop looks at stopping */
                 }
             } else {
-                /* a connection closed earlier in this batch may come up
-                 * again: look it up before touching it */
-                rconn *c = NULL;
-                for (rconn *x = r->conns; x && !c; x = x->next)
-                    if (x == p)
-                        c = x;
-                if (c)
+                rconn *c = p;
+                if (c->fd >= 0) /* (closed earlier in this batch: its memory waits for free_dead) */
                     on_readable(r, c);
             }
         }
+        free_dead(r);
         double now = ar_now();
         if (now - last_tick >= 0.25) {
             last_tick = now;
             on_tick(r);
+            free_dead(r);
         }
     }
     while (r->conns)
         conn_close(r, r->conns);
+    free_dead(r);
     return NULL;
 }
 
@@ -1060,11 +1130,11 @@ void ar_relay_stats_text(const ar_relay_stats *s, char *buf, size_t size)
     snprintf(buf, size,
              "%ld provider%s attached, %ld circuit%s open (%ld opened, %.1f MB spliced), %ld circuit "
              "request%s refused (%ld without a valid pass, %ld for absent providers, %ld over limits, %ld "
-             "not dialled back, %ld malformed), %ld control connection%s refused",
+             "not dialled back, %ld malformed), %ld control connection%s refused, %ld stage%s dialled back directly",
              s->providers, s->providers == 1 ? "" : "s", s->circuits_open, s->circuits_open == 1 ? "" : "s",
              s->circuits, s->bytes / 1e6, s->refused, s->refused == 1 ? "" : "s", s->refused_pass,
              s->refused_absent, s->refused_limit, s->refused_timeout, s->refused_other, s->controls_refused,
-             s->controls_refused == 1 ? "" : "s");
+             s->controls_refused == 1 ? "" : "s", s->reversed, s->reversed == 1 ? "" : "s");
 }
 
 /* A listening TCP socket on HOST:PORT (names resolved; the first address

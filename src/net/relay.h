@@ -33,7 +33,13 @@
  *             "PING\n" every PING_S seconds; the provider sends "PING\n" as
  *             often. A side that hears nothing for 3 * PING_S drops the
  *             connection; "NO REASON\n" refuses it.
- *   data:     ARCEUS-RELAY 1 DATA CIRCUIT NONCE\n, then the worker's bytes. */
+ *   data:     ARCEUS-RELAY 1 DATA CIRCUIT NONCE\n, then the worker's bytes.
+ *   reverse:  ARCEUS-RELAY 1 REVERSE PASS PORT NONCE\n from a stage that can
+ *             be dialled and wants the (relayed) provider of PASS as its next
+ *             stage -> "OK\n" once the provider is told, over its control
+ *             connection, "DIALTO ASKER_IP:PORT NONCE\n"; it dials there
+ *             directly and sends ARCEUS-RELAY 1 DATA 0 NONCE\n, then serves
+ *             the worker's bytes. The relay carries nothing of it. */
 #ifndef AR_NET_RELAY_H
 #define AR_NET_RELAY_H
 
@@ -113,6 +119,7 @@ typedef struct {
     long refused_timeout;  /*   the provider did not dial back in time */
     long refused_other;    /*   not a request the relay speaks, or too slow to arrive */
     long controls_refused; /* control connections with a bad credential or over a limit */
+    long reversed;         /* providers asked to dial a reachable stage back directly */
     double bytes;          /* spliced both ways */
 } ar_relay_stats;
 
@@ -140,7 +147,24 @@ int ar_relay_attach_start(const char *relay, int64_t provider_id, const char *ad
 int ar_relay_attached(ar_relay_attach *a);
 void ar_relay_attach_stop(ar_relay_attach *a);
 
-/* ---- splicing ---------------------------------------------------------------- */
+/* ---- a stage that can be dialled, and its relayed next stage ----------------------- */
+
+/* A channel to the relayed worker at addr that has it dial this process back
+ * directly (the relay's REVERSE; this process must be reachable, as a
+ * direct provider's is): gRPC's tunnel goes to a proxy of this process on
+ * loopback, which asks the relay with `pass`, waits a few seconds for the
+ * worker's connection at a meeting point it listens on (any address, a port
+ * of its own), and splices the tunnel to it; failing that, it opens the
+ * tunnel through the relay instead. HTTP/2 and TLS run end to end either
+ * way. The proxy and meeting point stay up for the process's life. */
+int ar_client_open_reversed(const char *addr, const char *relay, const char *pass, ar_client **out);
+
+/* ---- sockets and splicing --------------------------------------------------------- */
+
+/* A TCP connection to HOST:PORT within timeout_s, blocking afterwards; -1
+ * with the reason in ar_last_error(). */
+int ar_net_dial(const char *hostport, double timeout_s);
+
 
 /* Copy bytes both ways between two connected sockets until both directions
  * have ended (each end's EOF passed on as a half-close), one fails, or *stop

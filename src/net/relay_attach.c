@@ -10,6 +10,7 @@
 #include "net/relay.h"
 
 #include "core/core.h"
+#include "market/rules.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -27,6 +28,9 @@
 #include <unistd.h>
 
 #define CONNECT_S 5.0
+/* A stage waiting to be dialled back directly falls back on the relay after
+ * a few seconds (net/relay_reverse.c): no use trying longer here. */
+#define DIAL_BACK_DIRECT_S 3.0
 #define RECONNECT_MIN_S 0.25
 #define RECONNECT_MAX_S 8.0
 /* Data connections being dialled at once: a relay asking for more is
@@ -47,9 +51,7 @@ struct ar_relay_attach {
     int stopping, attached, dials;
 };
 
-/* A TCP connection to HOST:PORT within timeout_s, blocking afterwards; -1
- * with the reason in ar_last_error(). */
-static int dial(const char *hostport, double timeout_s)
+int ar_net_dial(const char *hostport, double timeout_s)
 {
     char host[256];
     const char *colon = strrchr(hostport, ':');
@@ -140,6 +142,7 @@ typedef struct {
     ar_relay_attach *a;
     uint64_t circuit;
     char nonce[33];
+    char target[300]; /* "" : the relay (a circuit); else the stage to dial back directly */
 } dial_job;
 
 /* One DIAL: connect back, name the circuit, give the socket to the worker. */
@@ -147,7 +150,7 @@ static void *dial_main(void *arg)
 {
     dial_job *j = arg;
     ar_relay_attach *a = j->a;
-    int fd = dial(a->relay, CONNECT_S);
+    int fd = j->target[0] ? ar_net_dial(j->target, DIAL_BACK_DIRECT_S) : ar_net_dial(a->relay, CONNECT_S);
     if (fd >= 0) {
         char line[96];
         int n = snprintf(line, sizeof line, "ARCEUS-RELAY 1 DATA %" PRIu64 " %s\n", j->circuit, j->nonce);
@@ -157,9 +160,14 @@ static void *dial_main(void *arg)
         } else if (a->adopt(a->adopt_ctx, fd) != AR_OK) { /* (which owns fd, also on failure) */
             ar_log(AR_LOG_WARN, "relay: circuit %" PRIu64 " not served: %s", j->circuit, ar_last_error());
         }
+    } else if (j->target[0]) {
+        ar_log(AR_LOG_WARN, "relay: cannot dial the previous stage at %s directly (%s): it goes through the "
+               "relay instead", j->target, ar_last_error());
     } else {
         ar_log(AR_LOG_WARN, "relay: cannot dial back for circuit %" PRIu64 ": %s", j->circuit, ar_last_error());
     }
+    if (fd >= 0 && j->target[0])
+        ar_log(AR_LOG_INFO, "relay: dialled the previous stage at %s directly", j->target);
     pthread_mutex_lock(&a->mu);
     a->dials--;
     pthread_cond_broadcast(&a->cv);
@@ -168,16 +176,29 @@ static void *dial_main(void *arg)
     return NULL;
 }
 
-static void start_dial(ar_relay_attach *a, const char *args)
+/* DIAL CIRCUIT NONCE (to the relay), or DIALTO HOST:PORT NONCE (direct:
+ * direct set). */
+static void start_dial(ar_relay_attach *a, const char *args, int direct)
 {
     dial_job *j = calloc(1, sizeof *j);
     int used = 0;
     if (!j)
         return;
     j->a = a;
-    if (sscanf(args, "%" SCNu64 " %32s%n", &j->circuit, j->nonce, &used) != 2 || args[used] != '\0' ||
-        strlen(j->nonce) != 32) {
-        ar_log(AR_LOG_WARN, "relay: a malformed DIAL from the relay: ignored");
+    int ok = direct ? sscanf(args, "%299s %32s%n", j->target, j->nonce, &used) == 2
+                    : sscanf(args, "%" SCNu64 " %32s%n", &j->circuit, j->nonce, &used) == 2;
+    if (!ok || args[used] != '\0' || strlen(j->nonce) != 32) {
+        ar_log(AR_LOG_WARN, "relay: a malformed %s from the relay: ignored", direct ? "DIALTO" : "DIAL");
+        free(j);
+        return;
+    }
+    /* the relay names the address its asker came from; still, this machine
+     * dials out only to an address a worker may have (not loopback unless
+     * the relay is, nor link-local, multicast, ...): whoever sits between
+     * us and the relay cannot point us at our own network's services */
+    char why[200];
+    if (direct && ar_rules_check_address(j->target, ar_rules_host_is_loopback(a->relay), why, sizeof why) != AR_OK) {
+        ar_log(AR_LOG_WARN, "relay: DIALTO %.64s refused: %s", j->target, why);
         free(j);
         return;
     }
@@ -263,7 +284,9 @@ static int control_session(ar_relay_attach *a, int fd, int *refused)
             } else if (ok && !strcmp(in, "PING")) {
                 /* the relay is alive: noted above */
             } else if (ok && !strncmp(in, "DIAL ", 5)) {
-                start_dial(a, in + 5);
+                start_dial(a, in + 5, 0);
+            } else if (ok && !strncmp(in, "DIALTO ", 7)) {
+                start_dial(a, in + 7, 1);
             } else {
                 ar_log(AR_LOG_WARN, "relay %s sent what a relay does not send: reconnecting", a->relay);
                 bad = 1;
@@ -292,7 +315,7 @@ static void *attach_main(void *arg)
         pthread_mutex_unlock(&a->mu);
         if (stop)
             break;
-        int fd = dial(a->relay, CONNECT_S), refused = 0, was_ok = 0;
+        int fd = ar_net_dial(a->relay, CONNECT_S), refused = 0, was_ok = 0;
         if (fd < 0) {
             if (!down_logged)
                 ar_log(AR_LOG_WARN, "relay %s unreachable (%s): retrying with backoff up to %.0f s", a->relay,

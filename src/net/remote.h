@@ -156,8 +156,10 @@ typedef struct {
      * codecs, never AUTO */
     int extra_warmup;
     int compress_up, compress_down, compress_tp;
-    /* next_worker through the relay with this pass (NULL or "": dialled directly) */
+    /* next_worker through the relay with this pass (NULL or "": dialled
+     * directly); next_reverse: have it dial this stage back instead */
     const char *next_relay_pass;
+    int next_reverse;
 } ar_load_args;
 
 enum { AR_LOAD_STAGE = 0, AR_LOAD_LEADER = 1, AR_LOAD_RANK = 2 };

@@ -582,7 +582,9 @@ static int build(ar_worker *w, const Arceus__LoadRequest *req, held *h)
         if (!relay[0])
             return ar_fail(AR_EINVAL, "worker %s has no relay to reach next_worker %s through (a provider "
                            "whose market runs one has)", w->name, req->next_worker);
-        if ((rc = ar_client_open_relayed(req->next_worker, relay, req->next_relay_pass, &h->next)) != AR_OK)
+        rc = req->next_reverse ? ar_client_open_reversed(req->next_worker, relay, req->next_relay_pass, &h->next)
+                               : ar_client_open_relayed(req->next_worker, relay, req->next_relay_pass, &h->next);
+        if (rc != AR_OK)
             return ar_fail(rc, "next_worker %s through relay %s: %s", req->next_worker, relay, ar_last_error());
     } else if (req->next_worker[0] && (rc = ar_client_open(req->next_worker, &h->next)) != AR_OK) {
         return ar_fail(rc, "next_worker %s: %s", req->next_worker, ar_last_error());

@@ -579,6 +579,7 @@ static int load_stages(run *r, int restore)
                           .next_session = i + 1 < r->S ? ar_remote_stage_session(&r->groups[i + 1]) : NULL,
                           .ticket = r->leased ? r->tickets[i] : c->worker_token,
                           .next_relay_pass = i + 1 < r->S && r->relays[i + 1][0] ? r->passes[i + 1] : NULL,
+                          .next_reverse = driver_edge_reversed(r, i + 1),
                           .extra_warmup = r->plan.extra_warmup[i],
                           .compress_up = r->plan.codec[i],
                           .compress_down = i + 1 < r->S ? r->plan.codec[i + 1] : AR_COMPRESS_NONE,

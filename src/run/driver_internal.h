@@ -178,6 +178,10 @@ void driver_report_progress(run *r, long step, double rate, double elapsed, long
 void driver_release_lease(run *r, int rc);
 int driver_replace_from_market(run *r, int64_t lost_id, long kept, const char *why, int *found);
 int driver_hand_over(run *r, int i, long done, char *addr, size_t addr_size, int *found);
+/* Whether stage i (> 0) is relayed and the stage before it is not: the
+ * stage before is dialled directly, so stage i dials it back rather than
+ * go through the relay (docs/DESIGN.md, "The relay"). */
+int driver_edge_reversed(const run *r, int i);
 /* A channel to device i: through its relay when it has one. */
 int driver_open_worker(run *r, int i, ar_client **out);
 /* Print how each stage is reached: "direct" or "relayed via HOST:PORT". */

@@ -262,7 +262,7 @@ void driver_report_progress(run *r, long step, double rate, double elapsed, long
         ar_market_plan_fill(&r->plan, r->devs, &r->spec, &r->lease, stages, layers, shares);
         /* stage s is held by device s once the run is set up (setup_remote) */
         for (int s = 0; s < r->plan.nstages && s < r->S; s++)
-            stages[s].members[0].relayed = r->relays[s][0] != '\0';
+            stages[s].members[0].relayed = r->relays[s][0] != '\0' && !driver_edge_reversed(r, s);
         snprintf(model, sizeof model, "%s, %ld parameters", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
                  ar_spec_param_count(&r->spec));
         p.n_plan = (size_t)r->plan.nstages;
@@ -525,6 +525,11 @@ int driver_open_worker(run *r, int i, ar_client **out)
     return ar_client_open(r->addrs[i], out);
 }
 
+int driver_edge_reversed(const run *r, int i)
+{
+    return r->leased && i > 0 && i < r->S && r->relays[i][0] && !r->relays[i - 1][0];
+}
+
 void driver_print_edges(const run *r)
 {
     if (r->c->quiet || !r->leased)
@@ -537,7 +542,10 @@ void driver_print_edges(const run *r)
             snprintf(from, sizeof from, "driver");
         else
             snprintf(from, sizeof from, "stage %d", i - 1);
-        if (r->relays[i][0])
+        if (driver_edge_reversed(r, i))
+            printf("edge %s -> stage %d (%s): reversed: it dials stage %d back directly (relay %s only if it "
+                   "cannot)\n", from, i, r->addrs[i], i - 1, r->relays[i]);
+        else if (r->relays[i][0])
             printf("edge %s -> stage %d (%s): relayed via %s\n", from, i, r->addrs[i], r->relays[i]);
         else
             printf("edge %s -> stage %d (%s): direct\n", from, i, r->addrs[i]);

@@ -12,8 +12,9 @@ router's public one, fails), they keep a connection to the relay and are
 listed "relayed"; the renter trains the Fashion-MNIST MLP across the three
 through the market and the relay to the usual accuracy (>= 80% after 200
 steps, as `make demo`), and the ledger sums to zero. Second run: one NATed
-provider leaves and the public one joins; its edge is direct, the others'
-relayed.
+provider leaves and the public one joins, at stage 0: the renter dials it
+directly, the NATed stage after it dials it back directly, and only the
+edge between the two NATed stages goes through the relay.
 
 Needs root, ip netns and nftables: skipped with the reason otherwise.
 The namespaces are removed however the test ends (the fixture's teardown,
@@ -104,8 +105,9 @@ def test_providers_behind_nat_train_through_the_relay(scene, procs, arceus_bin, 
                    "--relay", f"{pub}:7100", "--offline-after", "4")
     market.wait_stdout(r"^arceus market: relay on 10\.77\.0\.1:7100$")
     m = f"{pub}:7000"
+    # (priced above the public provider of the second run, which is then leased first)
     hidden = [provider_in(procs, arceus_bin, s[f"P{i}"], m, tokens[names[i - 1]], f"{s[f'P{i}_LAN']}:7001",
-                          "--price", "1", name=f"p{i}") for i in (1, 2, 3)]
+                          "--price", "20", name=f"p{i}") for i in (1, 2, 3)]
     for p in hidden:
         p.wait_stdout(r"keeping a connection to its relay 10\.77\.0\.1:7100")
         p.wait_stdout(r"reaches this worker through its relay", timeout=60)
@@ -148,8 +150,15 @@ def test_providers_behind_nat_train_through_the_relay(scene, procs, arceus_bin, 
                "--steps", 20, "--plan", "0,1,2", "--micro-batches", "4", "--threads", "1", "--eval-every", "0",
                "--market", m, "--token", renter, "--devices", "3", timeout=600)
     assert t.returncode == 0, t.stderr[-4000:]
-    edges = dict(re.findall(r"^edge (?:driver|stage \d) -> stage \d \((\S+)\): (relayed|direct)", t.stdout, re.M))
-    assert edges == {hidden[0].addr: "relayed", hidden[1].addr: "relayed", f"{s['DIRECT_IP']}:7001": "direct"}, t.stdout
+    # the public one holds stage 0: the renter dials it directly, the stage
+    # after it dials it back directly, and only the edge between the two
+    # NATed stages goes through the relay
+    edges = re.findall(r"^edge (?:driver|stage \d) -> stage \d \((\S+)\): (relayed|direct|reversed)", t.stdout, re.M)
+    assert edges[0] == (f"{s['DIRECT_IP']}:7001", "direct"), t.stdout
+    assert [kind for _, kind in edges[1:]] == ["reversed", "relayed"], t.stdout
+    assert sorted(a for a, _ in edges[1:]) == sorted([hidden[0].addr, hidden[1].addr]), t.stdout
+    assert "dialled back directly" in direct.err(), direct.err()[-2000:]
+    print("second run:\n" + "\n".join(l for l in t.stdout.splitlines() if l.startswith("edge ")))
     assert ledger_total(db) == 0
     market.stop()
     assert re.search(r"relay: \d+ providers? attached, \d+ circuits? open \(([1-9]\d*) opened", market.err()), \

@@ -323,12 +323,16 @@ def test_providers_behind_the_relay_are_listed_relayed_and_trained_on(
     out = p.stdout
     for i, h in enumerate(hidden):
         assert re.search(rf"provider {h.id} \(\w+\) at 127\.0\.0\.2:\d+ through relay {re.escape(relay_addr)}", out), out
-    # each edge into a hidden provider goes through the relay, the one into
-    # the provider the market dials does not
-    edges = re.findall(r"^edge (?:driver|stage \d) -> stage (\d) \((\S+)\): (relayed|direct)", out, re.M)
+    # each edge into a hidden provider goes through the relay, unless the
+    # stage before it is the one the market dials (the hidden one then dials
+    # it back); the edge into that one is direct
+    edges = re.findall(r"^edge (?:driver|stage \d) -> stage (\d) \((\S+)\): (relayed|direct|reversed)", out, re.M)
     assert len(edges) == 3, out
-    assert all((kind == "relayed") == addr.startswith("127.0.0.2:") for _, addr, kind in edges), out
-    stage_edges = [kind for _, _, kind in edges]
+    for i, (_, addr, kind) in enumerate(edges):
+        before_direct = i > 0 and not edges[i - 1][1].startswith("127.0.0.2:")
+        want = "direct" if not addr.startswith("127.0.0.2:") else "reversed" if before_direct else "relayed"
+        assert kind == want, (i, out)
+    stage_edges = ["relayed" if kind == "relayed" else "direct" for _, _, kind in edges]
     acc = float(re.search(r"^test accuracy ([\d.]+)%", out, re.M).group(1))
     assert acc >= 50.0, out
     assert ledger_total(db) == 0
@@ -436,3 +440,29 @@ def test_tls_through_the_relay_is_end_to_end(run_arceus, procs, add_account, tmp
     assert ledger_total(db) == 0
     for h in hidden:
         assert "lease of job 1 accepted" in h.err(), h.err()[-2000:]
+
+
+def test_a_stage_the_market_dials_is_dialled_back_by_its_relayed_next_stage(
+        run_arceus, procs, add_account, tmp_path, small_fashion, small_mlp_spec):
+    """Direct first: stage 0 can be dialled, stage 1 cannot. Stage 1 dials
+    stage 0 back directly (asked through the relay, which carries none of
+    it); the driver still reaches stage 1 through the relay."""
+    db = tmp_path / "market.db"
+    renter = add_account(db, "renter", "100")
+    market = procs.market(db, "--relay", "127.0.0.1:0", "--offline-after", "3600")
+    # far cheaper: leased first, so it holds stage 0
+    direct = procs.provider(market, add_account(db, "ada"), "--price", "1", name="direct")
+    hidden = unreachable_provider(procs, market, add_account(db, "grace"), "--price", "50", name="hidden")
+    wait_for("the hidden provider relayed", lambda: reach_of(run_arceus, market, renter).get(hidden.id) == "relayed", 60)
+    t = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", 20, "--batch", 64,
+                   "--eval-every", 0, "--plan", "0,1-2", "--threads", 1, "--market", market.addr, "--token", renter,
+                   "--devices", 2)
+    assert t.returncode == 0, t.stderr[-3000:]
+    assert re.search(rf"^edge driver -> stage 0 \({re.escape(direct.addr)}\): direct$", t.stdout, re.M), t.stdout
+    assert re.search(r"^edge stage 0 -> stage 1 \(127\.0\.0\.2:\d+\): reversed: it dials stage 0 back directly",
+                     t.stdout, re.M), t.stdout
+    assert "dialled back directly" in direct.err(), direct.err()[-2000:]
+    assert "dialled the previous stage at 127.0.0.1:" in hidden.err(), hidden.err()[-2000:]
+    assert ledger_total(db) == 0
+    market.stop()
+    assert re.search(r"\b1 stage dialled back directly", market.err()), market.err()[-2000:]
