@@ -38,7 +38,9 @@
 #define WAIT_DIRECT_S 3.0
 #define REQUEST_S 5.0
 #define REQUEST_MAX 4096
-/* Tunnels and arrivals being handled at once. */
+/* Tunnels, and arrivals at the meeting point, handled at once: apart, so
+ * that strangers holding the meeting point's slots cannot stop tunnels from
+ * falling back on the relay. */
 #define MAX_HANDLERS 64
 
 typedef struct pending {
@@ -59,8 +61,10 @@ static struct {
     int meet_port; /* 0: not listening yet */
     proxy *proxies;
     pending *pending;
-    int handlers;
-} g = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, NULL, 0};
+    int handlers[2]; /* tunnels, arrivals */
+} g = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, NULL, {0, 0}};
+
+enum { TUNNELS = 0, ARRIVALS = 1 };
 
 static int listen_any(const char *ip, int *port)
 {
@@ -102,20 +106,20 @@ static ssize_t read_until(int fd, char *buf, size_t size, const char *end, doubl
     return -1;
 }
 
-static int handler_slot(void)
+static int handler_slot(int kind)
 {
     pthread_mutex_lock(&g.mu);
-    int ok = g.handlers < MAX_HANDLERS;
+    int ok = g.handlers[kind] < MAX_HANDLERS;
     if (ok)
-        g.handlers++;
+        g.handlers[kind]++;
     pthread_mutex_unlock(&g.mu);
     return ok;
 }
 
-static void handler_done(void)
+static void handler_done(int kind)
 {
     pthread_mutex_lock(&g.mu);
-    g.handlers--;
+    g.handlers[kind]--;
     pthread_mutex_unlock(&g.mu);
 }
 
@@ -155,7 +159,7 @@ static void *arrival_main(void *arg)
         ar_log(AR_LOG_DEBUG, "relay: a connection to the meeting point for no waiting tunnel: closed");
         close(fd);
     }
-    handler_done();
+    handler_done(ARRIVALS);
     return NULL;
 }
 
@@ -172,9 +176,13 @@ static void *meet_main(void *arg)
             }
             return NULL;
         }
-        if (!handler_slot() || !spawn(arrival_main, (void *)(intptr_t)fd)) {
+        if (!handler_slot(ARRIVALS)) {
             close(fd);
             continue;
+        }
+        if (!spawn(arrival_main, (void *)(intptr_t)fd)) {
+            close(fd);
+            handler_done(ARRIVALS);
         }
     }
 }
@@ -250,7 +258,7 @@ out:
     OPENSSL_cleanse(req, sizeof req);
     close(gfd);
     free(j);
-    handler_done();
+    handler_done(TUNNELS);
     return NULL;
 }
 
@@ -273,7 +281,7 @@ static void *accept_main(void *arg)
             return NULL;
         }
         tunnel_job *j = calloc(1, sizeof *j);
-        if (!j || !handler_slot()) {
+        if (!j || !handler_slot(TUNNELS)) {
             free(j);
             close(fd);
             continue;
@@ -282,7 +290,7 @@ static void *accept_main(void *arg)
         if (!spawn(tunnel_main, j)) {
             free(j);
             close(fd);
-            handler_done();
+            handler_done(TUNNELS);
         }
     }
 }
