@@ -400,16 +400,15 @@ static link_result grpc_rate_via(size_t size, int count, int relayed)
     } else {
         opened = ar_client_open(addr, &c) == AR_OK;
     }
-    if (!opened || ar_client_pipe(c, "bench client", AR_NET_DEFAULT_MAX_FRAME, &l) != AR_OK) {
-        if (pid > 0)
-            receiver_finish(pid, from_child);
-        return res;
-    }
     /* payloads are prepared (and written, as by the compute that made them)
-     * before the clock starts: the link takes them over */
+     * before the clock starts: the link takes them over. Before the stream
+     * opens, too: writing 512 MiB on a loaded machine can outlast the
+     * receiver's deadline for the stream's first message. */
     void **bufs = prepared_payloads(size, count);
-    if (!bufs) {
-        ar_link_destroy(l);
+    if (!bufs || !opened || ar_client_pipe(c, "bench client", AR_NET_DEFAULT_MAX_FRAME, &l) != AR_OK) {
+        for (int i = 0; bufs && i < count; i++)
+            free(bufs[i]);
+        free(bufs);
         ar_client_close(c);
         if (pid > 0)
             receiver_finish(pid, from_child);
@@ -542,8 +541,10 @@ static const char *load_average(void)
 
 int main(int argc, char **argv)
 {
-    if (argc == 5 && strcmp(argv[1], "--serve") == 0)
+    if (argc == 5 && strcmp(argv[1], "--serve") == 0) {
+        ar_log_set_level(AR_LOG_WARN);
         return serve(argv[2], (size_t)strtoull(argv[3], NULL, 10), atoi(argv[4]));
+    }
     int quick = 0;
     const char *only = NULL; /* --only tcp|tcp-hot|grpc SIZE: one measurement, for profiling */
     size_t only_size = 0;
@@ -565,6 +566,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "link_bench: %s\n", ar_last_error());
         return 1;
     }
+    ar_log_set_level(AR_LOG_WARN); /* (the relay says when providers attach) */
     ar_relay_config rc = {.listen = "127.0.0.1:0"};
     if (ar_relay_key_random(relay_key) != AR_OK) {
         fprintf(stderr, "link_bench: %s\n", ar_last_error());
