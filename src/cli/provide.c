@@ -310,6 +310,13 @@ static void *heartbeat_main(void *arg)
         p->beat_now = 0;
         pthread_mutex_unlock(&p->mu);
         int status = 0, rc, was_registered = registered;
+        if (registered && ar_relay_attach_refused(p->attach)) {
+            /* the relay no longer takes our credential (a market restarted
+             * with a new key): registering again fetches the current one */
+            fprintf(stderr, "arceus provide: relay %s refused this provider's credential: registering again\n",
+                    p->relay);
+            registered = was_registered = 0;
+        }
         if (registered) {
             ar_reach reach = p->reach;
             rc = ar_market_heartbeat_full(p->client, p->token, p->provider_id, unavailable, why, leaving, &reach,

@@ -145,6 +145,10 @@ int ar_relay_attach_start(const char *relay, int64_t provider_id, const char *ad
                           ar_relay_adopt_fn adopt, void *ctx, ar_relay_attach **out);
 /* Whether the control connection is up now. */
 int ar_relay_attached(ar_relay_attach *a);
+/* Whether the relay's last answer was a refusal (NO): a credential of
+ * another key (a market restarted without its --relay-secret draws a new
+ * one), to be fetched again by registering. */
+int ar_relay_attach_refused(ar_relay_attach *a);
 void ar_relay_attach_stop(ar_relay_attach *a);
 
 /* ---- a stage that can be dialled, and its relayed next stage ----------------------- */

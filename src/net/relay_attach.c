@@ -48,7 +48,7 @@ struct ar_relay_attach {
     int started;
     pthread_mutex_t mu;
     pthread_cond_t cv; /* CLOCK_MONOTONIC */
-    int stopping, attached, dials;
+    int stopping, attached, dials, refused;
 };
 
 int ar_net_dial(const char *hostport, double timeout_s)
@@ -325,6 +325,9 @@ static void *attach_main(void *arg)
             was_ok = control_session(a, fd, &refused);
             close(fd);
             pthread_mutex_lock(&a->mu);
+            a->refused = refused;
+            pthread_mutex_unlock(&a->mu);
+            pthread_mutex_lock(&a->mu);
             stop = a->stopping;
             pthread_mutex_unlock(&a->mu);
             if (stop)
@@ -383,6 +386,16 @@ int ar_relay_attached(ar_relay_attach *a)
         return 0;
     pthread_mutex_lock(&a->mu);
     int v = a->attached;
+    pthread_mutex_unlock(&a->mu);
+    return v;
+}
+
+int ar_relay_attach_refused(ar_relay_attach *a)
+{
+    if (!a)
+        return 0;
+    pthread_mutex_lock(&a->mu);
+    int v = a->refused;
     pthread_mutex_unlock(&a->mu);
     return v;
 }
