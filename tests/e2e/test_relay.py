@@ -113,11 +113,17 @@ class FakeProvider:
 
     def _serve(self):
         buf = b""
-        self.ctl.settimeout(0.5)
+        try:
+            self.ctl.settimeout(0.5)
+        except OSError:  # closed already
+            return
         last_ping = time.monotonic()
         while not self.stop:
             if time.monotonic() - last_ping > 2:
-                self.ctl.sendall(b"PING\n")
+                try:
+                    self.ctl.sendall(b"PING\n")
+                except OSError:
+                    return
                 last_ping = time.monotonic()
             try:
                 chunk = self.ctl.recv(4096)
