@@ -1576,7 +1576,7 @@ Test(market_rules, a_worker_reached_only_through_the_relay_is_leased_as_relayed)
     cr_assert_not(ar_rules_leasable(&no_relay, &p));
     /* leased as relayed, without another check */
     int calls = net.calls + net.relay_calls;
-    ar_market_lease_request q = ask(1, 1, TF);
+    ar_market_lease_request q = ask(1, 1, 2);
     ar_market_lease got;
     bool too_few = false;
     cr_assert_eq(ar_rules_acquire(s, &pol, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
