@@ -99,6 +99,7 @@ typedef struct {
      * directly (docs/DESIGN.md, "The relay") */
     char relays[64][AR_ADDR_MAX];
     char passes[64][160];
+    long edges_gen; /* the plan generation whose edges were printed */
     int64_t step_cost;
     long steps_done;
     int budget_stop; /* ended by --max-credits: the job is cancelled, not failed */
@@ -185,7 +186,7 @@ int driver_edge_reversed(const run *r, int i);
 /* A channel to device i: through its relay when it has one. */
 int driver_open_worker(run *r, int i, ar_client **out);
 /* Print how each stage is reached: "direct" or "relayed via HOST:PORT". */
-void driver_print_edges(const run *r);
+void driver_print_edges(run *r);
 /* Stages lost (lost[0..n)) that are reached through a relay which does not
  * answer at all: wait up to wait_s for it to come back (providers reattach
  * within seconds of it) rather than give up on them. 1 when it is back

@@ -530,10 +530,12 @@ int driver_edge_reversed(const run *r, int i)
     return r->leased && i > 0 && i < r->S && r->relays[i][0] && !r->relays[i - 1][0];
 }
 
-void driver_print_edges(const run *r)
+void driver_print_edges(run *r)
 {
-    if (r->c->quiet || !r->leased)
+    /* once per plan (a run loads its stages again once its links are measured) */
+    if (r->c->quiet || !r->leased || r->edges_gen == r->plan_gen)
         return;
+    r->edges_gen = r->plan_gen;
     /* who dials whom: the driver dials stage 0 (and every stage for its
      * control calls), stage i dials stage i + 1 */
     for (int i = 0; i < r->S; i++) {
