@@ -112,11 +112,12 @@ int ar_store_account_claim(ar_store *s, int64_t account_id, bool confirmed);
  * served another way (a relay). */
 typedef enum {
     AR_REACH_UNCHECKED = 0,   /* never tried, or the market does not check */
-    AR_REACH_OK = 1,          /* the last check was answered */
+    AR_REACH_OK = 1,          /* the last check was answered: dialled directly */
     AR_REACH_UNREACHABLE = 2, /* the last check failed: not leased until one succeeds */
+    AR_REACH_RELAYED = 3,     /* answered only through the market's relay (net/relay.h) */
 } ar_reach;
 
-/* "reachable", "unreachable", "unchecked" */
+/* "direct", "relayed", "unreachable", "unchecked" */
 const char *ar_reach_name(ar_reach r);
 
 typedef struct {

@@ -1284,7 +1284,8 @@ static void read_provider(sqlite3_stmt *st, ar_provider *p)
     p->online = sqlite3_column_int(st, 8) != 0;
     p->last_heartbeat = sqlite3_column_int64(st, 9);
     int reach = sqlite3_column_int(st, 10);
-    p->reach = reach == AR_REACH_OK || reach == AR_REACH_UNREACHABLE ? (ar_reach)reach : AR_REACH_UNCHECKED;
+    p->reach = reach == AR_REACH_OK || reach == AR_REACH_UNREACHABLE || reach == AR_REACH_RELAYED ? (ar_reach)reach
+                                                                                                   : AR_REACH_UNCHECKED;
     p->reach_checked = sqlite3_column_int64(st, 11);
     p->reach_failures = sqlite3_column_int(st, 12);
     p->unavailable = sqlite3_column_int(st, 13) != 0;
@@ -1300,7 +1301,7 @@ static void read_provider(sqlite3_stmt *st, ar_provider *p)
 
 const char *ar_reach_name(ar_reach r)
 {
-    return r == AR_REACH_OK ? "reachable" : r == AR_REACH_UNREACHABLE ? "unreachable" : "unchecked";
+    return r == AR_REACH_OK ? "direct" : r == AR_REACH_RELAYED ? "relayed" : r == AR_REACH_UNREACHABLE ? "unreachable" : "unchecked";
 }
 
 int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_out)
@@ -1511,7 +1512,7 @@ int ar_store_provider_list(ar_store *s, bool online_only, ar_provider **out, siz
 
 int ar_store_provider_set_reach(ar_store *s, int64_t provider_id, ar_reach reach)
 {
-    if (reach != AR_REACH_UNCHECKED && reach != AR_REACH_OK && reach != AR_REACH_UNREACHABLE)
+    if (reach != AR_REACH_UNCHECKED && reach != AR_REACH_OK && reach != AR_REACH_UNREACHABLE && reach != AR_REACH_RELAYED)
         return ar_fail(AR_EINVAL, "reach state %d is not one of the store's", (int)reach);
     lock(s);
     int64_t exists = 0;
