@@ -33,6 +33,7 @@
 #   ARCEUS_DEMO_DATA=PATH    same as --data PATH (the MLP's default is train's:
 #                            /usr/share/datasets/fashion-mnist)
 #   ARCEUS_DEMO_EVAL_BATCHES=N  LM: validation batches per evaluation (20)
+#   ARCEUS_DEMO_SAMPLE_TOKENS=N LM: characters the model writes at the end (400)
 #   ARCEUS_DEMO_TLS=1        everything over TLS (same as --tls): a CA and a
 #                            server pair from scripts/make-tls-cert.sh in the
 #                            temporary folder; the market and the providers
@@ -48,6 +49,7 @@ LM=0
 NAT=0
 STEPS=${ARCEUS_DEMO_STEPS:-}
 DATA=${ARCEUS_DEMO_DATA:-}
+SAMPLE_TOKENS=${ARCEUS_DEMO_SAMPLE_TOKENS:-400}
 usage() {
     echo "usage: scripts/demo.sh [--lm | --nat] [--steps N] [--data PATH] [--tls] [--keep]" >&2
     exit 2
@@ -350,8 +352,8 @@ echo "trained in $((SECONDS - T0)) s"
 if [ "$LM" = 1 ]; then
     PROMPT="POLITICS, n.  "
     say "what the model writes, given \"$PROMPT\" (arceus sample)"
-    echo "\$ arceus sample --ckpt $OUT_DIR --prompt \"$PROMPT\" --tokens 400 --seed 7"
-    "$BIN" sample --ckpt "$OUT_DIR" --prompt "$PROMPT" --tokens 400 --seed 7 --threads "$THREADS" ||
+    echo "\$ arceus sample --ckpt $OUT_DIR --prompt \"$PROMPT\" --tokens $SAMPLE_TOKENS --seed 7"
+    "$BIN" sample --ckpt "$OUT_DIR" --prompt "$PROMPT" --tokens "$SAMPLE_TOKENS" --seed 7 --threads "$THREADS" ||
         die "sampling failed"
     echo
 fi
