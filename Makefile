@@ -144,7 +144,7 @@ test: deps
 # `make test` does the same for TEST_FUZZ_SECONDS per target.
 FUZZ_TARGETS := frame spec safetensors idx load restore session relay
 FUZZ_SECONDS ?= 60
-TEST_FUZZ_SECONDS ?= 5
+TEST_FUZZ_SECONDS ?= 3
 fuzz: deps
 	$(MAKE) BUILD=fuzz WERROR=1 fuzz-run
 
@@ -178,12 +178,12 @@ $(WAN_RELAY): bench/wan_relay.c
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) -O2 -g -o $@ $<
 
-# Two at a time (pytest-xdist, a file's tests kept together on one worker):
-# most of an end-to-end test is waiting on processes and sockets, so two
-# share the machine's cores well. Those marked `alone` measure a pace or a
+# Three at a time (pytest-xdist, a file's tests kept together on one worker):
+# most of an end-to-end test is waiting on processes and sockets, so three
+# share the 2 cores of the CI machine well. Those marked `alone` measure a pace or a
 # delay and run afterwards, by themselves.
 E2E_ENV = ARCEUS_BIN=$(abspath $(BIN)) WAN_RELAY_BIN=$(abspath $(WAN_RELAY))
-E2E_JOBS ?= 2
+E2E_JOBS ?= 3
 e2e: $(BIN) $(WAN_RELAY)
 	$(E2E_ENV) $(PYTHON) -m pytest -q -n $(E2E_JOBS) --dist loadfile -m "not alone" --durations=30 tests/e2e
 	$(E2E_ENV) $(PYTHON) -m pytest -q -m alone --durations=10 tests/e2e

@@ -99,7 +99,7 @@ typedef struct {
      * directly (docs/DESIGN.md, "The relay") */
     char relays[64][AR_ADDR_MAX];
     char passes[64][160];
-    long edges_gen; /* the plan generation whose edges were printed */
+    uint64_t edges_printed; /* a hash of the edges last printed (printed again only when they change) */
     int64_t step_cost;
     long steps_done;
     int budget_stop; /* ended by --max-credits: the job is cancelled, not failed */

@@ -532,26 +532,41 @@ int driver_edge_reversed(const run *r, int i)
 
 void driver_print_edges(run *r)
 {
-    /* once per plan (a run loads its stages again once its links are measured) */
-    if (r->c->quiet || !r->leased || r->edges_gen == r->plan_gen)
+    if (r->c->quiet || !r->leased)
         return;
-    r->edges_gen = r->plan_gen;
     /* who dials whom: the driver dials stage 0 (and every stage for its
      * control calls), stage i dials stage i + 1 */
-    for (int i = 0; i < r->S; i++) {
+    char text[AR_PLAN_MAX_STAGES * 420]; /* a line: two addresses of up to 128 and words */
+    size_t n = 0;
+    text[0] = '\0';
+    for (int i = 0; i < r->S && n < sizeof text; i++) {
         char from[32];
         if (i == 0)
             snprintf(from, sizeof from, "driver");
         else
             snprintf(from, sizeof from, "stage %d", i - 1);
+        int w;
         if (driver_edge_reversed(r, i))
-            printf("edge %s -> stage %d (%s): reversed: it dials stage %d back directly (relay %s only if it "
-                   "cannot)\n", from, i, r->addrs[i], i - 1, r->relays[i]);
+            w = snprintf(text + n, sizeof text - n,
+                         "edge %s -> stage %d (%s): reversed: it dials stage %d back directly (relay %s only if it "
+                         "cannot)\n",
+                         from, i, r->addrs[i], i - 1, r->relays[i]);
         else if (r->relays[i][0])
-            printf("edge %s -> stage %d (%s): relayed via %s\n", from, i, r->addrs[i], r->relays[i]);
+            w = snprintf(text + n, sizeof text - n, "edge %s -> stage %d (%s): relayed via %s\n", from, i,
+                         r->addrs[i], r->relays[i]);
         else
-            printf("edge %s -> stage %d (%s): direct\n", from, i, r->addrs[i]);
+            w = snprintf(text + n, sizeof text - n, "edge %s -> stage %d (%s): direct\n", from, i, r->addrs[i]);
+        n = w < 0 ? sizeof text : n + (size_t)w;
     }
+    /* once per set of edges: a run loads its stages again once its links are
+     * measured, with the same edges */
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (const char *c = text; *c; c++)
+        h = (h ^ (unsigned char)*c) * 1099511628211ull;
+    if (h == r->edges_printed)
+        return;
+    r->edges_printed = h;
+    fputs(text, stdout);
     fflush(stdout);
 }
 

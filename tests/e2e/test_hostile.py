@@ -151,16 +151,16 @@ LOAD_ROWS = [
      ["next_worker must be given"]),
     ("next_worker of 1000 characters", load(count=2, nxt="h" * 995 + ":5001"), C.INVALID_ARGUMENT,
      ["longer than 255"]),
-    # a next stage through the relay (next_relay_pass, field 17): a pass of
+    # a next stage through the relay (next_relay_pass, field 21): a pass of
     # its form, to a worker whose market named a relay, with a next_worker
-    ("relay pass without a next_worker", load(raw_extra=field_bytes(17, "1.1.9:" + "0" * 64)),
+    ("relay pass without a next_worker", load(raw_extra=field_bytes(21, "1.1.9:" + "0" * 64)),
      C.INVALID_ARGUMENT, ["next_relay_pass is not a relay pass, or there is no next_worker"]),
-    ("relay pass that is not one", load(count=2, nxt="127.0.0.1:1", raw_extra=field_bytes(17, "a@evil:80/x")),
+    ("relay pass that is not one", load(count=2, nxt="127.0.0.1:1", raw_extra=field_bytes(21, "a@evil:80/x")),
      C.INVALID_ARGUMENT, ["next_relay_pass is not a relay pass"]),
-    ("relay pass of 1000 characters", load(count=2, nxt="127.0.0.1:1", raw_extra=field_bytes(17, "1" * 1000)),
+    ("relay pass of 1000 characters", load(count=2, nxt="127.0.0.1:1", raw_extra=field_bytes(21, "1" * 1000)),
      C.INVALID_ARGUMENT, ["next_relay_pass is not a relay pass"]),
     ("relay pass to a worker without a relay", load(count=2, nxt="127.0.0.1:1",
-                                                    raw_extra=field_bytes(17, "1.1.9:" + "0" * 64)),
+                                                    raw_extra=field_bytes(21, "1.1.9:" + "0" * 64)),
      C.INVALID_ARGUMENT, ["has no relay to reach next_worker"]),
     # tensor-parallel roles (a GPT of 2 heads, 32 hidden units)
     ("rank and leader at once", load(GPT, 1, 2, raw_extra=field_bytes(14, share("", 0, 1, 0, 16)) +

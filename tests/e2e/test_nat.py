@@ -10,8 +10,8 @@ First run: the three NATed providers register, the market cannot dial them
 (the test shows that a dial of a provider's private address, and of its
 router's public one, fails), they keep a connection to the relay and are
 listed "relayed"; the renter trains the Fashion-MNIST MLP across the three
-through the market and the relay to the usual accuracy (>= 80% after 200
-steps, as `make demo`), and the ledger sums to zero. Second run: one NATed
+through the market and the relay to the accuracy of `make demo-nat` (>= 75%
+after 100 steps), and the ledger sums to zero. Second run: one NATed
 provider leaves and the public one joins, at stage 0: the renter dials it
 directly, the NATed stage after it dials it back directly, and only the
 edge between the two NATed stages goes through the relay.
@@ -35,7 +35,7 @@ from test_market_train import ledger_total
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENE = ROOT / "scripts" / "nat-scene.sh"
-STEPS = 200
+STEPS = 100
 
 
 def scene_check():
@@ -135,7 +135,7 @@ def test_providers_behind_nat_train_through_the_relay(scene, procs, arceus_bin, 
     assert sorted(a for a, _ in edges) == sorted(p.addr for p in hidden), out
     assert all(kind == "relayed" for _, kind in edges), out
     acc = float(re.search(r"^test accuracy ([\d.]+)%", out, re.M).group(1))
-    assert acc >= 80.0, out
+    assert acc >= 75.0, out
     assert ledger_total(db) == 0
     print(out[out.index("edge "):].split("batch ")[0] + f"test accuracy {acc}%; ledger sum 0")
 
