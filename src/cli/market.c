@@ -22,7 +22,7 @@
 
 typedef struct {
     const char *listen, *db, *http;
-    int offline_after, max_providers;
+    int offline_after, max_providers, escrow_window;
     float reach_timeout;
     int adding;           /* arceus market add-account NAME */
     const char *account;  /* its NAME */
@@ -53,6 +53,10 @@ static const ar_option market_options[] = {
              "reach is not leased (0: no checks, for a market that cannot reach its providers). A "
              "worker's address must not be link-local, multicast or unspecified, nor loopback unless the "
              "market listens on loopback, and its port must be 1024 or above"},
+    {.name = "escrow-window", .kind = AR_OPTION_INT, MARKET(escrow_window), .lo = 0, .hi = 365 * 86400,
+     .metavar = "S", .def = AR_OPTION_STR(AR_ESCROW_DEFAULT_WINDOW_S),
+     .help = "what renters pay for a step is held in escrow, pending, until audits verify it or S seconds "
+             "after its job ends; then it is the provider's to spend (0: as soon as the job ends)"},
     {.name = "credits", .kind = AR_OPTION_CREDITS, MARKET(credits), .lo = 0,
      .hi = AR_CREDITS(1000000000000LL), .metavar = "N", .def = "0", .given_bit = GIVEN_CREDITS,
      .help = "add-account: opening credits"},
@@ -80,7 +84,7 @@ const ar_cmd_spec ar_market_cmd = {
     .name = "market",
     .summary = "run the market server; add-account creates an account",
     .usage = "--listen HOST:PORT --db PATH [--http HOST:PORT] [--offline-after S]\n"
-             "[--max-providers-per-account N] [--reach-timeout S]\n"
+             "[--max-providers-per-account N] [--reach-timeout S] [--escrow-window S]\n"
              "add-account NAME [--credits N] --db PATH",
     .description =
         "Run the market: the gRPC Market service over a SQLite database (created if missing). Providers "
@@ -167,7 +171,8 @@ static int run_market(void *opts)
     ar_cli_block_stop_signals();
     ar_market_config c = {.listen = listen, .db_path = db, .offline_after_s = offline_after,
                           .max_providers_per_account = o->max_providers,
-                          .reach_timeout_s = o->reach_timeout > 0 ? o->reach_timeout : -1};
+                          .reach_timeout_s = o->reach_timeout > 0 ? o->reach_timeout : -1,
+                          .escrow_window_s = o->escrow_window};
     ar_market *m;
     char addr[200];
     if (ar_market_start(&c, &m, addr, sizeof addr) != AR_OK) {
@@ -282,6 +287,7 @@ static int providers_json(const ar_market_provider *ps, size_t n)
         ar_cli_json_str(&j, o, "account", ps[i].account);
         ar_cli_json_str(&j, o, "address", p->address);
         ar_cli_json_num(&j, o, "gflops", p->gflops);
+        ar_cli_json_num(&j, o, "speed_gflops", ps[i].speed_gflops);
         ar_cli_json_num(&j, o, "mem_bytes", (double)p->mem_bytes);
         ar_cli_json_num(&j, o, "cores", p->cores);
         ar_cli_json_credits(&j, o, "price_per_tflop", p->price_per_tflop);
@@ -310,8 +316,8 @@ static int providers_call(ar_client *c, const client_opts *o)
     if (n == 0) {
         printf("no providers %s\n", o->all ? "registered" : "online");
     } else {
-        printf("%-5s %-16s %-24s %9s %10s %5s %14s %11s %-11s %s\n", "ID", "ACCOUNT", "ADDRESS", "GFLOP/S",
-               "MEMORY", "CORES", "CREDITS/TFLOP", "RELIABILITY", "WORKER", "LAST SEEN");
+        printf("%-5s %-16s %-24s %9s %9s %10s %5s %14s %11s %-11s %s\n", "ID", "ACCOUNT", "ADDRESS", "GFLOP/S",
+               "OBSERVED", "MEMORY", "CORES", "CREDITS/TFLOP", "RELIABILITY", "WORKER", "LAST SEEN");
         int64_t now = (int64_t)time(NULL);
         for (size_t i = 0; i < n; i++) {
             const ar_provider *p = &ps[i].p;
@@ -325,9 +331,9 @@ static int providers_call(ar_client *c, const client_opts *o)
             if (p->unavailable)
                 strncat(seen, ")", sizeof seen - strlen(seen) - 1);
             /* names and addresses are whatever their owners registered */
-            printf("%-5lld %-16s %-24s %9.1f %10s %5d %14s %11.2f %-11s %s\n", (long long)p->id,
+            printf("%-5lld %-16s %-24s %9.1f %9.1f %10s %5d %14s %11.2f %-11s %s\n", (long long)p->id,
                    ar_cli_safe_text(ps[i].account, account, sizeof account),
-                   ar_cli_safe_text(p->address, address, sizeof address), p->gflops,
+                   ar_cli_safe_text(p->address, address, sizeof address), p->gflops, ps[i].speed_gflops,
                    mem_str(p->mem_bytes, mem, sizeof mem), p->cores,
                    ar_credits_text(p->price_per_tflop, price, sizeof price), p->reliability,
                    ar_reach_name(p->reach), seen);
@@ -346,16 +352,18 @@ const ar_cmd_spec ar_providers_cmd = {
     .name = "providers",
     .summary = "list the providers online at a market",
     .usage = "--market HOST:PORT --token T [--all] [--json]",
-    .description = "List the providers online at a market: their worker address, measured speed, memory, "
-                   "cores, price (credits per TFLOP) and reliability. A provider whose owner's rules say it "
-                   "is not to be used now (arceus provide --when, --hours, --on-battery) is shown "
+    .description = "List the providers online at a market: their worker address, claimed speed and the speed "
+                   "the market estimates from what renters observed (the claim until then), memory, cores, "
+                   "price (credits per TFLOP) and reliability (their account's). A provider whose owner's rules "
+                   "say it is not to be used now (arceus provide --when, --hours, --on-battery) is shown "
                    "\"(unavailable: WHY)\" and is not leased.\n\n"
                    "--json prints {\"providers\": [...]}, each provider an object with id, account, address, "
-                   "gflops (measured GFLOP/s), mem_bytes (memory offered), cores, price_per_tflop (credits "
-                   "per TFLOP, a string with 6 decimals), reliability (0..1), online (true or false), "
-                   "last_heartbeat (unix seconds), worker (the market's last check of its worker: "
-                   "unchecked, reachable or unreachable), available (false while its owner's rules say "
-                   "not now: arceus provide --when, --hours, --on-battery) and unavailable_why (why, or \"\").",
+                   "gflops (claimed GFLOP/s), speed_gflops (the market's estimate from observations), "
+                   "mem_bytes (memory offered), cores, price_per_tflop (credits per TFLOP, a string with 6 "
+                   "decimals), reliability (0..1, its account's), online (true or false), last_heartbeat (unix "
+                   "seconds), worker (the market's last check of its worker: unchecked, reachable or "
+                   "unreachable), available (false while its owner's rules say not now: arceus provide --when, "
+                   "--hours, --on-battery) and unavailable_why (why, or \"\").",
     .sections = (const ar_option_section[]){
         CLIENT_MARKET_SECTION, {NULL, providers_options, 0}, CLIENT_TLS_SECTION, {0}},
     .opts_size = sizeof(client_opts),
@@ -417,12 +425,13 @@ static const char *signed_credits(int64_t micro, char *buf, size_t size)
 }
 
 static int ledger_json(const client_opts *o, const char *account, const ar_ledger_row *rows, size_t n,
-                       const reason_total *t, size_t nt, int64_t balance)
+                       const reason_total *t, size_t nt, int64_t balance, int64_t pending)
 {
     ar_cli_json j;
     ar_cli_json_begin(&j);
     ar_cli_json_str(&j, j.root, "account", account);
     ar_cli_json_credits(&j, j.root, "balance", balance);
+    ar_cli_json_credits(&j, j.root, "pending", pending);
     ar_cli_json_num(&j, j.root, "rows_total", (double)n);
     cJSON *by = ar_cli_json_object(&j, j.root, "by_reason");
     for (size_t i = 0; i < nt && !j.oom; i++) {
@@ -478,16 +487,16 @@ static int ledger_call(ar_client *c, const client_opts *o)
 {
     ar_ledger_row *rows;
     size_t n;
-    int64_t balance;
+    int64_t balance, pending = 0;
     char account[AR_NAME_MAX];
-    int rc = ar_market_ledger(c, o->m.token, o->arg, account, &rows, &n, &balance, NULL);
+    int rc = ar_market_ledger(c, o->m.token, o->arg, account, &rows, &n, &balance, &pending, NULL);
     if (rc != AR_OK)
         return rc;
     reason_total *t = NULL;
     size_t nt = 0;
     rc = totals_by_reason(rows, n, &t, &nt);
     if (rc == AR_OK && o->json) {
-        rc = ledger_json(o, account, rows, n, t, nt, balance);
+        rc = ledger_json(o, account, rows, n, t, nt, balance, pending);
     } else if (rc == AR_OK) {
         char name[4 * AR_NAME_MAX], b[48];
         ar_cli_safe_text(account, name, sizeof name);
@@ -504,6 +513,8 @@ static int ledger_call(ar_client *c, const client_opts *o)
             ledger_rows(rows, n);
         }
         printf("balance: %s credits\n", ar_credits_text(balance, b, sizeof b));
+        /* earned, and held until the work is verified or its job's settling window passes */
+        printf("pending: %s credits (held in escrow)\n", ar_credits_text(pending, b, sizeof b));
     }
     free(t);
     free(rows);
@@ -527,10 +538,13 @@ const ar_cmd_spec ar_ledger_cmd = {
     .summary = "print your credit ledger and balance at a market",
     .usage = "[ACCOUNT] --market HOST:PORT --token T [--summary] [--json]",
     .description = "Print an account's ledger at a market, one row per credit movement (+ received, - paid), "
-                   "and its balance, in credits. An account may read only its own ledger: ACCOUNT defaults "
+                   "and its balance, in credits: spendable, and pending (what its providers earned that the "
+                   "market's escrow still holds, until audits verify the work or its job's settling window "
+                   "passes). An account may read only its own ledger: ACCOUNT defaults "
                    "to the token's account, and any other is refused. --summary prints, instead of the rows, "
-                   "how many there are of each reason (mint, usage, reversal) and what they add up to.\n\n"
-                   "--json prints one object: account, balance, rows_total, by_reason (for each reason an "
+                   "how many there are of each reason (mint, usage, release, reversal) and what they add up "
+                   "to.\n\n"
+                   "--json prints one object: account, balance, pending, rows_total, by_reason (for each reason an "
                    "object with rows and credits, their sum) and, without --summary, rows (oldest first, each "
                    "with id, transfer, time in unix seconds, reason, job and step, null when none, and "
                    "amount). Credits are strings with 6 decimals, exact: \"-0.250000\".",

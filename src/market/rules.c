@@ -9,6 +9,7 @@
 #include <math.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <openssl/sha.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,24 +35,121 @@ static int rank_cmp(const void *a, const void *b)
     return x->p->id < y->p->id ? -1 : x->p->id > y->p->id;
 }
 
+/* How well an account's claims held up: observed / claimed (at most 1),
+ * or -1 when nothing was observed. */
+static double account_ratio(const ar_provider *p)
+{
+    if (!(p->acct_obs_claim_flops > 0))
+        return -1;
+    double r = p->acct_obs_flops / p->acct_obs_claim_flops;
+    return r > 1 ? 1 : r < 0 ? 0 : r;
+}
+
+double ar_rules_speed(const ar_provider *p)
+{
+    double claim = p->gflops > 0 && isfinite(p->gflops) ? p->gflops * 1e9 : 1.0;
+    double trust = account_ratio(p);
+    double prior = claim * (trust < 0 ? 1.0 : trust);
+    if (!(prior > 0))
+        prior = 1.0; /* an account whose claims were all false: 1 FLOP/s until seen */
+    double f = p->obs_flops > 0 ? p->obs_flops : 0, b = p->obs_busy_s > 0 ? p->obs_busy_s : 0;
+    return (AR_SPEED_PRIOR_FLOPS + f) / (AR_SPEED_PRIOR_FLOPS / prior + b) / 1e9;
+}
+
+static int double_cmp(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+typedef struct {
+    int64_t account;
+    double ratio;
+} account_seen;
+
+static int seen_cmp(const void *a, const void *b)
+{
+    const account_seen *x = a, *y = b;
+    return x->account < y->account ? -1 : x->account > y->account;
+}
+
+/* How each account among ps[] that was observed held its claims, sorted:
+ * ratios[0..*k), one per account (ratios has room for n; seen is scratch
+ * of n). Every provider of an account carries the account's figures. */
+static void account_ratios(const ar_provider *ps, size_t n, account_seen *seen, double *ratios, size_t *k)
+{
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++)
+        if (account_ratio(&ps[i]) >= 0)
+            seen[m++] = (account_seen){.account = ps[i].account_id, .ratio = account_ratio(&ps[i])};
+    qsort(seen, m, sizeof *seen, seen_cmp);
+    *k = 0;
+    for (size_t i = 0; i < m; i++)
+        if (i == 0 || seen[i].account != seen[i - 1].account)
+            ratios[(*k)++] = seen[i].ratio;
+    qsort(ratios, *k, sizeof *ratios, double_cmp);
+}
+
+/* The median of how the other accounts' claims held up (1 when no other
+ * account was observed): claims are sgemm peaks and observations whole
+ * training steps, so a claim is judged against how claims fare on this
+ * market, and not by its own account. sorted[0..k) from account_ratios;
+ * own < 0: p's account was not observed. */
+static double reference_ratio(const double *sorted, size_t k, double own)
+{
+    size_t skip = k; /* the index of p's own account's ratio: left out */
+    if (own >= 0)
+        for (size_t i = 0; i < k && skip == k; i++)
+            if (sorted[i] == own)
+                skip = i;
+    size_t m = skip < k ? k - 1 : k;
+    if (m == 0)
+        return 1.0;
+#define AT(r) (sorted[(r) < skip ? (r) : (r) + 1])
+    double med = m % 2 ? AT(m / 2) : 0.5 * (AT(m / 2 - 1) + AT(m / 2));
+#undef AT
+    return med > 0 ? med : 1e-300;
+}
+
 void ar_rules_rank(const ar_provider *ps, size_t n, ar_ranked *out)
 {
-    double best_gflops = 0;
+    double best_speed = 0;
     int64_t min_price = INT64_MAX;
     for (size_t i = 0; i < n; i++) {
-        if (ps[i].gflops > best_gflops)
-            best_gflops = ps[i].gflops;
+        double v = ar_rules_speed(&ps[i]);
+        if (v > best_speed)
+            best_speed = v;
         if (ps[i].price_per_tflop < min_price)
             min_price = ps[i].price_per_tflop;
     }
+    /* (without room for the ratios every claim is taken as it stands) */
+    double *ratios = n ? malloc(n * sizeof *ratios) : NULL;
+    account_seen *seen = n ? malloc(n * sizeof *seen) : NULL;
+    size_t k = 0;
+    if (!seen) {
+        free(ratios);
+        ratios = NULL;
+    }
+    if (ratios)
+        account_ratios(ps, n, seen, ratios, &k);
+    free(seen);
     const double p0 = (double)AR_MICRO_PER_CREDIT;
     for (size_t i = 0; i < n; i++) {
         const ar_provider *p = &ps[i];
         double rel = p->reliability < 0 ? 0 : p->reliability > 1 ? 1 : p->reliability;
+        double speed = ar_rules_speed(p);
+        /* an overstated claim: its speed far below what claims like it give */
+        double claim = 1.0;
+        if (p->gflops > 0) {
+            double held = speed / p->gflops, ref = ratios ? reference_ratio(ratios, k, account_ratio(p)) : 1.0;
+            if (held < AR_SPEED_FAR_BELOW * ref)
+                claim = held / ref;
+        }
         out[i].p = p;
-        out[i].score = rel * rel * (best_gflops > 0 ? p->gflops / best_gflops : 1) * ((double)min_price + p0) /
+        out[i].score = rel * rel * (best_speed > 0 ? speed / best_speed : 1) * claim * ((double)min_price + p0) /
                        ((double)p->price_per_tflop + p0);
     }
+    free(ratios);
     qsort(out, n, sizeof *out, rank_cmp);
 }
 
@@ -158,21 +256,87 @@ int ar_rules_pick(ar_store *s, const ar_market_policy *policy, const ar_ranked *
 
 /* ---- pricing ---------------------------------------------------------------------- */
 
-void ar_rules_split_flops(int64_t flops_per_step, const ar_ranked *ranked, size_t n, int64_t *shares)
+void ar_rules_model_clear(ar_market_model *m)
 {
-    double gsum = 0;
-    for (size_t i = 0; i < n; i++)
-        gsum += ranked[i].p->gflops;
-    int64_t left = flops_per_step;
-    for (size_t i = 0; i < n; i++) {
-        int64_t share = i + 1 == n || gsum <= 0
-                            ? left
-                            : (int64_t)llround((double)flops_per_step * ranked[i].p->gflops / gsum);
-        if (share > left)
-            share = left;
-        left -= share;
-        shares[i] = share;
+    free(m->json);
+    ar_free(m->costs);
+    memset(m, 0, sizeof *m);
+}
+
+int ar_rules_model(const char *spec_json, int mb_rows, int micro_batches, int schedule, ar_market_model *out)
+{
+    memset(out, 0, sizeof *out);
+    size_t len = spec_json ? strlen(spec_json) : 0;
+    if (len == 0 || len > AR_MARKET_MAX_SPEC_BYTES)
+        return ar_fail(AR_EINVAL, "the model spec is %zu bytes: 1..%d", len, AR_MARKET_MAX_SPEC_BYTES);
+    if (mb_rows < 1 || mb_rows > AR_MARKET_MAX_MB_ROWS || micro_batches < 1 ||
+        micro_batches > AR_MARKET_MAX_MICRO_BATCHES || (schedule != 0 && schedule != 1))
+        return ar_fail(AR_EINVAL, "micro-batches of %d rows (1..%d), %d micro-batches (1..%d) or schedule %d (0, 1) "
+                       "out of range", mb_rows, AR_MARKET_MAX_MB_ROWS, micro_batches, AR_MARKET_MAX_MICRO_BATCHES,
+                       schedule);
+    /* the same strict parser a provider's worker uses on a Load */
+    int rc = ar_spec_parse(spec_json, len, "the lease's model spec", &out->spec);
+    if (rc == AR_OK)
+        rc = ar_spec_validate(&out->spec, "the lease's model spec");
+    if (rc != AR_OK)
+        return ar_fail(AR_EINVAL, "%s", ar_last_error());
+    out->units = ar_spec_units(&out->spec);
+    out->mb_rows = mb_rows;
+    out->micro_batches = micro_batches;
+    out->schedule = schedule;
+    if (!(out->json = ar_spec_to_json(&out->spec)) ||
+        !(out->costs = ar_calloc((size_t)out->units, sizeof *out->costs))) {
+        ar_rules_model_clear(out);
+        return ar_fail(AR_ENOMEM, "out of memory for the model's costs");
     }
+    if ((rc = ar_plan_unit_costs(&out->spec, mb_rows, out->costs)) != AR_OK) {
+        ar_rules_model_clear(out);
+        return ar_fail(AR_EINVAL, "%s", ar_last_error());
+    }
+    return AR_OK;
+}
+
+int ar_rules_split(const ar_market_model *m, const ar_device *devs, size_t n, const uint32_t *stage_units,
+                   size_t n_stage_units, ar_lease_member *members)
+{
+    if (n < 1 || n > AR_MARKET_MAX_DEVICES || n > (size_t)m->units)
+        return ar_fail(AR_EINVAL, "%zu providers for a model of %d layers: each holds at least one", n, m->units);
+    ar_plan plan;
+    int rc;
+    if (n_stage_units > 0) {
+        /* the renter's split: checked, then priced by the same cost model */
+        if (n_stage_units != n)
+            return ar_fail(AR_EINVAL, "the split has %zu stages for %zu providers", n_stage_units, n);
+        memset(&plan, 0, sizeof plan);
+        int u = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (stage_units[i] < 1 || stage_units[i] > (uint32_t)(m->units - u))
+                return ar_fail(AR_EINVAL, "the split's stage %zu has %u layers: the %d layers are not covered once",
+                               i, stage_units[i], m->units);
+            plan.device[i] = (int)i;
+            plan.first[i] = u;
+            plan.last[i] = u += (int)stage_units[i];
+            plan.group_size[i] = 1;
+            plan.group[i][0] = (int)i;
+        }
+        if (u != m->units)
+            return ar_fail(AR_EINVAL, "the split covers %d of the model's %d layers", u, m->units);
+        plan.nstages = (int)n;
+        rc = ar_plan_estimate(&plan, m->costs, m->units, devs, (int)n, m->micro_batches, m->schedule);
+        if (rc == AR_ELIMIT)
+            return ar_fail(AR_ELIMIT, "the split does not fit the providers' memory: %s", ar_last_error());
+    } else {
+        rc = ar_plan_each(m->costs, m->units, devs, (int)n, m->micro_batches, m->schedule, &plan);
+    }
+    for (size_t i = 0; rc == AR_OK && i < n; i++) {
+        members[i].stage = (int)i;
+        members[i].first_unit = plan.first[i];
+        members[i].last_unit = plan.last[i];
+        members[i].verified_step = -1;
+        rc = ar_plan_stage_flops(m->costs, m->units, plan.first[i], plan.last[i], m->micro_batches,
+                                 &members[i].flops_per_step);
+    }
+    return rc;
 }
 
 int ar_rules_price_plan(const ar_lease_member *members, size_t n, int64_t est_steps, int64_t *per_step,
@@ -200,8 +364,9 @@ int ar_rules_price_plan(const ar_lease_member *members, size_t n, int64_t est_st
 
 /* ---- leases ----------------------------------------------------------------------- */
 
-/* A provider as its renter sees it, under its account's name. */
-static int leased_view(ar_store *s, const ar_provider *p, int64_t flops_per_step, ar_market_leased *out)
+/* A provider as its renter sees it, under its account's name, with its
+ * place in the plan. */
+static int leased_view(ar_store *s, const ar_provider *p, const ar_lease_member *m, ar_market_leased *out)
 {
     ar_account owner;
     int rc = ar_store_account_get(s, p->account_id, &owner);
@@ -209,28 +374,46 @@ static int leased_view(ar_store *s, const ar_provider *p, int64_t flops_per_step
         return rc;
     memset(out, 0, sizeof *out);
     out->p = *p;
+    out->p.price_per_tflop = m->price_per_tflop;
     snprintf(out->account, sizeof out->account, "%s", owner.name);
-    out->flops_per_step = flops_per_step;
+    out->flops_per_step = m->flops_per_step;
+    out->stage = m->stage;
+    out->first_unit = m->first_unit;
+    out->last_unit = m->last_unit;
+    out->speed_gflops = ar_rules_speed(p);
     return AR_OK;
 }
 
-/* The n best of ranked[] as a lease's members (stage i for the i-th) with
- * their shares of the FLOPs, and as the renter sees them. */
-static int choose_members(ar_store *s, const ar_market_lease_request *req, const ar_ranked *ranked, size_t n,
-                          ar_lease_member *members, ar_market_lease *out)
+/* Providers as the planner sees them: the market's estimate of their
+ * speed, the memory they offer, one stage each. */
+static void plan_device(const ar_provider *p, ar_device *d)
 {
-    int64_t shares[AR_MARKET_MAX_DEVICES];
-    ar_rules_split_flops(req->flops_per_step, ranked, n, shares);
+    memset(d, 0, sizeof *d);
+    snprintf(d->name, sizeof d->name, "provider %lld", (long long)p->id);
+    d->gflops = ar_rules_speed(p);
+    if (!(d->gflops > 0))
+        d->gflops = 1e-9;
+    d->mem_bytes = (double)p->mem_bytes;
+    d->solo = 1;
+}
+
+/* The n best of ranked[] as a lease's members (stage i for the i-th), the
+ * model split among them, and as the renter sees them. */
+static int choose_members(ar_store *s, const ar_market_lease_request *req, const ar_market_model *model,
+                          const ar_ranked *ranked, size_t n, ar_lease_member *members, ar_market_lease *out)
+{
+    ar_device devs[AR_MARKET_MAX_DEVICES];
     for (size_t i = 0; i < n; i++) {
-        const ar_provider *p = ranked[i].p;
-        members[i] = (ar_lease_member){.provider_id = p->id, .stage = (int)i, .flops_per_step = shares[i],
-                                       .price_per_tflop = p->price_per_tflop};
-        int rc = leased_view(s, p, shares[i], &out->providers[i]);
-        if (rc != AR_OK)
-            return rc;
+        plan_device(ranked[i].p, &devs[i]);
+        members[i] = (ar_lease_member){.provider_id = ranked[i].p->id,
+                                       .price_per_tflop = ranked[i].p->price_per_tflop};
     }
-    out->n = n;
-    return AR_OK;
+    int rc = ar_rules_split(model, devs, n, req->stage_units, req->n_stage_units, members);
+    for (size_t i = 0; rc == AR_OK && i < n; i++)
+        rc = leased_view(s, ranked[i].p, &members[i], &out->providers[i]);
+    if (rc == AR_OK)
+        out->n = n;
+    return rc;
 }
 
 /* The refusal when fewer providers are free than asked for. */
@@ -260,15 +443,18 @@ static int issue_tickets(ar_store *s, ar_market_lease *out)
 
 /* Leases the chosen members to job_id. Refused, the job stays on record,
  * cancelled with nothing spent; leased, it is running from start_step. */
-static int lease_job(ar_store *s, int64_t renter_id, const ar_market_lease_request *req, int64_t job_id,
-                     int64_t start_step, const ar_lease_member *members, ar_market_lease *out)
+static int lease_job(ar_store *s, int64_t renter_id, const ar_market_lease_request *req,
+                     const ar_market_model *model, int64_t job_id, int64_t start_step,
+                     const ar_lease_member *members, ar_market_lease *out)
 {
-    int rc = ar_store_lease_create(s, job_id, renter_id, members, out->n, req->est_steps, req->max_credits,
+    ar_lease_plan plan = {.spec = model->json, .mb_rows = model->mb_rows, .micro_batches = model->micro_batches,
+                          .schedule = model->schedule};
+    int rc = ar_store_lease_create(s, job_id, renter_id, members, out->n, req->est_steps, req->max_credits, &plan,
                                    out->token, &out->lease_id, &out->estimate);
     if (rc != AR_OK) {
         char why[600];
         snprintf(why, sizeof why, "%s", ar_last_error());
-        if (ar_store_job_update(s, job_id, AR_JOB_CANCELLED, 0) != AR_OK)
+        if (!req->resume_job && ar_store_job_update(s, job_id, AR_JOB_CANCELLED, 0) != AR_OK)
             ar_log(AR_LOG_ERROR, "market: job %lld: %s", (long long)job_id, ar_last_error());
         ar_log(AR_LOG_INFO, "market: job %lld: %s", (long long)job_id, why);
         return ar_fail(rc, "%s", why);
@@ -281,24 +467,24 @@ static int lease_job(ar_store *s, int64_t renter_id, const ar_market_lease_reque
     return AR_OK;
 }
 
-/* ar_rules_acquire with choose_mu held. *settled: the job was left with a
- * lease or cancelled, i.e. not waiting for one. */
+/* ar_rules_acquire with choose_mu held. *before: the resumed job's status
+ * before (its old leases have ended), or -1 when nothing was resumed. */
 static int acquire_locked(ar_store *s, const ar_market_policy *policy, int64_t renter_id,
-                          const ar_market_lease_request *req, ar_market_lease *out, bool *too_few, bool *settled)
+                          const ar_market_lease_request *req, const ar_market_model *model, ar_market_lease *out,
+                          bool *too_few, int *before)
 {
     int rc;
     bool resumed = req->resume_job > 0;
     if (resumed) {
         /* a new driver for the same job: the old one's leases end (their
-         * providers are free again) and its work after the checkpoint is
-         * unpaid, since it is redone */
-        int reversed = 0;
-        if ((rc = ar_store_job_resume(s, req->resume_job, renter_id, req->kept_steps, &reversed)) != AR_OK) {
-            *settled = true; /* nothing was changed */
+         * providers are free again). Nothing is reversed: that work was
+         * done, and what the renter's checkpoint kept is its own business */
+        ar_job_status st = AR_JOB_RUNNING;
+        if ((rc = ar_store_job_resume(s, req->resume_job, renter_id, req->kept_steps, &st)) != AR_OK)
             return rc;
-        }
-        ar_log(AR_LOG_INFO, "market: job %lld resumes from step %lld (%d payments after it reversed)",
-               (long long)req->resume_job, (long long)req->kept_steps, reversed);
+        *before = (int)st;
+        ar_log(AR_LOG_INFO, "market: job %lld resumes from step %lld (%s before; nothing reversed)",
+               (long long)req->resume_job, (long long)req->kept_steps, ar_job_status_name(st));
     }
     ar_provider *ps = NULL;
     ar_ranked *ranked = NULL, picked[AR_MARKET_MAX_DEVICES];
@@ -313,20 +499,19 @@ static int acquire_locked(ar_store *s, const ar_market_policy *policy, int64_t r
         rc = too_few_providers(req, n_picked, busy, unreachable);
     }
     if (rc == AR_OK)
-        rc = choose_members(s, req, picked, req->devices, members, out);
+        rc = choose_members(s, req, model, picked, req->devices, members, out);
     int64_t job_id = req->resume_job;
     if (rc == AR_OK && !resumed)
         rc = ar_store_job_create(s, renter_id, req->spec, req->max_credits, &job_id);
     if (rc == AR_OK) {
-        /* a lease refused for its budget cancels the job: settled either way */
-        *settled = true;
-        rc = lease_job(s, renter_id, req, job_id, resumed ? req->kept_steps : 0, members, out);
+        rc = lease_job(s, renter_id, req, model, job_id, resumed ? req->kept_steps : 0, members, out);
         if (rc == AR_OK && (rc = issue_tickets(s, out)) != AR_OK) {
             /* a lease whose members cannot be loaded is no lease: end it */
             char why[600];
             snprintf(why, sizeof why, "%s", ar_last_error());
             if (ar_store_lease_release(s, out->lease_id) != AR_OK ||
-                ar_store_job_update(s, job_id, AR_JOB_CANCELLED, resumed ? req->kept_steps : 0) != AR_OK)
+                ar_store_job_update(s, job_id, resumed ? AR_JOB_FAILED : AR_JOB_CANCELLED,
+                                    resumed ? req->kept_steps : 0) != AR_OK)
                 ar_log(AR_LOG_ERROR, "market: job %lld: %s", (long long)job_id, ar_last_error());
             rc = ar_fail(rc, "issuing the lease's tickets: %s", why);
         }
@@ -342,16 +527,33 @@ int ar_rules_acquire(ar_store *s, const ar_market_policy *policy, int64_t renter
     *too_few = false;
     memset(out, 0, sizeof *out);
     if (req->devices < 1 || req->devices > AR_MARKET_MAX_DEVICES || req->est_steps < 0 || req->max_credits < 0 ||
-        req->flops_per_step < 0 || req->min_mem_bytes < 0 || req->resume_job < 0 || req->kept_steps < 0)
+        req->flops_per_step < 0 || req->min_mem_bytes < 0 || req->resume_job < 0 || req->kept_steps < 0 ||
+        req->n_stage_units > AR_MARKET_MAX_DEVICES)
         return ar_fail(AR_EINVAL, "a lease of %u providers (1..%d) with negative steps, FLOPs, memory or credits",
                        req->devices, AR_MARKET_MAX_DEVICES);
-    bool settled = req->resume_job <= 0;
+    ar_account renter;
+    int rc = ar_store_account_get(s, renter_id, &renter);
+    if (rc != AR_OK)
+        return rc;
+    if (renter.false_claims >= AR_MAX_FALSE_CLAIMS)
+        return ar_fail(AR_ELIMIT, "account %s has made %lld loss claims the market found false: it takes no more "
+                       "leases (ask the market's operator)", renter.name, (long long)renter.false_claims);
+    /* the market prices the work itself: the renter's word is only the model */
+    ar_market_model model;
+    if ((rc = ar_rules_model(req->model_spec, req->mb_rows, req->micro_batches, req->schedule, &model)) != AR_OK)
+        return rc;
+    if (req->devices > (uint32_t)model.units) {
+        ar_rules_model_clear(&model);
+        return ar_fail(AR_EINVAL, "%u providers for a model of %d layers: each holds at least one", req->devices,
+                       model.units);
+    }
+    int before = -1;
     pthread_mutex_lock(&choose_mu);
-    int rc = acquire_locked(s, policy, renter_id, req, out, too_few, &settled);
-    /* a resumed job whose new lease cannot be made (too few providers) is
-     * marked failed, not left "running" without a lease; a later resume
-     * brings it back */
-    if (!settled) {
+    rc = acquire_locked(s, policy, renter_id, req, &model, out, too_few, &before);
+    /* a resumed running job whose new lease cannot be made is marked
+     * failed, not left "running" without a lease (a later resume brings it
+     * back); a finished one keeps its status */
+    if (rc != AR_OK && before == AR_JOB_RUNNING) {
         char why[600];
         snprintf(why, sizeof why, "%s", ar_last_error());
         if (ar_store_job_update(s, req->resume_job, AR_JOB_FAILED, req->kept_steps) != AR_OK)
@@ -362,6 +564,7 @@ int ar_rules_acquire(ar_store *s, const ar_market_policy *policy, int64_t renter
         ar_fail(rc, "%s", why);
     }
     pthread_mutex_unlock(&choose_mu);
+    ar_rules_model_clear(&model);
     if (rc != AR_OK) {
         memset(out->token, 0, sizeof out->token);
         for (size_t i = 0; i < out->n; i++)
@@ -370,7 +573,9 @@ int ar_rules_acquire(ar_store *s, const ar_market_policy *policy, int64_t renter
     return rc;
 }
 
-int ar_rules_release(ar_store *s, const ar_lease *lease, ar_job_status status, int64_t steps, int64_t *spent)
+/* The escrow of jobs that ended is released when the window is 0. */
+int ar_rules_release(ar_store *s, const ar_market_policy *policy, const ar_lease *lease, ar_job_status status,
+                     int64_t steps, int64_t *spent)
 {
     ar_job job;
     int rc;
@@ -384,32 +589,89 @@ int ar_rules_release(ar_store *s, const ar_lease *lease, ar_job_status status, i
     if (spent)
         *spent = job.spent;
     ar_store_job_clear(&job);
-    return AR_OK;
+    if (policy && policy->escrow_window_s == 0)
+        rc = ar_rules_settle_escrow(s, policy, (int64_t)time(NULL), NULL);
+    return rc;
+}
+
+/* ---- escrow and audits ----------------------------------------------------------- */
+
+int ar_rules_settle_escrow(ar_store *s, const ar_market_policy *policy, int64_t now, int *released)
+{
+    int n = 0;
+    int64_t window = policy ? policy->escrow_window_s : AR_ESCROW_DEFAULT_WINDOW_S;
+    int rc = ar_store_escrow_release(s, now, window, &n);
+    if (rc == AR_OK && n > 0)
+        ar_log(AR_LOG_INFO, "market: %d payment%s released from escrow to %s providers", n, n == 1 ? "" : "s",
+               n == 1 ? "its" : "their");
+    if (released)
+        *released = n;
+    return rc;
+}
+
+int ar_rules_audit_passed(ar_store *s, const ar_lease *lease, int64_t provider_id, int64_t step, int *released)
+{
+    int n = 0;
+    int rc = ar_store_member_verified(s, lease->id, provider_id, step, &n);
+    if (rc == AR_OK)
+        ar_log(AR_LOG_INFO, "market: job %lld: provider %lld verified up to step %lld (%d payments released)",
+               (long long)lease->job_id, (long long)provider_id, (long long)step + 1, n);
+    if (released)
+        *released = n;
+    return rc;
+}
+
+int ar_rules_audit_failed(ar_store *s, const ar_lease *lease, int64_t provider_id, int64_t step, int stage,
+                          const char *evidence, int64_t *returned)
+{
+    int64_t back = 0;
+    ar_audit_failure f = {.lease_id = lease->id, .provider_id = provider_id, .step = step, .stage = stage,
+                          .evidence = evidence};
+    int rc = ar_store_audit_failure(s, &f, &back);
+    if (rc == AR_OK) {
+        char a[40];
+        ar_log(AR_LOG_WARN,
+               "market: job %lld: an audit of provider %lld (stage %d, step %lld) failed: %s credits it held go back "
+               "to the renter, its account's reliability is 0",
+               (long long)lease->job_id, (long long)provider_id, stage, (long long)step + 1,
+               ar_credits_text(back, a, sizeof a));
+    }
+    if (returned)
+        *returned = back;
+    return rc;
 }
 
 /* ---- paying a step ------------------------------------------------------------------ */
 
 int ar_rules_check_usage(void *unused, const ar_lease_member *members, size_t n_members,
-                         const ar_stage_usage *stages, size_t n_stages, int64_t *prices)
+                         const ar_stage_usage *stages, size_t n_stages, int64_t *prices, int64_t *flops)
 {
     (void)unused;
+    /* a step is done by every stage: paying some of them is paying less */
+    if (n_stages != n_members)
+        return ar_fail(AR_EINVAL, "the report names %zu stages, the lease's plan has %zu: every stage of a step is "
+                       "paid", n_stages, n_members);
     for (size_t i = 0; i < n_stages; i++) {
         const ar_stage_usage *u = &stages[i];
         const ar_lease_member *m = NULL;
         for (size_t j = 0; j < n_members; j++)
-            if (members[j].provider_id == u->provider_id)
+            if (members[j].stage == u->stage)
                 m = &members[j];
         bool twice = false;
         for (size_t j = 0; j < i; j++)
             twice = twice || stages[j].stage == u->stage || stages[j].provider_id == u->provider_id;
-        if (!m || twice || u->stage < 0 || (size_t)u->stage >= n_members || u->flops < 1 ||
-            u->flops > AR_MARKET_MAX_STAGE_FLOPS)
-            return ar_fail(AR_EINVAL, "stage %d (provider %lld, %lld FLOPs): %s", u->stage, (long long)u->provider_id,
-                           (long long)u->flops,
-                           !m      ? "the provider is not in the lease"
-                           : twice ? "stage or provider reported twice"
-                                   : "stage or FLOPs out of range");
+        const char *why = !m                                ? "no such stage in the lease's plan"
+                          : m->provider_id != u->provider_id ? "the provider is not the lease's at that stage"
+                          : twice                            ? "stage or provider reported twice"
+                          : u->flops != 0 && u->flops != m->flops_per_step
+                              ? "the FLOPs differ from the lease's plan, which fixes them"
+                              : NULL;
+        if (why)
+            return ar_fail(AR_EINVAL, "stage %d (provider %lld, %lld FLOPs; the plan's: %lld): %s", u->stage,
+                           (long long)u->provider_id, (long long)u->flops, m ? (long long)m->flops_per_step : 0LL,
+                           why);
         prices[i] = m->price_per_tflop;
+        flops[i] = m->flops_per_step;
     }
     return AR_OK;
 }
@@ -417,6 +679,21 @@ int ar_rules_check_usage(void *unused, const ar_lease_member *members, size_t n_
 int ar_rules_settle_step(ar_store *s, const ar_lease *lease, int64_t step, const ar_stage_usage *stages,
                          size_t n_stages, bool has_loss, double loss, ar_step_settlement *out)
 {
+    ar_stage_usage all[AR_MARKET_MAX_DEVICES];
+    if (n_stages == 0) {
+        /* every member as the lease stands (a replacement between this read
+         * and the payment makes the check refuse the report: sent again, it
+         * is read again) */
+        ar_lease_member *mem = NULL;
+        size_t nm = 0;
+        int rc = ar_store_lease_members(s, lease->id, &mem, &nm);
+        for (size_t i = 0; rc == AR_OK && i < nm && i < AR_MARKET_MAX_DEVICES; i++)
+            all[n_stages++] = (ar_stage_usage){.stage = mem[i].stage, .provider_id = mem[i].provider_id};
+        ar_free(mem);
+        if (rc != AR_OK)
+            return rc;
+        stages = all;
+    }
     ar_step_report r = {.lease_id = lease->id, .step = step, .stages = stages, .n_stages = n_stages,
                         .has_loss = has_loss, .loss = loss};
     return ar_store_step_settle(s, &r, ar_rules_check_usage, NULL, out);
@@ -424,10 +701,27 @@ int ar_rules_settle_step(ar_store *s, const ar_lease *lease, int64_t step, const
 
 /* ---- a lost member ---------------------------------------------------------------- */
 
+/* The lease's members as the renter sees them now: out->members. */
+static int members_view(ar_store *s, const ar_lease *lease, ar_market_replacement *out)
+{
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    out->n = 0;
+    int rc = ar_store_lease_members(s, lease->id, &mem, &nm);
+    for (size_t i = 0; rc == AR_OK && i < nm && i < AR_MARKET_MAX_DEVICES; i++) {
+        ar_provider p;
+        if ((rc = ar_store_provider_get(s, mem[i].provider_id, &p)) == AR_OK &&
+            (rc = leased_view(s, &p, &mem[i], &out->members[out->n])) == AR_OK)
+            out->n++;
+    }
+    ar_free(mem);
+    return rc;
+}
+
 /* The answer to a loss settled before (its answer was lost: the market died
  * after settling, before replying). Asked again with the same kept steps, it
  * is the same answer and nothing is done twice: no second reliability
- * penalty, no second reversal, no second replacement. Anything else is
+ * penalty, no second contest, no second replacement. Anything else is
  * refused. */
 static int replace_again(ar_store *s, const ar_lease *lease, const char *lease_token, int64_t lost_provider_id,
                          int64_t kept_steps, const ar_lease_member *mem, size_t nm, ar_market_replacement *out)
@@ -448,7 +742,7 @@ static int replace_again(ar_store *s, const ar_lease *lease, const char *lease_t
     if (now) {
         ar_provider with;
         if ((rc = ar_store_provider_get(s, now->provider_id, &with)) != AR_OK ||
-            (rc = leased_view(s, &with, now->flops_per_step, &out->replacement)) != AR_OK)
+            (rc = leased_view(s, &with, now, &out->replacement)) != AR_OK)
             return rc;
         /* the same ticket as the first answer: it derives from the lease */
         if (lease_token &&
@@ -456,7 +750,7 @@ static int replace_again(ar_store *s, const ar_lease *lease, const char *lease_t
             return rc;
         out->found = true;
     }
-    out->reversed = done.reversed;
+    out->contested = done.contested;
     out->again = true;
     ar_log(AR_LOG_WARN, "market: job %lld asked again about lost provider %lld: answered as before (%s %lld)",
            (long long)lease->job_id, (long long)lost_provider_id, now ? "replaced by provider" : "no replacement",
@@ -464,44 +758,134 @@ static int replace_again(ar_store *s, const ar_lease *lease, const char *lease_t
     return AR_OK;
 }
 
-/* Settles the loss of member `lost`: the best free provider (if any) takes
- * its place. */
+/* The members left when member `lost` leaves without a replacement, the
+ * model re-split over them (their order kept). n_left 0 when none is left
+ * or the model fits them no more (the run then cannot go on). */
+static int replan_without(ar_store *s, const ar_lease *lease, const ar_lease_member *mem, size_t nm,
+                          const ar_lease_member *lost, ar_lease_member *left, size_t *n_left)
+{
+    *n_left = 0;
+    char *spec = NULL;
+    int rc = ar_store_lease_spec(s, lease->id, &spec);
+    if (rc != AR_OK)
+        return rc;
+    ar_market_model model;
+    if (!spec) {
+        return ar_fail(AR_EINVAL, "lease %lld was made before the market fixed plans: release it and lease again",
+                       (long long)lease->id);
+    }
+    rc = ar_rules_model(spec, lease->mb_rows, lease->micro_batches, lease->schedule, &model);
+    free(spec);
+    if (rc != AR_OK)
+        return rc;
+    ar_device devs[AR_MARKET_MAX_DEVICES];
+    size_t n = 0;
+    for (size_t i = 0; rc == AR_OK && i < nm; i++) {
+        if (&mem[i] == lost)
+            continue;
+        ar_provider p;
+        if ((rc = ar_store_provider_get(s, mem[i].provider_id, &p)) != AR_OK)
+            break;
+        plan_device(&p, &devs[n]);
+        left[n++] = (ar_lease_member){.provider_id = mem[i].provider_id, .price_per_tflop = mem[i].price_per_tflop};
+    }
+    if (rc == AR_OK && n > 0 && n <= (size_t)model.units) {
+        rc = ar_rules_split(&model, devs, n, NULL, 0, left);
+        if (rc == AR_ELIMIT) {
+            ar_log(AR_LOG_WARN, "market: lease %lld: the %zu providers left cannot hold the model: %s",
+                   (long long)lease->id, n, ar_last_error());
+            n = 0;
+            rc = AR_OK;
+        }
+    }
+    ar_rules_model_clear(&model);
+    if (rc == AR_OK)
+        *n_left = n;
+    return rc;
+}
+
+/* Settles the loss of member `lost`, confirmed: the best free provider (if
+ * any) takes its place; none, the market re-plans over those left. */
 static int replace_member(ar_store *s, const ar_market_policy *policy, const ar_lease *lease,
-                          const char *lease_token, const ar_lease_member *lost, int64_t kept_steps,
-                          const char *reason, ar_market_replacement *out)
+                          const char *lease_token, const ar_lease_member *mem, size_t nm, const ar_lease_member *lost,
+                          int64_t kept_steps, const char *reason, ar_market_replacement *out)
 {
     ar_provider *ps = NULL;
     ar_ranked *ranked = NULL, best;
-    size_t n_free = 0, n_picked = 0;
-    ar_lease_member with = {0};
+    size_t n_free = 0, n_picked = 0, n_left = 0;
+    ar_lease_member with = {0}, left[AR_MARKET_MAX_DEVICES];
     int rc = ar_rules_free_providers(s, 0, &ps, &ranked, &n_free, NULL);
     if (rc == AR_OK)
         rc = ar_rules_pick(s, policy, ranked, n_free, 1, &best, &n_picked, NULL);
     if (rc == AR_OK && n_picked > 0) {
-        with = (ar_lease_member){.provider_id = best.p->id, .stage = lost->stage,
-                                 .flops_per_step = lost->flops_per_step,
-                                 .price_per_tflop = best.p->price_per_tflop};
-        rc = leased_view(s, best.p, lost->flops_per_step, &out->replacement);
+        /* its place, its units, its FLOPs: the replacement's own price */
+        with = *lost;
+        with.provider_id = best.p->id;
+        with.price_per_tflop = best.p->price_per_tflop;
+        with.verified_step = -1;
+        rc = leased_view(s, best.p, &with, &out->replacement);
         out->found = rc == AR_OK;
+    } else if (rc == AR_OK) {
+        rc = replan_without(s, lease, mem, nm, lost, left, &n_left);
     }
     if (rc == AR_OK)
-        rc = ar_store_lease_replace(s, lease->id, lost->provider_id, kept_steps, out->found ? &with : NULL,
-                                    &out->reversed);
+        rc = ar_store_lease_replace(s, lease->id, lost->provider_id, kept_steps, out->found ? &with : NULL, left,
+                                    n_left, &out->contested);
     if (rc == AR_OK && out->found && lease_token)
         rc = ar_store_ticket_issue(s, lease->id, with.provider_id, lease_token, out->replacement.ticket);
     if (rc == AR_OK) {
-        char instead[64] = "no free provider to replace it";
+        char instead[96];
         if (out->found)
             snprintf(instead, sizeof instead, "provider %lld replaces it", (long long)with.provider_id);
+        else
+            snprintf(instead, sizeof instead, "no free provider to replace it: re-planned over %zu", n_left);
         ar_log(AR_LOG_WARN,
-               "market: job %lld lost provider %lld (%.256s): marked offline, reliability lowered, "
-               "%d payments from step %lld on reversed; %s",
-               (long long)lease->job_id, (long long)lost->provider_id, reason ? reason : "", out->reversed,
-               (long long)kept_steps, instead);
+               "market: job %lld lost provider %lld (%.256s), confirmed: marked offline, its account's reliability "
+               "lowered, %d of its payments from step %lld on contested; %s",
+               (long long)lease->job_id, (long long)lost->provider_id, reason ? reason : "", out->contested,
+               (long long)kept_steps + 1, instead);
     }
     ar_free(ranked);
     ar_free(ps);
     return rc;
+}
+
+/* Whether the market confirms that provider_id is lost: an audit of it in
+ * this job failed, or its worker does not answer the market's own Hello and
+ * its heartbeats have stopped. AR_OK and *confirmed, or *confirmed false
+ * with out->unconfirmed (not yet) or AR_ELIMIT (false: it answers). */
+static int confirm_loss(ar_store *s, const ar_market_policy *policy, const ar_lease *lease, int64_t provider_id,
+                        bool *confirmed, ar_market_replacement *out)
+{
+    *confirmed = false;
+    bool failed = false;
+    int rc = ar_store_audit_failed(s, lease->job_id, provider_id, &failed);
+    if (rc != AR_OK || failed) {
+        *confirmed = failed;
+        return rc;
+    }
+    ar_provider p;
+    if ((rc = ar_store_provider_get(s, provider_id, &p)) != AR_OK)
+        return rc;
+    if (policy && policy->probe) {
+        /* its own Hello, with the market's deadline (outside every lock) */
+        if ((rc = ar_rules_check_reach(s, policy, &p)) != AR_OK)
+            return rc;
+        if (p.reach == AR_REACH_OK)
+            return ar_fail(AR_ELIMIT,
+                           "the market reaches provider %lld (its worker at %s answered the market's Hello): the "
+                           "loss is not confirmed",
+                           (long long)provider_id, p.address);
+    }
+    double quiet = policy && policy->claim_quiet_s > 0 ? policy->claim_quiet_s : AR_CLAIM_QUIET_S;
+    double silent = (double)((int64_t)time(NULL) - p.last_heartbeat);
+    if (!p.online || silent >= quiet) {
+        *confirmed = true;
+        return AR_OK;
+    }
+    out->unconfirmed = true;
+    out->retry_after_s = quiet - silent > 1 ? quiet - silent : 1;
+    return AR_OK;
 }
 
 int ar_rules_replace(ar_store *s, const ar_market_policy *policy, const ar_lease *lease, const char *lease_token,
@@ -510,20 +894,61 @@ int ar_rules_replace(ar_store *s, const ar_market_policy *policy, const ar_lease
     memset(out, 0, sizeof *out);
     if (kept_steps < 0)
         return ar_fail(AR_EINVAL, "kept steps %lld below zero", (long long)kept_steps);
+    ar_account renter;
+    int rc = ar_store_account_get(s, lease->renter_id, &renter);
+    if (rc != AR_OK)
+        return rc;
+    if (renter.false_claims >= AR_MAX_FALSE_CLAIMS)
+        return ar_fail(AR_ELIMIT, "account %s has made %lld loss claims the market found false: it may make no "
+                       "more (ask the market's operator)", renter.name, (long long)renter.false_claims);
     ar_lease_member *mem = NULL;
     size_t nm = 0;
+    if ((rc = ar_store_lease_members(s, lease->id, &mem, &nm)) != AR_OK)
+        return rc;
+    bool member = false;
+    for (size_t i = 0; i < nm; i++)
+        member = member || mem[i].provider_id == lost_provider_id;
+    ar_free(mem);
+    mem = NULL;
+    /* the claim is checked before anything moves (a claim asked again
+     * after it was settled is answered as before, without a check) */
+    bool confirmed = false;
+    if (member && (rc = confirm_loss(s, policy, lease, lost_provider_id, &confirmed, out)) != AR_OK) {
+        if (rc == AR_ELIMIT) {
+            char why[600];
+            snprintf(why, sizeof why, "%s", ar_last_error());
+            int crc = ar_store_account_claim(s, lease->renter_id, false);
+            ar_log(AR_LOG_WARN, "market: job %lld: %s's claim that provider %lld is lost refused: %s", (long long)lease->job_id,
+                   renter.name, (long long)lost_provider_id, why);
+            if (crc != AR_OK)
+                return crc;
+            rc = ar_fail(AR_ELIMIT, "%s; nothing was reversed, and account %s has made %lld false claims (at %d it may "
+                         "make no more claims or leases)", why, renter.name, (long long)renter.false_claims + 1,
+                         AR_MAX_FALSE_CLAIMS);
+        }
+        return rc;
+    }
+    if (member && !confirmed) {
+        ar_log(AR_LOG_INFO, "market: job %lld: provider %lld does not answer but still sends heartbeats: the loss "
+               "is not confirmed yet", (long long)lease->job_id, (long long)lost_provider_id);
+        return AR_OK;
+    }
     /* choosing the replacement and leasing it is one step, as in acquire */
     pthread_mutex_lock(&choose_mu);
-    int rc = ar_store_lease_members(s, lease->id, &mem, &nm);
+    rc = ar_store_lease_members(s, lease->id, &mem, &nm);
     const ar_lease_member *lost = NULL;
     for (size_t i = 0; rc == AR_OK && i < nm; i++)
         if (mem[i].provider_id == lost_provider_id)
             lost = &mem[i];
+    if (rc == AR_OK && member && !lost) /* settled by a call at the same time */
+        member = false;
     if (rc == AR_OK)
-        rc = lost ? replace_member(s, policy, lease, lease_token, lost, kept_steps, reason, out)
-                  : replace_again(s, lease, lease_token, lost_provider_id, kept_steps, mem, nm, out);
+        rc = lost && member ? replace_member(s, policy, lease, lease_token, mem, nm, lost, kept_steps, reason, out)
+                            : replace_again(s, lease, lease_token, lost_provider_id, kept_steps, mem, nm, out);
     pthread_mutex_unlock(&choose_mu);
     ar_free(mem);
+    if (rc == AR_OK)
+        rc = members_view(s, lease, out);
     ar_job job;
     if (rc == AR_OK && (rc = ar_store_job_get(s, lease->job_id, &job)) == AR_OK) {
         out->spent = job.spent;
@@ -536,35 +961,76 @@ int ar_rules_replace(ar_store *s, const ar_market_policy *policy, const ar_lease
 
 int ar_rules_register_provider(ar_store *s, const ar_provider *p, int64_t *id_out)
 {
-    ar_provider q = *p;
-    q.reliability = 1.0;
-    ar_provider *all = NULL;
-    size_t n = 0;
-    int rc = ar_store_provider_list(s, false, &all, &n);
+    /* reliability is the account's record: nothing here touches it */
+    int rc = ar_store_provider_register(s, p, id_out);
     if (rc != AR_OK)
         return rc;
-    for (size_t i = 0; i < n; i++)
-        if (all[i].account_id == q.account_id && strcmp(all[i].address, q.address) == 0)
-            q.reliability = all[i].reliability;
-    ar_free(all);
-    if ((rc = ar_store_provider_register(s, &q, id_out)) != AR_OK)
-        return rc;
-    ar_log(AR_LOG_INFO, "market: provider %lld at %s registered (%.1f GFLOP/s, %d cores)", (long long)*id_out,
-           q.address, q.gflops, q.cores);
+    ar_log(AR_LOG_INFO, "market: provider %lld at %s registered (%.1f GFLOP/s claimed, %d cores)", (long long)*id_out,
+           p->address, p->gflops, p->cores);
     return AR_OK;
 }
 
-int ar_rules_report_progress(ar_store *s, int64_t job_id, const ar_market_progress_report *r)
+/* One stage's busy time since the last report as an observation of the
+ * speed of the member at that stage. */
+static int observe_stage(ar_store *s, const ar_lease *lease, const ar_lease_member *m, const ar_stage_time *t,
+                         int64_t step)
+{
+    ar_stage_sample now = {.provider_id = m->provider_id, .step = step, .busy_s = t->busy_s, .wall_s = t->wall_s},
+                    prev;
+    bool had = false;
+    int rc = ar_store_stage_sample_swap(s, lease->id, m->stage, &now, &prev, &had);
+    /* the same member since the last sample, steps forward, busy time that
+     * fits in the wall time: anything else starts the count again (a
+     * replacement, a rollback, a new driver) */
+    if (rc != AR_OK || !had || prev.provider_id != m->provider_id || now.step <= prev.step ||
+        now.busy_s <= prev.busy_s || now.wall_s < prev.wall_s)
+        return rc;
+    double busy = now.busy_s - prev.busy_s, wall = now.wall_s - prev.wall_s;
+    if (busy > wall * 1.01 + 1e-3)
+        return AR_OK;
+    ar_provider p;
+    if ((rc = ar_store_provider_get(s, m->provider_id, &p)) != AR_OK)
+        return rc;
+    /* a renter's word about its own providers proves nothing */
+    if (p.account_id == lease->renter_id)
+        return AR_OK;
+    double flops = (double)m->flops_per_step * (double)(now.step - prev.step);
+    return ar_store_provider_observe(s, p.id, flops, busy, busy * p.gflops * 1e9);
+}
+
+int ar_rules_report_progress(ar_store *s, const ar_lease *lease, const ar_market_progress_report *r)
 {
     ar_job_live live = r->live;
     live.plan = NULL;
     if (r->plan && !(live.plan = ar_dashboard_plan_json(r->plan)))
         return ar_fail(AR_ENOMEM, "out of memory for the plan");
-    int rc = ar_store_job_live_set(s, job_id, &live, r->times, r->n_times);
+    int rc = ar_store_job_live_set(s, lease->job_id, &live, r->times, r->n_times);
     if (rc == AR_OK && r->has_val)
-        rc = ar_store_job_val_record(s, job_id, r->val_step, r->val_loss);
+        rc = ar_store_job_val_record(s, lease->job_id, r->val_step, r->val_loss);
     free(live.plan);
+    if (rc != AR_OK || r->n_times == 0)
+        return rc;
+    /* what the renter's driver saw of each stage's speed */
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    if ((rc = ar_store_lease_members(s, lease->id, &mem, &nm)) != AR_OK)
+        return rc;
+    for (size_t i = 0; rc == AR_OK && i < r->n_times; i++)
+        for (size_t j = 0; rc == AR_OK && j < nm; j++)
+            if (mem[j].stage == r->times[i].stage && mem[j].flops_per_step > 0)
+                rc = observe_stage(s, lease, &mem[j], &r->times[i], r->live.step);
+    ar_free(mem);
     return rc;
+}
+
+int ar_rules_sha256_hex(const char *text, char out[AR_TOKEN_LEN])
+{
+    unsigned char md[SHA256_DIGEST_LENGTH];
+    if (!SHA256((const unsigned char *)text, strlen(text), md))
+        return ar_fail(AR_EINTERNAL, "sha256 failed");
+    for (int i = 0; i < SHA256_DIGEST_LENGTH; i++)
+        snprintf(out + 2 * i, 3, "%02x", md[i]);
+    return AR_OK;
 }
 
 /* ---- admitting a provider ---------------------------------------------------------- */
@@ -803,7 +1269,18 @@ int ar_rules_check_ticket(ar_store *s, int64_t provider_id, const char *ticket, 
         ar_provider p;
         if ((rc = ar_store_provider_get(s, mem[i].provider_id, &p)) == AR_OK)
             snprintf(out->addresses[out->n++], sizeof out->addresses[0], "%s", p.address);
+        if (mem[i].provider_id == provider_id) {
+            out->first_unit = mem[i].first_unit;
+            out->last_unit = mem[i].last_unit;
+        }
     }
     ar_free(mem);
+    /* what it is paid to hold: its units of this model */
+    char *spec = NULL;
+    if (rc == AR_OK && out->lease.has_plan && (rc = ar_store_lease_spec(s, lease_id, &spec)) == AR_OK && spec) {
+        rc = ar_rules_sha256_hex(spec, out->spec_sha256);
+        out->has_plan = rc == AR_OK;
+    }
+    free(spec);
     return rc;
 }

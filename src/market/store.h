@@ -17,6 +17,10 @@
  *   - every transfer is exactly two ledger rows (+x, -x) with one transfer id,
  *     so the sum of all ledger rows is always zero; credits enter through the
  *     system account "mint", the only account allowed below zero;
+ *   - a payment for work goes from the renter to the system account
+ *     "escrow", which holds it until it is released to the provider (or
+ *     reversed to the renter): the escrow's balance is always exactly the
+ *     sum of the payments it holds (ar_store_ledger_check);
  *   - no user account's balance goes below zero: a change that would do so is
  *     refused with AR_ELIMIT and writes nothing;
  *   - tokens are never stored, only their SHA-256 (hex).
@@ -45,7 +49,7 @@
 #define AR_WHY_MAX 128
 
 /* The schema version this build creates and migrates to. */
-#define AR_STORE_SCHEMA_VERSION 7
+#define AR_STORE_SCHEMA_VERSION 8
 
 typedef struct ar_store ar_store;
 
@@ -60,10 +64,23 @@ int ar_store_schema_version(ar_store *s, int *version);
 typedef struct {
     int64_t id;
     char name[AR_NAME_MAX];
-    int64_t balance; /* micro-credits */
+    int64_t balance; /* micro-credits: spendable */
     int64_t created; /* unix seconds */
-    bool system;     /* the mint */
+    bool system;     /* the mint, the escrow */
+    /* the market's record of the account, never its claim: the reliability
+     * of its providers (0..1; a new account starts at AR_RELIABILITY_NEW),
+     * and the loss claims it made as a renter that the market confirmed or
+     * found false */
+    double reliability;
+    int64_t confirmed_claims, false_claims;
 } ar_account;
+
+/* Where reliability starts: below that of an account with a record, which
+ * earns its way up with work paid by others (AR_RELIABILITY_GROWTH). */
+#define AR_RELIABILITY_NEW 0.5
+/* Each stage-step paid by another account's job and released from escrow
+ * takes this fraction of the way that is left to 1 off: r = 1 - (1 - r) * g. */
+#define AR_RELIABILITY_GROWTH 0.98
 
 /* A new account with `initial_credits` micro-credits minted to it (one
  * transfer from the mint, in the same transaction as the account). Writes the
@@ -79,6 +96,13 @@ int ar_store_account_find(ar_store *s, const char *name, ar_account *out);
 /* Credits minted to an existing account (a top-up): one transfer. */
 int ar_store_account_mint(ar_store *s, int64_t account_id, int64_t micro);
 int ar_store_account_list(ar_store *s, ar_account **out, size_t *n);
+/* What the account's providers have earned that escrow still holds. */
+int ar_store_account_pending(ar_store *s, int64_t account_id, int64_t *micro_out);
+/* The market's record of an account: its reliability (0..1), for the
+ * operator and the tests. */
+int ar_store_account_set_reliability(ar_store *s, int64_t account_id, double reliability);
+/* A loss claim the account made was confirmed (true) or found false. */
+int ar_store_account_claim(ar_store *s, int64_t account_id, bool confirmed);
 
 /* ---- providers ------------------------------------------------------------ */
 
@@ -99,11 +123,11 @@ typedef struct {
     int64_t id;
     int64_t account_id;
     char address[AR_ADDR_MAX]; /* host:port of its worker */
-    double gflops;
+    double gflops;             /* claimed */
     int64_t mem_bytes;
     int cores;
     int64_t price_per_tflop; /* micro-credits per TFLOP */
-    double reliability;      /* 0..1 */
+    double reliability;      /* 0..1: its account's (ar_account.reliability) */
     bool online;
     int64_t last_heartbeat; /* unix seconds */
     ar_reach reach;         /* the market's last check of its worker */
@@ -114,11 +138,16 @@ typedef struct {
     bool unavailable;
     char unavailable_why[AR_WHY_MAX];
     int64_t availability_changed;
+    /* what renters' drivers observed of its speed (ar_store_provider_observe):
+     * FLOPs in busy seconds, and the FLOPs its claims promised in them; the
+     * same summed over every provider of its account */
+    double obs_flops, obs_busy_s, obs_claim_flops;
+    double acct_obs_flops, acct_obs_claim_flops;
 } ar_provider;
 
 /* Register (or re-register: same account and address keep their id, the
  * profile is updated) a provider, online from now. id/online/last_heartbeat
- * of *p are ignored. */
+ * and reliability (the account's) of *p are ignored. */
 int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_out);
 /* Online, last_heartbeat = now; AR_ENOTFOUND for an unknown id. */
 int ar_store_provider_heartbeat(ar_store *s, int64_t provider_id);
@@ -141,6 +170,23 @@ int ar_store_provider_set_reach(ar_store *s, int64_t provider_id, ar_reach reach
 /* *out: the provider is a member of a live (not released) lease. A worker
  * hosts one stage at a time, so the market leases it to one job at a time. */
 int ar_store_provider_leased(ar_store *s, int64_t provider_id, bool *out);
+/* Adds an observation of a provider's speed: `flops` of its plan's work
+ * done in `busy_s` seconds, which its claim then said would take
+ * claim_flops FLOPs. All finite and >= 0. */
+int ar_store_provider_observe(ar_store *s, int64_t provider_id, double flops, double busy_s, double claim_flops);
+/* Everything observed so far over all providers: the market's reference. */
+int ar_store_speed_totals(ar_store *s, double *flops, double *claim_flops);
+
+/* One sample of a lease stage's busy time since its run began, as the
+ * renter's driver reported it after `step` completed steps. */
+typedef struct {
+    int64_t provider_id, step;
+    double busy_s, wall_s;
+} ar_stage_sample;
+/* Replaces the last sample of (lease, stage) with *now; *prev gets the one
+ * it replaces, *had whether there was one. */
+int ar_store_stage_sample_swap(ar_store *s, int64_t lease_id, int stage, const ar_stage_sample *now,
+                               ar_stage_sample *prev, bool *had);
 
 /* ---- jobs ------------------------------------------------------------------ */
 
@@ -169,6 +215,9 @@ typedef struct {
 
 int ar_store_job_create(ar_store *s, int64_t renter_id, const char *spec, int64_t max_credits,
                         int64_t *id_out);
+/* A job's status and step; a job that stops running (done, failed,
+ * cancelled) is stamped with the time it ended, the start of its escrow's
+ * settling window; one running again loses the stamp. */
 int ar_store_job_update(ar_store *s, int64_t job_id, ar_job_status status, int64_t step);
 int ar_store_job_get(ar_store *s, int64_t job_id, ar_job *out);
 /* Jobs by id, those of one renter (renter_id > 0) or all (0). */
@@ -270,9 +319,21 @@ int ar_store_provider_earnings(ar_store *s, int64_t account_id, ar_earning **out
 typedef struct {
     int64_t provider_id;
     int stage;
-    int64_t flops_per_step;  /* known from the plan */
+    int64_t flops_per_step;  /* the market's, from the plan: what a step of it is paid */
     int64_t price_per_tflop; /* micro-credits per TFLOP, fixed for the lease */
+    int first_unit, last_unit; /* the model's units it holds [first, last) */
+    /* the last step of this member's work that audits verified (-1: none):
+     * payments up to it are released, and a loss claim reverses nothing up
+     * to it */
+    int64_t verified_step;
 } ar_lease_member;
+
+/* What a lease's plan was priced from: the model spec (its JSON) and the
+ * micro-batch shape. */
+typedef struct {
+    const char *spec;
+    int mb_rows, micro_batches, schedule;
+} ar_lease_plan;
 
 typedef struct {
     int64_t id;
@@ -281,6 +342,9 @@ typedef struct {
     int64_t created;
     bool released;
     int64_t estimate; /* micro-credits for the estimated steps */
+    bool has_plan;    /* made with a plan (every lease since schema 7) */
+    int mb_rows, micro_batches, schedule;
+    int64_t plan;     /* the plan's number: 0, then one more each time the market re-plans */
 } ar_lease;
 
 /* Leases `members` to `job_id` (which must belong to renter_id) for about
@@ -293,8 +357,11 @@ typedef struct {
  * and estimate_out may be NULL. */
 int ar_store_lease_create(ar_store *s, int64_t job_id, int64_t renter_id,
                           const ar_lease_member *members, size_t n_members, int64_t est_steps,
-                          int64_t max_credits, char token_out[AR_TOKEN_LEN],
+                          int64_t max_credits, const ar_lease_plan *plan, char token_out[AR_TOKEN_LEN],
                           int64_t *lease_id_out, int64_t *estimate_out);
+/* The model spec a lease was priced from (*out malloc'd: free()); NULL
+ * when it has none. */
+int ar_store_lease_spec(ar_store *s, int64_t lease_id, char **out);
 /* The live (not released) lease of a token; AR_ENOTFOUND otherwise. */
 int ar_store_lease_auth(ar_store *s, const char *token, ar_lease *out);
 int ar_store_lease_get(ar_store *s, int64_t lease_id, ar_lease *out);
@@ -325,17 +392,18 @@ int ar_store_ticket_auth(ar_store *s, const char *ticket, int64_t *lease_id, int
 /* ---- usage and payment --------------------------------------------------- */
 
 typedef enum {
-    AR_USAGE_PAID,     /* new: one transfer renter -> provider */
-    AR_USAGE_DUP,      /* already paid to this provider: nothing written */
-    AR_USAGE_REISSUED, /* redone by another provider: old payment reversed, new one made */
+    AR_USAGE_PAID, /* new: one transfer renter -> escrow, held for the provider */
+    AR_USAGE_DUP,  /* already paid to this provider: nothing written */
 } ar_usage_result;
 
-/* Provider `provider_id` completed `stage` of `step` of `job_id`: the renter
- * pays it cost(flops, price) in one transfer (two ledger rows), in one
- * transaction with the usage row. Paid once per (job, step, stage), to
- * whoever completed it in the end (see store_sqlite.c for the policy).
- * AR_ELIMIT, nothing written, when the renter's balance or the job's
- * max_credits cannot cover it. result_out may be NULL. */
+/* Provider `provider_id` completed `stage` of `step` of `job_id` (under the
+ * job's latest lease and its plan): the renter pays cost(flops, price) into
+ * escrow, held for the provider, in one transaction with the usage row.
+ * Paid once per (lease, plan, step, stage, provider) (see store_sqlite.c
+ * for the policy); a lost provider's contested payment for the same step
+ * is reversed to the renter in the same transaction. AR_ELIMIT, nothing
+ * written, when the renter's balance or the job's max_credits cannot cover
+ * it. result_out may be NULL. */
 int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t step, int64_t provider_id,
                           int stage, int64_t flops, int64_t price_per_tflop,
                           ar_usage_result *result_out);
@@ -358,24 +426,25 @@ typedef struct {
 } ar_step_report;
 
 /* Checks a step's stages against the members of its lease and gives each
- * stage its price (prices[i] for stages[i], micro-credits per TFLOP): AR_OK,
- * or an error (with its message) that refuses the whole report. Called with
- * the store locked: it must not call the store. */
+ * stage its price and the FLOPs it is paid for (prices[i] micro-credits per
+ * TFLOP and flops[i] for stages[i]): AR_OK, or an error (with its message)
+ * that refuses the whole report. Called with the store locked: it must not
+ * call the store. */
 typedef int (*ar_step_check)(void *ctx, const ar_lease_member *members, size_t n_members,
-                             const ar_stage_usage *stages, size_t n_stages, int64_t *prices);
+                             const ar_stage_usage *stages, size_t n_stages, int64_t *prices, int64_t *flops);
 
 typedef struct {
     int64_t paid;    /* micro-credits paid for this report (duplicates pay nothing) */
     int64_t spent;   /* what the job has spent now */
     int64_t balance; /* the renter's balance now */
     int duplicates;  /* stages already paid to the same provider */
-    int reissued;    /* stages paid afresh to another provider */
+    int reversed;    /* a lost provider's contested payments reversed by this redo */
 } ar_step_settlement;
 
 /* Pays a completed step in ONE transaction: it reads the live lease and its
  * members, asks `check` for each stage's price, pays every stage as
- * ar_store_usage_record would (paid once per (job, step, stage), duplicates
- * write nothing, a redo by another provider is reissued), keeps the step's
+ * ar_store_usage_record would (into escrow, once per (lease, plan, step,
+ * stage, provider): duplicates write nothing), keeps the step's
  * loss (when has_loss and finite), marks the job running with step + 1
  * steps done, and reads back what the job has spent and the renter's
  * balance. AR_ENOTFOUND when the lease is not live; check's error refuses
@@ -385,45 +454,85 @@ typedef struct {
  * a transaction of its own. */
 int ar_store_step_settle(ar_store *s, const ar_step_report *r, ar_step_check check, void *ctx,
                          ar_step_settlement *out);
-/* The job rolled back to a checkpoint at `kept_step`: the work of every step
- * after it was not kept, so its payments are reversed (one transaction).
- * *reversed_out (may be NULL) gets the number of usage rows undone. */
-int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out);
 
-/* A lost member's reliability is multiplied by this (the market ranks
- * providers by reliability squared). */
+/* A lost member's account's reliability is multiplied by this (the market
+ * ranks providers by reliability squared). */
 #define AR_RELIABILITY_AFTER_LOSS 0.8
 
-/* A member of a live lease was lost mid-run (its driver says so). In one
- * transaction: the provider is marked offline and its reliability multiplied
- * by AR_RELIABILITY_AFTER_LOSS; every payment of the lease's job for steps
- * from kept_steps on (0-based: steps >= kept_steps) is reversed, because the
- * job goes back to its checkpoint and redoes them; and the lost member's
- * place in the lease goes to `replacement` (its provider_id, flops_per_step
- * and price; its stage is ignored), or is removed when replacement is NULL.
- * The settlement is kept (ar_store_lease_replacement), so that a driver
- * whose answer was lost can ask again and get the same one.
+/* The market accepted that a member of a live lease was lost mid-run (the
+ * rules checked the claim). In one transaction: the provider is marked
+ * offline, its account's reliability multiplied by
+ * AR_RELIABILITY_AFTER_LOSS, and the renter's confirmed claims counted; its
+ * held payments of the lease's job for steps >= kept_steps and after its
+ * verified step are contested: nothing moves now, and each is reversed to
+ * the renter when its step is paid to another provider at the stage that
+ * took over its work (the replacement's; any stage after a re-plan). Its
+ * place goes to `replacement` (provider_id and price; stage, units and
+ * FLOPs stay the lost member's), or, replacement NULL, the lease's members
+ * become replan[0..n_replan) (stage, units and FLOPs each; the plan number
+ * grows). The settlement is kept (ar_store_lease_replacement), so that a
+ * driver whose answer was lost can ask again and get the same one.
  * AR_ENOTFOUND when the lease is not live or the provider not in it. */
 int ar_store_lease_replace(ar_store *s, int64_t lease_id, int64_t lost_provider_id, int64_t kept_steps,
-                           const ar_lease_member *replacement, int *reversed_out);
+                           const ar_lease_member *replacement, const ar_lease_member *replan, size_t n_replan,
+                           int *contested_out);
 
 /* How the loss of a lease member was settled by ar_store_lease_replace. */
 typedef struct {
     int stage;
     int64_t kept_steps;
     int64_t replacement_id; /* the provider that took its place; 0: none was free */
-    int reversed;           /* payments reversed */
+    int contested;          /* its payments contested */
 } ar_lease_replacement;
 /* The last settlement of lost_provider_id's loss in lease_id; AR_ENOTFOUND
  * when it was never reported lost there. */
 int ar_store_lease_replacement(ar_store *s, int64_t lease_id, int64_t lost_provider_id,
                                ar_lease_replacement *out);
 /* The renter's driver died and a new one resumes job_id (the renter's) from
- * a checkpoint that kept kept_steps steps: in one transaction the job's live
- * leases are released, the payments for steps >= kept_steps reversed, and the
- * job is running again at kept_steps. AR_ENOTFOUND for another's job. */
+ * a checkpoint that kept kept_steps steps: the job's live leases are
+ * released (their providers are free for the new lease). Nothing is
+ * reversed: the work was done, and the renter's checkpoint is its own
+ * business. AR_ENOTFOUND for another's job. *status_out (may be NULL) gets
+ * the job's status before. */
 int ar_store_job_resume(ar_store *s, int64_t job_id, int64_t renter_id, int64_t kept_steps,
-                        int *reversed_out);
+                        ar_job_status *status_out);
+
+/* ---- escrow and audits --------------------------------------------------------- */
+
+/* A running job whose last payment is this old counts as ended for its
+ * escrow (a renter's driver that died and never came back). */
+#define AR_ESCROW_ABANDONED_S 86400
+
+/* Releases to their providers' accounts the payments escrow holds (held or
+ * contested) that are due at `now`: those at or before their lease
+ * member's verified step, and every one of a job that ended window_s or
+ * more ago (or was abandoned, AR_ESCROW_ABANDONED_S). One transaction; each
+ * release is a transfer escrow -> provider ("release"), and raises the
+ * provider account's reliability (AR_RELIABILITY_GROWTH) when another
+ * account paid for it. *released_out (may be NULL): payments released. */
+int ar_store_escrow_release(ar_store *s, int64_t now, int64_t window_s, int *released_out);
+/* The hook for audits that pass: member provider_id of lease_id has its
+ * work up to `step` verified (its verified step only grows), and its held
+ * payments of the lease's job up to that step are released at once.
+ * AR_ENOTFOUND for no such member. */
+int ar_store_member_verified(ar_store *s, int64_t lease_id, int64_t provider_id, int64_t step,
+                             int *released_out);
+
+/* A confirmed audit failure and its evidence (job, step, stage, digests). */
+typedef struct {
+    int64_t lease_id, provider_id, step;
+    int stage;
+    const char *evidence; /* at most 64 KiB of text */
+} ar_audit_failure;
+/* The hook for a confirmed audit failure, in one transaction: the failure
+ * is recorded with its evidence, every payment escrow holds for the
+ * provider in the lease's job goes back to the renter ("reversal"), and
+ * the provider's account's reliability drops to 0. *returned_out (may be
+ * NULL) gets the micro-credits given back. AR_ENOTFOUND for no such lease
+ * or a provider that never served it. */
+int ar_store_audit_failure(ar_store *s, const ar_audit_failure *f, int64_t *returned_out);
+/* Whether an audit failure of provider_id in job_id is on record. */
+int ar_store_audit_failed(ar_store *s, int64_t job_id, int64_t provider_id, bool *out);
 
 /* ---- ledger ---------------------------------------------------------------- */
 
@@ -432,7 +541,7 @@ typedef struct {
     int64_t transfer_id;
     int64_t account_id;
     int64_t amount; /* micro-credits, + received, - paid */
-    char reason[AR_REASON_MAX]; /* "mint", "usage", "reversal" */
+    char reason[AR_REASON_MAX]; /* "mint", "usage" (into escrow), "release" (to the provider), "reversal" */
     int64_t job_id; /* 0 when none */
     int64_t step;   /* -1 when none */
     int64_t created;
@@ -443,7 +552,8 @@ int ar_store_ledger_list(ar_store *s, int64_t account_id, ar_ledger_row **out, s
 /* Sum of every ledger row: 0 unless something is badly wrong. */
 int ar_store_ledger_sum(ar_store *s, int64_t *sum_out);
 /* Full audit: sum zero, every transfer exactly two rows that cancel, every
- * cached balance equal to its rows, no user balance below zero. AR_EINTERNAL
+ * cached balance equal to its rows, no user balance below zero, the escrow's
+ * balance the sum of the payments it holds. AR_EINTERNAL
  * with the first discrepancy otherwise. *transfers_out (may be NULL) gets the
  * number of transfers. */
 int ar_store_ledger_check(ar_store *s, int64_t *transfers_out);

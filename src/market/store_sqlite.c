@@ -13,21 +13,23 @@
  * append-only (triggers refuse UPDATE and DELETE): a payment is undone by a
  * reversal transfer, never by editing history.
  *
- * Paid once, to whoever completed it in the end: usage is keyed by (job,
- * step, stage), one row per piece of work.
- *   - the same provider reporting the same (job, step, stage) again (a retry,
- *     a report replayed after a market restart, the same provider redoing the
- *     step after a rollback) is a no-op: AR_USAGE_DUP, nothing written;
- *   - a different provider reporting it (the step was redone elsewhere after
- *     a rollback whose report never reached us) replaces the earlier one: in
- *     one transaction the earlier payment is reversed (provider -> renter),
- *     the new provider is paid, and the usage row now names the new provider:
- *     AR_USAGE_REISSUED;
- *   - ar_store_usage_rollback(job, kept_step) reverses every payment for
- *     steps after the checkpoint that was kept: work that was not kept is not
- *     paid, and its redo is paid afresh.
- * A reversal that would take the earlier provider's balance below zero (it
- * has spent the credits since) is refused like any other overdraft.
+ * Paid once, into escrow: usage has one row per payment, never deleted,
+ * with its state: 'held' (escrow holds it for the provider), 'contested'
+ * (held; its provider was lost, see below), 'released' (paid out to the
+ * provider) or 'reversed' (given back to the renter).
+ *   - a payment is made once per (lease, plan, step, stage, provider): the
+ *     same report again (a retry, a report replayed after a market restart,
+ *     the same provider redoing the step after a rollback) is a no-op,
+ *     AR_USAGE_DUP, nothing written;
+ *   - a lease member lost (ar_store_lease_replace: the rules confirmed the
+ *     claim) has its held payments for the steps the job redoes contested;
+ *     a contested payment is reversed (escrow -> renter) when its step is
+ *     paid to another provider at the stage that took over its work, in the
+ *     same transaction as that payment: what is not redone stays paid;
+ *   - held and contested payments are released (escrow -> provider) when
+ *     the work is verified (an audit) or the job's settling window has
+ *     passed (ar_store_escrow_release); nothing released is ever reversed.
+ * A job's `spent` is the sum of its payments not reversed.
  *
  * A reported step (ar_store_step_settle) is one transaction: the lease's
  * members, every stage's payment, the job's spent counter and step, the
@@ -58,6 +60,7 @@ struct ar_store {
     sqlite3 *db;
     pthread_mutex_t mu; /* one call at a time on this connection */
     int64_t mint_id;
+    int64_t escrow_id; /* holds every payment until it is released or reversed */
 };
 
 /* ---- schema ---------------------------------------------------------------- */
@@ -216,6 +219,90 @@ static const char *const migrations[] = {
     "  unavailable INTEGER NOT NULL,"
     "  why TEXT NOT NULL,"
     "  changed INTEGER NOT NULL);",
+    /* 8: money that means something (docs/DESIGN.md, "The market").
+     *   - Reliability and the count of loss claims belong to the account,
+     *     not to an address: a provider cannot shed a penalty by registering
+     *     its address spelled differently. An account starts at 0.5, below
+     *     one with a record (existing accounts keep their providers' worst).
+     *   - The escrow account holds every payment until it is released to
+     *     its provider (or reversed to its renter); usage rows keep the state
+     *     of each payment and are never deleted. A payment is once per
+     *     (lease, plan, step, stage, provider): a lease's plan number grows
+     *     when the market re-plans it.
+     *   - A lease keeps the plan it was priced from: the model spec, the
+     *     micro-batch shape, and each member's units and verified step.
+     *   - What renters' drivers observed of each provider's speed, and the
+     *     last sample of each lease stage it is computed from.
+     *   - Audit failures with their evidence. */
+    "ALTER TABLE accounts ADD COLUMN reliability REAL NOT NULL DEFAULT 0.5"
+    "  CHECK (reliability >= 0 AND reliability <= 1);"
+    "ALTER TABLE accounts ADD COLUMN false_claims INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE accounts ADD COLUMN confirmed_claims INTEGER NOT NULL DEFAULT 0;"
+    "UPDATE accounts SET reliability ="
+    "  (SELECT MIN(p.reliability) FROM providers p WHERE p.account_id = accounts.id)"
+    "  WHERE EXISTS (SELECT 1 FROM providers p WHERE p.account_id = accounts.id);"
+    "INSERT INTO accounts (name, system, created)"
+    "  VALUES ('escrow', 1, CAST(strftime('%s','now') AS INTEGER));"
+    "ALTER TABLE jobs ADD COLUMN ended INTEGER;"
+    "UPDATE jobs SET ended = created WHERE status IN ('done', 'failed', 'cancelled');"
+    "ALTER TABLE leases ADD COLUMN spec TEXT;"
+    "ALTER TABLE leases ADD COLUMN mb_rows INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE leases ADD COLUMN micro_batches INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE leases ADD COLUMN schedule INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE leases ADD COLUMN plan INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE lease_members ADD COLUMN first_unit INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE lease_members ADD COLUMN last_unit INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE lease_members ADD COLUMN verified_step INTEGER NOT NULL DEFAULT -1;"
+    "CREATE TABLE usage_v7 ("
+    "  id INTEGER PRIMARY KEY,"
+    "  job_id INTEGER NOT NULL REFERENCES jobs(id),"
+    "  lease_id INTEGER REFERENCES leases(id),"
+    "  plan INTEGER NOT NULL DEFAULT 0,"
+    "  step INTEGER NOT NULL,"
+    "  stage INTEGER NOT NULL,"
+    "  provider_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  flops INTEGER NOT NULL,"
+    "  amount INTEGER NOT NULL,"
+    "  transfer_id INTEGER REFERENCES transfers(id),"
+    "  state TEXT NOT NULL CHECK (state IN ('held', 'contested', 'released', 'reversed')),"
+    "  taken_stage INTEGER," /* contested: the stage whose redo reverses it (-1: any) */
+    "  settled INTEGER,"     /* when it was released or reversed */
+    "  created INTEGER NOT NULL);"
+    /* what schema 6 paid went straight to its provider: released */
+    "INSERT INTO usage_v7 (job_id, lease_id, plan, step, stage, provider_id, flops, amount, transfer_id,"
+    "  state, settled, created)"
+    "  SELECT u.job_id, (SELECT MAX(l.id) FROM leases l WHERE l.job_id = u.job_id), 0, u.step, u.stage,"
+    "  u.provider_id, u.flops, u.amount, u.transfer_id, 'released', u.created, u.created FROM usage u;"
+    "DROP TABLE usage;"
+    "ALTER TABLE usage_v7 RENAME TO usage;"
+    "CREATE INDEX usage_provider ON usage (provider_id, created);"
+    "CREATE INDEX usage_job ON usage (job_id, step);"
+    "CREATE INDEX usage_held ON usage (state) WHERE state IN ('held', 'contested');"
+    "CREATE UNIQUE INDEX usage_once ON usage (lease_id, plan, step, stage, provider_id)"
+    "  WHERE state != 'reversed';"
+    "CREATE TABLE provider_speed ("
+    "  provider_id INTEGER PRIMARY KEY REFERENCES providers(id),"
+    "  flops REAL NOT NULL,"       /* FLOPs observed */
+    "  busy_s REAL NOT NULL,"      /* in this many busy seconds */
+    "  claim_flops REAL NOT NULL);" /* what its claim promised in them */
+    "CREATE TABLE stage_samples ("
+    "  lease_id INTEGER NOT NULL REFERENCES leases(id),"
+    "  stage INTEGER NOT NULL,"
+    "  provider_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  step INTEGER NOT NULL,"
+    "  busy_s REAL NOT NULL,"
+    "  wall_s REAL NOT NULL,"
+    "  PRIMARY KEY (lease_id, stage));"
+    "CREATE TABLE audit_failures ("
+    "  id INTEGER PRIMARY KEY,"
+    "  job_id INTEGER NOT NULL REFERENCES jobs(id),"
+    "  lease_id INTEGER NOT NULL REFERENCES leases(id),"
+    "  provider_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  step INTEGER NOT NULL,"
+    "  stage INTEGER NOT NULL,"
+    "  evidence TEXT NOT NULL,"
+    "  returned INTEGER NOT NULL," /* micro-credits given back to the renter */
+    "  created INTEGER NOT NULL);",
 };
 _Static_assert(sizeof migrations / sizeof migrations[0] == AR_STORE_SCHEMA_VERSION,
                "one migration per schema version");
@@ -556,13 +643,14 @@ static int transfer(ar_store *s, int64_t from, int64_t to, int64_t amount, const
     if (amount <= 0)
         return ar_fail(AR_EINTERNAL, "transfer of %" PRId64, amount);
     int64_t bal;
-    bool sys;
-    int rc = balance_of(s, from, &bal, &sys);
+    int rc = balance_of(s, from, &bal, NULL);
     if (rc < 0)
         return rc;
-    if (sys && bal < INT64_MIN + amount)
+    /* only the mint goes below zero: the escrow pays out what it holds */
+    bool mint = from == s->mint_id;
+    if (mint && bal < INT64_MIN + amount)
         return ar_fail(AR_ELIMIT, "the mint's balance would overflow");
-    if (!sys && bal < amount)
+    if (!mint && bal < amount)
         return ar_fail(AR_ELIMIT,
                        "account %" PRId64 " has %.6f credits, %.6f needed (%s)", from,
                        credits(bal), credits(amount), reason);
@@ -690,6 +778,12 @@ int ar_store_open(const char *path, ar_store **out)
             rc = ar_fail(AR_EFORMAT, "db: %s: no mint account", path);
         goto fail;
     }
+    if ((rc = query_i64(s, &s->escrow_id, "SELECT id FROM accounts WHERE system = 1 AND name = 'escrow'",
+                        NULL)) < 0) {
+        if (rc == AR_ENOTFOUND)
+            rc = ar_fail(AR_EFORMAT, "db: %s: no escrow account", path);
+        goto fail;
+    }
     *out = s;
     return AR_OK;
 fail:
@@ -724,7 +818,7 @@ int ar_store_schema_version(ar_store *s, int *version)
 
 /* ---- accounts ---------------------------------------------------------------------- */
 
-#define ACCOUNT_COLS "id, name, balance, created, system"
+#define ACCOUNT_COLS "id, name, balance, created, system, reliability, confirmed_claims, false_claims"
 
 static void read_account(sqlite3_stmt *st, ar_account *a)
 {
@@ -734,6 +828,9 @@ static void read_account(sqlite3_stmt *st, ar_account *a)
     a->balance = sqlite3_column_int64(st, 2);
     a->created = sqlite3_column_int64(st, 3);
     a->system = sqlite3_column_int(st, 4) != 0;
+    a->reliability = sqlite3_column_double(st, 5);
+    a->confirmed_claims = sqlite3_column_int64(st, 6);
+    a->false_claims = sqlite3_column_int64(st, 7);
 }
 
 static bool name_ok(const char *name)
@@ -848,16 +945,64 @@ int ar_store_account_list(ar_store *s, ar_account **out, size_t *n)
                      "SELECT " ACCOUNT_COLS " FROM accounts ORDER BY id", NULL);
 }
 
+/* What escrow holds for an account's providers (the caller holds the lock). */
+#define PENDING_SQL                                                                                \
+    "SELECT COALESCE(SUM(u.amount), 0) FROM usage u JOIN providers p ON p.id = u.provider_id"      \
+    " WHERE p.account_id = ? AND u.state IN ('held', 'contested')"
+
+int ar_store_account_pending(ar_store *s, int64_t account_id, int64_t *micro_out)
+{
+    lock(s);
+    int rc = query_i64(s, micro_out, PENDING_SQL, "i", account_id);
+    unlock(s);
+    return rc;
+}
+
+int ar_store_account_set_reliability(ar_store *s, int64_t account_id, double reliability)
+{
+    if (!(reliability >= 0 && reliability <= 1))
+        return ar_fail(AR_EINVAL, "reliability %g is not in 0..1", reliability);
+    int changes = 0;
+    lock(s);
+    int rc = run(s, &changes, "UPDATE accounts SET reliability = ? WHERE id = ? AND system = 0", "di", reliability,
+                 account_id);
+    unlock(s);
+    return rc == 0 && changes != 1 ? ar_fail(AR_ENOTFOUND, "no account %" PRId64, account_id) : rc;
+}
+
+int ar_store_account_claim(ar_store *s, int64_t account_id, bool confirmed)
+{
+    int changes = 0;
+    lock(s);
+    int rc = run(s, &changes,
+                 confirmed ? "UPDATE accounts SET confirmed_claims = confirmed_claims + 1 WHERE id = ? AND system = 0"
+                           : "UPDATE accounts SET false_claims = false_claims + 1 WHERE id = ? AND system = 0",
+                 "i", account_id);
+    unlock(s);
+    return rc == 0 && changes != 1 ? ar_fail(AR_ENOTFOUND, "no account %" PRId64, account_id) : rc;
+}
+
 /* ---- providers ------------------------------------------------------------------------ */
 
-/* A provider's row with the market's reach checks (none yet: unchecked). */
+/* A provider's row with the market's reach checks (none yet: unchecked),
+ * its account's reliability, what it last said of its owner's rules, and
+ * what was observed of its speed and of its account's providers' speed.
+ * (providers.reliability is schema 6's and unused: reliability is the
+ * account's.) */
 #define PROVIDER_COLS                                                                              \
     "p.id, p.account_id, p.address, p.gflops, p.mem_bytes, p.cores, p.price_per_tflop,"            \
-    " p.reliability, p.online, p.last_heartbeat, COALESCE(r.state, 0), COALESCE(r.checked, 0),"   \
-    " COALESCE(r.failures, 0), COALESCE(a.unavailable, 0), COALESCE(a.why, ''), COALESCE(a.changed, 0)"
+    " acc.reliability, p.online, p.last_heartbeat, COALESCE(r.state, 0), COALESCE(r.checked, 0),"  \
+    " COALESCE(r.failures, 0), COALESCE(a.unavailable, 0), COALESCE(a.why, ''), COALESCE(a.changed, 0)," \
+    " COALESCE(v.flops, 0), COALESCE(v.busy_s, 0), COALESCE(v.claim_flops, 0),"                     \
+    " (SELECT COALESCE(SUM(w.flops), 0) FROM provider_speed w JOIN providers q ON q.id = w.provider_id"  \
+    "  WHERE q.account_id = p.account_id),"                                                        \
+    " (SELECT COALESCE(SUM(w.claim_flops), 0) FROM provider_speed w JOIN providers q ON q.id = w.provider_id" \
+    "  WHERE q.account_id = p.account_id)"
 #define PROVIDER_FROM                                                                              \
-    " FROM providers p LEFT JOIN provider_reach r ON r.provider_id = p.id"                         \
-    " LEFT JOIN provider_availability a ON a.provider_id = p.id"
+    " FROM providers p JOIN accounts acc ON acc.id = p.account_id"                                 \
+    " LEFT JOIN provider_reach r ON r.provider_id = p.id"                                          \
+    " LEFT JOIN provider_availability a ON a.provider_id = p.id"                                   \
+    " LEFT JOIN provider_speed v ON v.provider_id = p.id"
 
 static void read_provider(sqlite3_stmt *st, ar_provider *p)
 {
@@ -879,6 +1024,11 @@ static void read_provider(sqlite3_stmt *st, ar_provider *p)
     p->unavailable = sqlite3_column_int(st, 13) != 0;
     copy_text(p->unavailable_why, sizeof p->unavailable_why, st, 14);
     p->availability_changed = sqlite3_column_int64(st, 15);
+    p->obs_flops = sqlite3_column_double(st, 16);
+    p->obs_busy_s = sqlite3_column_double(st, 17);
+    p->obs_claim_flops = sqlite3_column_double(st, 18);
+    p->acct_obs_flops = sqlite3_column_double(st, 19);
+    p->acct_obs_claim_flops = sqlite3_column_double(st, 20);
 }
 
 const char *ar_reach_name(ar_reach r)
@@ -892,8 +1042,6 @@ int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_ou
         return ar_fail(AR_EINVAL, "provider needs an address");
     if (!(p->gflops >= 0) || p->mem_bytes < 0 || p->cores < 0 || p->price_per_tflop < 0)
         return ar_fail(AR_EINVAL, "provider profile has a negative value");
-    if (!(p->reliability >= 0 && p->reliability <= 1))
-        return ar_fail(AR_EINVAL, "provider reliability %g is not in 0..1", p->reliability);
     lock(s);
     int rc = tx_begin(s);
     if (rc < 0)
@@ -911,11 +1059,10 @@ int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_ou
                  " VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)"
                  " ON CONFLICT (account_id, address) DO UPDATE SET gflops = excluded.gflops,"
                  " mem_bytes = excluded.mem_bytes, cores = excluded.cores,"
-                 " price_per_tflop = excluded.price_per_tflop,"
-                 " reliability = excluded.reliability, online = 1,"
+                 " price_per_tflop = excluded.price_per_tflop, online = 1,"
                  " last_heartbeat = excluded.last_heartbeat",
                  "itdiiidi", p->account_id, p->address, p->gflops, p->mem_bytes,
-                 (int64_t)p->cores, p->price_per_tflop, p->reliability, now_s());
+                 (int64_t)p->cores, p->price_per_tflop, 1.0, now_s());
     int64_t id = 0;
     if (rc == 0) {
         rc = query_i64(s, &id, "SELECT id FROM providers WHERE account_id = ? AND address = ?",
@@ -1039,6 +1186,77 @@ int ar_store_provider_set_reach(ar_store *s, int64_t provider_id, ar_reach reach
     return rc;
 }
 
+int ar_store_provider_observe(ar_store *s, int64_t provider_id, double flops, double busy_s, double claim_flops)
+{
+    if (!(isfinite(flops) && flops >= 0 && isfinite(busy_s) && busy_s >= 0 && isfinite(claim_flops) &&
+          claim_flops >= 0))
+        return ar_fail(AR_EINVAL, "an observation of %g FLOPs in %g s (claimed %g) is not finite and >= 0", flops,
+                       busy_s, claim_flops);
+    lock(s);
+    int rc = run(s, NULL,
+                 "INSERT INTO provider_speed (provider_id, flops, busy_s, claim_flops) VALUES (?1, ?2, ?3, ?4)"
+                 " ON CONFLICT (provider_id) DO UPDATE SET flops = flops + ?2, busy_s = busy_s + ?3,"
+                 " claim_flops = claim_flops + ?4",
+                 "iddd", provider_id, flops, busy_s, claim_flops);
+    unlock(s);
+    return rc;
+}
+
+int ar_store_speed_totals(ar_store *s, double *flops, double *claim_flops)
+{
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st, "SELECT COALESCE(SUM(flops), 0), COALESCE(SUM(claim_flops), 0) FROM provider_speed", NULL);
+    if (rc == 0) {
+        rc = step(s, st);
+        if (rc > 0) {
+            *flops = sqlite3_column_double(st, 0);
+            *claim_flops = sqlite3_column_double(st, 1);
+            rc = AR_OK;
+        } else if (rc == 0) {
+            rc = ar_fail(AR_EINTERNAL, "db: the speed totals gave no row");
+        }
+        sqlite3_finalize(st);
+    }
+    unlock(s);
+    return rc;
+}
+
+static int sample_row(sqlite3_stmt *st, void *item)
+{
+    ar_stage_sample *x = item;
+    x->provider_id = sqlite3_column_int64(st, 0);
+    x->step = sqlite3_column_int64(st, 1);
+    x->busy_s = sqlite3_column_double(st, 2);
+    x->wall_s = sqlite3_column_double(st, 3);
+    return AR_OK;
+}
+
+int ar_store_stage_sample_swap(ar_store *s, int64_t lease_id, int stage, const ar_stage_sample *now,
+                               ar_stage_sample *prev, bool *had)
+{
+    *had = false;
+    memset(prev, 0, sizeof *prev);
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc == 0) {
+        rc = one_row(s, sample_row, prev,
+                     "SELECT provider_id, step, busy_s, wall_s FROM stage_samples WHERE lease_id = ? AND stage = ?",
+                     "ii", lease_id, (int64_t)stage);
+        *had = rc == 0;
+        if (rc == AR_ENOTFOUND)
+            rc = AR_OK;
+        if (rc == 0)
+            rc = run(s, NULL,
+                     "INSERT OR REPLACE INTO stage_samples (lease_id, stage, provider_id, step, busy_s, wall_s)"
+                     " VALUES (?, ?, ?, ?, ?, ?)",
+                     "iiiidd", lease_id, (int64_t)stage, now->provider_id, now->step, now->busy_s, now->wall_s);
+        rc = tx_end(s, rc);
+    }
+    unlock(s);
+    return rc;
+}
+
 int ar_store_provider_leased(ar_store *s, int64_t provider_id, bool *out)
 {
     *out = false;
@@ -1151,9 +1369,14 @@ int ar_store_job_update(ar_store *s, int64_t job_id, ar_job_status status, int64
     if ((unsigned)status >= sizeof job_status_names / sizeof job_status_names[0] || stepno < 0)
         return ar_fail(AR_EINVAL, "bad job status %d or step %" PRId64, (int)status, stepno);
     int changes = 0;
+    bool ends = status == AR_JOB_DONE || status == AR_JOB_FAILED || status == AR_JOB_CANCELLED;
     lock(s);
-    int rc = run(s, &changes, "UPDATE jobs SET status = ?, step = ? WHERE id = ?", "tii",
-                 job_status_names[status], stepno, job_id);
+    /* the end of a job starts its escrow's settling window (the first end:
+     * a job released twice does not move it) */
+    int rc = ends ? run(s, &changes, "UPDATE jobs SET status = ?, step = ?, ended = COALESCE(ended, ?) WHERE id = ?",
+                        "tiii", job_status_names[status], stepno, now_s(), job_id)
+                  : run(s, &changes, "UPDATE jobs SET status = ?, step = ?, ended = NULL WHERE id = ?", "tii",
+                        job_status_names[status], stepno, job_id);
     unlock(s);
     if (rc == 0 && changes != 1)
         rc = ar_fail(AR_ENOTFOUND, "no job %" PRId64, job_id);
@@ -1400,8 +1623,8 @@ int ar_store_totals(ar_store *s, ar_market_totals *out)
                   " (SELECT COALESCE(SUM(gflops), 0) FROM providers WHERE online = 1),"
                   " (SELECT COUNT(*) FROM jobs),"
                   " (SELECT COUNT(*) FROM jobs WHERE status = 'running'),"
-                  " (SELECT COALESCE(SUM(amount), 0) FROM usage),"
-                  " (SELECT COUNT(*) FROM usage)",
+                  " (SELECT COALESCE(SUM(amount), 0) FROM usage WHERE state != 'reversed'),"
+                  " (SELECT COUNT(*) FROM usage WHERE state != 'reversed')",
                   NULL);
     if (rc == 0) {
         rc = step(s, st);
@@ -1437,7 +1660,7 @@ int ar_store_provider_earnings(ar_store *s, int64_t account_id, ar_earning **out
 {
     return list_rows(s, sizeof **out, earning_row, NULL, (void **)out, n,
                      "SELECT u.provider_id, u.created, SUM(u.amount), COUNT(*) FROM usage u"
-                     " JOIN providers p ON p.id = u.provider_id WHERE p.account_id = ?"
+                     " JOIN providers p ON p.id = u.provider_id WHERE p.account_id = ? AND u.state != 'reversed'"
                      " GROUP BY u.provider_id, u.created ORDER BY u.provider_id, u.created",
                      "i", account_id);
 }
@@ -1446,7 +1669,7 @@ int ar_store_provider_earnings(ar_store *s, int64_t account_id, ar_earning **out
 
 int ar_store_lease_create(ar_store *s, int64_t job_id, int64_t renter_id,
                           const ar_lease_member *members, size_t n_members, int64_t est_steps,
-                          int64_t max_credits, char token_out[AR_TOKEN_LEN],
+                          int64_t max_credits, const ar_lease_plan *plan, char token_out[AR_TOKEN_LEN],
                           int64_t *lease_id_out, int64_t *estimate_out)
 {
     if (n_members == 0 || !members)
@@ -1507,15 +1730,19 @@ int ar_store_lease_create(ar_store *s, int64_t job_id, int64_t renter_id,
     }
     if (rc == 0)
         rc = run(s, NULL,
-                 "INSERT INTO leases (job_id, token_hash, estimate, created) VALUES (?, ?, ?, ?)",
-                 "itii", job_id, hash, estimate, now_s());
+                 "INSERT INTO leases (job_id, token_hash, estimate, created, spec, mb_rows, micro_batches, schedule)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 "itiitiii", job_id, hash, estimate, now_s(), plan ? plan->spec : NULL,
+                 (int64_t)(plan ? plan->mb_rows : 0), (int64_t)(plan ? plan->micro_batches : 0),
+                 (int64_t)(plan ? plan->schedule : 0));
     int64_t lease_id = sqlite3_last_insert_rowid(s->db);
     for (size_t i = 0; rc == 0 && i < n_members; i++)
         rc = run(s, NULL,
                  "INSERT INTO lease_members (lease_id, provider_id, stage, flops_per_step,"
-                 " price_per_tflop) VALUES (?, ?, ?, ?, ?)",
-                 "iiiii", lease_id, members[i].provider_id, (int64_t)members[i].stage,
-                 members[i].flops_per_step, members[i].price_per_tflop);
+                 " price_per_tflop, first_unit, last_unit) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 "iiiiiii", lease_id, members[i].provider_id, (int64_t)members[i].stage,
+                 members[i].flops_per_step, members[i].price_per_tflop, (int64_t)members[i].first_unit,
+                 (int64_t)members[i].last_unit);
     rc = tx_end(s, rc);
     if (rc == 0) {
         memcpy(token_out, token, AR_TOKEN_LEN);
@@ -1540,6 +1767,11 @@ static int lease_row(sqlite3_stmt *st, void *item)
     l->created = sqlite3_column_int64(st, 3);
     l->released = sqlite3_column_int(st, 4) != 0;
     l->estimate = sqlite3_column_int64(st, 5);
+    l->has_plan = sqlite3_column_int(st, 6) != 0;
+    l->mb_rows = sqlite3_column_int(st, 7);
+    l->micro_batches = sqlite3_column_int(st, 8);
+    l->schedule = sqlite3_column_int(st, 9);
+    l->plan = sqlite3_column_int64(st, 10);
     return AR_OK;
 }
 
@@ -1547,7 +1779,8 @@ static int lease_read(ar_store *s, int64_t lease_id, ar_lease *out)
 {
     int rc = one_row(s, lease_row, out,
                      "SELECT l.id, l.job_id, j.renter_id, l.created, l.released IS NOT NULL,"
-                     " l.estimate FROM leases l JOIN jobs j ON j.id = l.job_id WHERE l.id = ?",
+                     " l.estimate, l.spec IS NOT NULL, l.mb_rows, l.micro_batches, l.schedule, l.plan"
+                     " FROM leases l JOIN jobs j ON j.id = l.job_id WHERE l.id = ?",
                      "i", lease_id);
     return rc == AR_ENOTFOUND ? ar_fail(rc, "no lease %" PRId64, lease_id) : rc;
 }
@@ -1573,10 +1806,28 @@ int ar_store_lease_get(ar_store *s, int64_t lease_id, ar_lease *out)
     return rc;
 }
 
+static int text_row(sqlite3_stmt *st, void *item)
+{
+    char **out = item;
+    const unsigned char *t = sqlite3_column_text(st, 0);
+    if (t && !(*out = strdup((const char *)t)))
+        return ar_fail(AR_ENOMEM, "db: out of memory for a text");
+    return AR_OK;
+}
+
+int ar_store_lease_spec(ar_store *s, int64_t lease_id, char **out)
+{
+    *out = NULL;
+    lock(s);
+    int rc = one_row(s, text_row, out, "SELECT spec FROM leases WHERE id = ?", "i", lease_id);
+    unlock(s);
+    return rc == AR_ENOTFOUND ? ar_fail(rc, "no lease %" PRId64, lease_id) : rc;
+}
+
 /* A lease's members by stage, each read by member_row. */
 #define MEMBERS_SQL                                                                                \
-    "SELECT provider_id, stage, flops_per_step, price_per_tflop FROM lease_members"                \
-    " WHERE lease_id = ? ORDER BY stage"
+    "SELECT provider_id, stage, flops_per_step, price_per_tflop, first_unit, last_unit, verified_step" \
+    " FROM lease_members WHERE lease_id = ? ORDER BY stage"
 
 static int member_row(sqlite3_stmt *st, void *item)
 {
@@ -1585,6 +1836,9 @@ static int member_row(sqlite3_stmt *st, void *item)
     m->stage = sqlite3_column_int(st, 1);
     m->flops_per_step = sqlite3_column_int64(st, 2);
     m->price_per_tflop = sqlite3_column_int64(st, 3);
+    m->first_unit = sqlite3_column_int(st, 4);
+    m->last_unit = sqlite3_column_int(st, 5);
+    m->verified_step = sqlite3_column_int64(st, 6);
     return AR_OK;
 }
 
@@ -1698,12 +1952,102 @@ static int provider_account(ar_store *s, int64_t provider_id, int64_t *account_i
     return rc == AR_ENOTFOUND ? ar_fail(rc, "no provider %" PRId64, provider_id) : rc;
 }
 
-/* Pays one stage of one step (the policy at the top of this file): inside a
- * write transaction, lock held. *cost_out gets the cost of the work. On
- * AR_ELIMIT nothing of this stage has been written. */
-static int usage_pay(ar_store *s, int64_t job_id, int64_t stepno, int64_t provider_id, int stage,
-                     int64_t flops, int64_t price_per_tflop, ar_usage_result *result_out, int64_t *cost_out)
+/* A payment escrow holds (or held), as the settling code reads it. */
+typedef struct {
+    int64_t id, job_id, step, amount, payee, renter;
+} held_row;
+
+static int held_read(sqlite3_stmt *st, void *item)
 {
+    held_row *h = item;
+    h->id = sqlite3_column_int64(st, 0);
+    h->job_id = sqlite3_column_int64(st, 1);
+    h->step = sqlite3_column_int64(st, 2);
+    h->amount = sqlite3_column_int64(st, 3);
+    h->payee = sqlite3_column_int64(st, 4);
+    h->renter = sqlite3_column_int64(st, 5);
+    return AR_OK;
+}
+
+#define HELD_COLS "u.id, u.job_id, u.step, u.amount, p.account_id, j.renter_id"
+#define HELD_FROM " FROM usage u JOIN providers p ON p.id = u.provider_id JOIN jobs j ON j.id = u.job_id"
+
+/* The rows a query (HELD_COLS HELD_FROM ...) selects, read whole before any
+ * of them is changed; lock held, inside a transaction. */
+static int held_rows(ar_store *s, held_row **out, size_t *n, const char *sql, const char *types, ...)
+{
+    *out = NULL;
+    *n = 0;
+    size_t cap = 0;
+    sqlite3_stmt *st;
+    va_list ap;
+    va_start(ap, types);
+    int rc = vprep(s, &st, sql, types, ap);
+    va_end(ap);
+    while (rc == 0 && (rc = step(s, st)) > 0)
+        if ((rc = grow((void **)out, &cap, *n, sizeof **out)) == 0)
+            rc = held_read(st, &(*out)[(*n)++]);
+    if (st)
+        sqlite3_finalize(st);
+    if (rc < 0) {
+        free(*out);
+        *out = NULL;
+        *n = 0;
+    }
+    return rc < 0 ? rc : AR_OK;
+}
+
+/* Escrow gives a held payment back to the renter: the work is not paid
+ * (its provider was lost and the step redone by another, or an audit
+ * caught it). Lock held, inside a transaction. */
+static int held_reverse(ar_store *s, const held_row *h)
+{
+    int rc = h->amount > 0 ? transfer(s, s->escrow_id, h->renter, h->amount, "reversal", h->job_id, h->step, NULL) : 0;
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE usage SET state = 'reversed', settled = ? WHERE id = ?", "ii", now_s(), h->id);
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE jobs SET spent = spent - ? WHERE id = ?", "ii", h->amount, h->job_id);
+    return rc;
+}
+
+/* Escrow pays a held payment out to its provider: the work stands. Work
+ * paid by another account raises the provider account's reliability (work
+ * it paid itself proves nothing), unless an audit ever caught it. */
+static int held_release(ar_store *s, const held_row *h)
+{
+    int rc = h->amount > 0 ? transfer(s, s->escrow_id, h->payee, h->amount, "release", h->job_id, h->step, NULL) : 0;
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE usage SET state = 'released', settled = ? WHERE id = ?", "ii", now_s(), h->id);
+    if (rc == 0 && h->payee != h->renter)
+        rc = run(s, NULL,
+                 "UPDATE accounts SET reliability = 1.0 - (1.0 - reliability) * ? WHERE id = ? AND NOT EXISTS"
+                 " (SELECT 1 FROM audit_failures f JOIN providers q ON q.id = f.provider_id"
+                 "  WHERE q.account_id = accounts.id)",
+                 "di", AR_RELIABILITY_GROWTH, h->payee);
+    return rc;
+}
+
+/* Reverses or releases every row of a list (lock held, in a transaction). */
+static int held_settle_all(ar_store *s, const held_row *rows, size_t n, bool release, int64_t *sum)
+{
+    int rc = AR_OK;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        rc = release ? held_release(s, &rows[i]) : held_reverse(s, &rows[i]);
+        if (sum)
+            *sum += rows[i].amount;
+    }
+    return rc;
+}
+
+/* Pays one stage of one step (the policy at the top of this file): inside a
+ * write transaction, lock held. *cost_out gets the cost of the work,
+ * *reversed_out counts the contested payments this redo reverses. On
+ * AR_ELIMIT nothing of this stage has been written. */
+static int usage_pay(ar_store *s, int64_t job_id, int64_t lease_id, int64_t plan, int64_t stepno,
+                     int64_t provider_id, int stage, int64_t flops, int64_t price_per_tflop,
+                     ar_usage_result *result_out, int64_t *cost_out, int *reversed_out)
+{
+    *reversed_out = 0;
     if (stepno < 0 || stage < 0)
         return ar_fail(AR_EINVAL, "bad step %" PRId64 " or stage %d", stepno, stage);
     int64_t cost = 0;
@@ -1712,68 +2056,69 @@ static int usage_pay(ar_store *s, int64_t job_id, int64_t stepno, int64_t provid
         return rc;
     job_money job = {0};
     rc = job_money_get(s, job_id, &job);
-    sqlite3_stmt *st;
-    int64_t payee = 0;
+    int64_t payee = 0, paid = 0;
     if (rc == 0)
         rc = provider_account(s, provider_id, &payee);
-
-    /* the earlier report of this piece of work, if any */
-    bool had = false;
-    int64_t old_provider = 0, old_amount = 0;
-    if (rc == 0 && (rc = prep(s, &st,
-                              "SELECT provider_id, amount FROM usage"
-                              " WHERE job_id = ? AND step = ? AND stage = ?",
-                              "iii", job_id, stepno, (int64_t)stage)) == 0) {
-        rc = step(s, st);
-        if (rc > 0) {
-            had = true;
-            old_provider = sqlite3_column_int64(st, 0);
-            old_amount = sqlite3_column_int64(st, 1);
-            rc = AR_OK;
-        }
-        sqlite3_finalize(st);
-    }
+    /* paid once per (lease, plan, step, stage, provider) */
+    if (rc == 0)
+        rc = query_i64(s, &paid,
+                       "SELECT COUNT(*) FROM usage WHERE lease_id IS NULLIF(?, 0) AND plan = ? AND step = ?"
+                       " AND stage = ? AND provider_id = ? AND state != 'reversed'",
+                       "iiiii", lease_id > 0 ? lease_id : (int64_t)0, plan, stepno, (int64_t)stage, provider_id);
     if (rc < 0)
         return rc;
     *cost_out = cost;
-    if (had && old_provider == provider_id) {
+    if (paid) {
         *result_out = AR_USAGE_DUP; /* paid already: write nothing */
         return AR_OK;
     }
-    int64_t new_spent = job.spent - old_amount + cost;
+    /* a lost provider's contested payments for this step, whose work this
+     * stage has taken over: the step is redone and paid to someone else */
+    held_row *back = NULL;
+    size_t n_back = 0;
+    int64_t refund = 0;
+    rc = held_rows(s, &back, &n_back,
+                   "SELECT " HELD_COLS HELD_FROM " WHERE u.job_id = ? AND u.step = ? AND u.state = 'contested'"
+                   " AND u.provider_id != ? AND (u.taken_stage = -1 OR u.taken_stage = ?) ORDER BY u.id",
+                   "iiii", job_id, stepno, provider_id, (int64_t)stage);
+    for (size_t i = 0; rc == 0 && i < n_back; i++)
+        refund += back[i].amount;
+    int64_t new_spent = job.spent - refund + cost;
     /* checked before anything is written, like the balance in transfer() */
-    if (job.max_credits > 0 && new_spent > job.max_credits)
-        return ar_fail(AR_ELIMIT, "job %" PRId64 " would spend %.6f credits, more than its max of %.6f", job_id,
-                       credits(new_spent), credits(job.max_credits));
-    *result_out = had ? AR_USAGE_REISSUED : AR_USAGE_PAID;
-    if (had) {
-        int64_t old_payee = 0;
-        rc = provider_account(s, old_provider, &old_payee);
-        if (rc == 0 && old_amount > 0)
-            rc = transfer(s, old_payee, job.renter_id, old_amount, "reversal", job_id, stepno, NULL);
-        if (rc == 0)
-            rc = run(s, NULL, "DELETE FROM usage WHERE job_id = ? AND step = ? AND stage = ?",
-                     "iii", job_id, stepno, (int64_t)stage);
-    }
+    if (rc == 0 && job.max_credits > 0 && new_spent > job.max_credits)
+        rc = ar_fail(AR_ELIMIT, "job %" PRId64 " would spend %.6f credits, more than its max of %.6f", job_id,
+                     credits(new_spent), credits(job.max_credits));
+    if (rc == 0)
+        rc = held_settle_all(s, back, n_back, false, NULL);
+    free(back);
+    if (rc < 0)
+        return rc;
+    *reversed_out = (int)n_back;
+    *result_out = AR_USAGE_PAID;
     int64_t tid = 0;
-    if (rc == 0 && cost > 0)
-        rc = transfer(s, job.renter_id, payee, cost, "usage", job_id, stepno, &tid);
+    if (cost > 0)
+        rc = transfer(s, job.renter_id, s->escrow_id, cost, "usage", job_id, stepno, &tid);
     if (rc == 0) {
         sqlite3_stmt *ins;
         rc = prep(s, &ins,
-                  "INSERT INTO usage (job_id, step, stage, provider_id, flops, amount,"
-                  " transfer_id, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                  "iiiiii", job_id, stepno, (int64_t)stage, provider_id, flops, cost);
+                  "INSERT INTO usage (job_id, lease_id, plan, step, stage, provider_id, flops, amount,"
+                  " transfer_id, state, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'held', ?)",
+                  "i", job_id);
         if (rc == 0) {
-            int brc = tid ? sqlite3_bind_int64(ins, 7, tid) : sqlite3_bind_null(ins, 7);
+            int brc = lease_id > 0 ? sqlite3_bind_int64(ins, 2, lease_id) : sqlite3_bind_null(ins, 2);
+            int64_t vals[] = {plan, stepno, stage, provider_id, flops, cost};
+            for (int k = 0; brc == SQLITE_OK && k < 6; k++)
+                brc = sqlite3_bind_int64(ins, 3 + k, vals[k]);
             if (brc == SQLITE_OK)
-                brc = sqlite3_bind_int64(ins, 8, now_s());
+                brc = tid ? sqlite3_bind_int64(ins, 9, tid) : sqlite3_bind_null(ins, 9);
+            if (brc == SQLITE_OK)
+                brc = sqlite3_bind_int64(ins, 10, now_s());
             rc = brc == SQLITE_OK ? step(s, ins) : db_fail(s, "bind usage row");
             sqlite3_finalize(ins);
         }
     }
     if (rc == 0)
-        rc = run(s, NULL, "UPDATE jobs SET spent = ? WHERE id = ?", "ii", new_spent, job_id);
+        rc = run(s, NULL, "UPDATE jobs SET spent = spent + ? WHERE id = ?", "ii", cost, job_id);
     return rc;
 }
 
@@ -1782,11 +2127,22 @@ int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t stepno, int64_t p
                           ar_usage_result *result_out)
 {
     ar_usage_result result = AR_USAGE_PAID;
-    int64_t cost = 0;
+    int64_t cost = 0, lease_id = 0, plan = 0;
+    int reversed = 0;
     lock(s);
     int rc = tx_begin(s);
-    if (rc == 0)
-        rc = tx_end(s, usage_pay(s, job_id, stepno, provider_id, stage, flops, price_per_tflop, &result, &cost));
+    if (rc == 0) {
+        /* the job's latest lease and its plan, if it has one */
+        rc = query_i64(s, &lease_id, "SELECT id FROM leases WHERE job_id = ? ORDER BY id DESC LIMIT 1", "i", job_id);
+        if (rc == 0)
+            rc = query_i64(s, &plan, "SELECT plan FROM leases WHERE id = ?", "i", lease_id);
+        if (rc == AR_ENOTFOUND)
+            rc = AR_OK;
+        if (rc == 0)
+            rc = usage_pay(s, job_id, lease_id, plan, stepno, provider_id, stage, flops, price_per_tflop, &result,
+                           &cost, &reversed);
+        rc = tx_end(s, rc);
+    }
     unlock(s);
     if (rc == 0 && result_out)
         *result_out = result;
@@ -1796,17 +2152,19 @@ int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t stepno, int64_t p
 /* The stages of a step, paid in order inside the step's transaction. Each
  * stage runs in a savepoint: a stage refused for money (AR_ELIMIT) is undone
  * alone and ends the step, the stages before it stay paid. */
-static int step_pay(ar_store *s, int64_t job_id, const ar_step_report *r, const int64_t *prices,
-                    ar_step_settlement *out)
+static int step_pay(ar_store *s, const ar_lease *lease, const ar_step_report *r, const int64_t *prices,
+                    const int64_t *flops, ar_step_settlement *out)
 {
     for (size_t i = 0; i < r->n_stages; i++) {
         const ar_stage_usage *u = &r->stages[i];
         ar_usage_result res = AR_USAGE_PAID;
         int64_t cost = 0;
+        int reversed = 0;
         int rc = exec_sql(s, "SAVEPOINT stage", "savepoint");
         if (rc < 0)
             return rc;
-        rc = usage_pay(s, job_id, r->step, u->provider_id, u->stage, u->flops, prices[i], &res, &cost);
+        rc = usage_pay(s, lease->job_id, lease->id, lease->plan, r->step, u->provider_id, u->stage, flops[i],
+                       prices[i], &res, &cost, &reversed);
         if (rc == AR_ELIMIT) {
             char why[512];
             snprintf(why, sizeof why, "%s", ar_last_error());
@@ -1822,7 +2180,7 @@ static int step_pay(ar_store *s, int64_t job_id, const ar_step_report *r, const 
         if (res != AR_USAGE_DUP)
             out->paid += cost;
         out->duplicates += res == AR_USAGE_DUP;
-        out->reissued += res == AR_USAGE_REISSUED;
+        out->reversed += reversed;
     }
     return AR_OK;
 }
@@ -1834,7 +2192,7 @@ int ar_store_step_settle(ar_store *s, const ar_step_report *r, ar_step_check che
     if (r->step < 0 || r->n_stages == 0 || !r->stages || !check)
         return ar_fail(AR_EINVAL, "a step report needs a step >= 0 (not %" PRId64 "), stages and a check",
                        r->step);
-    int64_t *prices = calloc(r->n_stages, sizeof *prices);
+    int64_t *prices = calloc(2 * r->n_stages, sizeof *prices), *flops = prices + r->n_stages;
     if (!prices)
         return ar_fail(AR_ENOMEM, "out of memory for %zu stages", r->n_stages);
     ar_lease_member *members = NULL;
@@ -1856,9 +2214,9 @@ int ar_store_step_settle(ar_store *s, const ar_step_report *r, ar_step_check che
     sqlite3_finalize(st);
     /* every stage is checked before any is paid */
     if (rc == 0)
-        rc = check(ctx, members, n_members, r->stages, r->n_stages, prices);
+        rc = check(ctx, members, n_members, r->stages, r->n_stages, prices, flops);
     if (rc == 0)
-        rc = step_pay(s, lease.job_id, r, prices, out);
+        rc = step_pay(s, &lease, r, prices, flops, out);
     /* a stage refused for money ends the step short: what was paid before it
      * is committed, the step is not counted as done */
     char refusal[512] = "";
@@ -1871,7 +2229,7 @@ int ar_store_step_settle(ar_store *s, const ar_step_report *r, ar_step_check che
         rc = run(s, NULL, "INSERT OR REPLACE INTO job_progress (job_id, step, loss, created) VALUES (?, ?, ?, ?)",
                  "iidi", lease.job_id, r->step, r->loss, now_s());
     if (rc == 0 && !short_of_money)
-        rc = run(s, NULL, "UPDATE jobs SET status = ?, step = ? WHERE id = ?", "tii",
+        rc = run(s, NULL, "UPDATE jobs SET status = ?, step = ?, ended = NULL WHERE id = ?", "tii",
                  ar_job_status_name(AR_JOB_RUNNING), r->step + 1, lease.job_id);
     if (rc == 0)
         rc = query_i64(s, &out->spent, "SELECT spent FROM jobs WHERE id = ?", "i", lease.job_id);
@@ -1887,87 +2245,102 @@ out:
     return rc;
 }
 
-/* Reverse every payment of job_id for steps after kept_step; inside a
- * transaction, lock held. */
-static int rollback_usage(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out)
+/* The lost member's verified step (-1 when none): lock held. */
+static int member_verified_step(ar_store *s, int64_t lease_id, int64_t provider_id, int64_t *out)
 {
-    int64_t renter = 0;
-    int rc = query_i64(s, &renter, "SELECT renter_id FROM jobs WHERE id = ?", "i", job_id);
-    if (rc == AR_ENOTFOUND)
-        rc = ar_fail(rc, "no job %" PRId64, job_id);
-    int count = 0;
-    int64_t undone = 0;
-    sqlite3_stmt *st = NULL;
-    if (rc == 0)
-        rc = prep(s, &st,
-                  "SELECT u.step, u.amount, p.account_id FROM usage u"
-                  " JOIN providers p ON p.id = u.provider_id"
-                  " WHERE u.job_id = ? AND u.step > ? ORDER BY u.step, u.stage",
-                  "ii", job_id, kept_step);
-    /* inserting ledger rows while this SELECT (on usage) is open is safe */
-    while (rc == 0 && (rc = step(s, st)) > 0) {
-        int64_t stp = sqlite3_column_int64(st, 0);
-        int64_t amount = sqlite3_column_int64(st, 1);
-        int64_t payee = sqlite3_column_int64(st, 2);
-        rc = amount > 0 ? transfer(s, payee, renter, amount, "reversal", job_id, stp, NULL) : 0;
-        undone += amount;
-        count++;
-    }
-    sqlite3_finalize(st);
-    if (rc == 0)
-        rc = run(s, NULL, "DELETE FROM usage WHERE job_id = ? AND step > ?", "ii", job_id,
-                 kept_step);
-    if (rc == 0)
-        rc = run(s, NULL, "UPDATE jobs SET spent = spent - ? WHERE id = ?", "ii", undone, job_id);
-    if (rc == 0 && reversed_out)
-        *reversed_out = count;
-    return rc;
+    int rc = query_i64(s, out, "SELECT verified_step FROM lease_members WHERE lease_id = ? AND provider_id = ?",
+                       "ii", lease_id, provider_id);
+    return rc == AR_ENOTFOUND ? ar_fail(rc, "provider %" PRId64 " is not in lease %" PRId64, provider_id, lease_id)
+                              : rc;
 }
 
-int ar_store_usage_rollback(ar_store *s, int64_t job_id, int64_t kept_step, int *reversed_out)
+/* The members of a re-plan: stages 0..n-1 in order, each a provider of the
+ * lease once, with units and FLOPs. */
+static int replan_ok(const ar_lease_member *m, size_t n)
 {
-    lock(s);
-    int rc = tx_begin(s);
-    if (rc == 0)
-        rc = tx_end(s, rollback_usage(s, job_id, kept_step, reversed_out));
-    unlock(s);
-    return rc;
+    for (size_t i = 0; i < n; i++) {
+        if (m[i].stage != (int)i || m[i].flops_per_step < 0 || m[i].first_unit < 0 || m[i].last_unit <= m[i].first_unit)
+            return ar_fail(AR_EINVAL, "re-plan: member %zu (stage %d, units %d-%d) out of order or range", i,
+                           m[i].stage, m[i].first_unit, m[i].last_unit);
+        for (size_t k = 0; k < i; k++)
+            if (m[k].provider_id == m[i].provider_id)
+                return ar_fail(AR_EINVAL, "re-plan: provider %" PRId64 " placed twice", m[i].provider_id);
+    }
+    return AR_OK;
 }
 
 int ar_store_lease_replace(ar_store *s, int64_t lease_id, int64_t lost_provider_id, int64_t kept_steps,
-                           const ar_lease_member *replacement, int *reversed_out)
+                           const ar_lease_member *replacement, const ar_lease_member *replan, size_t n_replan,
+                           int *contested_out)
 {
     if (kept_steps < 0)
         return ar_fail(AR_EINVAL, "kept steps %" PRId64 " below zero", kept_steps);
+    if (!replacement && n_replan > 0 && replan_ok(replan, n_replan) != AR_OK)
+        return AR_EINVAL;
     lock(s);
     int rc = tx_begin(s);
     if (rc < 0)
         goto out;
-    int64_t job_id = 0, stage = 0;
-    rc = query_i64(s, &job_id, "SELECT job_id FROM leases WHERE id = ? AND released IS NULL", "i", lease_id);
-    if (rc == AR_ENOTFOUND)
-        rc = ar_fail(rc, "no live lease %" PRId64, lease_id);
+    ar_lease lease;
+    int64_t stage = 0, verified = -1, lost_account = 0;
+    rc = lease_read(s, lease_id, &lease);
+    if (rc == 0 && lease.released)
+        rc = ar_fail(AR_ENOTFOUND, "no live lease %" PRId64, lease_id);
     if (rc == 0) {
         rc = query_i64(s, &stage, "SELECT stage FROM lease_members WHERE lease_id = ? AND provider_id = ?",
                        "ii", lease_id, lost_provider_id);
         if (rc == AR_ENOTFOUND)
             rc = ar_fail(rc, "provider %" PRId64 " is not in lease %" PRId64, lost_provider_id, lease_id);
     }
-    /* the loss counts against the provider until it proves itself again */
     if (rc == 0)
-        rc = run(s, NULL, "UPDATE providers SET online = 0, reliability = reliability * ? WHERE id = ?", "di",
-                 AR_RELIABILITY_AFTER_LOSS, lost_provider_id);
-    int reversed = 0;
+        rc = member_verified_step(s, lease_id, lost_provider_id, &verified);
     if (rc == 0)
-        rc = rollback_usage(s, job_id, kept_steps - 1, &reversed);
-    if (rc == 0 && replacement)
+        rc = provider_account(s, lost_provider_id, &lost_account);
+    /* the loss counts against the account until it proves itself again */
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE providers SET online = 0 WHERE id = ?", "i", lost_provider_id);
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE accounts SET reliability = reliability * ? WHERE id = ?", "di",
+                 AR_RELIABILITY_AFTER_LOSS, lost_account);
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE accounts SET confirmed_claims = confirmed_claims + 1 WHERE id = ?", "i",
+                 lease.renter_id);
+    /* its work after the checkpoint and after what audits verified is
+     * contested: reversed only when redone and paid to someone else */
+    int contested = 0;
+    if (rc == 0)
+        rc = run(s, &contested,
+                 "UPDATE usage SET state = 'contested', taken_stage = ? WHERE job_id = ? AND provider_id = ?"
+                 " AND state = 'held' AND step >= ? AND step > ?",
+                 "iiiii", replacement ? stage : (int64_t)-1, lease.job_id, lost_provider_id, kept_steps, verified);
+    if (rc == 0 && replacement) {
         rc = run(s, NULL,
-                 "UPDATE lease_members SET provider_id = ?, flops_per_step = ?, price_per_tflop = ?"
+                 "UPDATE lease_members SET provider_id = ?, price_per_tflop = ?, verified_step = -1"
                  " WHERE lease_id = ? AND stage = ?",
-                 "iiiii", replacement->provider_id, replacement->flops_per_step,
-                 replacement->price_per_tflop, lease_id, stage);
-    else if (rc == 0)
-        rc = run(s, NULL, "DELETE FROM lease_members WHERE lease_id = ? AND stage = ?", "ii", lease_id, stage);
+                 "iiii", replacement->provider_id, replacement->price_per_tflop, lease_id, stage);
+    } else if (rc == 0) {
+        /* a new plan over those left: each keeps its verified step */
+        int64_t *kept_verified = calloc(n_replan ? n_replan : 1, sizeof *kept_verified);
+        if (!kept_verified)
+            rc = ar_fail(AR_ENOMEM, "out of memory for a re-plan");
+        for (size_t i = 0; rc == 0 && i < n_replan; i++) {
+            rc = member_verified_step(s, lease_id, replan[i].provider_id, &kept_verified[i]);
+            if (rc == 0 && replan[i].provider_id == lost_provider_id)
+                rc = ar_fail(AR_EINVAL, "re-plan: the lost provider %" PRId64 " is in it", lost_provider_id);
+        }
+        if (rc == 0)
+            rc = run(s, NULL, "DELETE FROM lease_members WHERE lease_id = ?", "i", lease_id);
+        for (size_t i = 0; rc == 0 && i < n_replan; i++)
+            rc = run(s, NULL,
+                     "INSERT INTO lease_members (lease_id, provider_id, stage, flops_per_step, price_per_tflop,"
+                     " first_unit, last_unit, verified_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     "iiiiiiii", lease_id, replan[i].provider_id, (int64_t)replan[i].stage, replan[i].flops_per_step,
+                     replan[i].price_per_tflop, (int64_t)replan[i].first_unit, (int64_t)replan[i].last_unit,
+                     kept_verified[i]);
+        free(kept_verified);
+        if (rc == 0)
+            rc = run(s, NULL, "UPDATE leases SET plan = plan + 1 WHERE id = ?", "i", lease_id);
+    }
     /* the lost provider's ticket dies with its place */
     if (rc == 0)
         rc = run(s, NULL, "DELETE FROM lease_tickets WHERE lease_id = ? AND provider_id = ?", "ii", lease_id,
@@ -1979,9 +2352,9 @@ int ar_store_lease_replace(ar_store *s, int64_t lease_id, int64_t lost_provider_
                  "INSERT OR REPLACE INTO lease_replacements (lease_id, lost_provider_id, stage, kept_steps,"
                  " replacement_id, reversed, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
                  "iiiiiii", lease_id, lost_provider_id, stage, kept_steps,
-                 replacement ? replacement->provider_id : (int64_t)0, (int64_t)reversed, now_s());
-    if (rc == 0 && reversed_out)
-        *reversed_out = reversed;
+                 replacement ? replacement->provider_id : (int64_t)0, (int64_t)contested, now_s());
+    if (rc == 0 && contested_out)
+        *contested_out = contested;
     rc = tx_end(s, rc);
 out:
     unlock(s);
@@ -1994,7 +2367,7 @@ static int replacement_row(sqlite3_stmt *st, void *item)
     r->stage = sqlite3_column_int(st, 0);
     r->kept_steps = sqlite3_column_int64(st, 1);
     r->replacement_id = sqlite3_column_int64(st, 2);
-    r->reversed = sqlite3_column_int(st, 3);
+    r->contested = sqlite3_column_int(st, 3);
     return AR_OK;
 }
 
@@ -2013,30 +2386,151 @@ int ar_store_lease_replacement(ar_store *s, int64_t lease_id, int64_t lost_provi
 }
 
 int ar_store_job_resume(ar_store *s, int64_t job_id, int64_t renter_id, int64_t kept_steps,
-                        int *reversed_out)
+                        ar_job_status *status_out)
 {
     if (kept_steps < 0)
         return ar_fail(AR_EINVAL, "kept steps %" PRId64 " below zero", kept_steps);
+    ar_job job;
     lock(s);
     int rc = tx_begin(s);
     if (rc < 0)
         goto out;
-    int64_t owner = 0;
-    rc = query_i64(s, &owner, "SELECT renter_id FROM jobs WHERE id = ?", "i", job_id);
-    if (rc == AR_ENOTFOUND || (rc == 0 && owner != renter_id))
+    rc = one_row(s, job_row, &job, "SELECT " JOB_COLS " FROM jobs WHERE id = ?", "i", job_id);
+    if (rc == 0) {
+        if (job.renter_id != renter_id)
+            rc = AR_ENOTFOUND;
+        if (status_out)
+            *status_out = job.status;
+        ar_store_job_clear(&job);
+    }
+    if (rc == AR_ENOTFOUND)
         rc = ar_fail(AR_ENOTFOUND, "no job %" PRId64 " of this account", job_id);
     /* the driver that held them is gone: its leases end here */
     if (rc == 0)
         rc = run(s, NULL, "UPDATE leases SET released = ? WHERE job_id = ? AND released IS NULL", "ii", now_s(),
                  job_id);
-    if (rc == 0)
-        rc = rollback_usage(s, job_id, kept_steps - 1, reversed_out);
-    if (rc == 0)
-        rc = run(s, NULL, "UPDATE jobs SET status = ?, step = ? WHERE id = ?", "tii",
-                 ar_job_status_name(AR_JOB_RUNNING), kept_steps, job_id);
     rc = tx_end(s, rc);
 out:
     unlock(s);
+    return rc;
+}
+
+/* ---- escrow and audits ----------------------------------------------------------------- */
+
+int ar_store_escrow_release(ar_store *s, int64_t now, int64_t window_s, int *released_out)
+{
+    if (window_s < 0)
+        return ar_fail(AR_EINVAL, "escrow window %" PRId64 " s below zero", window_s);
+    int64_t abandoned = window_s > AR_ESCROW_ABANDONED_S ? window_s : AR_ESCROW_ABANDONED_S;
+    held_row *rows = NULL;
+    size_t n = 0;
+    lock(s);
+    int rc = tx_begin(s);
+    /* verified by audits; or the job ended, and its settling window has
+     * passed; or it was abandoned (running, and no payment for a long time) */
+    if (rc == 0)
+        rc = held_rows(s, &rows, &n,
+                       "SELECT " HELD_COLS HELD_FROM
+                       " LEFT JOIN lease_members m ON m.lease_id = u.lease_id AND m.provider_id = u.provider_id"
+                       " WHERE u.state IN ('held', 'contested') AND ("
+                       "  (u.state = 'held' AND m.verified_step IS NOT NULL AND u.step <= m.verified_step)"
+                       "  OR (j.ended IS NOT NULL AND j.ended + ?1 <= ?2)"
+                       "  OR (j.ended IS NULL AND (SELECT MAX(x.created) FROM usage x WHERE x.job_id = u.job_id)"
+                       "      + ?3 <= ?2)) ORDER BY u.id",
+                       "iii", window_s, now, abandoned);
+    if (rc == 0)
+        rc = held_settle_all(s, rows, n, true, NULL);
+    rc = tx_end(s, rc);
+    unlock(s);
+    free(rows);
+    if (rc == 0 && released_out)
+        *released_out = (int)n;
+    return rc;
+}
+
+int ar_store_member_verified(ar_store *s, int64_t lease_id, int64_t provider_id, int64_t step,
+                             int *released_out)
+{
+    if (step < 0)
+        return ar_fail(AR_EINVAL, "verified step %" PRId64 " below zero", step);
+    held_row *rows = NULL;
+    size_t n = 0;
+    int changes = 0;
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc == 0)
+        rc = run(s, &changes,
+                 "UPDATE lease_members SET verified_step = MAX(verified_step, ?) WHERE lease_id = ? AND provider_id = ?",
+                 "iii", step, lease_id, provider_id);
+    if (rc == 0 && changes != 1)
+        rc = ar_fail(AR_ENOTFOUND, "provider %" PRId64 " is not in lease %" PRId64, provider_id, lease_id);
+    if (rc == 0)
+        rc = held_rows(s, &rows, &n,
+                       "SELECT " HELD_COLS HELD_FROM " WHERE u.job_id = (SELECT job_id FROM leases WHERE id = ?)"
+                       " AND u.provider_id = ? AND u.state = 'held' AND u.step <= ? ORDER BY u.id",
+                       "iii", lease_id, provider_id, step);
+    if (rc == 0)
+        rc = held_settle_all(s, rows, n, true, NULL);
+    rc = tx_end(s, rc);
+    unlock(s);
+    free(rows);
+    if (rc == 0 && released_out)
+        *released_out = (int)n;
+    return rc;
+}
+
+int ar_store_audit_failure(ar_store *s, const ar_audit_failure *f, int64_t *returned_out)
+{
+    if (f->step < 0 || f->stage < 0 || !f->evidence || strlen(f->evidence) > 65536)
+        return ar_fail(AR_EINVAL, "an audit failure needs a step and stage >= 0 and its evidence (at most 64 KiB)");
+    held_row *rows = NULL;
+    size_t n = 0;
+    int64_t returned = 0, served = 0, account = 0;
+    ar_lease lease;
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc == 0)
+        rc = lease_read(s, f->lease_id, &lease);
+    if (rc == 0)
+        rc = query_i64(s, &served,
+                       "SELECT (SELECT COUNT(*) FROM lease_members WHERE lease_id = ?1 AND provider_id = ?2)"
+                       " + (SELECT COUNT(*) FROM usage WHERE job_id = ?3 AND provider_id = ?2)",
+                       "iii", f->lease_id, f->provider_id, lease.job_id);
+    if (rc == 0 && !served)
+        rc = ar_fail(AR_ENOTFOUND, "provider %" PRId64 " never served lease %" PRId64, f->provider_id, f->lease_id);
+    if (rc == 0)
+        rc = provider_account(s, f->provider_id, &account);
+    if (rc == 0)
+        rc = held_rows(s, &rows, &n,
+                       "SELECT " HELD_COLS HELD_FROM " WHERE u.job_id = ? AND u.provider_id = ?"
+                       " AND u.state IN ('held', 'contested') ORDER BY u.id",
+                       "ii", lease.job_id, f->provider_id);
+    if (rc == 0)
+        rc = held_settle_all(s, rows, n, false, &returned);
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT INTO audit_failures (job_id, lease_id, provider_id, step, stage, evidence, returned, created)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 "iiiiitii", lease.job_id, f->lease_id, f->provider_id, f->step, (int64_t)f->stage, f->evidence,
+                 returned, now_s());
+    if (rc == 0)
+        rc = run(s, NULL, "UPDATE accounts SET reliability = 0 WHERE id = ?", "i", account);
+    rc = tx_end(s, rc);
+    unlock(s);
+    free(rows);
+    if (rc == 0 && returned_out)
+        *returned_out = returned;
+    return rc;
+}
+
+int ar_store_audit_failed(ar_store *s, int64_t job_id, int64_t provider_id, bool *out)
+{
+    int64_t n = 0;
+    lock(s);
+    int rc = query_i64(s, &n, "SELECT COUNT(*) FROM audit_failures WHERE job_id = ? AND provider_id = ?", "ii",
+                       job_id, provider_id);
+    unlock(s);
+    *out = rc == 0 && n > 0;
     return rc;
 }
 
@@ -2115,11 +2609,20 @@ int ar_store_ledger_check(ar_store *s, int64_t *transfers_out)
              : rc == AR_ENOTFOUND ? AR_OK : rc;
     }
     if (rc == 0) {
-        rc = query_i64(s, &v, "SELECT id FROM accounts WHERE system = 0 AND balance < 0 LIMIT 1",
-                       NULL);
+        rc = query_i64(s, &v, "SELECT id FROM accounts WHERE id != ? AND balance < 0 LIMIT 1", "i", s->mint_id);
         rc = rc == 0 ? ar_fail(AR_EINTERNAL, "ledger: account %" PRId64 " is below zero", v)
              : rc == AR_ENOTFOUND ? AR_OK : rc;
     }
+    /* escrow holds exactly the payments not yet released or reversed */
+    int64_t held = 0, escrow = 0;
+    if (rc == 0)
+        rc = query_i64(s, &held, "SELECT COALESCE(SUM(amount), 0) FROM usage WHERE state IN ('held', 'contested')",
+                       NULL);
+    if (rc == 0)
+        rc = balance_of(s, s->escrow_id, &escrow, NULL);
+    if (rc == 0 && held != escrow)
+        rc = ar_fail(AR_EINTERNAL, "ledger: escrow holds %" PRId64 " micro-credits, its payments %" PRId64, escrow,
+                     held);
     int64_t count = 0;
     if (rc == 0)
         rc = query_i64(s, &count, "SELECT COUNT(*) FROM transfers", NULL);

@@ -367,6 +367,7 @@ static void on_list_providers(ar_rpc *rpc, void *user)
         pi.reach = (char *)ar_reach_name(ps[i].reach);
         pi.unavailable = ps[i].unavailable;
         pi.unavailable_why = ps[i].unavailable_why;
+        pi.speed_gflops = ar_rules_speed(&ps[i]);
         infos[i] = pi;
     }
     Arceus__ListProvidersReply r = ARCEUS__LIST_PROVIDERS_REPLY__INIT;
@@ -412,9 +413,10 @@ static void on_ledger(ar_rpc *rpc, void *user)
                       "account %s may read only its own ledger, not that of %s", me.name, req->account);
         goto out;
     }
-    int64_t balance;
+    int64_t balance, pending = 0;
     if ((rc = ar_store_ledger_list(m->store, account, &rows, &n)) != AR_OK ||
-        (rc = ar_store_account_balance(m->store, account, &balance)) != AR_OK) {
+        (rc = ar_store_account_balance(m->store, account, &balance)) != AR_OK ||
+        (rc = ar_store_account_pending(m->store, account, &pending)) != AR_OK) {
         store_error(rpc, rc);
         goto out;
     }
@@ -436,6 +438,7 @@ static void on_ledger(ar_rpc *rpc, void *user)
     r.n_rows = n;
     r.rows = ptrs;
     r.balance = balance;
+    r.pending = pending;
     net_rpc_reply(rpc, &r.base);
 out:
     free(ptrs); /* and lr */
@@ -453,7 +456,10 @@ static void on_balance(ar_rpc *rpc, void *user)
     ar_account me;
     if (authenticate(m, rpc, req->token, &account) != 0)
         goto out;
+    int64_t pending = 0;
     int rc = ar_store_account_get(m->store, account, &me);
+    if (rc == AR_OK)
+        rc = ar_store_account_pending(m->store, account, &pending);
     if (rc != AR_OK) {
         store_error(rpc, rc);
         goto out;
@@ -461,6 +467,7 @@ static void on_balance(ar_rpc *rpc, void *user)
     Arceus__BalanceReply r = ARCEUS__BALANCE_REPLY__INIT;
     r.account = me.name;
     r.balance = me.balance;
+    r.pending = pending;
     net_rpc_reply(rpc, &r.base);
 out:
     arceus__balance_request__free_unpacked(req, NULL);
@@ -516,6 +523,10 @@ static void leased_msg(const ar_market_leased *l, Arceus__ProviderProfile *pp, A
     x.reliability = l->p.reliability;
     x.flops_per_step = l->flops_per_step;
     x.ticket = (char *)l->ticket;
+    x.stage = (uint32_t)l->stage;
+    x.first_unit = (uint32_t)l->first_unit;
+    x.last_unit = (uint32_t)l->last_unit;
+    x.speed_gflops = l->speed_gflops;
     *out = x;
 }
 
@@ -534,14 +545,33 @@ static void on_acquire(ar_rpc *rpc, void *user)
         req->est_steps > 1000000000LL || req->max_credits < 0 || req->max_credits > AR_CREDITS(1000000000000LL) ||
         req->flops_per_step < 1 || req->flops_per_step > AR_MARKET_MAX_STAGE_FLOPS ||
         req->min_mem_bytes > (uint64_t)AR_MARKET_MAX_MEM || strlen(req->spec) > 4096 ||
-        req->resume_job_id < 0 || req->kept_steps < 0 || req->kept_steps > 1000000000000LL) {
+        req->resume_job_id < 0 || req->kept_steps < 0 || req->kept_steps > 1000000000000LL ||
+        req->n_stage_units > AR_MARKET_MAX_DEVICES) {
         ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT,
                       "AcquireLease arguments out of range (devices %u of 1..%d, est_steps %lld, "
                       "flops_per_step %lld, max_credits %lld, spec of %zu characters, resume_job_id %lld, "
-                      "kept_steps %lld)",
+                      "kept_steps %lld, a split of %zu stages)",
                       req->devices, AR_MARKET_MAX_DEVICES, (long long)req->est_steps,
                       (long long)req->flops_per_step, (long long)req->max_credits, strlen(req->spec),
-                      (long long)req->resume_job_id, (long long)req->kept_steps);
+                      (long long)req->resume_job_id, (long long)req->kept_steps, req->n_stage_units);
+        goto out;
+    }
+    /* the lease fixes the price from the model itself: a driver that sends
+     * no model is older than this market, and would pay what it reports */
+    if (!req->model_spec[0] || req->micro_batch_rows == 0 || req->micro_batches == 0) {
+        ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION,
+                      "AcquireLease: this market prices every step from the model itself and pays exactly that; "
+                      "the request carries no model_spec, micro_batch_rows and micro_batches (an arceus older than "
+                      "this market?): upgrade arceus to lease here");
+        goto out;
+    }
+    if (strlen(req->model_spec) > AR_MARKET_MAX_SPEC_BYTES || req->micro_batch_rows > AR_MARKET_MAX_MB_ROWS ||
+        req->micro_batches > AR_MARKET_MAX_MICRO_BATCHES || req->schedule > 1) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT,
+                      "AcquireLease: model_spec of %zu bytes (at most %d), micro-batches of %u rows (at most %d), %u "
+                      "micro-batches (at most %d) or schedule %u (0 GPipe, 1 1F1B) out of range",
+                      strlen(req->model_spec), AR_MARKET_MAX_SPEC_BYTES, req->micro_batch_rows, AR_MARKET_MAX_MB_ROWS,
+                      req->micro_batches, AR_MARKET_MAX_MICRO_BATCHES, req->schedule);
         goto out;
     }
     if (!(lease = calloc(1, sizeof *lease))) {
@@ -551,7 +581,10 @@ static void on_acquire(ar_rpc *rpc, void *user)
     ar_market_lease_request q = {.devices = req->devices, .max_credits = req->max_credits,
                                  .est_steps = req->est_steps, .spec = req->spec,
                                  .flops_per_step = req->flops_per_step, .min_mem_bytes = (int64_t)req->min_mem_bytes,
-                                 .resume_job = req->resume_job_id, .kept_steps = req->kept_steps};
+                                 .resume_job = req->resume_job_id, .kept_steps = req->kept_steps,
+                                 .model_spec = req->model_spec, .mb_rows = (int)req->micro_batch_rows,
+                                 .micro_batches = (int)req->micro_batches, .schedule = (int)req->schedule,
+                                 .stage_units = req->stage_units, .n_stage_units = req->n_stage_units};
     bool too_few = false;
     int rc = ar_rules_acquire(m->store, &m->policy, renter, &q, lease, &too_few);
     if (rc != AR_OK) {
@@ -590,8 +623,7 @@ static void on_report(ar_rpc *rpc, void *user)
     ar_lease lease;
     if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
         goto out;
-    if (req->step < 0 || req->step > 1000000000000LL || req->n_stages < 1 ||
-        req->n_stages > AR_MARKET_MAX_DEVICES) {
+    if (req->step < 0 || req->step > 1000000000000LL || req->n_stages > AR_MARKET_MAX_DEVICES) {
         ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReportUsage: step %lld or %zu stages out of range",
                       (long long)req->step, req->n_stages);
         goto out;
@@ -599,7 +631,7 @@ static void on_report(ar_rpc *rpc, void *user)
     ar_stage_usage stages[AR_MARKET_MAX_DEVICES];
     for (size_t i = 0; i < req->n_stages; i++) {
         const Arceus__StageUsage *u = req->stages[i];
-        if (u->stage >= AR_MARKET_MAX_DEVICES || u->flops < 1 || u->flops > AR_MARKET_MAX_STAGE_FLOPS) {
+        if (u->stage >= AR_MARKET_MAX_DEVICES || u->flops < 0 || u->flops > AR_MARKET_MAX_STAGE_FLOPS) {
             ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT,
                           "ReportUsage: stage %u (provider %lld, %lld FLOPs): stage or FLOPs out of range", u->stage,
                           (long long)u->provider_id, (long long)u->flops);
@@ -607,7 +639,8 @@ static void on_report(ar_rpc *rpc, void *user)
         }
         stages[i] = (ar_stage_usage){.stage = (int)u->stage, .provider_id = u->provider_id, .flops = u->flops};
     }
-    /* whether each stage belongs to the lease is the rule's to check */
+    /* whether each stage belongs to the lease, and its FLOPs are the plan's,
+     * is the rule's to check */
     ar_step_settlement paid;
     int rc = ar_rules_settle_step(m->store, &lease, req->step, stages, req->n_stages,
                                   req->has_loss && isfinite(req->loss), req->loss, &paid);
@@ -644,7 +677,7 @@ static void on_release(ar_rpc *rpc, void *user)
         goto out;
     }
     Arceus__ReleaseLeaseReply r = ARCEUS__RELEASE_LEASE_REPLY__INIT;
-    int rc = ar_rules_release(m->store, &lease, st, req->step, &r.spent);
+    int rc = ar_rules_release(m->store, &m->policy, &lease, st, req->step, &r.spent);
     if (rc != AR_OK) {
         store_error(rpc, rc);
         goto out;
@@ -662,6 +695,7 @@ static void on_replace(ar_rpc *rpc, void *user)
     if (!req)
         return;
     ar_lease lease;
+    ar_market_replacement *done = NULL;
     if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
         goto out;
     if (req->kept_steps < 0 || req->kept_steps > 1000000000000LL || strlen(req->reason) > 256) {
@@ -669,24 +703,44 @@ static void on_replace(ar_rpc *rpc, void *user)
                       "characters out of range", (long long)req->kept_steps, strlen(req->reason));
         goto out;
     }
-    ar_market_replacement done;
+    if (!(done = calloc(1, sizeof *done))) {
+        ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+        goto out;
+    }
     int rc = ar_rules_replace(m->store, &m->policy, &lease, req->lease_token, req->lost_provider_id,
-                              req->kept_steps, req->reason, &done);
+                              req->kept_steps, req->reason, done);
     if (rc != AR_OK) {
         rule_error(rpc, rc, rc == AR_EINVAL || rc == AR_ELIMIT ? "ReplaceProvider" : NULL);
         goto out;
     }
-    Arceus__ProviderProfile prof;
-    Arceus__LeasedProvider lp;
+    if (done->unconfirmed) {
+        /* nothing changed: the driver asks again */
+        ar_rpc_finish(rpc, AR_STATUS_ABORTED,
+                      "ReplaceProvider: provider %lld does not answer the market, but its heartbeats have not "
+                      "stopped: the loss is not confirmed yet; ask again in %.0f s",
+                      (long long)req->lost_provider_id, done->retry_after_s);
+        goto out;
+    }
+    Arceus__ProviderProfile prof, mprof[AR_MARKET_MAX_DEVICES];
+    Arceus__LeasedProvider lp, mlp[AR_MARKET_MAX_DEVICES], *mptr[AR_MARKET_MAX_DEVICES];
     Arceus__ReplaceProviderReply r = ARCEUS__REPLACE_PROVIDER_REPLY__INIT;
-    if (done.found) {
-        leased_msg(&done.replacement, &prof, &lp);
+    if (done->found) {
+        leased_msg(&done->replacement, &prof, &lp);
         r.replacement = &lp;
     }
-    r.reversed = done.reversed;
-    r.spent = done.spent;
+    for (size_t i = 0; i < done->n; i++) {
+        leased_msg(&done->members[i], &mprof[i], &mlp[i]);
+        mlp[i].ticket = ""; /* each member's ticket went out with its lease or its replacement */
+        mptr[i] = &mlp[i];
+    }
+    r.n_members = done->n;
+    r.members = mptr;
+    r.reversed = 0;
+    r.contested = done->contested;
+    r.spent = done->spent;
     net_rpc_reply(rpc, &r.base);
 out:
+    free(done);
     arceus__replace_provider_request__free_unpacked(req, NULL);
 }
 
@@ -848,6 +902,10 @@ static void on_check_lease(ar_rpc *rpc, void *user)
     r.lease_id = got->lease.id;
     r.n_member_addresses = got->n;
     r.member_addresses = addrs;
+    r.has_plan = got->has_plan;
+    r.first_unit = (uint32_t)got->first_unit;
+    r.last_unit = (uint32_t)got->last_unit;
+    r.spec_sha256 = got->spec_sha256;
     net_rpc_reply(rpc, &r.base);
 out:
     free(got);
@@ -979,7 +1037,7 @@ static void on_report_progress(ar_rpc *rpc, void *user)
         .times = times, .n_times = req->n_timings, .has_val = req->has_val_loss, .val_step = req->val_step,
         .val_loss = req->val_loss, .plan = req->plan ? &plan : NULL};
     snprintf(report.live.unit, sizeof report.live.unit, "%s", req->items_unit);
-    int rc = ar_rules_report_progress(m->store, lease.job_id, &report);
+    int rc = ar_rules_report_progress(m->store, &lease, &report);
     if (rc != AR_OK) {
         store_error(rpc, rc);
         goto out;
@@ -1017,6 +1075,9 @@ static void *sweep_main(void *arg)
         else if (count > 0)
             ar_log(AR_LOG_INFO, "market: %d provider%s silent for over %d s marked offline", count,
                    count == 1 ? "" : "s", m->offline_after_s);
+        /* and what escrow holds past its settling window goes to its providers */
+        if (ar_rules_settle_escrow(m->store, &m->policy, (int64_t)time(NULL), NULL) != AR_OK)
+            ar_log(AR_LOG_ERROR, "market: escrow: %s", ar_last_error());
         pthread_mutex_lock(&m->mu);
     }
     pthread_mutex_unlock(&m->mu);
@@ -1034,6 +1095,9 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
                        AR_MARKET_MAX_PROVIDERS_LIMIT);
     if (!(c->reach_timeout_s <= 60))
         return ar_fail(AR_EINVAL, "reach timeout %g s out of range (at most 60)", c->reach_timeout_s);
+    if (c->escrow_window_s < 0 || c->escrow_window_s > 365LL * 86400)
+        return ar_fail(AR_EINVAL, "escrow window %lld s out of range 0..%lld", (long long)c->escrow_window_s,
+                       365LL * 86400);
     ar_market *m = calloc(1, sizeof *m);
     if (!m)
         return ar_fail(AR_ENOMEM, "out of memory");
@@ -1043,10 +1107,15 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     m->reach_timeout_s = c->reach_timeout_s > 0 ? c->reach_timeout_s : AR_MARKET_DEFAULT_REACH_TIMEOUT_S;
     /* a market on loopback serves this machine only (tests, the demo): its
      * providers' workers are on loopback too */
+    /* a provider beats more often than offline_after_s: a third of it
+     * without a beat is a stopped heart (at most AR_CLAIM_QUIET_S) */
+    double quiet = m->offline_after_s / 3.0;
     m->policy = (ar_market_policy){.max_providers_per_account = c->max_providers_per_account,
                                    .allow_loopback = ar_rules_host_is_loopback(c->listen),
                                    .probe = c->reach_timeout_s < 0 ? NULL : reach_probe,
-                                   .probe_ctx = &m->reach_timeout_s};
+                                   .probe_ctx = &m->reach_timeout_s,
+                                   .claim_quiet_s = quiet < AR_CLAIM_QUIET_S ? (quiet > 1 ? quiet : 1) : AR_CLAIM_QUIET_S,
+                                   .escrow_window_s = c->escrow_window_s};
     int rc = ar_store_open(c->db_path, &m->store);
     if (rc != AR_OK) {
         ar_market_stop(m);

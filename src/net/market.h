@@ -46,6 +46,9 @@ typedef struct {
      * market listening on loopback lets its providers' workers be on
      * loopback (they are refused otherwise). */
     double reach_timeout_s;
+    /* The escrow's settling window: what a job paid is released to its
+     * providers this many seconds after the job ends (at once when 0). */
+    int64_t escrow_window_s;
 } ar_market_config;
 
 typedef struct ar_market ar_market;
@@ -80,16 +83,18 @@ int ar_market_heartbeat_availability(ar_client *c, const char *token, int64_t pr
 typedef struct {
     ar_provider p; /* account_id is 0: the market names the account instead */
     char account[AR_NAME_MAX];
+    double speed_gflops; /* the market's estimate (ar_rules_speed): the claim until observed */
 } ar_market_provider;
 
 /* Online providers (all when include_offline); *out is malloc'd (free()). */
 int ar_market_providers(ar_client *c, const char *token, bool include_offline,
                         ar_market_provider **out, size_t *n, int *status);
 
-/* The ledger of `account` (NULL or "": the caller's own); rows malloc'd. */
+/* The ledger of `account` (NULL or "": the caller's own); rows malloc'd.
+ * *balance is spendable, *pending (may be NULL) what escrow holds for it. */
 int ar_market_ledger(ar_client *c, const char *token, const char *account,
                      char account_out[AR_NAME_MAX], ar_ledger_row **rows, size_t *n,
-                     int64_t *balance, int *status);
+                     int64_t *balance, int64_t *pending, int *status);
 int ar_market_balance(ar_client *c, const char *token, char account_out[AR_NAME_MAX],
                       int64_t *balance, int *status);
 
@@ -118,21 +123,28 @@ int ar_market_report_loss(ar_client *c, const char *lease_token, int64_t step, d
                           const ar_market_stage_usage *u, size_t n, int64_t *paid,
                           int64_t *spent, int64_t *balance, int *status);
 /* Provider lost_provider_id of the lease stopped answering; the job goes
- * back to its checkpoint of kept_steps steps. The market marks it offline,
- * lowers its reliability, reverses the payments for steps >= kept_steps and
- * leases a free provider in its place: *found 1 and *replacement filled, or
- * *found 0 when none is online (the place is then dropped from the lease).
- * spent (may be NULL) gets the job's total after the reversal. */
+ * back to its checkpoint of kept_steps steps. The market checks the claim
+ * (market/rules.h, ar_rules_replace): one it cannot confirm yet is AR_EPROTO
+ * with status AR_STATUS_ABORTED (ask again), a false one AR_EPROTO with
+ * FAILED_PRECONDITION. Confirmed, out->found and out->replacement say who
+ * took its place (none: the lease was re-planned over those left), and
+ * out->members[0..out->n) are the lease's members now, by stage, with their
+ * units and FLOPs. */
 int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provider_id, int64_t kept_steps,
-                      const char *reason, ar_market_leased *replacement, int *found, int64_t *spent,
-                      int *status);
+                      const char *reason, ar_market_replacement *out, int *status);
 /* status_name: "done", "failed" or "cancelled"; steps: completed steps. */
 int ar_market_release(ar_client *c, const char *lease_token, const char *status_name,
                       int64_t steps, int64_t *spent, int *status);
-/* The addresses of a lease's members, as CheckLease answers them. */
+/* The addresses of a lease's members, as CheckLease answers them, and what
+ * the asking provider is paid to hold (has_plan: the lease fixes it): the
+ * model's units [first_unit, last_unit) of the spec whose canonical JSON
+ * (ar_spec_to_json) has SHA-256 spec_sha256. */
 typedef struct {
     size_t n;
     char addresses[AR_MARKET_MAX_DEVICES][AR_ADDR_MAX];
+    bool has_plan;
+    int first_unit, last_unit;
+    char spec_sha256[AR_TOKEN_LEN];
 } ar_market_members;
 
 /* AR_OK when `ticket` is provider_id's (owned by the account of `token`)

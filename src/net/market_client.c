@@ -130,6 +130,7 @@ int ar_market_providers(ar_client *c, const char *token, bool include_offline,
                                                          : AR_REACH_UNCHECKED;
         q->p.unavailable = pi->unavailable;
         snprintf(q->p.unavailable_why, sizeof q->p.unavailable_why, "%s", pi->unavailable_why);
+        q->speed_gflops = pi->speed_gflops;
     }
     *out = ps;
     *n = r->n_providers;
@@ -139,7 +140,7 @@ int ar_market_providers(ar_client *c, const char *token, bool include_offline,
 
 int ar_market_ledger(ar_client *c, const char *token, const char *account,
                      char account_out[AR_NAME_MAX], ar_ledger_row **rows, size_t *n,
-                     int64_t *balance, int *status)
+                     int64_t *balance, int64_t *pending, int *status)
 {
     *rows = NULL;
     *n = 0;
@@ -169,6 +170,8 @@ int ar_market_ledger(ar_client *c, const char *token, const char *account,
     }
     snprintf(account_out, AR_NAME_MAX, "%s", r->account);
     *balance = r->balance;
+    if (pending)
+        *pending = r->pending;
     *rows = out;
     *n = r->n_rows;
     protobuf_c_message_free_unpacked(rep, NULL);
@@ -201,6 +204,10 @@ static void leased_from(const Arceus__LeasedProvider *l, ar_market_leased *q)
     q->p.online = true;
     q->flops_per_step = l->flops_per_step;
     snprintf(q->ticket, sizeof q->ticket, "%s", l->ticket);
+    q->stage = (int)l->stage;
+    q->first_unit = (int)l->first_unit;
+    q->last_unit = (int)l->last_unit;
+    q->speed_gflops = l->speed_gflops;
 }
 
 int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_request *q,
@@ -217,6 +224,12 @@ int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_req
     req.min_mem_bytes = q->min_mem_bytes > 0 ? (uint64_t)q->min_mem_bytes : 0;
     req.resume_job_id = q->resume_job;
     req.kept_steps = q->kept_steps;
+    req.model_spec = (char *)(q->model_spec ? q->model_spec : "");
+    req.micro_batch_rows = q->mb_rows > 0 ? (uint32_t)q->mb_rows : 0;
+    req.micro_batches = q->micro_batches > 0 ? (uint32_t)q->micro_batches : 0;
+    req.schedule = q->schedule > 0 ? (uint32_t)q->schedule : 0;
+    req.n_stage_units = q->n_stage_units;
+    req.stage_units = (uint32_t *)q->stage_units;
     ProtobufCMessage *rep;
     int rc = call(c, "/arceus.Market/AcquireLease", &req.base, &arceus__acquire_lease_reply__descriptor,
                   &rep, status);
@@ -235,14 +248,19 @@ int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_req
     for (size_t i = 0; i < r->n_providers; i++)
         leased_from(r->providers[i], &out->providers[i]);
     protobuf_c_message_free_unpacked(rep, NULL);
+    /* a market that does not fix plans (older than this client) gives no
+     * units: the lease would be paid by what the driver reports */
+    for (size_t i = 0; i < out->n; i++)
+        if (out->providers[i].last_unit <= out->providers[i].first_unit || out->providers[i].stage != (int)i)
+            return ar_fail(AR_EPROTO, "market %s: the lease gives provider %lld no place in a plan (a market older "
+                           "than this arceus?)", ar_client_addr(c), (long long)out->providers[i].p.id);
     return AR_OK;
 }
 
 int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provider_id, int64_t kept_steps,
-                      const char *reason, ar_market_leased *replacement, int *found, int64_t *spent,
-                      int *status)
+                      const char *reason, ar_market_replacement *out, int *status)
 {
-    *found = 0;
+    memset(out, 0, sizeof *out);
     Arceus__ReplaceProviderRequest req = ARCEUS__REPLACE_PROVIDER_REQUEST__INIT;
     req.lease_token = (char *)lease_token;
     req.lost_provider_id = lost_provider_id;
@@ -254,13 +272,20 @@ int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provid
     if (rc != AR_OK)
         return rc;
     Arceus__ReplaceProviderReply *r = (Arceus__ReplaceProviderReply *)rep;
-    if (r->replacement) {
-        memset(replacement, 0, sizeof *replacement);
-        leased_from(r->replacement, replacement);
-        *found = 1;
+    if (r->n_members > AR_MARKET_MAX_DEVICES) {
+        protobuf_c_message_free_unpacked(rep, NULL);
+        return ar_fail(AR_EPROTO, "market %s: ReplaceProvider names %zu members (at most %d)", ar_client_addr(c),
+                       r->n_members, AR_MARKET_MAX_DEVICES);
     }
-    if (spent)
-        *spent = r->spent;
+    if (r->replacement) {
+        leased_from(r->replacement, &out->replacement);
+        out->found = true;
+    }
+    out->n = r->n_members;
+    for (size_t i = 0; i < r->n_members; i++)
+        leased_from(r->members[i], &out->members[i]);
+    out->contested = (int)r->contested;
+    out->spent = r->spent;
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;
 }
@@ -354,6 +379,10 @@ int ar_market_check_lease(ar_client *c, const char *token, const char *ticket, i
         members->n = r->n_member_addresses;
         for (size_t i = 0; i < members->n; i++)
             snprintf(members->addresses[i], sizeof members->addresses[i], "%s", r->member_addresses[i]);
+        members->has_plan = r->has_plan;
+        members->first_unit = (int)r->first_unit;
+        members->last_unit = (int)r->last_unit;
+        snprintf(members->spec_sha256, sizeof members->spec_sha256, "%s", r->spec_sha256);
     }
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;

@@ -181,6 +181,36 @@ static int check_peers(ar_worker *w, ar_rpc *rpc, const Arceus__LoadRequest *req
     return 0;
 }
 
+/* A provider is paid for what the lease's plan gives it: a Load of other
+ * units, or of another model, would be work nobody pays for. The spec is
+ * compared in its canonical form (ar_spec_to_json), as the market keeps it.
+ * 0, or -1 with the status sent. */
+static int check_plan(ar_worker *w, ar_rpc *rpc, const Arceus__LoadRequest *req, const ar_market_members *mem)
+{
+    if (!mem->has_plan)
+        return 0;
+    const char *why = NULL;
+    char digest[AR_TOKEN_LEN] = "";
+    ar_model_spec spec;
+    char *canon = NULL;
+    size_t len = strlen(req->spec_json);
+    if ((int)req->first_unit != mem->first_unit || (int)req->last_unit != mem->last_unit)
+        why = "its units are not the ones the lease pays this provider for";
+    else if (len > AR_MARKET_MAX_SPEC_BYTES || ar_spec_parse(req->spec_json, len, "Load spec_json", &spec) != AR_OK ||
+             !(canon = ar_spec_to_json(&spec)) || ar_rules_sha256_hex(canon, digest) != AR_OK ||
+             strcmp(digest, mem->spec_sha256) != 0)
+        why = "its model is not the one the lease was priced for";
+    free(canon);
+    if (!why)
+        return 0;
+    ar_log(AR_LOG_WARN, "%s: Load from %s of units %u-%u: %s (the lease: units %d-%d): refused", w->name,
+           ar_rpc_peer(rpc), req->first_unit, req->last_unit, why, mem->first_unit, mem->last_unit);
+    ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED,
+                  "worker %s: the Load's units %u-%u: %s (units %d-%d of the lease's model)", w->name,
+                  req->first_unit, req->last_unit, why, mem->first_unit, mem->last_unit);
+    return -1;
+}
+
 /* A provider's worker serves leases only: the Load's ticket must be this
  * provider's for a live lease (the market says), and the Load must send
  * only to the lease's members (check_peers). A provider's worker refuses
@@ -240,7 +270,7 @@ static int check_lease(ar_worker *w, ar_rpc *rpc, const Arceus__LoadRequest *req
         ar_rpc_finish(rpc, refused ? AR_STATUS_UNAUTHENTICATED : AR_STATUS_UNAVAILABLE,
                       "lease not accepted by worker %s: %s", w->name, why);
         rc = -1;
-    } else if ((rc = check_peers(w, rpc, req, mem)) == 0) {
+    } else if ((rc = check_peers(w, rpc, req, mem)) == 0 && (rc = check_plan(w, rpc, req, mem)) == 0) {
         ar_log(AR_LOG_INFO, "%s: lease of job %lld accepted", w->name, (long long)job);
     }
     free(mem);

@@ -332,7 +332,11 @@ static int make_plan(run *r, int ndev)
     if (!costs)
         return AR_ENOMEM;
     int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
-    if (rc == AR_OK) {
+    if (rc == AR_OK && r->leased) {
+        /* a lease fixes the split (and with it the price of a step) */
+        if ((rc = driver_lease_plan(r, &r->plan)) == AR_OK)
+            rc = ar_plan_estimate(&r->plan, costs, units, r->devs, ndev, r->M, c->schedule);
+    } else if (rc == AR_OK) {
         if (c->plan && strcmp(c->plan, "auto") != 0) {
             rc = ar_plan_parse_devices(c->plan, units, r->devs, ndev, &r->plan);
             if (rc == AR_OK)
@@ -614,19 +618,22 @@ static int recover(run *r, int failure, long *step)
     log_json(r, "{\"event\": \"stage_lost\", \"step\": %ld, \"restart_step\": %ld}", r->steps_done, kept);
     drop_remote(r);
     int gone[64] = {0}, ngone = 0;
+    int64_t lost_ids[64];
+    char lost_addrs[64][128];
+    for (int k = 0; k < nlost; k++) {
+        lost_ids[k] = r->provider_ids[lost[k]];
+        memcpy(lost_addrs[k], r->addrs[lost[k]], sizeof lost_addrs[k]);
+    }
     for (int k = 0; k < nlost; k++) {
         int i = lost[k];
         int rc, found = 0;
         if (r->leased) {
-            if ((rc = driver_replace_from_market(r, i, kept, why[k], &found)) != AR_OK)
-                return ar_fail(rc, "%s; stage %d (%s) lost: %s; %s", first, i, r->addrs[i], why[k], ar_last_error());
-            if (!found) {
-                /* the lease goes on with the providers it still has */
-                gone[i] = 1;
-                ngone++;
-                if (!c->quiet)
-                    printf("  no free provider to replace stage %d: going on with %d\n", i, r->S - ngone);
-            }
+            /* the market takes the lost provider off the lease, and its
+             * members (re-planned when none is free) become the stages */
+            if ((rc = driver_replace_from_market(r, lost_ids[k], kept, why[k], &found)) != AR_OK)
+                return ar_fail(rc, "%s; stage %d (%s) lost: %s; %s", first, i, lost_addrs[k], why[k], ar_last_error());
+            if (!found && !c->quiet)
+                printf("  no free provider to replace stage %d: going on with %d\n", i, r->S);
         } else if (r->nspares > 0) {
             memcpy(r->addrs[i], r->spare_addrs[--r->nspares], sizeof r->addrs[i]);
             if (!c->quiet)
@@ -638,7 +645,7 @@ static int recover(run *r, int failure, long *step)
     }
     if (ngone == r->S)
         return ar_fail(failure, "%s; %s, and no free provider at the market to replace them", first, names);
-    if (ngone > 0) {
+    if (ngone > 0 && !r->leased) {
         int n = 0;
         for (int i = 0; i < r->S; i++)
             if (!gone[i]) {

@@ -13,9 +13,11 @@
 #include <string.h>
 #include <time.h>
 
-/* FLOPs per step of every stage of the plan (its units' forward+backward
- * FLOPs per micro-batch times the micro-batches) and the cost of one step at
- * the leased prices, rounded per stage as the market pays it. */
+/* FLOPs per step of every stage of the plan, as the lease fixed them, and
+ * the cost of one step at the leased prices, rounded per stage as the
+ * market pays it. The market computed them from the model with the same
+ * rule as this driver (ar_plan_stage_flops): a lease that prices a stage
+ * otherwise is not run. */
 int driver_price_stages(run *r)
 {
     int units = ar_spec_units(&r->spec);
@@ -25,16 +27,71 @@ int driver_price_stages(run *r)
     int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
     r->step_cost = 0;
     for (int i = 0; rc == AR_OK && i < r->S; i++) {
-        double f = 0;
-        for (int u = r->plan.first[i]; u < r->plan.last[i]; u++)
-            f += costs[u].flops;
-        r->stage_flops[i] = (int64_t)llround(f * r->M);
-        int64_t cost;
+        int64_t mine = 0, cost;
+        if ((rc = ar_plan_stage_flops(costs, units, r->plan.first[i], r->plan.last[i], r->M, &mine)) != AR_OK)
+            break;
+        r->stage_flops[i] = r->lease.providers[i].flops_per_step;
+        if (r->stage_flops[i] != mine) {
+            rc = ar_fail(AR_EPROTO, "market %s prices stage %d (provider %lld) at %lld FLOPs per step; this model's "
+                         "units %d-%d take %lld", r->c->market, i, (long long)r->provider_ids[i],
+                         (long long)r->stage_flops[i], r->plan.first[i], r->plan.last[i] - 1, (long long)mine);
+            break;
+        }
         if ((rc = ar_flops_cost(r->stage_flops[i], r->prices[i], &cost)) == AR_OK)
             r->step_cost += cost;
     }
     ar_free(costs);
     return rc;
+}
+
+/* The plan of a lease: stage i holds the units the market fixed for
+ * member i, on device i. */
+int driver_lease_plan(run *r, ar_plan *out)
+{
+    int units = ar_spec_units(&r->spec);
+    memset(out, 0, sizeof *out);
+    if (r->S < 1 || (size_t)r->S != r->lease.n)
+        return ar_fail(AR_EPROTO, "market %s: the lease has %zu members for %d stages", r->c->market, r->lease.n,
+                       r->S);
+    for (int i = 0; i < r->S; i++) {
+        const ar_market_leased *l = &r->lease.providers[i];
+        if (l->first_unit != (i ? out->last[i - 1] : 0) || l->last_unit <= l->first_unit || l->last_unit > units)
+            return ar_fail(AR_EPROTO, "market %s: the lease gives stage %d units %d-%d of a model of %d, not a "
+                           "contiguous split", r->c->market, i, l->first_unit, l->last_unit - 1, units);
+        out->device[i] = i;
+        out->first[i] = l->first_unit;
+        out->last[i] = l->last_unit;
+        out->group_size[i] = 1;
+        out->group[i][0] = i;
+    }
+    if (out->last[r->S - 1] != units)
+        return ar_fail(AR_EPROTO, "market %s: the lease covers %d of the model's %d units", r->c->market,
+                       out->last[r->S - 1], units);
+    out->nstages = r->S;
+    return AR_OK;
+}
+
+/* A hand --plan with --market: the renter's split, sent with the lease. */
+static int hand_split(const run *r, uint32_t *units_out, size_t *n)
+{
+    const char *text = r->c->plan;
+    *n = 0;
+    if (!text || !strcmp(text, "auto"))
+        return AR_OK;
+    if (strchr(text, '@') || strchr(text, '~'))
+        return ar_fail(AR_EINVAL, "--plan %s: with --market a plan gives each leased provider's units (\"0-1,2,3\"), "
+                       "no devices or groups", text);
+    ar_plan p;
+    int rc = ar_plan_parse(text, ar_spec_units(&r->spec), AR_PLAN_MAX_STAGES, &p);
+    if (rc != AR_OK)
+        return rc;
+    if (p.nstages != r->c->devices)
+        return ar_fail(AR_EINVAL, "--plan %s has %d stages for --devices %d: one stage per leased provider", text,
+                       p.nstages, r->c->devices);
+    for (int i = 0; i < p.nstages; i++)
+        units_out[i] = (uint32_t)(p.last[i] - p.first[i]);
+    *n = (size_t)p.nstages;
+    return AR_OK;
 }
 
 /* A leased provider's address, as the market gave it: the driver dials it,
@@ -77,12 +134,24 @@ int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
     snprintf(spec, sizeof spec, "%s %s, %ld parameters, batch %d, %ld steps",
              r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp", c->model_path ? c->model_path : c->resume_dir,
              ar_spec_param_count(&r->spec), r->B, c->steps);
+    uint32_t split[AR_PLAN_MAX_STAGES];
+    size_t n_split = 0;
+    if ((rc = hand_split(r, split, &n_split)) != AR_OK)
+        return rc;
+    /* the market prices the work from the model itself */
+    char *model = ar_spec_to_json(&r->spec);
+    if (!model)
+        return ar_fail(AR_ENOMEM, "out of memory for the model spec");
     ar_market_lease_request q = {.devices = (uint32_t)c->devices, .max_credits = c->max_credits,
                                  .est_steps = c->steps - start_step, .spec = spec,
                                  .flops_per_step = (int64_t)llround(flops),
-                                 .resume_job = resume_job, .kept_steps = start_step};
+                                 .resume_job = resume_job, .kept_steps = start_step,
+                                 .model_spec = model, .mb_rows = r->rows_per_mb, .micro_batches = r->M,
+                                 .schedule = c->schedule, .stage_units = split, .n_stage_units = n_split};
     int status = 0;
-    if ((rc = ar_market_acquire(r->market, c->token, &q, &r->lease, &status)) != AR_OK)
+    rc = ar_market_acquire(r->market, c->token, &q, &r->lease, &status);
+    free(model);
+    if (rc != AR_OK)
         return ar_fail(rc, "market %s: no lease: %s", c->market, ar_last_error());
     if ((rc = ar_reporter_start(&r->reporter, c->market, r->lease.token, 0, MARKET_RETRY_S)) != AR_OK) {
         /* the lease is the market's until released: release it now */
@@ -105,7 +174,8 @@ int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
         r->provider_ids[i] = l->p.id;
         memcpy(r->tickets[i], l->ticket, sizeof r->tickets[i]);
         r->prices[i] = l->p.price_per_tflop;
-        r->offers[i].gflops = l->p.gflops;
+        /* what the market planned with: its estimate of the speed */
+        r->offers[i].gflops = l->speed_gflops > 0 ? l->speed_gflops : l->p.gflops;
         r->offers[i].mem_bytes = (double)l->p.mem_bytes;
         r->offers[i].known = 1;
     }
@@ -117,9 +187,11 @@ int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
                c->max_credits > 0 ? ", max " : "", c->max_credits > 0 ? ar_credits_text(c->max_credits, b, sizeof b) : "");
         for (int i = 0; i < r->S; i++) {
             const ar_market_leased *l = &r->lease.providers[i];
-            printf("  provider %lld (%s) at %s: %.1f GFLOP/s, %.0f MiB, %s credits/TFLOP, reliability %.2f\n",
-                   (long long)l->p.id, l->account, l->p.address, l->p.gflops, l->p.mem_bytes / 1048576.0,
-                   ar_credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability);
+            printf("  provider %lld (%s) at %s: %.1f GFLOP/s (%.1f observed), %.0f MiB, %s credits/TFLOP, "
+                   "reliability %.2f; units %d-%d, %lld FLOPs per step\n",
+                   (long long)l->p.id, l->account, l->p.address, l->p.gflops, l->speed_gflops,
+                   l->p.mem_bytes / 1048576.0, ar_credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability,
+                   l->first_unit, l->last_unit - 1, (long long)l->flops_per_step);
         }
         fflush(stdout);
     }
@@ -255,44 +327,100 @@ void driver_release_lease(run *r, int rc)
     ar_fail(AR_OK, "%s", saved);
 }
 
-/* A replacement for leased stage i from the market, which also takes the
- * lost provider off the lease, marks it offline, lowers its reliability and
- * reverses what was paid for the steps that will be redone (from `kept`).
- * *found 0: no provider is free, the stage's place has left the lease. */
-int driver_replace_from_market(run *r, int i, long kept, const char *why, int *found)
+/* The lease's members as the market now has them (after a replacement or
+ * a re-plan): the stages' providers, addresses, tickets (the replacement's
+ * new one; the others keep theirs), prices and what they offer. */
+static int take_members(run *r, const ar_market_replacement *got)
 {
-    ar_market_leased got;
-    int status = 0, rc;
-    int64_t spent = 0;
+    if (got->n < 1 || got->n > AR_MARKET_MAX_DEVICES)
+        return ar_fail(AR_EPROTO, "market %s: no provider is left in the lease", r->c->market);
+    ar_market_lease *was = malloc(sizeof *was);
+    if (!was)
+        return ar_fail(AR_ENOMEM, "out of memory for the lease");
+    *was = r->lease;
+    int rc = AR_OK;
+    for (size_t i = 0; i < got->n && rc == AR_OK; i++) {
+        ar_market_leased l = got->members[i];
+        const char *ticket = NULL;
+        if (got->found && l.p.id == got->replacement.p.id)
+            ticket = got->replacement.ticket;
+        for (size_t k = 0; !ticket && k < was->n; k++)
+            if (was->providers[k].p.id == l.p.id)
+                ticket = was->providers[k].ticket;
+        size_t n = strnlen(l.p.address, sizeof l.p.address);
+        if (!ticket || l.stage != (int)i)
+            rc = ar_fail(AR_EPROTO, "market %s: the lease now names provider %lld at stage %d, not one of ours",
+                         r->c->market, (long long)l.p.id, l.stage);
+        else if (n == 0 || n >= sizeof r->addrs[i])
+            rc = ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters", r->c->market,
+                         (long long)l.p.id, n);
+        else
+            rc = check_leased_address(r, &l);
+        if (rc != AR_OK)
+            break;
+        snprintf(l.ticket, sizeof l.ticket, "%s", ticket);
+        memcpy(r->addrs[i], l.p.address, n + 1);
+        r->provider_ids[i] = l.p.id;
+        memcpy(r->tickets[i], l.ticket, sizeof r->tickets[i]);
+        r->prices[i] = l.p.price_per_tflop;
+        r->offers[i] = (device_offer){.gflops = l.speed_gflops > 0 ? l.speed_gflops : l.p.gflops,
+                                      .mem_bytes = (double)l.p.mem_bytes, .known = 1};
+        r->lease.providers[i] = l;
+    }
+    if (rc == AR_OK) {
+        r->lease.n = got->n;
+        r->S = (int)got->n;
+    } else {
+        r->lease = *was;
+    }
+    free(was);
+    return rc;
+}
+
+/* A replacement for the lost provider lost_id from the market. The market
+ * checks the claim first: while it cannot confirm it yet (the provider's
+ * heartbeats have not stopped) it is asked again, until
+ * MARKET_RELEASE_WAIT_S; refused, the run ends with the market's reason.
+ * Confirmed, the provider leaves the lease, its payments for the steps
+ * redone are contested, and a free provider takes its stage (*found 1), or
+ * the market re-plans the lease over the providers left (*found 0). The
+ * run's stages become the lease's members. */
+int driver_replace_from_market(run *r, int64_t lost_id, long kept, const char *why, int *found)
+{
+    int status = 0, rc, told = 0;
+    *found = 0;
     double deadline = ar_now() + MARKET_RELEASE_WAIT_S;
-    /* every step done before the loss is paid first, as it was done: the
-     * market then reverses those after `kept`; a market that stays away
-     * leaves them queued, and the replacement below waits for it too */
+    /* every step done before the loss is paid first, as it was done: a
+     * market that stays away leaves them queued, and the replacement below
+     * waits for it too */
     if ((rc = ar_reporter_flush(&r->reporter, deadline)) != AR_OK && rc != AR_ECLOSED)
         return rc;
-    while ((rc = ar_market_replace(r->market, r->lease.token, r->provider_ids[i], kept, why, &got, found,
-                                   &spent, &status)) == AR_ECLOSED && ar_now() + MARKET_RETRY_S < deadline)
-        sleep_until(ar_now() + MARKET_RETRY_S); /* the market is away: it keeps the lease */
-    if (rc != AR_OK)
-        return ar_fail(rc, "market %s: replacing provider %lld: %s", r->c->market,
-                       (long long)r->provider_ids[i], ar_last_error());
-    ar_reporter_set_spent(&r->reporter, spent);
+    ar_market_replacement *got = malloc(sizeof *got);
+    if (!got)
+        return ar_fail(AR_ENOMEM, "out of memory for a replacement");
+    for (;;) {
+        rc = ar_market_replace(r->market, r->lease.token, lost_id, kept, why, got, &status);
+        int again = rc == AR_ECLOSED || (rc != AR_OK && status == AR_STATUS_ABORTED);
+        if (!again || ar_now() + 1.0 >= deadline)
+            break;
+        if (status == AR_STATUS_ABORTED && !told++)
+            ar_log(AR_LOG_WARN, "market %s: %s", r->c->market, ar_last_error());
+        /* the market is away (it keeps the lease), or not sure yet */
+        sleep_until(ar_now() + (rc == AR_ECLOSED ? MARKET_RETRY_S : 1.0));
+    }
+    if (rc != AR_OK) {
+        free(got);
+        return ar_fail(rc, "market %s: replacing provider %lld: %s", r->c->market, (long long)lost_id,
+                       ar_last_error());
+    }
+    ar_reporter_set_spent(&r->reporter, got->spent);
     ar_reporter_rollback(&r->reporter, kept);
-    if (!*found)
-        return AR_OK;
-    size_t n = strnlen(got.p.address, sizeof got.p.address);
-    if (n == 0 || n >= sizeof r->addrs[i])
-        return ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters", r->c->market,
-                       (long long)got.p.id, n);
-    if ((rc = check_leased_address(r, &got)) != AR_OK)
-        return rc;
-    memcpy(r->addrs[i], got.p.address, n + 1);
-    r->provider_ids[i] = got.p.id;
-    memcpy(r->tickets[i], got.ticket, sizeof r->tickets[i]);
-    r->prices[i] = got.p.price_per_tflop;
-    r->offers[i] = (device_offer){.gflops = got.p.gflops, .mem_bytes = (double)got.p.mem_bytes, .known = 1};
-    if (!r->c->quiet)
-        printf("  provider %lld (%s) at %s replaces it: %.1f GFLOP/s, reliability %.2f\n", (long long)got.p.id,
-               got.account, got.p.address, got.p.gflops, got.p.reliability);
-    return AR_OK;
+    *found = got->found;
+    rc = take_members(r, got);
+    if (rc == AR_OK && got->found && !r->c->quiet)
+        printf("  provider %lld (%s) at %s replaces it: %.1f GFLOP/s, reliability %.2f\n",
+               (long long)got->replacement.p.id, got->replacement.account, got->replacement.p.address,
+               got->replacement.p.gflops, got->replacement.p.reliability);
+    free(got);
+    return rc;
 }

@@ -719,6 +719,128 @@ int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, i
     return AR_OK;
 }
 
+/* ---- one stage per device ----------------------------------------------------- */
+
+/* Tables over (i, k): units [i, n) on devices k..D-1, one stage each. */
+typedef struct {
+    int n, D;
+    double *val;
+    int *next; /* the end j of the stage on device k */
+} each_tables;
+
+static size_t each_at(const each_tables *t, int i, int k)
+{
+    return (size_t)i * (size_t)(t->D + 1) + (size_t)k;
+}
+
+/* Phase 1 (thr < 0): the smallest slowest stage; phase 2: the smallest
+ * total among splits whose stages all take at most thr. */
+static void run_each(each_tables *t, const ar_unit_cost *costs, const ar_device *devs, int M, int schedule,
+                     double thr)
+{
+    int n = t->n, D = t->D;
+    for (int i = 0; i <= n; i++)
+        for (int k = 0; k <= D; k++) {
+            t->val[each_at(t, i, k)] = i == n && k == D ? 0.0 : INFINITY;
+            t->next[each_at(t, i, k)] = 0;
+        }
+    for (int k = D - 1; k >= 0; k--) {
+        int slots = ar_plan_slots(schedule, D, k, M);
+        /* the devices after k need a unit each */
+        for (int i = n - (D - k); i >= 0; i--) {
+            stage_acc a = {0};
+            double best = INFINITY;
+            int choice = 0;
+            for (int j = i + 1; j <= n - (D - 1 - k); j++) {
+                acc_add(&a, costs, i, j - 1);
+                double rest = t->val[each_at(t, j, k + 1)];
+                if (rest == INFINITY || !fits(acc_mem(&a, slots), &devs[k]))
+                    continue;
+                double st = acc_time(&a, costs, n, j, &devs[k]);
+                double v;
+                if (thr < 0) {
+                    v = max_d(st, rest);
+                } else {
+                    if (st > thr)
+                        continue;
+                    v = st + rest;
+                }
+                if (v < best) {
+                    best = v;
+                    choice = j;
+                }
+            }
+            t->val[each_at(t, i, k)] = best;
+            t->next[each_at(t, i, k)] = choice;
+        }
+    }
+}
+
+int ar_plan_each(const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev, int micro_batches,
+                 int schedule, ar_plan *out)
+{
+    int rc = check_inputs(costs, nunits, devs, ndev, micro_batches, schedule);
+    if (rc != AR_OK)
+        return rc;
+    if (ndev > nunits || ndev > AR_PLAN_MAX_STAGES)
+        return ar_fail(AR_EINVAL, "%d devices for a model of %d layers: each needs at least one", ndev, nunits);
+    each_tables t = {.n = nunits, .D = ndev};
+    size_t cells = (size_t)(nunits + 1) * (size_t)(ndev + 1);
+    t.val = ar_calloc(cells, sizeof *t.val);
+    t.next = ar_calloc(cells, sizeof *t.next);
+    if (!t.val || !t.next) {
+        ar_free(t.val);
+        ar_free(t.next);
+        return AR_ENOMEM;
+    }
+    run_each(&t, costs, devs, micro_batches, schedule, -1.0);
+    double best = t.val[each_at(&t, 0, 0)];
+    if (best == INFINITY) {
+        ar_free(t.val);
+        ar_free(t.next);
+        char a[32];
+        return ar_fail(AR_ELIMIT, "no split of the %d layers into %d stages, one on each device, fits in their "
+                       "memory (the whole model needs about %s)", nunits, ndev,
+                       fmt_bytes(ar_plan_stage_mem(costs, nunits, 0, nunits, 1), a, sizeof a));
+    }
+    run_each(&t, costs, devs, micro_batches, schedule, best * (1.0 + 1e-9));
+    memset(out, 0, sizeof *out);
+    int i = 0;
+    for (int k = 0; k < ndev; k++) {
+        int j = t.next[each_at(&t, i, k)];
+        if (j <= i)
+            break;
+        out->device[k] = k;
+        out->first[k] = i;
+        out->last[k] = j;
+        out->group_size[k] = 1;
+        out->group[k][0] = k;
+        out->nstages++;
+        i = j;
+    }
+    ar_free(t.val);
+    ar_free(t.next);
+    if (i != nunits || out->nstages != ndev)
+        return ar_fail(AR_EINTERNAL, "plan reconstruction stopped at unit %d of %d", i, nunits);
+    return ar_plan_estimate(out, costs, nunits, devs, ndev, micro_batches, schedule);
+}
+
+int ar_plan_stage_flops(const ar_unit_cost *costs, int nunits, int first, int last, int micro_batches,
+                        int64_t *out)
+{
+    if (first < 0 || last > nunits || first >= last || micro_batches < 1)
+        return ar_fail(AR_EINVAL, "units %d-%d of %d with %d micro-batches", first, last, nunits, micro_batches);
+    double f = 0;
+    for (int u = first; u < last; u++)
+        f += costs[u].flops;
+    f *= micro_batches;
+    if (!isfinite(f) || f < 0 || f > (double)AR_PLAN_MAX_STEP_FLOPS)
+        return ar_fail(AR_ELIMIT, "units %d-%d take %g FLOPs per step: more than %lld", first, last - 1, f,
+                       (long long)AR_PLAN_MAX_STEP_FLOPS);
+    *out = (int64_t)llround(f);
+    return AR_OK;
+}
+
 /* ---- plans by hand ------------------------------------------------------------ */
 
 static void skip_spaces(const char **s)

@@ -13,6 +13,7 @@
 #include "nn/spec.h"
 #include "nn/tp.h"
 
+#include <stdint.h>
 #include <stdio.h>
 
 #define AR_PLAN_MAX_STAGES 64
@@ -152,6 +153,22 @@ double ar_plan_stage_mem(const ar_unit_cost *costs, int nunits, int first, int l
  * assignment fits in memory; AR_EINVAL for bad arguments. */
 int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev,
                  int micro_batches, int schedule, ar_plan *out);
+
+/* The best plan with exactly one stage on each device, in order: what a
+ * market lease is, where every leased provider holds one stage. Same
+ * objective as ar_plan_auto (the slowest stage, then the total), in
+ * O(ndev * nunits^2). AR_ELIMIT when no such split fits in memory,
+ * AR_EINVAL when there are more devices than units. */
+int ar_plan_each(const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev, int micro_batches,
+                 int schedule, ar_plan *out);
+
+/* FLOPs one training step of units [first, last) takes (their FLOPs per
+ * micro-batch summed in unit order, times the micro-batches, rounded): what
+ * a market pays a stage for, computed alike by the market and the driver.
+ * AR_ELIMIT above AR_PLAN_MAX_STEP_FLOPS. */
+#define AR_PLAN_MAX_STEP_FLOPS ((int64_t)1 << 60)
+int ar_plan_stage_flops(const ar_unit_cost *costs, int nunits, int first, int last, int micro_batches,
+                        int64_t *out);
 
 /* A plan by hand: "0-2,3-5,6-7" gives stage i units a..b inclusive on device
  * i; "4" is "4-4". The ranges must be contiguous and cover 0..nunits-1, with
