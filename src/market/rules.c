@@ -1280,6 +1280,8 @@ int ar_rules_check_ticket(ar_store *s, int64_t provider_id, const char *ticket, 
     if (rc == AR_OK && out->lease.has_plan && (rc = ar_store_lease_spec(s, lease_id, &spec)) == AR_OK && spec) {
         rc = ar_rules_sha256_hex(spec, out->spec_sha256);
         out->has_plan = rc == AR_OK;
+        out->mb_rows = out->lease.mb_rows;
+        out->micro_batches = out->lease.micro_batches;
     }
     free(spec);
     return rc;

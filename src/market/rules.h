@@ -387,6 +387,7 @@ typedef struct {
     bool has_plan;
     int first_unit, last_unit;
     char spec_sha256[AR_TOKEN_LEN];
+    int mb_rows, micro_batches;
 } ar_market_ticket_check;
 
 /* Whether `ticket` is provider_id's for a live lease that still holds it:

@@ -906,6 +906,8 @@ static void on_check_lease(ar_rpc *rpc, void *user)
     r.first_unit = (uint32_t)got->first_unit;
     r.last_unit = (uint32_t)got->last_unit;
     r.spec_sha256 = got->spec_sha256;
+    r.micro_batch_rows = (uint32_t)got->mb_rows;
+    r.micro_batches = (uint32_t)got->micro_batches;
     net_rpc_reply(rpc, &r.base);
 out:
     free(got);

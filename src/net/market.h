@@ -138,13 +138,15 @@ int ar_market_release(ar_client *c, const char *lease_token, const char *status_
 /* The addresses of a lease's members, as CheckLease answers them, and what
  * the asking provider is paid to hold (has_plan: the lease fixes it): the
  * model's units [first_unit, last_unit) of the spec whose canonical JSON
- * (ar_spec_to_json) has SHA-256 spec_sha256. */
+ * (ar_spec_to_json) has SHA-256 spec_sha256, in micro-batches of mb_rows
+ * rows, micro_batches per step. */
 typedef struct {
     size_t n;
     char addresses[AR_MARKET_MAX_DEVICES][AR_ADDR_MAX];
     bool has_plan;
     int first_unit, last_unit;
     char spec_sha256[AR_TOKEN_LEN];
+    int mb_rows, micro_batches;
 } ar_market_members;
 
 /* AR_OK when `ticket` is provider_id's (owned by the account of `token`)

@@ -383,6 +383,8 @@ int ar_market_check_lease(ar_client *c, const char *token, const char *ticket, i
         members->first_unit = (int)r->first_unit;
         members->last_unit = (int)r->last_unit;
         snprintf(members->spec_sha256, sizeof members->spec_sha256, "%s", r->spec_sha256);
+        members->mb_rows = (int)r->micro_batch_rows;
+        members->micro_batches = (int)r->micro_batches;
     }
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;

@@ -196,6 +196,8 @@ static int check_plan(ar_worker *w, ar_rpc *rpc, const Arceus__LoadRequest *req,
     size_t len = strlen(req->spec_json);
     if ((int)req->first_unit != mem->first_unit || (int)req->last_unit != mem->last_unit)
         why = "its units are not the ones the lease pays this provider for";
+    else if ((int)req->micro_batch_rows != mem->mb_rows || (int)req->micro_batches != mem->micro_batches)
+        why = "its micro-batches are not the ones the lease was priced for";
     else if (len > AR_MARKET_MAX_SPEC_BYTES || ar_spec_parse(req->spec_json, len, "Load spec_json", &spec) != AR_OK ||
              !(canon = ar_spec_to_json(&spec)) || ar_rules_sha256_hex(canon, digest) != AR_OK ||
              strcmp(digest, mem->spec_sha256) != 0)
@@ -203,11 +205,13 @@ static int check_plan(ar_worker *w, ar_rpc *rpc, const Arceus__LoadRequest *req,
     free(canon);
     if (!why)
         return 0;
-    ar_log(AR_LOG_WARN, "%s: Load from %s of units %u-%u: %s (the lease: units %d-%d): refused", w->name,
-           ar_rpc_peer(rpc), req->first_unit, req->last_unit, why, mem->first_unit, mem->last_unit);
+    ar_log(AR_LOG_WARN, "%s: Load from %s of units %u-%u: %s: refused", w->name, ar_rpc_peer(rpc),
+           req->first_unit, req->last_unit, why);
     ar_rpc_finish(rpc, AR_STATUS_PERMISSION_DENIED,
-                  "worker %s: the Load's units %u-%u: %s (units %d-%d of the lease's model)", w->name,
-                  req->first_unit, req->last_unit, why, mem->first_unit, mem->last_unit);
+                  "worker %s: Load of units %u-%u in %u micro-batches of %u rows refused: %s (the lease pays for "
+                  "units %d-%d of its model in %d micro-batches of %d rows)",
+                  w->name, req->first_unit, req->last_unit, req->micro_batches, req->micro_batch_rows, why,
+                  mem->first_unit, mem->last_unit, mem->micro_batches, mem->mb_rows);
     return -1;
 }
 

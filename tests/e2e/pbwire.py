@@ -71,16 +71,32 @@ def decode(buf):
 
 # ---- a few Market requests, field by field --------------------------------
 
+# The model a hand-made lease prices when the test names none: the 8-6-3
+# MLP of test_workers.MLP_SPEC (two units), micro-batches of 4 rows, one per
+# step, as its load_request loads it.
+LEASE_MODEL = ('{"type": "mlp", "inputs": 8, "hidden": [6], "classes": 3, '
+               '"activation": "relu", "dropout": 0.0}')
+
+
 def acquire(token, devices=1, max_credits=0, est_steps=10, spec="mlp", flops=10 ** 9, min_mem=0,
-            resume_job=0, kept_steps=0):
-    """AcquireLeaseRequest"""
-    return (field_bytes(1, token) + field_varint(2, devices) + field_varint(3, max_credits) +
-            field_varint(4, est_steps) + field_bytes(5, spec) + field_varint(6, flops) +
-            field_varint(7, min_mem) + field_varint(8, resume_job) + field_varint(9, kept_steps))
+            resume_job=0, kept_steps=0, model=LEASE_MODEL, mb_rows=4, micro_batches=1, schedule=0,
+            stage_units=()):
+    """AcquireLeaseRequest; model=None sends none (as a driver older than
+    plans did)"""
+    m = (field_bytes(1, token) + field_varint(2, devices) + field_varint(3, max_credits) +
+         field_varint(4, est_steps) + field_bytes(5, spec) + field_varint(6, flops) +
+         field_varint(7, min_mem) + field_varint(8, resume_job) + field_varint(9, kept_steps))
+    if model is not None:
+        m += (field_bytes(10, model) + field_varint(11, mb_rows) + field_varint(12, micro_batches) +
+              field_varint(13, schedule))
+        for n in stage_units:
+            m += field_varint(14, n)
+    return m
 
 
-def usage(lease, step=0, stages=((0, 1, 10 ** 9),)):
-    """ReportUsageRequest: stages as (stage, provider id, FLOPs)"""
+def usage(lease, step=0, stages=((0, 1, 0),)):
+    """ReportUsageRequest: stages as (stage, provider id, FLOPs; 0: the
+    lease's plan's)"""
     m = field_bytes(1, lease) + field_varint(2, step)
     for st, pid, fl in stages:
         m += field_bytes(3, field_varint(1, st) + field_varint(2, pid) + field_varint(3, fl))
