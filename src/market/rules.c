@@ -543,9 +543,10 @@ int ar_rules_acquire(ar_store *s, const ar_market_policy *policy, int64_t renter
     if ((rc = ar_rules_model(req->model_spec, req->mb_rows, req->micro_batches, req->schedule, &model)) != AR_OK)
         return rc;
     if (req->devices > (uint32_t)model.units) {
+        rc = ar_fail(AR_EINVAL, "%u providers for a model of %d layers: each holds at least one", req->devices,
+                     model.units);
         ar_rules_model_clear(&model);
-        return ar_fail(AR_EINVAL, "%u providers for a model of %d layers: each holds at least one", req->devices,
-                       model.units);
+        return rc;
     }
     int before = -1;
     pthread_mutex_lock(&choose_mu);

@@ -2062,9 +2062,10 @@ static int usage_pay(ar_store *s, int64_t job_id, int64_t lease_id, int64_t plan
     /* paid once per (lease, plan, step, stage, provider) */
     if (rc == 0)
         rc = query_i64(s, &paid,
-                       "SELECT COUNT(*) FROM usage WHERE lease_id IS NULLIF(?, 0) AND plan = ? AND step = ?"
-                       " AND stage = ? AND provider_id = ? AND state != 'reversed'",
-                       "iiiii", lease_id > 0 ? lease_id : (int64_t)0, plan, stepno, (int64_t)stage, provider_id);
+                       "SELECT COUNT(*) FROM usage WHERE job_id = ? AND lease_id IS NULLIF(?, 0) AND plan = ?"
+                       " AND step = ? AND stage = ? AND provider_id = ? AND state != 'reversed'",
+                       "iiiiii", job_id, lease_id > 0 ? lease_id : (int64_t)0, plan, stepno, (int64_t)stage,
+                       provider_id);
     if (rc < 0)
         return rc;
     *cost_out = cost;

@@ -82,7 +82,8 @@ Test(market, register_heartbeat_and_list)
     cr_assert_eq(ps[0].p.mem_bytes, PROFILE.mem_bytes);
     cr_assert_eq(ps[0].p.cores, PROFILE.cores);
     cr_assert_eq(ps[0].p.price_per_tflop, PROFILE.price_per_tflop);
-    cr_assert_eq(ps[0].p.reliability, 1.0);
+    cr_assert_eq(ps[0].p.reliability, AR_RELIABILITY_NEW); /* its account's: a new one */
+    cr_assert_float_eq(ps[0].speed_gflops, PROFILE.gflops, 1e-9); /* not observed yet: its claim */
     cr_assert(ps[0].p.online);
     free(ps);
     teardown(&f);
@@ -132,8 +133,10 @@ Test(market, ledger_and_balance)
 
     ar_ledger_row *rows;
     size_t n;
-    cr_assert_eq(ar_market_ledger(f.c, f.alice, NULL, name, &rows, &n, &balance, &status), AR_OK,
+    int64_t pending = -1;
+    cr_assert_eq(ar_market_ledger(f.c, f.alice, NULL, name, &rows, &n, &balance, &pending, &status), AR_OK,
                  "%s", ar_last_error());
+    cr_assert_eq(pending, 0);
     cr_assert_str_eq(name, "alice");
     cr_assert_eq(n, 1);
     cr_assert_eq(rows[0].amount, AR_CREDITS(10));
@@ -141,7 +144,7 @@ Test(market, ledger_and_balance)
     cr_assert_eq(balance, AR_CREDITS(10));
     free(rows);
 
-    cr_assert_eq(ar_market_ledger(f.c, f.alice, "bob", name, &rows, &n, &balance, &status), AR_EPROTO);
+    cr_assert_eq(ar_market_ledger(f.c, f.alice, "bob", name, &rows, &n, &balance, NULL, &status), AR_EPROTO);
     cr_assert_eq(status, AR_STATUS_PERMISSION_DENIED);
     cr_assert_null(rows);
     teardown(&f);
@@ -185,7 +188,10 @@ Test(market, progress_reports_are_checked_and_stored)
     int64_t pid = 0;
     int status = -1;
     cr_assert_eq(ar_market_register(f.c, f.alice, "127.0.0.1:6001", &PROFILE, &pid, NULL, &status), AR_OK);
-    ar_market_lease_request q = {.devices = 1, .est_steps = 10, .spec = "mlp", .flops_per_step = 1000000};
+    ar_market_lease_request q = {.devices = 1, .est_steps = 10, .spec = "mlp", .flops_per_step = 1000000,
+                                 .model_spec = "{\"type\": \"mlp\", \"inputs\": 8, \"hidden\": [6, 6], "
+                                               "\"classes\": 3, \"activation\": \"relu\", \"dropout\": 0}",
+                                 .mb_rows = 4, .micro_batches = 1};
     ar_market_lease lease;
     cr_assert_eq(ar_market_acquire(f.c, f.bob, &q, &lease, &status), AR_OK, "%s", ar_last_error());
 

@@ -1,9 +1,11 @@
 /* The market's rules (market/rules.h) called directly, without a server,
- * over a real SQLite file in a temporary folder: how providers are ranked,
- * what a lease gets and what refuses it, how a step is paid (once, within
- * the job's cap, the books summing to zero), how a lost member is settled
- * and asked about again, what a plan costs, the dashboard's plan JSON, and
- * credits as text and back. */
+ * over a real SQLite file in a temporary folder: how providers are ranked
+ * (by observed speed, an overstated claim losing rank), what a lease gets
+ * and what refuses it, how the lease's plan fixes the price of a step, how a
+ * step is paid (once, into escrow, within the job's cap, the books summing
+ * to zero), how a loss claim is checked and settled and asked about again,
+ * the audit hooks, what a plan costs, the dashboard's plan JSON, and credits
+ * as text and back. */
 #include "market/dashboard.h"
 #include "market/money.h"
 #include "market/rules.h"
@@ -18,10 +20,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 TestSuite(market_rules, .init = tmp_make, .fini = tmp_remove);
 
 static const int64_t TF = 1000000000000LL; /* FLOPs in a TFLOP */
+/* The leases' model: an MLP of 1000-wide linear layers in micro-batches of
+ * 1000 rows, so that each unit takes 6e9 FLOPs a step (2*M*N*K forward,
+ * twice that backward), 6000 micro-credits at 1 credit per TFLOP. */
+#define UNIT_FLOPS 6000000000LL
+#define UNIT_COST 6000
+#define MB_ROWS 1000
 
 static ar_store *open_db(void)
 {
@@ -43,6 +52,35 @@ static int64_t balance(ar_store *s, int64_t account)
     int64_t b = -1;
     cr_assert_eq(ar_store_account_balance(s, account, &b), AR_OK, "%s", ar_last_error());
     return b;
+}
+
+/* what escrow holds for an account's providers */
+static int64_t pending(ar_store *s, int64_t account)
+{
+    int64_t b = -1;
+    cr_assert_eq(ar_store_account_pending(s, account, &b), AR_OK, "%s", ar_last_error());
+    return b;
+}
+
+static double reliability(ar_store *s, int64_t account)
+{
+    ar_account a;
+    cr_assert_eq(ar_store_account_get(s, account, &a), AR_OK, "%s", ar_last_error());
+    return a.reliability;
+}
+
+/* the spec of an MLP of `units` 1000-wide linear layers */
+static const char *mlp_spec(int units)
+{
+    static char buf[256];
+    char hidden[128] = "";
+    for (int i = 0; i < units - 1; i++)
+        snprintf(hidden + strlen(hidden), sizeof hidden - strlen(hidden), "%s1000", i ? ", " : "");
+    snprintf(buf, sizeof buf,
+             "{\"type\": \"mlp\", \"inputs\": 1000, \"hidden\": [%s], \"classes\": 1000, "
+             "\"activation\": \"relu\", \"dropout\": 0.0}",
+             hidden);
+    return buf;
 }
 
 /* a provider of `account` at 127.0.0.1:port, registered through the rule */
@@ -95,6 +133,21 @@ static ar_lease lease_of(ar_store *s, int64_t id)
     return l;
 }
 
+/* A fake reachability check: answers from a table the test sets, and counts. */
+typedef struct {
+    bool up[8]; /* by port - 5001 */
+    int calls;
+} fake_net;
+
+static bool fake_probe(void *ctx, const char *address)
+{
+    fake_net *f = ctx;
+    f->calls++;
+    const char *colon = strrchr(address, ':');
+    int port = colon ? atoi(colon + 1) : 0;
+    return port >= 5001 && port < 5009 && f->up[port - 5001];
+}
+
 /* ---- ranking ------------------------------------------------------------------- */
 
 Test(market_rules, providers_rank_by_reliability_price_speed_then_memory_and_age)
@@ -142,7 +195,7 @@ Test(market_rules, free_providers_leave_out_small_leased_and_offline_ones)
     cr_assert_eq(ar_store_job_create(s, renter, "held", 0, &job), AR_OK);
     ar_lease_member m = {.provider_id = busy_one, .stage = 0, .flops_per_step = TF, .price_per_tflop = AR_CREDITS(1)};
     char tok[AR_TOKEN_LEN];
-    cr_assert_eq(ar_store_lease_create(s, job, renter, &m, 1, 1, 0, tok, NULL, NULL), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_store_lease_create(s, job, renter, &m, 1, 1, 0, NULL, tok, NULL, NULL), AR_OK, "%s", ar_last_error());
 
     ar_provider *ps = NULL;
     ar_ranked *rk = NULL;
@@ -164,17 +217,56 @@ Test(market_rules, free_providers_leave_out_small_leased_and_offline_ones)
 
 /* ---- pricing ------------------------------------------------------------------- */
 
-Test(market_rules, flops_split_by_speed_and_sum_exactly)
+Test(market_rules, the_market_prices_a_model_and_splits_it_one_stage_per_provider)
 {
-    ar_provider ps[3] = {{.id = 1, .gflops = 300}, {.id = 2, .gflops = 100}, {.id = 3, .gflops = 100}};
-    ar_ranked rk[3] = {{&ps[0], 1}, {&ps[1], 1}, {&ps[2], 1}};
-    int64_t shares[3];
-    ar_rules_split_flops(1000000000001LL, rk, 3, shares);
-    cr_assert_eq(shares[0], 600000000001LL); /* 0.6 of it, rounded */
-    cr_assert_eq(shares[1], 200000000000LL);
-    cr_assert_eq(shares[2], 1000000000001LL - 600000000001LL - 200000000000LL); /* the rest */
-    ar_rules_split_flops(7, rk, 1, shares);
-    cr_assert_eq(shares[0], 7);
+    ar_market_model m;
+    cr_assert_eq(ar_rules_model(mlp_spec(3), MB_ROWS, 1, 0, &m), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(m.units, 3);
+    ar_device devs[2] = {{.gflops = 300, .mem_bytes = 1e9, .solo = 1}, {.gflops = 100, .mem_bytes = 1e9, .solo = 1}};
+    ar_lease_member mem[2] = {{.provider_id = 1}, {.provider_id = 2}};
+    /* the market's split: the faster provider takes two of the three layers */
+    cr_assert_eq(ar_rules_split(&m, devs, 2, NULL, 0, mem), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(mem[0].stage, 0);
+    cr_assert_eq(mem[0].first_unit, 0);
+    cr_assert_eq(mem[0].last_unit, 2);
+    cr_assert_eq(mem[0].flops_per_step, 2 * UNIT_FLOPS);
+    cr_assert_eq(mem[1].stage, 1);
+    cr_assert_eq(mem[1].first_unit, 2);
+    cr_assert_eq(mem[1].last_unit, 3);
+    cr_assert_eq(mem[1].flops_per_step, UNIT_FLOPS);
+    cr_assert_eq(mem[1].verified_step, -1);
+    /* the renter's split, checked */
+    const uint32_t mine[2] = {1, 2}, short_of[2] = {1, 1}, over[2] = {2, 2}, empty[2] = {0, 3};
+    cr_assert_eq(ar_rules_split(&m, devs, 2, mine, 2, mem), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(mem[0].last_unit, 1);
+    cr_assert_eq(mem[1].flops_per_step, 2 * UNIT_FLOPS);
+    cr_assert_eq(ar_rules_split(&m, devs, 2, short_of, 2, mem), AR_EINVAL);
+    cr_assert_eq(ar_rules_split(&m, devs, 2, over, 2, mem), AR_EINVAL);
+    cr_assert_eq(ar_rules_split(&m, devs, 2, empty, 2, mem), AR_EINVAL);
+    cr_assert_eq(ar_rules_split(&m, devs, 2, mine, 1, mem), AR_EINVAL);
+    /* one that does not fit the providers' memory */
+    devs[0].mem_bytes = devs[1].mem_bytes = 1e6;
+    cr_assert_eq(ar_rules_split(&m, devs, 2, mine, 2, mem), AR_ELIMIT);
+    cr_assert_eq(ar_rules_split(&m, devs, 2, NULL, 0, mem), AR_ELIMIT);
+    /* more providers than layers */
+    ar_device four[4] = {devs[0], devs[0], devs[0], devs[0]};
+    ar_lease_member m4[4];
+    cr_assert_eq(ar_rules_split(&m, four, 4, NULL, 0, m4), AR_EINVAL);
+    ar_rules_model_clear(&m);
+
+    /* what the market refuses to price */
+    char big[AR_MARKET_MAX_SPEC_BYTES + 2];
+    memset(big, ' ', sizeof big - 1);
+    big[sizeof big - 1] = '\0';
+    cr_assert_eq(ar_rules_model(big, MB_ROWS, 1, 0, &m), AR_EINVAL);
+    cr_assert_eq(ar_rules_model("", MB_ROWS, 1, 0, &m), AR_EINVAL);
+    cr_assert_eq(ar_rules_model("{\"type\": \"mlp\"}", MB_ROWS, 1, 0, &m), AR_EINVAL);
+    cr_assert_eq(ar_rules_model("{\"type\": \"gpt\", \"block_size\": 8, \"n_layer\": 1, \"n_head\": 1, "
+                                "\"n_embd\": 8}", MB_ROWS, 1, 0, &m), AR_EINVAL); /* no vocabulary */
+    cr_assert_eq(ar_rules_model(mlp_spec(2), 0, 1, 0, &m), AR_EINVAL);
+    cr_assert_eq(ar_rules_model(mlp_spec(2), MB_ROWS, 0, 0, &m), AR_EINVAL);
+    cr_assert_eq(ar_rules_model(mlp_spec(2), MB_ROWS, 1, 2, &m), AR_EINVAL);
+    cr_assert_eq(ar_rules_model(mlp_spec(2), AR_MARKET_MAX_MB_ROWS + 1, 1, 0, &m), AR_EINVAL);
 }
 
 Test(market_rules, a_plan_costs_the_sum_of_its_members_rounded_as_paid)
@@ -198,10 +290,12 @@ Test(market_rules, a_plan_costs_the_sum_of_its_members_rounded_as_paid)
 
 /* ---- acquiring a lease ------------------------------------------------------------ */
 
-static ar_market_lease_request ask(uint32_t devices, int64_t est_steps, int64_t flops_per_step)
+/* A lease of `devices` providers for est_steps steps of the MLP of `units` layers. */
+static ar_market_lease_request ask(uint32_t devices, int64_t est_steps, int units)
 {
-    return (ar_market_lease_request){.devices = devices, .est_steps = est_steps, .flops_per_step = flops_per_step,
-                                     .spec = "mlp, a test"};
+    return (ar_market_lease_request){.devices = devices, .est_steps = est_steps, .flops_per_step = TF,
+                                     .spec = "mlp, a test", .model_spec = mlp_spec(units), .mb_rows = MB_ROWS,
+                                     .micro_batches = 1};
 }
 
 Test(market_rules, acquire_leases_the_best_free_providers_and_creates_the_job)
@@ -214,7 +308,8 @@ Test(market_rules, acquire_leases_the_best_free_providers_and_creates_the_job)
     int64_t fast = new_provider(s, bob, 5002, 300, G, AR_CREDITS(1));
     int64_t dear = new_provider(s, bob, 5003, 100, G, AR_CREDITS(5));
 
-    ar_market_lease_request q = ask(2, 10, 4 * TF);
+    ar_market_lease_request q = ask(2, 10, 3);
+    q.flops_per_step = 1; /* the renter's count of the FLOPs is not what the lease is priced by */
     ar_market_lease got;
     bool too_few = true;
     cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
@@ -224,10 +319,15 @@ Test(market_rules, acquire_leases_the_best_free_providers_and_creates_the_job)
     cr_assert_str_eq(got.providers[0].account, "bob");
     cr_assert_eq(got.providers[1].p.id, slow);
     cr_assert_str_eq(got.providers[1].account, "alice");
-    /* 4 TFLOPs split 3:1 by speed, at 1 credit per TFLOP, for 10 steps */
-    cr_assert_eq(got.providers[0].flops_per_step, 3 * TF);
-    cr_assert_eq(got.providers[1].flops_per_step, TF);
-    cr_assert_eq(got.estimate, AR_CREDITS(40));
+    /* the market's split of the three layers: two on the fast one; at 1
+     * credit per TFLOP, for 10 steps */
+    cr_assert_eq(got.providers[0].stage, 0);
+    cr_assert_eq(got.providers[0].first_unit, 0);
+    cr_assert_eq(got.providers[0].last_unit, 2);
+    cr_assert_eq(got.providers[0].flops_per_step, 2 * UNIT_FLOPS);
+    cr_assert_eq(got.providers[1].flops_per_step, UNIT_FLOPS);
+    cr_assert_float_eq(got.providers[0].speed_gflops, 300, 1e-9);
+    cr_assert_eq(got.estimate, 10 * 3 * UNIT_COST);
     cr_assert_eq(strlen(got.token), AR_TOKEN_LEN - 1);
     ar_lease l;
     cr_assert_eq(ar_store_lease_auth(s, got.token, &l), AR_OK, "%s", ar_last_error());
@@ -245,11 +345,27 @@ Test(market_rules, acquire_leases_the_best_free_providers_and_creates_the_job)
     cr_assert(strstr(ar_last_error(), "2 providers asked for, 1 online and free, 2 more leased to other jobs"),
               "%s", ar_last_error());
     q.devices = 1;
-    q.est_steps = 1; /* 4 TFLOPs at 5 credits: 20 credits a step */
+    q.est_steps = 1; /* three layers at 5 credits */
     cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
     cr_assert_eq(got.providers[0].p.id, dear);
-    cr_assert_eq(got.estimate, AR_CREDITS(20));
-    cr_assert_eq(got.providers[0].flops_per_step, 4 * TF);
+    cr_assert_eq(got.estimate, 3 * 5 * UNIT_COST);
+    cr_assert_eq(got.providers[0].flops_per_step, 3 * UNIT_FLOPS);
+    /* the lease keeps its model, in its canonical form */
+    ar_lease l2 = lease_of(s, got.lease_id);
+    cr_assert(l2.has_plan);
+    cr_assert_eq(l2.mb_rows, MB_ROWS);
+    char *spec = NULL;
+    cr_assert_eq(ar_store_lease_spec(s, got.lease_id, &spec), AR_OK);
+    cr_assert_not_null(spec);
+    ar_model_spec parsed;
+    cr_assert_eq(ar_spec_parse(spec, strlen(spec), "stored", &parsed), AR_OK, "%s", ar_last_error());
+    free(spec);
+    /* a lease without a model, or of more providers than layers, is refused */
+    q.model_spec = NULL;
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_EINVAL);
+    q = ask(4, 1, 3);
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_EINVAL);
+    cr_assert(strstr(ar_last_error(), "4 providers for a model of 3 layers"), "%s", ar_last_error());
     assert_books(s);
     ar_store_close(s);
 }
@@ -262,7 +378,7 @@ Test(market_rules, acquire_refuses_too_few_providers_with_enough_memory)
     const int64_t G = (int64_t)1 << 30;
     new_provider(s, owner, 5001, 100, G, AR_CREDITS(1));
     int64_t big = new_provider(s, owner, 5002, 100, 8 * G, AR_CREDITS(1));
-    ar_market_lease_request q = ask(2, 10, TF);
+    ar_market_lease_request q = ask(2, 10, 2);
     q.min_mem_bytes = 4 * G;
     ar_market_lease got;
     bool too_few = false;
@@ -284,22 +400,22 @@ Test(market_rules, acquire_refuses_too_few_providers_with_enough_memory)
 Test(market_rules, acquire_refuses_a_budget_or_cap_below_the_estimate_and_cancels_the_job)
 {
     ar_store *s = open_db();
-    int64_t renter = new_account(s, "renter", AR_CREDITS(15));
+    int64_t renter = new_account(s, "renter", 300000);
     int64_t owner = new_account(s, "owner", 0);
     int64_t p = new_provider(s, owner, 5001, 100, (int64_t)1 << 30, AR_CREDITS(1));
-    ar_market_lease_request q = ask(1, 20, TF); /* 20 credits */
+    ar_market_lease_request q = ask(1, 20, 3); /* 20 steps of 18000 micro-credits */
     ar_market_lease got;
     bool too_few = true;
     cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_ELIMIT);
     cr_assert_not(too_few);
-    cr_assert(strstr(ar_last_error(), "estimated cost 20.000000 credits"), "%s", ar_last_error());
-    cr_assert(strstr(ar_last_error(), "balance of 15.000000"), "%s", ar_last_error());
+    cr_assert(strstr(ar_last_error(), "estimated cost 0.360000 credits"), "%s", ar_last_error());
+    cr_assert(strstr(ar_last_error(), "balance of 0.300000"), "%s", ar_last_error());
     /* a cap below the estimate, however rich the renter */
     q.est_steps = 10;
-    q.max_credits = AR_CREDITS(5);
+    q.max_credits = 50000;
     cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_ELIMIT);
     cr_assert_not(too_few);
-    cr_assert(strstr(ar_last_error(), "exceeds max credits 5.000000"), "%s", ar_last_error());
+    cr_assert(strstr(ar_last_error(), "exceeds max credits 0.050000"), "%s", ar_last_error());
     /* both refused jobs stay on record, cancelled, with nothing spent; the
      * provider is still free */
     ar_job *jobs = NULL;
@@ -314,7 +430,7 @@ Test(market_rules, acquire_refuses_a_budget_or_cap_below_the_estimate_and_cancel
     bool leased = true;
     cr_assert_eq(ar_store_provider_leased(s, p, &leased), AR_OK);
     cr_assert_not(leased);
-    cr_assert_eq(balance(s, renter), AR_CREDITS(15));
+    cr_assert_eq(balance(s, renter), 300000);
     assert_books(s);
     ar_store_close(s);
 }
@@ -322,7 +438,8 @@ Test(market_rules, acquire_refuses_a_budget_or_cap_below_the_estimate_and_cancel
 /* ---- paying a step ------------------------------------------------------------------ */
 
 /* A renter with `credits`, two providers at 1 credit per TFLOP leased for a
- * job of 1 TFLOP per stage per step (capped at max_credits). */
+ * job of two layers, one each: UNIT_COST per stage per step (capped at
+ * max_credits). */
 typedef struct {
     ar_store *s;
     int64_t renter, owner_a, owner_b, spare_owner;
@@ -341,7 +458,7 @@ static void lease_two(two_stages *t, int64_t credits, int64_t max_credits)
     t->a = new_provider(t->s, t->owner_a, 5001, 100, 2 * G, AR_CREDITS(1));
     t->b = new_provider(t->s, t->owner_b, 5002, 100, G, AR_CREDITS(1));
     t->spare = new_provider(t->s, t->spare_owner, 5003, 100, G, AR_CREDITS(2));
-    ar_market_lease_request q = ask(2, 1, 2 * TF);
+    ar_market_lease_request q = ask(2, 1, 2);
     q.max_credits = max_credits;
     bool too_few;
     cr_assert_eq(ar_rules_acquire(t->s, NULL, t->renter, &q, &t->lease, &too_few), AR_OK, "%s", ar_last_error());
@@ -349,22 +466,23 @@ static void lease_two(two_stages *t, int64_t credits, int64_t max_credits)
     cr_assert_eq(t->lease.providers[1].p.id, t->b);
 }
 
+/* Step `step` reported by the renter's driver: both stages, 0 FLOPs (the plan's). */
 static int settle(two_stages *t, int64_t step, ar_step_settlement *out)
 {
-    ar_stage_usage u[2] = {{.stage = 0, .provider_id = t->a, .flops = TF}, {.stage = 1, .provider_id = t->b, .flops = TF}};
+    ar_stage_usage u[2] = {{.stage = 0, .provider_id = t->a}, {.stage = 1, .provider_id = t->b}};
     ar_lease l = lease_of(t->s, t->lease.lease_id);
     return ar_rules_settle_step(t->s, &l, step, u, 2, true, 2.5 - 0.1 * (double)step, out);
 }
 
-Test(market_rules, a_step_is_paid_once_and_the_books_sum_to_zero)
+Test(market_rules, a_step_is_paid_once_into_escrow_and_the_books_sum_to_zero)
 {
     two_stages t;
     lease_two(&t, AR_CREDITS(100), 0);
     ar_step_settlement paid;
     for (int64_t step = 0; step < 3; step++) {
         cr_assert_eq(settle(&t, step, &paid), AR_OK, "%s", ar_last_error());
-        cr_assert_eq(paid.paid, AR_CREDITS(2));
-        cr_assert_eq(paid.spent, AR_CREDITS(2) * (step + 1));
+        cr_assert_eq(paid.paid, 2 * UNIT_COST);
+        cr_assert_eq(paid.spent, 2 * UNIT_COST * (step + 1));
         cr_assert_eq(paid.balance, AR_CREDITS(100) - paid.spent);
         cr_assert_eq(paid.duplicates, 0);
         cr_assert_eq(job_of(t.s, t.lease.job_id).step, step + 1);
@@ -374,11 +492,22 @@ Test(market_rules, a_step_is_paid_once_and_the_books_sum_to_zero)
     cr_assert_eq(settle(&t, 1, &paid), AR_OK, "%s", ar_last_error());
     cr_assert_eq(paid.paid, 0);
     cr_assert_eq(paid.duplicates, 2);
-    cr_assert_eq(paid.spent, AR_CREDITS(6));
+    cr_assert_eq(paid.spent, 6 * UNIT_COST);
     cr_assert_eq(ledger_rows(t.s), rows);
-    cr_assert_eq(balance(t.s, t.owner_a), AR_CREDITS(3));
-    cr_assert_eq(balance(t.s, t.owner_b), AR_CREDITS(3));
-    cr_assert_eq(balance(t.s, t.renter), AR_CREDITS(94));
+    /* held in escrow until the work is verified or the job's window passes */
+    cr_assert_eq(balance(t.s, t.owner_a), 0);
+    cr_assert_eq(pending(t.s, t.owner_a), 3 * UNIT_COST);
+    cr_assert_eq(pending(t.s, t.owner_b), 3 * UNIT_COST);
+    cr_assert_eq(balance(t.s, t.renter), AR_CREDITS(100) - 6 * UNIT_COST);
+    /* no stages named: every member of the lease, at the plan's FLOPs */
+    ar_lease l = lease_of(t.s, t.lease.lease_id);
+    cr_assert_eq(ar_rules_settle_step(t.s, &l, 3, NULL, 0, false, 0, &paid), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(paid.paid, 2 * UNIT_COST);
+    /* the plan's FLOPs named: the same as 0 */
+    ar_stage_usage u[2] = {{.stage = 0, .provider_id = t.a, .flops = UNIT_FLOPS},
+                           {.stage = 1, .provider_id = t.b, .flops = UNIT_FLOPS}};
+    cr_assert_eq(ar_rules_settle_step(t.s, &l, 4, u, 2, false, 0, &paid), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(paid.paid, 2 * UNIT_COST);
     /* the losses are the job's curve */
     ar_job_point *pts = NULL;
     size_t n = 0;
@@ -386,6 +515,13 @@ Test(market_rules, a_step_is_paid_once_and_the_books_sum_to_zero)
     cr_assert_eq(n, 3);
     cr_assert_float_eq(pts[2].loss, 2.3, 1e-12);
     ar_free(pts);
+    /* the job done and the window 0: escrow pays out */
+    ar_market_policy now = {.escrow_window_s = 0};
+    int64_t spent = 0;
+    cr_assert_eq(ar_rules_release(t.s, &now, &l, AR_JOB_DONE, 5, &spent), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(spent, 10 * UNIT_COST);
+    cr_assert_eq(balance(t.s, t.owner_a), 5 * UNIT_COST);
+    cr_assert_eq(pending(t.s, t.owner_a), 0);
     assert_books(t.s);
     ar_store_close(t.s);
 }
@@ -402,12 +538,15 @@ Test(market_rules, a_report_that_does_not_fit_the_lease_pays_nothing)
         size_t n;
         const char *why;
     } bad[] = {
-        {{{0, t.a, TF}, {1, t.spare, TF}}, 2, "the provider is not in the lease"},
-        {{{0, t.a, TF}, {0, t.b, TF}}, 2, "stage or provider reported twice"},
-        {{{0, t.a, TF}, {1, t.a, TF}}, 2, "stage or provider reported twice"},
-        {{{2, t.a, TF}}, 1, "stage or FLOPs out of range"},
-        {{{0, t.a, 0}}, 1, "stage or FLOPs out of range"},
-        {{{0, t.a, AR_MARKET_MAX_STAGE_FLOPS + 1}}, 1, "stage or FLOPs out of range"},
+        /* the renter setting its own price */
+        {{{0, t.a, 1}, {1, t.b, 1}}, 2, "the FLOPs differ from the lease's plan"},
+        {{{0, t.a, 0}, {1, t.b, UNIT_FLOPS + 1}}, 2, "the FLOPs differ from the lease's plan"},
+        /* or paying some of a step's stages */
+        {{{0, t.a, 0}}, 1, "every stage of a step is paid"},
+        {{{0, t.a, 0}, {1, t.spare, 0}}, 2, "the provider is not the lease's at that stage"},
+        {{{0, t.b, 0}, {1, t.a, 0}}, 2, "the provider is not the lease's at that stage"},
+        {{{0, t.a, 0}, {0, t.a, 0}}, 2, "stage or provider reported twice"},
+        {{{0, t.a, 0}, {2, t.b, 0}}, 2, "no such stage in the lease's plan"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         cr_assert_eq(ar_rules_settle_step(t.s, &l, 0, bad[i].u, bad[i].n, false, 0, &paid), AR_EINVAL, "case %zu", i);
@@ -417,7 +556,7 @@ Test(market_rules, a_report_that_does_not_fit_the_lease_pays_nothing)
     cr_assert_eq(ledger_rows(t.s), rows);
     cr_assert_eq(job_of(t.s, t.lease.job_id).step, 0);
     /* a released lease takes no more reports */
-    cr_assert_eq(ar_rules_release(t.s, &l, AR_JOB_DONE, 0, NULL), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_release(t.s, NULL, &l, AR_JOB_DONE, 0, NULL), AR_OK, "%s", ar_last_error());
     cr_assert_eq(settle(&t, 0, &paid), AR_ENOTFOUND);
     cr_assert_eq(ledger_rows(t.s), rows);
     ar_store_close(t.s);
@@ -426,24 +565,24 @@ Test(market_rules, a_report_that_does_not_fit_the_lease_pays_nothing)
 Test(market_rules, the_cap_stops_a_step_short_keeping_the_stages_paid_before_it)
 {
     two_stages t;
-    /* 2 credits a step: the cap covers one step and a half */
-    lease_two(&t, AR_CREDITS(100), AR_CREDITS(3));
+    /* the cap covers one step and a half */
+    lease_two(&t, AR_CREDITS(100), 3 * UNIT_COST);
     ar_step_settlement paid;
     cr_assert_eq(settle(&t, 0, &paid), AR_OK, "%s", ar_last_error());
     cr_assert_eq(settle(&t, 1, &paid), AR_ELIMIT);
-    cr_assert(strstr(ar_last_error(), "more than its max of 3.000000"), "%s", ar_last_error());
+    cr_assert(strstr(ar_last_error(), "more than its max of 0.018000"), "%s", ar_last_error());
     /* stage 0 of step 1 was paid, stage 1 not; the step is not counted */
     ar_job j = job_of(t.s, t.lease.job_id);
-    cr_assert_eq(j.spent, AR_CREDITS(3));
+    cr_assert_eq(j.spent, 3 * UNIT_COST);
     cr_assert_eq(j.step, 1);
-    cr_assert_eq(balance(t.s, t.owner_a), AR_CREDITS(2));
-    cr_assert_eq(balance(t.s, t.owner_b), AR_CREDITS(1));
+    cr_assert_eq(pending(t.s, t.owner_a), 2 * UNIT_COST);
+    cr_assert_eq(pending(t.s, t.owner_b), UNIT_COST);
     /* asked again, the cap still holds and stage 0 is not paid twice */
     size_t rows = ledger_rows(t.s);
     cr_assert_eq(settle(&t, 1, &paid), AR_ELIMIT);
     cr_assert_eq(ledger_rows(t.s), rows);
-    cr_assert_eq(job_of(t.s, t.lease.job_id).spent, AR_CREDITS(3));
-    cr_assert_eq(balance(t.s, t.renter), AR_CREDITS(97));
+    cr_assert_eq(job_of(t.s, t.lease.job_id).spent, 3 * UNIT_COST);
+    cr_assert_eq(balance(t.s, t.renter), AR_CREDITS(100) - 3 * UNIT_COST);
     assert_books(t.s);
     ar_store_close(t.s);
 }
@@ -451,44 +590,53 @@ Test(market_rules, the_cap_stops_a_step_short_keeping_the_stages_paid_before_it)
 Test(market_rules, a_renter_out_of_credits_is_refused_and_nothing_is_overdrawn)
 {
     two_stages t;
-    lease_two(&t, AR_CREDITS(2), 0);
+    lease_two(&t, 2 * UNIT_COST, 0);
     ar_step_settlement paid;
     cr_assert_eq(settle(&t, 0, &paid), AR_OK, "%s", ar_last_error());
     cr_assert_eq(paid.balance, 0);
     cr_assert_eq(settle(&t, 1, &paid), AR_ELIMIT);
     cr_assert_eq(balance(t.s, t.renter), 0);
-    cr_assert_eq(job_of(t.s, t.lease.job_id).spent, AR_CREDITS(2));
+    cr_assert_eq(job_of(t.s, t.lease.job_id).spent, 2 * UNIT_COST);
     assert_books(t.s);
     ar_store_close(t.s);
 }
 
 /* ---- a lost member ---------------------------------------------------------------- */
 
-Test(market_rules, a_lost_member_is_replaced_its_unkept_steps_reversed_and_asked_again_answered_the_same)
+Test(market_rules, a_lost_member_is_replaced_only_redone_steps_reversed_and_asked_again_answered_the_same)
 {
     two_stages t;
     lease_two(&t, AR_CREDITS(100), 0);
     ar_step_settlement paid;
     for (int64_t step = 0; step < 6; step++)
         cr_assert_eq(settle(&t, step, &paid), AR_OK, "%s", ar_last_error());
-    double before = provider(t.s, t.b).reliability;
     ar_lease l = lease_of(t.s, t.lease.lease_id);
 
-    /* b is lost; the checkpoint kept 4 steps: steps 4 and 5 of both stages are unpaid */
+    /* b is gone (the market's sweep found it silent); the checkpoint kept 4
+     * steps: b's payments for steps 4 and 5 are contested, nothing moves yet */
+    cr_assert_eq(ar_store_provider_mark_offline(t.s, t.b), AR_OK);
+    size_t rows = ledger_rows(t.s);
     ar_market_replacement r;
     cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, t.b, 4, "stopped answering", &r), AR_OK, "%s", ar_last_error());
+    cr_assert_not(r.unconfirmed);
     cr_assert(r.found);
     cr_assert_not(r.again);
     cr_assert_eq(r.replacement.p.id, t.spare);
     cr_assert_str_eq(r.replacement.account, "spare");
-    cr_assert_eq(r.replacement.flops_per_step, TF);
-    cr_assert_eq(r.reversed, 4);
-    cr_assert_eq(r.spent, AR_CREDITS(8));
-    ar_provider lost = provider(t.s, t.b);
-    cr_assert_float_eq(lost.reliability, before * AR_RELIABILITY_AFTER_LOSS, 1e-12);
-    cr_assert_not(lost.online);
-    cr_assert_eq(balance(t.s, t.owner_b), AR_CREDITS(4));
-    cr_assert_eq(balance(t.s, t.renter), AR_CREDITS(92));
+    cr_assert_eq(r.replacement.flops_per_step, UNIT_FLOPS);
+    cr_assert_eq(r.replacement.stage, 1);
+    cr_assert_eq(r.replacement.first_unit, 1);
+    cr_assert_eq(r.replacement.last_unit, 2);
+    cr_assert_eq(r.contested, 2);
+    cr_assert_eq(r.spent, 12 * UNIT_COST);
+    cr_assert_eq(r.n, 2);
+    cr_assert_eq(r.members[1].p.id, t.spare);
+    cr_assert_eq(r.members[1].p.price_per_tflop, AR_CREDITS(2));
+    cr_assert_eq(ledger_rows(t.s), rows);
+    cr_assert_float_eq(reliability(t.s, t.owner_b), AR_RELIABILITY_NEW * AR_RELIABILITY_AFTER_LOSS, 1e-12);
+    cr_assert_float_eq(provider(t.s, t.b).reliability, AR_RELIABILITY_NEW * AR_RELIABILITY_AFTER_LOSS, 1e-12);
+    cr_assert_eq(pending(t.s, t.owner_b), 6 * UNIT_COST);
+    cr_assert_eq(balance(t.s, t.renter), AR_CREDITS(100) - 12 * UNIT_COST);
     ar_lease_member *mem = NULL;
     size_t nm = 0;
     cr_assert_eq(ar_store_lease_members(t.s, l.id, &mem, &nm), AR_OK);
@@ -500,7 +648,6 @@ Test(market_rules, a_lost_member_is_replaced_its_unkept_steps_reversed_and_asked
     assert_books(t.s);
 
     /* the same question again (its answer was lost): the same answer, nothing twice */
-    size_t rows = ledger_rows(t.s);
     ar_market_replacement again;
     cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, t.b, 4, "stopped answering", &again), AR_OK, "%s", ar_last_error());
     cr_assert(again.again);
@@ -508,55 +655,178 @@ Test(market_rules, a_lost_member_is_replaced_its_unkept_steps_reversed_and_asked
     cr_assert_eq(again.replacement.p.id, r.replacement.p.id);
     cr_assert_str_eq(again.replacement.account, r.replacement.account);
     cr_assert_eq(again.replacement.flops_per_step, r.replacement.flops_per_step);
-    cr_assert_eq(again.reversed, r.reversed);
+    cr_assert_eq(again.contested, r.contested);
     cr_assert_eq(again.spent, r.spent);
     cr_assert_eq(ledger_rows(t.s), rows);
-    cr_assert_float_eq(provider(t.s, t.b).reliability, lost.reliability, 1e-12);
+    cr_assert_float_eq(reliability(t.s, t.owner_b), AR_RELIABILITY_NEW * AR_RELIABILITY_AFTER_LOSS, 1e-12);
     /* another checkpoint, or a provider never in the lease: refused */
     cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, t.b, 3, NULL, &again), AR_EINVAL);
     cr_assert(strstr(ar_last_error(), "not in the lease"), "%s", ar_last_error());
     cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, 999, 4, NULL, &again), AR_EINVAL);
 
-    /* the replacement's redo of step 4 is paid to it, at its price */
-    ar_stage_usage u[2] = {{0, t.a, TF}, {1, t.spare, TF}};
+    /* the replacement's redo of step 4 is paid to it, at its price, and
+     * gives back b's payment for that step; a's is not paid twice */
+    ar_stage_usage u[2] = {{0, t.a, 0}, {1, t.spare, 0}};
     cr_assert_eq(ar_rules_settle_step(t.s, &l, 4, u, 2, false, 0, &paid), AR_OK, "%s", ar_last_error());
-    cr_assert_eq(paid.paid, AR_CREDITS(3));
-    cr_assert_eq(balance(t.s, t.spare_owner), AR_CREDITS(2));
+    cr_assert_eq(paid.paid, 2 * UNIT_COST);
+    cr_assert_eq(paid.duplicates, 1);
+    cr_assert_eq(paid.reversed, 1);
+    cr_assert_eq(pending(t.s, t.spare_owner), 2 * UNIT_COST);
+    cr_assert_eq(pending(t.s, t.owner_b), 5 * UNIT_COST);
+    cr_assert_eq(balance(t.s, t.renter), AR_CREDITS(100) - 13 * UNIT_COST);
+    /* the job ends before step 5 is redone: b's step 5 stays b's */
+    ar_market_policy now = {.escrow_window_s = 0};
+    cr_assert_eq(ar_rules_release(t.s, &now, &l, AR_JOB_DONE, 5, NULL), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(balance(t.s, t.owner_b), 5 * UNIT_COST);
+    cr_assert_eq(pending(t.s, t.owner_b), 0);
     assert_books(t.s);
     ar_store_close(t.s);
 }
 
-Test(market_rules, a_lost_member_with_no_free_provider_leaves_its_place_empty)
+Test(market_rules, a_lost_member_with_no_free_provider_leaves_the_lease_replanned_over_the_rest)
 {
     two_stages t;
     lease_two(&t, AR_CREDITS(100), 0);
     cr_assert_eq(ar_store_provider_mark_offline(t.s, t.spare), AR_OK);
+    cr_assert_eq(ar_store_provider_mark_offline(t.s, t.a), AR_OK);
     ar_lease l = lease_of(t.s, t.lease.lease_id);
     ar_market_replacement r;
     cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, t.a, 0, NULL, &r), AR_OK, "%s", ar_last_error());
     cr_assert_not(r.found);
-    cr_assert_eq(r.reversed, 0);
+    cr_assert_eq(r.contested, 0);
+    cr_assert_eq(r.n, 1);
+    cr_assert_eq(r.members[0].p.id, t.b);
+    cr_assert_eq(r.members[0].stage, 0);
+    cr_assert_eq(r.members[0].first_unit, 0);
+    cr_assert_eq(r.members[0].last_unit, 2);
+    cr_assert_eq(r.members[0].flops_per_step, 2 * UNIT_FLOPS);
     ar_lease_member *mem = NULL;
     size_t nm = 0;
     cr_assert_eq(ar_store_lease_members(t.s, l.id, &mem, &nm), AR_OK);
     cr_assert_eq(nm, 1);
     cr_assert_eq(mem[0].provider_id, t.b);
     ar_free(mem);
+    cr_assert_eq(lease_of(t.s, l.id).plan, 1);
+    /* a step under the new plan: b alone, both layers */
+    ar_step_settlement paid;
+    ar_stage_usage u = {0, t.b, 0};
+    cr_assert_eq(ar_rules_settle_step(t.s, &l, 0, &u, 1, false, 0, &paid), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(paid.paid, 2 * UNIT_COST);
     /* asked again: still no replacement, nothing done twice */
     cr_assert_eq(ar_rules_replace(t.s, NULL, &l, NULL, t.a, 0, NULL, &r), AR_OK, "%s", ar_last_error());
     cr_assert(r.again);
     cr_assert_not(r.found);
+    assert_books(t.s);
     ar_store_close(t.s);
 }
 
-Test(market_rules, a_resume_without_enough_providers_marks_the_job_failed_at_its_checkpoint)
+Test(market_rules, a_loss_claim_is_checked_before_anything_moves)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    ar_step_settlement paid;
+    for (int64_t step = 0; step < 4; step++)
+        cr_assert_eq(settle(&t, step, &paid), AR_OK, "%s", ar_last_error());
+    ar_lease l = lease_of(t.s, t.lease.lease_id);
+    fake_net net = {.up = {true, true, true}};
+    ar_market_policy pol = {.allow_loopback = true, .probe = fake_probe, .probe_ctx = &net, .claim_quiet_s = 3600};
+    size_t rows = ledger_rows(t.s);
+    double rel = reliability(t.s, t.owner_b);
+
+    /* b answers the market: the claim is false, nothing changes, it counts */
+    ar_market_replacement r;
+    cr_assert_eq(ar_rules_replace(t.s, &pol, &l, t.lease.token, t.b, 0, "lost", &r), AR_ELIMIT);
+    cr_assert(strstr(ar_last_error(), "answered the market's Hello"), "%s", ar_last_error());
+    cr_assert(strstr(ar_last_error(), "nothing was reversed"), "%s", ar_last_error());
+    cr_assert_eq(net.calls, 1);
+    cr_assert_eq(ledger_rows(t.s), rows);
+    cr_assert_float_eq(reliability(t.s, t.owner_b), rel, 1e-12);
+    cr_assert(provider(t.s, t.b).online);
+    ar_account renter;
+    cr_assert_eq(ar_store_account_get(t.s, t.renter, &renter), AR_OK);
+    cr_assert_eq(renter.false_claims, 1);
+    cr_assert_eq(renter.confirmed_claims, 0);
+
+    /* b does not answer, but it still sends heartbeats: not confirmed yet */
+    net.up[1] = false;
+    cr_assert_eq(ar_rules_replace(t.s, &pol, &l, t.lease.token, t.b, 0, "lost", &r), AR_OK, "%s", ar_last_error());
+    cr_assert(r.unconfirmed);
+    cr_assert(r.retry_after_s >= 1);
+    cr_assert_not(r.found);
+    cr_assert_eq(ledger_rows(t.s), rows);
+    cr_assert(provider(t.s, t.b).online);
+    cr_assert_eq(ar_store_account_get(t.s, t.renter, &renter), AR_OK);
+    cr_assert_eq(renter.false_claims, 1);
+    /* its heartbeats stop too (the sweep marks it offline): confirmed */
+    cr_assert_eq(ar_store_provider_mark_offline(t.s, t.b), AR_OK);
+    cr_assert_eq(ar_rules_replace(t.s, &pol, &l, t.lease.token, t.b, 2, "lost", &r), AR_OK, "%s", ar_last_error());
+    cr_assert_not(r.unconfirmed);
+    cr_assert(r.found);
+    cr_assert_eq(r.contested, 2);
+    cr_assert_eq(ar_store_account_get(t.s, t.renter, &renter), AR_OK);
+    cr_assert_eq(renter.confirmed_claims, 1);
+
+    /* more false claims: at AR_MAX_FALSE_CLAIMS the account may make no more, nor lease */
+    l = lease_of(t.s, t.lease.lease_id);
+    for (int i = 1; i < AR_MAX_FALSE_CLAIMS; i++)
+        cr_assert_eq(ar_rules_replace(t.s, &pol, &l, t.lease.token, t.a, 0, "lost", &r), AR_ELIMIT);
+    int calls = net.calls;
+    cr_assert_eq(ar_rules_replace(t.s, &pol, &l, t.lease.token, t.a, 0, "lost", &r), AR_ELIMIT);
+    cr_assert(strstr(ar_last_error(), "it may make no more"), "%s", ar_last_error());
+    cr_assert_eq(net.calls, calls, "refused before the market dials anyone");
+    ar_market_lease_request q = ask(1, 1, 2);
+    ar_market_lease got;
+    bool too_few;
+    cr_assert_eq(ar_rules_acquire(t.s, &pol, t.renter, &q, &got, &too_few), AR_ELIMIT);
+    cr_assert(strstr(ar_last_error(), "takes no more leases"), "%s", ar_last_error());
+    assert_books(t.s);
+    ar_store_close(t.s);
+}
+
+Test(market_rules, an_audit_failure_gives_back_what_escrow_holds_and_confirms_a_claim)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    ar_step_settlement paid;
+    for (int64_t step = 0; step < 5; step++)
+        cr_assert_eq(settle(&t, step, &paid), AR_OK, "%s", ar_last_error());
+    ar_lease l = lease_of(t.s, t.lease.lease_id);
+    /* a's work up to step 1 verified: released at once; b's step 0 */
+    int released = -1;
+    cr_assert_eq(ar_rules_audit_passed(t.s, &l, t.a, 1, &released), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(released, 2);
+    cr_assert_eq(balance(t.s, t.owner_a), 2 * UNIT_COST);
+    cr_assert_eq(ar_rules_audit_passed(t.s, &l, t.b, 0, NULL), AR_OK);
+    /* an audit of b at step 3 failed (the market confirmed it): what escrow
+     * holds for b in this job goes back to the renter */
+    int64_t back = -1;
+    cr_assert_eq(ar_rules_audit_failed(t.s, &l, t.b, 3, 1, "{\"step\": 3, \"stage\": 1}", &back), AR_OK, "%s",
+                 ar_last_error());
+    cr_assert_eq(back, 4 * UNIT_COST);
+    cr_assert_eq(pending(t.s, t.owner_b), 0);
+    cr_assert_eq(balance(t.s, t.owner_b), UNIT_COST);
+    cr_assert_float_eq(reliability(t.s, t.owner_b), 0, 1e-12);
+    cr_assert_eq(balance(t.s, t.renter), AR_CREDITS(100) - 6 * UNIT_COST);
+    /* a loss claim against it holds, though its worker answers */
+    fake_net net = {.up = {true, true, true}};
+    ar_market_policy pol = {.allow_loopback = true, .probe = fake_probe, .probe_ctx = &net};
+    ar_market_replacement r;
+    cr_assert_eq(ar_rules_replace(t.s, &pol, &l, NULL, t.b, 3, "audit failed", &r), AR_OK, "%s", ar_last_error());
+    cr_assert(r.found);
+    cr_assert_eq(net.calls, 1); /* the replacement checked, not b */
+    assert_books(t.s);
+    ar_store_close(t.s);
+}
+
+Test(market_rules, a_resume_reverses_nothing_and_without_enough_providers_marks_the_job_failed)
 {
     two_stages t;
     lease_two(&t, AR_CREDITS(100), 0);
     ar_step_settlement paid;
     for (int64_t step = 0; step < 3; step++)
         cr_assert_eq(settle(&t, step, &paid), AR_OK, "%s", ar_last_error());
-    ar_market_lease_request q = ask(4, 10, 2 * TF);
+    size_t rows = ledger_rows(t.s);
+    ar_market_lease_request q = ask(4, 10, 4);
     q.resume_job = t.lease.job_id;
     q.kept_steps = 2;
     ar_market_lease got;
@@ -567,16 +837,32 @@ Test(market_rules, a_resume_without_enough_providers_marks_the_job_failed_at_its
     ar_job j = job_of(t.s, t.lease.job_id);
     cr_assert_eq(j.status, AR_JOB_FAILED);
     cr_assert_eq(j.step, 2);
-    cr_assert_eq(j.spent, AR_CREDITS(4)); /* step 2 was not kept: unpaid */
+    cr_assert_eq(j.spent, 6 * UNIT_COST); /* step 2 is not kept by the checkpoint, but it was done */
+    cr_assert_eq(ledger_rows(t.s), rows);
     /* resumed again with what is free, it runs from its checkpoint */
-    q.devices = 2;
+    q = ask(2, 10, 2);
+    q.resume_job = t.lease.job_id;
+    q.kept_steps = 2;
     cr_assert_eq(ar_rules_acquire(t.s, NULL, t.renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
     cr_assert_eq(got.job_id, t.lease.job_id);
     j = job_of(t.s, t.lease.job_id);
     cr_assert_eq(j.status, AR_JOB_RUNNING);
     cr_assert_eq(j.step, 2);
+    cr_assert_eq(ledger_rows(t.s), rows);
+    /* a finished job resumed from step 0, refused for too few: still done, nothing reversed */
+    ar_lease l2 = lease_of(t.s, got.lease_id);
+    cr_assert_eq(ar_rules_release(t.s, NULL, &l2, AR_JOB_DONE, 3, NULL), AR_OK);
+    q = ask(4, 10, 4);
+    q.resume_job = t.lease.job_id;
+    cr_assert_eq(ar_rules_acquire(t.s, NULL, t.renter, &q, &got, &too_few), AR_ELIMIT);
+    j = job_of(t.s, t.lease.job_id);
+    cr_assert_eq(j.status, AR_JOB_DONE);
+    cr_assert_eq(j.step, 3);
+    cr_assert_eq(ledger_rows(t.s), rows);
     /* another renter's job cannot be resumed */
     int64_t other = new_account(t.s, "other", AR_CREDITS(100));
+    q = ask(2, 10, 2);
+    q.resume_job = t.lease.job_id;
     cr_assert_eq(ar_rules_acquire(t.s, NULL, other, &q, &got, &too_few), AR_ENOTFOUND);
     cr_assert_not(too_few);
     assert_books(t.s);
@@ -593,8 +879,8 @@ Test(market_rules, release_ends_the_lease_and_the_job)
     cr_assert_eq(settle(&t, 0, &paid), AR_OK, "%s", ar_last_error());
     ar_lease l = lease_of(t.s, t.lease.lease_id);
     int64_t spent = -1;
-    cr_assert_eq(ar_rules_release(t.s, &l, AR_JOB_DONE, 1, &spent), AR_OK, "%s", ar_last_error());
-    cr_assert_eq(spent, AR_CREDITS(2));
+    cr_assert_eq(ar_rules_release(t.s, NULL, &l, AR_JOB_DONE, 1, &spent), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(spent, 2 * UNIT_COST);
     ar_job j = job_of(t.s, l.job_id);
     cr_assert_eq(j.status, AR_JOB_DONE);
     cr_assert_eq(j.step, 1);
@@ -602,36 +888,147 @@ Test(market_rules, release_ends_the_lease_and_the_job)
     bool leased = true;
     cr_assert_eq(ar_store_provider_leased(t.s, t.a, &leased), AR_OK);
     cr_assert_not(leased);
+    /* the default window holds the pay a while after the end */
+    ar_market_policy dflt = {.escrow_window_s = AR_ESCROW_DEFAULT_WINDOW_S};
+    int n = -1;
+    cr_assert_eq(ar_rules_settle_escrow(t.s, &dflt, (int64_t)time(NULL), &n), AR_OK);
+    cr_assert_eq(n, 0);
+    cr_assert_eq(ar_rules_settle_escrow(t.s, &dflt, (int64_t)time(NULL) + AR_ESCROW_DEFAULT_WINDOW_S, &n), AR_OK);
+    cr_assert_eq(n, 2);
+    cr_assert_eq(balance(t.s, t.owner_a), UNIT_COST);
+    assert_books(t.s);
     ar_store_close(t.s);
 }
 
-Test(market_rules, a_registration_again_keeps_the_markets_record_of_reliability)
+Test(market_rules, reliability_is_the_accounts_whatever_address_it_registers)
 {
     ar_store *s = open_db();
     int64_t owner = new_account(s, "owner", 0);
     int64_t id = new_provider(s, owner, 5001, 100, (int64_t)1 << 30, AR_CREDITS(1));
-    cr_assert_float_eq(provider(s, id).reliability, 1.0, 1e-12);
+    cr_assert_float_eq(provider(s, id).reliability, AR_RELIABILITY_NEW, 1e-12);
     /* lost once in a lease */
     int64_t renter = new_account(s, "renter", AR_CREDITS(10));
     ar_market_lease got;
     bool too_few;
-    ar_market_lease_request q = ask(1, 1, TF);
+    ar_market_lease_request q = ask(1, 1, 2);
     cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
     ar_lease l = lease_of(s, got.lease_id);
     ar_market_replacement r;
+    cr_assert_eq(ar_store_provider_mark_offline(s, id), AR_OK);
     cr_assert_eq(ar_rules_replace(s, NULL, &l, NULL, id, 0, NULL, &r), AR_OK, "%s", ar_last_error());
-    /* back with a new profile at the same address: same id, reliability kept */
+    const double lost = AR_RELIABILITY_NEW * AR_RELIABILITY_AFTER_LOSS;
+    /* back with a new profile at the same address: same id, the account's record */
     int64_t again = new_provider(s, owner, 5001, 200, (int64_t)1 << 30, AR_CREDITS(2));
     cr_assert_eq(again, id);
     ar_provider p = provider(s, id);
-    cr_assert_float_eq(p.reliability, AR_RELIABILITY_AFTER_LOSS, 1e-12);
+    cr_assert_float_eq(p.reliability, lost, 1e-12);
     cr_assert_float_eq(p.gflops, 200, 1e-12);
     cr_assert(p.online);
-    /* at another address it is another provider, starting at 1 */
-    int64_t other = new_provider(s, owner, 5002, 100, (int64_t)1 << 30, AR_CREDITS(1));
+    /* at another address, spelled another way: another provider, the same record */
+    ar_provider other_p = {.account_id = owner, .gflops = 100, .mem_bytes = (int64_t)1 << 30, .cores = 4};
+    snprintf(other_p.address, sizeof other_p.address, "localhost:5001");
+    int64_t other = 0;
+    cr_assert_eq(ar_rules_register_provider(s, &other_p, &other), AR_OK, "%s", ar_last_error());
     cr_assert_neq(other, id);
-    cr_assert_float_eq(provider(s, other).reliability, 1.0, 1e-12);
+    cr_assert_float_eq(provider(s, other).reliability, lost, 1e-12);
+    /* a new account starts below an established one */
+    int64_t vet = new_account(s, "veteran", 0);
+    cr_assert_eq(ar_store_account_set_reliability(s, vet, 0.9), AR_OK);
+    cr_assert_eq(ar_store_account_set_reliability(s, vet, 1.5), AR_EINVAL);
+    int64_t newbie = new_account(s, "newbie", 0);
+    cr_assert(reliability(s, newbie) < reliability(s, vet));
     ar_store_close(s);
+}
+
+/* ---- speed ------------------------------------------------------------------------------ */
+
+Test(market_rules, speed_is_the_claim_until_observed_then_what_was_observed)
+{
+    ar_provider p = {.id = 1, .account_id = 1, .gflops = 100};
+    cr_assert_float_eq(ar_rules_speed(&p), 100, 1e-9);
+    /* 1e11 FLOPs in 10 busy seconds: 10 GFLOP/s, the prior worth 1e8 of them */
+    p.obs_flops = 1e11;
+    p.obs_busy_s = 10;
+    p.obs_claim_flops = 10 * 100e9;
+    p.acct_obs_flops = p.obs_flops;
+    p.acct_obs_claim_flops = p.obs_claim_flops;
+    double v = ar_rules_speed(&p);
+    cr_assert(v > 9.9 && v < 10.1, "%g", v);
+    /* a new provider of an account whose claims held up at a tenth starts at a tenth of its claim */
+    ar_provider fresh = {.id = 2, .account_id = 1, .gflops = 100, .acct_obs_flops = 1e11, .acct_obs_claim_flops = 1e12};
+    cr_assert_float_eq(ar_rules_speed(&fresh), 10, 1e-9);
+}
+
+Test(market_rules, a_provider_far_slower_than_its_claim_loses_rank)
+{
+    const int64_t G = (int64_t)1 << 30;
+    ar_provider ps[] = {
+        /* claims the most speed, for nothing; observed at 1 GFLOP/s */
+        {.id = 1, .account_id = 1, .gflops = 1e9, .mem_bytes = G, .price_per_tflop = 0, .reliability = 1,
+         .obs_flops = 1e11, .obs_busy_s = 100, .obs_claim_flops = 100 * 1e18, .acct_obs_flops = 1e11,
+         .acct_obs_claim_flops = 100 * 1e18},
+        /* honest and dear: claims 50, observed 5 (a tenth, as the market's claims go) */
+        {.id = 2, .account_id = 2, .gflops = 50, .mem_bytes = G, .price_per_tflop = AR_CREDITS(400), .reliability = 1,
+         .obs_flops = 5e11, .obs_busy_s = 100, .obs_claim_flops = 100 * 50e9, .acct_obs_flops = 5e11,
+         .acct_obs_claim_flops = 100 * 50e9},
+        /* honest, not observed yet */
+        {.id = 3, .account_id = 3, .gflops = 5, .mem_bytes = G, .price_per_tflop = AR_CREDITS(400), .reliability = 1},
+    };
+    ar_ranked rk[3];
+    ar_rules_rank(ps, 3, rk);
+    cr_assert_eq(rk[2].p->id, 1, "the liar ranks last, price 0 or not");
+    cr_assert(rk[2].score < 1e-6 * rk[1].score, "%g vs %g", rk[2].score, rk[1].score);
+    /* alone, judged against nobody else's claims, it still loses to an unobserved one */
+    ar_provider two[2] = {ps[0], ps[2]};
+    ar_rules_rank(two, 2, rk);
+    cr_assert_eq(rk[0].p->id, 3);
+    /* without observations the claim is all there is: it would win */
+    two[0].obs_flops = two[0].obs_busy_s = two[0].obs_claim_flops = 0;
+    two[0].acct_obs_flops = two[0].acct_obs_claim_flops = 0;
+    ar_rules_rank(two, 2, rk);
+    cr_assert_eq(rk[0].p->id, 1);
+}
+
+Test(market_rules, progress_reports_are_observations_of_each_members_speed)
+{
+    two_stages t;
+    lease_two(&t, AR_CREDITS(100), 0);
+    ar_lease l = lease_of(t.s, t.lease.lease_id);
+    ar_market_progress_report r = {.live = {.step = 10, .total_steps = 100, .items_per_s = 1, .unit = "samples",
+                                            .eta_s = 1, .wall_s = 2}};
+    ar_stage_time times[2] = {{.step = 10, .stage = 0, .wall_s = 2, .busy_s = 1.0},
+                              {.step = 10, .stage = 1, .wall_s = 2, .busy_s = 1.5}};
+    r.times = times;
+    r.n_times = 2;
+    cr_assert_eq(ar_rules_report_progress(t.s, &l, &r), AR_OK, "%s", ar_last_error());
+    /* the first report is a baseline: nothing observed yet */
+    cr_assert_float_eq(provider(t.s, t.a).obs_flops, 0, 1e-9);
+    /* 10 more steps: a busy 3 s more (2e10 FLOP/s), b 6 s more */
+    r.live.step = 20;
+    r.live.wall_s = times[0].wall_s = times[1].wall_s = 10;
+    times[0].busy_s = 4.0;
+    times[1].busy_s = 7.5;
+    cr_assert_eq(ar_rules_report_progress(t.s, &l, &r), AR_OK, "%s", ar_last_error());
+    ar_provider a = provider(t.s, t.a), b = provider(t.s, t.b);
+    cr_assert_float_eq(a.obs_flops, 10.0 * UNIT_FLOPS, 1);
+    cr_assert_float_eq(a.obs_busy_s, 3.0, 1e-9);
+    cr_assert_float_eq(a.obs_claim_flops, 3.0 * 100e9, 1);
+    cr_assert_float_eq(b.obs_busy_s, 6.0, 1e-9);
+    double va = ar_rules_speed(&a), vb = ar_rules_speed(&b);
+    cr_assert(va > 19 && va < 21, "%g", va);
+    cr_assert(vb > 9.5 && vb < 10.5, "%g", vb);
+    /* nonsense (busy beyond the wall time), or going back, observes nothing */
+    r.live.step = 30;
+    r.live.wall_s = times[0].wall_s = times[1].wall_s = 11;
+    times[0].busy_s = 100;
+    times[1].busy_s = 8.0;
+    cr_assert_eq(ar_rules_report_progress(t.s, &l, &r), AR_OK, "%s", ar_last_error());
+    cr_assert_float_eq(provider(t.s, t.a).obs_busy_s, 3.0, 1e-9);
+    cr_assert_float_eq(provider(t.s, t.b).obs_busy_s, 6.5, 1e-9);
+    /* a renter's word about its own providers is no observation */
+    int64_t own = new_provider(t.s, t.renter, 5010, 100, (int64_t)1 << 30, 0);
+    (void)own;
+    ar_store_close(t.s);
 }
 
 /* A two-stage plan, the second stage a tensor-parallel pair. */
@@ -681,11 +1078,12 @@ Test(market_rules, progress_keeps_the_plan_until_a_new_one_comes)
                                             .eta_s = 7, .wall_s = 2},
                                    .times = times, .n_times = 1, .has_val = true, .val_step = 3, .val_loss = 1.25,
                                    .plan = &plan};
-    cr_assert_eq(ar_rules_report_progress(t.s, t.lease.job_id, &r), AR_OK, "%s", ar_last_error());
+    ar_lease l = lease_of(t.s, t.lease.lease_id);
+    cr_assert_eq(ar_rules_report_progress(t.s, &l, &r), AR_OK, "%s", ar_last_error());
     r.plan = NULL;
     r.live.step = 4;
     r.has_val = false;
-    cr_assert_eq(ar_rules_report_progress(t.s, t.lease.job_id, &r), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_report_progress(t.s, &l, &r), AR_OK, "%s", ar_last_error());
     ar_job_live live;
     cr_assert_eq(ar_store_job_live_get(t.s, t.lease.job_id, &live), AR_OK, "%s", ar_last_error());
     cr_assert_eq(live.step, 4);
@@ -764,6 +1162,20 @@ Test(market_rules, each_member_gets_its_own_ticket_which_opens_nothing_else)
     cr_assert_eq(got.n, 2);
     cr_assert_str_eq(got.addresses[0], "127.0.0.1:5001");
     cr_assert_str_eq(got.addresses[1], "127.0.0.1:5002");
+    /* and what it is paid to hold: its units of the lease's model, in its micro-batches */
+    cr_assert(got.has_plan);
+    cr_assert_eq(got.first_unit, 0);
+    cr_assert_eq(got.last_unit, 1);
+    cr_assert_eq(got.mb_rows, MB_ROWS);
+    cr_assert_eq(got.micro_batches, 1);
+    char *spec = NULL, digest[AR_TOKEN_LEN];
+    cr_assert_eq(ar_store_lease_spec(t.s, t.lease.lease_id, &spec), AR_OK);
+    cr_assert_eq(ar_rules_sha256_hex(spec, digest), AR_OK);
+    free(spec);
+    cr_assert_str_eq(got.spec_sha256, digest);
+    cr_assert_eq(ar_rules_check_ticket(t.s, t.b, tb, &got), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(got.first_unit, 1);
+    cr_assert_eq(got.last_unit, 2);
     /* not the other provider's */
     cr_assert_eq(ar_rules_check_ticket(t.s, t.b, ta, &got), AR_EINVAL);
     cr_assert_eq(ar_rules_check_ticket(t.s, t.a, tb, &got), AR_EINVAL);
@@ -788,7 +1200,7 @@ Test(market_rules, each_member_gets_its_own_ticket_which_opens_nothing_else)
     cr_assert_str_eq(ticket, ta); /* the same ticket again */
     /* released, the lease's tickets open nothing */
     l = lease_of(t.s, t.lease.lease_id);
-    cr_assert_eq(ar_rules_release(t.s, &l, AR_JOB_DONE, 0, NULL), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(ar_rules_release(t.s, NULL, &l, AR_JOB_DONE, 0, NULL), AR_OK, "%s", ar_last_error());
     cr_assert_eq(ar_rules_check_ticket(t.s, t.a, ta, &got), AR_ENOTFOUND);
     ar_store_close(t.s);
 }
@@ -801,6 +1213,7 @@ Test(market_rules, a_replacement_gets_a_ticket_and_the_lost_members_ticket_dies)
     memcpy(lost_ticket, t.lease.providers[1].ticket, sizeof lost_ticket);
     ar_lease l = lease_of(t.s, t.lease.lease_id);
     ar_market_replacement r, again;
+    cr_assert_eq(ar_store_provider_mark_offline(t.s, t.b), AR_OK); /* its heartbeats stopped */
     cr_assert_eq(ar_rules_replace(t.s, NULL, &l, t.lease.token, t.b, 0, "lost", &r), AR_OK, "%s", ar_last_error());
     cr_assert(r.found);
     cr_assert_eq(strlen(r.replacement.ticket), AR_TOKEN_LEN - 1);
@@ -899,21 +1312,6 @@ Test(market_rules, addresses_renters_must_not_be_sent_to_are_refused)
     cr_assert_not(ar_rules_host_is_loopback("10.0.0.7:7000"));
 }
 
-/* A fake reachability check: answers from a table the test sets, and counts. */
-typedef struct {
-    bool up[8]; /* by port - 5001 */
-    int calls;
-} fake_net;
-
-static bool fake_probe(void *ctx, const char *address)
-{
-    fake_net *f = ctx;
-    f->calls++;
-    const char *colon = strrchr(address, ':');
-    int port = colon ? atoi(colon + 1) : 0;
-    return port >= 5001 && port < 5009 && f->up[port - 5001];
-}
-
 static int64_t admit(ar_store *s, const ar_market_policy *pol, int64_t account, int port, ar_reach *reach)
 {
     ar_provider p = {.account_id = account, .gflops = 100, .mem_bytes = (int64_t)1 << 30, .cores = 2,
@@ -984,7 +1382,7 @@ Test(market_rules, reachability_moves_between_states_as_checks_answer)
     cr_assert(ar_rules_leasable(NULL, &p)); /* a market that does not check */
 
     /* a lease considers it, checks again, fails again: too few */
-    ar_market_lease_request q = ask(1, 1, TF);
+    ar_market_lease_request q = ask(1, 1, 2);
     ar_market_lease got;
     bool too_few = false;
     cr_assert_eq(ar_rules_acquire(s, &pol, renter, &q, &got, &too_few), AR_ELIMIT);
@@ -1038,12 +1436,15 @@ Test(market_rules, a_replacement_is_a_provider_the_market_reaches)
     lease_two(&t, AR_CREDITS(100), 0);
     fake_net net = {0};
     ar_market_policy pol = {.allow_loopback = true, .probe = fake_probe, .probe_ctx = &net};
-    /* the spare (port 5003) does not answer: no replacement */
+    /* b (port 5002) is gone; the spare (port 5003) does not answer either:
+     * no replacement, the lease re-planned over a */
     ar_lease l = lease_of(t.s, t.lease.lease_id);
     ar_market_replacement r;
+    cr_assert_eq(ar_store_provider_mark_offline(t.s, t.b), AR_OK);
     cr_assert_eq(ar_rules_replace(t.s, &pol, &l, t.lease.token, t.b, 0, "lost", &r), AR_OK, "%s", ar_last_error());
     cr_assert_not(r.found);
-    cr_assert_eq(net.calls, 1);
+    cr_assert_eq(r.n, 1);
+    cr_assert_eq(net.calls, 2); /* b, then the spare */
     cr_assert_eq(provider(t.s, t.spare).reach, AR_REACH_UNREACHABLE);
     ar_store_close(t.s);
 }

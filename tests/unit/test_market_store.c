@@ -9,12 +9,14 @@
 #include "core/core.h"
 
 #include <criterion/criterion.h>
+#include <math.h>
 #include <openssl/evp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -56,6 +58,23 @@ static int64_t balance(ar_store *s, int64_t id)
     int64_t b = 0;
     cr_assert_eq(ar_store_account_balance(s, id, &b), 0, "%s", ar_last_error());
     return b;
+}
+
+/* What escrow holds for an account's providers. */
+static int64_t pending(ar_store *s, int64_t id)
+{
+    int64_t v = -1;
+    cr_assert_eq(ar_store_account_pending(s, id, &v), 0, "%s", ar_last_error());
+    return v;
+}
+
+/* The job ends and its escrow is released (a settling window of 0). */
+static int end_and_settle(ar_store *s, int64_t job)
+{
+    int n = -1;
+    cr_assert_eq(ar_store_job_update(s, job, AR_JOB_DONE, 0), 0, "%s", ar_last_error());
+    cr_assert_eq(ar_store_escrow_release(s, (int64_t)time(NULL), 0, &n), 0, "%s", ar_last_error());
+    return n;
 }
 
 static void assert_books(ar_store *s, int64_t *transfers)
@@ -138,15 +157,15 @@ Test(market_store, migrations_fresh_then_idempotent_reopen)
         s = open_db();
         cr_assert_eq(ar_store_schema_version(s, &v), 0);
         cr_assert_eq(v, AR_STORE_SCHEMA_VERSION);
-        /* no migration ran twice: one mint, the data survived */
+        /* no migration ran twice: one mint, one escrow, the data survived */
         ar_account *accs = NULL;
         size_t n = 0;
         cr_assert_eq(ar_store_account_list(s, &accs, &n), 0);
-        cr_assert_eq(n, 2);
+        cr_assert_eq(n, 3);
         int sys = 0;
         for (size_t k = 0; k < n; k++)
             sys += accs[k].system;
-        cr_assert_eq(sys, 1);
+        cr_assert_eq(sys, 2);
         ar_free(accs);
         cr_assert_eq(balance(s, alice), AR_CREDITS(5));
         assert_books(s, NULL);
@@ -338,8 +357,8 @@ Test(market_store, usage_transfers_balance_and_sum_zero)
         cr_assert_eq(ar_store_ledger_sum(s, &sum), 0);
         cr_assert_eq(sum, 0);
     }
-    cr_assert_eq(balance(s, pa), AR_CREDITS(40));
-    cr_assert_eq(balance(s, pb), AR_CREDITS(30));
+    cr_assert_eq(pending(s, pa), AR_CREDITS(40));
+    cr_assert_eq(pending(s, pb), AR_CREDITS(30));
     cr_assert_eq(balance(s, renter), AR_CREDITS(1000 - 70));
     ar_job j;
     cr_assert_eq(ar_store_job_get(s, job, &j), 0);
@@ -365,7 +384,7 @@ Test(market_store, usage_transfers_balance_and_sum_zero)
     ar_store_close(s);
 }
 
-Test(market_store, same_work_reported_twice_is_paid_once)
+Test(market_store, same_work_reported_twice_is_paid_once_into_escrow)
 {
     ar_store *s = open_db();
     int64_t renter = new_account(s, "renter", AR_CREDITS(100));
@@ -386,13 +405,19 @@ Test(market_store, same_work_reported_twice_is_paid_once)
         cr_assert_eq(r, AR_USAGE_DUP);
     }
     cr_assert_eq(ledger_rows(s), rows);
-    cr_assert_eq(balance(s, pa), AR_CREDITS(1));
+    /* held in escrow: the provider's, not yet spendable */
+    cr_assert_eq(balance(s, pa), 0);
+    cr_assert_eq(pending(s, pa), AR_CREDITS(1));
     cr_assert_eq(balance(s, renter), AR_CREDITS(99));
+    assert_books(s, NULL);
+    cr_assert_eq(end_and_settle(s, job), 1);
+    cr_assert_eq(balance(s, pa), AR_CREDITS(1));
+    cr_assert_eq(pending(s, pa), 0);
     assert_books(s, NULL);
     ar_store_close(s);
 }
 
-Test(market_store, redone_by_another_provider_is_paid_to_the_last_one)
+Test(market_store, another_provider_doing_the_same_work_is_paid_besides_and_reverses_nothing)
 {
     ar_store *s = open_db();
     int64_t renter = new_account(s, "renter", AR_CREDITS(100));
@@ -404,28 +429,26 @@ Test(market_store, redone_by_another_provider_is_paid_to_the_last_one)
     ar_usage_result r;
     cr_assert_eq(ar_store_usage_record(s, job, 5, p0, 0, tf, AR_CREDITS(1), &r), 0);
     cr_assert_eq(r, AR_USAGE_PAID);
-    /* stage 0 of step 5 redone on p1 after a rollback */
-    cr_assert_eq(ar_store_usage_record(s, job, 5, p1, 0, tf, AR_CREDITS(2), &r), 0, "%s",
-                 ar_last_error());
-    cr_assert_eq(r, AR_USAGE_REISSUED);
-    cr_assert_eq(balance(s, pa), 0);
-    cr_assert_eq(balance(s, pb), AR_CREDITS(2));
-    cr_assert_eq(balance(s, renter), AR_CREDITS(98));
-    /* and reported again by p1: still once */
+    /* stage 0 of step 5 done again by p1: p0's work was not contested, so
+     * it stays p0's; p1 is paid for its own */
+    cr_assert_eq(ar_store_usage_record(s, job, 5, p1, 0, tf, AR_CREDITS(2), &r), 0, "%s", ar_last_error());
+    cr_assert_eq(r, AR_USAGE_PAID);
+    cr_assert_eq(pending(s, pa), AR_CREDITS(1));
+    cr_assert_eq(pending(s, pb), AR_CREDITS(2));
+    cr_assert_eq(balance(s, renter), AR_CREDITS(97));
     cr_assert_eq(ar_store_usage_record(s, job, 5, p1, 0, tf, AR_CREDITS(2), &r), 0);
     cr_assert_eq(r, AR_USAGE_DUP);
-    cr_assert_eq(balance(s, pb), AR_CREDITS(2));
     ar_job j;
     cr_assert_eq(ar_store_job_get(s, job, &j), 0);
-    cr_assert_eq(j.spent, AR_CREDITS(2));
+    cr_assert_eq(j.spent, AR_CREDITS(3));
     ar_store_job_clear(&j);
     int64_t transfers = 0;
     assert_books(s, &transfers);
-    cr_assert_eq(transfers, 4); /* mint, usage, reversal, usage */
+    cr_assert_eq(transfers, 3); /* mint, usage, usage */
     ar_store_close(s);
 }
 
-Test(market_store, rollback_unpays_steps_not_kept)
+Test(market_store, escrow_releases_at_the_end_of_the_window_or_when_verified)
 {
     ar_store *s = open_db();
     int64_t renter = new_account(s, "renter", AR_CREDITS(100));
@@ -433,21 +456,92 @@ Test(market_store, rollback_unpays_steps_not_kept)
     int64_t p0 = new_provider(s, pa, "h:1", AR_CREDITS(1));
     int64_t job = new_job(s, renter, 0);
     const int64_t tf = 1000000000000LL;
-    for (int64_t stp = 1; stp <= 5; stp++)
+    ar_lease_member m = {.provider_id = p0, .stage = 0, .flops_per_step = tf, .price_per_tflop = AR_CREDITS(1),
+                         .first_unit = 0, .last_unit = 1, .verified_step = -1};
+    char tok[AR_TOKEN_LEN];
+    int64_t lease = 0;
+    cr_assert_eq(ar_store_lease_create(s, job, renter, &m, 1, 10, 0, NULL, tok, &lease, NULL), 0, "%s",
+                 ar_last_error());
+    for (int64_t stp = 0; stp < 6; stp++)
         cr_assert_eq(ar_store_usage_record(s, job, stp, p0, 0, tf, AR_CREDITS(1), NULL), 0);
-    int reversed = -1;
-    cr_assert_eq(ar_store_usage_rollback(s, job, 3, &reversed), 0, "%s", ar_last_error());
-    cr_assert_eq(reversed, 2);
+    int n = -1;
+    int64_t now = (int64_t)time(NULL);
+    /* running: nothing is due */
+    cr_assert_eq(ar_store_escrow_release(s, now, 0, &n), 0);
+    cr_assert_eq(n, 0);
+    cr_assert_eq(pending(s, pa), AR_CREDITS(6));
+    /* an audit verified steps 0-2: those are released at once, the rest held */
+    cr_assert_eq(ar_store_member_verified(s, lease, p0, 2, &n), 0, "%s", ar_last_error());
+    cr_assert_eq(n, 3);
     cr_assert_eq(balance(s, pa), AR_CREDITS(3));
-    cr_assert_eq(balance(s, renter), AR_CREDITS(97));
-    /* the redo of step 4 is paid afresh, once */
-    ar_usage_result r;
-    cr_assert_eq(ar_store_usage_record(s, job, 4, p0, 0, tf, AR_CREDITS(1), &r), 0);
-    cr_assert_eq(r, AR_USAGE_PAID);
-    cr_assert_eq(balance(s, pa), AR_CREDITS(4));
+    cr_assert_eq(pending(s, pa), AR_CREDITS(3));
+    cr_assert_eq(ar_store_member_verified(s, lease, p0, 1, &n), 0); /* it only grows */
+    cr_assert_eq(n, 0);
+    cr_assert_eq(ar_store_member_verified(s, lease, 999, 1, &n), AR_ENOTFOUND);
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    cr_assert_eq(ar_store_lease_members(s, lease, &mem, &nm), 0);
+    cr_assert_eq(mem[0].verified_step, 2);
+    ar_free(mem);
+    /* the job ends: held until its window has passed */
+    cr_assert_eq(ar_store_job_update(s, job, AR_JOB_DONE, 6), 0);
+    cr_assert_eq(ar_store_escrow_release(s, now, 3600, &n), 0);
+    cr_assert_eq(n, 0);
+    cr_assert_eq(ar_store_escrow_release(s, now + 3600, 3600, &n), 0);
+    cr_assert_eq(n, 3);
+    cr_assert_eq(balance(s, pa), AR_CREDITS(6));
+    cr_assert_eq(pending(s, pa), 0);
+    /* work paid by another account raised the provider account's reliability */
+    ar_account acc;
+    cr_assert_eq(ar_store_account_get(s, pa, &acc), 0);
+    cr_assert_float_eq(acc.reliability, 1 - (1 - AR_RELIABILITY_NEW) * pow(AR_RELIABILITY_GROWTH, 6), 1e-9);
+    cr_assert_eq(ar_store_escrow_release(s, now, -1, &n), AR_EINVAL);
+    assert_books(s, NULL);
+    ar_store_close(s);
+}
+
+Test(market_store, an_audit_failure_gives_the_renter_back_what_escrow_holds_for_the_provider)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100));
+    int64_t pa = new_account(s, "pa", 0);
+    int64_t p0 = new_provider(s, pa, "h:1", AR_CREDITS(1));
+    int64_t job = new_job(s, renter, 0);
+    const int64_t tf = 1000000000000LL;
+    ar_lease_member m = {.provider_id = p0, .stage = 0, .flops_per_step = tf, .price_per_tflop = AR_CREDITS(1),
+                         .first_unit = 0, .last_unit = 1, .verified_step = -1};
+    char tok[AR_TOKEN_LEN];
+    int64_t lease = 0, back = -1;
+    cr_assert_eq(ar_store_lease_create(s, job, renter, &m, 1, 10, 0, NULL, tok, &lease, NULL), 0);
+    for (int64_t stp = 0; stp < 5; stp++)
+        cr_assert_eq(ar_store_usage_record(s, job, stp, p0, 0, tf, AR_CREDITS(1), NULL), 0);
+    cr_assert_eq(ar_store_member_verified(s, lease, p0, 1, NULL), 0); /* steps 0-1 are its */
+    bool failed = true;
+    cr_assert_eq(ar_store_audit_failed(s, job, p0, &failed), 0);
+    cr_assert(!failed);
+    ar_audit_failure f = {.lease_id = lease, .provider_id = p0, .step = 3, .stage = 0,
+                          .evidence = "{\"step\": 3, \"output\": \"sha256 of what it sent\"}"};
+    ar_audit_failure stranger = f;
+    stranger.provider_id = 999;
+    cr_assert_eq(ar_store_audit_failure(s, &stranger, NULL), AR_ENOTFOUND);
+    cr_assert_eq(ar_store_audit_failure(s, &f, &back), 0, "%s", ar_last_error());
+    cr_assert_eq(back, AR_CREDITS(3));
+    cr_assert_eq(balance(s, renter), AR_CREDITS(98));
+    cr_assert_eq(balance(s, pa), AR_CREDITS(2));
+    cr_assert_eq(pending(s, pa), 0);
+    cr_assert_eq(ar_store_audit_failed(s, job, p0, &failed), 0);
+    cr_assert(failed);
+    ar_account acc;
+    cr_assert_eq(ar_store_account_get(s, pa, &acc), 0);
+    cr_assert_float_eq(acc.reliability, 0.0, 1e-12);
+    /* and it stays at 0: a caught cheat earns no reliability back */
+    cr_assert_eq(ar_store_usage_record(s, job, 5, p0, 0, tf, AR_CREDITS(1), NULL), 0);
+    cr_assert_eq(end_and_settle(s, job), 1);
+    cr_assert_eq(ar_store_account_get(s, pa, &acc), 0);
+    cr_assert_float_eq(acc.reliability, 0.0, 1e-12);
     ar_job j;
     cr_assert_eq(ar_store_job_get(s, job, &j), 0);
-    cr_assert_eq(j.spent, AR_CREDITS(4));
+    cr_assert_eq(j.spent, AR_CREDITS(3));
     ar_store_job_clear(&j);
     assert_books(s, NULL);
     ar_store_close(s);
@@ -459,10 +553,14 @@ static int64_t lease_two_and_pay(ar_store *s, int64_t renter, int64_t p0, int64_
 {
     const int64_t tf = 1000000000000LL;
     int64_t job = new_job(s, renter, 0);
-    ar_lease_member m[2] = {{p0, 0, tf, AR_CREDITS(1)}, {p1, 1, tf, AR_CREDITS(1)}};
+    ar_lease_member m[2] = {
+        {.provider_id = p0, .stage = 0, .flops_per_step = tf, .price_per_tflop = AR_CREDITS(1), .first_unit = 0,
+         .last_unit = 1, .verified_step = -1},
+        {.provider_id = p1, .stage = 1, .flops_per_step = tf, .price_per_tflop = AR_CREDITS(1), .first_unit = 1,
+         .last_unit = 2, .verified_step = -1}};
     char tok[AR_TOKEN_LEN];
     int64_t lease = 0;
-    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 6, 0, tok, &lease, NULL), 0, "%s", ar_last_error());
+    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 6, 0, NULL, tok, &lease, NULL), 0, "%s", ar_last_error());
     for (int64_t stp = 0; stp < 6; stp++)
         for (int st = 0; st < 2; st++)
             cr_assert_eq(ar_store_usage_record(s, job, stp, st ? p1 : p0, st, tf, AR_CREDITS(1), NULL), 0);
@@ -470,7 +568,7 @@ static int64_t lease_two_and_pay(ar_store *s, int64_t renter, int64_t p0, int64_
     return lease;
 }
 
-Test(market_store, a_lost_provider_is_replaced_and_the_steps_redone_are_unpaid)
+Test(market_store, a_lost_provider_gives_back_only_the_steps_redone_by_another)
 {
     ar_store *s = open_db();
     int64_t renter = new_account(s, "renter", AR_CREDITS(100));
@@ -481,67 +579,105 @@ Test(market_store, a_lost_provider_is_replaced_and_the_steps_redone_are_unpaid)
     int64_t job;
     int64_t lease = lease_two_and_pay(s, renter, p0, p1, &job);
     size_t rows = ledger_rows(s);
+    const int64_t tf = 1000000000000LL;
 
     /* not a member: refused, nothing written */
-    ar_lease_member with = {.provider_id = p2, .flops_per_step = 1000000000000LL, .price_per_tflop = AR_CREDITS(2)};
-    cr_assert_eq(ar_store_lease_replace(s, lease, p2, 4, &with, NULL), AR_ENOTFOUND);
+    ar_lease_member with = {.provider_id = p2, .flops_per_step = tf, .price_per_tflop = AR_CREDITS(2)};
+    cr_assert_eq(ar_store_lease_replace(s, lease, p2, 4, &with, NULL, 0, NULL), AR_ENOTFOUND);
     cr_assert_eq(ledger_rows(s), rows);
     ar_lease_replacement done;
     cr_assert_eq(ar_store_lease_replacement(s, lease, p1, &done), AR_ENOTFOUND);
 
-    int reversed = -1;
-    cr_assert_eq(ar_store_lease_replace(s, lease, p1, 4, &with, &reversed), 0, "%s", ar_last_error());
-    cr_assert_eq(reversed, 4); /* steps 4 and 5 of both stages */
-    cr_assert_eq(balance(s, pa), AR_CREDITS(4));
-    cr_assert_eq(balance(s, pb), AR_CREDITS(4));
-    cr_assert_eq(balance(s, renter), AR_CREDITS(92));
+    /* p1 verified up to step 4: its step 4 stays its own, step 5 is contested */
+    cr_assert_eq(ar_store_member_verified(s, lease, p1, 4, NULL), 0);
+    int contested = -1;
+    cr_assert_eq(ar_store_lease_replace(s, lease, p1, 4, &with, NULL, 0, &contested), 0, "%s", ar_last_error());
+    cr_assert_eq(contested, 1);
+    cr_assert_eq(ledger_rows(s), rows + 2 * 5); /* the 5 verified steps released, nothing reversed */
+    cr_assert_eq(pending(s, pa), AR_CREDITS(6));
+    cr_assert_eq(balance(s, pb) + pending(s, pb), AR_CREDITS(6));
+    cr_assert_eq(balance(s, renter), AR_CREDITS(88));
     ar_provider lost;
     cr_assert_eq(ar_store_provider_get(s, p1, &lost), 0);
     cr_assert(!lost.online);
-    cr_assert_float_eq(lost.reliability, 0.9 * AR_RELIABILITY_AFTER_LOSS, 1e-12);
+    cr_assert_float_eq(lost.reliability, AR_RELIABILITY_AFTER_LOSS * (1 - (1 - AR_RELIABILITY_NEW) *
+                                                                          pow(AR_RELIABILITY_GROWTH, 5)), 1e-9);
+    ar_account acc;
+    cr_assert_eq(ar_store_account_get(s, renter, &acc), 0);
+    cr_assert_eq(acc.confirmed_claims, 1);
     ar_lease_member *mem = NULL;
     size_t n = 0;
     cr_assert_eq(ar_store_lease_members(s, lease, &mem, &n), 0);
     cr_assert_eq(n, 2);
     cr_assert_eq(mem[1].provider_id, p2);
     cr_assert_eq(mem[1].stage, 1);
+    cr_assert_eq(mem[1].first_unit, 1);
+    cr_assert_eq(mem[1].last_unit, 2);
+    cr_assert_eq(mem[1].flops_per_step, tf); /* the place's FLOPs, its own price */
     cr_assert_eq(mem[1].price_per_tflop, AR_CREDITS(2));
+    cr_assert_eq(mem[1].verified_step, -1);
     ar_free(mem);
     /* the settlement is kept for a driver that asks again */
     cr_assert_eq(ar_store_lease_replacement(s, lease, p1, &done), 0, "%s", ar_last_error());
     cr_assert_eq(done.stage, 1);
     cr_assert_eq(done.kept_steps, 4);
     cr_assert_eq(done.replacement_id, p2);
-    cr_assert_eq(done.reversed, 4);
+    cr_assert_eq(done.contested, 1);
     cr_assert_eq(ar_store_lease_replacement(s, lease, p0, &done), AR_ENOTFOUND);
-    /* the redo is paid to whoever does it, once */
+    /* the redo of step 4 by p2 reverses nothing (step 4 was verified); of
+     * step 5, p1's payment for it */
+    ar_step_settlement x;
     ar_usage_result r;
-    cr_assert_eq(ar_store_usage_record(s, job, 4, p2, 1, 1000000000000LL, AR_CREDITS(2), &r), 0);
+    cr_assert_eq(ar_store_usage_record(s, job, 4, p2, 1, tf, AR_CREDITS(2), &r), 0);
     cr_assert_eq(r, AR_USAGE_PAID);
-    cr_assert_eq(balance(s, pc), AR_CREDITS(2));
+    cr_assert_eq(balance(s, renter), AR_CREDITS(86));
+    cr_assert_eq(ar_store_usage_record(s, job, 5, p2, 1, tf, AR_CREDITS(2), &r), 0);
+    cr_assert_eq(balance(s, renter), AR_CREDITS(85)); /* paid 2, got 1 back */
+    cr_assert_eq(balance(s, pb) + pending(s, pb), AR_CREDITS(5));
+    cr_assert_eq(pending(s, pc), AR_CREDITS(4));
+    (void)x;
     ar_job j;
     cr_assert_eq(ar_store_job_get(s, job, &j), 0);
-    cr_assert_eq(j.spent, AR_CREDITS(10));
+    cr_assert_eq(j.spent, AR_CREDITS(15));
     ar_store_job_clear(&j);
 
-    /* no replacement: the place leaves the lease */
-    cr_assert_eq(ar_store_lease_replace(s, lease, p2, 5, NULL, &reversed), 0, "%s", ar_last_error());
+    /* no replacement: the lease is re-planned over p0 alone, a new plan */
+    ar_lease_member alone = {.provider_id = p0, .stage = 0, .flops_per_step = 2 * tf, .price_per_tflop = AR_CREDITS(1),
+                             .first_unit = 0, .last_unit = 2};
+    ar_lease_member bad = alone;
+    bad.stage = 1;
+    cr_assert_eq(ar_store_lease_replace(s, lease, p2, 5, NULL, &bad, 1, NULL), AR_EINVAL);
+    cr_assert_eq(ar_store_lease_replace(s, lease, p2, 5, NULL, &alone, 1, &contested), 0, "%s", ar_last_error());
+    cr_assert_eq(contested, 1); /* p2's step 5 */
     cr_assert_eq(ar_store_lease_members(s, lease, &mem, &n), 0);
     cr_assert_eq(n, 1);
     cr_assert_eq(mem[0].provider_id, p0);
+    cr_assert_eq(mem[0].last_unit, 2);
+    cr_assert_eq(mem[0].flops_per_step, 2 * tf);
     ar_free(mem);
+    ar_lease l;
+    cr_assert_eq(ar_store_lease_get(s, lease, &l), 0);
+    cr_assert_eq(l.plan, 1);
+    /* p0 redoes step 5 under the new plan: paid afresh, p2's step 5 reversed */
+    cr_assert_eq(ar_store_usage_record(s, job, 5, p0, 0, 2 * tf, AR_CREDITS(1), &r), 0);
+    cr_assert_eq(r, AR_USAGE_PAID);
+    cr_assert_eq(pending(s, pc), AR_CREDITS(2));
     cr_assert_eq(ar_store_lease_replacement(s, lease, p2, &done), 0, "%s", ar_last_error());
     cr_assert_eq(done.replacement_id, 0);
     cr_assert_eq(done.kept_steps, 5);
-    cr_assert_eq(done.reversed, reversed);
-    cr_assert_eq(ar_store_lease_replace(s, lease, p0, -1, NULL, NULL), AR_EINVAL);
+    cr_assert_eq(ar_store_lease_replace(s, lease, p0, -1, NULL, NULL, 0, NULL), AR_EINVAL);
     cr_assert_eq(ar_store_lease_release(s, lease), 0);
-    cr_assert_eq(ar_store_lease_replace(s, lease, p0, 0, NULL, NULL), AR_ENOTFOUND);
+    cr_assert_eq(ar_store_lease_replace(s, lease, p0, 0, NULL, NULL, 0, NULL), AR_ENOTFOUND);
+    assert_books(s, NULL);
+    /* what was never redone stays the provider's: released at the end */
+    end_and_settle(s, job);
+    cr_assert_eq(pending(s, pb), 0);
+    cr_assert_eq(balance(s, pb), AR_CREDITS(5));
     assert_books(s, NULL);
     ar_store_close(s);
 }
 
-Test(market_store, a_resumed_job_ends_its_old_lease_and_unpays_the_steps_redone)
+Test(market_store, a_resumed_job_ends_its_old_lease_and_reverses_nothing)
 {
     ar_store *s = open_db();
     int64_t renter = new_account(s, "renter", AR_CREDITS(100));
@@ -559,10 +695,12 @@ Test(market_store, a_resumed_job_ends_its_old_lease_and_unpays_the_steps_redone)
     cr_assert_eq(ar_store_provider_leased(s, p0, &leased), 0);
     cr_assert(leased);
 
-    int reversed = -1;
-    cr_assert_eq(ar_store_job_resume(s, job, renter, 4, &reversed), 0, "%s", ar_last_error());
-    cr_assert_eq(reversed, 4);
-    cr_assert_eq(balance(s, pa), AR_CREDITS(8));
+    ar_job_status before = AR_JOB_QUEUED;
+    cr_assert_eq(ar_store_job_update(s, job, AR_JOB_DONE, 6), 0);
+    cr_assert_eq(ar_store_job_resume(s, job, renter, 0, &before), 0, "%s", ar_last_error());
+    cr_assert_eq(before, AR_JOB_DONE);
+    cr_assert_eq(ledger_rows(s), rows); /* nothing reversed */
+    cr_assert_eq(pending(s, pa), AR_CREDITS(12));
     cr_assert_eq(ar_store_provider_leased(s, p0, &leased), 0);
     cr_assert(!leased, "the old lease ended");
     ar_lease l;
@@ -570,9 +708,7 @@ Test(market_store, a_resumed_job_ends_its_old_lease_and_unpays_the_steps_redone)
     cr_assert(l.released);
     ar_job j;
     cr_assert_eq(ar_store_job_get(s, job, &j), 0);
-    cr_assert_eq(j.status, AR_JOB_RUNNING);
-    cr_assert_eq(j.step, 4);
-    cr_assert_eq(j.spent, AR_CREDITS(8));
+    cr_assert_eq(j.spent, AR_CREDITS(12));
     ar_store_job_clear(&j);
     assert_books(s, NULL);
     ar_store_close(s);
@@ -592,7 +728,7 @@ Test(market_store, overdraft_refused_and_nothing_written)
     cr_assert(strstr(ar_last_error(), "credits") != NULL, "%s", ar_last_error());
     cr_assert_eq(ledger_rows(s), rows);
     cr_assert_eq(balance(s, renter), AR_CREDITS(1));
-    cr_assert_eq(balance(s, pa), AR_CREDITS(2));
+    cr_assert_eq(pending(s, pa), AR_CREDITS(2));
     ar_job j;
     cr_assert_eq(ar_store_job_get(s, job, &j), 0);
     cr_assert_eq(j.spent, AR_CREDITS(2));
@@ -611,16 +747,6 @@ Test(market_store, overdraft_refused_and_nothing_written)
     cr_assert_eq(j.spent, 0);
     ar_store_job_clear(&j);
 
-    /* a reversal the earlier provider cannot pay back is refused too */
-    int64_t other = new_account(s, "other", 0);
-    int64_t p1 = new_provider(s, other, "h:2", AR_CREDITS(1));
-    int64_t spender_job = new_job(s, pa, 0);
-    cr_assert_eq(ar_store_usage_record(s, spender_job, 1, p1, 0, 4 * tf, AR_CREDITS(1), NULL), 0,
-                 "%s", ar_last_error()); /* pa spends its 4 credits */
-    cr_assert_eq(balance(s, pa), 0);
-    rows = ledger_rows(s);
-    cr_assert_eq(ar_store_usage_record(s, job, 1, p1, 0, 2 * tf, AR_CREDITS(1), NULL), AR_ELIMIT);
-    cr_assert_eq(ledger_rows(s), rows);
     assert_books(s, NULL);
     ar_store_close(s);
 }
@@ -636,19 +762,20 @@ Test(market_store, lease_refused_up_front_with_the_estimate)
     int64_t p1 = new_provider(s, pa, "h:2", AR_CREDITS(2));
     int64_t job = new_job(s, renter, 0);
     const int64_t tf = 1000000000000LL;
-    ar_lease_member m[2] = {{p0, 0, tf, AR_CREDITS(2)}, {p1, 1, tf / 2, AR_CREDITS(2)}};
+    ar_lease_member m[2] = {{.provider_id = p0, .stage = 0, .flops_per_step = tf, .price_per_tflop = AR_CREDITS(2)},
+                            {.provider_id = p1, .stage = 1, .flops_per_step = tf / 2, .price_per_tflop = AR_CREDITS(2)}};
     char tok[AR_TOKEN_LEN];
     int64_t lease = 0, est = 0;
     size_t rows = ledger_rows(s);
 
     /* 3 credits a step: 4 steps are 12, more than the balance of 10 */
-    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 4, 0, tok, &lease, &est), AR_ELIMIT);
+    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 4, 0, NULL, tok, &lease, &est), AR_ELIMIT);
     cr_assert_eq(est, AR_CREDITS(12));
     cr_assert(strstr(ar_last_error(), "estimated cost 12.000000 credits") != NULL, "%s",
               ar_last_error());
     cr_assert(strstr(ar_last_error(), "balance") != NULL, "%s", ar_last_error());
     /* within the balance but over the renter's max */
-    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 3, AR_CREDITS(8), tok, &lease, &est),
+    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 3, AR_CREDITS(8), NULL, tok, &lease, &est),
                  AR_ELIMIT);
     cr_assert(strstr(ar_last_error(), "estimated cost 9.000000 credits") != NULL, "%s",
               ar_last_error());
@@ -656,7 +783,7 @@ Test(market_store, lease_refused_up_front_with_the_estimate)
     cr_assert_eq(ledger_rows(s), rows);
 
     /* a lease that fits */
-    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 3, 0, tok, &lease, &est), 0, "%s",
+    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 3, 0, NULL, tok, &lease, &est), 0, "%s",
                  ar_last_error());
     cr_assert_eq(est, AR_CREDITS(9));
     ar_lease l;
@@ -683,12 +810,13 @@ Test(market_store, lease_refused_up_front_with_the_estimate)
 
     /* not the renter's job; a stage twice; an offline provider */
     int64_t other = new_account(s, "other", AR_CREDITS(100));
-    cr_assert_eq(ar_store_lease_create(s, job, other, m, 2, 1, 0, tok, NULL, NULL), AR_EINVAL);
-    ar_lease_member twice[2] = {{p0, 0, tf, 1}, {p1, 0, tf, 1}};
-    cr_assert_eq(ar_store_lease_create(s, job, renter, twice, 2, 1, 0, tok, NULL, NULL),
+    cr_assert_eq(ar_store_lease_create(s, job, other, m, 2, 1, 0, NULL, tok, NULL, NULL), AR_EINVAL);
+    ar_lease_member twice[2] = {{.provider_id = p0, .stage = 0, .flops_per_step = tf, .price_per_tflop = 1},
+                                {.provider_id = p1, .stage = 0, .flops_per_step = tf, .price_per_tflop = 1}};
+    cr_assert_eq(ar_store_lease_create(s, job, renter, twice, 2, 1, 0, NULL, tok, NULL, NULL),
                  AR_EINVAL);
     cr_assert_eq(ar_store_provider_mark_offline(s, p1), 0);
-    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 1, 0, tok, NULL, NULL), AR_EINVAL);
+    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 2, 1, 0, NULL, tok, NULL, NULL), AR_EINVAL);
     cr_assert(strstr(ar_last_error(), "offline") != NULL, "%s", ar_last_error());
     ar_store_close(s);
 }
@@ -711,7 +839,8 @@ Test(market_store, providers_register_heartbeat_offline_list)
     cr_assert_eq(p.cores, 4);
     cr_assert_eq(p.mem_bytes, 1 << 30);
     cr_assert_float_eq(p.gflops, 100, 1e-9);
-    cr_assert_float_eq(p.reliability, 0.9, 1e-9);
+    /* its account's record, not its claim: a new account's */
+    cr_assert_float_eq(p.reliability, AR_RELIABILITY_NEW, 1e-9);
     cr_assert(p.online);
 
     ar_provider *list = NULL;
@@ -744,10 +873,10 @@ Test(market_store, providers_register_heartbeat_offline_list)
     ar_free(list);
 
     /* bad profiles and unknown accounts are refused */
-    ar_provider bad = {.account_id = acc, .reliability = 1.5};
+    ar_provider bad = {.account_id = acc, .gflops = -1};
     snprintf(bad.address, sizeof bad.address, "x:1");
     cr_assert_eq(ar_store_provider_register(s, &bad, NULL), AR_EINVAL);
-    bad.reliability = 1;
+    bad.gflops = 1;
     bad.account_id = 999;
     cr_assert_eq(ar_store_provider_register(s, &bad, NULL), AR_ENOTFOUND);
     ar_store_close(s);
@@ -934,8 +1063,8 @@ Test(market_store, two_connections_two_threads)
     cr_assert_eq(transfers, 1 + 2 * PER_THREAD);
     cr_assert_eq(ledger_rows(s), 2 * (1 + 2 * PER_THREAD));
     /* each transfer is 1e6 FLOPs at 1 credit/TFLOP = 1 micro-credit */
-    cr_assert_eq(balance(s, pa), PER_THREAD);
-    cr_assert_eq(balance(s, pb), PER_THREAD);
+    cr_assert_eq(pending(s, pa), PER_THREAD);
+    cr_assert_eq(pending(s, pb), PER_THREAD);
     cr_assert_eq(balance(s, renter), AR_CREDITS(1) - 2 * PER_THREAD);
     ar_store_close(s);
 }
@@ -1002,7 +1131,7 @@ Test(market_store, sigkill_mid_transfers_loses_and_duplicates_nothing)
     /* every reported commit is there; at most the one in flight also committed */
     cr_assert(paid == last || paid == last + 1, "paid %lld, last reported %lld",
               (long long)paid, (long long)last);
-    cr_assert_eq(balance(s, pa), paid);
+    cr_assert_eq(pending(s, pa), paid);
     ar_job j;
     cr_assert_eq(ar_store_job_get(s, job, &j), 0);
     cr_assert_eq(j.spent, paid);
@@ -1140,25 +1269,33 @@ Test(market_store, totals_and_a_providers_earnings)
     int64_t p0 = new_provider(s, pa, "10.0.0.1:7000", AR_CREDITS(1));
     int64_t p1 = new_provider(s, pa, "10.0.0.1:7001", AR_CREDITS(2));
     int64_t p2 = new_provider(s, pb, "10.0.0.2:7000", AR_CREDITS(3));
-    cr_assert_eq(ar_store_provider_mark_offline(s, p2), 0);
     int64_t job = new_job(s, renter, 0), done = new_job(s, renter, 0);
+    const int64_t tf = 1000000000000LL;
+    ar_lease_member m[3];
+    for (int i = 0; i < 3; i++)
+        m[i] = (ar_lease_member){.provider_id = i == 0 ? p0 : i == 1 ? p1 : p2, .stage = i, .flops_per_step = tf,
+                                 .price_per_tflop = AR_CREDITS(i + 1), .first_unit = i, .last_unit = i + 1};
+    char tok[AR_TOKEN_LEN];
+    int64_t lease = 0;
+    cr_assert_eq(ar_store_lease_create(s, job, renter, m, 3, 3, 0, NULL, tok, &lease, NULL), 0, "%s", ar_last_error());
+    cr_assert_eq(ar_store_provider_mark_offline(s, p2), 0);
     cr_assert_eq(ar_store_job_update(s, job, AR_JOB_RUNNING, 0), 0);
     cr_assert_eq(ar_store_job_update(s, done, AR_JOB_DONE, 0), 0);
-    const int64_t tf = 1000000000000LL;
     for (int64_t st = 0; st < 3; st++) {
         cr_assert_eq(ar_store_usage_record(s, job, st, p0, 0, tf, AR_CREDITS(1), NULL), 0, "%s", ar_last_error());
         cr_assert_eq(ar_store_usage_record(s, job, st, p1, 1, tf, AR_CREDITS(2), NULL), 0);
         cr_assert_eq(ar_store_usage_record(s, job, st, p2, 2, tf, AR_CREDITS(3), NULL), 0);
     }
-    /* step 2 was not kept: its payments are reversed, and no longer count as moved */
-    cr_assert_eq(ar_store_usage_rollback(s, job, 1, NULL), 0);
+    /* an audit caught p2: its payments are reversed, and no longer count as moved */
+    ar_audit_failure f = {.lease_id = lease, .provider_id = p2, .step = 2, .stage = 2, .evidence = "digests"};
+    cr_assert_eq(ar_store_audit_failure(s, &f, NULL), 0, "%s", ar_last_error());
     cr_assert_eq(ar_store_totals(s, &t), 0);
     cr_assert_eq(t.providers, 3);
     cr_assert_eq(t.providers_online, 2);
     cr_assert_float_eq(t.gflops_online, 200, 1e-9);
     cr_assert_eq(t.jobs, 2);
     cr_assert_eq(t.jobs_running, 1);
-    cr_assert_eq(t.credits_moved, AR_CREDITS(12));
+    cr_assert_eq(t.credits_moved, AR_CREDITS(9));
     cr_assert_eq(t.steps_paid, 6);
 
     /* pa's earnings: its two providers only, never pb's */
@@ -1174,10 +1311,10 @@ Test(market_store, totals_and_a_providers_earnings)
         by[e[i].provider_id == p0 ? 0 : 1] += e[i].amount;
         work += e[i].steps;
     }
-    cr_assert_eq(by[0], AR_CREDITS(2));
-    cr_assert_eq(by[1], AR_CREDITS(4));
-    cr_assert_eq(work, 4);
-    cr_assert_eq(by[0] + by[1], balance(s, pa));
+    cr_assert_eq(by[0], AR_CREDITS(3));
+    cr_assert_eq(by[1], AR_CREDITS(6));
+    cr_assert_eq(work, 6);
+    cr_assert_eq(by[0] + by[1], pending(s, pa));
     ar_free(e);
     cr_assert_eq(ar_store_provider_earnings(s, renter, &e, &n), 0);
     cr_assert_eq(n, 0);
@@ -1193,8 +1330,21 @@ Test(market_store, schema_3_database_is_migrated_to_the_current_schema_keeping_i
     int64_t j = new_job(s, a, 0);
     cr_assert_eq(ar_store_job_progress_record(s, j, 0, 1.5), 0);
     ar_store_close(s);
-    /* back to what a schema-3 market left */
-    raw_sql("DROP TABLE job_val; DROP TABLE job_live; DROP TABLE job_stage_time; DROP INDEX usage_provider;"
+    /* back to what a schema-3 market left (schema 7's changes undone first) */
+    raw_sql("DROP TABLE audit_failures; DROP TABLE stage_samples; DROP TABLE provider_speed;"
+            " ALTER TABLE accounts DROP COLUMN reliability; ALTER TABLE accounts DROP COLUMN false_claims;"
+            " ALTER TABLE accounts DROP COLUMN confirmed_claims; DELETE FROM accounts WHERE name = 'escrow';"
+            " ALTER TABLE jobs DROP COLUMN ended; ALTER TABLE leases DROP COLUMN spec;"
+            " ALTER TABLE leases DROP COLUMN mb_rows; ALTER TABLE leases DROP COLUMN micro_batches;"
+            " ALTER TABLE leases DROP COLUMN schedule; ALTER TABLE leases DROP COLUMN plan;"
+            " ALTER TABLE lease_members DROP COLUMN first_unit; ALTER TABLE lease_members DROP COLUMN last_unit;"
+            " ALTER TABLE lease_members DROP COLUMN verified_step; DROP TABLE usage;"
+            " CREATE TABLE usage (job_id INTEGER NOT NULL REFERENCES jobs(id), step INTEGER NOT NULL,"
+            "  stage INTEGER NOT NULL, provider_id INTEGER NOT NULL REFERENCES providers(id),"
+            "  flops INTEGER NOT NULL, amount INTEGER NOT NULL, transfer_id INTEGER REFERENCES transfers(id),"
+            "  created INTEGER NOT NULL, PRIMARY KEY (job_id, step, stage));"
+            " DROP TABLE provider_reach; DROP TABLE lease_tickets;"
+            " DROP TABLE job_val; DROP TABLE job_live; DROP TABLE job_stage_time;"
             " DROP TABLE lease_replacements; UPDATE schema_version SET version = 3",
             SQLITE_OK);
     s = open_db();
@@ -1212,5 +1362,12 @@ Test(market_store, schema_3_database_is_migrated_to_the_current_schema_keeping_i
     cr_assert_eq(ar_store_job_live_set(s, j, &l, NULL, 0), 0, "%s", ar_last_error());
     ar_lease_replacement d; /* schema 5's table is there, and empty */
     cr_assert_eq(ar_store_lease_replacement(s, 1, 1, &d), AR_ENOTFOUND, "%s", ar_last_error());
+    /* schema 7: the escrow exists and the account has the market's record */
+    ar_account acc;
+    cr_assert_eq(ar_store_account_find(s, "escrow", &acc), 0, "%s", ar_last_error());
+    cr_assert(acc.system);
+    cr_assert_eq(ar_store_account_get(s, a, &acc), 0);
+    cr_assert_float_eq(acc.reliability, AR_RELIABILITY_NEW, 1e-12);
+    assert_books(s, NULL);
     ar_store_close(s);
 }
