@@ -201,8 +201,11 @@ for name in "${NAMES[@]}"; do
     echo "account $name created"
 done
 
-"$BIN" market --listen 127.0.0.1:0 --db "$DB" --http 127.0.0.1:0 ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} ${CA[@]+"${CA[@]}"} \
-    >"$TMP/market.out" 2>"$TMP/market.err" &
+# --escrow-window 0: what the job paid is released to the providers as soon
+# as it ends, so that their ledgers below show it (a real market holds it a
+# while for audits to come in)
+"$BIN" market --listen 127.0.0.1:0 --db "$DB" --http 127.0.0.1:0 --escrow-window 0 \
+    ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} ${CA[@]+"${CA[@]}"} >"$TMP/market.out" 2>"$TMP/market.err" &
 PIDS+=($!)
 MARKET_PID=$!
 line=$(wait_for "$TMP/market.out" 'listening on ' 60 "$MARKET_PID")

@@ -229,7 +229,8 @@ async function renderAccount() {
   }
   if (session.me) {
     box.append(el("span", { class: "who", id: "who" }, session.me.account),
-               el("span", { class: "bal" }, fmtCredits(session.me.balance)),
+               el("span", { class: "bal", title: "spendable; " + session.me.pending + " cr pending in escrow" },
+                  fmtCredits(session.me.balance)),
                el("button", { onclick: () => { setToken(""); show(); } }, "Sign out"));
   } else {
     const input = el("input", { type: "password", placeholder: "paste your account token", "aria-label": "account token" });
@@ -346,7 +347,7 @@ const VIEWS = {
       el("td", { class: "num" }, p.id),
       el("td", {}, p.account, p.mine ? el("span", { class: "badge running", style: "margin-left:6px" }, "yours") : null),
       el("td", { class: "mono" }, p.address),
-      el("td", { class: "num" }, fmtNum(p.gflops, 1)),
+      el("td", { class: "num", title: "claimed " + fmtNum(p.gflops, 1) + " GFLOP/s" }, fmtNum(p.speed_gflops, 1)),
       el("td", { class: "num" }, fmtBytes(p.mem_bytes)),
       el("td", { class: "num" }, p.cores),
       el("td", { class: "num" }, p.price_per_tflop),
@@ -354,7 +355,7 @@ const VIEWS = {
       el("td", {}, fmtAgo(p.last_heartbeat, now)),
       el("td", { class: "num" }, p.mine ? fmtCredits(p.earned) : "–")));
     const parts = [el("h1", {}, "Providers"),
-      el("p", { class: "sub" }, "Machines rented out through this market. Earnings are shown for your own providers only.")];
+      el("p", { class: "sub" }, "Machines rented out through this market, at the speed renters observed (their claim until then). Earnings are shown for your own providers only: held in escrow, then yours to spend.")];
     if (mine.length) {
       const series = mine.map((p, i) => ({ name: "provider " + p.id, color: STAGE_COLORS[i % STAGE_COLORS.length],
                                            points: p.earnings }));
@@ -365,7 +366,7 @@ const VIEWS = {
                     xFormat: t => new Date(t * 1000).toISOString().slice(11, 19), empty: "nothing earned yet", xMin: t0 })));
     }
     parts.push(el("div", { class: "card" }, el("table", {},
-      el("thead", {}, el("tr", {}, ["status", "id", "account", "worker", "GFLOP/s", "memory", "cores", "cr/TFLOP", "reliability", "last seen", "earned"]
+      el("thead", {}, el("tr", {}, ["status", "id", "account", "worker", "GFLOP/s observed", "memory", "cores", "cr/TFLOP", "reliability", "last seen", "earned"]
         .map((h, i) => el("th", { class: [1, 4, 5, 6, 7, 10].includes(i) ? "num" : "" }, h)))),
       el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 11, class: "empty" }, "no providers registered"))))));
     main.replaceChildren(...parts);
@@ -385,9 +386,10 @@ const VIEWS = {
       el("h1", {}, "Ledger of ", el("span", { id: "ledger-account" }, l.account)),
       el("p", { class: "sub" }, "Every credit that moved in or out of this account: each transfer is two rows, one per side."),
       el("div", { class: "grid stats" },
-        stat("Balance", l.balance, "cr", null, "ledger-balance"),
+        stat("Balance", l.balance, "cr", "yours to spend", "ledger-balance"),
+        stat("Pending", l.pending, "cr", "earned, held in escrow until audits verify it or its job settles", "ledger-pending"),
         stat("Paid for training", l.totals.paid, "cr", "usage debited to your jobs", "ledger-paid"),
-        stat("Earned by your providers", l.totals.earned, "cr", null, "ledger-earned"),
+        stat("Earned by your providers", l.totals.earned, "cr", "released from escrow", "ledger-earned"),
         stat("Minted to you", l.totals.minted, "cr", l.totals.reversed !== "0.000000" ? "reversals " + l.totals.reversed + " cr" : null)),
       el("div", { class: "card" },
         el("h2", {}, `Latest ${l.rows.length} of ${fmtInt(l.rows_total)} rows`),

@@ -12,6 +12,7 @@
 
 #include "arceus.h"
 #include "core/core.h"
+#include "market/rules.h"
 #include "market/store.h"
 
 #include <cjson/cJSON.h>
@@ -280,20 +281,25 @@ static enum MHD_Result get_overview(ar_http *h, struct MHD_Connection *conn)
 static enum MHD_Result get_me(ar_http *h, struct MHD_Connection *conn, int64_t account)
 {
     ar_account me;
-    if (ar_store_account_get(h->store, account, &me) != AR_OK)
+    int64_t pending = 0;
+    if (ar_store_account_get(h->store, account, &me) != AR_OK ||
+        ar_store_account_pending(h->store, account, &pending) != AR_OK)
         return send_store_error(conn);
     build b = {0};
     cJSON *doc = cJSON_CreateObject();
     add_str(&b, doc, "account", me.name);
     add_credits(&b, doc, "balance", me.balance);
+    add_credits(&b, doc, "pending", pending);
+    add_num(&b, doc, "reliability", me.reliability);
     return send_built(conn, doc, &b);
 }
 
 /* ---- GET /api/providers ------------------------------------------------------------------ */
 
 /* Every provider's public profile; the caller's own also with what each
- * earned and when (cumulative credits by time). Another account's earnings
- * are its ledger's business, not the caller's. */
+ * earned and when (cumulative credits by time: held in escrow or released
+ * to it). Another account's earnings are its ledger's business, not the
+ * caller's. */
 static enum MHD_Result get_providers(ar_http *h, struct MHD_Connection *conn, int64_t account)
 {
     ar_provider *ps = NULL;
@@ -320,6 +326,7 @@ static enum MHD_Result get_providers(ar_http *h, struct MHD_Connection *conn, in
         add_str(&b, o, "account", owner.name);
         add_str(&b, o, "address", p->address);
         add_num(&b, o, "gflops", p->gflops);
+        add_num(&b, o, "speed_gflops", ar_rules_speed(p)); /* what renters observed, the claim until then */
         add_num(&b, o, "mem_bytes", (double)p->mem_bytes);
         add_num(&b, o, "cores", p->cores);
         add_credits(&b, o, "price_per_tflop", p->price_per_tflop);
@@ -542,20 +549,24 @@ static enum MHD_Result get_ledger(ar_http *h, struct MHD_Connection *conn, int64
     }
     ar_ledger_row *rows = NULL;
     size_t n = 0;
-    int64_t balance = 0;
+    int64_t balance = 0, pending = 0;
     if (ar_store_ledger_list(h->store, account, &rows, &n) != AR_OK ||
-        ar_store_account_balance(h->store, account, &balance) != AR_OK) {
+        ar_store_account_balance(h->store, account, &balance) != AR_OK ||
+        ar_store_account_pending(h->store, account, &pending) != AR_OK) {
         ar_free(rows);
         return send_store_error(conn);
     }
-    /* totals by reason: what was minted, paid, earned, reversed */
+    /* totals by reason: what was minted, paid (into escrow), earned (released
+     * from it to the account's providers), reversed (given back to it) */
     int64_t minted = 0, paid = 0, earned = 0, reversed = 0;
     for (size_t i = 0; i < n; i++) {
         int64_t a = rows[i].amount;
         if (!strcmp(rows[i].reason, "mint"))
             minted += a;
         else if (!strcmp(rows[i].reason, "usage"))
-            *(a < 0 ? &paid : &earned) += a;
+            paid += a;
+        else if (!strcmp(rows[i].reason, "release"))
+            earned += a;
         else
             reversed += a;
     }
@@ -563,6 +574,8 @@ static enum MHD_Result get_ledger(ar_http *h, struct MHD_Connection *conn, int64
     cJSON *doc = cJSON_CreateObject();
     add_str(&b, doc, "account", me.name);
     add_credits(&b, doc, "balance", balance);
+    /* earned, and held until audits verify it or its job's settling window passes */
+    add_credits(&b, doc, "pending", pending);
     add_num(&b, doc, "rows_total", (double)n);
     cJSON *tot = add_object(&b, doc, "totals");
     add_credits(&b, tot, "minted", minted);

@@ -296,6 +296,24 @@ int ar_rules_model(const char *spec_json, int mb_rows, int micro_batches, int sc
     return AR_OK;
 }
 
+/* Whether a renter's split gives each of n stages at least one unit and
+ * covers the model's units once. */
+static int split_covers(const ar_market_model *m, const uint32_t *stage_units, size_t n_stage_units, size_t n)
+{
+    if (n_stage_units != n)
+        return ar_fail(AR_EINVAL, "the split has %zu stages for %zu providers", n_stage_units, n);
+    int u = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (stage_units[i] < 1 || stage_units[i] > (uint32_t)(m->units - u))
+            return ar_fail(AR_EINVAL, "the split's stage %zu has %u layers: the %d layers are not covered once", i,
+                           stage_units[i], m->units);
+        u += (int)stage_units[i];
+    }
+    if (u != m->units)
+        return ar_fail(AR_EINVAL, "the split covers %d of the model's %d layers", u, m->units);
+    return AR_OK;
+}
+
 int ar_rules_split(const ar_market_model *m, const ar_device *devs, size_t n, const uint32_t *stage_units,
                    size_t n_stage_units, ar_lease_member *members)
 {
@@ -305,22 +323,17 @@ int ar_rules_split(const ar_market_model *m, const ar_device *devs, size_t n, co
     int rc;
     if (n_stage_units > 0) {
         /* the renter's split: checked, then priced by the same cost model */
-        if (n_stage_units != n)
-            return ar_fail(AR_EINVAL, "the split has %zu stages for %zu providers", n_stage_units, n);
+        if ((rc = split_covers(m, stage_units, n_stage_units, n)) != AR_OK)
+            return rc;
         memset(&plan, 0, sizeof plan);
         int u = 0;
         for (size_t i = 0; i < n; i++) {
-            if (stage_units[i] < 1 || stage_units[i] > (uint32_t)(m->units - u))
-                return ar_fail(AR_EINVAL, "the split's stage %zu has %u layers: the %d layers are not covered once",
-                               i, stage_units[i], m->units);
             plan.device[i] = (int)i;
             plan.first[i] = u;
             plan.last[i] = u += (int)stage_units[i];
             plan.group_size[i] = 1;
             plan.group[i][0] = (int)i;
         }
-        if (u != m->units)
-            return ar_fail(AR_EINVAL, "the split covers %d of the model's %d layers", u, m->units);
         plan.nstages = (int)n;
         rc = ar_plan_estimate(&plan, m->costs, m->units, devs, (int)n, m->micro_batches, m->schedule);
         if (rc == AR_ELIMIT)
@@ -542,9 +555,13 @@ int ar_rules_acquire(ar_store *s, const ar_market_policy *policy, int64_t renter
     ar_market_model model;
     if ((rc = ar_rules_model(req->model_spec, req->mb_rows, req->micro_batches, req->schedule, &model)) != AR_OK)
         return rc;
-    if (req->devices > (uint32_t)model.units) {
+    if (req->devices > (uint32_t)model.units)
         rc = ar_fail(AR_EINVAL, "%u providers for a model of %d layers: each holds at least one", req->devices,
                      model.units);
+    /* a renter's split is checked before any provider is chosen for it */
+    else if (req->n_stage_units > 0)
+        rc = split_covers(&model, req->stage_units, req->n_stage_units, req->devices);
+    if (rc != AR_OK) {
         ar_rules_model_clear(&model);
         return rc;
     }

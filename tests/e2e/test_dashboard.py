@@ -61,7 +61,8 @@ def dashboard(arceus_bin, run_arceus, tmp_path_factory, small_mlp_spec, small_fa
               for name, credits in (("renter", "100"), ("ada", "0"), ("grace", "0"), ("linus", "0"))}
     procs = Procs(arceus_bin, tmp)  # module-wide: stopped and checked below
     try:
-        m = procs.market(db, "--http", "127.0.0.1:0", "--offline-after", "3600")
+        # --escrow-window 0: the providers' pay is theirs to spend when the job ends
+        m = procs.market(db, "--http", "127.0.0.1:0", "--offline-after", "3600", "--escrow-window", "0")
         providers = [procs.start("provide", "provide", "--market", m.addr, "--token", tokens[name],
                                  "--listen", "127.0.0.1:0", "--max-threads", "1", "--price", price)
                      for name, price in (("ada", "1"), ("grace", "1.5"), ("linus", "2"))]
@@ -318,6 +319,7 @@ def test_json_api_refuses_without_a_token_and_to_another_account(dashboard):
         _, lg = get_json(url + "api/ledger", toks[name])
         mine, = [p for p in provs["providers"] if p["mine"]]
         assert mine["earned"] == lg["totals"]["earned"] == lg["balance"]
+        assert lg["pending"] == "0.000000"  # released at the job's end
         assert mine["earnings"][-1][1] == pytest.approx(float(mine["earned"]))
         earned += int(mine["earned"].replace(".", ""))
     assert earned == int(j["job"]["spent"].replace(".", ""))

@@ -206,10 +206,13 @@ def test_providers_register_list_and_go_offline(run_arceus, add_account, market,
     e = call_error(m.addr, "Heartbeat", heartbeat_request(bob, pid_a))
     assert e.code() == grpc.StatusCode.PERMISSION_DENIED
 
-    # any account may list; the renter sees both, with their profiles
+    # any account may list; the renter sees both, with their profiles: the
+    # claimed speed, the market's estimate (the claim until observed), and
+    # the reliability of a new account
     out = providers_table(run_arceus, m.addr, renter)
     row_a = next(l for l in out.splitlines() if "127.0.0.1:5001" in l)
-    assert re.match(rf"^{pid_a}\s+alice\s+127\.0\.0\.1:5001\s+181\.5\s+3\.0 GiB\s+2\s+0\.250000\s+1\.00\s", row_a), out
+    assert re.match(rf"^{pid_a}\s+alice\s+127\.0\.0\.1:5001\s+181\.5\s+181\.5\s+3\.0 GiB\s+2\s+0\.250000\s+0\.50\s",
+                    row_a), out
     row_b = next(l for l in out.splitlines() if "127.0.0.1:5002" in l)
     assert re.match(rf"^{pid_b}\s+bob\s+127\.0\.0\.1:5002\s+90\.0\s+.*\s1\.500000\s", row_b), out
     # the foreign client reads the same list
@@ -258,7 +261,7 @@ def test_ledger_shows_opening_credit_and_refuses_other_accounts(run_arceus, add_
     assert p.stdout.startswith("ledger of alice\n"), p.stdout
     assert re.search(r"^\d+\s+\d+\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+mint\s+-\s+-\s+\+100\.000000$",
                      p.stdout, re.M), p.stdout
-    assert p.stdout.rstrip().endswith("balance: 100.000000 credits")
+    assert p.stdout.rstrip().endswith("balance: 100.000000 credits\npending: 0.000000 credits (held in escrow)")
     # naming yourself is the same as naming nobody
     assert run_arceus("ledger", "alice", "--market", m.addr, "--token", alice,
                       check=True).stdout == p.stdout
@@ -315,10 +318,12 @@ def test_sigkilled_market_restarts_with_accounts_and_ledger(run_arceus, add_acco
 # A lost provider's replacement, asked for again
 # ---------------------------------------------------------------------------
 
-def provider_reliability(db, pid):
+def account_reliability(db, pid):
+    """The reliability of a provider's account (reliability is the account's)."""
     con = sqlite3.connect(str(db))
     try:
-        return con.execute("SELECT reliability FROM providers WHERE id = ?", (pid,)).fetchone()[0]
+        return con.execute("SELECT a.reliability FROM accounts a JOIN providers p ON p.account_id = a.id"
+                           " WHERE p.id = ?", (pid,)).fetchone()[0]
     finally:
         con.close()
 
@@ -326,37 +331,47 @@ def provider_reliability(db, pid):
 def test_replace_provider_asked_again_after_a_restart_gets_the_same_answer(run_arceus, add_account, market, tmp_path):
     """A driver whose ReplaceProvider answer was lost (the market died after
     settling the loss, before replying) asks again once the market is back,
-    and gets the same answer with nothing done twice: no second reversal, no
+    and gets the same answer with nothing done twice: no second contest, no
     second reliability penalty, no second replacement."""
     db = tmp_path / "market.db"
     renter = add_account(db, "renter", "100")
     owners = [add_account(db, f"owner{i}", "0") for i in range(3)]
-    m = market(db, *NO_WORKER_CHECKS)
+    # no worker checks: a loss is confirmed by its heartbeats stopping (1 s here)
+    m = market(db, *NO_WORKER_CHECKS, "--offline-after", "3")
     pids = [register(m.addr, tok, f"127.0.0.1:{5001 + i}")[0] for i, tok in enumerate(owners)]
     r = decode(call(m.addr, "AcquireLease", acquire(renter, devices=2)))
     lease = r[3][0].decode()
     leased = [decode(p)[1][0] for p in r[5]]
     spare = next(p for p in pids if p not in leased)
     for step in range(4):
-        call(m.addr, "ReportUsage", usage(lease, step, [(i, pid, 10 ** 9) for i, pid in enumerate(leased)]))
-    lost_before = provider_reliability(db, leased[1])
+        call(m.addr, "ReportUsage", usage(lease, step, [(i, pid, 0) for i, pid in enumerate(leased)]))
+    lost_before = account_reliability(db, leased[1])
 
+    # the spare keeps beating; the lost one does not
+    time.sleep(1.5)
+    call(m.addr, "Heartbeat", heartbeat_request(owners[pids.index(spare)], spare))
     first = decode(call(m.addr, "ReplaceProvider", replace(lease, leased[1], 2)))
     assert decode(first[1][0])[1] == [spare]
-    assert first[2] == [4]  # steps 2 and 3 of both stages
+    assert first.get(2, [0]) == [0] and first[4] == [2]  # nothing reversed; its steps 2 and 3 contested
     books = ledger_sum(db)
-    lost_after = provider_reliability(db, leased[1])
+    lost_after = account_reliability(db, leased[1])
     assert lost_after < lost_before
 
     m.kill()
-    m2 = market(db, *NO_WORKER_CHECKS)
+    m2 = market(db, *NO_WORKER_CHECKS, "--offline-after", "3")
     again = decode(call(m2.addr, "ReplaceProvider", replace(lease, leased[1], 2)))
     assert again == first
     assert ledger_sum(db) == books
-    assert provider_reliability(db, leased[1]) == lost_after
-    # the replacement works the lease: its steps are paid to it
-    call(m2.addr, "ReportUsage", usage(lease, 2, [(0, leased[0], 10 ** 9), (1, spare, 10 ** 9)]))
-    assert ledger_sum(db)[1] > books[1]
+    assert account_reliability(db, leased[1]) == lost_after
+    # the replacement works the lease: its redo of step 2 is paid to it
+    call(m2.addr, "ReportUsage", usage(lease, 2, [(0, leased[0], 0), (1, spare, 0)]))
+    con = sqlite3.connect(str(db))
+    try:
+        assert con.execute("SELECT step, state FROM usage WHERE provider_id = ?", (spare,)).fetchall() == [(2, "held")]
+        assert con.execute("SELECT step, state FROM usage WHERE provider_id = ? AND step >= 2 ORDER BY step",
+                           (leased[1],)).fetchall() == [(2, "reversed"), (3, "contested")]
+    finally:
+        con.close()
 
     # another checkpoint is another question: refused, as for any provider not in the lease
     e = call_error(m2.addr, "ReplaceProvider", replace(lease, leased[1], 1))
@@ -387,14 +402,14 @@ def test_a_resume_without_enough_providers_marks_the_job_failed_until_resumed_ag
     r = decode(call(m.addr, "AcquireLease", acquire(renter, devices=1)))
     job, lease = r[1][0], r[3][0].decode()
     for step in range(3):
-        call(m.addr, "ReportUsage", usage(lease, step, [(0, pid, 10 ** 9)]))
+        call(m.addr, "ReportUsage", usage(lease, step, [(0, pid, 0)]))
     assert job_status(db, job)[0] == "running"
 
     e = call_error(m.addr, "AcquireLease", acquire(renter, devices=2, resume_job=job, kept_steps=2))
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 providers asked for" in e.details()
     assert job_status(db, job) == ("failed", 2)
     # the old driver's lease ended with the resume
-    e = call_error(m.addr, "ReportUsage", usage(lease, 3, [(0, pid, 10 ** 9)]))
+    e = call_error(m.addr, "ReportUsage", usage(lease, 3, [(0, pid, 0)]))
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED
 
     r = decode(call(m.addr, "AcquireLease", acquire(renter, devices=1, resume_job=job, kept_steps=2)))

@@ -30,7 +30,7 @@ def test_training_survives_a_market_restart_and_pays_every_step_once(
     renter = add_account(db, "renter", "1000")
     alice = add_account(db, "alice")
     bob = add_account(db, "bob")
-    market = procs.market(db, "--offline-after", "3600")
+    market = procs.market(db, "--offline-after", "3600", "--escrow-window", "0")
     pid_a = procs.leased_worker(market, alice, 400 * MICRO).id
     pid_b = procs.leased_worker(market, bob, 700 * MICRO).id
 
@@ -54,7 +54,7 @@ def test_training_survives_a_market_restart_and_pays_every_step_once(
     assert usage_before < 2 * STEPS, "the run was paid in full before the kill: raise STEPS"
     time.sleep(4)
     assert train.running(), f"the run ended while the market was down:\n{train.err()[-3000:]}"
-    market = procs.market(db, "--offline-after", "3600", listen=market.addr)
+    market = procs.market(db, "--offline-after", "3600", "--escrow-window", "0", listen=market.addr)
     rc = train.wait(timeout=300)
     out, err = train.out(), train.err()
     assert rc == 0, err[-3000:]

@@ -66,10 +66,11 @@ def register(addr, token, address, prof=None):
     return decode(market_call(addr, "RegisterProvider", register_request(token, address, prof)))[1][0]
 
 
-def load_request(ticket, count=1, nxt=None, tp_members=()):
-    """A LoadRequest of the small MLP's two units as stage 0 of `count`."""
+def load_request(ticket, count=1, nxt=None, tp_members=(), units=(0, 2)):
+    """A LoadRequest of the small MLP's units [units) (both, by default) as
+    stage 0 of `count`."""
     opt = field_varint(1, 0) + field_f32(2, 0.9) + field_f32(3, 0.99) + field_f32(4, 1e-8)
-    m = (field_bytes(1, MLP_SPEC) + field_varint(2, 0) + field_varint(3, 2) + field_varint(4, 4) +
+    m = (field_bytes(1, MLP_SPEC) + field_varint(2, units[0]) + field_varint(3, units[1]) + field_varint(4, 4) +
          field_varint(5, 1) + field_varint(6, 1) + field_varint(7, 0) + field_varint(8, count) +
          field_varint(9, 7) + field_bytes(10, opt))
     if nxt is not None:
@@ -392,11 +393,16 @@ def test_a_ticket_opens_its_own_providers_worker_only(run_arceus, add_account, p
     lease = reply[3][0].decode()
     members = [decode(m) for m in reply[5]]
     by_addr = {m[3][0].decode(): m[7][0].decode() for m in members}
+    # each member's units of the two-layer model (LeasedProvider.first_unit, last_unit)
+    units = {m[3][0].decode(): (m.get(9, [0])[0], m[10][0]) for m in members}
     assert len(set(by_addr.values())) == 2 and lease not in by_addr.values()
     a, b = addrs
-    assert worker_status(a, load_request(by_addr[b]))[0] == C.UNAUTHENTICATED
-    assert worker_status(a, load_request(lease))[0] == C.UNAUTHENTICATED
-    assert worker_status(a, load_request(by_addr[a]))[0] == C.OK
+    assert worker_status(a, load_request(by_addr[b], units=units[a]))[0] == C.UNAUTHENTICATED
+    assert worker_status(a, load_request(lease, units=units[a]))[0] == C.UNAUTHENTICATED
+    # its own ticket, but units it is not paid for: refused
+    code, details = worker_status(a, load_request(by_addr[a], units=units[b]))
+    assert code == C.PERMISSION_DENIED and "not the ones the lease pays this provider for" in details, details
+    assert worker_status(a, load_request(by_addr[a], units=units[a]))[0] == C.OK
     # released, the lease's tickets open nothing
     market_call(market.addr, "ReleaseLease", field_bytes(1, lease) + field_bytes(2, "cancelled"))
     code, details = worker_status(b, load_request(by_addr[b]))

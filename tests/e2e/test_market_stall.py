@@ -64,7 +64,7 @@ def test_a_frozen_market_does_not_slow_training_and_every_step_is_paid(
     renter = add_account(db, "renter", "100000")
     alice = add_account(db, "alice")
     bob = add_account(db, "bob")
-    market = procs.market(db, "--offline-after", "3600")
+    market = procs.market(db, "--offline-after", "3600", "--escrow-window", "0")
     pid_a = procs.leased_worker(market, alice, 400 * MICRO).id
     pid_b = procs.leased_worker(market, bob, 700 * MICRO).id
 

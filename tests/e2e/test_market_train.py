@@ -4,8 +4,10 @@ requiring a lease (registered through python grpcio with hand-encoded
 protobuf), and `arceus train --market ... --token ... --devices N`.
 
 Checks the money: each provider earns its stage's FLOPs per step x steps x
-its price (rounded per stage and step as ar_store_cost rounds), the renter
-is debited the same total, and the ledger sums to zero. A lease the budget
+its price (rounded per stage and step as ar_store_cost rounds), the FLOPs
+being those the lease's plan fixed; the renter is debited the same total,
+which the market's escrow holds (pending for the providers) until the job's
+settling window has passed, and the ledger sums to zero. A lease the budget
 cannot cover is refused up front with the estimate and costs nothing; a
 worker that requires a lease refuses a Load without its token.
 
@@ -82,14 +84,21 @@ def test_renter_trains_on_two_leased_providers_and_pays_their_flops(
 
     flops_a = layer_flops(0)
     flops_b = layer_flops(1) + layer_flops(2)
+    # the plan the lease fixed, as the driver printed it
+    assert f"units 0-0, {flops_a} FLOPs per step" in out and f"units 1-2, {flops_b} FLOPs per step" in out, out
     earn_a = cost(flops_a, price_a) * STEPS
     earn_b = cost(flops_b, price_b) * STEPS
     assert earn_a > 0 and earn_b > 0
+    # paid into escrow: pending for the providers until the job's window passes
     bal = balances(db)
-    assert bal["alice"] == earn_a
-    assert bal["bob"] == earn_b
+    assert bal["alice"] == 0 and bal["bob"] == 0
+    assert bal["escrow"] == earn_a + earn_b
     assert bal["renter"] == 100 * MICRO - earn_a - earn_b
     assert ledger_total(db) == 0
+    for tok, earned in ((alice, earn_a), (bob, earn_b)):
+        led = run_arceus("ledger", "--market", market.addr, "--token", tok, check=True).stdout
+        assert "balance: 0.000000 credits" in led, led
+        assert f"pending: {earned // MICRO}.{earned % MICRO:06d} credits (held in escrow)" in led, led
 
     con = sqlite3.connect(str(db))
     try:
@@ -174,52 +183,46 @@ def test_worker_requiring_a_lease_refuses_a_load_without_its_token(
     assert p.returncode == 0, p.stderr[-3000:]
 
 
-def test_training_stops_with_a_checkpoint_when_the_budget_runs_out(
+def test_the_estimate_is_the_price_and_a_cap_of_exactly_it_covers_the_run(
         run_arceus, add_account, market, leased_worker, tmp_path, small_fashion, small_mlp_spec):
-    """The estimate splits the FLOPs by speed; the plan below puts more of them
-    on the dearer provider, so the real cost per step is above the estimate:
-    a --max-credits between the two is accepted up front and runs out before
-    the last step. The driver saves a checkpoint and stops, paid in full."""
+    """The lease fixes the FLOPs of each stage, so the estimate is exactly what
+    the run costs: a --max-credits of exactly the estimate is accepted and
+    covers every step, one micro-credit less is refused up front, and with
+    the settling window 0 the providers are paid when the job ends."""
     steps = 40
     db = tmp_path / "market.db"
     renter = add_account(db, "renter", "100")
     alice = add_account(db, "alice")
     bob = add_account(db, "bob")
-    market = market(db, "--offline-after", "3600")
+    market = market(db, "--offline-after", "3600", "--escrow-window", "0")
     # bob: fast and dear, ranked first (more speed per credit); alice: slow and cheap
     price_b, price_a = 700 * MICRO, 400 * MICRO
     leased_worker(market, bob, price_b, gflops=1000.0)
     leased_worker(market, alice, price_a, gflops=150.0)
-
-    total = sum(layer_flops(i) for i in range(3))
-    share_b = round(total * 1000.0 / 1150.0)
-    estimate = (cost(share_b, price_b) + cost(total - share_b, price_a)) * steps
     f_b, f_a = layer_flops(0), layer_flops(1) + layer_flops(2)
     per_step = cost(f_b, price_b) + cost(f_a, price_a)
-    assert estimate < per_step * steps
-    max_micro = (estimate + per_step * steps) // 2
-    done = max_micro // per_step
-    assert estimate <= max_micro and done < steps
+    estimate = per_step * steps
+    credits = lambda micro: f"{micro // MICRO}.{micro % MICRO:06d}"  # noqa: E731
 
-    out = tmp_path / "ckpt"
-    p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", steps,
-                   "--batch", BATCH, "--eval-every", 0, "--plan", "0,1-2", "--out", out,
-                   "--market", market.addr, "--token", renter, "--devices", 2,
-                   "--max-credits", f"{max_micro // MICRO}.{max_micro % MICRO:06d}")
-    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
-    assert f"budget reached after step {done}" in p.stderr, p.stderr
-    assert "checkpoint in" in p.stderr, p.stderr
-    assert re.search(r"lease \d+ released: job \d+ cancelled", p.stdout), p.stdout
-    assert json.loads((out / "state.json").read_text())["step"] == done
+    base = ("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", steps, "--batch", BATCH,
+            "--eval-every", 0, "--plan", "0,1-2", "--market", market.addr, "--token", renter, "--devices", 2)
+    p = run_arceus(*base, "--max-credits", credits(estimate - 1))
+    assert p.returncode == 1
+    assert f"estimated cost {credits(estimate)} credits" in p.stderr and "exceeds max credits" in p.stderr, p.stderr
+    p = run_arceus(*base, "--max-credits", credits(estimate))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"estimate {credits(estimate)} credits" in p.stdout, p.stdout
+    assert re.search(rf"lease \d+ released: job \d+ done, {re.escape(credits(estimate))} credits spent", p.stdout), \
+        p.stdout
 
     bal = balances(db)
-    assert bal["bob"] == cost(f_b, price_b) * done
-    assert bal["alice"] == cost(f_a, price_a) * done
-    assert bal["renter"] == 100 * MICRO - per_step * done
-    assert 100 * MICRO - bal["renter"] <= max_micro
+    assert bal["bob"] == cost(f_b, price_b) * steps
+    assert bal["alice"] == cost(f_a, price_a) * steps
+    assert bal["renter"] == 100 * MICRO - estimate
+    assert bal["escrow"] == 0
     assert ledger_total(db) == 0
     con = sqlite3.connect(str(db))
     try:
-        assert con.execute("SELECT status, step FROM jobs").fetchall() == [("cancelled", done)]
+        assert con.execute("SELECT status, step FROM jobs").fetchall() == [("cancelled", 0), ("done", steps)]
     finally:
         con.close()

@@ -59,11 +59,11 @@ def test_provider_registers_its_measured_profile(run_arceus, add_account, market
     rows = provider_rows(run_arceus, market, renter)
     assert list(rows) == [p.id], rows
     row = rows[p.id]
-    # ID ACCOUNT ADDRESS GFLOP/S MEMORY(2 cols) CORES CREDITS/TFLOP RELIABILITY LAST SEEN
-    assert row[1:4] == ["alice", p.addr, f"{p.gflops:.1f}"], row
-    assert row[4:6] == ["512", "MiB"], row
-    assert row[6] == "1", row            # --max-threads 1: one core offered
-    assert row[7] == "2.500000", row
+    # ID ACCOUNT ADDRESS GFLOP/S OBSERVED MEMORY(2 cols) CORES CREDITS/TFLOP RELIABILITY LAST SEEN
+    assert row[1:5] == ["alice", p.addr, f"{p.gflops:.1f}", f"{p.gflops:.1f}"], row
+    assert row[5:7] == ["512", "MiB"], row
+    assert row[7] == "1", row            # --max-threads 1: one core offered
+    assert row[8] == "2.500000", row
 
     # without --max-mem the advertised memory is what is free, no more
     q = provider(market, alice, "--max-mem", "64T", name="provide-big")
