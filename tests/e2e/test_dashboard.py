@@ -263,9 +263,12 @@ def test_json_api_refuses_without_a_token_and_to_another_account(dashboard):
         assert status == 200 and me["account"] == name
         status, lg = get_json(url + "api/ledger", toks[name])
         assert status == 200 and lg["account"] == name
-        usage = [r for r in lg["rows"] if r["reason"] == "usage"]
-        assert all(r["job"] == jid and not r["amount"].startswith("-") for r in usage)
-        earning += bool(usage)
+        # what its providers earned: held in escrow (pending), then released to it
+        assert not [r for r in lg["rows"] if r["reason"] == "usage"]
+        released = [r for r in lg["rows"] if r["reason"] == "release"]
+        assert all(r["job"] == jid and not r["amount"].startswith("-") for r in released)
+        assert me["pending"] == lg["pending"]
+        earning += bool(released) or lg["pending"] != "0.000000"
         status, provs = get_json(url + "api/providers", toks[name])
         mine = [p for p in provs["providers"] if p["mine"]]
         assert len(mine) == 1 and mine[0]["account"] == name and mine[0]["work_paid"] > 0

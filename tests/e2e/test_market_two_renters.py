@@ -44,7 +44,8 @@ def test_three_providers_two_renters_at_once_are_paid_their_flops(
     tokens = {name: add_account(db, name) for name in owners}
     renter_a = add_account(db, "renter-a", "1000")
     renter_b = add_account(db, "renter-b", "1000")
-    market = procs.market(db)
+    # --escrow-window 0: each job's pay is its providers' to spend when it ends
+    market = procs.market(db, "--escrow-window", "0")
     prices = {"alice": "400", "bob": "550", "carol": "700"}
     providers = {}
     for name in owners:
