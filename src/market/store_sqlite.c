@@ -244,6 +244,7 @@ static const char *const migrations[] = {
     "INSERT INTO accounts (name, system, created)"
     "  VALUES ('escrow', 1, CAST(strftime('%s','now') AS INTEGER));"
     "ALTER TABLE jobs ADD COLUMN ended INTEGER;"
+    "ALTER TABLE jobs ADD COLUMN last_paid INTEGER;"
     "UPDATE jobs SET ended = created WHERE status IN ('done', 'failed', 'cancelled');"
     "ALTER TABLE leases ADD COLUMN spec TEXT;"
     "ALTER TABLE leases ADD COLUMN mb_rows INTEGER NOT NULL DEFAULT 0;"
@@ -277,7 +278,7 @@ static const char *const migrations[] = {
     "ALTER TABLE usage_v7 RENAME TO usage;"
     "CREATE INDEX usage_provider ON usage (provider_id, created);"
     "CREATE INDEX usage_job ON usage (job_id, step);"
-    "CREATE INDEX usage_held ON usage (state) WHERE state IN ('held', 'contested');"
+    "CREATE INDEX usage_held ON usage (job_id) WHERE state IN ('held', 'contested');"
     "CREATE UNIQUE INDEX usage_once ON usage (lease_id, plan, step, stage, provider_id)"
     "  WHERE state != 'reversed';"
     "CREATE TABLE provider_speed ("
@@ -2118,8 +2119,26 @@ static int usage_pay(ar_store *s, int64_t job_id, int64_t lease_id, int64_t plan
             sqlite3_finalize(ins);
         }
     }
+    int64_t usage_id = rc == 0 ? sqlite3_last_insert_rowid(s->db) : 0;
     if (rc == 0)
-        rc = run(s, NULL, "UPDATE jobs SET spent = spent + ? WHERE id = ?", "ii", cost, job_id);
+        rc = run(s, NULL, "UPDATE jobs SET spent = spent + ?, last_paid = ? WHERE id = ?", "iii", cost, now_s(),
+                 job_id);
+    /* work its member's audits already verified (a late report) is the
+     * provider's at once */
+    int64_t verified = -1;
+    if (rc == 0 && lease_id > 0) {
+        rc = query_i64(s, &verified, "SELECT verified_step FROM lease_members WHERE lease_id = ? AND provider_id = ?",
+                       "ii", lease_id, provider_id);
+        if (rc == AR_ENOTFOUND) {
+            rc = AR_OK;
+            verified = -1;
+        }
+    }
+    if (rc == 0 && stepno <= verified) {
+        held_row h = {.id = usage_id, .job_id = job_id, .step = stepno, .amount = cost, .payee = payee,
+                      .renter = job.renter_id};
+        rc = held_release(s, &h);
+    }
     return rc;
 }
 
@@ -2427,17 +2446,17 @@ int ar_store_escrow_release(ar_store *s, int64_t now, int64_t window_s, int *rel
     size_t n = 0;
     lock(s);
     int rc = tx_begin(s);
-    /* verified by audits; or the job ended, and its settling window has
-     * passed; or it was abandoned (running, and no payment for a long time) */
+    /* the held payments of jobs that ended and whose settling window has
+     * passed, or that were abandoned (running, no payment for a long time);
+     * the partial index on held payments by job keeps a sweep from reading
+     * what was settled long ago (verified work is released when it is
+     * verified, or paid) */
     if (rc == 0)
         rc = held_rows(s, &rows, &n,
                        "SELECT " HELD_COLS HELD_FROM
-                       " LEFT JOIN lease_members m ON m.lease_id = u.lease_id AND m.provider_id = u.provider_id"
-                       " WHERE u.state IN ('held', 'contested') AND ("
-                       "  (u.state = 'held' AND m.verified_step IS NOT NULL AND u.step <= m.verified_step)"
-                       "  OR (j.ended IS NOT NULL AND j.ended + ?1 <= ?2)"
-                       "  OR (j.ended IS NULL AND (SELECT MAX(x.created) FROM usage x WHERE x.job_id = u.job_id)"
-                       "      + ?3 <= ?2)) ORDER BY u.id",
+                       " WHERE u.state IN ('held', 'contested') AND u.job_id IN (SELECT id FROM jobs WHERE"
+                       "  (ended IS NOT NULL AND ended + ?1 <= ?2) OR (ended IS NULL AND last_paid + ?3 <= ?2))"
+                       " ORDER BY u.id",
                        "iii", window_s, now, abandoned);
     if (rc == 0)
         rc = held_settle_all(s, rows, n, true, NULL);

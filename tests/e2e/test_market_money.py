@@ -14,7 +14,8 @@ with real `arceus worker` processes where the market must reach them:
   reset: a penalty belongs to the account (a new address spelling keeps it),
   and a new account starts below an established one;
 - claims at price 0 win every lease: once renters' drivers have observed a
-  provider far slower than it claimed, it loses rank.
+  provider far slower than it claimed, it loses rank (with hand-made
+  progress reports, and with a real training run).
 
 Each of these fails on a build whose market believes whatever it is told.
 """
@@ -25,6 +26,7 @@ import time
 
 import pytest
 
+from conftest import CONFIGS
 from pbwire import acquire, decode, field_bytes, field_double, field_varint, replace, usage
 from test_market import call, call_error, heartbeat_request, profile, register
 from test_market_train import BATCH, balances, cost, layer_flops, ledger_total
@@ -371,3 +373,23 @@ def test_a_provider_far_slower_than_it_claims_loses_rank(add_account, market, tm
     observed = STEP_FLOPS * 10 / 0.5 / 1e9
     assert seen[liar][2] == pytest.approx(observed, rel=0.25)
     assert seen[honest][2] == pytest.approx(50.0)  # not observed: its claim
+
+
+def test_a_real_run_observes_the_liar_and_the_next_lease_goes_to_an_honest_provider(
+        run_arceus, add_account, market, leased_worker, tmp_path, corpus):
+    """The same with real processes: the renter's driver reports each stage's
+    busy time as it trains (ReportProgress), and that is what the market
+    ranks by next."""
+    db = tmp_path / "market.db"
+    renter = add_account(db, "renter", "1000")
+    m = market(db, "--offline-after", "3600")
+    liar = leased_worker(m, add_account(db, "liar"), 0, gflops=1e9)
+    honest = leased_worker(m, add_account(db, "honest"), 400 * MICRO, gflops=50.0)
+    args = ("train", "--model", CONFIGS / "gpt-tiny.json", "--data", corpus, "--steps", 200, "--batch", 8,
+            "--eval-every", 0, "--threads", 1, "--market", m.addr, "--token", renter, "--devices", 1)
+    p = run_arceus(*args, check=True)
+    assert f"provider {liar.id} (liar)" in p.stdout, p.stdout
+    seen = listed(m, renter)
+    assert 0 < seen[liar.id][2] < 1e3, seen  # GFLOP/s observed: nothing like the 1e9 claimed
+    p = run_arceus(*args, check=True)
+    assert f"provider {honest.id} (honest)" in p.stdout, p.stdout

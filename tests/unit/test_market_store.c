@@ -478,23 +478,31 @@ Test(market_store, escrow_releases_at_the_end_of_the_window_or_when_verified)
     cr_assert_eq(ar_store_member_verified(s, lease, p0, 1, &n), 0); /* it only grows */
     cr_assert_eq(n, 0);
     cr_assert_eq(ar_store_member_verified(s, lease, 999, 1, &n), AR_ENOTFOUND);
+    /* a late report of work already verified is the provider's at once */
+    cr_assert_eq(ar_store_member_verified(s, lease, p0, 7, &n), 0);
+    cr_assert_eq(n, 3);
+    cr_assert_eq(ar_store_usage_record(s, job, 6, p0, 0, tf, AR_CREDITS(1), NULL), 0, "%s", ar_last_error());
+    cr_assert_eq(balance(s, pa), AR_CREDITS(7));
+    cr_assert_eq(pending(s, pa), 0);
+    cr_assert_eq(ar_store_usage_record(s, job, 8, p0, 0, tf, AR_CREDITS(1), NULL), 0);
+    cr_assert_eq(pending(s, pa), AR_CREDITS(1));
     ar_lease_member *mem = NULL;
     size_t nm = 0;
     cr_assert_eq(ar_store_lease_members(s, lease, &mem, &nm), 0);
-    cr_assert_eq(mem[0].verified_step, 2);
+    cr_assert_eq(mem[0].verified_step, 7);
     ar_free(mem);
     /* the job ends: held until its window has passed */
     cr_assert_eq(ar_store_job_update(s, job, AR_JOB_DONE, 6), 0);
     cr_assert_eq(ar_store_escrow_release(s, now, 3600, &n), 0);
     cr_assert_eq(n, 0);
     cr_assert_eq(ar_store_escrow_release(s, now + 3600, 3600, &n), 0);
-    cr_assert_eq(n, 3);
-    cr_assert_eq(balance(s, pa), AR_CREDITS(6));
+    cr_assert_eq(n, 1);
+    cr_assert_eq(balance(s, pa), AR_CREDITS(8));
     cr_assert_eq(pending(s, pa), 0);
     /* work paid by another account raised the provider account's reliability */
     ar_account acc;
     cr_assert_eq(ar_store_account_get(s, pa, &acc), 0);
-    cr_assert_float_eq(acc.reliability, 1 - (1 - AR_RELIABILITY_NEW) * pow(AR_RELIABILITY_GROWTH, 6), 1e-9);
+    cr_assert_float_eq(acc.reliability, 1 - (1 - AR_RELIABILITY_NEW) * pow(AR_RELIABILITY_GROWTH, 8), 1e-9);
     cr_assert_eq(ar_store_escrow_release(s, now, -1, &n), AR_EINVAL);
     assert_books(s, NULL);
     ar_store_close(s);
@@ -1334,7 +1342,7 @@ Test(market_store, schema_3_database_is_migrated_to_the_current_schema_keeping_i
     raw_sql("DROP TABLE audit_failures; DROP TABLE stage_samples; DROP TABLE provider_speed;"
             " ALTER TABLE accounts DROP COLUMN reliability; ALTER TABLE accounts DROP COLUMN false_claims;"
             " ALTER TABLE accounts DROP COLUMN confirmed_claims; DELETE FROM accounts WHERE name = 'escrow';"
-            " ALTER TABLE jobs DROP COLUMN ended; ALTER TABLE leases DROP COLUMN spec;"
+            " ALTER TABLE jobs DROP COLUMN ended; ALTER TABLE jobs DROP COLUMN last_paid; ALTER TABLE leases DROP COLUMN spec;"
             " ALTER TABLE leases DROP COLUMN mb_rows; ALTER TABLE leases DROP COLUMN micro_batches;"
             " ALTER TABLE leases DROP COLUMN schedule; ALTER TABLE leases DROP COLUMN plan;"
             " ALTER TABLE lease_members DROP COLUMN first_unit; ALTER TABLE lease_members DROP COLUMN last_unit;"

@@ -496,6 +496,101 @@ Test(plan, the_dynamic_program_matches_brute_force)
     cr_assert_gt(infeasible, 0);
 }
 
+/* Every composition of the units into exactly nd stages, stage k on device k:
+ * the best slowest stage and, among splits reaching it, the smallest total. */
+static void brute_each(const ar_unit_cost *c, int n, const ar_device *d, int nd, int M, int sched,
+                       brute_result *r)
+{
+    r->best = INFINITY;
+    r->stages = nd;
+    r->total = INFINITY;
+    for (unsigned cuts = 0; cuts < (1u << (n - 1)); cuts++) {
+        if (__builtin_popcount(cuts) != nd - 1)
+            continue;
+        double mx = 0, sum = 0;
+        int a = 0, st = 0, ok = 1;
+        for (int b = 1; b <= n && ok; b++) {
+            if (b < n && !(cuts & (1u << (b - 1))))
+                continue;
+            double mem = ar_plan_stage_mem(c, n, a, b, ar_plan_slots(sched, nd, st, M));
+            if (d[st].mem_bytes > 0 && mem > d[st].mem_bytes)
+                ok = 0;
+            double t = stage_seconds(c, n, a, b, &d[st]);
+            mx = fmax(mx, t);
+            sum += t;
+            a = b;
+            st++;
+        }
+        if (!ok)
+            continue;
+        double tol = 1e-9 * fmax(mx, r->best == INFINITY ? 0 : r->best);
+        if (mx < r->best - tol || (fabs(mx - r->best) <= tol && sum < r->total))
+            r->best = fmin(mx, r->best), r->total = sum;
+    }
+}
+
+/* A market lease: one stage on each of its providers, in order. */
+Test(plan, one_stage_per_device_matches_brute_force)
+{
+    ar_rng rng;
+    ar_rng_seed(&rng, 77);
+    int checked = 0, infeasible = 0;
+    for (int trial = 0; trial < 600; trial++) {
+        int n = 1 + (int)ar_rng_below(&rng, 8);
+        int nd = 1 + (int)ar_rng_below(&rng, (uint64_t)(n < 4 ? n : 4));
+        int M = 1 + (int)ar_rng_below(&rng, 4);
+        int sched = (int)ar_rng_below(&rng, 2) ? AR_SCHED_1F1B : AR_SCHED_GPIPE;
+        ar_unit_cost c[8];
+        for (int u = 0; u < n; u++) {
+            memset(&c[u], 0, sizeof c[u]);
+            c[u].flops = 1e9 * (0.1 + ar_rng_uniform(&rng));
+            c[u].state_bytes = 1e6 * ar_rng_uniform(&rng);
+            c[u].out_bytes = 1e5 * ar_rng_uniform(&rng);
+            c[u].act_bytes = c[u].out_bytes + 5e5 * ar_rng_uniform(&rng);
+            c[u].work_bytes = 2e5 * ar_rng_uniform(&rng);
+        }
+        ar_device d[4];
+        for (int k = 0; k < nd; k++)
+            d[k] = dev("d", 0.5 + 2 * ar_rng_uniform(&rng), ar_rng_below(&rng, 5) == 0 ? 0 : 1e6 + 4e6 * ar_rng_uniform(&rng),
+                       0);
+        brute_result r;
+        brute_each(c, n, d, nd, M, sched, &r);
+        ar_plan p;
+        int rc = ar_plan_each(c, n, d, nd, M, sched, &p);
+        if (r.best == INFINITY) {
+            cr_assert_eq(rc, AR_ELIMIT, "trial %d: %d", trial, rc);
+            infeasible++;
+            continue;
+        }
+        cr_assert_eq(rc, AR_OK, "trial %d: %s", trial, ar_last_error());
+        expect_well_formed(&p, n, nd);
+        cr_assert_eq(p.nstages, nd);
+        double sum = 0;
+        for (int st = 0; st < nd; st++) {
+            cr_assert_eq(p.device[st], st);
+            sum += p.stage_time[st];
+        }
+        cr_assert(fabs(max_time(&p) - r.best) <= 1e-9 * r.best, "trial %d: %.12g, optimum %.12g", trial,
+                  max_time(&p), r.best);
+        cr_assert(sum <= r.total * (1 + 1e-9), "trial %d: total %.12g, best %.12g", trial, sum, r.total);
+        checked++;
+    }
+    cr_assert_gt(checked, 300);
+    cr_assert_gt(infeasible, 0);
+    /* more devices than units */
+    ar_unit_cost c[2] = {{.flops = 1e9}, {.flops = 1e9}};
+    ar_device d[3] = {dev("a", 1, 0, 0), dev("b", 1, 0, 0), dev("c", 1, 0, 0)};
+    ar_plan p;
+    cr_assert_eq(ar_plan_each(c, 2, d, 3, 1, AR_SCHED_GPIPE, &p), AR_EINVAL);
+    /* a stage's FLOPs per step: its units', times the micro-batches */
+    int64_t f = 0;
+    cr_assert_eq(ar_plan_stage_flops(c, 2, 0, 2, 3, &f), AR_OK);
+    cr_assert_eq(f, 6000000000LL);
+    cr_assert_eq(ar_plan_stage_flops(c, 2, 1, 1, 3, &f), AR_EINVAL);
+    c[0].flops = 1e30;
+    cr_assert_eq(ar_plan_stage_flops(c, 2, 0, 1, 1, &f), AR_ELIMIT);
+}
+
 /* ---- tensor-parallel groups ----------------------------------------------------------- */
 
 Test(plan, a_block_splits_into_attention_mlp_and_the_leaders_rest)
