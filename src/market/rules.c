@@ -475,6 +475,15 @@ static int lease_job(ar_store *s, int64_t renter_id, const ar_market_lease_reque
     out->job_id = job_id;
     if ((rc = ar_store_job_update(s, job_id, AR_JOB_RUNNING, start_step)) != AR_OK)
         return rc;
+    /* the renter's driver counts each stage's busy time from the start of
+     * its run: the first sample of every stage, so that a run whose only
+     * progress report is its last is observed all the same */
+    for (size_t i = 0; i < out->n; i++) {
+        ar_stage_sample start = {.provider_id = members[i].provider_id, .step = start_step}, prev;
+        bool had;
+        if ((rc = ar_store_stage_sample_swap(s, out->lease_id, members[i].stage, &start, &prev, &had)) != AR_OK)
+            return rc;
+    }
     ar_log(AR_LOG_INFO, "market: job %lld leases %zu providers (lease %lld, estimate %lld micro-credits)",
            (long long)job_id, out->n, (long long)out->lease_id, (long long)out->estimate);
     return AR_OK;

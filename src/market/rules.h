@@ -410,9 +410,10 @@ typedef struct {
 
 /* Keeps a job's snapshot, its stages' times, its validation loss and its
  * plan (as the dashboard's JSON, ar_dashboard_plan_json); and from each
- * stage's busy time since the last report, what the member at that stage
- * did per second: an observation of its provider's speed (its plan FLOPs
- * per step times the steps, in the busy seconds), unless the renter is the
+ * stage's busy time since the last report (or since the lease began, when
+ * the driver's counters started at 0), what the member at that stage did
+ * per second: an observation of its provider's speed (its plan FLOPs per
+ * step times the steps, in the busy seconds), unless the renter is the
  * provider's own account or the numbers cannot be (busy beyond wall time). */
 int ar_rules_report_progress(ar_store *s, const ar_lease *lease, const ar_market_progress_report *r);
 

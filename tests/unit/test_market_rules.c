@@ -1001,34 +1001,54 @@ Test(market_rules, progress_reports_are_observations_of_each_members_speed)
     r.times = times;
     r.n_times = 2;
     cr_assert_eq(ar_rules_report_progress(t.s, &l, &r), AR_OK, "%s", ar_last_error());
-    /* the first report is a baseline: nothing observed yet */
-    cr_assert_float_eq(provider(t.s, t.a).obs_flops, 0, 1e-9);
-    /* 10 more steps: a busy 3 s more (2e10 FLOP/s), b 6 s more */
+    /* the driver's counters start with the lease: 10 steps in 1 s of a's busy time */
+    cr_assert_float_eq(provider(t.s, t.a).obs_flops, 10.0 * UNIT_FLOPS, 1);
+    cr_assert_float_eq(provider(t.s, t.a).obs_busy_s, 1.0, 1e-9);
+    /* 10 more steps: a busy 3 s more, b 6 s more */
     r.live.step = 20;
     r.live.wall_s = times[0].wall_s = times[1].wall_s = 10;
     times[0].busy_s = 4.0;
     times[1].busy_s = 7.5;
     cr_assert_eq(ar_rules_report_progress(t.s, &l, &r), AR_OK, "%s", ar_last_error());
     ar_provider a = provider(t.s, t.a), b = provider(t.s, t.b);
-    cr_assert_float_eq(a.obs_flops, 10.0 * UNIT_FLOPS, 1);
-    cr_assert_float_eq(a.obs_busy_s, 3.0, 1e-9);
-    cr_assert_float_eq(a.obs_claim_flops, 3.0 * 100e9, 1);
-    cr_assert_float_eq(b.obs_busy_s, 6.0, 1e-9);
+    cr_assert_float_eq(a.obs_flops, 20.0 * UNIT_FLOPS, 1);
+    cr_assert_float_eq(a.obs_busy_s, 4.0, 1e-9);
+    cr_assert_float_eq(a.obs_claim_flops, 4.0 * 100e9, 1);
+    cr_assert_float_eq(b.obs_busy_s, 7.5, 1e-9);
     double va = ar_rules_speed(&a), vb = ar_rules_speed(&b);
-    cr_assert(va > 19 && va < 21, "%g", va);
-    cr_assert(vb > 9.5 && vb < 10.5, "%g", vb);
+    cr_assert(va > 29 && va < 31, "%g", va); /* 1.2e11 FLOPs in 4 s */
+    cr_assert(vb > 15.5 && vb < 16.5, "%g", vb);
     /* nonsense (busy beyond the wall time), or going back, observes nothing */
     r.live.step = 30;
     r.live.wall_s = times[0].wall_s = times[1].wall_s = 11;
     times[0].busy_s = 100;
     times[1].busy_s = 8.0;
     cr_assert_eq(ar_rules_report_progress(t.s, &l, &r), AR_OK, "%s", ar_last_error());
-    cr_assert_float_eq(provider(t.s, t.a).obs_busy_s, 3.0, 1e-9);
-    cr_assert_float_eq(provider(t.s, t.b).obs_busy_s, 6.5, 1e-9);
-    /* a renter's word about its own providers is no observation */
-    int64_t own = new_provider(t.s, t.renter, 5010, 100, (int64_t)1 << 30, 0);
-    (void)own;
+    cr_assert_float_eq(provider(t.s, t.a).obs_busy_s, 4.0, 1e-9);
+    cr_assert_float_eq(provider(t.s, t.b).obs_busy_s, 8.0, 1e-9);
+    r.live.step = 25;
+    times[1].busy_s = 9.0;
+    cr_assert_eq(ar_rules_report_progress(t.s, &l, &r), AR_OK, "%s", ar_last_error());
+    cr_assert_float_eq(provider(t.s, t.b).obs_busy_s, 8.0, 1e-9);
     ar_store_close(t.s);
+}
+
+Test(market_rules, a_renters_word_about_its_own_providers_is_no_observation)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100));
+    int64_t own = new_provider(s, renter, 5001, 100, (int64_t)1 << 30, 0);
+    ar_market_lease_request q = ask(1, 10, 2);
+    ar_market_lease got;
+    bool too_few;
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    ar_lease l = lease_of(s, got.lease_id);
+    ar_stage_time t = {.step = 10, .stage = 0, .wall_s = 2, .busy_s = 1};
+    ar_market_progress_report r = {.live = {.step = 10, .total_steps = 10, .unit = "samples", .wall_s = 2},
+                                   .times = &t, .n_times = 1};
+    cr_assert_eq(ar_rules_report_progress(s, &l, &r), AR_OK, "%s", ar_last_error());
+    cr_assert_float_eq(provider(s, own).obs_busy_s, 0, 1e-12);
+    ar_store_close(s);
 }
 
 /* A two-stage plan, the second stage a tensor-parallel pair. */
