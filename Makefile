@@ -54,6 +54,9 @@ CFLAGS_COMMON = -std=c11 -D_GNU_SOURCE -fopenmp $(WARN) -Iinclude -Isrc -I$(GEN)
 
 ifeq ($(BUILD),asan)
 OPT := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+# the test build can play a cheating provider (ARCEUS_FAULT, train/pipeline.c);
+# the release build has no such code
+TEST_DEFS := -DARCEUS_FAULTS
 else ifeq ($(BUILD),fuzz)
 # The library with libFuzzer's coverage hooks (the harnesses add the fuzzer's main)
 CC := clang
@@ -63,7 +66,7 @@ else
 OPT := -O3 -march=native -g
 endif
 
-CFLAGS = $(CFLAGS_COMMON) $(OPT) $(EXTRA_CFLAGS)
+CFLAGS = $(CFLAGS_COMMON) $(OPT) $(TEST_DEFS) $(EXTRA_CFLAGS)
 LDFLAGS := -fopenmp $(OPT)
 
 OUT := build/$(BUILD)

@@ -26,6 +26,29 @@ typedef struct {
  * STOP, or the error that ended it. */
 int ar_stage_serve(ar_stage_runner *r);
 
+/* What a stage commits to after every step, in its NORM record (docs/DESIGN.md,
+ * "Audits by replay"): SHA-256 of its state before the step (ar_stage_state_digest)
+ * and, over the step's micro-batches, of what it received and produced. Each
+ * of the last four is SHA-256 of the micro-batches' own digests in micro-batch
+ * order (ar_digest_act, ar_digest_grad): one hash per tensor per micro-batch. */
+enum {
+    AR_DIGEST_STATE,    /* parameters, moments, step count before the step */
+    AR_DIGEST_ACT_IN,   /* ACT payloads with their targets, as received */
+    AR_DIGEST_ACT_OUT,  /* outputs (the last stage: logits) with the targets */
+    AR_DIGEST_GRAD_IN,  /* GRAD payloads with their losses, as received (none on the last stage) */
+    AR_DIGEST_GRAD_OUT, /* GRAD payloads with their losses, as sent up */
+    AR_DIGEST_KINDS
+};
+typedef struct {
+    uint8_t d[AR_DIGEST_KINDS][32];
+} ar_step_digests;
+
+/* A micro-batch's activation digest: payload bytes then the targets. */
+int ar_digest_act(const void *payload, size_t nbytes, const int32_t *targets, size_t ntargets,
+                  uint8_t out[32]);
+/* A micro-batch's gradient digest: payload bytes (may be none) then the loss. */
+int ar_digest_grad(const void *payload, size_t nbytes, double loss, uint8_t out[32]);
+
 /* What the driver learns from one training step. */
 typedef struct {
     double loss;             /* mean over the step's micro-batches */
@@ -35,6 +58,8 @@ typedef struct {
     double busy_s[64], idle_s[64]; /* per stage, this step */
     double tp_bytes[64];     /* per stage: a group leader's traffic with its other members this
                               * step (frame bytes, both directions; 0 for a plain stage) */
+    int has_digests[64];     /* the stage committed digests (every stage of this build does) */
+    ar_step_digests digests[64];
 } ar_step_result;
 
 /* One training step: inputs is (B, ...) rows split into M micro-batches of
