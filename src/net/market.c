@@ -637,7 +637,15 @@ static void on_report(ar_rpc *rpc, void *user)
                           (long long)u->provider_id, (long long)u->flops);
             goto out;
         }
-        stages[i] = (ar_stage_usage){.stage = (int)u->stage, .provider_id = u->provider_id, .flops = u->flops};
+        if (u->digests.len != 0 && u->digests.len != AR_STAGE_DIGEST_BYTES) {
+            ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReportUsage: stage %u digests of %zu bytes, not 0 or %d",
+                          u->stage, u->digests.len, AR_STAGE_DIGEST_BYTES);
+            goto out;
+        }
+        stages[i] = (ar_stage_usage){.stage = (int)u->stage, .provider_id = u->provider_id, .flops = u->flops,
+                                     .has_digests = u->digests.len != 0};
+        if (u->digests.len)
+            memcpy(stages[i].digests, u->digests.data, AR_STAGE_DIGEST_BYTES);
     }
     /* whether each stage belongs to the lease, and its FLOPs are the plan's,
      * is the rule's to check */

@@ -309,6 +309,10 @@ int ar_market_report_loss(ar_client *c, const char *lease_token, int64_t step, d
         x.stage = (uint32_t)u[i].stage;
         x.provider_id = u[i].provider_id;
         x.flops = u[i].flops;
+        if (u[i].has_digests) {
+            x.digests.data = (uint8_t *)u[i].digests;
+            x.digests.len = AR_STAGE_DIGEST_BYTES;
+        }
         su[i] = x;
         sp[i] = &su[i];
     }

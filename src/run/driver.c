@@ -974,7 +974,7 @@ int ar_train_run(ar_train_config *c)
         /* paid by the reporter's thread, in order; a refusal of an earlier
          * step (the market's budget, a lease it ended) ends the run */
         if (r.leased && ((rc = ar_reporter_refusal(&r.reporter)) != AR_OK ||
-                         (rc = driver_queue_usage(&r, step, res.loss)) != AR_OK))
+                         (rc = driver_queue_usage(&r, step, &res)) != AR_OK))
             break;
         if (r.leased)
             ar_reporter_keep_up(&r.reporter, REPORT_QUEUE_HIGH, REPORT_STALL_S);

@@ -142,7 +142,7 @@ typedef struct {
 int driver_price_stages(run *r);
 int driver_lease_plan(run *r, ar_plan *out);
 int driver_acquire_lease(run *r, long start_step, int64_t resume_job);
-int driver_queue_usage(run *r, long step, double loss);
+int driver_queue_usage(run *r, long step, const ar_step_result *res);
 void driver_report_progress(run *r, long step, double rate, double elapsed, long start);
 void driver_release_lease(run *r, int rc);
 int driver_replace_from_market(run *r, int64_t lost_id, long kept, const char *why, int *found);

@@ -3,6 +3,7 @@
 
 #include "core/core.h"
 #include "core/digest.h"
+#include "train/audit.h"
 #include "train/schedule.h"
 
 #include <stdio.h>
@@ -278,6 +279,8 @@ static int run_forward(serve_state *st, ar_frame *f)
     double t0 = ar_now();
     uint8_t (*dg)[32] = st->mbd[f->mb]; /* f->mb < M: run_step checked it */
     rc = ar_digest_act(f->data, f->nbytes, f->targets, f->ntargets, dg[0]);
+    if (rc == AR_OK && r->keep)
+        rc = ar_audit_keep_act(r->keep, f->mb, f->rows, f->data, f->nbytes, f->targets, f->ntargets);
     if (rc == AR_OK)
         rc = ar_stage_forward(s, slot, f->rows, f->data, 1, mb_seed(r->seed, f->step, f->mb), &out);
     size_t nout = (size_t)f->rows * s->T * ar_stage_out_width(s);
@@ -345,6 +348,8 @@ static int run_backward(serve_state *st, int64_t step, int mb, int M, double *lo
         loss = g.scalars[0];
         double t0 = ar_now();
         rc = ar_digest_grad(g.data, g.nbytes, loss, st->mbd[mb][2]);
+        if (rc == AR_OK && r->keep)
+            rc = ar_audit_keep_grad(r->keep, mb, g.data, g.nbytes, loss);
         if (rc == AR_OK)
             rc = ar_stage_backward(s, slot, rows, NULL, g.data, 0.0f, mb_seed(r->seed, step, mb), &din);
         st->busy += ar_now() - t0;
@@ -513,6 +518,8 @@ static int run_step(serve_state *st, ar_frame *first)
     /* the state this step starts from, committed in this step's NORM */
     if ((rc = ar_stage_state_digest(s, st->state_digest)) != AR_OK)
         goto done;
+    if (r->keep && (rc = ar_audit_keep_begin(r->keep, s, step, M)) != AR_OK)
+        goto done;
     ar_stage_zero_grad(s);
     int next_f = 0;
     for (int i = 0; i < 2 * M; i++) {
@@ -560,6 +567,8 @@ static int run_apply(serve_state *st, ar_frame *f)
     double lr = f->scalars[0], scale = f->scalars[1];
     if (!(lr >= 0 && lr < 1e3) || !(scale > 0 && scale <= 1))
         return ar_fail(AR_EPROTO, "STEP with lr %g and gradient scale %g", lr, scale);
+    if (r->keep)
+        ar_audit_keep_update(r->keep, f->step, (float)lr, (float)scale);
     int urc = FAULT_OF(st) == FAULT_SKIP_UPDATE ? AR_OK : ar_stage_update(s, (float)lr, (float)scale);
     if (urc != AR_OK)
         return urc;

@@ -20,6 +20,8 @@ typedef struct {
     size_t max_frame_bytes;
     uint64_t seed;       /* run seed, for dropout */
     double timeout_s;    /* how long to wait for a neighbour mid-step (< 0: forever) */
+    struct ar_audit_keep *keep; /* NULL, or where the stage records its last steps for
+                                 * audits by replay (train/audit.h) */
 } ar_stage_runner;
 
 /* Serve until a STOP frame or the upstream link closes. Returns AR_OK after
