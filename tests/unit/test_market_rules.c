@@ -539,14 +539,14 @@ Test(market_rules, a_report_that_does_not_fit_the_lease_pays_nothing)
         const char *why;
     } bad[] = {
         /* the renter setting its own price */
-        {{{0, t.a, 1}, {1, t.b, 1}}, 2, "the FLOPs differ from the lease's plan"},
-        {{{0, t.a, 0}, {1, t.b, UNIT_FLOPS + 1}}, 2, "the FLOPs differ from the lease's plan"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 1}, {.stage = 1, .provider_id = t.b, .flops = 1}}, 2, "the FLOPs differ from the lease's plan"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 0}, {.stage = 1, .provider_id = t.b, .flops = UNIT_FLOPS + 1}}, 2, "the FLOPs differ from the lease's plan"},
         /* or paying some of a step's stages */
-        {{{0, t.a, 0}}, 1, "every stage of a step is paid"},
-        {{{0, t.a, 0}, {1, t.spare, 0}}, 2, "the provider is not the lease's at that stage"},
-        {{{0, t.b, 0}, {1, t.a, 0}}, 2, "the provider is not the lease's at that stage"},
-        {{{0, t.a, 0}, {0, t.a, 0}}, 2, "stage or provider reported twice"},
-        {{{0, t.a, 0}, {2, t.b, 0}}, 2, "no such stage in the lease's plan"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 0}}, 1, "every stage of a step is paid"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 0}, {.stage = 1, .provider_id = t.spare, .flops = 0}}, 2, "the provider is not the lease's at that stage"},
+        {{{.stage = 0, .provider_id = t.b, .flops = 0}, {.stage = 1, .provider_id = t.a, .flops = 0}}, 2, "the provider is not the lease's at that stage"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 0}, {.stage = 0, .provider_id = t.a, .flops = 0}}, 2, "stage or provider reported twice"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 0}, {.stage = 2, .provider_id = t.b, .flops = 0}}, 2, "no such stage in the lease's plan"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         cr_assert_eq(ar_rules_settle_step(t.s, &l, 0, bad[i].u, bad[i].n, false, 0, &paid), AR_EINVAL, "case %zu", i);
@@ -666,7 +666,7 @@ Test(market_rules, a_lost_member_is_replaced_only_redone_steps_reversed_and_aske
 
     /* the replacement's redo of step 4 is paid to it, at its price, and
      * gives back b's payment for that step; a's is not paid twice */
-    ar_stage_usage u[2] = {{0, t.a, 0}, {1, t.spare, 0}};
+    ar_stage_usage u[2] = {{.stage = 0, .provider_id = t.a, .flops = 0}, {.stage = 1, .provider_id = t.spare, .flops = 0}};
     cr_assert_eq(ar_rules_settle_step(t.s, &l, 4, u, 2, false, 0, &paid), AR_OK, "%s", ar_last_error());
     cr_assert_eq(paid.paid, 2 * UNIT_COST);
     cr_assert_eq(paid.duplicates, 1);
@@ -709,7 +709,7 @@ Test(market_rules, a_lost_member_with_no_free_provider_leaves_the_lease_replanne
     cr_assert_eq(lease_of(t.s, l.id).plan, 1);
     /* a step under the new plan: b alone, both layers */
     ar_step_settlement paid;
-    ar_stage_usage u = {0, t.b, 0};
+    ar_stage_usage u = {.stage = 0, .provider_id = t.b, .flops = 0};
     cr_assert_eq(ar_rules_settle_step(t.s, &l, 0, &u, 1, false, 0, &paid), AR_OK, "%s", ar_last_error());
     cr_assert_eq(paid.paid, 2 * UNIT_COST);
     /* asked again: still no replacement, nothing done twice */
