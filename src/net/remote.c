@@ -100,6 +100,7 @@ int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params, char s
     req.threads = (uint32_t)(a->threads > 0 ? a->threads : 0);
     req.ticket = (char *)(a->ticket ? a->ticket : "");
     req.next_session = (char *)(a->next_session ? a->next_session : "");
+    req.commit_digests = a->commit_digests != 0;
     /* the members' shares: heads (GPT) and hidden units of every shard */
     Arceus__TpShare shares[AR_PLAN_MAX_GROUP], *share_ptrs[AR_PLAN_MAX_GROUP];
     uint32_t bounds[AR_PLAN_MAX_GROUP][2 * AR_TP_MAX_SHARDS];

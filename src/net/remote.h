@@ -134,6 +134,7 @@ typedef struct {
      * when none), and a leader's members' (sessions[k] for member k >= 1) */
     const char *next_session;
     const char *sessions[AR_PLAN_MAX_GROUP];
+    int commit_digests; /* the stage commits digests of every step (pipeline.h) */
 } ar_load_args;
 
 enum { AR_LOAD_STAGE = 0, AR_LOAD_LEADER = 1, AR_LOAD_RANK = 2 };

@@ -62,6 +62,7 @@ struct ar_worker {
     ar_client *member_clients[AR_PLAN_MAX_GROUP];
     ar_link *member_links[AR_PLAN_MAX_GROUP];
     uint64_t seed;
+    int commit_digests; /* the Load asked for digests of every step */
     ar_client *next;
     /* leases required (ar_worker_require_lease): guarded by mu */
     ar_client *market;
@@ -625,6 +626,7 @@ static void on_load(ar_rpc *rpc, void *user)
     w->index = (int)req->stage_index;
     w->count = (int)req->stage_count;
     w->seed = req->seed;
+    w->commit_digests = req->commit_digests;
     w->load_threads = (int)req->threads;
     long params = (w->stage ? w->stage->param_floats : 0) + (w->rank ? w->rank->param_floats : 0);
     pthread_mutex_unlock(&w->mu);
@@ -761,7 +763,8 @@ static void serve_stage(ar_worker *w, ar_rpc *rpc, ar_link *up)
                          .threads = threads,
                          .max_frame_bytes = w->max_frame,
                          .seed = w->seed,
-                         .timeout_s = -1};
+                         .timeout_s = -1,
+                         .digests = w->commit_digests};
     rc = ar_stage_serve(&r);
     ar_net_link_close_also(up, NULL);
     if (rc == AR_OK) {

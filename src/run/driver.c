@@ -511,7 +511,9 @@ static int setup_remote(run *r, const ar_train_state *resume, const char *resume
                           .index = i, .count = r->S, .seed = c->seed, .optim = *oc,
                           .next_worker = i + 1 < r->S ? r->addrs[i + 1] : NULL,
                           .next_session = i + 1 < r->S ? ar_remote_stage_session(&r->groups[i + 1]) : NULL,
-                          .ticket = r->leased ? r->tickets[i] : c->worker_token};
+                          .ticket = r->leased ? r->tickets[i] : c->worker_token,
+                          /* the market keeps them with each payment, for audits */
+                          .commit_digests = r->leased};
         if ((rc = ar_remote_stage_load(&r->groups[i], &a)) != AR_OK)
             return rc;
         if (resume && (rc = ar_remote_stage_restore(&r->groups[i], &r->shadows[i])) != AR_OK)

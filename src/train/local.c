@@ -224,7 +224,8 @@ int ar_local_start(ar_local_pipeline *p, int schedule, uint64_t seed, int thread
                                       .max_frame_bytes = (size_t)1 << 31,
                                       .seed = seed,
                                       .timeout_s = -1,
-                                      .keep = p->keeps ? &p->keeps[i] : NULL};
+                                      .keep = p->keeps ? &p->keeps[i] : NULL,
+                                      .digests = p->keeps != NULL};
         if (pthread_create(&t->thread, NULL, stage_main, t) != 0)
             return ar_fail(AR_ENOMEM, "cannot start the thread of stage %d", i);
         t->started = 1;

@@ -316,7 +316,7 @@ static int run_forward(serve_state *st, ar_frame *f)
     const float *out;
     double t0 = ar_now();
     uint8_t (*dg)[32] = st->mbd[f->mb]; /* f->mb < M: run_step checked it */
-    rc = ar_digest_act(f->data, f->nbytes, f->targets, f->ntargets, dg[0]);
+    rc = r->digests ? ar_digest_act(f->data, f->nbytes, f->targets, f->ntargets, dg[0]) : AR_OK;
     if (rc == AR_OK && r->keep)
         rc = ar_audit_keep_act(r->keep, f->mb, f->rows, f->data, f->nbytes, f->targets, f->ntargets);
     if (rc == AR_OK)
@@ -326,7 +326,7 @@ static int run_forward(serve_state *st, ar_frame *f)
         out = cheat_noise(st, f->step, f->mb, out, nout);
     if (rc == AR_OK && r->down && FAULT_OF(st) == FAULT_STALE)
         out = cheat_stale(st, f->mb, out, nout);
-    if (rc == AR_OK)
+    if (rc == AR_OK && r->digests)
         rc = ar_digest_act(out, nout * sizeof(float), f->targets, f->ntargets, dg[1]);
     st->busy += ar_now() - t0;
     if (rc != AR_OK)
@@ -354,7 +354,7 @@ static int run_backward(serve_state *st, int64_t step, int mb, int M, double *lo
     if (!r->down) {
         rows = st->slot_rows[slot];
         double t0 = ar_now();
-        rc = ar_digest_grad(NULL, 0, 0.0, st->mbd[mb][2]);
+        rc = r->digests ? ar_digest_grad(NULL, 0, 0.0, st->mbd[mb][2]) : AR_OK;
         if (rc == AR_OK)
             rc = ar_stage_loss(s, slot, rows, st->slot_targets[slot], &loss, NULL);
         if (rc == AR_OK) {
@@ -385,7 +385,7 @@ static int run_backward(serve_state *st, int64_t step, int mb, int M, double *lo
         }
         loss = g.scalars[0];
         double t0 = ar_now();
-        rc = ar_digest_grad(g.data, g.nbytes, loss, st->mbd[mb][2]);
+        rc = r->digests ? ar_digest_grad(g.data, g.nbytes, loss, st->mbd[mb][2]) : AR_OK;
         if (rc == AR_OK && r->keep)
             rc = ar_audit_keep_grad(r->keep, mb, g.data, g.nbytes, loss);
         if (rc == AR_OK)
@@ -404,7 +404,7 @@ static int run_backward(serve_state *st, int64_t step, int mb, int M, double *lo
         din = cheat_noise(st, step, mb, din, nin);
     if (!din && nin)
         return ar_fail(AR_ENOMEM, "out of memory");
-    if ((rc = ar_digest_grad(din, nin * sizeof(float), loss, st->mbd[mb][3])) != AR_OK)
+    if (r->digests && (rc = ar_digest_grad(din, nin * sizeof(float), loss, st->mbd[mb][3])) != AR_OK)
         return rc;
     if (din) {
         int64_t shape[2] = {(int64_t)rows * s->T, (int64_t)s->layers[0]->in_floats_per_row};
@@ -483,7 +483,8 @@ static int send_norms(serve_state *st, int64_t step, int M)
             return ar_fail(AR_EPROTO, "expected NORM from the next stage");
         }
     }
-    size_t mine = NORM_HEADER + (size_t)s->nlayers + DIGEST_WORDS;
+    size_t nd = r->digests ? DIGEST_WORDS : 0;
+    size_t mine = NORM_HEADER + (size_t)s->nlayers + nd;
     size_t theirs = below.nbytes / sizeof(double);
     double *vals = malloc((mine + theirs) * sizeof(double));
     if (!vals) {
@@ -501,15 +502,17 @@ static int send_norms(serve_state *st, int64_t step, int M)
     vals[3] = st->idle;
     /* this step's, its norm exchange included, and the last optimizer step's */
     vals[4] = (double)(group_traffic(s) - st->traffic_mark + st->update_traffic);
-    vals[5] = DIGEST_WORDS;
+    vals[5] = (double)nd;
     st->update_traffic = 0;
-    ar_step_digests dg;
-    if ((rc = combine_digests(st, M, &dg)) != AR_OK) {
-        free(vals);
-        ar_frame_free(&below);
-        return rc;
+    if (nd) {
+        ar_step_digests dg;
+        if ((rc = combine_digests(st, M, &dg)) != AR_OK) {
+            free(vals);
+            ar_frame_free(&below);
+            return rc;
+        }
+        memcpy(vals + NORM_HEADER + s->nlayers, &dg, sizeof dg);
     }
-    memcpy(vals + NORM_HEADER + s->nlayers, &dg, sizeof dg);
     if (theirs)
         memcpy(vals + mine, below.data, theirs * sizeof(double));
     ar_frame_free(&below);
@@ -556,7 +559,8 @@ static int run_step(serve_state *st, ar_frame *first)
         st->mbd_cap = M;
     }
     /* the state this step starts from, committed in this step's NORM */
-    hash_state_start(st);
+    if (r->digests)
+        hash_state_start(st);
     if (r->keep && (rc = ar_audit_keep_begin(r->keep, s, step, M)) != AR_OK)
         goto done;
     ar_stage_zero_grad(s);

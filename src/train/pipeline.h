@@ -21,7 +21,10 @@ typedef struct {
     uint64_t seed;       /* run seed, for dropout */
     double timeout_s;    /* how long to wait for a neighbour mid-step (< 0: forever) */
     struct ar_audit_keep *keep; /* NULL, or where the stage records its last steps for
-                                 * audits by replay (train/audit.h) */
+                                 * audits by replay (train/audit.h); needs digests */
+    int digests;                /* commit digests of every step in the NORM record (below):
+                                 * off unless asked for (a market lease, audits), for they cost
+                                 * a SHA-256 of 3x the parameters per step */
 } ar_stage_runner;
 
 /* Serve until a STOP frame or the upstream link closes. Returns AR_OK after
@@ -60,7 +63,7 @@ typedef struct {
     double busy_s[64], idle_s[64]; /* per stage, this step */
     double tp_bytes[64];     /* per stage: a group leader's traffic with its other members this
                               * step (frame bytes, both directions; 0 for a plain stage) */
-    int has_digests[64];     /* the stage committed digests (every stage of this build does) */
+    int has_digests[64];     /* the stage committed digests (its runner's .digests) */
     ar_step_digests digests[64];
 } ar_step_result;
 
