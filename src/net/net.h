@@ -10,8 +10,9 @@
 #include <stdint.h>
 
 /* 2: tensor-parallel Load roles and shares, group traffic in NORM records;
- * 3: sessions (LoadReply.session, required by Save, Restore and Pipe) */
-#define AR_PROTOCOL_VERSION 3
+ * 3: sessions (LoadReply.session, required by Save, Restore and Pipe);
+ * 4: digest words in NORM records (the stage record grew a field), LoadRequest.commit_digests */
+#define AR_PROTOCOL_VERSION 4
 #define AR_NET_DEFAULT_MAX_FRAME ((size_t)1 << 30)
 #define AR_NET_CHUNK_BYTES ((size_t)1 << 20) /* Save/Restore chunks */
 /* A stage's session secret (LoadReply.session): 32 random bytes, hex */
