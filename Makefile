@@ -20,28 +20,16 @@ SHELL := /bin/bash
 # once per make: `lazy` turns a recursive variable into a simple one on first use.
 lazy = $(eval $(1) := $$(shell $(2)))$($(1))
 
-# Prefer the OpenMP build of OpenBLAS: BLAS and our element-wise kernels then
-# share one thread pool instead of two pools spinning on the same cores.
-OPENBLAS_OMP_PC := /usr/lib/x86_64-linux-gnu/openblas-openmp/pkgconfig
-ifneq ($(wildcard $(OPENBLAS_OMP_PC)/openblas.pc),)
-BLAS_CFLAGS = $(call lazy,BLAS_CFLAGS,PKG_CONFIG_PATH=$(OPENBLAS_OMP_PC) $(PKG_CONFIG) --cflags openblas)
-BLAS_LIBS = $(call lazy,BLAS_LIBS,PKG_CONFIG_PATH=$(OPENBLAS_OMP_PC) $(PKG_CONFIG) --libs openblas) \
-            -Wl,-rpath,/usr/lib/x86_64-linux-gnu/openblas-openmp
-else ifeq ($(shell uname),Darwin)
-BLAS_CFLAGS :=
-BLAS_LIBS := -framework Accelerate
-else
-BLAS_CFLAGS = $(call lazy,BLAS_CFLAGS,$(PKG_CONFIG) --cflags openblas)
-BLAS_LIBS = $(call lazy,BLAS_LIBS,$(PKG_CONFIG) --libs openblas)
-endif
+# No BLAS: the engine's products are its own (src/core/blas.c); OpenMP runs
+# its threads.
 
 PKGS := libcjson zlib grpc gpr libprotobuf-c
 PKGS += sqlite3 libcrypto libmicrohttpd
 PKG_CFLAGS = $(call lazy,PKG_CFLAGS,$(PKG_CONFIG) --cflags $(PKGS))
 PKG_LIBS = $(call lazy,PKG_LIBS,$(PKG_CONFIG) --libs $(PKGS))
 CRITERION_LIBS = $(call lazy,CRITERION_LIBS,$(PKG_CONFIG) --libs criterion)
-DEP_CFLAGS = $(PKG_CFLAGS) $(BLAS_CFLAGS)
-DEP_LIBS = $(PKG_LIBS) $(BLAS_LIBS) -lgrpc -lgpr -lprotobuf-c -lm -lpthread
+DEP_CFLAGS = $(PKG_CFLAGS)
+DEP_LIBS = $(PKG_LIBS) -lgrpc -lgpr -lprotobuf-c -lm -lpthread
 
 CC ?= cc
 # protoc-c output (the wire messages of proto/arceus.proto), generated at build time
@@ -188,13 +176,19 @@ $(OUT)/bench/link_bench: bench/link_bench.c $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(DEP_LIBS)
 
+# The clients of bench/market_load.py: one C process on a gRPC completion
+# queue, so that the bench measures the market, not a Python event loop.
+$(OUT)/bench/market_loadgen: bench/market_loadgen.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(DEP_LIBS)
+
 bench: deps
-	$(MAKE) all $(OUT)/bench/link_bench
+	$(MAKE) all $(OUT)/bench/link_bench $(OUT)/bench/market_loadgen
 	$(PYTHON) bench/run.py --arceus $(abspath $(BIN))
 	$(OUT)/bench/link_bench
 	$(PYTHON) bench/pipeline.py --arceus $(abspath $(BIN))
 	$(PYTHON) bench/tp.py --arceus $(abspath $(BIN))
-	$(PYTHON) bench/market_load.py --arceus $(abspath $(BIN))
+	$(PYTHON) bench/market_load.py --arceus $(abspath $(BIN)) --loadgen $(abspath $(OUT)/bench/market_loadgen)
 
 # The market demo (scripts/demo.sh): install what is missing, build, start a
 # market, three providers and a renter on loopback, train the Fashion-MNIST

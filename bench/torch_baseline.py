@@ -18,7 +18,10 @@ MLP: --data is the Fashion-MNIST directory (gzip'd IDX files, default
 
 Threads: torch.set_num_threads(--torch-threads). The BLAS (OpenBLAS) thread count
 is taken from the environment (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS); set it
-before starting this script.
+before starting this script. bench/run.py tries every setting and keeps the best.
+The JSON names the BLAS library this process mapped (blas_loaded), which is
+the one that decides what those settings mean (OpenBLAS's OpenMP build follows
+torch's thread count, its pthread build its own).
 
 Prints one JSON line:
   {"ms_per_step": ..., "tokens_per_s"|"samples_per_s": ..., "params": ..., ...}
@@ -76,6 +79,20 @@ def load_text(path):
     stoi = {c: i for i, c in enumerate(chars)}
     data = np.array([stoi[c] for c in text], dtype=np.int64)
     return torch.from_numpy(data), len(chars)
+
+
+def loaded_blas():
+    """The BLAS shared library this process has mapped (after a first matmul)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return ""
+    for key in ("openblas", "libblas", "mkl", "blis"):
+        hits = sorted(p for p in paths if key in os.path.basename(p))
+        if hits:
+            return os.path.realpath(hits[0])
+    return ""
 
 
 def main():
@@ -169,6 +186,7 @@ def main():
         "blas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS",
                                            os.environ.get("OMP_NUM_THREADS", "")),
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", ""),
+        "blas_loaded": loaded_blas(),
         "first_loss": round(losses[0], 4),
         "last_loss": round(losses[-1], 4),
     }

@@ -10,7 +10,7 @@
 #                                        nothing (stderr says which are missing here)
 #
 #   Debian/Ubuntu: installs the missing packages with apt-get (as root, or via sudo).
-#   macOS: prints the Homebrew command (CBLAS comes from Accelerate).
+#   macOS: prints the Homebrew command.
 # Installs only what is missing, so it is quick to run again.
 set -euo pipefail
 
@@ -34,7 +34,6 @@ done
 # Building and running: the compiler, the libraries arceus links, the demo's data
 RUNTIME_PACKAGES=(
     build-essential pkg-config
-    libopenblas-openmp-dev      # BLAS (the OpenMP build shares one thread pool with our kernels)
     libcjson-dev zlib1g-dev libssl-dev openssl      # openssl: scripts/make-tls-cert.sh
     libgrpc-dev libprotobuf-c-dev protobuf-c-compiler   # the pipeline over gRPC
     libsqlite3-dev libmicrohttpd-dev                    # the market and its dashboard
@@ -43,6 +42,7 @@ RUNTIME_PACKAGES=(
 # The tests, the fuzzers and the references on top
 TEST_PACKAGES=(
     libcriterion-dev                                    # unit tests
+    libopenblas-openmp-dev      # the system BLAS PyTorch's references and baseline load (the engine has its own products)
     clang libclang-rt-dev libomp-dev                    # libFuzzer harnesses (make fuzz)
     python3-torch python3-numpy python3-pytest python3-grpcio  # reference numerics, e2e tests
     chromium                                            # headless, for the dashboard's e2e test
@@ -62,7 +62,7 @@ if [ "$(uname)" = "Darwin" ]; then
         echo "  python3 -m pip install torch numpy pytest grpcio"
         echo "The dashboard's end-to-end test drives a headless chromium found on PATH."
     fi
-    echo "BLAS comes from Apple's Accelerate framework. Fashion-MNIST: download the four"
+    echo "Fashion-MNIST: download the four"
     echo "*-ubyte.gz files into a folder and pass it with --data."
     exit 0
 fi

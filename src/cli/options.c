@@ -366,6 +366,11 @@ int ar_opts_parse(const ar_cmd_spec *spec, int argc, char **argv, void *opts)
             return -1;
         given[r] = 1;
     }
+    /* an option that is another form of the command (arceus provide
+     * --leave) needs none of the options the command otherwise requires */
+    int alone = 0;
+    for (size_t i = 0; i < n; i++)
+        alone |= given[i] && rows[i].opt->alone;
     for (size_t i = 0; i < n; i++) {
         const ar_option *o = rows[i].opt;
         char *dest = base + rows[i].base + o->dest;
@@ -373,7 +378,7 @@ int ar_opts_parse(const ar_cmd_spec *spec, int argc, char **argv, void *opts)
         ar_option_ctx ctx = {.cmd = spec->name, .opt = o, .name = o->name};
         if (env && set_value(&ctx, env, dest, opts) != 0)
             return -1;
-        if (!o->required)
+        if (!o->required || alone)
             continue;
         /* an empty string is no more use than none: a token "" */
         int is_string = o->kind == AR_OPTION_STRING || o->kind == AR_OPTION_HOSTPORT;

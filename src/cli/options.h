@@ -73,6 +73,8 @@ struct ar_option {
     const char *env;     /* when the option is not given, the value of this environment
                             variable, if set, is parsed in its place */
     int required;        /* missing (or empty) after argv and env: an error */
+    int alone;           /* given, the command needs none of its required options: it is another
+                            form of the command (its usage's second line) */
     const char *hint;    /* appended to the "is required" error: where to get a value */
     unsigned given_bit;  /* ORed into the command's given mask when the option is given */
     const char *help;    /* what it does; the range, choices and default are added */

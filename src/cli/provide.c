@@ -8,6 +8,7 @@
  * provider re-registers as soon as the market answers again (a restarted
  * market may have lost its record of us, or marked us offline meanwhile). */
 #include "cli/cli.h"
+#include "cli/control.h"
 #include "cli/owner.h"
 #include "cli/service.h"
 #include "core/core.h"
@@ -20,6 +21,7 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +40,9 @@ typedef struct {
     int64_t max_mem; /* 0: not given (a size is at least 1 byte) */
     int64_t price;   /* micro-credits per TFLOP */
     int install_service;
+    int leave;          /* arceus provide --leave: the client of a running provider */
+    float grace;        /* seconds a renter has to move its stage when we leave */
+    const char *control;
     ar_owner_rules rules; /* when to compute */
     int cpu_limit;
     float check_every;
@@ -117,6 +122,22 @@ static const ar_option input_options[] = {
     {0},
 };
 
+static const ar_option leave_options[] = {
+    {.name = "grace", .kind = AR_OPTION_FLOAT, AT(grace), .flo = 1, .fhi = 3600, .metavar = "S", .def = "30",
+     .help = "when the provider leaves (its owner is back: --when, --hours, --on-battery; SIGTERM or SIGINT; "
+             "arceus provide --leave), the seconds the renter's driver has to move its stage elsewhere: it is "
+             "told with the next step, saves the stage and continues on another device, nothing redone and "
+             "nothing reversed. After them the stage is dropped (a loss for the renter). A second signal "
+             "stops at once"},
+    {.name = "control", .kind = AR_OPTION_STRING, AT(control), .hi = 100, .metavar = "PATH",
+     .def_text = "$XDG_RUNTIME_DIR/arceus-provide.sock, or /tmp/arceus-UID/provide.sock",
+     .help = "the local socket arceus provide --leave talks to: only this user may use it"},
+    {.name = "leave", .kind = AR_OPTION_FLAG, AT(leave), .alone = 1,
+     .help = "instead of providing: ask the provider running on this machine (the one listening on "
+             "--control) to leave gracefully and stop, and print what it does until it has stopped"},
+    {0},
+};
+
 static const ar_option service_options[] = {
     {.name = "install-service", .kind = AR_OPTION_FLAG, AT(install_service),
      .help = "instead of providing now, write a systemd user unit (arceus-provide.service) that runs "
@@ -139,7 +160,7 @@ static int run_provide(void *opts);
 const ar_cmd_spec ar_provide_cmd = {
     .name = "provide",
     .summary = "rent this machine out: a worker registered with a market",
-    .usage = "--market HOST:PORT --token T [options]",
+    .usage = "--market HOST:PORT --token T [options]\n--leave [--control PATH]",
     .description =
         "Rent this machine out: measure it (sgemm GFLOP/s with at most --max-threads threads, free memory "
         "capped by --max-mem, cores), start a worker that serves pipeline stages to renters, register its "
@@ -149,13 +170,18 @@ const ar_cmd_spec ar_provide_cmd = {
         "Runs at low scheduling priority (nice "
         AR_OPTION_STR(PROVIDE_NICE) ") so the owner's own work comes first. Prints \"arceus provide: "
         "provider N serving on HOST:PORT (...)\" once registered. If the market goes away the worker "
-        "keeps serving and the provider registers again when the market is back. SIGINT or SIGTERM "
-        "stops it cleanly.",
+        "keeps serving and the provider registers again when the market is back. When its owner returns "
+        "(the rules below), on SIGINT or SIGTERM, or when asked with arceus provide --leave, it leaves "
+        "gracefully: it tells the market, and the renter's driver, told with the next step, moves its stage "
+        "to another device within --grace seconds, nothing redone; it is paid for every step it did and its "
+        "reliability stays. Then it stops (a signal, --leave), or waits, leased to no one, until the rules "
+        "let it compute again.",
     .sections = (const ar_option_section[]){
         {NULL, ar_cli_market_options, offsetof(provide_opts, m)},
         {NULL, provide_options, 0},
         {"when to compute (the owner's rules)", owner_options, 0},
         {"the rules' inputs (for tests)", input_options, 0},
+        {"leaving gracefully", leave_options, 0},
         {"running as a service", service_options, 0},
         {"TLS, for the worker", ar_cli_tls_server_options, offsetof(provide_opts, tls)},
         {"TLS, for the market and the next stage's worker", ar_cli_tls_client_options,
@@ -179,10 +205,13 @@ typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t cv; /* CLOCK_MONOTONIC */
     int stopping;
-    /* the owner's rules, as main last saw them; beat_now: tell the market
-     * at once, not at the next heartbeat */
-    int unavailable, beat_now;
+    /* the owner's rules, as main last saw them, or a graceful leave
+     * (leaving); beat_now: tell the market at once, not at the next
+     * heartbeat; state counts the changes of unavailable and leaving, and
+     * told is the count the market has acknowledged in a heartbeat */
+    int unavailable, leaving, beat_now;
     char why[AR_WHY_MAX];
+    unsigned long state, told;
 } provider;
 
 /* Register with the market, on a fresh channel when there is none (a channel
@@ -226,14 +255,16 @@ static void *heartbeat_main(void *arg)
         if (p->stopping)
             break;
         /* every heartbeat says what the owner's rules say now */
-        int unavailable = p->unavailable;
+        int unavailable = p->unavailable, leaving = p->leaving;
+        unsigned long state = p->state;
         char why[AR_WHY_MAX];
         snprintf(why, sizeof why, "%s", p->why);
         p->beat_now = 0;
         pthread_mutex_unlock(&p->mu);
         int status = 0, rc, was_registered = registered;
         if (registered) {
-            rc = ar_market_heartbeat_availability(p->client, p->token, p->provider_id, unavailable, why, &status);
+            rc = ar_market_heartbeat_availability(p->client, p->token, p->provider_id, unavailable, why, leaving,
+                                                  &status);
             if (rc != AR_OK && status == AR_STATUS_NOT_FOUND) {
                 /* the market forgot us (a new database): register again now */
                 fprintf(stderr, "arceus provide: the market no longer knows provider %" PRId64
@@ -267,6 +298,10 @@ static void *heartbeat_main(void *arg)
         fflush(stderr);
         pthread_mutex_lock(&p->mu);
         p->beat_now |= beat_again;
+        if (rc == AR_OK && was_registered && state > p->told) {
+            p->told = state;
+            pthread_cond_broadcast(&p->cv); /* main may wait for the market to know */
+        }
     }
     pthread_mutex_unlock(&p->mu);
     return NULL;
@@ -313,12 +348,127 @@ static const char *signame(int sig)
     return sig == SIGINT ? "SIGINT" : "SIGTERM";
 }
 
+/* ---- a graceful leave ---------------------------------------------------------------------- */
+
+#define POLL_MS 100
+/* how long a leave waits for the market to hear of it before the stage says so */
+#define TELL_MARKET_S 5.0
+
+enum { LEAVE_NONE, LEAVE_LEAVING, LEAVE_LEFT };
+
+typedef struct {
+    provider *p;
+    ar_worker *w;
+    ar_control *ctl;
+    double grace, since;
+    int heartbeats; /* the heartbeat thread runs */
+    int state;      /* LEAVE_* */
+    int stop;       /* the process stops once the leave is over */
+} leave;
+
+/* What the heartbeats say from now on: a change of state is told at once
+ * (a new why alone goes with the next heartbeat). The state's count. */
+static unsigned long set_state(provider *p, int unavailable, const char *why, int leaving)
+{
+    pthread_mutex_lock(&p->mu);
+    if (p->unavailable != unavailable || p->leaving != leaving) {
+        p->state++;
+        p->beat_now = 1;
+        pthread_cond_broadcast(&p->cv);
+    }
+    p->unavailable = unavailable;
+    p->leaving = leaving;
+    snprintf(p->why, sizeof p->why, "%s", why);
+    unsigned long state = p->state;
+    pthread_mutex_unlock(&p->mu);
+    return state;
+}
+
+/* A line on stdout ("arceus provide: ...") and to whoever asked us to
+ * leave. */
+static void say(leave *l, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void say(leave *l, const char *fmt, ...)
+{
+    char line[400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    printf("arceus provide: %s\n", line);
+    fflush(stdout);
+    ar_control_say(l->ctl, line);
+}
+
+/* Leave: `why` ("its owner is active ...", "stopping: SIGTERM"); stop: the
+ * process stops once the renter has moved its stage. The market hears of
+ * it first (it then accepts the renter's HandOver), then the stage says it
+ * in its next step's NORM record, and the driver moves it. 1 when there is
+ * nothing to wait for and the process is to stop now. */
+static int start_leave(leave *l, const char *why, int stop)
+{
+    l->stop |= stop;
+    if (l->state != LEAVE_NONE)
+        return l->state == LEAVE_LEFT && l->stop;
+    if (!ar_worker_serving(l->w)) {
+        if (!stop)
+            return 0;
+        say(l, "leaving: %s; no renter's stage here", why);
+        return 1;
+    }
+    char said[AR_WHY_MAX];
+    snprintf(said, sizeof said, "leaving: %s", why);
+    unsigned long state = set_state(l->p, 1, said, 1);
+    /* the market knows before the driver asks it to hand our place over
+     * (which it accepts only from a provider that said it is leaving) */
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += (time_t)TELL_MARKET_S;
+    pthread_mutex_lock(&l->p->mu);
+    while (l->heartbeats && l->p->told < state &&
+           pthread_cond_timedwait(&l->p->cv, &l->p->mu, &until) != ETIMEDOUT) {
+    }
+    int told = l->p->told >= state;
+    pthread_mutex_unlock(&l->p->mu);
+    ar_worker_set_leaving(l->w, 1, why);
+    l->state = LEAVE_LEAVING;
+    l->since = ar_now();
+    say(l, "leaving: %s; the renter's driver is asked to move its stage within %g s%s", why, (double)l->grace,
+        told ? "" : " (the market has not answered yet)");
+    return 0;
+}
+
+/* A leave under way: over when no renter uses the stage any more (its
+ * driver moved it), or when the grace has run out (the stage is dropped).
+ * 1 when it is over now. */
+static int step_leave(leave *l)
+{
+    if (l->state != LEAVE_LEAVING)
+        return l->state == LEAVE_LEFT;
+    if (ar_worker_serving(l->w)) {
+        if (ar_now() - l->since < l->grace)
+            return 0;
+        say(l, "the renter did not move its stage within %g s: dropping it", (double)l->grace);
+    } else {
+        say(l, "left: the renter moved its stage (%.1f s)", ar_now() - l->since);
+    }
+    ar_worker_drop(l->w); /* nothing of the renter's stays here */
+    l->state = LEAVE_LEFT;
+    if (!l->stop)
+        say(l, "leased to no one until its owner's rules let it compute again");
+    return 1;
+}
+
 static int run_provide(void *opts)
 {
     const provide_opts *o = opts;
     const char *market = o->m.market, *token = o->m.token, *listen = o->listen, *advertise = o->advertise;
     int max_threads = o->max_threads, heartbeat_s = o->heartbeat_s, have_mem = o->max_mem > 0;
     int64_t max_mem = o->max_mem, price = o->price;
+    char control[128];
+    if (o->control)
+        snprintf(control, sizeof control, "%s", o->control);
+    if (o->leave)
+        return o->control || ar_control_default_path(control, sizeof control) == 0 ? ar_control_leave(control) : 1;
     if (ar_cli_tls_setup("provide", &o->tls) != 0)
         return 2;
     if (!advertise && (!strncmp(listen, "0.0.0.0:", 8) || !strncmp(listen, "[::]:", 5))) {
@@ -328,7 +478,7 @@ static int run_provide(void *opts)
         return 2;
     }
     if (o->install_service)
-        return ar_cli_install_service(o->argc, o->argv, token, market);
+        return ar_cli_install_service(o->argc, o->argv, token, market, o->grace);
 
     /* Low priority first, before any other thread exists: on Linux the nice
      * value belongs to each thread and new threads inherit their creator's,
@@ -456,35 +606,77 @@ static int run_provide(void *opts)
         printf("arceus provide: unavailable now: %s (the market leases it to no one meanwhile)\n", p.why);
     fflush(stdout);
 
-    /* look at the rules every --check-every seconds until SIGINT/SIGTERM;
-     * a change is told to the market at once */
-    struct timespec every = {.tv_sec = (time_t)o->check_every,
-                             .tv_nsec = (long)((o->check_every - (float)(time_t)o->check_every) * 1e9f)};
+    /* arceus provide --leave reaches us on the control socket */
+    ar_control ctl;
+    memset(&ctl, 0, sizeof ctl);
+    ctl.listen_fd = ctl.lock_fd = -1;
+    if ((o->control || ar_control_default_path(control, sizeof control) == 0) &&
+        ar_control_open(&ctl, control) < 0 && o->control) {
+        exit_code = 1;
+        goto stop_heartbeats;
+    }
+    if (ctl.listen_fd >= 0)
+        printf("arceus provide: arceus provide --leave%s%s asks it to leave\n", o->control ? " --control " : "",
+               o->control ? control : "");
+    fflush(stdout);
+
+    /* look at the rules every --check-every seconds, and for signals and
+     * control requests every POLL_MS, until it stops */
+    leave lv = {.p = &p, .w = w, .ctl = &ctl, .grace = o->grace, .heartbeats = hb_started};
+    double next_check = ar_now() + o->check_every;
     for (;;) {
-        int s = sigtimedwait(&set, NULL, &every);
+        int asked = ar_control_poll(&ctl, POLL_MS);
+        struct timespec zero = {0, 0};
+        int s = sigtimedwait(&set, NULL, &zero);
+        if (s > 0 && lv.stop) {
+            /* asked twice: no more waiting for the renter */
+            say(&lv, "%s again: stopping now", signame(s));
+            break;
+        }
         if (s > 0) {
             fprintf(stderr, "arceus provide: %s, shutting down\n", signame(s));
-            break;
+            fflush(stderr);
         }
-        if (s < 0 && errno != EAGAIN && errno != EINTR)
+        if (s > 0 || asked) {
+            char why[64];
+            snprintf(why, sizeof why, "stopping: %s", s > 0 ? signame(s) : "arceus provide --leave");
+            if (start_leave(&lv, why, 1))
+                break;
+        }
+        if (lv.state != LEAVE_NONE && step_leave(&lv) && lv.stop)
             break;
+        if (ar_now() < next_check)
+            continue;
+        next_check = ar_now() + o->check_every;
         char why[AR_WHY_MAX];
         int unavailable = !ar_owner_check(&owner, why, sizeof why);
+        if (lv.state == LEAVE_LEFT && !unavailable && !lv.stop) {
+            /* the owner is away again: back in the market */
+            lv.state = LEAVE_NONE;
+            ar_worker_set_leaving(w, 0, NULL);
+            set_state(&p, 0, "", 0);
+            printf("arceus provide: available again\n");
+            fflush(stdout);
+            continue;
+        }
+        if (lv.state != LEAVE_NONE)
+            continue; /* a leave says it all until it is over */
         pthread_mutex_lock(&p.mu);
         int changed = unavailable != p.unavailable;
-        p.unavailable = unavailable;
-        snprintf(p.why, sizeof p.why, "%s", unavailable ? why : "");
-        if (changed) {
-            p.beat_now = 1;
-            pthread_cond_broadcast(&p.cv);
-        }
         pthread_mutex_unlock(&p.mu);
+        set_state(&p, unavailable, unavailable ? why : "", 0);
         if (changed && unavailable)
             printf("arceus provide: unavailable: %s (the market leases it to no one meanwhile)\n", why);
         else if (changed)
             printf("arceus provide: available again\n");
         fflush(stdout);
+        /* the owner is back while a renter's stage runs here: it leaves */
+        if (unavailable && ar_worker_serving(w))
+            start_leave(&lv, why, 0);
     }
+    say(&lv, "stopped");
+    ar_control_close(&ctl);
+stop_heartbeats:
     if (hb_started) {
         pthread_mutex_lock(&p.mu);
         p.stopping = 1;

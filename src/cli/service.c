@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <math.h>
 #include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -146,7 +147,7 @@ static int dropped(int argc, char **argv, int i, int *skip)
     return 0;
 }
 
-int ar_cli_install_service(int argc, char **argv, const char *token, const char *market)
+int ar_cli_install_service(int argc, char **argv, const char *token, const char *market, double grace_s)
 {
     const char *xdg = getenv("XDG_CONFIG_HOME"), *home = getenv("HOME");
     char config[PATH_MAX], unit_dir[PATH_MAX + 32], env_dir[PATH_MAX + 32], unit[PATH_MAX + 64],
@@ -220,10 +221,12 @@ int ar_cli_install_service(int argc, char **argv, const char *token, const char 
              "ExecStart=%s\n"
              "Restart=on-failure\n"
              "RestartSec=30\n"
+             /* stopping leaves gracefully (--grace): systemd waits for it */
+             "TimeoutStopSec=%d\n"
              "\n"
              "[Install]\n"
              "WantedBy=default.target\n",
-             env_path, desc, env_path, cwd, exec + 1);
+             env_path, desc, env_path, cwd, exec + 1, (int)ceil(grace_s) + 30);
     if (ulen < 0 || (size_t)ulen >= sizeof unit_text) {
         ar_cli_error(CMD, "--install-service: the unit would be too long");
         return 2;

@@ -63,6 +63,9 @@ static const ar_option run_options[] = {
     {.name = "log", .kind = AR_OPTION_STRING, AT(c.log_path), .metavar = "FILE",
      .help = "write every step and evaluation as JSON lines"},
     {.name = "quiet", .kind = AR_OPTION_FLAG, AT(c.quiet), .help = "no progress bar or summary"},
+    {.name = "profile", .kind = AR_OPTION_FLAG, AT(c.profile),
+     .help = "at the end, print the milliseconds each operator took per step, forward, backward and "
+             "update (the stages in this process; the first step, a warm-up, is not counted)"},
     {.name = "threads", .kind = AR_OPTION_INT, AT(threads), .lo = 0, .hi = 1024, .metavar = "N",
      .def = "0", .help = "threads to use, 0 = all cores"},
     {.name = "seed", .kind = AR_OPTION_U64, AT(c.seed), .metavar = "N", .def_text = "1337",

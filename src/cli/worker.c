@@ -13,6 +13,7 @@
 typedef struct {
     const char *listen, *market, *token;
     int threads, max_frame_mb, max_pipes, idle_timeout_s, pipe_idle_s;
+    float grace;
     int64_t max_mem; /* 0: the free memory at the time of the Load */
     long provider_id;
     ar_cli_tls tls;
@@ -47,6 +48,10 @@ static const ar_option worker_options[] = {
      .help = "with --market: the provider's account token; without it: a secret of at least 16 "
              "characters every Load must carry (arceus train --worker-token T; also $ARCEUS_WORKER_TOKEN). "
              "With neither, anyone who can reach the worker may load a stage on it"},
+    {.name = "grace", .kind = AR_OPTION_FLOAT, AT(grace), .flo = 0, .fhi = 3600, .metavar = "S", .def = "30",
+     .help = "on SIGINT or SIGTERM while a driver's stage runs here: the seconds the driver has to move the "
+             "stage to another worker (it is told with the next step, and nothing is redone) before the "
+             "worker stops; a second signal stops it at once. 0: stop at once"},
     {.name = "provider-id", .kind = AR_OPTION_LONG, AT(provider_id), .lo = 1, .hi = (int64_t)1 << 62,
      .metavar = "ID",
      .help = "with --market: the id the market registered it under (arceus provide does all this by "
@@ -64,7 +69,8 @@ const ar_cmd_spec ar_worker_cmd = {
         "Serve a pipeline stage to a driver (arceus train --workers HOST:PORT,...) over gRPC. The driver "
         "says which layers to hold (Load), streams frames through the stage (Pipe) and fetches or restores "
         "its state (Save/Restore). Prints \"arceus worker: listening on HOST:PORT\" once ready (port 0 "
-        "picks a free port and prints it). SIGINT or SIGTERM stops it cleanly.",
+        "picks a free port and prints it). SIGINT or SIGTERM stops it cleanly, leaving gracefully first "
+        "when a stage runs here (--grace).",
     .sections = (const ar_option_section[]){
         {NULL, worker_options, 0},
         {"TLS, serving", ar_cli_tls_server_options, offsetof(worker_opts, tls)},
@@ -75,6 +81,47 @@ const ar_cmd_spec ar_worker_cmd = {
     .opts_size = sizeof(worker_opts),
     .run = run_worker,
 };
+
+/* A graceful leave before stopping (docs/DESIGN.md, "Recovery"): the
+ * market first, for a worker serving its leases (it then lets the driver
+ * hand this provider's place over without a loss), then the stage says it
+ * in its next step, and the driver moves it elsewhere. Waits until no
+ * driver uses the stage, --grace seconds at most, or a second signal. */
+static void leave(ar_worker *w, const worker_opts *o, int sig)
+{
+    const char *name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+    char why[64];
+    snprintf(why, sizeof why, "stopping: %s", name);
+    if (o->market) {
+        ar_client *c = NULL;
+        int status = 0;
+        char said[80];
+        snprintf(said, sizeof said, "leaving: %s", why);
+        if (ar_client_open(o->market, &c) != AR_OK ||
+            ar_market_heartbeat_availability(c, o->token, o->provider_id, true, said, true, &status) != AR_OK)
+            fprintf(stderr, "arceus worker: warning: the market did not hear of the leave: %s\n", ar_last_error());
+        ar_client_close(c);
+    }
+    ar_worker_set_leaving(w, 1, why);
+    fprintf(stderr, "arceus worker: leaving: the driver is asked to move its stage within %g s (%s again stops "
+                    "at once)\n", (double)o->grace, name);
+    sigset_t set;
+    ar_cli_stop_signals(&set);
+    double t0 = ar_now();
+    while (ar_worker_serving(w)) {
+        struct timespec tick = {.tv_sec = 0, .tv_nsec = 100 * 1000000L};
+        if (sigtimedwait(&set, NULL, &tick) > 0) {
+            fprintf(stderr, "arceus worker: stopping now\n");
+            return;
+        }
+        if (ar_now() - t0 >= o->grace) {
+            fprintf(stderr, "arceus worker: the driver did not move its stage within %g s: stopping\n",
+                    (double)o->grace);
+            return;
+        }
+    }
+    fprintf(stderr, "arceus worker: left: the driver moved its stage (%.1f s)\n", ar_now() - t0);
+}
 
 static int run_worker(void *opts)
 {
@@ -117,7 +164,9 @@ static int run_worker(void *opts)
     }
     printf("arceus worker: listening on %s\n", addr);
     fflush(stdout);
-    ar_cli_wait_stop_signal("worker");
+    int sig = ar_cli_wait_stop_signal("worker");
+    if (o->grace > 0 && ar_worker_serving(w))
+        leave(w, o, sig);
     ar_worker_stop(w);
     return 0;
 }

@@ -134,7 +134,6 @@ void ar_set_threads(int n)
 #ifdef _OPENMP
     omp_set_num_threads(n);
 #endif
-    ar_blas_set_threads(n);
 }
 
 int ar_get_threads(void)

@@ -59,8 +59,7 @@ static void pause_briefly(double seconds)
 
 static void product(const float *a, const float *b, float *c)
 {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, PROBE_N, PROBE_N, PROBE_N, 1.0f, a, PROBE_N,
-                b, PROBE_N, 0.0f, c, PROBE_N);
+    ar_sgemm(0, 0, PROBE_N, PROBE_N, PROBE_N, 1.0f, a, PROBE_N, b, PROBE_N, 0.0f, c, PROBE_N);
 }
 
 /* Best GFLOP/s over the runs, and the CPU share of that run. */
@@ -119,9 +118,9 @@ int ar_device_probe(int threads, ar_device_info *out)
         b[i] = (float)((int)(i % 5) - 2) * 0.01f;
     }
     int restore = ar_get_threads();
-    ar_blas_set_threads(threads);
+    ar_set_threads(threads);
     time_products(a, b, c, threads, &out->gflops, &out->cpu_share);
-    ar_blas_set_threads(restore);
+    ar_set_threads(restore);
     ar_free(a);
     ar_free(b);
     ar_free(c);

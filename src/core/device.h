@@ -9,7 +9,7 @@
 #include <stdint.h>
 
 typedef struct {
-    /* single-precision matrix products (cblas_sgemm, 512x512x512), GFLOP/s:
+    /* single-precision matrix products (ar_sgemm, 512x512x512), GFLOP/s:
      * the best of several short timed runs on `threads` threads */
     double gflops;
     int threads;
@@ -24,7 +24,7 @@ typedef struct {
 } ar_device_info;
 
 /* Measure this machine with `threads` threads (0 = all its cores; more than
- * its cores are capped to them). Takes about 0.2 s. The BLAS thread count is
+ * its cores are capped to them). Takes about 0.2 s. The thread count is
  * restored to ar_get_threads() afterwards. AR_OK, or AR_ENOMEM. */
 int ar_device_probe(int threads, ar_device_info *out);
 

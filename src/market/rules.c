@@ -169,7 +169,7 @@ int ar_rules_free_providers(ar_store *s, int64_t min_mem, ar_provider **provider
     for (size_t i = 0; i < all; i++) {
         /* too small, or its owner's rules say not now (arceus provide --when,
          * --hours, --on-battery) */
-        if (ps[i].mem_bytes < min_mem || ps[i].unavailable)
+        if (ps[i].mem_bytes < min_mem || ps[i].unavailable || ps[i].leaving_since)
             continue;
         /* a worker hosts one stage: a provider leased to a live job is not free */
         bool leased = false;
@@ -976,6 +976,110 @@ int ar_rules_replace(ar_store *s, const ar_market_policy *policy, const ar_lease
     ar_free(mem);
     if (rc == AR_OK)
         rc = members_view(s, lease, out);
+    ar_job job;
+    if (rc == AR_OK && (rc = ar_store_job_get(s, lease->job_id, &job)) == AR_OK) {
+        out->spent = job.spent;
+        ar_store_job_clear(&job);
+    }
+    return rc;
+}
+
+/* ---- a graceful leave ----------------------------------------------------------------- */
+
+/* The answer to a hand-over made before (its answer was lost): the same
+ * replacement and ticket, nothing done twice. */
+static int hand_over_again(ar_store *s, const ar_lease *lease, const char *lease_token, int64_t leaver_id,
+                           const ar_lease_member *mem, size_t nm, ar_market_handover *out)
+{
+    ar_lease_handover done;
+    int rc = ar_store_lease_handover(s, lease->id, leaver_id, &done);
+    if (rc == AR_ENOTFOUND)
+        return ar_fail(AR_EINVAL, "provider %lld is not in the lease", (long long)leaver_id);
+    if (rc != AR_OK)
+        return rc;
+    const ar_lease_member *now = NULL;
+    for (size_t i = 0; i < nm; i++)
+        if (mem[i].stage == done.stage && mem[i].provider_id == done.replacement_id)
+            now = &mem[i];
+    if (!now)
+        return ar_fail(AR_ELIMIT, "provider %lld handed its place over to provider %lld, which has left the lease "
+                       "since", (long long)leaver_id, (long long)done.replacement_id);
+    ar_provider with;
+    if ((rc = ar_store_provider_get(s, now->provider_id, &with)) != AR_OK ||
+        (rc = leased_view(s, &with, now, &out->replacement)) != AR_OK)
+        return rc;
+    if (lease_token &&
+        (rc = ar_store_ticket_issue(s, lease->id, with.id, lease_token, out->replacement.ticket)) != AR_OK)
+        return rc;
+    out->found = true;
+    out->again = true;
+    return AR_OK;
+}
+
+/* The best free provider with min_mem takes member `leaver`'s place. */
+static int hand_over_member(ar_store *s, const ar_market_policy *policy, const ar_lease *lease,
+                            const char *lease_token, const ar_lease_member *leaver, int64_t step, int64_t min_mem,
+                            ar_market_handover *out)
+{
+    ar_provider p;
+    int rc = ar_store_provider_get(s, leaver->provider_id, &p);
+    if (rc != AR_OK)
+        return rc;
+    /* checked here for a clear refusal, and again in the store's transaction */
+    if (!p.leaving_since)
+        return ar_fail(AR_ELIMIT, "provider %lld has not said it is leaving: a member that stopped answering "
+                       "is a loss (ReplaceProvider)", (long long)leaver->provider_id);
+    ar_provider *ps = NULL;
+    ar_ranked *ranked = NULL, best;
+    size_t n_free = 0, n_picked = 0;
+    rc = ar_rules_free_providers(s, min_mem, &ps, &ranked, &n_free, NULL);
+    if (rc == AR_OK)
+        rc = ar_rules_pick(s, policy, ranked, n_free, 1, &best, &n_picked, NULL);
+    if (rc == AR_OK && n_picked > 0) {
+        /* its place, its units, its FLOPs: the replacement's own price */
+        ar_lease_member with = *leaver;
+        with.provider_id = best.p->id;
+        with.price_per_tflop = best.p->price_per_tflop;
+        with.verified_step = -1;
+        rc = leased_view(s, best.p, &with, &out->replacement);
+        if (rc == AR_OK)
+            rc = ar_store_lease_hand_over(s, lease->id, leaver->provider_id, step, &with);
+        if (rc == AR_OK && lease_token)
+            rc = ar_store_ticket_issue(s, lease->id, with.provider_id, lease_token, out->replacement.ticket);
+        out->found = rc == AR_OK;
+    }
+    if (rc == AR_OK && out->found)
+        ar_log(AR_LOG_INFO, "market: job %lld: provider %lld leaves gracefully after %lld steps, provider %lld "
+               "takes its place (nothing reversed)", (long long)lease->job_id, (long long)leaver->provider_id,
+               (long long)step, (long long)out->replacement.p.id);
+    else if (rc == AR_OK)
+        ar_log(AR_LOG_INFO, "market: job %lld: provider %lld is leaving after %lld steps, and no free provider "
+               "can take its place", (long long)lease->job_id, (long long)leaver->provider_id, (long long)step);
+    ar_free(ranked);
+    ar_free(ps);
+    return rc;
+}
+
+int ar_rules_hand_over(ar_store *s, const ar_market_policy *policy, const ar_lease *lease, const char *lease_token,
+                       int64_t provider_id, int64_t step, int64_t min_mem, ar_market_handover *out)
+{
+    memset(out, 0, sizeof *out);
+    if (step < 0 || min_mem < 0)
+        return ar_fail(AR_EINVAL, "step %lld or memory %lld below zero", (long long)step, (long long)min_mem);
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    /* choosing the replacement and leasing it is one step, as in acquire */
+    pthread_mutex_lock(&choose_mu);
+    int rc = ar_store_lease_members(s, lease->id, &mem, &nm);
+    const ar_lease_member *leaver = NULL;
+    for (size_t i = 0; rc == AR_OK && i < nm; i++)
+        if (mem[i].provider_id == provider_id)
+            leaver = &mem[i];
+    if (rc == AR_OK)
+        rc = leaver ? hand_over_member(s, policy, lease, lease_token, leaver, step, min_mem, out)
+                    : hand_over_again(s, lease, lease_token, provider_id, mem, nm, out);
+    pthread_mutex_unlock(&choose_mu);
+    ar_free(mem);
     ar_job job;
     if (rc == AR_OK && (rc = ar_store_job_get(s, lease->job_id, &job)) == AR_OK) {
         out->spent = job.spent;

@@ -322,6 +322,29 @@ typedef struct {
 int ar_rules_replace(ar_store *s, const ar_market_policy *policy, const ar_lease *lease, const char *lease_token,
                      int64_t lost_provider_id, int64_t kept_steps, const char *reason, ar_market_replacement *out);
 
+/* ---- a graceful leave ---------------------------------------------------------------- */
+
+typedef struct {
+    bool found;                   /* a free provider took the leaver's place */
+    ar_market_leased replacement; /* when found: at the leaver's stage and FLOPs */
+    int64_t spent;                /* what the job has spent */
+    bool again;                   /* the answer of an earlier, identical request */
+} ar_market_handover;
+
+/* Member provider_id of the live lease said it is leaving (its heartbeats:
+ * ar_store_provider_set_leaving) and its renter has taken its stage's state
+ * after `step` completed steps: the best free provider offering at least
+ * min_mem bytes and leasable under `policy` takes its place (stage and
+ * FLOPs), with its ticket when lease_token is given (the same when asked
+ * again). Not a loss: nothing is reversed, the leaver keeps its payments,
+ * reliability and online state. None free: out->found false and nothing
+ * changes (the renter may ask again). Asked again after a hand-over, the
+ * same answer (again set). AR_ELIMIT when the member has not said it is
+ * leaving, or its replacement has left the lease since; AR_EINVAL when the
+ * provider is not in the lease (and handed over no place there). */
+int ar_rules_hand_over(ar_store *s, const ar_market_policy *policy, const ar_lease *lease, const char *lease_token,
+                       int64_t provider_id, int64_t step, int64_t min_mem, ar_market_handover *out);
+
 /* ---- the end of a lease, providers, progress --------------------------------------- */
 
 /* The lease ends and its job is `status` (done, failed or cancelled: the

@@ -49,7 +49,7 @@
 #define AR_WHY_MAX 128
 
 /* The schema version this build creates and migrates to. */
-#define AR_STORE_SCHEMA_VERSION 9
+#define AR_STORE_SCHEMA_VERSION 10
 
 typedef struct ar_store ar_store;
 
@@ -138,6 +138,9 @@ typedef struct {
     bool unavailable;
     char unavailable_why[AR_WHY_MAX];
     int64_t availability_changed;
+    /* it said it is leaving its lease (a graceful leave), since when (unix
+     * seconds); 0: it is not */
+    int64_t leaving_since;
     /* what renters' drivers observed of its speed (ar_store_provider_observe):
      * FLOPs in busy seconds, and the FLOPs its claims promised in them; the
      * same summed over every provider of its account */
@@ -151,12 +154,21 @@ typedef struct {
 int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_out);
 /* Online, last_heartbeat = now; AR_ENOTFOUND for an unknown id. */
 int ar_store_provider_heartbeat(ar_store *s, int64_t provider_id);
+/* A Heartbeat: online, last_heartbeat = now, and the availability it says
+ * (as ar_store_provider_set_availability), in one write committed with
+ * others in a group. AR_ENOTFOUND for an unknown id, AR_EINVAL for a bad
+ * why (nothing written). */
+int ar_store_provider_beat(ar_store *s, int64_t provider_id, bool unavailable, const char *why);
 int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id);
 /* What a provider says of its owner's rules: unavailable (why: at most
  * AR_WHY_MAX - 1 bytes, no control characters) or available. The time of a
  * change is kept; saying the same again changes nothing. AR_ENOTFOUND for
  * no provider, AR_EINVAL for a bad why. */
 int ar_store_provider_set_availability(ar_store *s, int64_t provider_id, bool unavailable, const char *why);
+/* What a provider says of a graceful leave: leaving (its renter may hand
+ * its place over, and no one leases it) or not. The time it began is kept
+ * while it goes on. AR_ENOTFOUND for no provider. */
+int ar_store_provider_set_leaving(ar_store *s, int64_t provider_id, bool leaving);
 /* Marks offline every online provider silent for more than max_age_s
  * seconds; *count_out (may be NULL) gets how many. */
 int ar_store_provider_expire(ar_store *s, int64_t max_age_s, int *count_out);
@@ -494,6 +506,28 @@ typedef struct {
  * when it was never reported lost there. */
 int ar_store_lease_replacement(ar_store *s, int64_t lease_id, int64_t lost_provider_id,
                                ar_lease_replacement *out);
+/* A graceful leave: member leaver_id of live lease lease_id said it is
+ * leaving and its renter has taken its stage's state after `step` completed
+ * steps. In one transaction its place (stage and FLOPs) goes to
+ * replacement->provider_id at replacement->price_per_tflop, its ticket ends,
+ * and the hand-over is kept (ar_store_lease_handover) so that a driver whose
+ * answer was lost can ask again. Not a loss: no payment moves, the leaver's
+ * reliability and online state stay. AR_ENOTFOUND when the lease is not
+ * live or the leaver not in it; AR_ELIMIT when the leaver has not said it is
+ * leaving. */
+int ar_store_lease_hand_over(ar_store *s, int64_t lease_id, int64_t leaver_id, int64_t step,
+                             const ar_lease_member *replacement);
+
+/* How a graceful leave was settled by ar_store_lease_hand_over. */
+typedef struct {
+    int stage;
+    int64_t step;
+    int64_t replacement_id;
+} ar_lease_handover;
+/* The last hand-over of leaver_id's place in lease_id; AR_ENOTFOUND when
+ * there was none. */
+int ar_store_lease_handover(ar_store *s, int64_t lease_id, int64_t leaver_id, ar_lease_handover *out);
+
 /* The renter's driver died and a new one resumes job_id (the renter's) from
  * a checkpoint that kept kept_steps steps: the job's live leases are
  * released (their providers are free for the new lease). Nothing is

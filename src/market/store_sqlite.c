@@ -34,7 +34,9 @@
  * A reported step (ar_store_step_settle) is one transaction: the lease's
  * members, every stage's payment, the job's spent counter and step, the
  * loss; each stage in a savepoint of its own, so that a stage refused for
- * money undoes only itself. */
+ * money undoes only itself. Reported steps and heartbeats are committed in
+ * groups (group_write): each is a savepoint of its group's transaction and
+ * its caller returns once the group is committed. */
 #include "market/store.h"
 
 #include "core/digest.h"
@@ -58,12 +60,44 @@
 #include <string.h>
 #include <time.h>
 
+/* Prepared statements are kept, one per SQL text, and reset for the next
+ * use: under load (bench/market_load.py) parsing and planning the same
+ * dozen statements again for every call cost more than running them. The
+ * store's statements are all string literals, found by their address (and
+ * their text checked). A statement already in use (one query run inside
+ * another of the same text) is prepared afresh and finalized after. */
+#define STMT_CACHE 128
+
+typedef struct {
+    const char *sql; /* NULL: a free slot */
+    sqlite3_stmt *st;
+    int in_use;
+} cached_stmt;
+
+typedef struct write_op write_op;
+
 struct ar_store {
     sqlite3 *db;
     pthread_mutex_t mu; /* one call at a time on this connection */
     int64_t mint_id;
+    cached_stmt stmts[STMT_CACHE];
+    /* group commit (group_write): the writes waiting for the next group,
+     * and whether a group is being written */
+    pthread_mutex_t group_mu;
+    write_op *queue, **queue_tail;
+    int writing;
+    /* a second connection (query_only) for the reads every call makes
+     * first (a token, a provider): they need not wait behind a group's
+     * commit and its sync; NULL in the reader itself */
+    ar_store *reader;
     int64_t escrow_id; /* holds every payment until it is released or reversed */
 };
+
+/* The connection for a hot read: the reader when there is one. */
+static ar_store *reads(ar_store *s)
+{
+    return s->reader ? s->reader : s;
+}
 
 /* ---- schema ---------------------------------------------------------------- */
 
@@ -221,7 +255,22 @@ static const char *const migrations[] = {
     "  unavailable INTEGER NOT NULL,"
     "  why TEXT NOT NULL,"
     "  changed INTEGER NOT NULL);",
-    /* 8: money that means something (docs/DESIGN.md, "The market").
+    /* 8: a graceful leave: the providers that said they are leaving their
+     * lease (since when), and each place handed over, so that a HandOver
+     * asked again gets the same answer. Apart from the providers' rows and
+     * the loss settlements (lease_replacements): a leave is not a loss */
+    "CREATE TABLE IF NOT EXISTS provider_leaving ("
+    "  provider_id INTEGER PRIMARY KEY REFERENCES providers(id),"
+    "  since INTEGER NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS lease_handovers ("
+    "  lease_id INTEGER NOT NULL REFERENCES leases(id),"
+    "  leaver_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  stage INTEGER NOT NULL,"
+    "  step INTEGER NOT NULL,"
+    "  replacement_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  created INTEGER NOT NULL,"
+    "  PRIMARY KEY (lease_id, leaver_id));",
+    /* 9: money that means something (docs/DESIGN.md, "The market").
      *   - Reliability and the count of loss claims belong to the account,
      *     not to an address: a provider cannot shed a penalty by registering
      *     its address spelled differently. An account starts at 0.5, below
@@ -306,7 +355,7 @@ static const char *const migrations[] = {
     "  evidence TEXT NOT NULL,"
     "  returned INTEGER NOT NULL," /* micro-credits given back to the renter */
     "  created INTEGER NOT NULL);",
-    /* 8 -> 9: what each stage committed for each step it was paid for (audits
+    /* 9 -> 10: what each stage committed for each step it was paid for (audits
      * by replay compare a replay with them); 320 hex digits a row */
     "CREATE TABLE stage_digests ("
     "  job_id INTEGER NOT NULL REFERENCES jobs(id),"
@@ -341,9 +390,71 @@ static void unlock(ar_store *s)
     pthread_mutex_unlock(&s->mu);
 }
 
+/* ---- statements, kept for reuse -------------------------------------------- */
+
+static cached_stmt *stmt_slot(ar_store *s, const char *sql)
+{
+    size_t h = ((uintptr_t)sql >> 3) % STMT_CACHE;
+    for (size_t i = 0; i < STMT_CACHE; i++) {
+        cached_stmt *c = &s->stmts[(h + i) % STMT_CACHE];
+        if (!c->sql || c->sql == sql)
+            return c;
+    }
+    return NULL; /* full: not kept */
+}
+
+/* A statement for sql, ready to bind: a kept one reset, or a new one. */
+static int stmt_get(ar_store *s, const char *sql, sqlite3_stmt **st)
+{
+    cached_stmt *c = stmt_slot(s, sql);
+    if (c && c->sql && !c->in_use && strcmp(sqlite3_sql(c->st), sql) == 0) {
+        c->in_use = 1;
+        *st = c->st;
+        return SQLITE_OK;
+    }
+    if (c && !c->sql) {
+        int rc = sqlite3_prepare_v3(s->db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL);
+        if (rc == SQLITE_OK && *st) {
+            *c = (cached_stmt){.sql = sql, .st = *st, .in_use = 1};
+        }
+        return rc;
+    }
+    return sqlite3_prepare_v2(s->db, sql, -1, st, NULL);
+}
+
+/* Done with a statement: a kept one is reset (which also ends the read it
+ * may hold open) and its bindings cleared; any other is finalized. */
+static void done(ar_store *s, sqlite3_stmt *st)
+{
+    if (!st)
+        return;
+    for (size_t i = 0; i < STMT_CACHE; i++)
+        if (s->stmts[i].st == st) {
+            sqlite3_reset(st);
+            sqlite3_clear_bindings(st);
+            s->stmts[i].in_use = 0;
+            return;
+        }
+    sqlite3_finalize(st);
+}
+
+static void stmts_free(ar_store *s)
+{
+    for (size_t i = 0; i < STMT_CACHE; i++)
+        if (s->stmts[i].st)
+            sqlite3_finalize(s->stmts[i].st);
+    memset(s->stmts, 0, sizeof s->stmts);
+}
+
+/* One statement that returns no rows (BEGIN, COMMIT, a savepoint). */
 static int exec_sql(ar_store *s, const char *sql, const char *what)
 {
-    if (sqlite3_exec(s->db, sql, NULL, NULL, NULL) != SQLITE_OK)
+    sqlite3_stmt *st;
+    if (stmt_get(s, sql, &st) != SQLITE_OK)
+        return db_fail(s, what);
+    int rc = sqlite3_step(st);
+    done(s, st);
+    if (rc != SQLITE_DONE && rc != SQLITE_ROW)
         return db_fail(s, what);
     return AR_OK;
 }
@@ -368,6 +479,129 @@ static int tx_commit(ar_store *s)
     return rc;
 }
 
+/* ---- group commit ---------------------------------------------------------- *
+ *
+ * The writes that come with every Heartbeat and every reported step
+ * (ar_store_provider_beat, ar_store_step_settle) are committed in
+ * groups: a write joins a queue; when no group is being written, its caller
+ * becomes the writer, takes every write queued so far (its own included),
+ * runs each in a savepoint of one transaction and commits once; every
+ * caller of the group returns only after that commit (synchronous=FULL: on
+ * disk), so nothing that was answered can be lost. Writes that come while a
+ * group is being committed queue for the next one, whose first caller then
+ * writes it. A write that fails is rolled back to its savepoint alone, and
+ * its caller gets its error; a failed commit fails the whole group. With a
+ * commit per call the market spent most of its time on the log's writes and
+ * locks (under bench/market_load.py: about 2 pwrite and 1.5 fcntl calls for
+ * each call served); a group of n shares one. */
+
+/* At most this many writes in one group, so that reads waiting for the
+ * connection are not held up long behind a very large one. */
+#define GROUP_MAX 128
+
+struct write_op {
+    int (*fn)(ar_store *s, void *arg); /* in the group's transaction, lock held; < 0: undone */
+    void *arg;
+    int rc;        /* the caller's result */
+    char err[512]; /* its message when rc < 0 (the writer's thread ran it) */
+    int done;      /* written (or failed) */
+    int lead;      /* this caller writes the next group */
+    pthread_cond_t cv;
+    write_op *next;
+};
+
+static void op_failed(write_op *o, int rc, const char *why)
+{
+    o->rc = rc;
+    snprintf(o->err, sizeof o->err, "%s", why);
+}
+
+/* Run a group in one transaction; the store's lock is taken here. */
+static void group_run(ar_store *s, write_op *group)
+{
+    lock(s);
+    int rc = exec_sql(s, "BEGIN IMMEDIATE", "begin");
+    for (write_op *o = group; o && rc == 0; o = o->next) {
+        if ((rc = exec_sql(s, "SAVEPOINT op", "savepoint")) < 0)
+            break;
+        int orc = o->fn(s, o->arg);
+        if (sqlite3_get_autocommit(s->db)) {
+            /* SQLite ended the transaction itself (an I/O error, a full
+             * disk): every write of the group so far is gone with it */
+            if (orc < 0)
+                op_failed(o, orc, ar_last_error());
+            rc = ar_fail(AR_EIO, "db: a write ended its group's transaction: %s",
+                         orc < 0 ? o->err : "no error reported");
+            break;
+        }
+        if (orc < 0) {
+            op_failed(o, orc, ar_last_error());
+            rc = exec_sql(s, "ROLLBACK TO op", "roll back a write");
+        } else {
+            o->rc = orc;
+        }
+        if (rc == 0)
+            rc = exec_sql(s, "RELEASE op", "release a write");
+    }
+    if (rc == 0)
+        rc = tx_commit(s); /* rolls back when it fails */
+    else
+        tx_rollback(s);
+    if (rc < 0) {
+        char why[512];
+        snprintf(why, sizeof why, "%s", ar_last_error());
+        for (write_op *o = group; o; o = o->next)
+            if (o->rc >= 0)
+                op_failed(o, rc, why);
+    }
+    unlock(s);
+}
+
+/* Run fn(s, arg) in the next group commit and return its result once the
+ * group is committed (the policy above). fn must not call the store. */
+static int group_write(ar_store *s, int (*fn)(ar_store *, void *), void *arg)
+{
+    write_op op = {.fn = fn, .arg = arg};
+    pthread_cond_init(&op.cv, NULL);
+    pthread_mutex_lock(&s->group_mu);
+    *s->queue_tail = &op;
+    s->queue_tail = &op.next;
+    if (!s->writing) {
+        s->writing = 1;
+        op.lead = 1;
+    }
+    while (!op.done && !op.lead)
+        pthread_cond_wait(&op.cv, &s->group_mu);
+    if (!op.done) {
+        /* this caller writes: the queue's first GROUP_MAX writes (its own is first) */
+        write_op *group = s->queue, *last = group;
+        for (int n = 1; n < GROUP_MAX && last->next; n++)
+            last = last->next;
+        s->queue = last->next;
+        if (!s->queue)
+            s->queue_tail = &s->queue;
+        last->next = NULL;
+        pthread_mutex_unlock(&s->group_mu);
+        group_run(s, group);
+        pthread_mutex_lock(&s->group_mu);
+        for (write_op *o = group, *next; o; o = next) {
+            next = o->next; /* o belongs to a waiting caller, who may leave once done */
+            o->done = 1;
+            if (o != &op)
+                pthread_cond_signal(&o->cv);
+        }
+        if (s->queue) { /* the next group's first caller writes it */
+            s->queue->lead = 1;
+            pthread_cond_signal(&s->queue->cv);
+        } else {
+            s->writing = 0;
+        }
+    }
+    pthread_mutex_unlock(&s->group_mu);
+    pthread_cond_destroy(&op.cv);
+    return op.rc < 0 ? ar_fail(op.rc, "%s", op.err) : op.rc;
+}
+
 /* Ends a write transaction: commit on success, roll back on failure. */
 static int tx_end(ar_store *s, int rc)
 {
@@ -383,7 +617,7 @@ static int tx_end(ar_store *s, int rc)
 static int vprep(ar_store *s, sqlite3_stmt **st, const char *sql, const char *types, va_list ap)
 {
     *st = NULL;
-    if (sqlite3_prepare_v2(s->db, sql, -1, st, NULL) != SQLITE_OK)
+    if (stmt_get(s, sql, st) != SQLITE_OK)
         return ar_fail(AR_EIO, "db: prepare \"%.60s\": %s", sql, sqlite3_errmsg(s->db));
     for (int i = 0; types && types[i]; i++) {
         int rc;
@@ -402,7 +636,7 @@ static int vprep(ar_store *s, sqlite3_stmt **st, const char *sql, const char *ty
         if (rc != SQLITE_OK) {
             int err = ar_fail(AR_EIO, "db: bind %d of \"%.60s\": %s", i + 1, sql,
                               sqlite3_errmsg(s->db));
-            sqlite3_finalize(*st);
+            done(s, *st);
             *st = NULL;
             return err;
         }
@@ -444,7 +678,7 @@ static int run(ar_store *s, int *changes_out, const char *sql, const char *types
     }
     if (rc == 0 && changes_out)
         *changes_out = sqlite3_changes(s->db);
-    sqlite3_finalize(st);
+    done(s, st);
     return rc;
 }
 
@@ -465,7 +699,7 @@ static int query_i64(ar_store *s, int64_t *out, const char *sql, const char *typ
     } else if (rc == 0) {
         rc = AR_ENOTFOUND; /* the caller words the message */
     }
-    sqlite3_finalize(st);
+    done(s, st);
     return rc;
 }
 
@@ -520,7 +754,7 @@ static int list_rows(ar_store *s, size_t elem, row_reader read, void (*free_item
             if (rc < 0)
                 break;
         }
-        sqlite3_finalize(st);
+        done(s, st);
     }
     unlock(s);
     if (rc < 0) {
@@ -552,7 +786,7 @@ static int one_row(ar_store *s, row_reader read, void *item, const char *sql, co
         rc = read(st, item);
     else if (rc == 0)
         rc = AR_ENOTFOUND;
-    sqlite3_finalize(st);
+    done(s, st);
     return rc;
 }
 
@@ -616,7 +850,7 @@ static int token_lookup(ar_store *s, const char *sql, const char *token, int64_t
     } else if (rc == 0) {
         rc = ar_fail(AR_ENOTFOUND, "unknown token");
     }
-    sqlite3_finalize(st);
+    done(s, st);
     return rc;
 }
 
@@ -642,7 +876,7 @@ static int balance_of(ar_store *s, int64_t account_id, int64_t *bal, bool *syste
     } else if (rc == 0) {
         rc = ar_fail(AR_ENOTFOUND, "no account %" PRId64, account_id);
     }
-    sqlite3_finalize(st);
+    done(s, st);
     return rc;
 }
 
@@ -691,7 +925,7 @@ static int transfer(ar_store *s, int64_t from, int64_t to, int64_t amount, const
         if (brc == SQLITE_OK)
             brc = sqlite3_bind_int64(st, 7, t);
         rc = brc == SQLITE_OK ? step(s, st) : db_fail(s, "bind ledger row");
-        sqlite3_finalize(st);
+        done(s, st);
         if (rc < 0)
             return rc;
         int changes = 0;
@@ -731,14 +965,16 @@ static int migrate(ar_store *s)
     for (int64_t i = v; rc == 0 && i < AR_STORE_SCHEMA_VERSION; i++) {
         char what[64];
         snprintf(what, sizeof what, "migration %" PRId64, i + 1);
-        rc = exec_sql(s, migrations[i], what);
+        if (sqlite3_exec(s->db, migrations[i], NULL, NULL, NULL) != SQLITE_OK) /* many statements */
+            rc = db_fail(s, what);
         if (rc == 0)
             rc = run(s, NULL, "UPDATE schema_version SET version = ?", "i", i + 1);
     }
     return tx_end(s, rc);
 }
 
-int ar_store_open(const char *path, ar_store **out)
+/* One connection, migrated. */
+static int open_conn(const char *path, ar_store **out)
 {
     *out = NULL;
     if (!path || !*path)
@@ -750,6 +986,12 @@ int ar_store_open(const char *path, ar_store **out)
         free(s);
         return ar_fail(AR_EINTERNAL, "db: mutex init failed");
     }
+    if (pthread_mutex_init(&s->group_mu, NULL) != 0) {
+        pthread_mutex_destroy(&s->mu);
+        free(s);
+        return ar_fail(AR_EINTERNAL, "db: mutex init failed");
+    }
+    s->queue_tail = &s->queue;
     int rc;
     if (sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) !=
         SQLITE_OK) {
@@ -776,7 +1018,7 @@ int ar_store_open(const char *path, ar_store **out)
     } else if (rc == 0) {
         rc = ar_fail(AR_EIO, "db: %s: journal_mode gave no answer", path);
     }
-    sqlite3_finalize(st);
+    done(s, st);
     if (rc < 0)
         goto fail;
     if ((rc = exec_sql(s, "PRAGMA foreign_keys = ON", "foreign keys")) < 0 ||
@@ -799,19 +1041,40 @@ int ar_store_open(const char *path, ar_store **out)
     *out = s;
     return AR_OK;
 fail:
+    stmts_free(s);
     sqlite3_close(s->db);
     pthread_mutex_destroy(&s->mu);
+    pthread_mutex_destroy(&s->group_mu);
     free(s);
     return rc;
+}
+
+int ar_store_open(const char *path, ar_store **out)
+{
+    int rc = open_conn(path, out);
+    if (rc < 0)
+        return rc;
+    ar_store *r = NULL;
+    if ((rc = open_conn(path, &r)) < 0 || (rc = exec_sql(r, "PRAGMA query_only = ON", "query only")) < 0) {
+        ar_store_close(r);
+        ar_store_close(*out);
+        *out = NULL;
+        return rc;
+    }
+    (*out)->reader = r;
+    return AR_OK;
 }
 
 void ar_store_close(ar_store *s)
 {
     if (!s)
         return;
+    ar_store_close(s->reader);
     /* close_v2 never fails for a busy connection: we finalize every statement */
+    stmts_free(s);
     sqlite3_close_v2(s->db);
     pthread_mutex_destroy(&s->mu);
+    pthread_mutex_destroy(&s->group_mu);
     free(s);
 }
 
@@ -897,6 +1160,7 @@ out:
 
 int ar_store_account_auth(ar_store *s, const char *token, int64_t *id_out)
 {
+    s = reads(s);
     lock(s);
     int rc = token_lookup(
         s, "SELECT id, token_hash FROM accounts WHERE token_hash = ? AND system = 0", token,
@@ -1005,7 +1269,7 @@ int ar_store_account_claim(ar_store *s, int64_t account_id, bool confirmed)
     "p.id, p.account_id, p.address, p.gflops, p.mem_bytes, p.cores, p.price_per_tflop,"            \
     " acc.reliability, p.online, p.last_heartbeat, COALESCE(r.state, 0), COALESCE(r.checked, 0),"  \
     " COALESCE(r.failures, 0), COALESCE(a.unavailable, 0), COALESCE(a.why, ''), COALESCE(a.changed, 0)," \
-    " COALESCE(v.flops, 0), COALESCE(v.busy_s, 0), COALESCE(v.claim_flops, 0),"                     \
+    " COALESCE(lv.since, 0), COALESCE(v.flops, 0), COALESCE(v.busy_s, 0), COALESCE(v.claim_flops, 0),"  \
     " (SELECT COALESCE(SUM(w.flops), 0) FROM provider_speed w JOIN providers q ON q.id = w.provider_id"  \
     "  WHERE q.account_id = p.account_id),"                                                        \
     " (SELECT COALESCE(SUM(w.claim_flops), 0) FROM provider_speed w JOIN providers q ON q.id = w.provider_id" \
@@ -1014,6 +1278,7 @@ int ar_store_account_claim(ar_store *s, int64_t account_id, bool confirmed)
     " FROM providers p JOIN accounts acc ON acc.id = p.account_id"                                 \
     " LEFT JOIN provider_reach r ON r.provider_id = p.id"                                          \
     " LEFT JOIN provider_availability a ON a.provider_id = p.id"                                   \
+    " LEFT JOIN provider_leaving lv ON lv.provider_id = p.id"                                      \
     " LEFT JOIN provider_speed v ON v.provider_id = p.id"
 
 static void read_provider(sqlite3_stmt *st, ar_provider *p)
@@ -1036,11 +1301,12 @@ static void read_provider(sqlite3_stmt *st, ar_provider *p)
     p->unavailable = sqlite3_column_int(st, 13) != 0;
     copy_text(p->unavailable_why, sizeof p->unavailable_why, st, 14);
     p->availability_changed = sqlite3_column_int64(st, 15);
-    p->obs_flops = sqlite3_column_double(st, 16);
-    p->obs_busy_s = sqlite3_column_double(st, 17);
-    p->obs_claim_flops = sqlite3_column_double(st, 18);
-    p->acct_obs_flops = sqlite3_column_double(st, 19);
-    p->acct_obs_claim_flops = sqlite3_column_double(st, 20);
+    p->leaving_since = sqlite3_column_int64(st, 16);
+    p->obs_flops = sqlite3_column_double(st, 17);
+    p->obs_busy_s = sqlite3_column_double(st, 18);
+    p->obs_claim_flops = sqlite3_column_double(st, 19);
+    p->acct_obs_flops = sqlite3_column_double(st, 20);
+    p->acct_obs_claim_flops = sqlite3_column_double(st, 21);
 }
 
 const char *ar_reach_name(ar_reach r)
@@ -1101,11 +1367,70 @@ static int provider_set(ar_store *s, int64_t id, const char *sql, const char *wh
     return rc;
 }
 
+/* Why a provider is unavailable, as the store keeps it: AR_OK or AR_EINVAL. */
+static int why_ok(const char *why)
+{
+    size_t len = strlen(why);
+    if (len >= AR_WHY_MAX)
+        return ar_fail(AR_EINVAL, "why a provider is unavailable: %zu bytes, at most %d", len, AR_WHY_MAX - 1);
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)why[i] < 0x20 || why[i] == 0x7f)
+            return ar_fail(AR_EINVAL, "why a provider is unavailable has a control character");
+    return AR_OK;
+}
+
+/* The availability upsert: the time changes with the state, not with every
+ * heartbeat saying it. Lock held. */
+static int availability_write(ar_store *s, int64_t provider_id, bool unavailable, const char *why)
+{
+    return run(s, NULL,
+               "INSERT INTO provider_availability (provider_id, unavailable, why, changed)"
+               " VALUES (?1, ?2, ?3, ?4)"
+               " ON CONFLICT (provider_id) DO UPDATE SET"
+               " changed = CASE WHEN unavailable = ?2 THEN changed ELSE ?4 END,"
+               " unavailable = ?2, why = ?3",
+               "iiti", provider_id, (int64_t)unavailable, why, now_s());
+}
+
+typedef struct {
+    int64_t provider_id;
+    bool availability; /* also keep what it says of its availability */
+    bool unavailable;
+    const char *why;
+    int changes;
+} heartbeat_write;
+
+static int heartbeat_body(ar_store *s, void *arg)
+{
+    heartbeat_write *w = arg;
+    int rc = run(s, &w->changes, "UPDATE providers SET online = 1, last_heartbeat = ? WHERE id = ?", "ii",
+                 now_s(), w->provider_id);
+    if (rc == 0 && w->changes == 1 && w->availability)
+        rc = availability_write(s, w->provider_id, w->unavailable, w->why);
+    return rc;
+}
+
+static int heartbeat(ar_store *s, heartbeat_write *w)
+{
+    int rc = group_write(s, heartbeat_body, w);
+    if (rc == 0 && w->changes != 1)
+        rc = ar_fail(AR_ENOTFOUND, "heartbeat: no provider %" PRId64, w->provider_id);
+    return rc;
+}
+
 int ar_store_provider_heartbeat(ar_store *s, int64_t provider_id)
 {
-    return provider_set(s, provider_id,
-                        "UPDATE providers SET online = 1, last_heartbeat = ? WHERE id = ?",
-                        "heartbeat");
+    return heartbeat(s, &(heartbeat_write){.provider_id = provider_id});
+}
+
+int ar_store_provider_beat(ar_store *s, int64_t provider_id, bool unavailable, const char *why)
+{
+    why = unavailable && why ? why : "";
+    int rc = why_ok(why);
+    if (rc != AR_OK)
+        return rc;
+    return heartbeat(s, &(heartbeat_write){.provider_id = provider_id, .availability = true,
+                                           .unavailable = unavailable, .why = why});
 }
 
 int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id)
@@ -1119,26 +1444,33 @@ int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id)
 int ar_store_provider_set_availability(ar_store *s, int64_t provider_id, bool unavailable, const char *why)
 {
     why = unavailable && why ? why : "";
-    size_t len = strlen(why);
-    if (len >= AR_WHY_MAX)
-        return ar_fail(AR_EINVAL, "why a provider is unavailable: %zu bytes, at most %d", len, AR_WHY_MAX - 1);
-    for (size_t i = 0; i < len; i++)
-        if ((unsigned char)why[i] < 0x20 || why[i] == 0x7f)
-            return ar_fail(AR_EINVAL, "why a provider is unavailable has a control character");
+    int rc = why_ok(why);
+    if (rc != AR_OK)
+        return rc;
+    lock(s);
+    int64_t exists = 0;
+    rc = query_i64(s, &exists, "SELECT COUNT(*) FROM providers WHERE id = ?", "i", provider_id);
+    if (rc == 0 && !exists)
+        rc = ar_fail(AR_ENOTFOUND, "availability: no provider %" PRId64, provider_id);
+    if (rc == 0)
+        rc = availability_write(s, provider_id, unavailable, why);
+    unlock(s);
+    return rc;
+}
+
+int ar_store_provider_set_leaving(ar_store *s, int64_t provider_id, bool leaving)
+{
     lock(s);
     int64_t exists = 0;
     int rc = query_i64(s, &exists, "SELECT COUNT(*) FROM providers WHERE id = ?", "i", provider_id);
     if (rc == 0 && !exists)
-        rc = ar_fail(AR_ENOTFOUND, "availability: no provider %" PRId64, provider_id);
-    /* the time changes with the state, not with every heartbeat saying it */
-    if (rc == 0)
-        rc = run(s, NULL,
-                 "INSERT INTO provider_availability (provider_id, unavailable, why, changed)"
-                 " VALUES (?1, ?2, ?3, ?4)"
-                 " ON CONFLICT (provider_id) DO UPDATE SET"
-                 " changed = CASE WHEN unavailable = ?2 THEN changed ELSE ?4 END,"
-                 " unavailable = ?2, why = ?3",
-                 "iiti", provider_id, (int64_t)unavailable, why, now_s());
+        rc = ar_fail(AR_ENOTFOUND, "leaving: no provider %" PRId64, provider_id);
+    /* the time the leave began stays while every heartbeat says it again */
+    if (rc == 0 && leaving)
+        rc = run(s, NULL, "INSERT OR IGNORE INTO provider_leaving (provider_id, since) VALUES (?, ?)", "ii",
+                 provider_id, now_s());
+    else if (rc == 0)
+        rc = run(s, NULL, "DELETE FROM provider_leaving WHERE provider_id = ?", "i", provider_id);
     unlock(s);
     return rc;
 }
@@ -1164,6 +1496,7 @@ static int provider_row(sqlite3_stmt *st, void *item)
 
 int ar_store_provider_get(ar_store *s, int64_t provider_id, ar_provider *out)
 {
+    s = reads(s);
     lock(s);
     int rc = one_row(s, provider_row, out, "SELECT " PROVIDER_COLS PROVIDER_FROM " WHERE p.id = ?", "i",
                      provider_id);
@@ -1228,7 +1561,7 @@ int ar_store_speed_totals(ar_store *s, double *flops, double *claim_flops)
         } else if (rc == 0) {
             rc = ar_fail(AR_EINTERNAL, "db: the speed totals gave no row");
         }
-        sqlite3_finalize(st);
+        done(s, st);
     }
     unlock(s);
     return rc;
@@ -1284,7 +1617,7 @@ int ar_store_provider_leased(ar_store *s, int64_t provider_id, bool *out)
             *out = true;
             rc = AR_OK;
         }
-        sqlite3_finalize(st);
+        done(s, st);
     }
     unlock(s);
     return rc < 0 ? rc : AR_OK;
@@ -1594,7 +1927,7 @@ int ar_store_job_live_get(ar_store *s, int64_t job_id, ar_job_live *out)
         } else if (rc == 0) {
             rc = ar_fail(AR_ENOTFOUND, "job %" PRId64 " has reported no progress", job_id);
         }
-        sqlite3_finalize(st);
+        done(s, st);
     }
     unlock(s);
     if (rc < 0)
@@ -1652,7 +1985,7 @@ int ar_store_totals(ar_store *s, ar_market_totals *out)
         } else if (rc == 0) {
             rc = ar_fail(AR_EINTERNAL, "db: the totals query gave no row");
         }
-        sqlite3_finalize(st);
+        done(s, st);
     }
     unlock(s);
     return rc;
@@ -1800,6 +2133,7 @@ static int lease_read(ar_store *s, int64_t lease_id, ar_lease *out)
 int ar_store_lease_auth(ar_store *s, const char *token, ar_lease *out)
 {
     int64_t id;
+    s = reads(s);
     lock(s);
     int rc = token_lookup(
         s, "SELECT id, token_hash FROM leases WHERE token_hash = ? AND released IS NULL", token,
@@ -2000,7 +2334,7 @@ static int held_rows(ar_store *s, held_row **out, size_t *n, const char *sql, co
         if ((rc = grow((void **)out, &cap, *n, sizeof **out)) == 0)
             rc = held_read(st, &(*out)[(*n)++]);
     if (st)
-        sqlite3_finalize(st);
+        done(s, st);
     if (rc < 0) {
         free(*out);
         *out = NULL;
@@ -2127,7 +2461,7 @@ static int usage_pay(ar_store *s, int64_t job_id, int64_t lease_id, int64_t plan
             if (brc == SQLITE_OK)
                 brc = sqlite3_bind_int64(ins, 10, now_s());
             rc = brc == SQLITE_OK ? step(s, ins) : db_fail(s, "bind usage row");
-            sqlite3_finalize(ins);
+            done(s, ins);
         }
     }
     int64_t usage_id = rc == 0 ? sqlite3_last_insert_rowid(s->db) : 0;
@@ -2216,6 +2550,74 @@ static int step_pay(ar_store *s, const ar_lease *lease, const ar_step_report *r,
     return AR_OK;
 }
 
+typedef struct {
+    const ar_step_report *r;
+    ar_step_check check;
+    void *ctx;
+    int64_t *prices, *flops;
+    ar_step_settlement *out;
+    bool short_of_money; /* a stage was refused for money: refusal says why */
+    char refusal[512];
+} settle_write;
+
+/* The step's transaction (a group commit's savepoint): what
+ * ar_store_step_settle promises. */
+static int settle_body(ar_store *s, void *arg)
+{
+    settle_write *w = arg;
+    const ar_step_report *r = w->r;
+    ar_step_settlement *out = w->out;
+    ar_lease_member *members = NULL;
+    size_t n_members = 0, cap = 0;
+    ar_lease lease;
+    int rc = lease_read(s, r->lease_id, &lease);
+    if (rc == 0 && lease.released)
+        rc = ar_fail(AR_ENOTFOUND, "lease %" PRId64 " was released", r->lease_id);
+    sqlite3_stmt *st = NULL;
+    if (rc == 0)
+        rc = prep(s, &st, MEMBERS_SQL, "i", r->lease_id);
+    while (rc == 0 && (rc = step(s, st)) > 0)
+        if ((rc = grow((void **)&members, &cap, n_members, sizeof *members)) == 0)
+            rc = member_row(st, &members[n_members++]);
+    done(s, st);
+    /* every stage is checked before any is paid */
+    if (rc == 0)
+        rc = w->check(w->ctx, members, n_members, r->stages, r->n_stages, w->prices, w->flops);
+    free(members);
+    if (rc == 0)
+        rc = step_pay(s, &lease, r, w->prices, w->flops, out);
+    /* a stage refused for money ends the step short: what was paid before it
+     * is committed, the step is not counted as done */
+    if (rc == AR_ELIMIT) {
+        w->short_of_money = true;
+        snprintf(w->refusal, sizeof w->refusal, "%s", ar_last_error());
+        rc = AR_OK;
+    }
+    /* the commitments of the stages paid for: the first report stands, so a
+     * renter cannot rewrite what a provider committed */
+    for (size_t i = 0; rc == 0 && !w->short_of_money && i < r->n_stages; i++) {
+        const ar_stage_usage *u = &r->stages[i];
+        if (!u->has_digests)
+            continue;
+        char hex[2 * AR_STAGE_DIGEST_BYTES + 1];
+        for (int k = 0; k < AR_STAGE_DIGEST_BYTES / 32; k++)
+            ar_digest_hex(u->digests + 32 * k, hex + 64 * k);
+        rc = run(s, NULL, "INSERT OR IGNORE INTO stage_digests (job_id, step, stage, provider_id, digests)"
+                 " VALUES (?, ?, ?, ?, ?)", "iiiit", lease.job_id, r->step, (int64_t)u->stage, u->provider_id, hex);
+    }
+    if (rc == 0 && !w->short_of_money && r->has_loss && isfinite(r->loss))
+        rc = run(s, NULL, "INSERT OR REPLACE INTO job_progress (job_id, step, loss, created) VALUES (?, ?, ?, ?)",
+                 "iidi", lease.job_id, r->step, r->loss, now_s());
+    if (rc == 0 && !w->short_of_money)
+        rc = run(s, NULL, "UPDATE jobs SET status = ?, step = ?, ended = NULL WHERE id = ?", "tii",
+                 ar_job_status_name(AR_JOB_RUNNING), r->step + 1, lease.job_id);
+    if (rc == 0)
+        rc = query_i64(s, &out->spent, "SELECT spent FROM jobs WHERE id = ?", "i", lease.job_id);
+    if (rc == 0)
+        rc = balance_of(s, lease.renter_id, &out->balance, NULL);
+    return rc;
+}
+
 int ar_store_step_settle(ar_store *s, const ar_step_report *r, ar_step_check check, void *ctx,
                          ar_step_settlement *out)
 {
@@ -2226,64 +2628,10 @@ int ar_store_step_settle(ar_store *s, const ar_step_report *r, ar_step_check che
     int64_t *prices = calloc(2 * r->n_stages, sizeof *prices), *flops = prices + r->n_stages;
     if (!prices)
         return ar_fail(AR_ENOMEM, "out of memory for %zu stages", r->n_stages);
-    ar_lease_member *members = NULL;
-    size_t n_members = 0, cap = 0;
-    lock(s);
-    int rc = tx_begin(s);
-    if (rc < 0)
-        goto out;
-    ar_lease lease;
-    rc = lease_read(s, r->lease_id, &lease);
-    if (rc == 0 && lease.released)
-        rc = ar_fail(AR_ENOTFOUND, "lease %" PRId64 " was released", r->lease_id);
-    sqlite3_stmt *st = NULL;
-    if (rc == 0)
-        rc = prep(s, &st, MEMBERS_SQL, "i", r->lease_id);
-    while (rc == 0 && (rc = step(s, st)) > 0)
-        if ((rc = grow((void **)&members, &cap, n_members, sizeof *members)) == 0)
-            rc = member_row(st, &members[n_members++]);
-    sqlite3_finalize(st);
-    /* every stage is checked before any is paid */
-    if (rc == 0)
-        rc = check(ctx, members, n_members, r->stages, r->n_stages, prices, flops);
-    if (rc == 0)
-        rc = step_pay(s, &lease, r, prices, flops, out);
-    /* a stage refused for money ends the step short: what was paid before it
-     * is committed, the step is not counted as done */
-    char refusal[512] = "";
-    bool short_of_money = rc == AR_ELIMIT;
-    if (short_of_money) {
-        snprintf(refusal, sizeof refusal, "%s", ar_last_error());
-        rc = AR_OK;
-    }
-    /* the commitments of the stages paid for: the first report stands, so a
-     * renter cannot rewrite what a provider committed */
-    for (size_t i = 0; rc == 0 && !short_of_money && i < r->n_stages; i++) {
-        const ar_stage_usage *u = &r->stages[i];
-        if (!u->has_digests)
-            continue;
-        char hex[2 * AR_STAGE_DIGEST_BYTES + 1];
-        for (int k = 0; k < AR_STAGE_DIGEST_BYTES / 32; k++)
-            ar_digest_hex(u->digests + 32 * k, hex + 64 * k);
-        rc = run(s, NULL, "INSERT OR IGNORE INTO stage_digests (job_id, step, stage, provider_id, digests)"
-                 " VALUES (?, ?, ?, ?, ?)", "iiiit", lease.job_id, r->step, (int64_t)u->stage, u->provider_id, hex);
-    }
-    if (rc == 0 && !short_of_money && r->has_loss && isfinite(r->loss))
-        rc = run(s, NULL, "INSERT OR REPLACE INTO job_progress (job_id, step, loss, created) VALUES (?, ?, ?, ?)",
-                 "iidi", lease.job_id, r->step, r->loss, now_s());
-    if (rc == 0 && !short_of_money)
-        rc = run(s, NULL, "UPDATE jobs SET status = ?, step = ?, ended = NULL WHERE id = ?", "tii",
-                 ar_job_status_name(AR_JOB_RUNNING), r->step + 1, lease.job_id);
-    if (rc == 0)
-        rc = query_i64(s, &out->spent, "SELECT spent FROM jobs WHERE id = ?", "i", lease.job_id);
-    if (rc == 0)
-        rc = balance_of(s, lease.renter_id, &out->balance, NULL);
-    rc = tx_end(s, rc);
-    if (rc == 0 && short_of_money)
-        rc = ar_fail(AR_ELIMIT, "%s", refusal);
-out:
-    unlock(s);
-    free(members);
+    settle_write w = {.r = r, .check = check, .ctx = ctx, .prices = prices, .flops = flops, .out = out};
+    int rc = group_write(s, settle_body, &w);
+    if (rc == 0 && w.short_of_money)
+        rc = ar_fail(AR_ELIMIT, "%s", w.refusal);
     free(prices);
     return rc;
 }
@@ -2425,6 +2773,71 @@ int ar_store_lease_replacement(ar_store *s, int64_t lease_id, int64_t lost_provi
     unlock(s);
     return rc == AR_ENOTFOUND
                ? ar_fail(rc, "provider %" PRId64 " was not lost in lease %" PRId64, lost_provider_id, lease_id)
+               : rc;
+}
+
+int ar_store_lease_hand_over(ar_store *s, int64_t lease_id, int64_t leaver_id, int64_t step,
+                             const ar_lease_member *replacement)
+{
+    if (step < 0)
+        return ar_fail(AR_EINVAL, "step %" PRId64 " below zero", step);
+    lock(s);
+    int rc = tx_begin(s);
+    if (rc < 0)
+        goto out;
+    int64_t job_id = 0, stage = 0, leaving = 0;
+    rc = query_i64(s, &job_id, "SELECT job_id FROM leases WHERE id = ? AND released IS NULL", "i", lease_id);
+    if (rc == AR_ENOTFOUND)
+        rc = ar_fail(rc, "no live lease %" PRId64, lease_id);
+    if (rc == 0) {
+        rc = query_i64(s, &stage, "SELECT stage FROM lease_members WHERE lease_id = ? AND provider_id = ?",
+                       "ii", lease_id, leaver_id);
+        if (rc == AR_ENOTFOUND)
+            rc = ar_fail(rc, "provider %" PRId64 " is not in lease %" PRId64, leaver_id, lease_id);
+    }
+    /* the provider's own word, from its heartbeats, not the renter's */
+    if (rc == 0)
+        rc = query_i64(s, &leaving, "SELECT COUNT(*) FROM provider_leaving WHERE provider_id = ?", "i", leaver_id);
+    if (rc == 0 && !leaving)
+        rc = ar_fail(AR_ELIMIT, "provider %" PRId64 " has not said it is leaving: a member that stopped "
+                     "answering is a loss (ReplaceProvider)", leaver_id);
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "UPDATE lease_members SET provider_id = ?, price_per_tflop = ?, verified_step = -1"
+                 " WHERE lease_id = ? AND stage = ?",
+                 "iiii", replacement->provider_id, replacement->price_per_tflop, lease_id, stage);
+    if (rc == 0)
+        rc = run(s, NULL, "DELETE FROM lease_tickets WHERE lease_id = ? AND provider_id = ?", "ii", lease_id,
+                 leaver_id);
+    if (rc == 0)
+        rc = run(s, NULL,
+                 "INSERT OR REPLACE INTO lease_handovers (lease_id, leaver_id, stage, step, replacement_id,"
+                 " created) VALUES (?, ?, ?, ?, ?, ?)",
+                 "iiiiii", lease_id, leaver_id, stage, step, replacement->provider_id, now_s());
+    rc = tx_end(s, rc);
+out:
+    unlock(s);
+    return rc;
+}
+
+static int handover_row(sqlite3_stmt *st, void *item)
+{
+    ar_lease_handover *h = item;
+    h->stage = sqlite3_column_int(st, 0);
+    h->step = sqlite3_column_int64(st, 1);
+    h->replacement_id = sqlite3_column_int64(st, 2);
+    return AR_OK;
+}
+
+int ar_store_lease_handover(ar_store *s, int64_t lease_id, int64_t leaver_id, ar_lease_handover *out)
+{
+    lock(s);
+    int rc = one_row(s, handover_row, out,
+                     "SELECT stage, step, replacement_id FROM lease_handovers WHERE lease_id = ? AND leaver_id = ?",
+                     "ii", lease_id, leaver_id);
+    unlock(s);
+    return rc == AR_ENOTFOUND
+               ? ar_fail(rc, "provider %" PRId64 " handed over no place in lease %" PRId64, leaver_id, lease_id)
                : rc;
 }
 

@@ -193,15 +193,23 @@ const grpc_channel_args *net_channel_args(void)
     return &ca;
 }
 
-void net_server_args(size_t max_message, grpc_arg *args, grpc_channel_args *ca)
+void net_server_args(size_t max_message, grpc_resource_quota *quota, grpc_arg *args, grpc_channel_args *ca)
 {
     /* a server bounds what one message may make it hold: gRPC refuses a
      * larger message with RESOURCE_EXHAUSTED. gRPC 1.51 checks the size only
      * once the message is whole (a 200 MiB message against a 17 MiB limit
      * still raised a worker's RSS by about 250 MB), so this is a bound on
-     * memory per message, not a refusal before reading */
+     * memory per message, not a refusal before reading; what many messages
+     * at once may make it hold is the quota's to bound (ar_server_create) */
     int limit = max_message == 0 || max_message > (size_t)INT_MAX ? -1 : (int)max_message;
     fill_args(args, ca, limit);
+    if (quota) {
+        args[NET_NARGS].type = GRPC_ARG_POINTER;
+        args[NET_NARGS].key = (char *)GRPC_ARG_RESOURCE_QUOTA;
+        args[NET_NARGS].value.pointer.p = quota;
+        args[NET_NARGS].value.pointer.vtable = grpc_resource_quota_arg_vtable();
+        ca->num_args = NET_NARGS + 1;
+    }
 }
 
 gpr_timespec net_deadline(double timeout_s)

@@ -282,13 +282,10 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
         ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "unavailable_why: at most %d bytes", AR_WHY_MAX - 1);
         goto out;
     }
-    if (rc == AR_OK)
-        rc = ar_store_provider_heartbeat(m->store, req->provider_id);
-    /* the owner's rules: a provider unavailable now is not leased (a
-     * lease it is in already goes on) */
+    /* online now, and the owner's rules: a provider unavailable now is not
+     * leased (a lease it is in already goes on); one write */
     if (rc == AR_OK) {
-        rc = ar_store_provider_set_availability(m->store, req->provider_id, req->unavailable,
-                                                req->unavailable_why);
+        rc = ar_store_provider_beat(m->store, req->provider_id, req->unavailable, req->unavailable_why);
         if (rc == AR_EINVAL) {
             ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s", ar_last_error());
             goto out;
@@ -298,6 +295,11 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
                    req->unavailable ? "unavailable" : "available again", req->unavailable ? ": " : "",
                    req->unavailable ? req->unavailable_why : "");
     }
+    /* a graceful leave: its renter may hand its place over (HandOver) */
+    if (rc == AR_OK && (rc = ar_store_provider_set_leaving(m->store, req->provider_id, req->leaving)) == AR_OK &&
+        req->leaving != (p.leaving_since != 0))
+        ar_log(AR_LOG_INFO, "market: provider %lld %s", (long long)p.id,
+               req->leaving ? "is leaving its lease" : "is no longer leaving");
     /* a provider the market could not reach is checked again as it beats
      * (its own call waits for the check, no one else's) */
     if (rc == AR_OK && !ar_rules_leasable(&m->policy, &p) && ar_rules_reach_due(&p, (int64_t)time(NULL)))
@@ -752,6 +754,41 @@ out:
     arceus__replace_provider_request__free_unpacked(req, NULL);
 }
 
+static void on_hand_over(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__HandOverRequest *req =
+        (Arceus__HandOverRequest *)read_request(rpc, &arceus__hand_over_request__descriptor);
+    if (!req)
+        return;
+    ar_lease lease;
+    if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
+        goto out;
+    if (req->step < 0 || req->step > 1000000000000LL || req->min_mem_bytes > (uint64_t)AR_MARKET_MAX_MEM) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "HandOver: step %lld or min_mem_bytes %llu out of range",
+                      (long long)req->step, (unsigned long long)req->min_mem_bytes);
+        goto out;
+    }
+    ar_market_handover done;
+    int rc = ar_rules_hand_over(m->store, &m->policy, &lease, req->lease_token, req->provider_id, req->step,
+                                (int64_t)req->min_mem_bytes, &done);
+    if (rc != AR_OK) {
+        rule_error(rpc, rc, rc == AR_EINVAL || rc == AR_ELIMIT ? "HandOver" : NULL);
+        goto out;
+    }
+    Arceus__ProviderProfile prof;
+    Arceus__LeasedProvider lp;
+    Arceus__HandOverReply r = ARCEUS__HAND_OVER_REPLY__INIT;
+    if (done.found) {
+        leased_msg(&done.replacement, &prof, &lp);
+        r.replacement = &lp;
+    }
+    r.spent = done.spent;
+    net_rpc_reply(rpc, &r.base);
+out:
+    arceus__hand_over_request__free_unpacked(req, NULL);
+}
+
 /* ---- server: jobs --------------------------------------------------------------- */
 
 static void job_info(const ar_job *j, Arceus__JobInfo *ji)
@@ -1149,6 +1186,7 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     ar_server_handle(m->server, "/arceus.Market/ListJobs", on_list_jobs, m);
     ar_server_handle(m->server, "/arceus.Market/GetJob", on_get_job, m);
     ar_server_handle(m->server, "/arceus.Market/ReplaceProvider", on_replace, m);
+    ar_server_handle(m->server, "/arceus.Market/HandOver", on_hand_over, m);
     ar_server_handle(m->server, "/arceus.Market/ReportProgress", on_report_progress, m);
     if (pthread_create(&m->sweeper, NULL, sweep_main, m) != 0) {
         ar_market_stop(m);

@@ -76,9 +76,10 @@ int ar_market_register(ar_client *c, const char *token, const char *address,
                        int *status);
 int ar_market_heartbeat(ar_client *c, const char *token, int64_t provider_id, int *status);
 /* A heartbeat that also says whether the owner's rules let the machine be
- * leased now: unavailable, and why (at most AR_WHY_MAX - 1 bytes). */
+ * leased now: unavailable, and why (at most AR_WHY_MAX - 1 bytes); and
+ * whether it is leaving its lease (a graceful leave: HeartbeatRequest.leaving). */
 int ar_market_heartbeat_availability(ar_client *c, const char *token, int64_t provider_id, bool unavailable,
-                                     const char *why, int *status);
+                                     const char *why, bool leaving, int *status);
 
 typedef struct {
     ar_provider p; /* account_id is 0: the market names the account instead */
@@ -132,6 +133,14 @@ int ar_market_report_loss(ar_client *c, const char *lease_token, int64_t step, d
  * units and FLOPs. */
 int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provider_id, int64_t kept_steps,
                       const char *reason, ar_market_replacement *out, int *status);
+/* A graceful leave: member provider_id of the lease said it is leaving and
+ * the driver has its stage's state after `step` completed (and paid)
+ * steps. The market leases a free provider offering at least min_mem bytes
+ * in its place: *found 1 and *replacement filled (with its ticket), or
+ * *found 0 when none is free (nothing changes). Nothing is reversed.
+ * spent (may be NULL) gets the job's total. */
+int ar_market_hand_over(ar_client *c, const char *lease_token, int64_t provider_id, int64_t step, int64_t min_mem,
+                        ar_market_leased *replacement, int *found, int64_t *spent, int *status);
 /* status_name: "done", "failed" or "cancelled"; steps: completed steps. */
 int ar_market_release(ar_client *c, const char *lease_token, const char *status_name,
                       int64_t steps, int64_t *spent, int *status);

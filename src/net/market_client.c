@@ -66,17 +66,18 @@ int ar_market_register(ar_client *c, const char *token, const char *address,
 
 int ar_market_heartbeat(ar_client *c, const char *token, int64_t provider_id, int *status)
 {
-    return ar_market_heartbeat_availability(c, token, provider_id, false, NULL, status);
+    return ar_market_heartbeat_availability(c, token, provider_id, false, NULL, false, status);
 }
 
 int ar_market_heartbeat_availability(ar_client *c, const char *token, int64_t provider_id, bool unavailable,
-                                     const char *why, int *status)
+                                     const char *why, bool leaving, int *status)
 {
     Arceus__HeartbeatRequest req = ARCEUS__HEARTBEAT_REQUEST__INIT;
     req.token = (char *)token;
     req.provider_id = provider_id;
     req.unavailable = unavailable;
     req.unavailable_why = (char *)(unavailable && why ? why : "");
+    req.leaving = leaving;
     ProtobufCMessage *rep;
     int rc = call(c, "/arceus.Market/Heartbeat", &req.base, &arceus__heartbeat_reply__descriptor, &rep,
                   status);
@@ -286,6 +287,31 @@ int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provid
         leased_from(r->members[i], &out->members[i]);
     out->contested = (int)r->contested;
     out->spent = r->spent;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}
+
+int ar_market_hand_over(ar_client *c, const char *lease_token, int64_t provider_id, int64_t step, int64_t min_mem,
+                        ar_market_leased *replacement, int *found, int64_t *spent, int *status)
+{
+    *found = 0;
+    Arceus__HandOverRequest req = ARCEUS__HAND_OVER_REQUEST__INIT;
+    req.lease_token = (char *)lease_token;
+    req.provider_id = provider_id;
+    req.step = step;
+    req.min_mem_bytes = min_mem > 0 ? (uint64_t)min_mem : 0;
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/HandOver", &req.base, &arceus__hand_over_reply__descriptor, &rep, status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__HandOverReply *r = (Arceus__HandOverReply *)rep;
+    if (r->replacement) {
+        memset(replacement, 0, sizeof *replacement);
+        leased_from(r->replacement, replacement);
+        *found = 1;
+    }
+    if (spent)
+        *spent = r->spent;
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;
 }

@@ -11,8 +11,9 @@
 
 /* 2: tensor-parallel Load roles and shares, group traffic in NORM records;
  * 3: sessions (LoadReply.session, required by Save, Restore and Pipe);
- * 4: digest words in NORM records (the stage record grew a field), LoadRequest.commit_digests */
-#define AR_PROTOCOL_VERSION 4
+ * 4: a stage's flags in its NORM record (its device leaving);
+ * 5: digest words in NORM records (the stage record grew a field), LoadRequest.commit_digests */
+#define AR_PROTOCOL_VERSION 5
 #define AR_NET_DEFAULT_MAX_FRAME ((size_t)1 << 30)
 #define AR_NET_CHUNK_BYTES ((size_t)1 << 20) /* Save/Restore chunks */
 /* A stage's session secret (LoadReply.session): 32 random bytes, hex */
@@ -132,12 +133,16 @@ typedef struct {
     double request_timeout_s; /* a call's first request message must arrive within this */
     double idle_timeout_s;    /* a handler waits this long for a client stream's next message */
     double write_timeout_s;   /* ... and this long for a client to take a message or the status */
+    size_t max_buffered;      /* bytes gRPC may hold for all of the server's connections at once
+                               * (a resource quota; past it, gRPC cancels streams to free memory);
+                               * 0: 2 x max_message + 64 MiB (none when max_message is 0) */
 } ar_server_limits;
 
 /* Bind addr ("HOST:PORT", port 0 picks one); *port gets the bound port. */
 int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server **out, int *port);
-/* Register a handler (before ar_server_start). Each call runs on its own
- * thread; unknown methods get UNIMPLEMENTED. */
+/* Register a handler (before ar_server_start). Each running call has a
+ * thread of its own (threads are reused); unknown methods get
+ * UNIMPLEMENTED. */
 int ar_server_handle(ar_server *s, const char *method, ar_rpc_fn fn, void *user);
 /* At most max_per_peer calls of this (registered) method open at once from
  * one peer host; further ones are refused with RESOURCE_EXHAUSTED. */

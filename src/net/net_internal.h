@@ -41,11 +41,12 @@ int net_waiter_wait(net_waiter *w, grpc_call *call, double timeout_s);
 int net_batch(grpc_call *call, const grpc_op *ops, size_t n, double timeout_s);
 
 /* Channel arguments of a client (no message size limit) and of a server
- * (requests up to max_message bytes; 0: no limit), which fills args (room for
- * NET_NARGS) and ca. */
+ * (requests up to max_message bytes, 0: no limit; what its connections may
+ * hold at once bounded by quota when not NULL), which fills args (room for
+ * NET_NARGS + 1) and ca. */
 #define NET_NARGS 8
 const grpc_channel_args *net_channel_args(void);
-void net_server_args(size_t max_message, grpc_arg *args, grpc_channel_args *ca);
+void net_server_args(size_t max_message, grpc_resource_quota *quota, grpc_arg *args, grpc_channel_args *ca);
 gpr_timespec net_deadline(double timeout_s);
 
 /* TLS (tls.c): the credentials for a new server or channel, TLS when the

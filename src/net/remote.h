@@ -91,6 +91,19 @@ void ar_worker_stop(ar_worker *w);
 int ar_worker_require_lease(ar_worker *w, const char *market, const char *market_token,
                             int64_t provider_id);
 
+/* A graceful leave (docs/DESIGN.md, "Recovery"). While leaving is set, the
+ * stage's NORM record says so at every step (the driver then saves the
+ * stage, moves it to another device and closes its Pipe) and every Load is
+ * refused (FAILED_PRECONDITION, naming `why`: at most 127 bytes are kept).
+ * Cleared, the worker takes Loads again. */
+void ar_worker_set_leaving(ar_worker *w, int leaving, const char *why);
+/* Whether a renter is using the stage now: a Pipe runs on it, or a Save or
+ * Restore. */
+int ar_worker_serving(ar_worker *w);
+/* Ends the pipeline running on the stage (its upstream stream is closed)
+ * and frees the stage, ending its session: nothing of the renter's stays. */
+void ar_worker_drop(ar_worker *w);
+
 /* ---- the driver's side -------------------------------------------------- */
 
 typedef struct {

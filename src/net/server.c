@@ -1,5 +1,6 @@
-/* gRPC servers (a thread per call, so a handler may block) and the client
- * side of unary and streaming calls. */
+/* gRPC servers (each running call has a thread, so a handler may block;
+ * the threads are kept and reused) and the client side of unary and
+ * streaming calls. */
 #include "net/net_internal.h"
 
 #include "core/core.h"
@@ -21,9 +22,27 @@
 #define PEER_BUCKETS 1024
 /* How often the watchdog looks for calls past a deadline. */
 #define WATCHDOG_PERIOD_S 0.25
+/* Handler threads are reused: starting one per call cost the market more
+ * than the calls themselves (2,000 providers and 100 renters,
+ * bench/market_load.py: clone, the stack's page faults and every library's
+ * thread-local storage zeroed, OpenBLAS's 60 KiB of it, were most of the
+ * market's CPU time, SQLite under 20%). A thread that has finished a call
+ * waits this long for the next one, and at most IDLE_THREADS wait at once;
+ * the others end. The running pool still bounds the threads that run
+ * handlers, so a handler may block as before. */
+#define IDLE_THREAD_S 30.0
+#define IDLE_THREADS 64
 
 /* The calls open from one peer host (net_peer_host: one client may open
  * many connections), per method: what the per-peer limits count. */
+/* A handler thread, while it waits for a call to run (the server's idle
+ * list, guarded by its mu). */
+typedef struct handler_thread {
+    pthread_cond_t cv;
+    struct ar_rpc *call; /* handed over by run_locked; NULL: none yet */
+    struct handler_thread *next;
+} handler_thread;
+
 typedef struct peer_calls {
     char host[128];
     int total;   /* calls open, in any state */
@@ -74,6 +93,7 @@ struct ar_rpc {
     struct ar_rpc *prev, *next;
     net_tag first_tag;
     grpc_byte_buffer *first; /* the request, read before the handler runs (NULL: none came) */
+    grpc_byte_buffer *reply; /* a unary reply on its way (rpc_reply_finish) */
     int have_first;
     atomic_int wait_kind;       /* WAIT_* */
     atomic_llong wait_since_ms; /* when that wait began */
@@ -96,7 +116,10 @@ struct ar_server {
     int max_calls_per_peer; /* calls of any method open from one peer host */
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int active;    /* handler threads running */
+    int active;    /* handler threads running a call */
+    int threads;   /* handler threads alive, running a call or idle */
+    handler_thread *idle; /* the threads waiting for a call, the latest first */
+    int nidle;
     int stopping;
     ar_rpc *pending; /* the call being requested */
     net_tag req_tag;
@@ -140,6 +163,8 @@ static void rpc_free(ar_rpc *r)
 {
     if (r->first)
         grpc_byte_buffer_destroy(r->first);
+    if (r->reply)
+        grpc_byte_buffer_destroy(r->reply);
     grpc_call_details_destroy(&r->details);
     grpc_metadata_array_destroy(&r->md);
     if (r->call)
@@ -166,7 +191,11 @@ static void on_status(net_tag *t, int ok)
         detached_status_done(r);
 }
 
-int net_rpc_send_status_async(ar_rpc *r, int code, const char *msg)
+/* Start the batch that ends a call with a status, and with a last message
+ * before it when reply is not NULL (a unary reply: one batch, one trip
+ * through the event loop, instead of one for the message and one for the
+ * status). 1 when this started it. */
+static int send_status_async(ar_rpc *r, int code, const char *msg, grpc_byte_buffer *reply)
 {
     pthread_mutex_lock(&r->mu);
     if (r->status_sent) {
@@ -174,13 +203,18 @@ int net_rpc_send_status_async(ar_rpc *r, int code, const char *msg)
         return 0;
     }
     r->status_sent = 1;
-    grpc_op ops[3];
+    grpc_op ops[4];
     memset(ops, 0, sizeof ops);
     size_t n = 0;
     grpc_slice details = grpc_slice_from_copied_string(msg ? msg : "");
     if (!r->md_sent) { /* a status-only reply still carries initial metadata */
         ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
         r->md_sent = 1;
+    }
+    if (reply) {
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n].data.send_message.send_message = reply;
+        n++;
     }
     ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
     ops[n].data.send_status_from_server.status = (grpc_status_code)code;
@@ -201,6 +235,24 @@ int net_rpc_send_status_async(ar_rpc *r, int code, const char *msg)
     return started;
 }
 
+int net_rpc_send_status_async(ar_rpc *r, int code, const char *msg)
+{
+    return send_status_async(r, code, msg, NULL);
+}
+
+/* Wait until the status batch completes: a client that reads nothing may
+ * hold it back, and the watchdog then cancels the call after the write
+ * timeout, which completes the batch. */
+static void wait_status(ar_rpc *r)
+{
+    rpc_wait_begin(r, WAIT_FINISH);
+    pthread_mutex_lock(&r->mu);
+    while (!r->status_done)
+        pthread_cond_wait(&r->cv, &r->mu);
+    pthread_mutex_unlock(&r->mu);
+    rpc_wait_end(r);
+}
+
 void ar_rpc_finish(ar_rpc *r, int code, const char *fmt, ...)
 {
     char msg[1024] = "";
@@ -215,14 +267,20 @@ void ar_rpc_finish(ar_rpc *r, int code, const char *fmt, ...)
     if (r->link)
         net_link_drain(r->link, 30);
     net_rpc_send_status_async(r, code, msg);
-    /* a client that reads nothing may hold the status back: the watchdog
-     * cancels the call after the write timeout, which completes the batch */
-    rpc_wait_begin(r, WAIT_FINISH);
-    pthread_mutex_lock(&r->mu);
-    while (!r->status_done)
-        pthread_cond_wait(&r->cv, &r->mu);
-    pthread_mutex_unlock(&r->mu);
-    rpc_wait_end(r);
+    wait_status(r);
+}
+
+/* A unary call's reply and its OK status, in one batch. The handler does
+ * not wait for it to go out: the call ends when it has (rpc_run). */
+static void rpc_reply_finish(ar_rpc *r, const void *data, size_t len)
+{
+    grpc_slice s = grpc_slice_from_copied_buffer(data, len);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    if (send_status_async(r, AR_STATUS_OK, NULL, bb))
+        r->reply = bb; /* kept until the batch has completed: freed with the call */
+    else
+        grpc_byte_buffer_destroy(bb);
 }
 
 /* A request over its method's own limit (ar_server_limit_message) is
@@ -375,7 +433,7 @@ const char *ar_rpc_peer(const ar_rpc *r)
 /* ---- the server --------------------------------------------------------- */
 
 static void request_next_locked(ar_server *s);
-static void *rpc_main(void *arg);
+static void *handler_main(void *arg);
 
 /* ---- admission: peer hosts, the pools of calls, deadlines ---------------
  *
@@ -673,15 +731,25 @@ static void run_locked(ar_server *s, ar_rpc *r)
     atomic_store(&r->active_ms, now_ms());
     r->holds++;
     s->active++;
+    handler_thread *idle = s->idle;
+    if (idle) {
+        s->idle = idle->next;
+        s->nidle--;
+        idle->call = r;
+        pthread_cond_signal(&idle->cv);
+        return;
+    }
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_t th;
-    if (pthread_create(&th, &attr, rpc_main, r) != 0) {
+    if (pthread_create(&th, &attr, handler_main, r) != 0) {
         s->active--;
         ar_log(AR_LOG_ERROR, "cannot start a thread for %s from %s: the call is cancelled", r->method, r->peer);
         grpc_call_cancel(r->call, NULL);
         put_locked(s, r);
+    } else {
+        s->threads++;
     }
     pthread_attr_destroy(&attr);
 }
@@ -889,22 +957,90 @@ static int server_calls_left_locked(const ar_server *s)
 
 /* ---- calls: threads and requests ------------------------------------------- */
 
-static void *rpc_main(void *arg)
+/* Run a call's handler and end the call; on the thread the call was given.
+ * A call without a stream is left to end when its status is out (a
+ * detached status, like a refused call's), so that the thread does not
+ * wait a round trip through the event loop for it: each such wait and
+ * wake-up cost about as much as the market's whole handling of a
+ * Heartbeat. */
+static void rpc_run(ar_rpc *r)
 {
-    ar_rpc *r = arg;
     ar_server *s = r->server;
     s->handlers[r->handler].fn(r, s->handlers[r->handler].user);
-    ar_rpc_finish(r, AR_STATUS_OK, NULL); /* nothing if the handler did */
     if (r->link) {
+        ar_rpc_finish(r, AR_STATUS_OK, NULL); /* nothing if the handler did */
         /* the status is out: cancelling completes the link's last batches */
         grpc_call_cancel(r->call, NULL);
         net_link_release(r->link);
+    } else {
+        net_rpc_send_status_async(r, AR_STATUS_OK, NULL); /* nothing if the handler did */
     }
     pthread_mutex_lock(&s->mu);
+    if (!r->link) {
+        pthread_mutex_lock(&r->mu);
+        int pending = !r->status_done;
+        r->detached = pending; /* on_status ends the call */
+        pthread_mutex_unlock(&r->mu);
+        if (pending) {
+            /* the status's hold; the ending pool's deadline cancels a call
+             * whose client takes nothing */
+            r->holds++;
+            pool_remove_locked(s, r);
+            pool_add_locked(s, r, POOL_ENDING);
+        }
+    }
     put_locked(s, r); /* the thread's hold */
     s->active--;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
+}
+
+/* A handler thread: runs the call it was started for, then waits (idle)
+ * for the next one that run_locked hands it, until IDLE_THREAD_S pass with
+ * none, IDLE_THREADS others wait already, or the server stops. */
+static void *handler_main(void *arg)
+{
+    ar_rpc *r = arg;
+    ar_server *s = r->server;
+    handler_thread self = {.call = NULL, .next = NULL};
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&self.cv, &ca);
+    pthread_condattr_destroy(&ca);
+    while (r) {
+        rpc_run(r);
+        r = NULL;
+        pthread_mutex_lock(&s->mu);
+        if (!s->stopping && s->nidle < IDLE_THREADS) {
+            self.call = NULL;
+            self.next = s->idle;
+            s->idle = &self;
+            s->nidle++;
+            struct timespec until;
+            clock_gettime(CLOCK_MONOTONIC, &until);
+            until.tv_sec += (time_t)IDLE_THREAD_S;
+            while (!self.call && !s->stopping)
+                if (pthread_cond_timedwait(&self.cv, &s->mu, &until) != 0)
+                    break;
+            r = self.call;
+            if (!r) { /* still on the idle list: leave it */
+                for (handler_thread **at = &s->idle; *at; at = &(*at)->next)
+                    if (*at == &self) {
+                        *at = self.next;
+                        s->nidle--;
+                        break;
+                    }
+            }
+        }
+        if (!r) {
+            /* the last touch of s: ar_server_destroy waits for threads == 0 */
+            s->threads--;
+            pthread_cond_broadcast(&s->cv);
+        }
+        pthread_mutex_unlock(&s->mu);
+    }
+    pthread_cond_destroy(&self.cv);
     return NULL;
 }
 
@@ -985,10 +1121,32 @@ int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server
     s->max_calls_per_peer = limits && limits->max_calls_per_peer ? limits->max_calls_per_peer
                                                                  : AR_SERVER_DEFAULT_CALLS_PER_PEER;
     server_deadlines_init(s, limits);
-    grpc_arg args[NET_NARGS];
+    /* What the server's connections may hold at once (docs/DESIGN.md,
+     * "Security model"). gRPC 1.51 reads a message whole, at the speed it
+     * comes, whatever its size, before any limit applies: the flow-control
+     * window grows with the message's declared length. Its memory is
+     * charged to the server's resource quota, though, and past the quota
+     * gRPC reclaims: idle connections are closed, then streams cancelled
+     * ("Buffers full", one at a time until it is under again). Default: one
+     * largest message being assembled and one more behind it on a stream,
+     * plus 64 MiB for everything else (connections' read buffers, calls). */
+    size_t max_message = limits ? limits->max_message : 0;
+    size_t buffered = limits && limits->max_buffered ? limits->max_buffered
+                      : max_message              ? 2 * max_message + ((size_t)64 << 20)
+                                                 : 0;
+    grpc_resource_quota *quota = NULL;
+    if (buffered) {
+        char name[80];
+        snprintf(name, sizeof name, "server %.60s", addr);
+        quota = grpc_resource_quota_create(name);
+        grpc_resource_quota_resize(quota, buffered);
+    }
+    grpc_arg args[NET_NARGS + 1];
     grpc_channel_args ca;
-    net_server_args(limits ? limits->max_message : 0, args, &ca);
-    s->srv = grpc_server_create(&ca, NULL); /* copies the arguments */
+    net_server_args(max_message, quota, args, &ca);
+    s->srv = grpc_server_create(&ca, NULL); /* copies the arguments, and holds the quota */
+    if (quota)
+        grpc_resource_quota_unref(quota);
     grpc_server_register_completion_queue(s->srv, ar_net_cq, NULL);
     grpc_server_credentials *creds = net_server_credentials();
     int p = creds ? grpc_server_add_http2_port(s->srv, addr, creds) : 0;
@@ -1072,7 +1230,9 @@ void ar_server_destroy(ar_server *s)
     net_waiter_wait(&w, NULL, -1);
     net_waiter_destroy(&w);
     pthread_mutex_lock(&s->mu);
-    while (s->active > 0 || s->pending || server_calls_left_locked(s))
+    for (handler_thread *t = s->idle; t; t = t->next) /* stopping is set: they end */
+        pthread_cond_signal(&t->cv);
+    while (s->active > 0 || s->threads > 0 || s->pending || server_calls_left_locked(s))
         pthread_cond_wait(&s->cv, &s->mu);
     pthread_mutex_unlock(&s->mu);
     watchdog_stop(s);
@@ -1464,7 +1624,6 @@ void net_rpc_reply(ar_rpc *rpc, const ProtobufCMessage *m)
         return;
     }
     protobuf_c_message_pack(m, buf);
-    if (ar_rpc_write(rpc, buf, n) == AR_OK)
-        ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
+    rpc_reply_finish(rpc, buf, n);
     free(buf);
 }

@@ -33,6 +33,7 @@
 #endif
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,6 +87,10 @@ struct ar_worker {
     pthread_t reaper;
     int reaper_started;
     int provider;         /* a provider's worker: no Load until it has its market */
+    /* a graceful leave (ar_worker_set_leaving): read by the stage's runner
+     * at every step without the lock; why under mu */
+    atomic_int leaving;
+    char leave_why[128];
     /* clients replaced by a later ar_worker_require_lease: a Load may still
      * be asking the market through one, so they are closed at stop only */
     ar_client **retired;
@@ -569,6 +574,15 @@ static void on_load(ar_rpc *rpc, void *user)
     Arceus__LoadRequest *req = (Arceus__LoadRequest *)net_rpc_read_request(rpc, &arceus__load_request__descriptor, 0);
     if (!req)
         return;
+    if (atomic_load(&w->leaving)) {
+        char why[sizeof w->leave_why];
+        pthread_mutex_lock(&w->mu);
+        memcpy(why, w->leave_why, sizeof why);
+        pthread_mutex_unlock(&w->mu);
+        arceus__load_request__free_unpacked(req, NULL);
+        return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "worker %s is leaving (%s): it takes no stage",
+                             w->name, why);
+    }
     if (check_lease(w, rpc, req) != 0) {
         arceus__load_request__free_unpacked(req, NULL);
         return;
@@ -764,7 +778,8 @@ static void serve_stage(ar_worker *w, ar_rpc *rpc, ar_link *up)
                          .max_frame_bytes = w->max_frame,
                          .seed = w->seed,
                          .timeout_s = -1,
-                         .digests = w->commit_digests};
+                         .digests = w->commit_digests,
+                         .leaving = &w->leaving};
     rc = ar_stage_serve(&r);
     ar_net_link_close_also(up, NULL);
     if (rc == AR_OK) {
@@ -876,6 +891,9 @@ static void on_save(ar_rpc *rpc, void *user)
         rc = ar_state_encode(&parts, &buf, &n);
         w->last_used = ar_now();
     }
+    /* a renter is using the stage until its state has gone out */
+    if (rc == AR_OK)
+        w->busy++;
     pthread_mutex_unlock(&w->mu);
     if (rc == AR_EINVAL)
         return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "%s", ar_last_error());
@@ -890,6 +908,7 @@ static void on_save(ar_rpc *rpc, void *user)
         rc = ar_rpc_write(rpc, msg, m);
     }
     free(buf);
+    end_use(w);
     if (!msg)
         return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
     free(msg);
@@ -1019,6 +1038,24 @@ static void on_restore(ar_rpc *rpc, void *user)
     net_rpc_reply(rpc, &r.base);
 }
 
+/* Takes the loaded stage's parts out of the worker into *old (for
+ * held_free, outside the lock) and ends its session. mu held. */
+static void unload_locked(ar_worker *w, held *old)
+{
+    *old = (held){.role = w->role, .stage = w->stage, .rank = w->rank, .members = w->members, .next = w->next};
+    memcpy(old->clients, w->member_clients, sizeof old->clients);
+    w->stage = NULL;
+    w->rank = NULL;
+    w->next = NULL;
+    memset(w->member_clients, 0, sizeof w->member_clients);
+    w->members = 0;
+    w->loaded = 0;
+    w->generation++;
+    OPENSSL_cleanse(w->session, sizeof w->session);
+    OPENSSL_cleanse(w->next_session, sizeof w->next_session);
+    OPENSSL_cleanse(w->member_sessions, sizeof w->member_sessions);
+}
+
 /* Frees a stage that has had no Pipe, Save or Restore for idle_timeout_s:
  * a driver that vanished must not pin the memory, and its session (and with
  * it the weights) must not stay reachable forever. */
@@ -1030,18 +1067,8 @@ static void *reaper_main(void *arg)
         double now = ar_now();
         double idle = now - w->last_used;
         if (w->loaded && !w->pipe_active && w->busy == 0 && idle >= w->idle_timeout_s) {
-            held old = {.role = w->role, .stage = w->stage, .rank = w->rank, .members = w->members, .next = w->next};
-            memcpy(old.clients, w->member_clients, sizeof old.clients);
-            w->stage = NULL;
-            w->rank = NULL;
-            w->next = NULL;
-            memset(w->member_clients, 0, sizeof w->member_clients);
-            w->members = 0;
-            w->loaded = 0;
-            w->generation++;
-            OPENSSL_cleanse(w->session, sizeof w->session);
-            OPENSSL_cleanse(w->next_session, sizeof w->next_session);
-            OPENSSL_cleanse(w->member_sessions, sizeof w->member_sessions);
+            held old;
+            unload_locked(w, &old);
             pthread_mutex_unlock(&w->mu);
             held_free(&old);
             ar_log(AR_LOG_INFO, "%s: no Pipe for %.0f s: the stage is freed and its session ended", w->name,
@@ -1212,4 +1239,40 @@ int ar_worker_require_lease(ar_worker *w, const char *market, const char *market
     w->provider_id = provider_id;
     pthread_mutex_unlock(&w->mu);
     return AR_OK;
+}
+
+void ar_worker_set_leaving(ar_worker *w, int leaving, const char *why)
+{
+    pthread_mutex_lock(&w->mu);
+    snprintf(w->leave_why, sizeof w->leave_why, "%s", leaving && why ? why : "");
+    atomic_store(&w->leaving, leaving ? 1 : 0);
+    pthread_mutex_unlock(&w->mu);
+}
+
+int ar_worker_serving(ar_worker *w)
+{
+    pthread_mutex_lock(&w->mu);
+    int serving = w->loaded && (w->pipe_active || w->busy > 0);
+    pthread_mutex_unlock(&w->mu);
+    return serving;
+}
+
+void ar_worker_drop(ar_worker *w)
+{
+    pthread_mutex_lock(&w->mu);
+    if (w->pipe_active && w->pipe_up) {
+        /* the stage returns from its step with the link closed, and its
+         * Pipe's handler ends (on_pipe) */
+        ar_link_close(w->pipe_up);
+        wait_pipe_idle(w, 10);
+    }
+    held old = {0};
+    int freed = w->loaded && !w->pipe_active && w->busy == 0;
+    if (freed)
+        unload_locked(w, &old);
+    pthread_mutex_unlock(&w->mu);
+    if (freed) {
+        held_free(&old);
+        ar_log(AR_LOG_INFO, "%s: the stage is freed and its session ended", w->name);
+    }
 }

@@ -1,6 +1,7 @@
 /* MLP units: a linear layer followed by its activation (none after the last,
  * which produces the logits). */
 #include "core/core.h"
+#include "core/profile.h"
 #include "nn/layer.h"
 #include "ops/ops.h"
 
@@ -39,16 +40,19 @@ static int mlp_forward(ar_layer *l, const ar_pass *p, const void *in, float *sav
     const ar_model_spec *s = l->spec;
     int IN = unit_in(s, l->unit), OUT = unit_out(s, l->unit), B = p->B;
     long n = (long)B * OUT;
+    double flops = 2.0 * B * IN * OUT;
     if (is_last(l)) {
-        ar_linear_forward(saved, in, l->params[0].data, l->params[1].data, B, IN, OUT);
+        AR_PROF_CALL("linear", AR_PROF_FWD, flops,
+                     ar_linear_forward(saved, in, l->params[0].data, l->params[1].data, B, IN, OUT));
         return AR_OK;
     }
     float *pre = saved + n;
-    ar_linear_forward(pre, in, l->params[0].data, l->params[1].data, B, IN, OUT);
+    AR_PROF_CALL("linear", AR_PROF_FWD, flops,
+                 ar_linear_forward(pre, in, l->params[0].data, l->params[1].data, B, IN, OUT));
     if (s->activation == AR_ACT_GELU)
-        ar_gelu_forward(saved, pre, n);
+        AR_PROF_CALL("gelu", AR_PROF_FWD, 0, ar_gelu_forward(saved, pre, n));
     else
-        ar_relu_forward(saved, pre, n);
+        AR_PROF_CALL("relu", AR_PROF_FWD, 0, ar_relu_forward(saved, pre, n));
     if (p->train && s->dropout > 0.0f)
         ar_dropout_forward(saved, saved, n, s->dropout, ar_hash3(p->drop_seed, l->unit, 1));
     return AR_OK;
@@ -72,13 +76,14 @@ static int mlp_backward(ar_layer *l, const ar_pass *p, const void *in, const flo
         /* both derivatives are read from the pre-activation (for ReLU,
          * pre > 0 is the same test as out > 0, and it is not touched by dropout) */
         if (s->activation == AR_ACT_GELU)
-            ar_gelu_backward(dpre_buf, saved + n, d, n);
+            AR_PROF_CALL("gelu", AR_PROF_BWD, 0, ar_gelu_backward(dpre_buf, saved + n, d, n));
         else
-            ar_relu_backward(dpre_buf, saved + n, d, n);
+            AR_PROF_CALL("relu", AR_PROF_BWD, 0, ar_relu_backward(dpre_buf, saved + n, d, n));
         dpre = dpre_buf;
     }
-    ar_linear_backward(din, l->params[0].grad, l->params[1].grad, dpre, in, l->params[0].data, B,
-                       IN, OUT);
+    AR_PROF_CALL("linear", AR_PROF_BWD, (din ? 4.0 : 2.0) * B * IN * OUT,
+                 ar_linear_backward(din, l->params[0].grad, l->params[1].grad, dpre, in,
+                                    l->params[0].data, B, IN, OUT));
     return AR_OK;
 }
 

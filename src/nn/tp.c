@@ -259,8 +259,8 @@ size_t ar_shard_scratch(const ar_block_shard *s, int B, int T)
     return attn > mlp ? attn : mlp;
 }
 
-void ar_shard_attn_forward(ar_block_shard *s, int B, int T, const float *ln, float *saved,
-                           float *partial)
+int ar_shard_attn_forward(ar_block_shard *s, int B, int T, const float *ln, float *saved,
+                          float *partial)
 {
     int C, NHr, HS, Cr, Hr;
     dims(s, &C, &NHr, &HS, &Cr, &Hr);
@@ -268,12 +268,15 @@ void ar_shard_attn_forward(ar_block_shard *s, int B, int T, const float *ln, flo
     float *qkv = saved, *att = qkv + (size_t)N * 3 * Cr, *atty = att + (size_t)B * NHr * T * T;
     ar_param *p = s->params;
     ar_linear_forward(qkv, ln, p[AR_SHARD_QKV_W].data, p[AR_SHARD_QKV_B].data, N, C, 3 * Cr);
-    ar_attention_forward(atty, att, qkv, B, T, NHr, HS);
+    int rc = ar_attention_forward(atty, att, qkv, B, T, NHr, HS);
+    if (rc != AR_OK)
+        return rc;
     ar_linear_forward(partial, atty, p[AR_SHARD_APROJ_W].data, NULL, N, Cr, C);
+    return AR_OK;
 }
 
-void ar_shard_attn_backward(ar_block_shard *s, int B, int T, const float *ln, const float *saved,
-                            const float *dpartial, float *dln, float *scratch)
+int ar_shard_attn_backward(ar_block_shard *s, int B, int T, const float *ln, const float *saved,
+                           const float *dpartial, float *dln, float *scratch)
 {
     int C, NHr, HS, Cr, Hr;
     dims(s, &C, &NHr, &HS, &Cr, &Hr);
@@ -285,9 +288,12 @@ void ar_shard_attn_backward(ar_block_shard *s, int B, int T, const float *ln, co
     ar_param *p = s->params;
     ar_linear_backward(datty, p[AR_SHARD_APROJ_W].grad, NULL, dpartial, atty, p[AR_SHARD_APROJ_W].data,
                        N, Cr, C);
-    ar_attention_backward(dqkv, att_scratch, datty, qkv, att, B, T, NHr, HS);
+    int rc = ar_attention_backward(dqkv, att_scratch, datty, qkv, att, B, T, NHr, HS);
+    if (rc != AR_OK)
+        return rc;
     ar_linear_backward(dln, p[AR_SHARD_QKV_W].grad, p[AR_SHARD_QKV_B].grad, dqkv, ln,
                        p[AR_SHARD_QKV_W].data, N, C, 3 * Cr);
+    return AR_OK;
 }
 
 static void activation_forward(const ar_block_shard *s, float *out, const float *pre, long n)

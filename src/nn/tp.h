@@ -78,11 +78,13 @@ size_t ar_shard_attn_saved(const ar_block_shard *s, int B, int T);
 size_t ar_shard_mlp_saved(const ar_block_shard *s, int B, int T);
 size_t ar_shard_scratch(const ar_block_shard *s, int B, int T);
 
-/* ln (B,T,C) -> partial (B,T,C) = attn_heads(ln) . Wproj_cols^T (no bias) */
-void ar_shard_attn_forward(ar_block_shard *s, int B, int T, const float *ln, float *saved,
+/* ln (B,T,C) -> partial (B,T,C) = attn_heads(ln) . Wproj_cols^T (no bias);
+ * AR_OK, or AR_ENOMEM (the attention's packing space) */
+int ar_shard_attn_forward(ar_block_shard *s, int B, int T, const float *ln, float *saved,
                            float *partial);
-/* dpartial (B,T,C) -> dln (B,T,C) += ..., parameter gradients += ... */
-void ar_shard_attn_backward(ar_block_shard *s, int B, int T, const float *ln, const float *saved,
+/* dpartial (B,T,C) -> dln (B,T,C) += ..., parameter gradients += ...;
+ * AR_OK or AR_ENOMEM */
+int ar_shard_attn_backward(ar_block_shard *s, int B, int T, const float *ln, const float *saved,
                             const float *dpartial, float *dln, float *scratch);
 /* ln (B,T,in) -> partial (B,T,out) = act(ln Wfc^T + b) Wmproj_cols^T (no bias) */
 void ar_shard_mlp_forward(ar_block_shard *s, int B, int T, const float *ln, float *saved,

@@ -7,38 +7,14 @@
 #include <math.h>
 #include <stddef.h>
 
-#define LN_EPS 1e-5
-
 /* inp (N,C), weight (C), bias (C) -> out (N,C), mean (N), rstd (N) */
 void ar_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
                           const float *weight, const float *bias, int N, int C)
 {
     long total = (long)N * C;
 #pragma omp parallel for if (total > AR_OPS_PAR_MIN)
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C;
-        float *y = out + (size_t)n * C;
-        /* Two passes in double: the one-pass E[x^2]-E[x]^2 form cancels
-         * badly when |mean| >> std, which residual streams do reach. */
-        double s = 0.0;
-        for (int i = 0; i < C; i++)
-            s += x[i];
-        double m = s / C;
-        double v = 0.0;
-        for (int i = 0; i < C; i++) {
-            double d = x[i] - m;
-            v += d * d;
-        }
-        v /= C;
-        float mf = (float)m;
-        float rs = (float)(1.0 / sqrt(v + LN_EPS));
-        for (int i = 0; i < C; i++) {
-            float xhat = (x[i] - mf) * rs;
-            y[i] = xhat * weight[i] + bias[i];
-        }
-        mean[n] = mf;
-        rstd[n] = rs;
-    }
+    for (int n = 0; n < N; n++)
+        ar_ln_row(out + (size_t)n * C, inp + (size_t)n * C, weight, bias, C, &mean[n], &rstd[n]);
 }
 
 /* dout (N,C) -> dinp (N,C), dweight (C), dbias (C), all accumulated.
@@ -53,26 +29,9 @@ void ar_layernorm_backward(float *dinp, float *dweight, float *dbias, const floa
     long total = (long)N * C;
     if (dinp) {
 #pragma omp parallel for if (total > AR_OPS_PAR_MIN)
-        for (int n = 0; n < N; n++) {
-            const float *x = inp + (size_t)n * C;
-            const float *dy = dout + (size_t)n * C;
-            float *dx = dinp + (size_t)n * C;
-            float m = mean[n], rs = rstd[n];
-            float gmean = 0.0f, gxmean = 0.0f;
-            for (int i = 0; i < C; i++) {
-                float xhat = (x[i] - m) * rs;
-                float g = weight[i] * dy[i];
-                gmean += g;
-                gxmean += g * xhat;
-            }
-            gmean /= (float)C;
-            gxmean /= (float)C;
-            for (int i = 0; i < C; i++) {
-                float xhat = (x[i] - m) * rs;
-                float g = weight[i] * dy[i];
-                dx[i] += rs * (g - gmean - xhat * gxmean);
-            }
-        }
+        for (int n = 0; n < N; n++)
+            ar_ln_row_backward(dinp + (size_t)n * C, 1, NULL, dout + (size_t)n * C, inp + (size_t)n * C,
+                               weight, mean[n], rstd[n], C, NULL, NULL);
     }
     if (dweight || dbias) {
         enum { CB = 64 };

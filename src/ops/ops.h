@@ -4,10 +4,12 @@
  *   - plain fp32 arrays, row-major, shapes in the comment of each function;
  *   - every backward ACCUMULATES (+=) into the input gradient and into the
  *     parameter gradients, so residual branches and micro-batches add up; the
- *     caller zeroes the buffers when a new sum starts;
+ *     caller zeroes the buffers when a new sum starts. The fused layers'
+ *     input gradients say where they OVERWRITE instead (fresh scratch needs
+ *     no zeroing); parameter gradients always accumulate;
  *   - linear weights use PyTorch's nn.Linear layout (out_features, in_features),
  *     so checkpoints map one-to-one onto a PyTorch state_dict;
- *   - element-wise loops run on the OpenMP pool that BLAS also uses.
+ *   - element-wise loops run on the OpenMP pool that the products also use.
  */
 #ifndef AR_OPS_H
 #define AR_OPS_H
@@ -21,6 +23,43 @@ void ar_linear_forward(float *out, const float *inp, const float *weight, const 
 /* dout (N,OUT) -> dinp (N,IN) (may be NULL), dweight (OUT,IN), dbias (OUT) or NULL */
 void ar_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                         const float *inp, const float *weight, int N, int IN, int OUT);
+
+/* ---- fused linear layers ----------------------------------------------------
+ * What follows a product done on each block of its output while the block
+ * is in cache (the product's epilogue), instead of in passes of their own.
+ * All return AR_OK, or AR_ENOMEM (a few KB of per-block partial sums).
+ *
+ * GELU: pre (N,OUT) = inp W^T + bias, out (N,OUT) = gelu(pre).            */
+int ar_linear_gelu_forward(float *pre, float *out, const float *inp, const float *weight,
+                           const float *bias, int N, int IN, int OUT);
+/* Residual: out (N,OUT) = resid + dropout(inp W^T + bias), the dropout as
+ * ar_dropout_forward on (N,OUT) with drop_p and drop_seed (drop_p 0: none);
+ * then, if ln is not NULL, ln (N,OUT) = LayerNorm(out) with ln_w and ln_b,
+ * saving mean (N) and rstd (N), as ar_layernorm_forward.                  */
+int ar_linear_residual_forward(float *out, const float *resid, const float *inp, const float *weight,
+                               const float *bias, int N, int IN, int OUT, float drop_p,
+                               uint64_t drop_seed, float *ln, float *mean, float *rstd,
+                               const float *ln_w, const float *ln_b);
+/* The input gradient through a GELU: dpre (N,IN) = (dout W) * gelu'(pre),
+ * OVERWRITTEN (dout (N,OUT), W (OUT,IN), pre (N,IN)); dpre_bias (IN, may be
+ * NULL) += the column sums of dpre: the bias gradient of the layer whose
+ * output pre is.                                                          */
+int ar_linear_backward_gelu(float *dpre, float *dpre_bias, const float *dout, const float *weight,
+                            const float *pre, int N, int IN, int OUT);
+/* The input gradient through a LayerNorm: g (N,IN) = dout W is the gradient
+ * of the output of a LayerNorm of x (N,IN) (weight ln_w, saved mean, rstd);
+ *   dx = (accumulate ? dx : 0) + resid_grad (may be NULL) + LayerNorm'(g)
+ * and ln_wgrad, ln_bgrad (IN, may be NULL) +=. g is a buffer for the
+ * product (N*IN floats); NULL when not accumulating lets it live in dx.  */
+int ar_linear_backward_layernorm(float *dx, int accumulate, const float *resid_grad, float *ln_wgrad,
+                                 float *ln_bgrad, float *g, const float *dout, const float *weight,
+                                 const float *x, const float *ln_w, const float *mean,
+                                 const float *rstd, int N, int IN, int OUT);
+
+/* dinp (N,IN) = (accumulate ? dinp : 0) + dout W: a linear layer's input
+ * gradient alone (the weight gradient: ar_linear_backward with dinp NULL) */
+void ar_linear_backward_input(float *dinp, int accumulate, const float *dout, const float *weight, int N,
+                              int IN, int OUT);
 
 /* ---- ReLU: inp (n) -> out (n); backward uses the forward output --------- */
 void ar_relu_forward(float *out, const float *inp, long n);
@@ -54,10 +93,15 @@ void ar_embedding_backward(float *dwte, float *dwpe, const float *dout, const in
  * device passes the qkv of its own heads only and gets their outputs.
  * -> out (B,T,NH*HS); saves att (B,NH,T,T), the softmax probabilities
  * (entries above the diagonal are zero). Scale 1/sqrt(HS).               */
-void ar_attention_forward(float *out, float *att, const float *qkv, int B, int T, int NH, int HS);
-/* dout (B,T,NH*HS) -> dqkv (B,T,3*NH*HS). scratch needs B*NH*T*T floats.  */
-void ar_attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
+int ar_attention_forward(float *out, float *att, const float *qkv, int B, int T, int NH, int HS);
+/* dout (B,T,NH*HS) -> dqkv (B,T,3*NH*HS). scratch needs B*NH*T*T floats.
+ * Both return AR_OK, or AR_ENOMEM when a few hundred KB of packing space
+ * per thread could not be had.                                           */
+int ar_attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
                            const float *att, int B, int T, int NH, int HS);
+/* The same, with accumulate 0: dqkv is overwritten (needs no zeroing). */
+int ar_attention_backward_ex(float *dqkv, int accumulate, float *scratch, const float *dout,
+                             const float *qkv, const float *att, int B, int T, int NH, int HS);
 
 /* ---- dropout, counter-based so forward and backward agree without a mask --
  * keep element i iff hash(seed, i) >= p; kept elements scaled by 1/(1-p).
@@ -85,6 +129,18 @@ void ar_xent_backward(float *dlogits, const float *probs, const int32_t *targets
 void ar_adamw_update(float *param, const float *grad, float *m, float *v, long n, float lr,
                      float beta1, float beta2, float eps, float weight_decay, int t,
                      float grad_scale);
+/* AdamW over many parameters at once (a stage's), in one parallel pass:
+ * each segment is updated as ar_adamw_update would, with weight_decay where
+ * decay is set and none elsewhere. */
+typedef struct {
+    float *param;
+    const float *grad;
+    float *m, *v;
+    long n;
+    int decay;
+} ar_adamw_segment;
+void ar_adamw_update_multi(const ar_adamw_segment *segs, int nseg, float lr, float beta1, float beta2,
+                           float eps, float weight_decay, int t, float grad_scale);
 /* SGD as torch.optim.SGD with momentum (dampening 0, not Nesterov):
  * g = grad_scale*grad + wd*p; buf = momentum*buf + g (buf = g at t==1); p -= lr*buf */
 void ar_sgd_update(float *param, const float *grad, float *buf, long n, float lr, float momentum,
@@ -92,5 +148,8 @@ void ar_sgd_update(float *param, const float *grad, float *buf, long n, float lr
 
 /* sum of squares of x, accumulated in double */
 double ar_sum_squares(const float *x, long n);
+/* out[i] = ar_sum_squares(x[i], n[i]) for `count` arrays, bitwise, in one
+ * parallel pass; AR_OK or AR_ENOMEM */
+int ar_sum_squares_multi(const float *const *x, const long *n, int count, double *out);
 
 #endif

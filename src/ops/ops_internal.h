@@ -2,6 +2,7 @@
 #ifndef AR_OPS_INTERNAL_H
 #define AR_OPS_INTERNAL_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -111,6 +112,135 @@ static inline float ar_row_dot(const float *x, const float *y, int n)
     for (; i < n; i++)
         r += x[i] * y[i];
     return r;
+}
+
+/* ---- dropout's counter-based mask ------------------------------------------
+ * keep element i iff dropout_u(splitmix64(seed), i) >= p: a pure function of
+ * (seed, i), so backward (and a fused epilogue) recomputes it. */
+static inline uint64_t ar_splitmix64(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+/* Uniform in [0,1) with 24 bits, exact in float. */
+static inline float ar_dropout_u(uint64_t seed_mixed, long i)
+{
+    uint64_t h = ar_splitmix64(seed_mixed ^ ((uint64_t)i * 0xd1b54a32d192ed03ULL));
+    return (float)(h >> 40) * (1.0f / 16777216.0f);
+}
+
+/* ---- GELU, tanh approximation ----------------------------------------------
+ * 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in the order of PyTorch's
+ * approximate='tanh' kernel; one definition for the plain operator and the
+ * matrix products' epilogues, so both give the same bits. */
+#define AR_GELU_BETA 0.7978845608028654f /* sqrt(2/pi) */
+#define AR_GELU_KAPPA 0.044715f
+
+static inline float ar_gelu(float x)
+{
+    float inner = AR_GELU_BETA * (x + AR_GELU_KAPPA * x * x * x);
+    return 0.5f * x * (1.0f + ar_fast_tanhf(inner));
+}
+
+/* d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 kappa x^2) */
+static inline float ar_gelu_grad(float x)
+{
+    float x2 = x * x;
+    float inner = AR_GELU_BETA * (x + AR_GELU_KAPPA * x2 * x);
+    float th = ar_fast_tanhf(inner);
+    float left = 0.5f * x;
+    float right = 1.0f + th;
+    float dleft = 0.5f * right;
+    float dright = left * (1.0f - th * th) * AR_GELU_BETA * (1.0f + 3.0f * AR_GELU_KAPPA * x2);
+    return dleft + dright;
+}
+
+/* ---- LayerNorm of one row (torch.nn.LayerNorm: biased variance, eps 1e-5) ---
+ * Two passes summed in double over 8 fixed lanes: the one-pass
+ * E[x^2]-E[x]^2 form cancels badly when |mean| >> std, which residual
+ * streams reach; the lanes keep it vectorised and its order fixed. */
+#define AR_LN_EPS 1e-5
+
+static inline void ar_ln_row(float *y, const float *x, const float *w, const float *b, int C,
+                             float *mean, float *rstd)
+{
+    double s[8] = {0};
+    int i = 0;
+    for (; i + 8 <= C; i += 8)
+        for (int k = 0; k < 8; k++)
+            s[k] += x[i + k];
+    double tot = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; i < C; i++)
+        tot += x[i];
+    double m = tot / C;
+    double v[8] = {0};
+    for (i = 0; i + 8 <= C; i += 8)
+        for (int k = 0; k < 8; k++) {
+            double d = x[i + k] - m;
+            v[k] += d * d;
+        }
+    double var = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+    for (; i < C; i++) {
+        double d = x[i] - m;
+        var += d * d;
+    }
+    var /= C;
+    float mf = (float)m;
+    float rs = (float)(1.0 / sqrt(var + AR_LN_EPS));
+    for (i = 0; i < C; i++)
+        y[i] = (x[i] - mf) * rs * w[i] + b[i];
+    *mean = mf;
+    *rstd = rs;
+}
+
+/* The backward of one row, with g = w * dy and xhat = (x - mean) rstd:
+ *   dx = base + rstd (g - mean(g) - xhat mean(g xhat))
+ * where base is dx itself (accumulate), `extra` (a residual's gradient
+ * passing by), or 0. dw/db (NULL: not wanted) get dy*xhat and dy added.
+ * dy is read before dx is written, element by element: dx may be dy when
+ * not accumulating. */
+static inline void ar_ln_row_backward(float *dx, int accumulate, const float *extra, const float *dy,
+                                      const float *x, const float *w, float mean, float rstd, int C,
+                                      float *dw, float *db)
+{
+    float sg[AR_LANES] = {0}, sgx[AR_LANES] = {0};
+    int i = 0;
+    for (; i + AR_LANES <= C; i += AR_LANES)
+        for (int k = 0; k < AR_LANES; k++) {
+            float xhat = (x[i + k] - mean) * rstd;
+            float g = w[i + k] * dy[i + k];
+            sg[k] += g;
+            sgx[k] += g * xhat;
+        }
+    float gsum = 0.0f, gxsum = 0.0f;
+    for (int k = 0; k < AR_LANES; k++) {
+        gsum += sg[k];
+        gxsum += sgx[k];
+    }
+    for (; i < C; i++) {
+        float xhat = (x[i] - mean) * rstd;
+        float g = w[i] * dy[i];
+        gsum += g;
+        gxsum += g * xhat;
+    }
+    if (dw)
+        for (i = 0; i < C; i++)
+            dw[i] += (x[i] - mean) * rstd * dy[i];
+    if (db)
+        for (i = 0; i < C; i++)
+            db[i] += dy[i];
+    float gmean = gsum / (float)C, gxmean = gxsum / (float)C;
+    for (i = 0; i < C; i++) {
+        float xhat = (x[i] - mean) * rstd;
+        float g = w[i] * dy[i];
+        float base = accumulate ? dx[i] : 0.0f;
+        if (extra)
+            base += extra[i];
+        dx[i] = base + rstd * (g - gmean - xhat * gxmean);
+    }
 }
 
 #endif

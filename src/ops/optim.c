@@ -2,10 +2,15 @@
  * Both are element-wise, hence deterministic for any thread count. */
 #include "ops/ops.h"
 
+#include "core/core.h"
 #include "ops/ops_internal.h"
 
 #include <math.h>
 #include <stddef.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* AdamW (decoupled weight decay):
  *   p *= 1 - lr*wd
@@ -13,26 +18,78 @@
  *   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
  * The bias corrections are computed in double, as PyTorch does with Python
  * floats, then used as fp32 scalars like torch's tensor kernels. */
+typedef struct {
+    float step_size, bc2_sqrt, omb1, omb2;
+} adamw_consts;
+
+static adamw_consts adamw_setup(float lr, float beta1, float beta2, int t)
+{
+    double bc1 = 1.0 - pow((double)beta1, (double)t);
+    double bc2 = 1.0 - pow((double)beta2, (double)t);
+    adamw_consts k = {(float)((double)lr / bc1), (float)sqrt(bc2), 1.0f - beta1, 1.0f - beta2};
+    return k;
+}
+
+/* the update of elements [a, b): one pass, read once, written once */
+static void adamw_range(float *restrict param, const float *restrict grad, float *restrict m,
+                        float *restrict v, long a, long b, adamw_consts k, float beta1, float beta2,
+                        float eps, float decay, float grad_scale)
+{
+#pragma omp simd
+    for (long i = a; i < b; i++) {
+        float g = grad[i] * grad_scale;
+        float p = param[i] * decay;
+        float mi = beta1 * m[i] + k.omb1 * g;
+        float vi = beta2 * v[i] + k.omb2 * (g * g);
+        m[i] = mi;
+        v[i] = vi;
+        float denom = sqrtf(vi) / k.bc2_sqrt + eps;
+        param[i] = p - k.step_size * (mi / denom);
+    }
+}
+
 void ar_adamw_update(float *param, const float *grad, float *m, float *v, long n, float lr,
                      float beta1, float beta2, float eps, float weight_decay, int t,
                      float grad_scale)
 {
-    double bc1 = 1.0 - pow((double)beta1, (double)t);
-    double bc2 = 1.0 - pow((double)beta2, (double)t);
-    float step_size = (float)((double)lr / bc1);
-    float bc2_sqrt = (float)sqrt(bc2);
+    adamw_consts k = adamw_setup(lr, beta1, beta2, t);
     float decay = (float)(1.0 - (double)lr * (double)weight_decay);
-    float omb1 = 1.0f - beta1, omb2 = 1.0f - beta2;
+    enum { CHUNK = 16384 };
+    long chunks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for if (n > AR_OPS_PAR_MIN)
-    for (long i = 0; i < n; i++) {
-        float g = grad[i] * grad_scale;
-        float p = param[i] * decay;
-        float mi = beta1 * m[i] + omb1 * g;
-        float vi = beta2 * v[i] + omb2 * (g * g);
-        m[i] = mi;
-        v[i] = vi;
-        float denom = sqrtf(vi) / bc2_sqrt + eps;
-        param[i] = p - step_size * (mi / denom);
+    for (long c = 0; c < chunks; c++) {
+        long a = c * CHUNK, b = a + CHUNK < n ? a + CHUNK : n;
+        adamw_range(param, grad, m, v, a, b, k, beta1, beta2, eps, decay, grad_scale);
+    }
+}
+
+/* Every parameter of a stage in one parallel pass: the elements of all the
+ * segments, end to end, are cut into one contiguous share per thread, so
+ * the team is woken once per step rather than once per parameter. The
+ * arithmetic of each element is ar_adamw_update's. */
+void ar_adamw_update_multi(const ar_adamw_segment *segs, int nseg, float lr, float beta1, float beta2,
+                           float eps, float weight_decay, int t, float grad_scale)
+{
+    adamw_consts k = adamw_setup(lr, beta1, beta2, t);
+    float decay_wd = (float)(1.0 - (double)lr * (double)weight_decay);
+    float decay_none = (float)(1.0 - (double)lr * 0.0);
+    long total = 0;
+    for (int i = 0; i < nseg; i++)
+        total += segs[i].n;
+#pragma omp parallel if (total > AR_OPS_PAR_MIN)
+    {
+        int nt = 1, id = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        long lo = total * id / nt, hi = total * (id + 1) / nt, base = 0;
+        for (int i = 0; i < nseg && base < hi; base += segs[i].n, i++) {
+            long a = lo > base ? lo - base : 0, b = hi - base < segs[i].n ? hi - base : segs[i].n;
+            if (a < b)
+                adamw_range(segs[i].param, segs[i].grad, segs[i].m, segs[i].v, a, b, k, beta1, beta2, eps,
+                            segs[i].decay ? decay_wd : decay_none, grad_scale);
+        }
     }
 }
 
@@ -98,4 +155,51 @@ double ar_sum_squares(const float *x, long n)
             total += part[c];
     }
     return total;
+}
+
+/* The sums of squares of many arrays in one parallel pass (a stage's
+ * gradients, for the clipping norm): every array is cut into the chunks
+ * ar_sum_squares uses, all the chunks of all the arrays are shared by the
+ * threads, and each array's chunk sums are then added in order, so out[i]
+ * is bitwise ar_sum_squares(x[i], n[i]), one team wake-up for them all. */
+int ar_sum_squares_multi(const float *const *x, const long *n, int count, double *out)
+{
+    long nchunks = 0;
+    for (int i = 0; i < count; i++)
+        nchunks += (n[i] + SS_CHUNK - 1) / SS_CHUNK;
+    double *part = ar_calloc((size_t)(nchunks ? nchunks : 1), sizeof(double));
+    long *first = ar_calloc((size_t)count + 1, sizeof(long));
+    if (!part || !first) {
+        ar_free(part);
+        ar_free(first);
+        return AR_ENOMEM;
+    }
+    for (int i = 0; i < count; i++)
+        first[i + 1] = first[i] + (n[i] + SS_CHUNK - 1) / SS_CHUNK;
+#pragma omp parallel if (nchunks > 1)
+    {
+        /* each thread walks the arrays, taking every chunk whose global index
+         * falls in its share */
+        int nt = 1, id = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        long lo = nchunks * id / nt, hi = nchunks * (id + 1) / nt;
+        for (int i = 0; i < count; i++)
+            for (long c = first[i] > lo ? first[i] : lo; c < first[i + 1] && c < hi; c++) {
+                long start = (c - first[i]) * SS_CHUNK;
+                long len = n[i] - start < SS_CHUNK ? n[i] - start : SS_CHUNK;
+                part[c] = chunk_sum_squares(x[i] + start, len);
+            }
+    }
+    for (int i = 0; i < count; i++) {
+        double total = 0.0;
+        for (long c = first[i]; c < first[i + 1]; c++)
+            total += part[c];
+        out[i] = total;
+    }
+    ar_free(part);
+    ar_free(first);
+    return AR_OK;
 }

@@ -4,6 +4,7 @@
 #include "run/driver_internal.h"
 
 #include "core/device.h"
+#include "core/profile.h"
 #include "core/progress.h"
 #include "nn/safetensors.h"
 #include "train/checkpoint.h"
@@ -118,9 +119,11 @@ static void state_from_run(const run *r, long step, ar_train_state *s)
     s->market_job = r->leased ? r->lease.job_id : 0;
 }
 
-static int save_checkpoint(run *r, long step)
+/* Every stage's state into r->stages (the shadows of remote stages and of
+ * in-process groups), once every stage has applied its last update. */
+static int fetch_state(run *r)
 {
-    int rc = ar_chain_sync(r->head, r->timeout); /* every stage has applied its last update */
+    int rc = ar_chain_sync(r->head, r->timeout);
     if (rc != AR_OK)
         return rc;
     /* the steps before a checkpoint are paid before it is written, if the
@@ -133,6 +136,13 @@ static int save_checkpoint(run *r, long step)
             return ar_fail(rc, "saving stage %d: %s", i, ar_last_error());
     if (r->tp_local && (rc = ar_local_to_full(&r->pipe, r->shadows)) != AR_OK)
         return rc;
+    return AR_OK;
+}
+
+/* The state fetched (fetch_state) written as the checkpoint of `step`. */
+static int write_checkpoint(run *r, long step)
+{
+    int rc;
     ar_train_state st;
     state_from_run(r, step, &st);
     if ((rc = ar_checkpoint_save(r->c->out_dir, r->stage_ptrs, r->S, &st)) != AR_OK)
@@ -143,6 +153,12 @@ static int save_checkpoint(run *r, long step)
     r->last_ckpt_t = ar_now();
     r->failures = 0;
     return AR_OK;
+}
+
+static int save_checkpoint(run *r, long step)
+{
+    int rc = fetch_state(r);
+    return rc == AR_OK ? write_checkpoint(r, step) : rc;
 }
 
 /* The loss curves travel with the checkpoint (curve.safetensors: "train" and
@@ -377,6 +393,8 @@ static void print_group_shares(const run *r, int i)
     fflush(stdout);
 }
 
+static int load_stages(run *r, int restore);
+
 /* Greet every worker, split the units, build the shadows, Load (and on
  * resume Restore, from resume_dir) every stage, then open the stream to
  * stage 0. Also how a run recovers from a lost stage: the same steps over the
@@ -503,12 +521,21 @@ static int setup_remote(run *r, const ar_train_state *resume, const char *resume
         memcpy(r->data.rng.s, resume->data_rng, sizeof r->data.rng.s);
         r->data.pos = resume->data_pos;
     }
+    return load_stages(r, resume != NULL);
+}
+
+/* Load every stage on its workers (and with `restore`, push its shadow's
+ * state to it), then open the stream to stage 0. */
+static int load_stages(run *r, int restore)
+{
+    ar_train_config *c = r->c;
+    int rc;
     /* from the last stage to the first: a stage's Pipe to its successor
      * presents the successor's session, which its Load must carry */
     for (int i = r->S - 1; i >= 0; i--) {
-        ar_load_args a = {.spec = &r->spec, .first = first[i], .last = last[i],
+        ar_load_args a = {.spec = &r->spec, .first = r->plan.first[i], .last = r->plan.last[i],
                           .rows = r->rows_per_mb, .micro_batches = r->M, .schedule = c->schedule,
-                          .index = i, .count = r->S, .seed = c->seed, .optim = *oc,
+                          .index = i, .count = r->S, .seed = c->seed, .optim = r->oc,
                           .next_worker = i + 1 < r->S ? r->addrs[i + 1] : NULL,
                           .next_session = i + 1 < r->S ? ar_remote_stage_session(&r->groups[i + 1]) : NULL,
                           .ticket = r->leased ? r->tickets[i] : c->worker_token,
@@ -516,7 +543,7 @@ static int setup_remote(run *r, const ar_train_state *resume, const char *resume
                           .commit_digests = r->leased};
         if ((rc = ar_remote_stage_load(&r->groups[i], &a)) != AR_OK)
             return rc;
-        if (resume && (rc = ar_remote_stage_restore(&r->groups[i], &r->shadows[i])) != AR_OK)
+        if (restore && (rc = ar_remote_stage_restore(&r->groups[i], &r->shadows[i])) != AR_OK)
             return ar_fail(rc, "restoring stage %d: %s", i, ar_last_error());
     }
     for (int i = 0; i < r->S; i++)
@@ -588,7 +615,7 @@ static int find_lost(run *r, int *lost, char why[][160])
 static int recover(run *r, int failure, long *step)
 {
     ar_train_config *c = r->c;
-    if (!r->remote_head || r->budget_stop || failure == AR_ENOMEM)
+    if (!r->remote || r->stranded || r->budget_stop || failure == AR_ENOMEM)
         return failure;
     char first[1024];
     snprintf(first, sizeof first, "%s", ar_last_error());
@@ -687,6 +714,142 @@ static int recover(run *r, int failure, long *step)
     }
     *step = kept - 1; /* the loop's step++ makes it `kept` */
     r->steps_done = kept;
+    return AR_OK;
+}
+
+/* ---- a graceful leave: a stage moved, nothing redone ------------------------ */
+
+/* The checkpoint of a run that cannot go on without the stages it had: the
+ * state already fetched (fetch_state), written when there is an --out. Its
+ * words for the message: where it is, or why there is none. */
+static void keep_state(run *r, long done, char *where, size_t size)
+{
+    if (!r->c->out_dir) {
+        snprintf(where, size, "the run has no --out, so its state is not kept");
+        return;
+    }
+    if (write_checkpoint(r, done) != AR_OK) {
+        snprintf(where, size, "writing the checkpoint failed: %.300s", ar_last_error());
+        return;
+    }
+    draw_curve(r);
+    snprintf(where, size, "checkpoint of step %ld in %.300s (--resume it when a device can take the stage)", done,
+             r->c->out_dir);
+}
+
+/* A new worker at leaving stage i's place: its channel, its Hello (protocol
+ * version, speed, memory), the stage's group on it. */
+static int take_place(run *r, int i, const char *addr)
+{
+    ar_client *c = NULL;
+    ar_hello_info h;
+    int rc = ar_client_open(addr, &c);
+    if (rc == AR_OK)
+        rc = ar_remote_hello(c, &h);
+    if (rc != AR_OK) {
+        ar_client_close(c);
+        return ar_fail(rc, "stage %d's new worker %s: %s", i, addr, ar_last_error());
+    }
+    ar_remote_stage_destroy(&r->groups[i]);
+    ar_client_close(r->clients[i]);
+    r->clients[i] = c;
+    snprintf(r->addrs[i], sizeof r->addrs[i], "%s", addr);
+    ar_device *d = &r->devs[r->plan.device[i]];
+    size_t len = strnlen(addr, sizeof d->name - 1);
+    memcpy(d->name, addr, len); /* (as setup_remote: the name is the address, cut to fit) */
+    d->name[len] = '\0';
+    d->gflops = r->offers[i].known && r->offers[i].gflops > 0 ? r->offers[i].gflops : h.gflops > 0 ? h.gflops : 1;
+    d->mem_bytes = r->offers[i].known ? r->offers[i].mem_bytes : (double)h.free_memory;
+    ar_client *mc[1] = {c};
+    const char *ma[1] = {r->addrs[i]};
+    return ar_remote_stage_init(&r->groups[i], &r->spec, r->plan.first[i], r->plan.last[i], 1, mc, ma, NULL,
+                                r->c->seed, &r->oc);
+}
+
+/* After `done` completed steps, the stages whose devices said they are
+ * leaving (res->leaving: their owner wants them back, or they are stopping)
+ * move: every stage's state is fetched (the leaver's must be, and the
+ * others are Loaded again), the pipeline closed, which releases the leavers,
+ * each leaver's place given to another device (a spare worker, or a free
+ * provider the market hands the place over to: not a loss, nothing
+ * reversed), every stage Loaded and Restored, and training goes on at step
+ * `done`: nothing is redone. No device to take a place: the state is kept
+ * as a checkpoint and the run ends saying so (r->stranded). */
+static int move_leaving(run *r, const ar_step_result *res, long done)
+{
+    ar_train_config *c = r->c;
+    int leaving[64], n = 0, rc;
+    for (int i = 0; i < res->nstages && i < r->S; i++) {
+        if (!res->leaving[i])
+            continue;
+        if (r->plan.group_size[i] > 1) {
+            if (!r->group_leave_warned++)
+                ar_log(AR_LOG_WARN, "stage %d (%s) is leaving, but a tensor-parallel group cannot move yet: "
+                       "if it goes, it is recovered as lost", i, r->addrs[i]);
+            continue;
+        }
+        leaving[n++] = i;
+    }
+    if (n == 0)
+        return AR_OK;
+    for (int k = 0; !c->quiet && k < n; k++)
+        printf("stage %d (%s) is leaving (its owner wants the machine back, or it is stopping): moving it "
+               "after step %ld\n", leaving[k], r->addrs[leaving[k]], done);
+    fflush(stdout);
+    if ((rc = fetch_state(r)) != AR_OK)
+        return rc;
+    /* the state is here: the pipeline ends as at the end of a run (STOP
+     * down the chain, each worker ending its streams in order, its stage
+     * still loaded), and the leavers are free to go */
+    if (ar_chain_stop(r->remote_head) == AR_OK && ar_net_link_finish(r->remote_head, 30) != AR_OK)
+        ar_log(AR_LOG_DEBUG, "%s", ar_last_error());
+    ar_link_destroy(r->remote_head);
+    r->remote_head = r->head = NULL;
+    char from[64][128];
+    for (int k = 0; k < n; k++) {
+        int i = leaving[k], found = 0;
+        memcpy(from[k], r->addrs[i], sizeof from[k]);
+        char addr[128] = "";
+        if (r->leased) {
+            if ((rc = driver_hand_over(r, i, done, addr, sizeof addr, &found)) != AR_OK) {
+                char why[600], where[400];
+                snprintf(why, sizeof why, "%s", ar_last_error());
+                keep_state(r, done, where, sizeof where);
+                r->stranded = 1;
+                return ar_fail(rc, "stage %d (%s) is leaving and the market did not hand its place over: %s; %s",
+                               i, from[k], why, where);
+            }
+        } else if (r->nspares > 0) {
+            memcpy(addr, r->spare_addrs[--r->nspares], sizeof addr);
+            found = 1;
+        }
+        if (!found) {
+            char where[400];
+            keep_state(r, done, where, sizeof where);
+            r->stranded = 1;
+            return ar_fail(AR_ELIMIT, "stage %d (%s) is leaving and %s; %s", i, from[k],
+                           r->leased ? "no free provider at the market can take its place"
+                                     : "there is no spare worker to take its place (give more --workers and "
+                                       "--spares N)",
+                           where);
+        }
+        if ((rc = take_place(r, i, addr)) != AR_OK)
+            return rc;
+    }
+    if (r->leased && (rc = driver_price_stages(r)) != AR_OK)
+        return rc;
+    if ((rc = load_stages(r, 1)) != AR_OK)
+        return rc;
+    r->plan_gen++; /* the dashboard gets the new members */
+    for (int k = 0; k < n; k++) {
+        int i = leaving[k];
+        log_json(r, "{\"event\": \"stage_left\", \"step\": %ld, \"stage\": %d, \"from\": \"%s\", \"to\": \"%s\"}",
+                 done, i, from[k], r->addrs[i]);
+        if (!c->quiet)
+            printf("stage %d moved from %s to %s after step %ld: nothing is redone\n", i, from[k], r->addrs[i],
+                   done);
+    }
+    fflush(stdout);
     return AR_OK;
 }
 
@@ -913,7 +1076,18 @@ int ar_train_run(ar_train_config *c)
     long rate_step = start;
     double items_per_step = (double)r.B * r.T;
     int is_text = r.data.is_text;
+    /* --profile: every step but the first (a warm-up: pages touched for the
+     * first time, the thread pool started), evaluations left out */
+    long prof_steps = 0;
+    double prof_s = 0;
     for (long step = start; step < c->steps; step++) {
+        if (c->profile && step == start + 1) {
+            /* the warm-up step's update may still be running in its stage */
+            if ((rc = ar_chain_sync(r.head, r.timeout)) != AR_OK)
+                break;
+            ar_prof_reset();
+            ar_prof_enable(1);
+        }
         /* the steps queued for payment count as spent */
         int64_t spent = 0;
         size_t queued = 0;
@@ -973,6 +1147,10 @@ int ar_train_run(ar_train_config *c)
                 continue;
             break;
         }
+        if (c->profile && step > start) {
+            prof_steps++;
+            prof_s += ar_now() - step_t0;
+        }
         /* paid by the reporter's thread, in order; a refusal of an earlier
          * step (the market's budget, a lease it ended) ends the run */
         if (r.leased && ((rc = ar_reporter_refusal(&r.reporter)) != AR_OK ||
@@ -993,12 +1171,25 @@ int ar_train_run(ar_train_config *c)
         if ((rc = record(&r.curve_x, &r.curve_y, &r.ncurve, (double)step + 1, res.loss)) != AR_OK)
             break;
         /* the loss with all its digits: runs are compared bit for bit */
-        log_json(&r, "{\"step\": %ld, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.17g, \"%s\": %.1f, \"elapsed_s\": %.3f}",
-                 step + 1, res.loss, lr, norm, is_text ? "tokens_per_s" : "samples_per_s", rate, now - t0);
+        /* step_s: this step's forward, backward and update alone (no data
+         * loading, logging or evaluation), for benchmarks that take a median */
+        log_json(&r, "{\"step\": %ld, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.17g, \"%s\": %.1f, \"elapsed_s\": %.3f, \"step_s\": %.6f}",
+                 step + 1, res.loss, lr, norm, is_text ? "tokens_per_s" : "samples_per_s", rate, now - t0, now - step_t0);
         int last = step + 1 == c->steps;
         int stopping = c->stop_after > 0 && step + 1 == c->stop_after;
         if ((c->eval_every > 0 && (step + 1) % c->eval_every == 0) || last) {
-            if ((rc = eval_model(&r, step, &last_val, &last_acc)) != AR_OK) {
+            if (c->profile && step > start) {
+                /* the step's update is part of the step; the evaluation is not */
+                double t = ar_now();
+                if ((rc = ar_chain_sync(r.head, r.timeout)) != AR_OK)
+                    break;
+                prof_s += ar_now() - t;
+                ar_prof_enable(0);
+            }
+            rc = eval_model(&r, step, &last_val, &last_acc);
+            if (c->profile && step > start)
+                ar_prof_enable(1);
+            if (rc != AR_OK) {
                 if ((rc = recover(&r, rc, &step)) == AR_OK)
                     continue;
                 break;
@@ -1037,6 +1228,13 @@ int ar_train_run(ar_train_config *c)
                                is_text ? "tok" : "samples");
         if (stopping)
             break;
+        /* a device leaving gracefully: its stage moves, and the next step
+         * goes on from here */
+        if (r.remote && !last && (rc = move_leaving(&r, &res, step + 1)) != AR_OK) {
+            if ((rc = recover(&r, rc, &step)) == AR_OK)
+                continue;
+            break;
+        }
     }
     ar_progress_end(&bar);
     double elapsed = ar_now() - t0;
@@ -1068,6 +1266,12 @@ int ar_train_run(ar_train_config *c)
                        r.tp_bytes[i] / (double)r.tp_steps / 1e6, r.plan.tp_bytes[i] / 1e6);
         if (c->out_dir)
             printf("checkpoint and loss curve in %s/\n", c->out_dir);
+    }
+    if (rc == AR_OK && c->profile) {
+        if (prof_steps > 0)
+            ar_prof_print(stdout, prof_steps, prof_s / prof_steps);
+        else
+            printf("profile: no step after the first to count (--steps 2 or more)\n");
     }
     driver_release_lease(&r, rc);
     teardown(&r);

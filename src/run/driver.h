@@ -39,6 +39,7 @@ typedef struct {
     int spares;              /* the last `spares` of remote_workers replace lost stages */
     long stop_after;         /* stop (with a checkpoint) after this step, as if interrupted; 0: run to the end */
     int quiet;
+    int profile;             /* print milliseconds per operator and step (the stages in this process) */
     /* training on leased providers: the market, the renter's account token,
      * how many providers, and the most the job may spend (micro-credits,
      * 0: the balance). market NULL: no market. */

@@ -119,10 +119,16 @@ typedef struct {
      * has it (plan: the generation of the plan in force, counted from 1) */
     double progress_at;
     long plan_gen, nval_queued;
+    /* a graceful leave no device could take over: the run ends, its state kept */
+    int stranded;
+    int group_leave_warned;
 } run;
 
 #define MARKET_RETRY_S 2.0
 #define MARKET_RELEASE_WAIT_S 60.0
+/* how long a HandOver refused (the leaver's word not yet at the market) is
+ * asked again */
+#define HAND_OVER_REFUSED_S 10.0
 /* --checkpoint-every by default: about this much training redone at most */
 #define AUTO_CHECKPOINT_S 60.0
 /* --stage-timeout by default: at least this, or 4x the slowest step */
@@ -146,5 +152,6 @@ int driver_queue_usage(run *r, long step, const ar_step_result *res);
 void driver_report_progress(run *r, long step, double rate, double elapsed, long start);
 void driver_release_lease(run *r, int rc);
 int driver_replace_from_market(run *r, int64_t lost_id, long kept, const char *why, int *found);
+int driver_hand_over(run *r, int i, long done, char *addr, size_t addr_size, int *found);
 
 #endif

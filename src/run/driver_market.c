@@ -187,10 +187,10 @@ int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
                c->max_credits > 0 ? ", max " : "", c->max_credits > 0 ? ar_credits_text(c->max_credits, b, sizeof b) : "");
         for (int i = 0; i < r->S; i++) {
             const ar_market_leased *l = &r->lease.providers[i];
-            printf("  provider %lld (%s) at %s: %.1f GFLOP/s (%.1f observed), %.0f MiB, %s credits/TFLOP, "
-                   "reliability %.2f; units %d-%d, %lld FLOPs per step\n",
-                   (long long)l->p.id, l->account, l->p.address, l->p.gflops, l->speed_gflops,
-                   l->p.mem_bytes / 1048576.0, ar_credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability,
+            printf("  provider %lld (%s) at %s: %.1f GFLOP/s, %.0f MiB, %s credits/TFLOP, reliability %.2f; "
+                   "%.1f GFLOP/s observed; units %d-%d, %lld FLOPs per step\n",
+                   (long long)l->p.id, l->account, l->p.address, l->p.gflops, l->p.mem_bytes / 1048576.0,
+                   ar_credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability, l->speed_gflops,
                    l->first_unit, l->last_unit - 1, (long long)l->flops_per_step);
         }
         fflush(stdout);
@@ -432,4 +432,69 @@ int driver_replace_from_market(run *r, int64_t lost_id, long kept, const char *w
                got->replacement.p.gflops, got->replacement.p.reliability);
     free(got);
     return rc;
+}
+
+/* A graceful leave (driver.c, move_leaving): stage i's provider said it is
+ * leaving and its state is here after `done` steps. Every step done is paid
+ * first, while it is still a member (the market refuses a report naming a
+ * provider that has left the lease, and the leaver is owed each one); then
+ * the market hands its place over to a free provider offering the stage's
+ * memory, reversing nothing. *found 0: none is free, and nothing changed at
+ * the market. Found: stage i's provider, ticket, price and offer are the
+ * new one's, and *addr its worker's address. */
+int driver_hand_over(run *r, int i, long done, char *addr, size_t addr_size, int *found)
+{
+    int status = 0, rc;
+    int64_t spent = 0, leaver = r->provider_ids[i];
+    *found = 0;
+    double deadline = ar_now() + MARKET_RELEASE_WAIT_S;
+    if ((rc = ar_reporter_flush(&r->reporter, deadline)) == AR_ECLOSED) {
+        size_t queued = 0;
+        ar_reporter_state(&r->reporter, NULL, &queued, NULL, NULL, NULL, NULL);
+        return ar_fail(rc, "market %s unreachable for %.0f s with %zu step%s unpaid", r->c->market,
+                       MARKET_RELEASE_WAIT_S, queued, queued == 1 ? "" : "s");
+    }
+    if (rc != AR_OK || (rc = ar_reporter_refusal(&r->reporter)) != AR_OK)
+        return rc;
+    ar_market_leased got;
+    /* a refusal may mean that the leaver's heartbeat saying so is still on
+     * its way (it tells the market before the stage says it): asked again
+     * for a few seconds */
+    double refused_until = ar_now() + HAND_OVER_REFUSED_S;
+    for (;;) {
+        rc = ar_market_hand_over(r->market, r->lease.token, leaver, done, (int64_t)r->plan.stage_mem[i], &got,
+                                 found, &spent, &status);
+        double retry = rc == AR_ECLOSED ? MARKET_RETRY_S
+                       : rc != AR_OK && status == AR_STATUS_FAILED_PRECONDITION && ar_now() < refused_until ? 0.5
+                                                                                                         : 0;
+        if (retry <= 0 || ar_now() + retry >= deadline)
+            break;
+        sleep_until(ar_now() + retry);
+    }
+    if (rc != AR_OK)
+        return ar_fail(rc, "market %s: handing provider %lld's place over: %s", r->c->market, (long long)leaver,
+                       ar_last_error());
+    ar_reporter_set_spent(&r->reporter, spent);
+    if (!*found)
+        return AR_OK;
+    size_t n = strnlen(got.p.address, sizeof got.p.address);
+    if (n == 0 || n >= addr_size || n >= sizeof r->addrs[i])
+        return ar_fail(AR_EPROTO, "market %s: provider %lld has an address of %zu characters", r->c->market,
+                       (long long)got.p.id, n);
+    if ((rc = check_leased_address(r, &got)) != AR_OK)
+        return rc;
+    memcpy(addr, got.p.address, n + 1);
+    r->provider_ids[i] = got.p.id;
+    memcpy(r->tickets[i], got.ticket, sizeof r->tickets[i]);
+    r->prices[i] = got.p.price_per_tflop;
+    r->offers[i] = (device_offer){.gflops = got.p.gflops, .mem_bytes = (double)got.p.mem_bytes, .known = 1};
+    /* the lease as the dashboard's plan names its members */
+    for (size_t k = 0; k < r->lease.n; k++)
+        if (r->lease.providers[k].p.id == leaver)
+            r->lease.providers[k] = got;
+    if (!r->c->quiet)
+        printf("  provider %lld (%s) at %s takes its place: %.1f GFLOP/s, reliability %.2f; provider %lld "
+               "leaves paid for every step it did\n",
+               (long long)got.p.id, got.account, got.p.address, got.p.gflops, got.p.reliability, (long long)leaver);
+    return AR_OK;
 }

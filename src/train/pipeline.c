@@ -51,9 +51,10 @@ typedef struct {
 } serve_state;
 
 /* Stage records in the NORM frame: first unit, units, busy s, idle s,
- * tensor-parallel bytes, digest words (0 or DIGEST_WORDS), then the units'
- * gradient sums of squares, then the digests (pipeline.h) as raw bytes. */
-#define NORM_HEADER 6
+ * tensor-parallel bytes, flags (AR_STAGE_LEAVING), digest words (0 or
+ * DIGEST_WORDS), then the units' gradient sums of squares, then the digests
+ * (pipeline.h) as raw bytes. */
+#define NORM_HEADER 7
 #define DIGEST_WORDS (AR_DIGEST_KINDS * 32 / (int)sizeof(double))
 
 /* ---- cheats, compiled only into test builds ---------------------------- */
@@ -502,7 +503,9 @@ static int send_norms(serve_state *st, int64_t step, int M)
     vals[3] = st->idle;
     /* this step's, its norm exchange included, and the last optimizer step's */
     vals[4] = (double)(group_traffic(s) - st->traffic_mark + st->update_traffic);
-    vals[5] = (double)nd;
+    /* the device's owner wants it back: the driver learns it with this step */
+    vals[5] = r->leaving && atomic_load(r->leaving) ? AR_STAGE_LEAVING : 0;
+    vals[6] = (double)nd;
     st->update_traffic = 0;
     if (nd) {
         ar_step_digests dg;
@@ -878,7 +881,7 @@ int ar_chain_train_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar
     const double *v = n.data;
     size_t count = n.nbytes / sizeof(double), at = 0;
     while (at + NORM_HEADER <= count && out->nstages < 64) {
-        int first = (int)v[at], nu = (int)v[at + 1], nd = (int)v[at + 5];
+        int first = (int)v[at], nu = (int)v[at + 1], nd = (int)v[at + 6];
         if (nu < 0 || (nd != 0 && nd != DIGEST_WORDS) || at + NORM_HEADER + (size_t)nu + (size_t)nd > count ||
             first < 0 || first + nu > 512)
             break;
@@ -886,6 +889,7 @@ int ar_chain_train_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar
         out->busy_s[si] = v[at + 2];
         out->idle_s[si] = v[at + 3];
         out->tp_bytes[si] = v[at + 4];
+        out->leaving[si] = ((int)v[at + 5] & AR_STAGE_LEAVING) != 0;
         out->has_digests[si] = nd != 0;
         if (nd)
             memcpy(&out->digests[si], v + at + NORM_HEADER + nu, sizeof out->digests[si]);

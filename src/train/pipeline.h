@@ -8,7 +8,15 @@
 #include "train/frame.h"
 #include "train/stage.h"
 
+#include <stdatomic.h>
 #include <stdint.h>
+
+/* A stage's flags in its NORM record. */
+enum {
+    /* its device is leaving (its owner wants it back, or it is stopping):
+     * the driver should move the stage elsewhere after this step */
+    AR_STAGE_LEAVING = 1,
+};
 
 typedef struct {
     ar_stage *stage;
@@ -25,6 +33,9 @@ typedef struct {
     int digests;                /* commit digests of every step in the NORM record (below):
                                  * off unless asked for (a market lease, audits), for they cost
                                  * a SHA-256 of 3x the parameters per step */
+    /* when set and nonzero, each step's NORM record says the stage's device
+     * is leaving (AR_STAGE_LEAVING); NULL: never */
+    const atomic_int *leaving;
 } ar_stage_runner;
 
 /* Serve until a STOP frame or the upstream link closes. Returns AR_OK after
@@ -65,6 +76,7 @@ typedef struct {
                               * step (frame bytes, both directions; 0 for a plain stage) */
     int has_digests[64];     /* the stage committed digests (its runner's .digests) */
     ar_step_digests digests[64];
+    int leaving[64];         /* per stage: its device said it is leaving (AR_STAGE_LEAVING) */
 } ar_step_result;
 
 /* One training step: inputs is (B, ...) rows split into M micro-batches of

@@ -3,6 +3,7 @@
 
 #include "core/core.h"
 #include "core/digest.h"
+#include "core/profile.h"
 #include "ops/ops.h"
 #include "train/tp_block.h"
 #include "train/tp_group.h"
@@ -150,6 +151,15 @@ int ar_stage_create_tp(ar_stage *s, const ar_model_spec *spec, int first, int la
         at += p->numel;
         init_param(p, seed);
     }
+    s->adamw_segs = ar_calloc((size_t)(s->nparams ? s->nparams : 1), sizeof *s->adamw_segs);
+    if (!s->adamw_segs) {
+        rc = AR_ENOMEM;
+        goto fail;
+    }
+    for (int i = 0; i < s->nparams; i++) {
+        ar_param *p = s->params[i];
+        s->adamw_segs[i] = (ar_adamw_segment){p->data, p->grad, p->m, p->v, p->numel, p->decay};
+    }
 
     /* tied weights (the GPT head reads the embedding's wte) */
     for (int i = 0; i < s->nlayers; i++) {
@@ -256,6 +266,7 @@ void ar_stage_destroy(ar_stage *s)
             ar_layer_destroy(s->layers[i]);
     ar_free(s->layers);
     ar_free(s->params);
+    ar_free(s->adamw_segs);
     ar_free(s->mem_params);
     ar_free(s->mem_grads);
     ar_free(s->mem_m);
@@ -328,7 +339,8 @@ int ar_stage_loss(ar_stage *s, int slot, int B, const int32_t *targets, double *
     const float *logits = s->slots[slot] + s->layer_offset[s->nlayers - 1];
     float *probs = s->probs + (size_t)slot * s->probs_floats;
     float *losses = probs + (size_t)s->max_B * s->T * V;
-    *loss = ar_xent_forward(losses, probs, logits, targets, N, V);
+    AR_PROF_CALL("cross-entropy", AR_PROF_FWD, 0,
+                 *loss = ar_xent_forward(losses, probs, logits, targets, N, V));
     if (correct) {
         long c = 0;
         for (int i = 0; i < N; i++) {
@@ -360,9 +372,11 @@ int ar_stage_backward(ar_stage *s, int slot, int B, const int32_t *targets, cons
         int V = (int)ar_stage_out_width(s);
         float *dlogits = bufs[next];
         next ^= 1;
-        memset(dlogits, 0, rows * V * sizeof(float));
-        ar_xent_backward(dlogits, s->probs + (size_t)slot * s->probs_floats, targets, loss_scale,
-                         (int)rows, V);
+        AR_PROF_CALL("cross-entropy", AR_PROF_BWD, 0, {
+            memset(dlogits, 0, rows * V * sizeof(float));
+            ar_xent_backward(dlogits, s->probs + (size_t)slot * s->probs_floats, targets, loss_scale,
+                             (int)rows, V);
+        });
         dcur = dlogits;
     } else if (!dout) {
         return ar_fail(AR_EINTERNAL, "backward of a middle stage without an output gradient");
@@ -378,7 +392,7 @@ int ar_stage_backward(ar_stage *s, int slot, int B, const int32_t *targets, cons
             dx = bufs[next];
             next ^= 1;
             size_t w = l->in_floats_per_row;
-            memset(dx, 0, rows * w * sizeof(float));
+            AR_PROF_CALL("input gradient zeroing", AR_PROF_BWD, 0, memset(dx, 0, rows * w * sizeof(float)));
         }
         if ((rc = l->vt->backward(l, &pass, in, mem + s->layer_offset[i], dcur, dx)) != AR_OK)
             return rc;
@@ -390,7 +404,8 @@ int ar_stage_backward(ar_stage *s, int slot, int B, const int32_t *targets, cons
 
 void ar_stage_zero_grad(ar_stage *s)
 {
-    memset(s->mem_grads, 0, (size_t)s->param_floats * sizeof(float));
+    AR_PROF_CALL("zero gradients", AR_PROF_UPDATE, 0,
+                 memset(s->mem_grads, 0, (size_t)s->param_floats * sizeof(float)));
     for (int i = 0; i < s->nlayers; i++)
         if (s->layers[i]->tied_grad)
             memset(s->layers[i]->tied_grad, 0, s->layers[i]->tied->numel * sizeof(float));
@@ -439,12 +454,33 @@ static int add_rank_sumsq(const ar_stage *s, double *out)
 
 int ar_stage_grad_sumsq(const ar_stage *s, double *out)
 {
-    for (int i = 0; i < s->nlayers; i++) {
+    /* every gradient of the stage in one pass; each layer's sum is then its
+     * parameters' sums added in order, as before */
+    int count = 0;
+    for (int i = 0; i < s->nlayers; i++)
+        count += s->layers[i]->nparams;
+    const float **x = ar_calloc((size_t)(count ? count : 1), sizeof *x);
+    long *n = ar_calloc((size_t)(count ? count : 1), sizeof *n);
+    double *sums = ar_calloc((size_t)(count ? count : 1), sizeof *sums);
+    int rc = x && n && sums ? AR_OK : AR_ENOMEM;
+    for (int i = 0, k = 0; rc == AR_OK && i < s->nlayers; i++)
+        for (int j = 0; j < s->layers[i]->nparams; j++, k++) {
+            x[k] = s->layers[i]->params[j].grad;
+            n[k] = s->layers[i]->params[j].numel;
+        }
+    if (rc == AR_OK)
+        AR_PROF_CALL("gradient norm", AR_PROF_UPDATE, 0, rc = ar_sum_squares_multi(x, n, count, sums));
+    for (int i = 0, k = 0; rc == AR_OK && i < s->nlayers; i++) {
         double sum = 0;
-        for (int j = 0; j < s->layers[i]->nparams; j++)
-            sum += ar_sum_squares(s->layers[i]->params[j].grad, s->layers[i]->params[j].numel);
+        for (int j = 0; j < s->layers[i]->nparams; j++, k++)
+            sum += sums[k];
         out[i] = sum;
     }
+    ar_free(x);
+    ar_free(n);
+    ar_free(sums);
+    if (rc != AR_OK)
+        return rc;
     return s->tp_nranks > 0 ? add_rank_sumsq(s, out) : AR_OK;
 }
 
@@ -452,16 +488,19 @@ int ar_stage_update(ar_stage *s, float lr, float grad_scale)
 {
     s->opt_step++;
     const ar_optim_config *o = &s->optim;
-    for (int i = 0; i < s->nparams; i++) {
-        ar_param *p = s->params[i];
-        float wd = p->decay ? o->weight_decay : 0.0f;
-        if (o->kind == AR_OPT_SGD)
-            ar_sgd_update(p->data, p->grad, p->m, p->numel, lr, o->beta1, wd, s->opt_step,
-                          grad_scale);
-        else
-            ar_adamw_update(p->data, p->grad, p->m, p->v, p->numel, lr, o->beta1, o->beta2,
-                            o->eps, wd, s->opt_step, grad_scale);
+    static ar_prof_site opt_site = AR_PROF_SITE("optimizer", AR_PROF_UPDATE);
+    ar_prof_mark t0 = ar_prof_begin();
+    if (o->kind == AR_OPT_SGD) {
+        for (int i = 0; i < s->nparams; i++) {
+            ar_param *p = s->params[i];
+            float wd = p->decay ? o->weight_decay : 0.0f;
+            ar_sgd_update(p->data, p->grad, p->m, p->numel, lr, o->beta1, wd, s->opt_step, grad_scale);
+        }
+    } else {
+        ar_adamw_update_multi(s->adamw_segs, s->nparams, lr, o->beta1, o->beta2, o->eps, o->weight_decay,
+                              s->opt_step, grad_scale);
     }
+    ar_prof_end(&opt_site, t0, 0);
     if (s->tp_nranks == 0)
         return AR_OK;
     for (int r = 0; r < s->tp_nranks; r++) {

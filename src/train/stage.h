@@ -5,6 +5,7 @@
 #define AR_STAGE_H
 
 #include "nn/layer.h"
+#include "ops/ops.h"
 #include "nn/spec.h"
 #include "train/frame.h"
 
@@ -52,6 +53,7 @@ typedef struct {
 
     ar_optim_config optim;
     int opt_step;        /* optimizer steps taken (AdamW's t) */
+    ar_adamw_segment *adamw_segs; /* the parameters as AdamW's segments (one pass a step) */
     /* tensor parallelism: the stage's GPT blocks are computed by these ranks
      * (train/tp_group.h); the stage keeps only the unsplit parts */
     ar_link **tp_ranks;

@@ -211,13 +211,14 @@ static int handle(ar_tp_rank *r, ar_link *l, ar_frame *f)
     int k = block * r->nslots + slot;
     const float *x = f->data;
     memset(r->partial, 0, n_out * sizeof(float));
+    int rc = AR_OK;
     switch (op) {
     case AR_TP_ATTN_FWD:
         memcpy(r->ln_attn[k], x, n_in * sizeof(float));
-        ar_shard_attn_forward(s, B, r->T, r->ln_attn[k], r->saved_attn[k], r->partial);
+        rc = ar_shard_attn_forward(s, B, r->T, r->ln_attn[k], r->saved_attn[k], r->partial);
         break;
     case AR_TP_ATTN_BWD:
-        ar_shard_attn_backward(s, B, r->T, r->ln_attn[k], r->saved_attn[k], x, r->partial, r->scratch);
+        rc = ar_shard_attn_backward(s, B, r->T, r->ln_attn[k], r->saved_attn[k], x, r->partial, r->scratch);
         break;
     case AR_TP_MLP_FWD:
         memcpy(r->ln_mlp[k], x, n_in * sizeof(float));
@@ -227,6 +228,8 @@ static int handle(ar_tp_rank *r, ar_link *l, ar_frame *f)
         ar_shard_mlp_backward(s, B, r->T, r->ln_mlp[k], r->saved_mlp[k], x, r->partial, r->scratch);
         break;
     }
+    if (rc != AR_OK)
+        return rc;
     return reply(l, f, r->partial, n_out);
 }
 

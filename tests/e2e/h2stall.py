@@ -1,6 +1,8 @@
 """Stalled gRPC calls and slow sockets from many loopback addresses, for the
 lock-out tests (tests/e2e/test_lockout.py) and the market load bench
-(bench/market_load.py). Plain Python: no HTTP/2 library is needed.
+(bench/market_load.py), and oversized messages that cost the sender no
+memory (tests/e2e/test_worker_security.py). Plain Python: no HTTP/2 library
+is needed.
 
 All of 127.0.0.0/8 is loopback on Linux: each socket binds its own
 127.x.y.z before it connects, so the server sees many hosts. A stalled call
@@ -8,6 +10,7 @@ is hand-made HTTP/2: the connection preface, SETTINGS, and a HEADERS frame
 that opens a call, then nothing, not even the request message.
 """
 
+import re
 import selectors
 import socket
 import struct
@@ -19,7 +22,7 @@ import time
 # ---------------------------------------------------------------------------
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 0, 1, 3, 4, 6, 7
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
 END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 
 
@@ -173,3 +176,93 @@ def slow_sockets(host, port, sources, per_source=1, sent=b"GET /api/overv"):
                 pass
             out.append(s)
     return out
+
+
+def send_oversized(addr, path, size, timeout=120):
+    """One gRPC call to `path` whose request message declares `size` bytes
+    (zeros) and sends them all, as HTTP/2 flow control allows, from one
+    buffer of a frame: the sender holds nothing. Returns what ended the call: "status N"
+    (the grpc-status the server sent), "reset", "goaway", "closed" or
+    "timeout"."""
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        s.sendall(PREFACE + h2_frame(SETTINGS, 0, 0) +
+                  h2_frame(HEADERS, END_HEADERS, 1, grpc_headers(path, addr)))
+        conn_window, stream_window, initial = 65535, 65535, 65535
+        left = 5 + size  # the gRPC prefix, then the message
+        prefix = b"\0" + struct.pack(">I", size)
+        zeros = bytes(16384)
+        buf, deadline = b"", time.monotonic() + timeout
+        s.setblocking(False)
+        while time.monotonic() < deadline:
+            # what the server says: windows, settings, pings, the end
+            try:
+                data = s.recv(1 << 16)
+                if not data:
+                    return "closed"
+                buf += data
+            except BlockingIOError:
+                pass
+            except OSError:
+                return "closed"
+            while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                n = int.from_bytes(buf[:3], "big")
+                kind, flags, sid, payload = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, buf[9:9 + n]
+                buf = buf[9 + n:]
+                if kind == SETTINGS and not flags & ACK:
+                    for i in range(0, len(payload) - 5, 6):
+                        key, value = struct.unpack(">HI", payload[i:i + 6])
+                        if key == 4:  # INITIAL_WINDOW_SIZE
+                            stream_window += value - initial
+                            initial = value
+                        elif key == 5:  # MAX_FRAME_SIZE: larger frames, fewer of them
+                            zeros = bytes(min(value, 1 << 20))
+                    s.settimeout(timeout)
+                    s.sendall(h2_frame(SETTINGS, ACK, 0))
+                    s.setblocking(False)
+                elif kind == PING and not flags & ACK:
+                    s.settimeout(timeout)
+                    s.sendall(h2_frame(PING, ACK, 0, payload))
+                    s.setblocking(False)
+                elif kind == WINDOW_UPDATE:
+                    inc = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+                    if sid == 0:
+                        conn_window += inc
+                    else:
+                        stream_window += inc
+                elif kind == HEADERS and sid == 1 and flags & END_STREAM:
+                    m = re.search(rb"grpc-status.(\d+)", payload)
+                    return f"status {int(m.group(1))}" if m else "status ?"
+                elif kind == RST_STREAM and sid == 1:
+                    return "reset"
+                elif kind == GOAWAY:
+                    return "goaway"
+            # as much of the message as the windows allow, in frames as large
+            # as the server takes (16 KiB until it says)
+            can = min(conn_window, stream_window, left, 16 * len(zeros))
+            if can <= 0:
+                time.sleep(0.001)
+                continue
+            frames = []
+            sent = 0
+            while sent < can:
+                n = min(len(zeros), can - sent)
+                body = zeros[:n]
+                if left == 5 + size and sent == 0:  # the first bytes carry the prefix
+                    body = prefix + zeros[:n - 5]
+                end = END_STREAM if left - sent - n == 0 else 0
+                frames.append(h2_frame(DATA, end, 1, body))
+                sent += n
+            s.settimeout(timeout)
+            try:
+                s.sendall(b"".join(frames))
+            except OSError:
+                return "closed"
+            s.setblocking(False)
+            conn_window -= sent
+            stream_window -= sent
+            left -= sent
+        return "timeout"
+    finally:
+        s.close()

@@ -107,3 +107,8 @@ def replace(lease, lost_provider_id, kept_steps, reason="lost"):
     """ReplaceProviderRequest"""
     return (field_bytes(1, lease) + field_varint(2, lost_provider_id) + field_varint(3, kept_steps) +
             field_bytes(4, reason))
+
+
+def hand_over(lease, provider_id, step, min_mem=0):
+    """HandOverRequest"""
+    return field_bytes(1, lease) + field_varint(2, provider_id) + field_varint(3, step) + field_varint(4, min_mem)

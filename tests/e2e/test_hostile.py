@@ -24,7 +24,8 @@ import pytest
 
 from conftest import REPO
 from test_market import NO_WORKER_CHECKS, profile, register
-from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, replace, usage, varint
+from pbwire import (acquire, decode, field_bytes, field_double, field_f32, field_varint, hand_over, replace, usage,
+                    varint)
 from test_workers import MLP_SPEC, frame, hello_request, load_session, pipe, unary, with_session
 
 grpc = pytest.importorskip("grpc")
@@ -410,6 +411,19 @@ def market_rows(token, other, pid, lease):
          ["1000 characters out of range"]),
         ("ReplaceProvider", "a provider not in the lease", replace(lease, pid + 99, 0), C.INVALID_ARGUMENT,
          ["not in the lease"]),
+        ("HandOver", "not protobuf", b"\xff\xff\xff", C.INVALID_ARGUMENT, ["malformed"]),
+        ("HandOver", "unknown lease", hand_over("0" * 64, pid, 0), C.UNAUTHENTICATED, ["unknown or released"]),
+        ("HandOver", "lease token not hex", hand_over("q" * 64, pid, 0), C.UNAUTHENTICATED, ["lease token"]),
+        ("HandOver", "the provider's account token", hand_over(token, pid, 0), C.UNAUTHENTICATED,
+         ["unknown or released"]),
+        ("HandOver", "negative step", hand_over(lease, pid, -1), C.INVALID_ARGUMENT, ["step -1"]),
+        ("HandOver", "2^62 steps", hand_over(lease, pid, 1 << 62), C.INVALID_ARGUMENT, ["out of range"]),
+        ("HandOver", "2^62 bytes of memory", hand_over(lease, pid, 0, 1 << 62), C.INVALID_ARGUMENT,
+         ["min_mem_bytes"]),
+        ("HandOver", "a provider not in the lease", hand_over(lease, pid + 99, 0), C.INVALID_ARGUMENT,
+         ["not in the lease"]),
+        ("HandOver", "a member that did not say it is leaving", hand_over(lease, pid, 0), C.FAILED_PRECONDITION,
+         ["has not said it is leaving"]),
         ("ReportProgress", "not protobuf", b"\xff\xff\xff", C.INVALID_ARGUMENT, ["malformed"]),
         ("ReportProgress", "unknown lease", progress("0" * 64), C.UNAUTHENTICATED, ["unknown or released"]),
         ("ReportProgress", "negative step", progress(lease, step=-1), C.INVALID_ARGUMENT, ["out of range"]),

@@ -111,6 +111,7 @@ def check_written(unit, envfile, arceus_bin, tmp_path):
     assert f"EnvironmentFile={envfile}" in text
     assert f"WorkingDirectory={tmp_path}" in text
     assert "WantedBy=default.target" in text
+    assert "TimeoutStopSec=60\n" in text  # stopping waits out the graceful leave (--grace 30)
     assert stat.S_IMODE(envfile.stat().st_mode) == 0o600
     assert f"ARCEUS_TOKEN={TOKEN}\n" in envfile.read_text()
 

@@ -17,6 +17,8 @@ with hand-encoded protobuf (pbwire).
   the Load's lease.
 - `arceus provide` refuses every Load until it is registered with its
   market.
+- Strangers sending oversized messages at once make the market hold no
+  more than its gRPC resource quota.
 
 Every process is stopped at teardown and its stderr checked for sanitizer
 reports (the fixtures of test_provide.py).
@@ -30,7 +32,8 @@ from concurrent import futures
 
 import pytest
 
-from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, replace, usage
+from h2stall import send_oversized
+from pbwire import acquire, decode, field_bytes, field_double, field_f32, field_varint, hand_over, replace, usage
 from test_market import profile, register_request
 from conftest import wait_for
 from test_market_train import balances, ledger_total
@@ -39,6 +42,7 @@ from test_workers import MLP_SPEC, PROTOCOL_VERSION
 grpc = pytest.importorskip("grpc")
 C = grpc.StatusCode
 MICRO = 1_000_000
+MIB = 1 << 20
 HEX64 = re.compile(rb"^[0-9a-f]{64}$")
 
 
@@ -156,6 +160,7 @@ class HostileWorker:
             ("ReportProgress", field_bytes(1, s) + field_varint(2, 1) + field_varint(3, 2) +
              field_bytes(5, "samples")),
             ("ReplaceProvider", replace(s, pid, 0)),
+            ("HandOver", hand_over(s, pid, 0)),
             ("ReleaseLease", field_bytes(1, s) + field_bytes(2, "cancelled")),
             ("AcquireLease", acquire(s)),
             ("Balance", field_bytes(1, s)),
@@ -429,3 +434,31 @@ def test_provide_refuses_every_load_until_it_is_registered(run_arceus, add_accou
     wait_for("provide to register", lambda: "serving on" in p.out(), 60)
     code, details = worker_status(listen, load_request(None))
     assert code == C.UNAUTHENTICATED and "Load needs the lease token" in details, (code, details)
+
+
+def test_oversized_messages_at_once_are_bounded_by_the_markets_memory_quota(procs, tmp_path):
+    # Every Market request is at most 64 KiB, the market's gRPC limit; gRPC
+    # (1.51) still takes a larger message whole before refusing it. What
+    # several at once may make the market hold is bounded by its resource
+    # quota (2 x 64 KiB + 64 MiB): past it gRPC cancels streams. Three
+    # strangers send 200 MiB each (and hold nothing themselves).
+    from test_worker_security import peak_rss_kib
+    market = procs.market(str(tmp_path / "m.db"))
+    base = peak_rss_kib(market.proc.pid)
+    ends = [None] * 3
+
+    def attack(i):
+        ends[i] = send_oversized(market.addr, "/arceus.Market/Heartbeat", 200 * MIB)
+
+    threads = [threading.Thread(target=attack, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    grown_mib = (peak_rss_kib(market.proc.pid) - base) / 1024
+    print(f"calls ended by {ends}; the market's peak memory grew by {grown_mib:.0f} MiB")
+    # the quota, and what the sanitizer build keeps of freed memory (its
+    # quarantine, 256 MiB) and its shadow, against 600 MiB sent
+    assert grown_mib < 400, f"the market's peak memory grew by {grown_mib:.0f} MiB ({ends})"
+    code, details = market_status(market.addr, "Balance", field_bytes(1, "0" * 64))
+    assert code == C.UNAUTHENTICATED, (code, details)  # still serving

@@ -167,20 +167,59 @@ def test_local_pipeline_prints_plan_and_bubble(run_arceus, corpus):
 # The thread count does not change a result
 # ---------------------------------------------------------------------------
 
+# Models whose products are cut into several blocks and column slices and
+# run on both threads, whose attention has a sequence and head size off the
+# kernels' blocks, and which use dropout: every kernel's parallel path.
+WIDE_GPT = {"type": "gpt", "vocab_size": 0, "block_size": 70, "n_layer": 2, "n_head": 3,
+            "n_embd": 96, "dropout": 0.1}
+WIDE_MLP = {"type": "mlp", "inputs": 784, "hidden": [1100, 300], "classes": 10,
+            "activation": "gelu", "dropout": 0.1}
+
+
 @pytest.mark.parametrize("model,args", [
     ("mlp-fashion.json", ("--batch", "128", "--steps", "8")),
     ("gpt-tiny.json", ("--batch", "8", "--steps", "6")),
-])
+    (WIDE_MLP, ("--batch", "100", "--steps", "4")),
+    (WIDE_GPT, ("--batch", "8", "--steps", "4")),
+], ids=["mlp-fashion", "gpt-tiny", "wide-mlp", "wide-gpt"])
 def test_one_and_two_threads_train_the_same_bits(run_arceus, tmp_path, fashion_dir, corpus, model, args):
     """--threads 1 and --threads 2 give bitwise the same weights and losses:
     every kernel's sums have a fixed order and split, whatever the threads
     (a replay of a stage on another machine depends on it)."""
-    data = fashion_dir if model.startswith("mlp") else corpus
+    if isinstance(model, dict):
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps(model))
+        is_mlp = model["type"] == "mlp"
+    else:
+        spec = CONFIGS / model
+        is_mlp = model.startswith("mlp")
+    data = fashion_dir if is_mlp else corpus
     runs = []
     for threads in ("1", "2"):
         out, log = tmp_path / f"t{threads}", tmp_path / f"t{threads}.jsonl"
-        run_arceus("train", "--model", CONFIGS / model, "--data", data, *args, "--eval-every", "0",
-                   "--threads", threads, "--out", out, "--log", log, "--quiet", check=True)
+        run_arceus("train", "--model", spec, "--data", data, *args, "--eval-every", "0",
+                   "--eval-batches", "1", "--threads", threads, "--out", out, "--log", log, "--quiet",
+                   check=True)
         runs.append(((out / "model.safetensors").read_bytes(), [r["loss"] for r in _step_lines(read_log(log))]))
     assert runs[0][1] == runs[1][1], "the losses differ between 1 and 2 threads"
     assert runs[0][0] == runs[1][0], "the weights differ between 1 and 2 threads"
+
+
+def test_every_sgemm_kernel_trains_the_same_bits(run_arceus, tmp_path, corpus, monkeypatch):
+    """The AVX-512, AVX2 and portable product kernels compute each element as
+    the same chain of fused multiply-adds: a machine without AVX-512 (a
+    verifier replaying a provider's step) gets the provider's bits."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(WIDE_GPT))
+    runs = {}
+    for kernel in ("avx512", "avx2", "portable"):
+        monkeypatch.setenv("ARCEUS_SGEMM_KERNEL", kernel)
+        out, log = tmp_path / kernel, tmp_path / f"{kernel}.jsonl"
+        run_arceus("train", "--model", spec, "--data", corpus, "--batch", "4", "--steps", "3",
+                   "--eval-every", "0", "--eval-batches", "1", "--threads", "2", "--out", out,
+                   "--log", log, "--quiet", check=True)
+        runs[kernel] = ((out / "model.safetensors").read_bytes(),
+                        [r["loss"] for r in _step_lines(read_log(log))])
+    for kernel in ("avx2", "portable"):
+        assert runs[kernel][1] == runs["avx512"][1], f"the losses differ with the {kernel} kernel"
+        assert runs[kernel][0] == runs["avx512"][0], f"the weights differ with the {kernel} kernel"

@@ -19,7 +19,7 @@ from pbwire import decode, field_bytes, field_f32, field_varint, varint
 
 grpc = pytest.importorskip("grpc")
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@
 
 #include <criterion/criterion.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -597,6 +598,79 @@ Test(market_rules, a_renter_out_of_credits_is_refused_and_nothing_is_overdrawn)
     cr_assert_eq(settle(&t, 1, &paid), AR_ELIMIT);
     cr_assert_eq(balance(t.s, t.renter), 0);
     cr_assert_eq(job_of(t.s, t.lease.job_id).spent, 2 * UNIT_COST);
+    assert_books(t.s);
+    ar_store_close(t.s);
+}
+
+/* Reports and heartbeats from many threads at once are committed in groups
+ * (store_sqlite.c, group_write): each succeeds or fails alone, with its own
+ * error for its own caller, and the money adds up as if each had been a
+ * transaction of its own. */
+#define GROUP_THREADS 8
+#define GROUP_STEPS 10
+
+typedef struct {
+    two_stages *t;
+    int index;
+    int paid, refused, other;     /* reported steps: paid, refused for money, anything else */
+    int beats, unknown_ok, bad_ok; /* heartbeats done; refusals that came with their own message */
+} group_worker;
+
+static void *group_main(void *arg)
+{
+    group_worker *g = arg;
+    ar_lease l = lease_of(g->t->s, g->t->lease.lease_id);
+    for (int k = 0; k < GROUP_STEPS; k++) {
+        int64_t step = g->index * GROUP_STEPS + k;
+        ar_stage_usage u[2] = {{.stage = 0, .provider_id = g->t->a, .flops = TF},
+                               {.stage = 1, .provider_id = g->t->b, .flops = TF}};
+        ar_step_settlement out;
+        int rc = ar_rules_settle_step(g->t->s, &l, step, u, 2, false, 0, &out);
+        g->paid += rc == AR_OK;
+        g->refused += rc == AR_ELIMIT && strstr(ar_last_error(), "credits") != NULL;
+        g->other += rc != AR_OK && rc != AR_ELIMIT;
+        g->beats += ar_store_provider_heartbeat(g->t->s, g->t->a) == AR_OK;
+        /* a heartbeat of no provider and a report of a stage not in the lease
+         * fail, in the same groups as the others, each with its own message */
+        char want[64];
+        snprintf(want, sizeof want, "no provider %d", 900000 + g->index);
+        g->unknown_ok += ar_store_provider_heartbeat(g->t->s, 900000 + g->index) == AR_ENOTFOUND &&
+                         strstr(ar_last_error(), want) != NULL;
+        ar_stage_usage bad[1] = {{.stage = 0, .provider_id = g->t->spare, .flops = TF}};
+        g->bad_ok += ar_rules_settle_step(g->t->s, &l, step, bad, 1, false, 0, &out) == AR_EINVAL &&
+                     strstr(ar_last_error(), "not in the lease") != NULL;
+    }
+    return NULL;
+}
+
+Test(market_rules, writes_committed_together_succeed_or_fail_each_alone)
+{
+    two_stages t;
+    /* 2 credits a step: 50 of the 80 steps can be paid */
+    lease_two(&t, AR_CREDITS(100), 0);
+    group_worker g[GROUP_THREADS];
+    pthread_t th[GROUP_THREADS];
+    for (int i = 0; i < GROUP_THREADS; i++) {
+        g[i] = (group_worker){.t = &t, .index = i};
+        cr_assert_eq(pthread_create(&th[i], NULL, group_main, &g[i]), 0);
+    }
+    int paid = 0, refused = 0, other = 0;
+    for (int i = 0; i < GROUP_THREADS; i++) {
+        pthread_join(th[i], NULL);
+        paid += g[i].paid;
+        refused += g[i].refused;
+        other += g[i].other;
+        cr_expect_eq(g[i].beats, GROUP_STEPS);
+        cr_expect_eq(g[i].unknown_ok, GROUP_STEPS);
+        cr_expect_eq(g[i].bad_ok, GROUP_STEPS);
+    }
+    cr_assert_eq(paid, 50);
+    cr_assert_eq(refused, GROUP_THREADS * GROUP_STEPS - 50);
+    cr_assert_eq(other, 0);
+    cr_assert_eq(balance(t.s, t.renter), 0);
+    cr_assert_eq(balance(t.s, t.owner_a), AR_CREDITS(50));
+    cr_assert_eq(balance(t.s, t.owner_b), AR_CREDITS(50));
+    cr_assert_eq(job_of(t.s, t.lease.job_id).spent, AR_CREDITS(100));
     assert_books(t.s);
     ar_store_close(t.s);
 }
