@@ -169,8 +169,16 @@ unit: $(TEST_BIN) ref
 	        echo "sanitizer report in $$t (see $$log)"; exit 1; fi; \
 	done
 
-e2e: $(BIN)
-	ARCEUS_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q tests/e2e
+e2e: $(BIN) $(WAN_RELAY)
+	ARCEUS_BIN=$(abspath $(BIN)) WAN_RELAY_BIN=$(abspath $(WAN_RELAY)) $(PYTHON) -m pytest -q tests/e2e
+
+# The emulated WAN link (bench/wan_relay.c): standalone, used by bench/wan.py
+# and the e2e tests of slow links. A test tool, not code under test: always
+# the optimized build, whose timing is what the tests check.
+WAN_RELAY := build/release/bench/wan_relay
+$(WAN_RELAY): bench/wan_relay.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) -O2 -g -o $@ $<
 
 $(OUT)/bench/link_bench: bench/link_bench.c $(LIB)
 	@mkdir -p $(dir $@)
@@ -183,10 +191,11 @@ $(OUT)/bench/market_loadgen: bench/market_loadgen.c $(LIB)
 	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(DEP_LIBS)
 
 bench: deps
-	$(MAKE) all $(OUT)/bench/link_bench $(OUT)/bench/market_loadgen
+	$(MAKE) all $(OUT)/bench/link_bench $(OUT)/bench/market_loadgen $(WAN_RELAY)
 	$(PYTHON) bench/run.py --arceus $(abspath $(BIN))
 	$(OUT)/bench/link_bench
 	$(PYTHON) bench/pipeline.py --arceus $(abspath $(BIN))
+	$(PYTHON) bench/wan.py --arceus $(abspath $(BIN)) --relay $(abspath $(WAN_RELAY))
 	$(PYTHON) bench/tp.py --arceus $(abspath $(BIN))
 	$(PYTHON) bench/market_load.py --arceus $(abspath $(BIN)) --loadgen $(abspath $(OUT)/bench/market_loadgen)
 

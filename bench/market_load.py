@@ -126,9 +126,12 @@ class Market:
     def __init__(self, arceus, db):
         # The simulated providers have no workers: the market must not dial
         # them (--reach-timeout 0), and their addresses are loopback ones
-        # anyway, so nothing here can reach beyond this machine.
+        # anyway, so nothing here can reach beyond this machine. On a busy
+        # machine the setup (2,000 registrations, then a beat each, then the
+        # leases) takes longer than the default 15 s of silence after which a
+        # provider is offline: 60 s here (the providers beat every 5 s).
         self.proc = subprocess.Popen([arceus, "market", "--listen", "127.0.0.1:0", "--db", db,
-                                      "--http", "127.0.0.1:0", "--reach-timeout", "0"],
+                                      "--http", "127.0.0.1:0", "--reach-timeout", "0", "--offline-after", "60"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.addr = self.http_port = None
         for _ in range(2):

@@ -1,6 +1,9 @@
 /* libFuzzer harness: a Pipe message as a worker receives it (src/net/link.c
  * on_recv): the Frame decoder, the frames coalesced into it (Frame.more) and
- * ar_frame_validate, then every payload copied out of the message.
+ * ar_frame_validate, then every payload copied out of the message and, as
+ * g_recv and ar_link_recv do, a compressed one (bf16, int8 with its scales)
+ * checked and decompressed: bad scales, NaN and blocks cut short must end in
+ * an error, never a crash or a read past the payload.
  *
  * gRPC hands a message over as a list of slices whose boundaries fall
  * anywhere; the first input byte chooses where the rest is cut, so the
@@ -31,6 +34,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (int k = 0; k < count; k++) {
             if (net_payload_copy(bb, payload_at[k], fs[k].nbytes, &fs[k].data) != AR_OK)
                 abort(); /* the decoder promised the payload is there */
+            int compressed = fs[k].dtype == AR_DT_BF16 || fs[k].dtype == AR_DT_Q8;
+            int checked = ar_frame_check_compressed(&fs[k]);
+            int rc = ar_frame_decompress(&fs[k]);
+            if (rc != checked && rc != AR_ENOMEM)
+                abort(); /* decompressing refuses exactly what the check does */
+            if (rc == AR_OK && compressed &&
+                (fs[k].dtype != AR_DT_F32 || fs[k].nbytes != ar_payload_bytes(AR_DT_F32, fs[k].nbytes / 4)))
+                abort();
             ar_frame_free(&fs[k]);
         }
     }

@@ -63,6 +63,17 @@ write("frame", "coalesced", b"\x0b" + frame(1, step=1, mb=0, nmb=2, rows=2, dtyp
                                             payload=struct.pack("<2i", 4, 5),
                                             more=[grad, frame(9, step=2)]))
 write("frame", "norm-f64", b"\0" + frame(3, dtype=2, shape=(2,), payload=struct.pack("<2d", 1, 2)))
+# compressed tensors (dtype 4 bf16, 5 int8: a float32 scale per block of 256, the
+# scales first): an int8 activation of 2 x 300 values (3 blocks), a bf16 gradient,
+# a tensor-parallel bf16 reply, and a probe's burst frame
+q8 = struct.pack("<3f", 0.5, 0.25, 0.0) + bytes((i * 7) % 255 - 127 & 0xff for i in range(600))
+write("frame", "act-int8", b"\x09" + frame(1, step=4, mb=0, nmb=2, rows=2, dtype=5, shape=(2, 300),
+                                           targets=struct.pack("<2i", 1, 0), payload=q8))
+write("frame", "grad-bf16", b"\x05" + frame(2, step=4, mb=1, nmb=2, rows=1, dtype=4, shape=(1, 256),
+                                            scalars=(0.5,), payload=struct.pack("<256H", *([0x3f80] * 256))))
+write("frame", "tp-bf16", b"\0" + frame(12, step=1, mb=1, rows=1, dtype=4, shape=(256,), scalars=(1,),
+                                        payload=struct.pack("<256H", *range(256))))
+write("frame", "probe-data", b"\0" + frame(13, dtype=3, shape=(16,), scalars=(4, 1, 4), payload=bytes(16)))
 
 # ---- safetensors -------------------------------------------------------------
 def safetensors(tensors, meta=None):

@@ -484,7 +484,31 @@ function planCard(plan, providers) {
   });
   card.append(flow, el("p", { class: "sub", style: "margin:12px 0 0" },
     `${plan.stages.length} stages, ${plan.micro_batches} micro-batches per step, schedule ${plan.schedule}; predicted bubble ${fmtNum(100 * plan.predicted_bubble, 1)}%`));
+  if (plan.links && plan.links.length) card.append(linksTable(plan.links));
   return card;
+}
+
+/* The links along the pipeline: each one's bandwidth each way and round trip
+ * as the driver measured them, the compression on it, and the megabytes per
+ * step it carries each way, predicted and moved (as sent; as float32). */
+function linksTable(links) {
+  const mb = x => fmtNum(x, 3);
+  const measured = l => l.down_mb_s > 0;
+  const rows = links.map(l => el("tr", { class: "link-row", "data-stage": l.stage },
+    el("td", { class: "mono" }, `${l.from} → ${l.to}`),
+    el("td", { class: "num" }, measured(l) ? fmtNum(l.down_mb_s, 2) : "–"),
+    el("td", { class: "num" }, measured(l) ? fmtNum(l.up_mb_s, 2) : "–"),
+    el("td", { class: "num" }, measured(l) ? fmtNum(l.rtt_ms, 1) : "–"),
+    el("td", {}, l.compress),
+    el("td", { class: "num" }, `${mb(l.predicted_mb[0])} / ${mb(l.predicted_mb[1])}`),
+    el("td", { class: "num" }, l.moved_mb[0] + l.moved_mb[1] > 0
+      ? `${mb(l.moved_mb[0])} / ${mb(l.moved_mb[1])}` : "–"),
+    el("td", { class: "num" }, l.moved_mb[0] + l.moved_mb[1] > 0
+      ? `${mb(l.moved_raw_mb[0])} / ${mb(l.moved_raw_mb[1])}` : "–")));
+  return el("table", { class: "links", style: "margin-top:12px" },
+    el("thead", {}, el("tr", {}, ["link", "MB/s down", "MB/s up", "RTT ms", "compression", "predicted MB/step down / up",
+      "moved MB/step down / up", "as float32"].map((h, i) => el("th", { class: i && i !== 4 ? "num" : "" }, h)))),
+    el("tbody", {}, rows));
 }
 
 /* The pipeline over time, per stage: between two samples of the driver's

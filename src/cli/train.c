@@ -4,6 +4,7 @@
 #include "nn/spec.h"
 #include "market/money.h"
 #include "run/driver.h"
+#include "train/frame.h"
 #include "train/schedule.h"
 
 #include <stdint.h>
@@ -46,6 +47,8 @@ static int parse_workers(const ar_option_ctx *ctx, const char *v, void *opts)
 
 static const ar_option_choice optimizers[] = {{"adamw", AR_OPT_ADAMW}, {"sgd", AR_OPT_SGD}, {0}};
 static const ar_option_choice schedules[] = {{"gpipe", AR_SCHED_GPIPE}, {"1f1b", AR_SCHED_1F1B}, {0}};
+static const ar_option_choice compressions[] = {{"none", AR_COMPRESS_NONE}, {"bf16", AR_COMPRESS_BF16},
+                                                {"int8", AR_COMPRESS_INT8}, {"auto", AR_COMPRESS_AUTO}, {0}};
 
 /* The defaults are ar_train_config_defaults' (they depend on the model
  * type), so the rows only say them (def_text). given_bit marks the recipe
@@ -124,6 +127,13 @@ static const ar_option pipeline_options[] = {
      .help = "split each batch into M micro-batches"},
     {.name = "schedule", .kind = AR_OPTION_ENUM, AT(c.schedule), .choices = schedules, .metavar = "NAME",
      .def_text = "1f1b", .help = "pipeline schedule"},
+    {.name = "compress", .kind = AR_OPTION_ENUM, AT(c.compress), .choices = compressions, .metavar = "NAME",
+     .def_text = "auto",
+     .help = "how activations and their gradients cross the links between stages (and inside a "
+             "tensor-parallel group): none (float32, results bitwise those of one device), bf16, int8 (a "
+             "scale per 256 values), or auto: per link, the least lossy that keeps the link's measured "
+             "bandwidth off the critical path (none on fast links and in-process); the stages compute in "
+             "float32 either way"},
     {.name = "plan", .kind = AR_OPTION_STRING, AT(c.plan), .metavar = "auto|SPEC", .def_text = "auto",
      .help = "how layers are split over the stages: auto (the planner, from each worker's measured speed "
              "and memory; it may put a GPT's blocks on a tensor-parallel group) or e.g. \"0-2,3-5,6-7\" "

@@ -53,9 +53,32 @@ static bool add_stage(cJSON *stages, size_t index, const ar_market_plan_stage *s
     return ok;
 }
 
+static bool add_pair(cJSON *obj, const char *key, double a, double b)
+{
+    double v[2] = {a, b};
+    cJSON *arr = cJSON_CreateDoubleArray(v, 2);
+    if (arr && cJSON_AddItemToObject(obj, key, arr))
+        return true;
+    cJSON_Delete(arr);
+    return false;
+}
+
+static bool add_link(cJSON *links, const ar_market_plan_link *l)
+{
+    cJSON *jl = push_object(links);
+    return jl && cJSON_AddNumberToObject(jl, "stage", l->stage) &&
+           cJSON_AddStringToObject(jl, "from", l->from ? l->from : "") &&
+           cJSON_AddStringToObject(jl, "to", l->to ? l->to : "") &&
+           cJSON_AddNumberToObject(jl, "down_mb_s", l->down_mb_s) && cJSON_AddNumberToObject(jl, "up_mb_s", l->up_mb_s) &&
+           cJSON_AddNumberToObject(jl, "rtt_ms", l->rtt_ms) &&
+           cJSON_AddStringToObject(jl, "compress", l->compress ? l->compress : "") &&
+           add_pair(jl, "predicted_mb", l->predicted_down_mb, l->predicted_up_mb) &&
+           add_pair(jl, "moved_mb", l->down_mb, l->up_mb) && add_pair(jl, "moved_raw_mb", l->down_raw_mb, l->up_raw_mb);
+}
+
 char *ar_dashboard_plan_json(const ar_market_plan *p)
 {
-    cJSON *root = cJSON_CreateObject(), *stages = NULL;
+    cJSON *root = cJSON_CreateObject(), *stages = NULL, *links = NULL;
     bool ok = root && cJSON_AddStringToObject(root, "model", p->model ? p->model : "") &&
               cJSON_AddNumberToObject(root, "micro_batches", p->micro_batches) &&
               cJSON_AddStringToObject(root, "schedule", p->schedule ? p->schedule : "") &&
@@ -63,6 +86,9 @@ char *ar_dashboard_plan_json(const ar_market_plan *p)
               (stages = cJSON_AddArrayToObject(root, "stages"));
     for (size_t i = 0; ok && i < p->n_stages; i++)
         ok = add_stage(stages, i, &p->stages[i]);
+    ok = ok && (links = cJSON_AddArrayToObject(root, "links"));
+    for (size_t i = 0; ok && i < p->n_links; i++)
+        ok = add_link(links, &p->links[i]);
     char *text = ok ? cJSON_PrintUnformatted(root) : NULL;
     cJSON_Delete(root);
     return text;

@@ -31,7 +31,19 @@ typedef struct {
     ar_market_plan_member members[AR_PLAN_MAX_GROUP];
 } ar_market_plan_stage;
 
-/* A whole plan: its stages in pipeline order. */
+/* The link into stage `stage` (from the driver, for stage 0): measured
+ * figures (0 when not measured), its compression, and megabytes per step
+ * each way, predicted and moved so far (as sent, and as float32). */
+typedef struct {
+    int stage;
+    const char *from, *to;
+    double down_mb_s, up_mb_s, rtt_ms;
+    const char *compress;
+    double predicted_down_mb, predicted_up_mb;
+    double down_mb, up_mb, down_raw_mb, up_raw_mb;
+} ar_market_plan_link;
+
+/* A whole plan: its stages in pipeline order, and its links. */
 typedef struct {
     const char *model;    /* the model in words */
     const char *schedule; /* the pipeline schedule's name */
@@ -39,13 +51,17 @@ typedef struct {
     double predicted_bubble; /* 0..1 */
     size_t n_stages;
     const ar_market_plan_stage *stages;
+    size_t n_links;
+    const ar_market_plan_link *links;
 } ar_market_plan;
 
 /* The plan as the dashboard's JSON document:
  *   {"model", "micro_batches", "schedule", "predicted_bubble",
  *    "stages": [{"stage", "first_unit", "last_unit", "layers", "predicted_ms",
  *                "members": [{"provider_id", "device"
- *                             [, "share", "heads": [b, e], "hidden": [b, e]]}]}]}
+ *                             [, "share", "heads": [b, e], "hidden": [b, e]]}]}],
+ *    "links": [{"stage", "from", "to", "down_mb_s", "up_mb_s", "rtt_ms", "compress",
+ *               "predicted_mb": [down, up], "moved_mb": [down, up], "moved_raw_mb": [down, up]}]}
  * (a share and its non-empty ranges only for a tensor-parallel member).
  * NULL when memory runs out; the text is freed with free(). */
 char *ar_dashboard_plan_json(const ar_market_plan *p);

@@ -807,6 +807,22 @@ static void on_send(net_tag *t, int ok)
     link_unref(l);
 }
 
+/* A bad message from the peer: the stream ends with INVALID_ARGUMENT (the
+ * peer learns why) and nothing more is received. mu held. */
+static void fail_invalid_locked(glink *l, const char *msg)
+{
+    l->recv_done = 1;
+    l->failed = 1;
+    l->status = GRPC_STATUS_INVALID_ARGUMENT;
+    snprintf(l->err, sizeof l->err, "%s: %s", l->base.name, msg);
+    ar_log(AR_LOG_ERROR, "%s: %s", l->base.name, msg);
+    if (l->is_server && l->rpc)
+        net_rpc_send_status_async(l->rpc, GRPC_STATUS_INVALID_ARGUMENT, msg);
+    else if (!l->is_server)
+        grpc_call_cancel_with_status(l->call, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
+    pthread_cond_broadcast(&l->cv);
+}
+
 static void on_recv(net_tag *t, int ok)
 {
     glink *l = ((link_tag *)t)->l;
@@ -912,15 +928,7 @@ static void on_recv(net_tag *t, int ok)
     if (!got) {
         l->recv_done = 1;
     } else if (rc != AR_OK) {
-        l->recv_done = 1;
-        l->failed = 1;
-        l->status = GRPC_STATUS_INVALID_ARGUMENT;
-        snprintf(l->err, sizeof l->err, "%s: %s", l->base.name, msg);
-        ar_log(AR_LOG_ERROR, "%s: %s", l->base.name, msg);
-        if (l->is_server && l->rpc)
-            net_rpc_send_status_async(l->rpc, GRPC_STATUS_INVALID_ARGUMENT, msg);
-        else if (!l->is_server)
-            grpc_call_cancel_with_status(l->call, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
+        fail_invalid_locked(l, msg);
     } else {
         if (first) {
             if (l->in_tail)
@@ -1077,6 +1085,18 @@ static int g_recv(ar_link *al, ar_frame *f, double timeout_s)
                 ar_frame_free(f);
         }
         free(m);
+        /* a compressed payload's scales and values, checked here, on the
+         * receiving thread (the event loop only parsed the header): a bad
+         * one ends the stream like any bad frame */
+        if (rc == AR_OK && (rc = ar_frame_check_compressed(f)) != AR_OK) {
+            char msg[512];
+            snprintf(msg, sizeof msg, "bad frame: %s", ar_last_error());
+            ar_frame_free(f);
+            pthread_mutex_lock(&l->mu);
+            fail_invalid_locked(l, msg);
+            pthread_mutex_unlock(&l->mu);
+            rc = ar_fail(AR_EPROTO, "%s: %s", al->name, msg);
+        }
         return rc;
     }
     int rc;

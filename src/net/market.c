@@ -295,9 +295,11 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
                    req->unavailable ? "unavailable" : "available again", req->unavailable ? ": " : "",
                    req->unavailable ? req->unavailable_why : "");
     }
-    /* a graceful leave: its renter may hand its place over (HandOver) */
-    if (rc == AR_OK && (rc = ar_store_provider_set_leaving(m->store, req->provider_id, req->leaving)) == AR_OK &&
-        req->leaving != (p.leaving_since != 0))
+    /* a graceful leave: its renter may hand its place over (HandOver).
+     * Written when it changes only: every heartbeat says it, and the
+     * heartbeats of many providers share their commits (ar_store_provider_beat) */
+    if (rc == AR_OK && req->leaving != (p.leaving_since != 0) &&
+        (rc = ar_store_provider_set_leaving(m->store, req->provider_id, req->leaving)) == AR_OK)
         ar_log(AR_LOG_INFO, "market: provider %lld %s", (long long)p.id,
                req->leaving ? "is leaving its lease" : "is no longer leaving");
     /* a provider the market could not reach is checked again as it beats
@@ -1005,14 +1007,53 @@ static bool plan_ok(const Arceus__JobPlan *p, char *why, size_t why_size)
             }
         }
     }
+    /* the links: one per stage at most, in order, from the driver or a
+     * device, with figures and megabytes that are numbers a page can show */
+    if (p->n_links > p->n_stages) {
+        snprintf(why, why_size, "plan: %zu links for %zu stages", p->n_links, p->n_stages);
+        return false;
+    }
+    for (size_t i = 0; i < p->n_links; i++) {
+        const Arceus__PlanLink *l = p->links[i];
+        char bad[160];
+        const char *c = l->compress;
+        bool figures = finite_nonneg(l->down_mb_s) && finite_nonneg(l->up_mb_s) && finite_nonneg(l->rtt_ms) &&
+                       l->down_mb_s < 1e9 && l->up_mb_s < 1e9 && l->rtt_ms < 1e7;
+        bool mb = finite_nonneg(l->predicted_down_mb) && finite_nonneg(l->predicted_up_mb) &&
+                  finite_nonneg(l->down_mb) && finite_nonneg(l->up_mb) && finite_nonneg(l->down_raw_mb) &&
+                  finite_nonneg(l->up_raw_mb) && l->predicted_down_mb < 1e9 && l->predicted_up_mb < 1e9 &&
+                  l->down_mb < 1e9 && l->up_mb < 1e9 && l->down_raw_mb < 1e9 && l->up_raw_mb < 1e9;
+        if (l->stage != i || !figures || !mb || (strcmp(c, "none") && strcmp(c, "bf16") && strcmp(c, "int8"))) {
+            snprintf(why, why_size, "plan: link %zu (into stage %u, compression %.16s) out of order or range", i,
+                     l->stage, c);
+            return false;
+        }
+        if ((i > 0 || strcmp(l->from, "driver") != 0) && !address_ok(l->from, bad, sizeof bad)) {
+            snprintf(why, why_size, "plan: link %zu from: %s", i, bad);
+            return false;
+        }
+        if (!address_ok(l->to, bad, sizeof bad)) {
+            snprintf(why, why_size, "plan: link %zu to: %s", i, bad);
+            return false;
+        }
+    }
     return true;
 }
 
 /* A checked plan as the market's plain struct (the dashboard's JSON is
  * built from it in src/market): stages[] is the caller's room for
  * p->n_stages stages; the texts point into the request. */
-static void plan_from(const Arceus__JobPlan *p, ar_market_plan_stage *stages, ar_market_plan *out)
+static void plan_from(const Arceus__JobPlan *p, ar_market_plan_stage *stages, ar_market_plan_link *links,
+                      ar_market_plan *out)
 {
+    for (size_t i = 0; i < p->n_links; i++) {
+        const Arceus__PlanLink *l = p->links[i];
+        links[i] = (ar_market_plan_link){.stage = (int)l->stage, .from = l->from, .to = l->to,
+                                         .down_mb_s = l->down_mb_s, .up_mb_s = l->up_mb_s, .rtt_ms = l->rtt_ms,
+                                         .compress = l->compress, .predicted_down_mb = l->predicted_down_mb,
+                                         .predicted_up_mb = l->predicted_up_mb, .down_mb = l->down_mb,
+                                         .up_mb = l->up_mb, .down_raw_mb = l->down_raw_mb, .up_raw_mb = l->up_raw_mb};
+    }
     for (size_t i = 0; i < p->n_stages; i++) {
         const Arceus__PlanStage *st = p->stages[i];
         ar_market_plan_stage *q = &stages[i];
@@ -1028,7 +1069,8 @@ static void plan_from(const Arceus__JobPlan *p, ar_market_plan_stage *stages, ar
         }
     }
     *out = (ar_market_plan){.model = p->model, .schedule = p->schedule, .micro_batches = (int)p->micro_batches,
-                            .predicted_bubble = p->predicted_bubble, .n_stages = p->n_stages, .stages = stages};
+                            .predicted_bubble = p->predicted_bubble, .n_stages = p->n_stages, .stages = stages,
+                            .n_links = p->n_links, .links = links};
 }
 
 static void on_report_progress(ar_rpc *rpc, void *user)
@@ -1040,6 +1082,7 @@ static void on_report_progress(ar_rpc *rpc, void *user)
         return;
     ar_lease lease;
     ar_market_plan_stage *stages = NULL;
+    ar_market_plan_link *links = NULL;
     char why[300];
     if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
         goto out;
@@ -1072,11 +1115,13 @@ static void on_report_progress(ar_rpc *rpc, void *user)
     }
     ar_market_plan plan;
     if (req->plan) {
-        if (!(stages = calloc(req->plan->n_stages, sizeof *stages))) {
+        stages = calloc(req->plan->n_stages, sizeof *stages);
+        links = calloc(req->plan->n_links ? req->plan->n_links : 1, sizeof *links);
+        if (!stages || !links) {
             ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "ReportProgress: out of memory for the plan");
             goto out;
         }
-        plan_from(req->plan, stages, &plan);
+        plan_from(req->plan, stages, links, &plan);
     }
     ar_market_progress_report report = {
         .live = {.step = req->step, .total_steps = req->total_steps, .items_per_s = req->items_per_s,
@@ -1093,6 +1138,7 @@ static void on_report_progress(ar_rpc *rpc, void *user)
     net_rpc_reply(rpc, &r.base);
 out:
     free(stages);
+    free(links);
     arceus__report_progress_request__free_unpacked(req, NULL);
 }
 

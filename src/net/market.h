@@ -180,9 +180,11 @@ typedef struct {
     double wall_s;             /* wall time of the training steps so far */
     size_t n_stages;           /* busy_s[i], idle_s[i]: stage i since the run began */
     const double *busy_s, *idle_s;
-    /* the plan, when n_plan > 0 */
+    /* the plan, when n_plan > 0, with its links (n_links of them) */
     size_t n_plan;
     const ar_market_plan_stage *plan;
+    size_t n_links;
+    const ar_market_plan_link *links;
     const char *model, *schedule;
     int micro_batches;
     double predicted_bubble;

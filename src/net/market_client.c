@@ -466,7 +466,31 @@ int ar_market_progress_pack(const char *lease_token, const ar_market_progress *p
         ps[i] = x;
         psp[i] = &ps[i];
     }
+    if (p->n_links > AR_MARKET_MAX_DEVICES)
+        return ar_fail(AR_EINVAL, "%zu plan links: at most %d", p->n_links, AR_MARKET_MAX_DEVICES);
+    Arceus__PlanLink pl[AR_MARKET_MAX_DEVICES], *plp[AR_MARKET_MAX_DEVICES];
+    for (size_t i = 0; i < p->n_links; i++) {
+        const ar_market_plan_link *l = &p->links[i];
+        Arceus__PlanLink x = ARCEUS__PLAN_LINK__INIT;
+        x.stage = (uint32_t)l->stage;
+        x.from = (char *)(l->from ? l->from : "");
+        x.to = (char *)(l->to ? l->to : "");
+        x.down_mb_s = l->down_mb_s;
+        x.up_mb_s = l->up_mb_s;
+        x.rtt_ms = l->rtt_ms;
+        x.compress = (char *)(l->compress ? l->compress : "");
+        x.predicted_down_mb = l->predicted_down_mb;
+        x.predicted_up_mb = l->predicted_up_mb;
+        x.down_mb = l->down_mb;
+        x.up_mb = l->up_mb;
+        x.down_raw_mb = l->down_raw_mb;
+        x.up_raw_mb = l->up_raw_mb;
+        pl[i] = x;
+        plp[i] = &pl[i];
+    }
     Arceus__JobPlan plan = ARCEUS__JOB_PLAN__INIT;
+    plan.n_links = p->n_plan > 0 ? p->n_links : 0;
+    plan.links = plp;
     plan.n_stages = p->n_plan;
     plan.stages = psp;
     plan.micro_batches = (uint32_t)p->micro_batches;

@@ -12,8 +12,12 @@
 /* 2: tensor-parallel Load roles and shares, group traffic in NORM records;
  * 3: sessions (LoadReply.session, required by Save, Restore and Pipe);
  * 4: a stage's flags in its NORM record (its device leaving);
- * 5: digest words in NORM records (the stage record grew a field), LoadRequest.commit_digests */
-#define AR_PROTOCOL_VERSION 5
+ * 5: slow links: PROBE frames, compressed tensors (bf16, int8 with a scale
+ *    per block), link traffic in NORM records, Load's extra warm-up and
+ *    compression
+ * 6: digest words in NORM records (the stage record grew a field),
+ *    LoadRequest.commit_digests, the AuditMaterial RPC */
+#define AR_PROTOCOL_VERSION 6
 #define AR_NET_DEFAULT_MAX_FRAME ((size_t)1 << 30)
 #define AR_NET_CHUNK_BYTES ((size_t)1 << 20) /* Save/Restore chunks */
 /* A stage's session secret (LoadReply.session): 32 random bytes, hex */

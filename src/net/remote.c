@@ -100,6 +100,10 @@ int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params, char s
     req.threads = (uint32_t)(a->threads > 0 ? a->threads : 0);
     req.ticket = (char *)(a->ticket ? a->ticket : "");
     req.next_session = (char *)(a->next_session ? a->next_session : "");
+    req.extra_warmup = (uint32_t)(a->extra_warmup > 0 ? a->extra_warmup : 0);
+    req.compress_up = (uint32_t)a->compress_up;
+    req.compress_down = (uint32_t)a->compress_down;
+    req.compress_tp = (uint32_t)a->compress_tp;
     req.commit_digests = a->commit_digests != 0;
     /* the members' shares: heads (GPT) and hidden units of every shard */
     Arceus__TpShare shares[AR_PLAN_MAX_GROUP], *share_ptrs[AR_PLAN_MAX_GROUP];

@@ -147,6 +147,10 @@ typedef struct {
      * when none), and a leader's members' (sessions[k] for member k >= 1) */
     const char *next_session;
     const char *sessions[AR_PLAN_MAX_GROUP];
+    /* slow links (LoadRequest.extra_warmup, compress_*): enum ar_compress
+     * codecs, never AUTO */
+    int extra_warmup;
+    int compress_up, compress_down, compress_tp;
     int commit_digests; /* the stage commits digests of every step (pipeline.h) */
 } ar_load_args;
 

@@ -53,6 +53,9 @@ struct ar_worker {
     ar_link *pipe_up; /* the running Pipe's upstream (belongs to its rpc); NULL when none */
     ar_stage *stage; /* on the heap: a stage holds pointers into itself; NULL on a rank */
     int schedule, index, count, load_threads;
+    /* slow links (the Load's): warm-up beyond the default, and the codecs of
+     * what the stage sends up, down and to its group */
+    int extra_warmup, compress_up, compress_down, compress_tp;
     /* tensor parallelism: the role Load gave (AR_LOAD_*), the shards served
      * (a rank's, or a leader's own share), and a leader's members: clients
      * of members 1.., and the links its stage's blocks call, open while a
@@ -449,10 +452,13 @@ int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_sp
     if (req->stage_count < 1 || req->stage_count > 64 || req->stage_index >= req->stage_count ||
         req->micro_batches < 1 || req->micro_batches > 4096 || req->micro_batch_rows < 1 ||
         req->micro_batch_rows > (1u << 20) || req->schedule > AR_SCHED_1F1B ||
-        (oc && oc->kind > AR_OPT_SGD) || req->threads > 1024)
+        (oc && oc->kind > AR_OPT_SGD) || req->threads > 1024 || req->extra_warmup > req->micro_batches ||
+        req->compress_up > AR_COMPRESS_INT8 || req->compress_down > AR_COMPRESS_INT8 ||
+        req->compress_tp > AR_COMPRESS_INT8)
         return ar_fail(AR_EINVAL, "Load arguments out of range (stage %u of %u, %u micro-batches of %u "
-                       "rows, schedule %u)", req->stage_index, req->stage_count, req->micro_batches,
-                       req->micro_batch_rows, req->schedule);
+                       "rows, schedule %u, %u extra warm-up, compression %u/%u/%u)", req->stage_index,
+                       req->stage_count, req->micro_batches, req->micro_batch_rows, req->schedule,
+                       req->extra_warmup, req->compress_up, req->compress_down, req->compress_tp);
     if (oc && !(isfinite(oc->beta1) && isfinite(oc->beta2) && isfinite(oc->eps) &&
                 isfinite(oc->weight_decay) && oc->beta1 >= 0 && oc->beta1 < 1 && oc->beta2 >= 0 &&
                 oc->beta2 < 1 && oc->eps >= 0 && oc->weight_decay >= 0))
@@ -479,8 +485,8 @@ int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_sp
                                : check_group(req, spec, fb, nb)) != AR_OK)
             return rc;
     }
-    *slots = ar_plan_slots((int)req->schedule, (int)req->stage_count, (int)req->stage_index,
-                           (int)req->micro_batches);
+    *slots = ar_plan_slots_ex((int)req->schedule, (int)req->stage_count, (int)req->stage_index,
+                              (int)req->micro_batches, (int)req->extra_warmup);
     /* what building the stage would allocate, priced before it does */
     ar_unit_cost *costs = calloc((size_t)units, sizeof *costs);
     if (!costs)
@@ -642,6 +648,10 @@ static void on_load(ar_rpc *rpc, void *user)
     w->seed = req->seed;
     w->commit_digests = req->commit_digests;
     w->load_threads = (int)req->threads;
+    w->extra_warmup = (int)req->extra_warmup;
+    w->compress_up = (int)req->compress_up;
+    w->compress_down = (int)req->compress_down;
+    w->compress_tp = (int)req->compress_tp;
     long params = (w->stage ? w->stage->param_floats : 0) + (w->rank ? w->rank->param_floats : 0);
     pthread_mutex_unlock(&w->mu);
     held_free(&old);
@@ -730,6 +740,7 @@ static int open_members(ar_worker *w, own_share *own, int threads)
         if ((rc = ar_client_pipe_session(w->member_clients[k], name, w->max_frame, w->member_sessions[k],
                                          &w->member_links[k])) != AR_OK)
             return ar_fail(rc, "tensor-parallel member %d (%s): %s", k, name, ar_last_error());
+        w->member_links[k]->compress = w->compress_tp;
     }
     return AR_OK;
 }
@@ -737,6 +748,7 @@ static int open_members(ar_worker *w, own_share *own, int threads)
 /* A rank's Pipe: its leader's operations until STOP or the leader leaves. */
 static void serve_rank(ar_worker *w, ar_rpc *rpc, ar_link *up)
 {
+    up->compress = w->compress_tp; /* its replies to the leader */
     set_threads(w->load_threads > 0 ? w->load_threads : w->threads);
     if (ar_tp_rank_serve(w->rank, up) == AR_OK)
         ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
@@ -756,7 +768,10 @@ static void serve_stage(ar_worker *w, ar_rpc *rpc, ar_link *up)
     if (w->next) {
         snprintf(down_name, sizeof down_name, "stage %d (%.40s)", w->index + 1, ar_client_addr(w->next));
         rc = ar_client_pipe_session(w->next, down_name, w->max_frame, w->next_session, &down);
+        if (rc == AR_OK)
+            down->compress = w->compress_down;
     }
+    up->compress = w->compress_up;
     if (rc == AR_OK && w->role == AR_LOAD_LEADER)
         rc = open_members(w, &own, threads);
     if (rc != AR_OK) {
@@ -779,7 +794,8 @@ static void serve_stage(ar_worker *w, ar_rpc *rpc, ar_link *up)
                          .seed = w->seed,
                          .timeout_s = -1,
                          .digests = w->commit_digests,
-                         .leaving = &w->leaving};
+                         .leaving = &w->leaving,
+                         .extra_warmup = w->extra_warmup};
     rc = ar_stage_serve(&r);
     ar_net_link_close_also(up, NULL);
     if (rc == AR_OK) {

@@ -29,6 +29,7 @@ void ar_train_config_defaults(ar_train_config *c, int model_type)
     c->micro_batches = 1;
     c->stages = 1;
     c->schedule = 1; /* 1F1B */
+    c->compress = AR_COMPRESS_AUTO;
     /* measured on Fashion-MNIST, 1 epoch: lr 1e-3 gives 85.1%, 3e-3 gives 86.2-86.4% */
     c->lr = model_type == AR_MODEL_GPT ? 1e-3f : 3e-3f;
     c->min_lr = 1e-4f;
@@ -340,29 +341,35 @@ static int parse_workers(run *r, const char *list)
 
 /* Split the model's units over the devices: the planner's choice, or the
  * user's --plan. Devices the plan leaves out are dropped. */
-static int make_plan(run *r, int ndev)
+static int make_plan(run *r, int ndev, int print)
 {
     ar_train_config *c = r->c;
     int units = ar_spec_units(&r->spec);
     ar_unit_cost *costs = ar_calloc((size_t)units, sizeof *costs);
     if (!costs)
         return AR_ENOMEM;
+    /* the links as measured (the driver's own, when a worker holds stage 0) */
+    ar_plan_opts opts = {.compress = c->compress};
+    for (int i = 0; r->remote && i < r->nlinks; i++)
+        if (!r->links[i].from[0])
+            opts.driver = r->links[i].f;
     int rc = ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs);
     if (rc == AR_OK && r->leased) {
-        /* a lease fixes the split (and with it the price of a step) */
+        /* a lease fixes the split (and with it the price of a step); the
+         * links' compression and warm-up are the driver's to choose */
         if ((rc = driver_lease_plan(r, &r->plan)) == AR_OK)
-            rc = ar_plan_estimate(&r->plan, costs, units, r->devs, ndev, r->M, c->schedule);
+            rc = ar_plan_estimate_ex(&r->plan, costs, units, r->devs, ndev, r->M, c->schedule, &opts);
     } else if (rc == AR_OK) {
         if (c->plan && strcmp(c->plan, "auto") != 0) {
             rc = ar_plan_parse_devices(c->plan, units, r->devs, ndev, &r->plan);
             if (rc == AR_OK)
-                rc = ar_plan_estimate(&r->plan, costs, units, r->devs, ndev, r->M, c->schedule);
+                rc = ar_plan_estimate_ex(&r->plan, costs, units, r->devs, ndev, r->M, c->schedule, &opts);
 
         } else {
-            rc = ar_plan_auto(costs, units, r->devs, ndev, r->M, c->schedule, &r->plan);
+            rc = ar_plan_auto_ex(costs, units, r->devs, ndev, r->M, c->schedule, &opts, &r->plan);
         }
     }
-    if (rc == AR_OK && !c->quiet) {
+    if (rc == AR_OK && !c->quiet && print) {
         long params = ar_spec_param_count(&r->spec);
         printf("model: %s, %ld parameters (%.2fM)\n", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
                params, params / 1e6);
@@ -395,11 +402,32 @@ static void print_group_shares(const run *r, int i)
 
 static int load_stages(run *r, int restore);
 
+/* What was measured of the link from `from` ("" for the driver) to `to`;
+ * NULL when it was not. */
+static const ar_link_figures *link_known(const run *r, const char *from, const char *to)
+{
+    for (int i = 0; i < r->nlinks; i++)
+        if (strcmp(r->links[i].from, from) == 0 && (!to || strcmp(r->links[i].to, to) == 0))
+            return &r->links[i].f;
+    return NULL;
+}
+
+/* Device i's link to the next device, as the planner prices it: measured
+ * to the next worker given, else to any worker, else unknown (loopback). */
+static void device_link(const run *r, int i, int n, ar_device *d)
+{
+    const ar_link_figures *f = i + 1 < n ? link_known(r, r->addrs[i], r->addrs[i + 1]) : NULL;
+    if (!f)
+        f = link_known(r, r->addrs[i], NULL);
+    d->bandwidth = f ? f->down_Bps : 0;
+    d->bandwidth_up = f ? f->up_Bps : 0;
+    d->rtt = f ? f->rtt_s : 0;
+}
+
 /* Greet every worker, split the units, build the shadows, Load (and on
  * resume Restore, from resume_dir) every stage, then open the stream to
- * stage 0. Also how a run recovers from a lost stage: the same steps over the
- * new set of workers, from the last checkpoint. */
-static int setup_remote(run *r, const ar_train_state *resume, const char *resume_dir)
+ * stage 0 (one pass of setup_remote). */
+static int setup_pass(run *r, const ar_train_state *resume, const char *resume_dir, int print)
 {
     const ar_optim_config *oc = &r->oc;
     ar_train_config *c = r->c;
@@ -423,7 +451,7 @@ static int setup_remote(run *r, const ar_train_state *resume, const char *resume
         d->name[n] = '\0';
         d->gflops = h.gflops > 0 ? h.gflops : 1;
         d->mem_bytes = (double)h.free_memory;
-        d->bandwidth = 0; /* the loopback default; measured links come later */
+        device_link(r, i, r->S, d); /* as setup measured them, or unknown yet */
         d->solo = !tp_capable[i] || r->leased; /* (groups over providers: not yet) */
         if (r->offers[i].known) {
             /* plan over what the market measured and the provider offers */
@@ -432,7 +460,7 @@ static int setup_remote(run *r, const ar_train_state *resume, const char *resume
         }
     }
     r->threads_per_stage = threads;
-    if ((rc = make_plan(r, r->S)) != AR_OK)
+    if ((rc = make_plan(r, r->S, print)) != AR_OK)
         return rc;
     for (int i = 0; i < r->plan.nstages; i++)
         for (int k = 0; r->plan.group_size[i] > 1 && k < r->plan.group_size[i]; k++) {
@@ -539,6 +567,11 @@ static int load_stages(run *r, int restore)
                           .next_worker = i + 1 < r->S ? r->addrs[i + 1] : NULL,
                           .next_session = i + 1 < r->S ? ar_remote_stage_session(&r->groups[i + 1]) : NULL,
                           .ticket = r->leased ? r->tickets[i] : c->worker_token,
+                          .extra_warmup = r->plan.extra_warmup[i],
+                          .compress_up = r->plan.codec[i],
+                          .compress_down = i + 1 < r->S ? r->plan.codec[i + 1] : AR_COMPRESS_NONE,
+                          /* a group's links are not measured: compressed only when told to */
+                          .compress_tp = c->compress == AR_COMPRESS_AUTO ? AR_COMPRESS_NONE : c->compress,
                           /* the market keeps them with each payment, for audits */
                           .commit_digests = r->leased};
         if ((rc = ar_remote_stage_load(&r->groups[i], &a)) != AR_OK)
@@ -546,15 +579,179 @@ static int load_stages(run *r, int restore)
         if (restore && (rc = ar_remote_stage_restore(&r->groups[i], &r->shadows[i])) != AR_OK)
             return ar_fail(rc, "restoring stage %d: %s", i, ar_last_error());
     }
-    for (int i = 0; i < r->S; i++)
-        print_group_shares(r, i);
     char name[64];
     snprintf(name, sizeof name, "stage 0 (%.40s)", r->addrs[0]);
     if ((rc = ar_client_pipe_session(r->clients[0], name, AR_NET_DEFAULT_MAX_FRAME,
                                      ar_remote_stage_session(&r->groups[0]), &r->remote_head)) != AR_OK)
         return rc;
     r->head = r->remote_head;
+    r->head->compress = r->plan.codec[0];
+    /* a new link: its traffic starts from nothing */
+    memset(r->head_mark, 0, sizeof r->head_mark);
     return AR_OK;
+}
+
+/* Measure every link of the pipeline just set up (the driver's to stage 0,
+ * each stage's to the next) and keep the figures by the pair of addresses. */
+#define PROBE_TIMEOUT_S 60.0
+static int measure_links(run *r)
+{
+    ar_link_figures f[64];
+    int n = 0;
+    int rc = ar_chain_probe(r->head, PROBE_TIMEOUT_S, f, 64, &n);
+    if (rc != AR_OK)
+        return ar_fail(rc, "measuring the links: %s", ar_last_error());
+    for (int s = 0; s < n && s < r->S; s++) {
+        const char *from = s == 0 ? "" : r->addrs[s - 1];
+        int at = 0;
+        while (at < r->nlinks && !(strcmp(r->links[at].from, from) == 0 && strcmp(r->links[at].to, r->addrs[s]) == 0))
+            at++;
+        if (at == r->nlinks) {
+            if (r->nlinks >= (int)(sizeof r->links / sizeof r->links[0]))
+                break;
+            r->nlinks++;
+        }
+        /* (memcpy: the names are r's own, which snprintf's restrict forbids) */
+        memmove(r->links[at].from, from, strlen(from) + 1);
+        memmove(r->links[at].to, r->addrs[s], strlen(r->addrs[s]) + 1);
+        r->links[at].f = f[s];
+        r->plan.link[s] = f[s]; /* what the table shows */
+    }
+    /* the steps' traffic starts here */
+    r->head_mark[0] = r->head->bytes_sent;
+    r->head_mark[1] = r->head->raw_sent;
+    r->head_mark[2] = r->head->bytes_received;
+    r->head_mark[3] = r->head->raw_received;
+    return AR_OK;
+}
+
+static void drop_remote(run *r);
+
+/* The plan in force as a table (make_plan's, once the links are measured). */
+static void print_plan_table(const run *r)
+{
+    if (r->c->quiet)
+        return;
+    int units = ar_spec_units(&r->spec);
+    ar_unit_cost *costs = ar_calloc((size_t)units, sizeof *costs);
+    if (costs && ar_plan_unit_costs(&r->spec, r->rows_per_mb, costs) == AR_OK) {
+        long params = ar_spec_param_count(&r->spec);
+        printf("model: %s, %ld parameters (%.2fM)\n", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp", params,
+               params / 1e6);
+        ar_plan_print(stdout, &r->plan, r->devs, costs, &r->spec);
+    }
+    ar_free(costs);
+}
+
+/* Whether two plans load the same stages the same way: devices, units,
+ * groups, and the links' codecs and warm-up (link 0's codec is the driver's
+ * alone: stage 0 sends no tensor back to it). */
+static int same_loads(const ar_plan *a, const ar_plan *b)
+{
+    if (a->nstages != b->nstages)
+        return 0;
+    for (int s = 0; s < a->nstages; s++) {
+        if (a->device[s] != b->device[s] || a->first[s] != b->first[s] || a->last[s] != b->last[s] ||
+            a->group_size[s] != b->group_size[s] || a->by_speed[s] != b->by_speed[s] ||
+            (s > 0 && a->codec[s] != b->codec[s]) || a->extra_warmup[s] != b->extra_warmup[s])
+            return 0;
+        for (int k = 1; k < a->group_size[s]; k++)
+            if (a->group[s][k] != b->group[s][k])
+                return 0;
+    }
+    return 1;
+}
+
+/* Set up the pipeline over the workers, with measured links (docs/DESIGN.md,
+ * "Slow links"): a first pass plans over what is known (the worker's speed
+ * and memory), loads the stages and measures every link of that pipeline
+ * over the streams the frames take; the planner then prices the links as
+ * measured, choosing each one's compression and the warm-up that covers its
+ * round trip. When that plan loads the stages as the first pass did (on
+ * loopback, nearly always), the pipeline stands; otherwise it is dropped and
+ * loaded again by the new plan (and links it had not measured are measured
+ * then). Also how a run recovers from a lost stage: the same steps over the
+ * new set of workers, from the last checkpoint. */
+static int setup_remote(run *r, const ar_train_state *resume, const char *resume_dir)
+{
+    /* the workers as given: the first pass keeps only those its plan uses */
+    int S = r->S;
+    char (*addrs)[128] = malloc(sizeof r->addrs);
+    int64_t pids[64], prices[64];
+    char (*tickets)[AR_TOKEN_LEN] = malloc(sizeof r->tickets);
+    device_offer offers[64];
+    if (!addrs || !tickets) {
+        free(addrs);
+        free(tickets);
+        return ar_fail(AR_ENOMEM, "out of memory");
+    }
+    memcpy(addrs, r->addrs, sizeof r->addrs);
+    memcpy(pids, r->provider_ids, sizeof pids);
+    memcpy(prices, r->prices, sizeof prices);
+    memcpy(tickets, r->tickets, sizeof r->tickets);
+    memcpy(offers, r->offers, sizeof offers);
+    r->nlinks = 0; /* a new set of workers (a recovery): measured again */
+    ar_plan first;
+    int rc = setup_pass(r, resume, resume_dir, 0);
+    if (rc == AR_OK)
+        rc = measure_links(r);
+    if (rc == AR_OK) {
+        /* the plan over every worker given, as measured */
+        first = r->plan;
+        int kept = r->S;
+        char (*used)[128] = malloc(sizeof r->addrs);
+        if (!used)
+            rc = ar_fail(AR_ENOMEM, "out of memory");
+        if (rc == AR_OK) {
+            memcpy(used, r->addrs, sizeof r->addrs);
+            memcpy(r->addrs, addrs, sizeof r->addrs);
+            for (int i = 0; i < S; i++)
+                device_link(r, i, S, &r->devs[i]);
+            rc = make_plan(r, S, 0);
+            memcpy(r->addrs, used, sizeof r->addrs);
+            free(used);
+        }
+        r->S = kept;
+        if (rc == AR_OK && same_loads(&first, &r->plan)) {
+            /* the stages stand: the table shows the links as measured */
+            for (int s = 0; s < r->plan.nstages; s++)
+                r->plan.link[s] = first.link[s];
+            r->head->compress = r->plan.codec[0];
+            print_plan_table(r);
+        } else if (rc == AR_OK) {
+            drop_remote(r);
+            r->S = S;
+            memcpy(r->addrs, addrs, sizeof r->addrs);
+            memcpy(r->provider_ids, pids, sizeof pids);
+            memcpy(r->prices, prices, sizeof prices);
+            memcpy(r->tickets, tickets, sizeof r->tickets);
+            memcpy(r->offers, offers, sizeof offers);
+            if (!r->c->quiet)
+                printf("links measured: loading the stages again for them\n");
+            rc = setup_pass(r, resume, resume_dir, 0);
+            /* links this pipeline has that the first did not: measured now */
+            int unknown = !link_known(r, "", r->addrs[0]);
+            for (int s = 1; s < r->S; s++)
+                unknown |= !link_known(r, r->addrs[s - 1], r->addrs[s]);
+            if (rc == AR_OK && unknown)
+                rc = measure_links(r);
+            for (int s = 0; rc == AR_OK && s < r->S; s++) {
+                const ar_link_figures *f = link_known(r, s ? r->addrs[s - 1] : "", r->addrs[s]);
+                if (f)
+                    r->plan.link[s] = *f;
+            }
+            if (rc == AR_OK)
+                print_plan_table(r);
+        }
+    }
+    free(addrs);
+    free(tickets);
+    if (rc == AR_OK) {
+        for (int i = 0; i < r->S; i++)
+            print_group_shares(r, i);
+        fflush(stdout);
+    }
+    return rc;
 }
 
 /* ---- recovery: a stage lost mid-run --------------------------------------- */
@@ -714,6 +911,7 @@ static int recover(run *r, int failure, long *step)
     }
     *step = kept - 1; /* the loop's step++ makes it `kept` */
     r->steps_done = kept;
+    r->recovered = 1;
     return AR_OK;
 }
 
@@ -957,7 +1155,7 @@ static int setup(run *r)
              * whatever the probe measured (a hand plan may still name one) */
             r->devs[i].solo = 1;
         }
-        if ((rc = make_plan(r, r->S)) != AR_OK)
+        if ((rc = make_plan(r, r->S, 1)) != AR_OK)
             return rc;
         r->S = r->plan.nstages;
     } else {
@@ -993,6 +1191,10 @@ static int setup(run *r)
         memcpy(r->data.rng.s, resume_state.data_rng, sizeof r->data.rng.s);
         r->data.pos = resume_state.data_pos;
     }
+    /* in-process links compress only when told to (--compress bf16 or int8:
+     * the plan's codecs then; a plan of one stage has no link to compress) */
+    for (int i = 0; i < r->S && r->plan.nstages == r->S; i++)
+        r->pipe.codec[i] = r->plan.codec[i];
     if ((rc = ar_local_start(&r->pipe, c->schedule, c->seed, r->threads_per_stage)) != AR_OK)
         return rc;
     r->head = r->pipe.head;
@@ -1051,6 +1253,45 @@ static void print_plan(const run *r)
     fflush(stdout);
 }
 
+/* Whether a checkpoint follows step (its results in): every --checkpoint-every
+ * steps, or by default once AUTO_CHECKPOINT_S have passed since the last. */
+static int checkpoint_due(const run *r, long step)
+{
+    const ar_train_config *c = r->c;
+    return c->ckpt_every > 0 ? (step + 1) % c->ckpt_every == 0
+                             : c->ckpt_every < 0 && ar_now() - r->last_ckpt_t >= AUTO_CHECKPOINT_S;
+}
+
+/* Whether step + 1's batch may go before step's results are in: nothing is
+ * due between the two (an evaluation, a checkpoint, the end or a stop, a
+ * budget that would not cover both, a stage to move). */
+static int look_ahead(const run *r, long step, int64_t spent, size_t queued)
+{
+    const ar_train_config *c = r->c;
+    /* --profile times each step's compute alone; a device that said it is
+     * leaving moves once nothing is in flight (move_leaving) */
+    if (c->profile || r->leave_seen)
+        return 0;
+    if (step + 1 >= c->steps || (c->stop_after > 0 && step + 1 >= c->stop_after))
+        return 0;
+    if ((c->eval_every > 0 && (step + 1) % c->eval_every == 0) || (c->out_dir && checkpoint_due(r, step)))
+        return 0;
+    return !(r->leased && c->max_credits > 0 && spent + ((int64_t)queued + 2) * r->step_cost > c->max_credits);
+}
+
+/* The batch of `step` (the data's next, in r->inputs and r->targets) to
+ * stage 0, which applies the optimizer itself once the step's gradient norms
+ * are in: the learning rate and the clipping go with it. */
+static int send_batch(run *r, long step)
+{
+    ar_train_config *c = r->c;
+    int is_text = r->data.is_text;
+    ar_batch_desc b = {.step = step, .M = r->M, .B = r->B, .dtype = is_text ? 1 : 0, .inputs = r->inputs,
+                       .row_elems = r->row_elems, .targets = r->targets, .row_targets = is_text ? (size_t)r->T : 1};
+    float lr = ar_lr_at(step, c->lr, c->min_lr, c->warmup, c->steps);
+    return ar_chain_send_step(r->head, &b, 1, lr, c->clip);
+}
+
 int ar_train_run(ar_train_config *c)
 {
     run r;
@@ -1080,9 +1321,17 @@ int ar_train_run(ar_train_config *c)
      * first time, the thread pool started), evaluations left out */
     long prof_steps = 0;
     double prof_s = 0;
+    long sent = start - 1;        /* the last step whose batch is on its way to stage 0 */
+    double results_t = ar_now(); /* when the last step's results came in */
     for (long step = start; step < c->steps; step++) {
+        if (r.recovered) {
+            /* back to a checkpoint: a batch sent ahead went with the old pipeline */
+            sent = step - 1;
+            r.recovered = 0;
+        }
         if (c->profile && step == start + 1) {
-            /* the warm-up step's update may still be running in its stage */
+            /* the warm-up step's update may still be running in its stage
+             * (nothing was sent ahead under --profile) */
             if ((rc = ar_chain_sync(r.head, r.timeout)) != AR_OK)
                 break;
             ar_prof_reset();
@@ -1093,7 +1342,8 @@ int ar_train_run(ar_train_config *c)
         size_t queued = 0;
         if (r.leased)
             ar_reporter_state(&r.reporter, &spent, &queued, NULL, NULL, NULL, NULL);
-        if (r.leased && c->max_credits > 0 && spent + ((int64_t)queued + 1) * r.step_cost > c->max_credits) {
+        if (sent < step && r.leased && c->max_credits > 0 &&
+            spent + ((int64_t)queued + 1) * r.step_cost > c->max_credits) {
             /* the budget would not cover this step: keep what was paid for */
             char a[40], b[40], d[40];
             r.budget_stop = 1;
@@ -1108,15 +1358,38 @@ int ar_train_run(ar_train_config *c)
                          c->out_dir && step > start ? " (--resume it with more credits)" : "");
             break;
         }
-        if ((rc = data_source_next(&r.data, r.B, r.T, r.inputs, r.targets)) != AR_OK)
-            break;
-        ar_batch_desc b = {.step = step, .M = r.M, .B = r.B, .dtype = is_text ? 1 : 0,
-                           .inputs = r.inputs, .row_elems = r.row_elems, .targets = r.targets,
-                           .row_targets = is_text ? (size_t)r.T : 1};
-        ar_step_result res;
+        ar_batch_desc b = {.step = step, .M = r.M, .B = r.B};
         double step_t0 = ar_now();
-        rc = ar_chain_train_step(r.head, &b, r.timeout, &res);
-        double took = ar_now() - step_t0;
+        if (sent < step) {
+            if ((rc = data_source_next(&r.data, r.B, r.T, r.inputs, r.targets)) != AR_OK)
+                break;
+            if ((rc = send_batch(&r, step)) != AR_OK) {
+                if ((rc = recover(&r, rc, &step)) == AR_OK)
+                    continue;
+                break;
+            }
+            sent = step;
+        } else {
+            step_t0 = results_t; /* sent ahead: the step began when the last one ended */
+        }
+        /* the next step's batch goes now, unless something must come between
+         * the two steps: stage 0 takes each optimizer step itself, so this
+         * link's round trip is off the steps' critical path */
+        int ahead = look_ahead(&r, step, spent, queued);
+        if (ahead) {
+            if ((rc = data_source_next(&r.data, r.B, r.T, r.inputs, r.targets)) != AR_OK)
+                break;
+            if ((rc = send_batch(&r, step + 1)) != AR_OK) {
+                if ((rc = recover(&r, rc, &step)) == AR_OK)
+                    continue;
+                break;
+            }
+            sent = step + 1;
+        }
+        ar_step_result res;
+        rc = ar_chain_recv_step(r.head, &b, r.timeout, &res);
+        results_t = ar_now();
+        double took = results_t - step_t0;
         r.step_wall += took;
         if (rc != AR_OK) {
             if ((rc = recover(&r, rc, &step)) == AR_OK)
@@ -1137,16 +1410,9 @@ int ar_train_run(ar_train_config *c)
             rc = ar_fail(AR_EINVAL, "step %ld: the loss or gradient is not finite (loss %g, norm %g); lower --lr", step, res.loss, norm);
             break;
         }
-        /* torch.nn.utils.clip_grad_norm_: scale by clip/(norm+1e-6) when above */
-        float scale = 1.0f;
-        if (c->clip > 0 && norm > c->clip)
-            scale = (float)(c->clip / (norm + 1e-6));
+        /* stage 0 has applied the optimizer (torch.nn.utils.clip_grad_norm_'s
+         * clipping, ar_chain_send_step): the same lr for the log */
         float lr = ar_lr_at(step, c->lr, c->min_lr, c->warmup, c->steps);
-        if ((rc = ar_chain_apply(r.head, step, lr, scale)) != AR_OK) {
-            if ((rc = recover(&r, rc, &step)) == AR_OK)
-                continue;
-            break;
-        }
         if (c->profile && step > start) {
             prof_steps++;
             prof_s += ar_now() - step_t0;
@@ -1165,6 +1431,29 @@ int ar_train_run(ar_train_config *c)
             r.tp_bytes[i] += res.tp_bytes[i];
         }
         r.tp_steps++;
+        /* the driver's own link: what moved since the last step's end (this
+         * step's batch, gradients, norms and optimizer step) */
+        uint64_t now_c[4] = {r.head->bytes_sent, r.head->raw_sent, r.head->bytes_received, r.head->raw_received};
+        res.edges[0] = (ar_edge_bytes){.down = (double)(now_c[0] - r.head_mark[0]),
+                                       .down_raw = (double)(now_c[1] - r.head_mark[1]),
+                                       .up = (double)(now_c[2] - r.head_mark[2]),
+                                       .up_raw = (double)(now_c[3] - r.head_mark[3])};
+        memcpy(r.head_mark, now_c, sizeof now_c);
+        char links_json[64 * 96] = "";
+        size_t lj = 0;
+        for (int e = 0; e < r.S && e < 64; e++) {
+            ar_edge_bytes *x = &r.edge_sum[e];
+            x->down += res.edges[e].down;
+            x->down_raw += res.edges[e].down_raw;
+            x->up += res.edges[e].up;
+            x->up_raw += res.edges[e].up_raw;
+            lj += (size_t)snprintf(links_json + lj, sizeof links_json - lj < 1 ? 0 : sizeof links_json - lj,
+                                   "%s[%.0f, %.0f, %.0f, %.0f]", e ? ", " : "", res.edges[e].down,
+                                   res.edges[e].down_raw, res.edges[e].up, res.edges[e].up_raw);
+            if (lj >= sizeof links_json)
+                lj = sizeof links_json - 1;
+        }
+        r.edge_steps++;
         last_loss = res.loss;
         double now = ar_now();
         double rate = (step + 1 - rate_step) * items_per_step / (now - rate_t > 1e-9 ? now - rate_t : 1e-9);
@@ -1172,9 +1461,11 @@ int ar_train_run(ar_train_config *c)
             break;
         /* the loss with all its digits: runs are compared bit for bit */
         /* step_s: this step's forward, backward and update alone (no data
-         * loading, logging or evaluation), for benchmarks that take a median */
-        log_json(&r, "{\"step\": %ld, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.17g, \"%s\": %.1f, \"elapsed_s\": %.3f, \"step_s\": %.6f}",
-                 step + 1, res.loss, lr, norm, is_text ? "tokens_per_s" : "samples_per_s", rate, now - t0, now - step_t0);
+         * loading, logging or evaluation), for benchmarks that take a median;
+         * links: per link into stage e, the step's frame bytes [down, down as
+         * float32, up, up as float32] (docs/DESIGN.md, "Slow links") */
+        log_json(&r, "{\"step\": %ld, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.17g, \"%s\": %.1f, \"elapsed_s\": %.3f, \"step_s\": %.6f, \"links\": [%s]}",
+                 step + 1, res.loss, lr, norm, is_text ? "tokens_per_s" : "samples_per_s", rate, now - t0, now - step_t0, links_json);
         int last = step + 1 == c->steps;
         int stopping = c->stop_after > 0 && step + 1 == c->stop_after;
         if ((c->eval_every > 0 && (step + 1) % c->eval_every == 0) || last) {
@@ -1213,8 +1504,7 @@ int ar_train_run(ar_train_config *c)
         driver_report_progress(&r, step, rate, ar_now() - t0, start);
         /* by default a checkpoint whenever AUTO_CHECKPOINT_S have passed: at
          * most about that much work is redone when a stage is lost */
-        int due = c->ckpt_every > 0 ? (step + 1) % c->ckpt_every == 0
-                                    : c->ckpt_every < 0 && ar_now() - r.last_ckpt_t >= AUTO_CHECKPOINT_S;
+        int due = !ahead && checkpoint_due(&r, step); /* (ahead: the next step is on its way already) */
         if (c->out_dir && (due || last || stopping)) {
             if ((rc = save_checkpoint(&r, step + 1)) != AR_OK) {
                 if ((rc = recover(&r, rc, &step)) == AR_OK)
@@ -1229,8 +1519,12 @@ int ar_train_run(ar_train_config *c)
         if (stopping)
             break;
         /* a device leaving gracefully: its stage moves, and the next step
-         * goes on from here */
-        if (r.remote && !last && (rc = move_leaving(&r, &res, step + 1)) != AR_OK) {
+         * goes on from here; with the next step's batch sent already, after
+         * that step (the flag keeps the one after from going ahead) */
+        r.leave_seen = 0;
+        for (int i = 0; i < res.nstages && i < 64; i++)
+            r.leave_seen |= res.leaving[i];
+        if (r.remote && !last && !ahead && (rc = move_leaving(&r, &res, step + 1)) != AR_OK) {
             if ((rc = recover(&r, rc, &step)) == AR_OK)
                 continue;
             break;
@@ -1259,6 +1553,20 @@ int ar_train_run(ar_train_config *c)
                        r.busy[i], r.step_wall, r.step_wall > 0 ? 100 * (1 - r.busy[i] / r.step_wall) : 0,
                        100.0 * (r.S - 1) / (r.M + r.S - 1));
             }
+        /* what each link carried, against the plan's prediction */
+        for (int e = 0; (r.S > 1 || r.remote) && e < r.S && e < 64 && r.edge_steps > 0; e++) {
+            const ar_edge_bytes *x = &r.edge_sum[e], *pr = &r.plan.edge_bytes[e];
+            double n = (double)r.edge_steps, got = (x->down + x->up) / n, raw = (x->down_raw + x->up_raw) / n;
+            char name[300];
+            if (r.remote)
+                ar_plan_link_name(&r.plan, r.devs, e, name, sizeof name);
+            else
+                snprintf(name, sizeof name, e ? "stage %d -> stage %d" : "driver -> stage 0", e - 1, e);
+            printf("  link %s (%s): %.4f MB down, %.4f MB up per step; as float32 %.4f MB, %.4f MB (%.2fx); "
+                   "predicted %.4f MB, %.4f MB\n", name, ar_compress_name(r.plan.codec[e]), x->down / n / 1e6,
+                   x->up / n / 1e6, x->down_raw / n / 1e6, x->up_raw / n / 1e6, got > 0 ? raw / got : 1.0,
+                   pr->down / 1e6, pr->up / 1e6);
+        }
         /* what the groups' members exchanged with their leaders, against the cost model */
         for (int i = 0; i < r.plan.nstages && i < 64 && r.tp_steps > 0; i++)
             if (r.plan.group_size[i] > 1)

@@ -23,6 +23,7 @@ typedef struct {
     const char *plan;        /* "auto" or NULL: the planner decides; "0-2,3-5,6-7": units per stage */
     const char *worker_token;/* the secret of workers started with --token (no market) */
     int schedule;            /* enum ar_schedule_kind */
+    int compress;            /* enum ar_compress: what crosses the links between stages (AUTO: per link) */
     float lr, min_lr;
     long warmup;
     float weight_decay, beta1, beta2, eps;

@@ -114,6 +114,8 @@ typedef struct {
     double timeout;          /* the stage timeout in force (s) */
     double slowest_step;     /* the slowest training step so far (s) */
     int failures;            /* losses since the last checkpoint */
+    int recovered;           /* recover() went back to a checkpoint: the training loop starts there */
+    int leave_seen;          /* the last step's results had a stage leaving: no batch goes ahead */
     /* the dashboard's view of the run (ReportProgress): queued about every
      * PROGRESS_EVERY_S; the plan goes with every report until the market
      * has it (plan: the generation of the plan in force, counted from 1) */
@@ -122,6 +124,18 @@ typedef struct {
     /* a graceful leave no device could take over: the run ends, its state kept */
     int stranded;
     int group_leave_warned;
+    /* slow links (docs/DESIGN.md, "Slow links"): what setup measured, link
+     * by link (the pair of workers, or the driver's to one), which the
+     * planner prices; the traffic of each link, per step and in all */
+    struct {
+        char from[128], to[128]; /* from "" : the driver's */
+        ar_link_figures f;
+    } links[128];
+    int nlinks;
+    uint64_t head_mark[4]; /* the driver's link's counters at the last step's end */
+    ar_edge_bytes edge_sum[64];
+    long edge_steps;
+    double traffic_sent_at; /* when the plan last went to the market with the traffic */
 } run;
 
 #define MARKET_RETRY_S 2.0

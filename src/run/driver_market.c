@@ -223,6 +223,9 @@ int driver_queue_usage(run *r, long step, const ar_step_result *res)
  * the market has it. Every PROGRESS_EVERY_S at most, besides at the last
  * step and after an evaluation; never while the market is unreachable.
  * Nothing is paid by it, so a failure costs a warning, not the run. */
+/* how often the plan goes again with its links' traffic */
+#define TRAFFIC_EVERY_S 10.0
+
 void driver_report_progress(run *r, long step, double rate, double elapsed, long start)
 {
     ar_train_config *c = r->c;
@@ -238,6 +241,10 @@ void driver_report_progress(run *r, long step, double rate, double elapsed, long
     /* what the market has not confirmed goes again: this report replaces
      * any the reporter has not sent yet */
     int with_val = r->nval > nval_sent;
+    /* the plan goes again now and then with what its links have moved
+     * (its first report has none yet) */
+    if (plan_sent == r->plan_gen && r->edge_steps > 0 && ar_now() >= r->traffic_sent_at + TRAFFIC_EVERY_S)
+        r->plan_gen++;
     int with_plan = plan_sent != r->plan_gen;
     long done = step + 1 - start;
     ar_market_progress p = {.step = step + 1, .total_steps = c->steps, .items_per_s = rate,
@@ -252,6 +259,8 @@ void driver_report_progress(run *r, long step, double rate, double elapsed, long
     ar_market_plan_stage stages[AR_PLAN_MAX_STAGES];
     char layers[AR_PLAN_MAX_STAGES][AR_LAYERS_TEXT_MAX], model[96];
     char (*shares)[AR_PLAN_SHARE_TEXT] = NULL; /* a group member's share in words; 80 KB at most */
+    ar_market_plan_link links[AR_PLAN_MAX_STAGES];
+    char link_names[AR_PLAN_MAX_STAGES][2][AR_PLAN_LINK_NAME];
     if (with_plan && (shares = calloc(AR_PLAN_MAX_STAGES * AR_PLAN_MAX_GROUP, sizeof *shares))) {
         ar_market_plan_fill(&r->plan, r->devs, &r->spec, &r->lease, stages, layers, shares);
         snprintf(model, sizeof model, "%s, %ld parameters", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
@@ -262,6 +271,10 @@ void driver_report_progress(run *r, long step, double rate, double elapsed, long
         p.schedule = ar_schedule_name(c->schedule);
         p.micro_batches = r->M;
         p.predicted_bubble = r->plan.bubble;
+        ar_market_plan_links(&r->plan, r->devs, r->edge_sum, r->edge_steps, links, link_names);
+        p.n_links = (size_t)r->plan.nstages;
+        p.links = links;
+        r->traffic_sent_at = ar_now();
     }
     char saved[1024];
     snprintf(saved, sizeof saved, "%s", ar_last_error());

@@ -4,6 +4,7 @@
 #include "arceus.h"
 
 #include <stdbool.h>
+#include <stdio.h>
 #include <string.h>
 
 static int64_t provider_of(const ar_market_lease *lease, const char *device)
@@ -44,5 +45,32 @@ void ar_market_plan_fill(const ar_plan *p, const ar_device *devs, const ar_model
             }
         }
         shares += g;
+    }
+}
+
+void ar_market_plan_links(const ar_plan *p, const ar_device *devs, const ar_edge_bytes *moved, long steps,
+                          ar_market_plan_link *out, char (*names)[2][AR_PLAN_LINK_NAME])
+{
+    for (int s = 0; s < p->nstages; s++) {
+        const ar_link_figures *f = &p->link[s];
+        snprintf(names[s][0], AR_PLAN_LINK_NAME, "%s", s == 0 ? "driver" : devs[p->device[s - 1]].name);
+        snprintf(names[s][1], AR_PLAN_LINK_NAME, "%s", devs[p->device[s]].name);
+        ar_market_plan_link *l = &out[s];
+        *l = (ar_market_plan_link){.stage = s, .from = names[s][0], .to = names[s][1],
+                                   .compress = ar_compress_name(p->codec[s]),
+                                   .predicted_down_mb = p->edge_bytes[s].down / 1e6,
+                                   .predicted_up_mb = p->edge_bytes[s].up / 1e6};
+        if (f->measured) {
+            l->down_mb_s = f->down_Bps / 1e6;
+            l->up_mb_s = f->up_Bps / 1e6;
+            l->rtt_ms = f->rtt_s * 1e3;
+        }
+        if (moved && steps > 0) {
+            double n = (double)steps;
+            l->down_mb = moved[s].down / n / 1e6;
+            l->up_mb = moved[s].up / n / 1e6;
+            l->down_raw_mb = moved[s].down_raw / n / 1e6;
+            l->up_raw_mb = moved[s].up_raw / n / 1e6;
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 #include "core/core.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,19 +18,46 @@ size_t ar_dtype_size(int dtype)
     case AR_DT_I32: return 4;
     case AR_DT_F64: return 8;
     case AR_DT_U8: return 1;
+    case AR_DT_BF16: return 2;
+    case AR_DT_Q8: return 1;
     default: return 0;
     }
 }
 
+static size_t q8_blocks(size_t count)
+{
+    return (count + AR_Q8_BLOCK - 1) / AR_Q8_BLOCK;
+}
+
+size_t ar_payload_bytes(int dtype, size_t count)
+{
+    size_t n = count * ar_dtype_size(dtype);
+    return dtype == AR_DT_Q8 ? n + 4 * q8_blocks(count) : n;
+}
+
+static int is_compressed(int dtype)
+{
+    return dtype == AR_DT_BF16 || dtype == AR_DT_Q8;
+}
+
+/* The frames whose float32 tensors may travel compressed: activations and
+ * their gradients, forward and backward, between stages and inside a
+ * tensor-parallel group. */
+static int kind_compressible(int kind)
+{
+    return kind == AR_FRAME_ACT || kind == AR_FRAME_EVAL || kind == AR_FRAME_GRAD || kind == AR_FRAME_TP;
+}
+
 const char *ar_frame_kind_name(int kind)
 {
-    static const char *names[] = {"?", "ACT", "GRAD", "NORM", "STEP", "EVAL", "EVAL_RESULT", "STOP", "ERROR", "SYNC", "ABORT", "TIED", "TP"};
-    return kind >= 1 && kind <= AR_FRAME_TP ? names[kind] : "unknown";
+    static const char *names[] = {"?",    "ACT",   "GRAD",  "NORM", "STEP", "EVAL", "EVAL_RESULT",
+                                  "STOP", "ERROR", "SYNC", "ABORT", "TIED", "TP",   "PROBE"};
+    return kind >= 1 && kind <= AR_FRAME_PROBE ? names[kind] : "unknown";
 }
 
 int ar_frame_validate(const ar_frame *f, size_t max_bytes)
 {
-    if (f->kind < AR_FRAME_ACT || f->kind > AR_FRAME_TP)
+    if (f->kind < AR_FRAME_ACT || f->kind > AR_FRAME_PROBE)
         return ar_fail(AR_EPROTO, "unknown frame kind %d", f->kind);
     size_t es = ar_dtype_size(f->dtype);
     if (es == 0)
@@ -46,9 +74,17 @@ int ar_frame_validate(const ar_frame *f, size_t max_bytes)
     if (count > max_bytes / es)
         return ar_fail(AR_ELIMIT, "%s frame: payload of %zu elements exceeds the %zu byte limit",
                        ar_frame_kind_name(f->kind), count, max_bytes);
-    if (count * es != f->nbytes)
+    if (is_compressed(f->dtype) && !kind_compressible(f->kind))
+        return ar_fail(AR_EPROTO, "%s frame: compressed (%s), which only activations and their gradients may be",
+                       ar_frame_kind_name(f->kind), f->dtype == AR_DT_Q8 ? "int8" : "bf16");
+    size_t want = ar_payload_bytes(f->dtype, count);
+    if (f->dtype == AR_DT_Q8 && want != f->nbytes)
+        return ar_fail(AR_EPROTO, "%s frame: %zu int8 elements in %zu blocks of %d need %zu bytes with their scales, "
+                       "the payload has %zu (a block cut short?)", ar_frame_kind_name(f->kind), count,
+                       q8_blocks(count), AR_Q8_BLOCK, want, f->nbytes);
+    if (want != f->nbytes)
         return ar_fail(AR_EPROTO, "%s frame: shape gives %zu bytes but the payload has %zu",
-                       ar_frame_kind_name(f->kind), count * es, f->nbytes);
+                       ar_frame_kind_name(f->kind), want, f->nbytes);
     if (f->ntargets > max_bytes / 4)
         return ar_fail(AR_ELIMIT, "%s frame: too many targets", ar_frame_kind_name(f->kind));
     if (f->nmb < 0 || f->mb < 0 || (f->nmb > 0 && f->mb >= f->nmb))
@@ -146,21 +182,220 @@ size_t ar_frame_wire_bytes(const ar_frame *f)
     return n;
 }
 
+/* ---- compression ---------------------------------------------------------- */
+
+const char *ar_compress_name(int codec)
+{
+    switch (codec) {
+    case AR_COMPRESS_NONE: return "none";
+    case AR_COMPRESS_BF16: return "bf16";
+    case AR_COMPRESS_INT8: return "int8";
+    case AR_COMPRESS_AUTO: return "auto";
+    default: return "?";
+    }
+}
+
+int ar_compress_parse(const char *name, int *codec)
+{
+    for (int c = AR_COMPRESS_NONE; c <= AR_COMPRESS_AUTO; c++)
+        if (strcmp(name, ar_compress_name(c)) == 0) {
+            *codec = c;
+            return AR_OK;
+        }
+    return ar_fail(AR_EINVAL, "unknown compression \"%s\" (expected none, bf16, int8 or auto)", name);
+}
+
+int ar_frame_compressible(const ar_frame *f)
+{
+    return kind_compressible(f->kind) && f->dtype == AR_DT_F32 && f->data &&
+           f->nbytes >= AR_COMPRESS_MIN_FLOATS * sizeof(float) && f->nbytes % sizeof(float) == 0;
+}
+
+size_t ar_compressed_bytes(int codec, size_t floats)
+{
+    if (codec == AR_COMPRESS_BF16)
+        return ar_payload_bytes(AR_DT_BF16, floats);
+    if (codec == AR_COMPRESS_INT8)
+        return ar_payload_bytes(AR_DT_Q8, floats);
+    return floats * sizeof(float);
+}
+
+/* float32 -> bfloat16, rounded to nearest even (finite input). 0 when the
+ * rounding overflows to infinity (values within half a bf16 step of FLT_MAX). */
+static int to_bf16(float x, uint16_t *out)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    *out = (uint16_t)(u >> 16);
+    return (*out & 0x7f80u) != 0x7f80u;
+}
+
+static float from_bf16(uint16_t b)
+{
+    uint32_t u = (uint32_t)b << 16;
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* Encode n finite floats; 0 when one is not finite (or rounds to infinity). */
+static int encode_bf16(const float *x, size_t n, uint16_t *out)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i]) || !to_bf16(x[i], &out[i]))
+            return 0;
+    return 1;
+}
+
+/* Scales first, then the int8 values: symmetric, round to nearest, so the
+ * largest magnitude of a block is exactly +-127 scales. 0 when a value is
+ * not finite. */
+static int encode_q8(const float *x, size_t n, uint8_t *out)
+{
+    size_t nb = q8_blocks(n);
+    float *scales = (float *)(void *)out; /* the payload buffer is malloc'd: aligned */
+    int8_t *q = (int8_t *)(out + 4 * nb);
+    for (size_t b = 0; b < nb; b++) {
+        size_t lo = b * AR_Q8_BLOCK, hi = lo + AR_Q8_BLOCK < n ? lo + AR_Q8_BLOCK : n;
+        float m = 0;
+        for (size_t i = lo; i < hi; i++) {
+            if (!isfinite(x[i]))
+                return 0;
+            float a = fabsf(x[i]);
+            m = a > m ? a : m;
+        }
+        float scale = m / 127.0f;
+        scales[b] = scale;
+        for (size_t i = lo; i < hi; i++) {
+            long v = scale > 0 ? lrintf(x[i] / scale) : 0;
+            q[i] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+        }
+    }
+    return 1;
+}
+
+int ar_frame_compress(ar_frame *f, int codec)
+{
+    if ((codec != AR_COMPRESS_BF16 && codec != AR_COMPRESS_INT8) || !ar_frame_compressible(f))
+        return AR_OK;
+    size_t n = f->nbytes / sizeof(float);
+    size_t bytes = ar_compressed_bytes(codec, n);
+    void *buf = malloc(bytes);
+    if (!buf)
+        return ar_fail(AR_ENOMEM, "out of memory compressing a %zu byte frame", f->nbytes);
+    int ok = codec == AR_COMPRESS_BF16 ? encode_bf16(f->data, n, buf) : encode_q8(f->data, n, buf);
+    if (!ok) { /* a value that is not finite: it goes as it is, for the receiver to see */
+        free(buf);
+        return AR_OK;
+    }
+    free(f->data);
+    f->data = buf;
+    f->nbytes = bytes;
+    f->dtype = codec == AR_COMPRESS_BF16 ? AR_DT_BF16 : AR_DT_Q8;
+    return AR_OK;
+}
+
+static size_t frame_elems(const ar_frame *f)
+{
+    size_t count = f->ndim ? 1 : 0;
+    for (int i = 0; i < f->ndim && i < AR_FRAME_MAX_DIMS; i++)
+        count *= (size_t)f->shape[i];
+    return count;
+}
+
+int ar_frame_check_compressed(const ar_frame *f)
+{
+    if (!is_compressed(f->dtype))
+        return AR_OK;
+    size_t n = frame_elems(f);
+    if (f->nbytes != ar_payload_bytes(f->dtype, n) || (n && !f->data))
+        return ar_fail(AR_EPROTO, "%s frame: compressed payload of %zu bytes for %zu elements",
+                       ar_frame_kind_name(f->kind), f->nbytes, n);
+    if (f->dtype == AR_DT_BF16) {
+        const uint8_t *p = f->data;
+        for (size_t i = 0; i < n; i++) {
+            uint16_t b = (uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)); /* little-endian */
+            if ((b & 0x7f80u) == 0x7f80u)
+                return ar_fail(AR_EPROTO, "%s frame: bf16 element %zu is %s (a sender compresses finite values only)",
+                               ar_frame_kind_name(f->kind), i, (b & 0x7fu) ? "NaN" : "infinite");
+        }
+        return AR_OK;
+    }
+    size_t nb = q8_blocks(n);
+    for (size_t b = 0; b < nb; b++) {
+        float scale;
+        memcpy(&scale, (const uint8_t *)f->data + 4 * b, sizeof scale);
+        if (!isfinite(scale) || scale < 0)
+            return ar_fail(AR_EPROTO, "%s frame: int8 block %zu of %zu has scale %g (a scale is finite and not negative)",
+                           ar_frame_kind_name(f->kind), b, nb, (double)scale);
+    }
+    return AR_OK;
+}
+
+int ar_frame_decompress(ar_frame *f)
+{
+    if (!is_compressed(f->dtype))
+        return AR_OK;
+    int rc = ar_frame_check_compressed(f);
+    if (rc != AR_OK)
+        return rc;
+    size_t n = frame_elems(f);
+    float *out = malloc(n ? n * sizeof(float) : 1);
+    if (!out)
+        return ar_fail(AR_ENOMEM, "out of memory decompressing a %s frame of %zu elements",
+                       ar_frame_kind_name(f->kind), n);
+    const uint8_t *p = f->data;
+    if (f->dtype == AR_DT_BF16) {
+        for (size_t i = 0; i < n; i++)
+            out[i] = from_bf16((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
+    } else {
+        size_t nb = q8_blocks(n);
+        const int8_t *q = (const int8_t *)(p + 4 * nb);
+        for (size_t b = 0; b < nb; b++) {
+            float scale;
+            memcpy(&scale, p + 4 * b, sizeof scale);
+            size_t lo = b * AR_Q8_BLOCK, hi = lo + AR_Q8_BLOCK < n ? lo + AR_Q8_BLOCK : n;
+            for (size_t i = lo; i < hi; i++)
+                out[i] = (float)q[i] * scale;
+        }
+    }
+    free(f->data);
+    f->data = out;
+    f->nbytes = n * sizeof(float);
+    f->dtype = AR_DT_F32;
+    return AR_OK;
+}
+
 int ar_link_send(ar_link *l, ar_frame *f)
 {
-    size_t bytes = ar_frame_wire_bytes(f); /* the send takes the frame */
+    size_t raw = ar_frame_wire_bytes(f); /* the send takes the frame */
+    /* out of memory to compress, the frame goes as it is */
+    if (l->compress == AR_COMPRESS_BF16 || l->compress == AR_COMPRESS_INT8)
+        (void)ar_frame_compress(f, l->compress);
+    size_t bytes = ar_frame_wire_bytes(f);
     int rc = l->vt->send(l, f);
-    if (rc == AR_OK)
+    if (rc == AR_OK) {
         l->bytes_sent += bytes;
+        l->raw_sent += raw;
+    }
     return rc;
 }
 
 int ar_link_recv(ar_link *l, ar_frame *f, double timeout_s)
 {
     int rc = l->vt->recv(l, f, timeout_s);
-    if (rc == AR_OK)
-        l->bytes_received += ar_frame_wire_bytes(f);
-    return rc;
+    if (rc != AR_OK)
+        return rc;
+    size_t bytes = ar_frame_wire_bytes(f);
+    if ((rc = ar_frame_decompress(f)) != AR_OK) {
+        rc = ar_fail(rc, "%s: %s", l->name, ar_last_error());
+        ar_frame_free(f);
+        return rc;
+    }
+    l->bytes_received += bytes;
+    l->raw_received += ar_frame_wire_bytes(f);
+    return AR_OK;
 }
 
 void ar_link_close(ar_link *l)

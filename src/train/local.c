@@ -210,6 +210,8 @@ int ar_local_start(ar_local_pipeline *p, int schedule, uint64_t seed, int thread
             snprintf(b, sizeof b, "stage %d", i - 1);
         if ((rc = ar_link_local_pair(&p->links[2 * i], &p->links[2 * i + 1], a, b)) != AR_OK)
             return rc;
+        /* [2i] sends activations down into stage i, [2i+1] its gradients up */
+        p->links[2 * i]->compress = p->links[2 * i + 1]->compress = p->codec[i];
     }
     p->head = p->links[0];
     for (int i = 0; i < S; i++) {

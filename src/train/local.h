@@ -26,6 +26,9 @@ typedef struct {
     ar_link **rank_links;
     int rank_first[64], rank_count[64];
     struct ar_audit_keep *keeps; /* per stage, after ar_local_keep_for_audits */
+    /* the codec (enum ar_compress) of the link into stage s, both ways (the
+     * driver's to stage 0 too); 0 (none) unless set before ar_local_start */
+    int codec[64];
 } ar_local_pipeline;
 
 /* Create the stages (units split as evenly as possible); parameters are

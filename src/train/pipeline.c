@@ -4,8 +4,10 @@
 #include "core/core.h"
 #include "core/digest.h"
 #include "train/audit.h"
+#include "train/probe.h"
 #include "train/schedule.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,14 +50,54 @@ typedef struct {
     int stale_cap;
     float *cheat;      /* a cheat's copy of what it sends */
     size_t cheat_cap;
+    /* the down link's counters at the last NORM record (or the end of its
+     * measurement): each record carries what moved since */
+    uint64_t down_mark[4];
+    ar_probe_rx probe; /* a burst of PROBE frames from upstream being received */
+    /* bytes the upstream may still have this stage send for measurements (a
+     * PULL's burst back, a RUN's probe of the next link): a stage's
+     * bandwidth is its provider's, and nobody pays for probes */
+    double probe_budget, probe_t;
 } serve_state;
 
-/* Stage records in the NORM frame: first unit, units, busy s, idle s,
- * tensor-parallel bytes, flags (AR_STAGE_LEAVING), digest words (0 or
- * DIGEST_WORDS), then the units' gradient sums of squares, then the digests
- * (pipeline.h) as raw bytes. */
-#define NORM_HEADER 7
-#define DIGEST_WORDS (AR_DIGEST_KINDS * 32 / (int)sizeof(double))
+/* A measurement of a link sends at most 2 x AR_PROBE_MAX_BYTES and some
+ * pings each way; a pipeline measures each link at setup (once more after a
+ * reload). The budget holds a few of them and refills slowly. */
+#define PROBE_BUDGET_BYTES (8.0 * AR_PROBE_MAX_BYTES)
+#define PROBE_REFILL_BPS ((double)AR_PROBE_MAX_BYTES / 10.0)
+
+/* Take `bytes` of the probe budget; AR_ELIMIT when there is not enough. */
+static int probe_spend(serve_state *st, double bytes)
+{
+    double now = ar_now();
+    st->probe_budget += (now - st->probe_t) * PROBE_REFILL_BPS;
+    st->probe_t = now;
+    if (st->probe_budget > PROBE_BUDGET_BYTES)
+        st->probe_budget = PROBE_BUDGET_BYTES;
+    if (bytes > st->probe_budget)
+        return ar_fail(AR_ELIMIT, "measurements asked too often: %.1f MB more to send, %.1f MB allowed now",
+                       bytes / 1e6, st->probe_budget / 1e6);
+    st->probe_budget -= bytes;
+    return AR_OK;
+}
+
+/* Stage records in the NORM frame (AR_NORM_HEADER), then the units' gradient
+ * sums of squares. */
+#define NORM_HEADER AR_NORM_HEADER
+/* how long a link's measurement may wait for an answer */
+#define PROBE_TIMEOUT_S 60.0
+
+static void link_counters(const ar_link *l, uint64_t c[4])
+{
+    c[0] = l ? l->bytes_sent : 0;
+    c[1] = l ? l->raw_sent : 0;
+    c[2] = l ? l->bytes_received : 0;
+    c[3] = l ? l->raw_received : 0;
+}
+
+
+#define DIGEST_WORDS AR_NORM_DIGEST_WORDS
+#define NORM_DIGEST_AT 10 /* the record's digest words field */
 
 /* ---- cheats, compiled only into test builds ---------------------------- */
 
@@ -461,7 +503,7 @@ static int exchange_tied(serve_state *st, int64_t step)
 
 /* After the last backward: fold tied weights, then send the per-unit
  * gradient norms (ours first, then those from downstream) and timings up. */
-static int send_norms(serve_state *st, int64_t step, int M)
+static int send_norms(serve_state *st, int64_t step, int M, double *sumsq)
 {
     ar_stage_runner *r = st->r;
     ar_stage *s = r->stage;
@@ -505,8 +547,14 @@ static int send_norms(serve_state *st, int64_t step, int M)
     vals[4] = (double)(group_traffic(s) - st->traffic_mark + st->update_traffic);
     /* the device's owner wants it back: the driver learns it with this step */
     vals[5] = r->leaving && atomic_load(r->leaving) ? AR_STAGE_LEAVING : 0;
-    vals[6] = (double)nd;
+    vals[NORM_DIGEST_AT] = (double)nd;
     st->update_traffic = 0;
+    uint64_t now[4];
+    link_counters(r->down, now);
+    for (int k = 0; k < 4; k++) {
+        vals[6 + k] = (double)(now[k] - st->down_mark[k]);
+        st->down_mark[k] = now[k];
+    }
     if (nd) {
         ar_step_digests dg;
         if ((rc = combine_digests(st, M, &dg)) != AR_OK) {
@@ -519,6 +567,18 @@ static int send_norms(serve_state *st, int64_t step, int M)
     if (theirs)
         memcpy(vals + mine, below.data, theirs * sizeof(double));
     ar_frame_free(&below);
+    /* every unit's gradient sum of squares, added in unit order (records
+     * come in stage order): as the driver adds them */
+    *sumsq = 0;
+    for (size_t at = 0; at + NORM_HEADER <= mine + theirs;) {
+        double nu = vals[at + 1], dw = vals[at + NORM_DIGEST_AT];
+        if (!(nu >= 0 && (dw == 0 || dw == DIGEST_WORDS) &&
+              at + NORM_HEADER + (size_t)nu + (size_t)dw <= mine + theirs))
+            break; /* malformed from below: the driver says so */
+        for (size_t i = 0; i < (size_t)nu; i++)
+            *sumsq += vals[at + NORM_HEADER + i];
+        at += NORM_HEADER + (size_t)nu + (size_t)dw;
+    }
     ar_frame f = {.kind = AR_FRAME_NORM, .step = step};
     int64_t n = (int64_t)(mine + theirs);
     rc = ar_frame_set_payload(&f, AR_DT_F64, 1, &n, vals);
@@ -528,18 +588,53 @@ static int send_norms(serve_state *st, int64_t step, int M)
     return ar_link_send(r->up, &f);
 }
 
+static int run_apply(serve_state *st, ar_frame *f);
+
+/* The optimizer step stage 0 takes itself, when the driver's batch asked
+ * for it (ar_chain_send_step): the driver's clipping, in the driver's
+ * arithmetic on the same sums, so the result is bitwise the driver's STEP;
+ * then the STEP goes down as if the driver had sent it. A step whose loss or
+ * gradient is not finite is not applied: the driver ends the run on it. */
+static int apply_locally(serve_state *st, int64_t step, double lr, double clip, double sumsq, double loss)
+{
+    ar_stage_runner *r = st->r;
+    double norm = sqrt(sumsq);
+    if (!isfinite(loss) || !isfinite(norm))
+        return AR_OK;
+    float scale = 1.0f;
+    if (clip > 0 && norm > clip)
+        scale = (float)(clip / (norm + 1e-6));
+    ar_frame f = {.kind = AR_FRAME_STEP, .step = step};
+    f.scalars[0] = lr;
+    f.scalars[1] = scale;
+    double t0 = ar_now();
+    uint64_t traffic0 = group_traffic(r->stage);
+    int rc = run_apply(st, &f);
+    st->update_s += ar_now() - t0;
+    st->update_traffic += group_traffic(r->stage) - traffic0;
+    ar_frame_free(&f);
+    return rc;
+}
+
 static int run_step(serve_state *st, ar_frame *first)
 {
     ar_stage_runner *r = st->r;
     ar_stage *s = r->stage;
     int M = first->nmb;
     int64_t step = first->step;
+    /* the driver's batch may ask stage 0 to take the optimizer step itself:
+     * scalars {lr, clip, 1} on its first frame */
+    int apply = r->index == 0 && first->scalars[2] == 1.0;
+    double apply_lr = first->scalars[0], apply_clip = first->scalars[1];
+    if (apply && !(apply_lr >= 0 && apply_lr < 1e3 && apply_clip >= 0 && apply_clip < 1e12))
+        return ar_fail(AR_EPROTO, "a batch asking for a step with lr %g and clip %g", apply_lr, apply_clip);
+    double loss_sum = 0;
     if (M < 1 || M > 4096)
         return ar_fail(AR_EPROTO, "a step of %d micro-batches", M);
     ar_action *acts = malloc(sizeof(ar_action) * 2 * (size_t)M);
     if (!acts)
         return ar_fail(AR_ENOMEM, "out of memory for the schedule");
-    int in_flight = ar_schedule_build(r->schedule, r->count, r->index, M, acts);
+    int in_flight = ar_schedule_build_ex(r->schedule, r->count, r->index, M, r->extra_warmup, acts);
     int rc = AR_OK;
     if (in_flight > s->nslots) {
         rc = ar_fail(AR_ELIMIT, "the schedule keeps %d micro-batches in flight, the stage has %d slots",
@@ -594,13 +689,17 @@ static int run_step(serve_state *st, ar_frame *first)
             rc = run_forward(st, &f);
             ar_frame_free(&f);
         } else {
-            double loss;
+            double loss = 0;
             rc = run_backward(st, step, acts[i].mb, M, &loss);
+            loss_sum += loss; /* in micro-batch order, as the driver adds them */
         }
         if (rc != AR_OK)
             goto done;
     }
-    rc = send_norms(st, step, M);
+    double sumsq = 0;
+    rc = send_norms(st, step, M, &sumsq);
+    if (rc == AR_OK && apply)
+        rc = apply_locally(st, step, apply_lr, apply_clip, sumsq, loss_sum / M);
 done:
     if (hash_state_join(st) != AR_OK && rc == AR_OK)
         rc = ar_fail(AR_EINTERNAL, "state digest failed");
@@ -684,6 +783,55 @@ static int run_eval(serve_state *st, ar_frame *f)
     return ar_link_send(r->up, &res);
 }
 
+/* RUN: measure the link to the next stage, have it measure its own, and
+ * send the figures up (ours first, then those from below). */
+static int run_probe(serve_state *st)
+{
+    ar_stage_runner *r = st->r;
+    double timeout = r->timeout_s > 0 ? r->timeout_s : PROBE_TIMEOUT_S;
+    double vals[AR_PROBE_REPORT_FIELDS * 64];
+    size_t n = 0;
+    int rc;
+    if (r->down) {
+        ar_link_figures fig;
+        if ((rc = ar_probe_link(r->down, timeout, &fig)) != AR_OK)
+            return rc;
+        vals[n++] = fig.rtt_s;
+        vals[n++] = fig.down_Bps;
+        vals[n++] = fig.up_Bps;
+        ar_frame run = {.kind = AR_FRAME_PROBE};
+        run.scalars[0] = AR_PROBE_RUN;
+        if ((rc = ar_link_send(r->down, &run)) != AR_OK)
+            return rc;
+        ar_frame below;
+        if ((rc = ar_link_recv(r->down, &below, timeout)) != AR_OK)
+            return rc;
+        if (below.kind == AR_FRAME_ERROR) {
+            ar_link_send(r->up, &below); /* relay: the driver names the failing stage */
+            return STEP_ABANDONED;
+        }
+        size_t theirs = below.nbytes / sizeof(double);
+        if (below.kind != AR_FRAME_PROBE || (int)below.scalars[0] != AR_PROBE_REPORT ||
+            (below.nbytes && below.dtype != AR_DT_F64) || theirs % AR_PROBE_REPORT_FIELDS ||
+            n + theirs > sizeof vals / sizeof vals[0]) {
+            ar_frame_free(&below);
+            return ar_fail(AR_EPROTO, "expected the link figures from the next stage");
+        }
+        if (theirs)
+            memcpy(vals + n, below.data, theirs * sizeof(double));
+        n += theirs;
+        ar_frame_free(&below);
+    }
+    /* the traffic of the steps starts here, not with the measurement */
+    link_counters(r->down, st->down_mark);
+    ar_frame rep = {.kind = AR_FRAME_PROBE};
+    rep.scalars[0] = AR_PROBE_REPORT;
+    int64_t len = (int64_t)n;
+    if (n && (rc = ar_frame_set_payload(&rep, AR_DT_F64, 1, &len, vals)) != AR_OK)
+        return rc;
+    return ar_link_send(r->up, &rep);
+}
+
 /* A barrier: answered once every stage has processed what came before it. */
 static int run_sync(serve_state *st, ar_frame *f)
 {
@@ -710,7 +858,8 @@ int ar_stage_serve(ar_stage_runner *r)
 #endif
     }
     ar_stage *s = r->stage;
-    serve_state st = {.r = r, .failed_step = -1, .fault = fault_from_env(r->index)};
+    serve_state st = {.r = r, .failed_step = -1, .probe_budget = PROBE_BUDGET_BYTES, .probe_t = ar_now(),
+                      .fault = fault_from_env(r->index)};
     st.slot_targets = calloc((size_t)s->nslots, sizeof *st.slot_targets);
     st.slot_rows = calloc((size_t)s->nslots, sizeof *st.slot_rows);
     if (!st.slot_targets || !st.slot_rows) {
@@ -776,6 +925,20 @@ int ar_stage_serve(ar_stage_runner *r)
             if ((rc = run_sync(&st, &f)) != AR_OK)
                 what = "sync";
             break;
+        case AR_FRAME_PROBE: {
+            int op = (int)f.scalars[0];
+            double cost = op == AR_PROBE_RUN    ? 2.0 * AR_PROBE_MAX_BYTES
+                          : op == AR_PROBE_PULL ? f.scalars[1] * f.scalars[2]
+                                                : 0.0;
+            if (!(cost >= 0 && cost < 1e12)) /* a PULL's own check names it */
+                cost = 0;
+            rc = probe_spend(&st, cost);
+            if (rc == AR_OK)
+                rc = op == AR_PROBE_RUN ? run_probe(&st) : ar_probe_answer(r->up, &f, &st.probe);
+            if (rc != AR_OK)
+                what = "measuring the links";
+            break;
+        }
         case AR_FRAME_STOP:
             if (r->down) {
                 ar_frame g = {.kind = AR_FRAME_STOP};
@@ -813,10 +976,13 @@ out:
 
 /* ---- driver side ------------------------------------------------------ */
 
-static int send_rows(ar_link *l, int kind, const ar_batch_desc *b, int mb, int row0, int rows)
+static int send_rows(ar_link *l, int kind, const ar_batch_desc *b, int mb, int row0, int rows,
+                     const double *scalars)
 {
     ar_frame f = {.kind = kind, .step = b->step, .mb = mb, .nmb = kind == AR_FRAME_ACT ? b->M : 0,
                   .rows = rows};
+    if (scalars)
+        memcpy(f.scalars, scalars, 3 * sizeof(double));
     size_t es = 4;
     int64_t shape[2] = {rows, (int64_t)b->row_elems};
     int rc = ar_frame_set_payload(&f, b->dtype, 2, shape,
@@ -841,13 +1007,27 @@ static int frame_error(ar_frame *f)
 
 int ar_chain_train_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar_step_result *out)
 {
+    int rc = ar_chain_send_step(l, b, 0, 0, 0);
+    return rc == AR_OK ? ar_chain_recv_step(l, b, timeout_s, out) : rc;
+}
+
+int ar_chain_send_step(ar_link *l, const ar_batch_desc *b, int apply, float lr, float clip)
+{
     if (b->M < 1 || b->B % b->M != 0)
         return ar_fail(AR_EINVAL, "batch %d does not split into %d equal micro-batches", b->B, b->M);
     int rows = b->B / b->M;
     int rc;
-    for (int mb = 0; mb < b->M; mb++)
-        if ((rc = send_rows(l, AR_FRAME_ACT, b, mb, mb * rows, rows)) != AR_OK)
+    for (int mb = 0; mb < b->M; mb++) {
+        double s[3] = {lr, clip, 1.0};
+        if ((rc = send_rows(l, AR_FRAME_ACT, b, mb, mb * rows, rows, mb == 0 && apply ? s : NULL)) != AR_OK)
             return rc;
+    }
+    return AR_OK;
+}
+
+int ar_chain_recv_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar_step_result *out)
+{
+    int rc;
     memset(out, 0, sizeof *out);
     /* losses arrive in micro-batch order; summing them in that order keeps
      * the result independent of the partition */
@@ -881,7 +1061,7 @@ int ar_chain_train_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar
     const double *v = n.data;
     size_t count = n.nbytes / sizeof(double), at = 0;
     while (at + NORM_HEADER <= count && out->nstages < 64) {
-        int first = (int)v[at], nu = (int)v[at + 1], nd = (int)v[at + 6];
+        int first = (int)v[at], nu = (int)v[at + 1], nd = (int)v[at + NORM_DIGEST_AT];
         if (nu < 0 || (nd != 0 && nd != DIGEST_WORDS) || at + NORM_HEADER + (size_t)nu + (size_t)nd > count ||
             first < 0 || first + nu > 512)
             break;
@@ -893,6 +1073,9 @@ int ar_chain_train_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar
         out->has_digests[si] = nd != 0;
         if (nd)
             memcpy(&out->digests[si], v + at + NORM_HEADER + nu, sizeof out->digests[si]);
+        if (si + 1 < 64)
+            out->edges[si + 1] = (ar_edge_bytes){.down = v[at + 6], .down_raw = v[at + 7],
+                                                 .up = v[at + 8], .up_raw = v[at + 9]};
         out->nstages++;
         for (int i = 0; i < nu; i++)
             out->unit_sumsq[first + i] = v[at + NORM_HEADER + i];
@@ -916,7 +1099,7 @@ int ar_chain_apply(ar_link *l, int64_t step, float lr, float grad_scale)
 int ar_chain_eval(ar_link *l, const ar_batch_desc *b, double timeout_s, double *loss_sum,
                   double *correct, double *count)
 {
-    int rc = send_rows(l, AR_FRAME_EVAL, b, 0, 0, b->B);
+    int rc = send_rows(l, AR_FRAME_EVAL, b, 0, 0, b->B, NULL);
     if (rc != AR_OK)
         return rc;
     ar_frame f;
@@ -931,6 +1114,45 @@ int ar_chain_eval(ar_link *l, const ar_batch_desc *b, double timeout_s, double *
     *loss_sum += f.scalars[0];
     *correct += f.scalars[1];
     *count += f.scalars[2];
+    ar_frame_free(&f);
+    return AR_OK;
+}
+
+int ar_chain_probe(ar_link *l, double timeout_s, ar_link_figures *edges, int max, int *n)
+{
+    *n = 0;
+    if (max < 1)
+        return ar_fail(AR_EINVAL, "no room for the link figures");
+    int rc = ar_probe_link(l, timeout_s, &edges[0]);
+    if (rc != AR_OK)
+        return rc;
+    *n = 1;
+    ar_frame f = {.kind = AR_FRAME_PROBE};
+    f.scalars[0] = AR_PROBE_RUN;
+    if ((rc = ar_link_send(l, &f)) != AR_OK)
+        return rc;
+    /* each stage measures its link in turn: allow each its time */
+    if ((rc = ar_link_recv(l, &f, timeout_s > 0 ? timeout_s * 64 : timeout_s)) != AR_OK)
+        return rc;
+    if (f.kind == AR_FRAME_ERROR)
+        return frame_error(&f);
+    size_t count = f.nbytes / sizeof(double);
+    if (f.kind != AR_FRAME_PROBE || (int)f.scalars[0] != AR_PROBE_REPORT || (f.nbytes && f.dtype != AR_DT_F64) ||
+        count % AR_PROBE_REPORT_FIELDS) {
+        ar_frame_free(&f);
+        return ar_fail(AR_EPROTO, "expected the stages' link figures");
+    }
+    const double *v = f.data;
+    for (size_t i = 0; i + AR_PROBE_REPORT_FIELDS <= count && *n < max; i += AR_PROBE_REPORT_FIELDS) {
+        ar_link_figures *e = &edges[(*n)++];
+        *e = (ar_link_figures){.rtt_s = v[i], .down_Bps = v[i + 1], .up_Bps = v[i + 2], .measured = 1};
+        if (!(isfinite(e->rtt_s) && e->rtt_s >= 0 && e->down_Bps > 0 && e->up_Bps > 0 && isfinite(e->down_Bps) &&
+              isfinite(e->up_Bps))) {
+            ar_frame_free(&f);
+            return ar_fail(AR_EPROTO, "link %d's figures are out of range (%g s, %g B/s, %g B/s)", *n - 1,
+                           v[i], v[i + 1], v[i + 2]);
+        }
+    }
     ar_frame_free(&f);
     return AR_OK;
 }

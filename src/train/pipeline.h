@@ -36,6 +36,8 @@ typedef struct {
     /* when set and nonzero, each step's NORM record says the stage's device
      * is leaving (AR_STAGE_LEAVING); NULL: never */
     const atomic_int *leaving;
+    int extra_warmup;    /* 1F1B forwards beyond the default, to cover the round trip of the link
+                          * to the next stage (the plan's; slots for them in the stage) */
 } ar_stage_runner;
 
 /* Serve until a STOP frame or the upstream link closes. Returns AR_OK after
@@ -65,6 +67,15 @@ int ar_digest_act(const void *payload, size_t nbytes, const int32_t *targets, si
 /* A micro-batch's gradient digest: payload bytes (may be none) then the loss. */
 int ar_digest_grad(const void *payload, size_t nbytes, double loss, uint8_t out[32]);
 
+/* Fields of each stage's record in a NORM frame before its units' gradient
+ * sums of squares: first unit, units, busy s, idle s, tensor-parallel bytes,
+ * flags (AR_STAGE_LEAVING), then its link to the next stage's traffic since
+ * its last record (sent, sent as float32, received, received as float32),
+ * then the digest words (0 or AR_NORM_DIGEST_WORDS) that follow the gradient
+ * sums of squares as raw bytes (ar_step_digests). */
+#define AR_NORM_HEADER 11
+#define AR_NORM_DIGEST_WORDS (AR_DIGEST_KINDS * 32 / (int)sizeof(double))
+
 /* What the driver learns from one training step. */
 typedef struct {
     double loss;             /* mean over the step's micro-batches */
@@ -77,6 +88,9 @@ typedef struct {
     int has_digests[64];     /* the stage committed digests (its runner's .digests) */
     ar_step_digests digests[64];
     int leaving[64];         /* per stage: its device said it is leaving (AR_STAGE_LEAVING) */
+    /* edges[e]: the link into stage e, as stage e-1 counted it since its
+     * last step (edges[0], the driver's own, is the driver's to fill) */
+    ar_edge_bytes edges[64];
 } ar_step_result;
 
 /* One training step: inputs is (B, ...) rows split into M micro-batches of
@@ -94,12 +108,27 @@ typedef struct {
 
 int ar_chain_train_step(ar_link *l, const ar_batch_desc *batch, double timeout_s,
                         ar_step_result *out);
+/* The same in two halves, so that a driver can send the next step's batch
+ * before this step's results are back (docs/DESIGN.md, "Slow links"). With
+ * apply, stage 0 takes the optimizer step itself once it has every stage's
+ * gradient norms: lr, and the gradient clipped to clip (0: not clipped) the
+ * driver's way (scale clip / (norm + 1e-6) when the norm is over it), with
+ * the same sums in the same order, so bitwise what ar_chain_apply with the
+ * driver's scale does; the driver sends no STEP then. Without apply the
+ * driver must ar_chain_apply. */
+int ar_chain_send_step(ar_link *l, const ar_batch_desc *batch, int apply, float lr, float clip);
+int ar_chain_recv_step(ar_link *l, const ar_batch_desc *batch, double timeout_s, ar_step_result *out);
 /* Apply the optimizer everywhere: learning rate and gradient scale. */
 int ar_chain_apply(ar_link *l, int64_t step, float lr, float grad_scale);
 /* Forward-only evaluation of one chunk of B rows: returns the summed loss,
  * the number of correct predictions and the number of predictions. */
 int ar_chain_eval(ar_link *l, const ar_batch_desc *batch, double timeout_s, double *loss_sum,
                   double *correct, double *count);
+/* Measure every link of the chain (train/probe.h): the driver's to stage 0
+ * here, then each stage its link to the next, in turn. edges[e] is the link
+ * into stage e; *n gets how many (the stages). Each answer must come within
+ * timeout_s. */
+int ar_chain_probe(ar_link *l, double timeout_s, ar_link_figures *edges, int max, int *n);
 /* Wait until every stage has processed everything sent before. */
 int ar_chain_sync(ar_link *l, double timeout_s);
 int ar_chain_stop(ar_link *l);

@@ -9,6 +9,7 @@
 
 #include "core/core.h"
 #include "nn/layer.h"
+#include "train/pipeline.h"
 #include "train/schedule.h"
 
 #include <math.h>
@@ -156,6 +157,10 @@ int ar_plan_unit_costs(const ar_model_spec *spec, int mb_rows, ar_unit_cost *out
             c->act_bytes += (BT * out_w + BT) * F; /* softmax and per-row losses of the loss */
         c->work_bytes = ((double)l->vt->scratch_floats(l, mb_rows, Ti) + 2.0 * BT * max_d(in_w, out_w)) * F;
         c->out_bytes = BT * out_w * F;
+        c->rows = mb_rows;
+        c->tokens = Ti;
+        c->in_width = (int)l->in_floats_per_row;
+        c->out_width = (int)l->out_floats_per_row;
         c->flops = 3.0 * forward_flops(spec, l, B, T); /* backward: twice the forward */
         if (l->tied_name) {
             long tn;
@@ -180,10 +185,197 @@ int ar_plan_unit_costs(const ar_model_spec *spec, int mb_rows, ar_unit_cost *out
 
 int ar_plan_slots(int schedule, int S, int s, int micro_batches)
 {
+    return ar_plan_slots_ex(schedule, S, s, micro_batches, 0);
+}
+
+int ar_plan_slots_ex(int schedule, int S, int s, int micro_batches, int extra_warmup)
+{
     if (schedule == AR_SCHED_GPIPE)
         return micro_batches;
-    int k = s < S - 1 ? S - s + 1 : 1; /* warm-up + 1, see ar_schedule_build */
+    /* warm-up + 1, see ar_schedule_build_ex */
+    int k = s < S - 1 ? S - s + 1 + (extra_warmup > 0 ? extra_warmup : 0) : 1;
     return k < micro_batches ? k : micro_batches;
+}
+
+int ar_plan_extra_warmup(double rtt_s, double down_s, double up_s, double stage_s)
+{
+    if (!(stage_s > 0) || !(rtt_s + down_s + up_s > AR_PLAN_FAST_LINK_S))
+        return 0;
+    /* In steady 1F1B a stage runs its forward of micro-batch k, then wf more
+     * (forward, backward) pairs of stage_s each before the backward of k;
+     * the gradient of k is back after the link's latency L plus the next
+     * stage's own stage_s. So wf >= 1 + L / stage_s; the default warm-up is
+     * one more than the textbook's, so the extra is L / stage_s - 1, rounded
+     * up with half a micro-batch to spare. */
+    double n = ceil((rtt_s + down_s + up_s) / stage_s - 0.5);
+    return n > 0 ? (n > 4096 ? 4096 : (int)n) : 0;
+}
+
+/* ---- links ------------------------------------------------------------------ */
+
+/* A step number as large as most runs' (its varint's length is all that counts) */
+#define TYPICAL_STEP 500
+
+/* Wire bytes of a float32 tensor frame of `floats` values (shape rows x
+ * width, or flat when width is 0) once compressed with codec where it may be. */
+static double tensor_frame_bytes(ar_frame *f, double floats, int64_t width, int codec)
+{
+    f->dtype = AR_DT_F32;
+    f->nbytes = (size_t)floats * sizeof(float);
+    f->ndim = floats > 0 ? (width > 0 ? 2 : 1) : 0;
+    f->shape[0] = width > 0 ? (int64_t)(floats / (double)width) : (int64_t)floats;
+    f->shape[1] = width;
+    if (floats >= AR_COMPRESS_MIN_FLOATS && (codec == AR_COMPRESS_BF16 || codec == AR_COMPRESS_INT8)) {
+        f->dtype = codec == AR_COMPRESS_BF16 ? AR_DT_BF16 : AR_DT_Q8;
+        f->nbytes = ar_compressed_bytes(codec, (size_t)floats);
+    }
+    return (double)ar_frame_wire_bytes(f);
+}
+
+/* One micro-batch's frames on the link into the stage that starts at unit
+ * `first` (0: the driver's input batch): the activation down and its
+ * gradient up, compressed with codec. */
+static void mb_frame_bytes(const ar_unit_cost *costs, int first, int M, int mb, int codec, double *down,
+                           double *up)
+{
+    ar_frame a = {.kind = AR_FRAME_ACT, .step = TYPICAL_STEP, .mb = mb, .nmb = M};
+    ar_frame g = {.kind = AR_FRAME_GRAD, .step = TYPICAL_STEP, .mb = mb, .nmb = M};
+    g.scalars[0] = 1.0; /* the micro-batch's loss */
+    if (first == 0) {
+        /* the input rows: int32 tokens (rows, T) or float features (rows, in), as
+         * the driver sends them; stage 0 sends no gradient of them back */
+        const ar_unit_cost *c = &costs[0];
+        int tokens = c->in_width == 0;
+        double elems = (double)c->rows * (tokens ? c->tokens : c->in_width);
+        a.rows = c->rows;
+        a.ntargets = (size_t)c->rows * (size_t)c->tokens;
+        a.dtype = tokens ? AR_DT_I32 : AR_DT_F32;
+        if (mb == 0) { /* the step's first carries lr and clipping: stage 0 takes the step */
+            a.scalars[0] = 1e-3;
+            a.scalars[1] = 1.0;
+            a.scalars[2] = 1.0;
+        }
+        if (tokens) {
+            a.ndim = 2;
+            a.shape[0] = c->rows;
+            a.shape[1] = c->tokens;
+            a.nbytes = (size_t)elems * 4;
+            *down = (double)ar_frame_wire_bytes(&a);
+        } else {
+            *down = tensor_frame_bytes(&a, elems, c->in_width, codec);
+        }
+        g.rows = c->rows;
+        *up = (double)ar_frame_wire_bytes(&g);
+        return;
+    }
+    /* the previous unit's output and its gradient (sized by out_bytes, which
+     * every cost has; the shape only adds its header's few bytes) */
+    const ar_unit_cost *c = &costs[first - 1];
+    double floats = c->out_bytes / sizeof(float);
+    a.rows = g.rows = c->rows;
+    a.ntargets = (size_t)c->rows * (size_t)c->tokens;
+    *down = tensor_frame_bytes(&a, floats, c->out_width, codec);
+    *up = tensor_frame_bytes(&g, floats, c->out_width, codec);
+}
+
+void ar_plan_link_mb_bytes(const ar_unit_cost *costs, int first, int M, int codec, double *down, double *up)
+{
+    mb_frame_bytes(costs, first, M, 1, codec, down, up);
+}
+
+static double bw_down(const ar_device *d)
+{
+    return d->bandwidth > 0 ? d->bandwidth : AR_PLAN_DEFAULT_BANDWIDTH;
+}
+
+static double bw_up(const ar_device *d)
+{
+    return d->bandwidth_up > 0 ? d->bandwidth_up : bw_down(d);
+}
+
+/* A link's codec and its transfer time per micro-batch each way. */
+typedef struct {
+    int codec;
+    double down_s, up_s;
+} link_price;
+
+static double link_s(const link_price *l)
+{
+    return l->down_s > l->up_s ? l->down_s : l->up_s;
+}
+
+/* The link after a stage that ends before unit `last` (nothing after the
+ * last stage), whose figures are d's (bandwidth each way): with `compress`,
+ * or under AUTO the least lossy codec whose transfers take at most budget
+ * seconds a micro-batch (int8 when none does). */
+static link_price price_link(const ar_unit_cost *costs, int nunits, int last, double down_Bps, double up_Bps,
+                             int compress, int M, double budget)
+{
+    link_price lp = {AR_COMPRESS_NONE, 0, 0};
+    if (last >= nunits)
+        return lp;
+    int from = compress == AR_COMPRESS_AUTO ? AR_COMPRESS_NONE : compress;
+    int to = compress == AR_COMPRESS_AUTO ? AR_COMPRESS_INT8 : compress;
+    for (int codec = from; codec <= to; codec++) {
+        double down, up;
+        mb_frame_bytes(costs, last, M, 1, codec, &down, &up);
+        lp = (link_price){codec, down / down_Bps, up / up_Bps};
+        if (link_s(&lp) <= budget || link_s(&lp) <= AR_PLAN_FAST_LINK_S)
+            break;
+    }
+    return lp;
+}
+
+void ar_plan_edge_bytes(const ar_plan *p, const ar_unit_cost *costs, int nunits, int s, int codec,
+                        ar_edge_bytes *out)
+{
+    memset(out, 0, sizeof *out);
+    if (s < 0 || s >= p->nstages)
+        return;
+    int M = p->micro_batches > 0 ? p->micro_batches : 1;
+    for (int mb = 0; mb < M; mb++) {
+        double d, u, dr, ur;
+        mb_frame_bytes(costs, p->first[s], M, mb, codec, &d, &u);
+        mb_frame_bytes(costs, p->first[s], M, mb, AR_COMPRESS_NONE, &dr, &ur);
+        out->down += d;
+        out->up += u;
+        out->down_raw += dr;
+        out->up_raw += ur;
+    }
+    /* the optimizer step down; the gradient norms of this stage and those
+     * after it up */
+    ar_frame step = {.kind = AR_FRAME_STEP, .step = TYPICAL_STEP};
+    step.scalars[0] = 1e-3;
+    step.scalars[1] = 1.0;
+    double records = 0;
+    for (int t = s; t < p->nstages; t++)
+        records += AR_NORM_HEADER + (p->last[t] - p->first[t]);
+    ar_frame norm = {.kind = AR_FRAME_NORM, .step = TYPICAL_STEP, .dtype = AR_DT_F64, .ndim = 1};
+    norm.shape[0] = (int64_t)records;
+    norm.nbytes = (size_t)records * sizeof(double);
+    /* the tied weight (the GPT head's copy of the embedding): when the head
+     * is on a later stage than the owner (unit 0, stage 0), its values go
+     * down with every STEP and its gradient comes up as TIED, across every
+     * link from stage 1 to the head's */
+    double tied = costs[nunits - 1].tied_bytes / sizeof(float);
+    double step_b = 0, tied_b = 0;
+    if (tied > 0 && s >= 1 && p->first[p->nstages - 1] > 0) {
+        ar_frame t = {.kind = AR_FRAME_TIED, .step = TYPICAL_STEP, .dtype = AR_DT_F32, .ndim = 1};
+        t.shape[0] = (int64_t)tied;
+        t.nbytes = (size_t)tied * sizeof(float);
+        tied_b = (double)ar_frame_wire_bytes(&t);
+        step.dtype = AR_DT_F32;
+        step.ndim = 1;
+        step.shape[0] = (int64_t)tied;
+        step.nbytes = t.nbytes;
+    }
+    /* the driver sends no STEP: stage 0 takes the step itself (ar_chain_send_step) */
+    step_b = s == 0 ? 0.0 : (double)ar_frame_wire_bytes(&step);
+    double norm_b = (double)ar_frame_wire_bytes(&norm);
+    out->down += step_b;
+    out->down_raw += step_b;
+    out->up += norm_b + tied_b;
+    out->up_raw += norm_b + tied_b;
 }
 
 /* Running totals of a stage [first, u]: the program extends a stage one unit
@@ -219,19 +411,16 @@ double ar_plan_stage_mem(const ar_unit_cost *costs, int nunits, int first, int l
 
 static double bandwidth(const ar_device *d)
 {
-    return d->bandwidth > 0 ? d->bandwidth : AR_PLAN_DEFAULT_BANDWIDTH;
+    return bw_down(d);
 }
 
-/* Seconds per micro-batch of a stage ending before unit `last` on d: compute,
- * then its output to the next stage (the last stage keeps its output: the
- * loss is computed there). */
-static double acc_time(const stage_acc *a, const ar_unit_cost *costs, int nunits, int last,
-                       const ar_device *d)
+/* Seconds of compute per micro-batch of a stage on d. Its link to the next
+ * stage is priced apart (price_link): sends overlap compute, so a stage
+ * takes the longer of the two (the last stage keeps its output: the loss
+ * is computed there). */
+static double acc_time(const stage_acc *a, const ar_device *d)
 {
-    double t = a->flops / (d->gflops * 1e9);
-    if (last < nunits)
-        t += costs[last - 1].out_bytes / bandwidth(d);
-    return t;
+    return a->flops / (d->gflops * 1e9);
 }
 
 static int fits(double need, const ar_device *d)
@@ -419,7 +608,7 @@ static void group_price(const group_acc *a, const ar_unit_cost *costs, int nunit
     }
     /* the leader's unsplit work comes before and after the blocks: it does
      * not overlap the members' */
-    out->time = acc_time(&lead, costs, nunits, last, a->dev[0]) + slowest + out->transfer;
+    out->time = acc_time(&lead, a->dev[0]) + slowest + out->transfer;
 }
 
 int ar_plan_group_cost(const ar_unit_cost *costs, int nunits, int first, int last,
@@ -504,12 +693,62 @@ static int group_by_speed(const ar_device *devs, int k, int g)
     return 0;
 }
 
+/* What every cell of the program shares. */
+typedef struct {
+    const ar_unit_cost *costs;
+    const ar_device *devs;
+    int M, schedule, compress;
+} dp_ctx;
+
+/* A stage's time per micro-batch from its compute on (or led by) device d
+ * and its link to the next stage, and the slots it keeps: `slots` and, under
+ * 1F1B, as many more warm-up micro-batches as cover the link's round trip
+ * and fit (fits_with says whether a slot count fits). The program prices a
+ * link for AUTO against the stage's own compute; the estimate of the chosen
+ * plan against the slowest stage's. */
+static double dp_stage_time(const dp_ctx *x, int n, int j, const ar_device *d, double compute, int *slots,
+                            int (*fits_with)(const void *acc, int slots, const ar_device *d, int first),
+                            const void *acc, int first)
+{
+    /* AUTO compresses measured links only (an unknown one is loopback's) */
+    int compress = x->compress == AR_COMPRESS_AUTO && d->bandwidth <= 0 ? AR_COMPRESS_NONE : x->compress;
+    link_price lp = price_link(x->costs, n, j, bw_down(d), bw_up(d), compress, x->M, AR_PLAN_AUTO_MARGIN * compute);
+    if (x->schedule == AR_SCHED_1F1B && j < n && d->rtt > 0) {
+        int extra = ar_plan_extra_warmup(d->rtt, lp.down_s, lp.up_s, compute);
+        int want = *slots + extra < x->M ? *slots + extra : x->M;
+        while (want > *slots && !fits_with(acc, want, d, first))
+            want--;
+        *slots = want;
+    }
+    return max_d(compute, link_s(&lp));
+}
+
+static int plain_fits(const void *acc, int slots, const ar_device *d, int first)
+{
+    (void)first;
+    return fits(acc_mem(acc, slots), d);
+}
+
+typedef struct {
+    const group_acc *ga;
+    const ar_unit_cost *costs;
+} group_fit_arg;
+
+static int group_fits_with(const void *arg, int slots, const ar_device *d, int first)
+{
+    (void)d;
+    const group_fit_arg *g = arg;
+    return group_fits(g->ga, g->costs, first, slots);
+}
+
 /* Consider units [i, j) for j = i+1..n on the g devices from k, keeping the
  * best value in *best and *choice. */
-static void dp_try(const dp_tables *t, const ar_unit_cost *costs, const ar_device *devs, int M, int c,
-                   int slots, double thr, int i, int k, int g, double *best, int *choice)
+static void dp_try(const dp_tables *t, const dp_ctx *x, int c, int base_slots, double thr, int i, int k, int g,
+                   double *best, int *choice)
 {
-    int n = t->n;
+    int n = t->n, M = x->M;
+    const ar_unit_cost *costs = x->costs;
+    const ar_device *devs = x->devs;
     stage_acc a = {0};
     group_acc ga;
     if (g > 1) {
@@ -520,6 +759,7 @@ static void dp_try(const dp_tables *t, const ar_unit_cost *costs, const ar_devic
     }
     for (int j = i + 1; j <= n; j++) {
         double st;
+        int slots = base_slots;
         if (g == 1) {
             acc_add(&a, costs, i, j - 1);
         } else {
@@ -533,13 +773,14 @@ static void dp_try(const dp_tables *t, const ar_unit_cost *costs, const ar_devic
         if (g == 1) {
             if (!fits(acc_mem(&a, slots), &devs[k]))
                 continue;
-            st = acc_time(&a, costs, n, j, &devs[k]);
+            st = dp_stage_time(x, n, j, &devs[k], acc_time(&a, &devs[k]), &slots, plain_fits, &a, i);
         } else {
             if (ga.nblocks == 0 || !group_fits(&ga, costs, i, slots))
                 continue;
             ar_group_cost gc;
             group_price(&ga, costs, n, i, j, slots, M, &gc);
-            st = gc.time;
+            group_fit_arg arg = {&ga, costs};
+            st = dp_stage_time(x, n, j, &devs[k], gc.time, &slots, group_fits_with, &arg, i);
         }
         double v;
         if (thr < 0) {
@@ -560,10 +801,10 @@ static void dp_try(const dp_tables *t, const ar_unit_cost *costs, const ar_devic
  * Phase 2: val = the smallest total time among plans whose stages all take
  * at most thr, with the choices recorded. Both are exact: the max and the sum
  * each decompose over the suffix. */
-static void run_dp(dp_tables *t, const ar_unit_cost *costs, const ar_device *devs, int M,
-                   int schedule, double thr, int max_group)
+static void run_dp(dp_tables *t, const dp_ctx *x, double thr, int max_group)
 {
     int n = t->n, D = t->D;
+    const ar_device *devs = x->devs;
     for (int c = 0; c <= t->C; c++)
         for (int i = 0; i <= n; i++)
             for (int k = 0; k <= D; k++) {
@@ -571,14 +812,14 @@ static void run_dp(dp_tables *t, const ar_unit_cost *costs, const ar_device *dev
                 t->choice[at(t, c, i, k)] = 0;
             }
     for (int c = 1; c <= t->C; c++) {
-        int slots = ar_plan_slots(schedule, c, 0, M); /* c stages from this one to the end */
+        int slots = ar_plan_slots(x->schedule, c, 0, x->M); /* c stages from this one to the end */
         for (int i = n - 1; i >= 0; i--)
             for (int k = D - 1; k >= 0; k--) {
                 double best = t->val[at(t, c, i, k + 1)];
                 int choice = 0;
                 for (int g = 1; g <= max_group && k + g <= D && (g == 1 || !devs[k + g - 1].solo); g++)
                     if (g == 1 || !devs[k].solo)
-                        dp_try(t, costs, devs, M, c, slots, thr, i, k, g, &best, &choice);
+                        dp_try(t, x, c, slots, thr, i, k, g, &best, &choice);
                 t->val[at(t, c, i, k)] = best;
                 t->choice[at(t, c, i, k)] = choice;
             }
@@ -648,9 +889,26 @@ static void warn_unused(const ar_plan *p, const ar_unit_cost *costs, int n, cons
 int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev,
                  int micro_batches, int schedule, ar_plan *out)
 {
+    return ar_plan_auto_ex(costs, nunits, devs, ndev, micro_batches, schedule, NULL, out);
+}
+
+static int check_opts(const ar_plan_opts *o)
+{
+    if (o && (o->compress < AR_COMPRESS_NONE || o->compress > AR_COMPRESS_AUTO))
+        return ar_fail(AR_EINVAL, "unknown compression %d", o->compress);
+    return AR_OK;
+}
+
+int ar_plan_auto_ex(const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev,
+                    int micro_batches, int schedule, const ar_plan_opts *opts, ar_plan *out)
+{
     int rc = check_inputs(costs, nunits, devs, ndev, micro_batches, schedule);
+    if (rc == AR_OK)
+        rc = check_opts(opts);
     if (rc != AR_OK)
         return rc;
+    dp_ctx x = {.costs = costs, .devs = devs, .M = micro_batches, .schedule = schedule,
+                .compress = opts ? opts->compress : AR_COMPRESS_NONE};
     dp_tables t = {.n = nunits, .D = ndev};
     t.C = nunits < ndev ? nunits : ndev;
     if (t.C > AR_PLAN_MAX_STAGES)
@@ -670,7 +928,7 @@ int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, i
         if (costs[u].tp.heads > 0)
             max_group = AR_PLAN_MAX_GROUP;
     /* phase 1: the best bottleneck for each stage count */
-    run_dp(&t, costs, devs, micro_batches, schedule, -1.0, max_group);
+    run_dp(&t, &x, -1.0, max_group);
     double best = INFINITY;
     for (int c = 1; c <= t.C; c++)
         best = t.val[at(&t, c, 0, 0)] < best ? t.val[at(&t, c, 0, 0)] : best;
@@ -685,7 +943,7 @@ int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, i
     int C = 1;
     while (t.val[at(&t, C, 0, 0)] > thr)
         C++;
-    run_dp(&t, costs, devs, micro_batches, schedule, thr, max_group);
+    run_dp(&t, &x, thr, max_group);
 
     memset(out, 0, sizeof *out);
     int i = 0, k = 0, c = C;
@@ -712,7 +970,7 @@ int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, i
     ar_free(t.choice);
     if (i != nunits)
         return ar_fail(AR_EINTERNAL, "plan reconstruction stopped at unit %d of %d", i, nunits);
-    rc = ar_plan_estimate(out, costs, nunits, devs, ndev, micro_batches, schedule);
+    rc = ar_plan_estimate_ex(out, costs, nunits, devs, ndev, micro_batches, schedule, opts);
     if (rc != AR_OK)
         return rc;
     warn_unused(out, costs, nunits, devs, ndev, micro_batches, schedule);
@@ -756,7 +1014,10 @@ static void run_each(each_tables *t, const ar_unit_cost *costs, const ar_device 
                 double rest = t->val[each_at(t, j, k + 1)];
                 if (rest == INFINITY || !fits(acc_mem(&a, slots), &devs[k]))
                     continue;
-                double st = acc_time(&a, costs, n, j, &devs[k]);
+                /* a stage's time as ar_plan_auto prices it: the longer of its
+                 * compute and its link's transfers */
+                link_price lp = price_link(costs, n, j, bw_down(&devs[k]), bw_up(&devs[k]), AR_COMPRESS_NONE, M, 0);
+                double st = max_d(acc_time(&a, &devs[k]), link_s(&lp));
                 double v;
                 if (thr < 0) {
                     v = max_d(st, rest);
@@ -982,7 +1243,100 @@ int ar_plan_parse_devices(const char *text, int nunits, const ar_device *devs, i
 int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar_device *devs,
                      int ndev, int micro_batches, int schedule)
 {
+    return ar_plan_estimate_ex(p, costs, nunits, devs, ndev, micro_batches, schedule, NULL);
+}
+
+/* Stage s's compute per micro-batch and its memory with `slots` in flight
+ * (for a group, each member's in p->member_mem and its traffic in
+ * p->tp_bytes and p->tp_transfer); *d_out: the device whose memory bounds it
+ * (a group without anything to split: its members summed in *sum). */
+static int stage_price(ar_plan *p, int s, const ar_unit_cost *costs, int nunits, const ar_device *devs,
+                       int slots, int M, double *compute, ar_device *sum, const ar_device **d_out)
+{
+    const ar_device *d = &devs[p->device[s]];
+    p->tp_bytes[s] = p->tp_transfer[s] = 0;
+    memset(p->member_mem[s], 0, sizeof p->member_mem[s]);
+    /* GPT blocks or a pair of an MLP's layers: what a group splits */
+    int priced = p->last[s] - p->first[s] >= 2 && costs[p->first[s]].tp.linear;
+    for (int u = p->first[s]; u < p->last[s]; u++)
+        priced |= costs[u].tp.heads > 0;
+    stage_acc acc = {0};
+    if (p->group_size[s] > 1 && priced) {
+        int g = p->group_size[s];
+        ar_group_cost gc;
+        int grc = ar_plan_group_cost(costs, nunits, p->first[s], p->last[s], devs, p->group[s], g, p->by_speed[s],
+                                     slots, M, &gc);
+        if (grc != AR_OK)
+            return ar_fail(grc, "plan stage %d: %s", s, ar_last_error());
+        *compute = gc.time;
+        p->stage_mem[s] = gc.mem[0];
+        p->tp_bytes[s] = gc.bytes;
+        p->tp_transfer[s] = gc.transfer;
+        for (int k = 0; k < g; k++)
+            p->member_mem[s][k] = gc.mem[k];
+        *d_out = d;
+        return AR_OK;
+    }
+    if (p->group_size[s] > 1) {
+        /* nothing to split (the run says so): priced as one device with
+         * the members' speed and memory added up */
+        *sum = *d;
+        for (int k = 1; k < p->group_size[s]; k++) {
+            const ar_device *m = &devs[p->group[s][k]];
+            sum->gflops += m->gflops;
+            sum->mem_bytes = sum->mem_bytes > 0 && m->mem_bytes > 0 ? sum->mem_bytes + m->mem_bytes : 0;
+        }
+        d = sum;
+    }
+    for (int u = p->first[s]; u < p->last[s]; u++)
+        acc_add(&acc, costs, p->first[s], u);
+    *compute = acc_time(&acc, d);
+    p->stage_mem[s] = acc_mem(&acc, slots);
+    if (p->group_size[s] <= 1)
+        p->member_mem[s][0] = p->stage_mem[s];
+    *d_out = d;
+    return AR_OK;
+}
+
+/* Whether stage s, priced by stage_price, fits its devices (the first
+ * failure's message recorded). */
+static int stage_fits(const ar_plan *p, int s, const ar_device *devs, const ar_device *d, int report)
+{
+    char a[32], b[32];
+    if (p->group_size[s] > 1 && p->member_mem[s][1] > 0) {
+        for (int k = 0; k < p->group_size[s]; k++) {
+            const ar_device *m = &devs[p->group[s][k]];
+            if (!fits(p->member_mem[s][k], m)) {
+                if (report)
+                    ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s on device %d (%.63s) of its group, "
+                            "which has %s free", s, p->first[s], p->last[s] - 1,
+                            fmt_bytes(p->member_mem[s][k], a, sizeof a), p->group[s][k], m->name,
+                            fmt_bytes(m->mem_bytes, b, sizeof b));
+                return 0;
+            }
+        }
+        return 1;
+    }
+    if (fits(p->stage_mem[s], d))
+        return 1;
+    if (report) {
+        if (p->group_size[s] > 1)
+            ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s, its group has %s free", s, p->first[s],
+                    p->last[s] - 1, fmt_bytes(p->stage_mem[s], a, sizeof a), fmt_bytes(d->mem_bytes, b, sizeof b));
+        else
+            ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s, device %d (%.63s) has %s free", s, p->first[s],
+                    p->last[s] - 1, fmt_bytes(p->stage_mem[s], a, sizeof a), p->device[s], d->name,
+                    fmt_bytes(d->mem_bytes, b, sizeof b));
+    }
+    return 0;
+}
+
+int ar_plan_estimate_ex(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev,
+                        int micro_batches, int schedule, const ar_plan_opts *opts)
+{
     int rc = check_inputs(costs, nunits, devs, ndev, micro_batches, schedule);
+    if (rc == AR_OK)
+        rc = check_opts(opts);
     if (rc != AR_OK)
         return rc;
     int S = p->nstages;
@@ -1012,71 +1366,96 @@ int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar
     if (next != nunits)
         return ar_fail(AR_EINVAL, "plan covers layers 0-%d of 0-%d", next - 1, nunits - 1);
 
+    int compress = opts ? opts->compress : AR_COMPRESS_NONE;
     p->micro_batches = micro_batches;
     p->schedule = schedule;
+    p->compress = compress;
     p->bubble = (double)(S - 1) / (double)(micro_batches + S - 1);
-    rc = AR_OK;
-    char a[32], b[32];
+    /* pass 1: each stage's compute with its default slots; the slowest is
+     * what a link must keep up with to stay off the critical path */
+    double compute[AR_PLAN_MAX_STAGES], slowest = 0;
+    ar_device sums[AR_PLAN_MAX_STAGES];
+    const ar_device *dv[AR_PLAN_MAX_STAGES];
     for (int s = 0; s < S; s++) {
-        const ar_device *d = &devs[p->device[s]];
         int slots = ar_plan_slots(schedule, S, s, micro_batches);
-        p->tp_bytes[s] = p->tp_transfer[s] = 0;
-        memset(p->member_mem[s], 0, sizeof p->member_mem[s]);
-        /* GPT blocks or a pair of an MLP's layers: what a group splits */
-        int priced = p->last[s] - p->first[s] >= 2 && costs[p->first[s]].tp.linear;
-        for (int u = p->first[s]; u < p->last[s]; u++)
-            priced |= costs[u].tp.heads > 0;
-        if (p->group_size[s] > 1 && !priced) {
-            /* nothing to split (the run says so): priced as one device with
-             * the members' speed and memory added up */
-            ar_device sum = *d;
-            for (int k = 1; k < p->group_size[s]; k++) {
-                const ar_device *m = &devs[p->group[s][k]];
-                sum.gflops += m->gflops;
-                sum.mem_bytes = sum.mem_bytes > 0 && m->mem_bytes > 0 ? sum.mem_bytes + m->mem_bytes : 0;
-            }
-            d = &sum;
-            stage_acc acc = {0};
-            for (int u = p->first[s]; u < p->last[s]; u++)
-                acc_add(&acc, costs, p->first[s], u);
-            p->stage_time[s] = acc_time(&acc, costs, nunits, p->last[s], d);
-            p->stage_mem[s] = acc_mem(&acc, slots);
-            if (rc == AR_OK && !fits(p->stage_mem[s], d))
-                rc = ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s, its group has %s free", s, p->first[s],
-                             p->last[s] - 1, fmt_bytes(p->stage_mem[s], a, sizeof a), fmt_bytes(d->mem_bytes, b, sizeof b));
-            continue;
+        if ((rc = stage_price(p, s, costs, nunits, devs, slots, micro_batches, &compute[s], &sums[s], &dv[s])) != AR_OK)
+            return rc;
+        slowest = max_d(slowest, compute[s]);
+    }
+    /* pass 2: the links, their codecs, the warm-up that covers them, and
+     * each stage's time and memory with it */
+    rc = AR_OK;
+    for (int s = 0; s < S; s++) {
+        /* the link into stage s: the driver's (edge 0), or stage s-1's device's to the next */
+        ar_link_figures fig = {0};
+        int measured_driver = opts && opts->driver.measured;
+        if (s == 0) {
+            if (measured_driver)
+                fig = opts->driver;
+        } else {
+            const ar_device *up = dv[s - 1];
+            fig = (ar_link_figures){.rtt_s = up->rtt, .down_Bps = bw_down(up), .up_Bps = bw_up(up),
+                                    .measured = up->bandwidth > 0};
         }
-        if (p->group_size[s] > 1) {
-            int g = p->group_size[s];
-            ar_group_cost gc;
-            int grc = ar_plan_group_cost(costs, nunits, p->first[s], p->last[s], devs, p->group[s], g,
-                                         p->by_speed[s], slots, micro_batches, &gc);
-            if (grc != AR_OK)
-                return ar_fail(grc, "plan stage %d: %s", s, ar_last_error());
-            p->stage_time[s] = gc.time;
-            p->stage_mem[s] = gc.mem[0];
-            p->tp_bytes[s] = gc.bytes;
-            p->tp_transfer[s] = gc.transfer;
-            for (int k = 0; k < g; k++) {
-                const ar_device *m = &devs[p->group[s][k]];
-                p->member_mem[s][k] = gc.mem[k];
-                if (rc == AR_OK && !fits(gc.mem[k], m))
-                    rc = ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s on device %d (%.63s) of its group, "
-                                 "which has %s free", s, p->first[s], p->last[s] - 1,
-                                 fmt_bytes(gc.mem[k], a, sizeof a), p->group[s][k], m->name,
-                                 fmt_bytes(m->mem_bytes, b, sizeof b));
-            }
-            continue;
+        if (!fig.measured && fig.down_Bps <= 0)
+            fig.down_Bps = fig.up_Bps = AR_PLAN_DEFAULT_BANDWIDTH;
+        p->link[s] = fig;
+        link_price lp;
+        if (s == 0 && !measured_driver) {
+            /* an in-process driver hands stage 0 its batch by pointer */
+            lp = (link_price){AR_COMPRESS_NONE, 0, 0};
+        } else if (s == 0 && compress == AR_COMPRESS_AUTO) {
+            /* the driver's link carries the training data itself (features,
+             * tokens), not activations: AUTO leaves what the model learns
+             * from as it is (an explicit codec compresses it too) */
+            lp = price_link(costs, nunits, 0, fig.down_Bps, fig.up_Bps, AR_COMPRESS_NONE, micro_batches, 0);
+        } else {
+            /* AUTO compresses measured links only: an unknown one is loopback's */
+            int mode = compress == AR_COMPRESS_AUTO && !fig.measured ? AR_COMPRESS_NONE : compress;
+            lp = price_link(costs, nunits, p->first[s], fig.down_Bps, fig.up_Bps, mode, micro_batches,
+                            AR_PLAN_AUTO_MARGIN * slowest);
+            if (s == 0 && compress != AR_COMPRESS_AUTO)
+                lp.codec = compress;
         }
-        stage_acc acc = {0};
-        for (int u = p->first[s]; u < p->last[s]; u++)
-            acc_add(&acc, costs, p->first[s], u);
-        p->stage_time[s] = acc_time(&acc, costs, nunits, p->last[s], d);
-        p->stage_mem[s] = p->member_mem[s][0] = acc_mem(&acc, slots);
-        if (rc == AR_OK && !fits(p->stage_mem[s], d))
-            rc = ar_fail(AR_ELIMIT, "stage %d (layers %d-%d) needs %s, device %d (%.63s) has %s free", s,
-                         p->first[s], p->last[s] - 1, fmt_bytes(p->stage_mem[s], a, sizeof a),
-                         p->device[s], d->name, fmt_bytes(d->mem_bytes, b, sizeof b));
+        p->codec[s] = lp.codec;
+        p->edge_down_s[s] = lp.down_s;
+        p->edge_up_s[s] = lp.up_s;
+    }
+    /* the pipeline's pace: its slowest stage or link */
+    double pace = slowest;
+    for (int s = 1; s < S; s++)
+        pace = max_d(pace, max_d(p->edge_down_s[s], p->edge_up_s[s]));
+    for (int s = 0; s < S; s++) {
+        int slots = ar_plan_slots(schedule, S, s, micro_batches), extra = 0;
+        double link = 0;
+        if (s + 1 < S) {
+            link = max_d(p->edge_down_s[s + 1], p->edge_up_s[s + 1]);
+            if (schedule == AR_SCHED_1F1B) {
+                extra = ar_plan_extra_warmup(p->link[s + 1].rtt_s, p->edge_down_s[s + 1], p->edge_up_s[s + 1], pace);
+                extra = extra < micro_batches ? extra : micro_batches;
+                /* as many as fit: the activation memory the device allows */
+                for (; extra > 0; extra--) {
+                    slots = ar_plan_slots_ex(schedule, S, s, micro_batches, extra);
+                    double c0;
+                    int prc = stage_price(p, s, costs, nunits, devs, slots, micro_batches, &c0, &sums[s], &dv[s]);
+                    if (prc != AR_OK)
+                        return prc;
+                    if (stage_fits(p, s, devs, dv[s], 0))
+                        break;
+                }
+                slots = ar_plan_slots_ex(schedule, S, s, micro_batches, extra);
+            }
+        }
+        double c0;
+        int prc = stage_price(p, s, costs, nunits, devs, slots, micro_batches, &c0, &sums[s], &dv[s]);
+        if (prc != AR_OK)
+            return prc;
+        p->extra_warmup[s] = extra;
+        p->slots[s] = slots;
+        p->stage_time[s] = max_d(compute[s], link);
+        ar_plan_edge_bytes(p, costs, nunits, s, p->codec[s], &p->edge_bytes[s]);
+        if (!stage_fits(p, s, devs, dv[s], rc == AR_OK) && rc == AR_OK)
+            rc = AR_ELIMIT;
     }
     return rc;
 }
@@ -1183,8 +1562,8 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
         wlay = l > wlay ? l : wlay;
         wdev = d > wdev ? d : wdev;
     }
-    fprintf(out, "%-5s  %-*s  %-*s  %9s  %9s  %14s\n", "stage", wdev, "device", wlay, "layers",
-            "params MB", "memory MB", "ms/micro-batch");
+    fprintf(out, "%-5s  %-*s  %-*s  %9s  %9s  %14s  %9s\n", "stage", wdev, "device", wlay, "layers",
+            "params MB", "memory MB", "ms/micro-batch", "in flight");
     double slowest = 0;
     for (int s = 0; s < p->nstages; s++) {
         double params = 0;
@@ -1192,8 +1571,14 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
             params += costs[u].param_bytes;
         char dev[192];
         device_label(p, devs, s, dev, sizeof dev);
-        fprintf(out, "%-5d  %-*s  %-*s  %9.2f  %9.1f  %14.3f\n", s, wdev, dev, wlay, names[s],
-                params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3);
+        int slots = p->slots[s] > 0 ? p->slots[s] : ar_plan_slots(p->schedule, p->nstages, s, p->micro_batches);
+        char flight[32];
+        if (p->extra_warmup[s] > 0)
+            snprintf(flight, sizeof flight, "%d (+%d)", slots, p->extra_warmup[s]);
+        else
+            snprintf(flight, sizeof flight, "%d", slots);
+        fprintf(out, "%-5d  %-*s  %-*s  %9.2f  %9.1f  %14.3f  %9s\n", s, wdev, dev, wlay, names[s],
+                params / 1e6, p->stage_mem[s] / 1e6, p->stage_time[s] * 1e3, flight);
         if (p->group_size[s] > 1 && spec) {
             print_group_shares(out, p, devs, spec, s);
             if (p->tp_bytes[s] > 0)
@@ -1205,6 +1590,48 @@ void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_
     fprintf(out, "predicted bubble %.1f%% (%d stages, %d micro-batches, %s); slowest stage %.3f ms per micro-batch\n",
             100.0 * p->bubble, p->nstages, p->micro_batches, ar_schedule_name(p->schedule),
             slowest * 1e3);
+    ar_plan_print_links(out, p, devs);
+}
+
+void ar_plan_link_name(const ar_plan *p, const ar_device *devs, int s, char *buf, size_t n)
+{
+    if (s == 0)
+        snprintf(buf, n, "driver -> %.63s", devs[p->device[0]].name);
+    else
+        snprintf(buf, n, "%.63s -> %.63s", devs[p->device[s - 1]].name, devs[p->device[s]].name);
+}
+
+void ar_plan_print_links(FILE *out, const ar_plan *p, const ar_device *devs)
+{
+    int any = 0;
+    for (int s = 0; s < p->nstages; s++)
+        any |= p->link[s].measured;
+    if (!any)
+        return; /* in-process, or never measured: nothing to show but defaults */
+    char names[AR_PLAN_MAX_STAGES][140];
+    int w = 4;
+    for (int s = 0; s < p->nstages; s++) {
+        ar_plan_link_name(p, devs, s, names[s], sizeof names[s]);
+        int l = (int)strlen(names[s]);
+        w = l > w ? l : w;
+    }
+    fprintf(out, "%-*s  %9s  %9s  %7s  %8s  %13s  %13s\n", w, "link", "MB/s down", "MB/s up", "RTT ms", "compress",
+            "MB/step down", "MB/step up");
+    for (int s = 0; s < p->nstages; s++) {
+        const ar_link_figures *f = &p->link[s];
+        char down[24], up[24], rtt[24];
+        if (f->measured) {
+            snprintf(down, sizeof down, "%.2f", f->down_Bps / 1e6);
+            snprintf(up, sizeof up, "%.2f", f->up_Bps / 1e6);
+            snprintf(rtt, sizeof rtt, "%.1f", f->rtt_s * 1e3);
+        } else {
+            snprintf(down, sizeof down, "-");
+            snprintf(up, sizeof up, "-");
+            snprintf(rtt, sizeof rtt, "-");
+        }
+        fprintf(out, "%-*s  %9s  %9s  %7s  %8s  %13.3f  %13.3f\n", w, names[s], down, up, rtt,
+                ar_compress_name(p->codec[s]), p->edge_bytes[s].down / 1e6, p->edge_bytes[s].up / 1e6);
+    }
 }
 
 void ar_plan_group_weights(const ar_plan *p, const ar_device *devs, int s, double *w)

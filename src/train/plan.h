@@ -12,6 +12,7 @@
 
 #include "nn/spec.h"
 #include "nn/tp.h"
+#include "train/frame.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -42,6 +43,11 @@ typedef struct {
                          * needs the largest of its units', not the sum */
     double out_bytes;   /* the unit's output per micro-batch, sent to the next stage (and a
                          * gradient of the same size comes back) */
+    /* the shape of what crosses a link before and after the unit (the
+     * planner prices a link's frames with them): micro-batch rows, tokens
+     * per row (1 for an MLP), its input elements per token (0: int32
+     * tokens, one per token) and its output elements per token */
+    int rows, tokens, in_width, out_width;
     /* A GPT block as a tensor-parallel group splits it (train/tp_group.h):
      * each member takes a share of the heads (their QKV rows, projection
      * columns, attention) and of the MLP hidden units; the leader keeps the
@@ -79,6 +85,8 @@ typedef struct {
     double gflops;    /* measured GFLOP/s (> 0) */
     double mem_bytes; /* free memory; 0 = unknown, not checked */
     double bandwidth; /* bytes/s to the next device; 0 = same machine (AR_PLAN_DEFAULT_BANDWIDTH) */
+    double bandwidth_up; /* bytes/s from the next device back; 0 = the same as bandwidth */
+    double rtt;       /* seconds, a small frame's round trip to the next device; 0 = none */
     int solo;         /* ar_plan_auto puts it in no tensor-parallel group (a market provider,
                        * a worker without the capability) */
 } ar_device;
@@ -105,7 +113,41 @@ typedef struct {
     double tp_bytes[AR_PLAN_MAX_STAGES];
     double tp_transfer[AR_PLAN_MAX_STAGES]; /* s per micro-batch of it (ar_group_cost.transfer) */
     double member_mem[AR_PLAN_MAX_STAGES][AR_PLAN_MAX_GROUP];
+    /* The links (docs/DESIGN.md, "Slow links"). Edge s is the link into
+     * stage s (edge 0: the driver's to stage 0): its figures as planned
+     * with (measured, or the loopback default), the compression of the
+     * tensors on it (enum ar_compress, never AUTO), the time of one
+     * micro-batch's activation down and gradient up, and the frame bytes
+     * it carries per training step each way, compressed and as float32. */
+    ar_link_figures link[AR_PLAN_MAX_STAGES];
+    int codec[AR_PLAN_MAX_STAGES];
+    double edge_down_s[AR_PLAN_MAX_STAGES], edge_up_s[AR_PLAN_MAX_STAGES];
+    ar_edge_bytes edge_bytes[AR_PLAN_MAX_STAGES];
+    /* 1F1B warm-up forwards beyond the default on stage s, to cover the
+     * round trip of edge s+1 (within its device's memory), and the
+     * activation slots that makes */
+    int extra_warmup[AR_PLAN_MAX_STAGES];
+    int slots[AR_PLAN_MAX_STAGES];
+    int compress; /* the setting it was planned for (enum ar_compress) */
 } ar_plan;
+
+/* What a plan is made for beyond the devices: the compression setting
+ * (AUTO: the least lossy codec per edge that keeps its transfers within
+ * AR_PLAN_AUTO_MARGIN of the slowest stage's compute, so the link stays off
+ * the critical path) and the driver's own link to stage 0 (not measured: an
+ * in-process pipeline, whose links carry pointers, never compressed under
+ * AUTO). */
+typedef struct {
+    int compress;
+    ar_link_figures driver;
+} ar_plan_opts;
+#define AR_PLAN_AUTO_MARGIN 0.8
+/* A fast link: one that moves a micro-batch, or a small frame there and
+ * back, in under this. AUTO never compresses one (per-message costs are of
+ * that order on any link, so compressing saves nothing there, and runs over
+ * fast links stay exact whatever their tiny stages compute), and its
+ * latency needs no warm-up beyond the default (which covers that much). */
+#define AR_PLAN_FAST_LINK_S 2e-3
 
 /* The price of a stage of units [first,last) on a tensor-parallel group: the
  * devices members[0..g-1] (members[0] leads), split equally or by speed. */
@@ -138,6 +180,33 @@ int ar_plan_group_cost(const ar_unit_cost *costs, int nunits, int first, int las
 /* Activation slots a stage needs: M for GPipe; under 1F1B min(M, S - s + 1)
  * for stage s of S, 1 for the last (what ar_schedule_build returns). */
 int ar_plan_slots(int schedule, int S, int s, int micro_batches);
+/* The same with extra_warmup more 1F1B warm-up forwards (none on the last
+ * stage): what ar_schedule_build_ex returns. */
+int ar_plan_slots_ex(int schedule, int S, int s, int micro_batches, int extra_warmup);
+
+/* 1F1B warm-up forwards beyond the default that cover a link's latency
+ * (rtt plus one micro-batch's transfer each way), with stage_s the
+ * pipeline's time per micro-batch: latency / stage_s - 1/2, rounded up (the
+ * default's one forward of slack covers half a micro-batch and more); none
+ * for a latency under AR_PLAN_FAST_LINK_S. Callers cap it at M. */
+int ar_plan_extra_warmup(double rtt_s, double down_s, double up_s, double stage_s);
+
+/* Frame bytes of one micro-batch on the link into the stage that starts at
+ * unit `first` (0: the driver's input batch): its activation down and its
+ * gradient up, compressed with codec where they may be. What a link's
+ * time per micro-batch is priced from: bytes / the link's bandwidth each
+ * way. */
+void ar_plan_link_mb_bytes(const ar_unit_cost *costs, int first, int M, int codec, double *down, double *up);
+
+/* Frame bytes a link carries per training step (see ar_plan.edge_bytes):
+ * M micro-batches' activations down (the input batch on edge 0, the first
+ * with the step's lr and clipping) and gradients up, compressed with codec
+ * where they may be, the optimizer step down (not on edge 0: stage 0 takes
+ * it, ar_chain_send_step) and the gradient norms up (records of stages
+ * s..S-1), and the tied weight's values and gradient when the link lies
+ * between its owner and the head. */
+void ar_plan_edge_bytes(const ar_plan *p, const ar_unit_cost *costs, int nunits, int s, int codec,
+                        ar_edge_bytes *out);
 
 /* Bytes stage [first,last) needs with `slots` micro-batches in flight. */
 double ar_plan_stage_mem(const ar_unit_cost *costs, int nunits, int first, int last, int slots);
@@ -153,6 +222,13 @@ double ar_plan_stage_mem(const ar_unit_cost *costs, int nunits, int first, int l
  * assignment fits in memory; AR_EINVAL for bad arguments. */
 int ar_plan_auto(const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev,
                  int micro_batches, int schedule, ar_plan *out);
+/* The same for a compression setting and the driver's link (opts NULL:
+ * none, and an in-process driver). A stage's time per micro-batch is the
+ * longer of its compute and its link's transfers each way (sends overlap
+ * compute); under 1F1B its slots include the warm-up that covers its link's
+ * round trip, as many as fit its device's memory. */
+int ar_plan_auto_ex(const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev,
+                    int micro_batches, int schedule, const ar_plan_opts *opts, ar_plan *out);
 
 /* The best plan with exactly one stage on each device, in order: what a
  * market lease is, where every leased provider holds one stage. Same
@@ -191,6 +267,11 @@ void ar_plan_group_weights(const ar_plan *p, const ar_device *devs, int s, doubl
  * its device's memory; AR_EINVAL for a malformed plan. */
 int ar_plan_estimate(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar_device *devs,
                      int ndev, int micro_batches, int schedule);
+/* The same for a compression setting and the driver's link; also fills the
+ * edges (figures, codecs, transfer times, bytes per step) and each stage's
+ * extra warm-up and slots. */
+int ar_plan_estimate_ex(ar_plan *p, const ar_unit_cost *costs, int nunits, const ar_device *devs, int ndev,
+                        int micro_batches, int schedule, const ar_plan_opts *opts);
 
 /* "embedding, blocks 0-1", "block 3", "head", "linear 0-1", "units 2-4" (no
  * spec): the model's units [first, last) in words. */
@@ -207,10 +288,16 @@ int ar_plan_member_shares(const ar_plan *p, const ar_device *devs, const ar_mode
                           char (*text)[AR_PLAN_SHARE_TEXT], ar_range *heads, ar_range *hidden);
 
 /* A table: stage, device, layers (named from spec when given: "embedding,
- * blocks 0-1", "head"), parameter MB, memory MB, ms per micro-batch; for a
- * group, each member's heads and hidden units and memory, and the group's
- * predicted transfer per step; then the bubble. */
+ * blocks 0-1", "head"), parameter MB, memory MB, ms per micro-batch, the
+ * micro-batches it keeps in flight; for a group, each member's heads and
+ * hidden units and memory, and the group's predicted transfer per step; then
+ * the bubble; then the links: each one's measured MB/s each way and round
+ * trip, its compression and the MB per step it carries each way. */
 void ar_plan_print(FILE *out, const ar_plan *p, const ar_device *devs, const ar_unit_cost *costs,
                    const ar_model_spec *spec);
+/* The links part of the table alone (nothing when no link was measured). */
+void ar_plan_print_links(FILE *out, const ar_plan *p, const ar_device *devs);
+/* "driver -> A" for link 0, "A -> B" for link s into stage s. */
+void ar_plan_link_name(const ar_plan *p, const ar_device *devs, int s, char *buf, size_t n);
 
 #endif

@@ -6,6 +6,11 @@
 
 int ar_schedule_build(int kind, int S, int s, int M, ar_action *actions)
 {
+    return ar_schedule_build_ex(kind, S, s, M, 0, actions);
+}
+
+int ar_schedule_build_ex(int kind, int S, int s, int M, int extra_warmup, ar_action *actions)
+{
     int n = 0;
     if (kind == AR_SCHED_GPIPE) {
         /* all forwards, then all backwards */
@@ -29,8 +34,12 @@ int ar_schedule_build(int kind, int S, int s, int M, ar_action *actions)
      * already there: transfers overlap compute, at the cost of one more
      * micro-batch of activations on those stages. The ideal bubble
      * (S-1)/(M+S-1) is unchanged, and so is the order of the backwards
-     * (results stay bitwise the same). */
-    int warmup = s < S - 1 ? S - s : 0;
+     * (results stay bitwise the same).
+     *
+     * Over a slow link the round trip of the activation and its gradient
+     * is longer still: extra_warmup more forwards keep the link's round
+     * trip covered (the plan sizes it from the measured link). */
+    int warmup = s < S - 1 ? S - s + (extra_warmup > 0 ? extra_warmup : 0) : 0;
     if (warmup > M)
         warmup = M;
     int f = 0, b = 0;

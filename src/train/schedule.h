@@ -16,6 +16,10 @@ typedef struct {
  * what makes runs bitwise identical across them). Returns the number of
  * micro-batches in flight at most (activation slots needed). */
 int ar_schedule_build(int kind, int S, int s, int M, ar_action *actions);
+/* The same with extra warm-up forwards under 1F1B (on a stage that has a
+ * successor): micro-batches in flight to cover the round trip of a slow
+ * link (docs/DESIGN.md, "Slow links"). */
+int ar_schedule_build_ex(int kind, int S, int s, int M, int extra_warmup, ar_action *actions);
 int ar_schedule_parse(const char *name, int *kind);
 const char *ar_schedule_name(int kind);
 

@@ -21,10 +21,13 @@ test ends, however it ends:
     leased_worker(market, token, price, gflops=150.0)
                                a provider registered over gRPC whose `arceus worker`
                                requires a lease: .id (the provider id), .addr
+    relay(to, delay_ms, rate_mbit, up_delay_ms=None, up_rate_mbit=None)
+                               bench/wan_relay in front of `to` (an emulated WAN
+                               link, one-way delay and rate cap per direction): .addr
     add_account(db, name, credits=None) -> the account token
     wait_for(what, fn, timeout=90)      poll fn() until truthy, or fail
 
-(`market`, `worker`, `provider` and `leased_worker` are procs.market etc.)
+(`market`, `worker`, `provider`, `leased_worker` and `relay` are procs.market etc.)
 
 Every Proc writes stdout and stderr to files beside the test (tmp_path):
 polled, so no test can hang on a full pipe. At teardown each process still
@@ -299,6 +302,19 @@ class Proc:
 MARKET_READY = re.compile(r"^arceus market: listening on (127\.0\.0\.1:(\d+))$", re.M)
 DASHBOARD_READY = re.compile(r"^arceus market: dashboard on (http://127\.0\.0\.1:(\d+)/)$", re.M)
 WORKER_READY = re.compile(r"arceus worker: listening on (\S+:\d+)")
+RELAY_READY = re.compile(r"^wan_relay: listening on (127\.0\.0\.1:\d+)", re.M)
+
+
+def wan_relay_path():
+    """bench/wan_relay, the emulated WAN link: $WAN_RELAY_BIN (make e2e sets
+    it), else beside the arceus binary's build, else the release build."""
+    p = os.environ.get("WAN_RELAY_BIN")
+    candidates = [Path(p)] if p else []
+    candidates += [_binary_path().parent / "bench" / "wan_relay", REPO / "build" / "release" / "bench" / "wan_relay"]
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return c
+    pytest.fail("bench/wan_relay is not built (make build/release/bench/wan_relay, or set WAN_RELAY_BIN)")
 PROVIDER_READY = re.compile(r"^arceus provide: provider (\d+) serving on (127\.0\.0\.1:(\d+)) "
                             r"\(([\d.]+) GFLOP/s, ([\d.]+) GiB, price ([\d.]+)\)$", re.M)
 
@@ -378,6 +394,20 @@ class Procs:
         w.id = pid
         return w
 
+    def relay(self, to, delay_ms, rate_mbit, up_delay_ms=None, up_rate_mbit=None, name="relay", timeout=30):
+        """bench/wan_relay listening on 127.0.0.1 and forwarding to `to` through
+        an emulated link: `delay_ms` one way and `rate_mbit` each way (the up
+        direction, replies, may differ); .addr is where to connect."""
+        argv = [wan_relay_path(), "--listen", "127.0.0.1:0", "--to", to, "--delay-ms", delay_ms,
+                "--rate-mbit", rate_mbit]
+        if up_delay_ms is not None:
+            argv += ["--up-delay-ms", up_delay_ms]
+        if up_rate_mbit is not None:
+            argv += ["--up-rate-mbit", up_rate_mbit]
+        r = self.spawn(name, argv)
+        r.addr = r.wait_stdout(RELAY_READY, timeout).group(1)
+        return r
+
     def stop_all(self):
         """Stop every process still running (the last started first) and
         assert that each ended well."""
@@ -433,6 +463,12 @@ def workers(procs):
 def provider(procs):
     """provider(market, token, *extra, heartbeat=1, name="provide") -> a registered `arceus provide`."""
     return procs.provider
+
+
+@pytest.fixture
+def relay(procs):
+    """relay(to, delay_ms, rate_mbit, up_delay_ms=None, up_rate_mbit=None) -> a wan_relay (.addr)."""
+    return procs.relay
 
 
 @pytest.fixture

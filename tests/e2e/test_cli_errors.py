@@ -310,6 +310,7 @@ def test_unwritable_log(run_arceus, tmp_path, corpus):
     (["--workers", "foo"], "--workers"),
     (["--workers", "local:0"], "--workers"),
     (["--schedule", "nope"], "--schedule"),
+    (["--compress", "int4"], "--compress"),
     (["--micro-batches", "3", "--batch", "16"], "--micro-batches"),
     (["--lr", "abc"], "--lr"),
     (["--optimizer", "rmsprop"], "--optimizer"),

@@ -184,6 +184,9 @@ def test_job_page_in_chromium_grows_its_curve_shows_the_plan_and_the_ledger_the_
     assert sorted(int(d["data-provider"]) for d in devices) == sorted(p["id"] for p in provs["providers"])
     for p in provs["providers"]:
         assert p["address"] in first.text["plan"]
+    # the plan's links, one row each, with the compression on each
+    assert len(first.find("tr", class_="link-row")) == 3, first.text["plan"][-2000:]
+    assert "MB/s down" in first.text["plan"] and "none" in first.text["plan"]
     assert "renter" in first.text["who"]
 
     # more steps later: more points
@@ -292,6 +295,12 @@ def test_json_api_refuses_without_a_token_and_to_another_account(dashboard):
     assert [(s["first_unit"], s["last_unit"]) for s in plan["stages"]] == [(0, 1), (1, 2), (2, 3)]
     assert plan["micro_batches"] == 4 and plan["schedule"] == "1f1b"
     assert [len(s["members"]) for s in plan["stages"]] == [1, 1, 1]
+    # its links as the driver measured them (loopback: fast, never compressed by auto)
+    links = plan["links"]
+    assert [l["stage"] for l in links] == [0, 1, 2] and links[0]["from"] == "driver"
+    assert [l["to"] for l in links] == [s["members"][0]["device"] for s in plan["stages"]]
+    assert all(l["down_mb_s"] > 1 and l["up_mb_s"] > 1 and 0 < l["rtt_ms"] < 1000 for l in links), links
+    assert all(l["compress"] == "none" and l["predicted_mb"][0] > 0 for l in links), links
     assert all(len(t["busy"]) == 3 and len(t["idle"]) == 3 for t in j["timeline"])
     # since=N: only the steps after N
     n = len(j["loss"])

@@ -138,6 +138,14 @@ LOAD_ROWS = [
     ("eps negative", load(opt=opt(eps=-1.0)), C.INVALID_ARGUMENT, ["optimizer settings"]),
     ("weight decay infinite", load(opt=opt(wd=math.inf)), C.INVALID_ARGUMENT, ["optimizer settings"]),
     ("threads 5000", load(threads=5000), C.INVALID_ARGUMENT, ["out of range"]),
+    # slow links: warm-up and compression (fields 17-20)
+    ("extra warm-up past the micro-batches", load(mbs=2, raw_extra=field_varint(17, 3)), C.INVALID_ARGUMENT,
+     ["3 extra warm-up"]),
+    ("extra warm-up 2^32-1", load(raw_extra=field_varint(17, U32)), C.INVALID_ARGUMENT, ["extra warm-up"]),
+    ("compress_up 3 (auto is no codec)", load(raw_extra=field_varint(18, 3)), C.INVALID_ARGUMENT,
+     ["compression 3/0/0"]),
+    ("compress_down 2^32-1", load(raw_extra=field_varint(19, U32)), C.INVALID_ARGUMENT, ["compression"]),
+    ("compress_tp 9", load(raw_extra=field_varint(20, 9)), C.INVALID_ARGUMENT, ["compression 0/0/9"]),
     ("next_worker missing", load(count=2), C.INVALID_ARGUMENT, ["next_worker must be given"]),
     ("next_worker on the last stage", load(nxt="127.0.0.1:1"), C.INVALID_ARGUMENT,
      ["next_worker must be given"]),
@@ -289,6 +297,15 @@ def plan_stage(stage, first, last, device="127.0.0.1:5001"):
     """A PlanStage of one member."""
     return field_bytes(1, field_varint(1, stage) + field_varint(2, first) + field_varint(3, last) +
                        field_bytes(4, "linear") + field_bytes(6, field_bytes(2, device)))
+
+
+def plan_link(stage=0, src="driver", to="127.0.0.1:5001", down=2.5, compress="int8", moved=0.5):
+    """A PlanLink (JobPlan field 6): the link into `stage`."""
+    return field_bytes(6, field_varint(1, stage) + field_bytes(2, src) + field_bytes(3, to) +
+                       field_double(4, down) + field_double(5, 2.5) + field_double(6, 40.0) +
+                       field_bytes(7, compress) + field_double(8, 0.6) + field_double(9, 0.6) +
+                       field_double(10, moved) + field_double(11, 0.6) + field_double(12, 2.1) +
+                       field_double(13, 2.1))
 
 
 def market_rows(token, other, pid, lease):
@@ -449,6 +466,21 @@ def market_rows(token, other, pid, lease):
         ("ReportProgress", "plan member address of 1000 characters",
          progress(lease, plan=plan_stage(0, 0, 1, "h" * 995 + ":5001") + field_varint(2, 4)), C.INVALID_ARGUMENT,
          ["plan: stage 0 member 0"]),
+        ("ReportProgress", "plan link compressed as zip",
+         progress(lease, plan=plan_stage(0, 0, 1) + field_varint(2, 4) + plan_link(compress="zip")),
+         C.INVALID_ARGUMENT, ["plan: link 0", "compression zip"]),
+        ("ReportProgress", "plan link MB/s NaN",
+         progress(lease, plan=plan_stage(0, 0, 1) + field_varint(2, 4) + plan_link(down=math.nan)),
+         C.INVALID_ARGUMENT, ["plan: link 0"]),
+        ("ReportProgress", "plan link moved 1e300 MB",
+         progress(lease, plan=plan_stage(0, 0, 1) + field_varint(2, 4) + plan_link(moved=1e300)),
+         C.INVALID_ARGUMENT, ["plan: link 0"]),
+        ("ReportProgress", "plan link from a page's markup",
+         progress(lease, plan=plan_stage(0, 0, 1) + field_varint(2, 4) + plan_link(src="<script>x</script>")),
+         C.INVALID_ARGUMENT, ["plan: link 0 from"]),
+        ("ReportProgress", "plan of more links than stages",
+         progress(lease, plan=plan_stage(0, 0, 1) + field_varint(2, 4) + plan_link() + plan_link(stage=1)),
+         C.INVALID_ARGUMENT, ["plan: 2 links for 1 stages"]),
         ("NoSuchMethod", "unknown method", b"", C.UNIMPLEMENTED, []),
     ]
 

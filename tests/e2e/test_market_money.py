@@ -202,17 +202,19 @@ def test_a_lost_provider_gives_back_only_what_is_redone_by_another(add_account, 
     owners = [add_account(db, n) for n in ("a", "b", "c")]
     # a third of --offline-after without a heartbeat is a stopped heart (2 s)
     m = market(db, "--offline-after", "6", "--escrow-window", "0")
-    ws = {}
+    ws, owner_of = {}, {}
     for i, tok in enumerate(owners):
         w = leased_worker(m, tok, (400 + 100 * i) * MICRO)
-        ws[w.id] = w
+        ws[w.id], owner_of[w.id] = w, tok
+    # (the workers take a while to start: each beats now, so all are online)
+    for pid, tok in owner_of.items():
+        call(m.addr, "Heartbeat", heartbeat_request(tok, pid))
     job, lease, members = lease_of(m, renter, devices=2, est_steps=20)
     spare = next(p for p in ws if p not in members)
     pay(m, lease, members, range(10))
     lost = members[1]
     ws[lost].kill()
     # the spare beats, so it is online to take the place
-    owner_of = {w.id: tok for w, tok in zip(ws.values(), owners)}
     call(m.addr, "Heartbeat", heartbeat_request(owner_of[spare], spare))
     books = balances(db)
     r = replace_when_confirmed(m, lease, lost, 6)
@@ -231,7 +233,8 @@ def test_a_lost_provider_gives_back_only_what_is_redone_by_another(add_account, 
     flops = query(db, "SELECT flops FROM usage WHERE stage = 1 LIMIT 1")[0][0]
     each = {p: cost(flops, price[p]) for p in (lost, spare)}
     bal = balances(db)
-    assert bal["b"] == 8 * each[lost] and bal["c"] == 2 * each[spare]
+    name = dict(query(db, "SELECT p.id, a.name FROM providers p JOIN accounts a ON a.id = p.account_id"))
+    assert bal[name[lost]] == 8 * each[lost] and bal[name[spare]] == 2 * each[spare]
     assert query(db, "SELECT COUNT(*) FROM usage WHERE state IN ('held', 'contested')") == [(0,)]
     assert ledger_total(db) == 0
 

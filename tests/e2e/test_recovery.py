@@ -21,6 +21,7 @@ paid again), and the market killed and restarted on its database mid-run.
 """
 
 import json
+import re
 import signal
 import time
 
@@ -238,10 +239,14 @@ def test_a_stopped_provider_and_no_free_one_the_run_goes_on_with_two(add_account
     assert (out / "model.safetensors").read_bytes() == reference
     failed, kept = lost_at(log)
     # the market re-planned the lease over the two left (a new plan): each
-    # step from the checkpoint on is paid under it, to both; the two's work
-    # of the old plan after the checkpoint stands, the lost one's was reversed
-    # as each of its steps was redone
-    check_paid(db, lambda step: 3 if step < kept else 4 if step < failed else 2)
+    # step from the checkpoint on is paid under it; the two's work of the old
+    # plan after the checkpoint stands, the lost one's was reversed as each of
+    # its steps was redone. The planner prices the two over their measured
+    # links: gpt-tiny computes so little that one stage may beat two (the
+    # printed plan says which)
+    after = int(re.findall(r"predicted bubble [\d.]+% \((\d+) stages", stdout)[-1])
+    assert after in (1, 2), stdout[-3000:]
+    check_paid(db, lambda step: 3 if step < kept else 2 + after if step < failed else after)
     assert reversals(db, lost) == failed - kept
     assert reversals(db) == failed - kept
     assert account_of(db, lost)[0] == 0

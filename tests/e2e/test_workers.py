@@ -19,7 +19,7 @@ from pbwire import decode, field_bytes, field_f32, field_varint, varint
 
 grpc = pytest.importorskip("grpc")
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 
 # ---------------------------------------------------------------------------
@@ -55,9 +55,11 @@ def kill_mid_run(cmd, log, victim, lines=3, timeout=120):
 # Distributed equals single
 # ---------------------------------------------------------------------------
 
-MLP_RUN = ("--steps", "6", "--batch", "32", "--micro-batches", "4", "--eval-every", "3")
+# --compress none: float32 on every link, so a pipeline is bitwise one device
+# (auto would too on loopback, by its floor; the parity tests say so anyway)
+MLP_RUN = ("--steps", "6", "--batch", "32", "--micro-batches", "4", "--eval-every", "3", "--compress", "none")
 GPT_RUN = ("--steps", "4", "--batch", "8", "--micro-batches", "4", "--eval-every", "2",
-           "--eval-batches", "1")
+           "--eval-batches", "1", "--compress", "none")
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -94,7 +96,7 @@ def test_resume_over_workers_equals_uninterrupted(run_arceus, workers, tmp_path,
                                                   small_fashion):
     """Save (checkpoint at --stop-after) and Restore (--resume) through the workers."""
     args = ("--data", small_fashion, "--steps", "6", "--batch", "32", "--micro-batches", "2",
-            "--eval-every", "0", "--threads", "1")
+            "--eval-every", "0", "--threads", "1", "--compress", "none")
     run_arceus("train", "--model", small_mlp_spec, *args, "--out", tmp_path / "one", check=True)
     ws = workers(3)
     run_arceus("train", "--model", small_mlp_spec, *args, "--workers", addrs(ws), "--stop-after", "3",
@@ -339,7 +341,7 @@ def test_twenty_steps_identical_every_way(run_arceus, workers, tmp_path, small_m
         args = ["--model", CONFIGS / "gpt-tiny.json", "--data", corpus, "--batch", "8",
                 "--eval-batches", "1"]
         plan = "0-1,2-2,3-3"
-    args += ["--steps", "20", "--micro-batches", "4", "--eval-every", "0", "--threads", "1"]
+    args += ["--steps", "20", "--micro-batches", "4", "--eval-every", "0", "--threads", "1", "--compress", "none"]
 
     def run(name, *extra):
         out, log = tmp_path / name, tmp_path / f"{name}.jsonl"
@@ -368,7 +370,7 @@ def _accuracy(log):
 
 def test_mlp_fashion_three_workers_same_accuracy(run_arceus, workers, tmp_path, fashion_dir):
     args = ("--model", CONFIGS / "mlp-fashion.json", "--data", fashion_dir, "--steps", "120",
-            "--batch", "128", "--micro-batches", "4", "--eval-every", "0", "--threads", "1")
+            "--batch", "128", "--micro-batches", "4", "--eval-every", "0", "--threads", "1", "--compress", "none")
     run_arceus("train", *args, "--log", tmp_path / "one.jsonl", check=True)
     ws = workers(3, "--threads", "1")
     p = run_arceus("train", *args, "--workers", addrs(ws), "--plan", "0-0,1-1,2-2",

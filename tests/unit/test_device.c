@@ -133,13 +133,14 @@ Test(device, two_threads_beat_one)
 }
 
 /* The probe is short: it runs whenever a worker starts, a provider offers
- * itself or a driver plans (about 0.2 s; the bound leaves room for a busy
- * machine). */
+ * itself or a driver plans (about 0.2 s in a release build; the bound leaves
+ * room for a busy machine and for the sanitizers, which slow the engine's own
+ * products several times where a system BLAS was not instrumented). */
 Test(device, probe_is_short)
 {
     ar_device_info d = probe(0);
     cr_assert_gt(d.seconds, 0.1, "%.3f s", d.seconds);
-    cr_assert_lt(d.seconds, 1.0, "%.3f s", d.seconds);
+    cr_assert_lt(d.seconds, 3.0, "%.3f s", d.seconds);
 }
 
 /* The probe runs on the threads asked (0 = every core, no more than the

@@ -25,7 +25,16 @@ typedef struct {
     int64_t a, b, spare; /* a: stage 0, b: stage 1, spare: free, dearer */
     ar_market_lease lease;
     ar_lease l;
+    int64_t f0, f1; /* each stage's FLOPs per step, as the market planned them */
 } leased;
+
+/* what `flops` cost at `price` micro-credits per TFLOP */
+static int64_t cost(int64_t flops, int64_t price)
+{
+    int64_t c = -1;
+    cr_assert_eq(ar_flops_cost(flops, price, &c), AR_OK);
+    return c;
+}
 
 static int64_t account(ar_store *s, const char *name, int64_t micro)
 {
@@ -86,13 +95,24 @@ static void lease_two(leased *t)
     t->a = provider_of(t->s, t->owner[0], 5001, AR_CREDITS(1));
     t->b = provider_of(t->s, t->owner[1], 5002, AR_CREDITS(1));
     t->spare = provider_of(t->s, t->owner[2], 5003, AR_CREDITS(2));
-    ar_market_lease_request q = {.devices = 2, .est_steps = 10, .flops_per_step = 2 * TF, .spec = "mlp, a test"};
+    /* the market plans and prices the lease from the model: three 1000-wide layers */
+    ar_market_lease_request q = {.devices = 2, .est_steps = 10, .flops_per_step = 2 * TF, .spec = "mlp, a test",
+                                 .model_spec = "{\"type\": \"mlp\", \"inputs\": 1000, \"hidden\": [1000, 1000],"
+                                               " \"classes\": 1000, \"activation\": \"relu\", \"dropout\": 0.0}",
+                                 .mb_rows = 64, .micro_batches = 1};
     bool too_few;
     cr_assert_eq(ar_rules_acquire(t->s, NULL, t->renter, &q, &t->lease, &too_few), AR_OK, "%s", ar_last_error());
     cr_assert_eq(t->lease.providers[1].p.id, t->b);
     cr_assert_eq(ar_store_lease_get(t->s, t->lease.lease_id, &t->l), AR_OK);
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    cr_assert_eq(ar_store_lease_members(t->s, t->lease.lease_id, &mem, &nm), AR_OK);
+    cr_assert_eq(nm, 2);
+    t->f0 = mem[0].flops_per_step;
+    t->f1 = mem[1].flops_per_step;
+    ar_free(mem);
     for (int64_t step = 0; step < 4; step++) {
-        ar_stage_usage u[2] = {{.stage = 0, .provider_id = t->a, .flops = TF}, {.stage = 1, .provider_id = t->b, .flops = TF}};
+        ar_stage_usage u[2] = {{.stage = 0, .provider_id = t->a}, {.stage = 1, .provider_id = t->b}} /* 0: the plan's FLOPs */;
         ar_step_settlement paid;
         cr_assert_eq(ar_rules_settle_step(t->s, &t->l, step, u, 2, false, 0, &paid), AR_OK, "%s", ar_last_error());
     }
@@ -138,24 +158,30 @@ Test(market_leave, a_hand_over_is_not_a_loss_and_asked_again_answers_the_same)
     cr_assert(strstr(ar_last_error(), "has not said it is leaving"), "%s", ar_last_error());
     cr_assert_eq(member_at(t.s, t.l.id, 1), t.b);
 
+    ar_account b_before;
+    cr_assert_eq(ar_store_account_get(t.s, t.owner[1], &b_before), AR_OK);
     cr_assert_eq(ar_store_provider_set_leaving(t.s, t.b, true), AR_OK);
     cr_assert_eq(ar_rules_hand_over(t.s, NULL, &t.l, NULL, t.b, 4, 0, &h), AR_OK, "%s", ar_last_error());
     cr_assert(h.found);
     cr_assert_not(h.again);
     cr_assert_eq(h.replacement.p.id, t.spare);
     cr_assert_str_eq(h.replacement.account, "spare");
-    cr_assert_eq(h.replacement.flops_per_step, TF);
-    cr_assert_eq(h.spent, AR_CREDITS(8));
+    cr_assert_eq(h.replacement.flops_per_step, t.f1);
+    cr_assert_eq(h.spent, 4 * (cost(t.f0, AR_CREDITS(1)) + cost(t.f1, AR_CREDITS(1))));
     cr_assert_eq(member_at(t.s, t.l.id, 1), t.spare);
     /* not a loss: no payment moved, the leaver keeps its four steps' pay,
      * is online and as reliable as before */
     cr_assert_eq(ledger_rows(t.s), rows);
     int64_t b_balance = -1;
+    int64_t b_pending = -1;
     cr_assert_eq(ar_store_account_balance(t.s, t.owner[1], &b_balance), AR_OK);
-    cr_assert_eq(b_balance, AR_CREDITS(4));
+    cr_assert_eq(ar_store_account_pending(t.s, t.owner[1], &b_pending), AR_OK);
+    cr_assert_eq(b_balance + b_pending, 4 * cost(t.f1, AR_CREDITS(1))); /* held in escrow or released */
     ar_provider b = provider(t.s, t.b);
     cr_assert(b.online);
-    cr_assert_float_eq(b.reliability, 1.0, 1e-12);
+    ar_account b_after; /* reliability is the account's */
+    cr_assert_eq(ar_store_account_get(t.s, t.owner[1], &b_after), AR_OK);
+    cr_assert_geq(b_after.reliability, b_before.reliability);
 
     /* the answer lost, asked again: the same, nothing done twice */
     ar_market_handover again;
@@ -167,11 +193,11 @@ Test(market_leave, a_hand_over_is_not_a_loss_and_asked_again_answers_the_same)
     cr_assert_eq(ar_rules_hand_over(t.s, NULL, &t.l, NULL, 999, 4, 0, &again), AR_EINVAL);
 
     /* the newcomer is paid from here, at its price; the leaver is no member */
-    ar_stage_usage u[2] = {{.stage = 0, .provider_id = t.a, .flops = TF}, {.stage = 1, .provider_id = t.spare, .flops = TF}};
+    ar_stage_usage u[2] = {{.stage = 0, .provider_id = t.a}, {.stage = 1, .provider_id = t.spare}};
     ar_step_settlement paid;
     cr_assert_eq(ar_rules_settle_step(t.s, &t.l, 4, u, 2, false, 0, &paid), AR_OK, "%s", ar_last_error());
-    cr_assert_eq(paid.paid, AR_CREDITS(3));
-    ar_stage_usage old[2] = {{.stage = 0, .provider_id = t.a, .flops = TF}, {.stage = 1, .provider_id = t.b, .flops = TF}};
+    cr_assert_eq(paid.paid, cost(t.f0, AR_CREDITS(1)) + cost(t.f1, AR_CREDITS(2)));
+    ar_stage_usage old[2] = {{.stage = 0, .provider_id = t.a}, {.stage = 1, .provider_id = t.b}};
     cr_assert_neq(ar_rules_settle_step(t.s, &t.l, 5, old, 2, false, 0, &paid), AR_OK);
     int64_t sum = 1;
     cr_assert_eq(ar_store_ledger_sum(t.s, &sum), AR_OK);

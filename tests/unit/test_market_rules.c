@@ -622,8 +622,7 @@ static void *group_main(void *arg)
     ar_lease l = lease_of(g->t->s, g->t->lease.lease_id);
     for (int k = 0; k < GROUP_STEPS; k++) {
         int64_t step = g->index * GROUP_STEPS + k;
-        ar_stage_usage u[2] = {{.stage = 0, .provider_id = g->t->a, .flops = TF},
-                               {.stage = 1, .provider_id = g->t->b, .flops = TF}};
+        ar_stage_usage u[2] = {{.stage = 0, .provider_id = g->t->a}, {.stage = 1, .provider_id = g->t->b}};
         ar_step_settlement out;
         int rc = ar_rules_settle_step(g->t->s, &l, step, u, 2, false, 0, &out);
         g->paid += rc == AR_OK;
@@ -636,9 +635,9 @@ static void *group_main(void *arg)
         snprintf(want, sizeof want, "no provider %d", 900000 + g->index);
         g->unknown_ok += ar_store_provider_heartbeat(g->t->s, 900000 + g->index) == AR_ENOTFOUND &&
                          strstr(ar_last_error(), want) != NULL;
-        ar_stage_usage bad[1] = {{.stage = 0, .provider_id = g->t->spare, .flops = TF}};
-        g->bad_ok += ar_rules_settle_step(g->t->s, &l, step, bad, 1, false, 0, &out) == AR_EINVAL &&
-                     strstr(ar_last_error(), "not in the lease") != NULL;
+        ar_stage_usage bad[2] = {{.stage = 0, .provider_id = g->t->a}, {.stage = 1, .provider_id = g->t->spare}};
+        g->bad_ok += ar_rules_settle_step(g->t->s, &l, step, bad, 2, false, 0, &out) == AR_EINVAL &&
+                     strstr(ar_last_error(), "not the lease's at that stage") != NULL;
     }
     return NULL;
 }
@@ -646,8 +645,8 @@ static void *group_main(void *arg)
 Test(market_rules, writes_committed_together_succeed_or_fail_each_alone)
 {
     two_stages t;
-    /* 2 credits a step: 50 of the 80 steps can be paid */
-    lease_two(&t, AR_CREDITS(100), 0);
+    /* 2 UNIT_COST a step: 50 of the 80 steps can be paid */
+    lease_two(&t, 100 * UNIT_COST, 0);
     group_worker g[GROUP_THREADS];
     pthread_t th[GROUP_THREADS];
     for (int i = 0; i < GROUP_THREADS; i++) {
@@ -668,9 +667,9 @@ Test(market_rules, writes_committed_together_succeed_or_fail_each_alone)
     cr_assert_eq(refused, GROUP_THREADS * GROUP_STEPS - 50);
     cr_assert_eq(other, 0);
     cr_assert_eq(balance(t.s, t.renter), 0);
-    cr_assert_eq(balance(t.s, t.owner_a), AR_CREDITS(50));
-    cr_assert_eq(balance(t.s, t.owner_b), AR_CREDITS(50));
-    cr_assert_eq(job_of(t.s, t.lease.job_id).spent, AR_CREDITS(100));
+    cr_assert_eq(pending(t.s, t.owner_a), 50 * UNIT_COST);
+    cr_assert_eq(pending(t.s, t.owner_b), 50 * UNIT_COST);
+    cr_assert_eq(job_of(t.s, t.lease.job_id).spent, 100 * UNIT_COST);
     assert_books(t.s);
     ar_store_close(t.s);
 }
@@ -1125,6 +1124,14 @@ Test(market_rules, a_renters_word_about_its_own_providers_is_no_observation)
     ar_store_close(s);
 }
 
+/* The links of the sample plan: the driver's, measured, and one between the stages. */
+static const ar_market_plan_link SAMPLE_LINKS[2] = {
+    {.stage = 0, .from = "driver", .to = "127.0.0.1:5001", .down_mb_s = 2.5, .up_mb_s = 1.25, .rtt_ms = 40.5,
+     .compress = "none", .predicted_down_mb = 0.5, .predicted_up_mb = 0.25},
+    {.stage = 1, .from = "127.0.0.1:5001", .to = "127.0.0.1:5002", .down_mb_s = 10, .up_mb_s = 10, .rtt_ms = 50,
+     .compress = "int8", .predicted_down_mb = 0.625, .predicted_up_mb = 0.5, .down_mb = 0.625, .up_mb = 0.5,
+     .down_raw_mb = 2.5, .up_raw_mb = 2}};
+
 /* A two-stage plan, the second stage a tensor-parallel pair. */
 static void sample_plan(ar_market_plan_stage st[2], ar_market_plan *plan)
 {
@@ -1138,7 +1145,7 @@ static void sample_plan(ar_market_plan_stage st[2], ar_market_plan *plan)
     st[1].members[1] = (ar_market_plan_member){.provider_id = 0, .device = "h:1", .share = "heads 2-3",
                                                .head_begin = 2, .head_end = 4, .hidden_begin = 64, .hidden_end = 128};
     *plan = (ar_market_plan){.model = "gpt", .schedule = "1f1b", .micro_batches = 4, .predicted_bubble = 0.25,
-                             .n_stages = 2, .stages = st};
+                             .n_stages = 2, .stages = st, .n_links = 2, .links = SAMPLE_LINKS};
 }
 
 static const char *SAMPLE_PLAN_JSON =
@@ -1147,7 +1154,12 @@ static const char *SAMPLE_PLAN_JSON =
     "\"members\":[{\"provider_id\":3,\"device\":\"127.0.0.1:5001\"}]},"
     "{\"stage\":1,\"first_unit\":2,\"last_unit\":3,\"layers\":\"block 1 \\\"x\\\"\",\"predicted_ms\":2,"
     "\"members\":[{\"provider_id\":4,\"device\":\"127.0.0.1:5002\",\"share\":\"heads 0-1\",\"heads\":[0,2]},"
-    "{\"provider_id\":0,\"device\":\"h:1\",\"share\":\"heads 2-3\",\"heads\":[2,4],\"hidden\":[64,128]}]}]}";
+    "{\"provider_id\":0,\"device\":\"h:1\",\"share\":\"heads 2-3\",\"heads\":[2,4],\"hidden\":[64,128]}]}],"
+    "\"links\":[{\"stage\":0,\"from\":\"driver\",\"to\":\"127.0.0.1:5001\",\"down_mb_s\":2.5,\"up_mb_s\":1.25,"
+    "\"rtt_ms\":40.5,\"compress\":\"none\",\"predicted_mb\":[0.5,0.25],\"moved_mb\":[0,0],\"moved_raw_mb\":[0,0]},"
+    "{\"stage\":1,\"from\":\"127.0.0.1:5001\",\"to\":\"127.0.0.1:5002\",\"down_mb_s\":10,\"up_mb_s\":10,"
+    "\"rtt_ms\":50,\"compress\":\"int8\",\"predicted_mb\":[0.625,0.5],\"moved_mb\":[0.625,0.5],"
+    "\"moved_raw_mb\":[2.5,2]}]}";
 
 Test(market_rules, the_dashboards_plan_json)
 {

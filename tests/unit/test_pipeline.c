@@ -176,21 +176,21 @@ Test(frame, validate)
     ar_frame f = good_frame();
     cr_assert_eq(ar_frame_validate(&f, 1 << 20), AR_OK, "%s", ar_last_error());
     /* every kind is fine with an empty payload */
-    for (int k = AR_FRAME_ACT; k <= AR_FRAME_TP; k++) {
+    for (int k = AR_FRAME_ACT; k <= AR_FRAME_PROBE; k++) {
         ar_frame e = {.kind = k};
         cr_assert_eq(ar_frame_validate(&e, 1 << 20), AR_OK, "%s", ar_last_error());
     }
 
     f.kind = 0;
     expect_invalid(&f, 1 << 20, AR_EPROTO, "kind 0");
-    f.kind = AR_FRAME_TP + 1;
-    expect_invalid(&f, 1 << 20, AR_EPROTO, "kind 13");
+    f.kind = AR_FRAME_PROBE + 1;
+    expect_invalid(&f, 1 << 20, AR_EPROTO, "kind 14");
     f.kind = -1;
     expect_invalid(&f, 1 << 20, AR_EPROTO, "kind -1");
 
     f = good_frame();
-    f.dtype = 4;
-    expect_invalid(&f, 1 << 20, AR_EPROTO, "dtype 4");
+    f.dtype = 6;
+    expect_invalid(&f, 1 << 20, AR_EPROTO, "dtype 6");
     f.dtype = -1;
     expect_invalid(&f, 1 << 20, AR_EPROTO, "dtype");
 

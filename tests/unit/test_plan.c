@@ -376,13 +376,21 @@ typedef struct {
     double total;  /* smallest total time among those */
 } brute_result;
 
-static double stage_seconds(const ar_unit_cost *c, int n, int a, int b, const ar_device *d)
+/* A stage takes the longer of its compute and its link's transfers each way
+ * (sends overlap compute). */
+static double stage_seconds(const ar_unit_cost *c, int n, int a, int b, const ar_device *d, int M)
 {
     double f = 0;
     for (int u = a; u < b; u++)
         f += c[u].flops;
     double bw = d->bandwidth > 0 ? d->bandwidth : AR_PLAN_DEFAULT_BANDWIDTH;
-    return f / (d->gflops * 1e9) + (b < n ? c[b - 1].out_bytes / bw : 0.0);
+    double t = f / (d->gflops * 1e9);
+    if (b < n) {
+        double down, up;
+        ar_plan_link_mb_bytes(c, b, M, AR_COMPRESS_NONE, &down, &up);
+        t = fmax(t, fmax(down, up) / bw);
+    }
+    return t;
 }
 
 /* Every ordered choice of S devices and every composition of the units into S
@@ -413,7 +421,7 @@ static void brute(const ar_unit_cost *c, int n, const ar_device *d, int nd, int 
                 double mem = ar_plan_stage_mem(c, n, a, b, ar_plan_slots(sched, S, st, M));
                 if (dv->mem_bytes > 0 && mem > dv->mem_bytes)
                     ok = 0;
-                double t = stage_seconds(c, n, a, b, dv);
+                double t = stage_seconds(c, n, a, b, dv, M);
                 mx = fmax(mx, t);
                 sum += t;
                 a = b;
@@ -515,7 +523,7 @@ static void brute_each(const ar_unit_cost *c, int n, const ar_device *d, int nd,
             double mem = ar_plan_stage_mem(c, n, a, b, ar_plan_slots(sched, nd, st, M));
             if (d[st].mem_bytes > 0 && mem > d[st].mem_bytes)
                 ok = 0;
-            double t = stage_seconds(c, n, a, b, &d[st]);
+            double t = stage_seconds(c, n, a, b, &d[st], M);
             mx = fmax(mx, t);
             sum += t;
             a = b;
@@ -1076,8 +1084,19 @@ Test(plan, estimate_a_plan_by_hand)
         f0 += c[u].flops;
     for (int u = 4; u < 8; u++)
         f1 += c[u].flops;
-    cr_assert(fabs(p.stage_time[0] - (f0 / 10e9 + c[3].out_bytes / 2e9)) < 1e-12);
+    /* the longer of compute and the link's transfer (it overlaps compute) */
+    double down, up;
+    ar_plan_link_mb_bytes(c, 4, 6, AR_COMPRESS_NONE, &down, &up);
+    cr_assert(fabs(p.stage_time[0] - fmax(f0 / 10e9, fmax(down, up) / 2e9)) < 1e-12);
     cr_assert(fabs(p.stage_time[1] - f1 / 5e9) < 1e-12, "the last stage sends nothing");
+    cr_assert_gt(down, c[3].out_bytes, "a frame is its tensor and a header");
+    cr_assert_lt(down, c[3].out_bytes + 5000.0);
+    /* on a slow link the transfer is the stage's time */
+    d[0].bandwidth = 1e5;
+    cr_assert_eq(ar_plan_estimate(&p, c, 8, d, 2, 6, AR_SCHED_1F1B), AR_OK, "%s", ar_last_error());
+    cr_assert(fabs(p.stage_time[0] - fmax(down, up) / 1e5) < 1e-12);
+    d[0].bandwidth = 2e9;
+    cr_assert_eq(ar_plan_estimate(&p, c, 8, d, 2, 6, AR_SCHED_1F1B), AR_OK, "%s", ar_last_error());
     cr_assert(fabs(p.bubble - 1.0 / 7.0) < 1e-12);
     /* 1F1B: stage 0 keeps 3 micro-batches in flight (2 + 1 to overlap transfers) */
     cr_assert_eq(p.stage_mem[0], ar_plan_stage_mem(c, 8, 0, 4, 3));
