@@ -16,7 +16,7 @@
  *    per block), link traffic in NORM records, Load's extra warm-up and
  *    compression
  * 6: digest words in NORM records (the stage record grew a field),
- *    LoadRequest.commit_digests, the AuditMaterial RPC */
+ *    LoadRequest.commit_digests, the Audit RPC */
 #define AR_PROTOCOL_VERSION 6
 #define AR_NET_DEFAULT_MAX_FRAME ((size_t)1 << 30)
 #define AR_NET_CHUNK_BYTES ((size_t)1 << 20) /* Save/Restore chunks */

@@ -48,6 +48,13 @@ typedef struct {
     const char *token;
     int devices;
     int64_t max_credits;
+    /* audits by replay (remote stages): the chance per stage and step that
+     * the driver replays the stage's step and compares its digests (0: no
+     * audits); who replays (AR_VERIFIER_SELF: the driver); the draws' seed
+     * (0: from the OS, so providers cannot predict them) */
+    float audit_rate;
+    int verifier;
+    uint64_t audit_seed;
     /* which of the recipe fields the user set on the command line (resume
      * keeps the stored recipe for the rest) */
     unsigned set_mask;
@@ -65,6 +72,9 @@ enum {
     AR_SET_CLIP = 1u << 8,
     AR_SET_WD = 1u << 9
 };
+
+enum { AR_VERIFIER_SELF = 0 };
+#define AR_DEFAULT_AUDIT_RATE 0.05f
 
 /* Defaults for a model type (for a GPT, the recipe bench/quality.py measures). */
 void ar_train_config_defaults(ar_train_config *c, int model_type);

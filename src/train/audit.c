@@ -30,7 +30,8 @@ void ar_audit_material_free(ar_audit_material *m)
 int ar_audit_keep_init(ar_audit_keep *k)
 {
     memset(k, 0, sizeof *k);
-    k->slot[0].step = k->slot[1].step = -1;
+    for (int i = 0; i < AR_AUDIT_KEEP_STEPS; i++)
+        k->slot[i].step = -1;
     if (pthread_mutex_init(&k->mu, NULL) != 0)
         return ar_fail(AR_EINTERNAL, "mutex init failed");
     return AR_OK;
@@ -38,9 +39,17 @@ int ar_audit_keep_init(ar_audit_keep *k)
 
 void ar_audit_keep_destroy(ar_audit_keep *k)
 {
-    ar_audit_material_free(&k->slot[0]);
-    ar_audit_material_free(&k->slot[1]);
+    for (int i = 0; i < AR_AUDIT_KEEP_STEPS; i++)
+        ar_audit_material_free(&k->slot[i]);
     pthread_mutex_destroy(&k->mu);
+}
+
+void ar_audit_keep_clear(ar_audit_keep *k)
+{
+    pthread_mutex_lock(&k->mu);
+    for (int i = 0; i < AR_AUDIT_KEEP_STEPS; i++)
+        ar_audit_material_free(&k->slot[i]);
+    pthread_mutex_unlock(&k->mu);
 }
 
 static void *dup_bytes(const void *p, size_t n)
@@ -56,8 +65,11 @@ static void *dup_bytes(const void *p, size_t n)
 int ar_audit_keep_begin(ar_audit_keep *k, const ar_stage *s, int64_t step, int M)
 {
     pthread_mutex_lock(&k->mu);
-    /* the older of the two slots takes the new step */
-    int i = k->slot[0].step <= k->slot[1].step ? 0 : 1;
+    /* the oldest slot takes the new step */
+    int i = 0;
+    for (int j = 1; j < AR_AUDIT_KEEP_STEPS; j++)
+        if (k->slot[j].step < k->slot[i].step)
+            i = j;
     ar_audit_material *m = &k->slot[i];
     int rc = AR_OK;
     if (m->param_floats != s->param_floats || !m->params) {
@@ -131,7 +143,7 @@ int ar_audit_keep_grad(ar_audit_keep *k, int mb, const float *grad, size_t nbyte
 void ar_audit_keep_update(ar_audit_keep *k, int64_t step, float lr, float scale)
 {
     pthread_mutex_lock(&k->mu);
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < AR_AUDIT_KEEP_STEPS; i++)
         if (k->slot[i].step == step) {
             k->slot[i].has_update = 1;
             k->slot[i].lr = lr;
@@ -146,7 +158,7 @@ int ar_audit_keep_get(ar_audit_keep *k, int64_t step, ar_audit_material *out)
     out->step = -1;
     pthread_mutex_lock(&k->mu);
     const ar_audit_material *m = NULL;
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < AR_AUDIT_KEEP_STEPS; i++)
         if (k->slot[i].step == step && step >= 0)
             m = &k->slot[i];
     int rc = AR_OK;
@@ -187,6 +199,161 @@ out:
         ar_audit_material_free(out);
         return ar_fail(AR_ENOMEM, "out of memory copying audit material");
     }
+    return rc;
+}
+
+/* ---- the material on the wire ------------------------------------------------ */
+
+#define MATERIAL_MAGIC 0x4d415241u /* "ARAM" */
+#define MATERIAL_HEADER 48
+#define MB_HEADER 36
+
+typedef struct {
+    uint8_t *p;
+    size_t at, n;
+} wbuf;
+
+static void put(wbuf *w, const void *x, size_t len)
+{
+    if (len)
+        memcpy(w->p + w->at, x, len);
+    w->at += len;
+}
+
+int ar_audit_material_encode(const ar_audit_material *m, void **buf, size_t *n)
+{
+    *buf = NULL;
+    *n = 0;
+    size_t state = (size_t)m->param_floats * sizeof(float);
+    size_t total = MATERIAL_HEADER + 3 * state;
+    for (int i = 0; i < m->M; i++)
+        total += MB_HEADER + m->mb[i].act_bytes + m->mb[i].ntargets * sizeof(int32_t) + m->mb[i].grad_bytes;
+    wbuf w = {.p = malloc(total), .n = total};
+    if (!w.p)
+        return ar_fail(AR_ENOMEM, "out of memory encoding audit material");
+    uint32_t magic = MATERIAL_MAGIC, pad = 0;
+    int64_t step = m->step, pf = m->param_floats;
+    int32_t M = m->M, opt = m->opt_step, upd = m->has_update;
+    put(&w, &magic, 4);
+    put(&w, &pad, 4);
+    put(&w, &step, 8);
+    put(&w, &pf, 8);
+    put(&w, &M, 4);
+    put(&w, &opt, 4);
+    put(&w, &upd, 4);
+    put(&w, &m->lr, 4);
+    put(&w, &m->scale, 4);
+    put(&w, &pad, 4);
+    put(&w, m->params, state);
+    put(&w, m->m, state);
+    put(&w, m->v, state);
+    for (int i = 0; i < m->M; i++) {
+        const ar_audit_mb *b = &m->mb[i];
+        int32_t rows = b->rows;
+        uint64_t ab = b->act_bytes, nt = b->ntargets, gb = b->grad_bytes;
+        put(&w, &rows, 4);
+        put(&w, &ab, 8);
+        put(&w, &nt, 8);
+        put(&w, &gb, 8);
+        put(&w, &b->loss, 8);
+        put(&w, b->act, b->act_bytes);
+        put(&w, b->targets, b->ntargets * sizeof(int32_t));
+        put(&w, b->grad, b->grad_bytes);
+    }
+    *buf = w.p;
+    *n = w.at;
+    return AR_OK;
+}
+
+typedef struct {
+    const uint8_t *p;
+    size_t at, n;
+} rbuf;
+
+static int take(rbuf *r, void *x, size_t len)
+{
+    if (len > r->n - r->at)
+        return 0;
+    memcpy(x, r->p + r->at, len);
+    r->at += len;
+    return 1;
+}
+
+/* len bytes into a fresh buffer (NULL when len is 0); 0 when short or no memory */
+static int take_dup(rbuf *r, void **x, size_t len)
+{
+    *x = NULL;
+    if (!len)
+        return 1;
+    if (len > r->n - r->at || !(*x = malloc(len)))
+        return 0;
+    return take(r, *x, len);
+}
+
+int ar_audit_material_decode(const void *buf, size_t n, long param_floats, int max_mb, int max_rows,
+                             const char *origin, ar_audit_material *out)
+{
+    memset(out, 0, sizeof *out);
+    out->step = -1;
+    rbuf r = {.p = buf, .n = n};
+    uint32_t magic = 0, pad;
+    int64_t step, pf;
+    int32_t M, opt, upd;
+    float lr, scale;
+    if (!take(&r, &magic, 4) || magic != MATERIAL_MAGIC || !take(&r, &pad, 4) || !take(&r, &step, 8) ||
+        !take(&r, &pf, 8) || !take(&r, &M, 4) || !take(&r, &opt, 4) || !take(&r, &upd, 4) || !take(&r, &lr, 4) ||
+        !take(&r, &scale, 4) || !take(&r, &pad, 4))
+        return ar_fail(AR_EPROTO, "%s: not audit material", origin);
+    if (pf != param_floats || M < 1 || M > max_mb || step < 0 || opt < 0)
+        return ar_fail(AR_EPROTO, "%s: audit material of %lld parameters and %d micro-batches (expected %ld and at most %d)",
+                       origin, (long long)pf, M, param_floats, max_mb);
+    size_t state = (size_t)pf * sizeof(float);
+    if (n - r.at < 3 * state)
+        return ar_fail(AR_EPROTO, "%s: audit material cut short", origin);
+    out->param_floats = pf;
+    out->opt_step = opt;
+    out->has_update = upd != 0;
+    out->lr = lr;
+    out->scale = scale;
+    int rc = AR_OK;
+    if (!(out->params = ar_calloc((size_t)pf, sizeof(float))) || !(out->m = ar_calloc((size_t)pf, sizeof(float))) ||
+        !(out->v = ar_calloc((size_t)pf, sizeof(float))) || !(out->mb = calloc((size_t)M, sizeof *out->mb))) {
+        rc = ar_fail(AR_ENOMEM, "out of memory for audit material");
+        goto fail;
+    }
+    take(&r, out->params, state);
+    take(&r, out->m, state);
+    take(&r, out->v, state);
+    out->M = M;
+    for (int i = 0; i < M; i++) {
+        ar_audit_mb *b = &out->mb[i];
+        int32_t rows;
+        uint64_t ab, nt, gb;
+        double loss;
+        if (!take(&r, &rows, 4) || !take(&r, &ab, 8) || !take(&r, &nt, 8) || !take(&r, &gb, 8) ||
+            !take(&r, &loss, 8) || rows < 1 || rows > max_rows || ab > n || nt > n / sizeof(int32_t) || gb > n) {
+            rc = ar_fail(AR_EPROTO, "%s: audit material's micro-batch %d is malformed", origin, i);
+            goto fail;
+        }
+        b->rows = rows;
+        b->loss = loss;
+        if (!take_dup(&r, &b->act, (size_t)ab) || !take_dup(&r, (void **)&b->targets, (size_t)nt * sizeof(int32_t)) ||
+            !take_dup(&r, (void **)&b->grad, (size_t)gb)) {
+            rc = ar_fail(AR_EPROTO, "%s: audit material's micro-batch %d is cut short", origin, i);
+            goto fail;
+        }
+        b->act_bytes = (size_t)ab;
+        b->ntargets = (size_t)nt;
+        b->grad_bytes = (size_t)gb;
+    }
+    if (r.at != n) {
+        rc = ar_fail(AR_EPROTO, "%s: %zu bytes after the audit material", origin, n - r.at);
+        goto fail;
+    }
+    out->step = step;
+    return AR_OK;
+fail:
+    ar_audit_material_free(out);
     return rc;
 }
 
@@ -280,14 +447,20 @@ int ar_audit_compare(const ar_step_digests *replayed, const uint8_t state_after[
 int ar_audit_stage(ar_stage *verifier, const ar_audit_material *m, uint64_t seed, const ar_step_digests *all,
                    int S, int stage, const uint8_t state_after[32])
 {
+    return ar_audit_stage_ex(verifier, m, seed, all, S, stage, state_after, 1, 1);
+}
+
+int ar_audit_stage_ex(ar_stage *verifier, const ar_audit_material *m, uint64_t seed, const ar_step_digests *all,
+                      int S, int stage, const uint8_t state_after[32], int check_up, int check_down)
+{
     if (stage < 0 || stage >= S)
         return ar_fail(AR_EINVAL, "stage %d of %d", stage, S);
     /* the provider's inputs are what its neighbours say they sent: a stage
      * cannot blame a neighbour for what it computed */
-    if (stage > 0 && memcmp(all[stage].d[AR_DIGEST_ACT_IN], all[stage - 1].d[AR_DIGEST_ACT_OUT], 32) != 0)
+    if (check_up && stage > 0 && memcmp(all[stage].d[AR_DIGEST_ACT_IN], all[stage - 1].d[AR_DIGEST_ACT_OUT], 32) != 0)
         return ar_fail(AR_EPROTO, "stage %d says it received other activations than stage %d sent", stage,
                        stage - 1);
-    if (stage + 1 < S && memcmp(all[stage].d[AR_DIGEST_GRAD_IN], all[stage + 1].d[AR_DIGEST_GRAD_OUT], 32) != 0)
+    if (check_down && stage + 1 < S && memcmp(all[stage].d[AR_DIGEST_GRAD_IN], all[stage + 1].d[AR_DIGEST_GRAD_OUT], 32) != 0)
         return ar_fail(AR_EPROTO, "stage %d says it received other gradients than stage %d sent", stage,
                        stage + 1);
     ar_step_digests got;

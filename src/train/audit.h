@@ -7,7 +7,8 @@
  * loss) and the STEP's learning rate and gradient scale. Two steps, because
  * the digest of the state after step k arrives only in step k+1's NORM: the
  * driver draws its audit of step k then, and fetches step k's material
- * before it sends step k+2. */
+ * before it sends step k+3. Three steps are kept: the driver sends each
+ * batch a step ahead, so stage 0 may have begun step k+2 by then. */
 #ifndef AR_TRAIN_AUDIT_H
 #define AR_TRAIN_AUDIT_H
 
@@ -40,14 +41,18 @@ typedef struct {
     float lr, scale;
 } ar_audit_material;
 
+#define AR_AUDIT_KEEP_STEPS 3
+
 typedef struct ar_audit_keep {
     pthread_mutex_t mu;
-    ar_audit_material slot[2];
+    ar_audit_material slot[AR_AUDIT_KEEP_STEPS];
     int cur;            /* the slot being recorded */
 } ar_audit_keep;
 
 int ar_audit_keep_init(ar_audit_keep *k);
 void ar_audit_keep_destroy(ar_audit_keep *k);
+/* Forget every kept step (a new Load: another session's steps). */
+void ar_audit_keep_clear(ar_audit_keep *k);
 void ar_audit_material_free(ar_audit_material *m);
 
 /* The stage side (train/pipeline.c), all under the keep's lock: a step
@@ -61,6 +66,18 @@ void ar_audit_keep_update(ar_audit_keep *k, int64_t step, float lr, float scale)
 /* A deep copy of step `step`'s material, if it is still kept (AR_ENOTFOUND
  * otherwise). */
 int ar_audit_keep_get(ar_audit_keep *k, int64_t step, ar_audit_material *out);
+
+/* The material as bytes, for the Worker's Audit RPC (a flat little-endian
+ * record: a header, the state, then each micro-batch's inputs). *buf is
+ * malloc'd. */
+int ar_audit_material_encode(const ar_audit_material *m, void **buf, size_t *n);
+/* The material back from untrusted bytes: refused (AR_EPROTO, naming
+ * `origin`) unless it is well formed, of exactly `param_floats` parameters,
+ * at most `max_mb` micro-batches of at most `max_rows` rows each, and every
+ * size consistent with the bytes given. The replay checks the shapes
+ * against the stage. */
+int ar_audit_material_decode(const void *buf, size_t n, long param_floats, int max_mb, int max_rows,
+                             const char *origin, ar_audit_material *out);
 
 /* Replay a step on `s`, a stage built like the audited one (same spec, units,
  * optimizer, max rows): load the material's state, run every micro-batch's
@@ -88,5 +105,11 @@ int ar_audit_compare(const ar_step_digests *replayed, const uint8_t state_after[
  * reason in ar_last_error(); anything else: the audit could not be done. */
 int ar_audit_stage(ar_stage *verifier, const ar_audit_material *m, uint64_t seed, const ar_step_digests *all,
                    int S, int stage, const uint8_t state_after[32]);
+/* The same, with the neighbour checks chosen: a compressed link (bf16,
+ * int8) delivers other bytes than its sender hashed, so its two ends'
+ * digests are not compared (check_up: the link from stage-1, check_down:
+ * the link to stage+1). */
+int ar_audit_stage_ex(ar_stage *verifier, const ar_audit_material *m, uint64_t seed, const ar_step_digests *all,
+                      int S, int stage, const uint8_t state_after[32], int check_up, int check_down);
 
 #endif
