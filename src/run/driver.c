@@ -1441,8 +1441,16 @@ int ar_train_run(ar_train_config *c)
             prof_steps++;
             prof_s += ar_now() - step_t0;
         }
-        /* the audits drawn for the step before: a stage that fails one is
-         * replaced, and this step is not paid */
+        /* paid by the reporter's thread, in order; a refusal of an earlier
+         * step (the market's budget, a lease it ended) ends the run */
+        if (r.leased && ((rc = ar_reporter_refusal(&r.reporter)) != AR_OK ||
+                         (rc = driver_queue_usage(&r, step, &res)) != AR_OK))
+            break;
+        if (r.leased)
+            ar_reporter_keep_up(&r.reporter, REPORT_QUEUE_HIGH, REPORT_STALL_S);
+        /* the audits drawn for the step before (this step's digests hold
+         * its state after; paid first, so the market has them too): a stage
+         * that fails one is replaced as a lost one is */
         int cheat = -1;
         if ((rc = driver_audit_step(&r, step, &res, &cheat)) != AR_OK)
             break;
@@ -1460,13 +1468,6 @@ int ar_train_run(ar_train_config *c)
                 continue;
             break;
         }
-        /* paid by the reporter's thread, in order; a refusal of an earlier
-         * step (the market's budget, a lease it ended) ends the run */
-        if (r.leased && ((rc = ar_reporter_refusal(&r.reporter)) != AR_OK ||
-                         (rc = driver_queue_usage(&r, step, &res)) != AR_OK))
-            break;
-        if (r.leased)
-            ar_reporter_keep_up(&r.reporter, REPORT_QUEUE_HIGH, REPORT_STALL_S);
         r.steps_done = step + 1;
         for (int i = 0; i < res.nstages && i < 64; i++) {
             r.busy[i] += res.busy_s[i];

@@ -12,8 +12,12 @@
  * any --threads. */
 #include "run/driver_internal.h"
 
+#include "market/rules.h"
+#include "net/market.h"
 #include "train/audit.h"
 
+#include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -88,32 +92,97 @@ static size_t material_bound(const run *r, const ar_stage *v)
     return 4096 + (size_t)v->param_floats * 12 + (size_t)r->M * (64 + (size_t)r->rows_per_mb * per_row);
 }
 
-/* Audit stage i's step `step` against what every stage committed for it
- * (all) and the stage's state digest of the step after. AR_OK: passed;
- * AR_EPROTO: failed (why in ar_last_error()); other: not done. */
-static int audit_one(run *r, int i, long step, const ar_step_digests *all, const uint8_t after[32])
+/* How an audit ended. */
+enum { AUDIT_PASSED, AUDIT_NOT_DONE, AUDIT_CHAIN, AUDIT_NO_MATERIAL, AUDIT_REPLAY };
+
+/* The market's check of a failed audit (a leased run): the evidence goes
+ * with the digests of the step and the next, reported first. Confirmed, the
+ * market holds the provider's loss claim (ar_rules_replace); otherwise the
+ * run cannot replace it through the market, and ends. */
+static int report_failure(run *r, int i, long step, const ar_audit_material *m)
 {
+    int rc = ar_reporter_flush(&r->reporter, ar_now() + MARKET_RELEASE_WAIT_S);
+    if (rc != AR_OK)
+        return ar_fail(rc, "stage %d failed an audit, and the steps' digests could not reach the market: %s", i,
+                       ar_last_error());
+    void *buf = NULL;
+    size_t n = 0;
+    if ((rc = ar_audit_material_encode(m, &buf, &n)) != AR_OK)
+        return rc;
+    ar_audit_evidence ev = {.material = buf, .material_bytes = n, .optim = r->oc, .seed = r->c->seed};
+    bool confirmed = false;
+    int64_t returned = 0;
+    int status = 0;
+    rc = ar_market_report_audit(r->market, r->lease.token, r->provider_ids[i], i, step, &ev, &confirmed, &returned,
+                                &status);
+    free(buf);
+    if (rc != AR_OK)
+        return ar_fail(rc, "stage %d (provider %lld) failed an audit of step %ld, and the market did not confirm "
+                       "it: %s", i, (long long)r->provider_ids[i], step + 1, ar_last_error());
+    if (!confirmed)
+        return ar_fail(AR_EINTERNAL, "the market answered an audit's evidence without confirming it");
+    char a[40];
+    if (!r->c->quiet)
+        printf("the market confirmed stage %d's failed audit: %s credits of provider %lld's held earnings came "
+               "back\n", i, ar_credits_text(returned, a, sizeof a), (long long)r->provider_ids[i]);
+    r->audit.returned += returned;
+    return AR_OK;
+}
+
+/* Audit stage i's step `step` against what every stage committed for it
+ * (all) and the stage's state digest of the step after. *how: the outcome;
+ * the reason of a failure in ar_last_error(). A failure on a leased run is
+ * reported to the market with its evidence before it is acted on. */
+static int audit_one(run *r, int i, long step, const ar_step_digests *all, const uint8_t after[32], int *how)
+{
+    *how = AUDIT_NOT_DONE;
     ar_stage *v;
     int rc = verifier_for(r, i, &v);
     if (rc != AR_OK)
         return rc;
-    if (v->has_tied_copy || v->tied_owner || v->expects_tied)
-        return ar_fail(AR_EINVAL, "stage %d shares a tied weight with another stage: it cannot be replayed alone", i);
+    if (v->has_tied_copy || v->tied_owner || v->expects_tied) {
+        ar_fail(AR_EINVAL, "stage %d shares a tied weight with another stage: it cannot be replayed alone", i);
+        return AR_OK;
+    }
+    /* the inputs it says it had are what its neighbours say they sent (a
+     * compressed link delivers other bytes than its sender hashed) */
+    int up = i > 0 && r->plan.codec[i] == AR_COMPRESS_NONE;
+    int down = i + 1 < r->S && r->plan.codec[i + 1] == AR_COMPRESS_NONE;
+    if ((up && memcmp(all[i].d[AR_DIGEST_ACT_IN], all[i - 1].d[AR_DIGEST_ACT_OUT], 32) != 0) ||
+        (down && memcmp(all[i].d[AR_DIGEST_GRAD_IN], all[i + 1].d[AR_DIGEST_GRAD_OUT], 32) != 0)) {
+        *how = AUDIT_CHAIN;
+        ar_fail(AR_EPROTO, "stage %d says it received other %s than stage %d says it sent", i,
+                up && memcmp(all[i].d[AR_DIGEST_ACT_IN], all[i - 1].d[AR_DIGEST_ACT_OUT], 32) != 0 ? "activations"
+                                                                                                  : "gradients",
+                up && memcmp(all[i].d[AR_DIGEST_ACT_IN], all[i - 1].d[AR_DIGEST_ACT_OUT], 32) != 0 ? i - 1 : i + 1);
+        return AR_OK;
+    }
     ar_audit_material m;
     rc = ar_remote_audit(r->clients[i], ar_remote_stage_session(&r->groups[i]), step, material_bound(r, v),
                          v->param_floats, r->M, r->rows_per_mb, &m);
-    if (rc != AR_OK) /* refused, malformed or oversized material is the provider's failure */
-        return rc == AR_EPROTO ? ar_fail(AR_EPROTO, "no material to replay: %s", ar_last_error()) : rc;
-    /* a compressed link delivers other bytes than its sender hashed */
-    int up = i == 0 || r->plan.codec[i] == AR_COMPRESS_NONE;
-    int down = i + 1 >= r->S || r->plan.codec[i + 1] == AR_COMPRESS_NONE;
+    if (rc == AR_EPROTO) { /* refused, malformed or oversized: the provider's failure */
+        *how = AUDIT_NO_MATERIAL;
+        ar_fail(AR_EPROTO, "no material to replay: %s", ar_last_error());
+        return AR_OK;
+    }
+    if (rc != AR_OK) /* unreachable: the lost-stage path sees to it */
+        return rc == AR_ENOMEM ? rc : AR_OK;
     double t0 = cpu_now();
-    rc = ar_audit_stage_ex(v, &m, r->c->seed, all, r->S, i, after, up, down);
+    rc = ar_audit_stage_ex(v, &m, r->c->seed, all, r->S, i, after, 0, 0);
     r->audit.cpu_s += cpu_now() - t0;
+    if (rc == AR_OK) {
+        *how = AUDIT_PASSED;
+    } else if (rc == AR_EPROTO || rc == AR_ESHAPE || rc == AR_EINVAL) {
+        /* the material does not fit the stage, or the replay differs */
+        *how = AUDIT_REPLAY;
+        char why[600];
+        snprintf(why, sizeof why, "%s", ar_last_error());
+        rc = r->leased ? report_failure(r, i, step, &m) : AR_OK;
+        if (rc == AR_OK)
+            ar_fail(AR_EPROTO, "%s", why);
+    }
     ar_audit_material_free(&m);
-    if (rc == AR_ESHAPE) /* the material does not fit the stage: the provider's */
-        rc = ar_fail(AR_EPROTO, "%s", ar_last_error());
-    return rc;
+    return rc == AR_EPROTO || rc == AR_ESHAPE || rc == AR_EINVAL ? AR_OK : rc;
 }
 
 int driver_audit_step(run *r, long step, const ar_step_result *res, int *failed)
@@ -135,26 +204,39 @@ int driver_audit_step(run *r, long step, const ar_step_result *res, int *failed)
              * on what the providers did */
             if (ar_rng_uniform(&a->rng) >= r->c->audit_rate)
                 continue;
-            int rc = audit_one(r, i, step - 1, a->prev, res->digests[i].d[AR_DIGEST_STATE]);
-            if (rc == AR_OK) {
+            int how;
+            int rc = audit_one(r, i, step - 1, a->prev, res->digests[i].d[AR_DIGEST_STATE], &how);
+            if (rc != AR_OK)
+                return rc;
+            if (how == AUDIT_PASSED) {
                 a->passed++;
                 a->last_passed[i] = step - 1;
+                bool confirmed;
+                int64_t back;
+                int status;
+                /* escrow releases the provider's pay up to here (the renter's
+                 * word is enough to pay sooner); best effort */
+                if (r->leased && ar_market_report_audit(r->market, r->lease.token, r->provider_ids[i], i, step - 1,
+                                                        NULL, &confirmed, &back, &status) != AR_OK)
+                    ar_log(AR_LOG_DEBUG, "reporting a passed audit: %s", ar_last_error());
                 continue;
             }
-            if (rc == AR_EPROTO) {
-                a->failed++;
-                snprintf(a->why, sizeof a->why, "%s", ar_last_error());
-                a->failed_step = step - 1;
-                *failed = i;
-                a->have_prev = 0;
-                return AR_OK;
+            if (how == AUDIT_NOT_DONE) {
+                a->skipped++;
+                ar_log(AR_LOG_DEBUG, "audit of stage %d at step %ld not done: %s", i, step - 1, ar_last_error());
+                continue;
             }
-            if (rc == AR_ENOMEM || rc == AR_EINTERNAL)
-                return rc;
-            /* not done (unreachable: the lost-stage path sees to it; a tied
-             * stage): counted, never a failure */
-            a->skipped++;
-            ar_log(AR_LOG_DEBUG, "audit of stage %d at step %ld not done: %s", i, step - 1, ar_last_error());
+            a->failed++;
+            snprintf(a->why, sizeof a->why, "%s", ar_last_error());
+            a->failed_step = step - 1;
+            a->have_prev = 0;
+            if (r->leased && how != AUDIT_REPLAY)
+                /* no evidence the market could check: no claim, no money */
+                return ar_fail(AR_EPROTO, "stage %d (provider %lld) failed an audit of step %ld: %s; the market "
+                               "cannot confirm this kind of failure yet, so the run stops",
+                               i, (long long)r->provider_ids[i], step, a->why);
+            *failed = i;
+            return AR_OK;
         }
     }
     memcpy(a->prev, res->digests, (size_t)r->S * sizeof a->prev[0]);

@@ -56,6 +56,7 @@ typedef struct {
     long last_passed[64]; /* each stage's last step that passed an audit (-1: none) */
     long failed_step;
     double cpu_s; /* the verifier's CPU seconds */
+    int64_t returned; /* micro-credits the market gave back for confirmed failures */
     char why[600];
 } driver_audit;
 

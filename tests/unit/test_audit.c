@@ -107,20 +107,24 @@ Test(audit, honest_pipeline_passes_every_audit)
     }
 }
 
-Test(audit, keep_holds_the_last_two_steps_only)
+/* Three: the driver audits step k when step k+1's results are in, and
+ * stage 0 may have begun step k+2 by then (the batch goes a step ahead). */
+Test(audit, keep_holds_the_last_three_steps_only)
 {
     ar_model_spec spec = small_mlp();
     ar_stage st;
     cr_assert_eq(ar_stage_create(&st, &spec, 0, 3, 4, 1, 7, &adamw), AR_OK);
     ar_audit_keep k;
     cr_assert_eq(ar_audit_keep_init(&k), AR_OK);
-    for (int step = 0; step < 3; step++)
+    for (int step = 0; step < 4; step++)
         cr_assert_eq(ar_audit_keep_begin(&k, &st, step, 1), AR_OK);
     ar_audit_material m;
     cr_assert_eq(ar_audit_keep_get(&k, 0, &m), AR_ENOTFOUND);
-    cr_assert_eq(ar_audit_keep_get(&k, 1, &m), AR_OK);
-    ar_audit_material_free(&m);
-    cr_assert_eq(ar_audit_keep_get(&k, 2, &m), AR_OK);
+    for (int step = 1; step < 3; step++) {
+        cr_assert_eq(ar_audit_keep_get(&k, step, &m), AR_OK);
+        ar_audit_material_free(&m);
+    }
+    cr_assert_eq(ar_audit_keep_get(&k, 3, &m), AR_OK);
     /* no STEP came: nothing to replay */
     ar_step_digests d;
     uint8_t after[32];
@@ -147,3 +151,69 @@ Test(audit, zero_gradients_are_caught) { caught("zero-grad@1", STEPS - 1); }
 /* the first step has nothing stale to send */
 Test(audit, stale_activations_are_caught) { caught("stale@1", STEPS - 2); }
 #endif
+
+/* The material as bytes (the Worker's Audit RPC): it round-trips bitwise,
+ * and untrusted bytes are refused unless every count and size holds. */
+Test(audit, material_bytes_round_trip_and_bad_bytes_are_refused)
+{
+    ar_model_spec spec = small_mlp();
+    ar_stage st;
+    cr_assert_eq(ar_stage_create(&st, &spec, 0, 1, 4, 1, 7, &adamw), AR_OK, "%s", ar_last_error());
+    ar_audit_keep k;
+    cr_assert_eq(ar_audit_keep_init(&k), AR_OK);
+    float x[4 * 20];
+    int32_t y[4] = {0, 1, 2, 3};
+    float g[4 * 16];
+    for (int i = 0; i < 80; i++)
+        x[i] = (float)i / 80.0f;
+    for (int i = 0; i < 64; i++)
+        g[i] = (float)i / -64.0f;
+    cr_assert_eq(ar_audit_keep_begin(&k, &st, 3, 2), AR_OK);
+    for (int mb = 0; mb < 2; mb++) {
+        cr_assert_eq(ar_audit_keep_act(&k, mb, 4, x, sizeof x, y, 4), AR_OK);
+        cr_assert_eq(ar_audit_keep_grad(&k, mb, g, sizeof g, 0.5 + mb), AR_OK);
+    }
+    ar_audit_keep_update(&k, 3, 1e-3f, 0.5f);
+    ar_audit_material m, back;
+    cr_assert_eq(ar_audit_keep_get(&k, 3, &m), AR_OK);
+    void *buf;
+    size_t n;
+    cr_assert_eq(ar_audit_material_encode(&m, &buf, &n), AR_OK);
+    cr_assert_eq(ar_audit_material_decode(buf, n, st.param_floats, 2, 4, "test", &back), AR_OK, "%s",
+                 ar_last_error());
+    cr_assert_eq(back.step, 3);
+    cr_assert_eq(back.M, 2);
+    cr_assert(back.has_update && back.lr == 1e-3f && back.scale == 0.5f);
+    cr_assert(memcmp(back.params, st.mem_params, sizeof(float) * (size_t)st.param_floats) == 0);
+    cr_assert_eq(back.mb[1].loss, 1.5);
+    cr_assert(memcmp(back.mb[1].grad, g, sizeof g) == 0 && memcmp(back.mb[0].act, x, sizeof x) == 0);
+    ar_audit_material_free(&back);
+    /* another stage's size, more micro-batches or rows than the run has */
+    cr_assert_eq(ar_audit_material_decode(buf, n, st.param_floats + 1, 2, 4, "test", &back), AR_EPROTO);
+    cr_assert_eq(ar_audit_material_decode(buf, n, st.param_floats, 1, 4, "test", &back), AR_EPROTO);
+    cr_assert_eq(ar_audit_material_decode(buf, n, st.param_floats, 2, 3, "test", &back), AR_EPROTO);
+    /* every truncation, a byte too many, and sizes that lie */
+    for (size_t cut = 0; cut < n; cut += 1 + cut / 8)
+        cr_assert_eq(ar_audit_material_decode(buf, cut, st.param_floats, 2, 4, "test", &back), AR_EPROTO, "cut %zu",
+                     cut);
+    uint8_t *more = malloc(n + 1);
+    memcpy(more, buf, n);
+    more[n] = 0;
+    cr_assert_eq(ar_audit_material_decode(more, n + 1, st.param_floats, 2, 4, "test", &back), AR_EPROTO);
+    size_t mb0 = 48 + 12 * (size_t)st.param_floats; /* the first micro-batch's header */
+    uint64_t huge = UINT64_MAX / 2;
+    memcpy(more + mb0 + 4, &huge, 8); /* its ACT bytes */
+    cr_assert_eq(ar_audit_material_decode(more, n, st.param_floats, 2, 4, "test", &back), AR_EPROTO);
+    free(more);
+    /* the replay checks the shapes the bytes could not: a stage of other units */
+    ar_stage other;
+    cr_assert_eq(ar_stage_create(&other, &spec, 1, 2, 4, 1, 7, &adamw), AR_OK);
+    ar_step_digests d;
+    uint8_t after[32];
+    cr_assert_neq(ar_audit_replay(&other, &m, 7, &d, after), AR_OK);
+    ar_stage_destroy(&other);
+    free(buf);
+    ar_audit_material_free(&m);
+    ar_audit_keep_destroy(&k);
+    ar_stage_destroy(&st);
+}
