@@ -2954,7 +2954,7 @@ int ar_store_stage_digests(ar_store *s, int64_t job_id, int64_t at_step, int sta
             out[i] = (uint8_t)v;
         }
     }
-    sqlite3_finalize(st);
+    done(s, st); /* cached: reset, never finalized here */
     unlock(s);
     return rc;
 }

@@ -376,10 +376,11 @@ class Procs:
         p.gflops, p.gib, p.price = float(m.group(4)), float(m.group(5)), m.group(6)
         return p
 
-    def leased_worker(self, market, token, price, gflops=150.0, name="worker", timeout=90):
+    def leased_worker(self, market, token, price, gflops=150.0, name="worker", timeout=90, env=None):
         """A provider registered with the market through gRPC (a profile of
         `gflops` at `price` micro-credits per TFLOP), then its `arceus worker`
-        started there, requiring a lease for that provider: .id, .addr."""
+        started there (with `env`, e.g. a test build's ARCEUS_FAULT),
+        requiring a lease for that provider: .id, .addr."""
         import grpc
         from pbwire import decode, field_bytes, field_double, field_varint
         addr = f"127.0.0.1:{free_port()}"
@@ -389,7 +390,7 @@ class Procs:
         with grpc.insecure_channel(market.addr) as ch:
             pid = decode(ch.unary_unary("/arceus.Market/RegisterProvider")(req, timeout=30))[1][0]
         w = self.start(name, "worker", "--listen", addr, "--threads", "1", "--market", market.addr,
-                       "--token", token, "--provider-id", pid)
+                       "--token", token, "--provider-id", pid, env=env)
         w.addr = w.wait_stdout(WORKER_READY, timeout).group(1)
         w.id = pid
         return w
