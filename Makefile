@@ -197,6 +197,7 @@ bench: deps
 	$(PYTHON) bench/pipeline.py --arceus $(abspath $(BIN))
 	$(PYTHON) bench/wan.py --arceus $(abspath $(BIN)) --relay $(abspath $(WAN_RELAY))
 	$(PYTHON) bench/tp.py --arceus $(abspath $(BIN))
+	$(PYTHON) bench/audit.py --arceus $(abspath $(BIN))
 	$(PYTHON) bench/market_load.py --arceus $(abspath $(BIN)) --loadgen $(abspath $(OUT)/bench/market_loadgen)
 
 # The market demo (scripts/demo.sh): install what is missing, build, start a

@@ -62,7 +62,7 @@ static void *dup_bytes(const void *p, size_t n)
     return q;
 }
 
-int ar_audit_keep_begin(ar_audit_keep *k, const ar_stage *s, int64_t step, int M)
+static int keep_begin(ar_audit_keep *k, const ar_stage *s, int64_t step, int M, int deferred)
 {
     pthread_mutex_lock(&k->mu);
     /* the oldest slot takes the new step */
@@ -88,18 +88,50 @@ int ar_audit_keep_begin(ar_audit_keep *k, const ar_stage *s, int64_t step, int M
     if (rc == AR_OK && !(m->mb = calloc((size_t)M, sizeof *m->mb)))
         rc = AR_ENOMEM;
     if (rc == AR_OK) {
-        size_t n = (size_t)s->param_floats * sizeof(float);
-        memcpy(m->params, s->mem_params, n);
-        memcpy(m->m, s->mem_m, n);
-        memcpy(m->v, s->mem_v, n);
+        if (!deferred) {
+            size_t n = (size_t)s->param_floats * sizeof(float);
+            memcpy(m->params, s->mem_params, n);
+            memcpy(m->m, s->mem_m, n);
+            memcpy(m->v, s->mem_v, n);
+        }
         m->opt_step = s->opt_step;
         m->M = M;
         m->step = step;
         m->has_update = 0;
+        m->copying = deferred;
         k->cur = i;
     }
     pthread_mutex_unlock(&k->mu);
     return rc == AR_OK ? AR_OK : ar_fail(rc, "out of memory keeping step %lld for audits", (long long)step);
+}
+
+int ar_audit_keep_begin(ar_audit_keep *k, const ar_stage *s, int64_t step, int M)
+{
+    return keep_begin(k, s, step, M, 0);
+}
+
+int ar_audit_keep_begin_deferred(ar_audit_keep *k, const ar_stage *s, int64_t step, int M)
+{
+    return keep_begin(k, s, step, M, 1);
+}
+
+void ar_audit_keep_copy_state(ar_audit_keep *k, const ar_stage *s)
+{
+    pthread_mutex_lock(&k->mu);
+    ar_audit_material *m = &k->slot[k->cur];
+    int copy = m->copying && m->params && m->param_floats == s->param_floats;
+    pthread_mutex_unlock(&k->mu);
+    if (!copy)
+        return;
+    /* the slot is the recording one and marked copying: nobody else reads
+     * or writes its state (ar_audit_keep_get skips it) */
+    size_t n = (size_t)s->param_floats * sizeof(float);
+    memcpy(m->params, s->mem_params, n);
+    memcpy(m->m, s->mem_m, n);
+    memcpy(m->v, s->mem_v, n);
+    pthread_mutex_lock(&k->mu);
+    m->copying = 0;
+    pthread_mutex_unlock(&k->mu);
 }
 
 int ar_audit_keep_act(ar_audit_keep *k, int mb, int rows, const void *act, size_t nbytes, const int32_t *targets,
@@ -159,7 +191,7 @@ int ar_audit_keep_get(ar_audit_keep *k, int64_t step, ar_audit_material *out)
     pthread_mutex_lock(&k->mu);
     const ar_audit_material *m = NULL;
     for (int i = 0; i < AR_AUDIT_KEEP_STEPS; i++)
-        if (k->slot[i].step == step && step >= 0)
+        if (k->slot[i].step == step && step >= 0 && !k->slot[i].copying)
             m = &k->slot[i];
     int rc = AR_OK;
     if (!m) {
@@ -423,6 +455,10 @@ int ar_audit_replay(ar_stage *s, const ar_audit_material *m, uint64_t seed, ar_s
     for (int k = 0; rc == AR_OK && k < 4; k++)
         rc = combine(mbd, m->M, k, out->d[AR_DIGEST_ACT_IN + k]);
     free(mbd);
+    /* a weight tied inside the stage (a one-stage GPT's embedding and head)
+     * gets its copy's gradient, as the stage's NORM does it (pipeline.c) */
+    if (rc == AR_OK)
+        ar_stage_fold_tied(s);
     if (rc == AR_OK)
         rc = ar_stage_update(s, m->lr, m->scale);
     if (rc == AR_OK)

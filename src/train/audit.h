@@ -38,6 +38,7 @@ typedef struct {
     float *params, *m, *v;
     ar_audit_mb *mb;
     int has_update;     /* the STEP came: lr and scale are known */
+    int copying;        /* the state before the step is being copied in: not to be read */
     float lr, scale;
 } ar_audit_material;
 
@@ -59,6 +60,11 @@ void ar_audit_material_free(ar_audit_material *m);
  * begins (the state before it is copied), a micro-batch's input or incoming
  * gradient arrives, the STEP arrives. */
 int ar_audit_keep_begin(ar_audit_keep *k, const ar_stage *s, int64_t step, int M);
+/* The same, but the state is copied by ar_audit_keep_copy_state, which may
+ * run on another thread while the step's forward and backward run (they do
+ * not write the state); until it returns the step is not readable. */
+int ar_audit_keep_begin_deferred(ar_audit_keep *k, const ar_stage *s, int64_t step, int M);
+void ar_audit_keep_copy_state(ar_audit_keep *k, const ar_stage *s);
 int ar_audit_keep_act(ar_audit_keep *k, int mb, int rows, const void *act, size_t nbytes, const int32_t *targets,
                       size_t ntargets);
 int ar_audit_keep_grad(ar_audit_keep *k, int mb, const float *grad, size_t nbytes, double loss);

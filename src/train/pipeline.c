@@ -227,6 +227,8 @@ int ar_digest_grad(const void *payload, size_t nbytes, double loss, uint8_t out[
 static void *hash_state_main(void *arg)
 {
     serve_state *st = arg;
+    if (st->r->keep)
+        ar_audit_keep_copy_state(st->r->keep, st->r->stage);
     st->hash_rc = ar_stage_state_digest(st->r->stage, st->state_digest);
     return NULL;
 }
@@ -234,8 +236,8 @@ static void *hash_state_main(void *arg)
 static void hash_state_start(serve_state *st)
 {
     st->hashing = pthread_create(&st->hasher, NULL, hash_state_main, st) == 0;
-    if (!st->hashing) /* no thread: hash here and now */
-        st->hash_rc = ar_stage_state_digest(st->r->stage, st->state_digest);
+    if (!st->hashing) /* no thread: here and now */
+        hash_state_main(st);
 }
 
 /* Wait for the digest; before anything may write the stage's state. */
@@ -657,10 +659,13 @@ static int run_step(serve_state *st, ar_frame *first)
         st->mbd_cap = M;
     }
     /* the state this step starts from, committed in this step's NORM */
+    /* the audit record's copy of the state goes with the hashing, off the
+     * step's critical path */
+    if (r->keep && (rc = (r->digests ? ar_audit_keep_begin_deferred : ar_audit_keep_begin)(r->keep, s, step, M)) !=
+                       AR_OK)
+        goto done;
     if (r->digests)
         hash_state_start(st);
-    if (r->keep && (rc = ar_audit_keep_begin(r->keep, s, step, M)) != AR_OK)
-        goto done;
     ar_stage_zero_grad(s);
     int next_f = 0;
     for (int i = 0; i < 2 * M; i++) {
