@@ -143,7 +143,7 @@ test: deps
 # then fuzzes each target for FUZZ_SECONDS; it fails on any crash, leak,
 # sanitizer report or timeout (the input is left in build/fuzz/crashes/).
 # `make test` does the same for TEST_FUZZ_SECONDS per target.
-FUZZ_TARGETS := frame spec safetensors idx load restore session
+FUZZ_TARGETS := frame spec safetensors idx load restore session audit
 FUZZ_SECONDS ?= 60
 TEST_FUZZ_SECONDS ?= 5
 fuzz: deps
