@@ -1310,7 +1310,8 @@ static int send_batch(run *r, long step)
     ar_batch_desc b = {.step = step, .M = r->M, .B = r->B, .dtype = is_text ? 1 : 0, .inputs = r->inputs,
                        .row_elems = r->row_elems, .targets = r->targets, .row_targets = is_text ? (size_t)r->T : 1};
     float lr = ar_lr_at(step, c->lr, c->min_lr, c->warmup, c->steps);
-    return ar_chain_send_step(r->head, &b, 1, lr, c->clip);
+    int rc = driver_audit_batch(r, step, &b);
+    return rc == AR_OK ? ar_chain_send_step(r->head, &b, 1, lr, c->clip) : rc;
 }
 
 int ar_train_run(ar_train_config *c)

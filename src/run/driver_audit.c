@@ -14,6 +14,7 @@
 
 #include "market/rules.h"
 #include "net/market.h"
+#include "core/digest.h"
 #include "train/audit.h"
 
 #include <stdbool.h>
@@ -43,7 +44,35 @@ int driver_audit_setup(run *r)
     ar_rng_seed(&a->rng, seed);
     for (int i = 0; i < 64; i++)
         a->last_passed[i] = -1;
+    for (int i = 0; i < 4; i++)
+        a->sent[i].step = -1;
     return AR_OK;
+}
+
+int driver_audit_batch(run *r, long step, const ar_batch_desc *b)
+{
+    driver_audit *a = &r->audit;
+    if (!(r->c->audit_rate > 0) || !r->remote || b->M < 1)
+        return AR_OK;
+    /* as stage 0 hashes each micro-batch's ACT frame (pipeline.c): payload
+     * then targets, then the micro-batches' digests in order */
+    int rows = b->B / b->M;
+    ar_sha256 h = {0};
+    int rc = ar_sha256_begin(&h);
+    for (int mb = 0; mb < b->M && rc == AR_OK; mb++) {
+        uint8_t d[32];
+        size_t row0 = (size_t)mb * (size_t)rows;
+        rc = ar_digest_act((const char *)b->inputs + row0 * b->row_elems * 4, (size_t)rows * b->row_elems * 4,
+                           b->targets + row0 * b->row_targets, (size_t)rows * b->row_targets, d);
+        if (rc == AR_OK)
+            rc = ar_sha256_add(&h, d, sizeof d);
+    }
+    int k = (int)(step % 4);
+    if (rc == AR_OK)
+        rc = ar_sha256_end(&h, a->sent[k].d);
+    ar_sha256_free(&h);
+    a->sent[k].step = rc == AR_OK ? step : -1;
+    return rc;
 }
 
 void driver_audit_reset(run *r)
@@ -196,6 +225,21 @@ int driver_audit_step(run *r, long step, const ar_step_result *res, int *failed)
         all_digests &= res->has_digests[i] && r->plan.group_size[i] <= 1;
     if (!all_digests) {
         a->have_prev = 0;
+        return AR_OK;
+    }
+    /* stage 0's inputs are the batch this driver sent: checked at every step
+     * (not over a compressed link: stage 0 hashes what it decompressed) */
+    int k = (int)(step % 4);
+    if (a->sent[k].step == step && r->plan.codec[0] == AR_COMPRESS_NONE &&
+        memcmp(res->digests[0].d[AR_DIGEST_ACT_IN], a->sent[k].d, 32) != 0) {
+        a->failed++;
+        snprintf(a->why, sizeof a->why, "stage 0 says it received another batch than the driver sent");
+        a->failed_step = step;
+        a->have_prev = 0;
+        if (r->leased)
+            return ar_fail(AR_EPROTO, "stage 0 (provider %lld) at step %ld: %s; the market cannot confirm this kind "
+                           "of failure yet, so the run stops", (long long)r->provider_ids[0], step + 1, a->why);
+        *failed = 0;
         return AR_OK;
     }
     if (a->have_prev && a->prev_step == step - 1) {

@@ -57,6 +57,11 @@ typedef struct {
     long failed_step;
     double cpu_s; /* the verifier's CPU seconds */
     int64_t returned; /* micro-credits the market gave back for confirmed failures */
+    /* the batches the driver sent: what stage 0 must say it received */
+    struct {
+        long step; /* -1: none */
+        uint8_t d[32];
+    } sent[4];
     char why[600];
 } driver_audit;
 
@@ -186,6 +191,9 @@ void driver_audit_free(run *r);
 /* After step `step`'s results: audit the stages drawn for step-1. *failed:
  * the stage whose audit failed (-1: none), the reason in r->audit.why. */
 int driver_audit_step(run *r, long step, const ar_step_result *res, int *failed);
+/* The batch of `step` is going to stage 0 (inputs, targets): its digest, as
+ * stage 0 commits to it. */
+int driver_audit_batch(run *r, long step, const ar_batch_desc *b);
 
 /* ---- a run's lease at the market (driver_market.c) ----------------------- */
 
