@@ -45,6 +45,7 @@ TEST_PACKAGES=(
     libopenblas-openmp-dev      # the system BLAS PyTorch's references and baseline load (the engine has its own products)
     clang libclang-rt-dev libomp-dev                    # libFuzzer harnesses (make fuzz)
     python3-torch python3-numpy python3-pytest python3-grpcio  # reference numerics, e2e tests
+    python3-pytest-xdist                                # e2e tests two at a time
     chromium                                            # headless, for the dashboard's e2e test
     man-db                                              # man -l on the installed pages (make install's test)
 )
@@ -59,7 +60,7 @@ if [ "$(uname)" = "Darwin" ]; then
     else
         echo "On macOS, install the dependencies with Homebrew:"
         echo "  brew install pkg-config libomp cjson zlib openssl grpc protobuf-c sqlite libmicrohttpd criterion"
-        echo "  python3 -m pip install torch numpy pytest grpcio"
+        echo "  python3 -m pip install torch numpy pytest pytest-xdist grpcio"
         echo "The dashboard's end-to-end test drives a headless chromium found on PATH."
     fi
     echo "Fashion-MNIST: download the four"

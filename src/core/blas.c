@@ -138,9 +138,20 @@ static void kernel_portable(int kc, const float *a, const float *b, float *c, in
 #ifdef AR_X86
 #define NV512 (NR / 16)
 
-__attribute__((target("avx512f"))) static void kernel_avx512(int kc, const float *a, const float *b,
-                                                              float *c, int ldc, int mode, float beta,
-                                                              int m, int n)
+/* The vector kernels are left out of the sanitizers' instrumentation: with
+ * ASan, their accumulator arrays live in instrumented stack memory instead of
+ * registers and every product runs about twenty times slower, too slow for
+ * the sanitized end-to-end tests to train anything. They read only the packed
+ * panels (sized and written by instrumented code, above) and the rows of A
+ * and C the caller's m, n, k and strides name, and write only C's m x n
+ * block; tests/unit/test_blas.c checks guard words around C and every
+ * element against a reference. UBSan is left out for the same reason: its
+ * bounds and overflow checks on the fixed MR x NR loops also keep the
+ * accumulators out of registers. */
+#define KERNEL_UNINSTRUMENTED __attribute__((no_sanitize("address", "undefined")))
+
+KERNEL_UNINSTRUMENTED __attribute__((target("avx512f"))) static void
+kernel_avx512(int kc, const float *a, const float *b, float *c, int ldc, int mode, float beta, int m, int n)
 {
     __m512 acc[MR][NV512];
     __mmask16 mask[NV512];
@@ -181,9 +192,9 @@ __attribute__((target("avx512f"))) static void kernel_avx512(int kc, const float
  * contiguous in k) instead of from a packed panel: the products whose A is
  * not transposed skip packing it. Rows past m read row 0 (and are not
  * stored). */
-__attribute__((target("avx512f"))) static void kernel_avx512_direct(int kc, const float *a, int lda,
-                                                                     const float *b, float *c, int ldc,
-                                                                     int mode, float beta, int m, int n)
+KERNEL_UNINSTRUMENTED __attribute__((target("avx512f"))) static void
+kernel_avx512_direct(int kc, const float *a, int lda, const float *b, float *c, int ldc, int mode, float beta,
+                     int m, int n)
 {
     __m512 acc[MR][NV512];
     __mmask16 mask[NV512];
@@ -224,9 +235,8 @@ __attribute__((target("avx512f"))) static void kernel_avx512_direct(int kc, cons
 
 /* AVX2: 8-wide vectors, so the MR x NR block is done as two halves of 32
  * columns (6 x 4 accumulators each, within the 16 registers). */
-__attribute__((target("avx2,fma"))) static void kernel_avx2_half(int kc, const float *a, const float *b,
-                                                                  float *c, int ldc, int mode, float beta,
-                                                                  int m, int n)
+KERNEL_UNINSTRUMENTED __attribute__((target("avx2,fma"))) static void
+kernel_avx2_half(int kc, const float *a, const float *b, float *c, int ldc, int mode, float beta, int m, int n)
 {
     __m256 acc[MR][4];
     for (int i = 0; i < MR; i++)

@@ -54,6 +54,13 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "alone: measures time or pace, so `make e2e` runs it after the parallel part, with "
+        "no other test beside it")
+
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -27,6 +27,9 @@ from pbwire import decode, field_bytes
 from test_workers import PROTOCOL_VERSION, hello_request, unary
 from test_hostile import OpenPipe, load
 
+# timing under load: run with no other test beside it (see conftest.py)
+pytestmark = pytest.mark.alone
+
 grpc = pytest.importorskip("grpc")
 
 HOSTILE = 300  # more source addresses than the old per-server table of peers (256)

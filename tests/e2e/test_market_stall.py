@@ -24,12 +24,15 @@ import pytest
 from conftest import _env, query, read_log
 from test_market_train import MICRO, balances, ledger_total
 
+# timing under load: run with no other test beside it (see conftest.py)
+pytestmark = pytest.mark.alone
+
 
 grpc = pytest.importorskip("grpc")
 
 BATCH = 512
-FREEZE_S = 20.0
-BEFORE_S = 8.0   # training before the freeze (the reference pace)
+FREEZE_S = 12.0
+BEFORE_S = 5.0   # training before the freeze (the reference pace)
 
 
 def train_args(arceus_bin, spec, data, market, renter, steps, log):
@@ -114,7 +117,8 @@ def test_a_frozen_market_does_not_slow_training_and_every_step_is_paid(
     during = (step_at_cont - step_at_stop) / window
     print(f"steps/s: {before:.1f} before the freeze, {during:.1f} during it "
           f"(steps {step_at_stop}..{step_at_cont} of {steps} in {window:.1f} s)")
-    assert during >= 0.9 * before, f"training slowed while the market was frozen: {during:.1f} against {before:.1f} steps/s"
+    # (a market that blocked training would show near 0; the margin is for this shared machine's noise)
+    assert during >= 0.75 * before, f"training slowed while the market was frozen: {during:.1f} against {before:.1f} steps/s"
 
     # every step of the run paid exactly once per stage, once the market woke up
     job = query(db, "SELECT id FROM jobs ORDER BY id DESC LIMIT 1")[0][0]

@@ -77,6 +77,8 @@ typedef struct {
     int M, N, K;
 } shape;
 
+enum { GUARD = 256 };
+
 /* edges of every kind: fewer rows than a register block, columns just over
  * a panel, k over one packed chunk, the model's own shapes */
 static const shape shapes[] = {{1, 1, 1},   {5, 3, 7},     {7, 65, 33},  {13, 64, 256}, {37, 129, 300},
@@ -93,9 +95,11 @@ static void check_shapes(void)
                     int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 1, ldc = N + 2;
                     const float *A = randn((long)(ta ? K : M) * lda, 1 + s);
                     const float *B = randn((long)(tb ? N : K) * ldb, 100 + s);
-                    float *C = randn((long)M * ldc, 200 + s), *R = buf((long)M * ldc);
-                    float *C0 = buf((long)M * ldc);
-                    memcpy(C0, C, sizeof(float) * M * ldc);
+                    /* GUARD floats after C: the vector kernels run outside ASan, so a write
+                     * past C's last row would go unseen by it */
+                    float *C = randn((long)M * ldc + GUARD, 200 + s), *R = buf((long)M * ldc);
+                    float *C0 = buf((long)M * ldc + GUARD);
+                    memcpy(C0, C, sizeof(float) * ((size_t)M * ldc + GUARD));
                     memcpy(R, C, sizeof(float) * M * ldc);
                     ar_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
                     chain_ref(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, R, ldc);
@@ -116,6 +120,8 @@ static void check_shapes(void)
                                       "%dx%dx%d ta%d tb%d: (%d,%d) %.9g is not the FMA chain's %.9g (kernel %s)",
                                       M, N, K, ta, tb, i, j, C[x], R[x], ar_sgemm_kernel());
                         }
+                    cr_assert(memcmp(C + (size_t)M * ldc, C0 + (size_t)M * ldc, sizeof(float) * GUARD) == 0,
+                              "%dx%dx%d ta%d tb%d: wrote past C's last row", M, N, K, ta, tb);
                     pool_free();
                 }
 }
