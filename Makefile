@@ -70,8 +70,8 @@ BIN := $(OUT)/arceus
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(OUT)/tests/%)
 
-.PHONY: all test unit e2e ref bench bench-quality demo demo-lm demo-local clean deps deps-runtime fuzz fuzz-run \
-        man install uninstall
+.PHONY: all test unit e2e ref bench bench-quality demo demo-lm demo-nat demo-local clean deps deps-runtime fuzz \
+        fuzz-run man install uninstall
 # bin/arceus is always the release build (the ASan one stays in build/asan)
 ifeq ($(BUILD),release)
 all: $(BIN) bin/arceus
@@ -145,7 +145,7 @@ test: deps
 # then fuzzes each target for FUZZ_SECONDS; it fails on any crash, leak,
 # sanitizer report or timeout (the input is left in build/fuzz/crashes/).
 # `make test` does the same for TEST_FUZZ_SECONDS per target.
-FUZZ_TARGETS := frame spec safetensors idx load restore session audit
+FUZZ_TARGETS := frame spec safetensors idx load restore session audit relay
 FUZZ_SECONDS ?= 60
 TEST_FUZZ_SECONDS ?= 5
 fuzz: deps
@@ -225,6 +225,12 @@ demo:
 # public-domain text and prints the validation loss, a sample and the ledger.
 demo-lm:
 	@scripts/demo.sh --lm
+
+# The same behind home routers (scripts/demo.sh --nat; needs root): each
+# provider and the renter behind a NAT of its own in a network namespace, the
+# market's relay carrying every edge of the plan.
+demo-nat:
+	@scripts/demo.sh --nat
 
 # The single-machine demo: train the MLP on Fashion-MNIST (Debian's
 # dataset-fashion-mnist) here and print the test accuracy.

@@ -118,8 +118,8 @@ def fsync_ms(folder, n=50):
         path.unlink()
 
 
-def db_bytes(db):
-    return sum(os.path.getsize(p) for p in (db, db + "-wal", db + "-shm") if os.path.exists(p))
+def db_bytes(db, suffix=""):
+    return os.path.getsize(db + suffix) if os.path.exists(db + suffix) else 0
 
 
 class Market:
@@ -292,7 +292,7 @@ def report(title, stats, gen, rss, db, books, args, load_before):
     print(f"the market used {gen['market_cpu_s']:.1f} s of CPU ({gen['market_cpu_s'] / gen['elapsed'] * 100:.0f}% "
           f"of a core, {gen['market_cpu_s'] / max(served, 1) * 1e6:.0f} us per call served)")
     print(f"market RSS: max {max(rss or [0]) / 1024:.1f} MiB, at the end {(rss or [0])[-1] / 1024:.1f} MiB; "
-          f"database {db_bytes(db) / 2**20:.1f} MiB (with its WAL)")
+          f"database {db_bytes(db) / 2**20:.1f} MiB, its WAL {db_bytes(db, '-wal') / 2**20:.1f} MiB")
     total, dup, missing, steps = books
     print(f"ledger sum {total}; steps paid {steps}; (job, step) paid other than once: {dup}; "
           f"jobs whose paid steps differ from the reports: {missing}")

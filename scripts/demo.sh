@@ -16,6 +16,14 @@
 #   --data PATH                     MLP: a Fashion-MNIST IDX folder; LM: a text file
 #                                   (default data/devils-dictionary.txt, public domain)
 #   --tls, --keep                   see ARCEUS_DEMO_TLS and ARCEUS_DEMO_KEEP below
+#   --nat                           (make demo-nat) the MLP demo behind home routers
+#                                   (needs root, for network namespaces and nftables:
+#                                   scripts/nat-scene.sh): the market and its relay in a
+#                                   "public" namespace, each provider behind a NAT of its
+#                                   own that lets nothing in, the renter behind another.
+#                                   The market cannot dial the providers, so they keep a
+#                                   connection to its relay, and every edge of the plan
+#                                   is relayed. The namespaces go with everything else.
 #
 # Environment:
 #   ARCEUS_BIN=PATH          use this binary (skips the build)
@@ -25,6 +33,7 @@
 #   ARCEUS_DEMO_DATA=PATH    same as --data PATH (the MLP's default is train's:
 #                            /usr/share/datasets/fashion-mnist)
 #   ARCEUS_DEMO_EVAL_BATCHES=N  LM: validation batches per evaluation (20)
+#   ARCEUS_DEMO_SAMPLE_TOKENS=N LM: characters the model writes at the end (400)
 #   ARCEUS_DEMO_TLS=1        everything over TLS (same as --tls): a CA and a
 #                            server pair from scripts/make-tls-cert.sh in the
 #                            temporary folder; the market and the providers
@@ -37,10 +46,12 @@ set -euo pipefail
 USE_TLS=${ARCEUS_DEMO_TLS:-0}
 KEEP=${ARCEUS_DEMO_KEEP:-0}
 LM=0
+NAT=0
 STEPS=${ARCEUS_DEMO_STEPS:-}
 DATA=${ARCEUS_DEMO_DATA:-}
+SAMPLE_TOKENS=${ARCEUS_DEMO_SAMPLE_TOKENS:-400}
 usage() {
-    echo "usage: scripts/demo.sh [--lm] [--steps N] [--data PATH] [--tls] [--keep]" >&2
+    echo "usage: scripts/demo.sh [--lm | --nat] [--steps N] [--data PATH] [--tls] [--keep]" >&2
     exit 2
 }
 while [ $# -gt 0 ]; do
@@ -48,6 +59,7 @@ while [ $# -gt 0 ]; do
     --tls) USE_TLS=1 ;;
     --keep) KEEP=1 ;;
     --lm) LM=1 ;;
+    --nat) NAT=1 ;;
     --steps | --data)
         [ $# -ge 2 ] || usage
         if [ "$1" = --steps ]; then STEPS=$2; else DATA=$2; fi
@@ -98,9 +110,16 @@ die() {
     exit 1
 }
 
+if [ "$NAT" = 1 ]; then
+    [ "$(id -u)" = 0 ] || die "--nat needs root: it builds network namespaces and NAT rules (sudo make demo-nat)"
+    [ "$USE_TLS" = 1 ] && die "--nat and --tls: one at a time (the certificate would have to name the private addresses)"
+    [ "$LM" = 1 ] && die "--nat and --lm: one at a time"
+fi
+
 # ---- every child is stopped on the way out ----------------------------------
 PIDS=()
 TMP=""
+SCENE=""  # the NAT scene's prefix, once built
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
@@ -130,6 +149,7 @@ cleanup() {
             [ -s "$f" ] && { echo "--- $(basename "$f"):" >&2; tail -n 20 "$f" >&2; }
         done
     fi
+    [ -n "$SCENE" ] && scripts/nat-scene.sh down "$SCENE" >/dev/null 2>&1 || true
     [ -n "$TMP" ] && rm -rf "$TMP"
     exit "$rc"
 }
@@ -157,6 +177,46 @@ THREADS=1
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/arceus-demo.XXXXXX")
 DB=$TMP/market.db
+
+# where each one runs and listens: all on loopback, or --nat's namespaces
+PUB=() RENT=()
+MARKET_LISTEN=127.0.0.1:0
+PLISTEN=(127.0.0.1:0 127.0.0.1:0 127.0.0.1:0)
+RELAY=()
+HTTP=(--http 127.0.0.1:0)
+if [ "$NAT" = 1 ]; then
+    say "the scene: namespaces behind NAT (scripts/nat-scene.sh)"
+    scripts/nat-scene.sh check || die "this machine cannot play the NAT scene"
+    SCENE=arcdemo$$
+    SCENE=${SCENE:0:12}
+    scripts/nat-scene.sh up "$SCENE" >"$TMP/scene.env" 2>"$TMP/scene.err" ||
+        die "nat-scene.sh up failed: $(tail -n 5 "$TMP/scene.err")"
+    # its NAME=VALUE lines as SC_NAME
+    while IFS='=' read -r k v; do
+        [[ "$k" =~ ^[A-Z0-9_]+$ ]] && printf -v "SC_$k" '%s' "$v"
+    done <"$TMP/scene.env"
+    PUB=(ip netns exec "$SC_PUB")
+    RENT=(ip netns exec "$SC_RENTER")
+    LANS=("$SC_P1_LAN" "$SC_P2_LAN" "$SC_P3_LAN")
+    WANS=("$SC_P1_WAN" "$SC_P2_WAN" "$SC_P3_WAN")
+    NSS=("$SC_P1" "$SC_P2" "$SC_P3")
+    MARKET_LISTEN=$SC_PUBLIC_IP:7000
+    PLISTEN=("${LANS[0]}:7001" "${LANS[1]}:7001" "${LANS[2]}:7001")
+    RELAY=(--relay "$SC_PUBLIC_IP:7100" --offline-after 5)
+    HTTP=()
+    echo "the internet: namespace $SC_PUB, the market and its relay at $SC_PUBLIC_IP"
+    for i in 0 1 2; do
+        echo "${NAMES[$i]}'s machine: namespace ${NSS[$i]}, LAN address ${LANS[$i]}, behind a NAT whose public" \
+            "address is ${WANS[$i]}: it lets nothing in"
+    done
+    echo "the renter: namespace $SC_RENTER, behind a NAT of its own"
+fi
+# pns I COMMAND...: provider I's command, in its namespace with --nat
+pns() {
+    local i=$1
+    shift
+    if [ "$NAT" = 1 ]; then ip netns exec "${NSS[$i]}" "$@"; else "$@"; fi
+}
 
 # TLS: SERVE_TLS for the market and the providers, CA for every client
 SERVE_TLS=()
@@ -204,16 +264,23 @@ done
 # --escrow-window 0: what the job paid is released to the providers as soon
 # as it ends, so that their ledgers below show it (a real market holds it a
 # while for audits to come in)
-"$BIN" market --listen 127.0.0.1:0 --db "$DB" --http 127.0.0.1:0 --escrow-window 0 \
-    ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} ${CA[@]+"${CA[@]}"} >"$TMP/market.out" 2>"$TMP/market.err" &
+${PUB[@]+"${PUB[@]}"} "$BIN" market --listen "$MARKET_LISTEN" --db "$DB" ${HTTP[@]+"${HTTP[@]}"} --escrow-window 0 \
+    ${RELAY[@]+"${RELAY[@]}"} ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} ${CA[@]+"${CA[@]}"} \
+    >"$TMP/market.out" 2>"$TMP/market.err" &
 PIDS+=($!)
 MARKET_PID=$!
 line=$(wait_for "$TMP/market.out" 'listening on ' 60 "$MARKET_PID")
 MARKET=${line##*listening on }
 echo "market listening on $MARKET (pid $MARKET_PID, database $DB)${CA[@]+", TLS"}"
-line=$(wait_for "$TMP/market.out" 'dashboard on ' 60 "$MARKET_PID")
-DASHBOARD=${line##*dashboard on }
-echo "dashboard: $DASHBOARD (the renter's view: $DASHBOARD#/jobs?token=$RENTER)"
+DASHBOARD=""
+if [ "$NAT" = 1 ]; then
+    line=$(wait_for "$TMP/market.out" 'relay on ' 60 "$MARKET_PID")
+    echo "its relay on ${line##*relay on }, for providers it cannot dial"
+else
+    line=$(wait_for "$TMP/market.out" 'dashboard on ' 60 "$MARKET_PID")
+    DASHBOARD=${line##*dashboard on }
+    echo "dashboard: $DASHBOARD (the renter's view: $DASHBOARD#/jobs?token=$RENTER)"
+fi
 
 # ---- three providers -------------------------------------------------------------
 MEM_ARGS=()
@@ -228,7 +295,12 @@ fi
 # people's machines; this one's owner is at its keyboard, watching
 PPIDS=()
 for i in 0 1 2; do
-    "$BIN" provide --market "$MARKET" --token "${TOKENS[$i]}" --listen 127.0.0.1:0 --when always --on-battery yes \
+    # (not through pns: a function in the background is a subshell, whose
+    # pid would stand for the provider's)
+    pfx=()
+    [ "$NAT" = 1 ] && pfx=(ip netns exec "${NSS[$i]}")
+    ${pfx[@]+"${pfx[@]}"} "$BIN" provide --market "$MARKET" --token "${TOKENS[$i]}" --listen "${PLISTEN[$i]}" \
+        --when always --on-battery yes \
         --max-threads "$THREADS" --price "${PRICES[$i]}" ${MEM_ARGS[@]+"${MEM_ARGS[@]}"} \
         ${SERVE_TLS[@]+"${SERVE_TLS[@]}"} ${CA[@]+"${CA[@]}"} \
         >"$TMP/provider$i.out" 2>"$TMP/provider$i.err" &
@@ -239,7 +311,20 @@ for i in 0 1 2; do
     line=$(wait_for "$TMP/provider$i.out" 'serving on ' 60 "${PPIDS[$i]}")
     echo "${NAMES[$i]} (pid ${PPIDS[$i]}): ${line#arceus provide: }"
 done
-"$BIN" providers --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"}
+if [ "$NAT" = 1 ]; then
+    for i in 0 1 2; do
+        line=$(wait_for "$TMP/provider$i.out" 'reaches this worker through its relay' 60 "${PPIDS[$i]}")
+        echo "${NAMES[$i]}: ${line#arceus provide: }"
+    done
+    # what the NAT does: a dial of a provider from outside goes nowhere
+    echo "a dial of ${NAMES[0]}'s worker from the internet: $("${PUB[@]}" /usr/bin/python3 -c "
+import socket
+try:
+    socket.create_connection(('${LANS[0]}', 7001), timeout=2); print('connected (the NAT leaks!)')
+except Exception as e:
+    print('fails:', e)")"
+fi
+${RENT[@]+"${RENT[@]}"} "$BIN" providers --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"}
 
 # ---- the renter trains through the market ----------------------------------------
 if [ "$LM" = 1 ]; then
@@ -258,7 +343,7 @@ fi
 [ "$USE_TLS" = 1 ] && TRAIN+=("${CA[@]}")
 echo "\$ arceus train ${TRAIN[*]/$RENTER/\$RENTER_TOKEN}"
 T0=$SECONDS
-"$BIN" train "${TRAIN[@]}" &
+${RENT[@]+"${RENT[@]}"} "$BIN" train "${TRAIN[@]}" &
 TRAIN_PID=$!
 PIDS+=("$TRAIN_PID")
 wait "$TRAIN_PID" || die "training failed"
@@ -267,8 +352,8 @@ echo "trained in $((SECONDS - T0)) s"
 if [ "$LM" = 1 ]; then
     PROMPT="POLITICS, n.  "
     say "what the model writes, given \"$PROMPT\" (arceus sample)"
-    echo "\$ arceus sample --ckpt $OUT_DIR --prompt \"$PROMPT\" --tokens 400 --seed 7"
-    "$BIN" sample --ckpt "$OUT_DIR" --prompt "$PROMPT" --tokens 400 --seed 7 --threads "$THREADS" ||
+    echo "\$ arceus sample --ckpt $OUT_DIR --prompt \"$PROMPT\" --tokens $SAMPLE_TOKENS --seed 7"
+    "$BIN" sample --ckpt "$OUT_DIR" --prompt "$PROMPT" --tokens "$SAMPLE_TOKENS" --seed 7 --threads "$THREADS" ||
         die "sampling failed"
     echo
 fi
@@ -285,12 +370,14 @@ fmt() {
 say "the ledger: the renter paid, the providers earned"
 # each account's ledger as a summary: its rows by reason (one usage row per
 # step and stage: hundreds) and its balance
-"$BIN" ledger --summary --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"} | tee "$TMP/ledger-renter.txt"
+${RENT[@]+"${RENT[@]}"} "$BIN" ledger --summary --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"} |
+    tee "$TMP/ledger-renter.txt"
 renter_bal=$(micro <"$TMP/ledger-renter.txt")
 earned=0
 for i in 0 1 2; do
     echo
-    "$BIN" ledger --summary --market "$MARKET" --token "${TOKENS[$i]}" ${CA[@]+"${CA[@]}"} | tee "$TMP/ledger-$i.txt"
+    pns "$i" "$BIN" ledger --summary --market "$MARKET" --token "${TOKENS[$i]}" ${CA[@]+"${CA[@]}"} |
+        tee "$TMP/ledger-$i.txt"
     earned=$((earned + $(micro <"$TMP/ledger-$i.txt")))
 done
 minted=$((CREDITS * 1000000))
@@ -302,15 +389,15 @@ echo "ledger sum (mint $(fmt $((-minted))) + renter $(fmt "$renter_bal") + provi
 [ "$sum" -eq 0 ] || die "the ledger does not balance"
 
 say "the renter's jobs"
-"$BIN" jobs --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"} | tee "$TMP/jobs.txt"
+${RENT[@]+"${RENT[@]}"} "$BIN" jobs --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"} | tee "$TMP/jobs.txt"
 JOB=$(awk 'NR > 1 { id = $1 } END { print id }' "$TMP/jobs.txt")
 if [ -n "$JOB" ]; then
     echo
-    "$BIN" job "$JOB" --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"}
+    ${RENT[@]+"${RENT[@]}"} "$BIN" job "$JOB" --market "$MARKET" --token "$RENTER" ${CA[@]+"${CA[@]}"}
 fi
 
 if [ "$KEEP" = 1 ]; then
-    say "kept up until Ctrl-C: the dashboard at $DASHBOARD"
+    say "kept up until Ctrl-C${DASHBOARD:+: the dashboard at $DASHBOARD}"
     echo "the renter's view: $DASHBOARD#/jobs?token=$RENTER"
     while kill -0 "$MARKET_PID" 2>/dev/null; do sleep 1; done
 fi

@@ -48,6 +48,7 @@ TEST_PACKAGES=(
     python3-pytest-xdist                                # e2e tests two at a time
     chromium                                            # headless, for the dashboard's e2e test
     man-db                                              # man -l on the installed pages (make install's test)
+    iproute2 nftables                                   # the NAT scene: tests/e2e/test_nat.py, demo.sh --nat
 )
 
 DEBIAN_PACKAGES=("${RUNTIME_PACKAGES[@]}")

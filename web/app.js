@@ -347,6 +347,10 @@ const VIEWS = {
       el("td", { class: "num" }, p.id),
       el("td", {}, p.account, p.mine ? el("span", { class: "badge running", style: "margin-left:6px" }, "yours") : null),
       el("td", { class: "mono" }, p.address),
+      el("td", {}, el("span", { class: "badge edge " + (p.reach || "unchecked"), title: {
+        direct: "the market dials its worker", relayed: "reached through the market's relay only (behind NAT)",
+        unreachable: "the market cannot reach its worker: not leased", unchecked: "not checked yet" }[p.reach] || "" },
+        p.reach || "unchecked")),
       el("td", { class: "num", title: "claimed " + fmtNum(p.gflops, 1) + " GFLOP/s" }, fmtNum(p.speed_gflops, 1)),
       el("td", { class: "num" }, fmtBytes(p.mem_bytes)),
       el("td", { class: "num" }, p.cores),
@@ -366,9 +370,9 @@ const VIEWS = {
                     xFormat: t => new Date(t * 1000).toISOString().slice(11, 19), empty: "nothing earned yet", xMin: t0 })));
     }
     parts.push(el("div", { class: "card" }, el("table", {},
-      el("thead", {}, el("tr", {}, ["status", "id", "account", "worker", "GFLOP/s observed", "memory", "cores", "cr/TFLOP", "reliability", "last seen", "earned"]
-        .map((h, i) => el("th", { class: [1, 4, 5, 6, 7, 10].includes(i) ? "num" : "" }, h)))),
-      el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 11, class: "empty" }, "no providers registered"))))));
+      el("thead", {}, el("tr", {}, ["status", "id", "account", "worker", "reach", "GFLOP/s observed", "memory", "cores", "cr/TFLOP", "reliability", "last seen", "earned"]
+        .map((h, i) => el("th", { class: [1, 5, 6, 7, 8, 11].includes(i) ? "num" : "" }, h)))),
+      el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 12, class: "empty" }, "no providers registered"))))));
     main.replaceChildren(...parts);
   },
 
@@ -468,13 +472,17 @@ function planCard(plan, providers) {
       `stage ${i}: ${s.layers}`))));
   const flow = el("div", { class: "pipeline" });
   plan.stages.forEach((s, i) => {
-    if (i) flow.append(el("div", { class: "arrow" }, "→"));
     const lead = s.members[0];
+    /* the edge into this stage: dialled directly, or through the market's relay */
+    const edge = lead.edge || "direct";
+    if (i) flow.append(el("div", { class: "arrow edge-" + edge, title: `stage ${i - 1} → stage ${i}: ${edge}` }, "→"));
     const p = providers && providers.get(lead.provider_id);
     flow.append(el("div", { class: "device", style: `--stage-color:${stageColor(i)}`, "data-stage": i, "data-provider": lead.provider_id },
       el("div", { class: "stage" }, `stage ${i}` + (s.members.length > 1 ? ` · group of ${s.members.length}` : "")),
       el("div", { class: "layers" }, s.layers),
-      el("div", { class: "addr mono" }, lead.device),
+      el("div", { class: "addr mono" }, lead.device,
+        el("span", { class: "badge edge " + edge, style: "margin-left:6px", title: edge === "relayed" ?
+          "reached through the market's relay: nobody can dial this provider directly" : "dialled directly" }, edge)),
       el("div", { class: "meta" },
         lead.provider_id ? `provider ${lead.provider_id}` + (p ? ` (${p.account}, ${fmtNum(p.gflops, 1)} GFLOP/s)` : "") : "",
         el("br"), (s.last_unit - s.first_unit === 1 ? `unit ${s.first_unit}` : `units ${s.first_unit}–${s.last_unit - 1}`) +

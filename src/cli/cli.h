@@ -46,6 +46,6 @@ extern const ar_option ar_cli_market_options[];
 
 /* The subcommands, in the order `arceus --help` lists them (main.c). */
 extern const ar_cmd_spec ar_train_cmd, ar_sample_cmd, ar_eval_cmd, ar_worker_cmd, ar_provide_cmd,
-    ar_market_cmd, ar_providers_cmd, ar_ledger_cmd, ar_jobs_cmd, ar_job_cmd;
+    ar_market_cmd, ar_relay_cmd, ar_providers_cmd, ar_ledger_cmd, ar_jobs_cmd, ar_job_cmd;
 
 #endif

@@ -8,7 +8,8 @@
 
 static const ar_cmd_spec *const commands[] = {
     &ar_train_cmd,  &ar_sample_cmd,    &ar_eval_cmd,   &ar_worker_cmd, &ar_provide_cmd,
-    &ar_market_cmd, &ar_providers_cmd, &ar_ledger_cmd, &ar_jobs_cmd,   &ar_job_cmd,
+    &ar_market_cmd, &ar_relay_cmd,     &ar_providers_cmd, &ar_ledger_cmd, &ar_jobs_cmd,
+    &ar_job_cmd,
 };
 
 static void usage(FILE *out)

@@ -9,8 +9,10 @@
 #include "market/http.h"
 #include "market/store.h"
 #include "net/market.h"
+#include "net/relay.h"
 
 #include <inttypes.h>
+#include <openssl/crypto.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -22,6 +24,7 @@
 
 typedef struct {
     const char *listen, *db, *http;
+    const char *relay, *relay_at, *relay_secret;
     int offline_after, max_providers, escrow_window;
     float reach_timeout;
     int adding;           /* arceus market add-account NAME */
@@ -57,6 +60,16 @@ static const ar_option market_options[] = {
      .metavar = "S", .def = AR_OPTION_STR(AR_ESCROW_DEFAULT_WINDOW_S),
      .help = "what renters pay for a step is held in escrow, pending, until audits verify it or S seconds "
              "after its job ends; then it is the provider's to spend (0: as soon as the job ends)"},
+    {.name = "relay", .kind = AR_OPTION_HOSTPORT, MARKET(relay), .metavar = "HOST:PORT",
+     .help = "run a relay there, inside the market, for providers it cannot dial (behind a home router "
+             "or a firewall): they keep a connection open to it and renters reach them through it. "
+             "HOST is what providers and renters dial, so not 0.0.0.0"},
+    {.name = "relay-at", .kind = AR_OPTION_HOSTPORT, MARKET(relay_at), .metavar = "HOST:PORT",
+     .help = "use the relay run apart there (arceus relay --listen HOST:PORT), with --relay-secret"},
+    {.name = "relay-secret", .kind = AR_OPTION_STRING, MARKET(relay_secret), .metavar = "FILE",
+     .help = "the key the market shares with its relay (at least 32 bytes, readable by its owner only): "
+             "required with --relay-at; with --relay, passes outlive a restart of the market (without it "
+             "a random key is drawn at each start)"},
     {.name = "credits", .kind = AR_OPTION_CREDITS, MARKET(credits), .lo = 0,
      .hi = AR_CREDITS(1000000000000LL), .metavar = "N", .def = "0", .given_bit = GIVEN_CREDITS,
      .help = "add-account: opening credits"},
@@ -85,6 +98,7 @@ const ar_cmd_spec ar_market_cmd = {
     .summary = "run the market server; add-account creates an account",
     .usage = "--listen HOST:PORT --db PATH [--http HOST:PORT] [--offline-after S]\n"
              "[--max-providers-per-account N] [--reach-timeout S] [--escrow-window S]\n"
+             "[--relay HOST:PORT | --relay-at HOST:PORT --relay-secret FILE]\n"
              "add-account NAME [--credits N] --db PATH",
     .description =
         "Run the market: the gRPC Market service over a SQLite database (created if missing). Providers "
@@ -166,16 +180,45 @@ static int run_market(void *opts)
     }
     if (ar_cli_tls_setup("market", &o->tls) != 0)
         return 2;
+    if (o->relay && o->relay_at) {
+        ar_cli_error("market", "--relay runs a relay inside the market, --relay-at names one run apart: one of them");
+        return 2;
+    }
+    if (o->relay_at && !o->relay_secret) {
+        ar_cli_error("market", "--relay-at needs --relay-secret FILE, the key the relay was started with");
+        return 2;
+    }
+    const char *relay_addr = o->relay ? o->relay : o->relay_at;
+    if (relay_addr && (!strncmp(relay_addr, "0.0.0.0:", 8) || !strncmp(relay_addr, "[::]:", 5) ||
+                       relay_addr[0] == ':')) {
+        ar_cli_error("market", "--relay%s %s: give the address providers and renters dial, not the wildcard",
+                     o->relay ? "" : "-at", relay_addr);
+        return 2;
+    }
+    if (relay_addr && !(o->reach_timeout > 0)) {
+        ar_cli_error("market", "a relay is for providers the market cannot dial, which --reach-timeout 0 "
+                               "does not check: give a reach timeout");
+        return 2;
+    }
+    unsigned char key[AR_RELAY_KEY_BYTES];
+    if (o->relay_secret && ar_relay_key_load(o->relay_secret, key) != AR_OK) {
+        ar_cli_error("market", "%s", ar_last_error());
+        return 2;
+    }
     /* signals are taken by sigwait below, in this thread only: block them
      * before any other thread (gRPC's, the sweep) exists */
     ar_cli_block_stop_signals();
     ar_market_config c = {.listen = listen, .db_path = db, .offline_after_s = offline_after,
                           .max_providers_per_account = o->max_providers,
                           .reach_timeout_s = o->reach_timeout > 0 ? o->reach_timeout : -1,
-                          .escrow_window_s = o->escrow_window};
+                          .escrow_window_s = o->escrow_window,
+                          .relay_listen = o->relay, .relay_at = o->relay_at,
+                          .relay_key = o->relay_secret ? key : NULL};
     ar_market *m;
     char addr[200];
-    if (ar_market_start(&c, &m, addr, sizeof addr) != AR_OK) {
+    int mrc = ar_market_start(&c, &m, addr, sizeof addr);
+    OPENSSL_cleanse(key, sizeof key);
+    if (mrc != AR_OK) {
         ar_cli_error("market", "%s", ar_last_error());
         return 1;
     }
@@ -189,6 +232,8 @@ static int run_market(void *opts)
         return hrc == AR_EINVAL ? 2 : 1;
     }
     printf("arceus market: listening on %s\n", addr);
+    if (ar_market_relay(m)[0])
+        printf("arceus market: relay %s %s\n", o->relay ? "on" : "at", ar_market_relay(m));
     if (h)
         printf("arceus market: dashboard on http://%s/\n", haddr);
     fflush(stdout);

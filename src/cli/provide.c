@@ -14,10 +14,12 @@
 #include "core/core.h"
 #include "core/device.h"
 #include "net/market.h"
+#include "net/relay.h"
 #include "net/remote.h"
 #include "train/plan.h"
 
 #include <errno.h>
+#include <openssl/crypto.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
@@ -202,6 +204,12 @@ typedef struct {
     ar_client *client; /* owned by main until the thread starts, then by the thread */
     ar_worker *worker;
     int64_t provider_id;
+    /* how the market reaches the worker, and the relay it named: a worker it
+     * cannot dial keeps a control connection to the relay (net/relay.h) */
+    ar_reach reach;
+    char relay[AR_ADDR_MAX];
+    char relay_credential[AR_RELAY_CREDENTIAL_HEX + 1];
+    ar_relay_attach *attach;
     pthread_mutex_t mu;
     pthread_cond_t cv; /* CLOCK_MONOTONIC */
     int stopping;
@@ -214,6 +222,12 @@ typedef struct {
     unsigned long state, told;
 } provider;
 
+/* A connection the provider dialled back to the relay: the worker serves it. */
+static int adopt(void *worker, int fd)
+{
+    return ar_worker_adopt(worker, fd);
+}
+
 /* Register with the market, on a fresh channel when there is none (a channel
  * that saw the market die would wait out gRPC's reconnect backoff). */
 static int provider_register(provider *p, int *status)
@@ -221,16 +235,50 @@ static int provider_register(provider *p, int *status)
     *status = 0;
     if (!p->client && ar_client_open(p->market, &p->client) != AR_OK)
         return AR_ECLOSED;
-    int rc = ar_market_register(p->client, p->token, p->address, &p->profile, &p->provider_id, NULL, status);
+    ar_market_registration reg;
+    int rc = ar_market_register_full(p->client, p->token, p->address, &p->profile, &reg, status);
     if (rc != AR_OK)
         return rc;
+    int64_t was = p->provider_id;
+    p->provider_id = reg.provider_id;
+    p->reach = reg.reach;
+    /* the relay the market names: where a relayed next stage is dialled,
+     * and where this worker waits for renters when the market cannot dial it */
+    if ((rc = ar_worker_set_relay(p->worker, reg.relay)) != AR_OK) {
+        *status = AR_STATUS_INVALID_ARGUMENT;
+        return rc;
+    }
+    int relay_changed = strcmp(p->relay, reg.relay) != 0 || strcmp(p->relay_credential, reg.relay_credential) != 0 ||
+                        was != p->provider_id;
+    if (relay_changed && p->attach) {
+        ar_relay_attach_stop(p->attach);
+        p->attach = NULL;
+    }
+    snprintf(p->relay, sizeof p->relay, "%s", reg.relay);
+    snprintf(p->relay_credential, sizeof p->relay_credential, "%s", reg.relay_credential);
+    OPENSSL_cleanse(&reg, sizeof reg);
     /* host only what we are leased for: every Load must carry a ticket
      * that this market confirms is this provider id's (which a
      * re-registration may have changed); on a fresh channel, as above */
     rc = ar_worker_require_lease(p->worker, p->market, p->token, p->provider_id);
-    if (rc != AR_OK)
+    if (rc != AR_OK) {
         *status = AR_STATUS_INVALID_ARGUMENT;
-    return rc;
+        return rc;
+    }
+    /* a worker behind a router: always attached while the market has a
+     * relay and has not dialled us (the market checks again at heartbeats,
+     * through the relay once we are there) */
+    if (p->relay[0] && p->reach != AR_REACH_OK && !p->attach) {
+        if (ar_relay_attach_start(p->relay, p->provider_id, p->address, p->relay_credential, adopt, p->worker,
+                                  &p->attach) != AR_OK)
+            fprintf(stderr, "arceus provide: warning: cannot keep a connection to relay %s: %s\n", p->relay,
+                    ar_last_error());
+        else
+            printf("arceus provide: the market cannot dial %s: keeping a connection to its relay %s\n",
+                   p->address, p->relay);
+        fflush(stdout);
+    }
+    return AR_OK;
 }
 
 /* A status that retrying will not fix: the market refused us. */
@@ -262,9 +310,25 @@ static void *heartbeat_main(void *arg)
         p->beat_now = 0;
         pthread_mutex_unlock(&p->mu);
         int status = 0, rc, was_registered = registered;
+        if (registered && ar_relay_attach_refused(p->attach)) {
+            /* the relay no longer takes our credential (a market restarted
+             * with a new key): registering again fetches the current one */
+            fprintf(stderr, "arceus provide: relay %s refused this provider's credential: registering again\n",
+                    p->relay);
+            registered = was_registered = 0;
+        }
         if (registered) {
-            rc = ar_market_heartbeat_availability(p->client, p->token, p->provider_id, unavailable, why, leaving,
-                                                  &status);
+            ar_reach reach = p->reach;
+            rc = ar_market_heartbeat_full(p->client, p->token, p->provider_id, unavailable, why, leaving, &reach,
+                                          &status);
+            if (rc == AR_OK && reach != p->reach) {
+                printf("arceus provide: the market now reaches this worker %s\n",
+                       reach == AR_REACH_OK        ? "directly"
+                       : reach == AR_REACH_RELAYED ? "through its relay"
+                                                   : "not at all: it is not leased until it does");
+                fflush(stdout);
+                p->reach = reach;
+            }
             if (rc != AR_OK && status == AR_STATUS_NOT_FOUND) {
                 /* the market forgot us (a new database): register again now */
                 fprintf(stderr, "arceus provide: the market no longer knows provider %" PRId64
@@ -559,9 +623,19 @@ static int run_provide(void *opts)
     p.unavailable = !ar_owner_check(&owner, p.why, sizeof p.why);
     p.beat_now = 1;
 
+    /* arceus provide --leave reaches us on the control socket */
+    int rc, status, sig = 0, warned = 0, exit_code = 0;
+    ar_control ctl;
+    memset(&ctl, 0, sizeof ctl);
+    ctl.listen_fd = ctl.lock_fd = -1;
+    if ((o->control || ar_control_default_path(control, sizeof control) == 0) &&
+        ar_control_open(&ctl, control) < 0 && o->control) {
+        exit_code = 1;
+        goto out;
+    }
+
     /* The first registration, here: a refusal (a bad token) is fatal, an
      * unreachable market is waited for while the worker already serves. */
-    int rc, status, sig = 0, warned = 0, exit_code = 0;
     while ((rc = provider_register(&p, &status)) != AR_OK) {
         if (refused(status) || rc != AR_ECLOSED) {
             ar_cli_error("provide", "the market refused to register this provider: %s", ar_last_error());
@@ -580,12 +654,26 @@ static int run_provide(void *opts)
             goto out;
         }
     }
+    /* the rules before the line that says it serves: whoever waits for
+     * that line can read them */
+    print_rules(o);
+    if (p.unavailable)
+        printf("arceus provide: unavailable now: %s (the market leases it to no one meanwhile)\n", p.why);
+    if (ctl.listen_fd >= 0)
+        printf("arceus provide: arceus provide --leave%s%s asks it to leave\n", o->control ? " --control " : "",
+               o->control ? control : "");
     char pricebuf[48];
     printf("arceus provide: provider %" PRId64 " serving on %s (%.1f GFLOP/s, %.1f GiB, price %s)\n",
            p.provider_id, addr, gflops, (double)mem / (double)(1LL << 30),
            ar_credits_text(price, pricebuf, sizeof pricebuf));
     if (advertise)
         printf("arceus provide: registered with the market as %s\n", advertise);
+    printf("arceus provide: the market reaches this worker %s\n",
+           p.reach == AR_REACH_OK        ? "directly"
+           : p.reach == AR_REACH_RELAYED ? "through its relay"
+           : p.reach == AR_REACH_UNCHECKED ? "unchecked (the market does not check)"
+                                           : p.relay[0] ? "not yet (it checks again through the relay as we beat)"
+                                                        : "not at all: it is not leased until it does");
     printf("arceus provide: %d thread%s, %ld core%s on this machine, heartbeat every %d s to %s\n", threads,
            threads == 1 ? "" : "s", cores, cores == 1 ? "" : "s", heartbeat_s, market);
     fflush(stdout);
@@ -601,24 +689,7 @@ static int run_provide(void *opts)
     if (!hb_started)
         fprintf(stderr, "arceus provide: warning: cannot start the heartbeat thread; the market will "
                         "mark this provider offline\n");
-    print_rules(o);
-    if (p.unavailable)
-        printf("arceus provide: unavailable now: %s (the market leases it to no one meanwhile)\n", p.why);
-    fflush(stdout);
 
-    /* arceus provide --leave reaches us on the control socket */
-    ar_control ctl;
-    memset(&ctl, 0, sizeof ctl);
-    ctl.listen_fd = ctl.lock_fd = -1;
-    if ((o->control || ar_control_default_path(control, sizeof control) == 0) &&
-        ar_control_open(&ctl, control) < 0 && o->control) {
-        exit_code = 1;
-        goto stop_heartbeats;
-    }
-    if (ctl.listen_fd >= 0)
-        printf("arceus provide: arceus provide --leave%s%s asks it to leave\n", o->control ? " --control " : "",
-               o->control ? control : "");
-    fflush(stdout);
 
     /* look at the rules every --check-every seconds, and for signals and
      * control requests every POLL_MS, until it stops */
@@ -675,8 +746,6 @@ static int run_provide(void *opts)
             start_leave(&lv, why, 0);
     }
     say(&lv, "stopped");
-    ar_control_close(&ctl);
-stop_heartbeats:
     if (hb_started) {
         pthread_mutex_lock(&p.mu);
         p.stopping = 1;
@@ -687,6 +756,8 @@ stop_heartbeats:
     pthread_mutex_destroy(&p.mu);
     pthread_cond_destroy(&p.cv);
 out:
+    ar_relay_attach_stop(p.attach); /* its dials hand sockets to the worker: first */
+    ar_control_close(&ctl);
     ar_client_close(p.client);
     ar_worker_stop(w);
     return exit_code;

@@ -148,10 +148,11 @@ static const ar_option pipeline_options[] = {
     {.name = "spares", .kind = AR_OPTION_INT, AT(c.spares), .lo = 1, .hi = 63, .metavar = "N",
      .help = "the last N of --workers HOST:PORT,... only replace lost stages"},
     {.name = "audit-rate", .kind = AR_OPTION_FLOAT, AT(c.audit_rate), .flo = 0, .fhi = 1, .metavar = "P",
-     .def_text = "0.05", .env = "ARCEUS_AUDIT_RATE",
+     .def_text = "0.05 on a --market lease, 0 on --workers", .env = "ARCEUS_AUDIT_RATE",
      .help = "remote stages: after each step, each stage's previous step is replayed and its committed "
              "digests compared with chance P (a stage that fails is replaced as a lost one is); 0 = no "
-             "audits (and no digests)"},
+             "audits (and no digests). By default a leased run audits (strangers' machines, paid per "
+             "step) and a run on the --workers you name does not (your own machines)"},
     {.name = "verifier", .kind = AR_OPTION_ENUM, AT(c.verifier), .choices = verifiers, .metavar = "WHO",
      .def_text = "self", .help = "who replays an audited step: self (this process; another provider "
              "cannot verify yet)"},

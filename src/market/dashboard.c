@@ -31,7 +31,8 @@ static bool add_member(cJSON *members, const ar_market_plan_member *m)
 {
     cJSON *jm = push_object(members);
     bool ok = jm && cJSON_AddNumberToObject(jm, "provider_id", (double)m->provider_id) &&
-              cJSON_AddStringToObject(jm, "device", m->device ? m->device : "");
+              cJSON_AddStringToObject(jm, "device", m->device ? m->device : "") &&
+              cJSON_AddStringToObject(jm, "edge", m->relayed ? "relayed" : "direct");
     /* a share only for a member of a tensor-parallel group */
     if (ok && m->share && m->share[0])
         ok = cJSON_AddStringToObject(jm, "share", m->share) && add_range(jm, "heads", m->head_begin, m->head_end) &&

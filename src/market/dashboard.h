@@ -10,6 +10,7 @@
 
 #include "train/plan.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -21,6 +22,7 @@ typedef struct {
     const char *device;  /* HOST:PORT */
     const char *share;   /* "heads 0-1, hidden units 0-127 of each block"; NULL or "": whole layers */
     int head_begin, head_end, hidden_begin, hidden_end;
+    bool relayed; /* reached through the market's relay, not dialled directly */
 } ar_market_plan_member;
 
 typedef struct {

@@ -336,6 +336,7 @@ static enum MHD_Result get_providers(ar_http *h, struct MHD_Connection *conn, in
         add_bool(&b, o, "available", !p->unavailable);
         add_str(&b, o, "unavailable_why", p->unavailable ? p->unavailable_why : "");
         add_num(&b, o, "last_heartbeat", (double)p->last_heartbeat);
+        add_str(&b, o, "reach", ar_reach_name(p->reach));
         bool mine = p->account_id == account;
         add_bool(&b, o, "mine", mine);
         if (!mine)

@@ -198,13 +198,16 @@ int ar_rules_free_providers(ar_store *s, int64_t min_mem, ar_provider **provider
 
 bool ar_rules_leasable(const ar_market_policy *policy, const ar_provider *p)
 {
-    return !policy || !policy->probe || p->reach == AR_REACH_OK;
+    return !policy || !policy->probe || p->reach == AR_REACH_OK ||
+           (p->reach == AR_REACH_RELAYED && policy->relay_probe);
 }
 
 bool ar_rules_reach_due(const ar_provider *p, int64_t now)
 {
     if (p->reach == AR_REACH_OK)
         return false;
+    if (p->reach == AR_REACH_RELAYED)
+        return now - p->reach_checked >= AR_REACH_RETRY_S;
     if (p->reach_failures < 2)
         return true;
     int64_t wait = p->reach_failures >= 7 ? AR_REACH_RETRY_S : (int64_t)1 << (p->reach_failures - 1);
@@ -215,18 +218,30 @@ int ar_rules_check_reach(ar_store *s, const ar_market_policy *policy, ar_provide
 {
     if (!policy || !policy->probe)
         return AR_OK;
-    ar_reach was = p->reach;
-    ar_reach now = policy->probe(policy->probe_ctx, p->address) ? AR_REACH_OK : AR_REACH_UNREACHABLE;
+    ar_reach was = p->reach, now;
+    /* a relayed worker is behind a router: the relay first (a dial of its
+     * address would only wait out the deadline) */
+    bool relay = policy->relay_probe != NULL;
+    if (relay && was == AR_REACH_RELAYED && policy->relay_probe(policy->probe_ctx, p->id, p->address))
+        now = AR_REACH_RELAYED;
+    else if (policy->probe(policy->probe_ctx, p->address))
+        now = AR_REACH_OK;
+    else if (relay && was != AR_REACH_RELAYED && policy->relay_probe(policy->probe_ctx, p->id, p->address))
+        now = AR_REACH_RELAYED;
+    else
+        now = AR_REACH_UNREACHABLE;
     int rc = ar_store_provider_set_reach(s, p->id, now);
     if (rc != AR_OK)
         return rc;
     if (now != was)
-        ar_log(now == AR_REACH_OK ? AR_LOG_INFO : AR_LOG_WARN, "market: provider %lld at %s is %s%s",
+        ar_log(now != AR_REACH_UNREACHABLE ? AR_LOG_INFO : AR_LOG_WARN, "market: provider %lld at %s is %s%s",
                (long long)p->id, p->address, ar_reach_name(now),
-               now == AR_REACH_OK ? "" : ": it is not leased until a check reaches its worker");
+               now == AR_REACH_RELAYED      ? " (reached through the relay only)"
+               : now != AR_REACH_UNREACHABLE ? ""
+                                             : ": it is not leased until a check reaches its worker");
     p->reach = now;
     p->reach_checked = (int64_t)time(NULL);
-    p->reach_failures = now == AR_REACH_OK ? 0 : p->reach_failures + 1;
+    p->reach_failures = now != AR_REACH_UNREACHABLE ? 0 : p->reach_failures + 1;
     return AR_OK;
 }
 

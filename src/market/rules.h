@@ -51,6 +51,8 @@
 /* Can the market reach the worker at `address`? A Hello within a short
  * deadline (net/ provides it; tests pass a fake). true: answered. */
 typedef bool (*ar_reach_probe)(void *ctx, const char *address);
+/* The same through the market's relay, to provider_id's worker there. */
+typedef bool (*ar_relay_probe)(void *ctx, int64_t provider_id, const char *address);
 
 /* How the market admits providers and what it leases. */
 typedef struct {
@@ -68,6 +70,9 @@ typedef struct {
     /* the escrow's settling window after a job ends (seconds); 0 releases
      * at once when the job ends */
     int64_t escrow_window_s;
+    /* NULL: the market has no relay; otherwise a worker the probe cannot
+     * reach but this one can (through the relay) is leased as relayed */
+    ar_relay_probe relay_probe;
 } ar_market_policy;
 
 /* The most providers one lease holds. */
@@ -210,6 +215,10 @@ typedef struct {
     char ticket[AR_TOKEN_LEN];
     int stage, first_unit, last_unit; /* its place in the plan: units [first, last) */
     double speed_gflops;              /* ar_rules_speed */
+    /* a relayed member (p.reach AR_REACH_RELAYED): the relay and the pass
+     * that opens circuits to it there (net/relay.h); "" when dialled directly */
+    char relay[AR_ADDR_MAX];
+    char relay_pass[160];
 } ar_market_leased;
 
 typedef struct {
@@ -240,16 +249,22 @@ int ar_rules_acquire(ar_store *s, const ar_market_policy *policy, int64_t renter
                      const ar_market_lease_request *req, ar_market_lease *out, bool *too_few);
 
 /* Whether `policy` lets the market lease p: always without a probe,
- * otherwise only once a check reached its worker. */
+ * otherwise only once a check reached its worker, directly or through the
+ * relay. */
 bool ar_rules_leasable(const ar_market_policy *policy, const ar_provider *p);
 /* Whether a provider not known to be reachable is due for another check at
  * `now`: at once after its first failure (a provider often registers just
  * before its worker is up), then after a wait that doubles with each
- * failure, from 2 s to AR_REACH_RETRY_S. */
+ * failure, from 2 s to AR_REACH_RETRY_S. A relayed provider is checked again
+ * every AR_REACH_RETRY_S (its connection to the relay may be gone); a
+ * directly reachable one is not. */
 bool ar_rules_reach_due(const ar_provider *p, int64_t now);
-/* Checks p's worker with the policy's probe and records the outcome in the
- * store and in p->reach. AR_OK whatever the outcome (see p->reach); an
- * error only when the store fails. Without a probe, nothing is done. */
+/* Checks p's worker with the policy's probe (a relayed one through the relay
+ * first, then directly), then, when that fails, through the relay (the
+ * policy's relay_probe) and records the outcome in the store and in
+ * p->reach: AR_REACH_OK, AR_REACH_RELAYED or AR_REACH_UNREACHABLE. AR_OK
+ * whatever the outcome; an error only when the store fails. Without a
+ * probe, nothing is done. */
 int ar_rules_check_reach(ar_store *s, const ar_market_policy *policy, ar_provider *p);
 /* Picks up to `want` of ranked[0..n) (best first) that the policy lets the
  * market lease, checking in rank order those due for a check (at most

@@ -112,11 +112,12 @@ int ar_store_account_claim(ar_store *s, int64_t account_id, bool confirmed);
  * served another way (a relay). */
 typedef enum {
     AR_REACH_UNCHECKED = 0,   /* never tried, or the market does not check */
-    AR_REACH_OK = 1,          /* the last check was answered */
+    AR_REACH_OK = 1,          /* the last check was answered: dialled directly */
     AR_REACH_UNREACHABLE = 2, /* the last check failed: not leased until one succeeds */
+    AR_REACH_RELAYED = 3,     /* answered only through the market's relay (net/relay.h) */
 } ar_reach;
 
-/* "reachable", "unreachable", "unchecked" */
+/* "direct", "relayed", "unreachable", "unchecked" */
 const char *ar_reach_name(ar_reach r);
 
 typedef struct {
@@ -154,11 +155,12 @@ typedef struct {
 int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_out);
 /* Online, last_heartbeat = now; AR_ENOTFOUND for an unknown id. */
 int ar_store_provider_heartbeat(ar_store *s, int64_t provider_id);
-/* A Heartbeat: online, last_heartbeat = now, and the availability it says
- * (as ar_store_provider_set_availability), in one write committed with
- * others in a group. AR_ENOTFOUND for an unknown id, AR_EINVAL for a bad
- * why (nothing written). */
-int ar_store_provider_beat(ar_store *s, int64_t provider_id, bool unavailable, const char *why);
+/* A Heartbeat: online, last_heartbeat = now, and the availability and the
+ * leave it says (as ar_store_provider_set_availability and
+ * ar_store_provider_set_leaving), in one write committed with others in a
+ * group. AR_ENOTFOUND for an unknown id, AR_EINVAL for a bad why (nothing
+ * written). */
+int ar_store_provider_beat(ar_store *s, int64_t provider_id, bool unavailable, const char *why, bool leaving);
 int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id);
 /* What a provider says of its owner's rules: unavailable (why: at most
  * AR_WHY_MAX - 1 bytes, no control characters) or available. The time of a

@@ -1295,7 +1295,8 @@ static void read_provider(sqlite3_stmt *st, ar_provider *p)
     p->online = sqlite3_column_int(st, 8) != 0;
     p->last_heartbeat = sqlite3_column_int64(st, 9);
     int reach = sqlite3_column_int(st, 10);
-    p->reach = reach == AR_REACH_OK || reach == AR_REACH_UNREACHABLE ? (ar_reach)reach : AR_REACH_UNCHECKED;
+    p->reach = reach == AR_REACH_OK || reach == AR_REACH_UNREACHABLE || reach == AR_REACH_RELAYED ? (ar_reach)reach
+                                                                                                   : AR_REACH_UNCHECKED;
     p->reach_checked = sqlite3_column_int64(st, 11);
     p->reach_failures = sqlite3_column_int(st, 12);
     p->unavailable = sqlite3_column_int(st, 13) != 0;
@@ -1311,7 +1312,7 @@ static void read_provider(sqlite3_stmt *st, ar_provider *p)
 
 const char *ar_reach_name(ar_reach r)
 {
-    return r == AR_REACH_OK ? "reachable" : r == AR_REACH_UNREACHABLE ? "unreachable" : "unchecked";
+    return r == AR_REACH_OK ? "direct" : r == AR_REACH_RELAYED ? "relayed" : r == AR_REACH_UNREACHABLE ? "unreachable" : "unchecked";
 }
 
 int ar_store_provider_register(ar_store *s, const ar_provider *p, int64_t *id_out)
@@ -1392,11 +1393,22 @@ static int availability_write(ar_store *s, int64_t provider_id, bool unavailable
                "iiti", provider_id, (int64_t)unavailable, why, now_s());
 }
 
+/* Whether a provider is leaving: the time the leave began stays while
+ * every heartbeat says it again. Lock held. */
+static int leaving_write(ar_store *s, int64_t provider_id, bool leaving)
+{
+    if (leaving)
+        return run(s, NULL, "INSERT OR IGNORE INTO provider_leaving (provider_id, since) VALUES (?, ?)", "ii",
+                   provider_id, now_s());
+    return run(s, NULL, "DELETE FROM provider_leaving WHERE provider_id = ?", "i", provider_id);
+}
+
 typedef struct {
     int64_t provider_id;
-    bool availability; /* also keep what it says of its availability */
+    bool says; /* a Heartbeat's: also keep what it says of its availability and leave */
     bool unavailable;
     const char *why;
+    bool leaving;
     int changes;
 } heartbeat_write;
 
@@ -1405,8 +1417,10 @@ static int heartbeat_body(ar_store *s, void *arg)
     heartbeat_write *w = arg;
     int rc = run(s, &w->changes, "UPDATE providers SET online = 1, last_heartbeat = ? WHERE id = ?", "ii",
                  now_s(), w->provider_id);
-    if (rc == 0 && w->changes == 1 && w->availability)
+    if (rc == 0 && w->changes == 1 && w->says)
         rc = availability_write(s, w->provider_id, w->unavailable, w->why);
+    if (rc == 0 && w->changes == 1 && w->says)
+        rc = leaving_write(s, w->provider_id, w->leaving);
     return rc;
 }
 
@@ -1423,14 +1437,14 @@ int ar_store_provider_heartbeat(ar_store *s, int64_t provider_id)
     return heartbeat(s, &(heartbeat_write){.provider_id = provider_id});
 }
 
-int ar_store_provider_beat(ar_store *s, int64_t provider_id, bool unavailable, const char *why)
+int ar_store_provider_beat(ar_store *s, int64_t provider_id, bool unavailable, const char *why, bool leaving)
 {
     why = unavailable && why ? why : "";
     int rc = why_ok(why);
     if (rc != AR_OK)
         return rc;
-    return heartbeat(s, &(heartbeat_write){.provider_id = provider_id, .availability = true,
-                                           .unavailable = unavailable, .why = why});
+    return heartbeat(s, &(heartbeat_write){.provider_id = provider_id, .says = true, .unavailable = unavailable,
+                                           .why = why, .leaving = leaving});
 }
 
 int ar_store_provider_mark_offline(ar_store *s, int64_t provider_id)
@@ -1465,12 +1479,8 @@ int ar_store_provider_set_leaving(ar_store *s, int64_t provider_id, bool leaving
     int rc = query_i64(s, &exists, "SELECT COUNT(*) FROM providers WHERE id = ?", "i", provider_id);
     if (rc == 0 && !exists)
         rc = ar_fail(AR_ENOTFOUND, "leaving: no provider %" PRId64, provider_id);
-    /* the time the leave began stays while every heartbeat says it again */
-    if (rc == 0 && leaving)
-        rc = run(s, NULL, "INSERT OR IGNORE INTO provider_leaving (provider_id, since) VALUES (?, ?)", "ii",
-                 provider_id, now_s());
-    else if (rc == 0)
-        rc = run(s, NULL, "DELETE FROM provider_leaving WHERE provider_id = ?", "i", provider_id);
+    if (rc == 0)
+        rc = leaving_write(s, provider_id, leaving);
     unlock(s);
     return rc;
 }
@@ -1513,7 +1523,7 @@ int ar_store_provider_list(ar_store *s, bool online_only, ar_provider **out, siz
 
 int ar_store_provider_set_reach(ar_store *s, int64_t provider_id, ar_reach reach)
 {
-    if (reach != AR_REACH_UNCHECKED && reach != AR_REACH_OK && reach != AR_REACH_UNREACHABLE)
+    if (reach != AR_REACH_UNCHECKED && reach != AR_REACH_OK && reach != AR_REACH_UNREACHABLE && reach != AR_REACH_RELAYED)
         return ar_fail(AR_EINVAL, "reach state %d is not one of the store's", (int)reach);
     lock(s);
     int64_t exists = 0;

@@ -13,10 +13,12 @@
 #include "arceus.pb-c.h"
 #include "core/core.h"
 #include "net/net_internal.h"
+#include "net/relay.h"
 #include "net/remote.h"
 #include "train/plan.h"
 
 #include <ctype.h>
+#include <openssl/crypto.h>
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -37,9 +39,15 @@ struct ar_market {
     ar_server *server;
     ar_store *store;
     int offline_after_s;
-    /* whom it admits and what it leases; probe_ctx points to reach_timeout_s */
+    /* whom it admits and what it leases; probe_ctx is the market */
     ar_market_policy policy;
     double reach_timeout_s;
+    /* its relay (net/relay.h; relay "" when none): the address providers and
+     * renters dial, the key its passes and credentials are made with, and
+     * the relay itself when it runs inside the market */
+    char relay[AR_ADDR_MAX];
+    unsigned char relay_key[AR_RELAY_KEY_BYTES];
+    ar_relay *relay_server;
     pthread_t sweeper;
     int sweeper_started;
     pthread_mutex_t mu;
@@ -209,15 +217,62 @@ static bool profile_ok(const Arceus__ProviderProfile *p, char *why, size_t why_s
  * The market dials with the CA it was given (--tls-ca), as any client. */
 static bool reach_probe(void *ctx, const char *address)
 {
-    const double *timeout_s = ctx;
+    const ar_market *m = ctx;
     ar_client *c = NULL;
     int rc = ar_client_open(address, &c);
     if (rc == AR_OK)
-        rc = ar_remote_probe(c, *timeout_s);
+        rc = ar_remote_probe(c, m->reach_timeout_s);
     if (rc != AR_OK)
         ar_log(AR_LOG_DEBUG, "market: worker %s not reached: %s", address, ar_last_error());
     ar_client_close(c);
     return rc == AR_OK;
+}
+
+/* The same through the market's relay, with a pass of its own (lease 0) that
+ * lasts as long as the check may. */
+static bool relay_probe(void *ctx, int64_t provider_id, const char *address)
+{
+    const ar_market *m = ctx;
+    char pass[AR_RELAY_PASS_MAX];
+    ar_relay_pass(m->relay_key, provider_id, 0, (int64_t)time(NULL) + AR_RELAY_PROBE_PASS_S, pass);
+    ar_client *c = NULL;
+    int rc = ar_client_open_relayed(address, m->relay, pass, &c);
+    if (rc == AR_OK)
+        rc = ar_remote_probe(c, m->reach_timeout_s);
+    if (rc != AR_OK)
+        ar_log(AR_LOG_DEBUG, "market: worker %s not reached through relay %s: %s", address, m->relay,
+               ar_last_error());
+    ar_client_close(c);
+    return rc == AR_OK;
+}
+
+/* For the relay inside the market: a pass opens circuits only while its
+ * lease is live and holds the provider (lease 0: the market's own checks). */
+static int relay_lease_live(void *ctx, int64_t provider_id, int64_t lease_id)
+{
+    ar_market *m = ctx;
+    if (lease_id == 0)
+        return 1;
+    ar_lease l;
+    ar_lease_member *members = NULL;
+    size_t n = 0;
+    int live = 0;
+    if (ar_store_lease_get(m->store, lease_id, &l) == AR_OK && !l.released &&
+        ar_store_lease_members(m->store, lease_id, &members, &n) == AR_OK)
+        for (size_t i = 0; i < n && !live; i++)
+            live = members[i].provider_id == provider_id;
+    ar_free(members);
+    return live;
+}
+
+/* A relayed member's relay and pass (net/relay.h), for its renter. */
+static void relay_fill(const ar_market *m, int64_t lease_id, ar_market_leased *l)
+{
+    l->relay[0] = l->relay_pass[0] = '\0';
+    if (!m->relay[0] || l->p.reach != AR_REACH_RELAYED)
+        return;
+    snprintf(l->relay, sizeof l->relay, "%s", m->relay);
+    ar_relay_pass(m->relay_key, l->p.id, lease_id, (int64_t)time(NULL) + AR_RELAY_PASS_S, l->relay_pass);
 }
 
 /* ---- server: handlers --------------------------------------------------------- */
@@ -256,6 +311,13 @@ static void on_register(ar_rpc *rpc, void *user)
     Arceus__RegisterProviderReply r = ARCEUS__REGISTER_PROVIDER_REPLY__INIT;
     r.provider_id = id;
     r.offline_after_s = (uint32_t)m->offline_after_s;
+    r.reach = (char *)ar_reach_name(reach);
+    char credential[AR_RELAY_CREDENTIAL_HEX + 1] = "";
+    if (m->relay[0]) {
+        ar_relay_credential(m->relay_key, id, p.address, credential);
+        r.relay = m->relay;
+        r.relay_credential = credential;
+    }
     net_rpc_reply(rpc, &r.base);
 out:
     arceus__register_provider_request__free_unpacked(req, NULL);
@@ -287,10 +349,12 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
         ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "unavailable_why: at most %d bytes", AR_WHY_MAX - 1);
         goto out;
     }
-    /* online now, and the owner's rules: a provider unavailable now is not
-     * leased (a lease it is in already goes on); one write */
+    /* online now; the owner's rules: a provider unavailable now is not
+     * leased (a lease it is in already goes on); a graceful leave: its
+     * renter may hand its place over (HandOver). One write */
     if (rc == AR_OK) {
-        rc = ar_store_provider_beat(m->store, req->provider_id, req->unavailable, req->unavailable_why);
+        rc = ar_store_provider_beat(m->store, req->provider_id, req->unavailable, req->unavailable_why,
+                                    req->leaving);
         if (rc == AR_EINVAL) {
             ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "%s", ar_last_error());
             goto out;
@@ -300,16 +364,12 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
                    req->unavailable ? "unavailable" : "available again", req->unavailable ? ": " : "",
                    req->unavailable ? req->unavailable_why : "");
     }
-    /* a graceful leave: its renter may hand its place over (HandOver).
-     * Written when it changes only: every heartbeat says it, and the
-     * heartbeats of many providers share their commits (ar_store_provider_beat) */
-    if (rc == AR_OK && req->leaving != (p.leaving_since != 0) &&
-        (rc = ar_store_provider_set_leaving(m->store, req->provider_id, req->leaving)) == AR_OK)
+    if (rc == AR_OK && req->leaving != (p.leaving_since != 0))
         ar_log(AR_LOG_INFO, "market: provider %lld %s", (long long)p.id,
                req->leaving ? "is leaving its lease" : "is no longer leaving");
     /* a provider the market could not reach is checked again as it beats
      * (its own call waits for the check, no one else's) */
-    if (rc == AR_OK && !ar_rules_leasable(&m->policy, &p) && ar_rules_reach_due(&p, (int64_t)time(NULL)))
+    if (rc == AR_OK && ar_rules_reach_due(&p, (int64_t)time(NULL)))
         rc = ar_rules_check_reach(m->store, &m->policy, &p);
     if (rc == AR_ENOTFOUND) {
         ar_rpc_finish(rpc, AR_STATUS_NOT_FOUND, "no provider %lld (register first)",
@@ -321,6 +381,7 @@ static void on_heartbeat(ar_rpc *rpc, void *user)
         goto out;
     }
     Arceus__HeartbeatReply r = ARCEUS__HEARTBEAT_REPLY__INIT;
+    r.reach = (char *)ar_reach_name(p.reach);
     net_rpc_reply(rpc, &r.base);
 out:
     arceus__heartbeat_request__free_unpacked(req, NULL);
@@ -536,6 +597,8 @@ static void leased_msg(const ar_market_leased *l, Arceus__ProviderProfile *pp, A
     x.first_unit = (uint32_t)l->first_unit;
     x.last_unit = (uint32_t)l->last_unit;
     x.speed_gflops = l->speed_gflops;
+    x.relay = (char *)l->relay;
+    x.relay_pass = (char *)l->relay_pass;
     *out = x;
 }
 
@@ -606,6 +669,7 @@ static void on_acquire(ar_rpc *rpc, void *user)
     Arceus__LeasedProvider lp[AR_MARKET_MAX_DEVICES], *lpp[AR_MARKET_MAX_DEVICES];
     Arceus__ProviderProfile prof[AR_MARKET_MAX_DEVICES];
     for (size_t i = 0; i < lease->n; i++) {
+        relay_fill(m, lease->lease_id, &lease->providers[i]);
         leased_msg(&lease->providers[i], &prof[i], &lp[i]);
         lpp[i] = &lp[i];
     }
@@ -742,10 +806,12 @@ static void on_replace(ar_rpc *rpc, void *user)
     Arceus__LeasedProvider lp, mlp[AR_MARKET_MAX_DEVICES], *mptr[AR_MARKET_MAX_DEVICES];
     Arceus__ReplaceProviderReply r = ARCEUS__REPLACE_PROVIDER_REPLY__INIT;
     if (done->found) {
+        relay_fill(m, lease.id, &done->replacement);
         leased_msg(&done->replacement, &prof, &lp);
         r.replacement = &lp;
     }
     for (size_t i = 0; i < done->n; i++) {
+        relay_fill(m, lease.id, &done->members[i]);
         leased_msg(&done->members[i], &mprof[i], &mlp[i]);
         mlp[i].ticket = ""; /* each member's ticket went out with its lease or its replacement */
         mptr[i] = &mlp[i];
@@ -844,6 +910,7 @@ static void on_hand_over(ar_rpc *rpc, void *user)
     Arceus__LeasedProvider lp;
     Arceus__HandOverReply r = ARCEUS__HAND_OVER_REPLY__INIT;
     if (done.found) {
+        relay_fill(m, lease.id, &done.replacement);
         leased_msg(&done.replacement, &prof, &lp);
         r.replacement = &lp;
     }
@@ -1127,7 +1194,8 @@ static void plan_from(const Arceus__JobPlan *p, ar_market_plan_stage *stages, ar
             q->members[k] = (ar_market_plan_member){
                 .provider_id = pm->provider_id, .device = pm->device, .share = pm->share,
                 .head_begin = (int)pm->head_begin, .head_end = (int)pm->head_end,
-                .hidden_begin = (int)pm->hidden_begin, .hidden_end = (int)pm->hidden_end};
+                .hidden_begin = (int)pm->hidden_begin, .hidden_end = (int)pm->hidden_end,
+                .relayed = pm->relayed};
         }
     }
     *out = (ar_market_plan){.model = p->model, .schedule = p->schedule, .micro_batches = (int)p->micro_batches,
@@ -1253,6 +1321,11 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     if (c->escrow_window_s < 0 || c->escrow_window_s > 365LL * 86400)
         return ar_fail(AR_EINVAL, "escrow window %lld s out of range 0..%lld", (long long)c->escrow_window_s,
                        365LL * 86400);
+    if (c->relay_listen && c->relay_at)
+        return ar_fail(AR_EINVAL, "a market's relay runs inside it (--relay) or apart (--relay-at), not both");
+    if (c->relay_at && !c->relay_key)
+        return ar_fail(AR_EINVAL, "a relay run apart (--relay-at) needs the key it shares with the market "
+                                  "(--relay-secret FILE)");
     ar_market *m = calloc(1, sizeof *m);
     if (!m)
         return ar_fail(AR_ENOMEM, "out of memory");
@@ -1265,16 +1338,40 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     /* a provider beats more often than offline_after_s: a third of it
      * without a beat is a stopped heart (at most AR_CLAIM_QUIET_S) */
     double quiet = m->offline_after_s / 3.0;
-    m->policy = (ar_market_policy){.max_providers_per_account = c->max_providers_per_account,
-                                   .allow_loopback = ar_rules_host_is_loopback(c->listen),
-                                   .probe = c->reach_timeout_s < 0 ? NULL : reach_probe,
-                                   .probe_ctx = &m->reach_timeout_s,
-                                   .claim_quiet_s = quiet < AR_CLAIM_QUIET_S ? (quiet > 1 ? quiet : 1) : AR_CLAIM_QUIET_S,
-                                   .escrow_window_s = c->escrow_window_s};
-    int rc = ar_store_open(c->db_path, &m->store);
+    int rc = AR_OK;
+    if (c->relay_key)
+        memcpy(m->relay_key, c->relay_key, sizeof m->relay_key);
+    else if (c->relay_listen)
+        rc = ar_relay_key_random(m->relay_key);
     if (rc != AR_OK) {
         ar_market_stop(m);
         return rc;
+    }
+    /* a relay is no use to a market that checks nothing */
+    int with_relay = (c->relay_listen || c->relay_at) && c->reach_timeout_s >= 0;
+    m->policy = (ar_market_policy){.max_providers_per_account = c->max_providers_per_account,
+                                   .allow_loopback = ar_rules_host_is_loopback(c->listen),
+                                   .probe = c->reach_timeout_s < 0 ? NULL : reach_probe,
+                                   .probe_ctx = m,
+                                   .claim_quiet_s = quiet < AR_CLAIM_QUIET_S ? (quiet > 1 ? quiet : 1) : AR_CLAIM_QUIET_S,
+                                   .escrow_window_s = c->escrow_window_s,
+                                   .relay_probe = with_relay ? relay_probe : NULL};
+    rc = ar_store_open(c->db_path, &m->store);
+    if (rc != AR_OK) {
+        ar_market_stop(m);
+        return rc;
+    }
+    if (c->relay_listen && with_relay) {
+        ar_relay_config rc_cfg = {.listen = c->relay_listen, .lease_live = relay_lease_live, .lease_ctx = m};
+        memcpy(rc_cfg.key, m->relay_key, sizeof rc_cfg.key);
+        rc = ar_relay_start(&rc_cfg, &m->relay_server, m->relay, sizeof m->relay);
+        OPENSSL_cleanse(rc_cfg.key, sizeof rc_cfg.key);
+        if (rc != AR_OK) {
+            ar_market_stop(m);
+            return rc;
+        }
+    } else if (c->relay_at && with_relay) {
+        snprintf(m->relay, sizeof m->relay, "%s", c->relay_at);
     }
     int port = 0;
     if ((rc = ar_server_create(c->listen, &(ar_server_limits){.max_message = MAX_EVIDENCE_BYTES + 4096}, &m->server,
@@ -1323,12 +1420,18 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     return AR_OK;
 }
 
+const char *ar_market_relay(const ar_market *m)
+{
+    return m->relay;
+}
+
 void ar_market_stop(ar_market *m)
 {
     if (!m)
         return;
     if (m->server)
         ar_server_destroy(m->server); /* cancels the calls, waits for the handlers */
+    ar_relay_stop(m->relay_server);
     if (m->sweeper_started) {
         pthread_mutex_lock(&m->mu);
         m->stopping = 1;
@@ -1339,5 +1442,6 @@ void ar_market_stop(ar_market *m)
     ar_store_close(m->store);
     pthread_mutex_destroy(&m->mu);
     pthread_cond_destroy(&m->cv);
+    OPENSSL_cleanse(m->relay_key, sizeof m->relay_key);
     free(m);
 }

@@ -49,6 +49,14 @@ typedef struct {
     /* The escrow's settling window: what a job paid is released to its
      * providers this many seconds after the job ends (at once when 0). */
     int64_t escrow_window_s;
+    /* The relay for providers the market cannot dial (net/relay.h;
+     * docs/DESIGN.md, "The relay"): relay_listen runs one inside the market
+     * (HOST:PORT, which providers and renters dial), relay_at names one run
+     * apart (arceus relay), whose key relay_key must then be (the built-in
+     * one draws a random key without it). NULL: no relay. Needs the reach
+     * checks (reach_timeout_s >= 0). */
+    const char *relay_listen, *relay_at;
+    const unsigned char *relay_key; /* AR_RELAY_KEY_BYTES, or NULL */
 } ar_market_config;
 
 typedef struct ar_market ar_market;
@@ -56,8 +64,10 @@ typedef struct ar_market ar_market;
 /* Open the database, bind, start serving and sweeping; *addr gets
  * "HOST:PORT" with the real port. */
 int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size_t addr_size);
-/* Cancel every call, stop the sweep, close the database. */
+/* Cancel every call, stop the sweep and the relay, close the database. */
 void ar_market_stop(ar_market *m);
+/* The relay's address as providers and renters are told it ("": none). */
+const char *ar_market_relay(const ar_market *m);
 
 /* ---- the client side ------------------------------------------------------ */
 
@@ -80,6 +90,23 @@ int ar_market_heartbeat(ar_client *c, const char *token, int64_t provider_id, in
  * whether it is leaving its lease (a graceful leave: HeartbeatRequest.leaving). */
 int ar_market_heartbeat_availability(ar_client *c, const char *token, int64_t provider_id, bool unavailable,
                                      const char *why, bool leaving, int *status);
+
+/* A registration as the market answers it: the id, how often to beat, how
+ * the market reached the worker, and its relay (net/relay.h) with this
+ * provider's credential there ("" when the market has none). */
+typedef struct {
+    int64_t provider_id;
+    int offline_after_s;
+    ar_reach reach;
+    char relay[AR_ADDR_MAX];
+    char relay_credential[65];
+} ar_market_registration;
+int ar_market_register_full(ar_client *c, const char *token, const char *address, const ar_market_profile *p,
+                            ar_market_registration *out, int *status);
+/* A heartbeat with the owner's availability (as above) that also says how
+ * the market reaches the worker now (reach may be NULL). */
+int ar_market_heartbeat_full(ar_client *c, const char *token, int64_t provider_id, bool unavailable,
+                             const char *why, bool leaving, ar_reach *reach, int *status);
 
 typedef struct {
     ar_provider p; /* account_id is 0: the market names the account instead */

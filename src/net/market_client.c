@@ -3,11 +3,15 @@
  * store's structs (market/store.h) for the CLI and the driver. */
 #include "net/market.h"
 
+#include "net/relay.h"
+
 #include "arceus.pb-c.h"
 #include "core/core.h"
 #include "net/net_internal.h"
+#include "net/relay.h"
 
 #include <math.h>
+#include <openssl/crypto.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,10 +41,33 @@ static int call(ar_client *c, const char *method, const ProtobufCMessage *req,
     return AR_OK;
 }
 
+/* A reach state by its name (ar_reach_name); an unknown one: unchecked. */
+static ar_reach reach_from(const char *name)
+{
+    return !strcmp(name, "direct")        ? AR_REACH_OK
+           : !strcmp(name, "relayed")     ? AR_REACH_RELAYED
+           : !strcmp(name, "unreachable") ? AR_REACH_UNREACHABLE
+                                          : AR_REACH_UNCHECKED;
+}
+
 int ar_market_register(ar_client *c, const char *token, const char *address,
                        const ar_market_profile *p, int64_t *provider_id, int *offline_after_s,
                        int *status)
 {
+    ar_market_registration reg;
+    int rc = ar_market_register_full(c, token, address, p, &reg, status);
+    if (rc == AR_OK && provider_id)
+        *provider_id = reg.provider_id;
+    if (rc == AR_OK && offline_after_s)
+        *offline_after_s = reg.offline_after_s;
+    OPENSSL_cleanse(&reg, sizeof reg);
+    return rc;
+}
+
+int ar_market_register_full(ar_client *c, const char *token, const char *address, const ar_market_profile *p,
+                            ar_market_registration *out, int *status)
+{
+    memset(out, 0, sizeof *out);
     Arceus__ProviderProfile pp = ARCEUS__PROVIDER_PROFILE__INIT;
     pp.gflops = p->gflops;
     pp.mem_bytes = p->mem_bytes > 0 ? (uint64_t)p->mem_bytes : 0;
@@ -56,10 +83,14 @@ int ar_market_register(ar_client *c, const char *token, const char *address,
     if (rc != AR_OK)
         return rc;
     Arceus__RegisterProviderReply *r = (Arceus__RegisterProviderReply *)rep;
-    if (provider_id)
-        *provider_id = r->provider_id;
-    if (offline_after_s)
-        *offline_after_s = (int)r->offline_after_s;
+    out->provider_id = r->provider_id;
+    out->offline_after_s = (int)r->offline_after_s;
+    out->reach = reach_from(r->reach);
+    /* a relay and a credential of the forms they have, or none */
+    if (strlen(r->relay) < sizeof out->relay && strlen(r->relay_credential) == AR_RELAY_CREDENTIAL_HEX) {
+        snprintf(out->relay, sizeof out->relay, "%s", r->relay);
+        snprintf(out->relay_credential, sizeof out->relay_credential, "%s", r->relay_credential);
+    }
     protobuf_c_message_free_unpacked(rep, NULL);
     return AR_OK;
 }
@@ -67,10 +98,17 @@ int ar_market_register(ar_client *c, const char *token, const char *address,
 int ar_market_heartbeat(ar_client *c, const char *token, int64_t provider_id, int *status)
 {
     return ar_market_heartbeat_availability(c, token, provider_id, false, NULL, false, status);
+    return ar_market_heartbeat_full(c, token, provider_id, false, NULL, false, NULL, status);
 }
 
 int ar_market_heartbeat_availability(ar_client *c, const char *token, int64_t provider_id, bool unavailable,
                                      const char *why, bool leaving, int *status)
+{
+    return ar_market_heartbeat_full(c, token, provider_id, unavailable, why, leaving, NULL, status);
+}
+
+int ar_market_heartbeat_full(ar_client *c, const char *token, int64_t provider_id, bool unavailable,
+                             const char *why, bool leaving, ar_reach *reach, int *status)
 {
     Arceus__HeartbeatRequest req = ARCEUS__HEARTBEAT_REQUEST__INIT;
     req.token = (char *)token;
@@ -81,8 +119,11 @@ int ar_market_heartbeat_availability(ar_client *c, const char *token, int64_t pr
     ProtobufCMessage *rep;
     int rc = call(c, "/arceus.Market/Heartbeat", &req.base, &arceus__heartbeat_reply__descriptor, &rep,
                   status);
-    if (rc == AR_OK)
+    if (rc == AR_OK) {
+        if (reach)
+            *reach = reach_from(((Arceus__HeartbeatReply *)rep)->reach);
         protobuf_c_message_free_unpacked(rep, NULL);
+    }
     return rc;
 }
 
@@ -126,9 +167,7 @@ int ar_market_providers(ar_client *c, const char *token, bool include_offline,
         q->p.reliability = pi->reliability;
         q->p.online = pi->online;
         q->p.last_heartbeat = pi->last_heartbeat;
-        q->p.reach = !strcmp(pi->reach, "reachable")     ? AR_REACH_OK
-                     : !strcmp(pi->reach, "unreachable") ? AR_REACH_UNREACHABLE
-                                                         : AR_REACH_UNCHECKED;
+        q->p.reach = reach_from(pi->reach);
         q->p.unavailable = pi->unavailable;
         snprintf(q->p.unavailable_why, sizeof q->p.unavailable_why, "%s", pi->unavailable_why);
         q->speed_gflops = pi->speed_gflops;
@@ -209,6 +248,14 @@ static void leased_from(const Arceus__LeasedProvider *l, ar_market_leased *q)
     q->first_unit = (int)l->first_unit;
     q->last_unit = (int)l->last_unit;
     q->speed_gflops = l->speed_gflops;
+    /* a relayed member: its relay and pass, when both have their forms */
+    q->p.reach = AR_REACH_OK;
+    q->relay[0] = q->relay_pass[0] = '\0';
+    if (l->relay[0] && strlen(l->relay) < sizeof q->relay && ar_relay_pass_wellformed(l->relay_pass)) {
+        snprintf(q->relay, sizeof q->relay, "%s", l->relay);
+        snprintf(q->relay_pass, sizeof q->relay_pass, "%s", l->relay_pass);
+        q->p.reach = AR_REACH_RELAYED;
+    }
 }
 
 int ar_market_acquire(ar_client *c, const char *token, const ar_market_lease_request *q,
@@ -490,6 +537,7 @@ int ar_market_progress_pack(const char *lease_token, const ar_market_progress *p
             y.hidden_begin = (uint32_t)m->hidden_begin;
             y.hidden_end = (uint32_t)m->hidden_end;
             y.share = (char *)(m->share ? m->share : "");
+            y.relayed = m->relayed;
             pm[i][k] = y;
             pmp[i][k] = &pm[i][k];
         }

@@ -61,6 +61,11 @@ void ar_net_tls_reset(void);
 typedef struct ar_client ar_client; /* a channel to one worker */
 
 int ar_client_open(const char *addr, ar_client **out);
+/* A channel to the worker at addr through the relay at `relay` (net/relay.h):
+ * gRPC opens an HTTP CONNECT tunnel there with `pass`, and runs HTTP/2 (and
+ * TLS, checked against addr as usual) inside it. The channel reconnects
+ * through the relay as any channel does. */
+int ar_client_open_relayed(const char *addr, const char *relay, const char *pass, ar_client **out);
 void ar_client_close(ar_client *c);
 const char *ar_client_addr(const ar_client *c);
 
@@ -165,6 +170,12 @@ int ar_server_stream_method(ar_server *s, const char *method, double idle_s);
  * the server's request timeout (large messages over slow links). */
 int ar_server_request_timeout(ar_server *s, const char *method, double first_s);
 int ar_server_start(ar_server *s);
+/* Serve gRPC on a connected socket as if the server had accepted it (a
+ * provider's data connection, dialled out to a relay); the server owns fd
+ * from then on, also on failure. gRPC 1.51 serves an existing socket in
+ * plaintext only, so a TLS server splices it to its own listening address
+ * instead, where TLS ends as for any client. After ar_server_start. */
+int ar_server_adopt(ar_server *s, int fd);
 /* Stop accepting, cancel every call, wait for the handlers, free. */
 void ar_server_destroy(ar_server *s);
 

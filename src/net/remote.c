@@ -105,6 +105,8 @@ int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params, char s
     req.compress_down = (uint32_t)a->compress_down;
     req.compress_tp = (uint32_t)a->compress_tp;
     req.commit_digests = a->commit_digests != 0;
+    req.next_relay_pass = (char *)(a->next_relay_pass ? a->next_relay_pass : "");
+    req.next_reverse = a->next_relay_pass && a->next_reverse;
     /* the members' shares: heads (GPT) and hidden units of every shard */
     Arceus__TpShare shares[AR_PLAN_MAX_GROUP], *share_ptrs[AR_PLAN_MAX_GROUP];
     uint32_t bounds[AR_PLAN_MAX_GROUP][2 * AR_TP_MAX_SHARDS];

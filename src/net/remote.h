@@ -91,6 +91,11 @@ void ar_worker_stop(ar_worker *w);
  * registered the worker's address): as the config's market fields. */
 int ar_worker_require_lease(ar_worker *w, const char *market, const char *market_token,
                             int64_t provider_id);
+/* The market's relay (net/relay.h; NULL or "": none): a Load's next stage
+ * with a relay pass is dialled through it. */
+int ar_worker_set_relay(ar_worker *w, const char *relay);
+/* Serve a connection the provider dialled to its relay (ar_server_adopt). */
+int ar_worker_adopt(ar_worker *w, int fd);
 
 /* A graceful leave (docs/DESIGN.md, "Recovery"). While leaving is set, the
  * stage's NORM record says so at every step (the driver then saves the
@@ -153,6 +158,10 @@ typedef struct {
     int extra_warmup;
     int compress_up, compress_down, compress_tp;
     int commit_digests; /* the stage commits digests of every step (pipeline.h) */
+    /* next_worker through the relay with this pass (NULL or "": dialled
+     * directly); next_reverse: have it dial this stage back instead */
+    const char *next_relay_pass;
+    int next_reverse;
 } ar_load_args;
 
 enum { AR_LOAD_STAGE = 0, AR_LOAD_LEADER = 1, AR_LOAD_RANK = 2 };

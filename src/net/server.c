@@ -5,8 +5,17 @@
 
 #include "core/core.h"
 
+#include "net/relay.h"
+
 #include <arpa/inet.h>
+#include <ctype.h>
+#include <fcntl.h>
+#include <grpc/grpc_posix.h>
 #include <grpc/grpc_security.h>
+#include <netdb.h>
+#include <openssl/crypto.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <netinet/in.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -121,6 +130,12 @@ struct ar_server {
     handler_thread *idle; /* the threads waiting for a call, the latest first */
     int nidle;
     int stopping;
+    /* where a TLS server's adopted sockets are spliced to (ar_server_adopt):
+     * its own listening address, the wildcard as loopback; and how many
+     * such splices run */
+    char local[300];
+    int splices;
+    volatile int splices_stop;
     ar_rpc *pending; /* the call being requested */
     net_tag req_tag;
     /* failed authentications per peer host (auth_*): a table made at the
@@ -1104,6 +1119,20 @@ static void request_next_locked(ar_server *s)
     }
 }
 
+/* The address a process reaches its own server at: the host it listens on,
+ * the wildcard as loopback. */
+static void local_address(const char *addr, int port, char *out, size_t size)
+{
+    const char *colon = strrchr(addr, ':');
+    int hl = colon ? (int)(colon - addr) : (int)strlen(addr);
+    if (hl == 0 || (hl == 7 && !strncmp(addr, "0.0.0.0", 7)))
+        snprintf(out, size, "127.0.0.1:%d", port);
+    else if ((hl == 4 && !strncmp(addr, "[::]", 4)) || (hl == 2 && !strncmp(addr, "::", 2)))
+        snprintf(out, size, "[::1]:%d", port);
+    else
+        snprintf(out, size, "%.*s:%d", hl, addr, port);
+}
+
 int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server **out, int *port)
 {
     int rc = ar_net_init();
@@ -1166,6 +1195,7 @@ int ar_server_create(const char *addr, const ar_server_limits *limits, ar_server
         return ar_fail(AR_EIO, "cannot listen on %s (address in use or invalid)", addr);
     }
     snprintf(s->name, sizeof s->name, "%.40s (port %d)", addr, p);
+    local_address(addr, p, s->local, sizeof s->local);
     *port = p;
     *out = s;
     return AR_OK;
@@ -1216,12 +1246,111 @@ int ar_server_start(ar_server *s)
     return ok ? AR_OK : ar_fail(AR_EINTERNAL, "the server cannot accept calls");
 }
 
+typedef struct {
+    ar_server *s;
+    int outside, inside;
+} adopted_splice;
+
+static void *adopted_splice_main(void *arg)
+{
+    adopted_splice *j = arg;
+    ar_server *s = j->s;
+    ar_net_splice(j->outside, j->inside, &s->splices_stop);
+    close(j->outside);
+    close(j->inside);
+    free(j);
+    pthread_mutex_lock(&s->mu);
+    s->splices--;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* A connection to the server's own address (blocking), or -1. */
+static int dial_self(const ar_server *s)
+{
+    char host[300];
+    snprintf(host, sizeof host, "%s", s->local);
+    char *colon = strrchr(host, ':');
+    if (!colon)
+        return -1;
+    *colon = '\0';
+    char *h = host;
+    if (h[0] == '[') {
+        h++;
+        h[strlen(h) - 1] = '\0';
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    if (getaddrinfo(h, colon + 1, &hints, &res) != 0 || !res)
+        return -1;
+    int fd = -1;
+    for (struct addrinfo *a = res; a && fd < 0; a = a->ai_next) {
+        fd = socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd >= 0 && connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
+            close(fd);
+            fd = -1;
+        }
+    }
+    freeaddrinfo(res);
+    return fd;
+}
+
+int ar_server_adopt(ar_server *s, int fd)
+{
+    pthread_mutex_lock(&s->mu);
+    int stopping = s->stopping;
+    if (!stopping && net_tls_server_on())
+        s->splices++;
+    pthread_mutex_unlock(&s->mu);
+    if (stopping) {
+        close(fd);
+        return ar_fail(AR_ECLOSED, "the server is stopping");
+    }
+    if (!net_tls_server_on()) {
+        /* gRPC's own sockets are non-blocking; so must this one be */
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) {
+            close(fd);
+            return ar_fail(AR_EIO, "cannot make an adopted socket non-blocking");
+        }
+        grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+        grpc_server_add_channel_from_fd(s->srv, fd, creds);
+        grpc_server_credentials_release(creds);
+        return AR_OK;
+    }
+    /* TLS ends at the server's own port, where it ends for every client */
+    adopted_splice *j = calloc(1, sizeof *j);
+    int inside = j ? dial_self(s) : -1;
+    pthread_t t;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    int ok = inside >= 0;
+    if (ok) {
+        *j = (adopted_splice){.s = s, .outside = fd, .inside = inside};
+        ok = pthread_create(&t, &at, adopted_splice_main, j) == 0;
+    }
+    pthread_attr_destroy(&at);
+    if (ok)
+        return AR_OK;
+    if (inside >= 0)
+        close(inside);
+    close(fd);
+    free(j);
+    pthread_mutex_lock(&s->mu);
+    s->splices--;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return ar_fail(AR_EIO, "cannot reach the server's own address %s for an adopted connection", s->local);
+}
+
 void ar_server_destroy(ar_server *s)
 {
     if (!s)
         return;
     pthread_mutex_lock(&s->mu);
     s->stopping = 1;
+    s->splices_stop = 1;
     pthread_mutex_unlock(&s->mu);
     net_waiter w;
     net_waiter_init(&w);
@@ -1232,7 +1361,7 @@ void ar_server_destroy(ar_server *s)
     pthread_mutex_lock(&s->mu);
     for (handler_thread *t = s->idle; t; t = t->next) /* stopping is set: they end */
         pthread_cond_signal(&t->cv);
-    while (s->active > 0 || s->threads > 0 || s->pending || server_calls_left_locked(s))
+    while (s->active > 0 || s->threads > 0 || s->pending || server_calls_left_locked(s) || s->splices > 0)
         pthread_cond_wait(&s->cv, &s->mu);
     pthread_mutex_unlock(&s->mu);
     watchdog_stop(s);
@@ -1365,6 +1494,53 @@ int ar_client_open(const char *addr, ar_client **out)
         free(c);
         ar_net_shutdown();
         return ar_fail(AR_EINVAL, "%s: cannot create a channel", addr);
+    }
+    *out = c;
+    return AR_OK;
+}
+
+int ar_client_open_relayed(const char *addr, const char *relay, const char *pass, ar_client **out)
+{
+    /* both go into a URL: only the characters of a pass and of HOST:PORT */
+    size_t rl = relay ? strlen(relay) : 0;
+    for (size_t i = 0; i < rl; i++) {
+        unsigned char ch = (unsigned char)relay[i];
+        if (!isalnum(ch) && ch != '.' && ch != '-' && ch != '_' && ch != ':' && ch != '[' && ch != ']')
+            rl = 0;
+    }
+    if (rl == 0 || rl > 255 || !strchr(relay, ':'))
+        return ar_fail(AR_EINVAL, "relay address \"%.64s\" is not HOST:PORT", relay ? relay : "");
+    if (!ar_relay_pass_wellformed(pass))
+        return ar_fail(AR_EINVAL, "not a relay pass");
+    int rc = ar_net_init();
+    if (rc != AR_OK)
+        return rc;
+    ar_client *c = calloc(1, sizeof *c);
+    if (!c) {
+        ar_net_shutdown();
+        return ar_fail(AR_ENOMEM, "out of memory for a channel");
+    }
+    snprintf(c->addr, sizeof c->addr, "%s", addr);
+    /* the usual arguments, and the relay as this channel's HTTP CONNECT proxy
+     * (gRPC sends the URL's user part as Proxy-Authorization: Basic) */
+    const grpc_channel_args *base = net_channel_args();
+    grpc_arg args[NET_NARGS + 1];
+    memcpy(args, base->args, base->num_args * sizeof *args);
+    char proxy[400];
+    snprintf(proxy, sizeof proxy, "http://%s@%s", pass, relay);
+    args[base->num_args].type = GRPC_ARG_STRING;
+    args[base->num_args].key = (char *)GRPC_ARG_HTTP_PROXY;
+    args[base->num_args].value.string = proxy;
+    grpc_channel_args ca = {.num_args = base->num_args + 1, .args = args};
+    grpc_channel_credentials *creds = net_channel_credentials();
+    c->ch = creds ? grpc_channel_create(addr, creds, &ca) : NULL; /* copies the arguments */
+    if (creds)
+        grpc_channel_credentials_release(creds);
+    OPENSSL_cleanse(proxy, sizeof proxy);
+    if (!c->ch) {
+        free(c);
+        ar_net_shutdown();
+        return ar_fail(AR_EINVAL, "%s: cannot create a channel through relay %s", addr, relay);
     }
     *out = c;
     return AR_OK;

@@ -19,6 +19,7 @@
 #include "core/device.h"
 #include "net/market.h"
 #include "net/net_internal.h"
+#include "net/relay.h"
 #include "train/audit.h"
 #include "train/pipeline.h"
 #include "train/plan.h"
@@ -76,6 +77,7 @@ struct ar_worker {
     ar_client *market;
     char market_token[AR_TOKEN_LEN];
     int64_t provider_id;
+    char relay[256]; /* the market's relay, for a relayed next stage (under mu); "" when none */
     char load_token[256]; /* a standalone worker's secret; "" when none */
     /* the loaded stage's session (under mu): "" when none. generation
      * counts Loads and expiries, so a call that checked the session can
@@ -136,10 +138,11 @@ static void on_hello(ar_rpc *rpc, void *user)
                              "version %d",
                              v, w->name, AR_PROTOCOL_VERSION);
     Arceus__HelloReply r = ARCEUS__HELLO_REPLY__INIT;
-    char *caps[] = {"pipeline", "gpt", "mlp", "tensor-parallel"};
+    /* "relay": dials a next stage through its market's relay (LoadRequest.next_relay_pass) */
+    char *caps[] = {"pipeline", "gpt", "mlp", "tensor-parallel", "relay"};
     r.protocol_version = AR_PROTOCOL_VERSION;
     r.worker = w->name;
-    r.n_capabilities = 4;
+    r.n_capabilities = 5;
     r.capabilities = caps;
     r.gflops = w->gflops;
     r.free_memory = ar_device_free_memory();
@@ -439,6 +442,8 @@ int net_load_check(const Arceus__LoadRequest *req, uint64_t max_mem, ar_model_sp
         return ar_fail(AR_EINVAL, "Load next_worker or ticket longer than 255 characters");
     if (strlen(req->next_session) > AR_SESSION_HEX)
         return ar_fail(AR_EINVAL, "Load next_session longer than %d characters", AR_SESSION_HEX);
+    if (req->next_relay_pass[0] && (!req->next_worker[0] || !ar_relay_pass_wellformed(req->next_relay_pass)))
+        return ar_fail(AR_EINVAL, "Load next_relay_pass is not a relay pass, or there is no next_worker");
     for (size_t k = 0; k < req->n_tp_group; k++)
         if (req->tp_group[k] && (strlen(req->tp_group[k]->address) > 255 ||
                                  strlen(req->tp_group[k]->session) > AR_SESSION_HEX))
@@ -573,8 +578,22 @@ static int build(ar_worker *w, const Arceus__LoadRequest *req, held *h)
         h->stage = NULL;
         return rc;
     }
-    if (req->next_worker[0] && (rc = ar_client_open(req->next_worker, &h->next)) != AR_OK)
+    if (req->next_worker[0] && req->next_relay_pass[0]) {
+        /* through the relay its market named, never one a Load names */
+        char relay[256];
+        pthread_mutex_lock(&w->mu);
+        memcpy(relay, w->relay, sizeof relay);
+        pthread_mutex_unlock(&w->mu);
+        if (!relay[0])
+            return ar_fail(AR_EINVAL, "worker %s has no relay to reach next_worker %s through (a provider "
+                           "whose market runs one has)", w->name, req->next_worker);
+        rc = req->next_reverse ? ar_client_open_reversed(req->next_worker, relay, req->next_relay_pass, &h->next)
+                               : ar_client_open_relayed(req->next_worker, relay, req->next_relay_pass, &h->next);
+        if (rc != AR_OK)
+            return ar_fail(rc, "next_worker %s through relay %s: %s", req->next_worker, relay, ar_last_error());
+    } else if (req->next_worker[0] && (rc = ar_client_open(req->next_worker, &h->next)) != AR_OK) {
         return ar_fail(rc, "next_worker %s: %s", req->next_worker, ar_last_error());
+    }
     return AR_OK;
 }
 
@@ -1299,6 +1318,21 @@ void ar_worker_stop(ar_worker *w)
     pthread_cond_destroy(&w->wake);
     OPENSSL_cleanse(w, sizeof *w); /* secrets: the token, the sessions */
     free(w);
+}
+
+int ar_worker_adopt(ar_worker *w, int fd)
+{
+    return ar_server_adopt(w->server, fd);
+}
+
+int ar_worker_set_relay(ar_worker *w, const char *relay)
+{
+    if (relay && strlen(relay) >= sizeof w->relay)
+        return ar_fail(AR_EINVAL, "relay address longer than %zu characters", sizeof w->relay - 1);
+    pthread_mutex_lock(&w->mu);
+    snprintf(w->relay, sizeof w->relay, "%s", relay ? relay : "");
+    pthread_mutex_unlock(&w->mu);
+    return AR_OK;
 }
 
 int ar_worker_require_lease(ar_worker *w, const char *market, const char *market_token,

@@ -43,7 +43,7 @@ void ar_train_config_defaults(ar_train_config *c, int model_type)
     c->eval_every = model_type == AR_MODEL_GPT ? 250 : 100;
     c->eval_batches = 40;
     c->ckpt_every = -1;
-    c->audit_rate = AR_DEFAULT_AUDIT_RATE;
+    c->audit_rate = AR_AUDIT_RATE_AUTO;
 }
 
 float ar_lr_at(long step, float lr, float min_lr, long warmup, long total)
@@ -436,16 +436,17 @@ static int setup_pass(run *r, const ar_train_state *resume, const char *resume_d
     int first[64], last[64], rc;
     if (r->S > units)
         return ar_fail(AR_EINVAL, "%d workers for a model of %d layers: each needs at least one", r->S, units);
-    int threads = 0, tp_capable[64] = {0};
+    int threads = 0, tp_capable[64] = {0}, relay_capable[64] = {0};
     for (int i = 0; i < r->S; i++) {
         ar_hello_info h;
-        if ((rc = ar_client_open(r->addrs[i], &r->clients[i])) != AR_OK)
+        if ((rc = driver_open_worker(r, i, &r->clients[i])) != AR_OK)
             return ar_fail(rc, "worker %d (%s): %s", i, r->addrs[i], ar_last_error());
         if ((rc = ar_remote_hello(r->clients[i], &h)) != AR_OK)
             return ar_fail(rc, "worker %d (%s): %s", i, r->addrs[i], ar_last_error());
         if (i == 0 || h.threads < threads)
             threads = h.threads;
         tp_capable[i] = strstr(h.capabilities, "tensor-parallel") != NULL;
+        relay_capable[i] = strstr(h.capabilities, "relay") != NULL;
         ar_device *d = &r->devs[i];
         size_t n = strnlen(r->addrs[i], sizeof d->name - 1);
         memcpy(d->name, r->addrs[i], n); /* (snprintf trips gcc's restrict check here) */
@@ -478,11 +479,19 @@ static int setup_pass(run *r, const ar_train_state *resume, const char *resume_d
     char addrs[64][128];
     int keep[64] = {0};
     int64_t pids[64], prices[64];
-    char tickets[64][AR_TOKEN_LEN];
+    char tickets[64][AR_TOKEN_LEN], relays[64][AR_ADDR_MAX], passes[64][sizeof r->passes[0]];
     device_offer offers[64];
     for (int i = 0; i < r->plan.nstages; i++) {
-        pids[i] = r->provider_ids[r->plan.device[i]];
-        memcpy(tickets[i], r->tickets[r->plan.device[i]], sizeof tickets[i]);
+        int d = r->plan.device[i];
+        /* a stage followed by one reached through the relay dials it there */
+        if (i + 1 < r->plan.nstages && r->relays[r->plan.device[i + 1]][0] && !relay_capable[d])
+            return ar_fail(AR_EINVAL, "worker %s cannot reach the next stage's worker %s through the relay (it "
+                                      "does not say \"relay\" in Hello: an older arceus?)",
+                           r->addrs[d], r->addrs[r->plan.device[i + 1]]);
+        pids[i] = r->provider_ids[d];
+        memcpy(tickets[i], r->tickets[d], sizeof tickets[i]);
+        memcpy(relays[i], r->relays[d], sizeof relays[i]);
+        memcpy(passes[i], r->passes[d], sizeof passes[i]);
         prices[i] = r->prices[r->plan.device[i]];
         offers[i] = r->offers[r->plan.device[i]];
         used[i] = r->clients[r->plan.device[i]];
@@ -508,6 +517,8 @@ static int setup_pass(run *r, const ar_train_state *resume, const char *resume_d
         memcpy(r->addrs[i], addrs[i], sizeof addrs[i]);
         r->provider_ids[i] = pids[i];
         memcpy(r->tickets[i], tickets[i], sizeof tickets[i]);
+        memcpy(r->relays[i], relays[i], sizeof relays[i]);
+        memcpy(r->passes[i], passes[i], sizeof passes[i]);
         r->prices[i] = prices[i];
         r->offers[i] = offers[i];
     }
@@ -569,6 +580,8 @@ static int load_stages(run *r, int restore)
                           .next_worker = i + 1 < r->S ? r->addrs[i + 1] : NULL,
                           .next_session = i + 1 < r->S ? ar_remote_stage_session(&r->groups[i + 1]) : NULL,
                           .ticket = r->leased ? r->tickets[i] : c->worker_token,
+                          .next_relay_pass = i + 1 < r->S && r->relays[i + 1][0] ? r->passes[i + 1] : NULL,
+                          .next_reverse = driver_edge_reversed(r, i + 1),
                           .extra_warmup = r->plan.extra_warmup[i],
                           .compress_up = r->plan.codec[i],
                           .compress_down = i + 1 < r->S ? r->plan.codec[i + 1] : AR_COMPRESS_NONE,
@@ -581,6 +594,7 @@ static int load_stages(run *r, int restore)
         if (restore && (rc = ar_remote_stage_restore(&r->groups[i], &r->shadows[i])) != AR_OK)
             return ar_fail(rc, "restoring stage %d: %s", i, ar_last_error());
     }
+    driver_print_edges(r);
     char name[64];
     snprintf(name, sizeof name, "stage 0 (%.40s)", r->addrs[0]);
     if ((rc = ar_client_pipe_session(r->clients[0], name, AR_NET_DEFAULT_MAX_FRAME,
@@ -804,6 +818,33 @@ static int find_lost(run *r, int *lost, char why[][160])
     return n;
 }
 
+/* Stages reached through the relay that did not answer: the relay broke
+ * their streams (it restarted) or their providers have not reattached yet.
+ * Probed again until they answer or RELAY_REATTACH_S (or the stage timeout,
+ * if longer) has passed; the rest stay lost. The new count. */
+static int find_lost_again(run *r, int *lost, char why[][160], int n)
+{
+    double wait = r->timeout > 0 ? r->timeout : DEFAULT_STAGE_TIMEOUT_S;
+    double end = ar_now() + (wait > RELAY_REATTACH_S ? wait : RELAY_REATTACH_S);
+    for (;;) {
+        int left = 0, relayed = 0;
+        for (int k = 0; k < n; k++) {
+            int i = lost[k];
+            if (r->relays[i][0] && ar_remote_probe(r->clients[i], 1.0) == AR_OK)
+                continue;
+            relayed += r->relays[i][0] != 0;
+            lost[left] = i;
+            memmove(why[left], why[k], sizeof why[left]);
+            left++;
+        }
+        n = left;
+        if (relayed == 0 || ar_now() >= end)
+            return n;
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 500 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* The chain failed with `failure` during step *step. When it is a lost
  * stage of a remote pipeline: find who is gone, replace it (a spare worker,
  * or a provider from the market), and restore every stage from the last
@@ -839,6 +880,8 @@ static int recover(run *r, int failure, long *step)
         r->cheat = -1;
     } else {
         nlost = find_lost(r, lost, why);
+        if (nlost > 0 && r->leased && driver_wait_relays(r, lost, nlost, RELAY_WAIT_S))
+            nlost = find_lost_again(r, lost, why, nlost);
     }
     if (nlost == 0 && failure != AR_ECLOSED)
         return ar_fail(failure, "%s", first); /* every worker answers: not a lost stage */
@@ -896,6 +939,9 @@ static int recover(run *r, int failure, long *step)
         for (int i = 0; i < r->S; i++)
             if (!gone[i]) {
                 memmove(r->addrs[n], r->addrs[i], sizeof r->addrs[n]);
+                memmove(r->tickets[n], r->tickets[i], sizeof r->tickets[n]);
+                memmove(r->relays[n], r->relays[i], sizeof r->relays[n]);
+                memmove(r->passes[n], r->passes[i], sizeof r->passes[n]);
                 r->provider_ids[n] = r->provider_ids[i];
                 r->prices[n] = r->prices[i];
                 r->offers[n] = r->offers[i];
@@ -961,7 +1007,8 @@ static int take_place(run *r, int i, const char *addr)
 {
     ar_client *c = NULL;
     ar_hello_info h;
-    int rc = ar_client_open(addr, &c);
+    /* (a provider the market reaches through its relay only: there too) */
+    int rc = r->relays[i][0] ? ar_client_open_relayed(addr, r->relays[i], r->passes[i], &c) : ar_client_open(addr, &c);
     if (rc == AR_OK)
         rc = ar_remote_hello(c, &h);
     if (rc != AR_OK) {

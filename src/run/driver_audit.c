@@ -35,6 +35,8 @@ int driver_audit_setup(run *r)
 {
     driver_audit *a = &r->audit;
     a->have_prev = 0;
+    if (r->c->audit_rate < 0) /* not given: audits where money is at stake */
+        r->c->audit_rate = r->c->market ? AR_LEASE_AUDIT_RATE : 0.0f;
     uint64_t seed = 0;
     if (r->c->audit_seed) {
         seed = r->c->audit_seed; /* tests and benchmarks: reproducible draws */

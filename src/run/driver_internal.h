@@ -118,6 +118,12 @@ typedef struct {
     /* each stage's ticket from the market: its own Load's, given to no one
      * else (the lease token stays here: it pays) */
     char tickets[64][AR_TOKEN_LEN];
+    /* a member the market reaches only through its relay (net/relay.h):
+     * the relay and the member's pass there; relays[i] "" when dialled
+     * directly (docs/DESIGN.md, "The relay") */
+    char relays[64][AR_ADDR_MAX];
+    char passes[64][160];
+    long edges_gen; /* the plan generation whose edges were printed */
     int64_t step_cost;
     long steps_done;
     int budget_stop; /* ended by --max-credits: the job is cancelled, not failed */
@@ -173,6 +179,12 @@ typedef struct {
 #define AUTO_CHECKPOINT_S 60.0
 /* --stage-timeout by default: at least this, or 4x the slowest step */
 #define DEFAULT_STAGE_TIMEOUT_S 10.0
+/* how long a run waits for a relay that stopped answering to come back
+ * before it gives its relayed stages up as lost */
+#define RELAY_WAIT_S 60.0
+/* ... and how long its providers may take to reattach once it is back:
+ * they retry with a backoff of at most 8 s (net/relay_attach.c) */
+#define RELAY_REATTACH_S 12.0
 /* losses in a row without a checkpoint in between before the run gives up */
 #define MAX_FAILURES 5
 #define PROGRESS_EVERY_S 1.0
@@ -205,5 +217,18 @@ void driver_report_progress(run *r, long step, double rate, double elapsed, long
 void driver_release_lease(run *r, int rc);
 int driver_replace_from_market(run *r, int64_t lost_id, long kept, const char *why, int *found);
 int driver_hand_over(run *r, int i, long done, char *addr, size_t addr_size, int *found);
+/* Whether stage i (> 0) is relayed and the stage before it is not: the
+ * stage before is dialled directly, so stage i dials it back rather than
+ * go through the relay (docs/DESIGN.md, "The relay"). */
+int driver_edge_reversed(const run *r, int i);
+/* A channel to device i: through its relay when it has one. */
+int driver_open_worker(run *r, int i, ar_client **out);
+/* Print how each stage is reached: "direct" or "relayed via HOST:PORT". */
+void driver_print_edges(run *r);
+/* Stages lost (lost[0..n)) that are reached through a relay which does not
+ * answer at all: wait up to wait_s for it to come back (providers reattach
+ * within seconds of it) rather than give up on them. 1 when it is back
+ * (or none of them is relayed), 0 when still away. */
+int driver_wait_relays(run *r, const int *lost, int n, double wait_s);
 
 #endif

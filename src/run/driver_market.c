@@ -8,6 +8,10 @@
 #include "train/schedule.h"
 
 #include <errno.h>
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -173,6 +177,8 @@ int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
         memcpy(r->addrs[i], l->p.address, n + 1); /* (snprintf trips gcc's restrict check here) */
         r->provider_ids[i] = l->p.id;
         memcpy(r->tickets[i], l->ticket, sizeof r->tickets[i]);
+        memcpy(r->relays[i], l->relay, sizeof r->relays[i]);
+        memcpy(r->passes[i], l->relay_pass, sizeof r->passes[i]);
         r->prices[i] = l->p.price_per_tflop;
         /* what the market planned with: its estimate of the speed */
         r->offers[i].gflops = l->speed_gflops > 0 ? l->speed_gflops : l->p.gflops;
@@ -187,11 +193,11 @@ int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
                c->max_credits > 0 ? ", max " : "", c->max_credits > 0 ? ar_credits_text(c->max_credits, b, sizeof b) : "");
         for (int i = 0; i < r->S; i++) {
             const ar_market_leased *l = &r->lease.providers[i];
-            printf("  provider %lld (%s) at %s: %.1f GFLOP/s, %.0f MiB, %s credits/TFLOP, reliability %.2f; "
+            printf("  provider %lld (%s) at %s%s%s: %.1f GFLOP/s, %.0f MiB, %s credits/TFLOP, reliability %.2f; "
                    "%.1f GFLOP/s observed; units %d-%d, %lld FLOPs per step\n",
-                   (long long)l->p.id, l->account, l->p.address, l->p.gflops, l->p.mem_bytes / 1048576.0,
-                   ar_credits_text(l->p.price_per_tflop, a, sizeof a), l->p.reliability, l->speed_gflops,
-                   l->first_unit, l->last_unit - 1, (long long)l->flops_per_step);
+                   (long long)l->p.id, l->account, l->p.address, l->relay[0] ? " through relay " : "", l->relay,
+                   l->p.gflops, l->p.mem_bytes / 1048576.0, ar_credits_text(l->p.price_per_tflop, a, sizeof a),
+                   l->p.reliability, l->speed_gflops, l->first_unit, l->last_unit - 1, (long long)l->flops_per_step);
         }
         fflush(stdout);
     }
@@ -263,6 +269,9 @@ void driver_report_progress(run *r, long step, double rate, double elapsed, long
     char link_names[AR_PLAN_MAX_STAGES][2][AR_PLAN_LINK_NAME];
     if (with_plan && (shares = calloc(AR_PLAN_MAX_STAGES * AR_PLAN_MAX_GROUP, sizeof *shares))) {
         ar_market_plan_fill(&r->plan, r->devs, &r->spec, &r->lease, stages, layers, shares);
+        /* stage s is held by device s once the run is set up (setup_remote) */
+        for (int s = 0; s < r->plan.nstages && s < r->S; s++)
+            stages[s].members[0].relayed = r->relays[s][0] != '\0' && !driver_edge_reversed(r, s);
         snprintf(model, sizeof model, "%s, %ld parameters", r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp",
                  ar_spec_param_count(&r->spec));
         p.n_plan = (size_t)r->plan.nstages;
@@ -384,6 +393,8 @@ static int take_members(run *r, const ar_market_replacement *got)
         memcpy(r->addrs[i], l.p.address, n + 1);
         r->provider_ids[i] = l.p.id;
         memcpy(r->tickets[i], l.ticket, sizeof r->tickets[i]);
+        memcpy(r->relays[i], l.relay, sizeof r->relays[i]);
+        memcpy(r->passes[i], l.relay_pass, sizeof r->passes[i]);
         r->prices[i] = l.p.price_per_tflop;
         r->offers[i] = (device_offer){.gflops = l.speed_gflops > 0 ? l.speed_gflops : l.p.gflops,
                                       .mem_bytes = (double)l.p.mem_bytes, .known = 1};
@@ -440,8 +451,9 @@ int driver_replace_from_market(run *r, int64_t lost_id, long kept, const char *w
     *found = got->found;
     rc = take_members(r, got);
     if (rc == AR_OK && got->found && !r->c->quiet)
-        printf("  provider %lld (%s) at %s replaces it: %.1f GFLOP/s, reliability %.2f\n",
+        printf("  provider %lld (%s) at %s%s%s replaces it: %.1f GFLOP/s, reliability %.2f\n",
                (long long)got->replacement.p.id, got->replacement.account, got->replacement.p.address,
+               got->replacement.relay[0] ? " through relay " : "", got->replacement.relay,
                got->replacement.p.gflops, got->replacement.p.reliability);
     free(got);
     return rc;
@@ -499,6 +511,8 @@ int driver_hand_over(run *r, int i, long done, char *addr, size_t addr_size, int
     memcpy(addr, got.p.address, n + 1);
     r->provider_ids[i] = got.p.id;
     memcpy(r->tickets[i], got.ticket, sizeof r->tickets[i]);
+    memcpy(r->relays[i], got.relay, sizeof r->relays[i]);
+    memcpy(r->passes[i], got.relay_pass, sizeof r->passes[i]);
     r->prices[i] = got.p.price_per_tflop;
     r->offers[i] = (device_offer){.gflops = got.p.gflops, .mem_bytes = (double)got.p.mem_bytes, .known = 1};
     /* the lease as the dashboard's plan names its members */
@@ -506,8 +520,108 @@ int driver_hand_over(run *r, int i, long done, char *addr, size_t addr_size, int
         if (r->lease.providers[k].p.id == leaver)
             r->lease.providers[k] = got;
     if (!r->c->quiet)
-        printf("  provider %lld (%s) at %s takes its place: %.1f GFLOP/s, reliability %.2f; provider %lld "
+        printf("  provider %lld (%s) at %s%s%s takes its place: %.1f GFLOP/s, reliability %.2f; provider %lld "
                "leaves paid for every step it did\n",
-               (long long)got.p.id, got.account, got.p.address, got.p.gflops, got.p.reliability, (long long)leaver);
+               (long long)got.p.id, got.account, got.p.address, got.relay[0] ? " through relay " : "", got.relay,
+               got.p.gflops, got.p.reliability, (long long)leaver);
     return AR_OK;
+}
+
+int driver_open_worker(run *r, int i, ar_client **out)
+{
+    if (r->relays[i][0])
+        return ar_client_open_relayed(r->addrs[i], r->relays[i], r->passes[i], out);
+    return ar_client_open(r->addrs[i], out);
+}
+
+int driver_edge_reversed(const run *r, int i)
+{
+    return r->leased && i > 0 && i < r->S && r->relays[i][0] && !r->relays[i - 1][0];
+}
+
+void driver_print_edges(run *r)
+{
+    /* once per plan (a run loads its stages again once its links are measured) */
+    if (r->c->quiet || !r->leased || r->edges_gen == r->plan_gen)
+        return;
+    r->edges_gen = r->plan_gen;
+    /* who dials whom: the driver dials stage 0 (and every stage for its
+     * control calls), stage i dials stage i + 1 */
+    for (int i = 0; i < r->S; i++) {
+        char from[32];
+        if (i == 0)
+            snprintf(from, sizeof from, "driver");
+        else
+            snprintf(from, sizeof from, "stage %d", i - 1);
+        if (driver_edge_reversed(r, i))
+            printf("edge %s -> stage %d (%s): reversed: it dials stage %d back directly (relay %s only if it "
+                   "cannot)\n", from, i, r->addrs[i], i - 1, r->relays[i]);
+        else if (r->relays[i][0])
+            printf("edge %s -> stage %d (%s): relayed via %s\n", from, i, r->addrs[i], r->relays[i]);
+        else
+            printf("edge %s -> stage %d (%s): direct\n", from, i, r->addrs[i]);
+    }
+    fflush(stdout);
+}
+
+/* Whether a TCP connection to HOST:PORT opens within a second. */
+static int relay_answers(const char *hostport)
+{
+    char host[AR_ADDR_MAX];
+    const char *colon = strrchr(hostport, ':');
+    if (!colon || colon == hostport || (size_t)(colon - hostport) >= sizeof host)
+        return 0;
+    memcpy(host, hostport, (size_t)(colon - hostport));
+    host[colon - hostport] = '\0';
+    char *h = host;
+    if (h[0] == '[' && h[strlen(h) - 1] == ']') {
+        h[strlen(h) - 1] = '\0';
+        h++;
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    if (getaddrinfo(h, colon + 1, &hints, &res) != 0 || !res)
+        return 0;
+    int ok = 0;
+    for (struct addrinfo *a = res; a && !ok; a = a->ai_next) {
+        int fd = socket(a->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            continue;
+        if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+            ok = 1;
+        } else if (errno == EINPROGRESS) {
+            struct pollfd p = {.fd = fd, .events = POLLOUT};
+            int err = 0;
+            socklen_t sl = sizeof err;
+            ok = poll(&p, 1, 1000) == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl) == 0 && err == 0;
+        }
+        close(fd);
+    }
+    freeaddrinfo(res);
+    return ok;
+}
+
+int driver_wait_relays(run *r, const int *lost, int n, double wait_s)
+{
+    const char *relay = NULL;
+    for (int k = 0; k < n && !relay; k++)
+        if (r->relays[lost[k]][0])
+            relay = r->relays[lost[k]];
+    if (!relay || relay_answers(relay))
+        return 1;
+    if (!r->c->quiet) {
+        printf("  relay %s does not answer: waiting up to %.0f s for it to come back\n", relay, wait_s);
+        fflush(stdout);
+    }
+    double end = ar_now() + wait_s;
+    while (ar_now() < end) {
+        sleep_until(ar_now() + 0.5);
+        if (relay_answers(relay)) {
+            if (!r->c->quiet) {
+                printf("  relay %s is back\n", relay);
+                fflush(stdout);
+            }
+            return 1;
+        }
+    }
+    return 0;
 }

@@ -116,16 +116,23 @@ class Runner:
     def __init__(self, binary):
         self.binary = binary
 
-    def __call__(self, *args, timeout=DEFAULT_TIMEOUT, cwd=None, check=False):
+    def __call__(self, *args, timeout=DEFAULT_TIMEOUT, cwd=None, check=False, env=None):
         """Run `arceus ARGS...`; returns the CompletedProcess (text mode).
+        `env` changes the tests' environment: a variable set to None is removed.
 
         Always asserts the process was not killed by a signal and that no
         sanitizer report appeared; with check=True also that it exited 0.
         """
         cmd = [str(self.binary)] + [str(a) for a in args]
+        run_env = _env()
+        for k, v in (env or {}).items():
+            if v is None:
+                run_env.pop(k, None)
+            else:
+                run_env[k] = v
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
-                                  timeout=timeout, cwd=cwd, env=_env())
+                                  timeout=timeout, cwd=cwd, env=run_env)
         except subprocess.TimeoutExpired as e:
             pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n"
                         f"stderr so far:\n{(e.stderr or b'')[-2000:]!r}")

@@ -66,6 +66,40 @@ def test_no_audits_no_digests(run_arceus, workers, tmp_path, small_mlp_spec, sma
     assert (out / "model.safetensors").read_bytes() == reference
 
 
+# no --audit-rate and no ARCEUS_AUDIT_RATE (conftest sets it to 0): the default
+DEFAULT_RATE = {"ARCEUS_AUDIT_RATE": None}
+
+
+def test_workers_the_renter_names_are_not_audited_by_default(run_arceus, workers, tmp_path, small_mlp_spec,
+                                                             small_fashion):
+    ws = workers(2)
+    log = tmp_path / "log.jsonl"
+    p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, *RUN, "--threads", "1",
+                   "--workers", ",".join(w.addr for w in ws), "--audit-seed", "5", "--log", log,
+                   "--checkpoint-every", "0", check=True, env=DEFAULT_RATE)
+    assert "audits:" not in p.stdout and '"audits"' not in log.read_text(), p.stdout[-2000:]
+    usage = " ".join(run_arceus("train", "--help", check=True).stdout.split())  # unwrapped
+    assert "0.05 on a --market lease, 0 on --workers" in usage, usage
+
+
+def test_a_leased_run_is_audited_by_default(run_arceus, add_account, procs, tmp_path, small_mlp_spec,
+                                            small_fashion):
+    db = tmp_path / "market.db"
+    renter = add_account(db, "renter", "1000")
+    owners = [add_account(db, f"p{i}") for i in range(2)]
+    market = procs.market(db, "--offline-after", "3600")
+    for i, t in enumerate(owners):
+        procs.leased_worker(market, t, (400 + 100 * i) * MICRO)
+    log = tmp_path / "log.jsonl"
+    # audits on: the run logs their count and prints it, however few were drawn
+    p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, *RUN, "--threads", "1",
+                   "--market", market.addr, "--token", renter, "--devices", "2", "--audit-seed", "5",
+                   "--checkpoint-every", "0", "--log", log, env=DEFAULT_RATE)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert audits(log)["failed"] == 0
+    assert re.search(r"audits: \d+ passed, 0 failed", p.stdout), p.stdout[-2000:]
+
+
 @pytest.mark.parametrize("cheat", CHEATS)
 def test_a_cheating_provider_is_caught_repaid_and_replaced(cheat, run_arceus, add_account, procs, tmp_path,
                                                            small_mlp_spec, small_fashion, reference):

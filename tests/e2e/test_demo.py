@@ -17,6 +17,7 @@ from conftest import SANITIZER_MARKERS, _env
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 200
+TLS_STEPS = 60
 
 
 def alive(pid):
@@ -42,9 +43,9 @@ def processes_mentioning(text):
     return found
 
 
-def demo_env(arceus_bin, tmp_path, **extra):
+def demo_env(arceus_bin, tmp_path, steps=None, **extra):
     env = _env()
-    env.update(ARCEUS_BIN=str(arceus_bin), ARCEUS_DEMO_SKIP_DEPS="1", ARCEUS_DEMO_STEPS=str(STEPS),
+    env.update(ARCEUS_BIN=str(arceus_bin), ARCEUS_DEMO_SKIP_DEPS="1", ARCEUS_DEMO_STEPS=str(steps or STEPS),
                ARCEUS_DEMO_OUT=str(tmp_path / "demo"), TMPDIR=str(tmp_path), **extra)
     return env
 
@@ -61,7 +62,8 @@ def test_demo_trains_across_three_providers_and_balances_the_ledger(arceus_bin, 
 
 
 def test_demo_over_tls_refuses_a_client_without_the_ca(arceus_bin, procs, tmp_path):
-    env = demo_env(arceus_bin, tmp_path, ARCEUS_DEMO_TLS="1")
+    # (fewer steps: the plain demo above checks what training reaches)
+    env = demo_env(arceus_bin, tmp_path, steps=TLS_STEPS, ARCEUS_DEMO_TLS="1")
     t0 = time.monotonic()
     # in the background (stopped by the `procs` fixture if the test ends first)
     demo = procs.spawn("demo", [ROOT / "scripts" / "demo.sh"], env=env, cwd=ROOT)
@@ -93,17 +95,18 @@ def test_demo_over_tls_refuses_a_client_without_the_ca(arceus_bin, procs, tmp_pa
     assert "token" in with_ca.stderr.lower(), with_ca.stderr
     assert "TLS: a CA and a server certificate" in out, out
     assert re.search(r"market listening on \S+ \(pid \d+, database .*\), TLS$", out, re.M), out
-    check_demo(out, tmp_path, took)
+    check_demo(out, tmp_path, took, steps=TLS_STEPS, min_accuracy=60.0)
 
 
 LM_STEPS = 16
+SAMPLE_TOKENS = 120  # (make demo-lm writes 400; sampling is slow under the sanitizers)
 
 
 def test_demo_lm_splits_gpt5m_over_three_small_providers_and_writes_a_sample(arceus_bin, tmp_path):
     """`scripts/demo.sh --lm --steps 30` (make demo-lm, shortened): gpt-5m
     on the shipped public-domain text, across three providers of 80 MiB
     each, none of which could hold the whole model."""
-    env = demo_env(arceus_bin, tmp_path, ARCEUS_DEMO_EVAL_BATCHES="4")
+    env = demo_env(arceus_bin, tmp_path, ARCEUS_DEMO_EVAL_BATCHES="4", ARCEUS_DEMO_SAMPLE_TOKENS=str(SAMPLE_TOKENS))
     t0 = time.monotonic()
     p = subprocess.run([str(ROOT / "scripts" / "demo.sh"), "--lm", "--steps", str(LM_STEPS)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=500)
@@ -134,12 +137,12 @@ def test_demo_lm_splits_gpt5m_over_three_small_providers_and_writes_a_sample(arc
     # it learned something: the loss of a uniform guess over ~80 characters is ~4.4
     val = float(re.search(r"^final val loss ([\d.]+)$", out, re.M).group(1))
     assert val < 3.6, out
-    # and it writes: the prompt, then 400 characters of its own
+    # and it writes: the prompt, then SAMPLE_TOKENS characters of its own
     m = re.search(r'what the model writes, given "(.+?)"', out)
     assert m, out
     after = out[m.end():]
     sample = after[after.index("\n" + m.group(1)) + 1:after.index("\n== the ledger")]
-    assert len(sample.strip()) >= 300, sample
+    assert len(sample.strip()) >= SAMPLE_TOKENS * 3 // 4, sample
 
     # the money balances, per account in a summary
     summaries = re.findall(r"^ledger of (\S+): (\d+) rows?$", out, re.M)
@@ -163,7 +166,7 @@ def test_demo_refuses_bad_arguments(tmp_path):
         assert p.returncode == 2 and why in p.stderr, (args, p.stderr)
 
 
-def check_demo(out, tmp_path, took):
+def check_demo(out, tmp_path, took, steps=STEPS, min_accuracy=80.0):
     for marker in SANITIZER_MARKERS:
         assert marker not in out, out[-6000:]
 
@@ -172,15 +175,15 @@ def check_demo(out, tmp_path, took):
     plan = re.findall(r"^(\d)\s+(127\.0\.0\.1:\d+)\s+linear \d", out, re.M)
     assert [s for s, _ in plan] == ["0", "1", "2"], out
     assert len({d for _, d in plan}) == 3, out
-    assert re.search(rf"^train\s+{STEPS}/{STEPS} \|", out, re.M), out  # the progress lines
+    assert re.search(rf"^train\s+{steps}/{steps} \|", out, re.M), out  # the progress lines
 
     acc = float(re.search(r"^test accuracy ([\d.]+)%", out, re.M).group(1))
-    assert acc >= 80.0, out
+    assert acc >= min_accuracy, out
 
     # the ledger: a summary per account (its rows by reason), not hundreds of rows
     summaries = re.findall(r"^ledger of (\S+): (\d+) rows?$", out, re.M)
     assert [name for name, _ in summaries] == ["renter", "ada", "grace", "linus"], out
-    assert int(summaries[0][1]) > STEPS, out  # the renter paid every step of every stage
+    assert int(summaries[0][1]) > steps, out  # the renter paid every step of every stage
     assert re.search(r"^  usage\s+\d+\s+-\d+\.\d{6}$", out, re.M), out
     assert not re.search(r"^\d+\s+\d+\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+usage", out, re.M), out
     # four accounts' balances, and the sum of every row (mint included) zero
@@ -193,7 +196,7 @@ def check_demo(out, tmp_path, took):
     assert re.search(r"^ledger sum .*: 0\.000000$", out, re.M), out
 
     # the renter's jobs and the job's loss curve
-    assert re.search(rf"^1\s+done\s+{STEPS}\s+{re.escape(m.group(1))}\s", out, re.M), out
+    assert re.search(rf"^1\s+done\s+{steps}\s+{re.escape(m.group(1))}\s", out, re.M), out
     assert re.search(r"curve:\s+[▁▂▃▄▅▆▇█]+$", out, re.M), out
 
     # everything it started is gone, and so is its temporary folder
@@ -206,3 +209,43 @@ def check_demo(out, tmp_path, took):
     assert not list(tmp_path.glob("arceus-demo.*"))
     assert (tmp_path / "demo" / "model.safetensors").exists()
     assert took < 180, f"the demo took {took:.0f} s"
+
+
+def test_demo_nat_needs_root_and_says_so(arceus_bin, tmp_path):
+    import pytest
+    if os.getuid() != 0:
+        pytest.skip("run as root only: it tries the demo as another user")
+    env = demo_env(arceus_bin, tmp_path)
+    p = subprocess.run(["runuser", "-u", "nobody", "--", "bash", str(ROOT / "scripts" / "demo.sh"), "--nat"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "--nat needs root" in p.stderr, p.stdout + p.stderr
+
+
+def test_demo_nat_trains_through_the_relay_and_cleans_up(arceus_bin, tmp_path):
+    """`make demo-nat`: every edge relayed, the accuracy and a balanced ledger
+    printed, and no namespace or process of the demo left."""
+    from test_nat import scene_check
+    why = scene_check()
+    if why:
+        import pytest
+        pytest.skip(f"the NAT scene cannot be played here: {why}")
+    env = demo_env(arceus_bin, tmp_path)
+    env["ARCEUS_DEMO_STEPS"] = "100"
+    p = subprocess.run([str(ROOT / "scripts" / "demo.sh"), "--nat"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-6000:]
+    for marker in SANITIZER_MARKERS:
+        assert marker not in out, out[-6000:]
+    assert len(re.findall(r"reaches this worker through its relay", out)) == 3, out
+    assert re.search(r"a dial of \w+'s worker from the internet: fails", out), out
+    edges = re.findall(r"^edge (?:driver|stage \d) -> stage \d \(10\.1\.\d\.2:7001\): (\w+)", out, re.M)
+    assert edges == ["relayed"] * 3, out
+    acc = float(re.search(r"^test accuracy ([\d.]+)%", out, re.M).group(1))
+    assert acc >= 75.0, out
+    assert re.search(r"^ledger sum .*: 0\.000000$", out, re.M), out
+    scene = re.search(r"namespace (arcdemo\d+)-pub", out).group(1)
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert scene not in left, left
+    pids = [int(x) for x in re.findall(r"\(pid (\d+)", out)]
+    assert len(pids) == 4 and not [x for x in pids if alive(x)], out

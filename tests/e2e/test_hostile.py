@@ -22,7 +22,7 @@ import threading
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, wait_for
 from test_market import NO_WORKER_CHECKS, profile, register
 from pbwire import (acquire, decode, field_bytes, field_double, field_f32, field_varint, hand_over, replace, usage,
                     varint)
@@ -151,6 +151,17 @@ LOAD_ROWS = [
      ["next_worker must be given"]),
     ("next_worker of 1000 characters", load(count=2, nxt="h" * 995 + ":5001"), C.INVALID_ARGUMENT,
      ["longer than 255"]),
+    # a next stage through the relay (next_relay_pass, field 21): a pass of
+    # its form, to a worker whose market named a relay, with a next_worker
+    ("relay pass without a next_worker", load(raw_extra=field_bytes(21, "1.1.9:" + "0" * 64)),
+     C.INVALID_ARGUMENT, ["next_relay_pass is not a relay pass, or there is no next_worker"]),
+    ("relay pass that is not one", load(count=2, nxt="127.0.0.1:1", raw_extra=field_bytes(21, "a@evil:80/x")),
+     C.INVALID_ARGUMENT, ["next_relay_pass is not a relay pass"]),
+    ("relay pass of 1000 characters", load(count=2, nxt="127.0.0.1:1", raw_extra=field_bytes(21, "1" * 1000)),
+     C.INVALID_ARGUMENT, ["next_relay_pass is not a relay pass"]),
+    ("relay pass to a worker without a relay", load(count=2, nxt="127.0.0.1:1",
+                                                    raw_extra=field_bytes(21, "1.1.9:" + "0" * 64)),
+     C.INVALID_ARGUMENT, ["has no relay to reach next_worker"]),
     # tensor-parallel roles (a GPT of 2 heads, 32 hidden units)
     ("rank and leader at once", load(GPT, 1, 2, raw_extra=field_bytes(14, share("", 0, 1, 0, 16)) +
                                      field_bytes(14, share("127.0.0.1:1", 1, 2, 16, 32)) +
@@ -225,6 +236,38 @@ def test_worker_restore_table(workers):
         assert r[1][0] == sum(len(decode(c)[1][0]) for c in saved)
         assert list(ch.unary_stream("/arceus.Worker/Save")(save_req, timeout=30)) == saved
     ROWS["Restore"] = len(RESTORE_ROWS)
+
+
+def audit_rows(session):
+    """(what, request, code, words) for Worker.Audit on a stage whose Load
+    asked for digests (LoadRequest.commit_digests, field 23) and ran no step."""
+    req = lambda s=session, step=0: field_bytes(1, s) + field_varint(2, step)  # noqa: E731
+    return [
+        ("not protobuf", b"\xff\xff\xff", C.INVALID_ARGUMENT, ["malformed AuditRequest"]),
+        ("request of 2 KiB", req() + field_bytes(9, b"\0" * 2048), C.RESOURCE_EXHAUSTED, ["the limit is"]),
+        ("no session", field_varint(2, 0), C.UNAUTHENTICATED, ["the call carries no session"]),
+        ("another session", req("ab" * 32), C.UNAUTHENTICATED, ["not the session of the stage loaded here"]),
+        ("a step never run", req(step=5), C.NOT_FOUND, ["step 5"]),
+        ("step 2^64-1", req(step=(1 << 64) - 1), C.NOT_FOUND, ["no step 18446744073709551615"]),
+    ]
+
+
+def test_worker_audit_table(workers):
+    w, = workers(1)
+    with grpc.insecure_channel(w.addr) as ch:
+        audit = lambda req: list(ch.unary_stream("/arceus.Worker/Audit")(req, timeout=30))  # noqa: E731
+        expect_status(lambda: audit(field_varint(2, 0)), C.FAILED_PRECONDITION, ["stage not loaded"],
+                      "Audit before Load")
+        # a Load that did not ask for digests keeps nothing to audit
+        session = load_session(ch, load())
+        expect_status(lambda: audit(field_bytes(1, session)), C.FAILED_PRECONDITION,
+                      ["keeps no steps for audits"], "Audit of a stage without digests")
+        session = load_session(ch, load(raw_extra=field_varint(23, 1)))
+        rows = audit_rows(session)
+        for what, req, code, words in rows:
+            expect_status(lambda: audit(req), code, words, f"Audit {what}")
+            unary(ch, "Hello", hello_request())
+    ROWS["Audit"] = len(rows) + 2
 
 
 def pipe_rows():
@@ -418,7 +461,7 @@ def market_rows(token, other, pid, lease):
         ("GetJob", "another account's job", field_bytes(1, token) + field_varint(2, 1),
          C.PERMISSION_DENIED, []),
         ("Balance", "request of 100 KB", field_bytes(1, token) + field_bytes(15, b"\0" * 100000),
-         C.RESOURCE_EXHAUSTED, ["message larger than max"]),
+         C.RESOURCE_EXHAUSTED, ["Balance request of 100", "the limit is 65536"]),
         ("ReplaceProvider", "not protobuf", b"\xff\xff\xff", C.INVALID_ARGUMENT, ["malformed"]),
         ("ReplaceProvider", "unknown lease", replace("0" * 64, pid, 0), C.UNAUTHENTICATED, ["unknown or released"]),
         ("ReplaceProvider", "lease token not hex", replace("q" * 64, pid, 0), C.UNAUTHENTICATED, ["lease token"]),
@@ -481,8 +524,25 @@ def market_rows(token, other, pid, lease):
         ("ReportProgress", "plan of more links than stages",
          progress(lease, plan=plan_stage(0, 0, 1) + field_varint(2, 4) + plan_link() + plan_link(stage=1)),
          C.INVALID_ARGUMENT, ["plan: 2 links for 1 stages"]),
+        ("ReportAudit", "unknown lease", audit_report("0" * 64, pid), C.UNAUTHENTICATED, ["unknown or released"]),
+        ("ReportAudit", "step -1", audit_report(lease, pid, step=(1 << 64) - 1), C.INVALID_ARGUMENT,
+         ["step -1", "out of range"]),
+        ("ReportAudit", "stage 5000", audit_report(lease, pid, stage=5000), C.INVALID_ARGUMENT,
+         ["stage 5000"]),
+        ("ReportAudit", "a pass with evidence", audit_report(lease, pid, material=b"x"), C.INVALID_ARGUMENT,
+         ["evidence with a pass"]),
+        ("ReportAudit", "a failure without evidence", audit_report(lease, pid, passed=False), C.INVALID_ARGUMENT,
+         ["a failure without evidence"]),
+        ("ReportAudit", "a pass for a provider not in the lease", audit_report(lease, pid + 1000),
+         C.INVALID_ARGUMENT, ["not the lease's member"]),
         ("NoSuchMethod", "unknown method", b"", C.UNIMPLEMENTED, []),
     ]
+
+
+def audit_report(lease, pid, stage=0, step=0, passed=True, material=b""):
+    """A ReportAuditRequest: by default a pass of the member's step 0."""
+    return (field_bytes(1, lease) + field_varint(2, pid) + field_varint(3, stage) + field_varint(4, step) +
+            (field_varint(5, 1) if passed else b"") + (field_bytes(6, material) if material else b""))
 
 
 def test_market_table(add_account, market, tmp_path):
@@ -612,8 +672,17 @@ def test_calls_per_client_are_limited(workers):
                       ["64 calls open from ipv4:127.0.0.1", "limit per client"], "65th call")
         for p in held:
             p.close()
-    with grpc.insecure_channel(w.addr) as ch:
-        unary(ch, "Hello", hello_request())
+
+    # the worker counts a call closed once gRPC tells it the call was cancelled,
+    # which on a busy machine may come a moment after the client closed it
+    def hello_again():
+        with grpc.insecure_channel(w.addr) as ch:
+            try:
+                return unary(ch, "Hello", hello_request()) is not None
+            except grpc.RpcError as e:
+                assert e.code() == C.RESOURCE_EXHAUSTED, e
+                return False
+    wait_for("a call once the 64 were closed", hello_again, timeout=20)
     ROWS["limits: calls per client"] = 1
 
 
@@ -655,7 +724,7 @@ MIN_ROWS = {"Hello": 7, "Load": 38, "Save/Restore before Load": 2, "Restore": 7,
 def worker_rows_by_method():
     """{Worker rpc: hostile rows sent to it} (the limits tests aside)."""
     return {"Hello": len(HELLO_ROWS), "Load": len(LOAD_ROWS), "Save": 1, "Restore": len(RESTORE_ROWS) + 1,
-            "Pipe": len(pipe_rows()) + 1}
+            "Pipe": len(pipe_rows()) + 1, "Audit": len(audit_rows("s")) + 2}
 
 
 def test_zz_every_entry_point_has_its_table_of_hostile_rows(capsys):
@@ -676,7 +745,8 @@ def test_zz_every_entry_point_has_its_table_of_hostile_rows(capsys):
     assert not unknown, f"market rows for methods that proto/arceus.proto does not have: {unknown}"
 
     sizes = {"Hello": len(HELLO_ROWS), "Load": len(LOAD_ROWS), "Save/Restore before Load": 2,
-             "Restore": len(RESTORE_ROWS), "Pipe": len(pipe_rows()) + 1, "Market": len(market)}
+             "Restore": len(RESTORE_ROWS), "Pipe": len(pipe_rows()) + 1, "Audit": len(audit_rows("s")) + 2,
+             "Market": len(market)}
     for table, rows in (("Hello", HELLO_ROWS), ("Load", LOAD_ROWS), ("Restore", RESTORE_ROWS),
                         ("Pipe", pipe_rows()), ("Market", [(m, w) for m, w, *_ in market])):
         names = [r[:2] if table == "Market" else r[0] for r in rows]

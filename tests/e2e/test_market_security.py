@@ -335,7 +335,7 @@ def test_a_provider_the_market_cannot_reach_is_not_leased_until_it_can(run_arceu
         return code == C.OK
     wait_for("a lease of the provider", leased, 30)
     assert "leases 1 providers" in market.err()
-    assert "reachable" in provider_column(run_arceus, market, renter, pid)
+    assert "direct" in provider_column(run_arceus, market, renter, pid)
 
 
 # ---------------------------------------------------------------------------

@@ -138,8 +138,9 @@ static ar_lease lease_of(ar_store *s, int64_t id)
 
 /* A fake reachability check: answers from a table the test sets, and counts. */
 typedef struct {
-    bool up[8]; /* by port - 5001 */
-    int calls;
+    bool up[8];       /* by port - 5001 */
+    bool attached[8]; /* to the market's relay, by port - 5001 */
+    int calls, relay_calls;
 } fake_net;
 
 static bool fake_probe(void *ctx, const char *address)
@@ -149,6 +150,16 @@ static bool fake_probe(void *ctx, const char *address)
     const char *colon = strrchr(address, ':');
     int port = colon ? atoi(colon + 1) : 0;
     return port >= 5001 && port < 5009 && f->up[port - 5001];
+}
+
+/* The same worker through the market's relay: attached[port - 5001]. */
+static bool fake_relay_probe(void *ctx, int64_t provider_id, const char *address)
+{
+    fake_net *f = ctx;
+    f->relay_calls++;
+    const char *colon = strrchr(address, ':');
+    int port = colon ? atoi(colon + 1) : 0;
+    return provider_id > 0 && port >= 5001 && port < 5009 && f->attached[port - 5001];
 }
 
 /* ---- ranking ------------------------------------------------------------------- */
@@ -631,8 +642,9 @@ static void *group_main(void *arg)
         g->refused += rc == AR_ELIMIT && strstr(ar_last_error(), "credits") != NULL;
         g->other += rc != AR_OK && rc != AR_ELIMIT;
         g->beats += ar_store_provider_heartbeat(g->t->s, g->t->a) == AR_OK;
-        /* a heartbeat of no provider and a report of a stage not in the lease
-         * fail, in the same groups as the others, each with its own message */
+        /* a heartbeat of no provider and a report naming a provider the
+         * lease does not have at that stage fail, in the same groups as the
+         * others, each with its own message */
         char want[64];
         snprintf(want, sizeof want, "no provider %d", 900000 + g->index);
         g->unknown_ok += ar_store_provider_heartbeat(g->t->s, 900000 + g->index) == AR_ENOTFOUND &&
@@ -665,7 +677,7 @@ Test(market_rules, writes_committed_together_succeed_or_fail_each_alone)
         cr_expect_eq(g[i].unknown_ok, GROUP_STEPS);
         cr_expect_eq(g[i].bad_ok, GROUP_STEPS);
     }
-    cr_assert_eq(paid, 50);
+    cr_assert_eq(paid, 50, "paid %d refused %d other %d: %s", paid, refused, other, ar_last_error());
     cr_assert_eq(refused, GROUP_THREADS * GROUP_STEPS - 50);
     cr_assert_eq(other, 0);
     cr_assert_eq(balance(t.s, t.renter), 0);
@@ -1139,7 +1151,7 @@ static void sample_plan(ar_market_plan_stage st[2], ar_market_plan *plan)
 {
     st[0] = (ar_market_plan_stage){.first_unit = 0, .last_unit = 2, .layers = "embedding, block 0",
                                    .predicted_ms = 1.5, .n_members = 1};
-    st[0].members[0] = (ar_market_plan_member){.provider_id = 3, .device = "127.0.0.1:5001"};
+    st[0].members[0] = (ar_market_plan_member){.provider_id = 3, .device = "127.0.0.1:5001", .relayed = true};
     st[1] = (ar_market_plan_stage){.first_unit = 2, .last_unit = 3, .layers = "block 1 \"x\"",
                                    .predicted_ms = 2, .n_members = 2};
     st[1].members[0] = (ar_market_plan_member){.provider_id = 4, .device = "127.0.0.1:5002", .share = "heads 0-1",
@@ -1153,10 +1165,10 @@ static void sample_plan(ar_market_plan_stage st[2], ar_market_plan *plan)
 static const char *SAMPLE_PLAN_JSON =
     "{\"model\":\"gpt\",\"micro_batches\":4,\"schedule\":\"1f1b\",\"predicted_bubble\":0.25,\"stages\":["
     "{\"stage\":0,\"first_unit\":0,\"last_unit\":2,\"layers\":\"embedding, block 0\",\"predicted_ms\":1.5,"
-    "\"members\":[{\"provider_id\":3,\"device\":\"127.0.0.1:5001\"}]},"
+    "\"members\":[{\"provider_id\":3,\"device\":\"127.0.0.1:5001\",\"edge\":\"relayed\"}]},"
     "{\"stage\":1,\"first_unit\":2,\"last_unit\":3,\"layers\":\"block 1 \\\"x\\\"\",\"predicted_ms\":2,"
-    "\"members\":[{\"provider_id\":4,\"device\":\"127.0.0.1:5002\",\"share\":\"heads 0-1\",\"heads\":[0,2]},"
-    "{\"provider_id\":0,\"device\":\"h:1\",\"share\":\"heads 2-3\",\"heads\":[2,4],\"hidden\":[64,128]}]}],"
+    "\"members\":[{\"provider_id\":4,\"device\":\"127.0.0.1:5002\",\"edge\":\"direct\",\"share\":\"heads 0-1\",\"heads\":[0,2]},"
+    "{\"provider_id\":0,\"device\":\"h:1\",\"edge\":\"direct\",\"share\":\"heads 2-3\",\"heads\":[2,4],\"hidden\":[64,128]}]}],"
     "\"links\":[{\"stage\":0,\"from\":\"driver\",\"to\":\"127.0.0.1:5001\",\"down_mb_s\":2.5,\"up_mb_s\":1.25,"
     "\"rtt_ms\":40.5,\"compress\":\"none\",\"predicted_mb\":[0.5,0.25],\"moved_mb\":[0,0],\"moved_raw_mb\":[0,0]},"
     "{\"stage\":1,\"from\":\"127.0.0.1:5001\",\"to\":\"127.0.0.1:5002\",\"down_mb_s\":10,\"up_mb_s\":10,"
@@ -1535,6 +1547,62 @@ Test(market_rules, reachability_moves_between_states_as_checks_answer)
     net.up[1] = false;
     cr_assert_eq(ar_rules_check_reach(s, &pol, &p), AR_OK);
     cr_assert_eq(provider(s, late).reach, AR_REACH_UNREACHABLE);
+    ar_store_close(s);
+}
+
+Test(market_rules, a_worker_reached_only_through_the_relay_is_leased_as_relayed)
+{
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100)), alice = new_account(s, "alice", 0);
+    fake_net net = {0};
+    ar_market_policy pol = {.allow_loopback = true, .probe = fake_probe, .probe_ctx = &net,
+                            .relay_probe = fake_relay_probe};
+    /* behind a router: no direct answer; not attached to the relay yet */
+    ar_reach reach = AR_REACH_OK;
+    int64_t id = admit(s, &pol, alice, 5001, &reach);
+    cr_assert_eq(reach, AR_REACH_UNREACHABLE);
+    cr_assert_eq(net.calls, 1);
+    cr_assert_eq(net.relay_calls, 1);
+    /* attached: the next check finds it through the relay */
+    net.attached[0] = true;
+    ar_provider p = provider(s, id);
+    cr_assert(ar_rules_reach_due(&p, p.reach_checked));
+    cr_assert_eq(ar_rules_check_reach(s, &pol, &p), AR_OK);
+    p = provider(s, id);
+    cr_assert_eq(p.reach, AR_REACH_RELAYED);
+    cr_assert_str_eq(ar_reach_name(p.reach), "relayed");
+    cr_assert_eq(p.reach_failures, 0);
+    cr_assert(ar_rules_leasable(&pol, &p));
+    /* a market without a relay does not lease it (it could not reach it) */
+    ar_market_policy no_relay = pol;
+    no_relay.relay_probe = NULL;
+    cr_assert_not(ar_rules_leasable(&no_relay, &p));
+    /* leased as relayed, without another check */
+    int calls = net.calls + net.relay_calls;
+    ar_market_lease_request q = ask(1, 1, 2);
+    ar_market_lease got;
+    bool too_few = false;
+    cr_assert_eq(ar_rules_acquire(s, &pol, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(got.providers[0].p.id, id);
+    cr_assert_eq(got.providers[0].p.reach, AR_REACH_RELAYED);
+    cr_assert_eq(net.calls + net.relay_calls, calls);
+    /* checked again only after AR_REACH_RETRY_S, through the relay first */
+    cr_assert_not(ar_rules_reach_due(&p, p.reach_checked + AR_REACH_RETRY_S - 1));
+    cr_assert(ar_rules_reach_due(&p, p.reach_checked + AR_REACH_RETRY_S));
+    cr_assert_eq(ar_rules_check_reach(s, &pol, &p), AR_OK);
+    cr_assert_eq(net.calls + net.relay_calls, calls + 1);
+    cr_assert_eq(provider(s, id).reach, AR_REACH_RELAYED);
+    /* its router opened a port: direct from the next check that misses the relay */
+    net.attached[0] = false;
+    net.up[0] = true;
+    p = provider(s, id);
+    cr_assert_eq(ar_rules_check_reach(s, &pol, &p), AR_OK);
+    cr_assert_eq(provider(s, id).reach, AR_REACH_OK);
+    /* gone from both: unreachable */
+    net.up[0] = false;
+    p = provider(s, id);
+    cr_assert_eq(ar_rules_check_reach(s, &pol, &p), AR_OK);
+    cr_assert_eq(provider(s, id).reach, AR_REACH_UNREACHABLE);
     ar_store_close(s);
 }
 

@@ -942,20 +942,23 @@ Test(market_store, a_provider_unavailable_by_its_owners_rules_is_not_free)
     cr_assert_eq(ar_store_provider_get(s, a, &p), 0);
     cr_assert(!p.unavailable);
 
-    /* a Heartbeat's write: online and the availability it says, in one */
+    /* a Heartbeat's write: online, the availability and the leave it says, in one */
     cr_assert_eq(ar_store_provider_mark_offline(s, a), 0);
-    cr_assert_eq(ar_store_provider_beat(s, a, true, "on battery"), 0, "%s", ar_last_error());
+    cr_assert_eq(ar_store_provider_beat(s, a, true, "on battery", true), 0, "%s", ar_last_error());
     cr_assert_eq(ar_store_provider_get(s, a, &p), 0);
-    cr_assert(p.online && p.unavailable);
+    cr_assert(p.online && p.unavailable && p.leaving_since > 0);
     cr_assert_str_eq(p.unavailable_why, "on battery");
-    /* a bad why: refused, and neither written */
-    cr_assert_eq(ar_store_provider_mark_offline(s, a), 0);
-    cr_assert_eq(ar_store_provider_beat(s, a, false, "x"), 0);
-    cr_assert_eq(ar_store_provider_mark_offline(s, a), 0);
-    cr_assert_eq(ar_store_provider_beat(s, a, true, "bad\x1b[2J"), AR_EINVAL);
+    cr_assert_eq(ar_store_provider_beat(s, a, true, "on battery", false), 0, "%s", ar_last_error());
     cr_assert_eq(ar_store_provider_get(s, a, &p), 0);
-    cr_assert(!p.online && !p.unavailable);
-    cr_assert_eq(ar_store_provider_beat(s, 999, false, NULL), AR_ENOTFOUND);
+    cr_assert_eq(p.leaving_since, 0);
+    /* a bad why: refused, and none of it written */
+    cr_assert_eq(ar_store_provider_mark_offline(s, a), 0);
+    cr_assert_eq(ar_store_provider_beat(s, a, false, "x", false), 0);
+    cr_assert_eq(ar_store_provider_mark_offline(s, a), 0);
+    cr_assert_eq(ar_store_provider_beat(s, a, true, "bad\x1b[2J", true), AR_EINVAL);
+    cr_assert_eq(ar_store_provider_get(s, a, &p), 0);
+    cr_assert(!p.online && !p.unavailable && p.leaving_since == 0);
+    cr_assert_eq(ar_store_provider_beat(s, 999, false, NULL, false), AR_ENOTFOUND);
     ar_store_close(s);
 }
 
