@@ -44,6 +44,9 @@ ifeq ($(BUILD),asan)
 # -O2: the end-to-end tests train under this build, and at -O1 it ran about
 # 1.5x slower (sanitizers work at either level)
 OPT := -O2 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+# the test build can play a cheating provider (ARCEUS_FAULT, train/pipeline.c);
+# the release build has no such code
+TEST_DEFS := -DARCEUS_FAULTS
 else ifeq ($(BUILD),fuzz)
 # The library with libFuzzer's coverage hooks (the harnesses add the fuzzer's main)
 CC := clang
@@ -53,7 +56,7 @@ else
 OPT := -O3 -march=native -g
 endif
 
-CFLAGS = $(CFLAGS_COMMON) $(OPT) $(EXTRA_CFLAGS)
+CFLAGS = $(CFLAGS_COMMON) $(OPT) $(TEST_DEFS) $(EXTRA_CFLAGS)
 LDFLAGS := -fopenmp $(OPT)
 
 OUT := build/$(BUILD)
@@ -142,7 +145,7 @@ test: deps
 # then fuzzes each target for FUZZ_SECONDS; it fails on any crash, leak,
 # sanitizer report or timeout (the input is left in build/fuzz/crashes/).
 # `make test` does the same for TEST_FUZZ_SECONDS per target.
-FUZZ_TARGETS := frame spec safetensors idx load restore session relay
+FUZZ_TARGETS := frame spec safetensors idx load restore session audit relay
 FUZZ_SECONDS ?= 60
 TEST_FUZZ_SECONDS ?= 3
 fuzz: deps
@@ -206,6 +209,7 @@ bench: deps
 	$(PYTHON) bench/pipeline.py --arceus $(abspath $(BIN))
 	$(PYTHON) bench/wan.py --arceus $(abspath $(BIN)) --relay $(abspath $(WAN_RELAY))
 	$(PYTHON) bench/tp.py --arceus $(abspath $(BIN))
+	$(PYTHON) bench/audit.py --arceus $(abspath $(BIN))
 	$(PYTHON) bench/market_load.py --arceus $(abspath $(BIN)) --loadgen $(abspath $(OUT)/bench/market_loadgen)
 
 # The market demo (scripts/demo.sh): install what is missing, build, start a

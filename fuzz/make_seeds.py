@@ -156,3 +156,19 @@ write("load", "mlp-first-with-next-session", load(mlp, 0, 1, count=2, nxt="127.0
       field_bytes(16, SESSION))
 write("load", "gpt-tp-leader-sessions", load(gpt, 0, 2) + field_bytes(14, share("", 0, 1, 0, 16)) +
       field_bytes(14, share("127.0.0.1:5002", 1, 2, 16, 32) + field_bytes(7, SESSION)))
+
+
+# ---- audit material (fuzz_audit.c): the 75-parameter MLP 8-6-3 as one stage --
+def material(step, mbs, rows=4, update=True, params=75):
+    out = struct.pack("<IIqqiiiffI", 0x4d415241, 0, step, params, len(mbs), step, int(update), 1e-3, 1.0, 0)
+    out += struct.pack(f"<{3 * params}f", *[(i % 17) / 17.0 - 0.5 for i in range(3 * params)])
+    for i, (act_rows, targets, grad, loss) in enumerate(mbs):
+        act = struct.pack(f"<{act_rows * 8}f", *[((i + j) % 9) / 9.0 for j in range(act_rows * 8)])
+        tg = struct.pack(f"<{len(targets)}i", *targets)
+        out += struct.pack("<iQQQd", act_rows, len(act), len(targets), len(grad), loss) + act + tg + grad
+    return out
+
+
+write("audit", "two-micro-batches", material(3, [(4, [0, 1, 2, 0], b"", 0.0), (4, [2, 2, 1, 0], b"", 0.0)]))
+write("audit", "one-row-no-update", material(0, [(1, [1], b"", 0.0)], update=False))
+

@@ -47,6 +47,7 @@ static int parse_workers(const ar_option_ctx *ctx, const char *v, void *opts)
 
 static const ar_option_choice optimizers[] = {{"adamw", AR_OPT_ADAMW}, {"sgd", AR_OPT_SGD}, {0}};
 static const ar_option_choice schedules[] = {{"gpipe", AR_SCHED_GPIPE}, {"1f1b", AR_SCHED_1F1B}, {0}};
+static const ar_option_choice verifiers[] = {{"self", AR_VERIFIER_SELF}, {0}};
 static const ar_option_choice compressions[] = {{"none", AR_COMPRESS_NONE}, {"bf16", AR_COMPRESS_BF16},
                                                 {"int8", AR_COMPRESS_INT8}, {"auto", AR_COMPRESS_AUTO}, {0}};
 
@@ -146,6 +147,18 @@ static const ar_option pipeline_options[] = {
      .help = "a remote stage silent for S seconds mid-step is lost"},
     {.name = "spares", .kind = AR_OPTION_INT, AT(c.spares), .lo = 1, .hi = 63, .metavar = "N",
      .help = "the last N of --workers HOST:PORT,... only replace lost stages"},
+    {.name = "audit-rate", .kind = AR_OPTION_FLOAT, AT(c.audit_rate), .flo = 0, .fhi = 1, .metavar = "P",
+     .def_text = "0.05 on a --market lease, 0 on --workers", .env = "ARCEUS_AUDIT_RATE",
+     .help = "remote stages: after each step, each stage's previous step is replayed and its committed "
+             "digests compared with chance P (a stage that fails is replaced as a lost one is); 0 = no "
+             "audits (and no digests). By default a leased run audits (strangers' machines, paid per "
+             "step) and a run on the --workers you name does not (your own machines)"},
+    {.name = "verifier", .kind = AR_OPTION_ENUM, AT(c.verifier), .choices = verifiers, .metavar = "WHO",
+     .def_text = "self", .help = "who replays an audited step: self (this process; another provider "
+             "cannot verify yet)"},
+    {.name = "audit-seed", .kind = AR_OPTION_U64, AT(c.audit_seed), .metavar = "N",
+     .help = "seed the audits' draws (tests); by default they come from the OS, so providers cannot "
+             "predict them"},
     {0},
 };
 

@@ -3,6 +3,8 @@
 
 #include "arceus.h"
 #include "core/core.h"
+#include "nn/spec.h"
+#include "train/audit.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -681,6 +683,146 @@ int ar_rules_audit_failed(ar_store *s, const ar_lease *lease, int64_t provider_i
     if (returned)
         *returned = back;
     return rc;
+}
+
+static void hex32(const uint8_t d[32], char out[65])
+{
+    for (int i = 0; i < 32; i++)
+        snprintf(out + 2 * i, 3, "%02x", d[i]);
+}
+
+/* A claim that does not hold: counted against the renter, nothing moves. */
+static int false_audit_claim(ar_store *s, const ar_lease *lease, int64_t provider_id, int64_t step, const char *why)
+{
+    char msg[700];
+    snprintf(msg, sizeof msg, "%s", why);
+    ar_log(AR_LOG_WARN, "market: job %lld: a failed audit of provider %lld at step %lld not confirmed: %s",
+           (long long)lease->job_id, (long long)provider_id, (long long)step + 1, msg);
+    int rc = ar_store_account_claim(s, lease->renter_id, false);
+    if (rc != AR_OK)
+        return rc;
+    return ar_fail(AR_ELIMIT, "the market's replay does not confirm the failure: %s; nothing moved, and the claim "
+                   "counts as false", msg);
+}
+
+static int valid_optim(const ar_optim_config *o)
+{
+    return (o->kind == AR_OPT_ADAMW || o->kind == AR_OPT_SGD) && o->beta1 >= 0 && o->beta1 < 1 && o->beta2 >= 0 &&
+           o->beta2 < 1 && o->eps > 0 && o->eps < 1 && o->weight_decay >= 0 && o->weight_decay <= 10;
+}
+
+int ar_rules_audit_claim(ar_store *s, const ar_lease *lease, int64_t provider_id, int64_t step, int stage,
+                         const ar_audit_evidence *ev, bool *confirmed, int64_t *returned)
+{
+    *confirmed = false;
+    if (returned)
+        *returned = 0;
+    ar_account renter;
+    int rc = ar_store_account_get(s, lease->renter_id, &renter);
+    if (rc != AR_OK)
+        return rc;
+    if (renter.false_claims >= AR_MAX_FALSE_CLAIMS)
+        return ar_fail(AR_ELIMIT, "account %s has made %lld claims the market found false: it may make no more "
+                       "(ask the market's operator)", renter.name, (long long)renter.false_claims);
+    if (step < 0 || !lease->has_plan || lease->mb_rows < 1 || lease->micro_batches < 1)
+        return ar_fail(AR_EINVAL, "an audit of step %lld of a lease without a plan", (long long)step);
+    ar_lease_member *mem = NULL;
+    size_t nm = 0;
+    if ((rc = ar_store_lease_members(s, lease->id, &mem, &nm)) != AR_OK)
+        return rc;
+    int first = -1, last = -1;
+    for (size_t i = 0; i < nm; i++)
+        if (mem[i].provider_id == provider_id && mem[i].stage == stage) {
+            first = mem[i].first_unit;
+            last = mem[i].last_unit;
+        }
+    ar_free(mem);
+    if (first < 0)
+        return ar_fail(AR_EINVAL, "provider %lld is not the lease's member at stage %d", (long long)provider_id, stage);
+    /* what the provider committed (the first report of each stands) */
+    ar_step_digests committed;
+    uint8_t after[AR_STAGE_DIGEST_BYTES];
+    _Static_assert(sizeof committed == AR_STAGE_DIGEST_BYTES, "a stage's digests are what the store keeps");
+    if ((rc = ar_store_stage_digests(s, lease->job_id, step, stage, provider_id, (uint8_t *)&committed)) != AR_OK ||
+        (rc = ar_store_stage_digests(s, lease->job_id, step + 1, stage, provider_id, after)) != AR_OK)
+        return rc == AR_ENOTFOUND ? ar_fail(AR_ENOTFOUND, "the digests of steps %lld and %lld of stage %d have not "
+                                            "both been reported", (long long)step + 1, (long long)step + 2, stage)
+                                  : rc;
+    if (!valid_optim(&ev->optim))
+        return false_audit_claim(s, lease, provider_id, step, "the evidence's optimizer settings are out of range");
+    char *json = NULL;
+    if ((rc = ar_store_lease_spec(s, lease->id, &json)) != AR_OK)
+        return rc;
+    if (!json)
+        return ar_fail(AR_EINVAL, "the lease has no model spec");
+    ar_model_spec spec;
+    rc = ar_spec_parse(json, strlen(json), "the lease's model", &spec);
+    free(json);
+    if (rc != AR_OK)
+        return rc;
+    ar_stage st;
+    if ((rc = ar_stage_create(&st, &spec, first, last, lease->mb_rows, 1, ev->seed, &ev->optim)) != AR_OK)
+        return rc;
+    ar_audit_material m;
+    ar_step_digests got;
+    uint8_t got_after[32];
+    char why[400] = "";
+    rc = ar_audit_material_decode(ev->material, ev->material_bytes, st.param_floats, lease->micro_batches,
+                                  lease->mb_rows, "the evidence", &m);
+    if (rc == AR_OK) {
+        if (m.step != step)
+            snprintf(why, sizeof why, "the evidence is of step %lld, not %lld", (long long)m.step + 1,
+                     (long long)step + 1);
+        else if ((rc = ar_audit_replay(&st, &m, ev->seed, &got, got_after)) != AR_OK)
+            snprintf(why, sizeof why, "the evidence cannot be replayed: %.300s", ar_last_error());
+        ar_audit_material_free(&m);
+    } else {
+        snprintf(why, sizeof why, "%.380s", ar_last_error());
+    }
+    ar_stage_destroy(&st);
+    if (rc == AR_ENOMEM || rc == AR_EINTERNAL)
+        return rc;
+    if (why[0])
+        return false_audit_claim(s, lease, provider_id, step, why);
+    /* the material must be the provider's own: its state and inputs as it
+     * committed to them */
+    static const char *names[AR_DIGEST_KINDS] = {"state before the step", "activations received",
+                                                 "activations produced", "gradients received", "gradients sent"};
+    static const int inputs[] = {AR_DIGEST_STATE, AR_DIGEST_ACT_IN, AR_DIGEST_GRAD_IN};
+    for (size_t i = 0; i < sizeof inputs / sizeof inputs[0]; i++)
+        if (memcmp(got.d[inputs[i]], committed.d[inputs[i]], 32) != 0) {
+            snprintf(why, sizeof why, "the evidence's %s are not what the provider committed to", names[inputs[i]]);
+            return false_audit_claim(s, lease, provider_id, step, why);
+        }
+    const char *differs = NULL;
+    if (memcmp(got.d[AR_DIGEST_ACT_OUT], committed.d[AR_DIGEST_ACT_OUT], 32) != 0)
+        differs = names[AR_DIGEST_ACT_OUT];
+    else if (memcmp(got.d[AR_DIGEST_GRAD_OUT], committed.d[AR_DIGEST_GRAD_OUT], 32) != 0)
+        differs = names[AR_DIGEST_GRAD_OUT];
+    else if (memcmp(got_after, after, 32) != 0)
+        differs = "state after the step";
+    if (!differs)
+        return false_audit_claim(s, lease, provider_id, step, "the replay reproduces every digest the provider "
+                                 "committed");
+    /* confirmed: the evidence on record is the digests, the provider's and the replay's */
+    char ev_text[2048], c_hex[AR_DIGEST_KINDS][65], g_hex[AR_DIGEST_KINDS][65], ca[65], ga[65];
+    for (int k = 0; k < AR_DIGEST_KINDS; k++) {
+        hex32(committed.d[k], c_hex[k]);
+        hex32(got.d[k], g_hex[k]);
+    }
+    hex32(after, ca);
+    hex32(got_after, ga);
+    snprintf(ev_text, sizeof ev_text,
+             "{\"job\": %lld, \"step\": %lld, \"stage\": %d, \"provider\": %lld, \"differs\": \"%s\", "
+             "\"committed\": {\"state\": \"%s\", \"act_in\": \"%s\", \"act_out\": \"%s\", \"grad_in\": \"%s\", "
+             "\"grad_out\": \"%s\", \"state_after\": \"%s\"}, \"replayed\": {\"act_out\": \"%s\", \"grad_out\": "
+             "\"%s\", \"state_after\": \"%s\"}}",
+             (long long)lease->job_id, (long long)step, stage, (long long)provider_id, differs, c_hex[0], c_hex[1],
+             c_hex[2], c_hex[3], c_hex[4], ca, g_hex[AR_DIGEST_ACT_OUT], g_hex[AR_DIGEST_GRAD_OUT], ga);
+    if ((rc = ar_rules_audit_failed(s, lease, provider_id, step, stage, ev_text, returned)) != AR_OK)
+        return rc;
+    *confirmed = true;
+    return AR_OK;
 }
 
 /* ---- paying a step ------------------------------------------------------------------ */

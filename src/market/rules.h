@@ -20,6 +20,7 @@
 #include "market/dashboard.h"
 #include "market/money.h"
 #include "market/store.h"
+#include "train/stage.h"
 #include "train/plan.h"
 
 #include <stdbool.h>
@@ -385,6 +386,30 @@ int ar_rules_audit_passed(ar_store *s, const ar_lease *lease, int64_t provider_i
  * (ar_rules_replace). *returned (may be NULL): micro-credits given back. */
 int ar_rules_audit_failed(ar_store *s, const ar_lease *lease, int64_t provider_id, int64_t step, int stage,
                           const char *evidence, int64_t *returned);
+
+/* What a renter's driver sends with an audit it says failed: the replay
+ * material the provider gave it (train/audit.c's record), and what the
+ * replay needs besides: the optimizer and the run's seed (dropout). */
+typedef struct {
+    const void *material;
+    size_t material_bytes;
+    ar_optim_config optim;
+    uint64_t seed;
+} ar_audit_evidence;
+
+/* The market's own check of a failed audit, before any money moves: it
+ * builds the member's stage from the lease's model spec and units, replays
+ * the evidence, and confirms the failure only when the material is what the
+ * provider committed to (its state and inputs match the digests the
+ * provider committed for `step`) and the replay's outputs or state after
+ * the step differ from what it committed (its digests of step and step+1).
+ * Confirmed: ar_rules_audit_failed (*returned: what went back to the
+ * renter). Not confirmed: nothing moves, the renter's account counts a
+ * false claim, and AR_ELIMIT says why. AR_ENOTFOUND when the digests of
+ * step or step+1 have not been reported (paid) yet; AR_EINVAL for a
+ * provider that is not the lease's member at `stage`. */
+int ar_rules_audit_claim(ar_store *s, const ar_lease *lease, int64_t provider_id, int64_t step, int stage,
+                         const ar_audit_evidence *ev, bool *confirmed, int64_t *returned);
 
 /* Registers (or re-registers) a provider of p->account_id from its claimed
  * profile (address, gflops, mem_bytes, cores, price_per_tflop). Reliability

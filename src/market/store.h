@@ -49,7 +49,7 @@
 #define AR_WHY_MAX 128
 
 /* The schema version this build creates and migrates to. */
-#define AR_STORE_SCHEMA_VERSION 9
+#define AR_STORE_SCHEMA_VERSION 10
 
 typedef struct ar_store ar_store;
 
@@ -423,10 +423,16 @@ int ar_store_usage_record(ar_store *s, int64_t job_id, int64_t step, int64_t pro
                           ar_usage_result *result_out);
 /* One stage of one step as its driver reports it: who completed it and how
  * many FLOPs it took. */
+/* What a stage commits to for one step (train/pipeline.h, ar_step_digests):
+ * five SHA-256 digests, state before the step, ACT in, ACT out, GRAD in,
+ * GRAD out. */
+#define AR_STAGE_DIGEST_BYTES 160
 typedef struct {
     int stage;
     int64_t provider_id;
     int64_t flops;
+    bool has_digests; /* the driver forwards what the stage committed */
+    uint8_t digests[AR_STAGE_DIGEST_BYTES];
 } ar_stage_usage;
 
 /* A completed step of a lease's job, to be paid (ar_store_step_settle). */
@@ -567,6 +573,10 @@ typedef struct {
  * NULL) gets the micro-credits given back. AR_ENOTFOUND for no such lease
  * or a provider that never served it. */
 int ar_store_audit_failure(ar_store *s, const ar_audit_failure *f, int64_t *returned_out);
+/* The digests a stage committed for a step of a job, by the provider that
+ * did it (the first report of them stands). AR_ENOTFOUND when none came. */
+int ar_store_stage_digests(ar_store *s, int64_t job_id, int64_t step, int stage, int64_t provider_id,
+                           uint8_t out[AR_STAGE_DIGEST_BYTES]);
 /* Whether an audit failure of provider_id in job_id is on record. */
 int ar_store_audit_failed(ar_store *s, int64_t job_id, int64_t provider_id, bool *out);
 

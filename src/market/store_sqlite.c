@@ -39,6 +39,8 @@
  * its caller returns once the group is committed. */
 #include "market/store.h"
 
+#include "core/digest.h"
+
 #include "arceus.h"
 #include "market/money.h"
 #include "market/rules.h"
@@ -353,6 +355,15 @@ static const char *const migrations[] = {
     "  evidence TEXT NOT NULL,"
     "  returned INTEGER NOT NULL," /* micro-credits given back to the renter */
     "  created INTEGER NOT NULL);",
+    /* 9 -> 10: what each stage committed for each step it was paid for (audits
+     * by replay compare a replay with them); 320 hex digits a row */
+    "CREATE TABLE stage_digests ("
+    "  job_id INTEGER NOT NULL REFERENCES jobs(id),"
+    "  step INTEGER NOT NULL,"
+    "  stage INTEGER NOT NULL,"
+    "  provider_id INTEGER NOT NULL REFERENCES providers(id),"
+    "  digests TEXT NOT NULL,"
+    "  PRIMARY KEY (job_id, step, stage, provider_id));",
 };
 _Static_assert(sizeof migrations / sizeof migrations[0] == AR_STORE_SCHEMA_VERSION,
                "one migration per schema version");
@@ -2592,6 +2603,18 @@ static int settle_body(ar_store *s, void *arg)
         snprintf(w->refusal, sizeof w->refusal, "%s", ar_last_error());
         rc = AR_OK;
     }
+    /* the commitments of the stages paid for: the first report stands, so a
+     * renter cannot rewrite what a provider committed */
+    for (size_t i = 0; rc == 0 && !w->short_of_money && i < r->n_stages; i++) {
+        const ar_stage_usage *u = &r->stages[i];
+        if (!u->has_digests)
+            continue;
+        char hex[2 * AR_STAGE_DIGEST_BYTES + 1];
+        for (int k = 0; k < AR_STAGE_DIGEST_BYTES / 32; k++)
+            ar_digest_hex(u->digests + 32 * k, hex + 64 * k);
+        rc = run(s, NULL, "INSERT OR IGNORE INTO stage_digests (job_id, step, stage, provider_id, digests)"
+                 " VALUES (?, ?, ?, ?, ?)", "iiiit", lease.job_id, r->step, (int64_t)u->stage, u->provider_id, hex);
+    }
     if (rc == 0 && !w->short_of_money && r->has_loss && isfinite(r->loss))
         rc = run(s, NULL, "INSERT OR REPLACE INTO job_progress (job_id, step, loss, created) VALUES (?, ?, ?, ?)",
                  "iidi", lease.job_id, r->step, r->loss, now_s());
@@ -2919,6 +2942,30 @@ int ar_store_member_verified(ar_store *s, int64_t lease_id, int64_t provider_id,
     free(rows);
     if (rc == 0 && released_out)
         *released_out = (int)n;
+    return rc;
+}
+
+int ar_store_stage_digests(ar_store *s, int64_t job_id, int64_t at_step, int stage, int64_t provider_id,
+                           uint8_t out[AR_STAGE_DIGEST_BYTES])
+{
+    lock(s);
+    sqlite3_stmt *st = NULL;
+    int rc = prep(s, &st, "SELECT digests FROM stage_digests WHERE job_id = ? AND step = ? AND stage = ? AND provider_id = ?",
+                  "iiii", job_id, at_step, (int64_t)stage, provider_id);
+    if (rc == 0 && (rc = step(s, st)) == 0)
+        rc = ar_fail(AR_ENOTFOUND, "no digests of job %" PRId64 " step %" PRId64 " stage %d", job_id, at_step, stage);
+    if (rc > 0) {
+        const char *hex = (const char *)sqlite3_column_text(st, 0);
+        rc = hex && strlen(hex) == 2 * AR_STAGE_DIGEST_BYTES ? AR_OK : ar_fail(AR_EFORMAT, "stored digests malformed");
+        for (int i = 0; rc == AR_OK && i < AR_STAGE_DIGEST_BYTES; i++) {
+            unsigned v;
+            if (sscanf(hex + 2 * i, "%2x", &v) != 1)
+                rc = ar_fail(AR_EFORMAT, "stored digests malformed");
+            out[i] = (uint8_t)v;
+        }
+    }
+    done(s, st); /* cached: reset, never finalized here */
+    unlock(s);
     return rc;
 }
 

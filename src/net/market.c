@@ -29,6 +29,11 @@
 
 /* Requests are small; anything bigger is not one of ours. */
 #define MAX_REQUEST_BYTES (64u << 10)
+/* The evidence of a failed audit (ReportAudit): a stage's state (3x its
+ * parameters) and its step's inputs. The server's gRPC limit is this; every
+ * other method is held to MAX_REQUEST_BYTES as gRPC hands its request over.
+ * A larger stage cannot be confirmed by this market yet. */
+#define MAX_EVIDENCE_BYTES ((size_t)16 << 20)
 
 struct ar_market {
     ar_server *server;
@@ -705,7 +710,15 @@ static void on_report(ar_rpc *rpc, void *user)
                           (long long)u->provider_id, (long long)u->flops);
             goto out;
         }
-        stages[i] = (ar_stage_usage){.stage = (int)u->stage, .provider_id = u->provider_id, .flops = u->flops};
+        if (u->digests.len != 0 && u->digests.len != AR_STAGE_DIGEST_BYTES) {
+            ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReportUsage: stage %u digests of %zu bytes, not 0 or %d",
+                          u->stage, u->digests.len, AR_STAGE_DIGEST_BYTES);
+            goto out;
+        }
+        stages[i] = (ar_stage_usage){.stage = (int)u->stage, .provider_id = u->provider_id, .flops = u->flops,
+                                     .has_digests = u->digests.len != 0};
+        if (u->digests.len)
+            memcpy(stages[i].digests, u->digests.data, AR_STAGE_DIGEST_BYTES);
     }
     /* whether each stage belongs to the lease, and its FLOPs are the plan's,
      * is the rule's to check */
@@ -812,6 +825,63 @@ static void on_replace(ar_rpc *rpc, void *user)
 out:
     free(done);
     arceus__replace_provider_request__free_unpacked(req, NULL);
+}
+
+static void on_report_audit(ar_rpc *rpc, void *user)
+{
+    ar_market *m = user;
+    Arceus__ReportAuditRequest *req = (Arceus__ReportAuditRequest *)net_rpc_read_request(
+        rpc, &arceus__report_audit_request__descriptor, MAX_EVIDENCE_BYTES + 4096);
+    if (!req)
+        return;
+    ar_lease lease;
+    if (authenticate_lease(m, rpc, req->lease_token, &lease) != 0)
+        goto out;
+    if (req->step < 0 || req->step > 1000000000000LL || req->stage >= 4096 ||
+        (req->passed && req->material.len) || (!req->passed && !req->material.len)) {
+        ar_rpc_finish(rpc, AR_STATUS_INVALID_ARGUMENT, "ReportAudit: step %lld, stage %u, or %s out of range",
+                      (long long)req->step, req->stage,
+                      req->passed ? "evidence with a pass" : "a failure without evidence");
+        goto out;
+    }
+    Arceus__ReportAuditReply r = ARCEUS__REPORT_AUDIT_REPLY__INIT;
+    int rc;
+    if (req->passed) {
+        /* the renter's word is enough to pay a provider sooner */
+        int released = 0;
+        ar_lease_member *mem = NULL;
+        size_t nm = 0;
+        bool member = false;
+        if ((rc = ar_store_lease_members(m->store, lease.id, &mem, &nm)) == AR_OK) {
+            for (size_t i = 0; i < nm; i++)
+                member = member || (mem[i].provider_id == req->provider_id && mem[i].stage == (int)req->stage);
+            ar_free(mem);
+            rc = member ? ar_rules_audit_passed(m->store, &lease, req->provider_id, req->step, &released)
+                        : ar_fail(AR_EINVAL, "provider %lld is not the lease's member at stage %u",
+                                  (long long)req->provider_id, req->stage);
+        }
+        r.released = released;
+    } else {
+        ar_audit_evidence ev = {.material = req->material.data, .material_bytes = req->material.len,
+                                .optim = {.kind = (int)(req->optimizer < 8 ? req->optimizer : 8), .beta1 = req->beta1,
+                                          .beta2 = req->beta2, .eps = req->eps, .weight_decay = req->weight_decay},
+                                .seed = req->seed};
+        bool confirmed = false;
+        rc = ar_rules_audit_claim(m->store, &lease, req->provider_id, req->step, (int)req->stage, &ev, &confirmed,
+                                  &r.returned);
+        r.confirmed = confirmed;
+    }
+    if (rc == AR_ELIMIT) {
+        ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "ReportAudit: %s", ar_last_error());
+        goto out;
+    }
+    if (rc != AR_OK) {
+        rule_error(rpc, rc, rc == AR_EINVAL || rc == AR_ENOTFOUND ? "ReportAudit" : NULL);
+        goto out;
+    }
+    net_rpc_reply(rpc, &r.base);
+out:
+    arceus__report_audit_request__free_unpacked(req, NULL);
 }
 
 static void on_hand_over(ar_rpc *rpc, void *user)
@@ -1304,7 +1374,7 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
         snprintf(m->relay, sizeof m->relay, "%s", c->relay_at);
     }
     int port = 0;
-    if ((rc = ar_server_create(c->listen, &(ar_server_limits){.max_message = MAX_REQUEST_BYTES}, &m->server,
+    if ((rc = ar_server_create(c->listen, &(ar_server_limits){.max_message = MAX_EVIDENCE_BYTES + 4096}, &m->server,
                                 &port)) != AR_OK) {
         ar_market_stop(m);
         return rc;
@@ -1323,6 +1393,17 @@ int ar_market_start(const ar_market_config *c, ar_market **out, char *addr, size
     ar_server_handle(m->server, "/arceus.Market/ReplaceProvider", on_replace, m);
     ar_server_handle(m->server, "/arceus.Market/HandOver", on_hand_over, m);
     ar_server_handle(m->server, "/arceus.Market/ReportProgress", on_report_progress, m);
+    ar_server_handle(m->server, "/arceus.Market/ReportAudit", on_report_audit, m);
+    ar_server_limit_message(m->server, "/arceus.Market/ReportAudit", MAX_EVIDENCE_BYTES + 4096);
+    /* every request but an audit's evidence is small */
+    static const char *const small[] = {
+        "/arceus.Market/RegisterProvider", "/arceus.Market/Heartbeat", "/arceus.Market/ListProviders",
+        "/arceus.Market/Ledger", "/arceus.Market/Balance", "/arceus.Market/AcquireLease",
+        "/arceus.Market/ReportUsage", "/arceus.Market/ReleaseLease", "/arceus.Market/CheckLease",
+        "/arceus.Market/ListJobs", "/arceus.Market/GetJob", "/arceus.Market/ReplaceProvider",
+        "/arceus.Market/HandOver", "/arceus.Market/ReportProgress"};
+    for (size_t i = 0; i < sizeof small / sizeof small[0]; i++)
+        ar_server_limit_message(m->server, small[i], MAX_REQUEST_BYTES);
     if (pthread_create(&m->sweeper, NULL, sweep_main, m) != 0) {
         ar_market_stop(m);
         return ar_fail(AR_EINTERNAL, "cannot start the offline sweep thread");

@@ -166,6 +166,11 @@ int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provid
  * in its place: *found 1 and *replacement filled (with its ticket), or
  * *found 0 when none is free (nothing changes). Nothing is reversed.
  * spent (may be NULL) gets the job's total. */
+/* ReportAudit: an audit of member provider_id (stage) at `step` passed
+ * (ev NULL), or failed with its evidence. *confirmed: the market's replay
+ * confirmed the failure; *returned: what went back to the renter. */
+int ar_market_report_audit(ar_client *c, const char *lease_token, int64_t provider_id, int stage, int64_t step,
+                           const ar_audit_evidence *ev, bool *confirmed, int64_t *returned, int *status);
 int ar_market_hand_over(ar_client *c, const char *lease_token, int64_t provider_id, int64_t step, int64_t min_mem,
                         ar_market_leased *replacement, int *found, int64_t *spent, int *status);
 /* status_name: "done", "failed" or "cancelled"; steps: completed steps. */

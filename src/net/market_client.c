@@ -338,6 +338,38 @@ int ar_market_replace(ar_client *c, const char *lease_token, int64_t lost_provid
     return AR_OK;
 }
 
+int ar_market_report_audit(ar_client *c, const char *lease_token, int64_t provider_id, int stage, int64_t step,
+                           const ar_audit_evidence *ev, bool *confirmed, int64_t *returned, int *status)
+{
+    *confirmed = false;
+    *returned = 0;
+    Arceus__ReportAuditRequest req = ARCEUS__REPORT_AUDIT_REQUEST__INIT;
+    req.lease_token = (char *)lease_token;
+    req.provider_id = provider_id;
+    req.stage = (uint32_t)stage;
+    req.step = step;
+    req.passed = ev == NULL;
+    if (ev) {
+        req.material.data = (uint8_t *)ev->material;
+        req.material.len = ev->material_bytes;
+        req.optimizer = (uint32_t)ev->optim.kind;
+        req.beta1 = ev->optim.beta1;
+        req.beta2 = ev->optim.beta2;
+        req.eps = ev->optim.eps;
+        req.weight_decay = ev->optim.weight_decay;
+        req.seed = ev->seed;
+    }
+    ProtobufCMessage *rep;
+    int rc = call(c, "/arceus.Market/ReportAudit", &req.base, &arceus__report_audit_reply__descriptor, &rep, status);
+    if (rc != AR_OK)
+        return rc;
+    Arceus__ReportAuditReply *r = (Arceus__ReportAuditReply *)rep;
+    *confirmed = r->confirmed;
+    *returned = r->returned;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return AR_OK;
+}
+
 int ar_market_hand_over(ar_client *c, const char *lease_token, int64_t provider_id, int64_t step, int64_t min_mem,
                         ar_market_leased *replacement, int *found, int64_t *spent, int *status)
 {
@@ -382,6 +414,10 @@ int ar_market_report_loss(ar_client *c, const char *lease_token, int64_t step, d
         x.stage = (uint32_t)u[i].stage;
         x.provider_id = u[i].provider_id;
         x.flops = u[i].flops;
+        if (u[i].has_digests) {
+            x.digests.data = (uint8_t *)u[i].digests;
+            x.digests.len = AR_STAGE_DIGEST_BYTES;
+        }
         su[i] = x;
         sp[i] = &su[i];
     }

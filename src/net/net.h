@@ -14,8 +14,10 @@
  * 4: a stage's flags in its NORM record (its device leaving);
  * 5: slow links: PROBE frames, compressed tensors (bf16, int8 with a scale
  *    per block), link traffic in NORM records, Load's extra warm-up and
- *    compression */
-#define AR_PROTOCOL_VERSION 5
+ *    compression
+ * 6: digest words in NORM records (the stage record grew a field),
+ *    LoadRequest.commit_digests, the Audit RPC */
+#define AR_PROTOCOL_VERSION 6
 #define AR_NET_DEFAULT_MAX_FRAME ((size_t)1 << 30)
 #define AR_NET_CHUNK_BYTES ((size_t)1 << 20) /* Save/Restore chunks */
 /* A stage's session secret (LoadReply.session): 32 random bytes, hex */

@@ -104,6 +104,7 @@ int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params, char s
     req.compress_up = (uint32_t)a->compress_up;
     req.compress_down = (uint32_t)a->compress_down;
     req.compress_tp = (uint32_t)a->compress_tp;
+    req.commit_digests = a->commit_digests != 0;
     req.next_relay_pass = (char *)(a->next_relay_pass ? a->next_relay_pass : "");
     req.next_reverse = a->next_relay_pass && a->next_reverse;
     /* the members' shares: heads (GPT) and hidden units of every shard */
@@ -162,6 +163,7 @@ int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params, char s
 typedef struct {
     unsigned char *buf;
     size_t n, cap;
+    size_t limit; /* 0: none */
 } collect;
 
 static int on_chunk(void *user, const void *data, size_t len)
@@ -170,6 +172,10 @@ static int on_chunk(void *user, const void *data, size_t len)
     Arceus__Chunk *c = arceus__chunk__unpack(NULL, len, data);
     if (!c)
         return ar_fail(AR_EPROTO, "malformed Chunk");
+    if (col->limit && c->data.len > col->limit - col->n) {
+        arceus__chunk__free_unpacked(c, NULL);
+        return ar_fail(AR_EPROTO, "more than the %zu bytes expected", col->limit);
+    }
     if (col->n + c->data.len > col->cap) {
         size_t ncap = col->cap ? col->cap * 2 : (1u << 20);
         while (ncap < col->n + c->data.len)
@@ -204,6 +210,37 @@ int ar_remote_save(ar_client *c, const char *session, const ar_state_parts *shad
         char origin[300];
         snprintf(origin, sizeof origin, "Save from %s", ar_client_addr(c));
         rc = ar_state_decode(shadow, col.buf, col.n, origin);
+    }
+    free(col.buf);
+    return rc;
+}
+
+int ar_remote_audit(ar_client *c, const char *session, int64_t step, size_t max_bytes, long param_floats,
+                    int max_mb, int max_rows, ar_audit_material *out)
+{
+    memset(out, 0, sizeof *out);
+    out->step = -1;
+    if (step < 0)
+        return ar_fail(AR_EINVAL, "no step %lld", (long long)step);
+    Arceus__AuditRequest req = ARCEUS__AUDIT_REQUEST__INIT;
+    req.session = (char *)(session ? session : "");
+    req.step = (uint64_t)step;
+    size_t len;
+    void *buf = pack(&req.base, &len);
+    if (!buf)
+        return AR_ENOMEM;
+    collect col = {.limit = max_bytes};
+    int rc = ar_client_read_stream(c, "/arceus.Worker/Audit", buf, len, on_chunk, &col, -1, NULL);
+    free(buf);
+    char origin[300];
+    snprintf(origin, sizeof origin, "Audit of step %lld from %s", (long long)step, ar_client_addr(c));
+    if (rc != AR_OK)
+        rc = ar_fail(rc, "%s: %s", origin, ar_last_error());
+    else
+        rc = ar_audit_material_decode(col.buf, col.n, param_floats, max_mb, max_rows, origin, out);
+    if (rc == AR_OK && out->step != step) {
+        ar_audit_material_free(out);
+        rc = ar_fail(AR_EPROTO, "%s: the material of another step", origin);
     }
     free(col.buf);
     return rc;

@@ -5,6 +5,7 @@
 #define AR_REMOTE_H
 
 #include "net/net.h"
+#include "train/audit.h"
 #include "train/stage.h"
 #include "train/plan.h"
 #include "train/tp_group.h"
@@ -156,6 +157,7 @@ typedef struct {
      * codecs, never AUTO */
     int extra_warmup;
     int compress_up, compress_down, compress_tp;
+    int commit_digests; /* the stage commits digests of every step (pipeline.h) */
     /* next_worker through the relay with this pass (NULL or "": dialled
      * directly); next_reverse: have it dial this stage back instead */
     const char *next_relay_pass;
@@ -173,6 +175,11 @@ int ar_remote_load(ar_client *c, const ar_load_args *a, uint64_t *params, char s
 int ar_remote_save(ar_client *c, const char *session, const ar_state_parts *shadow);
 /* Push local parts' state (weights, moments, step) to the worker. */
 int ar_remote_restore(ar_client *c, const char *session, const ar_state_parts *shadow);
+/* Fetch what the stage needs to replay step `step` (the Audit RPC): at most
+ * max_bytes arrive (more is refused as it comes), decoded and checked as
+ * ar_audit_material_decode does (param_floats, max_mb, max_rows). */
+int ar_remote_audit(ar_client *c, const char *session, int64_t step, size_t max_bytes, long param_floats,
+                    int max_mb, int max_rows, ar_audit_material *out);
 
 /* ---- stage state -------------------------------------------------------- */
 

@@ -20,6 +20,7 @@
 #include "net/market.h"
 #include "net/net_internal.h"
 #include "net/relay.h"
+#include "train/audit.h"
 #include "train/pipeline.h"
 #include "train/plan.h"
 #include "train/schedule.h"
@@ -67,6 +68,10 @@ struct ar_worker {
     ar_client *member_clients[AR_PLAN_MAX_GROUP];
     ar_link *member_links[AR_PLAN_MAX_GROUP];
     uint64_t seed;
+    int commit_digests; /* the Load asked for digests of every step */
+    /* the stage's last steps for audits (Audit RPC): kept when the Load
+     * asked for digests, emptied at every Load (its own lock) */
+    ar_audit_keep keep;
     ar_client *next;
     /* leases required (ar_worker_require_lease): guarded by mu */
     ar_client *market;
@@ -664,6 +669,9 @@ static void on_load(ar_rpc *rpc, void *user)
     w->index = (int)req->stage_index;
     w->count = (int)req->stage_count;
     w->seed = req->seed;
+    w->commit_digests = req->commit_digests;
+    /* the old session's steps are not this one's to answer for */
+    ar_audit_keep_clear(&w->keep);
     w->load_threads = (int)req->threads;
     w->extra_warmup = (int)req->extra_warmup;
     w->compress_up = (int)req->compress_up;
@@ -810,6 +818,9 @@ static void serve_stage(ar_worker *w, ar_rpc *rpc, ar_link *up)
                          .max_frame_bytes = w->max_frame,
                          .seed = w->seed,
                          .timeout_s = -1,
+                         .digests = w->commit_digests,
+                         /* a tensor-parallel stage cannot be replayed alone */
+                         .keep = w->commit_digests && w->role == AR_LOAD_STAGE ? &w->keep : NULL,
                          .leaving = &w->leaving,
                          .extra_warmup = w->extra_warmup};
     rc = ar_stage_serve(&r);
@@ -938,6 +949,62 @@ static void on_save(ar_rpc *rpc, void *user)
         c.data.len = n - at < AR_NET_CHUNK_BYTES ? n - at : AR_NET_CHUNK_BYTES;
         size_t m = arceus__chunk__pack(&c, msg);
         rc = ar_rpc_write(rpc, msg, m);
+    }
+    free(buf);
+    end_use(w);
+    if (!msg)
+        return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+    free(msg);
+    if (rc == AR_OK)
+        ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
+}
+
+/* Audit: one of the stage's last steps, for a replay (train/audit.h). The
+ * session proves the caller is the driver that loaded the stage; a step no
+ * longer (or never) kept is NOT_FOUND. */
+static void on_audit(ar_rpc *rpc, void *user)
+{
+    ar_worker *w = user;
+    Arceus__AuditRequest *req =
+        (Arceus__AuditRequest *)net_rpc_read_request(rpc, &arceus__audit_request__descriptor, 0);
+    if (!req)
+        return;
+    uint64_t generation;
+    int bad = check_session(w, rpc, req->session, &generation);
+    uint64_t step = req->step;
+    arceus__audit_request__free_unpacked(req, NULL);
+    if (bad)
+        return;
+    pthread_mutex_lock(&w->mu);
+    int digests = w->commit_digests && w->generation == generation;
+    if (digests)
+        w->busy++;
+    pthread_mutex_unlock(&w->mu);
+    if (!digests)
+        return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION,
+                             "this stage keeps no steps for audits (its Load did not ask for digests)");
+    ar_audit_material m;
+    int rc = step > (uint64_t)INT64_MAX ? ar_fail(AR_ENOTFOUND, "no step %llu", (unsigned long long)step)
+                                        : ar_audit_keep_get(&w->keep, (int64_t)step, &m);
+    void *buf = NULL;
+    size_t n = 0;
+    if (rc == AR_OK) {
+        if (!m.has_update)
+            rc = ar_fail(AR_ENOTFOUND, "step %llu has not been completed here", (unsigned long long)step);
+        else
+            rc = ar_audit_material_encode(&m, &buf, &n);
+        ar_audit_material_free(&m);
+    }
+    if (rc != AR_OK) {
+        end_use(w);
+        return ar_rpc_finish(rpc, rc == AR_ENOTFOUND ? AR_STATUS_NOT_FOUND : AR_STATUS_INTERNAL, "%s", ar_last_error());
+    }
+    uint8_t *msg = malloc(AR_NET_CHUNK_BYTES + 16);
+    for (size_t at = 0; msg && at < n && rc == AR_OK; at += AR_NET_CHUNK_BYTES) {
+        Arceus__Chunk c = ARCEUS__CHUNK__INIT;
+        c.data.data = (uint8_t *)buf + at;
+        c.data.len = n - at < AR_NET_CHUNK_BYTES ? n - at : AR_NET_CHUNK_BYTES;
+        rc = ar_rpc_write(rpc, msg, arceus__chunk__pack(&c, msg));
     }
     free(buf);
     end_use(w);
@@ -1127,6 +1194,7 @@ static void *reaper_main(void *arg)
 /* A worker that failed before its server started: only its locks to undo. */
 static int free_unstarted(ar_worker *w, int rc)
 {
+    ar_audit_keep_destroy(&w->keep);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->idle);
     pthread_cond_destroy(&w->wake);
@@ -1147,6 +1215,13 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->idle, NULL);
     pthread_cond_init(&w->wake, NULL);
+    if (ar_audit_keep_init(&w->keep) != AR_OK) {
+        pthread_mutex_destroy(&w->mu);
+        pthread_cond_destroy(&w->idle);
+        pthread_cond_destroy(&w->wake);
+        free(w);
+        return ar_fail(AR_EINTERNAL, "cannot set up the worker's audit record");
+    }
     w->idle_timeout_s = c->idle_timeout_s > 0 ? c->idle_timeout_s : AR_WORKER_DEFAULT_IDLE_S;
     w->threads = c->threads > 0 ? c->threads : ar_get_threads();
     w->max_frame = c->max_frame ? c->max_frame : AR_NET_DEFAULT_MAX_FRAME;
@@ -1186,6 +1261,7 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     ar_server_handle(w->server, "/arceus.Worker/Pipe", on_pipe, w);
     ar_server_handle(w->server, "/arceus.Worker/Save", on_save, w);
     ar_server_handle(w->server, "/arceus.Worker/Restore", on_restore, w);
+    ar_server_handle(w->server, "/arceus.Worker/Audit", on_audit, w);
     ar_server_limit_method(w->server, "/arceus.Worker/Pipe",
                            c->max_pipes > 0 ? c->max_pipes : AR_WORKER_DEFAULT_PIPES);
     /* What each request may weigh: Hello a few strings; Load the spec (at
@@ -1195,6 +1271,7 @@ int ar_worker_start(const ar_worker_config *c, ar_worker **out, char *addr, size
     ar_server_limit_message(w->server, "/arceus.Worker/Hello", AR_WORKER_MAX_HELLO);
     ar_server_limit_message(w->server, "/arceus.Worker/Load", 2 * (size_t)AR_LOAD_MAX_SPEC_BYTES);
     ar_server_limit_message(w->server, "/arceus.Worker/Save", 1024);
+    ar_server_limit_message(w->server, "/arceus.Worker/Audit", 1024);
     ar_server_limit_message(w->server, "/arceus.Worker/Restore", AR_NET_CHUNK_BYTES + 1024);
     ar_server_limit_message(w->server, "/arceus.Worker/Pipe", pipe_max);
     if ((rc = pthread_create(&w->reaper, NULL, reaper_main, w)) != 0) {
@@ -1235,6 +1312,7 @@ void ar_worker_stop(ar_worker *w)
     for (size_t i = 0; i < w->n_retired; i++)
         ar_client_close(w->retired[i]);
     free(w->retired);
+    ar_audit_keep_destroy(&w->keep);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->idle);
     pthread_cond_destroy(&w->wake);

@@ -43,6 +43,7 @@ void ar_train_config_defaults(ar_train_config *c, int model_type)
     c->eval_every = model_type == AR_MODEL_GPT ? 250 : 100;
     c->eval_batches = 40;
     c->ckpt_every = -1;
+    c->audit_rate = AR_AUDIT_RATE_AUTO;
 }
 
 float ar_lr_at(long step, float lr, float min_lr, long warmup, long total)
@@ -567,6 +568,7 @@ static int setup_pass(run *r, const ar_train_state *resume, const char *resume_d
  * state to it), then open the stream to stage 0. */
 static int load_stages(run *r, int restore)
 {
+    driver_audit_reset(r);
     ar_train_config *c = r->c;
     int rc;
     /* from the last stage to the first: a stage's Pipe to its successor
@@ -584,7 +586,9 @@ static int load_stages(run *r, int restore)
                           .compress_up = r->plan.codec[i],
                           .compress_down = i + 1 < r->S ? r->plan.codec[i + 1] : AR_COMPRESS_NONE,
                           /* a group's links are not measured: compressed only when told to */
-                          .compress_tp = c->compress == AR_COMPRESS_AUTO ? AR_COMPRESS_NONE : c->compress};
+                          .compress_tp = c->compress == AR_COMPRESS_AUTO ? AR_COMPRESS_NONE : c->compress,
+                          /* the market keeps them with each payment; the driver audits */
+                          .commit_digests = r->leased || c->audit_rate > 0};
         if ((rc = ar_remote_stage_load(&r->groups[i], &a)) != AR_OK)
             return rc;
         if (restore && (rc = ar_remote_stage_restore(&r->groups[i], &r->shadows[i])) != AR_OK)
@@ -857,12 +861,30 @@ static int recover(run *r, int failure, long *step)
     snprintf(first, sizeof first, "%s", ar_last_error());
     int lost[64];
     char why[64][160];
-    int nlost = find_lost(r, lost, why);
-    if (nlost > 0 && r->leased && driver_wait_relays(r, lost, nlost, RELAY_WAIT_S))
-        nlost = find_lost_again(r, lost, why, nlost);
+    int nlost;
+    long kept = r->restore_step;
+    if (r->cheat >= 0) {
+        /* a stage that failed an audit goes as a lost one does; the run
+         * goes back to a state it did not touch: the checkpoint if its last
+         * passed audit covers it, the start otherwise */
+        lost[0] = r->cheat;
+        snprintf(why[0], sizeof why[0], "failed an audit of step %ld", r->audit.failed_step);
+        nlost = 1;
+        if (kept > r->audit.last_passed[r->cheat] + 1 && kept > 0) {
+            ar_log(AR_LOG_WARN, "stage %d's work since step %ld is unverified: back to the start", r->cheat,
+                   r->audit.last_passed[r->cheat] + 1);
+            r->restore_dir = NULL;
+            r->restore_step = kept = 0;
+        }
+        r->audit.last_passed[r->cheat] = -1;
+        r->cheat = -1;
+    } else {
+        nlost = find_lost(r, lost, why);
+        if (nlost > 0 && r->leased && driver_wait_relays(r, lost, nlost, RELAY_WAIT_S))
+            nlost = find_lost_again(r, lost, why, nlost);
+    }
     if (nlost == 0 && failure != AR_ECLOSED)
         return ar_fail(failure, "%s", first); /* every worker answers: not a lost stage */
-    long kept = r->restore_step;
     char names[2048] = "every worker answers";
     if (nlost == 0 && c->stage_timeout <= 0 && r->timeout > 0) {
         /* a stream broke, or a step outlasted the timeout: the same workers
@@ -1253,6 +1275,7 @@ static void teardown(run *r)
     char saved[1024]; /* the error that ended the run survives the cleanup */
     snprintf(saved, sizeof saved, "%s", ar_last_error());
     ar_local_destroy(&r->pipe);
+    driver_audit_free(r);
     if (r->remote_head) {
         /* STOP flows down the chain; each worker ends its stream in order */
         if (ar_chain_stop(r->remote_head) == AR_OK && ar_net_link_finish(r->remote_head, 30) != AR_OK)
@@ -1334,7 +1357,8 @@ static int send_batch(run *r, long step)
     ar_batch_desc b = {.step = step, .M = r->M, .B = r->B, .dtype = is_text ? 1 : 0, .inputs = r->inputs,
                        .row_elems = r->row_elems, .targets = r->targets, .row_targets = is_text ? (size_t)r->T : 1};
     float lr = ar_lr_at(step, c->lr, c->min_lr, c->warmup, c->steps);
-    return ar_chain_send_step(r->head, &b, 1, lr, c->clip);
+    int rc = driver_audit_batch(r, step, &b);
+    return rc == AR_OK ? ar_chain_send_step(r->head, &b, 1, lr, c->clip) : rc;
 }
 
 int ar_train_run(ar_train_config *c)
@@ -1342,7 +1366,10 @@ int ar_train_run(ar_train_config *c)
     run r;
     memset(&r, 0, sizeof r);
     r.c = c;
-    int rc = setup(&r);
+    r.cheat = -1;
+    int rc = driver_audit_setup(&r);
+    if (rc == AR_OK)
+        rc = setup(&r);
     if (rc < 0) {
         driver_release_lease(&r, rc);
         teardown(&r);
@@ -1465,10 +1492,30 @@ int ar_train_run(ar_train_config *c)
         /* paid by the reporter's thread, in order; a refusal of an earlier
          * step (the market's budget, a lease it ended) ends the run */
         if (r.leased && ((rc = ar_reporter_refusal(&r.reporter)) != AR_OK ||
-                         (rc = driver_queue_usage(&r, step, res.loss)) != AR_OK))
+                         (rc = driver_queue_usage(&r, step, &res)) != AR_OK))
             break;
         if (r.leased)
             ar_reporter_keep_up(&r.reporter, REPORT_QUEUE_HIGH, REPORT_STALL_S);
+        /* the audits drawn for the step before (this step's digests hold
+         * its state after; paid first, so the market has them too): a stage
+         * that fails one is replaced as a lost one is */
+        int cheat = -1;
+        if ((rc = driver_audit_step(&r, step, &res, &cheat)) != AR_OK)
+            break;
+        if (cheat >= 0) {
+            ar_log(AR_LOG_WARN, "stage %d (%s) failed the audit of step %ld: %s", cheat, r.addrs[cheat],
+                   r.audit.failed_step, r.audit.why);
+            log_json(&r, "{\"event\": \"audit_failed\", \"step\": %ld, \"stage\": %d, \"provider\": %lld}",
+                     r.audit.failed_step, cheat, (long long)r.provider_ids[cheat]);
+            if (!c->quiet)
+                printf("stage %d (%s) failed an audit of step %ld: %s\n", cheat, r.addrs[cheat],
+                       r.audit.failed_step, r.audit.why);
+            r.cheat = cheat;
+            rc = ar_fail(AR_EPROTO, "stage %d failed an audit: %s", cheat, r.audit.why);
+            if ((rc = recover(&r, rc, &step)) == AR_OK)
+                continue;
+            break;
+        }
         r.steps_done = step + 1;
         for (int i = 0; i < res.nstages && i < 64; i++) {
             r.busy[i] += res.busy_s[i];
@@ -1619,6 +1666,15 @@ int ar_train_run(ar_train_config *c)
                        r.tp_bytes[i] / (double)r.tp_steps / 1e6, r.plan.tp_bytes[i] / 1e6);
         if (c->out_dir)
             printf("checkpoint and loss curve in %s/\n", c->out_dir);
+    }
+    if (r.remote && c->audit_rate > 0) {
+        const driver_audit *a = &r.audit;
+        long n = a->passed + a->failed;
+        if (rc == AR_OK && !c->quiet)
+            printf("audits: %ld passed, %ld failed, %ld not done; verifier %.3f CPU s per audited step\n",
+                   a->passed, a->failed, a->skipped, n ? a->cpu_s / (double)n : 0.0);
+        log_json(&r, "{\"event\": \"audits\", \"passed\": %ld, \"failed\": %ld, \"skipped\": %ld, "
+                 "\"verifier_cpu_s\": %.6f}", a->passed, a->failed, a->skipped, a->cpu_s);
     }
     if (rc == AR_OK && c->profile) {
         if (prof_steps > 0)

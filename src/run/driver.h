@@ -48,6 +48,14 @@ typedef struct {
     const char *token;
     int devices;
     int64_t max_credits;
+    /* audits by replay (remote stages): the chance per stage and step that
+     * the driver replays the stage's step and compares its digests (0: no
+     * audits; AR_AUDIT_RATE_AUTO: by whose machines run the stages, see
+     * below); who replays (AR_VERIFIER_SELF: the driver); the draws' seed
+     * (0: from the OS, so providers cannot predict them) */
+    float audit_rate;
+    int verifier;
+    uint64_t audit_seed;
     /* which of the recipe fields the user set on the command line (resume
      * keeps the stored recipe for the rest) */
     unsigned set_mask;
@@ -65,6 +73,15 @@ enum {
     AR_SET_CLIP = 1u << 8,
     AR_SET_WD = 1u << 9
 };
+
+enum { AR_VERIFIER_SELF = 0 };
+/* --audit-rate's default depends on whose machines run the stages: on a
+ * market lease they are strangers paid per step, so a share of their steps
+ * is replayed; on --workers the renter names they are its own, trusted as an
+ * in-process run is, so none unless it asks. AUTO (the config's default)
+ * becomes one or the other when the run starts (driver_audit_setup). */
+#define AR_AUDIT_RATE_AUTO (-1.0f)
+#define AR_LEASE_AUDIT_RATE 0.05f
 
 /* Defaults for a model type (for a GPT, the recipe bench/quality.py measures). */
 void ar_train_config_defaults(ar_train_config *c, int model_type);

@@ -16,6 +16,7 @@
 #include "run/reporter.h"
 #include "nn/spec.h"
 #include "train/local.h"
+#include "train/pipeline.h"
 #include "train/plan.h"
 
 #include <stdint.h>
@@ -40,6 +41,29 @@ void data_source_close(data_source *d);
 int data_source_next(data_source *d, int B, int T, void *inputs, int32_t *targets);
 
 /* ---- a run --------------------------------------------------------------- */
+
+/* Audits by replay (driver_audit.c): the draws, the last step's digests
+ * (stage k's step is audited when step k+1 brings its state after), the
+ * verifier's stages, and the counts. */
+typedef struct {
+    ar_rng rng;
+    int have_prev;
+    long prev_step;
+    ar_step_digests prev[64];
+    ar_stage ver[64];
+    int ver_made[64], ver_first[64], ver_last[64];
+    long passed, failed, skipped;
+    long last_passed[64]; /* each stage's last step that passed an audit (-1: none) */
+    long failed_step;
+    double cpu_s; /* the verifier's CPU seconds */
+    int64_t returned; /* micro-credits the market gave back for confirmed failures */
+    /* the batches the driver sent: what stage 0 must say it received */
+    struct {
+        long step; /* -1: none */
+        uint8_t d[32];
+    } sent[4];
+    char why[600];
+} driver_audit;
 
 /* What a device offers the planner when the market knows better than its
  * Hello (a leased provider's record). */
@@ -142,6 +166,8 @@ typedef struct {
     ar_edge_bytes edge_sum[64];
     long edge_steps;
     double traffic_sent_at; /* when the plan last went to the market with the traffic */
+    driver_audit audit;
+    int cheat;       /* a stage that failed an audit: recover() replaces it (-1: none) */
 } run;
 
 #define MARKET_RETRY_S 2.0
@@ -169,12 +195,24 @@ typedef struct {
 #define REPORT_QUEUE_HIGH 256
 #define REPORT_STALL_S 1.0
 
+/* ---- audits by replay (driver_audit.c) ---------------------------------- */
+
+int driver_audit_setup(run *r);
+void driver_audit_reset(run *r);
+void driver_audit_free(run *r);
+/* After step `step`'s results: audit the stages drawn for step-1. *failed:
+ * the stage whose audit failed (-1: none), the reason in r->audit.why. */
+int driver_audit_step(run *r, long step, const ar_step_result *res, int *failed);
+/* The batch of `step` is going to stage 0 (inputs, targets): its digest, as
+ * stage 0 commits to it. */
+int driver_audit_batch(run *r, long step, const ar_batch_desc *b);
+
 /* ---- a run's lease at the market (driver_market.c) ----------------------- */
 
 int driver_price_stages(run *r);
 int driver_lease_plan(run *r, ar_plan *out);
 int driver_acquire_lease(run *r, long start_step, int64_t resume_job);
-int driver_queue_usage(run *r, long step, double loss);
+int driver_queue_usage(run *r, long step, const ar_step_result *res);
 void driver_report_progress(run *r, long step, double rate, double elapsed, long start);
 void driver_release_lease(run *r, int rc);
 int driver_replace_from_market(run *r, int64_t lost_id, long kept, const char *why, int *found);

@@ -207,11 +207,20 @@ int driver_acquire_lease(run *r, long start_step, int64_t resume_job)
 /* Queue step `step` (0-based), just completed, for payment: each stage's
  * provider and FLOPs; its loss goes with it (the job's loss curve at the
  * market). The reporter's thread sends it. */
-int driver_queue_usage(run *r, long step, double loss)
+int driver_queue_usage(run *r, long step, const ar_step_result *res)
 {
+    double loss = res->loss;
     ar_market_stage_usage u[64];
-    for (int i = 0; i < r->S; i++)
+    _Static_assert(sizeof res->digests[0] == AR_STAGE_DIGEST_BYTES, "a stage's digests are what the market keeps");
+    for (int i = 0; i < r->S; i++) {
         u[i] = (ar_market_stage_usage){.stage = i, .provider_id = r->provider_ids[i], .flops = r->stage_flops[i]};
+        /* what the stage committed travels with its payment (NORM records
+         * come in pipeline order, one per stage) */
+        if (i < res->nstages && res->has_digests[i]) {
+            u[i].has_digests = true;
+            memcpy(u[i].digests, &res->digests[i], AR_STAGE_DIGEST_BYTES);
+        }
+    }
     return ar_reporter_push_step(&r->reporter, step, loss, u, (size_t)r->S);
 }
 

@@ -2,6 +2,7 @@
 #include "train/local.h"
 
 #include "core/core.h"
+#include "train/audit.h"
 #include "train/schedule.h"
 #include "train/tp_group.h"
 
@@ -224,7 +225,9 @@ int ar_local_start(ar_local_pipeline *p, int schedule, uint64_t seed, int thread
                                       .threads = threads_per_stage,
                                       .max_frame_bytes = (size_t)1 << 31,
                                       .seed = seed,
-                                      .timeout_s = -1};
+                                      .timeout_s = -1,
+                                      .keep = p->keeps ? &p->keeps[i] : NULL,
+                                      .digests = p->keeps != NULL};
         if (pthread_create(&t->thread, NULL, stage_main, t) != 0)
             return ar_fail(AR_ENOMEM, "cannot start the thread of stage %d", i);
         t->started = 1;
@@ -266,5 +269,27 @@ void ar_local_destroy(ar_local_pipeline *p)
     ar_free(p->stage_ptrs);
     ar_free(p->threads);
     ar_free(p->links);
+    for (int i = 0; p->keeps && i < p->S; i++)
+        ar_audit_keep_destroy(&p->keeps[i]);
+    ar_free(p->keeps);
     memset(p, 0, sizeof *p);
+}
+
+int ar_local_keep_for_audits(ar_local_pipeline *p)
+{
+    if (p->keeps)
+        return AR_OK;
+    if (!(p->keeps = ar_calloc((size_t)p->S, sizeof *p->keeps)))
+        return ar_fail(AR_ENOMEM, "out of memory for audit keeps");
+    for (int i = 0; i < p->S; i++) {
+        int rc = ar_audit_keep_init(&p->keeps[i]);
+        if (rc != AR_OK) {
+            for (int j = 0; j < i; j++)
+                ar_audit_keep_destroy(&p->keeps[j]);
+            ar_free(p->keeps);
+            p->keeps = NULL;
+            return rc;
+        }
+    }
+    return AR_OK;
 }

@@ -25,6 +25,7 @@ typedef struct {
     int nranks;
     ar_link **rank_links;
     int rank_first[64], rank_count[64];
+    struct ar_audit_keep *keeps; /* per stage, after ar_local_keep_for_audits */
     /* the codec (enum ar_compress) of the link into stage s, both ways (the
      * driver's to stage 0 too); 0 (none) unless set before ar_local_start */
     int codec[64];
@@ -51,6 +52,9 @@ int ar_local_create_plan(ar_local_pipeline *p, const ar_model_spec *spec, const 
 int ar_local_to_full(ar_local_pipeline *p, ar_stage *full);
 int ar_local_from_full(ar_local_pipeline *p, ar_stage *full);
 int ar_local_has_tp(const ar_local_pipeline *p);
+/* Before ar_local_start: every stage keeps its last two steps for audits by
+ * replay (train/audit.h), in p->keeps[i]. */
+int ar_local_keep_for_audits(ar_local_pipeline *p);
 /* Link the stages and start their threads (threads_per_stage each). */
 int ar_local_start(ar_local_pipeline *p, int schedule, uint64_t seed, int threads_per_stage);
 /* Send STOP, join the threads, free everything. Safe on a partly built one. */

@@ -2,10 +2,13 @@
 #include "train/pipeline.h"
 
 #include "core/core.h"
+#include "core/digest.h"
+#include "train/audit.h"
 #include "train/probe.h"
 #include "train/schedule.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +34,22 @@ typedef struct {
     /* a group leader's traffic with its other members (group_traffic): at
      * the start of the step, and during the optimizer step since the last */
     uint64_t traffic_mark, update_traffic;
+    /* this step's commitments (pipeline.h): the state digest, and per
+     * micro-batch the digests of ACT_IN, ACT_OUT, GRAD_IN, GRAD_OUT */
+    uint8_t state_digest[32];
+    /* the state digest is computed on a helper thread while the step's
+     * forward and backward run (they read the parameters and write only
+     * gradients and activations); joined before anything writes the state */
+    pthread_t hasher;
+    int hashing, hash_rc;
+    uint8_t (*mbd)[4][32];
+    int mbd_cap;
+    /* test builds only (ARCEUS_FAULTS): the cheat this stage plays */
+    int fault;
+    float **stale;     /* per micro-batch: the previous step's honest output */
+    int stale_cap;
+    float *cheat;      /* a cheat's copy of what it sends */
+    size_t cheat_cap;
     /* the down link's counters at the last NORM record (or the end of its
      * measurement): each record carries what moved since */
     uint64_t down_mark[4];
@@ -74,6 +93,183 @@ static void link_counters(const ar_link *l, uint64_t c[4])
     c[1] = l ? l->raw_sent : 0;
     c[2] = l ? l->bytes_received : 0;
     c[3] = l ? l->raw_received : 0;
+}
+
+
+#define DIGEST_WORDS AR_NORM_DIGEST_WORDS
+#define NORM_DIGEST_AT 10 /* the record's digest words field */
+
+/* ---- cheats, compiled only into test builds ---------------------------- */
+
+/* A provider that cheats, for the audit tests: ARCEUS_FAULT=KIND or
+ * KIND@STAGE (one stage of an in-process pipeline). The release build has no
+ * trace of it: FAULT_OF is the constant 0 there and the code folds away. */
+enum { FAULT_NONE, FAULT_SKIP_UPDATE, FAULT_NOISE, FAULT_ZERO_GRAD, FAULT_STALE };
+#ifdef ARCEUS_FAULTS
+#define FAULT_OF(st) ((st)->fault)
+static int fault_from_env(int index)
+{
+    const char *e = getenv("ARCEUS_FAULT");
+    if (!e || !*e)
+        return FAULT_NONE;
+    static const char *names[] = {"", "skip-update", "noise", "zero-grad", "stale"};
+    const char *at = strchr(e, '@');
+    size_t len = at ? (size_t)(at - e) : strlen(e);
+    if (at && atoi(at + 1) != index)
+        return FAULT_NONE;
+    for (int k = 1; k < 5; k++)
+        if (strlen(names[k]) == len && strncmp(e, names[k], len) == 0) {
+            ar_log(AR_LOG_WARN, "stage %d cheats: %s", index, names[k]);
+            return k;
+        }
+    return FAULT_NONE;
+}
+#else
+#define FAULT_OF(st) 0
+static int fault_from_env(int index)
+{
+    (void)index;
+    return FAULT_NONE;
+}
+#endif
+
+static float *cheat_copy(serve_state *st, const float *x, size_t n)
+{
+    if (st->cheat_cap < n) {
+        free(st->cheat);
+        st->cheat_cap = 0;
+        if (!(st->cheat = malloc(n * sizeof(float))))
+            return NULL;
+        st->cheat_cap = n;
+    }
+    if (x)
+        memcpy(st->cheat, x, n * sizeof(float));
+    else
+        memset(st->cheat, 0, n * sizeof(float));
+    return st->cheat;
+}
+
+/* Relative noise of size 1e-3 (a cheat computing in lower precision, or
+ * skipping work that barely shows). */
+static const float *cheat_noise(serve_state *st, int64_t step, int mb, const float *x, size_t n)
+{
+    float *y = cheat_copy(st, x, n);
+    if (!y)
+        return x;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t h = ar_hash3(st->r->seed ^ 0x5eed, (uint64_t)step * 4096 + (uint64_t)mb, i);
+        float u = (float)(h >> 40) / (float)(1 << 24) * 2.0f - 1.0f;
+        y[i] = x[i] * (1.0f + 1e-3f * u);
+    }
+    return y;
+}
+
+/* The previous step's output of the same micro-batch, instead of this one's. */
+static const float *cheat_stale(serve_state *st, int mb, const float *x, size_t n)
+{
+    if (mb >= st->stale_cap) {
+        float **g = realloc(st->stale, (size_t)(mb + 1) * sizeof *g);
+        if (!g)
+            return x;
+        for (int i = st->stale_cap; i <= mb; i++)
+            g[i] = NULL;
+        st->stale = g;
+        st->stale_cap = mb + 1;
+    }
+    float *prev = st->stale[mb];
+    float *now = malloc(n * sizeof(float));
+    if (!now)
+        return x;
+    memcpy(now, x, n * sizeof(float));
+    st->stale[mb] = now;
+    if (!prev)
+        return x;
+    const float *y = cheat_copy(st, prev, n);
+    free(prev);
+    return y ? y : x;
+}
+
+/* ---- digests ------------------------------------------------------------ */
+
+int ar_digest_act(const void *payload, size_t nbytes, const int32_t *targets, size_t ntargets,
+                  uint8_t out[32])
+{
+    ar_sha256 h = {0};
+    int rc = ar_sha256_begin(&h);
+    if (rc == AR_OK)
+        rc = ar_sha256_add(&h, payload, nbytes);
+    if (rc == AR_OK)
+        rc = ar_sha256_add(&h, targets, ntargets * sizeof(int32_t));
+    if (rc == AR_OK)
+        rc = ar_sha256_end(&h, out);
+    ar_sha256_free(&h);
+    return rc;
+}
+
+int ar_digest_grad(const void *payload, size_t nbytes, double loss, uint8_t out[32])
+{
+    ar_sha256 h = {0};
+    int rc = ar_sha256_begin(&h);
+    if (rc == AR_OK)
+        rc = ar_sha256_add(&h, payload, nbytes);
+    if (rc == AR_OK)
+        rc = ar_sha256_add(&h, &loss, sizeof loss);
+    if (rc == AR_OK)
+        rc = ar_sha256_end(&h, out);
+    ar_sha256_free(&h);
+    return rc;
+}
+
+/* The state digest, off the step's critical path: hashing 3x the parameters
+ * costs as much as a good part of a small model's step (mlp-fashion: ~8 MB,
+ * 3-5 ms, against ~7 ms of compute per stage), while the forward and backward
+ * passes never write what it reads. */
+static void *hash_state_main(void *arg)
+{
+    serve_state *st = arg;
+    if (st->r->keep)
+        ar_audit_keep_copy_state(st->r->keep, st->r->stage);
+    st->hash_rc = ar_stage_state_digest(st->r->stage, st->state_digest);
+    return NULL;
+}
+
+static void hash_state_start(serve_state *st)
+{
+    st->hashing = pthread_create(&st->hasher, NULL, hash_state_main, st) == 0;
+    if (!st->hashing) /* no thread: here and now */
+        hash_state_main(st);
+}
+
+/* Wait for the digest; before anything may write the stage's state. */
+static int hash_state_join(serve_state *st)
+{
+    if (st->hashing) {
+        pthread_join(st->hasher, NULL);
+        st->hashing = 0;
+        /* the helper's error message stayed on its thread: hash again here
+         * for the caller's (it fails the same way) */
+        if (st->hash_rc != AR_OK)
+            st->hash_rc = ar_stage_state_digest(st->r->stage, st->state_digest);
+    }
+    return st->hash_rc;
+}
+
+/* The step's digests from the micro-batches' (pipeline.h). */
+static int combine_digests(serve_state *st, int M, ar_step_digests *d)
+{
+    memcpy(d->d[AR_DIGEST_STATE], st->state_digest, 32);
+    for (int k = 0; k < 4; k++) {
+        ar_sha256 h = {0};
+        int rc = ar_sha256_begin(&h);
+        for (int mb = 0; mb < M && rc == AR_OK; mb++)
+            rc = ar_sha256_add(&h, st->mbd[mb][k], 32);
+        if (rc == AR_OK)
+            rc = ar_sha256_end(&h, d->d[AR_DIGEST_ACT_IN + k]);
+        ar_sha256_free(&h);
+        if (rc != AR_OK)
+            return rc;
+    }
+    return AR_OK;
 }
 
 /* Bytes a group leader exchanged with its members other than its own share
@@ -164,7 +360,19 @@ static int run_forward(serve_state *st, ar_frame *f)
     int slot = f->mb % s->nslots;
     const float *out;
     double t0 = ar_now();
-    rc = ar_stage_forward(s, slot, f->rows, f->data, 1, mb_seed(r->seed, f->step, f->mb), &out);
+    uint8_t (*dg)[32] = st->mbd[f->mb]; /* f->mb < M: run_step checked it */
+    rc = r->digests ? ar_digest_act(f->data, f->nbytes, f->targets, f->ntargets, dg[0]) : AR_OK;
+    if (rc == AR_OK && r->keep)
+        rc = ar_audit_keep_act(r->keep, f->mb, f->rows, f->data, f->nbytes, f->targets, f->ntargets);
+    if (rc == AR_OK)
+        rc = ar_stage_forward(s, slot, f->rows, f->data, 1, mb_seed(r->seed, f->step, f->mb), &out);
+    size_t nout = (size_t)f->rows * s->T * ar_stage_out_width(s);
+    if (rc == AR_OK && r->down && FAULT_OF(st) == FAULT_NOISE)
+        out = cheat_noise(st, f->step, f->mb, out, nout);
+    if (rc == AR_OK && r->down && FAULT_OF(st) == FAULT_STALE)
+        out = cheat_stale(st, f->mb, out, nout);
+    if (rc == AR_OK && r->digests)
+        rc = ar_digest_act(out, nout * sizeof(float), f->targets, f->ntargets, dg[1]);
     st->busy += ar_now() - t0;
     if (rc != AR_OK)
         return rc;
@@ -191,7 +399,9 @@ static int run_backward(serve_state *st, int64_t step, int mb, int M, double *lo
     if (!r->down) {
         rows = st->slot_rows[slot];
         double t0 = ar_now();
-        rc = ar_stage_loss(s, slot, rows, st->slot_targets[slot], &loss, NULL);
+        rc = r->digests ? ar_digest_grad(NULL, 0, 0.0, st->mbd[mb][2]) : AR_OK;
+        if (rc == AR_OK)
+            rc = ar_stage_loss(s, slot, rows, st->slot_targets[slot], &loss, NULL);
         if (rc == AR_OK) {
             /* the step's loss is the mean over all rows of all micro-batches */
             float scale = 1.0f / ((float)rows * (float)s->T * (float)M);
@@ -220,7 +430,11 @@ static int run_backward(serve_state *st, int64_t step, int mb, int M, double *lo
         }
         loss = g.scalars[0];
         double t0 = ar_now();
-        rc = ar_stage_backward(s, slot, rows, NULL, g.data, 0.0f, mb_seed(r->seed, step, mb), &din);
+        rc = r->digests ? ar_digest_grad(g.data, g.nbytes, loss, st->mbd[mb][2]) : AR_OK;
+        if (rc == AR_OK && r->keep)
+            rc = ar_audit_keep_grad(r->keep, mb, g.data, g.nbytes, loss);
+        if (rc == AR_OK)
+            rc = ar_stage_backward(s, slot, rows, NULL, g.data, 0.0f, mb_seed(r->seed, step, mb), &din);
         st->busy += ar_now() - t0;
         ar_frame_free(&g);
         if (rc != AR_OK)
@@ -228,6 +442,15 @@ static int run_backward(serve_state *st, int64_t step, int mb, int M, double *lo
     }
     ar_frame up = {.kind = AR_FRAME_GRAD, .step = step, .mb = mb, .nmb = M, .rows = rows};
     up.scalars[0] = loss;
+    size_t nin = din ? (size_t)rows * s->T * s->layers[0]->in_floats_per_row : 0;
+    if (din && FAULT_OF(st) == FAULT_ZERO_GRAD)
+        din = cheat_copy(st, NULL, nin);
+    if (din && !r->down && FAULT_OF(st) == FAULT_NOISE)
+        din = cheat_noise(st, step, mb, din, nin);
+    if (!din && nin)
+        return ar_fail(AR_ENOMEM, "out of memory");
+    if (r->digests && (rc = ar_digest_grad(din, nin * sizeof(float), loss, st->mbd[mb][3])) != AR_OK)
+        return rc;
     if (din) {
         int64_t shape[2] = {(int64_t)rows * s->T, (int64_t)s->layers[0]->in_floats_per_row};
         if ((rc = ar_frame_set_payload(&up, AR_DT_F32, 2, shape, din)) != AR_OK)
@@ -282,7 +505,7 @@ static int exchange_tied(serve_state *st, int64_t step)
 
 /* After the last backward: fold tied weights, then send the per-unit
  * gradient norms (ours first, then those from downstream) and timings up. */
-static int send_norms(serve_state *st, int64_t step, double *sumsq)
+static int send_norms(serve_state *st, int64_t step, int M, double *sumsq)
 {
     ar_stage_runner *r = st->r;
     ar_stage *s = r->stage;
@@ -291,6 +514,8 @@ static int send_norms(serve_state *st, int64_t step, double *sumsq)
         return rc;
     ar_stage_fold_tied(s);
     ar_frame below = {0};
+    if ((rc = hash_state_join(st)) != AR_OK)
+        return rc;
     if (r->down) {
         if ((rc = timed_recv(st, r->down, &below)) != AR_OK)
             return rc;
@@ -303,7 +528,8 @@ static int send_norms(serve_state *st, int64_t step, double *sumsq)
             return ar_fail(AR_EPROTO, "expected NORM from the next stage");
         }
     }
-    size_t mine = NORM_HEADER + (size_t)s->nlayers;
+    size_t nd = r->digests ? DIGEST_WORDS : 0;
+    size_t mine = NORM_HEADER + (size_t)s->nlayers + nd;
     size_t theirs = below.nbytes / sizeof(double);
     double *vals = malloc((mine + theirs) * sizeof(double));
     if (!vals) {
@@ -323,12 +549,22 @@ static int send_norms(serve_state *st, int64_t step, double *sumsq)
     vals[4] = (double)(group_traffic(s) - st->traffic_mark + st->update_traffic);
     /* the device's owner wants it back: the driver learns it with this step */
     vals[5] = r->leaving && atomic_load(r->leaving) ? AR_STAGE_LEAVING : 0;
+    vals[NORM_DIGEST_AT] = (double)nd;
     st->update_traffic = 0;
     uint64_t now[4];
     link_counters(r->down, now);
     for (int k = 0; k < 4; k++) {
         vals[6 + k] = (double)(now[k] - st->down_mark[k]);
         st->down_mark[k] = now[k];
+    }
+    if (nd) {
+        ar_step_digests dg;
+        if ((rc = combine_digests(st, M, &dg)) != AR_OK) {
+            free(vals);
+            ar_frame_free(&below);
+            return rc;
+        }
+        memcpy(vals + NORM_HEADER + s->nlayers, &dg, sizeof dg);
     }
     if (theirs)
         memcpy(vals + mine, below.data, theirs * sizeof(double));
@@ -337,12 +573,13 @@ static int send_norms(serve_state *st, int64_t step, double *sumsq)
      * come in stage order): as the driver adds them */
     *sumsq = 0;
     for (size_t at = 0; at + NORM_HEADER <= mine + theirs;) {
-        double nu = vals[at + 1];
-        if (!(nu >= 0 && at + NORM_HEADER + (size_t)nu <= mine + theirs))
+        double nu = vals[at + 1], dw = vals[at + NORM_DIGEST_AT];
+        if (!(nu >= 0 && (dw == 0 || dw == DIGEST_WORDS) &&
+              at + NORM_HEADER + (size_t)nu + (size_t)dw <= mine + theirs))
             break; /* malformed from below: the driver says so */
         for (size_t i = 0; i < (size_t)nu; i++)
             *sumsq += vals[at + NORM_HEADER + i];
-        at += NORM_HEADER + (size_t)nu;
+        at += NORM_HEADER + (size_t)nu + (size_t)dw;
     }
     ar_frame f = {.kind = AR_FRAME_NORM, .step = step};
     int64_t n = (int64_t)(mine + theirs);
@@ -353,7 +590,7 @@ static int send_norms(serve_state *st, int64_t step, double *sumsq)
     return ar_link_send(r->up, &f);
 }
 
-static int run_apply(ar_stage_runner *r, ar_frame *f);
+static int run_apply(serve_state *st, ar_frame *f);
 
 /* The optimizer step stage 0 takes itself, when the driver's batch asked
  * for it (ar_chain_send_step): the driver's clipping, in the driver's
@@ -374,7 +611,7 @@ static int apply_locally(serve_state *st, int64_t step, double lr, double clip, 
     f.scalars[1] = scale;
     double t0 = ar_now();
     uint64_t traffic0 = group_traffic(r->stage);
-    int rc = run_apply(r, &f);
+    int rc = run_apply(st, &f);
     st->update_s += ar_now() - t0;
     st->update_traffic += group_traffic(r->stage) - traffic0;
     ar_frame_free(&f);
@@ -412,6 +649,23 @@ static int run_step(serve_state *st, ar_frame *first)
     st->idle = 0;
     st->update_s = 0;
     st->traffic_mark = group_traffic(s);
+    if (M > st->mbd_cap) {
+        free(st->mbd);
+        st->mbd_cap = 0;
+        if (!(st->mbd = malloc((size_t)M * sizeof *st->mbd))) {
+            rc = ar_fail(AR_ENOMEM, "out of memory for digests");
+            goto done;
+        }
+        st->mbd_cap = M;
+    }
+    /* the state this step starts from, committed in this step's NORM */
+    /* the audit record's copy of the state goes with the hashing, off the
+     * step's critical path */
+    if (r->keep && (rc = (r->digests ? ar_audit_keep_begin_deferred : ar_audit_keep_begin)(r->keep, s, step, M)) !=
+                       AR_OK)
+        goto done;
+    if (r->digests)
+        hash_state_start(st);
     ar_stage_zero_grad(s);
     int next_f = 0;
     for (int i = 0; i < 2 * M; i++) {
@@ -448,21 +702,26 @@ static int run_step(serve_state *st, ar_frame *first)
             goto done;
     }
     double sumsq = 0;
-    rc = send_norms(st, step, &sumsq);
+    rc = send_norms(st, step, M, &sumsq);
     if (rc == AR_OK && apply)
         rc = apply_locally(st, step, apply_lr, apply_clip, sumsq, loss_sum / M);
 done:
+    if (hash_state_join(st) != AR_OK && rc == AR_OK)
+        rc = ar_fail(AR_EINTERNAL, "state digest failed");
     free(acts);
     return rc;
 }
 
-static int run_apply(ar_stage_runner *r, ar_frame *f)
+static int run_apply(serve_state *st, ar_frame *f)
 {
+    ar_stage_runner *r = st->r;
     ar_stage *s = r->stage;
     double lr = f->scalars[0], scale = f->scalars[1];
     if (!(lr >= 0 && lr < 1e3) || !(scale > 0 && scale <= 1))
         return ar_fail(AR_EPROTO, "STEP with lr %g and gradient scale %g", lr, scale);
-    int urc = ar_stage_update(s, (float)lr, (float)scale);
+    if (r->keep)
+        ar_audit_keep_update(r->keep, f->step, (float)lr, (float)scale);
+    int urc = FAULT_OF(st) == FAULT_SKIP_UPDATE ? AR_OK : ar_stage_update(s, (float)lr, (float)scale);
     if (urc != AR_OK)
         return urc;
     if (s->has_tied_copy) {
@@ -604,7 +863,8 @@ int ar_stage_serve(ar_stage_runner *r)
 #endif
     }
     ar_stage *s = r->stage;
-    serve_state st = {.r = r, .failed_step = -1, .probe_budget = PROBE_BUDGET_BYTES, .probe_t = ar_now()};
+    serve_state st = {.r = r, .failed_step = -1, .probe_budget = PROBE_BUDGET_BYTES, .probe_t = ar_now(),
+                      .fault = fault_from_env(r->index)};
     st.slot_targets = calloc((size_t)s->nslots, sizeof *st.slot_targets);
     st.slot_rows = calloc((size_t)s->nslots, sizeof *st.slot_rows);
     if (!st.slot_targets || !st.slot_rows) {
@@ -655,7 +915,7 @@ int ar_stage_serve(ar_stage_runner *r)
             /* braces: C11 allows no declaration right after a label */
             double t0 = ar_now();
             uint64_t traffic0 = group_traffic(s);
-            rc = run_apply(r, &f);
+            rc = run_apply(&st, &f);
             st.update_s += ar_now() - t0;
             st.update_traffic += group_traffic(s) - traffic0;
             if (rc != AR_OK)
@@ -711,6 +971,11 @@ out:
         free(st.slot_targets[i]);
     free(st.slot_targets);
     free(st.slot_rows);
+    free(st.mbd);
+    free(st.cheat);
+    for (int i = 0; i < st.stale_cap; i++)
+        free(st.stale[i]);
+    free(st.stale);
     return rc;
 }
 
@@ -801,22 +1066,27 @@ int ar_chain_recv_step(ar_link *l, const ar_batch_desc *b, double timeout_s, ar_
     const double *v = n.data;
     size_t count = n.nbytes / sizeof(double), at = 0;
     while (at + NORM_HEADER <= count && out->nstages < 64) {
-        int first = (int)v[at], nu = (int)v[at + 1];
-        if (nu < 0 || at + NORM_HEADER + (size_t)nu > count || first < 0 || first + nu > 512)
+        int first = (int)v[at], nu = (int)v[at + 1], nd = (int)v[at + NORM_DIGEST_AT];
+        if (nu < 0 || (nd != 0 && nd != DIGEST_WORDS) || at + NORM_HEADER + (size_t)nu + (size_t)nd > count ||
+            first < 0 || first + nu > 512)
             break;
-        out->busy_s[out->nstages] = v[at + 2];
-        out->idle_s[out->nstages] = v[at + 3];
-        out->tp_bytes[out->nstages] = v[at + 4];
-        out->leaving[out->nstages] = ((int)v[at + 5] & AR_STAGE_LEAVING) != 0;
-        if (out->nstages + 1 < 64)
-            out->edges[out->nstages + 1] = (ar_edge_bytes){.down = v[at + 6], .down_raw = v[at + 7],
-                                                            .up = v[at + 8], .up_raw = v[at + 9]};
+        int si = out->nstages;
+        out->busy_s[si] = v[at + 2];
+        out->idle_s[si] = v[at + 3];
+        out->tp_bytes[si] = v[at + 4];
+        out->leaving[si] = ((int)v[at + 5] & AR_STAGE_LEAVING) != 0;
+        out->has_digests[si] = nd != 0;
+        if (nd)
+            memcpy(&out->digests[si], v + at + NORM_HEADER + nu, sizeof out->digests[si]);
+        if (si + 1 < 64)
+            out->edges[si + 1] = (ar_edge_bytes){.down = v[at + 6], .down_raw = v[at + 7],
+                                                 .up = v[at + 8], .up_raw = v[at + 9]};
         out->nstages++;
         for (int i = 0; i < nu; i++)
             out->unit_sumsq[first + i] = v[at + NORM_HEADER + i];
         if (first + nu > out->nunits)
             out->nunits = first + nu;
-        at += NORM_HEADER + (size_t)nu;
+        at += NORM_HEADER + (size_t)nu + (size_t)nd;
     }
     rc = at == count ? AR_OK : ar_fail(AR_EPROTO, "malformed NORM frame");
     ar_frame_free(&n);

@@ -28,6 +28,11 @@ typedef struct {
     size_t max_frame_bytes;
     uint64_t seed;       /* run seed, for dropout */
     double timeout_s;    /* how long to wait for a neighbour mid-step (< 0: forever) */
+    struct ar_audit_keep *keep; /* NULL, or where the stage records its last steps for
+                                 * audits by replay (train/audit.h); needs digests */
+    int digests;                /* commit digests of every step in the NORM record (below):
+                                 * off unless asked for (a market lease, audits), for they cost
+                                 * a SHA-256 of 3x the parameters per step */
     /* when set and nonzero, each step's NORM record says the stage's device
      * is leaving (AR_STAGE_LEAVING); NULL: never */
     const atomic_int *leaving;
@@ -39,11 +44,37 @@ typedef struct {
  * STOP, or the error that ended it. */
 int ar_stage_serve(ar_stage_runner *r);
 
+/* What a stage commits to after every step, in its NORM record (docs/DESIGN.md,
+ * "Audits by replay"): SHA-256 of its state before the step (ar_stage_state_digest)
+ * and, over the step's micro-batches, of what it received and produced. Each
+ * of the last four is SHA-256 of the micro-batches' own digests in micro-batch
+ * order (ar_digest_act, ar_digest_grad): one hash per tensor per micro-batch. */
+enum {
+    AR_DIGEST_STATE,    /* parameters, moments, step count before the step */
+    AR_DIGEST_ACT_IN,   /* ACT payloads with their targets, as received */
+    AR_DIGEST_ACT_OUT,  /* outputs (the last stage: logits) with the targets */
+    AR_DIGEST_GRAD_IN,  /* GRAD payloads with their losses, as received (none on the last stage) */
+    AR_DIGEST_GRAD_OUT, /* GRAD payloads with their losses, as sent up */
+    AR_DIGEST_KINDS
+};
+typedef struct {
+    uint8_t d[AR_DIGEST_KINDS][32];
+} ar_step_digests;
+
+/* A micro-batch's activation digest: payload bytes then the targets. */
+int ar_digest_act(const void *payload, size_t nbytes, const int32_t *targets, size_t ntargets,
+                  uint8_t out[32]);
+/* A micro-batch's gradient digest: payload bytes (may be none) then the loss. */
+int ar_digest_grad(const void *payload, size_t nbytes, double loss, uint8_t out[32]);
+
 /* Fields of each stage's record in a NORM frame before its units' gradient
  * sums of squares: first unit, units, busy s, idle s, tensor-parallel bytes,
  * flags (AR_STAGE_LEAVING), then its link to the next stage's traffic since
- * its last record (sent, sent as float32, received, received as float32). */
-#define AR_NORM_HEADER 10
+ * its last record (sent, sent as float32, received, received as float32),
+ * then the digest words (0 or AR_NORM_DIGEST_WORDS) that follow the gradient
+ * sums of squares as raw bytes (ar_step_digests). */
+#define AR_NORM_HEADER 11
+#define AR_NORM_DIGEST_WORDS (AR_DIGEST_KINDS * 32 / (int)sizeof(double))
 
 /* What the driver learns from one training step. */
 typedef struct {
@@ -54,6 +85,8 @@ typedef struct {
     double busy_s[64], idle_s[64]; /* per stage, this step */
     double tp_bytes[64];     /* per stage: a group leader's traffic with its other members this
                               * step (frame bytes, both directions; 0 for a plain stage) */
+    int has_digests[64];     /* the stage committed digests (its runner's .digests) */
+    ar_step_digests digests[64];
     int leaving[64];         /* per stage: its device said it is leaving (AR_STAGE_LEAVING) */
     /* edges[e]: the link into stage e, as stage e-1 counted it since its
      * last step (edges[0], the driver's own, is the driver's to fill) */

@@ -2,6 +2,7 @@
 #include "train/stage.h"
 
 #include "core/core.h"
+#include "core/digest.h"
 #include "core/profile.h"
 #include "ops/ops.h"
 #include "train/tp_block.h"
@@ -513,6 +514,28 @@ int ar_stage_update(ar_stage *s, float lr, float grad_scale)
     }
     float none = 0;
     return ar_tp_group_gather_sum(s->tp_ranks, s->tp_nranks, 0, &none, 300);
+}
+
+int ar_stage_state_digest(const ar_stage *s, uint8_t out[32])
+{
+    ar_sha256 h = {0};
+    int64_t t = s->opt_step;
+    size_t n = (size_t)s->param_floats * sizeof(float);
+    int rc = ar_sha256_begin(&h);
+    if (rc == AR_OK)
+        rc = ar_sha256_add(&h, &t, sizeof t);
+    if (rc == AR_OK)
+        rc = ar_sha256_add(&h, s->mem_params, n);
+    if (rc == AR_OK)
+        rc = ar_sha256_add(&h, s->mem_m, n);
+    if (rc == AR_OK)
+        rc = ar_sha256_add(&h, s->mem_v, n);
+    if (rc == AR_OK && s->has_tied_copy)
+        rc = ar_sha256_add(&h, s->tied_copy.data, (size_t)s->tied_copy.numel * sizeof(float));
+    if (rc == AR_OK)
+        rc = ar_sha256_end(&h, out);
+    ar_sha256_free(&h);
+    return rc;
 }
 
 ar_param *ar_stage_find_weight(ar_stage *s, const char *name)

@@ -107,6 +107,11 @@ int ar_stage_grad_sumsq(const ar_stage *s, double *out);
  * (the ranks of a tensor-parallel group step too). */
 int ar_stage_update(ar_stage *s, float lr, float grad_scale);
 
+/* SHA-256 of everything the next optimizer step and forward depend on: the
+ * step count, parameters, both moments and the tied copy (a replay starts
+ * from state with this digest and must end at the next step's). */
+int ar_stage_state_digest(const ar_stage *s, uint8_t out[32]);
+
 ar_param *ar_stage_find_param(const ar_stage *s, const char *name);
 /* Every weight tensor the stage reads, by name: its parameters, plus the
  * tied copy (loaded from checkpoints like a parameter, never saved). */

@@ -105,6 +105,10 @@ def _env():
     env["ASAN_OPTIONS"] = "detect_leaks=1:abort_on_error=0:" + env.get("ASAN_OPTIONS", "")
     env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1")
     env.setdefault("LSAN_OPTIONS", "")
+    # audits by replay draw at random (from the OS) and a passed one releases
+    # escrow early: the tests of money count what escrow holds, so runs audit
+    # only where a test asks (--audit-rate, test_audit.py)
+    env.setdefault("ARCEUS_AUDIT_RATE", "0")
     return env
 
 
@@ -112,16 +116,23 @@ class Runner:
     def __init__(self, binary):
         self.binary = binary
 
-    def __call__(self, *args, timeout=DEFAULT_TIMEOUT, cwd=None, check=False):
+    def __call__(self, *args, timeout=DEFAULT_TIMEOUT, cwd=None, check=False, env=None):
         """Run `arceus ARGS...`; returns the CompletedProcess (text mode).
+        `env` changes the tests' environment: a variable set to None is removed.
 
         Always asserts the process was not killed by a signal and that no
         sanitizer report appeared; with check=True also that it exited 0.
         """
         cmd = [str(self.binary)] + [str(a) for a in args]
+        run_env = _env()
+        for k, v in (env or {}).items():
+            if v is None:
+                run_env.pop(k, None)
+            else:
+                run_env[k] = v
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
-                                  timeout=timeout, cwd=cwd, env=_env())
+                                  timeout=timeout, cwd=cwd, env=run_env)
         except subprocess.TimeoutExpired as e:
             pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n"
                         f"stderr so far:\n{(e.stderr or b'')[-2000:]!r}")
@@ -383,10 +394,11 @@ class Procs:
         p.gflops, p.gib, p.price = float(m.group(4)), float(m.group(5)), m.group(6)
         return p
 
-    def leased_worker(self, market, token, price, gflops=150.0, name="worker", timeout=90):
+    def leased_worker(self, market, token, price, gflops=150.0, name="worker", timeout=90, env=None):
         """A provider registered with the market through gRPC (a profile of
         `gflops` at `price` micro-credits per TFLOP), then its `arceus worker`
-        started there, requiring a lease for that provider: .id, .addr."""
+        started there (with `env`, e.g. a test build's ARCEUS_FAULT),
+        requiring a lease for that provider: .id, .addr."""
         import grpc
         from pbwire import decode, field_bytes, field_double, field_varint
         addr = f"127.0.0.1:{free_port()}"
@@ -396,7 +408,7 @@ class Procs:
         with grpc.insecure_channel(market.addr) as ch:
             pid = decode(ch.unary_unary("/arceus.Market/RegisterProvider")(req, timeout=30))[1][0]
         w = self.start(name, "worker", "--listen", addr, "--threads", "1", "--market", market.addr,
-                       "--token", token, "--provider-id", pid)
+                       "--token", token, "--provider-id", pid, env=env)
         w.addr = w.wait_stdout(WORKER_READY, timeout).group(1)
         w.id = pid
         return w

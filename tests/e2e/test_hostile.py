@@ -238,6 +238,38 @@ def test_worker_restore_table(workers):
     ROWS["Restore"] = len(RESTORE_ROWS)
 
 
+def audit_rows(session):
+    """(what, request, code, words) for Worker.Audit on a stage whose Load
+    asked for digests (LoadRequest.commit_digests, field 23) and ran no step."""
+    req = lambda s=session, step=0: field_bytes(1, s) + field_varint(2, step)  # noqa: E731
+    return [
+        ("not protobuf", b"\xff\xff\xff", C.INVALID_ARGUMENT, ["malformed AuditRequest"]),
+        ("request of 2 KiB", req() + field_bytes(9, b"\0" * 2048), C.RESOURCE_EXHAUSTED, ["the limit is"]),
+        ("no session", field_varint(2, 0), C.UNAUTHENTICATED, ["the call carries no session"]),
+        ("another session", req("ab" * 32), C.UNAUTHENTICATED, ["not the session of the stage loaded here"]),
+        ("a step never run", req(step=5), C.NOT_FOUND, ["step 5"]),
+        ("step 2^64-1", req(step=(1 << 64) - 1), C.NOT_FOUND, ["no step 18446744073709551615"]),
+    ]
+
+
+def test_worker_audit_table(workers):
+    w, = workers(1)
+    with grpc.insecure_channel(w.addr) as ch:
+        audit = lambda req: list(ch.unary_stream("/arceus.Worker/Audit")(req, timeout=30))  # noqa: E731
+        expect_status(lambda: audit(field_varint(2, 0)), C.FAILED_PRECONDITION, ["stage not loaded"],
+                      "Audit before Load")
+        # a Load that did not ask for digests keeps nothing to audit
+        session = load_session(ch, load())
+        expect_status(lambda: audit(field_bytes(1, session)), C.FAILED_PRECONDITION,
+                      ["keeps no steps for audits"], "Audit of a stage without digests")
+        session = load_session(ch, load(raw_extra=field_varint(23, 1)))
+        rows = audit_rows(session)
+        for what, req, code, words in rows:
+            expect_status(lambda: audit(req), code, words, f"Audit {what}")
+            unary(ch, "Hello", hello_request())
+    ROWS["Audit"] = len(rows) + 2
+
+
 def pipe_rows():
     f32 = lambda n: b"\0" * (4 * n)  # noqa: E731
     act = frame(1, nmb=1, rows=1, dtype=0, shape=(1, 8), payload=f32(8))
@@ -429,7 +461,7 @@ def market_rows(token, other, pid, lease):
         ("GetJob", "another account's job", field_bytes(1, token) + field_varint(2, 1),
          C.PERMISSION_DENIED, []),
         ("Balance", "request of 100 KB", field_bytes(1, token) + field_bytes(15, b"\0" * 100000),
-         C.RESOURCE_EXHAUSTED, ["message larger than max"]),
+         C.RESOURCE_EXHAUSTED, ["Balance request of 100", "the limit is 65536"]),
         ("ReplaceProvider", "not protobuf", b"\xff\xff\xff", C.INVALID_ARGUMENT, ["malformed"]),
         ("ReplaceProvider", "unknown lease", replace("0" * 64, pid, 0), C.UNAUTHENTICATED, ["unknown or released"]),
         ("ReplaceProvider", "lease token not hex", replace("q" * 64, pid, 0), C.UNAUTHENTICATED, ["lease token"]),
@@ -492,8 +524,25 @@ def market_rows(token, other, pid, lease):
         ("ReportProgress", "plan of more links than stages",
          progress(lease, plan=plan_stage(0, 0, 1) + field_varint(2, 4) + plan_link() + plan_link(stage=1)),
          C.INVALID_ARGUMENT, ["plan: 2 links for 1 stages"]),
+        ("ReportAudit", "unknown lease", audit_report("0" * 64, pid), C.UNAUTHENTICATED, ["unknown or released"]),
+        ("ReportAudit", "step -1", audit_report(lease, pid, step=(1 << 64) - 1), C.INVALID_ARGUMENT,
+         ["step -1", "out of range"]),
+        ("ReportAudit", "stage 5000", audit_report(lease, pid, stage=5000), C.INVALID_ARGUMENT,
+         ["stage 5000"]),
+        ("ReportAudit", "a pass with evidence", audit_report(lease, pid, material=b"x"), C.INVALID_ARGUMENT,
+         ["evidence with a pass"]),
+        ("ReportAudit", "a failure without evidence", audit_report(lease, pid, passed=False), C.INVALID_ARGUMENT,
+         ["a failure without evidence"]),
+        ("ReportAudit", "a pass for a provider not in the lease", audit_report(lease, pid + 1000),
+         C.INVALID_ARGUMENT, ["not the lease's member"]),
         ("NoSuchMethod", "unknown method", b"", C.UNIMPLEMENTED, []),
     ]
+
+
+def audit_report(lease, pid, stage=0, step=0, passed=True, material=b""):
+    """A ReportAuditRequest: by default a pass of the member's step 0."""
+    return (field_bytes(1, lease) + field_varint(2, pid) + field_varint(3, stage) + field_varint(4, step) +
+            (field_varint(5, 1) if passed else b"") + (field_bytes(6, material) if material else b""))
 
 
 def test_market_table(add_account, market, tmp_path):
@@ -675,7 +724,7 @@ MIN_ROWS = {"Hello": 7, "Load": 38, "Save/Restore before Load": 2, "Restore": 7,
 def worker_rows_by_method():
     """{Worker rpc: hostile rows sent to it} (the limits tests aside)."""
     return {"Hello": len(HELLO_ROWS), "Load": len(LOAD_ROWS), "Save": 1, "Restore": len(RESTORE_ROWS) + 1,
-            "Pipe": len(pipe_rows()) + 1}
+            "Pipe": len(pipe_rows()) + 1, "Audit": len(audit_rows("s")) + 2}
 
 
 def test_zz_every_entry_point_has_its_table_of_hostile_rows(capsys):
@@ -696,7 +745,8 @@ def test_zz_every_entry_point_has_its_table_of_hostile_rows(capsys):
     assert not unknown, f"market rows for methods that proto/arceus.proto does not have: {unknown}"
 
     sizes = {"Hello": len(HELLO_ROWS), "Load": len(LOAD_ROWS), "Save/Restore before Load": 2,
-             "Restore": len(RESTORE_ROWS), "Pipe": len(pipe_rows()) + 1, "Market": len(market)}
+             "Restore": len(RESTORE_ROWS), "Pipe": len(pipe_rows()) + 1, "Audit": len(audit_rows("s")) + 2,
+             "Market": len(market)}
     for table, rows in (("Hello", HELLO_ROWS), ("Load", LOAD_ROWS), ("Restore", RESTORE_ROWS),
                         ("Pipe", pipe_rows()), ("Market", [(m, w) for m, w, *_ in market])):
         names = [r[:2] if table == "Market" else r[0] for r in rows]

@@ -226,3 +226,37 @@ def test_the_estimate_is_the_price_and_a_cap_of_exactly_it_covers_the_run(
         assert con.execute("SELECT status, step FROM jobs").fetchall() == [("cancelled", 0), ("done", steps)]
     finally:
         con.close()
+
+
+def test_stages_commit_digests_that_the_market_keeps(
+        run_arceus, add_account, market, leased_worker, tmp_path, small_fashion, small_mlp_spec):
+    """Every stage commits SHA-256 digests of its step in its NORM record and
+    the driver forwards them with the payment: the market keeps one row per
+    step and stage, and the digests chain (what stage 0 sent is what stage 1
+    received, in both directions; the state changes every step)."""
+    db = tmp_path / "market.db"
+    renter = add_account(db, "renter", "100")
+    alice, bob = add_account(db, "alice"), add_account(db, "bob")
+    market = market(db, "--offline-after", "3600")
+    leased_worker(market, alice, 400 * MICRO)
+    leased_worker(market, bob, 700 * MICRO)
+    steps = 4
+    p = run_arceus("train", "--model", small_mlp_spec, "--data", small_fashion, "--steps", steps,
+                   "--batch", 32, "--micro-batches", 2, "--eval-every", 0, "--plan", "0,1-2",
+                   "--market", market.addr, "--token", renter, "--devices", 2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    con = sqlite3.connect(str(db))
+    try:
+        rows = con.execute("SELECT step, stage, digests FROM stage_digests ORDER BY step, stage").fetchall()
+    finally:
+        con.close()
+    assert [(s, st) for s, st, _ in rows] == [(s, st) for s in range(steps) for st in (0, 1)], rows
+    d = {(s, st): [h[64 * k:64 * (k + 1)] for k in range(5)] for s, st, h in rows}
+    state, act_in, act_out, grad_in, grad_out = range(5)
+    for s in range(steps):
+        assert d[s, 0][act_out] == d[s, 1][act_in], s
+        assert d[s, 1][grad_out] == d[s, 0][grad_in], s
+        assert d[s, 0][act_in] != d[s, 0][act_out]
+        if s:
+            for st in (0, 1):
+                assert d[s, st][state] != d[s - 1, st][state], (s, st)

@@ -112,7 +112,7 @@ static void lease_two(leased *t)
     t->f1 = mem[1].flops_per_step;
     ar_free(mem);
     for (int64_t step = 0; step < 4; step++) {
-        ar_stage_usage u[2] = {{0, t->a, 0}, {1, t->b, 0}} /* 0: the plan's FLOPs */;
+        ar_stage_usage u[2] = {{.stage = 0, .provider_id = t->a}, {.stage = 1, .provider_id = t->b}} /* 0: the plan's FLOPs */;
         ar_step_settlement paid;
         cr_assert_eq(ar_rules_settle_step(t->s, &t->l, step, u, 2, false, 0, &paid), AR_OK, "%s", ar_last_error());
     }
@@ -193,11 +193,11 @@ Test(market_leave, a_hand_over_is_not_a_loss_and_asked_again_answers_the_same)
     cr_assert_eq(ar_rules_hand_over(t.s, NULL, &t.l, NULL, 999, 4, 0, &again), AR_EINVAL);
 
     /* the newcomer is paid from here, at its price; the leaver is no member */
-    ar_stage_usage u[2] = {{0, t.a, 0}, {1, t.spare, 0}};
+    ar_stage_usage u[2] = {{.stage = 0, .provider_id = t.a}, {.stage = 1, .provider_id = t.spare}};
     ar_step_settlement paid;
     cr_assert_eq(ar_rules_settle_step(t.s, &t.l, 4, u, 2, false, 0, &paid), AR_OK, "%s", ar_last_error());
     cr_assert_eq(paid.paid, cost(t.f0, AR_CREDITS(1)) + cost(t.f1, AR_CREDITS(2)));
-    ar_stage_usage old[2] = {{0, t.a, 0}, {1, t.b, 0}};
+    ar_stage_usage old[2] = {{.stage = 0, .provider_id = t.a}, {.stage = 1, .provider_id = t.b}};
     cr_assert_neq(ar_rules_settle_step(t.s, &t.l, 5, old, 2, false, 0, &paid), AR_OK);
     int64_t sum = 1;
     cr_assert_eq(ar_store_ledger_sum(t.s, &sum), AR_OK);

@@ -13,6 +13,8 @@
 
 #include "arceus.h"
 #include "core/core.h"
+#include "nn/spec.h"
+#include "train/audit.h"
 #include "tmpfiles.h"
 
 #include <criterion/criterion.h>
@@ -551,14 +553,14 @@ Test(market_rules, a_report_that_does_not_fit_the_lease_pays_nothing)
         const char *why;
     } bad[] = {
         /* the renter setting its own price */
-        {{{0, t.a, 1}, {1, t.b, 1}}, 2, "the FLOPs differ from the lease's plan"},
-        {{{0, t.a, 0}, {1, t.b, UNIT_FLOPS + 1}}, 2, "the FLOPs differ from the lease's plan"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 1}, {.stage = 1, .provider_id = t.b, .flops = 1}}, 2, "the FLOPs differ from the lease's plan"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 0}, {.stage = 1, .provider_id = t.b, .flops = UNIT_FLOPS + 1}}, 2, "the FLOPs differ from the lease's plan"},
         /* or paying some of a step's stages */
-        {{{0, t.a, 0}}, 1, "every stage of a step is paid"},
-        {{{0, t.a, 0}, {1, t.spare, 0}}, 2, "the provider is not the lease's at that stage"},
-        {{{0, t.b, 0}, {1, t.a, 0}}, 2, "the provider is not the lease's at that stage"},
-        {{{0, t.a, 0}, {0, t.a, 0}}, 2, "stage or provider reported twice"},
-        {{{0, t.a, 0}, {2, t.b, 0}}, 2, "no such stage in the lease's plan"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 0}}, 1, "every stage of a step is paid"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 0}, {.stage = 1, .provider_id = t.spare, .flops = 0}}, 2, "the provider is not the lease's at that stage"},
+        {{{.stage = 0, .provider_id = t.b, .flops = 0}, {.stage = 1, .provider_id = t.a, .flops = 0}}, 2, "the provider is not the lease's at that stage"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 0}, {.stage = 0, .provider_id = t.a, .flops = 0}}, 2, "stage or provider reported twice"},
+        {{{.stage = 0, .provider_id = t.a, .flops = 0}, {.stage = 2, .provider_id = t.b, .flops = 0}}, 2, "no such stage in the lease's plan"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         cr_assert_eq(ar_rules_settle_step(t.s, &l, 0, bad[i].u, bad[i].n, false, 0, &paid), AR_EINVAL, "case %zu", i);
@@ -751,7 +753,7 @@ Test(market_rules, a_lost_member_is_replaced_only_redone_steps_reversed_and_aske
 
     /* the replacement's redo of step 4 is paid to it, at its price, and
      * gives back b's payment for that step; a's is not paid twice */
-    ar_stage_usage u[2] = {{0, t.a, 0}, {1, t.spare, 0}};
+    ar_stage_usage u[2] = {{.stage = 0, .provider_id = t.a, .flops = 0}, {.stage = 1, .provider_id = t.spare, .flops = 0}};
     cr_assert_eq(ar_rules_settle_step(t.s, &l, 4, u, 2, false, 0, &paid), AR_OK, "%s", ar_last_error());
     cr_assert_eq(paid.paid, 2 * UNIT_COST);
     cr_assert_eq(paid.duplicates, 1);
@@ -794,7 +796,7 @@ Test(market_rules, a_lost_member_with_no_free_provider_leaves_the_lease_replanne
     cr_assert_eq(lease_of(t.s, l.id).plan, 1);
     /* a step under the new plan: b alone, both layers */
     ar_step_settlement paid;
-    ar_stage_usage u = {0, t.b, 0};
+    ar_stage_usage u = {.stage = 0, .provider_id = t.b, .flops = 0};
     cr_assert_eq(ar_rules_settle_step(t.s, &l, 0, &u, 1, false, 0, &paid), AR_OK, "%s", ar_last_error());
     cr_assert_eq(paid.paid, 2 * UNIT_COST);
     /* asked again: still no replacement, nothing done twice */
@@ -1621,4 +1623,145 @@ Test(market_rules, a_replacement_is_a_provider_the_market_reaches)
     cr_assert_eq(net.calls, 2); /* b, then the spare */
     cr_assert_eq(provider(t.s, t.spare).reach, AR_REACH_UNREACHABLE);
     ar_store_close(t.s);
+}
+
+/* ---- audits by replay ------------------------------------------------------------- */
+
+/* A failed audit moves money only when the market's own replay of the
+ * evidence confirms it: evidence that replays to what the provider
+ * committed, or that is not the provider's own material, is a false claim
+ * and moves nothing; a replay that differs from the provider's commitment
+ * gives its held earnings back to the renter and drops its reliability. */
+Test(market_rules, a_failed_audit_moves_money_only_when_the_markets_replay_confirms_it)
+{
+    static const char *SPEC = "{\"type\": \"mlp\", \"inputs\": 6, \"hidden\": [5], \"classes\": 3, "
+                              "\"activation\": \"relu\", \"dropout\": 0.0}";
+    ar_store *s = open_db();
+    int64_t renter = new_account(s, "renter", AR_CREDITS(100));
+    int64_t owner_a = new_account(s, "a", 0), owner_b = new_account(s, "b", 0);
+    const int64_t G = (int64_t)1 << 30;
+    /* a tiny model: priced high enough that its steps cost something */
+    int64_t a = new_provider(s, owner_a, 5001, 100, 2 * G, AR_CREDITS(1000000));
+    int64_t b = new_provider(s, owner_b, 5002, 100, G, AR_CREDITS(1000000));
+    ar_market_lease_request q = ask(2, 10, 2);
+    q.model_spec = SPEC;
+    q.mb_rows = 4;
+    q.micro_batches = 2;
+    ar_market_lease got;
+    bool too_few;
+    cr_assert_eq(ar_rules_acquire(s, NULL, renter, &q, &got, &too_few), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(got.providers[0].p.id, a);
+    ar_lease l = lease_of(s, got.lease_id);
+
+    /* provider a's stage 0 (unit 0) and one honest step's material */
+    ar_model_spec spec;
+    cr_assert_eq(ar_spec_parse(SPEC, strlen(SPEC), "test", &spec), AR_OK);
+    ar_optim_config oc = {.kind = AR_OPT_ADAMW, .beta1 = 0.9f, .beta2 = 0.99f, .eps = 1e-8f};
+    ar_stage st;
+    cr_assert_eq(ar_stage_create(&st, &spec, 0, 1, 4, 1, 42, &oc), AR_OK, "%s", ar_last_error());
+    ar_audit_material m = {.step = 0, .M = 2, .opt_step = 0, .param_floats = st.param_floats, .has_update = 1,
+                           .lr = 1e-2f, .scale = 1.0f};
+    m.params = ar_calloc((size_t)st.param_floats, sizeof(float));
+    m.m = ar_calloc((size_t)st.param_floats, sizeof(float));
+    m.v = ar_calloc((size_t)st.param_floats, sizeof(float));
+    m.mb = calloc(2, sizeof *m.mb);
+    memcpy(m.params, st.mem_params, sizeof(float) * (size_t)st.param_floats);
+    for (int i = 0; i < 2; i++) {
+        ar_audit_mb *mb = &m.mb[i];
+        mb->rows = 4;
+        mb->act_bytes = 4 * 6 * sizeof(float);
+        mb->act = malloc(mb->act_bytes);
+        mb->ntargets = 4;
+        mb->targets = malloc(4 * sizeof(int32_t));
+        mb->grad_bytes = 4 * 5 * sizeof(float);
+        mb->grad = malloc(mb->grad_bytes);
+        for (int j = 0; j < 24; j++)
+            ((float *)mb->act)[j] = (float)((j * 7 + i) % 13) / 13.0f - 0.5f;
+        for (int j = 0; j < 20; j++)
+            mb->grad[j] = (float)((j * 5 + i) % 11) / 110.0f - 0.05f;
+        for (int j = 0; j < 4; j++)
+            mb->targets[j] = (j + i) % 3;
+        mb->loss = 1.0 + i;
+    }
+    ar_step_digests honest;
+    uint8_t after[32];
+    cr_assert_eq(ar_audit_replay(&st, &m, 42, &honest, after), AR_OK, "%s", ar_last_error());
+    void *ev_bytes;
+    size_t ev_n;
+    cr_assert_eq(ar_audit_material_encode(&m, &ev_bytes, &ev_n), AR_OK);
+    ar_audit_evidence ev = {.material = ev_bytes, .material_bytes = ev_n, .optim = oc, .seed = 42};
+
+    /* steps 0 and 1 paid with a's honest commitments (1's state: 0's after);
+     * steps 2 and 3 with a cheat's: its ACT out of step 2 is not the replay's */
+    for (int64_t step = 0; step < 4; step++) {
+        ar_step_digests d = honest;
+        if (step % 2 == 1)
+            memcpy(d.d[AR_DIGEST_STATE], after, 32);
+        if (step == 2)
+            d.d[AR_DIGEST_ACT_OUT][0] ^= 1;
+        ar_stage_usage u[2] = {{.stage = 0, .provider_id = a, .has_digests = true},
+                               {.stage = 1, .provider_id = b}};
+        memcpy(u[0].digests, &d, sizeof d);
+        ar_step_settlement paid;
+        cr_assert_eq(ar_rules_settle_step(s, &l, step, u, 2, false, 0, &paid), AR_OK, "%s", ar_last_error());
+    }
+    int64_t held_a = pending(s, owner_a), before = balance(s, renter);
+    cr_assert(held_a > 0);
+    size_t rows = ledger_rows(s);
+    bool confirmed = true;
+    int64_t back = -1;
+
+    /* the step after not reported yet: nothing to compare with */
+    cr_assert_eq(ar_rules_audit_claim(s, &l, a, 3, 0, &ev, &confirmed, &back), AR_ENOTFOUND);
+    /* not the member at that stage */
+    cr_assert_eq(ar_rules_audit_claim(s, &l, b, 0, 0, &ev, &confirmed, &back), AR_EINVAL);
+    /* an honest step: the replay reproduces the commitments */
+    cr_assert_eq(ar_rules_audit_claim(s, &l, a, 0, 0, &ev, &confirmed, &back), AR_ELIMIT);
+    cr_assert(strstr(ar_last_error(), "reproduces every digest"), "%s", ar_last_error());
+    cr_assert_not(confirmed);
+    /* material that is not what the provider committed to */
+    float kept0 = m.params[0];
+    m.params[0] += 1.0f;
+    void *forged;
+    size_t forged_n;
+    cr_assert_eq(ar_audit_material_encode(&m, &forged, &forged_n), AR_OK);
+    m.params[0] = kept0;
+    ar_audit_evidence fake = ev;
+    fake.material = forged;
+    fake.material_bytes = forged_n;
+    cr_assert_eq(ar_rules_audit_claim(s, &l, a, 0, 0, &fake, &confirmed, &back), AR_ELIMIT);
+    cr_assert(strstr(ar_last_error(), "not what the provider committed"), "%s", ar_last_error());
+    free(forged);
+    /* nothing moved, and the renter has two false claims */
+    cr_assert_eq(ledger_rows(s), rows);
+    cr_assert_eq(pending(s, owner_a), held_a);
+    ar_account acc;
+    cr_assert_eq(ar_store_account_get(s, renter, &acc), AR_OK);
+    cr_assert_eq(acc.false_claims, 2);
+
+    /* the cheat's step 2: confirmed, its held earnings back with the renter */
+    m.step = 2;
+    void *ev2;
+    size_t ev2_n;
+    cr_assert_eq(ar_audit_material_encode(&m, &ev2, &ev2_n), AR_OK);
+    ar_audit_evidence cheat = ev;
+    cheat.material = ev2;
+    cheat.material_bytes = ev2_n;
+    cr_assert_eq(ar_rules_audit_claim(s, &l, a, 2, 0, &cheat, &confirmed, &back), AR_OK, "%s", ar_last_error());
+    cr_assert(confirmed);
+    cr_assert_eq(back, held_a);
+    cr_assert_eq(pending(s, owner_a), 0);
+    cr_assert_eq(balance(s, owner_a), 0);
+    cr_assert_eq(balance(s, renter), before + held_a);
+    cr_assert_float_eq(reliability(s, owner_a), 0.0, 1e-12);
+    bool on_record = false;
+    cr_assert_eq(ar_store_audit_failed(s, l.job_id, a, &on_record), AR_OK);
+    cr_assert(on_record);
+    assert_books(s);
+
+    free(ev2);
+    free(ev_bytes);
+    ar_audit_material_free(&m);
+    ar_stage_destroy(&st);
+    ar_store_close(s);
 }

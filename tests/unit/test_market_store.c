@@ -1359,7 +1359,7 @@ Test(market_store, schema_3_database_is_migrated_to_the_current_schema_keeping_i
     cr_assert_eq(ar_store_job_progress_record(s, j, 0, 1.5), 0);
     ar_store_close(s);
     /* back to what a schema-3 market left (schema 7's changes undone first) */
-    raw_sql("DROP TABLE audit_failures; DROP TABLE stage_samples; DROP TABLE provider_speed;"
+    raw_sql("DROP TABLE stage_digests; DROP TABLE audit_failures; DROP TABLE stage_samples; DROP TABLE provider_speed;"
             " ALTER TABLE accounts DROP COLUMN reliability; ALTER TABLE accounts DROP COLUMN false_claims;"
             " ALTER TABLE accounts DROP COLUMN confirmed_claims; DELETE FROM accounts WHERE name = 'escrow';"
             " ALTER TABLE jobs DROP COLUMN ended; ALTER TABLE jobs DROP COLUMN last_paid; ALTER TABLE leases DROP COLUMN spec;"

@@ -7,6 +7,7 @@
 #include "net/remote.h"
 #include "nn/spec.h"
 #include "train/frame.h"
+#include "train/pipeline.h"
 #include "train/stage.h"
 
 #include <criterion/criterion.h>
@@ -364,6 +365,109 @@ Test(net, worker_control_rpcs)
     ar_stage_destroy(&sh);
     ar_stage_destroy(&ref);
 
+    ar_client_close(c);
+    ar_worker_stop(w);
+}
+
+static int ignore_msg(void *user, const void *data, size_t len)
+{
+    (void)user;
+    (void)data;
+    (void)len;
+    return AR_OK;
+}
+
+/* The Audit RPC: only the Load's session reads a stage's kept steps, only
+ * when the Load asked for digests, only its last three steps; the request is
+ * bounded, and so is what the driver accepts back. */
+Test(net, worker_audit_rpc)
+{
+    ar_worker_config wc = {.listen = "127.0.0.1:0", .threads = 1};
+    ar_worker *w;
+    char addr[200];
+    cr_assert_eq(ar_worker_start(&wc, &w, addr, sizeof addr), AR_OK, "%s", ar_last_error());
+    ar_client *c;
+    cr_assert_eq(ar_client_open(addr, &c), AR_OK);
+    ar_model_spec spec;
+    cr_assert_eq(ar_spec_parse(MLP, strlen(MLP), "test", &spec), AR_OK);
+    ar_load_args a = {.spec = &spec, .first = 0, .last = 2, .rows = 4, .micro_batches = 2, .schedule = 1,
+                      .index = 0, .count = 1, .seed = 1,
+                      .optim = {.kind = 0, .beta1 = 0.9f, .beta2 = 0.99f, .eps = 1e-8f}};
+    ar_stage ref;
+    cr_assert_eq(ar_stage_create(&ref, &spec, 0, 2, 4, 1, 1, &a.optim), AR_OK);
+    long pf = ref.param_floats;
+    size_t plenty = (size_t)64 << 20;
+    ar_audit_material m;
+    char session[AR_SESSION_HEX + 1];
+
+    /* before any Load */
+    cr_assert_neq(ar_remote_audit(c, "", 0, plenty, pf, 2, 4, &m), AR_OK);
+    cr_assert(strstr(ar_last_error(), "stage not loaded"), "%s", ar_last_error());
+    /* a Load that asked for no digests keeps nothing */
+    cr_assert_eq(ar_remote_load(c, &a, NULL, session), AR_OK, "%s", ar_last_error());
+    cr_assert_neq(ar_remote_audit(c, session, 0, plenty, pf, 2, 4, &m), AR_OK);
+    cr_assert(strstr(ar_last_error(), "keeps no steps"), "%s", ar_last_error());
+
+    /* with digests: two steps through a Pipe */
+    a.commit_digests = 1;
+    cr_assert_eq(ar_remote_load(c, &a, NULL, session), AR_OK, "%s", ar_last_error());
+    ar_link *l;
+    cr_assert_eq(ar_client_pipe_session(c, "stage 0", 0, session, &l), AR_OK, "%s", ar_last_error());
+    float x[8 * 8];
+    int32_t y[8];
+    for (int i = 0; i < 64; i++)
+        x[i] = (float)((i * 7) % 11) / 11.0f - 0.5f;
+    for (int i = 0; i < 8; i++)
+        y[i] = i % 3;
+    for (int64_t step = 0; step < 2; step++) {
+        ar_batch_desc b = {.step = step, .M = 2, .B = 8, .dtype = AR_DT_F32, .inputs = x, .row_elems = 8,
+                           .targets = y, .row_targets = 1};
+        ar_step_result res;
+        cr_assert_eq(ar_chain_send_step(l, &b, 1, 1e-2f, 1.0f), AR_OK, "%s", ar_last_error());
+        cr_assert_eq(ar_chain_recv_step(l, &b, 30, &res), AR_OK, "%s", ar_last_error());
+        cr_assert(res.has_digests[0]);
+    }
+    cr_assert_eq(ar_chain_sync(l, 30), AR_OK, "%s", ar_last_error());
+
+    /* the right session gets step 0's material: the state before it (the
+     * Load's initial weights, as ref has them) and its two micro-batches */
+    cr_assert_eq(ar_remote_audit(c, session, 0, plenty, pf, 2, 4, &m), AR_OK, "%s", ar_last_error());
+    cr_assert_eq(m.step, 0);
+    cr_assert_eq(m.M, 2);
+    cr_assert(m.has_update);
+    cr_assert(memcmp(m.params, ref.mem_params, sizeof(float) * (size_t)pf) == 0);
+    cr_assert_eq(m.mb[1].act_bytes, 4 * 8 * sizeof(float));
+    ar_audit_material_free(&m);
+    /* a step never run is NOT_FOUND */
+    cr_assert_neq(ar_remote_audit(c, session, 7, plenty, pf, 2, 4, &m), AR_OK);
+    cr_assert(strstr(ar_last_error(), "no longer kept"), "%s", ar_last_error());
+    /* another session, or none, reads nothing */
+    char other[AR_SESSION_HEX + 1];
+    memcpy(other, session, sizeof other);
+    other[0] = other[0] == 'a' ? 'b' : 'a';
+    cr_assert_neq(ar_remote_audit(c, other, 0, plenty, pf, 2, 4, &m), AR_OK);
+    cr_assert(strstr(ar_last_error(), "not the session"), "%s", ar_last_error());
+    cr_assert_neq(ar_remote_audit(c, "", 0, plenty, pf, 2, 4, &m), AR_OK);
+    cr_assert(strstr(ar_last_error(), "carries no session"), "%s", ar_last_error());
+    /* the driver takes no more than it expects, and only the stage it expects */
+    cr_assert_neq(ar_remote_audit(c, session, 0, 512, pf, 2, 4, &m), AR_OK);
+    cr_assert(strstr(ar_last_error(), "more than the 512 bytes expected"), "%s", ar_last_error());
+    cr_assert_neq(ar_remote_audit(c, session, 0, plenty, pf + 1, 2, 4, &m), AR_OK);
+    cr_assert(strstr(ar_last_error(), "parameters"), "%s", ar_last_error());
+    cr_assert_neq(ar_remote_audit(c, session, 0, plenty, pf, 1, 4, &m), AR_OK);
+    cr_assert_neq(ar_remote_audit(c, session, 0, plenty, pf, 2, 3, &m), AR_OK);
+    /* a request over 1 KiB is refused as it arrives */
+    char big[2048];
+    memset(big, 'x', sizeof big);
+    cr_assert_neq(ar_client_read_stream(c, "/arceus.Worker/Audit", big, sizeof big, ignore_msg, NULL, 10, NULL), AR_OK);
+    cr_assert(strstr(ar_last_error(), "the limit is 1024"), "%s", ar_last_error());
+    /* the worker goes on: a new Load empties what it kept */
+    cr_assert_eq(ar_remote_load(c, &a, NULL, session), AR_OK, "%s", ar_last_error());
+    cr_assert_neq(ar_remote_audit(c, session, 0, plenty, pf, 2, 4, &m), AR_OK);
+    cr_assert(strstr(ar_last_error(), "no longer kept"), "%s", ar_last_error());
+
+    ar_link_destroy(l);
+    ar_stage_destroy(&ref);
     ar_client_close(c);
     ar_worker_stop(w);
 }
