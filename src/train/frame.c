@@ -345,8 +345,10 @@ int ar_frame_decompress(ar_frame *f)
     if (!out)
         return ar_fail(AR_ENOMEM, "out of memory decompressing a %s frame of %zu elements",
                        ar_frame_kind_name(f->kind), n);
-    const uint8_t *p = f->data;
-    if (f->dtype == AR_DT_BF16) {
+    const uint8_t *p = f->data; /* NULL for a frame of no elements: nothing to read */
+    if (n == 0) {
+        /* as it is: no pointer arithmetic on a NULL payload */
+    } else if (f->dtype == AR_DT_BF16) {
         for (size_t i = 0; i < n; i++)
             out[i] = from_bf16((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
     } else {
