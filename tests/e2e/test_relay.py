@@ -471,4 +471,6 @@ def test_a_stage_the_market_dials_is_dialled_back_by_its_relayed_next_stage(
     assert "dialled the previous stage at 127.0.0.1:" in hidden.err(), hidden.err()[-2000:]
     assert ledger_total(db) == 0
     market.stop()
-    assert re.search(r"\b1 stage dialled back directly", market.err()), market.err()[-2000:]
+    # once per load of the pipeline (a run loads its stages again when the measured links change its plan)
+    m = re.search(r"\b(\d+) stages? dialled back directly\n(?!.*dialled back directly)", market.err(), re.S)
+    assert m and int(m.group(1)) >= 1, market.err()[-2000:]
