@@ -69,6 +69,9 @@ LIB := $(OUT)/libarceus.a
 BIN := $(OUT)/arceus
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(OUT)/tests/%)
+# programs the unit tests run (plain main, no Criterion)
+TEST_HELPER_SRC := $(wildcard tests/unit/helper_*.c)
+TEST_HELPER_BIN := $(TEST_HELPER_SRC:tests/unit/%.c=$(OUT)/tests/%)
 
 .PHONY: all test unit e2e ref bench bench-quality demo demo-lm demo-nat demo-local clean deps deps-runtime fuzz \
         fuzz-run man install uninstall
@@ -110,7 +113,7 @@ $(OUT)/gen/web_assets.o: $(GEN)/web_assets.c src/market/http.h
 	$(CC) -std=c11 -Isrc $(OPT) -w -c $< -o $@
 
 # everything that includes the generated header waits for it
-$(LIB_SRC:%.c=$(OUT)/%.o) $(CLI_OBJ) $(TEST_BIN): | $(GEN)/arceus.pb-c.h
+$(LIB_SRC:%.c=$(OUT)/%.o) $(CLI_OBJ) $(TEST_BIN) $(TEST_HELPER_BIN): | $(GEN)/arceus.pb-c.h
 
 $(LIB): $(LIB_OBJ)
 	@rm -f $@
@@ -122,6 +125,10 @@ $(BIN): $(CLI_OBJ) $(LIB)
 $(OUT)/tests/%: tests/unit/%.c $(LIB) $(wildcard tests/unit/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests/unit -o $@ $< $(LIB) $(DEP_LIBS) $(CRITERION_LIBS)
+
+$(OUT)/tests/helper_%: tests/unit/helper_%.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(DEP_LIBS)
 
 # PyTorch reference data for the numerics tests (Debian python3-torch).
 REF_DIR := build/ref
@@ -162,7 +169,7 @@ fuzz-run: $(FUZZ_BIN)
 
 # Criterion runs each test in a child process and does not fail on a
 # sanitizer report in it, so the output is also searched for one.
-unit: $(TEST_BIN) ref
+unit: $(TEST_BIN) $(TEST_HELPER_BIN) ref
 	@set -e; mkdir -p $(OUT)/logs; for t in $(TEST_BIN); do \
 	    echo "== $$t"; log=$(OUT)/logs/$$(basename $$t).log; \
 	    AR_REF_DIR=$(REF_DIR) ASAN_OPTIONS=detect_leaks=1 $$t --jobs 1 2>&1 | tee $$log; \

@@ -2,6 +2,7 @@
  * (its summary, options, help and entry point); this is the list of them. */
 #include "arceus.h"
 #include "cli/cli.h"
+#include "net/net.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -23,6 +24,10 @@ static void usage(FILE *out)
 
 int main(int argc, char **argv)
 {
+    if (ar_net_process_init() != AR_OK) {
+        fprintf(stderr, "arceus: error: %s\n", ar_last_error());
+        return 1;
+    }
     if (argc < 2) {
         usage(stderr);
         return 2;

@@ -4,6 +4,8 @@
 
 #include "core/core.h"
 
+#include <openssl/crypto.h>
+
 #include <limits.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -32,6 +34,13 @@ static void *loop_main(void *arg)
             break;
     }
     return NULL;
+}
+
+int ar_net_process_init(void)
+{
+    if (OPENSSL_init_crypto(OPENSSL_INIT_NO_ATEXIT, NULL) != 1)
+        return ar_fail(AR_EINTERNAL, "cannot initialise OpenSSL");
+    return AR_OK;
 }
 
 int ar_net_init(void)

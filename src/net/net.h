@@ -40,6 +40,14 @@ enum {
     AR_STATUS_UNAVAILABLE = 14
 };
 
+/* Call first thing in main, before any thread starts. OpenSSL (sessions,
+ * token digests, TLS) frees its global state in an atexit handler by default;
+ * a process that exits while another thread is still inside OpenSSL (a relay
+ * dial, a handler finishing) then races that teardown, which hangs, crashes or
+ * leaves memory the leak checker reports. This asks OpenSSL to leave its state
+ * alone at exit: the process's memory goes back to the system anyway. */
+int ar_net_process_init(void);
+
 /* Reference counted: the first call starts gRPC and the event-loop thread
  * that serves every call of the process; the last stops them. */
 int ar_net_init(void);

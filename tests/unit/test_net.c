@@ -723,3 +723,49 @@ Test(net, a_request_or_a_stream_that_stalls_is_cancelled)
     ar_client_close(c);
     ar_server_destroy(s);
 }
+
+/* ---- exiting while another thread is inside OpenSSL ---------------------- */
+
+#include <libgen.h>
+#include <limits.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
+
+/* CI once failed on a provider that exited on SIGTERM while a thread was
+ * still in OpenSSL: the atexit teardown raced it (LeakSanitizer reported
+ * libcrypto's state; without a sanitizer it hangs or crashes). After
+ * ar_net_process_init a process exits cleanly however busy its threads are:
+ * helper_exit_race (built next to this test) is such a process. */
+Test(net, a_process_exits_cleanly_while_threads_use_openssl, .timeout = 90)
+{
+    char self[PATH_MAX] = {0}, helper[PATH_MAX + 32];
+    cr_assert(readlink("/proc/self/exe", self, sizeof self - 1) > 0);
+    snprintf(helper, sizeof helper, "%s/helper_exit_race", dirname(self));
+    cr_assert_eq(access(helper, X_OK), 0, "%s is not built", helper);
+    for (int round = 0; round < 5; round++) {
+        pid_t child = fork();
+        cr_assert(child >= 0);
+        if (child == 0) {
+            execl(helper, helper, (char *)NULL);
+            _exit(127);
+        }
+        int status = 0;
+        pid_t done = 0;
+        for (int waited_ms = 0; waited_ms < 15000 && done == 0; waited_ms += 10) {
+            done = waitpid(child, &status, WNOHANG);
+            if (done == 0) {
+                struct timespec tick = {0, 10 * 1000 * 1000};
+                nanosleep(&tick, NULL);
+            }
+        }
+        if (done == 0) {
+            kill(child, SIGKILL);
+            waitpid(child, &status, 0);
+            cr_assert_fail("round %d: the process hung at exit", round);
+        }
+        cr_assert(WIFEXITED(status), "round %d: the process died from signal %d at exit", round,
+                  WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+        cr_assert_eq(WEXITSTATUS(status), 0, "round %d: exit status %d", round, WEXITSTATUS(status));
+    }
+}
