@@ -244,8 +244,8 @@ int ar_owner_check(ar_owner *o, char *why, size_t size)
         o->cpu_seen = 0;
         o->other_pct = -1;
     } else if (r->busy_cpu > 0) {
-        /* counters that went backwards (another file, a new boot of a
-         * container's view) start the measure again */
+        /* counters that went backwards (the file replaced by another)
+         * start the measure again */
         if (o->cpu_seen && total > o->cpu_total && busy >= o->cpu_busy) {
             double others = (double)(busy - o->cpu_busy) - (double)(own - o->own_ticks);
             o->other_pct = (int)(100.0 * (others < 0 ? 0 : others) / (double)(total - o->cpu_total) + 0.5);
