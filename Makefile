@@ -73,7 +73,7 @@ TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(OUT)/tests/%)
 TEST_HELPER_SRC := $(wildcard tests/unit/helper_*.c)
 TEST_HELPER_BIN := $(TEST_HELPER_SRC:tests/unit/%.c=$(OUT)/tests/%)
 
-.PHONY: all test unit e2e ref bench bench-quality demo demo-lm demo-nat demo-local clean deps deps-runtime fuzz \
+.PHONY: all test unit e2e ref bench bench-quality bench-cpu-limit demo demo-lm demo-nat demo-local clean deps deps-runtime fuzz \
         fuzz-run man install uninstall
 # bin/arceus is always the release build (the ASan one stays in build/asan)
 ifeq ($(BUILD),release)
@@ -249,6 +249,13 @@ demo-local: deps-runtime
 bench-quality: deps
 	$(MAKE) all
 	$(PYTHON) bench/quality.py --arceus $(abspath $(BIN))
+
+# arceus provide --cpu-limit measured (bench/cpu_limit.py, about a minute): a
+# provider held to 40% and one with no limit, each kept busy by a renter;
+# the share of the machine each used. Not part of `make bench`.
+bench-cpu-limit: deps-runtime
+	$(MAKE) all
+	$(PYTHON) bench/cpu_limit.py --arceus $(abspath $(BIN))
 
 # deps: everything the tests need too; deps-runtime: only building and running
 deps:

@@ -175,10 +175,12 @@ static long long i8042_interrupts(const char *path)
 
 /* ---- the machine's other work ------------------------------------------------------------- */
 
-/* All CPUs' busy and total ticks (/proc/stat), and this process's own. */
-static int cpu_ticks(unsigned long long *busy, unsigned long long *total, unsigned long long *own)
+/* All CPUs' busy and total ticks (the first line of path, /proc/stat's
+ * format), and this process's own (always the real /proc/self/stat). */
+static int cpu_ticks(const char *path, unsigned long long *busy, unsigned long long *total,
+                     unsigned long long *own)
 {
-    FILE *f = fopen("/proc/stat", "r");
+    FILE *f = fopen(path, "r");
     if (!f)
         return -1;
     unsigned long long v[8] = {0};
@@ -211,6 +213,7 @@ void ar_owner_init(ar_owner *o, const ar_owner_rules *r)
 {
     memset(o, 0, sizeof *o);
     o->r = *r;
+    o->other_pct = -1;
 }
 
 int ar_owner_check(ar_owner *o, char *why, size_t size)
@@ -231,18 +234,32 @@ int ar_owner_check(ar_owner *o, char *why, size_t size)
         o->irq_sum = (unsigned long long)irq;
         o->irq_seen = 1;
     }
-    int other_pct = -1;
     unsigned long long busy, total, own;
-    if (r->busy_cpu > 0 && cpu_ticks(&busy, &total, &own) == 0) {
-        if (o->cpu_seen && total > o->cpu_total) {
+    if (r->busy_cpu > 0 && cpu_ticks(r->proc_stat, &busy, &total, &own) != 0) {
+        /* nothing to measure: the rule cannot say busy (nor keep saying it) */
+        if (!o->stat_warned)
+            fprintf(stderr, "arceus provide: warning: cannot read the CPU counters in %s: --busy-cpu is not "
+                            "applied while it cannot\n", r->proc_stat);
+        o->stat_warned = 1;
+        o->cpu_seen = 0;
+        o->other_pct = -1;
+    } else if (r->busy_cpu > 0) {
+        /* counters that went backwards (the file replaced by another)
+         * start the measure again */
+        if (o->cpu_seen && total > o->cpu_total && busy >= o->cpu_busy) {
             double others = (double)(busy - o->cpu_busy) - (double)(own - o->own_ticks);
-            other_pct = (int)(100.0 * (others < 0 ? 0 : others) / (double)(total - o->cpu_total) + 0.5);
+            o->other_pct = (int)(100.0 * (others < 0 ? 0 : others) / (double)(total - o->cpu_total) + 0.5);
         }
-        o->cpu_busy = busy;
-        o->cpu_total = total;
-        o->own_ticks = own;
-        o->cpu_seen = 1;
+        /* no tick between two looks (looks closer than a clock tick): the
+         * last measure stands, rather than the machine looking idle */
+        if (!o->cpu_seen || total != o->cpu_total) {
+            o->cpu_busy = busy;
+            o->cpu_total = total;
+            o->own_ticks = own;
+            o->cpu_seen = 1;
+        }
     }
+    int other_pct = o->other_pct;
 
     if (r->hours_from >= 0 && !in_hours(minute_of_day(o), r->hours_from, r->hours_to)) {
         snprintf(why, size, "outside hours %02d:%02d-%02d:%02d", r->hours_from / 60, r->hours_from % 60,

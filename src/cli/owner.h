@@ -6,8 +6,9 @@
  *
  * Every input the rules read has a path, so that tests can point them at
  * files of their own: the input devices (/dev/input), the interrupt counts
- * (/proc/interrupts), the power supplies (/sys/class/power_supply) and the
- * clock (a file holding "HH:MM" instead of the local time). */
+ * (/proc/interrupts), the CPU counters (/proc/stat), the power supplies
+ * (/sys/class/power_supply) and the clock (a file holding "HH:MM" instead
+ * of the local time). */
 #ifndef AR_CLI_OWNER_H
 #define AR_CLI_OWNER_H
 
@@ -23,7 +24,7 @@ typedef struct {
     int busy_cpu;        /* idle: other processes' CPU use above this % is "busy" (0: not checked) */
     int hours_from, hours_to; /* minutes of the day; -1: any time */
     int on_battery;      /* 1: may run on battery */
-    const char *input_dir, *interrupts, *power_supply_dir, *clock_file;
+    const char *input_dir, *interrupts, *proc_stat, *power_supply_dir, *clock_file;
 } ar_owner_rules;
 
 typedef struct {
@@ -33,7 +34,8 @@ typedef struct {
     int irq_seen;
     unsigned long long cpu_busy, cpu_total, own_ticks; /* /proc/stat and /proc/self/stat at the last look */
     int cpu_seen;
-    int clock_warned;
+    int other_pct;         /* other processes' CPU use between the last two looks that told it (-1: none yet) */
+    int clock_warned, stat_warned;
 } ar_owner;
 
 /* "22:00-07:00" -> minutes of the day; 0, or -1 for anything else (both

@@ -117,6 +117,10 @@ static const ar_option input_options[] = {
     {.name = "interrupts", .kind = AR_OPTION_STRING, AT(rules.interrupts), .metavar = "FILE",
      .def = "/proc/interrupts", .help = "interrupt counts: a change of the i8042 (PS/2 keyboard and mouse) "
                                         "lines is activity"},
+    {.name = "proc-stat", .kind = AR_OPTION_STRING, AT(rules.proc_stat), .metavar = "FILE", .def = "/proc/stat",
+     .help = "CPU counters for --busy-cpu (/proc/stat's format: its first \"cpu\" line, cumulative ticks): "
+             "the busy share of their growth between looks, less this process's own (/proc/self/stat), is "
+             "the other processes' use"},
     {.name = "power-supply-dir", .kind = AR_OPTION_STRING, AT(rules.power_supply_dir), .metavar = "DIR",
      .def = "/sys/class/power_supply", .help = "power supplies (type, online, status)"},
     {.name = "clock-file", .kind = AR_OPTION_STRING, AT(rules.clock_file), .metavar = "FILE",
@@ -144,7 +148,9 @@ static const ar_option service_options[] = {
     {.name = "install-service", .kind = AR_OPTION_FLAG, AT(install_service),
      .help = "instead of providing now, write a systemd user unit (arceus-provide.service) that runs "
              "arceus provide with the other options given, and the token into a 0600 file beside it; "
-             "then enable and start it with systemctl --user. Prints what it did and how to undo it"},
+             "then enable and start it with systemctl --user. A --cpu-limit under 100 becomes the unit's "
+             "CPUQuota= (PCT x the online CPUs, systemd's percent being of one CPU) instead of an option of "
+             "its command. Prints what it did and how to undo it"},
     {0},
 };
 
@@ -542,7 +548,7 @@ static int run_provide(void *opts)
         return 2;
     }
     if (o->install_service)
-        return ar_cli_install_service(o->argc, o->argv, token, market, o->grace);
+        return ar_cli_install_service(o->argc, o->argv, token, market, o->grace, o->cpu_limit);
 
     /* Low priority first, before any other thread exists: on Linux the nice
      * value belongs to each thread and new threads inherit their creator's,

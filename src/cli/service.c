@@ -5,7 +5,8 @@
  *   systemd/user/arceus-provide.service  ExecStart= this binary (its real
  *       path) with the options given now, less --install-service and the
  *       token; WorkingDirectory= the current folder, so relative paths
- *       (--tls-cert tls/server.pem) mean what they meant here
+ *       (--tls-cert tls/server.pem) mean what they meant here; with
+ *       --cpu-limit PCT under 100, CPUQuota= holds it instead (below)
  *   arceus/provide.env  ARCEUS_TOKEN=..., mode 0600: the token stays out of
  *       the unit (which anyone may read) and out of `ps`
  * then runs `systemctl --user daemon-reload` and `systemctl --user enable
@@ -133,21 +134,24 @@ static void print_undo(const char *unit, const char *env, int enabled)
         printf("  systemctl --user daemon-reload\n");
 }
 
-/* Is argv[i] an option this copy drops? *skip: how many words it takes. */
-static int dropped(int argc, char **argv, int i, int *skip)
+/* Is argv[i] an option this copy drops (cpu_limit: --cpu-limit too)?
+ * *skip: how many words it takes. */
+static int dropped(int argc, char **argv, int i, int cpu_limit, int *skip)
 {
     const char *a = argv[i];
     *skip = 1;
-    if (!strcmp(a, "--install-service") || !strncmp(a, "--token=", 8))
+    if (!strcmp(a, "--install-service") || !strncmp(a, "--token=", 8) ||
+        (cpu_limit && !strncmp(a, "--cpu-limit=", 12)))
         return 1;
-    if (!strcmp(a, "--token")) {
+    if (!strcmp(a, "--token") || (cpu_limit && !strcmp(a, "--cpu-limit"))) {
         *skip = i + 1 < argc ? 2 : 1;
         return 1;
     }
     return 0;
 }
 
-int ar_cli_install_service(int argc, char **argv, const char *token, const char *market, double grace_s)
+int ar_cli_install_service(int argc, char **argv, const char *token, const char *market, double grace_s,
+                           int cpu_limit)
 {
     const char *xdg = getenv("XDG_CONFIG_HOME"), *home = getenv("HOME");
     char config[PATH_MAX], unit_dir[PATH_MAX + 32], env_dir[PATH_MAX + 32], unit[PATH_MAX + 64],
@@ -186,12 +190,27 @@ int ar_cli_install_service(int argc, char **argv, const char *token, const char 
         return 1;
     }
 
+    /* --cpu-limit PCT under 100: systemd holds it, as the unit's cgroup's
+     * cpu.max (CPUQuota=, whose percent is of one CPU: PCT% of the machine
+     * is PCT x its online CPUs). ExecStart= then goes without it: the
+     * provider's own limit would find the cgroup shared with nothing and
+     * write the same cpu.max, or, where it could not, duty-cycle under the
+     * quota and so hold the provider twice. */
+    char quota[96] = "";
+    int quota_pct = cpu_limit > 0 && cpu_limit < 100;
+    if (quota_pct) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        if (cpus < 1)
+            cpus = 1;
+        snprintf(quota, sizeof quota, "CPUQuota=%ld%%\n", (long)cpu_limit * cpus);
+    }
+
     char exec[8192];
     size_t len = 0;
     exec[0] = '\0';
     int ok = append_word(exec, sizeof exec, &len, exe) == 0 && append_word(exec, sizeof exec, &len, CMD) == 0;
     for (int i = 1, skip = 1; ok && i < argc; i += skip)
-        if (!dropped(argc, argv, i, &skip))
+        if (!dropped(argc, argv, i, quota_pct, &skip))
             ok = append_word(exec, sizeof exec, &len, argv[i]) == 0;
     if (!ok) {
         ar_cli_error(CMD, "--install-service: the options are too long or hold control characters");
@@ -219,6 +238,7 @@ int ar_cli_install_service(int argc, char **argv, const char *token, const char 
              "EnvironmentFile=%s\n"
              "WorkingDirectory=%s\n"
              "ExecStart=%s\n"
+             "%s"
              "Restart=on-failure\n"
              "RestartSec=30\n"
              /* stopping leaves gracefully (--grace): systemd waits for it */
@@ -226,7 +246,7 @@ int ar_cli_install_service(int argc, char **argv, const char *token, const char 
              "\n"
              "[Install]\n"
              "WantedBy=default.target\n",
-             env_path, desc, env_path, cwd, exec + 1, (int)ceil(grace_s) + 30);
+             env_path, desc, env_path, cwd, exec + 1, quota, (int)ceil(grace_s) + 30);
     if (ulen < 0 || (size_t)ulen >= sizeof unit_text) {
         ar_cli_error(CMD, "--install-service: the unit would be too long");
         return 2;
@@ -249,6 +269,10 @@ int ar_cli_install_service(int argc, char **argv, const char *token, const char 
     }
     printf("arceus provide: wrote %s\n", unit);
     printf("arceus provide:   ExecStart=%s\n", exec + 1);
+    if (quota_pct)
+        printf("arceus provide:   %.*s (--cpu-limit %d: %d%% of the machine, held by systemd through the "
+               "service's cgroup rather than repeated in ExecStart)\n",
+               (int)strcspn(quota, "\n"), quota, cpu_limit, cpu_limit);
     printf("arceus provide: wrote %s (mode 0600: the account token, kept out of the unit)\n", env_path);
     fflush(stdout);
 

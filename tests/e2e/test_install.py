@@ -6,7 +6,8 @@
   options `--help` lists.
 - `arceus provide --install-service` writes a systemd user unit under
   $XDG_CONFIG_HOME, the token in a 0600 file beside it, and runs `systemctl
-  --user`; without systemctl it says so clearly, and how to undo.
+  --user`; without systemctl it says so clearly, and how to undo. A
+  --cpu-limit becomes the unit's CPUQuota=, not an option of ExecStart.
 - `scripts/install-deps.sh --runtime --print` lists only what building and
   running need (no PyTorch, no Chromium); the Makefile runs no pkg-config
   while it is read, so `make demo` prints no pkg-config errors before its
@@ -124,6 +125,7 @@ def test_install_service_without_systemctl_says_so(run_arceus, tmp_path):
     assert "systemctl is not on PATH" in p.stderr and "not enabled" in p.stderr, p.stderr
     assert "systemctl --user enable --now arceus-provide.service" in p.stderr
     check_written(unit, envfile, run_arceus.binary, tmp_path)
+    assert "CPUQuota=" not in unit.read_text()  # no --cpu-limit: no quota
     assert f"wrote {unit}" in p.stdout and f"wrote {envfile}" in p.stdout
     assert re.search(rf"to undo:\n  rm {re.escape(str(unit))} {re.escape(str(envfile))}\n", p.stdout), p.stdout
 
@@ -142,12 +144,20 @@ def test_install_service_enables_the_unit_with_systemctl(run_arceus, tmp_path):
     assert not unit.exists() and not log.exists()
 
     (tmp_path / "ca%1$.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    # --cpu-limit given twice, both spellings: the last one counts
     p, unit, envfile = install_service(run_arceus, tmp_path, f"{bindir}:/usr/bin:/bin",
-                                       "--tls-ca", "ca%1$.pem")
+                                       "--cpu-limit", "70", "--tls-ca", "ca%1$.pem", "--cpu-limit=40")
     assert p.returncode == 0, p.stdout + p.stderr
     check_written(unit, envfile, run_arceus.binary, tmp_path)
+    text = unit.read_text()
     # systemd's specifiers and variables are escaped in ExecStart
-    assert '"--tls-ca" "ca%%1$$.pem"' in unit.read_text()
+    assert '"--tls-ca" "ca%%1$$.pem"' in text
+    # the CPU limit is systemd's: a quota in percent of one CPU, 40% of each
+    # of the machine's CPUs; the provider is not told to limit itself again
+    quota = f"CPUQuota={40 * os.cpu_count()}%"
+    assert re.findall(r"^CPUQuota=.*$", text, re.M) == [quota], text
+    assert "--cpu-limit" not in re.search(r"^ExecStart=(.*)$", text, re.M).group(1)
+    assert re.search(rf"^arceus provide:   {quota} \(--cpu-limit 40", p.stdout, re.M), p.stdout
     assert log.read_text().splitlines() == ["--user daemon-reload",
                                             "--user enable --now arceus-provide.service"]
     assert "ran systemctl --user enable --now arceus-provide.service" in p.stdout

@@ -1,6 +1,7 @@
-"""The owner's rules of `arceus provide` (--when, --idle-after, --hours,
---on-battery): a provider reads them from inputs the tests point at files
-of their own (--clock-file, --power-supply-dir, --input-dir, --interrupts),
+"""The owner's rules of `arceus provide` (--when, --idle-after, --busy-cpu,
+--hours, --on-battery): a provider reads them from inputs the tests point at
+files of their own (--clock-file, --power-supply-dir, --input-dir,
+--interrupts, --proc-stat),
 tells the market when it becomes unavailable and why, and again when it is
 available; `arceus providers` (table and --json) shows it, and the market
 leases an unavailable provider to no one."""
@@ -8,6 +9,7 @@ leases an unavailable provider to no one."""
 import json
 import os
 import re
+import threading
 import time
 import urllib.request
 
@@ -147,6 +149,70 @@ def test_idle_rule_keyboard_and_mouse(run_arceus, add_account, market, provider,
     irq.write_text(irq.read_text().replace("100         20", "101         20"))
     wait_state(run_arceus, m, renter, p.id, False, "keyboard or mouse")
     wait_state(run_arceus, m, renter, p.id, True)
+
+
+class FakeProcStat:
+    """A /proc/stat whose counters a thread moves on, as the kernel moves
+    the real one's: STEP ticks every 0.05 s, `busy` percent of them user
+    time and the rest idle. The steps are huge beside the provider's own
+    real ticks (/proc/self/stat, which it subtracts), so the share it
+    measures is the one set here. Each version is written whole and renamed
+    into place: the provider never reads half a line."""
+
+    STEP = 100000
+
+    def __init__(self, path, busy):
+        self.path, self.busy = path, busy
+        self.user = self.idle = 0
+        self.done = threading.Event()
+        self.write()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def write(self):
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(f"cpu  {self.user} 0 0 {self.idle} 0 0 0 0 0 0\n"
+                       f"cpu0 {self.user} 0 0 {self.idle} 0 0 0 0 0 0\nintr 0\nctxt 0\n")
+        os.replace(tmp, self.path)
+
+    def run(self):
+        while not self.done.wait(0.05):
+            busy = self.STEP * self.busy // 100
+            self.user += busy
+            self.idle += self.STEP - busy
+            self.write()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
+def test_busy_cpu_rule(run_arceus, add_account, market, provider, tmp_path, inputs):
+    db = tmp_path / "market.db"
+    renter = add_account(db, "renter", "1")
+    ada = add_account(db, "ada")
+    m = market(db)
+    with FakeProcStat(inputs / "stat", busy=5) as stat:
+        p = provider(m, ada, *input_args(inputs), "--when", "idle", "--idle-after", "0", "--busy-cpu", "50",
+                     "--check-every", "0.2", "--proc-stat", inputs / "stat")
+        assert "while other processes use little CPU" in p.out(), p.out()
+        wait_state(run_arceus, m, renter, p.id, True)
+
+        # the machine's other processes take 90% of it: not idle
+        stat.busy = 90
+        wait_state(run_arceus, m, renter, p.id, False, "busy: other processes use 90% of the CPU (more than 50%)")
+        assert re.search(r"unavailable: busy: other processes use \d+% of the CPU \(more than 50%\)", p.out()), \
+            p.out()
+        table = run_arceus("providers", "--market", m.addr, "--token", renter, check=True).stdout
+        assert "(unavailable: busy: other processes use 90% of the CPU (more than 50%))" in table, table
+
+        # they calm down to 5%: back in the market
+        stat.busy = 5
+        wait_state(run_arceus, m, renter, p.id, True)
+        assert "arceus provide: available again" in p.out()
 
 
 def test_rules_are_checked_on_the_command_line(run_arceus):
