@@ -289,6 +289,17 @@ int ar_owner_check(ar_owner *o, char *why, size_t size)
 /* ---- the CPU limit ------------------------------------------------------------------------ */
 
 #define DUTY_PERIOD_US 100000
+#define DUTY_SLICE_US 5000 /* how often the helper looks: the overshoot of a period's share */
+
+/* A clock's reading in seconds; -1 when it cannot be read (another
+ * process's CPU clock, once that process is gone). */
+static double duty_clock(clockid_t id)
+{
+    struct timespec ts;
+    if (clock_gettime(id, &ts) != 0)
+        return -1;
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
 
 /* cpu.max of this process's own cgroup (v2), when it is alone there: 0
  * when written */
@@ -349,10 +360,18 @@ int ar_owner_limit_cpu(int pct)
         fflush(stdout);
         return 0;
     }
-    /* Duty-cycling: a helper stops this process for (100 - pct)% of each
-     * 100 ms and lets it run for the rest. It dies with us (PDEATHSIG) and
-     * always leaves us running: it continues us before every exit. */
+    /* Duty-cycling, the way a cgroup's cpu.max works: in each 100 ms
+     * period this process may use pct% of the machine's CPU time (all its
+     * threads together); a helper watches its CPU clock and, once the
+     * period's share is spent, stops it until the period ends. A process
+     * that uses less is never stopped. The helper dies with us (PDEATHSIG)
+     * and always leaves us running: it continues us before every exit. */
     pid_t parent = getpid();
+    clockid_t parent_cpu;
+    if (clock_getcpuclockid(parent, &parent_cpu) != 0) {
+        fprintf(stderr, "arceus provide: error: --cpu-limit: no cgroup to write and no CPU clock to watch\n");
+        return -1;
+    }
     fflush(stdout);
     pid_t pid = fork();
     if (pid < 0) {
@@ -368,20 +387,42 @@ int ar_owner_limit_cpu(int pct)
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() != parent)
             _exit(0);
-        struct timespec run = {0, (long)pct * DUTY_PERIOD_US / 100 * 1000},
-                        stop = {0, (long)(100 - pct) * DUTY_PERIOD_US / 100 * 1000};
+        const double period = DUTY_PERIOD_US / 1e6, quota = period * (double)pct * (double)cores / 100.0;
+        const struct timespec slice = {0, DUTY_SLICE_US * 1000};
+        double debt = 0; /* what the last period used past its share (a look comes every slice) */
         for (;;) {
-            nanosleep(&run, NULL);
-            if (kill(parent, SIGSTOP) != 0)
-                _exit(0);
-            nanosleep(&stop, NULL);
-            kill(parent, SIGCONT);
+            double start = duty_clock(CLOCK_MONOTONIC), used0 = duty_clock(parent_cpu);
+            if (used0 < 0)
+                _exit(0); /* the parent is gone */
+            double now = start;
+            while (now - start < period) {
+                nanosleep(&slice, NULL);
+                now = duty_clock(CLOCK_MONOTONIC);
+                double used = duty_clock(parent_cpu);
+                if (used < 0)
+                    _exit(0);
+                if (used - used0 >= quota - debt && now - start < period) {
+                    debt = used - used0 - (quota - debt);
+                    if (debt > quota)
+                        debt = quota;
+                    /* the period's share is spent: stopped until it ends */
+                    if (kill(parent, SIGSTOP) != 0)
+                        _exit(0);
+                    double left = period - (now - start);
+                    struct timespec rest = {0, (long)(left * 1e9)};
+                    nanosleep(&rest, NULL);
+                    kill(parent, SIGCONT);
+                    break;
+                }
+            }
+            if (now - start >= period)
+                debt = 0; /* a period within its share: nothing owed */
             if (getppid() != parent)
                 _exit(0);
         }
     }
-    printf("arceus provide: CPU held to about %d%% by duty-cycling (helper process %ld stops and continues "
-           "it every 100 ms): no cgroup v2 cpu.max of its own to write here\n",
+    printf("arceus provide: CPU held to about %d%% of the machine by duty-cycling (helper process %ld stops it "
+           "for the rest of each 100 ms once it used its share): no cgroup v2 cpu.max of its own to write here\n",
            pct, (long)pid);
     fflush(stdout);
     return 0;
