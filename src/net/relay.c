@@ -15,8 +15,8 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <inttypes.h>
 #include <netdb.h>
+#include <inttypes.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/crypto.h>
@@ -1141,21 +1141,9 @@ void ar_relay_stats_text(const ar_relay_stats *s, char *buf, size_t size)
  * that binds). */
 static int listen_on(const char *hostport, int *port_out)
 {
-    char host[256];
-    const char *colon = strrchr(hostport, ':');
-    if (!colon || colon == hostport || (size_t)(colon - hostport) >= sizeof host)
-        return ar_fail(AR_EINVAL, "relay: %s is not HOST:PORT", hostport);
-    memcpy(host, hostport, (size_t)(colon - hostport));
-    host[colon - hostport] = '\0';
-    char *h = host;
-    if (h[0] == '[' && h[strlen(h) - 1] == ']') {
-        h[strlen(h) - 1] = '\0';
-        h++;
-    }
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE},
-                    *res = NULL;
-    if (getaddrinfo(h[0] ? h : NULL, colon + 1, &hints, &res) != 0 || !res)
-        return ar_fail(AR_EINVAL, "relay: cannot resolve %s", hostport);
+    struct addrinfo *res;
+    if (ar_net_resolve(hostport, 1, &res) != AR_OK)
+        return ar_fail(AR_EINVAL, "relay: %s", ar_last_error());
     int fd = -1;
     for (struct addrinfo *a = res; a && fd < 0; a = a->ai_next) {
         fd = socket(a->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);

@@ -165,6 +165,13 @@ int ar_client_open_reversed(const char *addr, const char *relay, const char *pas
 
 /* ---- sockets and splicing --------------------------------------------------------- */
 
+/* HOST:PORT (a name, an IPv4 address or a bracketed IPv6 one) resolved
+ * for a TCP socket; passive: for listening, an empty HOST meaning every
+ * address. *res is for freeaddrinfo. AR_EINVAL: not HOST:PORT; AR_EIO: no
+ * address. */
+struct addrinfo;
+int ar_net_resolve(const char *hostport, int passive, struct addrinfo **res);
+
 /* A TCP connection to HOST:PORT within timeout_s, blocking afterwards; -1
  * with the reason in ar_last_error(). */
 int ar_net_dial(const char *hostport, double timeout_s);

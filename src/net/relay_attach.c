@@ -51,27 +51,36 @@ struct ar_relay_attach {
     int stopping, attached, dials, refused;
 };
 
-int ar_net_dial(const char *hostport, double timeout_s)
+int ar_net_resolve(const char *hostport, int passive, struct addrinfo **res)
 {
     char host[256];
     const char *colon = strrchr(hostport, ':');
-    if (!colon || colon == hostport || (size_t)(colon - hostport) >= sizeof host) {
-        ar_fail(AR_EINVAL, "%s is not HOST:PORT", hostport);
-        return -1;
-    }
+    if (!colon || colon == hostport || (size_t)(colon - hostport) >= sizeof host)
+        return ar_fail(AR_EINVAL, "%s is not HOST:PORT", hostport);
     memcpy(host, hostport, (size_t)(colon - hostport));
     host[colon - hostport] = '\0';
     char *h = host;
-    if (h[0] == '[' && h[strlen(h) - 1] == ']') {
+    if (h[0] == '[' && h[strlen(h) - 1] == ']') { /* an IPv6 address: [::1]:7000 */
         h[strlen(h) - 1] = '\0';
         h++;
     }
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
-    int gai = getaddrinfo(h, colon + 1, &hints, &res);
-    if (gai != 0 || !res) {
-        ar_fail(AR_EIO, "cannot resolve %s: %s", hostport, gai_strerror(gai));
-        return -1;
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = passive ? AI_PASSIVE : 0};
+    *res = NULL;
+    int gai = getaddrinfo(h[0] || !passive ? h : NULL, colon + 1, &hints, res);
+    if (gai != 0 || !*res) {
+        if (*res)
+            freeaddrinfo(*res);
+        *res = NULL;
+        return ar_fail(AR_EIO, "cannot resolve %s: %s", hostport, gai != 0 ? gai_strerror(gai) : "no address");
     }
+    return AR_OK;
+}
+
+int ar_net_dial(const char *hostport, double timeout_s)
+{
+    struct addrinfo *res;
+    if (ar_net_resolve(hostport, 0, &res) != AR_OK)
+        return -1;
     int fd = -1, err = 0;
     for (struct addrinfo *a = res; a && fd < 0; a = a->ai_next) {
         fd = socket(a->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);

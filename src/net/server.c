@@ -12,7 +12,6 @@
 #include <fcntl.h>
 #include <grpc/grpc_posix.h>
 #include <grpc/grpc_security.h>
-#include <netdb.h>
 #include <openssl/crypto.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -1269,30 +1268,7 @@ static void *adopted_splice_main(void *arg)
 /* A connection to the server's own address (blocking), or -1. */
 static int dial_self(const ar_server *s)
 {
-    char host[300];
-    snprintf(host, sizeof host, "%s", s->local);
-    char *colon = strrchr(host, ':');
-    if (!colon)
-        return -1;
-    *colon = '\0';
-    char *h = host;
-    if (h[0] == '[') {
-        h++;
-        h[strlen(h) - 1] = '\0';
-    }
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
-    if (getaddrinfo(h, colon + 1, &hints, &res) != 0 || !res)
-        return -1;
-    int fd = -1;
-    for (struct addrinfo *a = res; a && fd < 0; a = a->ai_next) {
-        fd = socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd >= 0 && connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
-            close(fd);
-            fd = -1;
-        }
-    }
-    freeaddrinfo(res);
-    return fd;
+    return ar_net_dial(s->local, 5.0);
 }
 
 int ar_server_adopt(ar_server *s, int fd)

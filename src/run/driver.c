@@ -3,6 +3,7 @@
  * driver_data.c and driver_market.c (driver_internal.h). */
 #include "run/driver_internal.h"
 
+#include "core/blas.h"
 #include "core/device.h"
 #include "core/profile.h"
 #include "core/progress.h"
@@ -1316,8 +1317,10 @@ static void print_plan(const run *r)
                r->spec.type == AR_MODEL_GPT ? "gpt" : "mlp", params, params / 1e6,
                r->threads_per_stage);
     }
-    printf("batch %d = %d micro-batches of %d, %ld steps, schedule %s, %d threads per stage\n", r->B,
-           r->M, r->rows_per_mb, r->c->steps, ar_schedule_name(r->c->schedule), r->threads_per_stage);
+    /* the kernel too: an audit's verifier may run another (their results are the same bits) */
+    printf("batch %d = %d micro-batches of %d, %ld steps, schedule %s, %d threads per stage, sgemm kernel %s\n",
+           r->B, r->M, r->rows_per_mb, r->c->steps, ar_schedule_name(r->c->schedule), r->threads_per_stage,
+           ar_sgemm_kernel());
     fflush(stdout);
 }
 

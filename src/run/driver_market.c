@@ -4,13 +4,11 @@
 #include "run/driver_internal.h"
 
 #include "market/money.h"
+#include "net/relay.h"
 #include "run/market_plan.h"
 #include "train/schedule.h"
 
 #include <errno.h>
-#include <netdb.h>
-#include <poll.h>
-#include <sys/socket.h>
 #include <unistd.h>
 #include <math.h>
 #include <stdlib.h>
@@ -582,37 +580,11 @@ void driver_print_edges(run *r)
 /* Whether a TCP connection to HOST:PORT opens within a second. */
 static int relay_answers(const char *hostport)
 {
-    char host[AR_ADDR_MAX];
-    const char *colon = strrchr(hostport, ':');
-    if (!colon || colon == hostport || (size_t)(colon - hostport) >= sizeof host)
+    int fd = ar_net_dial(hostport, 1.0);
+    if (fd < 0)
         return 0;
-    memcpy(host, hostport, (size_t)(colon - hostport));
-    host[colon - hostport] = '\0';
-    char *h = host;
-    if (h[0] == '[' && h[strlen(h) - 1] == ']') {
-        h[strlen(h) - 1] = '\0';
-        h++;
-    }
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
-    if (getaddrinfo(h, colon + 1, &hints, &res) != 0 || !res)
-        return 0;
-    int ok = 0;
-    for (struct addrinfo *a = res; a && !ok; a = a->ai_next) {
-        int fd = socket(a->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-            continue;
-        if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
-            ok = 1;
-        } else if (errno == EINPROGRESS) {
-            struct pollfd p = {.fd = fd, .events = POLLOUT};
-            int err = 0;
-            socklen_t sl = sizeof err;
-            ok = poll(&p, 1, 1000) == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl) == 0 && err == 0;
-        }
-        close(fd);
-    }
-    freeaddrinfo(res);
-    return ok;
+    close(fd);
+    return 1;
 }
 
 int driver_wait_relays(run *r, const int *lost, int n, double wait_s)
