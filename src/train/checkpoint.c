@@ -5,6 +5,7 @@
 #include "nn/safetensors.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -45,6 +46,45 @@ static int sync_dir(const char *dir)
     return rc;
 }
 
+/* Whether name is a temporary file of the atomic writer
+ * (ar_write_file_atomic: "FILE.tmp.PID") for one of the set's files: what a
+ * process killed in the middle of writing a file into .pending leaves. */
+static int is_set_temporary(const char *name)
+{
+    for (size_t i = 0; i < NSET_FILES; i++) {
+        size_t n = strlen(set_files[i]);
+        if (strncmp(name, set_files[i], n) != 0 || strncmp(name + n, ".tmp.", 5) != 0 || !name[n + 5])
+            continue;
+        const char *pid = name + n + 5;
+        while (*pid >= '0' && *pid <= '9')
+            pid++;
+        if (*pid == '\0')
+            return 1;
+    }
+    return 0;
+}
+
+/* Remove the writer's temporary files from .pending; anything else there
+ * is left alone (and then keeps .pending from being removed, with an error
+ * that names it). */
+static int remove_temporaries(const char *pending)
+{
+    DIR *d = opendir(pending);
+    if (!d)
+        return ar_fail(AR_EIO, "%s: cannot read the folder: %s", pending, strerror(errno));
+    int rc = AR_OK;
+    struct dirent *e;
+    char path[4096];
+    while (rc == AR_OK && (e = readdir(d)) != NULL) {
+        if (!is_set_temporary(e->d_name))
+            continue;
+        if ((rc = join(path, sizeof path, pending, e->d_name)) == AR_OK && unlink(path) != 0 && errno != ENOENT)
+            rc = ar_fail(AR_EIO, "%s: cannot remove: %s", path, strerror(errno));
+    }
+    closedir(d);
+    return rc;
+}
+
 static int settle(const char *dir)
 {
     char pending[4096], from[4096], to[4096], state[4096];
@@ -68,8 +108,12 @@ static int settle(const char *dir)
             return ar_fail(AR_EIO, "%s: cannot move into place: %s", from, strerror(errno));
         }
     }
+    /* a process killed while writing a file of the set leaves its temporary */
+    if ((rc = remove_temporaries(pending)) != AR_OK)
+        return rc;
     if (rmdir(pending) != 0)
-        return ar_fail(AR_EIO, "%s: cannot remove: %s", pending, strerror(errno));
+        return ar_fail(AR_EIO, "%s: cannot remove: %s%s", pending, strerror(errno),
+                       errno == ENOTEMPTY ? " (it holds files that are not part of a checkpoint)" : "");
     return sync_dir(dir);
 }
 
