@@ -912,6 +912,28 @@ static void end_use(ar_worker *w)
     pthread_mutex_unlock(&w->mu);
 }
 
+/* The end of Save and Audit: n bytes of buf (freed here) as a stream of
+ * Chunk messages of AR_NET_CHUNK_BYTES, then the call's status; the stage's
+ * use (w->busy, taken by the caller) ends once the bytes are out. */
+static void send_chunks(ar_worker *w, ar_rpc *rpc, void *buf, size_t n)
+{
+    int rc = AR_OK;
+    uint8_t *msg = malloc(AR_NET_CHUNK_BYTES + 16);
+    for (size_t at = 0; msg && at < n && rc == AR_OK; at += AR_NET_CHUNK_BYTES) {
+        Arceus__Chunk c = ARCEUS__CHUNK__INIT;
+        c.data.data = (uint8_t *)buf + at;
+        c.data.len = n - at < AR_NET_CHUNK_BYTES ? n - at : AR_NET_CHUNK_BYTES;
+        rc = ar_rpc_write(rpc, msg, arceus__chunk__pack(&c, msg));
+    }
+    free(buf);
+    end_use(w);
+    if (!msg)
+        return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
+    free(msg);
+    if (rc == AR_OK)
+        ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
+}
+
 static void on_save(ar_rpc *rpc, void *user)
 {
     ar_worker *w = user;
@@ -942,21 +964,7 @@ static void on_save(ar_rpc *rpc, void *user)
         return ar_rpc_finish(rpc, AR_STATUS_FAILED_PRECONDITION, "%s", ar_last_error());
     if (rc != AR_OK)
         return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "%s", ar_last_error());
-    uint8_t *msg = malloc(AR_NET_CHUNK_BYTES + 16);
-    for (size_t at = 0; msg && at < n && rc == AR_OK; at += AR_NET_CHUNK_BYTES) {
-        Arceus__Chunk c = ARCEUS__CHUNK__INIT;
-        c.data.data = (uint8_t *)buf + at;
-        c.data.len = n - at < AR_NET_CHUNK_BYTES ? n - at : AR_NET_CHUNK_BYTES;
-        size_t m = arceus__chunk__pack(&c, msg);
-        rc = ar_rpc_write(rpc, msg, m);
-    }
-    free(buf);
-    end_use(w);
-    if (!msg)
-        return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
-    free(msg);
-    if (rc == AR_OK)
-        ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
+    send_chunks(w, rpc, buf, n);
 }
 
 /* Audit: one of the stage's last steps, for a replay (train/audit.h). The
@@ -999,20 +1007,7 @@ static void on_audit(ar_rpc *rpc, void *user)
         end_use(w);
         return ar_rpc_finish(rpc, rc == AR_ENOTFOUND ? AR_STATUS_NOT_FOUND : AR_STATUS_INTERNAL, "%s", ar_last_error());
     }
-    uint8_t *msg = malloc(AR_NET_CHUNK_BYTES + 16);
-    for (size_t at = 0; msg && at < n && rc == AR_OK; at += AR_NET_CHUNK_BYTES) {
-        Arceus__Chunk c = ARCEUS__CHUNK__INIT;
-        c.data.data = (uint8_t *)buf + at;
-        c.data.len = n - at < AR_NET_CHUNK_BYTES ? n - at : AR_NET_CHUNK_BYTES;
-        rc = ar_rpc_write(rpc, msg, arceus__chunk__pack(&c, msg));
-    }
-    free(buf);
-    end_use(w);
-    if (!msg)
-        return ar_rpc_finish(rpc, AR_STATUS_INTERNAL, "out of memory");
-    free(msg);
-    if (rc == AR_OK)
-        ar_rpc_finish(rpc, AR_STATUS_OK, NULL);
+    send_chunks(w, rpc, buf, n);
 }
 
 /* The encoded state of what the worker holds: values, m and v of every
