@@ -141,11 +141,13 @@ $(REF_DIR)/.stamp: $(wildcard tests/ref/*.py) $(wildcard configs/*.json)
 # Every test: unit tests under the sanitizers, then the end-to-end tests
 # (warnings are errors). Dependencies are installed first if missing; the
 # sub-makes then see them through pkg-config.
+# The builds run a job per core (TEST_JOBS); the tests keep their own pace.
+TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 test: deps
 	scripts/check-layers.sh
-	$(MAKE) BUILD=asan WERROR=1 unit
-	$(MAKE) BUILD=asan WERROR=1 e2e
-	$(MAKE) BUILD=fuzz WERROR=1 fuzz-run FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
+	$(MAKE) -j$(TEST_JOBS) BUILD=asan WERROR=1 unit
+	$(MAKE) -j$(TEST_JOBS) BUILD=asan WERROR=1 e2e
+	$(MAKE) -j$(TEST_JOBS) BUILD=fuzz WERROR=1 fuzz-run FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
 
 # libFuzzer harnesses (fuzz/fuzz_*.c) over the hostile-input entry points.
 # `make fuzz` replays every committed input (fuzz/corpus, fuzz/regressions),
