@@ -48,6 +48,7 @@ import socket
 import sqlite3
 import struct
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -613,3 +614,30 @@ def mlp_run(tmp_path_factory, run_arceus, fashion_dir):
     proc = run_arceus("train", "--model", CONFIGS / "mlp-fashion.json", "--data", fashion_dir,
                       *MLP_ARGS, "--out", out, "--log", log, check=True)
     return {"out": out, "log": log, "proc": proc}
+
+
+class Ticker:
+    """A fake input a test keeps moving: `tick()` now and then every
+    `interval` seconds on a background thread, from the `with` until the
+    block ends."""
+
+    interval = 0.5
+
+    def tick(self):
+        raise NotImplementedError
+
+    def _run(self):
+        while True:
+            self.tick()
+            if self._done.wait(self.interval):
+                return
+
+    def __enter__(self):
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()

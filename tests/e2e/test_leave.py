@@ -20,12 +20,11 @@ and asked by `arceus provide --leave`.
 import json
 import os
 import signal
-import threading
 import time
 
 import pytest
 
-from conftest import SANITIZER_MARKERS, query, read_log, wait_for
+from conftest import SANITIZER_MARKERS, Ticker, query, read_log, wait_for
 from pbwire import acquire, decode, field_bytes, field_varint, hand_over, usage
 from test_market import NO_WORKER_CHECKS, call, call_error, register
 from test_market_train import balances, ledger_total
@@ -149,26 +148,15 @@ def available(run_arceus, market, token):
     return {x["id"]: x["available"] for x in json.loads(p.stdout)["providers"]}
 
 
-class Owner:
+class Owner(Ticker):
     """The owner at the keyboard: a key pressed now and every half second
     until they leave (the test ends), as the idle detector sees it."""
 
     def __init__(self, event):
-        self.event, self.done = event, threading.Event()
-        self.thread = threading.Thread(target=self._type, daemon=True)
+        self.event = event
 
-    def _type(self):
-        while not self.done.is_set():
-            os.utime(self.event)
-            self.done.wait(0.5)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
+    def tick(self):
+        os.utime(self.event)
 
 
 def member(db, stage):

@@ -9,13 +9,12 @@ leases an unavailable provider to no one."""
 import json
 import os
 import re
-import threading
 import time
 import urllib.request
 
 import pytest
 
-from conftest import wait_for
+from conftest import Ticker, wait_for
 
 CHECK = ("--check-every", "0.1")
 
@@ -151,7 +150,7 @@ def test_idle_rule_keyboard_and_mouse(run_arceus, add_account, market, provider,
     wait_state(run_arceus, m, renter, p.id, True)
 
 
-class FakeProcStat:
+class FakeProcStat(Ticker):
     """A /proc/stat whose counters a thread moves on, as the kernel moves
     the real one's: STEP ticks every 0.05 s, `busy` percent of them user
     time and the rest idle. The steps are huge beside the provider's own
@@ -160,13 +159,12 @@ class FakeProcStat:
     into place: the provider never reads half a line."""
 
     STEP = 100000
+    interval = 0.05
 
     def __init__(self, path, busy):
         self.path, self.busy = path, busy
         self.user = self.idle = 0
-        self.done = threading.Event()
         self.write()
-        self.thread = threading.Thread(target=self.run, daemon=True)
 
     def write(self):
         tmp = self.path.with_suffix(".tmp")
@@ -174,20 +172,11 @@ class FakeProcStat:
                        f"cpu0 {self.user} 0 0 {self.idle} 0 0 0 0 0 0\nintr 0\nctxt 0\n")
         os.replace(tmp, self.path)
 
-    def run(self):
-        while not self.done.wait(0.05):
-            busy = self.STEP * self.busy // 100
-            self.user += busy
-            self.idle += self.STEP - busy
-            self.write()
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
+    def tick(self):
+        busy = self.STEP * self.busy // 100
+        self.user += busy
+        self.idle += self.STEP - busy
+        self.write()
 
 
 def test_busy_cpu_rule(run_arceus, add_account, market, provider, tmp_path, inputs):
